@@ -1,0 +1,19 @@
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+
+.PHONY: install demo test bench
+
+# torch must come first: a plain requirement could otherwise pull a multi-GB CUDA build.
+install:
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[torch,dev]"
+	$(PIP) install -q --no-deps torch-pruning
+
+demo: install
+	$(PYTHON) -m models.demo
+
+test: install
+	$(PYTHON) -m pytest -n 2 tests
+
+bench: install
+	$(PYTHON) benchmarks/bench_speed.py

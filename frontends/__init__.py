@@ -1,0 +1,1 @@
+"""Framework frontends (torch, tensorflow, jax) live here; imported as spa.frontends."""

@@ -1,0 +1,1 @@
+"""Model zoo: small models built in code for tests, benchmarks and the demo."""

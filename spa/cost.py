@@ -1,0 +1,127 @@
+"""Parameters and multiply-accumulates (MACs), for targets, reports and benchmarks."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .graph import Graph, infer_shapes
+
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
+
+
+def concrete_shapes(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None) -> dict:
+    """Shapes with every symbolic dim fixed (batch first, then `dims`); falls back to a run."""
+    from .verify import input_specs, random_inputs, session
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    specs = {name: shape for name, shape, _ in input_specs(model, batch, dims)}
+    for vi in fixed.graph.input:
+        if vi.name in specs:
+            for d, value in zip(vi.type.tensor_type.shape.dim, specs[vi.name]):
+                d.Clear()
+                d.dim_value = value
+    shapes = infer_shapes(fixed)
+    g = fixed.graph
+    wanted = {x for n in g.node if n.op_type in MAC_OPS for x in list(n.input) + list(n.output) if x}
+    missing = [t for t in wanted if not _static(shapes.get(t)) and t not in {i.name for i in g.initializer}]
+    if missing:
+        known = {o.name for o in g.output}
+        g.output.extend(helper.ValueInfoProto(name=t) for t in missing if t not in known)
+        try:
+            sess = session(fixed)
+            values = sess.run(None, random_inputs(model, batch, dims=dims))
+            for out, value in zip(sess.get_outputs(), values):
+                shapes[out.name] = tuple(np.shape(value))
+        except Exception:
+            pass
+    for t in model.graph.initializer:
+        shapes[t.name] = tuple(t.dims)
+    return shapes
+
+
+def _static(shape):
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+def node_macs(node, dim) -> int:
+    """MACs of one node; dim(tensor, axis) gives (possibly pruned) sizes, None when unknown."""
+    def numel(t):
+        shape = [dim(t, a) for a in range(_rank(dim, t))]
+        return None if None in shape else int(np.prod(shape, dtype=np.int64))
+
+    op = node.op_type
+    try:
+        if op == "Conv":
+            w = node.input[1]
+            per_out = np.prod([dim(w, a) for a in range(1, _rank(dim, w))], dtype=np.int64)
+            return int(numel(node.output[0]) * per_out)
+        if op == "ConvTranspose":
+            w = node.input[1]
+            per_in = np.prod([dim(w, a) for a in range(1, _rank(dim, w))], dtype=np.int64)
+            return int(numel(node.input[0]) * per_in)
+        if op in ("Gemm", "MatMul"):
+            a = node.input[0]
+            k_axis = 0 if (op == "Gemm" and any(x.name == "transA" and x.i for x in node.attribute)) else -1
+            return int(numel(node.output[0]) * dim(a, k_axis % _rank(dim, a)))
+        if op in ("LSTM", "GRU", "RNN"):
+            w, r, x = node.input[1], node.input[2], node.input[0]
+            steps, batch = dim(x, 0), dim(x, 1)
+            return int(steps * batch * (numel(w) + numel(r)) // 1)
+    except (TypeError, ValueError):
+        return 0
+    return 0
+
+
+def _rank(dim, tensor):
+    return dim.rank(tensor)
+
+
+class Dims:
+    """dim(tensor, axis) over concrete shapes, minus what a plan removes."""
+
+    def __init__(self, shapes: dict, plan=None):
+        self.shapes = shapes
+        self.plan = plan
+
+    def rank(self, tensor):
+        return len(self.shapes.get(tensor, ()))
+
+    def __call__(self, tensor, axis):
+        shape = self.shapes.get(tensor)
+        if shape is None or axis >= len(shape) or not isinstance(shape[axis], int):
+            return None
+        if self.plan is not None and (tensor, axis) in self.plan.analysis.members:
+            return shape[axis] - len(self.plan.removed(tensor, axis))
+        return shape[axis]
+
+
+def macs_by_op(model_or_graph, shapes: dict, plan=None) -> dict:
+    nodes = model_or_graph.nodes if isinstance(model_or_graph, Graph) else model_or_graph.graph.node
+    dims = Dims(shapes, plan)
+    totals = defaultdict(int)
+    for node in nodes:
+        if node.op_type in MAC_OPS:
+            totals[node.op_type] += node_macs(node, dims)
+    return dict(totals)
+
+
+def count_params(model_or_graph, plan=None) -> int:
+    """Number of elements in float weights (initializers and Constant nodes)."""
+    if isinstance(model_or_graph, Graph):
+        consts = model_or_graph.consts
+    else:
+        consts = Graph(model_or_graph).consts
+    total = 0
+    for name, value in consts.items():
+        if not np.issubdtype(value.dtype, np.floating):
+            continue
+        shape = list(value.shape)
+        if plan is not None:
+            for axis in range(len(shape)):
+                shape[axis] -= len(plan.removed(name, axis))
+        total += int(np.prod(shape, dtype=np.int64))
+    return total

@@ -1,0 +1,5 @@
+"""The one exception type users see: a clear, one-line reason."""
+
+
+class SpaError(Exception):
+    """Bad input or an impossible request; the CLI prints it as one line and exits 2."""

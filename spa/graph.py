@@ -1,0 +1,203 @@
+"""Load an ONNX model and give the analysis what it needs: constants, producers, consumers, shapes."""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+from .errors import SpaError
+
+CONTROL_FLOW = {"If", "Loop", "Scan"}
+
+
+def load_model(path: str) -> onnx.ModelProto:
+    """Read an ONNX file (and its external data) or raise a one-line SpaError."""
+    if os.path.isdir(path):
+        raise SpaError(f"{path} is a directory, not an ONNX file")
+    if not os.path.exists(path):
+        raise SpaError(f"{path}: no such file")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf gives long, unhelpful messages
+        raise SpaError(f"{path} is not a valid ONNX model ({type(exc).__name__})") from None
+    if not model.graph.node and not model.graph.initializer:
+        raise SpaError(f"{path} is not an ONNX model (empty or not a ModelProto)")
+    base = os.path.dirname(os.path.abspath(path))
+    for tensor in _external_tensors(model):
+        location = dict((e.key, e.value) for e in tensor.external_data).get("location", "")
+        if not os.path.exists(os.path.join(base, location)):
+            raise SpaError(f"{path}: external data file '{location}' for tensor '{tensor.name}' is missing")
+    try:
+        onnx.load_external_data_for_model(model, base)
+    except Exception as exc:
+        raise SpaError(f"{path}: external data could not be read ({exc})") from None
+    return model
+
+
+def uses_external_data(path: str) -> bool:
+    return any(True for _ in _external_tensors(onnx.load(path, load_external_data=False)))
+
+
+def _external_tensors(model: onnx.ModelProto):
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_tensors(g)
+
+
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a Constant node, whatever attribute carries it."""
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def outer_scope_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names a control-flow node's subgraphs read from the enclosing graph (hidden consumers)."""
+    used: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            local = {i.name for i in g.input} | {i.name for i in g.initializer}
+            for n in g.node:
+                local.update(n.output)
+            for n in g.node:
+                used.update(x for x in n.input if x and x not in local)
+                used.update(outer_scope_inputs(n) - local)
+            used.update(o.name for o in g.output if o.name not in local)
+    return used
+
+
+@dataclass
+class Graph:
+    """A read-mostly view of the top-level graph of a model."""
+
+    model: onnx.ModelProto
+    nodes: list = field(init=False)
+    producer: dict = field(init=False)
+    consumers: dict = field(init=False)
+    consts: dict = field(init=False)
+    shapes: dict = field(init=False)
+    graph_inputs: set = field(init=False)
+    graph_outputs: set = field(init=False)
+
+    def __post_init__(self):
+        g = self.model.graph
+        self.nodes = list(g.node)
+        self.producer = {}
+        self.consumers = defaultdict(list)
+        for i, node in enumerate(self.nodes):
+            for out in node.output:
+                if out:
+                    self.producer[out] = i
+            inputs = list(node.input)
+            if node.op_type in CONTROL_FLOW:
+                inputs += sorted(outer_scope_inputs(node) - set(inputs))
+            for slot, name in enumerate(inputs):
+                if name:
+                    self.consumers[name].append((i, slot))
+        self.consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        for node in self.nodes:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                value = constant_node_value(node)
+                if value is not None:
+                    self.consts[node.output[0]] = value
+        init_names = {t.name for t in g.initializer}
+        self.graph_inputs = {i.name for i in g.input if i.name not in init_names}
+        self.graph_outputs = {o.name for o in g.output}
+        self.shapes = infer_shapes(self.model)
+        for name, value in self.consts.items():
+            self.shapes[name] = tuple(value.shape)
+
+    def const(self, name: str):
+        """The constant value of a tensor (initializer or Constant node), or None."""
+        return self.consts.get(name) if name else None
+
+    def is_static(self, name: str) -> bool:
+        """True for constants and tensors computed from constants only (e.g. Cast(weight))."""
+        if not name:
+            return False
+        if name in self.consts:
+            return True
+        if name in self.graph_inputs:
+            return False
+        cache = self.__dict__.setdefault("_static", {})
+        if name not in cache:
+            cache[name] = False  # guards against cycles
+            index = self.producer.get(name)
+            node = self.nodes[index] if index is not None else None
+            cache[name] = bool(node is not None and node.op_type not in CONTROL_FLOW | {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+                               and all(self.is_static(x) for x in node.input if x))
+        return cache[name]
+
+    def dim(self, tensor: str, axis: int):
+        """Static size of tensor's axis, or None when unknown or symbolic."""
+        shape = self.shapes.get(tensor)
+        if shape is None or not -len(shape) <= axis < len(shape):
+            return None
+        d = shape[axis]
+        return d if isinstance(d, int) and d >= 0 else None
+
+    def rank(self, tensor: str):
+        shape = self.shapes.get(tensor)
+        return None if shape is None else len(shape)
+
+    def node_name(self, index: int) -> str:
+        node = self.nodes[index]
+        return node.name or f"{node.op_type}#{index}"
+
+    def opset(self, domain: str = "") -> int:
+        for imp in self.model.opset_import:
+            if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
+                return imp.version
+        return 1
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict:
+    """Per-tensor shapes (ints, or strings for symbolic dims) from ONNX shape inference."""
+    try:
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        inferred = model
+    shapes = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        t = vi.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        shapes[vi.name] = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim
+        )
+    return shapes

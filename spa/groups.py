@@ -1,0 +1,222 @@
+"""Find coupled channels: mask propagation through the rule registry, then connected components.
+
+Every tensor axis that carries channels gets a block of integer ids, one per index. Rules link
+ids (removed together); the connected components of those links are the *channels* (atoms) that
+can be removed, and pairs (tensor, axis) joined by links form a *group*.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .graph import Graph
+from .rules import Ctx, Frozen, FreezeIndices, Link, rule_for
+
+
+@dataclass
+class Options:
+    """Analysis switches. `approximate` allows pruning through norm statistics (LayerNorm)."""
+
+    approximate: bool = False
+    split_policy: str | None = None  # None: heads for attention-like splits, groups for shuffles
+    approximate_nodes: set = field(default_factory=set)
+
+
+@dataclass
+class Member:
+    """One tensor axis that carries a group's channels."""
+
+    tensor: str
+    axis: int
+    size: int
+    base: int
+    is_const: bool
+    linked_by: str  # node that first put channels on this axis ('' for a source)
+    atoms: np.ndarray | None = None  # channel (atom) id of each index
+
+    @property
+    def pair(self):
+        return (self.tensor, self.axis)
+
+    @property
+    def ids(self):
+        return np.arange(self.base, self.base + self.size)
+
+
+@dataclass
+class Group:
+    id: int
+    members: list
+    atoms: np.ndarray  # sorted channel ids
+    frozen: dict  # channel id -> reason
+    has_params: bool
+
+    @property
+    def prunable_atoms(self):
+        return np.array([a for a in self.atoms if a not in self.frozen], dtype=np.int64)
+
+    @property
+    def prunable(self):
+        return self.has_params and len(self.prunable_atoms) > 1
+
+    def reasons(self):
+        return sorted(set(self.frozen.values()))
+
+    def indices_of(self, member, atoms):
+        """Indices of `member` that belong to the given channel ids."""
+        return np.nonzero(np.isin(member.atoms, atoms))[0]
+
+
+@dataclass
+class Analysis:
+    graph: Graph
+    options: Options
+    members: dict  # pair -> Member
+    groups: list
+    contracted: list  # (node index, input slot, axis): consumer slices the oracle zeroes
+    atom_group: dict  # channel id -> group id
+
+    @property
+    def model(self):
+        return self.graph.model
+
+    def group_of_tensor(self, name):
+        return [g for g in self.groups if any(m.tensor == name for m in g.members)]
+
+
+def analyze(model: onnx.ModelProto | Graph, options: Options | None = None) -> Analysis:
+    graph = model if isinstance(model, Graph) else Graph(model)
+    return Propagation(graph, options or Options()).run()
+
+
+class Propagation:
+    def __init__(self, graph: Graph, options: Options):
+        self.g = graph
+        self.options = options
+        self.members: dict = {}
+        self.next_id = 0
+        self.edges: list = []
+        self.pair_edges: list = []
+        self.freezes: list = []  # (ids, reason)
+        self.contracted: set = set()
+        self.queue: deque = deque()
+
+    def run(self) -> Analysis:
+        for i, node in enumerate(self.g.nodes):
+            ctx = Ctx(self.g, i, self.options)
+            try:
+                sources = rule_for(node).sources(ctx)
+            except Frozen:
+                sources = []
+            for pair in sources:
+                self.mark(pair, "")
+        while self.queue:
+            self.visit(self.queue.popleft())
+        return self.components()
+
+    def mark(self, pair, linked_by) -> bool:
+        if pair in self.members:
+            return True
+        tensor, axis = pair
+        size = self.g.dim(tensor, axis)
+        if size is None:
+            return False
+        member = Member(tensor, axis, size, self.next_id, tensor in self.g.consts, linked_by)
+        self.members[pair] = member
+        self.next_id += size
+        self.queue.append(pair)
+        if tensor in self.g.graph_outputs:
+            self.freeze(pair, None, f"graph output '{tensor}' keeps its size")
+        if tensor in self.g.graph_inputs:
+            self.freeze(pair, None, f"graph input '{tensor}' keeps its size")
+        return True
+
+    def freeze(self, pair, indices, reason):
+        member = self.members[pair]
+        ids = member.ids if indices is None else member.base + np.asarray(indices)
+        self.freezes.append((ids, reason))
+
+    def adjacent(self, tensor):
+        nodes = [i for i, _ in self.g.consumers.get(tensor, [])]
+        if tensor in self.g.producer:
+            nodes.append(self.g.producer[tensor])
+        return list(dict.fromkeys(nodes))
+
+    def visit(self, pair):
+        tensor, axis = pair
+        origin = self.members[pair].linked_by
+        for i in self.adjacent(tensor):
+            name = self.g.node_name(i)
+            if name == origin:
+                continue
+            node = self.g.nodes[i]
+            try:
+                results = rule_for(node).propagate(Ctx(self.g, i, self.options), tensor, axis)
+            except Frozen as frozen:
+                self.freeze(pair, None, f"{node.op_type} '{name}': {frozen}")
+                continue
+            except Exception as exc:  # a rule that cannot read this node must not guess
+                self.freeze(pair, None, f"{node.op_type} '{name}': rule failed ({type(exc).__name__}: {exc})")
+                continue
+            for result in results:
+                if isinstance(result, FreezeIndices):
+                    self.freeze(result.pair, result.indices, f"{node.op_type} '{name}': {result.reason}")
+                else:
+                    self.link(result, i, name)
+
+    def link(self, link: Link, node_index: int, name: str):
+        dst = (link.dst[0], link.dst[1] % max(self.g.rank(link.dst[0]) or 1, 1))
+        if not self.mark(dst, name):
+            self.freeze(link.src, None, f"'{name}': size of '{dst[0]}' axis {dst[1]} unknown")
+            return
+        src_m, dst_m = self.members[link.src], self.members[dst]
+        src_idx, dst_idx = np.asarray(link.src_idx), np.asarray(link.dst_idx)
+        if len(src_idx) != len(dst_idx) or (len(src_idx) and (
+                src_idx.max() >= src_m.size or dst_idx.max() >= dst_m.size or min(src_idx.min(), dst_idx.min()) < 0)):
+            self.freeze(link.src, None, f"'{name}': inconsistent channel map to '{dst[0]}'")
+            return
+        self.edges.append((src_m.base + src_idx, dst_m.base + dst_idx))
+        self.pair_edges.append((link.src, dst))
+        if link.contracted is not None:
+            node_index, slot = link.contracted
+            tensor = self.g.nodes[node_index].input[slot]
+            axis = link.src[1] if link.src[0] == tensor else dst[1]
+            self.contracted.add((node_index, slot, axis))
+
+    def components(self) -> Analysis:
+        n = self.next_id
+        if self.edges:
+            a = np.concatenate([e[0] for e in self.edges])
+            b = np.concatenate([e[1] for e in self.edges])
+        else:
+            a = b = np.zeros(0, dtype=np.int64)
+        matrix = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+        _, atom_of = connected_components(matrix, directed=False)
+        frozen = {}
+        for ids, reason in self.freezes:
+            for atom in np.unique(atom_of[ids]):
+                frozen.setdefault(int(atom), reason)
+        pairs = list(self.members)
+        index = {p: k for k, p in enumerate(pairs)}
+        pa = [index[x] for x, _ in self.pair_edges]
+        pb = [index[y] for _, y in self.pair_edges]
+        pm = coo_matrix((np.ones(len(pa), dtype=np.int8), (pa, pb)), shape=(len(pairs), len(pairs)))
+        _, group_of = connected_components(pm, directed=False)
+        by_group: dict = {}
+        for p, gid in zip(pairs, group_of):
+            member = self.members[p]
+            member.atoms = atom_of[member.base:member.base + member.size]
+            by_group.setdefault(int(gid), []).append(member)
+        groups, atom_group = [], {}
+        for members in by_group.values():
+            gid = len(groups)
+            atoms = np.unique(np.concatenate([m.atoms for m in members]))
+            group_frozen = {int(a): frozen[int(a)] for a in atoms if int(a) in frozen}
+            groups.append(Group(gid, members, atoms, group_frozen, any(m.is_const for m in members)))
+            atom_group.update({int(a): gid for a in atoms})
+        return Analysis(self.g, self.options, self.members, groups, sorted(self.contracted), atom_group)

@@ -1,0 +1,136 @@
+"""Criteria: score every channel of a group.
+
+A criterion maps one weight tensor and one axis to a score per index (higher = more important):
+
+    from spa.importance import register_criterion
+
+    @register_criterion("l1-abs-max")
+    def l1_abs_max(weight, axis):
+        return np.abs(np.moveaxis(weight, axis, 0)).reshape(weight.shape[axis], -1).max(axis=1)
+
+Scores are summed over the indices of each channel within a member, aggregated over the
+group's weights (sum / mean / max) and normalised within the group (none / mean / max /
+standardise) so that global ranking compares groups fairly.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import SpaError
+from .groups import Analysis, Group
+
+CRITERIA: dict = {}
+AGGREGATIONS = ("sum", "mean", "max")
+NORMALIZATIONS = ("none", "mean", "max", "standardise")
+
+
+def register_criterion(name):
+    def wrap(fn):
+        CRITERIA[name] = fn
+        return fn
+    return wrap
+
+
+def _rows(weight, axis):
+    return np.moveaxis(np.asarray(weight, dtype=np.float64), axis, 0).reshape(weight.shape[axis], -1)
+
+
+@register_criterion("l1")
+def l1(weight, axis):
+    return np.abs(_rows(weight, axis)).sum(axis=1)
+
+
+@register_criterion("l2")
+def l2(weight, axis):
+    return np.sqrt((_rows(weight, axis) ** 2).sum(axis=1))
+
+
+@register_criterion("fpgm")
+def fpgm(weight, axis):
+    """Filter Pruning via Geometric Median: filters close to all others are redundant."""
+    rows = _rows(weight, axis)
+    sq = (rows ** 2).sum(axis=1)
+    dist2 = np.maximum(sq[:, None] + sq[None, :] - 2 * rows @ rows.T, 0)
+    return np.sqrt(dist2).sum(axis=1)
+
+
+def _is_statistic(analysis, tensor):
+    """BatchNorm running mean/var: their magnitude says nothing about importance."""
+    uses = analysis.graph.consumers.get(tensor, [])
+    return bool(uses) and all(analysis.graph.nodes[i].op_type == "BatchNormalization" and slot >= 3
+                              for i, slot in uses)
+
+
+def _is_bn_scale(analysis, tensor):
+    return any(analysis.graph.nodes[i].op_type in ("BatchNormalization", "InstanceNormalization")
+               and slot == 1 for i, slot in analysis.graph.consumers.get(tensor, []))
+
+
+def _is_contracted(analysis, member):
+    return any(analysis.graph.nodes[i].input[s] == member.tensor and a == member.axis
+               for i, s, a in analysis.contracted)
+
+
+def member_scores(analysis: Analysis, group: Group, criterion: str):
+    """(member, per-index scores) for the weights the criterion looks at."""
+    consts = [m for m in group.members if m.is_const and not _is_statistic(analysis, m.tensor)]
+    if criterion == "bn-scale":
+        chosen = [m for m in consts if _is_bn_scale(analysis, m.tensor)]
+        return [(m, np.abs(analysis.graph.consts[m.tensor]).astype(np.float64)) for m in chosen] \
+            or member_scores(analysis, group, "l1")
+    if criterion == "fpgm":
+        filters = [m for m in consts if analysis.graph.consts[m.tensor].ndim >= 2 and not _is_contracted(analysis, m)]
+        return [(m, fpgm(analysis.graph.consts[m.tensor], m.axis)) for m in filters] \
+            or member_scores(analysis, group, "l2")
+    fn = CRITERIA[criterion]
+    return [(m, np.asarray(fn(analysis.graph.consts[m.tensor], m.axis), dtype=np.float64)) for m in consts]
+
+
+def score(analysis: Analysis, criterion: str = "l1", aggregation: str = "mean",
+          normalization: str = "mean", seed: int = 0) -> dict:
+    """{group id: per-channel scores aligned with group.atoms} for every group with parameters."""
+    if criterion not in CRITERIA and criterion not in ("random", "bn-scale"):
+        raise SpaError(f"unknown criterion '{criterion}' (known: {', '.join(available())})")
+    if aggregation not in AGGREGATIONS:
+        raise SpaError(f"unknown aggregation '{aggregation}' (known: {', '.join(AGGREGATIONS)})")
+    if normalization not in NORMALIZATIONS:
+        raise SpaError(f"unknown normalization '{normalization}' (known: {', '.join(NORMALIZATIONS)})")
+    rng = np.random.default_rng(seed)
+    scores = {}
+    for group in analysis.groups:
+        if not group.has_params:
+            continue
+        if criterion == "random":
+            scores[group.id] = rng.random(len(group.atoms))
+            continue
+        per_member = []
+        for member, values in member_scores(analysis, group, criterion):
+            position = np.searchsorted(group.atoms, member.atoms)
+            per_member.append(np.bincount(position, weights=values, minlength=len(group.atoms)))
+        if not per_member:
+            scores[group.id] = np.zeros(len(group.atoms))
+            continue
+        stacked = np.stack(per_member)
+        present = np.stack([p != 0 for p in per_member]).sum(axis=0).clip(min=1)
+        if aggregation == "sum":
+            total = stacked.sum(axis=0)
+        elif aggregation == "mean":
+            total = stacked.sum(axis=0) / present
+        else:
+            total = stacked.max(axis=0)
+        scores[group.id] = normalize(total, normalization)
+    return scores
+
+
+def normalize(values, how):
+    if how == "mean":
+        return values / (values.mean() or 1.0)
+    if how == "max":
+        return values / (values.max() or 1.0)
+    if how == "standardise":
+        return (values - values.mean()) / (values.std() or 1.0)
+    return values
+
+
+def available():
+    return sorted(set(CRITERIA) | {"random", "bn-scale"})

@@ -1,0 +1,74 @@
+"""load -> analyze -> score -> select -> rewrite -> verify -> write, as one call."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import onnx
+
+from .errors import SpaError
+from .graph import load_model, uses_external_data
+from .groups import Analysis, Options, analyze
+from .importance import score
+from .plan import Plan
+from .rewrite import rewrite
+from .selection import Target, select
+from .verify import validate
+
+
+@dataclass
+class Result:
+    model: onnx.ModelProto
+    plan: Plan
+    analysis: Analysis
+
+
+def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggregation: str = "mean",
+          normalization: str = "mean", options: Options | None = None, seed: int = 0) -> Result:
+    """Prune a ModelProto in memory (not yet verified: `save` verifies before writing)."""
+    analysis = analyze(model, options)
+    scores = score(analysis, criterion, aggregation, normalization, seed)
+    plan = select(analysis, scores, target)
+    return Result(rewrite(plan), plan, analysis)
+
+
+def apply_plan(model: onnx.ModelProto, plan_path: str, options: Options | None = None) -> Result:
+    from .plan import load_plan
+    analysis = analyze(model, options)
+    plan = load_plan(analysis, plan_path)
+    return Result(rewrite(plan), plan, analysis)
+
+
+def save(model: onnx.ModelProto, path: str, external_data: bool = False, feeds: dict | None = None) -> None:
+    """Verify, then write atomically: on any failure nothing is written."""
+    target_dir = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(target_dir):
+        raise SpaError(f"output directory {target_dir} does not exist")
+    tmp = tempfile.mkdtemp(prefix=".spa-", dir=target_dir)
+    try:
+        name = os.path.basename(path)
+        staged = os.path.join(tmp, name)
+        data_name = name + ".data"
+        large = model.ByteSize() > 1_800_000_000
+        if external_data or large:
+            onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(model, staged)
+        validate(staged, feeds)
+        if os.path.exists(os.path.join(tmp, data_name)):
+            os.replace(os.path.join(tmp, data_name), os.path.join(target_dir, data_name))
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prune_file(src: str, dst: str, target: Target, overwrite: bool = False, **kw) -> Result:
+    if os.path.abspath(src) == os.path.abspath(dst) and not overwrite:
+        raise SpaError("refusing to overwrite the input model (pass --overwrite)")
+    model = load_model(src)
+    result = prune(model, target, **kw)
+    save(result.model, dst, external_data=uses_external_data(src))
+    return result

@@ -1,0 +1,121 @@
+"""Rewrite the model: slice every weight, fix attributes and shape constants, re-infer shapes."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .graph import Graph
+from .plan import Plan
+from .rules import Ctx, rule_for
+
+
+class Editor:
+    """Edits a copy of the model on behalf of the rules (they only see the original graph)."""
+
+    def __init__(self, plan: Plan, model: onnx.ModelProto):
+        self.plan = plan
+        self.model = model
+        self.g = plan.analysis.graph
+        self._index = {id(n): i for i, n in enumerate(self.g.nodes)}
+        self._names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+        self.new_initializers = []
+
+    # -- what rules call ------------------------------------------------------------------------
+    def removed(self, tensor, axis):
+        return self.plan.removed(tensor, axis)
+
+    def changed(self, tensor, axis):
+        return self.plan.changed(tensor, axis)
+
+    def kept(self, tensor, axis):
+        return self.plan.kept(tensor, axis)
+
+    def new_dim(self, tensor, axis):
+        return self.plan.new_dim(tensor, axis)
+
+    def node(self, original):
+        return self.model.graph.node[self._index[id(original)]]
+
+    def set_attr(self, original, name, value):
+        node = self.node(original)
+        self.del_attr(original, name)
+        node.attribute.append(helper.make_attribute(name, value))
+
+    def del_attr(self, original, name):
+        node = self.node(original)
+        keep = [a for a in node.attribute if a.name != name]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+
+    def set_input(self, original, slot, value: np.ndarray):
+        """Point input `slot` at a fresh constant (never mutating a shared one)."""
+        node = self.node(original)
+        base = f"{node.name or node.op_type}_in{slot}_spa"
+        name, k = base, 0
+        while name in self._names:
+            k += 1
+            name = f"{base}{k}"
+        self._names.add(name)
+        self.new_initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        while len(node.input) <= slot:
+            node.input.append("")
+        node.input[slot] = name
+
+
+def sliced(value: np.ndarray, plan: Plan, name: str) -> np.ndarray:
+    for axis in range(value.ndim):
+        removed = plan.removed(name, axis)
+        if len(removed):
+            value = np.delete(value, removed, axis=axis)
+    return value
+
+
+def rewrite(plan: Plan) -> onnx.ModelProto:
+    """A new, smaller ModelProto with the plan's channels removed (not yet verified)."""
+    g: Graph = plan.analysis.graph
+    model = onnx.ModelProto()
+    model.CopyFrom(g.model)
+    graph = model.graph
+    sliced_names = {m.tensor for m in plan.analysis.members.values() if m.is_const and plan.changed(m.tensor, m.axis)}
+    for k, init in enumerate(graph.initializer):
+        if init.name in sliced_names:
+            graph.initializer[k].CopyFrom(numpy_helper.from_array(sliced(g.consts[init.name], plan, init.name), init.name))
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] in sliced_names:
+            value = sliced(g.consts[node.output[0]], plan, node.output[0])
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value)))
+    editor = Editor(plan, model)
+    for i, node in enumerate(g.nodes):
+        rule_for(node).rewrite(Ctx(g, i, plan.analysis.options), editor)
+    graph.initializer.extend(editor.new_initializers)
+    _drop_unused_initializers(model)
+    _update_initializer_inputs(model, plan, sliced_names)
+    del graph.value_info[:]
+    return model
+
+
+def _drop_unused_initializers(model):
+    used = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
+    from .graph import outer_scope_inputs
+    for n in model.graph.node:
+        used |= outer_scope_inputs(n)
+    keep = [t for t in model.graph.initializer if t.name in used]
+    if len(keep) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        names = {t.name for t in keep}
+        graph_inputs = [i for i in model.graph.input if i.name in names or i.name in used]
+        del model.graph.input[:]
+        model.graph.input.extend(graph_inputs)
+
+
+def _update_initializer_inputs(model, plan, sliced_names):
+    """Old exporters list initializers among graph inputs: their declared shapes must follow."""
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in sliced_names and vi.name in shapes:
+            dims = vi.type.tensor_type.shape.dim
+            for d, new in zip(dims, shapes[vi.name]):
+                d.dim_value = new

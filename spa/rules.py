@@ -1,0 +1,1024 @@
+"""Per-operator channel rules: how a channel on one tensor axis maps onto a node's other tensors.
+
+A rule is told that `tensor` (an input or output of its node) carries channels on `axis` and
+answers with links: index maps from that axis onto axes of the node's other tensors. Links are
+unions: linked indices are removed together. A rule that cannot map the channel raises `Frozen`
+with a reason; nothing is ever guessed. Rules may also seed channel sources (weight output axes)
+and rewrite attributes or shape constants once the plan is known.
+
+Adding an operator means adding one rule class here (and one equivalence test).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .graph import CONTROL_FLOW, Graph, attr
+
+
+class Frozen(Exception):
+    """The channel cannot cross this node; the reason is reported by `spa analyze`."""
+
+
+@dataclass
+class Link:
+    """Union index src_idx[k] of `src` (tensor, axis) with dst_idx[k] of `dst`."""
+
+    src: tuple
+    dst: tuple
+    src_idx: np.ndarray
+    dst_idx: np.ndarray
+    # (node index, input slot) where `dst` is contracted by its consumer: the equivalence oracle
+    # zeroes exactly these slices in the original model.
+    contracted: tuple | None = None
+
+
+@dataclass
+class FreezeIndices:
+    """Freeze some indices of a pair (e.g. a channel read by a scalar Gather)."""
+
+    pair: tuple
+    indices: np.ndarray
+    reason: str
+
+
+def identity(src, dst, size, contracted=None):
+    idx = np.arange(size)
+    return Link(src, dst, idx, idx, contracted)
+
+
+class Ctx:
+    """What a rule sees: the graph, its node, and the analysis options."""
+
+    def __init__(self, graph: Graph, index: int, options):
+        self.g = graph
+        self.index = index
+        self.node = graph.nodes[index]
+        self.options = options
+
+    def inp(self, k):
+        return self.node.input[k] if len(self.node.input) > k and self.node.input[k] else None
+
+    def out(self, k):
+        return self.node.output[k] if len(self.node.output) > k and self.node.output[k] else None
+
+    def attr(self, name, default=None):
+        return attr(self.node, name, default)
+
+    def rank(self, tensor):
+        r = self.g.rank(tensor)
+        if r is None:
+            raise Frozen(f"rank of '{tensor}' unknown")
+        return r
+
+    def norm_axis(self, axis, tensor):
+        return axis + self.rank(tensor) if axis < 0 else axis
+
+    def dim(self, tensor, axis):
+        return self.g.dim(tensor, axis)
+
+    def const(self, tensor):
+        return self.g.const(tensor)
+
+    def const_ints(self, k, attr_name=None):
+        """An int list from input k (opset >= 10-18 style) or from an attribute (older opsets)."""
+        name = self.inp(k)
+        if name is not None:
+            value = self.const(name)
+            if value is None:
+                raise Frozen(f"input '{name}' of {self.node.op_type} is computed, not constant")
+            return [int(v) for v in np.atleast_1d(value)]
+        if attr_name is not None:
+            value = self.attr(attr_name)
+            return None if value is None else [int(v) for v in np.atleast_1d(value)]
+        return None
+
+    def slots(self, tensor):
+        """Input slots and output slots of this node where `tensor` appears."""
+        ins = [k for k, x in enumerate(self.node.input) if x == tensor]
+        outs = [k for k, x in enumerate(self.node.output) if x == tensor]
+        return ins, outs
+
+
+class Rule:
+    ops: tuple = ()
+
+    def sources(self, c: Ctx) -> list:
+        """Pairs (tensor, axis) where new channels are created (weight output axes)."""
+        return []
+
+    def propagate(self, c: Ctx, tensor: str, axis: int) -> list:
+        raise Frozen(f"{c.node.op_type} has no channel rule")
+
+    def rewrite(self, c: Ctx, plan) -> None:
+        """Fix attributes and shape constants after channels were removed."""
+
+
+REGISTRY: dict[str, Rule] = {}
+
+
+def register(rule_cls):
+    rule = rule_cls()
+    for op in rule.ops:
+        REGISTRY[op] = rule
+    return rule_cls
+
+
+def rule_for(node) -> Rule:
+    if node.domain not in ("", "ai.onnx"):
+        return Boundary(f"custom-domain op {node.domain}::{node.op_type}")
+    if node.op_type in CONTROL_FLOW:
+        return Boundary(f"control flow ({node.op_type}) is a boundary")
+    return REGISTRY.get(node.op_type) or Boundary(f"no channel rule for {node.op_type}")
+
+
+class Boundary(Rule):
+    def __init__(self, reason):
+        self.reason = reason
+
+    def propagate(self, c, tensor, axis):
+        raise Frozen(self.reason)
+
+
+def same_axis_everywhere(c: Ctx, tensor, axis, tensors):
+    """Link `axis` of `tensor` to the same axis of each of `tensors` (all same rank)."""
+    size = c.dim(tensor, axis)
+    return [identity((tensor, axis), (t, axis), size) for t in tensors if t and t != tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# element-wise
+
+
+@register
+class Unary(Rule):
+    ops = (
+        "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Gelu",
+        "HardSigmoid", "HardSwish", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Abs", "Neg",
+        "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Erf", "Sin", "Cos",
+        "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Not", "IsNaN",
+        "IsInf", "Identity", "Dropout", "Cast", "Shrink", "Clip", "CastLike", "Swish",
+    )
+
+    def propagate(self, c, tensor, axis):
+        ins, outs = c.slots(tensor)
+        if ins and ins[0] != 0:
+            return []  # Clip bounds, CastLike's type source, Dropout ratio: not data
+        data = [c.inp(0)] + [o for o in c.node.output if o]
+        return same_axis_everywhere(c, tensor, axis, data)
+
+
+@register
+class Broadcast(Rule):
+    """N-ary numpy-broadcasting ops: every operand with a full-size axis shares the channel."""
+
+    ops = (
+        "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "Mod", "Where", "Equal",
+        "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "PRelu", "BitShift",
+        "BitwiseAnd", "BitwiseOr", "BitwiseXor",
+    )
+
+    def propagate(self, c, tensor, axis):
+        out = c.out(0)
+        r_out = c.rank(out)
+        size = c.dim(tensor, axis)
+        out_axis = axis + (r_out - c.rank(tensor))
+        links = []
+        for t in [x for x in c.node.input if x] + [out]:
+            if t == tensor:
+                continue
+            a = out_axis - (r_out - c.rank(t))
+            if a < 0 or c.dim(t, a) == 1:
+                continue  # broadcast along this axis: untouched by channel removal
+            if c.dim(t, a) is None:
+                raise Frozen(f"size of '{t}' axis {a} unknown")
+            links.append(identity((tensor, axis), (t, a), size))
+        return links
+
+
+# ----------------------------------------------------------------------------------------------
+# layers with weights
+
+
+def in_group_positions(n, per_group):
+    """Map channel j of a grouped tensor to its position inside its group."""
+    return np.arange(n) % per_group
+
+
+@register
+class ConvRule(Rule):
+    ops = ("Conv",)
+
+    def _geometry(self, c):
+        x, w = c.inp(0), c.inp(1)
+        groups = c.attr("group", 1)
+        c_out, cin_g = c.dim(w, 0), c.dim(w, 1)
+        c_in = c.dim(x, 1)
+        if None in (c_out, cin_g):
+            raise Frozen(f"Conv weight '{w}' shape unknown")
+        if c_in is None:
+            c_in = cin_g * groups
+        return groups, c_in, c_out, cin_g
+
+    def sources(self, c):
+        return [(c.out(0), 1)]
+
+    def propagate(self, c, tensor, axis):
+        x, w, b, y = c.inp(0), c.inp(1), c.inp(2), c.out(0)
+        groups, c_in, c_out, cin_g = self._geometry(c)
+        depthwise = groups > 1 and cin_g == 1
+        mult = c_out // groups
+        pair = (tensor, axis)
+        if tensor == x and axis == 1:
+            if depthwise:
+                # input channel g feeds exactly the `mult` outputs of group g
+                return [Link(pair, (y, 1), np.repeat(np.arange(c_in), mult), np.arange(c_out))]
+            return [Link(pair, (w, 1), np.arange(c_in), in_group_positions(c_in, cin_g),
+                         contracted=(c.index, 1))]
+        if (tensor == w and axis == 1) and not depthwise:
+            return [Link(pair, (x, 1), in_group_positions(c_in, cin_g), np.arange(c_in),
+                         contracted=(c.index, 1))]
+        if (tensor == y and axis == 1) or (tensor == w and axis == 0) or (tensor == b and axis == 0):
+            links = [identity(pair, p, c_out) for p in [(y, 1), (w, 0), (b, 0)] if p[0] and p != pair]
+            if depthwise:
+                links.append(Link(pair, (x, 1), np.arange(c_out), np.arange(c_out) // mult))
+            elif groups > 1:  # equal channels per group: same in-group position in every group
+                links.append(Link(pair, pair, np.arange(c_out), in_group_positions(c_out, mult)))
+            return links
+        raise Frozen(f"Conv: channel on axis {axis} of '{tensor}' (not a channel axis)")
+
+    def rewrite(self, c, plan):
+        groups, c_in, c_out, cin_g = self._geometry(c)
+        if groups > 1 and cin_g == 1:
+            plan.set_attr(c.node, "group", plan.new_dim(c.inp(0), 1))
+
+
+@register
+class ConvTransposeRule(Rule):
+    """Weight is [C_in, C_out/group, k...]: axes swapped relative to Conv."""
+
+    ops = ("ConvTranspose",)
+
+    def _geometry(self, c):
+        w = c.inp(1)
+        groups = c.attr("group", 1)
+        c_in, cout_g = c.dim(w, 0), c.dim(w, 1)
+        if None in (c_in, cout_g):
+            raise Frozen(f"ConvTranspose weight '{w}' shape unknown")
+        return groups, c_in, cout_g * groups, c_in // groups, cout_g
+
+    def sources(self, c):
+        return [(c.out(0), 1)]
+
+    def propagate(self, c, tensor, axis):
+        x, w, b, y = c.inp(0), c.inp(1), c.inp(2), c.out(0)
+        groups, c_in, c_out, cin_g, cout_g = self._geometry(c)
+        depthwise = groups > 1 and cin_g == 1
+        pair = (tensor, axis)
+        if (tensor == x and axis == 1) or (tensor == w and axis == 0):
+            links = [identity(pair, p, c_in, contracted=(c.index, 1) if p[0] == w else None)
+                     for p in [(x, 1), (w, 0)] if p != pair]
+            if depthwise:
+                links.append(Link(pair, (y, 1), np.repeat(np.arange(c_in), cout_g), np.arange(c_out)))
+            elif groups > 1:
+                links.append(Link(pair, pair, np.arange(c_in), in_group_positions(c_in, cin_g)))
+            return links
+        if (tensor == y and axis == 1) or (tensor == b and axis == 0):
+            links = [identity(pair, p, c_out) for p in [(y, 1), (b, 0)] if p[0] and p != pair]
+            if depthwise:
+                links.append(Link(pair, (x, 1), np.arange(c_out), np.arange(c_out) // cout_g))
+            else:
+                links.append(Link(pair, (w, 1), np.arange(c_out), in_group_positions(c_out, cout_g)))
+            return links
+        if tensor == w and axis == 1 and not depthwise:
+            return [Link(pair, (y, 1), in_group_positions(c_out, cout_g), np.arange(c_out))]
+        raise Frozen(f"ConvTranspose: channel on axis {axis} of '{tensor}' (not a channel axis)")
+
+    def rewrite(self, c, plan):
+        groups, c_in, c_out, cin_g, cout_g = self._geometry(c)
+        if groups > 1 and cin_g == 1:
+            plan.set_attr(c.node, "group", plan.new_dim(c.inp(0), 1))
+
+
+@register
+class GemmRule(Rule):
+    ops = ("Gemm",)
+
+    def _axes(self, c):
+        ka = 0 if c.attr("transA", 0) else 1
+        kb, nb = (1, 0) if c.attr("transB", 0) else (0, 1)
+        return ka, 1 - ka, kb, nb
+
+    def sources(self, c):
+        return [(c.out(0), 1)] if c.g.is_static(c.inp(1)) and not c.g.is_static(c.inp(0)) else []
+
+    def propagate(self, c, tensor, axis):
+        a, b, bias, y = c.inp(0), c.inp(1), c.inp(2), c.out(0)
+        ka, ma, kb, nb = self._axes(c)
+        pair = (tensor, axis)
+        if (tensor, axis) in ((a, ka), (b, kb)):
+            other = (b, kb) if tensor == a else (a, ka)
+            return [identity(pair, other, c.dim(tensor, axis), contracted=(c.index, 1))]
+        if (tensor, axis) in ((b, nb), (y, 1)) or (tensor == bias and axis == c.rank(bias) - 1):
+            return self._with_bias(c, pair, [(b, nb), (y, 1)], 1)
+        if (tensor, axis) in ((a, ma), (y, 0)) or (tensor == bias and axis == c.rank(bias) - 2):
+            return self._with_bias(c, pair, [(a, ma), (y, 0)], 0)
+        raise Frozen(f"Gemm: channel on axis {axis} of '{tensor}'")
+
+    def _with_bias(self, c, pair, pairs, y_axis):
+        bias = c.inp(2)
+        if bias:
+            a = c.rank(bias) - (2 - y_axis)
+            if a >= 0 and c.dim(bias, a) not in (1, None):
+                pairs.append((bias, a))
+        size = c.dim(*pair)
+        return [identity(pair, p, size) for p in pairs if p != pair]
+
+
+@register
+class MatMulRule(Rule):
+    """[..., M, K] x [..., K, N]: K contracted, M and N pass through, batch axes broadcast."""
+
+    ops = ("MatMul",)
+
+    def sources(self, c):
+        a, b = c.inp(0), c.inp(1)
+        static_a, static_b = c.g.is_static(a), c.g.is_static(b)
+        if static_b and not static_a and c.rank(b) >= 2:
+            return [(c.out(0), c.rank(c.out(0)) - 1)]
+        if static_a and not static_b and c.rank(a) >= 2:
+            return [(c.out(0), c.rank(c.out(0)) - 2)]
+        return []
+
+    def propagate(self, c, tensor, axis):
+        a, b, y = c.inp(0), c.inp(1), c.out(0)
+        ra, rb, ry = c.rank(a), c.rank(b), c.rank(y)
+        if ra < 2 or rb < 2:
+            raise Frozen("MatMul with a 1-D operand")
+        pair = (tensor, axis)
+        roles = {  # axis -> role for each operand and the output
+            (a, ra - 1): "k", (b, rb - 2): "k", (a, ra - 2): "m", (y, ry - 2): "m",
+            (b, rb - 1): "n", (y, ry - 1): "n",
+        }
+        role = roles.get(pair)
+        size = c.dim(tensor, axis)
+        if role == "k":
+            other = (b, rb - 2) if tensor == a else (a, ra - 1)
+            slot = 1 if c.g.is_static(b) or not c.g.is_static(a) else 0
+            return [identity(pair, other, size, contracted=(c.index, slot))]
+        if role is not None:
+            return [identity(pair, p, size) for p, r in roles.items() if r == role and p != pair]
+        # a batch axis: aligned from the right across the operands and the output
+        offset = axis - c.rank(tensor)
+        links = []
+        for t in (a, b, y):
+            ax = c.rank(t) + offset
+            if t != tensor and ax >= 0 and c.dim(t, ax) not in (1,):
+                links.append(identity(pair, (t, ax), size))
+        return links
+
+
+@register
+class BatchNormRule(Rule):
+    ops = ("BatchNormalization", "InstanceNormalization")
+
+    def propagate(self, c, tensor, axis):
+        ins, outs = c.slots(tensor)
+        if (ins and ins[0] == 0) or (outs and outs[0] == 0):
+            if axis != 1:
+                raise Frozen(f"{c.node.op_type}: channel on axis {axis}, not 1")
+        elif axis != 0:
+            raise Frozen(f"{c.node.op_type}: parameter '{tensor}' axis {axis}")
+        size = c.dim(tensor, axis)
+        pairs = [(c.inp(0), 1), (c.out(0), 1)]
+        pairs += [(t, 0) for t in list(c.node.input)[1:] + list(c.node.output)[1:] if t]
+        return [identity((tensor, axis), p, size) for p in pairs if p != (tensor, axis)]
+
+
+@register
+class GroupNormRule(Rule):
+    """Channels move in whole normalisation groups; the group count shrinks."""
+
+    ops = ("GroupNormalization",)
+
+    def propagate(self, c, tensor, axis):
+        x, scale, bias, y = c.inp(0), c.inp(1), c.inp(2), c.out(0)
+        channels = c.dim(x, 1)
+        if channels is None:
+            raise Frozen("GroupNormalization: channel count unknown")
+        per = channels // c.attr("num_groups")
+        group_of = np.arange(channels) // per
+        per_channel_params = c.dim(scale, 0) == channels
+        pair = (tensor, axis)
+        if tensor in (x, y) and axis == 1:
+            every = np.arange(channels)
+            links = [identity(pair, (t, 1), channels) for t in (x, y) if t != tensor]
+            links.append(Link(pair, pair, every, group_of * per))  # a group goes as a whole
+            param_idx = every if per_channel_params else group_of
+            links += [Link(pair, (t, 0), every, param_idx) for t in (scale, bias) if t]
+            return links
+        if tensor in (scale, bias) and axis == 0:
+            n = c.dim(tensor, 0)
+            return [Link(pair, (x, 1), np.arange(n), np.arange(n) * (1 if per_channel_params else per))]
+        raise Frozen(f"GroupNormalization: channel on axis {axis}")
+
+    def rewrite(self, c, plan):
+        channels = c.g.dim(c.inp(0), 1)
+        per = channels // c.attr("num_groups")
+        plan.set_attr(c.node, "num_groups", plan.new_dim(c.inp(0), 1) // per)
+
+
+@register
+class LayerNormRule(Rule):
+    """Statistics over the normalised axes: pruning them is approximate, allowed only on request."""
+
+    ops = ("LayerNormalization", "RMSNormalization")
+
+    def propagate(self, c, tensor, axis):
+        x, y = c.inp(0), c.out(0)
+        r = c.rank(x)
+        first = c.norm_axis(c.attr("axis", -1), x)
+        ins, _ = c.slots(tensor)
+        is_param = bool(ins) and ins[0] > 0
+        data_axis = axis + (r - c.rank(tensor)) if is_param else axis
+        if data_axis < first:
+            return [] if is_param else same_axis_everywhere(c, tensor, axis, [x, y])
+        if not c.options.approximate:
+            raise Frozen(f"{c.node.op_type} normalises over the channel axis (pruning it changes "
+                         "the statistics; allow with --allow-approximate)")
+        c.options.approximate_nodes.add(c.g.node_name(c.index))
+        size = c.dim(tensor, axis)
+        pairs = [(x, data_axis), (y, data_axis)]
+        for t in list(c.node.input)[1:]:
+            a = data_axis - (r - c.rank(t)) if t else -1
+            if a >= 0 and c.dim(t, a) == size:
+                pairs.append((t, a))
+        return [identity((tensor, axis), p, size) for p in pairs if p != (tensor, axis)]
+
+
+# ----------------------------------------------------------------------------------------------
+# identity on the channel axis when it is not the op's own axis
+
+
+class AxisOp(Rule):
+    """Ops that are per-channel identities unless they act on the channel axis."""
+
+    boundary = "acts across the channel axis"
+
+    def acted_axes(self, c, tensor) -> set:
+        raise NotImplementedError
+
+    def out_axis(self, c, axis):
+        return axis
+
+    def propagate(self, c, tensor, axis):
+        x, y = c.inp(0), c.out(0)
+        ins, outs = c.slots(tensor)
+        if ins and ins[0] != 0:
+            return []
+        in_axis = axis if ins else self.in_axis(c, axis)
+        if in_axis in self.acted_axes(c, x):
+            raise Frozen(f"{c.node.op_type} {self.boundary} (axis {in_axis} of '{x}')")
+        size = c.dim(tensor, axis)
+        links = []
+        if tensor != x:
+            links.append(identity((tensor, axis), (x, in_axis), size))
+        for k, o in enumerate(c.node.output):
+            if o and o != tensor and c.rank(o) is not None:
+                links.append(identity((tensor, axis), (o, self.out_axis(c, in_axis)), size))
+        return links
+
+    def in_axis(self, c, out_axis):
+        return out_axis
+
+
+@register
+class Spatial(AxisOp):
+    """Pooling and friends on [N, C, spatial...]: they act on axes 2+."""
+
+    ops = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+           "GlobalLpPool")
+
+    def acted_axes(self, c, tensor):
+        return set(range(2, c.rank(tensor))) | {0}
+
+
+@register
+class Resize(AxisOp):
+    ops = ("Resize", "Upsample")
+    boundary = "rescales the channel axis"
+
+    def acted_axes(self, c, tensor):
+        r = c.rank(tensor)
+        acted = set()
+        for value in self._factors(c):
+            acted |= {k for k in range(r) if value[k] != 1}
+        return acted
+
+    def _factors(self, c):
+        if c.node.op_type == "Upsample" and c.attr("scales") is not None:
+            return [c.attr("scales")]
+        x = c.inp(0)
+        factors = []
+        slots = (1,) if c.node.op_type == "Upsample" or c.g.opset() < 11 else (2, 3)
+        for k in slots:
+            name = c.inp(k)
+            if not name:
+                continue
+            value = c.const(name)
+            if value is None:
+                raise Frozen(f"{c.node.op_type} scales/sizes '{name}' are computed")
+            if value.size == 0:
+                continue
+            if k == 3:  # sizes: a factor of 1 where the size equals the input size
+                dims = [c.dim(x, i) for i in range(len(value))]
+                value = [1 if d == v else 0 for d, v in zip(dims, value)]
+            factors.append(list(np.asarray(value).ravel()))
+        if c.attr("axes") is not None:
+            raise Frozen("Resize with an axes attribute")
+        return factors
+
+    def rewrite(self, c, plan):
+        sizes = c.const(c.inp(3)) if c.node.op_type == "Resize" and c.g.opset() >= 11 else None
+        if sizes is None or sizes.size == 0:
+            return
+        sizes = np.array(sizes, dtype=np.int64).copy()
+        changed = [a for a in range(len(sizes)) if plan.changed(c.out(0), a)]
+        for a in changed:
+            sizes[a] = plan.new_dim(c.out(0), a)
+        if changed:
+            plan.set_input(c.node, 3, sizes)
+
+
+@register
+class Pad(AxisOp):
+    ops = ("Pad",)
+    boundary = "pads the channel axis"
+
+    def acted_axes(self, c, tensor):
+        pads = c.const_ints(1, "pads") if c.g.opset() >= 11 else c.attr("pads")
+        r = c.rank(tensor)
+        axes = c.const_ints(3) if len(c.node.input) > 3 and c.inp(3) else list(range(r))
+        axes = [a + r if a < 0 else a for a in axes]
+        n = len(axes)
+        return {axes[i] for i in range(n) if pads[i] != 0 or pads[i + n] != 0}
+
+
+@register
+class Softmax(AxisOp):
+    ops = ("Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "LRN",
+           "MeanVarianceNormalization")
+    boundary = "normalises across the channel axis"
+
+    def acted_axes(self, c, tensor):
+        r = c.rank(tensor)
+        op = c.node.op_type
+        if op == "LRN":
+            return {1}
+        if op == "MeanVarianceNormalization":
+            return {a % r for a in c.attr("axes", [0, 2, 3])}
+        default = -1 if (op == "LpNormalization" or c.g.opset() >= 13) else 1
+        axis = c.attr("axis", default) % r
+        if op != "LpNormalization" and c.g.opset() < 13:
+            return set(range(axis, r))  # old semantics: coerced to 2-D at `axis`
+        return {axis}
+
+
+@register
+class Reduce(AxisOp):
+    ops = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
+           "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin")
+    boundary = "reduces over the channel axis"
+
+    def _axes(self, c, r):
+        op = c.node.op_type
+        if op in ("ArgMax", "ArgMin"):
+            return [c.attr("axis", 0) % r]
+        from_input = (op == "ReduceSum" and c.g.opset() >= 13) or c.g.opset() >= 18
+        axes = c.const_ints(1) if from_input else c.attr("axes")
+        if not axes:
+            return [] if c.attr("noop_with_empty_axes", 0) else list(range(r))
+        return sorted(a % r for a in axes)
+
+    def acted_axes(self, c, tensor):
+        return set(self._axes(c, c.rank(tensor)))
+
+    def _keep(self, c):
+        return c.attr("keepdims", 1)
+
+    def out_axis(self, c, axis):
+        if self._keep(c):
+            return axis
+        return axis - sum(1 for a in self._axes(c, c.rank(c.inp(0))) if a < axis)
+
+    def in_axis(self, c, out_axis):
+        if self._keep(c):
+            return out_axis
+        reduced = self._axes(c, c.rank(c.inp(0)))
+        kept = [a for a in range(c.rank(c.inp(0))) if a not in reduced]
+        return kept[out_axis]
+
+
+@register
+class TopK(AxisOp):
+    ops = ("TopK",)
+    boundary = "selects along the channel axis"
+
+    def acted_axes(self, c, tensor):
+        return {c.attr("axis", -1) % c.rank(tensor)}
+
+
+# ----------------------------------------------------------------------------------------------
+# layout ops
+
+
+@register
+class Transpose(Rule):
+    ops = ("Transpose",)
+
+    def propagate(self, c, tensor, axis):
+        x, y = c.inp(0), c.out(0)
+        r = c.rank(x)
+        perm = list(c.attr("perm", list(range(r))[::-1]))
+        size = c.dim(tensor, axis)
+        if tensor == x:
+            return [identity((x, axis), (y, perm.index(axis)), size)]
+        return [identity((y, axis), (x, perm[axis]), size)]
+
+
+@register
+class SqueezeUnsqueeze(Rule):
+    ops = ("Squeeze", "Unsqueeze")
+
+    def _axes(self, c):
+        axes = c.const_ints(1) if c.g.opset() >= 13 else c.attr("axes")
+        x, y = c.inp(0), c.out(0)
+        if c.node.op_type == "Squeeze":
+            r = c.rank(x)
+            if axes is None:
+                shape = c.g.shapes.get(x)
+                axes = [i for i, d in enumerate(shape) if d == 1]
+            return sorted(a % r for a in axes)
+        r = c.rank(y)
+        return sorted(a % r for a in axes)
+
+    def propagate(self, c, tensor, axis):
+        x, y = c.inp(0), c.out(0)
+        if tensor != x and tensor != y:
+            return []
+        axes = self._axes(c)
+        big, small = (x, y) if c.node.op_type == "Squeeze" else (y, x)
+        kept = [a for a in range(c.rank(big)) if a not in axes]
+        if tensor == big:
+            if axis in axes:
+                raise Frozen(f"{c.node.op_type} removes the channel axis")
+            return [identity((big, axis), (small, kept.index(axis)), c.dim(tensor, axis))]
+        return [identity((small, axis), (big, kept[axis]), c.dim(tensor, axis))]
+
+
+@register
+class Concat(Rule):
+    ops = ("Concat",)
+
+    def propagate(self, c, tensor, axis):
+        y = c.out(0)
+        cat = c.norm_axis(c.attr("axis"), y)
+        inputs = [t for t in c.node.input if t]
+        pair = (tensor, axis)
+        if axis != cat:
+            return [identity(pair, (t, axis), c.dim(tensor, axis)) for t in inputs + [y] if t != tensor]
+        sizes = [c.dim(t, cat) for t in inputs]
+        if None in sizes:
+            raise Frozen("Concat input sizes unknown")
+        offsets = np.cumsum([0] + sizes)
+        if tensor == y:
+            return [Link(pair, (t, cat), np.arange(offsets[i], offsets[i + 1]), np.arange(sizes[i]))
+                    for i, t in enumerate(inputs)]
+        return [Link(pair, (y, cat), np.arange(sizes[i]), np.arange(offsets[i], offsets[i + 1]))
+                for i, t in enumerate(inputs) if t == tensor]
+
+
+@register
+class Split(Rule):
+    ops = ("Split",)
+
+    def _axis(self, c):
+        return c.norm_axis(c.attr("axis", 0), c.inp(0))
+
+    def propagate(self, c, tensor, axis):
+        x = c.inp(0)
+        outs = [o for o in c.node.output]
+        ins, _ = c.slots(tensor)
+        if ins and ins[0] != 0:
+            return []
+        pair = (tensor, axis)
+        if axis != self._axis(c):
+            return [identity(pair, (t, axis), c.dim(tensor, axis)) for t in [x] + outs if t and t != tensor]
+        sizes = [c.dim(o, axis) for o in outs]
+        if None in sizes:
+            raise Frozen("Split output sizes unknown")
+        offsets = np.cumsum([0] + sizes)
+        if tensor == x:
+            return [Link(pair, (o, axis), np.arange(offsets[i], offsets[i + 1]), np.arange(sizes[i]))
+                    for i, o in enumerate(outs) if o]
+        i = outs.index(tensor)
+        return [Link(pair, (x, axis), np.arange(sizes[i]), np.arange(offsets[i], offsets[i + 1]))]
+
+    def rewrite(self, c, plan):
+        axis = self._axis(c)
+        if not plan.changed(c.inp(0), axis):
+            return
+        sizes = [plan.new_dim(o, axis) for o in c.node.output]
+        if c.g.opset() >= 13:
+            plan.set_input(c.node, 1, np.array(sizes, dtype=np.int64))
+            plan.del_attr(c.node, "num_outputs")
+        else:
+            plan.set_attr(c.node, "split", sizes)
+
+
+@register
+class Slice(Rule):
+    ops = ("Slice",)
+
+    def _spec(self, c):
+        if c.g.opset() >= 10:
+            starts, ends = c.const_ints(1), c.const_ints(2)
+            axes = c.const_ints(3) if c.inp(3) else list(range(len(starts)))
+            steps = c.const_ints(4) if c.inp(4) else [1] * len(starts)
+        else:
+            starts, ends = c.attr("starts"), c.attr("ends")
+            axes = c.attr("axes", list(range(len(starts))))
+            steps = [1] * len(starts)
+        r = c.rank(c.inp(0))
+        return [(a % r, s, e, st) for a, s, e, st in zip(axes, starts, ends, steps)]
+
+    def _range(self, c, axis):
+        size = c.dim(c.inp(0), axis)
+        for a, s, e, st in self._spec(c):
+            if a == axis:
+                if st != 1:
+                    raise Frozen("Slice with a step on the channel axis")
+                return slice(s, e).indices(size)[:2]
+        return None
+
+    def propagate(self, c, tensor, axis):
+        x, y = c.inp(0), c.out(0)
+        if tensor not in (x, y):
+            return []
+        bounds = self._range(c, axis)
+        if bounds is None:
+            other = y if tensor == x else x
+            return [identity((tensor, axis), (other, axis), c.dim(tensor, axis))]
+        start, stop = bounds
+        n = max(stop - start, 0)
+        if tensor == x:
+            return [Link((x, axis), (y, axis), np.arange(start, start + n), np.arange(n))]
+        return [Link((y, axis), (x, axis), np.arange(n), np.arange(start, start + n))]
+
+    def rewrite(self, c, plan):
+        x = c.inp(0)
+        spec = self._spec(c)
+        new = []
+        changed = False
+        for a, s, e, st in spec:
+            if plan.changed(x, a):
+                start, stop = slice(s, e).indices(c.g.dim(x, a))[:2]
+                kept = plan.kept(x, a)
+                s, e = int(np.searchsorted(kept, start)), int(np.searchsorted(kept, stop))
+                changed = True
+            new.append((s, e))
+        if not changed:
+            return
+        if c.g.opset() >= 10:
+            plan.set_input(c.node, 1, np.array([s for s, _ in new], dtype=np.int64))
+            plan.set_input(c.node, 2, np.array([e for _, e in new], dtype=np.int64))
+        else:
+            plan.set_attr(c.node, "starts", [s for s, _ in new])
+            plan.set_attr(c.node, "ends", [e for _, e in new])
+
+
+@register
+class Gather(Rule):
+    ops = ("Gather",)
+
+    def propagate(self, c, tensor, axis):
+        data, idx, y = c.inp(0), c.inp(1), c.out(0)
+        gaxis = c.norm_axis(c.attr("axis", 0), data)
+        q = c.rank(idx)
+        if tensor == idx:
+            raise Frozen("Gather indices carry channels")
+        if tensor == data and axis != gaxis:
+            return [identity((data, axis), (y, axis if axis < gaxis else axis + q - 1), c.dim(data, axis))]
+        if tensor == y:
+            if axis < gaxis or axis >= gaxis + q:
+                return [identity((y, axis), (data, axis if axis < gaxis else axis - q + 1), c.dim(y, axis))]
+            raise Frozen("Gather output axis comes from the indices")
+        indices = c.const(idx)
+        if indices is None:
+            raise Frozen("Gather on the channel axis with computed indices")
+        size = c.dim(data, axis)
+        indices = np.asarray(indices).astype(np.int64) % size
+        if indices.ndim == 0:
+            return [FreezeIndices((data, axis), indices.reshape(1), "read by a scalar Gather")]
+        if indices.ndim != 1:
+            raise Frozen("Gather on the channel axis with multi-dimensional indices")
+        return [Link((data, axis), (y, gaxis), indices, np.arange(len(indices)))]
+
+    def rewrite(self, c, plan):
+        data = c.inp(0)
+        gaxis = c.norm_axis(c.attr("axis", 0), data)
+        if not plan.changed(data, gaxis):
+            return
+        indices = np.asarray(c.const(c.inp(1))).astype(np.int64) % c.g.dim(data, gaxis)
+        kept_in = plan.kept(data, gaxis)
+        if indices.ndim == 1 and plan.changed(c.out(0), gaxis):
+            indices = indices[plan.kept(c.out(0), gaxis)]
+        plan.set_input(c.node, 1, np.searchsorted(kept_in, indices).astype(np.int64))
+
+
+def reshape_map(shape_from, shape_to, axis, split_policy="outer"):
+    """Map channel `axis` of shape_from onto one axis of shape_to through a row-major reshape.
+
+    Returns (axis_to, src_idx, dst_idx, detail) or raises Frozen. Only the dims from the channel
+    axis inwards need to be static: leading (batch) dims may be symbolic.
+    """
+    channels = shape_from[axis]
+    inner_dims = shape_from[axis + 1:]
+    if not all(isinstance(d, int) for d in inner_dims) or not isinstance(channels, int):
+        raise Frozen("Reshape around the channel axis with symbolic sizes")
+    inner = int(np.prod(inner_dims, dtype=np.int64))
+    suffix_from = {int(np.prod(shape_from[i:], dtype=np.int64)): i
+                   for i in range(axis + 1, len(shape_from) + 1)}
+    suffix_from_outer = {}
+    prod = channels * inner
+    for i in range(axis, -1, -1):
+        if i < axis:
+            if not isinstance(shape_from[i], int):
+                break
+            prod *= shape_from[i]
+        suffix_from_outer[prod] = i
+    suffix = 1
+    for b in range(len(shape_to) - 1, -1, -1):
+        d = shape_to[b]
+        if not isinstance(d, int):
+            break
+        inner_to, suffix = suffix, suffix * d
+        if inner_to in suffix_from and suffix in suffix_from_outer and suffix >= channels * inner:
+            k = inner // inner_to
+            outer = suffix // (channels * inner)
+            pos = (np.arange(outer)[:, None, None] * channels * k + np.arange(channels)[None, :, None] * k
+                   + np.arange(k)[None, None, :])
+            src = np.broadcast_to(np.arange(channels)[None, :, None], pos.shape)
+            return b, src.ravel(), pos.ravel()
+        if inner_to == inner and b > 0 and isinstance(shape_to[b - 1], int) \
+                and shape_to[b - 1] * d == channels and d > 1 and shape_to[b - 1] > 1:
+            if split_policy == "outer":  # whole outer blocks (attention heads)
+                return b - 1, np.arange(channels), np.arange(channels) // d
+            return b, np.arange(channels), np.arange(channels) % d
+    raise Frozen("Reshape regroups the channel axis in a way with no channel-wise map")
+
+
+@register
+class Reshape(Rule):
+    ops = ("Reshape", "Flatten")
+
+    def _split_policy(self, c):
+        """A split feeding a Transpose that swaps the two halves is a channel shuffle: keep groups."""
+        if c.options.split_policy:
+            return c.options.split_policy
+        for i, _ in c.g.consumers.get(c.out(0), []):
+            node = c.g.nodes[i]
+            if node.op_type == "Transpose":
+                perm = list(attr(node, "perm", []))
+                moved = [a for a, p in enumerate(perm) if a != p]
+                if len(moved) == 2 and abs(moved[0] - moved[1]) == 1:
+                    return "inner"
+        return "outer"
+
+    def propagate(self, c, tensor, axis):
+        x, y = c.inp(0), c.out(0)
+        if tensor not in (x, y):
+            raise Frozen("Reshape shape input carries channels")
+        sx, sy = c.g.shapes.get(x), c.g.shapes.get(y)
+        if sx is None or sy is None:
+            raise Frozen("Reshape with unknown input or output shape")
+        if c.node.op_type == "Reshape" and c.const(c.inp(1)) is None and self._shape_source(c) is None:
+            raise Frozen("Reshape with a computed target shape")
+        src_shape, dst_shape, dst = (sx, sy, y) if tensor == x else (sy, sx, x)
+        b, src_idx, dst_idx = reshape_map(src_shape, dst_shape, axis, self._split_policy(c))
+        return [Link((tensor, axis), (dst, b), src_idx, dst_idx)]
+
+    def _shape_source(self, c):
+        """For a computed shape: (concat node, {position: input slot}) when built by Concat."""
+        name = c.inp(1)
+        index = c.g.producer.get(name)
+        if index is None or c.g.nodes[index].op_type != "Concat":
+            return None
+        slots = {}
+        pos = 0
+        for k, part in enumerate(c.g.nodes[index].input):
+            value = c.const(part)
+            length = value.size if value is not None else c.g.dim(part, 0)
+            if length is None:
+                return None
+            for j in range(length):
+                slots[pos + j] = (k, j)
+            pos += length
+        return index, slots
+
+    def rewrite(self, c, plan):
+        if c.node.op_type == "Flatten":
+            return
+        y = c.out(0)
+        changed = [a for a in range(c.g.rank(y)) if plan.changed(y, a)]
+        if not changed:
+            return
+        shape = c.const(c.inp(1))
+        if shape is not None:
+            shape = np.array(shape, dtype=np.int64).copy()
+            for a in changed:
+                if shape[a] > 0:
+                    shape[a] = plan.new_dim(y, a)
+            plan.set_input(c.node, 1, shape)
+            return
+        index, slots = self._shape_source(c)
+        concat = c.g.nodes[index]
+        for a in changed:
+            k, j = slots[a]
+            value = c.const(concat.input[k])
+            if value is not None and np.ravel(value)[j] > 0:
+                new = np.array(value, dtype=np.int64).copy()
+                new.reshape(-1)[j] = plan.new_dim(y, a)
+                plan.set_input(concat, k, new)
+
+
+@register
+class Expand(Rule):
+    ops = ("Expand", "Tile")
+
+    def propagate(self, c, tensor, axis):
+        x, y = c.inp(0), c.out(0)
+        if tensor not in (x, y):
+            return []
+        ry, rx = c.rank(y), c.rank(x)
+        if c.node.op_type == "Tile":
+            reps = c.const_ints(1)
+            if reps[axis] != 1:
+                raise Frozen("Tile repeats the channel axis")
+            other = y if tensor == x else x
+            return [identity((tensor, axis), (other, axis), c.dim(tensor, axis))]
+        if tensor == x:
+            return [identity((x, axis), (y, axis + ry - rx), c.dim(x, axis))]
+        ax = axis - (ry - rx)
+        if ax < 0 or c.dim(x, ax) == 1:
+            raise Frozen("Expand broadcasts the channel axis")
+        return [identity((y, axis), (x, ax), c.dim(y, axis))]
+
+    def rewrite(self, c, plan):
+        if c.node.op_type != "Expand":
+            return
+        y = c.out(0)
+        shape = c.const(c.inp(1))
+        if shape is None:
+            return
+        shape = np.array(shape, dtype=np.int64).copy()
+        offset = c.g.rank(y) - len(shape)
+        touched = False
+        for a in range(c.g.rank(y)):
+            if plan.changed(y, a) and a - offset >= 0 and shape[a - offset] > 1:
+                shape[a - offset] = plan.new_dim(y, a)
+                touched = True
+        if touched:
+            plan.set_input(c.node, 1, shape)
+
+
+@register
+class DepthToSpace(Rule):
+    """PixelShuffle: input channel c*b*b + k (CRD) or k*C + c (DCR) becomes output channel c."""
+
+    ops = ("DepthToSpace", "SpaceToDepth")
+
+    def propagate(self, c, tensor, axis):
+        x, y = c.inp(0), c.out(0)
+        if axis != 1:
+            raise Frozen(f"{c.node.op_type} on axis {axis}")
+        b2 = c.attr("blocksize") ** 2
+        deep, shallow = (x, y) if c.node.op_type == "DepthToSpace" else (y, x)
+        n = c.dim(deep, 1)
+        few = n // b2
+        crd = c.node.op_type == "DepthToSpace" and c.attr("mode", "DCR") == "CRD"
+        deep_to_shallow = np.arange(n) // b2 if crd else np.arange(n) % few
+        if tensor == deep:
+            return [Link((deep, 1), (shallow, 1), np.arange(n), deep_to_shallow)]
+        return [Link((shallow, 1), (deep, 1), deep_to_shallow, np.arange(n))]
+
+
+@register
+class ShapeOnly(Rule):
+    """Ops that read only a tensor's shape: they follow the new size at run time."""
+
+    ops = ("Shape", "Size")
+
+    def propagate(self, c, tensor, axis):
+        return []

@@ -1,0 +1,182 @@
+"""Choose which channels go: uniform per group, global ranking, or to a parameter / MAC budget."""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .cost import Dims, count_params, macs_by_op
+from .errors import SpaError
+from .groups import Analysis
+from .plan import Plan
+
+
+@dataclass
+class Target:
+    ratio: float | None = None  # fraction of each group's (or, global, of all) channels removed
+    global_ranking: bool = False
+    keep_params: float | None = None  # fraction of parameters kept
+    keep_macs: float | None = None  # fraction of MACs kept
+    max_group_ratio: float = 0.9  # never remove more than this fraction of one group
+    round_to: int = 1
+    ignore: list = field(default_factory=list)
+
+    def check(self):
+        for name in ("ratio", "keep_params", "keep_macs"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise SpaError(f"{name.replace('_', '-')} must be between 0 and 1 (exclusive), got {value}")
+        if sum(v is not None for v in (self.ratio, self.keep_params, self.keep_macs)) != 1:
+            raise SpaError("give exactly one target: a ratio, a parameter fraction or a MAC fraction")
+        if not 0 < self.max_group_ratio <= 1:
+            raise SpaError("max group ratio must be in (0, 1]")
+        if self.round_to < 1:
+            raise SpaError("round-to must be a positive integer")
+
+
+def ignored_atoms(analysis: Analysis, patterns) -> set:
+    """Channels touching ignored nodes or initializers; an unmatched pattern is an error."""
+    g = analysis.graph
+    names = {}
+    for i, node in enumerate(g.nodes):
+        names.setdefault(g.node_name(i), set()).update(x for x in list(node.input) + list(node.output) if x)
+    for t in g.consts:
+        names.setdefault(t, set()).add(t)
+    atoms = set()
+    for pattern in patterns:
+        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise SpaError(f"--ignore '{pattern}' matches no node or initializer")
+        tensors = set().union(*(names[n] for n in matched))
+        for member in analysis.members.values():
+            if member.tensor in tensors:
+                atoms.update(int(a) for a in member.atoms)
+    return atoms
+
+
+class Selector:
+    def __init__(self, analysis: Analysis, scores: dict, target: Target):
+        target.check()
+        self.analysis = analysis
+        self.target = target
+        self.scores = scores
+        blocked = ignored_atoms(analysis, target.ignore)
+        self.candidates = {}  # group id -> (atoms, scores) of prunable channels, ascending score
+        for group in analysis.groups:
+            if group.id not in scores or not group.has_params:
+                continue
+            atoms = group.atoms
+            keep = np.array([int(a) not in group.frozen and int(a) not in blocked for a in atoms], dtype=bool)
+            if keep.sum() < 2:
+                continue
+            order = np.argsort(scores[group.id][keep], kind="stable")
+            self.candidates[group.id] = (atoms[keep][order], scores[group.id][keep][order])
+        if not self.candidates:
+            raise SpaError("nothing prunable: every channel group is frozen (see `spa analyze`)")
+        self.atom_members = self._atom_members()
+
+    def _atom_members(self):
+        """For each channel: how many indices of each member it removes."""
+        table = {}
+        for key, member in self.analysis.members.items():
+            ids, counts = np.unique(member.atoms, return_counts=True)
+            for a, n in zip(ids.tolist(), counts.tolist()):
+                table.setdefault(a, []).append((key, n))
+        return table
+
+    def _limit(self, group_id):
+        group = self.analysis.groups[group_id]
+        return min(int(math.floor(self.target.max_group_ratio * len(group.atoms))), len(group.atoms) - 1)
+
+    def greedy(self, order):
+        """Accept channels in order while every member and group keeps something."""
+        remaining = {k: m.size for k, m in self.analysis.members.items()}
+        per_group = {}
+        accepted = []
+        for gid, atom in order:
+            if per_group.get(gid, 0) >= self._limit(gid):
+                continue
+            touched = self.atom_members[atom]
+            if any(remaining[k] - n < 1 for k, n in touched):
+                continue
+            for k, n in touched:
+                remaining[k] -= n
+            per_group[gid] = per_group.get(gid, 0) + 1
+            accepted.append((gid, atom))
+        return accepted
+
+    def uniform(self, ratio):
+        accepted = []
+        for gid, (atoms, _) in self.candidates.items():
+            count = int(math.floor(ratio * len(atoms)))
+            accepted += self.greedy([(gid, int(a)) for a in atoms])[:count]
+        return accepted
+
+    def global_order(self):
+        entries = [(s, gid, int(a)) for gid, (atoms, sc) in self.candidates.items() for a, s in zip(atoms, sc)]
+        entries.sort(key=lambda e: e[0])
+        return self.greedy([(gid, a) for _, gid, a in entries])
+
+    def round(self, accepted):
+        """Keep a multiple of round_to channels per group by restoring the best removed ones."""
+        n = self.target.round_to
+        if n == 1:
+            return accepted
+        by_group = {}
+        for gid, atom in accepted:
+            by_group.setdefault(gid, []).append(atom)
+        result = []
+        for gid, atoms in by_group.items():
+            total = len(self.analysis.groups[gid].atoms)
+            keep_removed = len(atoms)
+            while keep_removed > 0 and (total - keep_removed) % n:
+                keep_removed -= 1
+            result += [(gid, a) for a in atoms[:keep_removed]]
+        return result
+
+    def to_budget(self, order, measure, keep_fraction):
+        full = measure([])
+        lo, hi = 0, len(order)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if measure(self.round(order[:mid])) <= keep_fraction * full:
+                hi = mid
+            else:
+                lo = mid + 1
+        return self.round(order[:lo])
+
+    def select(self) -> Plan:
+        t = self.target
+        if t.ratio is not None and not t.global_ranking:
+            accepted = self.round(self.uniform(t.ratio))
+        elif t.ratio is not None:
+            order = self.global_order()
+            total = sum(len(a) for a, _ in self.candidates.values())
+            accepted = self.round(order[:int(math.floor(t.ratio * total))])
+        else:
+            order = self.global_order()
+            if t.keep_params is not None:
+                accepted = self.to_budget(order, self.params_of, t.keep_params)
+            else:
+                self.shapes = self._shapes()
+                accepted = self.to_budget(order, self.macs_of, t.keep_macs)
+        if not accepted:
+            raise SpaError("the target removes no channel (groups too small for this ratio)")
+        return Plan(self.analysis, [a for _, a in accepted])
+
+    def params_of(self, accepted):
+        return count_params(self.analysis.graph, Plan(self.analysis, [a for _, a in accepted]))
+
+    def _shapes(self):
+        from .cost import concrete_shapes
+        return concrete_shapes(self.analysis.model)
+
+    def macs_of(self, accepted):
+        plan = Plan(self.analysis, [a for _, a in accepted])
+        return sum(macs_by_op(self.analysis.graph, self.shapes, plan).values())
+
+
+def select(analysis: Analysis, scores: dict, target: Target) -> Plan:
+    return Selector(analysis, scores, target).select()

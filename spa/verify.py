@@ -1,0 +1,152 @@
+"""Validity checks for every model SPA writes, plus the equivalence oracle used by the tests."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper, shape_inference
+
+from .errors import SpaError
+from .plan import Plan
+
+_NP_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+def input_specs(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None, default_dim: int = 32):
+    """(name, shape, numpy dtype) for each real graph input, symbolic dims made concrete."""
+    dims = dims or {}
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        t = vi.type.tensor_type
+        shape = []
+        for k, d in enumerate(t.shape.dim):
+            if d.HasField("dim_value"):
+                shape.append(d.dim_value)
+            elif d.dim_param in dims:
+                shape.append(int(dims[d.dim_param]))
+            else:
+                shape.append(batch if k == 0 else default_dim)
+        specs.append((vi.name, tuple(shape), _NP_TYPES.get(t.elem_type, np.float32)))
+    return specs
+
+
+def random_inputs(model, batch=1, seed=0, dims=None):
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, shape, dtype in input_specs(model, batch, dims):
+        if np.issubdtype(dtype, np.floating):
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[name] = rng.random(shape) < 0.5
+        else:
+            feeds[name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
+
+
+def session(model_or_path, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    source = model_or_path if isinstance(model_or_path, str) else model_or_path.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run(model_or_path, feeds) -> list:
+    return session(model_or_path).run(None, feeds)
+
+
+def validate(path: str, feeds: dict | None = None) -> None:
+    """Full checker, strict shape inference, an onnxruntime session and one run; SpaError if not."""
+    stage = "onnx checker"
+    try:
+        onnx.checker.check_model(path, full_check=True)
+        stage = "strict shape inference"
+        shape_inference.infer_shapes_path(path, path + ".inferred", check_type=True, strict_mode=True)
+        stage = "onnxruntime"
+        sess = session(path)
+        if feeds is None:
+            feeds = random_inputs(onnx.load(path, load_external_data=False))
+        outputs = sess.run(None, feeds)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpaError(f"pruned model failed {stage}: {first_line[:300]}") from None
+    finally:
+        if os.path.exists(path + ".inferred"):
+            os.remove(path + ".inferred")
+    for out in outputs:
+        if isinstance(out, np.ndarray) and np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out)):
+            raise SpaError("pruned model produced NaN or Inf")
+
+
+def masked_original(plan: Plan) -> onnx.ModelProto:
+    """The oracle: the original model with every removed channel's consumer slices zeroed.
+
+    Removing channel c must be exactly the same as zeroing input slice c of every consumer;
+    a Mul by a 0/1 mask is inserted in front of each contracted input.
+    """
+    g = plan.analysis.graph
+    model = onnx.ModelProto()
+    model.CopyFrom(g.model)
+    masked: dict = {}
+    for node_index, slot, axis in plan.analysis.contracted:
+        tensor = g.nodes[node_index].input[slot]
+        removed = plan.removed(tensor, axis)
+        if len(removed) == 0:
+            continue
+        key = (tensor, axis)
+        if key not in masked:
+            shape = [1] * g.rank(tensor)
+            shape[axis] = g.dim(tensor, axis)
+            mask = np.ones(shape, dtype=_NP_TYPES.get(_elem_type(model, tensor), np.float32))
+            np.moveaxis(mask, axis, 0)[removed] = 0
+            out = f"{tensor}__spa_masked{axis}"
+            model.graph.initializer.append(numpy_helper.from_array(mask, out + "_mask"))
+            model.graph.node.append(helper.make_node("Mul", [tensor, out + "_mask"], [out]))
+            masked[key] = out
+        model.graph.node[node_index].input[slot] = masked[key]
+    return _toposort(model)
+
+
+def _elem_type(model, tensor):
+    for t in model.graph.initializer:
+        if t.name == tensor:
+            return t.data_type
+    inferred = shape_inference.infer_shapes(model)
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if vi.name == tensor:
+            return vi.type.tensor_type.elem_type
+    return onnx.TensorProto.FLOAT
+
+
+def _toposort(model):
+    nodes = list(model.graph.node)
+    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    ordered, pending = [], nodes
+    while pending:
+        rest = []
+        for n in pending:
+            from .graph import outer_scope_inputs
+            needs = set(n.input) | outer_scope_inputs(n)
+            if needs <= available:
+                ordered.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            ordered += rest
+            break
+        pending = rest
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    return model

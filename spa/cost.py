@@ -14,7 +14,7 @@ MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
 
 def concrete_shapes(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None) -> dict:
     """Shapes with every symbolic dim fixed (batch first, then `dims`); falls back to a run."""
-    from .verify import input_specs, random_inputs, session
+    from .runtime import input_specs, random_inputs, session
 
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)

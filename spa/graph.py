@@ -80,7 +80,8 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
 def attr(node: onnx.NodeProto, name: str, default=None):
     for a in node.attribute:
         if a.name == name:
-            return onnx.helper.get_attribute_value(a)
+            value = onnx.helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
     return default
 
 
@@ -200,4 +201,33 @@ def infer_shapes(model: onnx.ModelProto) -> dict:
         shapes[vi.name] = tuple(
             d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim
         )
+    consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    missing = [o for n in g.node for o in n.output if o and o not in shapes and o not in consts]
+    if missing and model.ByteSize() < 200_000_000:
+        shapes.update(shapes_by_running(model, missing))
+    return shapes
+
+
+def shapes_by_running(model: onnx.ModelProto, names) -> dict:
+    """Shapes shape inference could not give, read from two onnxruntime runs with different
+    symbolic sizes: a dim that differs between the runs is symbolic."""
+    from .runtime import random_inputs, session
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.ValueInfoProto(name=n) for n in names if n not in known)
+    try:
+        sess = session(probe)
+        outs = [o.name for o in sess.get_outputs()]
+        runs = [dict(zip(outs, sess.run(None, random_inputs(model, batch=b, default_dim=d))))
+                for b, d in ((2, 32), (3, 40))]
+    except Exception:
+        return {}
+    shapes = {}
+    for n in names:
+        if n in runs[0] and n in runs[1]:
+            a, b = np.shape(runs[0][n]), np.shape(runs[1][n])
+            if len(a) == len(b):
+                shapes[n] = tuple(x if x == y else "?" for x, y in zip(a, b))
     return shapes

@@ -170,8 +170,9 @@ class Propagation:
                     self.link(result, i, name)
 
     def link(self, link: Link, node_index: int, name: str):
-        dst = (link.dst[0], link.dst[1] % max(self.g.rank(link.dst[0]) or 1, 1))
-        if not self.mark(dst, name):
+        rank = self.g.rank(link.dst[0])
+        dst = (link.dst[0], link.dst[1] % rank) if rank else link.dst
+        if not rank or not self.mark(dst, name):
             self.freeze(link.src, None, f"'{name}': size of '{dst[0]}' axis {dst[1]} unknown")
             return
         src_m, dst_m = self.members[link.src], self.members[dst]

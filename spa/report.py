@@ -10,7 +10,7 @@ import onnx
 
 from .cost import concrete_shapes, count_params, macs_by_op
 from .groups import Analysis
-from .verify import random_inputs, session
+from .runtime import random_inputs, session
 
 
 def file_size(path: str) -> int:

@@ -1015,6 +1015,16 @@ class DepthToSpace(Rule):
 
 
 @register
+class ConstantLeaf(Rule):
+    """A Constant node's value is sliced directly by the rewriter."""
+
+    ops = ("Constant",)
+
+    def propagate(self, c, tensor, axis):
+        return []
+
+
+@register
 class ShapeOnly(Rule):
     """Ops that read only a tensor's shape: they follow the new size at run time."""
 

@@ -1,0 +1,60 @@
+"""onnxruntime helpers: input specs, random inputs, sessions."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+_NP_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+def input_specs(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None, default_dim: int = 32):
+    """(name, shape, numpy dtype) for each real graph input, symbolic dims made concrete."""
+    dims = dims or {}
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        t = vi.type.tensor_type
+        shape = []
+        for k, d in enumerate(t.shape.dim):
+            if d.HasField("dim_value"):
+                shape.append(d.dim_value)
+            elif d.dim_param in dims:
+                shape.append(int(dims[d.dim_param]))
+            else:
+                shape.append(batch if k == 0 else default_dim)
+        specs.append((vi.name, tuple(shape), _NP_TYPES.get(t.elem_type, np.float32)))
+    return specs
+
+
+def random_inputs(model, batch=1, seed=0, dims=None, default_dim=32):
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, shape, dtype in input_specs(model, batch, dims, default_dim):
+        if np.issubdtype(dtype, np.floating):
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[name] = rng.random(shape) < 0.5
+        else:
+            feeds[name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
+
+
+def session(model_or_path, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    source = model_or_path if isinstance(model_or_path, str) else model_or_path.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run(model_or_path, feeds) -> list:
+    return session(model_or_path).run(None, feeds)

@@ -1,0 +1,66 @@
+"""A tiny ONNX graph builder for rule tests: random weights, shapes tracked by onnx itself."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class Builder:
+    def __init__(self, opset=17, seed=0):
+        self.opset = opset
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
+        self.count = 0
+
+    def name(self, prefix):
+        self.count += 1
+        return f"{prefix}{self.count}"
+
+    def input(self, shape, name="input", dtype=TensorProto.FLOAT):
+        self.inputs.append(helper.make_tensor_value_info(name, dtype, shape))
+        return name
+
+    def const(self, value, name=None):
+        name = name or self.name("c")
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def weight(self, *shape):
+        return self.const((self.rng.standard_normal(shape) * 0.5).astype(np.float32), self.name("w"))
+
+    def positive(self, *shape):
+        return self.const((self.rng.random(shape) + 0.5).astype(np.float32), self.name("p"))
+
+    def op(self, op_type, inputs, n_out=1, **attrs):
+        outs = [self.name(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type + "_"), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def conv(self, x, c_in, c_out, k=3, group=1, bias=True, **attrs):
+        inputs = [x, self.weight(c_out, c_in // group, k, k)] + ([self.weight(c_out)] if bias else [])
+        return self.op("Conv", inputs, pads=[k // 2] * 4, group=group, **attrs)
+
+    def bn(self, x, c):
+        return self.op("BatchNormalization", [x, self.positive(c), self.weight(c), self.weight(c), self.positive(c)])
+
+    def gemm(self, x, k, n, **attrs):
+        w = self.weight(n, k) if attrs.get("transB") else self.weight(k, n)
+        return self.op("Gemm", [x, w, self.weight(n)], **attrs)
+
+    def output(self, x, shape=None):
+        self.outputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, shape))
+        return x
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, "test", self.inputs, self.outputs, self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        model.ir_version = 8
+        inferred = onnx.shape_inference.infer_shapes(model)
+        known = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
+                 if vi.type.tensor_type.HasField("shape")}
+        for out in model.graph.output:
+            if out.name in known:
+                out.CopyFrom(known[out.name])
+        onnx.checker.check_model(model, full_check=True)
+        return model

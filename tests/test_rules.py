@@ -1,0 +1,349 @@
+"""One equivalence test per rule family: pruned == original with consumer slices zeroed."""
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from builder import Builder
+from oracle import check_exact
+from spa import Options, analyze
+from spa.selection import Target
+
+N = "batch"
+
+
+def head(b, x, c, classes=5):
+    """GlobalAveragePool + Flatten + Gemm: the usual classifier."""
+    return b.output(b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [x])]), c, classes))
+
+
+def frozen_reasons(model):
+    return [r for g in analyze(model).groups for r in g.reasons()]
+
+
+def test_conv_bn_relu_chain_prunes_exactly():
+    b = Builder()
+    x = b.input([N, 3, 8, 8])
+    y = b.op("Relu", [b.bn(b.conv(x, 3, 8), 8)])
+    y = b.op("Relu", [b.bn(b.conv(y, 8, 6), 6)])
+    head(b, y, 6)
+    result = check_exact(b.model())
+    assert {g["id"] for g in result.plan.to_json()["groups"]} and len(result.plan.removed_atoms) == 7
+
+
+def test_residual_add_couples_both_branches():
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input([N, 3, 8, 8]), 3, 8)])
+    y = b.op("Add", [x, b.conv(b.op("Relu", [b.conv(x, 8, 4)]), 4, 8)])
+    head(b, b.op("Relu", [y]), 8)
+    model = b.model()
+    analysis = analyze(model)
+    [group] = [g for g in analysis.groups if any(m.tensor == y for m in g.members)]
+    assert {m.tensor for m in group.members} >= {x, y}
+    check_exact(model)
+
+
+def test_depthwise_conv_shrinks_group_attribute():
+    b = Builder()
+    x = b.op("Clip", [b.conv(b.input([N, 3, 8, 8]), 3, 8), b.const(np.float32(0)), b.const(np.float32(6))])
+    y = b.op("Relu", [b.conv(x, 8, 8, group=8)])
+    head(b, b.conv(y, 8, 4, k=1), 4)
+    result = check_exact(b.model())
+    [dw] = [n for n in result.model.graph.node if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    assert [a.i for a in dw.attribute if a.name == "group"] == [4]
+
+
+def test_depthwise_with_channel_multiplier():
+    b = Builder()
+    x = b.conv(b.input([N, 3, 8, 8]), 3, 4)
+    y = b.conv(x, 4, 8, group=4)  # two outputs per input channel
+    head(b, y, 8)
+    check_exact(b.model())
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_conv_keeps_equal_groups(groups):
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input([N, 3, 8, 8]), 3, 8)])
+    y = b.op("Relu", [b.conv(x, 8, 8, group=groups)])
+    head(b, b.conv(y, 8, 4), 4)
+    result = check_exact(b.model())
+    w = [i for i in result.model.graph.initializer if len(i.dims) == 4 and i.dims[0] % groups == 0]
+    assert all(d % 1 == 0 for d in w[0].dims)
+
+
+def test_concat_maps_offsets():
+    b = Builder()
+    x = b.input([N, 3, 8, 8])
+    y = b.op("Concat", [b.conv(x, 3, 4), b.conv(x, 3, 6), b.conv(x, 3, 2)], axis=1)
+    head(b, b.conv(y, 12, 5), 5)
+    check_exact(b.model())
+
+
+def test_concat_on_last_axis_channels_last():
+    b = Builder()
+    x = b.input([N, 4, 6])
+    y = b.op("Concat", [b.op("MatMul", [x, b.weight(6, 5)]), b.op("MatMul", [x, b.weight(6, 3)])], axis=-1)
+    b.output(b.op("MatMul", [b.op("Relu", [y]), b.weight(8, 2)]))
+    check_exact(b.model())
+
+
+def test_split_sizes_rewritten():
+    b = Builder()
+    x = b.conv(b.input([N, 3, 8, 8]), 3, 10)
+    s1, s2 = b.op("Split", [x, b.const(np.array([4, 6], dtype=np.int64))], n_out=2, axis=1)
+    y = b.op("Concat", [b.conv(s1, 4, 3), b.op("Relu", [s2])], axis=1)
+    head(b, y, 9)
+    check_exact(b.model())
+
+
+def test_split_equal_parts_opset18():
+    b = Builder(opset=18)
+    x = b.conv(b.input([N, 3, 8, 8]), 3, 8)
+    s1, s2 = b.op("Split", [x], n_out=2, axis=1, num_outputs=2)
+    head(b, b.op("Add", [s1, s2]), 4)
+    check_exact(b.model())
+
+
+def test_slice_on_channel_axis():
+    b = Builder()
+    x = b.conv(b.input([N, 3, 8, 8]), 3, 10)
+    s = b.op("Slice", [x, b.const(np.array([2], dtype=np.int64)), b.const(np.array([8], dtype=np.int64)),
+                       b.const(np.array([1], dtype=np.int64))])
+    head(b, b.conv(s, 6, 4), 4)
+    check_exact(b.model())
+
+
+def test_gather_on_channel_axis():
+    b = Builder()
+    x = b.conv(b.input([N, 3, 8, 8]), 3, 8)
+    g = b.op("Gather", [x, b.const(np.array([0, 2, 3, 5, 7], dtype=np.int64))], axis=1)
+    head(b, b.conv(g, 5, 4), 4)
+    check_exact(b.model())
+
+
+def test_scalar_gather_freezes_only_that_channel():
+    b = Builder()
+    x = b.conv(b.input([N, 3, 8, 8]), 3, 8)
+    picked = b.op("Gather", [x, b.const(np.array(3, dtype=np.int64))], axis=1)
+    b.output(b.op("ReduceMean", [picked], keepdims=0))
+    head(b, b.op("Relu", [x]), 8)
+    model = b.model()
+    [group] = [g for g in analyze(model).groups if any(m.tensor == x for m in g.members)]
+    assert len(group.frozen) == 1 and group.prunable
+    check_exact(model)
+
+
+def test_flatten_into_gemm():
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input([N, 3, 4, 4]), 3, 6)])
+    b.output(b.gemm(b.op("Flatten", [x], axis=1), 6 * 16, 5))
+    check_exact(b.model())
+
+
+def test_reshape_constant_rewritten():
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input([N, 3, 4, 4]), 3, 6)])
+    flat = b.op("Reshape", [x, b.const(np.array([-1, 96], dtype=np.int64))])
+    b.output(b.op("Add", [b.op("MatMul", [flat, b.weight(96, 5)]), b.weight(5)]))
+    result = check_exact(b.model())
+    shapes = [onnx.numpy_helper.to_array(i) for i in result.model.graph.initializer if i.name.endswith("_spa")]
+    assert any(s.tolist() == [-1, 48] for s in shapes)
+
+
+def test_channel_shuffle_prunes_exactly():
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input([N, 3, 6, 6]), 3, 8)])
+    r = b.op("Reshape", [x, b.const(np.array([0, 2, 4, 6, 6], dtype=np.int64))])
+    t = b.op("Transpose", [r], perm=[0, 2, 1, 3, 4])
+    y = b.op("Reshape", [t, b.const(np.array([0, 8, 6, 6], dtype=np.int64))])
+    head(b, b.conv(y, 8, 4), 4)
+    check_exact(b.model())
+
+
+def test_squeeze_excite_mul():
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input([N, 3, 8, 8]), 3, 8)])
+    s = b.op("Sigmoid", [b.conv(b.op("Relu", [b.conv(b.op("GlobalAveragePool", [x]), 8, 2, k=1)]), 2, 8, k=1)])
+    head(b, b.conv(b.op("Mul", [x, s]), 8, 4), 4)
+    check_exact(b.model())
+
+
+def test_identity_like_ops():
+    b = Builder(opset=13)
+    x = b.conv(b.input([N, 3, 8, 8]), 3, 6)
+    x = b.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    x = b.op("Resize", [x, "", b.const(np.array([1, 1, 2, 2], dtype=np.float32))], mode="nearest")
+    x = b.op("Pad", [x, b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64))])
+    x = b.op("Cast", [b.op("Dropout", [b.op("Clip", [x, b.const(np.float32(0)), b.const(np.float32(6))])])], to=1)
+    x = b.op("Mul", [b.op("HardSigmoid", [x]), b.op("LeakyRelu", [x])])
+    x = b.op("Add", [x, b.weight(6, 1, 1)])  # per-channel constant: sliced with the channel
+    head(b, b.op("AveragePool", [x], kernel_shape=[2, 2]), 6)
+    check_exact(b.model())
+
+
+def test_conv_transpose_and_grouped_conv_transpose():
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input([N, 3, 4, 4]), 3, 8)])
+    up = b.op("ConvTranspose", [x, b.weight(8, 6, 2, 2), b.weight(6)], strides=[2, 2])
+    up2 = b.op("ConvTranspose", [b.op("Relu", [up]), b.weight(6, 2, 2, 2)], strides=[2, 2], group=2)
+    head(b, b.conv(up2, 4, 3), 3)
+    check_exact(b.model())
+
+
+def test_norms_and_prelu(opset=21):
+    b = Builder(opset=opset)
+    x = b.conv(b.input([N, 3, 8, 8]), 3, 8)
+    x = b.op("InstanceNormalization", [x, b.positive(8), b.weight(8)])
+    x = b.op("PRelu", [x, b.weight(8, 1, 1)])
+    x = b.conv(x, 8, 8)
+    params = 8  # per channel from opset 21 (opset 18's per-group form is deprecated)
+    x = b.op("GroupNormalization", [x, b.positive(params), b.weight(params)], num_groups=4)
+    b.output(b.conv(x, 8, 3, k=1), shape=[N, 3, 8, 8])
+    result = check_exact(b.model())
+    [gn] = [n for n in result.model.graph.node if n.op_type == "GroupNormalization"]
+    assert [a.i for a in gn.attribute if a.name == "num_groups"] == [2]
+
+
+def test_softmax_over_channels_freezes_with_reason():
+    b = Builder()
+    x = b.conv(b.input([N, 3, 8, 8]), 3, 8)
+    b.output(b.op("Softmax", [x], axis=1))
+    reasons = frozen_reasons(b.model())
+    assert any("Softmax" in r and "channel axis" in r for r in reasons)
+
+
+def test_reduce_over_spatial_passes_reduce_over_channels_freezes():
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input([N, 3, 8, 8]), 3, 8)])
+    pooled = b.op("ReduceMean", [x], axes=[2, 3], keepdims=0)
+    b.output(b.gemm(pooled, 8, 3))
+    check_exact(b.model())
+    b2 = Builder()
+    y = b2.conv(b2.input([N, 3, 8, 8]), 3, 8)
+    b2.output(b2.op("ReduceMax", [y], axes=[1]))
+    assert any("ReduceMax" in r for r in frozen_reasons(b2.model()))
+
+
+def test_channels_last_layout_through_transposes():
+    b = Builder()
+    x = b.conv(b.input([N, 3, 6, 6]), 3, 8)
+    nhwc = b.op("Transpose", [x], perm=[0, 2, 3, 1])
+    y = b.op("Add", [b.op("MatMul", [nhwc, b.weight(8, 12)]), b.weight(12)])
+    y = b.op("MatMul", [b.op("Relu", [y]), b.weight(12, 8)])
+    head(b, b.op("Transpose", [y], perm=[0, 3, 1, 2]), 8)
+    check_exact(b.model())
+
+
+def test_squeeze_unsqueeze():
+    b = Builder()
+    x = b.conv(b.input([N, 3, 1, 8]), 3, 8, k=1)
+    sq = b.op("Squeeze", [x, b.const(np.array([2], dtype=np.int64))])
+    un = b.op("Unsqueeze", [b.op("Relu", [sq]), b.const(np.array([3], dtype=np.int64))])
+    head(b, b.conv(un, 8, 4, k=1), 4)
+    check_exact(b.model())
+
+
+def test_layernorm_over_channels_is_frozen_unless_approximate():
+    b = Builder()
+    x = b.input([N, 5, 8])
+    y = b.op("MatMul", [x, b.weight(8, 16)])
+    y = b.op("LayerNormalization", [y, b.positive(16), b.weight(16)], axis=-1)
+    b.output(b.op("MatMul", [y, b.weight(16, 4)]))
+    model = b.model()
+    assert any("LayerNormalization" in r for r in frozen_reasons(model))
+    options = Options(approximate=True)
+    result = check_exact(model, options=options, atol=10.0)  # runs and stays valid
+    assert options.approximate_nodes
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d(dims):
+    b = Builder()
+    spatial = [6] * dims
+    x = b.input([N, 3] + spatial)
+    w1, w2 = b.weight(8, 3, *[3] * dims), b.weight(4, 8, *[1] * dims)
+    y = b.op("Relu", [b.op("Conv", [x, w1], pads=[1] * (2 * dims))])
+    y = b.op("Conv", [y, w2])
+    b.output(b.gemm(b.op("Flatten", [b.op("GlobalMaxPool", [y])]), 4, 3))
+    check_exact(b.model())
+
+
+def test_constant_node_weights():
+    b = Builder()
+    x = b.input([N, 3, 8, 8])
+    w = b.op("Constant", [], value=onnx.numpy_helper.from_array(b.rng.standard_normal((8, 3, 3, 3)).astype(np.float32)))
+    y = b.op("Relu", [b.op("Conv", [x, w], pads=[1, 1, 1, 1])])
+    head(b, y, 8)
+    result = check_exact(b.model())
+    const = [n for n in result.model.graph.node if n.op_type == "Constant"]
+    assert onnx.numpy_helper.to_array(const[0].attribute[0].t).shape == (4, 3, 3, 3)
+
+
+def test_unknown_and_custom_ops_freeze_with_reason():
+    b = Builder()
+    x = b.conv(b.input([N, 3, 8, 8]), 3, 8)
+    b.nodes.append(helper.make_node("MyOp", [x], ["custom"], domain="my.domain", name="mine"))
+    b.output("custom")
+    head(b, b.conv(b.input([N, 3, 8, 8], "other"), 3, 6), 6)
+    graph = helper.make_graph(b.nodes, "t", b.inputs, b.outputs, b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.domain", 1)])
+    reasons = frozen_reasons(model)
+    assert any("custom-domain op my.domain::MyOp" in r for r in reasons)
+
+
+def test_control_flow_reading_a_tensor_freezes_it():
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input([N, 3, 8, 8]), 3, 8)])
+    out = helper.make_tensor_value_info("branch_out", onnx.TensorProto.FLOAT, None)
+    then = helper.make_graph([helper.make_node("Identity", [x], ["branch_out"])], "then", [], [out])
+    other = helper.make_graph([helper.make_node("Neg", [x], ["branch_out"])], "else", [], [out])
+    cond = b.const(np.array(True))
+    b.nodes.append(helper.make_node("If", [cond], ["if_out"], then_branch=then, else_branch=other, name="if"))
+    b.output("if_out")
+    model = helper.make_model(helper.make_graph(b.nodes, "t", b.inputs, b.outputs, b.inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    assert any("control flow (If)" in r for r in frozen_reasons(model))
+
+
+def test_depth_to_space_pixel_shuffle():
+    b = Builder()
+    x = b.conv(b.input([N, 3, 4, 4]), 3, 16)
+    y = b.op("DepthToSpace", [b.op("Relu", [x])], blocksize=2, mode="CRD")
+    head(b, b.conv(y, 4, 3), 3)
+    check_exact(b.model())
+
+
+def test_expand_and_tile():
+    b = Builder()
+    x = b.conv(b.input([N, 3, 4, 4]), 3, 6)
+    scale = b.op("Expand", [b.weight(6, 1, 1), b.const(np.array([6, 4, 4], dtype=np.int64))])
+    y = b.op("Mul", [x, scale])
+    y = b.op("Tile", [y, b.const(np.array([1, 1, 2, 2], dtype=np.int64))])
+    head(b, y, 6)
+    check_exact(b.model())
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 21])
+def test_old_and_new_opsets(opset):
+    b = Builder(opset=opset)
+    x = b.op("Relu", [b.bn(b.conv(b.input([N, 3, 8, 8]), 3, 8), 8)])
+    y = b.op("Concat", [b.conv(x, 8, 4), x], axis=1)
+    b.output(b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [y])]), 12, 3))
+    check_exact(b.model())
+
+
+def test_global_ranking_and_budget_targets():
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input([N, 3, 8, 8]), 3, 16)])
+    y = b.op("Relu", [b.conv(x, 16, 8)])
+    head(b, b.conv(y, 8, 8), 8)
+    model = b.model()
+    check_exact(model, Target(ratio=0.4, global_ranking=True))
+    from spa.cost import count_params
+    result = check_exact(model, Target(keep_params=0.5))
+    assert count_params(result.model) <= 0.5 * count_params(model) + 100
+    check_exact(model, Target(keep_macs=0.6))
+    result = check_exact(model, Target(ratio=0.5, round_to=4))
+    for group in result.plan.to_json()["groups"]:
+        assert (group["size"] - group["removed"]) % 4 == 0

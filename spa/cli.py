@@ -128,11 +128,11 @@ def _prune(args, model, options, say):
 
 
 def _finish(args, result, say):
-    from .graph import uses_external_data
+    from .graph import external_tensor_names
     from .pipeline import save
 
     say(f"verifying and writing {args.output}")
-    save(result.model, args.output, external_data=uses_external_data(args.model))
+    save(result.model, args.output, external=external_tensor_names(args.model))
     if args.plan_out:
         result.plan.save(args.plan_out, os.path.basename(args.model))
         say(f"plan written to {args.plan_out}")

@@ -38,8 +38,9 @@ def load_model(path: str) -> onnx.ModelProto:
     return model
 
 
-def uses_external_data(path: str) -> bool:
-    return any(True for _ in _external_tensors(onnx.load(path, load_external_data=False)))
+def external_tensor_names(path: str) -> set:
+    """Names of the tensors a model file keeps in external data (empty when none)."""
+    return {t.name for t in _external_tensors(onnx.load(path, load_external_data=False))}
 
 
 def _external_tensors(model: onnx.ModelProto):

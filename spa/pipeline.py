@@ -7,9 +7,10 @@ import tempfile
 from dataclasses import dataclass
 
 import onnx
+from onnx import external_data_helper
 
 from .errors import SpaError
-from .graph import load_model, uses_external_data
+from .graph import external_tensor_names, load_model
 from .groups import Analysis, Options, analyze
 from .importance import score
 from .plan import Plan
@@ -41,8 +42,12 @@ def apply_plan(model: onnx.ModelProto, plan_path: str, options: Options | None =
     return Result(rewrite(plan), plan, analysis)
 
 
-def save(model: onnx.ModelProto, path: str, external_data: bool = False, feeds: dict | None = None) -> None:
-    """Verify, then write atomically: on any failure nothing is written."""
+def save(model: onnx.ModelProto, path: str, external: set | None = None, feeds: dict | None = None) -> None:
+    """Verify, then write atomically: on any failure nothing is written.
+
+    `external`: names of tensors to keep in one external data file beside the model (the input's
+    layout); models over the 2 GB protobuf limit always go external.
+    """
     target_dir = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(target_dir):
         raise SpaError(f"output directory {target_dir} does not exist")
@@ -51,11 +56,13 @@ def save(model: onnx.ModelProto, path: str, external_data: bool = False, feeds: 
         name = os.path.basename(path)
         staged = os.path.join(tmp, name)
         data_name = name + ".data"
-        large = model.ByteSize() > 1_800_000_000
-        if external_data or large:
+        if model.ByteSize() > 1_800_000_000:
             onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
         else:
+            for tensor in model.graph.initializer:
+                if external and tensor.name in external:
+                    external_data_helper.set_external_data(tensor, location=data_name)
             onnx.save_model(model, staged)
         validate(staged, feeds)
         if os.path.exists(os.path.join(tmp, data_name)):
@@ -70,5 +77,5 @@ def prune_file(src: str, dst: str, target: Target, overwrite: bool = False, **kw
         raise SpaError("refusing to overwrite the input model (pass --overwrite)")
     model = load_model(src)
     result = prune(model, target, **kw)
-    save(result.model, dst, external_data=uses_external_data(src))
+    save(result.model, dst, external=external_tensor_names(src))
     return result

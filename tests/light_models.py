@@ -9,8 +9,8 @@ and BatchNorm/scale parameters) are stored as ordinary initializers and are kept
 
 ``materialize(path, seed)`` replaces every placeholder by an initializer with seeded
 random values of the same shape and dtype, chosen by the tensor's role so the network
-stays numerically sane (He-normal for Conv/Gemm/MatMul weights, values in [0.5, 1.5]
-for BatchNorm scale/variance and Mul scales, N(0, 0.1) otherwise).  It also turns the
+stays numerically sane (He-uniform for Conv/Gemm/MatMul weights, values in [0.5, 1.5]
+for BatchNorm scale/variance and Mul scales, uniform with std 0.1 otherwise).  It also turns the
 IR-3 convention "every initializer is also a graph input" into plain constants (IR 4),
 because a graph input is a pruning boundary for SPA, and drops initializers that nothing
 uses.  Nodes, attributes and the real initializers are left as they are.
@@ -116,8 +116,9 @@ def _random_like(name, shape, dtype, use, use_shape, seed):
             std = math.sqrt(1.0 / int(np.prod(shape[1:])))
         else:
             std = 0.1
-        arr = rng.standard_normal(shape, dtype=np.float32)
-        arr *= np.float32(std)
+        arr = rng.random(shape, dtype=np.float32)  # uniform: 2x faster than normal
+        arr -= np.float32(0.5)
+        arr *= np.float32(2.0 * math.sqrt(3.0) * std)  # U(-b, b) with std `std`
     return arr.astype(dtype, copy=False)
 
 

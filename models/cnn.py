@@ -781,35 +781,44 @@ class SPPF(nn.Module):
 
 class YOLO(nn.Module):
     """YOLOv8-style detector: backbone of strided convs + C2f, SPPF, PAN neck (nearest upsample
-    + concat, strided conv + concat), one 1x1 head per scale. ``forward`` returns a tuple of
+    + concat, strided conv + concat), one head per scale. ``forward`` returns a tuple of
     ``n_outputs`` (2 or 3) maps at strides 8, 16(, 32), each with ``num_outputs`` channels.
-    ``width`` = 16 and ``depth`` = 1 is YOLOv8n-like."""
 
-    def __init__(self, width: int = 16, depth: int = 1, num_outputs: int = 16, in_ch: int = 3,
-                 n_outputs: int = 3):
+    ``depth``: int d -> backbone C2f repeats (d, 2d, 2d, d) and neck repeats d (YOLOv8 layout),
+    or a 4-tuple of backbone repeats (neck repeats = 1). ``head_conv``: a 3x3 Conv-BN-SiLU before
+    each head's 1x1 conv. ``width=16, depth=1`` is YOLOv8n-like.
+    """
+
+    def __init__(self, width: int = 16, depth: int | Sequence[int] = 1, num_outputs: int = 16,
+                 in_ch: int = 3, n_outputs: int = 3, head_conv: bool = True):
         super().__init__()
-        w, d = width, depth
+        w = width
+        if isinstance(depth, int):
+            db, dn = (depth, 2 * depth, 2 * depth, depth), depth
+        else:
+            db, dn = tuple(depth), 1
         self.n_outputs = n_outputs
-        self.b0 = YConv(in_ch, w, 3, 2)                     # /2
-        self.b1 = nn.Sequential(YConv(w, 2 * w, 3, 2), C2f(2 * w, 2 * w, d, True))     # /4
-        self.b2 = nn.Sequential(YConv(2 * w, 4 * w, 3, 2), C2f(4 * w, 4 * w, 2 * d, True))  # P3
-        self.b3 = nn.Sequential(YConv(4 * w, 8 * w, 3, 2), C2f(8 * w, 8 * w, 2 * d, True))  # P4
-        self.b4 = nn.Sequential(YConv(8 * w, 16 * w, 3, 2), C2f(16 * w, 16 * w, d, True),
-                                SPPF(16 * w, 16 * w))       # P5
+        self.b0 = YConv(in_ch, w, 3, 2)                                                 # /2
+        self.b1 = nn.Sequential(YConv(w, 2 * w, 3, 2), C2f(2 * w, 2 * w, db[0], True))      # /4
+        self.b2 = nn.Sequential(YConv(2 * w, 4 * w, 3, 2), C2f(4 * w, 4 * w, db[1], True))  # P3
+        self.b3 = nn.Sequential(YConv(4 * w, 8 * w, 3, 2), C2f(8 * w, 8 * w, db[2], True))  # P4
+        self.b4 = nn.Sequential(YConv(8 * w, 16 * w, 3, 2), C2f(16 * w, 16 * w, db[3], True),
+                                SPPF(16 * w, 16 * w))                                   # P5
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.n4 = C2f(24 * w, 8 * w, d)
-        self.n3 = C2f(12 * w, 4 * w, d)
+        self.n4 = C2f(24 * w, 8 * w, dn)
+        self.n3 = C2f(12 * w, 4 * w, dn)
         self.d3 = YConv(4 * w, 4 * w, 3, 2)
-        self.n4b = C2f(12 * w, 8 * w, d)
+        self.n4b = C2f(12 * w, 8 * w, dn)
         heads = [(4 * w), (8 * w)]
         if n_outputs == 3:
             self.d4 = YConv(8 * w, 8 * w, 3, 2)
-            self.n5b = C2f(24 * w, 16 * w, d)
+            self.n5b = C2f(24 * w, 16 * w, dn)
             heads.append(16 * w)
         elif n_outputs != 2:
             raise ValueError("n_outputs must be 2 or 3")
-        self.heads = nn.ModuleList(nn.Sequential(YConv(c, c, 3), nn.Conv2d(c, num_outputs, 1))
-                                   for c in heads)
+        self.heads = nn.ModuleList(
+            nn.Sequential(*([YConv(c, c, 3)] if head_conv else []), nn.Conv2d(c, num_outputs, 1))
+            for c in heads)
 
     def forward(self, x):
         p3 = self.b2(self.b1(self.b0(x)))

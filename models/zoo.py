@@ -109,7 +109,7 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
              description="ResNet-18 (BasicBlock); tiny: cifar stem, 2 identity blocks in stage 1"),
     ZooEntry("resnet50", cnn.resnet50,
              dict(width=4, layers=(1, 1, 1, 1), num_classes=10, stem="imagenet"),
-             ((2, 3, 32, 32),), dict(), _IMG224,
+             ((2, 3, 64, 64),), dict(), _IMG224,
              description="ResNet-50 (Bottleneck, 7x7 stem + max-pool); full = torchvision"),
     ZooEntry("mobilenetv2", cnn.mobilenet_v2,
              dict(width_mult=1.0, setting=((1, 8, 1, 1), (4, 8, 2, 1), (4, 16, 2, 2)),
@@ -155,7 +155,8 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
              ((2, 3, 32, 32),), dict(), _IMG224,
              description="ConvNeXt: dw7x7, channels-last LayerNorm + Linear MLP + GELU, "
                          "layer-scale gamma on the last axis; no BatchNorm"),
-    ZooEntry("yolo", cnn.YOLO, dict(width=4, depth=1, num_outputs=6, n_outputs=3),
+    ZooEntry("yolo", cnn.YOLO, dict(width=4, depth=(1, 1, 1, 1), num_outputs=6, n_outputs=3,
+                                       head_conv=False),
              ((2, 3, 64, 64),), dict(width=16, depth=1, num_outputs=84, n_outputs=3),
              ((2, 3, 640, 640),), num_outputs=3,
              description="YOLOv8-style: C2f (split/add/concat), SPPF max-pools, upsample+concat "

@@ -147,6 +147,32 @@ class Graph:
         """The constant value of a tensor (initializer or Constant node), or None."""
         return self.consts.get(name) if name else None
 
+    def static_value(self, name: str):
+        """A constant, or an integer tensor computed from shapes whose value does not change when
+        the symbolic sizes do (e.g. Slice bounds derived from a static channel count)."""
+        if not name:
+            return None
+        if name in self.consts:
+            return self.consts[name]
+        if "_probed" not in self.__dict__:
+            self._probed = self._probe_parameter_inputs()
+        return self._probed.get(name)
+
+    def _probe_parameter_inputs(self) -> dict:
+        wanted = set()
+        for node in self.nodes:
+            slots = PARAMETER_SLOTS.get(node.op_type, ())
+            wanted.update(x for k, x in enumerate(node.input) if x and k in slots and x not in self.consts)
+        if not wanted or self.model.ByteSize() > 200_000_000:
+            return {}
+        runs = _run_with_outputs(self.model, sorted(wanted))
+        if runs is None:
+            return {}
+        first, second = runs
+        return {n: first[n] for n in wanted
+                if n in first and n in second and np.shape(first[n]) == np.shape(second[n])
+                and np.array_equal(first[n], second[n])}
+
     def is_static(self, name: str) -> bool:
         """True for constants and tensors computed from constants only (e.g. Cast(weight))."""
         if not name:
@@ -200,18 +226,30 @@ def infer_shapes(model: onnx.ModelProto) -> dict:
         if not t.HasField("shape"):
             continue
         shapes[vi.name] = tuple(
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim
+            d.dim_value if d.HasField("dim_value")
+            else "?" if not d.dim_param or d.dim_param.startswith("unk__") else d.dim_param
+            for d in t.shape.dim
         )
     consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
-    missing = [o for n in g.node for o in n.output if o and o not in shapes and o not in consts]
+    missing = [o for n in g.node for o in n.output
+               if o and o not in consts and (o not in shapes or "?" in shapes[o])]
     if missing and model.ByteSize() < 200_000_000:
-        shapes.update(shapes_by_running(model, missing))
+        for name, ran in shapes_by_running(model, missing).items():
+            inferred = shapes.get(name)
+            if inferred is not None and len(inferred) == len(ran):
+                ran = tuple(d if d != "?" else r for d, r in zip(inferred, ran))
+            shapes[name] = ran
     return shapes
 
 
-def shapes_by_running(model: onnx.ModelProto, names) -> dict:
-    """Shapes shape inference could not give, read from two onnxruntime runs with different
-    symbolic sizes: a dim that differs between the runs is symbolic."""
+# integer inputs that parameterise an op (bounds, sizes, axes), by op type
+PARAMETER_SLOTS = {"Slice": (1, 2, 3, 4), "Split": (1,), "Reshape": (1,), "Resize": (1, 2, 3),
+                   "Pad": (1, 3), "Squeeze": (1,), "Unsqueeze": (1,), "Tile": (1,), "Expand": (1,),
+                   "Gather": (1,), "ReduceSum": (1,), "ReduceMean": (1,), "ReduceMax": (1,)}
+
+
+def _run_with_outputs(model: onnx.ModelProto, names):
+    """Two onnxruntime runs (different symbolic sizes) exposing the named tensors, or None."""
     from .runtime import random_inputs, session
 
     probe = onnx.ModelProto()
@@ -221,9 +259,17 @@ def shapes_by_running(model: onnx.ModelProto, names) -> dict:
     try:
         sess = session(probe)
         outs = [o.name for o in sess.get_outputs()]
-        runs = [dict(zip(outs, sess.run(None, random_inputs(model, batch=b, default_dim=d))))
+        return [dict(zip(outs, sess.run(None, random_inputs(model, batch=b, default_dim=d))))
                 for b, d in ((2, 32), (3, 40))]
     except Exception:
+        return None
+
+
+def shapes_by_running(model: onnx.ModelProto, names) -> dict:
+    """Shapes shape inference could not give, read from two onnxruntime runs with different
+    symbolic sizes: a dim that differs between the runs is symbolic."""
+    runs = _run_with_outputs(model, names)
+    if runs is None:
         return {}
     shapes = {}
     for n in names:

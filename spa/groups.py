@@ -148,6 +148,9 @@ class Propagation:
         return list(dict.fromkeys(nodes))
 
     def visit(self, pair):
+        # Rules are complete: entered from any of their tensors they link every tensor that
+        # shares the channel, so the node that marked this pair need not be asked again (and
+        # one-way maps such as Flatten's are not asked to invert themselves).
         tensor, axis = pair
         origin = self.members[pair].linked_by
         for i in self.adjacent(tensor):

@@ -87,13 +87,32 @@ def rewrite(plan: Plan) -> onnx.ModelProto:
             del node.attribute[:]
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value)))
     editor = Editor(plan, model)
+    changed = {m.tensor for m in plan.analysis.members.values() if plan.changed(m.tensor, m.axis)}
     for i, node in enumerate(g.nodes):
-        rule_for(node).rewrite(Ctx(g, i, plan.analysis.options), editor)
+        if changed.intersection(node.input) or changed.intersection(node.output):
+            rule_for(node).rewrite(Ctx(g, i, plan.analysis.options), editor)
     graph.initializer.extend(editor.new_initializers)
+    _drop_dead_nodes(model)
     _drop_unused_initializers(model)
     _update_initializer_inputs(model, plan, sliced_names)
     del graph.value_info[:]
     return model
+
+
+def _drop_dead_nodes(model):
+    """Shape computations a rewrite replaced by constants are left without readers: drop them."""
+    from .graph import outer_scope_inputs
+    graph = model.graph
+    while True:
+        used = {o.name for o in graph.output}
+        for n in graph.node:
+            used.update(n.input)
+            used |= outer_scope_inputs(n)
+        dead = [k for k, n in enumerate(graph.node) if not any(o in used for o in n.output if o)]
+        if not dead:
+            return
+        for k in reversed(dead):
+            del graph.node[k]
 
 
 def _drop_unused_initializers(model):

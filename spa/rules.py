@@ -85,9 +85,9 @@ class Ctx:
         """An int list from input k (opset >= 10-18 style) or from an attribute (older opsets)."""
         name = self.inp(k)
         if name is not None:
-            value = self.const(name)
+            value = self.g.static_value(name)
             if value is None:
-                raise Frozen(f"input '{name}' of {self.node.op_type} is computed, not constant")
+                raise Frozen(f"input '{name}' of {self.node.op_type} is computed at run time")
             return [int(v) for v in np.atleast_1d(value)]
         if attr_name is not None:
             value = self.attr(attr_name)
@@ -102,6 +102,9 @@ class Ctx:
 
 
 class Rule:
+    """Contract: entered from any of its tensors, `propagate` links every tensor of the node that
+    shares the channel (the engine does not ask the node again from the tensors it marked)."""
+
     ops: tuple = ()
 
     def sources(self, c: Ctx) -> list:
@@ -692,11 +695,11 @@ class Concat(Rule):
         if None in sizes:
             raise Frozen("Concat input sizes unknown")
         offsets = np.cumsum([0] + sizes)
-        if tensor == y:
-            return [Link(pair, (t, cat), np.arange(offsets[i], offsets[i + 1]), np.arange(sizes[i]))
-                    for i, t in enumerate(inputs)]
-        return [Link(pair, (y, cat), np.arange(sizes[i]), np.arange(offsets[i], offsets[i + 1]))
-                for i, t in enumerate(inputs) if t == tensor]
+        # complete from either side: the output's other slices belong to the other inputs
+        links = [Link(pair, (y, cat), np.arange(sizes[i]), np.arange(offsets[i], offsets[i + 1]))
+                 for i, t in enumerate(inputs) if t == tensor]
+        return links + [Link((y, cat), (t, cat), np.arange(offsets[i], offsets[i + 1]), np.arange(sizes[i]))
+                        for i, t in enumerate(inputs) if t != tensor]
 
 
 @register
@@ -719,11 +722,12 @@ class Split(Rule):
         if None in sizes:
             raise Frozen("Split output sizes unknown")
         offsets = np.cumsum([0] + sizes)
-        if tensor == x:
-            return [Link(pair, (o, axis), np.arange(offsets[i], offsets[i + 1]), np.arange(sizes[i]))
-                    for i, o in enumerate(outs) if o]
-        i = outs.index(tensor)
-        return [Link(pair, (x, axis), np.arange(sizes[i]), np.arange(offsets[i], offsets[i + 1]))]
+        links = []
+        if tensor != x:  # complete from either side: x's other slices belong to the other outputs
+            i = outs.index(tensor)
+            links.append(Link(pair, (x, axis), np.arange(sizes[i]), np.arange(offsets[i], offsets[i + 1])))
+        return links + [Link((x, axis), (o, axis), np.arange(offsets[i], offsets[i + 1]), np.arange(sizes[i]))
+                        for i, o in enumerate(outs) if o and o != tensor]
 
     def rewrite(self, c, plan):
         axis = self._axis(c)

@@ -331,7 +331,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-models", default=None, help="copy the ONNX files here")
     args = ap.parse_args(argv)
 
-    runs = args.runs or (1 if args.quick else 3)
+    runs = args.runs or (1 if args.quick else 5)
     lat_cfg = dict(min_repeats=5, budget_s=5.0, max_repeats=200) if args.quick else \
         dict(min_repeats=20, budget_s=40.0, max_repeats=400)
     tmp = tempfile.mkdtemp(prefix="spa-bench-")

@@ -308,9 +308,31 @@ def _export_torchscript(model, args, path, in_names, out_names, mode, opset):
         training, fold = torch.onnx.TrainingMode.EVAL, mode == "eval"
     dyn = {n: {0: "batch"} for n in in_names + out_names}
     kw = {} if opset is None else {"opset_version": opset}
+    stats = {k: v.detach().clone() for k, v in model.state_dict().items()
+             if k.endswith(("running_mean", "running_var"))}
     torch.onnx.export(model, args, str(path), dynamo=False, input_names=in_names,
                       output_names=out_names, dynamic_axes=dyn, training=training,
                       do_constant_folding=fold, **kw)
+    if mode == "train" and stats:
+        _restore_running_stats(path, stats)
+
+
+def _restore_running_stats(path, stats: dict) -> None:
+    """Tracing a train-mode model runs its forward, which updates the BN running statistics
+    before they are captured: put the model's original values back into the file (matched by
+    initializer name, which the torchscript exporter takes from the state_dict)."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    inits = {i.name: i for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        for name in node.input[3:5]:
+            if name in inits and name in stats:
+                inits[name].CopyFrom(numpy_helper.from_array(stats[name].numpy(), name))
+    onnx.save(proto, str(path))
 
 
 _REGISTRY_CACHE: dict = {}

@@ -1,25 +1,33 @@
-"""SPA demo (placeholder): build the zoo ResNet, export it to ONNX in a temp dir, print the path.
+"""`make demo`: build the zoo's ResNet-18 in torch, export it to ONNX, prune 50% of its channels
+with SPA, verify the result and print the before/after table.
 
-Run with ``python -m models.demo``. The pruning step is added by the ``spa`` side.
+Run with ``python -m models.demo [--out DIR] [--ratio R]``.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
+
+from spa.cli import main as spa_main
 
 from . import zoo
 
 
-def main(argv=None) -> str:
-    out_dir = tempfile.mkdtemp(prefix="spa_demo_")
-    model = zoo.build("resnet18")
-    path = zoo.export(model, os.path.join(out_dir, "resnet18.onnx"), exporter="torchscript",
-                      mode="eval")
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"exported resnet18 (tiny, {n_params} parameters) to {path}")
-    # TODO(spa): prune the exported graph and report the size / accuracy trade-off.
-    return path
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default=None, help="directory for the ONNX files (default: a temp dir)")
+    p.add_argument("--ratio", default="0.5")
+    args = p.parse_args(argv)
+    out_dir = args.out or tempfile.mkdtemp(prefix="spa_demo_")
+    os.makedirs(out_dir, exist_ok=True)
+    original = os.path.join(out_dir, "resnet18.onnx")
+    pruned = os.path.join(out_dir, "resnet18_pruned.onnx")
+    print(f"building ResNet-18 (224x224) in torch and exporting it to {original}")
+    zoo.export(zoo.build("resnet18", full=True), original, exporter="torchscript", mode="eval")
+    print(f"spa prune {original} -o {pruned} --ratio {args.ratio} --report")
+    return spa_main(["prune", original, "-o", pruned, "--ratio", args.ratio, "--report", "--repeats", "10"])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

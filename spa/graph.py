@@ -213,10 +213,23 @@ class Graph:
         return 1
 
 
+def _without_large_data(model: onnx.ModelProto, limit: int = 1 << 20) -> onnx.ModelProto:
+    """Shape inference needs weights' shapes, not their bytes: keeps models under protobuf's 2 GB."""
+    if model.ByteSize() < 1_500_000_000:
+        return model
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    for tensor in light.graph.initializer:
+        if tensor.raw_data and len(tensor.raw_data) > limit:
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.DEFAULT
+    return light
+
+
 def infer_shapes(model: onnx.ModelProto) -> dict:
     """Per-tensor shapes (ints, or strings for symbolic dims) from ONNX shape inference."""
     try:
-        inferred = shape_inference.infer_shapes(model, data_prop=True)
+        inferred = shape_inference.infer_shapes(_without_large_data(model), data_prop=True)
     except Exception:
         inferred = model
     shapes = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -84,6 +85,11 @@ class Analysis:
     @property
     def model(self):
         return self.graph.model
+
+    @cached_property
+    def contracted_pairs(self) -> set:
+        """(tensor, axis) pairs read as contracted consumer inputs (a layer's in-channels)."""
+        return {(self.graph.nodes[i].input[s], a) for i, s, a in self.contracted}
 
     def group_of_tensor(self, name):
         return [g for g in self.groups if any(m.tensor == name for m in g.members)]

@@ -66,11 +66,6 @@ def _is_bn_scale(analysis, tensor):
                and slot == 1 for i, slot in analysis.graph.consumers.get(tensor, []))
 
 
-def _is_contracted(analysis, member):
-    return any(analysis.graph.nodes[i].input[s] == member.tensor and a == member.axis
-               for i, s, a in analysis.contracted)
-
-
 def member_scores(analysis: Analysis, group: Group, criterion: str):
     """(member, per-index scores) for the weights the criterion looks at."""
     consts = [m for m in group.members if m.is_const and not _is_statistic(analysis, m.tensor)]
@@ -79,7 +74,7 @@ def member_scores(analysis: Analysis, group: Group, criterion: str):
         return [(m, np.abs(analysis.graph.consts[m.tensor]).astype(np.float64)) for m in chosen] \
             or member_scores(analysis, group, "l1")
     if criterion == "fpgm":
-        filters = [m for m in consts if analysis.graph.consts[m.tensor].ndim >= 2 and not _is_contracted(analysis, m)]
+        filters = [m for m in consts if analysis.graph.consts[m.tensor].ndim >= 2 and m.pair not in analysis.contracted_pairs]
         return [(m, fpgm(analysis.graph.consts[m.tensor], m.axis)) for m in filters] \
             or member_scores(analysis, group, "l2")
     fn = CRITERIA[criterion]

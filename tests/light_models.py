@@ -27,6 +27,7 @@ import zlib
 from collections import Counter, defaultdict
 
 import numpy as np
+from spa.runtime import random_inputs as spa_random_inputs
 import onnx
 from onnx import helper, numpy_helper, shape_inference, version_converter
 
@@ -288,20 +289,7 @@ def _calibrate(model, placeholder_names, seed, scale=True):
 
 def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int = 1) -> dict:
     """Random feeds for the model's non-initializer inputs (symbolic dims -> ``batch``)."""
-    rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
-    feeds = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
-        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if np.issubdtype(dtype, np.floating):
-            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[vi.name] = np.zeros(shape, dtype=dtype)
-    return feeds
+    return spa_random_inputs(model, batch=batch, seed=seed)
 
 
 def run_once(model: onnx.ModelProto, seed: int = 0, threads: int = 1, feeds=None):

@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from spa.runtime import random_inputs as spa_random_inputs
 import onnx
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -607,20 +608,7 @@ except Exception:  # pragma: no cover - private hypothesis API may change
 
 def random_inputs(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict:
     """Standard-normal feeds for every graph input (symbolic dims get ``batch``)."""
-    rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
-    feeds = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
-        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if np.issubdtype(dtype, np.floating):
-            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[vi.name] = rng.integers(0, 2, size=shape).astype(dtype)
-    return feeds
+    return spa_random_inputs(model, batch=batch, seed=seed)
 
 
 def run_model(model: onnx.ModelProto, batch: int = 2, seed: int = 0, feeds: dict | None = None):

@@ -347,3 +347,77 @@ def test_global_ranking_and_budget_targets():
     result = check_exact(model, Target(ratio=0.5, round_to=4))
     for group in result.plan.to_json()["groups"]:
         assert (group["size"] - group["removed"]) % 4 == 0
+
+
+def test_symbolic_spatial_dims_and_two_inputs():
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input([N, 3, "height", "width"]), 3, 8)])
+    z = b.op("Relu", [b.conv(b.input([N, 3, "height", "width"], name="second"), 3, 8)])
+    y = b.op("Add", [x, z])
+    b.output(b.conv(y, 8, 4), shape=[N, 4, "height", "width"])
+    head(b, y, 8)
+    check_exact(b.model(), dims={"height": 10, "width": 7})
+
+
+def test_model_with_if_subgraph_still_prunes_elsewhere():
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input([N, 3, 8, 8]), 3, 8)])
+    y = b.op("Relu", [b.conv(x, 8, 6)])
+    out = helper.make_tensor_value_info("branch_out", onnx.TensorProto.FLOAT, None)
+    then = helper.make_graph([helper.make_node("Identity", [y], ["branch_out"])], "then", [], [out])
+    other = helper.make_graph([helper.make_node("Neg", [y], ["branch_out"])], "else", [], [out])
+    b.nodes.append(helper.make_node("If", [b.const(np.array(True))], ["if_out"], then_branch=then,
+                                    else_branch=other, name="if"))
+    b.outputs.append(helper.make_tensor_value_info("if_out", onnx.TensorProto.FLOAT, [N, 6, 8, 8]))
+    model = b.model()
+    result = check_exact(model)
+    groups = {g.id: g for g in result.analysis.groups}
+    frozen_y = [g for g in groups.values() if any(m.tensor == y for m in g.members)][0]
+    assert not frozen_y.prunable and any("If" in r for r in frozen_y.reasons())
+
+
+ORT_MAX_OPSET = 26  # onnxruntime 1.31 loads up to opset 26; onnx 1.23 defines up to 28
+
+
+def test_newest_opset_onnxruntime_runs():
+    b = Builder(opset=min(onnx.defs.onnx_opset_version(), ORT_MAX_OPSET))
+    x = b.op("Relu", [b.conv(b.input([N, 3, 8, 8]), 3, 8)])
+    head(b, b.op("Relu", [b.conv(x, 8, 8)]), 8)
+    check_exact(b.model())
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "bn-scale", "random"])
+@pytest.mark.parametrize("aggregation,normalization", [("mean", "mean"), ("sum", "none"), ("max", "standardise"),
+                                                       ("mean", "max")])
+def test_every_criterion_and_option_prunes_exactly(criterion, aggregation, normalization):
+    b = Builder()
+    x = b.op("Relu", [b.bn(b.conv(b.input([N, 3, 8, 8]), 3, 12), 12)])
+    y = b.op("Relu", [b.bn(b.conv(x, 12, 8), 8)])
+    head(b, y, 8)
+    check_exact(b.model(), Target(ratio=0.5, global_ranking=True), criterion=criterion,
+                aggregation=aggregation, normalization=normalization)
+
+
+def test_magnitude_removes_the_weakest_filters():
+    b = Builder()
+    x = b.input([N, 3, 8, 8])
+    w = b.rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
+    w[[1, 4]] *= 0.01  # two nearly dead filters
+    y = b.op("Relu", [b.op("Conv", [x, b.const(w, "w_first")], pads=[1, 1, 1, 1])])
+    head(b, y, 6)
+    result = check_exact(b.model(), Target(ratio=0.34))
+    [entry] = [e for e in result.plan.weight_entries() if e["name"] == "w_first"]
+    assert entry["removed"] == [1, 4]
+
+
+def test_max_group_ratio_and_never_to_zero():
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input([N, 3, 8, 8]), 3, 10)])
+    head(b, x, 10)
+    result = check_exact(b.model(), Target(ratio=0.9, max_group_ratio=0.3))
+    assert len(result.plan.removed_atoms) == 3
+    b2 = Builder()
+    x = b2.op("Relu", [b2.conv(b2.input([N, 3, 8, 8]), 3, 4)])
+    head(b2, x, 4)
+    result = check_exact(b2.model(), Target(ratio=0.99, max_group_ratio=1.0))
+    assert len(result.plan.removed_atoms) == 3  # one channel always stays

@@ -215,7 +215,7 @@ class Graph:
 
 def _without_large_data(model: onnx.ModelProto, limit: int = 1 << 20) -> onnx.ModelProto:
     """Shape inference needs weights' shapes, not their bytes: keeps models under protobuf's 2 GB."""
-    if model.ByteSize() < 1_500_000_000:
+    if model.ByteSize() < 16 * limit:
         return model
     light = onnx.ModelProto()
     light.CopyFrom(model)

@@ -270,7 +270,7 @@ def _run_with_outputs(model: onnx.ModelProto, names):
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.helper.ValueInfoProto(name=n) for n in names if n not in known)
     try:
-        sess = session(probe)
+        sess = session(probe, quiet=True)  # a probe that fails is fine: the caller freezes
         outs = [o.name for o in sess.get_outputs()]
         return [dict(zip(outs, sess.run(None, random_inputs(model, batch=b, default_dim=d))))
                 for b, d in ((2, 32), (3, 40))]

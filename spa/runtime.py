@@ -47,9 +47,9 @@ def random_inputs(model, batch=1, seed=0, dims=None, default_dim=32):
     return feeds
 
 
-def session(model_or_path, threads: int | None = None) -> ort.InferenceSession:
+def session(model_or_path, threads: int | None = None, quiet: bool = False) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4 if quiet else 3
     if threads:
         options.intra_op_num_threads = threads
     source = model_or_path if isinstance(model_or_path, str) else model_or_path.SerializeToString()

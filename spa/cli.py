@@ -107,24 +107,14 @@ def run(args) -> int:
 
 
 def _prune(args, model, options, say):
-    from .importance import score
-    from .pipeline import Result
-    from .rewrite import rewrite
-    from .selection import Target, select
+    from .pipeline import prune
+    from .selection import Target
 
     target = Target(ratio=args.ratio, global_ranking=args.global_ranking, keep_params=args.target_params,
                     keep_macs=args.target_flops, max_group_ratio=args.max_group_ratio,
                     round_to=args.round_to, ignore=args.ignore)
-    target.check()
-    from .groups import analyze
-    say("analyzing channel coupling")
-    analysis = analyze(model, options)
-    say(f"scoring {sum(g.prunable for g in analysis.groups)} prunable groups ({args.criterion})")
-    scores = score(analysis, args.criterion, args.aggregation, args.normalization, args.seed)
-    say("selecting channels")
-    plan = select(analysis, scores, target)
-    say(f"rewriting: removing {len(plan.removed_atoms)} channels")
-    return Result(rewrite(plan), plan, analysis)
+    return prune(model, target, args.criterion, args.aggregation, args.normalization, options,
+                 args.seed, progress=say)
 
 
 def _finish(args, result, say):

@@ -68,10 +68,6 @@ class Group:
     def reasons(self):
         return sorted(set(self.frozen.values()))
 
-    def indices_of(self, member, atoms):
-        """Indices of `member` that belong to the given channel ids."""
-        return np.nonzero(np.isin(member.atoms, atoms))[0]
-
 
 @dataclass
 class Analysis:
@@ -90,9 +86,6 @@ class Analysis:
     def contracted_pairs(self) -> set:
         """(tensor, axis) pairs read as contracted consumer inputs (a layer's in-channels)."""
         return {(self.graph.nodes[i].input[s], a) for i, s, a in self.contracted}
-
-    def group_of_tensor(self, name):
-        return [g for g in self.groups if any(m.tensor == name for m in g.members)]
 
 
 def analyze(model: onnx.ModelProto | Graph, options: Options | None = None) -> Analysis:

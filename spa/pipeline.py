@@ -10,7 +10,6 @@ import onnx
 from onnx import external_data_helper
 
 from .errors import SpaError
-from .graph import external_tensor_names, load_model
 from .groups import Analysis, Options, analyze
 from .importance import score
 from .plan import Plan
@@ -27,11 +26,17 @@ class Result:
 
 
 def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggregation: str = "mean",
-          normalization: str = "mean", options: Options | None = None, seed: int = 0) -> Result:
+          normalization: str = "mean", options: Options | None = None, seed: int = 0,
+          progress=lambda message: None) -> Result:
     """Prune a ModelProto in memory (not yet verified: `save` verifies before writing)."""
+    target.check()
+    progress("analyzing channel coupling")
     analysis = analyze(model, options)
+    progress(f"scoring {sum(g.prunable for g in analysis.groups)} prunable groups ({criterion})")
     scores = score(analysis, criterion, aggregation, normalization, seed)
+    progress("selecting channels")
     plan = select(analysis, scores, target)
+    progress(f"rewriting: removing {len(plan.removed_atoms)} channels")
     return Result(rewrite(plan), plan, analysis)
 
 
@@ -70,12 +75,3 @@ def save(model: onnx.ModelProto, path: str, external: set | None = None, feeds: 
         os.replace(staged, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def prune_file(src: str, dst: str, target: Target, overwrite: bool = False, **kw) -> Result:
-    if os.path.abspath(src) == os.path.abspath(dst) and not overwrite:
-        raise SpaError("refusing to overwrite the input model (pass --overwrite)")
-    model = load_model(src)
-    result = prune(model, target, **kw)
-    save(result.model, dst, external=external_tensor_names(src))
-    return result

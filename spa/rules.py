@@ -476,7 +476,7 @@ class AxisOp(Rule):
         return axis
 
     def propagate(self, c, tensor, axis):
-        x, y = c.inp(0), c.out(0)
+        x = c.inp(0)
         ins, outs = c.slots(tensor)
         if ins and ins[0] != 0:
             return []
@@ -487,7 +487,7 @@ class AxisOp(Rule):
         links = []
         if tensor != x:
             links.append(identity((tensor, axis), (x, in_axis), size))
-        for k, o in enumerate(c.node.output):
+        for o in c.node.output:
             if o and o != tensor and c.rank(o) is not None:
                 links.append(identity((tensor, axis), (o, self.out_axis(c, in_axis)), size))
         return links

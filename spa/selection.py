@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cost import Dims, count_params, macs_by_op
+from .cost import count_params, macs_by_op
 from .errors import SpaError
 from .groups import Analysis
 from .plan import Plan

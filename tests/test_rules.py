@@ -252,9 +252,11 @@ def test_layernorm_over_channels_is_frozen_unless_approximate():
     b.output(b.op("MatMul", [y, b.weight(16, 4)]))
     model = b.model()
     assert any("LayerNormalization" in r for r in frozen_reasons(model))
+    # Approximate by nature: the statistics of the remaining channels change. The test says so
+    # and bounds the deviation from the oracle (relative to the output scale).
     options = Options(approximate=True)
-    result = check_exact(model, options=options, atol=10.0)  # runs and stays valid
-    assert options.approximate_nodes
+    result = check_exact(model, options=options, atol=1.0, rtol=1.0)
+    assert options.approximate_nodes and len(result.plan.removed_atoms) > 0
 
 
 @pytest.mark.parametrize("dims", [1, 3])

@@ -6,7 +6,7 @@ ZOO: dict[str, ZooEntry]                 name -> entry (tiny default config + ex
 build(name, *, seed=0, full=False, randomize=True, input_shapes=None, **kw) -> nn.Module
 example_inputs(name_or_module, batch=2, seed=0, full=False) -> tuple[torch.Tensor, ...]
 export(name_or_module, path, exporter="torchscript", mode="eval", example_inputs=None,
-       opset=None) -> str
+       opset=None, *, fold_constants=True) -> str
 cached_export(name, exporter="torchscript", mode="eval", cache_dir=None, opset=None) -> str
 torch_reference(model, inputs, exporter="torchscript", mode="eval") -> list[np.ndarray]
 verify_export(path, model, exporter="torchscript", mode="eval", batches=(1, 3), atol=1e-4,
@@ -20,12 +20,15 @@ Export modes
                peephole; dynamo: onnxscript's ``fuse_batchnorm`` rewrite). Pre-activation BNs
                (DenseNet, BN right after a Concat/Add) stay as BatchNormalization.
 ``"train"``    BatchNormalization nodes are kept (every BN module -> one BN node).
-               * torchscript: model.train(), ``training=TrainingMode.TRAINING``,
-                 ``do_constant_folding=False``. The BN nodes carry ``training_mode=1`` and three
-                 outputs (Y, running_mean, running_var; the last two are dangling). onnxruntime's
-                 InferenceSession runs them with *batch statistics*, matching torch in train
-                 mode (checked: max err ~1e-7). The output of one sample therefore depends on the
-                 rest of the batch, exactly as in torch.
+               * torchscript: model.train(), ``training=TrainingMode.TRAINING`` (constant
+                 folding stays on: it never fuses BN in training mode, and it keeps weights as
+                 plain initializers). The BN nodes carry ``training_mode=1``, ``momentum`` 0.9
+                 and three outputs (Y, running_mean, running_var; the last two dangle).
+                 onnxruntime's InferenceSession runs them with *batch statistics*, matching
+                 torch in train mode (max err ~1e-6). The output of one sample therefore
+                 depends on the rest of the batch, exactly as in torch. (Tracing updates the
+                 running stats of the copy being exported; the model's original running stats
+                 are written back into the file.)
                * dynamo: the torchlib lowering of ``_native_batch_norm_legit*`` hard-codes
                  ``training = False`` (onnxscript, "ORT only supports training mode with opset <
                  14"), so a true training-mode BN cannot be produced. We export model.eval()
@@ -35,8 +38,9 @@ Export modes
                Use :func:`torch_reference` to get the torch output matching a given
                (exporter, mode).
 ``"eval_bn"``  eval semantics with BN kept unfused (``training_mode=0``) for both exporters
-               (torchscript: TrainingMode.EVAL + ``do_constant_folding=False``; dynamo: same as
-               "train"). Deterministic and batch-independent, handy for exact pruning checks.
+               (torchscript: model.eval() + ``TrainingMode.PRESERVE`` with constant folding;
+               dynamo: same as "train"). Deterministic and batch-independent, handy for exact
+               pruning checks.
 
 Every export has a dynamic batch axis on every input and output, input names ``input`` (or
 ``input0``, ``input1``, ..) and output names ``output`` (or ``output0``, ..). Example inputs
@@ -55,7 +59,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -299,20 +303,25 @@ def _optimize_keep_bn(ir_model) -> None:
         rewriter._DEFAULT_REWRITE_RULES = saved
 
 
-def _export_torchscript(model, args, path, in_names, out_names, mode, opset):
+def _export_torchscript(model, args, path, in_names, out_names, mode, opset, fold):
     if mode == "train":
         model.train()
-        training, fold = torch.onnx.TrainingMode.TRAINING, False
+        training = torch.onnx.TrainingMode.TRAINING
     else:
         model.eval()
-        training, fold = torch.onnx.TrainingMode.EVAL, mode == "eval"
+        # PRESERVE on an eval model keeps BN nodes even with constant folding on; EVAL + folding
+        # fuses Conv+BN.
+        training = torch.onnx.TrainingMode.EVAL if mode == "eval" else \
+            torch.onnx.TrainingMode.PRESERVE
     dyn = {n: {0: "batch"} for n in in_names + out_names}
     kw = {} if opset is None else {"opset_version": opset}
     stats = {k: v.detach().clone() for k, v in model.state_dict().items()
              if k.endswith(("running_mean", "running_var"))}
-    torch.onnx.export(model, args, str(path), dynamo=False, input_names=in_names,
-                      output_names=out_names, dynamic_axes=dyn, training=training,
-                      do_constant_folding=fold, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, str(path), dynamo=False, input_names=in_names,
+                          output_names=out_names, dynamic_axes=dyn, training=training,
+                          do_constant_folding=fold, **kw)
     if mode == "train" and stats:
         _restore_running_stats(path, stats)
 
@@ -367,7 +376,7 @@ def _cached_torchlib_registry():
         cls.from_torchlib = original
 
 
-def _export_dynamo(model, args, path, in_names, out_names, mode, opset):
+def _export_dynamo(model, args, path, in_names, out_names, mode, opset, fold):
     model.eval()  # see module docstring: dynamo cannot emit training-mode BN anyway
     batch = torch.export.Dim("batch")
     dyn = tuple({0: batch} for _ in args)
@@ -375,8 +384,8 @@ def _export_dynamo(model, args, path, in_names, out_names, mode, opset):
     with _cached_torchlib_registry():
         prog = torch.onnx.export(model, args, dynamo=True, input_names=in_names,
                                  output_names=out_names, dynamic_shapes=dyn,
-                                 optimize=(mode == "eval"), verbose=False, **kw)
-    if mode != "eval":
+                                 optimize=fold and mode == "eval", verbose=False, **kw)
+    if fold and mode != "eval":
         _optimize_keep_bn(prog.model)
     prog.save(str(path), external_data=False)
 
@@ -384,11 +393,16 @@ def _export_dynamo(model, args, path, in_names, out_names, mode, opset):
 def export(name_or_module: str | nn.Module, path: str | os.PathLike,
            exporter: str = "torchscript", mode: str = "eval",
            example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
-           opset: int | None = None) -> str:
+           opset: int | None = None, *, fold_constants: bool = True) -> str:
     """Export a zoo model (by name: tiny config, seed 0) or any module to ONNX at ``path``.
 
     ``exporter``: "torchscript" (``torch.onnx.export(dynamo=False)``) or "dynamo"
     (``torch.export`` + onnxscript). ``mode``: "eval", "train" or "eval_bn" (see module doc).
+    ``fold_constants=False`` gives the raw exporter graph (torchscript
+    ``do_constant_folding=False``; dynamo ``optimize=False`` and no optimizer pass): BN is then
+    never fused (even in "eval"), and weights may be *computed* from initializers (e.g.
+    torchscript's Transpose(W) feeding MatMul for a Linear on a 4-D input, dynamo's Constant
+    nodes and Shape/Concat-built Reshape shapes).
     The passed module is not modified (a deep copy is exported). Returns ``str(path)``.
     """
     if exporter not in EXPORTERS:
@@ -410,7 +424,7 @@ def export(name_or_module: str | nn.Module, path: str | os.PathLike,
     path.parent.mkdir(parents=True, exist_ok=True)
     fn = _export_torchscript if exporter == "torchscript" else _export_dynamo
     with _quiet():
-        fn(model, args, path, in_names, out_names, mode, opset)
+        fn(model, args, path, in_names, out_names, mode, opset, fold_constants)
     return str(path)
 
 

@@ -1019,6 +1019,54 @@ class DepthToSpace(Rule):
 
 
 @register
+class Recurrent(Rule):
+    """LSTM/GRU/RNN: hidden unit j owns row j of every gate block in W, R, B and P, column j of R,
+    and the last axis of Y, Y_h, Y_c and the initial states (both directions share j)."""
+
+    ops = ("LSTM", "GRU", "RNN")
+    GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+    def _hidden_axes(self, c):
+        """(tensor, axis, hidden index of each position, contracted input slot or None)."""
+        h = c.attr("hidden_size")
+        g = self.GATES[c.node.op_type]
+        every = np.arange(h)
+        rows = np.tile(every, g)
+        spec = [(c.inp(1), 1, rows, None), (c.inp(2), 1, rows, None), (c.inp(2), 2, every, 2),
+                (c.inp(3), 1, np.tile(every, 2 * g), None), (c.inp(5), 2, every, None),
+                (c.inp(6), 2, every, None), (c.inp(7), 1, np.tile(every, 3), None),
+                (c.out(0), 3, every, None), (c.out(1), 2, every, None), (c.out(2), 2, every, None)]
+        return [s for s in spec if s[0]]
+
+    def sources(self, c):
+        return [(c.inp(1), 1)]
+
+    def propagate(self, c, tensor, axis):
+        x, w = c.inp(0), c.inp(1)
+        pair = (tensor, axis)
+        if pair in ((x, 2), (w, 2)):  # input size: contracted by W
+            other = (w, 2) if tensor == x else (x, 2)
+            return [identity(pair, other, c.dim(tensor, axis), contracted=(c.index, 1))]
+        spec = {(t, a): (hidden, slot) for t, a, hidden, slot in self._hidden_axes(c)}
+        if pair not in spec:
+            raise Frozen(f"{c.node.op_type}: channel on axis {axis} of '{tensor}'")
+        hidden, _ = spec[pair]
+        first = np.full(c.attr("hidden_size"), -1)
+        for k in range(len(hidden) - 1, -1, -1):
+            first[hidden[k]] = k
+        links = [Link(pair, pair, first[hidden], np.arange(len(hidden)))]  # gate rows of unit j together
+        for other, (other_hidden, slot) in spec.items():
+            if other != pair:
+                links.append(Link(pair, other, first[other_hidden], np.arange(len(other_hidden)),
+                                  contracted=(c.index, slot) if slot is not None else None))
+        return links
+
+    def rewrite(self, c, plan):
+        if plan.changed(c.inp(2), 2):
+            plan.set_attr(c.node, "hidden_size", plan.new_dim(c.inp(2), 2))
+
+
+@register
 class ConstantLeaf(Rule):
     """A Constant node's value is sliced directly by the rewriter."""
 

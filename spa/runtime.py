@@ -14,22 +14,20 @@ _NP_TYPES = {
 
 
 def input_specs(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None, default_dim: int = 32):
-    """(name, shape, numpy dtype) for each real graph input, symbolic dims made concrete."""
-    dims = dims or {}
+    """(name, shape, numpy dtype) for each real graph input, symbolic dims made concrete: a name
+    given in `dims` takes that size, a name that leads any input is the batch, others default_dim."""
+    dims = dict(dims or {})
     inits = {t.name for t in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in inits]
+    for vi in inputs:
+        shape = vi.type.tensor_type.shape.dim
+        if shape and not shape[0].HasField("dim_value"):
+            dims.setdefault(shape[0].dim_param or "?", batch)
     specs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
+    for vi in inputs:
         t = vi.type.tensor_type
-        shape = []
-        for k, d in enumerate(t.shape.dim):
-            if d.HasField("dim_value"):
-                shape.append(d.dim_value)
-            elif d.dim_param in dims:
-                shape.append(int(dims[d.dim_param]))
-            else:
-                shape.append(batch if k == 0 else default_dim)
+        shape = [d.dim_value if d.HasField("dim_value") else dims.get(d.dim_param or "?", default_dim)
+                 for d in t.shape.dim]
         specs.append((vi.name, tuple(shape), _NP_TYPES.get(t.elem_type, np.float32)))
     return specs
 

@@ -423,3 +423,30 @@ def test_max_group_ratio_and_never_to_zero():
     head(b2, x, 4)
     result = check_exact(b2.model(), Target(ratio=0.99, max_group_ratio=1.0))
     assert len(result.plan.removed_atoms) == 3  # one channel always stays
+
+
+@pytest.mark.parametrize("op,gates", [("LSTM", 4), ("GRU", 3), ("RNN", 1)])
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_recurrent_hidden_pruned_per_gate_block(op, gates, direction):
+    """Conv front end -> stacked recurrent layers -> linear head (a CRNN in miniature)."""
+    dirs, hidden = (2 if direction == "bidirectional" else 1), 6
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input([N, 3, 1, 5]), 3, 8, k=1)])  # [N, 8, 1, T]
+    seq = b.op("Transpose", [b.op("Squeeze", [x, b.const(np.array([2], dtype=np.int64))])], perm=[2, 0, 1])
+    h0 = b.input([dirs, N, hidden], name="h0")
+    state = [h0] + ([b.input([dirs, N, hidden], name="c0")] if op == "LSTM" else [])
+    extra = [""] if op == "LSTM" else []
+    y, y_h = b.op(op, [seq, b.weight(dirs, gates * hidden, 8), b.weight(dirs, gates * hidden, hidden),
+                      b.weight(dirs, 2 * gates * hidden), ""] + state, n_out=2,
+                  hidden_size=hidden, direction=direction)
+    merged = b.op("Reshape", [b.op("Transpose", [y], perm=[0, 2, 1, 3]),
+                              b.const(np.array([0, 0, dirs * hidden], dtype=np.int64))])  # [T, N, dirs*H]
+    y2, _ = b.op(op, [merged, b.weight(dirs, gates * 5, dirs * hidden), b.weight(dirs, gates * 5, 5)],
+                 n_out=2, hidden_size=5, direction=direction)
+    last = b.op("Reshape", [b.op("Transpose", [y2], perm=[0, 2, 1, 3]),
+                            b.const(np.array([0, 0, dirs * 5], dtype=np.int64))])
+    b.output(b.op("MatMul", [last, b.weight(dirs * 5, 3)]))
+    model = b.model()
+    result = check_exact(model, dims={})
+    hidden_attrs = [a.i for n in result.model.graph.node if n.op_type == op for a in n.attribute if a.name == "hidden_size"]
+    assert hidden_attrs == [6, 3]  # the first layer's hidden is tied to the graph inputs h0/c0

@@ -841,6 +841,57 @@ class Gather(Rule):
         plan.set_input(c.node, 1, np.searchsorted(kept_in, indices).astype(np.int64))
 
 
+def shape_vector_pieces(c: Ctx, slot: int):
+    """Where the elements of a shape-like input come from: {position: (node, input slot, index)}
+    for elements that are constants (the vector itself, or constant pieces of a Concat building
+    it); positions missing are computed at run time. None when the vector cannot be traced."""
+    name = c.inp(slot)
+    value = c.const(name)
+    if value is not None:
+        return {p: (c.node, slot, p) for p in range(value.size)}
+    index = c.g.producer.get(name)
+    if index is None or c.g.nodes[index].op_type != "Concat":
+        return None
+    concat = c.g.nodes[index]
+    pieces, pos = {}, 0
+    for k, part in enumerate(concat.input):
+        value = c.const(part)
+        length = value.size if value is not None else c.g.dim(part, 0)
+        if length is None:
+            return None
+        if value is not None:
+            pieces.update({pos + j: (concat, k, j) for j in range(length)})
+        pos += length
+    return pieces
+
+
+def rewrite_shape_vector(c: Ctx, plan, slot: int, out: str):
+    """Write the new sizes of `out`'s pruned axes into the shape vector at input `slot` (right
+    aligned); elements computed at run time follow the new sizes by themselves."""
+    pieces = shape_vector_pieces(c, slot) or {}
+    length = c.g.dim(c.inp(slot), 0) or 0
+    edits = {}
+    for a in range(c.g.rank(out)):
+        position = a - (c.g.rank(out) - length)
+        if not plan.changed(out, a) or position not in pieces:
+            continue
+        node, k, j = pieces[position]
+        key = (id(node), k)
+        if key not in edits:
+            edits[key] = (node, k, np.array(c.const(node.input[k]), dtype=np.int64).copy())
+        values = edits[key][2].reshape(-1)
+        if values[j] == c.g.dim(out, a):  # 0 (copy), -1 (infer) and 1 (broadcast) stay
+            values[j] = plan.new_dim(out, a)
+    for node, k, values in edits.values():
+        plan.set_input(node, k, values)
+
+
+def constant_size_at(c: Ctx, slot: int, out: str, axis: int) -> bool:
+    pieces = shape_vector_pieces(c, slot)
+    length = c.g.dim(c.inp(slot), 0)
+    return pieces is not None and length is not None and axis - (c.g.rank(out) - length) in pieces
+
+
 def reshape_map(shape_from, shape_to, axis, split_policy="outer"):
     """Map channel `axis` of shape_from onto one axis of shape_to through a row-major reshape.
 
@@ -907,54 +958,15 @@ class Reshape(Rule):
         sx, sy = c.g.shapes.get(x), c.g.shapes.get(y)
         if sx is None or sy is None:
             raise Frozen("Reshape with unknown input or output shape")
-        if c.node.op_type == "Reshape" and c.const(c.inp(1)) is None and self._shape_source(c) is None:
+        if c.node.op_type == "Reshape" and shape_vector_pieces(c, 1) is None:
             raise Frozen("Reshape with a computed target shape")
         src_shape, dst_shape, dst = (sx, sy, y) if tensor == x else (sy, sx, x)
         b, src_idx, dst_idx = reshape_map(src_shape, dst_shape, axis, self._split_policy(c))
         return [Link((tensor, axis), (dst, b), src_idx, dst_idx)]
 
-    def _shape_source(self, c):
-        """For a computed shape: (concat node, {position: input slot}) when built by Concat."""
-        name = c.inp(1)
-        index = c.g.producer.get(name)
-        if index is None or c.g.nodes[index].op_type != "Concat":
-            return None
-        slots = {}
-        pos = 0
-        for k, part in enumerate(c.g.nodes[index].input):
-            value = c.const(part)
-            length = value.size if value is not None else c.g.dim(part, 0)
-            if length is None:
-                return None
-            for j in range(length):
-                slots[pos + j] = (k, j)
-            pos += length
-        return index, slots
-
     def rewrite(self, c, plan):
-        if c.node.op_type == "Flatten":
-            return
-        y = c.out(0)
-        changed = [a for a in range(c.g.rank(y)) if plan.changed(y, a)]
-        if not changed:
-            return
-        shape = c.const(c.inp(1))
-        if shape is not None:
-            shape = np.array(shape, dtype=np.int64).copy()
-            for a in changed:
-                if shape[a] > 0:
-                    shape[a] = plan.new_dim(y, a)
-            plan.set_input(c.node, 1, shape)
-            return
-        index, slots = self._shape_source(c)
-        concat = c.g.nodes[index]
-        for a in changed:
-            k, j = slots[a]
-            value = c.const(concat.input[k])
-            if value is not None and np.ravel(value)[j] > 0:
-                new = np.array(value, dtype=np.int64).copy()
-                new.reshape(-1)[j] = plan.new_dim(y, a)
-                plan.set_input(concat, k, new)
+        if c.node.op_type == "Reshape":
+            rewrite_shape_vector(c, plan, 1, c.out(0))
 
 
 @register
@@ -975,26 +987,30 @@ class Expand(Rule):
         if tensor == x:
             return [identity((x, axis), (y, axis + ry - rx), c.dim(x, axis))]
         ax = axis - (ry - rx)
-        if ax < 0 or c.dim(x, ax) == 1:
-            raise Frozen("Expand broadcasts the channel axis")
+        if ax < 0 or c.dim(x, ax) == 1:  # broadcast: only the target size changes
+            if constant_size_at(c, 1, y, axis):
+                return []
+            raise Frozen("Expand broadcasts the channel axis to a size computed at run time")
         return [identity((y, axis), (x, ax), c.dim(y, axis))]
 
     def rewrite(self, c, plan):
-        if c.node.op_type != "Expand":
-            return
-        y = c.out(0)
-        shape = c.const(c.inp(1))
-        if shape is None:
-            return
-        shape = np.array(shape, dtype=np.int64).copy()
-        offset = c.g.rank(y) - len(shape)
-        touched = False
-        for a in range(c.g.rank(y)):
-            if plan.changed(y, a) and a - offset >= 0 and shape[a - offset] > 1:
-                shape[a - offset] = plan.new_dim(y, a)
-                touched = True
-        if touched:
-            plan.set_input(c.node, 1, shape)
+        if c.node.op_type == "Expand":
+            rewrite_shape_vector(c, plan, 1, c.out(0))
+
+
+@register
+class ConstantOfShape(Rule):
+    """A filled tensor (e.g. zero initial states): its size on the channel axis is rewritten."""
+
+    ops = ("ConstantOfShape",)
+
+    def propagate(self, c, tensor, axis):
+        if tensor == c.out(0) and constant_size_at(c, 0, tensor, axis):
+            return []
+        raise Frozen("ConstantOfShape size on the channel axis is computed at run time")
+
+    def rewrite(self, c, plan):
+        rewrite_shape_vector(c, plan, 0, c.out(0))
 
 
 @register

@@ -28,8 +28,9 @@ def parser() -> argparse.ArgumentParser:
 
     def common(sp):
         sp.add_argument("model", help="input .onnx file")
-        sp.add_argument("--allow-approximate", action="store_true",
-                        help="also prune through LayerNorm/RMSNorm statistics (output changes beyond removed channels)")
+        sp.add_argument("--granularity", default="channels,heads",
+                        help="comma list of what may be pruned: channels, heads (exact; default), "
+                             "head-dim (instead of heads), hidden (through LayerNorm/RMSNorm: approximate)")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
     a = sub.add_parser("analyze", help="list channel groups, what is prunable and what froze the rest")
@@ -86,7 +87,7 @@ def run(args) -> int:
     from .groups import Options, analyze
 
     say = Progress(args.quiet)
-    options = Options(approximate=args.allow_approximate)
+    options = Options(granularity=tuple(g.strip() for g in args.granularity.split(",") if g.strip()))
     say(f"loading {args.model}")
     model = load_model(args.model)
     if args.command == "analyze":

@@ -15,17 +15,37 @@ import onnx
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from .errors import SpaError
 from .graph import Graph
 from .rules import Ctx, Frozen, FreezeIndices, Link, rule_for
 
 
+GRANULARITIES = ("channels", "heads", "head-dim", "hidden")
+
+
 @dataclass
 class Options:
-    """Analysis switches. `approximate` allows pruning through norm statistics (LayerNorm)."""
+    """Analysis switches.
 
-    approximate: bool = False
-    split_policy: str | None = None  # None: heads for attention-like splits, groups for shuffles
+    granularity: which units may be pruned. "channels" (conv filters, MLP intermediate
+    channels, recurrent hidden units) and "heads" (whole attention heads, with the KV heads their
+    queries share) are exact and the default; "head-dim" prunes the same position in every head
+    instead of whole heads; "hidden" prunes through LayerNorm/RMSNorm statistics (approximate).
+    """
+
+    granularity: tuple = ("channels", "heads")
     approximate_nodes: set = field(default_factory=set)
+
+    def __post_init__(self):
+        unknown = set(self.granularity) - set(GRANULARITIES)
+        if unknown:
+            raise SpaError(f"unknown granularity {', '.join(sorted(unknown))} (known: {', '.join(GRANULARITIES)})")
+        if "heads" in self.granularity and "head-dim" in self.granularity:
+            raise SpaError("choose heads or head-dim, not both")
+
+    @property
+    def approximate(self) -> bool:
+        return "hidden" in self.granularity
 
 
 @dataclass
@@ -56,6 +76,18 @@ class Group:
     atoms: np.ndarray  # sorted channel ids
     frozen: dict  # channel id -> reason
     has_params: bool
+    units: set = field(default_factory=set)  # tags from the links: head, head-dim, approximate
+
+    @property
+    def kind(self) -> str:
+        """The granularity this group's channels belong to."""
+        if "approximate" in self.units:
+            return "hidden"
+        if "head" in self.units:
+            return "heads"
+        if "head-dim" in self.units:
+            return "head-dim"
+        return "channels"
 
     @property
     def prunable_atoms(self):
@@ -103,6 +135,7 @@ class Propagation:
         self.pair_edges: list = []
         self.freezes: list = []  # (ids, reason)
         self.contracted: set = set()
+        self.units: list = []  # (pair, unit tag)
         self.queue: deque = deque()
 
     def run(self) -> Analysis:
@@ -185,6 +218,8 @@ class Propagation:
             return
         self.edges.append((src_m.base + src_idx, dst_m.base + dst_idx))
         self.pair_edges.append((link.src, dst))
+        if link.unit:
+            self.units.append((link.src, link.unit))
         if link.contracted is not None:
             node_index, slot = link.contracted
             tensor = self.g.nodes[node_index].input[slot]
@@ -215,11 +250,15 @@ class Propagation:
             member = self.members[p]
             member.atoms = atom_of[member.base:member.base + member.size]
             by_group.setdefault(int(gid), []).append(member)
+        units: dict = {}
+        for pair, unit in self.units:
+            units.setdefault(int(group_of[index[pair]]), set()).add(unit)
         groups, atom_group = [], {}
-        for members in by_group.values():
+        for key, members in by_group.items():
             gid = len(groups)
             atoms = np.unique(np.concatenate([m.atoms for m in members]))
             group_frozen = {int(a): frozen[int(a)] for a in atoms if int(a) in frozen}
-            groups.append(Group(gid, members, atoms, group_frozen, any(m.is_const for m in members)))
+            groups.append(Group(gid, members, atoms, group_frozen, any(m.is_const for m in members),
+                                units.get(key, set())))
             atom_group.update({int(a): gid for a in atoms})
         return Analysis(self.g, self.options, self.members, groups, sorted(self.contracted), atom_group)

@@ -86,6 +86,8 @@ def describe(analysis: Analysis) -> dict:
             "channels": int(len(g.atoms)),
             "prunable_channels": int(len(g.prunable_atoms)) if g.has_params else 0,
             "prunable": bool(g.prunable),
+            "kind": g.kind,
+            "selected": g.kind in analysis.options.granularity,
             "members": [{"tensor": m.tensor, "axis": m.axis, "size": m.size, "weight": m.is_const,
                          "linked_by": m.linked_by} for m in g.members],
             "frozen_by": g.reasons(),
@@ -99,8 +101,10 @@ def format_analysis(summary: dict) -> str:
     lines = [f"{len(summary['groups'])} channel groups, {summary['prunable_groups']} prunable"]
     for g in summary["groups"]:
         weights = [m["tensor"] for m in g["members"] if m["weight"]]
-        state = (f"prunable {g['prunable_channels']}/{g['channels']}" if g["prunable"]
-                 else f"frozen ({g['channels']} channels)")
+        state = (f"prunable {g['prunable_channels']}/{g['channels']} {g['kind']}" if g["prunable"]
+                 else f"frozen ({g['channels']} {g['kind']})")
+        if g["prunable"] and not g["selected"]:
+            state += f" (not pruned: granularity '{g['kind']}' not selected)"
         lines.append(f"group {g['id']}: {state}; {len(g['members'])} tensor axes; weights: "
                      f"{', '.join(weights[:6])}{' ...' if len(weights) > 6 else ''}")
         for reason in g["frozen_by"][:5]:

@@ -32,6 +32,9 @@ class Link:
     # (node index, input slot) where `dst` is contracted by its consumer: the equivalence oracle
     # zeroes exactly these slices in the original model.
     contracted: tuple | None = None
+    # what a channel of this group is, when not a plain channel: "head", "head-dim", or
+    # "approximate" (removing it changes normalisation statistics)
+    unit: str | None = None
 
 
 @dataclass
@@ -43,9 +46,9 @@ class FreezeIndices:
     reason: str
 
 
-def identity(src, dst, size, contracted=None):
+def identity(src, dst, size, contracted=None, unit=None):
     idx = np.arange(size)
-    return Link(src, dst, idx, idx, contracted)
+    return Link(src, dst, idx, idx, contracted, unit)
 
 
 class Ctx:
@@ -449,7 +452,7 @@ class LayerNormRule(Rule):
             return [] if is_param else same_axis_everywhere(c, tensor, axis, [x, y])
         if not c.options.approximate:
             raise Frozen(f"{c.node.op_type} normalises over the channel axis (pruning it changes "
-                         "the statistics; allow with --allow-approximate)")
+                         "the statistics; allow with --granularity hidden)")
         c.options.approximate_nodes.add(c.g.node_name(c.index))
         size = c.dim(tensor, axis)
         pairs = [(x, data_axis), (y, data_axis)]
@@ -457,7 +460,7 @@ class LayerNormRule(Rule):
             a = data_axis - (r - c.rank(t)) if t else -1
             if a >= 0 and c.dim(t, a) == size:
                 pairs.append((t, a))
-        return [identity((tensor, axis), p, size) for p in pairs if p != (tensor, axis)]
+        return [identity((tensor, axis), p, size, unit="approximate") for p in pairs if p != (tensor, axis)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -606,6 +609,17 @@ class Reduce(AxisOp):
 
     def acted_axes(self, c, tensor):
         return set(self._axes(c, c.rank(tensor)))
+
+    def propagate(self, c, tensor, axis):
+        ins, _ = c.slots(tensor)
+        statistic = c.node.op_type in ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2")
+        if (c.options.approximate and statistic and ins and ins[0] == 0 and self._keep(c)
+                and axis in self.acted_axes(c, tensor)):
+            # a norm's statistic (decomposed RMSNorm/LayerNorm): its size-1 output broadcasts back
+            c.options.approximate_nodes.add(c.g.node_name(c.index))
+            idx = np.arange(c.dim(tensor, axis))
+            return [Link((tensor, axis), (tensor, axis), idx, idx, unit="approximate")]
+        return super().propagate(c, tensor, axis)
 
     def _keep(self, c):
         return c.attr("keepdims", 1)
@@ -895,9 +909,18 @@ def constant_size_at(c: Ctx, slot: int, out: str, axis: int) -> bool:
 def reshape_map(shape_from, shape_to, axis, split_policy="outer"):
     """Map channel `axis` of shape_from onto one axis of shape_to through a row-major reshape.
 
-    Returns (axis_to, src_idx, dst_idx, detail) or raises Frozen. Only the dims from the channel
-    axis inwards need to be static: leading (batch) dims may be symbolic.
+    Returns (axis_to, src_idx, dst_idx, unit) or raises Frozen; unit tags splits ("head" when
+    whole outer blocks go, "head-dim" when the same inner position goes in every block). Trailing dims the reshape leaves
+    alone (equal, even symbolic, e.g. sequence x head-dim) are set aside first; of the rest, only
+    the dims from the channel axis inwards need to be static.
     """
+    common = 0
+    while (common < min(len(shape_from) - axis - 1, len(shape_to) - 1)
+           and shape_from[-1 - common] == shape_to[-1 - common]
+           and not (isinstance(shape_from[-1 - common], str) and shape_from[-1 - common] == "?")):
+        common += 1
+    if common:
+        return reshape_map(shape_from[:-common], shape_to[:-common], axis, split_policy)
     channels = shape_from[axis]
     inner_dims = shape_from[axis + 1:]
     if not all(isinstance(d, int) for d in inner_dims) or not isinstance(channels, int):
@@ -925,12 +948,12 @@ def reshape_map(shape_from, shape_to, axis, split_policy="outer"):
             pos = (np.arange(outer)[:, None, None] * channels * k + np.arange(channels)[None, :, None] * k
                    + np.arange(k)[None, None, :])
             src = np.broadcast_to(np.arange(channels)[None, :, None], pos.shape)
-            return b, src.ravel(), pos.ravel()
+            return b, src.ravel(), pos.ravel(), None
         if inner_to == inner and b > 0 and isinstance(shape_to[b - 1], int) \
                 and shape_to[b - 1] * d == channels and d > 1 and shape_to[b - 1] > 1:
             if split_policy == "outer":  # whole outer blocks (attention heads)
-                return b - 1, np.arange(channels), np.arange(channels) // d
-            return b, np.arange(channels), np.arange(channels) % d
+                return b - 1, np.arange(channels), np.arange(channels) // d, "head"
+            return b, np.arange(channels), np.arange(channels) % d, "head-dim"
     raise Frozen("Reshape regroups the channel axis in a way with no channel-wise map")
 
 
@@ -938,18 +961,23 @@ def reshape_map(shape_from, shape_to, axis, split_policy="outer"):
 class Reshape(Rule):
     ops = ("Reshape", "Flatten")
 
-    def _split_policy(self, c):
-        """A split feeding a Transpose that swaps the two halves is a channel shuffle: keep groups."""
-        if c.options.split_policy:
-            return c.options.split_policy
+    def _is_shuffle(self, c):
+        """A split feeding a Transpose that swaps the two halves is a channel shuffle."""
         for i, _ in c.g.consumers.get(c.out(0), []):
             node = c.g.nodes[i]
             if node.op_type == "Transpose":
                 perm = list(attr(node, "perm", []))
                 moved = [a for a, p in enumerate(perm) if a != p]
                 if len(moved) == 2 and abs(moved[0] - moved[1]) == 1:
-                    return "inner"
-        return "outer"
+                    return True
+        return False
+
+    def _split_policy(self, c):
+        """Shuffles prune the same in-group position everywhere; attention-like splits prune whole
+        heads unless head-dim granularity was asked for."""
+        if self._is_shuffle(c):
+            return "inner"
+        return "inner" if "head-dim" in c.options.granularity else "outer"
 
     def propagate(self, c, tensor, axis):
         x, y = c.inp(0), c.out(0)
@@ -961,8 +989,10 @@ class Reshape(Rule):
         if c.node.op_type == "Reshape" and shape_vector_pieces(c, 1) is None:
             raise Frozen("Reshape with a computed target shape")
         src_shape, dst_shape, dst = (sx, sy, y) if tensor == x else (sy, sx, x)
-        b, src_idx, dst_idx = reshape_map(src_shape, dst_shape, axis, self._split_policy(c))
-        return [Link((tensor, axis), (dst, b), src_idx, dst_idx)]
+        b, src_idx, dst_idx, unit = reshape_map(src_shape, dst_shape, axis, self._split_policy(c))
+        if self._is_shuffle(c):
+            unit = None
+        return [Link((tensor, axis), (dst, b), src_idx, dst_idx, unit=unit)]
 
     def rewrite(self, c, plan):
         if c.node.op_type == "Reshape":

@@ -64,8 +64,9 @@ class Selector:
         self.scores = scores
         blocked = ignored_atoms(analysis, target.ignore)
         self.candidates = {}  # group id -> (atoms, scores) of prunable channels, ascending score
+        allowed = analysis.options.granularity
         for group in analysis.groups:
-            if group.id not in scores or not group.has_params:
+            if group.id not in scores or not group.has_params or group.kind not in allowed:
                 continue
             atoms = group.atoms
             keep = np.array([int(a) not in group.frozen and int(a) not in blocked for a in atoms], dtype=bool)

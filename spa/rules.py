@@ -961,23 +961,15 @@ def reshape_map(shape_from, shape_to, axis, split_policy="outer"):
 class Reshape(Rule):
     ops = ("Reshape", "Flatten")
 
-    def _is_shuffle(self, c):
-        """A split feeding a Transpose that swaps the two halves is a channel shuffle."""
+    def _is_shuffle(self, c, split_axes):
+        """A split whose two halves a Transpose then swaps is a channel shuffle."""
         for i, _ in c.g.consumers.get(c.out(0), []):
             node = c.g.nodes[i]
             if node.op_type == "Transpose":
                 perm = list(attr(node, "perm", []))
-                moved = [a for a, p in enumerate(perm) if a != p]
-                if len(moved) == 2 and abs(moved[0] - moved[1]) == 1:
+                if sorted(a for a, p in enumerate(perm) if a != p) == sorted(split_axes):
                     return True
         return False
-
-    def _split_policy(self, c):
-        """Shuffles prune the same in-group position everywhere; attention-like splits prune whole
-        heads unless head-dim granularity was asked for."""
-        if self._is_shuffle(c):
-            return "inner"
-        return "inner" if "head-dim" in c.options.granularity else "outer"
 
     def propagate(self, c, tensor, axis):
         x, y = c.inp(0), c.out(0)
@@ -989,10 +981,13 @@ class Reshape(Rule):
         if c.node.op_type == "Reshape" and shape_vector_pieces(c, 1) is None:
             raise Frozen("Reshape with a computed target shape")
         src_shape, dst_shape, dst = (sx, sy, y) if tensor == x else (sy, sx, x)
-        b, src_idx, dst_idx, unit = reshape_map(src_shape, dst_shape, axis, self._split_policy(c))
-        if self._is_shuffle(c):
-            unit = None
-        return [Link((tensor, axis), (dst, b), src_idx, dst_idx, unit=unit)]
+        # A split of the channel axis prunes whole heads (outer blocks), or the same position in
+        # every block for head-dim granularity and for channel shuffles (unit None: plain channels).
+        b, src_idx, dst_idx, unit = reshape_map(src_shape, dst_shape, axis, "outer")
+        shuffle = unit == "head" and tensor == x and self._is_shuffle(c, (b, b + 1))
+        if shuffle or (unit == "head" and "head-dim" in c.options.granularity):
+            b, src_idx, dst_idx, unit = reshape_map(src_shape, dst_shape, axis, "inner")
+        return [Link((tensor, axis), (dst, b), src_idx, dst_idx, unit=None if shuffle else unit)]
 
     def rewrite(self, c, plan):
         if c.node.op_type == "Reshape":

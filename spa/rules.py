@@ -212,6 +212,12 @@ def in_group_positions(n, per_group):
     return np.arange(n) % per_group
 
 
+def shrink_depthwise_group(c, plan, groups, in_per_group):
+    """A depthwise conv has one group per input channel: the group count follows the channels."""
+    if groups > 1 and in_per_group == 1:
+        plan.set_attr(c.node, "group", plan.new_dim(c.inp(0), 1))
+
+
 @register
 class ConvRule(Rule):
     ops = ("Conv",)
@@ -255,9 +261,8 @@ class ConvRule(Rule):
         raise Frozen(f"Conv: channel on axis {axis} of '{tensor}' (not a channel axis)")
 
     def rewrite(self, c, plan):
-        groups, c_in, c_out, cin_g = self._geometry(c)
-        if groups > 1 and cin_g == 1:
-            plan.set_attr(c.node, "group", plan.new_dim(c.inp(0), 1))
+        groups, _, _, cin_g = self._geometry(c)
+        shrink_depthwise_group(c, plan, groups, cin_g)
 
 
 @register
@@ -302,9 +307,8 @@ class ConvTransposeRule(Rule):
         raise Frozen(f"ConvTranspose: channel on axis {axis} of '{tensor}' (not a channel axis)")
 
     def rewrite(self, c, plan):
-        groups, c_in, c_out, cin_g, cout_g = self._geometry(c)
-        if groups > 1 and cin_g == 1:
-            plan.set_attr(c.node, "group", plan.new_dim(c.inp(0), 1))
+        groups, _, _, cin_g, _ = self._geometry(c)
+        shrink_depthwise_group(c, plan, groups, cin_g)
 
 
 @register

@@ -111,15 +111,12 @@ def macs_by_op(model_or_graph, shapes: dict, plan=None) -> dict:
 
 def count_params(model_or_graph, plan=None) -> int:
     """Number of elements in float weights (initializers and Constant nodes)."""
-    if isinstance(model_or_graph, Graph):
-        consts = model_or_graph.consts
-    else:
-        consts = Graph(model_or_graph).consts
+    consts = model_or_graph.consts if isinstance(model_or_graph, Graph) else Graph(model_or_graph).consts
     total = 0
-    for name, value in consts.items():
-        if not np.issubdtype(value.dtype, np.floating):
+    for name in consts:
+        if not np.issubdtype(consts.dtype(name), np.floating):
             continue
-        shape = list(value.shape)
+        shape = list(consts.shape(name))
         if plan is not None:
             for axis in range(len(shape)):
                 shape[axis] -= len(plan.removed(name, axis))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,6 +103,50 @@ def outer_scope_inputs(node: onnx.NodeProto) -> set[str]:
     return used
 
 
+class Consts(Mapping):
+    """Constant tensors by name (initializers and Constant nodes), read lazily: large weights are
+    converted to numpy only when asked for and not kept, so big models are not held twice."""
+
+    SMALL = 1 << 16  # bytes; values up to this size are cached
+
+    def __init__(self, model: onnx.ModelProto):
+        self._protos = {t.name: t for t in model.graph.initializer}
+        self._cache = {}
+        for node in model.graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                value = constant_node_value(node)
+                if value is not None:
+                    self._cache[node.output[0]] = value
+
+    def __getitem__(self, name):
+        if name in self._cache:
+            return self._cache[name]
+        value = numpy_helper.to_array(self._protos[name])
+        if value.nbytes <= self.SMALL:
+            self._cache[name] = value
+        return value
+
+    def __contains__(self, name):
+        return name in self._cache or name in self._protos
+
+    def __iter__(self):
+        yield from self._protos
+        yield from (n for n in self._cache if n not in self._protos)
+
+    def __len__(self):
+        return len(set(self._protos) | set(self._cache))
+
+    def shape(self, name) -> tuple:
+        if name in self._protos:
+            return tuple(self._protos[name].dims)
+        return tuple(self._cache[name].shape)
+
+    def dtype(self, name):
+        if name in self._protos:
+            return onnx.helper.tensor_dtype_to_np_dtype(self._protos[name].data_type)
+        return self._cache[name].dtype
+
+
 @dataclass
 class Graph:
     """A read-mostly view of the top-level graph of a model."""
@@ -130,18 +175,12 @@ class Graph:
             for slot, name in enumerate(inputs):
                 if name:
                     self.consumers[name].append((i, slot))
-        self.consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-        for node in self.nodes:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                value = constant_node_value(node)
-                if value is not None:
-                    self.consts[node.output[0]] = value
-        init_names = {t.name for t in g.initializer}
-        self.graph_inputs = {i.name for i in g.input if i.name not in init_names}
+        self.consts = Consts(self.model)
+        self.graph_inputs = {i.name for i in g.input if i.name not in self.consts}
         self.graph_outputs = {o.name for o in g.output}
         self.shapes = infer_shapes(self.model)
-        for name, value in self.consts.items():
-            self.shapes[name] = tuple(value.shape)
+        for name in self.consts:
+            self.shapes[name] = self.consts.shape(name)
 
     def const(self, name: str):
         """The constant value of a tensor (initializer or Constant node), or None."""
@@ -214,15 +253,23 @@ class Graph:
 
 
 def _without_large_data(model: onnx.ModelProto, limit: int = 1 << 20) -> onnx.ModelProto:
-    """Shape inference needs weights' shapes, not their bytes: keeps models under protobuf's 2 GB."""
-    if model.ByteSize() < 16 * limit:
+    """Shape inference needs weights' shapes, not their bytes: a copy of the model whose large
+    initializers carry dims only (never copying their data), far under protobuf's 2 GB."""
+    large = [t for t in model.graph.initializer if t.ByteSize() > limit]
+    if not large:
         return model
     light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for tensor in light.graph.initializer:
-        if tensor.raw_data and len(tensor.raw_data) > limit:
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.DEFAULT
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.graph.name = model.graph.name
+    for field_name in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(light.graph, field_name).extend(getattr(model.graph, field_name))
+    for tensor in model.graph.initializer:
+        if tensor.ByteSize() > limit:
+            light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        else:
+            light.graph.initializer.append(tensor)
+    light.functions.extend(model.functions)
     return light
 
 

@@ -74,13 +74,14 @@ def sliced(value: np.ndarray, plan: Plan, name: str) -> np.ndarray:
 def rewrite(plan: Plan) -> onnx.ModelProto:
     """A new, smaller ModelProto with the plan's channels removed (not yet verified)."""
     g: Graph = plan.analysis.graph
-    model = onnx.ModelProto()
-    model.CopyFrom(g.model)
-    graph = model.graph
     sliced_names = {m.tensor for m in plan.analysis.members.values() if m.is_const and plan.changed(m.tensor, m.axis)}
-    for k, init in enumerate(graph.initializer):
+    model = _copy_without_initializers(g.model)
+    graph = model.graph
+    for init in g.model.graph.initializer:  # one weight at a time: never two copies of the model
         if init.name in sliced_names:
-            graph.initializer[k].CopyFrom(numpy_helper.from_array(sliced(g.consts[init.name], plan, init.name), init.name))
+            graph.initializer.append(numpy_helper.from_array(sliced(g.consts[init.name], plan, init.name), init.name))
+        else:
+            graph.initializer.append(init)
     for node in graph.node:
         if node.op_type == "Constant" and node.output[0] in sliced_names:
             value = sliced(g.consts[node.output[0]], plan, node.output[0])
@@ -97,6 +98,25 @@ def rewrite(plan: Plan) -> onnx.ModelProto:
     _update_initializer_inputs(model, plan, sliced_names)
     del graph.value_info[:]
     return model
+
+
+def _copy_without_initializers(src: onnx.ModelProto) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    _copy_fields(src, model, skip="graph")
+    _copy_fields(src.graph, model.graph, skip="initializer")
+    return model
+
+
+def _copy_fields(src, dst, skip):
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def _drop_dead_nodes(model):

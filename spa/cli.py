@@ -104,6 +104,8 @@ def run(args) -> int:
         from .pipeline import apply_plan
         say(f"replaying {args.plan}")
         result = apply_plan(model, args.plan, options)
+    for tensor in model.graph.initializer:  # the input's weights are on disk: free them before
+        tensor.ClearField("raw_data")      # verification loads the pruned model (big models)
     return _finish(args, result, say)
 
 

@@ -308,6 +308,21 @@ PARAMETER_SLOTS = {"Slice": (1, 2, 3, 4), "Split": (1,), "Reshape": (1,), "Resiz
                    "Gather": (1,), "ReduceSum": (1,), "ReduceMean": (1,), "ReduceMax": (1,)}
 
 
+PROBE_SIZES = ((2, 30), (3, 38))  # (batch, first other symbolic size) of the two probe runs
+
+
+def _probe_dims(model: onnx.ModelProto, run: int) -> dict:
+    """A distinct size for every symbolic input dim (batch names from the probe's batch), so a
+    probed shape can say which symbolic dim it carries."""
+    batch, base = PROBE_SIZES[run]
+    names = []
+    for vi in model.graph.input:
+        for k, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.dim_param and not d.HasField("dim_value") and d.dim_param not in names and k > 0:
+                names.append(d.dim_param)
+    return {name: base + 2 * i for i, name in enumerate(names)}
+
+
 def _run_with_outputs(model: onnx.ModelProto, names):
     """Two onnxruntime runs (different symbolic sizes) exposing the named tensors, or None."""
     from .runtime import random_inputs, session
@@ -319,8 +334,10 @@ def _run_with_outputs(model: onnx.ModelProto, names):
     try:
         sess = session(probe, quiet=True)  # a probe that fails is fine: the caller freezes
         outs = [o.name for o in sess.get_outputs()]
-        return [dict(zip(outs, sess.run(None, random_inputs(model, batch=b, default_dim=d))))
-                for b, d in ((2, 32), (3, 40))]
+        return [dict(zip(outs, sess.run(None, random_inputs(model, batch=PROBE_SIZES[r][0],
+                                                             dims=_probe_dims(model, r),
+                                                             default_dim=PROBE_SIZES[r][1]))))
+                for r in (0, 1)]
     except Exception:
         return None
 
@@ -331,10 +348,17 @@ def shapes_by_running(model: onnx.ModelProto, names) -> dict:
     runs = _run_with_outputs(model, names)
     if runs is None:
         return {}
+    sizes = {}  # (size in run 0, size in run 1) -> symbolic input dim
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param and not dims[0].HasField("dim_value"):
+            sizes.setdefault((PROBE_SIZES[0][0], PROBE_SIZES[1][0]), dims[0].dim_param)
+    first, second = _probe_dims(model, 0), _probe_dims(model, 1)
+    sizes.update({(first[n], second[n]): n for n in first})
     shapes = {}
     for n in names:
         if n in runs[0] and n in runs[1]:
             a, b = np.shape(runs[0][n]), np.shape(runs[1][n])
             if len(a) == len(b):
-                shapes[n] = tuple(x if x == y else "?" for x, y in zip(a, b))
+                shapes[n] = tuple(x if x == y else sizes.get((x, y), "?") for x, y in zip(a, b))
     return shapes

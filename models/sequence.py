@@ -42,6 +42,23 @@ class CRNN(nn.Module):
         return self.head(y)
 
 
+class AudioNet(nn.Module):
+    """Conv1d front end over a waveform [N, 1, L] -> GRU over time -> per-frame classes."""
+
+    def __init__(self, channels: int = 8, hidden: int = 12, classes: int = 4):
+        super().__init__()
+        self.front = nn.Sequential(
+            nn.Conv1d(1, channels, 5, stride=2, padding=2), nn.BatchNorm1d(channels), nn.ReLU(),
+            nn.Conv1d(channels, 2 * channels, 3, stride=2, padding=1), nn.ReLU(),
+        )
+        self.rnn = nn.GRU(2 * channels, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        y, _ = self.rnn(self.front(x).transpose(1, 2))  # [N, frames, C]
+        return self.head(y)
+
+
 def sequence_models():
     """name -> (module factory, example input)."""
     return {
@@ -49,4 +66,5 @@ def sequence_models():
         "gru": (lambda: RecurrentNet("gru"), torch.randn(2, 7, 10)),
         "rnn": (lambda: RecurrentNet("rnn", bidirectional=False), torch.randn(2, 7, 10)),
         "crnn": (lambda: CRNN(), torch.randn(2, 1, 8, 12)),
+        "audio": (lambda: AudioNet(), torch.randn(2, 1, 64)),
     }

@@ -165,3 +165,25 @@ def test_hidden_size_is_approximate_tied_embeddings_stay_tied():
     assert list(embedding.dims) == [50, 24]  # hidden pruned, vocabulary never
     uses = [n for n in result.model.graph.node if table in n.input]
     assert {n.op_type for n in uses} == {"Gather", "Transpose"}  # one tensor: still tied
+
+
+def test_fused_rms_normalization_and_attention_ops_opset23():
+    """Opset-23 RMSNormalization behaves like LayerNormalization (frozen unless 'hidden');
+    the fused Attention op has no rule yet and freezes what reaches it, with that reason."""
+    b = Builder(opset=23)
+    x = b.input([B, T, D])
+    y = b.op("RMSNormalization", [linear(b, x, D, 48), b.positive(48)], axis=-1)
+    b.output(linear(b, y, 48, D), shape=[B, T, D])
+    model = b.model()
+    reasons = [r for g in analyze(model).groups for r in g.reasons()]
+    assert any("RMSNormalization normalises over the channel axis" in r for r in reasons)
+    check_exact(model, Target(ratio=0.25), options=Options(granularity=("channels", "hidden")),
+                dims={T: 5}, atol=1e9, rtol=1e9)
+
+    b = Builder(opset=23)
+    x = b.input([B, T, D])
+    q, k, v = (linear(b, x, D, D) for _ in range(3))
+    attended = b.op("Attention", [q, k, v], q_num_heads=H, kv_num_heads=H)
+    b.output(linear(b, attended, D, D), shape=[B, T, D])
+    reasons = [r for g in analyze(b.model()).groups for r in g.reasons()]
+    assert any("no channel rule for Attention" in r for r in reasons)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -104,9 +105,13 @@ def run(args) -> int:
         from .pipeline import apply_plan
         say(f"replaying {args.plan}")
         result = apply_plan(model, args.plan, options)
-    for tensor in model.graph.initializer:  # the input's weights are on disk: free them before
-        tensor.ClearField("raw_data")      # verification loads the pruned model (big models)
-    return _finish(args, result, say)
+    plan = result.plan.to_json(os.path.basename(args.model))
+    pruned = result.model
+    # The input's weights are on disk: drop the original (and the analysis that references it)
+    # before verification loads the pruned model, so big models are not held three times.
+    del result, model
+    gc.collect()
+    return _finish(args, pruned, plan, say)
 
 
 def _prune(args, model, options, say):
@@ -120,14 +125,15 @@ def _prune(args, model, options, say):
                  args.seed, progress=say)
 
 
-def _finish(args, result, say):
+def _finish(args, pruned, plan, say):
     from .graph import external_tensor_names
     from .pipeline import save
 
     say(f"verifying and writing {args.output}")
-    save(result.model, args.output, external=external_tensor_names(args.model))
+    save(pruned, args.output, external=external_tensor_names(args.model))
     if args.plan_out:
-        result.plan.save(args.plan_out, os.path.basename(args.model))
+        with open(args.plan_out, "w") as f:
+            json.dump(plan, f, indent=1)
         say(f"plan written to {args.plan_out}")
     if args.report or args.json:
         from .report import compare, format_comparison
@@ -135,8 +141,8 @@ def _finish(args, result, say):
         report = compare(args.model, args.output, batch=args.batch, repeats=args.repeats)
         print(json.dumps(report, indent=1) if args.json else format_comparison(report))
     else:
-        print(f"wrote {args.output}: removed {len(result.plan.removed_atoms)} channels "
-              f"in {len(result.plan.removed_by_group())} groups")
+        removed = sum(g["removed"] for g in plan["groups"])
+        print(f"wrote {args.output}: removed {removed} channels in {len(plan['groups'])} groups")
     return 0
 
 

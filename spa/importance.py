@@ -4,8 +4,8 @@ A criterion maps one weight tensor and one axis to a score per index (higher = m
 
     from spa.importance import register_criterion
 
-    @register_criterion("l1-abs-max")
-    def l1_abs_max(weight, axis):
+    @register_criterion("abs-max")
+    def abs_max(weight, axis):
         return np.abs(np.moveaxis(weight, axis, 0)).reshape(weight.shape[axis], -1).max(axis=1)
 
 Scores are summed over the indices of each channel within a member, aggregated over the
@@ -35,14 +35,19 @@ def _rows(weight, axis):
     return np.moveaxis(np.asarray(weight, dtype=np.float64), axis, 0).reshape(weight.shape[axis], -1)
 
 
+def _others(weight, axis):
+    return tuple(a for a in range(np.ndim(weight)) if a != axis)
+
+
 @register_criterion("l1")
 def l1(weight, axis):
-    return np.abs(_rows(weight, axis)).sum(axis=1)
+    # reduce in place of copying: big weights are scored without a float64 copy
+    return np.abs(weight).sum(axis=_others(weight, axis), dtype=np.float64)
 
 
 @register_criterion("l2")
 def l2(weight, axis):
-    return np.sqrt((_rows(weight, axis) ** 2).sum(axis=1))
+    return np.sqrt(np.square(weight).sum(axis=_others(weight, axis), dtype=np.float64))
 
 
 @register_criterion("fpgm")

@@ -65,10 +65,18 @@ class Editor:
 
 def sliced(value: np.ndarray, plan: Plan, name: str) -> np.ndarray:
     for axis in range(value.ndim):
-        removed = plan.removed(name, axis)
-        if len(removed):
-            value = np.delete(value, removed, axis=axis)
+        if plan.changed(name, axis):
+            value = np.take(value, plan.kept(name, axis), axis=axis)
     return value
+
+
+def _add_tensor(graph, value: np.ndarray, name: str):
+    """Append a tensor built in place (one copy of the bytes, not three)."""
+    tensor = graph.initializer.add()
+    tensor.name = name
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
+    tensor.dims.extend(value.shape)
+    tensor.raw_data = np.ascontiguousarray(value).tobytes()
 
 
 def rewrite(plan: Plan) -> onnx.ModelProto:
@@ -79,7 +87,7 @@ def rewrite(plan: Plan) -> onnx.ModelProto:
     graph = model.graph
     for init in g.model.graph.initializer:  # one weight at a time: never two copies of the model
         if init.name in sliced_names:
-            graph.initializer.append(numpy_helper.from_array(sliced(g.consts[init.name], plan, init.name), init.name))
+            _add_tensor(graph, sliced(g.consts[init.name], plan, init.name), init.name)
         else:
             graph.initializer.append(init)
     for node in graph.node:

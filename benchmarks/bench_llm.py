@@ -65,8 +65,12 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+# the copy of spa/ being measured: a `git archive` snapshot of a commit (default HEAD, see --spa-from)
+# or the working tree; subprocesses get it through SPA_BENCH_SPA_ROOT
+SPA_ROOT = os.environ.get("SPA_BENCH_SPA_ROOT") or ROOT
+if SPA_ROOT not in sys.path:
+    sys.path.insert(0, SPA_ROOT)
+SPA_REV = os.environ.get("SPA_BENCH_SPA_REV", "worktree")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 HERE = os.path.abspath(__file__)
 T0 = time.perf_counter()
@@ -131,12 +135,12 @@ def spa_fingerprint() -> str:
     import hashlib
 
     h = hashlib.sha1()
-    spa_dir = os.path.join(ROOT, "spa")
+    spa_dir = os.path.join(SPA_ROOT, "spa")
     for name in sorted(os.listdir(spa_dir)):
         if name.endswith(".py"):
             h.update(name.encode())
             h.update(open(os.path.join(spa_dir, name), "rb").read())
-    return f"{_git('rev-parse', '--short', 'HEAD')}+spa:{h.hexdigest()[:10]}"
+    return f"{SPA_REV}+spa:{h.hexdigest()[:10]}"
 
 
 FINGERPRINTS: set = set()
@@ -153,13 +157,13 @@ def machine_info() -> dict:
             "platform": platform.platform(),
             "versions": {d: _version(d) for d in ("onnx", "onnxruntime", "torch", "numpy", "scipy", "protobuf")},
             "git_commit": _git("rev-parse", "--short", "HEAD"),
-            "git_dirty_spa": bool(_git("status", "--porcelain", "spa"))}
+            "git_dirty_spa": bool(_git("status", "--porcelain", "spa")), "spa_measured": SPA_REV}
 
 
 # ------------------------------------------------------------------------------------------
 # running a command: wall time and peak RSS of a fresh process
 # ------------------------------------------------------------------------------------------
-def measured(cmd, cwd=ROOT, env=None, timeout=3600) -> dict:
+def measured(cmd, cwd=None, env=None, timeout=3600) -> dict:
     """Run cmd in a fresh process; wall time, peak RSS (ru_maxrss), user/sys CPU, output."""
     env = dict(os.environ if env is None else env)
     time_bin = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
@@ -169,7 +173,7 @@ def measured(cmd, cwd=ROOT, env=None, timeout=3600) -> dict:
         full = [time_bin, "-v", "-o", tv_path, *cmd] if time_bin else list(cmd)
         with open(out_path, "w") as out, open(err_path, "w") as err:
             start = time.perf_counter()
-            proc = subprocess.Popen(full, cwd=cwd, env=env, stdout=out, stderr=err)
+            proc = subprocess.Popen(full, cwd=cwd or SPA_ROOT, env=env, stdout=out, stderr=err)
             _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - start
             proc.returncode = os.waitstatus_to_exitcode(status)
@@ -191,7 +195,8 @@ def measured(cmd, cwd=ROOT, env=None, timeout=3600) -> dict:
 
 def spa_env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = SPA_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["SPA_BENCH_SPA_ROOT"], env["SPA_BENCH_SPA_REV"] = SPA_ROOT, SPA_REV
     env.setdefault("PYTHONHASHSEED", "0")
     return env
 
@@ -549,6 +554,12 @@ class Recorder:
         setattr(owner, attr, wrapper)
 
 
+def _short(path: str) -> str:
+    """spa/x.py, onnx/x.py, numpy/... instead of absolute paths."""
+    m = re.search(r"/((spa|onnx|numpy|onnxruntime|google|scipy)/.*)$", path)
+    return m.group(1) if m else path
+
+
 def _nbytes(x):
     return int(getattr(x, "nbytes", 0) or 0)
 
@@ -584,6 +595,20 @@ def instrument(rec: Recorder) -> None:
     rec.wrap(numpy_helper, "from_array", "numpy_helper.from_array", aggregate=lambda a, k, r: _nbytes(a[0]))
 
 
+def drop_original(state: dict, facts: dict) -> None:
+    import gc
+
+    graph, plan = state["graph"], state["plan"]
+    consts = graph.consts
+    facts.update(consts=len(consts), removed_channels=len(plan.removed_atoms),
+                 removed_by_group={str(k): v for k, v in plan.removed_by_group().items()})
+    state["plan_json"] = plan.to_json("model.onnx")
+    del graph, plan, consts
+    for key in ("model", "graph", "analysis", "scores", "plan"):
+        state.pop(key, None)
+    gc.collect()
+
+
 def profile_worker(model_path: str, out_dir: str, mode: str, ratio: float, result_path: str,
                    workaround: bool = False) -> None:
     import gc
@@ -614,7 +639,7 @@ def profile_worker(model_path: str, out_dir: str, mode: str, ratio: float, resul
         tracemalloc.start(8)
         previous = tracemalloc.take_snapshot()
 
-    state = {}
+    state, facts = {}, {}
     target = Target(ratio=ratio)
     target.check()
     output = os.path.join(out_dir, "pruned.onnx")
@@ -625,6 +650,9 @@ def profile_worker(model_path: str, out_dir: str, mode: str, ratio: float, resul
         ("spa.importance.score", lambda: state.__setitem__("scores", score(state["analysis"], "l1", "mean", "mean", 0))),
         ("spa.selection.select", lambda: state.__setitem__("plan", select(state["analysis"], state["scores"], target))),
         ("spa.rewrite.rewrite", lambda: state.__setitem__("pruned", rewrite(state["plan"]))),
+        # what spa.cli.run does before verifying: keep the plan as JSON, drop the original model and
+        # everything that references it (with upb, one live sub-message keeps a whole model alive)
+        ("cli: del original + gc", lambda: drop_original(state, facts)),
         ("spa.pipeline.save", lambda: save(state["pruned"], output,
                                            external=spa.graph.external_tensor_names(model_path))),
     ]
@@ -649,7 +677,7 @@ def profile_worker(model_path: str, out_dir: str, mode: str, ratio: float, resul
             profiler.disable()
             stats = pstats.Stats(profiler)
             top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:12]  # by tottime
-            row["top_tottime"] = [{"function": f"{os.path.relpath(f, ROOT) if f.startswith(ROOT) else f}:{line}({fn_})",
+            row["top_tottime"] = [{"function": f"{_short(f)}:{line}({fn_})",
                                    "calls": nc, "tottime_s": round(tt, 3), "cumtime_s": round(ct, 3)}
                                   for (f, line, fn_), (cc, nc, tt, ct, _) in top]
         row["rss_after"] = _status("VmRSS")
@@ -663,8 +691,8 @@ def profile_worker(model_path: str, out_dir: str, mode: str, ratio: float, resul
             row["traced_current"], row["traced_peak"] = current, peak
             row["retained_by_site"] = [
                 {"size_diff": d.size_diff, "count_diff": d.count_diff,
-                 "where": [f"{os.path.relpath(fr.filename, ROOT) if fr.filename.startswith(ROOT) else os.path.basename(fr.filename)}:{fr.lineno}"
-                           for fr in d.traceback if "importlib" not in fr.filename][:5]}
+                 "where": [f"{_short(fr.filename)}:{fr.lineno}" for fr in d.traceback
+                           if re.search(r"/(spa|onnx|numpy|onnxruntime)/", fr.filename)][:6]}
                 for d in diff[:6] if abs(d.size_diff) > 1 << 20]
             previous = snap
             del snap, diff
@@ -674,13 +702,6 @@ def profile_worker(model_path: str, out_dir: str, mode: str, ratio: float, resul
     total = time.monotonic() - t_start
     failed = next((r for r in rows if "error" in r), None)
     # what the stages keep alive
-    facts = {}
-    if "graph" in state:
-        facts.update(graph_consts_bytes=sum(v.nbytes for v in state["graph"].consts.values()),
-                     graph_consts=len(state["graph"].consts))
-    if "plan" in state:
-        facts.update(removed_channels=len(state["plan"].removed_atoms),
-                     removed_by_group={str(k): v for k, v in state["plan"].removed_by_group().items()})
     result = {"mode": mode, "workaround": WORKAROUND if workaround else None, "total_s": total, "stages": rows,
               "facts": facts, "failed": failed and {"stage": failed["stage"], "error": failed["error"]},
               "final_peak_rss": _status("VmHWM")}
@@ -797,6 +818,25 @@ def plot_memory(result: dict, size_bytes: int, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def use_spa(rev: str, cache_root: str) -> None:
+    """Point SPA_ROOT at a `git archive` snapshot of spa/ at rev, or at the working tree."""
+    global SPA_ROOT, SPA_REV
+    if rev == "worktree":
+        SPA_ROOT = ROOT
+        SPA_REV = f"worktree@{_git('rev-parse', '--short', 'HEAD')}" + ("+dirty" if _git("status", "--porcelain", "spa") else "")
+        return
+    sha = _git("rev-parse", "--short", rev)
+    if not sha:
+        raise SystemExit(f"unknown git revision {rev!r}")
+    snapshot = os.path.join(cache_root, f"spa_{sha}")
+    if not os.path.isdir(os.path.join(snapshot, "spa")):
+        tmp = tempfile.mkdtemp(dir=cache_root)
+        archive = subprocess.run(["git", "archive", sha, "spa"], cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        os.replace(tmp, snapshot)
+    SPA_ROOT, SPA_REV = snapshot, sha
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_spa-cli-workaround"]:
@@ -808,6 +848,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed runs of each command (all reported; median used)")
     p.add_argument("--profile", choices=("none", "stages", "all"), default="stages")
     p.add_argument("--no-save", action="store_true", help="do not write benchmarks/results")
+    p.add_argument("--spa-from", default="HEAD", metavar="REV",
+                   help="git revision of spa/ to measure, exported with `git archive` into the cache (default HEAD: "
+                        "committed code, immune to concurrent edits), or 'worktree' for the working tree as it is")
     p.add_argument("--_export-worker", nargs=2, metavar=("SIZE", "DIR"), help=argparse.SUPPRESS)
     p.add_argument("--_profile-worker", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -822,6 +865,8 @@ def main(argv=None) -> int:
     cache_root = os.path.abspath(args.keep or "/tmp/spa_bench_llm")
     model_dir = os.path.join(cache_root, args.size)
     os.makedirs(cache_root, exist_ok=True)
+    use_spa(args.spa_from, cache_root)
+    log(f"measuring spa from {SPA_REV} ({SPA_ROOT})")
     meta = generate(args.size, model_dir, cache_root)
     model_path = os.path.join(model_dir, "model.onnx")
     sizes = model_bytes(model_path)

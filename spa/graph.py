@@ -202,7 +202,7 @@ class Graph:
         for node in self.nodes:
             slots = PARAMETER_SLOTS.get(node.op_type, ())
             wanted.update(x for k, x in enumerate(node.input) if x and k in slots and x not in self.consts)
-        if not wanted or self.model.ByteSize() > 200_000_000:
+        if not wanted or weight_bytes(self.model) > PROBE_LIMIT:
             return {}
         runs = _run_with_outputs(self.model, sorted(wanted))
         if runs is None:
@@ -252,11 +252,44 @@ class Graph:
         return 1
 
 
+def fill_unknown_dim(shape, other):
+    """A reshape keeps the element count: one unknown dim of `shape` (e.g. a -1 head count) is
+    the quotient once the symbolic dims the two shapes share cancel out."""
+    if shape is None or other is None or list(shape).count("?") != 1:
+        return shape
+    rest = [d for d in shape if d != "?"]
+    known_other = list(other)
+    for d in list(rest):
+        if isinstance(d, str) and d in known_other:
+            rest.remove(d)
+            known_other.remove(d)
+    if not all(isinstance(d, int) for d in rest + known_other):
+        return shape
+    total, part = int(np.prod(known_other, dtype=np.int64)), int(np.prod(rest, dtype=np.int64))
+    if part == 0 or total % part:
+        return shape
+    return tuple(total // part if d == "?" else d for d in shape)
+
+
+PROBE_LIMIT = 200_000_000  # bytes of weights above which SPA does not run the model to learn shapes
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """Size of a tensor's data from its dims (ByteSize() walks the bytes and is slow)."""
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Size of the weights (ModelProto.ByteSize() fails above protobuf's 2 GB limit)."""
+    return sum(tensor_bytes(t) for t in model.graph.initializer)
+
+
 def _without_large_data(model: onnx.ModelProto, limit: int = 1 << 20) -> onnx.ModelProto:
     """Shape inference needs weights' shapes, not their bytes: a copy of the model whose large
     initializers carry dims only (never copying their data), far under protobuf's 2 GB."""
-    large = [t for t in model.graph.initializer if t.ByteSize() > limit]
-    if not large:
+    large = [t for t in model.graph.initializer if tensor_bytes(t) > limit]
+    if not large and limit >= 0:
         return model
     light = onnx.ModelProto()
     light.ir_version = model.ir_version
@@ -265,7 +298,7 @@ def _without_large_data(model: onnx.ModelProto, limit: int = 1 << 20) -> onnx.Mo
     for field_name in ("node", "input", "output", "value_info", "sparse_initializer"):
         getattr(light.graph, field_name).extend(getattr(model.graph, field_name))
     for tensor in model.graph.initializer:
-        if tensor.ByteSize() > limit:
+        if tensor_bytes(tensor) > max(limit, 1 << 20):
             light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
         else:
             light.graph.initializer.append(tensor)
@@ -273,27 +306,68 @@ def _without_large_data(model: onnx.ModelProto, limit: int = 1 << 20) -> onnx.Mo
     return light
 
 
+def _read_shapes(graph) -> dict:
+    shapes = {}
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            shapes[vi.name] = tuple(
+                d.dim_value if d.HasField("dim_value")
+                else "?" if not d.dim_param or d.dim_param.startswith("unk__") else d.dim_param
+                for d in t.shape.dim)
+    return shapes
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> dict:
+    """onnxruntime's symbolic shape inference: it follows shape arithmetic (Shape -> Gather ->
+    Div -> Concat -> Expand/Slice/Reshape) that ONNX's own inference gives up on."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:
+        return {}
+    return {k: v for k, v in _read_shapes(inferred.graph).items() if "?" not in v}
+
+
+def _settle_reshapes(graph, shapes) -> list:
+    """value_info for Reshape outputs whose one unknown dim (a -1) follows from the element count."""
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in graph.value_info}
+    settled = []
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.output[0] not in shapes:
+            continue
+        out = shapes[node.output[0]]
+        filled = fill_unknown_dim(out, shapes.get(node.input[0]))
+        if filled != out and node.output[0] in types:
+            settled.append(onnx.helper.make_tensor_value_info(node.output[0], types[node.output[0]], list(filled)))
+    return settled
+
+
 def infer_shapes(model: onnx.ModelProto) -> dict:
     """Per-tensor shapes (ints, or strings for symbolic dims) from ONNX shape inference."""
-    try:
-        inferred = shape_inference.infer_shapes(_without_large_data(model), data_prop=True)
-    except Exception:
-        inferred = model
-    shapes = {}
+    light = _without_large_data(model)
+    for _ in range(4):  # each round may settle reshape dims that the next round propagates
+        try:
+            inferred = shape_inference.infer_shapes(light, data_prop=True)
+        except Exception:
+            inferred = model
+        shapes = _read_shapes(inferred.graph)
+        settled = _settle_reshapes(inferred.graph, shapes)
+        if not settled or inferred is model:
+            break
+        if light is model:
+            light = _without_large_data(model, limit=-1)
+        light.graph.value_info.extend(settled)
+    if any("?" in shape for shape in shapes.values()):
+        for name, better in _symbolic_shapes(light).items():
+            if name not in shapes or ("?" in shapes[name] and len(better) == len(shapes[name])):
+                shapes[name] = better
     g = inferred.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        t = vi.type.tensor_type
-        if not t.HasField("shape"):
-            continue
-        shapes[vi.name] = tuple(
-            d.dim_value if d.HasField("dim_value")
-            else "?" if not d.dim_param or d.dim_param.startswith("unk__") else d.dim_param
-            for d in t.shape.dim
-        )
     consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
     missing = [o for n in g.node for o in n.output
                if o and o not in consts and (o not in shapes or "?" in shapes[o])]
-    if missing and model.ByteSize() < 200_000_000:
+    if missing and weight_bytes(model) < PROBE_LIMIT:
         for name, ran in shapes_by_running(model, missing).items():
             inferred = shapes.get(name)
             if inferred is not None and len(inferred) == len(ran):

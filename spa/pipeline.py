@@ -10,6 +10,7 @@ import onnx
 from onnx import external_data_helper
 
 from .errors import SpaError
+from .graph import weight_bytes
 from .groups import Analysis, Options, analyze
 from .importance import score
 from .plan import Plan
@@ -61,7 +62,7 @@ def save(model: onnx.ModelProto, path: str, external: set | None = None, feeds: 
         name = os.path.basename(path)
         staged = os.path.join(tmp, name)
         data_name = name + ".data"
-        if model.ByteSize() > 1_800_000_000:
+        if weight_bytes(model) > 1_800_000_000:  # protobuf cannot hold 2 GB in one file
             onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
         else:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .graph import CONTROL_FLOW, Graph, attr
+from .graph import CONTROL_FLOW, Graph, attr, fill_unknown_dim
 
 
 class Frozen(Exception):
@@ -767,19 +767,29 @@ class Split(Rule):
 class Slice(Rule):
     ops = ("Slice",)
 
+    def _axes(self, c):
+        r = c.rank(c.inp(0))
+        if c.g.opset() >= 10:
+            count = c.g.dim(c.inp(1), 0)
+            axes = c.const_ints(3) if c.inp(3) else (list(range(count)) if count else None)
+        else:
+            axes = c.attr("axes", list(range(len(c.attr("starts")))))
+        if axes is None:
+            raise Frozen("Slice axes unknown")
+        return [a % r for a in axes]
+
     def _spec(self, c):
         if c.g.opset() >= 10:
             starts, ends = c.const_ints(1), c.const_ints(2)
-            axes = c.const_ints(3) if c.inp(3) else list(range(len(starts)))
             steps = c.const_ints(4) if c.inp(4) else [1] * len(starts)
         else:
             starts, ends = c.attr("starts"), c.attr("ends")
-            axes = c.attr("axes", list(range(len(starts))))
             steps = [1] * len(starts)
-        r = c.rank(c.inp(0))
-        return [(a % r, s, e, st) for a, s, e, st in zip(axes, starts, ends, steps)]
+        return list(zip(self._axes(c), starts, ends, steps))
 
     def _range(self, c, axis):
+        if axis not in self._axes(c):  # bounds on other axes may be computed: not our concern
+            return None
         size = c.dim(c.inp(0), axis)
         for a, s, e, st in self._spec(c):
             if a == axis:
@@ -804,6 +814,8 @@ class Slice(Rule):
 
     def rewrite(self, c, plan):
         x = c.inp(0)
+        if not any(plan.changed(x, a) for a in self._axes(c)):
+            return  # only other axes shrank: the bounds stay as they are (even computed ones)
         spec = self._spec(c)
         new = []
         changed = False
@@ -998,6 +1010,7 @@ class Reshape(Rule):
             raise Frozen("Reshape with unknown input or output shape")
         if c.node.op_type == "Reshape" and shape_vector_pieces(c, 1) is None:
             raise Frozen("Reshape with a computed target shape")
+        sx, sy = fill_unknown_dim(sx, sy), fill_unknown_dim(sy, sx)
         src_shape, dst_shape, dst = (sx, sy, y) if tensor == x else (sy, sx, x)
         # A split of the channel axis prunes whole heads (outer blocks), or the same position in
         # every block for head-dim granularity and for channel shuffles (unit None: plain channels).

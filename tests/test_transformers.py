@@ -45,12 +45,12 @@ def test_transformer_prunes_mlp_and_heads_exactly(name, exporter, cache_dir):
     assert run(result.model, feeds)[0].shape[0] == 3
 
 
-@pytest.mark.parametrize("name", ["bert", "llama"])
+@pytest.mark.parametrize("name", sorted(set(tz.TRANSFORMERS) - PACKED_QKV))
 def test_head_dim_granularity_on_real_exports(name, cache_dir):
     model = onnx.load(tz.cached_export_transformer(name, "torchscript", cache_dir=cache_dir))
     options = Options(granularity=("channels", "head-dim"))
     assert "head-dim" in {g.kind for g in analyze(model, options).groups if g.prunable}
-    check_exact(model, Target(ratio=0.25), options=options, dims={"seq": 5})
+    check_exact(model, Target(ratio=0.25), options=options, dims=seq_dims(name, "torchscript", 5))
 
 
 def test_llama_hidden_size_is_approximate_with_bounded_error(cache_dir):

@@ -587,6 +587,9 @@ def instrument(rec: Recorder) -> None:
     rec.wrap(spa.graph, "infer_shapes", "graph.infer_shapes")
     rec.wrap(spa.graph, "_run_with_outputs", "graph._run_with_outputs (ort probe)")
     rec.wrap(spa.graph, "external_tensor_names", "graph.external_tensor_names")
+    for optional in ("_symbolic_shapes", "shapes_by_running", "weight_bytes"):  # present in some versions
+        if hasattr(spa.graph, optional):
+            rec.wrap(spa.graph, optional, f"graph.{optional}")
     rec.wrap(spa.verify, "validate", "verify.validate")
     rec.wrap(spa.pipeline, "validate", "verify.validate")
     rec.wrap(ort.InferenceSession, "__init__", "ort.InferenceSession()")

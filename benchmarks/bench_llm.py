@@ -4,7 +4,9 @@ with all weights in one external data file. Time and peak memory, plus a per-sta
     python benchmarks/bench_llm.py                      # TinyLlama-1.1B shape (export ~2 min once)
     python benchmarks/bench_llm.py --size small         # same pipeline, 2 layers x 256 (< 1 min)
     python benchmarks/bench_llm.py --keep DIR           # cache the generated model(s) in DIR
-    python benchmarks/bench_llm.py --profile all        # + cProfile and tracemalloc per stage
+    python benchmarks/bench_llm.py --profile all        # + cProfile per stage
+    python benchmarks/bench_llm.py --profile tracemalloc  # + tracemalloc too (~35 min on 1b)
+    python benchmarks/bench_llm.py --spa-from worktree  # measure the working tree, not a HEAD snapshot
 
 Goal (issue): analyze + prune + write a ~1B LLaMA in under 60 s and under 2.5x the model's size
 in RAM on a 2-core machine.
@@ -20,8 +22,8 @@ dependencies are installed with `pip install --no-deps --target CACHE/pydeps` (n
 environment; torch is the one already installed) when `import transformers` fails. The attention
 mask input is needed: without it transformers 5 emits aten::diff (packed-sequence detection),
 which the TorchScript exporter cannot export.
-Exporting 1.1B fp32 parameters (4.4 GB) costs ~30 s to build the torch model and ~65 s to export
-(peak RSS ~6.2 GB); over 2 GB the exporter writes one file per tensor, so the export is then
+Exporting 1.1B fp32 parameters (4.4 GB) costs 15-30 s to build the torch model and ~66 s to export,
+~110 s in all with the repack and the check (peak RSS 6.1 GiB, 1.5x the model); over 2 GB the exporter writes one file per tensor, so the export is then
 repacked, streaming, into ONE external data file `model.onnx.data` (every initializer >= 1 KiB,
 4 KiB-aligned; the small shape constants stay inline), checked against the torch logits with
 onnxruntime, and cached under CACHE/<size>/ (default /tmp/spa_bench_llm) so reruns skip it.
@@ -44,8 +46,12 @@ calls inside the stages that copy or serialise weights (onnx.load, load_external
 numpy_helper.to_array/from_array, ModelProto.CopyFrom/ByteSize/SerializeToString,
 shape_inference, onnx.save_model, checker, onnxruntime session/run) are wrapped and timed, and an
 external process samples the worker's RSS every 5 ms (no GIL involved) to give each call's peak.
-`--profile all` adds one cProfile run and one tracemalloc run (numpy and Python allocations per
-stage, by call site; protobuf's C++ arena is invisible to it).
+`--profile all` adds one cProfile run; `--profile tracemalloc` also a tracemalloc run (numpy and
+Python allocations per stage, by call site; protobuf's upb arena and onnxruntime are invisible to
+it, and it is slow). The worker resets the kernel's RSS high-water mark between stages, so its
+process peak is taken as the largest stage peak. spa/ is measured from a `git archive` snapshot of
+HEAD (--spa-from) so concurrent edits cannot change the code mid-run; results record the commit and
+a hash of spa/*.py.
 
 Writes benchmarks/results/llm.json (one entry per size, merged) and llm_memory_<size>.png.
 """
@@ -748,7 +754,11 @@ def run_profile(model_path: str, work: str, mode: str, ratio: float, workaround:
         sys.stderr.write(run["stdout"][-4000:] + run["stderr"][-4000:])
         raise SystemExit(f"profile ({mode}) failed, rc {run['rc']}")
     result = json.load(open(result_path))
-    result["process_wall_s"], result["process_peak_rss_bytes"] = run["wall_s"], run["peak_rss_bytes"]
+    # clear_refs resets the kernel's high-water mark, so ru_maxrss of the worker only covers its
+    # last stage: the process peak is the largest per-stage peak
+    stage_peaks = [r.get("peak_rss") or 0 for r in result["stages"]]
+    result["process_wall_s"] = run["wall_s"]
+    result["process_peak_rss_bytes"] = max([run["peak_rss_bytes"]] + stage_peaks)
     result["spa"] = before if before == spa_fingerprint() else f"CHANGED DURING RUN (from {before})"
     FINGERPRINTS.add(result["spa"])
     if mode == "stages":
@@ -849,7 +859,9 @@ def main(argv=None) -> int:
     p.add_argument("--keep", metavar="DIR", help="cache directory for generated models (default /tmp/spa_bench_llm)")
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--repeats", type=int, default=1, help="timed runs of each command (all reported; median used)")
-    p.add_argument("--profile", choices=("none", "stages", "all"), default="stages")
+    p.add_argument("--profile", choices=("none", "stages", "all", "tracemalloc"), default="stages",
+                   help="stages: per-stage time/RSS (default); all: + cProfile; tracemalloc: + tracemalloc "
+                        "(slow: ~35 min on the 1b model, it traces every Python allocation)")
     p.add_argument("--no-save", action="store_true", help="do not write benchmarks/results")
     p.add_argument("--spa-from", default="HEAD", metavar="REV",
                    help="git revision of spa/ to measure, exported with `git archive` into the cache (default HEAD: "
@@ -900,7 +912,8 @@ def main(argv=None) -> int:
     profiles = {}
     if args.profile != "none":
         workaround = "workaround" in variants
-        modes = ["stages"] + (["cprofile", "tracemalloc"] if args.profile == "all" else [])
+        modes = {"stages": ["stages"], "all": ["stages", "cprofile"],
+                 "tracemalloc": ["stages", "cprofile", "tracemalloc"]}[args.profile]
         for mode in modes:
             log(f"profiling stages ({mode}{', with workaround' if workaround else ''}) ...")
             try:
@@ -982,6 +995,12 @@ def main(argv=None) -> int:
             everything = {}
         for res in profiles.values():
             res.pop("samples", None)  # large; the plot keeps the timeline
+        previous = everything.get(args.size, {})
+        code = lambda fp: str(fp).rsplit("spa:", 1)[-1]  # noqa: E731
+        for mode, res in previous.get("profile", {}).items():
+            if mode not in profiles and res.get("spa") and {code(res["spa"])} == {code(f) for f in FINGERPRINTS}:
+                res["carried_over_from"] = previous.get("date")  # same spa/ code, measured in an earlier run
+                profiles[mode] = res
         for v in variants.values():
             v.pop("analysis", None)
         everything[args.size] = {

@@ -69,56 +69,52 @@ class Selector:
             if group.id not in scores or not group.has_params or group.kind not in allowed:
                 continue
             atoms = group.atoms
-            keep = np.array([int(a) not in group.frozen and int(a) not in blocked for a in atoms], dtype=bool)
+            keep = ~np.isin(atoms, np.fromiter(set(group.frozen) | blocked, dtype=np.int64))
             if keep.sum() < 2:
                 continue
             order = np.argsort(scores[group.id][keep], kind="stable")
             self.candidates[group.id] = (atoms[keep][order], scores[group.id][keep][order])
         if not self.candidates:
             raise SpaError("nothing prunable: every channel group is frozen (see `spa analyze`)")
-        self.atom_members = self._atom_members()
-
-    def _atom_members(self):
-        """For each channel: how many indices of each member it removes."""
-        table = {}
-        for key, member in self.analysis.members.items():
-            ids, counts = np.unique(member.atoms, return_counts=True)
-            for a, n in zip(ids.tolist(), counts.tolist()):
-                table.setdefault(a, []).append((key, n))
-        return table
 
     def _limit(self, group_id):
         group = self.analysis.groups[group_id]
         return min(int(math.floor(self.target.max_group_ratio * len(group.atoms))), len(group.atoms) - 1)
 
-    def greedy(self, order):
-        """Accept channels in order while every member and group keeps something."""
-        remaining = {k: m.size for k, m in self.analysis.members.items()}
-        per_group = {}
+    def greedy(self, gid, order):
+        """Accept a group's channels in `order` while every member of the group keeps an index and
+        the group stays within its limit. Members never span groups, so groups are independent."""
+        group = self.analysis.groups[gid]
+        counts = np.stack([np.bincount(np.searchsorted(group.atoms, m.atoms), minlength=len(group.atoms))
+                           for m in group.members])  # indices each channel takes from each member
+        remaining = np.array([m.size for m in group.members])
+        limit = self._limit(gid)
         accepted = []
-        for gid, atom in order:
-            if per_group.get(gid, 0) >= self._limit(gid):
+        for atom in order:
+            if len(accepted) >= limit:
+                break
+            taken = counts[:, np.searchsorted(group.atoms, atom)]
+            if np.any(remaining <= taken):
                 continue
-            touched = self.atom_members[atom]
-            if any(remaining[k] - n < 1 for k, n in touched):
-                continue
-            for k, n in touched:
-                remaining[k] -= n
-            per_group[gid] = per_group.get(gid, 0) + 1
-            accepted.append((gid, atom))
+            remaining -= taken
+            accepted.append(int(atom))
         return accepted
 
     def uniform(self, ratio):
         accepted = []
         for gid, (atoms, _) in self.candidates.items():
             count = int(math.floor(ratio * len(atoms)))
-            accepted += self.greedy([(gid, int(a)) for a in atoms])[:count]
+            accepted += [(gid, a) for a in self.greedy(gid, atoms)[:count]]
         return accepted
 
     def global_order(self):
-        entries = [(s, gid, int(a)) for gid, (atoms, sc) in self.candidates.items() for a, s in zip(atoms, sc)]
+        """Every group's acceptable channels, merged by score (ties keep group order)."""
+        entries = []
+        for gid, (atoms, group_scores) in self.candidates.items():
+            score_of = dict(zip(atoms.tolist(), group_scores.tolist()))
+            entries += [(score_of[a], gid, a) for a in self.greedy(gid, atoms)]
         entries.sort(key=lambda e: e[0])
-        return self.greedy([(gid, a) for _, gid, a in entries])
+        return [(gid, a) for _, gid, a in entries]
 
     def round(self, accepted):
         """Keep a multiple of round_to channels per group by restoring the best removed ones."""

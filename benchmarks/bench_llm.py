@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.metadata as _md
 import json
 import os
 import platform
@@ -70,6 +69,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_model, git, log, version  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the copy of spa/ being measured: a `git archive` snapshot of a commit (default HEAD, see --spa-from)
 # or the working tree; subprocesses get it through SPA_BENCH_SPA_ROOT
@@ -79,7 +81,6 @@ if SPA_ROOT not in sys.path:
 SPA_REV = os.environ.get("SPA_BENCH_SPA_REV", "worktree")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 HERE = os.path.abspath(__file__)
-T0 = time.perf_counter()
 GOAL_SECONDS = 60.0
 GOAL_RAM_RATIO = 2.5
 
@@ -100,8 +101,6 @@ PYDEPS = ["transformers==5.23.0", "huggingface-hub==2.4.0", "tokenizers==0.23.3"
 EXPORT_VERSION = 2  # bump to invalidate cached models
 
 
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
 
 
 def gib(n) -> str:
@@ -111,29 +110,8 @@ def gib(n) -> str:
 # ------------------------------------------------------------------------------------------
 # machine info
 # ------------------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def _version(dist: str):
-    try:
-        return _md.version(dist)
-    except _md.PackageNotFoundError:
-        return None
-
-
-def _git(*args):
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-    except Exception:
-        return None
 
 
 def spa_fingerprint() -> str:
@@ -159,11 +137,11 @@ def machine_info() -> dict:
             mem = int(f.readline().split()[1]) * 1024
     except OSError:
         pass
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "ram_bytes": mem, "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "ram_bytes": mem, "python": platform.python_version(),
             "platform": platform.platform(),
-            "versions": {d: _version(d) for d in ("onnx", "onnxruntime", "torch", "numpy", "scipy", "protobuf")},
-            "git_commit": _git("rev-parse", "--short", "HEAD"),
-            "git_dirty_spa": bool(_git("status", "--porcelain", "spa")), "spa_measured": SPA_REV}
+            "versions": {d: version(d) for d in ("onnx", "onnxruntime", "torch", "numpy", "scipy", "protobuf")},
+            "git_commit": git("rev-parse", "--short", "HEAD"),
+            "git_dirty_spa": bool(git("status", "--porcelain", "spa")), "spa_measured": SPA_REV}
 
 
 # ------------------------------------------------------------------------------------------
@@ -836,9 +814,9 @@ def use_spa(rev: str, cache_root: str) -> None:
     global SPA_ROOT, SPA_REV
     if rev == "worktree":
         SPA_ROOT = ROOT
-        SPA_REV = f"worktree@{_git('rev-parse', '--short', 'HEAD')}" + ("+dirty" if _git("status", "--porcelain", "spa") else "")
+        SPA_REV = f"worktree@{git('rev-parse', '--short', 'HEAD')}" + ("+dirty" if git("status", "--porcelain", "spa") else "")
         return
-    sha = _git("rev-parse", "--short", rev)
+    sha = git("rev-parse", "--short", rev)
     if not sha:
         raise SystemExit(f"unknown git revision {rev!r}")
     snapshot = os.path.join(cache_root, f"spa_{sha}")

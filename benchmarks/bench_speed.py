@@ -31,16 +31,17 @@ import collections
 import copy
 import datetime as _dt
 import gc
-import importlib.metadata as _md
 import json
 import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import T0, cpu_model, git, log, version  # noqa: E402
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,40 +49,15 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-T0 = time.perf_counter()
 
 
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------
 # machine info
 # ------------------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return _md.version(dist)
-    except _md.PackageNotFoundError:
-        return None
-
-
-def _git(*args) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except Exception:
-        return None
 
 
 def machine_info() -> dict:
@@ -93,7 +69,7 @@ def machine_info() -> dict:
     except AttributeError:
         usable = os.cpu_count()
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "logical_cores": os.cpu_count(),
         "usable_cores": usable,
         "torch_threads": torch.get_num_threads(),
@@ -101,12 +77,12 @@ def machine_info() -> dict:
         "onnxruntime_providers": ["CPUExecutionProvider"],
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {d: _version(d) for d in (
+        "versions": {d: version(d) for d in (
             "torch", "onnx", "onnxruntime", "onnxscript", "numpy", "scipy", "torch-pruning",
             "matplotlib")},
         "onnxruntime_build": ort.__version__,
-        "git_commit": _git("rev-parse", "--short", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
     }
 
 

@@ -529,6 +529,10 @@ def export_transformer(name_or_module: str | nn.Module, path: str | os.PathLike,
         if exporter == "torchscript":
             dyn = {s.name: s.axes_dict for s in specs}
             dyn["output"] = out_axes
+            if isinstance(name_or_module, str) and \
+                    exporter in TRANSFORMERS[name_or_module].fixed_seq_exporters:
+                # the exporter bakes the sequence length: say so in the file (static seq axis)
+                dyn = {k: {a: n for a, n in v.items() if n == "batch"} for k, v in dyn.items()}
             with _torchscript_hf_patches():
                 torch.onnx.export(model, args, str(path), dynamo=False, input_names=in_names,
                                   output_names=["output"], dynamic_axes=dyn,

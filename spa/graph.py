@@ -201,7 +201,11 @@ class Graph:
         wanted = set()
         for node in self.nodes:
             slots = PARAMETER_SLOTS.get(node.op_type, ())
-            wanted.update(x for k, x in enumerate(node.input) if x and k in slots and x not in self.consts)
+            for x in (x for k, x in enumerate(node.input) if x and k in slots and x not in self.consts):
+                wanted.add(x)
+                producer = self.nodes[self.producer[x]] if x in self.producer else None
+                if producer is not None and producer.op_type == "Concat":  # pieces of a shape
+                    wanted.update(p for p in producer.input if p and p not in self.consts)
         if not wanted or weight_bytes(self.model) > PROBE_LIMIT:
             return {}
         runs = _run_with_outputs(self.model, sorted(wanted))
@@ -434,5 +438,15 @@ def shapes_by_running(model: onnx.ModelProto, names) -> dict:
         if n in runs[0] and n in runs[1]:
             a, b = np.shape(runs[0][n]), np.shape(runs[1][n])
             if len(a) == len(b):
-                shapes[n] = tuple(x if x == y else sizes.get((x, y), "?") for x, y in zip(a, b))
+                shapes[n] = tuple(x if x == y else _symbolic_name(x, y, sizes) for x, y in zip(a, b))
     return shapes
+
+
+def _symbolic_name(x, y, sizes) -> str:
+    """The symbolic dim whose probe sizes were (x, y), or 'k*name' for a unique integer multiple
+    (heads folded into the batch), else '?'."""
+    if (x, y) in sizes:
+        return sizes[(x, y)]
+    multiples = {f"{x // a}*{name}" for (a, b), name in sizes.items()
+                 if a and b and x % a == 0 and y % b == 0 and x // a == y // b > 1}
+    return multiples.pop() if len(multiples) == 1 else "?"

@@ -39,12 +39,17 @@ class Plan:
     def changed(self, tensor, axis) -> bool:
         return len(self.removed(tensor, axis)) > 0
 
+    def size(self, tensor, axis) -> int:
+        """Channels on the axis: its static size, or the channel count of a virtual axis (heads
+        folded into a symbolic size)."""
+        member = self.analysis.members.get((tensor, axis))
+        return member.size if member is not None else self.analysis.graph.dim(tensor, axis)
+
     def kept(self, tensor, axis):
-        size = self.analysis.graph.dim(tensor, axis)
-        return np.setdiff1d(np.arange(size), self.removed(tensor, axis))
+        return np.setdiff1d(np.arange(self.size(tensor, axis)), self.removed(tensor, axis))
 
     def new_dim(self, tensor, axis) -> int:
-        return int(self.analysis.graph.dim(tensor, axis) - len(self.removed(tensor, axis)))
+        return int(self.size(tensor, axis) - len(self.removed(tensor, axis)))
 
     def removed_by_group(self):
         counts = {}

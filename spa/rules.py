@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
-from .graph import CONTROL_FLOW, Graph, attr, fill_unknown_dim
+from .graph import CONTROL_FLOW, PARAMETER_SLOTS, Graph, attr, fill_unknown_dim
 
 
 class Frozen(Exception):
@@ -880,16 +881,18 @@ def shape_vector_pieces(c: Ctx, slot: int):
     for elements that are constants (the vector itself, or constant pieces of a Concat building
     it); positions missing are computed at run time. None when the vector cannot be traced."""
     name = c.inp(slot)
-    value = c.const(name)
+    value = c.g.static_value(name)
     if value is not None:
         return {p: (c.node, slot, p) for p in range(value.size)}
     index = c.g.producer.get(name)
+    while index is not None and c.g.nodes[index].op_type in ("Cast", "Identity"):
+        index = c.g.producer.get(c.g.nodes[index].input[0])  # tf2onnx: int32 Concat -> Cast
     if index is None or c.g.nodes[index].op_type != "Concat":
         return None
     concat = c.g.nodes[index]
     pieces, pos = {}, 0
     for k, part in enumerate(concat.input):
-        value = c.const(part)
+        value = c.g.static_value(part)  # constant, or computed but the same for every input size
         length = value.size if value is not None else c.g.dim(part, 0)
         if length is None:
             return None
@@ -897,6 +900,44 @@ def shape_vector_pieces(c: Ctx, slot: int):
             pieces.update({pos + j: (concat, k, j) for j in range(length)})
         pos += length
     return pieces
+
+
+INFERRED = "inferred"
+
+
+def fold_factor(c: Ctx, slot: int, position: int):
+    """(node, input slot) of the constant head count H in a shape element computed as
+    batch * H (e.g. Concat([.., Unsqueeze(Mul(batch, H)), ..])), INFERRED for a -1 element, or
+    None; position counts from the end."""
+    index = c.g.producer.get(c.inp(slot))
+    if index is None or c.g.nodes[index].op_type != "Concat":
+        return None
+    concat, ends, pos = c.g.nodes[index], [], 0
+    for part in concat.input:
+        length = c.g.dim(part, 0)
+        if length is None:
+            return None
+        pos += length
+        ends.append(pos)
+    position += pos
+    part = next((p for p, end in zip(concat.input, ends) if position < end), None)
+    if part is None or c.g.dim(part, 0) != 1:
+        return None
+    if c.const(part) is not None and int(c.const(part).reshape(-1)[0]) == -1:
+        return INFERRED
+    while part in c.g.producer:
+        node = c.g.nodes[c.g.producer[part]]
+        if node.op_type in ("Unsqueeze", "Reshape", "Squeeze", "Cast", "Identity"):
+            part = node.input[0]
+            continue
+        if node.op_type != "Mul":
+            return None
+        for k, name in enumerate(node.input[:2]):
+            value = c.const(name)
+            if value is not None and value.size == 1 and not c.g.is_static(node.input[1 - k]):
+                return node, k
+        return None
+    return None
 
 
 def rewrite_shape_vector(c: Ctx, plan, slot: int, out: str):
@@ -912,7 +953,8 @@ def rewrite_shape_vector(c: Ctx, plan, slot: int, out: str):
         node, k, j = pieces[position]
         key = (id(node), k)
         if key not in edits:
-            edits[key] = (node, k, np.array(c.const(node.input[k]), dtype=np.int64).copy())
+            value = np.asarray(c.g.static_value(node.input[k]))  # keeps int32 (tf2onnx Cast)
+            edits[key] = (node, k, value.astype(np.int32 if value.dtype == np.int32 else np.int64))
         values = edits[key][2].reshape(-1)
         if values[j] == c.g.dim(out, a):  # 0 (copy), -1 (infer) and 1 (broadcast) stay
             values[j] = plan.new_dim(out, a)
@@ -945,6 +987,9 @@ def reshape_map(shape_from, shape_to, axis, split_policy="outer", channels=None)
     if channels is not None and not isinstance(shape_from[axis], int):  # a virtual axis
         if axis == len(shape_from) - 1 and shape_to and shape_to[-1] == channels:
             return len(shape_to) - 1, np.arange(channels), np.arange(channels), None, None
+        unfolded = _unfold_virtual(shape_from, shape_to, axis, channels)
+        if unfolded is not None:
+            return unfolded, np.arange(channels), np.arange(channels), None, None
         raise Frozen("Reshape of an axis with heads merged into a symbolic size")
     channels = shape_from[axis]
     if (axis == len(shape_from) - 1 and isinstance(channels, int) and shape_to
@@ -984,7 +1029,81 @@ def reshape_map(shape_from, shape_to, axis, split_policy="outer", channels=None)
             if split_policy == "outer":  # whole outer blocks (attention heads)
                 return b - 1, np.arange(channels), np.arange(channels) // d, "head", None
             return b, np.arange(channels), np.arange(channels) % d, "head-dim", None
+        if inner_to == inner and _folds_into(shape_from[:axis], shape_to[:b]) \
+                and d > 1 and channels % d == 0 and channels // d > 1:
+            # [S, B, H*d] -> [S, B*H, d]: the heads fold into the symbolic batch (virtual axis)
+            if split_policy == "outer":
+                return b - 1, np.arange(channels), np.arange(channels) // d, "head", channels // d
+            return b, np.arange(channels), np.arange(channels) % d, "head-dim", None
     raise Frozen("Reshape regroups the channel axis in a way with no channel-wise map")
+
+
+def _folds_into(dims_from, dims_to) -> bool:
+    """dims_to equals dims_from except that its last dim, symbolic, absorbs one symbolic dim of
+    dims_from (and the channel axis's outer factor)."""
+    if not dims_to or isinstance(dims_to[-1], int) or "?" in dims_from or "?" in dims_to:
+        return False
+    rest_to, rest_from = list(dims_to[:-1]), list(dims_from)
+    if dims_to[-1] in rest_from:
+        return False
+    for d in rest_to:
+        if d not in rest_from:
+            return False
+        rest_from.remove(d)
+    return len(rest_from) == 1 and not isinstance(rest_from[0], int)
+
+
+def _unfold_virtual(shape_from, shape_to, axis, channels):
+    """[B*H] -> [B, H]: the axis of shape_to that takes back the heads of a virtual axis."""
+    if axis != len(shape_from) - 1 or "?" in shape_to:
+        return None
+    ints = [b for b, d in enumerate(shape_to) if isinstance(d, int) and d != 1]
+    if len(ints) == 1 and shape_to[ints[0]] == channels \
+            and _folds_into(list(shape_to[:ints[0]]) + list(shape_to[ints[0] + 1:]), shape_from):
+        return ints[0]
+    return None
+
+
+LAYOUT_OPS = ("Unsqueeze", "Squeeze", "Transpose", "Identity")
+
+
+def _is_selected(c: Ctx, tensor, axis, depth=0) -> bool:
+    """True when every use of `axis` of `tensor` (through layout ops) picks single indices of it:
+    Gathers with constant indices or a Split along it."""
+    uses = c.g.consumers.get(tensor, [])
+    if not uses or depth > 8:
+        return False
+    for i, slot in uses:
+        node = c.g.nodes[i]
+        inner = Ctx(c.g, i, c.options, c.virtual)
+        if slot != 0:
+            return False
+        if node.op_type == "Gather" and inner.norm_axis(inner.attr("axis", 0), tensor) == axis \
+                and inner.const(inner.inp(1)) is not None:
+            continue
+        if node.op_type == "Split" and inner.norm_axis(inner.attr("axis", 0), tensor) == axis:
+            continue
+        if node.op_type not in LAYOUT_OPS:
+            return False
+        try:
+            links = rule_for(node).propagate(inner, tensor, axis)
+        except Frozen:
+            return False
+        if len(links) != 1 or not _is_selected(c, links[0].dst[0], links[0].dst[1], depth + 1):
+            return False
+    return True
+
+
+def _whole_shape_source(c: Ctx):
+    """T when a Reshape's target is Shape(T) read whole (jax2onnx's GroupNorm un-grouping)."""
+    index = c.g.producer.get(c.inp(1))
+    if index is None or c.g.nodes[index].op_type != "Shape":
+        return None
+    shape = c.g.nodes[index]
+    if attr(shape, "start", 0) != 0 or attr(shape, "end") is not None:
+        return None
+    source = shape.input[0]
+    return source if c.g.shapes.get(source) == c.g.shapes.get(c.out(0)) else None
 
 
 @register
@@ -1008,7 +1127,8 @@ class Reshape(Rule):
         sx, sy = c.g.shapes.get(x), c.g.shapes.get(y)
         if sx is None or sy is None:
             raise Frozen("Reshape with unknown input or output shape")
-        if c.node.op_type == "Reshape" and shape_vector_pieces(c, 1) is None:
+        shape_of = _whole_shape_source(c) if c.node.op_type == "Reshape" else None
+        if c.node.op_type == "Reshape" and shape_of is None and shape_vector_pieces(c, 1) is None:
             raise Frozen("Reshape with a computed target shape")
         sx, sy = fill_unknown_dim(sx, sy), fill_unknown_dim(sy, sx)
         src_shape, dst_shape, dst = (sx, sy, y) if tensor == x else (sy, sx, x)
@@ -1016,15 +1136,33 @@ class Reshape(Rule):
         # every block for head-dim granularity and for channel shuffles (unit None: plain channels).
         channels = c.dim(tensor, axis)
         b, src_idx, dst_idx, unit, virtual = reshape_map(src_shape, dst_shape, axis, "outer", channels)
-        shuffle = unit == "head" and tensor == x and self._is_shuffle(c, (b, b + 1))
-        if shuffle or (unit == "head" and "head-dim" in c.options.granularity):
+        if virtual is not None and tensor == x and c.node.op_type == "Reshape" \
+                and fold_factor(c, 1, b - c.rank(y)) is None:
+            raise Frozen("heads fold into a size computed at run time without a head-count constant")
+        # A split whose outer axis is then taken apart index by index (packed q/k/v picked by
+        # Gathers) stacks tensors: the same inner position goes in every one of them.
+        plain = unit == "head" and virtual is None and tensor == x and (
+            self._is_shuffle(c, (b, b + 1)) or _is_selected(c, y, b))
+        if plain or (unit == "head" and "head-dim" in c.options.granularity):
             b, src_idx, dst_idx, unit, virtual = reshape_map(src_shape, dst_shape, axis, "inner", channels)
-        return [Link((tensor, axis), (dst, b), src_idx, dst_idx, unit=None if shuffle else unit,
-                     dst_size=virtual)]
+        links = [Link((tensor, axis), (dst, b), src_idx, dst_idx, unit=None if plain else unit,
+                      dst_size=virtual)]
+        if shape_of is not None:  # y takes shape_of's run-time shape: their axes shrink together
+            y_axis = axis if tensor == y else b
+            links.append(identity((y, y_axis), (shape_of, y_axis), c.dim(y, y_axis)))
+        return links
 
     def rewrite(self, c, plan):
         if c.node.op_type == "Reshape":
             rewrite_shape_vector(c, plan, 1, c.out(0))
+            for axis in range(c.g.rank(c.out(0))):
+                if c.g.dim(c.out(0), axis) is None and plan.changed(c.out(0), axis):
+                    factor = fold_factor(c, 1, axis - c.g.rank(c.out(0)))
+                    if factor == INFERRED:
+                        continue
+                    node, k = factor
+                    plan.set_input(node, k, np.array(plan.new_dim(c.out(0), axis),
+                                                     dtype=c.const(node.input[k]).dtype))
 
 
 @register
@@ -1157,4 +1295,59 @@ class ShapeOnly(Rule):
     ops = ("Shape", "Size")
 
     def propagate(self, c, tensor, axis):
+        if c.node.op_type == "Size":
+            positions = None
+        else:
+            start = c.attr("start", 0)
+            start = start + c.rank(tensor) if start < 0 else start
+            positions = {axis - start}
+        if _used_as_number(c, c.out(0), positions):
+            raise Frozen("the channel count is used as a number (e.g. an attention scale 1/sqrt(d))")
         return []
+
+
+PARAMETER_OPS = {**PARAMETER_SLOTS, "ConstantOfShape": (0,)}
+def _sliced_positions(c: Ctx, node, vector, positions):
+    """Where `positions` of a 1-D vector land after a constant Slice (None when unknown)."""
+    length = c.g.dim(vector, 0)
+    bounds = [c.g.static_value(x) if x else None for x in list(node.input[1:5]) + [""] * 4][:4]
+    if length is None or bounds[0] is None or bounds[1] is None or \
+            (bounds[2] is not None and list(np.atleast_1d(bounds[2])) not in ([0], [-1])):
+        return None
+    step = int(np.atleast_1d(bounds[3])[0]) if bounds[3] is not None else 1
+    kept = list(range(length))[slice(int(np.atleast_1d(bounds[0])[0]), int(np.atleast_1d(bounds[1])[0]), step)]
+    return {k for k, p in enumerate(kept) if p in positions}
+
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+               onnx.TensorProto.BFLOAT16}
+
+
+def _used_as_number(c: Ctx, tensor, positions, depth=0) -> bool:
+    """Whether elements `positions` (None: all) of a shape vector reach floating-point data (a
+    Cast to float): such values must not follow the pruned size."""
+    if depth > 12:
+        return True
+    for i, slot in c.g.consumers.get(tensor, []):
+        node = c.g.nodes[i]
+        out, picked = node.output[0] if node.output else None, None
+        if node.op_type == "Cast" and attr(node, "to") in FLOAT_TYPES:
+            return True
+        if node.op_type in PARAMETER_OPS and slot in PARAMETER_OPS[node.op_type]:
+            continue  # a shape parameter follows the new sizes
+        if node.op_type == "Gather" and slot == 0 and positions is not None:
+            idx = c.g.static_value(node.input[1])
+            if idx is None:
+                picked = None
+            else:
+                hits = [k for k, v in enumerate(np.atleast_1d(idx).tolist()) if v in positions]
+                if not hits:
+                    continue
+                picked = set(hits) if np.ndim(idx) else None
+        if node.op_type == "Slice" and slot == 0 and positions is not None:
+            picked = _sliced_positions(c, node, tensor, positions)
+            if picked == set():
+                continue
+        if out and _used_as_number(c, out, picked, depth + 1):
+            return True
+    return False

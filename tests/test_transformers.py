@@ -16,10 +16,11 @@ from spa.verify import masked_original
 pytest.importorskip("transformers")
 tz = pytest.importorskip("models.transformers")
 
-# nn.MultiheadAttention packs q/k/v and picks them with scalar Gathers: its heads stay frozen (with
-# that reason); MLP channels still prune.
+# nn.MultiheadAttention packs q/k/v ([S, B, 3, E] picked by scalar Gathers) and folds the heads into
+# the batch (view(S, B*H, d)): heads prune with both exporters (torchscript bakes the sequence).
 PACKED_QKV = {"torch_encoder", "torch_mha"}
-CASES = [(name, exporter) for name, entry in tz.TRANSFORMERS.items() for exporter in entry.exporters]
+CASES = [(name, exporter) for name, entry in tz.TRANSFORMERS.items()
+         for exporter in entry.exporters + entry.fixed_seq_exporters]
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +38,7 @@ def test_transformer_prunes_mlp_and_heads_exactly(name, exporter, cache_dir):
     model = onnx.load(tz.cached_export_transformer(name, exporter, cache_dir=cache_dir))
     kinds = {g.kind for g in analyze(model).groups if g.prunable}
     assert "channels" in kinds
-    if name not in PACKED_QKV:
-        assert "heads" in kinds, f"{name}: attention heads not prunable"
+    assert "heads" in kinds, f"{name}: attention heads not prunable"
     result = check_exact(model, Target(ratio=0.5), dims=seq_dims(name, exporter, 5))
     # dynamic batch and sequence still work on the pruned model
     feeds = random_inputs(result.model, batch=3, dims=seq_dims(name, exporter, 9))
@@ -51,6 +51,20 @@ def test_head_dim_granularity_on_real_exports(name, cache_dir):
     options = Options(granularity=("channels", "head-dim"))
     assert "head-dim" in {g.kind for g in analyze(model, options).groups if g.prunable}
     check_exact(model, Target(ratio=0.25), options=options, dims=seq_dims(name, "torchscript", 5))
+
+
+@pytest.mark.parametrize("name", sorted(PACKED_QKV))
+def test_head_dim_of_multihead_attention(name, cache_dir):
+    """dynamo folds the 1/sqrt(d) scale into a constant: head-dim prunes. torchscript computes it
+    from the runtime shape (Shape -> Cast -> Sqrt), so pruning d would change the scale: frozen."""
+    options = Options(granularity=("channels", "head-dim"))
+    dynamo = onnx.load(tz.cached_export_transformer(name, "dynamo", cache_dir=cache_dir))
+    assert "head-dim" in {g.kind for g in analyze(dynamo, options).groups if g.prunable}
+    check_exact(dynamo, Target(ratio=0.25), options=options, dims=seq_dims(name, "dynamo", 5))
+    scripted = onnx.load(tz.cached_export_transformer(name, "torchscript", cache_dir=cache_dir))
+    reasons = [r for g in analyze(scripted, options).groups for r in g.reasons()]
+    assert any("used as a number" in r for r in reasons)
+    check_exact(scripted, Target(ratio=0.25), options=options, dims=seq_dims(name, "torchscript", 5))
 
 
 def test_llama_hidden_size_is_approximate_with_bounded_error(cache_dir):

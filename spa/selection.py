@@ -81,30 +81,34 @@ class Selector:
         group = self.analysis.groups[group_id]
         return min(int(math.floor(self.target.max_group_ratio * len(group.atoms))), len(group.atoms) - 1)
 
-    def greedy(self, gid, order):
+    def greedy(self, gid, order, limit=None):
         """Accept a group's channels in `order` while every member of the group keeps an index and
         the group stays within its limit. Members never span groups, so groups are independent."""
         group = self.analysis.groups[gid]
         counts = np.stack([np.bincount(np.searchsorted(group.atoms, m.atoms), minlength=len(group.atoms))
                            for m in group.members])  # indices each channel takes from each member
         remaining = np.array([m.size for m in group.members])
-        limit = self._limit(gid)
-        accepted = []
-        for atom in order:
+        limit = self._limit(gid) if limit is None else min(limit, self._limit(gid))
+        taken = counts[:, np.searchsorted(group.atoms, order)]
+        # fast path: the longest prefix of `order` that leaves every member an index
+        fits = np.all(np.cumsum(taken, axis=1) < remaining[:, None], axis=0)
+        prefix = int(np.argmin(fits)) if not fits.all() else len(order)
+        accepted = [int(a) for a in order[:min(prefix, limit)]]
+        remaining = remaining - taken[:, :len(accepted)].sum(axis=1)
+        for k in range(len(accepted), len(order)):
             if len(accepted) >= limit:
                 break
-            taken = counts[:, np.searchsorted(group.atoms, atom)]
-            if np.any(remaining <= taken):
+            if np.any(remaining <= taken[:, k]):
                 continue
-            remaining -= taken
-            accepted.append(int(atom))
+            remaining -= taken[:, k]
+            accepted.append(int(order[k]))
         return accepted
 
     def uniform(self, ratio):
         accepted = []
         for gid, (atoms, _) in self.candidates.items():
             count = int(math.floor(ratio * len(atoms)))
-            accepted += [(gid, a) for a in self.greedy(gid, atoms)[:count]]
+            accepted += [(gid, a) for a in self.greedy(gid, atoms, count)]
         return accepted
 
     def global_order(self):

@@ -11,24 +11,20 @@ from .errors import SpaError
 from .plan import Plan
 from .runtime import _NP_TYPES, random_inputs, session
 
-def validate(path: str, feeds: dict | None = None) -> None:
-    """Full checker, strict shape inference, an onnxruntime session and one run; SpaError if not."""
-    stage = "onnx checker"
+def validate(path: str, feeds: dict | None = None, model: onnx.ModelProto | None = None) -> None:
+    """Full checker (with strict, type-checking shape inference), an onnxruntime session and one
+    run; SpaError if not. `model`: the proto just written to `path`, to read its inputs from."""
+    stage = "onnx checker / strict shape inference"
     try:
         onnx.checker.check_model(path, full_check=True)
-        stage = "strict shape inference"
-        shape_inference.infer_shapes_path(path, path + ".inferred", check_type=True, strict_mode=True)
         stage = "onnxruntime"
         sess = session(path)
         if feeds is None:
-            feeds = random_inputs(onnx.load(path, load_external_data=False))
+            feeds = random_inputs(model if model is not None else onnx.load(path, load_external_data=False))
         outputs = sess.run(None, feeds)
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SpaError(f"pruned model failed {stage}: {first_line[:300]}") from None
-    finally:
-        if os.path.exists(path + ".inferred"):
-            os.remove(path + ".inferred")
     for out in outputs:
         if isinstance(out, np.ndarray) and np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out)):
             raise SpaError("pruned model produced NaN or Inf")

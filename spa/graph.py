@@ -1,6 +1,7 @@
 """Load an ONNX model and give the analysis what it needs: constants, producers, consumers, shapes."""
 from __future__ import annotations
 
+import functools
 import os
 from collections import defaultdict
 from collections.abc import Mapping
@@ -326,12 +327,28 @@ def _symbolic_shapes(model: onnx.ModelProto) -> dict:
     """onnxruntime's symbolic shape inference: it follows shape arithmetic (Shape -> Gather ->
     Div -> Concat -> Expand/Slice/Reshape) that ONNX's own inference gives up on."""
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        inferred = _symbolic_shape_inference().infer_shapes(model, auto_merge=True)
     except Exception:
         return {}
     return {k: v for k, v in _read_shapes(inferred.graph).items() if "?" not in v}
+
+
+@functools.lru_cache(maxsize=1)
+def _symbolic_shape_inference():
+    """onnxruntime.tools.symbolic_shape_infer, loaded without its package's __init__ (which
+    imports torch when installed: seconds per process for nothing)."""
+    import importlib.util
+    import sys
+
+    import onnxruntime
+
+    name = "_spa_ort_symbolic_shape_infer"
+    path = os.path.join(os.path.dirname(onnxruntime.__file__), "tools", "symbolic_shape_infer.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module.SymbolicShapeInference
 
 
 def _settle_reshapes(graph, shapes) -> list:

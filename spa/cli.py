@@ -55,7 +55,17 @@ def parser() -> argparse.ArgumentParser:
     target.add_argument("--target-params", type=float, metavar="F", help="keep this fraction of parameters")
     target.add_argument("--target-flops", "--target-macs", type=float, metavar="F", help="keep this fraction of MACs")
     pr.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups")
-    pr.add_argument("--criterion", default="l1", choices=available())
+    pr.add_argument("--criterion", default="l1", choices=available() + ["obspa"],
+                    help="obspa: Optimal Brain Surgeon saliency + weight compensation from calibration inputs")
+    pr.add_argument("--calibration", default="synthetic", metavar="SOURCE",
+                    help="obspa inputs: synthetic (default), none, bn, a .npz / .npy / directory path, "
+                         "ood:noise-uniform | ood:noise-gaussian | ood:PATH")
+    pr.add_argument("--calibration-samples", type=int, default=128, metavar="N", help="obspa: calibration samples")
+    pr.add_argument("--damp", type=float, default=0.01, help="obspa: Hessian damping, fraction of its mean diagonal")
+    pr.add_argument("--labels", metavar="FILE",
+                    help="taylor, snip, grasp, crop, obd (PyTorch autograd on --calibration inputs): class labels "
+                         "(.npy / .npz / .txt), in calibration sample order; default: a 'labels' array in the "
+                         "calibration .npz, else the model's own predictions")
     pr.add_argument("--aggregation", default="mean", choices=AGGREGATIONS)
     pr.add_argument("--normalization", default="mean", choices=NORMALIZATIONS)
     pr.add_argument("--max-group-ratio", type=float, default=0.9, help="never remove more of one group")
@@ -89,6 +99,7 @@ def run(args) -> int:
 
     say = Progress(args.quiet)
     options = Options(granularity=tuple(g.strip() for g in args.granularity.split(",") if g.strip()))
+    args.model = _framework_to_onnx(args.model, say)
     say(f"loading {args.model}")
     model = load_model(args.model)
     if args.command == "analyze":
@@ -114,6 +125,17 @@ def run(args) -> int:
     return _finish(args, pruned, plan, say)
 
 
+def _framework_to_onnx(path, say):
+    """A framework file (.pt2, TorchScript .pt, ...) is converted by its frontend first; the
+    frontend (and its framework) is imported only then."""
+    from spa.frontends import frontend_for, to_onnx
+
+    if path.endswith(".onnx") or frontend_for(path) is None:
+        return path
+    say(f"converting {path} to ONNX")
+    return to_onnx(path)
+
+
 def _prune(args, model, options, say):
     from .pipeline import prune
     from .selection import Target
@@ -122,7 +144,8 @@ def _prune(args, model, options, say):
                     keep_macs=args.target_flops, max_group_ratio=args.max_group_ratio,
                     round_to=args.round_to, ignore=args.ignore)
     return prune(model, target, args.criterion, args.aggregation, args.normalization, options,
-                 args.seed, progress=say)
+                 args.seed, progress=say, calibration=args.calibration,
+                 calibration_samples=args.calibration_samples, damp=args.damp, labels=args.labels)
 
 
 def _finish(args, pruned, plan, say):

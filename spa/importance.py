@@ -20,6 +20,9 @@ from .errors import SpaError
 from .groups import Analysis, Group
 
 CRITERIA: dict = {}
+# Per-weight saliencies computed by a framework frontend (spa.frontends.torch_criteria, PyTorch
+# autograd); the core only lifts them to groups (score(..., saliency=...)).
+GRADIENT_CRITERIA = ("taylor", "snip", "grasp", "crop", "synflow", "obd")
 AGGREGATIONS = ("sum", "mean", "max")
 NORMALIZATIONS = ("none", "mean", "max", "standardise")
 
@@ -71,6 +74,20 @@ def _is_bn_scale(analysis, tensor):
                and slot == 1 for i, slot in analysis.graph.consumers.get(tensor, []))
 
 
+def saliency_scores(analysis: Analysis, group: Group, saliency: dict):
+    """(member, per-index sums of the element saliencies) for the members that have one."""
+    chosen = []
+    for m in group.members:
+        if not m.is_const or m.tensor not in saliency or _is_statistic(analysis, m.tensor):
+            continue
+        values = np.asarray(saliency[m.tensor])
+        shape = analysis.graph.consts.shape(m.tensor)
+        if values.shape != shape:
+            raise SpaError(f"saliency of '{m.tensor}' has shape {values.shape}, the weight {shape}")
+        chosen.append((m, values.sum(axis=_others(values, m.axis), dtype=np.float64)))
+    return chosen
+
+
 def member_scores(analysis: Analysis, group: Group, criterion: str):
     """(member, per-index scores) for the weights the criterion looks at."""
     consts = [m for m in group.members if m.is_const and not _is_statistic(analysis, m.tensor)]
@@ -87,9 +104,16 @@ def member_scores(analysis: Analysis, group: Group, criterion: str):
 
 
 def score(analysis: Analysis, criterion: str = "l1", aggregation: str = "mean",
-          normalization: str = "mean", seed: int = 0) -> dict:
-    """{group id: per-channel scores aligned with group.atoms} for every group with parameters."""
-    if criterion not in CRITERIA and criterion not in ("random", "bn-scale"):
+          normalization: str = "mean", seed: int = 0, saliency: dict | None = None) -> dict:
+    """{group id: per-channel scores aligned with group.atoms} for every group with parameters.
+
+    `saliency`: {weight name: per-element scores, the weight's shape} from any source (criterion
+    "saliency" or a GRADIENT_CRITERIA name): each channel gets the sum over its slice of every
+    member weight, then the same aggregation and normalisation as the magnitude criteria."""
+    if criterion in GRADIENT_CRITERIA and saliency is None:
+        raise SpaError(f"criterion {criterion} needs per-weight saliencies: use "
+                       f"spa.frontends.torch_criteria (PyTorch) or pass saliency=")
+    if saliency is None and criterion not in CRITERIA and criterion not in ("random", "bn-scale"):
         raise SpaError(f"unknown criterion '{criterion}' (known: {', '.join(available())})")
     if aggregation not in AGGREGATIONS:
         raise SpaError(f"unknown aggregation '{aggregation}' (known: {', '.join(AGGREGATIONS)})")
@@ -104,7 +128,9 @@ def score(analysis: Analysis, criterion: str = "l1", aggregation: str = "mean",
             scores[group.id] = rng.random(len(group.atoms))
             continue
         per_member = []
-        for member, values in member_scores(analysis, group, criterion):
+        chosen = member_scores(analysis, group, criterion) if saliency is None \
+            else saliency_scores(analysis, group, saliency)
+        for member, values in chosen:
             position = np.searchsorted(group.atoms, member.atoms)
             per_member.append(np.bincount(position, weights=values, minlength=len(group.atoms)))
         if not per_member:
@@ -122,15 +148,22 @@ def score(analysis: Analysis, criterion: str = "l1", aggregation: str = "mean",
     return scores
 
 
+def score_from_saliency(analysis: Analysis, saliency: dict, aggregation: str = "mean",
+                        normalization: str = "mean") -> dict:
+    """Group scores from per-element saliencies {weight name: array shaped like the weight}."""
+    return score(analysis, "saliency", aggregation, normalization, saliency=saliency)
+
+
 def normalize(values, how):
+    # magnitudes, so that signed scores (GraSP) keep their order
     if how == "mean":
-        return values / (values.mean() or 1.0)
+        return values / (np.abs(values).mean() or 1.0)
     if how == "max":
-        return values / (values.max() or 1.0)
+        return values / (np.abs(values).max() or 1.0)
     if how == "standardise":
         return (values - values.mean()) / (values.std() or 1.0)
     return values
 
 
 def available():
-    return sorted(set(CRITERIA) | {"random", "bn-scale"})
+    return sorted(set(CRITERIA) | {"random", "bn-scale"} | set(GRADIENT_CRITERIA))

@@ -79,20 +79,25 @@ def _add_tensor(graph, value: np.ndarray, name: str):
     tensor.raw_data = np.ascontiguousarray(value).tobytes()
 
 
-def rewrite(plan: Plan) -> onnx.ModelProto:
-    """A new, smaller ModelProto with the plan's channels removed (not yet verified)."""
+def rewrite(plan: Plan, weights: dict | None = None) -> onnx.ModelProto:
+    """A new, smaller ModelProto with the plan's channels removed (not yet verified).
+
+    weights: new values (original shapes and dtypes) for constants, e.g. weights compensated by
+    OBSPA; they replace the model's values before slicing."""
     g: Graph = plan.analysis.graph
+    weights = weights or {}
     sliced_names = {m.tensor for m in plan.analysis.members.values() if m.is_const and plan.changed(m.tensor, m.axis)}
+    written = sliced_names | set(weights)
     model = _copy_without_initializers(g.model)
     graph = model.graph
     for init in g.model.graph.initializer:  # one weight at a time: never two copies of the model
-        if init.name in sliced_names:
-            _add_tensor(graph, sliced(g.consts[init.name], plan, init.name), init.name)
+        if init.name in written:
+            _add_tensor(graph, sliced(weights.get(init.name, g.consts[init.name]), plan, init.name), init.name)
         else:
             graph.initializer.append(init)
     for node in graph.node:
-        if node.op_type == "Constant" and node.output[0] in sliced_names:
-            value = sliced(g.consts[node.output[0]], plan, node.output[0])
+        if node.op_type == "Constant" and node.output[0] in written:
+            value = sliced(weights.get(node.output[0], g.consts[node.output[0]]), plan, node.output[0])
             del node.attribute[:]
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value)))
     editor = Editor(plan, model)

@@ -1,0 +1,213 @@
+"""Optimal Brain Surgeon for one layer, in numpy (float64).
+
+A consumer layer computes Y = W X with W of shape (d_out, d_in) and inputs X (d_in, N); for a
+Conv, d_in = C_in/group * prod(kernel) and the columns are grouped per input channel (im2col,
+see `unfold`). The layer-wise loss of replacing W by W' is ||W X - W' X||^2 / N, whose Hessian
+(shared by every row of W) is H = 2 X X^T / N (`HessianSum`). With Hinv = H^-1:
+
+- removing the column set Q (one channel: its kh*kw columns, or one head: its head-dim columns)
+  costs at least  dL = 1/2 tr(W[:,Q] (Hinv[Q,Q])^-1 W[:,Q]^T)   (`saliency`),
+- which the best update of the remaining columns attains:
+  dW = -W[:,Q] (Hinv[Q,Q])^-1 Hinv[Q,:]   (`compensate`; the exact least-squares solution),
+- and Hinv of the remaining columns is Hinv - Hinv[:,Q] (Hinv[Q,Q])^-1 Hinv[Q,:] (`downdate`).
+
+H is damped by `damp` x its mean diagonal before inversion (the exact formulas hold for the damped
+H); a Hessian Cholesky cannot factor gets more damping until it does, so a rank-deficient or
+singular H (dead channels, duplicated channels, fewer samples than columns) never gives NaN/Inf.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+DEFAULT_DAMP = 0.01
+
+
+class HessianSum:
+    """H = 2 X X^T / N accumulated batch by batch: memory is d_in^2, whatever N is."""
+
+    def __init__(self, columns: int, blocks: int = 1):
+        self.xtx = np.zeros((blocks, columns, columns))
+        self.count = 0
+
+    def add(self, rows: np.ndarray, block: int = 0, count: bool = True, chunk: int = 8192, other=None):
+        """rows: (n, d_in), one input vector per row; other: rows of a second input (X_ref) to
+        sum the cross term 2 X X_ref^T / N instead."""
+        # float32 inputs multiply in float32 (twice as fast), each chunk summed into float64
+        dtype = np.float32 if rows.dtype == np.float32 else np.float64
+        other = rows if other is None else other
+        for start in range(0, len(rows), chunk):
+            part = np.ascontiguousarray(rows[start:start + chunk], dtype=dtype)
+            ref = part if other is rows else np.ascontiguousarray(other[start:start + chunk], dtype=dtype)
+            self.xtx[block] += part.T @ ref
+        if count:
+            self.count += len(rows)
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """(blocks, d_in, d_in)."""
+        return 2.0 * self.xtx / max(self.count, 1)
+
+
+def damped(H: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
+    H = np.array(H, dtype=np.float64)
+    H[~np.isfinite(H)] = 0.0
+    H = (H + H.T) / 2
+    diag = np.diag(H)
+    scale = float(np.mean(diag)) if len(diag) and np.mean(diag) > 0 else 1.0
+    # a dead column (zero diagonal) would otherwise be left with only the tiny global damping
+    H[np.diag_indices_from(H)] += damp * scale + (diag <= 0) * scale * 1e-2
+    return H
+
+
+def inverse(H: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
+    """Inverse of the damped H; more damping until Cholesky succeeds (never NaN/Inf)."""
+    d = len(H)
+    if d == 0:
+        return np.zeros((0, 0))
+    from scipy.linalg import lapack
+
+    damp = max(damp, 1e-10)
+    for _ in range(12):
+        factor, info = lapack.dpotrf(damped(H, damp), lower=False)  # Cholesky, then its inverse
+        if info == 0:
+            upper, info = lapack.dpotri(factor, lower=False)
+            if info == 0:
+                Hinv = np.triu(upper) + np.triu(upper, 1).T
+                if np.all(np.isfinite(Hinv)):
+                    return Hinv
+        damp *= 10
+    return np.eye(d) / max(float(np.mean(np.abs(np.diag(H)))), 1.0)
+
+
+def _block_inverse(block: np.ndarray) -> np.ndarray:
+    """(Hinv[Q,Q])^-1 for a (possibly stacked) symmetric positive block."""
+    try:
+        return np.linalg.inv(block)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(block, hermitian=True)
+
+
+def saliency(W: np.ndarray, Hinv: np.ndarray, column_sets) -> np.ndarray:
+    """dL of removing each column set on its own: 1/2 tr(W_Q (Hinv_QQ)^-1 W_Q^T)."""
+    W = np.asarray(W, dtype=np.float64)
+    out = np.zeros(len(column_sets))
+    by_size: dict = {}
+    for k, q in enumerate(column_sets):
+        by_size.setdefault(len(q), []).append(k)
+    for size, ks in by_size.items():
+        if size == 0:
+            continue
+        Q = np.array([column_sets[k] for k in ks], dtype=np.int64)  # (m, size)
+        blocks = Hinv[Q[:, :, None], Q[:, None, :]]  # (m, size, size)
+        WQ = np.transpose(W[:, Q], (1, 0, 2))  # (m, d_out, size)
+        solved = _block_inverse(blocks) @ np.transpose(WQ, (0, 2, 1))  # (m, size, d_out)
+        out[ks] = 0.5 * np.einsum("mos,mso->m", WQ, solved)
+    return np.maximum(out, 0.0)
+
+
+def compensate(W: np.ndarray, Hinv: np.ndarray, Q) -> np.ndarray:
+    """W with the columns Q removed (zeroed) and the rest updated: the exact least-squares
+    minimiser of ||W X - W' X||^2 under the damped H, all of Q at once."""
+    W = np.asarray(W, dtype=np.float64)
+    Q = np.asarray(Q, dtype=np.int64)
+    if len(Q) == 0:
+        return W.copy()
+    new = W - W[:, Q] @ _block_inverse(Hinv[np.ix_(Q, Q)]) @ Hinv[Q, :]
+    new[:, Q] = 0.0
+    return new
+
+
+def downdate(Hinv: np.ndarray, Q) -> np.ndarray:
+    """Hinv of the remaining columns after removing Q (rows/columns Q become zero)."""
+    Q = np.asarray(Q, dtype=np.int64)
+    if len(Q) == 0:
+        return Hinv.copy()
+    new = Hinv - Hinv[:, Q] @ _block_inverse(Hinv[np.ix_(Q, Q)]) @ Hinv[Q, :]
+    new[Q, :] = 0.0
+    new[:, Q] = 0.0
+    return new
+
+
+def prune_columns(W: np.ndarray, H: np.ndarray, Q, damp: float = DEFAULT_DAMP) -> np.ndarray:
+    """Remove columns Q of W and compensate the others, from the Hessian H (not its inverse).
+    A column that is never in Q (e.g. a bias input of constant ones) takes part in the
+    compensation like any kept column. A non-finite result falls back to plain removal."""
+    new = refit(W, H, None, Q, damp)
+    if not np.all(np.isfinite(new)):
+        new = np.array(W, dtype=np.float64)
+        new[:, np.asarray(Q, dtype=np.int64)] = 0.0
+    return new
+
+
+def refit(W: np.ndarray, H: np.ndarray, cross: np.ndarray | None, Q, damp: float = DEFAULT_DAMP) -> np.ndarray:
+    """Columns Q removed, the others re-fitted to the *reference* outputs: the minimiser of
+    ||W X_ref - W' X||^2 + lambda ||W'_K - W_K||^2 over the kept columns K, where X are the inputs
+    the layer now sees (upstream already pruned), H = 2 X X^T / N and cross = 2 X X_ref^T / N.
+    lambda is the damping of H. cross None (X == X_ref) is `compensate` exactly, computed as
+    W_K + W_Q Hd[Q,K] Hd[K,K]^-1: one Cholesky of the kept block instead of a full inverse."""
+    from scipy.linalg import cho_solve, lapack
+
+    W = np.asarray(W, dtype=np.float64)
+    Q = np.asarray(Q, dtype=np.int64)
+    K = np.setdiff1d(np.arange(W.shape[1]), Q)
+    for _ in range(12):
+        Hd = damped(H, damp)
+        factor, info = lapack.dpotrf(Hd[np.ix_(K, K)], lower=False)
+        if info == 0:
+            break
+        damp = max(damp, 1e-10) * 10
+    else:
+        new = W.copy()
+        new[:, Q] = 0.0
+        return new
+    cross = Hd if cross is None else np.asarray(cross, dtype=np.float64) + np.diag(np.diag(Hd) - np.diag(H))
+    rhs = W @ cross[K, :].T  # W Hd[:, K] when cross is H: the damping pulls towards W_K
+    new = np.zeros_like(W)
+    new[:, K] = cho_solve((factor, False), rhs.T).T
+    return new
+
+
+def layer_error(W: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> float:
+    """||W X - W' X||^2 / N from H = 2 X X^T / N."""
+    D = np.asarray(W, dtype=np.float64) - np.asarray(W_new, dtype=np.float64)
+    return float(0.5 * np.einsum("oi,ij,oj->", D, H, D))
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv inputs as matrix rows (im2col)
+# ---------------------------------------------------------------------------------------------
+def conv_pads(spatial, kernel, strides, dilations, pads=None, auto_pad="NOTSET"):
+    """Begin/end pads (ONNX layout [b1, b2, ..., e1, e2, ...]) including auto_pad."""
+    nd = len(kernel)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, k, s, d in zip(spatial, kernel, strides, dilations):
+            out = -(-size // s)
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+            small, big = total // 2, total - total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else big)
+            end.append(big if auto_pad == "SAME_UPPER" else small)
+        return begin + end
+    if auto_pad == "VALID" or not pads:
+        return [0] * (2 * nd)
+    return list(pads)
+
+
+def unfold(x: np.ndarray, kernel, strides=None, pads=None, dilations=None, auto_pad="NOTSET") -> np.ndarray:
+    """Conv input [N, C, *spatial] -> rows [N * prod(out), C * prod(kernel)], columns channel-major
+    (column c * prod(kernel) + kernel offset), matching a weight reshaped to [C_out, -1]."""
+    nd = len(kernel)
+    strides = list(strides or [1] * nd)
+    dilations = list(dilations or [1] * nd)
+    pads = conv_pads(x.shape[2:], kernel, strides, dilations, pads, auto_pad)
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    window = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    views = sliding_window_view(padded, window, axis=tuple(range(2, 2 + nd)))  # N, C, *pos, *win
+    index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) \
+        + tuple(slice(None, None, d) for d in dilations)
+    patches = views[index]  # N, C, *out, *kernel
+    order = (0,) + tuple(range(2, 2 + nd)) + (1,) + tuple(range(2 + nd, 2 + 2 * nd))
+    patches = np.transpose(patches, order)  # N, *out, C, *kernel
+    n_rows = int(np.prod(patches.shape[:1 + nd]))
+    return patches.reshape(n_rows, -1)

@@ -24,8 +24,9 @@ CASES = [(name, exporter) for name, entry in tz.TRANSFORMERS.items()
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("transformers"))
+def cache_dir():
+    """The shared export cache (keyed by source version, xdist-safe): other test files reuse it."""
+    return None
 
 
 def seq_dims(name, exporter, seq):

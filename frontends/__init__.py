@@ -19,8 +19,13 @@ FRONTENDS: dict[str, str] = {
     ".pt2": "spa.frontends.torch:to_onnx",   # torch.export.save'd ExportedProgram
     ".pt": "spa.frontends.torch:to_onnx",    # TorchScript (torch.jit.save)
     ".pth": "spa.frontends.torch:to_onnx",
+    ".keras": "spa.frontends.tensorflow:to_onnx",
+    ".h5": "spa.frontends.tensorflow:to_onnx",
+    ".tflite": "spa.frontends.tensorflow:to_onnx",
+    "<dir>": "spa.frontends.tensorflow:to_onnx",  # a SavedModel directory
 }
-FRAMEWORK_OF = {"spa.frontends.torch": "PyTorch (pip install torch)"}
+FRAMEWORK_OF = {"spa.frontends.torch": "PyTorch (pip install torch)",
+                "spa.frontends.tensorflow": "TensorFlow (pip install tensorflow-cpu tf2onnx)"}
 
 
 def frontend_for(path: str) -> str | None:
@@ -48,6 +53,3 @@ def to_onnx(path: str) -> str:
     base = os.path.splitext(os.path.basename(str(path).rstrip("/\\")))[0] or "model"
     return getattr(module, function)(str(path), os.path.join(workdir, base + ".onnx"))
 
-# TensorFlow / Keras (spa.frontends.tensorflow): .keras/.h5, .tflite, SavedModel directories
-FRONTENDS.update({suffix: "spa.frontends.tensorflow:to_onnx" for suffix in (".keras", ".h5", ".tflite", "<dir>")})
-FRAMEWORK_OF["spa.frontends.tensorflow"] = "TensorFlow (pip install tensorflow-cpu tf2onnx)"

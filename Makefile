@@ -19,3 +19,4 @@ test: install
 
 bench: install
 	$(PYTHON) benchmarks/bench_speed.py
+	$(PYTHON) benchmarks/bench_quality.py

@@ -38,19 +38,40 @@ def _rows(weight, axis):
     return np.moveaxis(np.asarray(weight, dtype=np.float64), axis, 0).reshape(weight.shape[axis], -1)
 
 
-def _others(weight, axis):
-    return tuple(a for a in range(np.ndim(weight)) if a != axis)
+def channel_sums(values, axis):
+    """Sum over every axis but `axis`, as float64: contiguous reductions first, no float64 copy."""
+    shape = np.shape(values)
+    blocks = np.reshape(values, (int(np.prod(shape[:axis])), shape[axis], int(np.prod(shape[axis + 1:]))))
+    return blocks.sum(axis=2).sum(axis=0, dtype=np.float64)
 
 
 @register_criterion("l1")
 def l1(weight, axis):
-    # reduce in place of copying: big weights are scored without a float64 copy
-    return np.abs(weight).sum(axis=_others(weight, axis), dtype=np.float64)
+    return channel_sums(np.abs(weight), axis)
 
 
 @register_criterion("l2")
 def l2(weight, axis):
-    return np.sqrt(np.square(weight).sum(axis=_others(weight, axis), dtype=np.float64))
+    return np.sqrt(channel_sums(np.square(weight), axis))
+
+
+ELEMENT_TERMS = {"l1": (np.abs, lambda s: s), "l2": (np.square, np.sqrt)}
+
+
+def _norms_by_weight(analysis: Analysis, criterion: str) -> dict:
+    """{(weight, axis): l1/l2 per channel} for every member axis, each weight read once."""
+    term, finish = ELEMENT_TERMS[criterion]
+    axes = {}
+    for group in analysis.groups:
+        if group.has_params:
+            for m in group.members:
+                if m.is_const:
+                    axes.setdefault(m.tensor, set()).add(m.axis)
+    norms = {}
+    for name, wanted in axes.items():
+        values = term(analysis.graph.consts[name])
+        norms.update({(name, axis): finish(channel_sums(values, axis)) for axis in wanted})
+    return norms
 
 
 @register_criterion("fpgm")
@@ -84,12 +105,13 @@ def saliency_scores(analysis: Analysis, group: Group, saliency: dict):
         shape = analysis.graph.consts.shape(m.tensor)
         if values.shape != shape:
             raise SpaError(f"saliency of '{m.tensor}' has shape {values.shape}, the weight {shape}")
-        chosen.append((m, values.sum(axis=_others(values, m.axis), dtype=np.float64)))
+        chosen.append((m, channel_sums(values, m.axis)))
     return chosen
 
 
-def member_scores(analysis: Analysis, group: Group, criterion: str):
-    """(member, per-index scores) for the weights the criterion looks at."""
+def member_scores(analysis: Analysis, group: Group, criterion: str, norms: dict | None = None):
+    """(member, per-index scores) for the weights the criterion looks at; `norms`: precomputed
+    l1/l2 values by (weight, axis)."""
     consts = [m for m in group.members if m.is_const and not _is_statistic(analysis, m.tensor)]
     if criterion == "bn-scale":
         chosen = [m for m in consts if _is_bn_scale(analysis, m.tensor)]
@@ -99,6 +121,8 @@ def member_scores(analysis: Analysis, group: Group, criterion: str):
         filters = [m for m in consts if analysis.graph.consts[m.tensor].ndim >= 2 and m.pair not in analysis.contracted_pairs]
         return [(m, fpgm(analysis.graph.consts[m.tensor], m.axis)) for m in filters] \
             or member_scores(analysis, group, "l2")
+    if norms is not None:
+        return [(m, norms[m.pair]) for m in consts]
     fn = CRITERIA[criterion]
     return [(m, np.asarray(fn(analysis.graph.consts[m.tensor], m.axis), dtype=np.float64)) for m in consts]
 
@@ -120,6 +144,8 @@ def score(analysis: Analysis, criterion: str = "l1", aggregation: str = "mean",
     if normalization not in NORMALIZATIONS:
         raise SpaError(f"unknown normalization '{normalization}' (known: {', '.join(NORMALIZATIONS)})")
     rng = np.random.default_rng(seed)
+    norms = _norms_by_weight(analysis, criterion) if saliency is None and criterion in ELEMENT_TERMS \
+        and CRITERIA[criterion] in (l1, l2) else None
     scores = {}
     for group in analysis.groups:
         if not group.has_params:
@@ -128,7 +154,7 @@ def score(analysis: Analysis, criterion: str = "l1", aggregation: str = "mean",
             scores[group.id] = rng.random(len(group.atoms))
             continue
         per_member = []
-        chosen = member_scores(analysis, group, criterion) if saliency is None \
+        chosen = member_scores(analysis, group, criterion, norms) if saliency is None \
             else saliency_scores(analysis, group, saliency)
         for member, values in chosen:
             position = np.searchsorted(group.atoms, member.atoms)

@@ -49,11 +49,8 @@ self-contained (no external data).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-import io
-import logging
 import os
 import tempfile
 import warnings
@@ -64,6 +61,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+
+from spa.frontends.torch_export import _cached_torchlib_registry, _io_names, _optimize_keep_bn, _quiet
 
 from . import cnn
 
@@ -265,44 +264,6 @@ _make_inputs = example_inputs  # export() has a parameter of the same name
 # ----------------------------------------------------------------------------------------------
 # export
 # ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _quiet():
-    """Silence exporter chatter (deprecation warnings, torchvision-missing log lines)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo",
-                                              "torch.fx.experimental.symbolic_shapes",
-                                              "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with contextlib.redirect_stdout(io.StringIO()):
-                yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
-
-
-def _io_names(n: int, base: str) -> list[str]:
-    return [base] if n == 1 else [f"{base}{i}" for i in range(n)]
-
-
-def _optimize_keep_bn(ir_model) -> None:
-    """onnxscript's optimize_ir (constant folding, shape materialisation, dead code, constants
-    lifted to initializers) but without the BatchNormalization-fusion rewrite."""
-    from onnxscript import optimizer, rewriter
-    from onnxscript.rewriter import _fuse_batchnorm
-
-    bn_rules = set(id(r) for r in _fuse_batchnorm.rules)
-    saved = rewriter._DEFAULT_REWRITE_RULES
-    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in saved if id(r) not in bn_rules)
-    try:
-        optimizer.optimize_ir(ir_model)
-    finally:
-        rewriter._DEFAULT_REWRITE_RULES = saved
-
-
 def _export_torchscript(model, args, path, in_names, out_names, mode, opset, fold):
     if mode == "train":
         model.train()
@@ -342,38 +303,6 @@ def _restore_running_stats(path, stats: dict) -> None:
             if name in inits and name in stats:
                 inits[name].CopyFrom(numpy_helper.from_array(stats[name].numpy(), name))
     onnx.save(proto, str(path))
-
-
-_REGISTRY_CACHE: dict = {}
-
-
-@contextlib.contextmanager
-def _cached_torchlib_registry():
-    """torch.onnx's dynamo path rebuilds its aten->ONNX registry from torchlib on every call
-    (~1.5 s of a ~3 s tiny-model export). Memoise it per opset for the duration of our export
-    call. The registry is only read during export. Disable with SPA_ZOO_NO_REGISTRY_CACHE=1."""
-    if os.environ.get("SPA_ZOO_NO_REGISTRY_CACHE"):
-        yield
-        return
-    try:
-        from torch.onnx._internal.exporter import _registration
-        cls = _registration.ONNXRegistry
-        original = cls.__dict__["from_torchlib"]
-    except Exception:  # private API moved: just run uncached
-        yield
-        return
-
-    def from_torchlib(klass, *a, **kw):
-        key = (a, tuple(sorted(kw.items())))
-        if key not in _REGISTRY_CACHE:
-            _REGISTRY_CACHE[key] = original.__func__(klass, *a, **kw)
-        return _REGISTRY_CACHE[key]
-
-    cls.from_torchlib = classmethod(from_torchlib)
-    try:
-        yield
-    finally:
-        cls.from_torchlib = original
 
 
 def _export_dynamo(model, args, path, in_names, out_names, mode, opset, fold):

@@ -1,7 +1,6 @@
 """Validity checks for every model SPA writes, plus the equivalence oracle used by the tests."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import onnx

@@ -435,7 +435,6 @@ def test_recurrent_hidden_pruned_per_gate_block(op, gates, direction):
     seq = b.op("Transpose", [b.op("Squeeze", [x, b.const(np.array([2], dtype=np.int64))])], perm=[2, 0, 1])
     h0 = b.input([dirs, N, hidden], name="h0")
     state = [h0] + ([b.input([dirs, N, hidden], name="c0")] if op == "LSTM" else [])
-    extra = [""] if op == "LSTM" else []
     y, y_h = b.op(op, [seq, b.weight(dirs, gates * hidden, 8), b.weight(dirs, gates * hidden, hidden),
                       b.weight(dirs, 2 * gates * hidden), ""] + state, n_out=2,
                   hidden_size=hidden, direction=direction)

@@ -28,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
-        sp.add_argument("model", help="input .onnx file")
+        sp.add_argument("model", help="input .onnx file (or .pt2, .pt, .keras, .h5, .tflite, a SavedModel directory: converted by a frontend)")
         sp.add_argument("--granularity", default="channels,heads",
                         help="comma list of what may be pruned: channels, heads (exact; default), "
                              "head-dim (instead of heads), hidden (through LayerNorm/RMSNorm: approximate)")

@@ -26,9 +26,7 @@ def main(epochs: int = 15, keep_macs: float = 0.5, log=print) -> dict:
     model = DigitsNet()
     with tempfile.TemporaryDirectory() as tmp:
         full, small = os.path.join(tmp, "untrained.onnx"), os.path.join(tmp, "small.onnx")
-        # training export keeps BatchNormalization and Dropout; torchscript, because dynamo's
-        # optimiser merges identical initializers (every fresh BN's ones and zeros) into one
-        export(model, x_train[:2], full, training=True, exporter="torchscript")
+        export(model, x_train[:2], full, training=True)  # keeps BatchNormalization and Dropout
         result = prune(onnx.load(full), Target(keep_macs=keep_macs), criterion="synflow")
         save(result.model, small)
         report = apply_plan(model, result.plan, onnx_path=small, example_inputs=x_train[:4])

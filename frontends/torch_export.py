@@ -142,6 +142,30 @@ def _var_positional(model) -> bool:
     return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
+@contextlib.contextmanager
+def _distinct_initializers():
+    """onnxscript's optimizer merges initializers with equal values. In a freshly initialised
+    model that makes unrelated layers share one tensor (every conv bias of zeros, every BN's ones),
+    which couples their channels in the analysis and hides module tensors from the weight map."""
+    try:
+        import onnx_ir as ir
+        import onnx_ir.passes.common as common_passes
+    except ImportError:
+        yield
+        return
+
+    class KeepInitializers(ir.passes.InPlacePass):
+        def call(self, model):
+            return ir.passes.PassResult(model, modified=False)
+
+    saved = common_passes.DeduplicateInitializersPass
+    common_passes.DeduplicateInitializersPass = KeepInitializers
+    try:
+        yield
+    finally:
+        common_passes.DeduplicateInitializersPass = saved
+
+
 def _export_dynamo(model, args, path, names_in, names_out, training, dynamic, opset):
     # torchlib cannot lower a training-mode BN (it feeds weight/bias in as running statistics):
     # a training export traces BN modules in eval mode (BN nodes with running statistics) and the
@@ -155,12 +179,12 @@ def _export_dynamo(model, args, path, names_in, names_out, training, dynamic, op
     if dyn is not None and _var_positional(model):  # forward(self, *args): one entry for args
         dyn = (dyn,)
     kw = {} if opset is None else {"opset_version": opset}
-    with _cached_torchlib_registry():
+    with _cached_torchlib_registry(), _distinct_initializers():
         prog = torch.onnx.export(model, args, dynamo=True, input_names=names_in,
                                  output_names=names_out, dynamic_shapes=dyn, optimize=not training,
                                  verbose=False, **kw)
-    if training:
-        _optimize_keep_bn(prog.model)
+        if training:
+            _optimize_keep_bn(prog.model)
     prog.save(str(path), external_data=False)
     return onnx.load(str(path))
 

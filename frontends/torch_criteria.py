@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from spa.calibration import calibration_batches
 from spa.errors import SpaError
+from spa.graph import as_model
 from spa.importance import GRADIENT_CRITERIA
 
 from .torch_onnx import from_onnx
@@ -78,7 +79,7 @@ def saliency(model_or_path, criterion: str = "taylor", batches: list | None = No
     computation (float32; synflow tries float64 first)."""
     if criterion not in CRITERIA:
         raise SpaError(f"unknown gradient criterion '{criterion}' (known: {', '.join(CRITERIA)})")
-    model = _load(model_or_path)
+    model = as_model(model_or_path)
     progress(f"{criterion}: building the torch module")
     module = from_onnx(model, verify=verify)
     module.eval()
@@ -118,7 +119,7 @@ def prune(model, target, criterion: str = "taylor", aggregation: str = "mean", n
     verifies and writes it). ``rounds`` > 1: iterative scoring (meant for synflow)."""
     from spa.pipeline import prune as core_prune
 
-    model = _load(model)
+    model = as_model(model)
     target.check()
     if rounds < 1:
         raise SpaError("rounds must be at least 1")
@@ -148,13 +149,6 @@ def load_labels(labels) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # inputs, labels, loss
 # ----------------------------------------------------------------------------------------------
-def _load(model_or_path) -> onnx.ModelProto:
-    if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path
-    from spa.graph import load_model
-    return load_model(str(model_or_path))
-
-
 def _torch_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

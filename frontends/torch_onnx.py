@@ -18,6 +18,7 @@ import torch.nn as nn
 from onnx import numpy_helper
 
 from spa.errors import SpaError
+from spa.graph import as_model, constant_node_value
 
 from .torch_ops import OPS, NodeInfo
 
@@ -36,30 +37,6 @@ _BN_STATS = (3, 4)
 
 def supported_ops() -> list[str]:
     return sorted(OPS)
-
-
-def _load(path_or_model) -> onnx.ModelProto:
-    if isinstance(path_or_model, onnx.ModelProto):
-        return path_or_model
-    try:
-        return onnx.load(str(path_or_model))
-    except Exception as exc:  # protobuf decode errors, missing files
-        raise SpaError(f"cannot read ONNX model {path_or_model} ({type(exc).__name__})") from None
-
-
-def _constant_value(node) -> np.ndarray | None:
-    for a in node.attribute:
-        if a.name == "value":
-            return numpy_helper.to_array(a.t)
-        if a.name == "value_float":
-            return np.array(a.f, dtype=np.float32)
-        if a.name == "value_floats":
-            return np.array(list(a.floats), dtype=np.float32)
-        if a.name == "value_int":
-            return np.array(a.i, dtype=np.int64)
-        if a.name == "value_ints":
-            return np.array(list(a.ints), dtype=np.int64)
-    return None
 
 
 def _to_torch(array: np.ndarray) -> torch.Tensor:
@@ -122,7 +99,7 @@ class OnnxModule(nn.Module):
         tensors = [(t.name, numpy_helper.to_array(t)) for t in graph.initializer]
         for node in graph.node:
             if node.op_type == "Constant":
-                value = _constant_value(node)
+                value = constant_node_value(node)
                 if value is not None:
                     tensors.append((node.output[0], value))
         values = dict(tensors)
@@ -378,7 +355,7 @@ def from_onnx(path_or_model, *, verify: bool = True, inputs: dict | None = None,
     from :func:`spa.runtime.random_inputs`) and raise SpaError beyond ``rtol`` (relative to each
     output's magnitude). The module is returned in eval mode unless ``train`` is true, or the graph
     has training-mode BatchNormalization and ``train`` is None."""
-    model = _load(path_or_model)
+    model = as_model(path_or_model)
     module = OnnxModule(model)
     if verify:
         verify_module(module, model, inputs, rtol, what="from_onnx module")

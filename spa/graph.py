@@ -16,6 +16,13 @@ from .errors import SpaError
 CONTROL_FLOW = {"If", "Loop", "Scan"}
 
 
+def as_model(model_or_path) -> onnx.ModelProto:
+    """A ModelProto as is, or the file at that path read by `load_model`."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path
+    return load_model(os.fspath(model_or_path))
+
+
 def load_model(path: str) -> onnx.ModelProto:
     """Read an ONNX file (and its external data) or raise a one-line SpaError."""
     if os.path.isdir(path):

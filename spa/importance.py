@@ -65,7 +65,7 @@ def _norms_by_weight(analysis: Analysis, criterion: str) -> dict:
     for group in analysis.groups:
         if group.has_params:
             for m in group.members:
-                if m.is_const:
+                if m.is_const and not _is_statistic(analysis, m.tensor):
                     axes.setdefault(m.tensor, set()).add(m.axis)
     norms = {}
     for name, wanted in axes.items():

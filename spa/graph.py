@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections import defaultdict
 from collections.abc import Mapping
@@ -112,14 +113,16 @@ def outer_scope_inputs(node: onnx.NodeProto) -> set[str]:
 
 
 class Consts(Mapping):
-    """Constant tensors by name (initializers and Constant nodes), read lazily: large weights are
-    converted to numpy only when asked for and not kept, so big models are not held twice."""
+    """Constant tensors by name (initializers and Constant nodes), read lazily. Values are kept
+    once read (scoring and rewriting read the same weights) up to a memory budget; beyond it
+    they are converted on every access, so big models are not held twice."""
 
-    SMALL = 1 << 16  # bytes; values up to this size are cached
+    CACHE_BUDGET = 1 << 28  # bytes of numpy copies kept
 
     def __init__(self, model: onnx.ModelProto):
         self._protos = {t.name: t for t in model.graph.initializer}
         self._cache = {}
+        self._cached_bytes = 0
         for node in model.graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 value = constant_node_value(node)
@@ -130,8 +133,9 @@ class Consts(Mapping):
         if name in self._cache:
             return self._cache[name]
         value = numpy_helper.to_array(self._protos[name])
-        if value.nbytes <= self.SMALL:
+        if self._cached_bytes + value.nbytes <= self.CACHE_BUDGET:
             self._cache[name] = value
+            self._cached_bytes += value.nbytes
         return value
 
     def __contains__(self, name):
@@ -288,8 +292,12 @@ PROBE_LIMIT = 200_000_000  # bytes of weights above which SPA does not run the m
 
 def tensor_bytes(tensor: onnx.TensorProto) -> int:
     """Size of a tensor's data from its dims (ByteSize() walks the bytes and is slow)."""
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return math.prod(tensor.dims) * _itemsize(tensor.data_type)
+
+
+@functools.cache
+def _itemsize(data_type: int) -> int:
+    return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
@@ -297,12 +305,20 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     return sum(tensor_bytes(t) for t in model.graph.initializer)
 
 
-def _without_large_data(model: onnx.ModelProto, limit: int = 1 << 20) -> onnx.ModelProto:
-    """Shape inference needs weights' shapes, not their bytes: a copy of the model whose large
-    initializers carry dims only (never copying their data), far under protobuf's 2 GB."""
-    large = [t for t in model.graph.initializer if tensor_bytes(t) > limit]
-    if not large and limit >= 0:
-        return model
+_INTEGER_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16,
+                  onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.BOOL}
+
+
+def _shape_relevant(tensor: onnx.TensorProto) -> bool:
+    """Whether shape inference may read the tensor's values: integer vectors (shapes, axes,
+    bounds, indices) and tiny scalars; weights only contribute their dims."""
+    size = tensor_bytes(tensor)
+    return size <= 1024 or (tensor.data_type in _INTEGER_TYPES and size <= 1 << 20)
+
+
+def _without_large_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference needs weights' shapes, not their bytes: a copy of the model whose weights
+    carry dims only (never copying their data), far under protobuf's 2 GB."""
     light = onnx.ModelProto()
     light.ir_version = model.ir_version
     light.opset_import.extend(model.opset_import)
@@ -310,10 +326,10 @@ def _without_large_data(model: onnx.ModelProto, limit: int = 1 << 20) -> onnx.Mo
     for field_name in ("node", "input", "output", "value_info", "sparse_initializer"):
         getattr(light.graph, field_name).extend(getattr(model.graph, field_name))
     for tensor in model.graph.initializer:
-        if tensor_bytes(tensor) > max(limit, 1 << 20):
-            light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
-        else:
+        if _shape_relevant(tensor):
             light.graph.initializer.append(tensor)
+        else:
+            light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
     light.functions.extend(model.functions)
     return light
 
@@ -384,8 +400,6 @@ def infer_shapes(model: onnx.ModelProto) -> dict:
         settled = _settle_reshapes(inferred.graph, shapes)
         if not settled or inferred is model:
             break
-        if light is model:
-            light = _without_large_data(model, limit=-1)
         light.graph.value_info.extend(settled)
     if any("?" in shape for shape in shapes.values()):
         for name, better in _symbolic_shapes(light).items():

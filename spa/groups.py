@@ -263,8 +263,9 @@ class Propagation:
         for key, members in by_group.items():
             gid = len(groups)
             atoms = np.unique(np.concatenate([m.atoms for m in members]))
-            group_frozen = {int(a): frozen[int(a)] for a in atoms if int(a) in frozen}
+            atom_list = atoms.tolist()
+            group_frozen = {a: frozen[a] for a in atom_list if a in frozen}
             groups.append(Group(gid, members, atoms, group_frozen, any(m.is_const for m in members),
                                 units.get(key, set())))
-            atom_group.update({int(a): gid for a in atoms})
+            atom_group.update(dict.fromkeys(atom_list, gid))
         return Analysis(self.g, self.options, self.members, groups, sorted(self.contracted), atom_group)

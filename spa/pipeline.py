@@ -92,12 +92,18 @@ def save(model: onnx.ModelProto, path: str, external: set | None = None, feeds: 
         if weight_bytes(model) > 1_800_000_000:  # protobuf cannot hold 2 GB in one file
             onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
-        else:
+            validate(staged, feeds, model)
+        elif external:
             for tensor in model.graph.initializer:
-                if external and tensor.name in external:
+                if tensor.name in external:
                     external_data_helper.set_external_data(tensor, location=data_name)
             onnx.save_model(model, staged)
-        validate(staged, feeds, model)
+            validate(staged, feeds, model)
+        else:  # serialised once: checked, run and written from the same bytes
+            data = model.SerializeToString()
+            validate(data, feeds, model)
+            with open(staged, "wb") as f:
+                f.write(data)
         if os.path.exists(os.path.join(tmp, data_name)):
             os.replace(os.path.join(tmp, data_name), os.path.join(target_dir, data_name))
         os.replace(staged, path)

@@ -24,16 +24,20 @@ class Plan:
     def __init__(self, analysis: Analysis, removed_atoms):
         self.analysis = analysis
         self.removed_atoms = np.array(sorted(int(a) for a in removed_atoms), dtype=np.int64)
+        atoms = max(len(analysis.atom_group), int(self.removed_atoms[-1]) + 1 if len(self.removed_atoms) else 0)
+        self._atom_removed = np.zeros(atoms, dtype=bool)
+        self._atom_removed[self.removed_atoms] = True
         self._removed = {}
+
+    def _removed_mask(self, tensor, axis):
+        member = self.analysis.members.get((tensor, axis))
+        return None if member is None else self._atom_removed[member.atoms]
 
     def removed(self, tensor, axis):
         pair = (tensor, axis)
         if pair not in self._removed:
-            member = self.analysis.members.get(pair)
-            if member is None:
-                self._removed[pair] = np.zeros(0, dtype=np.int64)
-            else:
-                self._removed[pair] = np.nonzero(np.isin(member.atoms, self.removed_atoms))[0]
+            mask = self._removed_mask(tensor, axis)
+            self._removed[pair] = np.zeros(0, dtype=np.int64) if mask is None else np.flatnonzero(mask)
         return self._removed[pair]
 
     def changed(self, tensor, axis) -> bool:
@@ -46,7 +50,8 @@ class Plan:
         return member.size if member is not None else self.analysis.graph.dim(tensor, axis)
 
     def kept(self, tensor, axis):
-        return np.setdiff1d(np.arange(self.size(tensor, axis)), self.removed(tensor, axis))
+        mask = self._removed_mask(tensor, axis)
+        return np.arange(self.size(tensor, axis)) if mask is None else np.flatnonzero(~mask)
 
     def new_dim(self, tensor, axis) -> int:
         return int(self.size(tensor, axis) - len(self.removed(tensor, axis)))

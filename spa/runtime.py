@@ -50,7 +50,7 @@ def session(model_or_path, threads: int | None = None, quiet: bool = False) -> o
     options.log_severity_level = 4 if quiet else 3
     if threads:
         options.intra_op_num_threads = threads
-    source = model_or_path if isinstance(model_or_path, str) else model_or_path.SerializeToString()
+    source = model_or_path if isinstance(model_or_path, (str, bytes)) else model_or_path.SerializeToString()
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 

@@ -10,16 +10,19 @@ from .errors import SpaError
 from .plan import Plan
 from .runtime import _NP_TYPES, random_inputs, session
 
-def validate(path: str, feeds: dict | None = None, model: onnx.ModelProto | None = None) -> None:
+def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelProto | None = None) -> None:
     """Full checker (with strict, type-checking shape inference), an onnxruntime session and one
-    run; SpaError if not. `model`: the proto just written to `path`, to read its inputs from."""
+    run; SpaError if not. `source`: a model file or serialised model; `model`: the same proto, to
+    read its inputs from."""
     stage = "onnx checker / strict shape inference"
     try:
-        onnx.checker.check_model(path, full_check=True)
+        onnx.checker.check_model(source, full_check=True)
         stage = "onnxruntime"
-        sess = session(path)
+        sess = session(source)
         if feeds is None:
-            feeds = random_inputs(model if model is not None else onnx.load(path, load_external_data=False))
+            if model is None:
+                model = onnx.load(source, load_external_data=False) if isinstance(source, str) else onnx.load_from_string(source)
+            feeds = random_inputs(model)
         outputs = sess.run(None, feeds)
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,6 +1,6 @@
 """Speed benchmark: SPA vs Torch-Pruning pruning time, and onnxruntime latency after pruning.
 
-    python benchmarks/bench_speed.py            # full run (~4-6 min on 2 cores)
+    python benchmarks/bench_speed.py            # full run (~6-8 min on 2 cores)
     python benchmarks/bench_speed.py --quick    # smaller run (~1-2 min)
 
 Part 1 - pruning time, full-size ResNet-50 (224x224), ratio 0.5, same torch model for both:
@@ -17,12 +17,14 @@ Part 1 - pruning time, full-size ResNet-50 (224x224), ratio 0.5, same torch mode
     classifier output excepted, so the two should give the same layer widths.
   Runs alternate SPA / TP; one untimed warm-up each, then the median of N timed runs.
 
-Part 2 - onnxruntime (CPUExecutionProvider, default threads) latency of original vs SPA-pruned
-  (ratio 0.5) full-size ResNet-50 and MobileNetV2 at batch 1 and 8. Original and pruned
-  sessions are measured in alternating blocks so that load drift from other processes hits
-  both; the median of all per-run wall times is reported (the same estimator as
-  spa.report.latency_ms). Also reported: MACs (spa.cost, batch 1), speed-up, MAC reduction and
-  speed-up / MAC reduction (1.0 = latency falls exactly as MACs do).
+Part 2 - onnxruntime (CPUExecutionProvider) latency of original vs SPA-pruned (ratio 0.5)
+  full-size ResNet-50 and MobileNetV2 at batch 1 and 8, with 1 intra-op thread and with the
+  default (all usable cores). Rounds alternate the models so that load drift hits all of them,
+  and only one session is alive at a time (see isolated_latency); the median of all per-run
+  wall times is reported. Also measured: the Torch-Pruning result exported the same way
+  (ResNet-50) and MobileNetV2 pruned with --round-to 16 (the CPU's NCHWc block). Reported:
+  MACs (spa.cost, batch 1), speed-up, MAC reduction and speed-up / MAC reduction (1.0 = latency
+  falls exactly as MACs do), and a single-thread profile of MobileNetV2 by layer kind.
 
 Writes benchmarks/results/speed.json and benchmarks/results/speed.png.
 """
@@ -98,7 +100,7 @@ def loadavg():
 # ------------------------------------------------------------------------------------------
 # part 1: pruning time
 # ------------------------------------------------------------------------------------------
-def spa_run(onnx_path: str, out_path: str, ratio: float) -> dict:
+def spa_run(onnx_path: str, out_path: str, ratio: float, round_to: int = 1) -> dict:
     """One SPA pipeline run, stage by stage (== spa.pipeline.prune + save)."""
     from spa.graph import load_model
     from spa.groups import analyze
@@ -117,7 +119,7 @@ def spa_run(onnx_path: str, out_path: str, ratio: float) -> dict:
     t["analyze"] = time.perf_counter() - s
     s = time.perf_counter()
     scores = score(analysis, "l1", "mean", "mean")
-    plan = select(analysis, scores, Target(ratio=ratio))
+    plan = select(analysis, scores, Target(ratio=ratio, round_to=round_to))
     t["score_select"] = time.perf_counter() - s
     s = time.perf_counter()
     pruned = rewrite(plan)
@@ -189,37 +191,92 @@ def median_times(runs: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------------
 # part 2: latency
 # ------------------------------------------------------------------------------------------
-def paired_latency(paths: list[str], batch: int, min_repeats: int, budget_s: float,
-                   max_repeats: int, block: int = 5, warmup: int = 3) -> list[dict]:
-    """Median per-run latency (ms) of each model, measured in alternating blocks."""
+def isolated_latency(paths: list[str], batch: int, threads: int | None, rounds: int,
+                     round_s: float, warmup: int = 2) -> list[dict]:
+    """Median per-run latency (ms) of each model, one live session at a time.
+
+    Rounds alternate the models (original, pruned, ...) so that drift in the machine's load hits
+    all of them; within a round each model gets a fresh session, a warm-up and `round_s` seconds
+    of runs. Only one session exists at a time: an idle session's spinning thread pool would
+    otherwise take a core from the one being timed (on 2 vCPUs that alone moved medians by 2x).
+    """
     import onnx
 
     from spa.runtime import random_inputs, session
 
-    sessions, feeds = [], []
-    for p in paths:
-        sessions.append(session(p))
-        feeds.append(random_inputs(onnx.load(p, load_external_data=False), batch=batch, seed=1))
-    for sess, feed in zip(sessions, feeds):
-        for _ in range(warmup):
-            sess.run(None, feed)
+    feeds = [random_inputs(onnx.load(p, load_external_data=False), batch=batch, seed=1) for p in paths]
     times = [[] for _ in paths]
-    start = time.perf_counter()
-    while True:
-        for k, (sess, feed) in enumerate(zip(sessions, feeds)):
-            for _ in range(block):
+    round_medians = [[] for _ in paths]
+    for _ in range(rounds):
+        for k, (path, feed) in enumerate(zip(paths, feeds)):
+            sess = session(path, threads=threads)
+            for _ in range(warmup):
+                sess.run(None, feed)
+            ts, start = [], time.perf_counter()
+            while len(ts) < 3 or time.perf_counter() - start < round_s:
                 s = time.perf_counter()
                 sess.run(None, feed)
-                times[k].append((time.perf_counter() - s) * 1000)
-        n = len(times[0])
-        if n >= max_repeats or (n >= min_repeats and time.perf_counter() - start >= budget_s):
-            break
+                ts.append((time.perf_counter() - s) * 1000)
+            del sess
+            times[k] += ts
+            round_medians[k].append(statistics.median(ts))
     out = []
-    for ts in times:
-        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+    for ts, rm in zip(times, round_medians):
+        q = statistics.quantiles(ts, n=4)
         out.append({"median_ms": statistics.median(ts), "q1_ms": q[0], "q3_ms": q[2],
-                    "min_ms": min(ts), "repeats": len(ts)})
+                    "min_ms": min(ts), "round_medians_ms": rm, "repeats": len(ts)})
     return out
+
+
+def op_kind_breakdown(original: str, pruned: str, batch: int = 1, runs: int = 20) -> dict:
+    """Single-thread onnxruntime profile of both models: kernel time and MACs per kind of layer
+    (first conv, depthwise, pointwise, other conv, everything else), to show where latency
+    follows MACs and where it does not."""
+    import json as _json
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from spa.runtime import random_inputs
+
+    def profile(path):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(tempfile.gettempdir(), "spa-bench-profile")
+        sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feed = random_inputs(onnx.load(path, load_external_data=False), batch=batch, seed=1)
+        for _ in range(runs):
+            sess.run(None, feed)
+        trace = sess.end_profiling()
+        with open(trace) as f:
+            events = _json.load(f)
+        os.remove(trace)
+        kinds: dict = {}
+        per_node: dict = {}
+        for e in events:
+            if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+                continue
+            per_node.setdefault(e["name"], (e["args"], []))[1].append(e["dur"])
+        for args, durs in per_node.values():
+            kind, macs = args["op_name"], 0
+            if kind == "Conv":
+                w = next(iter(args["input_type_shape"][1].values()))
+                x = next(iter(args["input_type_shape"][0].values()))
+                y = next(iter(args["output_type_shape"][0].values()))
+                macs = int(np.prod(y)) * int(np.prod(w[1:]))
+                kind = ("conv first" if x[1] <= 4 else "conv depthwise" if w[1] == 1
+                        else "conv pointwise" if int(np.prod(w[2:])) == 1 else "conv other")
+            entry = kinds.setdefault(kind, {"ms": 0.0, "macs": 0})
+            entry["ms"] += statistics.median(durs[2:] or durs) / 1000
+            entry["macs"] += macs
+        return kinds
+
+    a, b = profile(original), profile(pruned)
+    return {k: {"original_ms": a[k]["ms"], "pruned_ms": b.get(k, {}).get("ms", 0.0),
+                "macs_original": a[k]["macs"], "macs_pruned": b.get(k, {}).get("macs", 0)}
+            for k in a}
 
 
 def macs_and_params(path: str) -> dict:
@@ -252,7 +309,7 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 2]})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 5.5), gridspec_kw={"width_ratios": [1, 3]})
     p = res["pruning_time"]
     spa_t = p["spa"]["median_s"]
     tp_t = p["torch_pruning"]["median_s"] if "torch_pruning" in p else \
@@ -275,22 +332,27 @@ def plot(res: dict, path: str) -> None:
     ax1.set_ylim(0, max(spa_t["total"], tp_t["total"]) * 1.6)
 
     rows = res["latency"]
-    labels = [f"{r['model']}\nbatch {r['batch']}" for r in rows]
-    xs = range(len(rows))
-    w = 0.38
-    ax2.bar([x - w / 2 for x in xs], [r["original"]["median_ms"] for r in rows], w,
-            label="original", color="#8c8c8c")
-    ax2.bar([x + w / 2 for x in xs], [r["pruned"]["median_ms"] for r in rows], w,
-            label="SPA-pruned (0.5)", color="#4c72b0")
-    for x, r in zip(xs, rows):
-        ax2.text(x + w / 2, r["pruned"]["median_ms"],
-                 f"{r['speedup']:.2f}x\n(MACs {r['mac_reduction']:.2f}x,\neff {r['speedup_over_mac']:.2f})",
-                 ha="center", va="bottom", fontsize=7)
-    ax2.set_yscale("log")
-    ax2.set_xticks(list(xs), labels)
-    ax2.set_ylabel("onnxruntime CPU latency, ms (median, log)")
-    ax2.set_title("Latency original vs pruned (speed-up; MAC reduction; speed-up/MAC)")
-    ax2.legend(fontsize=8)
+    labels = [f"{r['model']}\nb{r['batch']}, {r['threads']} thr" for r in rows]
+    xs = list(range(len(rows)))
+    series = [("SPA-pruned (0.5)", "#4c72b0", lambda r: r)]
+    extra_labels = sorted({k for r in rows for k in r["extra"]})
+    series += [(k, c, (lambda r, k=k: r["extra"].get(k))) for k, c in zip(extra_labels, ["#55a868", "#c44e52"])]
+    w = 0.8 / len(series)
+    for j, (label, color, get) in enumerate(series):
+        pts = [(x, get(r), r) for x, r in zip(xs, rows) if get(r)]
+        offset = (j - (len(series) - 1) / 2) * w
+        ax2.bar([x + offset for x, _, _ in pts], [v["speedup_over_mac"] for _, v, _ in pts], w,
+                label=label, color=color)
+        for x, v, r in pts:
+            ms = v["median_ms"] if "median_ms" in v else r["pruned"]["median_ms"]
+            ax2.text(x + offset, v["speedup_over_mac"], f"{v['speedup_over_mac']:.2f}\n{ms:.3g} ms",
+                     ha="center", va="bottom", fontsize=6)
+    ax2.axhline(0.8, color="k", ls="--", lw=1, label="goal 0.8")
+    ax2.set_ylim(0, 1.25)
+    ax2.set_xticks(xs, labels, fontsize=7)
+    ax2.set_ylabel("speed-up / MAC reduction (1.0 = latency falls as MACs do)")
+    ax2.set_title("onnxruntime CPU latency after pruning, relative to the MAC reduction")
+    ax2.legend(fontsize=7, loc="upper right")
     m = res["machine"]
     fig.suptitle(f"SPA speed benchmark - {m['cpu_model']}, {m['usable_cores']} cores, "
                  f"{res['date'][:10]}{' (quick)' if res['quick'] else ''}", fontsize=10)
@@ -310,8 +372,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     runs = args.runs or (1 if args.quick else 5)
-    lat_cfg = dict(min_repeats=5, budget_s=5.0, max_repeats=200) if args.quick else \
-        dict(min_repeats=20, budget_s=40.0, max_repeats=400)
+    lat_cfg = dict(rounds=2, round_s=0.5) if args.quick else dict(rounds=6, round_s=1.5)
     tmp = tempfile.mkdtemp(prefix="spa-bench-")
     os.makedirs(args.out, exist_ok=True)
     res = {"benchmark": "bench_speed", "date": _dt.datetime.now().astimezone().isoformat(
@@ -407,35 +468,48 @@ def main(argv=None) -> int:
             tp_onnx = zoo.export(tp_last["model"], os.path.join(tmp, "resnet50_tp.onnx"))
 
         # ---------------- part 2: latency ----------------
-        log("pruning MobileNetV2 with SPA (for latency)")
-        mb = spa_run(paths["mobilenetv2"], os.path.join(tmp, "mobilenetv2_spa.onnx"), args.ratio)
-        res["mobilenetv2_spa_prune_s"] = mb["times"]
+        log("pruning MobileNetV2 with SPA (for latency), also with --round-to 16")
         pruned_paths = {"resnet50": spa_out, "mobilenetv2": os.path.join(tmp, "mobilenetv2_spa.onnx")}
+        mb = spa_run(paths["mobilenetv2"], pruned_paths["mobilenetv2"], args.ratio)
+        res["mobilenetv2_spa_prune_s"] = mb["times"]
+        extras = {"resnet50": [("TP-pruned", tp_onnx)] if tp_onnx else [],
+                  "mobilenetv2": [("SPA round-to 16", os.path.join(tmp, "mobilenetv2_spa_r16.onnx"))]}
+        spa_run(paths["mobilenetv2"], extras["mobilenetv2"][0][1], args.ratio, round_to=16)
         del mb, spa_last
         gc.collect()
         lat = []
         for name in ("resnet50", "mobilenetv2"):
-            a, b = macs_and_params(paths[name]), macs_and_params(pruned_paths[name])
-            for batch in (1, 8):
-                extra = [tp_onnx] if (tp_onnx and name == "resnet50") else []
-                log(f"latency {name} batch {batch}: original vs pruned"
-                    f"{' vs TP-pruned' if extra else ''} (>= {lat_cfg['min_repeats']} runs, "
-                    f"~{lat_cfg['budget_s']:.0f} s)")
-                m = paired_latency([paths[name], pruned_paths[name]] + extra, batch, **lat_cfg)
-                row = {"model": name, "batch": batch, "original": m[0], "pruned": m[1],
-                       "macs_original": a["macs"], "macs_pruned": b["macs"],
-                       "params_original": a["params"], "params_pruned": b["params"]}
-                row["speedup"] = m[0]["median_ms"] / m[1]["median_ms"]
-                row["mac_reduction"] = a["macs"] / b["macs"]
-                row["speedup_over_mac"] = row["speedup"] / row["mac_reduction"]
-                if extra:
-                    t = macs_and_params(tp_onnx)
-                    row["tp_pruned"] = dict(m[2], macs=t["macs"], params=t["params"],
-                                            speedup=m[0]["median_ms"] / m[2]["median_ms"])
-                lat.append(row)
-                log(f"  {m[0]['median_ms']:.1f} ms -> {m[1]['median_ms']:.1f} ms "
-                    f"({row['speedup']:.2f}x, MACs {row['mac_reduction']:.2f}x, "
-                    f"eff {row['speedup_over_mac']:.2f}, {m[0]['repeats']} runs each)")
+            variants = [paths[name], pruned_paths[name]] + [p for _, p in extras[name]]
+            costs = [macs_and_params(p) for p in variants]
+            for threads in (1, None):
+                for batch in (1, 8):
+                    log(f"latency {name} batch {batch}, {threads or 'default'} thread(s): original vs "
+                        f"pruned{''.join(' vs ' + label for label, _ in extras[name])} "
+                        f"({lat_cfg['rounds']} alternating rounds of ~{lat_cfg['round_s']} s)")
+                    m = isolated_latency(variants, batch, threads, **lat_cfg)
+                    row = {"model": name, "batch": batch, "threads": threads or "default",
+                           "original": m[0], "pruned": m[1],
+                           "macs_original": costs[0]["macs"], "macs_pruned": costs[1]["macs"],
+                           "params_original": costs[0]["params"], "params_pruned": costs[1]["params"]}
+                    row["speedup"] = m[0]["median_ms"] / m[1]["median_ms"]
+                    row["mac_reduction"] = costs[0]["macs"] / costs[1]["macs"]
+                    row["speedup_over_mac"] = row["speedup"] / row["mac_reduction"]
+                    row["extra"] = {}
+                    for (label, _), t, c in zip(extras[name], m[2:], costs[2:]):
+                        speedup = m[0]["median_ms"] / t["median_ms"]
+                        row["extra"][label] = dict(t, macs=c["macs"], params=c["params"], speedup=speedup,
+                                                   mac_reduction=costs[0]["macs"] / c["macs"],
+                                                   speedup_over_mac=speedup * c["macs"] / costs[0]["macs"])
+                    lat.append(row)
+                    log(f"  {m[0]['median_ms']:.1f} ms -> {m[1]['median_ms']:.1f} ms "
+                        f"({row['speedup']:.2f}x, MACs {row['mac_reduction']:.2f}x, "
+                        f"eff {row['speedup_over_mac']:.2f})"
+                        + "".join(f"; {k} {v['median_ms']:.1f} ms eff {v['speedup_over_mac']:.2f}"
+                                  for k, v in row["extra"].items()))
+        log("per-layer-kind profile, MobileNetV2 batch 1, 1 thread")
+        res["mobilenetv2_kinds"] = {
+            "pruned": op_kind_breakdown(paths["mobilenetv2"], pruned_paths["mobilenetv2"]),
+            "round_to_16": op_kind_breakdown(paths["mobilenetv2"], extras["mobilenetv2"][0][1])}
         res["latency"] = lat
         res["loadavg_end"] = loadavg()
         res["wall_s"] = time.perf_counter() - T0
@@ -475,21 +549,28 @@ def main(argv=None) -> int:
                            for f in frozen) or "none"))
         print()
         print("== onnxruntime CPU latency, original vs SPA-pruned (ratio "
-              f"{args.ratio}), median ms ==")
+              f"{args.ratio}), median ms; goal speed-up/MAC >= 0.8 ==")
         lrows = []
         for r in lat:
-            lrows.append([r["model"], r["batch"], f"{r['original']['median_ms']:.2f}",
+            lrows.append([r["model"], r["batch"], r["threads"], f"{r['original']['median_ms']:.2f}",
                           f"{r['pruned']['median_ms']:.2f}", f"{r['speedup']:.2f}x",
                           f"{r['mac_reduction']:.2f}x", f"{r['speedup_over_mac']:.2f}",
                           r["original"]["repeats"]])
-        print(table(["model", "batch", "orig ms", "pruned ms", "speed-up", "MAC red.",
+            for label, v in r["extra"].items():
+                lrows.append([f"  {label}", r["batch"], r["threads"], "", f"{v['median_ms']:.2f}",
+                              f"{v['speedup']:.2f}x", f"{v['mac_reduction']:.2f}x",
+                              f"{v['speedup_over_mac']:.2f}", v["repeats"]])
+        print(table(["model", "batch", "threads", "orig ms", "pruned ms", "speed-up", "MAC red.",
                      "speed-up/MAC", "runs"], lrows))
-        for r in lat:
-            if "tp_pruned" in r:
-                t = r["tp_pruned"]
-                print(f"  TP-pruned ResNet-50 (exported), batch {r['batch']}: "
-                      f"{t['median_ms']:.2f} ms ({t['speedup']:.2f}x), MACs {t['macs']:,}, "
-                      f"params {t['params']:,}")
+        print("\nMobileNetV2 batch 1, 1 thread, by layer kind (kernel ms; time and MAC reduction):")
+        krows = []
+        for variant, kinds in res["mobilenetv2_kinds"].items():
+            for kind, v in kinds.items():
+                if v["pruned_ms"] > 0:
+                    krows.append([variant, kind, f"{v['original_ms']:.2f}", f"{v['pruned_ms']:.2f}",
+                                  f"{v['original_ms'] / v['pruned_ms']:.2f}x",
+                                  f"{v['macs_original'] / v['macs_pruned']:.2f}x" if v["macs_pruned"] else ""])
+        print(table(["variant", "kind", "orig ms", "pruned ms", "time red.", "MAC red."], krows))
         print(f"\nloadavg start {res['loadavg_start']}, end {res['loadavg_end']}; "
               f"wall {res['wall_s']:.0f} s")
 

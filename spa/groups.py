@@ -12,8 +12,6 @@ from functools import cached_property
 
 import numpy as np
 import onnx
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from .errors import SpaError
 from .graph import Graph
@@ -239,8 +237,7 @@ class Propagation:
             b = np.concatenate([e[1] for e in self.edges])
         else:
             a = b = np.zeros(0, dtype=np.int64)
-        matrix = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
-        _, atom_of = connected_components(matrix, directed=False)
+        atom_of = connected_components(n, a, b)
         frozen = {}
         for ids, reason in self.freezes:
             for atom in np.unique(atom_of[ids]):
@@ -249,8 +246,7 @@ class Propagation:
         index = {p: k for k, p in enumerate(pairs)}
         pa = [index[x] for x, _ in self.pair_edges]
         pb = [index[y] for _, y in self.pair_edges]
-        pm = coo_matrix((np.ones(len(pa), dtype=np.int8), (pa, pb)), shape=(len(pairs), len(pairs)))
-        _, group_of = connected_components(pm, directed=False)
+        group_of = connected_components(len(pairs), np.array(pa, dtype=np.int64), np.array(pb, dtype=np.int64))
         by_group: dict = {}
         for p, gid in zip(pairs, group_of):
             member = self.members[p]
@@ -269,3 +265,23 @@ class Propagation:
                                 units.get(key, set())))
             atom_group.update(dict.fromkeys(atom_list, gid))
         return Analysis(self.g, self.options, self.members, groups, sorted(self.contracted), atom_group)
+
+
+def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Component label (0..k-1, numbered by smallest member) of each of n nodes joined by the
+    edges a[i]-b[i]: hook every root onto the smallest root it touches, then compress paths,
+    until no edge joins two roots (numpy's answer to union-find; importing scipy's costs more
+    than the whole analysis)."""
+    labels = np.arange(n)
+    while True:
+        while True:  # compress: every node points at its root
+            root = labels[labels]
+            if np.array_equal(root, labels):
+                break
+            labels = root
+        la, lb = labels[a], labels[b]
+        if np.array_equal(la, lb):
+            return np.unique(labels, return_inverse=True)[1].reshape(n)
+        low = np.minimum(la, lb)
+        np.minimum.at(labels, la, low)
+        np.minimum.at(labels, lb, low)

@@ -20,9 +20,10 @@ Part 1 - pruning time, full-size ResNet-50 (224x224), ratio 0.5, same torch mode
 Part 2 - onnxruntime (CPUExecutionProvider) latency of original vs SPA-pruned (ratio 0.5)
   full-size ResNet-50 and MobileNetV2 at batch 1 and 8, with 1 intra-op thread and with the
   default (all usable cores). Rounds alternate the models so that load drift hits all of them,
-  and only one session is alive at a time (see isolated_latency); the median of all per-run
-  wall times is reported. Also measured: the Torch-Pruning result exported the same way
-  (ResNet-50) and MobileNetV2 pruned with --round-to 16 (the CPU's NCHWc block). Reported:
+  and only one session is alive at a time; speed-ups are the median of per-round ratios (see
+  isolated_latency), the ratio of pooled medians is reported too. Also measured: the
+  Torch-Pruning results exported the same way (full run only) and MobileNetV2 pruned with
+  --round-to 16 (the CPU's NCHWc block). Reported:
   MACs (spa.cost, batch 1), speed-up, MAC reduction and speed-up / MAC reduction (1.0 = latency
   falls exactly as MACs do), and a single-thread profile of MobileNetV2 by layer kind.
 
@@ -133,9 +134,11 @@ def spa_run(onnx_path: str, out_path: str, ratio: float, round_to: int = 1) -> d
 
 def tp_run(torch_model, example, ratio: float) -> dict:
     import torch
+    import torch.nn as nn
     import torch_pruning as tp
 
     model = copy.deepcopy(torch_model)
+    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]  # keeps its outputs
     gc.collect()
     t = {}
     with warnings.catch_warnings():
@@ -143,7 +146,7 @@ def tp_run(torch_model, example, ratio: float) -> dict:
         s = time.perf_counter()
         pruner = tp.pruner.MagnitudePruner(
             model, example, importance=tp.importance.MagnitudeImportance(p=1),
-            pruning_ratio=ratio, ignored_layers=[model.fc])
+            pruning_ratio=ratio, ignored_layers=[classifier])
         t["graph_build"] = time.perf_counter() - s
         s = time.perf_counter()
         pruner.step()
@@ -192,13 +195,16 @@ def median_times(runs: list[dict]) -> dict:
 # part 2: latency
 # ------------------------------------------------------------------------------------------
 def isolated_latency(paths: list[str], batch: int, threads: int | None, rounds: int,
-                     round_s: float, warmup: int = 2) -> list[dict]:
-    """Median per-run latency (ms) of each model, one live session at a time.
+                     round_s: float, warmup: int = 1) -> list[dict]:
+    """Latency of each model, one live session at a time, in rounds that alternate the models.
 
-    Rounds alternate the models (original, pruned, ...) so that drift in the machine's load hits
-    all of them; within a round each model gets a fresh session, a warm-up and `round_s` seconds
-    of runs. Only one session exists at a time: an idle session's spinning thread pool would
-    otherwise take a core from the one being timed (on 2 vCPUs that alone moved medians by 2x).
+    Within a round each model gets a fresh session, a warm-up and `round_s` seconds of runs.
+    Only one session exists at a time: an idle session's spinning thread pool would otherwise
+    take a core from the one being timed (on 2 vCPUs that alone moved medians by 2x).
+    Speed-ups are paired: the median over rounds of (first model's round median / this model's
+    round median). On this shared VM the machine runs for seconds at a time in a slow or a fast
+    state (1.5x apart, whatever the model); models timed next to each other see the same state,
+    while pooled medians depend on how many rounds each model happened to get in each.
     """
     import onnx
 
@@ -213,7 +219,7 @@ def isolated_latency(paths: list[str], batch: int, threads: int | None, rounds: 
             for _ in range(warmup):
                 sess.run(None, feed)
             ts, start = [], time.perf_counter()
-            while len(ts) < 3 or time.perf_counter() - start < round_s:
+            while len(ts) < 2 or time.perf_counter() - start < round_s:
                 s = time.perf_counter()
                 sess.run(None, feed)
                 ts.append((time.perf_counter() - s) * 1000)
@@ -223,15 +229,17 @@ def isolated_latency(paths: list[str], batch: int, threads: int | None, rounds: 
     out = []
     for ts, rm in zip(times, round_medians):
         q = statistics.quantiles(ts, n=4)
-        out.append({"median_ms": statistics.median(ts), "q1_ms": q[0], "q3_ms": q[2],
+        paired = statistics.median(a / b for a, b in zip(round_medians[0], rm))
+        out.append({"ms": statistics.median(rm), "paired_speedup": paired,
+                    "median_ms": statistics.median(ts), "q1_ms": q[0], "q3_ms": q[2],
                     "min_ms": min(ts), "round_medians_ms": rm, "repeats": len(ts)})
     return out
 
 
-def op_kind_breakdown(original: str, pruned: str, batch: int = 1, runs: int = 20) -> dict:
-    """Single-thread onnxruntime profile of both models: kernel time and MACs per kind of layer
-    (first conv, depthwise, pointwise, other conv, everything else), to show where latency
-    follows MACs and where it does not."""
+def op_kind_breakdown(original: str, pruned: str, batch: int = 1, runs: int = 30) -> dict:
+    """Single-thread onnxruntime profile of both models, their runs interleaved: kernel time and
+    MACs per kind of layer (first conv, depthwise, pointwise, other conv, everything else), to
+    show where latency follows MACs and where it does not."""
     import json as _json
 
     import numpy as np
@@ -240,25 +248,24 @@ def op_kind_breakdown(original: str, pruned: str, batch: int = 1, runs: int = 20
 
     from spa.runtime import random_inputs
 
-    def profile(path):
+    def start(path):
         options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
+        options.intra_op_num_threads = 1  # no thread pool: two live sessions do not interfere
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(tempfile.gettempdir(), "spa-bench-profile")
         sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        feed = random_inputs(onnx.load(path, load_external_data=False), batch=batch, seed=1)
-        for _ in range(runs):
-            sess.run(None, feed)
+        return sess, random_inputs(onnx.load(path, load_external_data=False), batch=batch, seed=1)
+
+    def by_kind(sess):
         trace = sess.end_profiling()
         with open(trace) as f:
             events = _json.load(f)
         os.remove(trace)
-        kinds: dict = {}
         per_node: dict = {}
         for e in events:
-            if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
-                continue
-            per_node.setdefault(e["name"], (e["args"], []))[1].append(e["dur"])
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                per_node.setdefault(e["name"], (e["args"], []))[1].append(e["dur"])
+        kinds: dict = {}
         for args, durs in per_node.values():
             kind, macs = args["op_name"], 0
             if kind == "Conv":
@@ -273,7 +280,11 @@ def op_kind_breakdown(original: str, pruned: str, batch: int = 1, runs: int = 20
             entry["macs"] += macs
         return kinds
 
-    a, b = profile(original), profile(pruned)
+    sessions = [start(original), start(pruned)]
+    for _ in range(runs):
+        for sess, feed in sessions:
+            sess.run(None, feed)
+    a, b = (by_kind(sess) for sess, _ in sessions)
     return {k: {"original_ms": a[k]["ms"], "pruned_ms": b.get(k, {}).get("ms", 0.0),
                 "macs_original": a[k]["macs"], "macs_pruned": b.get(k, {}).get("macs", 0)}
             for k in a}
@@ -344,7 +355,7 @@ def plot(res: dict, path: str) -> None:
         ax2.bar([x + offset for x, _, _ in pts], [v["speedup_over_mac"] for _, v, _ in pts], w,
                 label=label, color=color)
         for x, v, r in pts:
-            ms = v["median_ms"] if "median_ms" in v else r["pruned"]["median_ms"]
+            ms = v["ms"] if "ms" in v else r["pruned"]["ms"]
             ax2.text(x + offset, v["speedup_over_mac"], f"{v['speedup_over_mac']:.2f}\n{ms:.3g} ms",
                      ha="center", va="bottom", fontsize=6)
     ax2.axhline(0.8, color="k", ls="--", lw=1, label="goal 0.8")
@@ -372,7 +383,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     runs = args.runs or (1 if args.quick else 5)
-    lat_cfg = dict(rounds=2, round_s=0.5) if args.quick else dict(rounds=6, round_s=1.5)
+    lat_cfg = dict(rounds=3, round_s=0.4) if args.quick else dict(rounds=10, round_s=0.75)
     tmp = tempfile.mkdtemp(prefix="spa-bench-")
     os.makedirs(args.out, exist_ok=True)
     res = {"benchmark": "bench_speed", "date": _dt.datetime.now().astimezone().isoformat(
@@ -461,20 +472,24 @@ def main(argv=None) -> int:
                                           "tp_only": [list(k) for k in (tp_shapes - spa_shapes)]}
         res["pruning_time"] = pt
 
-        # optional: the TP-pruned model through the same ONNX latency path (full run only)
-        tp_onnx = None
+        # optional: the TP-pruned models through the same ONNX latency path (full run only)
+        tp_onnx = {}
         if tp_ok and not args.quick:
-            log("exporting the Torch-Pruning result to ONNX (for MACs / latency cross-check)")
-            tp_onnx = zoo.export(tp_last["model"], os.path.join(tmp, "resnet50_tp.onnx"))
+            log("exporting the Torch-Pruning results to ONNX (for MACs / latency cross-check)")
+            tp_onnx["resnet50"] = zoo.export(tp_last["model"], os.path.join(tmp, "resnet50_tp.onnx"))
+            tp_mb = tp_run(models["mobilenetv2"], example, args.ratio)["model"]
+            tp_onnx["mobilenetv2"] = zoo.export(tp_mb, os.path.join(tmp, "mobilenetv2_tp.onnx"))
+            del tp_mb
 
         # ---------------- part 2: latency ----------------
         log("pruning MobileNetV2 with SPA (for latency), also with --round-to 16")
         pruned_paths = {"resnet50": spa_out, "mobilenetv2": os.path.join(tmp, "mobilenetv2_spa.onnx")}
         mb = spa_run(paths["mobilenetv2"], pruned_paths["mobilenetv2"], args.ratio)
         res["mobilenetv2_spa_prune_s"] = mb["times"]
-        extras = {"resnet50": [("TP-pruned", tp_onnx)] if tp_onnx else [],
-                  "mobilenetv2": [("SPA round-to 16", os.path.join(tmp, "mobilenetv2_spa_r16.onnx"))]}
-        spa_run(paths["mobilenetv2"], extras["mobilenetv2"][0][1], args.ratio, round_to=16)
+        r16 = os.path.join(tmp, "mobilenetv2_spa_r16.onnx")
+        spa_run(paths["mobilenetv2"], r16, args.ratio, round_to=16)
+        extras = {name: [("TP-pruned", tp_onnx[name])] if name in tp_onnx else [] for name in paths}
+        extras["mobilenetv2"].append(("SPA round-to 16", r16))
         del mb, spa_last
         gc.collect()
         lat = []
@@ -491,25 +506,29 @@ def main(argv=None) -> int:
                            "original": m[0], "pruned": m[1],
                            "macs_original": costs[0]["macs"], "macs_pruned": costs[1]["macs"],
                            "params_original": costs[0]["params"], "params_pruned": costs[1]["params"]}
-                    row["speedup"] = m[0]["median_ms"] / m[1]["median_ms"]
+                    row["speedup"] = m[1]["paired_speedup"]
                     row["mac_reduction"] = costs[0]["macs"] / costs[1]["macs"]
                     row["speedup_over_mac"] = row["speedup"] / row["mac_reduction"]
+                    row["speedup_over_mac_pooled_median"] = \
+                        m[0]["median_ms"] / m[1]["median_ms"] / row["mac_reduction"]
                     row["extra"] = {}
                     for (label, _), t, c in zip(extras[name], m[2:], costs[2:]):
-                        speedup = m[0]["median_ms"] / t["median_ms"]
+                        speedup = t["paired_speedup"]
                         row["extra"][label] = dict(t, macs=c["macs"], params=c["params"], speedup=speedup,
                                                    mac_reduction=costs[0]["macs"] / c["macs"],
-                                                   speedup_over_mac=speedup * c["macs"] / costs[0]["macs"])
+                                                   speedup_over_mac=speedup * c["macs"] / costs[0]["macs"],
+                                                   speedup_over_mac_pooled_median=m[0]["median_ms"] / t["median_ms"]
+                                                   * c["macs"] / costs[0]["macs"])
                     lat.append(row)
-                    log(f"  {m[0]['median_ms']:.1f} ms -> {m[1]['median_ms']:.1f} ms "
+                    log(f"  {m[0]['ms']:.1f} ms -> {m[1]['ms']:.1f} ms "
                         f"({row['speedup']:.2f}x, MACs {row['mac_reduction']:.2f}x, "
                         f"eff {row['speedup_over_mac']:.2f})"
-                        + "".join(f"; {k} {v['median_ms']:.1f} ms eff {v['speedup_over_mac']:.2f}"
+                        + "".join(f"; {k} {v['ms']:.1f} ms eff {v['speedup_over_mac']:.2f}"
                                   for k, v in row["extra"].items()))
         log("per-layer-kind profile, MobileNetV2 batch 1, 1 thread")
         res["mobilenetv2_kinds"] = {
             "pruned": op_kind_breakdown(paths["mobilenetv2"], pruned_paths["mobilenetv2"]),
-            "round_to_16": op_kind_breakdown(paths["mobilenetv2"], extras["mobilenetv2"][0][1])}
+            "round_to_16": op_kind_breakdown(paths["mobilenetv2"], r16)}
         res["latency"] = lat
         res["loadavg_end"] = loadavg()
         res["wall_s"] = time.perf_counter() - T0
@@ -549,19 +568,21 @@ def main(argv=None) -> int:
                            for f in frozen) or "none"))
         print()
         print("== onnxruntime CPU latency, original vs SPA-pruned (ratio "
-              f"{args.ratio}), median ms; goal speed-up/MAC >= 0.8 ==")
+              f"{args.ratio}), ms = median of round medians, speed-up paired by round; "
+              "goal speed-up/MAC >= 0.8 ==")
         lrows = []
         for r in lat:
-            lrows.append([r["model"], r["batch"], r["threads"], f"{r['original']['median_ms']:.2f}",
-                          f"{r['pruned']['median_ms']:.2f}", f"{r['speedup']:.2f}x",
+            lrows.append([r["model"], r["batch"], r["threads"], f"{r['original']['ms']:.2f}",
+                          f"{r['pruned']['ms']:.2f}", f"{r['speedup']:.2f}x",
                           f"{r['mac_reduction']:.2f}x", f"{r['speedup_over_mac']:.2f}",
-                          r["original"]["repeats"]])
+                          f"{r['speedup_over_mac_pooled_median']:.2f}", r["original"]["repeats"]])
             for label, v in r["extra"].items():
-                lrows.append([f"  {label}", r["batch"], r["threads"], "", f"{v['median_ms']:.2f}",
+                lrows.append([f"  {label}", r["batch"], r["threads"], "", f"{v['ms']:.2f}",
                               f"{v['speedup']:.2f}x", f"{v['mac_reduction']:.2f}x",
-                              f"{v['speedup_over_mac']:.2f}", v["repeats"]])
+                              f"{v['speedup_over_mac']:.2f}", f"{v['speedup_over_mac_pooled_median']:.2f}",
+                              v["repeats"]])
         print(table(["model", "batch", "threads", "orig ms", "pruned ms", "speed-up", "MAC red.",
-                     "speed-up/MAC", "runs"], lrows))
+                     "speed-up/MAC", "(pooled median)", "runs"], lrows))
         print("\nMobileNetV2 batch 1, 1 thread, by layer kind (kernel ms; time and MAC reduction):")
         krows = []
         for variant, kinds in res["mobilenetv2_kinds"].items():

@@ -94,7 +94,23 @@ def describe(analysis: Analysis) -> dict:
         })
     return {"groups": groups,
             "prunable_groups": sum(1 for g in groups if g["prunable"]),
+            "ungrouped_weights": ungrouped_weights(analysis),
             "approximate_nodes": sorted(analysis.options.approximate_nodes)}
+
+
+def ungrouped_weights(analysis: Analysis) -> list:
+    """Float constants of rank >= 2 in no channel group, with their readers: no rule linked their
+    channels to anything (e.g. an embedding read only by a Loop), so they are kept whole."""
+    g = analysis.graph
+    grouped = {m.tensor for m in analysis.members.values() if m.is_const}
+    found = []
+    for name in g.consts:
+        shape = g.consts.shape(name)
+        if len(shape) < 2 or name in grouped or not np.issubdtype(g.consts.dtype(name), np.floating):
+            continue
+        readers = [f"{g.nodes[i].op_type} '{g.node_name(i)}'" for i, _ in g.consumers.get(name, [])]
+        found.append({"tensor": name, "shape": [int(d) for d in shape], "read_by": readers})
+    return found
 
 
 def format_analysis(summary: dict) -> str:
@@ -111,4 +127,11 @@ def format_analysis(summary: dict) -> str:
             lines.append(f"    frozen by {reason}")
         if len(g["frozen_by"]) > 5:
             lines.append(f"    ... and {len(g['frozen_by']) - 5} more reasons")
+    loose = summary["ungrouped_weights"]
+    if loose:
+        lines.append(f"{len(loose)} weight tensors in no channel group (kept whole):")
+        for w in loose[:10]:
+            lines.append(f"    {w['tensor']} {w['shape']} read by {', '.join(w['read_by']) or 'nothing'}")
+        if len(loose) > 10:
+            lines.append(f"    ... and {len(loose) - 10} more")
     return "\n".join(lines)

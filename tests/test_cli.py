@@ -66,6 +66,20 @@ def test_analyze_json_lists_groups_and_reasons(model_path, capsys):
     assert frozen and "graph output" in frozen[0]["frozen_by"][0]
 
 
+def test_analyze_names_weights_in_no_group(tmp_path, capsys):
+    """An embedding table whose channels reach no channel rule is listed with its reader."""
+    b = Builder()
+    ids = b.input(["batch", 5], "ids", dtype=onnx.TensorProto.INT64)
+    b.output(b.op("Softmax", [b.op("Gather", [b.weight(11, 8), ids])], axis=-1))
+    path = tmp_path / "embedding.onnx"
+    onnx.save(b.model(), path)
+    assert spa("analyze", path, "--json", "-q") == 0
+    loose = json.loads(capsys.readouterr().out)["ungrouped_weights"]
+    assert [(w["shape"], w["read_by"][0].split()[0]) for w in loose] == [([11, 8], "Gather")]
+    assert spa("analyze", path, "-q") == 0
+    assert "1 weight tensors in no channel group (kept whole)" in capsys.readouterr().out
+
+
 def test_plan_out_and_apply_plan_replay(model_path, tmp_path):
     out, plan, again = tmp_path / "a.onnx", tmp_path / "plan.json", tmp_path / "b.onnx"
     assert spa("prune", model_path, "-o", out, "--ratio", "0.5", "--plan-out", plan, "-q") == 0

@@ -417,13 +417,17 @@ def _pad_spatial(x_nhwc, begin, end, value=0.0):
     return _tf().pad(x_nhwc, pads, constant_values=value)
 
 
+def _conv_geometry(node, x, w):
+    """Spatial rank, kernel size, strides and dilations of a Conv / ConvTranspose node."""
+    n = _rank(x) - 2
+    return n, list(w.shape[2:]), node("strides", [1] * n), node("dilations", [1] * n)
+
+
 @op("Conv")
 def _conv(node, x, w, b=None):
     tf = _tf()
     x, w = _as_tensor(x), _as_tensor(w)
-    n = _rank(x) - 2
-    kernel = list(w.shape[2:])
-    strides, dilations = node("strides", [1] * n), node("dilations", [1] * n)
+    n, kernel, strides, dilations = _conv_geometry(node, x, w)
     group = node("group", 1)
     begin, end = _conv_pads(node, list(x.shape[2:]), kernel, strides, dilations)
     if n == 1:  # as a 2-D convolution over a height of 1
@@ -455,9 +459,7 @@ def _conv(node, x, w, b=None):
 def _conv_transpose(node, x, w, b=None):
     tf = _tf()
     x, w = _as_tensor(x), _as_tensor(w)
-    n = _rank(x) - 2
-    kernel = list(w.shape[2:])
-    strides, dilations = node("strides", [1] * n), node("dilations", [1] * n)
+    n, kernel, strides, dilations = _conv_geometry(node, x, w)
     if any(d != 1 for d in dilations) or node("output_shape") or node("auto_pad", "NOTSET") not in ("NOTSET", ""):
         raise SpaError(f"from_onnx: ConvTranspose '{node.name}' with dilations, output_shape or auto_pad")
     pads = node("pads", [0] * (2 * n))

@@ -662,12 +662,16 @@ def _split_pads(pads):
     return [0] * rank, flat
 
 
-@op("Conv")
-def _conv(m, n, env, x, w, b=None):
+def _conv_geometry(n, w):
+    """Kernel size, spatial rank, strides and dilations of a Conv / ConvTranspose node."""
     kernel = list(w.shape[2:])
     rank = len(kernel)
-    strides = list(n.get("strides", [1] * rank))
-    dilations = list(n.get("dilations", [1] * rank))
+    return kernel, rank, list(n.get("strides", [1] * rank)), list(n.get("dilations", [1] * rank))
+
+
+@op("Conv")
+def _conv(m, n, env, x, w, b=None):
+    kernel, rank, strides, dilations = _conv_geometry(n, w)
     padding, extra = _split_pads(_conv_pads(n, x, kernel, strides, dilations))
     if extra is not None:
         x = F.pad(x, extra)
@@ -677,10 +681,7 @@ def _conv(m, n, env, x, w, b=None):
 
 @op("ConvTranspose")
 def _conv_transpose(m, n, env, x, w, b=None):
-    kernel = list(w.shape[2:])
-    rank = len(kernel)
-    strides = list(n.get("strides", [1] * rank))
-    dilations = list(n.get("dilations", [1] * rank))
+    kernel, rank, strides, dilations = _conv_geometry(n, w)
     out_pad = list(n.get("output_padding", [0] * rank))
     groups = n.get("group", 1)
     natural = [(s - 1) * st + op_ + (k - 1) * d + 1 for s, st, op_, k, d

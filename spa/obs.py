@@ -24,29 +24,40 @@ DEFAULT_DAMP = 0.01
 
 
 class HessianSum:
-    """H = 2 X X^T / N accumulated batch by batch: memory is d_in^2, whatever N is."""
+    """H = 2 X X^T / N accumulated batch by batch: memory is d_in^2, whatever N is. X X^T is a
+    symmetric rank-k update (BLAS syrk: half the work of a matrix product), summed in float64."""
 
     def __init__(self, columns: int, blocks: int = 1):
         self.xtx = np.zeros((blocks, columns, columns))
         self.count = 0
+        self.symmetric = True
 
     def add(self, rows: np.ndarray, block: int = 0, count: bool = True, chunk: int = 8192, other=None):
         """rows: (n, d_in), one input vector per row; other: rows of a second input (X_ref) to
         sum the cross term 2 X X_ref^T / N instead."""
+        from scipy.linalg import blas
+
         # float32 inputs multiply in float32 (twice as fast), each chunk summed into float64
         dtype = np.float32 if rows.dtype == np.float32 else np.float64
-        other = rows if other is None else other
+        syrk = blas.ssyrk if dtype == np.float32 else blas.dsyrk
         for start in range(0, len(rows), chunk):
-            part = np.ascontiguousarray(rows[start:start + chunk], dtype=dtype)
-            ref = part if other is rows else np.ascontiguousarray(other[start:start + chunk], dtype=dtype)
-            self.xtx[block] += part.T @ ref
+            part = np.asfortranarray(rows[start:start + chunk], dtype=dtype)
+            if other is None:
+                self.xtx[block] += syrk(1.0, part, trans=1, lower=0)  # upper triangle of part^T part
+            else:
+                self.symmetric = False
+                self.xtx[block] += part.T @ np.asarray(other[start:start + chunk], dtype=dtype)
         if count:
             self.count += len(rows)
 
     @property
     def matrix(self) -> np.ndarray:
         """(blocks, d_in, d_in)."""
-        return 2.0 * self.xtx / max(self.count, 1)
+        xtx = self.xtx
+        if self.symmetric:
+            upper = np.triu(xtx)
+            xtx = upper + np.swapaxes(np.triu(xtx, 1), 1, 2)
+        return 2.0 * xtx / max(self.count, 1)
 
 
 def damped(H: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
@@ -194,14 +205,40 @@ def conv_pads(spatial, kernel, strides, dilations, pads=None, auto_pad="NOTSET")
     return list(pads)
 
 
-def unfold(x: np.ndarray, kernel, strides=None, pads=None, dilations=None, auto_pad="NOTSET") -> np.ndarray:
-    """Conv input [N, C, *spatial] -> rows [N * prod(out), C * prod(kernel)], columns channel-major
-    (column c * prod(kernel) + kernel offset), matching a weight reshaped to [C_out, -1]."""
+def _geometry(spatial, kernel, strides=None, pads=None, dilations=None, auto_pad="NOTSET"):
     nd = len(kernel)
     strides = list(strides or [1] * nd)
     dilations = list(dilations or [1] * nd)
-    pads = conv_pads(x.shape[2:], kernel, strides, dilations, pads, auto_pad)
+    pads = conv_pads(spatial, kernel, strides, dilations, pads, auto_pad)
+    window = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    out = [(size + pads[i] + pads[i + nd] - w) // s + 1
+           for i, (size, w, s) in enumerate(zip(spatial, window, strides))]
+    return strides, dilations, pads, out
+
+
+def conv_output_shape(shape, kernel, strides=None, pads=None, dilations=None, auto_pad="NOTSET"):
+    """[N, *output spatial] of a Conv on an input of `shape` [N, C, *spatial]."""
+    return [shape[0]] + _geometry(shape[2:], kernel, strides, pads, dilations, auto_pad)[3]
+
+
+def unfold(x: np.ndarray, kernel, strides=None, pads=None, dilations=None, auto_pad="NOTSET",
+           rows: np.ndarray | None = None) -> np.ndarray:
+    """Conv input [N, C, *spatial] -> rows [N * prod(out), C * prod(kernel)], columns channel-major
+    (column c * prod(kernel) + kernel offset), matching a weight reshaped to [C_out, -1].
+    `rows`: only these rows (flat indices over N x output positions), gathered without unfolding
+    the rest."""
+    nd = len(kernel)
+    strides, dilations, pads, out = _geometry(x.shape[2:], kernel, strides, pads, dilations, auto_pad)
     padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    if rows is not None:  # the corner of each chosen window, then the kernel offsets
+        where = np.unravel_index(np.asarray(rows, dtype=np.int64), [x.shape[0]] + out)
+        offsets = np.stack(np.meshgrid(*[np.arange(k) * d for k, d in zip(kernel, dilations)], indexing="ij"),
+                           axis=-1).reshape(-1, nd)  # (prod(kernel), nd)
+        corners = np.stack([where[1 + i] * strides[i] for i in range(nd)], axis=-1)  # (n, nd)
+        position = corners[:, None, :] + offsets[None]  # (n, prod(kernel), nd)
+        index = (where[0][:, None, None], np.arange(x.shape[1])[None, :, None]) + \
+            tuple(position[:, None, :, i] for i in range(nd))
+        return padded[index].reshape(len(where[0]), -1)  # n, C, prod(kernel)
     window = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
     views = sliding_window_view(padded, window, axis=tuple(range(2, 2 + nd)))  # N, C, *pos, *win
     index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) \

@@ -39,7 +39,7 @@ is compensated.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -48,165 +48,18 @@ from onnx import helper, numpy_helper
 from . import obs
 from .calibration import calibration_batches
 from .errors import SpaError
-from .graph import attr
+from .activations import StagedRun, fetch
 from .groups import Analysis, Options, analyze
 from .importance import NORMALIZATIONS, normalize, score
 from .plan import Plan
 from .rewrite import rewrite
-from .runtime import session
+from .layers import Layer, find_layers
 from .selection import Target, select
 from .verify import masked_original
 
-MAX_COLUMNS = 8192
+MAX_COLUMNS = 8192  # wider layers: diagonal Hessian (an 8192^2 float64 H is 512 MB)
 COMPENSATIONS = ("reference", "obs", "none")
-ROWS_PER_BATCH, ROWS_PER_COLUMN = 4096, 8  # most rows one batch adds to a layer's H: the larger  # wider layers: diagonal Hessian (an 8192^2 float64 H is 512 MB)
-
-
-@dataclass
-class Layer:
-    """A consumer with a constant weight that contracts a group's channels."""
-
-    node: int
-    weight: str
-    in_axis: int  # the weight's contracted axis
-    activation: str
-    kind: str  # "conv", "dense" (W = weight rows x K) or "dense_t" (W = weight transposed)
-    blocks: int = 1
-    kernel: tuple = ()
-    conv: dict = field(default_factory=dict)
-    bias: str | None = None
-    scale: float = 1.0  # Gemm alpha
-    bias_scale: float = 1.0  # Gemm beta
-    rows_from_left: bool = False  # MatMul weight on the left: activation [..., K, N]
-    compensable: bool = True
-
-    @property
-    def per_index(self) -> int:
-        return int(np.prod(self.kernel)) if self.kernel else 1
-
-    def key(self):
-        """Layers reading the same tensor the same way share one Hessian."""
-        conv = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(self.conv.items()))
-        return (self.activation, self.kind == "conv", self.blocks, self.kernel, conv, self.rows_from_left,
-                self.bias is not None)
-
-    # weights as per-block matrices -----------------------------------------------------------
-    def matrices(self, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-        """(blocks, d_out per block, d_in per block [+1 bias column])."""
-        w = np.asarray(w, dtype=np.float64)
-        if self.kind == "conv":
-            mats = w.reshape(self.blocks, w.shape[0] // self.blocks, -1)
-        elif self.kind == "dense_t":
-            mats = w.T[None]
-        else:
-            mats = w[None]
-        mats = mats * self.scale
-        if self.bias is None:
-            return mats
-        column = np.asarray(b, dtype=np.float64).reshape(self.blocks, -1, 1) * self.bias_scale
-        return np.concatenate([mats, column], axis=2)
-
-    def from_matrices(self, mats: np.ndarray, w_shape, w_dtype, b_shape, b_dtype):
-        if self.bias is not None:
-            bias = (mats[:, :, -1].reshape(b_shape) / self.bias_scale).astype(b_dtype)
-            mats = mats[:, :, :-1]
-        else:
-            bias = None
-        mats = mats / self.scale
-        if self.kind == "conv":
-            w = mats.reshape(w_shape)
-        elif self.kind == "dense_t":
-            w = mats[0].T
-        else:
-            w = mats[0]
-        return np.ascontiguousarray(w.astype(w_dtype)), bias
-
-    def columns(self, index) -> np.ndarray:
-        """Columns (within a block) of the weight's contracted indices."""
-        index = np.asarray(index, dtype=np.int64)
-        return (index[:, None] * self.per_index + np.arange(self.per_index)).reshape(-1)
-
-    # inputs as rows ------------------------------------------------------------------------------
-    def rows(self, x: np.ndarray):
-        """One (n, d_in per block [+1]) array per block."""
-        x = np.asarray(x)
-        if self.kind == "conv":
-            flat = obs.unfold(x, self.kernel, **self.conv)
-        elif self.rows_from_left:
-            flat = np.swapaxes(x, -1, -2).reshape(-1, x.shape[-2])
-        elif self.conv.get("trans_a"):
-            flat = x.T
-        else:
-            flat = x.reshape(-1, x.shape[-1])
-        parts = np.split(flat, self.blocks, axis=1)
-        if self.bias is not None:
-            ones = np.ones((len(flat), 1), dtype=flat.dtype)
-            parts = [np.concatenate([p, ones], axis=1) for p in parts]
-        return parts
-
-
-# ---------------------------------------------------------------------------------------------
-# finding layers
-# ---------------------------------------------------------------------------------------------
-def find_layers(analysis: Analysis) -> list:
-    g = analysis.graph
-    layers = []
-    for node_index, slot, axis in analysis.contracted:
-        node = g.nodes[node_index]
-        weight = node.input[slot]
-        if weight not in g.consts or (weight, axis) not in analysis.members:
-            continue  # activation x activation (attention) or a computed weight
-        layer = _layer(g, node_index, node, slot, axis, weight)
-        if layer is not None:
-            layer.compensable = len(g.consumers.get(weight, [])) == 1 and layer.compensable
-            layers.append(layer)
-    return layers
-
-
-def _layer(g, index, node, slot, axis, weight):
-    shape = g.consts.shape(weight)
-    if node.op_type == "Conv":
-        groups = attr(node, "group", 1)
-        kernel = tuple(shape[2:])
-        conv = {"strides": attr(node, "strides"), "pads": attr(node, "pads"),
-                "dilations": attr(node, "dilations"), "auto_pad": attr(node, "auto_pad", "NOTSET")}
-        layer = Layer(index, weight, 1, node.input[0], "conv", groups, kernel, conv)
-        return _with_bias(g, layer, node.input[2] if len(node.input) > 2 else "", shape[0])
-    if len(shape) != 2:
-        return None
-    if node.op_type == "Gemm":
-        trans_b = attr(node, "transB", 0)
-        layer = Layer(index, weight, axis, node.input[0], "dense" if trans_b else "dense_t",
-                      conv={"trans_a": attr(node, "transA", 0)}, scale=attr(node, "alpha", 1.0),
-                      bias_scale=attr(node, "beta", 1.0) or 1.0)
-        n_out = shape[0] if trans_b else shape[1]
-        return _with_bias(g, layer, node.input[2] if len(node.input) > 2 else "", n_out)
-    if node.op_type == "MatMul" and slot == 1:
-        layer = Layer(index, weight, 0, node.input[0], "dense_t")
-        return _with_bias(g, layer, _added_bias(g, node), shape[1])
-    if node.op_type == "MatMul" and slot == 0:
-        return Layer(index, weight, 1, node.input[1], "dense", rows_from_left=True)
-    return None
-
-
-def _added_bias(g, node) -> str:
-    """A MatMul whose only reader is an Add of a constant vector: that vector is its bias."""
-    readers = g.consumers.get(node.output[0], [])
-    if len(readers) != 1:
-        return ""
-    add = g.nodes[readers[0][0]]
-    if add.op_type != "Add":
-        return ""
-    other = add.input[1 - readers[0][1]]
-    return other if other in g.consts else ""
-
-
-def _with_bias(g, layer, bias, n_out):
-    if bias and bias in g.consts and len(g.consumers.get(bias, [])) == 1:
-        shape = g.consts.shape(bias)
-        if int(np.prod(shape)) == n_out and all(d == 1 for d in shape[:-1]):
-            layer.bias = bias
-    return layer
+MIN_ROWS, ROWS_PER_COLUMN = 16384, 8  # input rows a layer's H sees: the larger of the two
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,9 +67,14 @@ def _with_bias(g, layer, bias, n_out):
 # ---------------------------------------------------------------------------------------------
 class Hessians:
     """H per layer key (block-stacked), or only its diagonal for layers wider than max_columns;
-    with reference inputs also the cross term 2 X X_ref^T / N."""
+    with reference inputs also the cross term 2 X X_ref^T / N.
 
-    def __init__(self, max_columns=MAX_COLUMNS, seed=0):
+    Each layer sees at most max(MIN_ROWS, ROWS_PER_COLUMN * d_in) input rows over all batches
+    (a Conv gives one row per output position: a random subset estimates H as well for a
+    fraction of the O(rows * d_in^2) cost); the subset is drawn before a Conv input is unfolded."""
+
+    def __init__(self, batches: int, max_columns=MAX_COLUMNS, seed=0):
+        self.batches = max(1, batches)
         self.max_columns = max_columns
         self.full: dict = {}
         self.diag: dict = {}
@@ -225,15 +83,11 @@ class Hessians:
 
     def add(self, layer: Layer, x, x_ref=None):
         key = layer.key()
-        blocks = layer.rows(x)
-        refs = layer.rows(x_ref) if x_ref is not None else None
-        # Conv inputs give one row per output position: a random subset of them estimates H as
-        # well for a fraction of the O(rows * d_in^2) cost
-        cap = max(ROWS_PER_BATCH, ROWS_PER_COLUMN * blocks[0].shape[1])
-        if len(blocks[0]) > cap:
-            pick = np.sort(self.rng.choice(len(blocks[0]), cap, replace=False))
-            blocks = [b[pick] for b in blocks]
-            refs = None if refs is None else [r[pick] for r in refs]
+        available = layer.row_count(x)
+        budget = -(-max(MIN_ROWS, ROWS_PER_COLUMN * layer.width(x)) // self.batches)
+        pick = np.sort(self.rng.choice(available, budget, replace=False)) if available > budget else None
+        blocks = layer.rows(x, pick)
+        refs = layer.rows(x_ref, pick) if x_ref is not None else None
         for block, rows in enumerate(blocks):
             if rows.shape[1] > self.max_columns:
                 acc = self.diag.setdefault(key, [np.zeros((layer.blocks, rows.shape[1])), 0])
@@ -260,52 +114,14 @@ class Hessians:
         return self.cross[key].matrix if key in self.cross else None
 
 
-def prefix(model: onnx.ModelProto, names) -> onnx.ModelProto:
-    """A copy of the model computing only `names` (its outputs): the nodes they depend on."""
-    from .graph import outer_scope_inputs
-    producer = {o: k for k, n in enumerate(model.graph.node) for o in n.output if o}
-    needed, stack = set(), [producer[n] for n in names if n in producer]
-    while stack:
-        k = stack.pop()
-        if k in needed:
-            continue
-        needed.add(k)
-        node = model.graph.node[k]
-        stack.extend(producer[x] for x in set(node.input) | outer_scope_inputs(node) if x in producer)
-    part = onnx.ModelProto()
-    part.ir_version = model.ir_version
-    part.opset_import.extend(model.opset_import)
-    part.functions.extend(model.functions)
-    graph = part.graph
-    graph.node.extend(n for k, n in enumerate(model.graph.node) if k in needed)
-    used = {x for n in graph.node for x in set(n.input) | outer_scope_inputs(n)}
-    graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(helper.ValueInfoProto(name=n) for n in names)
-    return part
-
-
-def collect(model: onnx.ModelProto, layers, batches, hessians: Hessians, progress, what: str,
-            reference: onnx.ModelProto | None = None):
-    """One onnxruntime pass over the calibration batches, feeding every layer's Hessian (and,
-    with a reference model, the cross term between the two models' inputs of the layer)."""
-    names = list(dict.fromkeys(l.activation for l in layers))
-    inputs = {i.name for i in model.graph.input}
-    fetched = [n for n in names if n not in inputs]
-    runs = [session(prefix(m, fetched), quiet=True) for m in ([model] if reference is None else [model, reference])]
-    progress(f"{what}: {sum(len(next(iter(f.values()))) for f in batches)} calibration samples")
-    for feeds in batches:
-        values = []
-        for sess in runs:
-            got = dict(zip(fetched, sess.run(fetched, feeds))) if fetched else {}
-            got.update({n: feeds[n] for n in names if n in inputs})
-            values.append(got)
+def collect(model: onnx.ModelProto, layers, batches, hessians: Hessians, desc: str):
+    """One onnxruntime pass over the calibration batches, feeding every layer's Hessian."""
+    for values in fetch(model, [l.activation for l in layers], batches, desc):
         seen = set()
         for layer in layers:
             if layer.key() not in seen:
                 seen.add(layer.key())
-                x_ref = values[1][layer.activation] if reference is not None else None
-                hessians.add(layer, values[0][layer.activation], x_ref)
+                hessians.add(layer, values[layer.activation])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,22 +179,6 @@ def group_scores(analysis, layers, hessians, damp, normalization="mean", calibra
 # ---------------------------------------------------------------------------------------------
 # compensation
 # ---------------------------------------------------------------------------------------------
-def levels(analysis, layers) -> dict:
-    """node index -> level: how many compensated layers lie on its longest input path."""
-    g = analysis.graph
-    changed = {l.node for l in layers}
-    depth: dict = {}
-    level = {}
-    for i, node in enumerate(g.nodes):
-        d = max((depth.get(x, 0) for x in node.input if x), default=0)
-        if i in changed:
-            level[i] = d
-            d += 1
-        for out in node.output:
-            depth[out] = d
-    return level
-
-
 def set_weights(model: onnx.ModelProto, weights: dict) -> onnx.ModelProto:
     """Replace constant values (initializers or Constant nodes) in place."""
     for init in model.graph.initializer:
@@ -415,37 +215,41 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None) 
 
 
 def compensate(analysis, plan, layers, batches, damp, progress, max_columns=MAX_COLUMNS,
-               reference: bool = False, first: Hessians | None = None) -> dict:
-    """Compensated weights {name: full-size value}, level by level with re-computed inputs.
+               reference: bool = False, first: Hessians | None = None, seed: int = 0) -> dict:
+    """Compensated weights {name: full-size value}, stage by stage with re-computed inputs.
 
+    The pruned model (the original with removed slices masked) runs as a StagedRun cut at the
+    compensated layers: each stage's layer inputs come from the already compensated part, the
+    stage's layers are compensated on them, and the next stage sees their new outputs; all of it
+    costs one forward pass over the calibration batches.
     reference: fit each layer to the original model's outputs of that layer (least squares from
     the inputs it now sees to the outputs it gave before pruning), which also corrects the drift
-    the earlier levels left; False: plain OBS on the current inputs (drift left as it is).
-    first: the original model's Hessians, which level 0 (nothing upstream changed) reuses."""
+    the earlier stages left; False: plain OBS on the current inputs (drift left as it is).
+    first: the original model's Hessians, which stage 0 (nothing upstream changed) reuses."""
     todo = [l for l in layers if l.compensable and len(plan.removed(l.weight, l.in_axis))]
     if not todo or not batches:
         return {}
-    level_of = levels(analysis, todo)
+    g = analysis.graph
+    by_output = {g.nodes[l.node].output[0]: l for l in todo}
+    wanted = {name: [l.activation] for name, l in by_output.items()}
     weights: dict = {}
-    masked = masked_original(plan)
-    count = max(level_of.values()) + 1
-    for level in range(count):
-        current = [l for l in todo if level_of[l.node] == level]
-        if not current:
-            continue
-        if level == 0 and first is not None and all(first.of(l) for l in current):
-            hessians = first  # inputs of level 0 are the original ones (and cross = H)
-            progress(f"compensating level 1/{count} ({len(current)} layers)")
+    run = StagedRun(masked_original(plan), by_output, batches, "compensating")
+    progress(f"compensating {len(todo)} layers in {run.count} stages")
+    references = StagedRun(analysis.model, by_output, batches, "reference").stages({}, wanted) if reference else None
+    for stage, names, values in run.stages(weights, wanted):
+        refs = next(references)[2] if reference else None
+        current = [by_output[n] for n in names]
+        if stage == 0 and first is not None and not reference and all(first.of(l) for l in current):
+            hessians = first
         else:
-            hessians = Hessians(max_columns)
-            model = set_weights(_copy(masked), weights)
-            collect(model, current, batches, hessians, progress,
-                    f"compensating level {level + 1}/{count} ({len(current)} layers)",
-                    analysis.model if reference else None)
+            hessians = Hessians(len(batches), max_columns, seed)
+            for layer in {l.key(): l for l in current}.values():
+                for b, x in enumerate(values[layer.activation]):
+                    hessians.add(layer, x, refs[layer.activation][b] if reference else None)
         for layer in current:
             if not compensate_layer(analysis, plan, layer, hessians.of(layer), damp, weights,
                                     hessians.cross_of(layer) if reference else None):
-                progress(f"warning: layer '{analysis.graph.node_name(layer.node)}' left uncompensated")
+                progress(f"warning: layer '{g.node_name(layer.node)}' left uncompensated")
     return weights
 
 
@@ -485,16 +289,18 @@ def obspa(model: onnx.ModelProto, target: Target, calibration: str = "synthetic"
         progress("analyzing channel coupling")
         analysis = analyze(model, options)
     layers = _scored_layers(analysis)
-    hessians = Hessians(max_columns, seed)
+    hessians = Hessians(len(batches), max_columns, seed)
     if batches and layers:
-        collect(model, layers, batches, hessians, progress, f"Hessians of {len(layers)} layers")
+        progress(f"Hessians of {len(layers)} layers from {sum(len(next(iter(b.values()))) for b in batches)} "
+                 "calibration samples")
+        collect(model, layers, batches, hessians, "Hessians")
     progress(f"OBS saliency of {sum(g.prunable for g in analysis.groups)} prunable groups ({calibration})")
     scores = group_scores(analysis, layers, hessians, damp, normalization, calibrated=bool(batches))
     progress("selecting channels")
     plan = select(analysis, scores, target)
     weights = {} if compensation == "none" else \
         compensate(analysis, plan, layers, batches, damp, progress, max_columns, compensation == "reference",
-                   first=hessians)
+                   first=hessians, seed=seed)
     del hessians
     progress(f"rewriting: removing {len(plan.removed_atoms)} channels")
     return ObspaResult(rewrite(plan, weights=weights), plan, analysis, weights, scores)

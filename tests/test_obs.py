@@ -4,7 +4,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from spa import obs
-from spa.obspa import Layer
+from spa.layers import Layer
 from spa.runtime import run
 
 

@@ -1,0 +1,190 @@
+"""Consumer layers: the weighted nodes that contract a channel group's channels, seen as matrices.
+
+A consumer with a constant weight W computes Y = W X (d_out x d_in) on input rows X. For a Conv,
+d_in = C_in/group * prod(kernel), the columns grouped per input channel (im2col, `obs.unfold`) and
+one matrix per group block; a Gemm/MatMul is a plain matrix (either side, transposed or not). Where
+the layer has a bias (Conv/Gemm input C, or a MatMul read only by an Add of a constant vector), the
+bias is one more input column of constant ones: OBS then also corrects the bias.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import obs
+from .graph import attr
+from .groups import Analysis
+
+
+@dataclass
+class Layer:
+    """A consumer with a constant weight that contracts a group's channels."""
+
+    node: int
+    weight: str
+    in_axis: int  # the weight's contracted axis
+    activation: str
+    kind: str  # "conv", "dense" (W = weight rows x K) or "dense_t" (W = weight transposed)
+    blocks: int = 1
+    kernel: tuple = ()
+    conv: dict = field(default_factory=dict)
+    bias: str | None = None
+    scale: float = 1.0  # Gemm alpha
+    bias_scale: float = 1.0  # Gemm beta
+    rows_from_left: bool = False  # MatMul weight on the left: activation [..., K, N]
+    compensable: bool = True
+
+    @property
+    def per_index(self) -> int:
+        return int(np.prod(self.kernel)) if self.kernel else 1
+
+    def key(self):
+        """Layers reading the same tensor the same way share one Hessian."""
+        conv = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(self.conv.items()))
+        return (self.activation, self.kind == "conv", self.blocks, self.kernel, conv, self.rows_from_left,
+                self.bias is not None)
+
+    # weights as per-block matrices -----------------------------------------------------------
+    def matrices(self, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+        """(blocks, d_out per block, d_in per block [+1 bias column])."""
+        w = np.asarray(w, dtype=np.float64)
+        if self.kind == "conv":
+            mats = w.reshape(self.blocks, w.shape[0] // self.blocks, -1)
+        elif self.kind == "dense_t":
+            mats = w.T[None]
+        else:
+            mats = w[None]
+        mats = mats * self.scale
+        if self.bias is None:
+            return mats
+        column = np.asarray(b, dtype=np.float64).reshape(self.blocks, -1, 1) * self.bias_scale
+        return np.concatenate([mats, column], axis=2)
+
+    def from_matrices(self, mats: np.ndarray, w_shape, w_dtype, b_shape, b_dtype):
+        if self.bias is not None:
+            bias = (mats[:, :, -1].reshape(b_shape) / self.bias_scale).astype(b_dtype)
+            mats = mats[:, :, :-1]
+        else:
+            bias = None
+        mats = mats / self.scale
+        if self.kind == "conv":
+            w = mats.reshape(w_shape)
+        elif self.kind == "dense_t":
+            w = mats[0].T
+        else:
+            w = mats[0]
+        return np.ascontiguousarray(w.astype(w_dtype)), bias
+
+    def columns(self, index) -> np.ndarray:
+        """Columns (within a block) of the weight's contracted indices."""
+        index = np.asarray(index, dtype=np.int64)
+        return (index[:, None] * self.per_index + np.arange(self.per_index)).reshape(-1)
+
+    # inputs as rows ------------------------------------------------------------------------------
+    def row_count(self, x: np.ndarray) -> int:
+        """How many input rows x gives (Conv: one per output position)."""
+        if self.kind == "conv":
+            return int(np.prod(obs.conv_output_shape(x.shape, self.kernel, **self.conv)))
+        if self.rows_from_left:
+            return int(np.prod(x.shape)) // x.shape[-2]
+        if self.conv.get("trans_a"):
+            return x.shape[1]
+        return int(np.prod(x.shape)) // x.shape[-1]
+
+    def width(self, x: np.ndarray) -> int:
+        """Columns per block of the rows x gives (the bias column included)."""
+        if self.kind == "conv":
+            d = x.shape[1] // self.blocks * self.per_index
+        elif self.rows_from_left:
+            d = x.shape[-2]
+        elif self.conv.get("trans_a"):
+            d = x.shape[0]
+        else:
+            d = x.shape[-1]
+        return int(d) + (self.bias is not None)
+
+    def rows(self, x: np.ndarray, pick: np.ndarray | None = None):
+        """One (n, d_in per block [+1]) array per block; `pick`: only these rows (indices below
+        row_count), gathered before a Conv input is unfolded."""
+        x = np.asarray(x)
+        if self.kind == "conv":
+            flat = obs.unfold(x, self.kernel, rows=pick, **self.conv)
+            pick = None
+        elif self.rows_from_left:
+            flat = np.swapaxes(x, -1, -2).reshape(-1, x.shape[-2])
+        elif self.conv.get("trans_a"):
+            flat = x.T
+        else:
+            flat = x.reshape(-1, x.shape[-1])
+        if pick is not None:
+            flat = flat[pick]
+        parts = np.split(flat, self.blocks, axis=1)
+        if self.bias is not None:
+            ones = np.ones((len(flat), 1), dtype=flat.dtype)
+            parts = [np.concatenate([p, ones], axis=1) for p in parts]
+        return parts
+
+
+# ---------------------------------------------------------------------------------------------
+# finding layers
+# ---------------------------------------------------------------------------------------------
+def find_layers(analysis: Analysis) -> list:
+    g = analysis.graph
+    layers = []
+    for node_index, slot, axis in analysis.contracted:
+        node = g.nodes[node_index]
+        weight = node.input[slot]
+        if weight not in g.consts or (weight, axis) not in analysis.members:
+            continue  # activation x activation (attention) or a computed weight
+        layer = _layer(g, node_index, node, slot, axis, weight)
+        if layer is not None:
+            layer.compensable = len(g.consumers.get(weight, [])) == 1 and layer.compensable
+            layers.append(layer)
+    return layers
+
+
+def _layer(g, index, node, slot, axis, weight):
+    shape = g.consts.shape(weight)
+    if node.op_type == "Conv":
+        groups = attr(node, "group", 1)
+        kernel = tuple(shape[2:])
+        conv = {"strides": attr(node, "strides"), "pads": attr(node, "pads"),
+                "dilations": attr(node, "dilations"), "auto_pad": attr(node, "auto_pad", "NOTSET")}
+        layer = Layer(index, weight, 1, node.input[0], "conv", groups, kernel, conv)
+        return _with_bias(g, layer, node.input[2] if len(node.input) > 2 else "", shape[0])
+    if len(shape) != 2:
+        return None
+    if node.op_type == "Gemm":
+        trans_b = attr(node, "transB", 0)
+        layer = Layer(index, weight, axis, node.input[0], "dense" if trans_b else "dense_t",
+                      conv={"trans_a": attr(node, "transA", 0)}, scale=attr(node, "alpha", 1.0),
+                      bias_scale=attr(node, "beta", 1.0) or 1.0)
+        n_out = shape[0] if trans_b else shape[1]
+        return _with_bias(g, layer, node.input[2] if len(node.input) > 2 else "", n_out)
+    if node.op_type == "MatMul" and slot == 1:
+        layer = Layer(index, weight, 0, node.input[0], "dense_t")
+        return _with_bias(g, layer, _added_bias(g, node), shape[1])
+    if node.op_type == "MatMul" and slot == 0:
+        return Layer(index, weight, 1, node.input[1], "dense", rows_from_left=True)
+    return None
+
+
+def _added_bias(g, node) -> str:
+    """A MatMul whose only reader is an Add of a constant vector: that vector is its bias."""
+    readers = g.consumers.get(node.output[0], [])
+    if len(readers) != 1:
+        return ""
+    add = g.nodes[readers[0][0]]
+    if add.op_type != "Add":
+        return ""
+    other = add.input[1 - readers[0][1]]
+    return other if other in g.consts else ""
+
+
+def _with_bias(g, layer, bias, n_out):
+    if bias and bias in g.consts and len(g.consumers.get(bias, [])) == 1:
+        shape = g.consts.shape(bias)
+        if int(np.prod(shape)) == n_out and all(d == 1 for d in shape[:-1]):
+            layer.bias = bias
+    return layer

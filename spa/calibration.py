@@ -1,4 +1,8 @@
-"""Calibration inputs for OBSPA: where the layer inputs X (and so the Hessians) come from.
+"""Calibration inputs for OBSPA and the gradient criteria: where the layer inputs X come from.
+
+One call, ``calibration_batches(model, calibration, ..., progress=...)``, gives onnxruntime feeds
+(a list of {input name: array}); ``calibration`` is a source string or a `Calibration` holding
+the source and every option.
 
 Sources (the `--calibration` string):
 
@@ -15,103 +19,483 @@ Sources (the `--calibration` string):
   (out, in) channel; border padding ignored). A model without such a BN is an error (eval
   exports usually fold BN into the Conv: export with BN kept).
 - a path: a ``.npz`` file (arrays keyed by input name; a single array for a single-input model),
-  a directory of ``.npy`` files (named after the inputs, or, for a single-input model, any names:
-  each file one sample or a batch of samples), or a directory of images (PNG/JPEG/BMP; single
-  NCHW float input with static C in {1, 3}, H, W: resized to H x W, scaled to [0, 1], then
-  normalised by ``mean``/``std``, ImageNet's by default). The first axis is the sample axis.
+  a ``.npy`` file (single-input model), a directory of ``.npy`` files (named after the inputs,
+  or, for a single-input model, any names: each file one sample or a batch of samples), a
+  directory of images (PNG/JPEG/BMP/GIF/TIFF/WebP; grayscale and RGBA converted), or a ``.txt``
+  file, one sentence a line (blank lines skipped), for token models, tokenised with
+  ``tokenizer`` (a tokenizer.json or a directory holding one, read with the `tokenizers`
+  package). The first axis is the sample axis.
 - ``ood:<kind or path>``: out-of-distribution data: ``ood:noise-uniform`` (floats ~ U[0, 1)),
   ``ood:noise-gaussian`` (floats ~ N(0, 4)) or ``ood:<path>`` (another data set, read as above).
 
-Generated inputs give symbolic sizes other than the batch (e.g. the sequence length) the size
-16 unless `dims` names them ({"sequence": 64}).
+Batches. `samples` samples in all (or all a file holds, up to `samples`), in chunks the model
+accepts: its static batch when the first axis is static (a last smaller chunk is dropped; data
+with fewer samples than one static batch is an error; generated sources make at least one
+batch), else `batch_size` (the last chunk may be smaller).
 
-Bad sources (missing files, unknown input names, wrong shapes or dtypes, empty directories)
-raise a one-line SpaError.
+Shapes of generated inputs (synthetic, bn, ood:noise-*), per axis after the batch: (a) the
+user's `shapes` ({input: (N, ...)}: the first axis is the batch axis and its size is not used;
+the others must agree with the declared static dims), (b) `dims` by symbolic name, (c) declared
+static dims (an axis sharing a symbolic name with an axis fixed by (a) or (b) follows it), (d)
+defaults, each announced through `progress`: an image-like input (float, rank 4, a static
+channel axis of 1 or 3 at position 1 (NCHW) or 3 (NHWC)) gets 224 for an unknown height/width; a
+float [N, C, L] gets L = 256; a token-id input (integer, indexing an embedding table) gets one
+length per batch from a seeded schedule spread log-uniformly over 4..max_length (128), capped by
+the model's position table, with its mask/type/position inputs following; any other axis 16.
+
+Image directories: resized to `image_size` (H, W) (default: the input's resolved height/width),
+scaled to [0, 1], normalised by `mean`/`std` (ImageNet's by default, announced), laid out as
+`layout` ("nchw" / "nhwc"; default: the axis with a static 1 or 3). `resize="stretch"` resizes to
+H x W; ``"pad"`` (text lines, e.g. OCR) resizes to height H keeping the aspect ratio (wider
+images are squeezed to W) and right-pads to W with 0 after normalisation.
+
+Text files: input names decide the roles (``mask``: attention mask, ``type``/``segment``:
+zeros, ``position``: 0..L-1, the integer input indexing the embedding table: the ids);
+sentences are truncated at `max_length` (and the position table), grouped by length into
+batches and each batch padded to its longest sentence (pad id: the tokenizer's, else 0; mask 0
+there), so sample order is by length, not file order.
+
+Bad sources or options (missing files, unknown input names, wrong shapes or dtypes, empty
+directories, unreadable images or arrays, a text file without a tokenizer, ids beyond the
+vocabulary, fewer samples than one static batch) raise a one-line SpaError.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from .errors import SpaError
 from .graph import Graph
-from .runtime import input_specs
+from .runtime import declared_inputs
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_SEQUENCE = 16
+DEFAULT_SEQUENCE = 16      # any other unknown axis
+DEFAULT_IMAGE = 224        # unknown height / width of an image-like input
+DEFAULT_SIGNAL = 256       # unknown L of a float [N, C, L] input
+MIN_TOKENS = 4             # shortest synthetic token batch (the longest: max_length)
+RESIZE_MODES = ("stretch", "pad")
+LAYOUTS = ("nchw", "nhwc")
 
 
-def calibration_batches(model: onnx.ModelProto, source: str = "synthetic", samples: int = 128,
-                        batch_size: int = 16, seed: int = 0, dims: dict | None = None,
-                        mean=IMAGENET_MEAN, std=IMAGENET_STD) -> list:
-    """Feeds for onnxruntime, `samples` in all, split in batches; [] for "none"."""
-    if samples < 1 or batch_size < 1:
-        raise SpaError("calibration samples and batch size must be positive")
-    source = (source or "synthetic").strip()
+def _quiet(message):
+    pass
+
+
+@dataclass
+class Calibration:
+    """Where calibration inputs come from and how they are shaped (see the module docstring).
+
+    shapes: {input name: (N, ...)} (or one bare shape for a single-input model); dims: {symbolic
+    dim name: size}; tokenizer: tokenizer.json or a directory holding one (.txt sources);
+    image_size: (H, W); mean/std: per channel (or one value); layout: "nchw" / "nhwc";
+    resize: "stretch" / "pad"."""
+    source: str = "synthetic"
+    samples: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    shapes: Mapping | tuple | None = None
+    dims: Mapping | None = None
+    tokenizer: str | None = None
+    max_length: int = 128
+    image_size: tuple | None = None
+    mean: tuple | None = None
+    std: tuple | None = None
+    layout: str | None = None
+    resize: str = "stretch"
+
+    def check(self) -> "Calibration":
+        if not isinstance(self.source, str):
+            raise SpaError(f"calibration source must be a string, got {type(self.source).__name__}")
+        for field in ("samples", "batch_size"):
+            if not _positive_int(getattr(self, field)):
+                raise SpaError("calibration samples and batch size must be positive")
+        if not _positive_int(self.max_length):
+            raise SpaError(f"calibration max_length must be a positive integer, got {self.max_length!r}")
+        for name, size in dict(self.dims or {}).items():
+            if not _positive_int(size):
+                raise SpaError(f"calibration dims: '{name}' must be a positive integer, got {size!r}")
+        if self.image_size is not None:
+            if len(tuple(self.image_size)) != 2 or not all(_positive_int(s) for s in self.image_size):
+                raise SpaError(f"calibration image size must be two positive integers (H, W), got {self.image_size!r}")
+        for field in ("mean", "std"):
+            values = getattr(self, field)
+            if values is None:
+                continue
+            try:
+                values = [float(v) for v in (values if np.ndim(values) else [values])]
+            except (TypeError, ValueError):
+                raise SpaError(f"calibration image {field} must be numbers, got {values!r}") from None
+            if not values or not all(math.isfinite(v) for v in values) or \
+                    (field == "std" and not all(v > 0 for v in values)):
+                raise SpaError(f"calibration image {field} must be finite numbers{' > 0' if field == 'std' else ''}, "
+                               f"got {getattr(self, field)!r}")
+        if self.layout is not None and str(self.layout).lower() not in LAYOUTS:
+            raise SpaError(f"calibration image layout must be nchw or nhwc, got {self.layout!r}")
+        if self.resize not in RESIZE_MODES:
+            raise SpaError(f"calibration image resize must be stretch or pad, got {self.resize!r}")
+        if self.tokenizer is not None and not isinstance(self.tokenizer, (str, os.PathLike)):
+            raise SpaError("calibration tokenizer must be a path")
+        return self
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+
+
+def calibration_batches(model: onnx.ModelProto, calibration: Calibration | str | None = "synthetic",
+                        samples: int | None = None, batch_size: int | None = None, seed: int | None = None,
+                        dims: dict | None = None, mean=None, std=None, *, progress=_quiet) -> list:
+    """Feeds for onnxruntime ({input name: array} per batch); [] for "none".
+
+    `calibration`: a source string or a Calibration; the other arguments, where given (not None),
+    override the Calibration's fields (defaults: 128 samples, batches of 16, seed 0).
+    `progress(message)` receives one line for every default the shapes or preprocessing fall
+    back on."""
+    options = calibration if isinstance(calibration, Calibration) else Calibration(source=calibration or "synthetic")
+    given = dict(samples=samples, batch_size=batch_size, seed=seed, dims=dims, mean=mean, std=std)
+    options = dataclasses.replace(options, **{k: v for k, v in given.items() if v is not None}).check()
+    source = (options.source or "synthetic").strip()
     if source == "none":
         return []
-    specs = input_specs(model, batch=samples, dims=dims, default_dim=DEFAULT_SEQUENCE)
-    rng = np.random.default_rng(seed)
+    plan = _Plan(model, options, progress or _quiet)
+    rng = np.random.default_rng(options.seed)
     if source == "synthetic":
-        data = synthetic(model, specs, rng)
-    elif source == "bn":
-        data = from_batchnorm(model, specs, rng)
-    elif source.startswith("ood:"):
-        data = out_of_distribution(model, specs, source[4:], rng, mean, std)
-    else:
-        data = from_path(model, specs, source, mean, std)
-    return split(data, samples, batch_size)
-
-
-def split(data: dict, samples: int, batch_size: int) -> list:
-    count = min(len(v) for v in data.values())
-    count = min(count, samples)
-    return [{k: np.ascontiguousarray(v[s:s + batch_size]) for k, v in data.items()}
-            for s in range(0, count, batch_size)]
+        return plan.generated(rng)
+    if source == "bn":
+        return from_batchnorm(plan, rng)
+    if source.startswith("ood:"):
+        return out_of_distribution(plan, source[4:], rng)
+    return from_path(plan, source)
 
 
 # ---------------------------------------------------------------------------------------------
-# synthetic
+# shapes and batches
 # ---------------------------------------------------------------------------------------------
-def synthetic(model, specs, rng, floats=None) -> dict:
-    data = {}
-    for name, shape, dtype in specs:
-        if np.issubdtype(dtype, np.floating):
-            data[name] = (floats(shape) if floats else rng.standard_normal(shape)).astype(dtype)
-        else:
-            data[name] = _integer_input(model, name, shape, dtype, rng)
-    return data
+class _Batch:
+    def __repr__(self):
+        return "N"
 
 
-def _integer_input(model, name, shape, dtype, rng):
-    lower = name.lower()
-    if dtype == np.bool_ or "mask" in lower:
+class _Tokens:
+    def __repr__(self):
+        return "L"
+
+
+BATCH, TOKENS = _Batch(), _Tokens()
+
+
+@dataclass
+class _Input:
+    name: str
+    dims: tuple      # declared: int, symbolic name or None
+    dtype: type
+    vocab: int | None = None
+
+    @property
+    def is_float(self) -> bool:
+        return bool(np.issubdtype(self.dtype, np.floating))
+
+    @property
+    def role(self) -> str | None:
+        """What a token model's integer (or mask) input carries, read from its name."""
+        lower = self.name.lower()
+        if "mask" in lower:
+            return "mask"
+        if "type" in lower or "segment" in lower:
+            return "types"
+        if "position" in lower:
+            return "positions"
+        if not self.is_float and self.dtype != np.bool_ and self.vocab:
+            return "ids"
+        return None
+
+
+class _Plan:
+    """The model's inputs, its batch chunk and the shape resolution, with the announcements."""
+
+    def __init__(self, model, options: Calibration, progress):
+        self.model, self.options, self.progress = model, options, progress
+        self.said: set = set()
+        self.inputs = [_Input(n, d, t) for n, d, t in declared_inputs(model)]
+        if not self.inputs:
+            raise SpaError("calibration: the model has no inputs")
+        for inp in self.inputs:
+            if not inp.is_float and inp.dtype != np.bool_:
+                inp.vocab = vocabulary_size(model, inp.name)
+        self.by_name = {i.name: i for i in self.inputs}
+        statics = {i.dims[0] for i in self.inputs if i.dims and isinstance(i.dims[0], int)}
+        if len(statics) > 1:
+            raise SpaError(f"calibration: the model's inputs fix different batch sizes {sorted(statics)}")
+        self.static_batch = statics.pop() if statics else None
+        self.chunk = self.static_batch or options.batch_size
+        self.batch_names = {i.dims[0] for i in self.inputs if i.dims and isinstance(i.dims[0], str)}
+        self.explicit = self._explicit_shapes()
+        self.named = self._named_sizes()
+        self._position_limit = -1
+        self.fixed: dict = {}   # (input, axis) -> size a source imposes (bn: the channel count)
+
+    def say(self, message: str):
+        if message not in self.said:
+            self.said.add(message)
+            self.progress(message)
+
+    # user shapes ---------------------------------------------------------------------------------
+    def _explicit_shapes(self) -> dict:
+        shapes = self.options.shapes
+        if shapes is None:
+            return {}
+        if not isinstance(shapes, Mapping):
+            if len(self.inputs) != 1:
+                raise SpaError(f"calibration: a shape without an input name needs a single-input model "
+                               f"(inputs: {', '.join(self.by_name)}); name the input (NAME=1x3x224x224)")
+            shapes = {self.inputs[0].name: shapes}
+        out = {}
+        for name, shape in shapes.items():
+            if name not in self.by_name:
+                raise SpaError(f"calibration shape for '{name}', which is no input of the model "
+                               f"(inputs: {', '.join(self.by_name)})")
+            try:
+                shape = tuple(shape)
+            except TypeError:
+                raise SpaError(f"calibration shape for '{name}' must be a list of sizes, got {shape!r}") from None
+            if not all(_positive_int(s) for s in shape):
+                raise SpaError(f"calibration shape for '{name}' must be positive integers, got {shape}")
+            dims = self.by_name[name].dims
+            if len(shape) != len(dims):
+                raise SpaError(f"calibration shape for '{name}' has rank {len(shape)}, the input has rank "
+                               f"{len(dims)} ({_declared(dims)})")
+            for k, (s, d) in enumerate(zip(shape, dims)):
+                if k and isinstance(d, int) and s != d:
+                    raise SpaError(f"calibration shape for '{name}' {_shape_text(shape)}: axis {k} must be {d} "
+                                   f"({_declared(dims)})")
+            out[name] = tuple(int(s) for s in shape)
+        return out
+
+    def _named_sizes(self) -> dict:
+        named = {k: int(v) for k, v in dict(self.options.dims or {}).items()}
+        fixed_by: dict = {}
+        for name, shape in self.explicit.items():
+            for k, d in enumerate(self.by_name[name].dims):
+                if k and isinstance(d, str) and d not in self.batch_names:
+                    if d in fixed_by and named[d] != shape[k]:
+                        raise SpaError(f"calibration shapes disagree on '{d}': {named[d]} for '{fixed_by[d]}', "
+                                       f"{shape[k]} for '{name}'")
+                    named[d], fixed_by[d] = shape[k], name
+        return named
+
+    def known(self, inp: _Input, k: int):
+        """Axis k's size from (a) the user's shape, (b) dims by name, (c) the declared static dim;
+        BATCH for the batch axis (and axes sharing its name), None when unknown."""
+        if k == 0:
+            return BATCH
+        if (inp.name, k) in self.fixed:
+            return self.fixed[(inp.name, k)]
+        if inp.name in self.explicit:
+            return self.explicit[inp.name][k]
+        d = inp.dims[k]
+        if isinstance(d, int):
+            return d
+        if isinstance(d, str):
+            if d in self.batch_names:
+                return BATCH
+            return self.named.get(d)
+        return None
+
+    # generated inputs ------------------------------------------------------------------------
+    def resolved(self) -> dict:
+        """{input: shape} with BATCH / TOKENS placeholders; defaults announced."""
+        shapes = {i.name: [self.known(i, k) for k in range(len(i.dims))] for i in self.inputs}
+        by_dim: dict = {}   # symbolic name -> default chosen for it
+        ids = [i for i in self.inputs if i.role == "ids" and i.dims and shapes[i.name][-1] is None]
+        token_names = {i.dims[-1] for i in ids if isinstance(i.dims[-1], str)}
+        unnamed_tokens = any(i.dims[-1] is None for i in ids)
+        for i in ids:
+            shapes[i.name][-1] = TOKENS
+        for name in token_names:
+            by_dim[name] = TOKENS
+        if ids:
+            hi = self.max_tokens()
+            lo = min(MIN_TOKENS, hi)
+            for i in ids:
+                hint = _hint(i.name, shapes[i.name])
+                capped = " (the model's position table)" if hi < self.options.max_length else ""
+                self.say(f"calibration: input '{i.name}' has no declared sequence length; synthetic token "
+                         f"batches vary from {lo} to {hi} tokens{capped}, one length per batch "
+                         f"(set --input-shape {hint} for one length)")
+        for i in self.inputs:
+            shape = shapes[i.name]
+            for k, v in enumerate(shape):
+                if v is None and isinstance(i.dims[k], str) and i.dims[k] in by_dim:
+                    shape[k] = by_dim[i.dims[k]]
+            if ids and unnamed_tokens and shape and shape[-1] is None and i.dims[-1] is None \
+                    and (not i.is_float or i.role == "mask") and len(shape) == len(ids[0].dims):
+                shape[-1] = TOKENS   # the mask / type ids of an unnamed sequence axis
+            unknown = [k for k, v in enumerate(shape) if v is None]
+            if not unknown:
+                continue
+            self._defaults(i, shape, unknown)
+            for k in unknown:
+                if isinstance(i.dims[k], str):
+                    by_dim.setdefault(i.dims[k], shape[k])
+        return shapes
+
+    def _defaults(self, inp: _Input, shape: list, unknown: list):
+        layout = _image_layout(inp, shape)
+        if layout:
+            c, (h, w) = (1, (2, 3)) if layout == "nchw" else (3, (1, 2))
+            missing = [a for a in (h, w) if a in unknown]
+            if missing:
+                for a in missing:
+                    shape[a] = DEFAULT_IMAGE
+                what = "height/width" if len(missing) == 2 else ("height" if missing[0] == h else "width")
+                image = "x".join(str(shape[a]) for a in ((c, h, w) if layout == "nchw" else (h, w, c)))
+                hint = _hint(inp.name, shape, {h: "H", w: "W"})
+                self.say(f"calibration: input '{inp.name}' has no declared {what}; synthetic images are "
+                         f"{image} (set --input-shape {hint})")
+                unknown = [k for k in unknown if k not in missing]
+        if inp.is_float and len(shape) == 3 and 2 in unknown:
+            shape[2] = DEFAULT_SIGNAL
+            self.say(f"calibration: input '{inp.name}' has no declared length; synthetic inputs have length "
+                     f"{DEFAULT_SIGNAL} (set --input-shape {_hint(inp.name, shape, {2: 'L'})})")
+            unknown = [k for k in unknown if k != 2]
+        if unknown:
+            for k in unknown:
+                shape[k] = DEFAULT_SEQUENCE
+            axes = ", ".join(f"{k}" + (f" ('{inp.dims[k]}')" if isinstance(inp.dims[k], str) else "") for k in unknown)
+            self.say(f"calibration: input '{inp.name}' has no declared size for axis {axes}; synthetic inputs use "
+                     f"{DEFAULT_SEQUENCE} (set --input-shape {_hint(inp.name, shape, {k: '?' for k in unknown})})")
+
+    def max_tokens(self) -> int:
+        if self._position_limit == -1:
+            self._position_limit = position_limit(self.model)
+        limit = self.options.max_length
+        if self._position_limit and self._position_limit < limit:
+            limit = self._position_limit
+        return limit
+
+    def chunk_sizes(self) -> list:
+        samples = self.options.samples
+        if self.static_batch:
+            return [self.static_batch] * max(1, samples // self.static_batch)
+        return [min(self.chunk, samples - s) for s in range(0, samples, self.chunk)]
+
+    def token_lengths(self, count: int) -> list:
+        """One length per batch: stratified log-uniform over [4, max], in a seeded order."""
+        hi = self.max_tokens()
+        lo = min(MIN_TOKENS, hi)
+        rng = np.random.default_rng([self.options.seed, 7919])
+        u = (np.arange(count) + rng.random(count)) / count
+        lengths = np.rint(np.exp(np.log(lo) + u * (np.log(hi) - np.log(lo)))).astype(int)
+        return [int(v) for v in rng.permutation(np.clip(lengths, lo, hi))]
+
+    def generated(self, rng, floats=None, override: dict | None = None) -> list:
+        """Generated feeds: `floats(shape)` for float inputs (N(0, 1) by default), `override`
+        {input: fn(shape)} for particular ones, the integer conventions for the rest."""
+        shapes = self.resolved()
+        sizes = self.chunk_sizes()
+        tokens = any(TOKENS in s for s in shapes.values())
+        lengths = self.token_lengths(len(sizes)) if tokens else [None] * len(sizes)
+        feeds = []
+        for n, length in zip(sizes, lengths):
+            feed = {}
+            for inp in self.inputs:
+                shape = tuple(n if v is BATCH else length if v is TOKENS else v for v in shapes[inp.name])
+                if override and inp.name in override:
+                    feed[inp.name] = override[inp.name](shape).astype(inp.dtype)
+                elif inp.is_float and inp.role == "mask" and len(shape) == 2:  # a float attention mask
+                    feed[inp.name] = np.ones(shape, dtype=inp.dtype)
+                elif inp.is_float:
+                    feed[inp.name] = (floats(shape) if floats else rng.standard_normal(shape)).astype(inp.dtype)
+                else:
+                    feed[inp.name] = _integer_input(inp, shape, rng)
+            feeds.append(feed)
+        return feeds
+
+    # data --------------------------------------------------------------------------------------
+    def sample_count(self, available: int, what: str) -> int:
+        """How many of `available` samples to use: up to `samples`, whole static batches."""
+        count = min(available, self.options.samples)
+        if not self.static_batch:
+            return count
+        if available < self.static_batch:
+            raise SpaError(f"calibration {what}: {available} sample{'s' * (available != 1)}, fewer than the "
+                           f"model's static batch of {self.static_batch}")
+        count = max(self.static_batch, count // self.static_batch * self.static_batch)
+        if count < min(available, self.options.samples):
+            self.say(f"calibration: the model's batch is fixed at {self.static_batch}: using {count} of "
+                     f"{min(available, self.options.samples)} samples")
+        return count
+
+    def split(self, data: dict, what: str) -> list:
+        batched = {k: v for k, v in data.items() if np.ndim(v)}
+        available = min(len(v) for v in batched.values()) if batched else 1
+        count = self.sample_count(available, what)
+        return [{k: np.ascontiguousarray(v[s:s + self.chunk]) if k in batched else v for k, v in data.items()}
+                for s in range(0, count, self.chunk)]
+
+
+def _image_layout(inp: _Input, shape: list) -> str | None:
+    if not inp.is_float or len(shape) != 4:
+        return None
+    if shape[1] in (1, 3):
+        return "nchw"
+    if shape[3] in (1, 3):
+        return "nhwc"
+    return None
+
+
+def _hint(name: str, shape: list, letters: dict | None = None) -> str:
+    letters = letters or {}
+    parts = ["1" if v is BATCH else letters.get(k) or ("L" if v is TOKENS else str(v)) for k, v in enumerate(shape)]
+    return f"{name}={'x'.join(parts)}"
+
+
+def _declared(dims) -> str:
+    return "[" + ", ".join("N" if k == 0 and not isinstance(d, int) else str(d) if d is not None else "?"
+                           for k, d in enumerate(dims)) + "]"
+
+
+def _shape_text(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _integer_input(inp: _Input, shape, rng):
+    dtype, role = inp.dtype, inp.role
+    if dtype == np.bool_ or role == "mask":
         return np.ones(shape, dtype=dtype)
-    if "token_type" in lower or "segment" in lower:
+    if role == "types":
         return np.zeros(shape, dtype=dtype)
-    if "position" in lower:
-        return np.broadcast_to(np.arange(shape[-1]), shape).astype(dtype)
-    vocab = vocabulary_size(model, name)
-    if vocab:
-        return rng.integers(0, vocab, size=shape).astype(dtype)
+    if role == "positions":
+        return np.broadcast_to(np.arange(shape[-1] if shape else 1), shape).astype(dtype)
+    if inp.vocab:
+        return rng.integers(0, inp.vocab, size=shape).astype(dtype)
     return np.zeros(shape, dtype=dtype)
 
 
 _PASS_THROUGH = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Flatten", "Expand"}
 
 
-def vocabulary_size(model, name) -> int | None:
-    """Rows of the constant table that `name` indexes (through casts and reshapes), if any."""
+def _constant_dims(model) -> dict:
     consts = {t.name: tuple(t.dims) for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value":
                     consts[node.output[0]] = tuple(a.t.dims)
+    return consts
+
+
+def vocabulary_size(model, name) -> int | None:
+    """Rows of the constant table that `name` indexes (through casts and reshapes), if any."""
+    consts = _constant_dims(model)
     readers: dict = {}
     for node in model.graph.node:
         for slot, x in enumerate(node.input):
@@ -125,33 +509,61 @@ def vocabulary_size(model, name) -> int | None:
         for node, slot in readers.get(tensor, []):
             if node.op_type == "Gather" and slot == 1 and node.input[0] in consts:
                 axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-                return int(consts[node.input[0]][axis])
+                shape = consts[node.input[0]]
+                return int(shape[axis]) if shape else None
             if node.op_type in _PASS_THROUGH and slot == 0:
                 frontier.extend(node.output)
     return None
 
 
-def out_of_distribution(model, specs, kind, rng, mean, std) -> dict:
+def position_limit(model) -> int | None:
+    """The longest sequence a token model can take, if it shows: the rows of a position table
+    (a `position*` input's table, or a constant 2-D table, at least 4 rows, that a Gather reads
+    with computed indices: an exported position-id buffer sliced to the sequence length)."""
+    consts = _constant_dims(model)
+    inputs = [vi.name for vi in model.graph.input if vi.name not in consts]
+    limits = [vocabulary_size(model, n) for n in inputs if "position" in n.lower()]
+    direct, frontier = set(), list(inputs)
+    while frontier:
+        tensor = frontier.pop()
+        if tensor in direct:
+            continue
+        direct.add(tensor)
+        for node in model.graph.node:
+            if node.op_type in _PASS_THROUGH and node.input and node.input[0] == tensor:
+                frontier.extend(node.output)
+    for node in model.graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in consts:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        table, index = consts[node.input[0]], node.input[1]
+        if axis == 0 and len(table) == 2 and index not in direct and index not in consts and table[0] >= MIN_TOKENS:
+            limits.append(int(table[0]))
+    limits = [v for v in limits if v]
+    return min(limits) if limits else None
+
+
+def out_of_distribution(plan: _Plan, kind: str, rng) -> list:
     if kind == "noise-uniform":
-        return synthetic(model, specs, rng, floats=lambda shape: rng.random(shape))
+        return plan.generated(rng, floats=lambda shape: rng.random(shape))
     if kind == "noise-gaussian":
-        return synthetic(model, specs, rng, floats=lambda shape: 2.0 * rng.standard_normal(shape))
+        return plan.generated(rng, floats=lambda shape: 2.0 * rng.standard_normal(shape))
     if not kind:
         raise SpaError("ood: needs a kind (noise-uniform, noise-gaussian) or a path")
-    return from_path(model, specs, kind, mean, std)
+    return from_path(plan, kind)
 
 
 # ---------------------------------------------------------------------------------------------
 # BatchNorm statistics
 # ---------------------------------------------------------------------------------------------
-def from_batchnorm(model, specs, rng) -> dict:
+def from_batchnorm(plan: _Plan, rng) -> list:
     from scipy.optimize import nnls
 
-    floats = [(n, s, d) for n, s, d in specs if np.issubdtype(d, np.floating)]
-    if len(floats) != 1 or len(floats[0][1]) < 3:
+    floats = [i for i in plan.inputs if i.is_float]
+    if len(floats) != 1 or len(floats[0].dims) < 3:
         raise SpaError("bn calibration needs one float input of shape [N, C, ...]")
-    name, shape, dtype = floats[0]
-    g = Graph(model)
+    name = floats[0].name
+    g = Graph(plan.model)
     bn = next((n for n in g.nodes if n.op_type == "BatchNormalization"), None)
     if bn is None:
         raise SpaError("bn calibration: the model has no BatchNormalization (eval exports fold it "
@@ -160,23 +572,31 @@ def from_batchnorm(model, specs, rng) -> dict:
     if any(s is None for s in stats):
         raise SpaError("bn calibration: the first BatchNormalization's running statistics are not constants")
     mu, var = (np.asarray(s, dtype=np.float64).reshape(-1) for s in stats)
-    channels = shape[1]
     if bn.input[0] == name:
+        channels = len(mu)
         mean, variance = mu, var
     else:
         conv = g.nodes[g.producer[bn.input[0]]] if bn.input[0] in g.producer else None
         if conv is None or conv.op_type != "Conv" or conv.input[0] != name or g.const(conv.input[1]) is None:
             raise SpaError("bn calibration: the first BatchNormalization must read the input directly "
                            "or through one Conv with constant weights")
+        from .graph import attr
+        channels = np.shape(g.const(conv.input[1]))[1] * attr(conv, "group", 1)
         A, B, bias = _conv_moments(g, conv, channels)
         mean = np.linalg.lstsq(A, mu - bias, rcond=None)[0]
         variance = nnls(B, var)[0]
+    declared = plan.known(floats[0], 1)
+    if isinstance(declared, int) and declared != channels:
+        raise SpaError(f"bn calibration: input '{name}' has {declared} channels, the BatchNormalization "
+                       f"statistics imply {channels}")
+    if declared is None:
+        plan.fixed[(name, 1)] = channels
     scale = np.sqrt(np.maximum(variance, 1e-4))
-    view = (1, -1) + (1,) * (len(shape) - 2)
-    x = mean.reshape(view) + scale.reshape(view) * rng.standard_normal(shape)
-    data = synthetic(model, specs, rng)
-    data[name] = x.astype(dtype)
-    return data
+
+    def draw(shape):
+        view = (1, -1) + (1,) * (len(shape) - 2)
+        return mean.reshape(view) + scale.reshape(view) * rng.standard_normal(shape)
+    return plan.generated(rng, override={name: draw})
 
 
 def _conv_moments(g, conv, channels):
@@ -199,28 +619,32 @@ def _conv_moments(g, conv, channels):
 # ---------------------------------------------------------------------------------------------
 # files
 # ---------------------------------------------------------------------------------------------
-def from_path(model, specs, path, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
+def from_path(plan: _Plan, path: str) -> list:
     if not os.path.exists(path):
         raise SpaError(f"calibration source '{path}' is neither none, synthetic, bn, ood:... nor an existing path")
     if os.path.isdir(path):
-        files = sorted(os.listdir(path))
-        arrays = [f for f in files if f.endswith(".npy")]
+        try:
+            files = sorted(f for f in os.listdir(path)
+                           if not f.startswith(".") and os.path.isfile(os.path.join(path, f)))
+        except OSError as exc:
+            raise SpaError(f"calibration directory {path} cannot be listed ({type(exc).__name__})") from None
+        arrays = [f for f in files if f.lower().endswith(".npy")]
         images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
         if arrays:
-            raw = _npy_directory(specs, path, arrays)
+            raw = _npy_directory(plan, path, arrays)
         elif images:
-            raw = _image_directory(specs, path, images, mean, std)
+            return _image_directory(plan, path, images)
         else:
             raise SpaError(f"calibration directory {path} has no .npy or image files")
-    elif path.endswith(".npz"):
-        raw = _npz(specs, path)
-    elif path.endswith(".npy"):
-        raw = _single_input(specs, path, _load(path))
+    elif path.lower().endswith(".npz"):
+        raw = _npz(plan, path)
+    elif path.lower().endswith(".npy"):
+        raw = _single_input(plan, path, _load(path))
+    elif path.lower().endswith(".txt"):
+        return from_text(plan, path)
     else:
-        raise SpaError(f"calibration file {path}: expected .npz, .npy or a directory")
-    data = _checked(specs, raw, path)
-    check_static_dims(model, data, path)
-    return data
+        raise SpaError(f"calibration file {path}: expected .npz, .npy, .txt or a directory")
+    return plan.split(_checked(plan, raw, path), path)
 
 
 def _load(path):
@@ -230,20 +654,26 @@ def _load(path):
         raise SpaError(f"calibration file {path} cannot be read ({type(exc).__name__})") from None
 
 
-def _single_input(specs, path, array):
-    if len(specs) != 1:
+def _names(plan):
+    return [i.name for i in plan.inputs]
+
+
+def _single_input(plan, path, array):
+    if len(plan.inputs) != 1:
         raise SpaError(f"calibration {path}: one unnamed array, but the model has inputs "
-                       f"{', '.join(n for n, _, _ in specs)} (name the arrays after them)")
-    return {specs[0][0]: array}
+                       f"{', '.join(_names(plan))} (name the arrays after them)")
+    return {plan.inputs[0].name: array}
 
 
-def _npz(specs, path):
+def _npz(plan, path):
     archive = _load(path)
+    if not hasattr(archive, "files"):
+        return _single_input(plan, path, archive)
     try:
         arrays = {k: archive[k] for k in archive.files}
     except Exception as exc:
         raise SpaError(f"calibration file {path} cannot be read ({type(exc).__name__})") from None
-    names = [n for n, _, _ in specs]
+    names = _names(plan)
     if not arrays:
         raise SpaError(f"calibration file {path} holds no arrays")
     if set(names) <= set(arrays):
@@ -255,63 +685,57 @@ def _npz(specs, path):
                    f"(has {', '.join(sorted(arrays))})")
 
 
-def _npy_directory(specs, path, files):
-    names = [n for n, _, _ in specs]
+def _npy_directory(plan, path, files):
+    names = _names(plan)
     stems = {os.path.splitext(f)[0]: f for f in files}
     if set(names) <= set(stems):
         return {n: _load(os.path.join(path, stems[n])) for n in names}
     if len(names) != 1:
         missing = sorted(set(names) - set(stems))
         raise SpaError(f"calibration directory {path} has no .npy for input {', '.join(missing)}")
-    rank = len(specs[0][1])
-    parts = []
+    rank = len(plan.inputs[0].dims)
+    parts, total = [], 0
     for f in files:
         a = _load(os.path.join(path, f))
-        parts.append(a[None] if a.ndim == rank - 1 else a)
-    if len({p.shape[1:] for p in parts}) != 1 or parts[0].ndim != rank:
-        raise SpaError(f"calibration directory {path}: .npy files of different or wrong shapes "
-                       f"(input '{names[0]}' has rank {rank})")
+        a = a[None] if a.ndim == rank - 1 else a
+        if a.ndim != rank or (parts and a.shape[1:] != parts[0].shape[1:]):
+            raise SpaError(f"calibration directory {path}: .npy files of different or wrong shapes "
+                           f"(input '{names[0]}' has rank {rank}; {f} has shape {a.shape})")
+        parts.append(a)
+        total += len(a)
+        if total >= plan.options.samples:
+            break
     return {names[0]: np.concatenate(parts)}
 
 
-def _image_directory(specs, path, files, mean, std):
-    try:
-        from PIL import Image
-    except ImportError:
-        raise SpaError("image calibration needs Pillow (pip install pillow)") from None
-    floats = [(n, s) for n, s, d in specs if np.issubdtype(d, np.floating)]
-    if len(specs) != 1 or not floats or len(floats[0][1]) != 4 or floats[0][1][1] not in (1, 3):
-        raise SpaError("image calibration needs a model with one float NCHW input with 1 or 3 channels")
-    name, (_, channels, height, width) = floats[0]
-    images = []
-    for f in files:
-        try:
-            with Image.open(os.path.join(path, f)) as im:
-                im = im.convert("RGB" if channels == 3 else "L").resize((width, height))
-                a = np.asarray(im, dtype=np.float32) / 255.0
-        except Exception as exc:
-            raise SpaError(f"calibration image {f} cannot be read ({type(exc).__name__})") from None
-        a = a.reshape(height, width, channels).transpose(2, 0, 1)
-        m = np.asarray(mean[:channels] if channels == 3 else [np.mean(mean)], dtype=np.float32)
-        s = np.asarray(std[:channels] if channels == 3 else [np.mean(std)], dtype=np.float32)
-        images.append((a - m[:, None, None]) / s[:, None, None])
-    return {name: np.stack(images)}
-
-
-def _checked(specs, raw, path) -> dict:
-    data = {}
-    for name, shape, dtype in specs:
+def _checked(plan: _Plan, raw, path) -> dict:
+    data, sizes = {}, {}
+    for inp in plan.inputs:
+        name, dims, dtype = inp.name, inp.dims, inp.dtype
         a = np.asarray(raw[name])
-        expected = " x ".join("N" if k == 0 else str(d) for k, d in enumerate(shape))
-        if a.ndim != len(shape):
-            raise SpaError(f"calibration {path}: input '{name}' needs rank {len(shape)} ({expected}), got shape {a.shape}")
-        if a.shape[0] == 0:
+        if a.ndim != len(dims):
+            raise SpaError(f"calibration {path}: input '{name}' needs rank {len(dims)} ({_declared(dims)}), "
+                           f"got shape {a.shape}")
+        if a.ndim and a.shape[0] == 0:
             raise SpaError(f"calibration {path}: input '{name}' has no samples")
         if not _kind_fits(a.dtype, dtype):
             raise SpaError(f"calibration {path}: input '{name}' needs {np.dtype(dtype).name}, got {a.dtype.name}")
+        for k, d in enumerate(dims):
+            if k and isinstance(d, int) and a.shape[k] != d:
+                raise SpaError(f"calibration {path}: input '{name}' axis {k} must be {d}, got shape {a.shape}")
+            if k and isinstance(d, str) and d not in plan.batch_names:
+                seen = sizes.setdefault(d, (a.shape[k], name))
+                if seen[0] != a.shape[k]:
+                    raise SpaError(f"calibration {path}: axis '{d}' is {seen[0]} in '{seen[1]}' but "
+                                   f"{a.shape[k]} in '{name}'")
+        if inp.role == "ids" and inp.vocab and a.size and np.issubdtype(a.dtype, np.integer):
+            low, high = int(a.min()), int(a.max())
+            if low < 0 or high >= inp.vocab:
+                raise SpaError(f"calibration {path}: input '{name}' holds id {high if high >= inp.vocab else low}, "
+                               f"outside the model's vocabulary of {inp.vocab}")
         data[name] = a.astype(dtype)
-    counts = {len(a) for a in data.values()}
-    if len(counts) != 1:
+    counts = {len(a) for a in data.values() if a.ndim}
+    if len(counts) > 1:
         raise SpaError(f"calibration {path}: inputs have different sample counts {sorted(counts)}")
     return data
 
@@ -334,3 +758,209 @@ def _kind_fits(have, want) -> bool:
     if want == np.bool_:
         return have == np.bool_ or np.issubdtype(have, np.integer)
     return np.issubdtype(have, np.integer) or have == np.bool_
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------
+def _image_directory(plan: _Plan, path: str, files: list) -> list:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise SpaError("image calibration needs Pillow (pip install pillow)") from None
+    opts = plan.options
+    inp = plan.inputs[0]
+    if len(plan.inputs) != 1 or not inp.is_float or len(inp.dims) != 4:
+        raise SpaError(f"image calibration needs a model with one float input of rank 4 (NCHW or NHWC); "
+                       f"the model has {', '.join(f'{i.name} {_declared(i.dims)}' for i in plan.inputs)}")
+    known = [v if isinstance(v, int) else None for v in (plan.known(inp, k) for k in range(4))]
+    layout = str(opts.layout).lower() if opts.layout else \
+        "nchw" if known[1] in (1, 3) else "nhwc" if known[3] in (1, 3) else None
+    if layout is None:
+        raise SpaError(f"image calibration: cannot tell the channel axis of input '{inp.name}' "
+                       f"{_declared(inp.dims)}; pass --image-layout nchw or nhwc")
+    c, h, w = (1, 2, 3) if layout == "nchw" else (3, 1, 2)
+    channels = known[c]
+    if channels is None:
+        channels = 3
+        plan.say(f"calibration: input '{inp.name}' has no declared channel count; images are read as RGB "
+                 f"(set --input-shape)")
+    elif channels not in (1, 3):
+        raise SpaError(f"image calibration: input '{inp.name}' {_declared(inp.dims)} has {channels} channels on its "
+                       f"{layout.upper()} channel axis; images give 1 or 3 (check --image-layout)")
+    if opts.image_size is not None:
+        height, width = (int(s) for s in opts.image_size)
+        for axis, size in ((h, height), (w, width)):
+            if known[axis] is not None and known[axis] != size:
+                raise SpaError(f"image calibration: image size {height}x{width} does not fit input '{inp.name}' "
+                               f"{_declared(inp.dims)}")
+    else:
+        height, width = known[h] or DEFAULT_IMAGE, known[w] or DEFAULT_IMAGE
+        missing = [n for n, v in (("height", known[h]), ("width", known[w])) if v is None]
+        if missing:
+            plan.say(f"calibration: input '{inp.name}' has no declared {'/'.join(missing)}; images are resized to "
+                     f"{height}x{width} (set --image-size HxW)")
+    defaults = [n for n, v in (("mean", opts.mean), ("std", opts.std)) if v is None]
+    if defaults:
+        plan.say(f"calibration: images scaled to [0, 1] and normalised with ImageNet's {'/'.join(defaults)} "
+                 f"(set --image-mean / --image-std)")
+    mean = _per_channel(opts.mean, IMAGENET_MEAN, channels, "mean")
+    std = _per_channel(opts.std, IMAGENET_STD, channels, "std")
+    count = plan.sample_count(len(files), path)
+    images = []
+    for f in files[:count]:
+        try:
+            with Image.open(os.path.join(path, f)) as im:
+                im.load()
+                im = _converted(im, channels)
+                if opts.resize == "pad":  # PaddleOCR's resize_norm_img: ceil(H * aspect), at most W
+                    fit = max(1, min(width, math.ceil(height * im.width / max(1, im.height))))
+                    im = im.resize((fit, height), Image.BILINEAR)
+                else:
+                    im = im.resize((width, height), Image.BILINEAR)
+                a = np.asarray(im, dtype=np.float32).reshape(im.height, im.width, channels) / 255.0
+        except SpaError:
+            raise
+        except Exception as exc:
+            raise SpaError(f"calibration image {os.path.join(path, f)} cannot be read ({type(exc).__name__})") from None
+        a = (a - mean) / std
+        if a.shape[1] < width:
+            a = np.concatenate([a, np.zeros((height, width - a.shape[1], channels), np.float32)], axis=1)
+        images.append(a)
+    x = np.stack(images)
+    if layout == "nchw":
+        x = x.transpose(0, 3, 1, 2)
+    return plan.split({inp.name: np.ascontiguousarray(x, dtype=inp.dtype)}, path)
+
+
+def _converted(im, channels):
+    """Any mode (grayscale, palette, RGBA, 16-bit) to RGB or L; transparency over white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        span = a.max() - a.min()
+        from PIL import Image
+        im = Image.fromarray(np.uint8(np.rint(255 * (a - a.min()) / span)) if span else np.zeros(a.shape, np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        from PIL import Image
+        rgba = im.convert("RGBA")
+        im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im.alpha_composite(rgba)
+    return im.convert("RGB" if channels == 3 else "L")
+
+
+def _per_channel(values, default, channels, field) -> np.ndarray:
+    if values is None:
+        v = np.asarray(default, dtype=np.float32)
+        return v if channels == 3 else np.full(channels, v.mean(), np.float32)
+    v = np.asarray(values, dtype=np.float32).reshape(-1)
+    if len(v) == 1:
+        return np.full(channels, v[0], np.float32)
+    if len(v) != channels:
+        raise SpaError(f"image calibration: --image-{field} needs 1 or {channels} values, got {len(v)}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# text
+# ---------------------------------------------------------------------------------------------
+def from_text(plan: _Plan, path: str) -> list:
+    opts = plan.options
+    if not opts.tokenizer:
+        raise SpaError(f"calibration {path}: a text file needs a tokenizer (pass --tokenizer PATH: a "
+                       f"tokenizer.json or a directory holding one)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise SpaError(f"calibration {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise SpaError(f"calibration file {path} cannot be read ({type(exc).__name__})") from None
+    lines = [line.strip() for line in text.lstrip("\ufeff").splitlines() if line.strip()]
+    if not lines:
+        raise SpaError(f"calibration {path} holds no sentences (one a line)")
+    ids = [i for i in plan.inputs if i.role == "ids"]
+    if not ids:
+        loose = [i for i in plan.inputs if not i.is_float and i.dtype != np.bool_ and i.role is None]
+        if len(loose) != 1:
+            raise SpaError(f"text calibration needs a model with one token-id input indexing an embedding table "
+                           f"(inputs: {', '.join(_names(plan))})")
+        ids = loose
+    for i in plan.inputs:
+        if i not in ids and i.role not in ("mask", "types", "positions"):
+            raise SpaError(f"text calibration: cannot tell what input '{i.name}' carries (filled by name: "
+                           f"*mask*, *type*/*segment*, *position*; the ids index the embedding table)")
+        if len(i.dims) != 2:
+            raise SpaError(f"text calibration needs [batch, sequence] inputs; '{i.name}' is {_declared(i.dims)}")
+    tokenizer = _tokenizer(opts.tokenizer)
+    static = plan.known(ids[0], 1)
+    static = static if isinstance(static, int) else None
+    limit = static or plan.max_tokens()
+    if not static and limit < opts.max_length:
+        plan.say(f"calibration: sentences truncated at {limit} tokens, the model's position table "
+                 f"(max_length {opts.max_length})")
+    pad = _pad_id(tokenizer)
+    count = plan.sample_count(len(lines), path)
+    try:
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length=limit)
+        encoded = [e.ids for e in tokenizer.encode_batch(lines[:count])]
+    except Exception as exc:
+        raise SpaError(f"calibration {path}: tokenizer {opts.tokenizer} failed ({_first_line(exc)})") from None
+    for i in ids:
+        top = max((max(e) for e in encoded if e), default=0)
+        if i.vocab and top >= i.vocab:
+            raise SpaError(f"calibration {path}: tokenizer {opts.tokenizer} gives id {top}, beyond the model's "
+                           f"vocabulary of {i.vocab} (input '{i.name}'): is it this model's tokenizer?")
+    order = sorted(range(count), key=lambda j: (len(encoded[j]), j))
+    feeds = []
+    for s in range(0, count, plan.chunk):
+        rows = [encoded[j] for j in order[s:s + plan.chunk]]
+        length = static or max(1, max(len(r) for r in rows))
+        tokens = np.full((len(rows), length), pad, dtype=np.int64)
+        mask = np.zeros((len(rows), length), dtype=np.int64)
+        for r, row in enumerate(rows):
+            tokens[r, :len(row)] = row[:length]
+            mask[r, :len(row)] = 1
+        feed = {}
+        for i in plan.inputs:
+            value = tokens if i in ids else mask if i.role == "mask" else np.zeros_like(tokens) \
+                if i.role == "types" else np.broadcast_to(np.arange(length), tokens.shape)
+            feed[i.name] = np.ascontiguousarray(value.astype(i.dtype))
+        feeds.append(feed)
+    lengths = [f[ids[0].name].shape[1] for f in feeds]
+    plan.say(f"calibration: {count} sentences from {path} in {len(feeds)} batches of similar length "
+             f"({min(lengths)}..{max(lengths)} tokens)")
+    return feeds
+
+
+def _tokenizer(path):
+    path = os.fspath(path)
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise SpaError(f"tokenizer {path}: " + ("the directory holds no tokenizer.json" if os.path.isdir(path)
+                                                else "no such file"))
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise SpaError("text calibration needs the tokenizers package (pip install tokenizers)") from None
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as exc:
+        raise SpaError(f"tokenizer {path} cannot be loaded ({_first_line(exc)})") from None
+
+
+def _pad_id(tokenizer) -> int:
+    padding = tokenizer.padding
+    if padding and padding.get("pad_id") is not None:
+        return int(padding["pad_id"])
+    for token in ("[PAD]", "<pad>", "<|pad|>", "<PAD>"):
+        found = tokenizer.token_to_id(token)
+        if found is not None:
+            return int(found)
+    return 0
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= 200 else line[:197] + "..."

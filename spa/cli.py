@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -61,6 +63,18 @@ def parser() -> argparse.ArgumentParser:
                     help="obspa inputs: synthetic (default), none, bn, a .npz / .npy / directory path, "
                          "ood:noise-uniform | ood:noise-gaussian | ood:PATH")
     pr.add_argument("--calibration-samples", type=int, default=128, metavar="N", help="obspa: calibration samples")
+    pr.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x48x320",
+                    help="calibration shape of an input (repeatable; a bare shape for a single-input model); "
+                         "unknown sizes otherwise default to 224 (images), 256 (signals), 4..128 tokens, 16")
+    pr.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json (or its directory) for a .txt --calibration")
+    pr.add_argument("--max-length", metavar="N", help="longest calibration token sequence (default 128)")
+    pr.add_argument("--image-size", metavar="HxW", help="calibration images are resized to this (default: the model's)")
+    pr.add_argument("--image-mean", metavar="a,b,c",
+                    help="calibration image mean after scaling to [0, 1] (default ImageNet's)")
+    pr.add_argument("--image-std", metavar="a,b,c", help="calibration image std (default ImageNet's)")
+    pr.add_argument("--image-layout", metavar="nchw|nhwc", help="calibration image layout (default: from the model)")
+    pr.add_argument("--image-resize", metavar="stretch|pad",
+                    help="stretch to HxW (default) or pad: keep the aspect ratio at height H, right-pad to W")
     pr.add_argument("--damp", type=float, default=0.01, help="obspa: Hessian damping, fraction of its mean diagonal")
     pr.add_argument("--labels", metavar="FILE",
                     help="taylor, snip, grasp, crop, obd (PyTorch autograd on --calibration inputs): class labels "
@@ -98,6 +112,8 @@ def run(args) -> int:
     from .groups import Options, analyze
 
     say = Progress(args.quiet)
+    if args.command == "prune":
+        args.calibration_options = calibration_options(args)
     options = Options(granularity=tuple(g.strip() for g in args.granularity.split(",") if g.strip()))
     args.model = _framework_to_onnx(args.model, say)
     say(f"loading {args.model}")
@@ -143,9 +159,87 @@ def _prune(args, model, options, say):
     target = Target(ratio=args.ratio, global_ranking=args.global_ranking, keep_params=args.target_params,
                     keep_macs=args.target_flops, max_group_ratio=args.max_group_ratio,
                     round_to=args.round_to, ignore=args.ignore)
+    extra = {}
+    if "calibration_options" in inspect.signature(prune).parameters:
+        extra["calibration_options"] = args.calibration_options
+    elif any(getattr(args, f) is not None for f in _CALIBRATION_FLAGS):
+        raise SpaError("this spa.pipeline does not take calibration options yet")
     return prune(model, target, args.criterion, args.aggregation, args.normalization, options,
                  args.seed, progress=say, calibration=args.calibration,
-                 calibration_samples=args.calibration_samples, damp=args.damp, labels=args.labels)
+                 calibration_samples=args.calibration_samples, damp=args.damp, labels=args.labels, **extra)
+
+
+_CALIBRATION_FLAGS = {"input_shape": "--input-shape", "tokenizer": "--tokenizer", "max_length": "--max-length",
+                      "image_size": "--image-size", "image_mean": "--image-mean", "image_std": "--image-std",
+                      "image_layout": "--image-layout", "image_resize": "--image-resize"}
+_NO_CALIBRATION = ("l1", "l2", "fpgm", "bn-scale", "random")
+
+
+def calibration_options(args):
+    """The prune flags as a spa.calibration.Calibration; a malformed value is a SpaError."""
+    from .calibration import Calibration
+
+    given = [flag for field, flag in _CALIBRATION_FLAGS.items() if getattr(args, field) is not None]
+    if given and args.criterion in _NO_CALIBRATION:
+        raise SpaError(f"{given[0]} has no effect with criterion {args.criterion}, which uses no calibration "
+                       f"inputs (use obspa or a gradient criterion)")
+    shapes, bare = {}, None
+    for text in args.input_shape or []:
+        name, sep, dims = text.rpartition("=")
+        shape = _sizes(dims, "x", "--input-shape", text)
+        if not sep:
+            bare = shape
+        elif not name.strip():
+            raise SpaError(f"--input-shape {text!r}: the input name before '=' is empty")
+        elif name.strip() in shapes:
+            raise SpaError(f"--input-shape given twice for input '{name.strip()}'")
+        else:
+            shapes[name.strip()] = shape
+    if bare is not None and (shapes or len(args.input_shape) > 1):
+        raise SpaError("--input-shape without an input name only for a single-input model, given once")
+    layout = args.image_layout.strip().lower() if args.image_layout is not None else None
+    if layout is not None and layout not in ("nchw", "nhwc"):
+        raise SpaError(f"--image-layout must be nchw or nhwc, got {args.image_layout!r}")
+    resize = args.image_resize.strip().lower() if args.image_resize is not None else "stretch"
+    if resize not in ("stretch", "pad"):
+        raise SpaError(f"--image-resize must be stretch or pad, got {args.image_resize!r}")
+    size = _sizes(args.image_size, "x", "--image-size", args.image_size) if args.image_size is not None else None
+    if size is not None and len(size) != 2:
+        raise SpaError(f"--image-size must be HxW, got {args.image_size!r}")
+    length = _sizes(args.max_length, None, "--max-length", args.max_length)[0] if args.max_length is not None else 128
+    if args.tokenizer is not None and not os.path.exists(args.tokenizer):
+        raise SpaError(f"--tokenizer {args.tokenizer}: no such file or directory")
+    return Calibration(source=args.calibration, samples=args.calibration_samples, seed=args.seed,
+                       shapes=bare if bare is not None else shapes or None, tokenizer=args.tokenizer,
+                       max_length=length, image_size=size,
+                       mean=_floats(args.image_mean, "--image-mean"), std=_floats(args.image_std, "--image-std"),
+                       layout=layout, resize=resize)
+
+
+def _sizes(text, sep, flag, shown):
+    parts = text.strip().lower().split(sep) if sep else [text.strip()]
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        sizes = ()
+    if not sizes or any(s < 1 for s in sizes):
+        example = {"--input-shape": "NAME=1x3x224x224", "--image-size": "48x320"}.get(flag, "a positive integer")
+        raise SpaError(f"{flag} {shown!r}: expected positive integers like {example}")
+    return sizes
+
+
+def _floats(text, flag):
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise SpaError(f"{flag} {text!r}: expected numbers like 0.5,0.5,0.5") from None
+    if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values) or \
+            (flag == "--image-std" and not all(v > 0 for v in values)):
+        positive = " > 0" if flag == "--image-std" else ""
+        raise SpaError(f"{flag} {text!r}: expected 1 or 3 finite numbers{positive}")
+    return values
 
 
 def _finish(args, pruned, plan, say):

@@ -56,3 +56,18 @@ def session(model_or_path, threads: int | None = None, quiet: bool = False) -> o
 
 def run(model_or_path, feeds) -> list:
     return session(model_or_path).run(None, feeds)
+
+
+def declared_inputs(model: onnx.ModelProto):
+    """(name, dims, numpy dtype) for each real graph input, as declared: each dim an int (static),
+    a str (its symbolic name) or None (unnamed: no dim_param, or paddle2onnx's "?")."""
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        t = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param if d.dim_param not in ("", "?") else None)
+                     for d in t.shape.dim)
+        out.append((vi.name, dims, _NP_TYPES.get(t.elem_type, np.float32)))
+    return out

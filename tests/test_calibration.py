@@ -56,7 +56,7 @@ def test_synthetic_is_gaussian_in_batches():
 
 def test_synthetic_text_inputs_are_valid_tokens():
     model = _text_model()
-    batches = calibration_batches(model, "synthetic", samples=32, batch_size=32)
+    batches = calibration_batches(model, "synthetic", samples=32, batch_size=32, dims={"sequence": 16})
     ids = _inputs(batches, "input_ids")
     assert ids.shape == (32, 16) and ids.dtype == np.int64
     assert ids.min() >= 0 and ids.max() < 37 and len(np.unique(ids)) > 30  # the whole vocabulary
@@ -200,3 +200,451 @@ def test_cli_bad_calibration_exits_2_with_one_line(tmp_path, capsys):
                "--criterion", "obspa", "--calibration-samples", "0"])
     assert rc == 2 and "positive" in capsys.readouterr().err
     assert not (tmp_path / "out.onnx").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# batches the model accepts, shapes that are realistic, sources users have
+# ---------------------------------------------------------------------------------------------
+from spa.calibration import Calibration, position_limit  # noqa: E402
+from spa.runtime import session  # noqa: E402
+
+
+def _conv_model(shape, nhwc=False):
+    """Conv -> GlobalAveragePool on any spatial size; NHWC inputs are transposed first."""
+    b = Builder(seed=2)
+    x = b.input(shape)
+    channels = shape[3] if nhwc else shape[1]
+    if nhwc:
+        x = b.op("Transpose", [x], perm=[0, 3, 1, 2])
+    b.output(b.op("GlobalAveragePool", [b.conv(x, channels, 4)]))
+    return b.model()
+
+
+def _token_model(batch="batch", seq="sequence", vocab=37, positions=None, position_input=False):
+    """input_ids (+ attention_mask, optional position_ids input or an internal position table
+    of `positions` rows read through a sliced constant buffer, as HF exports do)."""
+    b = Builder(seed=5)
+    ids = b.input([batch, seq], "input_ids", TensorProto.INT64)
+    mask = b.input([batch, seq], "attention_mask", TensorProto.INT64)
+    x = b.op("Gather", [b.weight(vocab, 8), ids])
+    if position_input:
+        pos = b.input([batch, seq], "position_ids", TensorProto.INT64)
+        x = b.op("Add", [x, b.op("Gather", [b.weight(positions, 8), pos])])
+    elif positions:
+        length = b.op("Slice", [b.op("Shape", [ids]), b.const(np.array([1])), b.const(np.array([2]))])
+        pos = b.op("Slice", [b.const(np.arange(positions, dtype=np.int64)), b.const(np.array([0])), length])
+        x = b.op("Add", [x, b.op("Gather", [b.weight(positions, 8), pos])])
+    m = b.op("Unsqueeze", [b.op("Cast", [mask], to=TensorProto.FLOAT), b.const(np.array([-1]))])
+    b.output(b.op("MatMul", [b.op("Mul", [x, m]), b.weight(8, 5)]))
+    return b.model()
+
+
+def _runs(model, batches):
+    sess = session(model, quiet=True)
+    for feeds in batches:
+        sess.run(None, feeds)
+
+
+def _said(model, calibration, **kw):
+    messages = []
+    batches = calibration_batches(model, calibration, progress=messages.append, **kw)
+    return batches, messages
+
+
+@pytest.mark.parametrize("batch,sizes", [(1, [1] * 10), (4, [4, 4]), ("batch", [4, 4, 2])])
+def test_every_source_in_chunks_the_model_accepts(tmp_path, batch, sizes):
+    Image = pytest.importorskip("PIL.Image")
+    model = _conv_model([batch, 3, 8, 8])
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((10, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", input=data)
+    np.save(tmp_path / "d.npy", data)
+    (tmp_path / "images").mkdir()
+    for k in range(10):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{k}.png")
+    for source in ("d.npz", "d.npy", "images"):
+        batches, said = _said(model, str(tmp_path / source), batch_size=4, mean=0.5, std=0.25)
+        assert [len(f["input"]) for f in batches] == sizes, source
+        _runs(model, batches)
+        assert (batch == 4) == any("fixed at 4: using 8 of 10" in m for m in said)
+    np.testing.assert_array_equal(_inputs(calibration_batches(model, str(tmp_path / "d.npz"), batch_size=4),
+                                          "input"), data[:sum(sizes)])
+    synthetic = calibration_batches(model, "synthetic", samples=10, batch_size=4)
+    assert [len(f["input"]) for f in synthetic] == sizes
+    _runs(model, synthetic)
+
+
+def test_static_batch_synthetic_counts():
+    model = _conv_model([4, 3, 8, 8])
+    assert [len(f["input"]) for f in calibration_batches(model, "synthetic", samples=128)] == [4] * 32
+    assert [len(f["input"]) for f in calibration_batches(model, "synthetic", samples=2)] == [4]  # one batch at least
+    one = _conv_model([1, 3, 8, 8])
+    assert len(calibration_batches(one, "synthetic", samples=128)) == 128
+
+
+def test_fewer_samples_than_a_static_batch_is_one_line(tmp_path):
+    np.savez(tmp_path / "three.npz", input=np.zeros((3, 3, 8, 8), np.float32))
+    with pytest.raises(SpaError, match="3 samples, fewer than the model's static batch of 4") as err:
+        calibration_batches(_conv_model([4, 3, 8, 8]), str(tmp_path / "three.npz"))
+    assert "\n" not in str(err.value)
+
+
+def test_shape_resolution_order_and_announcements():
+    model = _conv_model(["batch", 3, "height", "width"])
+    batches, said = _said(model, "synthetic", samples=4)
+    assert batches[0]["input"].shape == (4, 3, 224, 224)
+    assert said == ["calibration: input 'input' has no declared height/width; synthetic images are 3x224x224 "
+                    "(set --input-shape input=1x3xHxW)"]
+    batches, said = _said(model, "synthetic", samples=4, dims={"height": 20, "width": 30})
+    assert batches[0]["input"].shape == (4, 3, 20, 30) and said == []
+    batches, said = _said(model, "synthetic", samples=4, dims={"height": 20})
+    assert batches[0]["input"].shape == (4, 3, 20, 224) and "no declared width" in said[0]
+    shaped = Calibration(samples=4, shapes={"input": (1, 3, 12, 14)}, dims={"height": 20, "width": 30})
+    batches, said = _said(model, shaped)  # an explicit shape before dims; its batch axis is not a size
+    assert batches[0]["input"].shape == (4, 3, 12, 14) and said == []
+    batches, _ = _said(model, Calibration(samples=4, shapes=(7, 3, 9, 10)))  # bare shape: single input
+    assert batches[0]["input"].shape == (4, 3, 9, 10)
+    _runs(model, batches)
+
+
+def test_default_shapes_by_kind():
+    nhwc = _conv_model(["n", "h", "w", 3], nhwc=True)
+    batches, said = _said(nhwc, "synthetic", samples=2)
+    assert batches[0]["input"].shape == (2, 224, 224, 3) and "images are 224x224x3" in said[0]
+    _runs(nhwc, batches)
+    b = Builder()
+    b.output(b.op("Relu", [b.input(["n", 4, "time"], "signal")]))
+    b.output(b.op("Relu", [b.input(["n", "features"], "other")]))
+    batches, said = _said(b.model(), "synthetic", samples=2)
+    assert batches[0]["signal"].shape == (2, 4, 256) and batches[0]["other"].shape == (2, 16)
+    assert any("'signal' has no declared length" in m and "signal=1x4xL" in m for m in said)
+    assert any("'other' has no declared size for axis 1 ('features')" in m and "16" in m for m in said)
+
+
+def test_explicit_shapes_are_checked():
+    model = _conv_model(["batch", 3, "height", "width"])
+    cases = [({"input": (1, 1, 8, 8)}, "axis 1 must be 3"), ({"input": (1, 3, 8)}, "rank 3, the input has rank 4"),
+             ({"pixels": (1, 3, 8, 8)}, "'pixels', which is no input"), ({"input": (1, 3, 0, 8)}, "positive")]
+    for shapes, message in cases:
+        with pytest.raises(SpaError, match=message) as err:
+            calibration_batches(model, Calibration(shapes=shapes))
+        assert "\n" not in str(err.value)
+    with pytest.raises(SpaError, match="single-input model"):
+        calibration_batches(_text_model(), Calibration(shapes=(1, 8)))
+
+
+def test_ocr_like_unnamed_height_and_width():
+    b = Builder()
+    x = b.input(["p2o.DynamicDimension.0", 3, "?", "p2o.DynamicDimension.1"], "x")
+    b.output(b.op("GlobalAveragePool", [b.conv(x, 3, 4)]))
+    model = b.model()
+    batches, said = _said(model, "synthetic", samples=2)
+    assert batches[0]["x"].shape == (2, 3, 224, 224)
+    assert "'x' has no declared height/width" in said[0] and "--input-shape x=1x3xHxW" in said[0]
+    batches, said = _said(model, Calibration(samples=2, shapes={"x": (1, 3, 48, 320)}))
+    assert batches[0]["x"].shape == (2, 3, 48, 320) and said == []
+
+
+def test_token_lengths_vary_per_batch():
+    model = _text_model()
+    batches, said = _said(model, "synthetic", samples=256, batch_size=8)
+    lengths = [f["input_ids"].shape[1] for f in batches]
+    assert len(batches) == 32 and all(f["input_ids"].shape[0] == 8 for f in batches)
+    assert min(lengths) <= 6 and max(lengths) >= 90 and all(4 <= n <= 128 for n in lengths)
+    assert len(set(lengths)) > 16
+    logs = np.log(lengths)  # log-uniform: as many below the geometric middle (~22) as above it
+    assert abs(np.sum(logs < np.log(22.6)) - 16) <= 3
+    for f in batches:
+        assert f["attention_mask"].shape == f["input_ids"].shape == f["token_type_ids"].shape
+        assert np.all(f["attention_mask"] == 1) and np.all(f["token_type_ids"] == 0)
+    _runs(model, batches)
+    assert "'input_ids' has no declared sequence length" in said[0] and "from 4 to 128 tokens" in said[0]
+    again = [f["input_ids"].shape[1] for f in calibration_batches(model, "synthetic", samples=256, batch_size=8)]
+    assert again == lengths  # a fixed, seeded schedule
+    fixed = calibration_batches(model, Calibration(samples=16, batch_size=8, shapes={"input_ids": (1, 24)}))
+    assert {f[n].shape for f in fixed for n in f} == {(8, 24)}  # the mask and the type ids follow the ids
+
+
+def test_token_lengths_respect_position_tables_and_static_batches():
+    capped = _token_model(positions=20)
+    assert position_limit(capped) == 20
+    batches, said = _said(capped, "synthetic", samples=64, batch_size=4)
+    assert max(f["input_ids"].shape[1] for f in batches) <= 20 and "position table" in said[0]
+    _runs(capped, batches)
+    posin = _token_model(positions=12, position_input=True)
+    batches = calibration_batches(posin, "synthetic", samples=32, batch_size=4)
+    for f in batches:
+        np.testing.assert_array_equal(f["position_ids"], np.broadcast_to(np.arange(f["input_ids"].shape[1]),
+                                                                         f["input_ids"].shape))
+        assert f["input_ids"].shape[1] <= 12
+    _runs(posin, batches)
+    static = _token_model(batch=1)
+    batches = calibration_batches(static, "synthetic", samples=12)
+    assert len(batches) == 12 and {f["input_ids"].shape[0] for f in batches} == {1}
+    assert len({f["input_ids"].shape[1] for f in batches}) > 6
+    _runs(static, batches)
+
+
+def test_positional_signature_and_calibration_object():
+    model = _text_model()
+    batches = calibration_batches(model, "synthetic", 8, 4, 0, {"sequence": 12})
+    assert [f["input_ids"].shape for f in batches] == [(4, 12), (4, 12)]
+    assert len(calibration_batches(model, Calibration(samples=8, batch_size=4, dims={"sequence": 3}))) == 2
+    assert len(calibration_batches(model, Calibration(samples=8, batch_size=4), samples=4)) == 1  # override
+
+
+# ---------------------------------------------------------------------------------------------
+# text files
+# ---------------------------------------------------------------------------------------------
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + "the cat sat on a mat dog ran far away yes no very big red".split()
+
+
+def _tokenizer(path, words=WORDS):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    path.mkdir(exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def _ids(sentence):
+    return [2] + [WORDS.index(w) if w in WORDS else 1 for w in sentence.split()] + [3]
+
+
+SENTENCES = ["yes", "the cat sat on a mat", "", "no", "the dog ran far far away", "a big red dog",
+             "the very big cat sat on the mat", "  ", "zebra", "yes no"]
+
+
+def test_text_file_is_tokenised_grouped_and_padded(tmp_path):
+    tokenizer = _tokenizer(tmp_path / "tok")
+    (tmp_path / "s.txt").write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    model = _text_model()
+    sentences = [s.strip() for s in SENTENCES if s.strip()]
+    for tok in (str(tokenizer), str(tokenizer / "tokenizer.json")):
+        batches, said = _said(model, Calibration(source=str(tmp_path / "s.txt"), tokenizer=tok, batch_size=3))
+        assert [len(f["input_ids"]) for f in batches] == [3, 3, 2]
+        rows = []
+        for f in batches:
+            ids, mask = f["input_ids"], f["attention_mask"]
+            assert ids.dtype == mask.dtype == np.int64 and np.all(f["token_type_ids"] == 0)
+            assert ids.shape[1] == mask.sum(axis=1).max()  # padded to the batch's longest sentence
+            assert np.all(ids[mask == 0] == 0)  # [PAD]
+            rows += [list(r[m == 1]) for r, m in zip(ids, mask)]
+        assert sorted(map(tuple, rows)) == sorted(tuple(_ids(s)) for s in sentences)
+        assert [len(r) for r in rows] == sorted(len(r) for r in rows)  # grouped by length
+        _runs(model, batches)
+        assert "8 sentences" in said[-1] and "3 batches" in said[-1]
+    short = calibration_batches(model, Calibration(source=str(tmp_path / "s.txt"), tokenizer=str(tokenizer),
+                                                   max_length=4, samples=2))
+    ids, mask = short[0]["input_ids"], short[0]["attention_mask"]
+    assert ids.shape == (2, 4) and [list(r[m == 1]) for r, m in zip(ids, mask)] == [_ids("yes"), [2, 4, 5, 3]]
+
+
+def test_text_file_on_static_batch_and_position_models(tmp_path):
+    tokenizer = _tokenizer(tmp_path / "tok")
+    (tmp_path / "s.txt").write_text("\n".join(SENTENCES), encoding="utf-8")
+    source = Calibration(source=str(tmp_path / "s.txt"), tokenizer=str(tokenizer))
+    static = _token_model(batch=4)
+    batches = calibration_batches(static, source)
+    assert [len(f["input_ids"]) for f in batches] == [4, 4]
+    _runs(static, batches)
+    posin = _token_model(positions=6, position_input=True)
+    batches, said = _said(posin, source)
+    assert max(f["input_ids"].shape[1] for f in batches) == 6 and any("truncated at 6" in m for m in said)
+    for f in batches:
+        assert np.all(f["position_ids"] == np.arange(f["input_ids"].shape[1]))
+    _runs(posin, batches)
+
+
+def test_bad_text_sources_are_one_line(tmp_path):
+    tokenizer = _tokenizer(tmp_path / "tok")
+    big = _tokenizer(tmp_path / "big", WORDS + [f"w{k}" for k in range(40)])
+    (tmp_path / "s.txt").write_text("the cat\nw39 w38\n", encoding="utf-8")
+    (tmp_path / "blank.txt").write_text("\n  \n\n", encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "empty_dir").mkdir()
+    text = str(tmp_path / "s.txt")
+    cases = [
+        (_text_model(), Calibration(source=text), "needs a tokenizer"),
+        (_text_model(), Calibration(source=text, tokenizer=str(tmp_path / "nope.json")), "no such file"),
+        (_text_model(), Calibration(source=text, tokenizer=str(tmp_path / "empty_dir")), "no tokenizer.json"),
+        (_text_model(), Calibration(source=text, tokenizer=str(tmp_path / "broken.json")), "cannot be loaded"),
+        (_text_model(), Calibration(source=str(tmp_path / "blank.txt"), tokenizer=str(tokenizer)), "no sentences"),
+        (_text_model(), Calibration(source=str(tmp_path / "latin1.txt"), tokenizer=str(tokenizer)), "not UTF-8"),
+        (_text_model(), Calibration(source=text, tokenizer=str(big)), "beyond the model's vocabulary of 37"),
+        (_cnn(), Calibration(source=text, tokenizer=str(tokenizer)), "token-id input"),
+        (_token_model(batch=4), Calibration(source=text, tokenizer=str(tokenizer)), "fewer than the model's static"),
+    ]
+    for model, calibration, message in cases:
+        with pytest.raises(SpaError, match=message) as err:
+            calibration_batches(model, calibration)
+        assert "\n" not in str(err.value), message
+
+
+# ---------------------------------------------------------------------------------------------
+# image directories
+# ---------------------------------------------------------------------------------------------
+def _images(path, sizes, mode="RGB", value=None):
+    Image = pytest.importorskip("PIL.Image")
+    path.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for k, (h, w) in enumerate(sizes):
+        channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+        a = rng.integers(0, 256, (h, w, channels), dtype=np.uint8) if value is None else \
+            np.full((h, w, channels), value, np.uint8)
+        if mode == "RGBA":
+            a[..., 3] = 255
+        Image.fromarray(a[..., 0] if mode == "L" else a, mode).save(path / f"im{k}.png")
+    return str(path)
+
+
+def test_image_options_layout_size_and_announced_defaults(tmp_path):
+    folder = _images(tmp_path / "im", [(20, 30), (9, 9), (40, 10)], value=255)
+    model = _conv_model(["batch", 3, "h", "w"])
+    batches, said = _said(model, folder)
+    assert batches[0]["input"].shape == (3, 3, 224, 224)
+    assert any("images are resized to 224x224 (set --image-size HxW)" in m for m in said)
+    assert any("ImageNet's mean/std" in m for m in said)
+    batches, said = _said(model, Calibration(source=folder, image_size=(16, 24), mean=(0.5,), std=(0.25,)))
+    x = batches[0]["input"]
+    assert x.shape == (3, 3, 16, 24) and said == []
+    np.testing.assert_allclose(x, 2.0, atol=1e-5)  # white: (1 - 0.5) / 0.25
+    nhwc = _conv_model(["n", 8, 8, 3], nhwc=True)
+    x = calibration_batches(nhwc, Calibration(source=folder, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))[0]["input"]
+    assert x.shape == (3, 8, 8, 3)
+    _runs(nhwc, [{"input": x}])
+    for mode in ("L", "RGBA"):
+        other = _images(tmp_path / mode, [(8, 8), (12, 6)], mode=mode)
+        for channels in (1, 3):
+            got = calibration_batches(_conv_model(["n", channels, 8, 8]), other)[0]["input"]
+            assert got.shape == (2, channels, 8, 8) and np.all(np.isfinite(got))
+    b = Builder()
+    b.output(b.op("Relu", [b.input(["n", "c", 8, 8])]))
+    forced = b.model()
+    with pytest.raises(SpaError, match="cannot tell the channel axis"):
+        calibration_batches(forced, folder)
+    assert calibration_batches(forced, Calibration(source=folder, layout="nchw"))[0]["input"].shape == (3, 3, 8, 8)
+
+
+def test_image_pad_mode_keeps_aspect_ratio(tmp_path):
+    folder = _images(tmp_path / "lines", [(8, 8), (4, 40)], value=255)  # im0: square; im1: very wide
+    b = Builder()
+    x = b.input(["n", 3, 8, "w"], "x")
+    b.output(b.op("GlobalAveragePool", [b.conv(x, 3, 4)]))
+    model = b.model()
+    calibration = Calibration(source=folder, shapes={"x": (1, 3, 8, 32)}, mean=(0.5,), std=(0.5,), resize="pad")
+    x = calibration_batches(model, calibration)[0]["x"]
+    assert x.shape == (2, 3, 8, 32)
+    np.testing.assert_allclose(x[0, :, :, :8], 1.0, atol=1e-5)  # 8x8 stays 8x8, white -> 1
+    assert np.all(x[0, :, :, 8:] == 0)  # right padding is 0 after normalisation
+    np.testing.assert_allclose(x[1], 1.0, atol=1e-5)  # 4x40 -> 8x80 is squeezed to 8x32
+    stretched = calibration_batches(model, Calibration(source=folder, image_size=(8, 32), mean=(0.5,), std=(0.5,)))
+    np.testing.assert_allclose(stretched[0]["x"], 1.0, atol=1e-5)
+
+
+def test_bad_images_and_options_are_one_line(tmp_path):
+    good = _images(tmp_path / "good", [(8, 8)])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"\x89PNG not really")
+    model = _conv_model(["n", 3, 8, 8])
+    cases = [
+        (model, str(bad), "cannot be read"),
+        (model, Calibration(source=good, image_size=(9, 8)), "does not fit"),
+        (model, Calibration(source=good, mean=(0.1, 0.2)), "needs 1 or 3 values"),
+        (model, Calibration(source=good, std=(0.0,)), "std must be"),
+        (model, Calibration(source=good, layout="nhcw"), "nchw or nhwc"),
+        (model, Calibration(source=good, resize="crop"), "stretch or pad"),
+        (model, Calibration(source=good, image_size=(8,)), "two positive"),
+        (_conv_model([2, 3, 8, 8]), good, "fewer than the model's static batch of 2"),
+        (_text_model(), good, "one float input of rank 4"),
+        (_conv_model(["n", 4, 8, 8]), Calibration(source=good, layout="nchw"), "4 channels"),
+    ]
+    for m, calibration, message in cases:
+        with pytest.raises(SpaError, match=message) as err:
+            calibration_batches(m, calibration)
+        assert "\n" not in str(err.value), message
+
+
+def test_ids_beyond_the_vocabulary_in_arrays(tmp_path):
+    ids = np.full((2, 4), 40)
+    np.savez(tmp_path / "t.npz", input_ids=ids, token_type_ids=0 * ids, attention_mask=1 + 0 * ids)
+    with pytest.raises(SpaError, match="id 40, outside the model's vocabulary of 37"):
+        calibration_batches(_text_model(), str(tmp_path / "t.npz"))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI flags
+# ---------------------------------------------------------------------------------------------
+def _prune_args(tmp_path, *flags, criterion="obspa"):
+    path = tmp_path / "m.onnx"
+    if not path.exists():
+        onnx.save(_cnn(), path)
+    return ["prune", str(path), "-o", str(tmp_path / "out.onnx"), "--ratio", "0.5", "-q",
+            "--criterion", criterion, *flags]
+
+
+def test_cli_flags_build_a_calibration(tmp_path):
+    from spa.cli import calibration_options, parser
+    tokenizer = _tokenizer(tmp_path / "tok")
+    args = parser().parse_args(_prune_args(
+        tmp_path, "--input-shape", "x=1x3x48x320", "--input-shape", "ids=1x16", "--tokenizer", str(tokenizer),
+        "--max-length", "64", "--image-size", "48x320", "--image-mean", "0.5,0.5,0.5", "--image-std", "0.5",
+        "--image-layout", "NHWC", "--image-resize", "pad", "--calibration-samples", "32", "--seed", "3"))
+    got = calibration_options(args)
+    assert got == Calibration(source="synthetic", samples=32, seed=3, shapes={"x": (1, 3, 48, 320), "ids": (1, 16)},
+                              tokenizer=str(tokenizer), max_length=64, image_size=(48, 320), mean=(0.5, 0.5, 0.5),
+                              std=(0.5,), layout="nhwc", resize="pad")
+    bare = calibration_options(parser().parse_args(_prune_args(tmp_path, "--input-shape", "1x3x8x8")))
+    assert bare.shapes == (1, 3, 8, 8) and bare == Calibration(shapes=(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--input-shape", "x=1xAx3"], "--input-shape 'x=1xAx3'"),
+    (["--input-shape", "=1x3"], "input name before '=' is empty"),
+    (["--input-shape", "1x3x8x8", "--input-shape", "x=1x3x8x8"], "without an input name"),
+    (["--image-size", "48"], "--image-size must be HxW"),
+    (["--image-size", "0x4"], "--image-size '0x4'"),
+    (["--image-mean", "a,b,c"], "--image-mean 'a,b,c'"),
+    (["--image-std", "0.5,0,0.5"], "--image-std"),
+    (["--image-layout", "chw"], "--image-layout must be nchw or nhwc"),
+    (["--image-resize", "crop"], "--image-resize must be stretch or pad"),
+    (["--max-length", "0"], "--max-length '0'"),
+    (["--tokenizer", "/nonexistent/tok.json"], "no such file"),
+    (["--input-shape", "1x3x9x8"], "axis 2 must be 8"),
+    (["--input-shape", "pixels=1x3x8x8"], "no input of the model"),
+])
+def test_cli_malformed_calibration_flags_exit_2(tmp_path, capsys, flags, message):
+    if "--input-shape" in flags and len(flags) == 2 and "=" not in flags[1] or "pixels=" in str(flags):
+        pytest.importorskip("spa.pipeline")
+        import inspect
+        from spa.pipeline import prune
+        if "calibration_options" not in inspect.signature(prune).parameters:
+            pytest.skip("spa.pipeline.prune does not take calibration_options yet")
+    rc = main(_prune_args(tmp_path, *flags))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("spa: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "bn-scale", "random"])
+def test_cli_calibration_flags_refused_without_calibration(tmp_path, capsys, criterion):
+    rc = main(_prune_args(tmp_path, "--image-size", "8x8", criterion=criterion))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert "--image-size" in err and f"criterion {criterion}" in err
+
+
+def test_cli_text_calibration_without_tokenizer(tmp_path, capsys):
+    path = tmp_path / "t.onnx"
+    onnx.save(_text_model(), path)
+    (tmp_path / "s.txt").write_text("the cat\n")
+    rc = main(["prune", str(path), "-o", str(tmp_path / "out.onnx"), "--ratio", "0.5", "-q",
+               "--criterion", "obspa", "--calibration", str(tmp_path / "s.txt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "needs a tokenizer" in err

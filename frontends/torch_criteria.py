@@ -90,8 +90,8 @@ def saliency(model_or_path, criterion: str = "taylor", batches: list | None = No
         module.to(_torch_dtype(dtype))
     if batches is None:
         batches = calibration_batches(model, calibration, samples, batch_size, seed)
-        if labels is None:
-            labels = _labels_in_calibration(calibration)
+    if labels is None:
+        labels = _labels_in_calibration(calibration)
     if not batches:
         raise SpaError(f"criterion {criterion} needs calibration inputs (calibration '{calibration}' gives none)")
     if criterion == "snip":

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import math
 import os
@@ -159,14 +158,8 @@ def _prune(args, model, options, say):
     target = Target(ratio=args.ratio, global_ranking=args.global_ranking, keep_params=args.target_params,
                     keep_macs=args.target_flops, max_group_ratio=args.max_group_ratio,
                     round_to=args.round_to, ignore=args.ignore)
-    extra = {}
-    if "calibration_options" in inspect.signature(prune).parameters:
-        extra["calibration_options"] = args.calibration_options
-    elif any(getattr(args, f) is not None for f in _CALIBRATION_FLAGS):
-        raise SpaError("this spa.pipeline does not take calibration options yet")
     return prune(model, target, args.criterion, args.aggregation, args.normalization, options,
-                 args.seed, progress=say, calibration=args.calibration,
-                 calibration_samples=args.calibration_samples, damp=args.damp, labels=args.labels, **extra)
+                 args.seed, progress=say, calibration=args.calibration_options, damp=args.damp, labels=args.labels)
 
 
 _CALIBRATION_FLAGS = {"input_shape": "--input-shape", "tokenizer": "--tokenizer", "max_length": "--max-length",

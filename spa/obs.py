@@ -21,6 +21,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 DEFAULT_DAMP = 0.01
+SINGLE_ABOVE = 1024  # Cholesky factorisations of wider Hessians run in float32
 
 
 class HessianSum:
@@ -31,6 +32,7 @@ class HessianSum:
         self.xtx = np.zeros((blocks, columns, columns))
         self.count = 0
         self.symmetric = True
+        self._matrix = None
 
     def add(self, rows: np.ndarray, block: int = 0, count: bool = True, chunk: int = 8192, other=None):
         """rows: (n, d_in), one input vector per row; other: rows of a second input (X_ref) to
@@ -40,10 +42,11 @@ class HessianSum:
         # float32 inputs multiply in float32 (twice as fast), each chunk summed into float64
         dtype = np.float32 if rows.dtype == np.float32 else np.float64
         syrk = blas.ssyrk if dtype == np.float32 else blas.dsyrk
+        self._matrix = None
         for start in range(0, len(rows), chunk):
-            part = np.asfortranarray(rows[start:start + chunk], dtype=dtype)
-            if other is None:
-                self.xtx[block] += syrk(1.0, part, trans=1, lower=0)  # upper triangle of part^T part
+            part = np.ascontiguousarray(rows[start:start + chunk], dtype=dtype)
+            if other is None:  # part.T is Fortran-ordered: syrk reads it without a copy
+                self.xtx[block] += syrk(1.0, part.T, trans=0, lower=0)  # upper triangle of part^T part
             else:
                 self.symmetric = False
                 self.xtx[block] += part.T @ np.asarray(other[start:start + chunk], dtype=dtype)
@@ -53,11 +56,13 @@ class HessianSum:
     @property
     def matrix(self) -> np.ndarray:
         """(blocks, d_in, d_in)."""
-        xtx = self.xtx
-        if self.symmetric:
-            upper = np.triu(xtx)
-            xtx = upper + np.swapaxes(np.triu(xtx, 1), 1, 2)
-        return 2.0 * xtx / max(self.count, 1)
+        if self._matrix is None:
+            xtx = self.xtx
+            if self.symmetric:
+                xtx = np.triu(xtx)
+                xtx += np.swapaxes(np.triu(xtx, 1), 1, 2)
+            self._matrix = 2.0 * xtx / max(self.count, 1)
+        return self._matrix
 
 
 def damped(H: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
@@ -69,6 +74,15 @@ def damped(H: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
     # a dead column (zero diagonal) would otherwise be left with only the tiny global damping
     H[np.diag_indices_from(H)] += damp * scale + (diag <= 0) * scale * 1e-2
     return H
+
+
+def _cholesky(d: int):
+    """(potrf, dtype): float32 above SINGLE_ABOVE columns (twice as fast; the damping keeps the
+    condition number low enough), float64 below. (OpenBLAS's float32 potri is slower than its
+    float64 one: inverses stay float64.)"""
+    from scipy.linalg import lapack
+
+    return (lapack.spotrf, np.float32) if d > SINGLE_ABOVE else (lapack.dpotrf, np.float64)
 
 
 def inverse(H: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
@@ -84,7 +98,8 @@ def inverse(H: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
         if info == 0:
             upper, info = lapack.dpotri(factor, lower=False)
             if info == 0:
-                Hinv = np.triu(upper) + np.triu(upper, 1).T
+                Hinv = np.triu(upper)
+                Hinv += np.triu(upper, 1).T
                 if np.all(np.isfinite(Hinv)):
                     return Hinv
         damp *= 10
@@ -157,14 +172,15 @@ def refit(W: np.ndarray, H: np.ndarray, cross: np.ndarray | None, Q, damp: float
     the layer now sees (upstream already pruned), H = 2 X X^T / N and cross = 2 X X_ref^T / N.
     lambda is the damping of H. cross None (X == X_ref) is `compensate` exactly, computed as
     W_K + W_Q Hd[Q,K] Hd[K,K]^-1: one Cholesky of the kept block instead of a full inverse."""
-    from scipy.linalg import cho_solve, lapack
+    from scipy.linalg import cho_solve
 
     W = np.asarray(W, dtype=np.float64)
     Q = np.asarray(Q, dtype=np.int64)
     K = np.setdiff1d(np.arange(W.shape[1]), Q)
+    potrf, dtype = _cholesky(len(K))
     for _ in range(12):
         Hd = damped(H, damp)
-        factor, info = lapack.dpotrf(Hd[np.ix_(K, K)], lower=False)
+        factor, info = potrf(Hd[np.ix_(K, K)].astype(dtype), lower=False)
         if info == 0:
             break
         damp = max(damp, 1e-10) * 10
@@ -175,7 +191,7 @@ def refit(W: np.ndarray, H: np.ndarray, cross: np.ndarray | None, Q, damp: float
     cross = Hd if cross is None else np.asarray(cross, dtype=np.float64) + np.diag(np.diag(Hd) - np.diag(H))
     rhs = W @ cross[K, :].T  # W Hd[:, K] when cross is H: the damping pulls towards W_K
     new = np.zeros_like(W)
-    new[:, K] = cho_solve((factor, False), rhs.T).T
+    new[:, K] = cho_solve((factor, False), rhs.T.astype(dtype)).T
     return new
 
 

@@ -46,15 +46,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import obs
-from .calibration import calibration_batches
 from .errors import SpaError
 from .activations import StagedRun, fetch
-from .groups import Analysis, Options, analyze
+from .groups import Analysis, Options
 from .importance import NORMALIZATIONS, normalize, score
 from .plan import Plan
-from .rewrite import rewrite
 from .layers import Layer, find_layers
-from .selection import Target, select
+from .selection import Target
 from .verify import masked_original
 
 MAX_COLUMNS = 8192  # wider layers: diagonal Hessian (an 8192^2 float64 H is 512 MB)
@@ -253,60 +251,71 @@ def compensate(analysis, plan, layers, batches, damp, progress, max_columns=MAX_
     return weights
 
 
-def _copy(model):
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
-
-
 # ---------------------------------------------------------------------------------------------
-# the method
+# the criterion and the compensation stage of spa.pipeline
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class ObspaResult:
-    model: onnx.ModelProto
-    plan: Plan
-    analysis: Analysis
-    weights: dict  # compensated constants (original shapes), before slicing
-    scores: dict
+class Measured:
+    """What the OBS criterion measured on the original model; the compensation stage reuses it."""
+    layers: list
+    hessians: Hessians
+    batches: list
+    damp: float
+    seed: int = 0
+
+
+def check_damp(damp: float) -> None:
+    if not 0 <= damp < 1e6:
+        raise SpaError(f"damping must be non-negative, got {damp}")
+
+
+def scores(analysis: Analysis, batches: list, damp: float = obs.DEFAULT_DAMP, normalization: str = "mean",
+           seed: int = 0, progress=lambda message: None):
+    """(group scores, Measured): OBS saliency of every prunable group's channels from the
+    Hessians of its consumer layers on the calibration batches ([]: H = I)."""
+    check_damp(damp)
+    if normalization not in NORMALIZATIONS:
+        raise SpaError(f"unknown normalization '{normalization}' (known: {', '.join(NORMALIZATIONS)})")
+    layers = scored_layers(analysis)
+    hessians = Hessians(len(batches), MAX_COLUMNS, seed)
+    if batches and layers:
+        progress(f"Hessians of {len(layers)} layers from {sum(len(next(iter(b.values()))) for b in batches)} "
+                 "calibration samples")
+        collect(analysis.model, layers, batches, hessians, "Hessians")
+    progress(f"OBS saliency of {sum(g.prunable for g in analysis.groups)} prunable groups")
+    found = group_scores(analysis, layers, hessians, damp, normalization, calibrated=bool(batches))
+    return found, Measured(layers, hessians, batches, damp, seed)
+
+
+def compensation_stage(analysis: Analysis, plan: Plan, how: str, batches: list, measured: Measured | None = None,
+                       damp: float = obs.DEFAULT_DAMP, seed: int = 0, progress=lambda message: None) -> dict:
+    """Compensated weights for the plan ({} for how="none"): "obs" (least squares on the inputs
+    each layer now sees) or "reference" (fit to the original model's layer outputs)."""
+    if how not in COMPENSATIONS:
+        raise SpaError(f"unknown compensation '{how}' (known: {', '.join(COMPENSATIONS)})")
+    if how == "none":
+        return {}
+    check_damp(damp)
+    layers = measured.layers if measured else scored_layers(analysis)
+    return compensate(analysis, plan, layers, batches, damp, progress, MAX_COLUMNS, how == "reference",
+                      first=measured.hessians if measured else None, seed=seed)
 
 
 def obspa(model: onnx.ModelProto, target: Target, calibration: str = "synthetic", samples: int = 128,
           batch_size: int = 16, damp: float = obs.DEFAULT_DAMP, normalization: str = "mean",
-          options: Options | None = None, seed: int = 0, compensation: str = "obs",
-          max_columns: int = MAX_COLUMNS, dims: dict | None = None, progress=lambda message: None,
-          analysis: Analysis | None = None) -> ObspaResult:
-    """Analyze -> calibrate -> Hessians -> group saliencies -> select -> compensate -> rewrite."""
-    target.check()
-    if normalization not in NORMALIZATIONS:
-        raise SpaError(f"unknown normalization '{normalization}' (known: {', '.join(NORMALIZATIONS)})")
-    if compensation not in COMPENSATIONS:
-        raise SpaError(f"unknown compensation '{compensation}' (known: {', '.join(COMPENSATIONS)})")
-    if not 0 <= damp < 1e6:
-        raise SpaError(f"damping must be non-negative, got {damp}")
-    batches = calibration_batches(model, calibration, samples, batch_size, seed, dims)
-    if analysis is None:
-        progress("analyzing channel coupling")
-        analysis = analyze(model, options)
-    layers = _scored_layers(analysis)
-    hessians = Hessians(len(batches), max_columns, seed)
-    if batches and layers:
-        progress(f"Hessians of {len(layers)} layers from {sum(len(next(iter(b.values()))) for b in batches)} "
-                 "calibration samples")
-        collect(model, layers, batches, hessians, "Hessians")
-    progress(f"OBS saliency of {sum(g.prunable for g in analysis.groups)} prunable groups ({calibration})")
-    scores = group_scores(analysis, layers, hessians, damp, normalization, calibrated=bool(batches))
-    progress("selecting channels")
-    plan = select(analysis, scores, target)
-    weights = {} if compensation == "none" else \
-        compensate(analysis, plan, layers, batches, damp, progress, max_columns, compensation == "reference",
-                   first=hessians, seed=seed)
-    del hessians
-    progress(f"rewriting: removing {len(plan.removed_atoms)} channels")
-    return ObspaResult(rewrite(plan, weights=weights), plan, analysis, weights, scores)
+          options: Options | None = None, seed: int = 0, compensation: str = "obs", dims: dict | None = None,
+          progress=lambda message: None):
+    """spa.pipeline.prune with criterion "obspa": analyze -> calibrate -> Hessians -> group
+    saliencies -> select -> compensate -> rewrite. Returns its Result (with .weights, .scores)."""
+    from .calibration import Calibration
+    from .pipeline import prune
+
+    source = Calibration(source=calibration, samples=samples, batch_size=batch_size, seed=seed, dims=dims)
+    return prune(model, target, "obspa", normalization=normalization, options=options, seed=seed,
+                 progress=progress, calibration=source, damp=damp, compensation=compensation)
 
 
-def _scored_layers(analysis) -> list:
+def scored_layers(analysis) -> list:
     """Layers that read channels of groups the selector may prune."""
     allowed = analysis.options.granularity
     wanted = {g.id for g in analysis.groups if g.prunable and g.kind in allowed}

@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 from onnx import external_data_helper
 
+from . import obspa, plugins
+from .calibration import Calibration, calibration_batches
 from .errors import SpaError
 from .graph import weight_bytes
 from .groups import Analysis, Options, analyze
@@ -24,48 +26,65 @@ class Result:
     model: onnx.ModelProto
     plan: Plan
     analysis: Analysis
+    weights: dict = field(default_factory=dict)  # compensated constants (original shapes), before slicing
+    scores: dict = field(default_factory=dict)  # group id -> per-channel scores
+    recovery: object | None = None  # what the recovery stage reported
+
+
+def _quiet(message):
+    pass
 
 
 def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggregation: str = "mean",
           normalization: str = "mean", options: Options | None = None, seed: int = 0,
-          progress=lambda message: None, calibration: str = "synthetic", calibration_samples: int = 128,
-          damp: float = 0.01, saliency: dict | None = None, labels=None) -> Result:
-    """Prune a ModelProto in memory (not yet verified: `save` verifies before writing).
+          progress=_quiet, calibration: str | Calibration = "synthetic", calibration_samples: int = 128,
+          damp: float = 0.01, saliency: dict | None = None, labels=None, compensation: str | None = None,
+          recover: int = 0, calibration_options: Calibration | None = None) -> Result:
+    """analyze -> score -> select -> compensate -> rewrite -> recover, in memory (`save` verifies
+    and writes).
 
-    criterion "obspa": Optimal Brain Surgeon saliency from calibration inputs (spa.calibration
-    source string), then the remaining consumer weights are compensated (spa.obspa).
-    criterion taylor / snip / grasp / crop / synflow / obd: per-weight saliencies from PyTorch
-    autograd on the calibration inputs (spa.frontends.torch_criteria; `labels`: class labels or
-    a file) unless `saliency` ({weight name: array}, criterion "saliency" too) is given."""
+    criterion "obspa": Optimal Brain Surgeon saliency from calibration inputs (spa.obspa);
+    taylor / snip / grasp / crop / synflow / obd: per-weight saliencies from a frontend registered
+    for them (spa.plugins; PyTorch autograd), unless `saliency` ({weight name: array}) is given;
+    any other: spa.importance. `calibration`: a spa.calibration source string or a Calibration
+    (`calibration_options` overrides it). compensation: "obs" (default with obspa), "reference"
+    or "none" (default otherwise): OBS weight compensation of the layers that lose inputs, with
+    any criterion. recover: steps of data-free distillation of the original into the pruned model
+    (a spa.recovery frontend)."""
     target.check()
-    if criterion in GRADIENT_CRITERIA and saliency is None:
-        return _gradient_prune(model, target, criterion, aggregation=aggregation, normalization=normalization,
-                               options=options, seed=seed, progress=progress, calibration=calibration,
-                               samples=calibration_samples, labels=labels)
-    if criterion == "obspa":
-        from .obspa import obspa
-        result = obspa(model, target, calibration, calibration_samples, damp=damp, normalization=normalization,
-                       options=options, seed=seed, progress=progress)
-        return Result(result.model, result.plan, result.analysis)
+    compensation = compensation or ("obs" if criterion == "obspa" else "none")
+    cal = _calibration(calibration_options or calibration, calibration_samples, seed)
     progress("analyzing channel coupling")
     analysis = analyze(model, options)
+    needs_data = criterion == "obspa" or compensation != "none" or recover or \
+        (criterion in GRADIENT_CRITERIA and criterion != "synflow" and saliency is None)
+    batches = calibration_batches(model, cal, progress=progress) if needs_data else []
+    measured = None
     progress(f"scoring {sum(g.prunable for g in analysis.groups)} prunable groups ({criterion})")
-    scores = score(analysis, criterion, aggregation, normalization, seed, saliency=saliency)
+    if criterion == "obspa":
+        scores, measured = obspa.scores(analysis, batches, damp, normalization, seed, progress)
+    else:
+        if criterion in GRADIENT_CRITERIA and saliency is None:
+            saliency = plugins.load("spa.criteria", criterion)(
+                model, criterion, batches=batches or None, calibration=cal.source, labels=labels, seed=seed,
+                progress=progress)
+        scores = score(analysis, criterion, aggregation, normalization, seed, saliency=saliency)
     progress("selecting channels")
     plan = select(analysis, scores, target)
+    weights = obspa.compensation_stage(analysis, plan, compensation, batches, measured, damp, seed, progress)
     progress(f"rewriting: removing {len(plan.removed_atoms)} channels")
-    return Result(rewrite(plan), plan, analysis)
+    result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores)
+    if recover:
+        result.recovery = plugins.load("spa.recovery", "distill")(
+            model, result.model, batches, recover, seed=seed, progress=progress)
+        result.model = result.recovery.model
+    return result
 
 
-def _gradient_prune(model, target, criterion, **kw) -> Result:
-    kw["progress"](f"{criterion}: importing PyTorch")
-    try:
-        from spa.frontends.torch_criteria import prune as gradient_prune
-    except ImportError as exc:
-        if (exc.name or "").split(".")[0] != "torch":
-            raise
-        raise SpaError(f"criterion {criterion} needs PyTorch (pip install spa[torch])") from None
-    return gradient_prune(model, target, criterion, **kw)
+def _calibration(source, samples: int, seed: int) -> Calibration:
+    if isinstance(source, Calibration):
+        return source
+    return Calibration(source=source or "synthetic", samples=samples, seed=seed)
 
 
 def apply_plan(model: onnx.ModelProto, plan_path: str, options: Options | None = None) -> Result:

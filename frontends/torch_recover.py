@@ -1,0 +1,497 @@
+"""Data-free recovery of a pruned ONNX model: distil the original (teacher) into the pruned model
+(student) on synthetic inputs, then write the trained weights back into the pruned ONNX.
+
+    from spa.frontends.torch_recover import recover, bn_inversion_batches, synthetic_batches
+    inputs = bn_inversion_batches(original)            # models with BatchNormalization (best)
+    inputs = synthetic_batches(original, batch_size=16, dims={"sequence": 32})   # any model
+    result = recover(original, pruned, inputs, steps=300)
+    if result.improved:
+        save(result.model, "small.onnx")
+
+- Inputs: ``batches(step) -> feeds`` or a list of feeds. :func:`synthetic_batches` gives fresh
+  spa.calibration "synthetic" inputs per step; :func:`bn_inversion_batches` optimises Gaussian
+  inputs until every BatchNormalization sees its running statistics (ZeroQ), which recovered
+  pruned CNNs far better than Gaussian inputs (docs/recover.md).
+- The student is ``spa.frontends.torch.from_onnx(pruned)``, run with ONNX semantics (each
+  BatchNormalization as its node's ``training_mode`` says, so an inference BN keeps its running
+  statistics frozen and only its scale and bias train; no dropout). ``bn="update"`` trains in
+  torch train mode instead (batch statistics; running statistics updated and written back):
+  no better on BN-inversion inputs, and on Gaussian inputs it failed to improve an OBSPA-pruned
+  model that frozen BN improved.
+- The teacher's tensors come from onnxruntime on the original model (measured 1.4-3.6x faster
+  than a frozen torch module), or ``teacher="torch"``.
+- Loss: for every float output, the mean squared error divided by the teacher output's variance
+  (measured once on the held-out batches), averaged over the outputs, so outputs of different
+  scale weigh the same. ``match="shared"`` (default) adds, with weight ``match_weight``, every
+  intermediate tensor that exists in both graphs with the same shape (e.g. a transformer's
+  residual stream when heads and MLP channels were pruned); a CNN pruned globally usually has
+  none. On MiniLM it is what made recovery help at all.
+- Adam with a linear warm-up (``warmup`` fraction of the steps) and a cosine decay to zero;
+  ``lr`` defaults to :func:`default_lr` (1e-3 with BatchNormalization, 1e-4 without).
+- Never worse: the held-out loss (outputs only) is measured with onnxruntime on the pruned model
+  before and on the rewritten model after; if it did not go down, the input model is returned
+  unchanged with ``improved=False``. It is measured on the same kind of inputs as training: on
+  random tokens a lower loss did not always mean better embeddings of real sentences.
+- Trained values are written into a copy of the pruned ModelProto: initializers and Constant
+  nodes, by the names ``onnx_parameters()`` reports, original dtype and shape; a tensor with a
+  non-finite value keeps its old value (reported through ``progress`` and ``RecoveryResult.skipped``).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from spa.errors import SpaError
+from spa.graph import as_model
+
+from .torch_onnx import OnnxModule, from_onnx, run_graph
+
+__all__ = ["recover", "RecoveryResult", "synthetic_batches", "bn_inversion_batches", "default_lr",
+           "DEFAULT_LR", "DEFAULT_LR_NO_BN", "DEFAULT_STEPS"]
+
+DEFAULT_LR = 1e-3          # models with BatchNormalization (measured: docs/recover.md)
+DEFAULT_LR_NO_BN = 1e-4    # others (transformers: 1e-3 recovered less than 1e-4)
+DEFAULT_STEPS = 300
+HOLDOUT_BATCHES = 4
+
+
+@dataclass
+class RecoveryResult:
+    model: onnx.ModelProto           # the recovered model, or the pruned input when not improved
+    improved: bool
+    loss_before: float               # held-out distillation loss of the pruned model
+    loss_after: float                # ... of the recovered model (before, when training failed)
+    seconds: float
+    steps: int                       # training steps run
+    skipped: list = field(default_factory=list)  # weights left unchanged (non-finite values)
+    message: str = ""
+
+
+def synthetic_batches(model: onnx.ModelProto, batch_size: int = 64, seed: int = 0, dims: dict | None = None):
+    """A callable ``step -> feeds`` of fresh spa.calibration "synthetic" inputs for every step
+    (Gaussian floats, token ids below the vocabulary size, masks of ones)."""
+    from spa.calibration import calibration_batches
+
+    model = as_model(model)
+
+    def batches(step: int) -> dict:
+        return calibration_batches(model, "synthetic", batch_size, batch_size,
+                                   seed=seed * 1_000_003 + step + 1, dims=dims)[0]
+
+    return batches
+
+
+def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: int = DEFAULT_STEPS,
+            lr: float | None = None, seed: int = 0, progress=None, holdout=None, *,
+            bn: str = "frozen", match: str = "shared", match_weight: float = 1.0,
+            warmup: float = 0.2, weight_decay: float = 0.0, threads: int | None = None,
+            teacher: str = "ort") -> RecoveryResult:
+    """Distil ``original`` into ``pruned`` for ``steps`` Adam steps; see the module docstring.
+
+    ``batches``: ``batches(step) -> {input name: array}`` (fresh inputs per step) or a list of
+    feeds (cycled; with 5 or more, the last fifth, at most 4, is held out when ``holdout`` is
+    None). ``holdout``: list of feeds for the before/after check (default: ``batches(steps + k)``
+    for k < 4). ``lr``: Adam's peak learning rate (default :func:`default_lr`). ``seed``: torch's
+    generator during training (dropout with ``bn="update"``; the global state is restored).
+    ``threads``: onnxruntime threads. ``progress(message)``: one line at the start, one at the end."""
+    say = progress or (lambda message: None)
+    original, pruned = as_model(original), as_model(pruned)
+    if steps < 0:
+        raise SpaError("recover: steps must be >= 0")
+    if bn not in ("frozen", "update"):
+        raise SpaError(f"recover: bn must be 'frozen' or 'update', got {bn!r}")
+    if match not in ("outputs", "shared"):
+        raise SpaError(f"recover: match must be 'outputs' or 'shared', got {match!r}")
+    lr = default_lr(pruned) if lr is None else float(lr)
+    start = time.perf_counter()
+    train_feeds, holdout = _split_batches(batches, steps, holdout)
+
+    student = from_onnx(pruned, verify=False)
+    names = _float_outputs(student, pruned)
+    if not names:
+        raise SpaError("recover: the pruned model has no float output to distil")
+    teach = _Teacher(original, teacher, threads)
+    pruned_session = _session(pruned, threads)
+    t_hold = [teach.run(f, names) for f in holdout]
+    scales = _scales(t_hold, names)
+    loss_before = _holdout_loss(pruned_session, holdout, t_hold, names, scales)
+
+    shared = []
+    if match == "shared" and steps and loss_before > 0:
+        shared = _shared_tensors(student, teach, train_feeds(0), names)
+        if shared:
+            inner = [teach.run(f, shared) for f in holdout[:2]]
+            scales.update(_scales(inner, shared))
+    say(f"recover: {steps} steps (lr {lr:g}), held-out distillation loss {loss_before:.4g}"
+        + (f", matching {len(shared)} intermediate tensors" if shared else ""))
+
+    params = student.onnx_parameters()
+    ran, diverged = 0, None
+    if steps and loss_before > 0 and params:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            ran, diverged = _train(student, teach, train_feeds, steps, lr, names, shared, scales, match_weight,
+                                   warmup, weight_decay, bn, list(params.values()))
+
+    model, skipped = pruned, []
+    loss_after = loss_before
+    if ran:
+        model, skipped = _write_back(pruned, student, bn)
+        loss_after = _holdout_loss(_session(model, threads), holdout, t_hold, names, scales)
+    improved = bool(ran) and math.isfinite(loss_after) and loss_after < loss_before
+    seconds = time.perf_counter() - start
+    notes = []
+    if diverged is not None:
+        notes.append(f"training diverged at step {diverged}, stopped")
+    if skipped:
+        notes.append(f"{len(skipped)} weight(s) with non-finite values kept unchanged: "
+                     + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    if not improved:
+        notes.append("not improved, pruned model returned unchanged")
+        model = pruned
+    message = (f"recover: {ran} steps, held-out distillation loss {loss_before:.4g} -> {loss_after:.4g}, "
+               f"{seconds:.1f} s" + "".join(f"; {n}" for n in notes))
+    say(message)
+    return RecoveryResult(model, improved, loss_before, loss_after, seconds, ran, skipped, message)
+
+
+def default_lr(model: onnx.ModelProto) -> float:
+    """Adam's peak learning rate when none is given: DEFAULT_LR for a model with
+    BatchNormalization, DEFAULT_LR_NO_BN otherwise (measured, docs/recover.md)."""
+    has_bn = any(n.op_type == "BatchNormalization" for n in as_model(model).graph.node)
+    return DEFAULT_LR if has_bn else DEFAULT_LR_NO_BN
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+def _split_batches(batches, steps, holdout):
+    if callable(batches):
+        feeds = batches
+        if holdout is None:
+            holdout = [batches(steps + k) for k in range(HOLDOUT_BATCHES)]
+    else:
+        items = list(batches)
+        if not items:
+            raise SpaError("recover: no batches")
+        if holdout is None:
+            if len(items) >= 5:
+                k = min(HOLDOUT_BATCHES, len(items) // 5)
+                items, holdout = items[:-k], items[-k:]
+            else:
+                holdout = list(items)
+
+        def feeds(step):
+            return items[step % len(items)]
+    holdout = list(holdout)
+    if not holdout:
+        raise SpaError("recover: empty holdout")
+    return feeds, holdout
+
+
+def _session(model, threads):
+    from spa.runtime import session
+
+    return session(model, threads=threads, quiet=True)
+
+
+def _float_outputs(student: OnnxModule, model) -> list[str]:
+    types = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+              onnx.TensorProto.BFLOAT16}
+    return [n for n in student.output_names if types.get(n) in floats]
+
+
+class _Teacher:
+    """Teacher tensors by name: onnxruntime on the original model (extra graph outputs added for
+    intermediate tensors on demand) or a frozen torch module."""
+
+    def __init__(self, model, kind, threads):
+        if kind not in ("ort", "torch"):
+            raise SpaError(f"recover: teacher must be 'ort' or 'torch', got {kind!r}")
+        self.model, self.kind, self.threads = model, kind, threads
+        self.sessions = {}
+        self.module = None
+        if kind == "torch":
+            self.module = from_onnx(model, verify=False)
+            self.module.mimic_onnx = True
+            self.module.eval()
+            for p in self.module.parameters():
+                p.requires_grad_(False)
+
+    def run(self, feeds, names) -> list[np.ndarray]:
+        names = list(names)
+        if self.kind == "torch":
+            with torch.no_grad():
+                env = _forward_env(self.module, feeds)
+            return [env[n].detach().cpu().numpy() for n in names]
+        key = tuple(names)
+        if key not in self.sessions:
+            self.sessions[key] = _session(_with_outputs(self.model, names), self.threads)
+        sess = self.sessions[key]
+        wanted = {i.name for i in sess.get_inputs()}
+        return sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
+
+
+def _with_outputs(model, names):
+    have = {o.name for o in model.graph.output}
+    extra = [n for n in names if n not in have]
+    if not extra:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for n in extra:
+        copy.graph.output.append(onnx.ValueInfoProto(name=n))
+    return copy
+
+
+def _tensors(student, feeds):
+    dtype = student.float_dtype()
+    out = {}
+    for name in student.input_names:
+        if name in feeds:
+            value = feeds[name]
+            t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+            out[name] = t.to(dtype) if t.is_floating_point() else t
+    return out
+
+
+def _forward_env(module: OnnxModule, feeds) -> dict:
+    """Run the module and return every tensor by ONNX name (intermediates included)."""
+    env = _tensors(module, feeds)
+    for name in module._consts:
+        env.setdefault(name, module._consts[name])
+    for name in module._stores:
+        env.setdefault(name, module.onnx_tensor(name))
+    run_graph(module, module._nodes, env)
+    return env
+
+
+def _scales(teacher_outputs, names) -> dict:
+    scales = {}
+    for k, name in enumerate(names):
+        values = np.concatenate([np.asarray(t[k], dtype=np.float64).ravel() for t in teacher_outputs])
+        values = values[np.isfinite(values)]
+        var = float(values.var()) if values.size else 0.0
+        scales[name] = var if var > 1e-12 else max(float(np.mean(values ** 2)) if values.size else 0.0, 1e-12)
+    return scales
+
+
+def _holdout_loss(session, holdout, teacher_outputs, names, scales) -> float:
+    wanted = {i.name for i in session.get_inputs()}
+    total = 0.0
+    for feeds, t_out in zip(holdout, teacher_outputs):
+        got = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+        for name, g, t in zip(names, got, t_out):
+            err = np.mean((np.asarray(g, np.float64) - np.asarray(t, np.float64)) ** 2)
+            total += float(err) / scales[name]
+    value = total / (len(holdout) * len(names))
+    return value if math.isfinite(value) else float("inf")
+
+
+def _shared_tensors(student, teacher, feeds, outputs) -> list[str]:
+    """Intermediate float tensors present in both graphs with the same shape on ``feeds``."""
+    with torch.no_grad():
+        env = _forward_env(student, feeds)
+    skip = set(outputs) | set(student.input_names) | set(student._consts) | set(student._stores)
+    produced = [o for n in teacher.model.graph.node if n.op_type != "Constant" for o in n.output if o]
+    candidates = [n for n in produced if n in env and n not in skip and isinstance(env[n], torch.Tensor)
+                  and env[n].is_floating_point() and env[n].numel() > 1]
+    if not candidates:
+        return []
+    try:
+        values = teacher.run(feeds, candidates)
+    except Exception:
+        return []
+    return [n for n, v in zip(candidates, values)
+            if tuple(v.shape) == tuple(env[n].shape) and np.all(np.isfinite(v))]
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+def _train(student, teacher, feeds, steps, lr, names, shared, scales, match_weight, warmup, weight_decay,
+           bn, params):
+    from tqdm import tqdm
+
+    if bn == "frozen":
+        student.mimic_onnx = True
+        student.eval()
+    else:
+        student.mimic_onnx = False
+        student.train()
+    opt = (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay
+           else torch.optim.Adam(params, lr=lr))
+    warm = max(0, min(steps - 1, int(round(warmup * steps))))
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        t = (step - warm) / max(1, steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    wanted = list(names) + list(shared)
+    inv = {n: 1.0 / scales[n] for n in wanted}
+    bar = tqdm(range(steps), desc="recover", leave=False, file=sys.stderr, dynamic_ncols=True)
+    running, diverged, ran = None, None, 0
+    for step in bar:
+        batch = feeds(step)
+        targets = teacher.run(batch, wanted)
+        env = _forward_env(student, batch)
+        loss = 0.0
+        for k, name in enumerate(names):
+            t = torch.from_numpy(np.asarray(targets[k])).to(env[name].dtype)
+            loss = loss + torch.mean((env[name] - t) ** 2) * inv[name]
+        loss = loss / len(names)
+        if shared:
+            extra = 0.0
+            for k, name in enumerate(shared, start=len(names)):
+                t = torch.from_numpy(np.asarray(targets[k])).to(env[name].dtype)
+                extra = extra + torch.mean((env[name] - t) ** 2) * inv[name]
+            loss = loss + match_weight * extra / len(shared)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            diverged = step
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        ran = step + 1
+        running = value if running is None else 0.9 * running + 0.1 * value
+        bar.set_postfix(loss=f"{running:.4g}", refresh=False)
+    bar.close()
+    student.eval()
+    student.mimic_onnx = True
+    return ran, diverged
+
+
+# ----------------------------------------------------------------------------------------------
+# write back
+# ----------------------------------------------------------------------------------------------
+def _write_back(pruned, student: OnnxModule, bn):
+    """A copy of ``pruned`` with the student's trained values; returns (model, skipped names)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(pruned)
+    values = {n: p.detach().cpu().numpy() for n, p in student.onnx_parameters().items()}
+    if bn == "update":  # running statistics (not the private copies of shared ones)
+        private = set(student._private_stats)
+        for name, (path, kind) in student._stores.items():
+            if kind == "buffer" and name not in private:
+                values[name] = student.get_buffer(path).detach().cpu().numpy()
+    skipped = []
+
+    def fits(name, old, new):
+        if tuple(old.shape) != tuple(new.shape):
+            return None
+        if not np.all(np.isfinite(new)):
+            skipped.append(name)
+            return None
+        return np.asarray(new).astype(old.dtype)
+
+    for tensor in model.graph.initializer:
+        if tensor.name in values:
+            old = numpy_helper.to_array(tensor)
+            new = fits(tensor.name, old, values[tensor.name])
+            if new is not None:
+                _replace(tensor, new)
+    for node in model.graph.node:
+        if node.op_type != "Constant" or not node.output or node.output[0] not in values:
+            continue
+        name = node.output[0]
+        for a in node.attribute:
+            if a.name == "value":
+                new = fits(name, numpy_helper.to_array(a.t), values[name])
+                if new is not None:
+                    _replace(a.t, new)
+            elif a.name == "value_floats":
+                old = np.array(list(a.floats), dtype=np.float32)
+                new = fits(name, old, values[name])
+                if new is not None:
+                    del a.floats[:]
+                    a.floats.extend(float(v) for v in new.ravel())
+    return model, sorted(set(skipped))
+
+
+def _replace(tensor: onnx.TensorProto, array: np.ndarray):
+    fresh = numpy_helper.from_array(np.ascontiguousarray(array), tensor.name)
+    fresh.doc_string = tensor.doc_string
+    tensor.CopyFrom(fresh)
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs from BatchNormalization statistics (ZeroQ-style "distilled data")
+# ----------------------------------------------------------------------------------------------
+def bn_inversion_batches(model: onnx.ModelProto, batches: int = 10, batch_size: int = 64,
+                         iterations: int = 50, lr: float = 0.1, seed: int = 0, dims: dict | None = None,
+                         progress=None) -> list:
+    """Data-free inputs that the model itself says are typical: start from spa.calibration
+    "synthetic" feeds and optimise the float inputs (Adam, ``iterations`` steps per batch) so
+    that, at every inference BatchNormalization, the batch mean and standard deviation of its
+    input match the running statistics (sum over the BNs of ||mean - running_mean|| +
+    ||std - sqrt(running_var)||; Cai et al. 2020, ZeroQ). Returns ``batches`` feeds dicts.
+
+    Measured (docs/recover.md): distilling on these instead of Gaussian inputs recovers a pruned
+    digits ResNet to 0.99 test accuracy instead of 0.89. Needs BatchNormalization nodes with
+    running statistics (SpaError otherwise)."""
+    from tqdm import tqdm
+
+    from spa.calibration import calibration_batches
+
+    model = as_model(model)
+    say = progress or (lambda message: None)
+    teacher = from_onnx(model, verify=False)
+    teacher.mimic_onnx = True
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    stats = [(n.inputs[0], teacher.onnx_tensor(n.inputs[3]).detach(), teacher.onnx_tensor(n.inputs[4]).detach(),
+              float(n.get("epsilon", 1e-5)))
+             for n in teacher._nodes if n.op == "BatchNormalization" and not n.get("training_mode", 0)
+             and len(n.inputs) > 4]
+    if not stats:
+        raise SpaError("BN-inversion inputs need BatchNormalization nodes with running statistics")
+    start = time.perf_counter()
+    feeds_out = []
+    bar = tqdm(total=batches * iterations, desc="BN inversion", leave=False, file=sys.stderr, dynamic_ncols=True)
+    for b in range(batches):
+        feeds = calibration_batches(model, "synthetic", batch_size, batch_size, seed=seed * 1_000_003 + b,
+                                    dims=dims)[0]
+        floats = {k: torch.from_numpy(np.array(v, dtype=np.float32)).requires_grad_(True)
+                  for k, v in feeds.items() if np.issubdtype(np.asarray(v).dtype, np.floating)}
+        if not floats:
+            raise SpaError("BN-inversion inputs need a float model input")
+        opt = torch.optim.Adam(list(floats.values()), lr=lr)
+        best, best_loss = {k: v.detach().clone() for k, v in floats.items()}, float("inf")
+        for _ in range(iterations):
+            env = _forward_env(teacher, {**feeds, **floats})
+            loss = 0.0
+            for name, mean, var, eps in stats:
+                a = env[name]
+                axes = [0] + list(range(2, a.dim()))
+                loss = loss + torch.linalg.vector_norm(a.mean(axes) - mean) \
+                    + torch.linalg.vector_norm((a.var(axes, unbiased=False) + eps).sqrt() - (var + eps).sqrt())
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                break
+            if value < best_loss:
+                best, best_loss = {k: v.detach().clone() for k, v in floats.items()}, value
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+        feeds_out.append({k: (best[k].numpy().astype(np.asarray(v).dtype) if k in best else v)
+                          for k, v in feeds.items()})
+    bar.close()
+    say(f"BN inversion: {batches} x {batch_size} inputs matched to {len(stats)} BatchNormalization "
+        f"statistics, {time.perf_counter() - start:.1f} s")
+    return feeds_out

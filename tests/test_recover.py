@@ -1,0 +1,247 @@
+"""spa.frontends.torch_recover: data-free recovery of a pruned model by distillation."""
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+torch = pytest.importorskip("torch")
+
+from builder import Builder  # noqa: E402
+
+from spa.frontends.torch_recover import (RecoveryResult, bn_inversion_batches, default_lr,  # noqa: E402
+                                         recover, synthetic_batches)
+from spa.pipeline import prune, save  # noqa: E402
+from spa.runtime import session  # noqa: E402
+from spa.selection import Target  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _cnn(seed=0):
+    b = Builder(seed=seed)
+    x = b.input(["batch", 3, 8, 8])
+    h = b.op("Relu", [b.bn(b.conv(x, 3, 16), 16)])
+    h = b.op("Relu", [b.bn(b.conv(h, 16, 16), 16)])
+    h = b.op("Flatten", [b.op("GlobalAveragePool", [h])])
+    b.output(b.gemm(h, 16, 5))
+    return b.model()
+
+
+def _calibrated_cnn(seed=0, shift=(1.5, -1.0, 0.5), spread=0.5):
+    """_cnn with every BatchNormalization's running statistics measured on inputs that are NOT
+    standard Gaussian (per-channel means ``shift``, std ``spread``): what a trained model is like."""
+    model = _cnn(seed)
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((256, 3, 8, 8)) * spread + np.array(shift)[None, :, None, None]).astype(np.float32)
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in [n for n in model.graph.node if n.op_type == "BatchNormalization"]:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.output.append(onnx.ValueInfoProto(name=node.input[0]))
+        a = session(probe).run([node.input[0]], {"input": x})[0]
+        inits[node.input[3]].CopyFrom(numpy_helper.from_array(a.mean((0, 2, 3)), node.input[3]))
+        inits[node.input[4]].CopyFrom(numpy_helper.from_array(a.var((0, 2, 3)), node.input[4]))
+    return model
+
+
+def _mlp(seed=1):
+    b = Builder(seed=seed)
+    x = b.input(["batch", 12])
+    h = b.op("Relu", [b.gemm(x, 12, 32)])
+    h = b.op("Tanh", [b.gemm(h, 32, 32)])
+    b.output(b.gemm(h, 32, 4))
+    return b.model()
+
+
+def _residual_mlp(seed=2):
+    """x + MLP(x), twice: the residual stream (width 12, tied to the input) is not pruned."""
+    b = Builder(seed=seed)
+    x = b.input(["batch", 12])
+    for _ in range(2):
+        x = b.op("Add", [x, b.gemm(b.op("Relu", [b.gemm(x, 12, 24)]), 24, 12)])
+    b.output(b.gemm(x, 12, 4))
+    return b.model()
+
+
+def _as_constants(model):
+    """The same model with every initializer moved into a Constant node (Paddle/TF style)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    consts = [helper.make_node("Constant", [], [t.name], name="const_" + t.name, value=t)
+              for t in out.graph.initializer]
+    nodes = consts + list(out.graph.node)
+    del out.graph.initializer[:]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def _weights(model):
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _run(model, original, steps=60, lr=3e-3, **kw):
+    return recover(original, model, synthetic_batches(original, batch_size=32), steps, lr=lr, threads=1, **kw)
+
+
+def _check_same_layout(before, after):
+    wa, wb = _weights(before), _weights(after)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert wa[name].shape == wb[name].shape and wa[name].dtype == wb[name].dtype, name
+        assert np.all(np.isfinite(wb[name])), name
+    assert [n.op_type for n in before.graph.node] == [n.op_type for n in after.graph.node]
+
+
+def test_recovers_pruned_cnn_with_batchnorm(tmp_path):
+    original = _cnn()
+    pruned = prune(original, Target(ratio=0.5), criterion="l1").model
+    messages = []
+    result = _run(pruned, original, progress=messages.append)
+    assert isinstance(result, RecoveryResult)
+    assert result.improved and result.steps == 60
+    assert result.loss_after < 0.8 * result.loss_before
+    assert len(messages) == 2 and messages[-1].startswith("recover: 60 steps, held-out distillation loss")
+    _check_same_layout(pruned, result.model)
+    changed = [n for n, v in _weights(result.model).items() if not np.array_equal(v, _weights(pruned)[n])]
+    assert changed
+    # BN running statistics are frozen (not trained, not re-estimated)
+    bn_stats = {i for n in pruned.graph.node if n.op_type == "BatchNormalization" for i in n.input[3:5]}
+    assert bn_stats and not bn_stats & set(changed)
+    assert pruned.graph.initializer[0].name in _weights(pruned)  # the input copy is untouched
+    save(result.model, str(tmp_path / "recovered.onnx"))
+    # an independent check of the held-out claim on fresh inputs
+    feeds = synthetic_batches(original, batch_size=64, seed=7)(0)
+    ref = session(original).run(None, feeds)[0]
+    err = lambda m: float(np.mean((session(m).run(None, feeds)[0] - ref) ** 2))  # noqa: E731
+    assert err(result.model) < err(pruned)
+
+
+def test_recovers_pruned_mlp_from_a_list_of_batches(tmp_path):
+    original = _mlp()
+    pruned = prune(original, Target(ratio=0.5), criterion="l1").model
+    batches = [synthetic_batches(original, batch_size=32, seed=3)(k) for k in range(10)]
+    result = recover(original, pruned, batches, 80, lr=3e-3, threads=1)
+    assert result.improved and result.loss_after < 0.8 * result.loss_before
+    _check_same_layout(pruned, result.model)
+    save(result.model, str(tmp_path / "mlp.onnx"))
+
+
+def test_constant_node_weights_are_written():
+    original = _as_constants(_mlp())
+    pruned = prune(original, Target(ratio=0.5), criterion="l1").model
+    assert not pruned.graph.initializer and any(n.op_type == "Constant" for n in pruned.graph.node)
+    result = _run(pruned, original)
+    assert result.improved
+    _check_same_layout(pruned, result.model)
+    before, after = _weights(pruned), _weights(result.model)
+    assert sum(not np.array_equal(before[n], after[n]) for n in before) >= 3
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_float64_model_keeps_its_dtype():
+    model = _mlp()
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+    for vi in list(model.graph.input) + list(model.graph.output):
+        vi.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+    pruned = prune(model, Target(ratio=0.5), criterion="l1").model
+    result = _run(pruned, model, steps=30)
+    assert result.improved
+    assert all(t.data_type == onnx.TensorProto.DOUBLE for t in result.model.graph.initializer)
+    _check_same_layout(pruned, result.model)
+
+
+def test_identical_model_is_not_changed():
+    original = _cnn()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(original)
+    result = _run(copy, original, steps=20)
+    assert not result.improved and result.loss_before == 0
+    assert result.model is copy
+    assert result.model.SerializeToString() == original.SerializeToString()
+
+
+@pytest.mark.parametrize("lr", [1e9, 1e38])
+def test_diverging_training_never_writes_non_finite_values(lr):
+    original = _mlp()
+    pruned = prune(original, Target(ratio=0.5), criterion="l1").model
+    messages = []
+    result = _run(pruned, original, steps=30, lr=lr, progress=messages.append)
+    if lr > 1e30:  # the float32 loss overflows after one step: training stops
+        assert result.steps == 1 and "diverged" in messages[-1]
+    assert not result.improved
+    assert result.model.SerializeToString() == pruned.SerializeToString()
+    for value in _weights(result.model).values():
+        assert np.all(np.isfinite(value))
+    assert "not improved" in messages[-1]
+
+
+def test_non_finite_weights_are_skipped_when_written():
+    from spa.frontends.torch_onnx import from_onnx
+    from spa.frontends.torch_recover import _write_back
+
+    pruned = prune(_mlp(), Target(ratio=0.5), criterion="l1").model
+    student = from_onnx(pruned, verify=False)
+    params = student.onnx_parameters()
+    names = sorted(params)
+    with torch.no_grad():
+        params[names[0]][...] = float("nan")
+        params[names[1]].add_(1.0)
+    model, skipped = _write_back(pruned, student, "frozen")
+    assert skipped == [names[0]]
+    after, before = _weights(model), _weights(pruned)
+    assert np.array_equal(after[names[0]], before[names[0]])
+    assert np.allclose(after[names[1]], before[names[1]] + 1.0)
+
+
+def test_intermediate_tensors_of_equal_shape_are_matched():
+    original = _residual_mlp()
+    pruned = prune(original, Target(ratio=0.5), criterion="l1").model
+    messages = []
+    result = _run(pruned, original, steps=60, progress=messages.append)
+    assert "matching 4 intermediate tensors" in messages[0]  # each block's down-projection and Add
+    assert result.improved and result.loss_after < 0.8 * result.loss_before
+    _check_same_layout(pruned, result.model)
+
+
+def test_default_learning_rate_depends_on_batchnorm():
+    assert default_lr(_cnn()) == 1e-3 and default_lr(_mlp()) == 1e-4
+
+
+def test_bn_inversion_inputs_match_the_running_statistics():
+    from spa.frontends.torch_onnx import from_onnx
+    from spa.frontends.torch_recover import _forward_env
+
+    original = _calibrated_cnn()
+    pool = bn_inversion_batches(original, batches=3, batch_size=16, iterations=40)
+    assert len(pool) == 3 and all(f["input"].shape == (16, 3, 8, 8) and f["input"].dtype == np.float32
+                                  for f in pool)
+    module = from_onnx(original, verify=False)
+    module.mimic_onnx = True
+    module.eval()
+    bn = next(n for n in module._nodes if n.op == "BatchNormalization")
+    mean = module.onnx_tensor(bn.inputs[3])
+
+    def mismatch(feeds):
+        with torch.no_grad():
+            a = _forward_env(module, feeds)[bn.inputs[0]]
+        return float(torch.linalg.vector_norm(a.mean((0, 2, 3)) - mean))
+
+    gaussian = synthetic_batches(original, batch_size=16)(0)
+    assert mismatch(pool[0]) < 0.5 * mismatch(gaussian)
+    pruned = prune(original, Target(ratio=0.5), criterion="l1").model
+    result = recover(original, pruned, pool, 40, threads=1)
+    assert result.improved
+
+
+def test_bn_inversion_needs_batchnorm():
+    from spa.errors import SpaError
+
+    with pytest.raises(SpaError, match="BatchNormalization"):
+        bn_inversion_batches(_mlp(), batches=1, iterations=1)

@@ -77,6 +77,7 @@ from .runtime import declared_inputs
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_SAMPLES = 128
 DEFAULT_SEQUENCE = 16      # any other unknown axis
 DEFAULT_IMAGE = 224        # unknown height / width of an image-like input
 DEFAULT_SIGNAL = 256       # unknown L of a float [N, C, L] input
@@ -96,9 +97,10 @@ class Calibration:
     shapes: {input name: (N, ...)} (or one bare shape for a single-input model); dims: {symbolic
     dim name: size}; tokenizer: tokenizer.json or a directory holding one (.txt sources);
     image_size: (H, W); mean/std: per channel (or one value); layout: "nchw" / "nhwc";
-    resize: "stretch" / "pad"."""
+    resize: "stretch" / "pad". samples None: DEFAULT_SAMPLES (spa.pipeline uses fewer for models
+    whose forward pass is expensive, and says so)."""
     source: str = "synthetic"
-    samples: int = 128
+    samples: int | None = None
     batch_size: int = 16
     seed: int = 0
     shapes: Mapping | tuple | None = None
@@ -115,7 +117,7 @@ class Calibration:
         if not isinstance(self.source, str):
             raise SpaError(f"calibration source must be a string, got {type(self.source).__name__}")
         for field in ("samples", "batch_size"):
-            if not _positive_int(getattr(self, field)):
+            if not _positive_int(getattr(self, field)) and not (field == "samples" and self.samples is None):
                 raise SpaError("calibration samples and batch size must be positive")
         if not _positive_int(self.max_length):
             raise SpaError(f"calibration max_length must be a positive integer, got {self.max_length!r}")
@@ -162,6 +164,7 @@ def calibration_batches(model: onnx.ModelProto, calibration: Calibration | str |
     options = calibration if isinstance(calibration, Calibration) else Calibration(source=calibration or "synthetic")
     given = dict(samples=samples, batch_size=batch_size, seed=seed, dims=dims, mean=mean, std=std)
     options = dataclasses.replace(options, **{k: v for k, v in given.items() if v is not None}).check()
+    options = dataclasses.replace(options, samples=options.samples or DEFAULT_SAMPLES)
     source = (options.source or "synthetic").strip()
     if source == "none":
         return []

@@ -61,7 +61,9 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--calibration", default="synthetic", metavar="SOURCE",
                     help="obspa inputs: synthetic (default), none, bn, a .npz / .npy / directory path, "
                          "ood:noise-uniform | ood:noise-gaussian | ood:PATH")
-    pr.add_argument("--calibration-samples", type=int, default=128, metavar="N", help="obspa: calibration samples")
+    pr.add_argument("--calibration-samples", type=int, metavar="N",
+                    help="calibration samples (default 128; fewer for models whose forward pass is expensive, "
+                         "announced)")
     pr.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x48x320",
                     help="calibration shape of an input (repeatable; a bare shape for a single-input model); "
                          "unknown sizes otherwise default to 224 (images), 256 (signals), 4..128 tokens, 16")
@@ -80,7 +82,12 @@ def parser() -> argparse.ArgumentParser:
                          "(.npy / .npz / .txt), in calibration sample order; default: a 'labels' array in the "
                          "calibration .npz, else the model's own predictions")
     pr.add_argument("--aggregation", default="mean", choices=AGGREGATIONS)
-    pr.add_argument("--normalization", default="mean", choices=NORMALIZATIONS)
+    pr.add_argument("--normalization", choices=NORMALIZATIONS,
+                    help="per-group score normalisation for ranking across groups (default: mean; none with obspa)")
+    pr.add_argument("--allocation", choices=("measured", "global", "uniform"),
+                    help="how the budget spreads over groups: uniform (--ratio from every group; default except "
+                         "obspa), global (one ranking across groups; --ratio keeps the parameters uniform would), "
+                         "measured (obspa's default: tries both on held-out calibration batches, keeps the better)")
     pr.add_argument("--max-group-ratio", type=float, default=0.9, help="never remove more of one group")
     pr.add_argument("--round-to", type=int, default=1, help="keep a multiple of N channels per group")
     pr.add_argument("--ignore", action="append", default=[], metavar="NAME",
@@ -159,7 +166,8 @@ def _prune(args, model, options, say):
                     keep_macs=args.target_flops, max_group_ratio=args.max_group_ratio,
                     round_to=args.round_to, ignore=args.ignore)
     return prune(model, target, args.criterion, args.aggregation, args.normalization, options,
-                 args.seed, progress=say, calibration=args.calibration_options, damp=args.damp, labels=args.labels)
+                 args.seed, progress=say, calibration=args.calibration_options, damp=args.damp, labels=args.labels,
+                 allocation=args.allocation)
 
 
 _CALIBRATION_FLAGS = {"input_shape": "--input-shape", "tokenizer": "--tokenizer", "max_length": "--max-length",

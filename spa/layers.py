@@ -92,6 +92,15 @@ class Layer:
             return x.shape[1]
         return int(np.prod(x.shape)) // x.shape[-1]
 
+    def valid_rows(self, x: np.ndarray, tokens) -> np.ndarray | None:
+        """Which rows to use when the rows are token positions of `tokens` ([batch, sequence]
+        mask): those the mask keeps. None: every row."""
+        if tokens is None or self.kind == "conv" or self.rows_from_left or self.conv.get("trans_a"):
+            return None
+        if tuple(x.shape[:-1]) != tuple(np.shape(tokens)):
+            return None
+        return np.asarray(tokens).reshape(-1) != 0
+
     def width(self, x: np.ndarray) -> int:
         """Columns per block of the rows x gives (the bias column included)."""
         if self.kind == "conv":

@@ -114,9 +114,31 @@ def _block_inverse(block: np.ndarray) -> np.ndarray:
         return np.linalg.pinv(block, hermitian=True)
 
 
-def saliency(W: np.ndarray, Hinv: np.ndarray, column_sets) -> np.ndarray:
-    """dL of removing each column set on its own: 1/2 tr(W_Q (Hinv_QQ)^-1 W_Q^T)."""
+def inverse_blocks(H: np.ndarray, damp: float = DEFAULT_DAMP):
+    """A function Q (m, size) -> the diagonal blocks Hinv[Q, Q] (m, size, size) of the damped H's
+    inverse, without forming the inverse: with Hd = U^T U (Cholesky), Hinv = V V^T for V = U^-1,
+    so a block is V[Q] V[Q]^T (a Cholesky and a triangular inverse: about 2/3 of the work of the
+    full inverse). Falls back to `inverse` when the factorisation fails."""
+    from scipy.linalg import lapack
+
+    damp = max(damp, 1e-10)
+    for _ in range(12):
+        factor, info = lapack.dpotrf(damped(H, damp), lower=False)
+        if info == 0:
+            V, info = lapack.dtrtri(factor, lower=False)
+            if info == 0 and np.all(np.isfinite(V)):
+                V = np.triu(V)
+                return lambda Q: (lambda rows: rows @ np.swapaxes(rows, 1, 2))(V[Q])
+        damp *= 10
+    Hinv = inverse(H, damp)
+    return lambda Q: Hinv[Q[:, :, None], Q[:, None, :]]
+
+
+def saliency(W: np.ndarray, Hinv, column_sets) -> np.ndarray:
+    """dL of removing each column set on its own: 1/2 tr(W_Q (Hinv_QQ)^-1 W_Q^T). `Hinv`: the
+    inverse, or a function giving its diagonal blocks (`inverse_blocks`)."""
     W = np.asarray(W, dtype=np.float64)
+    blocks_of = Hinv if callable(Hinv) else (lambda Q: Hinv[Q[:, :, None], Q[:, None, :]])
     out = np.zeros(len(column_sets))
     by_size: dict = {}
     for k, q in enumerate(column_sets):
@@ -125,7 +147,7 @@ def saliency(W: np.ndarray, Hinv: np.ndarray, column_sets) -> np.ndarray:
         if size == 0:
             continue
         Q = np.array([column_sets[k] for k in ks], dtype=np.int64)  # (m, size)
-        blocks = Hinv[Q[:, :, None], Q[:, None, :]]  # (m, size, size)
+        blocks = blocks_of(Q)  # (m, size, size)
         WQ = np.transpose(W[:, Q], (1, 0, 2))  # (m, d_out, size)
         solved = _block_inverse(blocks) @ np.transpose(WQ, (0, 2, 1))  # (m, size, d_out)
         out[ks] = 0.5 * np.einsum("mos,mso->m", WQ, solved)
@@ -192,6 +214,42 @@ def refit(W: np.ndarray, H: np.ndarray, cross: np.ndarray | None, Q, damp: float
     rhs = W @ cross[K, :].T  # W Hd[:, K] when cross is H: the damping pulls towards W_K
     new = np.zeros_like(W)
     new[:, K] = cho_solve((factor, False), rhs.T.astype(dtype)).T
+    return new
+
+
+def rescale(W: np.ndarray, H: np.ndarray, Q, channels: np.ndarray, bias: bool, damp: float = DEFAULT_DAMP) -> np.ndarray:
+    """Columns Q removed; every kept input channel rescaled by one factor (and the bias column, if
+    `bias`, shifted by the removed/rescaled inputs' mean): the least-squares minimiser of
+    ||W X - W' X||^2 over W' = W diag(s) (+ a bias shift), with as many unknowns as input channels
+    instead of one per weight (mask rescaling, Kwon et al. 2022). `channels`: the channel of each
+    column (the bias column, last when `bias`, excluded)."""
+    W = np.asarray(W, dtype=np.float64)
+    H = np.asarray(H, dtype=np.float64) / 2.0  # E[x x^T]
+    d = W.shape[1] - bool(bias)
+    A = W[:, :d]
+    if bias:
+        mu = H[:d, d]
+        C = H[:d, :d] - np.outer(mu, mu)
+    else:
+        C = H[:d, :d]
+    G = (A.T @ A) * C  # E||A diag(r) x||^2 = r^T G r
+    count = int(channels.max()) + 1
+    P = np.zeros((d, count))
+    P[np.arange(d), channels] = 1.0
+    Gc = P.T @ G @ P
+    lost = np.zeros(count)
+    removed = np.unique(channels[np.asarray(Q, dtype=np.int64)]) if len(Q) else np.zeros(0, dtype=np.int64)
+    lost[removed] = 1.0
+    kept = np.setdiff1d(np.arange(count), removed)
+    if len(kept) and len(removed):
+        block = Gc[np.ix_(kept, kept)]
+        block = block + np.eye(len(kept)) * damp * max(float(np.mean(np.diag(block))), 1e-30)
+        lost[kept] = -np.linalg.solve(block, Gc[np.ix_(kept, removed)] @ lost[removed])
+    r = P @ lost  # per column: the fraction of the input that is lost (1 for removed)
+    new = W.copy()
+    new[:, :d] = A * (1.0 - r)
+    if bias:
+        new[:, d] += A @ (r * mu)
     return new
 
 

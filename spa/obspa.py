@@ -56,8 +56,8 @@ from .selection import Target
 from .verify import masked_original
 
 MAX_COLUMNS = 8192  # wider layers: diagonal Hessian (an 8192^2 float64 H is 512 MB)
-COMPENSATIONS = ("reference", "obs", "none")
-MIN_ROWS, ROWS_PER_COLUMN = 16384, 8  # input rows a layer's H sees: the larger of the two
+COMPENSATIONS = ("reference", "obs", "scale", "none")
+MIN_ROWS, ROWS_PER_COLUMN = 4096, 8  # input rows a layer's H sees: the larger of the two
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,11 +79,16 @@ class Hessians:
         self.cross: dict = {}
         self.rng = np.random.default_rng(seed)
 
-    def add(self, layer: Layer, x, x_ref=None):
+    def add(self, layer: Layer, x, x_ref=None, tokens=None):
+        """tokens: the batch's [batch, sequence] attention mask, if the model has one: rows of
+        padding positions (mask 0) are left out (their activations are never used)."""
         key = layer.key()
-        available = layer.row_count(x)
+        valid = layer.valid_rows(x, tokens)
+        available = layer.row_count(x) if valid is None else np.flatnonzero(valid)
+        count = available if valid is None else len(available)
         budget = -(-max(MIN_ROWS, ROWS_PER_COLUMN * layer.width(x)) // self.batches)
-        pick = np.sort(self.rng.choice(available, budget, replace=False)) if available > budget else None
+        pick = np.sort(self.rng.choice(available, budget, replace=False)) if count > budget else \
+            (None if valid is None else available)
         blocks = layer.rows(x, pick)
         refs = layer.rows(x_ref, pick) if x_ref is not None else None
         for block, rows in enumerate(blocks):
@@ -112,14 +117,25 @@ class Hessians:
         return self.cross[key].matrix if key in self.cross else None
 
 
+def token_mask_input(model: onnx.ModelProto) -> str | None:
+    """The [batch, sequence] integer/bool graph input named like an attention mask, if any."""
+    ints = (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL)
+    for vi in model.graph.input:
+        t = vi.type.tensor_type
+        if "mask" in vi.name.lower() and t.elem_type in ints and len(t.shape.dim) == 2:
+            return vi.name
+    return None
+
+
 def collect(model: onnx.ModelProto, layers, batches, hessians: Hessians, desc: str):
     """One onnxruntime pass over the calibration batches, feeding every layer's Hessian."""
-    for values in fetch(model, [l.activation for l in layers], batches, desc):
+    mask = token_mask_input(model)
+    for feeds, values in zip(batches, fetch(model, [l.activation for l in layers], batches, desc)):
         seen = set()
         for layer in layers:
             if layer.key() not in seen:
                 seen.add(layer.key())
-                hessians.add(layer, values[layer.activation])
+                hessians.add(layer, values[layer.activation], tokens=feeds.get(mask))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +161,7 @@ def layer_saliency(analysis, layer: Layer, hessian, damp) -> dict:
             d = hessian[1][b]
             total += np.array([0.5 * np.sum(mats[b][:, q] ** 2 * d[q]) for q in sets])
         else:
-            total += obs.saliency(mats[b], obs.inverse(hessian[1][b], damp), sets)
+            total += obs.saliency(mats[b], obs.inverse_blocks(hessian[1][b], damp), sets)
     return dict(zip(unique.tolist(), total))
 
 
@@ -189,7 +205,7 @@ def set_weights(model: onnx.ModelProto, weights: dict) -> onnx.ModelProto:
     return model
 
 
-def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None) -> bool:
+def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, how="obs") -> bool:
     g = analysis.graph
     removed = plan.removed(layer.weight, layer.in_axis)
     w = weights.get(layer.weight, g.consts[layer.weight])
@@ -198,8 +214,14 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None) 
         return False
     mats = layer.matrices(w, b)
     Q = layer.columns(removed)
-    new = np.stack([obs.refit(mats[k], hessian[1][k], None if cross is None else cross[k], Q, damp)
-                    for k in range(layer.blocks)])
+    if how == "scale":
+        width = mats.shape[2] - (layer.bias is not None)
+        channels = np.repeat(np.arange(width // layer.per_index), layer.per_index)
+        new = np.stack([obs.rescale(mats[k], hessian[1][k], Q, channels, layer.bias is not None, damp)
+                        for k in range(layer.blocks)])
+    else:
+        new = np.stack([obs.refit(mats[k], hessian[1][k], None if cross is None else cross[k], Q, damp)
+                        for k in range(layer.blocks)])
     if not np.all(np.isfinite(new)):
         return False
     w_new, b_new = layer.from_matrices(new, np.shape(w), np.asarray(w).dtype,
@@ -213,7 +235,7 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None) 
 
 
 def compensate(analysis, plan, layers, batches, damp, progress, max_columns=MAX_COLUMNS,
-               reference: bool = False, first: Hessians | None = None, seed: int = 0) -> dict:
+               how: str = "obs", first: Hessians | None = None, seed: int = 0) -> dict:
     """Compensated weights {name: full-size value}, stage by stage with re-computed inputs.
 
     The pruned model (the original with removed slices masked) runs as a StagedRun cut at the
@@ -231,8 +253,10 @@ def compensate(analysis, plan, layers, batches, damp, progress, max_columns=MAX_
     by_output = {g.nodes[l.node].output[0]: l for l in todo}
     wanted = {name: [l.activation] for name, l in by_output.items()}
     weights: dict = {}
+    mask = token_mask_input(analysis.model)
     run = StagedRun(masked_original(plan), by_output, batches, "compensating")
     progress(f"compensating {len(todo)} layers in {run.count} stages")
+    reference = how == "reference"
     references = StagedRun(analysis.model, by_output, batches, "reference").stages({}, wanted) if reference else None
     for stage, names, values in run.stages(weights, wanted):
         refs = next(references)[2] if reference else None
@@ -243,10 +267,10 @@ def compensate(analysis, plan, layers, batches, damp, progress, max_columns=MAX_
             hessians = Hessians(len(batches), max_columns, seed)
             for layer in {l.key(): l for l in current}.values():
                 for b, x in enumerate(values[layer.activation]):
-                    hessians.add(layer, x, refs[layer.activation][b] if reference else None)
+                    hessians.add(layer, x, refs[layer.activation][b] if reference else None, batches[b].get(mask))
         for layer in current:
             if not compensate_layer(analysis, plan, layer, hessians.of(layer), damp, weights,
-                                    hessians.cross_of(layer) if reference else None):
+                                    hessians.cross_of(layer) if reference else None, how):
                 progress(f"warning: layer '{g.node_name(layer.node)}' left uncompensated")
     return weights
 
@@ -297,14 +321,24 @@ def compensation_stage(analysis: Analysis, plan: Plan, how: str, batches: list, 
         return {}
     check_damp(damp)
     layers = measured.layers if measured else scored_layers(analysis)
-    return compensate(analysis, plan, layers, batches, damp, progress, MAX_COLUMNS, how == "reference",
+    return compensate(analysis, plan, layers, batches, damp, progress, MAX_COLUMNS, how,
                       first=measured.hessians if measured else None, seed=seed)
 
 
+def first_order(analysis: Analysis, plan: Plan, measured: Measured, damp: float = obs.DEFAULT_DAMP) -> onnx.ModelProto:
+    """The masked original with every consumer compensated from the original model's Hessians
+    (no staged pass: cheap, for comparing plans)."""
+    weights: dict = {}
+    for layer in measured.layers:
+        if layer.compensable and len(plan.removed(layer.weight, layer.in_axis)):
+            compensate_layer(analysis, plan, layer, measured.hessians.of(layer), damp, weights)
+    return set_weights(masked_original(plan), weights)
+
+
 def obspa(model: onnx.ModelProto, target: Target, calibration: str = "synthetic", samples: int = 128,
-          batch_size: int = 16, damp: float = obs.DEFAULT_DAMP, normalization: str = "mean",
+          batch_size: int = 16, damp: float = obs.DEFAULT_DAMP, normalization: str | None = None,
           options: Options | None = None, seed: int = 0, compensation: str = "obs", dims: dict | None = None,
-          progress=lambda message: None):
+          progress=lambda message: None, allocation: str | None = None):
     """spa.pipeline.prune with criterion "obspa": analyze -> calibrate -> Hessians -> group
     saliencies -> select -> compensate -> rewrite. Returns its Result (with .weights, .scores)."""
     from .calibration import Calibration
@@ -312,7 +346,7 @@ def obspa(model: onnx.ModelProto, target: Target, calibration: str = "synthetic"
 
     source = Calibration(source=calibration, samples=samples, batch_size=batch_size, seed=seed, dims=dims)
     return prune(model, target, "obspa", normalization=normalization, options=options, seed=seed,
-                 progress=progress, calibration=source, damp=damp, compensation=compensation)
+                 progress=progress, calibration=source, damp=damp, compensation=compensation, allocation=allocation)
 
 
 def scored_layers(analysis) -> list:

@@ -4,21 +4,29 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import dataclasses
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 from onnx import external_data_helper
 
+from . import allocation as allocate
 from . import obspa, plugins
 from .calibration import Calibration, calibration_batches
 from .errors import SpaError
+from .cost import count_params
 from .graph import weight_bytes
 from .groups import Analysis, Options, analyze
 from .importance import GRADIENT_CRITERIA, score
 from .plan import Plan
 from .rewrite import rewrite
 from .selection import Target, select
+from .verify import masked_original
 from .verify import validate
+
+
+ALLOCATIONS = ("measured", "global", "uniform")
 
 
 @dataclass
@@ -36,10 +44,10 @@ def _quiet(message):
 
 
 def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggregation: str = "mean",
-          normalization: str = "mean", options: Options | None = None, seed: int = 0,
-          progress=_quiet, calibration: str | Calibration = "synthetic", calibration_samples: int = 128,
+          normalization: str | None = None, options: Options | None = None, seed: int = 0,
+          progress=_quiet, calibration: str | Calibration = "synthetic", calibration_samples: int | None = None,
           damp: float = 0.01, saliency: dict | None = None, labels=None, compensation: str | None = None,
-          recover: int = 0, calibration_options: Calibration | None = None) -> Result:
+          recover: int = 0, calibration_options: Calibration | None = None, allocation: str | None = None) -> Result:
     """analyze -> score -> select -> compensate -> rewrite -> recover, in memory (`save` verifies
     and writes).
 
@@ -50,27 +58,35 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     (`calibration_options` overrides it). compensation: "obs" (default with obspa), "reference"
     or "none" (default otherwise): OBS weight compensation of the layers that lose inputs, with
     any criterion. recover: steps of data-free distillation of the original into the pruned model
-    (a spa.recovery frontend)."""
+    (a spa.recovery frontend). allocation: how the budget spreads over groups: "uniform" (a plain
+    `Target(ratio=R)` removes R of every group; the default but with obspa), "global" (one ranking
+    of the normalised scores; a plain ratio keeps the parameters that R of every group would keep),
+    "measured" (obspa's default unless a normalization is given: spa.allocation tries uniform and
+    global rankings and keeps the one whose compensated outputs move least on held-out batches)."""
     target.check()
     compensation = compensation or ("obs" if criterion == "obspa" else "none")
+    allocation = allocation or ("measured" if criterion == "obspa" and normalization is None else "uniform")
+    if allocation not in ALLOCATIONS:
+        raise SpaError(f"unknown allocation '{allocation}' (known: {', '.join(ALLOCATIONS)})")
     cal = _calibration(calibration_options or calibration, calibration_samples, seed)
     progress("analyzing channel coupling")
     analysis = analyze(model, options)
     needs_data = criterion == "obspa" or compensation != "none" or recover or \
         (criterion in GRADIENT_CRITERIA and criterion != "synflow" and saliency is None)
     batches = calibration_batches(model, cal, progress=progress) if needs_data else []
-    measured = None
+    if cal.samples is None:
+        batches = affordable(model, batches, progress)
     progress(f"scoring {sum(g.prunable for g in analysis.groups)} prunable groups ({criterion})")
     if criterion == "obspa":
-        scores, measured = obspa.scores(analysis, batches, damp, normalization, seed, progress)
+        plan, scores, measured = _obs_plan(analysis, target, batches, allocation, normalization, compensation,
+                                           damp, seed, progress)
     else:
         if criterion in GRADIENT_CRITERIA and saliency is None:
             saliency = plugins.load("spa.criteria", criterion)(
                 model, criterion, batches=batches or None, calibration=cal.source, labels=labels, seed=seed,
                 progress=progress)
-        scores = score(analysis, criterion, aggregation, normalization, seed, saliency=saliency)
-    progress("selecting channels")
-    plan = select(analysis, scores, target)
+        scores = score(analysis, criterion, aggregation, normalization or "mean", seed, saliency=saliency)
+        plan, measured = _plan(analysis, scores, target, allocation, progress), None
     weights = obspa.compensation_stage(analysis, plan, compensation, batches, measured, damp, seed, progress)
     progress(f"rewriting: removing {len(plan.removed_atoms)} channels")
     result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores)
@@ -81,7 +97,85 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     return result
 
 
-def _calibration(source, samples: int, seed: int) -> Calibration:
+def _plan(analysis, scores, target, allocation, progress):
+    if allocation == "global" and target.ratio is not None and not target.global_ranking:
+        target = as_parameter_budget(analysis, scores, target, progress)
+    progress("selecting channels")
+    return select(analysis, scores, target)
+
+
+def _obs_plan(analysis, target, batches, allocation, normalization, compensation, damp, seed, progress):
+    """(plan, scores, Measured) for obspa; "measured" allocation holds a quarter of the batches out
+    to compare allocations on (spa.allocation)."""
+    held = batches[len(batches) - max(1, len(batches) // 4):] if allocation == "measured" and len(batches) > 1 else []
+    fit = batches[:len(batches) - len(held)]
+    scores, measured = obspa.scores(analysis, fit, damp, normalization or "none", seed, progress)
+    if allocation == "measured" and not held:
+        allocation = "uniform" if target.ratio is not None else "global"
+        scores = allocate.scaled(scores, 1.0)
+        progress(f"allocation {allocation} (fewer than two calibration batches: nothing to measure allocations on)")
+    if allocation != "measured":
+        return _plan(analysis, scores, target, allocation, progress), scores, measured
+    budget = as_parameter_budget(analysis, scores, target, progress) \
+        if target.ratio is not None and not target.global_ranking else None
+
+    def compensated(plan):
+        if compensation == "none":
+            return masked_original(plan)
+        return obspa.first_order(analysis, plan, measured, damp)
+
+    progress(f"selecting channels: comparing allocations on {len(held)} held-out calibration batches")
+    plan, _ = allocate.choose(analysis, scores, target, budget, compensated, held, progress)
+    return plan, scores, measured
+
+
+def as_parameter_budget(analysis: Analysis, scores: dict, target: Target, progress=_quiet) -> Target:
+    """Target(ratio=R) as the parameter budget of removing R of every group, ranked globally."""
+    uniform = select(analysis, scores, target)
+    kept = count_params(analysis.graph, uniform) / max(count_params(analysis.graph), 1)
+    progress(f"ratio {target.ratio:g} as a budget: keep {kept:.1%} of the parameters (what {target.ratio:g} of "
+             f"every group keeps), channels ranked across groups (allocation 'uniform' prunes every group alike)")
+    return dataclasses.replace(target, ratio=None, keep_params=kept)
+
+
+CALIBRATION_MACS = 150e9  # default calibration: at most this many MACs per pass over it (36 ResNet-50 images)
+MIN_SAMPLES = 16
+
+
+def affordable(model: onnx.ModelProto, batches: list, progress=_quiet) -> list:
+    """The default calibration cut to CALIBRATION_MACS per forward pass (at least MIN_SAMPLES)."""
+    if not batches:
+        return batches
+    per_sample = macs_per_sample(model, batches[0])
+    sizes = [len(next(iter(b.values()))) for b in batches]
+    keep, total = 0, 0
+    while keep < len(batches) and (total < MIN_SAMPLES or (total + sizes[keep]) * per_sample <= CALIBRATION_MACS):
+        total += sizes[keep]
+        keep += 1
+    if keep < len(batches):
+        progress(f"calibration: {total} of {sum(sizes)} samples ({per_sample / 1e9:.1f} GMACs each: the default "
+                 f"keeps a pass over the calibration set under {CALIBRATION_MACS / 1e9:.0f} GMACs; "
+                 "--calibration-samples sets the count)")
+    return batches[:keep]
+
+
+def macs_per_sample(model: onnx.ModelProto, feeds: dict) -> float:
+    from .cost import concrete_shapes, macs_by_op
+
+    dims = {}
+    for vi in model.graph.input:
+        if vi.name in feeds:
+            for d, size in zip(vi.type.tensor_type.shape.dim, np.shape(feeds[vi.name])):
+                if d.dim_param:
+                    dims[d.dim_param] = int(size)
+    count = len(next(iter(feeds.values())))
+    try:
+        return sum(macs_by_op(model, concrete_shapes(model, batch=count, dims=dims)).values()) / max(count, 1)
+    except Exception:  # an estimate only: without shapes, keep every sample
+        return 0.0
+
+
+def _calibration(source, samples: int | None, seed: int) -> Calibration:
     if isinstance(source, Calibration):
         return source
     return Calibration(source=source or "synthetic", samples=samples, seed=seed)

@@ -148,6 +148,12 @@ class Calibration:
         return self
 
 
+def is_generated(source: str) -> bool:
+    """Whether the source makes its inputs (any number of fresh ones) rather than reading them."""
+    source = (source or "synthetic").strip()
+    return source in ("synthetic", "bn") or source.startswith("ood:noise-")
+
+
 def _positive_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
 

@@ -39,7 +39,7 @@ is compensated.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -205,47 +205,75 @@ def set_weights(model: onnx.ModelProto, weights: dict) -> onnx.ModelProto:
     return model
 
 
-def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, how="obs") -> bool:
+DAMPING_PATH = (1.0, 10.0, 100.0)  # multiples of the damping tried when held-out inputs can judge them
+
+
+def _compensated(layer, mats, hessian, cross, Q, damp, how):
+    if how == "scale":
+        width = mats.shape[2] - (layer.bias is not None)
+        channels = np.repeat(np.arange(width // layer.per_index), layer.per_index)
+        return np.stack([obs.rescale(mats[k], hessian[k], Q, channels, layer.bias is not None, damp)
+                         for k in range(layer.blocks)])
+    return np.stack([obs.refit(mats[k], hessian[k], None if cross is None else cross[k], Q, damp)
+                     for k in range(layer.blocks)])
+
+
+def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, how="obs", held=None) -> str:
+    """Compensate one layer into `weights`. With `held` (the Hessian of held-out inputs, which no
+    fit saw) the damping is chosen along DAMPING_PATH and the uncompensated layer competes too:
+    whatever reproduces the layer's outputs best on the held-out inputs wins, so compensation
+    never makes the held-out error larger. Returns "compensated", "kept" (the uncompensated
+    layer won) or "failed"."""
     g = analysis.graph
     removed = plan.removed(layer.weight, layer.in_axis)
     w = weights.get(layer.weight, g.consts[layer.weight])
     b = weights.get(layer.bias, g.consts[layer.bias]) if layer.bias else None
     if hessian is None or hessian[0] != "full":
-        return False
+        return "failed"
     mats = layer.matrices(w, b)
     Q = layer.columns(removed)
-    if how == "scale":
-        width = mats.shape[2] - (layer.bias is not None)
-        channels = np.repeat(np.arange(width // layer.per_index), layer.per_index)
-        new = np.stack([obs.rescale(mats[k], hessian[1][k], Q, channels, layer.bias is not None, damp)
-                        for k in range(layer.blocks)])
-    else:
-        new = np.stack([obs.refit(mats[k], hessian[1][k], None if cross is None else cross[k], Q, damp)
-                        for k in range(layer.blocks)])
-    if not np.all(np.isfinite(new)):
-        return False
-    w_new, b_new = layer.from_matrices(new, np.shape(w), np.asarray(w).dtype,
+    judge = held is not None and held[0] == "full" and cross is None
+    options = []
+    for factor in (DAMPING_PATH if judge else (1.0,)):
+        new = _compensated(layer, mats, hessian[1], cross, Q, damp * factor, how)
+        if np.all(np.isfinite(new)):
+            options.append(new)
+    if judge:
+        plain = mats.copy()
+        plain[:, :, Q] = 0.0
+        error = lambda m: sum(obs.layer_error(mats[k], m[k], held[1][k]) for k in range(layer.blocks))  # noqa: E731
+        best = min(options + [plain], key=error)
+        if best is plain:
+            return "kept"
+        options = [best]
+    if not options:
+        return "failed"
+    w_new, b_new = layer.from_matrices(options[0], np.shape(w), np.asarray(w).dtype,
                                        None if b is None else np.shape(b), None if b is None else np.asarray(b).dtype)
     if not np.all(np.isfinite(w_new)) or (b_new is not None and not np.all(np.isfinite(b_new))):
-        return False
+        return "failed"
     weights[layer.weight] = w_new
     if layer.bias:
         weights[layer.bias] = b_new
-    return True
+    return "compensated"
 
 
 def compensate(analysis, plan, layers, batches, damp, progress, max_columns=MAX_COLUMNS,
-               how: str = "obs", first: Hessians | None = None, seed: int = 0) -> dict:
+               how: str = "obs", first: Hessians | None = None, seed: int = 0, held: list = (),
+               first_held: Hessians | None = None) -> dict:
     """Compensated weights {name: full-size value}, stage by stage with re-computed inputs.
 
     The pruned model (the original with removed slices masked) runs as a StagedRun cut at the
     compensated layers: each stage's layer inputs come from the already compensated part, the
     stage's layers are compensated on them, and the next stage sees their new outputs; all of it
-    costs one forward pass over the calibration batches.
-    reference: fit each layer to the original model's outputs of that layer (least squares from
-    the inputs it now sees to the outputs it gave before pruning), which also corrects the drift
-    the earlier stages left; False: plain OBS on the current inputs (drift left as it is).
-    first: the original model's Hessians, which stage 0 (nothing upstream changed) reuses."""
+    costs one forward pass over the calibration batches (and the `held` batches, whose inputs
+    judge each layer's compensation: compensate_layer).
+    how "reference": fit each layer to the original model's outputs of that layer (least squares
+    from the inputs it now sees to the outputs it gave before pruning), which also corrects the
+    drift the earlier stages left; "obs": plain OBS on the current inputs (drift left as it is);
+    "scale": one factor per kept input channel.
+    first / first_held: the original model's Hessians, which stage 0 (nothing upstream changed)
+    reuses."""
     todo = [l for l in layers if l.compensable and len(plan.removed(l.weight, l.in_axis))]
     if not todo or not batches:
         return {}
@@ -254,24 +282,34 @@ def compensate(analysis, plan, layers, batches, damp, progress, max_columns=MAX_
     wanted = {name: [l.activation] for name, l in by_output.items()}
     weights: dict = {}
     mask = token_mask_input(analysis.model)
-    run = StagedRun(masked_original(plan), by_output, batches, "compensating")
+    every = list(batches) + list(held)
+    run = StagedRun(masked_original(plan), by_output, every, "compensating")
     progress(f"compensating {len(todo)} layers in {run.count} stages")
     reference = how == "reference"
-    references = StagedRun(analysis.model, by_output, batches, "reference").stages({}, wanted) if reference else None
+    references = StagedRun(analysis.model, by_output, every, "reference").stages({}, wanted) if reference else None
+    outcome: dict = {}
     for stage, names, values in run.stages(weights, wanted):
         refs = next(references)[2] if reference else None
         current = [by_output[n] for n in names]
-        if stage == 0 and first is not None and not reference and all(first.of(l) for l in current):
-            hessians = first
-        else:
-            hessians = Hessians(len(batches), max_columns, seed)
-            for layer in {l.key(): l for l in current}.values():
-                for b, x in enumerate(values[layer.activation]):
-                    hessians.add(layer, x, refs[layer.activation][b] if reference else None, batches[b].get(mask))
+        reuse = stage == 0 and first is not None and not reference and all(first.of(l) for l in current)
+        hessians = first if reuse else Hessians(len(batches), max_columns, seed)
+        held_hessians = first_held if reuse and first_held is not None else Hessians(len(held), max_columns, seed)
+        for layer in {l.key(): l for l in current}.values():
+            for b, x in enumerate(values[layer.activation]):
+                if b < len(batches) and not reuse:
+                    hessians.add(layer, x, refs[layer.activation][b] if reference else None, every[b].get(mask))
+                elif b >= len(batches) and not (reuse and first_held is not None):
+                    held_hessians.add(layer, x, tokens=every[b].get(mask))
         for layer in current:
-            if not compensate_layer(analysis, plan, layer, hessians.of(layer), damp, weights,
-                                    hessians.cross_of(layer) if reference else None, how):
-                progress(f"warning: layer '{g.node_name(layer.node)}' left uncompensated")
+            result = compensate_layer(analysis, plan, layer, hessians.of(layer), damp, weights,
+                                      hessians.cross_of(layer) if reference else None, how,
+                                      held_hessians.of(layer) if held else None)
+            outcome[result] = outcome.get(result, 0) + 1
+            if result == "failed":
+                progress(f"warning: layer '{g.node_name(layer.node)}' left uncompensated (no finite update)")
+    if outcome.get("kept"):
+        progress(f"{outcome['kept']} of {len(todo)} layers kept uncompensated: the update did not reproduce "
+                 "their outputs better on held-out inputs")
     return weights
 
 
@@ -286,6 +324,8 @@ class Measured:
     batches: list
     damp: float
     seed: int = 0
+    held: list = field(default_factory=list)  # batches no Hessian saw, to judge compensation on
+    held_hessians: Hessians | None = None
 
 
 def check_damp(damp: float) -> None:
@@ -294,9 +334,10 @@ def check_damp(damp: float) -> None:
 
 
 def scores(analysis: Analysis, batches: list, damp: float = obs.DEFAULT_DAMP, normalization: str = "mean",
-           seed: int = 0, progress=lambda message: None):
+           seed: int = 0, progress=lambda message: None, held: list = ()):
     """(group scores, Measured): OBS saliency of every prunable group's channels from the
-    Hessians of its consumer layers on the calibration batches ([]: H = I)."""
+    Hessians of its consumer layers on the calibration batches ([]: H = I); the Hessians of the
+    `held` batches (kept apart) judge compensations later."""
     check_damp(damp)
     if normalization not in NORMALIZATIONS:
         raise SpaError(f"unknown normalization '{normalization}' (known: {', '.join(NORMALIZATIONS)})")
@@ -306,13 +347,17 @@ def scores(analysis: Analysis, batches: list, damp: float = obs.DEFAULT_DAMP, no
         progress(f"Hessians of {len(layers)} layers from {sum(len(next(iter(b.values()))) for b in batches)} "
                  "calibration samples")
         collect(analysis.model, layers, batches, hessians, "Hessians")
+    held_hessians = Hessians(len(held), MAX_COLUMNS, seed) if held else None
+    if held and layers:
+        collect(analysis.model, layers, list(held), held_hessians, "held-out Hessians")
     progress(f"OBS saliency of {sum(g.prunable for g in analysis.groups)} prunable groups")
     found = group_scores(analysis, layers, hessians, damp, normalization, calibrated=bool(batches))
-    return found, Measured(layers, hessians, batches, damp, seed)
+    return found, Measured(layers, hessians, batches, damp, seed, list(held), held_hessians)
 
 
 def compensation_stage(analysis: Analysis, plan: Plan, how: str, batches: list, measured: Measured | None = None,
-                       damp: float = obs.DEFAULT_DAMP, seed: int = 0, progress=lambda message: None) -> dict:
+                       damp: float = obs.DEFAULT_DAMP, seed: int = 0, progress=lambda message: None,
+                       held: list = ()) -> dict:
     """Compensated weights for the plan ({} for how="none"): "obs" (least squares on the inputs
     each layer now sees) or "reference" (fit to the original model's layer outputs)."""
     if how not in COMPENSATIONS:
@@ -322,7 +367,8 @@ def compensation_stage(analysis: Analysis, plan: Plan, how: str, batches: list, 
     check_damp(damp)
     layers = measured.layers if measured else scored_layers(analysis)
     return compensate(analysis, plan, layers, batches, damp, progress, MAX_COLUMNS, how,
-                      first=measured.hessians if measured else None, seed=seed)
+                      first=measured.hessians if measured else None, seed=seed,
+                      held=held, first_held=measured.held_hessians if measured else None)
 
 
 def first_order(analysis: Analysis, plan: Plan, measured: Measured, damp: float = obs.DEFAULT_DAMP) -> onnx.ModelProto:
@@ -331,7 +377,8 @@ def first_order(analysis: Analysis, plan: Plan, measured: Measured, damp: float 
     weights: dict = {}
     for layer in measured.layers:
         if layer.compensable and len(plan.removed(layer.weight, layer.in_axis)):
-            compensate_layer(analysis, plan, layer, measured.hessians.of(layer), damp, weights)
+            held = measured.held_hessians.of(layer) if measured.held_hessians else None
+            compensate_layer(analysis, plan, layer, measured.hessians.of(layer), damp, weights, held=held)
     return set_weights(masked_original(plan), weights)
 
 

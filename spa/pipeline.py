@@ -13,7 +13,7 @@ from onnx import external_data_helper
 
 from . import allocation as allocate
 from . import obspa, plugins
-from .calibration import Calibration, calibration_batches
+from .calibration import Calibration, calibration_batches, is_generated
 from .errors import SpaError
 from .cost import count_params
 from .graph import weight_bytes
@@ -76,9 +76,11 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     batches = calibration_batches(model, cal, progress=progress) if needs_data else []
     if cal.samples is None:
         batches = affordable(model, batches, progress)
+    # batches no Hessian sees: they compare allocations and judge every layer's compensation
+    held = _held_out(model, cal, batches) if criterion == "obspa" or compensation != "none" else []
     progress(f"scoring {sum(g.prunable for g in analysis.groups)} prunable groups ({criterion})")
     if criterion == "obspa":
-        plan, scores, measured = _obs_plan(analysis, target, batches, allocation, normalization, compensation,
+        plan, scores, measured = _obs_plan(analysis, target, batches, held, allocation, normalization, compensation,
                                            damp, seed, progress)
     else:
         if criterion in GRADIENT_CRITERIA and saliency is None:
@@ -87,7 +89,8 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
                 progress=progress)
         scores = score(analysis, criterion, aggregation, normalization or "mean", seed, saliency=saliency)
         plan, measured = _plan(analysis, scores, target, allocation, progress), None
-    weights = obspa.compensation_stage(analysis, plan, compensation, batches, measured, damp, seed, progress)
+    fit = [b for b in batches if not any(b is h for h in held)]
+    weights = obspa.compensation_stage(analysis, plan, compensation, fit, measured, damp, seed, progress, held)
     progress(f"rewriting: removing {len(plan.removed_atoms)} channels")
     result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores)
     if recover:
@@ -104,12 +107,22 @@ def _plan(analysis, scores, target, allocation, progress):
     return select(analysis, scores, target)
 
 
-def _obs_plan(analysis, target, batches, allocation, normalization, compensation, damp, seed, progress):
-    """(plan, scores, Measured) for obspa; "measured" allocation holds a quarter of the batches out
-    to compare allocations on (spa.allocation)."""
-    held = batches[len(batches) - max(1, len(batches) // 4):] if allocation == "measured" and len(batches) > 1 else []
-    fit = batches[:len(batches) - len(held)]
-    scores, measured = obspa.scores(analysis, fit, damp, normalization or "none", seed, progress)
+def _held_out(model, cal: Calibration, batches: list) -> list:
+    """Batches to compare allocations on: one more generated batch for generated sources, else the
+    last quarter of the batches (they then stay out of the Hessians)."""
+    if not batches:
+        return []
+    if is_generated(cal.source):
+        size = len(next(iter(batches[0].values())))
+        return calibration_batches(model, dataclasses.replace(cal, samples=size, seed=cal.seed + 1))[:1]
+    return batches[len(batches) - max(1, len(batches) // 4):] if len(batches) > 1 else []
+
+
+def _obs_plan(analysis, target, batches, held, allocation, normalization, compensation, damp, seed, progress):
+    """(plan, scores, Measured) for obspa; "measured" allocation compares allocations on `held`
+    (spa.allocation)."""
+    fit = [b for b in batches if not any(b is h for h in held)]
+    scores, measured = obspa.scores(analysis, fit, damp, normalization or "none", seed, progress, held)
     if allocation == "measured" and not held:
         allocation = "uniform" if target.ratio is not None else "global"
         scores = allocate.scaled(scores, 1.0)

@@ -84,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--aggregation", default="mean", choices=AGGREGATIONS)
     pr.add_argument("--normalization", choices=NORMALIZATIONS,
                     help="per-group score normalisation for ranking across groups (default: mean; none with obspa)")
+    pr.add_argument("--recover", type=int, default=0, metavar="N",
+                    help="after pruning, N steps of data-free distillation of the original into the pruned model "
+                         "on the calibration inputs (PyTorch; never kept when it does not lower the held-out loss)")
     pr.add_argument("--allocation", choices=("measured", "global", "uniform"),
                     help="how the budget spreads over groups: uniform (--ratio from every group; default except "
                          "obspa), global (one ranking across groups; --ratio keeps the parameters uniform would), "
@@ -167,7 +170,7 @@ def _prune(args, model, options, say):
                     round_to=args.round_to, ignore=args.ignore)
     return prune(model, target, args.criterion, args.aggregation, args.normalization, options,
                  args.seed, progress=say, calibration=args.calibration_options, damp=args.damp, labels=args.labels,
-                 allocation=args.allocation)
+                 allocation=args.allocation, recover=args.recover)
 
 
 _CALIBRATION_FLAGS = {"input_shape": "--input-shape", "tokenizer": "--tokenizer", "max_length": "--max-length",

@@ -94,8 +94,10 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     progress(f"rewriting: removing {len(plan.removed_atoms)} channels")
     result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores)
     if recover:
+        if recover < 0:
+            raise SpaError(f"recover needs a positive number of steps, got {recover}")
         result.recovery = plugins.load("spa.recovery", "distill")(
-            model, result.model, batches, recover, seed=seed, progress=progress)
+            model, result.model, batches + held, recover, seed=seed, progress=progress)
         result.model = result.recovery.model
     return result
 

@@ -1,0 +1,203 @@
+"""The mechanisms behind OBSPA's quality: staged re-computation, held-out judgement of every
+compensation, measured allocation, parameter budgets, token masks, static-batch calibration.
+Each against a brute-force reference on a tiny model."""
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from builder import Builder
+from spa import allocation, obs
+from spa.activations import StagedRun
+from spa.calibration import Calibration, calibration_batches
+from spa.cost import count_params
+from spa.groups import analyze
+from spa.importance import score
+from spa.layers import Layer
+from spa.obspa import Hessians, compensate_layer, first_order, scored_layers, scores, set_weights
+from spa.pipeline import as_parameter_budget, prune, save
+from spa.runtime import run
+from spa.selection import Target, select
+from spa.verify import masked_original
+
+
+def _cnn(seed=0, constant_weights=False):
+    """conv -> relu -> conv -> relu -> conv, weights as initializers or as Constant nodes."""
+    b = Builder(seed=seed)
+    x = b.input(["batch", 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 8)])
+    y = b.op("Relu", [b.conv(y, 8, 8)])
+    b.output(b.op("GlobalAveragePool", [b.conv(y, 8, 4)]))
+    model = b.model()
+    if constant_weights:
+        nodes = [helper.make_node("Constant", [], [t.name], value=t) for t in model.graph.initializer]
+        nodes += list(model.graph.node)
+        del model.graph.initializer[:]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return model
+
+
+def _feeds(model, samples=16, batch=8, seed=0):
+    return calibration_batches(model, Calibration(samples=samples, batch_size=batch, seed=seed))
+
+
+@pytest.mark.parametrize("constant_weights", [False, True])
+def test_staged_run_equals_the_full_model_and_sees_new_weights(constant_weights):
+    model = _cnn(constant_weights=constant_weights)
+    analysis = analyze(model)
+    plan = select(analysis, score(analysis, "l1"), Target(ratio=0.5))
+    masked = masked_original(plan)  # masks multiply the weights: a constant subgraph per stage
+    layers = [l for l in scored_layers(analysis) if len(plan.removed(l.weight, l.in_axis))]
+    cuts = {analysis.graph.nodes[l.node].output[0]: l for l in layers}
+    batches = _feeds(model)
+    weights, staged = {}, StagedRun(masked, cuts, batches)
+    rng = np.random.default_rng(1)
+    for _, names, _ in staged.stages(weights, {}):
+        for name in names:  # change each stage's weights before its layers run
+            w = analysis.graph.consts[cuts[name].weight]
+            weights[cuts[name].weight] = (w * rng.uniform(0.5, 1.5, w.shape)).astype(w.dtype)
+    assert staged.count == 3
+    expected = run(set_weights(masked_original(plan), weights), batches[1])[0]
+    np.testing.assert_allclose(staged.outputs[model.graph.output[0].name][1], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_held_out_judgement_never_raises_the_held_out_error():
+    rng = np.random.default_rng(0)
+    layer = Layer(0, "w", 1, "x", "dense")
+    for trial in range(20):
+        W = rng.standard_normal((6, 12))
+        fit = rng.standard_normal((14, 12)) * rng.uniform(0.1, 3, 12)  # few rows: overfits
+        held = rng.standard_normal((200, 12)) * rng.uniform(0.1, 3, 12)
+        H_fit, H_held = 2 * fit.T @ fit / len(fit), 2 * held.T @ held / len(held)
+
+        class Plan:
+            removed = staticmethod(lambda tensor, axis: np.array([1, 4, 7]))
+
+        class Graph:
+            consts = {"w": W.T}  # dense: weight [K, N], matrices() transposes
+
+        class Analysis:
+            graph = Graph
+
+        layer.kind = "dense_t"
+        weights = {}
+        result = compensate_layer(Analysis, Plan, layer, ("full", H_fit[None]), 0.01, weights,
+                                  held=("full", H_held[None]))
+        plain = W.copy()
+        plain[:, [1, 4, 7]] = 0
+        new = weights["w"].T if result == "compensated" else plain
+        assert result in ("compensated", "kept")
+        assert obs.layer_error(W, new, H_held) <= obs.layer_error(W, plain, H_held) + 1e-12
+
+
+def test_measured_allocation_keeps_the_plan_whose_outputs_move_least():
+    model = _cnn(seed=3)
+    analysis = analyze(model)
+    batches, held = _feeds(model, 32), _feeds(model, 8, seed=9)
+    raw, measured = scores(analysis, batches, normalization="none", held=held)
+    target = Target(ratio=0.5)
+    budget = as_parameter_budget(analysis, raw, target)
+    compensated = lambda plan: first_order(analysis, plan, measured)  # noqa: E731
+    chosen, tried = allocation.choose(analysis, raw, target, budget, compensated, held)
+    reference = allocation.outputs(model, held)
+    brute = {c.name: allocation.distortion(reference, allocation.outputs(compensated(c.plan), held)) for c in tried}
+    assert {c.name for c in tried} >= {"uniform", "global, losses / mean^0"}
+    best = min(brute, key=brute.get)
+    assert np.array_equal(chosen.removed_atoms, next(c.plan for c in tried if c.name == best).removed_atoms)
+
+
+def test_ratio_as_a_parameter_budget_keeps_what_uniform_keeps():
+    model = _cnn(seed=4)
+    analysis = analyze(model)
+    raw, _ = scores(analysis, _feeds(model), normalization="none")
+    uniform = select(analysis, raw, Target(ratio=0.5))
+    budget = as_parameter_budget(analysis, raw, Target(ratio=0.5))
+    spread = select(analysis, raw, budget)
+    assert count_params(analysis.graph, spread) <= count_params(analysis.graph, uniform) * 1.001
+    assert count_params(analysis.graph, spread) >= count_params(analysis.graph, uniform) * 0.8
+
+
+def _dense_tokens():
+    """ids [batch, seq] -> Gather on a table -> MatMul -> Relu -> MatMul, with an attention_mask input."""
+    b = Builder(seed=5)
+    ids = b.input(["batch", "seq"], "input_ids", TensorProto.INT64)
+    mask = b.input(["batch", "seq"], "attention_mask", TensorProto.INT64)
+    h = b.op("Gather", [b.weight(50, 8), ids])
+    m = b.op("Unsqueeze", [b.op("Cast", [mask], to=TensorProto.FLOAT), b.const(np.array([-1], np.int64))])
+    h = b.op("Relu", [b.op("Mul", [b.op("MatMul", [h, b.weight(8, 16)]), m])])
+    b.output(b.op("MatMul", [h, b.weight(16, 4)]))
+    return b.model()
+
+
+def test_padding_positions_stay_out_of_the_hessians():
+    model = _dense_tokens()
+    analysis = analyze(model)
+    layer = next(l for l in scored_layers(analysis))
+    rng = np.random.default_rng(0)
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+    x = rng.standard_normal((2, 6, 16)).astype(np.float32)
+    padded = Hessians(1)
+    padded.add(layer, x, tokens=mask)
+    real_rows = x[mask.astype(bool)]
+    np.testing.assert_allclose(padded.of(layer)[1][0], 2 * real_rows.T.astype(np.float64) @ real_rows / len(real_rows),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_rows_drawn_before_unfolding_are_the_unfolded_rows():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 7, 7)).astype(np.float32)
+    for kernel, kw in [((3, 3), dict(strides=[2, 2], pads=[1, 1, 1, 1])), ((3,), dict(dilations=[2], pads=[2, 2])),
+                       ((3, 3), dict(auto_pad="SAME_UPPER", strides=[2, 2]))]:
+        xs = x if len(kernel) == 2 else x[:, :, :, 0]
+        full = obs.unfold(xs, kernel, **kw)
+        pick = rng.choice(len(full), 9, replace=False)
+        np.testing.assert_array_equal(obs.unfold(xs, kernel, rows=pick, **kw), full[pick])
+
+
+def test_bias_absorbs_the_mean_of_a_removed_constant_channel():
+    """A removed input channel that is constant is replaced exactly by a bias shift (the
+    expectation of its contribution), whatever the other inputs do."""
+    b = Builder(seed=6)
+    x = b.input(["batch", 6])
+    w1 = np.eye(6, dtype=np.float32)
+    h = b.op("Gemm", [x, b.const(w1, "w1"), b.const(np.zeros(6, np.float32), "b1")])
+    b.output(b.gemm(h, 6, 3))
+    model = b.model()
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((256, 6)).astype(np.float32)
+    data[:, 2] = 1.5  # channel 2 is constant
+    analysis = analyze(model)
+    plan = select(analysis, {g.id: np.where(np.arange(len(g.atoms)) == 2, 0.0, 1.0)
+                             for g in analysis.groups if g.has_params}, Target(ratio=0.2))
+    assert plan.removed("w1", 1).tolist() == [2]
+    batches = [{"input": data[k:k + 64]} for k in range(0, 256, 64)]
+    _, measured = scores(analysis, batches)
+    fresh = rng.standard_normal((32, 6)).astype(np.float32)
+    fresh[:, 2] = 1.5
+    pruned = first_order(analysis, plan, measured, damp=1e-9)
+    np.testing.assert_allclose(run(pruned, {"input": fresh})[0], run(model, {"input": fresh})[0], atol=1e-3)
+
+
+def test_static_batch_model_calibrates_from_a_file_and_synthetic(tmp_path):
+    model = _cnn(seed=7)
+    for vi in list(model.graph.input) + list(model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = 1  # torch.onnx.export's default: batch 1
+    np.savez(tmp_path / "real.npz", input=np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32))
+    for source in (str(tmp_path / "real.npz"), "synthetic"):
+        result = prune(model, Target(ratio=0.5), criterion="obspa", calibration=source, calibration_samples=24)
+        save(result.model, str(tmp_path / "pruned.onnx"))
+        assert count_params(result.model) < count_params(model)
+
+
+def test_compensation_with_any_criterion_and_recover_refused_when_negative(tmp_path):
+    model = _cnn(seed=8)
+    feeds = _feeds(model, 8, seed=5)[0]
+    plain = prune(model, Target(ratio=0.5), criterion="l1")
+    compensated = prune(model, Target(ratio=0.5), criterion="l1", compensation="obs", calibration_samples=64)
+    assert np.array_equal(plain.plan.removed_atoms, compensated.plan.removed_atoms) and compensated.weights
+    reference = run(model, feeds)[0]
+    error = lambda m: float(np.linalg.norm(run(m, feeds)[0] - reference))  # noqa: E731
+    assert error(compensated.model) <= error(plain.model) * 1.05
+    from spa.errors import SpaError
+    with pytest.raises(SpaError):
+        prune(model, Target(ratio=0.5), criterion="obspa", recover=-1, calibration_samples=16)

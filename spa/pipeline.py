@@ -77,7 +77,8 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     if cal.samples is None:
         batches = affordable(model, batches, progress)
     # batches no Hessian sees: they compare allocations and judge every layer's compensation
-    held = _held_out(model, cal, batches) if criterion == "obspa" or compensation != "none" else []
+    batches, held = _held_out(model, cal, batches) if criterion == "obspa" or compensation != "none" \
+        else (batches, [])
     progress(f"scoring {sum(g.prunable for g in analysis.groups)} prunable groups ({criterion})")
     if criterion == "obspa":
         plan, scores, measured = _obs_plan(analysis, target, batches, held, allocation, normalization, compensation,
@@ -109,15 +110,40 @@ def _plan(analysis, scores, target, allocation, progress):
     return select(analysis, scores, target)
 
 
-def _held_out(model, cal: Calibration, batches: list) -> list:
-    """Batches to compare allocations on: one more generated batch for generated sources, else the
-    last quarter of the batches (they then stay out of the Hessians)."""
+HELD_OUT_PARTS = 4  # file data: a quarter of it judges compensations and allocations
+
+
+def _held_out(model, cal: Calibration, batches: list) -> tuple[list, list]:
+    """(batches, held-out batches among them) to compare allocations and judge compensations on:
+    one more generated batch for generated sources; else the last quarter of the data, re-split
+    into smaller batches first where the batch axis is free and there are fewer than four."""
     if not batches:
-        return []
+        return batches, []
     if is_generated(cal.source):
         size = len(next(iter(batches[0].values())))
-        return calibration_batches(model, dataclasses.replace(cal, samples=size, seed=cal.seed + 1))[:1]
-    return batches[len(batches) - max(1, len(batches) // 4):] if len(batches) > 1 else []
+        return batches, calibration_batches(model, dataclasses.replace(cal, samples=size, seed=cal.seed + 1))[:1]
+    if len(batches) < HELD_OUT_PARTS and _batch_axis_free(model):
+        batches = _rechunked(batches, HELD_OUT_PARTS)
+    if len(batches) < 2:
+        return batches, []
+    return batches, batches[len(batches) - max(1, len(batches) // HELD_OUT_PARTS):]
+
+
+def _batch_axis_free(model) -> bool:
+    return all(not vi.type.tensor_type.shape.dim or not vi.type.tensor_type.shape.dim[0].dim_value
+               for vi in model.graph.input)
+
+
+def _rechunked(batches: list, parts: int) -> list:
+    """The same samples in `parts` batches (fewer if there are fewer samples); every input of a
+    batch must have the same length (sequence lengths may differ between batches: those stay)."""
+    out = []
+    for feeds in batches:
+        size = len(next(iter(feeds.values())))
+        pieces = max(1, min(size, -(-parts // len(batches))))
+        bounds = np.linspace(0, size, pieces + 1).astype(int)
+        out += [{k: v[a:b] for k, v in feeds.items()} for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return out
 
 
 def _obs_plan(analysis, target, batches, held, allocation, normalization, compensation, damp, seed, progress):

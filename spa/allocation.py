@@ -18,6 +18,7 @@ import dataclasses
 import numpy as np
 
 from .plan import Plan
+from .progress import bar
 from .runtime import session
 from .selection import Target, select
 
@@ -68,7 +69,7 @@ def choose(analysis, scores: dict, target: Target, budget: Target | None, compen
     closest to the original's. `compensated(plan)`: the model to measure for a plan."""
     reference = outputs(analysis.model, held_out)
     tried = []
-    for name, plan in candidates(analysis, scores, target, budget):
+    for name, plan in bar(list(candidates(analysis, scores, target, budget)), "allocations"):
         tried.append(Candidate(name, plan, distortion(reference, outputs(compensated(plan), held_out))))
     best = min(tried, key=lambda c: c.distortion)
     progress("allocation by measured output change on held-out calibration batches: " +

@@ -48,6 +48,7 @@ from onnx import helper, numpy_helper
 from . import obs
 from .errors import SpaError
 from .activations import StagedRun, fetch
+from .progress import bar
 from .groups import Analysis, Options
 from .importance import NORMALIZATIONS, normalize, score
 from .plan import Plan
@@ -174,7 +175,7 @@ def group_scores(analysis, layers, hessians, damp, normalization="mean", calibra
         by_group.setdefault(gid, []).append(layer)
     fallback = None
     scores = {}
-    for group in analysis.groups:
+    for group in bar(analysis.groups, "OBS saliency"):
         if not group.has_params:
             continue
         if group.id not in by_group:

@@ -58,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups")
     pr.add_argument("--criterion", default="l1", choices=available() + ["obspa"],
                     help="obspa: Optimal Brain Surgeon saliency + weight compensation from calibration inputs")
-    pr.add_argument("--calibration", default="synthetic", metavar="SOURCE",
+    pr.add_argument("--calibration", metavar="SOURCE",
                     help="obspa inputs: synthetic (default), none, bn, a .npz / .npy / directory path, "
                          "ood:noise-uniform | ood:noise-gaussian | ood:PATH")
     pr.add_argument("--calibration-samples", type=int, metavar="N",
@@ -76,7 +76,13 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--image-layout", metavar="nchw|nhwc", help="calibration image layout (default: from the model)")
     pr.add_argument("--image-resize", metavar="stretch|pad",
                     help="stretch to HxW (default) or pad: keep the aspect ratio at height H, right-pad to W")
-    pr.add_argument("--damp", type=float, default=0.01, help="obspa: Hessian damping, fraction of its mean diagonal")
+    pr.add_argument("--damp", type=float,
+                    help="OBS Hessian damping, fraction of its mean diagonal (default 0.01; with held-out inputs "
+                         "10x and 100x are tried too, per layer)")
+    pr.add_argument("--compensation", choices=("obs", "reference", "scale", "none"),
+                    help="update the weights of layers that lose inputs from calibration inputs: obs (least squares, "
+                         "the default with obspa), reference (fit the original layer outputs), scale (one factor "
+                         "per kept input), none (default otherwise); works with any criterion")
     pr.add_argument("--labels", metavar="FILE",
                     help="taylor, snip, grasp, crop, obd (PyTorch autograd on --calibration inputs): class labels "
                          "(.npy / .npz / .txt), in calibration sample order; default: a 'labels' array in the "
@@ -121,6 +127,9 @@ def run(args) -> int:
     from .groups import Options, analyze
 
     say = Progress(args.quiet)
+    if args.quiet:
+        from . import progress
+        progress.show(False)
     if args.command == "prune":
         args.calibration_options = calibration_options(args)
     options = Options(granularity=tuple(g.strip() for g in args.granularity.split(",") if g.strip()))
@@ -169,8 +178,9 @@ def _prune(args, model, options, say):
                     keep_macs=args.target_flops, max_group_ratio=args.max_group_ratio,
                     round_to=args.round_to, ignore=args.ignore)
     return prune(model, target, args.criterion, args.aggregation, args.normalization, options,
-                 args.seed, progress=say, calibration=args.calibration_options, damp=args.damp, labels=args.labels,
-                 allocation=args.allocation, recover=args.recover)
+                 args.seed, progress=say, calibration=args.calibration_options,
+                 damp=0.01 if args.damp is None else args.damp, labels=args.labels,
+                 allocation=args.allocation, recover=args.recover, compensation=args.compensation)
 
 
 _CALIBRATION_FLAGS = {"input_shape": "--input-shape", "tokenizer": "--tokenizer", "max_length": "--max-length",
@@ -179,14 +189,32 @@ _CALIBRATION_FLAGS = {"input_shape": "--input-shape", "tokenizer": "--tokenizer"
 _NO_CALIBRATION = ("l1", "l2", "fpgm", "bn-scale", "random")
 
 
+def check_flags(args):
+    """Options that would do nothing with the chosen criterion are refused, never ignored."""
+    uses_data = args.criterion not in _NO_CALIBRATION or args.compensation not in (None, "none") or args.recover
+    given = [flag for field, flag in _CALIBRATION_FLAGS.items() if getattr(args, field) is not None]
+    given += [flag for flag, value in (("--calibration", args.calibration),
+                                       ("--calibration-samples", args.calibration_samples)) if value is not None]
+    if given and not uses_data:
+        raise SpaError(f"{given[0]} has no effect with criterion {args.criterion}, which uses no calibration "
+                       "inputs (use obspa, a gradient criterion, --compensation or --recover)")
+    uses_obs = args.criterion == "obspa" or args.compensation not in (None, "none")
+    if args.damp is not None and not uses_obs:
+        raise SpaError(f"--damp has no effect with criterion {args.criterion} and no --compensation")
+    if args.allocation == "measured" and args.criterion != "obspa":
+        raise SpaError("--allocation measured compares OBS-compensated plans: it needs --criterion obspa")
+    if args.labels is not None and args.criterion not in ("taylor", "snip", "grasp", "crop", "obd"):
+        raise SpaError(f"--labels has no effect with criterion {args.criterion} (only taylor, snip, grasp, crop, obd "
+                       "use labels)")
+    if args.recover < 0:
+        raise SpaError(f"--recover needs a number of steps >= 0, got {args.recover}")
+
+
 def calibration_options(args):
     """The prune flags as a spa.calibration.Calibration; a malformed value is a SpaError."""
     from .calibration import Calibration
 
-    given = [flag for field, flag in _CALIBRATION_FLAGS.items() if getattr(args, field) is not None]
-    if given and args.criterion in _NO_CALIBRATION:
-        raise SpaError(f"{given[0]} has no effect with criterion {args.criterion}, which uses no calibration "
-                       f"inputs (use obspa or a gradient criterion)")
+    check_flags(args)
     shapes, bare = {}, None
     for text in args.input_shape or []:
         name, sep, dims = text.rpartition("=")
@@ -213,7 +241,7 @@ def calibration_options(args):
     length = _sizes(args.max_length, None, "--max-length", args.max_length)[0] if args.max_length is not None else 128
     if args.tokenizer is not None and not os.path.exists(args.tokenizer):
         raise SpaError(f"--tokenizer {args.tokenizer}: no such file or directory")
-    return Calibration(source=args.calibration, samples=args.calibration_samples, seed=args.seed,
+    return Calibration(source=args.calibration or "synthetic", samples=args.calibration_samples, seed=args.seed,
                        shapes=bare if bare is not None else shapes or None, tokenizer=args.tokenizer,
                        max_length=length, image_size=size,
                        mean=_floats(args.image_mean, "--image-mean"), std=_floats(args.image_std, "--image-std"),

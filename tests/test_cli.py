@@ -183,3 +183,25 @@ def test_missing_file_and_bad_plan(model_path, tmp_path, capsys):
     plan.write_text("{}")
     out = tmp_path / "o.onnx"
     _expect_error(capsys, ["apply-plan", model_path, plan, "-o", out, "-q"], "not a SPA plan", out=str(out))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--damp", "0.1"], "--damp has no effect with criterion l1"),
+    (["--calibration", "synthetic"], "--calibration has no effect with criterion l1"),
+    (["--calibration-samples", "8"], "--calibration-samples has no effect with criterion l1"),
+    (["--allocation", "measured"], "--allocation measured compares OBS-compensated plans"),
+    (["--criterion", "obspa", "--labels", "y.npy"], "--labels has no effect with criterion obspa"),
+    (["--recover", "-3"], "--recover needs a number of steps >= 0"),
+])
+def test_options_that_would_do_nothing_are_refused(model_path, tmp_path, capsys, flags, message):
+    out = tmp_path / "never.onnx"
+    assert spa("prune", model_path, "-o", out, "--ratio", "0.5", *flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not out.exists()
+
+
+def test_compensation_with_a_magnitude_criterion(model_path, tmp_path):
+    out = tmp_path / "compensated.onnx"
+    assert spa("prune", model_path, "-o", out, "--ratio", "0.5", "--compensation", "obs", "--damp", "0.05",
+               "--calibration-samples", "32", "-q") == 0
+    onnx.checker.check_model(str(out), full_check=True)

@@ -706,13 +706,33 @@ def _conv_transpose(m, n, env, x, w, b=None):
     return y
 
 
-def _pool_setup(n, x):
+def _pool_setup(n, x, short=True):
     kernel = list(n.get("kernel_shape"))
     rank = len(kernel)
     strides = list(n.get("strides", [1] * rank))
     dilations = list(n.get("dilations", [1] * rank))
     pads = _conv_pads(n, x, kernel, strides, dilations)
+    if short:
+        pads = _short_input_pads(x, kernel, strides, dilations, pads)
     return kernel, strides, dilations, pads
+
+
+def _short_input_pads(x, kernel, strides, dilations, pads):
+    """onnxruntime sizes a pool's output as trunc((in + pads - span) / stride) + 1 with C
+    truncation toward zero, torch with floor: where the (padded) input is shorter than the window
+    by less than a stride, onnxruntime still gives one output over what is there (PP-OCR's SVTR
+    AveragePool of kernel 3 over a height of 1 or 2). Extend the end padding so torch does too;
+    the extra positions are padding (never counted by count_include_pad=0; counted by
+    count_include_pad=1 in floor mode, as onnxruntime does; ceil mode with count_include_pad=1
+    divides differently and is left alone)."""
+    rank = len(kernel)
+    pads = list(pads)
+    for axis in range(rank):
+        span = dilations[axis] * (kernel[axis] - 1) + 1
+        short = x.shape[axis + 2] + pads[axis] + pads[axis + rank] - span
+        if -strides[axis] < short < 0:
+            pads[axis + rank] -= short
+    return pads
 
 
 def _flat_pads(pads):
@@ -734,10 +754,10 @@ def _max_pool(m, n, env, x):
 
 @op("AveragePool")
 def _avg_pool(m, n, env, x):
-    kernel, strides, _, pads = _pool_setup(n, x)
+    ceil = bool(n.get("ceil_mode", 0))
+    kernel, strides, _, pads = _pool_setup(n, x, short=not (ceil and n.get("count_include_pad", 0)))
     rank = len(kernel)
     fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[rank - 1]
-    ceil = bool(n.get("ceil_mode", 0))
     if not any(pads):
         return fn(x, kernel, strides, 0, ceil_mode=ceil)
     flat = _flat_pads(pads)

@@ -1,5 +1,7 @@
-"""BN-statistics inversion (spa.frontends.torch_synthesis): inputs optimised so that every
-BatchNormalization layer's batch statistics match its running statistics."""
+"""Data-free input synthesis (spa.frontends.torch_synthesis): BN-statistics inversion (inputs
+optimised so that every BatchNormalization layer's batch statistics match its running statistics)
+and output-targeted inversion (inputs the model classifies as random targets); the converter's
+AveragePool over inputs shorter than its window (PP-OCR's recognizer)."""
 import numpy as np
 import onnx
 import pytest
@@ -9,7 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 from builder import Builder
 from spa.calibration import calibration_batches
 from spa.errors import SpaError
-from spa.frontends.torch_synthesis import bn_inversion, bn_match_error, bn_nodes
+from spa.frontends.torch import from_onnx
+from spa.frontends.torch_synthesis import bn_inversion, bn_match_error, bn_nodes, invert
 
 torch.set_num_threads(1)
 
@@ -133,3 +136,174 @@ def test_bad_arguments():
         bn_inversion(model, feeds, steps=-1)
     with pytest.raises(SpaError):
         bn_inversion(model, [{"other": feeds[0]["input"]}], steps=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# output-targeted inversion
+# ---------------------------------------------------------------------------------------------
+def _classifier(classes=5, softmax=True, identity=False, mask=False):
+    """x [N, 3, 8, 8] -> Conv -> Relu -> Conv -> Relu -> GAP -> Flatten -> Gemm [-> Softmax
+    [-> Identity]]: no BatchNormalization."""
+    b = Builder(seed=4)
+    x = b.input(["batch", 3, 8, 8])
+    if mask:
+        m = b.input(["batch", 1, 8, 8], "mask", TensorProto.INT64)
+        x = b.op("Mul", [x, b.op("Cast", [m], to=TensorProto.FLOAT)])
+    y = b.op("Relu", [b.conv(b.op("Relu", [b.conv(x, 3, 6)]), 6, 8)])
+    y = b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [y])]), 8, classes)
+    if softmax:
+        y = b.op("Softmax", [y], axis=-1)
+    if identity:
+        y = b.op("Identity", [y])
+    b.output(y)
+    return b.model()
+
+
+def _recognizer(classes=7, steps=6):
+    """x [N, 3, 4, 2*steps] -> Conv -> Relu -> ReduceMean(H) -> stride-2 Conv -> Transpose ->
+    MatMul -> Add -> Softmax(axis 2): CTC-like [N, T, C] probabilities."""
+    b = Builder(seed=5)
+    x = b.input(["batch", 3, 4, 2 * steps])
+    y = b.op("Relu", [b.conv(x, 3, 8)])
+    y = b.op("ReduceMean", [y], axes=[2], keepdims=0)  # [N, 8, W]
+    y = b.op("Conv", [y, b.weight(8, 8, 2)], strides=[2])  # [N, 8, T]
+    y = b.op("Transpose", [y], perm=[0, 2, 1])
+    y = b.op("Add", [b.op("MatMul", [y, b.weight(8, classes)]), b.weight(classes)])
+    b.output(b.op("Softmax", [y], axis=2))
+    return b.model()
+
+
+def _probs(model, feeds):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([sess.run(None, f)[0] for f in feeds])
+
+
+def test_output_targets_become_the_prediction_without_any_bn():
+    model = _classifier()
+    start = calibration_batches(model, "synthetic", 32, 16, seed=0)
+    messages = []
+    out = invert(model, start, steps=60, lr=0.1, classes=[2], progress=messages.append)
+    before, after = _probs(model, start)[:, 2].mean(), _probs(model, out)[:, 2].mean()
+    assert after > 0.9 and after > before + 0.5, (before, after)
+    assert len(messages) == 2 and all("\n" not in m for m in messages)
+    assert "random targets" in messages[0] and "logits" in messages[0] and "BatchNorm" not in messages[0]
+    assert [list(f) for f in out] == [list(f) for f in start]
+    for got, was in zip(out, start):
+        assert got["input"].shape == was["input"].shape and got["input"].dtype == was["input"].dtype
+    assert np.array_equal(start[0]["input"], calibration_batches(model, "synthetic", 32, 16, seed=0)[0]["input"])
+
+
+def test_random_targets_per_sample_are_reached_and_read_from_probabilities():
+    model = _classifier(identity=True)  # Softmax -> Identity: the output is read as probabilities
+    start = calibration_batches(model, "synthetic", 32, 32, seed=1)
+    messages = []
+    out = invert(model, start, steps=60, lr=0.1, progress=messages.append)
+    assert "probabilities" in messages[0]
+    begin = float(messages[0].split("target probability ")[1].split(",")[0].split(";")[0])
+    end = float(messages[1].split("target probability ")[1].split(" ")[0].rstrip(","))
+    assert end > 0.8 and end > begin + 0.4, messages
+    # the targets are spread over the classes: the predictions are too
+    assert len(set(_probs(model, out).argmax(1))) >= 4
+
+
+def test_ctc_targets_on_a_sequence_output():
+    model = _recognizer()
+    start = calibration_batches(model, "synthetic", 16, 8, seed=0)
+    messages = []
+    out = invert(model, start, steps=60, lr=0.1, blank=0, progress=messages.append)
+    assert "ctc targets" in messages[0] and "[6, 7]" in messages[0], messages
+    begin = float(messages[0].split("target probability ")[1].split(",")[0].split(";")[0])
+    end = float(messages[1].split("target probability ")[1].split(" ")[0].rstrip(","))
+    assert end > 0.8 and end > begin + 0.3, messages
+    probs = _probs(model, out)
+    assert probs.shape == (16, 6, 7)
+    best = probs.argmax(-1)
+    assert (best == 0).mean() >= 0.3 and (best != 0).any()  # blank-dominated alignments
+    for mode in ("random", "entropy"):
+        got = invert(model, start, steps=5, targets=mode, progress=messages.append)
+        assert got[0]["input"].shape == start[0]["input"].shape
+    assert "confidence" in messages[-1]
+
+
+def test_integer_inputs_and_bn_term_together():
+    model = _model(mask=True)  # BN layers and a rank-2 output (no Softmax: logits)
+    start = calibration_batches(model, "synthetic", 16, 8, seed=1)
+    messages = []
+    out = invert(model, start, steps=40, bn_weight=1.0, output_weight=0.1, progress=messages.append)
+    assert "3 BatchNorm layers" in messages[0] and "random targets" in messages[0]
+    assert sum(bn_match_error(model, out)) * 2 < sum(bn_match_error(model, start))
+    for got, was in zip(out, start):
+        assert set(got) == {"input", "mask"}
+        assert got["mask"].dtype == np.int64 and np.array_equal(got["mask"], was["mask"])
+        assert got["input"].dtype == np.float32 and got["input"].shape == (8, 3, 8, 8)
+
+
+def test_invert_is_deterministic_for_a_seed_with_augmentation_and_clip():
+    model = _classifier()
+    start = calibration_batches(model, "synthetic", 16, 16, seed=2)
+    kwargs = dict(steps=15, jitter=1, flip=True, tv=0.1, l2=0.1, clip=(-1.5, 1.5))
+    a, b = invert(model, start, seed=5, **kwargs), invert(model, start, seed=5, **kwargs)
+    c = invert(model, start, seed=6, **kwargs)
+    assert np.array_equal(a[0]["input"], b[0]["input"]) and not np.array_equal(a[0]["input"], c[0]["input"])
+    assert np.abs(a[0]["input"]).max() <= 1.5
+
+
+def test_without_class_output_bn_alone_or_one_line_error():
+    b = Builder()
+    x = b.input(["batch", 3, 8, 8])
+    b.output(b.op("Relu", [b.conv(x, 3, 4)]))  # rank 4: not class scores, no BN
+    plain = b.model()
+    feeds = calibration_batches(plain, "synthetic", 4, 4)
+    for call in (lambda: invert(plain, feeds, steps=2), lambda: invert(_classifier(), feeds, steps=2, output_weight=0)):
+        with pytest.raises(SpaError) as info:
+            call()
+        assert "\n" not in str(info.value) and "BatchNormalization" in str(info.value)
+    # BN layers but the output is not class scores: BN statistics only, said in a message
+    b = Builder(seed=3)
+    x = b.input(["batch", 3, 8, 8])
+    b.output(b.op("Relu", [b.bn(b.conv(x, 3, 4), 4)]))
+    bn_only = _with_real_statistics(b.model(), {"input": _real(64)})
+    messages = []
+    out = invert(bn_only, calibration_batches(bn_only, "synthetic", 8, 8), steps=30, progress=messages.append)
+    assert "BatchNorm statistics only" in messages[0] and len(messages) == 3
+    assert sum(bn_match_error(bn_only, out)) < sum(bn_match_error(bn_only, calibration_batches(bn_only, "synthetic", 8, 8)))
+
+
+def test_invert_bad_arguments():
+    model = _classifier()
+    feeds = calibration_batches(model, "synthetic", 4, 4)
+    assert invert(model, [], steps=3) == []
+    for kwargs in (dict(steps=-1), dict(targets="nope"), dict(classes=[9]), dict(targets="ctc"),
+                   dict(output="missing"), dict(bn_weight=-1)):
+        with pytest.raises(SpaError) as info:
+            invert(model, feeds, **{"steps": 1, **kwargs})
+        assert "\n" not in str(info.value)
+    b = Builder()
+    tokens = b.input(["batch", 4], "ids", TensorProto.INT64)
+    b.output(b.gemm(b.op("Cast", [tokens], to=TensorProto.FLOAT), 4, 3))
+    ints = b.model()
+    with pytest.raises(SpaError, match="no float input"):
+        invert(ints, [{"ids": np.zeros((2, 4), np.int64)}], steps=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# converter: pools over inputs shorter than the window (PP-OCRv4's recognizer)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op,height,ceil,include", [("AveragePool", 1, 0, 0), ("AveragePool", 2, 0, 0),
+                                                    ("AveragePool", 2, 0, 1), ("AveragePool", 1, 1, 0),
+                                                    ("MaxPool", 2, 0, 0), ("AveragePool", 7, 0, 0)])
+def test_pool_over_an_input_shorter_than_its_window_matches_onnxruntime(op, height, ceil, include):
+    """onnxruntime gives one output where the input is shorter than the kernel by less than a
+    stride (C truncation toward zero in its output size), torch none: the module pads."""
+    b = Builder()
+    x = b.input(["batch", 4, height, 6])
+    attrs = dict(kernel_shape=[3, 2], strides=[3, 2], pads=[0, 0, 0, 0], ceil_mode=ceil)
+    if op == "AveragePool":
+        attrs["count_include_pad"] = include
+    b.output(b.op(op, [b.conv(x, 4, 4)], **attrs))
+    model = b.model()
+    feed = {"input": np.random.default_rng(0).standard_normal((2, 4, height, 6)).astype(np.float32)}
+    module = from_onnx(model, inputs=feed)  # raises beyond 1e-4 of onnxruntime
+    assert tuple(module(torch.tensor(feed["input"])).shape) == (2, 4, max(1, height // 3), 3)

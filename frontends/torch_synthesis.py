@@ -47,7 +47,7 @@ from spa.errors import SpaError
 from spa.graph import as_model, constant_node_value
 from spa.progress import bar
 
-__all__ = ["invert", "bn_inversion", "bn_match_error", "bn_nodes", "TARGETS"]
+__all__ = ["synthesise", "invert", "bn_inversion", "bn_match_error", "bn_nodes", "TARGETS"]
 
 NO_BN = ("bn-inversion needs BatchNormalization statistics; eval exports fold BN into Conv: "
          "export with BN kept, or use synthetic")
@@ -502,3 +502,20 @@ def invert(model: onnx.ModelProto, feeds: list[dict], steps: int = 200, lr: floa
     result = _optimise(graph, feeds, steps, lr, seed, what, loss_of, clip=clip, snapshot=_snapshot)
     report(f"{what}: end: {describe(*measure(result))} ({time.perf_counter() - began:.1f} s)")
     return result
+
+
+SYNTHESIS_STEPS = 50  # accuracy saturates at 25-50 steps on the digits/mnist1d models (docs/synthesis.md)
+
+
+def synthesise(model: onnx.ModelProto, batches: list[dict], seed: int = 0, progress=None,
+               steps: int = SYNTHESIS_STEPS) -> list[dict]:
+    """The "inverted" calibration source (spa.calibration entry point): synthetic ``batches``
+    optimised against the model's BatchNormalization statistics (DeepInversion); a model
+    without them, against random targets on its class-score output. A model with neither, or
+    without float inputs (token models), is refused with one line."""
+    if not any(np.issubdtype(np.asarray(v).dtype, np.floating) for b in batches for v in b.values()):
+        raise SpaError("inverted calibration optimises float inputs and this model has none "
+                       "(token models: use synthetic or a .txt file of sentences)")
+    with_bn = bool(bn_nodes(as_model(model)))
+    return invert(model, batches, steps=steps, seed=seed, progress=progress,
+                  bn_weight=1.0 if with_bn else 0.0, output_weight=0.0 if with_bn else 1.0)

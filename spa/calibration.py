@@ -18,6 +18,10 @@ Sources (the `--calibration` string):
   var(y) = B s^2 by non-negative least squares (A, B: the kernel's sums of w and w^2 per
   (out, in) channel; border padding ignored). A model without such a BN is an error (eval
   exports usually fold BN into the Conv: export with BN kept).
+- ``inverted`` (no data; needs PyTorch: the spa.calibration stage of spa.frontends): synthetic
+  inputs optimised with Adam so that every BatchNormalization's batch statistics match its
+  running statistics (DeepInversion); a model without BN statistics: so that it predicts random
+  classes (CTC-like alignments for [N, T, C] outputs). Only float inputs move.
 - a path: a ``.npz`` file (arrays keyed by input name; a single array for a single-input model),
   a ``.npy`` file (single-input model), a directory of ``.npy`` files (named after the inputs,
   or, for a single-input model, any names: each file one sample or a batch of samples), a
@@ -151,7 +155,7 @@ class Calibration:
 def is_generated(source: str) -> bool:
     """Whether the source makes its inputs (any number of fresh ones) rather than reading them."""
     source = (source or "synthetic").strip()
-    return source in ("synthetic", "bn") or source.startswith("ood:noise-")
+    return source in ("auto", "synthetic", "bn", "inverted") or source.startswith("ood:noise-")
 
 
 def _positive_int(v) -> bool:
@@ -172,6 +176,8 @@ def calibration_batches(model: onnx.ModelProto, calibration: Calibration | str |
     options = dataclasses.replace(options, **{k: v for k, v in given.items() if v is not None}).check()
     options = dataclasses.replace(options, samples=options.samples or DEFAULT_SAMPLES)
     source = (options.source or "synthetic").strip()
+    if source == "auto":  # spa.pipeline resolves it per model (default_source); on its own: synthetic
+        source = "synthetic"
     if source == "none":
         return []
     plan = _Plan(model, options, progress or _quiet)
@@ -180,6 +186,10 @@ def calibration_batches(model: onnx.ModelProto, calibration: Calibration | str |
         return plan.generated(rng)
     if source == "bn":
         return from_batchnorm(plan, rng)
+    if source == "inverted":
+        from . import plugins
+        return plugins.load("spa.calibration", "inverted")(model, plan.generated(rng), seed=options.seed,
+                                                           progress=progress or _quiet)
     if source.startswith("ood:"):
         return out_of_distribution(plan, source[4:], rng)
     return from_path(plan, source)

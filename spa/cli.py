@@ -59,7 +59,9 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--criterion", default="l1", choices=available() + ["obspa"],
                     help="obspa: Optimal Brain Surgeon saliency + weight compensation from calibration inputs")
     pr.add_argument("--calibration", metavar="SOURCE",
-                    help="obspa inputs: synthetic (default), none, bn, a .npz / .npy / directory path, "
+                    help="obspa inputs: auto (default: inverted where the model keeps BatchNorm, else synthetic), "
+                         "synthetic, none, bn, inverted (optimised against the model's BN statistics or outputs; "
+                         "needs PyTorch), a .npz / .npy / directory path, "
                          "ood:noise-uniform | ood:noise-gaussian | ood:PATH")
     pr.add_argument("--calibration-samples", type=int, metavar="N",
                     help="calibration samples (default 128; fewer for models whose forward pass is expensive, "
@@ -241,7 +243,7 @@ def calibration_options(args):
     length = _sizes(args.max_length, None, "--max-length", args.max_length)[0] if args.max_length is not None else 128
     if args.tokenizer is not None and not os.path.exists(args.tokenizer):
         raise SpaError(f"--tokenizer {args.tokenizer}: no such file or directory")
-    return Calibration(source=args.calibration or "synthetic", samples=args.calibration_samples, seed=args.seed,
+    return Calibration(source=args.calibration or "auto", samples=args.calibration_samples, seed=args.seed,
                        shapes=bare if bare is not None else shapes or None, tokenizer=args.tokenizer,
                        max_length=length, image_size=size,
                        mean=_floats(args.image_mean, "--image-mean"), std=_floats(args.image_std, "--image-std"),

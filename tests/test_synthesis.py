@@ -307,3 +307,33 @@ def test_pool_over_an_input_shorter_than_its_window_matches_onnxruntime(op, heig
     feed = {"input": np.random.default_rng(0).standard_normal((2, 4, height, 6)).astype(np.float32)}
     module = from_onnx(model, inputs=feed)  # raises beyond 1e-4 of onnxruntime
     assert tuple(module(torch.tensor(feed["input"])).shape) == (2, 4, max(1, height // 3), 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# the "inverted" calibration source (spa.calibration entry point)
+# ---------------------------------------------------------------------------------------------
+def test_inverted_source_matches_bn_statistics_and_is_generated():
+    from spa.calibration import is_generated
+
+    model = _model()
+    messages = []
+    inverted = calibration_batches(model, "inverted", 32, 16, seed=0, progress=messages.append)
+    synthetic = calibration_batches(model, "synthetic", 32, 16, seed=0)
+    assert [b["input"].shape for b in inverted] == [b["input"].shape for b in synthetic]
+    assert sum(bn_match_error(model, inverted)) * 3 < sum(bn_match_error(model, synthetic))
+    assert any("3 BatchNorm layers" in m for m in messages) and is_generated("inverted")
+
+
+def test_inverted_source_without_bn_targets_the_outputs():
+    messages = []
+    out = calibration_batches(_classifier(), "inverted", 16, 16, progress=messages.append)
+    assert out[0]["input"].shape == (16, 3, 8, 8) and any("random targets" in m for m in messages)
+
+
+def test_inverted_source_refuses_token_models_with_one_line():
+    b = Builder()
+    ids = b.input(["batch", 4], "ids", TensorProto.INT64)
+    b.output(b.op("Gather", [b.weight(10, 3), ids]))
+    with pytest.raises(SpaError) as info:
+        calibration_batches(b.model(), "inverted", 4, 4)
+    assert "\n" not in str(info.value) and "float inputs" in str(info.value)

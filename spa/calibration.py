@@ -103,7 +103,7 @@ class Calibration:
     image_size: (H, W); mean/std: per channel (or one value); layout: "nchw" / "nhwc";
     resize: "stretch" / "pad". samples None: DEFAULT_SAMPLES (spa.pipeline uses fewer for models
     whose forward pass is expensive, and says so)."""
-    source: str = "synthetic"
+    source: str = "auto"
     samples: int | None = None
     batch_size: int = 16
     seed: int = 0

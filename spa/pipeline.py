@@ -232,7 +232,7 @@ def default_source(model: onnx.ModelProto, cal: Calibration, progress=_quiet) ->
     statistics: 0.87 -> 0.99 on the digits ResNet at 2x MACs, docs/obspa.md) where the model keeps
     BatchNorm, has a float input and a frontend provides the stage, on as many samples as
     INVERSION_MACS pays for; else "synthetic". Announced whenever BatchNorm is there."""
-    if cal.source != "auto":
+    if cal.check().source != "auto":
         return cal
     synthetic = dataclasses.replace(cal, source="synthetic")
     if not any(n.op_type == "BatchNormalization" for n in model.graph.node):

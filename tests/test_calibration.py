@@ -596,7 +596,7 @@ def test_cli_flags_build_a_calibration(tmp_path):
         "--max-length", "64", "--image-size", "48x320", "--image-mean", "0.5,0.5,0.5", "--image-std", "0.5",
         "--image-layout", "NHWC", "--image-resize", "pad", "--calibration-samples", "32", "--seed", "3"))
     got = calibration_options(args)
-    assert got == Calibration(source="synthetic", samples=32, seed=3, shapes={"x": (1, 3, 48, 320), "ids": (1, 16)},
+    assert got == Calibration(source="auto", samples=32, seed=3, shapes={"x": (1, 3, 48, 320), "ids": (1, 16)},
                               tokenizer=str(tokenizer), max_length=64, image_size=(48, 320), mean=(0.5, 0.5, 0.5),
                               std=(0.5,), layout="nhwc", resize="pad")
     bare = calibration_options(parser().parse_args(_prune_args(tmp_path, "--input-shape", "1x3x8x8")))

@@ -337,3 +337,27 @@ def test_inverted_source_refuses_token_models_with_one_line():
     with pytest.raises(SpaError) as info:
         calibration_batches(b.model(), "inverted", 4, 4)
     assert "\n" not in str(info.value) and "float inputs" in str(info.value)
+
+
+def test_default_calibration_inverts_bn_models_when_affordable(monkeypatch):
+    import spa.pipeline as pipeline
+    from spa.calibration import Calibration
+
+    said = []
+    chosen = pipeline.default_source(_model(), Calibration(), said.append)
+    assert chosen.source == "inverted" and chosen.samples >= 16 and "inverted" in said[-1]
+    assert pipeline.default_source(_classifier(), Calibration(), said.append).source == "synthetic"  # no BN
+    assert pipeline.default_source(_model(), Calibration(source="synthetic")).source == "synthetic"
+    monkeypatch.setattr(pipeline, "INVERSION_MACS", 1e3)
+    assert pipeline.default_source(_model(), Calibration(), said.append).source == "synthetic"
+    assert "TMACs" in said[-1] and "--calibration inverted" in said[-1]
+
+
+def test_obspa_default_on_a_bn_model_inverts_its_calibration():
+    from spa.pipeline import prune
+    from spa.selection import Target
+
+    said = []
+    result = prune(_model(), Target(ratio=0.5), criterion="obspa", progress=said.append)
+    assert any(m.startswith("calibration: inverted") for m in said)
+    assert any(m.startswith("invert:") for m in said) and result.model is not None

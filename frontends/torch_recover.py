@@ -39,7 +39,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -50,6 +49,7 @@ from onnx import numpy_helper
 
 from spa.errors import SpaError
 from spa.graph import as_model
+from spa.progress import bar as progress_bar
 
 from .torch_onnx import OnnxModule, from_onnx, run_graph
 
@@ -319,8 +319,6 @@ def _shared_tensors(student, teacher, feeds, outputs) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 def _train(student, teacher, feeds, steps, lr, names, shared, scales, match_weight, warmup, weight_decay,
            bn, params):
-    from tqdm import tqdm
-
     if bn == "frozen":
         student.mimic_onnx = True
         student.eval()
@@ -340,7 +338,7 @@ def _train(student, teacher, feeds, steps, lr, names, shared, scales, match_weig
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     wanted = list(names) + list(shared)
     inv = {n: 1.0 / scales[n] for n in wanted}
-    bar = tqdm(range(steps), desc="recover", leave=False, file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(range(steps), "recover")
     running, diverged, ran = None, None, 0
     for step in bar:
         batch = feeds(step)

@@ -98,8 +98,12 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     if recover:
         if recover < 0:
             raise SpaError(f"recover needs a positive number of steps, got {recover}")
+        inputs = batches + held
+        if not inputs:
+            progress("recover: the calibration gives no inputs; distilling on synthetic ones")
+            inputs = calibration_batches(model, dataclasses.replace(cal, source="synthetic"))
         result.recovery = plugins.load("spa.recovery", "distill")(
-            model, result.model, batches + held, recover, seed=seed, progress=progress)
+            model, result.model, inputs, recover, seed=seed, progress=progress)
         result.model = result.recovery.model
     return result
 

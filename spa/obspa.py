@@ -383,7 +383,7 @@ def first_order(analysis: Analysis, plan: Plan, measured: Measured, damp: float 
     return set_weights(masked_original(plan), weights)
 
 
-def obspa(model: onnx.ModelProto, target: Target, calibration: str = "synthetic", samples: int = 128,
+def obspa(model: onnx.ModelProto, target: Target, calibration: str = "auto", samples: int = 128,
           batch_size: int = 16, damp: float = obs.DEFAULT_DAMP, normalization: str | None = None,
           options: Options | None = None, seed: int = 0, compensation: str = "obs", dims: dict | None = None,
           progress=lambda message: None, allocation: str | None = None):

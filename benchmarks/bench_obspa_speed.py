@@ -19,11 +19,15 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import fcntl
 import os
+import pty
 import re
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,11 +57,17 @@ def export_case(name: str, workdir: str) -> str:
 def timed_run(model: str, args: list, out: str) -> dict:
     """Run `spa prune` and time-stamp every piece of stderr output (lines and bar redraws)."""
     command = [sys.executable, "-m", "spa", "prune", model, "-o", out, "--overwrite", *args]
+    reader, terminal = pty.openpty()  # stderr is a terminal, so progress bars draw as a user sees them
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 120, 0, 0))  # tqdm draws nothing 0 wide
     started = time.perf_counter()
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
+    process = subprocess.Popen(command, stderr=terminal, stdout=subprocess.PIPE, cwd=ROOT)
+    os.close(terminal)
     stamps, text, pending = [], [], b""
     while True:
-        chunk = os.read(process.stderr.fileno(), 4096)
+        try:
+            chunk = os.read(reader, 4096)
+        except OSError:  # the terminal closed: the process is done
+            chunk = b""
         if not chunk:
             break
         now = time.perf_counter() - started
@@ -68,11 +78,12 @@ def timed_run(model: str, args: list, out: str) -> dict:
             if part.strip():
                 stamps.append(now)
                 text.append(part.decode(errors="replace"))
+    os.close(reader)
     stdout = process.stdout.read().decode(errors="replace")
     total = time.perf_counter() - started
     if process.wait() != 0:
         raise RuntimeError(f"spa prune failed: {(text or [stdout])[-1]}")
-    gaps = [(b - a, text[i]) for i, (a, b) in enumerate(zip([0.0] + stamps, stamps + [total]))]
+    gaps = [(end - begin, after) for begin, end, after in zip([0.0] + stamps, stamps + [total], ["(start)"] + text)]
     silent, before = max(gaps)
     stages = [line for line in text if line.startswith("[spa")]
     return {"seconds": total, "longest_silence_s": silent, "silence_after": before.strip()[:160],

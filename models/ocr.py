@@ -12,7 +12,7 @@ render_lines(kind, count, seed) -> (images, texts)
 preprocess(images) -> float32 [N, 3, 48, W]  PaddleOCR's resize_norm_img (height 48, width
                                             proportional, right-padded with 0, (x/255-0.5)/0.5)
 recognize(model_or_session, images, batch_size=16) -> list[str]
-accuracy(predicted, truth) -> {"exact_line": ..., "char": ...}   char: 1 - edit distance / length
+accuracy(predicted, truth) -> {"exact_line": ..., "char": ...}   char: max(0, 1 - edit distance / length)
 
 The package is installed with ``pip install --no-deps rapidocr-onnxruntime`` (its OpenCV
 dependency is only needed by its own pipeline); nothing here imports it.
@@ -181,4 +181,5 @@ def edit_distance(a: str, b: str) -> int:
 def accuracy(predicted, truth) -> dict:
     exact = float(np.mean([p == t for p, t in zip(predicted, truth)]))
     errors = sum(edit_distance(p, t) for p, t in zip(predicted, truth))
-    return {"exact_line": exact, "char": 1.0 - errors / max(1, sum(len(t) for t in truth))}
+    # 1 - character error rate, floored at 0 (a garbage line longer than the truth has CER > 1)
+    return {"exact_line": exact, "char": max(0.0, 1.0 - errors / max(1, sum(len(t) for t in truth)))}

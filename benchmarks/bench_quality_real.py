@@ -281,13 +281,15 @@ def markdown(result: dict) -> str:
                   "| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
         methods = list(dict.fromkeys(k for row in m["results"].values() for k in row))
         for method in methods:
+            if all("skipped" in m["results"][t].get(method, {"skipped": ""}) for t in targets):
+                continue  # not applicable to this model (the JSON says why)
             cells = []
             for t in targets:
                 rec = m["results"][t].get(method, {})
                 if metric in rec:
                     cells.append(f"{rec[metric]:.3f}" + (f" / {rec[second]:.3f}" if second and second in rec else ""))
                 else:
-                    cells.append("n/a" if "skipped" in rec else ("error" if "error" in rec else ""))
+                    cells.append("n/a" if "skipped" in rec else ("error" if "error" in rec else "-"))
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -376,7 +376,7 @@ def first_order(analysis: Analysis, plan: Plan, measured: Measured, damp: float 
     """The masked original with every consumer compensated from the original model's Hessians
     (no staged pass: cheap, for comparing plans)."""
     weights: dict = {}
-    for layer in measured.layers:
+    for layer in bar(measured.layers, "first-order compensation"):
         if layer.compensable and len(plan.removed(layer.weight, layer.in_axis)):
             held = measured.held_hessians.of(layer) if measured.held_hessians else None
             compensate_layer(analysis, plan, layer, measured.hessians.of(layer), damp, weights, held=held)

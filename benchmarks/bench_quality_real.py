@@ -301,7 +301,10 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["models"])
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4.4), squeeze=False)
+    base = [m for m in METHODS if not m.endswith("+recover")]
+    colours = {m: plt.cm.tab10(i) for i, m in enumerate(base)}  # one colour per method in every panel
+    handles = {}
     for ax, name in zip(axes[0], names):
         m = result["models"][name]
         metric = {"minilm": "cosine", "ocr": "in-distribution_exact"}.get(name, "accuracy")
@@ -309,14 +312,16 @@ def plot(result: dict, path: str) -> None:
         methods = list(dict.fromkeys(k for row in m["results"].values() for k in row))
         for method in methods:
             ys = [m["results"][t].get(method, {}).get(metric) for t in targets]
-            if any(y is not None for y in ys):
-                ax.plot(targets, [np.nan if y is None else y for y in ys], marker="o",
-                        linestyle="--" if "recover" in method else "-", label=method)
+            if sum(y is not None for y in ys) > 1:
+                line, = ax.plot(targets, [np.nan if y is None else y for y in ys], marker="o",
+                                color=colours[method.split("+")[0]],
+                                linestyle="--" if "recover" in method else "-", label=method)
+                handles.setdefault(method, line)
         ax.axhline(m["original"][metric], color="black", linewidth=0.8)
         ax.set_title(f"{name}: {metric}")
         ax.tick_params(axis="x", rotation=30)
-    axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(6, len(handles)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
 
 

@@ -302,8 +302,7 @@ def plot(result: dict, path: str) -> None:
 
     names = list(result["models"])
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4.4), squeeze=False)
-    base = [m for m in METHODS if not m.endswith("+recover")]
-    colours = {m: plt.cm.tab10(i) for i, m in enumerate(base)}  # one colour per method in every panel
+    colours = {m: plt.cm.tab10(i) for i, m in enumerate(METHODS)}  # one colour per method in every panel
     handles = {}
     for ax, name in zip(axes[0], names):
         m = result["models"][name]

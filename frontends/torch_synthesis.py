@@ -29,6 +29,11 @@ to 0: on the digits ResNet and the MNIST-1D CNN neither changed the pruned accur
 inputs pass through unchanged. The result is deterministic for given feeds and settings (no
 random augmentation is used; ``seed`` seeds torch's generator for any stochastic op).
 
+:func:`synthesise` is the ``inverted`` calibration source (the ``spa.calibration`` entry point):
+BN statistics where the model has them, else random targets on its class-score output
+(:func:`invert`), 50 steps, one torch thread. ``--calibration auto`` (the default) picks it for
+models that keep BatchNorm where it is affordable (spa.pipeline.default_source).
+
 Measured (docs/synthesis.md; OBSPA, 256 samples, test accuracy at keep_macs 0.5 / 0.33):
 digits ResNet synthetic 0.87 / 0.67, inverted 0.989 / 0.987, real 0.989 / 0.980; MNIST-1D CNN
 synthetic 0.88 / 0.72, inverted 0.976 / 0.967, real 0.975 / 0.969. Accuracy saturates from

@@ -21,6 +21,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 DEFAULT_DAMP = 0.01
+SINGLE_ABOVE = 1024  # Cholesky factorisations of wider Hessians run in float32
 
 
 def one_blas_thread(fn):
@@ -37,7 +38,6 @@ def one_blas_thread(fn):
         with threadpool_limits(limits=1, user_api="blas"):
             return fn(*args, **kwargs)
     return wrapper
-SINGLE_ABOVE = 1024  # Cholesky factorisations of wider Hessians run in float32
 
 
 class HessianSum:

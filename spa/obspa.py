@@ -39,7 +39,7 @@ is compensated.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -325,8 +325,7 @@ class Measured:
     batches: list
     damp: float
     seed: int = 0
-    held: list = field(default_factory=list)  # batches no Hessian saw, to judge compensation on
-    held_hessians: Hessians | None = None
+    held_hessians: Hessians | None = None  # of batches no Hessian above saw: they judge compensations
 
 
 def check_damp(damp: float) -> None:
@@ -353,7 +352,7 @@ def scores(analysis: Analysis, batches: list, damp: float = obs.DEFAULT_DAMP, no
         collect(analysis.model, layers, list(held), held_hessians, "held-out Hessians")
     progress(f"OBS saliency of {sum(g.prunable for g in analysis.groups)} prunable groups")
     found = group_scores(analysis, layers, hessians, damp, normalization, calibrated=bool(batches))
-    return found, Measured(layers, hessians, batches, damp, seed, list(held), held_hessians)
+    return found, Measured(layers, hessians, batches, damp, seed, held_hessians)
 
 
 def compensation_stage(analysis: Analysis, plan: Plan, how: str, batches: list, measured: Measured | None = None,

@@ -22,8 +22,8 @@ from .importance import GRADIENT_CRITERIA, score
 from .plan import Plan
 from .rewrite import rewrite
 from .selection import Target, select
-from .verify import masked_original
-from .verify import validate
+from .runtime import declared_inputs
+from .verify import masked_original, validate
 
 
 ALLOCATIONS = ("measured", "global", "uniform")
@@ -80,9 +80,10 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     # batches no Hessian sees: they compare allocations and judge every layer's compensation
     batches, held = _held_out(model, cal, batches) if criterion == "obspa" or compensation != "none" \
         else (batches, [])
+    fit = [b for b in batches if not any(b is h for h in held)]
     progress(f"scoring {sum(g.prunable for g in analysis.groups)} prunable groups ({criterion})")
     if criterion == "obspa":
-        plan, scores, measured = _obs_plan(analysis, target, batches, held, allocation, normalization, compensation,
+        plan, scores, measured = _obs_plan(analysis, target, fit, held, allocation, normalization, compensation,
                                            damp, seed, progress)
     else:
         if criterion in GRADIENT_CRITERIA and saliency is None:
@@ -91,7 +92,6 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
                 progress=progress)
         scores = score(analysis, criterion, aggregation, normalization or "mean", seed, saliency=saliency)
         plan, measured = _plan(analysis, scores, target, allocation, progress), None
-    fit = [b for b in batches if not any(b is h for h in held)]
     weights = obspa.compensation_stage(analysis, plan, compensation, fit, measured, damp, seed, progress, held)
     progress(f"rewriting: removing {len(plan.removed_atoms)} channels")
     result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores)
@@ -151,10 +151,9 @@ def _rechunked(batches: list, parts: int) -> list:
     return out
 
 
-def _obs_plan(analysis, target, batches, held, allocation, normalization, compensation, damp, seed, progress):
-    """(plan, scores, Measured) for obspa; "measured" allocation compares allocations on `held`
-    (spa.allocation)."""
-    fit = [b for b in batches if not any(b is h for h in held)]
+def _obs_plan(analysis, target, fit, held, allocation, normalization, compensation, damp, seed, progress):
+    """(plan, scores, Measured) for obspa: Hessians from `fit`; "measured" allocation compares
+    allocations on `held` (spa.allocation)."""
     scores, measured = obspa.scores(analysis, fit, damp, normalization or "none", seed, progress, held)
     if allocation == "measured" and not held:
         allocation = "uniform" if target.ratio is not None else "global"
@@ -241,7 +240,7 @@ def default_source(model: onnx.ModelProto, cal: Calibration, progress=_quiet) ->
     synthetic = dataclasses.replace(cal, source="synthetic")
     if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
         return synthetic
-    if not any(np.issubdtype(d, np.floating) for d in _input_dtypes(model)):
+    if not any(np.issubdtype(dtype, np.floating) for _, _, dtype in declared_inputs(model)):
         return synthetic
     if "inverted" not in plugins.names("spa.calibration"):
         progress("calibration: synthetic (inputs inverted from the model's BatchNorm statistics need PyTorch: "
@@ -260,12 +259,6 @@ def default_source(model: onnx.ModelProto, cal: Calibration, progress=_quiet) ->
     progress(f"calibration: inverted, {samples} inputs optimised so that every BatchNorm layer sees its running "
              "statistics (the model keeps BatchNorm; --calibration synthetic skips this)")
     return dataclasses.replace(cal, source="inverted", samples=samples)
-
-
-def _input_dtypes(model):
-    initializers = {t.name for t in model.graph.initializer}
-    return [onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type) for vi in model.graph.input
-            if vi.name not in initializers and vi.type.tensor_type.elem_type]
 
 
 def apply_plan(model: onnx.ModelProto, plan_path: str, options: Options | None = None) -> Result:

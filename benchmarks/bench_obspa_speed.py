@@ -31,12 +31,10 @@ import termios
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_model, git, log, version  # noqa: E402
+from common import RESULTS, ROOT, cpu_model, git, log, version  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
 GOALS = {"resnet50": 60.0, "minilm": 20.0}
 SILENCE_GOAL = 10.0
 CASES = {"resnet50": ["--criterion", "obspa", "--target-flops", "0.5"],

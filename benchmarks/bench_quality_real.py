@@ -46,12 +46,10 @@ import traceback
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_model, git, log, version  # noqa: E402
+from common import RESULTS, ROOT, cpu_model, git, log, version  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402

@@ -44,7 +44,10 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--overwrite", action="store_true", help="allow writing over the input file")
         sp.add_argument("--report", action="store_true", help="print before/after parameters, MACs, size, latency")
         sp.add_argument("--json", action="store_true", help="print the report as JSON")
-        sp.add_argument("--batch", type=int, default=1, help="batch size for latency (default 1)")
+        sp.add_argument("--batch", type=int, default=1,
+                        help="batch size for latency: --report, --target-latency, --round-to auto (default 1)")
+        sp.add_argument("--threads", type=int, metavar="T",
+                        help="onnxruntime intra-op threads for latency (default: onnxruntime's, all cores)")
         sp.add_argument("--repeats", type=int, default=20, help="latency runs; the median is reported")
         sp.add_argument("--plan-out", help="write the pruning plan (JSON) here")
 
@@ -55,6 +58,10 @@ def parser() -> argparse.ArgumentParser:
     target.add_argument("--ratio", type=float, help="fraction of channels to remove (per group, or overall with --global)")
     target.add_argument("--target-params", type=float, metavar="F", help="keep this fraction of parameters")
     target.add_argument("--target-flops", "--target-macs", type=float, metavar="F", help="keep this fraction of MACs")
+    target.add_argument("--target-latency", type=float, metavar="F",
+                        help="keep this fraction of the onnxruntime latency measured on this machine (--batch, "
+                             "--threads): per-layer latency tables (spa profile) and a knapsack over widths, "
+                             "then the pruned model is timed")
     pr.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups")
     pr.add_argument("--criterion", default="l1", choices=available() + ["obspa"],
                     help="obspa: Optimal Brain Surgeon saliency + weight compensation from calibration inputs")
@@ -100,16 +107,35 @@ def parser() -> argparse.ArgumentParser:
                          "obspa), global (one ranking across groups; --ratio keeps the parameters uniform would), "
                          "measured (obspa's default: tries both on held-out calibration batches, keeps the better)")
     pr.add_argument("--max-group-ratio", type=float, default=0.9, help="never remove more of one group")
-    pr.add_argument("--round-to", type=int, default=1, help="keep a multiple of N channels per group")
+    pr.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
+                    help="keep a multiple of N channels per group; auto: the multiple the latency tables measure "
+                         "fastest (default 1)")
     pr.add_argument("--ignore", action="append", default=[], metavar="NAME",
                     help="node or initializer name (glob) whose channels are kept; repeatable")
     pr.add_argument("--seed", type=int, default=0)
+
+    pf = sub.add_parser("profile", help="per-layer onnxruntime latency and the fast channel counts of each layer")
+    common(pf)
+    pf.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    pf.add_argument("--threads", type=int, metavar="T", help="onnxruntime intra-op threads (default: its own)")
+    pf.add_argument("--top", type=int, default=15, help="layers listed, heaviest first (default 15)")
+    pf.add_argument("--plot", metavar="FILE.png", help="plot latency against width for the heaviest layers")
+    pf.add_argument("--json", action="store_true", help="machine-readable output")
 
     ap = sub.add_parser("apply-plan", help="replay a plan written by --plan-out")
     common(ap)
     ap.add_argument("plan", help="plan JSON")
     output(ap)
     return p
+
+
+def _round_to(text):
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}") from None
 
 
 def main(argv=None) -> int:
@@ -144,6 +170,8 @@ def run(args) -> int:
         summary = describe(analyze(model, options))
         print(json.dumps(summary, indent=1) if args.json else format_analysis(summary))
         return 0
+    if args.command == "profile":
+        return _profile(args, analyze(model, options), say)
     if os.path.abspath(args.model) == os.path.abspath(args.output) and not args.overwrite:
         raise SpaError("refusing to overwrite the input model (pass --overwrite)")
     if args.command == "prune":
@@ -153,12 +181,41 @@ def run(args) -> int:
         say(f"replaying {args.plan}")
         result = apply_plan(model, args.plan, options)
     plan = result.plan.to_json(os.path.basename(args.model))
-    pruned = result.model
+    pruned, latency_check = result.model, result.latency
     # The input's weights are on disk: drop the original (and the analysis that references it)
     # before verification loads the pruned model, so big models are not held three times.
     del result, model
     gc.collect()
-    return _finish(args, pruned, plan, say)
+    return _finish(args, pruned, plan, say, latency_check)
+
+
+def _check_latency_flags(args):
+    if args.batch < 1:
+        raise SpaError(f"--batch must be a positive integer, got {args.batch}")
+    if args.threads is not None and args.threads < 1:
+        raise SpaError(f"--threads must be a positive integer, got {args.threads}")
+
+
+def _profile(args, analysis, say):
+    from .latency import profile
+    from .report import format_profile, plot_profile
+
+    _check_latency_flags(args)
+    if args.top < 1:
+        raise SpaError(f"--top must be a positive integer, got {args.top}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SpaError("--plot needs matplotlib (pip install matplotlib)") from None
+    result = profile(analysis, args.batch, args.threads, progress=say)
+    if not result["layers"]:
+        raise SpaError("no Conv, Gemm or MatMul layer with a constant weight and known input shape to profile")
+    if args.plot:
+        plot_profile(result, args.plot)
+        say(f"plot written to {args.plot}")
+    print(json.dumps(result, indent=1, default=str) if args.json else format_profile(result, args.top))
+    return 0
 
 
 def _framework_to_onnx(path, say):
@@ -176,9 +233,10 @@ def _prune(args, model, options, say):
     from .pipeline import prune
     from .selection import Target
 
+    _check_latency_flags(args)
     target = Target(ratio=args.ratio, global_ranking=args.global_ranking, keep_params=args.target_params,
-                    keep_macs=args.target_flops, max_group_ratio=args.max_group_ratio,
-                    round_to=args.round_to, ignore=args.ignore)
+                    keep_macs=args.target_flops, latency=args.target_latency, max_group_ratio=args.max_group_ratio,
+                    round_to=args.round_to, ignore=args.ignore, batch=args.batch, threads=args.threads)
     return prune(model, target, args.criterion, args.aggregation, args.normalization, options,
                  args.seed, progress=say, calibration=args.calibration_options,
                  damp=0.01 if args.damp is None else args.damp, labels=args.labels,
@@ -276,7 +334,25 @@ def _floats(text, flag):
     return values
 
 
-def _finish(args, pruned, plan, say):
+def warn(message: str):
+    print(f"spa: warning: {message}", file=sys.stderr)
+
+
+SLOWER_THAN_PREDICTED = 1.15
+
+
+def _latency_lines(check: dict) -> None:
+    """The pipeline's last timing of the plan (spa.pipeline._meet_latency), and what is wrong with it."""
+    print(f"latency {check['original_ms']:.3g} -> {check['pruned_ms']:.3g} ms measured: {check['measured']:.3f} "
+          f"of the original (target {check['target']:g}, predicted {check['predicted']:.3f}; batch {check['batch']}, "
+          f"{check['threads'] or 'default'} threads)")
+    if check["measured"] >= 1:
+        warn(f"the pruned model measured slower than the original ({check['measured']:.2f}x its latency)")
+    elif check["measured"] > SLOWER_THAN_PREDICTED * check["predicted"]:
+        warn(f"the pruned model measured {check['measured'] / check['predicted'] - 1:.0%} slower than predicted")
+
+
+def _finish(args, pruned, plan, say, latency_check=None):
     from .graph import external_tensor_names
     from .pipeline import save
 
@@ -289,11 +365,18 @@ def _finish(args, pruned, plan, say):
     if args.report or args.json:
         from .report import compare, format_comparison
         say("measuring before/after")
-        report = compare(args.model, args.output, batch=args.batch, repeats=args.repeats)
+        report = compare(args.model, args.output, batch=args.batch, repeats=args.repeats, threads=args.threads)
+        if latency_check is not None:
+            report["latency_target"] = latency_check
         print(json.dumps(report, indent=1) if args.json else format_comparison(report))
+        if report["after"]["latency_ms"] > report["before"]["latency_ms"]:
+            warn(f"the pruned model measured slower than the original ({report['after']['latency_ms']:.3g} vs "
+                 f"{report['before']['latency_ms']:.3g} ms at batch {args.batch})")
     else:
         removed = sum(g["removed"] for g in plan["groups"])
         print(f"wrote {args.output}: removed {removed} channels in {len(plan['groups'])} groups")
+    if latency_check is not None and not args.json:
+        _latency_lines(latency_check)
     return 0
 
 

@@ -12,7 +12,7 @@ import onnx
 from onnx import external_data_helper
 
 from . import allocation as allocate
-from . import obspa, plugins
+from . import latency, obspa, plugins
 from .calibration import DEFAULT_SAMPLES, Calibration, calibration_batches, is_generated
 from .errors import SpaError
 from .cost import count_params
@@ -37,6 +37,7 @@ class Result:
     weights: dict = field(default_factory=dict)  # compensated constants (original shapes), before slicing
     scores: dict = field(default_factory=dict)  # group id -> per-channel scores
     recovery: object | None = None  # what the recovery stage reported
+    latency: dict | None = None  # latency targets: original ms, predicted and measured fractions
 
 
 def _quiet(message):
@@ -66,6 +67,10 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     target.check()
     compensation = compensation or ("obs" if criterion == "obspa" else "none")
     allocation = allocation or ("measured" if criterion == "obspa" and normalization is None else "uniform")
+    if target.latency is not None and allocation != "global":
+        allocation = "global"  # the latency knapsack allocates across groups itself
+        if criterion == "obspa":
+            progress("allocation global: the latency budget is spread over groups by the latency tables")
     if allocation not in ALLOCATIONS:
         raise SpaError(f"unknown allocation '{allocation}' (known: {', '.join(ALLOCATIONS)})")
     cal = _calibration(calibration_options or calibration, calibration_samples, seed)
@@ -92,9 +97,12 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
                 progress=progress)
         scores = score(analysis, criterion, aggregation, normalization or "mean", seed, saliency=saliency)
         plan, measured = _plan(analysis, scores, target, allocation, progress), None
+    latency_check = _meet_latency(analysis, scores, target, plan, progress) if target.latency is not None else None
+    if latency_check is not None:
+        plan = latency_check.pop("plan")
     weights = obspa.compensation_stage(analysis, plan, compensation, fit, measured, damp, seed, progress, held)
     progress(f"rewriting: removing {len(plan.removed_atoms)} channels")
-    result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores)
+    result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores, latency=latency_check)
     if recover:
         if recover < 0:
             raise SpaError(f"recover needs a positive number of steps, got {recover}")
@@ -112,7 +120,32 @@ def _plan(analysis, scores, target, allocation, progress):
     if allocation == "global" and target.ratio is not None and not target.global_ranking:
         target = as_parameter_budget(analysis, scores, target, progress)
     progress("selecting channels")
-    return select(analysis, scores, target)
+    return select(analysis, scores, target, progress)
+
+
+LATENCY_CHECKS = 3  # plans timed as whole models; the latency model is refitted after each
+LATENCY_AGREEMENT = 0.05  # stop when the measured fraction is this close to the predicted
+
+
+def _meet_latency(analysis, scores, target, plan, progress) -> dict:
+    """Time the plan's model against the original; where it runs off the prediction, refit the
+    latency model's savings on it (spa.latency.LatencyModel.calibrate) and select again. Returns the last
+    plan with its predicted and measured latency."""
+    model = latency.model_for(analysis, target.batch, target.threads, progress)
+    for check in range(LATENCY_CHECKS):
+        predicted = model.predict(model.state_of(plan)) / model.whole_ms
+        original_ms, pruned_ms = latency.paired_latency(analysis.model, rewrite(plan), target.batch, target.threads)
+        measured = pruned_ms / original_ms
+        progress(f"latency: plan predicted at {predicted:.3f} of the original, measured {measured:.3f} "
+                 f"({pruned_ms:.3g} vs {original_ms:.3g} ms, batch {target.batch}, "
+                 f"{target.threads or 'default'} threads)")
+        if abs(measured - predicted) <= LATENCY_AGREEMENT * measured or check == LATENCY_CHECKS - 1:
+            break
+        model.calibrate(model.state_of(plan), measured * model.whole_ms)
+        progress("latency: predicted savings scaled to that measurement; selecting again")
+        plan = select(analysis, scores, target, progress)
+    return {"plan": plan, "target": target.latency, "predicted": predicted, "measured": measured,
+            "original_ms": original_ms, "pruned_ms": pruned_ms, "batch": target.batch, "threads": target.threads}
 
 
 HELD_OUT_PARTS = 4  # file data: a quarter of it judges compensations and allocations

@@ -15,7 +15,7 @@ def show(enabled: bool | None) -> None:
     _show = enabled
 
 
-def bar(iterable, desc: str, total: int | None = None, **kwargs):
+def bar(iterable=None, desc: str = "", total: int | None = None, **kwargs):
     from tqdm import tqdm
 
     return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stderr, mininterval=0.5,

@@ -19,8 +19,8 @@ def file_size(path: str) -> int:
     return size + (os.path.getsize(data) if os.path.exists(data) else 0)
 
 
-def latency_ms(path: str, batch: int = 1, repeats: int = 20, warmup: int = 3) -> float:
-    sess = session(path)
+def latency_ms(path: str, batch: int = 1, repeats: int = 20, warmup: int = 3, threads: int | None = None) -> float:
+    sess = session(path, threads=threads)
     feeds = random_inputs(onnx.load(path, load_external_data=False), batch=batch, seed=1)
     for _ in range(warmup):
         sess.run(None, feeds)
@@ -32,11 +32,11 @@ def latency_ms(path: str, batch: int = 1, repeats: int = 20, warmup: int = 3) ->
     return statistics.median(times)
 
 
-def measure(path: str, batch: int = 1, repeats: int = 20) -> dict:
+def measure(path: str, batch: int = 1, repeats: int = 20, threads: int | None = None) -> dict:
     model = onnx.load(path)
     macs = macs_by_op(model, concrete_shapes(model, batch=1))
     return {"params": count_params(model), "macs": sum(macs.values()), "macs_by_op": macs,
-            "file_bytes": file_size(path), "latency_ms": latency_ms(path, batch, repeats)}
+            "file_bytes": file_size(path), "latency_ms": latency_ms(path, batch, repeats, threads=threads)}
 
 
 def max_deviation(original: str, pruned: str, batch: int = 1, seed: int = 0) -> float:
@@ -47,8 +47,8 @@ def max_deviation(original: str, pruned: str, batch: int = 1, seed: int = 0) -> 
                      for x, y in zip(a, b)))
 
 
-def compare(original: str, pruned: str, batch: int = 1, repeats: int = 20) -> dict:
-    before, after = measure(original, batch, repeats), measure(pruned, batch, repeats)
+def compare(original: str, pruned: str, batch: int = 1, repeats: int = 20, threads: int | None = None) -> dict:
+    before, after = measure(original, batch, repeats, threads), measure(pruned, batch, repeats, threads)
     keys = ("params", "macs", "file_bytes", "latency_ms")
     return {
         "batch": batch,
@@ -135,3 +135,45 @@ def format_analysis(summary: dict) -> str:
         if len(loose) > 10:
             lines.append(f"    ... and {len(loose) - 10} more")
     return "\n".join(lines)
+
+
+def format_profile(profile: dict, top: int = 15) -> str:
+    m = profile["machine"]
+    lines = [f"onnxruntime {m['onnxruntime']} on {m['cpu']} ({m['cores']} cores), {m['threads']} threads, "
+             f"batch {profile['batch']}",
+             f"model {profile['model_ms']:.3f} ms measured: timed layers {profile['layers_ms']:.3f} ms, "
+             f"the rest {profile['other_ms']:.3f} ms",
+             f"tables: {profile['timed']} widths timed now, the rest from {profile['cache']} "
+             f"({profile['seconds']:.1f} s)", ""]
+    rows = [(r["name"], r["op"], f"{r['in']}->{r['out']}", f"{r['ms']:.3f}", f"{r['share']:.1%}",
+             ", ".join(str(w) for w in r["fast"][-8:]) or "-") for r in profile["layers"][:top]]
+    header = ("layer", "op", "channels", "ms", "share", "fast output widths (widest 8)")
+    widths = [max(len(str(row[k])) for row in rows + [header]) for k in range(5)]
+    for row in [header] + rows:
+        lines.append("  ".join(str(c).ljust(w) if k < 2 else str(c).rjust(w) for k, (c, w) in enumerate(zip(row[:5], widths)))
+                     + "  " + row[5])
+    if len(profile["layers"]) > top:
+        lines.append(f"... {len(profile['layers']) - top} lighter layers (--top N, --json for all)")
+    return "\n".join(lines)
+
+
+def plot_profile(profile: dict, path: str, layers: int = 6) -> None:
+    """Latency against output width for the heaviest layers, fast widths marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in profile["layers"] if r["widths"]][:layers]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        widths = sorted(r["widths"])
+        line, = ax.plot(widths, [r["widths"][w] for w in widths], marker=".", label=f"{r['name'][-40:]} ({r['op']})")
+        ax.plot(r["fast"], [r["widths"][w] for w in r["fast"]], "o", mfc="none", color=line.get_color())
+    ax.set_xlabel("output channels kept")
+    ax.set_ylabel("ms (timed alone, scaled to the network)")
+    ax.set_title(f"latency vs width, batch {profile['batch']}, {profile['machine']['threads']} threads "
+                 "(circles: fast widths)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

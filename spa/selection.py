@@ -19,21 +19,31 @@ class Target:
     global_ranking: bool = False
     keep_params: float | None = None  # fraction of parameters kept
     keep_macs: float | None = None  # fraction of MACs kept
+    latency: float | None = None  # fraction of the measured onnxruntime latency kept
     max_group_ratio: float = 0.9  # never remove more than this fraction of one group
-    round_to: int = 1
+    round_to: int | str = 1  # or "auto": the multiple the latency tables favour
     ignore: list = field(default_factory=list)
+    batch: int = 1  # latency targets and round_to "auto": measured at this batch size
+    threads: int | None = None  # and with this many onnxruntime threads (None: its default)
 
     def check(self):
-        for name in ("ratio", "keep_params", "keep_macs"):
+        for name in ("ratio", "keep_params", "keep_macs", "latency"):
             value = getattr(self, name)
             if value is not None and not 0 < value < 1:
-                raise SpaError(f"{name.replace('_', '-')} must be between 0 and 1 (exclusive), got {value}")
-        if sum(v is not None for v in (self.ratio, self.keep_params, self.keep_macs)) != 1:
-            raise SpaError("give exactly one target: a ratio, a parameter fraction or a MAC fraction")
+                raise SpaError(f"{name.replace('keep_', 'target-').replace('_', '-')} must be between 0 and 1 "
+                               f"(exclusive), got {value}")
+        if sum(v is not None for v in (self.ratio, self.keep_params, self.keep_macs, self.latency)) != 1:
+            raise SpaError("give exactly one target: a ratio, a parameter, MAC or latency fraction")
         if not 0 < self.max_group_ratio <= 1:
             raise SpaError("max group ratio must be in (0, 1]")
-        if self.round_to < 1:
-            raise SpaError("round-to must be a positive integer")
+        if self.round_to != "auto" and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise SpaError(f"round-to must be a positive integer or auto, got {self.round_to!r}")
+        if self.batch < 1 or (self.threads is not None and self.threads < 1):
+            raise SpaError("latency batch and threads must be positive integers")
+
+    @property
+    def measures_latency(self) -> bool:
+        return self.latency is not None or self.round_to == "auto"
 
 
 def ignored_atoms(analysis: Analysis, patterns) -> set:
@@ -57,11 +67,12 @@ def ignored_atoms(analysis: Analysis, patterns) -> set:
 
 
 class Selector:
-    def __init__(self, analysis: Analysis, scores: dict, target: Target):
+    def __init__(self, analysis: Analysis, scores: dict, target: Target, progress=lambda message: None):
         target.check()
         self.analysis = analysis
         self.target = target
         self.scores = scores
+        self.progress = progress
         blocked = ignored_atoms(analysis, target.ignore)
         self.candidates = {}  # group id -> (atoms, scores) of prunable channels, ascending score
         allowed = analysis.options.granularity
@@ -122,7 +133,7 @@ class Selector:
 
     def round(self, accepted):
         """Keep a multiple of round_to channels per group by restoring the best removed ones."""
-        n = self.target.round_to
+        n = self.multiple
         if n == 1:
             return accepted
         by_group = {}
@@ -148,9 +159,26 @@ class Selector:
                 lo = mid + 1
         return self.round(order[:lo])
 
+    def latency_model(self):
+        from .latency import model_for
+        return model_for(self.analysis, self.target.batch, self.target.threads, self.progress)
+
+    @property
+    def multiple(self) -> int:
+        if self.target.round_to != "auto":
+            return self.target.round_to
+        if "_multiple" not in self.__dict__:
+            from .latency import auto_multiple
+            self._multiple = auto_multiple(self.latency_model())
+            self.progress(f"round-to auto: keeping multiples of {self._multiple} channels (the widths the "
+                          "latency tables measured fastest)")
+        return self._multiple
+
     def select(self) -> Plan:
         t = self.target
-        if t.ratio is not None and not t.global_ranking:
+        if t.latency is not None:
+            accepted = self.to_latency(t.latency)
+        elif t.ratio is not None and not t.global_ranking:
             accepted = self.round(self.uniform(t.ratio))
         elif t.ratio is not None:
             order = self.global_order()
@@ -179,5 +207,99 @@ class Selector:
         return sum(macs_by_op(self.analysis.graph, self.shapes, plan).values())
 
 
-def select(analysis: Analysis, scores: dict, target: Target) -> Plan:
-    return Selector(analysis, scores, target).select()
+    def latency_options(self, model, gid) -> list:
+        """(atoms removed, importance lost, {pair: indices removed}) for each candidate width of
+        a group, widest first: multiples of a power-of-two step (GRID_POINTS of them or so)."""
+        from .latency import grid_step
+
+        atoms, group_scores = self.candidates[gid]
+        group = self.analysis.groups[gid]
+        size = len(group.atoms)
+        step = grid_step(size, self.multiple)
+        keeps = [size] + [k for k in range((size - 1) // step * step, 0, -step) if size - k <= self._limit(gid)]
+        score_of = dict(zip(atoms.tolist(), group_scores.tolist()))
+        members = [m for m in group.members if m.pair in model.pairs]
+        options, seen = [], set()
+        for keep in keeps:
+            accepted = self.greedy(gid, atoms, size - keep)
+            if len(accepted) in seen:
+                continue
+            seen.add(len(accepted))
+            removed = np.array(accepted, dtype=np.int64)
+            options.append((accepted, float(sum(score_of[a] for a in accepted)),
+                            {m.pair: int(np.isin(m.atoms, removed).sum()) for m in members}))
+        return options
+
+    def to_latency(self, keep: float) -> list:
+        """Maximise the importance kept under the latency budget: a multiple-choice knapsack over
+        the groups' candidate widths (HALP), re-linearised around each solution because a layer's
+        time depends on two groups at once; the best plan whose full prediction meets the budget."""
+        model = self.latency_model()
+        options = {gid: self.latency_options(model, gid) for gid in self.candidates}
+        model.tables.measure(model.requests(o[2] for opts in options.values() for o in opts))
+        budget = keep * model.whole_ms
+        gids = list(options)
+        state, slack, best, previous = {}, 0.0, None, None
+        for _ in range(LATENCY_ROUNDS):
+            costs = [[model.delta(state, o[2]) for o in options[g]] for g in gids]
+            values = [[-o[1] for o in options[g]] for g in gids]
+            picks = multiple_choice_knapsack(values, costs, budget - model.predict(state) - slack)
+            if picks is None:
+                picks = [int(np.argmin(c)) for c in costs]
+            state = {p: n for g, j in zip(gids, picks) for p, n in options[g][j][2].items() if n}
+            predicted = model.predict(state)
+            lost = sum(options[g][j][1] for g, j in zip(gids, picks))
+            if predicted <= budget and (best is None or lost < best[0]):
+                best = (lost, picks)
+            if picks == previous:
+                break
+            slack = max(0.0, slack + predicted - budget) if predicted > budget else slack / 2
+            previous = picks
+        if best is None:
+            raise SpaError(f"target-latency {keep:g} cannot be met: the fastest plan within --max-group-ratio "
+                           f"is predicted at {predicted / model.whole_ms:.2f} of the measured "
+                           f"{model.whole_ms:.3g} ms")
+        return [(g, a) for g, j in zip(gids, best[1]) for a in options[g][j][0]]
+
+
+LATENCY_ROUNDS = 8
+
+
+def multiple_choice_knapsack(values, costs, budget: float, bins: int = 2000):
+    """One option index per item maximising the total value with total cost <= budget (costs
+    rounded up to budget / bins, so never over it), or None when the cheapest options exceed it."""
+    base = [min(c) for c in costs]
+    room = budget - sum(base)
+    if room < -1e-9 * max(abs(budget), 1.0):
+        return None
+    unit = room / bins if room > 0 else 1.0
+    weights = [np.ceil((np.asarray(c, dtype=np.float64) - b) / unit - 1e-9).astype(np.int64) for c, b in zip(costs, base)]
+    best = np.full(bins + 1, -np.inf)
+    best[0] = 0.0
+    back = []
+    for item_values, item_weights in zip(values, weights):
+        new = np.full(bins + 1, -np.inf)
+        arg = np.zeros(bins + 1, dtype=np.int64)
+        for j, (v, w) in enumerate(zip(item_values, item_weights)):
+            if w > bins:
+                continue
+            candidate = np.full(bins + 1, -np.inf)
+            candidate[w:] = best[:bins + 1 - w] + v
+            better = candidate > new
+            new[better] = candidate[better]
+            arg[better] = j
+        best = new
+        back.append((arg, item_weights))
+    b = int(np.argmax(best))
+    if not np.isfinite(best[b]):
+        return None
+    picks = []
+    for arg, item_weights in reversed(back):
+        j = int(arg[b])
+        picks.append(j)
+        b -= int(item_weights[j])
+    return picks[::-1]
+
+
+def select(analysis: Analysis, scores: dict, target: Target, progress=lambda message: None) -> Plan:
+    return Selector(analysis, scores, target, progress).select()

@@ -27,11 +27,11 @@ class Target:
     threads: int | None = None  # and with this many onnxruntime threads (None: its default)
 
     def check(self):
-        for name in ("ratio", "keep_params", "keep_macs", "latency"):
+        for name, flag in (("ratio", "ratio"), ("keep_params", "target-params"), ("keep_macs", "target-macs"),
+                           ("latency", "target-latency")):
             value = getattr(self, name)
             if value is not None and not 0 < value < 1:
-                raise SpaError(f"{name.replace('keep_', 'target-').replace('_', '-')} must be between 0 and 1 "
-                               f"(exclusive), got {value}")
+                raise SpaError(f"{flag} must be between 0 and 1 (exclusive), got {value}")
         if sum(v is not None for v in (self.ratio, self.keep_params, self.keep_macs, self.latency)) != 1:
             raise SpaError("give exactly one target: a ratio, a parameter, MAC or latency fraction")
         if not 0 < self.max_group_ratio <= 1:
@@ -272,7 +272,7 @@ def multiple_choice_knapsack(values, costs, budget: float, bins: int = 2000):
     room = budget - sum(base)
     if room < -1e-9 * max(abs(budget), 1.0):
         return None
-    unit = room / bins if room > 0 else 1.0
+    unit, bins = (room / bins, bins) if room > 0 else (1.0, 0)  # no room: only the cheapest options
     weights = [np.ceil((np.asarray(c, dtype=np.float64) - b) / unit - 1e-9).astype(np.int64) for c, b in zip(costs, base)]
     best = np.full(bins + 1, -np.inf)
     best[0] = 0.0

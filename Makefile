@@ -22,3 +22,4 @@ test: install
 bench: install
 	$(PYTHON) benchmarks/bench_speed.py
 	$(PYTHON) benchmarks/bench_quality.py
+	$(PYTHON) benchmarks/bench_latency.py

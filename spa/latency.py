@@ -24,7 +24,6 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from .cost import concrete_shapes
-from .errors import SpaError
 from .graph import attr
 from .progress import bar
 from .runtime import random_inputs, session
@@ -411,12 +410,14 @@ def measure_model(model_or_path, batch: int = 1, threads: int | None = None, sec
 
 
 def paired_latency(original, pruned, batch: int = 1, threads: int | None = None, rounds: int = 5) -> tuple:
-    """(original ms, pruned ms): rounds alternate the two so that load drift hits both."""
-    a, b = [], []
+    """(original ms, pruned ms): rounds alternate the two, one session alive at a time, and the
+    pruned time is the original's median times the median per-round ratio (this kind of VM runs
+    for seconds in a fast or a slow state, which pooled medians mix unevenly)."""
+    a, ratios = [], []
     for _ in range(rounds):
         a.append(measure_model(original, batch, threads, seconds=0.3))
-        b.append(measure_model(pruned, batch, threads, seconds=0.3))
-    return statistics.median(a), statistics.median(b)
+        ratios.append(measure_model(pruned, batch, threads, seconds=0.3) / a[-1])
+    return statistics.median(a), statistics.median(a) * statistics.median(ratios)
 
 
 def model_for(analysis, batch: int = 1, threads: int | None = None, progress=_quiet) -> LatencyModel:
@@ -463,10 +464,6 @@ def grid_step(size: int, multiple: int = 1) -> int:
         step *= 2
     return step
 
-
-def check_fraction(value: float):
-    if not 0 < value < 1:
-        raise SpaError(f"target-latency must be between 0 and 1 (exclusive), got {value}")
 
 
 def profile(analysis, batch: int = 1, threads: int | None = None, progress=_quiet) -> dict:

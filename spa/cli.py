@@ -339,6 +339,7 @@ def warn(message: str):
 
 
 SLOWER_THAN_PREDICTED = 1.15
+LATENCY_TOLERANCE = 0.1  # measured over the target by more than this (relative): not met
 
 
 def _latency_lines(check: dict) -> None:
@@ -348,7 +349,11 @@ def _latency_lines(check: dict) -> None:
           f"{check['threads'] or 'default'} threads)")
     if check["measured"] >= 1:
         warn(f"the pruned model measured slower than the original ({check['measured']:.2f}x its latency)")
-    elif check["measured"] > SLOWER_THAN_PREDICTED * check["predicted"]:
+        return
+    if check["measured"] > check["target"] * (1 + LATENCY_TOLERANCE):
+        warn(f"target-latency {check['target']:g} not met: the pruned model measured {check['measured']:.3f} of the "
+             "original's latency")
+    if check["measured"] > SLOWER_THAN_PREDICTED * check["predicted"]:
         warn(f"the pruned model measured {check['measured'] / check['predicted'] - 1:.0%} slower than predicted")
 
 

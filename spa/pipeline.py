@@ -143,7 +143,11 @@ def _meet_latency(analysis, scores, target, plan, progress) -> dict:
             break
         model.calibrate(model.state_of(plan), measured * model.whole_ms)
         progress("latency: predicted savings scaled to that measurement; selecting again")
-        plan = select(analysis, scores, target, progress)
+        try:
+            plan = select(analysis, scores, target, progress)
+        except SpaError as exc:  # rescaled, the target is out of reach: keep the plan that was timed
+            progress(f"latency: {exc}; keeping the plan measured at {measured:.3f}")
+            break
     return {"plan": plan, "target": target.latency, "predicted": predicted, "measured": measured,
             "original_ms": original_ms, "pruned_ms": pruned_ms, "batch": target.batch, "threads": target.threads}
 

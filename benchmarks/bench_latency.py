@@ -1,7 +1,7 @@
 """Latency-aware pruning: `--target-latency 0.5` on zoo models, measured on onnxruntime (CPU).
 
     python benchmarks/bench_latency.py            # every model at batch 1 and 8, 1 and 2 threads
-    python benchmarks/bench_latency.py --quick    # batch 1 only, two models, no accuracy part
+    python benchmarks/bench_latency.py --quick    # batch 1 only, two models
 
 Part 1 - for each model and (batch, threads): prune with `Target(latency=0.5)` (L1 scores; the
   latency tables are built from an empty cache for the first configuration of each model), then
@@ -10,10 +10,7 @@ Part 1 - for each model and (batch, threads): prune with `Target(latency=0.5)` (
   fraction and |predicted - measured| / measured (goal <= 10%), MAC and parameter fractions,
   wall time of the prune. ResNet-50, batch 1, 1 thread: time to build its tables from an empty
   cache (goal <= 60 s) and the same selection again on the warm cache.
-Part 2 - accuracy at equal measured latency on a trained MobileNetV2-style net (digits upsampled
-  to 3x64x64, 12 epochs): latency-aware pruning at several targets vs uniform `--ratio` at several
-  ratios, both L1 and then fine-tuned for the same 2 epochs; accuracy against measured latency,
-  the uniform curve interpolated at the latency-aware points.
+Not here yet: accuracy at equal measured latency against uniform `--ratio` (see docs/latency.md).
 
 Writes benchmarks/results/latency.json and benchmarks/results/latency.png.
 """
@@ -91,57 +88,12 @@ def table_timing(model) -> dict:
     return out
 
 
-def accuracy_part(workdir: str, quick: bool) -> dict:
-    import torch
-    from bench_quality import digits_data, fine_tune, reimport, torch_accuracy, train
-    from models import cnn, zoo
-    from spa import latency
-    from spa.pipeline import prune, save
-    from spa.selection import Target
-
-    data = digits_data(flat=False)
-    up = lambda x: np.repeat(np.kron(x, np.ones((1, 1, 8, 8), np.float32)), 3, axis=1)  # noqa: E731
-    data = dict(data, x=up(data["x"]), x_test=up(data["x_test"]))
-    torch.manual_seed(0)
-    net = cnn.MobileNetV2(num_classes=10, width_mult=0.5)
-    train(net, data, epochs=12, lr=3e-3)
-    base_accuracy = torch_accuracy(net, data)
-    log(f"accuracy part: MobileNetV2 x0.5 on digits 3x64x64, {base_accuracy:.3f} unpruned")
-    path = zoo.export(net, os.path.join(workdir, "mbv2-digits.onnx"), example_inputs=(torch.randn(2, 3, 64, 64),))
-    model = onnx.load(path)
-    runs = []
-    settings = [("latency-aware", Target(latency=f, threads=1)) for f in (0.4, 0.5, 0.6, 0.7)] + \
-               [("uniform", Target(ratio=r)) for r in (0.2, 0.3, 0.4, 0.5, 0.6)]
-    for method, target in settings[::2] if quick else settings:
-        try:
-            result = prune(model, target)
-        except Exception as exc:  # a target this small net cannot meet: recorded, not fatal
-            runs.append({"method": method, "setting": target.latency or target.ratio, "error": str(exc)})
-            log(f"  {method} {runs[-1]['setting']}: {exc}")
-            continue
-        out = os.path.join(workdir, f"{method}-{target.latency or target.ratio}.onnx")
-        save(result.model, out)
-        original_ms, pruned_ms = latency.paired_latency(model, result.model, 1, 1, rounds=5)
-        module = reimport(out)
-        runs.append({"method": method, "setting": target.latency or target.ratio, "latency": pruned_ms / original_ms,
-                     "accuracy_no_finetune": torch_accuracy(module, data),
-                     "accuracy": fine_tune(module, data, epochs=2)})
-        log(f"  {method} {runs[-1]['setting']}: latency {runs[-1]['latency']:.3f}, accuracy "
-            f"{runs[-1]['accuracy_no_finetune']:.3f} -> {runs[-1]['accuracy']:.3f} after 2 epochs")
-    uniform = sorted((r["latency"], r["accuracy"]) for r in runs if r["method"] == "uniform" and "error" not in r)
-    for r in runs:
-        if r["method"] == "latency-aware" and uniform and "error" not in r:
-            r["uniform_accuracy_at_same_latency"] = float(np.interp(r["latency"], *zip(*uniform)))
-    return {"base_accuracy": base_accuracy, "runs": runs}
-
-
 def plot(results: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax = axes[0]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     names = list(results["models"])
     configs = sorted({(r["batch"], r["threads"]) for m in names for r in results["models"][m]["runs"]})
     for k, (batch, threads) in enumerate(configs):
@@ -158,18 +110,6 @@ def plot(results: dict, path: str) -> None:
     ax.set_ylabel("measured latency / original (black: predicted)")
     ax.set_title(f"--target-latency {TARGET} (red: goal 0.55)")
     ax.legend(fontsize=7)
-    acc = results.get("accuracy")
-    ax = axes[1]
-    if acc:
-        for method, marker in (("uniform", "s-"), ("latency-aware", "o-")):
-            pts = sorted((r["latency"], r["accuracy"]) for r in acc["runs"] if r["method"] == method and "error" not in r)
-            if pts:
-                ax.plot(*zip(*pts), marker, label=method)
-        ax.axhline(acc["base_accuracy"], color="grey", lw=0.8, label="unpruned")
-        ax.set_xlabel("measured latency / original (batch 1, 1 thread)")
-        ax.set_ylabel("test accuracy after 2 epochs of fine-tuning")
-        ax.set_title("MobileNetV2 x0.5 on digits: accuracy at equal latency")
-        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -180,7 +120,6 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--models", default=None, help="comma list (default: all)")
     p.add_argument("--configs", default=None, help="comma list of BATCHxTHREADS (default 1x1,1x2,8x1,8x2)")
-    p.add_argument("--no-accuracy", action="store_true")
     p.add_argument("--merge", action="store_true", help="update the saved results instead of replacing them")
     args = p.parse_args(argv)
     names = args.models.split(",") if args.models else (["resnet50", "mobilenetv2"] if args.quick else list(MODELS))
@@ -211,9 +150,6 @@ def main(argv=None) -> int:
                     f"{run['measured_in_pipeline']:.3f}), predicted {run['predicted']:.3f}, error "
                     f"{run['prediction_error']:.1%}, MACs {run['macs']:.2f}, {run['seconds']:.0f} s")
             results["models"][name] = entry
-            _save(results, out_json)
-        if not (args.quick or args.no_accuracy):
-            results["accuracy"] = accuracy_part(workdir, args.quick)
             _save(results, out_json)
     plot(results, os.path.join(RESULTS, "latency.png"))
     log(f"wrote {out_json} and latency.png")

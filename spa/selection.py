@@ -208,8 +208,11 @@ class Selector:
 
 
     def latency_options(self, model, gid) -> list:
-        """(atoms removed, importance lost, {pair: indices removed}) for each candidate width of
-        a group, widest first: multiples of a power-of-two step (GRID_POINTS of them or so)."""
+        """(atoms removed, value lost, {pair: indices removed}) for each candidate width of a
+        group, widest first: multiples of a power-of-two step (4 to 8 of them). The value lost is
+        -log(share of the group's importance kept): concave, so that no group is cut to a sliver
+        for its latency (a linear sum of scores cut the first layers of a MobileNetV2 from 8 and
+        16 channels to 1 and 2: 0.53 accuracy at 0.74 latency against 0.70 at 0.68 this way)."""
         from .latency import grid_step
 
         atoms, group_scores = self.candidates[gid]
@@ -218,6 +221,7 @@ class Selector:
         step = grid_step(size, self.multiple)
         keeps = [size] + [k for k in range((size - 1) // step * step, 0, -step) if size - k <= self._limit(gid)]
         score_of = dict(zip(atoms.tolist(), group_scores.tolist()))
+        total = float(np.sum(np.maximum(group_scores, 0))) or 1.0
         members = [m for m in group.members if m.pair in model.pairs]
         options, seen = [], set()
         for keep in keeps:
@@ -226,12 +230,13 @@ class Selector:
                 continue
             seen.add(len(accepted))
             removed = np.array(accepted, dtype=np.int64)
-            options.append((accepted, float(sum(score_of[a] for a in accepted)),
+            kept_share = max(1.0 - sum(max(score_of[a], 0.0) for a in accepted) / total, 1e-6)
+            options.append((accepted, -float(np.log(kept_share)),
                             {m.pair: int(np.isin(m.atoms, removed).sum()) for m in members}))
         return options
 
     def to_latency(self, keep: float) -> list:
-        """Maximise the importance kept under the latency budget: a multiple-choice knapsack over
+        """Maximise the log-importance kept under the latency budget: a multiple-choice knapsack over
         the groups' candidate widths (HALP), re-linearised around each solution because a layer's
         time depends on two groups at once; the best plan whose full prediction meets the budget."""
         model = self.latency_model()

@@ -184,12 +184,12 @@ def plot(results: dict, path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--models", default=None, help="comma list (default: all)")
+    p.add_argument("--models", default=None, help="comma list (default: all; none: part 2 only)")
     p.add_argument("--configs", default=None, help="comma list of BATCHxTHREADS (default 1x1,1x2,8x1,8x2)")
     p.add_argument("--merge", action="store_true", help="update the saved results instead of replacing them")
     p.add_argument("--no-accuracy", action="store_true", help="skip part 2")
     args = p.parse_args(argv)
-    names = args.models.split(",") if args.models else (["resnet50", "mobilenetv2"] if args.quick else list(MODELS))
+    names = [] if args.models == "none" else args.models.split(",") if args.models else (["resnet50", "mobilenetv2"] if args.quick else list(MODELS))
     configs = [tuple(int(v) for v in c.split("x")) for c in
                (args.configs or ("1x1,1x2" if args.quick else "1x1,1x2,8x1,8x2")).split(",")]
     out_json = os.path.join(RESULTS, "latency.json")

@@ -270,40 +270,25 @@ class Selector:
 LATENCY_ROUNDS = 8
 
 
-def multiple_choice_knapsack(values, costs, budget: float, bins: int = 2000):
-    """One option index per item maximising the total value with total cost <= budget (costs
-    rounded up to budget / bins, so never over it), or None when the cheapest options exceed it."""
-    base = [min(c) for c in costs]
-    room = budget - sum(base)
-    if room < -1e-9 * max(abs(budget), 1.0):
+def multiple_choice_knapsack(values, costs, budget: float):
+    """One option index per item maximising the total value with total cost <= budget, or None
+    when no choice fits: a 0/1 integer programme solved exactly by scipy's HiGHS (on the
+    ResNet-50 instance, 37 groups x 8 widths: 0.11 s, and 4% more value than a dynamic programme
+    over 2000 budget steps found, docs/latency.md)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    sizes = [len(v) for v in values]
+    value = np.concatenate([np.asarray(v, dtype=np.float64) for v in values])
+    cost = np.concatenate([np.asarray(c, dtype=np.float64) for c in costs])
+    one_each = np.zeros((len(sizes), len(value)))
+    for i, start in enumerate(np.cumsum([0] + sizes[:-1])):
+        one_each[i, start:start + sizes[i]] = 1
+    result = milp(-value, integrality=np.ones(len(value)), bounds=Bounds(0, 1),
+                  constraints=[LinearConstraint(cost[None], -np.inf, budget), LinearConstraint(one_each, 1, 1)])
+    if result.status != 0 or result.x is None:
         return None
-    unit, bins = (room / bins, bins) if room > 0 else (1.0, 0)  # no room: only the cheapest options
-    weights = [np.ceil((np.asarray(c, dtype=np.float64) - b) / unit - 1e-9).astype(np.int64) for c, b in zip(costs, base)]
-    best = np.full(bins + 1, -np.inf)
-    best[0] = 0.0
-    back = []
-    for item_values, item_weights in zip(values, weights):
-        new = np.full(bins + 1, -np.inf)
-        arg = np.zeros(bins + 1, dtype=np.int64)
-        for j, (v, w) in enumerate(zip(item_values, item_weights)):
-            if w > bins:
-                continue
-            candidate = np.full(bins + 1, -np.inf)
-            candidate[w:] = best[:bins + 1 - w] + v
-            better = candidate > new
-            new[better] = candidate[better]
-            arg[better] = j
-        best = new
-        back.append((arg, item_weights))
-    b = int(np.argmax(best))
-    if not np.isfinite(best[b]):
-        return None
-    picks = []
-    for arg, item_weights in reversed(back):
-        j = int(arg[b])
-        picks.append(j)
-        b -= int(item_weights[j])
-    return picks[::-1]
+    chosen = result.x.round().astype(bool)
+    return [int(np.flatnonzero(chosen[start:start + n])[0]) for start, n in zip(np.cumsum([0] + sizes[:-1]), sizes)]
 
 
 def select(analysis: Analysis, scores: dict, target: Target, progress=lambda message: None) -> Plan:

@@ -92,8 +92,7 @@ def test_knapsack_matches_brute_force_on_small_instances():
                    if sum(costs[i][j] for i, j in enumerate(pick)) <= budget)[0] \
             if any(sum(costs[i][j] for i, j in enumerate(p)) <= budget
                    for p in itertools.product(*[range(len(v)) for v in values])) else None
-        room = budget - sum(min(c) for c in costs)
-        picks = multiple_choice_knapsack(values, costs, budget, bins=max(room, 1))
+        picks = multiple_choice_knapsack(values, costs, budget)
         if best is None:
             assert picks is None
         else:

@@ -171,7 +171,9 @@ def run(args) -> int:
         print(json.dumps(summary, indent=1) if args.json else format_analysis(summary))
         return 0
     if args.command == "profile":
+        _check_latency_flags(args)
         return _profile(args, analyze(model, options), say)
+    _check_latency_flags(args)
     if os.path.abspath(args.model) == os.path.abspath(args.output) and not args.overwrite:
         raise SpaError("refusing to overwrite the input model (pass --overwrite)")
     if args.command == "prune":
@@ -200,7 +202,6 @@ def _profile(args, analysis, say):
     from .latency import profile
     from .report import format_profile, plot_profile
 
-    _check_latency_flags(args)
     if args.top < 1:
         raise SpaError(f"--top must be a positive integer, got {args.top}")
     if args.plot:
@@ -233,7 +234,6 @@ def _prune(args, model, options, say):
     from .pipeline import prune
     from .selection import Target
 
-    _check_latency_flags(args)
     target = Target(ratio=args.ratio, global_ranking=args.global_ranking, keep_params=args.target_params,
                     keep_macs=args.target_flops, latency=args.target_latency, max_group_ratio=args.max_group_ratio,
                     round_to=args.round_to, ignore=args.ignore, batch=args.batch, threads=args.threads)
@@ -342,11 +342,12 @@ SLOWER_THAN_PREDICTED = 1.15
 LATENCY_TOLERANCE = 0.1  # measured over the target by more than this (relative): not met
 
 
-def _latency_lines(check: dict) -> None:
+def _latency_lines(check: dict, show: bool = True) -> None:
     """The pipeline's last timing of the plan (spa.pipeline._meet_latency), and what is wrong with it."""
-    print(f"latency {check['original_ms']:.3g} -> {check['pruned_ms']:.3g} ms measured: {check['measured']:.3f} "
-          f"of the original (target {check['target']:g}, predicted {check['predicted']:.3f}; batch {check['batch']}, "
-          f"{check['threads'] or 'default'} threads)")
+    if show:
+        print(f"latency {check['original_ms']:.3g} -> {check['pruned_ms']:.3g} ms measured: {check['measured']:.3f} "
+              f"of the original (target {check['target']:g}, predicted {check['predicted']:.3f}; "
+              f"batch {check['batch']}, {check['threads'] or 'default'} threads)")
     if check["measured"] >= 1:
         warn(f"the pruned model measured slower than the original ({check['measured']:.2f}x its latency)")
         return
@@ -380,8 +381,8 @@ def _finish(args, pruned, plan, say, latency_check=None):
     else:
         removed = sum(g["removed"] for g in plan["groups"])
         print(f"wrote {args.output}: removed {removed} channels in {len(plan['groups'])} groups")
-    if latency_check is not None and not args.json:
-        _latency_lines(latency_check)
+    if latency_check is not None:
+        _latency_lines(latency_check, show=not args.json)
     return 0
 
 

@@ -123,33 +123,54 @@ def _plan(analysis, scores, target, allocation, progress):
     return select(analysis, scores, target, progress)
 
 
-LATENCY_CHECKS = 3  # plans timed as whole models; the latency model is refitted after each
+LATENCY_CHECKS = 4  # plans timed as whole models; the latency model is refitted after each
 LATENCY_AGREEMENT = 0.05  # stop when the measured fraction is this close to the predicted
 
 
 def _meet_latency(analysis, scores, target, plan, progress) -> dict:
     """Time the plan's model against the original; where it runs off the prediction, refit the
-    latency model's savings on it (spa.latency.LatencyModel.calibrate) and select again. Returns the last
-    plan with its predicted and measured latency."""
+    latency model's savings (spa.latency.LatencyModel.calibrate, or between two timed plans that
+    bracket the target) and select again. Returns the timed plan closest to the target."""
     model = latency.model_for(analysis, target.batch, target.threads, progress)
-    for check in range(LATENCY_CHECKS):
+    timed = []  # (savings factor, measured fraction, check)
+    for attempt in range(LATENCY_CHECKS):
         predicted = model.predict(model.state_of(plan)) / model.whole_ms
         original_ms, pruned_ms = latency.paired_latency(analysis.model, rewrite(plan), target.batch, target.threads)
         measured = pruned_ms / original_ms
         progress(f"latency: plan predicted at {predicted:.3f} of the original, measured {measured:.3f} "
                  f"({pruned_ms:.3g} vs {original_ms:.3g} ms, batch {target.batch}, "
                  f"{target.threads or 'default'} threads)")
-        if abs(measured - predicted) <= LATENCY_AGREEMENT * measured or check == LATENCY_CHECKS - 1:
+        timed.append((model.savings, measured, {"plan": plan, "target": target.latency, "predicted": predicted,
+                                                "measured": measured, "original_ms": original_ms,
+                                                "pruned_ms": pruned_ms, "batch": target.batch,
+                                                "threads": target.threads}))
+        if abs(measured - predicted) <= LATENCY_AGREEMENT * measured or attempt == LATENCY_CHECKS - 1:
             break
-        model.calibrate(model.state_of(plan), measured * model.whole_ms)
-        progress("latency: predicted savings scaled to that measurement; selecting again")
+        _refit(model, timed, target.latency)
+        progress("latency: predicted savings refitted to the measurements; selecting again")
         try:
             plan = select(analysis, scores, target, progress)
-        except SpaError as exc:  # rescaled, the target is out of reach: keep the plan that was timed
-            progress(f"latency: {exc}; keeping the plan measured at {measured:.3f}")
+        except SpaError as exc:  # refitted, the target is out of reach: keep what was timed
+            progress(f"latency: {exc}")
             break
-    return {"plan": plan, "target": target.latency, "predicted": predicted, "measured": measured,
-            "original_ms": original_ms, "pruned_ms": pruned_ms, "batch": target.batch, "threads": target.threads}
+    best = min(timed, key=lambda t: abs(t[1] - target.latency))[2]
+    if best is not timed[-1][2]:
+        progress(f"latency: keeping the plan measured at {best['measured']:.3f}, the closest to the target")
+    return best
+
+
+def _refit(model, timed: list, goal: float) -> None:
+    """Next savings factor: interpolated between the two timed plans nearest the goal on either
+    side of it when there are such (on small models one rescaling overshoots), else rescaled so the
+    last plan predicts what it measured."""
+    below = [t for t in timed if t[1] <= goal]
+    above = [t for t in timed if t[1] > goal]
+    if below and above:
+        (s0, m0, _), (s1, m1, _) = max(below, key=lambda t: t[1]), min(above, key=lambda t: t[1])
+        model.savings = s0 + (goal - m0) * (s1 - s0) / (m1 - m0)
+    else:
+        plan = timed[-1][2]
+        model.calibrate(model.state_of(plan["plan"]), plan["measured"] * model.whole_ms)
 
 
 HELD_OUT_PARTS = 4  # file data: a quarter of it judges compensations and allocations

@@ -1,8 +1,11 @@
 """Choose which channels go: uniform per group, global ranking, or to a parameter / MAC budget."""
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -270,6 +273,21 @@ class Selector:
 LATENCY_ROUNDS = 8
 
 
+@contextlib.contextmanager
+def _c_stdout_silenced():
+    """HiGHS prints a debug line ("HighsMipSolverData::transformNewIntegerFeasibleSolution") with C
+    printf whatever scipy's disp option says; it must not reach the user's terminal."""
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def multiple_choice_knapsack(values, costs, budget: float):
     """One option index per item maximising the total value with total cost <= budget, or None
     when no choice fits: a 0/1 integer programme solved exactly by scipy's HiGHS (on the
@@ -283,8 +301,10 @@ def multiple_choice_knapsack(values, costs, budget: float):
     one_each = np.zeros((len(sizes), len(value)))
     for i, start in enumerate(np.cumsum([0] + sizes[:-1])):
         one_each[i, start:start + sizes[i]] = 1
-    result = milp(-value, integrality=np.ones(len(value)), bounds=Bounds(0, 1),
-                  constraints=[LinearConstraint(cost[None], -np.inf, budget), LinearConstraint(one_each, 1, 1)])
+    with _c_stdout_silenced():
+        result = milp(-value, integrality=np.ones(len(value)), bounds=Bounds(0, 1),
+                      constraints=[LinearConstraint(cost[None], -np.inf, budget),
+                                   LinearConstraint(one_each, 1, 1)])
     if result.status != 0 or result.x is None:
         return None
     chosen = result.x.round().astype(bool)

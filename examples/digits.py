@@ -6,6 +6,8 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+from spa.progress import bar
+
 
 def data(seed: int = 0):
     """(x_train, y_train, x_test, y_test) as tensors; images [N, 1, 8, 8] scaled to [0, 1]."""
@@ -38,7 +40,8 @@ def train(model: nn.Module, x, y, epochs: int, lr: float = 3e-3, seed: int = 0) 
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     model.train()
-    for _ in range(epochs):
+    epochs_bar = bar(range(epochs), desc="training", unit="epoch")
+    for _ in epochs_bar:
         order, total = torch.randperm(len(y)), 0.0
         for start in range(0, len(y), 64):
             batch = order[start:start + 64]
@@ -48,6 +51,7 @@ def train(model: nn.Module, x, y, epochs: int, lr: float = 3e-3, seed: int = 0) 
             optimizer.step()
             total += loss.item() * len(batch)
         losses.append(total / len(y))
+        epochs_bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
 

@@ -29,7 +29,7 @@ def main(epochs: int = 15, finetune_epochs: int = 3, ratio: float = 0.5, log=pri
         export(model, x_train[:2], full)
         result = prune(onnx.load(full), Target(ratio=ratio), criterion="l1")
         save(result.model, small)
-        apply_plan(model, result.plan, onnx_path=small, example_inputs=x_test[:4])
+        model = apply_plan(model, result.plan, pruned=small, example_inputs=x_test[:4])  # same module, narrowed
         figures.update(macs_full=macs(full), macs_pruned=macs(small))
     figures["accuracy_pruned"] = accuracy(model, x_test, y_test)
     train(model, x_train, y_train, finetune_epochs, lr=1e-3)

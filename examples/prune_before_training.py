@@ -29,9 +29,9 @@ def main(epochs: int = 15, keep_macs: float = 0.5, log=print) -> dict:
         export(model, x_train[:2], full, training=True)  # keeps BatchNormalization and Dropout
         result = prune(onnx.load(full), Target(keep_macs=keep_macs), criterion="synflow")
         save(result.model, small)
-        report = apply_plan(model, result.plan, onnx_path=small, example_inputs=x_train[:4])
+        model = apply_plan(model, result.plan, pruned=small, example_inputs=x_train[:4])  # same module, narrowed
         macs_full, macs_small = macs(full), macs(small)
-    log(f"pruned before training: {macs_full:,} -> {macs_small:,} MACs; narrowed {len(report.narrowed)} tensors")
+    log(f"pruned before training: {macs_full:,} -> {macs_small:,} MACs; narrowed {len(model.spa_report.narrowed)} tensors")
     losses = train(model, x_train, y_train, epochs)
     reference = DigitsNet()
     train(reference, x_train, y_train, epochs)

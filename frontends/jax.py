@@ -4,7 +4,7 @@ weight is which NNX parameter, and narrow the module with a SPA plan.
     from spa.frontends import jax as spa_jax
     spa_jax.export(module, example_input, "model.onnx")        # verified against JAX
     result = spa.pipeline.prune(onnx.load("model.onnx"), Target(ratio=0.5))
-    spa_jax.apply_plan(module, result.plan)                     # the same channels, in place
+    spa_jax.apply_plan(module, result.plan, pruned=result.model)  # the same channels, in place
 
 jax2onnx names weights ``const_<i>`` (i = position among the traced constants) or, where a
 plugin rewrote a constant at export time, ``kernel_oih_<i>`` (Conv, HWIO -> OIHW),
@@ -336,20 +336,35 @@ def _first_line(error):
 # narrowing the module
 
 
-def apply_plan(module, plan, pruned=None, *, example_inputs=None, rtol: float = 1e-4):
-    """Narrow ``module`` in place to the channels ``plan`` keeps; returns the module.
+def apply_plan(module, plan, _pruned=None, /, *, pruned=None, weight_map=None, example_inputs=None,
+               verify=None, rtol: float = 1e-4):
+    """Narrow ``module`` in place to the channels ``plan`` keeps; returns the module (the same
+    object).
 
     ``plan``: a spa Plan (``result.plan``), or its JSON (dict or path) when ``pruned`` is given.
     ``pruned``: the pruned ONNX model (ModelProto or path); its weight values are used, so weights
     that a method compensated (OBSPA) come along. Without it the module's own values are sliced.
+    ``weight_map``: what :func:`weight_map` returns for the exported model, or an ONNX
+    path/ModelProto to compute it from (default: from ``pruned``, else from the plan's model).
     The sizes of nnx.Linear/Conv/LinearGeneral/MultiHeadAttention/BatchNorm/LayerNorm/GroupNorm
     follow.
-    ``example_inputs``: when given, the narrowed module must match the pruned ONNX model on them
-    (rtol) or the module is restored and SpaError raised.
+    ``verify`` (default: on when ``pruned`` or ``example_inputs`` is given): the narrowed module
+    must match the pruned ONNX model (or, without ``pruned``, the plan rewritten) on
+    ``example_inputs`` (default random inputs) within ``rtol``, or the module is restored and
+    SpaError raised. The pruned model as third positional argument is deprecated: ``pruned=``.
     """
+    if _pruned is not None:
+        import warnings
+        warnings.warn("apply_plan(module, plan, pruned_model) is deprecated: use pruned=", DeprecationWarning,
+                      stacklevel=2)
+        if pruned is not None:
+            raise TypeError("apply_plan(): pass the pruned model once (pruned=)")
+        pruned = _pruned
     if isinstance(pruned, (str, os.PathLike)):
         pruned = onnx.load(os.fspath(pruned))
-    mapping = _map_for(plan, pruned)["weights"]
+    if weight_map is not None and not isinstance(weight_map, dict):
+        weight_map = _weight_map_of(weight_map)
+    mapping = (weight_map if weight_map is not None else _map_for(plan, pruned))["weights"]
     params = _parameters(module)
     values = {path: value for path, (value, _) in params.items()}
     for path, axes in _kept_by_parameter(_plan_weight_entries(plan), mapping).items():
@@ -359,14 +374,28 @@ def apply_plan(module, plan, pruned=None, *, example_inputs=None, rtol: float = 
         values.update(_values_from(pruned, mapping, values))
     original = {path: value for path, (value, _) in params.items()}
     _assign(module, params, values)
-    if example_inputs is not None:
+    if verify is None:
+        verify = pruned is not None or example_inputs is not None
+    if verify:
         reference = pruned if pruned is not None else _rewritten(plan)
+        arrays = (_example_arrays(example_inputs) if example_inputs is not None
+                  else _random_arrays(reference))
         try:
-            _verify(module, reference, _example_arrays(example_inputs), rtol, "the pruned ONNX model")
+            _verify(module, reference, arrays, rtol, "the pruned ONNX model")
         except SpaError:
             _assign(module, params, original)
             raise
     return module
+
+
+def _weight_map_of(model):
+    return weight_map(model)  # the module-level function (apply_plan's keyword shadows it)
+
+
+def _random_arrays(model):
+    from spa.runtime import random_inputs
+
+    return list(random_inputs(model, batch=2, seed=0).values())
 
 
 def _map_for(plan, pruned):
@@ -374,7 +403,7 @@ def _map_for(plan, pruned):
         return weight_map(pruned)
     if hasattr(plan, "analysis"):
         return weight_map(plan.analysis.graph.model)
-    raise SpaError("a plan read from JSON needs the pruned model too: apply_plan(module, plan, pruned)")
+    raise SpaError("a plan read from JSON needs the pruned model too: apply_plan(module, plan, pruned=...)")
 
 
 def _kept_by_parameter(entries, mapping):

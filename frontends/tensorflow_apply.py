@@ -14,26 +14,38 @@ from spa.errors import SpaError
 from .tensorflow_export import VERIFY_RTOL, _keras, _load, _reorder_blocks, export, read_weight_map
 
 
-def apply_plan(keras_model, plan, *, onnx_model=None, pruned_onnx=None, verify=None,
-               weight_map=None, rtol=VERIFY_RTOL):
+def apply_plan(keras_model, plan, *, pruned=None, weight_map=None, example_inputs=None, verify=None,
+               rtol=VERIFY_RTOL, **deprecated):
     """A new Keras model with the layers of `keras_model` narrowed to the channels `plan` keeps.
+
+    Keras layers cannot be resized in place, so unlike the torch and JAX `apply_plan` (which
+    narrow the module you pass and return that same object) this returns a *new* model of the same
+    architecture; `keras_model` is left as it was.
 
     plan: a plan JSON path (`spa prune --plan-out`), its dict, or a spa.plan.Plan. The ONNX
     names in it are tied to Keras variables by the weight map that `export` stored in the ONNX
-    metadata: taken from `weight_map`, `pruned_onnx` or `onnx_model` (path or ModelProto), else
-    the model is exported again to find it. Layers are re-created from their configs with fewer
-    filters/units and the kept slices of the original weights, ready for compile + fit.
-    verify (default: on when `pruned_onnx` is given) runs both on random inputs and raises
-    SpaError when they differ by more than rtol relative to the largest output.
+    metadata: taken from `weight_map` (the dict, or an ONNX path/ModelProto holding it), else from
+    `pruned` (the pruned ONNX, path or ModelProto), else the model is exported again to find it.
+    Layers are re-created from their configs with fewer filters/units and the kept slices of the
+    original weights, ready for compile + fit.
+    verify (default: on when `pruned` is given) runs both on `example_inputs` (an array or a
+    tuple in graph-input order; default random inputs) and raises SpaError when they differ by more
+    than rtol relative to the largest output. Deprecated names: `pruned_onnx=` (now `pruned=`),
+    `onnx_model=` (now `weight_map=`).
     """
+    from ._apply import renamed_keywords
+
+    given = renamed_keywords("keras", deprecated, {"pruned": pruned, "weight_map": weight_map})
+    pruned, weight_map = given["pruned"], given["weight_map"]
     keras = _keras()
     if not isinstance(keras_model, keras.Model):
         raise SpaError(f"apply_plan needs a Keras model, got {type(keras_model).__name__}")
     graph_model = _functional_graph(keras_model)
     entries = _plan_entries(plan)
+    if weight_map is not None and not isinstance(weight_map, dict):
+        weight_map = read_weight_map(weight_map)
     if weight_map is None:
-        source = pruned_onnx if pruned_onnx is not None else onnx_model
-        weight_map = read_weight_map(source) if source is not None else {}
+        weight_map = read_weight_map(pruned) if pruned is not None else {}
         if not weight_map:
             import tempfile
             with tempfile.TemporaryDirectory() as tmp:
@@ -43,11 +55,11 @@ def apply_plan(keras_model, plan, *, onnx_model=None, pruned_onnx=None, verify=N
     layer_plans = _narrow_layers(graph_model, var_kept)
     new_model = _rebuild(keras_model, layer_plans)
     if verify is None:
-        verify = pruned_onnx is not None
+        verify = pruned is not None
     if verify:
-        if pruned_onnx is None:
-            raise SpaError("verify=True needs pruned_onnx (the pruned ONNX model to compare with)")
-        compare_keras_onnx(new_model, pruned_onnx, rtol=rtol)
+        if pruned is None:
+            raise SpaError("apply_plan(verify=True) needs pruned= (the pruned ONNX model to compare with)")
+        new_model.spa_max_error = compare_keras_onnx(new_model, pruned, rtol=rtol, inputs=example_inputs)
     new_model.spa_unmapped_plan_weights = sorted(unknown)
     return new_model
 
@@ -498,28 +510,40 @@ def _take(value, per_axis):
     return value
 
 
-def compare_keras_onnx(keras_model, onnx_model, *, rtol=VERIFY_RTOL, batch=2, seed=0):
-    """Run a Keras model and an ONNX model on the same random inputs; SpaError when the largest
-    difference exceeds rtol times the largest output magnitude (per output)."""
+def compare_keras_onnx(keras_model, onnx_model, *, rtol=VERIFY_RTOL, batch=2, seed=0, inputs=None):
+    """Run a Keras model and an ONNX model on the same inputs (`inputs`: an array or a tuple in
+    graph-input order; default random); SpaError when the largest difference exceeds rtol times
+    the largest output magnitude (per output). Returns the largest relative difference."""
     from spa.runtime import random_inputs, run
     proto = _load(onnx_model)
-    feeds = random_inputs(proto, batch=batch, seed=seed)
-    if "int" in str(keras_model.inputs[0].dtype):
-        vocab = _vocab_size(keras_model)
-        rng = np.random.default_rng(seed)
-        feeds = {k: rng.integers(0, vocab, v.shape).astype(v.dtype) for k, v in feeds.items()}
+    if inputs is not None:
+        arrays = (inputs,) if not isinstance(inputs, (tuple, list)) else tuple(inputs)
+        inits = {t.name for t in proto.graph.initializer}
+        names = [i.name for i in proto.graph.input if i.name not in inits]
+        if len(arrays) != len(names):
+            raise SpaError(f"example_inputs has {len(arrays)} arrays, the pruned ONNX {len(names)} inputs")
+        feeds = {name: np.asarray(a) for name, a in zip(names, arrays)}
+    else:
+        feeds = random_inputs(proto, batch=batch, seed=seed)
+        if "int" in str(keras_model.inputs[0].dtype):
+            vocab = _vocab_size(keras_model)
+            rng = np.random.default_rng(seed)
+            feeds = {k: rng.integers(0, vocab, v.shape).astype(v.dtype) for k, v in feeds.items()}
     expected = run(proto.SerializeToString() if isinstance(onnx_model, onnx.ModelProto)
                    else os.fspath(onnx_model), feeds)
     args = [feeds[name] for name in feeds]
     got = keras_model(args if len(args) > 1 else args[0], training=False)
     got = [np.asarray(g) for g in (got if isinstance(got, (list, tuple)) else [got])]
+    worst = 0.0
     for index, (e, g) in enumerate(zip(expected, got)):
         if e.shape != g.shape:
             raise SpaError(f"output {index}: Keras gives shape {g.shape}, the pruned ONNX {e.shape}")
         error = float(np.abs(e - g).max()) / max(float(np.abs(e).max()), 1e-12)
-        if error > rtol:
+        if not error <= rtol:
             raise SpaError(f"output {index}: Keras and the pruned ONNX differ by {error:.2e} "
                            f"(relative), more than {rtol:g}")
+        worst = max(worst, error)
+    return worst
 
 
 def _vocab_size(model):

@@ -4,7 +4,8 @@
 
     exported = export(model, (x,), "model.onnx")                    # + weight map in metadata
     # spa prune model.onnx -o small.onnx --ratio 0.5 --plan-out plan.json
-    report = apply_plan(model, "plan.json", onnx_path="small.onnx")  # model narrowed in place
+    apply_plan(model, "plan.json", pruned="small.onnx")  # model narrowed in place (and returned)
+    model.spa_report                                     # what was narrowed, what could not be
     module = from_onnx("small.onnx")                                 # or: any ONNX -> nn.Module
 """
 from __future__ import annotations
@@ -17,9 +18,10 @@ __all__ = ["export", "Exported", "weight_map_of", "METADATA_KEY", "apply_plan", 
            "from_onnx", "OnnxModule", "supported_ops", "to_onnx"]
 
 
-def to_onnx(path: str, out_path: str) -> str:
+def to_onnx(path: str, out_path: str, input_shapes=None) -> str:
     """A saved torch model -> ONNX at ``out_path``: ``.pt2`` (torch.export.save'd
-    ExportedProgram) or a TorchScript ``.pt``/``.pth`` archive (torch.jit.save)."""
+    ExportedProgram, shapes from its example inputs) or a TorchScript ``.pt``/``.pth`` archive
+    (torch.jit.save; shapes from ``input_shapes`` or an ``input_shapes`` extra file, never guessed)."""
     from .torch_files import convert_file
 
-    return convert_file(path, out_path)
+    return convert_file(path, out_path, input_shapes)

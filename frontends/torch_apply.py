@@ -541,22 +541,30 @@ def _subtree_changes(nw, prefix):
 # ------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------
-def apply_plan(module: nn.Module, plan, *, weight_map: dict | None = None, onnx_path=None,
-               example_inputs=None, verify: bool | None = None, rtol: float = 1e-4) -> PlanReport:
+def apply_plan(module: nn.Module, plan, *, pruned=None, weight_map=None, example_inputs=None,
+               verify: bool | None = None, rtol: float = 1e-4, **deprecated) -> nn.Module:
     """Narrow ``module`` in place to match ``plan`` (path of a plan JSON, its dict, or a
-    spa.plan.Plan).
+    spa.plan.Plan) and return it (the same object).
 
-    ``weight_map``: from :func:`export` (default: read from ``onnx_path``'s metadata; without one,
-    ONNX weight names must be the module's own parameter names). ``onnx_path``: the pruned ONNX
-    model; with it ``verify`` defaults to True: the narrowed module and onnxruntime run on
-    ``example_inputs`` (tuple in graph-input order; default random inputs) and a SpaError is
-    raised if they differ beyond ``rtol`` (relative to the output's magnitude). Parameters stay
-    ``nn.Parameter`` (same requires_grad); rebuild optimizers after this call. Returns a
-    :class:`PlanReport`; anything in ``report.unfixable`` is also warned about."""
+    ``pruned``: the pruned ONNX model (path or ModelProto). ``weight_map``: from :func:`export`,
+    or an ONNX path/ModelProto to read it from (default: read from ``pruned``'s metadata; without
+    one, ONNX weight names must be the module's own parameter names). With ``pruned``, ``verify``
+    defaults to True: the narrowed module and onnxruntime run on ``example_inputs`` (tensor or
+    tuple in graph-input order; default random inputs) and a SpaError is raised if they differ
+    beyond ``rtol`` (relative to the output's magnitude). Parameters stay ``nn.Parameter`` (same
+    requires_grad); rebuild optimizers after this call.
+
+    What was done is in ``module.spa_report`` (a :class:`PlanReport`: narrowed tensors, updated
+    attributes, ``unfixable``, ``max_error``); anything unfixable is also warned about.
+    ``onnx_path=`` is a deprecated name of ``pruned=``."""
+    from ._apply import renamed_keywords
     from .torch_export import weight_map_of
 
-    if weight_map is None and onnx_path is not None:
-        weight_map = weight_map_of(onnx_path)
+    pruned = renamed_keywords("torch", deprecated, {"pruned": pruned})["pruned"]
+    if weight_map is not None and not isinstance(weight_map, dict):
+        weight_map = weight_map_of(weight_map)
+    if weight_map is None and pruned is not None:
+        weight_map = weight_map_of(pruned)
     entries = _plan_entries(plan)
     report = PlanReport()
     state = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
@@ -582,18 +590,19 @@ def apply_plan(module: nn.Module, plan, *, weight_map: dict | None = None, onnx_
     _settle_configs(config_votes, report)
     if report.unfixable or report.unverified:
         warnings.warn("apply_plan: " + "; ".join(report.unfixable + report.unverified), stacklevel=2)
+    module.spa_report = report
     if verify is None:
-        verify = onnx_path is not None
+        verify = pruned is not None
     if verify:
-        if onnx_path is None:
-            raise SpaError("apply_plan(verify=True) needs onnx_path= (the pruned ONNX model)")
+        if pruned is None:
+            raise SpaError("apply_plan(verify=True) needs pruned= (the pruned ONNX model)")
         try:
-            report.max_error = _verify(module, onnx_path, example_inputs, rtol)
+            report.max_error = _verify(module, pruned, example_inputs, rtol)
         except SpaError as exc:
             hint = "; ".join(report.unfixable) or ("sizes hard-coded in forward (chunk, split, view "
                                                    "with constants) no longer match the pruned graph")
             raise SpaError(f"{exc} (the module was narrowed in place; likely cause: {hint})") from None
-    return report
+    return module
 
 
 def _generic_tensors(nw: _Narrower, named):
@@ -624,12 +633,12 @@ def _settle_configs(votes, report):
                                      f"modules are updated, the shared config keeps its old value")
 
 
-def _verify(module, onnx_path, example_inputs, rtol) -> float:
+def _verify(module, pruned, example_inputs, rtol) -> float:
     import onnx
 
     from .torch_onnx import verify_module
 
-    model = onnx.load(str(onnx_path))
+    model = pruned if isinstance(pruned, onnx.ModelProto) else onnx.load(str(pruned))
     feeds = None
     if example_inputs is not None:
         args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)

@@ -94,7 +94,10 @@ def _optimize_keep_bn(ir_model) -> None:
 def _export_torchscript(model, args, path, names_in, names_out, training, dynamic, opset):
     model.train(training)
     mode = torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL
-    dyn = {n: {0: "batch"} for n in names_in + names_out} if dynamic else None
+    if isinstance(dynamic, dict):  # {name: {axis: label}}
+        dyn = dynamic
+    else:
+        dyn = {n: {0: "batch"} for n in names_in + names_out} if dynamic else None
     kw = {} if opset is None else {"opset_version": opset}
     torch.onnx.export(model, args, str(path), dynamo=False, input_names=names_in,
                       output_names=names_out, dynamic_axes=dyn, training=mode,
@@ -175,7 +178,10 @@ def _export_dynamo(model, args, path, names_in, names_out, training, dynamic, op
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
     batch = torch.export.Dim("batch")
-    dyn = tuple({0: batch} if a.dim() else {} for a in args) if dynamic else None
+    if isinstance(dynamic, dict):  # {name: {axis: label}}: ranges inferred by torch.export
+        dyn = tuple({axis: torch.export.Dim.DYNAMIC for axis in dynamic.get(n, {})} for n in names_in)
+    else:
+        dyn = tuple({0: batch} if a.dim() else {} for a in args) if dynamic else None
     if dyn is not None and _var_positional(model):  # forward(self, *args): one entry for args
         dyn = (dyn,)
     kw = {} if opset is None else {"opset_version": opset}
@@ -191,13 +197,16 @@ def _export_dynamo(model, args, path, names_in, names_out, training, dynamic, op
 
 def export(module: nn.Module, example_inputs, path, *, exporter: str = "dynamo",
            training: bool = False, dynamic_batch: bool = True, opset: int | None = None,
-           input_names=None, output_names=None) -> Exported:
+           input_names=None, output_names=None, dynamic_axes: dict | None = None) -> Exported:
     """Export ``module`` to ONNX at ``path`` and record where every ONNX weight came from.
 
     ``training=False``: eval export; exporters may fold BN into convs and pre-transpose Linear
     weights (the weight map says so). ``training=True``: BatchNormalization and Dropout stay nodes
     (torchscript: training-mode BN with batch statistics; dynamo: BN with running statistics).
-    ``dynamic_batch``: axis 0 of every input and output is symbolic. The module is not modified.
+    ``dynamic_batch``: axis 0 of every input and output is symbolic. ``dynamic_axes``
+    ({input or output name: {axis: label}}, e.g. ``{"input_ids": {0: "batch", 1: "sequence"}}``)
+    replaces it: exactly the axes it lists are symbolic (e.g. a transformer's batch and sequence).
+    The module is not modified.
     """
     if exporter not in EXPORTERS:
         raise SpaError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
@@ -213,9 +222,11 @@ def export(module: nn.Module, example_inputs, path, *, exporter: str = "dynamo",
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fn = _export_torchscript if exporter == "torchscript" else _export_dynamo
+    dynamic = ({n: {int(a): str(label) for a, label in axes.items()} for n, axes in dynamic_axes.items()}
+               if dynamic_axes is not None else dynamic_batch)
     try:
         with _quiet():
-            proto = fn(work, args, path, names_in, names_out, training, dynamic_batch, opset)
+            proto = fn(work, args, path, names_in, names_out, training, dynamic, opset)
     except SpaError:
         raise
     except Exception as exc:

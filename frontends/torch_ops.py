@@ -69,12 +69,35 @@ def op(*names):
     return register
 
 
+def _concrete(t) -> bool:
+    """A plain tensor holding real values (not a torch.export fake or functional tensor)."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type != "meta"
+
+
+def _values(t) -> np.ndarray:
+    """The values of a concrete tensor, read with torch function and dispatch modes off: while
+    torch.export traces, a constant (a shape, a clip bound) stays a Python value instead of
+    becoming a data-dependent symbol."""
+    with torch._C.DisableTorchFunction(), torch._C._DisableTorchDispatch():
+        t = t.detach().cpu()
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
 def ints(t) -> list[int]:
     if t is None:
         return []
     if isinstance(t, torch.Tensor):
+        if _concrete(t):
+            return [int(v) for v in _values(t).reshape(-1)]
         return [int(v) for v in t.reshape(-1).tolist()]
     return [int(v) for v in np.asarray(t).reshape(-1)]
+
+
+def scalar(t):
+    """``t.item()``, read like :func:`ints` for concrete tensors."""
+    if isinstance(t, torch.Tensor) and _concrete(t):
+        return _values(t).reshape(-1)[0].item()
+    return t.item()
 
 
 def _float_dtype(module) -> torch.dtype:
@@ -207,8 +230,8 @@ def _isinf(m, n, env, x):
 def _clip(m, n, env, x, lo=None, hi=None):
     if n.opset < 11:
         lo, hi = n.get("min"), n.get("max")
-    lo = lo.item() if isinstance(lo, torch.Tensor) else lo
-    hi = hi.item() if isinstance(hi, torch.Tensor) else hi
+    lo = scalar(lo) if isinstance(lo, torch.Tensor) else lo
+    hi = scalar(hi) if isinstance(hi, torch.Tensor) else hi
     return torch.clamp(x, lo, hi) if lo is not None or hi is not None else x
 
 
@@ -269,14 +292,14 @@ def _size(m, n, env, x):
 @op("ConstantOfShape")
 def _constant_of_shape(m, n, env, shape):
     value = n.get("value")
-    fill = torch.from_numpy(np.array(value)).reshape(-1) if value is not None else torch.zeros(1)
-    dtype = _float_dtype(m) if fill.dtype == torch.float32 else fill.dtype
+    fill = np.array(value).reshape(-1) if value is not None else np.zeros(1, np.float32)
+    dtype = _float_dtype(m) if fill.dtype == np.float32 else torch.from_numpy(fill).dtype
     return torch.full(ints(shape), fill[0].item(), dtype=dtype)
 
 
 @op("Range")
 def _range(m, n, env, start, limit, delta):
-    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+    return torch.arange(scalar(start), scalar(limit), scalar(delta), dtype=start.dtype)
 
 
 @op("Reshape")
@@ -422,13 +445,13 @@ def _tile(m, n, env, x, repeats):
 
 @op("Trilu")
 def _trilu(m, n, env, x, k=None):
-    k = int(k.item()) if k is not None else 0
+    k = int(scalar(k)) if k is not None else 0
     return torch.triu(x, k) if n.get("upper", 1) else torch.tril(x, k)
 
 
 @op("CumSum")
 def _cumsum(m, n, env, x, axis):
-    axis = int(axis.item())
+    axis = int(scalar(axis))
     if n.get("reverse", 0):
         x = x.flip(axis)
     out = torch.cumsum(x, axis).to(x.dtype)
@@ -444,7 +467,7 @@ def _nonzero(m, n, env, x):
 
 @op("TopK")
 def _topk(m, n, env, x, k):
-    values, indices = torch.topk(x, int(k.item()), dim=n.get("axis", -1),
+    values, indices = torch.topk(x, int(scalar(k)), dim=n.get("axis", -1),
                                  largest=bool(n.get("largest", 1)), sorted=True)
     return values, indices
 
@@ -462,7 +485,7 @@ def _argmax(m, n, env, x):
 
 @op("OneHot")
 def _one_hot(m, n, env, index, depth, values):
-    depth = int(depth.item())
+    depth = int(scalar(depth))
     index = torch.where(index < 0, index + depth, index).long()
     hot = F.one_hot(index, depth)
     axis = n.get("axis", -1)
@@ -493,7 +516,7 @@ def _pad(m, n, env, x, pads=None, value=None, axes=None):
     flat = [p for pair in reversed(full) for p in pair]
     mode = n.get("mode", "constant")
     if mode == "constant":
-        fill = value.item() if isinstance(value, torch.Tensor) and value.numel() else (value or 0.0)
+        fill = scalar(value) if isinstance(value, torch.Tensor) and value.numel() else (value or 0.0)
         return F.pad(x, flat, mode="constant", value=fill)
     torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
     return F.pad(x, flat, mode=torch_mode)
@@ -845,7 +868,7 @@ def _resize(m, n, env, x, roi=None, scales=None, sizes=None):
         if n.get("keep_aspect_ratio_policy", "stretch") != "stretch":
             raise SpaError("Resize: keep_aspect_ratio_policy other than stretch is not supported")
     else:
-        scale_list = [float(s) for s in scales.reshape(-1).tolist()]
+        scale_list = [float(s) for s in (_values(scales) if _concrete(scales) else scales).reshape(-1).tolist()]
         out_shape = [int(math.floor(i * s)) for i, s in zip(in_shape, scale_list)]
     mode = n.get("mode", "nearest")
     ctm = n.get("coordinate_transformation_mode", ctm_default)

@@ -1,5 +1,11 @@
-"""SPA: Structurally Prune Anything. Prune ONNX models physically: analyze, score, select, rewrite."""
-from .errors import SpaError
-from .groups import Analysis, Group, Options, analyze
+"""SPA: Structurally Prune Anything. Prune ONNX models physically: analyze, score, select, rewrite.
 
-__all__ = ["SpaError", "Analysis", "Group", "Options", "analyze"]
+    import spa
+    small = spa.prune("model.onnx", ratio=0.5)   # keywords = the CLI flags
+    small.save("small.onnx"); print(small.stats)
+"""
+from .api import Pruned, analyze, prune
+from .errors import SpaError
+from .groups import Analysis, Group, Options
+
+__all__ = ["SpaError", "Analysis", "Group", "Options", "Pruned", "analyze", "prune"]

@@ -22,39 +22,54 @@ class Progress:
             print(f"[spa {time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
+_INPUT_SHAPE_HELP = ("input shape for a TorchScript .pt/.pth input, which stores none (repeatable: NAME=shape per "
+                     "forward argument), and the one shape a -o .pt2/.pt output is specialised to (default: the "
+                     "model's, batch 1)")
+
+
 def parser() -> argparse.ArgumentParser:
     from .importance import AGGREGATIONS, NORMALIZATIONS, available
 
     p = argparse.ArgumentParser(prog="spa", description="Structurally Prune Anything: make ONNX models smaller.")
+    p.add_argument("--version", action="version", version=f"spa {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
-        sp.add_argument("model", help="input .onnx file (or .pt2, .pt, .keras, .h5, .tflite, a SavedModel directory: converted by a frontend)")
+        sp.add_argument("model", help="input .onnx file (or .pt2, .pt, .keras, .h5, .tflite, a SavedModel "
+                                       "directory, a Hugging Face save_pretrained directory: converted by a frontend)")
         sp.add_argument("--granularity", default="channels,heads",
                         help="comma list of what may be pruned: channels, heads (exact; default), "
                              "head-dim (instead of heads), hidden (through LayerNorm/RMSNorm: approximate)")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+        sp.add_argument("--verbose", action="store_true",
+                        help="let TensorFlow, absl and onnxruntime log (hidden by default)")
 
     a = sub.add_parser("analyze", help="list channel groups, what is prunable and what froze the rest")
     common(a)
     a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224", help=_INPUT_SHAPE_HELP)
 
     def output(sp):
-        sp.add_argument("-o", "--output", required=True, help="where to write the pruned model")
-        sp.add_argument("--overwrite", action="store_true", help="allow writing over the input file")
+        sp.add_argument("-o", "--output", help="where to write the pruned model (required unless --dry-run); for a "
+                                               "Hugging Face directory, a directory unless it ends in .onnx")
+        sp.add_argument("--overwrite", action="store_true",
+                        help="allow writing over the input file (or into a non-empty output directory)")
         sp.add_argument("--report", action="store_true", help="print before/after parameters, MACs, size, latency")
         sp.add_argument("--json", action="store_true", help="print the report as JSON")
-        sp.add_argument("--batch", type=int, default=1,
-                        help="batch size for latency: --report, --target-latency, --round-to auto (default 1)")
+        sp.add_argument("--batch", type=int,
+                        help="batch size for latency: --report, --target-latency, --round-to auto (default 1, "
+                             "or the batch the model's inputs fix)")
         sp.add_argument("--threads", type=int, metavar="T",
                         help="onnxruntime intra-op threads for latency (default: onnxruntime's, all cores)")
-        sp.add_argument("--repeats", type=int, default=20, help="latency runs; the median is reported")
+        sp.add_argument("--repeats", type=int, default=20, help="latency runs; the median is reported (default 20)")
         sp.add_argument("--plan-out", help="write the pruning plan (JSON) here")
 
     pr = sub.add_parser("prune", help="prune a model to a target")
     common(pr)
     output(pr)
-    target = pr.add_mutually_exclusive_group(required=True)
+    pr.add_argument("--dry-run", action="store_true",
+                    help="print the layers whose width changes and the parameters and MACs kept; write nothing")
+    target = pr.add_mutually_exclusive_group()
     target.add_argument("--ratio", type=float, help="fraction of channels to remove (per group, or overall with --global)")
     target.add_argument("--target-params", type=float, metavar="F", help="keep this fraction of parameters")
     target.add_argument("--target-flops", "--target-macs", type=float, metavar="F", help="keep this fraction of MACs")
@@ -63,8 +78,12 @@ def parser() -> argparse.ArgumentParser:
                              "--threads): per-layer latency tables (spa profile) and a knapsack over widths, "
                              "then the pruned model is timed")
     pr.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups")
+    pr.add_argument("--ratio-for", action="append", default=[], metavar="GLOB=R",
+                    help="remove the fraction R of the groups whose layers (node or initializer names) match GLOB, "
+                         "instead of --ratio (repeatable; the first matching GLOB wins; 0 keeps them whole)")
     pr.add_argument("--criterion", default="l1", choices=available() + ["obspa"],
-                    help="obspa: Optimal Brain Surgeon saliency + weight compensation from calibration inputs")
+                    help="how channels are scored (default l1); obspa: Optimal Brain Surgeon saliency + weight "
+                         "compensation from calibration inputs")
     pr.add_argument("--calibration", metavar="SOURCE",
                     help="obspa inputs: auto (default: inverted where the model keeps BatchNorm, else synthetic), "
                          "synthetic, none, bn, inverted (optimised against the model's BN statistics or outputs; "
@@ -75,7 +94,8 @@ def parser() -> argparse.ArgumentParser:
                          "announced)")
     pr.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x48x320",
                     help="calibration shape of an input (repeatable; a bare shape for a single-input model); "
-                         "unknown sizes otherwise default to 224 (images), 256 (signals), 4..128 tokens, 16")
+                         "unknown sizes otherwise default to 224 (images), 256 (signals), 4..128 tokens, 16. "
+                         "Also: " + _INPUT_SHAPE_HELP)
     pr.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json (or its directory) for a .txt --calibration")
     pr.add_argument("--max-length", metavar="N", help="longest calibration token sequence (default 128)")
     pr.add_argument("--image-size", metavar="HxW", help="calibration images are resized to this (default: the model's)")
@@ -96,36 +116,42 @@ def parser() -> argparse.ArgumentParser:
                     help="taylor, snip, grasp, crop, obd (PyTorch autograd on --calibration inputs): class labels "
                          "(.npy / .npz / .txt), in calibration sample order; default: a 'labels' array in the "
                          "calibration .npz, else the model's own predictions")
-    pr.add_argument("--aggregation", default="mean", choices=AGGREGATIONS)
+    pr.add_argument("--aggregation", default="mean", choices=AGGREGATIONS,
+                    help="how a channel's scores over the group's weights combine (default mean)")
     pr.add_argument("--normalization", choices=NORMALIZATIONS,
                     help="per-group score normalisation for ranking across groups (default: mean; none with obspa)")
     pr.add_argument("--recover", type=int, default=0, metavar="N",
                     help="after pruning, N steps of data-free distillation of the original into the pruned model "
-                         "on the calibration inputs (PyTorch; never kept when it does not lower the held-out loss)")
+                         "on the calibration inputs (PyTorch; never kept when it does not lower the held-out loss; "
+                         "default 0)")
     pr.add_argument("--allocation", choices=("measured", "global", "uniform"),
                     help="how the budget spreads over groups: uniform (--ratio from every group; default except "
                          "obspa), global (one ranking across groups; --ratio keeps the parameters uniform would), "
                          "measured (obspa's default: tries both on held-out calibration batches, keeps the better)")
-    pr.add_argument("--max-group-ratio", type=float, default=0.9, help="never remove more of one group")
+    pr.add_argument("--max-group-ratio", type=float, default=0.9,
+                    help="never remove more than this fraction of one group (default 0.9)")
     pr.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
                     help="keep a multiple of N channels per group; auto: the multiple the latency tables measure "
                          "fastest (default 1)")
     pr.add_argument("--ignore", action="append", default=[], metavar="NAME",
                     help="node or initializer name (glob) whose channels are kept; repeatable")
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--seed", type=int, default=0,
+                    help="seed for random scores, calibration inputs and recovery (default 0)")
 
     pf = sub.add_parser("profile", help="per-layer onnxruntime latency and the fast channel counts of each layer")
     common(pf)
-    pf.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    pf.add_argument("--batch", type=int, help="batch size (default 1, or the batch the model's inputs fix)")
     pf.add_argument("--threads", type=int, metavar="T", help="onnxruntime intra-op threads (default: its own)")
     pf.add_argument("--top", type=int, default=15, help="layers listed, heaviest first (default 15)")
     pf.add_argument("--plot", metavar="FILE.png", help="plot latency against width for the heaviest layers")
     pf.add_argument("--json", action="store_true", help="machine-readable output")
+    pf.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224", help=_INPUT_SHAPE_HELP)
 
     ap = sub.add_parser("apply-plan", help="replay a plan written by --plan-out")
     common(ap)
     ap.add_argument("plan", help="plan JSON")
     output(ap)
+    ap.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224", help=_INPUT_SHAPE_HELP)
     return p
 
 
@@ -143,26 +169,40 @@ def main(argv=None) -> int:
     try:
         return run(args)
     except SpaError as exc:
-        print(f"spa: error: {exc}", file=sys.stderr)
+        print(f"spa: error: {_as_given(str(exc), args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("spa: interrupted", file=sys.stderr)
         return 130
 
 
+def _as_given(message: str, args) -> str:
+    """A message about the temporary ONNX file a frontend wrote names the user's own file."""
+    converted = getattr(args, "converted", None)
+    return message.replace(converted, args.source) if converted else message
+
+
 def run(args) -> int:
     from .graph import load_model
     from .groups import Options, analyze
 
+    _quiet_frameworks(args.verbose)
     say = Progress(args.quiet)
     if args.quiet:
         from . import progress
         progress.show(False)
     if args.command == "prune":
         args.calibration_options = calibration_options(args)
+    if args.command in ("prune", "apply-plan"):
+        _check_output_flags(args)
+        _pretrained_output(args, say)
+        _framework_output(args)
     options = Options(granularity=tuple(g.strip() for g in args.granularity.split(",") if g.strip()))
-    args.model = _framework_to_onnx(args.model, say)
-    say(f"loading {args.model}")
+    args.source = args.model
+    args.model = _framework_to_onnx(args.model, say, _frontend_shapes(args))
+    if args.model != args.source:
+        args.converted = args.model
+    say(f"loading {args.source}")
     model = load_model(args.model)
     if args.command == "analyze":
         from .report import describe, format_analysis
@@ -170,11 +210,11 @@ def run(args) -> int:
         summary = describe(analyze(model, options))
         print(json.dumps(summary, indent=1) if args.json else format_analysis(summary))
         return 0
-    if args.command == "profile":
-        _check_latency_flags(args)
-        return _profile(args, analyze(model, options), say)
     _check_latency_flags(args)
-    if os.path.abspath(args.model) == os.path.abspath(args.output) and not args.overwrite:
+    _use_model_batch(args, model)
+    if args.command == "profile":
+        return _profile(args, analyze(model, options), say)
+    if args.output and os.path.abspath(args.source) == os.path.abspath(args.output) and not args.overwrite:
         raise SpaError("refusing to overwrite the input model (pass --overwrite)")
     if args.command == "prune":
         result = _prune(args, model, options, say)
@@ -182,17 +222,149 @@ def run(args) -> int:
         from .pipeline import apply_plan
         say(f"replaying {args.plan}")
         result = apply_plan(model, args.plan, options)
-    plan = result.plan.to_json(os.path.basename(args.model))
+    plan = result.plan.to_json(os.path.basename(args.source.rstrip("/\\")))
     pruned, latency_check = result.model, result.latency
+    found, notes = _outcome(args, model, result, plan)
     # The input's weights are on disk: drop the original (and the analysis that references it)
     # before verification loads the pruned model, so big models are not held three times.
     del result, model
     gc.collect()
-    return _finish(args, pruned, plan, say, latency_check)
+    if getattr(args, "dry_run", False):
+        return _dry_run(args, found, notes, latency_check)
+    return _finish(args, pruned, plan, say, latency_check, found, notes)
+
+
+def _outcome(args, model, result, plan) -> tuple[dict, list]:
+    """(spa.report.outcome, warnings: the pipeline's and every target the plan missed)."""
+    from .report import missed_target, outcome
+    from .selection import limits
+
+    found = outcome(model, result.model, plan)
+    notes = list(result.warnings)
+    if args.command == "prune":
+        target = _target(args)
+        notes += missed_target(target, found, limits(result.analysis, target, result.plan))
+    return found, notes
+
+
+def _dry_run(args, found, notes, latency_check) -> int:
+    from .report import format_outcome, format_widths
+
+    if args.json:
+        print(json.dumps(found, indent=1))
+    else:
+        print(format_widths(found))
+        print(f"dry run, nothing written: {format_outcome(found)}")
+    for note in notes:
+        warn(note)
+    if latency_check is not None:
+        _latency_lines(latency_check, show=not args.json)
+    return 0
+
+
+def _pretrained_output(args, say):
+    """A Hugging Face directory (config.json) in and -o naming no file format (.onnx, .pt2, .pt, ...): the
+    result is written as a save_pretrained directory (spa.frontends.huggingface); the pruned ONNX goes to a
+    temporary file first. With the default granularity, heads stay whole where the config cannot describe
+    fewer (announced)."""
+    import spa.frontends as frontends
+
+    if not args.output or not os.path.isfile(os.path.join(args.model, "config.json")):
+        return
+    suffix = os.path.splitext(args.output.rstrip("/\\"))[1].lower()
+    if suffix == ".onnx" or suffix in getattr(frontends, "FRAMEWORK_OUTPUTS", {}) or \
+            suffix in getattr(frontends, "REFUSED_OUTPUTS", {}):
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    from spa.frontends import huggingface
+
+    if args.command == "prune" and (args.criterion == "obspa" or args.compensation not in (None, "none")
+                                    or args.recover):
+        raise SpaError(f"-o {args.output}: a Hugging Face directory keeps slices of the model's own weights, so "
+                       "weights changed by obspa, --compensation or --recover cannot be carried back; write "
+                       "-o NAME.onnx instead")
+    huggingface.check_output(args.model, args.output, args.overwrite)
+    if args.command == "prune" and args.granularity == "channels,heads":
+        reloads, why = huggingface.head_pruning_reloads(args.model)
+        if not reloads:
+            args.granularity = "channels"
+            say(f"pruning MLP channels only: {why} (-o NAME.onnx prunes heads too)")
+    workdir = tempfile.mkdtemp(prefix="spa-hf-")
+    atexit.register(shutil.rmtree, workdir, True)
+    args.pretrained_out, args.output = args.output, os.path.join(workdir, "pruned.onnx")
+
+
+def _save_pretrained(args, plan, say):
+    from spa.frontends import huggingface
+    from spa.frontends.torch_export import weight_map_of
+
+    say(f"writing the Hugging Face directory {args.pretrained_out}")
+    saved = huggingface.save_pruned(args.source, args.output, plan, args.pretrained_out,
+                                    weight_map=weight_map_of(args.model), overwrite=args.overwrite, say=say)
+    changes = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in sorted(saved["config"].items()))
+    say(f"config: {changes or 'unchanged'}; reloaded with from_pretrained, max relative error "
+        f"{saved['max_error']:.2g} against the pruned ONNX")
+
+
+def _check_output_flags(args):
+    """-o is required unless --dry-run, which writes nothing and measures no written model."""
+    dry = getattr(args, "dry_run", False)
+    if not dry and not args.output:
+        raise SpaError("-o/--output is required (or --dry-run to see what would be removed)")
+    given = [flag for flag, value in (("-o", args.output), ("--report", args.report), ("--plan-out", args.plan_out),
+                                      ("--overwrite", args.overwrite)) if value]
+    if dry and given:
+        raise SpaError(f"{given[0]} has no effect with --dry-run, which writes nothing")
+
+
+def _use_model_batch(args, model):
+    """A model whose inputs fix the batch runs at that batch, whatever --batch asks."""
+    from .runtime import fixed_batch
+
+    fixed = fixed_batch(model)
+    if fixed is not None and args.batch is not None and args.batch != fixed:
+        warn(f"--batch {args.batch} not used: the model's inputs fix batch {fixed}, so latency is measured at "
+             f"batch {fixed}")
+    args.batch = fixed or args.batch or 1
+
+
+def _quiet_frameworks(verbose: bool):
+    """TensorFlow, absl, tf2onnx and onnxruntime log to the terminal while a frontend converts or a
+    session loads; only --verbose lets them."""
+    if verbose:
+        return
+    import logging
+    import warnings
+
+    import onnxruntime
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name in ("absl", "tensorflow", "tf2onnx", "keras", "onnxruntime"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"(tensorflow|tf2onnx|keras|absl|onnxruntime)(\.|$)")
+    onnxruntime.set_default_logger_severity(3)
+
+
+def version() -> str:
+    """The installed package's version, else pyproject.toml's (a source checkout)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("spa")
+    except metadata.PackageNotFoundError:
+        import tomllib
+        try:
+            with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+                return tomllib.load(f)["project"]["version"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
 
 
 def _check_latency_flags(args):
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
         raise SpaError(f"--batch must be a positive integer, got {args.batch}")
     if args.threads is not None and args.threads < 1:
         raise SpaError(f"--threads must be a positive integer, got {args.threads}")
@@ -219,7 +391,7 @@ def _profile(args, analysis, say):
     return 0
 
 
-def _framework_to_onnx(path, say):
+def _framework_to_onnx(path, say, input_shapes=None):
     """A framework file (.pt2, TorchScript .pt, ...) is converted by its frontend first; the
     frontend (and its framework) is imported only then."""
     from spa.frontends import frontend_for, to_onnx
@@ -227,17 +399,65 @@ def _framework_to_onnx(path, say):
     if path.endswith(".onnx") or frontend_for(path) is None:
         return path
     say(f"converting {path} to ONNX")
-    return to_onnx(path)
+    return to_onnx(path, input_shapes)
+
+
+def _frontend_shapes(args):
+    """--input-shape as spa.frontends takes it (None, one shape or {name: shape})."""
+    from spa.frontends import parse_input_shapes
+
+    return parse_input_shapes(getattr(args, "input_shape", None))
+
+
+def _framework_output(args):
+    """-o small.pt2 / .pt / .keras / .h5: refused here, before any work, when that file cannot be
+    written from this input (spa.frontends.check_output); else the pruned ONNX goes to a temporary
+    file and _finish converts it (spa.frontends.from_onnx_file)."""
+    if not args.output:
+        return
+    from spa.frontends import check_output
+
+    changes_weights = args.command == "prune" and (
+        args.criterion == "obspa" or args.compensation not in (None, "none") or bool(args.recover))
+    if check_output(args.output, args.model, changes_weights=changes_weights) is None:
+        return
+    if os.path.abspath(args.model) == os.path.abspath(args.output) and not args.overwrite:
+        raise SpaError("refusing to overwrite the input model (pass --overwrite)")
+    import atexit
+    import shutil
+    import tempfile
+
+    workdir = tempfile.mkdtemp(prefix="spa-out-")
+    atexit.register(shutil.rmtree, workdir, True)
+    stem = os.path.splitext(os.path.basename(args.output))[0] or "pruned"
+    args.framework_out, args.output = args.output, os.path.join(workdir, stem + ".onnx")
+
+
+def _save_framework(args, plan, say):
+    from spa.frontends import from_onnx_file
+
+    say(f"converting to {args.framework_out}")
+    written = from_onnx_file(args.output, args.framework_out, source=args.source, plan=plan,
+                             input_shapes=_frontend_shapes(args))
+    shapes = written.get("input_shapes")
+    shown = f" for input {', '.join('x'.join(map(str, s)) for s in shapes.values())}" if shapes else ""
+    say(f"{args.framework_out}: {written['format']}{shown}, reloaded and checked against the pruned ONNX "
+        f"(max relative error {written['max_error']:.2g})")
+
+
+def _target(args):
+    from .selection import Target
+
+    return Target(ratio=args.ratio, global_ranking=args.global_ranking, keep_params=args.target_params,
+                  keep_macs=args.target_flops, latency=args.target_latency, max_group_ratio=args.max_group_ratio,
+                  round_to=args.round_to, ignore=args.ignore, ratios=ratios_for(args.ratio_for),
+                  batch=args.batch or 1, threads=args.threads)
 
 
 def _prune(args, model, options, say):
     from .pipeline import prune
-    from .selection import Target
 
-    target = Target(ratio=args.ratio, global_ranking=args.global_ranking, keep_params=args.target_params,
-                    keep_macs=args.target_flops, latency=args.target_latency, max_group_ratio=args.max_group_ratio,
-                    round_to=args.round_to, ignore=args.ignore, batch=args.batch, threads=args.threads)
-    return prune(model, target, args.criterion, args.aggregation, args.normalization, options,
+    return prune(model, _target(args), args.criterion, args.aggregation, args.normalization, options,
                  args.seed, progress=say, calibration=args.calibration_options,
                  damp=0.01 if args.damp is None else args.damp, labels=args.labels,
                  allocation=args.allocation, recover=args.recover, compensation=args.compensation)
@@ -252,7 +472,8 @@ _NO_CALIBRATION = ("l1", "l2", "fpgm", "bn-scale", "random")
 def check_flags(args):
     """Options that would do nothing with the chosen criterion are refused, never ignored."""
     uses_data = args.criterion not in _NO_CALIBRATION or args.compensation not in (None, "none") or args.recover
-    given = [flag for field, flag in _CALIBRATION_FLAGS.items() if getattr(args, field) is not None]
+    given = [flag for field, flag in _CALIBRATION_FLAGS.items() if getattr(args, field) is not None
+             and not (field == "input_shape" and _shapes_a_conversion(args))]
     given += [flag for flag, value in (("--calibration", args.calibration),
                                        ("--calibration-samples", args.calibration_samples)) if value is not None]
     if given and not uses_data:
@@ -268,6 +489,24 @@ def check_flags(args):
                        "use labels)")
     if args.recover < 0:
         raise SpaError(f"--recover needs a number of steps >= 0, got {args.recover}")
+    _check_global(args)
+
+
+def _check_global(args):
+    """--global chooses between per-group and overall ratios; the other targets always rank
+    channels across groups (or, for latency, allocate by the latency tables)."""
+    other = [flag for flag, value in (("--target-params", args.target_params), ("--target-flops", args.target_flops),
+                                      ("--target-latency", args.target_latency)) if value is not None]
+    if args.global_ranking and other:
+        raise SpaError(f"--global has no effect with {other[0]}, which ranks channels across groups already "
+                       "(--global only changes --ratio)")
+
+
+def _shapes_a_conversion(args) -> bool:
+    """--input-shape also shapes a TorchScript input's conversion or a -o .pt2/.pt output."""
+    from spa.frontends import uses_input_shape
+
+    return uses_input_shape(args.model, getattr(args, "output", None))
 
 
 def calibration_options(args):
@@ -301,11 +540,28 @@ def calibration_options(args):
     length = _sizes(args.max_length, None, "--max-length", args.max_length)[0] if args.max_length is not None else 128
     if args.tokenizer is not None and not os.path.exists(args.tokenizer):
         raise SpaError(f"--tokenizer {args.tokenizer}: no such file or directory")
+    if args.labels is not None and not os.path.isfile(args.labels):
+        raise SpaError(f"--labels {args.labels}: no such file")
     return Calibration(source=args.calibration or "auto", samples=args.calibration_samples, seed=args.seed,
                        shapes=bare if bare is not None else shapes or None, tokenizer=args.tokenizer,
                        max_length=length, image_size=size,
                        mean=_floats(args.image_mean, "--image-mean"), std=_floats(args.image_std, "--image-std"),
                        layout=layout, resize=resize)
+
+
+def ratios_for(items) -> dict:
+    """--ratio-for GLOB=R (repeatable) as {glob: ratio}, in the order given."""
+    ratios = {}
+    for text in items:
+        pattern, sep, value = text.rpartition("=")
+        try:
+            ratio = float(value)
+        except ValueError:
+            ratio = None
+        if not sep or not pattern.strip() or ratio is None:
+            raise SpaError(f"--ratio-for {text!r}: expected GLOB=R, e.g. 'layer1.*=0.2'")
+        ratios[pattern.strip()] = ratio
+    return ratios
 
 
 def _sizes(text, sep, flag, shown):
@@ -358,12 +614,17 @@ def _latency_lines(check: dict, show: bool = True) -> None:
         warn(f"the pruned model measured {check['measured'] / check['predicted'] - 1:.0%} slower than predicted")
 
 
-def _finish(args, pruned, plan, say, latency_check=None):
+def _finish(args, pruned, plan, say, latency_check=None, found=None, notes=()):
     from .graph import external_tensor_names
     from .pipeline import save
+    from .report import format_outcome, removed_by_kind
 
-    say(f"verifying and writing {args.output}")
+    say(f"verifying and writing {'the pruned ONNX' if getattr(args, 'framework_out', None) else args.output}")
     save(pruned, args.output, external=external_tensor_names(args.model))
+    if getattr(args, "pretrained_out", None):
+        _save_pretrained(args, plan, say)
+    if getattr(args, "framework_out", None):
+        _save_framework(args, plan, say)
     if args.plan_out:
         with open(args.plan_out, "w") as f:
             json.dump(plan, f, indent=1)
@@ -371,16 +632,20 @@ def _finish(args, pruned, plan, say, latency_check=None):
     if args.report or args.json:
         from .report import compare, format_comparison
         say("measuring before/after")
-        report = compare(args.model, args.output, batch=args.batch, repeats=args.repeats, threads=args.threads)
+        report = compare(args.model, args.output, batch=args.batch, repeats=args.repeats, threads=args.threads,
+                         seed=getattr(args, "seed", 0))
+        report["removed"] = removed_by_kind(plan)
         if latency_check is not None:
             report["latency_target"] = latency_check
         print(json.dumps(report, indent=1) if args.json else format_comparison(report))
         if report["after"]["latency_ms"] > report["before"]["latency_ms"]:
             warn(f"the pruned model measured slower than the original ({report['after']['latency_ms']:.3g} vs "
-                 f"{report['before']['latency_ms']:.3g} ms at batch {args.batch})")
+                 f"{report['before']['latency_ms']:.3g} ms at batch {report['batch']})")
     else:
-        removed = sum(g["removed"] for g in plan["groups"])
-        print(f"wrote {args.output}: removed {removed} channels in {len(plan['groups'])} groups")
+        written = getattr(args, "pretrained_out", None) or getattr(args, "framework_out", None) or args.output
+        print(f"wrote {written}: {format_outcome(found)}")
+    for note in notes:
+        warn(note)
     if latency_check is not None:
         _latency_lines(latency_check, show=not args.json)
     return 0

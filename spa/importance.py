@@ -109,6 +109,29 @@ def _is_bn_scale(analysis, tensor):
                and slot == 1 for i, slot in analysis.graph.consumers.get(tensor, []))
 
 
+def groups_without_bn_scale(analysis: Analysis) -> tuple[int, int]:
+    """(prunable groups whose channels reach no BatchNorm scale, prunable groups): bn-scale scores
+    the former by l1."""
+    prunable = [g for g in analysis.groups if g.prunable and g.kind in analysis.options.granularity]
+    without = [g for g in prunable if not any(m.is_const and _is_bn_scale(analysis, m.tensor) for m in g.members)]
+    return len(without), len(prunable)
+
+
+def check_bn_scale(analysis: Analysis) -> list:
+    """A SpaError when no prunable group has a BatchNorm scale (bn-scale would be l1 in disguise);
+    a warning (in the list returned) when some fall back to l1."""
+    without, total = groups_without_bn_scale(analysis)
+    if total and without == total:
+        raise SpaError("criterion bn-scale: no prunable channel group feeds a BatchNormalization (the model has none, "
+                       "or an eval-mode export folded them into the convolutions): export in training mode to keep "
+                       "them, spa.frontends.torch.export(..., training=True) or torch.onnx.export(..., "
+                       "training=torch.onnx.TrainingMode.TRAINING), or choose another criterion")
+    if without:
+        return [f"criterion bn-scale: {without} of {total} prunable groups have no BatchNorm scale and were scored "
+                "by l1 instead"]
+    return []
+
+
 def saliency_scores(analysis: Analysis, group: Group, saliency: dict):
     """(member, per-index sums of the element saliencies) for the members that have one."""
     chosen = []

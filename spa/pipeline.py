@@ -18,7 +18,7 @@ from .errors import SpaError
 from .cost import count_params
 from .graph import weight_bytes
 from .groups import Analysis, Options, analyze
-from .importance import GRADIENT_CRITERIA, score
+from .importance import GRADIENT_CRITERIA, check_bn_scale, score
 from .plan import Plan
 from .rewrite import rewrite
 from .selection import Target, select
@@ -38,6 +38,7 @@ class Result:
     scores: dict = field(default_factory=dict)  # group id -> per-channel scores
     recovery: object | None = None  # what the recovery stage reported
     latency: dict | None = None  # latency targets: original ms, predicted and measured fractions
+    warnings: list = field(default_factory=list)  # what the user should know (the CLI prints them)
 
 
 def _quiet(message):
@@ -66,6 +67,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     global rankings and keeps the one whose compensated outputs move least on held-out batches)."""
     target.check()
     compensation = compensation or ("obs" if criterion == "obspa" else "none")
+    allocation_given = allocation is not None
     allocation = allocation or ("measured" if criterion == "obspa" and normalization is None else "uniform")
     if target.latency is not None and allocation != "global":
         allocation = "global"  # the latency knapsack allocates across groups itself
@@ -73,6 +75,11 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
             progress("allocation global: the latency budget is spread over groups by the latency tables")
     if allocation not in ALLOCATIONS:
         raise SpaError(f"unknown allocation '{allocation}' (known: {', '.join(ALLOCATIONS)})")
+    if target.ratios and allocation != "uniform":
+        if allocation_given:
+            raise SpaError(f"per-layer ratios set each group's share: allocation '{allocation}' would override them")
+        allocation = "uniform"
+        progress("allocation uniform: per-layer ratios set each group's share")
     cal = _calibration(calibration_options or calibration, calibration_samples, seed)
     progress("analyzing channel coupling")
     analysis = analyze(model, options)
@@ -87,6 +94,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
         else (batches, [])
     fit = [b for b in batches if not any(b is h for h in held)]
     progress(f"scoring {sum(g.prunable for g in analysis.groups)} prunable groups ({criterion})")
+    warnings = check_bn_scale(analysis) if criterion == "bn-scale" and saliency is None else []
     if criterion == "obspa":
         plan, scores, measured = _obs_plan(analysis, target, fit, held, allocation, normalization, compensation,
                                            damp, seed, progress)
@@ -102,7 +110,8 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
         plan = latency_check.pop("plan")
     weights = obspa.compensation_stage(analysis, plan, compensation, fit, measured, damp, seed, progress, held)
     progress(f"rewriting: removing {len(plan.removed_atoms)} channels")
-    result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores, latency=latency_check)
+    result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores, latency=latency_check,
+                    warnings=warnings)
     if recover:
         if recover < 0:
             raise SpaError(f"recover needs a positive number of steps, got {recover}")

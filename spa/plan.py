@@ -4,7 +4,8 @@ JSON schema (version 1):
 {
   "spa_plan": 1,
   "model": "<file name the plan was made for>",
-  "groups":  [{"id": int, "size": int, "removed": int, "members": [[tensor, axis], ...]}],
+  "groups":  [{"id": int, "kind": "channels" | "heads" | "head-dim" | "hidden", "size": int, "removed": int,
+               "members": [[tensor, axis], ...]}],
   "weights": [{"name": str, "axis": int, "group": int, "kept": [int], "removed": [int]}]
 }
 `weights` has one entry per sliced weight tensor axis (initializer or Constant output); indices are
@@ -28,6 +29,8 @@ class Plan:
         self._atom_removed = np.zeros(atoms, dtype=bool)
         self._atom_removed[self.removed_atoms] = True
         self._removed = {}
+        # set by spa.selection: channels a ratio asked for, channels --round-to restored, groups it kept whole
+        self.selection = {"asked": None, "restored": 0, "whole": 0}
 
     def _removed_mask(self, tensor, axis):
         member = self.analysis.members.get((tensor, axis))
@@ -79,7 +82,7 @@ class Plan:
 
     def to_json(self, model_name: str = "") -> dict:
         by_group = self.removed_by_group()
-        groups = [{"id": g.id, "size": len(g.atoms), "removed": by_group.get(g.id, 0),
+        groups = [{"id": g.id, "kind": g.kind, "size": len(g.atoms), "removed": by_group.get(g.id, 0),
                    "members": [[m.tensor, m.axis] for m in g.members]}
                   for g in self.analysis.groups if by_group.get(g.id)]
         return {"spa_plan": 1, "model": model_name, "groups": groups, "weights": self.weight_entries()}

@@ -1,6 +1,7 @@
 """Before/after figures: parameters, MACs per op type, file size, latency, output deviation."""
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -8,9 +9,10 @@ import time
 import numpy as np
 import onnx
 
-from .cost import concrete_shapes, count_params, macs_by_op
+from .cost import MAC_OPS, concrete_shapes, count_params, macs_by_op
+from .graph import PROBE_LIMIT, Graph, _without_large_data, weight_bytes
 from .groups import Analysis
-from .runtime import random_inputs, session
+from .runtime import fixed_batch, random_inputs, session
 
 
 def file_size(path: str) -> int:
@@ -39,23 +41,39 @@ def measure(path: str, batch: int = 1, repeats: int = 20, threads: int | None = 
             "file_bytes": file_size(path), "latency_ms": latency_ms(path, batch, repeats, threads=threads)}
 
 
+# The deviation is measured on inputs no calibration saw: calibration and its held-out batches
+# draw N(0, 1) from integer seeds (seed, seed + 1), these from a two-word seed no integer gives.
+DEVIATION_STREAM = 0x5EA
+
+
+def deviation_inputs(seed: int = 0) -> str:
+    return f"N(0, 1) random inputs, seed [{DEVIATION_STREAM:#x}, {seed}], disjoint from calibration"
+
+
 def max_deviation(original: str, pruned: str, batch: int = 1, seed: int = 0) -> float:
-    feeds = random_inputs(onnx.load(original, load_external_data=False), batch=batch, seed=seed)
+    feeds = random_inputs(onnx.load(original, load_external_data=False), batch=batch,
+                          seed=[DEVIATION_STREAM, seed])
     a = session(original).run(None, feeds)
     b = session(pruned).run(None, feeds)
     return float(max(np.max(np.abs(np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)))
                      for x, y in zip(a, b)))
 
 
-def compare(original: str, pruned: str, batch: int = 1, repeats: int = 20, threads: int | None = None) -> dict:
+def compare(original: str, pruned: str, batch: int = 1, repeats: int = 20, threads: int | None = None,
+            seed: int = 0) -> dict:
+    """Before/after figures at `batch`, or at the batch the model's inputs fix (`batch_fixed`)."""
+    fixed = fixed_batch(onnx.load(original, load_external_data=False))
+    batch = fixed or batch
     before, after = measure(original, batch, repeats, threads), measure(pruned, batch, repeats, threads)
     keys = ("params", "macs", "file_bytes", "latency_ms")
     return {
         "batch": batch,
+        "batch_fixed": fixed is not None,
         "before": before,
         "after": after,
         "ratio": {k: (before[k] / after[k] if after[k] else float("inf")) for k in keys},
-        "max_output_deviation": max_deviation(original, pruned, batch),
+        "max_output_deviation": max_deviation(original, pruned, batch, seed),
+        "deviation_inputs": deviation_inputs(seed),
     }
 
 
@@ -67,14 +85,162 @@ def format_comparison(report: dict) -> str:
         before, after = b["macs_by_op"].get(op, 0), a["macs_by_op"].get(op, 0)
         rows.append((f"  {op}", f"{before:,}", f"{after:,}", f"{before / after:.2f}x" if after else "-"))
     rows += [("file size (bytes)", f"{b['file_bytes']:,}", f"{a['file_bytes']:,}", f"{r['file_bytes']:.2f}x"),
-             (f"latency ms (batch {report['batch']})", f"{b['latency_ms']:.3f}", f"{a['latency_ms']:.3f}",
+             (f"latency ms (batch {report['batch']}{', fixed by the model' if report.get('batch_fixed') else ''})",
+              f"{b['latency_ms']:.3f}", f"{a['latency_ms']:.3f}",
               f"{r['latency_ms']:.2f}x")]
     widths = [max(len(row[k]) for row in rows + [("", "before", "after", "ratio")]) for k in range(4)]
     lines = ["  ".join(h.ljust(w) if k == 0 else h.rjust(w) for k, (h, w) in enumerate(zip(row, widths)))
              for row in [("", "before", "after", "ratio")] + rows]
-    lines.append(f"max output deviation vs original (random inputs, informational): "
-                 f"{report['max_output_deviation']:.4g}")
+    if "removed" in report:
+        lines.append(removed_text(report["removed"]))
+    lines.append(f"max output deviation vs original ({report.get('deviation_inputs', 'random inputs')}; "
+                 f"informational): {report['max_output_deviation']:.4g}")
     return "\n".join(lines)
+
+
+def outcome(original: onnx.ModelProto, pruned: onnx.ModelProto, plan: dict) -> dict:
+    """What a prune achieved: parameters and MACs (batch 1) before, after and ratio (after / before),
+    channels and heads removed with their group counts (from the plan's JSON), and the layers whose
+    width changed: {name: (before, after)} for output channels (`widths`) and input channels
+    (`input_widths`)."""
+    g_before, g_after = Graph(original), Graph(pruned)
+    before, after = layer_widths(g_before), layer_widths(g_after)
+    changed = [name for name in after if name in before and before[name] != after[name]]
+    return {"params": _change(count_params(g_before), count_params(g_after)),
+            "macs": _change(_total_macs(original), _total_macs(pruned)),
+            **removed_by_kind(plan),
+            "widths": {n: (before[n][1], after[n][1]) for n in changed},
+            "input_widths": {n: (before[n][0], after[n][0]) for n in changed}}
+
+
+def _change(before: int, after: int) -> dict:
+    return {"before": int(before), "after": int(after), "ratio": after / before if before else 1.0}
+
+
+def _total_macs(model: onnx.ModelProto) -> int:
+    # a model too big to run for its shapes is measured on a copy without weight bytes: concrete_shapes
+    # copies its model, and the CLI holds the original and the pruned model already
+    shaped = _without_large_data(model) if weight_bytes(model) > PROBE_LIMIT else model
+    return sum(macs_by_op(model, concrete_shapes(shaped, batch=1)).values())
+
+
+def removed_by_kind(plan: dict) -> dict:
+    """Channels and attention heads a plan's JSON removes, and in how many groups each."""
+    heads = [g for g in plan["groups"] if g.get("kind") == "heads" and g["removed"]]
+    channels = [g for g in plan["groups"] if g.get("kind") != "heads" and g["removed"]]
+    return {"channels_removed": sum(g["removed"] for g in channels), "channel_groups": len(channels),
+            "heads_removed": sum(g["removed"] for g in heads), "head_groups": len(heads)}
+
+
+def layer_widths(graph: Graph) -> dict:
+    """{layer name: (input channels, output channels)} of the Conv, ConvTranspose, Gemm, MatMul and
+    recurrent layers whose weight is a constant."""
+    widths = {}
+    for node in graph.nodes:
+        if node.op_type in MAC_OPS and len(node.input) > 1 and node.input[1] in graph.consts:
+            shape = graph.consts.shape(node.input[1])
+            if len(shape) >= 2:
+                widths[node.name or node.output[0]] = _in_out(node, shape)
+    return widths
+
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def _in_out(node, shape) -> tuple:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    group = attrs.get("group", 1)
+    if node.op_type == "Conv":
+        return int(shape[1] * group), int(shape[0])
+    if node.op_type == "ConvTranspose":
+        return int(shape[0]), int(shape[1] * group)
+    if node.op_type == "Gemm":
+        return (int(shape[1]), int(shape[0])) if attrs.get("transB") else (int(shape[0]), int(shape[1]))
+    if node.op_type in _GATES:
+        return int(shape[2]), int(shape[1] // _GATES[node.op_type])
+    return int(shape[-2]), int(shape[-1])
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _amounts(before: int, after: int) -> str:
+    """1234567 -> 617000 as "1.23M -> 0.62M": three significant digits of `before`, same unit."""
+    scale, suffix = next(((v, u) for v, u in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")) if before >= v),
+                         (1, ""))
+    digits = 0 if scale == 1 else max(0, 2 - int(math.floor(math.log10(before / scale))))
+    return f"{before / scale:.{digits}f}{suffix} -> {after / scale:.{digits}f}{suffix}"
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
+
+
+def removed_text(found: dict) -> str:
+    """"removed 120 channels in 8 groups and 4 heads in 2 groups" (the parts that are not zero)."""
+    parts = [f"{_plural(found[k + '_removed'], word)} in {_plural(found[g], 'group')}"
+             for k, word, g in (("channels", "channel", "channel_groups"), ("heads", "head", "head_groups"))
+             if found[k + "_removed"]]
+    return "removed " + (" and ".join(parts) or "nothing")
+
+
+def format_outcome(found: dict) -> str:
+    """"parameters 1.23M -> 0.61M (0.50x), MACs 4.1G -> 1.9G (0.46x); removed 120 channels in 8 groups"."""
+    figures = [f"{what} {_amounts(found[k]['before'], found[k]['after'])} ({_times(found[k]['ratio'])})"
+               for k, what in (("params", "parameters"), ("macs", "MACs")) if found[k]["before"]]
+    return "; ".join(filter(None, [", ".join(figures), removed_text(found)]))
+
+
+def format_widths(found: dict) -> str:
+    """The layers whose width changes: output and input channels, before -> after."""
+    rows = [(name, f"{o[0]} -> {o[1]}", f"{i[0]} -> {i[1]}")
+            for (name, o), i in zip(found["widths"].items(), found["input_widths"].values())]
+    if not rows:
+        return "no layer with a constant weight changes width"
+    header = ("layer", "output channels", "input channels")
+    widths = [max(len(row[k]) for row in rows + [header]) for k in range(3)]
+    return "\n".join("  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(row, widths)))
+                     for row in [header] + rows)
+
+
+TARGET_TOLERANCE = 0.01  # a parameter or MAC fraction kept this much (relative) over the target misses it
+
+
+def missed_target(target, found: dict, limits: dict) -> list:
+    """One warning for each way the plan fell short of what was asked. `target`: the
+    spa.selection.Target asked for; `found`: outcome(); `limits`: spa.selection.limits()."""
+    notes = []
+    if limits["rounded_whole"]:
+        notes.append(f"--round-to {target.round_to} kept {_plural(limits['rounded_whole'], 'group')} whole")
+    for fraction, key, flag, what in ((target.keep_params, "params", "target-params", "parameters"),
+                                      (target.keep_macs, "macs", "target-flops", "MACs")):
+        kept = found[key]["ratio"]
+        if fraction is not None and kept > fraction * (1 + TARGET_TOLERANCE):
+            notes.append(f"{flag} {fraction:g} not reached: kept {kept:.3g} of the {what} ({1 / kept:.3g}x, not "
+                         f"{1 / fraction:.3g}x; limited by {_causes(target, limits)})")
+    asked, removed, total = limits["asked_channels"], limits["removed_channels"], limits["prunable_channels"]
+    if asked is not None and removed < asked:
+        label = f"ratio {target.ratio:g}" if target.ratio is not None else "--ratio-for"
+        notes.append(f"{label} not reached: removed {removed / max(total, 1):.3g} of the prunable channels "
+                     f"({removed} of {total}, {asked} asked; limited by {_causes(target, limits)})")
+    return notes
+
+
+def _causes(target, limits: dict) -> str:
+    causes = []
+    if limits["at_limit"]:
+        causes.append(f"--max-group-ratio {target.max_group_ratio:g}" if target.max_group_ratio < 1
+                      else "one channel kept in every group")
+    if limits["rounded_back"]:
+        causes.append(f"--round-to {target.round_to}")
+    if limits["frozen_groups"]:
+        causes.append(_plural(limits["frozen_groups"], "frozen group"))
+    if limits["ignored_groups"]:
+        causes.append(f"{_plural(limits['ignored_groups'], 'group')} kept by --ignore")
+    if not causes:
+        return "the channels that can go"
+    return ", ".join(causes[:-1]) + " and " + causes[-1] if len(causes) > 1 else causes[0]
 
 
 def describe(analysis: Analysis) -> dict:

@@ -71,3 +71,9 @@ def declared_inputs(model: onnx.ModelProto):
                      for d in t.shape.dim)
         out.append((vi.name, dims, _NP_TYPES.get(t.elem_type, np.float32)))
     return out
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the model's inputs fix (the same static first dim on every input), or None."""
+    firsts = {dims[0] if dims else None for _, dims, _ in declared_inputs(model)}
+    return firsts.pop() if len(firsts) == 1 and isinstance(next(iter(firsts)), int) else None

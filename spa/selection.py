@@ -26,6 +26,7 @@ class Target:
     max_group_ratio: float = 0.9  # never remove more than this fraction of one group
     round_to: int | str = 1  # or "auto": the multiple the latency tables favour
     ignore: list = field(default_factory=list)
+    ratios: dict = field(default_factory=dict)  # {glob: ratio} for the groups of matching layers (first wins)
     batch: int = 1  # latency targets and round_to "auto": measured at this batch size
     threads: int | None = None  # and with this many onnxruntime threads (None: its default)
 
@@ -35,8 +36,15 @@ class Target:
             value = getattr(self, name)
             if value is not None and not 0 < value < 1:
                 raise SpaError(f"{flag} must be between 0 and 1 (exclusive), got {value}")
-        if sum(v is not None for v in (self.ratio, self.keep_params, self.keep_macs, self.latency)) != 1:
+        given = sum(v is not None for v in (self.ratio, self.keep_params, self.keep_macs, self.latency))
+        if given > 1 or (given == 0 and not self.ratios):
             raise SpaError("give exactly one target: a ratio, a parameter, MAC or latency fraction")
+        for pattern, value in self.ratios.items():
+            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise SpaError(f"ratio for '{pattern}' must be in [0, 1), got {value!r}")
+        if self.ratios and (given and self.ratio is None or self.global_ranking):
+            raise SpaError("per-layer ratios (--ratio-for) set each group's share and work with --ratio or alone, "
+                           "not with --global or a parameter, MAC or latency target")
         if not 0 < self.max_group_ratio <= 1:
             raise SpaError("max group ratio must be in (0, 1]")
         if self.round_to != "auto" and (not isinstance(self.round_to, int) or self.round_to < 1):
@@ -49,20 +57,56 @@ class Target:
         return self.latency is not None or self.round_to == "auto"
 
 
-def ignored_atoms(analysis: Analysis, patterns) -> set:
-    """Channels touching ignored nodes or initializers; an unmatched pattern is an error."""
+def _tensors_by_name(analysis: Analysis) -> dict:
+    """Node and initializer names -> the tensors they read or write (or are)."""
     g = analysis.graph
     names = {}
     for i, node in enumerate(g.nodes):
         names.setdefault(g.node_name(i), set()).update(x for x in list(node.input) + list(node.output) if x)
     for t in g.consts:
         names.setdefault(t, set()).add(t)
+    return names
+
+
+def _matching_tensors(names: dict, pattern: str, flag: str) -> set:
+    matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if not matched:
+        raise SpaError(f"{flag} '{pattern}' matches no node or initializer")
+    return set().union(*(names[n] for n in matched))
+
+
+def _outputs_by_name(analysis: Analysis) -> dict:
+    """Node names -> their outputs; initializer names -> the outputs of the nodes reading them."""
+    g = analysis.graph
+    names = {}
+    for i, node in enumerate(g.nodes):
+        outputs = {x for x in node.output if x}
+        names.setdefault(g.node_name(i), set()).update(outputs)
+        for x in node.input:
+            if x in g.consts:
+                names.setdefault(x, set()).update(outputs)
+    return names
+
+
+def group_ratios(analysis: Analysis, ratios: dict) -> dict:
+    """Group id -> ratio for the groups of the channels that matching layers produce (a node name,
+    or a weight name standing for the nodes reading it; Torch-Pruning's pruning_ratio_dict). The
+    first matching pattern wins; a pattern matching nothing is an error."""
+    names, chosen = _outputs_by_name(analysis), {}
+    for pattern, ratio in ratios.items():
+        tensors = _matching_tensors(names, pattern, "--ratio-for")
+        for group in analysis.groups:
+            if group.id not in chosen and any(m.tensor in tensors and not m.is_const for m in group.members):
+                chosen[group.id] = float(ratio)
+    return chosen
+
+
+def ignored_atoms(analysis: Analysis, patterns) -> set:
+    """Channels touching ignored nodes or initializers; an unmatched pattern is an error."""
+    names = _tensors_by_name(analysis)
     atoms = set()
     for pattern in patterns:
-        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        if not matched:
-            raise SpaError(f"--ignore '{pattern}' matches no node or initializer")
-        tensors = set().union(*(names[n] for n in matched))
+        tensors = _matching_tensors(names, pattern, "--ignore")
         for member in analysis.members.values():
             if member.tensor in tensors:
                 atoms.update(int(a) for a in member.atoms)
@@ -76,6 +120,7 @@ class Selector:
         self.target = target
         self.scores = scores
         self.progress = progress
+        self.record = {"asked": None, "restored": 0, "whole": 0}  # what Plan.selection reports
         blocked = ignored_atoms(analysis, target.ignore)
         self.candidates = {}  # group id -> (atoms, scores) of prunable channels, ascending score
         allowed = analysis.options.granularity
@@ -119,9 +164,12 @@ class Selector:
         return accepted
 
     def uniform(self, ratio):
+        per_group = group_ratios(self.analysis, self.target.ratios)
         accepted = []
+        self.record["asked"] = 0
         for gid, (atoms, _) in self.candidates.items():
-            count = int(math.floor(ratio * len(atoms)))
+            count = int(math.floor(per_group.get(gid, ratio or 0.0) * len(atoms)))
+            self.record["asked"] += count
             accepted += [(gid, a) for a in self.greedy(gid, atoms, count)]
         return accepted
 
@@ -143,12 +191,15 @@ class Selector:
         for gid, atom in accepted:
             by_group.setdefault(gid, []).append(atom)
         result = []
+        self.record.update(restored=0, whole=0)
         for gid, atoms in by_group.items():
             total = len(self.analysis.groups[gid].atoms)
             keep_removed = len(atoms)
             while keep_removed > 0 and (total - keep_removed) % n:
                 keep_removed -= 1
             result += [(gid, a) for a in atoms[:keep_removed]]
+            self.record["restored"] += len(atoms) - keep_removed
+            self.record["whole"] += int(keep_removed == 0)
         return result
 
     def to_budget(self, order, measure, keep_fraction):
@@ -181,12 +232,13 @@ class Selector:
         t = self.target
         if t.latency is not None:
             accepted = self.to_latency(t.latency)
-        elif t.ratio is not None and not t.global_ranking:
+        elif (t.ratio is not None or t.ratios) and not t.global_ranking:
             accepted = self.round(self.uniform(t.ratio))
         elif t.ratio is not None:
             order = self.global_order()
             total = sum(len(a) for a, _ in self.candidates.values())
-            accepted = self.round(order[:int(math.floor(t.ratio * total))])
+            self.record["asked"] = int(math.floor(t.ratio * total))
+            accepted = self.round(order[:self.record["asked"]])
         else:
             order = self.global_order()
             if t.keep_params is not None:
@@ -194,9 +246,14 @@ class Selector:
             else:
                 self.shapes = self._shapes()
                 accepted = self.to_budget(order, self.macs_of, t.keep_macs)
+        if not accepted and self.record["whole"]:
+            raise SpaError(f"the target removes no channel: --round-to {self.multiple} keeps every group whole "
+                           f"(each would lose fewer than {self.multiple} channels)")
         if not accepted:
             raise SpaError("the target removes no channel (groups too small for this ratio)")
-        return Plan(self.analysis, [a for _, a in accepted])
+        plan = Plan(self.analysis, [a for _, a in accepted])
+        plan.selection = dict(self.record)
+        return plan
 
     def params_of(self, accepted):
         return count_params(self.analysis.graph, Plan(self.analysis, [a for _, a in accepted]))
@@ -313,3 +370,21 @@ def multiple_choice_knapsack(values, costs, budget: float):
 
 def select(analysis: Analysis, scores: dict, target: Target, progress=lambda message: None) -> Plan:
     return Selector(analysis, scores, target, progress).select()
+
+
+def limits(analysis: Analysis, target: Target, plan: Plan) -> dict:
+    """What held a plan back: the prunable channels and how many went (and how many a ratio asked
+    for), groups at --max-group-ratio (or down to one channel), frozen groups, groups --ignore
+    keeps, and what --round-to gave back (for spa.report.missed_target)."""
+    blocked = ignored_atoms(analysis, target.ignore) if target.ignore else set()
+    removed = plan.removed_by_group()
+    groups = [g for g in analysis.groups if g.has_params and g.kind in analysis.options.granularity]
+    free = {g.id: len(set(g.prunable_atoms.tolist()) - blocked) for g in groups if g.prunable}
+    open_groups = [g for g in groups if free.get(g.id, 0) >= 2]
+    at_limit = sum(1 for g in open_groups if removed.get(g.id, 0) >= min(
+        int(math.floor(target.max_group_ratio * len(g.atoms))), len(g.atoms) - 1))
+    return {"prunable_channels": sum(free[g.id] for g in open_groups),
+            "removed_channels": int(len(plan.removed_atoms)), "asked_channels": plan.selection["asked"],
+            "at_limit": at_limit, "frozen_groups": sum(1 for g in groups if not g.prunable),
+            "ignored_groups": sum(1 for g in groups if g.prunable and free[g.id] < 2),
+            "rounded_back": plan.selection["restored"], "rounded_whole": plan.selection["whole"]}

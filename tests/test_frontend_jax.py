@@ -163,7 +163,7 @@ def test_apply_plan_matches_pruned_onnx(name, pruned):
     result, path = pruned(name)
     module = flax_zoo.build(name)
     x = flax_zoo.example_input(name, batch=3, seed=7)
-    spa_jax.apply_plan(module, result.plan, path, example_inputs=x)
+    spa_jax.apply_plan(module, result.plan, pruned=path, example_inputs=x)
     expected = _onnx_forward(path, x)
     np.testing.assert_allclose(_jax_forward(module, x), expected, rtol=1e-4,
                                atol=1e-4 * max(1.0, float(np.abs(expected).max())))
@@ -180,7 +180,7 @@ def test_groupnorm_loses_whole_groups(exported, tmp_path):
     save(result.model, path)
     module = flax_zoo.build("groupnorm")
     x = flax_zoo.example_input("groupnorm", batch=3, seed=7)
-    spa_jax.apply_plan(module, result.plan, path)
+    spa_jax.apply_plan(module, result.plan, pruned=path)
     expected = _onnx_forward(path, x)
     np.testing.assert_allclose(_jax_forward(module, x), expected, rtol=1e-4,
                                atol=1e-4 * max(1.0, float(np.abs(expected).max())))
@@ -204,7 +204,7 @@ def test_apply_plan_restores_module_on_mismatch(pruned, exported):
     module = flax_zoo.build("mlp")
     wrong = onnx.load(exported("mlp"))  # right map, unpruned weights: sizes cannot fit
     with pytest.raises(SpaError, match="does not fit"):
-        spa_jax.apply_plan(module, result.plan, wrong)
+        spa_jax.apply_plan(module, result.plan, pruned=wrong)
     assert module.layers[0].kernel.get_value().shape == (12, 32)
 
 
@@ -217,7 +217,8 @@ def test_apply_plan_refuses_head_dim_pruning(exported, tmp_path):
     save(result.model, path)
     module = flax_zoo.build("transformer")
     with pytest.raises(SpaError, match="pruned ONNX model differs"):
-        spa_jax.apply_plan(module, result.plan, path, example_inputs=flax_zoo.example_input("transformer"))
+        spa_jax.apply_plan(module, result.plan, pruned=path,
+                           example_inputs=flax_zoo.example_input("transformer"))
     assert module.attn.query.kernel.get_value().shape == (16, 4, 4) and module.attn.head_dim == 4
 
 

@@ -61,7 +61,7 @@ def keras_vs_onnx(model, onnx_path, batch=3):
 
 def assert_narrowed(name, workdir, small_app=False):
     model, _, pruned, result = pruned_keras(name, workdir, small_app)
-    narrow = stf.apply_plan(model, result.plan, pruned_onnx=pruned)  # verifies (rtol 1e-4)
+    narrow = stf.apply_plan(model, result.plan, pruned=pruned)  # verifies (rtol 1e-4)
     assert narrow.count_params() < model.count_params()
     assert keras_vs_onnx(narrow, pruned) < 1e-4
     assert [type(a).__name__ for a in narrow.layers] == [type(a).__name__ for a in model.layers]
@@ -92,7 +92,7 @@ def test_plan_file_and_dict_and_export_again(workdir):
     model, path, pruned, result = pruned_keras("resnet_functional", workdir)
     plan_path = os.path.join(workdir, "plan.json")
     result.plan.save(plan_path)
-    from_file = stf.apply_plan(model, plan_path, onnx_model=path)
+    from_file = stf.apply_plan(model, plan_path, weight_map=path)
     from_dict = stf.apply_plan(model, result.plan.to_json())
     for narrow in (from_file, from_dict):
         assert keras_vs_onnx(narrow, pruned) < 1e-4

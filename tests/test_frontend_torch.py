@@ -172,7 +172,7 @@ def test_cnn_round_trip_matches_pruned_onnx(name, exporter, training, exported, 
     plan = _prune_and_save(result.path, tmp_path / "small.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = apply_plan(module, plan, onnx_path=tmp_path / "small.onnx", example_inputs=inputs)
+        report = apply_plan(module, plan, pruned=tmp_path / "small.onnx", example_inputs=inputs).spa_report
     assert report.ok and report.max_error <= 1e-4
     n_before = sum(p.numel() for p in _build(name)[0].parameters())
     assert sum(p.numel() for p in module.parameters()) < 0.5 * n_before
@@ -186,7 +186,7 @@ def test_depthwise_groups_follow_the_plan(exported, tmp_path):
     plan = _prune_and_save(result.path, tmp_path / "small.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = apply_plan(module, plan, onnx_path=tmp_path / "small.onnx", example_inputs=inputs)
+        report = apply_plan(module, plan, pruned=tmp_path / "small.onnx", example_inputs=inputs).spa_report
     depthwise = [m for m in module.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
     assert depthwise and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
     assert any(k.endswith(".groups") for k in report.attributes)
@@ -197,7 +197,7 @@ def test_depthwise_groups_follow_the_plan(exported, tmp_path):
 def test_recurrent_round_trip(name, exporter, exported, tmp_path):
     module, inputs, result = exported(name, exporter, False)
     plan = _prune_and_save(result.path, tmp_path / "small.onnx")
-    report = apply_plan(module, plan, onnx_path=tmp_path / "small.onnx", example_inputs=inputs)
+    report = apply_plan(module, plan, pruned=tmp_path / "small.onnx", example_inputs=inputs).spa_report
     assert report.ok and report.max_error <= 1e-4
     assert report.attributes["rnn.hidden_size"] == (12, 6)
     feeds = dict(zip(result.input_names, inputs))
@@ -226,7 +226,7 @@ def transformer_case(workdir):
 def test_transformer_round_trip(name, exporter, transformer_case, tmp_path):
     module, inputs, result = transformer_case(name, exporter)
     plan = _prune_and_save(result.path, tmp_path / "small.onnx")
-    report = apply_plan(module, plan, onnx_path=tmp_path / "small.onnx", example_inputs=inputs)
+    report = apply_plan(module, plan, pruned=tmp_path / "small.onnx", example_inputs=inputs).spa_report
     assert report.ok and report.max_error <= 1e-4
     mlp = [k for k in report.attributes if k.endswith(("intermediate.dense.out_features",
                                                        "linear1.out_features"))]
@@ -263,7 +263,7 @@ def test_reimported_model_trains(how, exported, tmp_path):
     if how == "apply_plan":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            apply_plan(module, plan, onnx_path=tmp_path / "small.onnx", example_inputs=inputs)
+            apply_plan(module, plan, pruned=tmp_path / "small.onnx", example_inputs=inputs)
     else:
         module = from_onnx(tmp_path / "small.onnx")
         assert isinstance(module, OnnxModule)
@@ -390,7 +390,9 @@ def test_custom_head_count_and_unknown_parameter_are_reported():
                {"name": "scale", "axis": 0, "removed": [0]},
                {"name": "o.weight", "axis": 0, "removed": [0]}]}
     with pytest.warns(UserWarning, match="num_heads"):
-        report = apply_plan(module, plan)
+        narrowed = apply_plan(module, plan)
+    assert narrowed is module
+    report = module.spa_report
     assert not report.ok
     assert any("num_heads" in m and "_Attention" in m for m in report.unfixable)
     assert any("'scale'" in m for m in report.unverified)
@@ -401,7 +403,7 @@ def test_custom_head_count_and_unknown_parameter_are_reported():
 def test_plan_weight_without_a_module_tensor_is_reported():
     module = nn.Sequential(nn.Linear(4, 4))
     report = apply_plan(module, {"weights": [{"name": "onnx::MatMul_7", "axis": 1, "removed": [0]}]},
-                        weight_map={})
+                        weight_map={}).spa_report
     assert report.unfixable and "onnx::MatMul_7" in report.unfixable[0]
 
 
@@ -409,7 +411,7 @@ def test_verify_raises_when_the_module_does_not_match(exported, tmp_path):
     module, inputs, result = exported("resnet18", "torchscript", False)
     _prune_and_save(result.path, tmp_path / "small.onnx")
     with pytest.raises(SpaError, match="narrowed module"):
-        apply_plan(module, {"weights": []}, onnx_path=tmp_path / "small.onnx", example_inputs=inputs)
+        apply_plan(module, {"weights": []}, pruned=tmp_path / "small.onnx", example_inputs=inputs)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,131 @@
+"""The Python one-liners: `spa.prune("model.onnx", ratio=0.5)` and `spa.analyze("model.onnx")`.
+
+Keywords are the CLI flags' names (`--target-params` -> `target_params`, `--global` ->
+`global_ranking`), checked by the same code, so an option the CLI refuses is refused here too.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import onnx
+
+from .errors import SpaError
+from .groups import Analysis, Options
+from .plan import Plan
+
+ALIASES = {"target_macs": "target_flops", "global": "global_ranking"}
+NOT_KEYWORDS = {"command", "model", "output", "overwrite", "quiet", "json", "report", "plan_out", "repeats",
+                "dry_run", "verbose", "plan"}
+
+
+@dataclass
+class Pruned:
+    """What `prune` returns: the pruned model (verified when saved), its plan and its figures."""
+    model: onnx.ModelProto
+    plan: Plan
+    stats: dict  # spa.report.outcome: parameters and MACs before/after, channels and heads removed, widths
+    latency: dict | None = None  # latency targets: predicted and measured fractions
+    source: str | None = None  # the input file, whose external data names the output keeps
+
+    def save(self, path: str) -> str:
+        """Verify (checker, shape inference, an onnxruntime run) and write; nothing is written on failure."""
+        from .graph import external_tensor_names
+        from .pipeline import save
+
+        if self.source and os.path.abspath(path) == os.path.abspath(self.source):
+            raise SpaError(f"refusing to overwrite the input model {path}")
+        save(self.model, path, external=external_tensor_names(self.source) if self.source else None)
+        return path
+
+
+def analyze(model, options: Options | None = None, *, granularity: str | None = None) -> Analysis:
+    """Channel groups of `model` (an .onnx path, a framework file the frontends convert, a
+    ModelProto or a spa Graph): what is prunable, and which operator froze the rest."""
+    from .groups import analyze as analyze_model
+
+    if granularity is not None:
+        if options is not None:
+            raise SpaError("give options or granularity, not both")
+        options = _options(granularity)
+    if isinstance(model, (str, os.PathLike)):
+        model = _load(model, _say(False))[0]
+    return analyze_model(model, options)
+
+
+def prune(model, ratio: float | None = None, *, progress: bool = False, **flags) -> Pruned:
+    """Prune `model` (an .onnx path, a framework file, or a ModelProto) to one target:
+    `ratio`, `target_params`, `target_flops` (`target_macs`), `target_latency`, or per-layer
+    `ratios={"layer1.*": 0.2}`; any other `spa prune` flag by its name (criterion="obspa",
+    round_to=8, ignore=["head*"], calibration="data.npz", ...). Returns a `Pruned`: `.model`,
+    `.plan`, `.stats`, `.save(path)`."""
+    from . import cli
+    from . import progress as bars
+    from .report import outcome
+
+    args = _prune_args(dict(flags, ratio=ratio))
+    say = _say(progress)
+    with _bars(progress, bars):
+        args.calibration_options = cli.calibration_options(args)
+        original, source = _load(model, say, cli._frontend_shapes(args))
+        args.model = source or "model.onnx"
+        result = cli._prune(args, original, _options(args.granularity), say)
+    return Pruned(result.model, result.plan, outcome(original, result.model, result.plan.to_json(args.model)),
+                  result.latency, source)
+
+
+def _prune_args(flags: dict):
+    """The CLI's namespace for `spa prune` with its defaults, updated from the keywords."""
+    from .cli import parser
+
+    args = parser().parse_args(["prune", "model.onnx", "-o", "pruned.onnx"])
+    known = set(vars(args)) - NOT_KEYWORDS
+    ratios = flags.pop("ratios", None)
+    for key, value in flags.items():
+        name = ALIASES.get(key, key)
+        if name not in known:
+            raise SpaError(f"prune() got an unknown option '{key}' (known: {', '.join(sorted(known | {'ratios'}))})")
+        if value is not None:
+            setattr(args, name, value)
+    if ratios:
+        args.ratio_for = list(args.ratio_for) + [f"{glob}={r}" for glob, r in ratios.items()]
+    for name in ("ignore", "input_shape"):
+        if isinstance(getattr(args, name), str):
+            setattr(args, name, [getattr(args, name)])
+    return args
+
+
+def _load(model, say, input_shapes=None) -> tuple[onnx.ModelProto, str | None]:
+    """(ModelProto, its path or None): a path is converted by its frontend first where it needs one."""
+    from .cli import _framework_to_onnx
+    from .graph import load_model
+
+    if isinstance(model, onnx.ModelProto):
+        return model, None
+    if not isinstance(model, (str, os.PathLike)):
+        raise SpaError(f"expected a model path or an onnx.ModelProto, got {type(model).__name__}")
+    path = _framework_to_onnx(os.fspath(model), say, input_shapes)
+    return load_model(path), path
+
+
+def _options(granularity) -> Options:
+    if isinstance(granularity, str):
+        granularity = granularity.split(",")
+    return Options(granularity=tuple(g.strip() for g in granularity if g.strip()))
+
+
+def _say(show: bool):
+    from .cli import Progress
+
+    return Progress(quiet=not show)
+
+
+@contextlib.contextmanager
+def _bars(show: bool, bars):
+    previous = bars._show
+    bars.show(show)
+    try:
+        yield
+    finally:
+        bars.show(previous)

@@ -1,0 +1,305 @@
+"""An honest CLI: every option takes effect or is refused with one line, every missed target is
+reported with the achieved figure, and the summary says what was achieved."""
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+
+import numpy as np
+import onnx
+import pytest
+
+import spa.frontends as frontends
+from builder import Builder
+from spa.calibration import calibration_batches
+from spa.cli import main, parser, version
+from spa.report import DEVIATION_STREAM, outcome
+from spa.runtime import random_inputs
+from test_attention import encoder
+from test_cli import _expect_error, model_path, small_model, spa  # noqa: F401 (fixture)
+
+
+def conv_chain(widths, shape=("batch", 3, 8, 8), bn=False):
+    b = Builder()
+    x, c_in = b.input(list(shape)), 3
+    for c in widths:
+        y = b.conv(x, c_in, c)
+        x, c_in = b.op("Relu", [b.bn(y, c) if bn else y]), c
+    b.output(b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [x])]), c_in, 4))
+    return b.model()
+
+
+def saved(tmp_path, model, name="m.onnx"):
+    path = tmp_path / name
+    onnx.save(model, path)
+    return str(path)
+
+
+def warnings_of(err: str) -> list:
+    return [line for line in err.splitlines() if line.startswith("spa: warning:")]
+
+
+# 1. bn-scale -------------------------------------------------------------------------------------
+def test_bn_scale_on_folded_batchnorm_is_refused(tmp_path, capsys):
+    path, out = saved(tmp_path, conv_chain((8, 8))), tmp_path / "o.onnx"
+    _expect_error(capsys, ["prune", path, "-o", out, "--ratio", "0.5", "--criterion", "bn-scale", "-q"],
+                  "no prunable channel group feeds a BatchNormalization", out=str(out))
+    assert spa("prune", path, "-o", out, "--ratio", "0.5", "--criterion", "bn-scale", "-q") == 2
+    assert "training=True" in capsys.readouterr().err
+
+
+def test_bn_scale_warns_about_groups_scored_by_l1(model_path, tmp_path, capsys):
+    assert spa("prune", model_path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--criterion", "bn-scale", "-q") == 0
+    assert warnings_of(capsys.readouterr().err) == [
+        "spa: warning: criterion bn-scale: 1 of 2 prunable groups have no BatchNorm scale and were scored by l1 "
+        "instead"]
+
+
+def test_bn_scale_with_batchnorm_everywhere_is_quiet(tmp_path, capsys):
+    path = saved(tmp_path, conv_chain((8, 8), bn=True))
+    assert spa("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--criterion", "bn-scale", "-q") == 0
+    assert not warnings_of(capsys.readouterr().err)
+
+
+# 2. --labels, --global ----------------------------------------------------------------------------
+def test_labels_file_that_does_not_exist(model_path, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    _expect_error(capsys, ["prune", model_path, "-o", out, "--ratio", "0.5", "--criterion", "taylor",
+                           "--labels", tmp_path / "nope.npy", "-q"], "nope.npy: no such file", out=str(out))
+
+
+@pytest.mark.parametrize("flag", ["--target-params", "--target-flops", "--target-latency"])
+def test_global_with_a_budget_target_is_refused(model_path, tmp_path, capsys, flag):
+    out = tmp_path / "o.onnx"
+    _expect_error(capsys, ["prune", model_path, "-o", out, flag, "0.5", "--global", "-q"],
+                  f"--global has no effect with {flag}", out=str(out))
+
+
+# 3. missed targets -------------------------------------------------------------------------------
+def test_parameter_target_out_of_reach_is_reported(model_path, tmp_path, capsys):
+    assert spa("prune", model_path, "-o", tmp_path / "o.onnx", "--target-params", "0.01", "-q") == 0
+    assert warnings_of(capsys.readouterr().err) == [
+        "spa: warning: target-params 0.01 not reached: kept 0.0571 of the parameters (17.5x, not 100x; "
+        "limited by --max-group-ratio 0.9 and 1 frozen group)"]
+
+
+def test_mac_target_missed_by_rounding(model_path, tmp_path, capsys):
+    assert spa("prune", model_path, "-o", tmp_path / "o.onnx", "--target-flops", "0.3", "--round-to", "4", "-q") == 0
+    [line] = warnings_of(capsys.readouterr().err)
+    assert line.startswith("spa: warning: target-flops 0.3 not reached: kept 0.318 of the MACs (3.14x, not 3.33x; "
+                           "limited by --round-to 4")
+
+
+def test_ratio_capped_by_max_group_ratio(model_path, tmp_path, capsys):
+    assert spa("prune", model_path, "-o", tmp_path / "o.onnx", "--ratio", "0.95", "--max-group-ratio", "0.5",
+               "-q") == 0
+    assert warnings_of(capsys.readouterr().err) == [
+        "spa: warning: ratio 0.95 not reached: removed 0.5 of the prunable channels (8 of 16, 14 asked; limited by "
+        "--max-group-ratio 0.5 and 1 frozen group)"]
+
+
+def test_round_to_keeps_groups_whole(tmp_path, capsys):
+    path = saved(tmp_path, conv_chain((32, 64)))
+    assert spa("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.3", "--round-to", "16", "-q") == 0
+    assert warnings_of(capsys.readouterr().err) == [
+        "spa: warning: --round-to 16 kept 1 group whole",
+        "spa: warning: ratio 0.3 not reached: removed 0.167 of the prunable channels (16 of 96, 28 asked; limited "
+        "by --round-to 16 and 1 frozen group)"]
+
+
+def test_round_to_keeping_every_group_whole_is_an_error(tmp_path, capsys):
+    path, out = saved(tmp_path, conv_chain((32, 32))), tmp_path / "o.onnx"
+    _expect_error(capsys, ["prune", path, "-o", out, "--ratio", "0.3", "--round-to", "16", "-q"],
+                  "--round-to 16 keeps every group whole", out=str(out))
+
+
+def test_reached_target_warns_nothing(model_path, tmp_path, capsys):
+    assert spa("prune", model_path, "-o", tmp_path / "o.onnx", "--target-params", "0.5", "-q") == 0
+    assert not warnings_of(capsys.readouterr().err)
+
+
+# 4. the summary line and outcome() ---------------------------------------------------------------
+def test_summary_shows_achieved_ratios(model_path, tmp_path, capsys):
+    out = tmp_path / "small.onnx"
+    assert spa("prune", model_path, "-o", out, "--ratio", "0.5", "-q") == 0
+    assert capsys.readouterr().out.strip() == (
+        f"wrote {out}: parameters 876 -> 296 (0.34x), MACs 50.7K -> 16.1K (0.32x); removed 8 channels in 2 groups")
+
+
+def test_summary_counts_heads_apart_from_channels(tmp_path, capsys):
+    path = saved(tmp_path, encoder())
+    assert spa("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "-q") == 0
+    assert capsys.readouterr().out.rstrip().endswith("removed 64 channels in 2 groups and 4 heads in 2 groups")
+
+
+def test_summary_singular(model_path, tmp_path, capsys):
+    first_conv = [n for n in onnx.load(model_path).graph.node if n.op_type == "Conv"][0]
+    assert spa("prune", model_path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--ignore", first_conv.name,
+               "-q") == 0
+    assert capsys.readouterr().out.rstrip().endswith("removed 4 channels in 1 group")
+
+
+def test_outcome_is_a_pure_function_of_the_models_and_plan(tmp_path):
+    from spa.pipeline import prune
+    from spa.selection import Target
+
+    original = encoder()
+    result = prune(original, Target(ratio=0.5))
+    found = outcome(original, result.model, result.plan.to_json("m"))
+    assert found["params"]["after"] < found["params"]["before"]
+    assert found["params"]["ratio"] == pytest.approx(found["params"]["after"] / found["params"]["before"])
+    assert found["macs"]["ratio"] < 1
+    assert (found["channels_removed"], found["channel_groups"], found["heads_removed"], found["head_groups"]) == \
+        (64, 2, 4, 2)
+    assert found["widths"] and all(after < before for before, after in found["widths"].values()
+                                   if before != after)
+    json.dumps(found)  # the Python API and --json print it as is
+
+
+# 5. --dry-run ------------------------------------------------------------------------------------
+def test_dry_run_prints_widths_and_writes_nothing(model_path, tmp_path, capsys):
+    before = set(os.listdir(tmp_path))
+    assert spa("prune", model_path, "--ratio", "0.5", "--dry-run", "-q") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["layer", "output", "channels", "input", "channels"]
+    assert any(re.match(r"\S+\s+8 -> 4\s+8 -> 4$", line) for line in out)
+    assert out[-1] == ("dry run, nothing written: parameters 876 -> 296 (0.34x), MACs 50.7K -> 16.1K (0.32x); "
+                       "removed 8 channels in 2 groups")
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_dry_run_json(model_path, capsys):
+    assert spa("prune", model_path, "--ratio", "0.5", "--dry-run", "--json", "-q") == 0
+    assert json.loads(capsys.readouterr().out)["channels_removed"] == 8
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "-o/--output is required"),
+    (["--dry-run", "-o", "x.onnx"], "-o has no effect with --dry-run"),
+    (["--dry-run", "--report"], "--report has no effect with --dry-run"),
+    (["--dry-run", "--plan-out", "p.json"], "--plan-out has no effect with --dry-run"),
+])
+def test_output_flags(model_path, capsys, flags, message):
+    _expect_error(capsys, ["prune", model_path, "--ratio", "0.5", "-q", *flags], message)
+
+
+def test_apply_plan_needs_output(model_path, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert spa("prune", model_path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--plan-out", plan, "-q") == 0
+    _expect_error(capsys, ["apply-plan", model_path, plan, "-q"], "-o/--output is required")
+
+
+# 6. --report -------------------------------------------------------------------------------------
+def test_report_uses_the_batch_the_model_fixes(tmp_path, capsys):
+    path = saved(tmp_path, conv_chain((8, 8), shape=(1, 3, 8, 8)))
+    assert spa("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--report", "--batch", "8",
+               "--repeats", "2", "-q") == 0
+    captured = capsys.readouterr()
+    assert warnings_of(captured.err) == ["spa: warning: --batch 8 not used: the model's inputs fix batch 1, so "
+                                         "latency is measured at batch 1"]
+    assert "latency ms (batch 1, fixed by the model)" in captured.out
+    assert "batch 8" not in captured.out
+
+
+def test_report_counts_heads_and_names_its_inputs(tmp_path, capsys):
+    path = saved(tmp_path, encoder())
+    assert spa("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--report", "--repeats", "2", "-q") == 0
+    out = capsys.readouterr().out
+    assert "removed 64 channels in 2 groups and 4 heads in 2 groups" in out
+    assert "max output deviation vs original (N(0, 1) random inputs, seed [0x5ea, 0], disjoint from calibration" \
+        in out
+
+
+def test_deviation_inputs_are_not_calibration_inputs():
+    model = small_model()
+    calibration = [calibration_batches(model, "synthetic", seed=seed)[0]["input"] for seed in (0, 1)]
+    deviation = random_inputs(model, batch=1, seed=[DEVIATION_STREAM, 0])["input"][0]
+    for batch in calibration:
+        assert not np.any(np.all(np.isclose(batch, deviation), axis=(1, 2, 3)))
+    # what the report used before: the first calibration sample itself
+    np.testing.assert_array_equal(random_inputs(model, batch=1, seed=0)["input"][0], calibration[0][0])
+
+
+# 7. --version, --help defaults, framework noise, temporary paths ---------------------------------
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"spa {version()}" and re.match(r"\d+\.\d+", version())
+
+
+def test_every_option_with_a_default_shows_it_in_help():
+    subparsers = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS) \
+                    and "default" not in (action.help or ""):
+                missing.append(f"{name} {action.option_strings[-1]}")
+    assert not missing
+    prune_help = subparsers.choices["prune"].format_help()
+    for flag in ("--aggregation", "--normalization", "--seed"):
+        assert "default" in prune_help.split(flag, 2)[-1].split("\n  -", 1)[0], flag
+
+
+@pytest.fixture
+def framework_loggers():
+    names = ("absl", "tensorflow", "tf2onnx", "keras", "onnxruntime")
+    levels = {n: logging.getLogger(n).level for n in names}
+    yield names
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_framework_logs_hidden_unless_verbose(model_path, monkeypatch, framework_loggers, verbose):
+    import onnxruntime
+
+    severities = []
+    monkeypatch.setattr(onnxruntime, "set_default_logger_severity", severities.append)
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    for name in framework_loggers:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    assert spa("analyze", model_path, "-q", *(["--verbose"] if verbose else [])) == 0
+    if verbose:
+        assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ and not severities
+        assert logging.getLogger("tensorflow").level == logging.NOTSET
+    else:
+        assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3" and severities == [3]
+        assert all(logging.getLogger(n).level == logging.ERROR for n in framework_loggers)
+
+
+@pytest.fixture
+def fake_frontend(monkeypatch, tmp_path):
+    """A '.fake' framework file whose frontend copies the ONNX bytes into a temporary directory, as
+    the real frontends do."""
+    def to_onnx(path, input_shapes=None):
+        workdir = tempfile.mkdtemp(prefix="spa-frontend-", dir=tmp_path)
+        target = os.path.join(workdir, "model.onnx")
+        shutil.copy(path, target)
+        return target
+
+    monkeypatch.setattr(frontends, "frontend_for", lambda p: "fake" if str(p).endswith(".fake") else None)
+    monkeypatch.setattr(frontends, "to_onnx", to_onnx)
+
+
+def test_temporary_path_never_shown(tmp_path, capsys, fake_frontend):
+    source = tmp_path / "net.fake"
+    onnx.save(small_model(), source)
+    plan = tmp_path / "plan.json"
+    assert spa("prune", source, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--plan-out", plan) == 0
+    captured = capsys.readouterr()
+    assert "spa-frontend-" not in captured.out + captured.err
+    assert f"loading {source}" in captured.err
+    assert json.loads(plan.read_text())["model"] == "net.fake"
+
+
+def test_temporary_path_never_in_errors(tmp_path, capsys, fake_frontend):
+    source = tmp_path / "broken.fake"
+    source.write_text("not a model")
+    _expect_error(capsys, ["analyze", source, "-q"], "broken.fake")
+    assert spa("analyze", source, "-q") == 2
+    assert "spa-frontend-" not in capsys.readouterr().err

@@ -995,7 +995,23 @@ def main(argv=None) -> int:
         with open(path, "w") as f:
             json.dump(everything, f, indent=1, default=str)
         log(f"wrote {os.path.relpath(path, ROOT)}")
-    return 0 if stock["prune"]["ok"] else 1
+    heads_ok = heads_prunable(analysis, CONFIGS[args.size]["num_hidden_layers"])
+    return 0 if stock["prune"]["ok"] and heads_ok else 1
+
+
+def heads_prunable(analysis_json, layers: int) -> bool:
+    """Every decoder layer's KV-head group must be prunable: loudly not, when shape information
+    for a large or external-data model loses the head count (it did: an RMSNorm weight over 1 KiB
+    broke symbolic shape inference and froze all 22 head groups of the 1.1B model)."""
+    heads = [g for g in (analysis_json or {}).get("groups", []) if g.get("kind") == "heads"]
+    prunable = sum(bool(g["prunable"]) for g in heads)
+    if prunable < layers:
+        reasons = sorted({r for g in heads if not g["prunable"] for r in g["frozen_by"]})[:3]
+        print(f"FAILED: {prunable} prunable head groups, expected one per layer ({layers}); frozen by: "
+              f"{'; '.join(reasons) or 'no head groups found'}", file=sys.stderr)
+        return False
+    log(f"heads: {prunable} prunable head groups ({layers} layers)")
+    return True
 
 
 def run_cli(model_path, work, args, env, size_b, workaround: bool) -> dict:

@@ -346,14 +346,30 @@ def _read_shapes(graph) -> dict:
     return shapes
 
 
-def _symbolic_shapes(model: onnx.ModelProto) -> dict:
+def _symbolic_shapes(light: onnx.ModelProto) -> dict:
     """onnxruntime's symbolic shape inference: it follows shape arithmetic (Shape -> Gather ->
-    Div -> Concat -> Expand/Slice/Reshape) that ONNX's own inference gives up on."""
+    Div -> Concat -> Expand/Slice/Reshape) that ONNX's own inference gives up on. `light`'s weights
+    carry dims only (_without_large_data); they go in as graph inputs, because the inference reads
+    the values of any initializer an elementwise op touches and fails on an empty one (an RMSNorm
+    weight of 2048 floats froze every head of a 1.1B LLaMA; 256 floats fit under the size limit)."""
     try:
-        inferred = _symbolic_shape_inference().infer_shapes(model, auto_merge=True)
+        inferred = _symbolic_shape_inference().infer_shapes(_weights_as_inputs(light), auto_merge=True)
     except Exception:
         return {}
-    return {k: v for k, v in _read_shapes(inferred.graph).items() if "?" not in v}
+    weights = {t.name for t in light.graph.initializer}
+    return {k: v for k, v in _read_shapes(inferred.graph).items() if "?" not in v and k not in weights}
+
+
+def _weights_as_inputs(light: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `light` whose data-less weights are graph inputs of the same type and shape."""
+    model = onnx.ModelProto()
+    model.CopyFrom(light)
+    kept = [t for t in model.graph.initializer if _shape_relevant(t)]
+    dropped = [t for t in model.graph.initializer if not _shape_relevant(t)]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in dropped)
+    return model
 
 
 @functools.lru_cache(maxsize=1)

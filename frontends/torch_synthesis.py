@@ -521,7 +521,16 @@ def synthesise(model: onnx.ModelProto, batches: list[dict], seed: int = 0, progr
     """The "inverted" calibration source (spa.calibration entry point): synthetic ``batches``
     optimised against the model's BatchNormalization statistics (DeepInversion); a model
     without them, against random targets on its class-score output. A model with neither, or
-    without float inputs (token models), is refused with one line."""
+    without float inputs (token models), is refused with one line. A float16 / bfloat16 / double
+    model is inverted in float32 (its float32 copy) and the batches cast back to its types."""
+    from spa.runtime import OTHER_FLOATS, float32_surrogate
+    model = as_model(model)
+    others = {vi.name: np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+              for vi in model.graph.input if vi.type.tensor_type.elem_type in OTHER_FLOATS}
+    if others or any(t.data_type in OTHER_FLOATS for t in model.graph.initializer):
+        cast = [{k: np.asarray(v).astype(np.float32) if k in others else v for k, v in b.items()} for b in batches]
+        found = synthesise(float32_surrogate(model), cast, seed=seed, progress=progress, steps=steps)
+        return [{k: np.asarray(v).astype(others[k]) if k in others else v for k, v in b.items()} for b in found]
     if not any(np.issubdtype(np.asarray(v).dtype, np.floating) for b in batches for v in b.values()):
         raise SpaError("inverted calibration optimises float inputs and this model has none "
                        "(token models: use synthetic or a .txt file of sentences)")

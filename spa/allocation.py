@@ -19,7 +19,7 @@ import numpy as np
 
 from .plan import Plan
 from .progress import bar
-from .runtime import session
+from .runtime import is_float, session
 from .selection import Target, select
 
 # mean-normalisation exponents of the global candidates: 1 = every group's mean loss is 1 (close to
@@ -52,9 +52,10 @@ def distortion(reference: list, outputs: list) -> float:
     total = 0.0
     for ref, got in zip(reference, outputs):
         for a, b in zip(ref, got):
-            if isinstance(a, np.ndarray) and np.issubdtype(a.dtype, np.floating):
+            if isinstance(a, np.ndarray) and is_float(a.dtype):
+                a = np.asarray(a, np.float64)  # float16 / bfloat16 outputs: no overflow, no ml_dtypes maths
                 spread = float(np.sum((a - a.mean()) ** 2)) or 1.0
-                total += float(np.sum((np.asarray(a, np.float64) - b) ** 2)) / spread
+                total += float(np.sum((a - np.asarray(b, np.float64)) ** 2)) / spread
     return total / max(len(reference), 1)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import onnx
@@ -25,7 +26,8 @@ class Pruned:
     """What `prune` returns: the pruned model (verified when saved), its plan and its figures."""
     model: onnx.ModelProto
     plan: Plan
-    stats: dict  # spa.report.outcome: parameters and MACs before/after, channels and heads removed, widths
+    stats: dict  # spa.report.outcome: parameters and MACs before/after, channels and heads removed, widths;
+    # "eval" with eval=: spa.evaluate.Baseline.compare
     latency: dict | None = None  # latency targets: predicted and measured fractions
     source: str | None = None  # the input file, whose external data names the output keeps
 
@@ -58,8 +60,11 @@ def prune(model, ratio: float | None = None, *, progress: bool = False, **flags)
     """Prune `model` (an .onnx path, a framework file, or a ModelProto) to one target:
     `ratio`, `target_params`, `target_flops` (`target_macs`), `target_latency`, or per-layer
     `ratios={"layer1.*": 0.2}`; any other `spa prune` flag by its name (criterion="obspa",
-    round_to=8, ignore=["head*"], calibration="data.npz", ...). Returns a `Pruned`: `.model`,
-    `.plan`, `.stats`, `.save(path)`."""
+    round_to=8, ignore=["head*"], calibration="data.npz", ...). `eval="val.npz"` (the model's
+    inputs and `labels`; see spa.evaluate) or `eval=fn` (fn(run) -> float, run(feeds) -> the
+    model's outputs) measures a metric on the original and the pruned model: `.stats["eval"]`
+    {"metric", "before", "after", "difference", "samples", "source"}. Returns a `Pruned`:
+    `.model`, `.plan`, `.stats`, `.save(path)`."""
     from . import cli
     from . import progress as bars
     from .report import outcome
@@ -70,9 +75,13 @@ def prune(model, ratio: float | None = None, *, progress: bool = False, **flags)
         args.calibration_options = cli.calibration_options(args)
         original, source = _load(model, say, cli._frontend_shapes(args))
         args.model = source or "model.onnx"
+        baseline = cli._eval_baseline(args, source or original, say,
+                                      warning=lambda message: warnings.warn(message, stacklevel=4))
         result = cli._prune(args, original, _options(args.granularity), say)
-    return Pruned(result.model, result.plan, outcome(original, result.model, result.plan.to_json(args.model)),
-                  result.latency, source)
+        stats = outcome(original, result.model, result.plan.to_json(args.model))
+        if baseline is not None:
+            stats["eval"] = baseline.compare(result.model)
+    return Pruned(result.model, result.plan, stats, result.latency, source)
 
 
 def _prune_args(flags: dict):

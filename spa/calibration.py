@@ -76,7 +76,7 @@ import onnx
 
 from .errors import SpaError
 from .graph import Graph
-from .runtime import declared_inputs
+from .runtime import declared_inputs, is_float
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -158,6 +158,42 @@ def is_generated(source: str) -> bool:
     return source in ("auto", "synthetic", "bn", "inverted") or source.startswith("ood:noise-")
 
 
+def source_kind(source: str | None) -> str | None:
+    """What a source reads, for the options that only some sources use: "none", "generated",
+    "images" (a directory of images), "text" (a .txt file), "arrays" (.npz, .npy, a directory of
+    .npy), or None where the path does not exist or holds neither (calibration_batches says why)."""
+    source = (source or "auto").strip()
+    if source == "none":
+        return "none"
+    if is_generated(source):
+        return "generated"
+    path = source[4:] if source.startswith("ood:") else source
+    if os.path.isdir(path):
+        try:
+            files = [f.lower() for f in os.listdir(path) if not f.startswith(".")]
+        except OSError:
+            return None
+        if any(f.endswith(".npy") for f in files):
+            return "arrays"
+        return "images" if any(f.endswith(IMAGE_EXTENSIONS) for f in files) else None
+    if not os.path.isfile(path):
+        return None
+    suffix = os.path.splitext(path)[1].lower()
+    return {".txt": "text", ".npz": "arrays", ".npy": "arrays"}.get(suffix)
+
+
+def generated_token_lengths(model: onnx.ModelProto) -> bool:
+    """Whether generated inputs have a token axis whose length max_length bounds: an integer input
+    indexing an embedding table with no static sequence length."""
+    for name, dims, dtype in declared_inputs(model):
+        inp = _Input(name, dims, dtype)
+        if not inp.is_float and inp.dtype != np.bool_ and len(dims) >= 2 and not isinstance(dims[-1], int):
+            inp.vocab = vocabulary_size(model, name)
+            if inp.role == "ids":
+                return True
+    return False
+
+
 def _positive_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
 
@@ -220,7 +256,7 @@ class _Input:
 
     @property
     def is_float(self) -> bool:
-        return bool(np.issubdtype(self.dtype, np.floating))
+        return is_float(self.dtype)
 
     @property
     def role(self) -> str | None:
@@ -765,15 +801,15 @@ def check_static_dims(model, data: dict, path: str = "calibration"):
         if vi.name not in data:
             continue
         for k, d in enumerate(vi.type.tensor_type.shape.dim):
-            if k and d.HasField("dim_value") and data[vi.name].shape[k] != d.dim_value:
+            if k and d.HasField("dim_value") and d.dim_value > 0 and data[vi.name].shape[k] != d.dim_value:
                 raise SpaError(f"calibration {path}: input '{vi.name}' axis {k} must be {d.dim_value}, "
                                f"got shape {data[vi.name].shape}")
 
 
 def _kind_fits(have, want) -> bool:
     have, want = np.dtype(have), np.dtype(want)
-    if np.issubdtype(want, np.floating):
-        return np.issubdtype(have, np.floating) or np.issubdtype(have, np.integer) and have.itemsize == 1
+    if is_float(want):
+        return is_float(have) or np.issubdtype(have, np.integer) and have.itemsize == 1
     if want == np.bool_:
         return have == np.bool_ or np.issubdtype(have, np.integer)
     return np.issubdtype(have, np.integer) or have == np.bool_

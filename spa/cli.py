@@ -8,8 +8,9 @@ import math
 import os
 import sys
 import time
+import warnings
 
-from .errors import SpaError
+from .errors import SpaError, SpaWarning
 
 
 class Progress:
@@ -27,10 +28,20 @@ _INPUT_SHAPE_HELP = ("input shape for a TorchScript .pt/.pth input, which stores
                      "model's, batch 1)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors as one line (`spa: error: ...`, exit 2), like every other refusal;
+    `spa <command> --help` shows the usage."""
+
+    def error(self, message):
+        command = self.prog.split()[-1]
+        where = f"{command}: " if command != "spa" else ""
+        self.exit(2, f"spa: error: {where}{message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
     from .importance import AGGREGATIONS, NORMALIZATIONS, available
 
-    p = argparse.ArgumentParser(prog="spa", description="Structurally Prune Anything: make ONNX models smaller.")
+    p = _Parser(prog="spa", description="Structurally Prune Anything: make ONNX models smaller.")
     p.add_argument("--version", action="version", version=f"spa {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -61,8 +72,14 @@ def parser() -> argparse.ArgumentParser:
                              "or the batch the model's inputs fix)")
         sp.add_argument("--threads", type=int, metavar="T",
                         help="onnxruntime intra-op threads for latency (default: onnxruntime's, all cores)")
-        sp.add_argument("--repeats", type=int, default=20, help="latency runs; the median is reported (default 20)")
+        sp.add_argument("--repeats", type=int, help="latency runs of --report; the median is reported (default 20)")
         sp.add_argument("--plan-out", help="write the pruning plan (JSON) here")
+        sp.add_argument("--eval", metavar="FILE.npz",
+                        help="measure top-1 accuracy on the original and the pruned model: an .npz of the model's "
+                             "inputs (arrays named like them; x or inputs for a single-input model) and 'labels' "
+                             "(or 'y'; [N], or [N, T] per position); without labels: top-1 agreement with the "
+                             "original. Shown in the summary line and --report")
+        sp.add_argument("--eval-output", metavar="NAME", help="the output --eval scores (default: the first)")
 
     pr = sub.add_parser("prune", help="prune a model to a target")
     common(pr)
@@ -116,7 +133,7 @@ def parser() -> argparse.ArgumentParser:
                     help="taylor, snip, grasp, crop, obd (PyTorch autograd on --calibration inputs): class labels "
                          "(.npy / .npz / .txt), in calibration sample order; default: a 'labels' array in the "
                          "calibration .npz, else the model's own predictions")
-    pr.add_argument("--aggregation", default="mean", choices=AGGREGATIONS,
+    pr.add_argument("--aggregation", choices=AGGREGATIONS,
                     help="how a channel's scores over the group's weights combine (default mean)")
     pr.add_argument("--normalization", choices=NORMALIZATIONS,
                     help="per-group score normalisation for ranking across groups (default: mean; none with obspa)")
@@ -128,21 +145,22 @@ def parser() -> argparse.ArgumentParser:
                     help="how the budget spreads over groups: uniform (--ratio from every group; default except "
                          "obspa), global (one ranking across groups; --ratio keeps the parameters uniform would), "
                          "measured (obspa's default: tries both on held-out calibration batches, keeps the better)")
-    pr.add_argument("--max-group-ratio", type=float, default=0.9,
+    pr.add_argument("--max-group-ratio", type=float,
                     help="never remove more than this fraction of one group (default 0.9)")
     pr.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
                     help="keep a multiple of N channels per group; auto: the multiple the latency tables measure "
                          "fastest (default 1)")
     pr.add_argument("--ignore", action="append", default=[], metavar="NAME",
                     help="node or initializer name (glob) whose channels are kept; repeatable")
-    pr.add_argument("--seed", type=int, default=0,
-                    help="seed for random scores, calibration inputs and recovery (default 0)")
+    pr.add_argument("--seed", type=int,
+                    help="seed for criterion random, generated calibration inputs, --recover and --report's "
+                         "deviation inputs (default 0; refused where nothing random is drawn)")
 
     pf = sub.add_parser("profile", help="per-layer onnxruntime latency and the fast channel counts of each layer")
     common(pf)
     pf.add_argument("--batch", type=int, help="batch size (default 1, or the batch the model's inputs fix)")
     pf.add_argument("--threads", type=int, metavar="T", help="onnxruntime intra-op threads (default: its own)")
-    pf.add_argument("--top", type=int, default=15, help="layers listed, heaviest first (default 15)")
+    pf.add_argument("--top", type=int, help="layers listed, heaviest first (default 15; with --json: every layer)")
     pf.add_argument("--plot", metavar="FILE.png", help="plot latency against width for the heaviest layers")
     pf.add_argument("--json", action="store_true", help="machine-readable output")
     pf.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224", help=_INPUT_SHAPE_HELP)
@@ -167,13 +185,23 @@ def _round_to(text):
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        return run(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", SpaWarning)
+            warnings.showwarning = _show_spa_warning
+            return run(args)
     except SpaError as exc:
         print(f"spa: error: {_as_given(str(exc), args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("spa: interrupted", file=sys.stderr)
         return 130
+
+
+def _show_spa_warning(message, category, *args, **kwargs):
+    if issubclass(category, SpaWarning):
+        warn(str(message))
+    else:
+        warnings._showwarning_orig(message, category, *args, **kwargs)
 
 
 def _as_given(message: str, args) -> str:
@@ -191,12 +219,19 @@ def run(args) -> int:
     if args.quiet:
         from . import progress
         progress.show(False)
-    if args.command == "prune":
-        args.calibration_options = calibration_options(args)
+    _check_counts(args)
     if args.command in ("prune", "apply-plan"):
         _check_output_flags(args)
+    if args.command == "prune":
+        args.calibration_options = calibration_options(args)
+    else:
+        _check_command_flags(args)
+    if args.command in ("prune", "apply-plan"):
         _pretrained_output(args, say)
         _framework_output(args)
+        from .paths import check_outputs  # every written path, before any work
+        check_outputs(args, getattr(args, "framework_out", None) or args.output,
+                      directory_output=bool(getattr(args, "pretrained_out", None)))
     options = Options(granularity=tuple(g.strip() for g in args.granularity.split(",") if g.strip()))
     args.source = args.model
     args.model = _framework_to_onnx(args.model, say, _frontend_shapes(args))
@@ -207,8 +242,11 @@ def run(args) -> int:
     if args.command == "analyze":
         from .report import describe, format_analysis
         say("analyzing channel coupling")
-        summary = describe(analyze(model, options))
+        analysis = analyze(model, options)
+        summary = describe(analysis)
         print(json.dumps(summary, indent=1) if args.json else format_analysis(summary))
+        for note in granularity_notes(analysis):
+            warn(note)
         return 0
     _check_latency_flags(args)
     _use_model_batch(args, model)
@@ -216,6 +254,8 @@ def run(args) -> int:
         return _profile(args, analyze(model, options), say)
     if args.output and os.path.abspath(args.source) == os.path.abspath(args.output) and not args.overwrite:
         raise SpaError("refusing to overwrite the input model (pass --overwrite)")
+    _check_data_files(args, model)
+    args.eval_baseline = _eval_baseline(args, args.model, say)
     if args.command == "prune":
         result = _prune(args, model, options, say)
     else:
@@ -230,8 +270,25 @@ def run(args) -> int:
     del result, model
     gc.collect()
     if getattr(args, "dry_run", False):
+        if args.eval_baseline is not None:
+            found["eval"] = args.eval_baseline.compare(pruned)
         return _dry_run(args, found, notes, latency_check)
     return _finish(args, pruned, plan, say, latency_check, found, notes)
+
+
+def _eval_baseline(args, original, say, warning=None):
+    """--eval (eval= in spa.prune): the file checked against the original and measured on it before
+    any pruning, so a bad file fails first; None without --eval."""
+    if getattr(args, "eval", None) is None:
+        if getattr(args, "eval_output", None) is not None:
+            raise SpaError("--eval-output has no effect without --eval")
+        return None
+    from .evaluate import Baseline, shares_data
+
+    if args.command == "prune" and shares_data(args.eval, args.calibration):
+        (warning or warn)(f"--eval {args.eval} is also the --calibration data: the pruned model was fitted to it, "
+                          "so its figure is optimistic (evaluate on held-out data)")
+    return Baseline(original, args.eval, output=args.eval_output, progress=say)
 
 
 def _outcome(args, model, result, plan) -> tuple[dict, list]:
@@ -244,7 +301,42 @@ def _outcome(args, model, result, plan) -> tuple[dict, list]:
     if args.command == "prune":
         target = _target(args)
         notes += missed_target(target, found, limits(result.analysis, target, result.plan))
+    notes += granularity_notes(result.analysis)
     return found, notes
+
+
+_DEFAULT_GRANULARITY = ("channels", "heads")
+
+
+def granularity_notes(analysis) -> list:
+    """A warning for each --granularity unit beyond the default (head-dim, hidden) that this model
+    has no prunable group of: sweeps over models keep the flag, and no one is left thinking it acted."""
+    kinds = {g.kind for g in analysis.groups if g.prunable}
+    return [f"--granularity {unit}: this model has no prunable {unit} group, so it changes nothing"
+            for unit in analysis.options.granularity if unit not in _DEFAULT_GRANULARITY and unit not in kinds]
+
+
+def _check_command_flags(args):
+    """analyze, profile and apply-plan: options that their shared definitions give them where they
+    would do nothing."""
+    if args.input_shape is not None and not _shapes_a_conversion(args):
+        why = {"analyze": "the channel analysis needs no input sizes",
+               "profile": "profile times the model at its declared input sizes (a default for symbolic ones)",
+               "apply-plan": "-o is no .pt2/.pt output to specialise either"}
+        raise SpaError(f"--input-shape has no effect on {args.model}: it shapes the conversion of a TorchScript "
+                       f"input, which this is not, and {why[args.command]}")
+    if args.command == "profile":
+        given = {g.strip() for g in args.granularity.split(",") if g.strip()}
+        if given != set(_DEFAULT_GRANULARITY):
+            raise SpaError("--granularity has no effect on profile, which times every Conv, Gemm and MatMul layer "
+                           "along each axis a plan could change")
+        if args.top is not None and args.top < 1:
+            raise SpaError(f"--top must be a positive integer, got {args.top}")
+    if args.command == "apply-plan":
+        if args.plan_out:
+            raise SpaError(f"--plan-out has no effect with apply-plan: it would write the plan it replays "
+                           f"({args.plan}) again")
+        check_measured(args)
 
 
 def _dry_run(args, found, notes, latency_check) -> int:
@@ -307,6 +399,29 @@ def _save_pretrained(args, plan, say):
     changes = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in sorted(saved["config"].items()))
     say(f"config: {changes or 'unchanged'}; reloaded with from_pretrained, max relative error "
         f"{saved['max_error']:.2g} against the pruned ONNX")
+
+
+def _check_counts(args):
+    """Counts and seeds given out of range: refused before any work."""
+    for flag, field, least in (("--batch", "batch", 1), ("--threads", "threads", 1), ("--repeats", "repeats", 1),
+                               ("--calibration-samples", "calibration_samples", 1), ("--seed", "seed", 0)):
+        value = getattr(args, field, None)
+        if value is not None and not least <= value < 2 ** 32:
+            raise SpaError(f"{flag} must be {'a positive integer' if least else 'an integer >= 0'} below 2^32, "
+                           f"got {value}")
+
+
+def _check_data_files(args, model):
+    """The input is loaded: -o's external data file and --plan-out against the input's data files."""
+    from .graph import external_data_files, weight_bytes
+    from .paths import check_data_files
+
+    if not args.output or getattr(args, "pretrained_out", None):
+        return
+    if getattr(args, "framework_out", None):
+        return check_data_files(args, args.framework_out, writes_data=False)
+    writes = bool(external_data_files(args.model)) or weight_bytes(model) > 1_800_000_000  # as pipeline.save
+    check_data_files(args, args.output, writes_data=writes)
 
 
 def _check_output_flags(args):
@@ -374,8 +489,6 @@ def _profile(args, analysis, say):
     from .latency import profile
     from .report import format_profile, plot_profile
 
-    if args.top < 1:
-        raise SpaError(f"--top must be a positive integer, got {args.top}")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -387,7 +500,11 @@ def _profile(args, analysis, say):
     if args.plot:
         plot_profile(result, args.plot)
         say(f"plot written to {args.plot}")
-    print(json.dumps(result, indent=1, default=str) if args.json else format_profile(result, args.top))
+    if args.json:  # every layer, or the --top heaviest
+        shown = result if args.top is None else dict(result, layers=result["layers"][:args.top])
+        print(json.dumps(shown, indent=1, default=str))
+    else:
+        print(format_profile(result, 15 if args.top is None else args.top))
     return 0
 
 
@@ -449,7 +566,8 @@ def _target(args):
     from .selection import Target
 
     return Target(ratio=args.ratio, global_ranking=args.global_ranking, keep_params=args.target_params,
-                  keep_macs=args.target_flops, latency=args.target_latency, max_group_ratio=args.max_group_ratio,
+                  keep_macs=args.target_flops, latency=args.target_latency,
+                  max_group_ratio=0.9 if args.max_group_ratio is None else args.max_group_ratio,
                   round_to=args.round_to, ignore=args.ignore, ratios=ratios_for(args.ratio_for),
                   batch=args.batch or 1, threads=args.threads)
 
@@ -457,20 +575,57 @@ def _target(args):
 def _prune(args, model, options, say):
     from .pipeline import prune
 
-    return prune(model, _target(args), args.criterion, args.aggregation, args.normalization, options,
-                 args.seed, progress=say, calibration=args.calibration_options,
+    _check_model_flags(args, model, options)
+    return prune(model, _target(args), args.criterion, args.aggregation or "mean", args.normalization, options,
+                 args.seed or 0, progress=say, calibration=args.calibration_options,
                  damp=0.01 if args.damp is None else args.damp, labels=args.labels,
                  allocation=args.allocation, recover=args.recover, compensation=args.compensation)
+
+
+def _check_model_flags(args, model, options):
+    """The prune options whose effect depends on the model: refused before any work where it has none."""
+    from .calibration import generated_token_lengths, source_kind
+
+    if args.max_length is not None and source_kind(args.calibration) in ("generated", "none") and \
+            not generated_token_lengths(model):
+        raise SpaError("--max-length has no effect: the model has no token-id input of free length, and "
+                       f"--calibration {args.calibration or 'auto'} reads no text")
+    if args.aggregation is None:
+        return
+    from .groups import analyze
+    from .importance import aggregation_effect
+
+    most, within, across = aggregation_effect(analyze(model, options), args.criterion)
+    if most <= 1:
+        raise SpaError(f"--aggregation has no effect: criterion {args.criterion} scores one weight in every prunable "
+                       "group of this model, so there is nothing to combine")
+    normalization = args.normalization or "mean"
+    raw_across = args.global_ranking or args.target_params is not None or args.target_flops is not None or \
+        args.allocation == "global"
+    if args.aggregation == "sum" and not within and not (raw_across and normalization == "none" and across):
+        cancels = "the latency knapsack's share of each group's scores ignores" if args.target_latency is not None \
+            else "a ranking within each group ignores" if not raw_across \
+            else f"--normalization {normalization} divides out" if normalization != "none" \
+            else "is the same in every group of this model"
+        raise SpaError(f"--aggregation sum ranks channels as mean does here: a channel's sum is its mean times the "
+                       f"number of weights scoring it, a factor that {cancels} (sum differs with --normalization none "
+                       "where groups with different numbers of weights are ranked together)")
 
 
 _CALIBRATION_FLAGS = {"input_shape": "--input-shape", "tokenizer": "--tokenizer", "max_length": "--max-length",
                       "image_size": "--image-size", "image_mean": "--image-mean", "image_std": "--image-std",
                       "image_layout": "--image-layout", "image_resize": "--image-resize"}
-_NO_CALIBRATION = ("l1", "l2", "fpgm", "bn-scale", "random")
+_NO_CALIBRATION = ("l1", "l2", "fpgm", "bn-scale", "random", "synflow")
 
 
 def check_flags(args):
     """Options that would do nothing with the chosen criterion are refused, never ignored."""
+    if getattr(args, "dry_run", False) and args.recover:
+        raise SpaError("--recover has no effect with --dry-run: it changes weights, not widths, and a dry run "
+                       "writes nothing")
+    if getattr(args, "dry_run", False) and args.compensation is not None and args.criterion != "obspa":
+        raise SpaError(f"--compensation has no effect with --dry-run: it changes weights, not the channels criterion "
+                       f"{args.criterion} chooses, and a dry run writes nothing")
     uses_data = args.criterion not in _NO_CALIBRATION or args.compensation not in (None, "none") or args.recover
     given = [flag for field, flag in _CALIBRATION_FLAGS.items() if getattr(args, field) is not None
              and not (field == "input_shape" and _shapes_a_conversion(args))]
@@ -490,6 +645,117 @@ def check_flags(args):
     if args.recover < 0:
         raise SpaError(f"--recover needs a number of steps >= 0, got {args.recover}")
     _check_global(args)
+
+
+def check_effects(args):
+    """After the values are parsed: options that this combination never uses are refused."""
+    uses_data = args.criterion not in _NO_CALIBRATION or args.compensation not in (None, "none") or args.recover
+    if uses_data:
+        _check_calibration_source(args)
+    _check_ranking(args)
+    _check_seed(args, uses_data)
+    check_measured(args)
+
+
+def _check_calibration_source(args):
+    """Calibration options that the chosen source never reads."""
+    from .calibration import source_kind
+
+    source = (args.calibration or "auto").strip()
+    kind = source_kind(source)
+    drawn = kind != "none" or bool(args.recover)  # --recover distils on synthetic inputs where there are none
+    shapes = args.input_shape is not None and not _shapes_a_conversion(args)
+    if kind == "none":
+        for flag, value in (("--damp", args.damp), ("--compensation", args.compensation)):
+            if value is not None:
+                raise SpaError(f"{flag} has no effect with --calibration none, which gives no inputs: every Hessian "
+                               "is the identity and nothing is compensated")
+    used = {"--calibration-samples": drawn, "--input-shape": drawn and kind not in ("arrays", "text"),
+            "--max-length": drawn and kind not in ("arrays", "images"), "--tokenizer": kind in ("text", None)}
+    used.update({flag: kind in ("images", None) for flag in _CALIBRATION_FLAGS.values() if flag.startswith("--image-")})
+    reads = {"none": "which gives no inputs", "generated": "whose inputs are generated",
+             "images": "a directory of images", "text": "a text file", "arrays": "whose arrays give the shapes"}
+    what = {"--tokenizer": "it tokenises a .txt calibration file", "--max-length": "it bounds token sequences",
+            "--input-shape": "it shapes generated inputs", "--calibration-samples": "it counts calibration inputs"}
+    for field, flag in [("calibration_samples", "--calibration-samples")] + list(_CALIBRATION_FLAGS.items()):
+        value = getattr(args, field) if field != "input_shape" or shapes else None
+        if value is not None and not used[flag]:
+            raise SpaError(f"{flag} has no effect with --calibration {source}, {reads.get(kind, '')}: "
+                           f"{what.get(flag, 'it preprocesses a directory of images')}")
+
+
+def _check_ranking(args):
+    """--normalization, --aggregation, --allocation and --max-group-ratio where nothing they change is used."""
+    across = [flag for flag, value in (("--target-params", args.target_params), ("--target-flops", args.target_flops),
+                                       ("--global", args.global_ranking)) if value]
+    latency = args.target_latency is not None
+    allocation = args.allocation or ("measured" if args.criterion == "obspa" and args.normalization is None
+                                     else "uniform")
+    if args.ratio_for and args.allocation is None:
+        allocation = "uniform"  # per-layer ratios set each group's share (spa.pipeline.prune)
+    if args.allocation == "uniform" and (across or latency):
+        first = (across or ["--target-latency"])[0]
+        raise SpaError(f"--allocation uniform has no effect with {first}, which ranks channels across groups "
+                       "(a uniform share of every group is --ratio)")
+    if args.allocation == "measured" and latency:
+        raise SpaError("--allocation measured has no effect with --target-latency, whose knapsack spreads the budget "
+                       "over groups by the latency tables")
+    if args.allocation == "global" and args.criterion != "obspa" and (across or latency):
+        first = (across or ["--target-latency"])[0]
+        raise SpaError(f"--allocation global has no effect with {first}, which ranks channels across groups already")
+    ranked_across = bool(across) or allocation in ("global", "measured")
+    if args.criterion == "random":
+        for flag, value in (("--aggregation", args.aggregation), ("--normalization", args.normalization)):
+            if value is not None:
+                raise SpaError(f"{flag} has no effect with criterion random, whose scores are random numbers")
+    if args.aggregation is not None and args.criterion == "obspa":
+        raise SpaError("--aggregation has no effect with criterion obspa, which adds up the saliencies of a "
+                       "channel's consumers")
+    if args.normalization is not None and latency and args.normalization != "standardise":
+        raise SpaError(f"--normalization {args.normalization} has no effect with --target-latency: the latency "
+                       "knapsack weighs the share of each group's own scores a width keeps, which rescaling does not "
+                       "change (standardise shifts them)")
+    if args.normalization is not None and not latency and not ranked_across:
+        raise SpaError(f"--normalization has no effect with {'--ratio' if args.ratio is not None else '--ratio-for'} "
+                       "and allocation uniform: every group loses its share of its own channels, ranked within the "
+                       "group; normalisation matters where groups are ranked together (--global, --target-params, "
+                       "--target-flops, --allocation global" + (", or obspa's measured allocation, which a "
+                       "--normalization turns off" if args.criterion == "obspa" else "") + ")")
+    if args.max_group_ratio is not None and not latency and not ranked_across:
+        asked = [r for r in [args.ratio] + list(ratios_for(args.ratio_for).values()) if r is not None]
+        if asked and max(asked) <= args.max_group_ratio:
+            raise SpaError(f"--max-group-ratio {args.max_group_ratio:g} has no effect with a uniform "
+                           f"{'--ratio' if args.ratio is not None else '--ratio-for'} {max(asked):g}: no group loses "
+                           "more than that share, within the cap (it caps --global, --target-*, --allocation global "
+                           "or a larger --ratio)")
+
+
+def _check_seed(args, uses_data):
+    drawn = (uses_data and (args.calibration or "auto").strip() != "none") or args.recover
+    reported = (args.report or args.json) and not getattr(args, "dry_run", False)
+    if args.seed is not None and args.criterion != "random" and not drawn and not reported:
+        none = ", --calibration none draws no inputs" if uses_data else ""
+        raise SpaError(f"--seed has no effect: criterion {args.criterion} is deterministic{none} and nothing else "
+                       "random is drawn (it seeds criterion random, calibration inputs, --recover and --report's "
+                       "deviation inputs)")
+
+
+def check_measured(args):
+    """--batch, --threads and --repeats set how latency is measured: refused where nothing is timed."""
+    reported = (args.report or args.json) and not getattr(args, "dry_run", False)
+    timed = reported or getattr(args, "target_latency", None) is not None or getattr(args, "round_to", 1) == "auto"
+    timers = "--report or --json" if args.command == "apply-plan" else \
+        "--report, --json, --target-latency or --round-to auto"
+    for flag, value, used in (("--batch", args.batch, timed), ("--threads", args.threads, timed),
+                              ("--repeats", args.repeats, reported)):
+        if value is None or used:
+            continue
+        if getattr(args, "dry_run", False) and args.json:
+            raise SpaError(f"{flag} has no effect with --dry-run, whose --json reports no latency")
+        if flag == "--repeats":
+            raise SpaError("--repeats has no effect without --report or --json: it sets how many runs their "
+                           "latency is the median of")
+        raise SpaError(f"{flag} has no effect: nothing is timed without {timers}")
 
 
 def _check_global(args):
@@ -542,11 +808,11 @@ def calibration_options(args):
         raise SpaError(f"--tokenizer {args.tokenizer}: no such file or directory")
     if args.labels is not None and not os.path.isfile(args.labels):
         raise SpaError(f"--labels {args.labels}: no such file")
-    return Calibration(source=args.calibration or "auto", samples=args.calibration_samples, seed=args.seed,
+    mean, std = _floats(args.image_mean, "--image-mean"), _floats(args.image_std, "--image-std")
+    check_effects(args)
+    return Calibration(source=args.calibration or "auto", samples=args.calibration_samples, seed=args.seed or 0,
                        shapes=bare if bare is not None else shapes or None, tokenizer=args.tokenizer,
-                       max_length=length, image_size=size,
-                       mean=_floats(args.image_mean, "--image-mean"), std=_floats(args.image_std, "--image-std"),
-                       layout=layout, resize=resize)
+                       max_length=length, image_size=size, mean=mean, std=std, layout=layout, resize=resize)
 
 
 def ratios_for(items) -> dict:
@@ -626,15 +892,22 @@ def _finish(args, pruned, plan, say, latency_check=None, found=None, notes=()):
     if getattr(args, "framework_out", None):
         _save_framework(args, plan, say)
     if args.plan_out:
-        with open(args.plan_out, "w") as f:
-            json.dump(plan, f, indent=1)
+        from .paths import write_text
+        write_text(args.plan_out, json.dumps(plan, indent=1), "--plan-out")
         say(f"plan written to {args.plan_out}")
+    evaluated = None
+    if getattr(args, "eval_baseline", None) is not None:
+        evaluated = args.eval_baseline.compare(args.output)
+        if found is not None:
+            found["eval"] = evaluated
     if args.report or args.json:
         from .report import compare, format_comparison
         say("measuring before/after")
-        report = compare(args.model, args.output, batch=args.batch, repeats=args.repeats, threads=args.threads,
-                         seed=getattr(args, "seed", 0))
+        report = compare(args.model, args.output, batch=args.batch, repeats=args.repeats or 20,
+                         threads=args.threads, seed=getattr(args, "seed", None) or 0)
         report["removed"] = removed_by_kind(plan)
+        if evaluated is not None:
+            report["eval"] = evaluated
         if latency_check is not None:
             report["latency_target"] = latency_check
         print(json.dumps(report, indent=1) if args.json else format_comparison(report))

@@ -8,6 +8,7 @@ import onnx
 from onnx import helper
 
 from .graph import Graph, infer_shapes
+from .runtime import is_float
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
 
@@ -71,7 +72,7 @@ def node_macs(node, dim) -> int:
             w, r, x = node.input[1], node.input[2], node.input[0]
             steps, batch = dim(x, 0), dim(x, 1)
             return int(steps * batch * (numel(w) + numel(r)) // 1)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ZeroDivisionError):  # unknown sizes (rank 0 where shapes are unknown)
         return 0
     return 0
 
@@ -114,7 +115,7 @@ def count_params(model_or_graph, plan=None) -> int:
     consts = model_or_graph.consts if isinstance(model_or_graph, Graph) else Graph(model_or_graph).consts
     total = 0
     for name in consts:
-        if not np.issubdtype(consts.dtype(name), np.floating):
+        if not is_float(consts.dtype(name)):
             continue
         shape = list(consts.shape(name))
         if plan is not None:

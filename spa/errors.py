@@ -3,3 +3,8 @@
 
 class SpaError(Exception):
     """Bad input or an impossible request; the CLI prints it as one line and exits 2."""
+
+
+class SpaWarning(UserWarning):
+    """Something the user must know that does not stop the work (a fallback, an approximation);
+    the CLI prints it as `spa: warning: ...`."""

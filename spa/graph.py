@@ -26,10 +26,14 @@ def as_model(model_or_path) -> onnx.ModelProto:
 
 def load_model(path: str) -> onnx.ModelProto:
     """Read an ONNX file (and its external data) or raise a one-line SpaError."""
+    from .integrity import check_external, check_structure, check_tensors
+
     if os.path.isdir(path):
         raise SpaError(f"{path} is a directory, not an ONNX file")
     if not os.path.exists(path):
         raise SpaError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise SpaError(f"{path} is not a regular file")
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf gives long, unhelpful messages
@@ -37,15 +41,37 @@ def load_model(path: str) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.initializer:
         raise SpaError(f"{path} is not an ONNX model (empty or not a ModelProto)")
     base = os.path.dirname(os.path.abspath(path))
-    for tensor in _external_tensors(model):
-        location = dict((e.key, e.value) for e in tensor.external_data).get("location", "")
-        if not os.path.exists(os.path.join(base, location)):
-            raise SpaError(f"{path}: external data file '{location}' for tensor '{tensor.name}' is missing")
-    try:
+    _EXTERNAL_FILES[_file_key(path)] = check_external(model, path)  # before reading a byte of it
+    try:  # onnx refuses paths outside `base` too
         onnx.load_external_data_for_model(model, base)
     except Exception as exc:
-        raise SpaError(f"{path}: external data could not be read ({exc})") from None
+        why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise SpaError(f"{path}: external data could not be read ({why})") from None
+    check_tensors(model, path)  # before numpy, shape inference or onnxruntime trust the dims
+    check_structure(model, path)
     return model
+
+
+_EXTERNAL_FILES = {}  # (real path, mtime, size) of a model file -> its external data files, from load_model
+
+
+def _file_key(path: str) -> tuple:
+    stat = os.stat(path)
+    return os.path.realpath(path), stat.st_mtime_ns, stat.st_size
+
+
+def external_data_files(path: str) -> set:
+    """Real paths of the files a model file keeps external data in (empty when none)."""
+    key = _file_key(path)
+    if key not in _EXTERNAL_FILES:
+        from .integrity import check_external
+
+        try:
+            model = onnx.load(path, load_external_data=False)
+        except Exception:
+            return set()
+        _EXTERNAL_FILES[key] = check_external(model, path)
+    return _EXTERNAL_FILES[key]
 
 
 def external_tensor_names(path: str) -> set:
@@ -123,6 +149,7 @@ class Consts(Mapping):
         self._protos = {t.name: t for t in model.graph.initializer}
         self._cache = {}
         self._cached_bytes = 0
+        self._aliases = {}  # name -> (root constant, dtype of a Cast on the way or None)
         for node in model.graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 value = constant_node_value(node)
@@ -132,6 +159,10 @@ class Consts(Mapping):
     def __getitem__(self, name):
         if name in self._cache:
             return self._cache[name]
+        if name in self._aliases:
+            root, dtype = self._aliases[name]
+            value = self[root]
+            return value if dtype is None or value.dtype == dtype else value.astype(dtype)
         value = numpy_helper.to_array(self._protos[name])
         if self._cached_bytes + value.nbytes <= self.CACHE_BUDGET:
             self._cache[name] = value
@@ -139,9 +170,9 @@ class Consts(Mapping):
         return value
 
     def __contains__(self, name):
-        return name in self._cache or name in self._protos
+        return name in self._cache or name in self._protos or name in self._aliases
 
-    def __iter__(self):
+    def __iter__(self):  # aliases are views of their roots: not iterated, not counted twice
         yield from self._protos
         yield from (n for n in self._cache if n not in self._protos)
 
@@ -149,14 +180,25 @@ class Consts(Mapping):
         return len(set(self._protos) | set(self._cache))
 
     def shape(self, name) -> tuple:
+        if name in self._aliases:
+            return self.shape(self._aliases[name][0])
         if name in self._protos:
             return tuple(self._protos[name].dims)
         return tuple(self._cache[name].shape)
 
     def dtype(self, name):
+        if name in self._aliases:
+            root, dtype = self._aliases[name]
+            return np.dtype(dtype) if dtype is not None else self.dtype(root)
         if name in self._protos:
             return onnx.helper.tensor_dtype_to_np_dtype(self._protos[name].data_type)
         return self._cache[name].dtype
+
+    def nbytes(self, name) -> int:
+        return math.prod(self.shape(name)) * np.dtype(self.dtype(name)).itemsize
+
+    def alias(self, name, root, dtype=None):
+        self._aliases[name] = (root, dtype)
 
 
 @dataclass
@@ -173,6 +215,11 @@ class Graph:
     graph_outputs: set = field(init=False)
 
     def __post_init__(self):
+        from .runtime import symbolic_declarations
+
+        # dims declared as -1 or 0 (Paddle2ONNX) are symbolic: a copy says so (shape inference,
+        # probes, the rewritten model and the oracle all start from it)
+        self.model = symbolic_declarations(self.model)
         g = self.model.graph
         self.nodes = list(g.node)
         self.producer = {}
@@ -190,9 +237,55 @@ class Graph:
         self.consts = Consts(self.model)
         self.graph_inputs = {i.name for i in g.input if i.name not in self.consts}
         self.graph_outputs = {o.name for o in g.output}
+        self.aliases = self._unshare_constants()
         self.shapes = infer_shapes(self.model)
-        for name in self.consts:
+        for name in list(self.consts) + list(self.aliases):
             self.shapes[name] = self.consts.shape(name)
+
+    def _unshare_constants(self) -> dict:
+        """Exporters and simplifiers deduplicate equal constants (one zero bias per width, read by
+        convs of every stage, often through Identity nodes): a constant read by several consumers
+        must not couple them. In this view each consumer reads its own alias of the constant (an
+        Identity/Cast chain on the way is folded in); the model is unchanged. The rewrite writes an
+        alias only where its slice or value differs, so unchanged constants stay shared.
+        Returns {alias: (node index, input slot, the name the model's node reads, root)}."""
+        aliases, copied = {}, set()
+        names = set(self.consts) | set(self.producer) | self.graph_inputs
+        for root in list(self.consts):
+            if root in self.graph_outputs:
+                continue
+            leaves, stack, ok = [], [(root, None)], True
+            while stack and ok:
+                name, dtype = stack.pop()
+                for i, slot in self.consumers.get(name, []):
+                    node = self.nodes[i]
+                    if slot >= len(node.input):  # read inside a subgraph: cannot be renamed
+                        ok = False
+                        break
+                    folded = _folded_dtype(node, dtype, self.consts.dtype(root))
+                    if folded is not False and node.output[0] not in self.graph_outputs:
+                        stack.append((node.output[0], folded))
+                    else:
+                        leaves.append((i, slot, name, dtype))
+            if not ok or len(leaves) < 2 or _tied_parameter(self.consts, root):
+                continue
+            for k, (i, slot, name, dtype) in enumerate(leaves):
+                alias = f"{root}__spa{k}"
+                while alias in names:
+                    alias += "_"
+                names.add(alias)
+                if i not in copied:  # the model's own node: edit a copy
+                    copied.add(i)
+                    self.nodes[i] = onnx.NodeProto()
+                    self.nodes[i].CopyFrom(self.model.graph.node[i])
+                self.nodes[i].input[slot] = alias
+                self.consumers[alias] = [(i, slot)]
+                self.consts.alias(alias, root, dtype)
+                aliases[alias] = (i, slot, name, root)
+            moved = {(i, slot) for i, slot, _, _ in leaves}
+            for name in {leaf[2] for leaf in leaves}:
+                self.consumers[name] = [use for use in self.consumers[name] if use not in moved]
+        return aliases
 
     def const(self, name: str):
         """The constant value of a tensor (initializer or Constant node), or None."""
@@ -237,12 +330,32 @@ class Graph:
         if name in self.graph_inputs:
             return False
         cache = self.__dict__.setdefault("_static", {})
-        if name not in cache:
-            cache[name] = False  # guards against cycles
-            index = self.producer.get(name)
+        if name in cache:
+            return cache[name]
+
+        def known(x):  # True / False, or None when not visited yet
+            return True if x in self.consts else False if x in self.graph_inputs else cache.get(x)
+
+        # depth-first without recursion (a ResNet-152 or a long chain is thousands deep): a frame
+        # is (tensor, position of the producer's next input to look at)
+        cache[name] = False  # while in progress: guards against cycles
+        stack = [(name, 0)]
+        while stack:
+            tensor, k = stack.pop()
+            index = self.producer.get(tensor)
             node = self.nodes[index] if index is not None else None
-            cache[name] = bool(node is not None and node.op_type not in CONTROL_FLOW | {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
-                               and all(self.is_static(x) for x in node.input if x))
+            if node is None or node.op_type in NOT_STATIC_OPS:
+                cache[tensor] = False
+                continue
+            inputs = node.input
+            while k < len(inputs) and (not inputs[k] or known(inputs[k])):
+                k += 1
+            if k < len(inputs) and known(inputs[k]) is None:
+                cache[inputs[k]] = False
+                stack.append((tensor, k))  # resume here once the input is known
+                stack.append((inputs[k], 0))
+                continue
+            cache[tensor] = k == len(inputs)
         return cache[name]
 
     def dim(self, tensor: str, axis: int):
@@ -266,6 +379,41 @@ class Graph:
             if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
                 return imp.version
         return 1
+
+
+NOT_STATIC_OPS = CONTROL_FLOW | {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                                 "Multinomial", "Bernoulli"}
+ALIAS_LIMIT = 1 << 24  # bytes: a bigger shared constant stays one parameter
+
+
+def _tied_parameter(consts, name) -> bool:
+    """A shared weight matrix with varied values is one parameter used twice (tied embeddings, a
+    reused module): it stays tied. Deduplication shares vectors, scalars and constant-valued
+    tensors (a fresh model's zeros and ones), never trained matrices."""
+    if consts.nbytes(name) > ALIAS_LIMIT:
+        return True
+    if sum(d > 1 for d in consts.shape(name)) <= 1:
+        return False
+    value = consts[name]
+    return value.size > 0 and not np.all(value == value.flat[0])
+
+_PLAIN_CASTS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+                onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
+                onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+
+
+def _folded_dtype(node, dtype, root_dtype):
+    """For an Identity or a plain Cast of a constant: the dtype of its output (None: unchanged);
+    False for any other node."""
+    if node.domain not in ("", "ai.onnx") or len(node.output) != 1 or not node.output[0]:
+        return False
+    if node.op_type == "Identity":
+        return dtype
+    if node.op_type == "Cast" and attr(node, "to") in _PLAIN_CASTS \
+            and np.dtype(dtype or root_dtype).kind in "biuf" and np.dtype(dtype or root_dtype).itemsize <= 8:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(attr(node, "to")))
+    return False
 
 
 def fill_unknown_dim(shape, other):
@@ -340,7 +488,7 @@ def _read_shapes(graph) -> dict:
         t = vi.type.tensor_type
         if t.HasField("shape"):
             shapes[vi.name] = tuple(
-                d.dim_value if d.HasField("dim_value")
+                d.dim_value if d.HasField("dim_value") and d.dim_value >= 0
                 else "?" if not d.dim_param or d.dim_param.startswith("unk__") else d.dim_param
                 for d in t.shape.dim)
     return shapes
@@ -406,7 +554,9 @@ def _settle_reshapes(graph, shapes) -> list:
 
 def infer_shapes(model: onnx.ModelProto) -> dict:
     """Per-tensor shapes (ints, or strings for symbolic dims) from ONNX shape inference."""
-    light = _without_large_data(model)
+    from .runtime import symbolic_declarations
+
+    light = symbolic_declarations(_without_large_data(model))  # declared -1 / 0 dims: symbolic
     for _ in range(4):  # each round may settle reshape dims that the next round propagates
         try:
             inferred = shape_inference.infer_shapes(light, data_prop=True)

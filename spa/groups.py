@@ -192,7 +192,7 @@ class Propagation:
                 continue
             node = self.g.nodes[i]
             try:
-                results = rule_for(node).propagate(Ctx(self.g, i, self.options, self.virtual), tensor, axis)
+                results = rule_for(node).propagate(Ctx(self.g, i, self.options, self.virtual, self.members), tensor, axis)
             except Frozen as frozen:
                 self.freeze(pair, None, f"{node.op_type} '{name}': {frozen}")
                 continue

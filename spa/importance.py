@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import SpaError
 from .groups import Analysis, Group
+from .quant import is_quant_param, weight_value
 
 CRITERIA: dict = {}
 # Per-weight saliencies computed by a framework frontend (spa.frontends.torch_criteria, PyTorch
@@ -80,7 +81,7 @@ def _norms_by_weight(analysis: Analysis, criterion: str) -> dict:
                     axes.setdefault(m.tensor, set()).add(m.axis)
     norms, scratch = {}, np.empty(0)
     for name, wanted in axes.items():
-        weight = analysis.graph.consts[name]
+        weight = weight_value(analysis.graph, name)  # a quantized weight: its dequantized value
         if scratch.dtype != weight.dtype or scratch.size < weight.size:  # reused: fresh pages are slow
             scratch = np.empty(max(weight.size, scratch.size), dtype=weight.dtype)
         values = term(weight, out=scratch[:weight.size].reshape(weight.shape))
@@ -98,8 +99,11 @@ def fpgm(weight, axis):
 
 
 def _is_statistic(analysis, tensor):
-    """BatchNorm running mean/var: their magnitude says nothing about importance."""
+    """BatchNorm running mean/var and quantization scales / zero points: their magnitude says
+    nothing about importance."""
     uses = analysis.graph.consumers.get(tensor, [])
+    if is_quant_param(analysis.graph, tensor):
+        return True
     return bool(uses) and all(analysis.graph.nodes[i].op_type == "BatchNormalization" and slot >= 3
                               for i, slot in uses)
 
@@ -136,9 +140,11 @@ def saliency_scores(analysis: Analysis, group: Group, saliency: dict):
     """(member, per-index sums of the element saliencies) for the members that have one."""
     chosen = []
     for m in group.members:
-        if not m.is_const or m.tensor not in saliency or _is_statistic(analysis, m.tensor):
+        alias = analysis.graph.aliases.get(m.tensor)  # one consumer's copy of a shared constant
+        name = alias[3] if alias and m.tensor not in saliency else m.tensor
+        if not m.is_const or name not in saliency or _is_statistic(analysis, m.tensor):
             continue
-        values = np.asarray(saliency[m.tensor])
+        values = np.asarray(saliency[name])
         shape = analysis.graph.consts.shape(m.tensor)
         if values.shape != shape:
             raise SpaError(f"saliency of '{m.tensor}' has shape {values.shape}, the weight {shape}")
@@ -152,16 +158,17 @@ def member_scores(analysis: Analysis, group: Group, criterion: str, norms: dict 
     consts = [m for m in group.members if m.is_const and not _is_statistic(analysis, m.tensor)]
     if criterion == "bn-scale":
         chosen = [m for m in consts if _is_bn_scale(analysis, m.tensor)]
-        return [(m, np.abs(analysis.graph.consts[m.tensor]).astype(np.float64)) for m in chosen] \
+        return [(m, np.abs(weight_value(analysis.graph, m.tensor)).astype(np.float64)) for m in chosen] \
             or member_scores(analysis, group, "l1")
     if criterion == "fpgm":
-        filters = [m for m in consts if analysis.graph.consts[m.tensor].ndim >= 2 and m.pair not in analysis.contracted_pairs]
-        return [(m, fpgm(analysis.graph.consts[m.tensor], m.axis)) for m in filters] \
+        filters = [m for m in consts if len(analysis.graph.consts.shape(m.tensor)) >= 2
+                   and m.pair not in analysis.contracted_pairs]
+        return [(m, fpgm(weight_value(analysis.graph, m.tensor), m.axis)) for m in filters] \
             or member_scores(analysis, group, "l2")
     if norms is not None:
         return [(m, norms[m.pair]) for m in consts]
     fn = CRITERIA[criterion]
-    return [(m, np.asarray(fn(analysis.graph.consts[m.tensor], m.axis), dtype=np.float64)) for m in consts]
+    return [(m, np.asarray(fn(weight_value(analysis.graph, m.tensor), m.axis), dtype=np.float64)) for m in consts]
 
 
 def score(analysis: Analysis, criterion: str = "l1", aggregation: str = "mean",
@@ -209,6 +216,31 @@ def score(analysis: Analysis, criterion: str = "l1", aggregation: str = "mean",
             total = stacked.max(axis=0)
         scores[group.id] = normalize(total, normalization)
     return scores
+
+
+def aggregation_effect(analysis: Analysis, criterion: str) -> tuple[int, bool, bool]:
+    """(the most weights the criterion scores in one prunable group, whether sum and mean order some
+    group's channels differently, whether they scale groups differently): mean divides each
+    channel's sum by the number of weights that score it non-zero, so the two differ within a group
+    only where that count varies, and across groups (unnormalised) only where it differs between
+    groups. Gradient criteria: the constant weights, whose saliencies may be zero anywhere."""
+    most, within, counts = 0, False, set()
+    for group in analysis.groups:
+        if not (group.prunable and group.kind in analysis.options.granularity):
+            continue
+        if criterion in GRADIENT_CRITERIA:
+            count = sum(1 for m in group.members if m.is_const and not _is_statistic(analysis, m.tensor))
+            most, within = max(most, count), within or count > 1
+            counts.add(count)
+            continue
+        chosen = member_scores(analysis, group, criterion)
+        most = max(most, len(chosen))
+        present = sum((np.bincount(np.searchsorted(group.atoms, m.atoms), weights=values,
+                                   minlength=len(group.atoms)) != 0).astype(int) for m, values in chosen)
+        present = np.unique(present)
+        within = within or len(present) > 1
+        counts.update(present.tolist())
+    return most, within, within or len(counts) > 1
 
 
 def score_from_saliency(analysis: Analysis, saliency: dict, aggregation: str = "mean",

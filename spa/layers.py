@@ -15,6 +15,7 @@ import numpy as np
 from . import obs
 from .graph import attr
 from .groups import Analysis
+from .quant import quantized_source
 
 
 @dataclass
@@ -144,17 +145,20 @@ def find_layers(analysis: Analysis) -> list:
     for node_index, slot, axis in analysis.contracted:
         node = g.nodes[node_index]
         weight = node.input[slot]
-        if weight not in g.consts or (weight, axis) not in analysis.members:
+        quantized = quantized_source(g, weight)  # QDQ: an integer weight behind a DequantizeLinear
+        if (weight not in g.consts and quantized is None) or (weight, axis) not in analysis.members:
             continue  # activation x activation (attention) or a computed weight
         layer = _layer(g, node_index, node, slot, axis, weight)
         if layer is not None:
-            layer.compensable = len(g.consumers.get(weight, [])) == 1 and layer.compensable
+            # a quantized weight is scored (dequantized) but never compensated: an OBS update is
+            # not representable in its integer grid
+            layer.compensable = len(g.consumers.get(weight, [])) == 1 and layer.compensable and quantized is None
             layers.append(layer)
     return layers
 
 
 def _layer(g, index, node, slot, axis, weight):
-    shape = g.consts.shape(weight)
+    shape = g.consts.shape(weight if weight in g.consts else quantized_source(g, weight))
     if node.op_type == "Conv":
         groups = attr(node, "group", 1)
         kernel = tuple(shape[2:])

@@ -53,6 +53,7 @@ from .groups import Analysis, Options
 from .importance import NORMALIZATIONS, normalize, score
 from .plan import Plan
 from .layers import Layer, find_layers
+from .quant import layer_value
 from .selection import Target
 from .verify import masked_original
 
@@ -150,7 +151,7 @@ def layer_saliency(analysis, layer: Layer, hessian, damp) -> dict:
     """{atom: dL} for removing each channel (all its indices in every block) from this layer."""
     g = analysis.graph
     bias = g.consts[layer.bias] if layer.bias else None
-    mats = layer.matrices(g.consts[layer.weight], bias)
+    mats = layer.matrices(layer_value(g, layer.weight), bias)
     atoms = _index_atoms(analysis, layer)
     unique = np.unique(atoms)
     sets = [layer.columns(np.nonzero(atoms == a)[0]) for a in unique]
@@ -342,6 +343,10 @@ def scores(analysis: Analysis, batches: list, damp: float = obs.DEFAULT_DAMP, no
     if normalization not in NORMALIZATIONS:
         raise SpaError(f"unknown normalization '{normalization}' (known: {', '.join(NORMALIZATIONS)})")
     layers = scored_layers(analysis)
+    quantized = sum(layer.weight not in analysis.graph.consts for layer in layers)
+    if quantized:
+        progress(f"{quantized} of {len(layers)} layers read quantized weights (DequantizeLinear): scored on the "
+                 "dequantized values, never compensated (an OBS update is not on their integer grid)")
     hessians = Hessians(len(batches), MAX_COLUMNS, seed)
     if batches and layers:
         progress(f"Hessians of {len(layers)} layers from {sum(len(next(iter(b.values()))) for b in batches)} "

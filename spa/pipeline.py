@@ -22,7 +22,7 @@ from .importance import GRADIENT_CRITERIA, check_bn_scale, score
 from .plan import Plan
 from .rewrite import rewrite
 from .selection import Target, select
-from .runtime import declared_inputs
+from .runtime import declared_inputs, is_float
 from .verify import masked_original, validate
 
 
@@ -202,8 +202,8 @@ def _held_out(model, cal: Calibration, batches: list) -> tuple[list, list]:
 
 
 def _batch_axis_free(model) -> bool:
-    return all(not vi.type.tensor_type.shape.dim or not vi.type.tensor_type.shape.dim[0].dim_value
-               for vi in model.graph.input)
+    return all(not vi.type.tensor_type.shape.dim or vi.type.tensor_type.shape.dim[0].dim_value <= 0
+               for vi in model.graph.input)  # -1 / 0: dynamic (Paddle2ONNX)
 
 
 def _rechunked(batches: list, parts: int) -> list:
@@ -307,7 +307,7 @@ def default_source(model: onnx.ModelProto, cal: Calibration, progress=_quiet) ->
     synthetic = dataclasses.replace(cal, source="synthetic")
     if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
         return synthetic
-    if not any(np.issubdtype(dtype, np.floating) for _, _, dtype in declared_inputs(model)):
+    if not any(is_float(dtype) for _, _, dtype in declared_inputs(model)):
         return synthetic
     if "inverted" not in plugins.names("spa.calibration"):
         progress("calibration: synthetic (inputs inverted from the model's BatchNorm statistics need PyTorch: "
@@ -365,6 +365,8 @@ def save(model: onnx.ModelProto, path: str, external: set | None = None, feeds: 
             with open(staged, "wb") as f:
                 f.write(data)
         if os.path.exists(os.path.join(tmp, data_name)):
+            # onnx creates the data file 0600: give it the model file's permissions
+            os.chmod(os.path.join(tmp, data_name), os.stat(staged).st_mode & 0o777)
             os.replace(os.path.join(tmp, data_name), os.path.join(target_dir, data_name))
         os.replace(staged, path)
     finally:

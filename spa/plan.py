@@ -93,25 +93,86 @@ class Plan:
 
 
 def load_plan(analysis: Analysis, path: str) -> Plan:
-    """Replay a plan file on a freshly analysed model; every weight entry must match exactly."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        entries = data["weights"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise SpaError(f"{path} is not a SPA plan ({type(exc).__name__})") from None
+    """Replay a plan file on a freshly analysed model; every weight entry must match exactly, and
+    no group may lose every channel or a channel the analysis keeps."""
+    entries = read_entries(path)
     atoms = set()
     for entry in entries:
-        member = analysis.members.get((entry["name"], int(entry["axis"])))
-        if member is None:
-            raise SpaError(f"plan names weight '{entry['name']}' axis {entry['axis']}, which this model does not have")
-        removed = np.asarray(entry["removed"], dtype=np.int64)
-        if len(removed) and (removed.min() < 0 or removed.max() >= member.size):
-            raise SpaError(f"plan indices out of range for '{entry['name']}'")
-        atoms.update(int(a) for a in np.unique(member.atoms[removed]))
+        name, axis = entry["name"], entry["axis"]
+        member = analysis.members.get((name, axis))
+        if member is None or not member.is_const:
+            raise SpaError(f"plan names weight '{name}' axis {axis}, which this model does not have")
+        removed = entry["removed"]
+        if len(set(removed)) != len(removed):
+            raise SpaError(f"plan removes a channel of '{name}' axis {axis} twice")
+        if removed and (min(removed) < 0 or max(removed) >= member.size):
+            raise SpaError(f"plan indices out of range for '{name}' (axis {axis} has {member.size} channels)")
+        if entry.get("kept") is not None:
+            kept = entry["kept"]
+            if len(set(kept)) != len(kept) or set(kept) & set(removed) or \
+                    set(kept) | set(removed) != set(range(member.size)):
+                raise SpaError(f"plan entry for '{name}' axis {axis}: 'kept' and 'removed' must split its "
+                               f"{member.size} channels between them")
+        atoms.update(int(a) for a in np.unique(member.atoms[np.asarray(removed, dtype=np.int64)]))
+    for group in analysis.groups:
+        gone = [a for a in group.atoms if int(a) in atoms]
+        if not gone:
+            continue
+        frozen = [a for a in gone if a in group.frozen]
+        if frozen:
+            raise SpaError(f"plan removes channels of group {group.id} that this model keeps: "
+                           f"{group.frozen[frozen[0]]}")
+        if len(gone) == len(group.atoms):
+            raise SpaError(f"plan removes all {len(group.atoms)} channels of group {group.id} "
+                           f"({group.members[0].tensor}); a layer without channels would ignore its input")
     plan = Plan(analysis, atoms)
     for entry in entries:
-        got = plan.removed(entry["name"], int(entry["axis"]))
+        got = plan.removed(entry["name"], entry["axis"])
         if sorted(entry["removed"]) != got.tolist():
             raise SpaError(f"plan is inconsistent with the model's channel coupling at '{entry['name']}'")
     return plan
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_entries(path: str) -> list:
+    """The plan file's weight entries, each checked for its fields and their types; anything else
+    is one SpaError ("... is not a SPA plan (...)")."""
+    def refuse(why):
+        raise SpaError(f"{path} is not a SPA plan ({why})")
+
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except OSError as exc:
+        raise SpaError(f"{path}: the plan cannot be read ({exc.strerror or type(exc).__name__})") from None
+    except RecursionError:
+        refuse("JSON nested too deeply")
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        refuse(f"not JSON: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}")
+    if not isinstance(data, dict):
+        refuse(f"a JSON object expected, got {type(data).__name__}")
+    if "spa_plan" in data and data["spa_plan"] != 1:
+        refuse(f"version {data['spa_plan']!r}; this SPA reads version 1")
+    entries = data.get("weights")
+    if not isinstance(entries, list):
+        refuse("no 'weights' list" if entries is None else f"'weights' is a {type(entries).__name__}, not a list")
+    for k, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            refuse(f"weights[{k}] is a {type(entry).__name__}, not an object")
+        for key, check, what in (("name", lambda v: isinstance(v, str), "a string"),
+                                 ("axis", lambda v: _int(v) and v >= 0, "an integer >= 0"),
+                                 ("removed", lambda v: isinstance(v, list) and all(_int(i) for i in v),
+                                  "a list of integers")):
+            if key not in entry or entry[key] is None:
+                refuse(f"weights[{k}] has no '{key}'")
+            if not check(entry[key]):
+                refuse(f"weights[{k}].{key} must be {what}, got {json.dumps(entry[key])[:60]}")
+        kept = entry.get("kept")
+        if kept is not None and not (isinstance(kept, list) and all(_int(i) for i in kept)):
+            refuse(f"weights[{k}].kept must be a list of integers, got {json.dumps(kept)[:60]}")
+        if entry.get("group") is not None and not _int(entry["group"]):
+            refuse(f"weights[{k}].group must be an integer, got {json.dumps(entry['group'])[:60]}")
+    return entries

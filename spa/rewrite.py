@@ -1,6 +1,8 @@
 """Rewrite the model: slice every weight, fix attributes and shape constants, re-infer shapes."""
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -100,6 +102,7 @@ def rewrite(plan: Plan, weights: dict | None = None) -> onnx.ModelProto:
             value = sliced(weights.get(node.output[0], g.consts[node.output[0]]), plan, node.output[0])
             del node.attribute[:]
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value)))
+    _write_aliases(g, plan, weights, written, model)
     editor = Editor(plan, model)
     changed = {m.tensor for m in plan.analysis.members.values() if plan.changed(m.tensor, m.axis)}
     for i, node in enumerate(g.nodes):
@@ -111,6 +114,26 @@ def rewrite(plan: Plan, weights: dict | None = None) -> onnx.ModelProto:
     _update_initializer_inputs(model, plan, sliced_names)
     del graph.value_info[:]
     return model
+
+
+def _write_aliases(g: Graph, plan: Plan, weights: dict, written: set, model: onnx.ModelProto):
+    """A consumer's own alias of a shared constant (Graph._unshare_constants) is written only when
+    its slice or value changed; aliases of one constant that end up equal share one tensor."""
+    names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    by_value = {}
+    for alias, (i, slot, _, root) in g.aliases.items():
+        if alias not in written:
+            continue  # the node still reads the shared original
+        value = np.ascontiguousarray(sliced(weights.get(alias, g.consts[alias]), plan, alias))
+        key = (root, value.dtype.str, value.shape, hashlib.blake2b(value.tobytes(), digest_size=16).digest())
+        if key not in by_value:
+            name = alias
+            while name in names:
+                name += "_"
+            names.add(name)
+            _add_tensor(model.graph, value, name)
+            by_value[key] = name
+        model.graph.node[i].input[slot] = by_value[key]
 
 
 def _copy_without_initializers(src: onnx.ModelProto) -> onnx.ModelProto:

@@ -58,12 +58,13 @@ def identity(src, dst, size, contracted=None, unit=None):
 class Ctx:
     """What a rule sees: the graph, its node, and the analysis options."""
 
-    def __init__(self, graph: Graph, index: int, options, virtual: dict | None = None):
+    def __init__(self, graph: Graph, index: int, options, virtual: dict | None = None, marked=()):
         self.g = graph
         self.index = index
         self.node = graph.nodes[index]
         self.options = options
         self.virtual = virtual or {}
+        self.marked = marked  # pairs (tensor, axis) the propagation already carries channels on
 
     def inp(self, k):
         return self.node.input[k] if len(self.node.input) > k and self.node.input[k] else None
@@ -206,6 +207,86 @@ class Broadcast(Rule):
                 raise Frozen(f"size of '{t}' axis {a} unknown")
             links.append(identity((tensor, axis), (t, a), size))
         return links
+
+
+@register
+class QuantizeDequantize(Rule):
+    """QuantizeLinear / DequantizeLinear (QDQ models): element-wise on the data input. A per-axis
+    scale / zero point (1-D, along `axis`) is sliced with a channel on that axis and untouched by a
+    channel on any other; a per-tensor one is untouched. Blocked quantization (`block_size`) shares
+    every axis but the blocked one with the data; a channel on the blocked axis is frozen (whole
+    blocks only would keep it exact). DynamicQuantizeLinear has no rule: its scale is computed
+    from the whole tensor, so removing channels would change it."""
+
+    ops = ("QuantizeLinear", "DequantizeLinear")
+
+    def _params(self, c, data_axis):
+        """(tensor, axis) of the scale / zero point that carry data axis `data_axis`."""
+        x = c.inp(0)
+        axis = c.norm_axis(c.attr("axis", 1), x)
+        blocked = c.attr("block_size", 0) > 0
+        pairs = []
+        for p in (c.inp(1), c.inp(2)):
+            if p is None or c.rank(p) == 0:
+                continue  # per-tensor
+            if blocked:
+                if data_axis == axis:
+                    raise Frozen(f"{c.node.op_type}: blocked quantization along the channel axis {axis}")
+                pairs.append((p, data_axis))
+                continue
+            size, channels = c.dim(p, 0), c.dim(x, data_axis)
+            if data_axis != axis or size == 1:
+                continue  # per-tensor ([1]) or per-axis along another axis
+            if size is None or channels is None or size != channels:
+                raise Frozen(f"{c.node.op_type}: scale '{p}' of size {size} does not match axis {axis} ({channels})")
+            pairs.append((p, 0))
+        return pairs
+
+    def _data_axis(self, c, tensor, axis):
+        ins, outs = c.slots(tensor)
+        if outs or (ins and ins[0] == 0):
+            return axis
+        if c.attr("block_size", 0) > 0:
+            return axis
+        return c.norm_axis(c.attr("axis", 1), c.inp(0))  # a per-axis scale or zero point
+
+    def propagate(self, c, tensor, axis):
+        d = self._data_axis(c, tensor, axis)
+        pairs = [(c.inp(0), d), (c.out(0), d)] + self._params(c, d)
+        pair = (tensor, axis)
+        if pair not in pairs:
+            raise Frozen(f"{c.node.op_type}: channel on axis {axis} of '{tensor}'")
+        return [identity(pair, p, c.dim(tensor, axis)) for p in pairs if p != pair]
+
+
+@register
+class QuantizedOperator(Rule):
+    """QOperator-format and dynamically quantized layers: frozen, with the reason. Not yet mapped
+    (QLinearConv / QLinearMatMul would slice w, per-channel w_scale / w_zero_point and the int32
+    bias like Conv / MatMul, but their neighbours in a QOperator model are com.microsoft ops, and
+    the oracle must zero integer slices); DynamicQuantizeLinear derives its scale from the whole
+    tensor, so removing channels changes it."""
+
+    ops = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")
+
+    def sources(self, c):
+        """The output channels a weighted layer would create: seeded so that `spa analyze` shows
+        them frozen, with the reason, instead of finding nothing."""
+        y = c.out(0)
+        if c.node.op_type in ("QLinearConv", "ConvInteger"):
+            return [(y, 1)] if c.g.rank(y) else []
+        if c.node.op_type in ("QLinearMatMul", "MatMulInteger"):
+            weight = c.inp(3 if c.node.op_type == "QLinearMatMul" else 1)
+            rank = c.g.rank(y)
+            return [(y, rank - 1)] if rank and c.g.is_static(weight) else []
+        return []
+
+    def propagate(self, c, tensor, axis):
+        if c.node.op_type == "DynamicQuantizeLinear":
+            raise Frozen("DynamicQuantizeLinear: its scale is computed from the whole tensor, so removing "
+                         "channels would change it")
+        raise Frozen(f"{c.node.op_type} (QOperator / dynamic quantization) has no channel rule yet: "
+                     "quantize with QuantFormat.QDQ (QuantizeLinear / DequantizeLinear) to prune")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,16 +649,69 @@ class Resize(AxisOp):
 
 @register
 class Pad(AxisOp):
+    """Identity on unpadded axes. Constant padding of the channel axis (BlazeFace's channel-pad
+    shortcut, NCHW or NHWC) is an offset map: input channel c is output channel c + begin; the
+    padded channels are constants of their own (removable when their consumers allow), and
+    negative pads crop. pads (input or attribute) are rewritten to the kept counts."""
+
     ops = ("Pad",)
     boundary = "pads the channel axis"
 
-    def acted_axes(self, c, tensor):
-        pads = c.const_ints(1, "pads") if c.g.opset() >= 11 else c.attr("pads")
-        r = c.rank(tensor)
-        axes = c.const_ints(3) if len(c.node.input) > 3 and c.inp(3) else list(range(r))
-        axes = [a + r if a < 0 else a for a in axes]
+    def _pads(self, c):
+        """{axis: (begin, end)} of the input's axes."""
+        if c.g.opset() >= 11:
+            pads = c.const_ints(1)
+        else:
+            pads = c.attr("pads", c.attr("paddings"))
+        if pads is None:
+            raise Frozen("Pad without pads")
+        r = c.rank(c.inp(0))
+        axes = c.const_ints(3) if c.g.opset() >= 18 and c.inp(3) else list(range(r))
         n = len(axes)
-        return {axes[i] for i in range(n) if pads[i] != 0 or pads[i + n] != 0}
+        if len(pads) != 2 * n:
+            raise Frozen(f"Pad with {len(pads)} pads for {n} axes")
+        return {a % r: (int(pads[i]), int(pads[i + n])) for i, a in enumerate(axes)}
+
+    def acted_axes(self, c, tensor):
+        return {a for a, (b, e) in self._pads(c).items() if b or e}
+
+    def propagate(self, c, tensor, axis):
+        x, y = c.inp(0), c.out(0)
+        if tensor not in (x, y):
+            return []  # pads, constant value, axes
+        other = y if tensor == x else x
+        begin, end = self._pads(c).get(axis, (0, 0))
+        if not begin and not end:
+            return [identity((tensor, axis), (other, axis), c.dim(tensor, axis))]
+        mode = c.attr("mode", "constant")
+        if mode != "constant":
+            raise Frozen(f"{mode} Pad of the channel axis fills it from other channels")
+        n_in = c.dim(x, axis)
+        if n_in is None:
+            raise Frozen("Pad of a channel axis of unknown size")
+        src = np.arange(max(0, -begin), max(max(0, -begin), n_in - max(0, -end)))
+        if tensor == x:
+            return [Link((x, axis), (y, axis), src, src + begin)]
+        return [Link((y, axis), (x, axis), src + begin, src)]
+
+    def rewrite(self, c, plan):
+        x, y = c.inp(0), c.out(0)
+        pads = self._pads(c)
+        new = {}
+        for a, (begin, end) in pads.items():
+            if (begin or end) and (plan.changed(x, a) or plan.changed(y, a)):
+                kept_in, kept_out = plan.kept(x, a), plan.kept(y, a)
+                n_in, n_out = c.g.dim(x, a), c.g.dim(y, a)
+                new[a] = (int(np.sum(kept_out < begin)) if begin >= 0 else -int(np.sum(kept_in < -begin)),
+                          int(np.sum(kept_out >= n_out - end)) if end >= 0 else -int(np.sum(kept_in >= n_in + end)))
+        if not new:
+            return
+        axes = list(pads)
+        values = [new.get(a, pads[a])[0] for a in axes] + [new.get(a, pads[a])[1] for a in axes]
+        if c.g.opset() >= 11:
+            plan.set_input(c.node, 1, np.array(values, dtype=np.int64))
+        else:
+            plan.set_attr(c.node, "pads" if c.attr("pads") is not None else "paddings", values)
 
 
 @register
@@ -712,17 +846,32 @@ class Concat(Rule):
         cat = c.norm_axis(c.attr("axis"), y)
         inputs = [t for t in c.node.input if t]
         pair = (tensor, axis)
+        # complete from either side: the output's other slices belong to the other inputs. Once
+        # the output carries channels, its own visit (or the input's that marked it) did that, so
+        # an input entering later only links its slice: linear, not quadratic, in the inputs
+        complete = tensor == y or (y, axis) not in c.marked
         if axis != cat:
-            return [identity(pair, (t, axis), c.dim(tensor, axis)) for t in inputs + [y] if t != tensor]
+            return [identity(pair, (t, axis), c.dim(tensor, axis)) for t in (inputs if complete else []) + [y]
+                    if t != tensor]
+        offsets = self._offsets(c, inputs, cat)
+        sizes = np.diff(offsets)
+        links = [Link(pair, (y, cat), np.arange(sizes[i]), np.arange(offsets[i], offsets[i + 1]))
+                 for i, t in enumerate(inputs) if t == tensor]
+        return links + ([Link((y, cat), (t, cat), np.arange(offsets[i], offsets[i + 1]), np.arange(sizes[i]))
+                         for i, t in enumerate(inputs) if t != tensor] if complete else [])
+
+    @staticmethod
+    def _offsets(c, inputs, cat):
+        cache = c.g.__dict__.setdefault("_concat_offsets", {})  # static sizes: once per node
+        if c.index in cache:
+            return cache[c.index]
         sizes = [c.dim(t, cat) for t in inputs]
         if None in sizes:
             raise Frozen("Concat input sizes unknown")
         offsets = np.cumsum([0] + sizes)
-        # complete from either side: the output's other slices belong to the other inputs
-        links = [Link(pair, (y, cat), np.arange(sizes[i]), np.arange(offsets[i], offsets[i + 1]))
-                 for i, t in enumerate(inputs) if t == tensor]
-        return links + [Link((y, cat), (t, cat), np.arange(offsets[i], offsets[i + 1]), np.arange(sizes[i]))
-                        for i, t in enumerate(inputs) if t != tensor]
+        if all(c.g.dim(t, cat) is not None for t in inputs):  # not a virtual size (may still change)
+            cache[c.index] = offsets
+        return offsets
 
 
 @register
@@ -1001,25 +1150,18 @@ def reshape_map(shape_from, shape_to, axis, split_policy="outer", channels=None)
     if not all(isinstance(d, int) for d in inner_dims) or not isinstance(channels, int):
         raise Frozen("Reshape around the channel axis with symbolic sizes")
     inner = int(np.prod(inner_dims, dtype=np.int64))
-    suffix_from = {int(np.prod(shape_from[i:], dtype=np.int64)): i
-                   for i in range(axis + 1, len(shape_from) + 1)}
-    suffix_from_outer = {}
-    prod = channels * inner
-    for i in range(axis, -1, -1):
-        if i < axis:
-            if not isinstance(shape_from[i], int):
-                break
-            prod *= shape_from[i]
-        suffix_from_outer[prod] = i
     suffix = 1
     for b in range(len(shape_to) - 1, -1, -1):
         d = shape_to[b]
         if not isinstance(d, int):
             break
         inner_to, suffix = suffix, suffix * d
-        if inner_to in suffix_from and suffix in suffix_from_outer and suffix >= channels * inner:
+        if inner % inner_to == 0 and d % (channels * (inner // inner_to)) == 0:
+            # axis b starts inside the channel's inner block (k = inner / inner_to positions per
+            # channel) and holds outer * channels * k: position (o, c, j) comes from channel c.
+            # The outer factor need not be whole dims: [B, L, C] -> [B, L/k, k*C] (byte models)
             k = inner // inner_to
-            outer = suffix // (channels * inner)
+            outer = d // (channels * k)
             pos = (np.arange(outer)[:, None, None] * channels * k + np.arange(channels)[None, :, None] * k
                    + np.arange(k)[None, None, :])
             src = np.broadcast_to(np.arange(channels)[None, :, None], pos.shape)
@@ -1035,6 +1177,20 @@ def reshape_map(shape_from, shape_to, axis, split_policy="outer", channels=None)
             if split_policy == "outer":
                 return b - 1, np.arange(channels), np.arange(channels) // d, "head", channels // d
             return b, np.arange(channels), np.arange(channels) % d, "head-dim", None
+        if inner_to == inner and b > 0 and d > 1 and channels % d == 0 and channels // d > 1:
+            # the outer factor merges with outer dims ([N, H, W, A*V] -> [N, H*W*A, V], SSD heads;
+            # [B, L/k, k*C] -> [B, L, C]): axis b index is c % d whatever axis b - 1 holds, so the
+            # same position of every block goes together
+            return b, np.arange(channels), np.arange(channels) % d, None, None
+        if inner_to > inner and inner_to % inner == 0 and channels % (inner_to // inner) == 0 \
+                and d % (channels // (inner_to // inner)) == 0:
+            # the channel axis splits as (C/s, s) and s merges into the inner dims ([N, 8, H, W]
+            # -> [N, 4, 2H, W]): axis b index o * C/s + c // s holds s channels, removed together
+            s = inner_to // inner
+            blocks = channels // s
+            pos = np.arange(d // blocks)[:, None] * blocks + (np.arange(channels) // s)[None, :]
+            src = np.broadcast_to(np.arange(channels)[None, :], pos.shape)
+            return b, src.ravel(), pos.ravel(), None, None
     raise Frozen("Reshape regroups the channel axis in a way with no channel-wise map")
 
 

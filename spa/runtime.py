@@ -4,13 +4,35 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 
-_NP_TYPES = {
-    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
-    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8,
-    onnx.TensorProto.BOOL: np.bool_,
-}
+
+class _NpTypes(dict):
+    """ONNX element type -> numpy dtype for every type onnx knows (bfloat16 and the float8s
+    through ml_dtypes, as onnx's own helpers do)."""
+
+    def __missing__(self, elem_type):
+        try:
+            return helper.tensor_dtype_to_np_dtype(elem_type)
+        except (KeyError, ValueError, TypeError):
+            raise KeyError(elem_type) from None
+
+    def get(self, elem_type, default=None):
+        try:
+            return self[elem_type]
+        except KeyError:
+            return default
+
+
+_NP_TYPES = _NpTypes({
+    TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
+    TensorProto.FLOAT16: np.float16, TensorProto.INT64: np.int64,
+    TensorProto.INT32: np.int32, TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8,
+    TensorProto.BOOL: np.bool_,
+})
+# floating types onnxruntime's CPU provider lacks kernels for in places (bfloat16 everywhere,
+# double for Conv and pooling): such a model runs on a float32 copy (float32_surrogate)
+OTHER_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
 def input_specs(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None, default_dim: int = 32):
@@ -21,37 +43,189 @@ def input_specs(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None
     inputs = [vi for vi in model.graph.input if vi.name not in inits]
     for vi in inputs:
         shape = vi.type.tensor_type.shape.dim
-        if shape and not shape[0].HasField("dim_value"):
-            dims.setdefault(shape[0].dim_param or "?", batch)
+        if shape and not is_static_dim(shape[0]):
+            dims.setdefault(_dim_name(vi.name, 0, shape[0]), batch)
     specs = []
     for vi in inputs:
         t = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else dims.get(d.dim_param or "?", default_dim)
-                 for d in t.shape.dim]
+        shape = [d.dim_value if is_static_dim(d) else dims.get(_dim_name(vi.name, k, d), default_dim)
+                 for k, d in enumerate(t.shape.dim)]
         specs.append((vi.name, tuple(shape), _NP_TYPES.get(t.elem_type, np.float32)))
     return specs
+
+
+def is_static_dim(d) -> bool:
+    """A declared dim with a real size. Paddle2ONNX (and others) declare dynamic dims as
+    dim_value -1 or 0: onnxruntime takes -1 as dynamic and 0 as "empty" (any other size fails),
+    so both are symbolic here."""
+    return d.HasField("dim_value") and d.dim_value > 0
+
+
+def _dim_name(input_name, k, d) -> str:
+    """The symbolic name of a non-static input dim (the one symbolic_declarations gives a
+    dim_value <= 0), "?" for an unnamed one."""
+    if d.HasField("dim_value"):
+        return f"{input_name}_dim{k}"
+    return d.dim_param or "?"
+
+
+def symbolic_declarations(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` itself when every declared graph input/output/value_info dim is a real size or
+    symbolic; else a copy whose dim_value <= 0 are symbolic: named `<input>_dim<k>` on graph
+    inputs (so that onnxruntime runs them at any size), left unknown on outputs and value_info."""
+    def bad(vi):
+        return any(d.HasField("dim_value") and d.dim_value <= 0 for d in vi.type.tensor_type.shape.dim)
+
+    g = model.graph
+    if not any(bad(vi) for vi in list(g.input) + list(g.output) + list(g.value_info)):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for kind in ("input", "output", "value_info"):
+        for vi in getattr(copy.graph, kind):
+            for k, d in enumerate(vi.type.tensor_type.shape.dim):
+                if d.HasField("dim_value") and d.dim_value <= 0:
+                    name = _dim_name(vi.name, k, d)
+                    d.ClearField("dim_value")
+                    if kind == "input":
+                        d.dim_param = name
+    return copy
 
 
 def random_inputs(model, batch=1, seed=0, dims=None, default_dim=32):
     rng = np.random.default_rng(seed)
     feeds = {}
     for name, shape, dtype in input_specs(model, batch, dims, default_dim):
-        if np.issubdtype(dtype, np.floating):
-            feeds[name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[name] = rng.random(shape) < 0.5
+        if is_float(dtype):
+            feeds[name] = np.asarray(rng.standard_normal(shape)).astype(dtype)  # bfloat16 too (ml_dtypes)
+        elif dtype == np.bool_:  # np.asarray: a scalar (an If condition) must stay an ndarray
+            feeds[name] = np.asarray(rng.random(shape) < 0.5)
         else:
-            feeds[name] = rng.integers(0, 2, size=shape).astype(dtype)
+            feeds[name] = np.asarray(rng.integers(0, 2, size=shape)).astype(dtype)
     return feeds
 
 
-def session(model_or_path, threads: int | None = None, quiet: bool = False) -> ort.InferenceSession:
+def is_float(dtype) -> bool:
+    """numpy floating types plus ml_dtypes' bfloat16 (which numpy does not class as floating)."""
+    dtype = np.dtype(dtype)
+    return np.issubdtype(dtype, np.floating) or dtype == _NP_TYPES[TensorProto.BFLOAT16]
+
+
+def session(model_or_path, threads: int | None = None, quiet: bool = False):
+    """An onnxruntime CPU session. A model whose float16 / bfloat16 / double operators the CPU
+    provider has no kernel for (bfloat16 almost everywhere, double Conv and pooling) runs on its
+    float32 copy instead (a Float32Session: inputs cast in, outputs cast back to the model's
+    types); any other failure is raised as is."""
     options = ort.SessionOptions()
     options.log_severity_level = 4 if quiet else 3
     if threads:
         options.intra_op_num_threads = threads
-    source = model_or_path if isinstance(model_or_path, (str, bytes)) else model_or_path.SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    source = model_or_path if isinstance(model_or_path, (str, bytes)) \
+        else symbolic_declarations(model_or_path).SerializeToString()
+    try:
+        sess = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        if not _kernel_missing(exc):
+            raise
+        model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else \
+            onnx.load(model_or_path) if isinstance(model_or_path, str) else onnx.load_from_string(model_or_path)
+        types = float_types(model)
+        if not types:
+            raise
+        try:
+            copy = ort.InferenceSession(float32_surrogate(model).SerializeToString(), options,
+                                        providers=["CPUExecutionProvider"])
+        except Exception:
+            raise exc from None
+        return Float32Session(copy, types)
+    if isinstance(model_or_path, (str, bytes)) and any(0 in list(i.shape or []) for i in sess.get_inputs()):
+        # a file declaring dynamic input dims as 0 (Paddle2ONNX): onnxruntime would accept only
+        # empty tensors; run its copy with those dims symbolic (symbolic_declarations)
+        model = onnx.load(model_or_path) if isinstance(model_or_path, str) else onnx.load_from_string(model_or_path)
+        return session(symbolic_declarations(model), threads, quiet)
+    return sess
+
+
+def _kernel_missing(exc) -> bool:
+    text = str(exc)
+    return "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text or \
+        ("Type Error" in text and any(t in text for t in ("bfloat16", "float16", "double")))
+
+
+class Float32Session:
+    """A float32 copy of a model standing in for a session onnxruntime cannot create on CPU:
+    feeds are cast to float32, results back to the original model's types. `surrogate` is True
+    so that callers can say the run was in float32."""
+
+    surrogate = True
+
+    def __init__(self, sess, types: dict):
+        self.sess = sess
+        self.types = types  # tensor name -> numpy dtype in the original model (non-float32 floats)
+
+    def get_inputs(self):
+        return self.sess.get_inputs()
+
+    def get_outputs(self):
+        return self.sess.get_outputs()
+
+    def run(self, output_names, feeds, run_options=None):
+        feeds = {k: np.asarray(v).astype(np.float32) if k in self.types else v for k, v in feeds.items()}
+        names = output_names or [o.name for o in self.sess.get_outputs()]
+        values = self.sess.run(names, feeds, run_options)
+        return [np.asarray(v).astype(self.types[n]) if n in self.types else v for n, v in zip(names, values)]
+
+
+def float_types(model: onnx.ModelProto) -> dict:
+    """{tensor name: numpy dtype} of every tensor of a float16 / bfloat16 / double type (graph
+    inputs, outputs, initializers, inferred values), main graph only."""
+    types = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    for vi in list(inferred.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if vi.type.tensor_type.elem_type in OTHER_FLOATS:
+            types[vi.name] = _NP_TYPES[vi.type.tensor_type.elem_type]
+    for t in model.graph.initializer:
+        if t.data_type in OTHER_FLOATS:
+            types[t.name] = _NP_TYPES[t.data_type]
+    return types
+
+
+def float32_surrogate(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model with every float16 / bfloat16 / double tensor, value type, Cast target
+    and constant turned float32 (subgraphs included): the same computation in float32."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _float32_graph(copy.graph)
+    return copy
+
+
+def _float32_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
+    if t.data_type not in OTHER_FLOATS:
+        return t
+    return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name)
+
+
+def _float32_graph(graph: onnx.GraphProto) -> None:
+    inits = [_float32_tensor(t) for t in graph.initializer]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if vi.type.tensor_type.elem_type in OTHER_FLOATS:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                a.t.CopyFrom(_float32_tensor(a.t))
+            elif a.type == onnx.AttributeProto.INT and a.name in ("to", "dtype") and a.i in OTHER_FLOATS:
+                a.i = TensorProto.FLOAT
+            elif a.type == onnx.AttributeProto.GRAPH:
+                _float32_graph(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    _float32_graph(sub)
 
 
 def run(model_or_path, feeds) -> list:
@@ -67,7 +241,7 @@ def declared_inputs(model: onnx.ModelProto):
         if vi.name in inits:
             continue
         t = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param if d.dim_param not in ("", "?") else None)
+        dims = tuple(d.dim_value if is_static_dim(d) else (d.dim_param if d.dim_param not in ("", "?") else None)
                      for d in t.shape.dim)
         out.append((vi.name, dims, _NP_TYPES.get(t.elem_type, np.float32)))
     return out

@@ -88,16 +88,23 @@ def _outputs_by_name(analysis: Analysis) -> dict:
     return names
 
 
-def group_ratios(analysis: Analysis, ratios: dict) -> dict:
+def group_ratios(analysis: Analysis, ratios: dict, prunable=None) -> dict:
     """Group id -> ratio for the groups of the channels that matching layers produce (a node name,
     or a weight name standing for the nodes reading it; Torch-Pruning's pruning_ratio_dict). The
-    first matching pattern wins; a pattern matching nothing is an error."""
+    first matching pattern wins; a pattern matching nothing is an error, and so, given the ids of
+    the `prunable` groups, is one that sets the share of none of them."""
     names, chosen = _outputs_by_name(analysis), {}
     for pattern, ratio in ratios.items():
         tensors = _matching_tensors(names, pattern, "--ratio-for")
-        for group in analysis.groups:
-            if group.id not in chosen and any(m.tensor in tensors and not m.is_const for m in group.members):
-                chosen[group.id] = float(ratio)
+        matched = [g.id for g in analysis.groups if any(m.tensor in tensors and not m.is_const for m in g.members)]
+        if prunable is not None and not any(g in prunable for g in matched):
+            raise SpaError(f"--ratio-for '{pattern}' sets no group's share: the channels those layers produce are "
+                           "frozen or kept (see spa analyze)")
+        if prunable is not None and not any(g in prunable and g not in chosen for g in matched):
+            raise SpaError(f"--ratio-for '{pattern}' sets no group's share: an earlier --ratio-for sets every group "
+                           "it matches (the first matching GLOB wins)")
+        for gid in matched:
+            chosen.setdefault(gid, float(ratio))
     return chosen
 
 
@@ -164,7 +171,7 @@ class Selector:
         return accepted
 
     def uniform(self, ratio):
-        per_group = group_ratios(self.analysis, self.target.ratios)
+        per_group = group_ratios(self.analysis, self.target.ratios, prunable=set(self.candidates))
         accepted = []
         self.record["asked"] = 0
         for gid, (atoms, _) in self.candidates.items():

@@ -590,15 +590,21 @@ def _prune_args(tmp_path, *flags, criterion="obspa"):
 
 def test_cli_flags_build_a_calibration(tmp_path):
     from spa.cli import calibration_options, parser
-    tokenizer = _tokenizer(tmp_path / "tok")
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"")  # the flags are only parsed here: an image directory by its names
     args = parser().parse_args(_prune_args(
-        tmp_path, "--input-shape", "x=1x3x48x320", "--input-shape", "ids=1x16", "--tokenizer", str(tokenizer),
-        "--max-length", "64", "--image-size", "48x320", "--image-mean", "0.5,0.5,0.5", "--image-std", "0.5",
+        tmp_path, "--calibration", str(images), "--input-shape", "x=1x3x48x320", "--input-shape", "ids=1x16",
+        "--image-size", "48x320", "--image-mean", "0.5,0.5,0.5", "--image-std", "0.5",
         "--image-layout", "NHWC", "--image-resize", "pad", "--calibration-samples", "32", "--seed", "3"))
     got = calibration_options(args)
-    assert got == Calibration(source="auto", samples=32, seed=3, shapes={"x": (1, 3, 48, 320), "ids": (1, 16)},
-                              tokenizer=str(tokenizer), max_length=64, image_size=(48, 320), mean=(0.5, 0.5, 0.5),
-                              std=(0.5,), layout="nhwc", resize="pad")
+    assert got == Calibration(source=str(images), samples=32, seed=3, shapes={"x": (1, 3, 48, 320), "ids": (1, 16)},
+                              image_size=(48, 320), mean=(0.5, 0.5, 0.5), std=(0.5,), layout="nhwc", resize="pad")
+    tokenizer, text = _tokenizer(tmp_path / "tok"), tmp_path / "sentences.txt"
+    text.write_text("a sentence\n")
+    args = parser().parse_args(_prune_args(tmp_path, "--calibration", str(text), "--tokenizer", str(tokenizer),
+                                           "--max-length", "64"))
+    assert calibration_options(args) == Calibration(source=str(text), tokenizer=str(tokenizer), max_length=64)
     bare = calibration_options(parser().parse_args(_prune_args(tmp_path, "--input-shape", "1x3x8x8")))
     assert bare.shapes == (1, 3, 8, 8) and bare == Calibration(shapes=(1, 3, 8, 8))
 

@@ -198,8 +198,9 @@ def test_report_uses_the_batch_the_model_fixes(tmp_path, capsys):
     assert spa("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--report", "--batch", "8",
                "--repeats", "2", "-q") == 0
     captured = capsys.readouterr()
-    assert warnings_of(captured.err) == ["spa: warning: --batch 8 not used: the model's inputs fix batch 1, so "
-                                         "latency is measured at batch 1"]
+    timing_noise = "measured slower than the original"  # a tiny model's latency ratio can land either side of 1
+    assert [w for w in warnings_of(captured.err) if timing_noise not in w] == [
+        "spa: warning: --batch 8 not used: the model's inputs fix batch 1, so latency is measured at batch 1"]
     assert "latency ms (batch 1, fixed by the model)" in captured.out
     assert "batch 8" not in captured.out
 

@@ -1,0 +1,138 @@
+"""Real exports: shared (deduplicated) constants, deep graphs, very wide concats."""
+import time
+
+import numpy as np
+import onnx
+import pytest
+
+from builder import Builder
+from oracle import check_exact
+from spa import analyze
+from spa.selection import Target
+
+N = "batch"
+
+
+def _group_of(analysis, tensor):
+    [group] = [g for g in analysis.groups if any(m.tensor == tensor for m in g.members)]
+    return group
+
+
+def _two_stages(shared_value, through_identity=True):
+    """conv1 -> relu -> conv2 -> relu -> conv3 -> head, conv1 and conv2 reading one bias (the second
+    through an Identity, as torch.onnx's deduplication writes it), their BNs one set of statistics."""
+    b = Builder()
+    bias = b.const(shared_value, "shared_bias")
+    ones, zeros = b.const(np.ones(8, np.float32), "ones"), b.const(np.zeros(8, np.float32), "zeros")
+    x = b.input([N, 3, 8, 8])
+    y1 = b.op("Conv", [x, b.weight(8, 3, 3, 3), bias], pads=[1] * 4)
+    y1 = b.op("Relu", [b.op("BatchNormalization", [y1, ones, zeros, zeros, ones])])
+    bias2 = b.op("Identity", [bias]) if through_identity else bias
+    y2 = b.op("Conv", [y1, b.weight(8, 8, 3, 3), bias2], pads=[1] * 4)
+    y2 = b.op("Relu", [b.op("BatchNormalization", [y2, ones, zeros, zeros, ones])])
+    y3 = b.op("Relu", [b.conv(y2, 8, 6)])
+    b.output(b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [y3])]), 6, 5))
+    return b.model(), y1, y2
+
+
+@pytest.mark.parametrize("through_identity", [True, False])
+def test_shared_zero_bias_does_not_couple_stages(through_identity):
+    model, y1, y2 = _two_stages(np.zeros(8, np.float32), through_identity)
+    analysis = analyze(model)
+    g1, g2 = _group_of(analysis, y1), _group_of(analysis, y2)
+    assert g1.id != g2.id and g1.prunable and g2.prunable
+    conv1, conv2 = [n.name for n in model.graph.node if n.op_type == "Conv"][:2]
+    result = check_exact(model, Target(ratios={conv1: 0.25, conv2: 0.75}))
+    widths = sorted(int(t.dims[0]) for t in result.model.graph.initializer if len(t.dims) == 4)
+    assert widths == [2, 6, 6]  # conv2 kept 2 channels, conv1 6, conv3 all 6
+    # equal slices of the shared zeros are written once per width, not once per consumer
+    vectors = [t for t in result.model.graph.initializer if len(t.dims) == 1 and t.dims[0] in (2, 6)]
+    assert len(vectors) == 3 * 2 + 1  # bias, ones, zeros at widths 6 and 2, plus conv3's own bias
+
+
+def test_shared_constant_with_values_gets_a_copy_per_slice():
+    model, y1, y2 = _two_stages(np.arange(8, dtype=np.float32) - 3)
+    result = check_exact(model, Target(ratio=0.5))
+    assert len(result.model.graph.initializer) <= len(model.graph.initializer) + 4
+
+
+def test_unpruned_consumers_keep_reading_the_shared_constant():
+    model, y1, y2 = _two_stages(np.zeros(8, np.float32))
+    conv1 = [n.name for n in model.graph.node if n.op_type == "Conv"][0]
+    result = check_exact(model, Target(ratios={conv1: 0.5}))
+    names = {t.name for t in result.model.graph.initializer}
+    assert {"shared_bias", "ones", "zeros"} <= names  # still read, unchanged, by the second stage
+    assert sum(t.dims == [8] for t in result.model.graph.initializer) == 3
+
+
+def test_dedup_resnet_export_has_true_group_count(tmp_path):
+    torch = pytest.importorskip("torch")
+    from models.cnn import resnet50
+
+    torch.manual_seed(0)
+    net = resnet50(width=8, layers=(1, 1, 1, 1), num_classes=10).eval()  # fresh: BN folds to zero biases
+    path = str(tmp_path / "r.onnx")
+    torch.onnx.export(net, torch.randn(1, 3, 32, 32), path, opset_version=17, do_constant_folding=True,
+                      dynamo=False)
+    model = onnx.load(path)
+    shared = {}
+    for node in model.graph.node:
+        for name in node.input:
+            shared[name] = shared.get(name, 0) + 1
+    assert any(n > 1 for k, n in shared.items() if k in {t.name for t in model.graph.initializer}), \
+        "the export no longer deduplicates: this test lost its subject"
+    analysis = analyze(model)
+    # stem + 4 stage residual groups + 2 inner groups per bottleneck; the classifier's output is frozen
+    assert sum(g.prunable for g in analysis.groups) == 1 + 4 + 2 * 4
+    result = check_exact(model, Target(ratio=0.5), dims={"batch": 1}, batch=1)
+    assert result.model.ByteSize() < model.ByteSize()
+
+
+def test_deep_chains_do_not_recurse():
+    """2000 nodes between the input and a Gemm, and a weight read through 1100 Identity/Cast
+    nodes: nothing in the analysis recurses over graph depth (Python's limit is 1000 frames)."""
+    b = Builder()
+    x = b.conv(b.input([N, 3, 4, 4]), 3, 8)
+    for k in range(2000):
+        x = b.op("Relu" if k % 2 else "Identity", [x])
+    w = b.weight(8, 6)
+    for k in range(1100):
+        w = b.op("Identity" if k % 2 else "Cast", [w], **({} if k % 2 else {"to": onnx.TensorProto.FLOAT}))
+    y = b.op("Gemm", [b.op("Flatten", [b.op("GlobalAveragePool", [x])]), w])
+    b.output(b.gemm(b.op("Relu", [y]), 6, 3))
+    model = b.model()
+    analysis = analyze(model)
+    assert analysis.graph.is_static(w) and not analysis.graph.is_static(x)
+    assert sum(g.prunable for g in analysis.groups) == 2
+    check_exact(model)
+
+
+def _wide_concat(n, extra=()):
+    b = Builder()
+    x = b.input([N, 3, 4, 4])
+    y = b.op("Concat", [b.conv(x, 3, 2, k=1) for _ in range(n)] + [e(b, x) for e in extra], axis=1)
+    width = 2 * n + 3 * len(extra)
+    b.output(b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [b.op("Relu", [y])])]), width, 3))
+    return b.model()
+
+
+def test_concat_of_1000_inputs_is_linear():
+    from spa.graph import Graph
+    from spa.groups import Options, Propagation
+
+    model = _wide_concat(1000)
+    start = time.perf_counter()
+    propagation = Propagation(Graph(model), Options())
+    analysis = propagation.run()
+    assert time.perf_counter() - start < 10
+    assert len(propagation.edges) < 5 * 1000  # each input's slice once or twice, not every pair
+    assert len(analysis.atom_group) >= 2000 and sum(g.prunable for g in analysis.groups) == 1
+
+
+def test_small_concat_stays_exact_and_freezes_what_it_must():
+    # the graph input's slice is frozen even when every conv slice reaches the concat first
+    model = _wide_concat(4, extra=[lambda b, x: x, lambda b, x: b.op("Relu", [x])])
+    analysis = analyze(model)
+    [group] = [g for g in analysis.groups if g.prunable]
+    assert len(group.frozen) == 3 and len(group.prunable_atoms) == 8  # x and Relu(x): the same 3 channels
+    check_exact(model)

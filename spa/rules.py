@@ -1206,7 +1206,9 @@ def _folds_into(dims_from, dims_to) -> bool:
         if d not in rest_from:
             return False
         rest_from.remove(d)
-    return len(rest_from) == 1 and not isinstance(rest_from[0], int)
+    # the absorbed dim is a factor of the product's name ("4*batch", "batch*H"); not so for
+    # [B, floor(L/2), 2*C] -> [B, L, C] (a sequence merged into the channels, split back)
+    return len(rest_from) == 1 and not isinstance(rest_from[0], int) and rest_from[0] in dims_to[-1]
 
 
 def _unfold_virtual(shape_from, shape_to, axis, channels):

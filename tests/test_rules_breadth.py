@@ -176,6 +176,19 @@ def test_reshape_merge_entered_from_both_sides():
     check_exact(model)
 
 
+def test_reshape_merge_symbolic_sequence_entered_from_both_sides():
+    """floor(seq/2) is no fold of heads into seq: the channels map back to channels."""
+    b = Builder()
+    h = b.op("Relu", [b.op("MatMul", [b.input([N, "seq", 6]), b.weight(6, 4)])])
+    merged = b.op("Reshape", [h, b.const(np.array([0, -1, 8], dtype=np.int64))])
+    y = b.op("Relu", [b.op("Add", [merged, b.op("MatMul", [merged, b.weight(8, 8)])])])
+    b.output(b.op("MatMul", [y, b.weight(8, 3)]))
+    model = b.model()
+    [group] = [g for g in analyze(model).groups if any(m.tensor == merged for m in g.members)]
+    assert group.prunable and group.kind == "channels" and len(group.atoms) == 4
+    check_exact(model, dims={"seq": 8})
+
+
 def test_detection_head_split_into_anchors_and_values():
     """[N, A*V, H, W] -> [N, A, V, H, W]: whole anchors go (channels a*V .. a*V + V - 1)."""
     b = Builder()

@@ -252,8 +252,6 @@ def run(args) -> int:
     _use_model_batch(args, model)
     if args.command == "profile":
         return _profile(args, analyze(model, options), say)
-    if args.output and os.path.abspath(args.source) == os.path.abspath(args.output) and not args.overwrite:
-        raise SpaError("refusing to overwrite the input model (pass --overwrite)")
     _check_data_files(args, model)
     args.eval_baseline = _eval_baseline(args, args.model, say)
     if args.command == "prune":
@@ -538,8 +536,6 @@ def _framework_output(args):
         args.criterion == "obspa" or args.compensation not in (None, "none") or bool(args.recover))
     if check_output(args.output, args.model, changes_weights=changes_weights) is None:
         return
-    if os.path.abspath(args.model) == os.path.abspath(args.output) and not args.overwrite:
-        raise SpaError("refusing to overwrite the input model (pass --overwrite)")
     import atexit
     import shutil
     import tempfile

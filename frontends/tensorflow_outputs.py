@@ -11,10 +11,9 @@ combinations before pruning (see spa.frontends.check_output).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 from spa.errors import SpaError
+from spa.paths import staging_folder
 
 from .tensorflow_apply import apply_plan, compare_keras_onnx
 from .tensorflow_export import VERIFY_RTOL, _keras
@@ -38,11 +37,7 @@ def write_keras(onnx_path, out_path, *, source=None, plan=None, rtol: float = VE
     except Exception as exc:  # noqa: BLE001 - any load failure is bad input
         raise SpaError(f"cannot load Keras model {source}: {type(exc).__name__}") from None
     small = apply_plan(model, plan, pruned=onnx_path, rtol=rtol)  # compared with the pruned ONNX
-    target_dir = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(target_dir):
-        raise SpaError(f"output directory {target_dir} does not exist")
-    tmp = tempfile.mkdtemp(prefix=".spa-", dir=target_dir)
-    try:
+    with staging_folder(out_path) as tmp:
         staged = os.path.join(tmp, name)
         try:
             small.save(staged)
@@ -52,7 +47,5 @@ def write_keras(onnx_path, out_path, *, source=None, plan=None, rtol: float = VE
             raise SpaError(f"cannot write {name}: {type(exc).__name__}: {first[:200]}") from None
         error = compare_keras_onnx(loaded, onnx_path, rtol=rtol, seed=1)
         os.replace(staged, out_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"format": "Keras " + ("HDF5 (legacy)" if name.lower().endswith(".h5") else "model"),
             "max_error": error, "parameters": int(small.count_params())}

@@ -18,14 +18,13 @@ checked at that shape.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import onnx
 import torch
 
 from spa.errors import SpaError
+from spa.paths import staging_folder
 
 from .torch_export import _quiet
 from .torch_onnx import _NON_WEIGHT_SLOTS, OnnxModule, _onnx_semantics, from_onnx, run_graph, verify_module
@@ -68,11 +67,7 @@ def _write(onnx_path, out_path, input_shapes, rtol, kind, build, save, load) -> 
     specialize(module, args)
     module.mimic_onnx = True  # BN per node's training_mode, no dropout: what the pruned ONNX computes
     module.train(False)
-    target_dir = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(target_dir):
-        raise SpaError(f"output directory {target_dir} does not exist")
-    tmp = tempfile.mkdtemp(prefix=".spa-", dir=target_dir)
-    try:
+    with staging_folder(out_path) as tmp:
         staged = os.path.join(tmp, name)
         try:
             with _quiet(), torch.no_grad():
@@ -89,8 +84,6 @@ def _write(onnx_path, out_path, input_shapes, rtol, kind, build, save, load) -> 
             raise SpaError(f"{name}: the written {kind} does not load back ({type(exc).__name__})") from None
         error = verify_module(loaded, model, check, rtol, what=f"{name} ({kind}, reloaded)")
         os.replace(staged, out_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"format": kind, "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
             "max_error": error}
 

@@ -4,7 +4,10 @@ model, its external data, the plan being replayed or another input file, nor ano
 A bad path is one SpaError; nothing is written and the user's files are never touched."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 
 from .errors import SpaError
 
@@ -150,3 +153,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def staging_folder(path: str):
+    """A temporary folder beside `path` (same filesystem, so os.replace into place is atomic),
+    removed on exit whatever happens: writers stage there, verify, then rename."""
+    target_dir = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(target_dir):
+        raise SpaError(f"output directory {target_dir} does not exist")
+    tmp = tempfile.mkdtemp(prefix=".spa-", dir=target_dir)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

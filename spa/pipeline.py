@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -22,6 +20,7 @@ from .importance import GRADIENT_CRITERIA, check_bn_scale, score
 from .plan import Plan
 from .rewrite import rewrite
 from .selection import Target, select
+from .paths import staging_folder
 from .runtime import declared_inputs, is_float
 from .verify import masked_original, validate
 
@@ -342,10 +341,7 @@ def save(model: onnx.ModelProto, path: str, external: set | None = None, feeds: 
     layout); models over the 2 GB protobuf limit always go external.
     """
     target_dir = os.path.dirname(os.path.abspath(path)) or "."
-    if not os.path.isdir(target_dir):
-        raise SpaError(f"output directory {target_dir} does not exist")
-    tmp = tempfile.mkdtemp(prefix=".spa-", dir=target_dir)
-    try:
+    with staging_folder(path) as tmp:
         name = os.path.basename(path)
         staged = os.path.join(tmp, name)
         data_name = name + ".data"
@@ -369,5 +365,3 @@ def save(model: onnx.ModelProto, path: str, external: set | None = None, feeds: 
             os.chmod(os.path.join(tmp, data_name), os.stat(staged).st_mode & 0o777)
             os.replace(os.path.join(tmp, data_name), os.path.join(target_dir, data_name))
         os.replace(staged, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

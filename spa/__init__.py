@@ -4,8 +4,8 @@
     small = spa.prune("model.onnx", ratio=0.5)   # keywords = the CLI flags
     small.save("small.onnx"); print(small.stats)
 """
-from .api import Pruned, analyze, prune
+from .api import Pruned, analyze, prune, sensitivity
 from .errors import SpaError
 from .groups import Analysis, Group, Options
 
-__all__ = ["SpaError", "Analysis", "Group", "Options", "Pruned", "analyze", "prune"]
+__all__ = ["SpaError", "Analysis", "Group", "Options", "Pruned", "analyze", "prune", "sensitivity"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from .errors import SpaError
+from .errors import SpaError, SpaWarning
 from .groups import Analysis, Options
 from .plan import Plan
 
@@ -82,6 +82,39 @@ def prune(model, ratio: float | None = None, *, progress: bool = False, **flags)
         if baseline is not None:
             stats["eval"] = baseline.compare(result.model)
     return Pruned(result.model, result.plan, stats, result.latency, source)
+
+
+def sensitivity(model, ratios=(0.1, 0.3, 0.5), eval=None, *, granularity: str | None = None,
+                eval_output: str | None = None, address: str | None = None, greater_is_better: bool = True,
+                progress: bool = False) -> dict:
+    """Prune each prunable group of `model` alone at each of `ratios` and measure the result
+    (spa.group_sensitivity): `eval` an .npz path or fn(run) -> float (higher is better unless
+    greater_is_better=False), default the relative output deviation on held-out random inputs.
+    Trials run as Ray tasks when ray is installed (`address`: join that cluster), else serially.
+    Returns the JSON-able result of `spa sensitivity`: "groups" (most sensitive first: "key",
+    "layers", "channels", "trials" [{"ratio", "value", "loss", ...}], "sensitivity", "rank"),
+    "metric", "ratios", ...; `spa.prune(model, ratio=R, ratios_from=result)` turns it into
+    per-group ratios."""
+    from . import progress as bars
+    from . import group_sensitivity as sens
+    from .evaluate import Baseline
+
+    if not greater_is_better and not callable(eval):
+        raise SpaError("greater_is_better applies to an eval function only (deviation is lower-better, an eval "
+                       "file's accuracy higher-better)")
+    say = _say(progress)
+    with _bars(progress, bars):
+        original, source = _load(model, say)
+        options = _options(granularity or "channels,heads")
+        metric = None
+        if eval is not None:
+            metric = sens.Evaluated(Baseline(source or original, eval, output=eval_output, progress=say),
+                                    greater_is_better)
+        elif eval_output is not None:
+            raise SpaError("eval_output has no effect without eval")
+        name = os.path.basename(os.fspath(source).rstrip("/\\")) if source else "model.onnx"
+        return sens.measure(original, ratios, options, metric, address, name, say,
+                            note=lambda message: warnings.warn(message, SpaWarning, stacklevel=4))
 
 
 def _prune_args(flags: dict):

@@ -98,6 +98,9 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--ratio-for", action="append", default=[], metavar="GLOB=R",
                     help="remove the fraction R of the groups whose layers (node or initializer names) match GLOB, "
                          "instead of --ratio (repeatable; the first matching GLOB wins; 0 keeps them whole)")
+    pr.add_argument("--ratios-from", metavar="FILE.json",
+                    help="per-group ratios from spa sensitivity -o FILE.json: the parameters --ratio R keeps, with "
+                         "sensitive groups losing less (the loss each group measured is equalised)")
     pr.add_argument("--criterion", default="l1", choices=available() + ["obspa"],
                     help="how channels are scored (default l1); obspa: Optimal Brain Surgeon saliency + weight "
                          "compensation from calibration inputs")
@@ -170,6 +173,22 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("plan", help="plan JSON")
     output(ap)
     ap.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224", help=_INPUT_SHAPE_HELP)
+
+    se = sub.add_parser("sensitivity", help="prune each group alone at a few ratios and measure the damage "
+                                            "(feeds spa prune --ratios-from)")
+    common(se)
+    se.add_argument("--ratios", default="0.1,0.3,0.5", metavar="R,R,...",
+                    help="fractions of each group's channels removed, one trial each (default 0.1,0.3,0.5)")
+    se.add_argument("--eval", metavar="FILE.npz",
+                    help="the metric: top-1 accuracy (or agreement) on this .npz, as in spa prune --eval (default: "
+                         "relative output deviation from the original on held-out random inputs)")
+    se.add_argument("--eval-output", metavar="NAME", help="the output --eval scores (default: the first)")
+    se.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
+    se.add_argument("--plot", metavar="FILE.png", help="plot the metric against the ratio per group")
+    se.add_argument("-o", "--output", metavar="FILE.json", help="write the result (JSON) for spa prune --ratios-from")
+    se.add_argument("--address", metavar="HOST:PORT",
+                    help="run the trials on this Ray cluster (default: a local one when ray is installed, else "
+                         "serially)")
     return p
 
 
@@ -220,6 +239,9 @@ def run(args) -> int:
         from . import progress
         progress.show(False)
     _check_counts(args)
+    if args.command == "sensitivity":
+        from .group_sensitivity import command
+        return command(args, say)
     if args.command in ("prune", "apply-plan"):
         _check_output_flags(args)
     if args.command == "prune":
@@ -572,6 +594,9 @@ def _prune(args, model, options, say):
     from .pipeline import prune
 
     _check_model_flags(args, model, options)
+    if getattr(args, "ratios_from", None) is not None:  # per-group ratios from spa sensitivity
+        from .group_sensitivity import apply
+        apply(args, model, options, say)
     return prune(model, _target(args), args.criterion, args.aggregation or "mean", args.normalization, options,
                  args.seed or 0, progress=say, calibration=args.calibration_options,
                  damp=0.01 if args.damp is None else args.damp, labels=args.labels,
@@ -640,6 +665,9 @@ def check_flags(args):
                        "use labels)")
     if args.recover < 0:
         raise SpaError(f"--recover needs a number of steps >= 0, got {args.recover}")
+    if getattr(args, "ratios_from", None) is not None:
+        from .group_sensitivity import check_prune_flags
+        check_prune_flags(args)
     _check_global(args)
 
 
@@ -687,7 +715,7 @@ def _check_ranking(args):
     latency = args.target_latency is not None
     allocation = args.allocation or ("measured" if args.criterion == "obspa" and args.normalization is None
                                      else "uniform")
-    if args.ratio_for and args.allocation is None:
+    if (args.ratio_for or getattr(args, "ratios_from", None) is not None) and args.allocation is None:
         allocation = "uniform"  # per-layer ratios set each group's share (spa.pipeline.prune)
     if args.allocation == "uniform" and (across or latency):
         first = (across or ["--target-latency"])[0]
@@ -717,7 +745,8 @@ def _check_ranking(args):
                        "group; normalisation matters where groups are ranked together (--global, --target-params, "
                        "--target-flops, --allocation global" + (", or obspa's measured allocation, which a "
                        "--normalization turns off" if args.criterion == "obspa" else "") + ")")
-    if args.max_group_ratio is not None and not latency and not ranked_across:
+    if args.max_group_ratio is not None and not latency and not ranked_across and \
+            getattr(args, "ratios_from", None) is None:  # it caps the ratios --ratios-from gives
         asked = [r for r in [args.ratio] + list(ratios_for(args.ratio_for).values()) if r is not None]
         if asked and max(asked) <= args.max_group_ratio:
             raise SpaError(f"--max-group-ratio {args.max_group_ratio:g} has no effect with a uniform "

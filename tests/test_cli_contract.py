@@ -183,8 +183,35 @@ F = ["profile", "{M}", "-q", "--json"]
 AP = ["apply-plan", "{M}", "{PLAN0}", "-o", "{O}", "-q"]
 AJ = AP + ["--json"]
 TWO_AP = ["apply-plan", "{TWO}", "{PLAN_TWO}", "-o", "{O}", "-q", "--eval", "{VAL2}"]
+S = ["sensitivity", "{M}", "-q"]
+S1 = S + ["--ratios", "0.5"]
+S_ENC = ["sensitivity", "{ENC}", "-q", "--ratios", "0.5"]
+S_TWO = ["sensitivity", "{TWO}", "-q", "--ratios", "0.5", "--eval", "{VAL2}"]
 NOT_TIMED = "has no effect: nothing is timed without"
 ONNX_SHAPE = "--input-shape has no effect on"
+
+
+def _address(argv):
+    """--address joins a Ray cluster: refused without Ray; with it, ray.init is asked to join (here a
+    cluster that is not there, so one error line)."""
+    def check(paths):
+        import unittest.mock
+
+        given = argv + ["--address", "127.0.0.1:1"]
+        if not _installed("ray"):
+            got = outcome(paths, given)
+            assert got.rc == 2 and "--address needs Ray (pip install 'spa[ray]')" in got.stderr, got.stderr
+            return
+        import ray
+
+        def refuse(**kwargs):
+            assert kwargs["address"] == "127.0.0.1:1"
+            raise ConnectionError("no cluster")
+        with unittest.mock.patch.object(ray, "init", refuse), unittest.mock.patch.object(ray, "is_initialized",
+                                                                                          lambda: False):
+            got = outcome(paths, given)
+        assert got.rc == 2 and "cannot join the Ray cluster at 127.0.0.1:1" in got.stderr, got.stderr
+    return check
 
 
 def _common(base):
@@ -252,6 +279,9 @@ CONTRACT = {
                                                 "layers produce are frozen"),  # the graph output's
             (P + ["--ratio-for", "Conv_*=0.2", "--ratio-for", "{CONV0}=0"],
              "an earlier --ratio-for sets every group")]),
+        "--ratios-from": Case(P + ["--ratios-from", "{SENS}"], P, refused=[
+            (TP + ["--ratios-from", "{SENS}"], "--ratios-from needs --ratio R"),
+            (P + ["--ratios-from", "{SENS_SMALL}"], "does not match this model")]),
         "--criterion": Case(P + ["--criterion", "l2"], P),
         "--calibration": Case(OB + ["--calibration", "ood:noise-uniform"], OB, refused=[
             (P + ["--calibration", "synthetic"], "--calibration has no effect with criterion l1"),
@@ -340,6 +370,20 @@ CONTRACT = {
         "--input-shape": Case(["profile", "{TS}", "-q", "--json", "--input-shape", "1x3x8x8"],
                               ["profile", "{TS}", "-q", "--json"],
                               refused=[(F + ["--input-shape", "1x3x8x8"], ONNX_SHAPE)]),
+    },
+    "sensitivity": {
+        **_common(S1),
+        "--granularity": Case(S_ENC + ["--granularity", "channels"], S_ENC,
+                              also=[(S1 + ["--granularity", "channels,hidden"], S1)],  # a warning
+                              refused=[(S1 + ["--granularity", "foo"], "unknown granularity foo")]),
+        "--ratios": Case(S1, S, refused=[(S + ["--ratios", "0.5,1.5"], "ratios must be fractions in (0, 1)")]),
+        "--eval": Case(S1 + ["--eval", "{VAL}"], S1),
+        "--eval-output": Case(S_TWO + ["--eval-output", "{TWO_SECOND}"], S_TWO, refused=[
+            (S1 + ["--eval-output", "x"], "--eval-output has no effect without --eval")]),
+        "--json": Case(S1 + ["--json"], S1),
+        "--plot": Case(S1 + ["--plot", "{PNG}"], S1),
+        "--output": Case(S1 + ["-o", "{O}"], S1),
+        "--address": Case(check=_address(S1)),
     },
     "apply-plan": {
         **_common(AP),
@@ -466,6 +510,10 @@ def paths(tmp_path_factory):
         plans.append(("PLAN_TS", TS + ["--input-shape", "1x3x8x8"]))
     for name, argv in plans:
         _setup(p, argv + ["--plan-out", "{PLAN}"])
+        p[name] = str(d / f"{name.lower()}.json")
+        shutil.copy(p["PLAN"], p[name])
+    for name, model in (("SENS", "{M}"), ("SENS_SMALL", "{SMALL}")):  # spa sensitivity results
+        _setup(p, ["sensitivity", model, "-q", "-o", "{PLAN}"])
         p[name] = str(d / f"{name.lower()}.json")
         shutil.copy(p["PLAN"], p[name])
     return p

@@ -62,6 +62,8 @@ def test_usage_command_runs(workdir, argv):
     if argv[0] == "apply-plan":
         assert main(["prune", "model.onnx", "-o", "small.onnx", "--ratio", "0.5", "--plan-out", "plan.json",
                      "-q"]) == 0
+    if "--ratios-from" in argv:
+        assert main(["sensitivity", "model.onnx", "-o", "sensitivity.json", "-q"]) == 0
     assert main(argv + ["-q"]) == 0
 
 

@@ -266,12 +266,22 @@ def describe(analysis: Analysis) -> dict:
             "selected": g.kind in analysis.options.granularity,
             "members": [{"tensor": m.tensor, "axis": m.axis, "size": m.size, "weight": m.is_const,
                          "linked_by": m.linked_by} for m in g.members],
-            "frozen_by": g.reasons(),
+            "frozen_by": g.reasons() or _why_not_prunable(g),
         })
     return {"groups": groups,
             "prunable_groups": sum(1 for g in groups if g["prunable"]),
             "ungrouped_weights": ungrouped_weights(analysis),
             "approximate_nodes": sorted(analysis.options.approximate_nodes)}
+
+
+def _why_not_prunable(group) -> list:
+    """The reason for a group no operator froze."""
+    if not group.has_params:
+        return ["no constant weight carries these channels (weights computed at run time, e.g. by ConstantOfShape, "
+                "or none at all): there is nothing to slice"]
+    if not group.prunable:
+        return ["fewer than two channels could go"]
+    return []
 
 
 def ungrouped_weights(analysis: Analysis) -> list:

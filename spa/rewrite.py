@@ -112,6 +112,7 @@ def rewrite(plan: Plan, weights: dict | None = None) -> onnx.ModelProto:
     _drop_dead_nodes(model)
     _drop_unused_initializers(model)
     _update_initializer_inputs(model, plan, sliced_names)
+    _list_new_initializers_as_inputs(model)
     del graph.value_info[:]
     return model
 
@@ -184,6 +185,15 @@ def _drop_unused_initializers(model):
         graph_inputs = [i for i in model.graph.input if i.name in names or i.name in used]
         del model.graph.input[:]
         model.graph.input.extend(graph_inputs)
+
+
+def _list_new_initializers_as_inputs(model):
+    """IR < 4 requires every initializer among the graph inputs: constants the rewrite added too."""
+    if model.ir_version >= 4:
+        return
+    listed = {vi.name for vi in model.graph.input}
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer if t.name not in listed)
 
 
 def _update_initializer_inputs(model, plan, sliced_names):

@@ -1058,6 +1058,10 @@ def fold_factor(c: Ctx, slot: int, position: int):
     """(node, input slot) of the constant head count H in a shape element computed as
     batch * H (e.g. Concat([.., Unsqueeze(Mul(batch, H)), ..])), INFERRED for a -1 element, or
     None; position counts from the end."""
+    value = c.const(c.inp(slot))
+    if value is not None:  # a constant vector ([S, -1, d]: torch exports with a static sequence)
+        value = np.asarray(value).reshape(-1)
+        return INFERRED if -value.size <= position < 0 and int(value[position]) == -1 else None
     index = c.g.producer.get(c.inp(slot))
     if index is None or c.g.nodes[index].op_type != "Concat":
         return None
@@ -1402,9 +1406,13 @@ class Recurrent(Rule):
         g = self.GATES[c.node.op_type]
         every = np.arange(h)
         rows = np.tile(every, g)
+        # an all-zero initial state is the op's default: the rewrite drops it instead of linking
+        # it (torch builds one zeros [layers * directions, B, hidden] for every layer of a stacked
+        # RNN and slices it per layer, which would tie the layers' hidden sizes together)
+        states = [(c.inp(k), 2, every, None) for k in (5, 6) if not _zero_state(c, c.inp(k))]
         spec = [(c.inp(1), 1, rows, None), (c.inp(2), 1, rows, None), (c.inp(2), 2, every, 2),
-                (c.inp(3), 1, np.tile(every, 2 * g), None), (c.inp(5), 2, every, None),
-                (c.inp(6), 2, every, None), (c.inp(7), 1, np.tile(every, 3), None),
+                (c.inp(3), 1, np.tile(every, 2 * g), None), *states,
+                (c.inp(7), 1, np.tile(every, 3), None),
                 (c.out(0), 3, every, None), (c.out(1), 2, every, None), (c.out(2), 2, every, None)]
         return [s for s in spec if s[0]]
 
@@ -1434,6 +1442,30 @@ class Recurrent(Rule):
     def rewrite(self, c, plan):
         if plan.changed(c.inp(2), 2):
             plan.set_attr(c.node, "hidden_size", plan.new_dim(c.inp(2), 2))
+            for k in (5, 6):
+                if _zero_state(c, c.inp(k)):
+                    plan.node(c.node).input[k] = ""  # omitted: zeros of the new hidden size
+
+
+ZERO_VIEWS = ("Slice", "Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape", "Expand", "Tile")
+
+
+def _zero_state(c: Ctx, name, depth=0) -> bool:
+    """Whether tensor `name` is all zeros whatever the inputs: a zero constant or a zero-filled
+    ConstantOfShape, seen through views (Slice, Expand, Reshape, ...) of their data input."""
+    if not name or depth > 8 or name in c.g.graph_inputs:
+        return False
+    value = c.const(name)
+    if value is not None:
+        return value.size > 0 and not np.any(value)
+    index = c.g.producer.get(name)
+    if index is None:
+        return False
+    node = c.g.nodes[index]
+    if node.op_type == "ConstantOfShape":
+        fill = attr(node, "value")
+        return fill is None or not np.any(onnx.numpy_helper.to_array(fill))
+    return node.op_type in ZERO_VIEWS and _zero_state(c, node.input[0], depth + 1)
 
 
 @register
@@ -1461,6 +1493,11 @@ class ShapeOnly(Rule):
             positions = {axis - start}
         if _used_as_number(c, c.out(0), positions):
             raise Frozen("the channel count is used as a number (e.g. an attention scale 1/sqrt(d))")
+        other = _sizes_another_reshape(c, c.out(0), positions, tensor)
+        if other is not None:
+            # e.g. attention's merge view(B, T, E) with E read off the residual stream: the
+            # reshaped tensor's width need not shrink with this axis, so no exact map exists
+            raise Frozen(f"the channel count, read at run time, sizes Reshape '{other}' of another tensor")
         return []
 
 
@@ -1484,15 +1521,63 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
 def _used_as_number(c: Ctx, tensor, positions, depth=0) -> bool:
     """Whether elements `positions` (None: all) of a shape vector reach floating-point data (a
     Cast to float): such values must not follow the pruned size."""
-    if depth > 12:
+    return _reaches(c, tensor, positions, _float_use) is not None
+
+
+def _float_use(node, slot):
+    if node.op_type == "Cast" and attr(node, "to") in FLOAT_TYPES:
         return True
+    if node.op_type in PARAMETER_OPS and slot in PARAMETER_OPS[node.op_type]:
+        return False  # a shape parameter follows the new sizes
+    return None
+
+
+def _sizes_another_reshape(c: Ctx, tensor, positions, source):
+    """The name of a Reshape whose target shape takes elements `positions` of a shape vector
+    read off `source`, when it reshapes another tensor than `source` (None if there is none)."""
+    def use(node, slot):
+        if node.op_type == "Reshape" and slot == 1:
+            whole = _whole_shape_source(Ctx(c.g, c.g.producer[node.output[0]], c.options, c.virtual))
+            return whole != source and not _viewed_from(c, node.input[0], source)  # whole: linked
+        if node.op_type in PARAMETER_OPS and slot in PARAMETER_OPS[node.op_type]:
+            return False
+        return None
+    hit = _reaches(c, tensor, positions, use)
+    if hit is None or hit < 0:  # too deep to trace: the float check freezes that case
+        return None
+    return c.g.nodes[hit].name or c.g.nodes[hit].output[0]
+
+
+VIEW_OPS = ("Unsqueeze", "Squeeze", "Transpose", "Expand", "Identity", "Cast", "Reshape", "Flatten")
+
+
+def _viewed_from(c: Ctx, tensor, source, depth=0) -> bool:
+    """Whether `tensor` is `source` itself or a view of it through layout ops (repeat_kv's
+    Expand(Unsqueeze(k)) reshaped with k's head count)."""
+    if tensor == source:
+        return True
+    index = c.g.producer.get(tensor)
+    if index is None or depth > 8 or c.g.nodes[index].op_type not in VIEW_OPS:
+        return False
+    return _viewed_from(c, c.g.nodes[index].input[0], source, depth + 1)
+
+
+def _reaches(c: Ctx, tensor, positions, use, depth=0):
+    """The index of the first node where elements `positions` (None: all) of a shape vector meet
+    a use for which use(node, slot) is True (False: a use that ends the walk), or None; -1 when
+    the walk goes too deep (unknown counts as reached)."""
+    if depth > 12:
+        return -1
     for i, slot in c.g.consumers.get(tensor, []):
         node = c.g.nodes[i]
         out, picked = node.output[0] if node.output else None, None
-        if node.op_type == "Cast" and attr(node, "to") in FLOAT_TYPES:
-            return True
-        if node.op_type in PARAMETER_OPS and slot in PARAMETER_OPS[node.op_type]:
-            continue  # a shape parameter follows the new sizes
+        verdict = use(node, slot)
+        if verdict:
+            return i
+        if verdict is False:
+            continue
+        if node.op_type in ("Cast", "Identity"):  # elementwise: the positions stay (tf2onnx casts)
+            picked = positions
         if node.op_type == "Gather" and slot == 0 and positions is not None:
             idx = c.g.static_value(node.input[1])
             if idx is None:
@@ -1506,6 +1591,8 @@ def _used_as_number(c: Ctx, tensor, positions, depth=0) -> bool:
             picked = _sliced_positions(c, node, tensor, positions)
             if picked == set():
                 continue
-        if out and _used_as_number(c, out, picked, depth + 1):
-            return True
-    return False
+        if out:
+            hit = _reaches(c, out, picked, use, depth + 1)
+            if hit is not None:
+                return hit
+    return None

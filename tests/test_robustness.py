@@ -1,4 +1,5 @@
 """Real exports: shared (deduplicated) constants, deep graphs, very wide concats."""
+import os
 import time
 
 import numpy as np
@@ -136,3 +137,18 @@ def test_small_concat_stays_exact_and_freezes_what_it_must():
     [group] = [g for g in analysis.groups if g.prunable]
     assert len(group.frozen) == 3 and len(group.prunable_atoms) == 8  # x and Relu(x): the same 3 channels
     check_exact(model)
+
+
+def test_old_ir_models_keep_new_constants_among_graph_inputs(tmp_path):
+    """IR < 4 lists every initializer among the graph inputs; constants the rewrite adds (e.g. a
+    ConstantOfShape's new shape) must be listed too, or the checker refuses the pruned model."""
+    onnx_test_data = pytest.importorskip("onnx.backend.test").__file__
+    path = os.path.join(os.path.dirname(onnx_test_data), "data", "light", "light_squeezenet.onnx")
+    if not os.path.exists(path):
+        pytest.skip("onnx's light models are not installed")
+    from spa.cli import main
+    out = tmp_path / "small.onnx"
+    assert main(["prune", path, "-o", str(out), "--ratio", "0.3", "-q"]) == 0
+    pruned = onnx.load(out)
+    assert pruned.ir_version < 4
+    assert {t.name for t in pruned.graph.initializer} <= {vi.name for vi in pruned.graph.input}

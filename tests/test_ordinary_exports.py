@@ -1,0 +1,151 @@
+"""Real model files from ordinary exports: torch.onnx.export of torch built-ins and hand-written
+blocks, exactly as a user would call it (no zoo helpers)."""
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+
+from oracle import check_exact
+from spa import Options, analyze
+from spa.selection import Target
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+SEQ = 7
+
+
+def _quiet_export(*args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(*args, **kw)
+
+
+def _encoder():
+    """nn.TransformerEncoder: its layers are deep copies of one layer, so every layer gets its own
+    random weights (the dynamo exporter would otherwise share equal matrices: tied weights)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return enc, torch.randn(2, SEQ, 32)
+
+
+def _export_encoder(how, path):
+    enc, x = _encoder()
+    if how == "spa":  # spa.frontends.torch.export's default: dynamo, dynamic batch
+        from frontends.torch_export import export
+
+        export(enc, x, str(path))
+        return {}
+    if how == "torchscript":  # it bakes the sequence into MHA's views: batch only is dynamic
+        _quiet_export(enc, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+        return {}
+    dyn = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} if how == "dynamo" else \
+        {0: torch.export.Dim.DYNAMIC}
+    prog = _quiet_export(enc, (x,), dynamo=True, input_names=["x"], output_names=["y"],
+                         dynamic_shapes=(dyn,), verbose=False)
+    prog.save(str(path))
+    shape = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    return {shape[1].dim_param: 5} if shape[1].dim_param else {}
+
+
+@pytest.mark.parametrize("how", ["dynamo", "dynamo-static-seq", "torchscript", "spa"])
+def test_torch_transformer_encoder_heads_prune_exactly(how, tmp_path):
+    """With a static sequence the exporters write MHA's view(S, B*H, d) as a constant [S, -1, d]:
+    the -1 infers B*H' after pruning, so heads are prunable with no head-count constant."""
+    path = tmp_path / "enc.onnx"
+    dims = _export_encoder(how, path)
+    model = onnx.load(str(path))
+    kinds = sorted((g.kind, len(g.atoms)) for g in analyze(model).groups if g.prunable)
+    assert kinds == [("channels", 64), ("channels", 64), ("heads", 4), ("heads", 4)], kinds
+    check_exact(model, Target(ratio=0.5), dims=dims)
+
+
+class _AttentionBlock(nn.Module):
+    """Hand-written attention: q/k/v Linear, view to heads, matmul, softmax, out Linear, residual +
+    LayerNorm, between a token embedding and a classifier. `width_from_input`: the merge view
+    reads its width off the residual stream (x.shape), as hand-written code often does."""
+
+    def __init__(self, width_from_input, d=32, heads=4):
+        super().__init__()
+        self.width_from_input, self.d, self.h = width_from_input, d, heads
+        self.emb = nn.Embedding(50, d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        b, t, d = x.shape
+        q, k, v = (p(x).view(b, t, self.h, self.d // self.h).transpose(1, 2)
+                   for p in (self.q, self.k, self.v))
+        a = torch.softmax(q @ k.transpose(-1, -2) / (self.d // self.h) ** 0.5, dim=-1)
+        y = (a @ v).transpose(1, 2).reshape(b, t, d if self.width_from_input else self.d)
+        return self.head(self.ln(x + self.o(y)))
+
+
+@pytest.mark.parametrize("width_from_input", [True, False])
+def test_hidden_of_hand_written_attention_torchscript(width_from_input, tmp_path):
+    """The merge view's width read off the residual stream (Shape(x)[2]) would follow the pruned
+    hidden size while the attention width does not: hidden freezes, with that reason. Written as a
+    constant, hidden prunes (approximate: LayerNorm statistics) and the file runs."""
+    torch.manual_seed(0)
+    block = _AttentionBlock(width_from_input).eval()
+    ids = torch.randint(0, 50, (2, SEQ))
+    axes = {0: "batch", 1: "seq"}
+    path = tmp_path / "block.onnx"
+    _quiet_export(block, (ids,), str(path), dynamo=False, input_names=["ids"], output_names=["y"],
+                  dynamic_axes={"ids": axes, "y": axes})
+    model = onnx.load(str(path))
+    options = Options(granularity=("channels", "hidden"))
+    groups = analyze(model, options).groups
+    hidden = [g for g in groups if g.kind == "hidden"]
+    assert len(hidden) == 1
+    if width_from_input:
+        assert not hidden[0].prunable
+        assert any("sizes Reshape" in r and "of another tensor" in r for r in hidden[0].reasons())
+        assert "heads" in {g.kind for g in analyze(model).groups if g.prunable}
+        check_exact(model, Target(ratio=0.5), dims={"seq": 5})  # heads still prune exactly
+    else:
+        assert hidden[0].prunable
+        check_exact(model, Target(ratio=0.25), options=options, dims={"seq": 5}, atol=1e9, rtol=1e9)
+
+
+class _StackedBiLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(8, 16, num_layers=2, bidirectional=True)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0])
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_stacked_bidirectional_lstm_layers_prune_independently(exporter, tmp_path):
+    """torch feeds every layer a slice of one zeros [layers * 2, B, hidden] initial state, which
+    tied the layers' hidden sizes into one group. A zero state is the op's default: it is dropped
+    where the hidden size shrinks, so each layer is its own group (its two directions stay one
+    unit j: an ONNX LSTM has one hidden_size; the next layer reads columns j and hidden + j)."""
+    torch.manual_seed(0)
+    model, x = _StackedBiLSTM().eval(), torch.randn(5, 2, 8)
+    path = tmp_path / "lstm.onnx"
+    if exporter == "torchscript":
+        _quiet_export(model, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {1: "batch"}, "y": {1: "batch"}})
+    else:
+        _quiet_export(model, (x,), dynamo=True, input_names=["x"], output_names=["y"],
+                      dynamic_shapes=({1: torch.export.Dim.DYNAMIC},), verbose=False).save(str(path))
+    proto = onnx.load(str(path))
+    groups = [g for g in analyze(proto).groups if g.prunable]
+    assert sorted(len(g.atoms) for g in groups) == [16, 16]
+    first_w = next(n for n in proto.graph.node if n.op_type == "LSTM").input[1]
+    result = check_exact(proto, Target(ratio=0.5, ratios={first_w: 0.25}))
+    sizes = [next(a.i for a in n.attribute if a.name == "hidden_size")
+             for n in result.model.graph.node if n.op_type == "LSTM"]
+    assert sizes == [12, 8], sizes

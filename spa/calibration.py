@@ -763,26 +763,31 @@ def _npy_directory(plan, path, files):
     return {names[0]: np.concatenate(parts)}
 
 
+def check_input_array(what: str, name: str, a: np.ndarray, dims, dtype, batch_names, sizes: dict,
+                      scalar_ok: bool = True, samples_hint: str = "") -> None:
+    """One array for a model input against its declaration: rank, samples, dtype, static sizes, and
+    symbolic sizes (other than the batch) equal across inputs (`sizes` collects them). SpaError if not."""
+    if a.ndim != len(dims):
+        raise SpaError(f"{what}: input '{name}' needs rank {len(dims)} ({_declared(dims)}), got shape {a.shape}")
+    if (a.ndim == 0 and not scalar_ok) or (a.ndim and a.shape[0] == 0):
+        raise SpaError(f"{what}: input '{name}' has no samples{samples_hint}")
+    if not _kind_fits(a.dtype, dtype):
+        raise SpaError(f"{what}: input '{name}' needs {np.dtype(dtype).name}, got {a.dtype.name}")
+    for k, d in enumerate(dims):
+        if k and isinstance(d, int) and a.shape[k] != d:
+            raise SpaError(f"{what}: input '{name}' axis {k} must be {d} ({_declared(dims)}), got shape {a.shape}")
+        if k and isinstance(d, str) and d not in batch_names:
+            seen = sizes.setdefault(d, (a.shape[k], name))
+            if seen[0] != a.shape[k]:
+                raise SpaError(f"{what}: axis '{d}' is {seen[0]} in '{seen[1]}' but {a.shape[k]} in '{name}'")
+
+
 def _checked(plan: _Plan, raw, path) -> dict:
     data, sizes = {}, {}
     for inp in plan.inputs:
         name, dims, dtype = inp.name, inp.dims, inp.dtype
         a = np.asarray(raw[name])
-        if a.ndim != len(dims):
-            raise SpaError(f"calibration {path}: input '{name}' needs rank {len(dims)} ({_declared(dims)}), "
-                           f"got shape {a.shape}")
-        if a.ndim and a.shape[0] == 0:
-            raise SpaError(f"calibration {path}: input '{name}' has no samples")
-        if not _kind_fits(a.dtype, dtype):
-            raise SpaError(f"calibration {path}: input '{name}' needs {np.dtype(dtype).name}, got {a.dtype.name}")
-        for k, d in enumerate(dims):
-            if k and isinstance(d, int) and a.shape[k] != d:
-                raise SpaError(f"calibration {path}: input '{name}' axis {k} must be {d}, got shape {a.shape}")
-            if k and isinstance(d, str) and d not in plan.batch_names:
-                seen = sizes.setdefault(d, (a.shape[k], name))
-                if seen[0] != a.shape[k]:
-                    raise SpaError(f"calibration {path}: axis '{d}' is {seen[0]} in '{seen[1]}' but "
-                                   f"{a.shape[k]} in '{name}'")
+        check_input_array(f"calibration {path}", name, a, dims, dtype, plan.batch_names, sizes)
         if inp.role == "ids" and inp.vocab and a.size and np.issubdtype(a.dtype, np.integer):
             low, high = int(a.min()), int(a.max())
             if low < 0 or high >= inp.vocab:

@@ -367,6 +367,11 @@ def _dry_run(args, found, notes, latency_check) -> int:
     else:
         print(format_widths(found))
         print(f"dry run, nothing written: {format_outcome(found)}")
+    return _closing_lines(args, notes, latency_check)
+
+
+def _closing_lines(args, notes, latency_check) -> int:
+    """What every prune or replay ends with, written or not: its warnings, then the latency check."""
     for note in notes:
         warn(note)
     if latency_check is not None:
@@ -942,11 +947,7 @@ def _finish(args, pruned, plan, say, latency_check=None, found=None, notes=()):
     else:
         written = getattr(args, "pretrained_out", None) or getattr(args, "framework_out", None) or args.output
         print(f"wrote {written}: {format_outcome(found)}")
-    for note in notes:
-        warn(note)
-    if latency_check is not None:
-        _latency_lines(latency_check, show=not args.json)
-    return 0
+    return _closing_lines(args, notes, latency_check)
 
 
 if __name__ == "__main__":

@@ -219,7 +219,7 @@ def summary_text(result: dict) -> str:
 # the file
 # ---------------------------------------------------------------------------------------------
 def _from_file(path: str, model: onnx.ModelProto, output, batch_size) -> Evaluation:
-    from .calibration import _declared, _kind_fits, vocabulary_size
+    from .calibration import check_input_array, vocabulary_size
     from .runtime import fixed_batch
 
     what = f"eval file {path}"
@@ -249,19 +249,8 @@ def _from_file(path: str, model: onnx.ModelProto, output, batch_size) -> Evaluat
     batch_names = {d[0] for _, d, _ in inputs if d and isinstance(d[0], str)}
     for name, dims, dtype in inputs:
         a = data[name]
-        if a.ndim != len(dims):
-            raise SpaError(f"{what}: input '{name}' needs rank {len(dims)} ({_declared(dims)}), got shape {a.shape}")
-        if a.ndim == 0 or a.shape[0] == 0:
-            raise SpaError(f"{what}: input '{name}' has no samples (the first axis is the sample axis)")
-        if not _kind_fits(a.dtype, dtype):
-            raise SpaError(f"{what}: input '{name}' needs {np.dtype(dtype).name}, got {a.dtype.name}")
-        for k, d in enumerate(dims):
-            if k and isinstance(d, int) and a.shape[k] != d:
-                raise SpaError(f"{what}: input '{name}' axis {k} must be {d} ({_declared(dims)}), got shape {a.shape}")
-            if k and isinstance(d, str) and d not in batch_names:
-                seen = sizes.setdefault(d, (a.shape[k], name))
-                if seen[0] != a.shape[k]:
-                    raise SpaError(f"{what}: axis '{d}' is {seen[0]} in '{seen[1]}' but {a.shape[k]} in '{name}'")
+        check_input_array(what, name, a, dims, dtype, batch_names, sizes, scalar_ok=False,
+                          samples_hint=" (the first axis is the sample axis)")
         if np.issubdtype(a.dtype, np.integer) and not np.issubdtype(dtype, np.floating) and dtype != np.bool_:
             vocab = vocabulary_size(model, name)
             if vocab:

@@ -72,6 +72,7 @@ def prune(model, ratio: float | None = None, *, progress: bool = False, **flags)
     args = _prune_args(dict(flags, ratio=ratio))
     say = _say(progress)
     with _bars(progress, bars):
+        cli._check_counts(args)
         args.calibration_options = cli.calibration_options(args)
         original, source = _load(model, say, cli._frontend_shapes(args))
         args.model = source or "model.onnx"

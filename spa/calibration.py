@@ -764,9 +764,10 @@ def _npy_directory(plan, path, files):
 
 
 def check_input_array(what: str, name: str, a: np.ndarray, dims, dtype, batch_names, sizes: dict,
-                      scalar_ok: bool = True, samples_hint: str = "") -> None:
-    """One array for a model input against its declaration: rank, samples, dtype, static sizes, and
-    symbolic sizes (other than the batch) equal across inputs (`sizes` collects them). SpaError if not."""
+                      scalar_ok: bool = True, samples_hint: str = "", vocab: int | None = None) -> None:
+    """One array for a model input against its declaration: rank, samples, dtype, static sizes,
+    symbolic sizes (other than the batch) equal across inputs (`sizes` collects them), and token
+    ids inside `vocab` when given. SpaError if not."""
     if a.ndim != len(dims):
         raise SpaError(f"{what}: input '{name}' needs rank {len(dims)} ({_declared(dims)}), got shape {a.shape}")
     if (a.ndim == 0 and not scalar_ok) or (a.ndim and a.shape[0] == 0):
@@ -780,6 +781,11 @@ def check_input_array(what: str, name: str, a: np.ndarray, dims, dtype, batch_na
             seen = sizes.setdefault(d, (a.shape[k], name))
             if seen[0] != a.shape[k]:
                 raise SpaError(f"{what}: axis '{d}' is {seen[0]} in '{seen[1]}' but {a.shape[k]} in '{name}'")
+    if vocab and a.size and np.issubdtype(a.dtype, np.integer):
+        low, high = int(a.min()), int(a.max())
+        if low < 0 or high >= vocab:
+            raise SpaError(f"{what}: input '{name}' holds id {high if high >= vocab else low}, outside the "
+                           f"model's vocabulary of {vocab}")
 
 
 def _checked(plan: _Plan, raw, path) -> dict:
@@ -787,12 +793,8 @@ def _checked(plan: _Plan, raw, path) -> dict:
     for inp in plan.inputs:
         name, dims, dtype = inp.name, inp.dims, inp.dtype
         a = np.asarray(raw[name])
-        check_input_array(f"calibration {path}", name, a, dims, dtype, plan.batch_names, sizes)
-        if inp.role == "ids" and inp.vocab and a.size and np.issubdtype(a.dtype, np.integer):
-            low, high = int(a.min()), int(a.max())
-            if low < 0 or high >= inp.vocab:
-                raise SpaError(f"calibration {path}: input '{name}' holds id {high if high >= inp.vocab else low}, "
-                               f"outside the model's vocabulary of {inp.vocab}")
+        check_input_array(f"calibration {path}", name, a, dims, dtype, plan.batch_names, sizes,
+                          vocab=inp.vocab if inp.role == "ids" else None)
         data[name] = a.astype(dtype)
     counts = {len(a) for a in data.values() if a.ndim}
     if len(counts) > 1:

@@ -270,7 +270,6 @@ def run(args) -> int:
         for note in granularity_notes(analysis):
             warn(note)
         return 0
-    _check_latency_flags(args)
     _use_model_batch(args, model)
     if args.command == "profile":
         return _profile(args, analyze(model, options), say)
@@ -501,13 +500,6 @@ def version() -> str:
                 return tomllib.load(f)["project"]["version"]
         except (OSError, KeyError, tomllib.TOMLDecodeError):
             return "unknown"
-
-
-def _check_latency_flags(args):
-    if args.batch is not None and args.batch < 1:
-        raise SpaError(f"--batch must be a positive integer, got {args.batch}")
-    if args.threads is not None and args.threads < 1:
-        raise SpaError(f"--threads must be a positive integer, got {args.threads}")
 
 
 def _profile(args, analysis, say):

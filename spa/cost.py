@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .graph import Graph, infer_shapes
+from .graph import Consts, Graph, infer_shapes
 from .runtime import is_float
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
@@ -112,7 +112,7 @@ def macs_by_op(model_or_graph, shapes: dict, plan=None) -> dict:
 
 def count_params(model_or_graph, plan=None) -> int:
     """Number of elements in float weights (initializers and Constant nodes)."""
-    consts = model_or_graph.consts if isinstance(model_or_graph, Graph) else Graph(model_or_graph).consts
+    consts = model_or_graph.consts if isinstance(model_or_graph, Graph) else Consts(model_or_graph)
     total = 0
     for name in consts:
         if not is_float(consts.dtype(name)):

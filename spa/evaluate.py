@@ -249,15 +249,10 @@ def _from_file(path: str, model: onnx.ModelProto, output, batch_size) -> Evaluat
     batch_names = {d[0] for _, d, _ in inputs if d and isinstance(d[0], str)}
     for name, dims, dtype in inputs:
         a = data[name]
+        ids = np.issubdtype(a.dtype, np.integer) and not np.issubdtype(dtype, np.floating) and dtype != np.bool_
         check_input_array(what, name, a, dims, dtype, batch_names, sizes, scalar_ok=False,
-                          samples_hint=" (the first axis is the sample axis)")
-        if np.issubdtype(a.dtype, np.integer) and not np.issubdtype(dtype, np.floating) and dtype != np.bool_:
-            vocab = vocabulary_size(model, name)
-            if vocab:
-                low, high = int(a.min()), int(a.max())
-                if low < 0 or high >= vocab:
-                    raise SpaError(f"{what}: input '{name}' holds id {high if high >= vocab else low}, outside the "
-                                   f"model's vocabulary of {vocab}")
+                          samples_hint=" (the first axis is the sample axis)",
+                          vocab=vocabulary_size(model, name) if ids else None)
     counts = {name: len(a) for name, a in data.items()}
     if len(set(counts.values())) > 1:
         raise SpaError(f"{what}: inputs have different sample counts "

@@ -468,8 +468,7 @@ def apply(args, model, options, say=_quiet):
     """spa prune --ratios-from: args.ratio_for set from the file."""
     from .groups import analyze
 
-    check_prune_flags(args)
-    data = load(args.ratios_from)
+    data = load(args.ratios_from)  # its flags were checked with the others (spa.cli.check_flags)
     from .cli import _target
     chosen = ratios_from(analyze(model, options), data, _target(args), say,
                          args.ratios_from if isinstance(args.ratios_from, str) else "")

@@ -13,9 +13,10 @@ class _NpTypes(dict):
 
     def __missing__(self, elem_type):
         try:
-            return helper.tensor_dtype_to_np_dtype(elem_type)
+            self[elem_type] = helper.tensor_dtype_to_np_dtype(elem_type)
         except (KeyError, ValueError, TypeError):
             raise KeyError(elem_type) from None
+        return self[elem_type]
 
     def get(self, elem_type, default=None):
         try:

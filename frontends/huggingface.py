@@ -31,10 +31,10 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import warnings
 
 from spa.errors import SpaError
+from spa.paths import staging_folder
 
 CONFIG = "config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx", ".gguf",
@@ -482,9 +482,8 @@ def _apply(wrapper, plan, pruned_onnx, weight_map, spec, inputs):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            onnx_keyword = "pruned" if "pruned" in inspect.signature(apply_plan).parameters else "onnx_path"
-            apply_plan(wrapper, plan, weight_map=weight_map, example_inputs=inputs, verify=True,
-                       **{onnx_keyword: str(pruned_onnx)})
+            apply_plan(wrapper, plan, pruned=str(pruned_onnx), weight_map=weight_map, example_inputs=inputs,
+                       verify=True)
         except SpaError as exc:
             raise SpaError(f"the transformers model does not follow the pruned ONNX: {exc}") from None
     return [str(w.message) for w in caught if "apply_plan" in str(w.message)]
@@ -537,7 +536,6 @@ def _move_into(tmp, output):
             os.remove(path)
     for name in os.listdir(tmp):
         os.replace(os.path.join(tmp, name), os.path.join(output, name))
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _dtype_of(source_config):
@@ -569,8 +567,7 @@ def save_pruned(source, pruned_onnx, plan, output, *, weight_map=None, overwrite
     dtype = _dtype_of(source_config)
     parent = os.path.dirname(os.path.abspath(output)) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}.spa-", dir=parent)
-    try:
+    with staging_folder(output) as tmp:
         if dtype != torch.float32:
             model.to(dtype)
         with _silent():
@@ -579,9 +576,6 @@ def save_pruned(source, pruned_onnx, plan, output, *, weight_map=None, overwrite
         say(f"reloading {output} with {type(model).__name__}.from_pretrained and checking it against the pruned ONNX")
         error = _verify_reload(tmp, type(model), pruned_onnx, spec, inputs, dtype)
         _move_into(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"max_error": error, "copied": copied, "config": changed, "notes": notes}
 
 

@@ -15,12 +15,11 @@ import os
 from spa.errors import SpaError
 from spa.paths import staging_folder
 
+from . import KERAS_INPUTS
 from .tensorflow_apply import apply_plan, compare_keras_onnx
 from .tensorflow_export import VERIFY_RTOL, _keras
 
 __all__ = ["write_keras", "KERAS_INPUTS"]
-
-KERAS_INPUTS = (".keras", ".h5")
 
 
 def write_keras(onnx_path, out_path, *, source=None, plan=None, rtol: float = VERIFY_RTOL, **_) -> dict:

@@ -157,6 +157,29 @@ def find_layers(analysis: Analysis) -> list:
     return layers
 
 
+def weighted_layers(g) -> list:
+    """Every Conv, Gemm and MatMul of graph `g` with a constant (initializer) weight, whether or not
+    its channels are prunable: what fine-grained sparsity acts on."""
+    layers = []
+    for index, node in enumerate(g.nodes):
+        for slot in ((1, 0) if node.op_type == "MatMul" else (1,)):
+            if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) <= slot:
+                continue
+            weight = node.input[slot]
+            if weight not in g.consts:
+                continue
+            if node.op_type == "Gemm":
+                axis = 1 if attr(node, "transB", 0) else 0
+            else:
+                axis = {"Conv": 1, "MatMul": 0 if slot == 1 else 1}[node.op_type]
+            layer = _layer(g, index, node, slot, axis, weight)
+            if layer is not None:
+                layer.compensable = len(g.consumers.get(weight, [])) == 1
+                layers.append(layer)
+                break
+    return layers
+
+
 def _layer(g, index, node, slot, axis, weight):
     shape = g.consts.shape(weight if weight in g.consts else quantized_source(g, weight))
     if node.op_type == "Conv":

@@ -1,0 +1,231 @@
+"""Fine-grained sparsity masks from Optimal Brain Surgeon, with weight updates (SparseGPT-style).
+
+Per layer, with H = 2 X X^T / N of the layer's calibration inputs: the columns of W (the
+contracted axis) are visited left to right; each weight that the pattern removes is zeroed and its
+error is spread over the columns not yet visited through the Cholesky factor of H^-1 (Frantar &
+Alistarh 2023). Masks are chosen while visiting, from the saliency w^2 / [H^-1]_jj^2 of the
+already-updated weights: for N:M at the first column of every group of M, for unstructured
+sparsity per block of BLOCK columns. k-of-n masks (whole rows, kernels or filters) are chosen once
+from the same saliency, then compensated in the same sweep.
+
+Layers run stage by stage (`spa.activations.StagedRun`): each layer's H comes from inputs that
+already went through the sparsified layers before it. Where held-out batches exist, the damping is
+chosen per layer along DAMPING_PATH and the plain magnitude mask (no update) competes: whichever
+reproduces the layer's outputs best on inputs no fit saw is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from . import obs
+from .activations import StagedRun
+from .layers import Layer
+from .obspa import DAMPING_PATH, MAX_COLUMNS, Hessians, token_mask_input
+
+BLOCK = 128  # columns per lazy-update block (and per unstructured mask decision)
+
+
+# ---------------------------------------------------------------------------------------------
+# one weight matrix
+# ---------------------------------------------------------------------------------------------
+def _upper_inverse_factor(H: np.ndarray, damp: float) -> np.ndarray:
+    """U with H_damped^-1 = U^T U (upper Cholesky factor of the inverse)."""
+    Hinv = obs.inverse(H, damp)
+    try:
+        return np.linalg.cholesky(Hinv).T
+    except np.linalg.LinAlgError:
+        return np.diag(np.sqrt(np.maximum(np.diag(Hinv), 1e-12)))
+
+
+def _n_m_prune(saliency: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Pruned positions (True) of a (rows, m) slice: the m - n least salient of each row."""
+    order = np.argsort(saliency, axis=1, kind="stable")
+    pruned = np.zeros_like(saliency, dtype=bool)
+    np.put_along_axis(pruned, order[:, : m - n], True, axis=1)
+    return pruned
+
+
+def _unstructured_prune(saliency: np.ndarray, amount: float) -> np.ndarray:
+    k = int(round(amount * saliency.size))
+    pruned = np.zeros(saliency.size, dtype=bool)
+    pruned[np.argsort(saliency, axis=None, kind="stable")[:k]] = True
+    return pruned.reshape(saliency.shape)
+
+
+@obs.one_blas_thread
+def sparsegpt(W: np.ndarray, H: np.ndarray, pattern, damp: float = obs.DEFAULT_DAMP,
+              fixed: np.ndarray | None = None, frozen: int = 0) -> np.ndarray:
+    """W (rows, cols) with the pattern's zeros and the kept weights updated, visiting columns in
+    order. pattern.kind "n:m": groups of m consecutive columns; "unstructured": pattern.amount of
+    every BLOCK columns; else `fixed` ((rows, cols) bool, True = pruned) gives the mask. The
+    last `frozen` columns (a bias column of ones) are never pruned but take updates."""
+    W = np.array(W, dtype=np.float64)
+    rows, cols = W.shape
+    U = _upper_inverse_factor(H, damp)
+    pruned = np.zeros_like(W, dtype=bool) if fixed is None else np.array(fixed, dtype=bool)
+    prunable = cols - frozen
+    for start in range(0, cols, BLOCK):
+        stop = min(start + BLOCK, cols)
+        block, Ub = W[:, start:stop].copy(), U[start:stop, start:stop]
+        errors = np.zeros_like(block)
+        d = np.diag(Ub)
+        if pattern.kind == "unstructured" and start < prunable:
+            end = min(stop, prunable) - start
+            pruned[:, start:start + end] = _unstructured_prune(block[:, :end] ** 2 / d[:end] ** 2, pattern.amount)
+        for i in range(stop - start):
+            col = start + i
+            if pattern.kind == "n:m" and col < prunable and col % pattern.m == 0:
+                span = slice(i, i + pattern.m)
+                pruned[:, col:col + pattern.m] = _n_m_prune(block[:, span] ** 2 / d[span] ** 2, pattern.n, pattern.m)
+            w = block[:, i]
+            q = np.where(pruned[:, col], 0.0, w)
+            err = (w - q) / d[i]
+            block[:, i:] -= np.outer(err, Ub[i, i:])
+            block[:, i] = q
+            errors[:, i] = err
+        W[:, start:stop] = block
+        W[:, stop:] -= errors @ U[start:stop, stop:]
+    W[pruned] = 0.0
+    return W
+
+
+def saliency(W: np.ndarray, H: np.ndarray, damp: float = obs.DEFAULT_DAMP) -> np.ndarray:
+    """OBS saliency of each single weight, w^2 / [H^-1]_jj (same shape as W)."""
+    diag = np.maximum(np.diag(obs.inverse(H, damp)), 1e-20)
+    return np.asarray(W, dtype=np.float64) ** 2 / diag
+
+
+# ---------------------------------------------------------------------------------------------
+# a layer: column order, blocks, the mask candidates
+# ---------------------------------------------------------------------------------------------
+def column_order(layer: Layer, width: int) -> np.ndarray:
+    """Columns of a block's matrix (im2col order: input channel major) reordered so that the
+    input channels of one kernel position are consecutive: N:M groups run along input channels
+    (the TensorRT convention). The bias column, if any, stays last."""
+    kk = layer.per_index
+    channels = width // kk
+    order = (np.arange(channels)[None, :] * kk + np.arange(kk)[:, None]).reshape(-1)
+    return np.concatenate([order, np.arange(channels * kk, width + (layer.bias is not None))])
+
+
+def _fixed_mask(layer: Layer, w: np.ndarray, b, hessian, pattern, damp) -> np.ndarray:
+    """k-of-n (any pattern chosen once): the pattern's mask of the OBS saliency, as (blocks, rows,
+    cols) in matrix order, True = pruned (never the bias column)."""
+    from .sparsity import layer_mask
+
+    mats = layer.matrices(w, b)
+    sal = np.stack([saliency(mats[k], hessian[k], damp) for k in range(layer.blocks)])
+    plain = dataclasses.replace(layer, bias=None, scale=1.0)
+    width = sal.shape[2] - (layer.bias is not None)
+    scores = plain.from_matrices(sal[:, :, :width], np.shape(w), np.float64, None, None)[0]
+    pruned = plain.matrices(~layer_mask(np.asarray(w), layer, pattern, scores=np.sqrt(scores)), None) != 0
+    if layer.bias is not None:
+        pruned = np.concatenate([pruned, np.zeros(pruned.shape[:2] + (1,), dtype=bool)], axis=2)
+    return pruned
+
+
+def candidates(layer: Layer, w, b, hessian: np.ndarray, pattern, dampings) -> list:
+    """Sparsified (blocks, rows, cols) matrices of the layer, one per damping."""
+    mats = layer.matrices(w, b)
+    width = mats.shape[2] - (layer.bias is not None)
+    order = column_order(layer, width)
+    fixed = None if pattern.kind in ("n:m", "unstructured") else _fixed_mask(layer, w, b, hessian, pattern, dampings[0])
+    out = []
+    for damp in dampings:
+        new = np.empty_like(mats)
+        for k in range(layer.blocks):
+            H = hessian[k][np.ix_(order, order)]
+            mask = None if fixed is None else fixed[k][:, order]
+            sparse = sparsegpt(mats[k][:, order], H, pattern, damp, mask, frozen=int(layer.bias is not None))
+            new[k][:, order] = sparse
+        if np.all(np.isfinite(new)):
+            out.append(new)
+    return out
+
+
+def magnitude(layer: Layer, w, b, pattern) -> np.ndarray:
+    """The plain magnitude mask, no update, as (blocks, rows, cols) matrices."""
+    from .sparsity import layer_mask
+
+    keep = layer_mask(np.asarray(w), layer, pattern)
+    return layer.matrices(np.where(keep, w, 0), b)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------
+def _weights_of(layer, mats, w, b) -> dict:
+    w_new, b_new = layer.from_matrices(mats, np.shape(w), np.asarray(w).dtype,
+                                       None if b is None else np.shape(b), None if b is None else np.asarray(b).dtype)
+    out = {layer.weight: w_new}
+    if layer.bias:
+        out[layer.bias] = b_new
+    return out
+
+
+def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_DAMP) -> tuple[dict, str]:
+    """({name: new value}, how): OBS candidates along the damping path and the magnitude mask
+    judged on the held-out Hessian (or the first candidate without one)."""
+    if hessian is None or hessian[0] != "full":
+        diag = None if hessian is None else hessian[1]
+        if diag is None:
+            return _weights_of(layer, magnitude(layer, w, b, pattern), w, b), "magnitude"
+        full = np.stack([np.diag(d) for d in diag])  # wide layer: a diagonal H (Wanda-like saliency)
+        return _weights_of(layer, candidates(layer, w, b, full, pattern, (damp,))[0], w, b), "diagonal"
+    judge = held is not None and held[0] == "full"
+    options = candidates(layer, w, b, hessian[1], pattern, [damp * f for f in (DAMPING_PATH if judge else (1.0,))])
+    plain = magnitude(layer, w, b, pattern)
+    if not judge:
+        return _weights_of(layer, options[0] if options else plain, w, b), "obs" if options else "magnitude"
+    mats = layer.matrices(w, b)
+    error = lambda m: sum(obs.layer_error(mats[k], m[k], held[1][k]) for k in range(layer.blocks))  # noqa: E731
+    best = min(options + [plain], key=error)
+    return _weights_of(layer, best, w, b), "magnitude" if best is plain else "obs"
+
+
+def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda message: None, seed: int = 0) -> dict:
+    """{weight (and bias) name: new value} for `layers` (spa.layers.Layer of `model`) sparsified
+    in `pattern` with OBS updates, stage by stage on calibration inputs (a spa.calibration
+    Calibration or source string; default: the OBSPA default, 'auto')."""
+    from .graph import Graph
+    from .pipeline import _calibration, _held_out, affordable, default_source
+    from .calibration import calibration_batches
+
+    cal = _calibration(calibration, None, seed)
+    cal = default_source(model, cal, progress)
+    batches = calibration_batches(model, cal, progress=progress)
+    if cal.samples is None:
+        batches = affordable(model, batches, progress)
+    batches, held = _held_out(model, cal, batches)
+    fit = [b for b in batches if not any(b is h for h in held)]
+    g = Graph(model)
+    by_output = {g.nodes[l.node].output[0]: l for l in layers}
+    wanted = {name: [l.activation] for name, l in by_output.items()}
+    every = fit + list(held)
+    mask = token_mask_input(model)
+    weights: dict = {}
+    how: dict = {}
+    run = StagedRun(model, by_output, every, "sparsifying")
+    progress(f"sparsifying {len(layers)} layers with OBS updates in {run.count} stages "
+             f"({sum(len(next(iter(b.values()))) for b in fit)} calibration samples, {len(held)} held-out batches)")
+    for _, names, values in run.stages(weights, wanted):
+        current = [by_output[n] for n in names]
+        fits, helds = Hessians(len(fit), MAX_COLUMNS, seed), Hessians(len(held), MAX_COLUMNS, seed)
+        for layer in {l.key(): l for l in current}.values():
+            for b, x in enumerate(values[layer.activation]):
+                (fits if b < len(fit) else helds).add(layer, x, tokens=every[b].get(mask))
+        for layer in current:
+            w = g.consts[layer.weight]
+            b = g.consts[layer.bias] if layer.bias else None
+            new, kind = sparsify_layer(layer, w, b, fits.of(layer), helds.of(layer) if held else None, pattern)
+            weights.update(new)
+            how[kind] = how.get(kind, 0) + 1
+    progress("OBS sparsity: " + ", ".join(f"{v} layers {k}" for k, v in sorted(how.items())) +
+             (" (magnitude: the OBS update did not reproduce the layer's outputs better on held-out inputs)"
+              if how.get("magnitude") else ""))
+    return weights
+
+
+__all__ = ["obs_sparsify", "sparsegpt", "saliency", "column_order"]

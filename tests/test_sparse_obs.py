@@ -1,0 +1,80 @@
+"""OBS sparsity masks with weight updates (spa.sparse_obs) against brute-force references."""
+import itertools
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from spa import obs
+from spa.sparse_obs import column_order, sparsegpt
+
+N_M = SimpleNamespace(kind="n:m", n=2, m=4, amount=0.5)
+FIXED = SimpleNamespace(kind="k-of-n", amount=0.5)
+
+
+def correlated_hessian(d, rng, rows=400):
+    x = rng.normal(size=(d, rows))
+    x[: d // 2] += 0.8 * x[d - d // 2:]  # correlated columns: the update has something to do
+    x[1] *= 4
+    return 2 * x @ x.T / rows
+
+
+def sequential_obs(w, H, pruned, damp):
+    """Columns visited in order; a pruned weight is zeroed and the columns after it re-fitted by
+    least squares (the later columns minimise the output error given the earlier ones), naively."""
+    Hd = obs.damped(H, damp)
+    out = np.array(w, dtype=np.float64)
+    for r, i in itertools.product(range(len(w)), range(w.shape[1])):
+        if pruned[r, i]:
+            later = np.arange(i + 1, w.shape[1])
+            out[r, later] += out[r, i] * Hd[i, later] @ np.linalg.inv(Hd[np.ix_(later, later)])
+            out[r, i] = 0.0
+    return out
+
+
+def test_fixed_mask_update_is_sequential_obs():
+    rng = np.random.default_rng(0)
+    H, w = correlated_hessian(12, rng), rng.normal(size=(3, 12))
+    pruned = rng.random((3, 12)) < 0.5
+    got = sparsegpt(w, H, FIXED, damp=0.01, fixed=pruned)
+    np.testing.assert_allclose(got, sequential_obs(w, H, pruned, 0.01), rtol=1e-6, atol=1e-8)
+    assert obs.layer_error(w, got, H) < obs.layer_error(w, np.where(pruned, 0, w), H)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_n_m_conforms_and_beats_magnitude(seed):
+    rng = np.random.default_rng(seed)
+    H, w = correlated_hessian(16, rng), rng.normal(size=(8, 16))
+    got = sparsegpt(w, H, N_M, damp=0.01)
+    assert np.count_nonzero(got.reshape(8, 4, 4), axis=2).max() <= 2
+    magnitude = w.copy()
+    for r, g in itertools.product(range(8), range(4)):
+        block = slice(4 * g, 4 * g + 4)
+        magnitude[r, block][np.argsort(np.abs(w[r, block]))[:2]] = 0.0
+    assert obs.layer_error(w, got, H) <= obs.layer_error(w, magnitude, H)
+
+
+def test_mask_choice_is_optimal_for_one_group():
+    """One row, one group of 4, diagonal H: OBS picks the best of all 6 masks."""
+    rng = np.random.default_rng(3)
+    H = np.diag(rng.uniform(0.1, 5, 4))
+    w = rng.normal(size=(1, 4))
+    got = sparsegpt(w, H, N_M, damp=1e-9)
+    best = min(obs.layer_error(w, np.where(np.isin(np.arange(4), keep), w, 0), H)
+               for keep in itertools.combinations(range(4), 2))
+    assert obs.layer_error(w, got, H) == pytest.approx(best, rel=1e-6)
+
+
+def test_unstructured_amount_and_frozen_bias_column():
+    rng = np.random.default_rng(1)
+    H, w = correlated_hessian(11, rng), rng.normal(size=(4, 11))
+    got = sparsegpt(w, H, SimpleNamespace(kind="unstructured", amount=0.5), frozen=1)
+    assert np.count_nonzero(got[:, :10] == 0) == 20
+    assert np.all(got[:, 10] != 0)  # the bias column takes updates, is never pruned
+
+
+def test_conv_columns_group_input_channels_per_kernel_position():
+    layer = SimpleNamespace(per_index=9, bias="b")
+    order = column_order(layer, 4 * 9)
+    assert list(order[:4]) == [0, 9, 18, 27]  # channels 0..3 at kernel position 0
+    assert order[-1] == 36 and sorted(order) == list(range(37))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,13 +24,34 @@ DEFAULT_OPSET = 17
 VERIFY_RTOL = 1e-4
 
 
+@contextlib.contextmanager
+def _native_logs_hidden():
+    """TensorFlow's C++ start-up lines (absl's "All log messages before absl::InitializeLog()",
+    oneDNN's notice) ignore TF_CPP_MIN_LOG_LEVEL: unless the user asked for logs (spa --verbose
+    leaves TF_CPP_MIN_LOG_LEVEL unset), file descriptor 2 points at /dev/null meanwhile."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "3":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _tf():
-    import tensorflow as tf  # the real package: imports are absolute
+    with _native_logs_hidden():
+        import tensorflow as tf  # the real package: imports are absolute
     return tf
 
 
 def _keras():
-    import keras
+    with _native_logs_hidden():
+        import keras
     return keras
 
 
@@ -211,7 +233,8 @@ def _export_file(path, input_signature, opset):
             raise SpaError(f"{path} is a directory without saved_model.pb (not a SavedModel)")
         return _export_saved_model(path, opset)
     if path.endswith(".tflite"):
-        return _convert(lambda tf2onnx: tf2onnx.convert.from_tflite(path, opset=opset))
+        _check_tflite(path)
+        return _convert(lambda tf2onnx: tf2onnx.convert.from_tflite(path, opset=opset), path)
     if path.endswith(".keras") or path.endswith(".h5"):
         if not os.path.isfile(path):
             raise SpaError(f"{path} does not exist")
@@ -235,11 +258,31 @@ def _export_saved_model(path, opset):
         continue_on_error=True))
 
 
-def _convert(run):
+def _check_tflite(path):
+    """A TFLite flatbuffer carries the file identifier TFL3 at bytes 4..8."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise SpaError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    if head[4:8] != b"TFL3":
+        raise SpaError(f"{path} is not a TFLite model (no TFL3 flatbuffer identifier)")
+
+
+def _convert(run, what="the model"):
     import logging
-    import tf2onnx
+    with _native_logs_hidden():
+        import tf2onnx
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
-    proto, _ = run(tf2onnx)
+    try:
+        with _native_logs_hidden():
+            proto, _ = run(tf2onnx)
+    except SpaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a converter failure on the user's file is bad input
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise SpaError(f"tf2onnx could not convert {what}: {type(exc).__name__}"
+                       f"{': ' + detail if detail else ''}") from None
     unsupported = sorted({n.op_type for n in proto.graph.node
                           if not onnx.defs.has(n.op_type, n.domain or "")})
     if unsupported:

@@ -319,3 +319,32 @@ def test_bad_targets(folder, capsys):
         rc, _ = check(capsys, folder, ["prune", folder / "m.onnx", "-o", out, "-q"] + flags, [out])
         if rc == 0:
             os.unlink(out)
+
+
+# ---- framework files a converter cannot read ---------------------------------------------------
+
+def test_garbage_tflite_files(folder, capsys):
+    pytest.importorskip("tf2onnx")
+    rng = random.Random(2)
+    no_identifier = folder / "noise.tflite"
+    no_identifier.write_bytes(bytes(rng.randrange(256) for _ in range(3000)))
+    check(capsys, folder, ["prune", no_identifier, "-o", folder / "o.onnx"] + PRUNE, [folder / "o.onnx"],
+          "not a TFLite model")
+    corrupt = folder / "corrupt.tflite"  # the flatbuffer identifier, then noise: tf2onnx itself fails
+    corrupt.write_bytes(b"\x10\x00\x00\x00TFL3" + bytes(rng.randrange(256) for _ in range(3000)))
+    check(capsys, folder, ["prune", corrupt, "-o", folder / "o.onnx"] + PRUNE, [folder / "o.onnx"],
+          "tf2onnx could not convert")
+
+
+def test_converter_failure_is_one_line_on_the_terminal(folder):
+    """TensorFlow's native start-up lines bypass Python's stderr: the whole process's stderr is
+    checked."""
+    import subprocess
+    pytest.importorskip("tf2onnx")
+    corrupt = folder / "corrupt.tflite"
+    corrupt.write_bytes(b"\x10\x00\x00\x00TFL3" + bytes(range(256)) * 12)
+    done = subprocess.run([sys.executable, "-m", "spa", "prune", str(corrupt), "-o", str(folder / "o.onnx"), "-q",
+                           "--ratio", "0.5"], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
+    assert done.stderr.startswith("spa: error: tf2onnx could not convert")

@@ -118,6 +118,30 @@ def sensitivity(model, ratios=(0.1, 0.3, 0.5), eval=None, *, granularity: str | 
                             note=lambda message: warnings.warn(message, SpaWarning, stacklevel=4))
 
 
+def sparsify(model, pattern="2:4", *, amount: float | None = None, granularity: str = "weight",
+             criterion: str = "l1", calibration=None, storage: str = "dense", progress: bool = False):
+    """Zero weights of `model` (an .onnx path, a framework file or a ModelProto) in a fine-grained
+    `pattern` (spa.sparsity): "N:M" (default 2:4), "k-of-n" or "unstructured" with `amount` (the
+    fraction zeroed) and, for k-of-n, `granularity` weight | kernel | filter; criterion "l1" or
+    "obs" (OBS updates on `calibration`, a spa.calibration.Calibration or source string);
+    storage "sparse" stores weights as COO where smaller. Returns a `spa.sparsity.Sparsified`:
+    `.model`, `.report`, `.save(path)`."""
+    from . import progress as bars
+    from .sparsity import Pattern, Sparsified, parse_pattern
+    from .sparsity import sparsify as sparsify_model
+
+    if isinstance(pattern, Pattern) and (amount is not None or granularity != "weight"):
+        raise SpaError("a Pattern carries its amount and granularity: give them there, not as keywords")
+    if not isinstance(pattern, Pattern):
+        pattern = parse_pattern(pattern, amount, granularity)
+    say = _say(progress)
+    with _bars(progress, bars):
+        original, source = _load(model, say)
+        sparse, report = sparsify_model(original, pattern, criterion, calibration=calibration, storage=storage,
+                                        progress=say)
+    return Sparsified(sparse, report, source)
+
+
 def _prune_args(flags: dict):
     """The CLI's namespace for `spa prune` with its defaults, updated from the keywords."""
     from .cli import parser

@@ -58,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="list channel groups, what is prunable and what froze the rest")
     common(a)
     a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.add_argument("--sparsity", action="store_true",
+                   help="also list each Conv/Gemm/MatMul weight's zeros and the N:M patterns (2:4, 1:4, 4:8) it "
+                        "conforms to")
     a.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224", help=_INPUT_SHAPE_HELP)
 
     def output(sp):
@@ -189,6 +192,8 @@ def parser() -> argparse.ArgumentParser:
     se.add_argument("--address", metavar="HOST:PORT",
                     help="run the trials on this Ray cluster (default: a local one when ray is installed, else "
                          "serially)")
+    from .sparsify_command import add_parser
+    add_parser(sub)
     return p
 
 
@@ -242,6 +247,9 @@ def run(args) -> int:
     if args.command == "sensitivity":
         from .group_sensitivity import command
         return command(args, say)
+    if args.command == "sparsify":
+        from .sparsify_command import command
+        return command(args, say)
     if args.command in ("prune", "apply-plan"):
         _check_output_flags(args)
     if args.command == "prune":
@@ -266,7 +274,12 @@ def run(args) -> int:
         say("analyzing channel coupling")
         analysis = analyze(model, options)
         summary = describe(analysis)
+        if args.sparsity:
+            from .sparsity import format_sparsity, sparsity_report
+            summary["sparsity"] = sparsity_report(model)
         print(json.dumps(summary, indent=1) if args.json else format_analysis(summary))
+        if args.sparsity and not args.json:
+            print(format_sparsity(summary["sparsity"]))
         for note in granularity_notes(analysis):
             warn(note)
         return 0

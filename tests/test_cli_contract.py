@@ -187,6 +187,11 @@ S = ["sensitivity", "{M}", "-q"]
 S1 = S + ["--ratios", "0.5"]
 S_ENC = ["sensitivity", "{ENC}", "-q", "--ratios", "0.5"]
 S_TWO = ["sensitivity", "{TWO}", "-q", "--ratios", "0.5", "--eval", "{VAL2}"]
+SP = ["sparsify", "{M}", "-o", "{O}", "-q"]
+SPU = SP + ["--pattern", "unstructured", "--amount", "0.5"]
+SPK = SP + ["--pattern", "k-of-n", "--amount", "0.5"]
+SPO = SP + ["--criterion", "obs", "--calibration-samples", "16"]
+SP_DYN = ["sparsify", "{DYN}", "-o", "{O}", "-q", "--criterion", "obs", "--calibration-samples", "4"]
 NOT_TIMED = "has no effect: nothing is timed without"
 ONNX_SHAPE = "--input-shape has no effect on"
 
@@ -252,6 +257,7 @@ CONTRACT = {
                               also=[(A + ["--granularity", "channels,hidden"], A)],  # a warning
                               refused=[(A + ["--granularity", "foo"], "unknown granularity foo")]),
         "--json": Case(A + ["--json"], A),
+        "--sparsity": Case(A + ["--sparsity"], A, also=[(A + ["--json", "--sparsity"], A + ["--json"])]),
         "--input-shape": Case(["analyze", "{TS}", "-q", "--input-shape", "1x3x8x8"], ["analyze", "{TS}", "-q"],
                               refused=[(A + ["--input-shape", "1x3x8x8"], ONNX_SHAPE)]),
     },
@@ -384,6 +390,35 @@ CONTRACT = {
         "--plot": Case(S1 + ["--plot", "{PNG}"], S1),
         "--output": Case(S1 + ["-o", "{O}"], S1),
         "--address": Case(check=_address(S1)),
+    },
+    "sparsify": {
+        **_common(SP),
+        "--output": Case(SP, _without(SP, "-o")),
+        "--overwrite": Case(["sparsify", "{COPY}", "-o", "{COPY}", "-q", "--overwrite"],
+                            ["sparsify", "{COPY}", "-o", "{COPY}", "-q"], prepare="copy"),
+        "--pattern": Case(SP + ["--pattern", "1:4"], SP, also=[(SPU, _without(SPU, "--pattern"))],
+                          refused=[(SP + ["--pattern", "4:2"], "N:M needs 1 <= N <= M"),
+                                   (SP + ["--pattern", "3:5"], "no layer can take pattern 3:5")]),
+        "--granularity": Case(SPK + ["--granularity", "filter"], SPK, also=[(SPK + ["--granularity", "kernel"], SPK)],
+                              same=[(SPK + ["--granularity", "weight"], SPK)],
+                              refused=[(SP + ["--granularity", "kernel"], "granularity kernel has no effect with N:M"),
+                                       (SPU + ["--granularity", "filter"], "granularity filter applies to k-of-n")]),
+        "--amount": Case(SPU, _without(SPU, "--amount"), also=[(SPK, _without(SPK, "--amount"))],
+                         refused=[(SP + ["--amount", "0.5"], "an amount has no effect with N:M"),
+                                  (_without(SPU, "--amount") + ["--amount", "1.5"], "amount must be in [0, 1)")]),
+        "--criterion": Case(SP + ["--criterion", "obs"], SP),
+        "--calibration": Case(SPO + ["--calibration", "ood:noise-uniform"], SPO, refused=[
+            (SP + ["--calibration", "synthetic"], "--calibration has no effect with criterion l1")]),
+        "--calibration-samples": Case(SPO, _without(SPO, "--calibration-samples"), refused=[
+            (SP + ["--calibration-samples", "8"], "--calibration-samples has no effect with criterion l1"),
+            (SPO + ["--calibration", "none"], "--calibration-samples has no effect with --calibration none")]),
+        "--input-shape": Case(SP_DYN + ["--input-shape", "1x3x8x8"], SP_DYN, refused=[
+            (SP + ["--input-shape", "1x3x8x8"], "--input-shape has no effect with criterion l1"),
+            (SPO + ["--calibration", "{NPZ}", "--input-shape", "1x3x8x8"], "--input-shape has no effect with")]),
+        "--storage": Case(SPU + ["--storage", "sparse"], SPU, same=[(SPU + ["--storage", "dense"], SPU)],
+                          also=[(SP + ["--storage", "sparse"], SP)]),  # 2:4 float32: a warning, nothing smaller
+        "--report": Case(SP + ["--report"], SP),
+        "--json": Case(SP + ["--json"], SP),
     },
     "apply-plan": {
         **_common(AP),

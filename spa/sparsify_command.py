@@ -1,0 +1,104 @@
+"""`spa sparsify MODEL -o OUT --pattern unstructured|N:M|k-of-n`: fine-grained sparsity (spa.sparsity),
+verified and written like every SPA output; a bad request is one `spa: error:` line (exit 2)."""
+from __future__ import annotations
+
+import json
+
+from .errors import SpaError
+
+CALIBRATION_FLAGS = (("--calibration", "calibration"), ("--calibration-samples", "calibration_samples"),
+                     ("--input-shape", "input_shape"))
+
+
+def add_parser(sub) -> None:
+    """The sparsify subcommand of spa.cli's parser."""
+    sp = sub.add_parser("sparsify", help="zero weights in a fine-grained pattern (2:4, k-of-n, unstructured); "
+                                         "shapes stay")
+    sp.add_argument("model", help="input .onnx file (or a framework file a frontend converts)")
+    sp.add_argument("-o", "--output", help="where to write the sparsified ONNX model")
+    sp.add_argument("--pattern", default="2:4", metavar="unstructured|N:M|k-of-n",
+                    help="N:M: at most N non-zeros in every M weights along the input channels (default 2:4); "
+                         "k-of-n: keep 1 - --amount of each row, kernel set or filter set; unstructured: zero the "
+                         "--amount smallest weights of each layer")
+    sp.add_argument("--granularity", choices=("weight", "kernel", "filter"),
+                    help="what k-of-n keeps k of: weights of an output row (default), input kernels of a filter, "
+                         "filters of a layer (zeroed, not removed)")
+    sp.add_argument("--amount", type=float, metavar="A", help="fraction zeroed, in [0, 1) (unstructured, k-of-n)")
+    sp.add_argument("--criterion", choices=("l1", "obs"), default="l1",
+                    help="l1: keep the largest |w| (default); obs: choose and compensate with OBS updates on "
+                         "calibration inputs (SparseGPT-style)")
+    sp.add_argument("--calibration", metavar="SOURCE", help="calibration inputs for --criterion obs (as spa prune)")
+    sp.add_argument("--calibration-samples", type=int, metavar="N", help="calibration inputs drawn (--criterion obs)")
+    sp.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224",
+                    help="shape of generated calibration inputs (--criterion obs)")
+    sp.add_argument("--storage", choices=("dense", "sparse"), default="dense",
+                    help="sparse: weights that get smaller as COO are stored so (onnxruntime densifies them at load)")
+    sp.add_argument("--report", action="store_true", help="print the per-layer sparsity and sizes")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON")
+    sp.add_argument("--overwrite", action="store_true", help="allow -o to be the input model itself")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    sp.add_argument("--verbose", action="store_true",
+                    help="let TensorFlow, absl and onnxruntime log (hidden by default)")
+
+
+def command(args, say) -> int:
+    """Check every flag, sparsify, verify and write, then print the summary (or the report)."""
+    from .cli import _check_data_files, _framework_to_onnx, warn
+    from .frontends import frontend_for
+    from .graph import external_tensor_names, load_model
+    from .paths import check_outputs
+    from .pipeline import save
+    from .sparsity import format_sparsity, format_summary, parse_pattern, sparsify
+
+    if not args.output:
+        raise SpaError("-o/--output is required")
+    if frontend_for(args.output) is not None:
+        raise SpaError(f"-o {args.output}: spa sparsify writes ONNX; give -o an .onnx name")
+    pattern = parse_pattern(args.pattern, args.amount, args.granularity)
+    calibration = calibration_of(args)
+    check_outputs(args, args.output)
+    args.source = args.model
+    args.model = _framework_to_onnx(args.model, say)
+    say(f"loading {args.source}")
+    model = load_model(args.model)
+    _check_data_files(args, model)
+    sparse, report = sparsify(model, pattern, args.criterion, calibration=calibration, storage=args.storage,
+                              progress=say)
+    for skipped in report["skipped"]:
+        warn(f"{skipped['name']} not sparsified: {skipped['reason']}")
+    if args.storage == "sparse" and not report["stored_sparse"]:
+        warn("--storage sparse: no weight is smaller stored sparse at this sparsity; every weight stays dense")
+    say(f"verifying and writing {args.output}")
+    save(sparse, args.output, external=external_tensor_names(args.model))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    elif args.report:
+        print(format_sparsity([dict(r, zeros=r["zeros_after"]) for r in report["layers"]]))
+        print(format_summary(report))
+    else:
+        print(f"wrote {args.output}: {format_summary(report)}")
+    return 0
+
+
+def calibration_of(args):
+    """--calibration, --calibration-samples and --input-shape as a spa.calibration.Calibration
+    (None: criterion obs's default); refused with criterion l1, which reads no inputs."""
+    from .calibration import Calibration, source_kind
+    from .frontends import parse_input_shapes
+
+    given = [flag for flag, field in CALIBRATION_FLAGS if getattr(args, field) is not None]
+    if args.criterion != "obs":
+        if given:
+            raise SpaError(f"{given[0]} has no effect with criterion {args.criterion}, which uses no calibration "
+                           "inputs (use --criterion obs)")
+        return None
+    if not given:
+        return None
+    kind = source_kind(args.calibration)
+    if args.input_shape is not None and kind not in ("generated", None):
+        raise SpaError(f"--input-shape has no effect with --calibration {args.calibration}: it shapes generated "
+                       "inputs only")
+    if args.calibration_samples is not None and kind == "none":
+        raise SpaError("--calibration-samples has no effect with --calibration none, which gives no inputs")
+    return Calibration(source=args.calibration or "auto", samples=args.calibration_samples,
+                       shapes=parse_input_shapes(args.input_shape)).check()

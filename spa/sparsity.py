@@ -1,0 +1,420 @@
+"""Fine-grained sparsity: exact zeros in a pattern, written into the constant weights of every Conv,
+Gemm and MatMul (`spa.layers.weighted_layers`). Nothing is removed: the model keeps its shapes, and
+a runtime that detects the pattern (TensorRT's 2:4 sparse tensor cores) or a compressor gains.
+
+Patterns (`Pattern`), each per layer; the contracted axis is the layer's input-channel axis
+(`Layer.in_axis`): I of a Conv weight [O, I/g, kh, kw], K of a Gemm/MatMul weight:
+
+- `n:m`: at most n non-zeros in every m consecutive weights along the contracted axis, the 2:4
+  pattern Ampere GPUs accelerate. For a Conv the groups run along I at each (o, kh, kw) (the
+  TensorRT convention). A layer whose contracted axis is not a multiple of m is skipped (and
+  reported). N:M fixes the amount (1 - n/m) and acts on single weights only.
+- `k-of-n`: keep k of every n, k = n - round(amount * n) (at least 1), by granularity:
+  `weight`: per output row (filter or neuron), the k largest of its n contracted weights
+  (row-balanced); `kernel`: per output filter, k of its n input kernels (a kh x kw slice; for a
+  dense layer one weight, as `weight`); `filter`: k of the layer's n output filters, zeroed (not
+  removed; a bias stays).
+- `unstructured`: the `amount` fraction of smallest weights of each layer (per layer, not global).
+
+Scores default to |w| (summed over a kernel or filter); ties keep the earlier index. Layers whose
+weight is shared by several nodes, is a Constant node or is not float are skipped and reported.
+`storage="sparse"` writes each weight that gets smaller that way as a Constant node holding a COO
+`sparse_value` (ONNX's sparse_initializer fails the strict checker's type inference, which reads
+it as a sparse tensor); onnxruntime densifies it at load, so only the file shrinks.
+"""
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import SpaError
+from .layers import Layer, weighted_layers
+
+KINDS = ("unstructured", "n:m", "k-of-n")
+GRANULARITIES = ("weight", "kernel", "filter")
+REPORTED_N_M = ((2, 4), (1, 4), (4, 8))
+FLOAT_TYPES = (np.float16, np.float32, np.float64)
+INDEX_BYTES = 8  # ONNX sparse indices are int64
+
+
+@dataclass(frozen=True)
+class Pattern:
+    kind: str  # "unstructured" | "n:m" | "k-of-n"
+    n: int = 0
+    m: int = 0
+    amount: float = 0.0
+    granularity: str = "weight"  # weight | kernel | filter
+
+    def __str__(self):
+        if self.kind == "n:m":
+            return f"{self.n}:{self.m}"
+        suffix = f", {self.granularity}" if self.kind == "k-of-n" else ""
+        return f"{self.kind} {self.amount:g}{suffix}"
+
+
+def parse_pattern(text, amount=None, granularity="weight") -> Pattern:
+    """"unstructured", "N:M" (e.g. "2:4") or "k-of-n", with the amount and granularity they take."""
+    text = str(text).strip().lower()
+    granularity = str(granularity or "weight").strip().lower()
+    if granularity not in GRANULARITIES:
+        raise SpaError(f"sparsity granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    if ":" in text:
+        return _n_m(text, amount, granularity)
+    if text not in ("unstructured", "k-of-n"):
+        raise SpaError(f"unknown sparsity pattern {text!r}: expected unstructured, N:M (e.g. 2:4) or k-of-n")
+    if amount is None:
+        raise SpaError(f"pattern {text} needs an amount (the fraction of weights zeroed, in [0, 1))")
+    if not isinstance(amount, (int, float)) or not 0 <= amount < 1:
+        raise SpaError(f"sparsity amount must be in [0, 1), got {amount!r}")
+    if text == "unstructured" and granularity != "weight":
+        raise SpaError(f"granularity {granularity} applies to k-of-n; unstructured sparsity zeroes single weights")
+    return Pattern(text, amount=float(amount), granularity=granularity)
+
+
+def _n_m(text, amount, granularity) -> Pattern:
+    left, _, right = text.partition(":")
+    try:
+        n, m = int(left), int(right)
+    except ValueError:
+        raise SpaError(f"sparsity pattern {text!r}: expected N:M with integers, e.g. 2:4") from None
+    if n < 1 or n > m:
+        raise SpaError(f"sparsity pattern {text}: N:M needs 1 <= N <= M (N non-zeros kept of every M), e.g. 2:4")
+    if amount is not None:
+        raise SpaError(f"an amount has no effect with N:M: {n}:{m} fixes it at {1 - n / m:g}")
+    if granularity != "weight":
+        raise SpaError(f"granularity {granularity} has no effect with N:M, which keeps N of every M single weights")
+    return Pattern("n:m", n=n, m=m, amount=1 - n / m)
+
+
+# ---------------------------------------------------------------------------------------------
+# masks
+# ---------------------------------------------------------------------------------------------
+def kept(n: int, amount: float) -> int:
+    """How many of n a k-of-n or unstructured pattern keeps."""
+    return max(1, n - int(math.floor(amount * n + 0.5)))
+
+
+def out_axis(layer: Layer) -> int:
+    return 0 if layer.kind == "conv" else 1 - layer.in_axis
+
+
+def contracted_length(shape, layer: Layer) -> int:
+    return int(shape[layer.in_axis])
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Keep mask of the k highest scores of each row of a 2-D array; ties keep the earlier index."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    keep = np.zeros(scores.shape, dtype=bool)
+    np.put_along_axis(keep, order[:, :k], True, axis=1)
+    return keep
+
+
+def _rows(a: np.ndarray, layer: Layer) -> np.ndarray:
+    """(output rows, every contracted weight of the row)."""
+    moved = np.moveaxis(a, out_axis(layer), 0)
+    return moved.reshape(moved.shape[0], -1)
+
+
+def _from_rows(rows: np.ndarray, shape, layer: Layer) -> np.ndarray:
+    axis = out_axis(layer)
+    moved_shape = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis)
+    return np.moveaxis(rows.reshape(moved_shape), 0, axis)
+
+
+def _kernels(a: np.ndarray) -> np.ndarray:
+    """(output filters, input kernels, kh * kw) of a Conv weight [O, I/g, kh, kw]."""
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def layer_mask(weight: np.ndarray, layer: Layer, pattern: Pattern, scores: np.ndarray | None = None) -> np.ndarray:
+    """Bool keep mask (weight's shape) of `pattern` on one layer; `scores` default |weight|."""
+    weight = np.asarray(weight)
+    scores = np.abs(np.asarray(weight, dtype=np.float64)) if scores is None else np.asarray(scores, np.float64)
+    if pattern.kind == "unstructured":
+        return _top(scores.reshape(1, -1), kept(scores.size, pattern.amount)).reshape(weight.shape)
+    if pattern.kind == "n:m":
+        return _n_m_mask(scores, layer, pattern)
+    if pattern.granularity == "filter":
+        per_filter = _rows(scores, layer).sum(axis=1)[None]
+        keep = _top(per_filter, kept(per_filter.size, pattern.amount)).T
+        return _from_rows(np.repeat(keep, scores.size // per_filter.size, axis=1), weight.shape, layer)
+    if pattern.granularity == "kernel" and layer.kind == "conv":
+        per_kernel = _kernels(scores).sum(axis=2)
+        keep = np.repeat(_top(per_kernel, kept(per_kernel.shape[1], pattern.amount)), layer.per_index, axis=1)
+        return keep.reshape(weight.shape)
+    rows = _rows(scores, layer)
+    return _from_rows(_top(rows, kept(rows.shape[1], pattern.amount)), weight.shape, layer)
+
+
+def _n_m_mask(scores: np.ndarray, layer: Layer, pattern: Pattern) -> np.ndarray:
+    length = contracted_length(scores.shape, layer)
+    if length % pattern.m:
+        raise SpaError(f"contracted axis of {length} weights is not a multiple of {pattern.m}")
+    moved = np.moveaxis(scores, layer.in_axis, -1)
+    keep = _top(moved.reshape(-1, pattern.m), pattern.n).reshape(moved.shape)
+    return np.moveaxis(keep, -1, layer.in_axis)
+
+
+def _n_m_counts(weight: np.ndarray, layer: Layer, m: int) -> np.ndarray | None:
+    """Non-zeros of every group of m along the contracted axis; None when the axis does not split."""
+    if contracted_length(weight.shape, layer) % m:
+        return None
+    moved = np.moveaxis(np.asarray(weight) != 0, layer.in_axis, -1)
+    return moved.reshape(-1, m).sum(axis=1)
+
+
+def conforms(weight: np.ndarray, layer: Layer, pattern: Pattern) -> bool:
+    """Whether `weight` has at most the non-zeros `pattern` allows."""
+    weight = np.asarray(weight)
+    nonzero = weight != 0
+    if pattern.kind == "n:m":
+        counts = _n_m_counts(weight, layer, pattern.m)
+        return counts is not None and bool(np.all(counts <= pattern.n))
+    if pattern.kind == "unstructured":
+        return int(nonzero.sum()) <= kept(weight.size, pattern.amount)
+    if pattern.granularity == "filter":
+        filters = _rows(nonzero, layer).any(axis=1)
+        return int(filters.sum()) <= kept(filters.size, pattern.amount)
+    if pattern.granularity == "kernel" and layer.kind == "conv":
+        kernels = _kernels(nonzero).any(axis=2)
+        return bool(np.all(kernels.sum(axis=1) <= kept(kernels.shape[1], pattern.amount)))
+    rows = _rows(nonzero, layer)
+    return bool(np.all(rows.sum(axis=1) <= kept(rows.shape[1], pattern.amount)))
+
+
+# ---------------------------------------------------------------------------------------------
+# which layers
+# ---------------------------------------------------------------------------------------------
+def eligible_layers(g, pattern: Pattern) -> tuple[list, list]:
+    """(layers to sparsify, [{"name", "weight", "reason"}] of those skipped). A bias that is no
+    initializer of its own (shared) is left out of the layer: it is never rewritten."""
+    initializers = {t.name: t for t in g.model.graph.initializer}
+    layers, skipped = [], []
+    for layer in weighted_layers(g):
+        reason = _skip_reason(g, layer, initializers, pattern)
+        if reason is None:
+            layers.append(layer if layer.bias in initializers or layer.bias is None else replace(layer, bias=None))
+        else:
+            weight = g.aliases[layer.weight][3] if layer.weight in g.aliases else layer.weight
+            skipped.append({"name": g.node_name(layer.node), "weight": weight, "reason": reason})
+    return layers, skipped
+
+
+def _skip_reason(g, layer: Layer, initializers: dict, pattern: Pattern) -> str | None:
+    if layer.weight in g.aliases:
+        root = g.aliases[layer.weight][3]
+        readers = sum(1 for alias in g.aliases.values() if alias[3] == root)
+        return f"weight {root} is shared by {readers} nodes"
+    if len(g.consumers.get(layer.weight, [])) > 1:  # a tied parameter, never unshared
+        return f"weight {layer.weight} is shared by {len(g.consumers[layer.weight])} nodes"
+    if layer.weight not in initializers:
+        return "weight is a Constant node, not an initializer"
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(initializers[layer.weight].data_type)
+    if dtype not in FLOAT_TYPES:
+        return f"weight is {dtype}, not float16/32/64"
+    length = contracted_length(g.consts.shape(layer.weight), layer)
+    if pattern.kind == "n:m" and length % pattern.m:
+        return f"contracted axis of {length} weights is not a multiple of {pattern.m}"
+    return None
+
+
+def densified(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with each Constant node holding a sparse_value (storage="sparse") turned back into a
+    dense initializer; `model` itself when it has none."""
+    sparse = [n for n in model.graph.node if n.op_type == "Constant" and n.attribute
+              and n.attribute[0].name == "sparse_value"]
+    if not sparse:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in [n for n in out.graph.node if n.op_type == "Constant" and n.attribute
+                 and n.attribute[0].name == "sparse_value"]:
+        value = _dense(node.attribute[0].sparse_tensor)
+        out.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        out.graph.node.remove(node)
+    return out
+
+
+def _dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    values, index = numpy_helper.to_array(sparse.values), numpy_helper.to_array(sparse.indices)
+    dense = np.zeros(int(np.prod(sparse.dims)), dtype=values.dtype)
+    dense[np.ravel_multi_index(index.T, sparse.dims) if index.ndim == 2 else index] = values
+    return dense.reshape(tuple(sparse.dims))
+
+
+def sparsity_report(model: onnx.ModelProto) -> list:
+    """Per weighted layer: name, op, weight, shape, zeros (fraction) and the N:M patterns (2:4,
+    1:4, 4:8) its weight conforms to along its contracted axis."""
+    from .graph import Graph
+
+    g = Graph(densified(model))
+    rows = []
+    for layer in weighted_layers(g):
+        w = np.asarray(g.consts[layer.weight])
+        rows.append({"name": g.node_name(layer.node), "op": g.nodes[layer.node].op_type, "weight": layer.weight,
+                     "shape": list(w.shape), "zeros": float(np.mean(w == 0)) if w.size else 0.0,
+                     "n_m": [f"{n}:{m}" for n, m in REPORTED_N_M if _conforms_n_m(w, layer, n, m)]})
+    return rows
+
+
+def _conforms_n_m(w, layer, n, m) -> bool:
+    counts = _n_m_counts(w, layer, m)
+    return counts is not None and bool(np.all(counts <= n))
+
+
+def format_sparsity(rows: list) -> str:
+    if not rows:
+        return "no Conv, Gemm or MatMul layer with a constant weight"
+    width = max(len(r["name"]) for r in rows)
+    lines = [f"{'layer':<{width}}  {'op':<6}  {'shape':<18}  zeros  N:M"]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(f"{r['name']:<{width}}  {r['op']:<6}  {shape:<18}  {r['zeros']:5.1%}  "
+                     f"{', '.join(r['n_m']) or '-'}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------
+def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str = "l1", *, calibration=None,
+             storage: str = "dense", progress=lambda message: None) -> tuple[onnx.ModelProto, dict]:
+    """(a copy of `model` with `pattern`'s exact zeros in every eligible layer's weight, report).
+    criterion "l1" keeps the largest |w|; "obs" chooses and compensates with OBS updates on
+    calibration inputs (spa.sparse_obs). Every written weight is checked against the pattern."""
+    from .graph import Graph
+
+    if criterion not in ("l1", "obs"):
+        raise SpaError(f"sparsity criterion must be l1 or obs, got {criterion!r}")
+    if storage not in ("dense", "sparse"):
+        raise SpaError(f"storage must be dense or sparse, got {storage!r}")
+    given, model = model, densified(model)
+    g = Graph(model)
+    layers, skipped = eligible_layers(g, pattern)
+    if not layers:
+        why = "; ".join(sorted({s["reason"] for s in skipped})) or "no Conv, Gemm or MatMul has a constant weight"
+        raise SpaError(f"no layer can take pattern {pattern}: {why}")
+    progress(f"sparsifying {len(layers)} layers to {pattern} ({criterion})")
+    new_values = _new_values(model, g, layers, pattern, criterion, calibration, progress)
+    _check_written(g, layers, pattern, new_values)
+    out = _with_values(model, new_values)
+    dense_bytes = out.ByteSize()
+    stored_sparse = _store_sparse(out, [l.weight for l in layers]) if storage == "sparse" else []
+    report = _report(given, out, g, layers, skipped, pattern, criterion, new_values, dense_bytes, stored_sparse)
+    return out, report
+
+
+def _new_values(model, g, layers, pattern, criterion, calibration, progress) -> dict:
+    if criterion == "obs":
+        from .sparse_obs import obs_sparsify
+        return obs_sparsify(model, layers, pattern, calibration, progress)
+    values = {}
+    for layer in layers:
+        w = np.asarray(g.consts[layer.weight])
+        values[layer.weight] = np.where(layer_mask(w, layer, pattern), w, np.zeros((), w.dtype)).astype(w.dtype)
+    return values
+
+
+def _check_written(g, layers, pattern, values: dict) -> None:
+    for layer in layers:
+        w = values.get(layer.weight)
+        original = g.consts[layer.weight]
+        if w is None or np.shape(w) != np.shape(original) or np.asarray(w).dtype != original.dtype:
+            raise RuntimeError(f"sparsify: no weight of {layer.weight}'s shape and dtype was computed")
+        if not conforms(w, layer, pattern):
+            raise RuntimeError(f"sparsify: the weight {layer.weight} written does not conform to {pattern}")
+
+
+def _with_values(model: onnx.ModelProto, values: dict) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for tensor in out.graph.initializer:
+        if tensor.name in values:
+            tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values[tensor.name]), tensor.name))
+    return out
+
+
+def _store_sparse(model: onnx.ModelProto, names: list) -> list:
+    """Move the weights `names` that are smaller as COO into Constant nodes with a sparse_value
+    (in place); returns those moved."""
+    graph_inputs = {i.name for i in model.graph.input}
+    moved, kept_dense = [], []
+    for tensor in model.graph.initializer:
+        value = numpy_helper.to_array(tensor) if tensor.name in names and tensor.name not in graph_inputs else None
+        if value is None or np.count_nonzero(value) * (value.itemsize + INDEX_BYTES) >= value.nbytes:
+            kept_dense.append(tensor)
+            continue
+        flat = value.reshape(-1)
+        index = np.flatnonzero(flat).astype(np.int64)
+        sparse = helper.make_sparse_tensor(numpy_helper.from_array(flat[index], tensor.name),
+                                           numpy_helper.from_array(index, tensor.name + "_indices"), list(value.shape))
+        model.graph.node.insert(len(moved), helper.make_node("Constant", [], [tensor.name], sparse_value=sparse,
+                                                             name=tensor.name + "_sparse"))
+        moved.append(tensor.name)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept_dense)
+    return moved
+
+
+def zipped_size(model: onnx.ModelProto) -> int:
+    """Bytes of the serialized model compressed with zlib (what a .zip of the file would hold)."""
+    return len(zlib.compress(model.SerializeToString(), 6))
+
+
+def _layer_rows(g, layers, values) -> list:
+    rows = []
+    for layer in layers:
+        before, after = np.asarray(g.consts[layer.weight]), np.asarray(values[layer.weight])
+        rows.append({"name": g.node_name(layer.node), "op": g.nodes[layer.node].op_type, "weight": layer.weight,
+                     "shape": list(before.shape), "zeros_before": float(np.mean(before == 0)),
+                     "zeros_after": float(np.mean(after == 0)),
+                     "n_m": [f"{n}:{m}" for n, m in REPORTED_N_M if _conforms_n_m(after, layer, n, m)]})
+    return rows
+
+
+def _report(model, out, g, layers, skipped, pattern, criterion, values, dense_bytes, stored_sparse) -> dict:
+    """The JSON report: per layer zeros before/after and the N:M patterns met, the layers skipped
+    and why, overall sparsity of the sparsified weights, file and zlib-compressed sizes."""
+    rows = _layer_rows(g, layers, values)
+    counts = [int(np.prod(r["shape"])) for r in rows]
+    total = max(sum(counts), 1)
+    return {"pattern": str(pattern), "criterion": criterion, "layers": rows, "skipped": skipped,
+            "parameters": sum(counts),
+            "sparsity": {"before": sum(r["zeros_before"] * n for r, n in zip(rows, counts)) / total,
+                         "after": sum(r["zeros_after"] * n for r, n in zip(rows, counts)) / total},
+            "stored_sparse": stored_sparse,
+            "bytes": {"before": model.ByteSize(), "dense": dense_bytes, "written": out.ByteSize()},
+            "zipped_bytes": {"before": zipped_size(model), "after": zipped_size(out)}}
+
+
+def format_summary(report: dict) -> str:
+    sizes, zipped = report["bytes"], report["zipped_bytes"]
+    return (f"{len(report['layers'])} layers sparsified to {report['pattern']}: sparsity "
+            f"{report['sparsity']['before']:.1%} -> {report['sparsity']['after']:.1%} of {report['parameters']} "
+            f"weights; file {sizes['before']} -> {sizes['written']} bytes ({len(report['stored_sparse'])} weights "
+            f"stored sparse), zipped {zipped['before']} -> {zipped['after']} bytes")
+
+
+@dataclass
+class Sparsified:
+    """What `spa.sparsify` returns: the sparsified model (verified when saved) and its report."""
+    model: onnx.ModelProto
+    report: dict
+    source: str | None = None  # the input file, whose external data names the output keeps
+
+    def save(self, path: str) -> str:
+        """Verify (checker, shape inference, an onnxruntime run) and write; nothing is written on failure."""
+        from .graph import external_tensor_names
+        from .pipeline import save
+
+        if self.source and os.path.abspath(path) == os.path.abspath(self.source):
+            raise SpaError(f"refusing to overwrite the input model {path}")
+        save(self.model, path, external=external_tensor_names(self.source) if self.source else None)
+        return path

@@ -1,0 +1,359 @@
+"""Fine-grained sparsity (spa.sparsity, `spa sparsify`, `spa analyze --sparsity`, spa.sparsify):
+every written weight conforms to its pattern, masks match a brute-force reference, the outputs
+run, and bad requests are one `spa: error:` line."""
+import contextlib
+import importlib.util
+import io
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, numpy_helper
+
+import spa
+from builder import Builder
+from spa.cli import main
+from spa.errors import SpaError
+from spa.graph import Graph
+from spa.layers import weighted_layers
+from spa.sparsity import (Pattern, conforms, densified, kept, layer_mask, parse_pattern, sparsify,
+                          sparsity_report)
+
+PATTERNS = [parse_pattern("2:4"), parse_pattern("1:4"), parse_pattern("4:8"), parse_pattern("unstructured", 0.6),
+            parse_pattern("k-of-n", 0.5), parse_pattern("k-of-n", 0.5, "kernel"),
+            parse_pattern("k-of-n", 0.75, "filter")]
+
+
+# ------------------------------------------------------------------------------------------------
+# models
+# ------------------------------------------------------------------------------------------------
+def conv_model():
+    """Conv, grouped Conv (2 groups of 8 inputs), depthwise Conv, Gemm transB=1 and transB=0."""
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input(["batch", 8, 6, 6]), 8, 16)])
+    x = b.op("Relu", [b.conv(x, 16, 16, group=2)])
+    x = b.conv(x, 16, 16, group=16)
+    x = b.op("Flatten", [b.op("GlobalAveragePool", [x])])
+    x = b.op("Relu", [b.gemm(x, 16, 8, transB=1)])
+    b.output(b.gemm(x, 8, 4))
+    return b.model()
+
+
+def matmul_model():
+    """MatMul with the weight right ([batch, 16] @ [16, 8]) and left ([8, 16] @ [16, batch])."""
+    b = Builder()
+    x = b.op("MatMul", [b.input(["batch", 16]), b.weight(16, 8)])
+    x = b.op("Transpose", [b.op("Relu", [x])], perm=[1, 0])
+    b.output(b.op("MatMul", [b.weight(8, 8), x]))
+    return b.model()
+
+
+def feeds(model, batch=2):
+    rng = np.random.default_rng(1)
+    shapes = {"input": {"conv": (batch, 8, 6, 6), "matmul": (batch, 16)}}
+    kind = "conv" if model.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 8 else "matmul"
+    return {"input": rng.standard_normal(shapes["input"][kind]).astype(np.float32)}
+
+
+def outputs(model, x):
+    return ort.InferenceSession(model.SerializeToString()).run(None, x)
+
+
+def written_weights(model):
+    g = Graph(densified(model))
+    return [(layer, np.asarray(g.consts[layer.weight])) for layer in weighted_layers(g)]
+
+
+def cli(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def conv_file(tmp_path):
+    path = tmp_path / "conv.onnx"
+    onnx.save(conv_model(), path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# the masks against a brute-force reference
+# ------------------------------------------------------------------------------------------------
+def ranked(scores, indices, k):
+    """The k indices of the highest scores, ties to the earlier index."""
+    return set(sorted(indices, key=lambda i: (-scores[i], indices.index(i)))[:k])
+
+
+def reference(w, layer, pattern):
+    """Keep mask by loops over the weight's own index tuples."""
+    s, keep = np.abs(w), np.zeros(w.shape, dtype=bool)
+    out = 0 if layer.kind == "conv" else 1 - layer.in_axis
+    every = list(np.ndindex(*w.shape))
+    if pattern.kind == "unstructured":
+        groups, k = [every], kept(w.size, pattern.amount)
+    elif pattern.kind == "n:m":
+        m = pattern.m
+        groups = {}
+        for i in every:
+            rest = tuple(d for a, d in enumerate(i) if a != layer.in_axis)
+            groups.setdefault(rest + (i[layer.in_axis] // m,), []).append(i)
+        groups, k = list(groups.values()), pattern.n
+    elif pattern.granularity == "filter":
+        totals = {}
+        for i in every:
+            totals[i[out]] = totals.get(i[out], 0.0) + s[i]
+        chosen = ranked(totals, list(totals), kept(len(totals), pattern.amount))
+        return np.array([i[out] in chosen for i in every]).reshape(w.shape)
+    elif pattern.granularity == "kernel" and layer.kind == "conv":
+        for o in range(w.shape[0]):
+            totals = {c: s[o, c].sum() for c in range(w.shape[1])}
+            for c in ranked(totals, list(totals), kept(w.shape[1], pattern.amount)):
+                keep[o, c] = True
+        return keep
+    else:
+        rows = {}
+        for i in every:
+            rows.setdefault(i[out], []).append(i)
+        groups = list(rows.values())
+        k = kept(len(groups[0]), pattern.amount)
+    for group in groups:
+        for i in ranked({j: s[j] for j in group}, group, k):
+            keep[i] = True
+    return keep
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("build", [conv_model, matmul_model])
+def test_masks_match_the_reference(pattern, build):
+    g = Graph(build())
+    for layer in weighted_layers(g):
+        w = np.asarray(g.consts[layer.weight])
+        w = np.round(w * 2) / 2  # ties: the earlier index wins
+        if pattern.kind == "n:m" and w.shape[layer.in_axis] % pattern.m:
+            continue
+        mask = layer_mask(w, layer, pattern)
+        np.testing.assert_array_equal(mask, reference(w, layer, pattern), err_msg=f"{layer.weight} {pattern}")
+        assert conforms(np.where(mask, w, 0), layer, pattern)
+
+
+def test_n_m_groups_run_along_the_input_channels():
+    """Conv [O, I, kh, kw]: the 2:4 groups are 4 consecutive input channels at one (o, kh, kw)."""
+    g = Graph(conv_model())
+    layer = weighted_layers(g)[0]
+    w = np.zeros((16, 8, 3, 3), np.float32)
+    w[:, :, 1, 1] = 1.0  # dense along I at one position: 2:4 must thin it; along kh/kw it would not
+    kept_along_i = layer_mask(w, layer, Pattern("n:m", 2, 4))[:, :, 1, 1]
+    assert kept_along_i.sum() == 16 * 4
+    assert not conforms(w, layer, Pattern("n:m", 2, 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# models: every written tensor conforms, the outputs run
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("build", [conv_model, matmul_model])
+def test_every_written_weight_conforms_and_runs(pattern, build):
+    model = build()
+    sparse, report = sparsify(model, pattern)
+    done = {row["weight"] for row in report["layers"]}
+    skipped = {row["weight"] for row in report["skipped"]}
+    assert done and done | skipped == {layer.weight for layer, _ in written_weights(model)}
+    for layer, w in written_weights(sparse):
+        if layer.weight in done:
+            assert conforms(w, layer, pattern), (layer.weight, pattern)
+    if pattern.kind == "n:m":  # the depthwise Conv (1 input per group) cannot take N:M
+        assert all("not a multiple of" in row["reason"] for row in report["skipped"])
+    got = outputs(sparse, feeds(model))[0]
+    assert got.shape == outputs(model, feeds(model))[0].shape and np.all(np.isfinite(got))
+    assert report["sparsity"]["after"] > report["sparsity"]["before"]
+
+
+def test_weights_keep_float16():
+    b = Builder()
+    x = b.input(["batch", 8], dtype=TensorProto.FLOAT16)
+    w = b.const(b.rng.standard_normal((8, 4)).astype(np.float16))
+    y = b.op("MatMul", [x, w])
+    b.outputs.append(onnx.helper.make_tensor_value_info(y, TensorProto.FLOAT16, None))
+    sparse, report = sparsify(b.model(), parse_pattern("2:4"))
+    value = numpy_helper.to_array(sparse.graph.initializer[0])
+    assert value.dtype == np.float16 and report["layers"][0]["zeros_after"] == 0.5
+
+
+def test_shared_weight_is_skipped():
+    b = Builder()
+    x, w = b.input(["batch", 8]), b.weight(8, 8)
+    b.output(b.op("MatMul", [b.op("MatMul", [x, w]), w]))
+    b.output(b.op("MatMul", [x, b.weight(8, 4)]))
+    _, report = sparsify(b.model(), parse_pattern("2:4"))
+    assert len(report["layers"]) == 1
+    assert {s["reason"] for s in report["skipped"]} == {f"weight {w} is shared by 2 nodes"}
+
+
+def test_sparse_storage_matches_dense():
+    model = conv_model()
+    pattern = parse_pattern("unstructured", 0.9)
+    dense, dense_report = sparsify(model, pattern)
+    stored, report = sparsify(model, pattern, storage="sparse")
+    assert report["stored_sparse"] and not dense_report["stored_sparse"]
+    assert report["bytes"]["written"] < report["bytes"]["dense"] == dense_report["bytes"]["written"]
+    assert report["zipped_bytes"]["after"] < report["zipped_bytes"]["before"]
+    onnx.checker.check_model(stored, full_check=True)
+    np.testing.assert_array_equal(outputs(stored, feeds(model))[0], outputs(dense, feeds(model))[0])
+    assert [r["zeros"] for r in sparsity_report(stored)] == [r["zeros"] for r in sparsity_report(dense)]
+
+
+def test_sparse_storage_keeps_a_weight_dense_where_it_is_not_smaller():
+    _, report = sparsify(conv_model(), parse_pattern("2:4"), storage="sparse")  # float32 at 50%: COO is bigger
+    assert report["stored_sparse"] == []
+
+
+# ------------------------------------------------------------------------------------------------
+# patterns refused
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, amount, granularity, message", [
+    ("4:2", None, "weight", "1 <= N <= M"),
+    ("0:4", None, "weight", "1 <= N <= M"),
+    ("2:x", None, "weight", "expected N:M with integers"),
+    ("2:4", 0.5, "weight", "an amount has no effect with N:M"),
+    ("2:4", None, "kernel", "granularity kernel has no effect with N:M"),
+    ("unstructured", None, "weight", "needs an amount"),
+    ("unstructured", 1.0, "weight", "amount must be in [0, 1)"),
+    ("k-of-n", -0.1, "weight", "amount must be in [0, 1)"),
+    ("unstructured", 0.5, "filter", "granularity filter applies to k-of-n"),
+    ("k-of-n", 0.5, "rows", "granularity must be one of"),
+    ("blocks", 0.5, "weight", "unknown sparsity pattern"),
+])
+def test_bad_patterns_are_refused(text, amount, granularity, message):
+    with pytest.raises(SpaError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        parse_pattern(text, amount, granularity)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pattern", "4:2"], "N:M needs 1 <= N <= M"),
+    (["--pattern", "unstructured", "--amount", "1.5"], "amount must be in [0, 1)"),
+    (["--pattern", "2:4", "--amount", "0.5"], "an amount has no effect with N:M"),
+    (["--calibration-samples", "8"], "--calibration-samples has no effect with criterion l1"),
+])
+def test_cli_refuses_with_one_line(tmp_path, conv_file, argv, message):
+    out = tmp_path / "out.onnx"
+    rc, _, err = cli("sparsify", conv_file, "-o", out, "-q", *argv)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("spa: error: ") and message in lines[0], err
+    assert not out.exists()
+
+
+def test_cli_refuses_a_model_no_layer_of_which_splits_in_m(tmp_path):
+    b = Builder()
+    b.output(b.gemm(b.input(["batch", 6]), 6, 4))
+    onnx.save(b.model(), tmp_path / "m.onnx")
+    rc, _, err = cli("sparsify", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx", "-q", "--pattern", "4:8")
+    assert rc == 2 and err.strip().splitlines() == [
+        "spa: error: no layer can take pattern 4:8: contracted axis of 6 weights is not a multiple of 8"]
+
+
+def test_cli_names_the_layers_it_skips(tmp_path, conv_file):
+    rc, out, err = cli("sparsify", conv_file, "-o", tmp_path / "o.onnx", "-q")
+    assert rc == 0 and out.startswith(f"wrote {tmp_path / 'o.onnx'}: 4 layers sparsified to 2:4")
+    assert err.strip().splitlines() == ["spa: warning: Conv_16 not sparsified: contracted axis of 1 weights is not "
+                                        "a multiple of 4"]
+
+
+def test_cli_writes_onnx_only(tmp_path, conv_file):
+    rc, _, err = cli("sparsify", conv_file, "-o", tmp_path / "o.pt2", "-q")
+    assert rc == 2 and "spa sparsify writes ONNX" in err and not (tmp_path / "o.pt2").exists()
+
+
+def test_cli_refuses_to_overwrite_its_input(conv_file):
+    rc, _, err = cli("sparsify", conv_file, "-o", conv_file, "-q")
+    assert rc == 2 and "refusing to overwrite the input model (pass --overwrite)" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# the CLI end to end
+# ------------------------------------------------------------------------------------------------
+def test_cli_json_report_and_analyze(tmp_path, conv_file):
+    out = tmp_path / "o.onnx"
+    rc, text, _ = cli("sparsify", conv_file, "-o", out, "-q", "--json", "--pattern", "unstructured", "--amount",
+                      "0.8", "--storage", "sparse")
+    report = json.loads(text)
+    assert rc == 0 and report["pattern"] == "unstructured 0.8" and report["stored_sparse"]
+    assert os.path.getsize(out) == report["bytes"]["written"]
+    rc, text, _ = cli("analyze", out, "-q", "--json", "--sparsity")
+    rows = json.loads(text)["sparsity"]
+    assert rc == 0 and len(rows) == 5 and all(r["zeros"] >= 0.79 for r in rows)
+    rc, text, _ = cli("analyze", out, "-q", "--sparsity")
+    assert rc == 0 and "zeros  N:M" in text
+
+
+def test_prune_then_sparsify(tmp_path, conv_file):
+    pruned, sparse = tmp_path / "pruned.onnx", tmp_path / "sparse.onnx"
+    assert cli("prune", conv_file, "-o", pruned, "--ratio", "0.5", "-q")[0] == 0
+    rc, _, err = cli("sparsify", pruned, "-o", sparse, "-q", "--pattern", "2:4")
+    assert rc == 0, err
+    model = onnx.load(sparse)
+    rows = {r["name"]: r for r in sparsity_report(model)}
+    assert all("2:4" in rows[name]["n_m"] for name in rows if rows[name]["shape"][1] % 4 == 0)
+    outputs(model, feeds(conv_model()))
+
+
+def test_api_sparsify(tmp_path, conv_file):
+    result = spa.sparsify(str(conv_file), "k-of-n", amount=0.5, granularity="filter")
+    assert result.report["pattern"] == "k-of-n 0.5, filter"
+    path = result.save(str(tmp_path / "o.onnx"))
+    assert [r["zeros"] for r in sparsity_report(onnx.load(path))] == [0.5] * 5
+    with pytest.raises(SpaError, match="refusing to overwrite the input model"):
+        result.save(str(conv_file))
+    with pytest.raises(SpaError, match="a Pattern carries its amount"):
+        spa.sparsify(conv_model(), parse_pattern("2:4"), amount=0.5)
+
+
+def test_a_model_that_fails_verification_is_not_written(tmp_path, conv_file, monkeypatch):
+    import spa.pipeline
+
+    def fail(*args, **kwargs):
+        raise SpaError("sparsified model failed onnxruntime: broken")
+    monkeypatch.setattr(spa.pipeline, "validate", fail)
+    rc, _, err = cli("sparsify", conv_file, "-o", tmp_path / "o.onnx", "-q")
+    assert rc == 2 and "failed onnxruntime" in err and not (tmp_path / "o.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# criterion obs (spa.sparse_obs)
+# ------------------------------------------------------------------------------------------------
+needs_obs = pytest.mark.skipif(importlib.util.find_spec("spa.sparse_obs") is None, reason="spa.sparse_obs missing")
+
+
+@needs_obs
+@pytest.mark.parametrize("pattern", [parse_pattern("2:4"), parse_pattern("k-of-n", 0.5, "kernel")], ids=str)
+def test_obs_weights_conform_and_run(pattern):
+    from spa.calibration import Calibration
+
+    model = conv_model()
+    sparse, report = sparsify(model, pattern, "obs", calibration=Calibration(source="synthetic", samples=8))
+    assert report["criterion"] == "obs" and report["layers"]
+    done = {row["weight"] for row in report["layers"]}
+    assert all(conforms(w, layer, pattern) for layer, w in written_weights(sparse) if layer.weight in done)
+    assert np.all(np.isfinite(outputs(sparse, feeds(model))[0]))
+
+
+def test_obs_plumbing_calls_obs_sparsify(monkeypatch):
+    """criterion obs hands (model, layers, pattern, calibration, progress) to spa.sparse_obs.obs_sparsify."""
+    import sys
+    import types
+
+    seen = {}
+
+    def fake(model, layers, pattern, calibration, progress):
+        seen.update(layers=[l.weight for l in layers], pattern=pattern, calibration=calibration)
+        g = Graph(model)
+        return {l.weight: np.where(layer_mask(g.consts[l.weight], l, pattern), g.consts[l.weight], 0).astype(np.float32)
+                for l in layers}
+    monkeypatch.setitem(sys.modules, "spa.sparse_obs", types.SimpleNamespace(obs_sparsify=fake))
+    _, report = sparsify(matmul_model(), parse_pattern("2:4"), "obs", calibration="synthetic")
+    assert seen["calibration"] == "synthetic" and seen["pattern"] == parse_pattern("2:4")
+    assert seen["layers"] == [row["weight"] for row in report["layers"]]

@@ -10,12 +10,14 @@
 """
 from __future__ import annotations
 
+from . import torch_dpp as dpp
+from . import torch_prune as prune
 from .torch_apply import PlanReport, apply_plan
 from .torch_export import METADATA_KEY, Exported, export, weight_map_of
 from .torch_onnx import OnnxModule, from_onnx, supported_ops
 
 __all__ = ["export", "Exported", "weight_map_of", "METADATA_KEY", "apply_plan", "PlanReport",
-           "from_onnx", "OnnxModule", "supported_ops", "to_onnx"]
+           "from_onnx", "OnnxModule", "supported_ops", "to_onnx", "dpp", "prune"]
 
 
 def to_onnx(path: str, out_path: str, input_shapes=None) -> str:

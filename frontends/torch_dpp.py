@@ -1,0 +1,317 @@
+"""Dynamic Probabilistic Pruning (DPP): learnable k-out-of-n masks, trained with the task loss.
+
+Gonzalez-Carabarin, Huijben, Veeling, Schmid, van Sloun, "Dynamic Probabilistic Pruning: A
+general framework for hardware-constrained pruning at different granularities", IEEE TNNLS 2022.
+
+Every pruning unit holds learnable logits over its n elements. Each forward pass in training
+mode draws an exact k-out-of-n mask with the Gumbel-top-k trick; gradients reach the logits
+through a Gumbel-softmax relaxation of top-k (successive softmaxes with masking, temperature
+annealed) by the straight-through estimator. In eval mode the mask is the deterministic top-k of
+the logits. Granularities (for a weight of shape (out, in, *kernel)):
+
+  weight  one unit per output channel (a Linear row, a conv filter's in x kernel weights):
+          k of its n = in * prod(kernel) weights
+  kernel  one unit per output channel: k of its n = in input kernels (Linear: k of in weights)
+  filter  one unit per layer: k of its n = out filters (biases are not masked)
+
+    from spa.frontends.torch import dpp
+
+    pruning = dpp.attach(model, amount=0.75, granularity="weight", quantize_bits=8)
+    temperature = pruning.schedule(t0=2.0, t1=0.1, steps=epochs * steps_per_epoch)
+    for x, y in batches:           # the logits are ordinary parameters of the model
+        loss(model(x), y).backward(); opt.step(); opt.zero_grad(); temperature.step()
+    pruning.diagnostics()          # per layer: entropy, confidence, diversity since last call
+    pruning.finalize(model)        # hard top-k masks baked in as exact zeros
+    pruning.export_onnx(model, (x,), "sparse.onnx")
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from spa.errors import SpaError
+
+GRANULARITIES = ("weight", "kernel", "filter")
+LAYERS = (nn.Conv2d, nn.Conv1d, nn.Linear)
+_TINY = 1e-20
+_EXP_FLOOR = 30.0  # softmax inputs >= -30 (exp ~ 1e-13): keeps float32 subnormals out, forward and backward
+
+
+# ------------------------------------------------------------------------------------------
+# units: weight <-> (units, n) scores and (units, n) masks -> weight-shaped masks
+# ------------------------------------------------------------------------------------------
+def element_scores(weight: torch.Tensor, granularity: str) -> torch.Tensor:
+    """(units, n) magnitudes of the elements a k-out-of-n choice is made over (L2 norms for
+    kernels and filters)."""
+    w = weight.detach()
+    if granularity == "weight":
+        return w.reshape(w.shape[0], -1).abs()
+    if granularity == "kernel":
+        return w.reshape(w.shape[0], w.shape[1], -1).norm(dim=2)
+    if granularity == "filter":
+        return w.reshape(1, w.shape[0], -1).norm(dim=2)
+    raise SpaError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def expand_mask(unit_mask: torch.Tensor, shape: torch.Size, granularity: str) -> torch.Tensor:
+    """A (units, n) mask -> a mask broadcastable to a weight of ``shape``."""
+    if granularity == "weight":
+        return unit_mask.reshape(shape)
+    if granularity == "kernel":
+        return unit_mask.reshape(*shape[:2], *([1] * (len(shape) - 2)))
+    return unit_mask.reshape(shape[0], *([1] * (len(shape) - 1)))
+
+
+def keep_count(n: int, amount: float) -> int:
+    """k for pruning ``amount`` of n elements: at least one kept."""
+    if not 0.0 <= amount < 1.0:
+        raise SpaError(f"amount (the fraction pruned) must be in [0, 1), got {amount}")
+    return max(1, min(n, round((1.0 - amount) * n)))
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Exactly k ones per row, at the k largest scores."""
+    return torch.zeros_like(scores).scatter_(1, scores.topk(k, dim=1).indices, 1.0)
+
+
+def soft_top_k(perturbed: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    """Relaxed top-k per row: k successive softmaxes, each masking out (softly) what the
+    previous ones chose; rows sum to k. For k > n/2 the n - k smallest are relaxed instead
+    (1 - soft bottom-(n - k)), so the loop runs min(k, n - k) times."""
+    n = perturbed.shape[1]
+    take, scores = (k, perturbed) if k <= n - k else (n - k, -perturbed)
+    chosen = torch.zeros_like(scores)
+    for _ in range(take):
+        z = (scores + torch.log1p(-chosen.clamp(max=1 - 1e-6))) / temperature
+        z = z - z.detach().amax(1, keepdim=True)
+        onehot = torch.softmax(z.clamp(min=-_EXP_FLOOR), dim=1)  # no subnormal floats: slow on CPUs
+        chosen = chosen + onehot
+    return chosen if take == k else 1.0 - chosen
+
+
+# ------------------------------------------------------------------------------------------
+# the mask and the weight parametrization
+# ------------------------------------------------------------------------------------------
+class DPPMask(nn.Module):
+    """Learnable k-out-of-n mask for one weight. ``forward()``: in training mode a Gumbel-top-k
+    sample (exactly k ones per unit) whose gradient is the relaxed soft top-k's
+    (straight-through); in eval mode (or with ``sampling`` False) ``hard()``. Logits start at ``prior_scale * log|w|``
+    (magnitude prior: sampling probabilities proportional to |w|^prior_scale)."""
+
+    def __init__(self, weight: torch.Tensor, amount: float, granularity: str = "weight",
+                 temperature: float = 1.0, prior_scale: float = 1.0):
+        super().__init__()
+        scores = element_scores(weight, granularity)
+        self.granularity, self.shape = granularity, weight.shape
+        self.units, self.n = scores.shape
+        self.k = keep_count(self.n, amount)
+        self.temperature = float(temperature)
+        self.sampling = True  # False: the hard top-k in training too (a frozen mask)
+        self.logits = nn.Parameter(prior_scale * torch.log(scores / scores.mean().clamp(min=_TINY) + 1e-6))
+        self.register_buffer("last_sample", torch.zeros_like(scores), persistent=False)
+        self._has_previous, self._changed, self._pairs, self._draws = False, 0.0, 0, 0
+
+    def forward(self) -> torch.Tensor:
+        unit_mask = self.sample() if self.training and self.sampling else self.hard()
+        return expand_mask(unit_mask, self.shape, self.granularity)
+
+    def sample(self) -> torch.Tensor:
+        """(units, n) hard Gumbel-top-k sample, straight-through to the relaxed top-k."""
+        uniform = torch.rand_like(self.logits).clamp_(_TINY, 1.0)
+        perturbed = self.logits - torch.log(-torch.log(uniform))
+        hard = top_k_mask(perturbed.detach(), self.k)
+        self._record(hard)
+        soft = soft_top_k(perturbed, self.k, self.temperature)
+        return hard + soft - soft.detach()
+
+    @torch.no_grad()
+    def hard(self) -> torch.Tensor:
+        """(units, n) deterministic final mask: the top-k of the logits."""
+        return top_k_mask(self.logits, self.k)
+
+    @torch.no_grad()
+    def _record(self, hard: torch.Tensor) -> None:
+        if self._has_previous:
+            self._changed += float((hard != self.last_sample).sum()) / (2 * self.k * self.units)
+            self._pairs += 1
+        self._has_previous, self._draws = True, self._draws + 1
+        self.last_sample.copy_(hard)
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict:
+        """entropy: of softmax(logits) per unit / log n (1 uniform, log k / log n when all the mass
+        sits evenly on k elements, 0 one-hot); confidence: the
+        probability mass on the top-k (k/n uniform, 1 peaked); diversity: mean fraction of the kept
+        elements that changed between consecutive samples since the last call (0 frozen, 1 all);
+        steps: samples drawn since the last call. Resets the diversity count."""
+        p = torch.softmax(self.logits, dim=1)
+        entropy = -(p * torch.log(p.clamp(min=_TINY))).sum(1) / math.log(self.n) if self.n > 1 else p.new_zeros(1)
+        confidence = p.topk(self.k, dim=1).values.sum(1)
+        out = {"entropy": float(entropy.mean()), "confidence": float(confidence.mean()),
+               "diversity": self._changed / self._pairs if self._pairs else 0.0, "steps": self._draws,
+               "k": self.k, "n": self.n, "units": self.units, "temperature": self.temperature}
+        self._changed, self._pairs, self._draws = 0.0, 0, 0
+        return out
+
+
+def fake_quantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-output-channel fake quantisation, straight-through (identity gradient):
+    at most 2^bits - 1 levels per channel, zeros stay exact zeros."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = weight.detach().reshape(weight.shape[0], -1).abs().amax(1).clamp(min=_TINY) / qmax
+    scale = scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    quantized = (weight / scale).round().clamp(-qmax, qmax) * scale
+    return weight + (quantized - weight).detach()
+
+
+class DPPWeight(nn.Module):
+    """The parametrization ``weight -> fake_quant(weight * mask())`` registered on a layer."""
+
+    def __init__(self, mask: DPPMask, quantize_bits: int | None = None):
+        super().__init__()
+        self.mask, self.quantize_bits = mask, quantize_bits
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        masked = weight * self.mask()
+        return fake_quantize(masked, self.quantize_bits) if self.quantize_bits else masked
+
+
+# ------------------------------------------------------------------------------------------
+# the controller
+# ------------------------------------------------------------------------------------------
+class ExponentialTemperature:
+    """Temperature t0 * (t1 / t0) ** (i / (steps - 1)) at step i (t1 from step steps - 1 on);
+    ``step()`` advances one step and sets it on every mask."""
+
+    def __init__(self, controller: "DPPController", t0: float, t1: float, steps: int):
+        if t0 <= 0 or t1 <= 0 or steps < 1:
+            raise SpaError(f"temperature schedule needs t0, t1 > 0 and steps >= 1, got {t0}, {t1}, {steps}")
+        self.controller, self.t0, self.t1, self.steps, self.index = controller, t0, t1, steps, 0
+        controller.set_temperature(self.value(0))
+
+    def value(self, index: int) -> float:
+        return self.t0 * (self.t1 / self.t0) ** (min(index, self.steps - 1) / max(self.steps - 1, 1))
+
+    def step(self) -> float:
+        self.index += 1
+        return self.controller.set_temperature(self.value(self.index))
+
+
+class DPPController:
+    """What ``attach`` returns: the DPP masks of a model by module name, and what to do with them."""
+
+    def __init__(self, masks: dict[str, DPPMask], granularity: str, quantize_bits: int | None):
+        self.masks, self.granularity, self.quantize_bits = masks, granularity, quantize_bits
+        self.physical_status: str | None = None
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The mask logits (e.g. for their own optimizer parameter group)."""
+        return [m.logits for m in self.masks.values()]
+
+    def set_temperature(self, temperature: float) -> float:
+        for mask in self.masks.values():
+            mask.temperature = float(temperature)
+        return float(temperature)
+
+    def freeze(self) -> None:
+        """Stop sampling: every mask is its hard top-k from now on, in training too (e.g. for the
+        last epochs, so the weights settle on the final masks)."""
+        for mask in self.masks.values():
+            mask.sampling = False
+
+    def schedule(self, t0: float, t1: float, steps: int) -> ExponentialTemperature:
+        return ExponentialTemperature(self, t0, t1, steps)
+
+    def diagnostics(self) -> dict[str, dict]:
+        return {name: mask.diagnostics() for name, mask in self.masks.items()}
+
+    def hard_masks(self) -> dict[str, torch.Tensor]:
+        """Weight-shaped final masks (top-k of the logits) by module name."""
+        return {name: expand_mask(m.hard(), m.shape, m.granularity).expand(m.shape).clone()
+                for name, m in self.masks.items()}
+
+    def finalize(self, model: nn.Module, example_inputs=None, physical: bool = False) -> nn.Module:
+        """Bake the hard masks (and the fake quantisation) into the weights as exact zeros and
+        remove the parametrizations. ``physical`` (filter granularity, needs ``example_inputs``):
+        hand the model to ``spa.frontends.torch_prune.make_physical`` when it exists, else skip
+        with a warning; ``physical_status`` says what happened. Returns the model."""
+        modules = dict(model.named_modules())
+        for name in self.masks:
+            _bake(modules[name])
+        if physical:
+            self.physical_status = self._make_physical(model, example_inputs)
+        return model
+
+    def _make_physical(self, model: nn.Module, example_inputs) -> str:
+        if self.granularity != "filter":
+            raise SpaError(f"physical removal needs filter granularity, not {self.granularity!r}")
+        try:
+            from .torch_prune import make_physical
+        except ImportError:
+            message = "physical removal skipped: spa.frontends.torch_prune.make_physical is not available"
+            warnings.warn(message, stacklevel=3)
+            return message
+        make_physical(model, example_inputs)
+        return "physical removal done by spa.frontends.torch_prune.make_physical"
+
+    def export_onnx(self, model: nn.Module, example_inputs, path, **export_kwargs):
+        """Export the finalized model (a finalized copy if ``model`` still has DPP masks) through
+        ``spa.frontends.torch.export``; pruned weights are exact zeros in the ONNX file."""
+        from .torch_export import export
+
+        if any(_dpp_parametrization(m) for m in model.modules()):
+            model = self.finalize(copy.deepcopy(model))
+        return export(model, example_inputs, path, **export_kwargs)
+
+
+def _dpp_parametrization(module: nn.Module) -> DPPWeight | None:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    return next((p for p in module.parametrizations.weight if isinstance(p, DPPWeight)), None)
+
+
+@torch.no_grad()
+def _bake(module: nn.Module) -> None:
+    """Replace the parametrized weight by its eval-mode value (hard mask, fake quant), keeping the
+    original Parameter object (optimizers still hold it). Not parametrize.remove_parametrizations:
+    it deletes the property from the parametrized class, which deep copies of the model share."""
+    dpp = _dpp_parametrization(module)
+    if dpp is None:
+        raise SpaError(f"{type(module).__name__} has no DPP mask (already finalized?)")
+    if set(module.parametrizations) != {"weight"} or len(module.parametrizations.weight) != 1:
+        raise SpaError(f"{type(module).__name__} has parametrizations besides the DPP mask")
+    dpp.eval()  # the hard top-k mask, not a sample
+    final = module.weight.detach().clone()
+    original = module.parametrizations.weight.original
+    original.copy_(final)
+    del module.parametrizations
+    module.__class__ = module.__class__.__bases__[0]
+    module.weight = original
+
+
+def attach(model: nn.Module, amount: float, granularity: str = "weight", layers=LAYERS,
+           quantize_bits: int | None = None, temperature: float = 1.0, prior_scale: float = 1.0,
+           skip=()) -> DPPController:
+    """Register a DPP mask (and optional ``quantize_bits`` fake quantisation) on the weight of every
+    module of a type in ``layers`` (names in ``skip`` excepted), pruning ``amount`` of each unit's
+    elements. The logits become parameters of the model, so optimizers and state dicts see them."""
+    if granularity not in GRANULARITIES:
+        raise SpaError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if quantize_bits is not None and not 2 <= quantize_bits <= 16:
+        raise SpaError(f"quantize_bits must be in [2, 16], got {quantize_bits}")
+    masks = {}
+    for name, module in model.named_modules():
+        if isinstance(module, tuple(layers)) and name not in skip:
+            if parametrize.is_parametrized(module, "weight"):
+                raise SpaError(f"{name}: weight already parametrized")
+            mask = DPPMask(module.weight, amount, granularity, temperature, prior_scale)
+            parametrize.register_parametrization(module, "weight", DPPWeight(mask, quantize_bits), unsafe=True)
+            masks[name] = mask
+    if not masks:
+        raise SpaError(f"no {', '.join(t.__name__ for t in layers)} layer to attach DPP masks to")
+    return DPPController(masks, granularity, quantize_bits)

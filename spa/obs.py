@@ -74,22 +74,31 @@ class HessianSum:
         """(blocks, d_in, d_in)."""
         if self._matrix is None:
             xtx = self.xtx
-            if self.symmetric:
-                xtx = np.triu(xtx)
-                xtx += np.swapaxes(np.triu(xtx, 1), 1, 2)
+            if self.symmetric:  # syrk filled the upper triangle only: mirror it
+                diagonal = np.diagonal(xtx, axis1=1, axis2=2).copy()
+                xtx = xtx + np.swapaxes(xtx, 1, 2)
+                idx = np.arange(xtx.shape[1])
+                xtx[:, idx, idx] = diagonal
             self._matrix = 2.0 * xtx / max(self.count, 1)
         return self._matrix
 
 
 def damped(H: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
-    H = np.array(H, dtype=np.float64)
-    H[~np.isfinite(H)] = 0.0
-    H = (H + H.T) / 2
+    return damped_block(H, np.arange(len(H)), damp)
+
+
+def damped_block(H: np.ndarray, K, damp: float = DEFAULT_DAMP) -> np.ndarray:
+    """damped(H)[K, K] without forming damped(H): the damping's scale is the mean of H's whole
+    diagonal."""
     diag = np.diag(H)
+    diag = np.where(np.isfinite(diag), diag, 0.0)
+    block = np.array(H[np.ix_(K, K)], dtype=np.float64)
+    block[~np.isfinite(block)] = 0.0
+    block = (block + block.T) / 2
     scale = float(np.mean(diag)) if len(diag) and np.mean(diag) > 0 else 1.0
     # a dead column (zero diagonal) would otherwise be left with only the tiny global damping
-    H[np.diag_indices_from(H)] += damp * scale + (diag <= 0) * scale * 1e-2
-    return H
+    block[np.diag_indices_from(block)] += damp * scale + (diag[K] <= 0) * scale * 1e-2
+    return block
 
 
 def _cholesky(d: int):
@@ -223,8 +232,8 @@ def refit(W: np.ndarray, H: np.ndarray, cross: np.ndarray | None, Q, damp: float
     K = np.setdiff1d(np.arange(W.shape[1]), Q)
     potrf, dtype = _cholesky(len(K))
     for _ in range(12):
-        Hd = damped(H, damp)
-        factor, info = potrf(Hd[np.ix_(K, K)].astype(dtype), lower=False)
+        block = damped_block(H, K, damp)
+        factor, info = potrf(block.astype(dtype), lower=False)
         if info == 0:
             break
         damp = max(damp, 1e-10) * 10
@@ -232,10 +241,14 @@ def refit(W: np.ndarray, H: np.ndarray, cross: np.ndarray | None, Q, damp: float
         new = W.copy()
         new[:, Q] = 0.0
         return new
-    cross = Hd if cross is None else np.asarray(cross, dtype=np.float64) + np.diag(np.diag(Hd) - np.diag(H))
-    rhs = W @ cross[K, :].T  # W Hd[:, K] when cross is H: the damping pulls towards W_K
     new = np.zeros_like(W)
-    new[:, K] = cho_solve((factor, False), rhs.T.astype(dtype)).T
+    if cross is None:  # W Hd[:, K] = W_K Hd[K, K] + W_Q H[Q, K]: only the second term is solved for
+        rhs = W[:, Q] @ np.nan_to_num(np.asarray(H[np.ix_(Q, K)], dtype=np.float64), posinf=0.0, neginf=0.0)
+        new[:, K] = W[:, K] + cho_solve((factor, False), rhs.T.astype(dtype)).T
+        return new
+    cross = np.asarray(cross, dtype=np.float64)[K, :]
+    cross[np.arange(len(K)), K] += np.diag(block) - np.diag(H)[K]  # the damping pulls towards W_K
+    new[:, K] = cho_solve((factor, False), (W @ cross.T).T.astype(dtype)).T
     return new
 
 
@@ -277,9 +290,9 @@ def rescale(W: np.ndarray, H: np.ndarray, Q, channels: np.ndarray, bias: bool, d
 
 
 def layer_error(W: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> float:
-    """||W X - W' X||^2 / N from H = 2 X X^T / N."""
-    D = np.asarray(W, dtype=np.float64) - np.asarray(W_new, dtype=np.float64)
-    return float(0.5 * np.sum((D @ H) * D))
+    """||W X - W' X||^2 / N from H = 2 X X^T / N (in float32: it ranks candidate updates)."""
+    D = (np.asarray(W, dtype=np.float64) - np.asarray(W_new, dtype=np.float64)).astype(np.float32)
+    return float(0.5 * np.sum((D @ np.asarray(H, dtype=np.float32)) * D, dtype=np.float64))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import numpy as np
 from . import obs
 from .activations import StagedRun
 from .layers import Layer
-from .obspa import DAMPING_PATH, MAX_COLUMNS, Hessians, token_mask_input
+from .obspa import DAMPING_PATH, MAX_COLUMNS, Hessians, held_error, judges, token_mask_input
 
 BLOCK = 128  # columns per lazy-update block (and per unstructured mask decision)
 
@@ -174,14 +174,13 @@ def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_
             return _weights_of(layer, magnitude(layer, w, b, pattern), w, b), "magnitude"
         full = np.stack([np.diag(d) for d in diag])  # wide layer: a diagonal H (Wanda-like saliency)
         return _weights_of(layer, candidates(layer, w, b, full, pattern, (damp,))[0], w, b), "diagonal"
-    judge = held is not None and held[0] == "full"
+    judge = judges(held)
     options = candidates(layer, w, b, hessian[1], pattern, [damp * f for f in (DAMPING_PATH if judge else (1.0,))])
     plain = magnitude(layer, w, b, pattern)
     if not judge:
         return _weights_of(layer, options[0] if options else plain, w, b), "obs" if options else "magnitude"
     mats = layer.matrices(w, b)
-    error = lambda m: sum(obs.layer_error(mats[k], m[k], held[1][k]) for k in range(layer.blocks))  # noqa: E731
-    best = min(options + [plain], key=error)
+    best = min(options + [plain], key=lambda m: held_error(mats, m, held))
     return _weights_of(layer, best, w, b), "magnitude" if best is plain else "obs"
 
 
@@ -212,7 +211,7 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
              f"({sum(len(next(iter(b.values()))) for b in fit)} calibration samples, {len(held)} held-out batches)")
     for _, names, values in run.stages(weights, wanted):
         current = [by_output[n] for n in names]
-        fits, helds = Hessians(len(fit), MAX_COLUMNS, seed), Hessians(len(held), MAX_COLUMNS, seed)
+        fits, helds = Hessians(len(fit), MAX_COLUMNS, seed), Hessians(len(held), MAX_COLUMNS, seed, keep_rows=True)
         for layer in {l.key(): l for l in current}.values():
             for b, x in enumerate(values[layer.activation]):
                 (fits if b < len(fit) else helds).add(layer, x, tokens=every[b].get(mask))

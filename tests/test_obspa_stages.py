@@ -201,3 +201,22 @@ def test_compensation_with_any_criterion_and_recover_refused_when_negative(tmp_p
     from spa.errors import SpaError
     with pytest.raises(SpaError):
         prune(model, Target(ratio=0.5), criterion="obspa", recover=-1, calibration_samples=16)
+
+
+def test_held_out_rows_judge_like_their_hessian():
+    """Held-out inputs kept as rows (fewer rows than columns) measure an update's error exactly as
+    their Hessian does; past as many rows as columns they become that Hessian."""
+    from spa.obspa import held_error
+
+    rng = np.random.default_rng(0)
+    layer = Layer(0, "w", 0, "x", "dense_t")
+    rows_kept, full = Hessians(2, seed=0, keep_rows=True), Hessians(2, seed=0)
+    batches = [rng.normal(size=(3, 5, 40)).astype(np.float32) for _ in range(2)]  # 30 rows, 40 columns
+    for x in batches:
+        rows_kept.add(layer, x)
+        full.add(layer, x)
+    assert rows_kept.of(layer)[0] == "rows" and full.of(layer)[0] == "full"
+    W, W_new = rng.normal(size=(1, 7, 40)), rng.normal(size=(1, 7, 40))
+    assert held_error(W, W_new, rows_kept.of(layer)) == pytest.approx(held_error(W, W_new, full.of(layer)), rel=1e-4)
+    rows_kept.add(layer, rng.normal(size=(4, 5, 40)).astype(np.float32))  # 50 rows > 40 columns
+    assert rows_kept.of(layer)[0] == "full"

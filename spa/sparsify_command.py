@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
                     help="shape of generated calibration inputs (--criterion obs)")
     sp.add_argument("--storage", choices=("dense", "sparse"), default="dense",
                     help="sparse: weights that get smaller as COO are stored so (onnxruntime densifies them at load)")
-    sp.add_argument("--report", action="store_true", help="print the per-layer sparsity and sizes")
+    sp.add_argument("--report", action="store_true",
+                    help="print the per-layer sparsity and sizes, zlib-compressed sizes included")
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
     sp.add_argument("--overwrite", action="store_true", help="allow -o to be the input model itself")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -63,7 +64,7 @@ def command(args, say) -> int:
     model = load_model(args.model)
     _check_data_files(args, model)
     sparse, report = sparsify(model, pattern, args.criterion, calibration=calibration, storage=args.storage,
-                              progress=say)
+                              compressed=args.report or args.json, progress=say)
     for skipped in report["skipped"]:
         warn(f"{skipped['name']} not sparsified: {skipped['reason']}")
     if args.storage == "sparse" and not report["stored_sparse"]:

@@ -198,7 +198,7 @@ def test_sparse_storage_matches_dense():
     model = conv_model()
     pattern = parse_pattern("unstructured", 0.9)
     dense, dense_report = sparsify(model, pattern)
-    stored, report = sparsify(model, pattern, storage="sparse")
+    stored, report = sparsify(model, pattern, storage="sparse", compressed=True)
     assert report["stored_sparse"] and not dense_report["stored_sparse"]
     assert report["bytes"]["written"] < report["bytes"]["dense"] == dense_report["bytes"]["written"]
     assert report["zipped_bytes"]["after"] < report["zipped_bytes"]["before"]

@@ -16,12 +16,17 @@ the logits. Granularities (for a weight of shape (out, in, *kernel)):
 
     from spa.frontends.torch import dpp
 
-    pruning = dpp.attach(model, amount=0.75, granularity="weight", quantize_bits=8)
-    temperature = pruning.schedule(t0=2.0, t1=0.1, steps=epochs * steps_per_epoch)
-    for x, y in batches:           # the logits are ordinary parameters of the model
+    pruning = dpp.attach(model, amount=0.75, granularity="weight", quantize_bits=8,
+                         relaxation="sigmoid")     # or "softmax" (the paper's, O(min(k, n-k) n))
+    temperature = pruning.schedule(t0=2.0, t1=0.1, steps=sampling_steps)
+    for i, (x, y) in enumerate(batches):   # the logits are ordinary parameters of the model
         loss(model(x), y).backward(); opt.step(); opt.zero_grad(); temperature.step()
+        pruning.set_noise(max(0.0, 1 - i / sampling_steps))   # Gumbel noise annealed to 0
+        if i + 1 == sampling_steps:
+            pruning.freeze()       # the weights settle on the final masks for the remaining steps
     pruning.diagnostics()          # per layer: entropy, confidence, diversity since last call
     pruning.finalize(model)        # hard top-k masks baked in as exact zeros
+    dpp.recalibrate_batchnorm(model, batches, max_batches=30)   # optional
     pruning.export_onnx(model, (x,), "sparse.onnx")
 """
 from __future__ import annotations
@@ -94,6 +99,21 @@ def soft_top_k(perturbed: torch.Tensor, k: int, temperature: float) -> torch.Ten
     return chosen if take == k else 1.0 - chosen
 
 
+def sigmoid_top_k(perturbed: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    """Relaxed top-k per row in one pass: sigmoid((x - threshold) / temperature), the threshold
+    (not differentiated) midway between the k-th and (k + 1)-th largest; rows sum to about k.
+    O(n log n) instead of the successive softmaxes' O(min(k, n - k) n)."""
+    n = perturbed.shape[1]
+    if k >= n:
+        return torch.ones_like(perturbed)
+    top = perturbed.detach().topk(k + 1, dim=1).values
+    threshold = 0.5 * (top[:, k - 1:k] + top[:, k:k + 1])
+    return torch.sigmoid((perturbed - threshold) / temperature)
+
+
+RELAXATIONS = {"softmax": soft_top_k, "sigmoid": sigmoid_top_k}
+
+
 # ------------------------------------------------------------------------------------------
 # the mask and the weight parametrization
 # ------------------------------------------------------------------------------------------
@@ -104,13 +124,17 @@ class DPPMask(nn.Module):
     (magnitude prior: sampling probabilities proportional to |w|^prior_scale)."""
 
     def __init__(self, weight: torch.Tensor, amount: float, granularity: str = "weight",
-                 temperature: float = 1.0, prior_scale: float = 1.0):
+                 temperature: float = 1.0, prior_scale: float = 1.0, relaxation: str = "softmax"):
         super().__init__()
+        if relaxation not in RELAXATIONS:
+            raise SpaError(f"relaxation must be one of {tuple(RELAXATIONS)}, got {relaxation!r}")
         scores = element_scores(weight, granularity)
         self.granularity, self.shape = granularity, weight.shape
         self.units, self.n = scores.shape
         self.k = keep_count(self.n, amount)
         self.temperature = float(temperature)
+        self.noise = 1.0  # scale of the Gumbel noise (1: the paper's sampling, 0: top-k of the logits)
+        self.relaxation = relaxation
         self.sampling = True  # False: the hard top-k in training too (a frozen mask)
         self.logits = nn.Parameter(prior_scale * torch.log(scores / scores.mean().clamp(min=_TINY) + 1e-6))
         self.register_buffer("last_sample", torch.zeros_like(scores), persistent=False)
@@ -123,10 +147,10 @@ class DPPMask(nn.Module):
     def sample(self) -> torch.Tensor:
         """(units, n) hard Gumbel-top-k sample, straight-through to the relaxed top-k."""
         uniform = torch.rand_like(self.logits).clamp_(_TINY, 1.0)
-        perturbed = self.logits - torch.log(-torch.log(uniform))
+        perturbed = self.logits - self.noise * torch.log(-torch.log(uniform))
         hard = top_k_mask(perturbed.detach(), self.k)
         self._record(hard)
-        soft = soft_top_k(perturbed, self.k, self.temperature)
+        soft = RELAXATIONS[self.relaxation](perturbed, self.k, self.temperature)
         return hard + soft - soft.detach()
 
     @torch.no_grad()
@@ -154,7 +178,8 @@ class DPPMask(nn.Module):
         confidence = p.topk(self.k, dim=1).values.sum(1)
         out = {"entropy": float(entropy.mean()), "confidence": float(confidence.mean()),
                "diversity": self._changed / self._pairs if self._pairs else 0.0, "steps": self._draws,
-               "k": self.k, "n": self.n, "units": self.units, "temperature": self.temperature}
+               "k": self.k, "n": self.n, "units": self.units, "temperature": self.temperature,
+               "noise": self.noise}
         self._changed, self._pairs, self._draws = 0.0, 0, 0
         return out
 
@@ -217,6 +242,15 @@ class DPPController:
         for mask in self.masks.values():
             mask.temperature = float(temperature)
         return float(temperature)
+
+    def set_noise(self, scale: float) -> float:
+        """Scale the Gumbel noise of every mask (1: the paper's sampling; towards 0 the samples
+        become the top-k of the logits, so the masks settle before they are frozen)."""
+        if scale < 0:
+            raise SpaError(f"noise scale must be >= 0, got {scale}")
+        for mask in self.masks.values():
+            mask.noise = float(scale)
+        return float(scale)
 
     def freeze(self) -> None:
         """Stop sampling: every mask is its hard top-k from now on, in training too (e.g. for the
@@ -294,9 +328,36 @@ def _bake(module: nn.Module) -> None:
     module.weight = original
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches, max_batches: int | None = None) -> int:
+    """Re-estimate the running statistics of every BatchNorm layer from ``batches`` (inputs, or
+    (inputs, targets) tuples) with the model as it is now (e.g. after ``freeze`` or ``finalize``:
+    statistics gathered under changing sampled masks no longer match the final ones). Cumulative
+    averages (momentum None) over the batches; no weight changes; the model ends in eval mode.
+    Returns the number of batches used."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    used = 0
+    try:
+        for batch in batches:
+            if max_batches is not None and used >= max_batches:
+                break
+            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            used += 1
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.eval()
+    return used
+
+
 def attach(model: nn.Module, amount: float, granularity: str = "weight", layers=LAYERS,
            quantize_bits: int | None = None, temperature: float = 1.0, prior_scale: float = 1.0,
-           skip=()) -> DPPController:
+           skip=(), relaxation: str = "softmax") -> DPPController:
     """Register a DPP mask (and optional ``quantize_bits`` fake quantisation) on the weight of every
     module of a type in ``layers`` (names in ``skip`` excepted), pruning ``amount`` of each unit's
     elements. The logits become parameters of the model, so optimizers and state dicts see them."""
@@ -309,7 +370,7 @@ def attach(model: nn.Module, amount: float, granularity: str = "weight", layers=
         if isinstance(module, tuple(layers)) and name not in skip:
             if parametrize.is_parametrized(module, "weight"):
                 raise SpaError(f"{name}: weight already parametrized")
-            mask = DPPMask(module.weight, amount, granularity, temperature, prior_scale)
+            mask = DPPMask(module.weight, amount, granularity, temperature, prior_scale, relaxation)
             parametrize.register_parametrization(module, "weight", DPPWeight(mask, quantize_bits), unsafe=True)
             masks[name] = mask
     if not masks:

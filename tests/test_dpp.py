@@ -85,6 +85,59 @@ def test_exactly_k_of_n_at_every_training_step(granularity):
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_exactly_k_of_n_with_the_sigmoid_relaxation_and_annealed_noise(granularity):
+    model, pruning = make(granularity, relaxation="sigmoid")
+    for step, _ in enumerate(train_steps(model, pruning, 6)):
+        pruning.set_noise(1.0 - step / 5)
+        for mask in pruning.masks.values():
+            assert mask.noise == pytest.approx(1.0 - step / 5)
+            assert (mask.last_sample.sum(1) == mask.k).all()
+            assert mask.logits.grad is not None
+    with pytest.raises(SpaError):
+        pruning.set_noise(-0.1)
+    with pytest.raises(SpaError):
+        dpp.attach(Net(), 0.5, relaxation="sinkhorn")
+
+
+def test_zero_noise_samples_are_the_hard_top_k():
+    model, pruning = make("weight")
+    pruning.set_noise(0.0)
+    model.train()
+    for name, module in model.named_modules():
+        if name in pruning.masks:
+            mask = pruning.masks[name]
+            module.weight  # draws a sample
+            assert torch.equal(mask.last_sample, mask.hard())
+
+
+def test_sigmoid_top_k_sharpens_to_the_hard_top_k():
+    scores = torch.randn(4, 10)
+    for k in (1, 3, 7, 9):
+        soft = dpp.sigmoid_top_k(scores, k, 1.0)
+        assert ((soft > 0) & (soft < 1)).all()
+        assert torch.allclose(dpp.sigmoid_top_k(scores, k, 1e-4), dpp.top_k_mask(scores, k), atol=1e-3)
+    assert torch.equal(dpp.sigmoid_top_k(scores, 10, 1.0), torch.ones_like(scores))
+    x = scores.clone().requires_grad_()
+    dpp.sigmoid_top_k(x, 3, 0.5).sum().backward()
+    assert (x.grad > 0).all()  # every logit gets a gradient, most near the threshold
+
+
+def test_recalibrate_batchnorm_uses_the_current_masks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1, bias=False), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8, 3))
+    pruning = dpp.attach(model, 0.5)
+    pruning.freeze()
+    x = torch.randn(32, 1, 8)
+    used = dpp.recalibrate_batchnorm(model, [(x[:16], None), (x[16:], None), (x, None)], max_batches=2)
+    assert used == 2 and not model.training
+    with torch.no_grad():
+        expected = model[0](x)  # the masked conv output: its batch statistics are the running ones
+    torch.testing.assert_close(model[1].running_mean, expected.mean((0, 2)), atol=1e-5, rtol=1e-4)
+    assert model[1].momentum == 0.1
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_masked_weight_has_exactly_k_nonzero_elements_per_unit(granularity):
     model, pruning = make(granularity)
     model.train()

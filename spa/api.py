@@ -118,13 +118,42 @@ def sensitivity(model, ratios=(0.1, 0.3, 0.5), eval=None, *, granularity: str | 
                             note=lambda message: warnings.warn(message, SpaWarning, stacklevel=4))
 
 
+def sweep(model, criteria="l1", targets="ratio=0.5", *, calibration=None, round_to=1, random: int | None = None,
+          seed: int | None = None, eval=None, eval_output: str | None = None, greater_is_better: bool = True,
+          latency: bool = False, address: str | None = None, progress: bool = False) -> dict:
+    """Prune `model` at every point of criteria x targets x calibration x round_to (each a comma
+    string or a sequence; targets "ratio=R", "params=F", "macs=F"), or at `random` points of that
+    grid drawn with `seed`, and measure each (spa.sweep): parameters, MACs and bytes kept, the
+    metric (`eval` as in spa.sensitivity, default the relative output deviation) and, with
+    `latency`, the one-thread latency. Trials run as Ray tasks when ray is installed (`address`:
+    join that cluster), else serially. Returns the JSON-able result of `spa sweep`: "trials"
+    [{"criterion", "target", "calibration", "round_to", "params_kept", "macs_kept", "bytes",
+    "value", "rank", "pareto"} or {..., "error"}], "metric", "original", "executor"."""
+    from . import progress as bars
+    from . import grid_sweep as sweeping
+
+    if not greater_is_better and not callable(eval):
+        raise SpaError("greater_is_better applies to an eval function only")
+    points = sweeping.pick(sweeping.grid(criteria, targets, calibration, round_to), random, seed)
+    sweeping.check_address(address)
+    say = _say(progress)
+    with _bars(progress, bars):
+        original, source = _load(model, say)
+        metric = sweeping.metric_of(source or original, eval, eval_output, say, greater_is_better)
+        name = os.path.basename(os.fspath(source).rstrip("/\\")) if source else "model.onnx"
+        return sweeping.run(original, points, metric, latency, address, name=name, say=say,
+                            note=lambda message: warnings.warn(message, SpaWarning, stacklevel=4))
+
+
 def sparsify(model, pattern="2:4", *, amount: float | None = None, granularity: str = "weight",
-             criterion: str = "l1", calibration=None, storage: str = "dense", progress: bool = False):
+             criterion: str = "l1", calibration=None, storage: str = "dense", compressed: bool = False,
+             progress: bool = False):
     """Zero weights of `model` (an .onnx path, a framework file or a ModelProto) in a fine-grained
     `pattern` (spa.sparsity): "N:M" (default 2:4), "k-of-n" or "unstructured" with `amount` (the
     fraction zeroed) and, for k-of-n, `granularity` weight | kernel | filter; criterion "l1" or
     "obs" (OBS updates on `calibration`, a spa.calibration.Calibration or source string);
-    storage "sparse" stores weights as COO where smaller. Returns a `spa.sparsity.Sparsified`:
+    storage "sparse" stores weights as COO where smaller; compressed: the report gives zlib sizes
+    too (report["zipped_bytes"]). Returns a `spa.sparsity.Sparsified`:
     `.model`, `.report`, `.save(path)`."""
     from . import progress as bars
     from .sparsity import Pattern, Sparsified, parse_pattern
@@ -138,7 +167,7 @@ def sparsify(model, pattern="2:4", *, amount: float | None = None, granularity: 
     with _bars(progress, bars):
         original, source = _load(model, say)
         sparse, report = sparsify_model(original, pattern, criterion, calibration=calibration, storage=storage,
-                                        progress=say)
+                                        compressed=compressed, progress=say)
     return Sparsified(sparse, report, source)
 
 

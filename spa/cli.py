@@ -194,6 +194,8 @@ def parser() -> argparse.ArgumentParser:
                          "serially)")
     from .sparsify_command import add_parser
     add_parser(sub)
+    from .grid_sweep import add_parser
+    add_parser(sub)
     return p
 
 
@@ -249,6 +251,9 @@ def run(args) -> int:
         return command(args, say)
     if args.command == "sparsify":
         from .sparsify_command import command
+        return command(args, say)
+    if args.command == "sweep":
+        from .grid_sweep import command
         return command(args, say)
     if args.command in ("prune", "apply-plan"):
         _check_output_flags(args)

@@ -30,7 +30,6 @@ counts; a file measured on another model is refused.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -42,6 +41,7 @@ import numpy as np
 import onnx
 
 from .errors import SpaError
+from .trials import check_address, run_trials
 
 FORMAT = "spa-sensitivity/1"
 DEFAULT_RATIOS = (0.1, 0.3, 0.5)
@@ -159,18 +159,6 @@ class Evaluated:
 # ---------------------------------------------------------------------------------------------
 # trials and the executor
 # ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _no_bars():
-    from . import progress
-
-    previous = progress._show
-    progress.show(False)
-    try:
-        yield
-    finally:
-        progress.show(previous)
-
-
 def _trial(shared: dict, item: tuple) -> dict:
     """Prune one group alone at one ratio; measure it. Runs in a Ray worker or in this process."""
     from .cost import count_params
@@ -182,66 +170,11 @@ def _trial(shared: dict, item: tuple) -> dict:
     model = shared["model"]
     if isinstance(model, bytes):
         model = shared["model"] = onnx.load_from_string(model)
-    with _no_bars():
-        result = prune(model, Target(ratios={pattern: ratio}), "l1", options=Options(granularity=shared["granularity"]))
-        value = shared["metric"](result.model)
+    result = prune(model, Target(ratios={pattern: ratio}), "l1", options=Options(granularity=shared["granularity"]))
+    value = shared["metric"](result.model)
     graph = result.analysis.graph
     return {"removed_channels": int(len(result.plan.removed_atoms)),
             "params_removed": int(count_params(graph) - count_params(graph, result.plan)), "value": float(value)}
-
-
-def run_trials(fn, shared, items: list, address: str | None = None, note=_quiet, say=_quiet) -> tuple[list, str]:
-    """([fn(shared, item) for item in items], "ray" | "serial"): Ray tasks when ray is importable
-    (shared put in the object store once), else a serial loop (announced through `note`)."""
-    from . import progress
-
-    try:
-        import ray
-    except ImportError:
-        if address:
-            raise SpaError("--address needs Ray (pip install 'spa[ray]')") from None
-        note(f"Ray not installed (pip install 'spa[ray]'); running {len(items)} trials serially")
-        return [fn(shared, item) for item in progress.bar(items, desc="trials", total=len(items))], "serial"
-    started = False
-    try:
-        if not ray.is_initialized():
-            try:
-                if address:
-                    ray.init(address=address, log_to_driver=False)
-                else:
-                    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-            except Exception as exc:
-                where = f"join the Ray cluster at {address}" if address else "start a local Ray cluster"
-                raise SpaError(f"cannot {where} ({_first_line(exc)})") from None
-            started = True
-        say(f"running {len(items)} trials as Ray tasks" + (f" on {address}" if address else ""))
-        remote = ray.remote(fn)
-        ref = ray.put(shared)
-        pending = {remote.remote(ref, item): i for i, item in enumerate(items)}
-        results = [None] * len(items)
-        with progress.bar(desc="trials", total=len(items)) as bar:
-            waiting = list(pending)
-            while waiting:
-                done, waiting = ray.wait(waiting, num_returns=1)
-                for r in done:
-                    try:
-                        results[pending[r]] = ray.get(r)
-                    except Exception as exc:
-                        raise SpaError(f"a Ray trial failed: {_first_line(_cause(exc))}") from None
-                    bar.update(1)
-        return results, "ray"
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _cause(exc):
-    return getattr(exc, "cause", None) or exc
-
-
-def _first_line(exc) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +228,9 @@ def measure(model: onnx.ModelProto, ratios=DEFAULT_RATIOS, options=None, metric=
     say(f"{len(groups)} prunable groups x {len(ratios)} ratios: {len(items)} trials, metric {metric.info['metric']}")
     shared = {"model": model.SerializeToString(), "metric": metric, "granularity": tuple(options.granularity)}
     results, executor = run_trials(_trial, shared, items, address, note, say) if items else ([], "none")
+    failed = next((r["error"] for r in results if "error" in r), None)
+    if failed:
+        raise SpaError(f"a sensitivity trial failed: {failed}")
     for (gi, ti), (_, ratio), result in zip(where, items, results):
         groups[gi]["trials"][ti] = {"ratio": ratio, **result}
     for entry in groups:
@@ -492,11 +428,7 @@ def command(args, say) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise SpaError("--plot needs matplotlib (pip install matplotlib)") from None
-    if args.address is not None:
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise SpaError("--address needs Ray (pip install 'spa[ray]')") from None
+    check_address(args.address)
     options = Options(granularity=tuple(x.strip() for x in args.granularity.split(",") if x.strip()))
     for flag, path in (("-o", args.output), ("--plot", args.plot)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):

@@ -192,6 +192,9 @@ SPU = SP + ["--pattern", "unstructured", "--amount", "0.5"]
 SPK = SP + ["--pattern", "k-of-n", "--amount", "0.5"]
 SPO = SP + ["--criterion", "obs", "--calibration-samples", "16"]
 SP_DYN = ["sparsify", "{DYN}", "-o", "{O}", "-q", "--criterion", "obs", "--calibration-samples", "4"]
+SW = ["sweep", "{M}", "-q", "--targets", "ratio=0.5"]
+SW2 = _without(SW, "--targets") + ["--targets", "ratio=0.5,macs=0.5"]  # a grid of 2 points
+SW_TWO = ["sweep", "{TWO}", "-q", "--targets", "ratio=0.5", "--eval", "{VAL2}"]
 NOT_TIMED = "has no effect: nothing is timed without"
 ONNX_SHAPE = "--input-shape has no effect on"
 
@@ -390,6 +393,30 @@ CONTRACT = {
         "--plot": Case(S1 + ["--plot", "{PNG}"], S1),
         "--output": Case(S1 + ["-o", "{O}"], S1),
         "--address": Case(check=_address(S1)),
+    },
+    "sweep": {
+        **_common(SW),
+        "--criteria": Case(SW + ["--criteria", "l2"], SW, same=[(SW + ["--criteria", "l1"], SW)],
+                           refused=[(SW + ["--criteria", "l1,l1"], "l1 given twice")]),
+        "--targets": Case(SW, _without(SW, "--targets"),
+                          refused=[(_without(SW, "--targets") + ["--targets", "latency=0.5"], "KIND one of ratio")]),
+        "--calibration": Case(SW + ["--criteria", "obspa", "--calibration", "none"], SW + ["--criteria", "obspa"],
+                              refused=[(SW + ["--calibration", "synthetic"], "--calibration has no effect")]),
+        "--round-to": Case(SW + ["--round-to", "4"], SW, same=[(SW + ["--round-to", "1"], SW)],
+                           refused=[(SW + ["--round-to", "auto"], "expected positive integers")]),
+        "--random": Case(SW2 + ["--random", "1"], SW2,
+                         refused=[(SW2 + ["--random", "2"], "--random 2: the grid has 2 points")]),
+        "--seed": Case(SW2 + ["--random", "1", "--seed", "1"], SW2 + ["--random", "1"],
+                       same=[(SW2 + ["--random", "1", "--seed", "0"], SW2 + ["--random", "1"])],
+                       refused=[(SW + ["--seed", "1"], "--seed has no effect without --random")]),
+        "--eval": Case(SW + ["--eval", "{VAL}"], SW),
+        "--eval-output": Case(SW_TWO + ["--eval-output", "{TWO_SECOND}"], SW_TWO, refused=[
+            (SW + ["--eval-output", "x"], "--eval-output has no effect without --eval")]),
+        "--latency": Case(SW + ["--latency"], SW),
+        "--address": Case(check=_address(SW)),
+        "--output": Case(SW + ["-o", "{O}"], SW),
+        "--plot": Case(SW + ["--plot", "{PNG}"], SW),
+        "--json": Case(SW + ["--json"], SW),
     },
     "sparsify": {
         **_common(SP),

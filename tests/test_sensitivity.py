@@ -185,6 +185,7 @@ def test_trials_run_as_ray_tasks_when_ray_is_importable(sensitive, monkeypatch, 
     fake.wait = lambda refs, num_returns=1: (refs[:num_returns], refs[num_returns:])
     fake.get = lambda ref: ref.value
     monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr("spa.trials._reachable", lambda address: None)  # no cluster listens at 10.0.0.1
     assert _spa("sensitivity", sensitive, "--json", "-q") == 0
     on_ray = json.loads(capsys.readouterr().out)
     assert on_ray["executor"] == "ray" and calls["put"] == 1 and calls["tasks"] == 4 and calls["shutdown"] == 1

@@ -32,7 +32,8 @@ def add_parser(sub) -> None:
     sp.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224",
                     help="shape of generated calibration inputs (--criterion obs)")
     sp.add_argument("--storage", choices=("dense", "sparse"), default="dense",
-                    help="sparse: weights that get smaller as COO are stored so (onnxruntime densifies them at load)")
+                    help="dense (default) or sparse: weights that get smaller as COO are stored so (onnxruntime "
+                         "densifies them at load)")
     sp.add_argument("--report", action="store_true",
                     help="print the per-layer sparsity and sizes, zlib-compressed sizes included")
     sp.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -33,13 +33,9 @@ class Pruned:
 
     def save(self, path: str) -> str:
         """Verify (checker, shape inference, an onnxruntime run) and write; nothing is written on failure."""
-        from .graph import external_tensor_names
-        from .pipeline import save
+        from .pipeline import save_result
 
-        if self.source and os.path.abspath(path) == os.path.abspath(self.source):
-            raise SpaError(f"refusing to overwrite the input model {path}")
-        save(self.model, path, external=external_tensor_names(self.source) if self.source else None)
-        return path
+        return save_result(self.model, path, self.source)
 
 
 def analyze(model, options: Options | None = None, *, granularity: str | None = None) -> Analysis:

@@ -1,8 +1,8 @@
 """load -> analyze -> score -> select -> rewrite -> verify -> write, as one call."""
 from __future__ import annotations
 
-import os
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -332,6 +332,17 @@ def apply_plan(model: onnx.ModelProto, plan_path: str, options: Options | None =
     analysis = analyze(model, options)
     plan = load_plan(analysis, plan_path)
     return Result(rewrite(plan), plan, analysis)
+
+
+def save_result(model: onnx.ModelProto, path: str, source: str | None) -> str:
+    """Verify and write what the Python API made from the file `source` (whose external data
+    names the output keeps); never over `source` itself."""
+    from .graph import external_tensor_names
+
+    if source and os.path.abspath(path) == os.path.abspath(source):
+        raise SpaError(f"refusing to overwrite the input model {path}")
+    save(model, path, external=external_tensor_names(source) if source else None)
+    return path
 
 
 def save(model: onnx.ModelProto, path: str, external: set | None = None, feeds: dict | None = None) -> None:

@@ -84,20 +84,20 @@ class HessianSum:
 
 
 def damped(H: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
-    return damped_block(H, np.arange(len(H)), damp)
+    return damped_block(H, None, damp)
 
 
 def damped_block(H: np.ndarray, K, damp: float = DEFAULT_DAMP) -> np.ndarray:
-    """damped(H)[K, K] without forming damped(H): the damping's scale is the mean of H's whole
-    diagonal."""
+    """damped(H)[K, K] (K None: all of it) without forming damped(H): the damping's scale is the
+    mean of H's whole diagonal."""
     diag = np.diag(H)
     diag = np.where(np.isfinite(diag), diag, 0.0)
-    block = np.array(H[np.ix_(K, K)], dtype=np.float64)
+    block = np.array(H if K is None else H[np.ix_(K, K)], dtype=np.float64)
     block[~np.isfinite(block)] = 0.0
     block = (block + block.T) / 2
     scale = float(np.mean(diag)) if len(diag) and np.mean(diag) > 0 else 1.0
     # a dead column (zero diagonal) would otherwise be left with only the tiny global damping
-    block[np.diag_indices_from(block)] += damp * scale + (diag[K] <= 0) * scale * 1e-2
+    block[np.diag_indices_from(block)] += damp * scale + ((diag if K is None else diag[K]) <= 0) * scale * 1e-2
     return block
 
 

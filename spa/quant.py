@@ -1,9 +1,12 @@
-"""Quantized (QDQ) models: the float value an integer weight stands for.
+"""Quantized models: the float value an integer weight stands for.
 
 In a QDQ model (onnxruntime.quantization's QuantFormat.QDQ) a weight is an integer initializer
 read by a DequantizeLinear: x = (q - zero_point) * scale, per tensor, per axis (`axis`) or per
-block (`block_size`). Criteria score the dequantized value; the scale and zero point are
-quantization parameters, not weights (they are sliced with the channel by the rules, never scored).
+block (`block_size`). In a QOperator model (QuantFormat.QOperator) QLinearConv, QLinearMatMul and
+com.microsoft QGemm read it with their own scale and zero point inputs (per tensor, or per output
+channel), and their int32 bias stands for bias * input scale * weight scale. Criteria score the
+dequantized value; scales and zero points are quantization parameters, not weights (they are
+sliced with the channel by the rules, never scored).
 """
 from __future__ import annotations
 
@@ -12,12 +15,33 @@ import numpy as np
 from .graph import Graph, attr
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+# input slots of the scales and zero points of QOperator ops (QLinearConcat: param_slots)
+QOPERATOR_PARAMS = {
+    "QLinearConv": (1, 2, 4, 5, 6, 7), "QLinearMatMul": (1, 2, 4, 5, 6, 7), "QGemm": (1, 2, 4, 5, 7, 8),
+    "QLinearAdd": (1, 2, 4, 5, 6, 7), "QLinearMul": (1, 2, 4, 5, 6, 7),
+    "QLinearSigmoid": (1, 2, 3, 4), "QLinearLeakyRelu": (1, 2, 3, 4),
+    "QLinearGlobalAveragePool": (1, 2, 3, 4), "QLinearAveragePool": (1, 2, 3, 4),
+}
+# integer weights of QOperator layers: weight slot -> (scale slot, zero point slot)
+QOPERATOR_WEIGHTS = {"QLinearConv": {3: (4, 5)}, "QLinearMatMul": {0: (1, 2), 3: (4, 5)},
+                     "QGemm": {0: (1, 2), 3: (4, 5)}}
+# int32 biases of QOperator layers: bias slot -> (input scale slot, weight scale slot); zero point 0
+QOPERATOR_BIASES = {"QLinearConv": {8: (1, 4)}, "QGemm": {6: (1, 4)}}
+
+
+def param_slots(node) -> tuple:
+    """Input slots of `node` that hold quantization scales and zero points."""
+    if node.op_type in QDQ_OPS:
+        return (1, 2)
+    if node.op_type == "QLinearConcat":  # Y_scale, Y_zero_point, then (X, X_scale, X_zero_point) triples
+        return tuple(k for k in range(len(node.input)) if k < 2 or (k - 2) % 3)
+    return QOPERATOR_PARAMS.get(node.op_type, ())
 
 
 def is_quant_param(g: Graph, tensor: str) -> bool:
-    """A scale or zero point of QuantizeLinear / DequantizeLinear (every reader)."""
+    """A scale or zero point of a QDQ or QOperator op (every reader)."""
     uses = g.consumers.get(tensor, [])
-    return bool(uses) and all(g.nodes[i].op_type in QDQ_OPS and slot >= 1 for i, slot in uses)
+    return bool(uses) and all(slot in param_slots(g.nodes[i]) for i, slot in uses)
 
 
 def dequantizer(g: Graph, tensor: str):
@@ -53,17 +77,53 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, 
     return (q - zero.reshape(shape)) * scale.reshape(shape)
 
 
+def qoperator_params(g: Graph, tensor: str):
+    """(scale, zero point or None, axis) that constant `tensor` is dequantized with as the weight or
+    int32 bias of a QOperator layer (its only reader), with constant parameters; else None. A
+    per-channel scale runs along the output channels: axis 0 of a QLinearConv weight or bias, N of a
+    matrix weight (rows of a left-hand one)."""
+    uses = g.consumers.get(tensor, [])
+    if tensor not in g.consts or len(uses) != 1:
+        return None
+    node, slot = g.nodes[uses[0][0]], uses[0][1]
+
+    def inputs(*slots):
+        return [node.input[k] if len(node.input) > k and node.input[k] else None for k in slots]
+
+    rank = len(g.consts.shape(tensor))
+    if slot in QOPERATOR_WEIGHTS.get(node.op_type, {}):
+        scale, zero = inputs(*QOPERATOR_WEIGHTS[node.op_type][slot])
+        if node.op_type == "QLinearConv":
+            axis = 0
+        elif node.op_type == "QGemm" and slot == 3:
+            axis = 0 if attr(node, "transB", 0) else 1
+        else:
+            axis = rank - 1 if slot == 3 else rank - 2
+        if scale in g.consts and (zero is None or zero in g.consts):
+            return g.consts[scale], None if zero is None else g.consts[zero], axis
+        return None
+    if slot in QOPERATOR_BIASES.get(node.op_type, {}):
+        x_scale, w_scale = inputs(*QOPERATOR_BIASES[node.op_type][slot])
+        if x_scale in g.consts and w_scale in g.consts:
+            return np.asarray(g.consts[x_scale]).reshape(()) * g.consts[w_scale], None, rank - 1
+    return None
+
+
 def weight_value(g: Graph, tensor: str) -> np.ndarray:
     """The value constant `tensor` stands for, for scoring: dequantized (float64) when a
-    DequantizeLinear reads it; float32 / float64 as stored; any other type (float16, bfloat16,
-    integers) in float64, so that squares and absolute values neither overflow nor wrap."""
+    DequantizeLinear or a QOperator layer reads it; float32 / float64 as stored; any other type
+    (float16, bfloat16, integers) in float64, so that squares and absolute values neither overflow
+    nor wrap."""
     node = dequantizer(g, tensor)
-    if node is None:
-        value = g.consts[tensor]
-        return value if value.dtype in (np.float32, np.float64) else np.asarray(value).astype(np.float64)
-    zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    return dequantize(g.consts[tensor], g.consts[node.input[1]], None if zero is None else g.consts[zero],
-                      attr(node, "axis", 1), attr(node, "block_size", 0))
+    if node is not None:
+        zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        return dequantize(g.consts[tensor], g.consts[node.input[1]], None if zero is None else g.consts[zero],
+                          attr(node, "axis", 1), attr(node, "block_size", 0))
+    params = qoperator_params(g, tensor)
+    if params is not None:
+        return dequantize(g.consts[tensor], *params)
+    value = g.consts[tensor]
+    return value if value.dtype in (np.float32, np.float64) else np.asarray(value).astype(np.float64)
 
 
 def quantized_source(g: Graph, tensor: str) -> str | None:
@@ -80,3 +140,20 @@ def quantized_source(g: Graph, tensor: str) -> str | None:
 def layer_value(g: Graph, tensor: str) -> np.ndarray:
     """A layer's weight: a constant, or the dequantized constant behind a DequantizeLinear."""
     return g.consts[tensor] if tensor in g.consts else weight_value(g, quantized_source(g, tensor))
+
+
+def at_zero_point(g: Graph, tensor: str, axis: int, removed) -> np.ndarray | None:
+    """The integer weight `tensor` of a QOperator layer with slices `removed` of `axis` set to its
+    zero point (the integer that dequantizes to 0), or None when `tensor` is no such weight."""
+    params = qoperator_params(g, tensor)
+    if params is None:
+        return None
+    q = np.array(g.consts[tensor])
+    _, zero, zero_axis = params
+    if zero is not None and np.size(zero) > 1:
+        shape = [1] * q.ndim
+        shape[zero_axis] = np.size(zero)
+        zero = np.reshape(zero, shape)
+    zeros = np.broadcast_to(np.zeros((), q.dtype) if zero is None else np.asarray(zero, q.dtype), q.shape)
+    np.moveaxis(q, axis, 0)[removed] = np.moveaxis(zeros, axis, 0)[removed]
+    return q

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from .graph import CONTROL_FLOW, PARAMETER_SLOTS, Graph, attr, fill_unknown_dim
+from .quant import param_slots
 
 
 class Frozen(Exception):
@@ -115,6 +116,7 @@ class Rule:
     shares the channel (the engine does not ask the node again from the tensors it marked)."""
 
     ops: tuple = ()
+    domain: str = ""  # a custom domain's rules are registered as "domain::op"
 
     def sources(self, c: Ctx) -> list:
         """Pairs (tensor, axis) where new channels are created (weight output axes)."""
@@ -133,13 +135,14 @@ REGISTRY: dict[str, Rule] = {}
 def register(rule_cls):
     rule = rule_cls()
     for op in rule.ops:
-        REGISTRY[op] = rule
+        REGISTRY[f"{rule.domain}::{op}" if rule.domain else op] = rule
     return rule_cls
 
 
 def rule_for(node) -> Rule:
     if node.domain not in ("", "ai.onnx"):
-        return Boundary(f"custom-domain op {node.domain}::{node.op_type}")
+        return REGISTRY.get(f"{node.domain}::{node.op_type}") or \
+            Boundary(f"custom-domain op {node.domain}::{node.op_type}")
     if node.op_type in CONTROL_FLOW:
         return Boundary(f"control flow ({node.op_type}) is a boundary")
     return REGISTRY.get(node.op_type) or Boundary(f"no channel rule for {node.op_type}")
@@ -191,13 +194,16 @@ class Broadcast(Rule):
         "BitwiseAnd", "BitwiseOr", "BitwiseXor",
     )
 
+    def operands(self, c):
+        return [x for x in c.node.input if x]
+
     def propagate(self, c, tensor, axis):
         out = c.out(0)
         r_out = c.rank(out)
         size = c.dim(tensor, axis)
         out_axis = axis + (r_out - c.rank(tensor))
         links = []
-        for t in [x for x in c.node.input if x] + [out]:
+        for t in self.operands(c) + [out]:
             if t == tensor:
                 continue
             a = out_axis - (r_out - c.rank(t))
@@ -261,32 +267,29 @@ class QuantizeDequantize(Rule):
 
 @register
 class QuantizedOperator(Rule):
-    """QOperator-format and dynamically quantized layers: frozen, with the reason. Not yet mapped
-    (QLinearConv / QLinearMatMul would slice w, per-channel w_scale / w_zero_point and the int32
-    bias like Conv / MatMul, but their neighbours in a QOperator model are com.microsoft ops, and
-    the oracle must zero integer slices); DynamicQuantizeLinear derives its scale from the whole
-    tensor, so removing channels changes it."""
+    """Dynamically quantized layers: frozen, with the reason. DynamicQuantizeLinear derives its
+    scale from the whole tensor, so removing channels changes it; ConvInteger / MatMulInteger read
+    its output."""
 
-    ops = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")
+    ops = ("ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")
 
     def sources(self, c):
         """The output channels a weighted layer would create: seeded so that `spa analyze` shows
         them frozen, with the reason, instead of finding nothing."""
         y = c.out(0)
-        if c.node.op_type in ("QLinearConv", "ConvInteger"):
+        if c.node.op_type == "ConvInteger":
             return [(y, 1)] if c.g.rank(y) else []
-        if c.node.op_type in ("QLinearMatMul", "MatMulInteger"):
-            weight = c.inp(3 if c.node.op_type == "QLinearMatMul" else 1)
+        if c.node.op_type == "MatMulInteger":
             rank = c.g.rank(y)
-            return [(y, rank - 1)] if rank and c.g.is_static(weight) else []
+            return [(y, rank - 1)] if rank and c.g.is_static(c.inp(1)) else []
         return []
 
     def propagate(self, c, tensor, axis):
         if c.node.op_type == "DynamicQuantizeLinear":
             raise Frozen("DynamicQuantizeLinear: its scale is computed from the whole tensor, so removing "
                          "channels would change it")
-        raise Frozen(f"{c.node.op_type} (QOperator / dynamic quantization) has no channel rule yet: "
-                     "quantize with QuantFormat.QDQ (QuantizeLinear / DequantizeLinear) to prune")
+        raise Frozen(f"{c.node.op_type} (dynamic quantization) has no channel rule: quantize statically "
+                     "(QuantFormat.QDQ or QOperator) to prune")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,14 +310,23 @@ def shrink_depthwise_group(c, plan, groups, in_per_group):
 @register
 class ConvRule(Rule):
     ops = ("Conv",)
+    X, W, B = 0, 1, 2  # input slots of data, weight and bias
+
+    def contracted(self, c):
+        """(node, input slot) where the input channels are contracted: the weight."""
+        return (c.index, self.W)
+
+    def out_params(self, c, c_out) -> list:
+        """Pairs sliced with the output channel besides y, w and the bias."""
+        return []
 
     def _geometry(self, c):
-        x, w = c.inp(0), c.inp(1)
+        x, w = c.inp(self.X), c.inp(self.W)
         groups = c.attr("group", 1)
         c_out, cin_g = c.dim(w, 0), c.dim(w, 1)
         c_in = c.dim(x, 1)
         if None in (c_out, cin_g):
-            raise Frozen(f"Conv weight '{w}' shape unknown")
+            raise Frozen(f"{c.node.op_type} weight '{w}' shape unknown")
         if c_in is None:
             c_in = cin_g * groups
         return groups, c_in, c_out, cin_g
@@ -323,7 +335,7 @@ class ConvRule(Rule):
         return [(c.out(0), 1)]
 
     def propagate(self, c, tensor, axis):
-        x, w, b, y = c.inp(0), c.inp(1), c.inp(2), c.out(0)
+        x, w, b, y = c.inp(self.X), c.inp(self.W), c.inp(self.B), c.out(0)
         groups, c_in, c_out, cin_g = self._geometry(c)
         depthwise = groups > 1 and cin_g == 1
         mult = c_out // groups
@@ -333,18 +345,19 @@ class ConvRule(Rule):
                 # input channel g feeds exactly the `mult` outputs of group g
                 return [Link(pair, (y, 1), np.repeat(np.arange(c_in), mult), np.arange(c_out))]
             return [Link(pair, (w, 1), np.arange(c_in), in_group_positions(c_in, cin_g),
-                         contracted=(c.index, 1))]
+                         contracted=self.contracted(c))]
         if (tensor == w and axis == 1) and not depthwise:
             return [Link(pair, (x, 1), in_group_positions(c_in, cin_g), np.arange(c_in),
-                         contracted=(c.index, 1))]
-        if (tensor == y and axis == 1) or (tensor == w and axis == 0) or (tensor == b and axis == 0):
-            links = [identity(pair, p, c_out) for p in [(y, 1), (w, 0), (b, 0)] if p[0] and p != pair]
+                         contracted=self.contracted(c))]
+        outs = [p for p in [(y, 1), (w, 0), (b, 0)] if p[0]] + self.out_params(c, c_out)
+        if pair in outs:
+            links = [identity(pair, p, c_out) for p in outs if p != pair]
             if depthwise:
                 links.append(Link(pair, (x, 1), np.arange(c_out), np.arange(c_out) // mult))
             elif groups > 1:  # equal channels per group: same in-group position in every group
                 links.append(Link(pair, pair, np.arange(c_out), in_group_positions(c_out, mult)))
             return links
-        raise Frozen(f"Conv: channel on axis {axis} of '{tensor}' (not a channel axis)")
+        raise Frozen(f"{c.node.op_type}: channel on axis {axis} of '{tensor}' (not a channel axis)")
 
     def rewrite(self, c, plan):
         groups, _, _, cin_g = self._geometry(c)
@@ -400,6 +413,14 @@ class ConvTransposeRule(Rule):
 @register
 class GemmRule(Rule):
     ops = ("Gemm",)
+    A, B, C = 0, 1, 2  # input slots
+
+    def contracted(self, c):
+        return (c.index, self.B)
+
+    def n_params(self, c) -> list:
+        """Pairs sliced with the output column N besides B, Y and the bias."""
+        return []
 
     def _axes(self, c):
         ka = 0 if c.attr("transA", 0) else 1
@@ -407,23 +428,25 @@ class GemmRule(Rule):
         return ka, 1 - ka, kb, nb
 
     def sources(self, c):
-        return [(c.out(0), 1)] if c.g.is_static(c.inp(1)) and not c.g.is_static(c.inp(0)) else []
+        a, b = c.inp(self.A), c.inp(self.B)
+        return [(c.out(0), 1)] if c.g.is_static(b) and not c.g.is_static(a) else []
 
     def propagate(self, c, tensor, axis):
-        a, b, bias, y = c.inp(0), c.inp(1), c.inp(2), c.out(0)
+        a, b, bias, y = c.inp(self.A), c.inp(self.B), c.inp(self.C), c.out(0)
         ka, ma, kb, nb = self._axes(c)
         pair = (tensor, axis)
         if (tensor, axis) in ((a, ka), (b, kb)):
             other = (b, kb) if tensor == a else (a, ka)
-            return [identity(pair, other, c.dim(tensor, axis), contracted=(c.index, 1))]
-        if (tensor, axis) in ((b, nb), (y, 1)) or (tensor == bias and axis == c.rank(bias) - 1):
-            return self._with_bias(c, pair, [(b, nb), (y, 1)], 1)
+            return [identity(pair, other, c.dim(tensor, axis), contracted=self.contracted(c))]
+        n_pairs = [(b, nb), (y, 1)] + self.n_params(c)
+        if pair in n_pairs or (tensor == bias and axis == c.rank(bias) - 1):
+            return self._with_bias(c, pair, n_pairs, 1)
         if (tensor, axis) in ((a, ma), (y, 0)) or (tensor == bias and axis == c.rank(bias) - 2):
             return self._with_bias(c, pair, [(a, ma), (y, 0)], 0)
         raise Frozen(f"Gemm: channel on axis {axis} of '{tensor}'")
 
     def _with_bias(self, c, pair, pairs, y_axis):
-        bias = c.inp(2)
+        bias = c.inp(self.C)
         if bias:
             a = c.rank(bias) - (2 - y_axis)
             if a >= 0 and c.dim(bias, a) not in (1, None):
@@ -437,9 +460,17 @@ class MatMulRule(Rule):
     """[..., M, K] x [..., K, N]: K contracted, M and N pass through, batch axes broadcast."""
 
     ops = ("MatMul",)
+    A, B = 0, 1  # input slots
+
+    def contracted(self, c, slot):
+        return (c.index, slot)
+
+    def params(self, c) -> dict:
+        """{pair: role} of tensors sliced with an M or N channel besides a, b and y."""
+        return {}
 
     def sources(self, c):
-        a, b = c.inp(0), c.inp(1)
+        a, b = c.inp(self.A), c.inp(self.B)
         static_a, static_b = c.g.is_static(a), c.g.is_static(b)
         if static_b and not static_a and c.rank(b) >= 2:
             return [(c.out(0), c.rank(c.out(0)) - 1)]
@@ -448,21 +479,21 @@ class MatMulRule(Rule):
         return []
 
     def propagate(self, c, tensor, axis):
-        a, b, y = c.inp(0), c.inp(1), c.out(0)
+        a, b, y = c.inp(self.A), c.inp(self.B), c.out(0)
         ra, rb, ry = c.rank(a), c.rank(b), c.rank(y)
         if ra < 2 or rb < 2:
-            raise Frozen("MatMul with a 1-D operand")
+            raise Frozen(f"{c.node.op_type} with a 1-D operand")
         pair = (tensor, axis)
         roles = {  # axis -> role for each operand and the output
             (a, ra - 1): "k", (b, rb - 2): "k", (a, ra - 2): "m", (y, ry - 2): "m",
             (b, rb - 1): "n", (y, ry - 1): "n",
-        }
+        } | self.params(c)
         role = roles.get(pair)
         size = c.dim(tensor, axis)
         if role == "k":
             other = (b, rb - 2) if tensor == a else (a, ra - 1)
-            slot = 1 if c.g.is_static(b) or not c.g.is_static(a) else 0
-            return [identity(pair, other, size, contracted=(c.index, slot))]
+            slot = self.B if c.g.is_static(b) or not c.g.is_static(a) else self.A
+            return [identity(pair, other, size, contracted=self.contracted(c, slot))]
         if role is not None:
             return [identity(pair, p, size) for p, r in roles.items() if r == role and p != pair]
         # a batch axis: aligned from the right across the operands and the output
@@ -841,10 +872,13 @@ class SqueezeUnsqueeze(Rule):
 class Concat(Rule):
     ops = ("Concat",)
 
+    def operands(self, c):
+        return [t for t in c.node.input if t]
+
     def propagate(self, c, tensor, axis):
         y = c.out(0)
         cat = c.norm_axis(c.attr("axis"), y)
-        inputs = [t for t in c.node.input if t]
+        inputs = self.operands(c)
         pair = (tensor, axis)
         # complete from either side: the output's other slices belong to the other inputs. Once
         # the output carries channels, its own visit (or the input's that marked it) did that, so
@@ -872,6 +906,165 @@ class Concat(Rule):
         if all(c.g.dim(t, cat) is not None for t in inputs):  # not a virtual size (may still change)
             cache[c.index] = offsets
         return offsets
+
+
+# ----------------------------------------------------------------------------------------------
+# quantized operators (QuantFormat.QOperator): the float op's channel map on the data, per-channel
+# weight parameters sliced with the output channel, per-tensor parameters untouched
+
+
+def per_tensor(c: Ctx, slots):
+    """Frozen unless the scales and zero points in `slots` are per-tensor (one element)."""
+    for p in (c.inp(k) for k in slots):
+        if p is not None and any(c.dim(p, a) != 1 for a in range(c.rank(p))):
+            raise Frozen(f"{c.node.op_type}: quantization parameter '{p}' is not per-tensor")
+
+
+def channel_params(c: Ctx, slots, channels) -> list:
+    """Pairs of the scales / zero points in `slots` that run along a channel axis of `channels`
+    (1-D, per channel); per-tensor ones stay; any other shape is frozen."""
+    pairs = []
+    for p in (c.inp(k) for k in slots):
+        if p is None or all(c.dim(p, a) == 1 for a in range(c.rank(p))):
+            continue
+        if c.rank(p) != 1 or c.dim(p, 0) != channels:
+            raise Frozen(f"{c.node.op_type}: quantization parameter '{p}' is neither per-tensor nor one per "
+                         f"channel ({channels})")
+        pairs.append((p, 0))
+    return pairs
+
+
+def integer_weight(c: Ctx, slot):
+    """(node, slot) of a QOperator layer's contracted integer weight. It must be a constant: the
+    oracle sets its removed slices to the zero point (an integer activation would need a mask)."""
+    if c.inp(slot) not in c.g.consts:
+        raise Frozen(f"{c.node.op_type}: contracted input '{c.inp(slot)}' is computed (only constant "
+                     "integer weights are sliced)")
+    return (c.index, slot)
+
+
+@register
+class QLinearUnary(Unary):
+    """com.microsoft QLinearSigmoid / QLinearLeakyRelu (X, X_scale, X_zp, Y_scale, Y_zp): identity
+    on the data with per-tensor parameters, which stay."""
+
+    domain = "com.microsoft"
+    ops = ("QLinearSigmoid", "QLinearLeakyRelu")
+
+    def propagate(self, c, tensor, axis):
+        per_tensor(c, param_slots(c.node))
+        return super().propagate(c, tensor, axis)
+
+
+@register
+class QLinearBroadcast(Broadcast):
+    """com.microsoft QLinearAdd / QLinearMul (A, A_scale, A_zp, B, B_scale, B_zp, C_scale, C_zp):
+    broadcasting on A and B like Add / Mul, with per-tensor parameters, which stay."""
+
+    domain = "com.microsoft"
+    ops = ("QLinearAdd", "QLinearMul")
+
+    def operands(self, c):
+        return [t for t in (c.inp(0), c.inp(3)) if t]
+
+    def propagate(self, c, tensor, axis):
+        per_tensor(c, param_slots(c.node))
+        return super().propagate(c, tensor, axis)
+
+
+@register
+class QLinearConcat(Concat):
+    """com.microsoft QLinearConcat (Y_scale, Y_zp, then X, X_scale, X_zp per input): Concat of the
+    data inputs, with per-tensor parameters, which stay."""
+
+    domain = "com.microsoft"
+    ops = ("QLinearConcat",)
+
+    def operands(self, c):
+        return [t for t in c.node.input[2::3] if t]
+
+    def propagate(self, c, tensor, axis):
+        per_tensor(c, param_slots(c.node))
+        return super().propagate(c, tensor, axis)
+
+
+@register
+class QLinearPool(Spatial):
+    """com.microsoft QLinearGlobalAveragePool / QLinearAveragePool (X, x_scale, x_zp, y_scale,
+    y_zp): spatial, with per-tensor parameters, which stay; `channels_last` puts the channel last."""
+
+    domain = "com.microsoft"
+    ops = ("QLinearGlobalAveragePool", "QLinearAveragePool")
+
+    def acted_axes(self, c, tensor):
+        if c.attr("channels_last", 0):  # [N, spatial..., C]
+            return set(range(1, c.rank(tensor) - 1)) | {0}
+        return super().acted_axes(c, tensor)
+
+    def propagate(self, c, tensor, axis):
+        per_tensor(c, param_slots(c.node))
+        return super().propagate(c, tensor, axis)
+
+
+@register
+class QLinearConvRule(ConvRule):
+    """QLinearConv (x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, [B int32]): Conv's channel
+    map on x, w, B and y (grouped and depthwise too); a per-channel w_scale / w_zp is sliced with
+    the output channel; x and y parameters are per-tensor and stay."""
+
+    ops = ("QLinearConv",)
+    X, W, B = 0, 3, 8
+
+    def propagate(self, c, tensor, axis):
+        per_tensor(c, (1, 2, 6, 7))
+        return super().propagate(c, tensor, axis)
+
+    def contracted(self, c):
+        return integer_weight(c, self.W)
+
+    def out_params(self, c, c_out):
+        return channel_params(c, (4, 5), c_out)
+
+
+@register
+class QLinearMatMulRule(MatMulRule):
+    """QLinearMatMul (a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp): MatMul's channel map on
+    a, b and y; a per-column b_scale / b_zp is sliced with N; a and y parameters must be
+    per-tensor."""
+
+    ops = ("QLinearMatMul",)
+    A, B = 0, 3
+
+    def contracted(self, c, slot):
+        return integer_weight(c, slot)
+
+    def propagate(self, c, tensor, axis):
+        per_tensor(c, (1, 2, 6, 7))
+        return super().propagate(c, tensor, axis)
+
+    def params(self, c):
+        b = c.inp(self.B)
+        return dict.fromkeys(channel_params(c, (4, 5), c.dim(b, c.rank(b) - 1)), "n")
+
+
+@register
+class QGemmRule(GemmRule):
+    """com.microsoft QGemm (A, a_scale, a_zp, B, b_scale, b_zp, [C int32], [y_scale, y_zp]): Gemm's
+    channel map; a per-column b_scale / b_zp is sliced with N; a and y parameters are per-tensor."""
+
+    domain = "com.microsoft"
+    ops = ("QGemm",)
+    A, B, C = 0, 3, 6
+
+    def propagate(self, c, tensor, axis):
+        per_tensor(c, (1, 2, 7, 8))
+        return super().propagate(c, tensor, axis)
+
+    def contracted(self, c):
+        return integer_weight(c, self.B)
+
+    def n_params(self, c):
+        return channel_params(c, (4, 5), c.dim(c.inp(self.B), self._axes(c)[3]))
 
 
 @register

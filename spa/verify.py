@@ -9,6 +9,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from .errors import SpaError, SpaWarning
 from .plan import Plan
+from .quant import at_zero_point
 from .runtime import _NP_TYPES, is_float, random_inputs, session
 
 def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelProto | None = None) -> None:
@@ -40,7 +41,8 @@ def masked_original(plan: Plan) -> onnx.ModelProto:
     """The oracle: the original model with every removed channel's consumer slices zeroed.
 
     Removing channel c must be exactly the same as zeroing input slice c of every consumer;
-    a Mul by a 0/1 mask is inserted in front of each contracted input.
+    a Mul by a 0/1 mask is inserted in front of each contracted input. The integer weight of a
+    QOperator layer (QLinearConv, QLinearMatMul, QGemm) gets its slices set to its zero point.
     """
     g = plan.analysis.graph
     model = onnx.ModelProto()
@@ -57,7 +59,11 @@ def masked_original(plan: Plan) -> onnx.ModelProto:
         if len(removed) == 0:
             continue
         key = (tensor, axis)
-        if key not in masked:
+        integer = None if key in masked else at_zero_point(g, tensor, axis, removed)
+        if integer is not None:  # a QOperator layer's integer weight: removed slices := zero point
+            masked[key] = f"{tensor}__spa_masked{axis}"
+            model.graph.initializer.append(numpy_helper.from_array(integer, masked[key]))
+        elif key not in masked:
             shape = [1] * g.rank(tensor)
             shape[axis] = g.dim(tensor, axis)
             mask = np.ones(shape, dtype=_NP_TYPES.get(_elem_type(model, tensor), np.float32))

@@ -1,6 +1,9 @@
-"""QDQ models (onnxruntime.quantization, QuantFormat.QDQ, per-channel weights) prune with their
-quantization parameters sliced, scored on the dequantized weights, and match the oracle: the
-quantized original with the consumers' weight slices zeroed."""
+"""Quantized models (onnxruntime.quantization, QuantFormat.QDQ and QOperator, per-channel weights)
+prune with their quantization parameters sliced, scored on the dequantized weights, and match the
+oracle: the quantized original with the consumers' weight slices zeroed (QOperator: set to their
+zero point), bit-exactly for QOperator."""
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -175,16 +178,158 @@ def test_blocked_quantization_along_the_channel_axis_is_frozen():
     assert any("blocked quantization along the channel axis" in r for r in reasons), reasons
 
 
-def test_qoperator_format_is_frozen_with_a_reason(qdq, tmp_path):
-    """QLinearConv / QLinearMatMul (QuantFormat.QOperator) are not mapped yet: frozen, and the
-    reason says how to get a prunable model."""
+def branchy_net():
+    """LeakyRelu, grouped Conv, Concat, swish (Mul by Sigmoid), AveragePool, two MatMul heads: the
+    QOperator quantizer turns them into QLinearLeakyRelu, QLinearConcat, QLinearSigmoid, QLinearMul,
+    QLinearAveragePool and QLinearMatMul."""
+    b = Builder(opset=17)
+    x = b.input([N, 3, 8, 8])
+    a = b.op("LeakyRelu", [b.conv(x, 3, 8)], alpha=0.1)
+    c = b.op("Relu", [b.conv(a, 8, 8, group=4)])
+    y = b.conv(b.op("Concat", [a, c], axis=1), 16, 8, k=1)
+    y = b.op("Mul", [y, b.op("Sigmoid", [y])])
+    y = b.op("AveragePool", [y], kernel_shape=[2, 2], strides=[2, 2])
+    y = b.op("Flatten", [b.op("GlobalAveragePool", [y])])
+    y = b.op("Relu", [b.op("MatMul", [y, b.weight(8, 6)])])
+    b.output(b.op("MatMul", [y, b.weight(6, 5)]))
+    return b.model()
+
+
+QOPERATOR_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat",
+                 "QLinearSigmoid", "QLinearLeakyRelu", "QLinearGlobalAveragePool", "QLinearAveragePool"}
+
+
+def _qoperator(folder, model, types):
+    onnx.save(model, str(folder / "float.onnx"))
+    quantization.quantize_static(str(folder / "float.onnx"), str(folder / "qop.onnx"), _Reader(),
+                                 quant_format=quantization.QuantFormat.QOperator, per_channel=True,
+                                 activation_type=types, weight_type=types)
+    return onnx.load(str(folder / "qop.onnx"))
+
+
+@pytest.fixture(scope="module", params=[("float_net", "QInt8"), ("branchy_net", "QInt8"), ("branchy_net", "QUInt8")])
+def qop(request, tmp_path_factory):
+    """(float model, its QOperator quantization: per-channel weights, per-tensor activations);
+    uint8 weights have non-zero zero points."""
+    net, types = request.param
+    model = globals()[net]()
+    return model, _qoperator(tmp_path_factory.mktemp("qop"), model, getattr(quantization.QuantType, types))
+
+
+def test_qoperator_nets_use_the_mapped_ops(qop):
+    _, model = qop
+    assert {n.op_type for n in model.graph.node} & QOPERATOR_OPS >= {"QLinearConv"}
+    assert any(n.op_type in ("QGemm", "QLinearMatMul") for n in model.graph.node)
+
+
+def test_qoperator_prunes_bit_exactly_with_sliced_parameters(qop):
+    """Pruned == the quantized original with the consumers' integer weight slices at their zero
+    point, exactly; per-channel w_scale / w_zero_point / int32 bias sliced with the weight."""
+    _, model = qop
+    result = check_exact(model, atol=0, rtol=0)
+    before, after = _inits(model), _inits(result.model)
+    for name, t in after.items():
+        assert t.data_type == before[name].data_type, name
+    shrunk = 0
+    for node in result.model.graph.node:
+        if node.op_type not in ("QLinearConv", "QLinearMatMul", "QGemm"):
+            continue
+        w = after[node.input[3]].dims
+        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        out_axis = {"QLinearConv": 0, "QLinearMatMul": len(w) - 1}.get(node.op_type, 1 - trans_b)
+        for k in (4, 5):
+            if len(after[node.input[k]].dims) == 1:
+                assert after[node.input[k]].dims[0] == w[out_axis], node.name
+        if node.op_type == "QLinearConv" and len(node.input) > 8:
+            assert list(after[node.input[8]].dims) == [w[0]]
+        for k in (1, 2, 7, 8) if node.op_type == "QGemm" else (1, 2, 6, 7):
+            if k < len(node.input) and node.input[k]:  # per-tensor: untouched
+                assert np.size(numpy_helper.to_array(after[node.input[k]])) == 1
+        shrunk += list(w) != list(before[node.input[3]].dims)
+    assert shrunk >= 2
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_qoperator_analyze_lists_prunable_groups(qop, tmp_path, capsys):
+    from spa.cli import main
+
+    _, model = qop
+    analysis = analyze(model)
+    members = {m.tensor for g in analysis.groups if g.prunable for m in g.members}
+    scales = {n.input[4] for n in model.graph.node if n.op_type in ("QLinearConv", "QLinearMatMul", "QGemm")}
+    assert scales & members  # per-channel weight scales, sliced with their output channel
+    onnx.save(model, str(tmp_path / "qop.onnx"))
+    assert main(["analyze", str(tmp_path / "qop.onnx"), "--json", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["prunable_groups"] >= 1
+    assert all("graph output" in g["frozen_by"][0] for g in summary["groups"] if not g["prunable"])
+
+
+def test_qoperator_scores_read_the_dequantized_weights(qop):
+    """l1 of a QLinearConv / QLinearMatMul / QGemm weight is that of (w - w_zp) * w_scale, close to
+    the float weight's; scales and zero points are never scored."""
+    float_model, model = qop
+    floats = {t.name: numpy_helper.to_array(t) for t in float_model.graph.initializer}
+    analysis = analyze(model)
+    checked = 0
+    for group in analysis.groups:
+        for member, values in member_scores(analysis, group, "l1") if group.has_params else []:
+            assert not member.tensor.endswith(("_scale", "_zero_point")), member.tensor
+            original = member.tensor.removesuffix("_quantized")
+            if original in floats and floats[original].ndim > 1:
+                w = np.moveaxis(floats[original], member.axis, 0).reshape(values.shape[0], -1)
+                np.testing.assert_allclose(values, np.abs(w).sum(axis=1), rtol=0.05)
+                checked += 1
+    assert checked >= 3
+
+
+def test_qoperator_obspa_scores_without_compensating(qop):
+    _, model = qop
+    result = check_exact(model, criterion="obspa", calibration="synthetic", atol=0, rtol=0)
+    assert not result.weights  # integer weights are never compensated
+
+
+def _frozen_reasons(model):
+    analysis = analyze(model)
+    return [r for g in analysis.groups if not g.prunable for r in g.reasons()]
+
+
+def test_qoperator_per_channel_parameters_that_cannot_be_sliced_freeze(tmp_path):
+    """A QLinearAdd with a per-channel scale (its kernel takes per-tensor ones only) and a
+    QLinearConv weight scale that is neither per-tensor nor per-channel freeze, with the reason."""
+    model = _qoperator(tmp_path, float_net(), quantization.QuantType.QInt8)
+    inits = _inits(model)
+    add = next(n for n in model.graph.node if n.op_type == "QLinearAdd")
+    scale = numpy_helper.to_array(inits[add.input[1]])
+    inits[add.input[1]].CopyFrom(numpy_helper.from_array(np.full(8, scale, scale.dtype), add.input[1]))
+    assert any("QLinearAdd" in r and "not per-tensor" in r for r in _frozen_reasons(model))
+    model = _qoperator(tmp_path, float_net(), quantization.QuantType.QInt8)
+    conv = next(n for n in model.graph.node if n.op_type == "QLinearConv")
+    for k in (4, 5):
+        value = numpy_helper.to_array(_inits(model)[conv.input[k]])
+        _inits(model)[conv.input[k]].CopyFrom(numpy_helper.from_array(value[:2], conv.input[k]))
+    assert any("neither per-tensor nor one per channel" in r for r in _frozen_reasons(model))
+
+
+def test_unmapped_com_microsoft_op_is_frozen(tmp_path):
+    """QLinearSoftmax (over the channels here) has no rule: the channels it reads are frozen."""
+    b = Builder(opset=17)
+    y = b.op("Softmax", [b.conv(b.input([N, 3, 8, 8]), 3, 8)], axis=1)
+    b.output(b.conv(y, 8, 4))
+    model = _qoperator(tmp_path, b.model(), quantization.QuantType.QInt8)
+    assert "QLinearSoftmax" in {n.op_type for n in model.graph.node}
+    assert any("custom-domain op com.microsoft::QLinearSoftmax" in r for r in _frozen_reasons(model))
+
+
+def test_dynamic_quantization_is_frozen_with_a_reason(qdq, tmp_path):
+    """ConvInteger / MatMulInteger read DynamicQuantizeLinear, whose scale comes from the whole
+    tensor: frozen, and the reason says how to get a prunable model."""
     float_model, _ = qdq
     onnx.save(float_model, str(tmp_path / "float.onnx"))
-    quantization.quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "qop.onnx"), _Reader(),
-                                 quant_format=quantization.QuantFormat.QOperator, per_channel=True)
-    model = onnx.load(str(tmp_path / "qop.onnx"))
-    assert "QLinearConv" in {n.op_type for n in model.graph.node}
+    quantization.quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "dynamic.onnx"))
+    model = onnx.load(str(tmp_path / "dynamic.onnx"))
+    assert "ConvInteger" in {n.op_type for n in model.graph.node}
     analysis = analyze(model)
     assert not any(g.prunable for g in analysis.groups)
     reasons = [r for g in analysis.groups for r in g.reasons()]
-    assert any("QLinearConv" in r and "QDQ" in r for r in reasons), reasons
+    assert any("ConvInteger" in r and "QOperator" in r for r in reasons), reasons

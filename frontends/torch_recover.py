@@ -92,7 +92,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
             lr: float | None = None, seed: int = 0, progress=None, holdout=None, *,
             bn: str = "frozen", match: str = "shared", match_weight: float = 1.0,
             warmup: float = 0.2, weight_decay: float = 0.0, threads: int | None = None,
-            teacher: str = "ort") -> RecoveryResult:
+            teacher: str = "ort", keep_zeros: bool = False) -> RecoveryResult:
     """Distil ``original`` into ``pruned`` for ``steps`` Adam steps; see the module docstring.
 
     ``batches``: ``batches(step) -> {input name: array}`` (fresh inputs per step) or a list of
@@ -100,7 +100,9 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     None). ``holdout``: list of feeds for the before/after check (default: ``batches(steps + k)``
     for k < 4). ``lr``: Adam's peak learning rate (default :func:`default_lr`). ``seed``: torch's
     generator during training (dropout with ``bn="update"``; the global state is restored).
-    ``threads``: onnxruntime threads. ``progress(message)``: one line at the start, one at the end."""
+    ``threads``: onnxruntime threads. ``progress(message)``: one line at the start, one at the end.
+    ``keep_zeros``: every weight that is exactly zero stays zero (its gradient is masked: a
+    fine-grained sparsity pattern survives training)."""
     say = progress or (lambda message: None)
     original, pruned = as_model(original), as_model(pruned)
     if steps < 0:
@@ -133,6 +135,8 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
         + (f", matching {len(shared)} intermediate tensors" if shared else ""))
 
     params = student.onnx_parameters()
+    if keep_zeros:
+        _freeze_zeros(params.values())
     ran, diverged = 0, None
     if steps and loss_before > 0 and params:
         with torch.random.fork_rng(devices=[]):
@@ -317,6 +321,14 @@ def _shared_tensors(student, teacher, feeds, outputs) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
+def _freeze_zeros(params) -> None:
+    """Zero gradients where a parameter is exactly zero: Adam (no weight decay) then never moves it."""
+    for p in params:
+        mask = p.detach() != 0
+        if not bool(mask.all()):
+            p.register_hook(lambda grad, mask=mask: grad * mask)
+
+
 def _train(student, teacher, feeds, steps, lr, names, shared, scales, match_weight, warmup, weight_decay,
            bn, params):
     if bn == "frozen":

@@ -143,13 +143,14 @@ def sweep(model, criteria="l1", targets="ratio=0.5", *, calibration=None, round_
 
 def sparsify(model, pattern="2:4", *, amount: float | None = None, granularity: str = "weight",
              criterion: str = "l1", calibration=None, storage: str = "dense", compressed: bool = False,
-             progress: bool = False):
+             recover: int = 0, progress: bool = False):
     """Zero weights of `model` (an .onnx path, a framework file or a ModelProto) in a fine-grained
     `pattern` (spa.sparsity): "N:M" (default 2:4), "k-of-n" or "unstructured" with `amount` (the
     fraction zeroed) and, for k-of-n, `granularity` weight | kernel | filter; criterion "l1" or
     "obs" (OBS updates on `calibration`, a spa.calibration.Calibration or source string);
     storage "sparse" stores weights as COO where smaller; compressed: the report gives zlib sizes
-    too (report["zipped_bytes"]). Returns a `spa.sparsity.Sparsified`:
+    too (report["zipped_bytes"]); recover: steps of distillation from the original on the
+    calibration inputs, zeros kept (PyTorch). Returns a `spa.sparsity.Sparsified`:
     `.model`, `.report`, `.save(path)`."""
     from . import progress as bars
     from .sparsity import Pattern, Sparsified, parse_pattern
@@ -163,7 +164,7 @@ def sparsify(model, pattern="2:4", *, amount: float | None = None, granularity: 
     with _bars(progress, bars):
         original, source = _load(model, say)
         sparse, report = sparsify_model(original, pattern, criterion, calibration=calibration, storage=storage,
-                                        compressed=compressed, progress=say)
+                                        compressed=compressed, recover=recover, progress=say)
     return Sparsified(sparse, report, source)
 
 

@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
     sp.add_argument("--calibration-samples", type=int, metavar="N", help="calibration inputs drawn (--criterion obs)")
     sp.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224",
                     help="shape of generated calibration inputs (--criterion obs)")
+    sp.add_argument("--recover", type=int, metavar="N",
+                    help="then N steps of distillation from the original on the calibration inputs (PyTorch), every "
+                         "zero kept; kept only if the held-out loss falls")
     sp.add_argument("--storage", choices=("dense", "sparse"), default="dense",
                     help="dense (default) or sparse: weights that get smaller as COO are stored so (onnxruntime "
                          "densifies them at load)")
@@ -57,6 +60,8 @@ def command(args, say) -> int:
     if frontend_for(args.output) is not None:
         raise SpaError(f"-o {args.output}: spa sparsify writes ONNX; give -o an .onnx name")
     pattern = parse_pattern(args.pattern, args.amount, args.granularity)
+    if args.recover is not None and args.recover < 1:
+        raise SpaError(f"--recover needs a positive number of steps, got {args.recover}")
     calibration = calibration_of(args)
     check_outputs(args, args.output)
     args.source = args.model
@@ -65,7 +70,7 @@ def command(args, say) -> int:
     model = load_model(args.model)
     _check_data_files(args, model)
     sparse, report = sparsify(model, pattern, args.criterion, calibration=calibration, storage=args.storage,
-                              compressed=args.report or args.json, progress=say)
+                              compressed=args.report or args.json, recover=args.recover or 0, progress=say)
     for skipped in report["skipped"]:
         warn(f"{skipped['name']} not sparsified: {skipped['reason']}")
     if args.storage == "sparse" and not report["stored_sparse"]:
@@ -84,15 +89,15 @@ def command(args, say) -> int:
 
 def calibration_of(args):
     """--calibration, --calibration-samples and --input-shape as a spa.calibration.Calibration
-    (None: criterion obs's default); refused with criterion l1, which reads no inputs."""
+    (None: the default, 'auto'); refused with criterion l1 and no --recover, which read no inputs."""
     from .calibration import Calibration, source_kind
     from .frontends import parse_input_shapes
 
     given = [flag for flag, field in CALIBRATION_FLAGS if getattr(args, field) is not None]
-    if args.criterion != "obs":
+    if args.criterion != "obs" and not args.recover:
         if given:
             raise SpaError(f"{given[0]} has no effect with criterion {args.criterion}, which uses no calibration "
-                           "inputs (use --criterion obs)")
+                           "inputs (use --criterion obs or --recover)")
         return None
     if not given:
         return None

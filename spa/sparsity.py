@@ -284,12 +284,14 @@ def format_sparsity(rows: list) -> str:
 # the model
 # ---------------------------------------------------------------------------------------------
 def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str = "l1", *, calibration=None,
-             storage: str = "dense", compressed: bool = False,
+             storage: str = "dense", compressed: bool = False, recover: int = 0,
              progress=lambda message: None) -> tuple[onnx.ModelProto, dict]:
     """(a copy of `model` with `pattern`'s exact zeros in every eligible layer's weight, report).
     criterion "l1" keeps the largest |w|; "obs" chooses and compensates with OBS updates on
-    calibration inputs (spa.sparse_obs). Every written weight is checked against the pattern.
-    compressed: the report also gives zlib-compressed sizes (seconds per 100 MB: on request)."""
+    calibration inputs (spa.sparse_obs). recover: steps of distillation from the original on the
+    calibration inputs with every zero kept (a spa.recovery stage; kept only if the held-out loss
+    falls). Every written weight is checked against the pattern. compressed: the report also
+    gives zlib-compressed sizes (seconds per 100 MB: on request)."""
     from .graph import Graph
 
     if criterion not in ("l1", "obs"):
@@ -303,15 +305,38 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str = "l1", *,
         why = "; ".join(sorted({s["reason"] for s in skipped})) or "no Conv, Gemm or MatMul has a constant weight"
         raise SpaError(f"no layer can take pattern {pattern}: {why}")
     progress(f"sparsifying {len(layers)} layers to {pattern} ({criterion})")
+    if recover < 0:
+        raise SpaError(f"recover needs a positive number of steps, got {recover}")
     new_values = _new_values(model, g, layers, pattern, criterion, calibration, progress)
     _check_written(g, layers, pattern, new_values)
     out = _with_values(model, new_values)
+    recovery = None
+    if recover:
+        out, recovery = _recovered(model, out, calibration, recover, progress)
+        new_values = {l.weight: numpy_helper.to_array(t) for t in out.graph.initializer for l in layers
+                      if t.name == l.weight}
+        _check_written(g, layers, pattern, new_values)
     dense_bytes = out.ByteSize()
     stored_sparse = _store_sparse(out, [l.weight for l in layers]) if storage == "sparse" else []
     report = _report(given, out, g, layers, skipped, pattern, criterion, new_values, dense_bytes, stored_sparse)
+    if recovery is not None:
+        report["recover"] = recovery
     if compressed:
         report["zipped_bytes"] = {"before": zipped_size(given), "after": zipped_size(out)}
     return out, report
+
+
+def _recovered(model, sparse, calibration, steps: int, progress) -> tuple[onnx.ModelProto, dict]:
+    """The sparse model distilled from `model` for `steps` with its zeros kept, if that lowered
+    the held-out loss (else `sparse` itself), and what happened."""
+    from . import plugins
+    from .sparse_obs import calibration_inputs
+
+    fit, held = calibration_inputs(model, calibration, progress)
+    result = plugins.load("spa.recovery", "distill")(model, sparse, fit + held, steps, progress=progress,
+                                                     keep_zeros=True)
+    return result.model, {"steps": steps, "loss_before": result.loss_before, "loss_after": result.loss_after,
+                          "kept": bool(result.improved)}
 
 
 def _new_values(model, g, layers, pattern, criterion, calibration, progress) -> dict:
@@ -402,7 +427,15 @@ def format_summary(report: dict) -> str:
     return (f"{len(report['layers'])} layers sparsified to {report['pattern']}: sparsity "
             f"{report['sparsity']['before']:.1%} -> {report['sparsity']['after']:.1%} of {report['parameters']} "
             f"weights; file {sizes['before']} -> {sizes['written']} bytes ({len(report['stored_sparse'])} weights "
-            f"stored sparse)" + (f", zipped {zipped['before']} -> {zipped['after']} bytes" if zipped else ""))
+            f"stored sparse)" + (f", zipped {zipped['before']} -> {zipped['after']} bytes" if zipped else "")
+            + _recovery_text(report.get("recover")))
+
+
+def _recovery_text(recovery) -> str:
+    if not recovery:
+        return ""
+    return (f"; recover {recovery['steps']} steps: distillation loss {recovery['loss_before']:.4g} -> "
+            f"{recovery['loss_after']:.4g}" + ("" if recovery["kept"] else " (not lower: the unrecovered model kept)"))
 
 
 @dataclass

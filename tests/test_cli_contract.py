@@ -435,13 +435,16 @@ CONTRACT = {
                                   (_without(SPU, "--amount") + ["--amount", "1.5"], "amount must be in [0, 1)")]),
         "--criterion": Case(SP + ["--criterion", "obs"], SP),
         "--calibration": Case(SPO + ["--calibration", "ood:noise-uniform"], SPO, refused=[
-            (SP + ["--calibration", "synthetic"], "--calibration has no effect with criterion l1")]),
+            (SP + ["--calibration", "synthetic"], "--calibration has no effect with criterion l1")],
+            also=[(SP + ["--recover", "2", "--calibration", "ood:noise-uniform"], SP + ["--recover", "2"])]),
         "--calibration-samples": Case(SPO, _without(SPO, "--calibration-samples"), refused=[
             (SP + ["--calibration-samples", "8"], "--calibration-samples has no effect with criterion l1"),
             (SPO + ["--calibration", "none"], "--calibration-samples has no effect with --calibration none")]),
         "--input-shape": Case(SP_DYN + ["--input-shape", "1x3x8x8"], SP_DYN, refused=[
             (SP + ["--input-shape", "1x3x8x8"], "--input-shape has no effect with criterion l1"),
             (SPO + ["--calibration", "{NPZ}", "--input-shape", "1x3x8x8"], "--input-shape has no effect with")]),
+        "--recover": Case(SP + ["--recover", "2"], SP, also=[(SPO + ["--recover", "2"], SPO)],
+                          refused=[(SP + ["--recover", "0"], "--recover needs a positive number of steps")]),
         "--storage": Case(SPU + ["--storage", "sparse"], SPU, same=[(SPU + ["--storage", "dense"], SPU)],
                           also=[(SP + ["--storage", "sparse"], SP)]),  # 2:4 float32: a warning, nothing smaller
         "--report": Case(SP + ["--report"], SP),

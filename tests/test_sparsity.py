@@ -341,19 +341,16 @@ def test_obs_weights_conform_and_run(pattern):
     assert np.all(np.isfinite(outputs(sparse, feeds(model))[0]))
 
 
-def test_obs_plumbing_calls_obs_sparsify(monkeypatch):
-    """criterion obs hands (model, layers, pattern, calibration, progress) to spa.sparse_obs.obs_sparsify."""
-    import sys
-    import types
+def test_recover_keeps_every_zero():
+    """Distillation after sparsifying trains the kept weights only: the pattern survives."""
+    from spa.calibration import Calibration
 
-    seen = {}
-
-    def fake(model, layers, pattern, calibration, progress):
-        seen.update(layers=[l.weight for l in layers], pattern=pattern, calibration=calibration)
-        g = Graph(model)
-        return {l.weight: np.where(layer_mask(g.consts[l.weight], l, pattern), g.consts[l.weight], 0).astype(np.float32)
-                for l in layers}
-    monkeypatch.setitem(sys.modules, "spa.sparse_obs", types.SimpleNamespace(obs_sparsify=fake))
-    _, report = sparsify(matmul_model(), parse_pattern("2:4"), "obs", calibration="synthetic")
-    assert seen["calibration"] == "synthetic" and seen["pattern"] == parse_pattern("2:4")
-    assert seen["layers"] == [row["weight"] for row in report["layers"]]
+    pytest.importorskip("torch")
+    model = matmul_model()
+    sparse, report = sparsify(model, parse_pattern("2:4"), calibration=Calibration(source="synthetic", samples=32),
+                              recover=20)
+    assert set(report["recover"]) == {"steps", "loss_before", "loss_after", "kept"}
+    assert report["recover"]["kept"] == (report["recover"]["loss_after"] < report["recover"]["loss_before"])
+    g = Graph(sparse)
+    for layer in weighted_layers(g):
+        assert conforms(g.consts[layer.weight], layer, parse_pattern("2:4"))

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 
 import torch
 import torch.nn as nn
@@ -272,8 +271,9 @@ class DPPController:
     def finalize(self, model: nn.Module, example_inputs=None, physical: bool = False) -> nn.Module:
         """Bake the hard masks (and the fake quantisation) into the weights as exact zeros and
         remove the parametrizations. ``physical`` (filter granularity, needs ``example_inputs``):
-        hand the model to ``spa.frontends.torch_prune.make_physical`` when it exists, else skip
-        with a warning; ``physical_status`` says what happened. Returns the model."""
+        the zeroed filters are removed by ``spa.frontends.torch_prune.make_physical`` where that is
+        exact (a filter whose bias is not zero still outputs a constant: it stays, reported);
+        ``physical_status`` says what happened. Returns the model."""
         modules = dict(model.named_modules())
         for name in self.masks:
             _bake(modules[name])
@@ -284,14 +284,12 @@ class DPPController:
     def _make_physical(self, model: nn.Module, example_inputs) -> str:
         if self.granularity != "filter":
             raise SpaError(f"physical removal needs filter granularity, not {self.granularity!r}")
-        try:
-            from .torch_prune import make_physical
-        except ImportError:
-            message = "physical removal skipped: spa.frontends.torch_prune.make_physical is not available"
-            warnings.warn(message, stacklevel=3)
-            return message
-        make_physical(model, example_inputs)
-        return "physical removal done by spa.frontends.torch_prune.make_physical"
+        from .torch_prune import make_physical
+
+        _, report = make_physical(model, example_inputs)
+        return (f"physical removal by spa.frontends.torch_prune.make_physical: parameters {report.params_before} -> "
+                f"{report.params_after}" + (f"; {len(report.not_removable)} masked sets kept (see its warning)"
+                                            if report.not_removable else ""))
 
     def export_onnx(self, model: nn.Module, example_inputs, path, **export_kwargs):
         """Export the finalized model (a finalized copy if ``model`` still has DPP masks) through

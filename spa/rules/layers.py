@@ -1,0 +1,217 @@
+"""Layers with weights: Conv, ConvTranspose, Gemm, MatMul (the weight's output axis creates
+channels, its input axis contracts them)."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import Frozen, Link, Rule, identity, register
+
+
+def in_group_positions(n, per_group):
+    """Map channel j of a grouped tensor to its position inside its group."""
+    return np.arange(n) % per_group
+
+
+def shrink_depthwise_group(c, plan, groups, in_per_group):
+    """A depthwise conv has one group per input channel: the group count follows the channels."""
+    if groups > 1 and in_per_group == 1:
+        plan.set_attr(c.node, "group", plan.new_dim(c.inp(0), 1))
+
+
+@register
+class ConvRule(Rule):
+    ops = ("Conv",)
+    X, W, B = 0, 1, 2  # input slots of data, weight and bias
+
+    def contracted(self, c):
+        """(node, input slot) where the input channels are contracted: the weight."""
+        return (c.index, self.W)
+
+    def out_params(self, c, c_out) -> list:
+        """Pairs sliced with the output channel besides y, w and the bias."""
+        return []
+
+    def _geometry(self, c):
+        x, w = c.inp(self.X), c.inp(self.W)
+        groups = c.attr("group", 1)
+        c_out, cin_g = c.dim(w, 0), c.dim(w, 1)
+        c_in = c.dim(x, 1)
+        if None in (c_out, cin_g):
+            raise Frozen(f"{c.node.op_type} weight '{w}' shape unknown")
+        if c_in is None:
+            c_in = cin_g * groups
+        return groups, c_in, c_out, cin_g
+
+    def sources(self, c):
+        return [(c.out(0), 1)]
+
+    def propagate(self, c, tensor, axis):
+        x, w, b, y = c.inp(self.X), c.inp(self.W), c.inp(self.B), c.out(0)
+        groups, c_in, c_out, cin_g = self._geometry(c)
+        depthwise = groups > 1 and cin_g == 1
+        mult = c_out // groups
+        pair = (tensor, axis)
+        if tensor == x and axis == 1:
+            if depthwise:
+                # input channel g feeds exactly the `mult` outputs of group g
+                return [Link(pair, (y, 1), np.repeat(np.arange(c_in), mult), np.arange(c_out))]
+            return [Link(pair, (w, 1), np.arange(c_in), in_group_positions(c_in, cin_g),
+                         contracted=self.contracted(c))]
+        if (tensor == w and axis == 1) and not depthwise:
+            return [Link(pair, (x, 1), in_group_positions(c_in, cin_g), np.arange(c_in),
+                         contracted=self.contracted(c))]
+        outs = [p for p in [(y, 1), (w, 0), (b, 0)] if p[0]] + self.out_params(c, c_out)
+        if pair in outs:
+            links = [identity(pair, p, c_out) for p in outs if p != pair]
+            if depthwise:
+                links.append(Link(pair, (x, 1), np.arange(c_out), np.arange(c_out) // mult))
+            elif groups > 1:  # equal channels per group: same in-group position in every group
+                links.append(Link(pair, pair, np.arange(c_out), in_group_positions(c_out, mult)))
+            return links
+        raise Frozen(f"{c.node.op_type}: channel on axis {axis} of '{tensor}' (not a channel axis)")
+
+    def rewrite(self, c, plan):
+        groups, _, _, cin_g = self._geometry(c)
+        shrink_depthwise_group(c, plan, groups, cin_g)
+
+
+@register
+class ConvTransposeRule(Rule):
+    """Weight is [C_in, C_out/group, k...]: axes swapped relative to Conv."""
+
+    ops = ("ConvTranspose",)
+
+    def _geometry(self, c):
+        w = c.inp(1)
+        groups = c.attr("group", 1)
+        c_in, cout_g = c.dim(w, 0), c.dim(w, 1)
+        if None in (c_in, cout_g):
+            raise Frozen(f"ConvTranspose weight '{w}' shape unknown")
+        return groups, c_in, cout_g * groups, c_in // groups, cout_g
+
+    def sources(self, c):
+        return [(c.out(0), 1)]
+
+    def propagate(self, c, tensor, axis):
+        x, w, b, y = c.inp(0), c.inp(1), c.inp(2), c.out(0)
+        groups, c_in, c_out, cin_g, cout_g = self._geometry(c)
+        depthwise = groups > 1 and cin_g == 1
+        pair = (tensor, axis)
+        if (tensor == x and axis == 1) or (tensor == w and axis == 0):
+            links = [identity(pair, p, c_in, contracted=(c.index, 1) if p[0] == w else None)
+                     for p in [(x, 1), (w, 0)] if p != pair]
+            if depthwise:
+                links.append(Link(pair, (y, 1), np.repeat(np.arange(c_in), cout_g), np.arange(c_out)))
+            elif groups > 1:
+                links.append(Link(pair, pair, np.arange(c_in), in_group_positions(c_in, cin_g)))
+            return links
+        if (tensor == y and axis == 1) or (tensor == b and axis == 0):
+            links = [identity(pair, p, c_out) for p in [(y, 1), (b, 0)] if p[0] and p != pair]
+            if depthwise:
+                links.append(Link(pair, (x, 1), np.arange(c_out), np.arange(c_out) // cout_g))
+            else:
+                links.append(Link(pair, (w, 1), np.arange(c_out), in_group_positions(c_out, cout_g)))
+            return links
+        if tensor == w and axis == 1 and not depthwise:
+            return [Link(pair, (y, 1), in_group_positions(c_out, cout_g), np.arange(c_out))]
+        raise Frozen(f"ConvTranspose: channel on axis {axis} of '{tensor}' (not a channel axis)")
+
+    def rewrite(self, c, plan):
+        groups, _, _, cin_g, _ = self._geometry(c)
+        shrink_depthwise_group(c, plan, groups, cin_g)
+
+
+@register
+class GemmRule(Rule):
+    ops = ("Gemm",)
+    A, B, C = 0, 1, 2  # input slots
+
+    def contracted(self, c):
+        return (c.index, self.B)
+
+    def n_params(self, c) -> list:
+        """Pairs sliced with the output column N besides B, Y and the bias."""
+        return []
+
+    def _axes(self, c):
+        ka = 0 if c.attr("transA", 0) else 1
+        kb, nb = (1, 0) if c.attr("transB", 0) else (0, 1)
+        return ka, 1 - ka, kb, nb
+
+    def sources(self, c):
+        a, b = c.inp(self.A), c.inp(self.B)
+        return [(c.out(0), 1)] if c.g.is_static(b) and not c.g.is_static(a) else []
+
+    def propagate(self, c, tensor, axis):
+        a, b, bias, y = c.inp(self.A), c.inp(self.B), c.inp(self.C), c.out(0)
+        ka, ma, kb, nb = self._axes(c)
+        pair = (tensor, axis)
+        if (tensor, axis) in ((a, ka), (b, kb)):
+            other = (b, kb) if tensor == a else (a, ka)
+            return [identity(pair, other, c.dim(tensor, axis), contracted=self.contracted(c))]
+        n_pairs = [(b, nb), (y, 1)] + self.n_params(c)
+        if pair in n_pairs or (tensor == bias and axis == c.rank(bias) - 1):
+            return self._with_bias(c, pair, n_pairs, 1)
+        if (tensor, axis) in ((a, ma), (y, 0)) or (tensor == bias and axis == c.rank(bias) - 2):
+            return self._with_bias(c, pair, [(a, ma), (y, 0)], 0)
+        raise Frozen(f"Gemm: channel on axis {axis} of '{tensor}'")
+
+    def _with_bias(self, c, pair, pairs, y_axis):
+        bias = c.inp(self.C)
+        if bias:
+            a = c.rank(bias) - (2 - y_axis)
+            if a >= 0 and c.dim(bias, a) not in (1, None):
+                pairs.append((bias, a))
+        size = c.dim(*pair)
+        return [identity(pair, p, size) for p in pairs if p != pair]
+
+
+@register
+class MatMulRule(Rule):
+    """[..., M, K] x [..., K, N]: K contracted, M and N pass through, batch axes broadcast."""
+
+    ops = ("MatMul",)
+    A, B = 0, 1  # input slots
+
+    def contracted(self, c, slot):
+        return (c.index, slot)
+
+    def params(self, c) -> dict:
+        """{pair: role} of tensors sliced with an M or N channel besides a, b and y."""
+        return {}
+
+    def sources(self, c):
+        a, b = c.inp(self.A), c.inp(self.B)
+        static_a, static_b = c.g.is_static(a), c.g.is_static(b)
+        if static_b and not static_a and c.rank(b) >= 2:
+            return [(c.out(0), c.rank(c.out(0)) - 1)]
+        if static_a and not static_b and c.rank(a) >= 2:
+            return [(c.out(0), c.rank(c.out(0)) - 2)]
+        return []
+
+    def propagate(self, c, tensor, axis):
+        a, b, y = c.inp(self.A), c.inp(self.B), c.out(0)
+        ra, rb, ry = c.rank(a), c.rank(b), c.rank(y)
+        if ra < 2 or rb < 2:
+            raise Frozen(f"{c.node.op_type} with a 1-D operand")
+        pair = (tensor, axis)
+        roles = {  # axis -> role for each operand and the output
+            (a, ra - 1): "k", (b, rb - 2): "k", (a, ra - 2): "m", (y, ry - 2): "m",
+            (b, rb - 1): "n", (y, ry - 1): "n",
+        } | self.params(c)
+        role = roles.get(pair)
+        size = c.dim(tensor, axis)
+        if role == "k":
+            other = (b, rb - 2) if tensor == a else (a, ra - 1)
+            slot = self.B if c.g.is_static(b) or not c.g.is_static(a) else self.A
+            return [identity(pair, other, size, contracted=self.contracted(c, slot))]
+        if role is not None:
+            return [identity(pair, p, size) for p, r in roles.items() if r == role and p != pair]
+        # a batch axis: aligned from the right across the operands and the output
+        offset = axis - c.rank(tensor)
+        links = []
+        for t in (a, b, y):
+            ax = c.rank(t) + offset
+            if t != tensor and ax >= 0 and c.dim(t, ax) not in (1,):
+                links.append(identity(pair, (t, ax), size))
+        return links

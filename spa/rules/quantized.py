@@ -1,0 +1,246 @@
+"""Quantized ops: QDQ (QuantizeLinear / DequantizeLinear), dynamic quantization (frozen) and
+QOperator layers, which reuse the float rules of their family."""
+from __future__ import annotations
+
+from ..quant import param_slots
+from . import Ctx, Frozen, Rule, identity, register
+from .axis import Spatial
+from .elementwise import Broadcast, Unary
+from .joins import Concat
+from .layers import ConvRule, GemmRule, MatMulRule
+
+
+@register
+class QuantizeDequantize(Rule):
+    """QuantizeLinear / DequantizeLinear (QDQ models): element-wise on the data input. A per-axis
+    scale / zero point (1-D, along `axis`) is sliced with a channel on that axis and untouched by a
+    channel on any other; a per-tensor one is untouched. Blocked quantization (`block_size`) shares
+    every axis but the blocked one with the data; a channel on the blocked axis is frozen (whole
+    blocks only would keep it exact). DynamicQuantizeLinear has no rule: its scale is computed
+    from the whole tensor, so removing channels would change it."""
+
+    ops = ("QuantizeLinear", "DequantizeLinear")
+
+    def _params(self, c, data_axis):
+        """(tensor, axis) of the scale / zero point that carry data axis `data_axis`."""
+        x = c.inp(0)
+        axis = c.norm_axis(c.attr("axis", 1), x)
+        blocked = c.attr("block_size", 0) > 0
+        pairs = []
+        for p in (c.inp(1), c.inp(2)):
+            if p is None or c.rank(p) == 0:
+                continue  # per-tensor
+            if blocked:
+                if data_axis == axis:
+                    raise Frozen(f"{c.node.op_type}: blocked quantization along the channel axis {axis}")
+                pairs.append((p, data_axis))
+                continue
+            size, channels = c.dim(p, 0), c.dim(x, data_axis)
+            if data_axis != axis or size == 1:
+                continue  # per-tensor ([1]) or per-axis along another axis
+            if size is None or channels is None or size != channels:
+                raise Frozen(f"{c.node.op_type}: scale '{p}' of size {size} does not match axis {axis} ({channels})")
+            pairs.append((p, 0))
+        return pairs
+
+    def _data_axis(self, c, tensor, axis):
+        ins, outs = c.slots(tensor)
+        if outs or (ins and ins[0] == 0):
+            return axis
+        if c.attr("block_size", 0) > 0:
+            return axis
+        return c.norm_axis(c.attr("axis", 1), c.inp(0))  # a per-axis scale or zero point
+
+    def propagate(self, c, tensor, axis):
+        d = self._data_axis(c, tensor, axis)
+        pairs = [(c.inp(0), d), (c.out(0), d)] + self._params(c, d)
+        pair = (tensor, axis)
+        if pair not in pairs:
+            raise Frozen(f"{c.node.op_type}: channel on axis {axis} of '{tensor}'")
+        return [identity(pair, p, c.dim(tensor, axis)) for p in pairs if p != pair]
+
+
+@register
+class QuantizedOperator(Rule):
+    """Dynamically quantized layers: frozen, with the reason. DynamicQuantizeLinear derives its
+    scale from the whole tensor, so removing channels changes it; ConvInteger / MatMulInteger read
+    its output."""
+
+    ops = ("ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")
+
+    def sources(self, c):
+        """The output channels a weighted layer would create: seeded so that `spa analyze` shows
+        them frozen, with the reason, instead of finding nothing."""
+        y = c.out(0)
+        if c.node.op_type == "ConvInteger":
+            return [(y, 1)] if c.g.rank(y) else []
+        if c.node.op_type == "MatMulInteger":
+            rank = c.g.rank(y)
+            return [(y, rank - 1)] if rank and c.g.is_static(c.inp(1)) else []
+        return []
+
+    def propagate(self, c, tensor, axis):
+        if c.node.op_type == "DynamicQuantizeLinear":
+            raise Frozen("DynamicQuantizeLinear: its scale is computed from the whole tensor, so removing "
+                         "channels would change it")
+        raise Frozen(f"{c.node.op_type} (dynamic quantization) has no channel rule: quantize statically "
+                     "(QuantFormat.QDQ or QOperator) to prune")
+
+
+# ----------------------------------------------------------------------------------------------
+# quantized operators (QuantFormat.QOperator): the float op's channel map on the data, per-channel
+# weight parameters sliced with the output channel, per-tensor parameters untouched
+
+
+def per_tensor(c: Ctx, slots):
+    """Frozen unless the scales and zero points in `slots` are per-tensor (one element)."""
+    for p in (c.inp(k) for k in slots):
+        if p is not None and any(c.dim(p, a) != 1 for a in range(c.rank(p))):
+            raise Frozen(f"{c.node.op_type}: quantization parameter '{p}' is not per-tensor")
+
+
+def channel_params(c: Ctx, slots, channels) -> list:
+    """Pairs of the scales / zero points in `slots` that run along a channel axis of `channels`
+    (1-D, per channel); per-tensor ones stay; any other shape is frozen."""
+    pairs = []
+    for p in (c.inp(k) for k in slots):
+        if p is None or all(c.dim(p, a) == 1 for a in range(c.rank(p))):
+            continue
+        if c.rank(p) != 1 or c.dim(p, 0) != channels:
+            raise Frozen(f"{c.node.op_type}: quantization parameter '{p}' is neither per-tensor nor one per "
+                         f"channel ({channels})")
+        pairs.append((p, 0))
+    return pairs
+
+
+def integer_weight(c: Ctx, slot):
+    """(node, slot) of a QOperator layer's contracted integer weight. It must be a constant: the
+    oracle sets its removed slices to the zero point (an integer activation would need a mask)."""
+    if c.inp(slot) not in c.g.consts:
+        raise Frozen(f"{c.node.op_type}: contracted input '{c.inp(slot)}' is computed (only constant "
+                     "integer weights are sliced)")
+    return (c.index, slot)
+
+
+@register
+class QLinearUnary(Unary):
+    """com.microsoft QLinearSigmoid / QLinearLeakyRelu (X, X_scale, X_zp, Y_scale, Y_zp): identity
+    on the data with per-tensor parameters, which stay."""
+
+    domain = "com.microsoft"
+    ops = ("QLinearSigmoid", "QLinearLeakyRelu")
+
+    def propagate(self, c, tensor, axis):
+        per_tensor(c, param_slots(c.node))
+        return super().propagate(c, tensor, axis)
+
+
+@register
+class QLinearBroadcast(Broadcast):
+    """com.microsoft QLinearAdd / QLinearMul (A, A_scale, A_zp, B, B_scale, B_zp, C_scale, C_zp):
+    broadcasting on A and B like Add / Mul, with per-tensor parameters, which stay."""
+
+    domain = "com.microsoft"
+    ops = ("QLinearAdd", "QLinearMul")
+
+    def operands(self, c):
+        return [t for t in (c.inp(0), c.inp(3)) if t]
+
+    def propagate(self, c, tensor, axis):
+        per_tensor(c, param_slots(c.node))
+        return super().propagate(c, tensor, axis)
+
+
+@register
+class QLinearConcat(Concat):
+    """com.microsoft QLinearConcat (Y_scale, Y_zp, then X, X_scale, X_zp per input): Concat of the
+    data inputs, with per-tensor parameters, which stay."""
+
+    domain = "com.microsoft"
+    ops = ("QLinearConcat",)
+
+    def operands(self, c):
+        return [t for t in c.node.input[2::3] if t]
+
+    def propagate(self, c, tensor, axis):
+        per_tensor(c, param_slots(c.node))
+        return super().propagate(c, tensor, axis)
+
+
+@register
+class QLinearPool(Spatial):
+    """com.microsoft QLinearGlobalAveragePool / QLinearAveragePool (X, x_scale, x_zp, y_scale,
+    y_zp): spatial, with per-tensor parameters, which stay; `channels_last` puts the channel last."""
+
+    domain = "com.microsoft"
+    ops = ("QLinearGlobalAveragePool", "QLinearAveragePool")
+
+    def acted_axes(self, c, tensor):
+        if c.attr("channels_last", 0):  # [N, spatial..., C]
+            return set(range(1, c.rank(tensor) - 1)) | {0}
+        return super().acted_axes(c, tensor)
+
+    def propagate(self, c, tensor, axis):
+        per_tensor(c, param_slots(c.node))
+        return super().propagate(c, tensor, axis)
+
+
+@register
+class QLinearConvRule(ConvRule):
+    """QLinearConv (x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, [B int32]): Conv's channel
+    map on x, w, B and y (grouped and depthwise too); a per-channel w_scale / w_zp is sliced with
+    the output channel; x and y parameters are per-tensor and stay."""
+
+    ops = ("QLinearConv",)
+    X, W, B = 0, 3, 8
+
+    def propagate(self, c, tensor, axis):
+        per_tensor(c, (1, 2, 6, 7))
+        return super().propagate(c, tensor, axis)
+
+    def contracted(self, c):
+        return integer_weight(c, self.W)
+
+    def out_params(self, c, c_out):
+        return channel_params(c, (4, 5), c_out)
+
+
+@register
+class QLinearMatMulRule(MatMulRule):
+    """QLinearMatMul (a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp): MatMul's channel map on
+    a, b and y; a per-column b_scale / b_zp is sliced with N; a and y parameters must be
+    per-tensor."""
+
+    ops = ("QLinearMatMul",)
+    A, B = 0, 3
+
+    def contracted(self, c, slot):
+        return integer_weight(c, slot)
+
+    def propagate(self, c, tensor, axis):
+        per_tensor(c, (1, 2, 6, 7))
+        return super().propagate(c, tensor, axis)
+
+    def params(self, c):
+        b = c.inp(self.B)
+        return dict.fromkeys(channel_params(c, (4, 5), c.dim(b, c.rank(b) - 1)), "n")
+
+
+@register
+class QGemmRule(GemmRule):
+    """com.microsoft QGemm (A, a_scale, a_zp, B, b_scale, b_zp, [C int32], [y_scale, y_zp]): Gemm's
+    channel map; a per-column b_scale / b_zp is sliced with N; a and y parameters are per-tensor."""
+
+    domain = "com.microsoft"
+    ops = ("QGemm",)
+    A, B, C = 0, 3, 6
+
+    def propagate(self, c, tensor, axis):
+        per_tensor(c, (1, 2, 7, 8))
+        return super().propagate(c, tensor, axis)
+
+    def contracted(self, c):
+        return integer_weight(c, self.B)
+
+    def n_params(self, c):
+        return channel_params(c, (4, 5), c.dim(c.inp(self.B), self._axes(c)[3]))

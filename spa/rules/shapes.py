@@ -1,0 +1,404 @@
+"""Shape and layout ops: Transpose, Squeeze/Unsqueeze, Reshape/Flatten (with the shape vectors they
+read), Expand/Tile, DepthToSpace/SpaceToDepth."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph import attr, fill_unknown_dim
+from . import Ctx, Frozen, Link, Rule, identity, register, rule_for
+
+
+@register
+class Transpose(Rule):
+    ops = ("Transpose",)
+
+    def propagate(self, c, tensor, axis):
+        x, y = c.inp(0), c.out(0)
+        r = c.rank(x)
+        perm = list(c.attr("perm", list(range(r))[::-1]))
+        size = c.dim(tensor, axis)
+        if tensor == x:
+            return [identity((x, axis), (y, perm.index(axis)), size)]
+        return [identity((y, axis), (x, perm[axis]), size)]
+
+
+@register
+class SqueezeUnsqueeze(Rule):
+    ops = ("Squeeze", "Unsqueeze")
+
+    def _axes(self, c):
+        axes = c.const_ints(1) if c.g.opset() >= 13 else c.attr("axes")
+        x, y = c.inp(0), c.out(0)
+        if c.node.op_type == "Squeeze":
+            r = c.rank(x)
+            if axes is None:
+                shape = c.g.shapes.get(x)
+                axes = [i for i, d in enumerate(shape) if d == 1]
+            return sorted(a % r for a in axes)
+        r = c.rank(y)
+        return sorted(a % r for a in axes)
+
+    def propagate(self, c, tensor, axis):
+        x, y = c.inp(0), c.out(0)
+        if tensor != x and tensor != y:
+            return []
+        axes = self._axes(c)
+        big, small = (x, y) if c.node.op_type == "Squeeze" else (y, x)
+        kept = [a for a in range(c.rank(big)) if a not in axes]
+        if tensor == big:
+            if axis in axes:
+                raise Frozen(f"{c.node.op_type} removes the channel axis")
+            return [identity((big, axis), (small, kept.index(axis)), c.dim(tensor, axis))]
+        return [identity((small, axis), (big, kept[axis]), c.dim(tensor, axis))]
+
+
+def shape_vector_pieces(c: Ctx, slot: int):
+    """Where the elements of a shape-like input come from: {position: (node, input slot, index)}
+    for elements that are constants (the vector itself, or constant pieces of a Concat building
+    it); positions missing are computed at run time. None when the vector cannot be traced."""
+    name = c.inp(slot)
+    value = c.g.static_value(name)
+    if value is not None:
+        return {p: (c.node, slot, p) for p in range(value.size)}
+    index = c.g.producer.get(name)
+    while index is not None and c.g.nodes[index].op_type in ("Cast", "Identity"):
+        index = c.g.producer.get(c.g.nodes[index].input[0])  # tf2onnx: int32 Concat -> Cast
+    if index is None or c.g.nodes[index].op_type != "Concat":
+        return None
+    concat = c.g.nodes[index]
+    pieces, pos = {}, 0
+    for k, part in enumerate(concat.input):
+        value = c.g.static_value(part)  # constant, or computed but the same for every input size
+        length = value.size if value is not None else c.g.dim(part, 0)
+        if length is None:
+            return None
+        if value is not None:
+            pieces.update({pos + j: (concat, k, j) for j in range(length)})
+        pos += length
+    return pieces
+
+
+INFERRED = "inferred"
+
+
+def fold_factor(c: Ctx, slot: int, position: int):
+    """(node, input slot) of the constant head count H in a shape element computed as
+    batch * H (e.g. Concat([.., Unsqueeze(Mul(batch, H)), ..])), INFERRED for a -1 element, or
+    None; position counts from the end."""
+    value = c.const(c.inp(slot))
+    if value is not None:  # a constant vector ([S, -1, d]: torch exports with a static sequence)
+        value = np.asarray(value).reshape(-1)
+        return INFERRED if -value.size <= position < 0 and int(value[position]) == -1 else None
+    index = c.g.producer.get(c.inp(slot))
+    if index is None or c.g.nodes[index].op_type != "Concat":
+        return None
+    concat, ends, pos = c.g.nodes[index], [], 0
+    for part in concat.input:
+        length = c.g.dim(part, 0)
+        if length is None:
+            return None
+        pos += length
+        ends.append(pos)
+    position += pos
+    part = next((p for p, end in zip(concat.input, ends) if position < end), None)
+    if part is None or c.g.dim(part, 0) != 1:
+        return None
+    if c.const(part) is not None and int(c.const(part).reshape(-1)[0]) == -1:
+        return INFERRED
+    while part in c.g.producer:
+        node = c.g.nodes[c.g.producer[part]]
+        if node.op_type in ("Unsqueeze", "Reshape", "Squeeze", "Cast", "Identity"):
+            part = node.input[0]
+            continue
+        if node.op_type != "Mul":
+            return None
+        for k, name in enumerate(node.input[:2]):
+            value = c.const(name)
+            if value is not None and value.size == 1 and not c.g.is_static(node.input[1 - k]):
+                return node, k
+        return None
+    return None
+
+
+def rewrite_shape_vector(c: Ctx, plan, slot: int, out: str):
+    """Write the new sizes of `out`'s pruned axes into the shape vector at input `slot` (right
+    aligned); elements computed at run time follow the new sizes by themselves."""
+    pieces = shape_vector_pieces(c, slot) or {}
+    length = c.g.dim(c.inp(slot), 0) or 0
+    edits = {}
+    for a in range(c.g.rank(out)):
+        position = a - (c.g.rank(out) - length)
+        if not plan.changed(out, a) or position not in pieces:
+            continue
+        node, k, j = pieces[position]
+        key = (id(node), k)
+        if key not in edits:
+            value = np.asarray(c.g.static_value(node.input[k]))  # keeps int32 (tf2onnx Cast)
+            edits[key] = (node, k, value.astype(np.int32 if value.dtype == np.int32 else np.int64))
+        values = edits[key][2].reshape(-1)
+        if values[j] == c.g.dim(out, a):  # 0 (copy), -1 (infer) and 1 (broadcast) stay
+            values[j] = plan.new_dim(out, a)
+    for node, k, values in edits.values():
+        plan.set_input(node, k, values)
+
+
+def constant_size_at(c: Ctx, slot: int, out: str, axis: int) -> bool:
+    pieces = shape_vector_pieces(c, slot)
+    length = c.g.dim(c.inp(slot), 0)
+    return pieces is not None and length is not None and axis - (c.g.rank(out) - length) in pieces
+
+
+def reshape_map(shape_from, shape_to, axis, split_policy="outer", channels=None):
+    """Map channel `axis` of shape_from onto one axis of shape_to through a row-major reshape.
+
+    Returns (axis_to, src_idx, dst_idx, unit, virtual_size) or raises Frozen; unit tags splits
+    ("head" when whole outer blocks go, "head-dim" when the same inner position goes in every
+    block); virtual_size is set when the channels fold into a symbolic axis. Trailing dims the reshape leaves
+    alone (equal, even symbolic, e.g. sequence x head-dim) are set aside first; of the rest, only
+    the dims from the channel axis inwards need to be static.
+    """
+    common = 0
+    while (common < min(len(shape_from) - axis - 1, len(shape_to) - 1)
+           and shape_from[-1 - common] == shape_to[-1 - common]
+           and not (isinstance(shape_from[-1 - common], str) and shape_from[-1 - common] == "?")):
+        common += 1
+    if common:
+        return reshape_map(shape_from[:-common], shape_to[:-common], axis, split_policy, channels)
+    if channels is not None and not isinstance(shape_from[axis], int):  # a virtual axis
+        if axis == len(shape_from) - 1 and shape_to and shape_to[-1] == channels:
+            return len(shape_to) - 1, np.arange(channels), np.arange(channels), None, None
+        unfolded = _unfold_virtual(shape_from, shape_to, axis, channels)
+        if unfolded is not None:
+            return unfolded, np.arange(channels), np.arange(channels), None, None
+        raise Frozen("Reshape of an axis with heads merged into a symbolic size")
+    channels = shape_from[axis]
+    if (axis == len(shape_from) - 1 and isinstance(channels, int) and shape_to
+            and not isinstance(shape_to[-1], int)
+            and any(not isinstance(d, int) for d in shape_from[:axis])):
+        # [B, H] -> [B*H]: the channels fold into a symbolic size; the merged axis is virtual
+        return len(shape_to) - 1, np.arange(channels), np.arange(channels), None, channels
+    inner_dims = shape_from[axis + 1:]
+    if not all(isinstance(d, int) for d in inner_dims) or not isinstance(channels, int):
+        raise Frozen("Reshape around the channel axis with symbolic sizes")
+    inner = int(np.prod(inner_dims, dtype=np.int64))
+    suffix = 1
+    for b in range(len(shape_to) - 1, -1, -1):
+        d = shape_to[b]
+        if not isinstance(d, int):
+            break
+        inner_to, suffix = suffix, suffix * d
+        if inner % inner_to == 0 and d % (channels * (inner // inner_to)) == 0:
+            # axis b starts inside the channel's inner block (k = inner / inner_to positions per
+            # channel) and holds outer * channels * k: position (o, c, j) comes from channel c.
+            # The outer factor need not be whole dims: [B, L, C] -> [B, L/k, k*C] (byte models)
+            k = inner // inner_to
+            outer = d // (channels * k)
+            pos = (np.arange(outer)[:, None, None] * channels * k + np.arange(channels)[None, :, None] * k
+                   + np.arange(k)[None, None, :])
+            src = np.broadcast_to(np.arange(channels)[None, :, None], pos.shape)
+            return b, src.ravel(), pos.ravel(), None, None
+        if inner_to == inner and b > 0 and isinstance(shape_to[b - 1], int) \
+                and shape_to[b - 1] * d == channels and d > 1 and shape_to[b - 1] > 1:
+            if split_policy == "outer":  # whole outer blocks (attention heads)
+                return b - 1, np.arange(channels), np.arange(channels) // d, "head", None
+            return b, np.arange(channels), np.arange(channels) % d, "head-dim", None
+        if inner_to == inner and _folds_into(shape_from[:axis], shape_to[:b]) \
+                and d > 1 and channels % d == 0 and channels // d > 1:
+            # [S, B, H*d] -> [S, B*H, d]: the heads fold into the symbolic batch (virtual axis)
+            if split_policy == "outer":
+                return b - 1, np.arange(channels), np.arange(channels) // d, "head", channels // d
+            return b, np.arange(channels), np.arange(channels) % d, "head-dim", None
+        if inner_to == inner and b > 0 and d > 1 and channels % d == 0 and channels // d > 1:
+            # the outer factor merges with outer dims ([N, H, W, A*V] -> [N, H*W*A, V], SSD heads;
+            # [B, L/k, k*C] -> [B, L, C]): axis b index is c % d whatever axis b - 1 holds, so the
+            # same position of every block goes together
+            return b, np.arange(channels), np.arange(channels) % d, None, None
+        if inner_to > inner and inner_to % inner == 0 and channels % (inner_to // inner) == 0 \
+                and d % (channels // (inner_to // inner)) == 0:
+            # the channel axis splits as (C/s, s) and s merges into the inner dims ([N, 8, H, W]
+            # -> [N, 4, 2H, W]): axis b index o * C/s + c // s holds s channels, removed together
+            s = inner_to // inner
+            blocks = channels // s
+            pos = np.arange(d // blocks)[:, None] * blocks + (np.arange(channels) // s)[None, :]
+            src = np.broadcast_to(np.arange(channels)[None, :], pos.shape)
+            return b, src.ravel(), pos.ravel(), None, None
+    raise Frozen("Reshape regroups the channel axis in a way with no channel-wise map")
+
+
+def _folds_into(dims_from, dims_to) -> bool:
+    """dims_to equals dims_from except that its last dim, symbolic, absorbs one symbolic dim of
+    dims_from (and the channel axis's outer factor)."""
+    if not dims_to or isinstance(dims_to[-1], int) or "?" in dims_from or "?" in dims_to:
+        return False
+    rest_to, rest_from = list(dims_to[:-1]), list(dims_from)
+    if dims_to[-1] in rest_from:
+        return False
+    for d in rest_to:
+        if d not in rest_from:
+            return False
+        rest_from.remove(d)
+    # the absorbed dim is a factor of the product's name ("4*batch", "batch*H"); not so for
+    # [B, floor(L/2), 2*C] -> [B, L, C] (a sequence merged into the channels, split back)
+    return len(rest_from) == 1 and not isinstance(rest_from[0], int) and rest_from[0] in dims_to[-1]
+
+
+def _unfold_virtual(shape_from, shape_to, axis, channels):
+    """[B*H] -> [B, H]: the axis of shape_to that takes back the heads of a virtual axis."""
+    if axis != len(shape_from) - 1 or "?" in shape_to:
+        return None
+    ints = [b for b, d in enumerate(shape_to) if isinstance(d, int) and d != 1]
+    if len(ints) == 1 and shape_to[ints[0]] == channels \
+            and _folds_into(list(shape_to[:ints[0]]) + list(shape_to[ints[0] + 1:]), shape_from):
+        return ints[0]
+    return None
+
+
+LAYOUT_OPS = ("Unsqueeze", "Squeeze", "Transpose", "Identity")
+
+
+def _is_selected(c: Ctx, tensor, axis, depth=0) -> bool:
+    """True when every use of `axis` of `tensor` (through layout ops) picks single indices of it:
+    Gathers with constant indices or a Split along it."""
+    uses = c.g.consumers.get(tensor, [])
+    if not uses or depth > 8:
+        return False
+    for i, slot in uses:
+        node = c.g.nodes[i]
+        inner = Ctx(c.g, i, c.options, c.virtual)
+        if slot != 0:
+            return False
+        if node.op_type == "Gather" and inner.norm_axis(inner.attr("axis", 0), tensor) == axis \
+                and inner.const(inner.inp(1)) is not None:
+            continue
+        if node.op_type == "Split" and inner.norm_axis(inner.attr("axis", 0), tensor) == axis:
+            continue
+        if node.op_type not in LAYOUT_OPS:
+            return False
+        try:
+            links = rule_for(node).propagate(inner, tensor, axis)
+        except Frozen:
+            return False
+        if len(links) != 1 or not _is_selected(c, links[0].dst[0], links[0].dst[1], depth + 1):
+            return False
+    return True
+
+
+def _whole_shape_source(c: Ctx):
+    """T when a Reshape's target is Shape(T) read whole (jax2onnx's GroupNorm un-grouping)."""
+    index = c.g.producer.get(c.inp(1))
+    if index is None or c.g.nodes[index].op_type != "Shape":
+        return None
+    shape = c.g.nodes[index]
+    if attr(shape, "start", 0) != 0 or attr(shape, "end") is not None:
+        return None
+    source = shape.input[0]
+    return source if c.g.shapes.get(source) == c.g.shapes.get(c.out(0)) else None
+
+
+@register
+class Reshape(Rule):
+    ops = ("Reshape", "Flatten")
+
+    def _is_shuffle(self, c, split_axes):
+        """A split whose two halves a Transpose then swaps is a channel shuffle."""
+        for i, _ in c.g.consumers.get(c.out(0), []):
+            node = c.g.nodes[i]
+            if node.op_type == "Transpose":
+                perm = list(attr(node, "perm", []))
+                if sorted(a for a, p in enumerate(perm) if a != p) == sorted(split_axes):
+                    return True
+        return False
+
+    def propagate(self, c, tensor, axis):
+        x, y = c.inp(0), c.out(0)
+        if tensor not in (x, y):
+            raise Frozen("Reshape shape input carries channels")
+        sx, sy = c.g.shapes.get(x), c.g.shapes.get(y)
+        if sx is None or sy is None:
+            raise Frozen("Reshape with unknown input or output shape")
+        shape_of = _whole_shape_source(c) if c.node.op_type == "Reshape" else None
+        if c.node.op_type == "Reshape" and shape_of is None and shape_vector_pieces(c, 1) is None:
+            raise Frozen("Reshape with a computed target shape")
+        sx, sy = fill_unknown_dim(sx, sy), fill_unknown_dim(sy, sx)
+        src_shape, dst_shape, dst = (sx, sy, y) if tensor == x else (sy, sx, x)
+        # A split of the channel axis prunes whole heads (outer blocks), or the same position in
+        # every block for head-dim granularity and for channel shuffles (unit None: plain channels).
+        channels = c.dim(tensor, axis)
+        b, src_idx, dst_idx, unit, virtual = reshape_map(src_shape, dst_shape, axis, "outer", channels)
+        if virtual is not None and tensor == x and c.node.op_type == "Reshape" \
+                and fold_factor(c, 1, b - c.rank(y)) is None:
+            raise Frozen("heads fold into a size computed at run time without a head-count constant")
+        # A split whose outer axis is then taken apart index by index (packed q/k/v picked by
+        # Gathers) stacks tensors: the same inner position goes in every one of them.
+        plain = unit == "head" and virtual is None and tensor == x and (
+            self._is_shuffle(c, (b, b + 1)) or _is_selected(c, y, b))
+        if plain or (unit == "head" and "head-dim" in c.options.granularity):
+            b, src_idx, dst_idx, unit, virtual = reshape_map(src_shape, dst_shape, axis, "inner", channels)
+        links = [Link((tensor, axis), (dst, b), src_idx, dst_idx, unit=None if plain else unit,
+                      dst_size=virtual)]
+        if shape_of is not None:  # y takes shape_of's run-time shape: their axes shrink together
+            y_axis = axis if tensor == y else b
+            links.append(identity((y, y_axis), (shape_of, y_axis), c.dim(y, y_axis)))
+        return links
+
+    def rewrite(self, c, plan):
+        if c.node.op_type == "Reshape":
+            rewrite_shape_vector(c, plan, 1, c.out(0))
+            for axis in range(c.g.rank(c.out(0))):
+                if c.g.dim(c.out(0), axis) is None and plan.changed(c.out(0), axis):
+                    factor = fold_factor(c, 1, axis - c.g.rank(c.out(0)))
+                    if factor == INFERRED:
+                        continue
+                    node, k = factor
+                    plan.set_input(node, k, np.array(plan.new_dim(c.out(0), axis),
+                                                     dtype=c.const(node.input[k]).dtype))
+
+
+@register
+class Expand(Rule):
+    ops = ("Expand", "Tile")
+
+    def propagate(self, c, tensor, axis):
+        x, y = c.inp(0), c.out(0)
+        if tensor not in (x, y):
+            return []
+        ry, rx = c.rank(y), c.rank(x)
+        if c.node.op_type == "Tile":
+            reps = c.const_ints(1)
+            if reps[axis] != 1:
+                raise Frozen("Tile repeats the channel axis")
+            other = y if tensor == x else x
+            return [identity((tensor, axis), (other, axis), c.dim(tensor, axis))]
+        if tensor == x:
+            return [identity((x, axis), (y, axis + ry - rx), c.dim(x, axis))]
+        ax = axis - (ry - rx)
+        if ax < 0 or c.dim(x, ax) == 1:  # broadcast: only the target size changes
+            if constant_size_at(c, 1, y, axis):
+                return []
+            raise Frozen("Expand broadcasts the channel axis to a size computed at run time")
+        return [identity((y, axis), (x, ax), c.dim(y, axis))]
+
+    def rewrite(self, c, plan):
+        if c.node.op_type == "Expand":
+            rewrite_shape_vector(c, plan, 1, c.out(0))
+
+
+@register
+class DepthToSpace(Rule):
+    """PixelShuffle: input channel c*b*b + k (CRD) or k*C + c (DCR) becomes output channel c."""
+
+    ops = ("DepthToSpace", "SpaceToDepth")
+
+    def propagate(self, c, tensor, axis):
+        x, y = c.inp(0), c.out(0)
+        if axis != 1:
+            raise Frozen(f"{c.node.op_type} on axis {axis}")
+        b2 = c.attr("blocksize") ** 2
+        deep, shallow = (x, y) if c.node.op_type == "DepthToSpace" else (y, x)
+        n = c.dim(deep, 1)
+        few = n // b2
+        crd = c.node.op_type == "DepthToSpace" and c.attr("mode", "DCR") == "CRD"
+        deep_to_shallow = np.arange(n) // b2 if crd else np.arange(n) % few
+        if tensor == deep:
+            return [Link((deep, 1), (shallow, 1), np.arange(n), deep_to_shallow)]
+        return [Link((shallow, 1), (deep, 1), deep_to_shallow, np.arange(n))]

@@ -271,9 +271,10 @@ class DPPController:
     def finalize(self, model: nn.Module, example_inputs=None, physical: bool = False) -> nn.Module:
         """Bake the hard masks (and the fake quantisation) into the weights as exact zeros and
         remove the parametrizations. ``physical`` (filter granularity, needs ``example_inputs``):
-        the zeroed filters are removed by ``spa.frontends.torch_prune.make_physical`` where that is
-        exact (a filter whose bias is not zero still outputs a constant: it stays, reported);
-        ``physical_status`` says what happened. Returns the model."""
+        the zeroed filters are removed by ``spa.frontends.torch_prune.make_physical(exact=False)``
+        with their coupled channels (a masked filter's bias or following BatchNorm shift, which the
+        mask left live, goes too: the largest output change is reported); ``physical_status`` says
+        what happened. Returns the model."""
         modules = dict(model.named_modules())
         for name in self.masks:
             _bake(modules[name])
@@ -286,10 +287,10 @@ class DPPController:
             raise SpaError(f"physical removal needs filter granularity, not {self.granularity!r}")
         from .torch_prune import make_physical
 
-        _, report = make_physical(model, example_inputs)
+        _, report = make_physical(model, example_inputs, exact=False)
         return (f"physical removal by spa.frontends.torch_prune.make_physical: parameters {report.params_before} -> "
-                f"{report.params_after}" + (f"; {len(report.not_removable)} masked sets kept (see its warning)"
-                                            if report.not_removable else ""))
+                f"{report.params_after}, outputs moved by up to {report.max_deviation:.4g}"
+                + (f"; {len(report.not_removable)} masked sets kept (see its warning)" if report.not_removable else ""))
 
     def export_onnx(self, model: nn.Module, example_inputs, path, **export_kwargs):
         """Export the finalized model (a finalized copy if ``model`` still has DPP masks) through

@@ -147,17 +147,20 @@ class PhysicalReport:
     params_after: int
     narrowed: dict = field(default_factory=dict)       # module tensor -> {axis: channels removed}
     not_removable: list = field(default_factory=list)  # masked channels kept, and why (also warned)
+    max_deviation: float = 0.0  # exact=False: largest output change against the masked module
 
     def __str__(self):
         lines = [f"parameters {self.params_before:,} -> {self.params_after:,}"]
         lines += [f"  {name}: " + ", ".join(f"axis {a} -{k}" for a, k in axes.items())
                   for name, axes in self.narrowed.items()]
         lines += [f"  kept: {why}" for why in self.not_removable]
+        if self.max_deviation:
+            lines.append(f"  outputs moved by up to {self.max_deviation:.4g} (live biases / BN shifts dropped)")
         return "\n".join(lines)
 
 
-def make_physical(module: nn.Module, example_inputs, *, atol: float = 1e-5,
-                  exporter: str = "dynamo") -> tuple[nn.Module, PhysicalReport]:
+def make_physical(module: nn.Module, example_inputs, *, atol: float = 1e-5, exporter: str = "dynamo",
+                  exact: bool = True) -> tuple[nn.Module, PhysicalReport]:
     """Make every pruning mask of ``module`` permanent (``remove``) and remove, in place, the
     channels the masks zero exactly; returns ``(module, report)``.
 
@@ -166,22 +169,31 @@ def make_physical(module: nn.Module, example_inputs, *, atol: float = 1e-5,
     producing it is zero. The narrowed module is compared with the masked one on
     ``example_inputs`` (eval mode, ``atol``); a group whose removal changes the outputs is kept
     whole. Masked channels that stay (a live bias or BN shift, a graph output, a consumer that
-    still reads them) are in ``report.not_removable`` and warned about."""
+    still reads them) are in ``report.not_removable`` and warned about.
+
+    ``exact=False``: also remove channels whose every producing weight is masked although a bias
+    or BatchNorm shift still makes them a constant (structured filter pruning as Torch-Pruning
+    does it, e.g. after DPP at filter granularity); the outputs then move, and the largest change
+    on ``example_inputs`` is reported (``report.max_deviation``) and warned about."""
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     _make_masks_permanent(module)
     params_before = _param_count(module)
     was_training = module.training
     narrowing = _Narrowing(module.eval(), args, atol, exporter)
-    removable, notes = _removable_channels(narrowing)
-    groups = narrowing.verified(removable, notes)
+    removable, notes = _removable_channels(narrowing, exact)
+    groups = narrowing.verified(removable, notes) if exact else list(removable)
     narrowing.apply(module, [a for gid in groups for a in removable[gid]])
+    deviation = 0.0 if exact else narrowing.deviation(module)
     module.train(was_training)
     if notes:
         warnings.warn("make_physical: masked channels not physically removable: " + "; ".join(notes),
                       stacklevel=2)
+    if deviation:
+        warnings.warn(f"make_physical(exact=False): channels with live biases / BN shifts removed; outputs moved by "
+                      f"up to {deviation:.4g} on example_inputs", stacklevel=2)
     narrowed = {name: {axis: old - new for axis, (old, new) in enumerate(zip(*shapes)) if old != new}
                 for name, shapes in module.spa_report.narrowed.items()}
-    return module, PhysicalReport(params_before, _param_count(module), narrowed, notes)
+    return module, PhysicalReport(params_before, _param_count(module), narrowed, notes, deviation)
 
 
 def _make_masks_permanent(module: nn.Module) -> None:
@@ -223,6 +235,10 @@ class _Narrowing:
             warnings.simplefilter("ignore")
             return apply_plan(module, Plan(self.analysis, atoms), weight_map=self.weight_map, verify=False)
 
+    def deviation(self, narrowed: nn.Module) -> float:
+        got = _outputs(narrowed, self.args)
+        return max((float((g - r).abs().max()) for g, r in zip(got, self.reference) if g.numel()), default=0.0)
+
     def keeps_outputs(self, atoms) -> bool:
         try:
             got = _outputs(self.apply(copy.deepcopy(self.module), atoms), self.args)
@@ -255,8 +271,9 @@ def _zero_indices(analysis, member) -> np.ndarray:
     return ~np.any(array.reshape(array.shape[0], -1) != 0, axis=1)
 
 
-def _removable_channels(narrowing: _Narrowing) -> tuple[dict, list]:
-    """{group id: removable atoms} and a note for each group with masked channels that stay."""
+def _removable_channels(narrowing: _Narrowing, exact: bool = True) -> tuple[dict, list]:
+    """{group id: removable atoms} and a note for each group with masked channels that stay
+    (exact=False: channels every producing weight masks go too, whatever their constants)."""
     analysis = narrowing.analysis
     removable, notes = {}, []
     for group in analysis.groups:
@@ -267,13 +284,14 @@ def _removable_channels(narrowing: _Narrowing) -> tuple[dict, list]:
         zero = {m.pair: set(m.atoms.tolist()) - set(m.atoms[~zero_index[m.pair]].tolist()) for m in consts}
         weights = [m for m in consts if analysis.graph.rank(m.tensor) >= 2]  # not biases, BN vectors
         masked = set().union(set(), *(m.atoms[zero_index[m.pair]].tolist() for m in weights))
-        exact = (_all_zero(consumers, zero) | _all_zero(producers, zero)) - set(group.frozen)
-        if exact == set(group.atoms.tolist()):
-            exact.discard(min(exact))  # a layer keeps at least one channel (a zero one: still exact)
-        if exact:
-            removable[group.id] = sorted(exact)
-        if masked - exact:
-            notes.append(_why_kept(narrowing, group, sorted(masked - exact), consts, weights, zero_index))
+        producing = producers if exact else [m for m in producers if m in weights]
+        going = (_all_zero(consumers, zero) | _all_zero(producing, zero)) - set(group.frozen)
+        if going == set(group.atoms.tolist()):
+            going.discard(min(going))  # a layer keeps at least one channel (a zero one: still exact)
+        if going:
+            removable[group.id] = sorted(going)
+        if masked - going:
+            notes.append(_why_kept(narrowing, group, sorted(masked - going), consts, weights, zero_index))
     return removable, notes
 
 

@@ -246,6 +246,21 @@ def test_make_physical_reports_weight_only_masks_with_live_bias():
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
 
 
+def test_make_physical_inexact_removes_filters_with_live_bias_and_reports_the_change():
+    torch.manual_seed(0)
+    model = MLP()
+    prune.ln_structured(model.fc1, "weight", amount=0.5, n=2, dim=0)  # bias left alive
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        masked = model(x)
+    with pytest.warns(UserWarning, match="outputs moved by up to"):
+        _, report = prune.make_physical(model, x, exact=False)
+    assert model.fc1.out_features == 8 and model.fc2.in_features == 8
+    with torch.no_grad():
+        moved = float((model(x) - masked).abs().max())
+    assert report.max_deviation == pytest.approx(moved) and moved > 0
+
+
 class GatedMLP(MLP):
     def forward(self, x):
         return self.fc3(torch.relu(self.fc2(torch.sigmoid(self.fc1(x)))))

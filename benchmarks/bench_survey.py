@@ -13,6 +13,8 @@ Files surveyed (nothing downloaded):
   zoo        every models/zoo.py CNN and models/transformers.py transformer, exported to ONNX
              (torchscript and dynamo; --quick: torchscript) with the zoo's cached_export (a temp
              dir: $SPA_ZOO_CACHE or <tmp>/spa_zoo_cache, or a new one with --fresh).
+  quantized  each zoo CNN's first export quantized statically by onnxruntime.quantization
+             (per-channel int8 weights, uint8 activations) in QDQ and in QOperator format.
   tflite     (full run only) the Keras zoo models (models/keras_zoo.py) converted by
              tf.lite.TFLiteConverter, as no installed package ships a .tflite model.
 
@@ -88,6 +90,9 @@ def _child_export_zoo(out_dir: str, exporters: list[str], cache_dir: str | None)
                 rec["error"] = f"{type(exc).__name__}: {exc}"[:400]
                 rec["traceback"] = traceback.format_exc()[-2000:]
             emit(rec)
+            if exp == exporters[0] and "path" in rec:
+                for fmt in QUANT_FORMATS:
+                    emit(_quantized_record(name, rec["path"], fmt))
     for name in tz.TRANSFORMERS:
         for exp in exporters:
             rec = {"name": f"{name}-{exp}", "source": f"zoo transformer ({exp})"}
@@ -97,6 +102,48 @@ def _child_export_zoo(out_dir: str, exporters: list[str], cache_dir: str | None)
                 rec["error"] = f"{type(exc).__name__}: {exc}"[:400]
                 rec["traceback"] = traceback.format_exc()[-2000:]
             emit(rec)
+
+
+QUANT_FORMATS = ("QDQ", "QOperator")
+QUANT_DIR = os.path.join(tempfile.gettempdir(), "spa-survey-quantized")
+
+
+def _quantized_record(name: str, path: str, fmt: str) -> dict:
+    """The zoo export quantized statically by onnxruntime.quantization (per-channel int8 weights,
+    uint8 activations, 8 random calibration inputs) in QDQ or QOperator format."""
+    import traceback
+
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, feeds):
+            self.feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    rec = {"name": f"{name}-{fmt}", "source": f"zoo CNN quantized ({fmt})"}
+    try:
+        model = onnx.load(path)
+        rng = np.random.default_rng(0)
+        shapes = {i.name: [d.dim_value or 1 for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+        feeds = [{k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()} for _ in range(8)]
+        os.makedirs(QUANT_DIR, exist_ok=True)
+        out = os.path.join(QUANT_DIR, f"{name}-{fmt}.onnx")
+        cwd = os.getcwd()
+        os.chdir(QUANT_DIR)  # the quantizer may leave scratch files in the working directory
+        try:
+            quantize_static(path, out, Reader(feeds), quant_format=getattr(QuantFormat, fmt), per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        finally:
+            os.chdir(cwd)
+        rec["path"] = out
+    except Exception as exc:  # noqa: BLE001
+        rec["error"] = f"{type(exc).__name__}: {exc}"[:400]
+        rec["traceback"] = traceback.format_exc()[-2000:]
+    return rec
 
 
 def _child_tflite(out_dir: str) -> None:
@@ -635,6 +682,7 @@ def main():
             + (f", {s['prunable']}/{s['channels']} channels prunable" if s else "")
             + (f" -- {rec['error'].splitlines()[-1][:160]}" if rec.get("error") else ""))
     shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(QUANT_DIR, ignore_errors=True)
 
     # totals
     outcomes = collections.Counter(r["outcome"] for r in records)

@@ -155,6 +155,8 @@ def _child_tflite(out_dir: str) -> None:
 
     from models import keras_zoo
 
+    os.chdir(out_dir)  # the converter leaves uuid-named .data scratch files in the working directory
+
     for name in ("sequential_cnn", "resnet_functional", "mixed_layers", "conv1d_net"):
         rec = {"name": f"keras-{name}.tflite", "source": "keras zoo -> TFLiteConverter"}
         try:

@@ -17,7 +17,8 @@ Patterns (`Pattern`), each per layer; the contracted axis is the layer's input-c
 - `unstructured`: the `amount` fraction of smallest weights of each layer (per layer, not global).
 
 Scores default to |w| (summed over a kernel or filter); ties keep the earlier index. Layers whose
-weight is shared by several nodes, is a Constant node or is not float are skipped and reported.
+weight is shared by several nodes, computed or not float are skipped and reported (weights held in
+Constant nodes, as Paddle2ONNX writes them, are sparsified in place).
 `storage="sparse"` writes each weight that gets smaller that way as a Constant node holding a COO
 `sparse_value` (ONNX's sparse_initializer fails the strict checker's type inference, which reads
 it as a sparse tensor); onnxruntime densifies it at load, so only the file shrinks.
@@ -194,28 +195,29 @@ def conforms(weight: np.ndarray, layer: Layer, pattern: Pattern) -> bool:
 def eligible_layers(g, pattern: Pattern) -> tuple[list, list]:
     """(layers to sparsify, [{"name", "weight", "reason"}] of those skipped). A bias that is no
     initializer of its own (shared) is left out of the layer: it is never rewritten."""
-    initializers = {t.name: t for t in g.model.graph.initializer}
+    stored = {t.name for t in g.model.graph.initializer} | \
+        {n.output[0] for n in g.model.graph.node if n.op_type == "Constant" and n.output}
     layers, skipped = [], []
     for layer in weighted_layers(g):
-        reason = _skip_reason(g, layer, initializers, pattern)
+        reason = _skip_reason(g, layer, stored, pattern)
         if reason is None:
-            layers.append(layer if layer.bias in initializers or layer.bias is None else replace(layer, bias=None))
+            layers.append(layer if layer.bias in stored or layer.bias is None else replace(layer, bias=None))
         else:
             weight = g.aliases[layer.weight][3] if layer.weight in g.aliases else layer.weight
             skipped.append({"name": g.node_name(layer.node), "weight": weight, "reason": reason})
     return layers, skipped
 
 
-def _skip_reason(g, layer: Layer, initializers: dict, pattern: Pattern) -> str | None:
+def _skip_reason(g, layer: Layer, stored: set, pattern: Pattern) -> str | None:
     if layer.weight in g.aliases:
         root = g.aliases[layer.weight][3]
         readers = sum(1 for alias in g.aliases.values() if alias[3] == root)
         return f"weight {root} is shared by {readers} nodes"
     if len(g.consumers.get(layer.weight, [])) > 1:  # a tied parameter, never unshared
         return f"weight {layer.weight} is shared by {len(g.consumers[layer.weight])} nodes"
-    if layer.weight not in initializers:
-        return "weight is a Constant node, not an initializer"
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(initializers[layer.weight].data_type)
+    if layer.weight not in stored:
+        return "weight is computed, not stored (an initializer or a Constant node)"
+    dtype = np.asarray(g.consts[layer.weight]).dtype
     if dtype not in FLOAT_TYPES:
         return f"weight is {dtype}, not float16/32/64"
     length = contracted_length(g.consts.shape(layer.weight), layer)
@@ -313,8 +315,8 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str = "l1", *,
     recovery = None
     if recover:
         out, recovery = _recovered(model, out, calibration, recover, progress)
-        new_values = {l.weight: numpy_helper.to_array(t) for t in out.graph.initializer for l in layers
-                      if t.name == l.weight}
+        recovered = Graph(out).consts
+        new_values = {l.weight: np.asarray(recovered[l.weight]) for l in layers}
         _check_written(g, layers, pattern, new_values)
     dense_bytes = out.ByteSize()
     stored_sparse = _store_sparse(out, [l.weight for l in layers]) if storage == "sparse" else []
@@ -361,12 +363,12 @@ def _check_written(g, layers, pattern, values: dict) -> None:
 
 
 def _with_values(model: onnx.ModelProto, values: dict) -> onnx.ModelProto:
+    """A copy of `model` with these initializers / Constant node values."""
+    from .obspa import set_weights
+
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    for tensor in out.graph.initializer:
-        if tensor.name in values:
-            tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values[tensor.name]), tensor.name))
-    return out
+    return set_weights(out, {k: np.ascontiguousarray(v) for k, v in values.items()})
 
 
 def _store_sparse(model: onnx.ModelProto, names: list) -> list:

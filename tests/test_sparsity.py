@@ -354,3 +354,22 @@ def test_recover_keeps_every_zero():
     g = Graph(sparse)
     for layer in weighted_layers(g):
         assert conforms(g.consts[layer.weight], layer, parse_pattern("2:4"))
+
+
+def test_weights_held_in_constant_nodes_are_sparsified_in_place():
+    """Paddle2ONNX (the PP-OCR models) stores weights as Constant nodes, not initializers."""
+    from onnx import helper
+
+    model = conv_model()
+    weights = list(model.graph.initializer)
+    del model.graph.initializer[:]
+    for k, tensor in enumerate(weights):
+        model.graph.node.insert(k, helper.make_node("Constant", [], [tensor.name], value=tensor))
+    sparse, report = sparsify(model, parse_pattern("2:4"))
+    assert report["layers"] and not sparse.graph.initializer
+    g = Graph(sparse)
+    written = {row["weight"] for row in report["layers"]}
+    for layer in weighted_layers(g):
+        assert layer.weight not in written or conforms(g.consts[layer.weight], layer, parse_pattern("2:4"))
+    assert len(written) == 4  # the depthwise Conv (one weight per group) is skipped
+    onnx.checker.check_model(sparse, full_check=True)

@@ -32,6 +32,11 @@ unlabelled sentences (models/sentences.CALIBRATION); mean, worst
 cosine and nearest neighbour kept of the sentence embeddings vs the original's on
 models/sentences.EVALUATION (130) and SHIFTED. Goal checked: OBS without data >= 0.95.
 
+OCR section (`--sections ocr`). The PP-OCRv4 recognizer (rapidocr-onnxruntime, real weights) at 2:4
+where a layer's input channels split into fours (depthwise convs are skipped): magnitude, OBS with
+synthetic 48x320 inputs and OBS with 32 rendered lines; exact-line and character accuracy on 120
+rendered lines in distribution and 120 shifted (models/ocr.py).
+
 Writes benchmarks/results/sparsity.json and sparsity.png (--quick: sparsity_quick.*) and prints
 a markdown table.
 """
@@ -362,12 +367,82 @@ def minilm_plot(section: dict, ax) -> None:
     ax.legend(fontsize=8)
 
 
+# ------------------------------------------------------------------------------------------------
+# OCR section: 2:4 on the real PP-OCRv4 recognizer (a CNN + SVTR neck), lines rendered with PIL
+# ------------------------------------------------------------------------------------------------
+OCR_SHAPE = (1, 3, 48, 320)
+OCR_ROWS = {"magnitude": {"criterion": "l1"},
+            "obs-synthetic": {"criterion": "obs", "calibration": "synthetic"},
+            "obs-real-32": {"criterion": "obs", "calibration": "real"}}
+
+
+def ocr_section(quick: bool) -> dict:
+    """Every weight of the PP-OCRv4 recognizer whose input channels split into fours at 2:4 (the
+    depthwise convs cannot: skipped); exact-line and character accuracy on 120 rendered lines in
+    distribution and 120 shifted ones (models/ocr.py), as bench_quality_real measures them."""
+    import spa
+    from models.ocr import accuracy, preprocess, recognize, recognizer_path, render_lines
+    from spa.calibration import Calibration
+    from spa.runtime import session
+
+    sets = {k: render_lines(k, 120, seed=0) for k in ("in-distribution", "shifted")}
+    path = recognizer_path()
+
+    def evaluate(model) -> dict:
+        run = session(model, quiet=True)
+        return {kind: accuracy(recognize(run, ims), texts) for kind, (ims, texts) in sets.items()}
+
+    rows = {"dense": {"seconds": 0.0, **evaluate(path)}}
+    with tempfile.TemporaryDirectory(prefix="spa-sparsity-ocr-") as workdir:
+        real = os.path.join(workdir, "ocr-calibration.npz")
+        np.savez(real, x=preprocess(render_lines("in-distribution", 32, seed=99)[0], width=OCR_SHAPE[3]))
+        for name, spec in OCR_ROWS.items():
+            if quick and name == "obs-real-32":
+                continue
+            source = spec.get("calibration")
+            calibration = None if source is None else \
+                Calibration(source=real if source == "real" else source, shapes=None if source == "real"
+                            else {"x": OCR_SHAPE})
+            log(f"ocr 2:4 {name}")
+            start = time.perf_counter()
+            sparse = spa.sparsify(path, "2:4", criterion=spec["criterion"], calibration=calibration)
+            rows[name] = {"seconds": round(time.perf_counter() - start, 1), "layers": len(sparse.report["layers"]),
+                          "skipped": len(sparse.report["skipped"]),
+                          "sparsity": sparse.report["sparsity"]["after"], **evaluate(sparse.model)}
+            log(f"  {rows[name]}")
+    return {"model": "PP-OCRv4 rec (rapidocr-onnxruntime), 2:4 where the input channels split into fours",
+            "lines": {"in-distribution": 120, "shifted": 120, "calibration_real": 32}, "rows": rows}
+
+
+def ocr_markdown(section: dict) -> str:
+    lines = ["| PP-OCRv4 rec 2:4 | exact lines (in-distribution) | characters | exact lines (shifted) | characters | "
+             "layers / skipped | seconds |", "|---|---|---|---|---|---|---|"]
+    for name, row in section["rows"].items():
+        ind, shifted = row["in-distribution"], row["shifted"]
+        lines.append(f"| {name} | {ind['exact_line']:.3f} | {ind['char']:.3f} | {shifted['exact_line']:.3f} | "
+                     f"{shifted['char']:.3f} | {row.get('layers', '-')} / {row.get('skipped', '-')} | "
+                     f"{row['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def ocr_plot(section: dict, ax) -> None:
+    names = list(section["rows"])
+    x = np.arange(len(names))
+    for k, kind in enumerate(("in-distribution", "shifted")):
+        ax.bar(x + (k - 0.5) * 0.35, [section["rows"][n][kind]["exact_line"] for n in names], 0.35, label=kind)
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("exact lines")
+    ax.set_title("PP-OCRv4 recognizer, 2:4, no fine-tuning")
+    ax.legend(fontsize=8)
+
+
 def plot(sections: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plotters = {"digits": digits_plot, "minilm": minilm_plot}
+    plotters = {"digits": digits_plot, "minilm": minilm_plot, "ocr": ocr_plot}
     shown = [s for s in sections if s in plotters]
     fig, axes = plt.subplots(1, len(shown), figsize=(6.5 * len(shown), 4.5), squeeze=False)
     for ax, name in zip(axes[0], shown):
@@ -381,7 +456,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer epochs, digits-mlp and mnist1d-conv only")
     parser.add_argument("--models", help="comma list of " + ", ".join(DIGITS_MODELS))
-    parser.add_argument("--sections", default="digits,minilm", help="comma list of digits, minilm")
+    parser.add_argument("--sections", default="digits,minilm,ocr", help="comma list of digits, minilm, ocr")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/sparsity.json, --quick: "
                         "sparsity_quick.json); the plot goes beside it")
     parser.add_argument("--merge", action="store_true", help="keep the sections not run now from an existing --out")
@@ -406,6 +481,8 @@ def main(argv=None) -> int:
         sections["digits"] = digits_section(names, args.quick)
     if "minilm" in wanted:
         sections["minilm"] = minilm_section(args.quick)
+    if "ocr" in wanted:
+        sections["ocr"] = ocr_section(args.quick)
     table = "\n\n".join(SECTIONS[name](sections[name]) for name in SECTIONS if name in sections)
     result = {"benchmark": "sparsity", "date": _dt.datetime.now().isoformat(timespec="seconds"),
               "quick": args.quick, "machine": info, "seed": SEED, "amounts": list(AMOUNTS), **sections,
@@ -422,7 +499,7 @@ def main(argv=None) -> int:
     return 0
 
 
-SECTIONS = {"digits": digits_markdown, "minilm": minilm_markdown}
+SECTIONS = {"digits": digits_markdown, "minilm": minilm_markdown, "ocr": ocr_markdown}
 
 
 if __name__ == "__main__":

@@ -354,16 +354,22 @@ def minilm_markdown(section: dict) -> str:
     return "\n".join(lines)
 
 
-def minilm_plot(section: dict, ax) -> None:
-    names = list(section["rows"])
+def paired_bars(ax, rows: dict, kinds, value, ylabel: str, title: str) -> None:
+    """One pair of bars (in-distribution, shifted) per row."""
+    names = list(rows)
     x = np.arange(len(names))
-    for k, kind in enumerate(("in_distribution", "shifted")):
-        ax.bar(x + (k - 0.5) * 0.35, [section["rows"][n][kind]["cosine"] for n in names], 0.35, label=kind)
-    ax.axhline(MINILM_GOAL, color="k", linestyle="--", linewidth=1, label=f"goal {MINILM_GOAL}")
-    ax.set_xticks(x, names)
+    for k, kind in enumerate(kinds):
+        ax.bar(x + (k - 0.5) * 0.35, [value(rows[n][kind]) for n in names], 0.35, label=kind)
+    ax.set_xticks(x, names, fontsize=8, rotation=10)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("mean sentence cosine to the original")
-    ax.set_title("all-MiniLM-L6-v2, 2:4 on every weight, no fine-tuning")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+
+
+def minilm_plot(section: dict, ax) -> None:
+    paired_bars(ax, section["rows"], ("in_distribution", "shifted"), lambda r: r["cosine"],
+                "mean sentence cosine to the original", "all-MiniLM-L6-v2, 2:4 on every weight, no fine-tuning")
+    ax.axhline(MINILM_GOAL, color="k", linestyle="--", linewidth=1, label=f"goal {MINILM_GOAL}")
     ax.legend(fontsize=8)
 
 
@@ -426,14 +432,8 @@ def ocr_markdown(section: dict) -> str:
 
 
 def ocr_plot(section: dict, ax) -> None:
-    names = list(section["rows"])
-    x = np.arange(len(names))
-    for k, kind in enumerate(("in-distribution", "shifted")):
-        ax.bar(x + (k - 0.5) * 0.35, [section["rows"][n][kind]["exact_line"] for n in names], 0.35, label=kind)
-    ax.set_xticks(x, names)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("exact lines")
-    ax.set_title("PP-OCRv4 recognizer, 2:4, no fine-tuning")
+    paired_bars(ax, section["rows"], ("in-distribution", "shifted"), lambda r: r["exact_line"], "exact lines",
+                "PP-OCRv4 recognizer, 2:4, no fine-tuning")
     ax.legend(fontsize=8)
 
 

@@ -99,19 +99,25 @@ def test_qdq_scores_read_the_dequantized_weights(qdq):
     scales and zero points are never scored."""
     float_model, model = qdq
     floats = {t.name: numpy_helper.to_array(t) for t in float_model.graph.initializer}
+    for member in scored_like_the_floats(model, floats):
+        assert member.tensor.endswith("_quantized") or member.tensor in floats, member.tensor
+
+
+def scored_like_the_floats(model, floats) -> list:
+    """The scored members of `model`'s groups, after checking that the l1 score of every weight
+    with a float original is (within 5%) the float weight's l1; at least three such weights."""
     analysis = analyze(model)
-    checked = 0
+    members, checked = [], 0
     for group in analysis.groups:
-        if not group.has_params:
-            continue
-        for member, values in member_scores(analysis, group, "l1"):
-            assert member.tensor.endswith("_quantized") or member.tensor in floats, member.tensor
+        for member, values in member_scores(analysis, group, "l1") if group.has_params else []:
+            members.append(member)
             original = member.tensor.removesuffix("_quantized")
             if original in floats and floats[original].ndim > 1:
                 w = np.moveaxis(floats[original], member.axis, 0).reshape(values.shape[0], -1)
                 np.testing.assert_allclose(values, np.abs(w).sum(axis=1), rtol=0.05)
                 checked += 1
     assert checked >= 3
+    return members
 
 
 def test_qdq_obspa_scores_without_compensating(qdq, tmp_path):
@@ -270,17 +276,8 @@ def test_qoperator_scores_read_the_dequantized_weights(qop):
     the float weight's; scales and zero points are never scored."""
     float_model, model = qop
     floats = {t.name: numpy_helper.to_array(t) for t in float_model.graph.initializer}
-    analysis = analyze(model)
-    checked = 0
-    for group in analysis.groups:
-        for member, values in member_scores(analysis, group, "l1") if group.has_params else []:
-            assert not member.tensor.endswith(("_scale", "_zero_point")), member.tensor
-            original = member.tensor.removesuffix("_quantized")
-            if original in floats and floats[original].ndim > 1:
-                w = np.moveaxis(floats[original], member.axis, 0).reshape(values.shape[0], -1)
-                np.testing.assert_allclose(values, np.abs(w).sum(axis=1), rtol=0.05)
-                checked += 1
-    assert checked >= 3
+    for member in scored_like_the_floats(model, floats):
+        assert not member.tensor.endswith(("_scale", "_zero_point")), member.tensor
 
 
 def test_qoperator_obspa_scores_without_compensating(qop):

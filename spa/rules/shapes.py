@@ -392,7 +392,8 @@ class DepthToSpace(Rule):
     def propagate(self, c, tensor, axis):
         x, y = c.inp(0), c.out(0)
         if axis != 1:
-            raise Frozen(f"{c.node.op_type} on axis {axis}")
+            raise Frozen(f"{c.node.op_type} maps only axis 1 (channels) to blocks; these units run along axis {axis} "
+                         f"of '{tensor}', a spatial axis it rearranges, so no slice of them stays a slice")
         b2 = c.attr("blocksize") ** 2
         deep, shallow = (x, y) if c.node.op_type == "DepthToSpace" else (y, x)
         n = c.dim(deep, 1)

@@ -60,7 +60,7 @@ if ROOT not in sys.path:
 
 RATIO = 0.3
 LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger",
-              "QLinearConv", "QLinearMatMul"}
+              "QLinearConv", "QLinearMatMul", "QGemm"}
 STOP_OPS = {"Shape", "Size"}  # their outputs carry no channels
 FIXTURE_BYTES = 10 * 1024
 GOAL_SHARE = 0.90

@@ -1,9 +1,11 @@
 """Load an ONNX model and give the analysis what it needs: constants, producers, consumers, shapes."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import tempfile
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -501,7 +503,10 @@ def _symbolic_shapes(light: onnx.ModelProto) -> dict:
     the values of any initializer an elementwise op touches and fails on an empty one (an RMSNorm
     weight of 2048 floats froze every head of a 1.1B LLaMA; 256 floats fit under the size limit)."""
     try:
-        inferred = _symbolic_shape_inference().infer_shapes(_weights_as_inputs(light), auto_merge=True)
+        # where it gives up, it first writes sym_shape_infer_temp.onnx and per-tensor uuid .data
+        # files into the working directory: run it inside a scratch folder
+        with tempfile.TemporaryDirectory(prefix="spa-shapes-") as scratch, contextlib.chdir(scratch):
+            inferred = _symbolic_shape_inference().infer_shapes(_weights_as_inputs(light), auto_merge=True)
     except Exception:
         return {}
     weights = {t.name for t in light.graph.initializer}

@@ -152,3 +152,23 @@ def test_old_ir_models_keep_new_constants_among_graph_inputs(tmp_path):
     pruned = onnx.load(out)
     assert pruned.ir_version < 4
     assert {t.name for t in pruned.graph.initializer} <= {vi.name for vi in pruned.graph.input}
+
+
+def test_shape_inference_leaves_the_working_directory_alone(tmp_path, monkeypatch):
+    """onnxruntime's symbolic shape inference, where it gives up, first saves sym_shape_infer_temp.onnx
+    and per-tensor uuid .data files into the working directory (the QOperator shufflenet of the
+    survey did this): the analysis runs it in a scratch folder."""
+    from spa import graph
+
+    class GivesUp:
+        @staticmethod
+        def infer_shapes(model, **kwargs):
+            onnx.save_model(model, "sym_shape_infer_temp.onnx")
+            raise RuntimeError("Incomplete symbolic shape inference")
+
+    monkeypatch.setattr(graph, "_symbolic_shape_inference", lambda: GivesUp)
+    b = Builder()
+    b.output(b.op("Relu", [b.conv(b.input(["batch", 3, 8, 8]), 3, 8)]))
+    monkeypatch.chdir(tmp_path)
+    assert graph._symbolic_shapes(b.model()) == {}
+    assert os.listdir(tmp_path) == []

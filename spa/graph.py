@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
+from . import external_data
 from .errors import SpaError
 
 CONTROL_FLOW = {"If", "Loop", "Scan"}
@@ -26,8 +27,10 @@ def as_model(model_or_path) -> onnx.ModelProto:
     return load_model(os.fspath(model_or_path))
 
 
-def load_model(path: str) -> onnx.ModelProto:
-    """Read an ONNX file (and its external data) or raise a one-line SpaError."""
+def load_model(path: str, stream: bool | None = None) -> onnx.ModelProto:
+    """Read an ONNX file (and its external data) or raise a one-line SpaError. `stream`: leave
+    the external data in its files, read tensor by tensor (spa.external_data); by default when
+    the model keeps more than external_data.STREAM_BYTES there."""
     from .integrity import check_external, check_structure, check_tensors
 
     if os.path.isdir(path):
@@ -43,9 +46,14 @@ def load_model(path: str) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.initializer:
         raise SpaError(f"{path} is not an ONNX model (empty or not a ModelProto)")
     base = os.path.dirname(os.path.abspath(path))
-    _EXTERNAL_FILES[_file_key(path)] = check_external(model, path)  # before reading a byte of it
+    files = _EXTERNAL_FILES[_file_key(path)] = check_external(model, path)  # before reading a byte of it
+    if stream is None:
+        stream = sum(os.path.getsize(f) for f in files) > external_data.STREAM_BYTES
     try:  # onnx refuses paths outside `base` too
-        onnx.load_external_data_for_model(model, base)
+        if stream:
+            external_data.stream(model, base)
+        else:
+            onnx.load_external_data_for_model(model, base)
     except Exception as exc:
         why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise SpaError(f"{path}: external data could not be read ({why})") from None
@@ -149,6 +157,7 @@ class Consts(Mapping):
 
     def __init__(self, model: onnx.ModelProto):
         self._protos = {t.name: t for t in model.graph.initializer}
+        self._base = external_data.base_of(model)
         self._cache = {}
         self._cached_bytes = 0
         self._aliases = {}  # name -> (root constant, dtype of a Cast on the way or None)
@@ -165,7 +174,10 @@ class Consts(Mapping):
             root, dtype = self._aliases[name]
             value = self[root]
             return value if dtype is None or value.dtype == dtype else value.astype(dtype)
-        value = numpy_helper.to_array(self._protos[name])
+        proto = self._protos[name]
+        if proto.data_location == onnx.TensorProto.EXTERNAL:  # a streamed model: mapped, never cached
+            return external_data.array(proto, self._base)
+        value = numpy_helper.to_array(proto)
         if self._cached_bytes + value.nbytes <= self.CACHE_BUDGET:
             self._cache[name] = value
             self._cached_bytes += value.nbytes

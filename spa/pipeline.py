@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,9 +11,9 @@ import onnx
 from onnx import external_data_helper
 
 from . import allocation as allocate
-from . import latency, obspa, plugins
+from . import external_data, latency, obspa, plugins
 from .calibration import DEFAULT_SAMPLES, Calibration, calibration_batches, is_generated
-from .errors import SpaError
+from .errors import SpaError, SpaWarning
 from .cost import count_params
 from .graph import weight_bytes
 from .groups import Analysis, Options, analyze
@@ -22,7 +23,7 @@ from .rewrite import rewrite
 from .selection import Target, select
 from .paths import staging_folder
 from .runtime import declared_inputs, is_float
-from .verify import masked_original, validate
+from .verify import masked_original, session_fits, validate
 
 
 ALLOCATIONS = ("measured", "global", "uniform")
@@ -80,10 +81,13 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
         allocation = "uniform"
         progress("allocation uniform: per-layer ratios set each group's share")
     cal = _calibration(calibration_options or calibration, calibration_samples, seed)
-    progress("analyzing channel coupling")
-    analysis = analyze(model, options)
     needs_data = criterion == "obspa" or compensation != "none" or recover or \
         (criterion in GRADIENT_CRITERIA and criterion != "synflow" and saliency is None)
+    if external_data.is_streamed(model) and (needs_data or target.latency is not None or criterion in GRADIENT_CRITERIA):
+        progress("reading every weight into memory: this criterion runs the model with its weights")
+        external_data.materialize(model)
+    progress("analyzing channel coupling")
+    analysis = analyze(model, options)
     cal = default_source(model, cal, progress) if needs_data else cal
     batches = calibration_batches(model, cal, progress=progress) if needs_data else []
     if cal.samples is None:
@@ -356,7 +360,16 @@ def save(model: onnx.ModelProto, path: str, external: set | None = None, feeds: 
         name = os.path.basename(path)
         staged = os.path.join(tmp, name)
         data_name = name + ".data"
-        if weight_bytes(model) > 1_800_000_000:  # protobuf cannot hold 2 GB in one file
+        if external_data.is_streamed(model):  # tensor by tensor, file to file
+            external_data.write(model, staged, data_name)
+            whole = session_fits(staged)
+            if not whole:
+                warnings.warn("verified piece by piece: an onnxruntime session of the whole model would not fit in "
+                              "memory, so its nodes ran in consecutive pieces, each with only the weights it reads "
+                              "(same computation; onnx checker and strict shape inference on the whole graph)",
+                              SpaWarning)
+            validate(staged, feeds, pieces=not whole)
+        elif weight_bytes(model) > 1_800_000_000:  # protobuf cannot hold 2 GB in one file
             onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
             validate(staged, feeds, model)

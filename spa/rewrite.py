@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .external_data import Spill, is_streamed
 from .graph import Graph
 from .plan import Plan
 from .rules import Ctx, rule_for
@@ -72,8 +73,11 @@ def sliced(value: np.ndarray, plan: Plan, name: str) -> np.ndarray:
     return value
 
 
-def _add_tensor(graph, value: np.ndarray, name: str):
-    """Append a tensor built in place (one copy of the bytes, not three)."""
+def _add_tensor(graph, value: np.ndarray, name: str, spill: Spill | None = None):
+    """Append a tensor built in place (one copy of the bytes, not three); with a spill (a
+    streamed model) its bytes go to the spill file instead of the proto."""
+    if spill is not None:
+        return spill.add(graph, value, name)
     tensor = graph.initializer.add()
     tensor.name = name
     tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
@@ -92,9 +96,11 @@ def rewrite(plan: Plan, weights: dict | None = None) -> onnx.ModelProto:
     written = sliced_names | set(weights)
     model = _copy_without_initializers(g.model)
     graph = model.graph
+    spill = Spill() if is_streamed(g.model) else None
     for init in g.model.graph.initializer:  # one weight at a time: never two copies of the model
         if init.name in written:
-            _add_tensor(graph, sliced(weights.get(init.name, g.consts[init.name]), plan, init.name), init.name)
+            _add_tensor(graph, sliced(weights.get(init.name, g.consts[init.name]), plan, init.name), init.name,
+                        spill)
         else:
             graph.initializer.append(init)
     for node in graph.node:
@@ -102,7 +108,7 @@ def rewrite(plan: Plan, weights: dict | None = None) -> onnx.ModelProto:
             value = sliced(weights.get(node.output[0], g.consts[node.output[0]]), plan, node.output[0])
             del node.attribute[:]
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value)))
-    _write_aliases(g, plan, weights, written, model)
+    _write_aliases(g, plan, weights, written, model, spill)
     editor = Editor(plan, model)
     changed = {m.tensor for m in plan.analysis.members.values() if plan.changed(m.tensor, m.axis)}
     for i, node in enumerate(g.nodes):
@@ -117,7 +123,7 @@ def rewrite(plan: Plan, weights: dict | None = None) -> onnx.ModelProto:
     return model
 
 
-def _write_aliases(g: Graph, plan: Plan, weights: dict, written: set, model: onnx.ModelProto):
+def _write_aliases(g: Graph, plan: Plan, weights: dict, written: set, model: onnx.ModelProto, spill):
     """A consumer's own alias of a shared constant (Graph._unshare_constants) is written only when
     its slice or value changed; aliases of one constant that end up equal share one tensor."""
     names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
@@ -132,7 +138,7 @@ def _write_aliases(g: Graph, plan: Plan, weights: dict, written: set, model: onn
             while name in names:
                 name += "_"
             names.add(name)
-            _add_tensor(model.graph, value, name)
+            _add_tensor(model.graph, value, name, spill)
             by_value[key] = name
         model.graph.node[i].input[slot] = by_value[key]
 

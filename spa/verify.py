@@ -1,6 +1,7 @@
 """Validity checks for every model SPA writes, plus the equivalence oracle used by the tests."""
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -12,20 +13,25 @@ from .plan import Plan
 from .quant import at_zero_point
 from .runtime import _NP_TYPES, is_float, random_inputs, session
 
-def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelProto | None = None) -> None:
+def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelProto | None = None,
+             pieces: bool = False) -> None:
     """Full checker (with strict, type-checking shape inference), an onnxruntime session and one
     run; SpaError if not. `source`: a model file or serialised model; `model`: the same proto, to
-    read its inputs from."""
+    read its inputs from. pieces: run the file piece by piece (`run_in_pieces`), for models whose
+    onnxruntime session would not fit in memory."""
     stage = "onnx checker / strict shape inference"
     try:
         onnx.checker.check_model(source, full_check=True)
         stage = "onnxruntime"
-        sess = session(source)
         if feeds is None:
             if model is None:
                 model = onnx.load(source, load_external_data=False) if isinstance(source, str) else onnx.load_from_string(source)
             feeds = random_inputs(model)
-        outputs = sess.run(None, feeds)
+        if pieces:
+            outputs, sess = run_in_pieces(source, feeds), None
+        else:
+            sess = session(source)
+            outputs = sess.run(None, feeds)
         if getattr(sess, "surrogate", False):
             warnings.warn("verified on a float32 copy: onnxruntime's CPU provider has no kernel for some of the "
                           "model's float16/bfloat16/float64 ops (the written model keeps its types)", SpaWarning)
@@ -35,6 +41,87 @@ def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelPr
     for out in outputs:
         if isinstance(out, np.ndarray) and is_float(out.dtype) and not np.all(np.isfinite(np.asarray(out, np.float32))):
             raise SpaError("pruned model produced NaN or Inf")
+
+
+def session_fits(path: str) -> bool:
+    """Whether an onnxruntime session of the model file (weights in external data) fits in the
+    memory available: float32 copies of 16-bit weights (the CPU provider's fallback) counted."""
+    from .graph import tensor_bytes
+    model = onnx.load(path, load_external_data=False)
+    need = sum(tensor_bytes(t) * (4 if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) else 1.5)
+               for t in model.graph.initializer)
+    return need < 0.6 * available_memory()
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 62  # unknown: whole-model verification, as everywhere else
+
+
+def run_in_pieces(path: str, feeds: dict, piece_bytes: int | None = None) -> list:
+    """Run the model file in consecutive pieces of its (topologically ordered) nodes, each a model
+    holding only the weights its nodes read (at most `piece_bytes` of them, one node at least),
+    fed with the values the pieces before it computed: the same computation as one run, with the
+    memory of one piece. Piece models are written beside `path` and read its external data
+    where it lies."""
+    from .graph import outer_scope_inputs, tensor_bytes
+    model = onnx.load(path, load_external_data=False)
+    g = model.graph
+    piece_bytes = piece_bytes or max(1 << 28, available_memory() // 24)
+    inits = {t.name: t for t in g.initializer}
+    types = _value_types(model)
+    reads = [[x for x in list(n.input) + sorted(outer_scope_inputs(n)) if x] for n in g.node]
+    last_read = {}
+    for k, names in enumerate(reads):
+        for x in names:
+            last_read[x] = k
+    outputs = [o.name for o in g.output]
+    live = dict(feeds)
+    start = 0
+    while start < len(g.node):
+        end, held = start, set()
+        while end < len(g.node):
+            new = {x for x in reads[end] if x in inits} - held
+            if end > start and sum(tensor_bytes(inits[x]) for x in held | new) > piece_bytes:
+                break
+            held |= new
+            end += 1
+        produced = {o for n in g.node[start:end] for o in n.output if o}
+        needed = sorted({x for names in reads[start:end] for x in names} - produced - held)
+        wanted = sorted(x for x in produced if last_read.get(x, -1) >= end or x in outputs)
+        piece = helper.make_model(
+            helper.make_graph(list(g.node[start:end]), f"piece_{start}",
+                              [helper.make_tensor_value_info(x, helper.np_dtype_to_tensor_dtype(live[x].dtype),
+                                                             live[x].shape) for x in needed],
+                              [helper.make_tensor_value_info(x, types.get(x, 0), None) for x in wanted],
+                              initializer=[inits[x] for x in sorted(held)]),
+            opset_imports=model.opset_import, ir_version=model.ir_version)
+        piece.functions.extend(model.functions)
+        piece_path = f"{path}.piece.onnx"
+        onnx.save_model(piece, piece_path)
+        try:
+            values = session(piece_path).run(wanted, {x: live[x] for x in needed})
+        finally:
+            os.remove(piece_path)
+        live.update(zip(wanted, values))
+        for x in [x for x in live if last_read.get(x, -1) < end and x not in outputs]:
+            del live[x]
+        start = end
+    return [live[o] for o in outputs]
+
+
+def _value_types(model) -> dict:
+    """Element types of every value shape inference knows (weights carry dims, not data)."""
+    try:
+        inferred = shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    return {vi.name: vi.type.tensor_type.elem_type for vi in
+            list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)}
 
 
 def masked_original(plan: Plan) -> onnx.ModelProto:

@@ -1,0 +1,135 @@
+"""Models handled tensor by tensor (spa.external_data): the same analysis, the same pruned bytes
+and the same outputs as the in-memory path; piecewise verification computes what one run does."""
+import os
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from models.llama_onnx import build
+from spa import external_data, verify
+from spa.cli import main
+from spa.errors import SpaWarning
+from spa.graph import external_tensor_names, load_model
+from spa.groups import analyze
+from spa.pipeline import prune, save
+from spa.selection import Target
+
+POOL = 1 << 16
+IDS = {"input_ids": np.array([[3, 1, 4, 1, 5, 9, 2]], dtype=np.int64)}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("llama") / "model.onnx")
+    build(path, "tiny", dtype=np.float32, pool=POOL, hidden=128, intermediate=320)  # MLP weights over INLINE_BYTES
+    return path
+
+
+def _tensors(path):
+    model = onnx.load(path)
+    return model, {t.name: (t.data_type, list(t.dims), numpy_helper.to_array(t).tobytes()) for t in model.graph.initializer}
+
+
+def _groups(model):
+    return [(g.kind, g.prunable, len(g.atoms), sorted(m.tensor for m in g.members)) for g in analyze(model).groups]
+
+
+def test_streamed_model_reads_no_weight_until_asked(llama):
+    model = load_model(llama, stream=True)
+    assert external_data.is_streamed(model)
+    big = [t for t in model.graph.initializer if t.dims and np.prod(t.dims) * 4 > external_data.INLINE_BYTES]
+    assert big and all(t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data for t in big)
+    loaded = onnx.load(llama)
+    want = {t.name: numpy_helper.to_array(t) for t in loaded.graph.initializer}
+    g = analyze(model).graph
+    for t in big:
+        assert isinstance(g.consts[t.name], np.memmap)
+        np.testing.assert_array_equal(g.consts[t.name], want[t.name])
+
+
+def test_analysis_does_not_depend_on_where_the_weights_are(llama, tmp_path):
+    inline = str(tmp_path / "inline.onnx")
+    onnx.save_model(onnx.load(llama), inline)
+    assert not external_tensor_names(inline)
+    want = _groups(load_model(inline))
+    assert _groups(load_model(llama, stream=True)) == want
+    assert _groups(load_model(llama, stream=False)) == want
+
+
+def test_analysis_does_not_depend_on_width(tmp_path):
+    shapes = []
+    for width in (1, 2):
+        path = str(tmp_path / f"w{width}.onnx")
+        build(path, "tiny", dtype=np.float32, pool=POOL, hidden=64 * width, intermediate=160 * width)
+        shapes.append([(kind, prunable, members) for kind, prunable, _, members in _groups(load_model(path))])
+    assert shapes[0] == shapes[1]
+    assert sum(kind == "heads" and prunable for kind, prunable, _ in shapes[0]) == 2
+
+
+def test_streamed_prune_writes_the_same_model_byte_for_byte(llama, tmp_path):
+    written = {}
+    for stream in (False, True):
+        result = prune(load_model(llama, stream=stream), Target(ratio=0.5))
+        out = str(tmp_path / f"pruned_{stream}.onnx")
+        save(result.model, out, external=external_tensor_names(llama))  # as the CLI does
+        written[stream] = out
+    (a, ta), (b, tb) = _tensors(written[False]), _tensors(written[True])
+    assert list(a.graph.node) == list(b.graph.node)
+    assert ta == tb
+    assert not any(p.key == external_data.BASE_KEY for p in b.metadata_props)
+    before = sum(np.prod(t.dims) for t in onnx.load(llama, load_external_data=False).graph.initializer)
+    assert sum(np.prod(d) for _, d, _ in tb.values()) < before
+    run = [ort.InferenceSession(written[s]).run(None, IDS)[0] for s in (False, True)]
+    np.testing.assert_array_equal(run[0], run[1])
+
+
+def test_written_data_is_aligned_and_self_contained(llama, tmp_path):
+    out = str(tmp_path / "p.onnx")
+    save(prune(load_model(llama, stream=True), Target(ratio=0.3)).model, out)
+    model = onnx.load(out, load_external_data=False)
+    for t in external_data.external_tensors(model):
+        info = {e.key: e.value for e in t.external_data}
+        assert info["location"] == "p.onnx.data" and int(info["offset"]) % external_data.ALIGN == 0
+    assert sorted(os.listdir(tmp_path)) == ["p.onnx", "p.onnx.data"]
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 40_000, 1 << 30])
+def test_run_in_pieces_computes_one_run(llama, piece_bytes):
+    whole = ort.InferenceSession(llama).run(None, IDS)[0]
+    pieces = verify.run_in_pieces(llama, IDS, piece_bytes=piece_bytes)[0]
+    np.testing.assert_allclose(pieces, whole, rtol=1e-5, atol=1e-5)
+    assert sorted(os.listdir(os.path.dirname(llama))) == ["model.onnx", "model.onnx.data"]
+
+
+def test_run_in_pieces_float16_uses_the_surrogate_per_piece(tmp_path):
+    path = str(tmp_path / "half.onnx")
+    build(path, "tiny", dtype=np.float16, pool=POOL)
+    whole = ort.InferenceSession(path).run(None, IDS)[0].astype(np.float32)
+    pieces = verify.run_in_pieces(path, IDS, piece_bytes=20_000)[0]
+    assert pieces.dtype == np.float16
+    np.testing.assert_allclose(pieces.astype(np.float32), whole, atol=0.05)
+
+
+def test_cli_says_when_verification_ran_in_pieces(llama, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(external_data, "STREAM_BYTES", 0)
+    monkeypatch.setattr(verify, "available_memory", lambda: 1)
+    out = str(tmp_path / "small.onnx")
+    assert main(["prune", llama, "-o", out, "--ratio", "0.3"]) == 0
+    err = capsys.readouterr().err
+    assert "verified piece by piece" in err
+    assert ort.InferenceSession(out).run(None, IDS)[0].shape == (1, 7, 101)
+
+
+def test_data_hungry_criteria_read_the_weights_in(llama):
+    model = load_model(llama, stream=True)
+    said = []
+    result = prune(model, Target(ratio=0.3), criterion="obspa", calibration_samples=8, progress=said.append)
+    assert any("reading every weight into memory" in s for s in said)
+    assert not external_data.is_streamed(result.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SpaWarning)
+        verify.validate(result.model.SerializeToString(), IDS)

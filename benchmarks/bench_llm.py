@@ -1070,6 +1070,7 @@ def run_cli(model_path, work, args, env, size_b, workaround: bool) -> dict:
                 out["analysis"] = json.loads(run["stdout"])
             run["stdout"] = run["stdout"][-2000:]
             err = run.pop("stderr").strip().splitlines()
+            run["verification"] = next((line for line in err if "verified piece by piece" in line), "whole model")
             run["error"] = err[-1][:300] if run["rc"] != 0 and err else None
             runs.append(run)
             log(f"{label} {cmd} [{k + 1}/{args.repeats}]: {'ok' if run['rc'] == 0 else 'FAILED'} "

@@ -121,7 +121,7 @@ class Spill:
                                        dims=value.shape)
         self.file.write(b"\0" * (-self.file.tell() % ALIGN))
         offset = self.file.tell()
-        self.file.write(value.data)
+        self.file.write(value.reshape(-1).view(np.uint8).data)  # bytes of any dtype (bfloat16 too)
         self.file.flush()
         _point(tensor, self.path, offset, value.nbytes)
         return tensor

@@ -133,3 +133,22 @@ def test_data_hungry_criteria_read_the_weights_in(llama):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SpaWarning)
         verify.validate(result.model.SerializeToString(), IDS)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_weights_stream_natively(tmp_path, dtype):
+    import ml_dtypes
+    path = str(tmp_path / "m.onnx")
+    build(path, "tiny", dtype=getattr(ml_dtypes, dtype) if dtype == "bfloat16" else np.float16, pool=POOL,
+          hidden=128, intermediate=320)
+    outs = {}
+    for stream in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SpaWarning)  # bfloat16 is verified on a float32 copy
+            out = str(tmp_path / f"p_{stream}.onnx")
+            save(prune(load_model(path, stream=stream), Target(ratio=0.3)).model, out,
+                 external=external_tensor_names(path))
+        outs[stream] = _tensors(out)[1]
+    assert outs[True] == outs[False]
+    assert {t for t, _, _ in outs[True].values()} == {onnx.TensorProto.FLOAT16 if dtype == "float16"
+                                                     else onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT64}

@@ -82,11 +82,14 @@ class OnnxModule(nn.Module):
             for name in node.input:
                 uses[name] = uses.get(name, 0) + 1
         private = {}
+        # only stored constants have a value to copy (a stat computed by a node, e.g. a shared
+        # ConstantOfShape fill, is recomputed on every run: nothing is updated in place)
+        stored = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
         for info in self._nodes:
             if info.op != "BatchNormalization":
                 continue
             for i in _BN_STATS:
-                if len(info.inputs) > i and uses.get(info.inputs[i], 0) > 1:
+                if len(info.inputs) > i and uses.get(info.inputs[i], 0) > 1 and info.inputs[i] in stored:
                     copy_name = f"{info.inputs[i]}.{info.name or 'bn'}.{i}"
                     private[copy_name] = info.inputs[i]
                     info.inputs[i] = copy_name

@@ -166,10 +166,15 @@ class Consts(Mapping):
                 value = constant_node_value(node)
                 if value is not None:
                     self._cache[node.output[0]] = value
+        self._fills = {}
+        self._fills = _constant_fills(model, self)  # name -> (shape, 0-d fill value)
 
     def __getitem__(self, name):
         if name in self._cache:
             return self._cache[name]
+        if name in self._fills:  # a read-only view: no memory, whatever the shape
+            shape, value = self._fills[name]
+            return np.broadcast_to(value, shape)
         if name in self._aliases:
             root, dtype = self._aliases[name]
             value = self[root]
@@ -184,20 +189,32 @@ class Consts(Mapping):
         return value
 
     def __contains__(self, name):
-        return name in self._cache or name in self._protos or name in self._aliases
+        return name in self._cache or name in self._protos or name in self._aliases or name in self._fills
 
     def __iter__(self):  # aliases are views of their roots: not iterated, not counted twice
         yield from self._protos
         yield from (n for n in self._cache if n not in self._protos)
+        yield from (n for n in self._fills if n not in self._protos and n not in self._cache)
 
     def __len__(self):
-        return len(set(self._protos) | set(self._cache))
+        return len(set(self._protos) | set(self._cache) | set(self._fills))
+
+    def fill(self, name):
+        """The value a uniformly filled constant (ConstantOfShape of a constant shape) holds
+        everywhere, as a 0-d array; None for any other tensor."""
+        if name in self._aliases:
+            root, dtype = self._aliases[name]
+            value = self.fill(root)
+            return value if value is None or dtype is None else value.astype(dtype)
+        return self._fills[name][1] if name in self._fills else None
 
     def shape(self, name) -> tuple:
         if name in self._aliases:
             return self.shape(self._aliases[name][0])
         if name in self._protos:
             return tuple(self._protos[name].dims)
+        if name in self._fills:
+            return self._fills[name][0]
         return tuple(self._cache[name].shape)
 
     def dtype(self, name):
@@ -206,6 +223,8 @@ class Consts(Mapping):
             return np.dtype(dtype) if dtype is not None else self.dtype(root)
         if name in self._protos:
             return onnx.helper.tensor_dtype_to_np_dtype(self._protos[name].data_type)
+        if name in self._fills:
+            return self._fills[name][1].dtype
         return self._cache[name].dtype
 
     def nbytes(self, name) -> int:
@@ -213,6 +232,33 @@ class Consts(Mapping):
 
     def alias(self, name, root, dtype=None):
         self._aliases[name] = (root, dtype)
+
+
+def _constant_fills(model: onnx.ModelProto, consts: Consts) -> dict:
+    """ConstantOfShape nodes whose shape is a constant (read directly or through Identity nodes):
+    uniformly filled constants (placeholder weights, zero biases). The analysis treats them as
+    constants; the rewrite shrinks their shape vector and never writes their values out."""
+    identity = {n.output[0]: n.input[0] for n in model.graph.node
+                if n.op_type == "Identity" and n.domain in ("", "ai.onnx") and n.output and n.input}
+    fills = {}
+    for node in model.graph.node:
+        if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx") or not node.input \
+                or not node.output or not node.output[0]:
+            continue
+        shape_name, seen = node.input[0], set()
+        while shape_name not in consts and shape_name in identity and shape_name not in seen:
+            seen.add(shape_name)
+            shape_name = identity[shape_name]
+        if shape_name not in consts or len(consts.shape(shape_name)) != 1:
+            continue
+        shape = tuple(int(d) for d in np.asarray(consts[shape_name]).reshape(-1))
+        if any(d < 0 for d in shape):
+            continue
+        value = attr(node, "value")
+        value = numpy_helper.to_array(value).reshape(-1)[:1] if value is not None else np.zeros(1, np.float32)
+        if value.size == 1:
+            fills[node.output[0]] = (shape, value.reshape(()))
+    return fills
 
 
 @dataclass
@@ -404,6 +450,8 @@ def _tied_parameter(consts, name) -> bool:
     """A shared weight matrix with varied values is one parameter used twice (tied embeddings, a
     reused module): it stays tied. Deduplication shares vectors, scalars and constant-valued
     tensors (a fresh model's zeros and ones), never trained matrices."""
+    if consts.fill(name) is not None:  # one value everywhere: never a trained parameter
+        return False
     if consts.nbytes(name) > ALIAS_LIMIT:
         return True
     if sum(d > 1 for d in consts.shape(name)) <= 1:

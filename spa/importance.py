@@ -80,7 +80,15 @@ def _norms_by_weight(analysis: Analysis, criterion: str) -> dict:
                 if m.is_const and not _is_statistic(analysis, m.tensor):
                     axes.setdefault(m.tensor, set()).add(m.axis)
     norms, scratch = {}, np.empty(0)
+    consts = analysis.graph.consts
     for name, wanted in axes.items():
+        fill = consts.fill(name)
+        if fill is not None:  # a uniform fill (ConstantOfShape): every channel holds the same values
+            shape = consts.shape(name)
+            for axis in wanted:
+                per_channel = float(term(np.float64(fill))) * (math.prod(shape) // max(shape[axis], 1))
+                norms[(name, axis)] = finish(np.full(shape[axis], per_channel))
+            continue
         weight = weight_value(analysis.graph, name)  # a quantized weight: its dequantized value
         if scratch.dtype != weight.dtype or scratch.size < weight.size:  # reused: fresh pages are slow
             scratch = np.empty(max(weight.size, scratch.size), dtype=weight.dtype)

@@ -52,6 +52,7 @@ from .progress import bar
 from .groups import Analysis, Options
 from .importance import NORMALIZATIONS, normalize, score
 from .plan import Plan
+from .rewrite import fill_to_constant
 from .layers import Layer, find_layers
 from .quant import layer_value
 from .selection import Target
@@ -244,6 +245,8 @@ def set_weights(model: onnx.ModelProto, weights: dict) -> onnx.ModelProto:
         if node.op_type == "Constant" and node.output[0] in weights:
             del node.attribute[:]
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(weights[node.output[0]])))
+        elif node.op_type == "ConstantOfShape" and node.output and node.output[0] in weights:
+            fill_to_constant(node, weights[node.output[0]])
     return model
 
 

@@ -277,8 +277,8 @@ def describe(analysis: Analysis) -> dict:
 def _why_not_prunable(group) -> list:
     """The reason for a group no operator froze."""
     if not group.has_params:
-        return ["no constant weight carries these channels (weights computed at run time, e.g. by ConstantOfShape, "
-                "or none at all): there is nothing to slice"]
+        return ["no constant weight carries these channels (weights computed at run time from the inputs, e.g. a "
+                "ConstantOfShape of a run-time shape, or none at all): there is nothing to slice"]
     if not group.prunable:
         return ["fewer than two channels could go"]
     return []

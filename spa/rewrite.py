@@ -108,12 +108,19 @@ def rewrite(plan: Plan, weights: dict | None = None) -> onnx.ModelProto:
             value = sliced(weights.get(node.output[0], g.consts[node.output[0]]), plan, node.output[0])
             del node.attribute[:]
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value)))
-    _write_aliases(g, plan, weights, written, model, spill)
+    fills = _write_aliases(g, plan, weights, written, model, spill)
     editor = Editor(plan, model)
     changed = {m.tensor for m in plan.analysis.members.values() if plan.changed(m.tensor, m.axis)}
     for i, node in enumerate(g.nodes):
         if changed.intersection(node.input) or changed.intersection(node.output):
             rule_for(node).rewrite(Ctx(g, i, plan.analysis.options), editor)
+    for name in weights:
+        if g.consts.fill(name) is not None and name in g.producer:
+            fill_to_constant(graph.node[g.producer[name]], sliced(weights[name], plan, name))
+    if fills:  # the aliases' own fills, first (they read initializers only): after the rules, which index nodes
+        nodes = fills + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
     graph.initializer.extend(editor.new_initializers)
     _drop_dead_nodes(model)
     _drop_unused_initializers(model)
@@ -127,20 +134,42 @@ def _write_aliases(g: Graph, plan: Plan, weights: dict, written: set, model: onn
     """A consumer's own alias of a shared constant (Graph._unshare_constants) is written only when
     its slice or value changed; aliases of one constant that end up equal share one tensor."""
     names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
-    by_value = {}
+    by_value, fills = {}, []
     for alias, (i, slot, _, root) in g.aliases.items():
         if alias not in written:
             continue  # the node still reads the shared original
-        value = np.ascontiguousarray(sliced(weights.get(alias, g.consts[alias]), plan, alias))
-        key = (root, value.dtype.str, value.shape, hashlib.blake2b(value.tobytes(), digest_size=16).digest())
+        fill = g.consts.fill(alias) if alias not in weights else None
+        if fill is not None:  # a filled constant's own copy: a ConstantOfShape of its new shape
+            shape = [len(plan.kept(alias, a)) for a in range(len(g.consts.shape(alias)))]
+            key = (root, fill.dtype.str, tuple(shape), "fill")
+        else:
+            value = np.ascontiguousarray(sliced(weights.get(alias, g.consts[alias]), plan, alias))
+            key = (root, value.dtype.str, value.shape, hashlib.blake2b(value.tobytes(), digest_size=16).digest())
         if key not in by_value:
             name = alias
-            while name in names:
+            while name in names or name + "_shape" in names:
                 name += "_"
-            names.add(name)
-            _add_tensor(model.graph, value, name, spill)
+            names.update((name, name + "_shape"))
+            if fill is not None:
+                _add_tensor(model.graph, np.array(shape, dtype=np.int64), name + "_shape")
+                fills.append(helper.make_node("ConstantOfShape", [name + "_shape"], [name], name=name,
+                                              value=numpy_helper.from_array(fill.reshape(1))))
+            else:
+                _add_tensor(model.graph, value, name, spill)
             by_value[key] = name
         model.graph.node[i].input[slot] = by_value[key]
+    return fills
+
+
+def fill_to_constant(node: onnx.NodeProto, value: np.ndarray):
+    """A filled constant (ConstantOfShape) given new values, e.g. compensated by OBSPA, is no
+    longer uniform: its node becomes a Constant holding them (the only case its values are
+    written out)."""
+    name = node.output[0]
+    node.op_type, node.domain = "Constant", ""
+    del node.input[:]
+    del node.attribute[:]
+    node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(value), name)))
 
 
 def _copy_without_initializers(src: onnx.ModelProto) -> onnx.ModelProto:

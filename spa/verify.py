@@ -136,7 +136,14 @@ def masked_original(plan: Plan) -> onnx.ModelProto:
     model.CopyFrom(g.model)
     members = {m.tensor for m in plan.analysis.members.values()}
     for alias, (i, slot, _, _) in g.aliases.items():  # a consumer's own copy of a shared constant
-        if alias in members:  # (compensation may give it its own value)
+        fill = g.consts.fill(alias)
+        if alias in members and fill is not None:  # a filled constant's copy: filled again, never written out
+            model.graph.initializer.append(numpy_helper.from_array(np.array(g.consts.shape(alias), np.int64),
+                                                                   alias + "_shape"))
+            model.graph.node.append(helper.make_node("ConstantOfShape", [alias + "_shape"], [alias],
+                                                     value=numpy_helper.from_array(fill.reshape(1))))
+            model.graph.node[i].input[slot] = alias
+        elif alias in members:  # (compensation may give it its own value)
             model.graph.initializer.append(numpy_helper.from_array(np.asarray(g.consts[alias]), alias))
             model.graph.node[i].input[slot] = alias
     masked: dict = {}

@@ -76,7 +76,7 @@ def test_qdq_model_has_prunable_groups_with_sliced_parameters(qdq):
 
 def test_qdq_l1_prunes_exactly_and_slices_scales(qdq):
     _, model = qdq
-    result = check_exact(model, atol=1e-4, rtol=1e-4)
+    result = check_exact(model, atol=1e-4, rtol=1e-4, fused=False)
     before, after = _inits(model), _inits(result.model)
     for name, t in after.items():
         assert t.data_type == before[name].data_type, name  # int8 stays int8, int32 bias stays int32
@@ -124,7 +124,7 @@ def test_qdq_obspa_scores_without_compensating(qdq, tmp_path):
     _, model = qdq
     notes = []
     result = check_exact(model, criterion="obspa", calibration="synthetic", atol=1e-4, rtol=1e-4,
-                         progress=notes.append)
+                         progress=notes.append, fused=False)
     assert not result.weights  # integer weights are never compensated
     assert any("quantized weights" in n for n in notes)
 
@@ -330,3 +330,37 @@ def test_dynamic_quantization_is_frozen_with_a_reason(qdq, tmp_path):
     assert not any(g.prunable for g in analysis.groups)
     reasons = [r for g in analysis.groups for r in g.reasons()]
     assert any("ConvInteger" in r and "QOperator" in r for r in reasons), reasons
+
+
+def shuffle_net():
+    """A channel shuffle sized at run time as torch exports it (Shape -> Gather -> Div -> Concat ->
+    Reshape, Transpose, Reshape) after a Concat of two conv branches."""
+    b = Builder(opset=17)
+    x = b.input([N, 3, 8, 8])
+    a = b.op("Relu", [b.conv(x, 3, 8)])
+    cat = b.op("Concat", [a, b.op("Relu", [b.conv(a, 8, 8)])], axis=1)
+
+    def dim(k):
+        return b.op("Unsqueeze", [b.op("Gather", [b.op("Shape", [cat]), b.const(np.array(k, np.int64))], axis=0),
+                                  b.const(np.array([0], np.int64))])
+
+    per_group = b.op("Div", [dim(1), b.const(np.array(2, np.int64))])
+    split = b.op("Concat", [dim(0), b.const(np.array([2], np.int64)), per_group, dim(2), dim(3)], axis=0)
+    shuffled = b.op("Transpose", [b.op("Reshape", [cat, split])], perm=[0, 2, 1, 3, 4])
+    merged = b.op("Concat", [dim(0), b.const(np.array([-1], np.int64)), dim(2), dim(3)], axis=0)
+    y = b.op("Relu", [b.conv(b.op("Reshape", [shuffled, merged]), 16, 8, k=1)])
+    b.output(b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [y])]), 8, 5))
+    return b.model()
+
+
+def test_qoperator_shuffle_sized_off_the_dequantized_tensor_prunes(tmp_path):
+    """The QOperator quantizer reshapes the quantized Concat output with sizes read by Shape off
+    its DequantizeLinear: the same shape, so the shuffle follows the new channel count."""
+    model = _qoperator(tmp_path, shuffle_net(), quantization.QuantType.QUInt8)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    assert any(n.op_type == "Shape" and producer[n.input[0]].op_type == "DequantizeLinear" for n in model.graph.node)
+    reasons = _frozen_reasons(model)
+    assert not any("sizes Reshape" in r for r in reasons), reasons
+    result = check_exact(model, atol=0, rtol=0)
+    assert any(len(result.plan.removed(m.tensor, m.axis)) for m in result.plan.analysis.members.values()
+               if "concat" in m.tensor.lower())

@@ -449,3 +449,110 @@ def test_recurrent_hidden_pruned_per_gate_block(op, gates, direction):
     result = check_exact(model, dims={})
     hidden_attrs = [a.i for n in result.model.graph.node if n.op_type == op for a in n.attribute if a.name == "hidden_size"]
     assert hidden_attrs == [6, 3]  # the first layer's hidden is tied to the graph inputs h0/c0
+
+
+def _filled_model():
+    """A CNN whose conv weights, biases and BatchNorm parameters are ConstantOfShape fills (onnx's
+    "light" models): shape vectors as initializers, one shared by two convs of different groups,
+    one read through Identity, one a Constant node. The BatchNorm biases are random initializers,
+    so channels differ downstream and a wrong slice would show."""
+    b = Builder()
+    fills = iter([0.05, -0.03, 0.02, 0.07, 0.01, 0.04, 0.06, -0.02, 0.03])
+
+    def filled(shape_name):
+        return b.op("ConstantOfShape", [shape_name],
+                    value=helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [next(fills, 0.05)]))
+
+    x = b.input([N, 3, 8, 8])
+    s_stem = b.const(np.array([8, 3, 3, 3], np.int64))
+    s_vec = b.const(np.array([8], np.int64))  # every 8-channel vector: shared
+    s_88 = b.const(np.array([8, 8, 3, 3], np.int64))  # two convs of different groups: shared
+    s_id = b.op("Identity", [b.const(np.array([8, 8, 1, 1], np.int64))])
+    s_node = b.op("Constant", [], value=onnx.numpy_helper.from_array(np.array([5, 8], np.int64)))
+    ones = b.op("ConstantOfShape", [s_vec], value=helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [1.0]))
+
+    def bn(y):
+        return b.op("BatchNormalization", [y, filled(s_vec), b.weight(8), filled(s_vec), ones])
+
+    y = b.op("Relu", [bn(b.op("Conv", [x, filled(s_stem), filled(s_vec)], pads=[1, 1, 1, 1]))])
+    y = b.op("Relu", [bn(b.op("Conv", [y, filled(s_88)], pads=[1, 1, 1, 1]))])
+    y = b.op("Relu", [bn(b.op("Conv", [y, filled(s_88)], pads=[1, 1, 1, 1]))])
+    y = b.op("Relu", [bn(b.op("Conv", [y, filled(s_id), b.weight(8)]))])
+    pooled = b.op("Flatten", [b.op("GlobalAveragePool", [y])])
+    b.output(b.op("Gemm", [pooled, filled(s_node)], transB=1))
+    return b.model()
+
+
+def test_constant_of_shape_weights_prune_exactly():
+    """Weights filled by ConstantOfShape of a constant shape are constants: their groups prune,
+    the oracle agrees, and the rewrite shrinks the shape vectors instead of writing the values."""
+    model = _filled_model()
+    analysis = analyze(model)
+    assert sum(g.prunable for g in analysis.groups) == 4  # the stem, the two s_88 convs, the 1x1 conv
+    result = check_exact(model, Target(ratio=0.5))
+    pruned = result.model
+    assert [n.op_type for n in pruned.graph.node].count("ConstantOfShape") == \
+        [n.op_type for n in model.graph.node].count("ConstantOfShape")
+    assert max(onnx.numpy_helper.to_array(t).size for t in pruned.graph.initializer) <= 8  # no weight written out
+    # every conv's filled weight has its pruned shape; the two convs that shared one shape vector
+    # have their own now
+    from spa.graph import Consts
+    consts = Consts(pruned)
+    convs = [n for n in pruned.graph.node if n.op_type == "Conv"]
+    assert [consts.shape(c.input[1])[:2] for c in convs] == [(4, 3), (4, 4), (4, 4), (4, 4)]
+    assert all(consts.fill(c.input[1]) is not None for c in convs)
+
+
+def test_constant_of_shape_weights_score_like_their_values():
+    """Criteria see the filled values: the same scores as the model with the fills written out."""
+    from spa.importance import score
+
+    model = _filled_model()
+    written = onnx.ModelProto()
+    written.CopyFrom(model)
+    values = {}
+    for node in model.graph.node:
+        if node.op_type == "ConstantOfShape":
+            shape = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == node.input[0]) \
+                if any(t.name == node.input[0] for t in model.graph.initializer) else None
+            if shape is None:
+                continue  # read through Identity / a Constant node: left as is in both
+            fill = onnx.numpy_helper.to_array(node.attribute[0].t).reshape(())
+            values[node.output[0]] = np.full(shape, fill, dtype=np.float32)
+    keep = [n for n in written.graph.node if not (n.op_type == "ConstantOfShape" and n.output[0] in values)]
+    del written.graph.node[:]
+    written.graph.node.extend(keep)
+    written.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in values.items())
+    for criterion in ("l1", "l2", "fpgm"):
+        a, b = score(analyze(model), criterion), score(analyze(written), criterion)
+        assert a.keys() == b.keys()
+        for gid in a:
+            np.testing.assert_allclose(a[gid], b[gid], rtol=1e-6)
+
+
+def test_constant_of_shape_of_a_computed_shape_stays_frozen():
+    """A fill whose shape is computed at run time is no constant: nothing to slice."""
+    b = Builder()
+    x = b.input([N, 3, 8, 8])
+    w = b.op("ConstantOfShape", [b.op("Shape", [b.op("Conv", [x, b.weight(8, 3, 3, 3)], pads=[1, 1, 1, 1])])],
+             value=helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [0.1]))
+    y = b.op("Add", [b.op("Conv", [x, b.weight(8, 3, 3, 3)], pads=[1, 1, 1, 1]), w])
+    head(b, b.op("Relu", [y]), 8)
+    analysis = analyze(b.model())
+    assert not any(m.is_const for m in analysis.members.values() if m.tensor == w)
+
+
+def test_compensated_constant_of_shape_weights_are_written_as_constants(tmp_path):
+    """OBS compensation gives a filled weight non-uniform values: its node becomes a Constant
+    holding them; the fills left alone stay ConstantOfShape."""
+    from spa.pipeline import prune, save
+
+    model = _filled_model()
+    result = prune(model, Target(ratio=0.5), compensation="obs", calibration_samples=16)
+    compensated = {name for name in result.weights if name in {n.output[0] for n in model.graph.node
+                                                               if n.op_type == "ConstantOfShape"}}
+    assert compensated
+    ops = {n.output[0]: n.op_type for n in result.model.graph.node}
+    assert all(ops[name] == "Constant" for name in compensated)
+    assert sum(op == "ConstantOfShape" for op in ops.values()) > 0
+    save(result.model, str(tmp_path / "pruned.onnx"))

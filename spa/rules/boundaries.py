@@ -69,7 +69,8 @@ def _sizes_another_reshape(c: Ctx, tensor, positions, source):
     def use(node, slot):
         if node.op_type == "Reshape" and slot == 1:
             whole = _whole_shape_source(Ctx(c.g, c.g.producer[node.output[0]], c.options, c.virtual))
-            return whole != source and not _viewed_from(c, node.input[0], source)  # whole: linked
+            sources = _same_shape_sources(c, source)  # whole: linked
+            return whole not in sources and not any(_viewed_from(c, node.input[0], s) for s in sources)
         if node.op_type in PARAMETER_OPS and slot in PARAMETER_OPS[node.op_type]:
             return False
         return None
@@ -79,7 +80,18 @@ def _sizes_another_reshape(c: Ctx, tensor, positions, source):
     return c.g.nodes[hit].name or c.g.nodes[hit].output[0]
 
 
-VIEW_OPS = ("Unsqueeze", "Squeeze", "Transpose", "Expand", "Identity", "Cast", "Reshape", "Flatten")
+VIEW_OPS = ("Unsqueeze", "Squeeze", "Transpose", "Expand", "Identity", "Cast", "Reshape", "Flatten",
+            "DequantizeLinear", "QuantizeLinear")
+SAME_SHAPE_OPS = ("Identity", "Cast", "DequantizeLinear", "QuantizeLinear")  # output shape == input shape
+
+
+def _same_shape_sources(c: Ctx, source, depth=0) -> list:
+    """`source` and the tensors it copies the shape of through SAME_SHAPE_OPS: a Shape read off a
+    dequantized tensor sizes the quantized one as well (onnxruntime's QOperator channel shuffle)."""
+    index = c.g.producer.get(source)
+    if index is None or depth > 8 or c.g.nodes[index].op_type not in SAME_SHAPE_OPS:
+        return [source]
+    return [source] + _same_shape_sources(c, c.g.nodes[index].input[0], depth + 1)
 
 
 def _viewed_from(c: Ctx, tensor, source, depth=0) -> bool:

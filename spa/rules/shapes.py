@@ -62,7 +62,11 @@ def shape_vector_pieces(c: Ctx, slot: int):
         return {p: (c.node, slot, p) for p in range(value.size)}
     index = c.g.producer.get(name)
     while index is not None and c.g.nodes[index].op_type in ("Cast", "Identity"):
-        index = c.g.producer.get(c.g.nodes[index].input[0])  # tf2onnx: int32 Concat -> Cast
+        view = c.g.nodes[index]
+        value = c.g.static_value(view.input[0])
+        if value is not None:  # a constant read through Identity/Cast: its elements are rewritten there
+            return {p: (view, 0, p) for p in range(value.size)}
+        index = c.g.producer.get(view.input[0])  # tf2onnx: int32 Concat -> Cast
     if index is None or c.g.nodes[index].op_type != "Concat":
         return None
     concat = c.g.nodes[index]

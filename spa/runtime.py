@@ -112,6 +112,9 @@ def is_float(dtype) -> bool:
     return np.issubdtype(dtype, np.floating) or dtype == _NP_TYPES[TensorProto.BFLOAT16]
 
 
+DEFAULT_THREADS = None  # onnxruntime's intra-op threads when a caller gives none (None: its default)
+
+
 def session(model_or_path, threads: int | None = None, quiet: bool = False):
     """An onnxruntime CPU session. A model whose float16 / bfloat16 / double operators the CPU
     provider has no kernel for (bfloat16 almost everywhere, double Conv and pooling) runs on its
@@ -119,6 +122,7 @@ def session(model_or_path, threads: int | None = None, quiet: bool = False):
     types); any other failure is raised as is."""
     options = ort.SessionOptions()
     options.log_severity_level = 4 if quiet else 3
+    threads = threads or DEFAULT_THREADS
     if threads:
         options.intra_op_num_threads = threads
     source = model_or_path if isinstance(model_or_path, (str, bytes)) \

@@ -5,9 +5,9 @@ With ``ray`` importable: a local Ray started for the call (every core, no dashbo
 through the object store once (``ray.put``) and every trial is a task reading them. Without Ray:
 a serial loop, announced in one line.
 
-Every trial runs without progress bars and with one BLAS / OpenMP thread (numpy, scipy, torch),
-serially too: parallel workers on a few cores would otherwise thrash, and a result does not depend
-on where it ran.
+Every trial runs without progress bars and with one thread (numpy/scipy BLAS, OpenMP, torch and
+onnxruntime sessions), serially too: parallel workers on a few cores would otherwise thrash, and a
+result does not depend on where it ran.
 
 A trial that raises, or whose worker dies (Ray retries a dead worker's task by itself first), is
 submitted again up to ``retries`` times; one still failing is returned as ``{"error": one line}``
@@ -32,21 +32,26 @@ def _quiet(message):
 
 @contextlib.contextmanager
 def one_thread():
-    """BLAS and OpenMP pools (loaded or loaded later) and torch's intra-op pool at one thread."""
+    """BLAS and OpenMP pools (loaded or loaded later), torch's intra-op pool and onnxruntime
+    sessions at one thread."""
     import sys
 
     from threadpoolctl import threadpool_limits
+
+    from . import runtime
 
     saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
     os.environ.update({name: "1" for name in THREAD_VARIABLES})
     torch = sys.modules.get("torch")
     torch_threads = torch.get_num_threads() if torch else None
+    ort_threads, runtime.DEFAULT_THREADS = runtime.DEFAULT_THREADS, 1
     try:
         with threadpool_limits(1):
             if torch:
                 torch.set_num_threads(1)
             yield
     finally:
+        runtime.DEFAULT_THREADS = ort_threads
         if torch:
             torch.set_num_threads(torch_threads)
         for name, value in saved.items():

@@ -199,3 +199,23 @@ def test_an_eval_file_that_does_not_match_the_model_is_refused(model_path, tmp_p
     assert _spa("sweep", model_path, "-q", "--targets", "ratio=0.5", "--eval", tmp_path / "val.npz") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "input 'input' needs rank 4" in err[0], err
+
+
+def test_trials_run_onnxruntime_on_one_thread(monkeypatch):
+    from spa import runtime
+    seen = []
+    real = runtime.ort.InferenceSession
+
+    def spy(source, options=None, **kw):
+        seen.append(options.intra_op_num_threads)
+        return real(source, options, **kw)
+
+    monkeypatch.setattr(runtime.ort, "InferenceSession", spy)
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
+    with trials.one_thread():
+        runtime.session(model)
+    runtime.session(model)
+    assert seen == [1, 0] and runtime.DEFAULT_THREADS is None

@@ -88,14 +88,8 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
         external_data.materialize(model)
     progress("analyzing channel coupling")
     analysis = analyze(model, options)
-    cal = default_source(model, cal, progress) if needs_data else cal
-    batches = calibration_batches(model, cal, progress=progress) if needs_data else []
-    if cal.samples is None:
-        batches = affordable(model, batches, progress)
-    # batches no Hessian sees: they compare allocations and judge every layer's compensation
-    batches, held = _held_out(model, cal, batches) if criterion == "obspa" or compensation != "none" \
-        else (batches, [])
-    fit = [b for b in batches if not any(b is h for h in held)]
+    cal, fit, held = calibration_inputs(model, cal, progress, held_out=criterion == "obspa" or compensation != "none") \
+        if needs_data else (cal, [], [])
     progress(f"scoring {sum(g.prunable for g in analysis.groups)} prunable groups ({criterion})")
     warnings = check_bn_scale(analysis) if criterion == "bn-scale" and saliency is None else []
     if criterion == "obspa":
@@ -104,7 +98,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     else:
         if criterion in GRADIENT_CRITERIA and saliency is None:
             saliency = plugins.load("spa.criteria", criterion)(
-                model, criterion, batches=batches or None, calibration=cal.source, labels=labels, seed=seed,
+                model, criterion, batches=fit or None, calibration=cal.source, labels=labels, seed=seed,
                 progress=progress)
         scores = score(analysis, criterion, aggregation, normalization or "mean", seed, saliency=saliency)
         plan, measured = _plan(analysis, scores, target, allocation, progress), None
@@ -118,7 +112,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     if recover:
         if recover < 0:
             raise SpaError(f"recover needs a positive number of steps, got {recover}")
-        inputs = batches + held
+        inputs = fit + held
         if not inputs:
             progress("recover: the calibration gives no inputs; distilling on synthetic ones")
             inputs = calibration_batches(model, dataclasses.replace(cal, source="synthetic"))
@@ -186,6 +180,20 @@ def _refit(model, timed: list, goal: float) -> None:
 
 
 HELD_OUT_PARTS = 4  # file data: a quarter of it judges compensations and allocations
+
+
+def calibration_inputs(model: onnx.ModelProto, cal: Calibration, progress=_quiet,
+                       held_out: bool = True) -> tuple[Calibration, list, list]:
+    """(calibration with its default source resolved, fit batches, held-out batches): the data
+    OBSPA, compensation, OBS sparsity masks and recovery read, capped by the MAC budget unless a
+    sample count is given. Held-out batches no Hessian sees: they compare allocations and judge
+    every layer's compensation (none when `held_out` is False)."""
+    cal = default_source(model, cal, progress)
+    batches = calibration_batches(model, cal, progress=progress)
+    if cal.samples is None:
+        batches = affordable(model, batches, progress)
+    batches, held = _held_out(model, cal, batches) if held_out else (batches, [])
+    return cal, [b for b in batches if not any(b is h for h in held)], held
 
 
 def _held_out(model, cal: Calibration, batches: list) -> tuple[list, list]:

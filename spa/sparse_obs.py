@@ -184,27 +184,14 @@ def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_
     return _weights_of(layer, best, w, b), "magnitude" if best is plain else "obs"
 
 
-def calibration_inputs(model, calibration=None, progress=lambda message: None, seed: int = 0) -> tuple[list, list]:
-    """(fit batches, held-out batches) as OBSPA draws them: `calibration` a spa.calibration
-    Calibration or source string (default 'auto'), capped by the default's MAC budget."""
-    from .calibration import calibration_batches
-    from .pipeline import _calibration, _held_out, affordable, default_source
-
-    cal = default_source(model, _calibration(calibration, None, seed), progress)
-    batches = calibration_batches(model, cal, progress=progress)
-    if cal.samples is None:
-        batches = affordable(model, batches, progress)
-    batches, held = _held_out(model, cal, batches)
-    return [b for b in batches if not any(b is h for h in held)], held
-
-
 def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda message: None, seed: int = 0) -> dict:
     """{weight (and bias) name: new value} for `layers` (spa.layers.Layer of `model`) sparsified
     in `pattern` with OBS updates, stage by stage on calibration inputs (a spa.calibration
     Calibration or source string; default: the OBSPA default, 'auto')."""
     from .graph import Graph
+    from .pipeline import _calibration, calibration_inputs
 
-    fit, held = calibration_inputs(model, calibration, progress, seed)
+    _, fit, held = calibration_inputs(model, _calibration(calibration, None, seed), progress)
     g = Graph(model)
     by_output = {g.nodes[l.node].output[0]: l for l in layers}
     wanted = {name: [l.activation] for name, l in by_output.items()}

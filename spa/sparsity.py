@@ -332,9 +332,9 @@ def _recovered(model, sparse, calibration, steps: int, progress) -> tuple[onnx.M
     """The sparse model distilled from `model` for `steps` with its zeros kept, if that lowered
     the held-out loss (else `sparse` itself), and what happened."""
     from . import plugins
-    from .sparse_obs import calibration_inputs
+    from .pipeline import _calibration, calibration_inputs
 
-    fit, held = calibration_inputs(model, calibration, progress)
+    _, fit, held = calibration_inputs(model, _calibration(calibration, None, 0), progress)
     result = plugins.load("spa.recovery", "distill")(model, sparse, fit + held, steps, progress=progress,
                                                      keep_zeros=True)
     return result.model, {"steps": steps, "loss_before": result.loss_before, "loss_after": result.loss_after,

@@ -71,7 +71,7 @@ OCR_SHAPE = (1, 3, 48, 320)
 # models: setup -> context with the ONNX model, an evaluator and the real calibration source
 # ------------------------------------------------------------------------------------------------
 def setup_minilm(workdir):
-    from models.minilm import export_minilm, load_minilm, minilm_dir, sentence_embeddings
+    from models.minilm import embedding_agreement, export_minilm, load_minilm, minilm_dir, sentence_embeddings
     from models.sentences import CALIBRATION, EVALUATION
 
     model, tok = load_minilm()
@@ -83,13 +83,7 @@ def setup_minilm(workdir):
 
     def evaluate(pruned):
         from spa.runtime import session
-        emb = sentence_embeddings(session(pruned, quiet=True), EVALUATION, tok)
-        cos = (emb * reference).sum(1)
-        before, after = reference @ reference.T, emb @ emb.T
-        np.fill_diagonal(before, -9)
-        np.fill_diagonal(after, -9)
-        return {"cosine": float(cos.mean()), "cosine_min": float(cos.min()),
-                "neighbour_kept": float((before.argmax(1) == after.argmax(1)).mean())}
+        return embedding_agreement(reference, sentence_embeddings(session(pruned, quiet=True), EVALUATION, tok))
 
     return {"path": path, "evaluate": evaluate, "metric": "cosine", "real": {"source": calibration,
             "tokenizer": minilm_dir()}, "shapes": None, "info": {"sentences": len(EVALUATION),

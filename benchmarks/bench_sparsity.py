@@ -295,7 +295,7 @@ def minilm_section(quick: bool) -> dict:
     """Every Conv/Gemm/MatMul weight of all-MiniLM-L6-v2 at 2:4 (36 layers); sentence embeddings of
     the sparse model against the original's on EVALUATION (130 varied sentences) and SHIFTED."""
     import spa
-    from models.minilm import export_minilm, load_minilm, minilm_dir, sentence_embeddings
+    from models.minilm import embedding_agreement, export_minilm, load_minilm, minilm_dir, sentence_embeddings
     from models.sentences import CALIBRATION, EVALUATION, SHIFTED
     from spa.calibration import Calibration
     from spa.runtime import session
@@ -333,15 +333,6 @@ def minilm_section(quick: bool) -> dict:
                           "calibration_real": len(CALIBRATION)},
             "rows": rows, "goal": {"obs_synthetic_cosine": MINILM_GOAL, "achieved": obs,
                                    "met": obs is not None and obs >= MINILM_GOAL}}
-
-
-def embedding_agreement(reference, emb) -> dict:
-    cos = (emb * reference).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(reference, axis=1))
-    before, after = reference @ reference.T, emb @ emb.T
-    np.fill_diagonal(before, -9)
-    np.fill_diagonal(after, -9)
-    return {"cosine": round(float(cos.mean()), 4), "cosine_min": round(float(cos.min()), 4),
-            "neighbour_kept": round(float((before.argmax(1) == after.argmax(1)).mean()), 4)}
 
 
 def minilm_markdown(section: dict) -> str:

@@ -255,3 +255,14 @@ SENTENCES: list[str] = [
 PARAPHRASES: list[tuple[int, int]] = [(i, i + 1) for i in range(0, 30, 2)]
 UNRELATED: list[tuple[int, int]] = [(0, 6), (2, 28), (4, 19), (8, 15), (10, 23), (12, 16),
                                     (30, 31), (34, 41), (44, 47), (53, 62)]
+
+
+def embedding_agreement(reference: np.ndarray, emb: np.ndarray) -> dict:
+    """How well sentence embeddings `emb` agree with `reference` (rows: sentences): mean and worst
+    cosine, and the share of sentences whose nearest other sentence stays the same."""
+    cos = (emb * reference).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(reference, axis=1))
+    before, after = reference @ reference.T, emb @ emb.T
+    np.fill_diagonal(before, -9)
+    np.fill_diagonal(after, -9)
+    return {"cosine": float(cos.mean()), "cosine_min": float(cos.min()),
+            "neighbour_kept": float((before.argmax(1) == after.argmax(1)).mean())}

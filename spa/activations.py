@@ -53,13 +53,14 @@ def _submodel(model, nodes, inputs, outputs, initializers=None) -> onnx.ModelPro
     return part
 
 
-def fetch(model: onnx.ModelProto, names, batches, desc: str = "running calibration batches"):
-    """For each batch, {name: value} of the requested tensors (graph inputs included)."""
+def fetch(model: onnx.ModelProto, names, batches, desc: str | None = "running calibration batches"):
+    """For each batch, {name: value} of the requested tensors (graph inputs included); a
+    progress bar over the batches unless `desc` is None (the caller shows its own)."""
     names = list(dict.fromkeys(names))
     inputs = {i.name for i in model.graph.input}
     computed = [n for n in names if n not in inputs]
     sess = session(prefix(model, computed), quiet=True) if computed else None
-    for feeds in bar(batches, desc):
+    for feeds in (batches if desc is None else bar(batches, desc)):
         got = dict(zip(computed, sess.run(computed, feeds))) if computed else {}
         got.update({n: feeds[n] for n in names if n in inputs})
         yield got

@@ -171,14 +171,18 @@ def token_mask_input(model: onnx.ModelProto) -> str | None:
 
 
 def collect(model: onnx.ModelProto, layers, batches, hessians: Hessians, desc: str):
-    """One onnxruntime pass over the calibration batches, feeding every layer's Hessian."""
+    """One onnxruntime pass over the calibration batches, feeding every layer's Hessian (the
+    progress bar moves per layer: a batch's accumulation can take seconds on a big model)."""
     mask = token_mask_input(model)
-    for feeds, values in zip(batches, fetch(model, [l.activation for l in layers], batches, desc)):
-        seen = set()
-        for layer in layers:
-            if layer.key() not in seen:
-                seen.add(layer.key())
+    first = {}
+    for layer in layers:  # layers reading one input with one layout share a Hessian
+        first.setdefault(layer.key(), layer)
+    unique = list(first.values())
+    with bar(desc=desc, total=len(batches) * len(unique)) as moved:
+        for feeds, values in zip(batches, fetch(model, [l.activation for l in layers], batches, None)):
+            for layer in unique:
                 hessians.add(layer, values[layer.activation], tokens=feeds.get(mask))
+                moved.update(1)
 
 
 # ---------------------------------------------------------------------------------------------

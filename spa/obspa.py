@@ -423,14 +423,27 @@ def compensation_stage(analysis: Analysis, plan: Plan, how: str, batches: list, 
                       held=held, first_held=measured.held_hessians if measured else None)
 
 
-def first_order(analysis: Analysis, plan: Plan, measured: Measured, damp: float = obs.DEFAULT_DAMP) -> onnx.ModelProto:
+def first_order(analysis: Analysis, plan: Plan, measured: Measured, damp: float = obs.DEFAULT_DAMP,
+                cache: dict | None = None) -> onnx.ModelProto:
     """The masked original with every consumer compensated from the original model's Hessians
-    (no staged pass: cheap, for comparing plans)."""
+    (no staged pass: cheap, for comparing plans). `cache`: a dict shared by the plans compared,
+    so that a layer losing the same input channels in two plans is compensated once."""
     weights: dict = {}
     for layer in bar(measured.layers, "first-order compensation"):
-        if layer.compensable and len(plan.removed(layer.weight, layer.in_axis)):
+        removed = plan.removed(layer.weight, layer.in_axis)
+        if not layer.compensable or not len(removed):
+            continue
+        key = (layer.weight, layer.in_axis, np.asarray(removed).tobytes())
+        reusable = cache is not None and layer.weight not in weights  # it starts from the original weight
+        if reusable and key in cache:
+            own = cache[key]
+        else:
+            own = {k: weights[k] for k in (layer.weight, layer.bias) if k in weights}
             held = measured.held_hessians.of(layer) if measured.held_hessians else None
-            compensate_layer(analysis, plan, layer, measured.hessians.of(layer), damp, weights, held=held)
+            compensate_layer(analysis, plan, layer, measured.hessians.of(layer), damp, own, held=held)
+            if reusable:
+                cache[key] = own
+        weights.update(own)
     return set_weights(masked_original(plan), weights)
 
 

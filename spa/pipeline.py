@@ -242,10 +242,12 @@ def _obs_plan(analysis, target, fit, held, allocation, normalization, compensati
     budget = as_parameter_budget(analysis, scores, target, progress) \
         if target.ratio is not None and not target.global_ranking else None
 
+    layer_cache: dict = {}  # candidates often remove the same channels from a layer
+
     def compensated(plan):
         if compensation == "none":
             return masked_original(plan)
-        return obspa.first_order(analysis, plan, measured, damp)
+        return obspa.first_order(analysis, plan, measured, damp, layer_cache)
 
     progress(f"selecting channels: comparing allocations on {len(held)} held-out calibration batches")
     plan, _ = allocate.choose(analysis, scores, target, budget, compensated, held, progress)

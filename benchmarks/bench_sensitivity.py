@@ -20,11 +20,10 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_quality import machine_info  # noqa: E402
-from bench_sweep import ray_hidden  # noqa: E402
+from bench_sweep import serial_vs_ray  # noqa: E402
 from common import RESULTS, ROOT, log  # noqa: E402
 
 if ROOT not in sys.path:
@@ -41,12 +40,6 @@ def resnet50(workdir: str, full: bool = True):
     return load_model(path)
 
 
-def timed(model, ratios, analysis) -> tuple[dict, float]:
-    start = time.perf_counter()
-    result = group_sensitivity.measure(model, ratios, name="resnet50.onnx", say=log, note=log, analysis=analysis)
-    return result, time.perf_counter() - start
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", default="0.1,0.3,0.5,0.7")
@@ -59,39 +52,27 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="spa-sensitivity-") as workdir:
         model = resnet50(workdir, full=not args.small)
     analysis = analyze(model)
-    with ray_hidden():
-        serial, serial_s = timed(model, ratios, analysis)
+
+    def measure(some_ratios):
+        return group_sensitivity.measure(model, some_ratios, name="resnet50.onnx", say=log, note=log, analysis=analysis)
+
+    compared = serial_vs_ray(lambda: measure(ratios), lambda: measure(ratios[:1]),
+                             lambda a, b: a["groups"] == b["groups"])
+    serial, on_ray = compared.pop("serial"), compared.pop("on_ray")
     trials = sum(1 for g in serial["groups"] for t in g["trials"] if t.get("removed_channels", 1))
-    log(f"serial: {trials} trials in {serial_s:.1f}s; starting a local Ray")
-    import ray
-    start = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    ray_init_s = time.perf_counter() - start
-    start = time.perf_counter()
-    timed(model, ratios[:1], analysis)  # warm-up: every worker imports spa and onnxruntime
-    warm_s = time.perf_counter() - start
-    on_ray, ray_s = timed(model, ratios, analysis)
-    ray.shutdown()
-    identical = serial["groups"] == on_ray["groups"]
-    log(f"Ray: {ray_init_s:.1f}s start, {warm_s:.1f}s warm-up, {ray_s:.1f}s the measurement; "
-        f"{serial_s / ray_s:.2f}x faster (cold: {(serial_s + warm_s) / (ray_s + ray_init_s + warm_s):.2f}x); "
-        f"identical results: {identical}")
     print(group_sensitivity.format_table(on_ray))
     if args.small:
-        return 0 if identical else 1
+        return 0 if compared["identical"] else 1
     os.makedirs(RESULTS, exist_ok=True)
     group_sensitivity.plot(on_ray, os.path.join(RESULTS, "sensitivity.png"))
     record = {"benchmark": "sensitivity", "date": _dt.datetime.now().isoformat(timespec="seconds"),
               "model": "resnet50 (models/zoo, full size, 224x224)", "ratios": list(ratios),
-              "groups": len(serial["groups"]), "trials": trials, "cores": os.cpu_count(),
-              "serial_seconds": serial_s, "ray_start_seconds": ray_init_s, "ray_warm_up_seconds": warm_s,
-              "ray_seconds": ray_s, "speedup": serial_s / ray_s,
-              "speedup_cold": (serial_s + warm_s) / (ray_s + ray_init_s + warm_s), "identical": identical,
+              "groups": len(serial["groups"]), "trials": trials, "cores": os.cpu_count(), **compared,
               "executors": [serial["executor"], on_ray["executor"]], "result": on_ray, "machine": info,
               "loadavg_end": list(os.getloadavg())}
     with open(os.path.join(RESULTS, "sensitivity.json"), "w") as f:
         json.dump(record, f, indent=1, default=float)
-    return 0 if identical else 1
+    return 0 if compared["identical"] else 1
 
 
 if __name__ == "__main__":

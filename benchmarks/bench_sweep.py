@@ -51,10 +51,32 @@ def ray_hidden():
             sys.modules["ray"] = saved
 
 
-def sweep(model, points, metric) -> tuple[dict, float]:
+def timed(fn, *args) -> tuple:
     start = time.perf_counter()
-    result = grid_sweep.run(model, points, metric, name="digits", note=log)
+    result = fn(*args)
     return result, time.perf_counter() - start
+
+
+def serial_vs_ray(run_all, warm_up, same) -> dict:
+    """run_all() once with Ray hidden (spa.trials' serial fallback), then once on a local Ray over
+    every core, started and warmed up (warm_up(): each worker imports spa and onnxruntime) apart;
+    the timings, speedups and whether same(serial, on_ray) holds."""
+    with ray_hidden():
+        serial, serial_s = timed(run_all)
+    log(f"serial: {serial_s:.1f}s; starting a local Ray")
+    import ray
+    start = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray_init_s = time.perf_counter() - start
+    _, warm_s = timed(warm_up)
+    on_ray, ray_s = timed(run_all)
+    ray.shutdown()
+    out = {"serial": serial, "on_ray": on_ray, "serial_seconds": serial_s, "ray_start_seconds": ray_init_s,
+           "ray_warm_up_seconds": warm_s, "ray_seconds": ray_s, "speedup": serial_s / ray_s,
+           "speedup_cold": (serial_s + warm_s) / (ray_s + ray_init_s + warm_s), "identical": same(serial, on_ray)}
+    log(f"Ray: {ray_init_s:.1f}s start, {warm_s:.1f}s warm-up, {ray_s:.1f}s the trials; {out['speedup']:.2f}x faster "
+        f"(cold: {out['speedup_cold']:.2f}x); identical results: {out['identical']}")
+    return out
 
 
 def main(argv=None) -> int:
@@ -71,32 +93,20 @@ def main(argv=None) -> int:
         metric = Evaluated(Baseline(model, eval_path))
         points = grid_sweep.grid(**GRID)
         log(f"{len(points)} trials; serial")
-        with ray_hidden():
-            serial, serial_s = sweep(model, points, metric)
-        log(f"serial: {serial_s:.1f}s; starting a local Ray")
-        import ray
-        start = time.perf_counter()
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        ray_init_s = time.perf_counter() - start
-        _, warm_s = sweep(model, points[:os.cpu_count()], metric)  # each worker imports spa, onnxruntime, ...
-        on_ray, ray_s = sweep(model, points, metric)
-        ray.shutdown()
-    identical = serial["trials"] == on_ray["trials"]
-    log(f"Ray: {ray_init_s:.1f}s start, {warm_s:.1f}s warm-up ({os.cpu_count()} trials), {ray_s:.1f}s the sweep; "
-        f"{serial_s / ray_s:.2f}x faster (cold: {(serial_s + warm_s) / (ray_s + ray_init_s + warm_s):.2f}x); "
-        f"identical results: {identical}")
+        compared = serial_vs_ray(lambda: grid_sweep.run(model, points, metric, name="digits", note=log),
+                                 lambda: grid_sweep.run(model, points[:os.cpu_count()], metric, name="digits"),
+                                 lambda a, b: a["trials"] == b["trials"])
+    on_ray = compared.pop("on_ray")
+    compared.pop("serial")
     print(grid_sweep.format_table(on_ray))
     os.makedirs(RESULTS, exist_ok=True)
     grid_sweep.plot(on_ray, os.path.join(RESULTS, "sweep.png"))
     record = {"benchmark": "sweep", "date": _dt.datetime.now().isoformat(timespec="seconds"), "model": args.model,
-              "model_info": ctx["info"], "grid": GRID, "trials": len(points), "cores": os.cpu_count(),
-              "serial_seconds": serial_s, "ray_start_seconds": ray_init_s, "ray_seconds": ray_s,
-              "ray_warm_up_seconds": warm_s, "speedup": serial_s / ray_s,
-              "speedup_cold": (serial_s + warm_s) / (ray_s + ray_init_s + warm_s),
-              "identical": identical, "result": on_ray, "machine": info, "loadavg_end": list(os.getloadavg())}
+              "model_info": ctx["info"], "grid": GRID, "trials": len(points), "cores": os.cpu_count(), **compared,
+              "result": on_ray, "machine": info, "loadavg_end": list(os.getloadavg())}
     with open(os.path.join(RESULTS, "sweep.json"), "w") as f:
         json.dump(record, f, indent=1, default=float)
-    return 0 if identical else 1
+    return 0 if compared["identical"] else 1
 
 
 if __name__ == "__main__":

@@ -31,11 +31,15 @@ def external_tensors(model: onnx.ModelProto):
 
 
 def stream(model: onnx.ModelProto, base: str) -> onnx.ModelProto:
-    """Mark `model` (loaded without its external data) as streamed from folder `base`; tensors
-    under INLINE_BYTES are read now (analysis reads shape constants as values)."""
-    from .graph import tensor_bytes
-    for tensor in external_tensors(model):
-        if tensor_bytes(tensor) <= INLINE_BYTES:
+    """Mark `model` (loaded without its external data) as streamed from folder `base`. Read now:
+    tensors under INLINE_BYTES (analysis reads shape constants as values) and those outside the
+    main graph's initializers (Constant nodes' values, subgraphs), which only initializers can
+    be mapped for."""
+    from .graph import _all_tensors, tensor_bytes
+    initializers = list(model.graph.initializer)
+    elsewhere = list(_all_tensors(model.graph))[len(initializers):]  # _all_tensors yields initializers first
+    for tensor in [t for t in initializers if tensor_bytes(t) <= INLINE_BYTES] + elsewhere:
+        if tensor.data_location == TensorProto.EXTERNAL:
             external_data_helper.load_external_data_for_tensor(tensor, base)
     _set_base(model, os.path.abspath(base))
     return model

@@ -152,3 +152,23 @@ def test_16_bit_weights_stream_natively(tmp_path, dtype):
     assert outs[True] == outs[False]
     assert {t for t, _, _ in outs[True].values()} == {onnx.TensorProto.FLOAT16 if dtype == "float16"
                                                      else onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT64}
+
+
+def test_a_constant_node_kept_in_external_data_is_read_in(tmp_path):
+    from onnx import helper
+    w = np.random.default_rng(0).standard_normal((64, 300)).astype(np.float32)  # 77 KB: over INLINE_BYTES
+    nodes = [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w)),
+             helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])],
+                              [numpy_helper.from_array(np.ones((300, 4), np.float32), "w2")])
+    path = str(tmp_path / "c.onnx")
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path,
+                    save_as_external_data=True, all_tensors_to_one_file=True, location="c.data", size_threshold=0,
+                    convert_attribute=True)
+    model = load_model(path, stream=True)
+    assert external_data.is_streamed(model)
+    out = str(tmp_path / "p.onnx")
+    save(prune(model, Target(ratio=0.5)).model, out)
+    assert ort.InferenceSession(out).run(None, {"x": np.ones((2, 64), np.float32)})[0].shape == (2, 4)

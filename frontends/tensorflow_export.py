@@ -234,7 +234,7 @@ def _export_file(path, input_signature, opset):
         return _export_saved_model(path, opset)
     if path.endswith(".tflite"):
         _check_tflite(path)
-        return _convert(lambda tf2onnx: tf2onnx.convert.from_tflite(path, opset=opset), path)
+        return _export_tflite(path, opset)
     if path.endswith(".keras") or path.endswith(".h5"):
         if not os.path.isfile(path):
             raise SpaError(f"{path} does not exist")
@@ -258,6 +258,25 @@ def _export_saved_model(path, opset):
         continue_on_error=True))
 
 
+def _export_tflite(path, opset):
+    """tf2onnx's tflite path, with handlers for the TFLite custom ops SPA converts
+    (tflite_custom_ops: MediaPipe's Convolution2DTransposeBias); a custom op nobody converts is
+    refused up front, by name."""
+    from . import tflite_custom_ops as custom
+    custom_ops = custom.read_custom_ops(path)
+    with _native_logs_hidden():
+        unknown = custom.unconvertible(custom_ops)  # imports tf2onnx
+    if unknown:
+        raise SpaError(f"{path}: TFLite custom op{'s' if len(unknown) > 1 else ''} "
+                       f"{', '.join(unknown)} cannot be converted to ONNX (SPA converts "
+                       f"{', '.join(custom.supported_codes())}; tf2onnx converts Flex ops and "
+                       "TFLite_Detection_PostProcess)")
+    errors = []
+    handlers = custom.handlers(custom_ops, errors) or None
+    return _convert(lambda tf2onnx: tf2onnx.convert.from_tflite(
+        path, opset=opset, custom_op_handlers=handlers), path, errors)
+
+
 def _check_tflite(path):
     """A TFLite flatbuffer carries the file identifier TFL3 at bytes 4..8."""
     try:
@@ -269,7 +288,9 @@ def _check_tflite(path):
         raise SpaError(f"{path} is not a TFLite model (no TFL3 flatbuffer identifier)")
 
 
-def _convert(run, what="the model"):
+def _convert(run, what="the model", handler_errors=()):
+    """Run a tf2onnx conversion; any failure is one SpaError line. `handler_errors`: the list our
+    custom-op handlers append to (tf2onnx swallows handler exceptions); the first is raised."""
     import logging
     with _native_logs_hidden():
         import tf2onnx
@@ -280,9 +301,13 @@ def _convert(run, what="the model"):
     except SpaError:
         raise
     except Exception as exc:  # noqa: BLE001 - a converter failure on the user's file is bad input
+        if handler_errors:
+            raise handler_errors[0] from None
         detail = (str(exc).strip().splitlines() or [""])[0][:200]
         raise SpaError(f"tf2onnx could not convert {what}: {type(exc).__name__}"
                        f"{': ' + detail if detail else ''}") from None
+    if handler_errors:
+        raise handler_errors[0]
     unsupported = sorted({n.op_type for n in proto.graph.node
                           if not onnx.defs.has(n.op_type, n.domain or "")})
     if unsupported:

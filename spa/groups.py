@@ -188,9 +188,9 @@ class Propagation:
         origin = self.members[pair].linked_by
         for i in self.adjacent(tensor):
             name = self.g.node_name(i)
-            if name == origin:
-                continue
             node = self.g.nodes[i]
+            if name == origin and not (rule_for(node).hub_output and self.g.producer.get(tensor) == i):
+                continue
             try:
                 results = rule_for(node).propagate(Ctx(self.g, i, self.options, self.virtual, self.members), tensor, axis)
             except Frozen as frozen:

@@ -130,6 +130,29 @@ def test_concat_of_1000_inputs_is_linear():
     assert len(analysis.atom_group) >= 2000 and sum(g.prunable for g in analysis.groups) == 1
 
 
+@pytest.mark.parametrize("op", ["Sum", "Max", "Mean"])
+def test_variadic_elementwise_of_1000_inputs_is_linear(op):
+    from spa.graph import Graph
+    from spa.groups import Options, Propagation
+
+    b = Builder()
+    x = b.input([N, 3, 4, 4])
+    y = b.op(op, [b.conv(x, 3, 2, k=1) for _ in range(1000)])
+    b.output(b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [b.op("Relu", [y])])]), 2, 3))
+    propagation = Propagation(Graph(b.model()), Options())
+    analysis = propagation.run()
+    assert len(propagation.edges) < 5 * 1000  # each operand to the output, not every pair (34 s before)
+    assert sum(g.prunable for g in analysis.groups) == 1 and len(analysis.groups[0].atoms) == 2
+
+
+def test_small_variadic_sum_is_exact():
+    b = Builder()
+    x = b.input([N, 3, 4, 4])
+    y = b.op("Sum", [b.conv(x, 3, 6, k=1) for _ in range(3)] + [b.conv(x, 3, 6, k=3)])
+    b.output(b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [b.op("Relu", [y])])]), 6, 3))
+    check_exact(b.model())
+
+
 def test_small_concat_stays_exact_and_freezes_what_it_must():
     # the graph input's slice is frozen even when every conv slice reaches the concat first
     model = _wide_concat(4, extra=[lambda b, x: x, lambda b, x: b.op("Relu", [x])])

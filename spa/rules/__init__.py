@@ -113,10 +113,14 @@ class Ctx:
 
 class Rule:
     """Contract: entered from any of its tensors, `propagate` links every tensor of the node that
-    shares the channel (the engine does not ask the node again from the tensors it marked)."""
+    shares the channel (the engine does not ask the node again from the tensors it marked). A
+    rule with `hub_output` may instead link an input to the output alone, if entered from the
+    output it links every input: the engine then asks it again from the output it marked (n
+    links for an n-input op instead of n^2)."""
 
     ops: tuple = ()
     domain: str = ""  # a custom domain's rules are registered as "domain::op"
+    hub_output: bool = False
 
     def sources(self, c: Ctx) -> list:
         """Pairs (tensor, axis) where new channels are created (weight output axes)."""

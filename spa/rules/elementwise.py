@@ -32,6 +32,8 @@ class Broadcast(Rule):
         "BitwiseAnd", "BitwiseOr", "BitwiseXor",
     )
 
+    hub_output = True  # an operand links to the output, the output to every operand
+
     def operands(self, c):
         return [x for x in c.node.input if x]
 
@@ -41,7 +43,7 @@ class Broadcast(Rule):
         size = c.dim(tensor, axis)
         out_axis = axis + (r_out - c.rank(tensor))
         links = []
-        for t in self.operands(c) + [out]:
+        for t in ([out] if tensor != out else self.operands(c)):
             if t == tensor:
                 continue
             a = out_axis - (r_out - c.rank(t))

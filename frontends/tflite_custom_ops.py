@@ -66,7 +66,8 @@ def read_custom_ops(path) -> list:
                 found.append(CustomOp(code, output, options, g))
         return found
     except Exception as exc:  # noqa: BLE001 - a damaged flatbuffer is bad input
-        raise SpaError(f"cannot read the TFLite flatbuffer {path}: {type(exc).__name__}") from None
+        raise SpaError(f"{path}: damaged TFLite file: its flatbuffer cannot be read ({type(exc).__name__} "
+                       "while reading its operators)") from None
 
 
 def supported_codes() -> list:

@@ -149,3 +149,22 @@ def test_stacked_bidirectional_lstm_layers_prune_independently(exporter, tmp_pat
     sizes = [next(a.i for a in n.attribute if a.name == "hidden_size")
              for n in result.model.graph.node if n.op_type == "LSTM"]
     assert sizes == [12, 8], sizes
+
+
+def test_a_baked_sequence_length_is_named_as_the_freeze_reason(tmp_path):
+    """TorchScript bakes the sequence length of nn.MultiheadAttention into its reshapes even with
+    dynamic_axes: the file runs only at that length, and the head group's reason says so."""
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+            self.fc = torch.nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.fc(self.mha(x, x, x, need_weights=False)[0])
+
+    path = str(tmp_path / "mha.onnx")
+    _quiet_export(Attention().eval(), (torch.randn(2, 7, 32),), path, dynamo=False, input_names=["x"],
+                  output_names=["y"], dynamic_axes={"x": {0: "batch", 1: "seq"}}, opset_version=17)
+    reasons = [r for g in analyze(onnx.load(path)).groups for r in g.reasons()]
+    assert any("does not run at other input sizes" in r and "[7,8,8]" in r and "dynamo=True" in r for r in reasons), reasons

@@ -299,6 +299,42 @@ def _whole_shape_source(c: Ctx):
     return source if c.g.shapes.get(source) == c.g.shapes.get(c.out(0)) else None
 
 
+def _unknown_shape_reason(c: Ctx) -> str:
+    """Why a Reshape's shapes are unknown, when running the model tells: at input sizes other
+    than the exported ones a Reshape fails, i.e. the exporter baked an input size into the graph
+    (which also defeats shape inference)."""
+    failure = _other_sizes_failure(c.g)
+    if failure is None:
+        return "Reshape with unknown input or output shape"
+    return (f"Reshape with unknown input or output shape: the model does not run at other input sizes "
+            f"({failure}): the exporter baked one input size into the graph (torch.onnx.export(dynamo=False) "
+            "does this for nn.MultiheadAttention with dynamic_axes); re-export with static input shapes or with "
+            "dynamo=True")
+
+
+def _other_sizes_failure(g) -> str | None:
+    """onnxruntime's Reshape error when the model runs at the shape probe's sizes, else None (cached)."""
+    import re
+
+    from ..graph import PROBE_SIZES, _probe_dims
+    from ..runtime import random_inputs, session
+
+    if "_other_sizes_failure" not in g.__dict__:
+        g._other_sizes_failure = None
+        try:
+            session(g.model, quiet=True).run(None, random_inputs(g.model, batch=PROBE_SIZES[0][0],
+                                                                 dims=_probe_dims(g.model, 0),
+                                                                 default_dim=PROBE_SIZES[0][1]))
+        except Exception as exc:
+            text = str(exc)
+            node = re.search(r"running Reshape node\. Name:'([^']*)'", text)
+            sizes = re.search(r"Input shape:\{([^}]*)\}, requested shape:\{([^}]*)\}", text)
+            if node and sizes:
+                g._other_sizes_failure = (f"Reshape '{node.group(1)}' cannot reshape [{sizes.group(1)}] to the "
+                                          f"constant [{sizes.group(2)}]")
+    return g._other_sizes_failure
+
+
 @register
 class Reshape(Rule):
     ops = ("Reshape", "Flatten")
@@ -319,7 +355,7 @@ class Reshape(Rule):
             raise Frozen("Reshape shape input carries channels")
         sx, sy = c.g.shapes.get(x), c.g.shapes.get(y)
         if sx is None or sy is None:
-            raise Frozen("Reshape with unknown input or output shape")
+            raise Frozen(_unknown_shape_reason(c))
         shape_of = _whole_shape_source(c) if c.node.op_type == "Reshape" else None
         if c.node.op_type == "Reshape" and shape_of is None and shape_vector_pieces(c, 1) is None:
             raise Frozen("Reshape with a computed target shape")

@@ -119,8 +119,15 @@ class Analysis:
 
 
 def analyze(model: onnx.ModelProto | Graph, options: Options | None = None) -> Analysis:
+    from .shared_tensors import split_shared_tensors
+
     graph = model if isinstance(model, Graph) else Graph(model)
-    return Propagation(graph, options or Options()).run()
+    options = options or Options()
+    propagation = Propagation(graph, options)
+    analysis = propagation.run()
+    if split_shared_tensors(propagation):  # a shared mask's readers get their own copies: again
+        analysis = Propagation(graph, options).run()
+    return analysis
 
 
 class Propagation:

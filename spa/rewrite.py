@@ -23,6 +23,11 @@ class Editor:
         self._index = {id(n): i for i, n in enumerate(self.g.nodes)}
         self._names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
         self.new_initializers = []
+        # copy on write: a rule edits the shape-vector nodes upstream of its node (a Concat piece, a
+        # head-count Mul); where other nodes read them too, its node gets its own copies of them
+        self.writer = None  # index of the node whose rule is rewriting
+        self._clones = {}  # (writer, original index) -> the writer's copy of the node
+        self._fresh = {}  # name -> value of the constants set_input made
 
     # -- what rules call ------------------------------------------------------------------------
     def removed(self, tensor, axis):
@@ -41,29 +46,128 @@ class Editor:
         return self.model.graph.node[self._index[id(original)]]
 
     def set_attr(self, original, name, value):
-        node = self.node(original)
+        node = self._writable(original)
         self.del_attr(original, name)
         node.attribute.append(helper.make_attribute(name, value))
 
     def del_attr(self, original, name):
-        node = self.node(original)
+        node = self._writable(original)
         keep = [a for a in node.attribute if a.name != name]
         del node.attribute[:]
         node.attribute.extend(keep)
 
     def set_input(self, original, slot, value: np.ndarray):
         """Point input `slot` at a fresh constant (never mutating a shared one)."""
-        node = self.node(original)
+        node = self._writable(original)
         base = f"{node.name or node.op_type}_in{slot}_spa"
+        name = self._fresh_name(base)
+        self.new_initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        self._fresh[name] = np.asarray(value)
+        while len(node.input) <= slot:
+            node.input.append("")
+        node.input[slot] = name
+
+    def _fresh_name(self, base):
         name, k = base, 0
         while name in self._names:
             k += 1
             name = f"{base}{k}"
         self._names.add(name)
-        self.new_initializers.append(numpy_helper.from_array(np.asarray(value), name))
-        while len(node.input) <= slot:
-            node.input.append("")
-        node.input[slot] = name
+        return name
+
+    # -- copy on write ----------------------------------------------------------------------------
+    def _writable(self, original):
+        """The node to edit for `original`: the model's own, or, when `original` lies upstream of
+        the rewriting node on a path that other nodes read too, the rewriting node's copy."""
+        t, w = self._index[id(original)], self.writer
+        if w is None or t == w:
+            return self.model.graph.node[t]
+        if (w, t) in self._clones:
+            return self._clones[(w, t)]
+        path = self._path(w, t)
+        if path is None:
+            return self.model.graph.node[t]
+        down, shared = w, False
+        for up, slot in path:
+            tensor = self.g.nodes[down].input[slot]
+            if len({i for i, _ in self.g.consumers.get(tensor, [])}) > 1 or tensor in self.g.graph_outputs \
+                    or (w, up) in self._clones:
+                shared = True
+                break
+            down = up
+        if not shared:
+            return self.model.graph.node[t]
+        # the whole path below the writer is copied: only the writer (and its copies) read them
+        down = self.model.graph.node[w]
+        for up, slot in path:
+            clone = self._clones.get((w, up))
+            read = self.g.nodes[up].output
+            name = down.input[slot]
+            if clone is None:
+                clone = onnx.NodeProto()
+                clone.CopyFrom(self.model.graph.node[up])
+                clone.name = self._fresh_name(f"{clone.name or clone.op_type}_spa_own")
+                for k, out in enumerate(read):
+                    if out:
+                        clone.output[k] = self._fresh_name(f"{out}_spa_own")
+                self._clones[(w, up)] = clone
+            if name in read:
+                down.input[slot] = clone.output[list(read).index(name)]
+            down = clone
+        return down
+
+    def _path(self, w, t, depth=12):
+        """[(node index, slot of the node below it that reads it), ...] from the node just above
+        `w` up to `t`, through producers; None when `t` is not found within `depth` nodes."""
+        frontier, seen = [(w, [])], {w}
+        for _ in range(depth):
+            nxt = []
+            for i, path in frontier:
+                for slot, name in enumerate(self.g.nodes[i].input):
+                    up = self.g.producer.get(name) if name else None
+                    if up is None or up in seen:
+                        continue
+                    seen.add(up)
+                    step = path + [(up, slot)]
+                    if up == t:
+                        return step
+                    nxt.append((up, step))
+            frontier = nxt
+        return None
+
+    def place_copies(self):
+        """Put each rewriting node's copies right before it; copies equal to an earlier one (same
+        op, attributes and inputs, the new constants compared by value) are dropped for it."""
+        if not self._clones:
+            return
+        graph = self.model.graph
+        by_writer = {}
+        for (w, up), clone in self._clones.items():
+            by_writer.setdefault(w, []).append((up, clone))
+        rename, seen, before = {}, {}, {}
+        for w in sorted(by_writer):
+            kept = []
+            for _, clone in sorted(by_writer[w], key=lambda item: item[0]):
+                for k, name in enumerate(clone.input):
+                    clone.input[k] = rename.get(name, name)
+                key = (clone.op_type, clone.domain, tuple(a.SerializeToString() for a in clone.attribute),
+                       tuple(("v", v.dtype.str, v.shape, v.tobytes()) if (v := self._fresh.get(x)) is not None
+                             else ("n", x) for x in clone.input))
+                if key in seen:
+                    rename.update((o, c) for o, c in zip(clone.output, seen[key].output) if o)
+                    continue
+                seen[key] = clone
+                kept.append(clone)
+            before[w] = kept
+        nodes = []
+        for i, node in enumerate(graph.node):
+            nodes.extend(before.get(i, ()))
+            for k, name in enumerate(node.input):
+                if name in rename:
+                    node.input[k] = rename[name]
+            nodes.append(node)
+        del graph.node[:]
+        graph.node.extend(nodes)
 
 
 def sliced(value: np.ndarray, plan: Plan, name: str) -> np.ndarray:
@@ -113,10 +217,13 @@ def rewrite(plan: Plan, weights: dict | None = None) -> onnx.ModelProto:
     changed = {m.tensor for m in plan.analysis.members.values() if plan.changed(m.tensor, m.axis)}
     for i, node in enumerate(g.nodes):
         if changed.intersection(node.input) or changed.intersection(node.output):
+            editor.writer = i
             rule_for(node).rewrite(Ctx(g, i, plan.analysis.options), editor)
+    editor.writer = None
     for name in weights:
         if g.consts.fill(name) is not None and name in g.producer:
             fill_to_constant(graph.node[g.producer[name]], sliced(weights[name], plan, name))
+    editor.place_copies()  # after the last edit that finds nodes by index
     if fills:  # the aliases' own fills, first (they read initializers only): after the rules, which index nodes
         nodes = fills + list(graph.node)
         del graph.node[:]

@@ -58,13 +58,20 @@ def test_python_block_runs(workdir, index):
 
 
 @pytest.mark.parametrize("argv", usage_commands(), ids=lambda argv: " ".join(argv[:2]))
-def test_usage_command_runs(workdir, argv):
+def test_usage_command_runs(workdir, argv, capsys):
     if argv[0] == "apply-plan":
         assert main(["prune", "model.onnx", "-o", "small.onnx", "--ratio", "0.5", "--plan-out", "plan.json",
                      "-q"]) == 0
     if "--ratios-from" in argv:
         assert main(["sensitivity", "model.onnx", "-o", "sensitivity.json", "-q"]) == 0
-    assert main(argv + ["-q"]) == 0
+    code = main(argv + ["-q"])
+    if code == 2 and "--target-latency" in argv:
+        # this model runs in ~35 microseconds: its timings are noise, and a latency target it then
+        # misses must be reported with the achieved figure (exit 2), never met silently
+        err = capsys.readouterr().err
+        assert "cannot be met" in err and "predicted at" in err, err
+        return
+    assert code == 0
 
 
 def test_python_dash_m_spa_is_the_cli(workdir):

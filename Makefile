@@ -17,7 +17,7 @@ demo: install
 	$(PYTHON) -m models.demo
 
 test: install
-	$(PYTHON) -m pytest -n 2 tests
+	$(PYTHON) -m pytest -n 2 --durations=15 tests
 
 bench: install
 	$(PYTHON) benchmarks/bench_speed.py

@@ -282,8 +282,19 @@ class Graph:
         self.model = symbolic_declarations(self.model)
         g = self.model.graph
         self.nodes = list(g.node)
-        self.producer = {}
-        self.consumers = defaultdict(list)
+        self.index_nodes()
+        self.consts = Consts(self.model)
+        self.graph_inputs = {i.name for i in g.input if i.name not in self.consts}
+        self.graph_outputs = {o.name for o in g.output}
+        self.aliases = self._unshare_constants()
+        self.shapes = infer_shapes(self.model)
+        for name in list(self.consts) + list(self.aliases):
+            self.shapes[name] = self.consts.shape(name)
+
+    def index_nodes(self) -> None:
+        """producer and consumers of every tensor, from `nodes` (a control-flow node also consumes
+        the outer-scope names its subgraphs read)."""
+        self.producer, self.consumers = {}, defaultdict(list)
         for i, node in enumerate(self.nodes):
             for out in node.output:
                 if out:
@@ -294,13 +305,6 @@ class Graph:
             for slot, name in enumerate(inputs):
                 if name:
                     self.consumers[name].append((i, slot))
-        self.consts = Consts(self.model)
-        self.graph_inputs = {i.name for i in g.input if i.name not in self.consts}
-        self.graph_outputs = {o.name for o in g.output}
-        self.aliases = self._unshare_constants()
-        self.shapes = infer_shapes(self.model)
-        for name in list(self.consts) + list(self.aliases):
-            self.shapes[name] = self.consts.shape(name)
 
     def _unshare_constants(self) -> dict:
         """Exporters and simplifiers deduplicate equal constants (one zero bias per width, read by

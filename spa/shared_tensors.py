@@ -19,7 +19,7 @@ from collections import defaultdict
 import numpy as np
 import onnx
 
-from .graph import CONTROL_FLOW, NOT_STATIC_OPS, outer_scope_inputs
+from .graph import CONTROL_FLOW, NOT_STATIC_OPS
 
 CONE_LIMIT = 32  # nodes in a producing cone that may be copied
 FLOAT_WEIGHT_TYPES = (np.float16, np.float32, np.float64)
@@ -222,19 +222,4 @@ def _duplicate(g, plans):
     if probed:
         probed.update({c: probed[o] for c, o in renamed.items() if o in probed})
     g.__dict__.pop("_static", None)
-    _reindex(g)
-
-
-def _reindex(g):
-    """producer and consumers from the view nodes (which read the constants' aliases)."""
-    g.producer, g.consumers = {}, defaultdict(list)
-    for i, node in enumerate(g.nodes):
-        for out in node.output:
-            if out:
-                g.producer[out] = i
-        inputs = list(node.input)
-        if node.op_type in CONTROL_FLOW:
-            inputs += sorted(outer_scope_inputs(node) - set(inputs))
-        for slot, name in enumerate(inputs):
-            if name:
-                g.consumers[name].append((i, slot))
+    g.index_nodes()  # the view nodes read the constants' aliases

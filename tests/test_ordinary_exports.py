@@ -2,7 +2,6 @@
 blocks, exactly as a user would call it (no zoo helpers)."""
 import warnings
 
-import numpy as np
 import onnx
 import pytest
 

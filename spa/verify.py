@@ -83,13 +83,13 @@ def run_in_pieces(path: str, feeds: dict, piece_bytes: int | None = None) -> lis
     live = dict(feeds)
     start = 0
     while start < len(g.node):
-        end, held = start, set()
+        end, held, size = start, set(), 0
         while end < len(g.node):
             new = {x for x in reads[end] if x in inits} - held
-            if end > start and sum(tensor_bytes(inits[x]) for x in held | new) > piece_bytes:
+            grown = size + sum(tensor_bytes(inits[x]) for x in new)
+            if end > start and grown > piece_bytes:
                 break
-            held |= new
-            end += 1
+            held, size, end = held | new, grown, end + 1
         produced = {o for n in g.node[start:end] for o in n.output if o}
         needed = sorted({x for names in reads[start:end] for x in names} - produced - held)
         wanted = sorted(x for x in produced if last_read.get(x, -1) >= end or x in outputs)

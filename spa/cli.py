@@ -289,6 +289,7 @@ def run(args) -> int:
             warn(note)
         return 0
     _use_model_batch(args, model)
+    _check_whole_sessions(args, model)
     if args.command == "profile":
         return _profile(args, analyze(model, options), say)
     _check_data_files(args, model)
@@ -603,6 +604,19 @@ def _target(args):
                   max_group_ratio=0.9 if args.max_group_ratio is None else args.max_group_ratio,
                   round_to=args.round_to, ignore=args.ignore, ratios=ratios_for(args.ratio_for),
                   batch=args.batch or 1, threads=args.threads)
+
+
+def _check_whole_sessions(args, model):
+    """--report / --json time the original and the pruned model in whole onnxruntime sessions:
+    refused up front for a streamed model whose session would not fit in memory."""
+    from .external_data import is_streamed
+    from .verify import session_fits
+
+    wants = [flag for flag in ("report", "json") if getattr(args, flag, False)]
+    if args.command in ("prune", "apply-plan") and wants and is_streamed(model) and not session_fits(args.model):
+        raise SpaError(f"--{'/--'.join(wants)} would time the original and the pruned model in whole onnxruntime "
+                       "sessions, which do not fit in the memory available for this model; without it the pruned "
+                       "model is still verified (piece by piece)")
 
 
 def _prune(args, model, options, say):

@@ -172,3 +172,13 @@ def test_a_constant_node_kept_in_external_data_is_read_in(tmp_path):
     out = str(tmp_path / "p.onnx")
     save(prune(model, Target(ratio=0.5)).model, out)
     assert ort.InferenceSession(out).run(None, {"x": np.ones((2, 64), np.float32)})[0].shape == (2, 4)
+
+
+def test_report_on_a_model_too_big_for_one_session_is_refused_up_front(llama, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(external_data, "STREAM_BYTES", 0)
+    monkeypatch.setattr(verify, "available_memory", lambda: 1)
+    out = tmp_path / "small.onnx"
+    assert main(["prune", llama, "-o", str(out), "--ratio", "0.3", "--report"]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[spa ")]
+    assert len(err) == 1 and err[0].startswith("spa: error: --report would time") and "piece by piece" in err[0]
+    assert not out.exists()

@@ -242,16 +242,13 @@ def generate(size: str, model_dir: str, cache_root: str) -> dict:
 
 def generate_direct(size: str, model_dir: str, meta_path: str) -> dict:
     log(f"generating the {size} LLaMA-shaped model in {model_dir} (models.llama_onnx, no torch) ...")
-    c = CONFIGS[size]
     code = ("import json, sys; from models.llama_onnx import build; "
-            f"json.dump(build(sys.argv[1], 'tiny', dtype='{c['dtype']}', hidden={c['hidden_size']}, "
-            f"layers={c['num_hidden_layers']}, heads={c['num_attention_heads']}, kv_heads={c['num_key_value_heads']}, "
-            f"intermediate={c['intermediate_size']}, vocab={c['vocab_size']}), sys.stdout)")
+            f"json.dump(build(sys.argv[1], {size!r}, dtype={CONFIGS[size]['dtype']!r}), sys.stdout)")
     run = measured([sys.executable, "-c", code, os.path.join(model_dir, "model.onnx")], cwd=ROOT)
     if run["rc"] != 0:
         sys.stderr.write(run["stdout"] + run["stderr"])
         raise SystemExit(f"model generation failed (rc {run['rc']})")
-    meta = {"export_version": EXPORT_VERSION, "size": size, "config": c,
+    meta = {"export_version": EXPORT_VERSION, "size": size, "config": CONFIGS[size],
             "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "source": "models.llama_onnx.build: ONNX graph written directly, deterministic seeded weights",
             "built": json.loads(run["stdout"]), "generation_wall_s": run["wall_s"],

@@ -71,9 +71,9 @@ def _drop_base(model):
 def location(tensor: TensorProto, base: str) -> tuple[str, int, int]:
     """(file, offset, length) of an external tensor."""
     from .graph import tensor_bytes
-    info = {e.key: e.value for e in tensor.external_data}
-    length = int(info["length"]) if "length" in info else tensor_bytes(tensor)
-    return os.path.join(base, info["location"]), int(info.get("offset", 0)), length
+    info = external_data_helper.ExternalDataInfo(tensor)
+    length = int(info.length) if info.length is not None else tensor_bytes(tensor)
+    return os.path.join(base, info.location), int(info.offset or 0), length
 
 
 def array(tensor: TensorProto, base: str) -> np.ndarray:

@@ -313,14 +313,17 @@ def _unknown_shape_reason(c: Ctx) -> str:
 
 
 def _other_sizes_failure(g) -> str | None:
-    """onnxruntime's Reshape error when the model runs at the shape probe's sizes, else None (cached)."""
+    """onnxruntime's Reshape error when the model runs at the shape probe's sizes, else None (cached;
+    not run above graph.PROBE_LIMIT)."""
     import re
 
-    from ..graph import PROBE_SIZES, _probe_dims
+    from ..graph import PROBE_LIMIT, PROBE_SIZES, _probe_dims, weight_bytes
     from ..runtime import random_inputs, session
 
     if "_other_sizes_failure" not in g.__dict__:
         g._other_sizes_failure = None
+        if weight_bytes(g.model) >= PROBE_LIMIT:  # as infer_shapes: models this large are not run
+            return None
         try:
             session(g.model, quiet=True).run(None, random_inputs(g.model, batch=PROBE_SIZES[0][0],
                                                                  dims=_probe_dims(g.model, 0),

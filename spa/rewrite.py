@@ -258,14 +258,22 @@ def _write_aliases(g: Graph, plan: Plan, weights: dict, written: set, model: onn
                 name += "_"
             names.update((name, name + "_shape"))
             if fill is not None:
-                _add_tensor(model.graph, np.array(shape, dtype=np.int64), name + "_shape")
-                fills.append(helper.make_node("ConstantOfShape", [name + "_shape"], [name], name=name,
-                                              value=numpy_helper.from_array(fill.reshape(1))))
+                shape_tensor, node = filled(name, shape, fill)
+                model.graph.initializer.append(shape_tensor)
+                fills.append(node)
             else:
                 _add_tensor(model.graph, value, name, spill)
             by_value[key] = name
         model.graph.node[i].input[slot] = by_value[key]
     return fills
+
+
+def filled(name: str, shape, fill: np.ndarray) -> tuple[onnx.TensorProto, onnx.NodeProto]:
+    """A ConstantOfShape node making `name`, `shape` filled with the 0-d `fill`, and the shape
+    initializer it reads (`name`_shape)."""
+    return (numpy_helper.from_array(np.array(shape, dtype=np.int64), name + "_shape"),
+            helper.make_node("ConstantOfShape", [name + "_shape"], [name], name=name,
+                             value=numpy_helper.from_array(fill.reshape(1))))
 
 
 def fill_to_constant(node: onnx.NodeProto, value: np.ndarray):

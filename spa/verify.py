@@ -11,6 +11,7 @@ from onnx import helper, numpy_helper, shape_inference
 from .errors import SpaError, SpaWarning
 from .plan import Plan
 from .quant import at_zero_point
+from .rewrite import filled
 from .runtime import _NP_TYPES, is_float, random_inputs, session
 
 def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelProto | None = None,
@@ -138,10 +139,9 @@ def masked_original(plan: Plan) -> onnx.ModelProto:
     for alias, (i, slot, _, _) in g.aliases.items():  # a consumer's own copy of a shared constant
         fill = g.consts.fill(alias)
         if alias in members and fill is not None:  # a filled constant's copy: filled again, never written out
-            model.graph.initializer.append(numpy_helper.from_array(np.array(g.consts.shape(alias), np.int64),
-                                                                   alias + "_shape"))
-            model.graph.node.append(helper.make_node("ConstantOfShape", [alias + "_shape"], [alias],
-                                                     value=numpy_helper.from_array(fill.reshape(1))))
+            shape_tensor, node = filled(alias, g.consts.shape(alias), fill)
+            model.graph.initializer.append(shape_tensor)
+            model.graph.node.append(node)
             model.graph.node[i].input[slot] = alias
         elif alias in members:  # (compensation may give it its own value)
             model.graph.initializer.append(numpy_helper.from_array(np.asarray(g.consts[alias]), alias))

@@ -234,7 +234,7 @@ def run(args) -> dict:
                 row = record["results"].setdefault(target_name, {})
                 for method in METHODS:
                     why = applicable(method, name, model)
-                    recovers = not (args.quick or method in ("l1", "tp-magnitude") or
+                    recovers = not (args.quick or args.no_recover or method in ("l1", "tp-magnitude") or
                                     (args.recover_on and target_name not in args.recover_on))
                     for recover in ((0, RECOVER_STEPS) if recovers else (0,)):
                         key = method + (f"+recover{recover}" if recover else "")
@@ -324,6 +324,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(RESULTS, "quality_real.json"))
     parser.add_argument("--recover-on", nargs="+", choices=list(TARGETS),
                         help="run the +recover rows only at these targets (default: every target)")
+    parser.add_argument("--no-recover", action="store_true", help="no +recover rows")
     parser.add_argument("--merge", action="store_true",
                         help="keep the records of models not run now from an existing --out file")
     args = parser.parse_args(argv)

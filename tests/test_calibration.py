@@ -220,6 +220,12 @@ def _conv_model(shape, nhwc=False):
     return b.model()
 
 
+def _float_model(shape):
+    b = Builder(seed=3)
+    b.output(b.op("Relu", [b.input(shape)]))
+    return b.model()
+
+
 def _token_model(batch="batch", seq="sequence", vocab=37, positions=None, position_input=False):
     """input_ids (+ attention_mask, optional position_ids input or an internal position table
     of `positions` rows read through a sliced constant buffer, as HF exports do)."""
@@ -245,10 +251,52 @@ def _runs(model, batches):
         sess.run(None, feeds)
 
 
+NOISE_NOTE = "calibration: synthetic inputs for"
+
+
 def _said(model, calibration, **kw):
+    """(batches, announcements about shapes and preprocessing); the 1/f-noise note is left out."""
     messages = []
     batches = calibration_batches(model, calibration, progress=messages.append, **kw)
-    return batches, messages
+    return batches, [m for m in messages if not m.startswith(NOISE_NOTE)]
+
+
+def _slope(x: np.ndarray, axes: tuple) -> float:
+    """Fitted log-log slope of the mean amplitude spectrum against radial frequency."""
+    x = np.moveaxis(x, axes, range(-len(axes), 0))
+    axes = tuple(range(x.ndim - len(axes), x.ndim))
+    spectrum = np.abs(np.fft.rfftn(x, axes=axes)).mean(axis=0)
+    while spectrum.ndim > len(axes):
+        spectrum = spectrum.mean(axis=0)
+    grids = np.meshgrid(*[np.fft.fftfreq(x.shape[a]) for a in axes[:-1]], np.fft.rfftfreq(x.shape[axes[-1]]),
+                        indexing="ij")
+    f = np.sqrt(sum(g ** 2 for g in grids)).ravel()
+    keep = f > 0
+    return float(np.polyfit(np.log(f[keep]), np.log(spectrum.ravel()[keep]), 1)[0])
+
+
+@pytest.mark.parametrize("dims,channel,spatial", [(["batch", 3, 32, 48], 1, (2, 3)), (["batch", 32, 48, 3], 3, (1, 2)),
+                                                  (["batch", 1, 256], 1, (2,))])
+def test_synthetic_images_and_signals_are_natural_noise(dims, channel, spatial):
+    model = _conv_model(dims, nhwc=channel == 3) if len(dims) == 4 else _float_model(dims)
+    messages = []
+    x = calibration_batches(model, "synthetic", samples=16, progress=messages.append)[0]["input"]
+    assert any(m.startswith(NOISE_NOTE) and "1/f" in m for m in messages)
+    axes = tuple(spatial)
+    np.testing.assert_allclose(x.mean(axis=axes), 0, atol=1e-5)
+    np.testing.assert_allclose(x.std(axis=axes), 1, rtol=1e-4)
+    assert np.all(np.take(x, [0], axis=channel) == x)  # every channel holds the same field
+    assert -1.35 < _slope(x.astype(np.float64), axes) < -0.65  # 1/f^a, a in NATURAL_SLOPES
+    white = np.random.default_rng(0).standard_normal(x.shape)
+    assert abs(_slope(white, axes)) < 0.1
+
+
+def test_other_float_inputs_stay_gaussian():
+    model = _float_model(["batch", 16, 384])  # a [N, T, features] input is not a signal
+    messages = []
+    x = calibration_batches(model, "synthetic", samples=64, progress=messages.append)[0]["input"]
+    assert not any(m.startswith(NOISE_NOTE) for m in messages)
+    assert abs(_slope(x.astype(np.float64), (2,))) < 0.1
 
 
 @pytest.mark.parametrize("batch,sizes", [(1, [1] * 10), (4, [4, 4]), ("batch", [4, 4, 2])])

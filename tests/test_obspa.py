@@ -54,7 +54,7 @@ def _check(model, result, tmp_path, feeds):
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "regnet", "bert"])
 def test_zoo_models_prune_valid_and_compensated(zoo, name, tmp_path):
     model = zoo(name)
-    result = obspa(model, Target(ratio=0.5), samples=24, batch_size=24)
+    result = obspa(model, Target(ratio=0.5), samples=48, batch_size=24)  # 1/f noise: rows correlate, 24 fit regnet poorly
     feeds = calibration_batches(model, "synthetic", samples=8, batch_size=8, seed=7)[0]  # fresh inputs
     _check(model, result, tmp_path, feeds)
     if name == "bert":  # heads and MLP channels both go and both are compensated

@@ -10,9 +10,10 @@ Sources (the `--calibration` string):
   of a channel's consumer weights (a weight-norm criterion) and nothing is compensated.
 - ``synthetic`` (default, needs no data): image-like float inputs and [N, C, L] signals get 1/f
   noise (natural images' spectrum, `natural_noise`), zero mean and unit variance (what a
-  normalised input looks like); other float inputs ~ N(0, 1); integer inputs: names containing ``mask`` get ones, ``token_type``/``segment`` zeros,
-  ``position`` 0..T-1, token ids are uniform below the vocabulary size read from the embedding
-  table they index (a Gather on a constant); other integers zeros, booleans True.
+  normalised input looks like); other float inputs ~ N(0, 1); integer inputs: names containing
+  ``mask`` get ones, ``token_type``/``segment`` zeros, ``position`` 0..T-1, token ids are uniform
+  below the vocabulary size read from the embedding table they index (a Gather on a constant);
+  other integers zeros, booleans True.
 - ``bn``: Gaussian inputs whose per-channel mean and variance are fitted so that the first
   BatchNormalization's running statistics are reproduced: BN reading the input directly takes
   them as they are; BN after one Conv on the input solves mean(y) = b + A m by least squares and
@@ -543,7 +544,6 @@ def natural_noise(rng, shape: tuple, channel_axis: int, spatial_axes: tuple) -> 
     f.flat[0] = 1.0 / max(spatial)
     slopes = rng.uniform(*NATURAL_SLOPES, size=(n, 1) + (1,) * len(spatial))
     axes = tuple(range(2, 2 + len(spatial)))
-
     z = rng.standard_normal((n, 1) + f.shape) + 1j * rng.standard_normal((n, 1) + f.shape)
     x = np.fft.irfftn(z / f ** slopes, s=spatial, axes=axes)
     x -= x.mean(axis=axes, keepdims=True)

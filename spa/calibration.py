@@ -92,6 +92,7 @@ NATURAL_SLOPES = (0.75, 1.25)  # spectral slopes of synthetic images and signals
 MAX_SIGNAL_CHANNELS = 4    # a float [N, C, L] input with at most this many channels is a signal
 RESIZE_MODES = ("stretch", "pad")
 LAYOUTS = ("nchw", "nhwc")
+LAYOUT_AXES = {"nchw": (1, (2, 3)), "nhwc": (3, (1, 2))}  # (channel axis, (height, width) axes)
 
 
 def _quiet(message):
@@ -409,7 +410,7 @@ class _Plan:
     def _defaults(self, inp: _Input, shape: list, unknown: list):
         layout = _image_layout(inp, shape)
         if layout:
-            c, (h, w) = (1, (2, 3)) if layout == "nchw" else (3, (1, 2))
+            c, (h, w) = LAYOUT_AXES[layout]
             missing = [a for a in (h, w) if a in unknown]
             if missing:
                 for a in missing:
@@ -525,7 +526,7 @@ def _spatial_axes(inp: _Input, shape) -> tuple | None:
     four channels; None for any other input (feature vectors, embeddings, masks)."""
     layout = _image_layout(inp, list(shape))
     if layout:
-        return (1, (2, 3)) if layout == "nchw" else (3, (1, 2))
+        return LAYOUT_AXES[layout]
     if inp.is_float and len(shape) == 3 and shape[1] <= MAX_SIGNAL_CHANNELS and shape[2] > shape[1]:
         return 1, (2,)
     return None
@@ -885,7 +886,7 @@ def _image_directory(plan: _Plan, path: str, files: list) -> list:
     if layout is None:
         raise SpaError(f"image calibration: cannot tell the channel axis of input '{inp.name}' "
                        f"{_declared(inp.dims)}; pass --image-layout nchw or nhwc")
-    c, h, w = (1, 2, 3) if layout == "nchw" else (3, 1, 2)
+    c, (h, w) = LAYOUT_AXES[layout]
     channels = known[c]
     if channels is None:
         channels = 3

@@ -22,7 +22,9 @@ Methods (rows): l1 (magnitude, uniform per group), tp-magnitude (Torch-Pruning's
 on the torch module, digits/mnist1d only), and OBSPA (spa.pipeline.prune criterion "obspa",
 defaults: measured allocation, compensation judged on held-out inputs) with calibration
   none       H = I (a weight-norm score, nothing compensated)
-  synthetic  Gaussian images / random token sequences of varied length (no data)
+  synthetic  1/f-noise images / random token sequences of varied length (no data)
+  tokenizer  synthetic, with the model's tokenizer (token models): sentences of its frequent
+             whole words framed like its own ([CLS] ... . [SEP]); still no data
   inverted   inputs optimised by the model itself (spa.calibration "inverted": BatchNorm statistics
              and the model's own outputs; no data; needs PyTorch)
   bn         Gaussian inputs fitted to the first BatchNorm's statistics (models with BatchNorm)
@@ -62,7 +64,7 @@ DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30
                    "mnist1d-conv": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x")}
 QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "digits-resnet": ("macs-2x",),
                  "mnist1d-conv": ("macs-2x",)}
-CALIBRATIONS = ("none", "synthetic", "inverted", "bn", "real")
+CALIBRATIONS = ("none", "synthetic", "tokenizer", "inverted", "bn", "real")
 RECOVER_STEPS = 300
 OCR_SHAPE = (1, 3, 48, 320)
 
@@ -85,8 +87,9 @@ def setup_minilm(workdir):
         from spa.runtime import session
         return embedding_agreement(reference, sentence_embeddings(session(pruned, quiet=True), EVALUATION, tok))
 
-    return {"path": path, "evaluate": evaluate, "metric": "cosine", "real": {"source": calibration,
-            "tokenizer": minilm_dir()}, "shapes": None, "info": {"sentences": len(EVALUATION),
+    return {"path": path, "evaluate": evaluate, "metric": "cosine",
+            "real": {"source": calibration, "tokenizer": minilm_dir()},
+            "tokenizer": {"source": "synthetic", "tokenizer": minilm_dir()}, "shapes": None, "info": {"sentences": len(EVALUATION),
             "calibration_sentences": len(CALIBRATION)}}
 
 
@@ -141,6 +144,8 @@ SETUPS = {"minilm": setup_minilm, "ocr": setup_ocr,
 def applicable(method: str, name: str, model) -> str | None:
     if method == "tp-magnitude" and name not in ("digits-resnet", "mnist1d-conv"):
         return "Torch-Pruning needs the torch module: run on the models trained here"
+    if method.endswith("-tokenizer") and name != "minilm":
+        return "not a token model"
     if method.endswith("-bn") and not any(n.op_type == "BatchNormalization" for n in model.graph.node):
         return "no BatchNormalization"
     if "-inverted" in method:
@@ -162,7 +167,7 @@ def prune_with(method: str, ctx: dict, target, model, recover: int):
     if method == "l1":
         return prune(model, target, criterion="l1").model
     source = method.split("-", 1)[1]
-    real = ctx["real"] if source == "real" else {"source": source}
+    real = ctx[source] if source in ("real", "tokenizer") else {"source": source}
     cal = Calibration(shapes=ctx["shapes"], **real)
     return prune(model, target, criterion="obspa", calibration=cal, recover=recover).model
 
@@ -216,9 +221,9 @@ def run(args) -> dict:
     out = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "cpu_model": cpu_model(),
            "versions": {d: version(d) for d in ("onnx", "onnxruntime", "torch", "numpy")},
            "git_commit": git("rev-parse", "--short", "HEAD"), "recover_steps": RECOVER_STEPS, "models": {}}
-    if args.merge and os.path.exists(args.out):  # keep the other models' records from earlier runs
+    if args.merge and os.path.exists(args.out):  # keep every record not re-run now from earlier runs
         with open(args.out) as f:
-            out["models"] = {k: v for k, v in json.load(f)["models"].items() if k not in args.models}
+            out["models"] = json.load(f)["models"]
     os.makedirs(RESULTS, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="spa-quality-real-") as workdir:
         for name in args.models:
@@ -232,7 +237,7 @@ def run(args) -> dict:
             targets = args.targets or (QUICK_TARGETS if args.quick else DEFAULT_TARGETS)[name]
             for target_name in targets:
                 row = record["results"].setdefault(target_name, {})
-                for method in METHODS:
+                for method in args.methods or METHODS:
                     why = applicable(method, name, model)
                     recovers = not (args.quick or args.no_recover or method in ("l1", "tp-magnitude") or
                                     (args.recover_on and target_name not in args.recover_on))
@@ -326,7 +331,8 @@ def main(argv=None) -> int:
                         help="run the +recover rows only at these targets (default: every target)")
     parser.add_argument("--no-recover", action="store_true", help="no +recover rows")
     parser.add_argument("--merge", action="store_true",
-                        help="keep the records of models not run now from an existing --out file")
+                        help="keep the cells not run now (other models, targets, methods) from an existing --out file")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="only these rows (default: all)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     result = run(args)

@@ -12,8 +12,10 @@ Sources (the `--calibration` string):
   noise (natural images' spectrum, `natural_noise`), zero mean and unit variance (what a
   normalised input looks like); other float inputs ~ N(0, 1); integer inputs: names containing
   ``mask`` get ones, ``token_type``/``segment`` zeros, ``position`` 0..T-1, token ids are uniform
-  below the vocabulary size read from the embedding table they index (a Gather on a constant);
-  other integers zeros, booleans True.
+  below the vocabulary size read from the embedding table they index (a Gather on a constant),
+  or, given a ``tokenizer``, sentences shaped like its own (`SyntheticVocabulary`: its special
+  tokens around words drawn from its frequent whole-word tokens); other integers zeros, booleans
+  True.
 - ``bn``: Gaussian inputs whose per-channel mean and variance are fitted so that the first
   BatchNormalization's running statistics are reproduced: BN reading the input directly takes
   them as they are; BN after one Conv on the input solves mean(y) = b + A m by least squares and
@@ -88,6 +90,7 @@ DEFAULT_SEQUENCE = 16      # any other unknown axis
 DEFAULT_IMAGE = 224        # unknown height / width of an image-like input
 DEFAULT_SIGNAL = 256       # unknown L of a float [N, C, L] input
 MIN_TOKENS = 4             # shortest synthetic token batch (the longest: max_length)
+FREQUENT_SHARE = 0.25      # synthetic sentences draw from this first share of the tokenizer's whole words
 NATURAL_SLOPES = (0.75, 1.25)  # spectral slopes of synthetic images and signals (natural_noise)
 MAX_SIGNAL_CHANNELS = 4    # a float [N, C, L] input with at most this many channels is a signal
 RESIZE_MODES = ("stretch", "pad")
@@ -104,7 +107,8 @@ class Calibration:
     """Where calibration inputs come from and how they are shaped (see the module docstring).
 
     shapes: {input name: (N, ...)} (or one bare shape for a single-input model); dims: {symbolic
-    dim name: size}; tokenizer: tokenizer.json or a directory holding one (.txt sources);
+    dim name: size}; tokenizer: tokenizer.json or a directory holding one (.txt sources; generated
+    sources: synthetic token ids shaped like its sentences);
     image_size: (H, W); mean/std: per channel (or one value); layout: "nchw" / "nhwc";
     resize: "stretch" / "pad". samples None: DEFAULT_SAMPLES (spa.pipeline uses fewer for models
     whose forward pass is expensive, and says so)."""
@@ -222,6 +226,9 @@ def calibration_batches(model: onnx.ModelProto, calibration: Calibration | str |
     if source == "none":
         return []
     plan = _Plan(model, options, progress or _quiet)
+    if options.tokenizer and is_generated(source) and not any(i.role == "ids" for i in plan.inputs):
+        raise SpaError(f"tokenizer {options.tokenizer} has no effect: the model has no token-id input (an integer "
+                       f"input indexing an embedding table), and calibration {source} reads no text")
     rng = np.random.default_rng(options.seed)
     if source == "synthetic":
         return plan.generated(rng)
@@ -300,6 +307,7 @@ class _Plan:
         self.explicit = self._explicit_shapes()
         self.named = self._named_sizes()
         self._position_limit = -1
+        self._vocabulary = None
         self.fixed: dict = {}   # (input, axis) -> size a source imposes (bn: the channel count)
 
     def say(self, message: str):
@@ -474,10 +482,22 @@ class _Plan:
                     feed[inp.name] = np.ones(shape, dtype=inp.dtype)
                 elif inp.is_float:
                     feed[inp.name] = (floats(shape) if floats else self.float_noise(inp, shape, rng)).astype(inp.dtype)
+                elif inp.role == "ids" and self.options.tokenizer:
+                    feed[inp.name] = self.token_ids(inp, shape, rng)
                 else:
                     feed[inp.name] = _integer_input(inp, shape, rng)
             feeds.append(feed)
         return feeds
+
+    def token_ids(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
+        """Generated ids shaped like the tokenizer's sentences: its special tokens around a body
+        drawn from its frequent whole-word ids (see `SyntheticVocabulary`)."""
+        if self._vocabulary is None:
+            self._vocabulary = SyntheticVocabulary.of(self.options.tokenizer, inp.vocab)
+            self.say(f"calibration: synthetic token ids for '{inp.name}' are sentences of the tokenizer's "
+                     f"{len(self._vocabulary.body)} most frequent whole-word tokens, framed "
+                     f"{self._vocabulary.framing}")
+        return self._vocabulary.draw(shape, rng).astype(inp.dtype)
 
     def float_noise(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
         """Natural-image noise for image-like and [N, C, L] signal inputs, N(0, 1) for the rest."""
@@ -1054,6 +1074,63 @@ def _tokenizer(path):
         return Tokenizer.from_file(file)
     except Exception as exc:
         raise SpaError(f"tokenizer {path} cannot be loaded ({_first_line(exc)})") from None
+
+
+@dataclass
+class SyntheticVocabulary:
+    """Synthetic sentences for a token model from its tokenizer: ``prefix`` + body + ``suffix``:
+    the special ids the tokenizer puts around every sentence, a full stop before the closing ones
+    (the tokenizer's encoding of '.' after a word), and a body drawn uniformly from
+    ``body``: the first FREQUENT_SHARE of its whole-word tokens (ids that decode to text which
+    encodes back to that one id: not special tokens, unused slots or word pieces) in id order.
+    WordPiece and BPE vocabularies and SentencePiece's scores list tokens roughly from the most
+    frequent down, so that share is the tokenizer's everyday words (docs/obspa.md: +0.02 mean
+    cosine on MiniLM over uniform random ids)."""
+    prefix: list
+    suffix: list
+    body: np.ndarray
+    tokens: list
+
+    @property
+    def framing(self) -> str:
+        return " ".join(self.tokens[:len(self.prefix)] + ["..."] + self.tokens[len(self.prefix):])
+
+    @classmethod
+    def of(cls, path, vocab: int | None) -> "SyntheticVocabulary":
+        tokenizer = _tokenizer(path)
+        try:
+            tokenizer.no_padding()
+            tokenizer.no_truncation()
+            framed = tokenizer.encode("a", add_special_tokens=True)
+            word, stop = (tokenizer.encode(t, add_special_tokens=False).ids for t in ("a", "a."))
+            texts = tokenizer.decode_batch([[i] for i in range(tokenizer.get_vocab_size())])
+            back = tokenizer.encode_batch(texts, add_special_tokens=False)
+        except Exception as exc:
+            raise SpaError(f"tokenizer {path} failed ({_first_line(exc)})") from None
+        special = list(framed.special_tokens_mask)
+        lead = next((k for k, v in enumerate(special) if not v), len(special))
+        trail = next((k for k, v in enumerate(reversed(special)) if not v), 0)
+        period = stop[len(word):] if stop[:len(word)] == word and tokenizer.decode(stop[len(word):]).strip() == "." \
+            else []
+        prefix, suffix = framed.ids[:lead], period + framed.ids[len(special) - trail:]
+        words = [i for i, (t, e) in enumerate(zip(texts, back)) if t.strip() and e.ids == [i]]
+        if not words:
+            raise SpaError(f"tokenizer {path}: none of its tokens is a whole word that encodes back to itself; "
+                           "cannot draw synthetic sentences from it")
+        body = np.array(words[:max(1, round(len(words) * FREQUENT_SHARE))], dtype=np.int64)
+        top = max(prefix + suffix + [int(body[-1])])
+        if vocab and top >= vocab:
+            raise SpaError(f"tokenizer {path} gives id {top}, beyond the model's vocabulary of {vocab}: is it this "
+                           f"model's tokenizer?")
+        return cls(prefix, suffix, body, [tokenizer.id_to_token(i) for i in prefix + suffix])
+
+    def draw(self, shape: tuple, rng) -> np.ndarray:
+        ids = self.body[rng.integers(0, len(self.body), size=shape)]
+        head, tail = len(self.prefix), len(self.suffix)
+        if shape and shape[-1] > head + tail:
+            ids[..., :head] = self.prefix
+            ids[..., shape[-1] - tail:] = self.suffix
+        return ids
 
 
 def _pad_id(tokenizer) -> int:

@@ -119,7 +119,10 @@ def parser() -> argparse.ArgumentParser:
                     help="calibration shape of an input (repeatable; a bare shape for a single-input model); "
                          "unknown sizes otherwise default to 224 (images), 256 (signals), 4..128 tokens, 16. "
                          "Also: " + _INPUT_SHAPE_HELP)
-    pr.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json (or its directory) for a .txt --calibration")
+    pr.add_argument("--tokenizer", metavar="PATH",
+                    help="tokenizer.json (or its directory): tokenises a .txt --calibration; with generated "
+                         "calibration, synthetic token sequences are framed like its sentences and drawn from its "
+                         "frequent words")
     pr.add_argument("--max-length", metavar="N", help="longest calibration token sequence (default 128)")
     pr.add_argument("--image-size", metavar="HxW", help="calibration images are resized to this (default: the model's)")
     pr.add_argument("--image-mean", metavar="a,b,c",
@@ -724,11 +727,13 @@ def _check_calibration_source(args):
                 raise SpaError(f"{flag} has no effect with --calibration none, which gives no inputs: every Hessian "
                                "is the identity and nothing is compensated")
     used = {"--calibration-samples": drawn, "--input-shape": drawn and kind not in ("arrays", "text"),
-            "--max-length": drawn and kind not in ("arrays", "images"), "--tokenizer": kind in ("text", None)}
+            "--max-length": drawn and kind not in ("arrays", "images"),
+            "--tokenizer": kind in ("text", "generated", None)}
     used.update({flag: kind in ("images", None) for flag in _CALIBRATION_FLAGS.values() if flag.startswith("--image-")})
     reads = {"none": "which gives no inputs", "generated": "whose inputs are generated",
              "images": "a directory of images", "text": "a text file", "arrays": "whose arrays give the shapes"}
-    what = {"--tokenizer": "it tokenises a .txt calibration file", "--max-length": "it bounds token sequences",
+    what = {"--tokenizer": "it tokenises a .txt calibration file or shapes generated token ids",
+            "--max-length": "it bounds token sequences",
             "--input-shape": "it shapes generated inputs", "--calibration-samples": "it counts calibration inputs"}
     for field, flag in [("calibration_samples", "--calibration-samples")] + list(_CALIBRATION_FLAGS.items()):
         value = getattr(args, field) if field != "input_shape" or shapes else None

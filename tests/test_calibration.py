@@ -533,6 +533,51 @@ def test_bad_text_sources_are_one_line(tmp_path):
         assert "\n" not in str(err.value), message
 
 
+def test_synthetic_tokens_are_shaped_like_the_tokenizers_sentences(tmp_path):
+    # ids 0-3: not whole words ([PAD] encodes as '[', 'PAD', ']'); 19 'ice cream': two words; 20 '.'
+    words = WORDS + ["ice cream", "."] + [f"w{k}" for k in range(60)]
+    tokenizer = _tokenizer(tmp_path / "tok", words)
+    whole = [i for i, w in enumerate(words) if i >= 4 and " " not in w]
+    body = set(whole[:round(len(whole) * 0.25)])  # the first quarter of the whole words
+    assert 19 not in body and max(body) > 19
+    model = _token_model(vocab=len(words))
+    calibration = Calibration(source="synthetic", tokenizer=str(tokenizer), samples=64)
+    batches, said = _said(model, calibration)
+    assert any(f"tokenizer's {len(body)} most frequent whole-word tokens, framed [CLS] ... . [SEP]" in m for m in said)
+    lengths = set()
+    for feeds in batches:
+        ids = feeds["input_ids"]
+        lengths.add(ids.shape[1])
+        assert ids.dtype == np.int64 and np.all(ids[:, 0] == 2) and np.all(ids[:, -2:] == [20, 3])
+        assert set(np.unique(ids[:, 1:-2])) <= body and np.all(feeds["attention_mask"] == 1)
+    assert len(lengths) > 1
+    used = np.unique(np.concatenate([f["input_ids"][:, 1:-2].ravel() for f in batches]))
+    assert set(used) == body  # every frequent word drawn
+    _runs(model, batches)
+    again = calibration_batches(model, calibration)
+    assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))
+    plain = calibration_batches(model, Calibration(source="synthetic", samples=64))
+    assert not all(np.all(f["input_ids"][:, 0] == 2) for f in plain)  # without a tokenizer: uniform ids
+    no_stop = calibration_batches(_text_model(), Calibration(source="synthetic", tokenizer=str(_tokenizer(
+        tmp_path / "no_stop", WORDS + [f"w{k}" for k in range(16)])), samples=32))
+    assert all(np.all(f["input_ids"][:, -1] == 3) and np.all(f["input_ids"][:, -2] >= 4) for f in no_stop)
+
+
+def test_synthetic_tokens_bad_tokenizer_is_one_line(tmp_path):
+    many = _tokenizer(tmp_path / "many", WORDS + [f"w{k}" for k in range(200)])  # words up to id 57
+    cases = [
+        (_token_model(), Calibration(source="synthetic", tokenizer=str(many)), "beyond the model's vocabulary of 37"),
+        (_cnn(), Calibration(source="synthetic", tokenizer=str(many)), "no token-id input"),
+        (_token_model(), Calibration(source="synthetic", tokenizer=str(tmp_path / "nope.json")), "no such file"),
+        (_token_model(), Calibration(source="synthetic", tokenizer=str(_tokenizer(tmp_path / "bare", WORDS[:4]))),
+         "none of its tokens is a whole word"),
+    ]
+    for model, calibration, message in cases:
+        with pytest.raises(SpaError, match=message) as err:
+            calibration_batches(model, calibration)
+        assert "\n" not in str(err.value), message
+
+
 # ---------------------------------------------------------------------------------------------
 # image directories
 # ---------------------------------------------------------------------------------------------

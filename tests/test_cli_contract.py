@@ -306,8 +306,10 @@ CONTRACT = {
                                         "--input-shape has no effect with --calibration")]),
         "--tokenizer": Case(TXT + ["--calibration", "{SENTENCES}", "--tokenizer", "{TOKENIZER}"],
                             TXT + ["--calibration", "{SENTENCES}"],
-                            refused=[(TXT + ["--tokenizer", "{TOKENIZER}"],
-                                      "--tokenizer has no effect with --calibration auto")]),
+                            also=[(TXT + ["--tokenizer", "{TOKENIZER}"], TXT)],  # synthetic sentences like its own
+                            refused=[(OB + ["--tokenizer", "{TOKENIZER}"], "has no effect: the model has no token-id"),
+                                     (OB + ["--calibration", "{NPZ}", "--tokenizer", "{TOKENIZER}"],
+                                      "--tokenizer has no effect with --calibration")]),
         "--max-length": Case(TXT + ["--max-length", "8"], TXT, refused=[
             (OB + ["--max-length", "8"], "--max-length has no effect: the model has no token-id input"),
             (OB + ["--calibration", "{NPZ}", "--max-length", "8"], "--max-length has no effect with --calibration")]),

@@ -79,7 +79,10 @@ class HessianSum:
                 xtx = xtx + np.swapaxes(xtx, 1, 2)
                 idx = np.arange(xtx.shape[1])
                 xtx[:, idx, idx] = diagonal
-            self._matrix = 2.0 * xtx / max(self.count, 1)
+            else:
+                xtx = xtx.copy()
+            xtx *= 2.0 / max(self.count, 1)
+            self._matrix = xtx
         return self._matrix
 
 
@@ -87,24 +90,30 @@ def damped(H: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
     return damped_block(H, None, damp)
 
 
-def damped_block(H: np.ndarray, K, damp: float = DEFAULT_DAMP) -> np.ndarray:
+def damped_block(H: np.ndarray, K, damp: float = DEFAULT_DAMP, dtype=np.float64) -> np.ndarray:
     """damped(H)[K, K] (K None: all of it) without forming damped(H): the damping's scale is the
-    mean of H's whole diagonal."""
+    mean of H's whole diagonal. H must be symmetric (HessianSum's is): one copy of the block is
+    made, in `dtype`, and non-finite entries become 0."""
     diag = np.diag(H)
     diag = np.where(np.isfinite(diag), diag, 0.0)
-    block = np.array(H if K is None else H[np.ix_(K, K)], dtype=np.float64)
-    block[~np.isfinite(block)] = 0.0
-    block = (block + block.T) / 2
-    scale = float(np.mean(diag)) if len(diag) and np.mean(diag) > 0 else 1.0
-    # a dead column (zero diagonal) would otherwise be left with only the tiny global damping
-    block[np.diag_indices_from(block)] += damp * scale + ((diag if K is None else diag[K]) <= 0) * scale * 1e-2
+    block = np.array(H if K is None else H[np.ix_(K, K)], dtype=dtype)
+    if not np.isfinite(block).all():
+        np.nan_to_num(block, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    block[np.diag_indices_from(block)] += _damping(diag, K, damp)
     return block
 
 
+def _damping(diag: np.ndarray, K, damp: float) -> np.ndarray:
+    """What damped_block adds to the diagonal of H[K, K] (`diag`: H's finite diagonal)."""
+    scale = float(np.mean(diag)) if len(diag) and np.mean(diag) > 0 else 1.0
+    # a dead column (zero diagonal) would otherwise be left with only the tiny global damping
+    return damp * scale + ((diag if K is None else diag[K]) <= 0) * scale * 1e-2
+
+
 def _cholesky(d: int):
-    """(potrf, dtype): float32 above SINGLE_ABOVE columns (twice as fast; the damping keeps the
-    condition number low enough), float64 below. (OpenBLAS's float32 potri is slower than its
-    float64 one: inverses stay float64.)"""
+    """(potrf, dtype): float32 above SINGLE_ABOVE columns (twice as fast, and so is the triangular
+    inverse; the damping keeps the condition number low enough), float64 below. (OpenBLAS's
+    float32 potri is slower than its float64 one: `inverse` stays float64.)"""
     from scipy.linalg import lapack
 
     return (lapack.spotrf, np.float32) if d > SINGLE_ABOVE else (lapack.dpotrf, np.float64)
@@ -148,14 +157,16 @@ def inverse_blocks(H: np.ndarray, damp: float = DEFAULT_DAMP):
     full inverse). Falls back to `inverse` when the factorisation fails."""
     from scipy.linalg import lapack
 
+    potrf, dtype = _cholesky(len(H))
+    trtri = lapack.strtri if dtype == np.float32 else lapack.dtrtri
     damp = max(damp, 1e-10)
     for _ in range(12):
-        factor, info = lapack.dpotrf(damped(H, damp), lower=False)
+        factor, info = potrf(damped_block(H, None, damp, dtype), lower=False, overwrite_a=True)
         if info == 0:
-            V, info = lapack.dtrtri(factor, lower=False)
+            V, info = trtri(factor, lower=False, overwrite_c=True)
             if info == 0 and np.all(np.isfinite(V)):
                 V = np.triu(V)
-                return lambda Q: (lambda rows: rows @ np.swapaxes(rows, 1, 2))(V[Q])
+                return lambda Q: (lambda rows: (rows @ np.swapaxes(rows, 1, 2)).astype(np.float64))(V[Q])
         damp *= 10
     Hinv = inverse(H, damp)
     return lambda Q: Hinv[Q[:, :, None], Q[:, None, :]]
@@ -218,38 +229,56 @@ def prune_columns(W: np.ndarray, H: np.ndarray, Q, damp: float = DEFAULT_DAMP) -
     return new
 
 
-@one_blas_thread
 def refit(W: np.ndarray, H: np.ndarray, cross: np.ndarray | None, Q, damp: float = DEFAULT_DAMP) -> np.ndarray:
     """Columns Q removed, the others re-fitted to the *reference* outputs: the minimiser of
     ||W X_ref - W' X||^2 + lambda ||W'_K - W_K||^2 over the kept columns K, where X are the inputs
     the layer now sees (upstream already pruned), H = 2 X X^T / N and cross = 2 X X_ref^T / N.
     lambda is the damping of H. cross None (X == X_ref) is `compensate` exactly, computed as
     W_K + W_Q Hd[Q,K] Hd[K,K]^-1: one Cholesky of the kept block instead of a full inverse."""
+    return refits(W, H, cross, Q, (damp,))[0]
+
+
+@one_blas_thread
+def refits(W: np.ndarray, H: np.ndarray, cross: np.ndarray | None, Q, damps) -> list:
+    """`refit` at each damping of `damps`, the kept block of H copied once for all of them."""
     from scipy.linalg import cho_solve
 
     W = np.asarray(W, dtype=np.float64)
     Q = np.asarray(Q, dtype=np.int64)
     K = np.setdiff1d(np.arange(W.shape[1]), Q)
     potrf, dtype = _cholesky(len(K))
-    for _ in range(12):
-        block = damped_block(H, K, damp)
-        factor, info = potrf(block.astype(dtype), lower=False)
-        if info == 0:
-            break
-        damp = max(damp, 1e-10) * 10
-    else:
-        new = W.copy()
-        new[:, Q] = 0.0
-        return new
-    new = np.zeros_like(W)
+    diag = np.diag(H)
+    diag = np.where(np.isfinite(diag), diag, 0.0)
+    block = damped_block(H, K, 0.0, dtype)  # H[K, K]: each damping below only changes its diagonal
+    plain = np.diag(block).copy()
+    rhs = None
     if cross is None:  # W Hd[:, K] = W_K Hd[K, K] + W_Q H[Q, K]: only the second term is solved for
-        rhs = W[:, Q] @ np.nan_to_num(np.asarray(H[np.ix_(Q, K)], dtype=np.float64), posinf=0.0, neginf=0.0)
-        new[:, K] = W[:, K] + cho_solve((factor, False), rhs.T.astype(dtype)).T
-        return new
-    cross = np.asarray(cross, dtype=np.float64)[K, :]
-    cross[np.arange(len(K)), K] += np.diag(block) - np.diag(H)[K]  # the damping pulls towards W_K
-    new[:, K] = cho_solve((factor, False), (W @ cross.T).T.astype(dtype)).T
-    return new
+        rhs = (W[:, Q] @ np.nan_to_num(np.asarray(H[np.ix_(Q, K)], dtype=np.float64), posinf=0.0, neginf=0.0)).T
+    else:
+        cross = np.asarray(cross, dtype=np.float64)[K, :]
+    fits = []
+    for damp in damps:
+        for _ in range(12):
+            added = _damping(diag, K, damp)
+            block[np.diag_indices_from(block)] = plain + added
+            factor, info = potrf(block, lower=False)
+            if info == 0:
+                break
+            damp = max(damp, 1e-10) * 10
+        else:
+            new = W.copy()
+            new[:, Q] = 0.0
+            fits.append(new)
+            continue
+        new = np.zeros_like(W)
+        if cross is None:
+            new[:, K] = W[:, K] + cho_solve((factor, False), rhs.astype(dtype)).T
+        else:
+            pulled = cross.copy()
+            pulled[np.arange(len(K)), K] += added  # the damping pulls towards W_K
+            new[:, K] = cho_solve((factor, False), (W @ pulled.T).T.astype(dtype)).T
+        fits.append(new)
+    return fits
 
 
 @one_blas_thread
@@ -339,6 +368,10 @@ def unfold(x: np.ndarray, kernel, strides=None, pads=None, dilations=None, auto_
     the rest."""
     nd = len(kernel)
     strides, dilations, pads, out = _geometry(x.shape[2:], kernel, strides, pads, dilations, auto_pad)
+    if all(k == 1 for k in kernel) and not any(pads):  # pointwise: the strided input, channels last
+        picked = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)]
+        flat = np.moveaxis(picked, 1, -1).reshape(-1, x.shape[1])
+        return flat if rows is None else flat[np.asarray(rows, dtype=np.int64)]
     padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
     if rows is not None:  # the corner of each chosen window, then the kernel offsets
         where = np.unravel_index(np.asarray(rows, dtype=np.int64), [x.shape[0]] + out)
@@ -346,9 +379,9 @@ def unfold(x: np.ndarray, kernel, strides=None, pads=None, dilations=None, auto_
                            axis=-1).reshape(-1, nd)  # (prod(kernel), nd)
         corners = np.stack([where[1 + i] * strides[i] for i in range(nd)], axis=-1)  # (n, nd)
         position = corners[:, None, :] + offsets[None]  # (n, prod(kernel), nd)
-        index = (where[0][:, None, None], np.arange(x.shape[1])[None, :, None]) + \
-            tuple(position[:, None, :, i] for i in range(nd))
-        return padded[index].reshape(len(where[0]), -1)  # n, C, prod(kernel)
+        channels_last = np.moveaxis(padded, 1, -1)  # whole channel vectors per gathered position
+        index = (where[0][:, None],) + tuple(position[:, :, i] for i in range(nd))
+        return np.swapaxes(channels_last[index], 1, 2).reshape(len(where[0]), -1)  # n, C, prod(kernel)
     window = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
     views = sliding_window_view(padded, window, axis=tuple(range(2, 2 + nd)))  # N, C, *pos, *win
     index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) \

@@ -257,14 +257,16 @@ def set_weights(model: onnx.ModelProto, weights: dict) -> onnx.ModelProto:
 DAMPING_PATH = (1.0, 10.0, 100.0)  # multiples of the damping tried when held-out inputs can judge them
 
 
-def _compensated(layer, mats, hessian, cross, Q, damp, how):
+def _compensated(layer, mats, hessian, cross, Q, damps, how) -> list:
+    """The layer's compensated matrices at each damping of `damps`."""
     if how == "scale":
         width = mats.shape[2] - (layer.bias is not None)
         channels = np.repeat(np.arange(width // layer.per_index), layer.per_index)
-        return np.stack([obs.rescale(mats[k], hessian[k], Q, channels, layer.bias is not None, damp)
-                         for k in range(layer.blocks)])
-    return np.stack([obs.refit(mats[k], hessian[k], None if cross is None else cross[k], Q, damp)
-                     for k in range(layer.blocks)])
+        return [np.stack([obs.rescale(mats[k], hessian[k], Q, channels, layer.bias is not None, damp)
+                          for k in range(layer.blocks)]) for damp in damps]
+    per_block = [obs.refits(mats[k], hessian[k], None if cross is None else cross[k], Q, damps)
+                 for k in range(layer.blocks)]
+    return [np.stack([fits[j] for fits in per_block]) for j in range(len(damps))]
 
 
 def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, how="obs", held=None) -> str:
@@ -283,13 +285,15 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, 
     Q = layer.columns(removed)
     judge = judges(held) and cross is None
     options = []
-    for factor in (DAMPING_PATH if judge else (1.0,)):
-        new = _compensated(layer, mats, hessian[1], cross, Q, damp * factor, how)
+    damps = [damp * factor for factor in (DAMPING_PATH if judge else (1.0,))]
+    for new in _compensated(layer, mats, hessian[1], cross, Q, damps, how):
         if np.all(np.isfinite(new)):
             options.append(new)
     if judge:
         plain = mats.copy()
         plain[:, :, Q] = 0.0
+        if held[0] == "full":  # layer_error multiplies in float32: cast H once, not per candidate
+            held = ("full", np.asarray(held[1], dtype=np.float32))
         best = min(options + [plain], key=lambda m: held_error(mats, m, held))
         if best is plain:
             return "kept"

@@ -147,6 +147,12 @@ CONVS = [
     dict(spatial=(7, 6), kernel=(2, 3), c_in=3, c_out=3, auto_pad="SAME_LOWER"),
     dict(spatial=(11,), kernel=(3,), c_in=3, c_out=5, strides=[2], pads=[1, 1], dilations=[2]),
     dict(spatial=(4, 5, 5), kernel=(2, 3, 3), c_in=2, c_out=3, pads=[0, 1, 1, 1, 1, 0]),
+    # pointwise (unfold's channels-last shortcut): plain, strided on odd sizes, grouped, 1-D, SAME
+    dict(spatial=(9, 8), kernel=(1, 1), c_in=4, c_out=6),
+    dict(spatial=(9, 7), kernel=(1, 1), c_in=4, c_out=6, strides=[2, 2]),
+    dict(spatial=(8, 8), kernel=(1, 1), c_in=6, c_out=4, group=2, strides=[2, 1]),
+    dict(spatial=(11,), kernel=(1,), c_in=3, c_out=5, strides=[3]),
+    dict(spatial=(7, 7), kernel=(1, 1), c_in=4, c_out=4, auto_pad="SAME_UPPER", strides=[2, 2]),
 ]
 
 
@@ -174,6 +180,9 @@ def test_conv_rows_match_onnxruntime(spec):
         got = rows @ mats[k].T  # (N * positions, out channels of the block)
         expected = np.moveaxis(y[:, k * per_block:(k + 1) * per_block], 1, -1).reshape(-1, per_block)
         np.testing.assert_allclose(got, expected, atol=1e-4)
+    pick = np.array([0, 2, len(blocks[0]) - 1])  # rows gathered before unfolding: the same rows
+    for k, rows in enumerate(layer.rows(x, pick)):
+        np.testing.assert_array_equal(rows, blocks[k][pick])
     # and the Hessian of a block is the explicit unfold's 2 X X^T / N
     acc = obs.HessianSum(blocks[0].shape[1])
     acc.add(blocks[0])

@@ -251,7 +251,6 @@ def refits(W: np.ndarray, H: np.ndarray, cross: np.ndarray | None, Q, damps) -> 
     diag = np.where(np.isfinite(diag), diag, 0.0)
     block = damped_block(H, K, 0.0, dtype)  # H[K, K]: each damping below only changes its diagonal
     plain = np.diag(block).copy()
-    rhs = None
     if cross is None:  # W Hd[:, K] = W_K Hd[K, K] + W_Q H[Q, K]: only the second term is solved for
         rhs = (W[:, Q] @ np.nan_to_num(np.asarray(H[np.ix_(Q, K)], dtype=np.float64), posinf=0.0, neginf=0.0)).T
     else:

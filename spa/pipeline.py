@@ -119,6 +119,10 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
         result.recovery = plugins.load("spa.recovery", "distill")(
             model, result.model, inputs, recover, seed=seed, progress=progress)
         result.model = result.recovery.model
+        if result.recovery.improved and (not (fit or held) or is_generated(cal.source)):
+            progress("recover: kept because its loss on generated held-out inputs fell, which need not carry over "
+                     "to real ones (the PP-OCRv4 recognizer lost exact lines that way: docs/obspa.md); check the "
+                     "model on your data")
     return result
 
 

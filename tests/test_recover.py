@@ -245,3 +245,17 @@ def test_bn_inversion_needs_batchnorm():
 
     with pytest.raises(SpaError, match="BatchNormalization"):
         bn_inversion_batches(_mlp(), batches=1, iterations=1)
+
+
+def test_pipeline_recovery_on_generated_inputs_says_it_was_judged_on_them(tmp_path):
+    original = _mlp()
+    messages = []
+    result = prune(original, Target(ratio=0.5), criterion="l1", recover=60, progress=messages.append)
+    assert result.recovery.improved
+    assert any("generated held-out inputs" in m and "check the model on your data" in m for m in messages)
+    x = synthetic_batches(original, batch_size=64, seed=3)(0)
+    np.savez(tmp_path / "data.npz", **x)
+    messages.clear()
+    result = prune(original, Target(ratio=0.5), criterion="l1", recover=60, progress=messages.append,
+                   calibration=str(tmp_path / "data.npz"))
+    assert result.recovery is not None and not any("generated held-out inputs" in m for m in messages)

@@ -94,17 +94,23 @@ def damped_block(H: np.ndarray, K, damp: float = DEFAULT_DAMP, dtype=np.float64)
     """damped(H)[K, K] (K None: all of it) without forming damped(H): the damping's scale is the
     mean of H's whole diagonal. H must be symmetric (HessianSum's is): one copy of the block is
     made, in `dtype`, and non-finite entries become 0."""
-    diag = np.diag(H)
-    diag = np.where(np.isfinite(diag), diag, 0.0)
-    block = np.array(H if K is None else H[np.ix_(K, K)], dtype=dtype)
-    if not np.isfinite(block).all():
-        np.nan_to_num(block, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    block[np.diag_indices_from(block)] += _damping(diag, K, damp)
+    block = _finite_block(H, K, dtype)
+    block[np.diag_indices_from(block)] += _damping(H, K, damp)
     return block
 
 
-def _damping(diag: np.ndarray, K, damp: float) -> np.ndarray:
-    """What damped_block adds to the diagonal of H[K, K] (`diag`: H's finite diagonal)."""
+def _finite_block(H: np.ndarray, K, dtype) -> np.ndarray:
+    """A copy of H[K, K] (K None: all of it) in `dtype`, non-finite entries 0."""
+    block = np.array(H if K is None else H[np.ix_(K, K)], dtype=dtype)
+    if not np.isfinite(block).all():
+        np.nan_to_num(block, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return block
+
+
+def _damping(H: np.ndarray, K, damp: float) -> np.ndarray:
+    """What damped_block adds to the diagonal of H[K, K]."""
+    diag = np.diag(H)
+    diag = np.where(np.isfinite(diag), diag, 0.0)
     scale = float(np.mean(diag)) if len(diag) and np.mean(diag) > 0 else 1.0
     # a dead column (zero diagonal) would otherwise be left with only the tiny global damping
     return damp * scale + ((diag if K is None else diag[K]) <= 0) * scale * 1e-2
@@ -247,9 +253,7 @@ def refits(W: np.ndarray, H: np.ndarray, cross: np.ndarray | None, Q, damps) -> 
     Q = np.asarray(Q, dtype=np.int64)
     K = np.setdiff1d(np.arange(W.shape[1]), Q)
     potrf, dtype = _cholesky(len(K))
-    diag = np.diag(H)
-    diag = np.where(np.isfinite(diag), diag, 0.0)
-    block = damped_block(H, K, 0.0, dtype)  # H[K, K]: each damping below only changes its diagonal
+    block = _finite_block(H, K, dtype)  # each damping below only changes its diagonal
     plain = np.diag(block).copy()
     if cross is None:  # W Hd[:, K] = W_K Hd[K, K] + W_Q H[Q, K]: only the second term is solved for
         rhs = (W[:, Q] @ np.nan_to_num(np.asarray(H[np.ix_(Q, K)], dtype=np.float64), posinf=0.0, neginf=0.0)).T
@@ -258,7 +262,7 @@ def refits(W: np.ndarray, H: np.ndarray, cross: np.ndarray | None, Q, damps) -> 
     fits = []
     for damp in damps:
         for _ in range(12):
-            added = _damping(diag, K, damp)
+            added = _damping(H, K, damp)
             block[np.diag_indices_from(block)] = plain + added
             factor, info = potrf(block, lower=False)
             if info == 0:

@@ -201,3 +201,15 @@ def test_conv_rows_match_torch_unfold():
     rows = obs.unfold(x, (3, 2), strides=[2, 1], pads=[1, 0, 1, 0], dilations=[1, 2])
     ref = torch.nn.functional.unfold(torch.tensor(x), (3, 2), dilation=(1, 2), padding=(1, 0), stride=(2, 1))
     np.testing.assert_allclose(rows, ref.transpose(1, 2).reshape(-1, ref.shape[1]).numpy())
+
+
+def test_refits_along_the_damping_path_match_the_full_inverse():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((50, 8))
+    X[:, 3] = 0.0  # a dead input gets its extra damping too
+    H = _hessian(X)
+    W = rng.standard_normal((4, 8))
+    textbook = obs.compensate(W, obs.inverse(H, 0.01), [1, 5])
+    np.testing.assert_allclose(obs.refit(W, H, None, [1, 5], damp=0.01), textbook, atol=1e-9)
+    for fit, damp in zip(obs.refits(W, H, None, [1, 5], (0.01, 0.1)), (0.01, 0.1)):
+        np.testing.assert_allclose(fit, obs.compensate(W, obs.inverse(H, damp), [1, 5]), atol=1e-9)

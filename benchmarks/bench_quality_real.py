@@ -89,8 +89,8 @@ def setup_minilm(workdir):
 
     return {"path": path, "evaluate": evaluate, "metric": "cosine",
             "real": {"source": calibration, "tokenizer": minilm_dir()},
-            "tokenizer": {"source": "synthetic", "tokenizer": minilm_dir()}, "shapes": None, "info": {"sentences": len(EVALUATION),
-            "calibration_sentences": len(CALIBRATION)}}
+            "tokenizer": {"source": "synthetic", "tokenizer": minilm_dir()}, "shapes": None,
+            "info": {"sentences": len(EVALUATION), "calibration_sentences": len(CALIBRATION)}}
 
 
 def setup_ocr(workdir):

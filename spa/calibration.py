@@ -1089,11 +1089,7 @@ class SyntheticVocabulary:
     prefix: list
     suffix: list
     body: np.ndarray
-    tokens: list
-
-    @property
-    def framing(self) -> str:
-        return " ".join(self.tokens[:len(self.prefix)] + ["..."] + self.tokens[len(self.prefix):])
+    framing: str  # e.g. "[CLS] ... . [SEP]"
 
     @classmethod
     def of(cls, path, vocab: int | None) -> "SyntheticVocabulary":
@@ -1103,6 +1099,8 @@ class SyntheticVocabulary:
             tokenizer.no_truncation()
             framed = tokenizer.encode("a", add_special_tokens=True)
             word, stop = (tokenizer.encode(t, add_special_tokens=False).ids for t in ("a", "a."))
+            period = stop[len(word):]
+            period = period if stop[:len(word)] == word and tokenizer.decode(period).strip() == "." else []
             texts = tokenizer.decode_batch([[i] for i in range(tokenizer.get_vocab_size())])
             back = tokenizer.encode_batch(texts, add_special_tokens=False)
         except Exception as exc:
@@ -1110,8 +1108,6 @@ class SyntheticVocabulary:
         special = list(framed.special_tokens_mask)
         lead = next((k for k, v in enumerate(special) if not v), len(special))
         trail = next((k for k, v in enumerate(reversed(special)) if not v), 0)
-        period = stop[len(word):] if stop[:len(word)] == word and tokenizer.decode(stop[len(word):]).strip() == "." \
-            else []
         prefix, suffix = framed.ids[:lead], period + framed.ids[len(special) - trail:]
         words = [i for i, (t, e) in enumerate(zip(texts, back)) if t.strip() and e.ids == [i]]
         if not words:
@@ -1122,7 +1118,9 @@ class SyntheticVocabulary:
         if vocab and top >= vocab:
             raise SpaError(f"tokenizer {path} gives id {top}, beyond the model's vocabulary of {vocab}: is it this "
                            f"model's tokenizer?")
-        return cls(prefix, suffix, body, [tokenizer.id_to_token(i) for i in prefix + suffix])
+        framing = " ".join([tokenizer.id_to_token(i) for i in prefix] + ["..."] +
+                           [tokenizer.id_to_token(i) for i in suffix])
+        return cls(prefix, suffix, body, framing)
 
     def draw(self, shape: tuple, rng) -> np.ndarray:
         ids = self.body[rng.integers(0, len(self.body), size=shape)]

@@ -21,6 +21,8 @@ from .plan import Plan
 from .progress import bar
 from .runtime import is_float, session
 from .selection import Target, select
+from .obspa import set_weights
+from .verify import MaskedRuns, masked_original
 
 # mean-normalisation exponents of the global candidates: 1 = every group's mean loss is 1 (close to
 # uniform), 0 = the raw losses
@@ -65,13 +67,19 @@ def outputs(model, batches) -> list:
 
 
 def choose(analysis, scores: dict, target: Target, budget: Target | None, compensated, held_out: list,
-           progress=lambda message: None) -> tuple[Plan, list]:
+           progress=lambda message: None, compensable=()) -> tuple[Plan, list]:
     """The plan (and every Candidate) whose compensated model's outputs on `held_out` stay
-    closest to the original's. `compensated(plan)`: the model to measure for a plan."""
-    reference = outputs(analysis.model, held_out)
+    closest to the original's. `compensated(plan)`: the weights compensation gives a plan
+    ({name: value}, applied to masked_original(plan)); `compensable`: the names it may give."""
+    runs = MaskedRuns(analysis, held_out, compensable)
+    reference = runs.outputs()
     tried = []
     for name, plan in bar(list(candidates(analysis, scores, target, budget)), "allocations"):
-        tried.append(Candidate(name, plan, distortion(reference, outputs(compensated(plan), held_out))))
+        weights = compensated(plan)
+        got = runs.outputs(plan, weights)
+        if got is None:  # a weight the shared session cannot take (a computed constant): its own model
+            got = outputs(set_weights(masked_original(plan), weights), held_out)
+        tried.append(Candidate(name, plan, distortion(reference, got)))
     best = min(tried, key=lambda c: c.distortion)
     progress("allocation by measured output change on held-out calibration batches: " +
              ", ".join(f"{c.name} {c.distortion:.3g}" for c in tried) + f" -> {best.name}")

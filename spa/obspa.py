@@ -429,9 +429,15 @@ def compensation_stage(analysis: Analysis, plan: Plan, how: str, batches: list, 
 
 def first_order(analysis: Analysis, plan: Plan, measured: Measured, damp: float = obs.DEFAULT_DAMP,
                 cache: dict | None = None) -> onnx.ModelProto:
-    """The masked original with every consumer compensated from the original model's Hessians
-    (no staged pass: cheap, for comparing plans). `cache`: a dict shared by the plans compared,
-    so that a layer losing the same input channels in two plans is compensated once."""
+    """The masked original with `first_order_weights`."""
+    return set_weights(masked_original(plan), first_order_weights(analysis, plan, measured, damp, cache))
+
+
+def first_order_weights(analysis: Analysis, plan: Plan, measured: Measured, damp: float = obs.DEFAULT_DAMP,
+                        cache: dict | None = None) -> dict:
+    """Every consumer's weights compensated from the original model's Hessians (no staged pass:
+    cheap, for comparing plans). `cache`: a dict shared by the plans compared, so that a layer
+    losing the same input channels in two plans is compensated once."""
     weights: dict = {}
     for layer in bar(measured.layers, "first-order compensation"):
         removed = plan.removed(layer.weight, layer.in_axis)
@@ -448,7 +454,7 @@ def first_order(analysis: Analysis, plan: Plan, measured: Measured, damp: float 
             if reusable:
                 cache[key] = own
         weights.update(own)
-    return set_weights(masked_original(plan), weights)
+    return weights
 
 
 def obspa(model: onnx.ModelProto, target: Target, calibration: str = "auto", samples: int = 128,

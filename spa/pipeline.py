@@ -249,12 +249,11 @@ def _obs_plan(analysis, target, fit, held, allocation, normalization, compensati
     layer_cache: dict = {}  # candidates often remove the same channels from a layer
 
     def compensated(plan):
-        if compensation == "none":
-            return masked_original(plan)
-        return obspa.first_order(analysis, plan, measured, damp, layer_cache)
+        return {} if compensation == "none" else obspa.first_order_weights(analysis, plan, measured, damp, layer_cache)
 
+    compensable = [name for layer in measured.layers if layer.compensable for name in (layer.weight, layer.bias) if name]
     progress(f"selecting channels: comparing allocations on {len(held)} held-out calibration batches")
-    plan, _ = allocate.choose(analysis, scores, target, budget, compensated, held, progress)
+    plan, _ = allocate.choose(analysis, scores, target, budget, compensated, held, progress, compensable)
     return plan, scores, measured
 
 

@@ -13,11 +13,11 @@ from spa.cost import count_params
 from spa.groups import analyze
 from spa.importance import score
 from spa.layers import Layer
-from spa.obspa import Hessians, compensate_layer, first_order, scored_layers, scores, set_weights
+from spa.obspa import Hessians, compensate_layer, first_order, first_order_weights, scored_layers, scores, set_weights
 from spa.pipeline import as_parameter_budget, prune, save
 from spa.runtime import run
 from spa.selection import Target, select
-from spa.verify import masked_original
+from spa.verify import MaskedRuns, masked_original
 
 
 def _cnn(seed=0, constant_weights=False):
@@ -97,13 +97,36 @@ def test_measured_allocation_keeps_the_plan_whose_outputs_move_least():
     raw, measured = scores(analysis, batches, normalization="none", held=held)
     target = Target(ratio=0.5)
     budget = as_parameter_budget(analysis, raw, target)
-    compensated = lambda plan: first_order(analysis, plan, measured)  # noqa: E731
-    chosen, tried = allocation.choose(analysis, raw, target, budget, compensated, held)
+    compensated = lambda plan: first_order_weights(analysis, plan, measured)  # noqa: E731
+    compensable = [name for layer in measured.layers for name in (layer.weight, layer.bias) if name]
+    chosen, tried = allocation.choose(analysis, raw, target, budget, compensated, held, compensable=compensable)
     reference = allocation.outputs(model, held)
-    brute = {c.name: allocation.distortion(reference, allocation.outputs(compensated(c.plan), held)) for c in tried}
+    brute = {c.name: allocation.distortion(reference, allocation.outputs(first_order(analysis, c.plan, measured), held))
+             for c in tried}
+    assert all(np.isclose(c.distortion, brute[c.name], rtol=1e-4) for c in tried)  # one shared session, same outputs
     assert {c.name for c in tried} >= {"uniform", "global, losses / mean^0"}
     best = min(brute, key=brute.get)
     assert np.array_equal(chosen.removed_atoms, next(c.plan for c in tried if c.name == best).removed_atoms)
+
+
+@pytest.mark.parametrize("constant_weights", [False, True])
+def test_masked_runs_share_one_session_and_match_masked_original(constant_weights):
+    """Plans and weights fed to one model give what masked_original(plan) with those weights gives."""
+    model = _cnn(seed=5, constant_weights=constant_weights)
+    analysis = analyze(model)
+    batches, held = _feeds(model, 32), _feeds(model, 8, seed=9)
+    raw, measured = scores(analysis, batches, held=held)
+    compensable = [name for layer in measured.layers for name in (layer.weight, layer.bias) if name]
+    runs = MaskedRuns(analysis, held, compensable)
+    for target in (Target(ratio=0.25), Target(ratio=0.5)):
+        plan = select(analysis, raw, target)
+        weights = first_order_weights(analysis, plan, measured)
+        assert weights
+        for got, expected in zip(runs.outputs(plan, weights), allocation.outputs(first_order(analysis, plan, measured), held)):
+            np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    for got, expected in zip(runs.outputs(), allocation.outputs(model, held)):
+        np.testing.assert_allclose(got[0], expected[0], rtol=1e-6, atol=1e-6)
+    assert runs.outputs(plan, {"not a weight": np.zeros(1)}) is None
 
 
 def test_ratio_as_a_parameter_budget_keeps_what_uniform_keeps():

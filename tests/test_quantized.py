@@ -256,6 +256,20 @@ def test_qoperator_prunes_bit_exactly_with_sliced_parameters(qop):
     onnx.checker.check_model(result.model, full_check=True)
 
 
+def test_qoperator_masked_runs_set_integer_slices_to_the_zero_point(qop):
+    """One shared session (spa.verify.MaskedRuns) gives masked_original's outputs bit for bit."""
+    from spa.verify import MaskedRuns, masked_original
+
+    _, model = qop
+    plan = prune(model, Target(ratio=0.5), criterion="l1").plan
+    feeds = [random_inputs(model, batch=2, seed=s) for s in (0, 1)]
+    runs = MaskedRuns(plan.analysis, feeds)
+    for got, original, batch in zip(runs.outputs(plan), runs.outputs(), feeds):
+        np.testing.assert_array_equal(got[0], run(masked_original(plan), batch)[0])
+        np.testing.assert_array_equal(original[0], run(model, batch)[0])
+        assert not np.array_equal(got[0], original[0])
+
+
 def test_qoperator_analyze_lists_prunable_groups(qop, tmp_path, capsys):
     from spa.cli import main
 

@@ -90,6 +90,37 @@ def test_held_out_judgement_never_raises_the_held_out_error():
         assert obs.layer_error(W, new, H_held) <= obs.layer_error(W, plain, H_held) + 1e-12
 
 
+def test_damping_path_stops_once_the_held_out_error_rises(monkeypatch):
+    """Judged on its own fit inputs, ridge error only grows with damping: 1x wins, 100x is never
+    factorised."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((200, 9))
+    X[:, 2] += 0.8 * X[:, 5]
+    H = 2 * X.T @ X / len(X)
+    W = rng.standard_normal((4, 9))
+    steps = []
+    step = obs._refit_step
+    monkeypatch.setattr(obs, "_refit_step", lambda *a: steps.append(a[-1]) or step(*a))
+
+    class Graph:
+        consts = {"w": W.T}
+
+    class Analysis:
+        graph = Graph
+
+    class Plan:
+        @staticmethod
+        def removed(tensor, axis):
+            return np.array([2, 6])
+
+    layer = Layer(0, "w", 1, "x", "dense_t")
+    weights = {}
+    assert compensate_layer(Analysis, Plan, layer, ("full", H[None]), 0.01, weights, held=("full", H[None])) == \
+        "compensated"
+    assert np.allclose(steps, [0.01, 0.1])
+    np.testing.assert_allclose(weights["w"].T, obs.refit(W, H, None, [2, 6], 0.01), atol=1e-9)
+
+
 def test_measured_allocation_keeps_the_plan_whose_outputs_move_least():
     model = _cnn(seed=3)
     analysis = analyze(model)

@@ -9,8 +9,8 @@ Sources (the `--calibration` string):
 - ``none``: no inputs at all; every Hessian is the identity, so the saliency is the squared norm
   of a channel's consumer weights (a weight-norm criterion) and nothing is compensated.
 - ``synthetic`` (default, needs no data): image-like float inputs and [N, C, L] signals get 1/f
-  noise (natural images' spectrum, `natural_noise`), zero mean and unit variance (what a
-  normalised input looks like); other float inputs ~ N(0, 1); integer inputs: names containing
+  noise (natural images' spectrum, `natural_noise`; a quarter of every image batch `dead_leaves`
+  images instead), zero mean and unit variance (what a normalised input looks like); other float inputs ~ N(0, 1); integer inputs: names containing
   ``mask`` get ones, ``token_type``/``segment`` zeros, ``position`` 0..T-1, token ids are uniform
   below the vocabulary size read from the embedding table they index (a Gather on a constant),
   or, given a ``tokenizer``, sentences shaped like its own (`SyntheticVocabulary`: its special
@@ -92,6 +92,8 @@ DEFAULT_SIGNAL = 256       # unknown L of a float [N, C, L] input
 MIN_TOKENS = 4             # shortest synthetic token batch (the longest: max_length)
 FREQUENT_SHARE = 0.25      # synthetic sentences draw from this first share of the tokenizer's whole words
 NATURAL_SLOPES = (0.75, 1.25)  # spectral slopes of synthetic images and signals (natural_noise)
+DEAD_LEAVES_SHARE = 0.25   # of every synthetic image batch: dead-leaves images (the rest 1/f noise)
+DEAD_LEAVES = 300          # discs per dead-leaves image
 MAX_SIGNAL_CHANNELS = 4    # a float [N, C, L] input with at most this many channels is a signal
 RESIZE_MODES = ("stretch", "pad")
 LAYOUTS = ("nchw", "nhwc")
@@ -504,9 +506,12 @@ class _Plan:
         axes = _spatial_axes(inp, shape)
         if not axes:
             return rng.standard_normal(shape)
+        images = len(axes[1]) == 2
         self.say(f"calibration: synthetic inputs for '{inp.name}' are 1/f noise (the spectrum of natural images "
-                 "and signals), zero mean and unit variance per sample")
-        return natural_noise(rng, shape, *axes)
+                 "and signals)" + (f", {DEAD_LEAVES_SHARE:.0%} of each batch dead-leaves images (grey discs over "
+                                   "each other: the flat regions and sharp edges of natural images)" if images else "")
+                 + ", zero mean and unit variance per sample")
+        return natural_noise(rng, shape, *axes, dead_leaves_share=DEAD_LEAVES_SHARE if images else 0.0)
 
     # data --------------------------------------------------------------------------------------
     def sample_count(self, available: int, what: str) -> int:
@@ -552,11 +557,13 @@ def _spatial_axes(inp: _Input, shape) -> tuple | None:
     return None
 
 
-def natural_noise(rng, shape: tuple, channel_axis: int, spatial_axes: tuple) -> np.ndarray:
+def natural_noise(rng, shape: tuple, channel_axis: int, spatial_axes: tuple, dead_leaves_share: float = 0.0) -> np.ndarray:
     """Noise whose amplitude spectrum falls as 1/f^a over `spatial_axes`, a ~ U(NATURAL_SLOPES)
-    per sample: natural images have a ~ 0.9-1.0 (van der Schaaf & van Hateren 1996). Every channel
+    per sample: natural images have a ~ 0.9-1.0 (van der Schaaf & van Hateren 1996); the first
+    `dead_leaves_share` of the samples (2-D only) are `dead_leaves` images instead. Every channel
     holds the same field (grey images: colour noise on top cost the PP-OCRv4 recognizer half its
-    exact lines). Per sample zero mean, unit variance. Measured against N(0, 1) in docs/obspa.md."""
+    exact lines). Per sample zero mean, unit variance. Measured against N(0, 1) and mixtures in
+    docs/obspa.md."""
     order = (0, channel_axis) + tuple(spatial_axes)
     canonical = tuple(shape[a] for a in order)
     n, c, spatial = canonical[0], canonical[1], tuple(canonical[2:])
@@ -567,9 +574,36 @@ def natural_noise(rng, shape: tuple, channel_axis: int, spatial_axes: tuple) -> 
     axes = tuple(range(2, 2 + len(spatial)))
     z = rng.standard_normal((n, 1) + f.shape) + 1j * rng.standard_normal((n, 1) + f.shape)
     x = np.fft.irfftn(z / f ** slopes, s=spatial, axes=axes)
+    leaves = int(round(n * dead_leaves_share)) if len(spatial) == 2 else 0
+    if leaves:
+        x[:leaves, 0] = dead_leaves(rng, leaves, *spatial)
     x -= x.mean(axis=axes, keepdims=True)
     x /= x.std(axis=axes, keepdims=True) + 1e-12
     return np.transpose(np.broadcast_to(x, (n, c) + spatial), np.argsort(order))
+
+
+def dead_leaves(rng, n: int, height: int, width: int) -> np.ndarray:
+    """n dead-leaves images (Matheron's model; Lee, Mumford & Huang 2001 for natural images'
+    statistics; Baradad et al. 2021 trained vision models on them): DEAD_LEAVES discs of uniform
+    random grey painted one over the other on a grey background, radii with density ~ r^-3 (the
+    scale-invariant choice) from 1 pixel to half the longer side, centres up to a quarter of that
+    beyond the edges. Flat regions and sharp edges, which 1/f noise lacks."""
+    rmax = max(height, width) / 2
+    radii = (1.0 - rng.uniform(size=(n, DEAD_LEAVES)) * (1.0 - max(rmax, 1.0) ** -2)) ** -0.5
+    cy = rng.uniform(-rmax / 4, height + rmax / 4, size=(n, DEAD_LEAVES))
+    cx = rng.uniform(-rmax / 4, width + rmax / 4, size=(n, DEAD_LEAVES))
+    greys = rng.uniform(size=(n, DEAD_LEAVES))
+    images = np.empty((n, height, width))
+    for k in range(n):
+        images[k] = rng.uniform()
+        for r, y, x, grey in zip(radii[k], cy[k], cx[k], greys[k]):
+            top, bottom = max(int(y - r), 0), min(int(y + r) + 1, height)
+            left, right = max(int(x - r), 0), min(int(x + r) + 1, width)
+            if top >= bottom or left >= right:
+                continue
+            yy, xx = np.ogrid[top:bottom, left:right]
+            images[k, top:bottom, left:right][(yy - y) ** 2 + (xx - x) ** 2 < r * r] = grey
+    return images
 
 
 def _hint(name: str, shape: list, letters: dict | None = None) -> str:

@@ -288,12 +288,15 @@ MINILM_ROWS = {"magnitude": {"criterion": "l1"},
                "obs-synthetic": {"criterion": "obs", "calibration": "synthetic"},
                f"obs-synthetic+recover-{MINILM_RECOVER}": {"criterion": "obs", "calibration": "synthetic",
                                                          "recover": MINILM_RECOVER},
+               "obs-tokenizer": {"criterion": "obs", "calibration": "tokenizer"},
                "obs-real-128": {"criterion": "obs", "calibration": "real"}}
 
 
-def minilm_section(quick: bool) -> dict:
+def minilm_section(quick: bool, only=None, earlier: dict | None = None) -> dict:
     """Every Conv/Gemm/MatMul weight of all-MiniLM-L6-v2 at 2:4 (36 layers); sentence embeddings of
-    the sparse model against the original's on EVALUATION (130 varied sentences) and SHIFTED."""
+    the sparse model against the original's on EVALUATION (130 varied sentences) and SHIFTED.
+    `only`: run these rows, keep the others from `earlier` (a section of an earlier run).
+    obs-tokenizer: synthetic token ids shaped by the model's tokenizer (still no data)."""
     import spa
     from models.minilm import embedding_agreement, export_minilm, load_minilm, minilm_dir, sentence_embeddings
     from models.sentences import CALIBRATION, EVALUATION, SHIFTED
@@ -301,7 +304,7 @@ def minilm_section(quick: bool) -> dict:
     from spa.runtime import session
 
     model, tokenizer = load_minilm()
-    rows = {}
+    rows = dict((earlier or {}).get("rows", {})) if only else {}
     with tempfile.TemporaryDirectory(prefix="spa-sparsity-minilm-") as workdir:
         path = export_minilm(os.path.join(workdir, "minilm.onnx"), model=model)
         text = os.path.join(workdir, "calibration.txt")
@@ -310,11 +313,13 @@ def minilm_section(quick: bool) -> dict:
         sets = {"in_distribution": EVALUATION, "shifted": SHIFTED}
         reference = {k: sentence_embeddings(path, s, tokenizer) for k, s in sets.items()}
         for name, spec in MINILM_ROWS.items():
-            if quick and name not in ("magnitude", "obs-synthetic"):
+            if (quick and name not in ("magnitude", "obs-synthetic")) or (only and name not in only):
                 continue
             calibration = spec.get("calibration")
             if calibration == "real":
                 calibration = Calibration(source=text, tokenizer=minilm_dir())
+            elif calibration == "tokenizer":
+                calibration = Calibration(source="synthetic", tokenizer=minilm_dir())
             log(f"minilm 2:4 {name}")
             start = time.perf_counter()
             sparse = spa.sparsify(path, "2:4", criterion=spec["criterion"], calibration=calibration,
@@ -451,7 +456,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="JSON path (default benchmarks/results/sparsity.json, --quick: "
                         "sparsity_quick.json); the plot goes beside it")
     parser.add_argument("--merge", action="store_true", help="keep the sections not run now from an existing --out")
+    parser.add_argument("--minilm-rows", help="comma list of " + ", ".join(MINILM_ROWS) +
+                        ": run only these MiniLM rows (with --merge the others stay from --out)")
     args = parser.parse_args(argv)
+    minilm_rows = args.minilm_rows.split(",") if args.minilm_rows else None
+    if minilm_rows and set(minilm_rows) - set(MINILM_ROWS):
+        parser.error(f"unknown MiniLM rows {sorted(set(minilm_rows) - set(MINILM_ROWS))}")
     wanted = args.sections.split(",")
     if set(wanted) - set(SECTIONS):
         parser.error(f"unknown sections {sorted(set(wanted) - set(SECTIONS))}")
@@ -464,14 +474,15 @@ def main(argv=None) -> int:
     started, info = time.perf_counter(), machine_info()
     log(f"sparsity benchmark ({'quick' if args.quick else 'full'}): {', '.join(wanted)} ({', '.join(names)}); "
         f"load average {info['loadavg_start'][0]:.1f}")
-    sections = {}
+    sections, earlier = {}, {}
     if args.merge and os.path.exists(args.out):
         with open(args.out) as f:
-            sections = {k: v for k, v in json.load(f).items() if k in SECTIONS and k not in wanted}
+            earlier = {k: v for k, v in json.load(f).items() if k in SECTIONS}
+        sections = {k: v for k, v in earlier.items() if k not in wanted}
     if "digits" in wanted:
         sections["digits"] = digits_section(names, args.quick)
     if "minilm" in wanted:
-        sections["minilm"] = minilm_section(args.quick)
+        sections["minilm"] = minilm_section(args.quick, minilm_rows, earlier.get("minilm"))
     if "ocr" in wanted:
         sections["ocr"] = ocr_section(args.quick)
     table = "\n\n".join(SECTIONS[name](sections[name]) for name in SECTIONS if name in sections)

@@ -38,9 +38,7 @@
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -54,6 +52,7 @@ from spa.graph import as_model
 from spa.progress import bar as progress_bar
 
 from .torch_onnx import OnnxModule, from_onnx, run_graph
+from .torch_threads import all_cores_but_one, intra_op_threads
 
 __all__ = ["recover", "RecoveryResult", "synthetic_batches", "bn_inversion_batches", "default_lr",
            "DEFAULT_LR", "DEFAULT_LR_NO_BN", "DEFAULT_STEPS"]
@@ -141,7 +140,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
         _freeze_zeros(params.values())
     ran, diverged = 0, None
     if steps and loss_before > 0 and params:
-        with torch.random.fork_rng(devices=[]), _training_threads():
+        with torch.random.fork_rng(devices=[]), intra_op_threads(all_cores_but_one()):
             torch.manual_seed(seed)
             ran, diverged = _train(student, teach, train_feeds, steps, lr, names, shared, scales, match_weight,
                                    warmup, weight_decay, bn, list(params.values()))
@@ -166,21 +165,6 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
                f"{seconds:.1f} s" + "".join(f"; {n}" for n in notes))
     say(message)
     return RecoveryResult(model, improved, loss_before, loss_after, seconds, ran, skipped, message)
-
-
-@contextlib.contextmanager
-def _training_threads():
-    """torch's intra-op threads during training: one core left to everything else. With every
-    core in use, torch's thread pool collapses next to any other busy process (2-vCPU VM, MiniLM
-    distillation: 150-180 s alone, 1140 s beside one other job); on that machine, idle, one thread
-    instead of two cost 1.3x on MiniLM (22-25 s vs 16-20 s for 20 steps) and was faster on the
-    digits ResNet (1.1-1.3 s vs 2.8-4.4 s for 60 steps)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - 1)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def default_lr(model: onnx.ModelProto) -> float:

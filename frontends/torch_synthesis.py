@@ -52,6 +52,8 @@ from spa.errors import SpaError
 from spa.graph import as_model, constant_node_value
 from spa.progress import bar
 
+from .torch_threads import intra_op_threads
+
 __all__ = ["synthesise", "invert", "bn_inversion", "bn_match_error", "bn_nodes", "TARGETS"]
 
 NO_BN = ("bn-inversion needs BatchNormalization statistics; eval exports fold BN into Conv: "
@@ -240,35 +242,34 @@ def _optimise(graph: _Graph, feeds: list[dict], steps: int, lr: float, seed: int
         variables += [tensors[n] for n in floats]
     if not variables:
         raise SpaError(f"{what}: the model has no float input to optimise")
-    generator_state, threads = torch.random.get_rng_state(), torch.get_num_threads()
+    generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     # one intra-op thread: on an idle 2-core VM as fast as two on the digits ResNet (3.1 vs 2.9 s
     # for 10 steps), and with one other busy process 3.7 s where two threads took 35 s
-    torch.set_num_threads(1)
     try:
-        optimizer = torch.optim.Adam(variables, lr=lr)
-        steps_bar = bar(range(steps), what)
-        for step in steps_bar:
-            optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for index, (tensors, floats) in enumerate(batches):
-                loss = loss_of(tensors, floats, index, generator)
-                if loss.requires_grad:  # nothing depends on a float input: nothing to move
-                    loss.backward()
-                total += loss.item()
-            optimizer.step()
-            if clip is not None:
-                with torch.no_grad():
-                    for v in variables:
-                        v.clamp_(clip[0], clip[1])
-            steps_bar.set_postfix(loss=f"{total / len(batches):.4g}", refresh=False)
-            if snapshot is not None:
-                snapshot(step + 1, _numpy_feeds(feeds, batches))
-        steps_bar.close()
+        with intra_op_threads(1):
+            optimizer = torch.optim.Adam(variables, lr=lr)
+            steps_bar = bar(range(steps), what)
+            for step in steps_bar:
+                optimizer.zero_grad(set_to_none=True)
+                total = 0.0
+                for index, (tensors, floats) in enumerate(batches):
+                    loss = loss_of(tensors, floats, index, generator)
+                    if loss.requires_grad:  # nothing depends on a float input: nothing to move
+                        loss.backward()
+                    total += loss.item()
+                optimizer.step()
+                if clip is not None:
+                    with torch.no_grad():
+                        for v in variables:
+                            v.clamp_(clip[0], clip[1])
+                steps_bar.set_postfix(loss=f"{total / len(batches):.4g}", refresh=False)
+                if snapshot is not None:
+                    snapshot(step + 1, _numpy_feeds(feeds, batches))
+            steps_bar.close()
     finally:
         torch.random.set_rng_state(generator_state)
-        torch.set_num_threads(threads)
     return _numpy_feeds(feeds, batches)
 
 

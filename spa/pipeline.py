@@ -23,7 +23,7 @@ from .rewrite import rewrite
 from .selection import Target, select
 from .paths import staging_folder
 from .runtime import declared_inputs, is_float
-from .verify import masked_original, session_fits, validate
+from .verify import session_fits, validate
 
 
 ALLOCATIONS = ("measured", "global", "uniform")

@@ -10,12 +10,12 @@ Sources (the `--calibration` string):
   of a channel's consumer weights (a weight-norm criterion) and nothing is compensated.
 - ``synthetic`` (default, needs no data): image-like float inputs and [N, C, L] signals get 1/f
   noise (natural images' spectrum, `natural_noise`; a quarter of every image batch `dead_leaves`
-  images instead), zero mean and unit variance (what a normalised input looks like); other float inputs ~ N(0, 1); integer inputs: names containing
-  ``mask`` get ones, ``token_type``/``segment`` zeros, ``position`` 0..T-1, token ids are uniform
-  below the vocabulary size read from the embedding table they index (a Gather on a constant),
-  or, given a ``tokenizer``, sentences shaped like its own (`SyntheticVocabulary`: its special
-  tokens around words drawn from its frequent whole-word tokens); other integers zeros, booleans
-  True.
+  images instead), zero mean and unit variance (what a normalised input looks like); other float
+  inputs ~ N(0, 1); integer inputs: names containing ``mask`` get ones, ``token_type``/``segment``
+  zeros, ``position`` 0..T-1, token ids are uniform below the vocabulary size read from the
+  embedding table they index (a Gather on a constant), or, given a ``tokenizer``, sentences shaped
+  like its own (`SyntheticVocabulary`: its special tokens around words drawn from its frequent
+  whole-word tokens); other integers zeros, booleans True.
 - ``bn``: Gaussian inputs whose per-channel mean and variance are fitted so that the first
   BatchNormalization's running statistics are reproduced: BN reading the input directly takes
   them as they are; BN after one Conv on the input solves mean(y) = b + A m by least squares and
@@ -557,7 +557,8 @@ def _spatial_axes(inp: _Input, shape) -> tuple | None:
     return None
 
 
-def natural_noise(rng, shape: tuple, channel_axis: int, spatial_axes: tuple, dead_leaves_share: float = 0.0) -> np.ndarray:
+def natural_noise(rng, shape: tuple, channel_axis: int, spatial_axes: tuple,
+                  dead_leaves_share: float = 0.0) -> np.ndarray:
     """Noise whose amplitude spectrum falls as 1/f^a over `spatial_axes`, a ~ U(NATURAL_SLOPES)
     per sample: natural images have a ~ 0.9-1.0 (van der Schaaf & van Hateren 1996); the first
     `dead_leaves_share` of the samples (2-D only) are `dead_leaves` images instead. Every channel

@@ -258,51 +258,56 @@ def refit(W: np.ndarray, H: np.ndarray, cross: np.ndarray | None, Q, damp: float
 def refits(W: np.ndarray, H: np.ndarray, cross: np.ndarray | None, Q, damps):
     """`refit` at each damping of `damps`, lazily (a caller that stops early saves the rest), the
     kept block of H copied once for all of them."""
-    with blas_on_one_thread():  # not while the caller holds a step
-        W, Q, K, potrf, dtype, block, plain, rhs, cross = _refit_setup(W, H, cross, Q)
+    with blas_on_one_thread():  # not held while the caller works between steps
+        problem = _Refit(W, H, cross, Q)
     for damp in damps:
         with blas_on_one_thread():
-            new = _refit_step(W, H, cross, Q, K, potrf, dtype, block, plain, rhs, damp)
-        yield new
+            fit = problem.at(damp)
+        yield fit
 
 
-def _refit_setup(W, H, cross, Q):
-    W = np.asarray(W, dtype=np.float64)
-    Q = np.asarray(Q, dtype=np.int64)
-    K = np.setdiff1d(np.arange(W.shape[1]), Q)
-    potrf, dtype = _cholesky(len(K))
-    block = _finite_block(H, K, dtype)  # each damping below only changes its diagonal
-    plain = np.diag(block).copy()
-    rhs = None
-    if cross is None:  # W Hd[:, K] = W_K Hd[K, K] + W_Q H[Q, K]: only the second term is solved for
-        rhs = (W[:, Q] @ np.nan_to_num(np.asarray(H[np.ix_(Q, K)], dtype=np.float64), posinf=0.0, neginf=0.0)).T
-    else:
-        cross = np.asarray(cross, dtype=np.float64)[K, :]
-    return W, Q, K, potrf, dtype, block, plain, rhs, cross
+class _Refit:
+    """One layer's refit: the kept block of H (copied once; each damping only changes its
+    diagonal) and the right-hand side, factorised per damping by `at`."""
 
+    def __init__(self, W, H, cross, Q):
+        self.W = np.asarray(W, dtype=np.float64)
+        self.H = H
+        self.Q = np.asarray(Q, dtype=np.int64)
+        self.K = np.setdiff1d(np.arange(self.W.shape[1]), self.Q)
+        self.potrf, self.dtype = _cholesky(len(self.K))
+        self.block = _finite_block(H, self.K, self.dtype)
+        self.plain = np.diag(self.block).copy()
+        self.rhs = self.cross = None
+        if cross is None:  # W Hd[:, K] = W_K Hd[K, K] + W_Q H[Q, K]: only the second term is solved for
+            HQK = np.nan_to_num(np.asarray(H[np.ix_(self.Q, self.K)], dtype=np.float64), posinf=0.0, neginf=0.0)
+            self.rhs = (self.W[:, self.Q] @ HQK).T
+        else:
+            self.cross = np.asarray(cross, dtype=np.float64)[self.K, :]
 
-def _refit_step(W, H, cross, Q, K, potrf, dtype, block, plain, rhs, damp) -> np.ndarray:
-    from scipy.linalg import cho_solve
+    def at(self, damp: float) -> np.ndarray:
+        from scipy.linalg import cho_solve
 
-    for _ in range(12):
-        added = _damping(H, K, damp)
-        block[np.diag_indices_from(block)] = plain + added
-        factor, info = potrf(block, lower=False)
-        if info == 0:
-            break
-        damp = max(damp, 1e-10) * 10
-    else:
-        new = W.copy()
-        new[:, Q] = 0.0
+        W, K = self.W, self.K
+        for _ in range(12):
+            added = _damping(self.H, K, damp)
+            self.block[np.diag_indices_from(self.block)] = self.plain + added
+            factor, info = self.potrf(self.block, lower=False)
+            if info == 0:
+                break
+            damp = max(damp, 1e-10) * 10
+        else:
+            new = W.copy()
+            new[:, self.Q] = 0.0
+            return new
+        new = np.zeros_like(W)
+        if self.cross is None:
+            new[:, K] = W[:, K] + cho_solve((factor, False), self.rhs.astype(self.dtype)).T
+        else:
+            pulled = self.cross.copy()
+            pulled[np.arange(len(K)), K] += added  # the damping pulls towards W_K
+            new[:, K] = cho_solve((factor, False), (W @ pulled.T).T.astype(self.dtype)).T
         return new
-    new = np.zeros_like(W)
-    if cross is None:
-        new[:, K] = W[:, K] + cho_solve((factor, False), rhs.astype(dtype)).T
-    else:
-        pulled = cross.copy()
-        pulled[np.arange(len(K)), K] += added  # the damping pulls towards W_K
-        new[:, K] = cho_solve((factor, False), (W @ pulled.T).T.astype(dtype)).T
-    return new
 
 
 @one_blas_thread

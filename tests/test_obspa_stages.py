@@ -99,8 +99,8 @@ def test_damping_path_stops_once_the_held_out_error_rises(monkeypatch):
     H = 2 * X.T @ X / len(X)
     W = rng.standard_normal((4, 9))
     steps = []
-    step = obs._refit_step
-    monkeypatch.setattr(obs, "_refit_step", lambda *a: steps.append(a[-1]) or step(*a))
+    step = obs._Refit.at
+    monkeypatch.setattr(obs._Refit, "at", lambda self, damp: steps.append(damp) or step(self, damp))
 
     class Graph:
         consts = {"w": W.T}
@@ -153,7 +153,8 @@ def test_masked_runs_share_one_session_and_match_masked_original(constant_weight
         plan = select(analysis, raw, target)
         weights = first_order_weights(analysis, plan, measured)
         assert weights
-        for got, expected in zip(runs.outputs(plan, weights), allocation.outputs(first_order(analysis, plan, measured), held)):
+        expected_outputs = allocation.outputs(first_order(analysis, plan, measured), held)
+        for got, expected in zip(runs.outputs(plan, weights), expected_outputs):
             np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-5)
     for got, expected in zip(runs.outputs(), allocation.outputs(model, held)):
         np.testing.assert_allclose(got[0], expected[0], rtol=1e-6, atol=1e-6)

@@ -46,9 +46,10 @@ def _submodel(model, nodes, inputs, outputs, initializers=None) -> onnx.ModelPro
     graph = part.graph
     graph.node.extend(nodes)
     used = set().union(*(_needs(n) for n in nodes)) if nodes else set()
-    graph.initializer.extend(t for t in (initializers if initializers is not None else model.graph.initializer)
-                             if t.name in used)
-    graph.input.extend(inputs)
+    constants = initializers if initializers is not None else model.graph.initializer
+    graph.initializer.extend(t for t in constants if t.name in used)
+    unused = {t.name for t in constants} - used  # IR < 4 lists initializers as inputs: not ones left out
+    graph.input.extend(i for i in inputs if i.name not in unused)
     graph.output.extend(helper.ValueInfoProto(name=n) for n in outputs)
     return part
 

@@ -140,10 +140,14 @@ def test_measured_allocation_keeps_the_plan_whose_outputs_move_least():
     assert np.array_equal(chosen.removed_atoms, next(c.plan for c in tried if c.name == best).removed_atoms)
 
 
-@pytest.mark.parametrize("constant_weights", [False, True])
-def test_masked_runs_share_one_session_and_match_masked_original(constant_weights):
-    """Plans and weights fed to one model give what masked_original(plan) with those weights gives."""
+@pytest.mark.parametrize("constant_weights,listed", [(False, False), (True, False), (False, True)])
+def test_masked_runs_share_one_session_and_match_masked_original(constant_weights, listed):
+    """Plans and weights fed to one model give what masked_original(plan) with those weights gives
+    (listed: every initializer also a graph input, as IR < 4 files have them)."""
     model = _cnn(seed=5, constant_weights=constant_weights)
+    if listed:
+        model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                 for t in model.graph.initializer)
     analysis = analyze(model)
     batches, held = _feeds(model, 32), _feeds(model, 8, seed=9)
     raw, measured = scores(analysis, batches, held=held)

@@ -9,8 +9,8 @@ Sources (the `--calibration` string):
 - ``none``: no inputs at all; every Hessian is the identity, so the saliency is the squared norm
   of a channel's consumer weights (a weight-norm criterion) and nothing is compensated.
 - ``synthetic`` (default, needs no data): image-like float inputs and [N, C, L] signals get 1/f
-  noise (natural images' spectrum, `natural_noise`; a quarter of every image batch `dead_leaves`
-  images instead), zero mean and unit variance (what a normalised input looks like); other float
+  noise (natural images' spectrum, `natural_noise`; a quarter of every batch `dead_leaves`
+  instead), zero mean and unit variance (what a normalised input looks like); other float
   inputs ~ N(0, 1); integer inputs: names containing ``mask`` get ones, ``token_type``/``segment``
   zeros, ``position`` 0..T-1, token ids are uniform below the vocabulary size read from the
   embedding table they index (a Gather on a constant), or, given a ``tokenizer``, sentences shaped
@@ -92,8 +92,8 @@ DEFAULT_SIGNAL = 256       # unknown L of a float [N, C, L] input
 MIN_TOKENS = 4             # shortest synthetic token batch (the longest: max_length)
 FREQUENT_SHARE = 0.25      # synthetic sentences draw from this first share of the tokenizer's whole words
 NATURAL_SLOPES = (0.75, 1.25)  # spectral slopes of synthetic images and signals (natural_noise)
-DEAD_LEAVES_SHARE = 0.25   # of every synthetic image batch: dead-leaves images (the rest 1/f noise)
-DEAD_LEAVES = 300          # discs per dead-leaves image
+DEAD_LEAVES_SHARE = 0.25   # of every synthetic image / signal batch: dead leaves (the rest 1/f noise)
+DEAD_LEAVES = 300          # discs (intervals) per dead-leaves image (signal)
 MAX_SIGNAL_CHANNELS = 4    # a float [N, C, L] input with at most this many channels is a signal
 RESIZE_MODES = ("stretch", "pad")
 LAYOUTS = ("nchw", "nhwc")
@@ -506,12 +506,11 @@ class _Plan:
         axes = _spatial_axes(inp, shape)
         if not axes:
             return rng.standard_normal(shape)
-        images = len(axes[1]) == 2
         self.say(f"calibration: synthetic inputs for '{inp.name}' are 1/f noise (the spectrum of natural images "
-                 "and signals)" + (f", {DEAD_LEAVES_SHARE:.0%} of each batch dead-leaves images (grey discs over "
-                                   "each other: the flat regions and sharp edges of natural images)" if images else "")
-                 + ", zero mean and unit variance per sample")
-        return natural_noise(rng, shape, *axes, dead_leaves_share=DEAD_LEAVES_SHARE if images else 0.0)
+                 f"and signals), {DEAD_LEAVES_SHARE:.0%} of each batch dead leaves (grey discs or intervals over "
+                 "each other: the flat regions and sharp edges of natural ones), zero mean and unit variance per "
+                 "sample")
+        return natural_noise(rng, shape, *axes, dead_leaves_share=DEAD_LEAVES_SHARE)
 
     # data --------------------------------------------------------------------------------------
     def sample_count(self, available: int, what: str) -> int:
@@ -561,7 +560,7 @@ def natural_noise(rng, shape: tuple, channel_axis: int, spatial_axes: tuple,
                   dead_leaves_share: float = 0.0) -> np.ndarray:
     """Noise whose amplitude spectrum falls as 1/f^a over `spatial_axes`, a ~ U(NATURAL_SLOPES)
     per sample: natural images have a ~ 0.9-1.0 (van der Schaaf & van Hateren 1996); the first
-    `dead_leaves_share` of the samples (2-D only) are `dead_leaves` images instead. Every channel
+    `dead_leaves_share` of the samples are `dead_leaves` images (signals) instead. Every channel
     holds the same field (grey images: colour noise on top cost the PP-OCRv4 recognizer half its
     exact lines). Per sample zero mean, unit variance. Measured against N(0, 1) and mixtures in
     docs/obspa.md."""
@@ -575,7 +574,7 @@ def natural_noise(rng, shape: tuple, channel_axis: int, spatial_axes: tuple,
     axes = tuple(range(2, 2 + len(spatial)))
     z = rng.standard_normal((n, 1) + f.shape) + 1j * rng.standard_normal((n, 1) + f.shape)
     x = np.fft.irfftn(z / f ** slopes, s=spatial, axes=axes)
-    leaves = int(round(n * dead_leaves_share)) if len(spatial) == 2 else 0
+    leaves = int(round(n * dead_leaves_share))
     if leaves:
         x[:leaves, 0] = dead_leaves(rng, leaves, *spatial)
     x -= x.mean(axis=axes, keepdims=True)
@@ -583,27 +582,29 @@ def natural_noise(rng, shape: tuple, channel_axis: int, spatial_axes: tuple,
     return np.transpose(np.broadcast_to(x, (n, c) + spatial), np.argsort(order))
 
 
-def dead_leaves(rng, n: int, height: int, width: int) -> np.ndarray:
+def dead_leaves(rng, n: int, *size: int) -> np.ndarray:
     """n dead-leaves images (Matheron's model; Lee, Mumford & Huang 2001 for natural images'
-    statistics; Baradad et al. 2021 trained vision models on them): DEAD_LEAVES discs of uniform
-    random grey painted one over the other on a grey background, radii with density ~ r^-3 (the
-    scale-invariant choice) from 1 pixel to half the longer side, centres up to a quarter of that
-    beyond the edges. Flat regions and sharp edges, which 1/f noise lacks."""
-    rmax = max(height, width) / 2
+    statistics; Baradad et al. 2021 trained vision models on them), or signals for one `size`:
+    DEAD_LEAVES discs (intervals) of uniform random grey painted one over the other on a grey
+    background, radii with density ~ r^-3 (the scale-invariant choice) from 1 sample to half the
+    longest side, centres up to a quarter of that beyond the edges. Flat regions and sharp edges,
+    which 1/f noise lacks."""
+    rmax = max(size) / 2
     radii = (1.0 - rng.uniform(size=(n, DEAD_LEAVES)) * (1.0 - max(rmax, 1.0) ** -2)) ** -0.5
-    cy = rng.uniform(-rmax / 4, height + rmax / 4, size=(n, DEAD_LEAVES))
-    cx = rng.uniform(-rmax / 4, width + rmax / 4, size=(n, DEAD_LEAVES))
+    centres = [rng.uniform(-rmax / 4, s + rmax / 4, size=(n, DEAD_LEAVES)) for s in size]
     greys = rng.uniform(size=(n, DEAD_LEAVES))
-    images = np.empty((n, height, width))
+    images = np.empty((n,) + tuple(size))
     for k in range(n):
         images[k] = rng.uniform()
-        for r, y, x, grey in zip(radii[k], cy[k], cx[k], greys[k]):
-            top, bottom = max(int(y - r), 0), min(int(y + r) + 1, height)
-            left, right = max(int(x - r), 0), min(int(x + r) + 1, width)
-            if top >= bottom or left >= right:
+        for leaf in range(DEAD_LEAVES):
+            r = radii[k, leaf]
+            at = [c[k, leaf] for c in centres]
+            box = tuple(slice(max(int(c - r), 0), min(int(c + r) + 1, s)) for c, s in zip(at, size))
+            if any(b.start >= b.stop for b in box):
                 continue
-            yy, xx = np.ogrid[top:bottom, left:right]
-            images[k, top:bottom, left:right][(yy - y) ** 2 + (xx - x) ** 2 < r * r] = grey
+            grid = np.ogrid[box]
+            inside = sum((g - c) ** 2 for g, c in zip(grid, at)) < r * r
+            images[k][box][inside] = greys[k, leaf]
     return images
 
 

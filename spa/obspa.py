@@ -277,7 +277,7 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, 
     fit saw) the damping is chosen along DAMPING_PATH and the uncompensated layer competes too:
     whatever reproduces the layer's outputs best on the held-out inputs wins, so compensation
     never makes the held-out error larger. The path stops at the first damping that does worse
-    than the one before (the held-out error along it had one minimum in 375 of 375 layers of five
+    than the one before (the held-out error along it had one minimum in 375 of 375 layers of four
     models). Returns "compensated", "kept" (the uncompensated layer won) or "failed"."""
     g = analysis.graph
     removed = plan.removed(layer.weight, layer.in_axis)

@@ -388,6 +388,11 @@ class Measured:
     seed: int = 0
     held_hessians: Hessians | None = None  # of batches no Hessian above saw: they judge compensations
 
+    @property
+    def compensable(self) -> list:
+        """Names of the weights and biases compensation may give new values."""
+        return [name for layer in self.layers if layer.compensable for name in (layer.weight, layer.bias) if name]
+
 
 def check_damp(damp: float) -> None:
     if not 0 <= damp < 1e6:

@@ -251,10 +251,8 @@ def _obs_plan(analysis, target, fit, held, allocation, normalization, compensati
     def compensated(plan):
         return {} if compensation == "none" else obspa.first_order_weights(analysis, plan, measured, damp, layer_cache)
 
-    compensable = [name for layer in measured.layers if layer.compensable
-                   for name in (layer.weight, layer.bias) if name]
     progress(f"selecting channels: comparing allocations on {len(held)} held-out calibration batches")
-    plan, _ = allocate.choose(analysis, scores, target, budget, compensated, held, progress, compensable)
+    plan, _ = allocate.choose(analysis, scores, target, budget, compensated, held, progress, measured.compensable)
     return plan, scores, measured
 
 

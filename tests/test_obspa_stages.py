@@ -129,8 +129,8 @@ def test_measured_allocation_keeps_the_plan_whose_outputs_move_least():
     target = Target(ratio=0.5)
     budget = as_parameter_budget(analysis, raw, target)
     compensated = lambda plan: first_order_weights(analysis, plan, measured)  # noqa: E731
-    compensable = [name for layer in measured.layers for name in (layer.weight, layer.bias) if name]
-    chosen, tried = allocation.choose(analysis, raw, target, budget, compensated, held, compensable=compensable)
+    chosen, tried = allocation.choose(analysis, raw, target, budget, compensated, held,
+                                      compensable=measured.compensable)
     reference = allocation.outputs(model, held)
     brute = {c.name: allocation.distortion(reference, allocation.outputs(first_order(analysis, c.plan, measured), held))
              for c in tried}
@@ -151,8 +151,7 @@ def test_masked_runs_share_one_session_and_match_masked_original(constant_weight
     analysis = analyze(model)
     batches, held = _feeds(model, 32), _feeds(model, 8, seed=9)
     raw, measured = scores(analysis, batches, held=held)
-    compensable = [name for layer in measured.layers for name in (layer.weight, layer.bias) if name]
-    runs = MaskedRuns(analysis, held, compensable)
+    runs = MaskedRuns(analysis, held, measured.compensable)
     for target in (Target(ratio=0.25), Target(ratio=0.5)):
         plan = select(analysis, raw, target)
         weights = first_order_weights(analysis, plan, measured)

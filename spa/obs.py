@@ -52,8 +52,9 @@ def blas_on_one_thread():
 
 
 class HessianSum:
-    """H = 2 X X^T / N accumulated batch by batch: memory is d_in^2, whatever N is. X X^T is a
-    symmetric rank-k update (BLAS syrk: half the work of a matrix product), summed in float64."""
+    """H = 2 X X^T / N accumulated batch by batch: memory is d_in^2, whatever N is. Each chunk's
+    X X^T is a float32 matrix product summed into float64: OpenBLAS's syrk (half the arithmetic)
+    ran 1.2-2.3x slower than its sgemm on the 2-core VM (docs/obspa.md)."""
 
     def __init__(self, columns: int, blocks: int = 1):
         self.xtx = np.zeros((blocks, columns, columns))
@@ -64,19 +65,13 @@ class HessianSum:
     def add(self, rows: np.ndarray, block: int = 0, count: bool = True, chunk: int = 8192, other=None):
         """rows: (n, d_in), one input vector per row; other: rows of a second input (X_ref) to
         sum the cross term 2 X X_ref^T / N instead."""
-        from scipy.linalg import blas
-
-        # float32 inputs multiply in float32 (twice as fast), each chunk summed into float64
         dtype = np.float32 if rows.dtype == np.float32 else np.float64
-        syrk = blas.ssyrk if dtype == np.float32 else blas.dsyrk
         self._matrix = None
+        self.symmetric = self.symmetric and other is None
         for start in range(0, len(rows), chunk):
-            part = np.ascontiguousarray(rows[start:start + chunk], dtype=dtype)
-            if other is None:  # part.T is Fortran-ordered: syrk reads it without a copy
-                self.xtx[block] += syrk(1.0, part.T, trans=0, lower=0)  # upper triangle of part^T part
-            else:
-                self.symmetric = False
-                self.xtx[block] += part.T @ np.asarray(other[start:start + chunk], dtype=dtype)
+            part = np.asarray(rows[start:start + chunk], dtype=dtype)
+            right = part if other is None else np.asarray(other[start:start + chunk], dtype=dtype)
+            self.xtx[block] += part.T @ right
         if count:
             self.count += len(rows)
 
@@ -85,14 +80,11 @@ class HessianSum:
         """(blocks, d_in, d_in)."""
         if self._matrix is None:
             xtx = self.xtx
-            if self.symmetric:  # syrk filled the upper triangle only: mirror it
-                diagonal = np.diagonal(xtx, axis1=1, axis2=2).copy()
+            if self.symmetric:  # the product's rounding may differ a little between H[i, j] and H[j, i]
                 xtx = xtx + np.swapaxes(xtx, 1, 2)
-                idx = np.arange(xtx.shape[1])
-                xtx[:, idx, idx] = diagonal
+                xtx *= 1.0 / max(self.count, 1)
             else:
-                xtx = xtx.copy()
-            xtx *= 2.0 / max(self.count, 1)
+                xtx = xtx * (2.0 / max(self.count, 1))
             self._matrix = xtx
         return self._matrix
 

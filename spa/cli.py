@@ -138,6 +138,11 @@ def parser() -> argparse.ArgumentParser:
                     help="update the weights of layers that lose inputs from calibration inputs: obs (least squares, "
                          "the default with obspa), reference (fit the original layer outputs), scale (one factor "
                          "per kept input), none (default otherwise); works with any criterion")
+    pr.add_argument("--staged", action=argparse.BooleanOptionalAction,
+                    help="obs compensation: refit layer after layer on inputs re-computed through the compensated "
+                         "part (--staged), or solve each from the original model's Hessians (--no-staged: no "
+                         "further pass, criterion obspa); default: staged with calibration files, not with "
+                         "generated inputs")
     pr.add_argument("--labels", metavar="FILE",
                     help="taylor, snip, grasp, crop, obd (PyTorch autograd on --calibration inputs): class labels "
                          "(.npy / .npz / .txt), in calibration sample order; default: a 'labels' array in the "
@@ -337,7 +342,7 @@ def _outcome(args, model, result, plan) -> tuple[dict, list]:
     from .report import missed_target, outcome
     from .selection import limits
 
-    found = outcome(model, result.model, plan)
+    found = outcome(model, result.model, plan, result.analysis.graph if result.analysis.graph.model is model else None)
     notes = list(result.warnings)
     if args.command == "prune":
         target = _target(args)
@@ -632,7 +637,8 @@ def _prune(args, model, options, say):
     return prune(model, _target(args), args.criterion, args.aggregation or "mean", args.normalization, options,
                  args.seed or 0, progress=say, calibration=args.calibration_options,
                  damp=0.01 if args.damp is None else args.damp, labels=args.labels,
-                 allocation=args.allocation, recover=args.recover, compensation=args.compensation)
+                 allocation=args.allocation, recover=args.recover, compensation=args.compensation,
+                 staged=args.staged)
 
 
 def _check_model_flags(args, model, options):
@@ -679,6 +685,9 @@ def check_flags(args):
     if getattr(args, "dry_run", False) and args.compensation is not None and args.criterion != "obspa":
         raise SpaError(f"--compensation has no effect with --dry-run: it changes weights, not the channels criterion "
                        f"{args.criterion} chooses, and a dry run writes nothing")
+    if getattr(args, "dry_run", False) and args.staged is not None:
+        raise SpaError("--staged has no effect with --dry-run: compensation changes weights, and a dry run writes "
+                       "nothing")
     uses_data = args.criterion not in _NO_CALIBRATION or args.compensation not in (None, "none") or args.recover
     given = [flag for field, flag in _CALIBRATION_FLAGS.items() if getattr(args, field) is not None
              and not (field == "input_shape" and _shapes_a_conversion(args))]
@@ -722,7 +731,7 @@ def _check_calibration_source(args):
     drawn = kind != "none" or bool(args.recover)  # --recover distils on synthetic inputs where there are none
     shapes = args.input_shape is not None and not _shapes_a_conversion(args)
     if kind == "none":
-        for flag, value in (("--damp", args.damp), ("--compensation", args.compensation)):
+        for flag, value in (("--damp", args.damp), ("--compensation", args.compensation), ("--staged", args.staged)):
             if value is not None:
                 raise SpaError(f"{flag} has no effect with --calibration none, which gives no inputs: every Hessian "
                                "is the identity and nothing is compensated")

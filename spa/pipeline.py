@@ -49,7 +49,8 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
           normalization: str | None = None, options: Options | None = None, seed: int = 0,
           progress=_quiet, calibration: str | Calibration | None = None, calibration_samples: int | None = None,
           damp: float = 0.01, saliency: dict | None = None, labels=None, compensation: str | None = None,
-          recover: int = 0, calibration_options: Calibration | None = None, allocation: str | None = None) -> Result:
+          recover: int = 0, calibration_options: Calibration | None = None, allocation: str | None = None,
+          staged: bool | None = None) -> Result:
     """analyze -> score -> select -> compensate -> rewrite -> recover, in memory (`save` verifies
     and writes).
 
@@ -59,7 +60,11 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     any other: spa.importance. `calibration`: a spa.calibration source string or a Calibration
     (`calibration_options` overrides it). compensation: "obs" (default with obspa), "reference"
     or "none" (default otherwise): OBS weight compensation of the layers that lose inputs, with
-    any criterion. recover: steps of data-free distillation of the original into the pruned model
+    any criterion. staged (obs compensation): refit the layers stage by stage on inputs re-computed
+    through the already compensated part (True), or solve every layer from the original model's
+    Hessians, the update the allocation measured (False: no further pass, obspa only); None: staged
+    with calibration read from files, not with generated inputs (measured no better there:
+    docs/obspa.md). recover: steps of data-free distillation of the original into the pruned model
     (a spa.recovery frontend). allocation: how the budget spreads over groups: "uniform" (a plain
     `Target(ratio=R)` removes R of every group; the default but with obspa), "global" (one ranking
     of the normalised scores; a plain ratio keeps the parameters that R of every group would keep),
@@ -67,6 +72,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     global rankings and keeps the one whose compensated outputs move least on held-out batches)."""
     target.check()
     compensation = compensation or ("obs" if criterion == "obspa" else "none")
+    check_staged(staged, compensation, criterion)
     allocation_given = allocation is not None
     allocation = allocation or ("measured" if criterion == "obspa" and normalization is None else "uniform")
     if target.latency is not None and allocation != "global":
@@ -105,7 +111,10 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     latency_check = _meet_latency(analysis, scores, target, plan, progress) if target.latency is not None else None
     if latency_check is not None:
         plan = latency_check.pop("plan")
-    weights = obspa.compensation_stage(analysis, plan, compensation, fit, measured, damp, seed, progress, held)
+    if compensation == "obs" and measured is not None and not _stage_by_stage(staged, cal, progress):
+        weights = obspa.first_order_weights(analysis, plan, measured, damp, measured.first_order)
+    else:
+        weights = obspa.compensation_stage(analysis, plan, compensation, fit, measured, damp, seed, progress, held)
     progress(f"rewriting: removing {len(plan.removed_atoms)} channels")
     result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores, latency=latency_check,
                     warnings=warnings)
@@ -124,6 +133,27 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
                      "to real ones (the PP-OCRv4 recognizer lost exact lines that way: docs/obspa.md); check the "
                      "model on your data")
     return result
+
+
+def check_staged(staged: bool | None, compensation: str, criterion: str) -> None:
+    if staged is None:
+        return
+    if compensation != "obs":
+        raise SpaError(f"--staged / --no-staged choose how obs compensation is fitted; compensation is '{compensation}'")
+    if not staged and criterion != "obspa":
+        raise SpaError("--no-staged solves each layer from the original model's Hessians: it needs the Hessians "
+                       f"criterion obspa measures; criterion is '{criterion}'")
+
+
+def _stage_by_stage(staged: bool | None, cal: Calibration, progress) -> bool:
+    if staged is not None:
+        return staged
+    if not is_generated(cal.source):
+        return True
+    progress("compensation: each layer solved from the original model's Hessians, as the allocation measured it "
+             "(generated calibration: refitting stage by stage on re-computed inputs measured no better and took "
+             "up to a third of the time, docs/obspa.md; --staged refits)")
+    return False
 
 
 def _plan(analysis, scores, target, allocation, progress):
@@ -246,10 +276,9 @@ def _obs_plan(analysis, target, fit, held, allocation, normalization, compensati
     budget = as_parameter_budget(analysis, scores, target, progress) \
         if target.ratio is not None and not target.global_ranking else None
 
-    layer_cache: dict = {}  # candidates often remove the same channels from a layer
-
-    def compensated(plan):
-        return {} if compensation == "none" else obspa.first_order_weights(analysis, plan, measured, damp, layer_cache)
+    def compensated(plan):  # candidates often remove the same channels from a layer: measured.first_order
+        return {} if compensation == "none" else obspa.first_order_weights(analysis, plan, measured, damp,
+                                                                            measured.first_order)
 
     progress(f"selecting channels: comparing allocations on {len(held)} held-out calibration batches")
     plan, _ = allocate.choose(analysis, scores, target, budget, compensated, held, progress, measured.compensable)

@@ -103,12 +103,12 @@ def format_comparison(report: dict) -> str:
     return "\n".join(lines)
 
 
-def outcome(original: onnx.ModelProto, pruned: onnx.ModelProto, plan: dict) -> dict:
+def outcome(original: onnx.ModelProto, pruned: onnx.ModelProto, plan: dict, original_graph: Graph | None = None) -> dict:
     """What a prune achieved: parameters and MACs (batch 1) before, after and ratio (after / before),
     channels and heads removed with their group counts (from the plan's JSON), and the layers whose
     width changed: {name: (before, after)} for output channels (`widths`) and input channels
-    (`input_widths`)."""
-    g_before, g_after = Graph(original), Graph(pruned)
+    (`input_widths`). `original_graph`: Graph(original), if the caller has it (the analysis's)."""
+    g_before, g_after = original_graph or Graph(original), Graph(pruned)
     before, after = layer_widths(g_before), layer_widths(g_after)
     changed = [name for name in after if name in before and before[name] != after[name]]
     return {"params": _change(count_params(g_before), count_params(g_after)),

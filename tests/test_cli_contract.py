@@ -329,6 +329,13 @@ CONTRACT = {
         "--compensation": Case(OB + ["--compensation", "none"], OB, refused=[
             (NONE + ["--compensation", "obs"], "--compensation has no effect with --calibration none"),
             (DRY + ["--compensation", "obs"], "--compensation has no effect with --dry-run")]),
+        "--staged": Case(OB + ["--staged"], OB,  # generated calibration: not staged by default
+                         same=[(OB + ["--no-staged"], OB), (OB + ["--calibration", "{NPZ}", "--staged"],
+                                                            OB + ["--calibration", "{NPZ}"])],
+                         refused=[(P + ["--staged"], "choose how obs compensation is fitted; compensation is 'none'"),
+                                  (P + ["--compensation", "obs", "--no-staged"], "needs the Hessians criterion obspa"),
+                                  (NONE + ["--staged"], "--staged has no effect with --calibration none"),
+                                  (DRY + ["--staged"], "--staged has no effect with --dry-run")]),
         "--labels": Case(TAYLOR + ["--labels", "{LABELS}"], TAYLOR, refused=[
             (P + ["--labels", "{LABELS}"], "--labels has no effect with criterion l1")]),
         "--aggregation": Case(P + ["--aggregation", "max"], P,

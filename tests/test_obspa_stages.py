@@ -278,3 +278,41 @@ def test_held_out_rows_judge_like_their_hessian():
     assert held_error(W, W_new, rows_kept.of(layer)) == pytest.approx(held_error(W, W_new, full.of(layer)), rel=1e-4)
     rows_kept.add(layer, rng.normal(size=(4, 5, 40)).astype(np.float32))  # 50 rows > 40 columns
     assert rows_kept.of(layer)[0] == "full"
+
+
+def test_generated_calibration_compensates_from_the_original_hessians_files_stage_by_stage(tmp_path):
+    """Generated inputs: the weights are the allocation's first-order update of the chosen plan
+    (announced, no staged pass); file inputs, or staged=True: refitted stage by stage."""
+    from spa.errors import SpaError
+    from spa.obspa import compensation_stage
+
+    model = _cnn(seed=4)
+    np.savez(tmp_path / "real.npz", input=np.random.default_rng(1).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    for source, staged in (("synthetic", None), ("synthetic", True), (str(tmp_path / "real.npz"), None)):
+        lines = []
+        calibration = Calibration(source=source, samples=32, batch_size=8)
+        result = prune(model, Target(ratio=0.5), criterion="obspa", calibration=calibration, staged=staged,
+                       progress=lines.append)
+        assert result.weights
+        fit, held = _split(model, calibration)
+        raw, measured = scores(result.analysis, fit, held=held)
+        by_stage = staged or source != "synthetic"
+        expected = compensation_stage(result.analysis, result.plan, "obs", fit, measured, held=held) if by_stage \
+            else first_order_weights(result.analysis, result.plan, measured)
+        other = first_order_weights(result.analysis, result.plan, measured) if by_stage \
+            else compensation_stage(result.analysis, result.plan, "obs", fit, measured, held=held)
+        assert result.weights.keys() == expected.keys()
+        assert all(np.allclose(result.weights[k], expected[k], atol=1e-6) for k in expected)
+        assert not all(np.allclose(result.weights[k], other[k], atol=1e-6) for k in expected)  # the two differ
+        assert any("solved from the original model's Hessians" in line for line in lines) == (not by_stage)
+    with pytest.raises(SpaError, match="criterion obspa"):
+        prune(model, Target(ratio=0.5), criterion="l1", compensation="obs", staged=False, calibration_samples=16)
+    with pytest.raises(SpaError, match="compensation is 'none'"):
+        prune(model, Target(ratio=0.5), criterion="obspa", compensation="none", staged=True, calibration_samples=16)
+
+
+def _split(model, calibration):
+    from spa.pipeline import calibration_inputs
+
+    _, fit, held = calibration_inputs(model, calibration, lambda message: None, held_out=True)
+    return fit, held

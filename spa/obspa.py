@@ -170,18 +170,21 @@ def token_mask_input(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def collect(model: onnx.ModelProto, layers, batches, hessians: Hessians, desc: str):
-    """One onnxruntime pass over the calibration batches, feeding every layer's Hessian (the
-    progress bar moves per layer: a batch's accumulation can take seconds on a big model)."""
+def collect(model: onnx.ModelProto, layers, parts, desc: str):
+    """One onnxruntime pass (one session) over the batches of every (batches, Hessians) part,
+    feeding each layer's Hessian of that part (the progress bar moves per layer: a batch's
+    accumulation can take seconds on a big model)."""
     mask = token_mask_input(model)
     first = {}
     for layer in layers:  # layers reading one input with one layout share a Hessian
         first.setdefault(layer.key(), layer)
     unique = list(first.values())
-    with bar(desc=desc, total=len(batches) * len(unique)) as moved:
-        for feeds, values in zip(batches, fetch(model, [l.activation for l in layers], batches, None)):
+    every = [(feeds, hessians) for batches, hessians in parts for feeds in batches]
+    with bar(desc=desc, total=len(every) * len(unique)) as moved:
+        values = fetch(model, [l.activation for l in layers], [feeds for feeds, _ in every], None)
+        for (feeds, hessians), found in zip(every, values):
             for layer in unique:
-                hessians.add(layer, values[layer.activation], tokens=feeds.get(mask))
+                hessians.add(layer, found[layer.activation], tokens=feeds.get(mask))
                 moved.update(1)
 
 
@@ -416,13 +419,13 @@ def scores(analysis: Analysis, batches: list, damp: float = obs.DEFAULT_DAMP, no
         progress(f"{quantized} of {len(layers)} layers read quantized weights (DequantizeLinear): scored on the "
                  "dequantized values, never compensated (an OBS update is not on their integer grid)")
     hessians = Hessians(len(batches), MAX_COLUMNS, seed)
+    held_hessians = Hessians(len(held), MAX_COLUMNS, seed, keep_rows=True) if held else None
     if batches and layers:
         progress(f"Hessians of {len(layers)} layers from {sum(len(next(iter(b.values()))) for b in batches)} "
-                 "calibration samples")
-        collect(analysis.model, layers, batches, hessians, "Hessians")
-    held_hessians = Hessians(len(held), MAX_COLUMNS, seed, keep_rows=True) if held else None
-    if held and layers:
-        collect(analysis.model, layers, list(held), held_hessians, "held-out Hessians")
+                 "calibration samples" + (" (and the held-out ones)" if held else ""))
+    if (batches or held) and layers:
+        collect(analysis.model, layers, [(batches, hessians)] + ([(list(held), held_hessians)] if held else []),
+                "Hessians")
     progress(f"OBS saliency of {sum(g.prunable for g in analysis.groups)} prunable groups")
     found = group_scores(analysis, layers, hessians, damp, normalization, calibrated=bool(batches))
     return found, Measured(layers, hessians, batches, damp, seed, held_hessians)

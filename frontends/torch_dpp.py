@@ -18,12 +18,12 @@ the logits. Granularities (for a weight of shape (out, in, *kernel)):
 
     pruning = dpp.attach(model, amount=0.75, granularity="weight", quantize_bits=8,
                          relaxation="sigmoid")     # or "softmax" (the paper's, O(min(k, n-k) n))
-    temperature = pruning.schedule(t0=2.0, t1=0.1, steps=sampling_steps)
-    for i, (x, y) in enumerate(batches):   # the logits are ordinary parameters of the model
-        loss(model(x), y).backward(); opt.step(); opt.zero_grad(); temperature.step()
-        pruning.set_noise(max(0.0, 1 - i / sampling_steps))   # Gumbel noise annealed to 0
-        if i + 1 == sampling_steps:
-            pruning.freeze()       # the weights settle on the final masks for the remaining steps
+    temperature = pruning.schedule(t0=1.0, t1=0.03, steps=sampling_steps)
+    masks = torch.optim.Adam(pruning.parameters(), lr=0.1)   # the logits: ordinary parameters
+    for i, (x, y) in zip(range(sampling_steps), batches):    # masks first, on the fixed weights
+        loss(model(x), y).backward(); masks.step(); masks.zero_grad(); temperature.step()
+        pruning.set_noise(max(0.0, 1 - (i + 1) / sampling_steps))   # Gumbel noise annealed to 0
+    pruning.freeze()               # then the weights train on the final masks (docs/sparsity.md)
     pruning.diagnostics()          # per layer: entropy, confidence, diversity since last call
     pruning.finalize(model)        # hard top-k masks baked in as exact zeros
     dpp.recalibrate_batchnorm(model, batches, max_batches=30)   # optional

@@ -72,7 +72,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     global rankings and keeps the one whose compensated outputs move least on held-out batches)."""
     target.check()
     compensation = compensation or ("obs" if criterion == "obspa" else "none")
-    check_staged(staged, compensation, criterion)
+    _check_staged(staged, compensation, criterion)
     allocation_given = allocation is not None
     allocation = allocation or ("measured" if criterion == "obspa" and normalization is None else "uniform")
     if target.latency is not None and allocation != "global":
@@ -135,11 +135,12 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     return result
 
 
-def check_staged(staged: bool | None, compensation: str, criterion: str) -> None:
+def _check_staged(staged: bool | None, compensation: str, criterion: str) -> None:
     if staged is None:
         return
     if compensation != "obs":
-        raise SpaError(f"--staged / --no-staged choose how obs compensation is fitted; compensation is '{compensation}'")
+        raise SpaError("--staged / --no-staged choose how obs compensation is fitted; "
+                       f"compensation is '{compensation}'")
     if not staged and criterion != "obspa":
         raise SpaError("--no-staged solves each layer from the original model's Hessians: it needs the Hessians "
                        f"criterion obspa measures; criterion is '{criterion}'")

@@ -103,7 +103,8 @@ def format_comparison(report: dict) -> str:
     return "\n".join(lines)
 
 
-def outcome(original: onnx.ModelProto, pruned: onnx.ModelProto, plan: dict, original_graph: Graph | None = None) -> dict:
+def outcome(original: onnx.ModelProto, pruned: onnx.ModelProto, plan: dict,
+            original_graph: Graph | None = None) -> dict:
     """What a prune achieved: parameters and MACs (batch 1) before, after and ratio (after / before),
     channels and heads removed with their group counts (from the plan's JSON), and the layers whose
     width changed: {name: (before, after)} for output channels (`widths`) and input channels

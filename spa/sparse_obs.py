@@ -211,7 +211,8 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
         for layer in current:
             w = g.consts[layer.weight]
             b = g.consts[layer.bias] if layer.bias else None
-            new, kind = sparsify_layer(layer, w, b, fits.of(layer), helds.of(layer) if held else None, pattern)
+            with obs.blas_on_one_thread():  # the whole layer, as obspa.first_order_weights
+                new, kind = sparsify_layer(layer, w, b, fits.of(layer), helds.of(layer) if held else None, pattern)
             weights.update(new)
             how[kind] = how.get(kind, 0) + 1
     progress("OBS sparsity: " + ", ".join(f"{v} layers {k}" for k, v in sorted(how.items())) +

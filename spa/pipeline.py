@@ -111,10 +111,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     latency_check = _meet_latency(analysis, scores, target, plan, progress) if target.latency is not None else None
     if latency_check is not None:
         plan = latency_check.pop("plan")
-    if compensation == "obs" and measured is not None and not _stage_by_stage(staged, cal, progress):
-        weights = obspa.first_order_weights(analysis, plan, measured, damp, measured.first_order)
-    else:
-        weights = obspa.compensation_stage(analysis, plan, compensation, fit, measured, damp, seed, progress, held)
+    weights = _compensate(analysis, plan, compensation, staged, cal, fit, held, measured, damp, seed, progress)
     progress(f"rewriting: removing {len(plan.removed_atoms)} channels")
     result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores, latency=latency_check,
                     warnings=warnings)
@@ -144,6 +141,19 @@ def _check_staged(staged: bool | None, compensation: str, criterion: str) -> Non
     if not staged and criterion != "obspa":
         raise SpaError("--no-staged solves each layer from the original model's Hessians: it needs the Hessians "
                        f"criterion obspa measures; criterion is '{criterion}'")
+
+
+def _compensate(analysis, plan, compensation, staged, cal, fit, held, measured, damp, seed, progress) -> dict:
+    """The compensated weights: each layer solved from the original model's Hessians (the update the
+    allocation measured, cached) or refitted stage by stage."""
+    cache = measured.first_order if measured is not None else {}
+    if compensation == "obs" and measured is not None and not _stage_by_stage(staged, cal, progress):
+        weights = obspa.first_order_weights(analysis, plan, measured, damp, cache)
+    else:
+        cache.clear()  # every candidate's updates: not needed by the staged pass
+        weights = obspa.compensation_stage(analysis, plan, compensation, fit, measured, damp, seed, progress, held)
+    cache.clear()
+    return weights
 
 
 def _stage_by_stage(staged: bool | None, cal: Calibration, progress) -> bool:

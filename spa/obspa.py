@@ -195,6 +195,7 @@ def _index_atoms(analysis, layer):
     return analysis.members[(layer.weight, layer.in_axis)].atoms
 
 
+@obs.one_blas_thread  # the whole layer: switching BLAS threads per factorisation cost 1.7x (docs/obspa.md)
 def layer_saliency(analysis, layer: Layer, hessian, damp) -> dict:
     """{atom: dL} for removing each channel (all its indices in every block) from this layer."""
     g = analysis.graph
@@ -224,20 +225,19 @@ def group_scores(analysis, layers, hessians, damp, normalization="mean", calibra
         by_group.setdefault(gid, []).append(layer)
     fallback = None
     scores = {}
-    with obs.blas_on_one_thread():  # all of it, not switched per factorisation (first_order_weights)
-        for group in bar(analysis.groups, "OBS saliency"):
-            if not group.has_params:
-                continue
-            if group.id not in by_group:
-                fallback = fallback or score(analysis, "l2", "mean", normalization)
-                scores[group.id] = fallback[group.id]
-                continue
-            total = np.zeros(len(group.atoms))
-            for layer in by_group[group.id]:
-                hessian = hessians.of(layer) if calibrated else None
-                for atom, dl in layer_saliency(analysis, layer, hessian, damp).items():
-                    total[np.searchsorted(group.atoms, atom)] += dl
-            scores[group.id] = normalize(total, normalization)
+    for group in bar(analysis.groups, "OBS saliency"):
+        if not group.has_params:
+            continue
+        if group.id not in by_group:
+            fallback = fallback or score(analysis, "l2", "mean", normalization)
+            scores[group.id] = fallback[group.id]
+            continue
+        total = np.zeros(len(group.atoms))
+        for layer in by_group[group.id]:
+            hessian = hessians.of(layer) if calibrated else None
+            for atom, dl in layer_saliency(analysis, layer, hessian, damp).items():
+                total[np.searchsorted(group.atoms, atom)] += dl
+        scores[group.id] = normalize(total, normalization)
     return scores
 
 
@@ -276,6 +276,7 @@ def _compensated(layer, mats, hessian, cross, Q, damps, how):
         yield np.stack(fits)
 
 
+@obs.one_blas_thread  # the whole update: switching BLAS threads per factorisation cost 1.7x (docs/obspa.md)
 def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, how="obs", held=None) -> str:
     """Compensate one layer into `weights`. With `held` (the Hessian of held-out inputs, which no
     fit saw) the damping is chosen along DAMPING_PATH and the uncompensated layer competes too:
@@ -367,10 +368,9 @@ def compensate(analysis, plan, layers, batches, damp, progress, max_columns=MAX_
                 elif b >= len(batches) and not (reuse and first_held is not None):
                     held_hessians.add(layer, x, tokens=every[b].get(mask))
         for layer in current:
-            with obs.blas_on_one_thread():  # the whole update, not switched per factorisation (first_order_weights)
-                result = compensate_layer(analysis, plan, layer, hessians.of(layer), damp, weights,
-                                          hessians.cross_of(layer) if reference else None, how,
-                                          held_hessians.of(layer) if held else None)
+            result = compensate_layer(analysis, plan, layer, hessians.of(layer), damp, weights,
+                                      hessians.cross_of(layer) if reference else None, how,
+                                      held_hessians.of(layer) if held else None)
             outcome[result] = outcome.get(result, 0) + 1
             if result == "failed":
                 progress(f"warning: layer '{g.node_name(layer.node)}' left uncompensated (no finite update)")
@@ -459,22 +459,21 @@ def first_order_weights(analysis: Analysis, plan: Plan, measured: Measured, damp
     cheap, for comparing plans). `cache`: a dict shared by the plans compared, so that a layer
     losing the same input channels in two plans is compensated once."""
     weights: dict = {}
-    with obs.blas_on_one_thread():  # all of it: 1.7x faster than switching BLAS threads per factorisation
-        for layer in bar(measured.layers, "first-order compensation"):
-            removed = plan.removed(layer.weight, layer.in_axis)
-            if not layer.compensable or not len(removed):
-                continue
-            key = (layer.weight, layer.in_axis, np.asarray(removed).tobytes())
-            reusable = cache is not None and layer.weight not in weights  # it starts from the original weight
-            if reusable and key in cache:
-                own = cache[key]
-            else:
-                own = {k: weights[k] for k in (layer.weight, layer.bias) if k in weights}
-                held = measured.held_hessians.of(layer) if measured.held_hessians else None
-                compensate_layer(analysis, plan, layer, measured.hessians.of(layer), damp, own, held=held)
-                if reusable:
-                    cache[key] = own
-            weights.update(own)
+    for layer in bar(measured.layers, "first-order compensation"):
+        removed = plan.removed(layer.weight, layer.in_axis)
+        if not layer.compensable or not len(removed):
+            continue
+        key = (layer.weight, layer.in_axis, np.asarray(removed).tobytes())
+        reusable = cache is not None and layer.weight not in weights  # it starts from the original weight
+        if reusable and key in cache:
+            own = cache[key]
+        else:
+            own = {k: weights[k] for k in (layer.weight, layer.bias) if k in weights}
+            held = measured.held_hessians.of(layer) if measured.held_hessians else None
+            compensate_layer(analysis, plan, layer, measured.hessians.of(layer), damp, own, held=held)
+            if reusable:
+                cache[key] = own
+        weights.update(own)
     return weights
 
 

@@ -165,6 +165,7 @@ def _weights_of(layer, mats, w, b) -> dict:
     return out
 
 
+@obs.one_blas_thread  # the whole layer, as obspa.compensate_layer
 def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_DAMP) -> tuple[dict, str]:
     """({name: new value}, how): OBS candidates along the damping path and the magnitude mask
     judged on the held-out Hessian (or the first candidate without one)."""
@@ -211,8 +212,7 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
         for layer in current:
             w = g.consts[layer.weight]
             b = g.consts[layer.bias] if layer.bias else None
-            with obs.blas_on_one_thread():  # the whole layer, as obspa.first_order_weights
-                new, kind = sparsify_layer(layer, w, b, fits.of(layer), helds.of(layer) if held else None, pattern)
+            new, kind = sparsify_layer(layer, w, b, fits.of(layer), helds.of(layer) if held else None, pattern)
             weights.update(new)
             how[kind] = how.get(kind, 0) + 1
     progress("OBS sparsity: " + ", ".join(f"{v} layers {k}" for k, v in sorted(how.items())) +

@@ -6,7 +6,9 @@ error is spread over the columns not yet visited through the Cholesky factor of 
 Alistarh 2023). Masks are chosen while visiting, from the saliency w^2 / [H^-1]_jj^2 of the
 already-updated weights: for N:M at the first column of every group of M, for unstructured
 sparsity per block of BLOCK columns. k-of-n masks (whole rows, kernels or filters) are chosen once
-from the same saliency, then compensated in the same sweep.
+from the same saliency, then compensated in the same sweep. The sweep updates a weight only from
+the columns after it; the kept weights are then re-solved to the least-squares optimum for the
+mask (`refit_kept`, conjugate gradients: MiniLM at 2:4 0.802 -> 0.829 mean cosine without data).
 
 Layers run stage by stage (`spa.activations.StagedRun`): each layer's H comes from inputs that
 already went through the sparsified layers before it. Where held-out batches exist, the damping is
@@ -25,6 +27,8 @@ from .layers import Layer
 from .obspa import DAMPING_PATH, MAX_COLUMNS, Hessians, held_error, judges, token_mask_input
 
 BLOCK = 128  # columns per lazy-update block (and per unstructured mask decision)
+REFIT_ITERATIONS = 10  # conjugate-gradient steps of refit_kept (MiniLM 2:4: 10 and 30 steps, the same cosine)
+REFIT_TOLERANCE = 1e-10  # ... or fewer, once every row's preconditioned residual fell this far
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +95,42 @@ def sparsegpt(W: np.ndarray, H: np.ndarray, pattern, damp: float = obs.DEFAULT_D
     return W
 
 
+@obs.one_blas_thread
+def refit_kept(W0: np.ndarray, W: np.ndarray, H: np.ndarray, damp: float = obs.DEFAULT_DAMP,
+               frozen: int = 0, iterations: int = REFIT_ITERATIONS) -> np.ndarray:
+    """W's kept (non-zero) weights re-solved towards the least-squares optimum for W's mask:
+    every row r minimises (w_r - w0_r) H (w_r - w0_r)^T over its kept columns. The sweep above
+    updates each weight only from the columns after it, so it stops short of that optimum;
+    preconditioned conjugate gradients from W, all rows at once (one matrix product a step), get
+    there in a few steps. The last `frozen` columns count as kept."""
+    W0 = np.asarray(W0, dtype=np.float64)
+    keep = np.asarray(W) != 0
+    if frozen:
+        keep[:, -frozen:] = True
+    Hd = obs.damped(H, damp)
+    product = Hd.astype(np.float32)  # the steps' products in float32: 2x faster, the same weights to 1e-6
+    out = np.array(W, dtype=np.float64)
+    precondition = 1.0 / np.maximum(np.diag(Hd), 1e-20)
+    residual = -((out - W0) @ Hd) * keep
+    z = residual * precondition
+    direction = z.copy()
+    rz = np.sum(residual * z, axis=1)
+    start = rz.max(initial=0.0)
+    for _ in range(iterations):
+        if rz.max(initial=0.0) <= REFIT_TOLERANCE * start:
+            break
+        moved = (direction.astype(np.float32) @ product) * keep
+        curvature = np.sum(direction * moved, axis=1)
+        step = np.divide(rz, curvature, out=np.zeros_like(rz), where=curvature > 0)
+        out += step[:, None] * direction
+        residual -= step[:, None] * moved
+        z = residual * precondition
+        new = np.sum(residual * z, axis=1)
+        direction = z + np.divide(new, rz, out=np.zeros_like(rz), where=rz > 0)[:, None] * direction
+        rz = new
+    return np.where(keep, out, 0.0)
+
+
 def saliency(W: np.ndarray, H: np.ndarray, damp: float = obs.DEFAULT_DAMP) -> np.ndarray:
     """OBS saliency of each single weight, w^2 / [H^-1]_jj (same shape as W)."""
     diag = np.maximum(np.diag(obs.inverse(H, damp)), 1e-20)
@@ -127,7 +167,7 @@ def _fixed_mask(layer: Layer, w: np.ndarray, b, hessian, pattern, damp) -> np.nd
 
 
 def candidates(layer: Layer, w, b, hessian: np.ndarray, pattern, dampings) -> list:
-    """Sparsified (blocks, rows, cols) matrices of the layer, one per damping."""
+    """[(damping, sparsified (blocks, rows, cols) matrices)] of the layer's sweep, one per damping."""
     mats = layer.matrices(w, b)
     width = mats.shape[2] - (layer.bias is not None)
     order = column_order(layer, width)
@@ -138,11 +178,18 @@ def candidates(layer: Layer, w, b, hessian: np.ndarray, pattern, dampings) -> li
         for k in range(layer.blocks):
             H = hessian[k][np.ix_(order, order)]
             mask = None if fixed is None else fixed[k][:, order]
-            sparse = sparsegpt(mats[k][:, order], H, pattern, damp, mask, frozen=int(layer.bias is not None))
-            new[k][:, order] = sparse
+            new[k][:, order] = sparsegpt(mats[k][:, order], H, pattern, damp, mask, frozen=int(layer.bias is not None))
         if np.all(np.isfinite(new)):
-            out.append(new)
+            out.append((damp, new))
     return out
+
+
+def refitted(layer: Layer, w, b, hessian: np.ndarray, sparse: np.ndarray, damp: float) -> np.ndarray:
+    """`sparse` (a candidate's matrices) with its kept weights re-solved (`refit_kept`)."""
+    mats = layer.matrices(w, b)
+    new = np.stack([refit_kept(mats[k], sparse[k], hessian[k], damp, frozen=int(layer.bias is not None))
+                    for k in range(layer.blocks)])
+    return new if np.all(np.isfinite(new)) else sparse
 
 
 def magnitude(layer: Layer, w, b, pattern) -> np.ndarray:
@@ -168,21 +215,28 @@ def _weights_of(layer, mats, w, b) -> dict:
 @obs.one_blas_thread  # the whole layer, as obspa.compensate_layer
 def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_DAMP) -> tuple[dict, str]:
     """({name: new value}, how): OBS candidates along the damping path and the magnitude mask
-    judged on the held-out Hessian (or the first candidate without one)."""
+    judged on the held-out Hessian (or the first candidate without one); the winning candidate's
+    kept weights re-solved (`refitted`), kept where that lowers the held-out error."""
     if hessian is None or hessian[0] != "full":
         diag = None if hessian is None else hessian[1]
         if diag is None:
             return _weights_of(layer, magnitude(layer, w, b, pattern), w, b), "magnitude"
         full = np.stack([np.diag(d) for d in diag])  # wide layer: a diagonal H (Wanda-like saliency)
-        return _weights_of(layer, candidates(layer, w, b, full, pattern, (damp,))[0], w, b), "diagonal"
+        return _weights_of(layer, candidates(layer, w, b, full, pattern, (damp,))[0][1], w, b), "diagonal"
     judge = judges(held)
     options = candidates(layer, w, b, hessian[1], pattern, [damp * f for f in (DAMPING_PATH if judge else (1.0,))])
     plain = magnitude(layer, w, b, pattern)
+    if not options:
+        return _weights_of(layer, plain, w, b), "magnitude"
     if not judge:
-        return _weights_of(layer, options[0] if options else plain, w, b), "obs" if options else "magnitude"
+        return _weights_of(layer, refitted(layer, w, b, hessian[1], options[0][1], options[0][0]), w, b), "obs"
     mats = layer.matrices(w, b)
-    best = min(options + [plain], key=lambda m: held_error(mats, m, held))
-    return _weights_of(layer, best, w, b), "magnitude" if best is plain else "obs"
+    error = {id(m): held_error(mats, m, held) for m in [plain] + [m for _, m in options]}
+    damp_of, best = min(options + [(None, plain)], key=lambda option: error[id(option[1])])
+    if best is plain:
+        return _weights_of(layer, plain, w, b), "magnitude"
+    refit = refitted(layer, w, b, hessian[1], best, damp_of)  # the winner only (MiniLM 2:4: 33 s, not 50 s)
+    return _weights_of(layer, refit if held_error(mats, refit, held) < error[id(best)] else best, w, b), "obs"
 
 
 def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda message: None, seed: int = 0) -> dict:

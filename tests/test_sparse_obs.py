@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spa import obs
-from spa.sparse_obs import column_order, sparsegpt
+from spa.sparse_obs import column_order, refit_kept, sparsegpt
 
 N_M = SimpleNamespace(kind="n:m", n=2, m=4, amount=0.5)
 FIXED = SimpleNamespace(kind="k-of-n", amount=0.5)
@@ -71,6 +71,29 @@ def test_unstructured_amount_and_frozen_bias_column():
     got = sparsegpt(w, H, SimpleNamespace(kind="unstructured", amount=0.5), frozen=1)
     assert np.count_nonzero(got[:, :10] == 0) == 20
     assert np.all(got[:, 10] != 0)  # the bias column takes updates, is never pruned
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_refit_reaches_the_least_squares_optimum_for_the_mask(seed):
+    """Per row, the kept weights solve H_KK w_K = (H w0)_K (damped H), brute force by row; the
+    sweep's weights are above that error, the refit's never."""
+    rng = np.random.default_rng(seed)
+    H, w = correlated_hessian(16, rng), rng.normal(size=(6, 17))
+    H = np.pad(H, ((0, 1), (0, 1)))
+    H[-1, -1], H[-1, :-1], H[:-1, -1] = 2.0, 0.3, 0.3  # a bias column of ones
+    swept = sparsegpt(w, H, N_M, damp=0.01, frozen=1)
+    got = refit_kept(w, swept, H, damp=0.01, frozen=1, iterations=50)
+    Hd = obs.damped(H, 0.01)
+    for r in range(len(w)):
+        keep = swept[r] != 0
+        keep[-1] = True
+        best = np.zeros(17)
+        best[keep] = np.linalg.solve(Hd[np.ix_(keep, keep)], (Hd @ w[r])[keep])
+        np.testing.assert_allclose(got[r], best, rtol=1e-4, atol=1e-6)
+    assert np.array_equal(got[:, :16] == 0, swept[:, :16] == 0)  # the mask stays
+    assert obs.layer_error(w, got, Hd) <= obs.layer_error(w, swept, Hd)
+    few = refit_kept(w, swept, H, damp=0.01, frozen=1, iterations=3)
+    assert obs.layer_error(w, got, Hd) <= obs.layer_error(w, few, Hd) <= obs.layer_error(w, swept, Hd)
 
 
 def test_conv_columns_group_input_channels_per_kernel_position():

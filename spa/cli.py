@@ -307,7 +307,8 @@ def run(args) -> int:
     else:
         from .pipeline import apply_plan
         say(f"replaying {args.plan}")
-        result = apply_plan(model, args.plan, options)
+        named = args.granularity != ",".join(_DEFAULT_GRANULARITY)
+        result = apply_plan(model, args.plan, options if named else None)
     plan = result.plan.to_json(os.path.basename(args.source.rstrip("/\\")))
     pruned, latency_check = result.model, result.latency
     found, notes = _outcome(args, model, result, plan)

@@ -85,7 +85,8 @@ class Plan:
         groups = [{"id": g.id, "kind": g.kind, "size": len(g.atoms), "removed": by_group.get(g.id, 0),
                    "members": [[m.tensor, m.axis] for m in g.members]}
                   for g in self.analysis.groups if by_group.get(g.id)]
-        return {"spa_plan": 1, "model": model_name, "groups": groups, "weights": self.weight_entries()}
+        return {"spa_plan": 1, "model": model_name, "granularity": list(self.analysis.options.granularity),
+                "groups": groups, "weights": self.weight_entries()}
 
     def save(self, path: str, model_name: str = ""):
         with open(path, "w") as f:
@@ -131,6 +132,23 @@ def load_plan(analysis: Analysis, path: str) -> Plan:
         if sorted(entry["removed"]) != got.tolist():
             raise SpaError(f"plan is inconsistent with the model's channel coupling at '{entry['name']}'")
     return plan
+
+
+def recorded_granularity(path: str) -> tuple | None:
+    """The granularity the plan file was made with (None: not recorded, plans before 2026-12-02,
+    or a file read_entries will refuse)."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError, RecursionError):
+        return None
+    units = data.get("granularity") if isinstance(data, dict) else None
+    if units is None:
+        return None
+    if not (isinstance(units, list) and units and all(isinstance(u, str) for u in units)):
+        raise SpaError(f"{path} is not a SPA plan (granularity must be a list of unit names, got "
+                       f"{json.dumps(units)[:60]})")
+    return tuple(units)
 
 
 def _int(value) -> bool:

@@ -86,6 +86,7 @@ def test_plan_out_and_apply_plan_replay(model_path, tmp_path):
     data = json.loads(plan.read_text())
     entry = data["weights"][0]
     assert {"name", "axis", "kept", "removed", "group"} <= set(entry)
+    assert data["granularity"] == ["channels", "heads"]  # apply-plan replays with it
     assert sorted(entry["kept"] + entry["removed"]) == list(range(len(entry["kept"]) + len(entry["removed"])))
     assert spa("apply-plan", model_path, plan, "-o", again, "-q") == 0
     feeds = random_inputs(onnx.load(model_path), batch=2)
@@ -183,6 +184,8 @@ def test_missing_file_and_bad_plan(model_path, tmp_path, capsys):
     plan.write_text("{}")
     out = tmp_path / "o.onnx"
     _expect_error(capsys, ["apply-plan", model_path, plan, "-o", out, "-q"], "not a SPA plan", out=str(out))
+    plan.write_text('{"granularity": "heads", "weights": []}')
+    _expect_error(capsys, ["apply-plan", model_path, plan, "-o", out, "-q"], "granularity must be a list", out=str(out))
 
 
 @pytest.mark.parametrize("flags, message", [

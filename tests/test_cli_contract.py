@@ -462,9 +462,13 @@ CONTRACT = {
     "apply-plan": {
         **_common(AP),
         **_output(AP, AJ, ["apply-plan", "{COPY}", "{PLAN0}", "-o", "{COPY}", "-q"], TWO_AP),
-        "--granularity": Case(["apply-plan", "{ENC}", "{PLAN_HEAD_DIM}", "-o", "{O}", "-q", "--granularity",
-                               "channels,head-dim"], ["apply-plan", "{ENC}", "{PLAN_HEAD_DIM}", "-o", "{O}", "-q"],
-                              also=[(AP + ["--granularity", "channels,hidden"], AP)]),  # a warning
+        # a plan records its granularity and replays with it; a plan from before that needs the option
+        "--granularity": Case(["apply-plan", "{ENC}", "{PLAN_HEAD_DIM_V0}", "-o", "{O}", "-q", "--granularity",
+                               "channels,head-dim"], ["apply-plan", "{ENC}", "{PLAN_HEAD_DIM_V0}", "-o", "{O}", "-q"],
+                              same=[(["apply-plan", "{ENC}", "{PLAN_HEAD_DIM}", "-o", "{O}", "-q", "--granularity",
+                                      "channels,head-dim"], ["apply-plan", "{ENC}", "{PLAN_HEAD_DIM}", "-o", "{O}", "-q"])],
+                              refused=[(AP + ["--granularity", "channels,hidden"],
+                                        "granularity channels,hidden: the plan {PLAN0} was made with channels,heads")]),
         "--plan-out": Case(refused=[(AP + ["--plan-out", "{PLAN}"], "--plan-out has no effect with apply-plan")]),
         "--input-shape": Case(["apply-plan", "{TS}", "{PLAN_TS}", "-o", "{O}", "-q", "--input-shape", "1x3x8x8"],
                               ["apply-plan", "{TS}", "{PLAN_TS}", "-o", "{O}", "-q"],
@@ -586,6 +590,11 @@ def paths(tmp_path_factory):
         _setup(p, argv + ["--plan-out", "{PLAN}"])
         p[name] = str(d / f"{name.lower()}.json")
         shutil.copy(p["PLAN"], p[name])
+    legacy = json.loads(open(p["PLAN_HEAD_DIM"]).read())
+    del legacy["granularity"]
+    p["PLAN_HEAD_DIM_V0"] = str(d / "plan_head_dim_v0.json")
+    with open(p["PLAN_HEAD_DIM_V0"], "w") as f:
+        json.dump(legacy, f)
     for name, model in (("SENS", "{M}"), ("SENS_SMALL", "{SMALL}")):  # spa sensitivity results
         _setup(p, ["sensitivity", model, "-q", "-o", "{PLAN}"])
         p[name] = str(d / f"{name.lower()}.json")

@@ -8,7 +8,7 @@ already-updated weights: for N:M at the first column of every group of M, for un
 sparsity per block of BLOCK columns. k-of-n masks (whole rows, kernels or filters) are chosen once
 from the same saliency, then compensated in the same sweep. The sweep updates a weight only from
 the columns after it; the kept weights are then re-solved to the least-squares optimum for the
-mask (`refit_kept`, conjugate gradients: MiniLM at 2:4 0.802 -> 0.829 mean cosine without data).
+mask (`refit_kept`, conjugate gradients: MiniLM at 2:4 0.802 -> 0.826 mean cosine without data).
 
 Layers run stage by stage (`spa.activations.StagedRun`): each layer's H comes from inputs that
 already went through the sparsified layers before it. Where held-out batches exist, the damping is
@@ -108,7 +108,7 @@ def refit_kept(W0: np.ndarray, W: np.ndarray, H: np.ndarray, damp: float = obs.D
     if frozen:
         keep[:, -frozen:] = True
     Hd = obs.damped(H, damp)
-    product = Hd.astype(np.float32)  # the steps' products in float32: 2x faster, the same weights to 1e-6
+    product = Hd.astype(np.float32)  # float32 products: 10 steps still reach the float64 optimum's error to 1e-6
     out = np.array(W, dtype=np.float64)
     precondition = 1.0 / np.maximum(np.diag(Hd), 1e-20)
     residual = -((out - W0) @ Hd) * keep

@@ -386,8 +386,8 @@ def default_source(model: onnx.ModelProto, cal: Calibration, progress=_quiet) ->
 def apply_plan(model: onnx.ModelProto, plan_path: str, options: Options | None = None) -> Result:
     """Replay a plan file with the granularity it was made with (options None: that one; options
     naming another: refused)."""
-    from .plan import load_plan, recorded_granularity
-    recorded = recorded_granularity(plan_path)
+    from .plan import load_plan, read_plan
+    entries, recorded = read_plan(plan_path)
     if recorded is not None:
         if options is None:
             options = Options(granularity=recorded)
@@ -395,7 +395,7 @@ def apply_plan(model: onnx.ModelProto, plan_path: str, options: Options | None =
             raise SpaError(f"granularity {','.join(options.granularity)}: the plan {plan_path} was made with "
                            f"{','.join(recorded)}, which replaying it needs (leave the granularity out)")
     analysis = analyze(model, options)
-    plan = load_plan(analysis, plan_path)
+    plan = load_plan(analysis, entries)
     return Result(rewrite(plan), plan, analysis)
 
 

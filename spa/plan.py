@@ -93,10 +93,9 @@ class Plan:
             json.dump(self.to_json(model_name), f, indent=1)
 
 
-def load_plan(analysis: Analysis, path: str) -> Plan:
-    """Replay a plan file on a freshly analysed model; every weight entry must match exactly, and
-    no group may lose every channel or a channel the analysis keeps."""
-    entries = read_entries(path)
+def load_plan(analysis: Analysis, entries: list) -> Plan:
+    """Replay a plan file's weight entries (`read_plan`) on a freshly analysed model; every entry
+    must match exactly, and no group may lose every channel or a channel the analysis keeps."""
     atoms = set()
     for entry in entries:
         name, axis = entry["name"], entry["axis"]
@@ -134,29 +133,13 @@ def load_plan(analysis: Analysis, path: str) -> Plan:
     return plan
 
 
-def recorded_granularity(path: str) -> tuple | None:
-    """The granularity the plan file was made with (None: not recorded, plans before 2026-12-02,
-    or a file read_entries will refuse)."""
-    try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read())
-    except (OSError, ValueError, RecursionError):
-        return None
-    units = data.get("granularity") if isinstance(data, dict) else None
-    if units is None:
-        return None
-    if not (isinstance(units, list) and units and all(isinstance(u, str) for u in units)):
-        raise SpaError(f"{path} is not a SPA plan (granularity must be a list of unit names, got "
-                       f"{json.dumps(units)[:60]})")
-    return tuple(units)
-
-
 def _int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def read_entries(path: str) -> list:
-    """The plan file's weight entries, each checked for its fields and their types; anything else
+def read_plan(path: str) -> tuple[list, tuple | None]:
+    """(the plan file's weight entries, each checked for its fields and their types; the
+    granularity it was made with, None where not recorded: plans before 2026-12-02); anything else
     is one SpaError ("... is not a SPA plan (...)")."""
     def refuse(why):
         raise SpaError(f"{path} is not a SPA plan ({why})")
@@ -193,4 +176,7 @@ def read_entries(path: str) -> list:
             refuse(f"weights[{k}].kept must be a list of integers, got {json.dumps(kept)[:60]}")
         if entry.get("group") is not None and not _int(entry["group"]):
             refuse(f"weights[{k}].group must be an integer, got {json.dumps(entry['group'])[:60]}")
-    return entries
+    units = data.get("granularity")
+    if units is not None and not (isinstance(units, list) and units and all(isinstance(u, str) for u in units)):
+        refuse(f"granularity must be a list of unit names, got {json.dumps(units)[:60]}")
+    return entries, None if units is None else tuple(units)

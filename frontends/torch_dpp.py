@@ -12,7 +12,8 @@ the logits. Granularities (for a weight of shape (out, in, *kernel)):
   weight  one unit per output channel (a Linear row, a conv filter's in x kernel weights):
           k of its n = in * prod(kernel) weights
   kernel  one unit per output channel: k of its n = in input kernels (Linear: k of in weights)
-  filter  one unit per layer: k of its n = out filters (biases are not masked)
+  filter  one unit per layer: k of its n = out filters, each with its bias (the bias shares the
+          mask its weight drew in the same forward pass)
 
     from spa.frontends.torch import dpp
 
@@ -137,11 +138,19 @@ class DPPMask(nn.Module):
         self.sampling = True  # False: the hard top-k in training too (a frozen mask)
         self.logits = nn.Parameter(prior_scale * torch.log(scores / scores.mean().clamp(min=_TINY) + 1e-6))
         self.register_buffer("last_sample", torch.zeros_like(scores), persistent=False)
+        self.drawn: torch.Tensor | None = None  # the (units, n) mask of the last forward, detached
         self._has_previous, self._changed, self._pairs, self._draws = False, 0.0, 0, 0
 
     def forward(self) -> torch.Tensor:
         unit_mask = self.sample() if self.training and self.sampling else self.hard()
+        self.drawn = unit_mask.detach()
         return expand_mask(unit_mask, self.shape, self.granularity)
+
+    def filters(self) -> torch.Tensor:
+        """(out,) filter mask for the layer's bias: the one the weight drew last (Conv and Linear
+        read their weight before their bias, so both see the same sample), the hard top-k before
+        any draw. Detached: the logits learn from the weights alone."""
+        return (self.drawn if self.drawn is not None else self.hard()).reshape(-1)
 
     def sample(self) -> torch.Tensor:
         """(units, n) hard Gumbel-top-k sample, straight-through to the relaxed top-k."""
@@ -203,6 +212,19 @@ class DPPWeight(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         masked = weight * self.mask()
         return fake_quantize(masked, self.quantize_bits) if self.quantize_bits else masked
+
+
+class DPPBias(nn.Module):
+    """The parametrization ``bias -> bias * filters()`` at filter granularity: a dropped filter
+    outputs exact zeros, so removing it physically changes nothing (but a BatchNorm after it).
+    ``filters`` is the DPPMask's bound method, not the module, so the logits are not registered twice."""
+
+    def __init__(self, filters):
+        super().__init__()
+        self.filters = filters
+
+    def forward(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias * self.filters()
 
 
 # ------------------------------------------------------------------------------------------
@@ -272,8 +294,8 @@ class DPPController:
         """Bake the hard masks (and the fake quantisation) into the weights as exact zeros and
         remove the parametrizations. ``physical`` (filter granularity, needs ``example_inputs``):
         the zeroed filters are removed by ``spa.frontends.torch_prune.make_physical(exact=False)``
-        with their coupled channels (a masked filter's bias or following BatchNorm shift, which the
-        mask left live, goes too: the largest output change is reported); ``physical_status`` says
+        with their coupled channels (the shift of a BatchNorm after a masked filter, which the mask
+        left live, goes too: the largest output change is reported); ``physical_status`` says
         what happened. Returns the model."""
         modules = dict(model.named_modules())
         for name in self.masks:
@@ -316,15 +338,18 @@ def _bake(module: nn.Module) -> None:
     dpp = _dpp_parametrization(module)
     if dpp is None:
         raise SpaError(f"{type(module).__name__} has no DPP mask (already finalized?)")
-    if set(module.parametrizations) != {"weight"} or len(module.parametrizations.weight) != 1:
+    masked = dict(module.parametrizations)
+    if not set(masked) <= {"weight", "bias"} or any(len(chain) != 1 for chain in masked.values()) or \
+            ("bias" in masked and not isinstance(masked["bias"][0], DPPBias)):
         raise SpaError(f"{type(module).__name__} has parametrizations besides the DPP mask")
     dpp.eval()  # the hard top-k mask, not a sample
-    final = module.weight.detach().clone()
-    original = module.parametrizations.weight.original
-    original.copy_(final)
+    finals = {name: getattr(module, name).detach().clone() for name in ("weight", "bias") if name in masked}
+    originals = {name: chain.original for name, chain in masked.items()}
     del module.parametrizations
     module.__class__ = module.__class__.__bases__[0]
-    module.weight = original
+    for name, final in finals.items():
+        originals[name].copy_(final)
+        setattr(module, name, originals[name])
 
 
 @torch.no_grad()
@@ -367,10 +392,13 @@ def attach(model: nn.Module, amount: float, granularity: str = "weight", layers=
     masks = {}
     for name, module in model.named_modules():
         if isinstance(module, tuple(layers)) and name not in skip:
-            if parametrize.is_parametrized(module, "weight"):
-                raise SpaError(f"{name}: weight already parametrized")
+            taken = [t for t in ("weight", "bias") if parametrize.is_parametrized(module, t)]
+            if taken:
+                raise SpaError(f"{name}: {taken[0]} already parametrized")
             mask = DPPMask(module.weight, amount, granularity, temperature, prior_scale, relaxation)
             parametrize.register_parametrization(module, "weight", DPPWeight(mask, quantize_bits), unsafe=True)
+            if granularity == "filter" and module.bias is not None:
+                parametrize.register_parametrization(module, "bias", DPPBias(mask.filters), unsafe=True)
             masks[name] = mask
     if not masks:
         raise SpaError(f"no {', '.join(t.__name__ for t in layers)} layer to attach DPP masks to")

@@ -188,7 +188,7 @@ def make_physical(module: nn.Module, example_inputs, *, atol: float = 1e-5, expo
     if notes:
         warnings.warn("make_physical: masked channels not physically removable: " + "; ".join(notes),
                       stacklevel=2)
-    if deviation:
+    if deviation > atol:  # below it, what exact mode's verification calls equal
         warnings.warn(f"make_physical(exact=False): channels with live biases / BN shifts removed; outputs moved by "
                       f"up to {deviation:.4g} on example_inputs", stacklevel=2)
     narrowed = {name: {axis: old - new for axis, (old, new) in enumerate(zip(*shapes)) if old != new}

@@ -200,6 +200,9 @@ def test_finalize_leaves_exact_zeros_conforming_to_k_of_n(granularity):
         weight = modules[name].weight
         assert isinstance(weight, nn.Parameter)
         assert (weight[mask == 0] == 0).all()
+        dropped = mask.reshape(mask.shape[0], -1).amax(1) == 0  # whole filters (filter granularity only)
+        assert isinstance(modules[name].bias, nn.Parameter)
+        assert (modules[name].bias[dropped] == 0).all()
         assert (unit_counts((weight != 0).float(), granularity) <= pruning.masks[name].k).all()
         assert (unit_counts(mask, granularity) == pruning.masks[name].k).all()
     with torch.no_grad():
@@ -207,6 +210,42 @@ def test_finalize_leaves_exact_zeros_conforming_to_k_of_n(granularity):
     assert set(model.state_dict()) == set(Net().state_dict())
     with pytest.raises(SpaError):
         pruning.finalize(model)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_filter_granularity_masks_the_bias_with_the_same_sample(training):
+    model, pruning = make("filter")
+    model.train(training)
+    x, _ = inputs()
+    for _ in range(3):  # a fresh sample each pass in training
+        outputs = model.conv2d(x)
+        kept = pruning.masks["conv2d"].filters()
+        assert kept.sum() == pruning.masks["conv2d"].k
+        assert (outputs[:, kept == 0] == 0).all() and (outputs[:, kept == 1] != 0).any()
+        fc = model.fc(torch.randn(3, 8 * 16))
+        assert (fc[:, pruning.masks["fc"].filters() == 0] == 0).all()
+    model.train()
+    F.cross_entropy(model(x), inputs()[1]).backward()
+    assert all(m.logits.grad is not None and m.logits.grad.abs().sum() > 0 for m in pruning.masks.values())
+    copy.deepcopy(model)(x)  # the bias reads its own copy's mask
+
+
+def test_filter_removal_without_batchnorm_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    pruning = dpp.attach(model, 0.5, "filter", skip=("4",))
+    for _ in range(3):
+        model(torch.randn(4, 6)).sum().backward()
+    model.eval()
+    x = torch.randn(8, 6)
+    with torch.no_grad():
+        expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "live biases removed" warning
+        pruning.finalize(model, x, physical=True)
+    assert [m.out_features for m in model if isinstance(m, nn.Linear)] == [8, 8, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_finalize_physical_removal_reports_what_it_did():

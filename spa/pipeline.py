@@ -149,11 +149,10 @@ def _compensate(analysis, plan, compensation, staged, cal, fit, held, measured, 
     cache = measured.first_order if measured is not None else {}
     if compensation == "obs" and measured is not None and not _stage_by_stage(staged, cal, progress):
         weights = obspa.first_order_weights(analysis, plan, measured, damp, cache)
-    else:
-        cache.clear()  # every candidate's updates: not needed by the staged pass
-        weights = obspa.compensation_stage(analysis, plan, compensation, fit, measured, damp, seed, progress, held)
-    cache.clear()
-    return weights
+        cache.clear()  # every candidate's updates: done with
+        return weights
+    cache.clear()  # ... and not needed by the staged pass
+    return obspa.compensation_stage(analysis, plan, compensation, fit, measured, damp, seed, progress, held)
 
 
 def _stage_by_stage(staged: bool | None, cal: Calibration, progress) -> bool:

@@ -62,14 +62,15 @@ def prune(model, ratio: float | None = None, *, progress: bool = False, **flags)
     {"metric", "before", "after", "difference", "samples", "source"}. Returns a `Pruned`:
     `.model`, `.plan`, `.stats`, `.save(path)`."""
     from . import cli
+    from .flags import calibration_options, check_counts
     from . import progress as bars
     from .report import outcome
 
     args = _prune_args(dict(flags, ratio=ratio))
     say = _say(progress)
     with _bars(progress, bars):
-        cli._check_counts(args)
-        args.calibration_options = cli.calibration_options(args)
+        check_counts(args)
+        args.calibration_options = calibration_options(args)
         original, source = _load(model, say, cli._frontend_shapes(args))
         args.model = source or "model.onnx"
         baseline = cli._eval_baseline(args, source or original, say,

@@ -83,7 +83,7 @@ def _round_to(text: str) -> int:
 def grid(criteria="l1", targets="ratio=0.5", calibration=None, round_to="1") -> list[Point]:
     """Every point: criteria x targets x round-to multiples, x calibration sources for the
     criteria that read calibration inputs."""
-    from .cli import _NO_CALIBRATION
+    from .flags import NO_CALIBRATION
     from .importance import available
 
     criteria = _items(criteria, "--criteria")
@@ -96,7 +96,7 @@ def grid(criteria="l1", targets="ratio=0.5", calibration=None, round_to="1") -> 
     multiples = [_round_to(r) for r in _items(str(round_to) if isinstance(round_to, int) else round_to,
                                               "--round-to")]
     sources = _items(calibration, "--calibration") if calibration is not None else None
-    readers = [c for c in criteria if c not in _NO_CALIBRATION]
+    readers = [c for c in criteria if c not in NO_CALIBRATION]
     if sources is not None and not readers:
         raise SpaError(f"--calibration has no effect: criteria {', '.join(criteria)} read no calibration inputs "
                        "(obspa and the gradient criteria do)")

@@ -404,9 +404,9 @@ def apply(args, model, options, say=_quiet):
     """spa prune --ratios-from: args.ratio_for set from the file."""
     from .groups import analyze
 
-    data = load(args.ratios_from)  # its flags were checked with the others (spa.cli.check_flags)
-    from .cli import _target
-    chosen = ratios_from(analyze(model, options), data, _target(args), say,
+    data = load(args.ratios_from)  # its flags were checked with the others (spa.flags.check_flags)
+    from .flags import prune_target
+    chosen = ratios_from(analyze(model, options), data, prune_target(args), say,
                          args.ratios_from if isinstance(args.ratios_from, str) else "")
     args.ratio_for = [f"{pattern}={ratio!r}" for pattern, ratio in chosen.items()]
 

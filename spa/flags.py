@@ -1,0 +1,364 @@
+"""The prune flags: parsed into the values the pipeline takes (a Calibration, a Target) and
+refused, in one line, wherever they would have no effect: an option either takes effect or is
+refused (the commands in spa.cli, spa.api.prune)."""
+from __future__ import annotations
+
+import math
+import os
+
+from .errors import SpaError
+
+
+DEFAULT_GRANULARITY = ("channels", "heads")
+
+
+def check_command_flags(args):
+    """analyze, profile and apply-plan: options that their shared definitions give them where they
+    would do nothing."""
+    if args.input_shape is not None and not shapes_a_conversion(args):
+        why = {"analyze": "the channel analysis needs no input sizes",
+               "profile": "profile times the model at its declared input sizes (a default for symbolic ones)",
+               "apply-plan": "-o is no .pt2/.pt output to specialise either"}
+        raise SpaError(f"--input-shape has no effect on {args.model}: it shapes the conversion of a TorchScript "
+                       f"input, which this is not, and {why[args.command]}")
+    if args.command == "profile":
+        given = {g.strip() for g in args.granularity.split(",") if g.strip()}
+        if given != set(DEFAULT_GRANULARITY):
+            raise SpaError("--granularity has no effect on profile, which times every Conv, Gemm and MatMul layer "
+                           "along each axis a plan could change")
+        if args.top is not None and args.top < 1:
+            raise SpaError(f"--top must be a positive integer, got {args.top}")
+    if args.command == "apply-plan":
+        if args.plan_out:
+            raise SpaError(f"--plan-out has no effect with apply-plan: it would write the plan it replays "
+                           f"({args.plan}) again")
+        check_measured(args)
+
+
+def check_counts(args):
+    """Counts and seeds given out of range: refused before any work."""
+    for flag, field, least in (("--batch", "batch", 1), ("--threads", "threads", 1), ("--repeats", "repeats", 1),
+                               ("--calibration-samples", "calibration_samples", 1), ("--seed", "seed", 0)):
+        value = getattr(args, field, None)
+        if value is not None and not least <= value < 2 ** 32:
+            raise SpaError(f"{flag} must be {'a positive integer' if least else 'an integer >= 0'} below 2^32, "
+                           f"got {value}")
+
+
+def check_output_flags(args):
+    """-o is required unless --dry-run, which writes nothing and measures no written model."""
+    dry = getattr(args, "dry_run", False)
+    if not dry and not args.output:
+        raise SpaError("-o/--output is required (or --dry-run to see what would be removed)")
+    given = [flag for flag, value in (("-o", args.output), ("--report", args.report), ("--plan-out", args.plan_out),
+                                      ("--overwrite", args.overwrite)) if value]
+    if dry and given:
+        raise SpaError(f"{given[0]} has no effect with --dry-run, which writes nothing")
+
+
+def prune_target(args):
+    from .selection import Target
+
+    return Target(ratio=args.ratio, global_ranking=args.global_ranking, keep_params=args.target_params,
+                  keep_macs=args.target_flops, latency=args.target_latency,
+                  max_group_ratio=0.9 if args.max_group_ratio is None else args.max_group_ratio,
+                  round_to=args.round_to, ignore=args.ignore, ratios=ratios_for(args.ratio_for),
+                  batch=args.batch or 1, threads=args.threads)
+
+
+def check_whole_sessions(args, model):
+    """--report / --json time the original and the pruned model in whole onnxruntime sessions:
+    refused up front for a streamed model whose session would not fit in memory."""
+    from .external_data import is_streamed
+    from .verify import session_fits
+
+    wants = [flag for flag in ("report", "json") if getattr(args, flag, False)]
+    if args.command in ("prune", "apply-plan") and wants and is_streamed(model) and not session_fits(args.model):
+        raise SpaError(f"--{'/--'.join(wants)} would time the original and the pruned model in whole onnxruntime "
+                       "sessions, which do not fit in the memory available for this model; without it the pruned "
+                       "model is still verified (piece by piece)")
+
+
+def check_model_flags(args, model, options):
+    """The prune options whose effect depends on the model: refused before any work where it has none."""
+    from .calibration import generated_token_lengths, source_kind
+
+    if args.max_length is not None and source_kind(args.calibration) in ("generated", "none") and \
+            not generated_token_lengths(model):
+        raise SpaError("--max-length has no effect: the model has no token-id input of free length, and "
+                       f"--calibration {args.calibration or 'auto'} reads no text")
+    if args.aggregation is None:
+        return
+    from .groups import analyze
+    from .importance import aggregation_effect
+
+    most, within, across = aggregation_effect(analyze(model, options), args.criterion)
+    if most <= 1:
+        raise SpaError(f"--aggregation has no effect: criterion {args.criterion} scores one weight in every prunable "
+                       "group of this model, so there is nothing to combine")
+    normalization = args.normalization or "mean"
+    raw_across = args.global_ranking or args.target_params is not None or args.target_flops is not None or \
+        args.allocation == "global"
+    if args.aggregation == "sum" and not within and not (raw_across and normalization == "none" and across):
+        cancels = "the latency knapsack's share of each group's scores ignores" if args.target_latency is not None \
+            else "a ranking within each group ignores" if not raw_across \
+            else f"--normalization {normalization} divides out" if normalization != "none" \
+            else "is the same in every group of this model"
+        raise SpaError(f"--aggregation sum ranks channels as mean does here: a channel's sum is its mean times the "
+                       f"number of weights scoring it, a factor that {cancels} (sum differs with --normalization none "
+                       "where groups with different numbers of weights are ranked together)")
+
+
+_CALIBRATION_FLAGS = {"input_shape": "--input-shape", "tokenizer": "--tokenizer", "max_length": "--max-length",
+                      "image_size": "--image-size", "image_mean": "--image-mean", "image_std": "--image-std",
+                      "image_layout": "--image-layout", "image_resize": "--image-resize"}
+
+
+NO_CALIBRATION = ("l1", "l2", "fpgm", "bn-scale", "random", "synflow")
+
+
+def check_flags(args):
+    """Options that would do nothing with the chosen criterion are refused, never ignored."""
+    if getattr(args, "dry_run", False) and args.recover:
+        raise SpaError("--recover has no effect with --dry-run: it changes weights, not widths, and a dry run "
+                       "writes nothing")
+    if getattr(args, "dry_run", False) and args.compensation is not None and args.criterion != "obspa":
+        raise SpaError(f"--compensation has no effect with --dry-run: it changes weights, not the channels criterion "
+                       f"{args.criterion} chooses, and a dry run writes nothing")
+    if getattr(args, "dry_run", False) and args.staged is not None:
+        raise SpaError("--staged has no effect with --dry-run: compensation changes weights, and a dry run writes "
+                       "nothing")
+    uses_data = args.criterion not in NO_CALIBRATION or args.compensation not in (None, "none") or args.recover
+    given = [flag for field, flag in _CALIBRATION_FLAGS.items() if getattr(args, field) is not None
+             and not (field == "input_shape" and shapes_a_conversion(args))]
+    given += [flag for flag, value in (("--calibration", args.calibration),
+                                       ("--calibration-samples", args.calibration_samples)) if value is not None]
+    if given and not uses_data:
+        raise SpaError(f"{given[0]} has no effect with criterion {args.criterion}, which uses no calibration "
+                       "inputs (use obspa, a gradient criterion, --compensation or --recover)")
+    uses_obs = args.criterion == "obspa" or args.compensation not in (None, "none")
+    if args.damp is not None and not uses_obs:
+        raise SpaError(f"--damp has no effect with criterion {args.criterion} and no --compensation")
+    if args.allocation == "measured" and args.criterion != "obspa":
+        raise SpaError("--allocation measured compares OBS-compensated plans: it needs --criterion obspa")
+    if args.labels is not None and args.criterion not in ("taylor", "snip", "grasp", "crop", "obd"):
+        raise SpaError(f"--labels has no effect with criterion {args.criterion} (only taylor, snip, grasp, crop, obd "
+                       "use labels)")
+    if args.recover < 0:
+        raise SpaError(f"--recover needs a number of steps >= 0, got {args.recover}")
+    if getattr(args, "ratios_from", None) is not None:
+        from .group_sensitivity import check_prune_flags
+        check_prune_flags(args)
+    _check_global(args)
+
+
+def check_effects(args):
+    """After the values are parsed: options that this combination never uses are refused."""
+    uses_data = args.criterion not in NO_CALIBRATION or args.compensation not in (None, "none") or args.recover
+    if uses_data:
+        _check_calibration_source(args)
+    _check_ranking(args)
+    _check_seed(args, uses_data)
+    check_measured(args)
+
+
+def _check_calibration_source(args):
+    """Calibration options that the chosen source never reads."""
+    from .calibration import source_kind
+
+    source = (args.calibration or "auto").strip()
+    kind = source_kind(source)
+    drawn = kind != "none" or bool(args.recover)  # --recover distils on synthetic inputs where there are none
+    shapes = args.input_shape is not None and not shapes_a_conversion(args)
+    if kind == "none":
+        for flag, value in (("--damp", args.damp), ("--compensation", args.compensation), ("--staged", args.staged)):
+            if value is not None:
+                raise SpaError(f"{flag} has no effect with --calibration none, which gives no inputs: every Hessian "
+                               "is the identity and nothing is compensated")
+    used = {"--calibration-samples": drawn, "--input-shape": drawn and kind not in ("arrays", "text"),
+            "--max-length": drawn and kind not in ("arrays", "images"),
+            "--tokenizer": kind in ("text", "generated", None)}
+    used.update({flag: kind in ("images", None) for flag in _CALIBRATION_FLAGS.values() if flag.startswith("--image-")})
+    reads = {"none": "which gives no inputs", "generated": "whose inputs are generated",
+             "images": "a directory of images", "text": "a text file", "arrays": "whose arrays give the shapes"}
+    what = {"--tokenizer": "it tokenises a .txt calibration file or shapes generated token ids",
+            "--max-length": "it bounds token sequences",
+            "--input-shape": "it shapes generated inputs", "--calibration-samples": "it counts calibration inputs"}
+    for field, flag in [("calibration_samples", "--calibration-samples")] + list(_CALIBRATION_FLAGS.items()):
+        value = getattr(args, field) if field != "input_shape" or shapes else None
+        if value is not None and not used[flag]:
+            raise SpaError(f"{flag} has no effect with --calibration {source}, {reads.get(kind, '')}: "
+                           f"{what.get(flag, 'it preprocesses a directory of images')}")
+
+
+def _check_ranking(args):
+    """--normalization, --aggregation, --allocation and --max-group-ratio where nothing they change is used."""
+    across = [flag for flag, value in (("--target-params", args.target_params), ("--target-flops", args.target_flops),
+                                       ("--global", args.global_ranking)) if value]
+    latency = args.target_latency is not None
+    allocation = args.allocation or ("measured" if args.criterion == "obspa" and args.normalization is None
+                                     else "uniform")
+    if (args.ratio_for or getattr(args, "ratios_from", None) is not None) and args.allocation is None:
+        allocation = "uniform"  # per-layer ratios set each group's share (spa.pipeline.prune)
+    if args.allocation == "uniform" and (across or latency):
+        first = (across or ["--target-latency"])[0]
+        raise SpaError(f"--allocation uniform has no effect with {first}, which ranks channels across groups "
+                       "(a uniform share of every group is --ratio)")
+    if args.allocation == "measured" and latency:
+        raise SpaError("--allocation measured has no effect with --target-latency, whose knapsack spreads the budget "
+                       "over groups by the latency tables")
+    if args.allocation == "global" and args.criterion != "obspa" and (across or latency):
+        first = (across or ["--target-latency"])[0]
+        raise SpaError(f"--allocation global has no effect with {first}, which ranks channels across groups already")
+    ranked_across = bool(across) or allocation in ("global", "measured")
+    if args.criterion == "random":
+        for flag, value in (("--aggregation", args.aggregation), ("--normalization", args.normalization)):
+            if value is not None:
+                raise SpaError(f"{flag} has no effect with criterion random, whose scores are random numbers")
+    if args.aggregation is not None and args.criterion == "obspa":
+        raise SpaError("--aggregation has no effect with criterion obspa, which adds up the saliencies of a "
+                       "channel's consumers")
+    if args.normalization is not None and latency and args.normalization != "standardise":
+        raise SpaError(f"--normalization {args.normalization} has no effect with --target-latency: the latency "
+                       "knapsack weighs the share of each group's own scores a width keeps, which rescaling does not "
+                       "change (standardise shifts them)")
+    if args.normalization is not None and not latency and not ranked_across:
+        raise SpaError(f"--normalization has no effect with {'--ratio' if args.ratio is not None else '--ratio-for'} "
+                       "and allocation uniform: every group loses its share of its own channels, ranked within the "
+                       "group; normalisation matters where groups are ranked together (--global, --target-params, "
+                       "--target-flops, --allocation global" + (", or obspa's measured allocation, which a "
+                       "--normalization turns off" if args.criterion == "obspa" else "") + ")")
+    if args.max_group_ratio is not None and not latency and not ranked_across and \
+            getattr(args, "ratios_from", None) is None:  # it caps the ratios --ratios-from gives
+        asked = [r for r in [args.ratio] + list(ratios_for(args.ratio_for).values()) if r is not None]
+        if asked and max(asked) <= args.max_group_ratio:
+            raise SpaError(f"--max-group-ratio {args.max_group_ratio:g} has no effect with a uniform "
+                           f"{'--ratio' if args.ratio is not None else '--ratio-for'} {max(asked):g}: no group loses "
+                           "more than that share, within the cap (it caps --global, --target-*, --allocation global "
+                           "or a larger --ratio)")
+
+
+def _check_seed(args, uses_data):
+    drawn = (uses_data and (args.calibration or "auto").strip() != "none") or args.recover
+    reported = (args.report or args.json) and not getattr(args, "dry_run", False)
+    if args.seed is not None and args.criterion != "random" and not drawn and not reported:
+        none = ", --calibration none draws no inputs" if uses_data else ""
+        raise SpaError(f"--seed has no effect: criterion {args.criterion} is deterministic{none} and nothing else "
+                       "random is drawn (it seeds criterion random, calibration inputs, --recover and --report's "
+                       "deviation inputs)")
+
+
+def check_measured(args):
+    """--batch, --threads and --repeats set how latency is measured: refused where nothing is timed."""
+    reported = (args.report or args.json) and not getattr(args, "dry_run", False)
+    timed = reported or getattr(args, "target_latency", None) is not None or getattr(args, "round_to", 1) == "auto"
+    timers = "--report or --json" if args.command == "apply-plan" else \
+        "--report, --json, --target-latency or --round-to auto"
+    for flag, value, used in (("--batch", args.batch, timed), ("--threads", args.threads, timed),
+                              ("--repeats", args.repeats, reported)):
+        if value is None or used:
+            continue
+        if getattr(args, "dry_run", False) and args.json:
+            raise SpaError(f"{flag} has no effect with --dry-run, whose --json reports no latency")
+        if flag == "--repeats":
+            raise SpaError("--repeats has no effect without --report or --json: it sets how many runs their "
+                           "latency is the median of")
+        raise SpaError(f"{flag} has no effect: nothing is timed without {timers}")
+
+
+def _check_global(args):
+    """--global chooses between per-group and overall ratios; the other targets always rank
+    channels across groups (or, for latency, allocate by the latency tables)."""
+    other = [flag for flag, value in (("--target-params", args.target_params), ("--target-flops", args.target_flops),
+                                      ("--target-latency", args.target_latency)) if value is not None]
+    if args.global_ranking and other:
+        raise SpaError(f"--global has no effect with {other[0]}, which ranks channels across groups already "
+                       "(--global only changes --ratio)")
+
+
+def shapes_a_conversion(args) -> bool:
+    """--input-shape also shapes a TorchScript input's conversion or a -o .pt2/.pt output."""
+    from spa.frontends import uses_input_shape
+
+    return uses_input_shape(args.model, getattr(args, "output", None))
+
+
+def calibration_options(args):
+    """The prune flags as a spa.calibration.Calibration; a malformed value is a SpaError."""
+    from .calibration import Calibration
+
+    check_flags(args)
+    shapes, bare = {}, None
+    for text in args.input_shape or []:
+        name, sep, dims = text.rpartition("=")
+        shape = _sizes(dims, "x", "--input-shape", text)
+        if not sep:
+            bare = shape
+        elif not name.strip():
+            raise SpaError(f"--input-shape {text!r}: the input name before '=' is empty")
+        elif name.strip() in shapes:
+            raise SpaError(f"--input-shape given twice for input '{name.strip()}'")
+        else:
+            shapes[name.strip()] = shape
+    if bare is not None and (shapes or len(args.input_shape) > 1):
+        raise SpaError("--input-shape without an input name only for a single-input model, given once")
+    layout = args.image_layout.strip().lower() if args.image_layout is not None else None
+    if layout is not None and layout not in ("nchw", "nhwc"):
+        raise SpaError(f"--image-layout must be nchw or nhwc, got {args.image_layout!r}")
+    resize = args.image_resize.strip().lower() if args.image_resize is not None else "stretch"
+    if resize not in ("stretch", "pad"):
+        raise SpaError(f"--image-resize must be stretch or pad, got {args.image_resize!r}")
+    size = _sizes(args.image_size, "x", "--image-size", args.image_size) if args.image_size is not None else None
+    if size is not None and len(size) != 2:
+        raise SpaError(f"--image-size must be HxW, got {args.image_size!r}")
+    length = _sizes(args.max_length, None, "--max-length", args.max_length)[0] if args.max_length is not None else 128
+    if args.tokenizer is not None and not os.path.exists(args.tokenizer):
+        raise SpaError(f"--tokenizer {args.tokenizer}: no such file or directory")
+    if args.labels is not None and not os.path.isfile(args.labels):
+        raise SpaError(f"--labels {args.labels}: no such file")
+    mean, std = _floats(args.image_mean, "--image-mean"), _floats(args.image_std, "--image-std")
+    check_effects(args)
+    return Calibration(source=args.calibration or "auto", samples=args.calibration_samples, seed=args.seed or 0,
+                       shapes=bare if bare is not None else shapes or None, tokenizer=args.tokenizer,
+                       max_length=length, image_size=size, mean=mean, std=std, layout=layout, resize=resize)
+
+
+def ratios_for(items) -> dict:
+    """--ratio-for GLOB=R (repeatable) as {glob: ratio}, in the order given."""
+    ratios = {}
+    for text in items:
+        pattern, sep, value = text.rpartition("=")
+        try:
+            ratio = float(value)
+        except ValueError:
+            ratio = None
+        if not sep or not pattern.strip() or ratio is None:
+            raise SpaError(f"--ratio-for {text!r}: expected GLOB=R, e.g. 'layer1.*=0.2'")
+        ratios[pattern.strip()] = ratio
+    return ratios
+
+
+def _sizes(text, sep, flag, shown):
+    parts = text.strip().lower().split(sep) if sep else [text.strip()]
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        sizes = ()
+    if not sizes or any(s < 1 for s in sizes):
+        example = {"--input-shape": "NAME=1x3x224x224", "--image-size": "48x320"}.get(flag, "a positive integer")
+        raise SpaError(f"{flag} {shown!r}: expected positive integers like {example}")
+    return sizes
+
+
+def _floats(text, flag):
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise SpaError(f"{flag} {text!r}: expected numbers like 0.5,0.5,0.5") from None
+    if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values) or \
+            (flag == "--image-std" and not all(v > 0 for v in values)):
+        positive = " > 0" if flag == "--image-std" else ""
+        raise SpaError(f"{flag} {text!r}: expected 1 or 3 finite numbers{positive}")
+    return values

@@ -12,8 +12,9 @@ the logits. Granularities (for a weight of shape (out, in, *kernel)):
   weight  one unit per output channel (a Linear row, a conv filter's in x kernel weights):
           k of its n = in * prod(kernel) weights
   kernel  one unit per output channel: k of its n = in input kernels (Linear: k of in weights)
-  filter  one unit per layer: k of its n = out filters, each with its bias (the bias shares the
-          mask its weight drew in the same forward pass)
+  filter  one unit per layer: k of its n = out filters, each with its bias and the scale and
+          shift of a BatchNorm that reads the layer's output (found by a torch.fx trace), which
+          share the mask the weight drew in the same forward pass
 
     from spa.frontends.torch import dpp
 
@@ -215,9 +216,10 @@ class DPPWeight(nn.Module):
 
 
 class DPPBias(nn.Module):
-    """The parametrization ``bias -> bias * filters()`` at filter granularity: a dropped filter
-    outputs exact zeros, so removing it physically changes nothing (but a BatchNorm after it).
-    ``filters`` is the DPPMask's bound method, not the module, so the logits are not registered twice."""
+    """The parametrization ``bias -> bias * filters()`` at filter granularity, on the layer's bias
+    and on the weight and bias of the BatchNorm after it: a dropped filter outputs exact zeros, so
+    removing it physically changes nothing. ``filters`` is the DPPMask's bound method, not the
+    module, so the logits are not registered twice."""
 
     def __init__(self, filters):
         super().__init__()
@@ -251,8 +253,10 @@ class ExponentialTemperature:
 class DPPController:
     """What ``attach`` returns: the DPP masks of a model by module name, and what to do with them."""
 
-    def __init__(self, masks: dict[str, DPPMask], granularity: str, quantize_bits: int | None):
+    def __init__(self, masks: dict[str, DPPMask], granularity: str, quantize_bits: int | None,
+                 batchnorms: dict[str, str] | None = None):
         self.masks, self.granularity, self.quantize_bits = masks, granularity, quantize_bits
+        self.batchnorms = batchnorms or {}  # BatchNorm module name -> the masked layer it reads
         self.physical_status: str | None = None
 
     def parameters(self) -> list[nn.Parameter]:
@@ -294,11 +298,11 @@ class DPPController:
         """Bake the hard masks (and the fake quantisation) into the weights as exact zeros and
         remove the parametrizations. ``physical`` (filter granularity, needs ``example_inputs``):
         the zeroed filters are removed by ``spa.frontends.torch_prune.make_physical(exact=False)``
-        with their coupled channels (the shift of a BatchNorm after a masked filter, which the mask
-        left live, goes too: the largest output change is reported); ``physical_status`` says
-        what happened. Returns the model."""
+        with their coupled channels (where a constant is left in a dropped channel, e.g. after a
+        BatchNorm the trace did not find, it goes too: the largest output change is reported);
+        ``physical_status`` says what happened. Returns the model."""
         modules = dict(model.named_modules())
-        for name in self.masks:
+        for name in list(self.masks) + list(self.batchnorms):  # layers first: they leave their hard masks drawn
             _bake(modules[name])
         if physical:
             self.physical_status = self._make_physical(model, example_inputs)
@@ -335,14 +339,15 @@ def _bake(module: nn.Module) -> None:
     """Replace the parametrized weight by its eval-mode value (hard mask, fake quant), keeping the
     original Parameter object (optimizers still hold it). Not parametrize.remove_parametrizations:
     it deletes the property from the parametrized class, which deep copies of the model share."""
-    dpp = _dpp_parametrization(module)
-    if dpp is None:
+    masked = dict(module.parametrizations) if parametrize.is_parametrized(module) else {}
+    ours = {"weight": (DPPWeight, DPPBias), "bias": (DPPBias,)}
+    if not any(isinstance(p, (DPPWeight, DPPBias)) for chain in masked.values() for p in chain):
         raise SpaError(f"{type(module).__name__} has no DPP mask (already finalized?)")
-    masked = dict(module.parametrizations)
-    if not set(masked) <= {"weight", "bias"} or any(len(chain) != 1 for chain in masked.values()) or \
-            ("bias" in masked and not isinstance(masked["bias"][0], DPPBias)):
+    if any(name not in ours or len(chain) != 1 or not isinstance(chain[0], ours[name])
+           for name, chain in masked.items()):
         raise SpaError(f"{type(module).__name__} has parametrizations besides the DPP mask")
-    dpp.eval()  # the hard top-k mask, not a sample
+    if "weight" in masked:
+        masked["weight"][0].eval()  # the hard top-k mask, not a sample
     finals = {name: getattr(module, name).detach().clone() for name in ("weight", "bias") if name in masked}
     originals = {name: chain.original for name, chain in masked.items()}
     del module.parametrizations
@@ -389,17 +394,47 @@ def attach(model: nn.Module, amount: float, granularity: str = "weight", layers=
         raise SpaError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if quantize_bits is not None and not 2 <= quantize_bits <= 16:
         raise SpaError(f"quantize_bits must be in [2, 16], got {quantize_bits}")
+    chosen = {name: module for name, module in model.named_modules()
+              if isinstance(module, tuple(layers)) and name not in skip}
+    batchnorms = _batchnorms_after(model, set(chosen)) if granularity == "filter" else {}
+    modules = dict(model.named_modules())
     masks = {}
-    for name, module in model.named_modules():
-        if isinstance(module, tuple(layers)) and name not in skip:
-            taken = [t for t in ("weight", "bias") if parametrize.is_parametrized(module, t)]
-            if taken:
-                raise SpaError(f"{name}: {taken[0]} already parametrized")
-            mask = DPPMask(module.weight, amount, granularity, temperature, prior_scale, relaxation)
-            parametrize.register_parametrization(module, "weight", DPPWeight(mask, quantize_bits), unsafe=True)
-            if granularity == "filter" and module.bias is not None:
-                parametrize.register_parametrization(module, "bias", DPPBias(mask.filters), unsafe=True)
-            masks[name] = mask
+    for name, module in chosen.items():
+        taken = [t for t in ("weight", "bias") if parametrize.is_parametrized(module, t)]
+        if taken:
+            raise SpaError(f"{name}: {taken[0]} already parametrized")
+        mask = DPPMask(module.weight, amount, granularity, temperature, prior_scale, relaxation)
+        parametrize.register_parametrization(module, "weight", DPPWeight(mask, quantize_bits), unsafe=True)
+        if granularity == "filter" and module.bias is not None:
+            parametrize.register_parametrization(module, "bias", DPPBias(mask.filters), unsafe=True)
+        masks[name] = mask
+    for norm, layer in batchnorms.items():
+        for tensor in ("weight", "bias"):
+            parametrize.register_parametrization(modules[norm], tensor, DPPBias(masks[layer].filters), unsafe=True)
     if not masks:
         raise SpaError(f"no {', '.join(t.__name__ for t in layers)} layer to attach DPP masks to")
-    return DPPController(masks, granularity, quantize_bits)
+    return DPPController(masks, granularity, quantize_bits, batchnorms)
+
+
+def _batchnorms_after(model: nn.Module, layers: set) -> dict[str, str]:
+    """{BatchNorm name: the layer of `layers` whose output is its input} for affine BatchNorms
+    called once, from a torch.fx trace of `model`; {} where the model does not trace (those
+    BatchNorms stay unmasked: finalize(physical=True) reports what their shifts move)."""
+    import torch.fx
+
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # data-dependent control flow, unsupported ops: fx raises many kinds
+        return {}
+    modules = dict(model.named_modules())
+    calls = [node for node in graph.nodes if node.op == "call_module"]
+    found = {}
+    for node in calls:
+        norm = modules.get(node.target)
+        source = node.args[0] if node.args else None
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.affine and \
+                getattr(source, "op", None) == "call_module" and source.target in layers and \
+                sum(c.target == node.target for c in calls) == 1 and \
+                sum(c.target == source.target for c in calls) == 1:
+            found[node.target] = source.target
+    return found

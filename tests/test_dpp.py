@@ -248,6 +248,59 @@ def test_filter_removal_without_batchnorm_is_exact():
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 
 
+class ConvBN(nn.Module):
+    def __init__(self, branch=False):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 16, 5)
+        self.branch = branch  # control flow on a shape: torch.fx cannot trace it (torch.export can)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.branch and y.shape[-1] > 1:
+            y = y * 1.0
+        return self.fc(F.relu(y).flatten(1))
+
+
+def test_filter_granularity_masks_the_batchnorm_after_the_layer_and_removal_is_exact():
+    torch.manual_seed(0)
+    model = ConvBN()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)  # a live shift in every channel, as after training
+        model.bn.bias.uniform_(-1, 1)
+    pruning = dpp.attach(model, 0.5, "filter", skip=("fc",))
+    assert pruning.batchnorms == {"bn": "conv"}
+    x, _ = inputs()
+    model.train()
+    y = model.bn(model.conv(x))
+    dropped = pruning.masks["conv"].filters() == 0
+    assert dropped.sum() == 4 and (y[:, dropped] == 0).all() and (y[:, ~dropped] != 0).any()
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        assert (model.bn(model.conv(x))[:, pruning.masks["conv"].filters() == 0] == 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "live biases / BN shifts removed" warning
+        pruning.finalize(model, x, physical=True)
+    assert model.conv.out_channels == 4 and model.bn.num_features == 4
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_untraceable_model_keeps_its_batchnorm_unmasked_and_says_what_removal_moved():
+    torch.manual_seed(0)
+    model = ConvBN(branch=True)
+    with torch.no_grad():
+        model.bn.bias.uniform_(0.5, 1)
+    pruning = dpp.attach(model, 0.5, "filter", skip=("fc",))
+    assert pruning.batchnorms == {}
+    model.eval()
+    with pytest.warns(UserWarning, match="BN shifts removed"):
+        pruning.finalize(model, inputs()[0], physical=True)
+    assert "outputs moved by up to" in pruning.physical_status
+
+
 def test_finalize_physical_removal_reports_what_it_did():
     model, pruning = make("filter")
     with warnings.catch_warnings():

@@ -21,7 +21,7 @@ from .plan import Plan
 from .progress import bar
 from .runtime import is_float, session
 from .selection import Target, select
-from .obspa import set_weights
+from .obspa import set_weights, token_mask_input
 from .verify import MaskedRuns, masked_original
 
 # mean-normalisation exponents of the global candidates: 1 = every group's mean loss is 1 (close to
@@ -49,12 +49,17 @@ def candidates(analysis, scores: dict, target: Target, budget: Target | None):
         yield f"global, losses / mean^{exponent:g}", select(analysis, scaled(scores, exponent), budget or target)
 
 
-def distortion(reference: list, outputs: list) -> float:
-    """Squared error of every float output relative to its variance, averaged over batches."""
+def distortion(reference: list, outputs: list, masks: list | None = None) -> float:
+    """Squared error of every float output relative to its variance, averaged over batches.
+    masks: per batch, the [batch, sequence] attention mask of a token model (or None): outputs
+    with those leading dims count at the positions it keeps only (padding outputs are unused)."""
     total = 0.0
-    for ref, got in zip(reference, outputs):
+    for k, (ref, got) in enumerate(zip(reference, outputs)):
+        keep = None if masks is None or masks[k] is None else np.asarray(masks[k]) != 0
         for a, b in zip(ref, got):
             if isinstance(a, np.ndarray) and is_float(a.dtype):
+                if keep is not None and a.shape[:2] == keep.shape:
+                    a, b = a[keep], np.asarray(b)[keep]
                 a = np.asarray(a, np.float64)  # float16 / bfloat16 outputs: no overflow, no ml_dtypes maths
                 spread = float(np.sum((a - a.mean()) ** 2)) or 1.0
                 total += float(np.sum((a - np.asarray(b, np.float64)) ** 2)) / spread
@@ -73,13 +78,15 @@ def choose(analysis, scores: dict, target: Target, budget: Target | None, compen
     ({name: value}, applied to masked_original(plan)); `compensable`: the names it may give."""
     runs = MaskedRuns(analysis, held_out, compensable)
     reference = runs.outputs()
+    mask = token_mask_input(analysis.model)
+    masks = [feeds.get(mask) for feeds in held_out] if mask else None
     tried = []
     for name, plan in bar(list(candidates(analysis, scores, target, budget)), "allocations"):
         weights = compensated(plan)
         got = runs.outputs(plan, weights)
         if got is None:  # a weight the shared session cannot take (a computed constant): its own model
             got = outputs(set_weights(masked_original(plan), weights), held_out)
-        tried.append(Candidate(name, plan, distortion(reference, got)))
+        tried.append(Candidate(name, plan, distortion(reference, got, masks)))
     best = min(tried, key=lambda c: c.distortion)
     progress("allocation by measured output change on held-out calibration batches: " +
              ", ".join(f"{c.name} {c.distortion:.3g}" for c in tried) + f" -> {best.name}")

@@ -121,6 +121,20 @@ def test_damping_path_stops_once_the_held_out_error_rises(monkeypatch):
     np.testing.assert_allclose(weights["w"].T, obs.refit(W, H, None, [2, 6], 0.01), atol=1e-9)
 
 
+def test_distortion_counts_only_the_positions_a_token_mask_keeps():
+    rng = np.random.default_rng(0)
+    reference = [[rng.normal(size=(2, 5, 3)).astype(np.float32)]]
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    moved = reference[0][0].copy()
+    moved[0, 3:] += 100.0  # padding positions: their outputs are never used
+    assert allocation.distortion(reference, [[moved]], [mask]) == 0.0
+    assert allocation.distortion(reference, [[moved]]) > 1.0
+    moved[1, 0] += 1.0
+    kept = reference[0][0][mask != 0]
+    expected = 3.0 / np.sum((kept - kept.mean()) ** 2)
+    assert np.isclose(allocation.distortion(reference, [[moved]], [mask]), expected)
+
+
 def test_measured_allocation_keeps_the_plan_whose_outputs_move_least():
     model = _cnn(seed=3)
     analysis = analyze(model)

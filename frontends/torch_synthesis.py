@@ -245,8 +245,7 @@ def _optimise(graph: _Graph, feeds: list[dict], steps: int, lr: float, seed: int
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    # one intra-op thread: on an idle 2-core VM as fast as two on the digits ResNet (3.1 vs 2.9 s
-    # for 10 steps), and with one other busy process 3.7 s where two threads took 35 s
+    # one intra-op thread: as fast as two when idle (3.1 vs 2.9 s, 10 steps), and see torch_threads
     try:
         with intra_op_threads(1):
             optimizer = torch.optim.Adam(variables, lr=lr)

@@ -57,6 +57,7 @@ def check_output_flags(args):
 
 
 def prune_target(args):
+    """The target flags (--ratio, --target-*, --ratio-for, ...) as a spa.selection.Target."""
     from .selection import Target
 
     return Target(ratio=args.ratio, global_ranking=args.global_ranking, keep_params=args.target_params,

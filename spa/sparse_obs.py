@@ -225,12 +225,12 @@ def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_
         return _weights_of(layer, candidates(layer, w, b, full, pattern, (damp,))[0][1], w, b), "diagonal"
     judge = judges(held)
     options = candidates(layer, w, b, hessian[1], pattern, [damp * f for f in (DAMPING_PATH if judge else (1.0,))])
-    plain = magnitude(layer, w, b, pattern)
     if not options:
-        return _weights_of(layer, plain, w, b), "magnitude"
+        return _weights_of(layer, magnitude(layer, w, b, pattern), w, b), "magnitude"
     mats = layer.matrices(w, b)
     if not judge:
         return _weights_of(layer, refitted(layer, mats, hessian[1], options[0][1], options[0][0]), w, b), "obs"
+    plain = magnitude(layer, w, b, pattern)  # the competitor only a held-out judge can weigh
     error, damp_of, best = min(((held_error(mats, m, held), d, m) for d, m in options + [(None, plain)]),
                                key=lambda scored: scored[0])
     if best is plain:

@@ -33,6 +33,7 @@ the logits. Granularities (for a weight of shape (out, in, *kernel)):
 """
 from __future__ import annotations
 
+import collections
 import copy
 import math
 
@@ -397,7 +398,6 @@ def attach(model: nn.Module, amount: float, granularity: str = "weight", layers=
     chosen = {name: module for name, module in model.named_modules()
               if isinstance(module, tuple(layers)) and name not in skip}
     batchnorms = _batchnorms_after(model, set(chosen)) if granularity == "filter" else {}
-    modules = dict(model.named_modules())
     masks = {}
     for name, module in chosen.items():
         taken = [t for t in ("weight", "bias") if parametrize.is_parametrized(module, t)]
@@ -410,7 +410,8 @@ def attach(model: nn.Module, amount: float, granularity: str = "weight", layers=
         masks[name] = mask
     for norm, layer in batchnorms.items():
         for tensor in ("weight", "bias"):
-            parametrize.register_parametrization(modules[norm], tensor, DPPBias(masks[layer].filters), unsafe=True)
+            parametrize.register_parametrization(model.get_submodule(norm), tensor, DPPBias(masks[layer].filters),
+                                                 unsafe=True)
     if not masks:
         raise SpaError(f"no {', '.join(t.__name__ for t in layers)} layer to attach DPP masks to")
     return DPPController(masks, granularity, quantize_bits, batchnorms)
@@ -428,13 +429,13 @@ def _batchnorms_after(model: nn.Module, layers: set) -> dict[str, str]:
         return {}
     modules = dict(model.named_modules())
     calls = [node for node in graph.nodes if node.op == "call_module"]
+    sites = collections.Counter(node.target for node in calls)
     found = {}
     for node in calls:
         norm = modules.get(node.target)
         source = node.args[0] if node.args else None
         if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.affine and \
                 getattr(source, "op", None) == "call_module" and source.target in layers and \
-                sum(c.target == node.target for c in calls) == 1 and \
-                sum(c.target == source.target for c in calls) == 1:
+                sites[node.target] == 1 and sites[source.target] == 1:
             found[node.target] = source.target
     return found

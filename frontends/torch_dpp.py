@@ -13,8 +13,9 @@ the logits. Granularities (for a weight of shape (out, in, *kernel)):
           k of its n = in * prod(kernel) weights
   kernel  one unit per output channel: k of its n = in input kernels (Linear: k of in weights)
   filter  one unit per layer: k of its n = out filters, each with its bias and the scale and
-          shift of a BatchNorm that reads the layer's output (found by a torch.fx trace), which
-          share the mask the weight drew in the same forward pass
+          shift of a BatchNorm that reads the layer's output (found from one forward pass on
+          attach's example_inputs, or by a torch.fx trace), which share the mask the weight drew
+          in the same forward pass
 
     from spa.frontends.torch import dpp
 
@@ -300,7 +301,7 @@ class DPPController:
         remove the parametrizations. ``physical`` (filter granularity, needs ``example_inputs``):
         the zeroed filters are removed by ``spa.frontends.torch_prune.make_physical(exact=False)``
         with their coupled channels (where a constant is left in a dropped channel, e.g. after a
-        BatchNorm the trace did not find, it goes too: the largest output change is reported);
+        BatchNorm attach did not pair, it goes too: the largest output change is reported);
         ``physical_status`` says what happened. Returns the model."""
         modules = dict(model.named_modules())
         for name in list(self.masks) + list(self.batchnorms):  # layers first: they leave their hard masks drawn
@@ -387,17 +388,21 @@ def recalibrate_batchnorm(model: nn.Module, batches, max_batches: int | None = N
 
 def attach(model: nn.Module, amount: float, granularity: str = "weight", layers=LAYERS,
            quantize_bits: int | None = None, temperature: float = 1.0, prior_scale: float = 1.0,
-           skip=(), relaxation: str = "softmax") -> DPPController:
+           skip=(), relaxation: str = "softmax", example_inputs=None) -> DPPController:
     """Register a DPP mask (and optional ``quantize_bits`` fake quantisation) on the weight of every
     module of a type in ``layers`` (names in ``skip`` excepted), pruning ``amount`` of each unit's
-    elements. The logits become parameters of the model, so optimizers and state dicts see them."""
+    elements. The logits become parameters of the model, so optimizers and state dicts see them.
+    At filter granularity the BatchNorms that read a masked layer's output are found from one
+    forward pass on ``example_inputs`` where given (any model that runs), else from a torch.fx
+    trace (models without data-dependent control flow)."""
     if granularity not in GRANULARITIES:
         raise SpaError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if quantize_bits is not None and not 2 <= quantize_bits <= 16:
         raise SpaError(f"quantize_bits must be in [2, 16], got {quantize_bits}")
     chosen = {name: module for name, module in model.named_modules()
               if isinstance(module, tuple(layers)) and name not in skip}
-    batchnorms = _batchnorms_after(model, set(chosen)) if granularity == "filter" else {}
+    batchnorms = {} if granularity != "filter" else _batchnorms_read(model, set(chosen), example_inputs) \
+        if example_inputs is not None else _batchnorms_traced(model, set(chosen))
     masks = {}
     for name, module in chosen.items():
         taken = [t for t in ("weight", "bias") if parametrize.is_parametrized(module, t)]
@@ -417,7 +422,7 @@ def attach(model: nn.Module, amount: float, granularity: str = "weight", layers=
     return DPPController(masks, granularity, quantize_bits, batchnorms)
 
 
-def _batchnorms_after(model: nn.Module, layers: set) -> dict[str, str]:
+def _batchnorms_traced(model: nn.Module, layers: set) -> dict[str, str]:
     """{BatchNorm name: the layer of `layers` whose output is its input} for affine BatchNorms
     called once, from a torch.fx trace of `model`; {} where the model does not trace (those
     BatchNorms stay unmasked: finalize(physical=True) reports what their shifts move)."""
@@ -427,15 +432,55 @@ def _batchnorms_after(model: nn.Module, layers: set) -> dict[str, str]:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception:  # data-dependent control flow, unsupported ops: fx raises many kinds
         return {}
-    modules = dict(model.named_modules())
     calls = [node for node in graph.nodes if node.op == "call_module"]
     sites = collections.Counter(node.target for node in calls)
     found = {}
     for node in calls:
-        norm = modules.get(node.target)
         source = node.args[0] if node.args else None
-        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.affine and \
-                getattr(source, "op", None) == "call_module" and source.target in layers and \
-                sites[node.target] == 1 and sites[source.target] == 1:
+        if _pairable(model, node.target) and getattr(source, "op", None) == "call_module" and \
+                source.target in layers and sites[node.target] == 1 and sites[source.target] == 1:
             found[node.target] = source.target
     return found
+
+
+def _batchnorms_read(model: nn.Module, layers: set, example_inputs) -> dict[str, str]:
+    """The same pairs as `_batchnorms_traced`, from forward hooks on one eval-mode pass over
+    `example_inputs`: a BatchNorm pairs with a layer when its input is the very tensor the layer
+    returned, not modified in place since (same object, same version counter)."""
+    produced, read, handles = {}, collections.defaultdict(list), []
+    kept = []  # the outputs stay alive, so that no other tensor takes their id during the pass
+
+    def record_output(name):
+        def hook(module, args, output):
+            kept.append(output)
+            produced.setdefault(name, []).append((id(output), output._version))
+        return hook
+
+    def record_input(name):
+        def hook(module, args):
+            x = args[0] if args else None
+            read[name].append((id(x), getattr(x, "_version", None)))
+        return hook
+
+    for name, module in model.named_modules():
+        if name in layers:
+            handles.append(module.register_forward_hook(record_output(name)))
+        elif _pairable(model, name):
+            handles.append(module.register_forward_pre_hook(record_input(name)))
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*example_inputs) if isinstance(example_inputs, tuple) else model(example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes.items():
+            m.train(training)
+    by_tensor = {calls[0]: name for name, calls in produced.items() if len(calls) == 1}
+    return {norm: by_tensor[calls[0]] for norm, calls in read.items() if len(calls) == 1 and calls[0] in by_tensor}
+
+
+def _pairable(model: nn.Module, name: str) -> bool:
+    norm = model.get_submodule(name)
+    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.affine

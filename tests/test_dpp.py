@@ -301,6 +301,42 @@ def test_untraceable_model_keeps_its_batchnorm_unmasked_and_says_what_removal_mo
     assert "outputs moved by up to" in pruning.physical_status
 
 
+@pytest.mark.parametrize("branch", [False, True])
+def test_example_inputs_pair_the_batchnorm_of_any_model_that_runs_and_removal_is_exact(branch):
+    torch.manual_seed(0)
+    model = ConvBN(branch=branch)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.bias.uniform_(0.5, 1)
+    x, _ = inputs()
+    model.train()
+    before = model.bn.running_mean.clone()
+    pruning = dpp.attach(model, 0.5, "filter", skip=("fc",), example_inputs=(x,))
+    assert pruning.batchnorms == {"bn": "conv"}
+    assert model.training and torch.equal(model.bn.running_mean, before)  # the pairing pass changed nothing
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruning.finalize(model, x, physical=True)
+    assert model.conv.out_channels == 4 and model.bn.num_features == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+class InPlaceBetween(ConvBN):
+    def forward(self, x):
+        y = self.conv(x)
+        y.add_(1.0)  # a dropped filter's channel is 1 here, not 0: masking the BatchNorm would change the model
+        return self.fc(F.relu(self.bn(y)).flatten(1))
+
+
+def test_a_batchnorm_reading_an_in_place_modified_output_is_not_paired():
+    model = InPlaceBetween()
+    assert dpp.attach(model, 0.5, "filter", skip=("fc",), example_inputs=(inputs()[0],)).batchnorms == {}
+
+
 def test_finalize_physical_removal_reports_what_it_did():
     model, pruning = make("filter")
     with warnings.catch_warnings():

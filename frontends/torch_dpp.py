@@ -401,8 +401,10 @@ def attach(model: nn.Module, amount: float, granularity: str = "weight", layers=
         raise SpaError(f"quantize_bits must be in [2, 16], got {quantize_bits}")
     chosen = {name: module for name, module in model.named_modules()
               if isinstance(module, tuple(layers)) and name not in skip}
-    batchnorms = {} if granularity != "filter" else _batchnorms_read(model, set(chosen), example_inputs) \
-        if example_inputs is not None else _batchnorms_traced(model, set(chosen))
+    batchnorms = {}
+    if granularity == "filter":
+        batchnorms = _batchnorms_traced(model, set(chosen)) if example_inputs is None else \
+            _batchnorms_read(model, set(chosen), example_inputs)
     masks = {}
     for name, module in chosen.items():
         taken = [t for t in ("weight", "bias") if parametrize.is_parametrized(module, t)]
@@ -445,7 +447,7 @@ def _batchnorms_traced(model: nn.Module, layers: set) -> dict[str, str]:
 
 def _batchnorms_read(model: nn.Module, layers: set, example_inputs) -> dict[str, str]:
     """The same pairs as `_batchnorms_traced`, from forward hooks on one eval-mode pass over
-    `example_inputs`: a BatchNorm pairs with a layer when its input is the very tensor the layer
+    `example_inputs` (a tensor or a tuple of them, as make_physical takes): a BatchNorm pairs with a layer when its input is the very tensor the layer
     returned, not modified in place since (same object, same version counter)."""
     produced, read, handles = {}, collections.defaultdict(list), []
     kept = []  # the outputs stay alive, so that no other tensor takes their id during the pass
@@ -471,7 +473,7 @@ def _batchnorms_read(model: nn.Module, layers: set, example_inputs) -> dict[str,
     try:
         model.eval()
         with torch.no_grad():
-            model(*example_inputs) if isinstance(example_inputs, tuple) else model(example_inputs)
+            model(*((example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)))
     finally:
         for handle in handles:
             handle.remove()

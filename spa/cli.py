@@ -163,8 +163,8 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-group-ratio", type=float,
                     help="never remove more than this fraction of one group (default 0.9)")
     pr.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
-                    help="keep a multiple of N channels per group; auto: the multiple the latency tables measure "
-                         "fastest (default 1)")
+                    help="keep a multiple of N channels per group (whole-head groups are left as they are); auto: "
+                         "the multiple the latency tables measure fastest (default 1)")
     pr.add_argument("--ignore", action="append", default=[], metavar="NAME",
                     help="node or initializer name (glob) whose channels are kept; repeatable")
     pr.add_argument("--seed", type=int,

@@ -190,7 +190,9 @@ class Selector:
         return [(gid, a) for _, gid, a in entries]
 
     def round(self, accepted):
-        """Keep a multiple of round_to channels per group by restoring the best removed ones."""
+        """Keep a multiple of round_to channels per group by restoring the best removed ones. Groups
+        of whole attention heads are left as they are: each head is head-size channels wide, so any
+        head count keeps the projections at a multiple of the head size."""
         n = self.multiple
         if n == 1:
             return accepted
@@ -200,6 +202,9 @@ class Selector:
         result = []
         self.record.update(restored=0, whole=0)
         for gid, atoms in by_group.items():
+            if self.analysis.groups[gid].kind == "heads":
+                result += [(gid, a) for a in atoms]
+                continue
             total = len(self.analysis.groups[gid].atoms)
             keep_removed = len(atoms)
             while keep_removed > 0 and (total - keep_removed) % n:

@@ -187,3 +187,13 @@ def test_fused_rms_normalization_and_attention_ops_opset23():
     b.output(linear(b, attended, D, D), shape=[B, T, D])
     reasons = [r for g in analyze(b.model()).groups for r in g.reasons()]
     assert any("no channel rule for Attention" in r for r in reasons)
+
+
+def test_round_to_rounds_channel_widths_not_head_counts():
+    """A whole head is head-size channels wide, so --round-to leaves head groups alone (rounding
+    4 heads to a multiple of 8 would keep them all) and rounds the MLP's channels."""
+    groups = check_exact(encoder(), Target(ratio=0.5, round_to=8)).plan.to_json()["groups"]
+    heads = [g for g in groups if g["kind"] == "heads"]
+    channels = [g for g in groups if g["kind"] == "channels"]
+    assert heads and all(g["removed"] == g["size"] // 2 for g in heads)
+    assert channels and all((g["size"] - g["removed"]) % 8 == 0 for g in channels)

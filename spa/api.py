@@ -62,7 +62,7 @@ def prune(model, ratio: float | None = None, *, progress: bool = False, **flags)
     {"metric", "before", "after", "difference", "samples", "source"}. Returns a `Pruned`:
     `.model`, `.plan`, `.stats`, `.save(path)`."""
     from . import cli
-    from .flags import calibration_options, check_counts
+    from .flags import calibration_options, check_counts, default_criterion
     from . import progress as bars
     from .report import outcome
 
@@ -70,6 +70,7 @@ def prune(model, ratio: float | None = None, *, progress: bool = False, **flags)
     say = _say(progress)
     with _bars(progress, bars):
         check_counts(args)
+        default_criterion(args)
         args.calibration_options = calibration_options(args)
         original, source = _load(model, say, cli._frontend_shapes(args))
         args.model = source or "model.onnx"

@@ -10,8 +10,9 @@ import time
 import warnings
 
 from .errors import SpaError, SpaWarning
-from .flags import (DEFAULT_GRANULARITY, calibration_options, check_command_flags, check_counts,
-                    check_model_flags, check_output_flags, check_whole_sessions, prune_target)
+from .flags import (DEFAULT_CRITERION_NOTE, DEFAULT_GRANULARITY, calibration_options, check_command_flags,
+                    check_counts, check_model_flags, check_output_flags, check_whole_sessions, default_criterion,
+                    prune_target)
 
 
 class Progress:
@@ -105,9 +106,9 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--ratios-from", metavar="FILE.json",
                     help="per-group ratios from spa sensitivity -o FILE.json: the parameters --ratio R keeps, with "
                          "sensitive groups losing less (the loss each group measured is equalised)")
-    pr.add_argument("--criterion", default="l1", choices=available() + ["obspa"],
-                    help="how channels are scored (default l1); obspa: Optimal Brain Surgeon saliency + weight "
-                         "compensation from calibration inputs")
+    pr.add_argument("--criterion", choices=available() + ["obspa"],
+                    help="how channels are scored (default l1, announced); obspa: Optimal Brain Surgeon saliency + "
+                         "weight compensation from calibration inputs (generated where none are given)")
     pr.add_argument("--calibration", metavar="SOURCE",
                     help="obspa inputs: auto (default: inverted where the model keeps BatchNorm, else synthetic), "
                          "synthetic, none, bn, inverted (optimised against the model's BN statistics or outputs; "
@@ -267,6 +268,7 @@ def run(args) -> int:
     if args.command in ("prune", "apply-plan"):
         check_output_flags(args)
     if args.command == "prune":
+        default_criterion(args)
         args.calibration_options = calibration_options(args)
     else:
         check_command_flags(args)
@@ -563,6 +565,8 @@ def _prune(args, model, options, say):
     from .pipeline import prune
 
     check_model_flags(args, model, options)
+    if getattr(args, "criterion_defaulted", False):
+        say(DEFAULT_CRITERION_NOTE)
     if getattr(args, "ratios_from", None) is not None:  # per-group ratios from spa sensitivity
         from .group_sensitivity import apply
         apply(args, model, options, say)

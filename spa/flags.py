@@ -12,6 +12,18 @@ from .errors import SpaError
 DEFAULT_GRANULARITY = ("channels", "heads")
 
 
+def default_criterion(args) -> None:
+    """--criterion not given: l1 (`spa.cli._prune` announces it once the flags have passed)."""
+    args.criterion_defaulted = args.criterion is None
+    if args.criterion is None:
+        args.criterion = "l1"
+
+
+DEFAULT_CRITERION_NOTE = ("criterion l1 (the default: weight magnitude, no weight changed); on trained models "
+                          "--criterion obspa keeps far more accuracy, without data (README: quality on real "
+                          "pretrained weights)")
+
+
 def check_command_flags(args):
     """analyze, profile and apply-plan: options that their shared definitions give them where they
     would do nothing."""

@@ -302,3 +302,11 @@ def test_temporary_path_never_in_errors(tmp_path, capsys, fake_frontend):
     _expect_error(capsys, ["analyze", source, "-q"], "broken.fake")
     assert spa("analyze", source, "-q") == 2
     assert "spa-frontend-" not in capsys.readouterr().err
+
+
+def test_the_default_criterion_is_announced_with_the_one_the_quality_benchmarks_favour(model_path, tmp_path, capsys):
+    assert spa("prune", model_path, "-o", tmp_path / "a.onnx", "--ratio", "0.5") == 0
+    err = capsys.readouterr().err
+    assert "criterion l1 (the default" in err and "--criterion obspa keeps far more accuracy" in err
+    assert spa("prune", model_path, "-o", tmp_path / "b.onnx", "--ratio", "0.5", "--criterion", "l1") == 0
+    assert "(the default" not in capsys.readouterr().err

@@ -636,12 +636,13 @@ def _settle_configs(votes, report):
 def _verify(module, pruned, example_inputs, rtol) -> float:
     import onnx
 
+    from .torch_export import as_args
     from .torch_onnx import verify_module
 
     model = pruned if isinstance(pruned, onnx.ModelProto) else onnx.load(str(pruned))
     feeds = None
     if example_inputs is not None:
-        args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        args = as_args(example_inputs)
         inits = {t.name for t in model.graph.initializer}
         names = [i.name for i in model.graph.input if i.name not in inits]
         feeds = dict(zip(names, args))

@@ -439,7 +439,7 @@ def _batchnorms_traced(model: nn.Module, layers: set) -> dict[str, str]:
     found = {}
     for node in calls:
         source = node.args[0] if node.args else None
-        if _pairable(model, node.target) and getattr(source, "op", None) == "call_module" and \
+        if _pairable(model.get_submodule(node.target)) and getattr(source, "op", None) == "call_module" and \
                 source.target in layers and sites[node.target] == 1 and sites[source.target] == 1:
             found[node.target] = source.target
     return found
@@ -447,15 +447,18 @@ def _batchnorms_traced(model: nn.Module, layers: set) -> dict[str, str]:
 
 def _batchnorms_read(model: nn.Module, layers: set, example_inputs) -> dict[str, str]:
     """The same pairs as `_batchnorms_traced`, from forward hooks on one eval-mode pass over
-    `example_inputs` (a tensor or a tuple of them, as make_physical takes): a BatchNorm pairs with a layer when its input is the very tensor the layer
-    returned, not modified in place since (same object, same version counter)."""
-    produced, read, handles = {}, collections.defaultdict(list), []
+    `example_inputs` (a tensor or a sequence of them, as make_physical takes): a BatchNorm pairs
+    with a layer when its input is the very tensor the layer returned, not modified in place since
+    (same object, same version counter)."""
+    from .torch_export import as_args
+
+    produced, read, handles = collections.defaultdict(list), collections.defaultdict(list), []
     kept = []  # the outputs stay alive, so that no other tensor takes their id during the pass
 
     def record_output(name):
         def hook(module, args, output):
             kept.append(output)
-            produced.setdefault(name, []).append((id(output), output._version))
+            produced[name].append((id(output), output._version))
         return hook
 
     def record_input(name):
@@ -467,13 +470,13 @@ def _batchnorms_read(model: nn.Module, layers: set, example_inputs) -> dict[str,
     for name, module in model.named_modules():
         if name in layers:
             handles.append(module.register_forward_hook(record_output(name)))
-        elif _pairable(model, name):
+        elif _pairable(module):
             handles.append(module.register_forward_pre_hook(record_input(name)))
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
-            model(*((example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)))
+            model(*as_args(example_inputs))
     finally:
         for handle in handles:
             handle.remove()
@@ -483,6 +486,5 @@ def _batchnorms_read(model: nn.Module, layers: set, example_inputs) -> dict[str,
     return {norm: by_tensor[calls[0]] for norm, calls in read.items() if len(calls) == 1 and calls[0] in by_tensor}
 
 
-def _pairable(model: nn.Module, name: str) -> bool:
-    norm = model.get_submodule(name)
-    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.affine
+def _pairable(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine

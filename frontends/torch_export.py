@@ -195,6 +195,11 @@ def _export_dynamo(model, args, path, names_in, names_out, training, dynamic, op
     return onnx.load(str(path))
 
 
+def as_args(example_inputs) -> tuple:
+    """Example inputs as the positional arguments of a call: one tensor, or a sequence of them."""
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
 def export(module: nn.Module, example_inputs, path, *, exporter: str = "dynamo",
            training: bool = False, dynamic_batch: bool = True, opset: int | None = None,
            input_names=None, output_names=None, dynamic_axes: dict | None = None) -> Exported:
@@ -210,7 +215,7 @@ def export(module: nn.Module, example_inputs, path, *, exporter: str = "dynamo",
     """
     if exporter not in EXPORTERS:
         raise SpaError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    args = as_args(example_inputs)
     if dynamic_batch:  # batch 1 would be specialised by the tracers
         args = tuple(torch.cat([a, a]) if a.dim() and a.shape[0] == 1 else a for a in args)
     work = copy.deepcopy(module)

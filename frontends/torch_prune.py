@@ -36,7 +36,7 @@ from spa.groups import analyze
 from spa.plan import Plan
 
 from .torch_apply import apply_plan
-from .torch_export import export
+from .torch_export import as_args, export
 
 __all__ = ["BasePruningMethod", "PruningContainer", "Identity", "RandomUnstructured",
            "L1Unstructured", "RandomStructured", "LnStructured", "CustomFromMask", "identity",
@@ -175,7 +175,7 @@ def make_physical(module: nn.Module, example_inputs, *, atol: float = 1e-5, expo
     or BatchNorm shift still makes them a constant (structured filter pruning as Torch-Pruning
     does it, e.g. after DPP at filter granularity); the outputs then move, and the largest change
     on ``example_inputs`` is reported (``report.max_deviation``) and warned about."""
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    args = as_args(example_inputs)
     _make_masks_permanent(module)
     params_before = _param_count(module)
     was_training = module.training

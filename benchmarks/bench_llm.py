@@ -33,7 +33,7 @@ Measurements. Each command runs in its own fresh subprocess under `/usr/bin/time
 ru_maxrss of that process; os.wait4 when /usr/bin/time is missing); the page cache is warm (the
 model was just written or read):
   * `python -m spa analyze model.onnx -q --json`
-  * `python -m spa prune model.onnx -o pruned.onnx --ratio 0.3 -q` (the CLI verifies with the
+  * `python -m spa prune model.onnx -o pruned.onnx --ratio 0.3 --criterion l1 -q` (the CLI verifies with the
     full onnx checker, strict shape inference and an onnxruntime run before writing)
 Model size = model.onnx + model.onnx.data bytes. Parameters before/after are counted from the
 initializer dims of both files and split by what reads them (q/k/v/o, gate/up/down, ...).
@@ -1057,7 +1057,7 @@ def run_cli(model_path, work, args, env, size_b, workaround: bool) -> dict:
                 if os.path.exists(f):
                     os.remove(f)
             argv = ([cmd, model_path, "-q", "--json"] if cmd == "analyze"
-                    else [cmd, model_path, "-o", pruned, "--ratio", str(args.ratio), "-q"])
+                    else [cmd, model_path, "-o", pruned, "--ratio", str(args.ratio), "--criterion", "l1", "-q"])
             before = spa_fingerprint()
             run = measured(launcher + argv, env=env)
             run["spa"] = before if before == spa_fingerprint() else f"CHANGED DURING RUN (from {before})"

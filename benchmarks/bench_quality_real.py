@@ -30,7 +30,9 @@ defaults: measured allocation, compensation judged on held-out inputs) with cali
   bn         Gaussian inputs fitted to the first BatchNorm's statistics (models with BatchNorm)
   real       user data: MiniLM 128 other sentences (models/sentences.CALIBRATION, tokenised by
              the model's tokenizer), OCR 32 other rendered lines, digits/mnist1d 128 training samples
-each also with `recover=300` (data-free distillation into the pruned model on the same inputs).
+each also with `recover=300` (data-free distillation into the pruned model on the same inputs);
+and `default`: `spa.prune` with no criterion, calibration or rounding option (obspa, calibration
+auto, widths of groups of 64 channels or more rounded to multiples of 16; OCR given its input shape).
 Targets (columns): keep 90/80/70% of the parameters, 1.5x and 2x fewer MACs; MiniLM also
 --ratio 0.25 (the issue's goal). Writes benchmarks/results/quality_real.json (after every cell)
 and quality_real.png, prints markdown tables.
@@ -166,10 +168,21 @@ def prune_with(method: str, ctx: dict, target, model, recover: int):
 
     if method == "l1":
         return prune(model, target, criterion="l1").model
+    if method == "default":  # spa prune with no criterion, calibration or rounding flag
+        return _prune_by_default(ctx, target, model)
     source = method.split("-", 1)[1]
     real = ctx[source] if source in ("real", "tokenizer") else {"source": source}
     cal = Calibration(shapes=ctx["shapes"], **real)
     return prune(model, target, criterion="obspa", calibration=cal, recover=recover).model
+
+
+def _prune_by_default(ctx: dict, target, model):
+    import spa
+
+    flags = {"ratio": target.ratio, "target_params": target.keep_params, "target_flops": target.keep_macs}
+    shapes = ctx["shapes"] or {}
+    flags["input_shape"] = [f"{name}={'x'.join(map(str, dims))}" for name, dims in shapes.items()] or None
+    return spa.prune(model, **flags).model
 
 
 def prune_tp(ctx: dict, target_name: str):
@@ -203,7 +216,7 @@ def prune_tp(ctx: dict, target_name: str):
 # ------------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------------
-METHODS = ["l1", "tp-magnitude"] + [f"obspa-{c}" for c in CALIBRATIONS]
+METHODS = ["l1", "tp-magnitude"] + [f"obspa-{c}" for c in CALIBRATIONS] + ["default"]
 
 
 def measure(model, pruned) -> dict:
@@ -239,7 +252,7 @@ def run(args) -> dict:
                 row = record["results"].setdefault(target_name, {})
                 for method in args.methods or METHODS:
                     why = applicable(method, name, model)
-                    recovers = not (args.quick or args.no_recover or method in ("l1", "tp-magnitude") or
+                    recovers = not (args.quick or args.no_recover or method in ("l1", "tp-magnitude", "default") or
                                     (args.recover_on and target_name not in args.recover_on))
                     for recover in ((0, RECOVER_STEPS) if recovers else (0,)):
                         key = method + (f"+recover{recover}" if recover else "")

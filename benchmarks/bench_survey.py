@@ -494,7 +494,7 @@ def dir_size(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def survey_one(rec, work, timeout):
+def survey_one(rec, work, timeout, criterion=("--criterion", "l1")):
     path = rec["path"]
     rec["size"] = dir_size(path)
     onnx_path = path if path.endswith(".onnx") else None
@@ -532,7 +532,7 @@ def survey_one(rec, work, timeout):
     # prune
     out_path = os.path.join(work, re.sub(r"[^\w.-]", "_", rec["name"]) + ".pruned.onnx")
     rc, out, err, dt = _run([sys.executable, "-m", "spa.cli", "prune", path, "--ratio", str(RATIO),
-                             "-o", out_path, "-q", "--overwrite"], timeout)
+                             *criterion, "-o", out_path, "-q", "--overwrite"], timeout)
     rec["prune_s"] = round(dt, 2)
     rec["prune_rc"] = rc
     rec["prune_stdout"] = out.strip()[-600:]
@@ -631,6 +631,8 @@ def main():
     ap.add_argument("--fresh", action="store_true", help="export the zoo into a new temp dir")
     ap.add_argument("--timeout", type=int, default=240, help="per-command timeout (s)")
     ap.add_argument("--only", nargs="*", help="substrings: survey only matching files")
+    ap.add_argument("--criterion", default="l1",
+                    help="spa prune's --criterion (default l1, as published; 'default': spa prune's own default)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "survey.json"))
     ap.add_argument("--export-zoo", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
     ap.add_argument("--tflite", metavar="DIR", help=argparse.SUPPRESS)
@@ -677,7 +679,8 @@ def main():
             records.append(rec)
             log(f"[{i + 1}/{len(files)}] {rec['name']}: export failed: {rec['error'][:120]}")
             continue
-        rec = survey_one(dict(rec), work, args.timeout)
+        rec = survey_one(dict(rec), work, args.timeout,
+                         () if args.criterion == "default" else ("--criterion", args.criterion))
         records.append(rec)
         s = rec.get("share")
         log(f"[{i + 1}/{len(files)}] {rec['name']}: {rec['outcome']}"
@@ -742,7 +745,7 @@ def main():
     plot(reasons, reasons_groups, png)
     doc = {
         "benchmark": "survey", "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "quick": args.quick, "ratio": RATIO, "goal_share": GOAL_SHARE,
+        "quick": args.quick, "ratio": RATIO, "criterion": args.criterion, "goal_share": GOAL_SHARE,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "onnx": version("onnx"),
                     "onnxruntime": version("onnxruntime"), "torch": version("torch"),
                     "tensorflow": version("tensorflow"), "git": git("rev-parse", "--short", "HEAD")},

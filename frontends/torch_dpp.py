@@ -162,7 +162,7 @@ class DPPMask(nn.Module):
         hard = top_k_mask(perturbed.detach(), self.k)
         self._record(hard)
         soft = RELAXATIONS[self.relaxation](perturbed, self.k, self.temperature)
-        return hard + soft - soft.detach()
+        return hard + (soft - soft.detach())  # exactly hard ((hard + soft) - soft rounds: 0.99999994)
 
     @torch.no_grad()
     def hard(self) -> torch.Tensor:

@@ -10,9 +10,9 @@ import time
 import warnings
 
 from .errors import SpaError, SpaWarning
-from .flags import (DEFAULT_CRITERION_NOTE, DEFAULT_GRANULARITY, calibration_options, check_command_flags,
+from .flags import (DEFAULT_GRANULARITY, DEFAULT_ROUND_NOTE, calibration_options, check_command_flags,
                     check_counts, check_model_flags, check_output_flags, check_whole_sessions, default_criterion,
-                    prune_target)
+                    prune_target, rounding)
 
 
 class Progress:
@@ -163,9 +163,10 @@ def parser() -> argparse.ArgumentParser:
                          "measured (obspa's default: tries both on held-out calibration batches, keeps the better)")
     pr.add_argument("--max-group-ratio", type=float,
                     help="never remove more than this fraction of one group (default 0.9)")
-    pr.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
+    pr.add_argument("--round-to", type=_round_to, metavar="N|auto",
                     help="keep a multiple of N channels per group (whole-head groups are left as they are); auto: "
-                         "the multiple the latency tables measure fastest (default 1)")
+                         "the multiple the latency tables measure fastest (default: 16 in groups of 64 channels or "
+                         "more with obspa, whose widths differ per group; else 1)")
     pr.add_argument("--ignore", action="append", default=[], metavar="NAME",
                     help="node or initializer name (glob) whose channels are kept; repeatable")
     pr.add_argument("--seed", type=int,
@@ -268,7 +269,7 @@ def run(args) -> int:
     if args.command in ("prune", "apply-plan"):
         check_output_flags(args)
     if args.command == "prune":
-        default_criterion(args)
+        default_criterion(args, _keeps_own_weights(args))
         args.calibration_options = calibration_options(args)
     else:
         check_command_flags(args)
@@ -527,6 +528,23 @@ def _frontend_shapes(args):
     return parse_input_shapes(getattr(args, "input_shape", None))
 
 
+def _keeps_own_weights(args) -> str | None:
+    """Why -o cannot take weights changed in the pruned ONNX (a Keras file or a Hugging Face directory
+    is written as slices of the input's own weights), or None."""
+    import spa.frontends as frontends
+
+    if not args.output:
+        return None
+    suffix = os.path.splitext(args.output.rstrip("/\\"))[1].lower()
+    writer = getattr(frontends, "FRAMEWORK_OUTPUTS", {}).get(suffix, "")
+    if writer.startswith("spa.frontends.tensorflow"):
+        return f"-o {args.output} keeps slices of the Keras model's own weights"
+    if suffix != ".onnx" and not writer and suffix not in getattr(frontends, "REFUSED_OUTPUTS", {}) and \
+            os.path.isfile(os.path.join(args.model, "config.json")):
+        return f"-o {args.output}: a Hugging Face directory keeps slices of the model's own weights"
+    return None
+
+
 def _framework_output(args):
     """-o small.pt2 / .pt / .keras / .h5: refused here, before any work, when that file cannot be
     written from this input (spa.frontends.check_output); else the pruned ONNX goes to a temporary
@@ -566,7 +584,10 @@ def _prune(args, model, options, say):
 
     check_model_flags(args, model, options)
     if getattr(args, "criterion_defaulted", False):
-        say(DEFAULT_CRITERION_NOTE)
+        _default_for_size(args, model)
+        say(args.criterion_note)
+    if args.round_to is None and rounding(args)[0] != 1:
+        say(DEFAULT_ROUND_NOTE)
     if getattr(args, "ratios_from", None) is not None:  # per-group ratios from spa sensitivity
         from .group_sensitivity import apply
         apply(args, model, options, say)
@@ -575,6 +596,24 @@ def _prune(args, model, options, say):
                  damp=0.01 if args.damp is None else args.damp, labels=args.labels,
                  allocation=args.allocation, recover=args.recover, compensation=args.compensation,
                  staged=args.staged)
+
+
+def _default_for_size(args, model) -> None:
+    """The default criterion for a model whose weights stream from external data and would not fit
+    in memory whole: l1, since obspa runs the whole model (explicit --criterion obspa reads it all)."""
+    from .external_data import is_streamed
+    from .flags import check_flags
+    from .verify import session_fits
+
+    if args.criterion != "obspa" or not is_streamed(model) or session_fits(args.model):
+        return
+    why = "the model does not fit in memory whole, and obspa runs it"
+    args.criterion, args.criterion_note = "l1", f"criterion l1 (the default where obspa cannot serve: {why})"
+    try:
+        check_flags(args)
+    except SpaError as exc:
+        raise SpaError(f"{exc} (the default criterion is l1 here: {why}; --criterion obspa reads every weight into "
+                       "memory)") from None
 
 
 def warn(message: str):

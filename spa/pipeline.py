@@ -14,7 +14,7 @@ from . import allocation as allocate
 from . import external_data, latency, obspa, plugins
 from .calibration import DEFAULT_SAMPLES, Calibration, calibration_batches, is_generated
 from .errors import SpaError, SpaWarning
-from .cost import count_params
+from .cost import concrete_shapes, count_params, macs_by_op
 from .graph import weight_bytes
 from .groups import Analysis, Options, analyze
 from .importance import GRADIENT_CRITERIA, check_bn_scale, score
@@ -168,7 +168,7 @@ def _stage_by_stage(staged: bool | None, cal: Calibration, progress) -> bool:
 
 def _plan(analysis, scores, target, allocation, progress):
     if allocation == "global" and target.ratio is not None and not target.global_ranking:
-        target = as_parameter_budget(analysis, scores, target, progress)
+        target = as_budget(analysis, scores, target, progress)
     progress("selecting channels")
     return select(analysis, scores, target, progress)
 
@@ -283,7 +283,7 @@ def _obs_plan(analysis, target, fit, held, allocation, normalization, compensati
         progress(f"allocation {allocation} (fewer than two calibration batches: nothing to measure allocations on)")
     if allocation != "measured":
         return _plan(analysis, scores, target, allocation, progress), scores, measured
-    budget = as_parameter_budget(analysis, scores, target, progress) \
+    budget = as_budget(analysis, scores, target, progress) \
         if target.ratio is not None and not target.global_ranking else None
 
     def compensated(plan):  # candidates often remove the same channels from a layer: measured.first_order
@@ -295,13 +295,21 @@ def _obs_plan(analysis, target, fit, held, allocation, normalization, compensati
     return plan, scores, measured
 
 
-def as_parameter_budget(analysis: Analysis, scores: dict, target: Target, progress=_quiet) -> Target:
-    """Target(ratio=R) as the parameter budget of removing R of every group, ranked globally."""
+def as_budget(analysis: Analysis, scores: dict, target: Target, progress=_quiet) -> Target:
+    """Target(ratio=R) as the budget of removing R of every group, ranked globally: at most the
+    parameters AND the MACs that plan keeps (a parameter budget alone let OBSPA take ResNet-18's
+    parameter-heavy late layers: 1.79x fewer MACs at --ratio 0.5 where uniform removes 3.75x, and a
+    model slower than the original)."""
     uniform = select(analysis, scores, target)
-    kept = count_params(analysis.graph, uniform) / max(count_params(analysis.graph), 1)
-    progress(f"ratio {target.ratio:g} as a budget: keep {kept:.1%} of the parameters (what {target.ratio:g} of "
-             f"every group keeps), channels ranked across groups (allocation 'uniform' prunes every group alike)")
-    return dataclasses.replace(target, ratio=None, keep_params=kept)
+    params = count_params(analysis.graph, uniform) / max(count_params(analysis.graph), 1)
+    shapes = concrete_shapes(analysis.model)
+    full = sum(macs_by_op(analysis.graph, shapes).values())
+    macs = sum(macs_by_op(analysis.graph, shapes, uniform).values()) / full if full else None
+    progress(f"ratio {target.ratio:g} as a budget: keep at most {params:.1%} of the parameters"
+             + (f" and {macs:.1%} of the MACs" if macs is not None else "")
+             + f" (what {target.ratio:g} of every group keeps), channels ranked across groups "
+             "(allocation 'uniform' prunes every group alike)")
+    return dataclasses.replace(target, ratio=None, keep_params=params, keep_macs=macs)
 
 
 CALIBRATION_MACS = 150e9  # default calibration: at most this many MACs per pass over it (36 ResNet-50 images)

@@ -25,6 +25,7 @@ class Target:
     latency: float | None = None  # fraction of the measured onnxruntime latency kept
     max_group_ratio: float = 0.9  # never remove more than this fraction of one group
     round_to: int | str = 1  # or "auto": the multiple the latency tables favour
+    round_from: int = 1  # groups narrower than this many channels keep exact widths
     ignore: list = field(default_factory=list)
     ratios: dict = field(default_factory=dict)  # {glob: ratio} for the groups of matching layers (first wins)
     batch: int = 1  # latency targets and round_to "auto": measured at this batch size
@@ -36,9 +37,10 @@ class Target:
             value = getattr(self, name)
             if value is not None and not 0 < value < 1:
                 raise SpaError(f"{flag} must be between 0 and 1 (exclusive), got {value}")
-        given = sum(v is not None for v in (self.ratio, self.keep_params, self.keep_macs, self.latency))
+        budget = self.keep_params is not None or self.keep_macs is not None  # both: both are met
+        given = sum(v is not None for v in (self.ratio, self.latency)) + budget
         if given > 1 or (given == 0 and not self.ratios):
-            raise SpaError("give exactly one target: a ratio, a parameter, MAC or latency fraction")
+            raise SpaError("give exactly one target: a ratio, a parameter and/or MAC fraction, or a latency fraction")
         for pattern, value in self.ratios.items():
             if not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise SpaError(f"ratio for '{pattern}' must be in [0, 1), got {value!r}")
@@ -192,7 +194,8 @@ class Selector:
     def round(self, accepted):
         """Keep a multiple of round_to channels per group by restoring the best removed ones. Groups
         of whole attention heads are left as they are: each head is head-size channels wide, so any
-        head count keeps the projections at a multiple of the head size."""
+        head count keeps the projections at a multiple of the head size; nor are groups narrower
+        than round_from channels."""
         n = self.multiple
         if n == 1:
             return accepted
@@ -202,10 +205,10 @@ class Selector:
         result = []
         self.record.update(restored=0, whole=0)
         for gid, atoms in by_group.items():
-            if self.analysis.groups[gid].kind == "heads":
+            total = len(self.analysis.groups[gid].atoms)
+            if self.analysis.groups[gid].kind == "heads" or total < self.target.round_from:
                 result += [(gid, a) for a in atoms]
                 continue
-            total = len(self.analysis.groups[gid].atoms)
             keep_removed = len(atoms)
             while keep_removed > 0 and (total - keep_removed) % n:
                 keep_removed -= 1
@@ -214,12 +217,15 @@ class Selector:
             self.record["whole"] += int(keep_removed == 0)
         return result
 
-    def to_budget(self, order, measure, keep_fraction):
-        full = measure([])
+    def to_budget(self, order, budgets):
+        """The shortest (rounded) prefix of `order` that keeps at most `fraction` of every
+        (measure, fraction) in `budgets`."""
+        limits = [(measure, fraction * measure([])) for measure, fraction in budgets]
         lo, hi = 0, len(order)
         while lo < hi:
             mid = (lo + hi) // 2
-            if measure(self.round(order[:mid])) <= keep_fraction * full:
+            accepted = self.round(order[:mid])
+            if all(measure(accepted) <= limit for measure, limit in limits):
                 hi = mid
             else:
                 lo = mid + 1
@@ -253,11 +259,11 @@ class Selector:
             accepted = self.round(order[:self.record["asked"]])
         else:
             order = self.global_order()
-            if t.keep_params is not None:
-                accepted = self.to_budget(order, self.params_of, t.keep_params)
-            else:
+            budgets = [(self.params_of, t.keep_params)] if t.keep_params is not None else []
+            if t.keep_macs is not None:
                 self.shapes = self._shapes()
-                accepted = self.to_budget(order, self.macs_of, t.keep_macs)
+                budgets.append((self.macs_of, t.keep_macs))
+            accepted = self.to_budget(order, budgets)
         if not accepted and self.record["whole"]:
             raise SpaError(f"the target removes no channel: --round-to {self.multiple} keeps every group whole "
                            f"(each would lose fewer than {self.multiple} channels)")

@@ -49,7 +49,7 @@ def test_prune_matches_the_cli(model_path, tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     ({"ratio": 0.5, "no_such_flag": 1}, "unknown option 'no_such_flag'"),
     ({"ratio": 1.5}, "ratio must be between 0 and 1"),
-    ({"ratio": 0.5, "damp": 0.1}, "--damp has no effect"),
+    ({"ratio": 0.5, "criterion": "l1", "damp": 0.1}, "--damp has no effect"),
     ({"ratios": {"nothing*": 0.5}}, "--ratio-for 'nothing*' matches no node or initializer"),
     ({"ratios": {"Conv_4": 0.5}, "target_params": 0.5}, "per-layer ratios"),
     ({}, "give exactly one target"),

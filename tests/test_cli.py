@@ -82,7 +82,7 @@ def test_analyze_names_weights_in_no_group(tmp_path, capsys):
 
 def test_plan_out_and_apply_plan_replay(model_path, tmp_path):
     out, plan, again = tmp_path / "a.onnx", tmp_path / "plan.json", tmp_path / "b.onnx"
-    assert spa("prune", model_path, "-o", out, "--ratio", "0.5", "--plan-out", plan, "-q") == 0
+    assert spa("prune", model_path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "--plan-out", plan, "-q") == 0
     data = json.loads(plan.read_text())
     entry = data["weights"][0]
     assert {"name", "axis", "kept", "removed", "group"} <= set(entry)
@@ -189,10 +189,10 @@ def test_missing_file_and_bad_plan(model_path, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--damp", "0.1"], "--damp has no effect with criterion l1"),
-    (["--calibration", "synthetic"], "--calibration has no effect with criterion l1"),
-    (["--calibration-samples", "8"], "--calibration-samples has no effect with criterion l1"),
-    (["--allocation", "measured"], "--allocation measured compares OBS-compensated plans"),
+    (["--criterion", "l1", "--damp", "0.1"], "--damp has no effect with criterion l1"),
+    (["--criterion", "l1", "--calibration", "synthetic"], "--calibration has no effect with criterion l1"),
+    (["--criterion", "l1", "--calibration-samples", "8"], "--calibration-samples has no effect with criterion l1"),
+    (["--criterion", "l1", "--allocation", "measured"], "--allocation measured compares OBS-compensated plans"),
     (["--criterion", "obspa", "--labels", "y.npy"], "--labels has no effect with criterion obspa"),
     (["--recover", "-3"], "--recover needs a number of steps >= 0"),
 ])

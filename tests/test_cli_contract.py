@@ -161,6 +161,7 @@ A = ["analyze", "{M}", "-q"]
 A_ENC = ["analyze", "{ENC}", "-q"]
 P = ["prune", "{M}", "-o", "{O}", "--ratio", "0.5", "-q"]
 P0 = _without(P, "--ratio")  # no target: refused
+L1 = P + ["--criterion", "l1"]  # the default is obspa
 P95 = P0 + ["--ratio", "0.95"]
 TP = P0 + ["--target-params", "0.5"]
 SMALL = ["prune", "{SMALL}", "-o", "{O}", "-q", "--target-params", "0.5"]
@@ -168,7 +169,7 @@ J = P + ["--json"]
 R = P + ["--criterion", "random"]
 OB = P + ["--criterion", "obspa", "--calibration-samples", "32"]
 NONE = P + ["--criterion", "obspa", "--calibration", "none"]
-DRY = ["prune", "{M}", "--ratio", "0.5", "-q", "--dry-run"]
+DRY = ["prune", "{M}", "--ratio", "0.5", "-q", "--dry-run", "--criterion", "l1"]
 ENC = ["prune", "{ENC}", "-o", "{O}", "--ratio", "0.5", "-q"]
 DYN = ["prune", "{DYN}", "-o", "{O}", "--ratio", "0.5", "-q", "--criterion", "obspa", "--calibration-samples", "16"]
 IMG = DYN[:-1] + ["4", "--calibration", "{IMAGES}"]
@@ -293,14 +294,14 @@ CONTRACT = {
             (P + ["--ratios-from", "{SENS_SMALL}"], "does not match this model")]),
         "--criterion": Case(P + ["--criterion", "l2"], P),
         "--calibration": Case(OB + ["--calibration", "ood:noise-uniform"], OB, refused=[
-            (P + ["--calibration", "synthetic"], "--calibration has no effect with criterion l1"),
+            (L1 + ["--calibration", "synthetic"], "--calibration has no effect with criterion l1"),
             (P + ["--criterion", "synflow", "--calibration", "synthetic"], "with criterion synflow")]),
         "--calibration-samples": Case(OB, _without(OB, "--calibration-samples"), refused=[
-            (P + ["--calibration-samples", "8"], "--calibration-samples has no effect with criterion l1"),
+            (L1 + ["--calibration-samples", "8"], "--calibration-samples has no effect with criterion l1"),
             (NONE + ["--calibration-samples", "8"], "--calibration-samples has no effect with --calibration none")]),
         "--input-shape": Case(TS + ["--input-shape", "1x3x8x8"], TS,
                               also=[(DYN + ["--input-shape", "1x3x8x8"], DYN)],  # calibration at 8x8, not 224x224
-                              refused=[(P + ["--input-shape", "1x3x8x8"],
+                              refused=[(L1 + ["--input-shape", "1x3x8x8"],
                                         "--input-shape has no effect with criterion l1"),
                                        (OB + ["--calibration", "{NPZ}", "--input-shape", "1x3x8x8"],
                                         "--input-shape has no effect with --calibration")]),
@@ -324,7 +325,7 @@ CONTRACT = {
         "--image-resize": Case(TALL + ["--image-resize", "pad"], TALL, refused=[
             (OB + ["--image-resize", "pad"], "--image-resize has no effect with --calibration auto")]),
         "--damp": Case(OB + ["--damp", "0.5"], OB, refused=[
-            (P + ["--damp", "0.1"], "--damp has no effect with criterion l1"),
+            (L1 + ["--damp", "0.1"], "--damp has no effect with criterion l1"),
             (NONE + ["--damp", "0.1"], "--damp has no effect with --calibration none")]),
         "--compensation": Case(OB + ["--compensation", "none"], OB, refused=[
             (NONE + ["--compensation", "obs"], "--compensation has no effect with --calibration none"),
@@ -332,12 +333,12 @@ CONTRACT = {
         "--staged": Case(OB + ["--staged"], OB,  # generated calibration: not staged by default
                          same=[(OB + ["--no-staged"], OB), (OB + ["--calibration", "{NPZ}", "--staged"],
                                                             OB + ["--calibration", "{NPZ}"])],
-                         refused=[(P + ["--staged"], "choose how obs compensation is fitted; compensation is 'none'"),
-                                  (P + ["--compensation", "obs", "--no-staged"], "needs the Hessians criterion obspa"),
+                         refused=[(L1 + ["--staged"], "choose how obs compensation is fitted; compensation is 'none'"),
+                                  (L1 + ["--compensation", "obs", "--no-staged"], "needs the Hessians criterion obspa"),
                                   (NONE + ["--staged"], "--staged has no effect with --calibration none"),
                                   (DRY + ["--staged"], "--staged has no effect with --dry-run")]),
         "--labels": Case(TAYLOR + ["--labels", "{LABELS}"], TAYLOR, refused=[
-            (P + ["--labels", "{LABELS}"], "--labels has no effect with criterion l1")]),
+            (L1 + ["--labels", "{LABELS}"], "--labels has no effect with criterion l1")]),
         "--aggregation": Case(P + ["--aggregation", "max"], P,
                               also=[(SMALL + ["--normalization", "none", "--aggregation", "sum"],
                                      SMALL + ["--normalization", "none"])],  # groups of 3 and 6 weights
@@ -360,18 +361,18 @@ CONTRACT = {
             (DRY + ["--recover", "3"], "--recover has no effect with --dry-run")]),
         "--allocation": Case(P + ["--allocation", "global"], P, refused=[
             (TP + ["--allocation", "uniform"], "--allocation uniform has no effect with --target-params"),
-            (TP + ["--allocation", "global"], "--allocation global has no effect with --target-params"),
-            (P + ["--allocation", "measured"], "--allocation measured compares OBS-compensated plans"),
+            (TP + ["--criterion", "l1", "--allocation", "global"], "--allocation global has no effect with --target-params"),
+            (L1 + ["--allocation", "measured"], "--allocation measured compares OBS-compensated plans"),
             (P0 + ["--target-latency", "0.7", "--criterion", "obspa", "--allocation", "measured"],
              "--allocation measured has no effect with --target-latency")]),
         "--max-group-ratio": Case(P95 + ["--max-group-ratio", "0.5"], P95, refused=[
-            (P + ["--max-group-ratio", "0.6"], "--max-group-ratio 0.6 has no effect with a uniform --ratio 0.5")]),
+            (L1 + ["--max-group-ratio", "0.6"], "--max-group-ratio 0.6 has no effect with a uniform --ratio 0.5")]),
         "--round-to": Case(P + ["--round-to", "3"], P, same=[(P + ["--round-to", "1"], P)],
                            refused=[(P + ["--round-to", "0"], "round-to must be a positive integer")]),
         "--ignore": Case(P + ["--ignore", "{CONV0}"], P,
                          refused=[(P + ["--ignore", "nope*"], "'nope*' matches no node")]),
         "--seed": Case(R + ["--seed", "1"], R, also=[(J + ["--seed", "1"], J)],  # the report's deviation inputs
-                       refused=[(P + ["--seed", "1"], "--seed has no effect: criterion l1 is deterministic"),
+                       refused=[(L1 + ["--seed", "1"], "--seed has no effect: criterion l1 is deterministic"),
                                 (NONE + ["--seed", "1"], "--seed has no effect: criterion obspa")]),
     },
     "profile": {

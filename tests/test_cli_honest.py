@@ -131,7 +131,7 @@ def test_summary_shows_achieved_ratios(model_path, tmp_path, capsys):
 
 def test_summary_counts_heads_apart_from_channels(tmp_path, capsys):
     path = saved(tmp_path, encoder())
-    assert spa("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "-q") == 0
+    assert spa("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--criterion", "l1", "-q") == 0
     assert capsys.readouterr().out.rstrip().endswith("removed 64 channels in 2 groups and 4 heads in 2 groups")
 
 
@@ -207,7 +207,8 @@ def test_report_uses_the_batch_the_model_fixes(tmp_path, capsys):
 
 def test_report_counts_heads_and_names_its_inputs(tmp_path, capsys):
     path = saved(tmp_path, encoder())
-    assert spa("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--report", "--repeats", "2", "-q") == 0
+    assert spa("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--criterion", "l1", "--report",
+               "--repeats", "2", "-q") == 0
     out = capsys.readouterr().out
     assert "removed 64 channels in 2 groups and 4 heads in 2 groups" in out
     assert "max output deviation vs original (N(0, 1) random inputs, seed [0x5ea, 0], disjoint from calibration" \
@@ -304,9 +305,17 @@ def test_temporary_path_never_in_errors(tmp_path, capsys, fake_frontend):
     assert "spa-frontend-" not in capsys.readouterr().err
 
 
-def test_the_default_criterion_is_announced_with_the_one_the_quality_benchmarks_favour(model_path, tmp_path, capsys):
+def test_the_default_criterion_is_obspa_with_rounded_widths_and_both_are_announced(model_path, tmp_path, capsys):
     assert spa("prune", model_path, "-o", tmp_path / "a.onnx", "--ratio", "0.5") == 0
     err = capsys.readouterr().err
-    assert "criterion l1 (the default" in err and "--criterion obspa keeps far more accuracy" in err
-    assert spa("prune", model_path, "-o", tmp_path / "b.onnx", "--ratio", "0.5", "--criterion", "l1") == 0
-    assert "(the default" not in capsys.readouterr().err
+    assert "criterion obspa (the default: OBS channel selection and weight compensation, without data" in err
+    assert "widths rounded to multiples of 16 channels in groups of 64 or more" in err
+    assert spa("prune", model_path, "-o", tmp_path / "b.onnx", "--ratio", "0.5", "--criterion", "obspa",
+               "--round-to", "1") == 0
+    err = capsys.readouterr().err
+    assert "(the default" not in err and "widths rounded" not in err
+    assert spa("prune", model_path, "-o", tmp_path / "c.onnx", "--ratio", "0.5", "--aggregation", "max") == 0
+    err = capsys.readouterr().err
+    assert "criterion l1 (the default where obspa cannot serve: --aggregation" in err and "widths rounded" not in err
+
+

@@ -146,8 +146,8 @@ def test_keras_output_reloads_and_matches_the_pruned_onnx(suffix, keras_file, tm
 
     model, path = keras_file
     small_onnx, out = str(tmp_path / "small.onnx"), str(tmp_path / f"small{suffix}")
-    assert main(["prune", path, "-o", small_onnx, "--ratio", "0.5", "-q"]) == 0
-    assert main(["prune", path, "-o", out, "--ratio", "0.5", "-q"]) == 0
+    assert main(["prune", path, "-o", small_onnx, "--ratio", "0.5", "--criterion", "l1", "-q"]) == 0
+    assert main(["prune", path, "-o", out, "--ratio", "0.5", "-q"]) == 0  # the default criterion: l1 here
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = keras.models.load_model(out, compile=False)
@@ -155,6 +155,15 @@ def test_keras_output_reloads_and_matches_the_pruned_onnx(suffix, keras_file, tm
     feeds = random_inputs(onnx.load(small_onnx), batch=3, seed=5)
     expected = run(small_onnx, feeds)[0]
     assert _relative(loaded(next(iter(feeds.values())), training=False), expected) < 1e-4
+
+
+@keras_only
+def test_keras_output_takes_l1_as_the_default_criterion_and_says_why(keras_file, tmp_path, capsys):
+    _, path = keras_file
+    assert main(["prune", path, "-o", str(tmp_path / "small.keras"), "--ratio", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "criterion l1 (the default where obspa cannot serve: -o" in err and "Keras model's own weights" in err
+    assert "widths rounded" not in err
 
 
 @keras_only

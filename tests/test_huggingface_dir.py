@@ -105,10 +105,11 @@ def test_bert_dir_to_dir_reloads_and_matches_the_pruned_onnx(bert_dir, tmp_path,
     assert tokenizer("w1 w2")["input_ids"][0] == tokenizer.cls_token_id
 
 
-def test_llama_dir_prunes_heads_and_reloads(llama_dir, tmp_path):
+def test_llama_dir_prunes_heads_and_reloads(llama_dir, tmp_path, capsys):
     small, small_onnx = tmp_path / "small", tmp_path / "small.onnx"
-    assert spa("prune", llama_dir, "-o", small, "--ratio", "0.5") == 0
-    assert spa("prune", llama_dir, "-o", small_onnx, "--ratio", "0.5") == 0
+    assert main(["prune", str(llama_dir), "-o", str(small), "--ratio", "0.5"]) == 0
+    assert "criterion l1 (the default where obspa cannot serve: -o" in capsys.readouterr().err  # a directory
+    assert spa("prune", llama_dir, "-o", small_onnx, "--ratio", "0.5", "--criterion", "l1") == 0
     config = json.loads((small / "config.json").read_text())
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"],
             config["intermediate_size"]) == (2, 1, 8, 32)

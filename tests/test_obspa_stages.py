@@ -9,12 +9,12 @@ from builder import Builder
 from spa import allocation, obs
 from spa.activations import StagedRun
 from spa.calibration import Calibration, calibration_batches
-from spa.cost import count_params
+from spa.cost import concrete_shapes, count_params, macs_by_op
 from spa.groups import analyze
 from spa.importance import score
 from spa.layers import Layer
 from spa.obspa import Hessians, compensate_layer, first_order, first_order_weights, scored_layers, scores, set_weights
-from spa.pipeline import as_parameter_budget, prune, save
+from spa.pipeline import as_budget, prune, save
 from spa.runtime import run
 from spa.selection import Target, select
 from spa.verify import MaskedRuns, masked_original
@@ -141,7 +141,7 @@ def test_measured_allocation_keeps_the_plan_whose_outputs_move_least():
     batches, held = _feeds(model, 32), _feeds(model, 8, seed=9)
     raw, measured = scores(analysis, batches, normalization="none", held=held)
     target = Target(ratio=0.5)
-    budget = as_parameter_budget(analysis, raw, target)
+    budget = as_budget(analysis, raw, target)
     compensated = lambda plan: first_order_weights(analysis, plan, measured)  # noqa: E731
     chosen, tried = allocation.choose(analysis, raw, target, budget, compensated, held,
                                       compensable=measured.compensable)
@@ -178,15 +178,19 @@ def test_masked_runs_share_one_session_and_match_masked_original(constant_weight
     assert runs.outputs(plan, {"not a weight": np.zeros(1)}) is None
 
 
-def test_ratio_as_a_parameter_budget_keeps_what_uniform_keeps():
+def test_ratio_as_a_budget_keeps_at_most_the_parameters_and_macs_uniform_keeps():
     model = _cnn(seed=4)
     analysis = analyze(model)
     raw, _ = scores(analysis, _feeds(model), normalization="none")
     uniform = select(analysis, raw, Target(ratio=0.5))
-    budget = as_parameter_budget(analysis, raw, Target(ratio=0.5))
+    budget = as_budget(analysis, raw, Target(ratio=0.5))
     spread = select(analysis, raw, budget)
+    shapes = concrete_shapes(model)
+    macs = lambda plan: sum(macs_by_op(analysis.graph, shapes, plan).values())  # noqa: E731
     assert count_params(analysis.graph, spread) <= count_params(analysis.graph, uniform) * 1.001
+    assert macs(spread) <= macs(uniform) * 1.001
     assert count_params(analysis.graph, spread) >= count_params(analysis.graph, uniform) * 0.8
+    assert budget.keep_params and budget.keep_macs and budget.ratio is None
 
 
 def _dense_tokens():

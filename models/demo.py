@@ -1,5 +1,6 @@
-"""`make demo`: build the zoo's ResNet-18 in torch, export it to ONNX, prune 50% of its channels
-with SPA, verify the result and print the before/after table.
+"""`make demo`: build the zoo's ResNet-18 in torch, export it to ONNX, prune it with SPA's defaults
+at --ratio 0.5 (the budget of removing half of every group's channels), verify the result and print
+the before/after table.
 
 Run with ``python -m models.demo [--out DIR] [--ratio R]``.
 """

@@ -55,8 +55,9 @@ def analyze(model, options: Options | None = None, *, granularity: str | None = 
 def prune(model, ratio: float | None = None, *, progress: bool = False, **flags) -> Pruned:
     """Prune `model` (an .onnx path, a framework file, or a ModelProto) to one target:
     `ratio`, `target_params`, `target_flops` (`target_macs`), `target_latency`, or per-layer
-    `ratios={"layer1.*": 0.2}`; any other `spa prune` flag by its name (criterion="obspa",
-    round_to=8, ignore=["head*"], calibration="data.npz", ...). `eval="val.npz"` (the model's
+    `ratios={"layer1.*": 0.2}`; any other `spa prune` flag by its name (criterion="l1",
+    round_to=1, ignore=["head*"], calibration="data.npz", ...), with its defaults (criterion obspa,
+    widths rounded as `spa prune --help` says). `eval="val.npz"` (the model's
     inputs and `labels`; see spa.evaluate) or `eval=fn` (fn(run) -> float, run(feeds) -> the
     model's outputs) measures a metric on the original and the pruned model: `.stats["eval"]`
     {"metric", "before", "after", "difference", "samples", "source"}. Returns a `Pruned`:

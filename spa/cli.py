@@ -107,8 +107,9 @@ def parser() -> argparse.ArgumentParser:
                     help="per-group ratios from spa sensitivity -o FILE.json: the parameters --ratio R keeps, with "
                          "sensitive groups losing less (the loss each group measured is equalised)")
     pr.add_argument("--criterion", choices=available() + ["obspa"],
-                    help="how channels are scored (default l1, announced); obspa: Optimal Brain Surgeon saliency + "
-                         "weight compensation from calibration inputs (generated where none are given)")
+                    help="how channels are scored (default obspa; l1 where obspa cannot serve, e.g. Keras or "
+                         "Hugging Face directory outputs: announced); obspa: Optimal Brain Surgeon saliency + weight "
+                         "compensation from calibration inputs (generated where none are given)")
     pr.add_argument("--calibration", metavar="SOURCE",
                     help="obspa inputs: auto (default: inverted where the model keeps BatchNorm, else synthetic), "
                          "synthetic, none, bn, inverted (optimised against the model's BN statistics or outputs; "
@@ -165,7 +166,7 @@ def parser() -> argparse.ArgumentParser:
                     help="never remove more than this fraction of one group (default 0.9)")
     pr.add_argument("--round-to", type=_round_to, metavar="N|auto",
                     help="keep a multiple of N channels per group (whole-head groups are left as they are); auto: "
-                         "the multiple the latency tables measure fastest (default: 16 in groups of 64 channels or "
+                         "the multiple the latency tables measure fastest (default: 8 in groups of 64 channels or "
                          "more with obspa, whose widths differ per group; else 1)")
     pr.add_argument("--ignore", action="append", default=[], metavar="NAME",
                     help="node or initializer name (glob) whose channels are kept; repeatable")

@@ -29,14 +29,16 @@ def default_criterion(args, ruled_out: str | None = None) -> None:
 
 DEFAULT_CRITERION_NOTE = ("criterion obspa (the default: OBS channel selection and weight compensation, without data; "
                           "--criterion l1 for plain weight magnitude)")
-# obspa's plans give every group its own width; onnxruntime's fast convolutions (NCHWc) take blocks
-# of 8 or 16 channels (ResNet-18 at --ratio 0.5, AVX-512: 3.2x faster unrounded, 6.0x rounded to 16)
-DEFAULT_ROUND_TO, DEFAULT_ROUND_FROM = 16, 64
+# obspa's plans give every group its own width; onnxruntime's fast convolutions (NCHWc) take blocks of
+# 8 (AVX2) or 16 (AVX-512) channels. Measured (README): ResNet-18 at --ratio 0.5 on AVX-512 3.2x faster
+# unrounded, 4.4x rounded to 8, 6.0x to 16; but 16 cost the OCR recognizer 0.2 exact lines on its shifted
+# set, 8 nothing measurable, and narrow groups lose too large a share to rounding
+DEFAULT_ROUND_TO, DEFAULT_ROUND_FROM = 8, 64
 
 
 def rounding(args) -> tuple:
     """(round_to, round_from) of the target: --round-to as given; without it, widths that are
-    multiples of 16 in groups of 64 channels or more for obspa (its own width per group; not with
+    multiples of 8 in groups of 64 channels or more for obspa (its own width per group; not with
     --target-latency, whose tables pick widths), exact widths otherwise."""
     if args.round_to is not None:
         return args.round_to, 1
@@ -47,7 +49,7 @@ def rounding(args) -> tuple:
 
 DEFAULT_ROUND_NOTE = (f"widths rounded to multiples of {DEFAULT_ROUND_TO} channels in groups of {DEFAULT_ROUND_FROM} "
                       "or more (obspa's default: its widths differ per group, and onnxruntime runs multiples of 8 "
-                      "or 16 much faster; --round-to 1 keeps exact widths)")
+                      "faster; --round-to 1 keeps exact widths; 16 is faster still on AVX-512 CPUs)")
 
 
 def check_command_flags(args):

@@ -309,7 +309,7 @@ def test_the_default_criterion_is_obspa_with_rounded_widths_and_both_are_announc
     assert spa("prune", model_path, "-o", tmp_path / "a.onnx", "--ratio", "0.5") == 0
     err = capsys.readouterr().err
     assert "criterion obspa (the default: OBS channel selection and weight compensation, without data" in err
-    assert "widths rounded to multiples of 16 channels in groups of 64 or more" in err
+    assert "widths rounded to multiples of 8 channels in groups of 64 or more" in err
     assert spa("prune", model_path, "-o", tmp_path / "b.onnx", "--ratio", "0.5", "--criterion", "obspa",
                "--round-to", "1") == 0
     err = capsys.readouterr().err

@@ -1,0 +1,129 @@
+"""What `spa prune --ratio R` gives with the default criterion (obspa, widths rounded) against
+l1 and obspa with other roundings: parameters, MACs and onnxruntime latency, side by side.
+
+    python benchmarks/bench_default.py                       # demo ResNet-18 and ResNet-50, --ratio 0.5
+    python benchmarks/bench_default.py --models resnet18 --repeats 50
+
+The zoo's full-size ResNets with random weights, exported as `make demo` does (eval mode); latency
+is the median of `--repeats` batch-1 runs of every model in turn (interleaved, so load on the
+machine hits each alike), on `--threads` onnxruntime threads (default 1: steadiest on a shared VM). Writes benchmarks/results/default.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, ROOT, cpu_model, git, log, version  # noqa: E402
+
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+VARIANTS = {"l1": {"criterion": "l1"},
+            "default (obspa, round-to 8 in groups >= 64)": {},
+            "obspa round-to 1": {"criterion": "obspa", "round_to": 1},
+            "obspa round-to 16": {"criterion": "obspa", "round_to": 16}}
+
+
+def latencies(paths: dict, repeats: int, threads: int) -> dict:
+    import onnx
+
+    from spa.runtime import random_inputs, session
+
+    sessions = {k: session(p, threads=threads, quiet=True) for k, p in paths.items()}
+    feeds = random_inputs(onnx.load(paths["original"]), batch=1)
+    for s in sessions.values():
+        for _ in range(3):
+            s.run(None, feeds)
+    times = {k: [] for k in sessions}
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            started = time.perf_counter()
+            s.run(None, feeds)
+            times[k].append(time.perf_counter() - started)
+    return {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+
+
+def widths(model) -> list:
+    """The output-channel count of every Conv / Gemm weight, in graph order."""
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    return [dims[n.input[1]][0] for n in model.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in dims]
+
+
+def run(args) -> dict:
+    import onnx
+
+    import spa
+    from spa.cost import concrete_shapes, count_params, macs_by_op
+    from models import zoo
+
+    out = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "cpu_model": cpu_model(),
+           "versions": {d: version(d) for d in ("onnx", "onnxruntime", "torch")},
+           "git_commit": git("rev-parse", "--short", "HEAD"), "ratio": args.ratio, "repeats": args.repeats,
+           "threads": args.threads,
+           "models": {}}
+    with tempfile.TemporaryDirectory(prefix="spa-default-") as work:
+        for name in args.models:
+            path = os.path.join(work, f"{name}.onnx")
+            zoo.export(zoo.build(name, full=True), path, exporter="torchscript", mode="eval")
+            model = onnx.load(path)
+            macs = lambda m: sum(macs_by_op(m, concrete_shapes(m)).values())  # noqa: E731
+            paths, rows = {"original": path}, {}
+            for label, flags in VARIANTS.items():
+                started = time.perf_counter()
+                pruned = spa.prune(path, ratio=args.ratio, **flags)
+                seconds = time.perf_counter() - started
+                paths[label] = os.path.join(work, f"{name}-{len(paths)}.onnx")
+                pruned.save(paths[label])
+                rows[label] = {"widths": widths(pruned.model), "params_kept": count_params(pruned.model) / count_params(model),
+                               "macs_kept": macs(pruned.model) / macs(model), "prune_seconds": seconds}
+                log(f"{name} {label}: pruned in {seconds:.1f} s")
+            ms = latencies(paths, args.repeats, args.threads)
+            record = {"original_ms": ms["original"], "variants": {}}
+            for label, row in rows.items():
+                row.update(ms=ms[label], speedup=ms["original"] / ms[label],
+                           same_widths_as=next((k for k, r in rows.items() if r["widths"] == row["widths"]), label))
+                record["variants"][label] = row
+                log(f"{name} {label:45s} params {row['params_kept']:.3f} MACs {row['macs_kept']:.3f} "
+                    f"{row['ms']:.2f} ms ({row['speedup']:.2f}x)")
+            out["models"][name] = record
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = ["| model | variant | parameters kept | MACs kept | latency ms | speed-up | widths as |",
+             "|---|---|---|---|---|---|---|"]
+    for name, record in result["models"].items():
+        lines.append(f"| {name} | original | 1 | 1 | {record['original_ms']:.2f} | 1.00x | |")
+        for label, row in record["variants"].items():
+            same = row["same_widths_as"] if row["same_widths_as"] != label else ""
+            lines.append(f"| {name} | {label} | {row['params_kept']:.3f} | {row['macs_kept']:.3f} | {row['ms']:.2f} | "
+                         f"{row['speedup']:.2f}x | {same} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads (1: steadiest on a shared VM)")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "default.json"))
+    args = parser.parse_args(argv)
+    result = run(args)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -477,6 +477,9 @@ def _batchnorms_read(model: nn.Module, layers: set, example_inputs) -> dict[str,
         model.eval()
         with torch.no_grad():
             model(*as_args(example_inputs))
+    except Exception as exc:  # the model's own error on inputs that do not fit it: one line, cause chained
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise SpaError(f"dpp: example_inputs do not run through the model ({type(exc).__name__}: {first})") from exc
     finally:
         for handle in handles:
             handle.remove()

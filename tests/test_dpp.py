@@ -337,6 +337,13 @@ def test_a_batchnorm_reading_an_in_place_modified_output_is_not_paired():
     assert dpp.attach(model, 0.5, "filter", skip=("fc",), example_inputs=(inputs()[0],)).batchnorms == {}
 
 
+def test_example_inputs_that_do_not_fit_the_model_are_one_clear_error():
+    model = ConvBN()
+    with pytest.raises(SpaError, match="example_inputs do not run through the model") as caught:
+        dpp.attach(model, 0.5, "filter", skip=("fc",), example_inputs=(torch.randn(2, 5),))
+    assert caught.value.__cause__ is not None and model.training  # the model's own error, chained; mode restored
+
+
 def test_finalize_physical_removal_reports_what_it_did():
     model, pruning = make("filter")
     with warnings.catch_warnings():

@@ -232,9 +232,10 @@ def _priors(x: torch.Tensor, tv: float, l2: float) -> torch.Tensor:
 
 
 def _optimise(graph: _Graph, feeds: list[dict], steps: int, lr: float, seed: int, what: str,
-              loss_of, clip=None, snapshot=None) -> list[dict]:
+              loss_of, clip=None, snapshot=None, time_limit: float | None = None) -> list[dict]:
     """Adam on the float inputs of every batch, ``loss_of(tensors, floats, index, generator)``
-    summed over the batches per step; new feeds of the same shapes and dtypes."""
+    summed over the batches per step; new feeds of the same shapes and dtypes. ``time_limit``
+    (seconds): SpaError after the first step when all of them would take longer."""
     batches, variables = [], []
     for feed in feeds:
         tensors, floats = _torch_feeds(graph, feed, grad=True, what=what)
@@ -250,7 +251,13 @@ def _optimise(graph: _Graph, feeds: list[dict], steps: int, lr: float, seed: int
         with intra_op_threads(1):
             optimizer = torch.optim.Adam(variables, lr=lr)
             steps_bar = bar(range(steps), what)
+            began = time.perf_counter()
             for step in steps_bar:
+                projected = (time.perf_counter() - began) * steps
+                if step == 1 and time_limit is not None and projected > time_limit:
+                    steps_bar.close()
+                    raise SpaError(f"{what}: {steps} steps would take about {projected:.0f} s on this machine, over "
+                                   f"the {time_limit:.0f} s allowed")
                 optimizer.zero_grad(set_to_none=True)
                 total = 0.0
                 for index, (tensors, floats) in enumerate(batches):
@@ -379,7 +386,7 @@ def invert(model: onnx.ModelProto, feeds: list[dict], steps: int = 200, lr: floa
            progress=None, *, output_weight: float = 1.0, bn_weight: float = 1.0, tv: float = 0.0,
            l2: float = 0.0, targets: str = "auto", output: str | None = None, classes=None,
            blank: int = 0, jitter: int = 0, flip: bool = False, clip: tuple | None = None,
-           _snapshot=None) -> list[dict]:
+           time_limit: float | None = None, _snapshot=None) -> list[dict]:
     """Data-free inputs from what the model knows: optimise the float inputs of ``feeds`` (e.g.
     ``calibration_batches(model, "synthetic", ...)``) with Adam so that the model predicts
     random target classes (``output_weight`` times the mean cross-entropy) while every
@@ -395,7 +402,8 @@ def invert(model: onnx.ModelProto, feeds: list[dict], steps: int = 200, lr: floa
     indices targets are drawn from (default all). ``jitter``/``flip``: DeepInversion's random
     shift (pixels, spatial axes) and horizontal flip before each forward pass (image
     classifiers; not for sequence outputs). ``clip``: (low, high) bounds on the inputs after
-    every step.
+    every step. ``time_limit`` (seconds): SpaError once the first step shows that all of them
+    would take longer.
 
     Without a class-score output (or with ``output_weight`` 0) the BN term works alone (a progress
     line says so); a model with neither a class-score output nor BN statistics, or without float
@@ -508,7 +516,8 @@ def invert(model: onnx.ModelProto, feeds: list[dict], steps: int = 200, lr: floa
     report(f"{what}: {' + '.join(parts)}; {samples} samples in {len(feeds)} batches, {steps} Adam steps "
            f"(lr {lr:g}); start: {describe(*start)}")
     began = time.perf_counter()
-    result = _optimise(graph, feeds, steps, lr, seed, what, loss_of, clip=clip, snapshot=_snapshot)
+    result = _optimise(graph, feeds, steps, lr, seed, what, loss_of, clip=clip, snapshot=_snapshot,
+                       time_limit=time_limit)
     report(f"{what}: end: {describe(*measure(result))} ({time.perf_counter() - began:.1f} s)")
     return result
 
@@ -517,7 +526,7 @@ SYNTHESIS_STEPS = 50  # accuracy saturates at 25-50 steps on the digits/mnist1d 
 
 
 def synthesise(model: onnx.ModelProto, batches: list[dict], seed: int = 0, progress=None,
-               steps: int = SYNTHESIS_STEPS) -> list[dict]:
+               steps: int = SYNTHESIS_STEPS, time_limit: float | None = None) -> list[dict]:
     """The "inverted" calibration source (spa.calibration entry point): synthetic ``batches``
     optimised against the model's BatchNormalization statistics (DeepInversion); a model
     without them, against random targets on its class-score output. A model with neither, or
@@ -529,11 +538,12 @@ def synthesise(model: onnx.ModelProto, batches: list[dict], seed: int = 0, progr
               for vi in model.graph.input if vi.type.tensor_type.elem_type in OTHER_FLOATS}
     if others or any(t.data_type in OTHER_FLOATS for t in model.graph.initializer):
         cast = [{k: np.asarray(v).astype(np.float32) if k in others else v for k, v in b.items()} for b in batches]
-        found = synthesise(float32_surrogate(model), cast, seed=seed, progress=progress, steps=steps)
+        found = synthesise(float32_surrogate(model), cast, seed=seed, progress=progress, steps=steps,
+                           time_limit=time_limit)
         return [{k: np.asarray(v).astype(others[k]) if k in others else v for k, v in b.items()} for b in found]
     if not any(np.issubdtype(np.asarray(v).dtype, np.floating) for b in batches for v in b.values()):
         raise SpaError("inverted calibration optimises float inputs and this model has none "
                        "(token models: use synthetic or a .txt file of sentences)")
     with_bn = bool(bn_nodes(as_model(model)))
-    return invert(model, batches, steps=steps, seed=seed, progress=progress,
+    return invert(model, batches, steps=steps, seed=seed, progress=progress, time_limit=time_limit,
                   bn_weight=1.0 if with_bn else 0.0, output_weight=0.0 if with_bn else 1.0)

@@ -113,7 +113,8 @@ class Calibration:
     sources: synthetic token ids shaped like its sentences);
     image_size: (H, W); mean/std: per channel (or one value); layout: "nchw" / "nhwc";
     resize: "stretch" / "pad". samples None: DEFAULT_SAMPLES (spa.pipeline uses fewer for models
-    whose forward pass is expensive, and says so)."""
+    whose forward pass is expensive, and says so). time_limit (seconds): "inverted" gives up with a
+    SpaError once its first step shows it would take longer (the "auto" source sets it)."""
     source: str = "auto"
     samples: int | None = None
     batch_size: int = 16
@@ -127,6 +128,7 @@ class Calibration:
     std: tuple | None = None
     layout: str | None = None
     resize: str = "stretch"
+    time_limit: float | None = None
 
     def check(self) -> "Calibration":
         if not isinstance(self.source, str):
@@ -238,8 +240,9 @@ def calibration_batches(model: onnx.ModelProto, calibration: Calibration | str |
         return from_batchnorm(plan, rng)
     if source == "inverted":
         from . import plugins
+        limit = {} if options.time_limit is None else {"time_limit": options.time_limit}
         return plugins.load("spa.calibration", "inverted")(model, plan.generated(rng), seed=options.seed,
-                                                           progress=progress or _quiet)
+                                                           progress=progress or _quiet, **limit)
     if source.startswith("ood:"):
         return out_of_distribution(plan, source[4:], rng)
     return from_path(plan, source)

@@ -9,10 +9,10 @@ import sys
 import time
 import warnings
 
-from .errors import SpaError, SpaWarning
-from .flags import (DEFAULT_GRANULARITY, DEFAULT_ROUND_NOTE, calibration_options, check_command_flags,
-                    check_counts, check_model_flags, check_output_flags, check_whole_sessions, default_criterion,
-                    prune_target, rounding)
+from .errors import CalibrationRunError, SpaError, SpaWarning
+from .flags import (DEFAULT_GRANULARITY, DEFAULT_ROUND_NOTE, calibration_flags, calibration_options,
+                    check_command_flags, check_counts, check_model_flags, check_output_flags, check_whole_sessions,
+                    default_criterion, prune_target, rounding)
 
 
 class Progress:
@@ -581,8 +581,6 @@ def _save_framework(args, plan, say):
 
 
 def _prune(args, model, options, say):
-    from .pipeline import prune
-
     check_model_flags(args, model, options)
     if getattr(args, "criterion_defaulted", False):
         _default_for_size(args, model)
@@ -592,6 +590,20 @@ def _prune(args, model, options, say):
     if getattr(args, "ratios_from", None) is not None:  # per-group ratios from spa sensitivity
         from .group_sensitivity import apply
         apply(args, model, options, say)
+    try:
+        return _pipeline(args, model, options, say)
+    except CalibrationRunError as exc:  # the default criterion on inputs the model does not take: l1 needs none
+        if not getattr(args, "criterion_defaulted", False) or calibration_flags(args) or args.recover or \
+                args.compensation not in (None, "none"):
+            raise
+        args.criterion = "l1"
+        warnings.warn(f"criterion l1 (the default where obspa cannot serve: {exc}); exact widths", SpaWarning)
+        return _pipeline(args, model, options, say)
+
+
+def _pipeline(args, model, options, say):
+    from .pipeline import prune
+
     return prune(model, prune_target(args), args.criterion, args.aggregation or "mean", args.normalization, options,
                  args.seed or 0, progress=say, calibration=args.calibration_options,
                  damp=0.01 if args.damp is None else args.damp, labels=args.labels,

@@ -160,6 +160,14 @@ _CALIBRATION_FLAGS = {"input_shape": "--input-shape", "tokenizer": "--tokenizer"
 NO_CALIBRATION = ("l1", "l2", "fpgm", "bn-scale", "random", "synflow")
 
 
+def calibration_flags(args) -> list:
+    """The calibration flags given (--input-shape only where it does not shape a conversion)."""
+    given = [flag for field, flag in _CALIBRATION_FLAGS.items() if getattr(args, field) is not None
+             and not (field == "input_shape" and shapes_a_conversion(args))]
+    return given + [flag for flag, value in (("--calibration", args.calibration),
+                                             ("--calibration-samples", args.calibration_samples)) if value is not None]
+
+
 def check_flags(args):
     """Options that would do nothing with the chosen criterion are refused, never ignored."""
     if getattr(args, "dry_run", False) and args.recover:
@@ -172,10 +180,7 @@ def check_flags(args):
         raise SpaError("--staged has no effect with --dry-run: compensation changes weights, and a dry run writes "
                        "nothing")
     uses_data = args.criterion not in NO_CALIBRATION or args.compensation not in (None, "none") or args.recover
-    given = [flag for field, flag in _CALIBRATION_FLAGS.items() if getattr(args, field) is not None
-             and not (field == "input_shape" and shapes_a_conversion(args))]
-    given += [flag for flag, value in (("--calibration", args.calibration),
-                                       ("--calibration-samples", args.calibration_samples)) if value is not None]
+    given = calibration_flags(args)
     if given and not uses_data:
         raise SpaError(f"{given[0]} has no effect with criterion {args.criterion}, which uses no calibration "
                        "inputs (use obspa, a gradient criterion, --compensation or --recover)")

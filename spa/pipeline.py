@@ -1,6 +1,7 @@
 """load -> analyze -> score -> select -> rewrite -> verify -> write, as one call."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -13,7 +14,7 @@ from onnx import external_data_helper
 from . import allocation as allocate
 from . import external_data, latency, obspa, plugins
 from .calibration import DEFAULT_SAMPLES, Calibration, calibration_batches, is_generated
-from .errors import SpaError, SpaWarning
+from .errors import CalibrationRunError, SpaError, SpaWarning
 from .cost import concrete_shapes, count_params, macs_by_op
 from .graph import weight_bytes
 from .groups import Analysis, Options, analyze
@@ -99,8 +100,9 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     progress(f"scoring {sum(g.prunable for g in analysis.groups)} prunable groups ({criterion})")
     warnings = check_bn_scale(analysis) if criterion == "bn-scale" and saliency is None else []
     if criterion == "obspa":
-        plan, scores, measured = _obs_plan(analysis, target, fit, held, allocation, normalization, compensation,
-                                           damp, seed, progress)
+        with _runs_on(fit):
+            plan, scores, measured = _obs_plan(analysis, target, fit, held, allocation, normalization, compensation,
+                                               damp, seed, progress)
     else:
         if criterion in GRADIENT_CRITERIA and saliency is None:
             saliency = plugins.load("spa.criteria", criterion)(
@@ -232,8 +234,17 @@ def calibration_inputs(model: onnx.ModelProto, cal: Calibration, progress=_quiet
     OBSPA, compensation, OBS sparsity masks and recovery read, capped by the MAC budget unless a
     sample count is given. Held-out batches no Hessian sees: they compare allocations and judge
     every layer's compensation (none when `held_out` is False)."""
-    cal = default_source(model, cal, progress)
-    batches = calibration_batches(model, cal, progress=progress)
+    asked, cal = cal, default_source(model, cal, progress)
+    try:
+        batches = calibration_batches(model, cal, progress=progress)
+    except Exception as exc:  # noqa: BLE001 -- auto's optional inversion: any failure means synthetic
+        if asked.source != "auto" or cal.source != "inverted":
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        progress(f"calibration: synthetic after all (the inversion did not run: {first}; --calibration inverted "
+                 "insists)")
+        cal = dataclasses.replace(asked, source="synthetic")
+        batches = calibration_batches(model, cal, progress=progress)
     if cal.samples is None:
         batches = affordable(model, batches, progress)
     batches, held = _held_out(model, cal, batches) if held_out else (batches, [])
@@ -293,6 +304,22 @@ def _obs_plan(analysis, target, fit, held, allocation, normalization, compensati
     progress(f"selecting channels: comparing allocations on {len(held)} held-out calibration batches")
     plan, _ = allocate.choose(analysis, scores, target, budget, compensated, held, progress, measured.compensable)
     return plan, scores, measured
+
+
+@contextlib.contextmanager
+def _runs_on(batches: list):
+    """onnxruntime's failures on the original model's calibration inputs (its Hessians and its
+    allocation runs: the first whole passes) as one CalibrationRunError."""
+    try:
+        yield
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        shapes = ", ".join(f"{name} {'x'.join(map(str, np.shape(value)))}" for name, value in batches[0].items()) \
+            if batches else "none"
+        raise CalibrationRunError(f"onnxruntime could not run the model on its calibration inputs ({shapes}): "
+                                  f"{str(exc).splitlines()[0]}; --input-shape sets the sizes generated inputs "
+                                  "take") from None
 
 
 def as_budget(analysis: Analysis, scores: dict, target: Target, progress=_quiet) -> Target:
@@ -357,6 +384,7 @@ def _calibration(source, samples: int | None, seed: int) -> Calibration:
 
 INVERSION_MACS = 3e12   # default calibration: inverting inputs may cost this much (1-2 minutes on 2 cores)
 INVERSION_PASSES = 150  # 50 Adam steps of a forward and a backward pass (spa.calibration "inverted")
+INVERSION_SECONDS = 120  # ... and take this long, measured on its first step (depthwise convs in torch: 10x slower)
 
 
 def default_source(model: onnx.ModelProto, cal: Calibration, progress=_quiet) -> Calibration:
@@ -387,7 +415,7 @@ def default_source(model: onnx.ModelProto, cal: Calibration, progress=_quiet) ->
     samples = cal.samples or samples
     progress(f"calibration: inverted, {samples} inputs optimised so that every BatchNorm layer sees its running "
              "statistics (the model keeps BatchNorm; --calibration synthetic skips this)")
-    return dataclasses.replace(cal, source="inverted", samples=samples)
+    return dataclasses.replace(cal, source="inverted", samples=samples, time_limit=INVERSION_SECONDS)
 
 
 def apply_plan(model: onnx.ModelProto, plan_path: str, options: Options | None = None) -> Result:

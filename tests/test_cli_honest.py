@@ -319,3 +319,26 @@ def test_the_default_criterion_is_obspa_with_rounded_widths_and_both_are_announc
     assert "criterion l1 (the default where obspa cannot serve: --aggregation" in err and "widths rounded" not in err
 
 
+def _fixed_size_model(tmp_path):
+    """Symbolic height and width, but its Gemm takes 8x32x32 features: only 32x32 images run (the
+    size verification's random inputs take; generated calibration images are 224x224)."""
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input(["batch", 3, "h", "w"]), 3, 16)])
+    x = b.op("Relu", [b.conv(x, 16, 8)])
+    b.output(b.gemm(b.op("Flatten", [x], axis=1), 8 * 32 * 32, 5))
+    path = tmp_path / "fixed.onnx"
+    onnx.save(b.model(), path)
+    return path
+
+
+def test_the_default_criterion_falls_back_to_l1_where_the_model_does_not_run_on_generated_inputs(tmp_path, capsys):
+    path = _fixed_size_model(tmp_path)
+    assert spa("prune", path, "-o", tmp_path / "a.onnx", "--ratio", "0.5", "-q") == 0
+    err = capsys.readouterr().err
+    assert "spa: warning: criterion l1 (the default where obspa cannot serve: onnxruntime could not run the model on " \
+        "its calibration inputs (input 16x3x224x224)" in err and "--input-shape sets the sizes" in err
+    _expect_error(capsys, ["prune", path, "-o", tmp_path / "b.onnx", "--ratio", "0.5", "--criterion", "obspa", "-q"],
+                  "onnxruntime could not run the model on its calibration inputs", out=str(tmp_path / "b.onnx"))
+    assert spa("prune", path, "-o", tmp_path / "c.onnx", "--ratio", "0.5", "--input-shape", "1x3x32x32", "-q") == 0
+    assert "warning" not in capsys.readouterr().err  # obspa, on inputs the model takes
+

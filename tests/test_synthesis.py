@@ -355,6 +355,22 @@ def test_default_calibration_inverts_bn_models_when_affordable(monkeypatch):
     assert "TMACs" in said[-1] and "--calibration inverted" in said[-1]
 
 
+def test_default_calibration_takes_synthetic_inputs_when_the_inversion_is_too_slow_or_fails(monkeypatch):
+    import spa.pipeline as pipeline
+    from spa.calibration import Calibration
+
+    with pytest.raises(SpaError, match="would take about"):  # told after its first step
+        calibration_batches(_model(), Calibration(source="inverted", samples=16, time_limit=1e-9))
+    monkeypatch.setattr(pipeline, "INVERSION_SECONDS", 1e-9)
+    said = []
+    cal, fit, held = pipeline.calibration_inputs(_model(), Calibration(), said.append)
+    assert cal.source == "synthetic" and fit and held
+    assert any(m.startswith("calibration: synthetic after all (the inversion did not run: invert: 50 steps would")
+               for m in said)
+    with pytest.raises(SpaError, match="would take about"):  # inverted asked for: no fallback
+        pipeline.calibration_inputs(_model(), Calibration(source="inverted", samples=16, time_limit=1e-9))
+
+
 def test_obspa_default_on_a_bn_model_inverts_its_calibration():
     from spa.pipeline import prune
     from spa.selection import Target

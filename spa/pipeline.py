@@ -391,7 +391,8 @@ def default_source(model: onnx.ModelProto, cal: Calibration, progress=_quiet) ->
     """Resolve the source "auto": "inverted" (inputs optimised against the stored BatchNorm
     statistics: 0.87 -> 0.99 on the digits ResNet at 2x MACs, docs/obspa.md) where the model keeps
     BatchNorm, has a float input and a frontend provides the stage, on as many samples as
-    INVERSION_MACS pays for; else "synthetic". Announced whenever BatchNorm is there."""
+    INVERSION_MACS pays for, within INVERSION_SECONDS (calibration_inputs takes synthetic inputs
+    when it fails or would take longer); else "synthetic". Announced whenever BatchNorm is there."""
     if cal.check().source != "auto":
         return cal
     synthetic = dataclasses.replace(cal, source="synthetic")

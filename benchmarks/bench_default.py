@@ -6,7 +6,8 @@ l1 and obspa with other roundings: parameters, MACs and onnxruntime latency, sid
 
 The zoo's full-size ResNets with random weights, exported as `make demo` does (eval mode); latency
 is the median of `--repeats` batch-1 runs of every model in turn (interleaved, so load on the
-machine hits each alike), on `--threads` onnxruntime threads (default 1: steadiest on a shared VM). Writes benchmarks/results/default.json.
+machine hits each alike), on `--threads` onnxruntime threads (default 1: steadiest on a shared
+VM). Writes benchmarks/results/default.json.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def run(args) -> dict:
     import onnx
 
     import spa
-    from spa.cost import concrete_shapes, count_params, macs_by_op
+    from spa.cost import count_macs, count_params
     from models import zoo
 
     out = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "cpu_model": cpu_model(),
@@ -74,7 +75,6 @@ def run(args) -> dict:
             path = os.path.join(work, f"{name}.onnx")
             zoo.export(zoo.build(name, full=True), path, exporter="torchscript", mode="eval")
             model = onnx.load(path)
-            macs = lambda m: sum(macs_by_op(m, concrete_shapes(m)).values())  # noqa: E731
             paths, rows = {"original": path}, {}
             for label, flags in VARIANTS.items():
                 started = time.perf_counter()
@@ -82,8 +82,9 @@ def run(args) -> dict:
                 seconds = time.perf_counter() - started
                 paths[label] = os.path.join(work, f"{name}-{len(paths)}.onnx")
                 pruned.save(paths[label])
-                rows[label] = {"widths": widths(pruned.model), "params_kept": count_params(pruned.model) / count_params(model),
-                               "macs_kept": macs(pruned.model) / macs(model), "prune_seconds": seconds}
+                rows[label] = {"widths": widths(pruned.model),
+                               "params_kept": count_params(pruned.model) / count_params(model),
+                               "macs_kept": count_macs(pruned.model) / count_macs(model), "prune_seconds": seconds}
                 log(f"{name} {label}: pruned in {seconds:.1f} s")
             ms = latencies(paths, args.repeats, args.threads)
             record = {"original_ms": ms["original"], "variants": {}}

@@ -56,7 +56,7 @@ def export(name: str, workdir: str) -> str:
 
 def prune_at(model, batch: int, threads: int) -> dict:
     from spa import latency
-    from spa.cost import concrete_shapes, count_params, macs_by_op
+    from spa.cost import count_macs, count_params
     from spa.pipeline import prune
     from spa.selection import Target
 
@@ -65,12 +65,12 @@ def prune_at(model, batch: int, threads: int) -> dict:
     seconds = time.perf_counter() - start
     check = result.latency
     original_ms, pruned_ms = latency.paired_latency(model, result.model, batch, threads, rounds=7)
-    macs = lambda m: sum(macs_by_op(m, concrete_shapes(m)).values())  # noqa: E731
     return {"batch": batch, "threads": threads, "seconds": seconds,
             "predicted": check["predicted"], "measured_in_pipeline": check["measured"],
             "measured": pruned_ms / original_ms, "original_ms": original_ms, "pruned_ms": pruned_ms,
             "prediction_error": abs(check["predicted"] - pruned_ms / original_ms) / (pruned_ms / original_ms),
-            "macs": macs(result.model) / macs(model), "params": count_params(result.model) / count_params(model),
+            "macs": count_macs(result.model) / count_macs(model),
+            "params": count_params(result.model) / count_params(model),
             "groups_pruned": len(result.plan.to_json("m")["groups"])}
 
 

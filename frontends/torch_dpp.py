@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from spa.errors import SpaError
+from spa.errors import SpaError, first_line
 
 GRANULARITIES = ("weight", "kernel", "filter")
 LAYERS = (nn.Conv2d, nn.Conv1d, nn.Linear)
@@ -478,8 +478,8 @@ def _batchnorms_read(model: nn.Module, layers: set, example_inputs) -> dict[str,
         with torch.no_grad():
             model(*as_args(example_inputs))
     except Exception as exc:  # the model's own error on inputs that do not fit it: one line, cause chained
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise SpaError(f"dpp: example_inputs do not run through the model ({type(exc).__name__}: {first})") from exc
+        raise SpaError(f"dpp: example_inputs do not run through the model ({type(exc).__name__}: "
+                       f"{first_line(exc)})") from exc
     finally:
         for handle in handles:
             handle.remove()

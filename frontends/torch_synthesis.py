@@ -253,11 +253,12 @@ def _optimise(graph: _Graph, feeds: list[dict], steps: int, lr: float, seed: int
             steps_bar = bar(range(steps), what)
             began = time.perf_counter()
             for step in steps_bar:
-                projected = (time.perf_counter() - began) * steps
-                if step == 1 and time_limit is not None and projected > time_limit:
-                    steps_bar.close()
-                    raise SpaError(f"{what}: {steps} steps would take about {projected:.0f} s on this machine, over "
-                                   f"the {time_limit:.0f} s allowed")
+                if step == 1 and time_limit is not None:  # one step measured: all of them would take
+                    projected = (time.perf_counter() - began) * steps
+                    if projected > time_limit:
+                        steps_bar.close()
+                        raise SpaError(f"{what}: {steps} steps would take about {projected:.0f} s on this machine, "
+                                       f"over the {time_limit:.0f} s allowed")
                 optimizer.zero_grad(set_to_none=True)
                 total = 0.0
                 for index, (tensors, floats) in enumerate(batches):

@@ -78,7 +78,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .errors import SpaError
+from .errors import SpaError, first_line
 from .graph import Graph
 from .runtime import declared_inputs, is_float
 
@@ -1071,7 +1071,7 @@ def from_text(plan: _Plan, path: str) -> list:
         tokenizer.enable_truncation(max_length=limit)
         encoded = [e.ids for e in tokenizer.encode_batch(lines[:count])]
     except Exception as exc:
-        raise SpaError(f"calibration {path}: tokenizer {opts.tokenizer} failed ({_first_line(exc)})") from None
+        raise SpaError(f"calibration {path}: tokenizer {opts.tokenizer} failed ({first_line(exc, 200)})") from None
     for i in ids:
         top = max((max(e) for e in encoded if e), default=0)
         if i.vocab and top >= i.vocab:
@@ -1112,7 +1112,7 @@ def _tokenizer(path):
     try:
         return Tokenizer.from_file(file)
     except Exception as exc:
-        raise SpaError(f"tokenizer {path} cannot be loaded ({_first_line(exc)})") from None
+        raise SpaError(f"tokenizer {path} cannot be loaded ({first_line(exc, 200)})") from None
 
 
 @dataclass
@@ -1143,7 +1143,7 @@ class SyntheticVocabulary:
             texts = tokenizer.decode_batch([[i] for i in range(tokenizer.get_vocab_size())])
             back = tokenizer.encode_batch(texts, add_special_tokens=False)
         except Exception as exc:
-            raise SpaError(f"tokenizer {path} failed ({_first_line(exc)})") from None
+            raise SpaError(f"tokenizer {path} failed ({first_line(exc, 200)})") from None
         special = list(framed.special_tokens_mask)
         lead = next((k for k, v in enumerate(special) if not v), len(special))
         trail = next((k for k, v in enumerate(reversed(special)) if not v), 0)
@@ -1179,9 +1179,3 @@ def _pad_id(tokenizer) -> int:
         if found is not None:
             return int(found)
     return 0
-
-
-def _first_line(exc) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 200 else line[:197] + "..."

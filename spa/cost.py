@@ -110,6 +110,13 @@ def macs_by_op(model_or_graph, shapes: dict, plan=None) -> dict:
     return dict(totals)
 
 
+def count_macs(model_or_graph, shapes: dict | None = None, plan=None) -> int:
+    """Multiply-accumulates of one pass (MAC_OPS): at `shapes` (default: a model's own at batch 1),
+    with `plan`'s channels removed."""
+    return int(sum(macs_by_op(model_or_graph, concrete_shapes(model_or_graph, batch=1) if shapes is None else shapes,
+                              plan).values()))
+
+
 def count_params(model_or_graph, plan=None) -> int:
     """Number of elements in float weights (initializers and Constant nodes)."""
     consts = model_or_graph.consts if isinstance(model_or_graph, Graph) else Consts(model_or_graph)

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .errors import SpaError
+from .errors import SpaError, first_line
 from .runtime import declared_inputs, session
 
 LABEL_KEYS = ("labels", "y")
@@ -345,7 +345,7 @@ def _session(model_or_path, what: str):
         return session(os.fspath(model_or_path) if isinstance(model_or_path, os.PathLike) else model_or_path,
                        quiet=True)
     except Exception as exc:
-        raise SpaError(f"{what}: onnxruntime cannot load the model ({_first_line(exc)})") from None
+        raise SpaError(f"{what}: onnxruntime cannot load the model ({first_line(exc, 200)})") from None
 
 
 def _outputs(model_or_path, evaluation: Evaluation, progress=_quiet):
@@ -368,7 +368,7 @@ def _outputs(model_or_path, evaluation: Evaluation, progress=_quiet):
             out = sess.run([names[index]], feeds)[0]
         except Exception as exc:
             raise SpaError(f"eval file {evaluation.source}: the model cannot run on samples "
-                           f"{start}..{start + real - 1} ({_first_line(exc)})") from None
+                           f"{start}..{start + real - 1} ({first_line(exc, 200)})") from None
         out = np.asarray(out)
         if out.ndim == 0 or len(out) != step and len(out) != real:
             raise SpaError(f"eval output '{names[index]}' has shape {out.shape}, not one row per sample "
@@ -425,9 +425,3 @@ def _call(evaluation: Evaluation, model_or_path) -> float:
 def _check_value(value: float, evaluation: Evaluation):
     if evaluation.fn is not None and not math.isfinite(value):
         raise SpaError(f"eval function {evaluation.source} returned {value}, not a finite number")
-
-
-def _first_line(exc) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 200 else line[:197] + "..."

@@ -120,18 +120,12 @@ def pick(points: list, random: int | None, seed: int | None) -> list:
 # ---------------------------------------------------------------------------------------------
 # a trial
 # ---------------------------------------------------------------------------------------------
-def macs(model: onnx.ModelProto) -> int:
-    from .cost import concrete_shapes, macs_by_op
-
-    return int(sum(macs_by_op(model, concrete_shapes(model, batch=1)).values()))
-
-
 def figures(model: onnx.ModelProto, latency: bool) -> dict:
     """Parameters, MACs (batch 1), serialized bytes and, with `latency`, the one-thread latency."""
-    from .cost import count_params
+    from .cost import count_macs, count_params
     from .latency import measure_model
 
-    found = {"params": int(count_params(model)), "macs": macs(model), "bytes": int(model.ByteSize())}
+    found = {"params": int(count_params(model)), "macs": count_macs(model), "bytes": int(model.ByteSize())}
     if latency:
         found["latency_ms"] = float(measure_model(model, batch=1, threads=1, seconds=LATENCY_SECONDS))
     return found

@@ -14,8 +14,8 @@ from onnx import external_data_helper
 from . import allocation as allocate
 from . import external_data, latency, obspa, plugins
 from .calibration import DEFAULT_SAMPLES, Calibration, calibration_batches, is_generated
-from .errors import CalibrationRunError, SpaError, SpaWarning
-from .cost import concrete_shapes, count_params, macs_by_op
+from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
+from .cost import concrete_shapes, count_macs, count_params
 from .graph import weight_bytes
 from .groups import Analysis, Options, analyze
 from .importance import GRADIENT_CRITERIA, check_bn_scale, score
@@ -240,9 +240,8 @@ def calibration_inputs(model: onnx.ModelProto, cal: Calibration, progress=_quiet
     except Exception as exc:  # noqa: BLE001 -- auto's optional inversion: any failure means synthetic
         if asked.source != "auto" or cal.source != "inverted":
             raise
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        progress(f"calibration: synthetic after all (the inversion did not run: {first}; --calibration inverted "
-                 "insists)")
+        progress(f"calibration: synthetic after all (the inversion did not run: {first_line(exc)}; --calibration "
+                 "inverted insists)")
         cal = dataclasses.replace(asked, source="synthetic")
         batches = calibration_batches(model, cal, progress=progress)
     if cal.samples is None:
@@ -318,7 +317,7 @@ def _runs_on(batches: list):
         shapes = ", ".join(f"{name} {'x'.join(map(str, np.shape(value)))}" for name, value in batches[0].items()) \
             if batches else "none"
         raise CalibrationRunError(f"onnxruntime could not run the model on its calibration inputs ({shapes}): "
-                                  f"{str(exc).splitlines()[0]}; --input-shape sets the sizes generated inputs "
+                                  f"{first_line(exc)}; --input-shape sets the sizes generated inputs "
                                   "take") from None
 
 
@@ -330,8 +329,8 @@ def as_budget(analysis: Analysis, scores: dict, target: Target, progress=_quiet)
     uniform = select(analysis, scores, target)
     params = count_params(analysis.graph, uniform) / max(count_params(analysis.graph), 1)
     shapes = concrete_shapes(analysis.model)
-    full = sum(macs_by_op(analysis.graph, shapes).values())
-    macs = sum(macs_by_op(analysis.graph, shapes, uniform).values()) / full if full else None
+    full = count_macs(analysis.graph, shapes)
+    macs = count_macs(analysis.graph, shapes, uniform) / full if full else None
     progress(f"ratio {target.ratio:g} as a budget: keep at most {params:.1%} of the parameters"
              + (f" and {macs:.1%} of the MACs" if macs is not None else "")
              + f" (what {target.ratio:g} of every group keeps), channels ranked across groups "
@@ -361,7 +360,6 @@ def affordable(model: onnx.ModelProto, batches: list, progress=_quiet) -> list:
 
 
 def macs_per_sample(model: onnx.ModelProto, feeds: dict) -> float:
-    from .cost import concrete_shapes, macs_by_op
 
     dims = {}
     for vi in model.graph.input:
@@ -371,7 +369,7 @@ def macs_per_sample(model: onnx.ModelProto, feeds: dict) -> float:
                     dims[d.dim_param] = int(size)
     count = len(next(iter(feeds.values())))
     try:
-        return sum(macs_by_op(model, concrete_shapes(model, batch=count, dims=dims)).values()) / max(count, 1)
+        return count_macs(model, concrete_shapes(model, batch=count, dims=dims)) / max(count, 1)
     except Exception:  # an estimate only: without shapes, keep every sample
         return 0.0
 

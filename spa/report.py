@@ -9,7 +9,7 @@ import time
 import numpy as np
 import onnx
 
-from .cost import MAC_OPS, concrete_shapes, count_params, macs_by_op
+from .cost import MAC_OPS, concrete_shapes, count_macs, count_params, macs_by_op
 from .graph import PROBE_LIMIT, Graph, _without_large_data, weight_bytes
 from .groups import Analysis
 from .runtime import fixed_batch, is_float, random_inputs, session
@@ -127,7 +127,7 @@ def _total_macs(model: onnx.ModelProto) -> int:
     # a model too big to run for its shapes is measured on a copy without weight bytes: concrete_shapes
     # copies its model, and the CLI holds the original and the pruned model already
     shaped = _without_large_data(model) if weight_bytes(model) > PROBE_LIMIT else model
-    return sum(macs_by_op(model, concrete_shapes(shaped, batch=1)).values())
+    return count_macs(model, concrete_shapes(shaped, batch=1))
 
 
 def removed_by_kind(plan: dict) -> dict:

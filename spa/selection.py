@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cost import count_params, macs_by_op
+from .cost import count_macs, count_params
 from .errors import SpaError
 from .groups import Analysis
 from .plan import Plan
@@ -282,7 +282,7 @@ class Selector:
 
     def macs_of(self, accepted):
         plan = Plan(self.analysis, [a for _, a in accepted])
-        return sum(macs_by_op(self.analysis.graph, self.shapes, plan).values())
+        return count_macs(self.analysis.graph, self.shapes, plan)
 
 
     def latency_options(self, model, gid) -> list:

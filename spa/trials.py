@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from .errors import SpaError
+from .errors import SpaError, first_line
 
 RETRIES = 2
 CONNECT_SECONDS = 10  # --address: how long the cluster's port may take to accept a connection
@@ -193,7 +193,3 @@ def _failed(item, exc, retries, note) -> dict:
 def _cause(exc):
     return getattr(exc, "cause", None) or exc
 
-
-def first_line(exc) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

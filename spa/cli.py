@@ -12,7 +12,7 @@ import warnings
 from .errors import CalibrationRunError, SpaError, SpaWarning
 from .flags import (DEFAULT_GRANULARITY, DEFAULT_ROUND_NOTE, calibration_flags, calibration_options,
                     check_command_flags, check_counts, check_model_flags, check_output_flags, check_whole_sessions,
-                    default_criterion, prune_target, rounding)
+                    default_criterion, l1_instead, prune_target, rounding)
 
 
 class Progress:
@@ -390,13 +390,7 @@ def _pretrained_output(args, say):
     result is written as a save_pretrained directory (spa.frontends.huggingface); the pruned ONNX goes to a
     temporary file first. With the default granularity, heads stay whole where the config cannot describe
     fewer (announced)."""
-    import spa.frontends as frontends
-
-    if not args.output or not os.path.isfile(os.path.join(args.model, "config.json")):
-        return
-    suffix = os.path.splitext(args.output.rstrip("/\\"))[1].lower()
-    if suffix == ".onnx" or suffix in getattr(frontends, "FRAMEWORK_OUTPUTS", {}) or \
-            suffix in getattr(frontends, "REFUSED_OUTPUTS", {}):
+    if not _writes_hf_directory(args):
         return
     import atexit
     import shutil
@@ -529,6 +523,21 @@ def _frontend_shapes(args):
     return parse_input_shapes(getattr(args, "input_shape", None))
 
 
+def _writes_hf_directory(args) -> bool:
+    """A Hugging Face directory (config.json) in and -o naming no file format (.onnx, .pt2, ...)."""
+    import spa.frontends as frontends
+
+    if not args.output or not os.path.isfile(os.path.join(args.model, "config.json")):
+        return False
+    suffix = _output_suffix(args)
+    return not (suffix == ".onnx" or suffix in getattr(frontends, "FRAMEWORK_OUTPUTS", {}) or
+                suffix in getattr(frontends, "REFUSED_OUTPUTS", {}))
+
+
+def _output_suffix(args) -> str:
+    return os.path.splitext(args.output.rstrip("/\\"))[1].lower()
+
+
 def _keeps_own_weights(args) -> str | None:
     """Why -o cannot take weights changed in the pruned ONNX (a Keras file or a Hugging Face directory
     is written as slices of the input's own weights), or None."""
@@ -536,12 +545,9 @@ def _keeps_own_weights(args) -> str | None:
 
     if not args.output:
         return None
-    suffix = os.path.splitext(args.output.rstrip("/\\"))[1].lower()
-    writer = getattr(frontends, "FRAMEWORK_OUTPUTS", {}).get(suffix, "")
-    if writer.startswith("spa.frontends.tensorflow"):
+    if getattr(frontends, "FRAMEWORK_OUTPUTS", {}).get(_output_suffix(args), "").startswith("spa.frontends.tensorflow"):
         return f"-o {args.output} keeps slices of the Keras model's own weights"
-    if suffix != ".onnx" and not writer and suffix not in getattr(frontends, "REFUSED_OUTPUTS", {}) and \
-            os.path.isfile(os.path.join(args.model, "config.json")):
+    if _writes_hf_directory(args):
         return f"-o {args.output}: a Hugging Face directory keeps slices of the model's own weights"
     return None
 
@@ -597,7 +603,7 @@ def _prune(args, model, options, say):
                 args.compensation not in (None, "none"):
             raise
         args.criterion = "l1"
-        warnings.warn(f"criterion l1 (the default where obspa cannot serve: {exc}); exact widths", SpaWarning)
+        warnings.warn(f"{l1_instead(exc)}; exact widths", SpaWarning)
         return _pipeline(args, model, options, say)
 
 
@@ -621,7 +627,7 @@ def _default_for_size(args, model) -> None:
     if args.criterion != "obspa" or not is_streamed(model) or session_fits(args.model):
         return
     why = "the model does not fit in memory whole, and obspa runs it"
-    args.criterion, args.criterion_note = "l1", f"criterion l1 (the default where obspa cannot serve: {why})"
+    args.criterion, args.criterion_note = "l1", l1_instead(why)
     try:
         check_flags(args)
     except SpaError as exc:

@@ -23,8 +23,11 @@ def default_criterion(args, ruled_out: str | None = None) -> None:
     if ruled_out is None and args.aggregation is not None:
         ruled_out = "--aggregation combines per-weight scores, and obspa scores whole channels"
     args.criterion = "l1" if ruled_out else "obspa"
-    args.criterion_note = f"criterion l1 (the default where obspa cannot serve: {ruled_out})" if ruled_out else \
-        DEFAULT_CRITERION_NOTE
+    args.criterion_note = l1_instead(ruled_out) if ruled_out else DEFAULT_CRITERION_NOTE
+
+
+def l1_instead(why: str) -> str:
+    return f"criterion l1 (the default where obspa cannot serve: {why})"
 
 
 DEFAULT_CRITERION_NOTE = ("criterion obspa (the default: OBS channel selection and weight compensation, without data; "

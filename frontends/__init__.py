@@ -148,31 +148,6 @@ def uses_input_shape(source, output=None) -> bool:
     return torchscript_in or torch_out
 
 
-def parse_input_shapes(texts):
-    """--input-shape values ("1x3x224x224" or "NAME=1x3x224x224", repeatable) -> None, one shape
-    (a tuple, for a single-input model) or {input name: shape}."""
-    if not texts:
-        return None
-    named, bare = {}, None
-    for text in texts:
-        name, sep, dims = str(text).rpartition("=")
-        try:
-            shape = tuple(int(d) for d in dims.strip().lower().split("x"))
-        except ValueError:
-            shape = ()
-        if not shape or any(d < 1 for d in shape):
-            raise SpaError(f"--input-shape {text!r}: expected positive integers like NAME=1x3x224x224")
-        if not sep:
-            bare = shape
-        elif not name.strip():
-            raise SpaError(f"--input-shape {text!r}: the input name before '=' is empty")
-        else:
-            named[name.strip()] = shape
-    if bare is not None and (named or len(texts) > 1):
-        raise SpaError("--input-shape without an input name only for a single-input model, given once")
-    return bare if bare is not None else named
-
-
 def _load_writer(target, name):
     module_name, function = target.split(":")
     try:

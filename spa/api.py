@@ -30,12 +30,13 @@ class Pruned:
     # "eval" with eval=: spa.evaluate.Baseline.compare
     latency: dict | None = None  # latency targets: predicted and measured fractions
     source: str | None = None  # the input file, whose external data names the output keeps
+    input_shapes: tuple | dict | None = None  # input_shape= as given: the sizes the saved model is verified at
 
     def save(self, path: str) -> str:
         """Verify (checker, shape inference, an onnxruntime run) and write; nothing is written on failure."""
         from .pipeline import save_result
 
-        return save_result(self.model, path, self.source)
+        return save_result(self.model, path, self.source, self.input_shapes)
 
 
 def analyze(model, options: Options | None = None, *, granularity: str | None = None) -> Analysis:
@@ -73,15 +74,16 @@ def prune(model, ratio: float | None = None, *, progress: bool = False, **flags)
         check_counts(args)
         default_criterion(args)
         args.calibration_options = calibration_options(args)
-        original, source = _load(model, say, cli._frontend_shapes(args))
+        shapes = cli._input_shapes(args)
+        original, source = _load(model, say, shapes)
         args.model = source or "model.onnx"
         baseline = cli._eval_baseline(args, source or original, say,
                                       warning=lambda message: warnings.warn(message, stacklevel=4))
         result = cli._prune(args, original, _options(args.granularity), say)
-        stats = outcome(original, result.model, result.plan.to_json(args.model))
+        stats = outcome(original, result.model, result.plan.to_json(args.model), shapes=shapes)
         if baseline is not None:
             stats["eval"] = baseline.compare(result.model)
-    return Pruned(result.model, result.plan, stats, result.latency, source)
+    return Pruned(result.model, result.plan, stats, result.latency, source, shapes)
 
 
 def sensitivity(model, ratios=(0.1, 0.3, 0.5), eval=None, *, granularity: str | None = None,
@@ -168,7 +170,7 @@ def sparsify(model, pattern="2:4", *, amount: float | None = None, granularity: 
         original, source = _load(model, say)
         sparse, report = sparsify_model(original, pattern, criterion, calibration=calibration, storage=storage,
                                         compressed=compressed, recover=recover, progress=say)
-    return Sparsified(sparse, report, source)
+    return Sparsified(sparse, report, source, getattr(calibration, "shapes", None))
 
 
 def _prune_args(flags: dict):

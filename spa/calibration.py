@@ -290,6 +290,43 @@ class _Input:
         return None
 
 
+def user_shapes(model, shapes) -> dict:
+    """{input: shape} from the user's shapes ({input: shape}, or one bare shape for a
+    single-input model), checked against the model's declared inputs; SpaError if they do not fit."""
+    return _checked_shapes([_Input(n, d, t) for n, d, t in declared_inputs(model)], shapes)
+
+
+def _checked_shapes(inputs: list, shapes) -> dict:
+    if shapes is None:
+        return {}
+    by_name = {i.name: i for i in inputs}
+    if not isinstance(shapes, Mapping):
+        if len(inputs) != 1:
+            raise SpaError(f"input shape without an input name needs a single-input model "
+                           f"(inputs: {', '.join(by_name)}); name the input (NAME=1x3x224x224)")
+        shapes = {inputs[0].name: shapes}
+    out = {}
+    for name, shape in shapes.items():
+        if name not in by_name:
+            raise SpaError(f"input shape for '{name}', which is no input of the model (inputs: {', '.join(by_name)})")
+        try:
+            shape = tuple(shape)
+        except TypeError:
+            raise SpaError(f"input shape for '{name}' must be a list of sizes, got {shape!r}") from None
+        if not all(_positive_int(s) for s in shape):
+            raise SpaError(f"input shape for '{name}' must be positive integers, got {shape}")
+        dims = by_name[name].dims
+        if len(shape) != len(dims):
+            raise SpaError(f"input shape for '{name}' has rank {len(shape)}, the input has rank "
+                           f"{len(dims)} ({_declared(dims)})")
+        for k, (s, d) in enumerate(zip(shape, dims)):
+            if k and isinstance(d, int) and s != d:
+                raise SpaError(f"input shape for '{name}' {_shape_text(shape)}: axis {k} must be {d} "
+                               f"({_declared(dims)})")
+        out[name] = tuple(int(s) for s in shape)
+    return out
+
+
 class _Plan:
     """The model's inputs, its batch chunk and the shape resolution, with the announcements."""
 
@@ -309,7 +346,7 @@ class _Plan:
         self.static_batch = statics.pop() if statics else None
         self.chunk = self.static_batch or options.batch_size
         self.batch_names = {i.dims[0] for i in self.inputs if i.dims and isinstance(i.dims[0], str)}
-        self.explicit = self._explicit_shapes()
+        self.explicit = _checked_shapes(self.inputs, options.shapes)
         self.named = self._named_sizes()
         self._position_limit = -1
         self._vocabulary = None
@@ -321,37 +358,6 @@ class _Plan:
             self.progress(message)
 
     # user shapes ---------------------------------------------------------------------------------
-    def _explicit_shapes(self) -> dict:
-        shapes = self.options.shapes
-        if shapes is None:
-            return {}
-        if not isinstance(shapes, Mapping):
-            if len(self.inputs) != 1:
-                raise SpaError(f"calibration: a shape without an input name needs a single-input model "
-                               f"(inputs: {', '.join(self.by_name)}); name the input (NAME=1x3x224x224)")
-            shapes = {self.inputs[0].name: shapes}
-        out = {}
-        for name, shape in shapes.items():
-            if name not in self.by_name:
-                raise SpaError(f"calibration shape for '{name}', which is no input of the model "
-                               f"(inputs: {', '.join(self.by_name)})")
-            try:
-                shape = tuple(shape)
-            except TypeError:
-                raise SpaError(f"calibration shape for '{name}' must be a list of sizes, got {shape!r}") from None
-            if not all(_positive_int(s) for s in shape):
-                raise SpaError(f"calibration shape for '{name}' must be positive integers, got {shape}")
-            dims = self.by_name[name].dims
-            if len(shape) != len(dims):
-                raise SpaError(f"calibration shape for '{name}' has rank {len(shape)}, the input has rank "
-                               f"{len(dims)} ({_declared(dims)})")
-            for k, (s, d) in enumerate(zip(shape, dims)):
-                if k and isinstance(d, int) and s != d:
-                    raise SpaError(f"calibration shape for '{name}' {_shape_text(shape)}: axis {k} must be {d} "
-                                   f"({_declared(dims)})")
-            out[name] = tuple(int(s) for s in shape)
-        return out
-
     def _named_sizes(self) -> dict:
         named = {k: int(v) for k, v in dict(self.options.dims or {}).items()}
         fixed_by: dict = {}

@@ -12,7 +12,7 @@ import warnings
 from .errors import CalibrationRunError, SpaError, SpaWarning
 from .flags import (DEFAULT_GRANULARITY, DEFAULT_ROUND_NOTE, calibration_flags, calibration_options,
                     check_command_flags, check_counts, check_model_flags, check_output_flags, check_whole_sessions,
-                    default_criterion, l1_instead, prune_target, rounding)
+                    default_criterion, l1_instead, parse_input_shapes, prune_target, rounding)
 
 
 class Progress:
@@ -119,9 +119,10 @@ def parser() -> argparse.ArgumentParser:
                     help="calibration samples (default 128; fewer for models whose forward pass is expensive, "
                          "announced)")
     pr.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x48x320",
-                    help="calibration shape of an input (repeatable; a bare shape for a single-input model); "
-                         "unknown sizes otherwise default to 224 (images), 256 (signals), 4..128 tokens, 16. "
-                         "Also: " + _INPUT_SHAPE_HELP)
+                    help="shape of an input (repeatable; a bare shape for a single-input model): of generated "
+                         "calibration inputs (unknown sizes otherwise 224 for images, 256 for signals, 4..128 "
+                         "tokens, 16) and of the inputs the output is verified and --report measured on (otherwise "
+                         "32), with every criterion. Also: " + _INPUT_SHAPE_HELP)
     pr.add_argument("--tokenizer", metavar="PATH",
                     help="tokenizer.json (or its directory): tokenises a .txt --calibration; with generated "
                          "calibration, synthetic token sequences are framed like its sentences and drawn from its "
@@ -187,7 +188,9 @@ def parser() -> argparse.ArgumentParser:
     common(ap)
     ap.add_argument("plan", help="plan JSON")
     output(ap)
-    ap.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224", help=_INPUT_SHAPE_HELP)
+    ap.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224",
+                    help="sizes of the inputs the output is verified on (symbolic sizes otherwise 32). Also: " +
+                         _INPUT_SHAPE_HELP)
 
     se = sub.add_parser("sensitivity", help="prune each group alone at a few ratios and measure the damage "
                                             "(feeds spa prune --ratios-from)")
@@ -282,7 +285,7 @@ def run(args) -> int:
                       directory_output=bool(getattr(args, "pretrained_out", None)))
     options = Options(granularity=tuple(g.strip() for g in args.granularity.split(",") if g.strip()))
     args.source = args.model
-    args.model = _framework_to_onnx(args.model, say, _frontend_shapes(args))
+    args.model = _framework_to_onnx(args.model, say, _input_shapes(args))
     if args.model != args.source:
         args.converted = args.model
     say(f"loading {args.source}")
@@ -348,7 +351,8 @@ def _outcome(args, model, result, plan) -> tuple[dict, list]:
     from .report import missed_target, outcome
     from .selection import limits
 
-    found = outcome(model, result.model, plan, result.analysis.graph if result.analysis.graph.model is model else None)
+    found = outcome(model, result.model, plan, result.analysis.graph if result.analysis.graph.model is model else None,
+                    _input_shapes(args))
     notes = list(result.warnings)
     if args.command == "prune":
         target = prune_target(args)
@@ -516,10 +520,8 @@ def _framework_to_onnx(path, say, input_shapes=None):
     return to_onnx(path, input_shapes)
 
 
-def _frontend_shapes(args):
-    """--input-shape as spa.frontends takes it (None, one shape or {name: shape})."""
-    from spa.frontends import parse_input_shapes
-
+def _input_shapes(args):
+    """--input-shape as spa.frontends and verification take it (None, one shape or {name: shape})."""
     return parse_input_shapes(getattr(args, "input_shape", None))
 
 
@@ -579,7 +581,7 @@ def _save_framework(args, plan, say):
 
     say(f"converting to {args.framework_out}")
     written = from_onnx_file(args.output, args.framework_out, source=args.source, plan=plan,
-                             input_shapes=_frontend_shapes(args))
+                             input_shapes=_input_shapes(args))
     shapes = written.get("input_shapes")
     shown = f" for input {', '.join('x'.join(map(str, s)) for s in shapes.values())}" if shapes else ""
     say(f"{args.framework_out}: {written['format']}{shown}, reloaded and checked against the pruned ONNX "
@@ -665,7 +667,8 @@ def _finish(args, pruned, plan, say, latency_check=None, found=None, notes=()):
     from .report import format_outcome, removed_by_kind
 
     say(f"verifying and writing {'the pruned ONNX' if getattr(args, 'framework_out', None) else args.output}")
-    save(pruned, args.output, external=external_tensor_names(args.model))
+    save(pruned, args.output, external=external_tensor_names(args.model), original=args.model,
+         shapes=_input_shapes(args))
     if getattr(args, "pretrained_out", None):
         _save_pretrained(args, plan, say)
     if getattr(args, "framework_out", None):
@@ -683,7 +686,7 @@ def _finish(args, pruned, plan, say, latency_check=None, found=None, notes=()):
         from .report import compare, format_comparison
         say("measuring before/after")
         report = compare(args.model, args.output, batch=args.batch, repeats=args.repeats or 20,
-                         threads=args.threads, seed=getattr(args, "seed", None) or 0)
+                         threads=args.threads, seed=getattr(args, "seed", None) or 0, shapes=_input_shapes(args))
         report["removed"] = removed_by_kind(plan)
         if evaluated is not None:
             report["eval"] = evaluated

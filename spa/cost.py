@@ -13,13 +13,15 @@ from .runtime import is_float
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
 
 
-def concrete_shapes(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None) -> dict:
-    """Shapes with every symbolic dim fixed (batch first, then `dims`); falls back to a run."""
+def concrete_shapes(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None,
+                    shapes: dict | None = None) -> dict:
+    """Shapes with every symbolic dim fixed (batch first, then `dims`, the user's input `shapes`);
+    falls back to a run."""
     from .runtime import input_specs, random_inputs, session
 
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
-    specs = {name: shape for name, shape, _ in input_specs(model, batch, dims)}
+    specs = {name: shape for name, shape, _ in input_specs(model, batch, dims, shapes=shapes)}
     for vi in fixed.graph.input:
         if vi.name in specs:
             for d, value in zip(vi.type.tensor_type.shape.dim, specs[vi.name]):
@@ -34,7 +36,7 @@ def concrete_shapes(model: onnx.ModelProto, batch: int = 1, dims: dict | None = 
         g.output.extend(helper.ValueInfoProto(name=t) for t in missing if t not in known)
         try:
             sess = session(fixed)
-            values = sess.run(None, random_inputs(model, batch, dims=dims))
+            values = sess.run(None, random_inputs(model, batch, dims=dims, shapes=shapes))
             for out, value in zip(sess.get_outputs(), values):
                 shapes[out.name] = tuple(np.shape(value))
         except Exception:

@@ -57,11 +57,10 @@ DEFAULT_ROUND_NOTE = (f"widths rounded to multiples of {DEFAULT_ROUND_TO} channe
 
 def check_command_flags(args):
     """analyze, profile and apply-plan: options that their shared definitions give them where they
-    would do nothing."""
-    if args.input_shape is not None and not shapes_a_conversion(args):
+    would do nothing (apply-plan's --input-shape sizes the verification)."""
+    if args.input_shape is not None and args.command != "apply-plan" and not shapes_a_conversion(args):
         why = {"analyze": "the channel analysis needs no input sizes",
-               "profile": "profile times the model at its declared input sizes (a default for symbolic ones)",
-               "apply-plan": "-o is no .pt2/.pt output to specialise either"}
+               "profile": "profile times the model at its declared input sizes (a default for symbolic ones)"}
         raise SpaError(f"--input-shape has no effect on {args.model}: it shapes the conversion of a TorchScript "
                        f"input, which this is not, and {why[args.command]}")
     if args.command == "profile":
@@ -183,7 +182,7 @@ def check_flags(args):
         raise SpaError("--staged has no effect with --dry-run: compensation changes weights, and a dry run writes "
                        "nothing")
     uses_data = args.criterion not in NO_CALIBRATION or args.compensation not in (None, "none") or args.recover
-    given = calibration_flags(args)
+    given = [flag for flag in calibration_flags(args) if flag != "--input-shape"]  # it also sizes verification
     if given and not uses_data:
         raise SpaError(f"{given[0]} has no effect with criterion {args.criterion}, which uses no calibration "
                        "inputs (use obspa, a gradient criterion, --compensation or --recover)")
@@ -220,13 +219,12 @@ def _check_calibration_source(args):
     source = (args.calibration or "auto").strip()
     kind = source_kind(source)
     drawn = kind != "none" or bool(args.recover)  # --recover distils on synthetic inputs where there are none
-    shapes = args.input_shape is not None and not shapes_a_conversion(args)
     if kind == "none":
         for flag, value in (("--damp", args.damp), ("--compensation", args.compensation), ("--staged", args.staged)):
             if value is not None:
                 raise SpaError(f"{flag} has no effect with --calibration none, which gives no inputs: every Hessian "
                                "is the identity and nothing is compensated")
-    used = {"--calibration-samples": drawn, "--input-shape": drawn and kind not in ("arrays", "text"),
+    used = {"--calibration-samples": drawn, "--input-shape": True,  # it also sizes verification
             "--max-length": drawn and kind not in ("arrays", "images"),
             "--tokenizer": kind in ("text", "generated", None)}
     used.update({flag: kind in ("images", None) for flag in _CALIBRATION_FLAGS.values() if flag.startswith("--image-")})
@@ -234,10 +232,9 @@ def _check_calibration_source(args):
              "images": "a directory of images", "text": "a text file", "arrays": "whose arrays give the shapes"}
     what = {"--tokenizer": "it tokenises a .txt calibration file or shapes generated token ids",
             "--max-length": "it bounds token sequences",
-            "--input-shape": "it shapes generated inputs", "--calibration-samples": "it counts calibration inputs"}
+            "--calibration-samples": "it counts calibration inputs"}
     for field, flag in [("calibration_samples", "--calibration-samples")] + list(_CALIBRATION_FLAGS.items()):
-        value = getattr(args, field) if field != "input_shape" or shapes else None
-        if value is not None and not used[flag]:
+        if getattr(args, field) is not None and not used[flag]:
             raise SpaError(f"{flag} has no effect with --calibration {source}, {reads.get(kind, '')}: "
                            f"{what.get(flag, 'it preprocesses a directory of images')}")
 
@@ -339,20 +336,7 @@ def calibration_options(args):
     from .calibration import Calibration
 
     check_flags(args)
-    shapes, bare = {}, None
-    for text in args.input_shape or []:
-        name, sep, dims = text.rpartition("=")
-        shape = _sizes(dims, "x", "--input-shape", text)
-        if not sep:
-            bare = shape
-        elif not name.strip():
-            raise SpaError(f"--input-shape {text!r}: the input name before '=' is empty")
-        elif name.strip() in shapes:
-            raise SpaError(f"--input-shape given twice for input '{name.strip()}'")
-        else:
-            shapes[name.strip()] = shape
-    if bare is not None and (shapes or len(args.input_shape) > 1):
-        raise SpaError("--input-shape without an input name only for a single-input model, given once")
+    shapes = parse_input_shapes(args.input_shape)
     layout = args.image_layout.strip().lower() if args.image_layout is not None else None
     if layout is not None and layout not in ("nchw", "nhwc"):
         raise SpaError(f"--image-layout must be nchw or nhwc, got {args.image_layout!r}")
@@ -370,8 +354,30 @@ def calibration_options(args):
     mean, std = _floats(args.image_mean, "--image-mean"), _floats(args.image_std, "--image-std")
     check_effects(args)
     return Calibration(source=args.calibration or "auto", samples=args.calibration_samples, seed=args.seed or 0,
-                       shapes=bare if bare is not None else shapes or None, tokenizer=args.tokenizer,
+                       shapes=shapes, tokenizer=args.tokenizer,
                        max_length=length, image_size=size, mean=mean, std=std, layout=layout, resize=resize)
+
+
+def parse_input_shapes(texts):
+    """--input-shape values ("1x3x224x224" or "NAME=1x3x224x224", repeatable) -> None, one shape
+    (a tuple, for a single-input model) or {input name: shape}; a malformed value is a SpaError."""
+    if not texts:
+        return None
+    named, bare = {}, None
+    for text in texts:
+        name, sep, dims = str(text).rpartition("=")
+        shape = _sizes(dims, "x", "--input-shape", text)
+        if not sep:
+            bare = shape
+        elif not name.strip():
+            raise SpaError(f"--input-shape {text!r}: the input name before '=' is empty")
+        elif name.strip() in named:
+            raise SpaError(f"--input-shape given twice for input '{name.strip()}'")
+        else:
+            named[name.strip()] = shape
+    if bare is not None and (named or len(texts) > 1):
+        raise SpaError("--input-shape without an input name only for a single-input model, given once")
+    return bare if bare is not None else named
 
 
 def ratios_for(items) -> dict:

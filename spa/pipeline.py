@@ -433,23 +433,29 @@ def apply_plan(model: onnx.ModelProto, plan_path: str, options: Options | None =
     return Result(rewrite(plan), plan, analysis)
 
 
-def save_result(model: onnx.ModelProto, path: str, source: str | None) -> str:
-    """Verify and write what the Python API made from the file `source` (whose external data
-    names the output keeps); never over `source` itself."""
+def save_result(model: onnx.ModelProto, path: str, source: str | None, shapes=None) -> str:
+    """Verify (at the input `shapes` given, spa.pipeline.save) and write what the Python API made
+    from the file `source` (whose external data names the output keeps); never over `source` itself."""
     from .graph import external_tensor_names
 
     if source and os.path.abspath(path) == os.path.abspath(source):
         raise SpaError(f"refusing to overwrite the input model {path}")
-    save(model, path, external=external_tensor_names(source) if source else None)
+    save(model, path, external=external_tensor_names(source) if source else None, original=source, shapes=shapes)
     return path
 
 
-def save(model: onnx.ModelProto, path: str, external: set | None = None, feeds: dict | None = None) -> None:
+def save(model: onnx.ModelProto, path: str, external: set | None = None, feeds: dict | None = None,
+         original: str | None = None, shapes=None) -> None:
     """Verify, then write atomically: on any failure nothing is written.
 
     `external`: names of tensors to keep in one external data file beside the model (the input's
-    layout); models over the 2 GB protobuf limit always go external.
+    layout); models over the 2 GB protobuf limit always go external. `shapes`: the user's input
+    sizes to verify at (spa.calibration.user_shapes); `original`: the input model file, run on
+    the same inputs where the pruned model fails on them (spa.verify.validate).
     """
+    from .calibration import user_shapes
+
+    checks = dict(original=original, shapes=user_shapes(model, shapes))
     target_dir = os.path.dirname(os.path.abspath(path)) or "."
     with staging_folder(path) as tmp:
         name = os.path.basename(path)
@@ -463,20 +469,20 @@ def save(model: onnx.ModelProto, path: str, external: set | None = None, feeds: 
                               "memory, so its nodes ran in consecutive pieces, each with only the weights it reads "
                               "(same computation; onnx checker and strict shape inference on the whole graph)",
                               SpaWarning)
-            validate(staged, feeds, pieces=not whole)
+            validate(staged, feeds, pieces=not whole, shapes=checks["shapes"], original=original if whole else None)
         elif weight_bytes(model) > 1_800_000_000:  # protobuf cannot hold 2 GB in one file
             onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
-            validate(staged, feeds, model)
+            validate(staged, feeds, model, **checks)
         elif external:
             for tensor in model.graph.initializer:
                 if tensor.name in external:
                     external_data_helper.set_external_data(tensor, location=data_name)
             onnx.save_model(model, staged)
-            validate(staged, feeds, model)
+            validate(staged, feeds, model, **checks)
         else:  # serialised once: checked, run and written from the same bytes
             data = model.SerializeToString()
-            validate(data, feeds, model)
+            validate(data, feeds, model, **checks)
             with open(staged, "wb") as f:
                 f.write(data)
         if os.path.exists(os.path.join(tmp, data_name)):

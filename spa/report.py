@@ -21,9 +21,10 @@ def file_size(path: str) -> int:
     return size + (os.path.getsize(data) if os.path.exists(data) else 0)
 
 
-def latency_ms(path: str, batch: int = 1, repeats: int = 20, warmup: int = 3, threads: int | None = None) -> float:
+def latency_ms(path: str, batch: int = 1, repeats: int = 20, warmup: int = 3, threads: int | None = None,
+               shapes: dict | None = None) -> float:
     sess = session(path, threads=threads)
-    feeds = random_inputs(onnx.load(path, load_external_data=False), batch=batch, seed=1)
+    feeds = random_inputs(onnx.load(path, load_external_data=False), batch=batch, seed=1, shapes=shapes)
     for _ in range(warmup):
         sess.run(None, feeds)
     times = []
@@ -34,11 +35,13 @@ def latency_ms(path: str, batch: int = 1, repeats: int = 20, warmup: int = 3, th
     return statistics.median(times)
 
 
-def measure(path: str, batch: int = 1, repeats: int = 20, threads: int | None = None) -> dict:
+def measure(path: str, batch: int = 1, repeats: int = 20, threads: int | None = None,
+            shapes: dict | None = None) -> dict:
+    """shapes: {input: shape} (spa.calibration.user_shapes) for symbolic sizes (default 32)."""
     model = onnx.load(path)
-    macs = macs_by_op(model, concrete_shapes(model, batch=1))
+    macs = macs_by_op(model, concrete_shapes(model, batch=1, shapes=shapes))
     return {"params": count_params(model), "macs": sum(macs.values()), "macs_by_op": macs,
-            "file_bytes": file_size(path), "latency_ms": latency_ms(path, batch, repeats, threads=threads)}
+            "file_bytes": file_size(path), "latency_ms": latency_ms(path, batch, repeats, threads=threads, shapes=shapes)}
 
 
 # The deviation is measured on inputs no calibration saw: calibration and its held-out batches
@@ -50,9 +53,9 @@ def deviation_inputs(seed: int = 0) -> str:
     return f"N(0, 1) random inputs, seed [{DEVIATION_STREAM:#x}, {seed}], disjoint from calibration"
 
 
-def max_deviation(original: str, pruned: str, batch: int = 1, seed: int = 0) -> float:
+def max_deviation(original: str, pruned: str, batch: int = 1, seed: int = 0, shapes: dict | None = None) -> float:
     feeds = random_inputs(onnx.load(original, load_external_data=False), batch=batch,
-                          seed=[DEVIATION_STREAM, seed])
+                          seed=[DEVIATION_STREAM, seed], shapes=shapes)
     a = session(original).run(None, feeds)
     b = session(pruned).run(None, feeds)
     return float(max(np.max(np.abs(np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)))
@@ -60,11 +63,16 @@ def max_deviation(original: str, pruned: str, batch: int = 1, seed: int = 0) -> 
 
 
 def compare(original: str, pruned: str, batch: int = 1, repeats: int = 20, threads: int | None = None,
-            seed: int = 0) -> dict:
-    """Before/after figures at `batch`, or at the batch the model's inputs fix (`batch_fixed`)."""
-    fixed = fixed_batch(onnx.load(original, load_external_data=False))
+            seed: int = 0, shapes=None) -> dict:
+    """Before/after figures at `batch`, or at the batch the model's inputs fix (`batch_fixed`),
+    symbolic sizes at the user's `shapes` (one shape or {input: shape}) or 32."""
+    from .calibration import user_shapes
+
+    light = onnx.load(original, load_external_data=False)
+    fixed = fixed_batch(light)
     batch = fixed or batch
-    before, after = measure(original, batch, repeats, threads), measure(pruned, batch, repeats, threads)
+    shapes = user_shapes(light, shapes)
+    before, after = measure(original, batch, repeats, threads, shapes), measure(pruned, batch, repeats, threads, shapes)
     keys = ("params", "macs", "file_bytes", "latency_ms")
     return {
         "batch": batch,
@@ -74,7 +82,7 @@ def compare(original: str, pruned: str, batch: int = 1, repeats: int = 20, threa
         "before": before,
         "after": after,
         "ratio": {k: (before[k] / after[k] if after[k] else float("inf")) for k in keys},
-        "max_output_deviation": max_deviation(original, pruned, batch, seed),
+        "max_output_deviation": max_deviation(original, pruned, batch, seed, shapes),
         "deviation_inputs": deviation_inputs(seed),
     }
 
@@ -104,16 +112,20 @@ def format_comparison(report: dict) -> str:
 
 
 def outcome(original: onnx.ModelProto, pruned: onnx.ModelProto, plan: dict,
-            original_graph: Graph | None = None) -> dict:
+            original_graph: Graph | None = None, shapes=None) -> dict:
     """What a prune achieved: parameters and MACs (batch 1) before, after and ratio (after / before),
     channels and heads removed with their group counts (from the plan's JSON), and the layers whose
     width changed: {name: (before, after)} for output channels (`widths`) and input channels
-    (`input_widths`). `original_graph`: Graph(original), if the caller has it (the analysis's)."""
+    (`input_widths`). `original_graph`: Graph(original), if the caller has it (the analysis's);
+    `shapes`: the user's input sizes (one shape or {input: shape}; other symbolic sizes 32)."""
+    from .calibration import user_shapes
+
+    shapes = user_shapes(original, shapes)
     g_before, g_after = original_graph or Graph(original), Graph(pruned)
     before, after = layer_widths(g_before), layer_widths(g_after)
     changed = [name for name in after if name in before and before[name] != after[name]]
     return {"params": _change(count_params(g_before), count_params(g_after)),
-            "macs": _change(_total_macs(original), _total_macs(pruned)),
+            "macs": _change(_total_macs(original, shapes), _total_macs(pruned, shapes)),
             **removed_by_kind(plan),
             "widths": {n: (before[n][1], after[n][1]) for n in changed},
             "input_widths": {n: (before[n][0], after[n][0]) for n in changed}}
@@ -123,11 +135,11 @@ def _change(before: int, after: int) -> dict:
     return {"before": int(before), "after": int(after), "ratio": after / before if before else 1.0}
 
 
-def _total_macs(model: onnx.ModelProto) -> int:
+def _total_macs(model: onnx.ModelProto, shapes: dict) -> int:
     # a model too big to run for its shapes is measured on a copy without weight bytes: concrete_shapes
     # copies its model, and the CLI holds the original and the pruned model already
     shaped = _without_large_data(model) if weight_bytes(model) > PROBE_LIMIT else model
-    return count_macs(model, concrete_shapes(shaped, batch=1))
+    return count_macs(model, concrete_shapes(shaped, batch=1, shapes=shapes))
 
 
 def removed_by_kind(plan: dict) -> dict:

@@ -36,21 +36,33 @@ _NP_TYPES = _NpTypes({
 OTHER_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
-def input_specs(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None, default_dim: int = 32):
+DEFAULT_DIM = 32  # the size of a symbolic input dim nobody gave (verification, reports)
+
+
+def input_specs(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None, default_dim: int = DEFAULT_DIM,
+                shapes: dict | None = None):
     """(name, shape, numpy dtype) for each real graph input, symbolic dims made concrete: a name
-    given in `dims` takes that size, a name that leads any input is the batch, others default_dim."""
+    given in `dims` takes that size, a name that leads any input is the batch, others default_dim.
+    shapes: {input: full shape} the user gave (`spa.calibration.user_shapes` checks them): the
+    axes after the batch as given, their symbolic names passed on to inputs that share them."""
     dims = dict(dims or {})
+    shapes = shapes or {}
     inits = {t.name for t in model.graph.initializer}
     inputs = [vi for vi in model.graph.input if vi.name not in inits]
     for vi in inputs:
         shape = vi.type.tensor_type.shape.dim
         if shape and not is_static_dim(shape[0]):
             dims.setdefault(_dim_name(vi.name, 0, shape[0]), batch)
+    for vi in inputs:
+        for k, d in enumerate(vi.type.tensor_type.shape.dim):
+            if k and vi.name in shapes and not is_static_dim(d) and d.dim_param not in ("", "?"):
+                dims.setdefault(d.dim_param, shapes[vi.name][k])
     specs = []
     for vi in inputs:
         t = vi.type.tensor_type
-        shape = [d.dim_value if is_static_dim(d) else dims.get(_dim_name(vi.name, k, d), default_dim)
-                 for k, d in enumerate(t.shape.dim)]
+        given = shapes.get(vi.name)
+        shape = [d.dim_value if is_static_dim(d) else given[k] if given and k else
+                 dims.get(_dim_name(vi.name, k, d), default_dim) for k, d in enumerate(t.shape.dim)]
         specs.append((vi.name, tuple(shape), _NP_TYPES.get(t.elem_type, np.float32)))
     return specs
 
@@ -93,10 +105,10 @@ def symbolic_declarations(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def random_inputs(model, batch=1, seed=0, dims=None, default_dim=32):
+def random_inputs(model, batch=1, seed=0, dims=None, default_dim=DEFAULT_DIM, shapes=None):
     rng = np.random.default_rng(seed)
     feeds = {}
-    for name, shape, dtype in input_specs(model, batch, dims, default_dim):
+    for name, shape, dtype in input_specs(model, batch, dims, default_dim, shapes):
         if is_float(dtype):
             feeds[name] = np.asarray(rng.standard_normal(shape)).astype(dtype)  # bfloat16 too (ml_dtypes)
         elif dtype == np.bool_:  # np.asarray: a scalar (an If condition) must stay an ndarray

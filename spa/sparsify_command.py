@@ -7,7 +7,7 @@ import json
 from .errors import SpaError
 
 CALIBRATION_FLAGS = (("--calibration", "calibration"), ("--calibration-samples", "calibration_samples"),
-                     ("--input-shape", "input_shape"))
+                     ("--input-shape", "input_shape"))  # --input-shape also sizes the verification
 
 
 def add_parser(sub) -> None:
@@ -30,7 +30,8 @@ def add_parser(sub) -> None:
     sp.add_argument("--calibration", metavar="SOURCE", help="calibration inputs for --criterion obs (as spa prune)")
     sp.add_argument("--calibration-samples", type=int, metavar="N", help="calibration inputs drawn (--criterion obs)")
     sp.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224",
-                    help="shape of generated calibration inputs (--criterion obs)")
+                    help="input sizes: of generated calibration inputs (--criterion obs) and of the inputs the "
+                         "output is verified on (symbolic sizes otherwise 32)")
     sp.add_argument("--recover", type=int, metavar="N",
                     help="then N steps of distillation from the original on the calibration inputs (PyTorch), every "
                          "zero kept; kept only if the held-out loss falls")
@@ -52,6 +53,7 @@ def command(args, say) -> int:
     from .frontends import frontend_for
     from .graph import external_tensor_names, load_model
     from .paths import check_outputs
+    from .flags import parse_input_shapes
     from .pipeline import save
     from .sparsity import format_sparsity, format_summary, parse_pattern, sparsify
 
@@ -76,7 +78,8 @@ def command(args, say) -> int:
     if args.storage == "sparse" and not report["stored_sparse"]:
         warn("--storage sparse: no weight is smaller stored sparse at this sparsity; every weight stays dense")
     say(f"verifying and writing {args.output}")
-    save(sparse, args.output, external=external_tensor_names(args.model))
+    save(sparse, args.output, external=external_tensor_names(args.model), original=args.model,
+         shapes=parse_input_shapes(args.input_shape))
     if args.json:
         print(json.dumps(report, indent=1))
     elif args.report:
@@ -89,12 +92,15 @@ def command(args, say) -> int:
 
 def calibration_of(args):
     """--calibration, --calibration-samples and --input-shape as a spa.calibration.Calibration
-    (None: the default, 'auto'); refused with criterion l1 and no --recover, which read no inputs."""
+    (None: the default, 'auto'); refused with criterion l1 and no --recover, which read no inputs
+    (but for --input-shape, which also sizes the verification)."""
     from .calibration import Calibration, source_kind
-    from .frontends import parse_input_shapes
+    from .flags import parse_input_shapes
 
     given = [flag for flag, field in CALIBRATION_FLAGS if getattr(args, field) is not None]
     if args.criterion != "obs" and not args.recover:
+        parse_input_shapes(args.input_shape)  # a malformed one is refused all the same
+        given = [flag for flag in given if flag != "--input-shape"]
         if given:
             raise SpaError(f"{given[0]} has no effect with criterion {args.criterion}, which uses no calibration "
                            "inputs (use --criterion obs or --recover)")
@@ -102,9 +108,6 @@ def calibration_of(args):
     if not given:
         return None
     kind = source_kind(args.calibration)
-    if args.input_shape is not None and kind not in ("generated", None):
-        raise SpaError(f"--input-shape has no effect with --calibration {args.calibration}: it shapes generated "
-                       "inputs only")
     if args.calibration_samples is not None and kind == "none":
         raise SpaError("--calibration-samples has no effect with --calibration none, which gives no inputs")
     return Calibration(source=args.calibration or "auto", samples=args.calibration_samples,

@@ -446,9 +446,10 @@ class Sparsified:
     model: onnx.ModelProto
     report: dict
     source: str | None = None  # the input file, whose external data names the output keeps
+    input_shapes: tuple | dict | None = None  # the calibration's shapes: the sizes the saved model is verified at
 
     def save(self, path: str) -> str:
         """Verify (checker, shape inference, an onnxruntime run) and write; nothing is written on failure."""
         from .pipeline import save_result
 
-        return save_result(self.model, path, self.source)
+        return save_result(self.model, path, self.source, self.input_shapes)

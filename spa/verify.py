@@ -8,18 +8,21 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from .errors import SpaError, SpaWarning
+from .errors import SpaError, SpaWarning, first_line
 from .plan import Plan
 from .quant import at_zero_point
 from .rewrite import filled
-from .runtime import _NP_TYPES, is_float, random_inputs, session
+from .runtime import _NP_TYPES, DEFAULT_DIM, is_float, random_inputs, session
 
 def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelProto | None = None,
-             pieces: bool = False) -> None:
+             pieces: bool = False, original: str | None = None, shapes: dict | None = None) -> None:
     """Full checker (with strict, type-checking shape inference), an onnxruntime session and one
     run; SpaError if not. `source`: a model file or serialised model; `model`: the same proto, to
     read its inputs from. pieces: run the file piece by piece (`run_in_pieces`), for models whose
-    onnxruntime session would not fit in memory."""
+    onnxruntime session would not fit in memory. Without `feeds`, random inputs at `shapes`
+    ({input: shape}, the user's --input-shape) and 32 for any other symbolic size; where the
+    pruned model fails to run on them, the `original` model file is run on them too, so that
+    inputs the model never takes are not reported as a broken pruned model."""
     stage = "onnx checker / strict shape inference"
     try:
         onnx.checker.check_model(source, full_check=True)
@@ -27,21 +30,46 @@ def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelPr
         if feeds is None:
             if model is None:
                 model = onnx.load(source, load_external_data=False) if isinstance(source, str) else onnx.load_from_string(source)
-            feeds = random_inputs(model)
+            feeds = random_inputs(model, shapes=shapes)
         if pieces:
             outputs, sess = run_in_pieces(source, feeds), None
         else:
-            sess = session(source)
+            sess = session(source, quiet=True)
             outputs = sess.run(None, feeds)
         if getattr(sess, "surrogate", False):
             warnings.warn("verified on a float32 copy: onnxruntime's CPU provider has no kernel for some of the "
                           "model's float16/bfloat16/float64 ops (the written model keeps its types)", SpaWarning)
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SpaError(f"pruned model failed {stage}: {first_line[:300]}") from None
+        if stage == "onnxruntime" and original is not None and not _runs(original, feeds):
+            raise SpaError(f"the original model does not run on the verification inputs either "
+                           f"({_sizes(feeds)}; symbolic sizes not given are {DEFAULT_DIM}): give the sizes it "
+                           f"takes, --input-shape {_shape_hint(original)} (input_shape= in Python)") from None
+        raise SpaError(f"pruned model failed {stage}: {first_line(exc, 300)}") from None
     for out in outputs:
         if isinstance(out, np.ndarray) and is_float(out.dtype) and not np.all(np.isfinite(np.asarray(out, np.float32))):
             raise SpaError("pruned model produced NaN or Inf")
+
+
+def _runs(path: str, feeds: dict) -> bool:
+    try:
+        session(path, quiet=True).run(None, feeds)
+        return True
+    except Exception:
+        return False
+
+
+def _shape_hint(path: str) -> str:
+    """--input-shape values with the model's declared dims: static sizes, symbolic names, batch 1."""
+    from .runtime import declared_inputs
+
+    def dim(k, d):
+        return str(d) if isinstance(d, int) else "1" if k == 0 else d or "?"
+    inputs = declared_inputs(onnx.load(path, load_external_data=False))
+    return " ".join(f"{name}={'x'.join(dim(k, d) for k, d in enumerate(dims))}" for name, dims, _ in inputs)
+
+
+def _sizes(feeds: dict) -> str:
+    return ", ".join(f"{name} {'x'.join(map(str, np.shape(value)))}" for name, value in feeds.items())
 
 
 def session_fits(path: str) -> bool:

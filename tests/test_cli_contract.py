@@ -173,6 +173,7 @@ DRY = ["prune", "{M}", "--ratio", "0.5", "-q", "--dry-run", "--criterion", "l1"]
 ENC = ["prune", "{ENC}", "-o", "{O}", "--ratio", "0.5", "-q"]
 DYN = ["prune", "{DYN}", "-o", "{O}", "--ratio", "0.5", "-q", "--criterion", "obspa", "--calibration-samples", "16"]
 IMG = DYN[:-1] + ["4", "--calibration", "{IMAGES}"]
+ONLY8 = ["prune", "{ONLY8}", "-o", "{O}", "--ratio", "0.5", "-q", "--criterion", "l1"]  # runs at 8x8 only
 TALL = DYN[:-1] + ["4", "--calibration", "{TALL}", "--image-size", "8x8"]
 SQUARE = ["prune", "{SQUARE}", "-o", "{O}", "--ratio", "0.5", "-q", "--criterion", "obspa",
           "--calibration", "{IMAGES}", "--calibration-samples", "4"]
@@ -192,6 +193,8 @@ SP = ["sparsify", "{M}", "-o", "{O}", "-q"]
 SPU = SP + ["--pattern", "unstructured", "--amount", "0.5"]
 SPK = SP + ["--pattern", "k-of-n", "--amount", "0.5"]
 SPO = SP + ["--criterion", "obs", "--calibration-samples", "16"]
+SP_ONLY8 = ["sparsify", "{ONLY8}", "-o", "{O}", "-q"]
+AP_ONLY8 = ["apply-plan", "{ONLY8}", "{PLAN_ONLY8}", "-o", "{O}", "-q"]
 SP_DYN = ["sparsify", "{DYN}", "-o", "{O}", "-q", "--criterion", "obs", "--calibration-samples", "4"]
 SW = ["sweep", "{M}", "-q", "--targets", "ratio=0.5"]
 SW2 = _without(SW, "--targets") + ["--targets", "ratio=0.5,macs=0.5"]  # a grid of 2 points
@@ -300,11 +303,11 @@ CONTRACT = {
             (L1 + ["--calibration-samples", "8"], "--calibration-samples has no effect with criterion l1"),
             (NONE + ["--calibration-samples", "8"], "--calibration-samples has no effect with --calibration none")]),
         "--input-shape": Case(TS + ["--input-shape", "1x3x8x8"], TS,
-                              also=[(DYN + ["--input-shape", "1x3x8x8"], DYN)],  # calibration at 8x8, not 224x224
-                              refused=[(L1 + ["--input-shape", "1x3x8x8"],
-                                        "--input-shape has no effect with criterion l1"),
-                                       (OB + ["--calibration", "{NPZ}", "--input-shape", "1x3x8x8"],
-                                        "--input-shape has no effect with --calibration")]),
+                              also=[(DYN + ["--input-shape", "1x3x8x8"], DYN),  # calibration at 8x8, not 224x224
+                                    # verification at the sizes the model takes (every criterion, any calibration)
+                                    (ONLY8 + ["--input-shape", "1x3x8x8"], ONLY8),
+                                    (ONLY8 + ["--criterion", "obspa", "--calibration", "{NPZ}", "--input-shape",
+                                              "1x3x8x8"], ONLY8 + ["--criterion", "obspa", "--calibration", "{NPZ}"])]),
         "--tokenizer": Case(TXT + ["--calibration", "{SENTENCES}", "--tokenizer", "{TOKENIZER}"],
                             TXT + ["--calibration", "{SENTENCES}"],
                             also=[(TXT + ["--tokenizer", "{TOKENIZER}"], TXT)],  # synthetic sentences like its own
@@ -450,9 +453,8 @@ CONTRACT = {
         "--calibration-samples": Case(SPO, _without(SPO, "--calibration-samples"), refused=[
             (SP + ["--calibration-samples", "8"], "--calibration-samples has no effect with criterion l1"),
             (SPO + ["--calibration", "none"], "--calibration-samples has no effect with --calibration none")]),
-        "--input-shape": Case(SP_DYN + ["--input-shape", "1x3x8x8"], SP_DYN, refused=[
-            (SP + ["--input-shape", "1x3x8x8"], "--input-shape has no effect with criterion l1"),
-            (SPO + ["--calibration", "{NPZ}", "--input-shape", "1x3x8x8"], "--input-shape has no effect with")]),
+        "--input-shape": Case(SP_DYN + ["--input-shape", "1x3x8x8"], SP_DYN,
+                              also=[(SP_ONLY8 + ["--input-shape", "1x3x8x8"], SP_ONLY8)]),  # verified at 8x8
         "--recover": Case(SP + ["--recover", "2"], SP, also=[(SPO + ["--recover", "2"], SPO)],
                           refused=[(SP + ["--recover", "0"], "--recover needs a positive number of steps")]),
         "--storage": Case(SPU + ["--storage", "sparse"], SPU, same=[(SPU + ["--storage", "dense"], SPU)],
@@ -473,7 +475,7 @@ CONTRACT = {
         "--plan-out": Case(refused=[(AP + ["--plan-out", "{PLAN}"], "--plan-out has no effect with apply-plan")]),
         "--input-shape": Case(["apply-plan", "{TS}", "{PLAN_TS}", "-o", "{O}", "-q", "--input-shape", "1x3x8x8"],
                               ["apply-plan", "{TS}", "{PLAN_TS}", "-o", "{O}", "-q"],
-                              refused=[(AP + ["--input-shape", "1x3x8x8"], ONNX_SHAPE)]),
+                              also=[(AP_ONLY8 + ["--input-shape", "1x3x8x8"], AP_ONLY8)]),  # verified at 8x8
     },
 }
 
@@ -525,6 +527,15 @@ def _two_outputs():
     return b.model()
 
 
+def _only_at(size):
+    """Symbolic height and width that run at size x size only (flattened into a fixed MatMul)."""
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input(["batch", 3, "h", "w"]), 3, 8)])
+    x = b.op("Flatten", [b.conv(x, 8, 4)])
+    b.output(b.op("MatMul", [x, b.weight(4 * size * size, 3)]))
+    return b.model()
+
+
 def _images(folder, height, width):
     from PIL import Image
 
@@ -556,7 +567,8 @@ def paths(tmp_path_factory):
     models = {"M": conv_chain((8, 16)), "SMALL": small_model(), "ENC": encoder(), "TXT": _text_model(),
               "TWO": _two_outputs(),
               "DYN": conv_chain((8, 16), shape=("batch", 3, "h", "w")),
-              "SQUARE": conv_chain((8, 16), shape=("batch", 3, 8, 3))}  # 3 on both axes: NCHW or NHWC
+              "SQUARE": conv_chain((8, 16), shape=("batch", 3, 8, 3)),  # 3 on both axes: NCHW or NHWC
+              "ONLY8": _only_at(8)}
     for name, model in models.items():
         p[name] = str(d / f"{name.lower()}.onnx")
         onnx.save(model, p[name])
@@ -578,7 +590,8 @@ def paths(tmp_path_factory):
         from test_calibration import _tokenizer
         p["TOKENIZER"] = str(_tokenizer(d / "tokenizer"))
     plans = [("PLAN0", P), ("PLAN_TWO", _without(TWO, "--eval")),
-             ("PLAN_HEAD_DIM", ENC + ["--granularity", "channels,head-dim"])]
+             ("PLAN_HEAD_DIM", ENC + ["--granularity", "channels,head-dim"]),
+             ("PLAN_ONLY8", ONLY8 + ["--input-shape", "1x3x8x8"])]
     if _installed("torch"):
         import torch
         module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),

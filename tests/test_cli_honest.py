@@ -215,6 +215,35 @@ def test_report_counts_heads_and_names_its_inputs(tmp_path, capsys):
         in out
 
 
+def _only_at(size):
+    """Symbolic height and width that run at size x size only (flattened into a fixed MatMul)."""
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input(["batch", 3, "h", "w"]), 3, 8)])
+    b.output(b.op("MatMul", [b.op("Flatten", [b.conv(x, 8, 4)]), b.weight(4 * size * size, 3)]))
+    return b.model()
+
+
+def test_input_shape_sizes_verification_and_report_with_any_criterion(tmp_path, capsys):
+    path, out = saved(tmp_path, _only_at(12)), tmp_path / "o.onnx"
+    _expect_error(capsys, ["prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q"],
+                  "the original model does not run on the verification inputs either (input 1x3x32x32; symbolic "
+                  "sizes not given are 32): give the sizes it takes, --input-shape input=1x3xhxw", out=out)
+    assert spa("prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "--input-shape", "1x3x12x12",
+               "--report", "--repeats", "2", "-q") == 0
+    report = capsys.readouterr().out
+    assert f"MACs                  {3 * 8 * 9 * 144 + 8 * 4 * 9 * 144 + 4 * 144 * 3:,}" in report  # at 12x12
+    assert spa("sparsify", path, "-o", tmp_path / "s.onnx", "--input-shape", "1x3x12x12", "-q") == 0
+
+
+def test_random_inputs_take_the_given_shapes_and_share_their_symbolic_sizes():
+    b = Builder()
+    b.output(b.op("Add", [b.input(["batch", "sequence"], "ids"), b.input(["batch", "sequence"], "mask")]),
+             ["batch", "sequence"])
+    b.output(b.op("Relu", [b.input(["batch", "other"], "free")]), ["batch", "other"])
+    feeds = random_inputs(b.model(), batch=2, shapes={"ids": (1, 7)})
+    assert {k: v.shape for k, v in feeds.items()} == {"ids": (2, 7), "mask": (2, 7), "free": (2, 32)}
+
+
 def test_deviation_inputs_are_not_calibration_inputs():
     model = small_model()
     calibration = [calibration_batches(model, "synthetic", seed=seed)[0]["input"] for seed in (0, 1)]

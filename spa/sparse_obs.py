@@ -23,6 +23,7 @@ import numpy as np
 
 from . import obs
 from .activations import StagedRun
+from .errors import CalibrationRunError
 from .layers import Layer
 from .obspa import DAMPING_PATH, MAX_COLUMNS, Hessians, held_error, judges, token_mask_input
 
@@ -192,6 +193,20 @@ def refitted(layer: Layer, mats: np.ndarray, hessian: np.ndarray, sparse: np.nda
     return new if np.all(np.isfinite(new)) else sparse
 
 
+def diagonal(layer: Layer, w, b, diag: np.ndarray, pattern) -> np.ndarray:
+    """A layer too wide for a full H (`Hessians`: its diagonal only, (blocks, cols)): the pattern's
+    mask of |w_j| * ||x_j|| (Wanda's saliency; the OBS saliency under a diagonal H), no update
+    (a diagonal H couples no columns), as (blocks, rows, cols) matrices."""
+    from .sparsity import layer_mask
+
+    plain = dataclasses.replace(layer, bias=None, scale=1.0)
+    mats = plain.matrices(w, None)
+    saliency = np.abs(mats) * np.sqrt(np.maximum(diag[:, None, :mats.shape[2]], 0.0))
+    scores = plain.from_matrices(saliency, np.shape(w), np.float64, None, None)[0]
+    keep = layer_mask(np.asarray(w), layer, pattern, scores=scores)
+    return layer.matrices(np.where(keep, w, 0), b)
+
+
 def magnitude(layer: Layer, w, b, pattern) -> np.ndarray:
     """The plain magnitude mask, no update, as (blocks, rows, cols) matrices."""
     from .sparsity import layer_mask
@@ -217,12 +232,10 @@ def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_
     """({name: new value}, how): OBS candidates along the damping path and the magnitude mask
     judged on the held-out Hessian (or the first candidate without one); the winning candidate's
     kept weights re-solved (`refitted`), kept where that lowers the held-out error."""
-    if hessian is None or hessian[0] != "full":
-        diag = None if hessian is None else hessian[1]
-        if diag is None:
-            return _weights_of(layer, magnitude(layer, w, b, pattern), w, b), "magnitude"
-        full = np.stack([np.diag(d) for d in diag])  # wide layer: a diagonal H (Wanda-like saliency)
-        return _weights_of(layer, candidates(layer, w, b, full, pattern, (damp,))[0][1], w, b), "diagonal"
+    if hessian is None:
+        return _weights_of(layer, magnitude(layer, w, b, pattern), w, b), "magnitude"
+    if hessian[0] != "full":
+        return _weights_of(layer, diagonal(layer, w, b, hessian[1], pattern), w, b), "diagonal"
     judge = judges(held)
     options = candidates(layer, w, b, hessian[1], pattern, [damp * f for f in (DAMPING_PATH if judge else (1.0,))])
     if not options:
@@ -237,6 +250,19 @@ def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_
         return _weights_of(layer, plain, w, b), "magnitude"
     refit = refitted(layer, mats, hessian[1], best, damp_of)  # the winner only (MiniLM 2:4: 33 s, not 50 s)
     return _weights_of(layer, refit if held_error(mats, refit, held) < error else best, w, b), "obs"
+
+
+def _check_width(layer: Layer, weight_shape, x, feeds) -> None:
+    """A layer's calibration input must give as many columns as its weight takes (a Flatten of a
+    map at sizes the model was not made for gives more; the stages never run the layer itself)."""
+    taken = weight_shape[1] * layer.per_index if layer.kind == "conv" else \
+        weight_shape[0] if layer.kind == "dense_t" else weight_shape[-1]
+    if layer.width(x) - (layer.bias is not None) != taken:
+        shapes = ", ".join(f"{name} {'x'.join(map(str, np.shape(v)))}" for name, v in feeds.items())
+        raise CalibrationRunError(f"the model does not run on its calibration inputs ({shapes}): weight "
+                                  f"'{layer.weight}' takes {taken} inputs per row, the calibration gives it "
+                                  f"{layer.width(x) - (layer.bias is not None)}; --input-shape sets the sizes "
+                                  "generated inputs take")
 
 
 def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda message: None, seed: int = 0) -> dict:
@@ -262,6 +288,7 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
         fits, helds = Hessians(len(fit), MAX_COLUMNS, seed), Hessians(len(held), MAX_COLUMNS, seed, keep_rows=True)
         for layer in {l.key(): l for l in current}.values():
             for b, x in enumerate(values[layer.activation]):
+                _check_width(layer, np.shape(g.consts[layer.weight]), x, every[b])
                 (fits if b < len(fit) else helds).add(layer, x, tokens=every[b].get(mask))
         for layer in current:
             w = g.consts[layer.weight]

@@ -101,3 +101,39 @@ def test_conv_columns_group_input_channels_per_kernel_position():
     order = column_order(layer, 4 * 9)
     assert list(order[:4]) == [0, 9, 18, 27]  # channels 0..3 at kernel position 0
     assert order[-1] == 36 and sorted(order) == list(range(37))
+
+
+@pytest.mark.parametrize("kind", ["dense", "dense_t"])
+def test_wide_layer_mask_is_the_sweep_under_its_diagonal_hessian(kind):
+    """A layer too wide for a full H: the diagonal's mask (|w| ||x||) is what the OBS sweep
+    chooses under that diagonal H, and nothing is updated (no column is coupled to another)."""
+    from spa.layers import Layer
+    from spa.sparse_obs import diagonal
+
+    rng = np.random.default_rng(4)
+    w, diag = rng.normal(size=(6, 16)), rng.uniform(0.1, 5, 16)
+    layer = Layer(node=0, weight="w", in_axis=1 if kind == "dense" else 0, activation="x", kind=kind)
+    got = diagonal(layer, w if kind == "dense" else w.T, None, diag[None], N_M)[0]
+    swept = sparsegpt(w, np.diag(diag), N_M, damp=1e-12)
+    np.testing.assert_allclose(got, swept, atol=1e-9)
+    assert set(np.flatnonzero(got)) <= set(np.flatnonzero(w)) and np.all((got == 0) | (got == w))
+
+
+def test_calibration_at_sizes_the_model_does_not_take_is_one_error():
+    """Stages never run the last layer: a Flatten of a map larger than the model was made for
+    would hand it more columns than its weight has (and, wide, a diagonal H of them)."""
+    from builder import Builder
+    from spa.calibration import Calibration
+    from spa.errors import CalibrationRunError
+    from spa.graph import Graph
+    from spa.sparse_obs import obs_sparsify
+    from spa.sparsity import Pattern, eligible_layers
+
+    b = Builder()
+    x = b.op("Flatten", [b.op("Relu", [b.conv(b.input(["batch", 3, "h", "w"]), 3, 8)])])
+    b.output(b.op("MatMul", [x, b.weight(8 * 6 * 6, 4)]))
+    model = b.model()
+    layers = eligible_layers(Graph(model), Pattern("n:m", n=2, m=4))[0]
+    with pytest.raises(CalibrationRunError, match="takes 288 inputs per row, the calibration gives it"):
+        obs_sparsify(model, layers, Pattern("n:m", n=2, m=4), "synthetic")
+    assert obs_sparsify(model, layers, Pattern("n:m", n=2, m=4), Calibration("synthetic", shapes=(1, 3, 6, 6)))

@@ -147,12 +147,13 @@ def sweep(model, criteria="l1", targets="ratio=0.5", *, calibration=None, round_
 
 
 def sparsify(model, pattern="2:4", *, amount: float | None = None, granularity: str = "weight",
-             criterion: str = "l1", calibration=None, storage: str = "dense", compressed: bool = False,
+             criterion: str | None = None, calibration=None, storage: str = "dense", compressed: bool = False,
              recover: int = 0, progress: bool = False):
     """Zero weights of `model` (an .onnx path, a framework file or a ModelProto) in a fine-grained
     `pattern` (spa.sparsity): "N:M" (default 2:4), "k-of-n" or "unstructured" with `amount` (the
-    fraction zeroed) and, for k-of-n, `granularity` weight | kernel | filter; criterion "l1" or
-    "obs" (OBS updates on `calibration`, a spa.calibration.Calibration or source string);
+    fraction zeroed) and, for k-of-n, `granularity` weight | kernel | filter; criterion "obs"
+    (the default: OBS updates on `calibration`, a spa.calibration.Calibration or source string;
+    l1 instead, announced, where spa.sparsity.default_criterion says) or "l1";
     storage "sparse" stores weights as COO where smaller; compressed: the report gives zlib sizes
     too (report["zipped_bytes"]); recover: steps of distillation from the original on the
     calibration inputs, zeros kept (PyTorch). Returns a `spa.sparsity.Sparsified`:

@@ -26,8 +26,8 @@ def default_criterion(args, ruled_out: str | None = None) -> None:
     args.criterion_note = l1_instead(ruled_out) if ruled_out else DEFAULT_CRITERION_NOTE
 
 
-def l1_instead(why: str) -> str:
-    return f"criterion l1 (the default where obspa cannot serve: {why})"
+def l1_instead(why, default: str = "obspa") -> str:
+    return f"criterion l1 (the default where {default} cannot serve: {why})"
 
 
 DEFAULT_CRITERION_NOTE = ("criterion obspa (the default: OBS channel selection and weight compensation, without data; "

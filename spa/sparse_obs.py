@@ -180,8 +180,27 @@ def candidates(layer: Layer, w, b, hessian: np.ndarray, pattern, dampings) -> li
             H = hessian[k][np.ix_(order, order)]
             mask = None if fixed is None else fixed[k][:, order]
             new[k][:, order] = sparsegpt(mats[k][:, order], H, pattern, damp, mask, frozen=int(layer.bias is not None))
+        if pattern.kind == "unstructured":
+            new = _within_quota(layer, new, hessian, pattern, damp)
         if np.all(np.isfinite(new)):
             out.append((damp, new))
+    return out
+
+
+def _within_quota(layer: Layer, new: np.ndarray, hessian: np.ndarray, pattern, damp) -> np.ndarray:
+    """Unstructured masks are chosen per BLOCK columns of each block matrix, and each rounds its
+    share: a layer of many small blocks (a depthwise Conv: 9 columns each) can keep more than the
+    layer's quota. The least salient kept weights beyond it are zeroed (a few at most)."""
+    from .sparsity import kept
+
+    width = new.shape[2] - (layer.bias is not None)
+    excess = np.count_nonzero(new[:, :, :width]) - kept(new.shape[0] * new.shape[1] * width, pattern.amount)
+    if excess <= 0:
+        return new
+    scores = np.stack([saliency(new[k], hessian[k], damp)[:, :width] for k in range(layer.blocks)])
+    scores[new[:, :, :width] == 0] = np.inf
+    out = new.copy()
+    out[np.unravel_index(np.argsort(scores, axis=None, kind="stable")[:excess], scores.shape)] = 0.0
     return out
 
 

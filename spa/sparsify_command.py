@@ -24,9 +24,10 @@ def add_parser(sub) -> None:
                     help="what k-of-n keeps k of: weights of an output row (default), input kernels of a filter, "
                          "filters of a layer (zeroed, not removed)")
     sp.add_argument("--amount", type=float, metavar="A", help="fraction zeroed, in [0, 1) (unstructured, k-of-n)")
-    sp.add_argument("--criterion", choices=("l1", "obs"), default="l1",
-                    help="l1: keep the largest |w| (default); obs: choose and compensate with OBS updates on "
-                         "calibration inputs (SparseGPT-style)")
+    sp.add_argument("--criterion", choices=("l1", "obs"),
+                    help="obs (default): choose and compensate with OBS updates on calibration inputs "
+                         "(SparseGPT-style; l1 instead, announced, where the model does not fit in memory whole "
+                         "or does not run on generated calibration inputs); l1: keep the largest |w|")
     sp.add_argument("--calibration", metavar="SOURCE", help="calibration inputs for --criterion obs (as spa prune)")
     sp.add_argument("--calibration-samples", type=int, metavar="N", help="calibration inputs drawn (--criterion obs)")
     sp.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224",
@@ -98,7 +99,7 @@ def calibration_of(args):
     from .flags import parse_input_shapes
 
     given = [flag for flag, field in CALIBRATION_FLAGS if getattr(args, field) is not None]
-    if args.criterion != "obs" and not args.recover:
+    if args.criterion == "l1" and not args.recover:
         parse_input_shapes(args.input_shape)  # a malformed one is refused all the same
         given = [flag for flag in given if flag != "--input-shape"]
         if given:

@@ -72,11 +72,12 @@ def _sizes(feeds: dict) -> str:
     return ", ".join(f"{name} {'x'.join(map(str, np.shape(value)))}" for name, value in feeds.items())
 
 
-def session_fits(path: str) -> bool:
-    """Whether an onnxruntime session of the model file (weights in external data) fits in the
-    memory available: float32 copies of 16-bit weights (the CPU provider's fallback) counted."""
+def session_fits(path: str | onnx.ModelProto) -> bool:
+    """Whether an onnxruntime session of the model file (or streamed model: weights in external
+    data) fits in the memory available: float32 copies of 16-bit weights (the CPU provider's
+    fallback) counted."""
     from .graph import tensor_bytes
-    model = onnx.load(path, load_external_data=False)
+    model = onnx.load(path, load_external_data=False) if isinstance(path, str) else path
     need = sum(tensor_bytes(t) * (4 if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) else 1.5)
                for t in model.graph.initializer)
     return need < 0.6 * available_memory()

@@ -189,10 +189,11 @@ S = ["sensitivity", "{M}", "-q"]
 S1 = S + ["--ratios", "0.5"]
 S_ENC = ["sensitivity", "{ENC}", "-q", "--ratios", "0.5"]
 S_TWO = ["sensitivity", "{TWO}", "-q", "--ratios", "0.5", "--eval", "{VAL2}"]
-SP = ["sparsify", "{M}", "-o", "{O}", "-q"]
+SP0 = ["sparsify", "{M}", "-o", "{O}", "-q"]  # criterion obs, the default
+SP = SP0 + ["--criterion", "l1"]
 SPU = SP + ["--pattern", "unstructured", "--amount", "0.5"]
 SPK = SP + ["--pattern", "k-of-n", "--amount", "0.5"]
-SPO = SP + ["--criterion", "obs", "--calibration-samples", "16"]
+SPO = SP0 + ["--criterion", "obs", "--calibration-samples", "16"]
 SP_ONLY8 = ["sparsify", "{ONLY8}", "-o", "{O}", "-q"]
 AP_ONLY8 = ["apply-plan", "{ONLY8}", "{PLAN_ONLY8}", "-o", "{O}", "-q"]
 SP_DYN = ["sparsify", "{DYN}", "-o", "{O}", "-q", "--criterion", "obs", "--calibration-samples", "4"]
@@ -446,7 +447,7 @@ CONTRACT = {
         "--amount": Case(SPU, _without(SPU, "--amount"), also=[(SPK, _without(SPK, "--amount"))],
                          refused=[(SP + ["--amount", "0.5"], "an amount has no effect with N:M"),
                                   (_without(SPU, "--amount") + ["--amount", "1.5"], "amount must be in [0, 1)")]),
-        "--criterion": Case(SP + ["--criterion", "obs"], SP),
+        "--criterion": Case(SP, SP0, same=[(SP0 + ["--criterion", "obs"], SP0)]),
         "--calibration": Case(SPO + ["--calibration", "ood:noise-uniform"], SPO, refused=[
             (SP + ["--calibration", "synthetic"], "--calibration has no effect with criterion l1")],
             also=[(SP + ["--recover", "2", "--calibration", "ood:noise-uniform"], SP + ["--recover", "2"])]),

@@ -16,7 +16,7 @@ from onnx import TensorProto, numpy_helper
 import spa
 from builder import Builder
 from spa.cli import main
-from spa.errors import SpaError
+from spa.errors import SpaError, SpaWarning
 from spa.graph import Graph
 from spa.layers import weighted_layers
 from spa.sparsity import (Pattern, conforms, densified, kept, layer_mask, parse_pattern, sparsify,
@@ -237,7 +237,7 @@ def test_bad_patterns_are_refused(text, amount, granularity, message):
     (["--pattern", "4:2"], "N:M needs 1 <= N <= M"),
     (["--pattern", "unstructured", "--amount", "1.5"], "amount must be in [0, 1)"),
     (["--pattern", "2:4", "--amount", "0.5"], "an amount has no effect with N:M"),
-    (["--calibration-samples", "8"], "--calibration-samples has no effect with criterion l1"),
+    (["--criterion", "l1", "--calibration-samples", "8"], "--calibration-samples has no effect with criterion l1"),
 ])
 def test_cli_refuses_with_one_line(tmp_path, conv_file, argv, message):
     out = tmp_path / "out.onnx"
@@ -373,3 +373,26 @@ def test_weights_held_in_constant_nodes_are_sparsified_in_place():
         assert layer.weight not in written or conforms(g.consts[layer.weight], layer, parse_pattern("2:4"))
     assert len(written) == 4  # the depthwise Conv (one weight per group) is skipped
     onnx.checker.check_model(sparse, full_check=True)
+
+
+def test_default_criterion_is_obs_announced():
+    said = []
+    _, report = sparsify(conv_model(), parse_pattern("2:4"), progress=said.append)
+    assert report["criterion"] == "obs" and said[0].startswith("criterion obs (the default: ")
+
+
+def test_default_falls_back_to_l1_where_generated_inputs_do_not_fit(tmp_path):
+    """Generated images are 224x224; a model flattening a 32x32 map runs at 32x32 only: the
+    default says so and uses l1 (an explicit obs is one error, naming --input-shape)."""
+    b = Builder()
+    x = b.op("Flatten", [b.op("Relu", [b.conv(b.input(["batch", 3, "h", "w"]), 3, 4)])])
+    b.output(b.op("MatMul", [x, b.weight(4 * 32 * 32, 8)]))
+    path = str(tmp_path / "only32.onnx")
+    onnx.save(b.model(), path)
+    with pytest.warns(SpaWarning, match=r"criterion l1 \(the default where obs cannot serve: the model does not "
+                                        r"run on its calibration inputs \(input 16x3x224x224\)"):
+        result = spa.sparsify(path, "2:4")
+    assert result.report["criterion"] == "l1"
+    result.save(str(tmp_path / "o.onnx"))
+    with pytest.raises(SpaError, match="--input-shape sets the sizes"):
+        spa.sparsify(path, "2:4", criterion="obs")

@@ -10,6 +10,7 @@ import time
 import warnings
 
 from .errors import CalibrationRunError, SpaError, SpaWarning
+from .plan import unreplayed_updates
 from .flags import (DEFAULT_GRANULARITY, DEFAULT_ROUND_NOTE, calibration_flags, calibration_options,
                     check_command_flags, check_counts, check_model_flags, check_output_flags, check_whole_sessions,
                     default_criterion, l1_instead, parse_input_shapes, prune_target, rounding)
@@ -318,8 +319,12 @@ def run(args) -> int:
         named = args.granularity != ",".join(DEFAULT_GRANULARITY)
         result = apply_plan(model, args.plan, options if named else None)
     plan = result.plan.to_json(os.path.basename(args.source.rstrip("/\\")))
+    if args.command == "prune":
+        plan["weights_changed"] = _weights_changed(args, result)
     pruned, latency_check = result.model, result.latency
     found, notes = _outcome(args, model, result, plan)
+    if args.command == "apply-plan":
+        notes += unreplayed_updates(args.plan)
     # The input's weights are on disk: drop the original (and the analysis that references it)
     # before verification loads the pruned model, so big models are not held three times.
     del result, model
@@ -329,6 +334,15 @@ def run(args) -> int:
             found["eval"] = args.eval_baseline.compare(pruned)
         return _dry_run(args, found, notes, latency_check)
     return _finish(args, pruned, plan, say, latency_check, found, notes)
+
+
+def _weights_changed(args, result) -> str | None:
+    """What changed the kept weights beyond slicing (a plan file records it: it carries channels only)."""
+    what = [f"{args.criterion if args.criterion == 'obspa' else args.compensation} compensation"] \
+        if result.weights else []
+    if result.recovery is not None and getattr(result.recovery, "improved", False):
+        what.append("--recover distillation")
+    return " and ".join(what) or None
 
 
 def _eval_baseline(args, original, say, warning=None):

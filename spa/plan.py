@@ -6,10 +6,12 @@ JSON schema (version 1):
   "model": "<file name the plan was made for>",
   "groups":  [{"id": int, "kind": "channels" | "heads" | "head-dim" | "hidden", "size": int, "removed": int,
                "members": [[tensor, axis], ...]}],
-  "weights": [{"name": str, "axis": int, "group": int, "kept": [int], "removed": [int]}]
+  "weights": [{"name": str, "axis": int, "group": int, "kept": [int], "removed": [int]}],
+  "weights_changed": null | "<what updated the kept weights: obspa compensation, --recover distillation>"
 }
 `weights` has one entry per sliced weight tensor axis (initializer or Constant output); indices are
-into the original tensor. `spa apply-plan` re-analyses the model and replays the removals.
+into the original tensor. `spa apply-plan` re-analyses the model and replays the removals (the
+kept weights as they are: where `weights_changed` says a prune updated them, it warns).
 """
 from __future__ import annotations
 
@@ -135,6 +137,18 @@ def load_plan(analysis: Analysis, entries: list) -> Plan:
 
 def _int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def unreplayed_updates(path: str) -> list:
+    """[the warning] where the plan file (already read by read_plan) says its prune changed the
+    kept weights (compensation, distillation), which a plan does not carry; else []."""
+    with open(path, "rb") as f:
+        changed = json.loads(f.read()).get("weights_changed")
+    if not changed:
+        return []
+    return [f"{path} was made with {changed}, whose weight updates a plan does not carry: the planned channels are "
+            "removed and the other weights are the model's own (spa prune with the plan's flags writes the "
+            "updated model)"]
 
 
 def read_plan(path: str) -> tuple[list, tuple | None]:

@@ -192,6 +192,22 @@ def test_apply_plan_needs_output(model_path, tmp_path, capsys):
     _expect_error(capsys, ["apply-plan", model_path, plan, "-q"], "-o/--output is required")
 
 
+def test_apply_plan_says_when_the_prune_updated_weights_it_does_not_replay(model_path, tmp_path, capsys):
+    plans = {}
+    for criterion in ("obspa", "l1"):
+        plans[criterion] = tmp_path / f"{criterion}.json"
+        assert spa("prune", model_path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--criterion", criterion,
+                   "--plan-out", plans[criterion], "-q") == 0
+    assert [json.loads(plans[c].read_text())["weights_changed"] for c in plans] == ["obspa compensation", None]
+    capsys.readouterr()
+    for criterion, plan in plans.items():
+        assert spa("apply-plan", model_path, plan, "-o", tmp_path / "a.onnx", "-q") == 0
+        assert warnings_of(capsys.readouterr().err) == ([
+            f"spa: warning: {plan} was made with obspa compensation, whose weight updates a plan does not carry: "
+            "the planned channels are removed and the other weights are the model's own (spa prune with the plan's "
+            "flags writes the updated model)"] if criterion == "obspa" else [])
+
+
 # 6. --report -------------------------------------------------------------------------------------
 def test_report_uses_the_batch_the_model_fixes(tmp_path, capsys):
     path = saved(tmp_path, conv_chain((8, 8), shape=(1, 3, 8, 8)))

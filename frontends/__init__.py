@@ -97,7 +97,8 @@ _OUTPUT_FRAMEWORKS = {"spa.frontends.torch_outputs": "PyTorch (pip install torch
                       "spa.frontends.tensorflow_outputs": "TensorFlow (pip install tensorflow-cpu tf2onnx)"}
 
 
-def _suffix(path) -> str:
+def file_suffix(path) -> str:
+    """A file name's extension, lower case (a trailing slash ignored)."""
     return os.path.splitext(str(path).rstrip("/\\"))[1].lower()
 
 
@@ -105,14 +106,14 @@ def check_output(out_path, source, *, changes_weights: bool = False) -> str | No
     """Refuse, with one line and before any work, an output that cannot be written from ``source``
     (the input file as given). Returns the "module:function" writing ``out_path``, or None when it
     is written as ONNX (.onnx and any suffix that is no framework's)."""
-    name, suffix = os.path.basename(str(out_path)), _suffix(out_path)
+    name, suffix = os.path.basename(str(out_path)), file_suffix(out_path)
     if suffix in REFUSED_OUTPUTS:
         raise SpaError(f"-o {name}: {REFUSED_OUTPUTS[suffix]}")
     target = FRAMEWORK_OUTPUTS.get(suffix)
     if target is None:
         return None
     if target.startswith("spa.frontends.tensorflow"):
-        if _suffix(source) not in KERAS_INPUTS or os.path.isdir(str(source)):
+        if file_suffix(source) not in KERAS_INPUTS or os.path.isdir(str(source)):
             raise SpaError(f"-o {name}: a Keras model can only be written when the input is a Keras file "
                            f"(.keras/.h5), which SPA narrows with apply_plan; there is no ONNX -> Keras "
                            f"converter for {os.path.basename(str(source).rstrip('/'))}. Write .onnx, .pt2 or .pt "
@@ -143,8 +144,8 @@ def from_onnx_file(onnx_path, out_path, *, source=None, plan=None, input_shapes=
 def uses_input_shape(source, output=None) -> bool:
     """Whether --input-shape shapes a conversion: a TorchScript input (which stores no input shape)
     or a torch output (specialised to one input shape)."""
-    torchscript_in = _suffix(source) in (".pt", ".pth") and not os.path.isdir(str(source))
-    torch_out = output is not None and FRAMEWORK_OUTPUTS.get(_suffix(output), "").startswith("spa.frontends.torch")
+    torchscript_in = file_suffix(source) in (".pt", ".pth") and not os.path.isdir(str(source))
+    torch_out = output is not None and FRAMEWORK_OUTPUTS.get(file_suffix(output), "").startswith("spa.frontends.torch")
     return torchscript_in or torch_out
 
 

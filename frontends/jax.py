@@ -35,7 +35,7 @@ import onnx
 from flax import nnx
 from onnx import numpy_helper
 
-from spa.errors import SpaError
+from spa.errors import SpaError, first_line
 
 __all__ = ["Exported", "export", "to_onnx", "weight_map", "apply_plan", "WEIGHT_MAP_KEY"]
 
@@ -65,7 +65,7 @@ def export(module, example_inputs, path, *, opset: int | None = None, dynamic_ba
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as error:  # ValidationError, shape inference errors
-        raise SpaError(f"jax2onnx produced an invalid model: {_first_line(error)}") from error
+        raise SpaError(f"jax2onnx produced an invalid model: {first_line(error)}") from error
     if verify:
         _verify(module, model, _example_arrays(example_inputs), rtol)
     _write_atomically(model, path)
@@ -88,7 +88,7 @@ def to_onnx(module, example_inputs, *, opset: int | None = None, dynamic_batch: 
                                      input_names=input_names, output_names=output_names, **kwargs)
         except Exception as error:  # jax2onnx raises many kinds: unsupported primitive, shapes, ...
             raise SpaError(f"jax2onnx could not export {type(module).__name__}: "
-                           f"{type(error).__name__}: {_first_line(error)}") from error
+                           f"{type(error).__name__}: {first_line(error)}") from error
         constants = _traced_constants(module, specs)
     mapping = _build_weight_map(module, model, constants)
     entry = model.metadata_props.add()
@@ -325,11 +325,6 @@ def _write_atomically(model, path):
     finally:
         if os.path.exists(staged):
             os.remove(staged)
-
-
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return text[0] if text else ""
 
 
 # ---------------------------------------------------------------------------------------------

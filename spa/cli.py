@@ -545,13 +545,9 @@ def _writes_hf_directory(args) -> bool:
 
     if not args.output or not os.path.isfile(os.path.join(args.model, "config.json")):
         return False
-    suffix = _output_suffix(args)
+    suffix = frontends.file_suffix(args.output)
     return not (suffix == ".onnx" or suffix in getattr(frontends, "FRAMEWORK_OUTPUTS", {}) or
                 suffix in getattr(frontends, "REFUSED_OUTPUTS", {}))
-
-
-def _output_suffix(args) -> str:
-    return os.path.splitext(args.output.rstrip("/\\"))[1].lower()
 
 
 def _keeps_own_weights(args) -> str | None:
@@ -561,7 +557,8 @@ def _keeps_own_weights(args) -> str | None:
 
     if not args.output:
         return None
-    if getattr(frontends, "FRAMEWORK_OUTPUTS", {}).get(_output_suffix(args), "").startswith("spa.frontends.tensorflow"):
+    writer = getattr(frontends, "FRAMEWORK_OUTPUTS", {}).get(frontends.file_suffix(args.output), "")
+    if writer.startswith("spa.frontends.tensorflow"):
         return f"-o {args.output} keeps slices of the Keras model's own weights"
     if _writes_hf_directory(args):
         return f"-o {args.output}: a Hugging Face directory keeps slices of the model's own weights"

@@ -23,7 +23,7 @@ from .plan import Plan
 from .rewrite import rewrite
 from .selection import Target, select
 from .paths import staging_folder
-from .runtime import declared_inputs, is_float
+from .runtime import declared_inputs, feed_shapes, is_float
 from .verify import session_fits, validate
 
 
@@ -314,8 +314,7 @@ def _runs_on(batches: list):
     except Exception as exc:
         if not type(exc).__module__.startswith("onnxruntime"):
             raise
-        shapes = ", ".join(f"{name} {'x'.join(map(str, np.shape(value)))}" for name, value in batches[0].items()) \
-            if batches else "none"
+        shapes = feed_shapes(batches[0]) if batches else "none"
         raise CalibrationRunError(f"onnxruntime could not run the model on its calibration inputs ({shapes}): "
                                   f"{first_line(exc)}; --input-shape sets the sizes generated inputs "
                                   "take") from None

@@ -118,6 +118,11 @@ def random_inputs(model, batch=1, seed=0, dims=None, default_dim=DEFAULT_DIM, sh
     return feeds
 
 
+def feed_shapes(feeds: dict) -> str:
+    """'name 1x3x224x224, mask 1x12': the sizes of a batch of inputs, for messages."""
+    return ", ".join(f"{name} {'x'.join(map(str, np.shape(value)))}" for name, value in feeds.items())
+
+
 def is_float(dtype) -> bool:
     """numpy floating types plus ml_dtypes' bfloat16 (which numpy does not class as floating)."""
     dtype = np.dtype(dtype)

@@ -26,6 +26,7 @@ from .activations import StagedRun
 from .errors import CalibrationRunError
 from .layers import Layer
 from .obspa import DAMPING_PATH, MAX_COLUMNS, Hessians, held_error, judges, token_mask_input
+from .runtime import feed_shapes
 
 BLOCK = 128  # columns per lazy-update block (and per unstructured mask decision)
 REFIT_ITERATIONS = 10  # conjugate-gradient steps of refit_kept (MiniLM 2:4: 10 and 30 steps, the same cosine)
@@ -277,8 +278,7 @@ def _check_width(layer: Layer, weight_shape, x, feeds) -> None:
     taken = weight_shape[1] * layer.per_index if layer.kind == "conv" else \
         weight_shape[0] if layer.kind == "dense_t" else weight_shape[-1]
     if layer.width(x) - (layer.bias is not None) != taken:
-        shapes = ", ".join(f"{name} {'x'.join(map(str, np.shape(v)))}" for name, v in feeds.items())
-        raise CalibrationRunError(f"the model does not run on its calibration inputs ({shapes}): weight "
+        raise CalibrationRunError(f"the model does not run on its calibration inputs ({feed_shapes(feeds)}): weight "
                                   f"'{layer.weight}' takes {taken} inputs per row, the calibration gives it "
                                   f"{layer.width(x) - (layer.bias is not None)}; --input-shape sets the sizes "
                                   "generated inputs take")

@@ -12,7 +12,7 @@ from .errors import SpaError, SpaWarning, first_line
 from .plan import Plan
 from .quant import at_zero_point
 from .rewrite import filled
-from .runtime import _NP_TYPES, DEFAULT_DIM, is_float, random_inputs, session
+from .runtime import _NP_TYPES, DEFAULT_DIM, feed_shapes, is_float, random_inputs, session
 
 def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelProto | None = None,
              pieces: bool = False, original: str | None = None, shapes: dict | None = None) -> None:
@@ -42,7 +42,7 @@ def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelPr
     except Exception as exc:
         if stage == "onnxruntime" and original is not None and not _runs(original, feeds):
             raise SpaError(f"the original model does not run on the verification inputs either "
-                           f"({_sizes(feeds)}; symbolic sizes not given are {DEFAULT_DIM}): give the sizes it "
+                           f"({feed_shapes(feeds)}; symbolic sizes not given are {DEFAULT_DIM}): give the sizes it "
                            f"takes, --input-shape {_shape_hint(original)} (input_shape= in Python)") from None
         raise SpaError(f"pruned model failed {stage}: {first_line(exc, 300)}") from None
     for out in outputs:
@@ -66,10 +66,6 @@ def _shape_hint(path: str) -> str:
         return str(d) if isinstance(d, int) else "1" if k == 0 else d or "?"
     inputs = declared_inputs(onnx.load(path, load_external_data=False))
     return " ".join(f"{name}={'x'.join(dim(k, d) for k, d in enumerate(dims))}" for name, dims, _ in inputs)
-
-
-def _sizes(feeds: dict) -> str:
-    return ", ".join(f"{name} {'x'.join(map(str, np.shape(value)))}" for name, value in feeds.items())
 
 
 def session_fits(path: str | onnx.ModelProto) -> bool:

@@ -29,7 +29,9 @@ def add_parser(sub) -> None:
                          "(SparseGPT-style; l1 instead, announced, where the model does not fit in memory whole "
                          "or does not run on generated calibration inputs); l1: keep the largest |w|")
     sp.add_argument("--calibration", metavar="SOURCE", help="calibration inputs for --criterion obs (as spa prune)")
-    sp.add_argument("--calibration-samples", type=int, metavar="N", help="calibration inputs drawn (--criterion obs)")
+    sp.add_argument("--calibration-samples", type=int, metavar="N",
+                    help="calibration inputs drawn (--criterion obs; default 128, and 1024 generated token sequences "
+                         "for a token model; fewer where a pass would cost too much, announced)")
     sp.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224",
                     help="input sizes: of generated calibration inputs (--criterion obs) and of the inputs the "
                          "output is verified on (symbolic sizes otherwise 32)")

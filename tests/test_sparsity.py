@@ -396,3 +396,27 @@ def test_default_falls_back_to_l1_where_generated_inputs_do_not_fit(tmp_path):
     result.save(str(tmp_path / "o.onnx"))
     with pytest.raises(SpaError, match="--input-shape sets the sizes"):
         spa.sparsify(path, "2:4", criterion="obs")
+
+
+def test_token_models_draw_more_generated_sequences_for_obs_masks():
+    """OBS masks of a token model get TOKEN_SAMPLES generated sequences unless a count is given
+    (announced); image models and explicit counts keep theirs."""
+    from spa.calibration import Calibration
+    from spa.pipeline import calibration_inputs
+
+    b = Builder()
+    ids = b.input(["batch", "sequence"], "input_ids", TensorProto.INT64)
+    x = b.op("Gather", [b.weight(37, 8), ids])
+    b.output(b.op("MatMul", [b.op("Relu", [b.op("MatMul", [x, b.weight(8, 16)])]), b.weight(16, 4)]))
+    model = b.model()
+
+    def fit_samples(cal, model=model, **kwargs):
+        said = []
+        _, fit, _ = calibration_inputs(model, cal, said.append, **kwargs)
+        return sum(len(f[next(iter(f))]) for f in fit), said
+
+    count, said = fit_samples(Calibration("synthetic"), token_samples=64)
+    assert count == 64 and any("64 generated token sequences, not 128" in line for line in said)
+    assert fit_samples(Calibration("synthetic", samples=32), token_samples=64)[0] == 32
+    assert fit_samples(Calibration("synthetic"))[0] == 128
+    assert fit_samples(Calibration("synthetic", shapes=(1, 8, 6, 6)), conv_model(), token_samples=64)[0] == 128

@@ -293,9 +293,10 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
     in `pattern` with OBS updates, stage by stage on calibration inputs (a spa.calibration
     Calibration or source string; default: the OBSPA default, 'auto')."""
     from .graph import Graph
-    from .pipeline import _calibration, calibration_inputs
+    from .pipeline import _calibration, _runs_on, calibration_inputs
 
-    _, fit, held = calibration_inputs(model, _calibration(calibration, None, seed), progress, token_samples=TOKEN_SAMPLES)
+    _, fit, held = calibration_inputs(model, _calibration(calibration, None, seed), progress,
+                                      token_samples=TOKEN_SAMPLES)
     g = Graph(model)
     by_output = {g.nodes[l.node].output[0]: l for l in layers}
     wanted = {name: [l.activation] for name, l in by_output.items()}
@@ -306,19 +307,20 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
     run = StagedRun(model, by_output, every, "sparsifying")
     progress(f"sparsifying {len(layers)} layers with OBS updates in {run.count} stages "
              f"({sum(len(next(iter(b.values()))) for b in fit)} calibration samples, {len(held)} held-out batches)")
-    for _, names, values in run.stages(weights, wanted):
-        current = [by_output[n] for n in names]
-        fits, helds = Hessians(len(fit), MAX_COLUMNS, seed), Hessians(len(held), MAX_COLUMNS, seed, keep_rows=True)
-        for layer in {l.key(): l for l in current}.values():
-            for b, x in enumerate(values[layer.activation]):
-                _check_width(layer, np.shape(g.consts[layer.weight]), x, every[b])
-                (fits if b < len(fit) else helds).add(layer, x, tokens=every[b].get(mask))
-        for layer in current:
-            w = g.consts[layer.weight]
-            b = g.consts[layer.bias] if layer.bias else None
-            new, kind = sparsify_layer(layer, w, b, fits.of(layer), helds.of(layer) if held else None, pattern)
-            weights.update(new)
-            how[kind] = how.get(kind, 0) + 1
+    with _runs_on(every):  # onnxruntime failing on the calibration inputs: one CalibrationRunError
+        for _, names, values in run.stages(weights, wanted):
+            current = [by_output[n] for n in names]
+            fits, helds = Hessians(len(fit), MAX_COLUMNS, seed), Hessians(len(held), MAX_COLUMNS, seed, keep_rows=True)
+            for layer in {l.key(): l for l in current}.values():
+                for b, x in enumerate(values[layer.activation]):
+                    _check_width(layer, np.shape(g.consts[layer.weight]), x, every[b])
+                    (fits if b < len(fit) else helds).add(layer, x, tokens=every[b].get(mask))
+            for layer in current:
+                w = g.consts[layer.weight]
+                b = g.consts[layer.bias] if layer.bias else None
+                new, kind = sparsify_layer(layer, w, b, fits.of(layer), helds.of(layer) if held else None, pattern)
+                weights.update(new)
+                how[kind] = how.get(kind, 0) + 1
     progress("OBS sparsity: " + ", ".join(f"{v} layers {k}" for k, v in sorted(how.items())) +
              (" (magnitude: the OBS update did not reproduce the layer's outputs better on held-out inputs)"
               if how.get("magnitude") else ""))

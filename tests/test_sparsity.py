@@ -398,6 +398,23 @@ def test_default_falls_back_to_l1_where_generated_inputs_do_not_fit(tmp_path):
         spa.sparsify(path, "2:4", criterion="obs")
 
 
+def test_onnxruntime_failing_inside_the_stages_is_one_error(tmp_path):
+    """A Reshape to a fixed width fails in onnxruntime at 224x224 (the PP-OCRv4 recognizer's case):
+    the default falls back to l1, explicit obs is one CalibrationRunError, never a traceback."""
+    from spa.errors import CalibrationRunError
+
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input(["batch", 3, "h", "w"]), 3, 4)])
+    x = b.op("Reshape", [x, b.const(np.array([0, 4 * 32 * 32], dtype=np.int64))])
+    b.output(b.op("MatMul", [x, b.weight(4 * 32 * 32, 8)]))
+    path = str(tmp_path / "reshape32.onnx")
+    onnx.save(b.model(), path)
+    with pytest.warns(SpaWarning, match="onnxruntime could not run the model on its calibration inputs"):
+        assert spa.sparsify(path, "2:4").report["criterion"] == "l1"
+    with pytest.raises(CalibrationRunError, match=r"\(input 16x3x224x224\)"):
+        spa.sparsify(path, "2:4", criterion="obs")
+
+
 def test_token_models_draw_more_generated_sequences_for_obs_masks():
     """OBS masks of a token model get TOKEN_SAMPLES generated sequences unless a count is given
     (announced); image models and explicit counts keep theirs."""

@@ -41,7 +41,8 @@ def measure(path: str, batch: int = 1, repeats: int = 20, threads: int | None = 
     model = onnx.load(path)
     macs = macs_by_op(model, concrete_shapes(model, batch=1, shapes=shapes))
     return {"params": count_params(model), "macs": sum(macs.values()), "macs_by_op": macs,
-            "file_bytes": file_size(path), "latency_ms": latency_ms(path, batch, repeats, threads=threads, shapes=shapes)}
+            "file_bytes": file_size(path),
+            "latency_ms": latency_ms(path, batch, repeats, threads=threads, shapes=shapes)}
 
 
 # The deviation is measured on inputs no calibration saw: calibration and its held-out batches

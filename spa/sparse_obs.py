@@ -288,6 +288,18 @@ def _check_width(layer: Layer, weight_shape, x, feeds) -> None:
                                   "generated inputs take")
 
 
+def _stage_hessians(layers, values, g, every, fitted: int, mask, seed) -> tuple:
+    """(fit Hessians, held-out Hessians) of one stage's layers: the first `fitted` of the
+    batches `every` fit, the rest are held out."""
+    fits = Hessians(fitted, MAX_COLUMNS, seed)
+    helds = Hessians(len(every) - fitted, MAX_COLUMNS, seed, keep_rows=True)
+    for layer in {l.key(): l for l in layers}.values():
+        for b, x in enumerate(values[layer.activation]):
+            _check_width(layer, np.shape(g.consts[layer.weight]), x, every[b])
+            (fits if b < fitted else helds).add(layer, x, tokens=every[b].get(mask))
+    return fits, helds
+
+
 def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda message: None, seed: int = 0) -> dict:
     """{weight (and bias) name: new value} for `layers` (spa.layers.Layer of `model`) sparsified
     in `pattern` with OBS updates, stage by stage on calibration inputs (a spa.calibration
@@ -309,13 +321,8 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
              f"({sum(len(next(iter(b.values()))) for b in fit)} calibration samples, {len(held)} held-out batches)")
     with _runs_on(every):  # onnxruntime failing on the calibration inputs: one CalibrationRunError
         for _, names, values in run.stages(weights, wanted):
-            current = [by_output[n] for n in names]
-            fits, helds = Hessians(len(fit), MAX_COLUMNS, seed), Hessians(len(held), MAX_COLUMNS, seed, keep_rows=True)
-            for layer in {l.key(): l for l in current}.values():
-                for b, x in enumerate(values[layer.activation]):
-                    _check_width(layer, np.shape(g.consts[layer.weight]), x, every[b])
-                    (fits if b < len(fit) else helds).add(layer, x, tokens=every[b].get(mask))
-            for layer in current:
+            fits, helds = _stage_hessians([by_output[n] for n in names], values, g, every, len(fit), mask, seed)
+            for layer in (by_output[n] for n in names):
                 w = g.consts[layer.weight]
                 b = g.consts[layer.bias] if layer.bias else None
                 new, kind = sparsify_layer(layer, w, b, fits.of(layer), helds.of(layer) if held else None, pattern)

@@ -154,7 +154,8 @@ def check_model_flags(args, model, options):
                        "where groups with different numbers of weights are ranked together)")
 
 
-_CALIBRATION_FLAGS = {"input_shape": "--input-shape", "tokenizer": "--tokenizer", "max_length": "--max-length",
+# calibration-only flags (--input-shape also sizes verification and reports: never refused as one)
+_CALIBRATION_FLAGS = {"tokenizer": "--tokenizer", "max_length": "--max-length",
                       "image_size": "--image-size", "image_mean": "--image-mean", "image_std": "--image-std",
                       "image_layout": "--image-layout", "image_resize": "--image-resize"}
 
@@ -163,9 +164,8 @@ NO_CALIBRATION = ("l1", "l2", "fpgm", "bn-scale", "random", "synflow")
 
 
 def calibration_flags(args) -> list:
-    """The calibration flags given (--input-shape only where it does not shape a conversion)."""
-    given = [flag for field, flag in _CALIBRATION_FLAGS.items() if getattr(args, field) is not None
-             and not (field == "input_shape" and shapes_a_conversion(args))]
+    """The calibration flags given."""
+    given = [flag for field, flag in _CALIBRATION_FLAGS.items() if getattr(args, field) is not None]
     return given + [flag for flag, value in (("--calibration", args.calibration),
                                              ("--calibration-samples", args.calibration_samples)) if value is not None]
 
@@ -182,7 +182,7 @@ def check_flags(args):
         raise SpaError("--staged has no effect with --dry-run: compensation changes weights, and a dry run writes "
                        "nothing")
     uses_data = args.criterion not in NO_CALIBRATION or args.compensation not in (None, "none") or args.recover
-    given = [flag for flag in calibration_flags(args) if flag != "--input-shape"]  # it also sizes verification
+    given = calibration_flags(args)
     if given and not uses_data:
         raise SpaError(f"{given[0]} has no effect with criterion {args.criterion}, which uses no calibration "
                        "inputs (use obspa, a gradient criterion, --compensation or --recover)")
@@ -224,8 +224,7 @@ def _check_calibration_source(args):
             if value is not None:
                 raise SpaError(f"{flag} has no effect with --calibration none, which gives no inputs: every Hessian "
                                "is the identity and nothing is compensated")
-    used = {"--calibration-samples": drawn, "--input-shape": True,  # it also sizes verification
-            "--max-length": drawn and kind not in ("arrays", "images"),
+    used = {"--calibration-samples": drawn, "--max-length": drawn and kind not in ("arrays", "images"),
             "--tokenizer": kind in ("text", "generated", None)}
     used.update({flag: kind in ("images", None) for flag in _CALIBRATION_FLAGS.values() if flag.startswith("--image-")})
     reads = {"none": "which gives no inputs", "generated": "whose inputs are generated",

@@ -30,7 +30,7 @@ from spa.cli import main, parser
 from spa.runtime import run
 from test_attention import encoder
 from test_cli import small_model
-from test_cli_honest import conv_chain
+from test_cli_honest import conv_chain, only_at
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, for the TorchScript input
 
@@ -528,15 +528,6 @@ def _two_outputs():
     return b.model()
 
 
-def _only_at(size):
-    """Symbolic height and width that run at size x size only (flattened into a fixed MatMul)."""
-    b = Builder()
-    x = b.op("Relu", [b.conv(b.input(["batch", 3, "h", "w"]), 3, 8)])
-    x = b.op("Flatten", [b.conv(x, 8, 4)])
-    b.output(b.op("MatMul", [x, b.weight(4 * size * size, 3)]))
-    return b.model()
-
-
 def _images(folder, height, width):
     from PIL import Image
 
@@ -569,7 +560,7 @@ def paths(tmp_path_factory):
               "TWO": _two_outputs(),
               "DYN": conv_chain((8, 16), shape=("batch", 3, "h", "w")),
               "SQUARE": conv_chain((8, 16), shape=("batch", 3, 8, 3)),  # 3 on both axes: NCHW or NHWC
-              "ONLY8": _only_at(8)}
+              "ONLY8": only_at(8)}
     for name, model in models.items():
         p[name] = str(d / f"{name.lower()}.onnx")
         onnx.save(model, p[name])

@@ -231,7 +231,7 @@ def test_report_counts_heads_and_names_its_inputs(tmp_path, capsys):
         in out
 
 
-def _only_at(size):
+def only_at(size):
     """Symbolic height and width that run at size x size only (flattened into a fixed MatMul)."""
     b = Builder()
     x = b.op("Relu", [b.conv(b.input(["batch", 3, "h", "w"]), 3, 8)])
@@ -240,7 +240,7 @@ def _only_at(size):
 
 
 def test_input_shape_sizes_verification_and_report_with_any_criterion(tmp_path, capsys):
-    path, out = saved(tmp_path, _only_at(12)), tmp_path / "o.onnx"
+    path, out = saved(tmp_path, only_at(12)), tmp_path / "o.onnx"
     _expect_error(capsys, ["prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q"],
                   "the original model does not run on the verification inputs either (input 1x3x32x32; symbolic "
                   "sizes not given are 32): give the sizes it takes, --input-shape input=1x3xhxw", out=out)

@@ -319,8 +319,6 @@ def run(args) -> int:
         named = args.granularity != ",".join(DEFAULT_GRANULARITY)
         result = apply_plan(model, args.plan, options if named else None)
     plan = result.plan.to_json(os.path.basename(args.source.rstrip("/\\")))
-    if args.command == "prune":
-        plan["weights_changed"] = _weights_changed(args, result)
     pruned, latency_check = result.model, result.latency
     found, notes = _outcome(args, model, result, plan)
     if args.command == "apply-plan":
@@ -334,15 +332,6 @@ def run(args) -> int:
             found["eval"] = args.eval_baseline.compare(pruned)
         return _dry_run(args, found, notes, latency_check)
     return _finish(args, pruned, plan, say, latency_check, found, notes)
-
-
-def _weights_changed(args, result) -> str | None:
-    """What changed the kept weights beyond slicing (a plan file records it: it carries channels only)."""
-    what = [f"{args.criterion if args.criterion == 'obspa' else args.compensation} compensation"] \
-        if result.weights else []
-    if result.recovery is not None and getattr(result.recovery, "improved", False):
-        what.append("--recover distillation")
-    return " and ".join(what) or None
 
 
 def _eval_baseline(args, original, say, warning=None):

@@ -114,6 +114,8 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     if latency_check is not None:
         plan = latency_check.pop("plan")
     weights = _compensate(analysis, plan, compensation, staged, cal, fit, held, measured, damp, seed, progress)
+    if weights:
+        plan.weights_changed = f"{'obspa' if criterion == 'obspa' else compensation} compensation"
     progress(f"rewriting: removing {len(plan.removed_atoms)} channels")
     result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores, latency=latency_check,
                     warnings=warnings)
@@ -127,6 +129,8 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
         result.recovery = plugins.load("spa.recovery", "distill")(
             model, result.model, inputs, recover, seed=seed, progress=progress)
         result.model = result.recovery.model
+        if result.recovery.improved:
+            plan.weights_changed = " and ".join(filter(None, (plan.weights_changed, "--recover distillation")))
         if result.recovery.improved and (not (fit or held) or is_generated(cal.source)):
             progress("recover: kept because its loss on generated held-out inputs fell, which need not carry over "
                      "to real ones (the PP-OCRv4 recognizer lost exact lines that way: docs/obspa.md); check the "

@@ -33,6 +33,7 @@ class Plan:
         self._removed = {}
         # set by spa.selection: channels a ratio asked for, channels --round-to restored, groups it kept whole
         self.selection = {"asked": None, "restored": 0, "whole": 0}
+        self.weights_changed = None  # set by spa.pipeline: what updated the kept weights (a plan carries none)
 
     def _removed_mask(self, tensor, axis):
         member = self.analysis.members.get((tensor, axis))
@@ -88,7 +89,7 @@ class Plan:
                    "members": [[m.tensor, m.axis] for m in g.members]}
                   for g in self.analysis.groups if by_group.get(g.id)]
         return {"spa_plan": 1, "model": model_name, "granularity": list(self.analysis.options.granularity),
-                "groups": groups, "weights": self.weight_entries()}
+                "groups": groups, "weights": self.weight_entries(), "weights_changed": self.weights_changed}
 
     def save(self, path: str, model_name: str = ""):
         with open(path, "w") as f:

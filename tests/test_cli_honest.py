@@ -199,6 +199,8 @@ def test_apply_plan_says_when_the_prune_updated_weights_it_does_not_replay(model
         assert spa("prune", model_path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--criterion", criterion,
                    "--plan-out", plans[criterion], "-q") == 0
     assert [json.loads(plans[c].read_text())["weights_changed"] for c in plans] == ["obspa compensation", None]
+    import spa as api
+    assert api.prune(model_path, 0.5).plan.to_json()["weights_changed"] == "obspa compensation"  # the Python API too
     capsys.readouterr()
     for criterion, plan in plans.items():
         assert spa("apply-plan", model_path, plan, "-o", tmp_path / "a.onnx", "-q") == 0

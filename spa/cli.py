@@ -622,11 +622,10 @@ def _pipeline(args, model, options, say):
 def _default_for_size(args, model) -> None:
     """The default criterion for a model whose weights stream from external data and would not fit
     in memory whole: l1, since obspa runs the whole model (explicit --criterion obspa reads it all)."""
-    from .external_data import is_streamed
     from .flags import check_flags
-    from .verify import session_fits
+    from .verify import runs_whole
 
-    if args.criterion != "obspa" or not is_streamed(model) or session_fits(args.model):
+    if args.criterion != "obspa" or runs_whole(model):
         return
     why = "the model does not fit in memory whole, and obspa runs it"
     args.criterion, args.criterion_note = "l1", l1_instead(why)

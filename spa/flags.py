@@ -114,11 +114,10 @@ def prune_target(args):
 def check_whole_sessions(args, model):
     """--report / --json time the original and the pruned model in whole onnxruntime sessions:
     refused up front for a streamed model whose session would not fit in memory."""
-    from .external_data import is_streamed
-    from .verify import session_fits
+    from .verify import runs_whole
 
     wants = [flag for flag in ("report", "json") if getattr(args, flag, False)]
-    if args.command in ("prune", "apply-plan") and wants and is_streamed(model) and not session_fits(args.model):
+    if args.command in ("prune", "apply-plan") and wants and not runs_whole(model):
         raise SpaError(f"--{'/--'.join(wants)} would time the original and the pruned model in whole onnxruntime "
                        "sessions, which do not fit in the memory available for this model; without it the pruned "
                        "model is still verified (piece by piece)")

@@ -372,7 +372,6 @@ def affordable(model: onnx.ModelProto, batches: list, progress=_quiet, budget: f
 
 
 def macs_per_sample(model: onnx.ModelProto, feeds: dict) -> float:
-
     dims = {}
     for vi in model.graph.input:
         if vi.name in feeds:
@@ -467,7 +466,7 @@ def save(model: onnx.ModelProto, path: str, external: set | None = None, feeds: 
     """
     from .calibration import user_shapes
 
-    checks = dict(original=original, shapes=user_shapes(model, shapes))
+    shapes = user_shapes(model, shapes)
     target_dir = os.path.dirname(os.path.abspath(path)) or "."
     with staging_folder(path) as tmp:
         name = os.path.basename(path)
@@ -481,20 +480,20 @@ def save(model: onnx.ModelProto, path: str, external: set | None = None, feeds: 
                               "memory, so its nodes ran in consecutive pieces, each with only the weights it reads "
                               "(same computation; onnx checker and strict shape inference on the whole graph)",
                               SpaWarning)
-            validate(staged, feeds, pieces=not whole, shapes=checks["shapes"], original=original if whole else None)
+            validate(staged, feeds, pieces=not whole, shapes=shapes, original=original if whole else None)
         elif weight_bytes(model) > 1_800_000_000:  # protobuf cannot hold 2 GB in one file
             onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
-            validate(staged, feeds, model, **checks)
+            validate(staged, feeds, model, original=original, shapes=shapes)
         elif external:
             for tensor in model.graph.initializer:
                 if tensor.name in external:
                     external_data_helper.set_external_data(tensor, location=data_name)
             onnx.save_model(model, staged)
-            validate(staged, feeds, model, **checks)
+            validate(staged, feeds, model, original=original, shapes=shapes)
         else:  # serialised once: checked, run and written from the same bytes
             data = model.SerializeToString()
-            validate(data, feeds, model, **checks)
+            validate(data, feeds, model, original=original, shapes=shapes)
             with open(staged, "wb") as f:
                 f.write(data)
         if os.path.exists(os.path.join(tmp, data_name)):

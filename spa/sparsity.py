@@ -294,11 +294,10 @@ def default_criterion(model: onnx.ModelProto, calibration, progress) -> str:
     """obs, which the sparsity benchmarks favour (MiniLM 2:4 0.80 mean cosine against 0.64, the
     OCR recognizer 62 % exact lines against 0), announced; l1 where a streamed model would not fit
     in memory whole and no calibration was asked for (obs runs the model)."""
-    from .external_data import is_streamed
     from .flags import l1_instead
-    from .verify import session_fits
+    from .verify import runs_whole
 
-    if calibration is None and is_streamed(model) and not session_fits(model):
+    if calibration is None and not runs_whole(model):
         progress(l1_instead("the model does not fit in memory whole, and obs runs it", "obs"))
         return "l1"
     progress(DEFAULT_CRITERION_NOTE)

@@ -79,6 +79,14 @@ def session_fits(path: str | onnx.ModelProto) -> bool:
     return need < 0.6 * available_memory()
 
 
+def runs_whole(model: onnx.ModelProto) -> bool:
+    """Whether onnxruntime can hold the model in one session: its weights are in memory already,
+    or they stream from external data and a session of them fits (`session_fits`)."""
+    from .external_data import is_streamed
+
+    return not is_streamed(model) or session_fits(model)
+
+
 def available_memory() -> int:
     try:
         with open("/proc/meminfo") as f:

@@ -30,7 +30,8 @@ class Pruned:
     # "eval" with eval=: spa.evaluate.Baseline.compare
     latency: dict | None = None  # latency targets: predicted and measured fractions
     source: str | None = None  # the input file, whose external data names the output keeps
-    input_shapes: tuple | dict | None = None  # input_shape= as given: the sizes the saved model is verified at
+    input_shapes: tuple | dict | None = None  # the sizes the saved model is verified at: input_shape= as given,
+    # else the calibration's (spa.calibration.shared_shapes)
 
     def save(self, path: str) -> str:
         """Verify (checker, shape inference, an onnxruntime run) and write; nothing is written on failure."""
@@ -80,6 +81,7 @@ def prune(model, ratio: float | None = None, *, progress: bool = False, **flags)
         baseline = cli._eval_baseline(args, source or original, say,
                                       warning=lambda message: warnings.warn(message, stacklevel=4))
         result = cli._prune(args, original, _options(args.granularity), say)
+        shapes = shapes or result.input_shapes
         stats = outcome(original, result.model, result.plan.to_json(args.model), shapes=shapes)
         if baseline is not None:
             stats["eval"] = baseline.compare(result.model)
@@ -171,7 +173,7 @@ def sparsify(model, pattern="2:4", *, amount: float | None = None, granularity: 
         original, source = _load(model, say)
         sparse, report = sparsify_model(original, pattern, criterion, calibration=calibration, storage=storage,
                                         compressed=compressed, recover=recover, progress=say)
-    return Sparsified(sparse, report, source, getattr(calibration, "shapes", None))
+    return Sparsified(sparse, report, source, getattr(calibration, "shapes", None) or report.get("calibration_shapes"))
 
 
 def _prune_args(flags: dict):

@@ -296,6 +296,22 @@ def user_shapes(model, shapes) -> dict:
     return _checked_shapes([_Input(n, d, t) for n, d, t in declared_inputs(model)], shapes)
 
 
+def shared_shapes(model, batches: list) -> dict | None:
+    """{input: shape} of the inputs with a symbolic size after the batch axis, where every batch
+    fed them at the same sizes (batch axis 1): the sizes the model ran at, which verification and
+    the summary take where the user gave none (the 32 they default to may not run). None where no
+    input has such a size or the batches differ (token batches of varied length)."""
+    shapes = {}
+    for name, dims, _ in declared_inputs(model):
+        if all(isinstance(d, int) for d in dims[1:]):
+            continue
+        sizes = {np.shape(b[name])[1:] for b in batches if name in b}
+        if len(sizes) != 1:
+            return None
+        shapes[name] = (1, *sizes.pop())
+    return shapes or None
+
+
 def _checked_shapes(inputs: list, shapes) -> dict:
     if shapes is None:
         return {}

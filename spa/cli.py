@@ -320,6 +320,7 @@ def run(args) -> int:
         result = apply_plan(model, args.plan, options if named else None)
     plan = result.plan.to_json(os.path.basename(args.source.rstrip("/\\")))
     pruned, latency_check = result.model, result.latency
+    args.run_shapes = _input_shapes(args) or result.input_shapes
     found, notes = _outcome(args, model, result, plan)
     if args.command == "apply-plan":
         notes += unreplayed_updates(args.plan)
@@ -355,7 +356,7 @@ def _outcome(args, model, result, plan) -> tuple[dict, list]:
     from .selection import limits
 
     found = outcome(model, result.model, plan, result.analysis.graph if result.analysis.graph.model is model else None,
-                    _input_shapes(args))
+                    args.run_shapes)
     notes = list(result.warnings)
     if args.command == "prune":
         target = prune_target(args)
@@ -523,6 +524,15 @@ def _framework_to_onnx(path, say, input_shapes=None):
     return to_onnx(path, input_shapes)
 
 
+def calibration_sizes(given, ran_at) -> str:
+    """The note where verification (and the summary) take the sizes the calibration ran at: the
+    user gave none, and the 32 symbolic sizes default to may not run."""
+    if given or not ran_at:
+        return ""
+    from .runtime import shapes_text
+    return f" (at the calibration's input sizes, {shapes_text(ran_at)}; --input-shape sets others)"
+
+
 def _input_shapes(args):
     """--input-shape as spa.frontends and verification take it (None, one shape or {name: shape})."""
     return parse_input_shapes(getattr(args, "input_shape", None))
@@ -665,9 +675,10 @@ def _finish(args, pruned, plan, say, latency_check=None, found=None, notes=()):
     from .pipeline import save
     from .report import format_outcome, removed_by_kind
 
-    say(f"verifying and writing {'the pruned ONNX' if getattr(args, 'framework_out', None) else args.output}")
+    say(f"verifying and writing {'the pruned ONNX' if getattr(args, 'framework_out', None) else args.output}"
+        f"{calibration_sizes(_input_shapes(args), args.run_shapes)}")
     save(pruned, args.output, external=external_tensor_names(args.model), original=args.model,
-         shapes=_input_shapes(args))
+         shapes=args.run_shapes)
     if getattr(args, "pretrained_out", None):
         _save_pretrained(args, plan, say)
     if getattr(args, "framework_out", None):
@@ -685,7 +696,7 @@ def _finish(args, pruned, plan, say, latency_check=None, found=None, notes=()):
         from .report import compare, format_comparison
         say("measuring before/after")
         report = compare(args.model, args.output, batch=args.batch, repeats=args.repeats or 20,
-                         threads=args.threads, seed=getattr(args, "seed", None) or 0, shapes=_input_shapes(args))
+                         threads=args.threads, seed=getattr(args, "seed", None) or 0, shapes=args.run_shapes)
         report["removed"] = removed_by_kind(plan)
         if evaluated is not None:
             report["eval"] = evaluated

@@ -13,7 +13,8 @@ from onnx import external_data_helper
 
 from . import allocation as allocate
 from . import external_data, latency, obspa, plugins
-from .calibration import DEFAULT_SAMPLES, Calibration, calibration_batches, generated_token_lengths, is_generated
+from .calibration import (DEFAULT_SAMPLES, Calibration, calibration_batches, generated_token_lengths, is_generated,
+                          shared_shapes)
 from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
 from .cost import concrete_shapes, count_macs, count_params
 from .graph import weight_bytes
@@ -40,6 +41,7 @@ class Result:
     recovery: object | None = None  # what the recovery stage reported
     latency: dict | None = None  # latency targets: original ms, predicted and measured fractions
     warnings: list = field(default_factory=list)  # what the user should know (the CLI prints them)
+    input_shapes: dict | None = None  # the symbolic sizes the calibration ran at (spa.calibration.shared_shapes)
 
 
 def _quiet(message):
@@ -118,7 +120,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
         plan.weights_changed = f"{'obspa' if criterion == 'obspa' else compensation} compensation"
     progress(f"rewriting: removing {len(plan.removed_atoms)} channels")
     result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores, latency=latency_check,
-                    warnings=warnings)
+                    warnings=warnings, input_shapes=shared_shapes(model, fit + held))
     if recover:
         if recover < 0:
             raise SpaError(f"recover needs a positive number of steps, got {recover}")

@@ -120,7 +120,12 @@ def random_inputs(model, batch=1, seed=0, dims=None, default_dim=DEFAULT_DIM, sh
 
 def feed_shapes(feeds: dict) -> str:
     """'name 1x3x224x224, mask 1x12': the sizes of a batch of inputs, for messages."""
-    return ", ".join(f"{name} {'x'.join(map(str, np.shape(value)))}" for name, value in feeds.items())
+    return shapes_text({name: np.shape(value) for name, value in feeds.items()})
+
+
+def shapes_text(shapes: dict) -> str:
+    """'name 1x3x224x224, mask 1x12' from {input: shape}."""
+    return ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in shapes.items())
 
 
 def is_float(dtype) -> bool:

@@ -300,10 +300,13 @@ def _stage_hessians(layers, values, g, every, fitted: int, mask, seed) -> tuple:
     return fits, helds
 
 
-def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda message: None, seed: int = 0) -> dict:
-    """{weight (and bias) name: new value} for `layers` (spa.layers.Layer of `model`) sparsified
-    in `pattern` with OBS updates, stage by stage on calibration inputs (a spa.calibration
+def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda message: None,
+                 seed: int = 0) -> tuple[dict, dict | None]:
+    """({weight (and bias) name: new value}, the symbolic input sizes the calibration ran at:
+    spa.calibration.shared_shapes) for `layers` (spa.layers.Layer of `model`) sparsified in
+    `pattern` with OBS updates, stage by stage on calibration inputs (a spa.calibration
     Calibration or source string; default: the OBSPA default, 'auto')."""
+    from .calibration import shared_shapes
     from .graph import Graph
     from .pipeline import _calibration, _runs_on, calibration_inputs
 
@@ -331,7 +334,7 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
     progress("OBS sparsity: " + ", ".join(f"{v} layers {k}" for k, v in sorted(how.items())) +
              (" (magnitude: the OBS update did not reproduce the layer's outputs better on held-out inputs)"
               if how.get("magnitude") else ""))
-    return weights
+    return weights, shared_shapes(model, every)
 
 
 __all__ = ["obs_sparsify", "sparsegpt", "saliency", "column_order"]

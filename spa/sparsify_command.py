@@ -52,7 +52,7 @@ def add_parser(sub) -> None:
 
 def command(args, say) -> int:
     """Check every flag, sparsify, verify and write, then print the summary (or the report)."""
-    from .cli import _check_data_files, _framework_to_onnx, warn
+    from .cli import _check_data_files, _framework_to_onnx, calibration_sizes, warn
     from .frontends import frontend_for
     from .graph import external_tensor_names, load_model
     from .paths import check_outputs
@@ -80,9 +80,10 @@ def command(args, say) -> int:
         warn(f"{skipped['name']} not sparsified: {skipped['reason']}")
     if args.storage == "sparse" and not report["stored_sparse"]:
         warn("--storage sparse: no weight is smaller stored sparse at this sparsity; every weight stays dense")
-    say(f"verifying and writing {args.output}")
+    shapes = parse_input_shapes(args.input_shape)
+    say(f"verifying and writing {args.output}{calibration_sizes(shapes, report.get('calibration_shapes'))}")
     save(sparse, args.output, external=external_tensor_names(args.model), original=args.model,
-         shapes=parse_input_shapes(args.input_shape))
+         shapes=shapes or report.get("calibration_shapes"))
     if args.json:
         print(json.dumps(report, indent=1))
     elif args.report:

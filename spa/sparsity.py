@@ -333,14 +333,14 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     criterion = criterion or default_criterion(given, calibration, progress)
     progress(f"sparsifying {len(layers)} layers to {pattern} ({criterion})")
     try:
-        new_values = _new_values(model, g, layers, pattern, criterion, calibration, progress)
+        new_values, ran_at = _new_values(model, g, layers, pattern, criterion, calibration, progress)
     except CalibrationRunError as exc:  # the default on inputs the model does not take: l1 needs none
         if not defaulted or calibration is not None or recover:
             raise
         from .flags import l1_instead
         warnings.warn(l1_instead(exc, "obs"), SpaWarning)
         criterion = "l1"
-        new_values = _new_values(model, g, layers, pattern, criterion, calibration, progress)
+        new_values, ran_at = _new_values(model, g, layers, pattern, criterion, calibration, progress)
     _check_written(g, layers, pattern, new_values)
     out = _with_values(model, new_values)
     recovery = None
@@ -354,6 +354,8 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     report = _report(given, out, g, layers, skipped, pattern, criterion, new_values, dense_bytes, stored_sparse)
     if recovery is not None:
         report["recover"] = recovery
+    if ran_at:
+        report["calibration_shapes"] = {name: list(shape) for name, shape in ran_at.items()}
     if compressed:
         report["zipped_bytes"] = {"before": zipped_size(given), "after": zipped_size(out)}
     return out, report
@@ -372,7 +374,8 @@ def _recovered(model, sparse, calibration, steps: int, progress) -> tuple[onnx.M
                           "kept": bool(result.improved)}
 
 
-def _new_values(model, g, layers, pattern, criterion, calibration, progress) -> dict:
+def _new_values(model, g, layers, pattern, criterion, calibration, progress) -> tuple[dict, dict | None]:
+    """({name: new value}, the input sizes the calibration ran at: None with l1, which runs nothing)."""
     if criterion == "obs":
         from .sparse_obs import obs_sparsify
         return obs_sparsify(model, layers, pattern, calibration, progress)
@@ -380,7 +383,7 @@ def _new_values(model, g, layers, pattern, criterion, calibration, progress) -> 
     for layer in layers:
         w = np.asarray(g.consts[layer.weight])
         values[layer.weight] = np.where(layer_mask(w, layer, pattern), w, np.zeros((), w.dtype)).astype(w.dtype)
-    return values
+    return values, None
 
 
 def _check_written(g, layers, pattern, values: dict) -> None:
@@ -477,7 +480,7 @@ class Sparsified:
     model: onnx.ModelProto
     report: dict
     source: str | None = None  # the input file, whose external data names the output keeps
-    input_shapes: tuple | dict | None = None  # the calibration's shapes: the sizes the saved model is verified at
+    input_shapes: tuple | dict | None = None  # the sizes the saved model is verified at: the calibration's
 
     def save(self, path: str) -> str:
         """Verify (checker, shape inference, an onnxruntime run) and write; nothing is written on failure."""

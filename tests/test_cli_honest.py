@@ -253,6 +253,24 @@ def test_input_shape_sizes_verification_and_report_with_any_criterion(tmp_path, 
     assert spa("sparsify", path, "-o", tmp_path / "s.onnx", "--input-shape", "1x3x12x12", "-q") == 0
 
 
+def test_verification_and_summary_take_the_sizes_the_calibration_ran_at(tmp_path, capsys):
+    """obspa (and obs sparsity) ran the model at its calibration's sizes: the pruned model is
+    verified there, not at the 32 symbolic sizes default to, which this model does not take."""
+    import spa as api
+
+    path, out = saved(tmp_path, only_at(12)), tmp_path / "o.onnx"
+    np.savez(tmp_path / "c.npz", input=np.random.default_rng(0).normal(size=(8, 3, 12, 12)).astype(np.float32))
+    assert spa("prune", path, "-o", out, "--ratio", "0.5", "--calibration", tmp_path / "c.npz") == 0
+    captured = capsys.readouterr()
+    assert "verifying and writing " + str(out) + " (at the calibration's input sizes, input 1x3x12x12" in captured.err
+    assert f"MACs {(3 * 8 * 9 * 144 + 8 * 4 * 9 * 144 + 4 * 144 * 3) / 1e3:.1f}K" in captured.out  # at 12x12
+    pruned = api.prune(path, 0.5, calibration=str(tmp_path / "c.npz"))
+    assert pruned.input_shapes == {"input": (1, 3, 12, 12)} and pruned.save(str(tmp_path / "a.onnx"))
+    assert spa("sparsify", path, "-o", tmp_path / "s.onnx", "--calibration", tmp_path / "c.npz", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["calibration_shapes"] == {"input": [1, 3, 12, 12]}
+    assert api.sparsify(path, calibration=str(tmp_path / "c.npz")).save(str(tmp_path / "b.onnx"))
+
+
 def test_random_inputs_take_the_given_shapes_and_share_their_symbolic_sizes():
     b = Builder()
     b.output(b.op("Add", [b.input(["batch", "sequence"], "ids"), b.input(["batch", "sequence"], "mask")]),

@@ -258,9 +258,8 @@ def run(args) -> int:
 
     _quiet_frameworks(args.verbose)
     say = Progress(args.quiet)
-    if args.quiet:
-        from . import progress
-        progress.show(False)
+    from . import progress
+    progress.show(not args.quiet)
     check_counts(args)
     if args.command == "sensitivity":
         from .group_sensitivity import command

@@ -407,3 +407,25 @@ def test_the_default_criterion_falls_back_to_l1_where_the_model_does_not_run_on_
     assert spa("prune", path, "-o", tmp_path / "c.onnx", "--ratio", "0.5", "--input-shape", "1x3x32x32", "-q") == 0
     assert "warning" not in capsys.readouterr().err  # obspa, on inputs the model takes
 
+
+
+def test_progress_off_a_terminal_writes_whole_lines_at_most_every_interval(monkeypatch, capsys):
+    """A log gets one line per LOG_INTERVAL from a long loop (no silent stretch, no carriage-return
+    redraws on one line); a short loop writes nothing; library calls stay quiet off a terminal."""
+    import time
+
+    from spa import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 0.2)
+    monkeypatch.setattr(progress, "_show", True)
+    for _ in progress.bar(range(10), desc="long loop"):
+        time.sleep(0.05)
+    for _ in progress.bar(range(3), desc="short loop"):
+        pass
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err and 1 <= len(lines) <= 3 and all(line.startswith("long loop:") for line in lines), err
+    monkeypatch.setattr(progress, "_show", None)
+    for _ in progress.bar(range(10), desc="library call"):
+        time.sleep(0.05)
+    assert capsys.readouterr().err == ""

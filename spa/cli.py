@@ -10,7 +10,6 @@ import time
 import warnings
 
 from .errors import CalibrationRunError, SpaError, SpaWarning
-from .plan import unreplayed_updates
 from .flags import (DEFAULT_GRANULARITY, DEFAULT_ROUND_NOTE, calibration_flags, calibration_options,
                     check_command_flags, check_counts, check_model_flags, check_output_flags, check_whole_sessions,
                     default_criterion, l1_instead, parse_input_shapes, prune_target, rounding)
@@ -321,8 +320,6 @@ def run(args) -> int:
     pruned, latency_check = result.model, result.latency
     args.run_shapes = _input_shapes(args) or result.input_shapes
     found, notes = _outcome(args, model, result, plan)
-    if args.command == "apply-plan":
-        notes += unreplayed_updates(args.plan)
     # The input's weights are on disk: drop the original (and the analysis that references it)
     # before verification loads the pruned model, so big models are not held three times.
     del result, model

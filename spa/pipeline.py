@@ -432,9 +432,9 @@ def default_source(model: onnx.ModelProto, cal: Calibration, progress=_quiet) ->
 
 def apply_plan(model: onnx.ModelProto, plan_path: str, options: Options | None = None) -> Result:
     """Replay a plan file with the granularity it was made with (options None: that one; options
-    naming another: refused)."""
-    from .plan import load_plan, read_plan
-    entries, recorded = read_plan(plan_path)
+    naming another: refused); warns where the plan's prune changed weights it does not carry."""
+    from .plan import load_plan, read_plan, unreplayed_updates
+    entries, recorded, changed = read_plan(plan_path)
     if recorded is not None:
         if options is None:
             options = Options(granularity=recorded)
@@ -443,7 +443,7 @@ def apply_plan(model: onnx.ModelProto, plan_path: str, options: Options | None =
                            f"{','.join(recorded)}, which replaying it needs (leave the granularity out)")
     analysis = analyze(model, options)
     plan = load_plan(analysis, entries)
-    return Result(rewrite(plan), plan, analysis)
+    return Result(rewrite(plan), plan, analysis, warnings=unreplayed_updates(plan_path, changed))
 
 
 def save_result(model: onnx.ModelProto, path: str, source: str | None, shapes=None) -> str:

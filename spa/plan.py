@@ -140,11 +140,9 @@ def _int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def unreplayed_updates(path: str) -> list:
-    """[the warning] where the plan file (already read by read_plan) says its prune changed the
-    kept weights (compensation, distillation), which a plan does not carry; else []."""
-    with open(path, "rb") as f:
-        changed = json.loads(f.read()).get("weights_changed")
+def unreplayed_updates(path: str, changed: str | None) -> list:
+    """[the warning] where the plan file says its prune changed the kept weights (`changed`:
+    compensation, distillation), which a plan does not carry; else []."""
     if not changed:
         return []
     return [f"{path} was made with {changed}, whose weight updates a plan does not carry: the planned channels are "
@@ -152,10 +150,11 @@ def unreplayed_updates(path: str) -> list:
             "updated model)"]
 
 
-def read_plan(path: str) -> tuple[list, tuple | None]:
+def read_plan(path: str) -> tuple[list, tuple | None, str | None]:
     """(the plan file's weight entries, each checked for its fields and their types; the
-    granularity it was made with, None where not recorded: plans before 2026-12-02); anything else
-    is one SpaError ("... is not a SPA plan (...)")."""
+    granularity it was made with, None where not recorded: plans before 2026-12-02; what its
+    prune changed in the kept weights, `weights_changed`, None for nothing); anything else is one
+    SpaError ("... is not a SPA plan (...)")."""
     def refuse(why):
         raise SpaError(f"{path} is not a SPA plan ({why})")
 
@@ -194,4 +193,7 @@ def read_plan(path: str) -> tuple[list, tuple | None]:
     units = data.get("granularity")
     if units is not None and not (isinstance(units, list) and units and all(isinstance(u, str) for u in units)):
         refuse(f"granularity must be a list of unit names, got {json.dumps(units)[:60]}")
-    return entries, None if units is None else tuple(units)
+    changed = data.get("weights_changed")
+    if changed is not None and not isinstance(changed, str):
+        refuse(f"weights_changed must be a string, got {json.dumps(changed)[:60]}")
+    return entries, None if units is None else tuple(units), changed

@@ -208,6 +208,10 @@ def test_apply_plan_says_when_the_prune_updated_weights_it_does_not_replay(model
             f"spa: warning: {plan} was made with obspa compensation, whose weight updates a plan does not carry: "
             "the planned channels are removed and the other weights are the model's own (spa prune with the plan's "
             "flags writes the updated model)"] if criterion == "obspa" else [])
+    data = json.loads(plans["obspa"].read_text())
+    plans["obspa"].write_text(json.dumps(dict(data, weights_changed=5)))
+    _expect_error(capsys, ["apply-plan", model_path, plans["obspa"], "-o", tmp_path / "b.onnx", "-q"],
+                  f"{plans['obspa']} is not a SPA plan (weights_changed must be a string, got 5)", out=tmp_path / "b.onnx")
 
 
 # 6. --report -------------------------------------------------------------------------------------

@@ -171,6 +171,23 @@ def is_generated(source: str) -> bool:
     return source in ("auto", "synthetic", "bn", "inverted") or source.startswith("ood:noise-")
 
 
+@dataclass(frozen=True)
+class SampleDefault:
+    """A caller's own count of generated samples where none is given (instead of DEFAULT_SAMPLES
+    under spa.pipeline.CALIBRATION_MACS), for one kind of generated input: "tokens" (token sequences of varied
+    length) or "synthetic" (synthetic float inputs: images, signals); `budget`: MACs per pass; `why`
+    is announced."""
+    kind: str
+    count: int
+    budget: float
+    why: str
+
+    def applies(self, model: onnx.ModelProto, cal: Calibration) -> bool:
+        if self.kind == "tokens":
+            return is_generated(cal.source) and generated_token_lengths(model)
+        return cal.source == "synthetic" and all(is_float(t) for _, _, t in declared_inputs(model))
+
+
 def source_kind(source: str | None) -> str | None:
     """What a source reads, for the options that only some sources use: "none", "generated",
     "images" (a directory of images), "text" (a .txt file), "arrays" (.npz, .npy, a directory of

@@ -6,6 +6,7 @@ one line every LOG_INTERVAL seconds instead of redrawing one line with carriage 
 """
 from __future__ import annotations
 
+import re
 import sys
 
 _show: bool | None = None  # None: only when stderr is a terminal
@@ -27,16 +28,19 @@ def bar(iterable=None, desc: str = "", total: int | None = None, **kwargs):
                 **where, **kwargs)
 
 
+_CURSOR_MOVES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 class _Lines:
     """tqdm's redraws as whole lines: a terminal overwrites the line after a carriage return, a
-    log file would keep every redraw on one ever longer line. Blank redraws (a bar clearing
-    itself) are dropped."""
+    log file would keep every redraw on one ever longer line. Cursor moves (nested bars) and
+    blank redraws (a bar clearing itself) are dropped."""
 
     def __init__(self, stream):
         self.stream = stream
 
     def write(self, text: str) -> int:
-        for part in text.split("\r"):
+        for part in _CURSOR_MOVES.sub("", text).split("\r"):
             if part.strip():
                 self.stream.write(part.rstrip("\n") + "\n")
         return len(text)

@@ -429,6 +429,11 @@ def test_progress_off_a_terminal_writes_whole_lines_at_most_every_interval(monke
     err = capsys.readouterr().err
     lines = err.splitlines()
     assert "\r" not in err and 1 <= len(lines) <= 3 and all(line.startswith("long loop:") for line in lines), err
+    for _ in progress.bar(range(3), desc="outer"):
+        for _ in progress.bar(range(4), desc="inner"):  # a nested bar moves the cursor on a terminal
+            time.sleep(0.05)
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and all(line.startswith(("outer:", "inner:")) for line in err.splitlines()), err
     monkeypatch.setattr(progress, "_show", None)
     for _ in progress.bar(range(10), desc="library call"):
         time.sleep(0.05)

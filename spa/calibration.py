@@ -174,9 +174,9 @@ def is_generated(source: str) -> bool:
 @dataclass(frozen=True)
 class SampleDefault:
     """A caller's own count of generated samples where none is given (instead of DEFAULT_SAMPLES
-    under spa.pipeline.CALIBRATION_MACS), for one kind of generated input: "tokens" (token sequences of varied
-    length) or "synthetic" (synthetic float inputs: images, signals); `budget`: MACs per pass; `why`
-    is announced."""
+    under spa.pipeline.CALIBRATION_MACS), for one kind of generated input: "tokens" (token
+    sequences of varied length) or "synthetic" (synthetic float inputs: images, signals);
+    `budget`: MACs per pass; `why` is announced."""
     kind: str
     count: int
     budget: float

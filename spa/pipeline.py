@@ -238,7 +238,7 @@ HELD_OUT_PARTS = 4  # file data: a quarter of it judges compensations and alloca
 # Synthetic images for obspa: the PP-OCRv4 recognizer at 80 % of its parameters, six seeds, exact lines in
 # distribution / shifted: 128 samples 0.857 / 0.954, 512 0.903 / 0.972 (ahead on every seed), 2048 0.899 / 0.982
 # at 2.7x the time; digits ResNet at 2x fewer MACs 0.956 -> 0.980 (docs/obspa.md). ResNet-50 (4.1 GMACs an image)
-# takes 97 under the budget instead of 36.
+# takes 96 under the budget instead of 32 (25.5 -> 36.4 s end to end).
 OBSPA_SAMPLES = SampleDefault("synthetic", 512, 400e9, "OBSPA's compensation improves with more synthetic inputs: "
                               "the PP-OCRv4 recognizer at 80 % of its parameters 0.857 -> 0.903 exact lines over six "
                               "seeds")

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import obs
 from .activations import StagedRun
-from .calibration import SampleDefault
+from .calibration import SampleDefault, shared_shapes
 from .errors import CalibrationRunError
 from .layers import Layer
 from .obspa import DAMPING_PATH, MAX_COLUMNS, Hessians, held_error, judges, token_mask_input
@@ -308,7 +308,6 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
     spa.calibration.shared_shapes) for `layers` (spa.layers.Layer of `model`) sparsified in
     `pattern` with OBS updates, stage by stage on calibration inputs (a spa.calibration
     Calibration or source string; default: the OBSPA default, 'auto')."""
-    from .calibration import shared_shapes
     from .graph import Graph
     from .pipeline import _calibration, _runs_on, calibration_inputs
 

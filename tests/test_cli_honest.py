@@ -211,7 +211,8 @@ def test_apply_plan_says_when_the_prune_updated_weights_it_does_not_replay(model
     data = json.loads(plans["obspa"].read_text())
     plans["obspa"].write_text(json.dumps(dict(data, weights_changed=5)))
     _expect_error(capsys, ["apply-plan", model_path, plans["obspa"], "-o", tmp_path / "b.onnx", "-q"],
-                  f"{plans['obspa']} is not a SPA plan (weights_changed must be a string, got 5)", out=tmp_path / "b.onnx")
+                  f"{plans['obspa']} is not a SPA plan (weights_changed must be a string, got 5)",
+                  out=tmp_path / "b.onnx")
 
 
 # 6. --report -------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def prune(model, ratio: float | None = None, *, progress: bool = False, **flags)
 
     args = _prune_args(dict(flags, ratio=ratio))
     say = _say(progress)
-    with _bars(progress, bars):
+    with bars.showing(progress):
         check_counts(args)
         default_criterion(args)
         args.calibration_options = calibration_options(args)
@@ -107,7 +107,7 @@ def sensitivity(model, ratios=(0.1, 0.3, 0.5), eval=None, *, granularity: str | 
         raise SpaError("greater_is_better applies to an eval function only (deviation is lower-better, an eval "
                        "file's accuracy higher-better)")
     say = _say(progress)
-    with _bars(progress, bars):
+    with bars.showing(progress):
         original, source = _load(model, say)
         options = _options(granularity or "channels,heads")
         metric = None
@@ -140,7 +140,7 @@ def sweep(model, criteria="l1", targets="ratio=0.5", *, calibration=None, round_
     points = sweeping.pick(sweeping.grid(criteria, targets, calibration, round_to), random, seed)
     sweeping.check_address(address)
     say = _say(progress)
-    with _bars(progress, bars):
+    with bars.showing(progress):
         original, source = _load(model, say)
         metric = sweeping.metric_of(source or original, eval, eval_output, say, greater_is_better)
         name = os.path.basename(os.fspath(source).rstrip("/\\")) if source else "model.onnx"
@@ -169,7 +169,7 @@ def sparsify(model, pattern="2:4", *, amount: float | None = None, granularity: 
     if not isinstance(pattern, Pattern):
         pattern = parse_pattern(pattern, amount, granularity)
     say = _say(progress)
-    with _bars(progress, bars):
+    with bars.showing(progress):
         original, source = _load(model, say)
         sparse, report = sparsify_model(original, pattern, criterion, calibration=calibration, storage=storage,
                                         compressed=compressed, recover=recover, progress=say)

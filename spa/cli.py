@@ -225,8 +225,9 @@ def _round_to(text):
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    from . import progress
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), progress.showing(not args.quiet):
             warnings.simplefilter("always", SpaWarning)
             warnings.showwarning = _show_spa_warning
             return run(args)
@@ -257,8 +258,6 @@ def run(args) -> int:
 
     _quiet_frameworks(args.verbose)
     say = Progress(args.quiet)
-    from . import progress
-    progress.show(not args.quiet)
     check_counts(args)
     if args.command == "sensitivity":
         from .group_sensitivity import command

@@ -1,11 +1,12 @@
 """Progress bars (tqdm) for the loops that can take more than a few seconds.
 
 Library calls show them only on a terminal; the CLI shows them always (off with --quiet) through
-`show(True | False)`. Off a terminal (a log, CI) a bar that runs over LOG_INTERVAL seconds writes
+`showing(True | False)`. Off a terminal (a log, CI) a bar that runs over LOG_INTERVAL seconds writes
 one line every LOG_INTERVAL seconds instead of redrawing one line with carriage returns.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 
@@ -16,6 +17,17 @@ LOG_INTERVAL = 10.0  # seconds between a bar's lines in a log (the longest silen
 def show(enabled: bool | None) -> None:
     global _show
     _show = enabled
+
+
+@contextlib.contextmanager
+def showing(enabled: bool | None):
+    """Bars on (True), off (False) or on a terminal only (None) inside the block, as before after it."""
+    previous = _show
+    show(enabled)
+    try:
+        yield
+    finally:
+        show(previous)
 
 
 def bar(iterable=None, desc: str = "", total: int | None = None, **kwargs):

@@ -61,21 +61,11 @@ def one_thread():
                 os.environ[name] = value
 
 
-@contextlib.contextmanager
-def no_bars():
-    from . import progress
-
-    previous = progress._show
-    progress.show(False)
-    try:
-        yield
-    finally:
-        progress.show(previous)
-
-
 def _single_threaded(fn):
     def trial(shared, item):
-        with one_thread(), no_bars():
+        from . import progress
+
+        with one_thread(), progress.showing(False):
             return fn(shared, item)
     trial.__qualname__ = trial.__name__ = getattr(fn, "__name__", "trial")
     return trial

@@ -286,7 +286,7 @@ CONTRACT = {
         "--target-params": Case(TP, P0),
         "--target-flops": Case(P0 + ["--target-flops", "0.5"], P0),
         "--target-latency": Case(P0 + ["--target-latency", "0.8"], P0),
-        "--global": Case(P + ["--global"], P,
+        "--global": Case(L1 + ["--global"], L1,  # obspa's measured allocation may pick the global plan itself
                          refused=[(TP + ["--global"], "--global has no effect with --target-params")]),
         "--ratio-for": Case(P + ["--ratio-for", "{CONV0}=0"], P, refused=[
             (P + ["--ratio-for", "{GEMM}=0.2"], "--ratio-for '{GEMM}' sets no group's share: the channels those "

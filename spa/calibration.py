@@ -182,6 +182,10 @@ class SampleDefault:
     budget: float
     why: str
 
+    @property
+    def what(self) -> str:
+        return "generated token sequences" if self.kind == "tokens" else "synthetic samples"
+
     def applies(self, model: onnx.ModelProto, cal: Calibration) -> bool:
         if self.kind == "tokens":
             return is_generated(cal.source) and generated_token_lengths(model)

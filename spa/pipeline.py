@@ -255,8 +255,7 @@ def calibration_inputs(model: onnx.ModelProto, cal: Calibration, progress=_quiet
     capped, budget = cal.samples is None, CALIBRATION_MACS
     if samples and capped and samples.applies(model, cal):
         cal, budget = dataclasses.replace(cal, samples=samples.count), samples.budget
-        what = "generated token sequences" if samples.kind == "tokens" else "synthetic samples"
-        progress(f"calibration: {samples.count} {what}, not {DEFAULT_SAMPLES} ({samples.why}; "
+        progress(f"calibration: {samples.count} {samples.what}, not {DEFAULT_SAMPLES} ({samples.why}; "
                  "--calibration-samples sets the count)")
     try:
         batches = calibration_batches(model, cal, progress=progress)

@@ -33,8 +33,9 @@ BLOCK = 128  # columns per lazy-update block (and per unstructured mask decision
 REFIT_ITERATIONS = 10  # conjugate-gradient steps of refit_kept (MiniLM 2:4: 10 and 30 steps, the same cosine)
 REFIT_TOLERANCE = 1e-10  # ... or fewer, once every row's preconditioned residual fell this far
 # generated token sequences by default (not 128): MiniLM at 2:4, tokenizer sentences, seeds 0 / 1 / 2: 128 0.823 /
-# 0.828 / 0.827, 1024 0.847 / 0.848 / 0.844 mean cosine (512 0.843, 2048 0.849); 16 -> 21 s. Images keep 128
-# (the recognizer at 2:4 with 512: 0.400 exact lines against 0.675): 128 of them already fill every Hessian's rows
+# 0.828 / 0.827, 1024 0.847 / 0.848 / 0.844 mean cosine (512 0.843, 2048 0.849); 16 -> 21 s. Images keep 128 for
+# OBS masks (the recognizer at 2:4 with 512: 0.400 exact lines against 0.675), though obspa's channel compensation
+# gains from 512 (spa.pipeline.OBSPA_SAMPLES)
 TOKEN_SAMPLES = SampleDefault("tokens", 1024, 1.5e12, "OBS sparsity masks of a token model improve with more "
                               "sentences: MiniLM at 2:4 0.823 -> 0.847 mean cosine")  # 1.5 TMACs: 5 s more on MiniLM
 

@@ -54,19 +54,23 @@ def blas_on_one_thread():
 class HessianSum:
     """H = 2 X X^T / N accumulated batch by batch: memory is d_in^2, whatever N is. Each chunk's
     X X^T is a float32 matrix product summed into float64: OpenBLAS's syrk (half the arithmetic)
-    ran 1.2-2.3x slower than its sgemm on the 2-core VM (docs/obspa.md)."""
+    ran 1.2-2.3x slower than its sgemm on the 2-core VM (docs/obspa.md). `matrix` turns the sum
+    into H in place (one d_in^2 array per layer, not a sum and its H: VGG-16's Hessians held 1.77
+    GB twice); a later `add` turns it back."""
 
     def __init__(self, columns: int, blocks: int = 1):
         self.xtx = np.zeros((blocks, columns, columns))
         self.count = 0
         self.symmetric = True
-        self._matrix = None
+        self.normalised = False  # xtx holds H (symmetrised and divided by N), not the sum
 
     def add(self, rows: np.ndarray, block: int = 0, count: bool = True, chunk: int = 8192, other=None):
         """rows: (n, d_in), one input vector per row; other: rows of a second input (X_ref) to
         sum the cross term 2 X X_ref^T / N instead."""
         dtype = np.float32 if rows.dtype == np.float32 else np.float64
-        self._matrix = None
+        if self.normalised:
+            self.xtx *= max(self.count, 1) / 2.0
+            self.normalised = False
         self.symmetric = self.symmetric and other is None
         for start in range(0, len(rows), chunk):
             part = np.asarray(rows[start:start + chunk], dtype=dtype)
@@ -78,15 +82,15 @@ class HessianSum:
     @property
     def matrix(self) -> np.ndarray:
         """(blocks, d_in, d_in)."""
-        if self._matrix is None:
-            xtx = self.xtx
+        if not self.normalised:
             if self.symmetric:  # the product's rounding may differ a little between H[i, j] and H[j, i]
-                xtx = xtx + np.swapaxes(xtx, 1, 2)
-                xtx *= 1.0 / max(self.count, 1)
+                for block in self.xtx:
+                    block += block.T  # numpy buffers the overlapping transpose: one block's copy at a time
+                self.xtx *= 1.0 / max(self.count, 1)
             else:
-                xtx = xtx * (2.0 / max(self.count, 1))
-            self._matrix = xtx
-        return self._matrix
+                self.xtx *= 2.0 / max(self.count, 1)
+            self.normalised = True
+        return self.xtx
 
 
 def damped(H: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:

@@ -30,6 +30,17 @@ def test_hessian_is_two_x_xt_over_n():
     np.testing.assert_allclose(_hessian(X), 2 * X.T @ X / len(X), rtol=1e-6)
 
 
+def test_hessian_read_then_added_to_counts_every_row():
+    """`matrix` turns the sum into H in place; rows added after it still count."""
+    _, X = _layer()
+    acc = obs.HessianSum(X.shape[1])
+    acc.add(X[:50])
+    np.testing.assert_allclose(acc.matrix[0], 2 * X[:50].T @ X[:50] / 50, rtol=1e-6)
+    acc.add(X[50:])
+    np.testing.assert_allclose(acc.matrix[0], 2 * X.T @ X / len(X), rtol=1e-6)
+    assert acc.matrix is acc.matrix  # read twice: the same array, not a second copy
+
+
 @pytest.mark.parametrize("Q", [[3], [0, 7], [1, 2, 5, 9]])
 def test_compensation_is_exact_least_squares(Q):
     W, X = _layer()

@@ -43,6 +43,7 @@ def _submodel(model, nodes, inputs, outputs, initializers=None) -> onnx.ModelPro
     part.ir_version = model.ir_version
     part.opset_import.extend(model.opset_import)
     part.functions.extend(model.functions)
+    part.metadata_props.extend(model.metadata_props)  # a streamed model's base: where its weights are
     graph = part.graph
     graph.node.extend(nodes)
     used = set().union(*(_needs(n) for n in nodes)) if nodes else set()

@@ -92,8 +92,11 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     cal = _calibration(calibration_options or calibration, calibration_samples, seed)
     needs_data = criterion == "obspa" or compensation != "none" or recover or \
         (criterion in GRADIENT_CRITERIA and criterion != "synflow" and saliency is None)
-    if external_data.is_streamed(model) and (needs_data or target.latency is not None or criterion in GRADIENT_CRITERIA):
-        progress("reading every weight into memory: this criterion runs the model with its weights")
+    if external_data.is_streamed(model) and (recover or target.latency is not None or criterion in GRADIENT_CRITERIA):
+        # onnxruntime runs a streamed model from its memory maps (spa.runtime); torch needs the weights
+        progress("reading every weight into memory: " +
+                 ("this criterion converts the model to torch" if criterion in GRADIENT_CRITERIA else
+                  "--recover trains a torch copy" if recover else "latency tables time the model's layers"))
         external_data.materialize(model)
     progress("analyzing channel coupling")
     analysis = analyze(model, options)

@@ -118,6 +118,68 @@ def random_inputs(model, batch=1, seed=0, dims=None, default_dim=DEFAULT_DIM, sh
     return feeds
 
 
+SERIALIZE_BYTES = 1 << 28  # weights in a proto larger than this go to onnxruntime as arrays (protobuf: 2 GiB at most)
+BIG_TENSOR = 1 << 16
+
+
+def _session(source, options):
+    """An InferenceSession of a path, serialized bytes or a ModelProto. A proto too large for
+    protobuf to serialize, or one whose weights stream from external data (spa.external_data),
+    goes without its big initializers: onnxruntime takes them as arrays (memory maps of a streamed
+    model's file: no copy at all) through add_external_initializers, which the session keeps."""
+    if isinstance(source, (str, bytes)):
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    skeleton, names, values = _without_big_tensors(source)
+    if names:
+        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(v) for v in values])
+    sess = ort.InferenceSession(symbolic_declarations(skeleton).SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+    sess.spa_arrays = values  # onnxruntime reads these buffers for as long as the session lives
+    return sess
+
+
+def _without_big_tensors(model: onnx.ModelProto):
+    """(model, [], []) for a model protobuf can serialize whole; else (a copy whose main-graph
+    initializers over BIG_TENSOR point at external data that is never read, their names, their
+    values)."""
+    from .external_data import array, base_of
+    from .graph import tensor_bytes
+
+    base = base_of(model)
+    inits = model.graph.initializer
+    external = [t.data_location == TensorProto.EXTERNAL for t in inits]
+    if not (base and any(external)) and sum(tensor_bytes(t) for t, e in zip(inits, external) if not e) \
+            < SERIALIZE_BYTES:
+        return model, [], []
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    names, values = [], []
+    for tensor, is_external in zip(inits, external):
+        if tensor_bytes(tensor) <= BIG_TENSOR or (is_external and not base):
+            skeleton.graph.initializer.append(tensor)
+            continue
+        names.append(tensor.name)
+        values.append(array(tensor, base) if is_external else numpy_helper.to_array(tensor))
+        reference = skeleton.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        reference.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", "spa-in-memory"), ("offset", "0"), ("length", str(tensor_bytes(tensor)))):
+            reference.external_data.add(key=key, value=value)
+    return skeleton, names, values
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
 def feed_shapes(feeds: dict) -> str:
     """'name 1x3x224x224, mask 1x12': the sizes of a batch of inputs, for messages."""
     return shapes_text({name: np.shape(value) for name, value in feeds.items()})
@@ -142,15 +204,15 @@ def session(model_or_path, threads: int | None = None, quiet: bool = False):
     provider has no kernel for (bfloat16 almost everywhere, double Conv and pooling) runs on its
     float32 copy instead (a Float32Session: inputs cast in, outputs cast back to the model's
     types); any other failure is raised as is."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 4 if quiet else 3
-    threads = threads or DEFAULT_THREADS
-    if threads:
-        options.intra_op_num_threads = threads
-    source = model_or_path if isinstance(model_or_path, (str, bytes)) \
-        else symbolic_declarations(model_or_path).SerializeToString()
+    def options():
+        made = ort.SessionOptions()
+        made.log_severity_level = 4 if quiet else 3
+        if threads or DEFAULT_THREADS:
+            made.intra_op_num_threads = threads or DEFAULT_THREADS
+        return made
+
     try:
-        sess = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        sess = _session(model_or_path, options())
     except Exception as exc:
         if not _kernel_missing(exc):
             raise
@@ -160,8 +222,7 @@ def session(model_or_path, threads: int | None = None, quiet: bool = False):
         if not types:
             raise
         try:
-            copy = ort.InferenceSession(float32_surrogate(model).SerializeToString(), options,
-                                        providers=["CPUExecutionProvider"])
+            copy = _session(float32_surrogate(model), options())
         except Exception:
             raise exc from None
         return Float32Session(copy, types)

@@ -10,7 +10,7 @@ import pytest
 from onnx import numpy_helper
 
 from models.llama_onnx import build
-from spa import external_data, verify
+from spa import external_data, runtime, verify
 from spa.cli import main
 from spa.errors import SpaWarning
 from spa.graph import external_tensor_names, load_model
@@ -124,11 +124,28 @@ def test_cli_says_when_verification_ran_in_pieces(llama, tmp_path, monkeypatch, 
     assert ort.InferenceSession(out).run(None, IDS)[0].shape == (1, 7, 101)
 
 
-def test_data_hungry_criteria_read_the_weights_in(llama):
+def test_obspa_runs_a_streamed_model_from_its_file(llama, tmp_path, monkeypatch):
+    """Calibration, Hessians, allocation runs and verification read the weights through memory
+    maps (onnxruntime takes them as arrays): nothing is read in, and the pruned model is the one
+    the in-memory path writes."""
+    monkeypatch.setattr(runtime, "SERIALIZE_BYTES", 1 << 40)  # in memory: the plain serialized session
+    written = {}
+    for stream in (False, True):
+        model = load_model(llama, stream=stream)
+        said = []
+        result = prune(model, Target(ratio=0.3), criterion="obspa", calibration_samples=8, progress=said.append)
+        assert not any("reading every weight into memory" in s for s in said)
+        assert external_data.is_streamed(result.model) == stream
+        written[stream] = str(tmp_path / f"pruned_{stream}.onnx")
+        save(result.model, written[stream], external=external_tensor_names(llama))
+    assert _tensors(written[False])[1] == _tensors(written[True])[1]
+
+
+def test_torch_criteria_read_the_weights_in(llama):
     model = load_model(llama, stream=True)
     said = []
-    result = prune(model, Target(ratio=0.3), criterion="obspa", calibration_samples=8, progress=said.append)
-    assert any("reading every weight into memory" in s for s in said)
+    result = prune(model, Target(ratio=0.3), criterion="snip", calibration_samples=8, progress=said.append)
+    assert any("reading every weight into memory: this criterion converts the model to torch" in s for s in said)
     assert not external_data.is_streamed(result.model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SpaWarning)

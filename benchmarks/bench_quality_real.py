@@ -329,7 +329,8 @@ def plot(result: dict, path: str) -> None:
         ax.axhline(m["original"][metric], color="black", linewidth=0.8)
         ax.set_title(f"{name}: {metric}")
         ax.tick_params(axis="x", rotation=30)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(6, len(handles)), fontsize=8)
+    if handles:  # a run of one target besides ratio-0.25 draws no line
+        fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(6, len(handles)), fontsize=8)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
 

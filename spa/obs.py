@@ -53,13 +53,15 @@ def blas_on_one_thread():
 
 class HessianSum:
     """H = 2 X X^T / N accumulated batch by batch: memory is d_in^2, whatever N is. Each chunk's
-    X X^T is a float32 matrix product summed into float64: OpenBLAS's syrk (half the arithmetic)
-    ran 1.2-2.3x slower than its sgemm on the 2-core VM (docs/obspa.md). `matrix` turns the sum
-    into H in place (one d_in^2 array per layer, not a sum and its H: VGG-16's Hessians held 1.77
-    GB twice); a later `add` turns it back."""
+    X X^T is one matrix product in the rows' precision (float32 activations: sgemm; OpenBLAS's syrk,
+    half the arithmetic, ran 1.2-2.3x slower here, docs/obspa.md), summed in that precision too
+    (the product's own rounding is the larger error; float64 sums doubled the memory of the largest
+    stage: a 1.1B LLaMA's Hessians 6.3 GB). `matrix` turns the sum into H in place (one d_in^2
+    array per layer, not a sum and its H); a later `add` turns it back."""
 
     def __init__(self, columns: int, blocks: int = 1):
-        self.xtx = np.zeros((blocks, columns, columns))
+        self.shape = (blocks, columns, columns)
+        self.xtx = None  # allocated by the first `add`, in its rows' precision
         self.count = 0
         self.symmetric = True
         self.normalised = False  # xtx holds H (symmetrised and divided by N), not the sum
@@ -68,6 +70,8 @@ class HessianSum:
         """rows: (n, d_in), one input vector per row; other: rows of a second input (X_ref) to
         sum the cross term 2 X X_ref^T / N instead."""
         dtype = np.float32 if rows.dtype == np.float32 else np.float64
+        if self.xtx is None:
+            self.xtx = np.zeros(self.shape, dtype)
         if self.normalised:
             self.xtx *= max(self.count, 1) / 2.0
             self.normalised = False
@@ -82,6 +86,8 @@ class HessianSum:
     @property
     def matrix(self) -> np.ndarray:
         """(blocks, d_in, d_in)."""
+        if self.xtx is None:
+            self.xtx = np.zeros(self.shape)
         if not self.normalised:
             if self.symmetric:  # the product's rounding may differ a little between H[i, j] and H[j, i]
                 for block in self.xtx:

@@ -63,10 +63,23 @@ def distortion(reference: list, outputs: list, masks: list | None = None) -> flo
             if isinstance(a, np.ndarray) and is_float(a.dtype):
                 if keep is not None and a.shape[:2] == keep.shape:
                     a, b = a[keep], np.asarray(b)[keep]
-                a = np.asarray(a, np.float64)  # float16 / bfloat16 outputs: no overflow, no ml_dtypes maths
-                spread = float(np.sum((a - a.mean()) ** 2)) or 1.0
-                total += float(np.sum((a - np.asarray(b, np.float64)) ** 2)) / spread
+                spread, moved = _squared_sums(a, np.asarray(b))
+                total += moved / (spread or 1.0)
     return total / max(len(reference), 1)
+
+
+def _squared_sums(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 20) -> tuple[float, float]:
+    """(sum (a - mean a)^2, sum (a - b)^2) in float64 (float16 / bfloat16 outputs: no overflow, no
+    ml_dtypes maths), a chunk at a time: an LLM's logits for one batch (16 x 128 x 32000) are 262 MB
+    in float32, and whole-array float64 temporaries took 1 GB more."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    mean = float(np.mean(a, dtype=np.float64)) if a.size else 0.0
+    spread = moved = 0.0
+    for start in range(0, a.size, chunk):
+        x = a[start:start + chunk].astype(np.float64)
+        spread += float(np.sum((x - mean) ** 2))
+        moved += float(np.sum((x - b[start:start + chunk].astype(np.float64)) ** 2))
+    return spread, moved
 
 
 def outputs(model, batches) -> list:

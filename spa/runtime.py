@@ -131,7 +131,7 @@ def _session(source, options):
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     skeleton, names, values = _without_big_tensors(source)
     if names:
-        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(v) for v in values])
+        options.add_external_initializers(names, values)
     sess = ort.InferenceSession(symbolic_declarations(skeleton).SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
     sess.spa_arrays = values  # onnxruntime reads these buffers for as long as the session lives
@@ -160,12 +160,21 @@ def _without_big_tensors(model: onnx.ModelProto):
             skeleton.graph.initializer.append(tensor)
             continue
         names.append(tensor.name)
-        values.append(array(tensor, base) if is_external else numpy_helper.to_array(tensor))
+        values.append(_ort_value(array(tensor, base) if is_external else numpy_helper.to_array(tensor),
+                                 tensor.data_type))
         reference = skeleton.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
         reference.data_location = TensorProto.EXTERNAL
         for key, value in (("location", "spa-in-memory"), ("offset", "0"), ("length", str(tensor_bytes(tensor)))):
             reference.external_data.add(key=key, value=value)
     return skeleton, names, values
+
+
+def _ort_value(value: np.ndarray, data_type: int):
+    """An OrtValue over the array's own buffer; types numpy has no kernel for in onnxruntime's
+    binding (bfloat16, the float8s: ml_dtypes) go as unsigned integers of their width."""
+    if value.dtype.kind in "biuf" and value.dtype.type.__module__ == "numpy":
+        return ort.OrtValue.ortvalue_from_numpy(value)
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(value.view(f"u{value.dtype.itemsize}"), data_type)
 
 
 def _copy_fields(source, target, skip: str) -> None:
@@ -284,20 +293,26 @@ def float_types(model: onnx.ModelProto) -> dict:
 def float32_surrogate(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the model with every float16 / bfloat16 / double tensor, value type, Cast target
     and constant turned float32 (subgraphs included): the same computation in float32."""
+    from .external_data import base_of
+
     copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    _float32_graph(copy.graph)
+    copy.CopyFrom(model)  # a streamed model's weights are references here: a small copy
+    _float32_graph(copy.graph, base_of(model))
     return copy
 
 
-def _float32_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
+def _float32_tensor(t: onnx.TensorProto, base: str | None = None) -> onnx.TensorProto:
+    """`t` in float32; a streamed model's external tensor (`base`: its folder) read from its map."""
+    from .external_data import array
+
     if t.data_type not in OTHER_FLOATS:
         return t
-    return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name)
+    value = array(t, base) if base and t.data_location == TensorProto.EXTERNAL else numpy_helper.to_array(t)
+    return numpy_helper.from_array(np.asarray(value, dtype=np.float32), t.name)
 
 
-def _float32_graph(graph: onnx.GraphProto) -> None:
-    inits = [_float32_tensor(t) for t in graph.initializer]
+def _float32_graph(graph: onnx.GraphProto, base: str | None = None) -> None:
+    inits = [_float32_tensor(t, base) for t in graph.initializer]
     del graph.initializer[:]
     graph.initializer.extend(inits)
     for vi in list(graph.input) + list(graph.output) + list(graph.value_info):

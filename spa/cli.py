@@ -626,7 +626,8 @@ def _pipeline(args, model, options, say):
 
 def _default_for_size(args, model) -> None:
     """The default criterion for a model whose weights stream from external data and would not fit
-    in memory whole: l1, since obspa runs the whole model (explicit --criterion obspa reads it all)."""
+    in memory whole: l1, since obspa runs the whole model in one onnxruntime session (explicit
+    --criterion obspa still tries)."""
     from .flags import check_flags
     from .verify import runs_whole
 
@@ -637,8 +638,8 @@ def _default_for_size(args, model) -> None:
     try:
         check_flags(args)
     except SpaError as exc:
-        raise SpaError(f"{exc} (the default criterion is l1 here: {why}; --criterion obspa reads every weight into "
-                       "memory)") from None
+        raise SpaError(f"{exc} (the default criterion is l1 here: {why}; --criterion obspa runs one onnxruntime "
+                       "session of the whole model)") from None
 
 
 def warn(message: str):

@@ -144,7 +144,7 @@ def _without_big_tensors(model: onnx.ModelProto):
     """(model, [], []) for a model that goes to onnxruntime whole; else (a copy whose external
     initializers and main-graph ones over BIG_TENSOR point at data that is never read, their
     names, their values)."""
-    from .external_data import array, base_of
+    from .external_data import base_of
     from .graph import tensor_bytes
 
     base = base_of(model)
@@ -162,13 +162,21 @@ def _without_big_tensors(model: onnx.ModelProto):
             skeleton.graph.initializer.append(tensor)
             continue
         names.append(tensor.name)
-        values.append(_ort_value(array(tensor, base) if is_external else numpy_helper.to_array(tensor),
-                                 tensor.data_type))
+        values.append(_ort_value(_value(tensor, base), tensor.data_type))
         reference = skeleton.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
         reference.data_location = TensorProto.EXTERNAL
         for key, value in (("location", "spa-in-memory"), ("offset", "0"), ("length", str(tensor_bytes(tensor)))):
             reference.external_data.add(key=key, value=value)
     return skeleton, names, values
+
+
+def _value(tensor: TensorProto, base: str | None) -> np.ndarray:
+    """A tensor's value: a memory map of its file for an external tensor of a streamed model (`base`:
+    the folder it resolves against), else read from the proto."""
+    from .external_data import array
+
+    return array(tensor, base) if base and tensor.data_location == TensorProto.EXTERNAL else \
+        numpy_helper.to_array(tensor)
 
 
 def _ort_value(value: np.ndarray, data_type: int):
@@ -304,13 +312,10 @@ def float32_surrogate(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _float32_tensor(t: onnx.TensorProto, base: str | None = None) -> onnx.TensorProto:
-    """`t` in float32; a streamed model's external tensor (`base`: its folder) read from its map."""
-    from .external_data import array
-
+    """`t` in float32 (a streamed model's external tensor read from its map: `_value`)."""
     if t.data_type not in OTHER_FLOATS:
         return t
-    value = array(t, base) if base and t.data_location == TensorProto.EXTERNAL else numpy_helper.to_array(t)
-    return numpy_helper.from_array(np.asarray(value, dtype=np.float32), t.name)
+    return numpy_helper.from_array(np.asarray(_value(t, base), dtype=np.float32), t.name)
 
 
 def _float32_graph(graph: onnx.GraphProto, base: str | None = None) -> None:

@@ -82,16 +82,27 @@ def _squared_sums(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 20) -> tuple[f
     return spread, moved
 
 
+def _leader(tried: list) -> tuple:
+    """(the least distortion so far, uniform if it is within TIE of it: uniform wins a tie, or None)."""
+    best = min(tried, key=lambda c: c.distortion)
+    uniform = tried[0] if tried[0].name == "uniform" else None
+    near = uniform if uniform is not None and uniform is not best and \
+        uniform.distortion <= best.distortion * (1 + TIE) else None
+    return best, near
+
+
 def outputs(model, batches) -> list:
     sess = session(model, quiet=True)
     return [sess.run(None, feeds) for feeds in batches]
 
 
 def choose(analysis, scores: dict, target: Target, budget: Target | None, compensated, held_out: list,
-           progress=lambda message: None, compensable=()) -> tuple[Plan, list]:
+           progress=lambda message: None, compensable=(), retain=lambda plans: None) -> tuple[Plan, list]:
     """The plan (and every Candidate) whose compensated model's outputs on `held_out` stay
     closest to the original's. `compensated(plan)`: the weights compensation gives a plan
-    ({name: value}, applied to masked_original(plan)); `compensable`: the names it may give."""
+    ({name: value}, applied to masked_original(plan)); `compensable`: the names it may give;
+    `retain(plans)`: told after each candidate which plans can still win (what compensation cached
+    for the others may go)."""
     mask = token_mask_input(analysis.model)
     masks = [feeds.get(mask) for feeds in held_out] if mask else None
     tried = []
@@ -107,12 +118,12 @@ def choose(analysis, scores: dict, target: Target, budget: Target | None, compen
             if got is None:  # a weight the shared session cannot take (a computed constant): its own model
                 got = outputs(set_weights(masked_original(plan), weights), held_out)
             tried.append(Candidate(name, plan, distortion(reference, got, masks)))
+            best, near = _leader(tried)
+            retain([best.plan] + ([tried[0].plan] if near is not None else []))
             moved.update(1)
-    best = min(tried, key=lambda c: c.distortion)
-    near = best.name != "uniform" and tried[0].name == "uniform" and \
-        tried[0].distortion <= best.distortion * (1 + TIE)
-    if near:
-        best = tried[0]
+    best, near = _leader(tried)
+    if near is not None:
+        best = near
     progress("allocation by measured output change on held-out calibration batches: " +
              ", ".join(f"{c.name} {c.distortion:.3g}" for c in tried) + f" -> {best.name}" +
              (f" (within {TIE:.0%} of the least: the judge cannot tell them apart, and uniform is what the ratio "

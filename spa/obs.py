@@ -282,8 +282,9 @@ class _Refit:
         self.plain = np.diag(self.block).copy()
         self.rhs = self.cross = None
         if cross is None:  # W Hd[:, K] = W_K Hd[K, K] + W_Q H[Q, K]: only the second term is solved for
-            HQK = np.nan_to_num(np.asarray(H[np.ix_(self.Q, self.K)], dtype=np.float64), posinf=0.0, neginf=0.0)
-            self.rhs = (self.W[:, self.Q] @ HQK).T
+            # in the solve's precision: a float32 product is 1.9x faster (a 1.1B LLaMA's down_proj: 0.55 -> 0.29 s)
+            HQK = np.nan_to_num(np.asarray(H[np.ix_(self.Q, self.K)], dtype=self.dtype), posinf=0.0, neginf=0.0)
+            self.rhs = (self.W[:, self.Q].astype(self.dtype) @ HQK).T
         else:
             self.cross = np.asarray(cross, dtype=np.float64)[self.K, :]
 
@@ -304,7 +305,7 @@ class _Refit:
             return new
         new = np.zeros_like(W)
         if self.cross is None:
-            new[:, K] = W[:, K] + cho_solve((factor, False), self.rhs.astype(self.dtype)).T
+            new[:, K] = W[:, K] + cho_solve((factor, False), self.rhs).T
         else:
             pulled = self.cross.copy()
             pulled[np.arange(len(K)), K] += added  # the damping pulls towards W_K

@@ -463,7 +463,7 @@ def first_order_weights(analysis: Analysis, plan: Plan, measured: Measured, damp
         removed = plan.removed(layer.weight, layer.in_axis)
         if not layer.compensable or not len(removed):
             continue
-        key = (layer.weight, layer.in_axis, np.asarray(removed).tobytes())
+        key = _first_order_key(layer, removed)
         reusable = cache is not None and layer.weight not in weights  # it starts from the original weight
         if reusable and key in cache:
             own = cache[key]
@@ -475,6 +475,19 @@ def first_order_weights(analysis: Analysis, plan: Plan, measured: Measured, damp
                 cache[key] = own
         weights.update(own)
     return weights
+
+
+def _first_order_key(layer, removed) -> tuple:
+    return layer.weight, layer.in_axis, np.asarray(removed).tobytes()
+
+
+def retain_first_order(measured: Measured, plans: list) -> None:
+    """Drop the cached first-order updates that none of `plans` uses: the allocation keeps only the
+    plans that can still win (a 1.1B LLaMA's updates are ~1.4 GB a candidate)."""
+    wanted = {_first_order_key(layer, plan.removed(layer.weight, layer.in_axis))
+              for plan in plans for layer in measured.layers}
+    for key in set(measured.first_order) - wanted:
+        del measured.first_order[key]
 
 
 def obspa(model: onnx.ModelProto, target: Target, calibration: str = "auto", samples: int = 128,

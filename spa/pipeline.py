@@ -326,7 +326,8 @@ def _obs_plan(analysis, target, fit, held, allocation, normalization, compensati
                                                                             measured.first_order)
 
     progress(f"selecting channels: comparing allocations on {len(held)} held-out calibration batches")
-    plan, _ = allocate.choose(analysis, scores, target, budget, compensated, held, progress, measured.compensable)
+    plan, _ = allocate.choose(analysis, scores, target, budget, compensated, held, progress, measured.compensable,
+                              lambda plans: obspa.retain_first_order(measured, plans))
     return plan, scores, measured
 
 

@@ -13,7 +13,8 @@ from spa.cost import concrete_shapes, count_macs, count_params
 from spa.groups import analyze
 from spa.importance import score
 from spa.layers import Layer
-from spa.obspa import Hessians, compensate_layer, first_order, first_order_weights, scored_layers, scores, set_weights
+from spa.obspa import (Hessians, compensate_layer, first_order, first_order_weights, retain_first_order, scored_layers,
+                       scores, set_weights)
 from spa.pipeline import as_budget, prune, save
 from spa.runtime import run
 from spa.selection import Target, select
@@ -171,6 +172,37 @@ def test_uniform_wins_what_the_judge_cannot_tell_apart(monkeypatch, uniform, pic
     assert chosen is next(c.plan for c in tried if c.name == picked)
     assert said[-1].endswith(f"-> {picked}" + (" (within 1% of the least: the judge cannot tell them apart, and "
                                                "uniform is what the ratio says)" if picked == "uniform" else ""))
+
+
+@pytest.mark.parametrize("uniform", [1.005, 1.02])
+def test_allocation_caches_updates_only_for_plans_that_can_still_win(monkeypatch, uniform):
+    """After each candidate the first-order cache keeps the updates of the best plan so far (and of
+    uniform while it is within the tie), and the chosen plan's are the ones a fresh solve gives."""
+    model = _cnn(seed=3)
+    analysis = analyze(model)
+    batches, held = _feeds(model, 32), _feeds(model, 8, seed=9)
+    raw, measured = scores(analysis, batches, normalization="none", held=held)
+    measures = iter([uniform, 1.1, 1.0, 1.3])
+    monkeypatch.setattr(allocation, "distortion", lambda *args: next(measures))
+    told = []
+
+    def retain(plans):
+        told.append(len(plans))
+        retain_first_order(measured, plans)
+
+    chosen, tried = allocation.choose(
+        analysis, raw, Target(ratio=0.5), as_budget(analysis, raw, Target(ratio=0.5)),
+        lambda plan: first_order_weights(analysis, plan, measured, cache=measured.first_order), held,
+        compensable=measured.compensable, retain=retain)
+    assert told == ([1, 1, 2, 2] if uniform < 1.01 else [1, 1, 1, 1])
+    still = [tried[2].plan] + ([tried[0].plan] if uniform < 1.01 else [])
+    assert chosen is still[-1]
+    keys = {(l.weight, l.in_axis, np.asarray(p.removed(l.weight, l.in_axis)).tobytes())
+            for p in still for l in measured.layers}
+    assert measured.first_order and set(measured.first_order) <= keys
+    cached = first_order_weights(analysis, chosen, measured, cache=measured.first_order)
+    fresh = first_order_weights(analysis, chosen, measured)
+    assert cached.keys() == fresh.keys() and all(np.array_equal(cached[k], fresh[k]) for k in fresh)
 
 
 @pytest.mark.parametrize("constant_weights,listed", [(False, False), (True, False), (False, True)])

@@ -290,6 +290,8 @@ MINILM_ROWS = {"magnitude": {"criterion": "l1"},
                f"obs-synthetic+recover-{MINILM_RECOVER}": {"criterion": "obs", "calibration": "synthetic",
                                                          "recover": MINILM_RECOVER},
                "obs-tokenizer": {"criterion": "obs", "calibration": "tokenizer"},
+               f"obs-tokenizer+recover-{MINILM_RECOVER}": {"criterion": "obs", "calibration": "tokenizer",
+                                                         "recover": MINILM_RECOVER},
                "obs-real-128": {"criterion": "obs", "calibration": "real"}}
 
 

@@ -145,14 +145,19 @@ class Hessians:
         return self.cross[key].matrix if key in self.cross else None
 
 
-def held_error(mats: np.ndarray, new: np.ndarray, held) -> float:
-    """||W X - W' X||^2 / N summed over blocks, from a held-out ('full', H) or ('rows', X)."""
+def held_error(mats: np.ndarray, new: np.ndarray, held, columns=None) -> float:
+    """||W X - W' X||^2 / N summed over blocks, from a held-out ('full', H) or ('rows', X).
+    columns: the only columns where W' may differ from W (the product reads those alone: the
+    uncompensated layer, W with the removed columns zeroed, costs |Q| / d of a full judgement)."""
     kind, value = held
+    cols = slice(None) if columns is None else np.asarray(columns)
     if kind == "rows":
         rows, count = value
-        return sum(float(np.sum(np.square(np.asarray(mats[k] - new[k], dtype=np.float32) @ rows[k].T)))
+        return sum(float(np.sum(np.square(np.asarray(mats[k][:, cols] - new[k][:, cols], dtype=np.float32)
+                                          @ rows[k][:, cols].T)))
                    for k in range(len(rows))) / max(count, 1)
-    return sum(obs.layer_error(mats[k], new[k], value[k]) for k in range(len(value)))
+    block = (lambda H: H) if columns is None else (lambda H: H[np.ix_(cols, cols)])
+    return sum(obs.layer_error(mats[k][:, cols], new[k][:, cols], block(value[k])) for k in range(len(value)))
 
 
 def judges(held) -> bool:
@@ -307,7 +312,7 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, 
                 break
         plain = mats.copy()
         plain[:, :, Q] = 0.0
-        tried.append((held_error(mats, plain, held), plain))
+        tried.append((held_error(mats, plain, held, columns=Q), plain))
         best = min(tried, key=lambda t: t[0])[1]
         if best is plain:
             return "kept"

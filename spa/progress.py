@@ -3,12 +3,17 @@
 Library calls show them only on a terminal; the CLI shows them always (off with --quiet) through
 `showing(True | False)`. Off a terminal (a log, CI) a bar that runs over LOG_INTERVAL seconds writes
 one line every LOG_INTERVAL seconds instead of redrawing one line with carriage returns.
+A bar also redraws while its loop is blocked in one long step (an onnxruntime run of a 1.1B model,
+one big factorisation): its elapsed time keeps moving, so no stage goes silent (`_Heartbeat`).
 """
 from __future__ import annotations
 
 import contextlib
 import re
 import sys
+import threading
+import time
+import weakref
 
 _show: bool | None = None  # None: only when stderr is a terminal
 LOG_INTERVAL = 10.0  # seconds between a bar's lines in a log (the longest silence we allow)
@@ -36,8 +41,44 @@ def bar(iterable=None, desc: str = "", total: int | None = None, **kwargs):
     terminal = sys.stderr.isatty()
     where = dict(file=sys.stderr, mininterval=0.5, dynamic_ncols=True) if terminal else \
         dict(file=_Lines(sys.stderr), mininterval=LOG_INTERVAL, delay=LOG_INTERVAL, ascii=True)
-    return tqdm(iterable, desc=desc, total=total, leave=False, disable=not (terminal if _show is None else _show),
-                **where, **kwargs)
+    shown = tqdm(iterable, desc=desc, total=total, leave=False, disable=not (terminal if _show is None else _show),
+                 **where, **kwargs)
+    if not shown.disable:
+        _Heartbeat.watch(shown)
+    return shown
+
+
+class _Heartbeat:
+    """One daemon thread that redraws every open bar not drawn for its `mininterval` (0.5 s on a
+    terminal, LOG_INTERVAL in a log) once its `delay` has passed: tqdm draws only when the loop
+    moves, and its own monitor thread only redraws bars that skip iterations (miniters > 1)."""
+    bars: "weakref.WeakSet" = weakref.WeakSet()
+    thread: threading.Thread | None = None
+    lock = threading.Lock()
+    TICK = 0.25  # seconds between checks
+
+    @classmethod
+    def watch(cls, shown) -> None:
+        with cls.lock:
+            cls.bars.add(shown)
+            if cls.thread is None or not cls.thread.is_alive():
+                cls.thread = threading.Thread(target=cls._run, name="spa-progress", daemon=True)
+                cls.thread.start()
+
+    @classmethod
+    def _run(cls) -> None:
+        while True:
+            time.sleep(cls.TICK)
+            with cls.lock:
+                bars = list(cls.bars)
+            for shown in bars:
+                with shown.get_lock():  # tqdm's write lock: a bar closing meanwhile is cleared after this draw
+                    now = time.time()
+                    if shown.disable or now < shown.start_t + shown.delay or \
+                            now - shown.last_print_t < shown.mininterval:
+                        continue
+                    shown.refresh(nolock=True)
+                    shown.last_print_t = now
 
 
 _CURSOR_MOVES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -414,6 +414,26 @@ def test_the_default_criterion_falls_back_to_l1_where_the_model_does_not_run_on_
 
 
 
+def test_progress_keeps_moving_through_one_long_step(monkeypatch, capsys):
+    """A loop blocked in one long step (an onnxruntime run of a big model) still writes a line every
+    LOG_INTERVAL, its elapsed time moving; once the bar closes nothing more is written."""
+    import time
+
+    from spa import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 0.2)
+    monkeypatch.setattr(progress, "_show", True)
+    with progress.bar(desc="one long step", total=1) as moved:
+        time.sleep(1.6)
+        moved.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    waiting = [line for line in lines if "0/1 [" in line]
+    assert len(waiting) >= 3 and all(line.startswith("one long step:") for line in lines), lines
+    assert any("0/1 [00:01" in line for line in waiting), lines  # the elapsed time moved
+    time.sleep(0.6)
+    assert capsys.readouterr().err == ""
+
+
 def test_progress_off_a_terminal_writes_whole_lines_at_most_every_interval(monkeypatch, capsys):
     """A log gets one line per LOG_INTERVAL from a long loop (no silent stretch, no carriage-return
     redraws on one line); a short loop writes nothing; library calls stay quiet off a terminal."""

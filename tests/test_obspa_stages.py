@@ -331,7 +331,8 @@ def test_compensation_with_any_criterion_and_recover_refused_when_negative(tmp_p
 
 def test_held_out_rows_judge_like_their_hessian():
     """Held-out inputs kept as rows (fewer rows than columns) measure an update's error exactly as
-    their Hessian does; past as many rows as columns they become that Hessian."""
+    their Hessian does (and the uncompensated layer's from its removed columns alone, as from the
+    whole matrix); past as many rows as columns they become that Hessian."""
     from spa.obspa import held_error
 
     rng = np.random.default_rng(0)
@@ -344,6 +345,11 @@ def test_held_out_rows_judge_like_their_hessian():
     assert rows_kept.of(layer)[0] == "rows" and full.of(layer)[0] == "full"
     W, W_new = rng.normal(size=(1, 7, 40)), rng.normal(size=(1, 7, 40))
     assert held_error(W, W_new, rows_kept.of(layer)) == pytest.approx(held_error(W, W_new, full.of(layer)), rel=1e-4)
+    plain = W.copy()
+    Q = np.array([3, 17, 18, 39])
+    plain[:, :, Q] = 0.0
+    for held in (rows_kept.of(layer), full.of(layer)):  # the uncompensated layer judged from its removed columns
+        assert held_error(W, plain, held, columns=Q) == pytest.approx(held_error(W, plain, held), rel=1e-4)
     rows_kept.add(layer, rng.normal(size=(4, 5, 40)).astype(np.float32))  # 50 rows > 40 columns
     assert rows_kept.of(layer)[0] == "full"
 

@@ -150,14 +150,15 @@ def held_error(mats: np.ndarray, new: np.ndarray, held, columns=None) -> float:
     columns: the only columns where W' may differ from W (the product reads those alone: the
     uncompensated layer, W with the removed columns zeroed, costs |Q| / d of a full judgement)."""
     kind, value = held
-    cols = slice(None) if columns is None else np.asarray(columns)
+    if columns is not None:
+        columns = np.asarray(columns)
+        mats, new = mats[:, :, columns], new[:, :, columns]
+        value = ([r[:, columns] for r in value[0]], value[1]) if kind == "rows" else value[:, columns[:, None], columns]
     if kind == "rows":
         rows, count = value
-        return sum(float(np.sum(np.square(np.asarray(mats[k][:, cols] - new[k][:, cols], dtype=np.float32)
-                                          @ rows[k][:, cols].T)))
+        return sum(float(np.sum(np.square(np.asarray(mats[k] - new[k], dtype=np.float32) @ rows[k].T)))
                    for k in range(len(rows))) / max(count, 1)
-    block = (lambda H: H) if columns is None else (lambda H: H[np.ix_(cols, cols)])
-    return sum(obs.layer_error(mats[k][:, cols], new[k][:, cols], block(value[k])) for k in range(len(value)))
+    return sum(obs.layer_error(mats[k], new[k], value[k]) for k in range(len(value)))
 
 
 def judges(held) -> bool:

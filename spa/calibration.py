@@ -91,6 +91,15 @@ DEFAULT_IMAGE = 224        # unknown height / width of an image-like input
 DEFAULT_SIGNAL = 256       # unknown L of a float [N, C, L] input
 MIN_TOKENS = 4             # shortest synthetic token batch (the longest: max_length)
 FREQUENT_SHARE = 0.25      # synthetic sentences draw from this first share of the tokenizer's whole words
+SCAFFOLD_SHARE = 0.25      # of generated token sequences: clauses of English function words (SyntheticVocabulary)
+# closed-class English words a scaffolded clause is built from (its open slots: the tokenizer's frequent words)
+SCAFFOLD_WORDS = {
+    "det": "the a an this that these those my your his her our their some every no any each",
+    "pron": "i you he she it we they", "obj": "me him her it us them you",
+    "prep": "in on at to for with from by about of after before under over into through",
+    "aux": "is are was were will can could would should do does did has have had may must",
+    "conj": "and but or because so when if while", "wh": "what where when why how who which",
+    "adv": "not very also just still never always really too"}
 NATURAL_SLOPES = (0.75, 1.25)  # spectral slopes of synthetic images and signals (natural_noise)
 DEAD_LEAVES_SHARE = 0.25   # of every synthetic image / signal batch: dead leaves (the rest 1/f noise)
 DEAD_LEAVES = 300          # discs (intervals) per dead-leaves image (signal)
@@ -129,6 +138,7 @@ class Calibration:
     layout: str | None = None
     resize: str = "stretch"
     time_limit: float | None = None
+    scaffold: float | None = None  # share of scaffolded token sequences (None: SCAFFOLD_SHARE)
 
     def check(self) -> "Calibration":
         if not isinstance(self.source, str):
@@ -162,6 +172,8 @@ class Calibration:
             raise SpaError(f"calibration image resize must be stretch or pad, got {self.resize!r}")
         if self.tokenizer is not None and not isinstance(self.tokenizer, (str, os.PathLike)):
             raise SpaError("calibration tokenizer must be a path")
+        if self.scaffold is not None and not (isinstance(self.scaffold, (int, float)) and 0 <= self.scaffold <= 1):
+            raise SpaError(f"calibration scaffold share must be between 0 and 1, got {self.scaffold!r}")
         return self
 
 
@@ -545,7 +557,11 @@ class _Plan:
             self.say(f"calibration: synthetic token ids for '{inp.name}' are sentences of the tokenizer's "
                      f"{len(self._vocabulary.body)} most frequent whole-word tokens, framed "
                      f"{self._vocabulary.framing}")
-        return self._vocabulary.draw(shape, rng).astype(inp.dtype)
+        share = SCAFFOLD_SHARE if self.options.scaffold is None else self.options.scaffold
+        if self._vocabulary.scaffold is not None and share > 0:
+            self.say(f"calibration: {share:.0%} of the synthetic token sequences for '{inp.name}' are English clauses "
+                     "(function words from a fixed list around those words; docs/obspa.md)")
+        return self._vocabulary.draw(shape, rng, share).astype(inp.dtype)
 
     def float_noise(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
         """Natural-image noise for image-like and [N, C, L] signal inputs, N(0, 1) for the rest."""
@@ -1172,6 +1188,7 @@ class SyntheticVocabulary:
     suffix: list
     body: np.ndarray
     framing: str  # e.g. "[CLS] ... . [SEP]"
+    scaffold: dict | None = None  # word class -> ids for English clauses (`_scaffold`); None: not English
 
     @classmethod
     def of(cls, path, vocab: int | None) -> "SyntheticVocabulary":
@@ -1202,15 +1219,93 @@ class SyntheticVocabulary:
                            f"model's tokenizer?")
         framing = " ".join([tokenizer.id_to_token(i) for i in prefix] + ["..."] +
                            [tokenizer.id_to_token(i) for i in suffix])
-        return cls(prefix, suffix, body, framing)
+        closing = framed.ids[len(special) - trail:]
+        return cls(prefix, suffix, body, framing, _scaffold(tokenizer, body, texts, closing))
 
-    def draw(self, shape: tuple, rng) -> np.ndarray:
+    def draw(self, shape: tuple, rng, scaffold: float = 0.0) -> np.ndarray:
+        """Ids of `shape`; a `scaffold` share of the sequences (last axis) as English clauses."""
         ids = self.body[rng.integers(0, len(self.body), size=shape)]
         head, tail = len(self.prefix), len(self.suffix)
         if shape and shape[-1] > head + tail:
             ids[..., :head] = self.prefix
             ids[..., shape[-1] - tail:] = self.suffix
+            if self.scaffold is not None and scaffold > 0:
+                rows = ids.reshape(-1, shape[-1])
+                closing = self.scaffold["closing"]
+                for r in np.flatnonzero(rng.random(len(rows)) < scaffold):
+                    rows[r, head:shape[-1] - len(closing)] = _clauses(self.scaffold, shape[-1] - head - len(closing), rng)
+                    rows[r, shape[-1] - len(closing):] = closing
         return ids
+
+
+def _scaffold(tokenizer, body: np.ndarray, texts: list, closing: list) -> dict | None:
+    """Word classes of English clauses for this tokenizer: SCAFFOLD_WORDS that are one token each
+    (as a word after a space), '.', '?', '!' and ',' after a word, and the open slots: `body`'s
+    alphabetic words of two letters or more. None where a tenth of those words or a mark is missing
+    (not an English vocabulary)."""
+    def one(text):  # the id of `text` as one token (not an unknown-word id)
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        return ids[0] if len(ids) == 1 and tokenizer.decode(ids).strip() == text.strip() else None
+
+    word = tokenizer.encode("a", add_special_tokens=False).ids
+    marks = {}
+    for mark in ".?!,":
+        ids = tokenizer.encode("a" + mark, add_special_tokens=False).ids
+        same = ids[:len(word)] == word and len(ids) == len(word) + 1 and tokenizer.decode(ids[len(word):]).strip() == mark
+        marks[mark] = ids[len(word)] if same else None
+    classes = {k: [one(" " + w) for w in v.split()] for k, v in SCAFFOLD_WORDS.items()}
+    found = [i for ids in classes.values() for i in ids if i is not None]
+    if None in marks.values() or len(found) < 0.9 * sum(len(ids) for ids in classes.values()):
+        return None
+    closed = set(found) | set(marks.values())
+    alphabetic = [int(i) for i in body if texts[i].strip().isascii() and texts[i].strip().isalpha()
+                  and len(texts[i].strip()) > 1 and int(i) not in closed]
+    if not alphabetic:
+        return None
+    scaffold = {k: np.array([i for i in ids if i is not None]) for k, ids in classes.items()}
+    return {**scaffold, "open": np.array(alphabetic), "marks": marks, "closing": list(closing)}
+
+
+def _clauses(words: dict, length: int, rng) -> list:
+    """`length` ids of English-shaped clauses (statements, questions, one-word replies, two clauses
+    joined), open slots filled at random; cut to length, ending on a full stop."""
+    def pick(kind):
+        return int(words[kind][rng.integers(len(words[kind]))])
+
+    def noun_phrase():
+        if rng.random() < 0.3:
+            return [pick("pron")]
+        phrase = ([pick("det")] if rng.random() < 0.8 else []) + [pick("open") for _ in range(rng.integers(1, 3))]
+        if rng.random() < 0.2:
+            phrase += [pick("prep")] + ([pick("det")] if rng.random() < 0.7 else []) + [pick("open")]
+        return phrase
+
+    def verb_phrase():
+        phrase = ([pick("aux")] if rng.random() < 0.5 else []) + ([pick("adv")] if rng.random() < 0.15 else [])
+        phrase += [pick("open")]
+        if rng.random() < 0.7:
+            phrase += noun_phrase() if rng.random() < 0.7 else [pick("obj")]
+        if rng.random() < 0.4:
+            phrase += [pick("prep")] + noun_phrase()
+        return phrase
+
+    marks = words["marks"]
+    out: list = []
+    while len(out) < length:
+        kind = rng.random()
+        if kind < 0.08:
+            out += [pick("open") for _ in range(rng.integers(1, 3))] + [marks[".!?"[rng.integers(3)]]]
+        elif kind < 0.28:
+            out += [pick("wh"), pick("aux")] + noun_phrase() + verb_phrase()[-3:] + [marks["?"]]
+        else:
+            clause = noun_phrase() + verb_phrase()
+            if rng.random() < 0.25:
+                clause += [marks[","], pick("conj")] + noun_phrase() + verb_phrase()
+            out += clause + [marks["." if rng.random() < 0.85 else "!"]]
+    out = out[:length]
+    if length and out[-1] not in (marks["."], marks["?"], marks["!"]):
+        out[-1] = marks["."]
+    return out
 
 
 def _pad_id(tokenizer) -> int:

@@ -567,6 +567,38 @@ def test_synthetic_tokens_are_shaped_like_the_tokenizers_sentences(tmp_path):
     assert all(np.all(f["input_ids"][:, -1] == 3) and np.all(f["input_ids"][:, -2] >= 4) for f in no_stop)
 
 
+def test_synthetic_tokens_in_english_clauses_where_the_tokenizer_has_the_words(tmp_path):
+    """A tokenizer holding the scaffold's function words and marks: a share of the generated sequences
+    are clauses of them around frequent words (all of the held-out ones: four batches), each framed
+    like a sentence and ending on a mark; any other tokenizer (the test above) has no scaffold."""
+    from spa.calibration import SCAFFOLD_WORDS, SyntheticVocabulary
+    from spa.pipeline import _held_out
+
+    closed = list(dict.fromkeys(w for v in SCAFFOLD_WORDS.values() for w in v.split()))
+    opened = [f"word{chr(97 + k // 26)}{chr(97 + k % 26)}" for k in range(200)]
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + opened[:60] + closed + [".", "?", "!", ","] + opened[60:]
+    tokenizer = _tokenizer(tmp_path / "tok", words)
+    vocabulary = SyntheticVocabulary.of(str(tokenizer), len(words))
+    ids_of = {w: i for i, w in enumerate(words)}
+    closed_ids, stops = {ids_of[w] for w in closed}, {ids_of[m] for m in ".?!"}
+    assert set(vocabulary.scaffold["open"]) <= {ids_of[w] for w in opened}
+    rows = vocabulary.draw((64, 24), np.random.default_rng(0), 1.0)
+    assert np.all(rows[:, 0] == ids_of["[CLS]"]) and np.all(rows[:, -1] == ids_of["[SEP]"])
+    assert all(row[-2] in stops and closed_ids & set(row[1:-1]) for row in rows)
+    mixed = vocabulary.draw((64, 24), np.random.default_rng(0), 0.25)
+    scaffolded = [bool(closed_ids & set(row[1:-1])) for row in mixed]
+    assert 0 < sum(scaffolded) < 64
+    model = _token_model(vocab=len(words))
+    calibration = Calibration(source="synthetic", tokenizer=str(tokenizer), samples=32)
+    batches, said = _said(model, calibration)
+    assert any("25% of the synthetic token sequences for 'input_ids' are English clauses" in m for m in said)
+    fit, held = _held_out(model, calibration, batches)
+    assert fit is batches and len(held) == 4 and len({b["input_ids"].shape[1] for b in held}) > 1
+    assert all(row[-2] in stops and closed_ids & set(row[1:-1]) for b in held for row in b["input_ids"])
+    with pytest.raises(SpaError, match="scaffold share"):
+        Calibration(source="synthetic", scaffold=2).check()
+
+
 def test_synthetic_tokens_bad_tokenizer_is_one_line(tmp_path):
     many = _tokenizer(tmp_path / "many", WORDS + [f"w{k}" for k in range(200)])  # words up to id 57
     cases = [

@@ -121,7 +121,9 @@ class Calibration:
     dim name: size}; tokenizer: tokenizer.json or a directory holding one (.txt sources; generated
     sources: synthetic token ids shaped like its sentences);
     image_size: (H, W); mean/std: per channel (or one value); layout: "nchw" / "nhwc";
-    resize: "stretch" / "pad". samples None: DEFAULT_SAMPLES (spa.pipeline uses fewer for models
+    resize: "stretch" / "pad"; scaffold: the share of generated sentences written as English clauses
+    (None: SCAFFOLD_SHARE; spa.pipeline's held-out sentences: all).
+    samples None: DEFAULT_SAMPLES (spa.pipeline uses fewer for models
     whose forward pass is expensive, and says so). time_limit (seconds): "inverted" gives up with a
     SpaError once its first step shows it would take longer (the "auto" source sets it)."""
     source: str = "auto"
@@ -1232,9 +1234,10 @@ class SyntheticVocabulary:
             if self.scaffold is not None and scaffold > 0:
                 rows = ids.reshape(-1, shape[-1])
                 closing = self.scaffold["closing"]
+                end = shape[-1] - len(closing)
                 for r in np.flatnonzero(rng.random(len(rows)) < scaffold):
-                    rows[r, head:shape[-1] - len(closing)] = _clauses(self.scaffold, shape[-1] - head - len(closing), rng)
-                    rows[r, shape[-1] - len(closing):] = closing
+                    rows[r, head:end] = _clauses(self.scaffold, end - head, rng)
+                    rows[r, end:] = closing
         return ids
 
 
@@ -1251,8 +1254,8 @@ def _scaffold(tokenizer, body: np.ndarray, texts: list, closing: list) -> dict |
     marks = {}
     for mark in ".?!,":
         ids = tokenizer.encode("a" + mark, add_special_tokens=False).ids
-        same = ids[:len(word)] == word and len(ids) == len(word) + 1 and tokenizer.decode(ids[len(word):]).strip() == mark
-        marks[mark] = ids[len(word)] if same else None
+        alone = ids[:len(word)] == word and len(ids) == len(word) + 1
+        marks[mark] = ids[len(word)] if alone and tokenizer.decode(ids[len(word):]).strip() == mark else None
     classes = {k: [one(" " + w) for w in v.split()] for k, v in SCAFFOLD_WORDS.items()}
     found = [i for ids in classes.values() for i in ids if i is not None]
     if None in marks.values() or len(found) < 0.9 * sum(len(ids) for ids in classes.values()):
@@ -1268,7 +1271,7 @@ def _scaffold(tokenizer, body: np.ndarray, texts: list, closing: list) -> dict |
 
 def _clauses(words: dict, length: int, rng) -> list:
     """`length` ids of English-shaped clauses (statements, questions, one-word replies, two clauses
-    joined), open slots filled at random; cut to length, ending on a full stop."""
+    joined), open slots filled at random; cut to length, ending on '.', '?' or '!'."""
     def pick(kind):
         return int(words[kind][rng.integers(len(words[kind]))])
 

@@ -1199,9 +1199,7 @@ class SyntheticVocabulary:
             tokenizer.no_padding()
             tokenizer.no_truncation()
             framed = tokenizer.encode("a", add_special_tokens=True)
-            word, stop = (tokenizer.encode(t, add_special_tokens=False).ids for t in ("a", "a."))
-            period = stop[len(word):]
-            period = period if stop[:len(word)] == word and tokenizer.decode(period).strip() == "." else []
+            period = _after_word(tokenizer, ".")
             texts = tokenizer.decode_batch([[i] for i in range(tokenizer.get_vocab_size())])
             back = tokenizer.encode_batch(texts, add_special_tokens=False)
         except Exception as exc:
@@ -1209,7 +1207,8 @@ class SyntheticVocabulary:
         special = list(framed.special_tokens_mask)
         lead = next((k for k, v in enumerate(special) if not v), len(special))
         trail = next((k for k, v in enumerate(reversed(special)) if not v), 0)
-        prefix, suffix = framed.ids[:lead], period + framed.ids[len(special) - trail:]
+        closing = framed.ids[len(special) - trail:]
+        prefix, suffix = framed.ids[:lead], period + closing
         words = [i for i, (t, e) in enumerate(zip(texts, back)) if t.strip() and e.ids == [i]]
         if not words:
             raise SpaError(f"tokenizer {path}: none of its tokens is a whole word that encodes back to itself; "
@@ -1221,7 +1220,6 @@ class SyntheticVocabulary:
                            f"model's tokenizer?")
         framing = " ".join([tokenizer.id_to_token(i) for i in prefix] + ["..."] +
                            [tokenizer.id_to_token(i) for i in suffix])
-        closing = framed.ids[len(special) - trail:]
         return cls(prefix, suffix, body, framing, _scaffold(tokenizer, body, texts, closing))
 
     def draw(self, shape: tuple, rng, scaffold: float = 0.0) -> np.ndarray:
@@ -1241,6 +1239,13 @@ class SyntheticVocabulary:
         return ids
 
 
+def _after_word(tokenizer, mark: str) -> list:
+    """The ids `mark` takes right after a word (in 'a' + mark); [] where it does not encode apart."""
+    word, marked = (tokenizer.encode(t, add_special_tokens=False).ids for t in ("a", "a" + mark))
+    ids = marked[len(word):]
+    return ids if marked[:len(word)] == word and tokenizer.decode(ids).strip() == mark else []
+
+
 def _scaffold(tokenizer, body: np.ndarray, texts: list, closing: list) -> dict | None:
     """Word classes of English clauses for this tokenizer: SCAFFOLD_WORDS that are one token each
     (as a word after a space), '.', '?', '!' and ',' after a word, and the open slots: `body`'s
@@ -1250,12 +1255,10 @@ def _scaffold(tokenizer, body: np.ndarray, texts: list, closing: list) -> dict |
         ids = tokenizer.encode(text, add_special_tokens=False).ids
         return ids[0] if len(ids) == 1 and tokenizer.decode(ids).strip() == text.strip() else None
 
-    word = tokenizer.encode("a", add_special_tokens=False).ids
     marks = {}
     for mark in ".?!,":
-        ids = tokenizer.encode("a" + mark, add_special_tokens=False).ids
-        alone = ids[:len(word)] == word and len(ids) == len(word) + 1
-        marks[mark] = ids[len(word)] if alone and tokenizer.decode(ids[len(word):]).strip() == mark else None
+        ids = _after_word(tokenizer, mark)
+        marks[mark] = ids[0] if len(ids) == 1 else None
     classes = {k: [one(" " + w) for w in v.split()] for k, v in SCAFFOLD_WORDS.items()}
     found = [i for ids in classes.values() for i in ids if i is not None]
     if None in marks.values() or len(found) < 0.9 * sum(len(ids) for ids in classes.values()):

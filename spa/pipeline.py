@@ -13,8 +13,8 @@ from onnx import external_data_helper
 
 from . import allocation as allocate
 from . import external_data, latency, obspa, plugins
-from .calibration import (DEFAULT_SAMPLES, Calibration, SampleDefault, calibration_batches, is_generated,
-                          shared_shapes)
+from .calibration import (DEFAULT_SAMPLES, Calibration, SampleDefault, calibration_batches, fresh_batches,
+                          is_generated, shared_shapes)
 from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
 from .cost import concrete_shapes, count_macs, count_params
 from .graph import weight_bytes
@@ -128,12 +128,9 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     if recover:
         if recover < 0:
             raise SpaError(f"recover needs a positive number of steps, got {recover}")
-        inputs = fit + held
-        if not inputs:
-            progress("recover: the calibration gives no inputs; distilling on synthetic ones")
-            inputs = calibration_batches(model, dataclasses.replace(cal, source="synthetic"))
+        inputs, holdout = recovery_inputs(model, cal, fit, held, progress)
         result.recovery = plugins.load("spa.recovery", "distill")(
-            model, result.model, inputs, recover, seed=seed, progress=progress)
+            model, result.model, inputs, recover, seed=seed, progress=progress, holdout=holdout)
         result.model = result.recovery.model
         if result.recovery.improved:
             plan.weights_changed = " and ".join(filter(None, (plan.weights_changed, "--recover distillation")))
@@ -273,6 +270,21 @@ def calibration_inputs(model: onnx.ModelProto, cal: Calibration, progress=_quiet
         batches = affordable(model, batches, progress, budget)
     batches, held = _held_out(model, cal, batches) if held_out else (batches, [])
     return cal, [b for b in batches if not any(b is h for h in held)], held
+
+
+def recovery_inputs(model, cal: Calibration, fit: list, held: list, progress=_quiet) -> tuple:
+    """(batches, held-out batches or None) to distil on: with synthetic calibration (or none) fresh
+    synthetic batches every step, judged on the held-out calibration batches (MiniLM at --ratio 0.25
+    with its tokenizer: 0.917 -> 0.918 cycling its 192 calibration sequences, 0.932 on fresh ones;
+    docs/recover.md); else the calibration batches, whose last ones `recover` holds out itself."""
+    if fit or held:
+        if cal.source != "synthetic":
+            return fit + held, None
+        progress("recover: distilling on fresh synthetic batches every step, judged on the held-out ones")
+    else:
+        progress("recover: the calibration gives no inputs; distilling on synthetic ones")
+    samples = sum(len(next(iter(b.values()))) for b in fit) or None
+    return fresh_batches(model, dataclasses.replace(cal, source="synthetic", samples=samples), progress), held or None
 
 
 def _held_out(model, cal: Calibration, batches: list) -> tuple[list, list]:

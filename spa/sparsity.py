@@ -365,11 +365,12 @@ def _recovered(model, sparse, calibration, steps: int, progress) -> tuple[onnx.M
     """The sparse model distilled from `model` for `steps` with its zeros kept, if that lowered
     the held-out loss (else `sparse` itself), and what happened."""
     from . import plugins
-    from .pipeline import _calibration, calibration_inputs
+    from .pipeline import _calibration, calibration_inputs, recovery_inputs
 
-    _, fit, held = calibration_inputs(model, _calibration(calibration, None, 0), progress)
-    result = plugins.load("spa.recovery", "distill")(model, sparse, fit + held, steps, progress=progress,
-                                                     keep_zeros=True)
+    cal, fit, held = calibration_inputs(model, _calibration(calibration, None, 0), progress)
+    inputs, holdout = recovery_inputs(model, cal, fit, held, progress)
+    result = plugins.load("spa.recovery", "distill")(model, sparse, inputs, steps, progress=progress,
+                                                     holdout=holdout, keep_zeros=True)
     return result.model, {"steps": steps, "loss_before": result.loss_before, "loss_after": result.loss_after,
                           "kept": bool(result.improved)}
 

@@ -783,3 +783,22 @@ def test_cli_text_calibration_without_tokenizer(tmp_path, capsys):
                "--criterion", "obspa", "--calibration", str(tmp_path / "s.txt")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "needs a tokenizer" in err
+
+
+def test_fresh_batches_are_new_every_block_and_the_same_for_a_step():
+    from spa.calibration import fresh_batches
+    model = _token_model()
+    cal = Calibration(source="synthetic", samples=32, batch_size=16, seed=3)
+    draw, again = fresh_batches(model, cal), fresh_batches(model, cal)
+    steps = [draw(k) for k in range(8)]
+    assert all(set(b) == {"input_ids", "attention_mask"} and len(b["input_ids"]) == 16 for b in steps)
+    ids = [b["input_ids"].tobytes() for b in steps]
+    assert len(set(ids)) == 8  # four blocks of two batches, nothing repeated
+    assert len({b["input_ids"].shape[1] for b in steps}) > 2  # each block draws its own lengths
+    assert np.array_equal(again(5)["input_ids"], steps[5]["input_ids"])
+    assert np.array_equal(draw(1)["input_ids"], steps[1]["input_ids"])  # an earlier block again: the same
+    fit = calibration_batches(model, cal)
+    assert not any(b["input_ids"].tobytes() in ids for b in fit)
+    _runs(model, steps)
+    with pytest.raises(SpaError, match="fresh batches are drawn from the synthetic source"):
+        fresh_batches(model, Calibration(source="bn"))

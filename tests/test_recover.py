@@ -259,3 +259,22 @@ def test_pipeline_recovery_on_generated_inputs_says_it_was_judged_on_them(tmp_pa
     result = prune(original, Target(ratio=0.5), criterion="l1", recover=60, progress=messages.append,
                    calibration=str(tmp_path / "data.npz"))
     assert result.recovery is not None and not any("generated held-out inputs" in m for m in messages)
+
+
+def test_pipeline_recovery_draws_fresh_synthetic_batches_and_judges_on_the_held_out_ones(monkeypatch):
+    from spa import plugins
+    seen = {}
+
+    def fake(original, pruned, batches, steps, seed=0, progress=None, holdout=None):
+        seen.update(batches=batches, holdout=holdout)
+        return RecoveryResult(pruned, False, 1.0, 1.0, 0.0, 0)
+
+    monkeypatch.setattr(plugins, "load", lambda group, name: fake)
+    messages = []
+    prune(_mlp(), Target(ratio=0.5), criterion="obspa", recover=5, progress=messages.append,
+          calibration="synthetic", calibration_samples=32)
+    assert callable(seen["batches"]) and len(seen["holdout"]) == 1
+    first, later = seen["batches"](0), seen["batches"](40)
+    assert not np.array_equal(first["input"], later["input"])
+    assert not any(np.array_equal(first["input"], h["input"]) for h in seen["holdout"])
+    assert any("fresh synthetic batches every step" in m for m in messages)

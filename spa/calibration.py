@@ -301,8 +301,7 @@ def fresh_batches(model: onnx.ModelProto, calibration: Calibration, progress=_qu
         if block not in block_feeds:
             block_feeds.clear()
             seed = options.seed * 1_000_003 + block + 1
-            plan.options = dataclasses.replace(options, seed=seed)  # token lengths follow the block
-            block_feeds[block] = plan.generated(np.random.default_rng([seed, 104729]))
+            block_feeds[block] = plan.generated(np.random.default_rng([seed, 104729]), lengths_seed=seed)
         return block_feeds[block][k]
 
     return batches
@@ -542,22 +541,24 @@ class _Plan:
             return [self.static_batch] * max(1, samples // self.static_batch)
         return [min(self.chunk, samples - s) for s in range(0, samples, self.chunk)]
 
-    def token_lengths(self, count: int) -> list:
-        """One length per batch: stratified log-uniform over [4, max], in a seeded order."""
+    def token_lengths(self, count: int, seed: int | None = None) -> list:
+        """One length per batch: stratified log-uniform over [4, max], in an order seeded by `seed`
+        (None: the calibration's)."""
         hi = self.max_tokens()
         lo = min(MIN_TOKENS, hi)
-        rng = np.random.default_rng([self.options.seed, 7919])
+        rng = np.random.default_rng([self.options.seed if seed is None else seed, 7919])
         u = (np.arange(count) + rng.random(count)) / count
         lengths = np.rint(np.exp(np.log(lo) + u * (np.log(hi) - np.log(lo)))).astype(int)
         return [int(v) for v in rng.permutation(np.clip(lengths, lo, hi))]
 
-    def generated(self, rng, floats=None, override: dict | None = None) -> list:
+    def generated(self, rng, floats=None, override: dict | None = None, lengths_seed: int | None = None) -> list:
         """Generated feeds: `floats(shape)` for float inputs (N(0, 1) by default), `override`
-        {input: fn(shape)} for particular ones, the integer conventions for the rest."""
+        {input: fn(shape)} for particular ones, the integer conventions for the rest; token batch
+        lengths drawn from `lengths_seed` (None: the calibration's seed)."""
         shapes = self.resolved()
         sizes = self.chunk_sizes()
         tokens = any(TOKENS in s for s in shapes.values())
-        lengths = self.token_lengths(len(sizes)) if tokens else [None] * len(sizes)
+        lengths = self.token_lengths(len(sizes), lengths_seed) if tokens else [None] * len(sizes)
         feeds = []
         for n, length in zip(sizes, lengths):
             feed = {}

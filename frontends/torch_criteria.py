@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from spa.calibration import calibration_batches
 from spa.errors import SpaError
+from spa.runtime import batch_size, sample_count
 from spa.graph import as_model
 from spa.importance import GRADIENT_CRITERIA
 
@@ -211,12 +212,12 @@ class _Data:
         return out
 
     def _attach(self, labels: np.ndarray):
-        total = sum(len(next(iter(b.values()))) for b in self.batches)
+        total = sample_count(self.batches)
         if len(labels) < total:
             raise SpaError(f"{len(labels)} labels for {total} calibration samples")
         start = 0
         for b in self.batches:
-            n = len(next(iter(b.values())))
+            n = batch_size(b)
             b["labels"] = torch.from_numpy(labels[start:start + n])
             start += n
         with torch.no_grad():
@@ -248,7 +249,7 @@ class _Data:
     def samples(self):
         """Every sample as a batch of one (for the empirical Fisher)."""
         for b in self.batches:
-            for k in range(len(next(iter(b.values())))):
+            for k in range(batch_size(b)):
                 yield {n: t[k:k + 1] for n, t in b.items()}
 
 

@@ -49,6 +49,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from spa.errors import SpaError
+from spa.runtime import sample_count
 from spa.graph import as_model, constant_node_value
 from spa.progress import bar
 
@@ -334,7 +335,7 @@ def bn_inversion(model: onnx.ModelProto, feeds: list[dict], steps: int = 200, lr
         return loss
 
     start = _mean_bn_error(graph, feeds)
-    samples = sum(len(next(iter(f.values()))) for f in feeds)
+    samples = sample_count(feeds)
     report(f"bn-inversion: matching {len(graph.targets)} BatchNorm layers, {samples} samples in "
            f"{len(feeds)} batches, {steps} Adam steps (lr {lr:g})")
     began = time.perf_counter()
@@ -505,7 +506,7 @@ def invert(model: onnx.ModelProto, feeds: list[dict], steps: int = 200, lr: floa
             parts.append(f"BN error {bn:.4g}")
         return ", ".join(parts)
 
-    samples = sum(len(next(iter(f.values()))) for f in feeds)
+    samples = sample_count(feeds)
     for note in notes:
         report(f"{what}: {note}: BatchNorm statistics only")
     parts = []

@@ -49,7 +49,7 @@ import numpy as np
 import onnx
 
 from .errors import SpaError, first_line
-from .runtime import declared_inputs, session
+from .runtime import batch_size, declared_inputs, session
 
 LABEL_KEYS = ("labels", "y")
 SINGLE_INPUT_KEYS = ("x", "inputs")
@@ -82,7 +82,7 @@ class Evaluation:
 
     @property
     def samples(self) -> int | None:
-        return None if self.inputs is None else len(next(iter(self.inputs.values())))
+        return None if self.inputs is None else batch_size(self.inputs)
 
     @property
     def metric(self) -> str:

@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 
 from .errors import SpaError
+from .runtime import batch_size
 from .trials import check_address, run_trials
 
 FORMAT = "spa-sensitivity/1"
@@ -123,7 +124,7 @@ class Deviation:
         self.reference = [np.asarray(outputs[i], dtype=np.float64) for i in self.keep]
         self.norm = math.sqrt(sum(float(np.sum(r * r)) for r in self.reference)) or 1.0
         self.info = {"metric": DEVIATION, "better": "lower", "before": 0.0,
-                     "source": f"{len(next(iter(self.feeds.values())))} N(0, 1) random inputs, seed "
+                     "source": f"{batch_size(self.feeds)} N(0, 1) random inputs, seed "
                                f"[{DEVIATION_STREAM:#x}, {seed}], disjoint from calibration"}
 
     def __call__(self, pruned: onnx.ModelProto) -> float:

@@ -47,6 +47,7 @@ from onnx import helper, numpy_helper
 
 from . import obs
 from .errors import SpaError
+from .runtime import sample_count
 from .activations import StagedRun, fetch
 from .progress import bar
 from .groups import Analysis, Options
@@ -427,7 +428,7 @@ def scores(analysis: Analysis, batches: list, damp: float = obs.DEFAULT_DAMP, no
     hessians = Hessians(len(batches), MAX_COLUMNS, seed)
     held_hessians = Hessians(len(held), MAX_COLUMNS, seed, keep_rows=True) if held else None
     if batches and layers:
-        progress(f"Hessians of {len(layers)} layers from {sum(len(next(iter(b.values()))) for b in batches)} "
+        progress(f"Hessians of {len(layers)} layers from {sample_count(batches)} "
                  "calibration samples" + (" (and the held-out ones)" if held else ""))
     if (batches or held) and layers:
         collect(analysis.model, layers, [(batches, hessians)] + ([(list(held), held_hessians)] if held else []),

@@ -24,7 +24,7 @@ from .plan import Plan
 from .rewrite import rewrite
 from .selection import Target, select
 from .paths import staging_folder
-from .runtime import declared_inputs, feed_shapes, is_float
+from .runtime import batch_size, declared_inputs, feed_shapes, is_float, sample_count
 from .verify import session_fits, validate
 
 
@@ -283,7 +283,7 @@ def recovery_inputs(model, cal: Calibration, fit: list, held: list, progress=_qu
         progress("recover: distilling on fresh synthetic batches every step, judged on the held-out ones")
     else:
         progress("recover: the calibration gives no inputs; distilling on synthetic ones")
-    samples = sum(len(next(iter(b.values()))) for b in fit) or None
+    samples = sample_count(fit) or None
     return fresh_batches(model, dataclasses.replace(cal, source="synthetic", samples=samples), progress), held or None
 
 
@@ -295,7 +295,7 @@ def _held_out(model, cal: Calibration, batches: list) -> tuple[list, list]:
     if not batches:
         return batches, []
     if is_generated(cal.source):
-        size = len(next(iter(batches[0].values())))
+        size = batch_size(batches[0])
         # sentences from a tokenizer: HELD_OUT_PARTS batches of lengths spread like the fit's, every sequence
         # English clauses where the tokenizer has the words (docs/obspa.md: MiniLM's judge then picks the plan
         # real text prefers on 6 seeds of 6, on one batch of word salad it picked uniform on some)
@@ -319,7 +319,7 @@ def _rechunked(batches: list, parts: int) -> list:
     batch must have the same length (sequence lengths may differ between batches: those stay)."""
     out = []
     for feeds in batches:
-        size = len(next(iter(feeds.values())))
+        size = batch_size(feeds)
         pieces = max(1, min(size, -(-parts // len(batches))))
         bounds = np.linspace(0, size, pieces + 1).astype(int)
         out += [{k: v[a:b] for k, v in feeds.items()} for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
@@ -390,7 +390,7 @@ def affordable(model: onnx.ModelProto, batches: list, progress=_quiet, budget: f
     if not batches:
         return batches
     per_sample = macs_per_sample(model, batches[0])
-    sizes = [len(next(iter(b.values()))) for b in batches]
+    sizes = [batch_size(b) for b in batches]
     keep, total = 0, 0
     while keep < len(batches) and (total < MIN_SAMPLES or (total + sizes[keep]) * per_sample <= budget):
         total += sizes[keep]
@@ -409,7 +409,7 @@ def macs_per_sample(model: onnx.ModelProto, feeds: dict) -> float:
             for d, size in zip(vi.type.tensor_type.shape.dim, np.shape(feeds[vi.name])):
                 if d.dim_param:
                     dims[d.dim_param] = int(size)
-    count = len(next(iter(feeds.values())))
+    count = batch_size(feeds)
     try:
         return count_macs(model, concrete_shapes(model, batch=count, dims=dims)) / max(count, 1)
     except Exception:  # an estimate only: without shapes, keep every sample

@@ -199,6 +199,16 @@ def _copy_fields(source, target, skip: str) -> None:
             setattr(target, field.name, value)
 
 
+def batch_size(feeds: dict) -> int:
+    """Samples in one feed: the leading dimension of its first input."""
+    return len(next(iter(feeds.values())))
+
+
+def sample_count(batches) -> int:
+    """Samples in a list of feeds."""
+    return sum(batch_size(feeds) for feeds in batches)
+
+
 def feed_shapes(feeds: dict) -> str:
     """'name 1x3x224x224, mask 1x12': the sizes of a batch of inputs, for messages."""
     return shapes_text({name: np.shape(value) for name, value in feeds.items()})

@@ -27,7 +27,7 @@ from .calibration import SampleDefault, shared_shapes
 from .errors import CalibrationRunError
 from .layers import Layer
 from .obspa import DAMPING_PATH, MAX_COLUMNS, Hessians, held_error, judges, token_mask_input
-from .runtime import feed_shapes
+from .runtime import feed_shapes, sample_count
 
 BLOCK = 128  # columns per lazy-update block (and per unstructured mask decision)
 REFIT_ITERATIONS = 10  # conjugate-gradient steps of refit_kept (MiniLM 2:4: 10 and 30 steps, the same cosine)
@@ -322,7 +322,7 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
     how: dict = {}
     run = StagedRun(model, by_output, every, "sparsifying")
     progress(f"sparsifying {len(layers)} layers with OBS updates in {run.count} stages "
-             f"({sum(len(next(iter(b.values()))) for b in fit)} calibration samples, {len(held)} held-out batches)")
+             f"({sample_count(fit)} calibration samples, {len(held)} held-out batches)")
     with _runs_on(every):  # onnxruntime failing on the calibration inputs: one CalibrationRunError
         for _, names, values in run.stages(weights, wanted):
             fits, helds = _stage_hessians([by_output[n] for n in names], values, g, every, len(fit), mask, seed)

@@ -27,9 +27,12 @@
   residual stream when heads and MLP channels were pruned); a CNN pruned globally usually has
   none. On MiniLM it is what made recovery help at all.
 - Adam with a linear warm-up (``warmup`` fraction of the steps) and a cosine decay to zero;
-  ``lr`` defaults to :func:`default_lr` (1e-3 with BatchNormalization, 1e-4 without).
+  ``lr`` defaults to :func:`default_lr` (1e-3 with BatchNormalization, 1e-4 without). A run that
+  does not lower the held-out loss is tried once more from the pruned weights at ``lr *
+  RETRY_LR`` (announced): 1e-3 suits the small CNNs trained here, the PP-OCRv4 recognizer needs
+  1e-5, and its held-out loss cannot tell them apart early (docs/recover.md).
 - Never worse: the held-out loss (outputs only) is measured with onnxruntime on the pruned model
-  before and on the rewritten model after; if it did not go down, the input model is returned
+  before and on the rewritten model after; if neither try lowered it, the input model is returned
   unchanged with ``improved=False``. It is measured on the same kind of inputs as training: on
   random tokens a lower loss did not always mean better embeddings of real sentences.
 - Trained values are written into a copy of the pruned ModelProto: initializers and Constant
@@ -62,6 +65,7 @@ DEFAULT_LR = 1e-3          # models with BatchNormalization (measured: docs/reco
 DEFAULT_LR_NO_BN = 1e-4    # others (transformers: 1e-3 recovered less than 1e-4)
 DEFAULT_STEPS = 300
 HOLDOUT_BATCHES = 4
+RETRY_LR = 0.01            # a run that did not lower the held-out loss is tried once more at lr x this
 
 
 @dataclass
@@ -113,7 +117,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
         raise SpaError(f"recover: bn must be 'frozen' or 'update', got {bn!r}")
     if match not in ("outputs", "shared"):
         raise SpaError(f"recover: match must be 'outputs' or 'shared', got {match!r}")
-    lr = default_lr(pruned) if lr is None else float(lr)
+    lr = first_lr = default_lr(pruned) if lr is None else float(lr)
     start = time.perf_counter()
     train_feeds, holdout = _split_batches(batches, steps, holdout)
 
@@ -139,21 +143,31 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     params = student.onnx_parameters()
     if keep_zeros:
         _freeze_zeros(params.values())
-    ran, diverged = 0, None
-    if steps and loss_before > 0 and params:
+    start_values = {k: p.detach().clone() for k, p in params.items()}
+    model, skipped, loss_after, ran, diverged = pruned, [], loss_before, 0, None
+    for attempt in range(2 if steps and loss_before > 0 and params else 0):
+        if attempt:
+            say(f"recover: held-out loss {loss_before:.4g} -> {loss_after:.4g} at lr {lr:g}: once more from the pruned "
+                f"weights at lr {lr * RETRY_LR:g} (a pretrained model can need a far lower one than its kind)")
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(start_values[k])
+            lr *= RETRY_LR
         with torch.random.fork_rng(devices=[]), intra_op_threads(all_cores_but_one()):
             torch.manual_seed(seed)
-            ran, diverged = _train(student, teach, train_feeds, steps, lr, names, shared, scales, match_weight,
-                                   warmup, weight_decay, bn, list(params.values()))
-
-    model, skipped = pruned, []
-    loss_after = loss_before
-    if ran:
-        model, skipped = _write_back(pruned, student, bn)
-        loss_after = _holdout_loss(_session(model, threads), holdout, t_hold, names, scales)
+            done, diverged = _train(student, teach, train_feeds, steps, lr, names, shared, scales, match_weight,
+                                    warmup, weight_decay, bn, list(params.values()))
+        ran += done
+        if done:
+            model, skipped = _write_back(pruned, student, bn)
+            loss_after = _holdout_loss(_session(model, threads), holdout, t_hold, names, scales)
+        if math.isfinite(loss_after) and loss_after < loss_before:
+            break
     improved = bool(ran) and math.isfinite(loss_after) and loss_after < loss_before
     seconds = time.perf_counter() - start
     notes = []
+    if lr != first_lr:
+        notes.append(f"at lr {lr:g}")
     if diverged is not None:
         notes.append(f"training diverged at step {diverged}, stopped")
     if skipped:
@@ -349,6 +363,7 @@ def _teacher_ahead(feeds, teacher, wanted, steps):
 
 def _train(student, teacher, feeds, steps, lr, names, shared, scales, match_weight, warmup, weight_decay,
            bn, params):
+    """(steps run, step it diverged at or None)."""
     if bn == "frozen":
         student.mimic_onnx = True
         student.eval()

@@ -158,7 +158,8 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--recover", type=int, default=0, metavar="N",
                     help="after pruning, N steps of data-free distillation of the original into the pruned model "
                          "on fresh synthetic inputs every step (synthetic calibration) or the calibration inputs "
-                         "(PyTorch; never kept when it does not lower the held-out loss; default 0)")
+                         "(PyTorch; a run that does not lower the held-out loss is tried once more at a hundredth of the lr, "
+                         "and never kept when neither does; default 0)")
     pr.add_argument("--allocation", choices=("measured", "global", "uniform"),
                     help="how the budget spreads over groups: uniform (--ratio from every group; default except "
                          "obspa), global (one ranking across groups; --ratio keeps the parameters uniform would), "

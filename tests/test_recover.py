@@ -173,13 +173,30 @@ def test_diverging_training_never_writes_non_finite_values(lr):
     pruned = prune(original, Target(ratio=0.5), criterion="l1").model
     messages = []
     result = _run(pruned, original, steps=30, lr=lr, progress=messages.append)
-    if lr > 1e30:  # the float32 loss overflows after one step: training stops
-        assert result.steps == 1 and "diverged" in messages[-1]
+    assert any("once more from the pruned weights" in m for m in messages)  # then at lr / 100
+    if lr > 1e30:  # the float32 loss overflows after one step: training stops, both times
+        assert result.steps == 2 and "diverged" in messages[-1]
     assert not result.improved
     assert result.model.SerializeToString() == pruned.SerializeToString()
     for value in _weights(result.model).values():
         assert np.all(np.isfinite(value))
     assert "not improved" in messages[-1]
+
+
+def test_a_run_that_does_not_lower_the_held_out_loss_is_tried_once_more_at_a_hundredth_of_the_lr():
+    original = _mlp()
+    pruned = prune(original, Target(ratio=0.5), criterion="l1").model
+    messages = []
+    result = _run(pruned, original, steps=100, lr=30.0, progress=messages.append)
+    again = [m for m in messages if "once more from the pruned weights at lr 0.3" in m]
+    assert len(again) == 1 and "at lr 30:" in again[0]
+    assert result.steps == 200 and result.improved and result.loss_after < 0.8 * result.loss_before
+    assert messages[-1].endswith("; at lr 0.3")
+    _check_same_layout(pruned, result.model)
+    # a run that lowers the loss is not repeated
+    messages.clear()
+    assert _run(pruned, original, steps=100, lr=0.3, progress=messages.append).steps == 100
+    assert not any("once more" in m for m in messages)
 
 
 def test_non_finite_weights_are_skipped_when_written():

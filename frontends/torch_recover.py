@@ -143,16 +143,16 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     params = student.onnx_parameters()
     if keep_zeros:
         _freeze_zeros(params.values())
-    start_values = {k: p.detach().clone() for k, p in params.items()}
-    model, skipped, loss_after, ran, diverged = pruned, [], loss_before, 0, None
+    model, skipped, loss_after, ran, diverged, improved = pruned, [], loss_before, 0, None, False
     for attempt in range(2 if steps and loss_before > 0 and params else 0):
         if attempt:
             say(f"recover: held-out loss {loss_before:.4g} -> {loss_after:.4g} at lr {lr:g}: once more from the pruned "
                 f"weights at lr {lr * RETRY_LR:g} (a pretrained model can need a far lower one than its kind)")
-            with torch.no_grad():
-                for k, p in params.items():
-                    p.copy_(start_values[k])
             lr *= RETRY_LR
+            student = from_onnx(pruned, verify=False)  # the pruned weights again, no second copy held meanwhile
+            params = student.onnx_parameters()
+            if keep_zeros:
+                _freeze_zeros(params.values())
         with torch.random.fork_rng(devices=[]), intra_op_threads(all_cores_but_one()):
             torch.manual_seed(seed)
             done, diverged = _train(student, teach, train_feeds, steps, lr, names, shared, scales, match_weight,
@@ -161,9 +161,9 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
         if done:
             model, skipped = _write_back(pruned, student, bn)
             loss_after = _holdout_loss(_session(model, threads), holdout, t_hold, names, scales)
-        if math.isfinite(loss_after) and loss_after < loss_before:
+        improved = math.isfinite(loss_after) and loss_after < loss_before
+        if improved:
             break
-    improved = bool(ran) and math.isfinite(loss_after) and loss_after < loss_before
     seconds = time.perf_counter() - start
     notes = []
     if lr != first_lr:

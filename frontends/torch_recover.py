@@ -27,10 +27,11 @@
   residual stream when heads and MLP channels were pruned); a CNN pruned globally usually has
   none. On MiniLM it is what made recovery help at all.
 - Adam with a linear warm-up (``warmup`` fraction of the steps) and a cosine decay to zero;
-  ``lr`` defaults to :func:`default_lr` (1e-3 with BatchNormalization, 1e-4 without). A run that
-  does not lower the held-out loss is tried once more from the pruned weights at ``lr *
-  RETRY_LR`` (announced): 1e-3 suits the small CNNs trained here, the PP-OCRv4 recognizer needs
-  1e-5, and its held-out loss cannot tell them apart early (docs/recover.md).
+  ``lr`` defaults to :func:`default_lr` (1e-3 with BatchNormalization, 1e-4 without). A run at
+  the default lr that does not lower the held-out loss is tried once more from the pruned
+  weights at ``lr * RETRY_LR`` (announced): 1e-3 suits the small CNNs trained here, the PP-OCRv4
+  recognizer needs 1e-5, and its held-out loss cannot tell them apart early (docs/recover.md).
+  An ``lr`` given is run once, as given (``spa prune --recover-lr``).
 - Never worse: the held-out loss (outputs only) is measured with onnxruntime on the pruned model
   before and on the rewritten model after; if neither try lowered it, the input model is returned
   unchanged with ``improved=False``. It is measured on the same kind of inputs as training: on
@@ -53,6 +54,7 @@ from onnx import numpy_helper
 
 from spa.errors import SpaError
 from spa.graph import as_model
+from spa.pipeline import check_recovery
 from spa.progress import bar as progress_bar
 
 from .torch_onnx import OnnxModule, from_onnx, run_graph
@@ -104,19 +106,20 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     ``batches``: ``batches(step) -> {input name: array}`` (fresh inputs per step) or a list of
     feeds (cycled; with 5 or more, the last fifth, at most 4, is held out when ``holdout`` is
     None). ``holdout``: list of feeds for the before/after check (default: ``batches(steps + k)``
-    for k < 4). ``lr``: Adam's peak learning rate (default :func:`default_lr`). ``seed``: torch's
+    for k < 4). ``lr``: Adam's peak learning rate, run once (None: :func:`default_lr`, and a second
+    try at ``RETRY_LR`` of it if the first does not lower the held-out loss). ``seed``: torch's
     generator during training (dropout with ``bn="update"``; the global state is restored).
     ``threads``: onnxruntime threads. ``progress(message)``: one line at the start, one at the end.
     ``keep_zeros``: every weight that is exactly zero stays zero (its gradient is masked: a
     fine-grained sparsity pattern survives training)."""
     say = progress or (lambda message: None)
     original, pruned = as_model(original), as_model(pruned)
-    if steps < 0:
-        raise SpaError("recover: steps must be >= 0")
+    check_recovery(steps, lr)
     if bn not in ("frozen", "update"):
         raise SpaError(f"recover: bn must be 'frozen' or 'update', got {bn!r}")
     if match not in ("outputs", "shared"):
         raise SpaError(f"recover: match must be 'outputs' or 'shared', got {match!r}")
+    tries = 2 if lr is None else 1
     lr = first_lr = default_lr(pruned) if lr is None else float(lr)
     start = time.perf_counter()
     train_feeds, holdout = _split_batches(batches, steps, holdout)
@@ -144,7 +147,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     if keep_zeros:
         _freeze_zeros(params.values())
     model, skipped, loss_after, ran, diverged, improved = pruned, [], loss_before, 0, None, False
-    for attempt in range(2 if steps and loss_before > 0 and params else 0):
+    for attempt in range(tries if steps and loss_before > 0 and params else 0):
         if attempt:
             say(f"recover: held-out loss {loss_before:.4g} -> {loss_after:.4g} at lr {lr:g}: once more from the pruned "
                 f"weights at lr {lr * RETRY_LR:g} (a pretrained model can need a far lower one than its kind)")

@@ -160,6 +160,10 @@ def parser() -> argparse.ArgumentParser:
                          "on fresh synthetic inputs every step (synthetic calibration) or the calibration inputs "
                          "(PyTorch; a run that does not lower the held-out loss is tried once more at a hundredth of the lr, "
                          "and never kept when neither does; default 0)")
+    pr.add_argument("--recover-lr", type=float, metavar="LR",
+                    help="--recover's peak Adam learning rate, run once as given (default: 1e-3 for a model with "
+                         "BatchNormalization, else 1e-4, and the second try; a pretrained model can need far lower, "
+                         "the PP-OCRv4 recognizer 1e-5)")
     pr.add_argument("--allocation", choices=("measured", "global", "uniform"),
                     help="how the budget spreads over groups: uniform (--ratio from every group; default except "
                          "obspa), global (one ranking across groups; --ratio keeps the parameters uniform would), "
@@ -622,7 +626,7 @@ def _pipeline(args, model, options, say):
                  args.seed or 0, progress=say, calibration=args.calibration_options,
                  damp=0.01 if args.damp is None else args.damp, labels=args.labels,
                  allocation=args.allocation, recover=args.recover, compensation=args.compensation,
-                 staged=args.staged)
+                 staged=args.staged, recover_lr=args.recover_lr)
 
 
 def _default_for_size(args, model) -> None:

@@ -169,6 +169,14 @@ def calibration_flags(args) -> list:
                                              ("--calibration-samples", args.calibration_samples)) if value is not None]
 
 
+def check_recover_lr(args) -> None:
+    """--recover-lr only with --recover, and a positive number."""
+    if args.recover_lr is not None and not args.recover:
+        raise SpaError("--recover-lr has no effect without --recover N")
+    if args.recover_lr is not None and not (math.isfinite(args.recover_lr) and args.recover_lr > 0):
+        raise SpaError(f"--recover-lr must be a positive number, got {args.recover_lr}")
+
+
 def check_flags(args):
     """Options that would do nothing with the chosen criterion are refused, never ignored."""
     if getattr(args, "dry_run", False) and args.recover:
@@ -195,6 +203,7 @@ def check_flags(args):
                        "use labels)")
     if args.recover < 0:
         raise SpaError(f"--recover needs a number of steps >= 0, got {args.recover}")
+    check_recover_lr(args)
     if getattr(args, "ratios_from", None) is not None:
         from .group_sensitivity import check_prune_flags
         check_prune_flags(args)

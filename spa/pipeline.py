@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -53,7 +55,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
           progress=_quiet, calibration: str | Calibration | None = None, calibration_samples: int | None = None,
           damp: float = 0.01, saliency: dict | None = None, labels=None, compensation: str | None = None,
           recover: int = 0, calibration_options: Calibration | None = None, allocation: str | None = None,
-          staged: bool | None = None) -> Result:
+          staged: bool | None = None, recover_lr: float | None = None) -> Result:
     """analyze -> score -> select -> compensate -> rewrite -> recover, in memory (`save` verifies
     and writes).
 
@@ -68,12 +70,14 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     Hessians, the update the allocation measured (False: no further pass, obspa only); None: staged
     with calibration read from files, not with generated inputs (measured no better there:
     docs/obspa.md). recover: steps of data-free distillation of the original into the pruned model
-    (a spa.recovery frontend). allocation: how the budget spreads over groups: "uniform" (a plain
+    (a spa.recovery frontend) at peak learning rate recover_lr (None: the frontend's default).
+    allocation: how the budget spreads over groups: "uniform" (a plain
     `Target(ratio=R)` removes R of every group; the default but with obspa), "global" (one ranking
     of the normalised scores; a plain ratio keeps the parameters that R of every group would keep),
     "measured" (obspa's default unless a normalization is given: spa.allocation tries uniform and
     global rankings and keeps the one whose compensated outputs move least on held-out batches)."""
     target.check()
+    check_recovery(recover, recover_lr)
     compensation = compensation or ("obs" if criterion == "obspa" else "none")
     _check_staged(staged, compensation, criterion)
     allocation_given = allocation is not None
@@ -126,19 +130,34 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores, latency=latency_check,
                     warnings=warnings, input_shapes=shared_shapes(model, fit + held))
     if recover:
-        if recover < 0:
-            raise SpaError(f"recover needs a positive number of steps, got {recover}")
         inputs, holdout = recovery_inputs(model, cal, fit, held, progress)
-        result.recovery = plugins.load("spa.recovery", "distill")(
-            model, result.model, inputs, recover, seed=seed, progress=progress, holdout=holdout)
+        result.recovery = distill(model, result.model, inputs, recover, recover_lr, seed=seed, progress=progress,
+                                  holdout=holdout)
         result.model = result.recovery.model
         if result.recovery.improved:
             plan.weights_changed = " and ".join(filter(None, (plan.weights_changed, "--recover distillation")))
         if result.recovery.improved and (not (fit or held) or is_generated(cal.source)):
             progress("recover: kept because its loss on generated held-out inputs fell, which need not carry over "
-                     "to real ones (the PP-OCRv4 recognizer lost exact lines that way: docs/obspa.md); check the "
-                     "model on your data")
+                     "to real ones (MiniLM distilled on random tokens once lost cosine to its original that way: "
+                     "docs/recover.md); check the model on your data")
     return result
+
+
+def distill(original, pruned, inputs, steps: int, lr: float | None, **options):
+    """The spa.recovery frontend's result; `lr` passed only when given (a frontend written before
+    the option need not take it)."""
+    return plugins.load("spa.recovery", "distill")(original, pruned, inputs, steps, **options,
+                                                   **({} if lr is None else {"lr": lr}))
+
+
+def check_recovery(steps: int, lr: float | None) -> None:
+    """Refuse a recovery that cannot run: negative steps, an lr without steps or not a positive number."""
+    if steps < 0:
+        raise SpaError(f"recover needs a positive number of steps, got {steps}")
+    if lr is not None and not steps:
+        raise SpaError("a recovery learning rate has no effect without recovery steps (--recover N)")
+    if lr is not None and not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+        raise SpaError(f"the recovery learning rate must be a positive number, got {lr!r}")
 
 
 def _check_staged(staged: bool | None, compensation: str, criterion: str) -> None:

@@ -38,6 +38,8 @@ def add_parser(sub) -> None:
     sp.add_argument("--recover", type=int, metavar="N",
                     help="then N steps of distillation from the original on the calibration inputs (PyTorch), every "
                          "zero kept; kept only if the held-out loss falls")
+    sp.add_argument("--recover-lr", type=float, metavar="LR",
+                    help="--recover's peak Adam learning rate, run once as given (default: as spa prune --recover)")
     sp.add_argument("--storage", choices=("dense", "sparse"), default="dense",
                     help="dense (default) or sparse: weights that get smaller as COO are stored so (onnxruntime "
                          "densifies them at load)")
@@ -56,7 +58,7 @@ def command(args, say) -> int:
     from .frontends import frontend_for
     from .graph import external_tensor_names, load_model
     from .paths import check_outputs
-    from .flags import parse_input_shapes
+    from .flags import check_recover_lr, parse_input_shapes
     from .pipeline import save
     from .sparsity import format_sparsity, format_summary, parse_pattern, sparsify
 
@@ -67,6 +69,7 @@ def command(args, say) -> int:
     pattern = parse_pattern(args.pattern, args.amount, args.granularity)
     if args.recover is not None and args.recover < 1:
         raise SpaError(f"--recover needs a positive number of steps, got {args.recover}")
+    check_recover_lr(args)
     calibration = calibration_of(args)
     check_outputs(args, args.output)
     args.source = args.model
@@ -75,7 +78,8 @@ def command(args, say) -> int:
     model = load_model(args.model)
     _check_data_files(args, model)
     sparse, report = sparsify(model, pattern, args.criterion, calibration=calibration, storage=args.storage,
-                              compressed=args.report or args.json, recover=args.recover or 0, progress=say)
+                              compressed=args.report or args.json, recover=args.recover or 0, recover_lr=args.recover_lr,
+                              progress=say)
     for skipped in report["skipped"]:
         warn(f"{skipped['name']} not sparsified: {skipped['reason']}")
     if args.storage == "sparse" and not report["stored_sparse"]:

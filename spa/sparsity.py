@@ -305,7 +305,7 @@ def default_criterion(model: onnx.ModelProto, calibration, progress) -> str:
 
 
 def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = None, *, calibration=None,
-             storage: str = "dense", compressed: bool = False, recover: int = 0,
+             storage: str = "dense", compressed: bool = False, recover: int = 0, recover_lr: float | None = None,
              progress=lambda message: None) -> tuple[onnx.ModelProto, dict]:
     """(a copy of `model` with `pattern`'s exact zeros in every eligible layer's weight, report).
     criterion "l1" keeps the largest |w|; "obs" chooses and compensates with OBS updates on
@@ -314,8 +314,9 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     distillation from the original on the calibration inputs with every zero kept (a
     spa.recovery stage; kept only if the held-out loss falls). Every written weight is checked
     against the pattern. compressed: the report also gives zlib-compressed sizes (seconds per
-    100 MB: on request)."""
+    100 MB: on request). recover_lr: its peak learning rate (None: the frontend's default)."""
     from .graph import Graph
+    from .pipeline import check_recovery
 
     if criterion not in ("l1", "obs", None):
         raise SpaError(f"sparsity criterion must be l1 or obs, got {criterion!r}")
@@ -327,8 +328,7 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     if not layers:
         why = "; ".join(sorted({s["reason"] for s in skipped})) or "no Conv, Gemm or MatMul has a constant weight"
         raise SpaError(f"no layer can take pattern {pattern}: {why}")
-    if recover < 0:
-        raise SpaError(f"recover needs a positive number of steps, got {recover}")
+    check_recovery(recover, recover_lr)
     defaulted = criterion is None
     criterion = criterion or default_criterion(given, calibration, progress)
     progress(f"sparsifying {len(layers)} layers to {pattern} ({criterion})")
@@ -345,7 +345,7 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     out = _with_values(model, new_values)
     recovery = None
     if recover:
-        out, recovery = _recovered(model, out, calibration, recover, progress)
+        out, recovery = _recovered(model, out, calibration, recover, recover_lr, progress)
         recovered = Graph(out).consts
         new_values = {l.weight: np.asarray(recovered[l.weight]) for l in layers}
         _check_written(g, layers, pattern, new_values)
@@ -361,16 +361,14 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     return out, report
 
 
-def _recovered(model, sparse, calibration, steps: int, progress) -> tuple[onnx.ModelProto, dict]:
+def _recovered(model, sparse, calibration, steps: int, lr: float | None, progress) -> tuple[onnx.ModelProto, dict]:
     """The sparse model distilled from `model` for `steps` with its zeros kept, if that lowered
     the held-out loss (else `sparse` itself), and what happened."""
-    from . import plugins
-    from .pipeline import _calibration, calibration_inputs, recovery_inputs
+    from .pipeline import _calibration, calibration_inputs, distill, recovery_inputs
 
     cal, fit, held = calibration_inputs(model, _calibration(calibration, None, 0), progress)
     inputs, holdout = recovery_inputs(model, cal, fit, held, progress)
-    result = plugins.load("spa.recovery", "distill")(model, sparse, inputs, steps, progress=progress,
-                                                     holdout=holdout, keep_zeros=True)
+    result = distill(model, sparse, inputs, steps, lr, progress=progress, holdout=holdout, keep_zeros=True)
     return result.model, {"steps": steps, "loss_before": result.loss_before, "loss_after": result.loss_after,
                           "kept": bool(result.improved)}
 

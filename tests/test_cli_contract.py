@@ -362,6 +362,9 @@ CONTRACT = {
         "--recover": Case(P + ["--recover", "3"], P, refused=[
             (P + ["--recover", "-3"], "--recover needs a number of steps >= 0"),
             (DRY + ["--recover", "3"], "--recover has no effect with --dry-run")]),
+        "--recover-lr": Case(P + ["--recover", "3", "--recover-lr", "0.01"], P + ["--recover", "3"], refused=[
+            (P + ["--recover-lr", "0.01"], "--recover-lr has no effect without --recover"),
+            (P + ["--recover", "3", "--recover-lr", "0"], "--recover-lr must be a positive number")]),
         "--allocation": Case(P + ["--allocation", "global"], P, refused=[
             (TP + ["--allocation", "uniform"], "--allocation uniform has no effect with --target-params"),
             (TP + ["--criterion", "l1", "--allocation", "global"], "--allocation global has no effect with --target-params"),
@@ -457,6 +460,9 @@ CONTRACT = {
                               also=[(SP_ONLY8 + ["--input-shape", "1x3x8x8"], SP_ONLY8)]),  # verified at 8x8
         "--recover": Case(SP + ["--recover", "2"], SP, also=[(SPO + ["--recover", "2"], SPO)],
                           refused=[(SP + ["--recover", "0"], "--recover needs a positive number of steps")]),
+        "--recover-lr": Case(SP + ["--recover", "2", "--recover-lr", "0.01"], SP + ["--recover", "2"], refused=[
+            (SP + ["--recover-lr", "0.01"], "--recover-lr has no effect without --recover"),
+            (SP + ["--recover", "2", "--recover-lr", "nan"], "--recover-lr must be a positive number")]),
         "--storage": Case(SPU + ["--storage", "sparse"], SPU, same=[(SPU + ["--storage", "dense"], SPU)],
                           also=[(SP + ["--storage", "sparse"], SP)]),  # 2:4 float32: a warning, nothing smaller
         "--report": Case(SP + ["--report"], SP),

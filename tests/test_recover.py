@@ -173,9 +173,9 @@ def test_diverging_training_never_writes_non_finite_values(lr):
     pruned = prune(original, Target(ratio=0.5), criterion="l1").model
     messages = []
     result = _run(pruned, original, steps=30, lr=lr, progress=messages.append)
-    assert any("once more from the pruned weights" in m for m in messages)  # then at lr / 100
-    if lr > 1e30:  # the float32 loss overflows after one step: training stops, both times
-        assert result.steps == 2 and "diverged" in messages[-1]
+    assert not any("once more" in m for m in messages)  # an lr given is run once
+    if lr > 1e30:  # the float32 loss overflows after one step: training stops
+        assert result.steps == 1 and "diverged" in messages[-1]
     assert not result.improved
     assert result.model.SerializeToString() == pruned.SerializeToString()
     for value in _weights(result.model).values():
@@ -183,20 +183,47 @@ def test_diverging_training_never_writes_non_finite_values(lr):
     assert "not improved" in messages[-1]
 
 
-def test_a_run_that_does_not_lower_the_held_out_loss_is_tried_once_more_at_a_hundredth_of_the_lr():
+def test_a_run_at_the_default_lr_that_does_not_lower_the_held_out_loss_is_tried_once_more_at_a_hundredth(
+        monkeypatch):
+    from spa.frontends import torch_recover
     original = _mlp()
     pruned = prune(original, Target(ratio=0.5), criterion="l1").model
+    monkeypatch.setattr(torch_recover, "default_lr", lambda model: 30.0)
     messages = []
-    result = _run(pruned, original, steps=100, lr=30.0, progress=messages.append)
+    result = _run(pruned, original, steps=100, lr=None, progress=messages.append)
     again = [m for m in messages if "once more from the pruned weights at lr 0.3" in m]
     assert len(again) == 1 and "at lr 30:" in again[0]
     assert result.steps == 200 and result.improved and result.loss_after < 0.8 * result.loss_before
     assert messages[-1].endswith("; at lr 0.3")
     _check_same_layout(pruned, result.model)
     # a run that lowers the loss is not repeated
+    monkeypatch.setattr(torch_recover, "default_lr", lambda model: 0.3)
     messages.clear()
-    assert _run(pruned, original, steps=100, lr=0.3, progress=messages.append).steps == 100
+    assert _run(pruned, original, steps=100, lr=None, progress=messages.append).steps == 100
     assert not any("once more" in m for m in messages)
+
+
+def test_an_lr_given_is_run_once_as_given():
+    original = _mlp()
+    pruned = prune(original, Target(ratio=0.5), criterion="l1").model
+    messages = []
+    result = _run(pruned, original, steps=100, lr=30.0, progress=messages.append)
+    assert result.steps == 100 and not result.improved and "(lr 30)" in messages[0]
+    assert not any("once more" in m for m in messages)
+
+
+@pytest.mark.parametrize("steps, lr, message", [(10, 0.0, "must be a positive number"),
+                                                 (10, float("nan"), "must be a positive number"),
+                                                 (10, -1e-3, "must be a positive number"),
+                                                 (0, 1e-3, "no effect without recovery steps"),
+                                                 (-1, None, "positive number of steps")])
+def test_a_recovery_that_cannot_run_is_refused(steps, lr, message):
+    from spa.errors import SpaError
+    original = _mlp()
+    with pytest.raises(SpaError, match=message):
+        _run(original, original, steps=steps, lr=lr)
+    with pytest.raises(SpaError, match=message):
+        prune(original, Target(ratio=0.5), criterion="l1", recover=steps, recover_lr=lr)
 
 
 def test_non_finite_weights_are_skipped_when_written():
@@ -295,3 +322,17 @@ def test_pipeline_recovery_draws_fresh_synthetic_batches_and_judges_on_the_held_
     assert not np.array_equal(first["input"], later["input"])
     assert not any(np.array_equal(first["input"], h["input"]) for h in seen["holdout"])
     assert any("fresh synthetic batches every step" in m for m in messages)
+
+
+def test_pipeline_passes_the_recovery_lr_to_the_frontend_only_when_given(monkeypatch):
+    from spa import plugins
+    seen = []
+
+    def fake(original, pruned, batches, steps, seed=0, progress=None, holdout=None, **options):
+        seen.append(options)
+        return RecoveryResult(pruned, False, 1.0, 1.0, 0.0, 0)
+
+    monkeypatch.setattr(plugins, "load", lambda group, name: fake)
+    prune(_mlp(), Target(ratio=0.5), criterion="l1", recover=5)
+    prune(_mlp(), Target(ratio=0.5), criterion="l1", recover=5, recover_lr=2e-5)
+    assert seen == [{}, {"lr": 2e-5}]

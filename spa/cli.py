@@ -158,8 +158,8 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--recover", type=int, default=0, metavar="N",
                     help="after pruning, N steps of data-free distillation of the original into the pruned model "
                          "on fresh synthetic inputs every step (synthetic calibration) or the calibration inputs "
-                         "(PyTorch; a run that does not lower the held-out loss is tried once more at a hundredth of the lr, "
-                         "and never kept when neither does; default 0)")
+                         "(PyTorch; a run at the default lr that does not lower the held-out loss is tried once "
+                         "more at a hundredth of it, and never kept when neither does; default 0)")
     pr.add_argument("--recover-lr", type=float, metavar="LR",
                     help="--recover's peak Adam learning rate, run once as given (default: 1e-3 for a model with "
                          "BatchNormalization, else 1e-4, and the second try; a pretrained model can need far lower, "

@@ -80,6 +80,7 @@ class RecoveryResult:
     steps: int                       # training steps run
     skipped: list = field(default_factory=list)  # weights left unchanged (non-finite values)
     message: str = ""
+    lr: float | None = None          # the peak learning rate of the last run
 
 
 def synthetic_batches(model: onnx.ModelProto, batch_size: int = 64, seed: int = 0, dims: dict | None = None):
@@ -182,7 +183,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     message = (f"recover: {ran} steps, held-out distillation loss {loss_before:.4g} -> {loss_after:.4g}, "
                f"{seconds:.1f} s" + "".join(f"; {n}" for n in notes))
     say(message)
-    return RecoveryResult(model, improved, loss_before, loss_after, seconds, ran, skipped, message)
+    return RecoveryResult(model, improved, loss_before, loss_after, seconds, ran, skipped, message, lr)
 
 
 def default_lr(model: onnx.ModelProto) -> float:

@@ -369,8 +369,8 @@ def _recovered(model, sparse, calibration, steps: int, lr: float | None, progres
     cal, fit, held = calibration_inputs(model, _calibration(calibration, None, 0), progress)
     inputs, holdout = recovery_inputs(model, cal, fit, held, progress)
     result = distill(model, sparse, inputs, steps, lr, progress=progress, holdout=holdout, keep_zeros=True)
-    return result.model, {"steps": steps, "loss_before": result.loss_before, "loss_after": result.loss_after,
-                          "kept": bool(result.improved)}
+    return result.model, {"steps": steps, "lr": getattr(result, "lr", lr), "loss_before": result.loss_before,
+                          "loss_after": result.loss_after, "kept": bool(result.improved)}
 
 
 def _new_values(model, g, layers, pattern, criterion, calibration, progress) -> tuple[dict, dict | None]:
@@ -469,7 +469,8 @@ def format_summary(report: dict) -> str:
 def _recovery_text(recovery) -> str:
     if not recovery:
         return ""
-    return (f"; recover {recovery['steps']} steps: distillation loss {recovery['loss_before']:.4g} -> "
+    at = f" at lr {recovery['lr']:g}" if recovery.get("lr") else ""
+    return (f"; recover {recovery['steps']} steps{at}: distillation loss {recovery['loss_before']:.4g} -> "
             f"{recovery['loss_after']:.4g}" + ("" if recovery["kept"] else " (not lower: the unrecovered model kept)"))
 
 

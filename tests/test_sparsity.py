@@ -350,8 +350,12 @@ def test_recover_keeps_every_zero():
     model = matmul_model()
     sparse, report = sparsify(model, parse_pattern("2:4"), calibration=Calibration(source="synthetic", samples=32),
                               recover=20)
-    assert set(report["recover"]) == {"steps", "loss_before", "loss_after", "kept"}
+    assert set(report["recover"]) == {"steps", "lr", "loss_before", "loss_after", "kept"}
     assert report["recover"]["kept"] == (report["recover"]["loss_after"] < report["recover"]["loss_before"])
+    assert report["recover"]["lr"] in (1e-4, 1e-6)  # the default for a model without BatchNormalization, or its retry
+    _, given = sparsify(model, parse_pattern("2:4"), calibration=Calibration(source="synthetic", samples=32),
+                        recover=20, recover_lr=3e-4)
+    assert given["recover"]["lr"] == 3e-4
     g = Graph(sparse)
     for layer in weighted_layers(g):
         assert conforms(g.consts[layer.weight], layer, parse_pattern("2:4"))

@@ -171,10 +171,9 @@ def calibration_flags(args) -> list:
 
 def check_recover_lr(args) -> None:
     """--recover-lr only with --recover, and a positive number."""
-    if args.recover_lr is not None and not args.recover:
-        raise SpaError("--recover-lr has no effect without --recover N")
-    if args.recover_lr is not None and not (math.isfinite(args.recover_lr) and args.recover_lr > 0):
-        raise SpaError(f"--recover-lr must be a positive number, got {args.recover_lr}")
+    from .pipeline import check_recovery
+
+    check_recovery(args.recover or 0, args.recover_lr, lr_name="--recover-lr", steps_name="--recover N")
 
 
 def check_flags(args):

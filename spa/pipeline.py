@@ -150,14 +150,16 @@ def distill(original, pruned, inputs, steps: int, lr: float | None, **options):
                                                    **({} if lr is None else {"lr": lr}))
 
 
-def check_recovery(steps: int, lr: float | None) -> None:
-    """Refuse a recovery that cannot run: negative steps, an lr without steps or not a positive number."""
+def check_recovery(steps: int, lr: float | None, lr_name: str = "the recovery learning rate",
+                   steps_name: str = "recovery steps (--recover N)") -> None:
+    """Refuse a recovery that cannot run: negative steps, an lr without steps or not a positive
+    number (the names: how the caller spells them, e.g. the CLI's flags)."""
     if steps < 0:
         raise SpaError(f"recover needs a positive number of steps, got {steps}")
     if lr is not None and not steps:
-        raise SpaError("a recovery learning rate has no effect without recovery steps (--recover N)")
+        raise SpaError(f"{lr_name} has no effect without {steps_name}")
     if lr is not None and not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
-        raise SpaError(f"the recovery learning rate must be a positive number, got {lr!r}")
+        raise SpaError(f"{lr_name} must be a positive number, got {lr!r}")
 
 
 def _check_staged(staged: bool | None, compensation: str, criterion: str) -> None:

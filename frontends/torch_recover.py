@@ -101,7 +101,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
             lr: float | None = None, seed: int = 0, progress=None, holdout=None, *,
             bn: str = "frozen", match: str = "shared", match_weight: float = 1.0,
             warmup: float = 0.2, weight_decay: float = 0.0, threads: int | None = None,
-            teacher: str = "ort", keep_zeros: bool = False) -> RecoveryResult:
+            teacher: str = "ort", keep_zeros: bool = False, train_lookups: bool = False) -> RecoveryResult:
     """Distil ``original`` into ``pruned`` for ``steps`` Adam steps; see the module docstring.
 
     ``batches``: ``batches(step) -> {input name: array}`` (fresh inputs per step) or a list of
@@ -112,7 +112,10 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     generator during training (dropout with ``bn="update"``; the global state is restored).
     ``threads``: onnxruntime threads. ``progress(message)``: one line at the start, one at the end.
     ``keep_zeros``: every weight that is exactly zero stays zero (its gradient is masked: a
-    fine-grained sparsity pattern survives training)."""
+    fine-grained sparsity pattern survives training). ``train_lookups``: train the lookup tables
+    too (2-D weights a Gather indexes, e.g. word embeddings; frozen by default: pruning leaves what a
+    token looks up unchanged, generated ids reach scattered rows of them, and their Adam update was
+    most of a short step's time; MiniLM: the same cosine, docs/recover.md)."""
     say = progress or (lambda message: None)
     original, pruned = as_model(original), as_model(pruned)
     check_recovery(steps, lr)
@@ -144,9 +147,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     say(f"recover: {steps} steps (lr {lr:g}), held-out distillation loss {loss_before:.4g}"
         + (f", matching {len(shared)} intermediate tensors" if shared else ""))
 
-    params = student.onnx_parameters()
-    if keep_zeros:
-        _freeze_zeros(params.values())
+    params = _trainable(student, pruned, keep_zeros, train_lookups)
     model, skipped, loss_after, ran, diverged, improved = pruned, [], loss_before, 0, None, False
     for attempt in range(tries if steps and loss_before > 0 and params else 0):
         if attempt:
@@ -154,9 +155,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
                 f"weights at lr {lr * RETRY_LR:g} (a pretrained model can need a far lower one than its kind)")
             lr *= RETRY_LR
             student = from_onnx(pruned, verify=False)  # the pruned weights again, no second copy held meanwhile
-            params = student.onnx_parameters()
-            if keep_zeros:
-                _freeze_zeros(params.values())
+            params = _trainable(student, pruned, keep_zeros, train_lookups)
         with torch.random.fork_rng(devices=[]), intra_op_threads(all_cores_but_one()):
             torch.manual_seed(seed)
             done, diverged = _train(student, teach, train_feeds, steps, lr, names, shared, scales, match_weight,
@@ -341,6 +340,19 @@ def _shared_tensors(student, teacher, feeds, outputs) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
+def _trainable(student: OnnxModule, pruned: onnx.ModelProto, keep_zeros: bool, train_lookups: bool) -> dict:
+    """The student's ONNX parameters to train; unless `train_lookups`, the lookup tables (2-D
+    weights a Gather indexes, e.g. word embeddings) are frozen."""
+    params = student.onnx_parameters()
+    if not train_lookups:
+        for name in {n.input[0] for n in pruned.graph.node if n.op_type == "Gather" and n.input} & params.keys():
+            if params[name].dim() == 2:
+                params.pop(name).requires_grad_(False)
+    if keep_zeros:
+        _freeze_zeros(params.values())
+    return params
+
+
 def _freeze_zeros(params) -> None:
     """Zero gradients where a parameter is exactly zero: Adam (no weight decay) then never moves it."""
     for p in params:

@@ -91,6 +91,7 @@ DEFAULT_SEQUENCE = 16      # any other unknown axis
 DEFAULT_IMAGE = 224        # unknown height / width of an image-like input
 DEFAULT_SIGNAL = 256       # unknown L of a float [N, C, L] input
 MIN_TOKENS = 4             # shortest synthetic token batch (the longest: max_length)
+FRESH_TOKENS = 16          # a fresh token batch holds batch_size * FRESH_TOKENS tokens (fresh_batches)
 FREQUENT_SHARE = 0.25      # synthetic sentences draw from this first share of the tokenizer's whole words
 SCAFFOLD_SHARE = 0.25      # of generated token sequences: clauses of English function words (SyntheticVocabulary)
 # closed-class English words a scaffolded clause is built from (its open slots: the tokenizer's frequent words)
@@ -285,10 +286,14 @@ def calibration_batches(model: onnx.ModelProto, calibration: Calibration | str |
 
 
 def fresh_batches(model: onnx.ModelProto, calibration: Calibration, progress=_quiet):
-    """`step -> feeds` of "synthetic" batches never drawn before: blocks of `calibration.samples`,
+    """`step -> feeds` of "synthetic" batches never drawn before: blocks of the calibration's batches,
     each from a seed of its own (its own lengths too), the tokenizer read once. For training that
     would otherwise cycle the calibration batches: MiniLM's distillation gained 0.001 cosine on its
-    192 calibration sequences, 0.015 on fresh ones (docs/recover.md)."""
+    192 calibration sequences, 0.015 on fresh ones (docs/recover.md). A token batch of a model
+    without a fixed batch holds about batch_size * FRESH_TOKENS tokens, as many sequences as fit at
+    its length (4 tokens: 64, 128: 2, for the default 16): steps cost alike whatever the length, and
+    short sequences come in numbers (MiniLM: 600 such steps beat 300 of 16 sequences, in less time;
+    docs/recover.md)."""
     options = dataclasses.replace(calibration, samples=calibration.samples or DEFAULT_SAMPLES).check()
     if options.source != "synthetic":
         raise SpaError(f"fresh batches are drawn from the synthetic source, not {options.source!r}")
@@ -301,7 +306,8 @@ def fresh_batches(model: onnx.ModelProto, calibration: Calibration, progress=_qu
         if block not in block_feeds:
             block_feeds.clear()
             seed = options.seed * 1_000_003 + block + 1
-            block_feeds[block] = plan.generated(np.random.default_rng([seed, 104729]), lengths_seed=seed)
+            block_feeds[block] = plan.generated(np.random.default_rng([seed, 104729]), lengths_seed=seed,
+                                                tokens_per_batch=options.batch_size * FRESH_TOKENS)
         return block_feeds[block][k]
 
     return batches
@@ -551,14 +557,18 @@ class _Plan:
         lengths = np.rint(np.exp(np.log(lo) + u * (np.log(hi) - np.log(lo)))).astype(int)
         return [int(v) for v in rng.permutation(np.clip(lengths, lo, hi))]
 
-    def generated(self, rng, floats=None, override: dict | None = None, lengths_seed: int | None = None) -> list:
+    def generated(self, rng, floats=None, override: dict | None = None, lengths_seed: int | None = None,
+                  tokens_per_batch: int | None = None) -> list:
         """Generated feeds: `floats(shape)` for float inputs (N(0, 1) by default), `override`
         {input: fn(shape)} for particular ones, the integer conventions for the rest; token batch
-        lengths drawn from `lengths_seed` (None: the calibration's seed)."""
+        lengths drawn from `lengths_seed` (None: the calibration's seed); `tokens_per_batch`: token
+        batches sized to hold about that many tokens where the batch is not fixed (as many batches)."""
         shapes = self.resolved()
         sizes = self.chunk_sizes()
         tokens = any(TOKENS in s for s in shapes.values())
         lengths = self.token_lengths(len(sizes), lengths_seed) if tokens else [None] * len(sizes)
+        if tokens and tokens_per_batch and not self.static_batch:
+            sizes = [max(1, tokens_per_batch // length) for length in lengths]
         feeds = []
         for n, length in zip(sizes, lengths):
             feed = {}

@@ -5,7 +5,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from builder import Builder
-from spa.calibration import DEAD_LEAVES, calibration_batches
+from spa.calibration import DEAD_LEAVES, FRESH_TOKENS, calibration_batches
 from spa.cli import main
 from spa.errors import SpaError
 from spa.runtime import run
@@ -791,7 +791,9 @@ def test_fresh_batches_are_new_every_block_and_the_same_for_a_step():
     cal = Calibration(source="synthetic", samples=32, batch_size=16, seed=3)
     draw, again = fresh_batches(model, cal), fresh_batches(model, cal)
     steps = [draw(k) for k in range(8)]
-    assert all(set(b) == {"input_ids", "attention_mask"} and len(b["input_ids"]) == 16 for b in steps)
+    assert all(set(b) == {"input_ids", "attention_mask"} for b in steps)
+    # each batch holds about 16 * FRESH_TOKENS tokens: many short sequences or a few long ones
+    assert all(len(b["input_ids"]) == max(1, 16 * FRESH_TOKENS // b["input_ids"].shape[1]) for b in steps)
     ids = [b["input_ids"].tobytes() for b in steps]
     assert len(set(ids)) == 8  # four blocks of two batches, nothing repeated
     assert len({b["input_ids"].shape[1] for b in steps}) > 2  # each block draws its own lengths
@@ -802,3 +804,11 @@ def test_fresh_batches_are_new_every_block_and_the_same_for_a_step():
     _runs(model, steps)
     with pytest.raises(SpaError, match="fresh batches are drawn from the synthetic source"):
         fresh_batches(model, Calibration(source="bn"))
+
+
+def test_fresh_batches_of_a_fixed_batch_or_without_tokens_keep_the_batch_size():
+    from spa.calibration import fresh_batches
+    static = fresh_batches(_token_model(batch=4), Calibration(source="synthetic", samples=8, seed=1))
+    assert all(len(static(k)["input_ids"]) == 4 for k in range(6))
+    images = fresh_batches(_conv_model(["N", 3, 8, 8]), Calibration(source="synthetic", samples=32, batch_size=16))
+    assert all(len(next(iter(images(k).values()))) == 16 for k in range(4))

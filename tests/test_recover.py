@@ -336,3 +336,27 @@ def test_pipeline_passes_the_recovery_lr_to_the_frontend_only_when_given(monkeyp
     prune(_mlp(), Target(ratio=0.5), criterion="l1", recover=5)
     prune(_mlp(), Target(ratio=0.5), criterion="l1", recover=5, recover_lr=2e-5)
     assert seen == [{}, {"lr": 2e-5}]
+
+
+def _embedding_mlp(seed=3, vocab=40):
+    """ids -> Gather(table) -> MLP: a token model whose lookup table pruning leaves alone."""
+    b = Builder(seed=seed)
+    ids = b.input(["batch", "sequence"], name="ids", dtype=onnx.TensorProto.INT64)
+    h = b.op("Gather", [b.weight(vocab, 8), ids])
+    h = b.op("Relu", [b.op("MatMul", [h, b.weight(8, 24)])])
+    b.output(b.op("MatMul", [h, b.weight(24, 8)]))
+    return b.model()
+
+
+def test_lookup_tables_are_not_trained():
+    original = _embedding_mlp()
+    pruned = prune(original, Target(ratio=0.5), criterion="l1").model
+    table = next(n.input[0] for n in pruned.graph.node if n.op_type == "Gather")
+    rng = np.random.default_rng(0)
+    batches = [{"ids": rng.integers(0, 40, (16, 6))} for _ in range(10)]
+    result = recover(original, pruned, batches, 60, lr=3e-3, threads=1)
+    before, after = _weights(pruned), _weights(result.model)
+    assert result.improved and np.array_equal(before[table], after[table])
+    assert all(not np.array_equal(before[n], after[n]) for n in before if n != table)
+    trained = recover(original, pruned, batches, 60, lr=3e-3, threads=1, train_lookups=True)
+    assert not np.array_equal(before[table], _weights(trained.model)[table])

@@ -154,8 +154,8 @@ def check_recovery(steps: int, lr: float | None, lr_name: str = "the recovery le
                    steps_name: str = "recovery steps (--recover N)") -> None:
     """Refuse a recovery that cannot run: negative steps, an lr without steps or not a positive
     number (the names: how the caller spells them, e.g. the CLI's flags)."""
-    if steps < 0:
-        raise SpaError(f"recover needs a positive number of steps, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise SpaError(f"recover needs a positive number of steps, got {steps!r}")
     if lr is not None and not steps:
         raise SpaError(f"{lr_name} has no effect without {steps_name}")
     if lr is not None and not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):

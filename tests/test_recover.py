@@ -216,7 +216,9 @@ def test_an_lr_given_is_run_once_as_given():
                                                  (10, float("nan"), "must be a positive number"),
                                                  (10, -1e-3, "must be a positive number"),
                                                  (0, 1e-3, "no effect without recovery steps"),
-                                                 (-1, None, "positive number of steps")])
+                                                 (-1, None, "positive number of steps"),
+                                                 (None, None, "positive number of steps"),
+                                                 (2.5, None, "positive number of steps")])
 def test_a_recovery_that_cannot_run_is_refused(steps, lr, message):
     from spa.errors import SpaError
     original = _mlp()

@@ -157,7 +157,8 @@ def parser() -> argparse.ArgumentParser:
                     help="per-group score normalisation for ranking across groups (default: mean; none with obspa)")
     pr.add_argument("--recover", type=int, default=0, metavar="N",
                     help="after pruning, N steps of data-free distillation of the original into the pruned model "
-                         "on fresh synthetic inputs every step (synthetic calibration) or the calibration inputs "
+                         "on fresh synthetic inputs every step (synthetic calibration), on a text file's sentences "
+                         "every other step and fresh synthetic ones between, or on the calibration inputs "
                          "(PyTorch; a run at the default lr that does not lower the held-out loss is tried once "
                          "more at a hundredth of it, and never kept when neither does; default 0)")
     pr.add_argument("--recover-lr", type=float, metavar="LR",

@@ -362,3 +362,39 @@ def test_lookup_tables_are_not_trained():
     assert all(not np.array_equal(before[n], after[n]) for n in before if n != table)
     trained = recover(original, pruned, batches, 60, lr=3e-3, threads=1, train_lookups=True)
     assert not np.array_equal(before[table], _weights(trained.model)[table])
+
+
+def test_pipeline_recovery_interleaves_calibration_sentences_with_fresh_synthetic_ones(tmp_path, monkeypatch):
+    """Sentences from a text file: theirs on even steps, fresh synthetic sentences from the same tokenizer
+    on odd ones, judged on the held-out sentences only (MiniLM, 128 real sentences: docs/recover.md)."""
+    from spa import plugins
+    from spa.calibration import Calibration
+    from test_calibration import SENTENCES, _ids, _tokenizer
+    seen = {}
+
+    def fake(original, pruned, batches, steps, seed=0, progress=None, holdout=None):
+        seen.update(batches=batches, holdout=holdout)
+        return RecoveryResult(pruned, False, 1.0, 1.0, 0.0, 0)
+
+    monkeypatch.setattr(plugins, "load", lambda group, name: fake)
+    (tmp_path / "s.txt").write_text("\n".join(SENTENCES * 4), encoding="utf-8")
+    real = {tuple(_ids(s)) for s in SENTENCES if s.strip()}
+
+    def rows(feeds):  # the sentences' ids without padding ([PAD] is 0)
+        return {tuple(r[r > 0]) for r in feeds["ids"]}
+
+    messages = []
+    cal = Calibration(source=str(tmp_path / "s.txt"), tokenizer=str(_tokenizer(tmp_path / "tok")), batch_size=8)
+    prune(_embedding_mlp(), Target(ratio=0.5), criterion="l1", recover=5, calibration_options=cal,
+          progress=messages.append)
+    batches = seen["batches"]
+    assert callable(batches) and seen["holdout"]
+    assert all(rows(batches(step)) <= real for step in (0, 2, 4))
+    assert not rows(batches(1)) <= real and not rows(batches(3)) <= real
+    assert all(rows(h) <= real for h in seen["holdout"])
+    assert not any(batches(step) is h for h in seen["holdout"] for step in (0, 2, 4))
+    assert any("interleaved with fresh synthetic" in m for m in messages)
+
+    np.savez(tmp_path / "ids.npz", **batches(0))  # the same data without a tokenizer: cycled as before
+    prune(_embedding_mlp(), Target(ratio=0.5), criterion="l1", recover=5, calibration=str(tmp_path / "ids.npz"))
+    assert isinstance(seen["batches"], list) and seen["holdout"] is None

@@ -292,7 +292,9 @@ MINILM_ROWS = {"magnitude": {"criterion": "l1"},
                "obs-tokenizer": {"criterion": "obs", "calibration": "tokenizer"},
                f"obs-tokenizer+recover-{MINILM_RECOVER}": {"criterion": "obs", "calibration": "tokenizer",
                                                          "recover": MINILM_RECOVER},
-               "obs-real-128": {"criterion": "obs", "calibration": "real"}}
+               "obs-real-128": {"criterion": "obs", "calibration": "real"},
+               f"obs-real-128+recover-{MINILM_RECOVER}": {"criterion": "obs", "calibration": "real",
+                                                        "recover": MINILM_RECOVER}}
 
 
 def minilm_section(quick: bool, only=None, earlier: dict | None = None) -> dict:

@@ -289,8 +289,8 @@ def calibration_inputs(model: onnx.ModelProto, cal: Calibration, progress=_quiet
         batches = calibration_batches(model, cal, progress=progress)
     if capped:
         batches = affordable(model, batches, progress, budget)
-    batches, held = _held_out(model, cal, batches) if held_out else (batches, [])
-    return cal, [b for b in batches if not any(b is h for h in held)], held
+    fit, held = _held_out(model, cal, batches) if held_out else (batches, [])
+    return cal, fit, held
 
 
 def recovery_inputs(model, cal: Calibration, fit: list, held: list, progress=_quiet) -> tuple:
@@ -299,16 +299,15 @@ def recovery_inputs(model, cal: Calibration, fit: list, held: list, progress=_qu
     with its tokenizer: 0.917 -> 0.918 cycling its 192 calibration sequences, 0.932 on fresh ones);
     with sentences from a text file, their batches on every other step and fresh synthetic sentences
     from the same tokenizer between, judged on the held-out sentences (MiniLM with 128 real sentences:
-    0.944 -> 0.950 at 300 steps, 0.957 at 2000 where cycling them stopped at 0.945); else the calibration batches, whose last
-    ones `recover` holds out itself (interleaving synthetic inputs with a CNN's own data did not help
-    it; docs/recover.md)."""
+    0.944 -> 0.950 at 300 steps, 0.957 at 2000 where cycling them stopped at 0.945); else the
+    calibration batches, whose last ones `recover` holds out itself (interleaving synthetic inputs
+    with a CNN's own data did not help it; docs/recover.md)."""
     samples = sample_count(fit) or None
     synthetic = dataclasses.replace(cal, source="synthetic", samples=samples)
     if fit or held:
         if cal.tokenizer and not is_generated(cal.source):
             if not held:  # a criterion that judged nothing on held-out sentences: hold some out now
-                batches, held = _held_out(model, cal, fit)
-                fit = [b for b in batches if not any(b is h for h in held)]
+                fit, held = _held_out(model, cal, fit)
             progress("recover: distilling on the calibration sentences interleaved with fresh synthetic ones from "
                      "the tokenizer, judged on the held-out sentences")
             return _interleaved(fit or held, fresh_batches(model, synthetic, progress)), held or fit
@@ -329,7 +328,7 @@ def _interleaved(data: list, fresh):
 
 
 def _held_out(model, cal: Calibration, batches: list) -> tuple[list, list]:
-    """(batches, held-out batches among them) to compare allocations and judge compensations on:
+    """(fit batches, held-out batches) to compare allocations and judge compensations on:
     one more generated batch for generated sources (four, of English clauses, for sentences from a
     tokenizer); else the last quarter of the data, re-split
     into smaller batches first where the batch axis is free and there are fewer than four."""
@@ -347,7 +346,8 @@ def _held_out(model, cal: Calibration, batches: list) -> tuple[list, list]:
         batches = _rechunked(batches, HELD_OUT_PARTS)
     if len(batches) < 2:
         return batches, []
-    return batches, batches[len(batches) - max(1, len(batches) // HELD_OUT_PARTS):]
+    split = len(batches) - max(1, len(batches) // HELD_OUT_PARTS)
+    return batches[:split], batches[split:]
 
 
 def _batch_axis_free(model) -> bool:

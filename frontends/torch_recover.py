@@ -36,10 +36,6 @@
   before and on the rewritten model after; if neither try lowered it, the input model is returned
   unchanged with ``improved=False``. It is measured on the same kind of inputs as training: on
   random tokens a lower loss did not always mean better embeddings of real sentences.
-- Precision: on a CPU that multiplies bfloat16 natively (AVX512-BF16, AMX) a float32 student's
-  matrix products and convolutions run in bfloat16 under torch's autocast; weights, Adam and the
-  loss stay float32 (``precision="auto"``; MiniLM, the digits ResNet, MNIST-1D and the PP-OCRv4
-  recognizer recovered alike, MiniLM's steps 10-13 % faster; docs/recover.md).
 - Trained values are written into a copy of the pruned ModelProto: initializers and Constant
   nodes, by the names ``onnx_parameters()`` reports, original dtype and shape; a tensor with a
   non-finite value keeps its old value (reported through ``progress`` and ``RecoveryResult.skipped``).
@@ -71,8 +67,6 @@ DEFAULT_LR = 1e-3          # models with BatchNormalization (measured: docs/reco
 DEFAULT_LR_NO_BN = 1e-4    # others (transformers: 1e-3 recovered less than 1e-4)
 DEFAULT_STEPS = 300
 HOLDOUT_BATCHES = 4
-PRECISIONS = ("auto", "float32", "bfloat16")
-DEFAULT_PRECISION = "auto"
 RETRY_LR = 0.01            # a run that did not lower the held-out loss is tried once more at lr x this
 
 
@@ -87,7 +81,6 @@ class RecoveryResult:
     skipped: list = field(default_factory=list)  # weights left unchanged (non-finite values)
     message: str = ""
     lr: float | None = None          # the peak learning rate of the last run
-    precision: str = "float32"       # the student's matrix products: 'float32' or 'bfloat16'
 
 
 def synthetic_batches(model: onnx.ModelProto, batch_size: int = 64, seed: int = 0, dims: dict | None = None):
@@ -108,8 +101,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
             lr: float | None = None, seed: int = 0, progress=None, holdout=None, *,
             bn: str = "frozen", match: str = "shared", match_weight: float = 1.0,
             warmup: float = 0.2, weight_decay: float = 0.0, threads: int | None = None,
-            teacher: str = "ort", keep_zeros: bool = False, train_lookups: bool = False,
-            precision: str | None = None) -> RecoveryResult:
+            teacher: str = "ort", keep_zeros: bool = False, train_lookups: bool = False) -> RecoveryResult:
     """Distil ``original`` into ``pruned`` for ``steps`` Adam steps; see the module docstring.
 
     ``batches``: ``batches(step) -> {input name: array}`` (fresh inputs per step) or a list of
@@ -123,8 +115,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     fine-grained sparsity pattern survives training). ``train_lookups``: train the lookup tables
     too (2-D weights a Gather indexes, e.g. word embeddings; frozen by default: pruning leaves what a
     token looks up unchanged, generated ids reach scattered rows of them, and their Adam update was
-    most of a short step's time; MiniLM: the same cosine, docs/recover.md). ``precision``: the
-    student's matrix products, 'auto' (default; :func:`training_precision`), 'float32' or 'bfloat16'."""
+    most of a short step's time; MiniLM: the same cosine, docs/recover.md)."""
     say = progress or (lambda message: None)
     original, pruned = as_model(original), as_model(pruned)
     check_recovery(steps, lr)
@@ -133,9 +124,6 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     if match not in ("outputs", "shared"):
         raise SpaError(f"recover: match must be 'outputs' or 'shared', got {match!r}")
     tries = 2 if lr is None else 1
-    precision = DEFAULT_PRECISION if precision is None else precision
-    if precision not in PRECISIONS:
-        raise SpaError(f"recover: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     lr = first_lr = default_lr(pruned) if lr is None else float(lr)
     start = time.perf_counter()
     train_feeds, holdout = _split_batches(batches, steps, holdout)
@@ -156,14 +144,10 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
         if shared:
             inner = [teach.run(f, shared) for f in holdout[:2]]
             scales.update(_scales(inner, shared))
-    params = _trainable(student, pruned, keep_zeros, train_lookups)
-    precision, fallback = training_precision(student, precision, train_feeds(0) if steps else None)
-    if fallback:
-        say(fallback)
-    say(f"recover: {steps} steps (lr {lr:g}{', bfloat16 products' if precision == 'bfloat16' else ''}), "
-        f"held-out distillation loss {loss_before:.4g}"
+    say(f"recover: {steps} steps (lr {lr:g}), held-out distillation loss {loss_before:.4g}"
         + (f", matching {len(shared)} intermediate tensors" if shared else ""))
 
+    params = _trainable(student, pruned, keep_zeros, train_lookups)
     model, skipped, loss_after, ran, diverged, improved = pruned, [], loss_before, 0, None, False
     for attempt in range(tries if steps and loss_before > 0 and params else 0):
         if attempt:
@@ -175,7 +159,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
         with torch.random.fork_rng(devices=[]), intra_op_threads(all_cores_but_one()):
             torch.manual_seed(seed)
             done, diverged = _train(student, teach, train_feeds, steps, lr, names, shared, scales, match_weight,
-                                    warmup, weight_decay, bn, list(params.values()), precision)
+                                    warmup, weight_decay, bn, list(params.values()))
         ran += done
         if done:
             model, skipped = _write_back(pruned, student, bn)
@@ -198,33 +182,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     message = (f"recover: {ran} steps, held-out distillation loss {loss_before:.4g} -> {loss_after:.4g}, "
                f"{seconds:.1f} s" + "".join(f"; {n}" for n in notes))
     say(message)
-    return RecoveryResult(model, improved, loss_before, loss_after, seconds, ran, skipped, message, lr, precision)
-
-
-def training_precision(student: OnnxModule, precision: str, feeds) -> tuple[str, str | None]:
-    """('float32' or 'bfloat16', a line saying why bfloat16 was not used or None). 'bfloat16': the
-    student's matrix products and convolutions run in bfloat16 under torch's autocast; weights,
-    Adam and the loss stay float32 (MiniLM: the same cosine, steps 10-13 % faster on
-    AVX512-BF16; docs/recover.md). 'auto': bfloat16 for a float32 model where the CPU multiplies bfloat16
-    natively (AVX512-BF16, AMX), else float32. A student that fails one forward pass under autocast
-    trains in float32."""
-    if precision == "auto":
-        precision = "bfloat16" if _native_bfloat16() and student.float_dtype() == torch.float32 else "float32"
-    if precision == "float32" or feeds is None:
-        return precision, None
-    if student.float_dtype() != torch.float32:
-        raise SpaError(f"recover: bfloat16 products need a float32 model, this one computes in "
-                       f"{str(student.float_dtype()).replace('torch.', '')}")
-    try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            _forward_env(student, feeds)
-    except (RuntimeError, SpaError) as exc:
-        return "float32", f"recover: training in float32, the model does not run in bfloat16 ({str(exc)[:160]})"
-    return precision, None
-
-
-def _native_bfloat16() -> bool:
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return RecoveryResult(model, improved, loss_before, loss_after, seconds, ran, skipped, message, lr)
 
 
 def default_lr(model: onnx.ModelProto) -> float:
@@ -420,7 +378,7 @@ def _teacher_ahead(feeds, teacher, wanted, steps):
 
 
 def _train(student, teacher, feeds, steps, lr, names, shared, scales, match_weight, warmup, weight_decay,
-           bn, params, precision="float32"):
+           bn, params):
     """(steps run, step it diverged at or None)."""
     if bn == "frozen":
         student.mimic_onnx = True
@@ -444,12 +402,18 @@ def _train(student, teacher, feeds, steps, lr, names, shared, scales, match_weig
     bar = progress_bar(_teacher_ahead(feeds, teacher, wanted, steps), "recover", total=steps)
     running, diverged, ran = None, None, 0
     for step, (batch, targets) in enumerate(bar):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-            env = _forward_env(student, batch)
-        errors = [_squared_error(env[name], targets[k]) * inv[name] for k, name in enumerate(wanted)]
-        loss = sum(errors[:len(names)]) / len(names)
+        env = _forward_env(student, batch)
+        loss = 0.0
+        for k, name in enumerate(names):
+            t = torch.from_numpy(np.asarray(targets[k])).to(env[name].dtype)
+            loss = loss + torch.mean((env[name] - t) ** 2) * inv[name]
+        loss = loss / len(names)
         if shared:
-            loss = loss + match_weight * sum(errors[len(names):]) / len(shared)
+            extra = 0.0
+            for k, name in enumerate(shared, start=len(names)):
+                t = torch.from_numpy(np.asarray(targets[k])).to(env[name].dtype)
+                extra = extra + torch.mean((env[name] - t) ** 2) * inv[name]
+            loss = loss + match_weight * extra / len(shared)
         value = float(loss.detach())
         if not math.isfinite(value):
             diverged = step
@@ -465,13 +429,6 @@ def _train(student, teacher, feeds, steps, lr, names, shared, scales, match_weig
     student.eval()
     student.mimic_onnx = True
     return ran, diverged
-
-
-def _squared_error(student_tensor, teacher_array):
-    """Mean squared error in float32 at least (a bfloat16 product's output is compared as float32)."""
-    target = torch.from_numpy(np.asarray(teacher_array))
-    dtype = torch.promote_types(torch.promote_types(student_tensor.dtype, target.dtype), torch.float32)
-    return torch.mean((student_tensor.to(dtype) - target.to(dtype)) ** 2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -434,6 +434,24 @@ def test_progress_keeps_moving_through_one_long_step(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_progress_counts_each_step_once_while_the_heartbeat_redraws(monkeypatch, capsys):
+    """Steps about as long as the redraw interval: the heartbeat's redraws must not make tqdm count
+    steps twice (a 4000-step recovery once showed 7318 steps after 1300)."""
+    import re
+    import time
+
+    from spa import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 0.2)
+    monkeypatch.setattr(progress, "_show", True)
+    for _ in progress.bar(range(24), desc="steady loop", total=24):
+        time.sleep(0.13)
+    lines = capsys.readouterr().err.splitlines()
+    counts = [int(m.group(1)) for line in lines for m in [re.search(r"\| (\d+)/24 \[", line)] if m]
+    assert lines and len(counts) == len(lines) and max(counts) <= 24, lines
+    assert counts == sorted(counts), lines
+
+
 def test_progress_off_a_terminal_writes_whole_lines_at_most_every_interval(monkeypatch, capsys):
     """A log gets one line per LOG_INTERVAL from a long loop (no silent stretch, no carriage-return
     redraws on one line); a short loop writes nothing; library calls stay quiet off a terminal."""

@@ -32,6 +32,11 @@
   weights at ``lr * RETRY_LR`` (announced): 1e-3 suits the small CNNs trained here, the PP-OCRv4
   recognizer needs 1e-5, and its held-out loss cannot tell them apart early (docs/recover.md).
   An ``lr`` given is run once, as given (``spa prune --recover-lr``).
+- ``seconds``: a time budget instead of ``steps`` (``spa prune --recover 20m``): training stops
+  when the budget, less what setting up and checking take, is spent, and the warm-up and decay
+  follow the elapsed fraction of it rather than the step count (so the steps run depend on the
+  machine). No second try fits in it: one that did not lower the held-out loss is announced,
+  with ``--recover-lr`` as the way to choose another rate.
 - Never worse: the held-out loss (outputs only) is measured with onnxruntime on the pruned model
   before and on the rewritten model after; if neither try lowered it, the input model is returned
   unchanged with ``improved=False``. It is measured on the same kind of inputs as training: on
@@ -54,7 +59,7 @@ from onnx import numpy_helper
 
 from spa.errors import SpaError
 from spa.graph import as_model
-from spa.pipeline import check_recovery
+from spa.pipeline import check_recovery, recovery_budget
 from spa.progress import bar as progress_bar
 
 from .torch_onnx import OnnxModule, from_onnx, run_graph
@@ -68,6 +73,7 @@ DEFAULT_LR_NO_BN = 1e-4    # others (transformers: 1e-3 recovered less than 1e-4
 DEFAULT_STEPS = 300
 HOLDOUT_BATCHES = 4
 RETRY_LR = 0.01            # a run that did not lower the held-out loss is tried once more at lr x this
+TIMED_HOLDOUT_STEP = 1 << 40  # held-out batches(step) of a timed run: a step no run reaches
 
 
 @dataclass
@@ -101,7 +107,8 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
             lr: float | None = None, seed: int = 0, progress=None, holdout=None, *,
             bn: str = "frozen", match: str = "shared", match_weight: float = 1.0,
             warmup: float = 0.2, weight_decay: float = 0.0, threads: int | None = None,
-            teacher: str = "ort", keep_zeros: bool = False, train_lookups: bool = False) -> RecoveryResult:
+            teacher: str = "ort", keep_zeros: bool = False, train_lookups: bool = False,
+            seconds: float | None = None) -> RecoveryResult:
     """Distil ``original`` into ``pruned`` for ``steps`` Adam steps; see the module docstring.
 
     ``batches``: ``batches(step) -> {input name: array}`` (fresh inputs per step) or a list of
@@ -115,41 +122,47 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     fine-grained sparsity pattern survives training). ``train_lookups``: train the lookup tables
     too (2-D weights a Gather indexes, e.g. word embeddings; frozen by default: pruning leaves what a
     token looks up unchanged, generated ids reach scattered rows of them, and their Adam update was
-    most of a short step's time; MiniLM: the same cosine, docs/recover.md)."""
+    most of a short step's time; MiniLM: the same cosine, docs/recover.md). ``seconds``: train for
+    this long instead of ``steps`` (which must then be 0 or None; module docstring)."""
     say = progress or (lambda message: None)
     original, pruned = as_model(original), as_model(pruned)
-    check_recovery(steps, lr)
+    steps, seconds = _checked_budget(steps, seconds, lr)
     if bn not in ("frozen", "update"):
         raise SpaError(f"recover: bn must be 'frozen' or 'update', got {bn!r}")
     if match not in ("outputs", "shared"):
         raise SpaError(f"recover: match must be 'outputs' or 'shared', got {match!r}")
-    tries = 2 if lr is None else 1
+    lr_given = lr is not None
+    tries = 1 if lr_given or seconds is not None else 2
     lr = first_lr = default_lr(pruned) if lr is None else float(lr)
     start = time.perf_counter()
-    train_feeds, holdout = _split_batches(batches, steps, holdout)
+    train_feeds, holdout = _split_batches(batches, steps if seconds is None else TIMED_HOLDOUT_STEP, holdout)
 
     student = from_onnx(pruned, verify=False)
     names = _float_outputs(student, pruned)
     if not names:
         raise SpaError("recover: the pruned model has no float output to distil")
     teach = _Teacher(original, teacher, threads)
+    checking = time.perf_counter()
     pruned_session = _session(pruned, threads)
     t_hold = [teach.run(f, names) for f in holdout]
     scales = _scales(t_hold, names)
     loss_before = _holdout_loss(pruned_session, holdout, t_hold, names, scales)
+    # what the check after training will take (a session and the held-out loss again), kept out of the budget
+    deadline = None if seconds is None else start + seconds - 1.5 * (time.perf_counter() - checking) - 1.0
 
     shared = []
-    if match == "shared" and steps and loss_before > 0:
+    if match == "shared" and (steps or seconds) and loss_before > 0:
         shared = _shared_tensors(student, teach, train_feeds(0), names)
         if shared:
             inner = [teach.run(f, shared) for f in holdout[:2]]
             scales.update(_scales(inner, shared))
-    say(f"recover: {steps} steps (lr {lr:g}), held-out distillation loss {loss_before:.4g}"
+    say(f"recover: {_amount(steps, seconds)} (lr {lr:g}), held-out distillation loss {loss_before:.4g}"
         + (f", matching {len(shared)} intermediate tensors" if shared else ""))
 
     params = _trainable(student, pruned, keep_zeros, train_lookups)
+    trainable = bool((steps or seconds) and loss_before > 0 and params)
     model, skipped, loss_after, ran, diverged, improved = pruned, [], loss_before, 0, None, False
-    for attempt in range(tries if steps and loss_before > 0 and params else 0):
+    for attempt in range(tries if trainable else 0):
         if attempt:
             say(f"recover: held-out loss {loss_before:.4g} -> {loss_after:.4g} at lr {lr:g}: once more from the pruned "
                 f"weights at lr {lr * RETRY_LR:g} (a pretrained model can need a far lower one than its kind)")
@@ -159,7 +172,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
         with torch.random.fork_rng(devices=[]), intra_op_threads(all_cores_but_one()):
             torch.manual_seed(seed)
             done, diverged = _train(student, teach, train_feeds, steps, lr, names, shared, scales, match_weight,
-                                    warmup, weight_decay, bn, list(params.values()))
+                                    warmup, weight_decay, bn, list(params.values()), deadline)
         ran += done
         if done:
             model, skipped = _write_back(pruned, student, bn)
@@ -167,7 +180,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
         improved = math.isfinite(loss_after) and loss_after < loss_before
         if improved:
             break
-    seconds = time.perf_counter() - start
+    elapsed = time.perf_counter() - start
     notes = []
     if lr != first_lr:
         notes.append(f"at lr {lr:g}")
@@ -176,13 +189,34 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     if skipped:
         notes.append(f"{len(skipped)} weight(s) with non-finite values kept unchanged: "
                      + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    if seconds is not None and trainable and not ran:
+        notes.append(f"the {seconds:g} s given were spent before training could start")
+    elif seconds is not None and trainable and not improved and not lr_given:
+        notes.append(f"no time for a second try at lr {lr * RETRY_LR:g} (--recover-lr sets the rate)")
     if not improved:
         notes.append("not improved, pruned model returned unchanged")
         model = pruned
     message = (f"recover: {ran} steps, held-out distillation loss {loss_before:.4g} -> {loss_after:.4g}, "
-               f"{seconds:.1f} s" + "".join(f"; {n}" for n in notes))
+               f"{elapsed:.1f} s" + "".join(f"; {n}" for n in notes))
     say(message)
-    return RecoveryResult(model, improved, loss_before, loss_after, seconds, ran, skipped, message, lr)
+    return RecoveryResult(model, improved, loss_before, loss_after, elapsed, ran, skipped, message, lr)
+
+
+def _checked_budget(steps, seconds, lr) -> tuple[int, float | None]:
+    """(steps, seconds) to run, ``steps`` also read as a time ("20m"), after refusing what cannot run."""
+    count, timed = recovery_budget(0 if steps is None and seconds is not None else steps)
+    if timed is not None and seconds is not None or count and seconds is not None:
+        raise SpaError(f"recover: give steps or seconds, not both (steps={steps!r}, seconds={seconds!r})")
+    seconds = timed if timed is not None else seconds
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or not 0 < seconds < math.inf):
+        raise SpaError(f"recover: seconds must be a positive number, got {seconds!r}")
+    check_recovery(count if seconds is None else 1, lr)
+    return count, None if seconds is None else float(seconds)
+
+
+def _amount(steps, seconds) -> str:
+    return f"{steps} steps" if seconds is None else f"{seconds:g} s"
 
 
 def default_lr(model: onnx.ModelProto) -> float:
@@ -362,24 +396,31 @@ def _freeze_zeros(params) -> None:
 
 
 def _teacher_ahead(feeds, teacher, wanted, steps):
-    """(batch, teacher tensors) for each step; the next step's drawn and run in a background thread
-    while the student trains on this one (onnxruntime and torch release the GIL; MiniLM, 2 vCPUs:
-    300 steps on fresh sentences 273 s instead of 291 s, 40 on cycled ones 32 s instead of 39 s)."""
+    """(batch, teacher tensors) for each step (without end for ``steps`` None); the next step's drawn
+    and run in a background thread while the student trains on this one (onnxruntime and torch
+    release the GIL; MiniLM, 2 vCPUs: 300 steps on fresh sentences 273 s instead of 291 s, 40 on
+    cycled ones 32 s instead of 39 s)."""
     def fetch(step):
         batch = feeds(step)
         return batch, teacher.run(batch, wanted)
 
+    def more(step):
+        return steps is None or step < steps
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spa-teacher") as pool:
-        ahead = pool.submit(fetch, 0) if steps else None
-        for step in range(steps):
+        ahead = pool.submit(fetch, 0) if more(0) else None
+        step = 0
+        while more(step):
             current = ahead.result()
-            ahead = pool.submit(fetch, step + 1) if step + 1 < steps else None
+            ahead = pool.submit(fetch, step + 1) if more(step + 1) else None
             yield current
+            step += 1
 
 
 def _train(student, teacher, feeds, steps, lr, names, shared, scales, match_weight, warmup, weight_decay,
-           bn, params):
-    """(steps run, step it diverged at or None)."""
+           bn, params, deadline=None):
+    """(steps run, step it diverged at or None). ``deadline`` (a time.perf_counter() value): train
+    until then instead of for ``steps``, the schedule following the elapsed fraction of the time."""
     if bn == "frozen":
         student.mimic_onnx = True
         student.eval()
@@ -388,20 +429,16 @@ def _train(student, teacher, feeds, steps, lr, names, shared, scales, match_weig
         student.train()
     opt = (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay
            else torch.optim.Adam(params, lr=lr))
-    warm = max(0, min(steps - 1, int(round(warmup * steps))))
-
-    def factor(step):
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        t = (step - warm) / max(1, steps - warm)
-        return 0.5 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps, warmup, deadline))
     wanted = list(names) + list(shared)
     inv = {n: 1.0 / scales[n] for n in wanted}
-    bar = progress_bar(_teacher_ahead(feeds, teacher, wanted, steps), "recover", total=steps)
+    timed = deadline is not None
+    bar = progress_bar(_teacher_ahead(feeds, teacher, wanted, None if timed else steps), "recover",
+                       total=None if timed else steps)
     running, diverged, ran = None, None, 0
     for step, (batch, targets) in enumerate(bar):
+        if timed and time.perf_counter() >= deadline:
+            break
         env = _forward_env(student, batch)
         loss = 0.0
         for k, name in enumerate(names):
@@ -424,11 +461,35 @@ def _train(student, teacher, feeds, steps, lr, names, shared, scales, match_weig
         sched.step()
         ran = step + 1
         running = value if running is None else 0.9 * running + 0.1 * value
-        bar.set_postfix(loss=f"{running:.4g}", refresh=False)
+        left = {"left": f"{max(0.0, deadline - time.perf_counter()):.0f}s"} if timed else {}
+        bar.set_postfix(loss=f"{running:.4g}", **left, refresh=False)
     bar.close()
     student.eval()
     student.mimic_onnx = True
     return ran, diverged
+
+
+def _schedule(steps, warmup, deadline):
+    """Adam's lr factor at a step: linear warm-up over the ``warmup`` fraction, then a cosine decay
+    to zero, in steps, or in the fraction of the time until ``deadline`` when one is given."""
+    if deadline is not None:
+        begin = time.perf_counter()
+        span = max(deadline - begin, 1e-9)
+
+        def by_time(step):
+            t = min(1.0, (time.perf_counter() - begin) / span)
+            return max(t, 1e-3) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1 - warmup, 1e-9)))
+
+        return by_time
+    warm = max(0, min(steps - 1, int(round(warmup * steps))))
+
+    def by_step(step):
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        t = (step - warm) / max(1, steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * t))
+
+    return by_step
 
 
 # ----------------------------------------------------------------------------------------------

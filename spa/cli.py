@@ -12,7 +12,7 @@ import warnings
 from .errors import CalibrationRunError, SpaError, SpaWarning
 from .flags import (DEFAULT_GRANULARITY, DEFAULT_ROUND_NOTE, calibration_flags, calibration_options,
                     check_command_flags, check_counts, check_model_flags, check_output_flags, check_whole_sessions,
-                    default_criterion, l1_instead, parse_input_shapes, prune_target, rounding)
+                    default_criterion, l1_instead, parse_input_shapes, prune_target, recover_arg, rounding)
 
 
 class Progress:
@@ -155,8 +155,9 @@ def parser() -> argparse.ArgumentParser:
                     help="how a channel's scores over the group's weights combine (default mean)")
     pr.add_argument("--normalization", choices=NORMALIZATIONS,
                     help="per-group score normalisation for ranking across groups (default: mean; none with obspa)")
-    pr.add_argument("--recover", type=int, default=0, metavar="N",
-                    help="after pruning, N steps of data-free distillation of the original into the pruned model "
+    pr.add_argument("--recover", type=recover_arg, default=0, metavar="N|TIME",
+                    help="after pruning, N steps (or TIME: 90s, 20m, 1.5h, the learning-rate schedule spread over "
+                         "it) of data-free distillation of the original into the pruned model "
                          "on fresh synthetic inputs every step (synthetic calibration), on a text file's sentences "
                          "every other step and fresh synthetic ones between, or on the calibration inputs "
                          "(PyTorch; a run at the default lr that does not lower the held-out loss is tried once "

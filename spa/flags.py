@@ -169,11 +169,20 @@ def calibration_flags(args) -> list:
                                              ("--calibration-samples", args.calibration_samples)) if value is not None]
 
 
+def recover_arg(text: str) -> int | str:
+    """--recover's value: steps (an int) or a time ("20m"), checked by spa.pipeline.check_recovery."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def check_recover_lr(args) -> None:
-    """--recover-lr only with --recover, and a positive number."""
+    """--recover a number of steps >= 0 or a time; --recover-lr only with it, and a positive number."""
     from .pipeline import check_recovery
 
-    check_recovery(args.recover or 0, args.recover_lr, lr_name="--recover-lr", steps_name="--recover N")
+    check_recovery(args.recover or 0, args.recover_lr, lr_name="--recover-lr", recover_name="--recover",
+                   without="--recover")
 
 
 def check_flags(args):
@@ -200,8 +209,6 @@ def check_flags(args):
     if args.labels is not None and args.criterion not in ("taylor", "snip", "grasp", "crop", "obd"):
         raise SpaError(f"--labels has no effect with criterion {args.criterion} (only taylor, snip, grasp, crop, obd "
                        "use labels)")
-    if args.recover < 0:
-        raise SpaError(f"--recover needs a number of steps >= 0, got {args.recover}")
     check_recover_lr(args)
     if getattr(args, "ratios_from", None) is not None:
         from .group_sensitivity import check_prune_flags

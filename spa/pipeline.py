@@ -6,6 +6,7 @@ import dataclasses
 import math
 import numbers
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -54,7 +55,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
           normalization: str | None = None, options: Options | None = None, seed: int = 0,
           progress=_quiet, calibration: str | Calibration | None = None, calibration_samples: int | None = None,
           damp: float = 0.01, saliency: dict | None = None, labels=None, compensation: str | None = None,
-          recover: int = 0, calibration_options: Calibration | None = None, allocation: str | None = None,
+          recover: int | str = 0, calibration_options: Calibration | None = None, allocation: str | None = None,
           staged: bool | None = None, recover_lr: float | None = None) -> Result:
     """analyze -> score -> select -> compensate -> rewrite -> recover, in memory (`save` verifies
     and writes).
@@ -69,8 +70,8 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     through the already compensated part (True), or solve every layer from the original model's
     Hessians, the update the allocation measured (False: no further pass, obspa only); None: staged
     with calibration read from files, not with generated inputs (measured no better there:
-    docs/obspa.md). recover: steps of data-free distillation of the original into the pruned model
-    (a spa.recovery frontend) at peak learning rate recover_lr (None: the frontend's default).
+    docs/obspa.md). recover: steps of data-free distillation of the original into the pruned model,
+    or a time for it ("90s", "20m", "1.5h"; spa.pipeline.recovery_budget) (a spa.recovery frontend) at peak learning rate recover_lr (None: the frontend's default).
     allocation: how the budget spreads over groups: "uniform" (a plain
     `Target(ratio=R)` removes R of every group; the default but with obspa), "global" (one ranking
     of the normalised scores; a plain ratio keeps the parameters that R of every group would keep),
@@ -143,21 +144,41 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     return result
 
 
-def distill(original, pruned, inputs, steps: int, lr: float | None, **options):
-    """The spa.recovery frontend's result; `lr` passed only when given (a frontend written before
-    the option need not take it)."""
-    return plugins.load("spa.recovery", "distill")(original, pruned, inputs, steps, **options,
-                                                   **({} if lr is None else {"lr": lr}))
+def distill(original, pruned, inputs, recover: int | str, lr: float | None, **options):
+    """The spa.recovery frontend's result for `recover` steps, or for a time budget ("20m": the
+    frontend's `seconds` option); `lr` and `seconds` passed only when given (a frontend written
+    before an option need not take it)."""
+    steps, seconds = recovery_budget(recover)
+    given = {k: v for k, v in (("lr", lr), ("seconds", seconds)) if v is not None}
+    return plugins.load("spa.recovery", "distill")(original, pruned, inputs, steps, **options, **given)
 
 
-def check_recovery(steps: int, lr: float | None, lr_name: str = "the recovery learning rate",
-                   steps_name: str = "recovery steps (--recover N)") -> None:
-    """Refuse a recovery that cannot run: negative steps, an lr without steps or not a positive
-    number (the names: how the caller spells them, e.g. the CLI's flags)."""
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise SpaError(f"recover needs a positive number of steps, got {steps!r}")
-    if lr is not None and not steps:
-        raise SpaError(f"{lr_name} has no effect without {steps_name}")
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|m|min|h)", re.IGNORECASE)
+_UNIT_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def recovery_budget(recover: int | str, name: str = "recover") -> tuple[int, float | None]:
+    """(steps, seconds) of a recovery given as steps (an int, or digits) or as a time ("90s", "20m",
+    "1.5h": seconds, steps 0); SpaError for anything else (`name`: how the caller spells it)."""
+    if isinstance(recover, numbers.Integral) and not isinstance(recover, bool) and recover >= 0:
+        return int(recover), None
+    text = recover.strip() if isinstance(recover, str) else ""
+    if text.isdigit():
+        return int(text), None
+    match = _DURATION.fullmatch(text)
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()] if match else 0.0
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise SpaError(f"{name} needs a number of steps >= 0 or a time such as 90s, 20m or 1.5h, got {recover!r}")
+    return 0, seconds
+
+
+def check_recovery(recover: int | str, lr: float | None, lr_name: str = "the recovery learning rate",
+                   recover_name: str = "recover", without: str = "recovery steps or time (recover=)") -> None:
+    """Refuse a recovery that cannot run: negative steps or a malformed time, an lr without a
+    recovery or not a positive number (the names: how the caller spells them, e.g. the CLI's flags)."""
+    steps, seconds = recovery_budget(recover, recover_name)
+    if lr is not None and not (steps or seconds):
+        raise SpaError(f"{lr_name} has no effect without {without}")
     if lr is not None and not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
         raise SpaError(f"{lr_name} must be a positive number, got {lr!r}")
 

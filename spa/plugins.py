@@ -7,10 +7,11 @@ declaring it.
   {weight name: per-element saliency}; the core lifts it to channel groups.
 - spa.calibration: `synthesise(model, batches, seed=..., progress=...)` -> batches: calibration
   inputs made from the model itself, starting from synthetic ones.
-- spa.recovery: `recover(original, pruned, batches, steps, seed=..., progress=..., holdout=..., lr=...)`
-  -> an object with `.model` (the pruned ModelProto after recovery); `batches`: a list of feeds or
-  `step -> feeds`, `holdout`: feeds to judge the recovery on (None: its own choice), `lr`: the peak
-  learning rate (None: its own choice).
+- spa.recovery: `recover(original, pruned, batches, steps, seed=..., progress=..., holdout=..., lr=...,
+  seconds=...)` -> an object with `.model` (the pruned ModelProto after recovery); `batches`: a list of
+  feeds or `step -> feeds`, `holdout`: feeds to judge the recovery on (None: its own choice), `lr`: the
+  peak learning rate (None: its own choice), `seconds`: a time budget instead of steps (steps 0); `lr`
+  and `seconds` are passed only when given.
 """
 from __future__ import annotations
 

@@ -305,13 +305,13 @@ def default_criterion(model: onnx.ModelProto, calibration, progress) -> str:
 
 
 def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = None, *, calibration=None,
-             storage: str = "dense", compressed: bool = False, recover: int = 0, recover_lr: float | None = None,
+             storage: str = "dense", compressed: bool = False, recover: int | str = 0, recover_lr: float | None = None,
              progress=lambda message: None) -> tuple[onnx.ModelProto, dict]:
     """(a copy of `model` with `pattern`'s exact zeros in every eligible layer's weight, report).
     criterion "l1" keeps the largest |w|; "obs" chooses and compensates with OBS updates on
     calibration inputs (spa.sparse_obs); None: obs (`default_criterion`), or l1 with a warning
     where onnxruntime cannot run the model on generated calibration inputs. recover: steps of
-    distillation from the original on the calibration inputs with every zero kept (a
+    distillation from the original on the calibration inputs (or a time: "20m") with every zero kept (a
     spa.recovery stage; kept only if the held-out loss falls). Every written weight is checked
     against the pattern. compressed: the report also gives zlib-compressed sizes (seconds per
     100 MB: on request). recover_lr: its peak learning rate (None: the frontend's default)."""
@@ -361,14 +361,15 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     return out, report
 
 
-def _recovered(model, sparse, calibration, steps: int, lr: float | None, progress) -> tuple[onnx.ModelProto, dict]:
-    """The sparse model distilled from `model` for `steps` with its zeros kept, if that lowered
-    the held-out loss (else `sparse` itself), and what happened."""
-    from .pipeline import _calibration, calibration_inputs, distill, recovery_inputs
+def _recovered(model, sparse, calibration, recover: int | str, lr: float | None, progress) -> tuple[onnx.ModelProto, dict]:
+    """The sparse model distilled from `model` for `recover` steps (or a time) with its zeros kept,
+    if that lowered the held-out loss (else `sparse` itself), and what happened."""
+    from .pipeline import _calibration, calibration_inputs, distill, recovery_budget, recovery_inputs
 
     cal, fit, held = calibration_inputs(model, _calibration(calibration, None, 0), progress)
     inputs, holdout = recovery_inputs(model, cal, fit, held, progress)
-    result = distill(model, sparse, inputs, steps, lr, progress=progress, holdout=holdout, keep_zeros=True)
+    result = distill(model, sparse, inputs, recover, lr, progress=progress, holdout=holdout, keep_zeros=True)
+    steps = recovery_budget(recover)[0] or getattr(result, "steps", 0)  # a time budget: the steps it held
     return result.model, {"steps": steps, "lr": getattr(result, "lr", lr), "loss_before": result.loss_before,
                           "loss_after": result.loss_after, "kept": bool(result.improved)}
 

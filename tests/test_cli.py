@@ -195,6 +195,7 @@ def test_missing_file_and_bad_plan(model_path, tmp_path, capsys):
     (["--criterion", "l1", "--allocation", "measured"], "--allocation measured compares OBS-compensated plans"),
     (["--criterion", "obspa", "--labels", "y.npy"], "--labels has no effect with criterion obspa"),
     (["--recover", "-3"], "--recover needs a number of steps >= 0"),
+    (["--recover", "1 week"], "--recover needs a number of steps >= 0 or a time such as 90s, 20m or 1.5h"),
 ])
 def test_options_that_would_do_nothing_are_refused(model_path, tmp_path, capsys, flags, message):
     out = tmp_path / "never.onnx"

@@ -359,8 +359,9 @@ CONTRACT = {
             (P0 + ["--target-latency", "0.7", "--normalization", "max"],
              "--normalization max has no effect with --target-latency"),
             (R + ["--global", "--normalization", "max"], "--normalization has no effect with criterion random")]),
-        "--recover": Case(P + ["--recover", "3"], P, refused=[
+        "--recover": Case(P + ["--recover", "3"], P, also=[(P + ["--recover", "5s"], P)], refused=[
             (P + ["--recover", "-3"], "--recover needs a number of steps >= 0"),
+            (P + ["--recover", "soon"], "--recover needs a number of steps >= 0 or a time such as 90s, 20m or 1.5h"),
             (DRY + ["--recover", "3"], "--recover has no effect with --dry-run")]),
         "--recover-lr": Case(P + ["--recover", "3", "--recover-lr", "0.01"], P + ["--recover", "3"], refused=[
             (P + ["--recover-lr", "0.01"], "--recover-lr has no effect without --recover"),
@@ -459,7 +460,8 @@ CONTRACT = {
         "--input-shape": Case(SP_DYN + ["--input-shape", "1x3x8x8"], SP_DYN,
                               also=[(SP_ONLY8 + ["--input-shape", "1x3x8x8"], SP_ONLY8)]),  # verified at 8x8
         "--recover": Case(SP + ["--recover", "2"], SP, also=[(SPO + ["--recover", "2"], SPO)],
-                          refused=[(SP + ["--recover", "0"], "--recover needs a positive number of steps")]),
+                          refused=[(SP + ["--recover", "0"], "--recover needs a positive number of steps"),
+                                   (SP + ["--recover", "0s"], "--recover needs a number of steps >= 0 or a time")]),
         "--recover-lr": Case(SP + ["--recover", "2", "--recover-lr", "0.01"], SP + ["--recover", "2"], refused=[
             (SP + ["--recover-lr", "0.01"], "--recover-lr has no effect without --recover"),
             (SP + ["--recover", "2", "--recover-lr", "nan"], "--recover-lr must be a positive number")]),

@@ -216,9 +216,12 @@ def test_an_lr_given_is_run_once_as_given():
                                                  (10, float("nan"), "must be a positive number"),
                                                  (10, -1e-3, "must be a positive number"),
                                                  (0, 1e-3, "no effect without recovery steps"),
-                                                 (-1, None, "positive number of steps"),
-                                                 (None, None, "positive number of steps"),
-                                                 (2.5, None, "positive number of steps")])
+                                                 (-1, None, "number of steps >= 0 or a time"),
+                                                 (None, None, "number of steps >= 0 or a time"),
+                                                 (2.5, None, "number of steps >= 0 or a time"),
+                                                 ("20 minutes", None, "number of steps >= 0 or a time"),
+                                                 ("0s", None, "number of steps >= 0 or a time"),
+                                                 (True, None, "number of steps >= 0 or a time")])
 def test_a_recovery_that_cannot_run_is_refused(steps, lr, message):
     from spa.errors import SpaError
     original = _mlp()
@@ -338,6 +341,79 @@ def test_pipeline_passes_the_recovery_lr_to_the_frontend_only_when_given(monkeyp
     prune(_mlp(), Target(ratio=0.5), criterion="l1", recover=5)
     prune(_mlp(), Target(ratio=0.5), criterion="l1", recover=5, recover_lr=2e-5)
     assert seen == [{}, {"lr": 2e-5}]
+
+
+@pytest.mark.parametrize("given, budget", [(300, (300, None)), ("300", (300, None)), (0, (0, None)),
+                                           ("90s", (0, 90.0)), ("20m", (0, 1200.0)), ("1.5h", (0, 5400.0)),
+                                           (" 2 min ", (0, 120.0)), ("0.5s", (0, 0.5))])
+def test_a_recovery_is_given_as_steps_or_as_a_time(given, budget):
+    from spa.pipeline import recovery_budget
+    assert recovery_budget(given) == budget
+
+
+def test_a_timed_recovery_trains_until_its_time_is_spent_and_ends_its_schedule_there():
+    original = _mlp()
+    pruned = prune(original, Target(ratio=0.5), criterion="l1").model
+    messages = []
+    result = _run(pruned, original, steps=0, seconds=4.0, progress=messages.append)
+    assert result.improved and result.loss_after < 0.8 * result.loss_before
+    assert result.steps > 10 and result.seconds < 4.0 + 1.5
+    assert "recover: 4 s (lr 0.003)" in messages[0] and f"recover: {result.steps} steps" in messages[-1]
+    _check_same_layout(pruned, result.model)
+    # the same through steps="4s" (the pipeline's spelling)
+    assert _run(pruned, original, steps="4s").improved
+
+
+def test_the_time_schedule_warms_up_then_decays_to_zero_at_the_deadline(monkeypatch):
+    from spa.frontends import torch_recover
+    clock = [100.0]
+    monkeypatch.setattr(torch_recover.time, "perf_counter", lambda: clock[0])
+    factor = torch_recover._schedule(0, 0.2, deadline=110.0)
+    seen = {}
+    for t in (0.0, 1.0, 2.0, 6.0, 10.0, 12.0):
+        clock[0] = 100.0 + t
+        seen[t] = factor(0)
+    assert seen[0.0] < 0.01 and seen[1.0] == pytest.approx(0.5) and seen[2.0] == pytest.approx(1.0)
+    assert seen[6.0] == pytest.approx(0.5) and seen[10.0] == pytest.approx(0.0, abs=1e-12) and seen[12.0] == seen[10.0]
+
+
+def test_a_time_too_short_to_train_in_returns_the_pruned_model_and_says_why():
+    original = _mlp()
+    pruned = prune(original, Target(ratio=0.5), criterion="l1").model
+    result = _run(pruned, original, steps=0, seconds=0.01)
+    assert result.steps == 0 and not result.improved and result.model is pruned
+    assert "the 0.01 s given were spent before training could start" in result.message
+
+
+def test_a_timed_run_that_does_not_improve_says_there_was_no_time_for_a_second_try(monkeypatch):
+    from spa.frontends import torch_recover
+    original = _mlp()
+    pruned = prune(original, Target(ratio=0.5), criterion="l1").model
+    monkeypatch.setattr(torch_recover, "default_lr", lambda model: 30.0)
+    result = _run(pruned, original, steps=0, lr=None, seconds=3.0)
+    assert not result.improved and "no time for a second try at lr 0.3 (--recover-lr sets the rate)" in result.message
+
+
+@pytest.mark.parametrize("steps, seconds", [(10, 5.0), ("1m", 5.0), (0, -1.0), (0, float("inf")), (0, True)])
+def test_steps_and_seconds_together_or_a_bad_time_are_refused(steps, seconds):
+    from spa.errors import SpaError
+    original = _mlp()
+    with pytest.raises(SpaError, match="recover: "):
+        _run(original, original, steps=steps, seconds=seconds)
+
+
+def test_the_pipeline_passes_a_time_to_the_frontend_as_seconds(monkeypatch):
+    from spa import plugins
+    seen = []
+
+    def fake(original, pruned, batches, steps, seed=0, progress=None, holdout=None, **options):
+        seen.append((steps, options))
+        return RecoveryResult(pruned, False, 1.0, 1.0, 0.0, 0)
+
+    monkeypatch.setattr(plugins, "load", lambda group, name: fake)
+    prune(_mlp(), Target(ratio=0.5), criterion="l1", recover="2m")
+    prune(_mlp(), Target(ratio=0.5), criterion="l1", recover="300")
+    assert seen == [(0, {"seconds": 120.0}), (300, {})]
 
 
 def _embedding_mlp(seed=3, vocab=40):

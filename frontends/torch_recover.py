@@ -216,7 +216,7 @@ def _checked_budget(steps, seconds, lr) -> tuple[int, float | None]:
 
 
 def _amount(steps, seconds) -> str:
-    return f"{steps} steps" if seconds is None else f"{seconds:g} s"
+    return f"{steps} steps" if seconds is None else f"as many steps as fit in {seconds:g} s"
 
 
 def default_lr(model: onnx.ModelProto) -> float:

@@ -205,7 +205,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
 def _checked_budget(steps, seconds, lr) -> tuple[int, float | None]:
     """(steps, seconds) to run, ``steps`` also read as a time ("20m"), after refusing what cannot run."""
     count, timed = recovery_budget(0 if steps is None and seconds is not None else steps)
-    if timed is not None and seconds is not None or count and seconds is not None:
+    if seconds is not None and (count or timed is not None):
         raise SpaError(f"recover: give steps or seconds, not both (steps={steps!r}, seconds={seconds!r})")
     seconds = timed if timed is not None else seconds
     if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
@@ -478,7 +478,9 @@ def _schedule(steps, warmup, deadline):
 
         def by_time(step):
             t = min(1.0, (time.perf_counter() - begin) / span)
-            return max(t, 1e-3) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1 - warmup, 1e-9)))
+            if t < warmup:
+                return max(t, 1e-3) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1 - warmup, 1e-9)))
 
         return by_time
     warm = max(0, min(steps - 1, int(round(warmup * steps))))

@@ -158,8 +158,8 @@ def sparsify(model, pattern="2:4", *, amount: float | None = None, granularity: 
     l1 instead, announced, where spa.sparsity.default_criterion says) or "l1";
     storage "sparse" stores weights as COO where smaller; compressed: the report gives zlib sizes
     too (report["zipped_bytes"]); recover: steps of distillation from the original on the
-    calibration inputs (or a time: "20m"), zeros kept (PyTorch), at peak learning rate `recover_lr` (None: the
-    default). Returns a `spa.sparsity.Sparsified`:
+    calibration inputs (or a time: "20m"), zeros kept (PyTorch), at peak learning rate `recover_lr`
+    (None: the default). Returns a `spa.sparsity.Sparsified`:
     `.model`, `.report`, `.save(path)`."""
     from . import progress as bars
     from .sparsity import Pattern, Sparsified, parse_pattern

@@ -70,8 +70,9 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     through the already compensated part (True), or solve every layer from the original model's
     Hessians, the update the allocation measured (False: no further pass, obspa only); None: staged
     with calibration read from files, not with generated inputs (measured no better there:
-    docs/obspa.md). recover: steps of data-free distillation of the original into the pruned model,
-    or a time for it ("90s", "20m", "1.5h"; spa.pipeline.recovery_budget) (a spa.recovery frontend) at peak learning rate recover_lr (None: the frontend's default).
+    docs/obspa.md). recover: steps of data-free distillation of the original into the pruned model
+    (a spa.recovery frontend), or a time for it ("90s", "20m", "1.5h": `recovery_budget`), at peak
+    learning rate recover_lr (None: the frontend's default).
     allocation: how the budget spreads over groups: "uniform" (a plain
     `Target(ratio=R)` removes R of every group; the default but with obspa), "global" (one ranking
     of the normalised scores; a plain ratio keeps the parameters that R of every group would keep),

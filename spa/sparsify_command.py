@@ -37,8 +37,8 @@ def add_parser(sub) -> None:
                     help="input sizes: of generated calibration inputs (--criterion obs) and of the inputs the "
                          "output is verified on (symbolic sizes otherwise 32)")
     sp.add_argument("--recover", type=recover_arg, metavar="N|TIME",
-                    help="then N steps (or TIME: 90s, 20m, 1.5h) of distillation from the original on the calibration inputs (PyTorch), every "
-                         "zero kept; kept only if the held-out loss falls")
+                    help="then N steps (or TIME: 90s, 20m, 1.5h) of distillation from the original on the "
+                         "calibration inputs (PyTorch), every zero kept; kept only if the held-out loss falls")
     sp.add_argument("--recover-lr", type=float, metavar="LR",
                     help="--recover's peak Adam learning rate, run once as given (default: as spa prune --recover)")
     sp.add_argument("--storage", choices=("dense", "sparse"), default="dense",
@@ -68,7 +68,7 @@ def command(args, say) -> int:
     if frontend_for(args.output) is not None:
         raise SpaError(f"-o {args.output}: spa sparsify writes ONNX; give -o an .onnx name")
     pattern = parse_pattern(args.pattern, args.amount, args.granularity)
-    if args.recover is not None and isinstance(args.recover, int) and args.recover < 1:
+    if isinstance(args.recover, int) and args.recover < 1:
         raise SpaError(f"--recover needs a positive number of steps or a time such as 20m, got {args.recover}")
     check_recover_lr(args)
     calibration = calibration_of(args)

@@ -305,14 +305,14 @@ def default_criterion(model: onnx.ModelProto, calibration, progress) -> str:
 
 
 def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = None, *, calibration=None,
-             storage: str = "dense", compressed: bool = False, recover: int | str = 0, recover_lr: float | None = None,
-             progress=lambda message: None) -> tuple[onnx.ModelProto, dict]:
+             storage: str = "dense", compressed: bool = False, recover: int | str = 0,
+             recover_lr: float | None = None, progress=lambda message: None) -> tuple[onnx.ModelProto, dict]:
     """(a copy of `model` with `pattern`'s exact zeros in every eligible layer's weight, report).
     criterion "l1" keeps the largest |w|; "obs" chooses and compensates with OBS updates on
     calibration inputs (spa.sparse_obs); None: obs (`default_criterion`), or l1 with a warning
     where onnxruntime cannot run the model on generated calibration inputs. recover: steps of
-    distillation from the original on the calibration inputs (or a time: "20m") with every zero kept (a
-    spa.recovery stage; kept only if the held-out loss falls). Every written weight is checked
+    distillation from the original on the calibration inputs (or a time: "20m") with every zero
+    kept (a spa.recovery stage; kept only if the held-out loss falls). Every written weight is checked
     against the pattern. compressed: the report also gives zlib-compressed sizes (seconds per
     100 MB: on request). recover_lr: its peak learning rate (None: the frontend's default)."""
     from .graph import Graph
@@ -361,7 +361,8 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     return out, report
 
 
-def _recovered(model, sparse, calibration, recover: int | str, lr: float | None, progress) -> tuple[onnx.ModelProto, dict]:
+def _recovered(model, sparse, calibration, recover: int | str, lr: float | None,
+               progress) -> tuple[onnx.ModelProto, dict]:
     """The sparse model distilled from `model` for `recover` steps (or a time) with its zeros kept,
     if that lowered the held-out loss (else `sparse` itself), and what happened."""
     from .pipeline import _calibration, calibration_inputs, distill, recovery_budget, recovery_inputs

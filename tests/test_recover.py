@@ -358,7 +358,8 @@ def test_a_timed_recovery_trains_until_its_time_is_spent_and_ends_its_schedule_t
     result = _run(pruned, original, steps=0, seconds=4.0, progress=messages.append)
     assert result.improved and result.loss_after < 0.8 * result.loss_before
     assert result.steps > 10 and result.seconds < 4.0 + 1.5
-    assert "recover: as many steps as fit in 4 s (lr 0.003)" in messages[0] and f"recover: {result.steps} steps" in messages[-1]
+    assert "recover: as many steps as fit in 4 s (lr 0.003)" in messages[0]
+    assert f"recover: {result.steps} steps" in messages[-1]
     _check_same_layout(pruned, result.model)
     # the same through steps="4s" (the pipeline's spelling)
     assert _run(pruned, original, steps="4s").improved

@@ -114,7 +114,8 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     if criterion == "obspa":
         with _runs_on(fit):
             plan, scores, measured = _obs_plan(analysis, target, fit, held, allocation, normalization, compensation,
-                                               damp, seed, progress)
+                                               damp, seed, progress, read=cal.source != "none" and not
+                                               is_generated(cal.source))
     else:
         if criterion in GRADIENT_CRITERIA and saliency is None:
             saliency = plugins.load("spa.criteria", criterion)(
@@ -389,9 +390,11 @@ def _rechunked(batches: list, parts: int) -> list:
     return out
 
 
-def _obs_plan(analysis, target, fit, held, allocation, normalization, compensation, damp, seed, progress):
+def _obs_plan(analysis, target, fit, held, allocation, normalization, compensation, damp, seed, progress,
+              read=False):
     """(plan, scores, Measured) for obspa: Hessians from `fit`; "measured" allocation compares
-    allocations on `held` (spa.allocation)."""
+    allocations on `held` (spa.allocation; `read`: calibration read from files, where it compares
+    capped ones too)."""
     scores, measured = obspa.scores(analysis, fit, damp, normalization or "none", seed, progress, held)
     if allocation == "measured" and not held:
         allocation = "uniform" if target.ratio is not None else "global"
@@ -408,7 +411,7 @@ def _obs_plan(analysis, target, fit, held, allocation, normalization, compensati
 
     progress(f"selecting channels: comparing allocations on {len(held)} held-out calibration batches")
     plan, _ = allocate.choose(analysis, scores, target, budget, compensated, held, progress, measured.compensable,
-                              lambda plans: obspa.retain_first_order(measured, plans))
+                              lambda plans: obspa.retain_first_order(measured, plans), capped=read)
     return plan, scores, measured
 
 

@@ -156,6 +156,36 @@ def test_measured_allocation_keeps_the_plan_whose_outputs_move_least():
     assert np.array_equal(chosen.removed_atoms, next(c.plan for c in tried if c.name == best).removed_atoms)
 
 
+def test_capped_candidates_join_only_when_asked_remove_at_most_the_cap_and_keep_no_more():
+    """With `capped` (calibration read from files) every global candidate that took more than CAP
+    of a group is tried again with at most CAP of every group, if that keeps no more parameters;
+    without it the candidates are as before."""
+    b = Builder(seed=3)
+    y, width = b.input(["batch", 3, 8, 8]), 3
+    for _ in range(3):  # three groups of 16 channels: a cap can move what one group loses to the others
+        y, width = b.op("Relu", [b.conv(y, width, 16)]), 16
+    b.output(b.op("GlobalAveragePool", [b.conv(y, width, 4)]))
+    model = b.model()
+    analysis = analyze(model)
+    raw, _ = scores(analysis, _feeds(model, 32), normalization="none", held=_feeds(model, 8, seed=9))
+    target = Target(ratio=0.4)
+    budget = as_budget(analysis, raw, target)
+    plain = dict(allocation.candidates(analysis, raw, target, budget))
+    both = dict(allocation.candidates(analysis, raw, target, budget, capped=True))
+    extra = {name: plan for name, plan in both.items() if name not in plain}
+    assert list(plain) == [name for name in both if name in plain] and extra
+    for name, plan in extra.items():
+        uncapped = plain[name.replace(f", at most {allocation.CAP:.0%} of a group", "")]
+        assert allocation._past(analysis, uncapped, allocation.CAP) and not allocation._past(analysis, plan,
+                                                                                             allocation.CAP)
+        assert count_params(model, plan) <= 1.001 * count_params(model, uncapped)
+    # a cap that leaves the budget out of reach adds nothing
+    steep = Target(ratio=0.85)
+    steep_budget = as_budget(analysis, raw, steep)
+    assert dict(allocation.candidates(analysis, raw, steep, steep_budget, capped=True)).keys() == \
+        dict(allocation.candidates(analysis, raw, steep, steep_budget)).keys()
+
+
 @pytest.mark.parametrize("uniform, picked", [(1.005, "uniform"), (1.02, "global, losses / mean^0.5")])
 def test_uniform_wins_what_the_judge_cannot_tell_apart(monkeypatch, uniform, picked):
     model = _cnn(seed=3)

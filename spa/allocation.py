@@ -17,6 +17,7 @@ import dataclasses
 
 import numpy as np
 
+from .cost import concrete_shapes, count_macs, count_params
 from .plan import Plan
 from .progress import bar
 from .runtime import is_float, session
@@ -60,9 +61,9 @@ def candidates(analysis, scores: dict, target: Target, budget: Target | None, ca
         name, plan = f"global, losses / mean^{exponent:g}", select(analysis, scaled(scores, exponent), ranked)
         yield name, plan
         if capped and ranked.max_group_ratio > CAP and _past(analysis, plan, CAP):
-            capped = select(analysis, scaled(scores, exponent), dataclasses.replace(ranked, max_group_ratio=CAP))
-            if _no_larger(analysis, capped, plan, ranked):
-                yield f"{name}, at most {CAP:.0%} of a group", capped
+            limited = select(analysis, scaled(scores, exponent), dataclasses.replace(ranked, max_group_ratio=CAP))
+            if _no_larger(analysis, limited, plan, ranked):
+                yield f"{name}, at most {CAP:.0%} of a group", limited
 
 
 def _past(analysis, plan: Plan, cap: float) -> bool:
@@ -73,7 +74,6 @@ def _past(analysis, plan: Plan, cap: float) -> bool:
 def _no_larger(analysis, plan: Plan, reference: Plan, target: Target) -> bool:
     """Whether `plan` keeps no more parameters (and, for a MAC target, MACs) than `reference`
     but for rounding: a cap can leave a budget unreachable."""
-    from .cost import concrete_shapes, count_macs, count_params
     slack = 1.001
     if count_params(analysis.graph, plan) > slack * count_params(analysis.graph, reference):
         return False

@@ -108,7 +108,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
             bn: str = "frozen", match: str = "shared", match_weight: float = 1.0,
             warmup: float = 0.2, weight_decay: float = 0.0, threads: int | None = None,
             teacher: str = "ort", keep_zeros: bool = False, train_lookups: bool = False,
-            seconds: float | None = None) -> RecoveryResult:
+            seconds: float | None = None, device: str | None = None) -> RecoveryResult:
     """Distil ``original`` into ``pruned`` for ``steps`` Adam steps; see the module docstring.
 
     ``batches``: ``batches(step) -> {input name: array}`` (fresh inputs per step) or a list of
@@ -123,7 +123,9 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     too (2-D weights a Gather indexes, e.g. word embeddings; frozen by default: pruning leaves what a
     token looks up unchanged, generated ids reach scattered rows of them, and their Adam update was
     most of a short step's time; MiniLM: the same cosine, docs/recover.md). ``seconds``: train for
-    this long instead of ``steps`` (which must then be 0 or None; module docstring)."""
+    this long instead of ``steps`` (which must then be 0 or None; module docstring). ``device``: where
+    the student trains (a torch device: "cpu", "cuda", "cuda:1"; None: the first CUDA device when torch
+    sees one, announced, else the CPU); the teacher and the checks stay on onnxruntime's CPU."""
     say = progress or (lambda message: None)
     original, pruned = as_model(original), as_model(pruned)
     steps, seconds = _checked_budget(steps, seconds, lr)
@@ -131,13 +133,14 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
         raise SpaError(f"recover: bn must be 'frozen' or 'update', got {bn!r}")
     if match not in ("outputs", "shared"):
         raise SpaError(f"recover: match must be 'outputs' or 'shared', got {match!r}")
+    device = _training_device(device)
     lr_given = lr is not None
     tries = 1 if lr_given or seconds is not None else 2
     lr = first_lr = default_lr(pruned) if lr is None else float(lr)
     start = time.perf_counter()
     train_feeds, holdout = _split_batches(batches, steps if seconds is None else TIMED_HOLDOUT_STEP, holdout)
 
-    student = from_onnx(pruned, verify=False)
+    student = _moved(from_onnx(pruned, verify=False), device)
     names = _float_outputs(student, pruned)
     if not names:
         raise SpaError("recover: the pruned model has no float output to distil")
@@ -156,7 +159,8 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
         if shared:
             inner = [teach.run(f, shared) for f in holdout[:2]]
             scales.update(_scales(inner, shared))
-    say(f"recover: {_amount(steps, seconds)} (lr {lr:g}), held-out distillation loss {loss_before:.4g}"
+    where = f" on {device}" if device.type != "cpu" else ""
+    say(f"recover: {_amount(steps, seconds)}{where} (lr {lr:g}), held-out distillation loss {loss_before:.4g}"
         + (f", matching {len(shared)} intermediate tensors" if shared else ""))
 
     params = _trainable(student, pruned, keep_zeros, train_lookups)
@@ -167,7 +171,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
             say(f"recover: held-out loss {loss_before:.4g} -> {loss_after:.4g} at lr {lr:g}: once more from the pruned "
                 f"weights at lr {lr * RETRY_LR:g} (a pretrained model can need a far lower one than its kind)")
             lr *= RETRY_LR
-            student = from_onnx(pruned, verify=False)  # the pruned weights again, no second copy held meanwhile
+            student = _moved(from_onnx(pruned, verify=False), device)  # the pruned weights again
             params = _trainable(student, pruned, keep_zeros, train_lookups)
         with torch.random.fork_rng(devices=[]), intra_op_threads(all_cores_but_one()):
             torch.manual_seed(seed)
@@ -200,6 +204,33 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
                f"{elapsed:.1f} s" + "".join(f"; {n}" for n in notes))
     say(message)
     return RecoveryResult(model, improved, loss_before, loss_after, elapsed, ran, skipped, message, lr)
+
+
+def _training_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SpaError(f"recover: device must name a torch device ('cpu', 'cuda', 'cuda:1'), got {device!r}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise SpaError(f"recover: device {device!r} asked for, but torch sees no CUDA device")
+    return chosen
+
+
+def _moved(student: OnnxModule, device: torch.device) -> OnnxModule:
+    """The student's parameters, buffers and constants on ``device``."""
+    if device.type == "cpu":
+        return student
+    student.to(device)
+    student._consts = {k: v.to(device) for k, v in student._consts.items()}
+    return student
+
+
+def _device_of(module: OnnxModule) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def _checked_budget(steps, seconds, lr) -> tuple[int, float | None]:
@@ -310,13 +341,13 @@ def _with_outputs(model, names):
 
 
 def _tensors(student, feeds):
-    dtype = student.float_dtype()
+    dtype, device = student.float_dtype(), _device_of(student)
     out = {}
     for name in student.input_names:
         if name in feeds:
             value = feeds[name]
             t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
-            out[name] = t.to(dtype) if t.is_floating_point() else t
+            out[name] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
     return out
 
 
@@ -327,7 +358,12 @@ def _forward_env(module: OnnxModule, feeds) -> dict:
         env.setdefault(name, module._consts[name])
     for name in module._stores:
         env.setdefault(name, module.onnx_tensor(name))
-    run_graph(module, module._nodes, env)
+    device = _device_of(module)
+    if device.type == "cpu":
+        run_graph(module, module._nodes, env)
+    else:
+        with device:  # the tensors the ops create (shapes, fills, ranges) on the student's device too
+            run_graph(module, module._nodes, env)
     return env
 
 
@@ -442,13 +478,13 @@ def _train(student, teacher, feeds, steps, lr, names, shared, scales, match_weig
         env = _forward_env(student, batch)
         loss = 0.0
         for k, name in enumerate(names):
-            t = torch.from_numpy(np.asarray(targets[k])).to(env[name].dtype)
+            t = torch.from_numpy(np.asarray(targets[k])).to(env[name].device, env[name].dtype)
             loss = loss + torch.mean((env[name] - t) ** 2) * inv[name]
         loss = loss / len(names)
         if shared:
             extra = 0.0
             for k, name in enumerate(shared, start=len(names)):
-                t = torch.from_numpy(np.asarray(targets[k])).to(env[name].dtype)
+                t = torch.from_numpy(np.asarray(targets[k])).to(env[name].device, env[name].dtype)
                 extra = extra + torch.mean((env[name] - t) ** 2) * inv[name]
             loss = loss + match_weight * extra / len(shared)
         value = float(loss.detach())

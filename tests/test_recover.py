@@ -475,3 +475,38 @@ def test_pipeline_recovery_interleaves_calibration_sentences_with_fresh_syntheti
     np.savez(tmp_path / "ids.npz", **batches(0))  # the same data without a tokenizer: cycled as before
     prune(_embedding_mlp(), Target(ratio=0.5), criterion="l1", recover=5, calibration=str(tmp_path / "ids.npz"))
     assert isinstance(seen["batches"], list) and seen["holdout"] is None
+
+
+@pytest.mark.parametrize("device, message", [("gpu0", "must name a torch device"),
+                                             ("cuda", "torch sees no CUDA device")])
+def test_a_training_device_that_is_not_there_is_refused(device, message, monkeypatch):
+    import torch
+
+    from spa.errors import SpaError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    original = _mlp()
+    with pytest.raises(SpaError, match=message):
+        _run(original, original, steps=5, device=device)
+
+
+def test_the_student_trains_on_a_cuda_device_when_torch_sees_one(monkeypatch):
+    import torch
+
+    from spa.frontends.torch_recover import _training_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _training_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _training_device(None) == torch.device("cuda")
+    assert _training_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("make", [_cnn, _residual_mlp])
+def test_recovery_on_a_cuda_device_lowers_the_held_out_loss_and_says_where_it_ran(make):
+    original = make()
+    pruned = prune(original, Target(ratio=0.5), criterion="l1").model
+    messages = []
+    result = _run(pruned, original, progress=messages.append, device="cuda")
+    assert " on cuda" in messages[0]
+    assert result.improved and result.loss_after < 0.8 * result.loss_before
+    _check_same_layout(pruned, result.model)

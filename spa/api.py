@@ -74,7 +74,7 @@ def prune(model, ratio: float | None = None, *, progress: bool = False, **flags)
     with bars.showing(progress):
         check_counts(args)
         default_criterion(args)
-        args.calibration_options = calibration_options(args)
+        args.calibration_options = calibration_options(args, model if isinstance(model, (str, os.PathLike)) else None)
         shapes = cli._input_shapes(args)
         original, source = _load(model, say, shapes)
         args.model = source or "model.onnx"

@@ -143,6 +143,7 @@ class Calibration:
     resize: str = "stretch"
     time_limit: float | None = None
     scaffold: float | None = None  # share of scaffolded token sequences (None: SCAFFOLD_SHARE)
+    tokenizer_found: bool = False  # `tokenizer` was found beside the model, not given (`with_tokenizer`)
 
     def check(self) -> "Calibration":
         if not isinstance(self.source, str):
@@ -244,6 +245,51 @@ def generated_token_lengths(model: onnx.ModelProto) -> bool:
     return False
 
 
+def tokenizer_beside(model_path) -> str | None:
+    """The tokenizer.json beside a model file (in its directory, or inside a model directory), where
+    exporters such as Hugging Face optimum write it; None where there is none."""
+    if not isinstance(model_path, (str, os.PathLike)):
+        return None
+    path = os.fspath(model_path)
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    found = os.path.join(folder, "tokenizer.json")
+    return found if os.path.isfile(found) else None
+
+
+def looking_beside(options: Calibration, model_path) -> Calibration:
+    """`options` with the tokenizer beside `model_path` (`tokenizer_beside`) where none is given and
+    the source generates inputs or reads text; `with_tokenizer` decides, per model, whether it is used."""
+    if options.tokenizer is not None or source_kind(options.source) not in ("generated", "text"):
+        return options
+    found = tokenizer_beside(model_path)
+    return options if found is None else dataclasses.replace(options, tokenizer=found, tokenizer_found=True)
+
+
+def with_tokenizer(model: onnx.ModelProto, options: Calibration, progress=_quiet) -> Calibration:
+    """`options` with a tokenizer found beside the model (`tokenizer_found`) either taken, announced,
+    or dropped: silently where the model has no token-id input (nothing asked for it), said where
+    its vocabulary is larger than the model's. A given tokenizer passes unchanged."""
+    if not options.tokenizer_found:
+        return options
+    dropped = dataclasses.replace(options, tokenizer=None, tokenizer_found=False)
+    ids = [i for i in _Plan(model, dropped, _quiet).inputs if i.role == "ids"]
+    if not ids:
+        return dropped
+    try:
+        size = _tokenizer(options.tokenizer).get_vocab_size()
+    except SpaError as exc:
+        progress(f"calibration: the tokenizer beside the model is not used ({first_line(exc, 200)})")
+        return dropped
+    vocab = min(i.vocab for i in ids)
+    if size > vocab:
+        progress(f"calibration: the tokenizer beside the model, {options.tokenizer}, is not used: its {size} tokens "
+                 f"are more than the model's vocabulary of {vocab} (--tokenizer PATH names another)")
+        return dropped
+    progress(f"calibration: token inputs shaped by the tokenizer beside the model, {options.tokenizer} "
+             "(--tokenizer none: random ids)")
+    return dataclasses.replace(options, tokenizer_found=False)
+
+
 def _positive_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
 
@@ -261,6 +307,7 @@ def calibration_batches(model: onnx.ModelProto, calibration: Calibration | str |
     given = dict(samples=samples, batch_size=batch_size, seed=seed, dims=dims, mean=mean, std=std)
     options = dataclasses.replace(options, **{k: v for k, v in given.items() if v is not None}).check()
     options = dataclasses.replace(options, samples=options.samples or DEFAULT_SAMPLES)
+    options = with_tokenizer(model, options, progress or _quiet)
     source = (options.source or "synthetic").strip()
     if source == "auto":  # spa.pipeline resolves it per model (default_source); on its own: synthetic
         source = "synthetic"

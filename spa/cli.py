@@ -126,7 +126,8 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--tokenizer", metavar="PATH",
                     help="tokenizer.json (or its directory): tokenises a .txt --calibration; with generated "
                          "calibration, synthetic token sequences are framed like its sentences and drawn from its "
-                         "frequent words")
+                         "frequent words. Default: a tokenizer.json beside the model (in its folder, as optimum "
+                         "exports write it), where the model takes token ids, announced; 'none': without one")
     pr.add_argument("--max-length", metavar="N", help="longest calibration token sequence (default 128)")
     pr.add_argument("--image-size", metavar="HxW", help="calibration images are resized to this (default: the model's)")
     pr.add_argument("--image-mean", metavar="a,b,c",
@@ -279,7 +280,7 @@ def run(args) -> int:
         check_output_flags(args)
     if args.command == "prune":
         default_criterion(args, _keeps_own_weights(args))
-        args.calibration_options = calibration_options(args)
+        args.calibration_options = calibration_options(args, args.model)
     else:
         check_command_flags(args)
     if args.command in ("prune", "apply-plan"):

@@ -344,9 +344,11 @@ def shapes_a_conversion(args) -> bool:
     return uses_input_shape(args.model, getattr(args, "output", None))
 
 
-def calibration_options(args):
-    """The prune flags as a spa.calibration.Calibration; a malformed value is a SpaError."""
-    from .calibration import Calibration
+def calibration_options(args, model_path=None):
+    """The prune flags as a spa.calibration.Calibration; a malformed value is a SpaError. Without
+    --tokenizer, the tokenizer.json beside `model_path` (used where the model takes token ids,
+    announced); --tokenizer none: no tokenizer."""
+    from .calibration import Calibration, looking_beside
 
     check_flags(args)
     shapes = parse_input_shapes(args.input_shape)
@@ -360,15 +362,17 @@ def calibration_options(args):
     if size is not None and len(size) != 2:
         raise SpaError(f"--image-size must be HxW, got {args.image_size!r}")
     length = _sizes(args.max_length, None, "--max-length", args.max_length)[0] if args.max_length is not None else 128
-    if args.tokenizer is not None and not os.path.exists(args.tokenizer):
+    no_tokenizer = args.tokenizer is not None and args.tokenizer.strip().lower() == "none"
+    if args.tokenizer is not None and not no_tokenizer and not os.path.exists(args.tokenizer):
         raise SpaError(f"--tokenizer {args.tokenizer}: no such file or directory")
     if args.labels is not None and not os.path.isfile(args.labels):
         raise SpaError(f"--labels {args.labels}: no such file")
     mean, std = _floats(args.image_mean, "--image-mean"), _floats(args.image_std, "--image-std")
     check_effects(args)
-    return Calibration(source=args.calibration or "auto", samples=args.calibration_samples, seed=args.seed or 0,
-                       shapes=shapes, tokenizer=args.tokenizer,
-                       max_length=length, image_size=size, mean=mean, std=std, layout=layout, resize=resize)
+    options = Calibration(source=args.calibration or "auto", samples=args.calibration_samples, seed=args.seed or 0,
+                          shapes=shapes, tokenizer=None if no_tokenizer else args.tokenizer,
+                          max_length=length, image_size=size, mean=mean, std=std, layout=layout, resize=resize)
+    return options if no_tokenizer else looking_beside(options, model_path)
 
 
 def parse_input_shapes(texts):

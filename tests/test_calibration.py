@@ -812,3 +812,51 @@ def test_fresh_batches_of_a_fixed_batch_or_without_tokens_keep_the_batch_size():
     assert all(len(static(k)["input_ids"]) == 4 for k in range(6))
     images = fresh_batches(_conv_model(["N", 3, 8, 8]), Calibration(source="synthetic", samples=32, batch_size=16))
     assert all(len(next(iter(images(k).values()))) == 16 for k in range(4))
+
+
+def test_a_tokenizer_beside_the_model_is_found_in_its_folder_or_inside_a_model_directory(tmp_path):
+    from spa.calibration import tokenizer_beside
+    folder = _tokenizer(tmp_path / "export")
+    onnx.save(_text_model(), str(folder / "model.onnx"))
+    assert tokenizer_beside(str(folder / "model.onnx")) == str(folder / "tokenizer.json")
+    assert tokenizer_beside(str(folder)) == str(folder / "tokenizer.json")
+    assert tokenizer_beside(str(tmp_path / "elsewhere.onnx")) is None
+    assert tokenizer_beside(None) is None
+
+
+def test_a_tokenizer_beside_the_model_shapes_generated_ids_and_is_said(tmp_path):
+    from spa.calibration import looking_beside
+    folder = _tokenizer(tmp_path / "export")
+    found = looking_beside(Calibration(samples=16), str(folder / "model.onnx"))
+    assert found.tokenizer == str(folder / "tokenizer.json") and found.tokenizer_found
+    batches, said = _said(_text_model(), found)
+    assert any(m.startswith("calibration: token inputs shaped by the tokenizer beside the model") for m in said)
+    assert any("most frequent whole-word tokens" in m for m in said)
+    assert all(np.all(f["input_ids"][:, 0] == 2) for f in batches)  # [CLS] first, as the tokenizer frames them
+    # given, or for a source that reads arrays, nothing is looked for
+    assert looking_beside(Calibration(tokenizer="t.json"), str(folder / "model.onnx")).tokenizer == "t.json"
+    assert looking_beside(Calibration(source=str(tmp_path / "x.npz")), str(folder / "model.onnx")).tokenizer is None
+
+
+def test_a_tokenizer_beside_a_model_that_cannot_use_it_is_left_out(tmp_path):
+    from spa.calibration import looking_beside
+    folder = _tokenizer(tmp_path / "export")
+    cnn = looking_beside(Calibration(samples=16), str(folder / "model.onnx"))
+    batches, said = _said(_cnn(), cnn)  # no token-id input: dropped without a word (nothing asked for it)
+    assert batches and not any("tokenizer" in m for m in said)
+    big = _tokenizer(tmp_path / "big", WORDS + [f"w{k}" for k in range(40)])
+    larger = looking_beside(Calibration(samples=16), str(big / "model.onnx"))
+    batches, said = _said(_text_model(), larger)
+    assert batches and any("is not used: its" in m and "vocabulary of 37" in m for m in said)
+
+
+def test_spa_prune_takes_the_tokenizer_beside_the_model_unless_told_none(tmp_path):
+    from spa.cli import calibration_options, parser
+    folder = _tokenizer(tmp_path / "export")
+    model = folder / "model.onnx"
+    onnx.save(_text_model(), str(model))
+    args = parser().parse_args(["prune", str(model), "-o", str(tmp_path / "out.onnx"), "--ratio", "0.5"])
+    assert calibration_options(args, str(model)).tokenizer == str(folder / "tokenizer.json")
+    args = parser().parse_args(["prune", str(model), "-o", str(tmp_path / "out.onnx"), "--ratio", "0.5",
+                                "--tokenizer", "none"])
+    assert calibration_options(args, str(model)) == Calibration()

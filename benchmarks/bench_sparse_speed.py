@@ -320,6 +320,7 @@ def plot(rows, path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _not_measured(path, result) -> int:

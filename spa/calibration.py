@@ -267,23 +267,25 @@ def looking_beside(options: Calibration, model_path) -> Calibration:
 
 def with_tokenizer(model: onnx.ModelProto, options: Calibration, progress=_quiet) -> Calibration:
     """`options` with a tokenizer found beside the model (`tokenizer_found`) either taken, announced,
-    or dropped: silently where the model has no token-id input (nothing asked for it), said where
-    its vocabulary is larger than the model's. A given tokenizer passes unchanged."""
+    or dropped: silently where the model has no token-id input (nothing asked for it), said where it
+    cannot serve (a vocabulary larger than the model's; for generated inputs, no whole words to draw
+    sentences from). A given tokenizer passes unchanged."""
     if not options.tokenizer_found:
         return options
     dropped = dataclasses.replace(options, tokenizer=None, tokenizer_found=False)
     ids = [i for i in _Plan(model, dropped, _quiet).inputs if i.role == "ids"]
     if not ids:
         return dropped
+    vocab = min(i.vocab for i in ids)
     try:
         size = _tokenizer(options.tokenizer).get_vocab_size()
+        if size > vocab:
+            raise SpaError(f"its {size} tokens are more than the model's vocabulary of {vocab}")
+        if is_generated(options.source):
+            SyntheticVocabulary.of(options.tokenizer, vocab)
     except SpaError as exc:
-        progress(f"calibration: the tokenizer beside the model is not used ({first_line(exc, 200)})")
-        return dropped
-    vocab = min(i.vocab for i in ids)
-    if size > vocab:
-        progress(f"calibration: the tokenizer beside the model, {options.tokenizer}, is not used: its {size} tokens "
-                 f"are more than the model's vocabulary of {vocab} (--tokenizer PATH names another)")
+        progress(f"calibration: the tokenizer beside the model, {options.tokenizer}, is not used: "
+                 f"{first_line(exc, 200)} (--tokenizer PATH names another)")
         return dropped
     progress(f"calibration: token inputs shaped by the tokenizer beside the model, {options.tokenizer} "
              "(--tokenizer none: random ids)")

@@ -848,6 +848,10 @@ def test_a_tokenizer_beside_a_model_that_cannot_use_it_is_left_out(tmp_path):
     larger = looking_beside(Calibration(samples=16), str(big / "model.onnx"))
     batches, said = _said(_text_model(), larger)
     assert batches and any("is not used: its" in m and "vocabulary of 37" in m for m in said)
+    words = _tokenizer(tmp_path / "pieces", ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "##a", "##b"])
+    pieces = looking_beside(Calibration(samples=16), str(words / "model.onnx"))  # no whole word to draw
+    batches, said = _said(_text_model(), pieces)
+    assert batches and any("is not used" in m and "whole word" in m for m in said)
 
 
 def test_spa_prune_takes_the_tokenizer_beside_the_model_unless_told_none(tmp_path):

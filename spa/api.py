@@ -162,6 +162,7 @@ def sparsify(model, pattern="2:4", *, amount: float | None = None, granularity: 
     (None: the default). Returns a `spa.sparsity.Sparsified`:
     `.model`, `.report`, `.save(path)`."""
     from . import progress as bars
+    from .calibration import Calibration, looking_beside
     from .sparsity import Pattern, Sparsified, parse_pattern
     from .sparsity import sparsify as sparsify_model
 
@@ -169,6 +170,10 @@ def sparsify(model, pattern="2:4", *, amount: float | None = None, granularity: 
         raise SpaError("a Pattern carries its amount and granularity: give them there, not as keywords")
     if not isinstance(pattern, Pattern):
         pattern = parse_pattern(pattern, amount, granularity)
+    if isinstance(model, (str, os.PathLike)) and (calibration is None or isinstance(calibration, (str, Calibration))):
+        given = calibration if isinstance(calibration, Calibration) else Calibration(source=calibration or "auto")
+        found = looking_beside(given, model)
+        calibration = found if found.tokenizer_found else calibration
     say = _say(progress)
     with bars.showing(progress):
         original, source = _load(model, say)

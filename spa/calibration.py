@@ -265,6 +265,15 @@ def looking_beside(options: Calibration, model_path) -> Calibration:
     return options if found is None else dataclasses.replace(options, tokenizer=found, tokenizer_found=True)
 
 
+def asked(calibration) -> bool:
+    """Whether calibration was asked for: given, and more than a tokenizer found beside the model."""
+    if calibration is None:
+        return False
+    if isinstance(calibration, Calibration) and calibration.tokenizer_found:
+        return dataclasses.replace(calibration, tokenizer=None, tokenizer_found=False) != Calibration()
+    return True
+
+
 def with_tokenizer(model: onnx.ModelProto, options: Calibration, progress=_quiet) -> Calibration:
     """`options` with a tokenizer found beside the model (`tokenizer_found`) either taken, announced,
     or dropped: silently where the model has no token-id input (nothing asked for it), said where it

@@ -3,11 +3,13 @@ verified and written like every SPA output; a bad request is one `spa: error:` l
 from __future__ import annotations
 
 import json
+import os
 
 from .errors import SpaError
 from .flags import recover_arg
 
 CALIBRATION_FLAGS = (("--calibration", "calibration"), ("--calibration-samples", "calibration_samples"),
+                     ("--tokenizer", "tokenizer"),
                      ("--input-shape", "input_shape"))  # --input-shape also sizes the verification
 
 
@@ -33,6 +35,9 @@ def add_parser(sub) -> None:
     sp.add_argument("--calibration-samples", type=int, metavar="N",
                     help="calibration inputs drawn (--criterion obs; default 128, and 1024 generated token sequences "
                          "for a token model; fewer where a pass would cost too much, announced)")
+    sp.add_argument("--tokenizer", metavar="PATH",
+                    help="as spa prune: tokenises a .txt --calibration, shapes generated token ids like its sentences "
+                         "(default: a tokenizer.json beside the model, announced; 'none': without one)")
     sp.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224",
                     help="input sizes: of generated calibration inputs (--criterion obs) and of the inputs the "
                          "output is verified on (symbolic sizes otherwise 32)")
@@ -101,9 +106,9 @@ def command(args, say) -> int:
 
 def calibration_of(args):
     """--calibration, --calibration-samples and --input-shape as a spa.calibration.Calibration
-    (None: the default, 'auto'); refused with criterion l1 and no --recover, which read no inputs
-    (but for --input-shape, which also sizes the verification)."""
-    from .calibration import Calibration, source_kind
+    (None: the default, 'auto', where no tokenizer.json sits beside the model); refused with criterion
+    l1 and no --recover, which read no inputs (but for --input-shape, which also sizes the verification)."""
+    from .calibration import Calibration, looking_beside, source_kind
     from .flags import parse_input_shapes
 
     given = [flag for flag, field in CALIBRATION_FLAGS if getattr(args, field) is not None]
@@ -114,10 +119,18 @@ def calibration_of(args):
             raise SpaError(f"{given[0]} has no effect with criterion {args.criterion}, which uses no calibration "
                            "inputs (use --criterion obs or --recover)")
         return None
-    if not given:
-        return None
+    none = args.tokenizer is not None and args.tokenizer.strip().lower() == "none"
+    if not given or given == ["--tokenizer"] and none:
+        found = None if none else looking_beside(Calibration(), args.model)
+        return found if found is not None and found.tokenizer_found else None
     kind = source_kind(args.calibration)
     if args.calibration_samples is not None and kind == "none":
         raise SpaError("--calibration-samples has no effect with --calibration none, which gives no inputs")
-    return Calibration(source=args.calibration or "auto", samples=args.calibration_samples,
-                       shapes=parse_input_shapes(args.input_shape)).check()
+    if args.tokenizer is not None and not none and not os.path.exists(args.tokenizer):
+        raise SpaError(f"--tokenizer {args.tokenizer}: no such file or directory")
+    if args.tokenizer is not None and kind not in ("generated", "text"):
+        raise SpaError(f"--tokenizer has no effect with --calibration {args.calibration}: it tokenises a .txt "
+                       "calibration file or shapes generated token ids")
+    options = Calibration(source=args.calibration or "auto", samples=args.calibration_samples,
+                          tokenizer=None if none else args.tokenizer, shapes=parse_input_shapes(args.input_shape)).check()
+    return options if none else looking_beside(options, args.model)

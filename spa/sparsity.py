@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .calibration import asked
 from .errors import CalibrationRunError, SpaError, SpaWarning
 from .layers import Layer, weighted_layers
 
@@ -297,7 +298,7 @@ def default_criterion(model: onnx.ModelProto, calibration, progress) -> str:
     from .flags import l1_instead
     from .verify import runs_whole
 
-    if calibration is None and not runs_whole(model):
+    if not asked(calibration) and not runs_whole(model):
         progress(l1_instead("the model does not fit in memory whole, and obs runs it", "obs"))
         return "l1"
     progress(DEFAULT_CRITERION_NOTE)
@@ -335,7 +336,7 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     try:
         new_values, ran_at = _new_values(model, g, layers, pattern, criterion, calibration, progress)
     except CalibrationRunError as exc:  # the default on inputs the model does not take: l1 needs none
-        if not defaulted or calibration is not None or recover:
+        if not defaulted or asked(calibration) or recover:
             raise
         from .flags import l1_instead
         warnings.warn(l1_instead(exc, "obs"), SpaWarning)

@@ -864,3 +864,15 @@ def test_spa_prune_takes_the_tokenizer_beside_the_model_unless_told_none(tmp_pat
     args = parser().parse_args(["prune", str(model), "-o", str(tmp_path / "out.onnx"), "--ratio", "0.5",
                                 "--tokenizer", "none"])
     assert calibration_options(args, str(model)) == Calibration()
+
+
+def test_spa_sparsify_takes_the_tokenizer_beside_the_model_too(tmp_path, capsys):
+    from spa.calibration import asked
+    from spa.cli import main
+    folder = _tokenizer(tmp_path / "export")
+    model = folder / "model.onnx"
+    onnx.save(_text_model(), str(model))
+    assert main(["sparsify", str(model), "-o", str(tmp_path / "sparse.onnx"), "--pattern", "2:4"]) == 0
+    assert "calibration: token inputs shaped by the tokenizer beside the model" in capsys.readouterr().err
+    assert not asked(Calibration(tokenizer="t.json", tokenizer_found=True))  # a found tokenizer asks for nothing
+    assert asked(Calibration(tokenizer="t.json")) and asked(Calibration(samples=8, tokenizer_found=True))

@@ -178,6 +178,7 @@ TALL = DYN[:-1] + ["4", "--calibration", "{TALL}", "--image-size", "8x8"]
 SQUARE = ["prune", "{SQUARE}", "-o", "{O}", "--ratio", "0.5", "-q", "--criterion", "obspa",
           "--calibration", "{IMAGES}", "--calibration-samples", "4"]
 TXT = ["prune", "{TXT}", "-o", "{O}", "--ratio", "0.5", "-q", "--criterion", "obspa", "--calibration-samples", "16"]
+TXT_BESIDE = ["prune", "{TXT_BESIDE}"] + TXT[2:]
 TAYLOR = P + ["--criterion", "taylor", "--calibration", "{NPZ}"]
 TS = ["prune", "{TS}", "-o", "{O}", "--ratio", "0.5", "-q"]
 TWO = ["prune", "{TWO}", "-o", "{O}", "--ratio", "0.5", "-q", "--eval", "{VAL2}"]
@@ -197,6 +198,8 @@ SPO = SP0 + ["--criterion", "obs", "--calibration-samples", "16"]
 SP_ONLY8 = ["sparsify", "{ONLY8}", "-o", "{O}", "-q"]
 AP_ONLY8 = ["apply-plan", "{ONLY8}", "{PLAN_ONLY8}", "-o", "{O}", "-q"]
 SP_DYN = ["sparsify", "{DYN}", "-o", "{O}", "-q", "--criterion", "obs", "--calibration-samples", "4"]
+SP_TXT = ["sparsify", "{TXT}", "-o", "{O}", "-q", "--criterion", "obs", "--calibration-samples", "16"]
+SP_BESIDE = ["sparsify", "{TXT_BESIDE}"] + SP_TXT[2:]
 SW = ["sweep", "{M}", "-q", "--targets", "ratio=0.5"]
 SW2 = _without(SW, "--targets") + ["--targets", "ratio=0.5,macs=0.5"]  # a grid of 2 points
 SW_TWO = ["sweep", "{TWO}", "-q", "--targets", "ratio=0.5", "--eval", "{VAL2}"]
@@ -310,7 +313,8 @@ CONTRACT = {
                                     (ONLY8 + ["--input-shape", "1x3x8x8"], ONLY8)]),
         "--tokenizer": Case(TXT + ["--calibration", "{SENTENCES}", "--tokenizer", "{TOKENIZER}"],
                             TXT + ["--calibration", "{SENTENCES}"],
-                            also=[(TXT + ["--tokenizer", "{TOKENIZER}"], TXT)],  # synthetic sentences like its own
+                            also=[(TXT + ["--tokenizer", "{TOKENIZER}"], TXT),  # synthetic sentences like its own
+                                  (TXT_BESIDE + ["--tokenizer", "none"], TXT_BESIDE)],  # the one beside it left out
                             refused=[(OB + ["--tokenizer", "{TOKENIZER}"], "has no effect: the model has no token-id"),
                                      (OB + ["--calibration", "{NPZ}", "--tokenizer", "{TOKENIZER}"],
                                       "--tokenizer has no effect with --calibration")]),
@@ -457,6 +461,12 @@ CONTRACT = {
         "--calibration-samples": Case(SPO, _without(SPO, "--calibration-samples"), refused=[
             (SP + ["--calibration-samples", "8"], "--calibration-samples has no effect with criterion l1"),
             (SPO + ["--calibration", "none"], "--calibration-samples has no effect with --calibration none")]),
+        "--tokenizer": Case(SP_TXT + ["--tokenizer", "{TOKENIZER}"], SP_TXT,
+                            also=[(SP_BESIDE + ["--tokenizer", "none"], SP_BESIDE)],
+                            refused=[(SP + ["--tokenizer", "{TOKENIZER}"], "--tokenizer has no effect with criterion l1"),
+                                     (SPO + ["--tokenizer", "{TOKENIZER}"], "has no effect: the model has no token-id"),
+                                     (SP_TXT + ["--calibration", "{NPZ}", "--tokenizer", "{TOKENIZER}"],
+                                      "--tokenizer has no effect with --calibration")]),
         "--input-shape": Case(SP_DYN + ["--input-shape", "1x3x8x8"], SP_DYN,
                               also=[(SP_ONLY8 + ["--input-shape", "1x3x8x8"], SP_ONLY8)]),  # verified at 8x8
         "--recover": Case(SP + ["--recover", "2"], SP, also=[(SPO + ["--recover", "2"], SPO)],
@@ -588,6 +598,8 @@ def paths(tmp_path_factory):
     if _installed("tokenizers"):
         from test_calibration import _tokenizer
         p["TOKENIZER"] = str(_tokenizer(d / "tokenizer"))
+        p["TXT_BESIDE"] = str(_tokenizer(d / "export") / "model.onnx")  # a tokenizer.json beside the model
+        onnx.save(models["TXT"], p["TXT_BESIDE"])
     plans = [("PLAN0", P), ("PLAN_TWO", _without(TWO, "--eval")),
              ("PLAN_HEAD_DIM", ENC + ["--granularity", "channels,head-dim"]),
              ("PLAN_ONLY8", ONLY8 + ["--input-shape", "1x3x8x8"])]

@@ -362,17 +362,27 @@ def calibration_options(args, model_path=None):
     if size is not None and len(size) != 2:
         raise SpaError(f"--image-size must be HxW, got {args.image_size!r}")
     length = _sizes(args.max_length, None, "--max-length", args.max_length)[0] if args.max_length is not None else 128
-    no_tokenizer = args.tokenizer is not None and args.tokenizer.strip().lower() == "none"
-    if args.tokenizer is not None and not no_tokenizer and not os.path.exists(args.tokenizer):
-        raise SpaError(f"--tokenizer {args.tokenizer}: no such file or directory")
+    tokenizer, no_tokenizer = tokenizer_flag(args.tokenizer)
     if args.labels is not None and not os.path.isfile(args.labels):
         raise SpaError(f"--labels {args.labels}: no such file")
     mean, std = _floats(args.image_mean, "--image-mean"), _floats(args.image_std, "--image-std")
     check_effects(args)
     options = Calibration(source=args.calibration or "auto", samples=args.calibration_samples, seed=args.seed or 0,
-                          shapes=shapes, tokenizer=None if no_tokenizer else args.tokenizer,
+                          shapes=shapes, tokenizer=tokenizer,
                           max_length=length, image_size=size, mean=mean, std=std, layout=layout, resize=resize)
     return options if no_tokenizer else looking_beside(options, model_path)
+
+
+def tokenizer_flag(value) -> tuple[str | None, bool]:
+    """--tokenizer's value as (an existing path or None, whether it was 'none': no tokenizer, and
+    none looked for beside the model)."""
+    if value is None:
+        return None, False
+    if value.strip().lower() == "none":
+        return None, True
+    if not os.path.exists(value):
+        raise SpaError(f"--tokenizer {value}: no such file or directory")
+    return value, False
 
 
 def parse_input_shapes(texts):

@@ -3,7 +3,6 @@ verified and written like every SPA output; a bad request is one `spa: error:` l
 from __future__ import annotations
 
 import json
-import os
 
 from .errors import SpaError
 from .flags import recover_arg
@@ -105,11 +104,11 @@ def command(args, say) -> int:
 
 
 def calibration_of(args):
-    """--calibration, --calibration-samples and --input-shape as a spa.calibration.Calibration
+    """--calibration, --calibration-samples, --tokenizer and --input-shape as a spa.calibration.Calibration
     (None: the default, 'auto', where no tokenizer.json sits beside the model); refused with criterion
     l1 and no --recover, which read no inputs (but for --input-shape, which also sizes the verification)."""
     from .calibration import Calibration, looking_beside, source_kind
-    from .flags import parse_input_shapes
+    from .flags import parse_input_shapes, tokenizer_flag
 
     given = [flag for flag, field in CALIBRATION_FLAGS if getattr(args, field) is not None]
     if args.criterion == "l1" and not args.recover:
@@ -119,18 +118,16 @@ def calibration_of(args):
             raise SpaError(f"{given[0]} has no effect with criterion {args.criterion}, which uses no calibration "
                            "inputs (use --criterion obs or --recover)")
         return None
-    none = args.tokenizer is not None and args.tokenizer.strip().lower() == "none"
-    if not given or given == ["--tokenizer"] and none:
+    tokenizer, none = tokenizer_flag(args.tokenizer)
+    if not given or (given == ["--tokenizer"] and none):
         found = None if none else looking_beside(Calibration(), args.model)
         return found if found is not None and found.tokenizer_found else None
     kind = source_kind(args.calibration)
     if args.calibration_samples is not None and kind == "none":
         raise SpaError("--calibration-samples has no effect with --calibration none, which gives no inputs")
-    if args.tokenizer is not None and not none and not os.path.exists(args.tokenizer):
-        raise SpaError(f"--tokenizer {args.tokenizer}: no such file or directory")
     if args.tokenizer is not None and kind not in ("generated", "text"):
         raise SpaError(f"--tokenizer has no effect with --calibration {args.calibration}: it tokenises a .txt "
                        "calibration file or shapes generated token ids")
     options = Calibration(source=args.calibration or "auto", samples=args.calibration_samples,
-                          tokenizer=None if none else args.tokenizer, shapes=parse_input_shapes(args.input_shape)).check()
+                          tokenizer=tokenizer, shapes=parse_input_shapes(args.input_shape)).check()
     return options if none else looking_beside(options, args.model)

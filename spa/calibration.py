@@ -297,7 +297,7 @@ def with_tokenizer(model: onnx.ModelProto, options: Calibration, progress=_quiet
                  f"{first_line(exc, 200)} (--tokenizer PATH names another)")
         return dropped
     progress(f"calibration: token inputs shaped by the tokenizer beside the model, {options.tokenizer} "
-             "(--tokenizer none: random ids)")
+             "(--tokenizer none: without it)")
     return dataclasses.replace(options, tokenizer_found=False)
 
 

@@ -489,7 +489,7 @@ def test_a_training_device_that_is_not_there_is_refused(device, message, monkeyp
         _run(original, original, steps=5, device=device)
 
 
-def test_the_student_trains_on_a_cuda_device_when_torch_sees_one(monkeypatch):
+def test_the_training_device_is_cuda_by_default_when_torch_sees_one(monkeypatch):
     import torch
 
     from spa.frontends.torch_recover import _training_device

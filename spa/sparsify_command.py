@@ -119,9 +119,11 @@ def calibration_of(args):
                            "inputs (use --criterion obs or --recover)")
         return None
     tokenizer, none = tokenizer_flag(args.tokenizer)
-    if not given or (given == ["--tokenizer"] and none):
-        found = None if none else looking_beside(Calibration(), args.model)
-        return found if found is not None and found.tokenizer_found else None
+    if none and given == ["--tokenizer"]:
+        return None
+    if not given:
+        found = looking_beside(Calibration(), args.model)
+        return found if found.tokenizer_found else None
     kind = source_kind(args.calibration)
     if args.calibration_samples is not None and kind == "none":
         raise SpaError("--calibration-samples has no effect with --calibration none, which gives no inputs")

@@ -28,6 +28,7 @@ Writes DIR/sparse_speed.json and DIR/sparse_speed.png, and prints a markdown tab
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import json
 import os
@@ -162,21 +163,32 @@ def linear_section(torch, measure, kernels, tokens, rng) -> list:
     rows = []
     for name, (n_in, n_out) in LINEARS.items():
         weight = torch.from_numpy(spa_2_4_weight(n_in, n_out, rng)).half().cuda()
-        sparse = {}
-        for kname, make in kernels.items():
-            try:
-                sparse[kname] = make(weight)
-            except Exception as e:
-                sparse[kname] = e
+        sparse = per_kernel(kernels, lambda make: make(weight))
         for t in tokens:
             x = torch.randn(t, n_in, device="cuda", dtype=torch.half)
-            fns = {k: (lambda w=w: F.linear(x, w)) if not isinstance(w, Exception) else _raiser(w)
-                   for k, w in sparse.items()}
-            row = compare(torch, measure, lambda: F.linear(x, weight), fns)
+            row = compare(torch, measure, lambda: F.linear(x, weight), calls(sparse, lambda w: F.linear(x, w)))
             row.update(section="linear", case=name, tokens=t, flops=2.0 * t * n_in * n_out)
             rows.append(row)
             log(_row_line(row))
     return rows
+
+
+def per_kernel(kernels: dict, build) -> dict:
+    """name -> build(make) for each sparse kernel, or the exception it raised (a kernel that refuses
+    a GPU or a shape is a result, not a crash)."""
+    built = {}
+    for name, make in kernels.items():
+        try:
+            built[name] = build(make)
+        except Exception as e:
+            built[name] = e
+    return built
+
+
+def calls(built: dict, run) -> dict:
+    """name -> a function that runs `run` on what `per_kernel` built, or raises what building it raised."""
+    return {name: _raiser(value) if isinstance(value, Exception) else (lambda value=value: run(value))
+            for name, value in built.items()}
 
 
 def _raiser(e):
@@ -196,17 +208,10 @@ def mlp_section(torch, measure, kernels, tokens, rng) -> list:
         return F.linear(F.gelu(F.linear(x, w1, b_up)), w2, b_down)
 
     rows = []
-    packed = {}
-    for kname, make in kernels.items():
-        try:
-            packed[kname] = (make(up), make(down))
-        except Exception as e:
-            packed[kname] = e
+    packed = per_kernel(kernels, lambda make: (make(up), make(down)))
     for t in tokens:
         x = torch.randn(t, 384, device="cuda", dtype=torch.half)
-        fns = {k: (lambda p=p: block(p[0], p[1], x)) if not isinstance(p, Exception) else _raiser(p)
-               for k, p in packed.items()}
-        row = compare(torch, measure, lambda: block(up, down, x), fns)
+        row = compare(torch, measure, lambda: block(up, down, x), calls(packed, lambda p: block(p[0], p[1], x)))
         row.update(section="mlp", case="MiniLM MLP block 384->1536->384 (GELU)", tokens=t,
                    flops=2.0 * t * 2 * 384 * 1536)
         rows.append(row)
@@ -227,27 +232,25 @@ def encoder_section(torch, measure, kernels, batches, rng) -> list:
     for m in linears:  # the same SPA 2:4 masks in the dense model, so both compute one function
         n_out, n_in = m.weight.shape
         m.weight.data = torch.from_numpy(spa_2_4_weight(n_in, n_out, rng)).half().cuda()
-    models = {}
-    for kname, make in kernels.items():
-        try:
-            import copy
-            sparse = copy.deepcopy(dense)
-            for m in (m for m in sparse.encoder.modules() if isinstance(m, torch.nn.Linear)):
-                m.weight = torch.nn.Parameter(make(m.weight.data), requires_grad=False)
-            models[kname] = sparse
-        except Exception as e:
-            models[kname] = e
+    models = per_kernel(kernels, lambda make: _sparse_copy(torch, dense, make))
     rows = []
     for b in batches:
         ids = torch.randint(1000, 30000, (b, SEQUENCE), device="cuda")
-        fns = {k: (lambda m=m: m(input_ids=ids).last_hidden_state) if not isinstance(m, Exception) else _raiser(m)
-               for k, m in models.items()}
-        row = compare(torch, measure, lambda: dense(input_ids=ids).last_hidden_state, fns)
+        row = compare(torch, measure, lambda: dense(input_ids=ids).last_hidden_state,
+                      calls(models, lambda m: m(input_ids=ids).last_hidden_state))
         row.update(section="encoder", case=f"MiniLM-shaped encoder ({len(linears)} Linears at 2:4)",
                    tokens=b * SEQUENCE, batch=b)
         rows.append(row)
         log(_row_line(row))
     return rows
+
+
+def _sparse_copy(torch, dense, make):
+    """A copy of the encoder with every Linear weight made a semi-structured sparse tensor by `make`."""
+    sparse = copy.deepcopy(dense)
+    for m in (m for m in sparse.encoder.modules() if isinstance(m, torch.nn.Linear)):
+        m.weight = torch.nn.Parameter(make(m.weight.data), requires_grad=False)
+    return sparse
 
 
 def _row_line(row) -> str:

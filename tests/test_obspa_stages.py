@@ -122,6 +122,51 @@ def test_damping_path_stops_once_the_held_out_error_rises(monkeypatch):
     np.testing.assert_allclose(weights["w"].T, obs.refit(W, H, None, [2, 6], 0.01), atol=1e-9)
 
 
+def test_chosen_damping_refits_on_the_fit_and_held_out_rows_together():
+    """The held-out rows choose the damping; the layer is then the exact ridge least-squares fit at
+    that damping over every row, fit and held-out (kept as rows or as a Hessian), weighted by count."""
+    rng = np.random.default_rng(2)
+    layer = Layer(0, "w", 0, "x", "dense_t")
+    W = rng.standard_normal((5, 10))
+    Q, K = np.array([2, 7]), np.setdiff1d(np.arange(10), [2, 7])
+
+    class Graph:
+        consts = {"w": W.T}
+
+    class Analysis:
+        graph = Graph
+
+    class Plan:
+        removed = staticmethod(lambda tensor, axis: Q)
+
+    for held_rows in (6, 40):  # fewer rows than columns: kept as rows; more: a Hessian
+        mixing = np.eye(10) + 0.5 * rng.standard_normal((10, 10))  # correlated columns: an update pays
+        fit_x, held_x = rng.standard_normal((1, 30, 10)) @ mixing, rng.standard_normal((1, held_rows, 10)) @ mixing
+        fit, held = Hessians(1, seed=0), Hessians(1, seed=0, keep_rows=True)
+        fit.add(layer, fit_x)
+        held.add(layer, held_x)
+        pooled = fit.pooled(held, layer)
+        assert pooled[0] == "full" and held.of(layer)[0] == ("rows" if held_rows < 10 else "full")
+        steps = []
+        step = obs._Refit.at
+        with pytest.MonkeyPatch.context() as patch:  # the dampings the held-out judgement tries
+            patch.setattr(obs._Refit, "at", lambda self, damp: steps.append(damp) or step(self, damp))
+            judged_only = {}
+            compensate_layer(Analysis, Plan, layer, fit.of(layer), 0.01, judged_only, held=held.of(layer))
+        H_held = 2 * held_x[0].T @ held_x[0] / held_rows
+        chosen = min(steps, key=lambda d: obs.layer_error(W, obs.refit(W, fit.of(layer)[1][0], None, Q, d), H_held))
+        weights = {}
+        assert compensate_layer(Analysis, Plan, layer, fit.of(layer), 0.01, weights, held=held.of(layer),
+                                pooled=pooled) == "compensated"
+        X = np.concatenate([fit_x[0], held_x[0]])
+        H = 2 * X.T @ X / len(X)
+        lam = chosen * np.mean(np.diag(H))
+        expected = np.zeros_like(W)  # min ||W X - W' X||^2 / N + lam ||W'_K - W_K||^2 over W'_K
+        expected[:, K] = np.linalg.solve(H[np.ix_(K, K)] + lam * np.eye(len(K)), (W @ H[:, K]).T + lam * W[:, K].T).T
+        np.testing.assert_allclose(weights["w"].T, expected, rtol=1e-5, atol=1e-6)  # held rows kept in float32
+        assert not np.allclose(weights["w"], judged_only["w"])
+
+
 def test_distortion_counts_only_the_positions_a_token_mask_keeps():
     rng = np.random.default_rng(0)
     reference = [[rng.normal(size=(2, 5, 3)).astype(np.float32)]]

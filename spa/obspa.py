@@ -488,10 +488,15 @@ def first_order(analysis: Analysis, plan: Plan, measured: Measured, damp: float 
 
 
 def first_order_weights(analysis: Analysis, plan: Plan, measured: Measured, damp: float = obs.DEFAULT_DAMP,
-                        cache: dict | None = None) -> dict:
+                        cache: dict | None = None, pooled: bool = False) -> dict:
     """Every consumer's weights compensated from the original model's Hessians (no staged pass:
     cheap, for comparing plans). `cache`: a dict shared by the plans compared, so that a layer
-    losing the same input channels in two plans is compensated once."""
+    losing the same input channels in two plans is compensated once. `pooled`: the final weights of
+    the chosen plan, each layer fitted once more at the damping its held-out inputs chose on the fit
+    and held-out rows together (`compensate_layer`); plans still being compared must not see them."""
+    held_hessians = measured.held_hessians
+    pooled = pooled and held_hessians is not None
+    cache = None if pooled else cache
     weights: dict = {}
     for layer in bar(measured.layers, "first-order compensation"):
         removed = plan.removed(layer.weight, layer.in_axis)
@@ -503,8 +508,9 @@ def first_order_weights(analysis: Analysis, plan: Plan, measured: Measured, damp
             own = cache[key]
         else:
             own = {k: weights[k] for k in (layer.weight, layer.bias) if k in weights}
-            held = measured.held_hessians.of(layer) if measured.held_hessians else None
-            compensate_layer(analysis, plan, layer, measured.hessians.of(layer), damp, own, held=held)
+            held = held_hessians.of(layer) if held_hessians else None
+            compensate_layer(analysis, plan, layer, measured.hessians.of(layer), damp, own, held=held,
+                             pooled=measured.hessians.pooled(held_hessians, layer) if pooled else None)
             if reusable:
                 cache[key] = own
         weights.update(own)

@@ -198,10 +198,10 @@ def _check_staged(staged: bool | None, compensation: str, criterion: str) -> Non
 
 def _compensate(analysis, plan, compensation, staged, cal, fit, held, measured, damp, seed, progress) -> dict:
     """The compensated weights: each layer solved from the original model's Hessians (the update the
-    allocation measured, cached) or refitted stage by stage."""
+    allocation measured, fitted once more on the held-out rows too) or refitted stage by stage."""
     cache = measured.first_order if measured is not None else {}
     if compensation == "obs" and measured is not None and not _stage_by_stage(staged, cal, progress):
-        weights = obspa.first_order_weights(analysis, plan, measured, damp, cache)
+        weights = obspa.first_order_weights(analysis, plan, measured, damp, cache, pooled=True)
         cache.clear()  # every candidate's updates: done with
         return weights
     cache.clear()  # ... and not needed by the staged pass
@@ -213,8 +213,8 @@ def _stage_by_stage(staged: bool | None, cal: Calibration, progress) -> bool:
         return staged
     if not is_generated(cal.source):
         return True
-    progress("compensation: each layer solved from the original model's Hessians, as the allocation measured it "
-             "(generated calibration: refitting stage by stage on re-computed inputs measured no better and took "
+    progress("compensation: each layer solved from the original model's Hessians, as the allocation measured it, "
+             "then on the held-out inputs too (generated calibration: refitting stage by stage on re-computed inputs measured no better and took "
              "up to a third of the time, docs/obspa.md; --staged refits)")
     return False
 

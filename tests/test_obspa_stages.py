@@ -430,8 +430,9 @@ def test_held_out_rows_judge_like_their_hessian():
 
 
 def test_generated_calibration_compensates_from_the_original_hessians_files_stage_by_stage(tmp_path):
-    """Generated inputs: the weights are the allocation's first-order update of the chosen plan
-    (announced, no staged pass); file inputs, or staged=True: refitted stage by stage."""
+    """Generated inputs: the weights are the allocation's first-order update of the chosen plan,
+    fitted once more on the held-out rows too (announced, no staged pass); file inputs, or
+    staged=True: refitted stage by stage."""
     from spa.errors import SpaError
     from spa.obspa import compensation_stage
 
@@ -447,8 +448,8 @@ def test_generated_calibration_compensates_from_the_original_hessians_files_stag
         raw, measured = scores(result.analysis, fit, held=held)
         by_stage = staged or source != "synthetic"
         expected = compensation_stage(result.analysis, result.plan, "obs", fit, measured, held=held) if by_stage \
-            else first_order_weights(result.analysis, result.plan, measured)
-        other = first_order_weights(result.analysis, result.plan, measured) if by_stage \
+            else first_order_weights(result.analysis, result.plan, measured, pooled=True)
+        other = first_order_weights(result.analysis, result.plan, measured, pooled=True) if by_stage \
             else compensation_stage(result.analysis, result.plan, "obs", fit, measured, held=held)
         assert result.weights.keys() == expected.keys()
         assert all(np.allclose(result.weights[k], expected[k], atol=1e-6) for k in expected)

@@ -303,7 +303,7 @@ def _compensated(layer, mats, hessian, cross, Q, damps, how):
 
 @obs.one_blas_thread  # the whole update: switching BLAS threads per factorisation cost 1.7x (docs/obspa.md)
 def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, how="obs", held=None,
-                     pooled=None) -> str:
+                     pooled=None, chosen: dict | None = None) -> str:
     """Compensate one layer into `weights`. With `held` (the Hessian of held-out inputs, which no
     fit saw) the damping is chosen along DAMPING_PATH and the uncompensated layer competes too:
     whatever reproduces the layer's outputs best on the held-out inputs wins, so compensation
@@ -311,8 +311,9 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, 
     than the one before (the held-out error along it had one minimum in 375 of 375 layers of four
     models). `pooled`: the Hessian of the fit and held-out inputs together; once the held-out
     inputs have chosen a damping, the layer is fitted again at it on all of them (MiniLM with 128
-    real sentences at --ratio 0.25: 0.946 -> 0.949, docs/obspa.md). Returns "compensated", "kept"
-    (the uncompensated layer won) or "failed"."""
+    real sentences at --ratio 0.25: 0.946 -> 0.949, docs/obspa.md). `chosen`: a dict that receives
+    the judged damping ("damping": None where the uncompensated layer won). Returns "compensated",
+    "kept" (the uncompensated layer won) or "failed"."""
     g = analysis.graph
     removed = plan.removed(layer.weight, layer.in_axis)
     w = weights.get(layer.weight, g.consts[layer.weight])
@@ -338,11 +339,13 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, 
         plain = mats.copy()
         plain[:, :, Q] = 0.0
         tried.append((held_error(mats, plain, held, columns=Q), None, plain))
-        _, chosen, best = min(tried, key=lambda t: t[0])
-        if chosen is None:
+        _, damping, best = min(tried, key=lambda t: t[0])
+        if chosen is not None:
+            chosen["damping"] = damping
+        if damping is None:
             return "kept"
         if pooled is not None:
-            again = [new for _, new in _compensated(layer, mats, pooled[1], None, Q, [chosen], how)]
+            again = [new for _, new in _compensated(layer, mats, pooled[1], None, Q, [damping], how)]
             best = again[0] if again and np.all(np.isfinite(again[0])) else best
         options = [best]
     if not options:
@@ -426,7 +429,7 @@ class Measured:
     damp: float
     seed: int = 0
     held_hessians: Hessians | None = None  # of batches no Hessian above saw: they judge compensations
-    first_order: dict = field(default_factory=dict)  # first_order_weights' per-layer updates, shared by plans
+    first_order: dict = field(default_factory=dict)  # first_order_weights' per-layer (update, judged damping), shared by plans
 
     @property
     def compensable(self) -> list:
@@ -492,11 +495,10 @@ def first_order_weights(analysis: Analysis, plan: Plan, measured: Measured, damp
     """Every consumer's weights compensated from the original model's Hessians (no staged pass:
     cheap, for comparing plans). `cache`: a dict shared by the plans compared, so that a layer
     losing the same input channels in two plans is compensated once. `pooled`: the final weights of
-    the chosen plan, each layer fitted once more at the damping its held-out inputs chose on the fit
+    the chosen plan, each layer fitted once more at the damping its held-out inputs chose, on the fit
     and held-out rows together (`compensate_layer`); plans still being compared must not see them."""
     held_hessians = measured.held_hessians
     pooled = pooled and held_hessians is not None
-    cache = None if pooled else cache
     weights: dict = {}
     for layer in bar(measured.layers, "first-order compensation"):
         removed = plan.removed(layer.weight, layer.in_axis)
@@ -504,15 +506,20 @@ def first_order_weights(analysis: Analysis, plan: Plan, measured: Measured, damp
             continue
         key = _first_order_key(layer, removed)
         reusable = cache is not None and layer.weight not in weights  # it starts from the original weight
+        before = {k: weights[k] for k in (layer.weight, layer.bias) if k in weights}
         if reusable and key in cache:
-            own = cache[key]
+            own, chosen = cache[key]
         else:
-            own = {k: weights[k] for k in (layer.weight, layer.bias) if k in weights}
+            own, chosen = dict(before), {}
             held = held_hessians.of(layer) if held_hessians else None
-            compensate_layer(analysis, plan, layer, measured.hessians.of(layer), damp, own, held=held,
-                             pooled=measured.hessians.pooled(held_hessians, layer) if pooled else None)
+            compensate_layer(analysis, plan, layer, measured.hessians.of(layer), damp, own, held=held, chosen=chosen)
             if reusable:
-                cache[key] = own
+                cache[key] = own, chosen
+        if pooled and chosen.get("damping") is not None:  # the judged damping, fitted on every row
+            refit = measured.hessians.pooled(held_hessians, layer)
+            if refit is not None:
+                own = dict(before)
+                compensate_layer(analysis, plan, layer, refit, chosen["damping"], own)
         weights.update(own)
     return weights
 

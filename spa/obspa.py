@@ -429,7 +429,8 @@ class Measured:
     damp: float
     seed: int = 0
     held_hessians: Hessians | None = None  # of batches no Hessian above saw: they judge compensations
-    first_order: dict = field(default_factory=dict)  # first_order_weights' per-layer (update, judged damping), shared by plans
+    # first_order_weights' per-layer (update, judged damping), shared by the plans compared
+    first_order: dict = field(default_factory=dict)
 
     @property
     def compensable(self) -> list:

@@ -214,8 +214,8 @@ def _stage_by_stage(staged: bool | None, cal: Calibration, progress) -> bool:
     if not is_generated(cal.source):
         return True
     progress("compensation: each layer solved from the original model's Hessians, as the allocation measured it, "
-             "then on the held-out inputs too (generated calibration: refitting stage by stage on re-computed inputs measured no better and took "
-             "up to a third of the time, docs/obspa.md; --staged refits)")
+             "then on the held-out inputs too (generated calibration: refitting stage by stage on re-computed "
+             "inputs measured no better and took up to a third of the time, docs/obspa.md; --staged refits)")
     return False
 
 

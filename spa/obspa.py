@@ -311,7 +311,8 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, 
     than the one before (the held-out error along it had one minimum in 375 of 375 layers of four
     models). `pooled`: the Hessian of the fit and held-out inputs together; once the held-out
     inputs have chosen a damping, the layer is fitted again at it on all of them (MiniLM with 128
-    real sentences at --ratio 0.25: 0.946 -> 0.949, docs/obspa.md). `chosen`: a dict that receives
+    real sentences at --ratio 0.25: 0.946 -> 0.949, docs/obspa.md; the guarantee above is then the
+    judgement's, made before this fit). `chosen`: a dict that receives
     the judged damping ("damping": None where the uncompensated layer won). Returns "compensated",
     "kept" (the uncompensated layer won) or "failed"."""
     g = analysis.graph

@@ -303,18 +303,15 @@ def _compensated(layer, mats, hessian, cross, Q, damps, how):
 
 @obs.one_blas_thread  # the whole update: switching BLAS threads per factorisation cost 1.7x (docs/obspa.md)
 def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, how="obs", held=None,
-                     pooled=None, chosen: dict | None = None) -> str:
+                     chosen: dict | None = None) -> str:
     """Compensate one layer into `weights`. With `held` (the Hessian of held-out inputs, which no
     fit saw) the damping is chosen along DAMPING_PATH and the uncompensated layer competes too:
     whatever reproduces the layer's outputs best on the held-out inputs wins, so compensation
     never makes the held-out error larger. The path stops at the first damping that does worse
     than the one before (the held-out error along it had one minimum in 375 of 375 layers of four
-    models). `pooled`: the Hessian of the fit and held-out inputs together; once the held-out
-    inputs have chosen a damping, the layer is fitted again at it on all of them (MiniLM with 128
-    real sentences at --ratio 0.25: 0.946 -> 0.949, docs/obspa.md; the guarantee above is then the
-    judgement's, made before this fit). `chosen`: a dict that receives
-    the judged damping ("damping": None where the uncompensated layer won). Returns "compensated",
-    "kept" (the uncompensated layer won) or "failed"."""
+    models). `chosen`: a dict that receives the judged damping ("damping": None where the
+    uncompensated layer won; `refit_on_all` fits at it again). Returns "compensated", "kept" (the
+    uncompensated layer won) or "failed"."""
     g = analysis.graph
     removed = plan.removed(layer.weight, layer.in_axis)
     w = weights.get(layer.weight, g.consts[layer.weight])
@@ -345,9 +342,6 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, 
             chosen["damping"] = damping
         if damping is None:
             return "kept"
-        if pooled is not None:
-            again = [new for _, new in _compensated(layer, mats, pooled[1], None, Q, [damping], how)]
-            best = again[0] if again and np.all(np.isfinite(again[0])) else best
         options = [best]
     if not options:
         return "failed"
@@ -359,6 +353,23 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, 
     if layer.bias:
         weights[layer.bias] = b_new
     return "compensated"
+
+
+def refit_on_all(analysis, plan, layer, fit: Hessians, held: Hessians, chosen: dict, before: dict,
+                 how: str = "obs") -> dict | None:
+    """The layer's weights (and bias) fitted once more at the damping its held-out inputs chose
+    (`compensate_layer(chosen=)`), on the fit and held-out rows together (`Hessians.pooled`), from its
+    weights `before` compensation; None where nothing was chosen or the fit fails. Rows no fit saw
+    are worth having once the judgement is made (MiniLM with 128 real sentences at --ratio 0.25:
+    0.946 -> 0.949, docs/obspa.md); the never-larger held-out error is the judgement's, before it."""
+    if chosen.get("damping") is None:
+        return None
+    pooled = fit.pooled(held, layer)
+    if pooled is None:
+        return None
+    own = dict(before)
+    return own if compensate_layer(analysis, plan, layer, pooled, chosen["damping"], own, how=how) == "compensated" \
+        else None
 
 
 def compensate(analysis, plan, layers, batches, damp, progress, max_columns=MAX_COLUMNS,
@@ -405,10 +416,11 @@ def compensate(analysis, plan, layers, batches, damp, progress, max_columns=MAX_
                 elif b >= len(batches) and not (reuse and first_held is not None):
                     held_hessians.add(layer, x, tokens=every[b].get(mask))
         for layer in current:
+            before, chosen = {k: weights[k] for k in (layer.weight, layer.bias) if k in weights}, {}
             result = compensate_layer(analysis, plan, layer, hessians.of(layer), damp, weights,
                                       hessians.cross_of(layer) if reference else None, how,
-                                      held_hessians.of(layer) if held else None,
-                                      hessians.pooled(held_hessians, layer) if held and not reference else None)
+                                      held_hessians.of(layer) if held else None, chosen)
+            weights.update(refit_on_all(analysis, plan, layer, hessians, held_hessians, chosen, before, how) or {})
             outcome[result] = outcome.get(result, 0) + 1
             if result == "failed":
                 progress(f"warning: layer '{g.node_name(layer.node)}' left uncompensated (no finite update)")
@@ -498,7 +510,7 @@ def first_order_weights(analysis: Analysis, plan: Plan, measured: Measured, damp
     cheap, for comparing plans). `cache`: a dict shared by the plans compared, so that a layer
     losing the same input channels in two plans is compensated once. `pooled`: the final weights of
     the chosen plan, each layer fitted once more at the damping its held-out inputs chose, on the fit
-    and held-out rows together (`compensate_layer`); plans still being compared must not see them."""
+    and held-out rows together (`refit_on_all`); plans still being compared must not see them."""
     held_hessians = measured.held_hessians
     pooled = pooled and held_hessians is not None
     weights: dict = {}
@@ -517,11 +529,8 @@ def first_order_weights(analysis: Analysis, plan: Plan, measured: Measured, damp
             compensate_layer(analysis, plan, layer, measured.hessians.of(layer), damp, own, held=held, chosen=chosen)
             if reusable:
                 cache[key] = own, chosen
-        if pooled and chosen.get("damping") is not None:  # the judged damping, fitted on every row
-            refit = measured.hessians.pooled(held_hessians, layer)
-            if refit is not None:
-                own = dict(before)
-                compensate_layer(analysis, plan, layer, refit, chosen["damping"], own)
+        if pooled:
+            own = refit_on_all(analysis, plan, layer, measured.hessians, held_hessians, chosen, before) or own
         weights.update(own)
     return weights
 

@@ -13,8 +13,8 @@ from spa.cost import concrete_shapes, count_macs, count_params
 from spa.groups import analyze
 from spa.importance import score
 from spa.layers import Layer
-from spa.obspa import (Hessians, compensate_layer, first_order, first_order_weights, retain_first_order, scored_layers,
-                       scores, set_weights)
+from spa.obspa import (Hessians, compensate_layer, first_order, first_order_weights, refit_on_all, retain_first_order,
+                       scored_layers, scores, set_weights)
 from spa.pipeline import as_budget, prune, save
 from spa.runtime import run
 from spa.selection import Target, select
@@ -154,13 +154,15 @@ def test_chosen_damping_refits_on_the_fit_and_held_out_rows_together():
             judged_only = {}
             compensate_layer(Analysis, Plan, layer, fit.of(layer), 0.01, judged_only, held=held.of(layer))
         H_held = 2 * held_x[0].T @ held_x[0] / held_rows
-        chosen = min(steps, key=lambda d: obs.layer_error(W, obs.refit(W, fit.of(layer)[1][0], None, Q, d), H_held))
-        weights = {}
-        assert compensate_layer(Analysis, Plan, layer, fit.of(layer), 0.01, weights, held=held.of(layer),
-                                pooled=pooled) == "compensated"
+        best = min(steps, key=lambda d: obs.layer_error(W, obs.refit(W, fit.of(layer)[1][0], None, Q, d), H_held))
+        chosen = {}
+        assert compensate_layer(Analysis, Plan, layer, fit.of(layer), 0.01, {}, held=held.of(layer),
+                                chosen=chosen) == "compensated"
+        weights = refit_on_all(Analysis, Plan, layer, fit, held, chosen, {})
         X = np.concatenate([fit_x[0], held_x[0]])
         H = 2 * X.T @ X / len(X)
-        lam = chosen * np.mean(np.diag(H))
+        assert chosen["damping"] == best
+        lam = best * np.mean(np.diag(H))
         expected = np.zeros_like(W)  # min ||W X - W' X||^2 / N + lam ||W'_K - W_K||^2 over W'_K
         expected[:, K] = np.linalg.solve(H[np.ix_(K, K)] + lam * np.eye(len(K)), (W @ H[:, K]).T + lam * W[:, K].T).T
         np.testing.assert_allclose(weights["w"].T, expected, rtol=1e-5, atol=1e-6)  # held rows kept in float32

@@ -79,6 +79,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from . import text_lines
 from .errors import SpaError, first_line
 from .graph import Graph
 from .runtime import declared_inputs, is_float
@@ -105,6 +106,8 @@ SCAFFOLD_WORDS = {
 NATURAL_SLOPES = (0.75, 1.25)  # spectral slopes of synthetic images and signals (natural_noise)
 DEAD_LEAVES_SHARE = 0.25   # of every synthetic image / signal batch: dead leaves (the rest 1/f noise)
 DEAD_LEAVES = 300          # discs (intervals) per dead-leaves image (signal)
+TEXT_LINE_SOURCES = ("auto", "synthetic", "inverted")  # the sources whose images can be text lines (charset)
+TEXT_LINE_SHARE = 0.5      # of a text recognizer's synthetic image batches: text lines (the rest noise images)
 MAX_SIGNAL_CHANNELS = 4    # a float [N, C, L] input with at most this many channels is a signal
 RESIZE_MODES = ("stretch", "pad")
 LAYOUTS = ("nchw", "nhwc")
@@ -144,6 +147,7 @@ class Calibration:
     time_limit: float | None = None
     scaffold: float | None = None  # share of scaffolded token sequences (None: SCAFFOLD_SHARE)
     tokenizer_found: bool = False  # `tokenizer` was found beside the model, not given (`with_tokenizer`)
+    charset: str | None = None  # text lines' dictionary file; "none": noise images; None: the model's metadata
 
     def check(self) -> "Calibration":
         if not isinstance(self.source, str):
@@ -177,6 +181,8 @@ class Calibration:
             raise SpaError(f"calibration image resize must be stretch or pad, got {self.resize!r}")
         if self.tokenizer is not None and not isinstance(self.tokenizer, (str, os.PathLike)):
             raise SpaError("calibration tokenizer must be a path")
+        if self.charset is not None and not isinstance(self.charset, (str, os.PathLike)):
+            raise SpaError("calibration charset must be a path or 'none'")
         if self.scaffold is not None and not (isinstance(self.scaffold, (int, float)) and 0 <= self.scaffold <= 1):
             raise SpaError(f"calibration scaffold share must be between 0 and 1, got {self.scaffold!r}")
         return self
@@ -301,6 +307,14 @@ def with_tokenizer(model: onnx.ModelProto, options: Calibration, progress=_quiet
     return dataclasses.replace(options, tokenizer_found=False)
 
 
+def draws_text_lines(model: onnx.ModelProto, options: Calibration) -> bool:
+    """Whether generated calibration draws text lines for the model: it has a character dictionary
+    (`options.charset`, or its metadata) and an image input of 1 or 3 channels."""
+    if text_lines.dictionary(model, options.charset) is None:
+        return False
+    return any(_image_layout(_Input(n, d, t), list(d)) for n, d, t in declared_inputs(model))
+
+
 def _positive_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
 
@@ -328,6 +342,10 @@ def calibration_batches(model: onnx.ModelProto, calibration: Calibration | str |
     if options.tokenizer and is_generated(source) and not any(i.role == "ids" for i in plan.inputs):
         raise SpaError(f"tokenizer {options.tokenizer} has no effect: the model has no token-id input (an integer "
                        f"input indexing an embedding table), and calibration {source} reads no text")
+    if options.charset is not None and str(options.charset).strip().lower() != "none" and \
+            source not in TEXT_LINE_SOURCES:
+        raise SpaError(f"charset {options.charset} has no effect with calibration {source}: it shapes the images "
+                       f"that {' and '.join(TEXT_LINE_SOURCES[1:])} calibration generate as text lines")
     rng = np.random.default_rng(options.seed)
     if source == "synthetic":
         return plan.generated(rng)
@@ -489,6 +507,7 @@ class _Plan:
         self.named = self._named_sizes()
         self._position_limit = -1
         self._vocabulary = None
+        self._alphabet: list | None = None  # drawable characters of the text lines; [] for noise images
         self.fixed: dict = {}   # (input, axis) -> size a source imposes (bn: the channel count)
 
     def say(self, message: str):
@@ -660,15 +679,66 @@ class _Plan:
         return self._vocabulary.draw(shape, rng, share).astype(inp.dtype)
 
     def float_noise(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
-        """Natural-image noise for image-like and [N, C, L] signal inputs, N(0, 1) for the rest."""
+        """Text lines for a text recognizer's image input (`text_line_images`), natural-image noise for
+        other image-like and [N, C, L] signal inputs, N(0, 1) for the rest."""
         axes = _spatial_axes(inp, shape)
         if not axes:
             return rng.standard_normal(shape)
+        if len(axes[1]) == 2 and shape[axes[0]] in (1, 3) and self.text_alphabet():
+            return self.text_line_images(inp, shape, rng)
         self.say(f"calibration: synthetic inputs for '{inp.name}' are 1/f noise (the spectrum of natural images "
                  f"and signals), {DEAD_LEAVES_SHARE:.0%} of each batch dead leaves (grey discs or intervals over "
                  "each other: the flat regions and sharp edges of natural ones), zero mean and unit variance per "
                  "sample")
         return natural_noise(rng, shape, *axes, dead_leaves_share=DEAD_LEAVES_SHARE)
+
+    def text_alphabet(self) -> list:
+        """The characters text lines are drawn from ([]: noise images): the dictionary of the charset
+        option or of the model's metadata (`spa.text_lines`), those the built-in font draws. Without
+        Pillow the model's own dictionary gives way to noise images, announced; a named one is refused."""
+        if self._alphabet is None:
+            found = text_lines.dictionary(self.model, self.options.charset)
+            self._alphabet = []
+            if found is not None:
+                chars, where = found
+                try:
+                    self._alphabet = text_lines.drawable(chars)
+                    if not self._alphabet:
+                        raise SpaError(f"the built-in font draws none of the {len(chars)} characters of {where}")
+                except SpaError as exc:
+                    if self.options.charset is not None:
+                        raise
+                    self.say(f"calibration: noise images, not text lines in the characters of {where}: "
+                             f"{first_line(exc, 200)}")
+                    return self._alphabet
+                self.say(f"calibration: {TEXT_LINE_SHARE:.0%} of each synthetic image batch is text lines, random "
+                         f"words in the {len(self._alphabet)} characters of {where} ({len(chars)} in all) that "
+                         "Pillow's built-in font draws, dark on light and light on dark; the rest noise images "
+                         "(--charset none: noise only)")
+        return self._alphabet
+
+    def text_line_images(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
+        """`shape`'s batch: TEXT_LINE_SHARE of it text lines, the rest noise images (`natural_noise`;
+        lines alone lost the PP-OCRv4 recognizer its light-on-dark codes, noise alone its
+        in-distribution lines: docs/obspa.md). Each line resized to the input's height keeping its aspect and
+        right-padded with 0 to its width after normalising (PaddleOCR's resize_norm_img), mean 0.5 and
+        std 0.5 (PaddleOCR's) unless the calibration gives its own."""
+        layout = _image_layout(inp, list(shape))
+        c, (h, w) = LAYOUT_AXES[layout]
+        channels = shape[c]
+        defaults = [n for n, v in (("mean", self.options.mean), ("std", self.options.std)) if v is None]
+        if defaults:
+            self.say(f"calibration: text lines scaled to [0, 1] and normalised with PaddleOCR's {'/'.join(defaults)} "
+                     "0.5 (set --image-mean / --image-std)")
+        mean = _per_channel(self.options.mean, (0.5,) * 3, channels, "mean")
+        std = _per_channel(self.options.std, (0.5,) * 3, channels, "std")
+        noise = int(round(shape[0] * (1 - TEXT_LINE_SHARE)))
+        images = text_lines.lines(rng, shape[0] - noise, self._alphabet, channels)
+        x = np.stack([_fitted(im, shape[h], shape[w], channels, "pad", mean, std) for im in images])
+        x = x.transpose(0, 3, 1, 2) if layout == "nchw" else x
+        if noise:
+            x = np.concatenate([natural_noise(rng, (noise,) + tuple(shape[1:]), c, (h, w), DEAD_LEAVES_SHARE), x])
+        return x
 
     # data --------------------------------------------------------------------------------------
     def sample_count(self, available: int, what: str) -> int:
@@ -1134,25 +1204,32 @@ def _image_directory(plan: _Plan, path: str, files: list) -> list:
         try:
             with Image.open(os.path.join(path, f)) as im:
                 im.load()
-                im = _converted(im, channels)
-                if opts.resize == "pad":  # PaddleOCR's resize_norm_img: ceil(H * aspect), at most W
-                    fit = max(1, min(width, math.ceil(height * im.width / max(1, im.height))))
-                    im = im.resize((fit, height), Image.BILINEAR)
-                else:
-                    im = im.resize((width, height), Image.BILINEAR)
-                a = np.asarray(im, dtype=np.float32).reshape(im.height, im.width, channels) / 255.0
+                images.append(_fitted(_converted(im, channels), height, width, channels, opts.resize, mean, std))
         except SpaError:
             raise
         except Exception as exc:
             raise SpaError(f"calibration image {os.path.join(path, f)} cannot be read ({type(exc).__name__})") from None
-        a = (a - mean) / std
-        if a.shape[1] < width:
-            a = np.concatenate([a, np.zeros((height, width - a.shape[1], channels), np.float32)], axis=1)
-        images.append(a)
     x = np.stack(images)
     if layout == "nchw":
         x = x.transpose(0, 3, 1, 2)
     return plan.split({inp.name: np.ascontiguousarray(x, dtype=inp.dtype)}, path)
+
+
+def _fitted(im, height: int, width: int, channels: int, resize: str, mean, std) -> np.ndarray:
+    """A Pillow image ("RGB" or "L") as a normalised [height, width, channels] array: stretched to the
+    size, or ("pad": PaddleOCR's resize_norm_img) resized to ceil(height * aspect), at most width, and
+    right-padded with 0 after normalising."""
+    from PIL import Image
+
+    if resize == "pad":
+        fit = max(1, min(width, math.ceil(height * im.width / max(1, im.height))))
+        im = im.resize((fit, height), Image.BILINEAR)
+    else:
+        im = im.resize((width, height), Image.BILINEAR)
+    a = (np.asarray(im, dtype=np.float32).reshape(im.height, im.width, channels) / 255.0 - mean) / std
+    if a.shape[1] < width:
+        a = np.concatenate([a, np.zeros((height, width - a.shape[1], channels), np.float32)], axis=1)
+    return a
 
 
 def _converted(im, channels):

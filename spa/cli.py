@@ -128,11 +128,18 @@ def parser() -> argparse.ArgumentParser:
                          "calibration, synthetic token sequences are framed like its sentences and drawn from its "
                          "frequent words. Default: a tokenizer.json beside the model (in its folder, as optimum "
                          "exports write it), where the model takes token ids, announced; 'none': without one")
+    pr.add_argument("--charset", metavar="PATH",
+                    help="a text recognizer's dictionary (one character a line): with generated calibration, half "
+                         "of each image batch is text lines of its characters drawn with Pillow's font. Default: the "
+                         "dictionary a PaddleOCR export keeps in its metadata ('character'), announced; 'none': "
+                         "noise images only")
     pr.add_argument("--max-length", metavar="N", help="longest calibration token sequence (default 128)")
     pr.add_argument("--image-size", metavar="HxW", help="calibration images are resized to this (default: the model's)")
     pr.add_argument("--image-mean", metavar="a,b,c",
-                    help="calibration image mean after scaling to [0, 1] (default ImageNet's)")
-    pr.add_argument("--image-std", metavar="a,b,c", help="calibration image std (default ImageNet's)")
+                    help="calibration image mean after scaling to [0, 1] (default ImageNet's; text lines of a "
+                         "--charset: PaddleOCR's 0.5)")
+    pr.add_argument("--image-std", metavar="a,b,c",
+                    help="calibration image std (default ImageNet's; text lines of a --charset: 0.5)")
     pr.add_argument("--image-layout", metavar="nchw|nhwc", help="calibration image layout (default: from the model)")
     pr.add_argument("--image-resize", metavar="stretch|pad",
                     help="stretch to HxW (default) or pad: keep the aspect ratio at height H, right-pad to W")

@@ -154,7 +154,7 @@ def check_model_flags(args, model, options):
 
 
 # calibration-only flags (--input-shape also sizes verification and reports: never refused as one)
-_CALIBRATION_FLAGS = {"tokenizer": "--tokenizer", "max_length": "--max-length",
+_CALIBRATION_FLAGS = {"tokenizer": "--tokenizer", "charset": "--charset", "max_length": "--max-length",
                       "image_size": "--image-size", "image_mean": "--image-mean", "image_std": "--image-std",
                       "image_layout": "--image-layout", "image_resize": "--image-resize"}
 
@@ -228,7 +228,7 @@ def check_effects(args):
 
 def _check_calibration_source(args):
     """Calibration options that the chosen source never reads."""
-    from .calibration import source_kind
+    from .calibration import TEXT_LINE_SOURCES, source_kind
 
     source = (args.calibration or "auto").strip()
     kind = source_kind(source)
@@ -241,9 +241,13 @@ def _check_calibration_source(args):
     used = {"--calibration-samples": drawn, "--max-length": drawn and kind not in ("arrays", "images"),
             "--tokenizer": kind in ("text", "generated", None)}
     used.update({flag: kind in ("images", None) for flag in _CALIBRATION_FLAGS.values() if flag.startswith("--image-")})
+    used["--charset"] = kind is None or source in TEXT_LINE_SOURCES
+    lines = source in TEXT_LINE_SOURCES and charset_flag(args.charset) not in (None, "none")  # normalised as asked
+    used.update({flag: used[flag] or lines for flag in ("--image-mean", "--image-std")})
     reads = {"none": "which gives no inputs", "generated": "whose inputs are generated",
              "images": "a directory of images", "text": "a text file", "arrays": "whose arrays give the shapes"}
     what = {"--tokenizer": "it tokenises a .txt calibration file or shapes generated token ids",
+            "--charset": "it shapes the images synthetic and inverted calibration generate as text lines",
             "--max-length": "it bounds token sequences",
             "--calibration-samples": "it counts calibration inputs"}
     for field, flag in [("calibration_samples", "--calibration-samples")] + list(_CALIBRATION_FLAGS.items()):
@@ -368,7 +372,7 @@ def calibration_options(args, model_path=None):
     mean, std = _floats(args.image_mean, "--image-mean"), _floats(args.image_std, "--image-std")
     check_effects(args)
     options = Calibration(source=args.calibration or "auto", samples=args.calibration_samples, seed=args.seed or 0,
-                          shapes=shapes, tokenizer=tokenizer,
+                          shapes=shapes, tokenizer=tokenizer, charset=charset_flag(args.charset),
                           max_length=length, image_size=size, mean=mean, std=std, layout=layout, resize=resize)
     return options if no_tokenizer else looking_beside(options, model_path)
 
@@ -383,6 +387,15 @@ def tokenizer_flag(value) -> tuple[str | None, bool]:
     if not os.path.exists(value):
         raise SpaError(f"--tokenizer {value}: no such file or directory")
     return value, False
+
+
+def charset_flag(value) -> str | None:
+    """--charset's value: an existing file, 'none', or None (the model's own dictionary, if any)."""
+    if value is None or value.strip().lower() == "none":
+        return None if value is None else "none"
+    if not os.path.isfile(value):
+        raise SpaError(f"--charset {value}: no such file (a dictionary, one character a line)")
+    return value
 
 
 def parse_input_shapes(texts):

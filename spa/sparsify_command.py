@@ -8,7 +8,7 @@ from .errors import SpaError
 from .flags import recover_arg
 
 CALIBRATION_FLAGS = (("--calibration", "calibration"), ("--calibration-samples", "calibration_samples"),
-                     ("--tokenizer", "tokenizer"),
+                     ("--tokenizer", "tokenizer"), ("--charset", "charset"),
                      ("--input-shape", "input_shape"))  # --input-shape also sizes the verification
 
 
@@ -37,6 +37,10 @@ def add_parser(sub) -> None:
     sp.add_argument("--tokenizer", metavar="PATH",
                     help="as spa prune: tokenises a .txt --calibration, shapes generated token ids like its sentences "
                          "(default: a tokenizer.json beside the model, announced; 'none': without one)")
+    sp.add_argument("--charset", metavar="PATH",
+                    help="as spa prune: a text recognizer's dictionary; generated image batches are half text "
+                         "lines of its characters (default: the dictionary in a PaddleOCR export's metadata, "
+                         "announced; 'none': noise images only)")
     sp.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224",
                     help="input sizes: of generated calibration inputs (--criterion obs) and of the inputs the "
                          "output is verified on (symbolic sizes otherwise 32)")
@@ -107,8 +111,8 @@ def calibration_of(args):
     """--calibration, --calibration-samples, --tokenizer and --input-shape as a spa.calibration.Calibration
     (None: the default, 'auto', where no tokenizer.json sits beside the model); refused with criterion
     l1 and no --recover, which read no inputs (but for --input-shape, which also sizes the verification)."""
-    from .calibration import Calibration, looking_beside, source_kind
-    from .flags import parse_input_shapes, tokenizer_flag
+    from .calibration import TEXT_LINE_SOURCES, Calibration, looking_beside, source_kind
+    from .flags import charset_flag, parse_input_shapes, tokenizer_flag
 
     given = [flag for flag, field in CALIBRATION_FLAGS if getattr(args, field) is not None]
     if args.criterion == "l1" and not args.recover:
@@ -130,6 +134,10 @@ def calibration_of(args):
     if args.tokenizer is not None and kind not in ("generated", "text"):
         raise SpaError(f"--tokenizer has no effect with --calibration {args.calibration}: it tokenises a .txt "
                        "calibration file or shapes generated token ids")
+    if args.charset is not None and (args.calibration or "auto").strip() not in TEXT_LINE_SOURCES:
+        raise SpaError(f"--charset has no effect with --calibration {args.calibration}: it shapes the images "
+                       "synthetic and inverted calibration generate as text lines")
     options = Calibration(source=args.calibration or "auto", samples=args.calibration_samples,
-                          tokenizer=tokenizer, shapes=parse_input_shapes(args.input_shape)).check()
+                          tokenizer=tokenizer, charset=charset_flag(args.charset),
+                          shapes=parse_input_shapes(args.input_shape)).check()
     return options if none else looking_beside(options, args.model)

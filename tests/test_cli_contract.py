@@ -179,6 +179,7 @@ SQUARE = ["prune", "{SQUARE}", "-o", "{O}", "--ratio", "0.5", "-q", "--criterion
           "--calibration", "{IMAGES}", "--calibration-samples", "4"]
 TXT = ["prune", "{TXT}", "-o", "{O}", "--ratio", "0.5", "-q", "--criterion", "obspa", "--calibration-samples", "16"]
 TXT_BESIDE = ["prune", "{TXT_BESIDE}"] + TXT[2:]
+REC = ["prune", "{REC}"] + OB[2:]  # a text recognizer's dictionary in its metadata
 TAYLOR = P + ["--criterion", "taylor", "--calibration", "{NPZ}"]
 TS = ["prune", "{TS}", "-o", "{O}", "--ratio", "0.5", "-q"]
 TWO = ["prune", "{TWO}", "-o", "{O}", "--ratio", "0.5", "-q", "--eval", "{VAL2}"]
@@ -196,6 +197,7 @@ SPU = SP + ["--pattern", "unstructured", "--amount", "0.5"]
 SPK = SP + ["--pattern", "k-of-n", "--amount", "0.5"]
 SPO = SP0 + ["--criterion", "obs", "--calibration-samples", "16"]
 SP_ONLY8 = ["sparsify", "{ONLY8}", "-o", "{O}", "-q"]
+SP_REC = ["sparsify", "{REC}"] + SPO[2:]
 AP_ONLY8 = ["apply-plan", "{ONLY8}", "{PLAN_ONLY8}", "-o", "{O}", "-q"]
 SP_DYN = ["sparsify", "{DYN}", "-o", "{O}", "-q", "--criterion", "obs", "--calibration-samples", "4"]
 SP_TXT = ["sparsify", "{TXT}", "-o", "{O}", "-q", "--criterion", "obs", "--calibration-samples", "16"]
@@ -318,12 +320,16 @@ CONTRACT = {
                             refused=[(OB + ["--tokenizer", "{TOKENIZER}"], "has no effect: the model has no token-id"),
                                      (OB + ["--calibration", "{NPZ}", "--tokenizer", "{TOKENIZER}"],
                                       "--tokenizer has no effect with --calibration")]),
+        "--charset": Case(OB + ["--charset", "{KEYS}"], OB, also=[(REC + ["--charset", "none"], REC)], refused=[
+            (L1 + ["--charset", "{KEYS}"], "--charset has no effect with criterion l1"),
+            (OB + ["--calibration", "{NPZ}", "--charset", "{KEYS}"], "--charset has no effect with --calibration")]),
         "--max-length": Case(TXT + ["--max-length", "8"], TXT, refused=[
             (OB + ["--max-length", "8"], "--max-length has no effect: the model has no token-id input"),
             (OB + ["--calibration", "{NPZ}", "--max-length", "8"], "--max-length has no effect with --calibration")]),
         "--image-size": Case(IMG + ["--image-size", "8x8"], IMG, refused=[
             (OB + ["--image-size", "8x8"], "--image-size has no effect with --calibration auto")]),
-        "--image-mean": Case(IMG + ["--image-mean", "0.5"], IMG, refused=[
+        "--image-mean": Case(IMG + ["--image-mean", "0.5"], IMG, also=[  # text lines normalised as asked
+            (OB + ["--charset", "{KEYS}", "--image-mean", "0.2"], OB + ["--charset", "{KEYS}"])], refused=[
             (OB + ["--calibration", "{NPZ}", "--image-mean", "0.5"], "--image-mean has no effect with --calibration")]),
         "--image-std": Case(IMG + ["--image-std", "0.5"], IMG, refused=[
             (OB + ["--image-std", "0.5"], "--image-std has no effect with --calibration auto")]),
@@ -467,6 +473,9 @@ CONTRACT = {
                                      (SPO + ["--tokenizer", "{TOKENIZER}"], "has no effect: the model has no token-id"),
                                      (SP_TXT + ["--calibration", "{NPZ}", "--tokenizer", "{TOKENIZER}"],
                                       "--tokenizer has no effect with --calibration")]),
+        "--charset": Case(SPO + ["--charset", "{KEYS}"], SPO, also=[(SP_REC + ["--charset", "none"], SP_REC)], refused=[
+            (SP + ["--charset", "{KEYS}"], "--charset has no effect with criterion l1"),
+            (SPO + ["--calibration", "{NPZ}", "--charset", "{KEYS}"], "--charset has no effect with --calibration")]),
         "--input-shape": Case(SP_DYN + ["--input-shape", "1x3x8x8"], SP_DYN,
                               also=[(SP_ONLY8 + ["--input-shape", "1x3x8x8"], SP_ONLY8)]),  # verified at 8x8
         "--recover": Case(SP + ["--recover", "2"], SP, also=[(SPO + ["--recover", "2"], SPO)],
@@ -595,6 +604,11 @@ def paths(tmp_path_factory):
     (d / "sentences.txt").write_text("the cat sat on a mat\na big red dog\nthe dog ran far far away\nyes no\n")
     if _installed("PIL"):
         p.update(IMAGES=_images(str(d / "images"), 6, 10), TALL=_images(str(d / "tall"), 10, 6))
+        p["KEYS"], p["REC"] = str(d / "keys.txt"), str(d / "rec.onnx")
+        (d / "keys.txt").write_text("a\nb\nK\n7\n-\n", encoding="utf-8")
+        recognizer = conv_chain((8, 16))
+        onnx.helper.set_model_props(recognizer, {"character": "a\nb\nK\n7\n-"})
+        onnx.save(recognizer, p["REC"])
     if _installed("tokenizers"):
         from test_calibration import _tokenizer
         p["TOKENIZER"] = str(_tokenizer(d / "tokenizer"))

@@ -1,0 +1,115 @@
+"""Synthetic text lines for text recognizers (OCR): random strings in the model's own character set,
+drawn with Pillow's built-in font, what OCR models are trained on where nobody has the data
+(SynthText, TextRecognitionDataGenerator). No data: the characters come from the model.
+
+`spa.calibration` draws a recognizer's generated image inputs as such lines where the model carries
+its dictionary (PaddleOCR / RapidOCR exports keep it in the metadata entry 'character', one
+character a line) or the user names a dictionary file (`charset`, `--charset`). Only the characters
+the font has glyphs for are drawn (Pillow's Aileron: Latin letters, digits, punctuation).
+Measured against noise images in docs/obspa.md ("Text lines for text recognizers").
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+from .errors import SpaError
+
+METADATA_KEY = "character"
+FONT_SIZES = tuple(range(12, 42, 2))  # pixels; lines are resized to the model's height afterwards
+MIN_CONTRAST = 80                     # grey levels between ink and background
+MAX_WORDS = 6
+MAX_WORD = 9
+
+
+def dictionary(model, charset: str | None) -> tuple[list, str] | None:
+    """(characters, where they come from) for text lines: the file `charset` names (one character a
+    line), none where it is 'none', else the model's metadata entry 'character' where it has one."""
+    if charset is not None and str(charset).strip().lower() == "none":
+        return None
+    if charset is not None:
+        try:
+            with open(os.fspath(charset), encoding="utf-8") as f:
+                chars = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpaError(f"charset {charset} cannot be read ({type(exc).__name__}): a text file of one "
+                           "character a line") from None
+        where = f"the dictionary {charset}"
+    else:
+        meta = {p.key: p.value for p in model.metadata_props}
+        if METADATA_KEY not in meta:
+            return None
+        chars, where = meta[METADATA_KEY].splitlines(), f"the model's metadata '{METADATA_KEY}'"
+    chars = [c for c in dict.fromkeys(chars) if len(c) == 1 and c.strip()]
+    if not chars:
+        raise SpaError(f"charset: {where} holds no characters (one character a line)")
+    return chars, where
+
+
+@functools.lru_cache(maxsize=1)
+def fonts() -> tuple:
+    """Pillow's built-in scalable font at FONT_SIZES; SpaError where Pillow or its FreeType support
+    is missing."""
+    try:
+        from PIL import ImageFont
+        return tuple(ImageFont.load_default(size=s) for s in FONT_SIZES)
+    except ImportError:
+        raise SpaError("text lines need Pillow (pip install pillow)") from None
+    except (TypeError, OSError) as exc:  # Pillow < 10.1, or built without FreeType
+        raise SpaError(f"text lines need Pillow >= 10.1 with FreeType ({type(exc).__name__})") from None
+
+
+def drawable(chars: list) -> list:
+    """The characters the built-in font has a glyph for (not its missing-glyph box, not blank)."""
+    font = fonts()[-1]
+    missing = {bytes(font.getmask(c)) for c in ("\uffff", "\U0010fffd")}
+    return [c for c in chars if c.strip() and font.getmask(c).size[0] > 0 and bytes(font.getmask(c)) not in missing]
+
+
+def text(rng, alphabet: list) -> str:
+    """One to MAX_WORDS words: lower case, capitalised, upper case, digits or any characters of the
+    alphabet, a fifth of them followed by a mark."""
+    classes = [[c for c in alphabet if c.islower()], [c for c in alphabet if c.isupper()],
+               [c for c in alphabet if c.isdigit()], [c for c in alphabet if not c.isalnum()]]
+    lower, upper, digits, marks = (c or alphabet for c in classes)
+    words = []
+    for _ in range(rng.integers(1, MAX_WORDS + 1)):
+        n, kind = int(rng.integers(1, MAX_WORD + 1)), rng.integers(5)
+        pool = (lower, lower, upper, digits, alphabet)[kind]
+        word = "".join(rng.choice(pool, n))
+        if kind == 1:
+            word = rng.choice(upper) + word
+        if rng.random() < 0.2:
+            word += rng.choice(marks)
+        words.append(word)
+    return " ".join(words)
+
+
+def draw(rng, line: str, channels: int = 3):
+    """`line` as a Pillow image ("RGB" or "L"): a random size of the built-in font, ink and background
+    grey levels at least MIN_CONTRAST apart (either darker), a slight tint, tilt, blur and noise."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    font = fonts()[int(rng.integers(len(FONT_SIZES)))]
+    left, top, right, bottom = font.getbbox(line)
+    pad_x, pad_y = int(rng.integers(2, 20)), int(rng.integers(2, 12))
+    size = (max(1, right - left) + 2 * pad_x, max(1, bottom - top) + 2 * pad_y)
+    background = int(rng.integers(0, 256))
+    contrast = int(rng.integers(MIN_CONTRAST, 256))
+    darker = background - contrast >= 0 and (background + contrast > 255 or rng.random() < 0.5)
+    ink = int(np.clip(background - contrast if darker else background + contrast, 0, 255))
+    tint = rng.integers(-15, 16, size=3)
+    image = Image.new("RGB", size, tuple(int(np.clip(background + t, 0, 255)) for t in tint))
+    ImageDraw.Draw(image).text((pad_x - left, pad_y - top), line, font=font, fill=(ink, ink, ink))
+    image = image.rotate(float(rng.uniform(-3, 3)), resample=Image.BILINEAR, fillcolor=image.getpixel((0, 0)))
+    image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 1.5))))
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, rng.uniform(0, 12), (size[1], size[0], 3))
+    image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    return image if channels == 3 else image.convert("L")
+
+
+def lines(rng, count: int, alphabet: list, channels: int = 3) -> list:
+    """`count` text-line images of random strings in `alphabet`."""
+    return [draw(rng, text(rng, alphabet), channels) for _ in range(count)]

@@ -1,0 +1,127 @@
+"""Synthetic text lines for text recognizers: the model's own dictionary (metadata or --charset),
+half of each generated image batch, drawn only in characters the font has; bad charsets are one line."""
+import numpy as np
+import onnx
+import pytest
+
+from builder import Builder
+from spa import text_lines
+from spa.calibration import Calibration, calibration_batches, draws_text_lines
+from spa.cli import main
+from spa.errors import SpaError
+
+pytest.importorskip("PIL")
+CHARACTERS = "a\nb\nc\nK\n7\n中\n-\n"
+
+
+def _recognizer(dictionary: str | None = CHARACTERS, nhwc=False, batchnorm=False):
+    """An [N, 3, 32, W] (or NHWC) image model -> Conv (-> BN) -> Relu -> Conv -> GlobalAveragePool, its
+    dictionary in the metadata as PaddleOCR exports keep it."""
+    b = Builder(seed=4)
+    x = b.input(["batch", 32, "width", 3] if nhwc else ["batch", 3, 32, "width"])
+    if nhwc:
+        x = b.op("Transpose", [x], perm=[0, 3, 1, 2])
+    y = b.conv(x, 3, 8)
+    if batchnorm:
+        y = b.bn(y, 8)
+    b.output(b.op("GlobalAveragePool", [b.conv(b.op("Relu", [y]), 8, 4)]))
+    model = b.model()
+    if dictionary is not None:
+        onnx.helper.set_model_props(model, {"character": dictionary})
+    return model
+
+
+def _batches(model, messages=None, **options):
+    say = messages.append if messages is not None else None
+    cal = Calibration(source="synthetic", samples=16, batch_size=16, **options)
+    return calibration_batches(model, cal, progress=say)
+
+
+def test_the_dictionary_comes_from_the_metadata_a_file_or_nowhere(tmp_path):
+    model = _recognizer()
+    chars, where = text_lines.dictionary(model, None)
+    assert chars == ["a", "b", "c", "K", "7", "中", "-"] and "metadata 'character'" in where
+    keys = tmp_path / "keys.txt"
+    keys.write_text("x\ny\ny\n\n", encoding="utf-8")
+    assert text_lines.dictionary(model, str(keys)) == (["x", "y"], f"the dictionary {keys}")
+    assert text_lines.dictionary(model, "none") is None
+    assert text_lines.dictionary(_recognizer(None), None) is None
+
+
+def test_only_characters_the_font_draws_are_drawn():
+    assert text_lines.drawable(["a", "K", "7", "-", "中", " "]) == ["a", "K", "7", "-"]
+
+
+def test_half_of_each_generated_batch_is_text_lines_normalised_like_paddleocr():
+    messages = []
+    x = _batches(_recognizer(), messages, shapes={"input": (1, 3, 32, 96)})[0]["input"]
+    assert x.shape == (16, 3, 32, 96) and x.dtype == np.float32
+    noise, lines = x[:8], x[8:]
+    assert np.allclose(noise.mean(axis=(2, 3)), 0, atol=1e-4) and np.allclose(noise.std(axis=(2, 3)), 1, atol=1e-3)
+    assert lines.min() >= -1 and lines.max() <= 1
+    assert all(np.ptp(line) > 0.3 for line in lines)  # ink on a background
+    assert any("text lines" in m and "6 characters of the model's metadata 'character' (7 in all)" in m for m in messages), messages
+    assert any("PaddleOCR's mean/std 0.5" in m for m in messages), messages
+
+
+def test_text_lines_keep_their_aspect_and_are_right_padded_with_zero():
+    x = _batches(_recognizer(), shapes={"input": (1, 3, 32, 1000)})[0]["input"][8:]
+    assert np.all(x[:, :, :, -50:] == 0)  # a line of at most 6 words of 10 characters is narrower
+
+
+def test_text_lines_follow_the_layout_the_seed_and_a_given_normalisation():
+    nhwc = _batches(_recognizer(nhwc=True), shapes={"input": (1, 32, 64, 3)})[0]["input"]
+    assert nhwc.shape == (16, 32, 64, 3) and np.all(nhwc[8:].min(axis=(1, 2, 3)) >= -1)
+    model = _recognizer()
+    same = [_batches(model, shapes={"input": (1, 3, 32, 64)}, seed=s)[0]["input"] for s in (0, 0, 1)]
+    assert np.array_equal(same[0], same[1]) and not np.array_equal(same[0], same[2])
+    unit = _batches(model, shapes={"input": (1, 3, 32, 64)}, mean=0.0, std=1.0)[0]["input"][8:]
+    assert unit.min() >= 0 and unit.max() <= 1
+
+
+def test_charset_none_or_no_dictionary_leaves_noise_images():
+    for model, charset in ((_recognizer(), "none"), (_recognizer(None), None)):
+        messages = []
+        x = _batches(model, messages, shapes={"input": (1, 3, 32, 64)}, charset=charset)[0]["input"]
+        assert not any("text lines" in m for m in messages)
+        assert np.allclose(x.std(axis=(2, 3)), 1, atol=1e-3)
+
+
+def test_auto_calibration_of_a_recognizer_with_batchnorm_is_synthetic_text_lines():
+    from spa.pipeline import default_source
+    model, said = _recognizer(batchnorm=True), []
+    assert draws_text_lines(model, Calibration()) and not draws_text_lines(model, Calibration(charset="none"))
+    assert default_source(model, Calibration(), said.append).source == "synthetic"
+    assert "text lines" in said[0]
+
+
+def test_bad_charsets_are_one_line(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n", encoding="utf-8")
+    with pytest.raises(SpaError, match="holds no characters"):
+        text_lines.dictionary(_recognizer(), str(empty))
+    with pytest.raises(SpaError, match="cannot be read"):
+        text_lines.dictionary(_recognizer(), str(tmp_path / "missing.txt"))
+    cjk = tmp_path / "cjk.txt"
+    cjk.write_text("中\n文\n", encoding="utf-8")
+    with pytest.raises(SpaError, match="draws none of the 2 characters"):
+        _batches(_recognizer(), shapes={"input": (1, 3, 32, 64)}, charset=str(cjk))
+    with pytest.raises(SpaError, match="charset .* has no effect with calibration"):
+        calibration_batches(_recognizer(), Calibration(source="bn", charset=str(cjk)))
+
+
+@pytest.mark.parametrize("command", ["prune", "sparsify"])
+def test_cli_charset_flag(tmp_path, capsys, command):
+    model = tmp_path / "rec.onnx"
+    onnx.save(_recognizer(None), model)
+    keys = tmp_path / "keys.txt"
+    keys.write_text(CHARACTERS, encoding="utf-8")
+    target = ["--ratio", "0.5"] if command == "prune" else ["--pattern", "2:4"]
+    base = [command, str(model), "-o", str(tmp_path / "out.onnx"), *target, "--input-shape", "1x3x32x64"]
+    assert main(base + ["--charset", str(keys), "--calibration-samples", "16"]) == 0
+    assert "text lines, random words in the 6 characters of the dictionary" in capsys.readouterr().err
+    for flags, message in ((["--charset", str(tmp_path / "nope.txt")], "no such file"),
+                           (["--charset", str(keys), "--calibration", "none"], "--charset has no effect")):
+        assert main(base + flags) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("spa: error: ") and err.count("\n") == 1 and message in err, err

@@ -5,8 +5,7 @@ import onnx
 import pytest
 
 from builder import Builder
-from spa import text_lines
-from spa.calibration import Calibration, calibration_batches, draws_text_lines
+from spa.calibration import Calibration, calibration_batches, draws_text_lines, text_lines
 from spa.cli import main
 from spa.errors import SpaError
 

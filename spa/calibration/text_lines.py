@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from .errors import SpaError
+from ..errors import SpaError
 
 METADATA_KEY = "character"
 FONT_SIZES = tuple(range(12, 42, 2))  # pixels; lines are resized to the model's height afterwards

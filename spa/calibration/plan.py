@@ -1,0 +1,305 @@
+"""`_Plan`: one model's calibration inputs for one `Calibration`: its batch chunk, the shapes of
+generated inputs resolved (defaults announced), the generated feeds (natural noise, text lines
+for a text recognizer, token ids from a tokenizer, the integer conventions) and data split into
+batches.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import SpaError, first_line
+from ..runtime import declared_inputs
+from . import text_lines
+from .files import _fitted, _per_channel
+from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MIN_TOKENS, TOKENS,
+                     _checked_shapes, _hint, _image_layout, _Input, _spatial_axes, position_limit, vocabulary_size)
+from .synthetic import _integer_input, natural_noise
+from .text import synthetic_vocabulary
+
+if TYPE_CHECKING:
+    from . import Calibration
+
+SCAFFOLD_SHARE = 0.25      # of generated token sequences: clauses of English function words (SyntheticVocabulary)
+DEAD_LEAVES_SHARE = 0.25   # of every synthetic image / signal batch: dead leaves (the rest 1/f noise)
+TEXT_LINE_SHARE = 0.5      # of a text recognizer's synthetic image batches: text lines (the rest noise images)
+
+
+class _Plan:
+    """The model's inputs, its batch chunk and the shape resolution, with the announcements."""
+
+    def __init__(self, model, options: Calibration, progress):
+        self.model, self.options, self.progress = model, options, progress
+        self.said: set = set()
+        self.inputs = [_Input(n, d, t) for n, d, t in declared_inputs(model)]
+        if not self.inputs:
+            raise SpaError("calibration: the model has no inputs")
+        for inp in self.inputs:
+            if not inp.is_float and inp.dtype != np.bool_:
+                inp.vocab = vocabulary_size(model, inp.name)
+        self.by_name = {i.name: i for i in self.inputs}
+        statics = {i.dims[0] for i in self.inputs if i.dims and isinstance(i.dims[0], int)}
+        if len(statics) > 1:
+            raise SpaError(f"calibration: the model's inputs fix different batch sizes {sorted(statics)}")
+        self.static_batch = statics.pop() if statics else None
+        self.chunk = self.static_batch or options.batch_size
+        self.batch_names = {i.dims[0] for i in self.inputs if i.dims and isinstance(i.dims[0], str)}
+        self.explicit = _checked_shapes(self.inputs, options.shapes)
+        self.named = self._named_sizes()
+        self._position_limit = -1
+        self._vocabulary = None
+        self._alphabet: list | None = None  # drawable characters of the text lines; [] for noise images
+        self.fixed: dict = {}   # (input, axis) -> size a source imposes (bn: the channel count)
+
+    def say(self, message: str):
+        if message not in self.said:
+            self.said.add(message)
+            self.progress(message)
+
+    # user shapes ---------------------------------------------------------------------------------
+    def _named_sizes(self) -> dict:
+        named = {k: int(v) for k, v in dict(self.options.dims or {}).items()}
+        fixed_by: dict = {}
+        for name, shape in self.explicit.items():
+            for k, d in enumerate(self.by_name[name].dims):
+                if k and isinstance(d, str) and d not in self.batch_names:
+                    if d in fixed_by and named[d] != shape[k]:
+                        raise SpaError(f"calibration shapes disagree on '{d}': {named[d]} for '{fixed_by[d]}', "
+                                       f"{shape[k]} for '{name}'")
+                    named[d], fixed_by[d] = shape[k], name
+        return named
+
+    def known(self, inp: _Input, k: int):
+        """Axis k's size from (a) the user's shape, (b) dims by name, (c) the declared static dim;
+        BATCH for the batch axis (and axes sharing its name), None when unknown."""
+        if k == 0:
+            return BATCH
+        if (inp.name, k) in self.fixed:
+            return self.fixed[(inp.name, k)]
+        if inp.name in self.explicit:
+            return self.explicit[inp.name][k]
+        d = inp.dims[k]
+        if isinstance(d, int):
+            return d
+        if isinstance(d, str):
+            if d in self.batch_names:
+                return BATCH
+            return self.named.get(d)
+        return None
+
+    # generated inputs ------------------------------------------------------------------------
+    def resolved(self) -> dict:
+        """{input: shape} with BATCH / TOKENS placeholders; defaults announced."""
+        shapes = {i.name: [self.known(i, k) for k in range(len(i.dims))] for i in self.inputs}
+        by_dim: dict = {}   # symbolic name -> default chosen for it
+        ids = [i for i in self.inputs if i.role == "ids" and i.dims and shapes[i.name][-1] is None]
+        token_names = {i.dims[-1] for i in ids if isinstance(i.dims[-1], str)}
+        unnamed_tokens = any(i.dims[-1] is None for i in ids)
+        for i in ids:
+            shapes[i.name][-1] = TOKENS
+        for name in token_names:
+            by_dim[name] = TOKENS
+        if ids:
+            hi = self.max_tokens()
+            lo = min(MIN_TOKENS, hi)
+            for i in ids:
+                hint = _hint(i.name, shapes[i.name])
+                capped = " (the model's position table)" if hi < self.options.max_length else ""
+                self.say(f"calibration: input '{i.name}' has no declared sequence length; synthetic token "
+                         f"batches vary from {lo} to {hi} tokens{capped}, one length per batch "
+                         f"(set --input-shape {hint} for one length)")
+        for i in self.inputs:
+            shape = shapes[i.name]
+            for k, v in enumerate(shape):
+                if v is None and isinstance(i.dims[k], str) and i.dims[k] in by_dim:
+                    shape[k] = by_dim[i.dims[k]]
+            if ids and unnamed_tokens and shape and shape[-1] is None and i.dims[-1] is None \
+                    and (not i.is_float or i.role == "mask") and len(shape) == len(ids[0].dims):
+                shape[-1] = TOKENS   # the mask / type ids of an unnamed sequence axis
+            unknown = [k for k, v in enumerate(shape) if v is None]
+            if not unknown:
+                continue
+            self._defaults(i, shape, unknown)
+            for k in unknown:
+                if isinstance(i.dims[k], str):
+                    by_dim.setdefault(i.dims[k], shape[k])
+        return shapes
+
+    def _defaults(self, inp: _Input, shape: list, unknown: list):
+        layout = _image_layout(inp, shape)
+        if layout:
+            c, (h, w) = LAYOUT_AXES[layout]
+            missing = [a for a in (h, w) if a in unknown]
+            if missing:
+                for a in missing:
+                    shape[a] = DEFAULT_IMAGE
+                what = "height/width" if len(missing) == 2 else ("height" if missing[0] == h else "width")
+                image = "x".join(str(shape[a]) for a in ((c, h, w) if layout == "nchw" else (h, w, c)))
+                hint = _hint(inp.name, shape, {h: "H", w: "W"})
+                self.say(f"calibration: input '{inp.name}' has no declared {what}; synthetic images are "
+                         f"{image} (set --input-shape {hint})")
+                unknown = [k for k in unknown if k not in missing]
+        if inp.is_float and len(shape) == 3 and 2 in unknown:
+            shape[2] = DEFAULT_SIGNAL
+            self.say(f"calibration: input '{inp.name}' has no declared length; synthetic inputs have length "
+                     f"{DEFAULT_SIGNAL} (set --input-shape {_hint(inp.name, shape, {2: 'L'})})")
+            unknown = [k for k in unknown if k != 2]
+        if unknown:
+            for k in unknown:
+                shape[k] = DEFAULT_SEQUENCE
+            axes = ", ".join(f"{k}" + (f" ('{inp.dims[k]}')" if isinstance(inp.dims[k], str) else "") for k in unknown)
+            self.say(f"calibration: input '{inp.name}' has no declared size for axis {axes}; synthetic inputs use "
+                     f"{DEFAULT_SEQUENCE} (set --input-shape {_hint(inp.name, shape, {k: '?' for k in unknown})})")
+
+    def max_tokens(self) -> int:
+        if self._position_limit == -1:
+            self._position_limit = position_limit(self.model)
+        limit = self.options.max_length
+        if self._position_limit and self._position_limit < limit:
+            limit = self._position_limit
+        return limit
+
+    def chunk_sizes(self) -> list:
+        samples = self.options.samples
+        if self.static_batch:
+            return [self.static_batch] * max(1, samples // self.static_batch)
+        return [min(self.chunk, samples - s) for s in range(0, samples, self.chunk)]
+
+    def token_lengths(self, count: int, seed: int | None = None) -> list:
+        """One length per batch: stratified log-uniform over [4, max], in an order seeded by `seed`
+        (None: the calibration's)."""
+        hi = self.max_tokens()
+        lo = min(MIN_TOKENS, hi)
+        rng = np.random.default_rng([self.options.seed if seed is None else seed, 7919])
+        u = (np.arange(count) + rng.random(count)) / count
+        lengths = np.rint(np.exp(np.log(lo) + u * (np.log(hi) - np.log(lo)))).astype(int)
+        return [int(v) for v in rng.permutation(np.clip(lengths, lo, hi))]
+
+    def generated(self, rng, floats=None, override: dict | None = None, lengths_seed: int | None = None,
+                  tokens_per_batch: int | None = None) -> list:
+        """Generated feeds: `floats(shape)` for float inputs (N(0, 1) by default), `override`
+        {input: fn(shape)} for particular ones, the integer conventions for the rest; token batch
+        lengths drawn from `lengths_seed` (None: the calibration's seed); `tokens_per_batch`: token
+        batches sized to hold about that many tokens where the batch is not fixed (as many batches)."""
+        shapes = self.resolved()
+        sizes = self.chunk_sizes()
+        tokens = any(TOKENS in s for s in shapes.values())
+        lengths = self.token_lengths(len(sizes), lengths_seed) if tokens else [None] * len(sizes)
+        if tokens and tokens_per_batch and not self.static_batch:
+            sizes = [max(1, tokens_per_batch // length) for length in lengths]
+        feeds = []
+        for n, length in zip(sizes, lengths):
+            feed = {}
+            for inp in self.inputs:
+                shape = tuple(n if v is BATCH else length if v is TOKENS else v for v in shapes[inp.name])
+                if override and inp.name in override:
+                    feed[inp.name] = override[inp.name](shape).astype(inp.dtype)
+                elif inp.is_float and inp.role == "mask" and len(shape) == 2:  # a float attention mask
+                    feed[inp.name] = np.ones(shape, dtype=inp.dtype)
+                elif inp.is_float:
+                    feed[inp.name] = (floats(shape) if floats else self.float_noise(inp, shape, rng)).astype(inp.dtype)
+                elif inp.role == "ids" and self.options.tokenizer:
+                    feed[inp.name] = self.token_ids(inp, shape, rng)
+                else:
+                    feed[inp.name] = _integer_input(inp, shape, rng)
+            feeds.append(feed)
+        return feeds
+
+    def token_ids(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
+        """Generated ids shaped like the tokenizer's sentences: its special tokens around a body
+        drawn from its frequent whole-word ids (see `SyntheticVocabulary`)."""
+        if self._vocabulary is None:
+            self._vocabulary = synthetic_vocabulary(self.options.tokenizer, inp.vocab)
+            self.say(f"calibration: synthetic token ids for '{inp.name}' are sentences of the tokenizer's "
+                     f"{len(self._vocabulary.body)} most frequent whole-word tokens, framed "
+                     f"{self._vocabulary.framing}")
+        share = SCAFFOLD_SHARE if self.options.scaffold is None else self.options.scaffold
+        if self._vocabulary.scaffold is not None and share > 0:
+            self.say(f"calibration: {share:.0%} of the synthetic token sequences for '{inp.name}' are English clauses "
+                     "(function words from a fixed list around those words; docs/obspa.md)")
+        return self._vocabulary.draw(shape, rng, share).astype(inp.dtype)
+
+    def float_noise(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
+        """Text lines for a text recognizer's image input (`text_line_images`), natural-image noise for
+        other image-like and [N, C, L] signal inputs, N(0, 1) for the rest."""
+        axes = _spatial_axes(inp, shape)
+        if not axes:
+            return rng.standard_normal(shape)
+        if len(axes[1]) == 2 and shape[axes[0]] in (1, 3) and self.text_alphabet():
+            return self.text_line_images(inp, shape, rng)
+        self.say(f"calibration: synthetic inputs for '{inp.name}' are 1/f noise (the spectrum of natural images "
+                 f"and signals), {DEAD_LEAVES_SHARE:.0%} of each batch dead leaves (grey discs or intervals over "
+                 "each other: the flat regions and sharp edges of natural ones), zero mean and unit variance per "
+                 "sample")
+        return natural_noise(rng, shape, *axes, dead_leaves_share=DEAD_LEAVES_SHARE)
+
+    def text_alphabet(self) -> list:
+        """The characters text lines are drawn from ([]: noise images): the dictionary of the charset
+        option or of the model's metadata (`text_lines`), those the built-in font draws. Without
+        Pillow the model's own dictionary gives way to noise images, announced; a named one is refused."""
+        if self._alphabet is None:
+            found = text_lines.dictionary(self.model, self.options.charset)
+            self._alphabet = []
+            if found is not None:
+                chars, where = found
+                try:
+                    self._alphabet = text_lines.drawable(chars)
+                    if not self._alphabet:
+                        raise SpaError(f"the built-in font draws none of the {len(chars)} characters of {where}")
+                except SpaError as exc:
+                    if self.options.charset is not None:
+                        raise
+                    self.say(f"calibration: noise images, not text lines in the characters of {where}: "
+                             f"{first_line(exc, 200)}")
+                    return self._alphabet
+                self.say(f"calibration: {TEXT_LINE_SHARE:.0%} of each synthetic image batch is text lines, random "
+                         f"words in the {len(self._alphabet)} characters of {where} ({len(chars)} in all) that "
+                         "Pillow's built-in font draws, dark on light and light on dark; the rest noise images "
+                         "(--charset none: noise only)")
+        return self._alphabet
+
+    def text_line_images(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
+        """`shape`'s batch: TEXT_LINE_SHARE of it text lines, the rest noise images (`natural_noise`;
+        lines alone lost the PP-OCRv4 recognizer its light-on-dark codes, noise alone its
+        in-distribution lines: docs/obspa.md). Each line resized to the input's height keeping its aspect and
+        right-padded with 0 to its width after normalising (PaddleOCR's resize_norm_img), mean 0.5 and
+        std 0.5 (PaddleOCR's) unless the calibration gives its own."""
+        layout = _image_layout(inp, list(shape))
+        c, (h, w) = LAYOUT_AXES[layout]
+        channels = shape[c]
+        defaults = [n for n, v in (("mean", self.options.mean), ("std", self.options.std)) if v is None]
+        if defaults:
+            self.say(f"calibration: text lines scaled to [0, 1] and normalised with PaddleOCR's {'/'.join(defaults)} "
+                     "0.5 (set --image-mean / --image-std)")
+        mean = _per_channel(self.options.mean, (0.5,) * 3, channels, "mean")
+        std = _per_channel(self.options.std, (0.5,) * 3, channels, "std")
+        noise = int(round(shape[0] * (1 - TEXT_LINE_SHARE)))
+        images = text_lines.lines(rng, shape[0] - noise, self._alphabet, channels)
+        x = np.stack([_fitted(im, shape[h], shape[w], channels, "pad", mean, std) for im in images])
+        x = x.transpose(0, 3, 1, 2) if layout == "nchw" else x
+        if noise:
+            x = np.concatenate([natural_noise(rng, (noise,) + tuple(shape[1:]), c, (h, w), DEAD_LEAVES_SHARE), x])
+        return x
+
+    # data --------------------------------------------------------------------------------------
+    def sample_count(self, available: int, what: str) -> int:
+        """How many of `available` samples to use: up to `samples`, whole static batches."""
+        count = min(available, self.options.samples)
+        if not self.static_batch:
+            return count
+        if available < self.static_batch:
+            raise SpaError(f"calibration {what}: {available} sample{'s' * (available != 1)}, fewer than the "
+                           f"model's static batch of {self.static_batch}")
+        count = max(self.static_batch, count // self.static_batch * self.static_batch)
+        if count < min(available, self.options.samples):
+            self.say(f"calibration: the model's batch is fixed at {self.static_batch}: using {count} of "
+                     f"{min(available, self.options.samples)} samples")
+        return count
+
+    def split(self, data: dict, what: str) -> list:
+        batched = {k: v for k, v in data.items() if np.ndim(v)}
+        available = min(len(v) for v in batched.values()) if batched else 1
+        count = self.sample_count(available, what)
+        return [{k: np.ascontiguousarray(v[s:s + self.chunk]) if k in batched else v for k, v in data.items()}
+                for s in range(0, count, self.chunk)]

@@ -71,7 +71,7 @@ directories, unreadable images or arrays, a text file without a tokenizer, ids b
 vocabulary, fewer samples than one static batch) raise a one-line SpaError.
 
 The package, one concept per module: this module holds `Calibration` and the source dispatch;
-`shapes` the model's inputs and their shapes, `plan` the per-model plan (shape resolution,
+`shapes` the model's inputs and their shapes, `feeds` the per-model plan (shape resolution,
 batches, generated feeds), `synthetic` natural noise and the ``ood:`` sources, `batchnorm` the
 ``bn`` source, `files` data read from a path (arrays, images), `text` text files and synthetic
 sentences from a tokenizer, `text_lines` a text recognizer's synthetic text lines.
@@ -92,7 +92,7 @@ from ..runtime import declared_inputs, is_float
 from . import text_lines
 from .batchnorm import from_batchnorm
 from .files import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, check_input_array, check_static_dims, from_path
-from .plan import DEAD_LEAVES_SHARE, SCAFFOLD_SHARE, TEXT_LINE_SHARE, _Plan
+from .feeds import DEAD_LEAVES_SHARE, SCAFFOLD_SHARE, TEXT_LINE_SHARE, _Plan
 from .shapes import (DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MAX_SIGNAL_CHANNELS, MIN_TOKENS,
                      _image_layout, _Input, _positive_int, generated_token_lengths, position_limit, shared_shapes,
                      user_shapes, vocabulary_size)

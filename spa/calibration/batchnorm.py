@@ -11,7 +11,7 @@ from ..errors import SpaError
 from ..graph import Graph
 
 if TYPE_CHECKING:
-    from .plan import _Plan
+    from .feeds import _Plan
 
 
 def from_batchnorm(plan: _Plan, rng) -> list:

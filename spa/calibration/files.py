@@ -17,7 +17,7 @@ from .shapes import DEFAULT_IMAGE, LAYOUT_AXES, _declared, _names
 from .text import from_text
 
 if TYPE_CHECKING:
-    from .plan import _Plan
+    from .feeds import _Plan
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -2,7 +2,7 @@
 input and the role its name gives it), the user's shapes checked against the declarations
 (`user_shapes`), the sizes batches shared (`shared_shapes`), the image layout and spatial axes of
 an input, the vocabulary and position table a token model shows (`vocabulary_size`,
-`position_limit`), and the default sizes of unknown axes (`spa.calibration.plan` resolves them).
+`position_limit`), and the default sizes of unknown axes (`spa.calibration.feeds` resolves them).
 """
 from __future__ import annotations
 

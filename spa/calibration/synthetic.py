@@ -15,7 +15,7 @@ from .files import from_path
 from .shapes import _Input
 
 if TYPE_CHECKING:
-    from .plan import _Plan
+    from .feeds import _Plan
 
 NATURAL_SLOPES = (0.75, 1.25)  # spectral slopes of synthetic images and signals (natural_noise)
 DEAD_LEAVES = 300          # discs (intervals) per dead-leaves image (signal)

@@ -16,7 +16,7 @@ from ..errors import SpaError, first_line
 from .shapes import _declared, _names
 
 if TYPE_CHECKING:
-    from .plan import _Plan
+    from .feeds import _Plan
 
 FREQUENT_SHARE = 0.25      # synthetic sentences draw from this first share of the tokenizer's whole words
 # closed-class English words a scaffolded clause is built from (its open slots: the tokenizer's frequent words)

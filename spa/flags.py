@@ -242,8 +242,8 @@ def _check_calibration_source(args):
             "--tokenizer": kind in ("text", "generated", None)}
     used.update({flag: kind in ("images", None) for flag in _CALIBRATION_FLAGS.values() if flag.startswith("--image-")})
     used["--charset"] = kind is None or source in TEXT_LINE_SOURCES
-    lines = source in TEXT_LINE_SOURCES and charset_flag(args.charset) not in (None, "none")  # normalised as asked
-    used.update({flag: used[flag] or lines for flag in ("--image-mean", "--image-std")})
+    # a text recognizer's generated text lines take them too (spa.calibration refuses them for other models)
+    used.update({flag: used[flag] or source in TEXT_LINE_SOURCES for flag in ("--image-mean", "--image-std")})
     reads = {"none": "which gives no inputs", "generated": "whose inputs are generated",
              "images": "a directory of images", "text": "a text file", "arrays": "whose arrays give the shapes"}
     what = {"--tokenizer": "it tokenises a .txt calibration file or shapes generated token ids",

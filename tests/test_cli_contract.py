@@ -332,7 +332,8 @@ CONTRACT = {
             (OB + ["--charset", "{KEYS}", "--image-mean", "0.2"], OB + ["--charset", "{KEYS}"])], refused=[
             (OB + ["--calibration", "{NPZ}", "--image-mean", "0.5"], "--image-mean has no effect with --calibration")]),
         "--image-std": Case(IMG + ["--image-std", "0.5"], IMG, refused=[
-            (OB + ["--image-std", "0.5"], "--image-std has no effect with --calibration auto")]),
+            (OB + ["--image-std", "0.5"], "(--image-mean / --image-std) have no effect with calibration"),
+            (OB + ["--calibration", "bn", "--image-std", "0.5"], "--image-std has no effect with --calibration bn")]),
         "--image-layout": Case(SQUARE + ["--image-layout", "nhwc"], SQUARE, refused=[
             (OB + ["--image-layout", "nchw"], "--image-layout has no effect with --calibration auto")]),
         "--image-resize": Case(TALL + ["--image-resize", "pad"], TALL, refused=[

@@ -124,3 +124,20 @@ def test_cli_charset_flag(tmp_path, capsys, command):
         assert main(base + flags) == 2
         err = capsys.readouterr().err
         assert err.startswith("spa: error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_recognizer_without_a_declared_size_gets_paddleocr_text_lines_48x320():
+    b = Builder(seed=5)
+    b.output(b.op("GlobalAveragePool", [b.conv(b.input(["batch", 3, "height", "width"]), 3, 4)]))
+    model, messages = b.model(), []
+    onnx.helper.set_model_props(model, {"character": CHARACTERS})
+    assert _batches(model, messages)[0]["input"].shape == (16, 3, 48, 320)
+    assert any("3x48x320, the text-line size of PaddleOCR's recognizers" in m for m in messages), messages
+    assert _batches(model, charset="none")[0]["input"].shape == (16, 3, 224, 224)  # no dictionary, no lines
+
+
+def test_image_mean_and_std_with_generated_inputs_only_for_text_lines():
+    with pytest.raises(SpaError, match="have no effect with calibration synthetic on this model"):
+        _batches(_recognizer(None), shapes={"input": (1, 3, 32, 64)}, mean=0.0)
+    with pytest.raises(SpaError, match="have no effect with calibration synthetic"):
+        _batches(_recognizer(), shapes={"input": (1, 3, 32, 64)}, std=2.0, charset="none")

@@ -49,7 +49,8 @@ user's `shapes` ({input: (N, ...)}: the first axis is the batch axis and its siz
 the others must agree with the declared static dims), (b) `dims` by symbolic name, (c) declared
 static dims (an axis sharing a symbolic name with an axis fixed by (a) or (b) follows it), (d)
 defaults, each announced through `progress`: an image-like input (float, rank 4, a static
-channel axis of 1 or 3 at position 1 (NCHW) or 3 (NHWC)) gets 224 for an unknown height/width; a
+channel axis of 1 or 3 at position 1 (NCHW) or 3 (NHWC)) gets 224 for an unknown height/width
+(a text recognizer's, one with a character dictionary: 48 / 320, PaddleOCR's); a
 float [N, C, L] gets L = 256; a token-id input (integer, indexing an embedding table) gets one
 length per batch from a seeded schedule spread log-uniformly over 4..max_length (128), capped by
 the model's position table, with its mask/type/position inputs following; any other axis 16.
@@ -322,6 +323,11 @@ def calibration_batches(model: onnx.ModelProto, calibration: Calibration | str |
             source not in TEXT_LINE_SOURCES:
         raise SpaError(f"charset {options.charset} has no effect with calibration {source}: it shapes the images "
                        f"that {' and '.join(TEXT_LINE_SOURCES[1:])} calibration generate as text lines")
+    if (options.mean is not None or options.std is not None) and source in TEXT_LINE_SOURCES \
+            and not draws_text_lines(model, options):
+        raise SpaError(f"image mean / std (--image-mean / --image-std) have no effect with calibration {source} on this "
+                       "model: they normalise image files, and the text lines generated for a text recognizer (one "
+                       "with a character dictionary: --charset)")
     rng = np.random.default_rng(options.seed)
     if source == "synthetic":
         return plan.generated(rng)

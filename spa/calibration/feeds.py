@@ -132,13 +132,16 @@ class _Plan:
             c, (h, w) = LAYOUT_AXES[layout]
             missing = [a for a in (h, w) if a in unknown]
             if missing:
+                lines = text_lines.dictionary(self.model, self.options.charset) is not None
+                sizes = dict(zip((h, w), text_lines.LINE_SIZE)) if lines else {}
                 for a in missing:
-                    shape[a] = DEFAULT_IMAGE
+                    shape[a] = sizes.get(a, DEFAULT_IMAGE)
                 what = "height/width" if len(missing) == 2 else ("height" if missing[0] == h else "width")
                 image = "x".join(str(shape[a]) for a in ((c, h, w) if layout == "nchw" else (h, w, c)))
                 hint = _hint(inp.name, shape, {h: "H", w: "W"})
+                size = ", the text-line size of PaddleOCR's recognizers" if lines else ""
                 self.say(f"calibration: input '{inp.name}' has no declared {what}; synthetic images are "
-                         f"{image} (set --input-shape {hint})")
+                         f"{image}{size} (set --input-shape {hint})")
                 unknown = [k for k in unknown if k not in missing]
         if inp.is_float and len(shape) == 3 and 2 in unknown:
             shape[2] = DEFAULT_SIGNAL

@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import SpaError
 
 METADATA_KEY = "character"
+LINE_SIZE = (48, 320)  # height, width of PaddleOCR v3/v4 recognizers' inputs: where a text recognizer declares none
 FONT_SIZES = tuple(range(12, 42, 2))  # pixels; lines are resized to the model's height afterwards
 MIN_CONTRAST = 80                     # grey levels between ink and background
 MAX_WORDS = 6

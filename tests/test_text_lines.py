@@ -78,6 +78,16 @@ def test_text_lines_follow_the_layout_the_seed_and_a_given_normalisation():
     assert unit.min() >= 0 and unit.max() <= 1
 
 
+def test_the_share_of_text_lines_is_the_calibrations_to_set():
+    model = _recognizer()
+    for share, lines in ((1.0, 16), (0.25, 4), (0.0, 0)):
+        x = _batches(model, shapes={"input": (1, 3, 32, 64)}, line_share=share)[0]["input"]
+        standardised = np.isclose(x.std(axis=(1, 2, 3)), 1, atol=1e-3) & np.isclose(x.mean(axis=(1, 2, 3)), 0, atol=1e-4)
+        assert int((~standardised).sum()) == lines
+    with pytest.raises(SpaError, match="line share must be between 0 and 1"):
+        Calibration(line_share=1.5).check()
+
+
 def test_charset_none_or_no_dictionary_leaves_noise_images():
     for model, charset in ((_recognizer(), "none"), (_recognizer(None), None)):
         messages = []
@@ -118,7 +128,9 @@ def test_cli_charset_flag(tmp_path, capsys, command):
     target = ["--ratio", "0.5"] if command == "prune" else ["--pattern", "2:4"]
     base = [command, str(model), "-o", str(tmp_path / "out.onnx"), *target, "--input-shape", "1x3x32x64"]
     assert main(base + ["--charset", str(keys), "--calibration-samples", "16"]) == 0
-    assert "text lines, random words in the 6 characters of the dictionary" in capsys.readouterr().err
+    share = "50%" if command == "prune" else "75%"  # OBS 2:4 masks take more lines (spa.sparse_obs)
+    said = capsys.readouterr().err
+    assert f"{share} of each synthetic image batch is text lines, random words in the 6 characters" in said, said
     for flags, message in ((["--charset", str(tmp_path / "nope.txt")], "no such file"),
                            (["--charset", str(keys), "--calibration", "none"], "--charset has no effect")):
         assert main(base + flags) == 2

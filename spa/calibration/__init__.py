@@ -119,7 +119,8 @@ class Calibration:
     dim name: size}; tokenizer: tokenizer.json or a directory holding one (.txt sources; generated
     sources: synthetic token ids shaped like its sentences);
     image_size: (H, W); mean/std: per channel (or one value); layout: "nchw" / "nhwc";
-    resize: "stretch" / "pad"; scaffold: the share of generated sentences written as English clauses
+    resize: "stretch" / "pad"; line_share: the share of a text recognizer's generated images that are
+    text lines (None: TEXT_LINE_SHARE); scaffold: the share of generated sentences written as English clauses
     (None: SCAFFOLD_SHARE; spa.pipeline's held-out sentences: all).
     samples None: DEFAULT_SAMPLES (spa.pipeline uses fewer for models
     whose forward pass is expensive, and says so). time_limit (seconds): "inverted" gives up with a
@@ -139,6 +140,7 @@ class Calibration:
     resize: str = "stretch"
     time_limit: float | None = None
     scaffold: float | None = None  # share of scaffolded token sequences (None: SCAFFOLD_SHARE)
+    line_share: float | None = None  # share of a text recognizer's generated images that are text lines
     tokenizer_found: bool = False  # `tokenizer` was found beside the model, not given (`with_tokenizer`)
     charset: str | None = None  # text lines' dictionary file; "none": noise images; None: the model's metadata
 
@@ -176,8 +178,10 @@ class Calibration:
             raise SpaError("calibration tokenizer must be a path")
         if self.charset is not None and not isinstance(self.charset, (str, os.PathLike)):
             raise SpaError("calibration charset must be a path or 'none'")
-        if self.scaffold is not None and not (isinstance(self.scaffold, (int, float)) and 0 <= self.scaffold <= 1):
-            raise SpaError(f"calibration scaffold share must be between 0 and 1, got {self.scaffold!r}")
+        for field in ("scaffold", "line_share"):
+            share = getattr(self, field)
+            if share is not None and not (isinstance(share, (int, float)) and 0 <= share <= 1):
+                raise SpaError(f"calibration {field.replace('_', ' ')} must be between 0 and 1, got {share!r}")
         return self
 
 

@@ -256,14 +256,17 @@ class _Plan:
                     self.say(f"calibration: noise images, not text lines in the characters of {where}: "
                              f"{first_line(exc, 200)}")
                     return self._alphabet
-                self.say(f"calibration: {TEXT_LINE_SHARE:.0%} of each synthetic image batch is text lines, random "
+                self.say(f"calibration: {self.line_share():.0%} of each synthetic image batch is text lines, random "
                          f"words in the {len(self._alphabet)} characters of {where} ({len(chars)} in all) that "
                          "Pillow's built-in font draws, dark on light and light on dark; the rest noise images "
                          "(--charset none: noise only)")
         return self._alphabet
 
+    def line_share(self) -> float:
+        return TEXT_LINE_SHARE if self.options.line_share is None else self.options.line_share
+
     def text_line_images(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
-        """`shape`'s batch: TEXT_LINE_SHARE of it text lines, the rest noise images (`natural_noise`;
+        """`shape`'s batch: `line_share` of it text lines, the rest noise images (`natural_noise`;
         lines alone lost the PP-OCRv4 recognizer its light-on-dark codes, noise alone its
         in-distribution lines: docs/obspa.md). Each line resized to the input's height keeping its aspect and
         right-padded with 0 to its width after normalising (PaddleOCR's resize_norm_img), mean 0.5 and
@@ -277,13 +280,12 @@ class _Plan:
                      "0.5 (set --image-mean / --image-std)")
         mean = _per_channel(self.options.mean, (0.5,) * 3, channels, "mean")
         std = _per_channel(self.options.std, (0.5,) * 3, channels, "std")
-        noise = int(round(shape[0] * (1 - TEXT_LINE_SHARE)))
+        noise = int(round(shape[0] * (1 - self.line_share())))
         images = text_lines.lines(rng, shape[0] - noise, self._alphabet, channels)
-        x = np.stack([_fitted(im, shape[h], shape[w], channels, "pad", mean, std) for im in images])
+        lines = [_fitted(im, shape[h], shape[w], channels, "pad", mean, std) for im in images]
+        x = np.stack(lines) if lines else np.zeros((0, shape[h], shape[w], channels), np.float32)
         x = x.transpose(0, 3, 1, 2) if layout == "nchw" else x
-        if noise:
-            x = np.concatenate([natural_noise(rng, (noise,) + tuple(shape[1:]), c, (h, w), DEAD_LEAVES_SHARE), x])
-        return x
+        return np.concatenate([natural_noise(rng, (noise,) + tuple(shape[1:]), c, (h, w), DEAD_LEAVES_SHARE), x])
 
     # data --------------------------------------------------------------------------------------
     def sample_count(self, available: int, what: str) -> int:

@@ -136,10 +136,10 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-length", metavar="N", help="longest calibration token sequence (default 128)")
     pr.add_argument("--image-size", metavar="HxW", help="calibration images are resized to this (default: the model's)")
     pr.add_argument("--image-mean", metavar="a,b,c",
-                    help="calibration image mean after scaling to [0, 1] (default ImageNet's; text lines of a "
-                         "--charset: PaddleOCR's 0.5)")
+                    help="calibration image mean after scaling to [0, 1] (default ImageNet's; a text recognizer's "
+                         "generated text lines: PaddleOCR's 0.5)")
     pr.add_argument("--image-std", metavar="a,b,c",
-                    help="calibration image std (default ImageNet's; text lines of a --charset: 0.5)")
+                    help="calibration image std (default ImageNet's; a text recognizer's text lines: 0.5)")
     pr.add_argument("--image-layout", metavar="nchw|nhwc", help="calibration image layout (default: from the model)")
     pr.add_argument("--image-resize", metavar="stretch|pad",
                     help="stretch to HxW (default) or pad: keep the aspect ratio at height H, right-pad to W")

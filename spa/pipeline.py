@@ -506,8 +506,8 @@ def default_source(model: onnx.ModelProto, cal: Calibration, progress=_quiet) ->
     if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
         return synthetic
     if draws_text_lines(model, cal):
-        progress("calibration: synthetic, half of it text lines in the model's characters (not inverted from its "
-                 "BatchNorm statistics: docs/obspa.md)")
+        progress("calibration: synthetic, text lines in the model's characters among its images (not inverted from "
+                 "its BatchNorm statistics: docs/obspa.md)")
         return synthetic
     if not any(is_float(dtype) for _, _, dtype in declared_inputs(model)):
         return synthetic

@@ -36,11 +36,11 @@ REFIT_TOLERANCE = 1e-10  # ... or fewer, once every row's preconditioned residua
 # 0.828 / 0.827, 1024 0.847 / 0.848 / 0.844 mean cosine (512 0.843, 2048 0.849); 16 -> 21 s. Images keep 128 for
 # OBS masks (the recognizer at 2:4 with 512: 0.400 exact lines against 0.675), though obspa's channel compensation
 # gains from 512 (spa.pipeline.OBSPA_SAMPLES)
+TOKEN_SAMPLES = SampleDefault("tokens", 1024, 1.5e12, "OBS sparsity masks of a token model improve with more "
+                              "sentences: MiniLM at 2:4 0.823 -> 0.847 mean cosine")  # 1.5 TMACs: 5 s more on MiniLM
 # a text recognizer's generated images: text lines in three of four (OBSPA's channel removal: half); the
 # PP-OCRv4 recognizer at 2:4, seeds 0-2, exact lines in / shifted: 0.975 / 0.886 against 0.925 / 0.831
 MASK_LINE_SHARE = 0.75
-TOKEN_SAMPLES = SampleDefault("tokens", 1024, 1.5e12, "OBS sparsity masks of a token model improve with more "
-                              "sentences: MiniLM at 2:4 0.823 -> 0.847 mean cosine")  # 1.5 TMACs: 5 s more on MiniLM
 
 
 # ---------------------------------------------------------------------------------------------

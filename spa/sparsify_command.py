@@ -38,9 +38,9 @@ def add_parser(sub) -> None:
                     help="as spa prune: tokenises a .txt --calibration, shapes generated token ids like its sentences "
                          "(default: a tokenizer.json beside the model, announced; 'none': without one)")
     sp.add_argument("--charset", metavar="PATH",
-                    help="as spa prune: a text recognizer's dictionary; generated image batches are half text "
-                         "lines of its characters (default: the dictionary in a PaddleOCR export's metadata, "
-                         "announced; 'none': noise images only)")
+                    help="as spa prune: a text recognizer's dictionary; three quarters of each generated image "
+                         "batch are text lines of its characters (default: the dictionary in a PaddleOCR export's "
+                         "metadata, announced; 'none': noise images only)")
     sp.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224",
                     help="input sizes: of generated calibration inputs (--criterion obs) and of the inputs the "
                          "output is verified on (symbolic sizes otherwise 32)")
@@ -108,7 +108,7 @@ def command(args, say) -> int:
 
 
 def calibration_of(args):
-    """--calibration, --calibration-samples, --tokenizer and --input-shape as a spa.calibration.Calibration
+    """--calibration, --calibration-samples, --tokenizer, --charset and --input-shape as a spa.calibration.Calibration
     (None: the default, 'auto', where no tokenizer.json sits beside the model); refused with criterion
     l1 and no --recover, which read no inputs (but for --input-shape, which also sizes the verification)."""
     from .calibration import TEXT_LINE_SOURCES, Calibration, looking_beside, source_kind

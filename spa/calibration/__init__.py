@@ -11,8 +11,9 @@ Sources (the `--calibration` string):
 - ``synthetic`` (default, needs no data): image-like float inputs and [N, C, L] signals get 1/f
   noise (natural images' spectrum, `natural_noise`; a quarter of every batch `dead_leaves`
   instead), zero mean and unit variance (what a normalised input looks like); a text recognizer's
-  images (the model carries its dictionary in its metadata, or `charset` names one): half text
-  lines in its characters (`spa.calibration.text_lines`), normalised with PaddleOCR's mean and
+  images (the model carries its dictionary in its metadata, or `charset` names one): `line_share`
+  of each batch (half by default) text lines in its characters (`spa.calibration.text_lines`), the
+  rest noise as above, normalised with PaddleOCR's mean and
   std 0.5 unless `mean`/`std` say otherwise, right-padded like ``resize="pad"`` images; other float
   inputs ~ N(0, 1); integer inputs: names containing ``mask`` get ones, ``token_type``/``segment``
   zeros, ``position`` 0..T-1, token ids are uniform below the vocabulary size read from the

@@ -179,10 +179,10 @@ class Calibration:
             raise SpaError("calibration tokenizer must be a path")
         if self.charset is not None and not isinstance(self.charset, (str, os.PathLike)):
             raise SpaError("calibration charset must be a path or 'none'")
-        for field in ("scaffold", "line_share"):
+        for field, what in (("scaffold", "scaffold share"), ("line_share", "line share")):
             share = getattr(self, field)
             if share is not None and not (isinstance(share, (int, float)) and 0 <= share <= 1):
-                raise SpaError(f"calibration {field.replace('_', ' ')} must be between 0 and 1, got {share!r}")
+                raise SpaError(f"calibration {what} must be between 0 and 1, got {share!r}")
         return self
 
 

@@ -45,6 +45,7 @@ def test_the_dictionary_comes_from_the_metadata_a_file_or_nowhere(tmp_path):
     assert text_lines.dictionary(model, str(keys)) == (["x", "y"], f"the dictionary {keys}")
     assert text_lines.dictionary(model, "none") is None
     assert text_lines.dictionary(_recognizer(None), None) is None
+    assert text_lines.dictionary(_recognizer(" \n\n"), None) is None  # an empty entry: no dictionary
 
 
 def test_only_characters_the_font_draws_are_drawn():

@@ -27,7 +27,7 @@ MAX_WORD = 9
 
 def dictionary(model, charset: str | None) -> tuple[list, str] | None:
     """(characters, where they come from) for text lines: the file `charset` names (one character a
-    line), none where it is 'none', else the model's metadata entry 'character' where it has one."""
+    line), none where it is 'none', else the model's metadata entry 'character' where it holds any."""
     if charset is not None and str(charset).strip().lower() == "none":
         return None
     if charset is not None:
@@ -44,9 +44,11 @@ def dictionary(model, charset: str | None) -> tuple[list, str] | None:
             return None
         chars, where = meta[METADATA_KEY].splitlines(), f"the model's metadata '{METADATA_KEY}'"
     chars = [c for c in dict.fromkeys(chars) if len(c) == 1 and c.strip()]
-    if not chars:
-        raise SpaError(f"charset: {where} holds no characters (one character a line)")
-    return chars, where
+    if chars:
+        return chars, where
+    if charset is None:
+        return None  # metadata without characters: no dictionary, nothing asked for
+    raise SpaError(f"charset: {where} holds no characters (one character a line)")
 
 
 @functools.lru_cache(maxsize=1)

@@ -384,7 +384,7 @@ __all__ = [
     # shapes
     "user_shapes", "shared_shapes", "generated_token_lengths", "vocabulary_size", "position_limit",
     "DEFAULT_SEQUENCE", "DEFAULT_IMAGE", "DEFAULT_SIGNAL", "MIN_TOKENS", "MAX_SIGNAL_CHANNELS", "LAYOUT_AXES",
-    # plan
+    # feeds
     "SCAFFOLD_SHARE", "DEAD_LEAVES_SHARE", "TEXT_LINE_SHARE",
     # synthetic
     "natural_noise", "dead_leaves", "out_of_distribution", "NATURAL_SLOPES", "DEAD_LEAVES",
@@ -394,4 +394,6 @@ __all__ = [
     "from_path", "check_input_array", "check_static_dims", "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD",
     # text
     "from_text", "SyntheticVocabulary", "synthetic_vocabulary", "FREQUENT_SHARE", "SCAFFOLD_WORDS",
+    # text lines
+    "text_lines",
 ]

@@ -120,11 +120,7 @@ class Hessians:
         kept[0][block].append(np.asarray(rows, dtype=np.float32))
         kept[1] += len(rows) if block == 0 else 0
         if kept[1] > rows.shape[1]:  # as many rows as columns: H is the smaller form now
-            total = obs.HessianSum(rows.shape[1], blocks)
-            for b, parts in enumerate(kept[0]):
-                for part in parts:
-                    total.add(part, b, count=b == 0)
-            self.full[key] = total
+            self.full[key] = _summed(kept[0])
             del self.rows[key]
 
     def of(self, layer: Layer):
@@ -160,8 +156,17 @@ class Hessians:
             return None
         n, m = self.count(layer), other.count(layer)
         if theirs[0] == "rows":
-            theirs = "full", np.stack([2.0 * (r.T @ r) / max(m, 1) for r in theirs[1][0]])
+            theirs = "full", _summed([[rows] for rows in theirs[1][0]]).matrix
         return "full", (n * mine[1] + m * theirs[1].astype(mine[1].dtype)) / max(n + m, 1)
+
+
+def _summed(parts: list) -> obs.HessianSum:
+    """The HessianSum of kept rows: [row arrays] per block."""
+    total = obs.HessianSum(parts[0][0].shape[1], len(parts))
+    for b, arrays in enumerate(parts):
+        for rows in arrays:
+            total.add(rows, b, count=b == 0)
+    return total
 
 
 def held_error(mats: np.ndarray, new: np.ndarray, held, columns=None) -> float:

@@ -49,7 +49,7 @@ def test_the_dictionary_comes_from_the_metadata_a_file_or_nowhere(tmp_path):
 
 
 def test_only_characters_the_font_draws_are_drawn():
-    assert text_lines.drawable(["a", "K", "7", "-", "中", " "]) == ["a", "K", "7", "-"]
+    assert text_lines.drawable(("a", "K", "7", "-", "中", " ")) == ["a", "K", "7", "-"]
 
 
 def test_half_of_each_generated_batch_is_text_lines_normalised_like_paddleocr():

@@ -5,6 +5,7 @@ batches.
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -132,7 +133,7 @@ class _Plan:
             c, (h, w) = LAYOUT_AXES[layout]
             missing = [a for a in (h, w) if a in unknown]
             if missing:
-                lines = text_lines.dictionary(self.model, self.options.charset) is not None
+                lines = self.dictionary is not None
                 sizes = dict(zip((h, w), text_lines.LINE_SIZE)) if lines else {}
                 for a in missing:
                     shape[a] = sizes.get(a, DEFAULT_IMAGE)
@@ -237,17 +238,22 @@ class _Plan:
                  "sample")
         return natural_noise(rng, shape, *axes, dead_leaves_share=DEAD_LEAVES_SHARE)
 
+    @functools.cached_property
+    def dictionary(self) -> tuple[list, str] | None:
+        """`text_lines.dictionary` of the model and the charset option, read once."""
+        return text_lines.dictionary(self.model, self.options.charset)
+
     def text_alphabet(self) -> list:
         """The characters text lines are drawn from ([]: noise images): the dictionary of the charset
         option or of the model's metadata (`text_lines`), those the built-in font draws. Without
         Pillow the model's own dictionary gives way to noise images, announced; a named one is refused."""
         if self._alphabet is None:
-            found = text_lines.dictionary(self.model, self.options.charset)
+            found = self.dictionary
             self._alphabet = []
             if found is not None:
                 chars, where = found
                 try:
-                    self._alphabet = text_lines.drawable(chars)
+                    self._alphabet = text_lines.drawable(tuple(chars))
                     if not self._alphabet:
                         raise SpaError(f"the built-in font draws none of the {len(chars)} characters of {where}")
                 except SpaError as exc:

@@ -64,11 +64,14 @@ def fonts() -> tuple:
         raise SpaError(f"text lines need Pillow >= 10.1 with FreeType ({type(exc).__name__})") from None
 
 
-def drawable(chars: list) -> list:
-    """The characters the built-in font has a glyph for (not its missing-glyph box, not blank)."""
+@functools.lru_cache(maxsize=4)
+def drawable(chars: tuple) -> list:
+    """The characters the built-in font has a glyph for (not its missing-glyph box, not blank);
+    cached: every calibration plan of a model asks (the recognizer's 6622 cost 0.3 s)."""
     font = fonts()[-1]
     missing = {bytes(font.getmask(c)) for c in ("\uffff", "\U0010fffd")}
-    return [c for c in chars if c.strip() and font.getmask(c).size[0] > 0 and bytes(font.getmask(c)) not in missing]
+    masks = {c: font.getmask(c) for c in chars if c.strip()}
+    return [c for c, mask in masks.items() if mask.size[0] > 0 and bytes(mask) not in missing]
 
 
 def text(rng, alphabet: list) -> str:

@@ -116,6 +116,12 @@ def test_bad_charsets_are_one_line(tmp_path):
     cjk.write_text("中\n文\n", encoding="utf-8")
     with pytest.raises(SpaError, match="draws none of the 2 characters"):
         _batches(_recognizer(), shapes={"input": (1, 3, 32, 64)}, charset=str(cjk))
+    keys = tmp_path / "keys.txt"
+    keys.write_text(CHARACTERS, encoding="utf-8")
+    features = Builder(seed=6)
+    features.output(features.op("MatMul", [features.input(["batch", 8]), features.weight(8, 4)]))
+    with pytest.raises(SpaError, match="has no effect: the model has no image input of 1 or 3 channels"):
+        calibration_batches(features.model(), Calibration(source="synthetic", charset=str(keys)))
     with pytest.raises(SpaError, match="charset .* has no effect with calibration"):
         calibration_batches(_recognizer(), Calibration(source="bn", charset=str(cjk)))
 

@@ -324,10 +324,13 @@ def calibration_batches(model: onnx.ModelProto, calibration: Calibration | str |
     if options.tokenizer and is_generated(source) and not any(i.role == "ids" for i in plan.inputs):
         raise SpaError(f"tokenizer {options.tokenizer} has no effect: the model has no token-id input (an integer "
                        f"input indexing an embedding table), and calibration {source} reads no text")
-    if options.charset is not None and str(options.charset).strip().lower() != "none" and \
-            source not in TEXT_LINE_SOURCES:
+    named = options.charset is not None and str(options.charset).strip().lower() != "none"
+    if named and source not in TEXT_LINE_SOURCES:
         raise SpaError(f"charset {options.charset} has no effect with calibration {source}: it shapes the images "
                        f"that {' and '.join(TEXT_LINE_SOURCES[1:])} calibration generate as text lines")
+    if named and not draws_text_lines(model, options):
+        raise SpaError(f"charset {options.charset} has no effect: the model has no image input of 1 or 3 channels "
+                       "to draw text lines for")
     if (options.mean is not None or options.std is not None) and source in TEXT_LINE_SOURCES \
             and not draws_text_lines(model, options):
         raise SpaError(f"image mean / std (--image-mean / --image-std) have no effect with calibration {source} on this "

@@ -133,6 +133,10 @@ def parser() -> argparse.ArgumentParser:
                          "of each image batch is text lines of its characters drawn with Pillow's font. Default: the "
                          "dictionary a PaddleOCR export keeps in its metadata ('character'), announced; 'none': "
                          "noise images only")
+    pr.add_argument("--text-images", choices=("lines", "pages"),
+                    help="with generated calibration, half of each image batch is text drawn with Pillow's font: "
+                         "lines (a text recognizer's input; the default where there is a dictionary) or pages "
+                         "of lines (a text detector's); in the --charset characters, else Latin ones")
     pr.add_argument("--max-length", metavar="N", help="longest calibration token sequence (default 128)")
     pr.add_argument("--image-size", metavar="HxW", help="calibration images are resized to this (default: the model's)")
     pr.add_argument("--image-mean", metavar="a,b,c",

@@ -16,8 +16,8 @@ from onnx import external_data_helper
 
 from . import allocation as allocate
 from . import external_data, latency, obspa, plugins
-from .calibration import (DEFAULT_SAMPLES, Calibration, SampleDefault, calibration_batches, draws_text_lines,
-                          fresh_batches, is_generated, shared_shapes, with_tokenizer)
+from .calibration import (DEFAULT_SAMPLES, Calibration, SampleDefault, calibration_batches,
+                          fresh_batches, is_generated, shared_shapes, text_mode, with_tokenizer)
 from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
 from .cost import concrete_shapes, count_macs, count_params
 from .graph import weight_bytes
@@ -505,9 +505,10 @@ def default_source(model: onnx.ModelProto, cal: Calibration, progress=_quiet) ->
     synthetic = dataclasses.replace(cal, source="synthetic")
     if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
         return synthetic
-    if draws_text_lines(model, cal):
-        progress("calibration: synthetic, text lines in the model's characters among its images (not inverted from "
-                 "its BatchNorm statistics: docs/obspa.md)")
+    mode = text_mode(model, cal)
+    if mode:
+        progress(f"calibration: synthetic, text {mode} among its images (not inverted from its BatchNorm statistics: "
+                 "docs/obspa.md)")
         return synthetic
     if not any(is_float(dtype) for _, _, dtype in declared_inputs(model)):
         return synthetic

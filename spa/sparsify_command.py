@@ -8,7 +8,7 @@ from .errors import SpaError
 from .flags import recover_arg
 
 CALIBRATION_FLAGS = (("--calibration", "calibration"), ("--calibration-samples", "calibration_samples"),
-                     ("--tokenizer", "tokenizer"), ("--charset", "charset"),
+                     ("--tokenizer", "tokenizer"), ("--charset", "charset"), ("--text-images", "text_images"),
                      ("--input-shape", "input_shape"))  # --input-shape also sizes the verification
 
 
@@ -41,6 +41,9 @@ def add_parser(sub) -> None:
                     help="as spa prune: a text recognizer's dictionary; three quarters of each generated image "
                          "batch are text lines of its characters (default: the dictionary in a PaddleOCR export's "
                          "metadata, announced; 'none': noise images only)")
+    sp.add_argument("--text-images", choices=("lines", "pages"),
+                    help="as spa prune: generated image batches are partly text lines (a recognizer's input) or "
+                         "pages of lines (a detector's)")
     sp.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224",
                     help="input sizes: of generated calibration inputs (--criterion obs) and of the inputs the "
                          "output is verified on (symbolic sizes otherwise 32)")
@@ -108,7 +111,7 @@ def command(args, say) -> int:
 
 
 def calibration_of(args):
-    """--calibration, --calibration-samples, --tokenizer, --charset and --input-shape as a spa.calibration.Calibration
+    """--calibration, --calibration-samples, --tokenizer, --charset, --text-images and --input-shape as a Calibration
     (None: the default, 'auto', where no tokenizer.json sits beside the model); refused with criterion
     l1 and no --recover, which read no inputs (but for --input-shape, which also sizes the verification)."""
     from .calibration import TEXT_LINE_SOURCES, Calibration, looking_beside, source_kind
@@ -134,10 +137,11 @@ def calibration_of(args):
     if args.tokenizer is not None and kind not in ("generated", "text"):
         raise SpaError(f"--tokenizer has no effect with --calibration {args.calibration}: it tokenises a .txt "
                        "calibration file or shapes generated token ids")
-    if args.charset is not None and (args.calibration or "auto").strip() not in TEXT_LINE_SOURCES:
-        raise SpaError(f"--charset has no effect with --calibration {args.calibration}: it shapes the images "
-                       "synthetic and inverted calibration generate as text lines")
+    for flag, value in (("--charset", args.charset), ("--text-images", args.text_images)):
+        if value is not None and (args.calibration or "auto").strip() not in TEXT_LINE_SOURCES:
+            raise SpaError(f"{flag} has no effect with --calibration {args.calibration}: it shapes the images "
+                           "synthetic and inverted calibration generate as text lines or pages")
     options = Calibration(source=args.calibration or "auto", samples=args.calibration_samples,
-                          tokenizer=tokenizer, charset=charset_flag(args.charset),
+                          tokenizer=tokenizer, charset=charset_flag(args.charset), text_images=args.text_images,
                           shapes=parse_input_shapes(args.input_shape)).check()
     return options if none else looking_beside(options, args.model)

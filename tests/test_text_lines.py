@@ -1,11 +1,12 @@
 """Synthetic text lines for text recognizers: the model's own dictionary (metadata or --charset),
-half of each generated image batch, drawn only in characters the font has; bad charsets are one line."""
+half of each generated image batch, drawn only in characters the font has; bad charsets are one line.
+Pages of such lines for text detectors (text_images="pages", --text-images pages)."""
 import numpy as np
 import onnx
 import pytest
 
 from builder import Builder
-from spa.calibration import Calibration, calibration_batches, draws_text_lines, text_lines
+from spa.calibration import IMAGENET_MEAN, IMAGENET_STD, Calibration, calibration_batches, text_lines, text_mode
 from spa.cli import main
 from spa.errors import SpaError
 
@@ -100,7 +101,7 @@ def test_charset_none_or_no_dictionary_leaves_noise_images():
 def test_auto_calibration_of_a_recognizer_with_batchnorm_is_synthetic_text_lines():
     from spa.pipeline import default_source
     model, said = _recognizer(batchnorm=True), []
-    assert draws_text_lines(model, Calibration()) and not draws_text_lines(model, Calibration(charset="none"))
+    assert text_mode(model, Calibration()) and not text_mode(model, Calibration(charset="none"))
     assert default_source(model, Calibration(), said.append).source == "synthetic"
     assert "text lines" in said[0]
 
@@ -160,3 +161,71 @@ def test_image_mean_and_std_with_generated_inputs_only_for_text_lines():
         _batches(_recognizer(None), shapes={"input": (1, 3, 32, 64)}, mean=0.0)
     with pytest.raises(SpaError, match="have no effect with calibration synthetic"):
         _batches(_recognizer(), shapes={"input": (1, 3, 32, 64)}, std=2.0, charset="none")
+
+
+def _detector(height="height", width="width", batchnorm=False):
+    """An [N, 3, H, W] image model -> Conv (-> BN) -> Sigmoid: a text detector's probability map, no dictionary."""
+    b = Builder(seed=7)
+    y = b.conv(b.input(["batch", 3, height, width]), 3, 4)
+    if batchnorm:
+        y = b.bn(y, 4)
+    b.output(b.op("Sigmoid", [b.conv(b.op("Relu", [y]), 4, 1)]))
+    return b.model()
+
+
+def test_a_page_is_lines_of_ink_on_a_plain_background():
+    rng = np.random.default_rng(0)
+    page = text_lines.page(rng, 96, 128, list("abcXYZ123"))
+    assert page.mode == "RGB" and page.size == (128, 96)
+    grey = np.asarray(page, np.float32).mean(axis=2)
+    assert np.ptp(grey) >= text_lines.MIN_CONTRAST / 2  # ink (and line backgrounds) on the page
+    assert text_lines.page(rng, 40, 50, list("ab"), channels=1).mode == "L"
+
+
+def test_pages_for_a_detector_half_of_each_batch_in_latin_normalised_like_imagenet():
+    messages = []
+    x = _batches(_detector(), messages, text_images="pages", shapes={"input": (1, 3, 64, 96)})[0]["input"]
+    assert x.shape == (16, 3, 64, 96)
+    noise, pages = x[:8], x[8:]
+    assert np.allclose(noise.std(axis=(2, 3)), 1, atol=1e-3)
+    pixels = pages * np.array(IMAGENET_STD)[:, None, None] + np.array(IMAGENET_MEAN)[:, None, None]
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5 and all(np.ptp(p) > 0.3 for p in pixels)
+    assert any("pages of text lines" in m and "94 characters of Latin letters" in m for m in messages), messages
+    assert any("ImageNet's mean/std" in m for m in messages), messages
+    with_keys = _batches(_recognizer(), text_images="pages", shapes={"input": (1, 3, 32, 64)}, messages=messages)
+    assert with_keys[0]["input"].shape == (16, 3, 32, 64)
+    assert any("pages of text lines" in m and "6 characters of the model's metadata" in m for m in messages), messages
+
+
+def test_a_detector_without_a_declared_size_gets_640x640_pages_and_is_not_inverted():
+    from spa.pipeline import default_source
+    messages = []
+    cal = Calibration(source="synthetic", samples=2, batch_size=2, text_images="pages")
+    assert calibration_batches(_detector(), cal, progress=messages.append)[0]["input"].shape == (2, 3, 640, 640)
+    assert any("3x640x640, a text page" in m for m in messages), messages
+    assert _batches(_detector())[0]["input"].shape == (16, 3, 224, 224)  # no text asked for: noise at 224
+    model, said = _detector(batchnorm=True), []
+    assert text_mode(model, Calibration(text_images="pages")) == "pages" and not text_mode(model, Calibration())
+    assert default_source(model, Calibration(text_images="pages"), said.append).source == "synthetic"
+    assert "text pages" in said[0]
+
+
+def test_lines_asked_for_without_a_dictionary_are_latin():
+    messages = []
+    x = _batches(_recognizer(None), messages, text_images="lines", shapes={"input": (1, 3, 32, 64)})[0]["input"]
+    assert np.all(x[8:].min(axis=(1, 2, 3)) >= -1)
+    assert any("text lines" in m and "Latin letters" in m for m in messages), messages
+
+
+def test_bad_text_images_are_one_line():
+    with pytest.raises(SpaError, match="text images must be one of lines, pages"):
+        Calibration(text_images="words").check()
+    with pytest.raises(SpaError, match="text images pages and charset none contradict"):
+        Calibration(text_images="pages", charset="none").check()
+    features = Builder(seed=6)
+    features.output(features.op("MatMul", [features.input(["batch", 8]), features.weight(8, 4)]))
+    with pytest.raises(SpaError, match="text images pages has no effect: the model has no image input"):
+        calibration_batches(features.model(), Calibration(source="synthetic", text_images="pages"))
+    with pytest.raises(SpaError, match="text images lines has no effect with calibration bn"):
+        calibration_batches(_detector(batchnorm=True), Calibration(source="bn", text_images="lines"))
+    _batches(_detector(), shapes={"input": (1, 3, 32, 32)}, text_images="pages", mean=0.5)  # normalises pages

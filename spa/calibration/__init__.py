@@ -14,7 +14,9 @@ Sources (the `--calibration` string):
   images (the model carries its dictionary in its metadata, or `charset` names one): `line_share`
   of each batch (half by default) text lines in its characters (`spa.calibration.text_lines`), the
   rest noise as above, normalised with PaddleOCR's mean and
-  std 0.5 unless `mean`/`std` say otherwise, right-padded like ``resize="pad"`` images; other float
+  std 0.5 unless `mean`/`std` say otherwise, right-padded like ``resize="pad"`` images; a text
+  detector's (`text_images="pages"`): pages of such lines (Latin characters without a dictionary),
+  normalised with ImageNet's mean and std unless `mean`/`std` say otherwise; other float
   inputs ~ N(0, 1); integer inputs: names containing ``mask`` get ones, ``token_type``/``segment``
   zeros, ``position`` 0..T-1, token ids are uniform below the vocabulary size read from the
   embedding table they index (a Gather on a constant), or, given a ``tokenizer``, sentences shaped
@@ -120,8 +122,9 @@ class Calibration:
     dim name: size}; tokenizer: tokenizer.json or a directory holding one (.txt sources; generated
     sources: synthetic token ids shaped like its sentences);
     image_size: (H, W); mean/std: per channel (or one value); layout: "nchw" / "nhwc";
-    resize: "stretch" / "pad"; line_share: the share of a text recognizer's generated images that are
-    text lines (None: TEXT_LINE_SHARE); scaffold: the share of generated sentences written as English clauses
+    resize: "stretch" / "pad"; line_share: the share of a text model's generated images that are
+    text lines or pages (None: TEXT_LINE_SHARE); text_images: "lines" / "pages" (None: lines where the
+    model or charset gives a character dictionary); scaffold: the share of generated sentences written as English clauses
     (None: SCAFFOLD_SHARE; spa.pipeline's held-out sentences: all).
     samples None: DEFAULT_SAMPLES (spa.pipeline uses fewer for models
     whose forward pass is expensive, and says so). time_limit (seconds): "inverted" gives up with a
@@ -144,6 +147,7 @@ class Calibration:
     line_share: float | None = None  # share of a text recognizer's generated images that are text lines
     tokenizer_found: bool = False  # `tokenizer` was found beside the model, not given (`with_tokenizer`)
     charset: str | None = None  # text lines' dictionary file; "none": noise images; None: the model's metadata
+    text_images: str | None = None  # "lines" / "pages" (text_lines.MODES); None: lines where there is a dictionary
 
     def check(self) -> "Calibration":
         if not isinstance(self.source, str):
@@ -179,6 +183,11 @@ class Calibration:
             raise SpaError("calibration tokenizer must be a path")
         if self.charset is not None and not isinstance(self.charset, (str, os.PathLike)):
             raise SpaError("calibration charset must be a path or 'none'")
+        if self.text_images is not None and self.text_images not in text_lines.MODES:
+            raise SpaError(f"calibration text images must be one of {', '.join(text_lines.MODES)}, "
+                           f"got {self.text_images!r}")
+        if self.text_images is not None and text_lines.off(self.charset):
+            raise SpaError(f"calibration text images {self.text_images} and charset none contradict each other")
         for field, what in (("scaffold", "scaffold share"), ("line_share", "line share")):
             share = getattr(self, field)
             if share is not None and not (isinstance(share, (int, float)) and 0 <= share <= 1):
@@ -293,12 +302,16 @@ def with_tokenizer(model: onnx.ModelProto, options: Calibration, progress=_quiet
     return dataclasses.replace(options, tokenizer_found=False)
 
 
-def draws_text_lines(model: onnx.ModelProto, options: Calibration) -> bool:
-    """Whether generated calibration draws text lines for the model: it has a character dictionary
-    (`options.charset`, or its metadata) and an image input of 1 or 3 channels."""
-    if text_lines.dictionary(model, options.charset) is None:
-        return False
-    return any(_image_layout(_Input(n, d, t), list(d)) for n, d, t in declared_inputs(model))
+def text_mode(model: onnx.ModelProto, options: Calibration) -> str | None:
+    """What generated calibration draws for the model's images: "lines" or "pages" (`options.text_images`;
+    without it lines where there is a character dictionary: `options.charset`, or the model's metadata),
+    None for noise (charset 'none', or no image input of 1 or 3 channels)."""
+    if text_lines.off(options.charset):
+        return None
+    mode = options.text_images or ("lines" if text_lines.dictionary(model, options.charset) else None)
+    if mode and any(_image_layout(_Input(n, d, t), list(d)) for n, d, t in declared_inputs(model)):
+        return mode
+    return None
 
 
 def calibration_batches(model: onnx.ModelProto, calibration: Calibration | str | None = "synthetic",
@@ -324,18 +337,19 @@ def calibration_batches(model: onnx.ModelProto, calibration: Calibration | str |
     if options.tokenizer and is_generated(source) and not any(i.role == "ids" for i in plan.inputs):
         raise SpaError(f"tokenizer {options.tokenizer} has no effect: the model has no token-id input (an integer "
                        f"input indexing an embedding table), and calibration {source} reads no text")
-    named = options.charset is not None and str(options.charset).strip().lower() != "none"
+    named = [f"{what} {value}" for what, value in (("charset", options.charset), ("text images", options.text_images))
+             if value is not None and not text_lines.off(value)]
     if named and source not in TEXT_LINE_SOURCES:
-        raise SpaError(f"charset {options.charset} has no effect with calibration {source}: it shapes the images "
-                       f"that {' and '.join(TEXT_LINE_SOURCES[1:])} calibration generate as text lines")
-    if named and not draws_text_lines(model, options):
-        raise SpaError(f"charset {options.charset} has no effect: the model has no image input of 1 or 3 channels "
-                       "to draw text lines for")
+        raise SpaError(f"{named[0]} has no effect with calibration {source}: it shapes the images "
+                       f"that {' and '.join(TEXT_LINE_SOURCES[1:])} calibration generate as text lines or pages")
+    if named and not text_mode(model, options):
+        raise SpaError(f"{named[0]} has no effect: the model has no image input of 1 or 3 channels "
+                       "to draw text for")
     if (options.mean is not None or options.std is not None) and source in TEXT_LINE_SOURCES \
-            and not draws_text_lines(model, options):
+            and not text_mode(model, options):
         raise SpaError(f"image mean / std (--image-mean / --image-std) have no effect with calibration {source} on this "
-                       "model: they normalise image files, and the text lines generated for a text recognizer (one "
-                       "with a character dictionary: --charset)")
+                       "model: they normalise image files, and the text lines or pages generated for a text "
+                       "recognizer or detector (--charset, --text-images)")
     rng = np.random.default_rng(options.seed)
     if source == "synthetic":
         return plan.generated(rng)
@@ -382,7 +396,7 @@ def fresh_batches(model: onnx.ModelProto, calibration: Calibration, progress=_qu
 __all__ = [
     # this module: the options and the source dispatch
     "Calibration", "SampleDefault", "calibration_batches", "fresh_batches", "is_generated", "source_kind",
-    "tokenizer_beside", "looking_beside", "asked", "with_tokenizer", "draws_text_lines",
+    "tokenizer_beside", "looking_beside", "asked", "with_tokenizer", "text_mode",
     "DEFAULT_SAMPLES", "FRESH_TOKENS", "TEXT_LINE_SOURCES", "RESIZE_MODES", "LAYOUTS",
     # shapes
     "user_shapes", "shared_shapes", "generated_token_lengths", "vocabulary_size", "position_limit",

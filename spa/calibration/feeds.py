@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import SpaError, first_line
 from ..runtime import declared_inputs
 from . import text_lines
-from .files import _fitted, _per_channel
+from .files import IMAGENET_MEAN, IMAGENET_STD, _fitted, _per_channel
 from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MIN_TOKENS, TOKENS,
                      _checked_shapes, _hint, _image_layout, _Input, _spatial_axes, position_limit, vocabulary_size)
 from .synthetic import _integer_input, natural_noise
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 SCAFFOLD_SHARE = 0.25      # of generated token sequences: clauses of English function words (SyntheticVocabulary)
 DEAD_LEAVES_SHARE = 0.25   # of every synthetic image / signal batch: dead leaves (the rest 1/f noise)
-TEXT_LINE_SHARE = 0.5      # of a text recognizer's synthetic image batches: text lines (the rest noise images)
+TEXT_LINE_SHARE = 0.5      # of a text model's synthetic image batches: text lines or pages (the rest noise images)
 
 
 class _Plan:
@@ -133,14 +133,16 @@ class _Plan:
             c, (h, w) = LAYOUT_AXES[layout]
             missing = [a for a in (h, w) if a in unknown]
             if missing:
-                lines = self.dictionary is not None
-                sizes = dict(zip((h, w), text_lines.LINE_SIZE)) if lines else {}
+                mode = self.text_mode
+                text_size = {"lines": text_lines.LINE_SIZE, "pages": text_lines.PAGE_SIZE}.get(mode)
+                sizes = dict(zip((h, w), text_size)) if text_size else {}
                 for a in missing:
                     shape[a] = sizes.get(a, DEFAULT_IMAGE)
                 what = "height/width" if len(missing) == 2 else ("height" if missing[0] == h else "width")
                 image = "x".join(str(shape[a]) for a in ((c, h, w) if layout == "nchw" else (h, w, c)))
                 hint = _hint(inp.name, shape, {h: "H", w: "W"})
-                size = ", the text-line size of PaddleOCR's recognizers" if lines else ""
+                size = {"lines": ", the text-line size of PaddleOCR's recognizers",
+                        "pages": ", a text page (PaddleOCR's detectors take multiples of 32)"}.get(mode, "")
                 self.say(f"calibration: input '{inp.name}' has no declared {what}; synthetic images are "
                          f"{image}{size} (set --input-shape {hint})")
                 unknown = [k for k in unknown if k not in missing]
@@ -225,13 +227,13 @@ class _Plan:
         return self._vocabulary.draw(shape, rng, share).astype(inp.dtype)
 
     def float_noise(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
-        """Text lines for a text recognizer's image input (`text_line_images`), natural-image noise for
-        other image-like and [N, C, L] signal inputs, N(0, 1) for the rest."""
+        """Text lines or pages for a text recognizer's or detector's image input (`text_images`),
+        natural-image noise for other image-like and [N, C, L] signal inputs, N(0, 1) for the rest."""
         axes = _spatial_axes(inp, shape)
         if not axes:
             return rng.standard_normal(shape)
         if len(axes[1]) == 2 and shape[axes[0]] in (1, 3) and self.text_alphabet():
-            return self.text_line_images(inp, shape, rng)
+            return self.text_images(inp, shape, rng)
         self.say(f"calibration: synthetic inputs for '{inp.name}' are 1/f noise (the spectrum of natural images "
                  f"and signals), {DEAD_LEAVES_SHARE:.0%} of each batch dead leaves (grey discs or intervals over "
                  "each other: the flat regions and sharp edges of natural ones), zero mean and unit variance per "
@@ -243,12 +245,22 @@ class _Plan:
         """`text_lines.dictionary` of the model and the charset option, read once."""
         return text_lines.dictionary(self.model, self.options.charset)
 
+    @functools.cached_property
+    def text_mode(self) -> str | None:
+        """"lines" / "pages" where generated images are drawn with text, else None (`spa.calibration.text_mode`)."""
+        if text_lines.off(self.options.charset):
+            return None
+        return self.options.text_images or ("lines" if self.dictionary is not None else None)
+
     def text_alphabet(self) -> list:
-        """The characters text lines are drawn from ([]: noise images): the dictionary of the charset
-        option or of the model's metadata (`text_lines`), those the built-in font draws. Without
-        Pillow the model's own dictionary gives way to noise images, announced; a named one is refused."""
+        """The characters text lines or pages are drawn from ([]: noise images): the dictionary of the
+        charset option or of the model's metadata (`text_lines`), those the built-in font draws; Latin
+        letters, digits and punctuation for text images asked for without a dictionary. Without
+        Pillow the model's own dictionary gives way to noise images, announced; text asked for is refused."""
         if self._alphabet is None:
             found = self.dictionary
+            if found is None and self.text_mode:
+                found = list(text_lines.LATIN), "Latin letters, digits and punctuation (no character dictionary)"
             self._alphabet = []
             if found is not None:
                 chars, where = found
@@ -257,12 +269,13 @@ class _Plan:
                     if not self._alphabet:
                         raise SpaError(f"the built-in font draws none of the {len(chars)} characters of {where}")
                 except SpaError as exc:
-                    if self.options.charset is not None:
+                    if self.options.charset is not None or self.options.text_images is not None:
                         raise
                     self.say(f"calibration: noise images, not text lines in the characters of {where}: "
                              f"{first_line(exc, 200)}")
                     return self._alphabet
-                self.say(f"calibration: {self.line_share():.0%} of each synthetic image batch is text lines, random "
+                what = "pages of text lines" if self.text_mode == "pages" else "text lines"
+                self.say(f"calibration: {self.line_share():.0%} of each synthetic image batch is {what}, random "
                          f"words in the {len(self._alphabet)} characters of {where} ({len(chars)} in all) that "
                          "Pillow's built-in font draws, dark on light and light on dark; the rest noise images "
                          "(--charset none: noise only)")
@@ -271,25 +284,35 @@ class _Plan:
     def line_share(self) -> float:
         return TEXT_LINE_SHARE if self.options.line_share is None else self.options.line_share
 
-    def text_line_images(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
-        """`shape`'s batch: `line_share` of it text lines, the rest noise images (`natural_noise`;
-        lines alone lost the PP-OCRv4 recognizer its light-on-dark codes, noise alone its
+    def text_images(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
+        """`shape`'s batch: `line_share` of it text lines or pages (`text_mode`), the rest noise images
+        (`natural_noise`; lines alone lost the PP-OCRv4 recognizer its light-on-dark codes, noise alone its
         in-distribution lines: docs/obspa.md). Each line resized to the input's height keeping its aspect and
         right-padded with 0 to its width after normalising (PaddleOCR's resize_norm_img), mean 0.5 and
-        std 0.5 (PaddleOCR's) unless the calibration gives its own."""
+        std 0.5 (PaddleOCR's recognizers'); pages drawn at the input's size, normalised with ImageNet's mean
+        and std (PaddleOCR's detectors'); either unless the calibration gives its own."""
         layout = _image_layout(inp, list(shape))
         c, (h, w) = LAYOUT_AXES[layout]
         channels = shape[c]
+        pages = self.text_mode == "pages"
+        default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if pages else ((0.5,) * 3, (0.5,) * 3)
         defaults = [n for n, v in (("mean", self.options.mean), ("std", self.options.std)) if v is None]
         if defaults:
-            self.say(f"calibration: text lines scaled to [0, 1] and normalised with PaddleOCR's {'/'.join(defaults)} "
-                     "0.5 (set --image-mean / --image-std)")
-        mean = _per_channel(self.options.mean, (0.5,) * 3, channels, "mean")
-        std = _per_channel(self.options.std, (0.5,) * 3, channels, "std")
+            whose = "ImageNet's" if pages else "PaddleOCR's"
+            values = "/".join(",".join(f"{v:g}" for v in d) for n, d in (("mean", default_mean), ("std", default_std))
+                              if n in defaults)
+            self.say(f"calibration: text {self.text_mode} scaled to [0, 1] and normalised with {whose} "
+                     f"{'/'.join(defaults)} {values} (set --image-mean / --image-std)")
+        mean = _per_channel(self.options.mean, default_mean, channels, "mean")
+        std = _per_channel(self.options.std, default_std, channels, "std")
         noise = int(round(shape[0] * (1 - self.line_share())))
-        images = text_lines.lines(rng, shape[0] - noise, self._alphabet, channels)
-        lines = [_fitted(im, shape[h], shape[w], channels, "pad", mean, std) for im in images]
-        x = np.stack(lines) if lines else np.zeros((0, shape[h], shape[w], channels), np.float32)
+        if pages:
+            images = [text_lines.page(rng, shape[h], shape[w], self._alphabet, channels)
+                      for _ in range(shape[0] - noise)]
+        else:
+            images = text_lines.lines(rng, shape[0] - noise, self._alphabet, channels)
+        drawn = [_fitted(im, shape[h], shape[w], channels, "stretch" if pages else "pad", mean, std) for im in images]
+        x = np.stack(drawn) if drawn else np.zeros((0, shape[h], shape[w], channels), np.float32)
         x = x.transpose(0, 3, 1, 2) if layout == "nchw" else x
         return np.concatenate([natural_noise(rng, (noise,) + tuple(shape[1:]), c, (h, w), DEAD_LEAVES_SHARE), x])
 

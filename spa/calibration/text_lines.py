@@ -1,6 +1,7 @@
 """Synthetic text lines for text recognizers (OCR): random strings in the model's own character set,
 drawn with Pillow's built-in font, what OCR models are trained on where nobody has the data
-(SynthText, TextRecognitionDataGenerator). No data: the characters come from the model.
+(SynthText, TextRecognitionDataGenerator). No data: the characters come from the model. For text
+detectors, pages: such lines placed down a plain page (`page`, `text_images="pages"`).
 
 `spa.calibration` draws a recognizer's generated image inputs as such lines where the model carries
 its dictionary (PaddleOCR / RapidOCR exports keep it in the metadata entry 'character', one
@@ -12,13 +13,22 @@ from __future__ import annotations
 
 import functools
 import os
+import string
 
 import numpy as np
 
 from ..errors import SpaError
 
 METADATA_KEY = "character"
+MODES = ("lines", "pages")
 LINE_SIZE = (48, 320)  # height, width of PaddleOCR v3/v4 recognizers' inputs: where a text recognizer declares none
+PAGE_SIZE = (640, 640)  # a text detector's page where it declares none (PaddleOCR resizes pages to multiples of 32)
+LATIN = tuple(string.ascii_letters + string.digits + string.punctuation)  # pages or lines without a dictionary
+
+
+def off(charset) -> bool:
+    """Whether `charset` turns text images off ('none')."""
+    return charset is not None and str(charset).strip().lower() == "none"
 FONT_SIZES = tuple(range(12, 42, 2))  # pixels; lines are resized to the model's height afterwards
 MIN_CONTRAST = 80                     # grey levels between ink and background
 MAX_WORDS = 6
@@ -28,7 +38,7 @@ MAX_WORD = 9
 def dictionary(model, charset: str | None) -> tuple[list, str] | None:
     """(characters, where they come from) for text lines: the file `charset` names (one character a
     line), none where it is 'none', else the model's metadata entry 'character' where it holds any."""
-    if charset is not None and str(charset).strip().lower() == "none":
+    if off(charset):
         return None
     if charset is not None:
         try:
@@ -119,3 +129,29 @@ def draw(rng, line: str, channels: int = 3):
 def lines(rng, count: int, alphabet: list, channels: int = 3) -> list:
     """`count` text-line images of random strings in `alphabet`."""
     return [draw(rng, text(rng, alphabet), channels) for _ in range(count)]
+
+
+def page(rng, height: int, width: int, alphabet: list, channels: int = 3):
+    """A `height` x `width` page as a Pillow image ("RGB" or "L"): a plain tinted background, lines drawn as
+    `draw` does (each on its own background) from the top down at random places and gaps, a third of
+    them scaled by 0.5-2.5x."""
+    from PIL import Image
+
+    background = int(rng.integers(0, 256))
+    canvas = np.full((height, width, 3), background, np.float32) + rng.integers(-15, 16, size=3)
+    canvas += rng.normal(0, rng.uniform(0, 6), (height, width, 3))
+    y = int(rng.integers(0, 30))
+    while y < height - 10:
+        line = draw(rng, text(rng, alphabet))
+        if rng.random() < 0.3:
+            scale = rng.uniform(0.5, 2.5)
+            line = line.resize((max(1, int(line.width * scale)), max(1, int(line.height * scale))), Image.BILINEAR)
+        ink = np.asarray(line, np.float32)
+        h, w = ink.shape[0], min(ink.shape[1], width)
+        if h >= height - y:
+            break
+        x = int(rng.integers(0, width - w + 1))
+        canvas[y:y + h, x:x + w] = ink[:, :w]
+        y += h + int(rng.integers(0, 60))
+    image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    return image if channels == 3 else image.convert("L")

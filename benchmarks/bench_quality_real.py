@@ -15,6 +15,8 @@ Models (nothing downloaded; models/ builds or finds them):
                  lines in distribution (dark text on light, mixed-case words, prices, dates) and 120
                  shifted ones (upper-case codes, light on dark, other fonts, blur, noise): exact-line
                  and character accuracy
+  ocr-det        the trained PP-OCRv4 text detector (same package) on 16 + 16 pages of such lines at 640x640:
+                 F1 of its text pixels against the original's (map_f1) and the share of lines found
   digits-resnet  a ResNet-style CNN trained here on scikit-learn's digits (benchmarks/bench_quality.py)
   mnist1d-conv   a 1-D conv net trained here on mnist1d (same)
 
@@ -25,11 +27,14 @@ defaults: measured allocation, compensation judged on held-out inputs) with cali
   synthetic  1/f-noise images / random token sequences of varied length (no data)
   tokenizer  synthetic, with the model's tokenizer (token models): sentences of its frequent
              whole words framed like its own ([CLS] ... . [SEP]); still no data
+  pages      synthetic, half of the images pages of random text lines (--text-images pages; the
+             detector); still no data
   inverted   inputs optimised by the model itself (spa.calibration "inverted": BatchNorm statistics
              and the model's own outputs; no data; needs PyTorch)
   bn         Gaussian inputs fitted to the first BatchNorm's statistics (models with BatchNorm)
   real       user data: MiniLM 128 other sentences (models/sentences.CALIBRATION, tokenised by
-             the model's tokenizer), OCR 32 other rendered lines, digits/mnist1d 128 training samples
+             the model's tokenizer), OCR 32 other rendered lines (the detector: 8 other pages), digits/mnist1d
+             128 training samples
 each also with `recover=300` (data-free distillation into the pruned model on the same inputs);
 and `default`: `spa.prune` with no criterion, calibration or rounding option (obspa, calibration
 auto, widths of groups of 64 channels or more rounded to multiples of 16; OCR given its input shape).
@@ -62,13 +67,15 @@ TARGETS = {"params-10": {"keep_params": 0.9}, "params-20": {"keep_params": 0.8},
            "macs-1.5x": {"keep_macs": 2 / 3}, "macs-2x": {"keep_macs": 0.5}, "ratio-0.25": {"ratio": 0.25}}
 DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "ocr": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
+                   "ocr-det": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "digits-resnet": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "mnist1d-conv": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x")}
-QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "digits-resnet": ("macs-2x",),
+QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "ocr-det": ("params-20",), "digits-resnet": ("macs-2x",),
                  "mnist1d-conv": ("macs-2x",)}
-CALIBRATIONS = ("none", "synthetic", "tokenizer", "inverted", "bn", "real")
+CALIBRATIONS = ("none", "synthetic", "tokenizer", "pages", "inverted", "bn", "real")
 RECOVER_STEPS = 300
 OCR_SHAPE = (1, 3, 48, 320)
+PAGE = 640  # the detector's pages (evaluation, real calibration and generated inputs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,6 +124,32 @@ def setup_ocr(workdir):
             "info": {"lines_per_set": 120, "calibration_lines": 32}}
 
 
+def setup_ocr_det(workdir):
+    from models.ocr import detection_agreement, detector_path, detector_preprocess, render_pages, text_maps
+
+    path = detector_path()
+    sets = {k: render_pages(k, 16, seed=0, size=PAGE) for k in ("in-distribution", "shifted")}
+    sets = {k: (detector_preprocess(pages), boxes) for k, (pages, boxes) in sets.items()}
+    references = {k: text_maps(onnx.load(path), x) for k, (x, _) in sets.items()}
+    pages, _ = render_pages("in-distribution", 8, seed=99, size=PAGE)  # other pages than the evaluation's
+    calibration = os.path.join(workdir, "ocr-det-calibration.npz")
+    np.savez(calibration, x=detector_preprocess(pages))
+
+    def evaluate(pruned):
+        from spa.runtime import session
+        sess = session(pruned, quiet=True)
+        out = {}
+        for kind, (x, boxes) in sets.items():
+            for k, v in detection_agreement(references[kind], text_maps(sess, x), boxes).items():
+                out[f"{kind}_{k}"] = v
+        return out
+
+    shape = {"x": (1, 3, PAGE, PAGE)}
+    return {"path": path, "evaluate": evaluate, "metric": "in-distribution_map_f1", "real": {"source": calibration},
+            "pages": {"source": "synthetic", "text_images": "pages"}, "shapes": shape,
+            "info": {"pages_per_set": 16, "calibration_pages": 8, "size": PAGE}}
+
+
 def setup_trained(name, workdir):
     import bench_quality as bq
 
@@ -135,7 +168,7 @@ def setup_trained(name, workdir):
             "shapes": None, "torch": ctx, "info": ctx["info"]}
 
 
-SETUPS = {"minilm": setup_minilm, "ocr": setup_ocr,
+SETUPS = {"minilm": setup_minilm, "ocr": setup_ocr, "ocr-det": setup_ocr_det,
           "digits-resnet": lambda w: setup_trained("digits-resnet", w),
           "mnist1d-conv": lambda w: setup_trained("mnist1d-conv", w)}
 
@@ -148,6 +181,8 @@ def applicable(method: str, name: str, model) -> str | None:
         return "Torch-Pruning needs the torch module: run on the models trained here"
     if method.endswith("-tokenizer") and name != "minilm":
         return "not a token model"
+    if method.endswith("-pages") and name != "ocr-det":
+        return "not a text detector"
     if method.endswith("-bn") and not any(n.op_type == "BatchNormalization" for n in model.graph.node):
         return "no BatchNormalization"
     if "-inverted" in method:
@@ -159,6 +194,8 @@ def applicable(method: str, name: str, model) -> str | None:
         if name == "ocr":
             return ("inverting 48x320 lines costs 1.7 TMACs per 16 inputs and gave no reliable gain "
                     "(docs/obspa.md): the default calibration skips it for this model")
+        if name == "ocr-det":
+            return "inverting 640x640 pages would take over the default calibration's 120 s (measured: 155 s)"
     return None
 
 
@@ -171,7 +208,7 @@ def prune_with(method: str, ctx: dict, target, model, recover: int):
     if method == "default":  # spa prune with no criterion, calibration or rounding flag
         return _prune_by_default(ctx, target, model)
     source = method.split("-", 1)[1]
-    real = ctx[source] if source in ("real", "tokenizer") else {"source": source}
+    real = ctx[source] if source in ("real", "tokenizer", "pages") else {"source": source}
     cal = Calibration(shapes=ctx["shapes"], **real)
     return prune(model, target, criterion="obspa", calibration=cal, recover=recover).model
 
@@ -280,12 +317,14 @@ def run(args) -> dict:
     return out
 
 
+METRIC = {"minilm": "cosine", "ocr": "in-distribution_exact", "ocr-det": "in-distribution_map_f1"}  # else accuracy
+SECOND = {"minilm": "neighbour_kept", "ocr": "shifted_exact", "ocr-det": "shifted_map_f1"}
+
+
 def markdown(result: dict) -> str:
     lines = []
     for name, m in result["models"].items():
-        metric = {"minilm": "cosine", "ocr": "in-distribution_exact", "digits-resnet": "accuracy",
-                  "mnist1d-conv": "accuracy"}[name]
-        second = {"ocr": "shifted_exact", "minilm": "neighbour_kept"}.get(name)
+        metric, second = METRIC.get(name, "accuracy"), SECOND.get(name)
         targets = list(m["results"])
         lines += [f"**{name}** (original: " + ", ".join(f"{k} {v:.3f}" for k, v in m["original"].items()) + ")", "",
                   "| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
@@ -316,7 +355,7 @@ def plot(result: dict, path: str) -> None:
     handles = {}
     for ax, name in zip(axes[0], names):
         m = result["models"][name]
-        metric = {"minilm": "cosine", "ocr": "in-distribution_exact"}.get(name, "accuracy")
+        metric = METRIC.get(name, "accuracy")
         targets = [t for t in m["results"] if t != "ratio-0.25"]
         methods = list(dict.fromkeys(k for row in m["results"].values() for k in row))
         for method in methods:

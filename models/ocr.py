@@ -1,5 +1,6 @@
-"""The trained PP-OCRv4 text recognizer shipped in the pip package ``rapidocr-onnxruntime``, with
-text lines rendered offline by PIL and the recognizer's own preprocessing and CTC decoding.
+"""The trained PP-OCRv4 text recognizer and text detector shipped in the pip package
+``rapidocr-onnxruntime``, with text lines (and pages of them) rendered offline by PIL and the models'
+own preprocessing and CTC decoding.
 
 Public API
 ----------
@@ -13,6 +14,11 @@ preprocess(images) -> float32 [N, 3, 48, W]  PaddleOCR's resize_norm_img (height
                                             proportional, right-padded with 0, (x/255-0.5)/0.5)
 recognize(model_or_session, images, batch_size=16) -> list[str]
 accuracy(predicted, truth) -> {"exact_line": ..., "char": ...}   char: max(0, 1 - edit distance / length)
+detector_path() -> str                     ch_PP-OCRv4_det_infer.onnx (DBNet: a text-probability map)
+render_pages(kind, count, seed, size) -> (pages, boxes)   render_lines' lines placed down size x size pages
+detector_preprocess(pages) -> float32 [N, 3, H, W]        PaddleOCR's detector normalisation (ImageNet's)
+text_maps(model_or_session, batch) -> [N, H, W]          the detector's probability maps
+detection_agreement(reference_maps, maps, boxes) -> {"map_f1": ..., "lines_found": ...}
 
 The package is installed with ``pip install --no-deps rapidocr-onnxruntime`` (its OpenCV
 dependency is only needed by its own pipeline); nothing here imports it.
@@ -46,10 +52,18 @@ significant similar hot dead central happy serious ready""".split()
 
 
 def recognizer_path() -> str:
+    return _packaged("ch_PP-OCRv4_rec_infer.onnx")
+
+
+def detector_path() -> str:
+    return _packaged("ch_PP-OCRv4_det_infer.onnx")
+
+
+def _packaged(name: str) -> str:
     spec = importlib.util.find_spec("rapidocr_onnxruntime")
     if spec is None or spec.origin is None:
         raise ImportError("rapidocr-onnxruntime is not installed (pip install --no-deps rapidocr-onnxruntime)")
-    path = os.path.join(os.path.dirname(spec.origin), "models", "ch_PP-OCRv4_rec_infer.onnx")
+    path = os.path.join(os.path.dirname(spec.origin), "models", name)
     if not os.path.exists(path):
         raise FileNotFoundError(path)
     return path
@@ -183,3 +197,59 @@ def accuracy(predicted, truth) -> dict:
     errors = sum(edit_distance(p, t) for p, t in zip(predicted, truth))
     # 1 - character error rate, floored at 0 (a garbage line longer than the truth has CER > 1)
     return {"exact_line": exact, "char": max(0.0, 1.0 - errors / max(1, sum(len(t) for t in truth)))}
+
+
+# ---------------------------------------------------------------------------------------------
+# the detector: pages of lines, its probability map
+# ---------------------------------------------------------------------------------------------
+DETECTOR_MEAN, DETECTOR_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+MAP_THRESHOLD = 0.3  # PaddleOCR's det_db_thresh
+
+
+def render_pages(kind: str = "in-distribution", count: int = 16, seed: int = 0, size: int = 640):
+    """(list of size x size x 3 uint8 pages, per page the (top, bottom, left, right) box of each line):
+    `render_lines` lines of the kind, pasted top to bottom at random places on a plain background of
+    the kind (light in distribution, dark shifted)."""
+    rng = np.random.default_rng(seed + 77)
+    lines, _ = render_lines(kind, count * 12, seed)
+    pages, boxes, used = [], [], 0
+    for _ in range(count):
+        dark = kind == "shifted"
+        background = int(rng.integers(0, 70)) if dark else int(rng.integers(150, 256))
+        page = np.full((size, size, 3), background, np.float32) + rng.normal(0, 4, (size, size, 3))
+        placed = []
+        y = int(rng.integers(10, 40))
+        while y < size - 60 and used < len(lines):
+            line = lines[used][:, :size - 20]
+            used += 1
+            h, w = line.shape[:2]
+            x = int(rng.integers(10, size - w - 9))
+            page[y:y + h, x:x + w] = line
+            placed.append((y, y + h, x, x + w))
+            y += h + int(rng.integers(8, 50))
+        pages.append(np.clip(page, 0, 255).astype(np.uint8))
+        boxes.append(placed)
+    return pages, boxes
+
+
+def detector_preprocess(pages) -> np.ndarray:
+    return np.stack([((p / 255.0 - DETECTOR_MEAN) / DETECTOR_STD).transpose(2, 0, 1) for p in pages]).astype(np.float32)
+
+
+def text_maps(model, batch: np.ndarray, batch_size: int = 4) -> np.ndarray:
+    from spa.runtime import session
+
+    sess = model if hasattr(model, "run") else session(model, quiet=True)
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: batch[i:i + batch_size]})[0][:, 0]
+                           for i in range(0, len(batch), batch_size)])
+
+
+def detection_agreement(reference_maps: np.ndarray, maps: np.ndarray, boxes) -> dict:
+    """map_f1: F1 of the text pixels (probability > MAP_THRESHOLD) against the reference model's;
+    lines_found: the share of lines whose middle row is text for at least half its length."""
+    a, b = reference_maps > MAP_THRESHOLD, maps > MAP_THRESHOLD
+    f1 = 2 * (a & b).sum() / max(1, a.sum() + b.sum())
+    found = [b[k, (top + bottom) // 2, left:right].mean() >= 0.5
+             for k, page in enumerate(boxes) for top, bottom, left, right in page]
+    return {"map_f1": float(f1), "lines_found": float(np.mean(found))}

@@ -468,3 +468,26 @@ def _split(model, calibration):
 
     _, fit, held = calibration_inputs(model, calibration, lambda message: None, held_out=True)
     return fit, held
+
+
+def test_default_synthetic_calibration_draws_only_what_the_mac_budget_keeps(monkeypatch):
+    import spa.pipeline as pipeline
+    from spa.calibration import feeds
+
+    model = _cnn()
+    cal = Calibration(source="synthetic")
+    _, full, _ = pipeline.calibration_inputs(model, cal, lambda message: None, held_out=False)
+    per_sample = pipeline.macs_per_sample(model, full[0])
+    drawn, said, original = [], [], feeds._Plan.generated
+
+    def counted(self, rng, *args, **kwargs):
+        batches = original(self, rng, *args, **kwargs)
+        drawn.append(sum(len(b["input"]) for b in batches))
+        return batches
+
+    monkeypatch.setattr(feeds._Plan, "generated", counted)
+    monkeypatch.setattr(pipeline, "CALIBRATION_MACS", per_sample * 40)  # two batches of 16 and a bit
+    _, fit, _ = pipeline.calibration_inputs(model, cal, said.append, held_out=False)
+    assert drawn == [16, 32] and [len(b["input"]) for b in fit] == [16, 16]  # a probe batch, then what is kept
+    assert all(np.array_equal(a["input"], b["input"]) for a, b in zip(fit, full))  # the samples of a full draw
+    assert any("32 of 128 samples" in line for line in said), said

@@ -275,9 +275,10 @@ class _Plan:
                              f"{first_line(exc, 200)}")
                     return self._alphabet
                 what = "pages of text lines" if self.text_mode == "pages" else "text lines"
+                chars = f"{len(self._alphabet)} characters of {where} ({len(chars)} in all) that Pillow's " \
+                    "built-in font draws" if self.dictionary is not None else where
                 self.say(f"calibration: {self.line_share():.0%} of each synthetic image batch is {what}, random "
-                         f"words in the {len(self._alphabet)} characters of {where} ({len(chars)} in all) that "
-                         "Pillow's built-in font draws, dark on light and light on dark; the rest noise images "
+                         f"words in the {chars}, dark on light and light on dark; the rest noise images "
                          "(--charset none: noise only)")
         return self._alphabet
 

@@ -323,9 +323,11 @@ CONTRACT = {
         "--charset": Case(OB + ["--charset", "{KEYS}"], OB, also=[(REC + ["--charset", "none"], REC)], refused=[
             (L1 + ["--charset", "{KEYS}"], "--charset has no effect with criterion l1"),
             (OB + ["--calibration", "{NPZ}", "--charset", "{KEYS}"], "--charset has no effect with --calibration")]),
-        "--text-images": Case(OB + ["--text-images", "pages"], OB, also=[(OB + ["--text-images", "lines"], OB)], refused=[
+        "--text-images": Case(OB + ["--text-images", "pages"], OB, also=[(OB + ["--text-images", "lines"], OB)],
+                              refused=[
             (L1 + ["--text-images", "pages"], "--text-images has no effect with criterion l1"),
-            (OB + ["--calibration", "{NPZ}", "--text-images", "pages"], "--text-images has no effect with --calibration"),
+            (OB + ["--calibration", "{NPZ}", "--text-images", "pages"],
+             "--text-images has no effect with --calibration"),
             (TXT + ["--text-images", "pages"], "has no effect: the model has no image input")]),
         "--max-length": Case(TXT + ["--max-length", "8"], TXT, refused=[
             (OB + ["--max-length", "8"], "--max-length has no effect: the model has no token-id input"),
@@ -483,7 +485,8 @@ CONTRACT = {
             (SPO + ["--calibration", "{NPZ}", "--charset", "{KEYS}"], "--charset has no effect with --calibration")]),
         "--text-images": Case(SPO + ["--text-images", "pages"], SPO, refused=[
             (SP + ["--text-images", "pages"], "--text-images has no effect with criterion l1"),
-            (SPO + ["--calibration", "{NPZ}", "--text-images", "lines"], "--text-images has no effect with --calibration")]),
+            (SPO + ["--calibration", "{NPZ}", "--text-images", "lines"],
+             "--text-images has no effect with --calibration")]),
         "--input-shape": Case(SP_DYN + ["--input-shape", "1x3x8x8"], SP_DYN,
                               also=[(SP_ONLY8 + ["--input-shape", "1x3x8x8"], SP_ONLY8)]),  # verified at 8x8
         "--recover": Case(SP + ["--recover", "2"], SP, also=[(SPO + ["--recover", "2"], SPO)],

@@ -124,8 +124,8 @@ class Calibration:
     image_size: (H, W); mean/std: per channel (or one value); layout: "nchw" / "nhwc";
     resize: "stretch" / "pad"; line_share: the share of a text model's generated images that are
     text lines or pages (None: TEXT_LINE_SHARE); text_images: "lines" / "pages" (None: lines where the
-    model or charset gives a character dictionary); scaffold: the share of generated sentences written as English clauses
-    (None: SCAFFOLD_SHARE; spa.pipeline's held-out sentences: all).
+    model or charset gives a character dictionary); scaffold: the share of generated sentences written as
+    English clauses (None: SCAFFOLD_SHARE; spa.pipeline's held-out sentences: all).
     samples None: DEFAULT_SAMPLES (spa.pipeline uses fewer for models
     whose forward pass is expensive, and says so). time_limit (seconds): "inverted" gives up with a
     SpaError once its first step shows it would take longer (the "auto" source sets it)."""
@@ -144,7 +144,7 @@ class Calibration:
     resize: str = "stretch"
     time_limit: float | None = None
     scaffold: float | None = None  # share of scaffolded token sequences (None: SCAFFOLD_SHARE)
-    line_share: float | None = None  # share of a text recognizer's generated images that are text lines
+    line_share: float | None = None  # share of a text model's generated images that are text lines or pages
     tokenizer_found: bool = False  # `tokenizer` was found beside the model, not given (`with_tokenizer`)
     charset: str | None = None  # text lines' dictionary file; "none": noise images; None: the model's metadata
     text_images: str | None = None  # "lines" / "pages" (text_lines.MODES); None: lines where there is a dictionary
@@ -306,9 +306,8 @@ def text_mode(model: onnx.ModelProto, options: Calibration) -> str | None:
     """What generated calibration draws for the model's images: "lines" or "pages" (`options.text_images`;
     without it lines where there is a character dictionary: `options.charset`, or the model's metadata),
     None for noise (charset 'none', or no image input of 1 or 3 channels)."""
-    if text_lines.off(options.charset):
-        return None
-    mode = options.text_images or ("lines" if text_lines.dictionary(model, options.charset) else None)
+    mode = text_lines.mode(options.text_images, options.charset,
+                           text_lines.dictionary(model, options.charset) is not None)
     if mode and any(_image_layout(_Input(n, d, t), list(d)) for n, d, t in declared_inputs(model)):
         return mode
     return None

@@ -227,13 +227,13 @@ class _Plan:
         return self._vocabulary.draw(shape, rng, share).astype(inp.dtype)
 
     def float_noise(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
-        """Text lines or pages for a text recognizer's or detector's image input (`text_images`),
+        """Text lines or pages for a text recognizer's or detector's image input (`text_batch`),
         natural-image noise for other image-like and [N, C, L] signal inputs, N(0, 1) for the rest."""
         axes = _spatial_axes(inp, shape)
         if not axes:
             return rng.standard_normal(shape)
         if len(axes[1]) == 2 and shape[axes[0]] in (1, 3) and self.text_alphabet():
-            return self.text_images(inp, shape, rng)
+            return self.text_batch(inp, shape, rng)
         self.say(f"calibration: synthetic inputs for '{inp.name}' are 1/f noise (the spectrum of natural images "
                  f"and signals), {DEAD_LEAVES_SHARE:.0%} of each batch dead leaves (grey discs or intervals over "
                  "each other: the flat regions and sharp edges of natural ones), zero mean and unit variance per "
@@ -248,9 +248,7 @@ class _Plan:
     @functools.cached_property
     def text_mode(self) -> str | None:
         """"lines" / "pages" where generated images are drawn with text, else None (`spa.calibration.text_mode`)."""
-        if text_lines.off(self.options.charset):
-            return None
-        return self.options.text_images or ("lines" if self.dictionary is not None else None)
+        return text_lines.mode(self.options.text_images, self.options.charset, self.dictionary is not None)
 
     def text_alphabet(self) -> list:
         """The characters text lines or pages are drawn from ([]: noise images): the dictionary of the
@@ -285,7 +283,7 @@ class _Plan:
     def line_share(self) -> float:
         return TEXT_LINE_SHARE if self.options.line_share is None else self.options.line_share
 
-    def text_images(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
+    def text_batch(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
         """`shape`'s batch: `line_share` of it text lines or pages (`text_mode`), the rest noise images
         (`natural_noise`; lines alone lost the PP-OCRv4 recognizer its light-on-dark codes, noise alone its
         in-distribution lines: docs/obspa.md). Each line resized to the input's height keeping its aspect and

@@ -24,15 +24,23 @@ MODES = ("lines", "pages")
 LINE_SIZE = (48, 320)  # height, width of PaddleOCR v3/v4 recognizers' inputs: where a text recognizer declares none
 PAGE_SIZE = (640, 640)  # a text detector's page where it declares none (PaddleOCR resizes pages to multiples of 32)
 LATIN = tuple(string.ascii_letters + string.digits + string.punctuation)  # pages or lines without a dictionary
+FONT_SIZES = tuple(range(12, 42, 2))  # pixels; lines are resized to the model's height afterwards
+MIN_CONTRAST = 80                     # grey levels between ink and background
+MAX_WORDS = 6
+MAX_WORD = 9
 
 
 def off(charset) -> bool:
     """Whether `charset` turns text images off ('none')."""
     return charset is not None and str(charset).strip().lower() == "none"
-FONT_SIZES = tuple(range(12, 42, 2))  # pixels; lines are resized to the model's height afterwards
-MIN_CONTRAST = 80                     # grey levels between ink and background
-MAX_WORDS = 6
-MAX_WORD = 9
+
+
+def mode(text_images: str | None, charset, has_dictionary: bool) -> str | None:
+    """What generated images are drawn with: `text_images` ("lines" / "pages") where asked, else lines
+    where there is a dictionary; None (noise) for charset 'none'."""
+    if off(charset):
+        return None
+    return text_images or ("lines" if has_dictionary else None)
 
 
 def dictionary(model, charset: str | None) -> tuple[list, str] | None:

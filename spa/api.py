@@ -173,7 +173,7 @@ def sparsify(model, pattern="2:4", *, amount: float | None = None, granularity: 
     if isinstance(model, (str, os.PathLike)) and (calibration is None or isinstance(calibration, (str, Calibration))):
         given = calibration if isinstance(calibration, Calibration) else Calibration(source=calibration or "auto")
         found = looking_beside(given, model)
-        calibration = found if found.tokenizer_found else calibration
+        calibration = found if found.found_beside else calibration
     say = _say(progress)
     with bars.showing(progress):
         original, source = _load(model, say)

@@ -129,10 +129,11 @@ def parser() -> argparse.ArgumentParser:
                          "frequent words. Default: a tokenizer.json beside the model (in its folder, as optimum "
                          "exports write it), where the model takes token ids, announced; 'none': without one")
     pr.add_argument("--charset", metavar="PATH",
-                    help="a text recognizer's dictionary (one character a line): with generated calibration, half "
-                         "of each image batch is text lines of its characters drawn with Pillow's font. Default: the "
-                         "dictionary a PaddleOCR export keeps in its metadata ('character'), announced; 'none': "
-                         "noise images only")
+                    help="a text recognizer's dictionary (one character a line, or a PaddleOCR inference.yml): with "
+                         "generated calibration, half of each image batch is text lines of its characters drawn with "
+                         "Pillow's font. Default: the dictionary a PaddleOCR export keeps in its metadata "
+                         "('character'), or the inference.yml beside the model (pages for a text detector, lines "
+                         "for a recognizer), announced; 'none': noise images only")
     pr.add_argument("--text-images", choices=("lines", "pages"),
                     help="with generated calibration, half of each image batch is text drawn with Pillow's font: "
                          "lines (a text recognizer's input; the default where there is a dictionary) or pages "

@@ -18,7 +18,7 @@ from . import allocation as allocate
 from . import external_data, latency, obspa, plugins
 from .calibration import (DEFAULT_SAMPLES, Calibration, SampleDefault, calibration_batches,
                           fresh_batches, generated_token_lengths, is_generated, shared_shapes, text_mode,
-                          with_tokenizer)
+                          with_text_config, with_tokenizer)
 from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
 from .cost import concrete_shapes, count_macs, count_params
 from .graph import weight_bytes
@@ -297,6 +297,7 @@ def calibration_inputs(model: onnx.ModelProto, cal: Calibration, progress=_quiet
     every layer's compensation (none when `held_out` is False). samples: the caller's default
     count for one kind of generated input, under its own budget, announced."""
     cal = with_tokenizer(model, cal, progress)  # one found beside the model: taken (announced) or dropped
+    cal = with_text_config(model, cal, progress)  # a PaddleOCR config's text images: the same
     asked, cal = cal, default_source(model, cal, progress)
     capped, budget = cal.samples is None, CALIBRATION_MACS
     if samples and capped and samples.applies(model, cal):

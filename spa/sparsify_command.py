@@ -130,7 +130,7 @@ def calibration_of(args):
         return None
     if not given:
         found = looking_beside(Calibration(), args.model)
-        return found if found.tokenizer_found else None
+        return found if found.found_beside else None
     kind = source_kind(args.calibration)
     if args.calibration_samples is not None and kind == "none":
         raise SpaError("--calibration-samples has no effect with --calibration none, which gives no inputs")

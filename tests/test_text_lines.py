@@ -229,3 +229,83 @@ def test_bad_text_images_are_one_line():
     with pytest.raises(SpaError, match="text images lines has no effect with calibration bn"):
         calibration_batches(_detector(batchnorm=True), Calibration(source="bn", text_images="lines"))
     _batches(_detector(), shapes={"input": (1, 3, 32, 32)}, text_images="pages", mean=0.5)  # normalises pages
+
+
+DETECTOR_CONFIG = """Global:
+  model_name: PP-OCRv5_mobile_det
+PreProcess:
+  transform_ops:
+  - DecodeImage: {img_mode: BGR}
+  - NormalizeImage: {mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225], scale: 1./255.}
+PostProcess:
+  name: DBPostProcess
+  thresh: 0.2
+"""
+RECOGNIZER_CONFIG = """PreProcess:
+  transform_ops:
+  - RecResizeImg: {image_shape: [3, 48, 320]}
+PostProcess:
+  name: CTCLabelDecode
+  character_dict:
+  - a
+  - b
+  - 'K'
+  - '7'
+"""
+
+
+def _exported(tmp_path, model, config):
+    """`model` saved as PaddleOCR 3 exports it: inference.onnx with inference.yml beside it."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    onnx.save(model, folder / "inference.onnx")
+    if config is not None:
+        (folder / "inference.yml").write_text(config, encoding="utf-8")
+    return str(folder / "inference.onnx")
+
+
+def test_a_paddleocr_config_beside_the_model_says_pages_or_lines(tmp_path):
+    cases = ((DETECTOR_CONFIG, "pages"), (RECOGNIZER_CONFIG, "lines"), ("PostProcess:\n  name: CTCLabelDecode\n", None),
+             ("Global: {}\n", None), ("PostProcess: [unclosed\n", None), (None, None))
+    for k, (config, expected) in enumerate(cases):
+        folder = tmp_path / f"case{k}"
+        folder.mkdir()
+        path = _exported(folder, _detector(), config)
+        found = text_lines.config_beside(path)
+        assert (found and found[0]) == expected, (config, found)
+    config = tmp_path / "rec.yml"
+    config.write_text(RECOGNIZER_CONFIG, encoding="utf-8")
+    assert text_lines.dictionary(_recognizer(None), str(config)) == (["a", "b", "K", "7"],
+                                                                     f"the character_dict of {config}")
+    config.write_text(DETECTOR_CONFIG, encoding="utf-8")
+    with pytest.raises(SpaError, match="holds no character_dict"):
+        text_lines.dictionary(_recognizer(None), str(config))
+
+
+def test_a_detector_exported_with_its_config_calibrates_on_pages_announced(tmp_path):
+    from spa.calibration import asked, looking_beside
+
+    path = _exported(tmp_path, _detector(), DETECTOR_CONFIG)
+    found = looking_beside(Calibration(source="synthetic", samples=2, batch_size=2), path)
+    assert found.text_found and found.text_images == "pages" and not asked(looking_beside(Calibration(), path))
+    messages = []
+    x = calibration_batches(onnx.load(path), found, progress=messages.append)[0]["input"]
+    assert x.shape == (2, 3, 640, 640)
+    assert any("the PaddleOCR config beside the model (inference.yml) says it is a text detector's" in m
+               for m in messages), messages
+    assert looking_beside(Calibration(charset="none"), path).text_images is None  # the opt-out looks no further
+    assert looking_beside(Calibration(source="bn"), path).text_images is None  # bn draws no text
+    features = Builder(seed=6)
+    features.output(features.op("MatMul", [features.input(["batch", 8]), features.weight(8, 4)]))
+    (tmp_path / "features").mkdir()
+    other = _exported(tmp_path / "features", features.model(), DETECTOR_CONFIG)
+    assert calibration_batches(onnx.load(other), looking_beside(Calibration(source="synthetic"), other))  # no refusal
+
+
+def test_a_recognizer_exported_with_its_config_draws_its_character_dict(tmp_path, capsys):
+    path = _exported(tmp_path, _recognizer(None), RECOGNIZER_CONFIG)
+    assert main(["prune", path, "-o", str(tmp_path / "out.onnx"), "--ratio", "0.5", "--input-shape", "1x3x32x64",
+                 "--calibration-samples", "16"]) == 0
+    said = capsys.readouterr().err
+    assert "says it is a text recognizer's: text lines in its character_dict" in said, said
+    assert "random words in the 4 characters of the character_dict of" in said, said

@@ -148,6 +148,12 @@ class Calibration:
     tokenizer_found: bool = False  # `tokenizer` was found beside the model, not given (`with_tokenizer`)
     charset: str | None = None  # text lines' dictionary file; "none": noise images; None: the model's metadata
     text_images: str | None = None  # "lines" / "pages" (text_lines.MODES); None: lines where there is a dictionary
+    text_found: bool = False  # text_images (and charset) from the PaddleOCR config beside the model (`looking_beside`)
+
+    @property
+    def found_beside(self) -> bool:
+        """Whether something was found beside the model file, not given (`looking_beside`)."""
+        return self.tokenizer_found or self.text_found
 
     def check(self) -> "Calibration":
         if not isinstance(self.source, str):
@@ -258,21 +264,41 @@ def tokenizer_beside(model_path) -> str | None:
 
 
 def looking_beside(options: Calibration, model_path) -> Calibration:
-    """`options` with the tokenizer beside `model_path` (`tokenizer_beside`) where none is given and
-    the source generates inputs or reads text; `with_tokenizer` decides, per model, whether it is used."""
-    if options.tokenizer is not None or source_kind(options.source) not in ("generated", "text"):
-        return options
-    found = tokenizer_beside(model_path)
-    return options if found is None else dataclasses.replace(options, tokenizer=found, tokenizer_found=True)
+    """`options` with what sits beside `model_path` where nothing is given: the tokenizer
+    (`tokenizer_beside`) where the source generates inputs or reads text, and the text images a
+    PaddleOCR `inference.yml` describes (`text_lines.config_beside`: pages for a detector, lines in
+    its dictionary for a recognizer) where the source generates images; `with_found` decides, per
+    model, whether they are used."""
+    if options.tokenizer is None and source_kind(options.source) in ("generated", "text"):
+        found = tokenizer_beside(model_path)
+        if found is not None:
+            options = dataclasses.replace(options, tokenizer=found, tokenizer_found=True)
+    if options.text_images is None and options.charset is None and \
+            (options.source or "auto").strip() in TEXT_LINE_SOURCES:
+        config = text_lines.config_beside(model_path)
+        if config is not None:
+            mode, path = config
+            options = dataclasses.replace(options, text_images=mode, charset=path if mode == "lines" else None,
+                                          text_found=True)
+    return options
 
 
 def asked(calibration) -> bool:
     """Whether calibration was asked for: given, and more than a tokenizer found beside the model."""
     if calibration is None:
         return False
-    if isinstance(calibration, Calibration) and calibration.tokenizer_found:
-        return dataclasses.replace(calibration, tokenizer=None, tokenizer_found=False) != Calibration()
+    if isinstance(calibration, Calibration) and calibration.found_beside:
+        return _unfound(calibration) != Calibration()
     return True
+
+
+def _unfound(options: Calibration) -> Calibration:
+    """`options` without what `looking_beside` found."""
+    if options.tokenizer_found:
+        options = dataclasses.replace(options, tokenizer=None, tokenizer_found=False)
+    if options.text_found:
+        options = dataclasses.replace(options, text_images=None, charset=None, text_found=False)
+    return options
 
 
 def with_tokenizer(model: onnx.ModelProto, options: Calibration, progress=_quiet) -> Calibration:
@@ -302,6 +328,21 @@ def with_tokenizer(model: onnx.ModelProto, options: Calibration, progress=_quiet
     return dataclasses.replace(options, tokenizer_found=False)
 
 
+def with_text_config(model: onnx.ModelProto, options: Calibration, progress=_quiet) -> Calibration:
+    """`options` with the text images of a PaddleOCR config found beside the model (`text_found`) taken,
+    announced, or dropped silently where the model has no image input to draw them for."""
+    if not options.text_found:
+        return options
+    taken = dataclasses.replace(options, text_found=False)
+    if not text_mode(model, taken):
+        return _unfound(options)
+    what = "a text detector's: pages of text lines" if taken.text_images == "pages" else \
+        "a text recognizer's: text lines in its character_dict"
+    progress(f"calibration: synthetic images partly text, as the PaddleOCR config beside the model "
+             f"({text_lines.CONFIG_NAME}) says it is {what} (--charset none: noise images only)")
+    return taken
+
+
 def text_mode(model: onnx.ModelProto, options: Calibration) -> str | None:
     """What generated calibration draws for the model's images: "lines" or "pages" (`options.text_images`;
     without it lines where there is a character dictionary: `options.charset`, or the model's metadata),
@@ -327,6 +368,7 @@ def calibration_batches(model: onnx.ModelProto, calibration: Calibration | str |
     options = dataclasses.replace(options, **{k: v for k, v in given.items() if v is not None}).check()
     options = dataclasses.replace(options, samples=options.samples or DEFAULT_SAMPLES)
     options = with_tokenizer(model, options, progress or _quiet)
+    options = with_text_config(model, options, progress or _quiet)
     source = (options.source or "synthetic").strip()
     if source == "auto":  # spa.pipeline resolves it per model (default_source); on its own: synthetic
         source = "synthetic"
@@ -395,7 +437,8 @@ def fresh_batches(model: onnx.ModelProto, calibration: Calibration, progress=_qu
 __all__ = [
     # this module: the options and the source dispatch
     "Calibration", "SampleDefault", "calibration_batches", "fresh_batches", "is_generated", "source_kind",
-    "tokenizer_beside", "looking_beside", "asked", "with_tokenizer", "text_mode",
+    "tokenizer_beside", "looking_beside", "asked", "with_tokenizer", "with_text_config",
+    "text_mode",
     "DEFAULT_SAMPLES", "FRESH_TOKENS", "TEXT_LINE_SOURCES", "RESIZE_MODES", "LAYOUTS",
     # shapes
     "user_shapes", "shared_shapes", "generated_token_lengths", "vocabulary_size", "position_limit",

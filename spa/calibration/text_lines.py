@@ -17,7 +17,7 @@ import string
 
 import numpy as np
 
-from ..errors import SpaError
+from ..errors import SpaError, first_line
 
 METADATA_KEY = "character"
 MODES = ("lines", "pages")
@@ -45,10 +45,13 @@ def mode(text_images: str | None, charset, has_dictionary: bool) -> str | None:
 
 def dictionary(model, charset: str | None) -> tuple[list, str] | None:
     """(characters, where they come from) for text lines: the file `charset` names (one character a
-    line), none where it is 'none', else the model's metadata entry 'character' where it holds any."""
+    line, or a PaddleOCR `inference.yml` whose PostProcess holds a character_dict), none where it is
+    'none', else the model's metadata entry 'character' where it holds any."""
     if off(charset):
         return None
-    if charset is not None:
+    if charset is not None and _is_config(charset):
+        chars, where = _config_dictionary(charset), f"the character_dict of {charset}"
+    elif charset is not None:
         try:
             with open(os.fspath(charset), encoding="utf-8") as f:
                 chars = f.read().splitlines()
@@ -67,6 +70,63 @@ def dictionary(model, charset: str | None) -> tuple[list, str] | None:
     if charset is None:
         return None  # metadata without characters: no dictionary, nothing asked for
     raise SpaError(f"charset: {where} holds no characters (one character a line)")
+
+
+def _is_config(path) -> bool:
+    return os.fspath(path).lower().endswith((".yml", ".yaml"))
+
+
+def _config(path) -> dict:
+    """A PaddleOCR / PaddleX `inference.yml` as a dict; SpaError where it cannot be read as one."""
+    try:
+        import yaml
+    except ImportError:
+        raise SpaError(f"{path}: reading a YAML config needs PyYAML (pip install pyyaml)") from None
+    try:
+        with open(os.fspath(path), encoding="utf-8") as f:
+            config = yaml.load(f, Loader=yaml.BaseLoader)  # every scalar a string: characters such as ~ or 0
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpaError(f"{path} cannot be read ({type(exc).__name__})") from None
+    except yaml.YAMLError as exc:
+        raise SpaError(f"{path} is not valid YAML ({first_line(exc, 120)})") from None
+    return config if isinstance(config, dict) else {}
+
+
+def _post_process(path) -> dict:
+    post = _config(path).get("PostProcess")
+    return post if isinstance(post, dict) else {}
+
+
+def _config_dictionary(path) -> list:
+    chars = _post_process(path).get("character_dict")
+    if not isinstance(chars, list):
+        raise SpaError(f"charset {path}: its PostProcess holds no character_dict (a PaddleOCR recognizer's config)")
+    return [c for c in chars if isinstance(c, str)]
+
+
+CONFIG_NAME = "inference.yml"  # PaddleOCR 3 / PaddleX exports: beside inference.onnx, pre- and post-processing
+POST_PROCESSES = {"DBPostProcess": "pages", "CTCLabelDecode": "lines"}  # what each says the model reads
+
+
+def config_beside(model_path) -> tuple[str, str] | None:
+    """(text images, config path) from the PaddleOCR `inference.yml` beside a model file: "pages" for a
+    text detector (PostProcess DBPostProcess), "lines" for a recognizer whose config holds its
+    character_dict (CTCLabelDecode); None where there is no such config (or it says neither, or cannot
+    be read: it was not asked for)."""
+    if not isinstance(model_path, (str, os.PathLike)):
+        return None
+    path = os.fspath(model_path)
+    found = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), CONFIG_NAME)
+    if not os.path.isfile(found):
+        return None
+    try:
+        post = _post_process(found)
+    except SpaError:
+        return None
+    kind = POST_PROCESSES.get(post.get("name"))
+    if kind == "lines" and not isinstance(post.get("character_dict"), list):
+        return None
+    return (kind, found) if kind else None
 
 
 @functools.lru_cache(maxsize=1)

@@ -309,3 +309,15 @@ def test_a_recognizer_exported_with_its_config_draws_its_character_dict(tmp_path
     said = capsys.readouterr().err
     assert "says it is a text recognizer's: text lines in its character_dict" in said, said
     assert "random words in the 4 characters of the character_dict of" in said, said
+
+
+def test_a_config_whose_characters_the_font_cannot_draw_leaves_noise_said(tmp_path):
+    from spa.calibration import looking_beside
+
+    config = "PostProcess:\n  name: CTCLabelDecode\n  character_dict:\n  - 中\n  - 文\n"
+    path = _exported(tmp_path, _recognizer(None), config)
+    messages = []
+    cal = looking_beside(Calibration(source="synthetic", samples=16, shapes={"input": (1, 3, 32, 64)}), path)
+    x = calibration_batches(onnx.load(path), cal, progress=messages.append)[0]["input"]
+    assert np.allclose(x.std(axis=(2, 3)), 1, atol=1e-3)  # noise images, no error
+    assert any("draws none of the 2 characters" in m for m in messages), messages

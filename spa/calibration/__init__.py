@@ -267,8 +267,8 @@ def looking_beside(options: Calibration, model_path) -> Calibration:
     """`options` with what sits beside `model_path` where nothing is given: the tokenizer
     (`tokenizer_beside`) where the source generates inputs or reads text, and the text images a
     PaddleOCR `inference.yml` describes (`text_lines.config_beside`: pages for a detector, lines in
-    its dictionary for a recognizer) where the source generates images; `with_found` decides, per
-    model, whether they are used."""
+    its dictionary for a recognizer) where the source generates images; `with_tokenizer` and
+    `with_text_config` decide, per model, whether they are used."""
     if options.tokenizer is None and source_kind(options.source) in ("generated", "text"):
         found = tokenizer_beside(model_path)
         if found is not None:
@@ -330,10 +330,20 @@ def with_tokenizer(model: onnx.ModelProto, options: Calibration, progress=_quiet
 
 def with_text_config(model: onnx.ModelProto, options: Calibration, progress=_quiet) -> Calibration:
     """`options` with the text images of a PaddleOCR config found beside the model (`text_found`) taken,
-    announced, or dropped silently where the model has no image input to draw them for."""
+    announced, or dropped: silently where the model has no image input to draw them for, said where the
+    font draws none of the config's characters."""
     if not options.text_found:
         return options
     taken = dataclasses.replace(options, text_found=False)
+    if taken.charset is not None:
+        try:
+            chars, where = text_lines.dictionary(model, taken.charset)
+            if not text_lines.drawable(tuple(chars)):
+                raise SpaError(f"the built-in font draws none of the {len(chars)} characters of {where}")
+        except SpaError as exc:
+            progress(f"calibration: noise images, not the text lines of the PaddleOCR config beside the model: "
+                     f"{first_line(exc, 200)}")
+            return _unfound(options)
     if not text_mode(model, taken):
         return _unfound(options)
     what = "a text detector's: pages of text lines" if taken.text_images == "pages" else \

@@ -213,8 +213,8 @@ def render_pages(kind: str = "in-distribution", count: int = 16, seed: int = 0, 
     rng = np.random.default_rng(seed + 77)
     lines, _ = render_lines(kind, count * 12, seed)
     pages, boxes, used = [], [], 0
+    dark = kind == "shifted"
     for _ in range(count):
-        dark = kind == "shifted"
         background = int(rng.integers(0, 70)) if dark else int(rng.integers(150, 256))
         page = np.full((size, size, 3), background, np.float32) + rng.normal(0, 4, (size, size, 3))
         placed = []

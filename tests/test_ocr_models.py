@@ -1,0 +1,25 @@
+"""The OCR benchmark's own pieces (models/ocr.py) on the pretrained PP-OCRv4 detector: rendered pages
+whose lines it finds, and the agreement measure bench_quality_real reports."""
+import importlib.util
+
+import numpy as np
+import onnx
+import pytest
+
+from models.ocr import detection_agreement, detector_path, detector_preprocess, render_pages, text_maps
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("rapidocr_onnxruntime") is None,
+                                reason="rapidocr-onnxruntime (the pretrained OCR models) is not installed")
+
+
+def test_the_detector_finds_the_lines_of_rendered_pages_and_agrees_with_itself():
+    pages, boxes = render_pages("in-distribution", 2, seed=3, size=320)
+    assert len(pages) == 2 and pages[0].shape == (320, 320, 3) and all(boxes)
+    assert all(0 <= top < bottom <= 320 and 0 <= left < right <= 320
+               for page in boxes for top, bottom, left, right in page)
+    maps = text_maps(onnx.load(detector_path()), detector_preprocess(pages))
+    assert maps.shape == (2, 320, 320)
+    same = detection_agreement(maps, maps, boxes)
+    assert same["map_f1"] == 1.0 and same["lines_found"] >= 0.8
+    nothing = detection_agreement(maps, np.zeros_like(maps), boxes)
+    assert nothing == {"map_f1": 0.0, "lines_found": 0.0}

@@ -37,6 +37,11 @@ where a layer's input channels split into fours (depthwise convs are skipped): m
 synthetic 48x320 inputs and OBS with 32 rendered lines; exact-line and character accuracy on 120
 rendered lines in distribution and 120 shifted (models/ocr.py).
 
+OCR detector section (`--sections ocr-det`). The PP-OCRv4 text detector (same package) at 2:4:
+magnitude, OBS with synthetic noise images, OBS with pages of text lines (`--text-images pages`; no
+data) and OBS with 8 rendered pages; F1 of its text map against the original's and lines found on
+16 pages in distribution and 16 shifted (models/ocr.py, as bench_quality_real measures them).
+
 Writes benchmarks/results/sparsity.json and sparsity.png (--quick: sparsity_quick.*) and prints
 a markdown table.
 """
@@ -421,6 +426,69 @@ def ocr_section(quick: bool) -> dict:
             "lines": {"in-distribution": 120, "shifted": 120, "calibration_real": 32}, "rows": rows}
 
 
+DET_ROWS = {"magnitude": {"criterion": "l1"},
+            "obs-synthetic": {"criterion": "obs", "calibration": {"source": "synthetic"}},
+            "obs-pages": {"criterion": "obs", "calibration": {"source": "synthetic", "text_images": "pages"}},
+            "obs-real-8": {"criterion": "obs", "calibration": "real"}}
+DET_PAGE = 640
+
+
+def ocr_det_section(quick: bool) -> dict:
+    """Every weight of the PP-OCRv4 text detector whose input channels split into fours at 2:4; F1 of
+    the text map against the original's and lines found on 16 + 16 rendered pages (models/ocr.py)."""
+    import spa
+    from models.ocr import detection_agreement, detector_path, detector_preprocess, render_pages, text_maps
+    from spa.calibration import Calibration
+    from spa.runtime import session
+
+    path = detector_path()
+    sets = {k: render_pages(k, 16, seed=0, size=DET_PAGE) for k in ("in-distribution", "shifted")}
+    sets = {k: (detector_preprocess(pages), boxes) for k, (pages, boxes) in sets.items()}
+    original = session(path, quiet=True)
+    references = {k: text_maps(original, x) for k, (x, _) in sets.items()}
+
+    def evaluate(model) -> dict:
+        run = session(model, quiet=True)
+        return {kind: detection_agreement(references[kind], text_maps(run, x), boxes)
+                for kind, (x, boxes) in sets.items()}
+
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="spa-sparsity-det-") as workdir:
+        real = os.path.join(workdir, "det-calibration.npz")
+        np.savez(real, x=detector_preprocess(render_pages("in-distribution", 8, seed=99, size=DET_PAGE)[0]))
+        for name, spec in DET_ROWS.items():
+            if quick and name == "obs-real-8":
+                continue
+            source = spec.get("calibration")
+            calibration = None if source is None else Calibration(source=real) if source == "real" else \
+                Calibration(shapes={"x": (1, 3, DET_PAGE, DET_PAGE)}, **source)
+            log(f"ocr-det 2:4 {name}")
+            start = time.perf_counter()
+            sparse = spa.sparsify(path, "2:4", criterion=spec["criterion"], calibration=calibration)
+            rows[name] = {"seconds": round(time.perf_counter() - start, 1), "layers": len(sparse.report["layers"]),
+                          "skipped": len(sparse.report["skipped"]),
+                          "sparsity": sparse.report["sparsity"]["after"], **evaluate(sparse.model)}
+            log(f"  {rows[name]}")
+    return {"model": "PP-OCRv4 det (rapidocr-onnxruntime), 2:4 where the input channels split into fours",
+            "pages": {"in-distribution": 16, "shifted": 16, "calibration_real": 8, "size": DET_PAGE}, "rows": rows}
+
+
+def ocr_det_markdown(section: dict) -> str:
+    lines = ["| PP-OCRv4 det 2:4 | text-map F1 (in-distribution) | lines found | text-map F1 (shifted) | lines found | "
+             "layers / skipped | seconds |", "|---|---|---|---|---|---|---|"]
+    for name, row in section["rows"].items():
+        ind, shifted = row["in-distribution"], row["shifted"]
+        lines.append(f"| {name} | {ind['map_f1']:.3f} | {ind['lines_found']:.3f} | {shifted['map_f1']:.3f} | "
+                     f"{shifted['lines_found']:.3f} | {row['layers']} / {row['skipped']} | {row['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def ocr_det_plot(section: dict, ax) -> None:
+    paired_bars(ax, section["rows"], ("in-distribution", "shifted"), lambda r: r["map_f1"],
+                "text-map F1 to the original", "PP-OCRv4 detector, 2:4, no fine-tuning")
+    ax.legend(fontsize=8)
+
+
 def ocr_markdown(section: dict) -> str:
     lines = ["| PP-OCRv4 rec 2:4 | exact lines (in-distribution) | characters | exact lines (shifted) | characters | "
              "layers / skipped | seconds |", "|---|---|---|---|---|---|---|"]
@@ -443,7 +511,7 @@ def plot(sections: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plotters = {"digits": digits_plot, "minilm": minilm_plot, "ocr": ocr_plot}
+    plotters = {"digits": digits_plot, "minilm": minilm_plot, "ocr": ocr_plot, "ocr-det": ocr_det_plot}
     shown = [s for s in sections if s in plotters]
     fig, axes = plt.subplots(1, len(shown), figsize=(6.5 * len(shown), 4.5), squeeze=False)
     for ax, name in zip(axes[0], shown):
@@ -457,7 +525,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer epochs, digits-mlp and mnist1d-conv only")
     parser.add_argument("--models", help="comma list of " + ", ".join(DIGITS_MODELS))
-    parser.add_argument("--sections", default="digits,minilm,ocr", help="comma list of digits, minilm, ocr")
+    parser.add_argument("--sections", default="digits,minilm,ocr,ocr-det",
+                        help="comma list of digits, minilm, ocr, ocr-det")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/sparsity.json, --quick: "
                         "sparsity_quick.json); the plot goes beside it")
     parser.add_argument("--merge", action="store_true", help="keep the sections not run now from an existing --out")
@@ -490,6 +559,8 @@ def main(argv=None) -> int:
         sections["minilm"] = minilm_section(args.quick, minilm_rows, earlier.get("minilm"))
     if "ocr" in wanted:
         sections["ocr"] = ocr_section(args.quick)
+    if "ocr-det" in wanted:
+        sections["ocr-det"] = ocr_det_section(args.quick)
     table = "\n\n".join(SECTIONS[name](sections[name]) for name in SECTIONS if name in sections)
     result = {"benchmark": "sparsity", "date": _dt.datetime.now().isoformat(timespec="seconds"),
               "quick": args.quick, "machine": info, "seed": SEED, "amounts": list(AMOUNTS), **sections,
@@ -506,7 +577,7 @@ def main(argv=None) -> int:
     return 0
 
 
-SECTIONS = {"digits": digits_markdown, "minilm": minilm_markdown, "ocr": ocr_markdown}
+SECTIONS = {"digits": digits_markdown, "minilm": minilm_markdown, "ocr": ocr_markdown, "ocr-det": ocr_det_markdown}
 
 
 if __name__ == "__main__":

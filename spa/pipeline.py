@@ -460,17 +460,22 @@ def affordable(model: onnx.ModelProto, batches: list, progress=_quiet, budget: f
     """The default calibration cut to `budget` MACs per forward pass (at least MIN_SAMPLES)."""
     if not batches:
         return batches
-    per_sample = macs_per_sample(model, batches[0])
     sizes = [batch_size(b) for b in batches]
+    return batches[:_within_budget(sizes, macs_per_sample(model, batches[0]), budget, progress)]
+
+
+def _within_budget(sizes: list, per_sample: float, budget: float, progress) -> int:
+    """How many of the batches (of `sizes` samples each) a pass under `budget` MACs keeps, at least
+    MIN_SAMPLES' worth; a cut is announced."""
     keep, total = 0, 0
-    while keep < len(batches) and (total < MIN_SAMPLES or (total + sizes[keep]) * per_sample <= budget):
+    while keep < len(sizes) and (total < MIN_SAMPLES or (total + sizes[keep]) * per_sample <= budget):
         total += sizes[keep]
         keep += 1
-    if keep < len(batches):
+    if keep < len(sizes):
         progress(f"calibration: {total} of {sum(sizes)} samples ({per_sample / 1e9:.1f} GMACs each: the default "
                  f"keeps a pass over the calibration set under {budget / 1e9:.0f} GMACs; "
                  "--calibration-samples sets the count)")
-    return batches[:keep]
+    return keep
 
 
 def _drawn_within(model: onnx.ModelProto, cal: Calibration, budget: float, progress=_quiet) -> Calibration:
@@ -480,16 +485,12 @@ def _drawn_within(model: onnx.ModelProto, cal: Calibration, budget: float, progr
     do not depend on how many batches follow."""
     samples = cal.samples or DEFAULT_SAMPLES
     probe = calibration_batches(model, dataclasses.replace(cal, samples=min(samples, cal.batch_size), line_share=0.0))
-    per_sample = macs_per_sample(model, probe[0]) if probe else 0.0
-    size = batch_size(probe[0]) if probe else 0
-    if per_sample <= 0 or size <= 0 or samples * per_sample <= budget:
+    if not probe:
         return cal
-    kept = max(-(-MIN_SAMPLES // size), int(budget // (per_sample * size))) * size
-    if kept >= samples:
-        return cal
-    progress(f"calibration: {kept} of {samples} samples ({per_sample / 1e9:.1f} GMACs each: the default keeps a pass "
-             f"over the calibration set under {budget / 1e9:.0f} GMACs; --calibration-samples sets the count)")
-    return dataclasses.replace(cal, samples=kept)
+    size = batch_size(probe[0])
+    sizes = [size] * (samples // size) + ([samples % size] if samples % size else [])
+    keep = _within_budget(sizes, macs_per_sample(model, probe[0]), budget, progress)
+    return cal if keep == len(sizes) else dataclasses.replace(cal, samples=sum(sizes[:keep]))
 
 
 def macs_per_sample(model: onnx.ModelProto, feeds: dict) -> float:

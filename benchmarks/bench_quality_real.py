@@ -126,24 +126,16 @@ def setup_ocr(workdir):
 
 
 def setup_ocr_det(workdir):
-    from models.ocr import detection_agreement, detector_path, detector_preprocess, render_pages, text_maps
+    from models.ocr import detection_judge, detector_path, detector_preprocess, render_pages
 
     path = detector_path()
-    sets = {k: render_pages(k, 16, seed=0, size=PAGE) for k in ("in-distribution", "shifted")}
-    sets = {k: (detector_preprocess(pages), boxes) for k, (pages, boxes) in sets.items()}
-    references = {k: text_maps(onnx.load(path), x) for k, (x, _) in sets.items()}
+    judge = detection_judge(path, 16, PAGE)
     pages, _ = render_pages("in-distribution", 8, seed=99, size=PAGE)  # other pages than the evaluation's
     calibration = os.path.join(workdir, "ocr-det-calibration.npz")
     np.savez(calibration, x=detector_preprocess(pages))
 
     def evaluate(pruned):
-        from spa.runtime import session
-        sess = session(pruned, quiet=True)
-        out = {}
-        for kind, (x, boxes) in sets.items():
-            for k, v in detection_agreement(references[kind], text_maps(sess, x), boxes).items():
-                out[f"{kind}_{k}"] = v
-        return out
+        return {f"{kind}_{k}": v for kind, measures in judge(pruned).items() for k, v in measures.items()}
 
     shape = {"x": (1, 3, PAGE, PAGE)}
     return {"path": path, "evaluate": evaluate, "metric": "in-distribution_map_f1", "real": {"source": calibration},

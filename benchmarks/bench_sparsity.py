@@ -388,11 +388,32 @@ OCR_ROWS = {"magnitude": {"criterion": "l1"},
             "obs-real-32": {"criterion": "obs", "calibration": "real"}}
 
 
+def sparsified_rows(label: str, path: str, specs: dict, evaluate, quick: bool, calibrated) -> dict:
+    """{row: timing, layers sparsified and skipped, sparsity and `evaluate(model)`} for each of `specs`:
+    the model at 2:4 with the spec's criterion and `calibrated(its calibration)` (none without one);
+    the rows on real data ("obs-real-*") left out when quick."""
+    import spa
+
+    rows = {}
+    for name, spec in specs.items():
+        if quick and name.startswith("obs-real"):
+            continue
+        source = spec.get("calibration")
+        log(f"{label} 2:4 {name}")
+        start = time.perf_counter()
+        sparse = spa.sparsify(path, "2:4", criterion=spec["criterion"],
+                              calibration=None if source is None else calibrated(source))
+        rows[name] = {"seconds": round(time.perf_counter() - start, 1), "layers": len(sparse.report["layers"]),
+                      "skipped": len(sparse.report["skipped"]),
+                      "sparsity": sparse.report["sparsity"]["after"], **evaluate(sparse.model)}
+        log(f"  {rows[name]}")
+    return rows
+
+
 def ocr_section(quick: bool) -> dict:
     """Every weight of the PP-OCRv4 recognizer whose input channels split into fours at 2:4 (the
     depthwise convs cannot: skipped); exact-line and character accuracy on 120 rendered lines in
     distribution and 120 shifted ones (models/ocr.py), as bench_quality_real measures them."""
-    import spa
     from models.ocr import accuracy, preprocess, recognize, recognizer_path, render_lines
     from spa.calibration import Calibration
     from spa.runtime import session
@@ -408,20 +429,8 @@ def ocr_section(quick: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="spa-sparsity-ocr-") as workdir:
         real = os.path.join(workdir, "ocr-calibration.npz")
         np.savez(real, x=preprocess(render_lines("in-distribution", 32, seed=99)[0], width=OCR_SHAPE[3]))
-        for name, spec in OCR_ROWS.items():
-            if quick and name == "obs-real-32":
-                continue
-            source = spec.get("calibration")
-            calibration = None if source is None else \
-                Calibration(source=real if source == "real" else source, shapes=None if source == "real"
-                            else {"x": OCR_SHAPE})
-            log(f"ocr 2:4 {name}")
-            start = time.perf_counter()
-            sparse = spa.sparsify(path, "2:4", criterion=spec["criterion"], calibration=calibration)
-            rows[name] = {"seconds": round(time.perf_counter() - start, 1), "layers": len(sparse.report["layers"]),
-                          "skipped": len(sparse.report["skipped"]),
-                          "sparsity": sparse.report["sparsity"]["after"], **evaluate(sparse.model)}
-            log(f"  {rows[name]}")
+        rows.update(sparsified_rows("ocr", path, OCR_ROWS, evaluate, quick, lambda source: Calibration(
+            source=real if source == "real" else source, shapes=None if source == "real" else {"x": OCR_SHAPE})))
     return {"model": "PP-OCRv4 rec (rapidocr-onnxruntime), 2:4 where the input channels split into fours",
             "lines": {"in-distribution": 120, "shifted": 120, "calibration_real": 32}, "rows": rows}
 
@@ -436,39 +445,16 @@ DET_PAGE = 640
 def ocr_det_section(quick: bool) -> dict:
     """Every weight of the PP-OCRv4 text detector whose input channels split into fours at 2:4; F1 of
     the text map against the original's and lines found on 16 + 16 rendered pages (models/ocr.py)."""
-    import spa
-    from models.ocr import detection_agreement, detector_path, detector_preprocess, render_pages, text_maps
+    from models.ocr import detection_judge, detector_path, detector_preprocess, render_pages
     from spa.calibration import Calibration
-    from spa.runtime import session
 
     path = detector_path()
-    sets = {k: render_pages(k, 16, seed=0, size=DET_PAGE) for k in ("in-distribution", "shifted")}
-    sets = {k: (detector_preprocess(pages), boxes) for k, (pages, boxes) in sets.items()}
-    original = session(path, quiet=True)
-    references = {k: text_maps(original, x) for k, (x, _) in sets.items()}
-
-    def evaluate(model) -> dict:
-        run = session(model, quiet=True)
-        return {kind: detection_agreement(references[kind], text_maps(run, x), boxes)
-                for kind, (x, boxes) in sets.items()}
-
-    rows = {}
+    evaluate = detection_judge(path, 16, DET_PAGE)
     with tempfile.TemporaryDirectory(prefix="spa-sparsity-det-") as workdir:
         real = os.path.join(workdir, "det-calibration.npz")
         np.savez(real, x=detector_preprocess(render_pages("in-distribution", 8, seed=99, size=DET_PAGE)[0]))
-        for name, spec in DET_ROWS.items():
-            if quick and name == "obs-real-8":
-                continue
-            source = spec.get("calibration")
-            calibration = None if source is None else Calibration(source=real) if source == "real" else \
-                Calibration(shapes={"x": (1, 3, DET_PAGE, DET_PAGE)}, **source)
-            log(f"ocr-det 2:4 {name}")
-            start = time.perf_counter()
-            sparse = spa.sparsify(path, "2:4", criterion=spec["criterion"], calibration=calibration)
-            rows[name] = {"seconds": round(time.perf_counter() - start, 1), "layers": len(sparse.report["layers"]),
-                          "skipped": len(sparse.report["skipped"]),
-                          "sparsity": sparse.report["sparsity"]["after"], **evaluate(sparse.model)}
-            log(f"  {rows[name]}")
+        rows = sparsified_rows("ocr-det", path, DET_ROWS, evaluate, quick, lambda source: Calibration(source=real)
+                               if source == "real" else Calibration(shapes={"x": (1, 3, DET_PAGE, DET_PAGE)}, **source))
     return {"model": "PP-OCRv4 det (rapidocr-onnxruntime), 2:4 where the input channels split into fours",
             "pages": {"in-distribution": 16, "shifted": 16, "calibration_real": 8, "size": DET_PAGE}, "rows": rows}
 

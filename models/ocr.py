@@ -19,6 +19,7 @@ render_pages(kind, count, seed, size) -> (pages, boxes)   render_lines' lines pl
 detector_preprocess(pages) -> float32 [N, 3, H, W]        PaddleOCR's detector normalisation (ImageNet's)
 text_maps(model_or_session, batch) -> [N, H, W]          the detector's probability maps
 detection_agreement(reference_maps, maps, boxes) -> {"map_f1": ..., "lines_found": ...}
+detection_judge(original, count, size) -> evaluate(model) -> {kind: detection_agreement}   on count pages a kind
 
 The package is installed with ``pip install --no-deps rapidocr-onnxruntime`` (its OpenCV
 dependency is only needed by its own pipeline); nothing here imports it.
@@ -253,3 +254,21 @@ def detection_agreement(reference_maps: np.ndarray, maps: np.ndarray, boxes) -> 
     found = [b[k, (top + bottom) // 2, left:right].mean() >= 0.5
              for k, page in enumerate(boxes) for top, bottom, left, right in page]
     return {"map_f1": float(f1), "lines_found": float(np.mean(found))}
+
+
+def detection_judge(original, count: int = 16, size: int = 640):
+    """`evaluate(model) -> {kind: detection_agreement}` of a detector against `original` (path, ModelProto or
+    session) on `count` rendered pages of each kind, in distribution and shifted (seed 0)."""
+    from spa.runtime import session
+
+    sets = {k: render_pages(k, count, seed=0, size=size) for k in ("in-distribution", "shifted")}
+    sets = {k: (detector_preprocess(pages), boxes) for k, (pages, boxes) in sets.items()}
+    reference = original if hasattr(original, "run") else session(original, quiet=True)
+    references = {k: text_maps(reference, x) for k, (x, _) in sets.items()}
+
+    def evaluate(model) -> dict:
+        run = model if hasattr(model, "run") else session(model, quiet=True)
+        return {kind: detection_agreement(references[kind], text_maps(run, x), boxes)
+                for kind, (x, boxes) in sets.items()}
+
+    return evaluate

@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
-from models.ocr import detection_agreement, detector_path, detector_preprocess, render_pages, text_maps
+from models.ocr import (detection_agreement, detection_judge, detector_path, detector_preprocess, render_pages,
+                        text_maps)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("rapidocr_onnxruntime") is None,
                                 reason="rapidocr-onnxruntime (the pretrained OCR models) is not installed")
@@ -23,3 +24,10 @@ def test_the_detector_finds_the_lines_of_rendered_pages_and_agrees_with_itself()
     assert same["map_f1"] == 1.0 and same["lines_found"] >= 0.8
     nothing = detection_agreement(maps, np.zeros_like(maps), boxes)
     assert nothing == {"map_f1": 0.0, "lines_found": 0.0}
+
+
+def test_the_judge_of_a_detector_against_itself_agrees_fully():
+    judge = detection_judge(detector_path(), count=1, size=320)
+    measured = judge(onnx.load(detector_path()))
+    assert set(measured) == {"in-distribution", "shifted"}
+    assert all(m["map_f1"] == 1.0 for m in measured.values())

@@ -318,7 +318,7 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
     calibration = _calibration(calibration, None, seed)
     if calibration.line_share is None:
         calibration = dataclasses.replace(calibration, line_share=MASK_LINE_SHARE)
-    _, fit, held = calibration_inputs(model, calibration, progress, samples=TOKEN_SAMPLES)
+    _, fit, held = calibration_inputs(model, calibration, progress, samples=(TOKEN_SAMPLES,))
     g = Graph(model)
     by_output = {g.nodes[l.node].output[0]: l for l in layers}
     wanted = {name: [l.activation] for name, l in by_output.items()}

@@ -491,3 +491,39 @@ def test_default_synthetic_calibration_draws_only_what_the_mac_budget_keeps(monk
     assert drawn == [16, 32] and [len(b["input"]) for b in fit] == [16, 16]  # a probe batch, then what is kept
     assert all(np.array_equal(a["input"], b["input"]) for a, b in zip(fit, full))  # the samples of a full draw
     assert any("32 of 128 samples" in line for line in said), said
+
+
+def test_sentences_judge_allocations_on_their_first_part_and_the_chosen_rule_takes_them_all(tmp_path, monkeypatch):
+    import spa.pipeline as pipeline
+    from spa import obspa
+    from test_calibration import WORDS, _tokenizer
+
+    tokenizer = str(_tokenizer(tmp_path / "tok", WORDS + [f"w{k}" for k in range(20)]))
+    model, target = _dense_tokens(), Target(ratio=0.25)
+    measured_on, original = [], obspa.scores
+
+    def counted(analysis, batches, *args, **kwargs):
+        measured_on.append(sum(len(b["input_ids"]) for b in batches))
+        return original(analysis, batches, *args, **kwargs)
+
+    monkeypatch.setattr(obspa, "scores", counted)
+    monkeypatch.setattr(pipeline, "JUDGED_SENTENCES", 32)
+    said = []
+    result = prune(model, target, criterion="obspa", progress=said.append,
+                   calibration=Calibration(source="synthetic", tokenizer=tokenizer, samples=128))
+    assert measured_on == [32, 128]  # the candidates compensated from the first 32, the plan's losses from all
+    line = next(m for m in said if "allocations judged on the first 32 generated sentences" in m)
+    rule = line.split("'")[1]
+    budget = as_budget(result.analysis, result.scores, target)
+    expected = allocation.by_rule(result.analysis, result.scores, target, budget, rule)
+    assert np.array_equal(result.plan.removed_atoms, expected.removed_atoms)
+    measured_on.clear()
+    prune(model, target, criterion="obspa", calibration=Calibration(source="synthetic", samples=128))
+    assert measured_on == [128]  # random token ids: one judge and one measurement, on all of them
+    said.clear()
+    _, fit, _ = pipeline.calibration_inputs(model, Calibration(source="synthetic", tokenizer=tokenizer), said.append,
+                                            held_out=False, samples=pipeline.OBSPA_SAMPLES)
+    assert sum(len(b["input_ids"]) for b in fit) == 1024 and any("1024 generated sentences, not 128" in m for m in said)
+    _, fit, _ = pipeline.calibration_inputs(model, Calibration(source="synthetic"), said.append, held_out=False,
+                                            samples=pipeline.OBSPA_SAMPLES)
+    assert sum(len(b["input_ids"]) for b in fit) == 128

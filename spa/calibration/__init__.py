@@ -211,8 +211,8 @@ def is_generated(source: str) -> bool:
 class SampleDefault:
     """A caller's own count of generated samples where none is given (instead of DEFAULT_SAMPLES
     under spa.pipeline.CALIBRATION_MACS), for one kind of generated input: "tokens" (token
-    sequences of varied length) or "synthetic" (synthetic float inputs: images, signals);
-    `budget`: MACs per pass; `why` is announced."""
+    sequences of varied length), "sentences" (those, given a tokenizer to make sentences of) or
+    "synthetic" (synthetic float inputs: images, signals); `budget`: MACs per pass; `why` is announced."""
     kind: str
     count: int
     budget: float
@@ -220,11 +220,13 @@ class SampleDefault:
 
     @property
     def what(self) -> str:
-        return "generated token sequences" if self.kind == "tokens" else "synthetic samples"
+        return {"tokens": "generated token sequences", "sentences": "generated sentences"}.get(self.kind,
+                                                                                             "synthetic samples")
 
     def applies(self, model: onnx.ModelProto, cal: Calibration) -> bool:
-        if self.kind == "tokens":
-            return is_generated(cal.source) and generated_token_lengths(model)
+        if self.kind in ("tokens", "sentences"):
+            return is_generated(cal.source) and bool(generated_token_lengths(model)) and \
+                (self.kind == "tokens" or bool(cal.tokenizer))
         return cal.source == "synthetic" and all(is_float(t) for _, _, t in declared_inputs(model))
 
 

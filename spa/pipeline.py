@@ -548,7 +548,9 @@ def macs_per_sample(model: onnx.ModelProto, feeds: dict) -> float:
 
 def _calibration(source, samples: int | None, seed: int) -> Calibration:
     if isinstance(source, Calibration):
-        return source
+        if samples is not None and source.samples not in (None, samples):
+            raise SpaError(f"calibration_samples={samples} and a Calibration of {source.samples} samples: give one")
+        return source if samples is None else dataclasses.replace(source, samples=samples)
     return Calibration(source=source or "auto", samples=samples, seed=seed)
 
 

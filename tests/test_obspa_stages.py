@@ -527,3 +527,22 @@ def test_sentences_judge_allocations_on_their_first_part_and_the_chosen_rule_tak
     _, fit, _ = pipeline.calibration_inputs(model, Calibration(source="synthetic"), said.append, held_out=False,
                                             samples=pipeline.OBSPA_SAMPLES)
     assert sum(len(b["input_ids"]) for b in fit) == 128
+
+
+def test_calibration_samples_count_beside_a_calibration_or_are_refused_where_they_disagree(monkeypatch):
+    from spa import obspa
+    from spa.errors import SpaError
+
+    measured_on, original = [], obspa.scores
+
+    def counted(analysis, batches, *args, **kwargs):
+        measured_on.append(sum(len(b["input"]) for b in batches))
+        return original(analysis, batches, *args, **kwargs)
+
+    monkeypatch.setattr(obspa, "scores", counted)
+    prune(_cnn(), Target(ratio=0.25), criterion="obspa", calibration=Calibration(source="synthetic"),
+          calibration_samples=32)
+    assert measured_on == [32]
+    with pytest.raises(SpaError, match="calibration_samples=32 and a Calibration of 64 samples"):
+        prune(_cnn(), Target(ratio=0.25), criterion="obspa", calibration=Calibration(source="synthetic", samples=64),
+              calibration_samples=32)

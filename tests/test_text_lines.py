@@ -321,3 +321,20 @@ def test_a_config_whose_characters_the_font_cannot_draw_leaves_noise_said(tmp_pa
     x = calibration_batches(onnx.load(path), cal, progress=messages.append)[0]["input"]
     assert np.allclose(x.std(axis=(2, 3)), 1, atol=1e-3)  # noise images, no error
     assert any("draws none of the 2 characters" in m for m in messages), messages
+
+
+def test_noise_images_for_a_model_whose_output_looks_like_a_text_map_say_pages_could_be_asked_for():
+    from spa.pipeline import calibration_inputs
+
+    def said(model, **options):
+        messages = []
+        cal = Calibration(source="synthetic", samples=16, dims={"height": 64, "width": 64}, **options)
+        calibration_inputs(model, cal, messages.append, held_out=False)
+        return [m for m in messages if "--text-images pages calibrates" in m]
+
+    assert len(said(_detector())) == 1 and "one-channel map the size of the image" in said(_detector())[0]
+    assert said(_detector(), text_images="pages") == []  # asked for already
+    b = Builder(seed=7)
+    b.output(b.conv(b.input(["batch", 3, "height", "width"]), 3, 1))  # a map, but not of probabilities
+    assert said(b.model()) == []
+    assert said(_recognizer(dictionary=None)) == []  # no map at all

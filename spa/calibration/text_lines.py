@@ -233,3 +233,26 @@ def page(rng, height: int, width: int, alphabet: list, channels: int = 3):
         y += h + int(rng.integers(0, 60))
     image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     return image if channels == 3 else image.convert("L")
+
+
+def text_map_output(model, feeds: dict) -> str | None:
+    """The name of an output that is a one-channel map the size of the image input, with values in [0, 1]
+    (a DBNet text detector's text probability map, as PaddleOCR's give), on one sample of `feeds`; None
+    where there is none. Only declared [N, 1, H, W] outputs are run for."""
+    from ..runtime import session
+
+    outputs = [o.name for o in model.graph.output if len(o.type.tensor_type.shape.dim) == 4
+               and o.type.tensor_type.shape.dim[1].dim_value == 1]
+    images = [np.asarray(v) for v in feeds.values() if np.asarray(v).ndim == 4 and np.asarray(v).shape[1] in (1, 3)]
+    if not outputs or len(images) != 1 or len(feeds) != 1:
+        return None
+    name, value = next(iter(feeds.items()))
+    try:
+        got = session(model, quiet=True).run(outputs, {name: np.asarray(value)[:1]})
+    except Exception:  # noqa: BLE001 -- a hint only: the calibration run itself reports failures
+        return None
+    for out, array in zip(outputs, got):
+        if array.shape[2:] == images[0].shape[2:] and np.all((array >= 0) & (array <= 1)):
+            return out
+    return None
+

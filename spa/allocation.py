@@ -28,12 +28,11 @@ from .verify import MaskedRuns, masked_original
 # mean-normalisation exponents of the global candidates: 1 = every group's mean loss is 1 (close to
 # uniform), 0 = the raw losses
 EXPONENTS = (1.0, 0.5, 0.0)
-# with calibration read from files or sentences from a tokenizer, the global candidates again with no group
-# losing more than this share of its channels (where the target's own --max-group-ratio is looser and a group
-# went past it): MiniLM at --ratio 0.25 with 128 real sentences took 90 % of layer 0's MLP, 0.937 mean cosine;
-# at most 70 % / 50 % 0.944 / 0.946. On 1024 generated sentences the judge ranked uniform ahead of the
-# uncapped plans (0.912 against 0.930 on real text) and the capped one ahead of uniform (0.930); on
-# random token ids it picked them and lost 0.001-0.005 (docs/obspa.md)
+# with calibration read from files, the global candidates again with no group losing more than this
+# share of its channels (where the target's own --max-group-ratio is looser and a group went past
+# it): MiniLM at --ratio 0.25 with 128 real sentences took 90 % of layer 0's MLP, 0.937 mean cosine;
+# at most 70 % / 50 % 0.944 / 0.946. Judged on generated inputs the capped plans won too and lost
+# 0.001-0.005 on real sentences, or won by a hair over uniform (1024 sentences: docs/obspa.md)
 CAP = 0.5
 # uniform within this much of the least distortion wins: a random-weight VGG-16's outputs hardly depend
 # on its inputs (every plan measured 8.93e-09), and a global plan kept 1.5 % of the parameters at --ratio 0.5
@@ -145,7 +144,7 @@ def choose(analysis, scores: dict, target: Target, budget: Target | None, compen
     ({name: value}, applied to masked_original(plan)); `compensable`: the names it may give;
     `retain(plans)`: told after each candidate which plans can still win (what compensation cached
     for the others may go); `capped`: the global candidates with at most CAP of a group too (for
-    held-out batches of real data or generated sentences)."""
+    held-out batches of real data)."""
     mask = token_mask_input(analysis.model)
     masks = [feeds.get(mask) for feeds in held_out] if mask else None
     tried = []

@@ -255,4 +255,3 @@ def text_map_output(model, feeds: dict) -> str | None:
         if array.shape[2:] == images[0].shape[2:] and np.all((array >= 0) & (array <= 1)):
             return out
     return None
-

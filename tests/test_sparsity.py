@@ -422,13 +422,13 @@ def test_onnxruntime_failing_inside_the_stages_is_one_error(tmp_path):
 
 def test_callers_draw_their_own_count_of_generated_inputs_of_one_kind():
     """OBS masks of a token model get TOKEN_SAMPLES generated sequences, obspa OBSPA_SAMPLES
-    synthetic images, unless a count is given (announced); other inputs and sources keep 128."""
+    sentences or synthetic images, unless a count is given (announced); other inputs and sources keep 128."""
     from spa.calibration import Calibration, SampleDefault
     from spa.pipeline import OBSPA_SAMPLES, calibration_inputs
     from spa.sparse_obs import TOKEN_SAMPLES
 
-    assert (TOKEN_SAMPLES.kind, TOKEN_SAMPLES.count, OBSPA_SAMPLES.kind, OBSPA_SAMPLES.count) == \
-        ("tokens", 1024, "synthetic", 512)
+    assert (TOKEN_SAMPLES.kind, TOKEN_SAMPLES.count) == ("tokens", 1024)
+    assert [(s.kind, s.count) for s in OBSPA_SAMPLES] == [("sentences", 1024), ("synthetic", 512)]
     b = Builder()
     ids = b.input(["batch", "sequence"], "input_ids", TensorProto.INT64)
     x = b.op("Gather", [b.weight(37, 8), ids])
@@ -441,14 +441,15 @@ def test_callers_draw_their_own_count_of_generated_inputs_of_one_kind():
         _, fit, _ = calibration_inputs(model, cal, said.append, **kwargs)
         return sum(len(f[next(iter(f))]) for f in fit), said
 
-    count, said = fit_samples(Calibration("synthetic"), samples=tokens)
+    count, said = fit_samples(Calibration("synthetic"), samples=(tokens,))
     assert count == 64 and any("64 generated token sequences, not 128 (why;" in line for line in said)
-    assert fit_samples(Calibration("synthetic", samples=32), samples=tokens)[0] == 32
+    assert fit_samples(Calibration("synthetic", samples=32), samples=(tokens,))[0] == 32
     assert fit_samples(Calibration("synthetic"))[0] == 128
-    assert fit_samples(Calibration("synthetic"), samples=images)[0] == 128  # token inputs: not this kind
+    assert fit_samples(Calibration("synthetic"), samples=(images,))[0] == 128  # token inputs: not this kind
     conv = Calibration("synthetic", shapes=(1, 8, 6, 6))
-    assert fit_samples(conv, conv_model(), samples=tokens)[0] == 128
-    count, said = fit_samples(conv, conv_model(), samples=images)
+    assert fit_samples(conv, conv_model(), samples=(tokens,))[0] == 128
+    count, said = fit_samples(conv, conv_model(), samples=(images,))
     assert count == 48 and any("48 synthetic samples, not 128 (why;" in line for line in said)
-    assert fit_samples(Calibration("ood:noise-uniform", shapes=(1, 8, 6, 6)), conv_model(), samples=images)[0] == 128
-    assert fit_samples(conv, conv_model(), samples=SampleDefault("synthetic", 48, 1, "why"))[0] == 16  # the budget
+    noise = Calibration("ood:noise-uniform", shapes=(1, 8, 6, 6))
+    assert fit_samples(noise, conv_model(), samples=(images,))[0] == 128
+    assert fit_samples(conv, conv_model(), samples=(SampleDefault("synthetic", 48, 1, "why"),))[0] == 16  # the budget

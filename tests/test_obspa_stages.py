@@ -493,20 +493,27 @@ def test_default_synthetic_calibration_draws_only_what_the_mac_budget_keeps(monk
     assert any("32 of 128 samples" in line for line in said), said
 
 
+def _samples_measured(monkeypatch, name: str) -> list:
+    """The sample counts (of input `name`) of every obspa.scores call from now on."""
+    from spa import obspa
+
+    measured_on, original = [], obspa.scores
+
+    def counted(analysis, batches, *args, **kwargs):
+        measured_on.append(sum(len(b[name]) for b in batches))
+        return original(analysis, batches, *args, **kwargs)
+
+    monkeypatch.setattr(obspa, "scores", counted)
+    return measured_on
+
+
 def test_sentences_judge_allocations_on_their_first_part_and_the_chosen_rule_takes_them_all(tmp_path, monkeypatch):
     import spa.pipeline as pipeline
-    from spa import obspa
     from test_calibration import WORDS, _tokenizer
 
     tokenizer = str(_tokenizer(tmp_path / "tok", WORDS + [f"w{k}" for k in range(20)]))
     model, target = _dense_tokens(), Target(ratio=0.25)
-    measured_on, original = [], obspa.scores
-
-    def counted(analysis, batches, *args, **kwargs):
-        measured_on.append(sum(len(b["input_ids"]) for b in batches))
-        return original(analysis, batches, *args, **kwargs)
-
-    monkeypatch.setattr(obspa, "scores", counted)
+    measured_on = _samples_measured(monkeypatch, "input_ids")
     monkeypatch.setattr(pipeline, "JUDGED_SENTENCES", 32)
     said = []
     result = prune(model, target, criterion="obspa", progress=said.append,
@@ -530,16 +537,9 @@ def test_sentences_judge_allocations_on_their_first_part_and_the_chosen_rule_tak
 
 
 def test_calibration_samples_count_beside_a_calibration_or_are_refused_where_they_disagree(monkeypatch):
-    from spa import obspa
     from spa.errors import SpaError
 
-    measured_on, original = [], obspa.scores
-
-    def counted(analysis, batches, *args, **kwargs):
-        measured_on.append(sum(len(b["input"]) for b in batches))
-        return original(analysis, batches, *args, **kwargs)
-
-    monkeypatch.setattr(obspa, "scores", counted)
+    measured_on = _samples_measured(monkeypatch, "input")
     prune(_cnn(), Target(ratio=0.25), criterion="obspa", calibration=Calibration(source="synthetic"),
           calibration_samples=32)
     assert measured_on == [32]

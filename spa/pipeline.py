@@ -473,7 +473,7 @@ def _first_samples(batches: list, count: int | None) -> list:
     for k, feeds in enumerate(batches):
         total += batch_size(feeds)
         if total >= count:
-            return batches[:k + 1]
+            return batches[:k + 1] if k + 1 < len(batches) else batches
     return batches
 
 

@@ -527,6 +527,10 @@ def test_sentences_judge_allocations_on_their_first_part_and_the_chosen_rule_tak
     measured_on.clear()
     prune(model, target, criterion="obspa", calibration=Calibration(source="synthetic", samples=128))
     assert measured_on == [128]  # random token ids: one judge and one measurement, on all of them
+    measured_on.clear()
+    prune(model, target, criterion="obspa", calibration=Calibration(source="synthetic", tokenizer=tokenizer,
+                                                                    samples=32))
+    assert measured_on == [32]  # no more sentences than the judge's: measured once
     said.clear()
     _, fit, _ = pipeline.calibration_inputs(model, Calibration(source="synthetic", tokenizer=tokenizer), said.append,
                                             held_out=False, samples=pipeline.OBSPA_SAMPLES)

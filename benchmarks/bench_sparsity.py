@@ -459,14 +459,19 @@ def ocr_det_section(quick: bool) -> dict:
             "pages": {"in-distribution": 16, "shifted": 16, "calibration_real": 8, "size": DET_PAGE}, "rows": rows}
 
 
-def ocr_det_markdown(section: dict) -> str:
-    lines = ["| PP-OCRv4 det 2:4 | text-map F1 (in-distribution) | lines found | text-map F1 (shifted) | lines found | "
+def paired_markdown(section: dict, title: str, first: tuple, second: tuple) -> str:
+    """One row per sparsified row: two measures ((key, label) each) in distribution, then shifted."""
+    lines = [f"| {title} | {first[1]} (in-distribution) | {second[1]} | {first[1]} (shifted) | {second[1]} | "
              "layers / skipped | seconds |", "|---|---|---|---|---|---|---|"]
     for name, row in section["rows"].items():
-        ind, shifted = row["in-distribution"], row["shifted"]
-        lines.append(f"| {name} | {ind['map_f1']:.3f} | {ind['lines_found']:.3f} | {shifted['map_f1']:.3f} | "
-                     f"{shifted['lines_found']:.3f} | {row['layers']} / {row['skipped']} | {row['seconds']:.0f} |")
+        cells = [f"{row[kind][key]:.3f}" for kind in ("in-distribution", "shifted") for key in (first[0], second[0])]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row.get('layers', '-')} / {row.get('skipped', '-')} | "
+                     f"{row['seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def ocr_det_markdown(section: dict) -> str:
+    return paired_markdown(section, "PP-OCRv4 det 2:4", ("map_f1", "text-map F1"), ("lines_found", "lines found"))
 
 
 def ocr_det_plot(section: dict, ax) -> None:
@@ -476,14 +481,7 @@ def ocr_det_plot(section: dict, ax) -> None:
 
 
 def ocr_markdown(section: dict) -> str:
-    lines = ["| PP-OCRv4 rec 2:4 | exact lines (in-distribution) | characters | exact lines (shifted) | characters | "
-             "layers / skipped | seconds |", "|---|---|---|---|---|---|---|"]
-    for name, row in section["rows"].items():
-        ind, shifted = row["in-distribution"], row["shifted"]
-        lines.append(f"| {name} | {ind['exact_line']:.3f} | {ind['char']:.3f} | {shifted['exact_line']:.3f} | "
-                     f"{shifted['char']:.3f} | {row.get('layers', '-')} / {row.get('skipped', '-')} | "
-                     f"{row['seconds']:.0f} |")
-    return "\n".join(lines)
+    return paired_markdown(section, "PP-OCRv4 rec 2:4", ("exact_line", "exact lines"), ("char", "characters"))
 
 
 def ocr_plot(section: dict, ax) -> None:

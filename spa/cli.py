@@ -10,7 +10,7 @@ import time
 import warnings
 
 from .errors import CalibrationRunError, SpaError, SpaWarning
-from .flags import (DEFAULT_GRANULARITY, DEFAULT_ROUND_NOTE, calibration_flags, calibration_options,
+from .flags import (DEFAULT_GRANULARITY, DEFAULT_ROUND_NOTE, TEXT_IMAGES, calibration_flags, calibration_options,
                     check_command_flags, check_counts, check_model_flags, check_output_flags, check_whole_sessions,
                     default_criterion, l1_instead, parse_input_shapes, prune_target, recover_arg, rounding)
 
@@ -134,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
                          "Pillow's font. Default: the dictionary a PaddleOCR export keeps in its metadata "
                          "('character'), or the inference.yml beside the model (pages for a text detector, lines "
                          "for a recognizer), announced; 'none': noise images only")
-    pr.add_argument("--text-images", choices=("lines", "pages"),
+    pr.add_argument("--text-images", choices=TEXT_IMAGES,
                     help="with generated calibration, half of each image batch is text drawn with Pillow's font: "
                          "lines (a text recognizer's input; the default where there is a dictionary) or pages "
                          "of lines (a text detector's); in the --charset characters, else Latin ones")

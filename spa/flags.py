@@ -153,6 +153,10 @@ def check_model_flags(args, model, options):
                        "where groups with different numbers of weights are ranked together)")
 
 
+# --text-images' values: spa.calibration.text_lines.MODES, written here so that the CLI parser starts without
+# importing spa.calibration (tests/test_text_lines.py holds them equal)
+TEXT_IMAGES = ("lines", "pages")
+
 # calibration-only flags (--input-shape also sizes verification and reports: never refused as one)
 _CALIBRATION_FLAGS = {"tokenizer": "--tokenizer", "charset": "--charset", "text_images": "--text-images",
                       "max_length": "--max-length",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from .errors import SpaError
-from .flags import recover_arg
+from .flags import TEXT_IMAGES, recover_arg
 
 CALIBRATION_FLAGS = (("--calibration", "calibration"), ("--calibration-samples", "calibration_samples"),
                      ("--tokenizer", "tokenizer"), ("--charset", "charset"), ("--text-images", "text_images"),
@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
                     help="as spa prune: a text recognizer's dictionary; three quarters of each generated image "
                          "batch are text lines of its characters (default: the dictionary in a PaddleOCR export's "
                          "metadata, announced; 'none': noise images only)")
-    sp.add_argument("--text-images", choices=("lines", "pages"),
+    sp.add_argument("--text-images", choices=TEXT_IMAGES,
                     help="as spa prune: generated image batches are partly text lines (a recognizer's input) or "
                          "pages of lines (a detector's)")
     sp.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224",

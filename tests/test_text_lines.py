@@ -217,6 +217,11 @@ def test_lines_asked_for_without_a_dictionary_are_latin():
     assert any("text lines" in m and "Latin letters" in m for m in messages), messages
 
 
+def test_the_clis_text_images_are_the_modes_the_calibration_draws():
+    from spa.flags import TEXT_IMAGES
+    assert TEXT_IMAGES == text_lines.MODES
+
+
 def test_bad_text_images_are_one_line():
     with pytest.raises(SpaError, match="text images must be one of lines, pages"):
         Calibration(text_images="words").check()

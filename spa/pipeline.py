@@ -16,9 +16,8 @@ from onnx import external_data_helper
 
 from . import allocation as allocate
 from . import external_data, latency, obspa, plugins
-from .calibration import text_lines
 from .calibration import (DEFAULT_SAMPLES, Calibration, SampleDefault, calibration_batches,
-                          fresh_batches, generated_token_lengths, is_generated, shared_shapes, text_mode,
+                          fresh_batches, generated_token_lengths, is_generated, shared_shapes, text_lines, text_mode,
                           with_text_config, with_tokenizer)
 from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
 from .cost import concrete_shapes, count_macs, count_params

@@ -243,15 +243,15 @@ def text_map_output(model, feeds: dict) -> str | None:
 
     outputs = [o.name for o in model.graph.output if len(o.type.tensor_type.shape.dim) == 4
                and o.type.tensor_type.shape.dim[1].dim_value == 1]
-    images = [np.asarray(v) for v in feeds.values() if np.asarray(v).ndim == 4 and np.asarray(v).shape[1] in (1, 3)]
-    if not outputs or len(images) != 1 or len(feeds) != 1:
+    if not outputs or len(feeds) != 1:
         return None
-    name, value = next(iter(feeds.items()))
+    (name, image), = feeds.items()
+    image = np.asarray(image)[:1]
+    if image.ndim != 4 or image.shape[1] not in (1, 3):
+        return None
     try:
-        got = session(model, quiet=True).run(outputs, {name: np.asarray(value)[:1]})
+        got = session(model, quiet=True).run(outputs, {name: image})
     except Exception:  # noqa: BLE001 -- a hint only: the calibration run itself reports failures
         return None
-    for out, array in zip(outputs, got):
-        if array.shape[2:] == images[0].shape[2:] and np.all((array >= 0) & (array <= 1)):
-            return out
-    return None
+    return next((out for out, array in zip(outputs, got)
+                 if array.shape[2:] == image.shape[2:] and np.all((array >= 0) & (array <= 1))), None)

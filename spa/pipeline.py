@@ -564,10 +564,13 @@ def macs_per_sample(model: onnx.ModelProto, feeds: dict) -> float:
 
 
 def _calibration(source, samples: int | None, seed: int) -> Calibration:
-    if isinstance(source, Calibration):
+    if isinstance(source, Calibration):  # prune's seed and samples reach it, unless it says otherwise
         if samples is not None and source.samples not in (None, samples):
             raise SpaError(f"calibration_samples={samples} and a Calibration of {source.samples} samples: give one")
-        return source if samples is None else dataclasses.replace(source, samples=samples)
+        if seed and source.seed not in (0, seed):
+            raise SpaError(f"seed={seed} and a Calibration with seed {source.seed}: give one")
+        return dataclasses.replace(source, samples=source.samples if samples is None else samples,
+                                   seed=seed or source.seed)
     return Calibration(source=source or "auto", samples=samples, seed=seed)
 
 

@@ -550,3 +550,19 @@ def test_calibration_samples_count_beside_a_calibration_or_are_refused_where_the
     with pytest.raises(SpaError, match="calibration_samples=32 and a Calibration of 64 samples"):
         prune(_cnn(), Target(ratio=0.25), criterion="obspa", calibration=Calibration(source="synthetic", samples=64),
               calibration_samples=32)
+
+
+def test_prunes_seed_reaches_a_calibration_or_is_refused_where_they_disagree(monkeypatch):
+    import spa.pipeline as pipeline
+    from spa.errors import SpaError
+
+    drawn = []
+    original = pipeline.calibration_inputs
+    monkeypatch.setattr(pipeline, "calibration_inputs",
+                        lambda model, cal, *a, **k: drawn.append(cal.seed) or original(model, cal, *a, **k))
+    for seed, own in ((3, 0), (0, 5), (5, 5)):
+        prune(_cnn(), Target(ratio=0.25), criterion="obspa", calibration=Calibration(source="synthetic", seed=own),
+              seed=seed)
+    assert drawn == [3, 5, 5]
+    with pytest.raises(SpaError, match="seed=3 and a Calibration with seed 5: give one"):
+        prune(_cnn(), Target(ratio=0.25), criterion="obspa", calibration=Calibration(source="synthetic", seed=5), seed=3)

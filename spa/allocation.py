@@ -132,7 +132,7 @@ def _leader(tried: list) -> tuple:
 
 
 def outputs(model, batches) -> list:
-    sess = session(model, quiet=True)
+    sess = session(model, quiet=True, spinning=False)
     return [sess.run(None, feeds) for feeds in batches]
 
 

@@ -228,16 +228,23 @@ def is_float(dtype) -> bool:
 DEFAULT_THREADS = None  # onnxruntime's intra-op threads when a caller gives none (None: its default)
 
 
-def session(model_or_path, threads: int | None = None, quiet: bool = False):
+def session(model_or_path, threads: int | None = None, quiet: bool = False, spinning: bool = True):
     """An onnxruntime CPU session. A model whose float16 / bfloat16 / double operators the CPU
     provider has no kernel for (bfloat16 almost everywhere, double Conv and pooling) runs on its
     float32 copy instead (a Float32Session: inputs cast in, outputs cast back to the model's
-    types); any other failure is raised as is."""
+    types); any other failure is raised as is.
+
+    spinning: onnxruntime's default, its threads spin-waiting for work after a run (what a timed
+    run of the user's runtime measures). SPA's own passes over calibration batches turn it off:
+    the numpy work between two runs shares those cores (MiniLM's Hessians from 1024
+    sentences: 13.4 -> 9.3 s, docs/obspa.md)."""
     def options():
         made = ort.SessionOptions()
         made.log_severity_level = 4 if quiet else 3
         if threads or DEFAULT_THREADS:
             made.intra_op_num_threads = threads or DEFAULT_THREADS
+        if not spinning:
+            made.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return made
 
     try:
@@ -259,7 +266,7 @@ def session(model_or_path, threads: int | None = None, quiet: bool = False):
         # a file declaring dynamic input dims as 0 (Paddle2ONNX): onnxruntime would accept only
         # empty tensors; run its copy with those dims symbolic (symbolic_declarations)
         model = onnx.load(model_or_path) if isinstance(model_or_path, str) else onnx.load_from_string(model_or_path)
-        return session(symbolic_declarations(model), threads, quiet)
+        return session(symbolic_declarations(model), threads, quiet, spinning)
     return sess
 
 

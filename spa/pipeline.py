@@ -378,8 +378,8 @@ def _hint_text_pages(model: onnx.ModelProto, feeds: dict, progress) -> None:
 def _held_out(model, cal: Calibration, batches: list) -> tuple[list, list]:
     """(fit batches, held-out batches) to compare allocations and judge compensations on:
     one more generated batch for generated sources (four, of English clauses, for sentences from a
-    tokenizer); else the last quarter of the data, re-split
-    into smaller batches first where the batch axis is free and there are fewer than four."""
+    tokenizer, with at most half as many sentences as the fit); else the last quarter of the data,
+    re-split into smaller batches first where the batch axis is free and there are fewer than four."""
     if not batches:
         return batches, []
     if is_generated(cal.source):
@@ -388,7 +388,9 @@ def _held_out(model, cal: Calibration, batches: list) -> tuple[list, list]:
         # English clauses where the tokenizer has the words (docs/obspa.md: MiniLM's judge then picks the plan
         # real text prefers on 6 seeds of 6, on one batch of word salad it picked uniform on some)
         parts = HELD_OUT_PARTS if cal.tokenizer else 1
-        held = dataclasses.replace(cal, samples=size * parts, seed=cal.seed + 1, scaffold=1.0)
+        if parts > 1 and _batch_axis_free(model):  # within the budget's reach: a 1.1B LLaMA's buys 16 sentences
+            size = max(1, min(size, sample_count(batches) // (2 * parts)))
+        held = dataclasses.replace(cal, samples=size * parts, batch_size=size, seed=cal.seed + 1, scaffold=1.0)
         return batches, calibration_batches(model, held)[:parts]
     if len(batches) < HELD_OUT_PARTS and _batch_axis_free(model):
         batches = _rechunked(batches, HELD_OUT_PARTS)

@@ -311,6 +311,7 @@ def calibration_inputs(model: onnx.ModelProto, cal: Calibration, progress=_quiet
         cal, budget = dataclasses.replace(cal, samples=default.count), default.budget
         progress(f"calibration: {default.count} {default.what}, not {DEFAULT_SAMPLES} ({default.why}; "
                  "--calibration-samples sets the count)")
+    wanted = cal.samples or DEFAULT_SAMPLES
     if capped and cal.source == "synthetic" and not generated_token_lengths(model):
         cal = _drawn_within(model, cal, budget, progress)
     try:
@@ -326,7 +327,8 @@ def calibration_inputs(model: onnx.ModelProto, cal: Calibration, progress=_quiet
         batches = affordable(model, batches, progress, budget)
     if batches and cal.source == "synthetic" and not text_mode(model, cal):
         _hint_text_pages(model, batches[0], progress)
-    fit, held = _held_out(model, cal, batches) if held_out else (batches, [])
+    cut = capped and is_generated(cal.source) and sample_count(batches) < wanted
+    fit, held = _held_out(model, cal, batches, cut) if held_out else (batches, [])
     return cal, fit, held
 
 
@@ -375,11 +377,12 @@ def _hint_text_pages(model: onnx.ModelProto, feeds: dict, progress) -> None:
                  "against 0.174; docs/obspa.md)")
 
 
-def _held_out(model, cal: Calibration, batches: list) -> tuple[list, list]:
+def _held_out(model, cal: Calibration, batches: list, cut: bool = False) -> tuple[list, list]:
     """(fit batches, held-out batches) to compare allocations and judge compensations on:
     one more generated batch for generated sources (four, of English clauses, for sentences from a
-    tokenizer, with at most half as many sentences as the fit); else the last quarter of the data,
-    re-split into smaller batches first where the batch axis is free and there are fewer than four."""
+    tokenizer), with at most half as many samples as the fit where the MAC budget `cut` the fit; else
+    the last quarter of the data, re-split into smaller batches first where the batch axis is free and
+    there are fewer than four."""
     if not batches:
         return batches, []
     if is_generated(cal.source):
@@ -388,8 +391,8 @@ def _held_out(model, cal: Calibration, batches: list) -> tuple[list, list]:
         # English clauses where the tokenizer has the words (docs/obspa.md: MiniLM's judge then picks the plan
         # real text prefers on 6 seeds of 6, on one batch of word salad it picked uniform on some)
         parts = HELD_OUT_PARTS if cal.tokenizer else 1
-        if parts > 1 and _batch_axis_free(model):  # within the budget's reach: a 1.1B LLaMA's buys 16 sentences
-            size = max(1, min(size, sample_count(batches) // (2 * parts)))
+        if cut and _batch_axis_free(model):  # a 1.1B LLaMA's budget buys 16 sequences: 64 held out took
+            size = max(1, min(size, sample_count(batches) // (2 * parts)))  # 160 s per allocation candidate
         held = dataclasses.replace(cal, samples=size * parts, batch_size=size, seed=cal.seed + 1, scaffold=1.0)
         return batches, calibration_batches(model, held)[:parts]
     if len(batches) < HELD_OUT_PARTS and _batch_axis_free(model):

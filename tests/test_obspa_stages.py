@@ -587,3 +587,17 @@ def test_calibration_passes_run_onnxruntime_without_spinning_threads(monkeypatch
         assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     with pytest.raises(Exception, match="does not have configuration"):
         runtime.session(model).get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_held_out_samples_are_at_most_half_the_fit_where_the_mac_budget_cut_it(monkeypatch):
+    """A 1.1B LLaMA's budget buys 16 generated sequences; judging allocations on as many again held out
+    took 160 s per candidate. Where the budget cut nothing, the held-out batch stays the fit's batch size."""
+    import spa.pipeline as pipeline
+    from spa.runtime import sample_count
+
+    model, cal = _cnn(), Calibration(source="synthetic")
+    _, fit, held = pipeline.calibration_inputs(model, cal, lambda message: None)
+    assert sample_count(fit) == 128 and [len(b["input"]) for b in held] == [16]
+    monkeypatch.setattr(pipeline, "CALIBRATION_MACS", pipeline.macs_per_sample(model, fit[0]) * 20)
+    _, fit, held = pipeline.calibration_inputs(model, cal, lambda message: None)
+    assert sample_count(fit) == 16 and [len(b["input"]) for b in held] == [8]

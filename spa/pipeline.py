@@ -65,7 +65,8 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     taylor / snip / grasp / crop / synflow / obd: per-weight saliencies from a frontend registered
     for them (spa.plugins; PyTorch autograd), unless `saliency` ({weight name: array}) is given;
     any other: spa.importance. `calibration`: a spa.calibration source string or a Calibration
-    (`calibration_options` overrides it). compensation: "obs" (default with obspa), "reference"
+    (`calibration_options` overrides it; `seed` and `calibration_samples` reach it, and one that sets
+    other values of them is refused). compensation: "obs" (default with obspa), "reference"
     or "none" (default otherwise): OBS weight compensation of the layers that lose inputs, with
     any criterion. staged (obs compensation): refit the layers stage by stage on inputs re-computed
     through the already compensated part (True), or solve every layer from the original model's

@@ -565,7 +565,8 @@ def test_prunes_seed_reaches_a_calibration_or_is_refused_where_they_disagree(mon
               seed=seed)
     assert drawn == [3, 5, 5]
     with pytest.raises(SpaError, match="seed=3 and a Calibration with seed 5: give one"):
-        prune(_cnn(), Target(ratio=0.25), criterion="obspa", calibration=Calibration(source="synthetic", seed=5), seed=3)
+        prune(_cnn(), Target(ratio=0.25), criterion="obspa", calibration=Calibration(source="synthetic", seed=5),
+              seed=3)
 
 
 def test_calibration_passes_run_onnxruntime_without_spinning_threads(monkeypatch):

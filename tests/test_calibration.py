@@ -593,8 +593,8 @@ def test_synthetic_tokens_in_english_clauses_where_the_tokenizer_has_the_words(t
     batches, said = _said(model, calibration)
     assert any("25% of the synthetic token sequences for 'input_ids' are English clauses" in m for m in said)
     fit, held = _held_out(model, calibration, batches)
-    assert fit is batches and len(held) == 4 and len({b["input_ids"].shape[1] for b in held}) > 1
-    assert [len(b["input_ids"]) for b in held] == [16] * 4
+    assert fit is batches and [len(b["input_ids"]) for b in held] == [16] * 4
+    assert len({b["input_ids"].shape[1] for b in held}) > 1
     # where the MAC budget cut the fit (a 1.1B LLaMA's buys 16 sentences), at most half as many held out
     assert [len(b["input_ids"]) for b in _held_out(model, calibration, batches, cut=True)[1]] == [4] * 4
     assert all(row[-2] in stops and closed_ids & set(row[1:-1]) for b in held for row in b["input_ids"])

@@ -69,9 +69,15 @@ def candidates(analysis, scores: dict, target: Target, budget: Target | None, ca
 
 def by_rule(analysis, scores: dict, target: Target, budget: Target | None, name: str, capped: bool = False) -> Plan:
     """The plan the candidate allocation called `name` gives with these scores (a capped one's uncapped
-    plan where the cap no longer changes it)."""
-    plans = dict(candidates(analysis, scores, target, budget, capped))
-    return plans[name] if name in plans else plans[name.split(", at most")[0]]
+    plan where the cap no longer changes it). Candidates are made only up to the one named."""
+    uncapped, fallback = name.split(", at most")[0], None
+    for candidate, plan in candidates(analysis, scores, target, budget, capped):
+        if candidate == name:
+            return plan
+        fallback = plan if candidate == uncapped else fallback
+    if fallback is None:
+        raise KeyError(name)
+    return fallback
 
 
 def _past(analysis, plan: Plan, cap: float) -> bool:

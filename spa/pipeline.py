@@ -461,10 +461,10 @@ def _obs_plan(analysis, target, fit, held, allocation, normalization, compensati
         rule = next(c.name for c in tried if c.plan is plan)
         progress(f"selecting channels: the allocations judged on the first {judged} generated sentences; "
                  f"'{rule}' applied to the losses of all {sum(batch_size(b) for b in fit)}")
-        judged_on = measured
-        judged_on.first_order.clear()  # the candidates' updates: done with
+        measured.first_order.clear()  # the candidates' updates: done with
+        held_hessians = measured.held_hessians  # the same held-out batches: not measured twice
         scores, measured = obspa.scores(analysis, fit, damp, normalization or "none", seed, progress)
-        measured.held_hessians = judged_on.held_hessians  # the same held-out batches: not measured twice
+        measured.held_hessians = held_hessians
         budget = as_budget(analysis, scores, target) if budget is not None else None
         plan = allocate.by_rule(analysis, scores, target, budget, rule, read)
     return plan, scores, measured

@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from .cost import concrete_shapes, count_macs, count_params
+from .cost import count_macs, count_params
 from .plan import Plan
 from .progress import bar
 from .runtime import is_float, session
@@ -57,13 +57,12 @@ def candidates(analysis, scores: dict, target: Target, budget: Target | None, ca
     if budget is not None:
         yield "uniform", select(analysis, scaled(scores, 1.0), target)
     ranked = budget or target
-    shapes = {}  # the model's concrete shapes, measured once if a capped plan's MACs are compared
     for exponent in EXPONENTS:
         name, plan = f"global, losses / mean^{exponent:g}", select(analysis, scaled(scores, exponent), ranked)
         yield name, plan
         if capped and ranked.max_group_ratio > CAP and _past(analysis, plan, CAP):
             limited = select(analysis, scaled(scores, exponent), dataclasses.replace(ranked, max_group_ratio=CAP))
-            if _no_larger(analysis, limited, plan, ranked, shapes):
+            if _no_larger(analysis, limited, plan, ranked):
                 yield f"{name}, at most {CAP:.0%} of a group", limited
 
 
@@ -85,16 +84,15 @@ def _past(analysis, plan: Plan, cap: float) -> bool:
     return any(count > cap * len(analysis.groups[gid].atoms) for gid, count in plan.removed_by_group().items())
 
 
-def _no_larger(analysis, plan: Plan, reference: Plan, target: Target, shapes: dict) -> bool:
+def _no_larger(analysis, plan: Plan, reference: Plan, target: Target) -> bool:
     """Whether `plan` keeps no more parameters (and, for a MAC target, MACs) than `reference`
-    but for rounding: a cap can leave a budget unreachable. `shapes`: a cache of concrete shapes."""
+    but for rounding: a cap can leave a budget unreachable."""
     slack = 1.001
     if count_params(analysis.graph, plan) > slack * count_params(analysis.graph, reference):
         return False
     if target.keep_macs is None:
         return True
-    if not shapes:
-        shapes.update(concrete_shapes(analysis.model))
+    shapes = analysis.concrete_shapes
     return count_macs(analysis.graph, shapes, plan) <= slack * count_macs(analysis.graph, shapes, reference)
 
 

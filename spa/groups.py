@@ -113,6 +113,14 @@ class Analysis:
         return self.graph.model
 
     @cached_property
+    def concrete_shapes(self) -> dict:
+        """spa.cost.concrete_shapes of the model (batch 1), computed once: the selector, the budget and
+        the allocation's checks all read them (shape inference of MiniLM: 0.1 s a time). Read only."""
+        from .cost import concrete_shapes
+
+        return concrete_shapes(self.model)
+
+    @cached_property
     def contracted_pairs(self) -> set:
         """(tensor, axis) pairs read as contracted consumer inputs (a layer's in-channels)."""
         return {(self.graph.nodes[i].input[s], a) for i, s, a in self.contracted}

@@ -21,6 +21,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 DEFAULT_DAMP = 0.01
+FLUSH_ROWS = 2048  # HessianSum multiplies at least this many rows (or d_in) at once
 SINGLE_ABOVE = 1024  # Cholesky factorisations of wider Hessians run in float32
 
 
@@ -56,8 +57,11 @@ class HessianSum:
     X X^T is one matrix product in the rows' precision (float32 activations: sgemm; OpenBLAS's syrk,
     half the arithmetic, ran 1.2-2.3x slower here, docs/obspa.md), summed in that precision too
     (the product's own rounding is the larger error; float64 sums doubled the memory of the largest
-    stage: a 1.1B LLaMA's Hessians 6.3 GB). `matrix` turns the sum into H in place (one d_in^2
-    array per layer, not a sum and its H); a later `add` turns it back."""
+    stage: a 1.1B LLaMA's Hessians 6.3 GB). Fewer rows than `flush_rows` (at most d_in) wait for more
+    before one product: a product over 192 rows ran at half the speed of one over 2048 (MiniLM's
+    1536-wide MLP inputs, 192 rows a batch from 1024 sentences), and the rows waiting take at most
+    the memory of H itself. `matrix` turns the sum into H in place (one d_in^2 array per layer, not
+    a sum and its H); a later `add` turns it back."""
 
     def __init__(self, columns: int, blocks: int = 1):
         self.shape = (blocks, columns, columns)
@@ -65,6 +69,8 @@ class HessianSum:
         self.count = 0
         self.symmetric = True
         self.normalised = False  # xtx holds H (symmetrised and divided by N), not the sum
+        self.flush_rows = min(FLUSH_ROWS, columns)
+        self.waiting = [[] for _ in range(blocks)]  # per block: (rows, other rows or None) not yet multiplied
 
     def add(self, rows: np.ndarray, block: int = 0, count: bool = True, chunk: int = 8192, other=None):
         """rows: (n, d_in), one input vector per row; other: rows of a second input (X_ref) to
@@ -76,18 +82,42 @@ class HessianSum:
             self.xtx *= max(self.count, 1) / 2.0
             self.normalised = False
         self.symmetric = self.symmetric and other is None
+        if count:
+            self.count += len(rows)
+        waiting = self.waiting[block]
+        if len(rows) < self.flush_rows:  # a copy: a view would keep its whole batch tensor alive
+            waiting.append((np.array(rows, dtype=dtype), None if other is None else np.array(other, dtype=dtype)))
+            if sum(len(part) for part, _ in waiting) < self.flush_rows:
+                return
+            rows = np.concatenate([part for part, _ in waiting])
+            other = None if other is None else np.concatenate([right for _, right in waiting])
+            waiting.clear()
+        else:
+            self._flush(block)
+        self._multiply(rows, block, chunk, other)
+
+    def _multiply(self, rows, block, chunk=8192, other=None):
+        dtype = self.xtx.dtype
         for start in range(0, len(rows), chunk):
             part = np.asarray(rows[start:start + chunk], dtype=dtype)
             right = part if other is None else np.asarray(other[start:start + chunk], dtype=dtype)
             self.xtx[block] += part.T @ right
-        if count:
-            self.count += len(rows)
+
+    def _flush(self, block: int) -> None:
+        waiting = self.waiting[block]
+        if waiting:
+            rows = np.concatenate([part for part, _ in waiting])
+            other = None if waiting[0][1] is None else np.concatenate([right for _, right in waiting])
+            waiting.clear()
+            self._multiply(rows, block, other=other)
 
     @property
     def matrix(self) -> np.ndarray:
         """(blocks, d_in, d_in)."""
         if self.xtx is None:
             self.xtx = np.zeros(self.shape)
+        for block in range(self.shape[0]):
+            self._flush(block)
         if not self.normalised:
             if self.symmetric:  # the product's rounding may differ a little between H[i, j] and H[j, i]
                 for block in self.xtx:

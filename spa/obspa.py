@@ -202,19 +202,24 @@ def token_mask_input(model: onnx.ModelProto) -> str | None:
 
 def collect(model: onnx.ModelProto, layers, parts, desc: str):
     """One onnxruntime pass (one session) over the batches of every (batches, Hessians) part,
-    feeding each layer's Hessian of that part (the progress bar moves per layer: a batch's
-    accumulation can take seconds on a big model)."""
+    feeding each layer's Hessian of that part; a batch in several parts (the same feeds) runs
+    once and feeds them all (the progress bar moves per layer: a batch's accumulation can take
+    seconds on a big model)."""
     mask = token_mask_input(model)
     first = {}
     for layer in layers:  # layers reading one input with one layout share a Hessian
         first.setdefault(layer.key(), layer)
     unique = list(first.values())
-    every = [(feeds, hessians) for batches, hessians in parts for feeds in batches]
+    every: dict = {}  # id of a batch's feeds -> (feeds, the Hessians it feeds)
+    for batches, hessians in parts:
+        for feeds in batches:
+            every.setdefault(id(feeds), (feeds, []))[1].append(hessians)
     with bar(desc=desc, total=len(every) * len(unique)) as moved:
-        values = fetch(model, [l.activation for l in layers], [feeds for feeds, _ in every], None)
-        for (feeds, hessians), found in zip(every, values):
+        values = fetch(model, [l.activation for l in layers], [feeds for feeds, _ in every.values()], None)
+        for (feeds, fed), found in zip(every.values(), values):
             for layer in unique:
-                hessians.add(layer, found[layer.activation], tokens=feeds.get(mask))
+                for hessians in fed:
+                    hessians.add(layer, found[layer.activation], tokens=feeds.get(mask))
                 moved.update(1)
 
 
@@ -449,6 +454,7 @@ class Measured:
     held_hessians: Hessians | None = None  # of batches no Hessian above saw: they judge compensations
     # first_order_weights' per-layer (update, judged damping), shared by the plans compared
     first_order: dict = field(default_factory=dict)
+    wider: tuple | None = None  # (batches, Hessians) of more batches from the same pass, for `rescored`
 
     @property
     def compensable(self) -> list:
@@ -462,10 +468,11 @@ def check_damp(damp: float) -> None:
 
 
 def scores(analysis: Analysis, batches: list, damp: float = obs.DEFAULT_DAMP, normalization: str = "mean",
-           seed: int = 0, progress=lambda message: None, held: list = ()):
+           seed: int = 0, progress=lambda message: None, held: list = (), wider: list = ()):
     """(group scores, Measured): OBS saliency of every prunable group's channels from the
     Hessians of its consumer layers on the calibration batches ([]: H = I); the Hessians of the
-    `held` batches (kept apart) judge compensations later."""
+    `held` batches (kept apart) judge compensations later. `wider`: batches that hold `batches`
+    and more, whose Hessians the same pass collects for `rescored` (the batches in both run once)."""
     check_damp(damp)
     if normalization not in NORMALIZATIONS:
         raise SpaError(f"unknown normalization '{normalization}' (known: {', '.join(NORMALIZATIONS)})")
@@ -476,15 +483,30 @@ def scores(analysis: Analysis, batches: list, damp: float = obs.DEFAULT_DAMP, no
                  "dequantized values, never compensated (an OBS update is not on their integer grid)")
     hessians = Hessians(len(batches), MAX_COLUMNS, seed)
     held_hessians = Hessians(len(held), MAX_COLUMNS, seed, keep_rows=True) if held else None
+    wider_hessians = Hessians(len(wider), MAX_COLUMNS, seed) if wider else None  # its own draws: as if run alone
     if batches and layers:
-        progress(f"Hessians of {len(layers)} layers from {sample_count(batches)} "
-                 "calibration samples" + (" (and the held-out ones)" if held else ""))
+        besides = [f"the first {sample_count(batches)} also apart"] * bool(wider) \
+            + ["and the held-out ones"] * bool(held)
+        progress(f"Hessians of {len(layers)} layers from {sample_count(wider or batches)} calibration samples"
+                 + (f" ({', '.join(besides)})" if besides else ""))
     if (batches or held) and layers:
-        collect(analysis.model, layers, [(batches, hessians)] + ([(list(held), held_hessians)] if held else []),
-                "Hessians")
+        parts = [(batches, hessians)] + ([(list(held), held_hessians)] if held else []) \
+            + ([(wider, wider_hessians)] if wider else [])
+        collect(analysis.model, layers, parts, "Hessians")
     progress(f"OBS saliency of {sum(g.prunable for g in analysis.groups)} prunable groups")
     found = group_scores(analysis, layers, hessians, damp, normalization, calibrated=bool(batches))
-    return found, Measured(layers, hessians, batches, damp, seed, held_hessians)
+    return found, Measured(layers, hessians, batches, damp, seed, held_hessians,
+                           wider=(wider, wider_hessians) if wider else None)
+
+
+def rescored(analysis: Analysis, measured: Measured, normalization: str = "mean", progress=lambda message: None):
+    """(group scores, Measured) of the `wider` batches `scores` collected beside `measured`'s own,
+    with the same held-out Hessians."""
+    batches, hessians = measured.wider
+    progress(f"OBS saliency of {sum(g.prunable for g in analysis.groups)} prunable groups "
+             f"from all {sample_count(batches)} calibration samples")
+    found = group_scores(analysis, measured.layers, hessians, measured.damp, normalization, calibrated=True)
+    return found, Measured(measured.layers, hessians, batches, measured.damp, measured.seed, measured.held_hessians)
 
 
 def compensation_stage(analysis: Analysis, plan: Plan, how: str, batches: list, measured: Measured | None = None,

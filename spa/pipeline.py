@@ -439,7 +439,8 @@ def _obs_plan(analysis, target, fit, held, allocation, normalization, compensati
     capped ones too), each compensated from the first `judged` samples of `fit` (None: all), and
     the rule that wins is then applied to the losses of all of `fit`."""
     part = _first_samples(fit, judged) if allocation == "measured" and held else fit
-    scores, measured = obspa.scores(analysis, part, damp, normalization or "none", seed, progress, held)
+    scores, measured = obspa.scores(analysis, part, damp, normalization or "none", seed, progress, held,
+                                    wider=fit if part is not fit else ())
     if allocation == "measured" and not held:
         allocation = "uniform" if target.ratio is not None else "global"
         scores = allocate.scaled(scores, 1.0)
@@ -462,9 +463,7 @@ def _obs_plan(analysis, target, fit, held, allocation, normalization, compensati
         progress(f"selecting channels: the allocations judged on the first {judged} generated sentences; "
                  f"'{rule}' applied to the losses of all {sum(batch_size(b) for b in fit)}")
         measured.first_order.clear()  # the candidates' updates: done with
-        held_hessians = measured.held_hessians  # the same held-out batches: not measured twice
-        scores, measured = obspa.scores(analysis, fit, damp, normalization or "none", seed, progress)
-        measured.held_hessians = held_hessians
+        scores, measured = obspa.rescored(analysis, measured, normalization or "none", progress)
         budget = as_budget(analysis, scores, target) if budget is not None else None
         plan = allocate.by_rule(analysis, scores, target, budget, rule, read)
     return plan, scores, measured
@@ -504,7 +503,7 @@ def as_budget(analysis: Analysis, scores: dict, target: Target, progress=_quiet)
     model slower than the original)."""
     uniform = select(analysis, scores, target)
     params = count_params(analysis.graph, uniform) / max(count_params(analysis.graph), 1)
-    shapes = concrete_shapes(analysis.model)
+    shapes = analysis.concrete_shapes
     full = count_macs(analysis.graph, shapes)
     macs = count_macs(analysis.graph, shapes, uniform) / full if full else None
     progress(f"ratio {target.ratio:g} as a budget: keep at most {params:.1%} of the parameters"

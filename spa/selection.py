@@ -261,7 +261,7 @@ class Selector:
             order = self.global_order()
             budgets = [(self.params_of, t.keep_params)] if t.keep_params is not None else []
             if t.keep_macs is not None:
-                self.shapes = self._shapes()
+                self.shapes = self.analysis.concrete_shapes
                 budgets.append((self.macs_of, t.keep_macs))
             accepted = self.to_budget(order, budgets)
         if not accepted and self.record["whole"]:
@@ -275,10 +275,6 @@ class Selector:
 
     def params_of(self, accepted):
         return count_params(self.analysis.graph, Plan(self.analysis, [a for _, a in accepted]))
-
-    def _shapes(self):
-        from .cost import concrete_shapes
-        return concrete_shapes(self.analysis.model)
 
     def macs_of(self, accepted):
         plan = Plan(self.analysis, [a for _, a in accepted])

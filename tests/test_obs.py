@@ -41,6 +41,25 @@ def test_hessian_read_then_added_to_counts_every_row():
     assert acc.matrix is acc.matrix  # read twice: the same array, not a second copy
 
 
+def test_hessian_of_batches_narrower_than_its_columns_waits_for_rows_and_counts_every_one():
+    """Batches of fewer rows than d_in wait to be multiplied together: H, the cross term and every
+    block still sum every row, whether H is read in between or only at the end."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((700, 64)).astype(np.float32)
+    X_ref = X + 0.1 * rng.standard_normal(X.shape).astype(np.float32)
+    acc, cross = obs.HessianSum(64, blocks=2), obs.HessianSum(64)
+    for k, (part, ref) in enumerate(zip(np.array_split(X, 35), np.array_split(X_ref, 35))):
+        acc.add(part, 0)
+        acc.add(2 * part, 1, count=False)
+        cross.add(part, other=ref)
+        if k == 9:
+            np.testing.assert_allclose(acc.matrix[0], 2 * X[:200].T @ X[:200] / 200, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(acc.matrix[0], 2 * X.T @ X / len(X), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(acc.matrix[1], 8 * X.T @ X / len(X), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cross.matrix[0], 2 * X.T @ X_ref / len(X), rtol=1e-5, atol=1e-6)
+    assert acc.count == cross.count == len(X)
+
+
 @pytest.mark.parametrize("Q", [[3], [0, 7], [1, 2, 5, 9]])
 def test_compensation_is_exact_least_squares(Q):
     W, X = _layer()

@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from builder import Builder
-from spa import allocation, obs
+from spa import allocation, obs, obspa
 from spa.activations import StagedRun
 from spa.calibration import Calibration, calibration_batches
 from spa.cost import concrete_shapes, count_macs, count_params
@@ -494,13 +494,15 @@ def test_default_synthetic_calibration_draws_only_what_the_mac_budget_keeps(monk
 
 
 def _samples_measured(monkeypatch, name: str) -> list:
-    """The sample counts (of input `name`) of every obspa.scores call from now on."""
-    from spa import obspa
+    """The sample counts (of input `name`) that every obspa.scores call from now on measures
+    Hessians on (its batches, then its wider batches if any)."""
 
     measured_on, original = [], obspa.scores
 
     def counted(analysis, batches, *args, **kwargs):
         measured_on.append(sum(len(b[name]) for b in batches))
+        if kwargs.get("wider"):
+            measured_on.append(sum(len(b[name]) for b in kwargs["wider"]))
         return original(analysis, batches, *args, **kwargs)
 
     monkeypatch.setattr(obspa, "scores", counted)
@@ -515,10 +517,16 @@ def test_sentences_judge_allocations_on_their_first_part_and_the_chosen_rule_tak
     model, target = _dense_tokens(), Target(ratio=0.25)
     measured_on = _samples_measured(monkeypatch, "input_ids")
     monkeypatch.setattr(pipeline, "JUDGED_SENTENCES", 32)
+    passes, fetch = [], obspa.fetch
+    monkeypatch.setattr(obspa, "fetch", lambda model, names, batches, desc: passes.append(batches) or
+                        fetch(model, names, batches, desc))
     said = []
     result = prune(model, target, criterion="obspa", progress=said.append,
                    calibration=Calibration(source="synthetic", tokenizer=tokenizer, samples=128))
     assert measured_on == [32, 128]  # the candidates compensated from the first 32, the plan's losses from all
+    held = next(m for m in said if "held-out calibration batches" in m)
+    assert len(passes) == 1 and sum(len(b["input_ids"]) for b in passes[0]) == 128 + 16 * int(held.split()[5])
+    assert any("from 128 calibration samples (the first 32 also apart, and the held-out ones)" in m for m in said)
     line = next(m for m in said if "allocations judged on the first 32 generated sentences" in m)
     rule = line.split("'")[1]
     budget = as_budget(result.analysis, result.scores, target)

@@ -496,7 +496,6 @@ def test_default_synthetic_calibration_draws_only_what_the_mac_budget_keeps(monk
 def _samples_measured(monkeypatch, name: str) -> list:
     """The sample counts (of input `name`) that every obspa.scores call from now on measures
     Hessians on (its batches, then its wider batches if any)."""
-
     measured_on, original = [], obspa.scores
 
     def counted(analysis, batches, *args, **kwargs):
@@ -524,8 +523,8 @@ def test_sentences_judge_allocations_on_their_first_part_and_the_chosen_rule_tak
     result = prune(model, target, criterion="obspa", progress=said.append,
                    calibration=Calibration(source="synthetic", tokenizer=tokenizer, samples=128))
     assert measured_on == [32, 128]  # the candidates compensated from the first 32, the plan's losses from all
-    held = next(m for m in said if "held-out calibration batches" in m)
-    assert len(passes) == 1 and sum(len(b["input_ids"]) for b in passes[0]) == 128 + 16 * int(held.split()[5])
+    held_batches = int(next(m for m in said if "held-out calibration batches" in m).split()[5])  # of 16 each
+    assert len(passes) == 1 and sum(len(b["input_ids"]) for b in passes[0]) == 128 + 16 * held_batches
     assert any("from 128 calibration samples (the first 32 also apart, and the held-out ones)" in m for m in said)
     line = next(m for m in said if "allocations judged on the first 32 generated sentences" in m)
     rule = line.split("'")[1]

@@ -1,12 +1,15 @@
 """Synthetic text lines for text recognizers: the model's own dictionary (metadata or --charset),
 half of each generated image batch, drawn only in characters the font has; bad charsets are one line.
 Pages of such lines for text detectors (text_images="pages", --text-images pages)."""
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
 
 from builder import Builder
-from spa.calibration import IMAGENET_MEAN, IMAGENET_STD, Calibration, calibration_batches, text_lines, text_mode
+from spa.calibration import (IMAGENET_MEAN, IMAGENET_STD, Calibration, calibration_batches, looking_beside, text_lines,
+                             text_mode, with_text_config)
 from spa.cli import main
 from spa.errors import SpaError
 
@@ -305,6 +308,29 @@ def test_a_detector_exported_with_its_config_calibrates_on_pages_announced(tmp_p
     (tmp_path / "features").mkdir()
     other = _exported(tmp_path / "features", features.model(), DETECTOR_CONFIG)
     assert calibration_batches(onnx.load(other), looking_beside(Calibration(source="synthetic"), other))  # no refusal
+
+
+def test_a_detector_config_s_normalize_image_normalises_its_pages_unless_given(tmp_path):
+    """PaddleOCR's NormalizeImage, (pixel * scale - mean) / std on 0-255 pixels, read from the config
+    beside the model; a given mean or std wins; no NormalizeImage (or one that is not numbers): ImageNet's."""
+    halves = DETECTOR_CONFIG.replace("mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225], scale: 1./255.",
+                                     "mean: [127.5, 127.5, 127.5], std: [127.5, 127.5, 127.5], scale: 1")
+    path = _exported(tmp_path, _detector(), halves)
+    messages = []
+    cal = looking_beside(Calibration(source="synthetic", samples=2, batch_size=2, image_size=(32, 48)), path)
+    pages = calibration_batches(onnx.load(path), cal, progress=messages.append)[0]["input"][1:]
+    assert np.all(pages >= -1 - 1e-5) and np.all(pages <= 1 + 1e-5) and np.ptp(pages) > 0.6  # (x - 0.5) / 0.5
+    assert any("normalised as its NormalizeImage says (mean 0.5,0.5,0.5, std 0.5,0.5,0.5 of pixels in [0, 1])" in m
+               for m in messages), messages
+    assert not any("ImageNet's" in m for m in messages), messages
+    given = with_text_config(_detector(), looking_beside(dataclasses.replace(cal, mean=(0.0,)), path))
+    assert given.mean == (0.0,) and given.std == (0.5, 0.5, 0.5)
+    assert text_lines.config_normalisation(path.replace("inference.onnx", "inference.yml")) == ((0.5,) * 3, (0.5,) * 3)
+    for k, config in enumerate((RECOGNIZER_CONFIG, halves.replace("127.5, 127.5]", "x, 127.5]"),
+                                halves.replace("scale: 1", "scale: 0/1"))):
+        yml = tmp_path / f"config{k}.yml"
+        yml.write_text(config, encoding="utf-8")
+        assert text_lines.config_normalisation(str(yml)) is None, config
 
 
 def test_a_recognizer_exported_with_its_config_draws_its_character_dict(tmp_path, capsys):

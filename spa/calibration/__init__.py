@@ -148,7 +148,12 @@ class Calibration:
     tokenizer_found: bool = False  # `tokenizer` was found beside the model, not given (`with_tokenizer`)
     charset: str | None = None  # text lines' dictionary file; "none": noise images; None: the model's metadata
     text_images: str | None = None  # "lines" / "pages" (text_lines.MODES); None: lines where there is a dictionary
-    text_found: bool = False  # text_images (and charset) from the PaddleOCR config beside the model (`looking_beside`)
+    text_config: str | None = None  # the PaddleOCR config beside the model text_images (and charset) came from
+
+    @property
+    def text_found(self) -> bool:
+        """Whether text_images (and charset) were found beside the model, not given (`looking_beside`)."""
+        return self.text_config is not None
 
     @property
     def found_beside(self) -> bool:
@@ -281,7 +286,7 @@ def looking_beside(options: Calibration, model_path) -> Calibration:
         if config is not None:
             mode, path = config
             options = dataclasses.replace(options, text_images=mode, charset=path if mode == "lines" else None,
-                                          text_found=True)
+                                          text_config=path)
     return options
 
 
@@ -299,7 +304,7 @@ def _unfound(options: Calibration) -> Calibration:
     if options.tokenizer_found:
         options = dataclasses.replace(options, tokenizer=None, tokenizer_found=False)
     if options.text_found:
-        options = dataclasses.replace(options, text_images=None, charset=None, text_found=False)
+        options = dataclasses.replace(options, text_images=None, charset=None, text_config=None)
     return options
 
 
@@ -333,10 +338,11 @@ def with_tokenizer(model: onnx.ModelProto, options: Calibration, progress=_quiet
 def with_text_config(model: onnx.ModelProto, options: Calibration, progress=_quiet) -> Calibration:
     """`options` with the text images of a PaddleOCR config found beside the model (`text_found`) taken,
     announced, or dropped: silently where the model has no image input to draw them for, said where the
-    font draws none of the config's characters."""
+    font draws none of the config's characters. Taken, the config's NormalizeImage (if any) gives the
+    mean and std the text images are normalised with, where none is given."""
     if not options.text_found:
         return options
-    taken = dataclasses.replace(options, text_found=False)
+    taken = dataclasses.replace(options, text_config=None)
     if taken.charset is not None:
         try:
             chars, where = text_lines.dictionary(model, taken.charset)
@@ -350,9 +356,20 @@ def with_text_config(model: onnx.ModelProto, options: Calibration, progress=_qui
         return _unfound(options)
     what = "a text detector's: pages of text lines" if taken.text_images == "pages" else \
         "a text recognizer's: text lines in its character_dict"
+    normalised = ""
+    found = text_lines.config_normalisation(options.text_config) if taken.mean is None or taken.std is None else None
+    if found is not None:
+        taken = dataclasses.replace(taken, mean=found[0] if taken.mean is None else taken.mean,
+                                    std=found[1] if taken.std is None else taken.std)
+        normalised = (f", normalised as its NormalizeImage says (mean {_numbers(taken.mean)}, "
+                      f"std {_numbers(taken.std)} of pixels in [0, 1])")
     progress(f"calibration: synthetic images partly text, as the PaddleOCR config beside the model "
-             f"({text_lines.CONFIG_NAME}) says it is {what} (--charset none: noise images only)")
+             f"({text_lines.CONFIG_NAME}) says it is {what}{normalised} (--charset none: noise images only)")
     return taken
+
+
+def _numbers(values) -> str:
+    return ",".join(f"{v:.4g}" for v in (values if np.ndim(values) else [values]))
 
 
 def text_mode(model: onnx.ModelProto, options: Calibration) -> str | None:

@@ -12,6 +12,7 @@ Measured against noise images in docs/obspa.md ("Text lines for text recognizers
 from __future__ import annotations
 
 import functools
+import math
 import os
 import string
 
@@ -112,6 +113,36 @@ def _config_dictionary(path) -> list:
     if not isinstance(chars, list):
         raise SpaError(f"charset {path}: its PostProcess holds no character_dict (a PaddleOCR recognizer's config)")
     return [c for c in chars if isinstance(c, str)]
+
+
+def config_normalisation(path) -> tuple[tuple, tuple] | None:
+    """(mean, std) for images of pixels in [0, 1] that a PaddleOCR config's PreProcess `NormalizeImage`
+    describes ((pixel * scale - mean) / std on 0-255 pixels: mean / (255 scale), std / (255 scale)); None
+    where it has none, or its values are not numbers (a recognizer's config normalises inside its resize)."""
+    try:
+        steps = _config(path).get("PreProcess", {}).get("transform_ops", [])
+    except (SpaError, AttributeError):
+        return None
+    for step in steps if isinstance(steps, list) else []:
+        normalise = step.get("NormalizeImage") if isinstance(step, dict) else None
+        if isinstance(normalise, dict):
+            try:
+                scale = _fraction(normalise.get("scale", "1./255."))
+                mean, std = ([float(v) for v in normalise[k]] for k in ("mean", "std"))
+            except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                return None
+            unit = 255.0 * scale
+            if not (math.isfinite(unit) and unit > 0 and mean and len(mean) == len(std)
+                    and all(math.isfinite(v) for v in mean + std) and all(v > 0 for v in std)):
+                return None
+            return tuple(m / unit for m in mean), tuple(v / unit for v in std)
+    return None
+
+
+def _fraction(text) -> float:
+    """'1./255.', '0.00392157' or '1' as a number (PaddleOCR writes the scale as a fraction)."""
+    top, _, bottom = str(text).partition("/")
+    return float(top) / (float(bottom) if bottom else 1.0)
 
 
 CONFIG_NAME = "inference.yml"  # PaddleOCR 3 / PaddleX exports: beside inference.onnx, pre- and post-processing

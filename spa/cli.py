@@ -142,7 +142,8 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--image-size", metavar="HxW", help="calibration images are resized to this (default: the model's)")
     pr.add_argument("--image-mean", metavar="a,b,c",
                     help="calibration image mean after scaling to [0, 1] (default ImageNet's; a text recognizer's "
-                         "generated text lines: PaddleOCR's 0.5)")
+                         "generated text lines: PaddleOCR's 0.5; the NormalizeImage of an inference.yml taken from "
+                         "beside the model)")
     pr.add_argument("--image-std", metavar="a,b,c",
                     help="calibration image std (default ImageNet's; a text recognizer's text lines: 0.5)")
     pr.add_argument("--image-layout", metavar="nchw|nhwc", help="calibration image layout (default: from the model)")

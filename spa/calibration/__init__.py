@@ -148,7 +148,7 @@ class Calibration:
     tokenizer_found: bool = False  # `tokenizer` was found beside the model, not given (`with_tokenizer`)
     charset: str | None = None  # text lines' dictionary file; "none": noise images; None: the model's metadata
     text_images: str | None = None  # "lines" / "pages" (text_lines.MODES); None: lines where there is a dictionary
-    text_config: str | None = None  # the PaddleOCR config beside the model text_images (and charset) came from
+    text_config: str | None = None  # the PaddleOCR config beside the model that text_images (and charset) came from
 
     @property
     def text_found(self) -> bool:

@@ -455,7 +455,7 @@ def _teacher_ahead(feeds, teacher, wanted, steps):
 
 def _adam(params, lr: float, weight_decay: float):
     """Adam (AdamW with weight decay), fused where torch has the kernel for these tensors: a few kernels a
-    step instead of several per tensor (MiniLM's 10.7M trained values on one CPU thread: 28-37 -> 8 ms a
+    step instead of several per tensor (10.7M values in MiniLM's shapes on one CPU thread: 28-37 -> 8 ms a
     step, docs/recover.md); unfused where it has none."""
     params = list(params)
     kind, extra = (torch.optim.AdamW, {"weight_decay": weight_decay}) if weight_decay else (torch.optim.Adam, {})

@@ -61,7 +61,7 @@ def fetch(model: onnx.ModelProto, names, batches, desc: str | None = "running ca
     names = list(dict.fromkeys(names))
     inputs = {i.name for i in model.graph.input}
     computed = [n for n in names if n not in inputs]
-    sess = session(prefix(model, computed), quiet=True, spinning=False) if computed else None
+    sess = session(prefix(model, computed), quiet=True, calibration_pass=True) if computed else None
     for feeds in (batches if desc is None else bar(batches, desc)):
         got = dict(zip(computed, sess.run(computed, feeds))) if computed else {}
         got.update({n: feeds[n] for n in names if n in inputs})
@@ -148,7 +148,8 @@ class StagedRun:
                         for t in reads if t in self.initializers]
         value_infos = [helper.make_tensor_value_info(
             x, helper.np_dtype_to_tensor_dtype(self.values[x][0].dtype), None) for x in inputs]
-        sess = session(_submodel(self.model, nodes, value_infos, outputs, initializers), quiet=True, spinning=False)
+        sess = session(_submodel(self.model, nodes, value_infos, outputs, initializers), quiet=True,
+                       calibration_pass=True)
         results = {o: [] for o in outputs}
         for b in range(len(self.batches)):
             for o, v in zip(outputs, sess.run(outputs, {x: self.values[x][b] for x in inputs})):

@@ -136,7 +136,7 @@ def _leader(tried: list) -> tuple:
 
 
 def outputs(model, batches) -> list:
-    sess = session(model, quiet=True, spinning=False)
+    sess = session(model, quiet=True, calibration_pass=True)
     return [sess.run(None, feeds) for feeds in batches]
 
 

@@ -124,16 +124,19 @@ SERIALIZE_BYTES = 1 << 28
 BIG_TENSOR = 1 << 16  # initializers up to this size stay in the proto
 
 
-def _session(source, options):
+def _session(source, options, unpacked: bool = False):
     """An InferenceSession of a path, serialized bytes or a ModelProto. A proto with over
     SERIALIZE_BYTES of weights, or one whose weights stream from external data (spa.external_data),
     goes without its big initializers: onnxruntime takes them as arrays (memory maps of a streamed
-    model's file: no copy at all) through add_external_initializers, which the session keeps."""
+    model's file: no copy at all) through add_external_initializers, which the session keeps;
+    `unpacked`: those models' weights are not prepacked (`session(calibration_pass=True)`)."""
     if isinstance(source, (str, bytes)):
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     skeleton, names, values = _without_big_tensors(source)
     if names:
         options.add_external_initializers(names, values)
+        if unpacked:
+            options.add_session_config_entry("session.disable_prepacking", "1")
     sess = ort.InferenceSession(symbolic_declarations(skeleton).SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
     sess.spa_arrays = values  # onnxruntime reads these buffers for as long as the session lives
@@ -228,27 +231,30 @@ def is_float(dtype) -> bool:
 DEFAULT_THREADS = None  # onnxruntime's intra-op threads when a caller gives none (None: its default)
 
 
-def session(model_or_path, threads: int | None = None, quiet: bool = False, spinning: bool = True):
+def session(model_or_path, threads: int | None = None, quiet: bool = False, calibration_pass: bool = False):
     """An onnxruntime CPU session. A model whose float16 / bfloat16 / double operators the CPU
     provider has no kernel for (bfloat16 almost everywhere, double Conv and pooling) runs on its
     float32 copy instead (a Float32Session: inputs cast in, outputs cast back to the model's
     types); any other failure is raised as is.
 
-    spinning: onnxruntime's default, its threads spin-waiting for work after a run (what a timed
-    run of the user's runtime measures). SPA's own passes over calibration batches turn it off:
-    the numpy work between two runs shares those cores (MiniLM's Hessians from 1024
-    sentences: 13.4 -> 9.3 s, docs/obspa.md)."""
+    calibration_pass: a session for one of SPA's own passes over calibration batches, not what a
+    timed run of the user's runtime measures (that keeps onnxruntime's defaults):
+    - its threads do not spin-wait for work after a run: the numpy work between two runs shares
+      those cores (MiniLM's Hessians from 1024 sentences: 13.4 -> 9.3 s, docs/obspa.md);
+    - a big model's weights (over SERIALIZE_BYTES, the ones onnxruntime takes as arrays) are not
+      prepacked: that took 15.7 s of a 1.1B LLaMA's 19.4 s session, for runs 12 % faster, and a
+      pass under the MAC budget runs few batches (docs/obspa.md)."""
     def options():
         made = ort.SessionOptions()
         made.log_severity_level = 4 if quiet else 3
         if threads or DEFAULT_THREADS:
             made.intra_op_num_threads = threads or DEFAULT_THREADS
-        if not spinning:
+        if calibration_pass:
             made.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return made
 
     try:
-        sess = _session(model_or_path, options())
+        sess = _session(model_or_path, options(), calibration_pass)
     except Exception as exc:
         if not _kernel_missing(exc):
             raise
@@ -258,7 +264,7 @@ def session(model_or_path, threads: int | None = None, quiet: bool = False, spin
         if not types:
             raise
         try:
-            copy = _session(float32_surrogate(model), options())
+            copy = _session(float32_surrogate(model), options(), calibration_pass)
         except Exception:
             raise exc from None
         return Float32Session(copy, types)
@@ -266,7 +272,7 @@ def session(model_or_path, threads: int | None = None, quiet: bool = False, spin
         # a file declaring dynamic input dims as 0 (Paddle2ONNX): onnxruntime would accept only
         # empty tensors; run its copy with those dims symbolic (symbolic_declarations)
         model = onnx.load(model_or_path) if isinstance(model_or_path, str) else onnx.load_from_string(model_or_path)
-        return session(symbolic_declarations(model), threads, quiet, spinning)
+        return session(symbolic_declarations(model), threads, quiet, calibration_pass)
     return sess
 
 

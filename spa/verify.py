@@ -233,7 +233,7 @@ class MaskedRuns:
         model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                                  for t in self.defaults.values() if t.name not in declared)
         self.analysis, self.batches = analysis, batches
-        self.session = session(model, quiet=True, spinning=False)
+        self.session = session(model, quiet=True, calibration_pass=True)
 
     def outputs(self, plan: Plan | None = None, weights: dict | None = None) -> list | None:
         """Every batch's outputs (None when a weight is not one of the model's inputs)."""

@@ -576,25 +576,38 @@ def test_prunes_seed_reaches_a_calibration_or_is_refused_where_they_disagree(mon
               seed=3)
 
 
-def test_calibration_passes_run_onnxruntime_without_spinning_threads(monkeypatch):
+def test_calibration_passes_run_onnxruntime_without_spinning_threads_or_a_big_models_prepacking(monkeypatch):
     """Between two runs of a calibration pass numpy sums Hessians on the same cores: onnxruntime's
-    threads spin-waiting there cost MiniLM's 1024-sentence pass 13.4 s against 9.3 s. A plain
-    session (what latency tables time) keeps onnxruntime's default."""
+    threads spin-waiting there cost MiniLM's 1024-sentence pass 13.4 s against 9.3 s. A big model's
+    weights are not prepacked for a pass (a 1.1B LLaMA's session: 19.4 -> 3.7 s). A plain session
+    (what latency tables time) keeps onnxruntime's defaults."""
     import spa.activations as activations
     from spa import runtime
+
+    def entry(sess, key):
+        try:
+            return sess.get_session_options().get_session_config_entry(key)
+        except Exception:  # onnxruntime: "does not have configuration"
+            return None
 
     made, real = [], runtime.session
     monkeypatch.setattr(activations, "session", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     model = _cnn()
     feeds = {"input": np.zeros((2, 3, 8, 8), np.float32)}
-    list(activations.fetch(model, [model.graph.node[1].output[0]], [feeds], None))
     cut = model.graph.node[2].output[0]
-    list(StagedRun(model, [cut], [feeds]).stages({}, {cut: [model.graph.node[2].input[0]]}))
-    assert len(made) >= 2
-    for sess in made:
-        assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    with pytest.raises(Exception, match="does not have configuration"):
-        runtime.session(model).get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    for big in (False, True):
+        monkeypatch.setattr(runtime, "SERIALIZE_BYTES", 0 if big else 1 << 28)  # every weight "big" or none
+        monkeypatch.setattr(runtime, "BIG_TENSOR", -1 if big else 1 << 16)
+        made.clear()
+        list(activations.fetch(model, [model.graph.node[1].output[0]], [feeds], None))
+        list(StagedRun(model, [cut], [feeds]).stages({}, {cut: [model.graph.node[2].input[0]]}))
+        assert len(made) >= 2
+        for sess in made:
+            assert entry(sess, "session.intra_op.allow_spinning") == "0"
+            assert entry(sess, "session.disable_prepacking") == ("1" if big else None)
+        plain = runtime.session(model)
+        assert entry(plain, "session.intra_op.allow_spinning") is None
+        assert entry(plain, "session.disable_prepacking") is None
 
 
 def test_held_out_samples_are_at_most_half_the_fit_where_the_mac_budget_cut_it(monkeypatch):

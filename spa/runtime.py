@@ -129,14 +129,18 @@ def _session(source, options, unpacked: bool = False):
     SERIALIZE_BYTES of weights, or one whose weights stream from external data (spa.external_data),
     goes without its big initializers: onnxruntime takes them as arrays (memory maps of a streamed
     model's file: no copy at all) through add_external_initializers, which the session keeps;
-    `unpacked`: those models' weights are not prepacked (`session(calibration_pass=True)`)."""
+    `unpacked`: a model with over SERIALIZE_BYTES of weights, streamed or not, has them not
+    prepacked (`session(calibration_pass=True)`; by size, not by path, so that a model computes
+    the same streamed or in memory)."""
     if isinstance(source, (str, bytes)):
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    from .graph import tensor_bytes
+
+    if unpacked and sum(tensor_bytes(t) for t in source.graph.initializer) >= SERIALIZE_BYTES:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     skeleton, names, values = _without_big_tensors(source)
     if names:
         options.add_external_initializers(names, values)
-        if unpacked:
-            options.add_session_config_entry("session.disable_prepacking", "1")
     sess = ort.InferenceSession(symbolic_declarations(skeleton).SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
     sess.spa_arrays = values  # onnxruntime reads these buffers for as long as the session lives
@@ -241,7 +245,7 @@ def session(model_or_path, threads: int | None = None, quiet: bool = False, cali
     timed run of the user's runtime measures (that keeps onnxruntime's defaults):
     - its threads do not spin-wait for work after a run: the numpy work between two runs shares
       those cores (MiniLM's Hessians from 1024 sentences: 13.4 -> 9.3 s, docs/obspa.md);
-    - a big model's weights (over SERIALIZE_BYTES, the ones onnxruntime takes as arrays) are not
+    - a big model's weights (over SERIALIZE_BYTES, which onnxruntime takes as arrays) are not
       prepacked: that took 15.7 s of a 1.1B LLaMA's 19.4 s session, for runs 12 % faster, and a
       pass under the MAC budget runs few batches (docs/obspa.md)."""
     def options():

@@ -245,7 +245,7 @@ def session(model_or_path, threads: int | None = None, quiet: bool = False, cali
     timed run of the user's runtime measures (that keeps onnxruntime's defaults):
     - its threads do not spin-wait for work after a run: the numpy work between two runs shares
       those cores (MiniLM's Hessians from 1024 sentences: 13.4 -> 9.3 s, docs/obspa.md);
-    - a big model's weights (over SERIALIZE_BYTES, which onnxruntime takes as arrays) are not
+    - a big model's weights (over SERIALIZE_BYTES in all, streamed or not) are not
       prepacked: that took 15.7 s of a 1.1B LLaMA's 19.4 s session, for runs 12 % faster, and a
       pass under the MAC budget runs few batches (docs/obspa.md)."""
     def options():

@@ -87,13 +87,10 @@ class HessianSum:
         waiting = self.waiting[block]
         if len(rows) < self.flush_rows:  # a copy: a view would keep its whole batch tensor alive
             waiting.append((np.array(rows, dtype=dtype), None if other is None else np.array(other, dtype=dtype)))
-            if sum(len(part) for part, _ in waiting) < self.flush_rows:
-                return
-            rows = np.concatenate([part for part, _ in waiting])
-            other = None if other is None else np.concatenate([right for _, right in waiting])
-            waiting.clear()
-        else:
-            self._flush(block)
+            if sum(len(part) for part, _ in waiting) >= self.flush_rows:
+                self._flush(block)
+            return
+        self._flush(block)
         self._multiply(rows, block, chunk, other)
 
     def _multiply(self, rows, block, chunk=8192, other=None):

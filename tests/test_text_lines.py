@@ -326,11 +326,18 @@ def test_a_detector_config_s_normalize_image_normalises_its_pages_unless_given(t
     given = with_text_config(_detector(), looking_beside(dataclasses.replace(cal, mean=(0.0,)), path))
     assert given.mean == (0.0,) and given.std == (0.5, 0.5, 0.5)
     assert text_lines.config_normalisation(path.replace("inference.onnx", "inference.yml")) == ((0.5,) * 3, (0.5,) * 3)
-    for k, config in enumerate((RECOGNIZER_CONFIG, halves.replace("127.5, 127.5]", "x, 127.5]"),
-                                halves.replace("scale: 1", "scale: 0/1"))):
-        yml = tmp_path / f"config{k}.yml"
-        yml.write_text(config, encoding="utf-8")
-        assert text_lines.config_normalisation(str(yml)) is None, config
+    yml = tmp_path / "rec.yml"
+    yml.write_text(RECOGNIZER_CONFIG, encoding="utf-8")
+    assert text_lines.config_normalisation(str(yml)) is None  # none: the defaults
+    for k, bad in enumerate((halves.replace("127.5, 127.5]", "x, 127.5]"), halves.replace("scale: 1", "scale: 0/1"))):
+        (tmp_path / f"bad{k}").mkdir()
+        path = _exported(tmp_path / f"bad{k}", _detector(), bad)
+        with pytest.raises(SpaError, match="its NormalizeImage is not finite numbers"):
+            text_lines.config_normalisation(path.replace("inference.onnx", "inference.yml"))
+        messages = []
+        taken = with_text_config(_detector(), looking_beside(Calibration(source="synthetic"), path), messages.append)
+        assert taken.mean is None and taken.std is None  # the defaults, said
+        assert any("its NormalizeImage is not used" in m for m in messages), messages
 
 
 def test_a_recognizer_exported_with_its_config_draws_its_character_dict(tmp_path, capsys):

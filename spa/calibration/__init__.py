@@ -357,7 +357,11 @@ def with_text_config(model: onnx.ModelProto, options: Calibration, progress=_qui
     what = "a text detector's: pages of text lines" if taken.text_images == "pages" else \
         "a text recognizer's: text lines in its character_dict"
     normalised = ""
-    found = text_lines.config_normalisation(options.text_config) if taken.mean is None or taken.std is None else None
+    try:
+        found = text_lines.config_normalisation(options.text_config) if taken.mean is None or taken.std is None \
+            else None
+    except SpaError as exc:
+        found, normalised = None, f"; its NormalizeImage is not used: {first_line(exc, 200)}"
     if found is not None:
         taken = dataclasses.replace(taken, mean=found[0] if taken.mean is None else taken.mean,
                                     std=found[1] if taken.std is None else taken.std)

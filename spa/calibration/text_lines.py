@@ -118,7 +118,8 @@ def _config_dictionary(path) -> list:
 def config_normalisation(path) -> tuple[tuple, tuple] | None:
     """(mean, std) for images of pixels in [0, 1] that a PaddleOCR config's PreProcess `NormalizeImage`
     describes ((pixel * scale - mean) / std on 0-255 pixels: mean / (255 scale), std / (255 scale)); None
-    where it has none, or its values are not numbers (a recognizer's config normalises inside its resize)."""
+    where it has none (a recognizer's config normalises inside its resize); SpaError where its values are
+    not finite numbers (std and scale above 0)."""
     try:
         steps = _config(path).get("PreProcess", {}).get("transform_ops", [])
     except (SpaError, AttributeError):
@@ -130,13 +131,18 @@ def config_normalisation(path) -> tuple[tuple, tuple] | None:
                 scale = _fraction(normalise.get("scale", "1./255."))
                 mean, std = ([float(v) for v in normalise[k]] for k in ("mean", "std"))
             except (KeyError, TypeError, ValueError, ZeroDivisionError):
-                return None
-            unit = 255.0 * scale
+                mean = std = None
+            unit = 255.0 * scale if mean is not None else float("nan")
             if not (math.isfinite(unit) and unit > 0 and mean and len(mean) == len(std)
                     and all(math.isfinite(v) for v in mean + std) and all(v > 0 for v in std)):
-                return None
+                raise SpaError(f"{path}: its NormalizeImage is not finite numbers with std and scale above 0 "
+                               f"({_shown(normalise)})")
             return tuple(m / unit for m in mean), tuple(v / unit for v in std)
     return None
+
+
+def _shown(normalise: dict) -> str:
+    return ", ".join(f"{k} {normalise.get(k)}" for k in ("mean", "std", "scale"))
 
 
 def _fraction(text) -> float:

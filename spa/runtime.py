@@ -118,9 +118,12 @@ def random_inputs(model, batch=1, seed=0, dims=None, default_dim=DEFAULT_DIM, sh
     return feeds
 
 
-# a model with more weights in its proto than this goes to onnxruntime without them (protobuf cannot
-# serialize past 2 GiB; below, the serialized copy cost time: a VGG-16 session 6.6 s, 2.8 s without)
-SERIALIZE_BYTES = 1 << 28
+# a model with more weights in its proto than this goes to onnxruntime without them, as arrays (protobuf
+# cannot serialize past 2 GiB; below, the serialized copy cost time: a VGG-16 session 6.6 s, 2.8 s without;
+# MiniLM's 90 MB 0.34-0.37 s, 0.09-0.12 s without)
+SERIALIZE_BYTES = 1 << 24
+# a calibration pass leaves the weights of a model with more than this unprepacked (`session`)
+UNPACKED_BYTES = 1 << 28
 BIG_TENSOR = 1 << 16  # initializers up to this size stay in the proto
 
 
@@ -129,14 +132,14 @@ def _session(source, options, unpacked: bool = False):
     SERIALIZE_BYTES of weights, or one whose weights stream from external data (spa.external_data),
     goes without its big initializers: onnxruntime takes them as arrays (memory maps of a streamed
     model's file: no copy at all) through add_external_initializers, which the session keeps;
-    `unpacked`: a model with over SERIALIZE_BYTES of weights, streamed or not, has them not
+    `unpacked`: a model with over UNPACKED_BYTES of weights, streamed or not, has them not
     prepacked (`session(calibration_pass=True)`; by size, not by path, so that a model computes
     the same streamed or in memory)."""
     if isinstance(source, (str, bytes)):
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     from .graph import tensor_bytes
 
-    if unpacked and sum(tensor_bytes(t) for t in source.graph.initializer) >= SERIALIZE_BYTES:
+    if unpacked and sum(tensor_bytes(t) for t in source.graph.initializer) >= UNPACKED_BYTES:
         options.add_session_config_entry("session.disable_prepacking", "1")
     skeleton, names, values = _without_big_tensors(source)
     if names:
@@ -245,7 +248,7 @@ def session(model_or_path, threads: int | None = None, quiet: bool = False, cali
     timed run of the user's runtime measures (that keeps onnxruntime's defaults):
     - its threads do not spin-wait for work after a run: the numpy work between two runs shares
       those cores (MiniLM's Hessians from 1024 sentences: 13.4 -> 9.3 s, docs/obspa.md);
-    - a big model's weights (over SERIALIZE_BYTES in all, streamed or not) are not
+    - a big model's weights (over UNPACKED_BYTES in all, streamed or not) are not
       prepacked: that took 15.7 s of a 1.1B LLaMA's 19.4 s session, for runs 12 % faster, and a
       pass under the MAC budget runs few batches (docs/obspa.md)."""
     def options():

@@ -598,7 +598,7 @@ def test_calibration_passes_run_onnxruntime_without_spinning_threads_or_a_big_mo
     feeds = {"input": np.zeros((2, 3, 8, 8), np.float32)}
     cut = model.graph.node[2].output[0]
     for big in (False, True):
-        monkeypatch.setattr(runtime, "SERIALIZE_BYTES", 0 if big else 1 << 28)  # the model "big" or not
+        monkeypatch.setattr(runtime, "UNPACKED_BYTES", 0 if big else 1 << 28)  # the model "big" or not
         made.clear()
         list(activations.fetch(model, [model.graph.node[1].output[0]], [feeds], None))
         list(StagedRun(model, [cut], [feeds]).stages({}, {cut: [model.graph.node[2].input[0]]}))

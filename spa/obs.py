@@ -377,6 +377,27 @@ def rescale(W: np.ndarray, H: np.ndarray, Q, channels: np.ndarray, bias: bool, d
     return new
 
 
+def lower_factor(H: np.ndarray) -> np.ndarray | None:
+    """L (float32, lower triangular, Fortran order) with H = L L^T, factorised in float64; None
+    where H is not positive definite (a dead input column)."""
+    from scipy.linalg import lapack
+
+    if not np.isfinite(H).all():
+        return None
+    with blas_on_one_thread():
+        L, info = lapack.dpotrf(np.asarray(H, dtype=np.float64), lower=True, clean=True)
+    return np.asfortranarray(L, dtype=np.float32) if info == 0 else None
+
+
+def factored_error(W: np.ndarray, W_new: np.ndarray, L: np.ndarray) -> float:
+    """`layer_error` from H's factor L: 1/2 ||(W - W') L||^2, a triangular product (trmm) instead of a full one."""
+    from scipy.linalg import blas
+
+    D = (np.asarray(W, dtype=np.float64) - np.asarray(W_new, dtype=np.float64)).astype(np.float32)
+    product = blas.strmm(1.0, L, D, side=1, lower=1)  # D @ L
+    return float(0.5 * np.sum(np.square(product), dtype=np.float64))
+
+
 def layer_error(W: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> float:
     """||W X - W' X||^2 / N from H = 2 X X^T / N (in float32: it ranks candidate updates)."""
     D = (np.asarray(W, dtype=np.float64) - np.asarray(W_new, dtype=np.float64)).astype(np.float32)

@@ -431,6 +431,34 @@ def test_held_out_rows_judge_like_their_hessian():
     assert rows_kept.of(layer)[0] == "full"
 
 
+def test_a_held_out_hessian_factored_once_judges_like_the_hessian_and_falls_back_where_singular():
+    """`Hessians.judge_of` gives a full H with its Cholesky factor: updates judged by the factor (a
+    triangular product) measure what H measures; more rows drop the factor; a dead input column (H
+    singular) has none, and H judges as before."""
+    from spa.obspa import held_error
+
+    rng = np.random.default_rng(1)
+    layer = Layer(0, "w", 0, "x", "dense_t")
+    held = Hessians(1, seed=0)
+    held.add(layer, rng.normal(size=(4, 30, 24)).astype(np.float32))
+    W, W_new = rng.normal(size=(1, 6, 24)), rng.normal(size=(1, 6, 24))
+    judged = held.judge_of(layer)
+    assert judged[0] == "factored" and judged[1][1][0] is not None
+    assert held_error(W, W_new, judged) == pytest.approx(held_error(W, W_new, held.of(layer)), rel=1e-5)
+    Q = np.array([2, 5])
+    assert held_error(W, W_new, judged, columns=Q) == held_error(W, W_new, held.of(layer), columns=Q)
+    assert held.judge_of(layer)[1][1] is judged[1][1]  # factored once
+    dead = rng.normal(size=(4, 30, 24)).astype(np.float32)
+    dead[..., 7] = 0.0
+    held.add(layer, dead)
+    assert held.judge_of(layer)[1][1] is not judged[1][1]  # new rows: factored again
+    dead_only = Hessians(1, seed=0)
+    dead_only.add(layer, dead)
+    judged = dead_only.judge_of(layer)
+    assert judged[1][1] == [None]
+    assert held_error(W, W_new, judged) == held_error(W, W_new, dead_only.of(layer))
+
+
 def test_generated_calibration_compensates_from_the_original_hessians_files_stage_by_stage(tmp_path):
     """Generated inputs: the weights are the allocation's first-order update of the chosen plan,
     fitted once more on the held-out rows too (announced, no staged pass); file inputs, or

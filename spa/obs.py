@@ -210,8 +210,7 @@ def inverse_blocks(H: np.ndarray, damp: float = DEFAULT_DAMP):
         factor, info = potrf(damped_block(H, None, damp, dtype), lower=False, overwrite_a=True)
         if info == 0:
             V, info = trtri(factor, lower=False, overwrite_c=True)
-            if info == 0 and np.all(np.isfinite(V)):
-                V = np.triu(V)
+            if info == 0 and np.all(np.isfinite(V)):  # upper triangular: potrf's clean=1 zeroed the rest
                 return lambda Q: (lambda rows: (rows @ np.swapaxes(rows, 1, 2)).astype(np.float64))(V[Q])
         damp *= 10
     Hinv = inverse(H, damp)

@@ -125,6 +125,10 @@ SERIALIZE_BYTES = 1 << 24
 # a calibration pass leaves the weights of a model with more than this unprepacked (`session`)
 UNPACKED_BYTES = 1 << 28
 BIG_TENSOR = 1 << 16  # initializers up to this size stay in the proto
+# element types that cannot go to onnxruntime as arrays: sub-byte ones (packed two or four to a byte, where
+# numpy holds one to a byte: an OrtValue over that buffer reads the wrong bytes, silently) and strings
+NOT_AS_ARRAYS = frozenset(getattr(TensorProto, name) for name in ("STRING", "INT4", "UINT4", "FLOAT4E2M1", "INT2",
+                                                                  "UINT2") if hasattr(TensorProto, name))
 
 
 def _session(source, options, unpacked: bool = False):
@@ -137,6 +141,7 @@ def _session(source, options, unpacked: bool = False):
     the same streamed or in memory)."""
     if isinstance(source, (str, bytes)):
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    from .external_data import base_of
     from .graph import tensor_bytes
 
     if unpacked and sum(tensor_bytes(t) for t in source.graph.initializer) >= UNPACKED_BYTES:
@@ -144,6 +149,9 @@ def _session(source, options, unpacked: bool = False):
     skeleton, names, values = _without_big_tensors(source)
     if names:
         options.add_external_initializers(names, values)
+    base = base_of(source)
+    if base:  # where a streamed model's tensors stay external (NOT_AS_ARRAYS), onnxruntime reads them from its folder
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", base)
     sess = ort.InferenceSession(symbolic_declarations(skeleton).SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
     sess.spa_arrays = values  # onnxruntime reads these buffers for as long as the session lives
@@ -153,7 +161,8 @@ def _session(source, options, unpacked: bool = False):
 def _without_big_tensors(model: onnx.ModelProto):
     """(model, [], []) for a model that goes to onnxruntime whole; else (a copy whose external
     initializers and main-graph ones over BIG_TENSOR point at data that is never read, their
-    names, their values)."""
+    names, their values). Tensors of NOT_AS_ARRAYS types stay as they are: in the proto, or
+    external in a streamed model's folder."""
     from .external_data import base_of
     from .graph import tensor_bytes
 
@@ -168,7 +177,8 @@ def _without_big_tensors(model: onnx.ModelProto):
     _copy_fields(model.graph, skeleton.graph, skip="initializer")
     names, values = [], []
     for tensor, is_external in zip(inits, external):
-        if (is_external and not base) or (not is_external and tensor_bytes(tensor) <= BIG_TENSOR):
+        if (is_external and not base) or tensor.data_type in NOT_AS_ARRAYS or \
+                (not is_external and tensor_bytes(tensor) <= BIG_TENSOR):
             skeleton.graph.initializer.append(tensor)
             continue
         names.append(tensor.name)

@@ -22,6 +22,9 @@ STREAM_BYTES = 1 << 30  # load_model streams a model whose external data is larg
 INLINE_BYTES = 1 << 16  # smaller external tensors (shape constants) are read into the proto
 ALIGN = 4096  # offsets in written data files (onnxruntime maps aligned tensors instead of copying)
 _CHUNK = 1 << 26
+# element types stored two or four to a byte, where numpy holds one to a byte: read, not memory-mapped
+SUB_BYTE = frozenset(getattr(TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+                     if hasattr(TensorProto, name))
 _VALUE_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 
@@ -78,10 +81,10 @@ def location(tensor: TensorProto, base: str) -> tuple[str, int, int]:
 
 def array(tensor: TensorProto, base: str) -> np.ndarray:
     """A read-only memory map of an external tensor (pages are read as they are touched and leave
-    memory when the array is dropped)."""
+    memory when the array is dropped); a SUB_BYTE tensor is read and unpacked."""
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
     path, offset, length = location(tensor, base)
-    if not tensor.dims or length == 0:
+    if not tensor.dims or length == 0 or tensor.data_type in SUB_BYTE:
         return onnx.numpy_helper.to_array(_loaded_copy(tensor, base))
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(tensor.dims))
 

@@ -6,6 +6,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from .external_data import SUB_BYTE
+
 
 class _NpTypes(dict):
     """ONNX element type -> numpy dtype for every type onnx knows (bfloat16 and the float8s
@@ -127,8 +129,7 @@ UNPACKED_BYTES = 1 << 28
 BIG_TENSOR = 1 << 16  # initializers up to this size stay in the proto
 # element types that cannot go to onnxruntime as arrays: sub-byte ones (packed two or four to a byte, where
 # numpy holds one to a byte: an OrtValue over that buffer reads the wrong bytes, silently) and strings
-NOT_AS_ARRAYS = frozenset(getattr(TensorProto, name) for name in ("STRING", "INT4", "UINT4", "FLOAT4E2M1", "INT2",
-                                                                  "UINT2") if hasattr(TensorProto, name))
+NOT_AS_ARRAYS = SUB_BYTE | {TensorProto.STRING}
 
 
 def _session(source, options, unpacked: bool = False):

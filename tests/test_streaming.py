@@ -234,5 +234,8 @@ def test_four_bit_weights_reach_onnxruntime_intact_in_memory_or_streamed(tmp_pat
     serialized = runtime.session(model, quiet=True).run(None, x)[0]
     assert np.abs(serialized - expected).max() < 0.1  # onnxruntime's 4-bit MatMul rounds its inputs
     monkeypatch.setattr(runtime, "SERIALIZE_BYTES", 0)  # every big tensor handed over where it can be
-    for loaded in (model, load_model(path, stream=True)):
+    streamed = load_model(path, stream=True)
+    for loaded in (model, streamed):
         assert np.array_equal(runtime.session(loaded, quiet=True).run(None, x)[0], serialized)
+    mapped = external_data.array(streamed.graph.initializer[0], external_data.base_of(streamed))
+    assert np.array_equal(np.asarray(mapped, dtype=np.int8), q)  # read and unpacked, not mapped one to a byte

@@ -119,12 +119,21 @@ def count_macs(model_or_graph, shapes: dict | None = None, plan=None) -> int:
                               plan).values()))
 
 
+# integer constants that are weights (not shapes or indices), by the op that reads them and its input slots
+INTEGER_WEIGHTS = {"DequantizeLinear": (0,), "ConvInteger": (1,), "MatMulInteger": (1,), "QLinearConv": (3,),
+                   "QLinearMatMul": (0, 3), "QGemm": (0, 3)}
+
+
 def count_params(model_or_graph, plan=None) -> int:
-    """Number of elements in float weights (initializers and Constant nodes)."""
-    consts = model_or_graph.consts if isinstance(model_or_graph, Graph) else Consts(model_or_graph)
+    """Number of elements in float weights and in the integer weights of quantized layers
+    (INTEGER_WEIGHTS: 8- or 4-bit, one element each), initializers and Constant nodes."""
+    graph = isinstance(model_or_graph, Graph)
+    consts = model_or_graph.consts if graph else Consts(model_or_graph)
+    nodes = model_or_graph.nodes if graph else model_or_graph.graph.node
+    integer = {node.input[k] for node in nodes for k in INTEGER_WEIGHTS.get(node.op_type, ()) if k < len(node.input)}
     total = 0
     for name in consts:
-        if not is_float(consts.dtype(name)):
+        if not is_float(consts.dtype(name)) and name not in integer:
             continue
         shape = list(consts.shape(name))
         if plan is not None:

@@ -79,6 +79,13 @@ def location(tensor: TensorProto, base: str) -> tuple[str, int, int]:
     return os.path.join(base, info.location), int(info.offset or 0), length
 
 
+def raw_bytes(value: np.ndarray):
+    """The bytes ONNX stores for an array (a buffer): sub-byte types packed two or four to a byte."""
+    if helper.np_dtype_to_tensor_dtype(value.dtype) in SUB_BYTE:
+        return onnx.numpy_helper.from_array(np.asarray(value)).raw_data
+    return np.ascontiguousarray(value).reshape(-1).view(np.uint8).data  # bytes of any dtype (bfloat16 too)
+
+
 def array(tensor: TensorProto, base: str) -> np.ndarray:
     """A read-only memory map of an external tensor (pages are read as they are touched and leave
     memory when the array is dropped); a SUB_BYTE tensor is read and unpacked."""
@@ -128,9 +135,10 @@ class Spill:
                                        dims=value.shape)
         self.file.write(b"\0" * (-self.file.tell() % ALIGN))
         offset = self.file.tell()
-        self.file.write(value.reshape(-1).view(np.uint8).data)  # bytes of any dtype (bfloat16 too)
+        raw = raw_bytes(value)
+        self.file.write(raw)
         self.file.flush()
-        _point(tensor, self.path, offset, value.nbytes)
+        _point(tensor, self.path, offset, len(raw))
         return tensor
 
 
@@ -161,7 +169,7 @@ def write(model: onnx.ModelProto, path: str, data_name: str) -> None:
                 source, start, length = location(tensor, base)
                 _copy_range(source, start, length, data)
             else:
-                raw = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
+                raw = tensor.raw_data if tensor.HasField("raw_data") else raw_bytes(onnx.numpy_helper.to_array(tensor))
                 length = len(raw)
                 data.write(raw)
                 for field in _VALUE_FIELDS:

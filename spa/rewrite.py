@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .external_data import Spill, is_streamed
+from .external_data import Spill, is_streamed, raw_bytes
 from .graph import Graph
 from .plan import Plan
 from .rules import Ctx, rule_for
@@ -186,7 +186,7 @@ def _add_tensor(graph, value: np.ndarray, name: str, spill: Spill | None = None)
     tensor.name = name
     tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
     tensor.dims.extend(value.shape)
-    tensor.raw_data = np.ascontiguousarray(value).tobytes()
+    tensor.raw_data = bytes(raw_bytes(value))
 
 
 def rewrite(plan: Plan, weights: dict | None = None) -> onnx.ModelProto:

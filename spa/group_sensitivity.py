@@ -202,6 +202,7 @@ def measure(model: onnx.ModelProto, ratios=DEFAULT_RATIOS, options=None, metric=
     Deviation (default) or an Evaluated."""
     from .cost import count_params
     from .groups import Options, analyze
+    from .selection import nothing_prunable
 
     ratios = check_ratios(ratios)
     options = options or Options()
@@ -213,7 +214,7 @@ def measure(model: onnx.ModelProto, ratios=DEFAULT_RATIOS, options=None, metric=
         note(f"group {entry['id']} ({', '.join(entry['layers'][:3])}) not measured: no layer name sets its share "
              "alone (its layers also produce another group's channels); --ratios-from leaves it at --ratio")
     if not groups:
-        raise SpaError("nothing prunable: every channel group is frozen (see `spa analyze`)")
+        raise nothing_prunable(analysis)
     metric = metric or Deviation(model)
     items, where = [], []
     for gi, entry in enumerate(groups):

@@ -308,9 +308,18 @@ def ungrouped_weights(analysis: Analysis) -> list:
         shape = g.consts.shape(name)
         if len(shape) < 2 or name in grouped or not is_float(g.consts.dtype(name)):
             continue
-        readers = [f"{g.nodes[i].op_type} '{g.node_name(i)}'" for i, _ in g.consumers.get(name, [])]
+        readers = [f"{g.nodes[i].op_type} '{g.node_name(i)}'" + _without_rule(g.nodes[i])
+                   for i, _ in g.consumers.get(name, [])]
         found.append({"tensor": name, "shape": [int(d) for d in shape], "read_by": readers})
     return found
+
+
+def _without_rule(node) -> str:
+    """' (why)' for a reader that no rule covers (an unknown or custom-domain op), else ''."""
+    from .rules import Boundary, rule_for
+
+    rule = rule_for(node)
+    return f" ({rule.reason})" if isinstance(rule, Boundary) else ""
 
 
 def format_analysis(summary: dict) -> str:

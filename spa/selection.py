@@ -122,6 +122,14 @@ def ignored_atoms(analysis: Analysis, patterns) -> set:
     return atoms
 
 
+def nothing_prunable(analysis: Analysis) -> SpaError:
+    """The error for a model with no channel a target could remove."""
+    if not analysis.groups:
+        return SpaError("nothing prunable: no channel groups (no rule links any weight's channels to the rest of "
+                        "the model; `spa analyze` lists the weights and the ops that read them)")
+    return SpaError("nothing prunable: every channel group is frozen (see `spa analyze`)")
+
+
 class Selector:
     def __init__(self, analysis: Analysis, scores: dict, target: Target, progress=lambda message: None):
         target.check()
@@ -143,7 +151,7 @@ class Selector:
             order = np.argsort(scores[group.id][keep], kind="stable")
             self.candidates[group.id] = (atoms[keep][order], scores[group.id][keep][order])
         if not self.candidates:
-            raise SpaError("nothing prunable: every channel group is frozen (see `spa analyze`)")
+            raise nothing_prunable(analysis)
 
     def _limit(self, group_id):
         group = self.analysis.groups[group_id]

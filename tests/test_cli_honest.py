@@ -64,6 +64,24 @@ def test_bn_scale_with_batchnorm_everywhere_is_quiet(tmp_path, capsys):
     assert not warnings_of(capsys.readouterr().err)
 
 
+def test_a_model_whose_layers_no_rule_covers_says_so(tmp_path, capsys):
+    """Weights read only by a custom-domain op (e.g. onnxruntime's 4-bit MatMulNBits) form no channel
+    group: `spa analyze` names the op that no rule covers, and prune says there are no groups (not that
+    every group is frozen)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((64, 32), np.float32), "w")
+    node = helper.make_node("Dense", ["x", "w"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "custom", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    path, out = saved(tmp_path, model), tmp_path / "o.onnx"
+    assert spa("analyze", path) == 0
+    assert "w [64, 32] read by Dense 'Dense#0' (custom-domain op com.example::Dense)" in capsys.readouterr().out
+    _expect_error(capsys, ["prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q"],
+                  "nothing prunable: no channel groups", out=str(out))
+
+
 # 2. --labels, --global ----------------------------------------------------------------------------
 def test_labels_file_that_does_not_exist(model_path, tmp_path, capsys):
     out = tmp_path / "o.onnx"

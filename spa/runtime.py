@@ -6,7 +6,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from .external_data import SUB_BYTE
+from .external_data import SUB_BYTE, array, base_of
 
 
 class _NpTypes(dict):
@@ -142,7 +142,6 @@ def _session(source, options, unpacked: bool = False):
     the same streamed or in memory)."""
     if isinstance(source, (str, bytes)):
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    from .external_data import base_of
     from .graph import tensor_bytes
 
     if unpacked and sum(tensor_bytes(t) for t in source.graph.initializer) >= UNPACKED_BYTES:
@@ -164,7 +163,6 @@ def _without_big_tensors(model: onnx.ModelProto):
     initializers and main-graph ones over BIG_TENSOR point at data that is never read, their
     names, their values). Tensors of NOT_AS_ARRAYS types stay as they are: in the proto, or
     external in a streamed model's folder."""
-    from .external_data import base_of
     from .graph import tensor_bytes
 
     base = base_of(model)
@@ -194,8 +192,6 @@ def _without_big_tensors(model: onnx.ModelProto):
 def _value(tensor: TensorProto, base: str | None) -> np.ndarray:
     """A tensor's value: a memory map of its file for an external tensor of a streamed model (`base`:
     the folder it resolves against), else read from the proto."""
-    from .external_data import array
-
     return array(tensor, base) if base and tensor.data_location == TensorProto.EXTERNAL else \
         numpy_helper.to_array(tensor)
 
@@ -344,8 +340,6 @@ def float_types(model: onnx.ModelProto) -> dict:
 def float32_surrogate(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the model with every float16 / bfloat16 / double tensor, value type, Cast target
     and constant turned float32 (subgraphs included): the same computation in float32."""
-    from .external_data import base_of
-
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # a streamed model's weights are references here: a small copy
     _float32_graph(copy.graph, base_of(model))

@@ -64,3 +64,24 @@ class Builder:
                 out.CopyFrom(known[out.name])
         onnx.checker.check_model(model, full_check=True)
         return model
+
+
+def four_bit_mlp(inputs=64, width=128, outputs=32, seed=0) -> onnx.ModelProto:
+    """x -> DequantizeLinear(INT4 weight) MatMul -> + bias -> Relu -> DequantizeLinear(INT4) MatMul: the
+    `width` hidden channels prunable, the weights two to a byte in the file."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+
+    def four(shape, name):
+        return numpy_helper.from_array(rng.integers(-8, 8, size=shape).astype(np.int8).astype(ml_dtypes.int4), name)
+
+    inits = [four((inputs, width), "w1"), numpy_helper.from_array(np.array(0.05, np.float32), "s1"),
+             four((width, outputs), "w2"), numpy_helper.from_array(np.array(0.05, np.float32), "s2"),
+             numpy_helper.from_array(rng.standard_normal(width).astype(np.float32), "b1")]
+    nodes = [helper.make_node("DequantizeLinear", ["w1", "s1"], ["W1"]), helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("Add", ["h", "b1"], ["hb"]), helper.make_node("Relu", ["hb"], ["r"]),
+             helper.make_node("DequantizeLinear", ["w2", "s2"], ["W2"]), helper.make_node("MatMul", ["r", "W2"], ["y"])]
+    graph = helper.make_graph(nodes, "four_bit", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", inputs])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", outputs])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])

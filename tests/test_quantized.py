@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from builder import Builder
+from builder import Builder, four_bit_mlp
 from oracle import check_exact
 from spa import analyze
 from spa.importance import member_scores
@@ -105,30 +105,12 @@ def test_quantized_weights_count_as_parameters(qdq):
     assert count_params(model) == count_params(float_model) + scales
 
 
-def _four_bit_mlp():
-    """x -> DequantizeLinear(INT4 weight) MatMul -> + bias -> Relu -> DequantizeLinear(INT4) MatMul."""
-    import ml_dtypes
-
-    rng = np.random.default_rng(0)
-    four = lambda shape, name: numpy_helper.from_array(  # noqa: E731
-        rng.integers(-8, 8, size=shape).astype(np.int8).astype(ml_dtypes.int4), name)
-    inits = [four((64, 128), "w1"), numpy_helper.from_array(np.array(0.05, np.float32), "s1"),
-             four((128, 32), "w2"), numpy_helper.from_array(np.array(0.05, np.float32), "s2"),
-             numpy_helper.from_array(rng.standard_normal(128).astype(np.float32), "b1")]
-    nodes = [helper.make_node("DequantizeLinear", ["w1", "s1"], ["W1"]), helper.make_node("MatMul", ["x", "W1"], ["h"]),
-             helper.make_node("Add", ["h", "b1"], ["hb"]), helper.make_node("Relu", ["hb"], ["r"]),
-             helper.make_node("DequantizeLinear", ["w2", "s2"], ["W2"]), helper.make_node("MatMul", ["r", "W2"], ["y"])]
-    graph = helper.make_graph(nodes, "four_bit", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [N, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [N, 32])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-
-
 def test_four_bit_weights_prune_exactly_and_stay_packed():
     """INT4 weights (two to a byte in the file, one to a byte in numpy) are written packed: before, the
     pruned file held twice the bytes its dims need and onnxruntime refused it."""
     from spa.cost import count_params
 
-    model = _four_bit_mlp()
+    model = four_bit_mlp()
     assert count_params(model) == 64 * 128 + 128 * 32 + 128 + 2
     result = check_exact(model, atol=1e-4, rtol=1e-4, fused=False)
     after = _inits(result.model)

@@ -208,34 +208,34 @@ def test_report_on_a_model_too_big_for_one_session_is_refused_up_front(llama, tm
     assert not out.exists()
 
 
-def test_four_bit_weights_reach_onnxruntime_intact_in_memory_or_streamed(tmp_path, monkeypatch):
+def test_four_bit_weights_reach_onnxruntime_intact_and_prune_in_memory_or_streamed(tmp_path, monkeypatch):
     """Sub-byte tensors (INT4: two to a byte in the file, one to a byte in numpy) cannot go to
     onnxruntime as arrays: an OrtValue over numpy's buffer read the wrong bytes (max error 15 where
-    rounding gives 0.06). They stay in the proto, or external in a streamed model's folder, and
-    the session computes what the file says."""
-    import ml_dtypes
-    from onnx import TensorProto, helper
+    rounding gives 0.06). They stay in the proto, or external in a streamed model's folder; a streamed
+    model reads them unpacked, and its pruned tensors are written packed, as in memory."""
+    from builder import four_bit_mlp
 
-    rng = np.random.default_rng(0)
-    q = rng.integers(-8, 8, size=(512, 512)).astype(np.int8)  # 128 KB packed: over BIG_TENSOR
-    nodes = [helper.make_node("DequantizeLinear", ["wq", "s"], ["w"]), helper.make_node("MatMul", ["x", "w"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 512])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 512])],
-                              [numpy_helper.from_array(q.astype(ml_dtypes.int4), "wq"),
-                               numpy_helper.from_array(np.array(0.01, np.float32), "s")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    x = {"x": rng.standard_normal((1, 512)).astype(np.float32)}
-    expected = x["x"] @ (q.astype(np.float32) * 0.01)
+    model = four_bit_mlp(inputs=512, width=512)  # w1: 128 KB packed, over BIG_TENSOR and INLINE_BYTES
     path = str(tmp_path / "int4.onnx")
     saved = onnx.ModelProto()
     saved.CopyFrom(model)  # onnx.save turns the proto's tensors into references to the file
     onnx.save(saved, path, save_as_external_data=True, location="int4.data", size_threshold=1024)
+    x = {"x": np.random.default_rng(1).standard_normal((2, 512)).astype(np.float32)}
+    w1, _, w2, _, b1 = (numpy_helper.to_array(t).astype(np.float32) for t in model.graph.initializer)
+    expected = np.maximum(x["x"] @ (w1 * 0.05) + b1, 0) @ (w2 * 0.05)
     monkeypatch.setattr(runtime, "SERIALIZE_BYTES", 1 << 40)  # the plain serialized session
     serialized = runtime.session(model, quiet=True).run(None, x)[0]
-    assert np.abs(serialized - expected).max() < 0.1  # onnxruntime's 4-bit MatMul rounds its inputs
+    assert np.abs(serialized - expected).max() < 0.01 * np.abs(expected).max()  # its 4-bit MatMul rounds inputs
     monkeypatch.setattr(runtime, "SERIALIZE_BYTES", 0)  # every big tensor handed over where it can be
     streamed = load_model(path, stream=True)
     for loaded in (model, streamed):
         assert np.array_equal(runtime.session(loaded, quiet=True).run(None, x)[0], serialized)
     mapped = external_data.array(streamed.graph.initializer[0], external_data.base_of(streamed))
-    assert np.array_equal(np.asarray(mapped, dtype=np.int8), q)  # read and unpacked, not mapped one to a byte
+    assert np.array_equal(np.asarray(mapped, dtype=np.float32), w1)  # read and unpacked, not mapped one to a byte
+    pruned = {}
+    for stream in (False, True):
+        result = prune(load_model(path, stream=stream), Target(ratio=0.5), criterion="l1")
+        pruned[stream] = str(tmp_path / f"pruned_{stream}.onnx")
+        save(result.model, pruned[stream], external=external_tensor_names(path))
+    assert _tensors(pruned[False])[1] == _tensors(pruned[True])[1]
+    assert onnx.load(pruned[True]).graph.initializer[0].dims[1] == 256

@@ -22,9 +22,11 @@ STREAM_BYTES = 1 << 30  # load_model streams a model whose external data is larg
 INLINE_BYTES = 1 << 16  # smaller external tensors (shape constants) are read into the proto
 ALIGN = 4096  # offsets in written data files (onnxruntime maps aligned tensors instead of copying)
 _CHUNK = 1 << 26
-# element types stored two or four to a byte, where numpy holds one to a byte: read, not memory-mapped
-SUB_BYTE = frozenset(getattr(TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
-                     if hasattr(TensorProto, name))
+# bits per element of the types ONNX packs below a byte, where numpy holds one to a byte (read, not memory-mapped)
+SUB_BYTE_BITS = {getattr(TensorProto, name): bits for name, bits in
+                 (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2),
+                  ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6)) if hasattr(TensorProto, name)}
+SUB_BYTE = frozenset(SUB_BYTE_BITS)
 _VALUE_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 
@@ -80,7 +82,7 @@ def location(tensor: TensorProto, base: str) -> tuple[str, int, int]:
 
 
 def raw_bytes(value: np.ndarray):
-    """The bytes ONNX stores for an array (a buffer): sub-byte types packed two or four to a byte."""
+    """The bytes ONNX stores for an array (a buffer): sub-byte types packed (SUB_BYTE_BITS)."""
     if helper.np_dtype_to_tensor_dtype(value.dtype) in SUB_BYTE:
         return onnx.numpy_helper.from_array(np.asarray(value)).raw_data
     return np.ascontiguousarray(value).reshape(-1).view(np.uint8).data  # bytes of any dtype (bfloat16 too)

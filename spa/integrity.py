@@ -11,11 +11,9 @@ import onnx
 from onnx import TensorProto
 
 from .errors import SpaError
+from .external_data import SUB_BYTE_BITS
 
-# bits per element of the sub-byte types (raw data packs them)
-_BITS = {getattr(TensorProto, name): bits for name, bits in
-         (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2),
-          ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6)) if hasattr(TensorProto, name)}
+_BITS = SUB_BYTE_BITS  # raw data packs these types
 _TYPED_PACKED = {t for t, bits in _BITS.items() if bits in (2, 4)}  # int32_data holds packed bytes
 _COMPLEX = {TensorProto.COMPLEX64, TensorProto.COMPLEX128}
 

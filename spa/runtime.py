@@ -127,8 +127,8 @@ SERIALIZE_BYTES = 1 << 24
 # a calibration pass leaves the weights of a model with more than this unprepacked (`session`)
 UNPACKED_BYTES = 1 << 28
 BIG_TENSOR = 1 << 16  # initializers up to this size stay in the proto
-# element types that cannot go to onnxruntime as arrays: sub-byte ones (packed two or four to a byte, where
-# numpy holds one to a byte: an OrtValue over that buffer reads the wrong bytes, silently) and strings
+# element types that cannot go to onnxruntime as arrays: sub-byte ones (packed below a byte, where numpy
+# holds one to a byte: an OrtValue over that buffer reads the wrong bytes, silently) and strings
 NOT_AS_ARRAYS = SUB_BYTE | {TensorProto.STRING}
 
 

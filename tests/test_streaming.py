@@ -215,7 +215,10 @@ def test_four_bit_weights_reach_onnxruntime_intact_and_prune_in_memory_or_stream
     model reads them unpacked, and its pruned tensors are written packed, as in memory."""
     from builder import four_bit_mlp
 
+    from spa.graph import tensor_bytes
+
     model = four_bit_mlp(inputs=512, width=512)  # w1: 128 KB packed, over BIG_TENSOR and INLINE_BYTES
+    assert tensor_bytes(model.graph.initializer[0]) == len(model.graph.initializer[0].raw_data) == 512 * 512 // 2
     path = str(tmp_path / "int4.onnx")
     saved = onnx.ModelProto()
     saved.CopyFrom(model)  # onnx.save turns the proto's tensors into references to the file

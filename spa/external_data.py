@@ -7,6 +7,7 @@ whole model, so the peak memory is a few tensors plus whatever verification need
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import tempfile
@@ -27,6 +28,17 @@ SUB_BYTE_BITS = {getattr(TensorProto, name): bits for name, bits in
                  (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2),
                   ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6)) if hasattr(TensorProto, name)}
 SUB_BYTE = frozenset(SUB_BYTE_BITS)
+
+
+def data_bytes(data_type: int, count: int) -> int:
+    """Bytes of `count` elements of an ONNX element type as raw data holds them (SUB_BYTE_BITS packed)."""
+    bits = SUB_BYTE_BITS.get(data_type)
+    return -(-count * bits // 8) if bits else count * _itemsize(data_type)
+
+
+@functools.cache
+def _itemsize(data_type: int) -> int:
+    return helper.tensor_dtype_to_np_dtype(data_type).itemsize
 _VALUE_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 

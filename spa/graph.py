@@ -506,15 +506,7 @@ PROBE_LIMIT = 200_000_000  # bytes of weights above which SPA does not run the m
 
 def tensor_bytes(tensor: onnx.TensorProto) -> int:
     """Size of a tensor's data from its dims (ByteSize() walks the bytes and is slow); sub-byte types packed."""
-    bits = external_data.SUB_BYTE_BITS.get(tensor.data_type)
-    if bits:
-        return -(-math.prod(tensor.dims) * bits // 8)
-    return math.prod(tensor.dims) * _itemsize(tensor.data_type)
-
-
-@functools.cache
-def _itemsize(data_type: int) -> int:
-    return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    return external_data.data_bytes(tensor.data_type, math.prod(tensor.dims))
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:

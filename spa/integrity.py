@@ -11,10 +11,9 @@ import onnx
 from onnx import TensorProto
 
 from .errors import SpaError
-from .external_data import SUB_BYTE_BITS
+from .external_data import SUB_BYTE_BITS, data_bytes
 
-_BITS = SUB_BYTE_BITS  # raw data packs these types
-_TYPED_PACKED = {t for t, bits in _BITS.items() if bits in (2, 4)}  # int32_data holds packed bytes
+_TYPED_PACKED = {t for t, bits in SUB_BYTE_BITS.items() if bits in (2, 4)}  # int32_data holds packed bytes
 _COMPLEX = {TensorProto.COMPLEX64, TensorProto.COMPLEX128}
 
 
@@ -60,18 +59,12 @@ def _elements(tensor, path) -> int:
     return math.prod(tensor.dims)
 
 
-def _raw_bytes(tensor, count: int) -> int:
-    if tensor.data_type in _BITS:
-        return -(-count * _BITS[tensor.data_type] // 8)
-    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-
-
 def expected_bytes(tensor: TensorProto, path: str = "model") -> int:
     """Bytes of raw (or external) data that the tensor's dims and type need."""
     count = _elements(tensor, path)
     if tensor.data_type == TensorProto.STRING:
         raise SpaError(f"{path}: tensor '{_name(tensor)}' of type string keeps its data outside string_data")
-    return _raw_bytes(tensor, count)
+    return data_bytes(tensor.data_type, count)
 
 
 def check_tensor(tensor: TensorProto, path: str) -> None:
@@ -83,7 +76,7 @@ def check_tensor(tensor: TensorProto, path: str) -> None:
     if tensor.HasField("raw_data"):  # what numpy_helper.to_array reads first
         if tensor.data_type == TensorProto.STRING:
             raise SpaError(f"{shown} has raw data, which a string tensor cannot have")
-        need = _raw_bytes(tensor, count)
+        need = data_bytes(tensor.data_type, count)
         if len(tensor.raw_data) != need:
             raise SpaError(f"{shown} has {len(tensor.raw_data)} bytes of data where its dims and type need {need}")
         return
@@ -92,7 +85,7 @@ def check_tensor(tensor: TensorProto, path: str) -> None:
     if tensor.data_type in _COMPLEX:
         need = 2 * count
     elif tensor.data_type in _TYPED_PACKED:
-        need = _raw_bytes(tensor, count)
+        need = data_bytes(tensor.data_type, count)
     else:
         need = count
     if have != need:

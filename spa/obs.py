@@ -392,14 +392,18 @@ def factored_error(W: np.ndarray, W_new: np.ndarray, L: np.ndarray) -> float:
     """`layer_error` from H's factor L: 1/2 ||(W - W') L||^2, a triangular product (trmm) instead of a full one."""
     from scipy.linalg import blas
 
-    D = (np.asarray(W, dtype=np.float64) - np.asarray(W_new, dtype=np.float64)).astype(np.float32)
-    product = blas.strmm(1.0, L, D, side=1, lower=1)  # D @ L
+    product = blas.strmm(1.0, L, _change(W, W_new), side=1, lower=1)  # (W - W') @ L
     return float(0.5 * np.sum(np.square(product), dtype=np.float64))
+
+
+def _change(W: np.ndarray, W_new: np.ndarray) -> np.ndarray:
+    """W - W' in float32, subtracted in float64 (the two are close: their difference, not their rounding)."""
+    return (np.asarray(W, dtype=np.float64) - np.asarray(W_new, dtype=np.float64)).astype(np.float32)
 
 
 def layer_error(W: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> float:
     """||W X - W' X||^2 / N from H = 2 X X^T / N (in float32: it ranks candidate updates)."""
-    D = (np.asarray(W, dtype=np.float64) - np.asarray(W_new, dtype=np.float64)).astype(np.float32)
+    D = _change(W, W_new)
     return float(0.5 * np.sum((D @ np.asarray(H, dtype=np.float32)) * D, dtype=np.float64))
 
 

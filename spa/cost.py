@@ -8,6 +8,7 @@ import onnx
 from onnx import helper
 
 from .graph import Consts, Graph, infer_shapes
+from .quant import QOPERATOR_WEIGHTS
 from .runtime import is_float
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
@@ -120,8 +121,8 @@ def count_macs(model_or_graph, shapes: dict | None = None, plan=None) -> int:
 
 
 # integer constants that are weights (not shapes or indices), by the op that reads them and its input slots
-INTEGER_WEIGHTS = {"DequantizeLinear": (0,), "ConvInteger": (1,), "MatMulInteger": (1,), "QLinearConv": (3,),
-                   "QLinearMatMul": (0, 3), "QGemm": (0, 3)}
+INTEGER_WEIGHTS = {"DequantizeLinear": (0,), "ConvInteger": (1,), "MatMulInteger": (1,),
+                   **{op: tuple(slots) for op, slots in QOPERATOR_WEIGHTS.items()}}
 
 
 def count_params(model_or_graph, plan=None) -> int:

@@ -142,9 +142,9 @@ def _session(source, options, unpacked: bool = False):
     the same streamed or in memory)."""
     if isinstance(source, (str, bytes)):
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    from .graph import tensor_bytes
+    from .graph import weight_bytes
 
-    if unpacked and sum(tensor_bytes(t) for t in source.graph.initializer) >= UNPACKED_BYTES:
+    if unpacked and weight_bytes(source) >= UNPACKED_BYTES:
         options.add_session_config_entry("session.disable_prepacking", "1")
     skeleton, names, values = _without_big_tensors(source)
     if names:

@@ -105,13 +105,17 @@ def test_split_equal_parts_opset18():
     check_exact(b.model())
 
 
-def test_slice_on_channel_axis():
+@pytest.mark.parametrize("index", [np.int64, np.int32])  # tf2onnx writes int32 starts / ends / axes / steps
+def test_slice_on_channel_axis(index):
     b = Builder()
     x = b.conv(b.input([N, 3, 8, 8]), 3, 10)
-    s = b.op("Slice", [x, b.const(np.array([2], dtype=np.int64)), b.const(np.array([8], dtype=np.int64)),
-                       b.const(np.array([1], dtype=np.int64))])
+    bounds = [b.const(np.array(v, dtype=index)) for v in ([2, 0], [8, 1 << 30], [1, 2], [1, 1])]
+    s = b.op("Slice", [x] + bounds)
     head(b, b.conv(s, 6, 4), 4)
-    check_exact(b.model())
+    result = check_exact(b.model())
+    [node] = [n for n in result.model.graph.node if n.op_type == "Slice"]
+    values = {t.name: t for t in result.model.graph.initializer}
+    assert {values[name].data_type for name in node.input[1:]} == {onnx.helper.np_dtype_to_tensor_dtype(np.dtype(index))}
 
 
 def test_gather_on_channel_axis():

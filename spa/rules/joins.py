@@ -150,9 +150,10 @@ class Slice(Rule):
             new.append((s, e))
         if not changed:
             return
-        if c.g.opset() >= 10:
-            plan.set_input(c.node, 1, np.array([s for s, _ in new], dtype=np.int64))
-            plan.set_input(c.node, 2, np.array([e for _, e in new], dtype=np.int64))
+        if c.g.opset() >= 10:  # starts, ends, axes and steps share one integer type (tf2onnx writes int32)
+            index = np.asarray(c.const(c.inp(1))).dtype
+            plan.set_input(c.node, 1, np.array([s for s, _ in new], dtype=index))
+            plan.set_input(c.node, 2, np.array([e for _, e in new], dtype=index))
         else:
             plan.set_attr(c.node, "starts", [s for s, _ in new])
             plan.set_attr(c.node, "ends", [e for _, e in new])

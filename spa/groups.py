@@ -107,6 +107,7 @@ class Analysis:
     groups: list
     contracted: list  # (node index, input slot, axis): consumer slices the oracle zeroes
     atom_group: dict  # channel id -> group id
+    input_shapes: dict | None = None  # {input: shape} to count MACs at (symbolic sizes default to 32)
 
     @property
     def model(self):
@@ -114,11 +115,12 @@ class Analysis:
 
     @cached_property
     def concrete_shapes(self) -> dict:
-        """spa.cost.concrete_shapes of the model (batch 1), computed once: the selector, the budget and
-        the allocation's checks all read them (shape inference of MiniLM: 0.1 s a time). Read only."""
+        """spa.cost.concrete_shapes of the model (batch 1) at `input_shapes`, computed once: the selector,
+        the budget and the allocation's checks all read them (shape inference of MiniLM: 0.1 s a time).
+        Read only."""
         from .cost import concrete_shapes
 
-        return concrete_shapes(self.model)
+        return concrete_shapes(self.model, shapes=self.input_shapes)
 
     @cached_property
     def contracted_pairs(self) -> set:

@@ -18,7 +18,7 @@ from . import allocation as allocate
 from . import external_data, latency, obspa, plugins
 from .calibration import (DEFAULT_SAMPLES, Calibration, SampleDefault, calibration_batches,
                           fresh_batches, generated_token_lengths, is_generated, shared_shapes, text_lines, text_mode,
-                          with_text_config, with_tokenizer)
+                          user_shapes, with_text_config, with_tokenizer)
 from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
 from .cost import concrete_shapes, count_macs, count_params
 from .graph import weight_bytes
@@ -111,6 +111,8 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     cal, fit, held = calibration_inputs(model, cal, progress, held_out=criterion == "obspa" or compensation != "none",
                                         samples=OBSPA_SAMPLES if criterion == "obspa" else ()) \
         if needs_data else (cal, [], [])
+    ran_at = shared_shapes(model, fit + held)
+    analysis.input_shapes = ran_at or user_shapes(model, cal.shapes) or None  # the sizes MACs are counted at
     progress(f"scoring {sum(g.prunable for g in analysis.groups)} prunable groups ({criterion})")
     warnings = check_bn_scale(analysis) if criterion == "bn-scale" and saliency is None else []
     if criterion == "obspa":
@@ -133,7 +135,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
         plan.weights_changed = f"{'obspa' if criterion == 'obspa' else compensation} compensation"
     progress(f"rewriting: removing {len(plan.removed_atoms)} channels")
     result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores, latency=latency_check,
-                    warnings=warnings, input_shapes=shared_shapes(model, fit + held))
+                    warnings=warnings, input_shapes=ran_at)
     if recover:
         inputs, holdout = recovery_inputs(model, cal, fit, held, progress)
         result.recovery = distill(model, result.model, inputs, recover, recover_lr, seed=seed, progress=progress,
@@ -506,6 +508,7 @@ def as_budget(analysis: Analysis, scores: dict, target: Target, progress=_quiet)
     shapes = analysis.concrete_shapes
     full = count_macs(analysis.graph, shapes)
     macs = count_macs(analysis.graph, shapes, uniform) / full if full else None
+    macs = macs if macs is not None and macs < 1 else None  # the groups' layers do no counted MACs: no MAC bound
     progress(f"ratio {target.ratio:g} as a budget: keep at most {params:.1%} of the parameters"
              + (f" and {macs:.1%} of the MACs" if macs is not None else "")
              + f" (what {target.ratio:g} of every group keeps), channels ranked across groups "
@@ -657,8 +660,6 @@ def save(model: onnx.ModelProto, path: str, external: set | None = None, feeds: 
     sizes to verify at (spa.calibration.user_shapes); `original`: the input model file, run on
     the same inputs where the pruned model fails on them (spa.verify.validate).
     """
-    from .calibration import user_shapes
-
     shapes = user_shapes(model, shapes)
     target_dir = os.path.dirname(os.path.abspath(path)) or "."
     with staging_folder(path) as tmp:

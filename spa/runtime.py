@@ -232,8 +232,8 @@ def feed_shapes(feeds: dict) -> str:
 
 
 def shapes_text(shapes: dict) -> str:
-    """'name 1x3x224x224, mask 1x12' from {input: shape}."""
-    return ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in shapes.items())
+    """'name 1x3x224x224, mask 1x12, rate scalar' from {input: shape}."""
+    return ", ".join(f"{name} {'x'.join(map(str, shape)) or 'scalar'}" for name, shape in shapes.items())
 
 
 def is_float(dtype) -> bool:

@@ -59,13 +59,16 @@ def _runs(path: str, feeds: dict) -> bool:
 
 
 def _shape_hint(path: str) -> str:
-    """--input-shape values with the model's declared dims: static sizes, symbolic names, batch 1."""
+    """--input-shape values with the model's declared dims: static sizes, symbolic names, batch 1
+    (a name that leads some input, wherever it stands). Scalars take no shape."""
     from .runtime import declared_inputs
 
+    inputs = [(name, dims) for name, dims, _ in declared_inputs(onnx.load(path, load_external_data=False)) if dims]
+    batch = {dims[0] for _, dims in inputs if isinstance(dims[0], str)}
+
     def dim(k, d):
-        return str(d) if isinstance(d, int) else "1" if k == 0 else d or "?"
-    inputs = declared_inputs(onnx.load(path, load_external_data=False))
-    return " ".join(f"{name}={'x'.join(dim(k, d) for k, d in enumerate(dims))}" for name, dims, _ in inputs)
+        return str(d) if isinstance(d, int) else "1" if k == 0 or d in batch else d or "?"
+    return " ".join(f"{name}={'x'.join(dim(k, d) for k, d in enumerate(dims))}" for name, dims in inputs)
 
 
 def session_fits(path: str | onnx.ModelProto) -> bool:

@@ -879,3 +879,47 @@ def test_spa_sparsify_takes_the_tokenizer_beside_the_model_too(tmp_path, capsys)
     assert "calibration: token inputs shaped by the tokenizer beside the model" in capsys.readouterr().err
     assert not asked(Calibration(tokenizer="t.json", tokenizer_found=True))  # a found tokenizer asks for nothing
     assert asked(Calibration(tokenizer="t.json")) and asked(Calibration(samples=8, tokenizer_found=True))
+
+
+def _state_model(batch):
+    """y = W2 relu(W1 x) + the state summed over its first axis: a recurrent state [layers, batch, 4]
+    beside the data input (silero-vad's shape)."""
+    b = Builder()
+    x, state = b.input([batch, 8], "input"), b.input([2, batch, 4], "state")
+    y = b.op("MatMul", [b.op("Relu", [b.op("MatMul", [x, b.weight(8, 16)])]), b.weight(16, 4)])
+    b.output(b.op("Add", [y, b.op("ReduceSum", [state, b.const(np.array([0]))], keepdims=0)]))
+    return b.model()
+
+
+def test_an_input_whose_first_axis_is_not_the_batch_is_fed_as_declared(tmp_path):
+    said = []
+    static = calibration_batches(_state_model(1), "synthetic", samples=4, progress=said.append)
+    assert [(f["input"].shape, f["state"].shape) for f in static] == [((1, 8), (2, 1, 4))] * 4
+    assert any("input 'state' ([2, 1, 4]) is fed at its declared shape in every batch: its first axis fixes 2, "
+               "not the batch of 1 that 'input' fixes" in m for m in said)
+    free = calibration_batches(_state_model("batch"), "synthetic", samples=20, batch_size=8)
+    assert [(f["input"].shape, f["state"].shape) for f in free] == [((8, 8), (2, 8, 4))] * 2 + [((4, 8), (2, 4, 4))]
+    for model, batches in ((_state_model(1), static), (_state_model("batch"), free)):
+        _runs(model, batches)
+    np.savez(tmp_path / "d.npz", input=np.zeros((4, 8), np.float32), state=np.zeros((2, 4, 4), np.float32))
+    with pytest.raises(SpaError, match="input 'state' .* does not carry the batch on its first axis"):
+        calibration_batches(_state_model("batch"), str(tmp_path / "d.npz"))
+
+
+def test_a_model_with_a_state_input_prunes_with_obspa(tmp_path, capsys):
+    onnx.save(_state_model(1), tmp_path / "m.onnx")
+    assert main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.25"]) == 0
+    assert "removed 4 channels" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("criterion", ["obspa", "l1"])
+def test_macs_are_counted_at_the_sizes_given(criterion):
+    from spa.pipeline import prune
+    from spa.selection import Target
+
+    b = Builder()
+    x = b.input(["N", 1, "L"])
+    y = b.op("Relu", [b.op("Conv", [x, b.weight(8, 1, 3), b.weight(8)])])
+    out = b.output(b.op("Conv", [y, b.weight(4, 8, 3), b.weight(4)]))
+    result = prune(b.model(), Target(ratio=0.25), criterion=criterion, calibration=Calibration(shapes=(1, 1, 256)))
+    assert result.analysis.concrete_shapes[out] == (1, 4, 252)  # not the 32 symbolic sizes default to

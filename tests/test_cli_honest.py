@@ -264,6 +264,19 @@ def only_at(size):
     return b.model()
 
 
+def test_the_input_shape_hint_sets_the_batch_to_one_wherever_it_stands_and_skips_scalars(tmp_path):
+    from spa.runtime import shapes_text
+    from spa.verify import _shape_hint
+
+    b = Builder()
+    x, state = b.input(["batch", "n"]), b.input([2, "batch", 4], "state")
+    rate = b.input([], "rate", dtype=onnx.TensorProto.INT64)
+    b.output(b.op("Add", [b.op("ReduceSum", [x], keepdims=0), b.op("Cast", [rate], to=1)]))
+    b.output(b.op("ReduceSum", [state], keepdims=0))
+    assert _shape_hint(saved(tmp_path, b.model())) == "input=1xn state=2x1x4"
+    assert shapes_text({"input": (1, 32), "rate": ()}) == "input 1x32, rate scalar"
+
+
 def test_input_shape_sizes_verification_and_report_with_any_criterion(tmp_path, capsys):
     path, out = saved(tmp_path, only_at(12)), tmp_path / "o.onnx"
     _expect_error(capsys, ["prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q"],

@@ -15,7 +15,8 @@ from ..runtime import declared_inputs
 from . import text_lines
 from .files import IMAGENET_MEAN, IMAGENET_STD, _fitted, _per_channel
 from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MIN_TOKENS, TOKENS,
-                     _checked_shapes, _hint, _image_layout, _Input, _spatial_axes, position_limit, vocabulary_size)
+                     _checked_shapes, _declared, _hint, _image_layout, _Input, _spatial_axes, position_limit,
+                     vocabulary_size)
 from .synthetic import _integer_input, natural_noise
 from .text import synthetic_vocabulary
 
@@ -40,18 +41,41 @@ class _Plan:
             if not inp.is_float and inp.dtype != np.bool_:
                 inp.vocab = vocabulary_size(model, inp.name)
         self.by_name = {i.name: i for i in self.inputs}
-        statics = {i.dims[0] for i in self.inputs if i.dims and isinstance(i.dims[0], int)}
-        if len(statics) > 1:
-            raise SpaError(f"calibration: the model's inputs fix different batch sizes {sorted(statics)}")
-        self.static_batch = statics.pop() if statics else None
-        self.chunk = self.static_batch or options.batch_size
         self.batch_names = {i.dims[0] for i in self.inputs if i.dims and isinstance(i.dims[0], str)}
+        self.batch_axis = {i.name: _batch_axis(i, self.batch_names) for i in self.inputs}
+        self.static_batch = self._static_batch()
+        self.chunk = self.static_batch or options.batch_size
         self.explicit = _checked_shapes(self.inputs, options.shapes)
         self.named = self._named_sizes()
         self._position_limit = -1
         self._vocabulary = None
         self._alphabet: list | None = None  # drawable characters of the text lines; [] for noise images
         self.fixed: dict = {}   # (input, axis) -> size a source imposes (bn: the channel count)
+
+    def _static_batch(self) -> int | None:
+        """The batch the inputs fix on their first axis (None: free). An input whose first axis fixes
+        another size (a recurrent state [layers, batch, hidden]) does not carry the batch there: it
+        is fed at its declared shape in every batch, announced."""
+        fixed = [(i, i.dims[0]) for i in self.inputs if self.batch_axis[i.name] == 0 and isinstance(i.dims[0], int)]
+        if not fixed:
+            return None
+        first, batch = fixed[0]
+        for inp, size in fixed[1:]:
+            if size != batch:
+                self.batch_axis[inp.name] = None
+                self.say(f"calibration: input '{inp.name}' ({_declared(inp.dims)}) is fed at its declared shape in "
+                         f"every batch: its first axis fixes {size}, not the batch of {batch} that '{first.name}' "
+                         f"fixes")
+        return batch
+
+    def refuse_unbatched(self, what: str) -> None:
+        """Data read from files is split along every input's first axis: SpaError for an input (not
+        a scalar) that does not carry the batch there."""
+        for inp in self.inputs:
+            if inp.dims and self.batch_axis[inp.name] != 0:
+                raise SpaError(f"calibration {what}: input '{inp.name}' ({_declared(inp.dims)}) does not carry the "
+                               "batch on its first axis, and files are split along the first axis of every input; "
+                               "generated calibration (--calibration synthetic) feeds it as declared")
 
     def say(self, message: str):
         if message not in self.said:
@@ -74,7 +98,7 @@ class _Plan:
     def known(self, inp: _Input, k: int):
         """Axis k's size from (a) the user's shape, (b) dims by name, (c) the declared static dim;
         BATCH for the batch axis (and axes sharing its name), None when unknown."""
-        if k == 0:
+        if k == self.batch_axis.get(inp.name, 0):
             return BATCH
         if (inp.name, k) in self.fixed:
             return self.fixed[(inp.name, k)]
@@ -336,3 +360,13 @@ class _Plan:
         count = self.sample_count(available, what)
         return [{k: np.ascontiguousarray(v[s:s + self.chunk]) if k in batched else v for k, v in data.items()}
                 for s in range(0, count, self.chunk)]
+
+
+def _batch_axis(inp: _Input, batch_names: set) -> int | None:
+    """The axis that carries the batch: the first, unless that one is fixed and a later axis
+    bears a batch name ([2, batch, 128]); None for a scalar."""
+    if not inp.dims:
+        return None
+    if isinstance(inp.dims[0], int):
+        return next((k for k, d in enumerate(inp.dims) if isinstance(d, str) and d in batch_names), 0)
+    return 0

@@ -135,6 +135,7 @@ def check_input_array(what: str, name: str, a: np.ndarray, dims, dtype, batch_na
 
 
 def _checked(plan: _Plan, raw, path) -> dict:
+    plan.refuse_unbatched(path)
     data, sizes = {}, {}
     for inp in plan.inputs:
         name, dims, dtype = inp.name, inp.dims, inp.dtype

@@ -50,6 +50,7 @@ def test_the_dictionary_comes_from_the_metadata_a_file_or_nowhere(tmp_path):
     assert text_lines.dictionary(model, "none") is None
     assert text_lines.dictionary(_recognizer(None), None) is None
     assert text_lines.dictionary(_recognizer(" \n\n"), None) is None  # an empty entry: no dictionary
+    assert text_lines.dictionary(_recognizer("0\n90\n180\n270"), None) is None  # a classifier's labels
 
 
 def test_only_characters_the_font_draws_are_drawn():

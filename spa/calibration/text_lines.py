@@ -47,7 +47,7 @@ def mode(text_images: str | None, charset, has_dictionary: bool) -> str | None:
 def dictionary(model, charset: str | None) -> tuple[list, str] | None:
     """(characters, where they come from) for text lines: the file `charset` names (one character a
     line, or a PaddleOCR `inference.yml` whose PostProcess holds a character_dict), none where it is
-    'none', else the model's metadata entry 'character' where it holds any."""
+    'none', else the model's metadata entry 'character' where it holds one character a line."""
     if off(charset):
         return None
     if charset is not None and _is_config(charset):
@@ -65,6 +65,8 @@ def dictionary(model, charset: str | None) -> tuple[list, str] | None:
         if METADATA_KEY not in meta:
             return None
         chars, where = meta[METADATA_KEY].splitlines(), f"the model's metadata '{METADATA_KEY}'"
+        if any(len(c.strip()) > 1 for c in chars):
+            return None  # class labels (a PaddleClas orientation classifier's "0\n90\n180\n270"), not characters
     chars = [c for c in dict.fromkeys(chars) if len(c) == 1 and c.strip()]
     if chars:
         return chars, where

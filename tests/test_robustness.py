@@ -195,3 +195,36 @@ def test_shape_inference_leaves_the_working_directory_alone(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert graph._symbolic_shapes(b.model()) == {}
     assert os.listdir(tmp_path) == []
+
+
+def _declared_rank_zero(extra_output: bool = False):
+    """conv -> relu -> conv, and Shape -> Cast as a second output declared rank 0 where it infers as
+    rank 1: the full checker rejects it, onnxruntime merges leniently and runs it (an exporter's
+    slip, as in paddle2onnx's SLANet). `extra_output`: a third output declared wrongly too."""
+    b = Builder()
+    x = b.input([N, 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 8)])
+    b.output(b.conv(y, 8, 4))
+    b.output(b.op("Cast", [b.op("Shape", [x])], to=1))
+    if extra_output:
+        b.output(b.op("Cast", [b.op("Shape", [y])], to=1))
+    model = b.model()
+    for out in model.graph.output[1:]:
+        del out.type.tensor_type.shape.dim[:]
+        out.type.tensor_type.shape.SetInParent()  # a shape of rank 0, not none
+    return model
+
+
+def test_a_model_the_checker_rejects_as_exported_prunes_with_a_warning(tmp_path, capsys):
+    from spa.cli import main
+    from spa.verify import _check
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_declared_rank_zero(), path)
+    assert main(["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.25", "--criterion", "l1"]) == 0
+    err = capsys.readouterr().err
+    assert "the original model fails the onnx checker the same way" in err and "differ in rank" in err
+    with pytest.raises(Exception, match="differ in rank"):  # a failure of its own: not let through
+        _check(_declared_rank_zero(extra_output=True).SerializeToString(), str(path))
+    with pytest.raises(Exception, match="differ in rank"):
+        _check(_declared_rank_zero().SerializeToString(), None)

@@ -417,7 +417,8 @@ def test_the_default_criterion_is_obspa_with_rounded_widths_and_both_are_announc
     assert "(the default" not in err and "widths rounded" not in err
     assert spa("prune", model_path, "-o", tmp_path / "c.onnx", "--ratio", "0.5", "--aggregation", "max") == 0
     err = capsys.readouterr().err
-    assert "criterion l1 (the default where obspa cannot serve: --aggregation" in err and "widths rounded" not in err
+    assert "criterion l1 (the default where obspa cannot serve: --aggregation" in err
+    assert "widths rounded to multiples of 8" in err  # whatever the criterion
 
 
 def _fixed_size_model(tmp_path):
@@ -508,3 +509,19 @@ def test_progress_off_a_terminal_writes_whole_lines_at_most_every_interval(monke
     for _ in progress.bar(range(10), desc="library call"):
         time.sleep(0.05)
     assert capsys.readouterr().err == ""
+
+
+def test_the_report_says_where_symbolic_sizes_defaulted_and_leaves_outputs_of_other_sizes_uncompared(tmp_path, capsys):
+    b = Builder()
+    y = b.conv(b.op("Relu", [b.conv(b.input(["batch", 3, "h", "w"]), 3, 8)]), 8, 4)
+    b.output(y)
+    b.output(b.op("Cast", [b.op("NonZero", [b.op("Relu", [y])])], to=1))  # as many columns as positive values
+    path = saved(tmp_path, b.model())
+    assert spa("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--criterion", "l1", "--report",
+               "--repeats", "2", "-q") == 0
+    out = capsys.readouterr().out
+    assert "measured at input 1x3x32x32: symbolic sizes not given are 32 (--input-shape sets" in out
+    assert "informational): not compared, an output's size differs (it depends on the values)" in out
+    assert spa("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--criterion", "l1", "--report",
+               "--repeats", "2", "-q", "--overwrite", "--input-shape", "1x3x16x16") == 0
+    assert "measured at" not in capsys.readouterr().out

@@ -163,7 +163,6 @@ def test_keras_output_takes_l1_as_the_default_criterion_and_says_why(keras_file,
     assert main(["prune", path, "-o", str(tmp_path / "small.keras"), "--ratio", "0.5"]) == 0
     err = capsys.readouterr().err
     assert "criterion l1 (the default where obspa cannot serve: -o" in err and "Keras model's own weights" in err
-    assert "widths rounded" not in err
 
 
 @keras_only

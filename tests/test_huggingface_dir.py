@@ -95,10 +95,10 @@ def test_bert_dir_to_dir_reloads_and_matches_the_pruned_onnx(bert_dir, tmp_path,
     assert spa("apply-plan", bert_dir, plan, "-o", small_onnx) == 0  # -o NAME.onnx: the pruned ONNX
     config = json.loads((small / "config.json").read_text())
     # BertConfig derives the head size from hidden_size / heads: heads stay, MLP channels go
-    assert config["intermediate_size"] == 45 and config["num_attention_heads"] == 4
+    assert config["intermediate_size"] == 48 and config["num_attention_heads"] == 4  # 64 * 0.7, rounded up to 8s
     assert {"tokenizer.json", "tokenizer_config.json", "vocab.txt", "README.md"} <= set(os.listdir(small))
     model = _reload(transformers.AutoModel, small)
-    assert model.encoder.layer[1].intermediate.dense.out_features == 45
+    assert model.encoder.layer[1].intermediate.dense.out_features == 48
     _matches_onnx(model, small_onnx, "last_hidden_state")
     _matches_onnx(model, small_onnx, "pooler_output")
     tokenizer = transformers.AutoTokenizer.from_pretrained(small, local_files_only=True)

@@ -151,7 +151,7 @@ class Slice(Rule):
         if not changed:
             return
         if c.g.opset() >= 10:  # starts, ends, axes and steps share one integer type (tf2onnx writes int32)
-            index = np.asarray(c.const(c.inp(1))).dtype
+            index = np.int32 if np.asarray(c.const(c.inp(1))).dtype == np.int32 else np.int64
             plan.set_input(c.node, 1, np.array([s for s, _ in new], dtype=index))
             plan.set_input(c.node, 2, np.array([e for _, e in new], dtype=index))
         else:

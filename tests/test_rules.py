@@ -186,6 +186,29 @@ def test_identity_like_ops():
     check_exact(b.model())
 
 
+@pytest.mark.parametrize("channel_size", ["own", "constant", "other"])
+def test_resize_to_sizes_computed_from_shapes(channel_size):
+    """paddle2onnx's interpolate(x, size=y.shape[2:]): sizes = Concat(Slice(Shape(x), 0, 2), Shape(y)[2:]).
+    The channel size read off the resized tensor itself follows the pruning at run time; a constant, or
+    a static size read off another tensor, is rewritten."""
+    b = Builder(opset=13)
+    x = b.conv(b.input([N, 3, 8, 8]), 3, 6)
+    y = b.op("MaxPool", [b.conv(x, 6, 5)], kernel_shape=[2, 2], strides=[2, 2])  # [N, 5, 4, 4]
+    other = b.conv(x, 6, 5)
+    index = b.const(np.array([0]))
+
+    def shape_slice(tensor, start, stop):
+        return b.op("Slice", [b.op("Shape", [tensor]), b.const(np.array([start])), b.const(np.array([stop])), index])
+    lead = {"own": [shape_slice(y, 0, 2)], "constant": [shape_slice(y, 0, 1), b.const(np.array([5]))],
+            "other": [shape_slice(y, 0, 1), shape_slice(other, 1, 2)]}[channel_size]
+    sizes = b.op("Concat", lead + [shape_slice(x, 2, 4)], axis=0)
+    up = b.op("Resize", [y, "", "", sizes], mode="nearest")  # [N, 5, 8, 8]
+    head(b, b.op("Add", [b.conv(up, 5, 4), b.conv(other, 5, 4)]), 4)
+    model = b.model()
+    assert next(g for g in analyze(model).groups if any(m.tensor == up for m in g.members)).prunable
+    check_exact(model)
+
+
 def test_conv_transpose_and_grouped_conv_transpose():
     b = Builder()
     x = b.op("Relu", [b.conv(b.input([N, 3, 4, 4]), 3, 8)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import Frozen, Link, Rule, identity, register
+from .shapes import own_sizes, rewrite_shape_vector, shape_vector_pieces
 
 
 class AxisOp(Rule):
@@ -73,6 +74,9 @@ class Resize(AxisOp):
             if not name:
                 continue
             value = c.const(name)
+            if value is None and k == 3:
+                factors.append(self._computed_sizes(c, x))
+                continue
             if value is None:
                 raise Frozen(f"{c.node.op_type} scales/sizes '{name}' are computed")
             if value.size == 0:
@@ -85,7 +89,22 @@ class Resize(AxisOp):
             raise Frozen("Resize with an axes attribute")
         return factors
 
+    @staticmethod
+    def _computed_sizes(c, x) -> list:
+        """Factors of sizes computed at run time: 1 where an element is the input's own size (read
+        off Shape(x)) or a constant equal to it, 0 (rescaled) elsewhere."""
+        rank = c.rank(x)
+        if rank is None or c.g.dim(c.inp(3), 0) != rank:
+            raise Frozen(f"{c.node.op_type} scales/sizes '{c.inp(3)}' are computed")
+        own, pieces = own_sizes(c, 3, x), shape_vector_pieces(c, 3) or {}
+        constant = {p: np.asarray(c.g.static_value(node.input[k])).reshape(-1)[j] for p, (node, k, j) in pieces.items()}
+        return [1 if p in own or (p in constant and constant[p] == c.dim(x, p)) else 0 for p in range(rank)]
+
     def rewrite(self, c, plan):
+        if c.node.op_type == "Resize" and c.g.opset() >= 11 and len(c.node.input) > 3 and c.inp(3) \
+                and c.const(c.inp(3)) is None:
+            rewrite_shape_vector(c, plan, 3, c.out(0))  # constant pieces; Shape(x) pieces follow x
+            return
         sizes = c.const(c.inp(3)) if c.node.op_type == "Resize" and c.g.opset() >= 11 else None
         if sizes is None or sizes.size == 0:
             return

@@ -82,6 +82,51 @@ def shape_vector_pieces(c: Ctx, slot: int):
     return pieces
 
 
+def own_sizes(c: Ctx, slot: int, tensor: str) -> set:
+    """Positions of a shape-like input whose elements are `tensor`'s own sizes at the same
+    positions, read at run time: the vector, or a piece of the Concat building it, is Shape(tensor)
+    or a constant-bounds Slice of it that starts where the piece sits (through Cast / Identity), as
+    paddle2onnx writes `interpolate(x, size=y.shape[2:])`'s sizes. They follow a pruned `tensor`."""
+    name = _through_views(c, c.inp(slot))
+    index = c.g.producer.get(name)
+    parts = list(c.g.nodes[index].input) if index is not None and c.g.nodes[index].op_type == "Concat" else [name]
+    own, pos = set(), 0
+    for part in parts:
+        length = c.g.dim(part, 0)
+        if length is None:
+            break
+        if _shape_start(c, part, tensor) == pos:
+            own.update(range(pos, pos + length))
+        pos += length
+    return own
+
+
+def _through_views(c: Ctx, name: str) -> str:
+    while name in c.g.producer and c.g.nodes[c.g.producer[name]].op_type in ("Cast", "Identity"):
+        name = c.g.nodes[c.g.producer[name]].input[0]
+    return name
+
+
+def _shape_start(c: Ctx, name: str, tensor: str) -> int | None:
+    """The axis of `tensor` that the first element of `name` holds where `name` is Shape(tensor) or a
+    step-1 Slice of it with constant bounds (None otherwise)."""
+    name = _through_views(c, name)
+    node = c.g.nodes[c.g.producer[name]] if name in c.g.producer else None
+    offset = 0
+    if node is not None and node.op_type == "Slice" and len(node.input) >= 3:
+        starts = c.g.static_value(node.input[1])
+        steps = c.g.static_value(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+        if starts is None or starts.size != 1 or (steps is not None and int(steps.reshape(-1)[0]) != 1):
+            return None
+        offset = int(starts.reshape(-1)[0])
+        name = _through_views(c, node.input[0])
+        node = c.g.nodes[c.g.producer[name]] if name in c.g.producer else None
+    if node is None or node.op_type != "Shape" or node.input[0] != tensor or offset < 0:
+        return None
+    start = next((a.i for a in node.attribute if a.name == "start"), 0)
+    return start + offset if start >= 0 else None
+
+
 INFERRED = "inferred"
 
 

@@ -923,3 +923,24 @@ def test_macs_are_counted_at_the_sizes_given(criterion):
     out = b.output(b.op("Conv", [y, b.weight(4, 8, 3), b.weight(4)]))
     result = prune(b.model(), Target(ratio=0.25), criterion=criterion, calibration=Calibration(shapes=(1, 1, 256)))
     assert result.analysis.concrete_shapes[out] == (1, 4, 252)  # not the 32 symbolic sizes default to
+
+
+@pytest.mark.parametrize("scale, unsure", [(0.001, True), (100.0, False)])
+def test_a_classifier_the_generated_inputs_leave_unsure_is_warned_about(scale, unsure):
+    from spa.pipeline import prune, unsure_on
+    from spa.selection import Target
+
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input(["N", 3, 16, 16]), 3, 8)])
+    logits = b.op("Mul", [b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [x])]), 8, 4),
+                          b.const(np.float32(scale))])
+    b.output(b.op("Softmax", [logits], axis=1))
+    model = b.model()
+    result = prune(model, Target(ratio=0.25), criterion="obspa")
+    said = [w for w in result.warnings if "leave the model unsure" in w]
+    assert bool(said) == unsure
+    if unsure:
+        assert "gives its top class 0.25 on average (4 classes, chance 0.25)" in said[0]
+    feeds = calibration_batches(model, "synthetic", samples=4)[0]
+    assert unsure_on(_float_model([1, 8]), {"input": np.zeros((1, 8), np.float32)}) == []  # no class scores
+    assert bool(unsure_on(model, feeds)) == unsure

@@ -387,7 +387,10 @@ def unsure_on(model: onnx.ModelProto, feeds: dict) -> list:
     in [0, 1] summing to 1; logits are not told apart from other vectors) and the generated `feeds` leave
     it unsure: on average its top class gets under halfway from chance (1 / K) to certain. Plans chosen
     and compensated on inputs a classifier does not recognise can lose much on real ones."""
-    output = model.graph.output[0].name
+    output = model.graph.output[0]
+    if len(output.type.tensor_type.shape.dim) != 2:
+        return []  # declared otherwise: no session for it (an LLM's is [batch, sequence, vocabulary])
+    output = output.name
     try:
         scores = np.asarray(session(model, quiet=True).run([output], feeds)[0], dtype=np.float64)
     except Exception:  # noqa: BLE001 -- a hint only: the calibration run itself reports failures

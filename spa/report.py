@@ -12,7 +12,8 @@ import onnx
 from .cost import MAC_OPS, concrete_shapes, count_macs, count_params, macs_by_op
 from .graph import PROBE_LIMIT, Graph, _without_large_data, weight_bytes
 from .groups import Analysis
-from .runtime import DEFAULT_DIM, fixed_batch, is_float, random_inputs, session
+from .runtime import (DEFAULT_DIM, declared_inputs, fixed_batch, input_specs, is_float, random_inputs, session,
+                      shapes_text)
 
 
 def file_size(path: str) -> int:
@@ -54,7 +55,8 @@ def deviation_inputs(seed: int = 0) -> str:
     return f"N(0, 1) random inputs, seed [{DEVIATION_STREAM:#x}, {seed}], disjoint from calibration"
 
 
-def max_deviation(original: str, pruned: str, batch: int = 1, seed: int = 0, shapes: dict | None = None) -> float | None:
+def max_deviation(original: str, pruned: str, batch: int = 1, seed: int = 0,
+                  shapes: dict | None = None) -> float | None:
     """The largest absolute difference of any output; None where an output's size differs (a size
     that depends on the values, as a decoding Loop's that stops at an end token)."""
     feeds = random_inputs(onnx.load(original, load_external_data=False), batch=batch,
@@ -69,8 +71,6 @@ def max_deviation(original: str, pruned: str, batch: int = 1, seed: int = 0, sha
 
 def _defaulted_sizes(model: onnx.ModelProto, batch: int, shapes: dict) -> str | None:
     """'input 1x3x32x32' where some symbolic size, other than the batch, took the default (None: none did)."""
-    from .runtime import declared_inputs, input_specs, shapes_text
-
     declared = [(name, dims) for name, dims, _ in declared_inputs(model) if dims and name not in shapes]
     batch_names = {dims[0] for _, dims in declared if isinstance(dims[0], str)}
     if not any(d is None or isinstance(d, str) and d not in batch_names for _, dims in declared for d in dims[1:]):

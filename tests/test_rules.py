@@ -115,7 +115,8 @@ def test_slice_on_channel_axis(index):
     result = check_exact(b.model())
     [node] = [n for n in result.model.graph.node if n.op_type == "Slice"]
     values = {t.name: t for t in result.model.graph.initializer}
-    assert {values[name].data_type for name in node.input[1:]} == {onnx.helper.np_dtype_to_tensor_dtype(np.dtype(index))}
+    index_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(index))
+    assert {values[name].data_type for name in node.input[1:]} == {index_type}
 
 
 def test_gather_on_channel_axis():

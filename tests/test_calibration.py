@@ -944,3 +944,13 @@ def test_a_classifier_the_generated_inputs_leave_unsure_is_warned_about(scale, u
     feeds = calibration_batches(model, "synthetic", samples=4)[0]
     assert unsure_on(_float_model([1, 8]), {"input": np.zeros((1, 8), np.float32)}) == []  # no class scores
     assert bool(unsure_on(model, feeds)) == unsure
+
+
+def test_an_integer_input_without_a_table_is_generated_as_zeros_and_says_so():
+    b = Builder()
+    x = b.input(["N", 4], "codes", dtype=onnx.TensorProto.INT64)
+    b.output(b.op("MatMul", [b.op("Cast", [x], to=1), b.weight(4, 3)]))
+    said = []
+    batches = calibration_batches(b.model(), "synthetic", samples=4, progress=said.append)
+    assert all(not f["codes"].any() for f in batches)
+    assert any("integer input 'codes' indexes no embedding table SPA can find: generated as zeros" in m for m in said)

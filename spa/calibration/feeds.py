@@ -233,6 +233,10 @@ class _Plan:
                     feed[inp.name] = self.token_ids(inp, shape, rng)
                 else:
                     feed[inp.name] = _integer_input(inp, shape, rng)
+                    if inp.role is None and inp.dtype != np.bool_:
+                        self.say(f"calibration: integer input '{inp.name}' indexes no embedding table SPA can find: "
+                                 "generated as zeros, the same in every sample (calibrate on real inputs, e.g. a "
+                                 ".npz; magika's bytes, one-hot encoded, are such an input)")
             feeds.append(feed)
         return feeds
 

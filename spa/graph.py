@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import heapq
 import math
 import os
 import tempfile
@@ -59,7 +60,46 @@ def load_model(path: str, stream: bool | None = None) -> onnx.ModelProto:
         raise SpaError(f"{path}: external data could not be read ({why})") from None
     check_tensors(model, path)  # before numpy, shape inference or onnxruntime trust the dims
     check_structure(model, path)
+    if sort_topologically(model.graph):
+        import warnings
+
+        from .errors import SpaWarning
+        warnings.warn(f"{path}: its nodes were not in topological order, which the onnx checker requires "
+                      "(onnxruntime's float16 converter writes such files): SPA reads them sorted, and writes them so",
+                      SpaWarning)
     return model
+
+
+def sort_topologically(graph: onnx.GraphProto) -> bool:
+    """Reorder `graph`'s nodes so each comes after the nodes it reads (stable: the given order wherever it
+    already works; a control-flow node after what its subgraphs read). Whether it changed anything; a
+    cycle leaves the order as it was."""
+    nodes = list(graph.node)
+    producer = {out: k for k, node in enumerate(nodes) for out in node.output if out}
+    needs = [{producer[x] for x in set(node.input) | outer_scope_inputs(node) if x in producer} - {k}
+             for k, node in enumerate(nodes)]
+    if all(max(before, default=-1) < k for k, before in enumerate(needs)):
+        return False
+    readers = defaultdict(list)
+    for k, before in enumerate(needs):
+        for j in before:
+            readers[j].append(k)
+    waiting = [len(before) for before in needs]
+    ready = [k for k, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for r in readers[k]:
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(nodes):
+        return False
+    del graph.node[:]
+    graph.node.extend(nodes[k] for k in order)
+    return True
 
 
 _EXTERNAL_FILES = {}  # (real path, mtime, size) of a model file -> its external data files, from load_model

@@ -228,3 +228,24 @@ def test_a_model_the_checker_rejects_as_exported_prunes_with_a_warning(tmp_path,
         _check(_declared_rank_zero(extra_output=True).SerializeToString(), str(path))
     with pytest.raises(Exception, match="differ in rank"):
         _check(_declared_rank_zero().SerializeToString(), None)
+
+
+def test_nodes_out_of_topological_order_are_sorted_and_said(tmp_path, capsys):
+    from spa.cli import main
+    from spa.graph import sort_topologically
+
+    b = Builder()
+    b.output(b.conv(b.op("Relu", [b.conv(b.input([N, 3, 8, 8]), 3, 8)]), 8, 4))
+    model = b.model()
+    assert not sort_topologically(model.graph)  # already in order: untouched
+    shuffled = list(reversed(model.graph.node))
+    del model.graph.node[:]
+    model.graph.node.extend(shuffled)
+    with pytest.raises(Exception, match="topologically sorted"):
+        onnx.checker.check_model(model)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    assert main(["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.25", "--criterion", "l1"]) == 0
+    assert "its nodes were not in topological order" in capsys.readouterr().err
+    pruned = onnx.load(tmp_path / "p.onnx")
+    assert [n.name for n in pruned.graph.node] != [n.name for n in shuffled]

@@ -218,16 +218,6 @@ def _inputs_for(sess, seed=0, skip=()):
 VALUE_SIZED = {"Loop", "NonZero", "Compress", "Unique", "NonMaxSuppression"}  # ops whose output sizes follow values
 
 
-def _checker_error(path: str) -> str | None:
-    import onnx
-
-    try:
-        onnx.checker.check_model(path, full_check=True)
-    except Exception as exc:  # noqa: BLE001
-        return str(exc)
-    return None
-
-
 def _child_check(orig: str, pruned: str) -> None:
     """Prints one JSON line: {"ok", "error"?, "orig_runs", "params_before", "params_after",
     "max_rel_dev"}."""
@@ -249,7 +239,9 @@ def _child_check(orig: str, pruned: str) -> None:
             res["params_after"] = params(pruned)
             onnx.checker.check_model(pruned, full_check=True)
         except Exception as exc:  # noqa: BLE001
-            if not orig.endswith(".onnx") or _checker_error(orig) != str(exc):
+            from spa.verify import checker_error
+
+            if not orig.endswith(".onnx") or checker_error(orig) != str(exc):
                 res.update(ok=False, error=f"onnx.checker: {type(exc).__name__}: {str(exc)[:300]}")
                 print("CHECK " + json.dumps(res))
                 return

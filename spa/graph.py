@@ -7,6 +7,7 @@ import heapq
 import math
 import os
 import tempfile
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from . import external_data
-from .errors import SpaError
+from .errors import SpaError, SpaWarning
 
 CONTROL_FLOW = {"If", "Loop", "Scan"}
 
@@ -61,9 +62,6 @@ def load_model(path: str, stream: bool | None = None) -> onnx.ModelProto:
     check_tensors(model, path)  # before numpy, shape inference or onnxruntime trust the dims
     check_structure(model, path)
     if sort_topologically(model.graph):
-        import warnings
-
-        from .errors import SpaWarning
         warnings.warn(f"{path}: its nodes were not in topological order, which the onnx checker requires "
                       "(onnxruntime's float16 converter writes such files): SPA reads them sorted, and writes them so",
                       SpaWarning)

@@ -57,13 +57,14 @@ def _check(source: str | bytes, original: str | None) -> None:
     try:
         onnx.checker.check_model(source, full_check=True)
     except Exception as exc:
-        if original is None or _checker_error(original) != str(exc):
+        if original is None or checker_error(original) != str(exc):
             raise
         warnings.warn(f"the original model fails the onnx checker the same way ({first_line(exc, 200)}): the pruned "
                       "model is held to onnxruntime's checks, as the original runs", SpaWarning)
 
 
-def _checker_error(path: str) -> str | None:
+def checker_error(path: str) -> str | None:
+    """The full checker's complaint about a model file (None: it passes)."""
     try:
         onnx.checker.check_model(path, full_check=True)
     except Exception as exc:

@@ -173,17 +173,39 @@ def attr(node: onnx.NodeProto, name: str, default=None):
 def outer_scope_inputs(node: onnx.NodeProto) -> set[str]:
     """Names a control-flow node's subgraphs read from the enclosing graph (hidden consumers)."""
     used: set[str] = set()
-    for a in node.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for g in graphs:
-            local = {i.name for i in g.input} | {i.name for i in g.initializer}
-            for n in g.node:
-                local.update(n.output)
-            for n in g.node:
-                used.update(x for x in n.input if x and x not in local)
-                used.update(outer_scope_inputs(n) - local)
-            used.update(o.name for o in g.output if o.name not in local)
+    for g in _subgraphs(node):
+        local = {i.name for i in g.input} | {i.name for i in g.initializer}
+        for n in g.node:
+            local.update(n.output)
+        for n in g.node:
+            used.update(x for x in n.input if x and x not in local)
+            used.update(outer_scope_inputs(n) - local)
+        used.update(o.name for o in g.output if o.name not in local)
     return used
+
+
+def subgraph_weights(model: onnx.ModelProto) -> dict:
+    """{"If 'name'": count} of the float constants of rank 2 or more (initializers and Constant nodes)
+    inside each top-level control-flow node's subgraphs, at any depth: weights SPA does not analyze."""
+    def weights(graph) -> int:
+        tensors = list(graph.initializer) + [a.t for n in graph.node if n.op_type == "Constant"
+                                             for a in n.attribute if a.name == "value"]
+        count = sum(len(t.dims) >= 2 and t.data_type in _FLOAT_PROTO_TYPES for t in tensors)
+        return count + sum(weights(g) for n in graph.node for g in _subgraphs(n))
+    found = {}
+    for k, node in enumerate(model.graph.node):
+        count = sum(weights(g) for g in _subgraphs(node))
+        if count:
+            found[f"{node.op_type} '{node.name or '#' + str(k)}'"] = count
+    return found
+
+
+def _subgraphs(node: onnx.NodeProto) -> list:
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
+_FLOAT_PROTO_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                      onnx.TensorProto.BFLOAT16}
 
 
 class Consts(Mapping):

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from .cost import MAC_OPS, concrete_shapes, count_macs, count_params, macs_by_op
-from .graph import PROBE_LIMIT, Graph, _without_large_data, weight_bytes
+from .graph import PROBE_LIMIT, Graph, _without_large_data, subgraph_weights, weight_bytes
 from .groups import Analysis
 from .runtime import (DEFAULT_DIM, declared_inputs, fixed_batch, input_specs, is_float, random_inputs, session,
                       shapes_text)
@@ -306,6 +306,7 @@ def describe(analysis: Analysis) -> dict:
     return {"groups": groups,
             "prunable_groups": sum(1 for g in groups if g["prunable"]),
             "ungrouped_weights": ungrouped_weights(analysis),
+            "control_flow_weights": subgraph_weights(analysis.model),
             "approximate_nodes": sorted(analysis.options.approximate_nodes)}
 
 
@@ -364,6 +365,10 @@ def format_analysis(summary: dict) -> str:
             lines.append(f"    {w['tensor']} {w['shape']} read by {', '.join(w['read_by']) or 'nothing'}")
         if len(loose) > 10:
             lines.append(f"    ... and {len(loose) - 10} more")
+    inside = summary.get("control_flow_weights") or {}
+    if inside:
+        lines.append(f"{sum(inside.values())} weight tensors inside control-flow bodies, not analyzed (SPA prunes the "
+                     f"top-level graph): {', '.join(f'{node} {count}' for node, count in inside.items())}")
     return "\n".join(lines)
 
 

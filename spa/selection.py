@@ -12,6 +12,7 @@ import numpy as np
 
 from .cost import count_macs, count_params
 from .errors import SpaError
+from .graph import subgraph_weights
 from .groups import Analysis
 from .plan import Plan
 
@@ -124,6 +125,10 @@ def ignored_atoms(analysis: Analysis, patterns) -> set:
 
 def nothing_prunable(analysis: Analysis) -> SpaError:
     """The error for a model with no channel a target could remove."""
+    inside = subgraph_weights(analysis.model)
+    if not analysis.groups and inside:
+        return SpaError(f"nothing prunable: no channel groups; the model keeps {sum(inside.values())} weights inside "
+                        f"control-flow bodies ({', '.join(inside)}), which SPA does not prune")
     if not analysis.groups:
         return SpaError("nothing prunable: no channel groups (no rule links any weight's channels to the rest of "
                         "the model; `spa analyze` lists the weights and the ops that read them)")

@@ -316,7 +316,7 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     kept (a spa.recovery stage; kept only if the held-out loss falls). Every written weight is checked
     against the pattern. compressed: the report also gives zlib-compressed sizes (seconds per
     100 MB: on request). recover_lr: its peak learning rate (None: the frontend's default)."""
-    from .graph import Graph
+    from .graph import Graph, subgraph_weights
     from .pipeline import check_recovery
 
     if criterion not in ("l1", "obs", None):
@@ -327,7 +327,10 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     g = Graph(model)
     layers, skipped = eligible_layers(g, pattern)
     if not layers:
-        why = "; ".join(sorted({s["reason"] for s in skipped})) or "no Conv, Gemm or MatMul has a constant weight"
+        inside = subgraph_weights(model)
+        why = "; ".join(sorted({s["reason"] for s in skipped})) or "no Conv, Gemm or MatMul has a constant weight" + (
+            f" outside control-flow bodies ({sum(inside.values())} weights inside {', '.join(inside)}, which SPA "
+            "does not rewrite)" if inside else "")
         raise SpaError(f"no layer can take pattern {pattern}: {why}")
     check_recovery(recover, recover_lr)
     defaulted = criterion is None

@@ -82,6 +82,34 @@ def test_a_model_whose_layers_no_rule_covers_says_so(tmp_path, capsys):
                   "nothing prunable: no channel groups", out=str(out))
 
 
+def test_a_model_whose_weights_sit_inside_control_flow_says_so(tmp_path, capsys):
+    """silero-vad keeps its whole network inside an If (one branch per sample rate): analyze, prune and
+    sparsify name the If and its weights instead of pointing at an analysis that lists nothing."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def branch(name):
+        weight = numpy_helper.from_array(np.ones((4, 3), np.float32), f"{name}_w")
+        matmul = helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_y"])
+        return helper.make_graph([matmul], name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT,
+                                                                                     [1, 3])], [weight])
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    node = helper.make_node("If", ["cond"], ["y"], name="by_rate", then_branch=branch("then"),
+                            else_branch=branch("else"))
+    graph = helper.make_graph([node], "vad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [cond])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path, out = saved(tmp_path, model), tmp_path / "o.onnx"
+    assert spa("analyze", path) == 0
+    assert ("2 weight tensors inside control-flow bodies, not analyzed (SPA prunes the top-level graph): "
+            "If 'by_rate' 2") in capsys.readouterr().out
+    _expect_error(capsys, ["prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q"],
+                  "nothing prunable: no channel groups; the model keeps 2 weights inside control-flow bodies "
+                  "(If 'by_rate'), which SPA does not prune", out=str(out))
+    _expect_error(capsys, ["sparsify", path, "-o", out, "--pattern", "2:4", "-q"],
+                  "outside control-flow bodies (2 weights inside If 'by_rate', which SPA does not rewrite)",
+                  out=str(out))
+
+
 # 2. --labels, --global ----------------------------------------------------------------------------
 def test_labels_file_that_does_not_exist(model_path, tmp_path, capsys):
     out = tmp_path / "o.onnx"

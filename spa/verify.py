@@ -9,6 +9,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from .errors import SpaError, SpaWarning, first_line
+from .graph import sort_topologically
 from .plan import Plan
 from .quant import at_zero_point
 from .rewrite import filled
@@ -236,7 +237,8 @@ def _with_masks(analysis, removed_of, every: bool = False) -> tuple:
             masked[key] = out
             masks[out + "_mask"] = key
         model.graph.node[node_index].input[slot] = masked[key]
-    return _toposort(model), masks
+    sort_topologically(model.graph)  # the masks' Mul nodes were appended at the end
+    return model, masks
 
 
 class MaskedRuns:
@@ -296,26 +298,3 @@ def _elem_types(model):
             inferred.setdefault("", onnx.TensorProto.FLOAT)
         return inferred.get(tensor, onnx.TensorProto.FLOAT)
     return elem_type
-
-
-def _toposort(model):
-    nodes = list(model.graph.node)
-    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
-    ordered, pending = [], nodes
-    while pending:
-        rest = []
-        for n in pending:
-            from .graph import outer_scope_inputs
-            needs = set(n.input) | outer_scope_inputs(n)
-            if needs <= available:
-                ordered.append(n)
-                available.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            ordered += rest
-            break
-        pending = rest
-    del model.graph.node[:]
-    model.graph.node.extend(ordered)
-    return model

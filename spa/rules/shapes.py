@@ -123,7 +123,7 @@ def _shape_start(c: Ctx, name: str, tensor: str) -> int | None:
         node = c.g.nodes[c.g.producer[name]] if name in c.g.producer else None
     if node is None or node.op_type != "Shape" or node.input[0] != tensor or offset < 0:
         return None
-    start = next((a.i for a in node.attribute if a.name == "start"), 0)
+    start = attr(node, "start", 0)
     return start + offset if start >= 0 else None
 
 

@@ -130,7 +130,8 @@ def from_onnx_file(onnx_path, out_path, *, source=None, plan=None, input_shapes=
     """Write the pruned ONNX at ``onnx_path`` as the framework file ``out_path`` names by its suffix
     (``FRAMEWORK_OUTPUTS``). ``source``: the input file as given (a Keras output is that model
     narrowed to ``plan``); ``input_shapes``: the shape a torch output is specialised to (one shape,
-    or {input name: shape}; default: the pruned ONNX's, batch 1). The file is checked to match the
+    or {input name: shape}; default: the pruned ONNX's, batch 1, where spa.frontends.torch_outputs finds one
+    that runs; the CLI passes the sizes the model was verified at). The file is checked to match the
     pruned ONNX numerically on a random input before it is written; on failure nothing is written
     (SpaError). Returns {"format", "max_error", ...}."""
     name = os.path.basename(str(out_path))

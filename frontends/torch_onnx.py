@@ -273,13 +273,13 @@ def relative_error(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(got.astype(np.float64) - ref).max() / scale)
 
 
-def ort_feeds(model: onnx.ModelProto, feeds=None, seed: int = 0, default_dim: int = 8) -> dict:
+def ort_feeds(model: onnx.ModelProto, feeds=None, seed: int = 0, default_dim: int = 8, shapes=None) -> dict:
     from spa.runtime import random_inputs
 
     if feeds is not None:
         return {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
                 for k, v in feeds.items()}
-    return random_inputs(model, batch=2, seed=seed, default_dim=default_dim)
+    return random_inputs(model, batch=2, seed=seed, default_dim=default_dim, shapes=shapes)
 
 
 def verify_module(module: nn.Module, model: onnx.ModelProto, feeds: dict | None = None,
@@ -288,10 +288,7 @@ def verify_module(module: nn.Module, model: onnx.ModelProto, feeds: dict | None 
     onnxruntime on the same inputs; raise SpaError if an output differs by more than rtol
     relative to the output's magnitude. Returns the worst relative error."""
     reference = _reference_session(model)
-    # Symbolic sizes get small values; a file that baked one (e.g. a traced sequence length)
-    # only runs with that size, so a few common ones are tried before giving up.
-    for default_dim in ((None,) if feeds is not None else _TRIAL_DIMS):
-        run_feeds = ort_feeds(model, feeds, default_dim=default_dim or 8)
+    for run_feeds in _trial_feeds(model, feeds):
         try:
             expected = reference.run(None, run_feeds)
             break
@@ -329,6 +326,22 @@ def verify_module(module: nn.Module, model: onnx.ModelProto, feeds: dict | None 
 
 
 _TRIAL_DIMS = (8, 7, 16, 4, 1)
+
+
+def _trial_feeds(model: onnx.ModelProto, feeds: dict | None):
+    """The given feeds; else random inputs at small symbolic sizes (a file that baked one, e.g. a
+    traced sequence length, only runs with that size, so a few common ones), then at the sizes
+    SPA's generated calibration gives (YOLOv8 takes multiples of 32: its metadata's imgsz)."""
+    if feeds is not None:
+        yield ort_feeds(model, feeds)
+        return
+    from spa.calibration import Calibration, generated_shapes
+
+    for default_dim in _TRIAL_DIMS:
+        yield ort_feeds(model, default_dim=default_dim)
+    shapes = generated_shapes(model, Calibration())
+    if shapes:
+        yield ort_feeds(model, shapes=shapes)
 
 
 class _onnx_semantics:

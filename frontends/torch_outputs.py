@@ -131,10 +131,11 @@ def _given_shapes(declared, input_shapes):
             raise SpaError(f"--input-shape names {', '.join(unknown)}, which the model does not have "
                            f"(inputs: {', '.join(n for n, _, _ in declared)})")
         missing = [name for name, dims, _ in declared if name not in shapes
-                   and not all(isinstance(d, int) for d in dims)]
+                   and not all(isinstance(d, int) for d in dims[1:])]
         if missing:
             raise SpaError(f"--input-shape gives no shape for input '{missing[0]}', whose size is not fixed")
-        shapes.update({name: tuple(dims) for name, dims, _ in declared if name not in shapes})
+        shapes.update({name: tuple(d if isinstance(d, int) else 1 for d in dims)  # a free batch: 1
+                       for name, dims, _ in declared if name not in shapes})
     else:
         if len(declared) != 1:
             raise SpaError(f"the model has {len(declared)} inputs: name each --input-shape "
@@ -163,9 +164,10 @@ def _random(rng, shape, dtype):
 def specialize(module: OnnxModule, args: tuple) -> OnnxModule:
     """Fix ``module``'s shape arithmetic at the shapes of ``args``, in place.
 
-    One eager run records every integer or boolean tensor that depends on no input's values
-    (Shape/Size of anything, and nodes computing only on such tensors and constants); those nodes
-    are replaced by their recorded values. What remains computes on data, so torch.export and
+    One eager run records every tensor that depends on no input's values and no weight (Shape/Size
+    of anything, and nodes computing only on such tensors and constants, floats included: YOLOv8's
+    anchor grid is a float Range up to a Shape's size); those nodes are replaced by their recorded
+    values. What remains computes on data, so torch.export and
     torch.jit.trace see shapes as constants instead of data-dependent values. The module then
     runs only at these input shapes."""
     env = dict(zip(module.input_names, args))
@@ -187,8 +189,7 @@ def specialize(module: OnnxModule, args: tuple) -> OnnxModule:
         else:
             known = all(i in static for i in inputs)
         folds = (known and outputs and not info.graphs and info.op not in _RANDOM_OPS
-                 and all(isinstance(v, torch.Tensor) and not v.is_floating_point()
-                         and not v.is_complex() for v in values))
+                 and all(isinstance(v, torch.Tensor) and not v.is_complex() for v in values))
         if folds:
             for name, value in zip(outputs, values):
                 module._consts[name] = value.detach().clone()

@@ -541,12 +541,12 @@ def _framework_to_onnx(path, say, input_shapes=None):
 
 
 def calibration_sizes(given, ran_at) -> str:
-    """The note where verification (and the summary) take the sizes the calibration ran at: the
-    user gave none, and the 32 symbolic sizes default to may not run."""
+    """The note where verification (and the summary) take the sizes the calibration ran at (or, with
+    none, would): the user gave none, and the 32 symbolic sizes default to may not run."""
     if given or not ran_at:
         return ""
     from .runtime import shapes_text
-    return f" (at the calibration's input sizes, {shapes_text(ran_at)}; --input-shape sets others)"
+    return f" (at the input sizes calibration takes, {shapes_text(ran_at)}; --input-shape sets others)"
 
 
 def _input_shapes(args):
@@ -607,7 +607,7 @@ def _save_framework(args, plan, say):
 
     say(f"converting to {args.framework_out}")
     written = from_onnx_file(args.output, args.framework_out, source=args.source, plan=plan,
-                             input_shapes=_input_shapes(args))
+                             input_shapes=_input_shapes(args) or getattr(args, "run_shapes", None))
     shapes = written.get("input_shapes")
     shown = f" for input {', '.join('x'.join(map(str, s)) for s in shapes.values())}" if shapes else ""
     say(f"{args.framework_out}: {written['format']}{shown}, reloaded and checked against the pruned ONNX "

@@ -16,8 +16,8 @@ from onnx import external_data_helper
 
 from . import allocation as allocate
 from . import external_data, latency, obspa, plugins
-from .calibration import (DEFAULT_SAMPLES, Calibration, SampleDefault, calibration_batches,
-                          fresh_batches, generated_token_lengths, is_generated, shared_shapes, text_lines, text_mode,
+from .calibration import (DEFAULT_SAMPLES, Calibration, SampleDefault, calibration_batches, fresh_batches,
+                          generated_shapes, generated_token_lengths, is_generated, shared_shapes, text_lines, text_mode,
                           user_shapes, with_text_config, with_tokenizer)
 from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
 from .cost import concrete_shapes, count_macs, count_params
@@ -45,7 +45,7 @@ class Result:
     recovery: object | None = None  # what the recovery stage reported
     latency: dict | None = None  # latency targets: original ms, predicted and measured fractions
     warnings: list = field(default_factory=list)  # what the user should know (the CLI prints them)
-    input_shapes: dict | None = None  # the symbolic sizes the calibration ran at (spa.calibration.shared_shapes)
+    input_shapes: dict | None = None  # the symbolic sizes the calibration ran at, or would (spa.calibration)
 
 
 def _quiet(message):
@@ -111,7 +111,8 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     cal, fit, held = calibration_inputs(model, cal, progress, held_out=criterion == "obspa" or compensation != "none",
                                         samples=OBSPA_SAMPLES if criterion == "obspa" else ()) \
         if needs_data else (cal, [], [])
-    ran_at = shared_shapes(model, fit + held)
+    ran_at = shared_shapes(model, fit + held) if needs_data else None if cal.shapes else \
+        _runs_at(model, generated_shapes(model, cal))
     analysis.input_shapes = ran_at or user_shapes(model, cal.shapes) or None  # the sizes MACs are counted at
     progress(f"scoring {sum(g.prunable for g in analysis.groups)} prunable groups ({criterion})")
     warnings = check_bn_scale(analysis) if criterion == "bn-scale" and saliency is None else []
@@ -597,6 +598,19 @@ def macs_per_sample(model: onnx.ModelProto, feeds: dict) -> float:
         return count_macs(model, concrete_shapes(model, batch=count, dims=dims)) / max(count, 1)
     except Exception:  # an estimate only: without shapes, keep every sample
         return 0.0
+
+
+def _runs_at(model: onnx.ModelProto, shapes: dict | None) -> dict | None:
+    """`shapes` (the sizes generated calibration would take) where the model runs on them (one
+    sample), else None: a run without calibration then counts and verifies where it always did."""
+    if not shapes:
+        return None
+    from .runtime import random_inputs
+    try:
+        session(model, quiet=True).run(None, random_inputs(model, shapes=shapes))
+    except Exception:  # noqa: BLE001 - any failure means: not these sizes
+        return None
+    return shapes
 
 
 def _calibration(source, samples: int | None, seed: int) -> Calibration:

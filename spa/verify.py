@@ -42,8 +42,9 @@ def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelPr
                           "model's float16/bfloat16/float64 ops (the written model keeps its types)", SpaWarning)
     except Exception as exc:
         if stage == "onnxruntime" and original is not None and not _runs(original, feeds):
+            defaulted = "" if shapes else f"; symbolic sizes not given are {DEFAULT_DIM}"
             raise SpaError(f"the original model does not run on the verification inputs either "
-                           f"({feed_shapes(feeds)}; symbolic sizes not given are {DEFAULT_DIM}): give the sizes it "
+                           f"({feed_shapes(feeds)}{defaulted}): give the sizes it "
                            f"takes, --input-shape {_shape_hint(original)} (input_shape= in Python)") from None
         raise SpaError(f"pruned model failed {stage}: {first_line(exc, 300)}") from None
     for out in outputs:

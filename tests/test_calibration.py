@@ -359,6 +359,28 @@ def test_shape_resolution_order_and_announcements():
     _runs(model, batches)
 
 
+def test_an_image_size_in_the_metadata_sizes_generated_images_and_the_mac_count(tmp_path, capsys):
+    """Ultralytics records imgsz ('[320, 320]') in every YOLO export, whose height and width are
+    symbolic when exported dynamic: generated images take it (announced), and a run without
+    calibration counts MACs and verifies at it, as one with calibration does (not at 32)."""
+    b = Builder(seed=2)
+    b.output(b.op("GlobalAveragePool", [b.conv(b.op("Relu", [b.conv(b.input(["batch", 3, "h", "w"]), 3, 8)]), 8, 4)]))
+    model = b.model()
+    helper.set_model_props(model, {"imgsz": "[40, 48]"})
+    batches, said = _said(model, "synthetic", samples=2)
+    assert batches[0]["input"].shape == (2, 3, 40, 48)
+    assert said == ["calibration: input 'input' has no declared height/width; synthetic images are 3x40x48, the size "
+                    "its metadata records (imgsz) (set --input-shape input=1x3xHxW)"]
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path)
+    runs = []
+    for shape in ([], ["--input-shape", "1x3x40x48"]):
+        assert main(["prune", path, "-o", str(tmp_path / "o.onnx"), "--ratio", "0.5", "--criterion", "l1", *shape]) == 0
+        runs.append(capsys.readouterr())
+    assert "(at the input sizes calibration takes, input 1x3x40x48;" in runs[0].err
+    assert runs[0].out.split("MACs")[1] == runs[1].out.split("MACs")[1]
+
+
 def test_default_shapes_by_kind():
     nhwc = _conv_model(["n", "h", "w", 3], nhwc=True)
     batches, said = _said(nhwc, "synthetic", samples=2)

@@ -326,7 +326,7 @@ def test_verification_and_summary_take_the_sizes_the_calibration_ran_at(tmp_path
     np.savez(tmp_path / "c.npz", input=np.random.default_rng(0).normal(size=(8, 3, 12, 12)).astype(np.float32))
     assert spa("prune", path, "-o", out, "--ratio", "0.5", "--calibration", tmp_path / "c.npz") == 0
     captured = capsys.readouterr()
-    assert "verifying and writing " + str(out) + " (at the calibration's input sizes, input 1x3x12x12" in captured.err
+    assert "verifying and writing " + str(out) + " (at the input sizes calibration takes, input 1x3x12x12" in captured.err
     assert f"MACs {(3 * 8 * 9 * 144 + 8 * 4 * 9 * 144 + 4 * 144 * 3) / 1e3:.1f}K" in captured.out  # at 12x12
     pruned = api.prune(path, 0.5, calibration=str(tmp_path / "c.npz"))
     assert pruned.input_shapes == {"input": (1, 3, 12, 12)} and pruned.save(str(tmp_path / "a.onnx"))
@@ -546,10 +546,15 @@ def test_the_report_says_where_symbolic_sizes_defaulted_and_leaves_outputs_of_ot
     b.output(b.op("Cast", [b.op("NonZero", [b.op("Relu", [y])])], to=1))  # as many columns as positive values
     path = saved(tmp_path, b.model())
     assert spa("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--criterion", "l1", "--report",
-               "--repeats", "2", "-q") == 0
-    out = capsys.readouterr().out
-    assert "measured at input 1x3x32x32: symbolic sizes not given are 32 (--input-shape sets" in out
-    assert "informational): not compared, an output's size differs (it depends on the values)" in out
+               "--repeats", "2") == 0
+    captured = capsys.readouterr()  # at the 224 px generated images take, said; not at 32
+    assert "(at the input sizes calibration takes, input 1x3x224x224;" in captured.err
+    assert "informational): not compared, an output's size differs (it depends on the values)" in captured.out
+    assert "measured at" not in captured.out
     assert spa("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--criterion", "l1", "--report",
                "--repeats", "2", "-q", "--overwrite", "--input-shape", "1x3x16x16") == 0
     assert "measured at" not in capsys.readouterr().out
+    thirty_two = saved(tmp_path, only_at(32), "only32.onnx")  # does not run at 224: where it always was
+    assert spa("prune", thirty_two, "-o", tmp_path / "p.onnx", "--ratio", "0.5", "--criterion", "l1", "--report",
+               "--repeats", "2", "-q") == 0
+    assert "measured at input 1x3x32x32: symbolic sizes not given are 32 (--input-shape sets" in capsys.readouterr().out

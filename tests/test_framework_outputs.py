@@ -258,3 +258,35 @@ def test_jax_positional_pruned_model_warns(tmp_path):
     with pytest.warns(DeprecationWarning, match="pruned="):
         assert spa_jax.apply_plan(module, plan, pruned) is module
     assert [layer.out_features for layer in module.layers] == [16, 12, 4]
+
+
+@torch_only
+def test_float_shape_arithmetic_is_folded_for_torch_export(tmp_path):
+    """YOLOv8's anchor grid is a float Range up to a Shape's size (Shape -> Gather -> Cast(float) ->
+    Range -> Expand): folded at the example's shape like integer shape arithmetic, or torch.export
+    meets a data-dependent size (nudenet's ultralytics export failed that way)."""
+    import torch
+
+    class Grid(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.head = torch.nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            y = self.head(torch.relu(self.conv(x)))
+            grid = torch.arange(y.shape[-1], dtype=torch.float32) + 0.5
+            return y + grid.expand(y.shape[-2], y.shape[-1])
+
+    path, out = str(tmp_path / "grid.onnx"), str(tmp_path / "small.pt2")
+    torch.onnx.export(Grid().eval(), (torch.randn(1, 3, 16, 16),), path, input_names=["images"], dynamo=False,
+                      dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}})
+    assert {"Range", "Cast", "Expand"} <= {n.op_type for n in onnx.load(path).graph.node}
+    assert main(["prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q",
+                 "--input-shape", "1x3x16x16"]) == 0
+    small = str(tmp_path / "small.onnx")
+    assert main(["prune", path, "-o", small, "--ratio", "0.5", "--criterion", "l1", "-q"]) == 0
+    feeds = random_inputs(onnx.load(small), seed=3, shapes={"images": (1, 3, 16, 16)})
+    with torch.no_grad():
+        got = torch.export.load(out).module()(torch.from_numpy(feeds["images"]))
+    assert _relative(got.numpy(), run(small, feeds)[0]) < 1e-4

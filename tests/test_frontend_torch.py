@@ -276,6 +276,21 @@ def test_reimported_model_trains(how, exported, tmp_path):
     assert params and all(type(p) is nn.Parameter and p.grad is not None for p in params)
 
 
+def test_from_onnx_verifies_at_the_sizes_generated_calibration_takes():
+    """A model that runs at none of the small sizes tried (YOLOv8 takes multiples of 32) is verified at
+    the sizes SPA's generated calibration gives it: here its metadata's imgsz, as Ultralytics writes."""
+    from builder import Builder
+
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input(["batch", 3, "h", "w"]), 3, 4)])
+    b.output(b.op("MatMul", [b.op("Flatten", [x]), b.weight(4 * 40 * 48, 3)]))  # runs at 40x48 only
+    model = b.model()
+    with pytest.raises(SpaError, match="cannot run the ONNX model on the verification inputs"):
+        from_onnx(model)
+    onnx.helper.set_model_props(model, {"imgsz": "[40, 48]"})
+    assert verify_module(from_onnx(model, verify=False), model) < 1e-4
+
+
 def test_from_onnx_batchnorm_updates_running_stats_and_dropout_is_random(tmp_path):
     torch.manual_seed(0)
     path = export(_ConvDropout().eval(), torch.randn(2, 3, 8, 8), tmp_path / "m.onnx",

@@ -97,8 +97,8 @@ from . import text_lines
 from .batchnorm import from_batchnorm
 from .files import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, check_input_array, check_static_dims, from_path
 from .feeds import DEAD_LEAVES_SHARE, SCAFFOLD_SHARE, TEXT_LINE_SHARE, _Plan
-from .shapes import (DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MAX_SIGNAL_CHANNELS, MIN_TOKENS,
-                     _image_layout, _Input, _positive_int, generated_token_lengths, position_limit, shared_shapes,
+from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MAX_SIGNAL_CHANNELS,
+                     MIN_TOKENS, TOKENS, _image_layout, _Input, _positive_int, generated_token_lengths, position_limit, shared_shapes,
                      user_shapes, vocabulary_size)
 from .synthetic import DEAD_LEAVES, NATURAL_SLOPES, dead_leaves, natural_noise, out_of_distribution
 from .text import FREQUENT_SHARE, SCAFFOLD_WORDS, SyntheticVocabulary, _tokenizer, from_text, synthetic_vocabulary
@@ -439,6 +439,28 @@ def calibration_batches(model: onnx.ModelProto, calibration: Calibration | str |
     return from_path(plan, source)
 
 
+def generated_shapes(model: onnx.ModelProto, calibration: Calibration) -> dict | None:
+    """{input: shape} (batch 1) of the inputs with a symbolic size after the batch, at the sizes
+    generated calibration gives them (the user's, the declared, the metadata's, else the defaults:
+    224 px images, not the 32 of an unnamed size): what a run without calibration counts MACs and
+    verifies at, as `shared_shapes` for one with. None where there is no such input, or where
+    token lengths vary from batch to batch."""
+    try:
+        plan = _Plan(model, calibration, _quiet)
+        resolved = plan.resolved()
+    except SpaError:
+        return None
+    shapes = {}
+    for name, dims, _ in declared_inputs(model):
+        if all(isinstance(d, int) for d in dims[1:]):
+            continue
+        shape = resolved[name]
+        if any(v is TOKENS for v in shape):
+            return None
+        shapes[name] = tuple(1 if v is BATCH else int(v) for v in shape)
+    return shapes or None
+
+
 def fresh_batches(model: onnx.ModelProto, calibration: Calibration, progress=_quiet):
     """`step -> feeds` of "synthetic" batches never drawn before: blocks of the calibration's batches,
     each from a seed of its own (its own lengths too), the tokenizer read once. For training that
@@ -474,7 +496,7 @@ __all__ = [
     "text_mode",
     "DEFAULT_SAMPLES", "FRESH_TOKENS", "TEXT_LINE_SOURCES", "RESIZE_MODES", "LAYOUTS",
     # shapes
-    "user_shapes", "shared_shapes", "generated_token_lengths", "vocabulary_size", "position_limit",
+    "user_shapes", "shared_shapes", "generated_shapes", "generated_token_lengths", "vocabulary_size", "position_limit",
     "DEFAULT_SEQUENCE", "DEFAULT_IMAGE", "DEFAULT_SIGNAL", "MIN_TOKENS", "MAX_SIGNAL_CHANNELS", "LAYOUT_AXES",
     # feeds
     "SCAFFOLD_SHARE", "DEAD_LEAVES_SHARE", "TEXT_LINE_SHARE",

@@ -15,8 +15,8 @@ from ..runtime import declared_inputs
 from . import text_lines
 from .files import IMAGENET_MEAN, IMAGENET_STD, _fitted, _per_channel
 from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MIN_TOKENS, TOKENS,
-                     _checked_shapes, _declared, _hint, _image_layout, _Input, _spatial_axes, position_limit,
-                     vocabulary_size)
+                     _checked_shapes, _declared, _hint, _image_layout, _Input, _spatial_axes, metadata_image_size,
+                     position_limit, vocabulary_size)
 from .synthetic import _integer_input, natural_noise
 from .text import synthetic_vocabulary
 
@@ -158,15 +158,17 @@ class _Plan:
             missing = [a for a in (h, w) if a in unknown]
             if missing:
                 mode = self.text_mode
-                text_size = {"lines": text_lines.LINE_SIZE, "pages": text_lines.PAGE_SIZE}.get(mode)
-                sizes = dict(zip((h, w), text_size)) if text_size else {}
+                recorded = metadata_image_size(self.model)
+                size = recorded or {"lines": text_lines.LINE_SIZE, "pages": text_lines.PAGE_SIZE}.get(mode)
+                sizes = dict(zip((h, w), size)) if size else {}
                 for a in missing:
                     shape[a] = sizes.get(a, DEFAULT_IMAGE)
                 what = "height/width" if len(missing) == 2 else ("height" if missing[0] == h else "width")
                 image = "x".join(str(shape[a]) for a in ((c, h, w) if layout == "nchw" else (h, w, c)))
                 hint = _hint(inp.name, shape, {h: "H", w: "W"})
-                size = {"lines": ", the text-line size of PaddleOCR's recognizers",
-                        "pages": ", a text page (PaddleOCR's detectors take multiples of 32)"}.get(mode, "")
+                size = ", the size its metadata records (imgsz)" if recorded else \
+                    {"lines": ", the text-line size of PaddleOCR's recognizers",
+                     "pages": ", a text page (PaddleOCR's detectors take multiples of 32)"}.get(mode, "")
                 self.say(f"calibration: input '{inp.name}' has no declared {what}; synthetic images are "
                          f"{image}{size} (set --input-shape {hint})")
                 unknown = [k for k in unknown if k not in missing]

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import SpaError
 from ..runtime import is_float
-from .shapes import DEFAULT_IMAGE, LAYOUT_AXES, _declared, _names
+from .shapes import DEFAULT_IMAGE, LAYOUT_AXES, _declared, _names, metadata_image_size
 from .text import from_text
 
 if TYPE_CHECKING:
@@ -204,7 +204,8 @@ def _image_directory(plan: _Plan, path: str, files: list) -> list:
                 raise SpaError(f"image calibration: image size {height}x{width} does not fit input '{inp.name}' "
                                f"{_declared(inp.dims)}")
     else:
-        height, width = known[h] or DEFAULT_IMAGE, known[w] or DEFAULT_IMAGE
+        recorded = metadata_image_size(plan.model) or (DEFAULT_IMAGE, DEFAULT_IMAGE)
+        height, width = known[h] or recorded[0], known[w] or recorded[1]
         missing = [n for n, v in (("height", known[h]), ("width", known[w])) if v is None]
         if missing:
             plan.say(f"calibration: input '{inp.name}' has no declared {'/'.join(missing)}; images are resized to "

@@ -6,6 +6,7 @@ an input, the vocabulary and position table a token model shows (`vocabulary_siz
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -21,6 +22,17 @@ DEFAULT_SIGNAL = 256       # unknown L of a float [N, C, L] input
 MIN_TOKENS = 4             # shortest synthetic token batch (the longest: max_length)
 MAX_SIGNAL_CHANNELS = 4    # a float [N, C, L] input with at most this many channels is a signal
 LAYOUT_AXES = {"nchw": (1, (2, 3)), "nhwc": (3, (1, 2))}  # (channel axis, (height, width) axes)
+
+
+def metadata_image_size(model) -> tuple[int, int] | None:
+    """(height, width) the exporter recorded for the model's images: Ultralytics writes `imgsz`
+    ('[320, 320]', or one number for a square) into every YOLO export, whose height and width are
+    symbolic when exported dynamic. None where the metadata gives no size."""
+    value = next((p.value for p in model.metadata_props if p.key == "imgsz"), None)
+    numbers = [int(n) for n in re.findall(r"\d+", value or "")]
+    if len(numbers) == 1:
+        numbers *= 2
+    return (numbers[0], numbers[1]) if len(numbers) == 2 and min(numbers) > 0 else None
 
 
 class _Batch:

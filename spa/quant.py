@@ -22,9 +22,13 @@ QOPERATOR_PARAMS = {
     "QLinearSigmoid": (1, 2, 3, 4), "QLinearLeakyRelu": (1, 2, 3, 4),
     "QLinearGlobalAveragePool": (1, 2, 3, 4), "QLinearAveragePool": (1, 2, 3, 4),
 }
-# integer weights of QOperator layers: weight slot -> (scale slot, zero point slot)
+# integer weights of QOperator layers: weight slot -> (scale slot, zero point slot); MatMulInteger and
+# ConvInteger (dynamic quantization) have no scale input: the float ops after them apply it
 QOPERATOR_WEIGHTS = {"QLinearConv": {3: (4, 5)}, "QLinearMatMul": {0: (1, 2), 3: (4, 5)},
-                     "QGemm": {0: (1, 2), 3: (4, 5)}}
+                     "QGemm": {0: (1, 2), 3: (4, 5)}, "MatMulInteger": {0: (None, 2), 1: (None, 3)},
+                     "ConvInteger": {1: (None, 3)}}
+# the right-hand (B) operand's slot of the matrix layers above
+MATRIX_B = {"QLinearMatMul": 3, "QGemm": 3, "MatMulInteger": 1}
 # int32 biases of QOperator layers: bias slot -> (input scale slot, weight scale slot); zero point 0
 QOPERATOR_BIASES = {"QLinearConv": {8: (1, 4)}, "QGemm": {6: (1, 4)}}
 
@@ -88,25 +92,53 @@ def qoperator_params(g: Graph, tensor: str):
     node, slot = g.nodes[uses[0][0]], uses[0][1]
 
     def inputs(*slots):
-        return [node.input[k] if len(node.input) > k and node.input[k] else None for k in slots]
+        return [node.input[k] if k is not None and len(node.input) > k and node.input[k] else None for k in slots]
 
     rank = len(g.consts.shape(tensor))
     if slot in QOPERATOR_WEIGHTS.get(node.op_type, {}):
-        scale, zero = inputs(*QOPERATOR_WEIGHTS[node.op_type][slot])
-        if node.op_type == "QLinearConv":
+        scale_slot, zero_slot = QOPERATOR_WEIGHTS[node.op_type][slot]
+        scale, zero = inputs(scale_slot, zero_slot)
+        if node.op_type in ("QLinearConv", "ConvInteger"):
             axis = 0
         elif node.op_type == "QGemm" and slot == 3:
             axis = 0 if attr(node, "transB", 0) else 1
         else:
-            axis = rank - 1 if slot == 3 else rank - 2
-        if scale in g.consts and (zero is None or zero in g.consts):
-            return g.consts[scale], None if zero is None else g.consts[zero], axis
-        return None
+            axis = rank - 1 if slot == MATRIX_B[node.op_type] else rank - 2
+        if zero is not None and zero not in g.consts:
+            return None
+        zero = None if zero is None else g.consts[zero]
+        if scale_slot is None:
+            return _scale_applied_after(g, node.output[0], zero), zero, axis
+        return (g.consts[scale], zero, axis) if scale in g.consts else None
     if slot in QOPERATOR_BIASES.get(node.op_type, {}):
         x_scale, w_scale = inputs(*QOPERATOR_BIASES[node.op_type][slot])
         if x_scale in g.consts and w_scale in g.consts:
             return np.asarray(g.consts[x_scale]).reshape(()) * g.consts[w_scale], None, rank - 1
     return None
+
+
+def _scale_applied_after(g: Graph, product: str, zero) -> np.ndarray:
+    """The weight scale of a MatMulInteger / ConvInteger, which quantize_dynamic applies after it:
+    Cast(float) -> Mul(·, Mul(input scale, weight scale)), the weight scale a constant scalar or one
+    per channel (the zero point's shape); ones (scores in integer steps) where the graph differs."""
+    unit = np.ones(np.shape(zero) if zero is not None else (), np.float32)
+    cast = _only_reader(g, product, "Cast")
+    mul = cast and _only_reader(g, cast.output[0], "Mul")
+    if not mul:
+        return unit
+    factor = mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0]
+    scaling = g.nodes[g.producer[factor]] if factor in g.producer else None
+    if scaling is None or scaling.op_type != "Mul":
+        return unit
+    scales = [np.asarray(g.consts[x]) for x in scaling.input if x in g.consts]
+    fits = [s for s in scales if s.size == 1 or s.shape == np.shape(zero)]
+    return fits[0].astype(np.float32) if len(fits) == 1 else unit
+
+
+def _only_reader(g: Graph, tensor: str, op_type: str):
+    uses = g.consumers.get(tensor, [])
+    node = g.nodes[uses[0][0]] if len(uses) == 1 else None
+    return node if node is not None and node.op_type == op_type else None
 
 
 def weight_value(g: Graph, tensor: str) -> np.ndarray:

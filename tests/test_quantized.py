@@ -357,18 +357,52 @@ def test_unmapped_com_microsoft_op_is_frozen(tmp_path):
     assert any("custom-domain op com.microsoft::QLinearSoftmax" in r for r in _frozen_reasons(model))
 
 
-def test_dynamic_quantization_is_frozen_with_a_reason(qdq, tmp_path):
-    """ConvInteger / MatMulInteger read DynamicQuantizeLinear, whose scale comes from the whole
-    tensor: frozen, and the reason says how to get a prunable model."""
-    float_model, _ = qdq
-    onnx.save(float_model, str(tmp_path / "float.onnx"))
-    quantization.quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "dynamic.onnx"))
-    model = onnx.load(str(tmp_path / "dynamic.onnx"))
-    assert "ConvInteger" in {n.op_type for n in model.graph.node}
-    analysis = analyze(model)
-    assert not any(g.prunable for g in analysis.groups)
-    reasons = [r for g in analysis.groups for r in g.reasons()]
-    assert any("ConvInteger" in r and "QOperator" in r for r in reasons), reasons
+def mlp_net():
+    """MatMul-Relu-MatMul with biases, residual Add, MatMul: the layers quantize_dynamic quantizes."""
+    b = Builder(opset=17)
+    x = b.input([N, "tokens", 8])
+    h = b.op("Relu", [b.op("Add", [b.op("MatMul", [x, b.weight(8, 16)]), b.weight(16)])])
+    y = b.op("Add", [b.op("MatMul", [h, b.weight(16, 8)]), x])
+    b.output(b.op("MatMul", [y, b.weight(8, 4)]))
+    return b.model()
+
+
+def _dynamic(tmp_path, model, **kw):
+    onnx.save(model, str(tmp_path / "float.onnx"))
+    quantization.quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "dynamic.onnx"), **kw)
+    return onnx.load(str(tmp_path / "dynamic.onnx"))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_dynamic_quantization_prunes_bit_exactly(per_channel, tmp_path):
+    """quantize_dynamic's DynamicQuantizeLinear -> MatMulInteger / ConvInteger -> Cast -> Mul(scale):
+    the quantized input's scale and zero point come from its range, which always includes 0, so
+    removing a channel quantizes the rest as zeroing it does. The oracle zeroes the removed slices
+    in front of DynamicQuantizeLinear and sets the weight's to its zero point: bit-exact. Per-channel
+    weight zero points and scales are sliced with the output channel."""
+    for model in (_dynamic(tmp_path, mlp_net(), per_channel=per_channel),
+                  _dynamic(tmp_path, float_net(), per_channel=per_channel)):
+        ops = {n.op_type for n in model.graph.node}
+        assert "DynamicQuantizeLinear" in ops and ops & {"MatMulInteger", "ConvInteger"}
+        result = check_exact(model, atol=0, rtol=0, fused=False, dims={"tokens": 5})
+        integer = [n.input[1] for n in result.model.graph.node if n.op_type in ("MatMulInteger", "ConvInteger")]
+        before, after = _inits(model), _inits(result.model)
+        assert any(after[w].dims != before[w].dims for w in integer)
+        for w in integer:  # integer weights stay integers
+            assert after[w].data_type == before[w].data_type
+
+
+def test_dynamic_quantization_with_a_per_row_input_zero_point_is_frozen(tmp_path):
+    """A MatMulInteger whose a_zero_point holds one value per row of A (not what quantize_dynamic
+    writes) is frozen, with the reason."""
+    b = Builder(opset=17)
+    x = b.input([4, 8], "x", dtype=TensorProto.UINT8)
+    w = b.const(np.ones((8, 6), np.int8))
+    y = b.op("MatMulInteger", [x, w, b.const(np.arange(4, dtype=np.uint8)), b.const(np.array(0, np.int8))])
+    out = b.op("Cast", [y], to=TensorProto.FLOAT)
+    b.output(b.op("MatMul", [b.op("Relu", [out]), b.weight(6, 3)]))
+    reasons = _frozen_reasons(b.model())
+    assert any("MatMulInteger" in r and "not per-tensor" in r for r in reasons), reasons
 
 
 def shuffle_net():

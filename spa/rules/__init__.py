@@ -182,8 +182,9 @@ from .layers import (  # noqa: E402
 )
 from .norms import BatchNormRule, GroupNormRule, LayerNormRule  # noqa: E402
 from .quantized import (  # noqa: E402
-    QGemmRule, QLinearBroadcast, QLinearConcat, QLinearConvRule, QLinearMatMulRule, QLinearPool,
-    QLinearUnary, QuantizeDequantize, QuantizedOperator, channel_params, integer_weight, per_tensor,
+    ConvIntegerRule, DynamicQuantize, MatMulIntegerRule, QGemmRule, QLinearBroadcast, QLinearConcat,
+    QLinearConvRule, QLinearMatMulRule, QLinearPool, QLinearUnary, QuantizeDequantize, channel_params,
+    integer_weight, per_tensor,
 )
 from .recurrent import ZERO_VIEWS, Recurrent  # noqa: E402
 from .shapes import (  # noqa: E402
@@ -207,7 +208,7 @@ __all__ = [
     "Transpose", "SqueezeUnsqueeze", "Reshape", "Expand", "DepthToSpace", "INFERRED", "LAYOUT_OPS",
     "shape_vector_pieces", "fold_factor", "rewrite_shape_vector", "constant_size_at", "reshape_map",
     "Concat", "Split", "Slice", "Gather",
-    "QuantizeDequantize", "QuantizedOperator", "QLinearUnary", "QLinearBroadcast", "QLinearConcat",
+    "QuantizeDequantize", "DynamicQuantize", "MatMulIntegerRule", "ConvIntegerRule", "QLinearUnary", "QLinearBroadcast", "QLinearConcat",
     "QLinearPool", "QLinearConvRule", "QLinearMatMulRule", "QGemmRule", "per_tensor", "channel_params",
     "integer_weight",
     "ConstantOfShape", "ConstantLeaf",

@@ -1,5 +1,6 @@
-"""Quantized ops: QDQ (QuantizeLinear / DequantizeLinear), dynamic quantization (frozen) and
-QOperator layers, which reuse the float rules of their family."""
+"""Quantized ops: QDQ (QuantizeLinear / DequantizeLinear), dynamic quantization
+(DynamicQuantizeLinear, MatMulInteger, ConvInteger) and QOperator layers, which reuse the float
+rules of their family."""
 from __future__ import annotations
 
 from ..quant import param_slots
@@ -16,8 +17,7 @@ class QuantizeDequantize(Rule):
     scale / zero point (1-D, along `axis`) is sliced with a channel on that axis and untouched by a
     channel on any other; a per-tensor one is untouched. Blocked quantization (`block_size`) shares
     every axis but the blocked one with the data; a channel on the blocked axis is frozen (whole
-    blocks only would keep it exact). DynamicQuantizeLinear has no rule: its scale is computed
-    from the whole tensor, so removing channels would change it."""
+    blocks only would keep it exact)."""
 
     ops = ("QuantizeLinear", "DequantizeLinear")
 
@@ -61,30 +61,61 @@ class QuantizeDequantize(Rule):
 
 
 @register
-class QuantizedOperator(Rule):
-    """Dynamically quantized layers: frozen, with the reason. DynamicQuantizeLinear derives its
-    scale from the whole tensor, so removing channels changes it; ConvInteger / MatMulInteger read
-    its output."""
+class DynamicQuantize(Rule):
+    """DynamicQuantizeLinear (onnxruntime's quantize_dynamic): element-wise from x to the quantized
+    y; its scale and zero point come from the whole tensor's range, which always includes 0, so
+    zeroing a channel of x leaves them as removing it does: exact against the oracle, which zeroes
+    x's removed slices here (a contracted input of this node)."""
 
-    ops = ("ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")
-
-    def sources(self, c):
-        """The output channels a weighted layer would create: seeded so that `spa analyze` shows
-        them frozen, with the reason, instead of finding nothing."""
-        y = c.out(0)
-        if c.node.op_type == "ConvInteger":
-            return [(y, 1)] if c.g.rank(y) else []
-        if c.node.op_type == "MatMulInteger":
-            rank = c.g.rank(y)
-            return [(y, rank - 1)] if rank and c.g.is_static(c.inp(1)) else []
-        return []
+    ops = ("DynamicQuantizeLinear",)
 
     def propagate(self, c, tensor, axis):
-        if c.node.op_type == "DynamicQuantizeLinear":
-            raise Frozen("DynamicQuantizeLinear: its scale is computed from the whole tensor, so removing "
-                         "channels would change it")
-        raise Frozen(f"{c.node.op_type} (dynamic quantization) has no channel rule: quantize statically "
-                     "(QuantFormat.QDQ or QOperator) to prune")
+        x, y = c.inp(0), c.out(0)
+        if tensor not in (x, y):
+            raise Frozen(f"DynamicQuantizeLinear: channel on its scale or zero point '{tensor}'")
+        other = (y, axis) if tensor == x else (x, axis)
+        return [identity((tensor, axis), other, c.dim(tensor, axis), contracted=(c.index, 0))]
+
+
+@register
+class MatMulIntegerRule(MatMulRule):
+    """MatMulInteger (a, b, a_zero_point, b_zero_point), as quantize_dynamic writes it after a
+    DynamicQuantizeLinear: MatMul's channel map on a, b and y; a per-column b_zero_point is sliced
+    with N; a_zero_point must be per-tensor. The int32 product's scale is applied by the float ops
+    after it (Cast, Mul), whose rules slice a per-column weight scale."""
+
+    ops = ("MatMulInteger",)
+
+    def contracted(self, c, slot):
+        return integer_weight(c, slot)
+
+    def propagate(self, c, tensor, axis):
+        per_tensor(c, (2,))
+        return super().propagate(c, tensor, axis)
+
+    def params(self, c):
+        b = c.inp(self.B)
+        return dict.fromkeys(channel_params(c, (3,), c.dim(b, c.rank(b) - 1)), "n")
+
+
+@register
+class ConvIntegerRule(ConvRule):
+    """ConvInteger (x, w, x_zero_point, w_zero_point): Conv's channel map on x, w and y (grouped and
+    depthwise too); a per-channel w_zero_point is sliced with the output channel, x_zero_point must
+    be per-tensor."""
+
+    ops = ("ConvInteger",)
+    X, W, B = 0, 1, 4  # no bias input
+
+    def propagate(self, c, tensor, axis):
+        per_tensor(c, (2,))
+        return super().propagate(c, tensor, axis)
+
+    def contracted(self, c):
+        return integer_weight(c, self.W)
+
+    def out_params(self, c, c_out):
+        return channel_params(c, (3,), c_out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from .graph import Consts, Graph, infer_shapes
 from .quant import QOPERATOR_WEIGHTS
 from .runtime import is_float
 
-MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
+CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}  # op -> weight slot
+MATRIX_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm")  # A is input 0 of each
+MAC_OPS = (*CONV_WEIGHT, "ConvTranspose", *MATRIX_OPS, "LSTM", "GRU", "RNN")
 
 
 def concrete_shapes(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None,
@@ -59,17 +61,17 @@ def node_macs(node, dim) -> int:
 
     op = node.op_type
     try:
-        if op == "Conv":
-            w = node.input[1]
+        if op in CONV_WEIGHT:
+            w = node.input[CONV_WEIGHT[op]]
             per_out = np.prod([dim(w, a) for a in range(1, _rank(dim, w))], dtype=np.int64)
             return int(numel(node.output[0]) * per_out)
         if op == "ConvTranspose":
             w = node.input[1]
             per_in = np.prod([dim(w, a) for a in range(1, _rank(dim, w))], dtype=np.int64)
             return int(numel(node.input[0]) * per_in)
-        if op in ("Gemm", "MatMul"):
+        if op in MATRIX_OPS:
             a = node.input[0]
-            k_axis = 0 if (op == "Gemm" and any(x.name == "transA" and x.i for x in node.attribute)) else -1
+            k_axis = 0 if (op in ("Gemm", "QGemm") and any(x.name == "transA" and x.i for x in node.attribute)) else -1
             return int(numel(node.output[0]) * dim(a, k_axis % _rank(dim, a)))
         if op in ("LSTM", "GRU", "RNN"):
             w, r, x = node.input[1], node.input[2], node.input[0]

@@ -152,7 +152,8 @@ def find_layers(analysis: Analysis) -> list:
         if layer is not None:
             # a quantized weight is scored (dequantized) but never compensated: an OBS update is
             # not representable in its integer grid
-            layer.compensable = len(g.consumers.get(weight, [])) == 1 and layer.compensable and quantized is None
+            layer.compensable = len(g.consumers.get(weight, [])) == 1 and layer.compensable and quantized is None \
+                and node.op_type not in INTEGER_LAYERS
             layers.append(layer)
     return layers
 
@@ -180,8 +181,13 @@ def weighted_layers(g) -> list:
     return layers
 
 
+INTEGER_LAYERS = ("ConvInteger", "MatMulInteger")  # dynamic quantization: read a DynamicQuantizeLinear
+
+
 def _layer(g, index, node, slot, axis, weight):
     shape = g.consts.shape(weight if weight in g.consts else quantized_source(g, weight))
+    if node.op_type in INTEGER_LAYERS:
+        return _integer_layer(g, index, node, slot, weight, shape)
     if node.op_type == "Conv":
         groups = attr(node, "group", 1)
         kernel = tuple(shape[2:])
@@ -204,6 +210,21 @@ def _layer(g, index, node, slot, axis, weight):
     if node.op_type == "MatMul" and slot == 0:
         return Layer(index, weight, 1, node.input[1], "dense", rows_from_left=True)
     return None
+
+
+def _integer_layer(g, index, node, slot, weight, shape):
+    """A ConvInteger / MatMulInteger weight read as the float layer it quantizes: its activation is
+    the float input of the DynamicQuantizeLinear in front (what the integers stand for); scored,
+    never compensated. None where no DynamicQuantizeLinear feeds it."""
+    source = g.producer.get(node.input[0])
+    if source is None or g.nodes[source].op_type != "DynamicQuantizeLinear":
+        return None
+    activation = g.nodes[source].input[0]
+    if node.op_type == "ConvInteger":
+        conv = {"strides": attr(node, "strides"), "pads": attr(node, "pads"),
+                "dilations": attr(node, "dilations"), "auto_pad": attr(node, "auto_pad", "NOTSET")}
+        return Layer(index, weight, 1, activation, "conv", attr(node, "group", 1), tuple(shape[2:]), conv)
+    return Layer(index, weight, 0, activation, "dense_t") if slot == 1 and len(shape) == 2 else None
 
 
 def _added_bias(g, node) -> str:

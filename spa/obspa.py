@@ -497,10 +497,12 @@ def scores(analysis: Analysis, batches: list, damp: float = obs.DEFAULT_DAMP, no
     if normalization not in NORMALIZATIONS:
         raise SpaError(f"unknown normalization '{normalization}' (known: {', '.join(NORMALIZATIONS)})")
     layers = scored_layers(analysis)
-    quantized = sum(layer.weight not in analysis.graph.consts for layer in layers)
+    quantized = sum(layer.weight not in analysis.graph.consts or analysis.graph.consts[layer.weight].dtype.kind in "iu"
+                    for layer in layers)
     if quantized:
-        progress(f"{quantized} of {len(layers)} layers read quantized weights (DequantizeLinear): scored on the "
-                 "dequantized values, never compensated (an OBS update is not on their integer grid)")
+        progress(f"{quantized} of {len(layers)} layers read quantized weights (DequantizeLinear, MatMulInteger, "
+                 "ConvInteger): scored on the dequantized values, never compensated (an OBS update is not on their "
+                 "integer grid)")
     hessians = Hessians(len(batches), MAX_COLUMNS, seed)
     held_hessians = Hessians(len(held), MAX_COLUMNS, seed, keep_rows=True) if held else None
     wider_hessians = Hessians(len(wider), MAX_COLUMNS, seed) if wider else None  # its own draws: as if run alone

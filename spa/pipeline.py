@@ -207,6 +207,9 @@ def _compensate(analysis, plan, compensation, staged, cal, fit, held, measured, 
     """The compensated weights: each layer solved from the original model's Hessians (the update the
     allocation measured, fitted once more on the held-out rows too) or refitted stage by stage."""
     cache = measured.first_order if measured is not None else {}
+    if compensation != "none" and not any(layer.compensable for layer in obspa.scored_layers(analysis)):
+        cache.clear()
+        return {}  # every layer reads quantized weights: said where they were scored
     if compensation == "obs" and measured is not None and not _stage_by_stage(staged, cal, progress):
         weights = obspa.first_order_weights(analysis, plan, measured, damp, cache, pooled=True)
         cache.clear()  # every candidate's updates: done with

@@ -170,8 +170,11 @@ def quantized_source(g: Graph, tensor: str) -> str | None:
 
 
 def layer_value(g: Graph, tensor: str) -> np.ndarray:
-    """A layer's weight: a constant, or the dequantized constant behind a DequantizeLinear."""
-    return g.consts[tensor] if tensor in g.consts else weight_value(g, quantized_source(g, tensor))
+    """A layer's weight: a float constant, or the dequantized value of an integer one (a
+    DequantizeLinear's or a QOperator / dynamically quantized layer's)."""
+    if tensor in g.consts:
+        return weight_value(g, tensor) if qoperator_params(g, tensor) is not None else g.consts[tensor]
+    return weight_value(g, quantized_source(g, tensor))
 
 
 def at_zero_point(g: Graph, tensor: str, axis: int, removed) -> np.ndarray | None:

@@ -173,12 +173,13 @@ def removed_by_kind(plan: dict) -> dict:
 
 
 def layer_widths(graph: Graph) -> dict:
-    """{layer name: (input channels, output channels)} of the Conv, ConvTranspose, Gemm, MatMul and
-    recurrent layers whose weight is a constant."""
+    """{layer name: (input channels, output channels)} of the Conv, ConvTranspose, Gemm, MatMul (and
+    their quantized forms) and recurrent layers whose weight is a constant."""
     widths = {}
     for node in graph.nodes:
-        if node.op_type in MAC_OPS and len(node.input) > 1 and node.input[1] in graph.consts:
-            shape = graph.consts.shape(node.input[1])
+        slot = 3 if node.op_type in ("QLinearConv", "QLinearMatMul", "QGemm") else 1  # the weight
+        if node.op_type in MAC_OPS and len(node.input) > slot and node.input[slot] in graph.consts:
+            shape = graph.consts.shape(node.input[slot])
             if len(shape) >= 2:
                 widths[node.name or node.output[0]] = _in_out(node, shape)
     return widths
@@ -190,11 +191,11 @@ _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 def _in_out(node, shape) -> tuple:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     group = attrs.get("group", 1)
-    if node.op_type == "Conv":
+    if node.op_type in ("Conv", "ConvInteger", "QLinearConv"):
         return int(shape[1] * group), int(shape[0])
     if node.op_type == "ConvTranspose":
         return int(shape[0]), int(shape[1] * group)
-    if node.op_type == "Gemm":
+    if node.op_type in ("Gemm", "QGemm"):
         return (int(shape[1]), int(shape[0])) if attrs.get("transB") else (int(shape[0]), int(shape[1]))
     if node.op_type in _GATES:
         return int(shape[2]), int(shape[1] // _GATES[node.op_type])

@@ -9,7 +9,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from .errors import SpaError, SpaWarning, first_line
-from .graph import sort_topologically
+from .graph import outer_scope_inputs, sort_topologically
 from .plan import Plan
 from .quant import at_zero_point
 from .rewrite import filled
@@ -215,6 +215,7 @@ def _with_masks(analysis, removed_of, every: bool = False) -> tuple:
             model.graph.node[i].input[slot] = alias
     masked: dict = {}
     masks: dict = {}
+    replaced: set = set()  # integer weights whose reader now reads their masked copy
     types = _elem_types(model)
     for node_index, slot, axis in analysis.contracted:
         tensor = g.nodes[node_index].input[slot]
@@ -227,6 +228,7 @@ def _with_masks(analysis, removed_of, every: bool = False) -> tuple:
             masked[key] = f"{tensor}__spa_masked{axis}"
             model.graph.initializer.append(numpy_helper.from_array(integer, masked[key]))
             masks[masked[key]] = key
+            replaced.add(tensor)
         elif key not in masked:
             shape = [1] * g.rank(tensor)
             shape[axis] = g.dim(tensor, axis)
@@ -238,8 +240,23 @@ def _with_masks(analysis, removed_of, every: bool = False) -> tuple:
             masked[key] = out
             masks[out + "_mask"] = key
         model.graph.node[node_index].input[slot] = masked[key]
+    _drop_unread(model, replaced)
     sort_topologically(model.graph)  # the masks' Mul nodes were appended at the end
     return model, masks
+
+
+def _drop_unread(model: onnx.ModelProto, names: set) -> None:
+    """Initializers of `names` that no node reads any more: dropped, as onnxruntime would, but
+    before it sees them (with its weights handed over as arrays, onnxruntime 1.32.0 fails an int8
+    fusion over a dropped array: "Failed to find existing initializer", dynamically quantized MiniLM)."""
+    read = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
+    read |= {x for n in model.graph.node for x in outer_scope_inputs(n)}
+    dropped = {t.name for t in model.graph.initializer if t.name in names and t.name not in read}
+    for field in (model.graph.initializer, model.graph.input):  # IR < 4 lists initializers as inputs too
+        kept = [x for x in field if x.name not in dropped]
+        if len(kept) < len(field):
+            del field[:]
+            field.extend(kept)
 
 
 class MaskedRuns:

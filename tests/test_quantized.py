@@ -392,6 +392,20 @@ def test_dynamic_quantization_prunes_bit_exactly(per_channel, tmp_path):
             assert after[w].data_type == before[w].data_type
 
 
+def test_obspa_scores_dynamically_quantized_layers_on_their_float_inputs(tmp_path):
+    """OBSPA reads a MatMulInteger / ConvInteger as the float layer it quantizes (Hessians of the
+    DynamicQuantizeLinear's float input, the weight dequantized with the scale applied after it),
+    says so, and compensates none of them: the integer weights are only sliced (oracle bit-exact)."""
+    for model in (_dynamic(tmp_path, mlp_net()), _dynamic(tmp_path, float_net())):
+        said = []
+        result = check_exact(model, atol=0, rtol=0, fused=False, dims={"tokens": 5}, criterion="obspa",
+                             progress=said.append)
+        scored = next(m for m in said if "layers read quantized weights" in m and "never compensated" in m)
+        count = scored.split(" of ")[0]
+        assert int(count) > 0 and any(m.startswith(f"Hessians of {count} layer") for m in said), said
+        assert not result.weights and not any(m.startswith("compensation:") for m in said)
+
+
 def test_dynamic_quantization_with_a_per_row_input_zero_point_is_frozen(tmp_path):
     """A MatMulInteger whose a_zero_point holds one value per row of A (not what quantize_dynamic
     writes) is frozen, with the reason."""

@@ -219,6 +219,24 @@ def test_conv_transpose_and_grouped_conv_transpose():
     check_exact(b.model())
 
 
+def test_depthwise_conv_transpose_entered_from_its_output():
+    """A depthwise ConvTranspose (Kokoro's upsampling `pool`) whose input channels are reached first
+    through its output: its weight (whose axis 0 is the input channel) is sliced with the channel all
+    the same (kokoro-82m: 'filter number not equal to input channel number' in the pruned model)."""
+    b = Builder()
+    image = b.input([N, 3, 6, 6])
+    z = b.conv(image, 3, 8)
+    x = b.conv(image, 3, 8)
+    for _ in range(3):  # the ConvTranspose's own output (a source) reaches x before x's producers do
+        x = b.op("Relu", [x])
+    y = b.op("ConvTranspose", [x, b.weight(8, 1, 3, 3), b.weight(8)], group=8, pads=[1, 1, 1, 1])
+    head(b, b.conv(b.op("Add", [z, y]), 8, 4), 4)
+    model = b.model()
+    weight = next(n.input[1] for n in model.graph.node if n.op_type == "ConvTranspose")
+    assert any(m.tensor == weight for g in analyze(model).groups if g.prunable for m in g.members)
+    check_exact(model)
+
+
 def test_norms_and_prelu(opset=21):
     b = Builder(opset=opset)
     x = b.conv(b.input([N, 3, 8, 8]), 3, 8)

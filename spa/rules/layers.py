@@ -107,8 +107,9 @@ class ConvTransposeRule(Rule):
             return links
         if (tensor == y and axis == 1) or (tensor == b and axis == 0):
             links = [identity(pair, p, c_out) for p in [(y, 1), (b, 0)] if p[0] and p != pair]
-            if depthwise:
-                links.append(Link(pair, (x, 1), np.arange(c_out), np.arange(c_out) // cout_g))
+            if depthwise:  # x's channel is the weight's axis 0: both, or x may be marked here without it
+                links += [Link(pair, (x, 1), np.arange(c_out), np.arange(c_out) // cout_g),
+                          Link(pair, (w, 0), np.arange(c_out), np.arange(c_out) // cout_g, contracted=(c.index, 1))]
             else:
                 links.append(Link(pair, (w, 1), np.arange(c_out), in_group_positions(c_out, cout_g)))
             return links

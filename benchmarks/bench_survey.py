@@ -508,7 +508,8 @@ def _unique_files(files: list) -> list:
 
     seen, unique = set(), []
     for rec in files:
-        digest = hashlib.sha1(open(rec["path"], "rb").read()).hexdigest() if os.path.isfile(rec["path"]) else rec["path"]
+        path = rec["path"]
+        digest = hashlib.sha1(open(path, "rb").read()).hexdigest() if os.path.isfile(path) else path
         if digest not in seen:
             seen.add(digest)
             unique.append(rec)

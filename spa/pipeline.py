@@ -605,10 +605,13 @@ def macs_per_sample(model: onnx.ModelProto, feeds: dict) -> float:
 
 def _runs_at(model: onnx.ModelProto, shapes: dict | None) -> dict | None:
     """`shapes` (the sizes generated calibration would take) where the model runs on them (one
-    sample), else None: a run without calibration then counts and verifies where it always did."""
-    if not shapes:
-        return None
+    sample), else None: a run without calibration then counts and verifies where it always did, as
+    does a model too big to run for that (over graph.PROBE_LIMIT of weights)."""
+    from .graph import PROBE_LIMIT
     from .runtime import random_inputs
+
+    if not shapes or weight_bytes(model) > PROBE_LIMIT:
+        return None
     try:
         session(model, quiet=True).run(None, random_inputs(model, shapes=shapes))
     except Exception:  # noqa: BLE001 - any failure means: not these sizes

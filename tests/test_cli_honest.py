@@ -94,7 +94,8 @@ def test_nothing_prunable_says_where_granularity_hidden_would_prune(tmp_path, ca
     path, out = saved(tmp_path, b.model()), tmp_path / "o.onnx"
     _expect_error(capsys, ["prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q"],
                   "nothing prunable: every channel group is frozen (see `spa analyze`); 1 group of 16 channels would "
-                  "prune through normalisation statistics with --granularity channels,hidden (approximate)", out=str(out))
+                  "prune through normalisation statistics with --granularity channels,hidden (approximate)",
+                  out=str(out))
     assert spa("prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q",
                "--granularity", "channels,hidden") == 0
 
@@ -343,7 +344,7 @@ def test_verification_and_summary_take_the_sizes_the_calibration_ran_at(tmp_path
     np.savez(tmp_path / "c.npz", input=np.random.default_rng(0).normal(size=(8, 3, 12, 12)).astype(np.float32))
     assert spa("prune", path, "-o", out, "--ratio", "0.5", "--calibration", tmp_path / "c.npz") == 0
     captured = capsys.readouterr()
-    assert "verifying and writing " + str(out) + " (at the input sizes calibration takes, input 1x3x12x12" in captured.err
+    assert f"verifying and writing {out} (at the input sizes calibration takes, input 1x3x12x12" in captured.err
     assert f"MACs {(3 * 8 * 9 * 144 + 8 * 4 * 9 * 144 + 4 * 144 * 3) / 1e3:.1f}K" in captured.out  # at 12x12
     pruned = api.prune(path, 0.5, calibration=str(tmp_path / "c.npz"))
     assert pruned.input_shapes == {"input": (1, 3, 12, 12)} and pruned.save(str(tmp_path / "a.onnx"))

@@ -98,8 +98,8 @@ from .batchnorm import from_batchnorm
 from .files import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, check_input_array, check_static_dims, from_path
 from .feeds import DEAD_LEAVES_SHARE, SCAFFOLD_SHARE, TEXT_LINE_SHARE, _Plan
 from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MAX_SIGNAL_CHANNELS,
-                     MIN_TOKENS, TOKENS, _image_layout, _Input, _positive_int, generated_token_lengths, position_limit, shared_shapes,
-                     user_shapes, vocabulary_size)
+                     MIN_TOKENS, TOKENS, _image_layout, _Input, _positive_int, generated_token_lengths, position_limit,
+                     shared_shapes, user_shapes, vocabulary_size)
 from .synthetic import DEAD_LEAVES, NATURAL_SLOPES, dead_leaves, natural_noise, out_of_distribution
 from .text import FREQUENT_SHARE, SCAFFOLD_WORDS, SyntheticVocabulary, _tokenizer, from_text, synthetic_vocabulary
 

@@ -150,10 +150,9 @@ def find_layers(analysis: Analysis) -> list:
             continue  # activation x activation (attention) or a computed weight
         layer = _layer(g, node_index, node, slot, axis, weight)
         if layer is not None:
-            # a quantized weight is scored (dequantized) but never compensated: an OBS update is
-            # not representable in its integer grid
-            layer.compensable = len(g.consumers.get(weight, [])) == 1 and layer.compensable and quantized is None \
-                and node.op_type not in INTEGER_LAYERS
+            # a weight behind a DequantizeLinear is scored (dequantized) but never compensated: an OBS
+            # update is not on its integer grid (an integer layer's update is put on it: requantized)
+            layer.compensable = len(g.consumers.get(weight, [])) == 1 and layer.compensable and quantized is None
             layers.append(layer)
     return layers
 
@@ -214,8 +213,9 @@ def _layer(g, index, node, slot, axis, weight):
 
 def _integer_layer(g, index, node, slot, weight, shape):
     """A ConvInteger / MatMulInteger weight read as the float layer it quantizes: its activation is
-    the float input of the DynamicQuantizeLinear in front (what the integers stand for); scored,
-    never compensated. None where no DynamicQuantizeLinear feeds it."""
+    the float input of the DynamicQuantizeLinear in front (what the integers stand for); compensated
+    in float and put back on its integer grid (quant.requantized). None where no
+    DynamicQuantizeLinear feeds it."""
     source = g.producer.get(node.input[0])
     if source is None or g.nodes[source].op_type != "DynamicQuantizeLinear":
         return None

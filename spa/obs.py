@@ -196,6 +196,33 @@ def _block_inverse(block: np.ndarray) -> np.ndarray:
 
 
 @one_blas_thread
+def upper_inverse_factor(H: np.ndarray, damp: float) -> np.ndarray:
+    """U with H_damped^-1 = U^T U (upper Cholesky factor of the inverse)."""
+    Hinv = inverse(H, damp)
+    try:
+        return np.linalg.cholesky(Hinv).T
+    except np.linalg.LinAlgError:
+        return np.diag(np.sqrt(np.maximum(np.diag(Hinv), 1e-12)))
+
+
+def on_grid(W: np.ndarray, H: np.ndarray, scale: np.ndarray, zero: np.ndarray, low: int, high: int,
+            damp: float = DEFAULT_DAMP) -> np.ndarray:
+    """W (rows x columns, float) rounded onto an integer grid, (clip(round(W / scale) + zero) - zero)
+    * scale with scale and zero one per row (or one for all), column by column, each column's
+    rounding error spread over the columns after it through H's inverse (GPTQ, Frantar et al.
+    2022): what an OBS update of an integer weight is written back as. H: the columns' Hessian."""
+    W = np.array(W, dtype=np.float64)
+    scale = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (len(W),))
+    zero = np.broadcast_to(np.asarray(zero, np.float64).reshape(-1), (len(W),))
+    U = upper_inverse_factor(H, damp)
+    for j in range(W.shape[1]):
+        rounded = (np.clip(np.rint(W[:, j] / scale) + zero, low, high) - zero) * scale
+        error = (W[:, j] - rounded) / U[j, j]
+        W[:, j + 1:] -= np.outer(error, U[j, j + 1:])
+        W[:, j] = rounded
+    return W
+
+
 def inverse_blocks(H: np.ndarray, damp: float = DEFAULT_DAMP):
     """A function Q (m, size) -> the diagonal blocks Hinv[Q, Q] (m, size, size) of the damped H's
     inverse, without forming the inverse: with Hd = U^T U (Cholesky), Hinv = V V^T for V = U^-1,

@@ -55,7 +55,7 @@ from .importance import NORMALIZATIONS, normalize, score
 from .plan import Plan
 from .rewrite import fill_to_constant
 from .layers import Layer, find_layers
-from .quant import layer_value
+from .quant import as_float, is_integer_weight, layer_value, qoperator_params, requantized
 from .selection import Target
 from .verify import masked_original
 
@@ -344,7 +344,7 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, 
     uncompensated layer won) or "failed"."""
     g = analysis.graph
     removed = plan.removed(layer.weight, layer.in_axis)
-    w = weights.get(layer.weight, g.consts[layer.weight])
+    w = as_float(g, layer.weight, weights.get(layer.weight, g.consts[layer.weight]))
     b = weights.get(layer.bias, g.consts[layer.bias]) if layer.bias else None
     if hessian is None or hessian[0] != "full":
         return "failed"
@@ -375,14 +375,35 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, 
         options = [best]
     if not options:
         return "failed"
+    if is_integer_weight(g, layer.weight):
+        options = [_on_weight_grid(g, layer, options[0], hessian[1], Q, damp)]
     w_new, b_new = layer.from_matrices(options[0], np.shape(w), np.asarray(w).dtype,
                                        None if b is None else np.shape(b), None if b is None else np.asarray(b).dtype)
     if not np.all(np.isfinite(w_new)) or (b_new is not None and not np.all(np.isfinite(b_new))):
         return "failed"
-    weights[layer.weight] = w_new
+    weights[layer.weight] = requantized(g, layer.weight, w_new) if is_integer_weight(g, layer.weight) else w_new
     if layer.bias:
         weights[layer.bias] = b_new
     return "compensated"
+
+
+def _on_weight_grid(g, layer, mats: np.ndarray, hessians: np.ndarray, removed_columns, damp) -> np.ndarray:
+    """An integer layer's compensated matrices rounded onto its weight's grid, GPTQ-style over the
+    kept columns (obs.on_grid): plain rounding loses every update under half a step (per-tensor
+    int8 steps are coarse). Rows are output channels, which a per-channel scale runs along."""
+    scale, zero, _ = qoperator_params(g, layer.weight)
+    limits = np.iinfo(np.asarray(g.consts[layer.weight]).dtype)
+    zero = np.zeros(1) if zero is None else np.asarray(zero, np.float64).reshape(-1)
+    scale = np.asarray(scale, np.float64).reshape(-1)
+    mats = np.array(mats, dtype=np.float64)
+    kept = np.setdiff1d(np.arange(mats.shape[2]), removed_columns)
+    rows = mats.shape[1]
+    for k in range(layer.blocks):
+        block = slice(k * rows, (k + 1) * rows)
+        H = hessians[k][np.ix_(kept, kept)]
+        mats[k][:, kept] = obs.on_grid(mats[k][:, kept], H, scale[block] if scale.size > 1 else scale,
+                                       zero[block] if zero.size > 1 else zero, limits.min, limits.max, damp)
+    return mats
 
 
 def refit_on_all(analysis, plan, layer, fit: Hessians, held: Hessians, chosen: dict, before: dict,
@@ -497,12 +518,14 @@ def scores(analysis: Analysis, batches: list, damp: float = obs.DEFAULT_DAMP, no
     if normalization not in NORMALIZATIONS:
         raise SpaError(f"unknown normalization '{normalization}' (known: {', '.join(NORMALIZATIONS)})")
     layers = scored_layers(analysis)
-    quantized = sum(layer.weight not in analysis.graph.consts or analysis.graph.consts[layer.weight].dtype.kind in "iu"
-                    for layer in layers)
+    quantized = sum(layer.weight not in analysis.graph.consts for layer in layers)
     if quantized:
-        progress(f"{quantized} of {len(layers)} layers read quantized weights (DequantizeLinear, MatMulInteger, "
-                 "ConvInteger): scored on the dequantized values, never compensated (an OBS update is not on their "
-                 "integer grid)")
+        progress(f"{quantized} of {len(layers)} layers read quantized weights (DequantizeLinear): scored on the "
+                 "dequantized values, never compensated (an OBS update is not on their integer grid)")
+    integer = sum(is_integer_weight(analysis.graph, layer.weight) for layer in layers)
+    if integer:
+        progress(f"{integer} of {len(layers)} layers have integer weights (MatMulInteger, ConvInteger): scored on "
+                 "the dequantized values, compensated, and rounded back onto their integer grid (GPTQ-style)")
     hessians = Hessians(len(batches), MAX_COLUMNS, seed)
     held_hessians = Hessians(len(held), MAX_COLUMNS, seed, keep_rows=True) if held else None
     wider_hessians = Hessians(len(wider), MAX_COLUMNS, seed) if wider else None  # its own draws: as if run alone

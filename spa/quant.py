@@ -169,6 +169,37 @@ def quantized_source(g: Graph, tensor: str) -> str | None:
     return node.input[0] if dequantizer(g, node.input[0]) is node else None
 
 
+def is_integer_weight(g: Graph, tensor: str) -> bool:
+    """An integer constant that a QOperator or dynamically quantized layer reads as its weight."""
+    return tensor in g.consts and np.asarray(g.consts[tensor]).dtype.kind in "iu" \
+        and qoperator_params(g, tensor) is not None
+
+
+def as_float(g: Graph, tensor: str, stored: np.ndarray) -> np.ndarray:
+    """What `stored`, a value of constant `tensor`, stands for: dequantized for an integer weight."""
+    return dequantize(stored, *qoperator_params(g, tensor)) if is_integer_weight(g, tensor) else stored
+
+
+def requantized(g: Graph, tensor: str, value: np.ndarray) -> np.ndarray:
+    """Float `value` on integer weight `tensor`'s grid: round(value / scale) + zero point, clipped to
+    its integer type (an OBS update of a dynamically quantized layer, written back as integers)."""
+    scale, zero, axis = qoperator_params(g, tensor)
+    dtype = np.asarray(g.consts[tensor]).dtype
+    value = np.asarray(value, np.float64)
+
+    def along(p):
+        p = np.asarray(p, np.float64)
+        if p.size <= 1:
+            return p.reshape(())
+        shape = [1] * value.ndim
+        shape[axis] = p.size
+        return p.reshape(shape)
+
+    q = np.rint(value / along(scale)) + (0.0 if zero is None else along(zero))
+    limits = np.iinfo(dtype)
+    return np.clip(q, limits.min, limits.max).astype(dtype)
+
+
 def layer_value(g: Graph, tensor: str) -> np.ndarray:
     """A layer's weight: a float constant, or the dequantized value of an integer one (a
     DequantizeLinear's or a QOperator / dynamically quantized layer's)."""
@@ -177,13 +208,14 @@ def layer_value(g: Graph, tensor: str) -> np.ndarray:
     return weight_value(g, quantized_source(g, tensor))
 
 
-def at_zero_point(g: Graph, tensor: str, axis: int, removed) -> np.ndarray | None:
-    """The integer weight `tensor` of a QOperator layer with slices `removed` of `axis` set to its
-    zero point (the integer that dequantizes to 0), or None when `tensor` is no such weight."""
+def at_zero_point(g: Graph, tensor: str, axis: int, removed, value=None) -> np.ndarray | None:
+    """The integer weight `tensor` of a QOperator layer (or its compensated `value`) with slices
+    `removed` of `axis` set to its zero point (the integer that dequantizes to 0), or None when
+    `tensor` is no such weight."""
     params = qoperator_params(g, tensor)
     if params is None:
         return None
-    q = np.array(g.consts[tensor])
+    q = np.array(g.consts[tensor] if value is None else value)
     _, zero, zero_axis = params
     if zero is not None and np.size(zero) > 1:
         shape = [1] * q.ndim

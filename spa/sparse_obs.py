@@ -46,15 +46,6 @@ MASK_LINE_SHARE = 0.75
 # ---------------------------------------------------------------------------------------------
 # one weight matrix
 # ---------------------------------------------------------------------------------------------
-def _upper_inverse_factor(H: np.ndarray, damp: float) -> np.ndarray:
-    """U with H_damped^-1 = U^T U (upper Cholesky factor of the inverse)."""
-    Hinv = obs.inverse(H, damp)
-    try:
-        return np.linalg.cholesky(Hinv).T
-    except np.linalg.LinAlgError:
-        return np.diag(np.sqrt(np.maximum(np.diag(Hinv), 1e-12)))
-
-
 def _n_m_prune(saliency: np.ndarray, n: int, m: int) -> np.ndarray:
     """Pruned positions (True) of a (rows, m) slice: the m - n least salient of each row."""
     order = np.argsort(saliency, axis=1, kind="stable")
@@ -79,7 +70,7 @@ def sparsegpt(W: np.ndarray, H: np.ndarray, pattern, damp: float = obs.DEFAULT_D
     last `frozen` columns (a bias column of ones) are never pruned but take updates."""
     W = np.array(W, dtype=np.float64)
     rows, cols = W.shape
-    U = _upper_inverse_factor(H, damp)
+    U = obs.upper_inverse_factor(H, damp)
     pruned = np.zeros_like(W, dtype=bool) if fixed is None else np.array(fixed, dtype=bool)
     prunable = cols - frozen
     for start in range(0, cols, BLOCK):

@@ -281,19 +281,22 @@ class MaskedRuns:
         self.session = session(model, quiet=True, calibration_pass=True)
 
     def outputs(self, plan: Plan | None = None, weights: dict | None = None) -> list | None:
-        """Every batch's outputs (None when a weight is not one of the model's inputs)."""
+        """Every batch's outputs (None when a weight is not one of the model's inputs). An integer
+        weight goes in through its masked copy (its removed slices at the zero point)."""
         weights = weights or {}
-        if not set(weights) <= set(self.defaults):
+        masked = {tensor for tensor, _ in self.masks.values()}
+        through_masks = {name for name in weights if name not in self.defaults and name in masked}
+        if not set(weights) - through_masks <= set(self.defaults):
             return None
-        feeds = dict(weights)
+        feeds = {name: value for name, value in weights.items() if name not in through_masks}
         for name, (tensor, axis) in self.masks.items():
             removed = plan.removed(tensor, axis) if plan is not None else []
-            if len(removed):
-                feeds[name] = self._masked(name, tensor, axis, removed)
+            if len(removed) or tensor in through_masks:
+                feeds[name] = self._masked(name, tensor, axis, removed, weights.get(tensor))
         return [self.session.run(None, {**batch, **feeds}) for batch in self.batches]
 
-    def _masked(self, name, tensor, axis, removed) -> np.ndarray:
-        integer = at_zero_point(self.analysis.graph, tensor, axis, removed)
+    def _masked(self, name, tensor, axis, removed, value=None) -> np.ndarray:
+        integer = at_zero_point(self.analysis.graph, tensor, axis, removed, value)
         if integer is not None:
             return integer
         mask = numpy_helper.to_array(self.defaults[name]).copy()

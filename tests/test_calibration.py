@@ -934,6 +934,21 @@ def test_a_model_with_a_state_input_prunes_with_obspa(tmp_path, capsys):
     assert "removed 4 channels" in capsys.readouterr().out
 
 
+def test_verification_takes_a_state_inputs_batch_where_its_name_is(tmp_path, capsys):
+    """voicefilter-lite's LSTM states are [3, batch, 512] beside stacked_logmel [batch, frames, 512]:
+    the sizes verification takes from the calibration set each input's batch to 1 on the axis its
+    name holds, not on the first (which gave 3x16x512 states beside a batch of 1, and a refusal)."""
+    b = Builder()
+    x, state = b.input(["batch", "frames", 8], "input"), b.input([2, "batch", 4], "state")
+    y = b.op("MatMul", [b.op("Relu", [b.op("MatMul", [x, b.weight(8, 16)])]), b.weight(16, 4)])
+    summed = b.op("Unsqueeze", [b.op("ReduceSum", [state, b.const(np.array([0]))], keepdims=0), b.const(np.array([1]))])
+    b.output(b.op("Add", [y, summed]))
+    onnx.save(b.model(), tmp_path / "m.onnx")
+    assert main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.25"]) == 0
+    captured = capsys.readouterr()
+    assert "(at the input sizes calibration takes, input 1x16x8;" in captured.err and "removed" in captured.out
+
+
 @pytest.mark.parametrize("criterion", ["obspa", "l1"])
 def test_macs_are_counted_at_the_sizes_given(criterion):
     from spa.pipeline import prune

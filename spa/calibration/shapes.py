@@ -85,14 +85,21 @@ def shared_shapes(model, batches: list) -> dict | None:
     fed them at the same sizes (batch axis 1): the sizes the model ran at, which verification and
     the summary take where the user gave none (the 32 they default to may not run). None where no
     input has such a size or the batches differ (token batches of varied length)."""
+    declared = declared_inputs(model)
+    batch_names = {dims[0] for _, dims, _ in declared if dims and isinstance(dims[0], str)}
+
+    def is_batch(k, d):  # the batch leads an input, or sits where its name does (a state [layers, batch, n])
+        return (k == 0 and not isinstance(d, int)) or (isinstance(d, str) and d in batch_names)
+
     shapes = {}
-    for name, dims, _ in declared_inputs(model):
-        if all(isinstance(d, int) for d in dims[1:]):
+    for name, dims, _ in declared:
+        if all(isinstance(d, int) or is_batch(k, d) for k, d in enumerate(dims)):
             continue
-        sizes = {np.shape(b[name])[1:] for b in batches if name in b}
+        sizes = {tuple(1 if is_batch(k, d) else n for k, (d, n) in enumerate(zip(dims, np.shape(b[name]))))
+                 for b in batches if name in b}
         if len(sizes) != 1:
             return None
-        shapes[name] = (1, *sizes.pop())
+        shapes[name] = sizes.pop()
     return shapes or None
 
 

@@ -195,7 +195,6 @@ def _block_inverse(block: np.ndarray) -> np.ndarray:
         return np.linalg.pinv(block, hermitian=True)
 
 
-@one_blas_thread
 def upper_inverse_factor(H: np.ndarray, damp: float) -> np.ndarray:
     """U with H_damped^-1 = U^T U (upper Cholesky factor of the inverse)."""
     Hinv = inverse(H, damp)
@@ -223,6 +222,7 @@ def on_grid(W: np.ndarray, H: np.ndarray, scale: np.ndarray, zero: np.ndarray, l
     return W
 
 
+@one_blas_thread
 def inverse_blocks(H: np.ndarray, damp: float = DEFAULT_DAMP):
     """A function Q (m, size) -> the diagonal blocks Hinv[Q, Q] (m, size, size) of the damped H's
     inverse, without forming the inverse: with Hd = U^T U (Cholesky), Hinv = V V^T for V = U^-1,

@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper, shape_inference
 from .errors import SpaError, SpaWarning, first_line
 from .graph import outer_scope_inputs, sort_topologically
 from .plan import Plan
-from .quant import at_zero_point
+from .quant import at_zero_point, is_integer_weight
 from .rewrite import filled
 from .runtime import _NP_TYPES, DEFAULT_DIM, feed_shapes, is_float, random_inputs, session
 
@@ -285,7 +285,8 @@ class MaskedRuns:
         weight goes in through its masked copy (its removed slices at the zero point)."""
         weights = weights or {}
         masked = {tensor for tensor, _ in self.masks.values()}
-        through_masks = {name for name in weights if name not in self.defaults and name in masked}
+        through_masks = {name for name in weights if name not in self.defaults and name in masked
+                         and is_integer_weight(self.analysis.graph, name)}
         if not set(weights) - through_masks <= set(self.defaults):
             return None
         feeds = {name: value for name, value in weights.items() if name not in through_masks}

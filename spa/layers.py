@@ -190,9 +190,7 @@ def _layer(g, index, node, slot, axis, weight):
     if node.op_type == "Conv":
         groups = attr(node, "group", 1)
         kernel = tuple(shape[2:])
-        conv = {"strides": attr(node, "strides"), "pads": attr(node, "pads"),
-                "dilations": attr(node, "dilations"), "auto_pad": attr(node, "auto_pad", "NOTSET")}
-        layer = Layer(index, weight, 1, node.input[0], "conv", groups, kernel, conv)
+        layer = Layer(index, weight, 1, node.input[0], "conv", groups, kernel, _conv_geometry(node))
         return _with_bias(g, layer, node.input[2] if len(node.input) > 2 else "", shape[0])
     if len(shape) != 2:
         return None
@@ -221,10 +219,14 @@ def _integer_layer(g, index, node, slot, weight, shape):
         return None
     activation = g.nodes[source].input[0]
     if node.op_type == "ConvInteger":
-        conv = {"strides": attr(node, "strides"), "pads": attr(node, "pads"),
-                "dilations": attr(node, "dilations"), "auto_pad": attr(node, "auto_pad", "NOTSET")}
-        return Layer(index, weight, 1, activation, "conv", attr(node, "group", 1), tuple(shape[2:]), conv)
+        return Layer(index, weight, 1, activation, "conv", attr(node, "group", 1), tuple(shape[2:]),
+                     _conv_geometry(node))
     return Layer(index, weight, 0, activation, "dense_t") if slot == 1 and len(shape) == 2 else None
+
+
+def _conv_geometry(node) -> dict:
+    return {"strides": attr(node, "strides"), "pads": attr(node, "pads"), "dilations": attr(node, "dilations"),
+            "auto_pad": attr(node, "auto_pad", "NOTSET")}
 
 
 def _added_bias(g, node) -> str:

@@ -29,7 +29,7 @@ from .rewrite import rewrite
 from .selection import Target, select
 from .paths import staging_folder
 from .runtime import batch_size, declared_inputs, feed_shapes, is_float, sample_count, session
-from .verify import session_fits, validate
+from .verify import runs, session_fits, validate
 
 
 ALLOCATIONS = ("measured", "global", "uniform")
@@ -612,11 +612,7 @@ def _runs_at(model: onnx.ModelProto, shapes: dict | None) -> dict | None:
 
     if not shapes or weight_bytes(model) > PROBE_LIMIT:
         return None
-    try:
-        session(model, quiet=True).run(None, random_inputs(model, shapes=shapes))
-    except Exception:  # noqa: BLE001 - any failure means: not these sizes
-        return None
-    return shapes
+    return shapes if runs(model, random_inputs(model, shapes=shapes)) else None
 
 
 def _calibration(source, samples: int | None, seed: int) -> Calibration:

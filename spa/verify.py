@@ -41,7 +41,7 @@ def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelPr
             warnings.warn("verified on a float32 copy: onnxruntime's CPU provider has no kernel for some of the "
                           "model's float16/bfloat16/float64 ops (the written model keeps its types)", SpaWarning)
     except Exception as exc:
-        if stage == "onnxruntime" and original is not None and not _runs(original, feeds):
+        if stage == "onnxruntime" and original is not None and not runs(original, feeds):
             defaulted = "" if shapes else f"; symbolic sizes not given are {DEFAULT_DIM}"
             raise SpaError(f"the original model does not run on the verification inputs either "
                            f"({feed_shapes(feeds)}{defaulted}): give the sizes it "
@@ -74,9 +74,10 @@ def checker_error(path: str) -> str | None:
     return None
 
 
-def _runs(path: str, feeds: dict) -> bool:
+def runs(source, feeds: dict) -> bool:
+    """Whether onnxruntime runs `source` (a path or a ModelProto) on `feeds`."""
     try:
-        session(path, quiet=True).run(None, feeds)
+        session(source, quiet=True).run(None, feeds)
         return True
     except Exception:
         return False

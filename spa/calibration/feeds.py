@@ -15,8 +15,8 @@ from ..runtime import declared_inputs
 from . import text_lines
 from .files import IMAGENET_MEAN, IMAGENET_STD, _fitted, _per_channel
 from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MIN_TOKENS, TOKENS,
-                     _checked_shapes, _declared, _hint, _image_layout, _Input, _spatial_axes, metadata_image_size,
-                     position_limit, vocabulary_size)
+                     _checked_shapes, _declared, _hint, _image_layout, _Input, _spatial_axes, batch_names,
+                     metadata_image_size, position_limit, vocabulary_size)
 from .synthetic import _integer_input, natural_noise
 from .text import synthetic_vocabulary
 
@@ -41,7 +41,7 @@ class _Plan:
             if not inp.is_float and inp.dtype != np.bool_:
                 inp.vocab = vocabulary_size(model, inp.name)
         self.by_name = {i.name: i for i in self.inputs}
-        self.batch_names = {i.dims[0] for i in self.inputs if i.dims and isinstance(i.dims[0], str)}
+        self.batch_names = batch_names(i.dims for i in self.inputs)
         self.batch_axis = {i.name: _batch_axis(i, self.batch_names) for i in self.inputs}
         self.static_batch = self._static_batch()
         self.chunk = self.static_batch or options.batch_size

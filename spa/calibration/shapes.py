@@ -80,16 +80,21 @@ def user_shapes(model, shapes) -> dict:
     return _checked_shapes([_Input(n, d, t) for n, d, t in declared_inputs(model)], shapes)
 
 
+def batch_names(declared_dims) -> set:
+    """The symbolic names that lead some input's declared dims: the batch, wherever else it stands."""
+    return {dims[0] for dims in declared_dims if dims and isinstance(dims[0], str)}
+
+
 def shared_shapes(model, batches: list) -> dict | None:
     """{input: shape} of the inputs with a symbolic size after the batch axis, where every batch
     fed them at the same sizes (batch axis 1): the sizes the model ran at, which verification and
     the summary take where the user gave none (the 32 they default to may not run). None where no
     input has such a size or the batches differ (token batches of varied length)."""
     declared = declared_inputs(model)
-    batch_names = {dims[0] for _, dims, _ in declared if dims and isinstance(dims[0], str)}
+    names = batch_names(dims for _, dims, _ in declared)
 
     def is_batch(k, d):  # the batch leads an input, or sits where its name does (a state [layers, batch, n])
-        return (k == 0 and not isinstance(d, int)) or (isinstance(d, str) and d in batch_names)
+        return (k == 0 and not isinstance(d, int)) or (isinstance(d, str) and d in names)
 
     shapes = {}
     for name, dims, _ in declared:

@@ -7,12 +7,12 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .graph import Consts, Graph, infer_shapes
+from .graph import Consts, Graph, attr, infer_shapes
 from .quant import QOPERATOR_WEIGHTS
 from .runtime import is_float
 
 CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}  # op -> weight slot
-MATRIX_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm")  # A is input 0 of each
+MATRIX_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm", "MatMulNBits")  # A is input 0 of each
 MAC_OPS = (*CONV_WEIGHT, "ConvTranspose", *MATRIX_OPS, "LSTM", "GRU", "RNN")
 
 
@@ -129,18 +129,21 @@ INTEGER_WEIGHTS = {"DequantizeLinear": (0,), "ConvInteger": (1,), "MatMulInteger
 
 def count_params(model_or_graph, plan=None) -> int:
     """Number of elements in float weights and in the integer weights of quantized layers
-    (INTEGER_WEIGHTS: 8- or 4-bit, one element each), initializers and Constant nodes."""
+    (INTEGER_WEIGHTS: 8- or 4-bit, one element each; a MatMulNBits' packed bytes hold 8 / bits),
+    initializers and Constant nodes."""
     graph = isinstance(model_or_graph, Graph)
     consts = model_or_graph.consts if graph else Consts(model_or_graph)
     nodes = model_or_graph.nodes if graph else model_or_graph.graph.node
-    integer = {node.input[k] for node in nodes for k in INTEGER_WEIGHTS.get(node.op_type, ()) if k < len(node.input)}
+    per_element = {node.input[k]: 1 for node in nodes for k in INTEGER_WEIGHTS.get(node.op_type, ())
+                   if k < len(node.input)}
+    per_element |= {node.input[1]: 8 // attr(node, "bits", 4) for node in nodes if node.op_type == "MatMulNBits"}
     total = 0
     for name in consts:
-        if not is_float(consts.dtype(name)) and name not in integer:
+        if not is_float(consts.dtype(name)) and name not in per_element:
             continue
         shape = list(consts.shape(name))
         if plan is not None:
             for axis in range(len(shape)):
                 shape[axis] -= len(plan.removed(name, axis))
-        total += int(np.prod(shape, dtype=np.int64))
+        total += int(np.prod(shape, dtype=np.int64)) * per_element.get(name, 1)
     return total

@@ -74,7 +74,7 @@ class Group:
     atoms: np.ndarray  # sorted channel ids
     frozen: dict  # channel id -> reason
     has_params: bool
-    units: set = field(default_factory=set)  # tags from the links: head, head-dim, approximate
+    units: set = field(default_factory=set)  # tags from the links: head, head-dim, approximate, block
 
     @property
     def kind(self) -> str:
@@ -86,6 +86,14 @@ class Group:
         if "head-dim" in self.units:
             return "head-dim"
         return "channels"
+
+    def channels(self, atoms=None) -> int:
+        """Channels among `atoms` (default all of this group's): one an atom, or where channels go in
+        blocks (unit "block": MatMulNBits' input blocks), those of the widest member the atoms cover."""
+        atoms = self.atoms if atoms is None else np.asarray(atoms)
+        if "block" not in self.units or self.kind != "channels":
+            return len(atoms)
+        return max(int(np.isin(m.atoms, atoms).sum()) for m in self.members)
 
     @property
     def prunable_atoms(self):

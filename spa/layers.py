@@ -15,7 +15,7 @@ import numpy as np
 from . import obs
 from .graph import attr
 from .groups import Analysis
-from .quant import quantized_source
+from .quant import is_integer_weight, quantized_source
 
 
 @dataclass
@@ -35,6 +35,14 @@ class Layer:
     bias_scale: float = 1.0  # Gemm beta
     rows_from_left: bool = False  # MatMul weight on the left: activation [..., K, N]
     compensable: bool = True
+    # the (tensor, axis) whose indices are the weight's input channels, where the weight's own axis
+    # holds them otherwise (a MatMulNBits' activation: its weight packs them in blocks)
+    channels: tuple | None = None
+
+    @property
+    def in_pair(self) -> tuple:
+        """The (tensor, axis) of this layer's input channels in the analysis and the plan."""
+        return self.channels or (self.weight, self.in_axis)
 
     @property
     def per_index(self) -> int:
@@ -144,6 +152,9 @@ def find_layers(analysis: Analysis) -> list:
     layers = []
     for node_index, slot, axis in analysis.contracted:
         node = g.nodes[node_index]
+        if node.op_type == "MatMulNBits" and slot == 0:
+            layers.extend(filter(None, [_packed_layer(g, node_index, node, axis)]))
+            continue
         weight = node.input[slot]
         quantized = quantized_source(g, weight)  # QDQ: an integer weight behind a DequantizeLinear
         if (weight not in g.consts and quantized is None) or (weight, axis) not in analysis.members:
@@ -222,6 +233,18 @@ def _integer_layer(g, index, node, slot, weight, shape):
         return Layer(index, weight, 1, activation, "conv", attr(node, "group", 1), tuple(shape[2:]),
                      _conv_geometry(node))
     return Layer(index, weight, 0, activation, "dense_t") if slot == 1 and len(shape) == 2 else None
+
+
+def _packed_layer(g, index, node, axis):
+    """A MatMulNBits read as the dense layer its blocks hold (quant.as_float: [N, K]), its input
+    channels those of its activation; compensated in float and put back on its block grid."""
+    weight = node.input[1]
+    if not is_integer_weight(g, weight) or (len(node.input) > 4 and node.input[4]):
+        return None
+    bias = node.input[5] if len(node.input) > 5 else ""
+    layer = Layer(index, weight, 1, node.input[0], "dense", channels=(node.input[0], axis))
+    layer.compensable = len(g.consumers.get(weight, [])) == 1
+    return _with_bias(g, layer, bias, attr(node, "N"))
 
 
 def _conv_geometry(node) -> dict:

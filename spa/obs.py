@@ -207,15 +207,20 @@ def upper_inverse_factor(H: np.ndarray, damp: float) -> np.ndarray:
 def on_grid(W: np.ndarray, H: np.ndarray, scale: np.ndarray, zero: np.ndarray, low: int, high: int,
             damp: float = DEFAULT_DAMP) -> np.ndarray:
     """W (rows x columns, float) rounded onto an integer grid, (clip(round(W / scale) + zero) - zero)
-    * scale with scale and zero one per row (or one for all), column by column, each column's
-    rounding error spread over the columns after it through H's inverse (GPTQ, Frantar et al.
-    2022): what an OBS update of an integer weight is written back as. H: the columns' Hessian."""
+    * scale with scale and zero one per row (or one for all, or one per weight: W's shape), column
+    by column, each column's rounding error spread over the columns after it through H's inverse
+    (GPTQ, Frantar et al. 2022): what an OBS update of an integer weight is written back as. H: the
+    columns' Hessian."""
     W = np.array(W, dtype=np.float64)
-    scale = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (len(W),))
-    zero = np.broadcast_to(np.asarray(zero, np.float64).reshape(-1), (len(W),))
+
+    def per_weight(p):
+        p = np.asarray(p, np.float64)
+        return np.broadcast_to(p if p.shape == W.shape else p.reshape(-1, 1), W.shape)
+
+    scale, zero = per_weight(scale), per_weight(zero)
     U = upper_inverse_factor(H, damp)
     for j in range(W.shape[1]):
-        rounded = (np.clip(np.rint(W[:, j] / scale) + zero, low, high) - zero) * scale
+        rounded = (np.clip(np.rint(W[:, j] / scale[:, j]) + zero[:, j], low, high) - zero[:, j]) * scale[:, j]
         error = (W[:, j] - rounded) / U[j, j]
         W[:, j + 1:] -= np.outer(error, U[j, j + 1:])
         W[:, j] = rounded

@@ -55,7 +55,7 @@ from .importance import NORMALIZATIONS, normalize, score
 from .plan import Plan
 from .rewrite import fill_to_constant
 from .layers import Layer, find_layers
-from .quant import as_float, is_integer_weight, layer_value, qoperator_params, requantized
+from .quant import as_float, is_integer_weight, layer_value, requantized, weight_grid
 from .selection import Target
 from .verify import masked_original
 
@@ -247,7 +247,7 @@ def collect(model: onnx.ModelProto, layers, parts, desc: str):
 # scores
 # ---------------------------------------------------------------------------------------------
 def _index_atoms(analysis, layer):
-    return analysis.members[(layer.weight, layer.in_axis)].atoms
+    return analysis.members[layer.in_pair].atoms
 
 
 @obs.one_blas_thread  # the whole layer: switching BLAS threads per factorisation cost 1.7x (docs/obspa.md)
@@ -343,7 +343,7 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, 
     uncompensated layer won; `refit_on_all` fits at it again). Returns "compensated", "kept" (the
     uncompensated layer won) or "failed"."""
     g = analysis.graph
-    removed = plan.removed(layer.weight, layer.in_axis)
+    removed = plan.removed(*layer.in_pair)
     w = as_float(g, layer.weight, weights.get(layer.weight, g.consts[layer.weight]))
     b = weights.get(layer.bias, g.consts[layer.bias]) if layer.bias else None
     if hessian is None or hessian[0] != "full":
@@ -391,19 +391,23 @@ def _on_weight_grid(g, layer, mats: np.ndarray, hessians: np.ndarray, removed_co
     """An integer layer's compensated matrices rounded onto its weight's grid, GPTQ-style over the
     kept columns (obs.on_grid): plain rounding loses every update under half a step (per-tensor
     int8 steps are coarse). Rows are output channels, which a per-channel scale runs along."""
-    scale, zero, _ = qoperator_params(g, layer.weight)
-    limits = np.iinfo(np.asarray(g.consts[layer.weight]).dtype)
-    zero = np.zeros(1) if zero is None else np.asarray(zero, np.float64).reshape(-1)
-    scale = np.asarray(scale, np.float64).reshape(-1)
+    scale, zero, low, high = weight_grid(g, layer.weight)
     mats = np.array(mats, dtype=np.float64)
     kept = np.setdiff1d(np.arange(mats.shape[2]), removed_columns)
     rows = mats.shape[1]
     for k in range(layer.blocks):
         block = slice(k * rows, (k + 1) * rows)
         H = hessians[k][np.ix_(kept, kept)]
-        mats[k][:, kept] = obs.on_grid(mats[k][:, kept], H, scale[block] if scale.size > 1 else scale,
-                                       zero[block] if zero.size > 1 else zero, limits.min, limits.max, damp)
+        mats[k][:, kept] = obs.on_grid(mats[k][:, kept], H, _grid_part(scale, block, kept),
+                                       _grid_part(zero, block, kept), low, high, damp)
     return mats
+
+
+def _grid_part(param: np.ndarray, rows: slice, kept: np.ndarray) -> np.ndarray:
+    """The rows (and, where it has one per weight, the kept columns) of a grid's scale or zero point."""
+    if param.ndim == 2:
+        return param[rows][:, kept]
+    return param[rows] if param.size > 1 else param
 
 
 def refit_on_all(analysis, plan, layer, fit: Hessians, held: Hessians, chosen: dict, before: dict,
@@ -439,7 +443,7 @@ def compensate(analysis, plan, layers, batches, damp, progress, max_columns=MAX_
     "scale": one factor per kept input channel.
     first / first_held: the original model's Hessians, which stage 0 (nothing upstream changed)
     reuses."""
-    todo = [l for l in layers if l.compensable and len(plan.removed(l.weight, l.in_axis))]
+    todo = [l for l in layers if l.compensable and len(plan.removed(*l.in_pair))]
     if not todo or not batches:
         return {}
     g = analysis.graph
@@ -524,7 +528,7 @@ def scores(analysis: Analysis, batches: list, damp: float = obs.DEFAULT_DAMP, no
                  "dequantized values, never compensated (an OBS update is not on their integer grid)")
     integer = sum(is_integer_weight(analysis.graph, layer.weight) for layer in layers)
     if integer:
-        progress(f"{integer} of {len(layers)} layers have integer weights (MatMulInteger, ConvInteger): scored on "
+        progress(f"{integer} of {len(layers)} layers have integer weights (MatMulInteger, ConvInteger, MatMulNBits): scored on "
                  "the dequantized values, compensated, and rounded back onto their integer grid (GPTQ-style)")
     hessians = Hessians(len(batches), MAX_COLUMNS, seed)
     held_hessians = Hessians(len(held), MAX_COLUMNS, seed, keep_rows=True) if held else None
@@ -587,7 +591,7 @@ def first_order_weights(analysis: Analysis, plan: Plan, measured: Measured, damp
     pooled = pooled and held_hessians is not None
     weights: dict = {}
     for layer in bar(measured.layers, "first-order compensation"):
-        removed = plan.removed(layer.weight, layer.in_axis)
+        removed = plan.removed(*layer.in_pair)
         if not layer.compensable or not len(removed):
             continue
         key = _first_order_key(layer, removed)
@@ -608,13 +612,13 @@ def first_order_weights(analysis: Analysis, plan: Plan, measured: Measured, damp
 
 
 def _first_order_key(layer, removed) -> tuple:
-    return layer.weight, layer.in_axis, np.asarray(removed).tobytes()
+    return *layer.in_pair, np.asarray(removed).tobytes()
 
 
 def retain_first_order(measured: Measured, plans: list) -> None:
     """Drop the cached first-order updates that none of `plans` uses: the allocation keeps only the
     plans that can still win (a 1.1B LLaMA's updates are ~1.4 GB a candidate)."""
-    wanted = {_first_order_key(layer, plan.removed(layer.weight, layer.in_axis))
+    wanted = {_first_order_key(layer, plan.removed(*layer.in_pair))
               for plan in plans for layer in measured.layers}
     for key in set(measured.first_order) - wanted:
         del measured.first_order[key]

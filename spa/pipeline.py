@@ -136,7 +136,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     weights = _compensate(analysis, plan, compensation, staged, cal, fit, held, measured, damp, seed, progress)
     if weights:
         plan.weights_changed = f"{'obspa' if criterion == 'obspa' else compensation} compensation"
-    progress(f"rewriting: removing {len(plan.removed_atoms)} channels")
+    progress(f"rewriting: removing {plan.removed_channels()} channels")
     result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores, latency=latency_check,
                     warnings=warnings, input_shapes=ran_at)
     if recover:

@@ -63,11 +63,17 @@ class Plan:
         return int(self.size(tensor, axis) - len(self.removed(tensor, axis)))
 
     def removed_by_group(self):
-        counts = {}
+        return {gid: len(atoms) for gid, atoms in self.removed_atoms_by_group().items()}
+
+    def removed_atoms_by_group(self) -> dict:
+        atoms = {}
         for atom in self.removed_atoms:
-            gid = self.analysis.atom_group[int(atom)]
-            counts[gid] = counts.get(gid, 0) + 1
-        return counts
+            atoms.setdefault(self.analysis.atom_group[int(atom)], []).append(int(atom))
+        return atoms
+
+    def removed_channels(self) -> int:
+        """Channels the plan removes (an atom of a group whose channels go in blocks stands for several)."""
+        return sum(self.analysis.groups[gid].channels(atoms) for gid, atoms in self.removed_atoms_by_group().items())
 
     def weight_entries(self):
         entries = []
@@ -84,10 +90,11 @@ class Plan:
         return entries
 
     def to_json(self, model_name: str = "") -> dict:
-        by_group = self.removed_by_group()
-        groups = [{"id": g.id, "kind": g.kind, "size": len(g.atoms), "removed": by_group.get(g.id, 0),
+        by_group = self.removed_atoms_by_group()
+        groups = [{"id": g.id, "kind": g.kind, "size": len(g.atoms), "removed": len(by_group[g.id]),
                    "members": [[m.tensor, m.axis] for m in g.members]}
-                  for g in self.analysis.groups if by_group.get(g.id)]
+                  | ({"channels_removed": g.channels(by_group[g.id])} if "block" in g.units else {})
+                  for g in self.analysis.groups if g.id in by_group]
         return {"spa_plan": 1, "model": model_name, "granularity": list(self.analysis.options.granularity),
                 "groups": groups, "weights": self.weight_entries(), "weights_changed": self.weights_changed}
 

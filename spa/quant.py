@@ -20,7 +20,7 @@ QOPERATOR_PARAMS = {
     "QLinearConv": (1, 2, 4, 5, 6, 7), "QLinearMatMul": (1, 2, 4, 5, 6, 7), "QGemm": (1, 2, 4, 5, 7, 8),
     "QLinearAdd": (1, 2, 4, 5, 6, 7), "QLinearMul": (1, 2, 4, 5, 6, 7),
     "QLinearSigmoid": (1, 2, 3, 4), "QLinearLeakyRelu": (1, 2, 3, 4),
-    "QLinearGlobalAveragePool": (1, 2, 3, 4), "QLinearAveragePool": (1, 2, 3, 4),
+    "QLinearGlobalAveragePool": (1, 2, 3, 4), "QLinearAveragePool": (1, 2, 3, 4), "MatMulNBits": (2, 3),
 }
 # integer weights of QOperator layers: weight slot -> (scale slot, zero point slot); MatMulInteger and
 # ConvInteger (dynamic quantization) have no scale input: the float ops after them apply it
@@ -143,9 +143,12 @@ def _only_reader(g: Graph, tensor: str, op_type: str):
 
 def weight_value(g: Graph, tensor: str) -> np.ndarray:
     """The value constant `tensor` stands for, for scoring: dequantized (float64) when a
-    DequantizeLinear or a QOperator layer reads it; float32 / float64 as stored; any other type
-    (float16, bfloat16, integers) in float64, so that squares and absolute values neither overflow
-    nor wrap."""
+    DequantizeLinear, a QOperator layer or a MatMulNBits reads it; float32 / float64 as stored; any
+    other type (float16, bfloat16, integers) in float64, so that squares and absolute values neither
+    overflow nor wrap."""
+    packed = nbits_reader(g, tensor)
+    if packed is not None and nbits_blocks(g, packed) is not None:
+        return nbits_weight(g, packed)
     node = dequantizer(g, tensor)
     if node is not None:
         zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -169,20 +172,51 @@ def quantized_source(g: Graph, tensor: str) -> str | None:
     return node.input[0] if dequantizer(g, node.input[0]) is node else None
 
 
+def _packed_reader(g: Graph, tensor: str):
+    """The MatMulNBits that reads constant `tensor` as its weight, with constant block parameters."""
+    node = nbits_reader(g, tensor)
+    return node if node is not None and nbits_blocks(g, node) is not None else None
+
+
 def is_integer_weight(g: Graph, tensor: str) -> bool:
-    """An integer constant that a QOperator or dynamically quantized layer reads as its weight."""
+    """An integer constant that a QOperator, dynamically quantized or MatMulNBits layer reads as its
+    weight."""
     return tensor in g.consts and np.asarray(g.consts[tensor]).dtype.kind in "iu" \
-        and qoperator_params(g, tensor) is not None
+        and (qoperator_params(g, tensor) is not None or _packed_reader(g, tensor) is not None)
 
 
 def as_float(g: Graph, tensor: str, stored: np.ndarray) -> np.ndarray:
-    """What `stored`, a value of constant `tensor`, stands for: dequantized for an integer weight."""
-    return dequantize(stored, *qoperator_params(g, tensor)) if is_integer_weight(g, tensor) else stored
+    """What `stored`, a value of constant `tensor`, stands for: dequantized for an integer weight (a
+    MatMulNBits weight as the [N, K] matrix its packed blocks hold)."""
+    if not is_integer_weight(g, tensor):
+        return stored
+    packed = _packed_reader(g, tensor)
+    if packed is not None:
+        value = nbits_weight(g, packed, stored)
+        return value.reshape(len(value), -1)[:, :attr(packed, "K")]
+    return dequantize(stored, *qoperator_params(g, tensor))
+
+
+def weight_grid(g: Graph, tensor: str) -> tuple:
+    """(scale, zero point, lowest, highest integer) of integer weight `tensor` as its layer's OBS
+    matrices hold it, rows the output channels: scale and zero point one per row (or one for all),
+    or for a MatMulNBits one per weight ([N, K], a scale per block)."""
+    packed = _packed_reader(g, tensor)
+    if packed is not None:
+        return (*_nbits_grid(g, packed), 0, (1 << attr(packed, "bits", 4)) - 1)
+    scale, zero, _ = qoperator_params(g, tensor)
+    limits = np.iinfo(np.asarray(g.consts[tensor]).dtype)
+    zero = np.zeros(1) if zero is None else np.asarray(zero, np.float64).reshape(-1)
+    return np.asarray(scale, np.float64).reshape(-1), zero, limits.min, limits.max
 
 
 def requantized(g: Graph, tensor: str, value: np.ndarray) -> np.ndarray:
     """Float `value` on integer weight `tensor`'s grid: round(value / scale) + zero point, clipped to
-    its integer type (an OBS update of a dynamically quantized layer, written back as integers)."""
+    its integer type (an OBS update of a dynamically quantized layer, written back as integers; of a
+    MatMulNBits, packed as its weight)."""
+    packed = _packed_reader(g, tensor)
+    if packed is not None:
+        return _nbits_requantized(g, packed, value)
     scale, zero, axis = qoperator_params(g, tensor)
     dtype = np.asarray(g.consts[tensor]).dtype
     value = np.asarray(value, np.float64)
@@ -204,6 +238,8 @@ def layer_value(g: Graph, tensor: str) -> np.ndarray:
     """A layer's weight: a float constant, or the dequantized value of an integer one (a
     DequantizeLinear's or a QOperator / dynamically quantized layer's)."""
     if tensor in g.consts:
+        if _packed_reader(g, tensor) is not None:
+            return as_float(g, tensor, g.consts[tensor])
         return weight_value(g, tensor) if qoperator_params(g, tensor) is not None else g.consts[tensor]
     return weight_value(g, quantized_source(g, tensor))
 
@@ -224,3 +260,87 @@ def at_zero_point(g: Graph, tensor: str, axis: int, removed, value=None) -> np.n
     zeros = np.broadcast_to(np.zeros((), q.dtype) if zero is None else np.asarray(zero, q.dtype), q.shape)
     np.moveaxis(q, axis, 0)[removed] = np.moveaxis(zeros, axis, 0)[removed]
     return q
+
+
+# ----------------------------------------------------------------------------------------------
+# com.microsoft MatMulNBits (onnxruntime-genai's and MatMulNBitsQuantizer's 2-, 4- and 8-bit
+# weights): A [..., K] x B, B packed as uint8 [N, blocks, block_size * bits / 8], codes low bits
+# first along K, one scale (and zero point) per block: w = (code - zero_point) * scale
+
+
+def nbits_reader(g: Graph, tensor: str):
+    """The MatMulNBits node that reads constant `tensor` as its packed weight B (its only reader)."""
+    uses = g.consumers.get(tensor, [])
+    if tensor not in g.consts or len(uses) != 1 or uses[0][1] != 1:
+        return None
+    node = g.nodes[uses[0][0]]
+    return node if node.op_type == "MatMulNBits" and node.domain == "com.microsoft" else None
+
+
+def unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned `bits`-bit codes packed low bits first into the uint8 last axis, unpacked along it."""
+    packed = np.asarray(packed, np.uint8)
+    if bits == 8:
+        return packed
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)
+    codes = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], -1)
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """`unpack_bits`' inverse; the last axis is padded with zero codes to whole bytes."""
+    codes = np.asarray(codes, np.uint8)
+    if bits == 8:
+        return codes
+    per_byte = 8 // bits
+    codes = np.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, -codes.shape[-1] % per_byte)])
+    codes = codes.reshape(*codes.shape[:-1], -1, per_byte) << np.arange(0, 8, bits, dtype=np.uint8)
+    return np.bitwise_or.reduce(codes, axis=-1).astype(np.uint8)
+
+
+def nbits_blocks(g: Graph, node) -> tuple:
+    """(scales, zero points) of MatMulNBits `node`, each [N, blocks] (zero points as codes or, where
+    they are stored as floats, floats; the default 2^(bits-1) where absent); None where either is
+    computed or has a size that fits neither layout."""
+    n, bits = attr(node, "N"), attr(node, "bits", 4)
+    blocks = g.consts.shape(node.input[1])[1]
+    names = list(node.input[2:4]) + [""]
+    scale, zero = names[0], names[1]
+    if scale not in g.consts or (zero and zero not in g.consts) or np.size(g.consts[scale]) != n * blocks:
+        return None
+    scales = np.asarray(g.consts[scale]).reshape(n, blocks)
+    if not zero:
+        return scales, np.full((n, blocks), 1 << (bits - 1), np.uint8)
+    stored = np.asarray(g.consts[zero])
+    if stored.dtype == np.uint8 and stored.size == n * -(-blocks * bits // 8):
+        return scales, unpack_bits(stored.reshape(n, -1), bits)[:, :blocks]
+    if stored.dtype == scales.dtype and stored.size == n * blocks:
+        return scales, stored.reshape(n, blocks)
+    return None
+
+
+def nbits_weight(g: Graph, node, packed: np.ndarray | None = None) -> np.ndarray:
+    """The float64 value of MatMulNBits `node`'s weight (or of `packed` codes in its place), laid out
+    as its B: [N, blocks, block_size], the last block zero past K."""
+    scales, zero = nbits_blocks(g, node)
+    codes = unpack_bits(g.consts[node.input[1]] if packed is None else packed, attr(node, "bits", 4))
+    value = (codes - np.asarray(zero, np.float64)[..., None]) * np.asarray(scales, np.float64)[..., None]
+    past_k = np.arange(value.shape[1] * value.shape[2]).reshape(value.shape[1:]) >= attr(node, "K")
+    value[:, past_k] = 0.0
+    return value
+
+
+def _nbits_grid(g: Graph, node) -> tuple:
+    """(scale, zero point) of every weight of MatMulNBits `node`, each [N, K]."""
+    scales, zero = nbits_blocks(g, node)
+    size, k = attr(node, "block_size"), attr(node, "K")
+    return tuple(np.repeat(np.asarray(p, np.float64), size, axis=1)[:, :k] for p in (scales, zero))
+
+
+def _nbits_requantized(g: Graph, node, value: np.ndarray) -> np.ndarray:
+    """A float [N, K] weight on MatMulNBits `node`'s grid (its scales and zero points), packed as its B."""
+    scale, zero = _nbits_grid(g, node)
+    bits, shape = attr(node, "bits", 4), g.consts.shape(node.input[1])
+    codes = np.clip(np.rint(np.asarray(value, np.float64) / scale) + zero, 0, (1 << bits) - 1).astype(np.uint8)
+    codes = np.pad(codes, [(0, 0), (0, shape[1] * shape[2] * 8 // bits - codes.shape[1])])
+    return pack_bits(codes.reshape(shape[0], shape[1], -1), bits)

@@ -12,6 +12,7 @@ import onnx
 from .cost import MAC_OPS, concrete_shapes, count_macs, count_params, macs_by_op
 from .graph import PROBE_LIMIT, Graph, _without_large_data, subgraph_weights, weight_bytes
 from .groups import Analysis
+from .quant import is_quant_param
 from .runtime import (DEFAULT_DIM, declared_inputs, fixed_batch, input_specs, is_float, random_inputs, session,
                       shapes_text)
 
@@ -168,7 +169,8 @@ def removed_by_kind(plan: dict) -> dict:
     """Channels and attention heads a plan's JSON removes, and in how many groups each."""
     heads = [g for g in plan["groups"] if g.get("kind") == "heads" and g["removed"]]
     channels = [g for g in plan["groups"] if g.get("kind") != "heads" and g["removed"]]
-    return {"channels_removed": sum(g["removed"] for g in channels), "channel_groups": len(channels),
+    return {"channels_removed": sum(g.get("channels_removed", g["removed"]) for g in channels),
+            "channel_groups": len(channels),
             "heads_removed": sum(g["removed"] for g in heads), "head_groups": len(heads)}
 
 
@@ -199,6 +201,8 @@ def _in_out(node, shape) -> tuple:
         return (int(shape[1]), int(shape[0])) if attrs.get("transB") else (int(shape[0]), int(shape[1]))
     if node.op_type in _GATES:
         return int(shape[2]), int(shape[1] // _GATES[node.op_type])
+    if node.op_type == "MatMulNBits":  # weight packed as [N, blocks, bytes]
+        return int(attrs["K"]), int(attrs["N"])
     return int(shape[-2]), int(shape[-1])
 
 
@@ -295,10 +299,11 @@ def describe(analysis: Analysis) -> dict:
     for g in analysis.groups:
         groups.append({
             "id": g.id,
-            "channels": int(len(g.atoms)),
-            "prunable_channels": int(len(g.prunable_atoms)) if g.has_params else 0,
+            "channels": g.channels(),
+            "prunable_channels": g.channels(g.prunable_atoms) if g.has_params else 0,
             "prunable": bool(g.prunable),
             "kind": g.kind,
+            "blocks": int(len(g.atoms)) if "block" in g.units and g.kind == "channels" and g.prunable else None,
             "selected": g.kind in analysis.options.granularity,
             "members": [{"tensor": m.tensor, "axis": m.axis, "size": m.size, "weight": m.is_const,
                          "linked_by": m.linked_by} for m in g.members],
@@ -329,7 +334,7 @@ def ungrouped_weights(analysis: Analysis) -> list:
     found = []
     for name in g.consts:
         shape = g.consts.shape(name)
-        if len(shape) < 2 or name in grouped or not is_float(g.consts.dtype(name)):
+        if len(shape) < 2 or name in grouped or not is_float(g.consts.dtype(name)) or is_quant_param(g, name):
             continue
         readers = [f"{g.nodes[i].op_type} '{g.node_name(i)}'" + _without_rule(g.nodes[i])
                    for i, _ in g.consumers.get(name, [])]
@@ -351,6 +356,8 @@ def format_analysis(summary: dict) -> str:
         weights = [m["tensor"] for m in g["members"] if m["weight"]]
         state = (f"prunable {g['prunable_channels']}/{g['channels']} {g['kind']}" if g["prunable"]
                  else f"frozen ({g['channels']} {g['kind']})")
+        if g.get("blocks"):
+            state += f" in {g['blocks']} blocks (a MatMulNBits' input channels go in whole blocks)"
         if g["prunable"] and not g["selected"]:
             state += f" (not pruned: granularity '{g['kind']}' not selected)"
         lines.append(f"group {g['id']}: {state}; {len(g['members'])} tensor axes; weights: "

@@ -85,3 +85,65 @@ def four_bit_mlp(inputs=64, width=128, outputs=32, seed=0) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "four_bit", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", inputs])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", outputs])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def nbits_matrix(w, bits=4, block=32, zero_points=True, flat=False):
+    """A float [K, N] weight as com.microsoft MatMulNBits stores it: (packed codes [N, blocks, bytes],
+    scales, packed zero points or None), one scale and zero point per block of `block` along K,
+    codes `bits` wide packed low bits first; `flat`: scales and zero points 1-D (the older layout)."""
+    from spa.quant import pack_bits
+
+    k, n = w.shape
+    blocks = -(-k // block)
+    padded = np.zeros((n, blocks * block))
+    padded[:, :k] = w.T
+    padded = padded.reshape(n, blocks, block)
+    top = (1 << bits) - 1
+    if zero_points:
+        low, high = np.minimum(padded.min(-1), 0), np.maximum(padded.max(-1), 0)
+        scale = np.maximum(high - low, 1e-8) / top
+        zero = np.clip(np.rint(-low / scale), 0, top)
+    else:
+        scale = np.maximum(np.abs(padded).max(-1), 1e-8) / (1 << (bits - 1))
+        zero = np.full(scale.shape, 1 << (bits - 1))
+    codes = np.clip(np.rint(padded / scale[..., None]) + zero[..., None], 0, top).astype(np.uint8)
+    scale, zero = scale.astype(np.float32), pack_bits(zero.astype(np.uint8), bits)
+    if flat:
+        scale, zero = scale.reshape(-1), zero.reshape(-1)
+    return pack_bits(codes, bits), scale, zero if zero_points else None
+
+
+def nbits_mlp(hidden=64, width=200, bits=4, block=32, zero_points=True, flat=False, bias=False,
+              act_order=False, seed=0) -> onnx.ModelProto:
+    """An LLM's gated MLP (SwiGLU) in com.microsoft MatMulNBits, as onnxruntime-genai writes it:
+    x -> gate, up (hidden -> width) -> SiLU(gate) * up -> down (width -> hidden); the `width`
+    channels prunable in blocks of `block` (the down projection's input blocks). `act_order`: the
+    down projection carries a g_idx (GPTQ act-order)."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def layer(x, name, k, n, out):
+        codes, scale, zero = nbits_matrix(rng.standard_normal((k, n)) * 0.1, bits, block, zero_points, flat)
+        inputs = [x, name + "_q", name + "_s"]
+        inits.extend([numpy_helper.from_array(codes, name + "_q"), numpy_helper.from_array(scale, name + "_s")])
+        if zero is not None:
+            inputs.append(name + "_zp")
+            inits.append(numpy_helper.from_array(zero, name + "_zp"))
+        if act_order and name == "down":
+            inputs += [""] * (4 - len(inputs)) + [name + "_g"]
+            inits.append(numpy_helper.from_array((np.arange(k) // block).astype(np.int32), name + "_g"))
+        if bias:
+            inputs += [""] * (5 - len(inputs)) + [name + "_b"]
+            inits.append(numpy_helper.from_array((rng.standard_normal(n) * 0.1).astype(np.float32), name + "_b"))
+        nodes.append(helper.make_node("MatMulNBits", inputs, [out], domain="com.microsoft", K=k, N=n, bits=bits,
+                                      block_size=block))
+
+    layer("x", "gate", hidden, width, "g")
+    layer("x", "up", hidden, width, "u")
+    nodes += [helper.make_node("Sigmoid", ["g"], ["s"]), helper.make_node("Mul", ["g", "s"], ["a"]),
+              helper.make_node("Mul", ["a", "u"], ["m"])]
+    layer("m", "down", width, hidden, "y")
+    graph = helper.make_graph(nodes, "nbits_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                ["N", "tokens", hidden])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "tokens", hidden])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])

@@ -245,22 +245,26 @@ def test_refits_along_the_damping_path_match_the_full_inverse():
         np.testing.assert_allclose(fit, obs.compensate(W, obs.inverse(H, damp), [1, 5]), atol=1e-9)
 
 
-def test_on_grid_rounds_plainly_under_an_identity_hessian_and_beats_plain_rounding_otherwise():
+@pytest.mark.parametrize("per_weight", [False, True])
+def test_on_grid_rounds_plainly_under_an_identity_hessian_and_beats_plain_rounding_otherwise(per_weight):
     """obs.on_grid (an OBS update written back onto an integer weight's grid, GPTQ-style): every
     value lands on the grid; with H = I no column's error can be absorbed by another, so it is plain
-    rounding; with correlated inputs the H-weighted error is below plain rounding's."""
+    rounding; with correlated inputs the H-weighted error is below plain rounding's. The grid has a
+    scale and zero point per row, or per weight (MatMulNBits: one per block of columns)."""
     rng = np.random.default_rng(4)
     W = rng.standard_normal((6, 12))
-    scale, zero = np.full(6, 0.25), np.arange(6) - 3.0
+    scale, zero = np.full((6, 1), 0.25), np.arange(6)[:, None] - 3.0
+    if per_weight:
+        scale, zero = np.repeat(rng.uniform(0.15, 0.35, (6, 3)), 4, axis=1), np.repeat(rng.integers(-3, 3, (6, 3)), 4, 1)
 
     def plain(W):
-        return (np.clip(np.rint(W / scale[:, None]) + zero[:, None], -128, 127) - zero[:, None]) * scale[:, None]
+        return (np.clip(np.rint(W / scale) + zero, -128, 127) - zero) * scale
 
     np.testing.assert_allclose(obs.on_grid(W, np.eye(12), scale, zero, -128, 127, damp=1e-12), plain(W))
     X = rng.standard_normal((500, 3)) @ rng.standard_normal((3, 12)) + 0.1 * rng.standard_normal((500, 12))
     H = X.T @ X / len(X)
     rounded = obs.on_grid(W, H, scale, zero, -128, 127)
-    steps = rounded / scale[:, None] + zero[:, None]
+    steps = rounded / scale + zero
     np.testing.assert_allclose(steps, np.rint(steps), atol=1e-9)
 
     def error(V):

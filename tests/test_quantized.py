@@ -404,7 +404,7 @@ def test_obspa_compensates_dynamically_quantized_layers_on_their_integer_grid(tm
         for compensation in ("obs", "none"):
             results[compensation] = prune(model, Target(ratio=0.5), criterion="obspa", compensation=compensation,
                                           progress=said.append)
-        assert any("integer weights (MatMulInteger, ConvInteger)" in m and "integer grid" in m for m in said), said
+        assert any("integer weights (MatMulInteger, ConvInteger" in m and "integer grid" in m for m in said), said
         compensated = results["obs"]
         assert compensated.weights and count_params(compensated.model) == count_params(results["none"].model)
         before = _inits(model)

@@ -182,7 +182,7 @@ from .layers import (  # noqa: E402
 )
 from .norms import BatchNormRule, GroupNormRule, LayerNormRule  # noqa: E402
 from .quantized import (  # noqa: E402
-    ConvIntegerRule, DynamicQuantize, MatMulIntegerRule, QGemmRule, QLinearBroadcast, QLinearConcat,
+    ConvIntegerRule, DynamicQuantize, MatMulIntegerRule, MatMulNBitsRule, QGemmRule, QLinearBroadcast, QLinearConcat,
     QLinearConvRule, QLinearMatMulRule, QLinearPool, QLinearUnary, QuantizeDequantize, channel_params,
     integer_weight, per_tensor,
 )

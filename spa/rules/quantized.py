@@ -3,8 +3,10 @@
 rules of their family."""
 from __future__ import annotations
 
-from ..quant import param_slots
-from . import Ctx, Frozen, Rule, identity, register
+import numpy as np
+
+from ..quant import nbits_blocks, pack_bits, param_slots
+from . import Ctx, Frozen, Link, Rule, identity, register
 from .axis import Spatial
 from .elementwise import Broadcast, Unary
 from .joins import Concat
@@ -116,6 +118,60 @@ class ConvIntegerRule(ConvRule):
 
     def out_params(self, c, c_out):
         return channel_params(c, (3,), c_out)
+
+
+@register
+class MatMulNBitsRule(Rule):
+    """com.microsoft MatMulNBits (A, B, scales, [zero_points], [g_idx], [bias]), the 2-, 4- and
+    8-bit weights of onnxruntime-genai's LLM exports and of MatMulNBitsQuantizer: y = A [..., K]
+    times the dequantized B, packed as [N, blocks, block_size * bits / 8] with one scale and zero
+    point per block. An output channel is row n of B, scales, zero points and bias. Input channels
+    go in whole blocks (units of block_size channels): a block's channels share its scale, so only
+    removing all of them keeps every other code and scale exact. The oracle zeroes their slices of A.
+    Scales and zero points (packed along the blocks) are rewritten with the plan; act-order weights
+    (g_idx) are frozen."""
+
+    domain = "com.microsoft"
+    ops = ("MatMulNBits",)
+
+    def sources(self, c):
+        return [(c.out(0), c.rank(c.out(0)) - 1)] if c.inp(1) in c.g.consts else []
+
+    def propagate(self, c, tensor, axis):
+        a, b, y, bias = c.inp(0), c.inp(1), c.out(0), c.inp(5)
+        if b not in c.g.consts or c.rank(b) != 3:
+            raise Frozen(f"MatMulNBits: weight '{b}' is computed or not [N, blocks, bytes]")
+        if c.inp(4):
+            raise Frozen("MatMulNBits: act-order weights (g_idx) mix blocks across the input channels")
+        if nbits_blocks(c.g, c.node) is None:
+            raise Frozen("MatMulNBits: scales or zero points computed or of an unknown size")
+        pair, last = (tensor, axis), c.rank(y) - 1
+        outputs = [(y, last), (b, 0)] + ([(bias, 0)] if bias else [])
+        if pair in outputs:
+            return [identity(pair, p, c.dim(tensor, axis)) for p in outputs if p != pair]
+        channels = np.arange(c.attr("K"))
+        block_of = channels // c.attr("block_size")
+        if pair == (a, last):
+            return [Link(pair, (b, 1), channels, block_of, contracted=(c.index, 0), unit="block")]
+        if pair == (b, 1):
+            return [Link(pair, (a, last), block_of, channels, contracted=(c.index, 0), unit="block")]
+        if tensor in (a, y) and axis < last:  # a batch axis
+            other = y if tensor == a else a
+            return [identity(pair, (other, axis), c.dim(tensor, axis))]
+        raise Frozen(f"MatMulNBits: channel on axis {axis} of '{tensor}'")
+
+    def rewrite(self, c, plan):
+        a, b, y = c.inp(0), c.inp(1), c.out(0)
+        rows, blocks = plan.kept(b, 0), plan.kept(b, 1)
+        plan.set_attr(c.node, "N", len(rows))
+        plan.set_attr(c.node, "K", plan.new_dim(a, c.rank(a) - 1))
+        scales, zero = nbits_blocks(c.g, c.node)
+        kept = np.ix_(rows, blocks)
+        plan.set_input(c.node, 2, scales[kept].reshape(-1) if c.rank(c.inp(2)) == 1 else scales[kept])
+        if c.inp(3):
+            stored = c.const(c.inp(3))
+            zero = pack_bits(zero[kept], c.attr("bits", 4)) if stored.dtype == np.uint8 else zero[kept]
+            plan.set_input(c.node, 3, zero.reshape(-1) if stored.ndim == 1 else zero)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""com.microsoft MatMulNBits (onnxruntime-genai's and MatMulNBitsQuantizer's 2-, 4- and 8-bit block
+weights): output channels are sliced row by row, input channels go in whole blocks, and the pruned
+model matches the oracle (the original with the removed input slices zeroed); OBSPA scores the
+dequantized blocks and compensates them on their own grid."""
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from builder import nbits_mlp
+from oracle import check_exact
+from spa import analyze
+from spa.cost import count_params
+from spa.graph import Graph
+from spa.pipeline import prune
+from spa.quant import nbits_weight
+from spa.report import describe, format_analysis
+from spa.runtime import random_inputs, run
+from spa.selection import Target
+
+DIMS = {"tokens": 5}
+LAYOUTS = {
+    "4-bit, packed zero points": dict(),
+    "8-bit": dict(bits=8),
+    "2-bit, blocks of 16": dict(bits=2, block=16),
+    "symmetric, 1-D scales, bias": dict(zero_points=False, flat=True, bias=True),
+}
+
+
+def _nodes(model):
+    return [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+
+
+def _inits(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matmul_nbits_weights_dequantize_as_onnxruntime_does(layout):
+    """quant.nbits_weight (what criteria score and OBSPA compensates) reproduces onnxruntime's own
+    MatMulNBits: the MLP computed from the dequantized weights matches a run of the model."""
+    model = nbits_mlp(**LAYOUTS[layout])
+    g = Graph(model)
+    feeds = random_inputs(model, batch=2, seed=1, dims=DIMS)
+    values = {}
+    for node in _nodes(model):
+        w = nbits_weight(g, node)
+        values[node.output[0]] = (w.reshape(len(w), -1)[:, :node.attribute[0].i],
+                                  g.consts[node.input[5]] if len(node.input) > 5 else 0.0)
+
+    def dense(x, out):
+        w, b = values[out]
+        return x @ w.T + b
+
+    x = feeds["x"].astype(np.float64)
+    gate, up = dense(x, "g"), dense(x, "u")
+    expected = dense(gate / (1 + np.exp(-gate)) * up, "y")
+    np.testing.assert_allclose(run(model, feeds)[0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matmul_nbits_prunes_in_whole_blocks_against_the_oracle(layout):
+    """The MLP's channels go in whole blocks of the down projection's input (a block shares its
+    scale: removing all of it keeps every other code and scale exact); gate and up lose the same
+    rows. The pruned model matches the oracle, its weights stay packed integers, K and N follow."""
+    model = nbits_mlp(**LAYOUTS[layout])
+    block = LAYOUTS[layout].get("block", 32)
+    result = check_exact(model, Target(ratio=0.4), atol=1e-5, rtol=1e-5, dims=DIMS)
+    before, after = _inits(model), _inits(result.model)
+    removed = 200 - next(a.i for n in _nodes(result.model) if n.output[0] == "g" for a in n.attribute if a.name == "N")
+    assert removed > 0 and (removed % block == 0 or removed % block == 200 % block)
+    for node in _nodes(result.model):
+        attrs = {a.name: a.i for a in node.attribute}
+        codes = after[node.input[1]]
+        assert codes.dtype == np.uint8 and codes.shape[0] == attrs["N"]
+        assert codes.shape[1] == -(-attrs["K"] // attrs["block_size"])
+        assert after[node.input[2]].size == codes.shape[0] * codes.shape[1]
+    assert after["down_q"].shape[1] < before["down_q"].shape[1]
+
+
+def test_analyze_counts_channels_blocks_and_packed_parameters():
+    """`spa analyze` says the group's channels go in blocks and leaves the scales and zero points out
+    of the weights it could not group; parameters count 8 / bits weights a byte; the summary counts
+    removed channels, not blocks."""
+    model = nbits_mlp()
+    analysis = analyze(model)
+    text = format_analysis(describe(analysis))
+    assert "prunable 200/200 channels in 7 blocks" in text, text
+    assert "_s " not in text and "_zp" not in text, text
+    # gate and up 64 x 200, down 200 x 64 padded to 7 blocks of 32, and the float scales
+    assert count_params(model) == 2 * 200 * 64 + 64 * 7 * 32 + (2 * 200 * 2 + 64 * 7)
+    result = prune(model, Target(ratio=0.4), criterion="l1")
+    kept = next(a.i for n in _nodes(result.model) if n.output[0] == "g" for a in n.attribute if a.name == "N")
+    assert result.plan.removed_channels() == 200 - kept
+
+
+def test_act_order_matmul_nbits_is_frozen_with_its_reason():
+    """A g_idx (GPTQ act-order: channels of one block scattered along K) freezes the channels that
+    reach it, and says why."""
+    text = format_analysis(describe(analyze(nbits_mlp(act_order=True))))
+    assert text.startswith("2 channel groups, 0 prunable"), text
+    assert "act-order weights (g_idx)" in text, text
+
+
+def test_obspa_compensates_matmul_nbits_on_its_block_grid():
+    """OBSPA reads a MatMulNBits as the dense layer its blocks hold, compensates it and rounds the
+    update back onto its own block grid: the weights stay packed codes of the same scales, and the
+    outputs move less from the original's than without compensation."""
+    model = nbits_mlp(width=256, seed=2)
+    said, results = [], {}
+    for compensation in ("obs", "none"):
+        results[compensation] = prune(model, Target(ratio=0.5), criterion="obspa", compensation=compensation,
+                                      progress=said.append)
+    assert any("MatMulNBits" in m and "integer grid" in m for m in said), said
+    compensated = results["obs"]
+    assert compensated.weights and count_params(compensated.model) == count_params(results["none"].model)
+    for name, value in compensated.weights.items():
+        assert value.dtype == np.uint8 and value.shape == _inits(model)[name].shape
+    feeds = random_inputs(model, batch=64, seed=11, dims=DIMS)
+    reference = run(model, feeds)[0]
+    errors = {k: float(np.mean((run(r.model, feeds)[0] - reference) ** 2)) for k, r in results.items()}
+    assert errors["obs"] < errors["none"], errors
+
+
+def test_a_llama_quantized_by_onnxruntime_prunes_heads_and_mlp_channels(tmp_path):
+    """A LLaMA-shaped decoder (models.llama_onnx) quantized by onnxruntime's MatMulNBitsQuantizer, an
+    exporter nobody here wrote: q/k/v/o and the SwiGLU projections become 4-bit MatMulNBits, and
+    heads and MLP blocks prune against the oracle."""
+    quantizer = pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")
+    from models.llama_onnx import build
+
+    path = str(tmp_path / "llama.onnx")
+    build(path, "tiny", dtype=np.float32, hidden=128, heads=4, kv_heads=4, intermediate=192, layers=1)
+    quantize = quantizer.MatMulNBitsQuantizer(onnx.load(path), block_size=32)
+    quantize.process()
+    model = quantize.model.model
+    assert len(_nodes(model)) >= 7
+    result = check_exact(model, Target(ratio=0.5), atol=1e-4, rtol=1e-4, dims={"sequence": 6})
+    assert {g.kind for g in result.analysis.groups if result.plan.removed_by_group().get(g.id)} == {"channels", "heads"}

@@ -143,7 +143,8 @@ def nbits_mlp(hidden=64, width=200, bits=4, block=32, zero_points=True, flat=Fal
     nodes += [helper.make_node("Sigmoid", ["g"], ["s"]), helper.make_node("Mul", ["g", "s"], ["a"]),
               helper.make_node("Mul", ["a", "u"], ["m"])]
     layer("m", "down", width, hidden, "y")
-    graph = helper.make_graph(nodes, "nbits_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                                ["N", "tokens", hidden])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "tokens", hidden])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    shape = ["N", "tokens", hidden]
+    graph = helper.make_graph(nodes, "nbits_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)

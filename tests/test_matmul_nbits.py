@@ -31,6 +31,11 @@ def _nodes(model):
     return [n for n in model.graph.node if n.op_type == "MatMulNBits"]
 
 
+def _width(model, output):
+    """N of the MatMulNBits that writes `output`."""
+    return next(a.i for n in _nodes(model) if n.output[0] == output for a in n.attribute if a.name == "N")
+
+
 def _inits(model):
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
@@ -67,7 +72,7 @@ def test_matmul_nbits_prunes_in_whole_blocks_against_the_oracle(layout):
     block = LAYOUTS[layout].get("block", 32)
     result = check_exact(model, Target(ratio=0.4), atol=1e-5, rtol=1e-5, dims=DIMS)
     before, after = _inits(model), _inits(result.model)
-    removed = 200 - next(a.i for n in _nodes(result.model) if n.output[0] == "g" for a in n.attribute if a.name == "N")
+    removed = 200 - _width(result.model, "g")
     assert removed > 0 and (removed % block == 0 or removed % block == 200 % block)
     for node in _nodes(result.model):
         attrs = {a.name: a.i for a in node.attribute}
@@ -90,8 +95,7 @@ def test_analyze_counts_channels_blocks_and_packed_parameters():
     # gate and up 64 x 200, down 200 x 64 padded to 7 blocks of 32, and the float scales
     assert count_params(model) == 2 * 200 * 64 + 64 * 7 * 32 + (2 * 200 * 2 + 64 * 7)
     result = prune(model, Target(ratio=0.4), criterion="l1")
-    kept = next(a.i for n in _nodes(result.model) if n.output[0] == "g" for a in n.attribute if a.name == "N")
-    assert result.plan.removed_channels() == 200 - kept
+    assert result.plan.removed_channels() == 200 - _width(result.model, "g")
 
 
 def test_act_order_matmul_nbits_is_frozen_with_its_reason():
@@ -136,4 +140,5 @@ def test_a_llama_quantized_by_onnxruntime_prunes_heads_and_mlp_channels(tmp_path
     model = quantize.model.model
     assert len(_nodes(model)) >= 7
     result = check_exact(model, Target(ratio=0.5), atol=1e-4, rtol=1e-4, dims={"sequence": 6})
-    assert {g.kind for g in result.analysis.groups if result.plan.removed_by_group().get(g.id)} == {"channels", "heads"}
+    pruned = result.plan.removed_by_group()
+    assert {g.kind for g in result.analysis.groups if pruned.get(g.id)} == {"channels", "heads"}

@@ -255,7 +255,8 @@ def test_on_grid_rounds_plainly_under_an_identity_hessian_and_beats_plain_roundi
     W = rng.standard_normal((6, 12))
     scale, zero = np.full((6, 1), 0.25), np.arange(6)[:, None] - 3.0
     if per_weight:
-        scale, zero = np.repeat(rng.uniform(0.15, 0.35, (6, 3)), 4, axis=1), np.repeat(rng.integers(-3, 3, (6, 3)), 4, 1)
+        scale = np.repeat(rng.uniform(0.15, 0.35, (6, 3)), 4, axis=1)
+        zero = np.repeat(rng.integers(-3, 3, (6, 3)), 4, axis=1)
 
     def plain(W):
         return (np.clip(np.rint(W / scale) + zero, -128, 127) - zero) * scale

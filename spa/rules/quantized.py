@@ -161,7 +161,7 @@ class MatMulNBitsRule(Rule):
         raise Frozen(f"MatMulNBits: channel on axis {axis} of '{tensor}'")
 
     def rewrite(self, c, plan):
-        a, b, y = c.inp(0), c.inp(1), c.out(0)
+        a, b = c.inp(0), c.inp(1)
         rows, blocks = plan.kept(b, 0), plan.kept(b, 1)
         plan.set_attr(c.node, "N", len(rows))
         plan.set_attr(c.node, "K", plan.new_dim(a, c.rank(a) - 1))

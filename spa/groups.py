@@ -89,11 +89,14 @@ class Group:
 
     def channels(self, atoms=None) -> int:
         """Channels among `atoms` (default all of this group's): one an atom, or where channels go in
-        blocks (unit "block": MatMulNBits' input blocks), those of the widest member the atoms cover."""
+        blocks (unit "block": MatMulNBits' input blocks), those the atoms cover in the narrowest member
+        with more indices than atoms (a block's activation; a fused gate-and-up weight holds each
+        channel twice)."""
         atoms = self.atoms if atoms is None else np.asarray(atoms)
-        if "block" not in self.units or self.kind != "channels":
+        wide = [m for m in self.members if m.size > len(self.atoms)]
+        if "block" not in self.units or self.kind != "channels" or not wide:
             return len(atoms)
-        return max(int(np.isin(m.atoms, atoms).sum()) for m in self.members)
+        return int(np.isin(min(wide, key=lambda m: m.size).atoms, atoms).sum())
 
     @property
     def prunable_atoms(self):

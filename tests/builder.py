@@ -114,11 +114,12 @@ def nbits_matrix(w, bits=4, block=32, zero_points=True, flat=False):
 
 
 def nbits_mlp(hidden=64, width=200, bits=4, block=32, zero_points=True, flat=False, bias=False,
-              act_order=False, seed=0) -> onnx.ModelProto:
+              act_order=False, fused=False, seed=0) -> onnx.ModelProto:
     """An LLM's gated MLP (SwiGLU) in com.microsoft MatMulNBits, as onnxruntime-genai writes it:
     x -> gate, up (hidden -> width) -> SiLU(gate) * up -> down (width -> hidden); the `width`
     channels prunable in blocks of `block` (the down projection's input blocks). `act_order`: the
-    down projection carries a g_idx (GPTQ act-order)."""
+    down projection carries a g_idx (GPTQ act-order); `fused`: gate and up are one layer of 2 x
+    width outputs, sliced in two, with accuracy_level 4 (int8 products), as in genai's CPU exports."""
     rng = np.random.default_rng(seed)
     inits, nodes = [], []
 
@@ -135,11 +136,19 @@ def nbits_mlp(hidden=64, width=200, bits=4, block=32, zero_points=True, flat=Fal
         if bias:
             inputs += [""] * (5 - len(inputs)) + [name + "_b"]
             inits.append(numpy_helper.from_array((rng.standard_normal(n) * 0.1).astype(np.float32), name + "_b"))
+        extra = {"accuracy_level": 4} if fused else {}
         nodes.append(helper.make_node("MatMulNBits", inputs, [out], domain="com.microsoft", K=k, N=n, bits=bits,
-                                      block_size=block))
+                                      block_size=block, **extra))
 
-    layer("x", "gate", hidden, width, "g")
-    layer("x", "up", hidden, width, "u")
+    if fused:
+        layer("x", "gate_up", hidden, 2 * width, "gu")
+        for name, value in (("first", 0), ("middle", width), ("end", 2 * width), ("last", -1)):
+            inits.append(numpy_helper.from_array(np.array([value], np.int64), name))
+        nodes += [helper.make_node("Slice", ["gu", "first", "middle", "last"], ["g"]),
+                  helper.make_node("Slice", ["gu", "middle", "end", "last"], ["u"])]
+    else:
+        layer("x", "gate", hidden, width, "g")
+        layer("x", "up", hidden, width, "u")
     nodes += [helper.make_node("Sigmoid", ["g"], ["s"]), helper.make_node("Mul", ["g", "s"], ["a"]),
               helper.make_node("Mul", ["a", "u"], ["m"])]
     layer("m", "down", width, hidden, "y")

@@ -25,6 +25,7 @@ from .graph import weight_bytes
 from .groups import Analysis, Options, analyze
 from .importance import GRADIENT_CRITERIA, check_bn_scale, score
 from .plan import Plan
+from .report import removed_by_kind, removed_text
 from .rewrite import rewrite
 from .selection import Target, select
 from .paths import staging_folder
@@ -136,7 +137,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     weights = _compensate(analysis, plan, compensation, staged, cal, fit, held, measured, damp, seed, progress)
     if weights:
         plan.weights_changed = f"{'obspa' if criterion == 'obspa' else compensation} compensation"
-    progress(f"rewriting: removing {plan.removed_channels()} channels")
+    progress(f"rewriting: {removed_text(removed_by_kind({'groups': plan.group_entries()}))}")
     result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores, latency=latency_check,
                     warnings=warnings, input_shapes=ran_at)
     if recover:

@@ -71,10 +71,6 @@ class Plan:
             atoms.setdefault(self.analysis.atom_group[int(atom)], []).append(int(atom))
         return atoms
 
-    def removed_channels(self) -> int:
-        """Channels the plan removes (an atom of a group whose channels go in blocks stands for several)."""
-        return sum(self.analysis.groups[gid].channels(atoms) for gid, atoms in self.removed_atoms_by_group().items())
-
     def weight_entries(self):
         entries = []
         for member in self.analysis.members.values():
@@ -89,14 +85,18 @@ class Plan:
                             "removed": removed.tolist()})
         return entries
 
-    def to_json(self, model_name: str = "") -> dict:
+    def group_entries(self) -> list:
+        """The plan file's "groups": each group that loses channels, with how many."""
         by_group = self.removed_atoms_by_group()
-        groups = [{"id": g.id, "kind": g.kind, "size": len(g.atoms), "removed": len(by_group[g.id]),
-                   "members": [[m.tensor, m.axis] for m in g.members]}
-                  | ({"channels_removed": g.channels(by_group[g.id])} if "block" in g.units else {})
-                  for g in self.analysis.groups if g.id in by_group]
+        return [{"id": g.id, "kind": g.kind, "size": len(g.atoms), "removed": len(by_group[g.id]),
+                 "members": [[m.tensor, m.axis] for m in g.members]}
+                | ({"channels_removed": g.channels(by_group[g.id])} if "block" in g.units else {})
+                for g in self.analysis.groups if g.id in by_group]
+
+    def to_json(self, model_name: str = "") -> dict:
         return {"spa_plan": 1, "model": model_name, "granularity": list(self.analysis.options.granularity),
-                "groups": groups, "weights": self.weight_entries(), "weights_changed": self.weights_changed}
+                "groups": self.group_entries(), "weights": self.weight_entries(),
+                "weights_changed": self.weights_changed}
 
     def save(self, path: str, model_name: str = ""):
         with open(path, "w") as f:

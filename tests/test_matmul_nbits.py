@@ -14,7 +14,7 @@ from spa.cost import count_params
 from spa.graph import Graph
 from spa.pipeline import prune
 from spa.quant import nbits_weight
-from spa.report import describe, format_analysis
+from spa.report import describe, format_analysis, removed_by_kind
 from spa.runtime import random_inputs, run
 from spa.selection import Target
 
@@ -73,7 +73,7 @@ def test_matmul_nbits_prunes_in_whole_blocks_against_the_oracle(layout):
     block = layout.get("block", 32)
     result = check_exact(model, Target(ratio=0.4), atol=1e-4, rtol=1e-4, dims=DIMS)
     before, after = _inits(model), _inits(result.model)
-    removed = result.plan.removed_channels()
+    removed = removed_by_kind(result.plan.to_json())["channels_removed"]
     assert removed > 0 and (removed % block == 0 or removed % block == 200 % block)
     fused = layout.get("fused", False)
     assert _width(result.model, "gu" if fused else "g") == (1 + fused) * (200 - removed)
@@ -98,7 +98,7 @@ def test_analyze_counts_channels_blocks_and_packed_parameters():
     # gate and up 64 x 200, down 200 x 64 padded to 7 blocks of 32, and the float scales
     assert count_params(model) == 2 * 200 * 64 + 64 * 7 * 32 + (2 * 200 * 2 + 64 * 7)
     result = prune(model, Target(ratio=0.4), criterion="l1")
-    assert result.plan.removed_channels() == 200 - _width(result.model, "g")
+    assert removed_by_kind(result.plan.to_json())["channels_removed"] == 200 - _width(result.model, "g")
 
 
 def test_act_order_matmul_nbits_is_frozen_with_its_reason():

@@ -331,6 +331,7 @@ class Graph:
     consumers: dict = field(init=False)
     consts: dict = field(init=False)
     shapes: dict = field(init=False)
+    notes: list = field(init=False)  # what the analysis could not learn, for the user (a shape probe that died)
     graph_inputs: set = field(init=False)
     graph_outputs: set = field(init=False)
 
@@ -347,7 +348,8 @@ class Graph:
         self.graph_inputs = {i.name for i in g.input if i.name not in self.consts}
         self.graph_outputs = {o.name for o in g.output}
         self.aliases = self._unshare_constants()
-        self.shapes = infer_shapes(self.model)
+        self.notes = []
+        self.shapes = infer_shapes(self.model, self.notes)
         for name in list(self.consts) + list(self.aliases):
             self.shapes[name] = self.consts.shape(name)
 
@@ -437,7 +439,7 @@ class Graph:
                     wanted.update(p for p in producer.input if p and p not in self.consts)
         if not wanted or weight_bytes(self.model) > PROBE_LIMIT:
             return {}
-        runs = _run_with_outputs(self.model, sorted(wanted))
+        runs = _run_with_outputs(self.model, sorted(wanted), notes=self.notes)
         if runs is None:
             return {}
         first, second = runs
@@ -676,8 +678,9 @@ def _settle_reshapes(graph, shapes) -> list:
     return settled
 
 
-def infer_shapes(model: onnx.ModelProto) -> dict:
-    """Per-tensor shapes (ints, or strings for symbolic dims) from ONNX shape inference."""
+def infer_shapes(model: onnx.ModelProto, notes: list | None = None) -> dict:
+    """Per-tensor shapes (ints, or strings for symbolic dims) from ONNX shape inference (and, where
+    it leaves some open, from a probe: `notes` receives why a probe could not run)."""
     from .runtime import symbolic_declarations
 
     light = symbolic_declarations(_without_large_data(model))  # declared -1 / 0 dims: symbolic
@@ -700,7 +703,7 @@ def infer_shapes(model: onnx.ModelProto) -> dict:
     missing = [o for n in g.node for o in n.output
                if o and o not in consts and (o not in shapes or "?" in shapes[o])]
     if missing and weight_bytes(model) < PROBE_LIMIT:
-        for name, ran in shapes_by_running(model, missing).items():
+        for name, ran in shapes_by_running(model, missing, notes).items():
             inferred = shapes.get(name)
             if inferred is not None and len(inferred) == len(ran):
                 ran = tuple(d if d != "?" else r for d, r in zip(inferred, ran))
@@ -729,29 +732,89 @@ def _probe_dims(model: onnx.ModelProto, run: int) -> dict:
     return {name: base + 2 * i for i, name in enumerate(names)}
 
 
-def _run_with_outputs(model: onnx.ModelProto, names):
-    """Two onnxruntime runs (different symbolic sizes) exposing the named tensors, or None."""
+def _run_with_outputs(model: onnx.ModelProto, names, values: bool = True, notes: list | None = None):
+    """Two onnxruntime runs (different symbolic sizes) exposing the named tensors ({name: value},
+    or {name: shape} without `values`), or None. They run in a child process where one can be
+    forked: probe sizes are sizes the model was not built for, and onnxruntime may die of a signal
+    there (onnx-asr's wespeaker fbank: an integer division by zero on fewer samples than its
+    window), which would take the whole command with it; `notes` then says so."""
     from .runtime import random_inputs, session
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.ValueInfoProto(name=n) for n in names if n not in known)
+    def probe_runs():
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        known = {o.name for o in probe.graph.output}
+        probe.graph.output.extend(onnx.helper.ValueInfoProto(name=n) for n in names if n not in known)
+        try:
+            sess = session(probe, quiet=True)  # a probe that fails is fine: the caller freezes
+            outs = [o.name for o in sess.get_outputs()]
+            runs = [dict(zip(outs, sess.run(None, random_inputs(model, batch=PROBE_SIZES[r][0],
+                                                                 dims=_probe_dims(model, r),
+                                                                 default_dim=PROBE_SIZES[r][1]))))
+                    for r in (0, 1)]
+        except Exception:
+            return None
+        return runs if values else [{n: np.shape(v) for n, v in run.items()} for run in runs]
+
     try:
-        sess = session(probe, quiet=True)  # a probe that fails is fine: the caller freezes
-        outs = [o.name for o in sess.get_outputs()]
-        return [dict(zip(outs, sess.run(None, random_inputs(model, batch=PROBE_SIZES[r][0],
-                                                             dims=_probe_dims(model, r),
-                                                             default_dim=PROBE_SIZES[r][1]))))
-                for r in (0, 1)]
-    except Exception:
+        return in_child_process(probe_runs)
+    except ChildDied as died:
+        if notes is not None and str(died) not in notes:
+            notes.append(str(died))
         return None
 
 
-def shapes_by_running(model: onnx.ModelProto, names) -> dict:
+class ChildDied(Exception):
+    """The child process of `in_child_process` died before it could answer."""
+
+
+def in_child_process(work):
+    """work() in a forked child process, its result sent back; ChildDied where the child dies (a
+    signal in native code). In this process where fork is unavailable (Windows)."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return work()
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_send_result, args=(work, sender), daemon=True)
+    child.start()
+    sender.close()
+    try:
+        result = receiver.recv()
+    except EOFError:  # it died before sending
+        child.join()
+        raise ChildDied(_death(child.exitcode)) from None
+    finally:
+        receiver.close()
+    child.join()
+    return result
+
+
+def _death(exitcode) -> str:
+    import signal
+
+    cause = f"was killed by {signal.Signals(-exitcode).name}" if exitcode and exitcode < 0 else \
+        f"exited with status {exitcode}"
+    sizes = " and ".join(str(size) for _, size in PROBE_SIZES)
+    return (f"shape probe: onnxruntime {cause} running the model at the probe's sizes (batch "
+            f"{' and '.join(str(batch) for batch, _ in PROBE_SIZES)}, free sizes from {sizes}); the shapes ONNX "
+            "shape inference leaves open stay unknown, and channels that reach them are frozen")
+
+
+def _send_result(work, sender):
+    try:
+        result = work()
+    except BaseException:
+        result = None
+    sender.send(result)
+    sender.close()
+
+
+def shapes_by_running(model: onnx.ModelProto, names, notes: list | None = None) -> dict:
     """Shapes shape inference could not give, read from two onnxruntime runs with different
     symbolic sizes: a dim that differs between the runs is symbolic."""
-    runs = _run_with_outputs(model, names)
+    runs = _run_with_outputs(model, names, values=False, notes=notes)
     if runs is None:
         return {}
     sizes = {}  # (size in run 0, size in run 1) -> symbolic input dim
@@ -764,7 +827,7 @@ def shapes_by_running(model: onnx.ModelProto, names) -> dict:
     shapes = {}
     for n in names:
         if n in runs[0] and n in runs[1]:
-            a, b = np.shape(runs[0][n]), np.shape(runs[1][n])
+            a, b = runs[0][n], runs[1][n]
             if len(a) == len(b):
                 shapes[n] = tuple(x if x == y else _symbolic_name(x, y, sizes) for x, y in zip(a, b))
     return shapes

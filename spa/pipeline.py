@@ -109,6 +109,8 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
         external_data.materialize(model)
     progress("analyzing channel coupling")
     analysis = analyze(model, options)
+    for note in analysis.graph.notes:
+        progress(note)
     cal, fit, held = calibration_inputs(model, cal, progress, held_out=criterion == "obspa" or compensation != "none",
                                         samples=OBSPA_SAMPLES if criterion == "obspa" else ()) \
         if needs_data else (cal, [], [])

@@ -313,7 +313,8 @@ def describe(analysis: Analysis) -> dict:
             "prunable_groups": sum(1 for g in groups if g["prunable"]),
             "ungrouped_weights": ungrouped_weights(analysis),
             "control_flow_weights": subgraph_weights(analysis.model),
-            "approximate_nodes": sorted(analysis.options.approximate_nodes)}
+            "approximate_nodes": sorted(analysis.options.approximate_nodes),
+            "notes": list(analysis.graph.notes)}
 
 
 def _why_not_prunable(group) -> list:
@@ -373,6 +374,7 @@ def format_analysis(summary: dict) -> str:
             lines.append(f"    {w['tensor']} {w['shape']} read by {', '.join(w['read_by']) or 'nothing'}")
         if len(loose) > 10:
             lines.append(f"    ... and {len(loose) - 10} more")
+    lines.extend(f"note: {note}" for note in summary.get("notes", []))
     inside = summary.get("control_flow_weights") or {}
     if inside:
         lines.append(f"{sum(inside.values())} weight tensors inside control-flow bodies, not analyzed (SPA prunes the "

@@ -134,8 +134,8 @@ class MatMulNBitsRule(Rule):
     domain = "com.microsoft"
     ops = ("MatMulNBits",)
 
-    def sources(self, c):
-        return [(c.out(0), c.rank(c.out(0)) - 1)] if c.inp(1) in c.g.consts else []
+    def sources(self, c):  # the weight's rows, whose shape is known even where y's is not
+        return [(c.inp(1), 0)] if c.inp(1) in c.g.consts else []
 
     def propagate(self, c, tensor, axis):
         a, b, y, bias = c.inp(0), c.inp(1), c.out(0), c.inp(5)

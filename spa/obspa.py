@@ -390,10 +390,11 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, 
 def _on_weight_grid(g, layer, mats: np.ndarray, hessians: np.ndarray, removed_columns, damp) -> np.ndarray:
     """An integer layer's compensated matrices rounded onto its weight's grid, GPTQ-style over the
     kept columns (obs.on_grid): plain rounding loses every update under half a step (per-tensor
-    int8 steps are coarse). Rows are output channels, which a per-channel scale runs along."""
+    int8 steps are coarse). Rows are output channels, which a per-channel scale runs along. A bias
+    column (float) stays as compensated."""
     scale, zero, low, high = weight_grid(g, layer.weight)
     mats = np.array(mats, dtype=np.float64)
-    kept = np.setdiff1d(np.arange(mats.shape[2]), removed_columns)
+    kept = np.setdiff1d(np.arange(mats.shape[2] - (layer.bias is not None)), removed_columns)
     rows = mats.shape[1]
     for k in range(layer.blocks):
         block = slice(k * rows, (k + 1) * rows)

@@ -146,8 +146,8 @@ def weight_value(g: Graph, tensor: str) -> np.ndarray:
     DequantizeLinear, a QOperator layer or a MatMulNBits reads it; float32 / float64 as stored; any
     other type (float16, bfloat16, integers) in float64, so that squares and absolute values neither
     overflow nor wrap."""
-    packed = nbits_reader(g, tensor)
-    if packed is not None and nbits_blocks(g, packed) is not None:
+    packed = _packed_reader(g, tensor)
+    if packed is not None:
         return nbits_weight(g, packed)
     node = dequantizer(g, tensor)
     if node is not None:
@@ -304,8 +304,7 @@ def nbits_blocks(g: Graph, node) -> tuple:
     computed or has a size that fits neither layout."""
     n, bits = attr(node, "N"), attr(node, "bits", 4)
     blocks = g.consts.shape(node.input[1])[1]
-    names = list(node.input[2:4]) + [""]
-    scale, zero = names[0], names[1]
+    scale, zero = node.input[2], node.input[3] if len(node.input) > 3 else ""
     if scale not in g.consts or (zero and zero not in g.consts) or np.size(g.consts[scale]) != n * blocks:
         return None
     scales = np.asarray(g.consts[scale]).reshape(n, blocks)

@@ -109,11 +109,12 @@ def test_act_order_matmul_nbits_is_frozen_with_its_reason():
     assert "act-order weights (g_idx)" in text, text
 
 
-def test_obspa_compensates_matmul_nbits_on_its_block_grid():
+@pytest.mark.parametrize("bias", [False, True])
+def test_obspa_compensates_matmul_nbits_on_its_block_grid(bias):
     """OBSPA reads a MatMulNBits as the dense layer its blocks hold, compensates it and rounds the
-    update back onto its own block grid: the weights stay packed codes of the same scales, and the
-    outputs move less from the original's than without compensation."""
-    model = nbits_mlp(width=256, seed=2)
+    update back onto its own block grid (a bias stays float): the weights stay packed codes of the
+    same scales, and the outputs move less from the original's than without compensation."""
+    model = nbits_mlp(width=256, bias=bias, seed=2)
     said, results = [], {}
     for compensation in ("obs", "none"):
         results[compensation] = prune(model, Target(ratio=0.5), criterion="obspa", compensation=compensation,
@@ -122,7 +123,9 @@ def test_obspa_compensates_matmul_nbits_on_its_block_grid():
     compensated = results["obs"]
     assert compensated.weights and count_params(compensated.model) == count_params(results["none"].model)
     for name, value in compensated.weights.items():
-        assert value.dtype == np.uint8 and value.shape == _inits(model)[name].shape
+        original = _inits(model)[name]
+        assert value.dtype == original.dtype and value.shape == original.shape
+    assert any(value.dtype == np.uint8 for value in compensated.weights.values())
     feeds = random_inputs(model, batch=64, seed=11, dims=DIMS)
     reference = run(model, feeds)[0]
     errors = {k: float(np.mean((run(r.model, feeds)[0] - reference) ** 2)) for k, r in results.items()}

@@ -461,3 +461,25 @@ def test_qoperator_shuffle_sized_off_the_dequantized_tensor_prunes(tmp_path):
     result = check_exact(model, atol=0, rtol=0)
     assert any(len(result.plan.removed(m.tensor, m.axis)) for m in result.plan.analysis.members.values()
                if "concat" in m.tensor.lower())
+
+
+def test_a_quantized_bidirectional_lstms_directions_are_no_heads(tmp_path):
+    """quantize_dynamic writes a BiLSTM as com.microsoft DynamicQuantizeLSTM (no rule: frozen). Its
+    output Y [sequence, 2, batch, hidden] reaches the next layers through Transpose and Reshape
+    [sequence, batch, 2 * hidden]; entered from there, the Reshape's split is the two directions,
+    which share one hidden size: unit j of both is one channel, not a direction one "head"
+    (Kokoro-82M's int8 TTS reported its decoder's channels as 1251 heads)."""
+    b = Builder(opset=17)
+    hidden = 8
+    x = b.input(["sequence", N, 16])
+    y = b.op("LSTM", [x, b.weight(2, 4 * hidden, 16), b.weight(2, 4 * hidden, hidden)], n_out=3,
+             hidden_size=hidden, direction="bidirectional")[0]
+    merged = b.op("Reshape", [b.op("Transpose", [y], perm=[0, 2, 1, 3]), b.const(np.array([0, 0, 2 * hidden]))])
+    mixed = b.op("Add", [merged, b.op("MatMul", [x, b.weight(16, 2 * hidden)])])
+    b.output(b.op("MatMul", [mixed, b.weight(2 * hidden, 4)]))
+    model = _dynamic(tmp_path, b.model())
+    assert "DynamicQuantizeLSTM" in {n.op_type for n in model.graph.node}
+    analysis = analyze(model)
+    reshaped = next(n.output[0] for n in model.graph.node if n.op_type == "Reshape")
+    group = next(g for g in analysis.groups if any(m.tensor == reshaped for m in g.members))
+    assert group.kind == "channels" and len(group.atoms) == hidden, (group.kind, len(group.atoms))

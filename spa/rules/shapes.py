@@ -305,6 +305,22 @@ def _unfold_virtual(shape_from, shape_to, axis, channels):
 LAYOUT_OPS = ("Unsqueeze", "Squeeze", "Transpose", "Identity")
 
 
+RECURRENT_OPS = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")
+
+
+def _is_direction_axis(c: Ctx, tensor, axis, depth=0) -> bool:
+    """True when `axis` of `tensor` is a recurrent op's direction axis (Y: [sequence, directions,
+    batch, hidden]), seen through Transposes."""
+    index = c.g.producer.get(tensor)
+    if index is None or depth > 4:
+        return False
+    node = c.g.nodes[index]
+    if node.op_type in RECURRENT_OPS:
+        return tensor == node.output[0] and axis == 1
+    perm = attr(node, "perm") if node.op_type == "Transpose" else None
+    return perm is not None and _is_direction_axis(c, node.input[0], perm[axis], depth + 1)
+
+
 def _is_selected(c: Ctx, tensor, axis, depth=0) -> bool:
     """True when every use of `axis` of `tensor` (through layout ops) picks single indices of it:
     Gathers with constant indices or a Split along it."""
@@ -417,9 +433,11 @@ class Reshape(Rule):
                 and fold_factor(c, 1, b - c.rank(y)) is None:
             raise Frozen("heads fold into a size computed at run time without a head-count constant")
         # A split whose outer axis is then taken apart index by index (packed q/k/v picked by
-        # Gathers) stacks tensors: the same inner position goes in every one of them.
-        plain = unit == "head" and virtual is None and tensor == x and (
-            self._is_shuffle(c, (b, b + 1)) or _is_selected(c, y, b))
+        # Gathers) stacks tensors: the same inner position goes in every one of them. So do a
+        # recurrent op's directions (one hidden size for both), merged by Transpose and Reshape.
+        plain = unit == "head" and virtual is None and (
+            tensor == x and (self._is_shuffle(c, (b, b + 1)) or _is_selected(c, y, b))
+            or tensor == y and _is_direction_axis(c, x, b))
         if plain or (unit == "head" and "head-dim" in c.options.granularity):
             b, src_idx, dst_idx, unit, virtual = reshape_map(src_shape, dst_shape, axis, "inner", channels)
         links = [Link((tensor, axis), (dst, b), src_idx, dst_idx, unit=None if plain else unit,

@@ -49,7 +49,7 @@ import numpy as np
 import onnx
 
 from .errors import SpaError, first_line
-from .runtime import batch_size, declared_inputs, session
+from .runtime import batch_names, batch_size, declared_inputs, session
 
 LABEL_KEYS = ("labels", "y")
 SINGLE_INPUT_KEYS = ("x", "inputs")
@@ -246,11 +246,11 @@ def _from_file(path: str, model: onnx.ModelProto, output, batch_size) -> Evaluat
             raise SpaError(f"{what} has no array for input {', '.join(missing)}{hint}; it holds {held}")
     data = {n: data[n] for n in names}
     sizes: dict = {}
-    batch_names = {d[0] for _, d, _ in inputs if d and isinstance(d[0], str)}
+    batch = batch_names(d for _, d, _ in inputs)
     for name, dims, dtype in inputs:
         a = data[name]
         ids = np.issubdtype(a.dtype, np.integer) and not np.issubdtype(dtype, np.floating) and dtype != np.bool_
-        check_input_array(what, name, a, dims, dtype, batch_names, sizes, scalar_ok=False,
+        check_input_array(what, name, a, dims, dtype, batch, sizes, scalar_ok=False,
                           samples_hint=" (the first axis is the sample axis)",
                           vocab=vocabulary_size(model, name) if ids else None)
     counts = {name: len(a) for name, a in data.items()}

@@ -13,8 +13,8 @@ from .cost import MAC_OPS, concrete_shapes, count_macs, count_params, macs_by_op
 from .graph import PROBE_LIMIT, Graph, _without_large_data, subgraph_weights, weight_bytes
 from .groups import Analysis
 from .quant import is_quant_param
-from .runtime import (DEFAULT_DIM, declared_inputs, fixed_batch, input_specs, is_float, random_inputs, session,
-                      shapes_text)
+from .runtime import (DEFAULT_DIM, batch_names, declared_inputs, fixed_batch, input_specs, is_float, random_inputs,
+                      session, shapes_text)
 
 
 def file_size(path: str) -> int:
@@ -73,8 +73,8 @@ def max_deviation(original: str, pruned: str, batch: int = 1, seed: int = 0,
 def _defaulted_sizes(model: onnx.ModelProto, batch: int, shapes: dict) -> str | None:
     """'input 1x3x32x32' where some symbolic size, other than the batch, took the default (None: none did)."""
     declared = [(name, dims) for name, dims, _ in declared_inputs(model) if dims and name not in shapes]
-    batch_names = {dims[0] for _, dims in declared if isinstance(dims[0], str)}
-    if not any(d is None or isinstance(d, str) and d not in batch_names for _, dims in declared for d in dims[1:]):
+    leading = batch_names(dims for _, dims in declared)
+    if not any(d is None or isinstance(d, str) and d not in leading for _, dims in declared for d in dims[1:]):
         return None
     return shapes_text({name: shape for name, shape, _ in input_specs(model, batch, shapes=shapes)})
 

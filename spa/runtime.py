@@ -377,6 +377,12 @@ def run(model_or_path, feeds) -> list:
     return session(model_or_path).run(None, feeds)
 
 
+def batch_names(declared_dims) -> set:
+    """The symbolic names that lead some input's declared dims (`declared_inputs`' dims): the
+    batch, wherever else it stands."""
+    return {dims[0] for dims in declared_dims if dims and isinstance(dims[0], str)}
+
+
 def declared_inputs(model: onnx.ModelProto):
     """(name, dims, numpy dtype) for each real graph input, as declared: each dim an int (static),
     a str (its symbolic name) or None (unnamed: no dim_param, or paddle2onnx's "?")."""

@@ -86,10 +86,10 @@ def runs(source, feeds: dict) -> bool:
 def _shape_hint(path: str) -> str:
     """--input-shape values with the model's declared dims: static sizes, symbolic names, batch 1
     (a name that leads some input, wherever it stands). Scalars take no shape."""
-    from .runtime import declared_inputs
+    from .runtime import batch_names, declared_inputs
 
     inputs = [(name, dims) for name, dims, _ in declared_inputs(onnx.load(path, load_external_data=False)) if dims]
-    batch = {dims[0] for _, dims in inputs if isinstance(dims[0], str)}
+    batch = batch_names(dims for _, dims in inputs)
 
     def dim(k, d):
         return str(d) if isinstance(d, int) else "1" if k == 0 or d in batch else d or "?"

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from ..errors import SpaError
-from ..runtime import declared_inputs, is_float
+from ..runtime import batch_names, declared_inputs, is_float
 
 DEFAULT_SEQUENCE = 16      # any other unknown axis
 DEFAULT_IMAGE = 224        # unknown height / width of an image-like input
@@ -78,11 +78,6 @@ def user_shapes(model, shapes) -> dict:
     """{input: shape} from the user's shapes ({input: shape}, or one bare shape for a
     single-input model), checked against the model's declared inputs; SpaError if they do not fit."""
     return _checked_shapes([_Input(n, d, t) for n, d, t in declared_inputs(model)], shapes)
-
-
-def batch_names(declared_dims) -> set:
-    """The symbolic names that lead some input's declared dims: the batch, wherever else it stands."""
-    return {dims[0] for dims in declared_dims if dims and isinstance(dims[0], str)}
 
 
 def shared_shapes(model, batches: list) -> dict | None:

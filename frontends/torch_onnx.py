@@ -47,6 +47,12 @@ class _Holder(nn.Module):
     """Plain container for nested parameter names."""
 
 
+def unsupported_ops(model: onnx.ModelProto) -> list:
+    """The op types of `model` (subgraphs too) that this converter has no torch form for."""
+    return sorted({n.op_type for n in _all_nodes(model.graph)
+                   if n.domain not in ("", "ai.onnx") or n.op_type not in OPS})
+
+
 class OnnxModule(nn.Module):
     """An ONNX graph as a torch module. ``forward(*inputs)`` takes the graph inputs in order (or by
     name as keywords) and returns one tensor or a tuple. ``onnx_parameters()`` maps every ONNX
@@ -55,8 +61,7 @@ class OnnxModule(nn.Module):
     def __init__(self, model: onnx.ModelProto):
         super().__init__()
         graph = model.graph
-        unknown = sorted({n.op_type for n in _all_nodes(graph)
-                          if n.domain not in ("", "ai.onnx") or n.op_type not in OPS})
+        unknown = unsupported_ops(model)
         if unknown:
             raise SpaError(f"from_onnx: unsupported ONNX op(s): {', '.join(unknown)}")
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)

@@ -103,6 +103,17 @@ def synthetic_batches(model: onnx.ModelProto, batch_size: int = 64, seed: int = 
     return batches
 
 
+def check(model: onnx.ModelProto) -> None:
+    """SpaError where `model` cannot be distilled (asked before pruning): an op the ONNX-to-torch
+    converter has no torch form for."""
+    from .torch_onnx import unsupported_ops
+
+    missing = unsupported_ops(model)
+    if missing:
+        raise SpaError(f"recovery distils a torch copy of the pruned model, and the ONNX-to-torch converter has no "
+                       f"{', '.join(missing)}: prune without --recover")
+
+
 def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: int = DEFAULT_STEPS,
             lr: float | None = None, seed: int = 0, progress=None, holdout=None, *,
             bn: str = "frozen", match: str = "shared", match_weight: float = 1.0,

@@ -82,7 +82,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     "measured" (obspa's default unless a normalization is given: spa.allocation tries uniform and
     global rankings and keeps the one whose compensated outputs move least on held-out batches)."""
     target.check()
-    check_recovery(recover, recover_lr)
+    check_recovery(recover, recover_lr, model=model)
     compensation = compensation or ("obs" if criterion == "obspa" else "none")
     _check_staged(staged, compensation, criterion)
     allocation_given = allocation is not None
@@ -185,10 +185,14 @@ def recovery_budget(recover: int | str, name: str = "recover") -> tuple[int, flo
 
 
 def check_recovery(recover: int | str, lr: float | None, lr_name: str = "the recovery learning rate",
-                   recover_name: str = "recover", without: str = "recovery steps or time (recover=)") -> None:
+                   recover_name: str = "recover", without: str = "recovery steps or time (recover=)",
+                   model: onnx.ModelProto | None = None) -> None:
     """Refuse a recovery that cannot run: negative steps or a malformed time, an lr without a
-    recovery or not a positive number (the names: how the caller spells them, e.g. the CLI's flags)."""
+    recovery or not a positive number (the names: how the caller spells them, e.g. the CLI's flags),
+    a `model` the recovery frontend says it cannot train (asked before the pruning, not after it)."""
     steps, seconds = recovery_budget(recover, recover_name)
+    if model is not None and (steps or seconds) and "check" in plugins.names("spa.recovery"):
+        plugins.load("spa.recovery", "check")(model)
     if lr is not None and not (steps or seconds):
         raise SpaError(f"{lr_name} has no effect without {without}")
     if lr is not None and not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):

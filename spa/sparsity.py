@@ -332,7 +332,7 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
             f" outside control-flow bodies ({sum(inside.values())} weights inside {', '.join(inside)}, which SPA "
             "does not rewrite)" if inside else "")
         raise SpaError(f"no layer can take pattern {pattern}: {why}")
-    check_recovery(recover, recover_lr)
+    check_recovery(recover, recover_lr, model=model)
     defaulted = criterion is None
     criterion = criterion or default_criterion(given, calibration, progress)
     progress(f"sparsifying {len(layers)} layers to {pattern} ({criterion})")

@@ -148,3 +148,17 @@ def test_a_llama_quantized_by_onnxruntime_prunes_heads_and_mlp_channels(tmp_path
     result = check_exact(model, Target(ratio=0.5), atol=1e-4, rtol=1e-4, dims={"sequence": 6})
     pruned = result.plan.removed_by_group()
     assert {g.kind for g in result.analysis.groups if pruned.get(g.id)} == {"channels", "heads"}
+
+
+def test_recovery_of_a_model_the_torch_converter_cannot_take_is_refused_before_pruning(tmp_path, capsys):
+    """--recover trains a torch copy of the pruned model; the ONNX-to-torch converter has no
+    MatMulNBits, so the command says so in one line before it prunes anything, and writes nothing."""
+    pytest.importorskip("torch")
+    from spa.cli import main
+
+    path, out = str(tmp_path / "model.onnx"), str(tmp_path / "small.onnx")
+    onnx.save(nbits_mlp(), path)
+    assert main(["prune", path, "-o", out, "--ratio", "0.3", "--recover", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "converter has no MatMulNBits" in err and "analyzing" not in err, err
+    assert not (tmp_path / "small.onnx").exists()

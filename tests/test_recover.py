@@ -318,7 +318,7 @@ def test_pipeline_recovery_draws_fresh_synthetic_batches_and_judges_on_the_held_
         seen.update(batches=batches, holdout=holdout)
         return RecoveryResult(pruned, False, 1.0, 1.0, 0.0, 0)
 
-    monkeypatch.setattr(plugins, "load", lambda group, name: fake)
+    monkeypatch.setattr(plugins, "load", lambda group, name: fake if name == "distill" else lambda model: None)
     messages = []
     prune(_mlp(), Target(ratio=0.5), criterion="obspa", recover=5, progress=messages.append,
           calibration="synthetic", calibration_samples=32)
@@ -337,7 +337,7 @@ def test_pipeline_passes_the_recovery_lr_to_the_frontend_only_when_given(monkeyp
         seen.append(options)
         return RecoveryResult(pruned, False, 1.0, 1.0, 0.0, 0)
 
-    monkeypatch.setattr(plugins, "load", lambda group, name: fake)
+    monkeypatch.setattr(plugins, "load", lambda group, name: fake if name == "distill" else lambda model: None)
     prune(_mlp(), Target(ratio=0.5), criterion="l1", recover=5)
     prune(_mlp(), Target(ratio=0.5), criterion="l1", recover=5, recover_lr=2e-5)
     assert seen == [{}, {"lr": 2e-5}]
@@ -411,7 +411,7 @@ def test_the_pipeline_passes_a_time_to_the_frontend_as_seconds(monkeypatch):
         seen.append((steps, options))
         return RecoveryResult(pruned, False, 1.0, 1.0, 0.0, 0)
 
-    monkeypatch.setattr(plugins, "load", lambda group, name: fake)
+    monkeypatch.setattr(plugins, "load", lambda group, name: fake if name == "distill" else lambda model: None)
     prune(_mlp(), Target(ratio=0.5), criterion="l1", recover="2m")
     prune(_mlp(), Target(ratio=0.5), criterion="l1", recover="300")
     assert seen == [(0, {"seconds": 120.0}), (300, {})]
@@ -453,7 +453,7 @@ def test_pipeline_recovery_interleaves_calibration_sentences_with_fresh_syntheti
         seen.update(batches=batches, holdout=holdout)
         return RecoveryResult(pruned, False, 1.0, 1.0, 0.0, 0)
 
-    monkeypatch.setattr(plugins, "load", lambda group, name: fake)
+    monkeypatch.setattr(plugins, "load", lambda group, name: fake if name == "distill" else lambda model: None)
     (tmp_path / "s.txt").write_text("\n".join(SENTENCES * 4), encoding="utf-8")
     real = {tuple(_ids(s)) for s in SENTENCES if s.strip()}
 

@@ -53,3 +53,16 @@ def _run(source, feeds, fused: bool) -> list:
 def _numel(model):
     from spa.cost import count_params
     return count_params(model)
+
+
+def compensated_and_not(model: onnx.ModelProto, dims=None, ratio=0.5) -> tuple:
+    """OBSPA at `ratio` with compensation "obs" and "none": ({compensation: Result}, the progress
+    lines, {compensation: mean squared output error to the original on fresh inputs})."""
+    said, results = [], {}
+    for compensation in ("obs", "none"):
+        results[compensation] = prune(model, Target(ratio=ratio), criterion="obspa", compensation=compensation,
+                                      progress=said.append)
+    feeds = random_inputs(model, batch=64, seed=11, dims=dims)
+    reference = run(model, feeds)[0]
+    errors = {k: float(np.mean((run(r.model, feeds)[0] - reference) ** 2)) for k, r in results.items()}
+    return results, said, errors

@@ -8,7 +8,7 @@ import pytest
 from onnx import numpy_helper
 
 from builder import nbits_mlp
-from oracle import check_exact
+from oracle import check_exact, compensated_and_not
 from spa import analyze
 from spa.cost import count_params
 from spa.graph import Graph
@@ -115,10 +115,7 @@ def test_obspa_compensates_matmul_nbits_on_its_block_grid(bias):
     update back onto its own block grid (a bias stays float): the weights stay packed codes of the
     same scales, and the outputs move less from the original's than without compensation."""
     model = nbits_mlp(width=256, bias=bias, seed=2)
-    said, results = [], {}
-    for compensation in ("obs", "none"):
-        results[compensation] = prune(model, Target(ratio=0.5), criterion="obspa", compensation=compensation,
-                                      progress=said.append)
+    results, said, errors = compensated_and_not(model, DIMS)
     assert any("MatMulNBits" in m and "integer grid" in m for m in said), said
     compensated = results["obs"]
     assert compensated.weights and count_params(compensated.model) == count_params(results["none"].model)
@@ -126,9 +123,6 @@ def test_obspa_compensates_matmul_nbits_on_its_block_grid(bias):
         original = _inits(model)[name]
         assert value.dtype == original.dtype and value.shape == original.shape
     assert any(value.dtype == np.uint8 for value in compensated.weights.values())
-    feeds = random_inputs(model, batch=64, seed=11, dims=DIMS)
-    reference = run(model, feeds)[0]
-    errors = {k: float(np.mean((run(r.model, feeds)[0] - reference) ** 2)) for k, r in results.items()}
     assert errors["obs"] < errors["none"], errors
 
 

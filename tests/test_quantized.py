@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from builder import Builder, four_bit_mlp
-from oracle import check_exact
+from oracle import check_exact, compensated_and_not
 from spa import analyze
 from spa.importance import member_scores
 from spa.pipeline import prune, save
@@ -400,19 +400,13 @@ def test_obspa_compensates_dynamically_quantized_layers_on_their_integer_grid(tm
     from spa.cost import count_params
 
     for model in (_dynamic(tmp_path, mlp_net()), _dynamic(tmp_path, float_net())):
-        said, results = [], {}
-        for compensation in ("obs", "none"):
-            results[compensation] = prune(model, Target(ratio=0.5), criterion="obspa", compensation=compensation,
-                                          progress=said.append)
+        results, said, errors = compensated_and_not(model, {"tokens": 5})
         assert any("integer weights (MatMulInteger, ConvInteger" in m and "integer grid" in m for m in said), said
         compensated = results["obs"]
         assert compensated.weights and count_params(compensated.model) == count_params(results["none"].model)
         before = _inits(model)
         for name, value in compensated.weights.items():
             assert value.dtype == numpy_helper.to_array(before[name]).dtype  # integers, on the grid
-        feeds = random_inputs(model, batch=64, seed=11, dims={"tokens": 5})
-        reference = run(model, feeds)[0]
-        errors = {k: float(np.mean((run(r.model, feeds)[0] - reference) ** 2)) for k, r in results.items()}
         assert errors["obs"] < errors["none"], errors
 
 

@@ -5,10 +5,12 @@ JSON schema (version 1):
   "spa_plan": 1,
   "model": "<file name the plan was made for>",
   "groups":  [{"id": int, "kind": "channels" | "heads" | "head-dim" | "hidden", "size": int, "removed": int,
-               "members": [[tensor, axis], ...]}],
+               "members": [[tensor, axis], ...], "channels_removed": int}],
   "weights": [{"name": str, "axis": int, "group": int, "kept": [int], "removed": [int]}],
   "weights_changed": null | "<what updated the kept weights: obspa compensation, --recover distillation>"
 }
+`size` and `removed` count the group's units (channels, heads); a group whose channels go in blocks
+(a MatMulNBits' input) counts blocks there and says how many channels went in `channels_removed`.
 `weights` has one entry per sliced weight tensor axis (initializer or Constant output); indices are
 into the original tensor. `spa apply-plan` re-analyses the model and replays the removals (the
 kept weights as they are: where `weights_changed` says a prune updated them, it warns).

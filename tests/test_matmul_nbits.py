@@ -11,7 +11,7 @@ from builder import nbits_mlp
 from oracle import check_exact, compensated_and_not
 from spa import analyze
 from spa.cost import count_params
-from spa.graph import Graph
+from spa.graph import Graph, attr
 from spa.pipeline import prune
 from spa.quant import nbits_weight
 from spa.report import describe, format_analysis, removed_by_kind
@@ -33,7 +33,7 @@ def _nodes(model):
 
 def _width(model, output):
     """N of the MatMulNBits that writes `output`."""
-    return next(a.i for n in _nodes(model) if n.output[0] == output for a in n.attribute if a.name == "N")
+    return next(attr(n, "N") for n in _nodes(model) if n.output[0] == output)
 
 
 def _inits(model):
@@ -50,7 +50,7 @@ def test_matmul_nbits_weights_dequantize_as_onnxruntime_does(layout):
     values = {}
     for node in _nodes(model):
         w = nbits_weight(g, node)
-        values[node.output[0]] = (w.reshape(len(w), -1)[:, :node.attribute[0].i],
+        values[node.output[0]] = (w.reshape(len(w), -1)[:, :attr(node, "K")],
                                   g.consts[node.input[5]] if len(node.input) > 5 else 0.0)
 
     def dense(x, out):

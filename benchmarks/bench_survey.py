@@ -393,8 +393,8 @@ def generalise(reason: str) -> str:
 
 
 def _more_with_hidden(path: str, facts: dict | None, default: dict, timeout: float) -> int:
-    """Channels more that `--granularity channels,heads,hidden` (through normalisation statistics,
-    approximate) finds prunable than the default does: a second `spa analyze`."""
+    """How many more channels `--granularity channels,heads,hidden` (through normalisation
+    statistics, approximate) finds prunable than the default does: a second `spa analyze`."""
     rc, out, _, _ = _run([sys.executable, "-m", "spa.cli", "analyze", "--json", "-q", "--granularity",
                           "channels,heads,hidden", path], timeout)
     try:

@@ -355,7 +355,6 @@ def test_onnxruntime_dying_in_the_shape_probe_takes_only_the_probe_with_it(monke
     """The shape probe runs the model at sizes it was not built for; onnxruntime can die of a signal
     there (onnx-asr's wespeaker fbank: SIGFPE, an integer division by zero on fewer samples than its
     window). The probe runs in a forked child, so the command goes on without the probed shapes."""
-    sys.path.insert(0, os.path.dirname(__file__))
     from builder import nbits_mlp  # a com.microsoft op: shape inference leaves its output to the probe
     import spa.runtime
 

@@ -44,6 +44,11 @@ def _calibrated_cnn(seed=0, shift=(1.5, -1.0, 0.5), spread=0.5):
     return model
 
 
+def _frontend(distill):
+    """A stand-in for plugins.load: `distill` as the recovery frontend, whose check passes."""
+    return lambda group, name: distill if name == "distill" else (lambda model: None)
+
+
 def _mlp(seed=1):
     b = Builder(seed=seed)
     x = b.input(["batch", 12])
@@ -318,7 +323,7 @@ def test_pipeline_recovery_draws_fresh_synthetic_batches_and_judges_on_the_held_
         seen.update(batches=batches, holdout=holdout)
         return RecoveryResult(pruned, False, 1.0, 1.0, 0.0, 0)
 
-    monkeypatch.setattr(plugins, "load", lambda group, name: fake if name == "distill" else lambda model: None)
+    monkeypatch.setattr(plugins, "load", _frontend(fake))
     messages = []
     prune(_mlp(), Target(ratio=0.5), criterion="obspa", recover=5, progress=messages.append,
           calibration="synthetic", calibration_samples=32)
@@ -337,7 +342,7 @@ def test_pipeline_passes_the_recovery_lr_to_the_frontend_only_when_given(monkeyp
         seen.append(options)
         return RecoveryResult(pruned, False, 1.0, 1.0, 0.0, 0)
 
-    monkeypatch.setattr(plugins, "load", lambda group, name: fake if name == "distill" else lambda model: None)
+    monkeypatch.setattr(plugins, "load", _frontend(fake))
     prune(_mlp(), Target(ratio=0.5), criterion="l1", recover=5)
     prune(_mlp(), Target(ratio=0.5), criterion="l1", recover=5, recover_lr=2e-5)
     assert seen == [{}, {"lr": 2e-5}]
@@ -411,7 +416,7 @@ def test_the_pipeline_passes_a_time_to_the_frontend_as_seconds(monkeypatch):
         seen.append((steps, options))
         return RecoveryResult(pruned, False, 1.0, 1.0, 0.0, 0)
 
-    monkeypatch.setattr(plugins, "load", lambda group, name: fake if name == "distill" else lambda model: None)
+    monkeypatch.setattr(plugins, "load", _frontend(fake))
     prune(_mlp(), Target(ratio=0.5), criterion="l1", recover="2m")
     prune(_mlp(), Target(ratio=0.5), criterion="l1", recover="300")
     assert seen == [(0, {"seconds": 120.0}), (300, {})]
@@ -453,7 +458,7 @@ def test_pipeline_recovery_interleaves_calibration_sentences_with_fresh_syntheti
         seen.update(batches=batches, holdout=holdout)
         return RecoveryResult(pruned, False, 1.0, 1.0, 0.0, 0)
 
-    monkeypatch.setattr(plugins, "load", lambda group, name: fake if name == "distill" else lambda model: None)
+    monkeypatch.setattr(plugins, "load", _frontend(fake))
     (tmp_path / "s.txt").write_text("\n".join(SENTENCES * 4), encoding="utf-8")
     real = {tuple(_ids(s)) for s in SENTENCES if s.strip()}
 

@@ -57,7 +57,7 @@ from .rewrite import fill_to_constant
 from .layers import Layer, find_layers
 from .quant import as_float, is_integer_weight, layer_value, requantized, weight_grid
 from .selection import Target
-from .verify import masked_original
+from .verify import masked_integer_copies, masked_original
 
 MAX_COLUMNS = 8192  # wider layers: diagonal Hessian (an 8192^2 float64 H is 512 MB)
 COMPENSATIONS = ("reference", "obs", "scale", "none")
@@ -458,7 +458,8 @@ def compensate(analysis, plan, layers, batches, damp, progress, max_columns=MAX_
     reference = how == "reference"
     references = StagedRun(analysis.model, by_output, every, "reference").stages({}, wanted) if reference else None
     outcome: dict = {}
-    for stage, names, values in run.stages(weights, wanted):
+    read = {}  # what the masked model reads: the new weights, integer ones through their masked copies
+    for stage, names, values in run.stages(read, wanted):
         refs = next(references)[2] if reference else None
         current = [by_output[n] for n in names]
         reuse = stage == 0 and first is not None and not reference and all(first.of(l) for l in current)
@@ -480,6 +481,8 @@ def compensate(analysis, plan, layers, batches, damp, progress, max_columns=MAX_
             outcome[result] = outcome.get(result, 0) + 1
             if result == "failed":
                 progress(f"warning: layer '{g.node_name(layer.node)}' left uncompensated (no finite update)")
+        read.update(weights)
+        read.update(masked_integer_copies(analysis, plan, weights))
     if outcome.get("kept"):
         progress(f"{outcome['kept']} of {len(todo)} layers kept uncompensated: the update did not reproduce "
                  "their outputs better on held-out inputs")

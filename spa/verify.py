@@ -226,7 +226,7 @@ def _with_masks(analysis, removed_of, every: bool = False) -> tuple:
         key = (tensor, axis)
         integer = None if key in masked else at_zero_point(g, tensor, axis, removed)
         if integer is not None:  # a QOperator layer's integer weight: removed slices := zero point
-            masked[key] = f"{tensor}__spa_masked{axis}"
+            masked[key] = _masked_name(tensor, axis)
             model.graph.initializer.append(numpy_helper.from_array(integer, masked[key]))
             masks[masked[key]] = key
             replaced.add(tensor)
@@ -235,7 +235,7 @@ def _with_masks(analysis, removed_of, every: bool = False) -> tuple:
             shape[axis] = g.dim(tensor, axis)
             mask = np.ones(shape, dtype=_NP_TYPES.get(types(tensor), np.float32))
             np.moveaxis(mask, axis, 0)[removed] = 0
-            out = f"{tensor}__spa_masked{axis}"
+            out = _masked_name(tensor, axis)
             model.graph.initializer.append(numpy_helper.from_array(mask, out + "_mask"))
             model.graph.node.append(helper.make_node("Mul", [tensor, out + "_mask"], [out]))
             masked[key] = out
@@ -244,6 +244,23 @@ def _with_masks(analysis, removed_of, every: bool = False) -> tuple:
     _drop_unread(model, replaced)
     sort_topologically(model.graph)  # the masks' Mul nodes were appended at the end
     return model, masks
+
+
+def _masked_name(tensor: str, axis: int) -> str:
+    return f"{tensor}__spa_masked{axis}"
+
+
+def masked_integer_copies(analysis, plan: Plan, weights: dict) -> dict:
+    """{name: value} of the copies through which masked_original(plan) reads the integer weights in
+    `weights` (new values, e.g. compensated): each with its removed slices at the zero point, as
+    the model's own are. Replacing the weight by name would not reach its reader."""
+    g, copies = analysis.graph, {}
+    for node_index, slot, axis in analysis.contracted:
+        tensor = g.nodes[node_index].input[slot]
+        removed = plan.removed(tensor, axis)
+        if tensor in weights and len(removed) and is_integer_weight(g, tensor):
+            copies[_masked_name(tensor, axis)] = at_zero_point(g, tensor, axis, removed, weights[tensor])
+    return copies
 
 
 def _drop_unread(model: onnx.ModelProto, names: set) -> None:

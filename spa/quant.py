@@ -146,7 +146,7 @@ def weight_value(g: Graph, tensor: str) -> np.ndarray:
     DequantizeLinear, a QOperator layer or a MatMulNBits reads it; float32 / float64 as stored; any
     other type (float16, bfloat16, integers) in float64, so that squares and absolute values neither
     overflow nor wrap."""
-    packed = _packed_reader(g, tensor)
+    packed = nbits_reader(g, tensor)
     if packed is not None:
         return nbits_weight(g, packed)
     node = dequantizer(g, tensor)
@@ -172,17 +172,11 @@ def quantized_source(g: Graph, tensor: str) -> str | None:
     return node.input[0] if dequantizer(g, node.input[0]) is node else None
 
 
-def _packed_reader(g: Graph, tensor: str):
-    """The MatMulNBits that reads constant `tensor` as its weight, with constant block parameters."""
-    node = nbits_reader(g, tensor)
-    return node if node is not None and nbits_blocks(g, node) is not None else None
-
-
 def is_integer_weight(g: Graph, tensor: str) -> bool:
     """An integer constant that a QOperator, dynamically quantized or MatMulNBits layer reads as its
     weight."""
     return tensor in g.consts and np.asarray(g.consts[tensor]).dtype.kind in "iu" \
-        and (qoperator_params(g, tensor) is not None or _packed_reader(g, tensor) is not None)
+        and (qoperator_params(g, tensor) is not None or nbits_reader(g, tensor) is not None)
 
 
 def as_float(g: Graph, tensor: str, stored: np.ndarray) -> np.ndarray:
@@ -190,7 +184,7 @@ def as_float(g: Graph, tensor: str, stored: np.ndarray) -> np.ndarray:
     MatMulNBits weight as the [N, K] matrix its packed blocks hold)."""
     if not is_integer_weight(g, tensor):
         return stored
-    packed = _packed_reader(g, tensor)
+    packed = nbits_reader(g, tensor)
     if packed is not None:
         value = nbits_weight(g, packed, stored)
         return value.reshape(len(value), -1)[:, :attr(packed, "K")]
@@ -201,7 +195,7 @@ def weight_grid(g: Graph, tensor: str) -> tuple:
     """(scale, zero point, lowest, highest integer) of integer weight `tensor` as its layer's OBS
     matrices hold it, rows the output channels: scale and zero point one per row (or one for all),
     or for a MatMulNBits one per weight ([N, K], a scale per block)."""
-    packed = _packed_reader(g, tensor)
+    packed = nbits_reader(g, tensor)
     if packed is not None:
         return (*_nbits_grid(g, packed), 0, (1 << attr(packed, "bits", 4)) - 1)
     scale, zero, _ = qoperator_params(g, tensor)
@@ -214,7 +208,7 @@ def requantized(g: Graph, tensor: str, value: np.ndarray) -> np.ndarray:
     """Float `value` on integer weight `tensor`'s grid: round(value / scale) + zero point, clipped to
     its integer type (an OBS update of a dynamically quantized layer, written back as integers; of a
     MatMulNBits, packed as its weight)."""
-    packed = _packed_reader(g, tensor)
+    packed = nbits_reader(g, tensor)
     if packed is not None:
         return _nbits_requantized(g, packed, value)
     scale, zero, axis = qoperator_params(g, tensor)
@@ -236,11 +230,9 @@ def requantized(g: Graph, tensor: str, value: np.ndarray) -> np.ndarray:
 
 def layer_value(g: Graph, tensor: str) -> np.ndarray:
     """A layer's weight: a float constant, or the dequantized value of an integer one (a
-    DequantizeLinear's or a QOperator / dynamically quantized layer's)."""
+    DequantizeLinear's, or a QOperator / dynamically quantized / MatMulNBits layer's: as_float)."""
     if tensor in g.consts:
-        if _packed_reader(g, tensor) is not None:
-            return as_float(g, tensor, g.consts[tensor])
-        return weight_value(g, tensor) if qoperator_params(g, tensor) is not None else g.consts[tensor]
+        return as_float(g, tensor, g.consts[tensor])
     return weight_value(g, quantized_source(g, tensor))
 
 
@@ -269,12 +261,15 @@ def at_zero_point(g: Graph, tensor: str, axis: int, removed, value=None) -> np.n
 
 
 def nbits_reader(g: Graph, tensor: str):
-    """The MatMulNBits node that reads constant `tensor` as its packed weight B (its only reader)."""
+    """The MatMulNBits node that reads constant `tensor` as its packed weight B (its only reader),
+    with constant scales and zero points (`nbits_blocks`); else None."""
     uses = g.consumers.get(tensor, [])
     if tensor not in g.consts or len(uses) != 1 or uses[0][1] != 1:
         return None
     node = g.nodes[uses[0][0]]
-    return node if node.op_type == "MatMulNBits" and node.domain == "com.microsoft" else None
+    if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+        return None
+    return node if nbits_blocks(g, node) is not None else None
 
 
 def unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import SpaError, first_line
-from ..runtime import declared_inputs
+from ..runtime import batch_names, declared_inputs
 from . import text_lines
 from .files import IMAGENET_MEAN, IMAGENET_STD, _fitted, _per_channel
 from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MIN_TOKENS, TOKENS,
-                     _checked_shapes, _declared, _hint, _image_layout, _Input, _spatial_axes, batch_names,
-                     metadata_image_size, position_limit, vocabulary_size)
+                     _checked_shapes, _declared, _hint, _image_layout, _Input, _spatial_axes, metadata_image_size,
+                     position_limit, vocabulary_size)
 from .synthetic import _integer_input, natural_noise
 from .text import synthetic_vocabulary
 

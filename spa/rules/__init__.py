@@ -182,8 +182,8 @@ from .layers import (  # noqa: E402
 )
 from .norms import BatchNormRule, GroupNormRule, LayerNormRule  # noqa: E402
 from .quantized import (  # noqa: E402
-    ConvIntegerRule, DynamicQuantize, MatMulIntegerRule, MatMulNBitsRule, QGemmRule, QLinearBroadcast, QLinearConcat,
-    QLinearConvRule, QLinearMatMulRule, QLinearPool, QLinearUnary, QuantizeDequantize, channel_params,
+    ConvIntegerRule, DynamicQuantize, MatMulIntegerRule, MatMulNBitsRule, QGemmRule, QLinearBroadcast,
+    QLinearConcat, QLinearConvRule, QLinearMatMulRule, QLinearPool, QLinearUnary, QuantizeDequantize, channel_params,
     integer_weight, per_tensor,
 )
 from .recurrent import ZERO_VIEWS, Recurrent  # noqa: E402
@@ -208,7 +208,7 @@ __all__ = [
     "Transpose", "SqueezeUnsqueeze", "Reshape", "Expand", "DepthToSpace", "INFERRED", "LAYOUT_OPS",
     "shape_vector_pieces", "fold_factor", "rewrite_shape_vector", "constant_size_at", "reshape_map",
     "Concat", "Split", "Slice", "Gather",
-    "QuantizeDequantize", "DynamicQuantize", "MatMulIntegerRule", "ConvIntegerRule", "QLinearUnary",
+    "QuantizeDequantize", "DynamicQuantize", "MatMulIntegerRule", "MatMulNBitsRule", "ConvIntegerRule", "QLinearUnary",
     "QLinearBroadcast", "QLinearConcat",
     "QLinearPool", "QLinearConvRule", "QLinearMatMulRule", "QGemmRule", "per_tensor", "channel_params",
     "integer_weight",

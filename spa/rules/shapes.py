@@ -6,6 +6,7 @@ import numpy as np
 
 from ..graph import attr, fill_unknown_dim
 from . import Ctx, Frozen, Link, Rule, identity, register, rule_for
+from .recurrent import Recurrent
 
 
 @register
@@ -305,7 +306,7 @@ def _unfold_virtual(shape_from, shape_to, axis, channels):
 LAYOUT_OPS = ("Unsqueeze", "Squeeze", "Transpose", "Identity")
 
 
-RECURRENT_OPS = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")
+RECURRENT_OPS = (*Recurrent.ops, "DynamicQuantizeLSTM")  # the latter: com.microsoft, int8 weights
 
 
 def _is_direction_axis(c: Ctx, tensor, axis, depth=0) -> bool:

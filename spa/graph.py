@@ -759,13 +759,18 @@ def _run_with_outputs(model: onnx.ModelProto, names, values: bool = True, notes:
     try:
         return in_child_process(probe_runs)
     except ChildDied as died:
-        if notes is not None and str(died) not in notes:
-            notes.append(str(died))
+        note = _probe_death(died.exitcode)
+        if notes is not None and note not in notes:
+            notes.append(note)
         return None
 
 
 class ChildDied(Exception):
     """The child process of `in_child_process` died before it could answer."""
+
+    def __init__(self, exitcode):
+        super().__init__(f"child process died (exit code {exitcode})")
+        self.exitcode = exitcode
 
 
 def in_child_process(work):
@@ -784,14 +789,14 @@ def in_child_process(work):
         result = receiver.recv()
     except EOFError:  # it died before sending
         child.join()
-        raise ChildDied(_death(child.exitcode)) from None
+        raise ChildDied(child.exitcode) from None
     finally:
         receiver.close()
     child.join()
     return result
 
 
-def _death(exitcode) -> str:
+def _probe_death(exitcode) -> str:
     import signal
 
     cause = f"was killed by {signal.Signals(-exitcode).name}" if exitcode and exitcode < 0 else \

@@ -498,3 +498,20 @@ def test_the_masked_model_reads_new_integer_weights_through_their_masked_copies(
             t.CopyFrom(numpy_helper.from_array(copies[t.name], t.name))
     feeds = random_inputs(model, batch=4, seed=5, dims={"tokens": 5})
     np.testing.assert_allclose(run(masked, feeds)[0], run(result.model, feeds)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_bidirectional_lstm_merged_by_reshape_prunes_exactly_entered_from_the_merged_side():
+    """The float counterpart: a layer before the LSTM in node order reaches the Reshape from its
+    merged side first; unit j of both directions goes together (the LSTM's one hidden size), and
+    the pruned model matches the oracle."""
+    b = Builder(opset=17)
+    hidden = 8
+    x = b.input(["sequence", N, 16])
+    beside = b.op("MatMul", [x, b.weight(16, 2 * hidden)])
+    y = b.op("LSTM", [x, b.weight(2, 4 * hidden, 16), b.weight(2, 4 * hidden, hidden)], n_out=3,
+             hidden_size=hidden, direction="bidirectional")[0]
+    merged = b.op("Reshape", [b.op("Transpose", [y], perm=[0, 2, 1, 3]), b.const(np.array([0, 0, 2 * hidden]))])
+    b.output(b.op("MatMul", [b.op("Add", [merged, beside]), b.weight(2 * hidden, 4)]))
+    result = check_exact(b.model(), dims={"sequence": 5})
+    lstm = next(n for n in result.model.graph.node if n.op_type == "LSTM")
+    assert next(a.i for a in lstm.attribute if a.name == "hidden_size") < hidden

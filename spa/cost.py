@@ -12,8 +12,8 @@ from .quant import QOPERATOR_WEIGHTS
 from .runtime import is_float
 
 CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}  # op -> weight slot
-MATRIX_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm", "MatMulNBits")  # A is input 0 of each
-MAC_OPS = (*CONV_WEIGHT, "ConvTranspose", *MATRIX_OPS, "LSTM", "GRU", "RNN")
+MATRIX_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm", "MatMulNBits", "FusedMatMul")  # A: input 0
+MAC_OPS = (*CONV_WEIGHT, "ConvTranspose", *MATRIX_OPS, "LSTM", "GRU", "RNN", "Attention")
 
 
 def concrete_shapes(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None,
@@ -71,8 +71,14 @@ def node_macs(node, dim) -> int:
             return int(numel(node.input[0]) * per_in)
         if op in MATRIX_OPS:
             a = node.input[0]
-            k_axis = 0 if (op in ("Gemm", "QGemm") and any(x.name == "transA" and x.i for x in node.attribute)) else -1
+            trans_a = any(x.name == "transA" and x.i for x in node.attribute)
+            k_axis = {"Gemm": 0, "QGemm": 0, "FusedMatMul": -2}.get(op, -1) if trans_a else -1
             return int(numel(node.output[0]) * dim(a, k_axis % _rank(dim, a)))
+        if op == "Attention":  # com.microsoft: x [B, S, hidden] times the packed q | k | v weight, then
+            x, columns = node.input[0], dim(node.input[1], 1)  # q k^T and the weights times v per head
+            sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"), [1, 1, 1])
+            rows = numel(x) // dim(x, 2)
+            return int(rows * dim(x, 2) * columns + rows * dim(x, 1) * columns * (sizes[0] + sizes[2]) / sum(sizes))
         if op in ("LSTM", "GRU", "RNN"):
             w, r, x = node.input[1], node.input[2], node.input[0]
             steps, batch = dim(x, 0), dim(x, 1)

@@ -12,6 +12,7 @@ from onnx import TensorProto
 
 from .errors import SpaError
 from .external_data import SUB_BYTE_BITS, data_bytes
+from .runtime import onnxruntime_onnx_ops
 
 _TYPED_PACKED = {t for t, bits in SUB_BYTE_BITS.items() if bits in (2, 4)}  # int32_data holds packed bytes
 _COMPLEX = {TensorProto.COMPLEX64, TensorProto.COMPLEX128}
@@ -185,7 +186,7 @@ def check_structure(model: onnx.ModelProto, path: str) -> None:
     local = {(f.domain, f.name) for f in model.functions}
     for k, node in enumerate(graph.node):
         if node.domain in ("", "ai.onnx") and (node.domain, node.op_type) not in local and \
-                not onnx.defs.has(node.op_type):
+                not onnx.defs.has(node.op_type) and node.op_type not in onnxruntime_onnx_ops():
             raise SpaError(f"{path}: node '{node.name or '#' + str(k)}' has operator '{node.op_type}', which ONNX "
                            "does not define")
     for k, node in enumerate(graph.node):

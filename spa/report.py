@@ -203,6 +203,8 @@ def _in_out(node, shape) -> tuple:
         return int(shape[2]), int(shape[1] // _GATES[node.op_type])
     if node.op_type == "MatMulNBits":  # weight packed as [N, blocks, bytes]
         return int(attrs["K"]), int(attrs["N"])
+    if node.op_type == "FusedMatMul" and attrs.get("transB"):
+        return int(shape[-1]), int(shape[-2])
     return int(shape[-2]), int(shape[-1])
 
 

@@ -1,6 +1,8 @@
 """onnxruntime helpers: input specs, random inputs, sessions."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -39,6 +41,18 @@ OTHER_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
 DEFAULT_DIM = 32  # the size of a symbolic input dim nobody gave (verification, reports)
+
+
+@functools.cache
+def onnxruntime_onnx_ops() -> frozenset:
+    """Ops onnxruntime defines in the ONNX domain and ONNX does not: SimplifiedLayerNormalization,
+    the RMS norm its transformer optimizer writes, and ONNX's retired experimental ops."""
+    try:
+        from onnxruntime.capi import _pybind_state
+        schemas = _pybind_state.get_all_operator_schema()
+    except (ImportError, AttributeError):  # a build without its schemas
+        return frozenset({"SimplifiedLayerNormalization"})
+    return frozenset(s.name for s in schemas if s.domain in ("", "ai.onnx") and not onnx.defs.has(s.name))
 
 
 def input_specs(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None, default_dim: int = DEFAULT_DIM,

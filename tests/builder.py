@@ -157,3 +157,29 @@ def nbits_mlp(hidden=64, width=200, bits=4, block=32, zero_points=True, flat=Fal
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets)
+
+
+def fused_transformer_block(hidden=32, heads=4, qk_head=8, v_head=6, ffn=48, tokens=5, seed=0):
+    """A post-norm transformer block in com.microsoft's fused ops (what onnxruntime's transformer
+    optimizer writes), with the rarer options: Attention with qkv_hidden_sizes (value heads narrower
+    than the query/key heads) and a constant attention bias [1, heads, tokens, tokens];
+    SimplifiedLayerNormalization; an MLP through FastGelu (with bias), QuickGelu and Gelu;
+    SkipSimplifiedLayerNormalization; projections from and to 8 features around the block (so that
+    the hidden size can prune). x and y: [N, tokens, 8]."""
+    b = Builder(seed=seed)
+    x = b.op("MatMul", [b.input(["N", tokens, 8], "x"), b.weight(8, hidden)])
+    q, v = heads * qk_head, heads * v_head
+    bias = b.const((b.rng.standard_normal((1, heads, tokens, tokens)) * 0.5).astype(np.float32), "attention_bias")
+    ms = dict(domain="com.microsoft")
+    a = b.op("Attention", [x, b.weight(hidden, 2 * q + v), b.weight(2 * q + v), "", "", bias],
+             num_heads=heads, qkv_hidden_sizes=[q, q, v], **ms)
+    r = b.op("Add", [b.op("MatMul", [a, b.weight(v, hidden)]), x])
+    n = b.op("SimplifiedLayerNormalization", [r, b.positive(hidden)], axis=-1, epsilon=1e-5)
+    h = b.op("FastGelu", [b.op("MatMul", [n, b.weight(hidden, ffn)]), b.weight(ffn)], **ms)
+    h = b.op("Gelu", [b.op("QuickGelu", [h], alpha=1.702, **ms)], **ms)
+    y = b.op("SkipSimplifiedLayerNormalization", [b.op("MatMul", [h, b.weight(ffn, hidden)]), n, b.positive(hidden)],
+             epsilon=1e-5, **ms)
+    b.output(b.op("MatMul", [y, b.weight(hidden, 8)]), ["N", tokens, 8])
+    graph = helper.make_graph(b.nodes, "fused_transformer_block", b.inputs, b.outputs, b.inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)

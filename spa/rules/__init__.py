@@ -7,7 +7,7 @@ with a reason; nothing is ever guessed. Rules may also seed channel sources (wei
 and rewrite attributes or shape constants once the plan is known.
 
 The rules live in one module per op family (elementwise, layers, norms, axis, shapes, joins,
-quantized, filled, recurrent, boundaries); this module holds the registry core. Adding an
+attention, quantized, filled, recurrent, boundaries); this module holds the registry core. Adding an
 operator means adding one rule class to its family's module (and one equivalence test).
 """
 from __future__ import annotations
@@ -170,7 +170,7 @@ def same_axis_everywhere(c: Ctx, tensor, axis, tensors):
 # these imports come last. The rule classes and public helpers are re-exported: `spa.rules.X`
 # works as it did when the rules were one module.
 from . import (  # noqa: E402,F401
-    axis, boundaries, elementwise, filled, joins, layers, norms, quantized, recurrent, shapes,
+    attention, axis, boundaries, elementwise, filled, joins, layers, norms, quantized, recurrent, shapes,
 )
 from .axis import AxisOp, Pad, Reduce, Resize, Softmax, Spatial, TopK  # noqa: E402
 from .boundaries import FLOAT_TYPES, PARAMETER_OPS, VIEW_OPS, ShapeOnly  # noqa: E402
@@ -197,7 +197,7 @@ __all__ = [
     "Frozen", "Link", "FreezeIndices", "identity", "Ctx", "Rule", "REGISTRY", "register", "rule_for",
     "Boundary", "same_axis_everywhere",
     # family modules
-    "axis", "boundaries", "elementwise", "filled", "joins", "layers", "norms", "quantized",
+    "attention", "axis", "boundaries", "elementwise", "filled", "joins", "layers", "norms", "quantized",
     "recurrent", "shapes",
     # rules and helpers, by family
     "Unary", "Broadcast",

@@ -53,3 +53,13 @@ class Broadcast(Rule):
                 raise Frozen(f"size of '{t}' axis {a} unknown")
             links.append(identity((tensor, axis), (t, a), size))
         return links
+
+
+@register
+class FusedActivation(Broadcast):
+    """com.microsoft's element-wise fusions (onnxruntime's transformer optimizer and its saved
+    graphs): Gelu, FastGelu (x [+ bias]), QuickGelu, BiasGelu (x + bias).
+    The bias runs along the last axis: numpy broadcasting, as for Add."""
+
+    domain = "com.microsoft"
+    ops = ("Gelu", "FastGelu", "QuickGelu", "BiasGelu")

@@ -190,15 +190,20 @@ class MatMulRule(Rule):
             return [(c.out(0), c.rank(c.out(0)) - 2)]
         return []
 
+    def transposed(self, c) -> tuple:
+        """Whether A and B enter transposed (their last two axes swapped)."""
+        return False, False
+
     def propagate(self, c, tensor, axis):
         a, b, y = c.inp(self.A), c.inp(self.B), c.out(0)
         ra, rb, ry = c.rank(a), c.rank(b), c.rank(y)
         if ra < 2 or rb < 2:
             raise Frozen(f"{c.node.op_type} with a 1-D operand")
         pair = (tensor, axis)
+        ta, tb = self.transposed(c)
         roles = {  # axis -> role for each operand and the output
-            (a, ra - 1): "k", (b, rb - 2): "k", (a, ra - 2): "m", (y, ry - 2): "m",
-            (b, rb - 1): "n", (y, ry - 1): "n",
+            (a, ra - 1 - ta): "k", (b, rb - 2 + tb): "k", (a, ra - 2 + ta): "m", (y, ry - 2): "m",
+            (b, rb - 1 - tb): "n", (y, ry - 1): "n",
         } | self.params(c)
         role = roles.get(pair)
         size = c.dim(tensor, axis)
@@ -216,3 +221,17 @@ class MatMulRule(Rule):
             if t != tensor and ax >= 0 and c.dim(t, ax) not in (1,):
                 links.append(identity(pair, (t, ax), size))
         return links
+
+
+@register
+class FusedMatMulRule(MatMulRule):
+    """com.microsoft FusedMatMul (onnxruntime's MatMul with the transposes of its operands' last two
+    axes and a scale folded in: alpha * A' x B'). Transposed batch axes (transBatchA/B) are frozen."""
+
+    domain = "com.microsoft"
+    ops = ("FusedMatMul",)
+
+    def transposed(self, c):
+        if c.attr("transBatchA", 0) or c.attr("transBatchB", 0):
+            raise Frozen("FusedMatMul with transposed batch axes (transBatchA/B)")
+        return bool(c.attr("transA", 0)), bool(c.attr("transB", 0))

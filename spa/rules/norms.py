@@ -83,3 +83,73 @@ class LayerNormRule(Rule):
             if a >= 0 and c.dim(t, a) == size:
                 pairs.append((t, a))
         return [identity((tensor, axis), p, size, unit="approximate") for p in pairs if p != (tensor, axis)]
+
+
+@register
+class SimplifiedLayerNormRule(LayerNormRule):
+    """onnxruntime's RMS normalisation in the ONNX domain (SimplifiedLayerNormalization, x and
+    scale, the LLaMA norm its optimizer and onnxruntime-genai write)."""
+
+    ops = ("SimplifiedLayerNormalization",)
+
+
+@register
+class SkipLayerNormRule(Rule):
+    """com.microsoft SkipLayerNormalization (input, skip, gamma, [beta], [bias]) and its RMS form
+    SkipSimplifiedLayerNormalization (input, skip, gamma, [bias]): LayerNorm over the last axis of
+    input + skip + bias. Outputs: the normalised sum, mean and inverse deviation (last axis 1) and the
+    sum itself. The last axis is the hidden size: approximate, as for LayerNormalization."""
+
+    domain = "com.microsoft"
+    ops = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+
+    def propagate(self, c, tensor, axis):
+        x = c.inp(0)
+        r = c.rank(x)
+        data = [c.inp(0), c.inp(1), c.out(0), c.out(3)]
+        params = [t for t in list(c.node.input)[2:] if t]
+        last = c.dim(x, r - 1)
+        if tensor in params:
+            data_axis = r - 1 if axis == c.rank(tensor) - 1 else -1
+        else:
+            data_axis = axis + r - c.rank(tensor)
+        if data_axis < 0:
+            raise Frozen(f"{c.node.op_type}: channel on axis {axis} of '{tensor}'")
+        pairs = []
+        for t in data + [c.out(1), c.out(2)]:
+            a = data_axis - (r - c.rank(t)) if t else -1
+            size = c.dim(t, a) if a >= 0 else 1
+            if size is None:
+                raise Frozen(f"{c.node.op_type}: size of '{t}' axis {a} unknown")
+            if size == c.dim(tensor, axis):
+                pairs.append((t, a))
+        if data_axis < r - 1:
+            return [identity((tensor, axis), p, c.dim(tensor, axis)) for p in pairs if p != (tensor, axis)]
+        if not c.options.approximate:
+            raise Frozen(f"{c.node.op_type} normalises over the channel axis (pruning it changes "
+                         "the statistics; allow with --granularity hidden)")
+        c.options.approximate_nodes.add(c.g.node_name(c.index))
+        pairs += [(t, c.rank(t) - 1) for t in params if c.dim(t, c.rank(t) - 1) == last]
+        return [identity((tensor, axis), p, last, unit="approximate") for p in pairs if p != (tensor, axis)]
+
+
+@register
+class EmbedLayerNormRule(Rule):
+    """com.microsoft EmbedLayerNormalization (BERT's embeddings fused by onnxruntime's optimizer):
+    LayerNorm(word[ids] + position[positions] + segment[segment ids]) with gamma and beta, and the
+    sum before the norm as an optional third output. Its channels are the hidden size (the last
+    axis of the tables and outputs): approximate, as for LayerNormalization."""
+
+    domain = "com.microsoft"
+    ops = ("EmbedLayerNormalization",)
+
+    def propagate(self, c, tensor, axis):
+        pairs = [(t, c.rank(t) - 1) for t in [c.out(0), c.out(2)] + [c.inp(k) for k in range(2, 7)] if t]
+        if (tensor, axis) not in pairs:
+            raise Frozen(f"EmbedLayerNormalization: channel on axis {axis} of '{tensor}'")
+        if not c.options.approximate:
+            raise Frozen("EmbedLayerNormalization normalises over the channel axis (pruning it changes "
+                         "the statistics; allow with --granularity hidden)")
+        c.options.approximate_nodes.add(c.g.node_name(c.index))
+        size = c.dim(tensor, axis)
+        return [identity((tensor, axis), p, size, unit="approximate") for p in pairs if p != (tensor, axis)]

@@ -1,0 +1,106 @@
+"""onnxruntime's fused transformer ops (com.microsoft Attention, EmbedLayerNormalization,
+SkipLayerNormalization, SkipSimplifiedLayerNormalization, BiasGelu, FastGelu, QuickGelu, Gelu,
+FusedMatMul, and SimplifiedLayerNormalization), as its transformer optimizer and its saved
+optimized graphs write them: heads and MLP channels prune exactly against the oracle, the hidden
+size approximately."""
+import numpy as np
+import onnx
+import pytest
+
+from builder import fused_transformer_block
+from oracle import check_exact
+from spa import Options, analyze
+from spa.graph import attr, load_model
+from spa.pipeline import prune
+from spa.runtime import random_inputs, run
+from spa.selection import Target
+from spa.verify import masked_original
+
+HIDDEN = Options(granularity=("channels", "heads", "hidden"))
+
+
+def _attention(model):
+    return [n for n in model.graph.node if n.op_type == "Attention"]
+
+
+def test_fused_attention_prunes_whole_heads_exactly():
+    """com.microsoft Attention with value heads narrower than the query/key heads and a constant
+    attention bias: a head goes with its q, k and v columns, its output channels and its slice of the
+    bias; num_heads and qkv_hidden_sizes follow. The MLP's channels cross FastGelu, QuickGelu, Gelu."""
+    model = fused_transformer_block()
+    kinds = {g.kind for g in analyze(model).groups if g.prunable}
+    assert kinds == {"heads", "channels"}, kinds
+    result = check_exact(model, Target(ratio=0.5))
+    node = _attention(result.model)[0]
+    assert attr(node, "num_heads") == 2 and list(attr(node, "qkv_hidden_sizes")) == [16, 16, 12]
+    bias = {t.name: t for t in result.model.graph.initializer}[node.input[5]]
+    assert list(bias.dims) == [1, 2, 5, 5]
+
+
+def test_fused_norms_prune_the_hidden_size_approximately():
+    """SimplifiedLayerNormalization and SkipSimplifiedLayerNormalization freeze the hidden size with
+    their reason, and prune it only with --granularity hidden (the statistics change): bounded error."""
+    model = fused_transformer_block()
+    reasons = {r for g in analyze(model).groups for r in g.reasons()}
+    assert any(r.startswith("SkipSimplifiedLayerNormalization") and "--granularity hidden" in r for r in reasons)
+    assert "hidden" in {g.kind for g in analyze(model, HIDDEN).groups if g.prunable}
+    result = prune(model, Target(ratio=0.25), options=HIDDEN, criterion="l1")
+    feeds = random_inputs(model, batch=2, seed=3)
+    expected, got = run(masked_original(result.plan), feeds)[0], run(result.model, feeds)[0]
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.5
+
+
+def test_head_dim_granularity_is_refused_inside_fused_attention():
+    """Only whole heads go inside a packed Attention: head-dim granularity freezes them, saying why."""
+    reasons = {r for g in analyze(fused_transformer_block(), Options(granularity=("channels", "head-dim"))).groups
+               for r in g.reasons()}
+    assert any("head-dim granularity is not supported" in r for r in reasons), reasons
+
+
+# name in models.transformers, the optimizer's model_type, the fused ops it must write
+OPTIMIZED = {
+    "bert_eager": ("bert", {"Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu"}),
+    "gpt2": ("gpt2", {"SkipLayerNormalization", "FastGelu"}),
+    "t5_encoder": ("t5", {"SkipSimplifiedLayerNormalization", "FastGelu"}),
+}
+
+
+def _optimized(name, tmp_path):
+    pytest.importorskip("transformers")
+    optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
+    tz = pytest.importorskip("models.transformers")
+    source = tz.cached_export_transformer(name, "torchscript")
+    model_type, fused = OPTIMIZED[name]
+    path = str(tmp_path / f"{name}_optimized.onnx")
+    optimizer.optimize_model(source, model_type=model_type, num_heads=tz.HEADS, hidden_size=tz.HIDDEN,
+                             opt_level=0).save_model_to_file(path)
+    optimized = load_model(path)  # what `spa prune` reads: ONNX-domain ops of onnxruntime's pass
+    assert fused <= {n.op_type for n in optimized.graph.node if n.domain == "com.microsoft"}
+    return optimized
+
+
+@pytest.mark.parametrize("name", OPTIMIZED)
+def test_files_from_onnxruntimes_transformer_optimizer_prune_exactly(name, tmp_path):
+    """Exports of HF models run through onnxruntime's transformer optimizer (what optimum's O2-O4
+    write): every op it fused had frozen everything; now MLP channels (and the fused Attention's heads)
+    prune, matching the oracle."""
+    model = _optimized(name, tmp_path)
+    kinds = {g.kind for g in analyze(model).groups if g.prunable}
+    assert "channels" in kinds and ("heads" in kinds or not _attention(model)), kinds
+    check_exact(model, Target(ratio=0.5), dims={"seq": 5, "sequence": 5})
+
+
+def test_a_graph_onnxruntime_saved_optimized_prunes_exactly(tmp_path):
+    """onnxruntime's own session optimisations, saved (optimized_model_filepath): Q K^T becomes a
+    FusedMatMul (transposed B, scale folded in) and the MLP a BiasGelu; heads and channels prune."""
+    ort = pytest.importorskip("onnxruntime")
+    tz = pytest.importorskip("models.transformers")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "saved.onnx")
+    ort.InferenceSession(tz.cached_export_transformer("bert_eager", "torchscript"), options,
+                         providers=["CPUExecutionProvider"])
+    model = onnx.load(options.optimized_model_filepath)
+    assert {"FusedMatMul", "BiasGelu"} <= {n.op_type for n in model.graph.node}
+    assert {"heads", "channels"} <= {g.kind for g in analyze(model).groups if g.prunable}
+    check_exact(model, Target(ratio=0.5), dims={"seq": 5, "sequence": 5})

@@ -183,3 +183,34 @@ def fused_transformer_block(hidden=32, heads=4, qk_head=8, v_head=6, ffn=48, tok
     graph = helper.make_graph(b.nodes, "fused_transformer_block", b.inputs, b.outputs, b.inits)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets)
+
+
+def gqa_attention(hidden=16, heads=4, kv_heads=2, head=4, tokens=5, rotary=True, packed=True, seed=0):
+    """ONNX Attention (opset 23) with grouped key/value heads (4 query heads over 2 key/value heads),
+    the query rotated by RotaryEmbedding (constant position ids: batch 1): x [1, tokens, hidden] -> q,
+    k, v -> attention -> out. `packed`: Q, K, V as [B, S, heads x head size] (q_num_heads,
+    kv_num_heads and the rotary's num_heads say how many); else split as [B, heads, S, head size] by
+    Reshape and Transpose, with the scale left implicit."""
+    b = Builder(opset=23, seed=seed)
+    x = b.input([1, tokens, hidden], "x")
+
+    def project(n):
+        y = b.op("MatMul", [x, b.weight(hidden, n * head)])
+        if packed:
+            return y
+        y = b.op("Reshape", [y, b.const(np.array([1, tokens, n, head], dtype=np.int64))])
+        return b.op("Transpose", [y], perm=[0, 2, 1, 3])
+
+    q, k, v = project(heads), project(kv_heads), project(kv_heads)
+    if rotary:
+        angles = np.arange(8)[:, None] * (1.0 / 10000 ** (np.arange(head // 2) / (head // 2)))[None, :]
+        cos, sin = (b.const(f(angles).astype(np.float32)) for f in (np.cos, np.sin))
+        q = b.op("RotaryEmbedding", [q, cos, sin, b.const(np.arange(tokens, dtype=np.int64)[None, :])],
+                 **({"num_heads": heads} if packed else {}))
+    if packed:
+        y = b.op("Attention", [q, k, v], q_num_heads=heads, kv_num_heads=kv_heads)
+    else:
+        y = b.op("Transpose", [b.op("Attention", [q, k, v])], perm=[0, 2, 1, 3])
+        y = b.op("Reshape", [y, b.const(np.array([1, tokens, heads * head], dtype=np.int64))])
+    b.output(b.op("MatMul", [y, b.weight(heads * head, hidden)]), [1, tokens, hidden])
+    return b.model()

@@ -90,3 +90,127 @@ class PackedAttentionRule(Rule):
         if c.attr("qkv_hidden_sizes"):
             plan.set_attr(c.node, "qkv_hidden_sizes",
                           [kept_heads * q // heads] * 2 + [kept_heads * v // heads])
+
+
+@register
+class AttentionRule(Rule):
+    """ONNX Attention (opset 23; what torch.onnx writes for scaled_dot_product_attention from opset
+    23): Q, K, V either [B, heads, S, head size] or [B, S, heads x head size] (q_num_heads and
+    kv_num_heads then say how many). With key/value heads shared by several query heads (kv_num_heads
+    < q_num_heads), query head h reads key/value head h // (q_num_heads / kv_num_heads): a key/value
+    head goes with the query heads it serves. In the 4-D form the head size prunes too (head-dim
+    granularity): Q's and K's positions are contracted here (the scale, when implicit, is set to the
+    original 1 / sqrt(head size)), V's pass to Y. Past and present keys and values follow the heads."""
+
+    ops = ("Attention",)
+    Q, K, V, MASK, PAST_K, PAST_V = range(6)
+
+    def _heads(self, c):
+        q, k = c.inp(self.Q), c.inp(self.K)
+        if c.rank(q) == 4:
+            heads, kv_heads = c.dim(q, 1), c.dim(k, 1)
+        else:
+            heads, kv_heads = c.attr("q_num_heads"), c.attr("kv_num_heads")
+        if not heads or not kv_heads or heads % kv_heads:
+            raise Frozen(f"Attention: {heads} query heads do not share {kv_heads} key/value heads evenly")
+        return heads, kv_heads
+
+    def _head_axes(self, c, heads, kv_heads):
+        """{pair: key/value group of each head} of the tensors with a head axis (axis 1)."""
+        share = heads // kv_heads
+        query_side = [c.inp(self.Q), c.out(0), c.out(3)]
+        kv_side = [c.inp(self.K), c.inp(self.V), c.inp(self.PAST_K), c.inp(self.PAST_V), c.out(1), c.out(2)]
+        if c.rank(c.inp(self.Q)) == 3:
+            query_side, kv_side = [c.out(3)], [c.inp(self.PAST_K), c.inp(self.PAST_V), c.out(1), c.out(2)]
+        axes = {(t, 1): np.arange(heads) // share for t in query_side if t}
+        axes |= {(t, 1): np.arange(kv_heads) for t in kv_side if t}
+        mask = c.inp(self.MASK)
+        if mask and c.rank(mask) == 4 and c.dim(mask, 1) == heads:
+            axes[(mask, 1)] = np.arange(heads) // share
+        return axes
+
+    def propagate(self, c, tensor, axis):
+        heads, kv_heads = self._heads(c)
+        pair = (tensor, axis)
+        if c.rank(c.inp(self.Q)) == 3:
+            return self._packed(c, pair, heads, kv_heads)
+        head_axes = self._head_axes(c, heads, kv_heads)
+        if pair in head_axes:
+            if "head-dim" in c.options.granularity:
+                raise Frozen("Attention: heads carry channels where head-dim granularity prunes head sizes")
+            return _head_links(pair, head_axes) if heads != kv_heads else \
+                [identity(pair, p, heads) for p in head_axes if p != pair]
+        keys = [(t, 3) for t in (c.inp(self.Q), c.inp(self.K), c.inp(self.PAST_K), c.out(1)) if t]
+        values = [(t, 3) for t in (c.inp(self.V), c.out(0), c.inp(self.PAST_V), c.out(2)) if t]
+        for side, contracted in ((keys, (c.index, self.Q)), (values, None)):
+            if pair in side:
+                return [identity(pair, p, c.dim(tensor, axis), contracted=contracted if p[0] == c.inp(self.Q) or
+                                 tensor == c.inp(self.Q) else None) for p in side if p != pair]
+        raise Frozen(f"Attention: channel on axis {axis} of '{tensor}' (batch or sequence)")
+
+    def _packed(self, c, pair, heads, kv_heads):
+        """[B, S, heads x head size]: whole key/value groups inside the last axis."""
+        q, k, v, y = c.inp(self.Q), c.inp(self.K), c.inp(self.V), c.out(0)
+        share = heads // kv_heads
+        size_qk, size_v = c.dim(q, 2) // heads, c.dim(v, 2) // kv_heads
+        groups = {(q, 2): np.arange(c.dim(q, 2)) // size_qk // share, (k, 2): np.arange(c.dim(k, 2)) // size_qk,
+                  (v, 2): np.arange(c.dim(v, 2)) // size_v, (y, 2): np.arange(heads * size_v) // size_v // share}
+        groups |= self._head_axes(c, heads, kv_heads)
+        if pair not in groups:
+            raise Frozen(f"Attention: channel on axis {pair[1]} of '{pair[0]}' (batch or sequence)")
+        if "head-dim" in c.options.granularity:
+            raise Frozen("Attention: only whole heads are pruned in its [B, S, heads x head size] form")
+        return _head_links(pair, groups)
+
+    def rewrite(self, c, plan):
+        q, k = c.inp(self.Q), c.inp(self.K)
+        if c.rank(q) == 3:
+            heads, kv_heads = self._heads(c)
+            if plan.changed(q, 2):
+                plan.set_attr(c.node, "q_num_heads", plan.new_dim(q, 2) // (c.g.dim(q, 2) // heads))
+                plan.set_attr(c.node, "kv_num_heads", plan.new_dim(k, 2) // (c.g.dim(k, 2) // kv_heads))
+            return
+        for name, tensor in (("q_num_heads", q), ("kv_num_heads", k)):
+            if c.attr(name) is not None and plan.changed(tensor, 1):
+                plan.set_attr(c.node, name, plan.new_dim(tensor, 1))
+        if plan.changed(q, 3) and c.attr("scale") is None:
+            plan.set_attr(c.node, "scale", float(1.0 / np.sqrt(c.g.dim(q, 3))))
+
+
+@register
+class RotaryEmbeddingRule(Rule):
+    """ONNX RotaryEmbedding (opset 23): X [B, heads, S, head size], or [B, S, heads x head size] with
+    num_heads, rotated per head by position. Heads pass through whole (num_heads, where set, follows); a head's
+    positions are rotated in pairs, so the head size is frozen."""
+
+    ops = ("RotaryEmbedding",)
+
+    def propagate(self, c, tensor, axis):
+        x, y = c.inp(0), c.out(0)
+        if tensor not in (x, y):
+            raise Frozen(f"RotaryEmbedding: channels on its cos/sin cache or positions ('{tensor}')")
+        other, rank = (y if tensor == x else x), c.rank(x)
+        if axis < rank - 1:  # batch, sequence and (4-D) heads
+            return [identity((tensor, axis), (other, axis), c.dim(tensor, axis))]
+        heads = c.attr("num_heads", 0)
+        if rank == 4 or not heads:
+            raise Frozen("RotaryEmbedding rotates a head's positions in pairs (the head size stays)")
+        if "head-dim" in c.options.granularity:
+            raise Frozen("RotaryEmbedding: only whole heads pass its [B, S, heads x head size] form")
+        head = np.arange(c.dim(x, 2)) // (c.dim(x, 2) // heads)
+        return _head_links((tensor, axis), {(x, 2): head, (y, 2): head})
+
+    def rewrite(self, c, plan):
+        x = c.inp(0)
+        if c.rank(x) == 3 and plan.changed(x, 2):
+            plan.set_attr(c.node, "num_heads", plan.new_dim(x, 2) // (c.g.dim(x, 2) // c.attr("num_heads")))
+        elif c.rank(x) == 4 and plan.changed(x, 1) and c.attr("num_heads"):
+            plan.set_attr(c.node, "num_heads", plan.new_dim(x, 1))
+
+
+@register
+class MicrosoftRotaryEmbeddingRule(RotaryEmbeddingRule):
+    """com.microsoft RotaryEmbedding (input, position_ids, cos_cache, sin_cache; onnxruntime-genai
+    and onnxruntime's optimizer): the same map as ONNX's."""
+
+    domain = "com.microsoft"

@@ -1,0 +1,65 @@
+"""ONNX Attention and RotaryEmbedding (opset 23), as torch.onnx writes scaled_dot_product_attention
+and HF models from opset 23: whole heads (a key/value head with the query heads it serves) prune,
+and in the [B, heads, S, head size] form the head size too, matching the oracle."""
+import onnx
+import pytest
+
+from builder import gqa_attention
+from oracle import check_exact
+from spa import Options, analyze
+from spa.graph import attr
+from spa.selection import Target
+
+HEAD_DIM = Options(granularity=("channels", "head-dim"))
+
+
+def _attrs(model, op):
+    node = next(n for n in model.graph.node if n.op_type == op)
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def test_packed_attention_prunes_key_value_groups_exactly():
+    """[B, S, heads x head size] with 4 query heads over 2 key/value heads and a rotary on the query:
+    a key/value head goes with its two query heads; q_num_heads, kv_num_heads and the rotary's
+    num_heads follow."""
+    model = gqa_attention()
+    assert [g.kind for g in analyze(model).groups if g.prunable] == ["heads"]
+    result = check_exact(model, Target(ratio=0.5), batch=1)
+    heads = _attrs(result.model, "Attention")
+    assert (heads["q_num_heads"], heads["kv_num_heads"]) == (2, 1)
+    assert _attrs(result.model, "RotaryEmbedding")["num_heads"] == 2
+
+
+def test_head_size_prunes_inside_4d_attention_with_its_implicit_scale_kept():
+    """[B, heads, S, head size] without a rotary and without a scale: head-dim granularity removes the
+    same query/key positions of every head (contracted inside Attention) and value positions (passed
+    to its output); the scale is written out as the original 1 / sqrt(head size)."""
+    model = gqa_attention(packed=False, rotary=False)
+    result = check_exact(model, Target(ratio=0.5), options=HEAD_DIM, batch=1)
+    assert attr(next(n for n in result.model.graph.node if n.op_type == "Attention"), "scale") == pytest.approx(0.5)
+
+
+def test_rotary_embedding_keeps_the_head_size_with_its_reason():
+    """A rotary turns a head's positions in pairs: head-dim granularity freezes the query's positions
+    and says so; whole heads still prune through it in the 4-D form."""
+    model = gqa_attention(packed=False)
+    reasons = {r for g in analyze(model, HEAD_DIM).groups for r in g.reasons()}
+    assert any("rotates a head's positions in pairs" in r for r in reasons), reasons
+    check_exact(model, Target(ratio=0.5), batch=1)
+
+
+OPSET_23 = ("bert", "gpt2", "vit", "llama")
+
+
+@pytest.mark.parametrize("name", OPSET_23)
+def test_opset_23_exports_prune_heads_and_channels_exactly(name):
+    """HF models exported by torch.onnx (dynamo) at opset 23, where attention is one Attention node (and
+    LLaMA's rotary a RotaryEmbedding): heads and MLP channels prune against the oracle (before: every
+    head frozen by 'no channel rule for Attention'). LLaMA's exported cos/sin caches have batch 1,
+    which onnxruntime's RotaryEmbedding holds the input to: it is checked at batch 1."""
+    pytest.importorskip("transformers")
+    tz = pytest.importorskip("models.transformers")
+    model = onnx.load(tz.cached_export_transformer(name, "dynamo", opset=23))
+    assert any(n.op_type == "Attention" for n in model.graph.node)
+    assert {"heads", "channels"} <= {g.kind for g in analyze(model).groups if g.prunable}
+    check_exact(model, Target(ratio=0.5), batch=1 if name == "llama" else 2, dims={"sequence": 6, "seq": 6})

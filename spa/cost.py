@@ -13,7 +13,7 @@ from .runtime import is_float
 
 CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}  # op -> weight slot
 MATRIX_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm", "MatMulNBits", "FusedMatMul")  # A: input 0
-MAC_OPS = (*CONV_WEIGHT, "ConvTranspose", *MATRIX_OPS, "LSTM", "GRU", "RNN", "Attention")
+MAC_OPS = (*CONV_WEIGHT, "ConvTranspose", *MATRIX_OPS, "LSTM", "GRU", "RNN", "Attention", "Einsum")
 
 
 def concrete_shapes(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None,
@@ -79,6 +79,17 @@ def node_macs(node, dim) -> int:
             sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"), [1, 1, 1])
             rows = numel(x) // dim(x, 2)
             return int(rows * dim(x, 2) * columns + rows * dim(x, 1) * columns * (sizes[0] + sizes[2]) / sum(sizes))
+        if op == "Einsum" and len(node.input) == 2:  # one multiply-add per combination of all labels
+            from .rules import Frozen
+            from .rules.layers import einsum_labels
+
+            equation = next(a.s for a in node.attribute if a.name == "equation")
+            try:
+                terms, _ = einsum_labels(equation, [_rank(dim, x) for x in node.input])
+            except Frozen:  # a diagonal: not a product of two operands' labels
+                return 0
+            sizes = {label: dim(x, k) for x, term in zip(node.input, terms) for k, label in enumerate(term)}
+            return int(np.prod(list(sizes.values()), dtype=np.int64))
         if op in ("LSTM", "GRU", "RNN"):
             w, r, x = node.input[1], node.input[2], node.input[0]
             steps, batch = dim(x, 0), dim(x, 1)

@@ -235,3 +235,71 @@ class FusedMatMulRule(MatMulRule):
         if c.attr("transBatchA", 0) or c.attr("transBatchB", 0):
             raise Frozen("FusedMatMul with transposed batch axes (transBatchA/B)")
         return bool(c.attr("transA", 0)), bool(c.attr("transB", 0))
+
+
+def einsum_labels(equation, ranks) -> tuple:
+    """(one label string per operand, the output's) of an Einsum equation, with each ellipsis spelled
+    out as labels of its own (numpy broadcasting: aligned from the right) and an implicit output
+    (no "->") made explicit: the ellipsis, then the labels used once, in alphabetical order."""
+    equation = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
+    lhs, arrow, out = equation.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks):
+        raise Frozen(f"Einsum '{equation}': {len(terms)} terms for {len(ranks)} operands")
+    widest = max([r - len(t.replace("...", "")) for t, r in zip(terms, ranks) if "..." in t], default=0)
+    ellipsis = "".join(chr(0x100 + k) for k in range(widest))  # labels no equation uses
+
+    def spelled(term, rank):
+        return term.replace("...", ellipsis[widest - (rank - len(term.replace("...", ""))):]) if "..." in term else term
+
+    terms = [spelled(t, r) for t, r in zip(terms, ranks)]
+    if not arrow:
+        counts = "".join(terms)
+        out = ellipsis + "".join(sorted(x for x in set(counts) if counts.count(x) == 1 and x not in ellipsis))
+    else:
+        out = out.replace("...", ellipsis)
+    if any(len(set(t)) != len(t) for t in terms + [out]):
+        raise Frozen(f"Einsum '{equation}' repeats a label within a term (a diagonal)")
+    return terms, out
+
+
+@register
+class EinsumRule(Rule):
+    """Einsum: a channel is a label. Kept in the output, it passes to every operand that has it
+    (broadcast size-1 axes aside); summed over, it is contracted here (the oracle zeroes the slice of
+    a constant operand where there is one, else of the first operand that has it). A label only a
+    constant operand and the output have creates channels (a weight's output axis, as for MatMul)."""
+
+    ops = ("Einsum",)
+
+    def _terms(self, c):
+        operands = list(c.node.input)
+        return operands, *einsum_labels(c.attr("equation"), [c.rank(x) for x in operands])
+
+    def sources(self, c):
+        operands, terms, out = self._terms(c)
+        static = [c.g.is_static(x) for x in operands]
+        if all(static):
+            return []
+        dynamic = "".join(t for t, s in zip(terms, static) if not s)
+        return [(c.out(0), out.index(label)) for t, s in zip(terms, static) if s
+                for label in t if label in out and label not in dynamic]
+
+    def propagate(self, c, tensor, axis):
+        operands, terms, out = self._terms(c)
+        y = c.out(0)
+        labels = {terms[k][axis] for k, x in enumerate(operands) if x == tensor}
+        if tensor == y:
+            labels.add(out[axis])
+        if len(labels) != 1:
+            raise Frozen("Einsum reads one tensor under different labels on this axis")
+        label, pair, size = labels.pop(), (tensor, axis), c.dim(tensor, axis)
+        pairs = [(x, t.index(label)) for x, t in zip(operands, terms) if label in t]
+        pairs = [p for p in pairs if c.dim(*p) != 1 or size == 1]
+        if label in out:
+            return [identity(pair, p, size) for p in pairs + [(y, out.index(label))] if p != pair]
+        weights = [k for k, (x, t) in enumerate(zip(operands, terms)) if label in t and c.g.is_static(x)]
+        slot = (weights or [k for k, t in enumerate(terms) if label in t])[0]
+        contracted = (c.index, slot)
+        others = [identity(pair, p, size, contracted=contracted) for p in pairs if p != pair]
+        return others or [identity(pair, pair, size, contracted=contracted)]

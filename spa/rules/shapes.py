@@ -220,6 +220,9 @@ def reshape_map(shape_from, shape_to, axis, split_policy="outer", channels=None)
         unfolded = _unfold_virtual(shape_from, shape_to, axis, channels)
         if unfolded is not None:
             return unfolded, np.arange(channels), np.arange(channels), None, None
+        if _merges_virtual(shape_from, shape_to, axis, channels):
+            d = shape_from[-1]  # head h takes channels h*d .. h*d + d - 1
+            return len(shape_to) - 1, np.repeat(np.arange(channels), d), np.arange(channels * d), "head", None
         raise Frozen("Reshape of an axis with heads merged into a symbolic size")
     channels = shape_from[axis]
     if (axis == len(shape_from) - 1 and isinstance(channels, int) and shape_to
@@ -301,6 +304,15 @@ def _unfold_virtual(shape_from, shape_to, axis, channels):
             and _folds_into(list(shape_to[:ints[0]]) + list(shape_to[ints[0] + 1:]), shape_from):
         return ints[0]
     return None
+
+
+def _merges_virtual(shape_from, shape_to, axis, channels) -> bool:
+    """[B*H, d] -> [B, H*d]: heads folded into a symbolic axis merge back with the head size beside
+    it (guided diffusion's QKVAttention: [B*H, d, T] -> [B, H*d, T] once T is set aside)."""
+    d = shape_from[-1]
+    return (axis == len(shape_from) - 2 and len(shape_to) == len(shape_from) and "?" not in shape_to
+            and isinstance(d, int) and shape_to[-1] == channels * d
+            and _folds_into(list(shape_to[:-1]), list(shape_from[:-1])))
 
 
 LAYOUT_OPS = ("Unsqueeze", "Squeeze", "Transpose", "Identity")

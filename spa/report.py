@@ -274,8 +274,9 @@ def missed_target(target, found: dict, limits: dict) -> list:
     asked, removed, total = limits["asked_channels"], limits["removed_channels"], limits["prunable_channels"]
     if asked is not None and removed < asked:
         label = f"ratio {target.ratio:g}" if target.ratio is not None else "--ratio-for"
-        notes.append(f"{label} not reached: removed {removed / max(total, 1):.3g} of the prunable channels "
-                     f"({removed} of {total}, {asked} asked; limited by {_causes(target, limits)})")
+        notes.append(f"{label} not reached: removed {removed / max(total, 1):.3g} of the prunable "
+                     f"{limits['units'] or 'channels'} ({removed} of {total}, {asked} asked; limited by "
+                     f"{_causes(target, limits)})")
     return notes
 
 

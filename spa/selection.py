@@ -419,6 +419,13 @@ def select(analysis: Analysis, scores: dict, target: Target, progress=lambda mes
     return Selector(analysis, scores, target, progress).select()
 
 
+def _unit_word(group) -> str:
+    """What one of a group's atoms is, in words."""
+    if group.kind == "heads":
+        return "heads"
+    return "channel blocks" if "block" in group.units else "channels"
+
+
 def limits(analysis: Analysis, target: Target, plan: Plan) -> dict:
     """What held a plan back: the prunable channels and how many went (and how many a ratio asked
     for), groups at --max-group-ratio (or down to one channel), frozen groups, groups --ignore
@@ -430,7 +437,8 @@ def limits(analysis: Analysis, target: Target, plan: Plan) -> dict:
     open_groups = [g for g in groups if free.get(g.id, 0) >= 2]
     at_limit = sum(1 for g in open_groups if removed.get(g.id, 0) >= min(
         int(math.floor(target.max_group_ratio * len(g.atoms))), len(g.atoms) - 1))
-    return {"prunable_channels": sum(free[g.id] for g in open_groups),
+    units = [u for u in ("channels", "channel blocks", "heads") if u in {_unit_word(g) for g in open_groups}]
+    return {"prunable_channels": sum(free[g.id] for g in open_groups), "units": " and ".join(units),
             "removed_channels": int(len(plan.removed_atoms)), "asked_channels": plan.selection["asked"],
             "at_limit": at_limit, "frozen_groups": sum(1 for g in groups if not g.prunable),
             "ignored_groups": sum(1 for g in groups if g.prunable and free[g.id] < 2),

@@ -174,6 +174,16 @@ def test_round_to_keeps_groups_whole(tmp_path, capsys):
         "by --round-to 16 and 1 frozen group)"]
 
 
+def test_a_missed_ratio_names_heads_beside_channels(tmp_path, capsys):
+    """Heads are counted as heads: the warning does not call 2 heads and 32 channels "34 channels"."""
+    path = saved(tmp_path, encoder())
+    assert spa("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.3", "--round-to", "16", "--criterion", "l1",
+               "-q") == 0
+    assert warnings_of(capsys.readouterr().err) == [
+        "spa: warning: ratio 0.3 not reached: removed 0.25 of the prunable channels and heads (34 of 136, 40 asked; "
+        "limited by --round-to 16 and 4 frozen groups)"]
+
+
 def test_round_to_keeping_every_group_whole_is_an_error(tmp_path, capsys):
     path, out = saved(tmp_path, conv_chain((32, 32))), tmp_path / "o.onnx"
     _expect_error(capsys, ["prune", path, "-o", out, "--ratio", "0.3", "--round-to", "16", "-q"],

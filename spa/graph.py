@@ -678,12 +678,39 @@ def _settle_reshapes(graph, shapes) -> list:
     return settled
 
 
+def _constant_identities(light: onnx.ModelProto) -> dict:
+    """Turn each Identity of a small integer initializer in `light` into an initializer of its own
+    ({name: shape} of those). paddle2onnx routes every shape vector through one ("auto.cast"), and
+    ONNX's shape inference, which reads a Reshape's target only from a constant, then leaves its
+    output unknown; onnxruntime's symbolic inference merged such unknowns with a broadcast partner's
+    dims (a conv bias [480] reshaped to [1, -1, 1, 1] read as [N, 480, 6, W])."""
+    weights = {t.name: t for t in light.graph.initializer}
+    aliases, kept = {}, []
+    for node in light.graph.node:
+        source = weights.get(node.input[0]) if node.op_type == "Identity" and node.input else None
+        if source is not None and source.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) \
+                and np.prod(source.dims, dtype=np.int64) <= 64 and (source.raw_data or source.int64_data
+                                                                     or source.int32_data or not source.dims):
+            alias = onnx.TensorProto()
+            alias.CopyFrom(source)
+            alias.name = node.output[0]
+            light.graph.initializer.append(alias)
+            aliases[alias.name] = tuple(source.dims)
+        else:
+            kept.append(node)
+    if aliases:
+        del light.graph.node[:]
+        light.graph.node.extend(kept)
+    return aliases
+
+
 def infer_shapes(model: onnx.ModelProto, notes: list | None = None) -> dict:
     """Per-tensor shapes (ints, or strings for symbolic dims) from ONNX shape inference (and, where
     it leaves some open, from a probe: `notes` receives why a probe could not run)."""
     from .runtime import symbolic_declarations
 
     light = symbolic_declarations(_without_large_data(model))  # declared -1 / 0 dims: symbolic
+    aliases = _constant_identities(light)
     for _ in range(4):  # each round may settle reshape dims that the next round propagates
         try:
             inferred = shape_inference.infer_shapes(light, data_prop=True)
@@ -694,6 +721,7 @@ def infer_shapes(model: onnx.ModelProto, notes: list | None = None) -> dict:
         if not settled or inferred is model:
             break
         light.graph.value_info.extend(settled)
+    shapes.update(aliases)
     if any("?" in shape for shape in shapes.values()):
         for name, better in _symbolic_shapes(light).items():
             if name not in shapes or ("?" in shapes[name] and len(better) == len(shapes[name])):

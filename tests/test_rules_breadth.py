@@ -250,3 +250,37 @@ def test_pad_channel_axis_padded_channels_can_go_too():
     [pad] = [n for n in result.model.graph.node if n.op_type == "Pad"]
     pads = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in result.model.graph.initializer}[pad.input[1]]
     assert pads[1] + pads[5] < 4
+
+
+# ---------------------------------------------------------------------------------------------
+# paddle2onnx: shape vectors behind Identity, flatten(2) by the input's own leading sizes
+
+
+def test_a_bias_reshaped_by_a_shape_vector_behind_identity_prunes():
+    """paddle2onnx writes each conv bias as Reshape(b, Identity([1, -1, 1, 1])) added to the conv, at
+    opset 7. ONNX's shape inference does not read a target behind Identity, and onnxruntime's
+    symbolic inference then merged the unknown dims with the Add's other operand ([N, 16, 8, W] for
+    a [1, 16, 1, 1] bias): every such group froze (PP-OCRv5's recognizer: 6 of 26 groups prunable)."""
+    b = Builder(opset=7)
+    y = b.conv(b.input([N, 3, 8, "W"]), 3, 16, bias=False)
+    shape = b.op("Identity", [b.const(np.array([1, -1, 1, 1], dtype=np.int64))])
+    y = b.op("Relu", [b.op("Add", [y, b.op("Reshape", [b.weight(16), shape])])])
+    b.output(b.conv(y, 16, 4), [N, 4, 8, "W"])
+    model = b.model()
+    assert [g.prunable for g in analyze(model).groups] == [True, False]
+    check_exact(model, dims={"W": 6})
+
+
+def test_a_flatten_by_the_inputs_own_leading_sizes_keeps_the_channel_axis():
+    """paddle2onnx's flatten(2): Reshape(x, Concat(Slice(Shape(x), 0, 2), [-1])) with symbolic spatial
+    sizes. The leading sizes are x's own, read at run time, so the channel axis passes unchanged
+    (before: "Reshape around the channel axis with symbolic sizes", the SVTR neck of PP-OCR)."""
+    b = Builder()
+    y = b.op("Relu", [b.conv(b.input([N, 3, 8, "W"]), 3, 16)])
+    ints = {k: b.const(np.array([k], dtype=np.int64)) for k in (0, 2, -1)}
+    lead = b.op("Slice", [b.op("Shape", [y]), ints[0], ints[2], ints[0]])
+    flat = b.op("Reshape", [y, b.op("Concat", [lead, ints[-1]], axis=0)])
+    b.output(b.op("MatMul", [b.op("Transpose", [flat], perm=[0, 2, 1]), b.weight(16, 4)]), [N, "L", 4])
+    model = b.model()
+    assert [g.prunable for g in analyze(model).groups] == [True, False]
+    check_exact(model, dims={"W": 6})

@@ -433,6 +433,10 @@ class Reshape(Rule):
         sx, sy = c.g.shapes.get(x), c.g.shapes.get(y)
         if sx is None or sy is None:
             raise Frozen(_unknown_shape_reason(c))
+        if c.node.op_type == "Reshape" and all(p in own_sizes(c, 1, x) for p in range(axis + 1)):
+            # the target's leading sizes up to the channel axis are x's own, read at run time
+            # (paddle2onnx's flatten(2): Concat(Shape(x)[:2], [-1])): the axis passes as it is
+            return [identity((tensor, axis), (y if tensor == x else x, axis), c.dim(tensor, axis))]
         shape_of = _whole_shape_source(c) if c.node.op_type == "Reshape" else None
         if c.node.op_type == "Reshape" and shape_of is None and shape_vector_pieces(c, 1) is None:
             raise Frozen("Reshape with a computed target shape")

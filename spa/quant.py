@@ -21,14 +21,15 @@ QOPERATOR_PARAMS = {
     "QLinearAdd": (1, 2, 4, 5, 6, 7), "QLinearMul": (1, 2, 4, 5, 6, 7),
     "QLinearSigmoid": (1, 2, 3, 4), "QLinearLeakyRelu": (1, 2, 3, 4),
     "QLinearGlobalAveragePool": (1, 2, 3, 4), "QLinearAveragePool": (1, 2, 3, 4), "MatMulNBits": (2, 3),
+    "QAttention": (3, 4, 6, 7),
 }
 # integer weights of QOperator layers: weight slot -> (scale slot, zero point slot); MatMulInteger and
 # ConvInteger (dynamic quantization) have no scale input: the float ops after them apply it
 QOPERATOR_WEIGHTS = {"QLinearConv": {3: (4, 5)}, "QLinearMatMul": {0: (1, 2), 3: (4, 5)},
                      "QGemm": {0: (1, 2), 3: (4, 5)}, "MatMulInteger": {0: (None, 2), 1: (None, 3)},
-                     "ConvInteger": {1: (None, 3)}}
+                     "ConvInteger": {1: (None, 3)}, "QAttention": {1: (4, 7)}}
 # the right-hand (B) operand's slot of the matrix layers above
-MATRIX_B = {"QLinearMatMul": 3, "QGemm": 3, "MatMulInteger": 1}
+MATRIX_B = {"QLinearMatMul": 3, "QGemm": 3, "MatMulInteger": 1, "QAttention": 1}
 # int32 biases of QOperator layers: bias slot -> (input scale slot, weight scale slot); zero point 0
 QOPERATOR_BIASES = {"QLinearConv": {8: (1, 4)}, "QGemm": {6: (1, 4)}}
 

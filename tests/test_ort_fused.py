@@ -104,3 +104,20 @@ def test_a_graph_onnxruntime_saved_optimized_prunes_exactly(tmp_path):
     assert {"FusedMatMul", "BiasGelu"} <= {n.op_type for n in model.graph.node}
     assert {"heads", "channels"} <= {g.kind for g in analyze(model).groups if g.prunable}
     check_exact(model, Target(ratio=0.5), dims={"seq": 5, "sequence": 5})
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-column"])
+def test_an_optimized_then_dynamically_quantized_bert_prunes_exactly(per_channel, tmp_path):
+    """onnxruntime's recipe for a fast CPU BERT, optimize then quantize_dynamic: Attention becomes
+    QAttention (integer packed weight, per-tensor or per-column scales and zero points) and the
+    embeddings QEmbedLayerNormalization. Heads and MLP channels prune, bit-exactly against the
+    oracle (removed weight slices at their zero point)."""
+    quantization = pytest.importorskip("onnxruntime.quantization")
+    optimized, quantized = str(tmp_path / "bert_eager_optimized.onnx"), str(tmp_path / "quantized.onnx")
+    onnx.save(_optimized("bert_eager", tmp_path), optimized)
+    quantization.quantize_dynamic(optimized, quantized, weight_type=quantization.QuantType.QInt8,
+                                  per_channel=per_channel, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    model = load_model(quantized)
+    assert {"QAttention", "QEmbedLayerNormalization"} <= {n.op_type for n in model.graph.node}
+    assert {"heads", "channels"} <= {g.kind for g in analyze(model).groups if g.prunable}
+    check_exact(model, Target(ratio=0.5), dims={"seq": 5, "sequence": 5}, fused=False)

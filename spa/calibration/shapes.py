@@ -191,8 +191,10 @@ def _names(plan):
 
 
 _PASS_THROUGH = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Flatten", "Expand"}
-# com.microsoft EmbedLayerNormalization (onnxruntime's fused BERT embeddings): input slot -> the
-# slot of the table it indexes (token ids -> word embeddings, segment ids -> segment embeddings)
+# com.microsoft EmbedLayerNormalization (onnxruntime's fused BERT embeddings) and QEmbedLayerNormalization
+# (quantized): input slot -> the slot of the table it indexes (token ids -> word embeddings, segment
+# ids -> segment embeddings); slot 3 is the position table
+_EMBED_OPS = ("EmbedLayerNormalization", "QEmbedLayerNormalization")
 _EMBED_TABLES = {0: 2, 1: 4}
 
 
@@ -224,7 +226,7 @@ def vocabulary_size(model, name) -> int | None:
                 axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
                 shape = consts[node.input[0]]
                 return int(shape[axis]) if shape else None
-            table = _EMBED_TABLES.get(slot) if node.op_type == "EmbedLayerNormalization" else None
+            table = _EMBED_TABLES.get(slot) if node.op_type in _EMBED_OPS else None
             if table is not None and len(node.input) > table and node.input[table] in consts:
                 return int(consts[node.input[table]][0])
             if node.op_type in _PASS_THROUGH and slot == 0:
@@ -249,7 +251,7 @@ def position_limit(model) -> int | None:
             if node.op_type in _PASS_THROUGH and node.input and node.input[0] == tensor:
                 frontier.extend(node.output)
     for node in model.graph.node:
-        if node.op_type == "EmbedLayerNormalization" and len(node.input) > 3 and node.input[3] in consts:
+        if node.op_type in _EMBED_OPS and len(node.input) > 3 and node.input[3] in consts:
             limits.append(int(consts[node.input[3]][0]))  # its position table
         if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in consts:
             continue

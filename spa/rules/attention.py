@@ -1,11 +1,13 @@
 """Fused attention ops, whose heads live inside one node: com.microsoft Attention (onnxruntime's
-transformer optimizer: the q, k and v projections packed in one weight). A head is one unit: its
+transformer optimizer: the q, k and v projections packed in one weight; QAttention, its dynamically
+quantized form), ONNX Attention and RotaryEmbedding (opset 23). A head is one unit: its
 query, key and value columns and its output channels go together, and the head count follows."""
 from __future__ import annotations
 
 import numpy as np
 
 from . import Frozen, Link, Rule, identity, register
+from .quantized import integer_weight
 
 
 def _head_links(pair, heads_of: dict) -> list:
@@ -33,21 +35,26 @@ class PackedAttentionRule(Rule):
 
     domain = "com.microsoft"
     ops = ("Attention",)
+    W, BIAS, PAST, ATTENTION_BIAS = 1, 2, 4, 5
+    COLUMN_PARAMS = ()  # per-column weight scales and zero points (QAttention)
 
     def sources(self, c):
-        w = c.inp(1)
+        w = c.inp(self.W)
         return [(w, 1)] if w in c.g.consts and c.rank(w) == 2 else []
 
+    def contracted(self, c):
+        return (c.index, self.W)
+
     def _sizes(self, c):
-        w = c.inp(1)
+        w = c.inp(self.W)
         if w not in c.g.consts or c.rank(w) != 2:
-            raise Frozen(f"Attention: weights '{w}' are computed or not 2-D")
-        if c.inp(4) or c.out(1) or c.attr("past_present_share_buffer", 0):
-            raise Frozen("Attention with a key/value cache (past / present)")
+            raise Frozen(f"{c.node.op_type}: weights '{w}' are computed or not 2-D")
+        if c.inp(self.PAST) or c.out(1) or c.attr("past_present_share_buffer", 0):
+            raise Frozen(f"{c.node.op_type} with a key/value cache (past / present)")
         heads, total = c.attr("num_heads"), c.dim(w, 1)
         q, k, v = c.attr("qkv_hidden_sizes") or [total // 3] * 3
         if q != k or q + k + v != total or q % heads or v % heads:
-            raise Frozen(f"Attention: q, k, v sizes {q}, {k}, {v} do not split into {heads} heads")
+            raise Frozen(f"{c.node.op_type}: q, k, v sizes {q}, {k}, {v} do not split into {heads} heads")
         return heads, q, v
 
     def _heads_of(self, c, heads, q, v):
@@ -55,32 +62,34 @@ class PackedAttentionRule(Rule):
         qk_heads, v_heads = np.arange(q) // (q // heads), np.arange(v) // (v // heads)
         columns = np.concatenate([qk_heads, qk_heads, v_heads])
         y = c.out(0)
-        heads_of = {(c.inp(1), 1): columns, (y, c.rank(y) - 1): v_heads}
-        if c.inp(2):
-            heads_of[(c.inp(2), 0)] = columns
-        bias = c.inp(5)
+        heads_of = {(c.inp(self.W), 1): columns, (y, c.rank(y) - 1): v_heads}
+        for slot in (self.BIAS, *self.COLUMN_PARAMS):
+            if c.inp(slot) and c.rank(c.inp(slot)) == 1 and c.dim(c.inp(slot), 0) == len(columns):
+                heads_of[(c.inp(slot), 0)] = columns
+        bias = c.inp(self.ATTENTION_BIAS) if self.ATTENTION_BIAS is not None else None
         if bias and c.rank(bias) == 4 and c.dim(bias, 1) == heads:
             heads_of[(bias, 1)] = np.arange(heads)
         return heads_of
 
     def propagate(self, c, tensor, axis):
         heads, q, v = self._sizes(c)
-        x, w, y = c.inp(0), c.inp(1), c.out(0)
+        x, w, y = c.inp(0), c.inp(self.W), c.out(0)
         pair, last = (tensor, axis), c.rank(x) - 1
         if pair in ((x, last), (w, 0)):
             other = (w, 0) if tensor == x else (x, last)
-            return [identity(pair, other, c.dim(tensor, axis), contracted=(c.index, 1))]
+            return [identity(pair, other, c.dim(tensor, axis), contracted=self.contracted(c))]
         if tensor in (x, y) and axis < last:  # batch and sequence
             return [identity(pair, (x if tensor == y else y, axis), c.dim(tensor, axis))]
         heads_of = self._heads_of(c, heads, q, v)
         if pair not in heads_of:
-            raise Frozen(f"Attention: channel on axis {axis} of '{tensor}'")
+            raise Frozen(f"{c.node.op_type}: channel on axis {axis} of '{tensor}'")
         if "head-dim" in c.options.granularity:
-            raise Frozen("Attention: only whole heads are pruned here (head-dim granularity is not supported)")
+            raise Frozen(f"{c.node.op_type}: only whole heads are pruned here (head-dim granularity is not "
+                         "supported)")
         return _head_links(pair, heads_of)
 
     def rewrite(self, c, plan):
-        w = c.inp(1)
+        w = c.inp(self.W)
         if not plan.changed(w, 1):
             return
         heads, q, v = self._sizes(c)
@@ -90,6 +99,22 @@ class PackedAttentionRule(Rule):
         if c.attr("qkv_hidden_sizes"):
             plan.set_attr(c.node, "qkv_hidden_sizes",
                           [kept_heads * q // heads] * 2 + [kept_heads * v // heads])
+
+
+@register
+class QuantizedAttentionRule(PackedAttentionRule):
+    """com.microsoft QAttention (input, weight, bias, input_scale, weight_scale, [mask_index],
+    [input_zero_point], [weight_zero_point], [past]): Attention on a DynamicQuantizeLinear's integers
+    with an integer packed weight, as onnxruntime's quantize_dynamic writes an optimized BERT. Heads
+    as for Attention, a per-column weight scale and zero point sliced with their columns; the input's
+    channels are the integer weight's rows (the oracle sets them to the zero point)."""
+
+    ops = ("QAttention",)
+    W, BIAS, PAST, ATTENTION_BIAS = 1, 2, 8, None
+    COLUMN_PARAMS = (4, 7)
+
+    def contracted(self, c):
+        return integer_weight(c, self.W)
 
 
 @register

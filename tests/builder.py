@@ -214,3 +214,22 @@ def gqa_attention(hidden=16, heads=4, kv_heads=2, head=4, tokens=5, rotary=True,
         y = b.op("Reshape", [y, b.const(np.array([1, tokens, heads * head], dtype=np.int64))])
     b.output(b.op("MatMul", [y, b.weight(heads * head, hidden)]), [1, tokens, hidden])
     return b.model()
+
+
+def multi_head_attention_block(hidden=16, heads=4, qk_head=4, v_head=6, tokens=5, memory=7, seed=0):
+    """Cross-attention in com.microsoft MultiHeadAttention: queries from x [N, tokens, hidden], keys
+    and values from m [N, memory, hidden], each projected by a MatMul, the q | k | v bias and a constant
+    attention bias [1, heads, tokens, memory] inside the op (value heads wider than query/key heads),
+    then the output projection."""
+    b = Builder(seed=seed)
+    x, m = b.input(["N", tokens, hidden], "x"), b.input(["N", memory, hidden], "m")
+    q = b.op("MatMul", [x, b.weight(hidden, heads * qk_head)])
+    k = b.op("MatMul", [m, b.weight(hidden, heads * qk_head)])
+    v = b.op("MatMul", [m, b.weight(hidden, heads * v_head)])
+    bias = b.weight(heads * (2 * qk_head + v_head))
+    mask = b.const((b.rng.standard_normal((1, heads, tokens, memory)) * 0.5).astype(np.float32))
+    y = b.op("MultiHeadAttention", [q, k, v, bias, "", mask], num_heads=heads, domain="com.microsoft")
+    b.output(b.op("MatMul", [y, b.weight(heads * v_head, hidden)]), ["N", tokens, hidden])
+    graph = helper.make_graph(b.nodes, "multi_head_attention_block", b.inputs, b.outputs, b.inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)

@@ -1,13 +1,13 @@
-"""onnxruntime's fused transformer ops (com.microsoft Attention, EmbedLayerNormalization,
-SkipLayerNormalization, SkipSimplifiedLayerNormalization, BiasGelu, FastGelu, QuickGelu, Gelu,
-FusedMatMul, and SimplifiedLayerNormalization), as its transformer optimizer and its saved
-optimized graphs write them: heads and MLP channels prune exactly against the oracle, the hidden
-size approximately."""
+"""onnxruntime's fused transformer ops (com.microsoft Attention, QAttention, MultiHeadAttention,
+EmbedLayerNormalization, SkipLayerNormalization, SkipSimplifiedLayerNormalization, BiasGelu,
+FastGelu, QuickGelu, Gelu, FusedMatMul, and SimplifiedLayerNormalization), as its transformer
+optimizer and its saved optimized graphs write them: heads and MLP channels prune exactly against
+the oracle, the hidden size approximately."""
 import numpy as np
 import onnx
 import pytest
 
-from builder import fused_transformer_block
+from builder import fused_transformer_block, multi_head_attention_block
 from oracle import check_exact
 from spa import Options, analyze
 from spa.graph import attr, load_model
@@ -35,6 +35,17 @@ def test_fused_attention_prunes_whole_heads_exactly():
     assert attr(node, "num_heads") == 2 and list(attr(node, "qkv_hidden_sizes")) == [16, 16, 12]
     bias = {t.name: t for t in result.model.graph.initializer}[node.input[5]]
     assert list(bias.dims) == [1, 2, 5, 5]
+
+
+def test_multi_head_attention_prunes_whole_heads_exactly():
+    """com.microsoft MultiHeadAttention as cross-attention (keys and values from another input), with
+    the packed q | k | v bias and a constant attention bias inside: a head goes with its query, key
+    and value channels and its slices of both biases; num_heads follows."""
+    model = multi_head_attention_block()
+    assert [g.kind for g in analyze(model).groups if g.prunable] == ["heads"]
+    result = check_exact(model, Target(ratio=0.5))
+    node = next(n for n in result.model.graph.node if n.op_type == "MultiHeadAttention")
+    assert attr(node, "num_heads") == 2
 
 
 def test_fused_norms_prune_the_hidden_size_approximately():

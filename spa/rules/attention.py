@@ -239,3 +239,43 @@ class MicrosoftRotaryEmbeddingRule(RotaryEmbeddingRule):
     and onnxruntime's optimizer): the same map as ONNX's."""
 
     domain = "com.microsoft"
+
+
+@register
+class MultiHeadAttentionRule(Rule):
+    """com.microsoft MultiHeadAttention (query, key, value, [bias], [key_padding_mask],
+    [attention_bias], [past_key], [past_value], ...), in its form with separate [B, S, heads x head
+    size] query, key and value (what onnxruntime's optimizer writes for cross- and self-attention
+    after the projections): whole heads, with their slices of the packed bias (q | k | v) and of an
+    attention bias; num_heads follows. Packed or 4-D inputs and a key/value cache are frozen."""
+
+    domain = "com.microsoft"
+    ops = ("MultiHeadAttention",)
+
+    def propagate(self, c, tensor, axis):
+        q, k, v, y = c.inp(0), c.inp(1), c.inp(2), c.out(0)
+        if not k or not v or any(c.rank(t) != 3 for t in (q, k, v)):
+            raise Frozen("MultiHeadAttention with packed or 4-D query, key or value")
+        if c.inp(6) or c.inp(7) or c.out(1) or c.out(2):
+            raise Frozen("MultiHeadAttention with a key/value cache (past / present)")
+        heads = c.attr("num_heads")
+        size_qk, size_v = c.dim(q, 2) // heads, c.dim(v, 2) // heads
+        qk, vs = np.arange(c.dim(q, 2)) // size_qk, np.arange(c.dim(v, 2)) // size_v
+        heads_of = {(q, 2): qk, (k, 2): qk, (v, 2): vs, (y, 2): vs}
+        bias, mask = c.inp(3), c.inp(5)
+        if bias:
+            heads_of[(bias, 0)] = np.concatenate([qk, qk, vs])
+        if mask and c.rank(mask) == 4 and c.dim(mask, 1) == heads:
+            heads_of[(mask, 1)] = np.arange(heads)
+        pair = (tensor, axis)
+        if pair not in heads_of:
+            raise Frozen(f"MultiHeadAttention: channel on axis {axis} of '{tensor}' (batch or sequence)")
+        if "head-dim" in c.options.granularity:
+            raise Frozen("MultiHeadAttention: only whole heads are pruned here (head-dim granularity is not "
+                         "supported)")
+        return _head_links(pair, heads_of)
+
+    def rewrite(self, c, plan):
+        q = c.inp(0)
+        if plan.changed(q, 2):
+            plan.set_attr(c.node, "num_heads", plan.new_dim(q, 2) // (c.g.dim(q, 2) // c.attr("num_heads")))

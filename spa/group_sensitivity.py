@@ -98,7 +98,7 @@ def prunable_groups(analysis) -> tuple[list, list]:
                 pattern = _escape(name)
                 break
         entry = {"id": group.id, "key": group_key(group), "pattern": pattern, "kind": group.kind,
-                 "channels": int(len(group.atoms)), "prunable_channels": int(len(group.prunable_atoms)),
+                 "channels": group.channels(), "prunable_channels": int(len(group.prunable_atoms)),
                  "layers": layers or list(dict.fromkeys(produced))}
         (found if pattern is not None else isolated).append(entry)
     return found, isolated

@@ -156,3 +156,11 @@ def test_recovery_of_a_model_the_torch_converter_cannot_take_is_refused_before_p
     err = capsys.readouterr().err
     assert "converter has no MatMulNBits" in err and "analyzing" not in err, err
     assert not (tmp_path / "small.onnx").exists()
+
+
+def test_sensitivity_lists_a_block_group_by_its_channels():
+    """`spa sensitivity` lists the MLP group of a 4-bit model with its 200 channels, not its 7 blocks."""
+    from spa.group_sensitivity import prunable_groups
+
+    found, isolated = prunable_groups(analyze(nbits_mlp()))
+    assert [e["channels"] for e in found + isolated] == [200]

@@ -80,8 +80,13 @@ def _const(inits, name, values, dtype=np.int64):
     return name
 
 
-def build(path: str, size: str = "7b", dtype=np.float16, seed: int = 0, pool: int = _POOL, **overrides) -> dict:
-    """Write the model to `path` (+ `path`.data); returns its config and byte counts."""
+def build(path: str, size: str = "7b", dtype=np.float16, seed: int = 0, pool: int = _POOL, past: bool = False,
+          **overrides) -> dict:
+    """Write the model to `path` (+ `path`.data); returns its config and byte counts. `past`: a
+    key/value cache, as decoders exported for generation have: graph inputs past_key.i /
+    past_value.i [batch, kv heads, past, head size] are concatenated before the new keys and values,
+    and the results are graph outputs present_key.i / present_value.i (no causal mask, no position
+    offset: a graph of that shape, not a working decoder)."""
     cfg = dict(CONFIGS[size], **overrides)
     h, heads, kv, inter, vocab = cfg["hidden"], cfg["heads"], cfg["kv_heads"], cfg["intermediate"], cfg["vocab"]
     hd = h // heads
@@ -151,6 +156,9 @@ def build(path: str, size: str = "7b", dtype=np.float16, seed: int = 0, pool: in
         q = rotary(heads_first(linear(y, f"{p}.self_attn.q_proj", h, heads * hd), q_shape, f"{p}/q"), f"{p}/q_rope")
         k = rotary(heads_first(linear(y, f"{p}.self_attn.k_proj", h, kv * hd), kv_shape, f"{p}/k"), f"{p}/k_rope")
         v = heads_first(linear(y, f"{p}.self_attn.v_proj", h, kv * hd), kv_shape, f"{p}/v")
+        if past:
+            k = node("Concat", [f"past_key.{i}", k], f"present_key.{i}", axis=2)
+            v = node("Concat", [f"past_value.{i}", v], f"present_value.{i}", axis=2)
         k, v = repeat_kv(k, f"{p}/k"), repeat_kv(v, f"{p}/v")
         kt = node("Transpose", [k], f"{p}/kt", perm=[0, 1, 3, 2])
         scores = node("Mul", [node("MatMul", [q, kt], f"{p}/qk"), inv_sqrt], f"{p}/scores")
@@ -166,10 +174,14 @@ def build(path: str, size: str = "7b", dtype=np.float16, seed: int = 0, pool: in
         x = node("Add", [x, down], f"{p}/mlp_residual")
     logits = linear(rms_norm(x, "norm"), "lm_head", h, vocab)
     weights.close()
-    graph = helper.make_graph(
-        nodes, "llama", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-        [helper.make_tensor_value_info(logits, elem, ["batch", "sequence", vocab])],
-        initializer=small + weights.tensors)
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])]
+    outputs = [helper.make_tensor_value_info(logits, elem, ["batch", "sequence", vocab])]
+    for i in range(cfg["layers"] if past else 0):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", elem, ["batch", kv, "past", hd]))
+            total = ["batch", kv, "past + sequence", hd]
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", elem, total))
+    graph = helper.make_graph(nodes, "llama", inputs, outputs, initializer=small + weights.tensors)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="spa.models.llama_onnx")
     onnx.save_model(model, path)
     params = sum(math.prod(t.dims) for t in weights.tensors)

@@ -7,7 +7,7 @@ can be removed, and pairs (tensor, axis) joined by links form a *group*.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -33,6 +33,9 @@ class Options:
 
     granularity: tuple = ("channels", "heads")
     approximate_nodes: set = field(default_factory=set)
+    # set by analyze: grouped-query repeats (Reshape of an Expand) whose key/value heads are held (a
+    # cache in the graph inputs); their query heads prune as slots, the j-th of every group together
+    query_slots: frozenset = frozenset()
 
     def __post_init__(self):
         unknown = set(self.granularity) - set(GRANULARITIES)
@@ -148,7 +151,31 @@ def analyze(model: onnx.ModelProto | Graph, options: Options | None = None) -> A
     analysis = propagation.run()
     if split_shared_tensors(propagation):  # a shared mask's readers get their own copies: again
         analysis = Propagation(graph, options).run()
+    held = _held_repeats(analysis)
+    if held and "heads" in options.granularity:
+        analysis = Propagation(graph, replace(options, query_slots=options.query_slots | held)).run()
+        note = (f"{len(held)} grouped-query repeats read key/value heads that the graph's inputs or outputs hold (a "
+                "cache): their query heads prune as slots, the same query head of every key/value group together")
+        if note not in graph.notes:
+            graph.notes.append(note)
     return analysis
+
+
+def _held_repeats(analysis: Analysis) -> frozenset:
+    """Grouped-query repeats ([B, kv, r, S, d] = Expand of [B, kv, 1, S, d], reshaped to [B, kv*r, S, d])
+    whose head group is frozen by a graph input or output (the key/value cache of a decoder exported
+    for generation): key/value heads cannot go, but the query heads sharing them can, as slots."""
+    g, held = analysis.graph, set()
+    for index, node in enumerate(g.nodes):
+        source = g.producer.get(node.input[0]) if node.op_type == "Reshape" else None
+        if source is None or g.nodes[source].op_type != "Expand" or node.name in analysis.options.query_slots:
+            continue
+        member = analysis.members.get((node.output[0], 1))
+        group = analysis.groups[analysis.atom_group[int(member.atoms[0])]] if member is not None else None
+        if group is not None and group.kind == "heads" and group.frozen and all(
+                reason.startswith("graph ") for reason in group.reasons()):
+            held.add(g.node_name(index))
+    return frozenset(held)
 
 
 class Propagation:

@@ -199,3 +199,25 @@ def test_round_to_rounds_channel_widths_not_head_counts():
     channels = [g for g in groups if g["kind"] == "channels"]
     assert heads and all(g["removed"] == g["size"] // 2 for g in heads)
     assert channels and all((g["size"] - g["removed"]) % 8 == 0 for g in channels)
+
+
+def test_query_heads_prune_as_slots_when_a_cache_holds_the_key_value_heads(tmp_path):
+    """A decoder exported for generation (models.llama_onnx with past=True: key/value cache in the graph
+    inputs and outputs) cannot lose key/value heads, and grouped-query attention ties every query head to
+    one: everything attention had was frozen. The query heads now prune as slots, the j-th of every
+    key/value group together: 8 query heads over 2 key/value heads are 4 slots; the repeat's Expand and
+    Reshape follow, and the result matches the oracle."""
+    from models.llama_onnx import build
+
+    path = str(tmp_path / "llama_past.onnx")
+    build(path, "tiny", dtype=np.float32, past=True)
+    model = onnx.load(path)
+    analysis = analyze(model)
+    slots = [g for g in analysis.groups if g.prunable and g.kind == "heads"]
+    assert [len(g.atoms) for g in slots] == [4, 4]
+    assert any("prune as slots" in note for note in analysis.graph.notes)
+    assert any("past_key.0" in r for g in analysis.groups for r in g.reasons())
+    result = check_exact(model, Target(ratio=0.5), dims={"sequence": 5, "past": 3})
+    repeats = [n for n in result.model.graph.node if n.name == "layers.0/k/expand"]
+    shape = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}[repeats[0].input[1]]
+    assert shape.tolist() == [1, 1, 2, 1, 1]

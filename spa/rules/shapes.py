@@ -306,6 +306,21 @@ def _unfold_virtual(shape_from, shape_to, axis, channels):
     return None
 
 
+def _query_slots(c: Ctx, tensor, axis, src_shape, dst_shape, dst) -> list:
+    """A grouped-query repeat [B, kv, r, S, d] -> [B, kv*r, S, d] whose key/value heads are held: query
+    head g*r + j is slot j of group g, and slot j goes in every group at once (the repeat's r shrinks,
+    each remaining query head still reads its own key/value head). The key/value axis is frozen here."""
+    x = c.inp(0)
+    if tensor == x and axis == 1:
+        raise Frozen("key/value heads held by the graph's inputs or outputs (a cache): the query heads that "
+                     "share them prune as slots")
+    policy = "inner" if tensor != x else "outer"
+    b, src_idx, dst_idx, _, virtual = reshape_map(src_shape, dst_shape, axis, policy, c.dim(tensor, axis))
+    if virtual is not None or (dst == x and b != 2) or (tensor == x and axis != 2):
+        raise Frozen("grouped-query repeat with an unexpected layout")
+    return [Link((tensor, axis), (dst, b), src_idx, dst_idx, unit="head")]
+
+
 def _merges_virtual(shape_from, shape_to, axis, channels) -> bool:
     """[B*H, d] -> [B, H*d]: heads folded into a symbolic axis merge back with the head size beside
     it (guided diffusion's QKVAttention: [B*H, d, T] -> [B, H*d, T] once T is set aside)."""
@@ -442,6 +457,8 @@ class Reshape(Rule):
             raise Frozen("Reshape with a computed target shape")
         sx, sy = fill_unknown_dim(sx, sy), fill_unknown_dim(sy, sx)
         src_shape, dst_shape, dst = (sx, sy, y) if tensor == x else (sy, sx, x)
+        if c.g.node_name(c.index) in c.options.query_slots:
+            return _query_slots(c, tensor, axis, src_shape, dst_shape, dst)
         # A split of the channel axis prunes whole heads (outer blocks), or the same position in
         # every block for head-dim granularity and for channel shuffles (unit None: plain channels).
         channels = c.dim(tensor, axis)

@@ -168,7 +168,8 @@ def _held_repeats(analysis: Analysis) -> frozenset:
     g, held = analysis.graph, set()
     for index, node in enumerate(g.nodes):
         source = g.producer.get(node.input[0]) if node.op_type == "Reshape" else None
-        if source is None or g.nodes[source].op_type != "Expand" or node.name in analysis.options.query_slots:
+        if source is None or g.nodes[source].op_type != "Expand" or g.node_name(index) in analysis.options.query_slots \
+                or g.rank(node.input[0]) != (g.rank(node.output[0]) or 0) + 1:
             continue
         member = analysis.members.get((node.output[0], 1))
         group = analysis.groups[analysis.atom_group[int(member.atoms[0])]] if member is not None else None

@@ -167,10 +167,12 @@ class AttentionRule(Rule):
                 [identity(pair, p, heads) for p in head_axes if p != pair]
         keys = [(t, 3) for t in (c.inp(self.Q), c.inp(self.K), c.inp(self.PAST_K), c.out(1)) if t]
         values = [(t, 3) for t in (c.inp(self.V), c.out(0), c.inp(self.PAST_V), c.out(2)) if t]
-        for side, contracted in ((keys, (c.index, self.Q)), (values, None)):
-            if pair in side:
-                return [identity(pair, p, c.dim(tensor, axis), contracted=contracted if p[0] == c.inp(self.Q) or
-                                 tensor == c.inp(self.Q) else None) for p in side if p != pair]
+        if pair in keys:  # q . k sums over them here: the oracle zeroes Q's slices
+            contracted = (c.index, self.Q)
+            return [identity(pair, p, c.dim(tensor, axis), contracted=contracted if c.inp(self.Q) in (tensor, p[0])
+                             else None) for p in keys if p != pair]
+        if pair in values:
+            return [identity(pair, p, c.dim(tensor, axis)) for p in values if p != pair]
         raise Frozen(f"Attention: channel on axis {axis} of '{tensor}' (batch or sequence)")
 
     def _packed(self, c, pair, heads, kv_heads):
@@ -205,8 +207,8 @@ class AttentionRule(Rule):
 @register
 class RotaryEmbeddingRule(Rule):
     """ONNX RotaryEmbedding (opset 23): X [B, heads, S, head size], or [B, S, heads x head size] with
-    num_heads, rotated per head by position. Heads pass through whole (num_heads, where set, follows); a head's
-    positions are rotated in pairs, so the head size is frozen."""
+    num_heads, rotated per head by position. Heads pass through whole (num_heads, where set, follows);
+    a head's positions are rotated in pairs, so the head size is frozen."""
 
     ops = ("RotaryEmbedding",)
 

@@ -448,7 +448,7 @@ class Reshape(Rule):
         sx, sy = c.g.shapes.get(x), c.g.shapes.get(y)
         if sx is None or sy is None:
             raise Frozen(_unknown_shape_reason(c))
-        if c.node.op_type == "Reshape" and all(p in own_sizes(c, 1, x) for p in range(axis + 1)):
+        if c.node.op_type == "Reshape" and set(range(axis + 1)) <= own_sizes(c, 1, x):
             # the target's leading sizes up to the channel axis are x's own, read at run time
             # (paddle2onnx's flatten(2): Concat(Shape(x)[:2], [-1])): the axis passes as it is
             return [identity((tensor, axis), (y if tensor == x else x, axis), c.dim(tensor, axis))]

@@ -77,14 +77,14 @@ class Group:
     atoms: np.ndarray  # sorted channel ids
     frozen: dict  # channel id -> reason
     has_params: bool
-    units: set = field(default_factory=set)  # tags from the links: head, head-dim, approximate, block
+    units: set = field(default_factory=set)  # tags from the links: head, slot, head-dim, approximate, block
 
     @property
     def kind(self) -> str:
         """The granularity this group's channels belong to."""
         if "approximate" in self.units:
             return "hidden"
-        if "head" in self.units:
+        if "head" in self.units or "slot" in self.units:  # a slot: the same query head of every group
             return "heads"
         if "head-dim" in self.units:
             return "head-dim"

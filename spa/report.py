@@ -306,6 +306,7 @@ def describe(analysis: Analysis) -> dict:
             "prunable_channels": g.channels(g.prunable_atoms) if g.has_params else 0,
             "prunable": bool(g.prunable),
             "kind": g.kind,
+            "unit": "query-head slots" if "slot" in g.units else g.kind,
             "blocks": int(len(g.atoms)) if "block" in g.units and g.kind == "channels" and g.prunable else None,
             "selected": g.kind in analysis.options.granularity,
             "members": [{"tensor": m.tensor, "axis": m.axis, "size": m.size, "weight": m.is_const,
@@ -358,8 +359,9 @@ def format_analysis(summary: dict) -> str:
     lines = [f"{len(summary['groups'])} channel groups, {summary['prunable_groups']} prunable"]
     for g in summary["groups"]:
         weights = [m["tensor"] for m in g["members"] if m["weight"]]
-        state = (f"prunable {g['prunable_channels']}/{g['channels']} {g['kind']}" if g["prunable"]
-                 else f"frozen ({g['channels']} {g['kind']})")
+        unit = g.get("unit", g["kind"])
+        state = (f"prunable {g['prunable_channels']}/{g['channels']} {unit}" if g["prunable"]
+                 else f"frozen ({g['channels']} {unit})")
         if g.get("blocks"):
             state += f" in {g['blocks']} blocks (a MatMulNBits' input channels go in whole blocks)"
         if g["prunable"] and not g["selected"]:

@@ -6,6 +6,7 @@ import pytest
 from builder import Builder
 from oracle import check_exact
 from spa import Options, analyze
+from spa.report import describe, format_analysis
 from spa.runtime import random_inputs, run
 from spa.selection import Target
 from spa.verify import masked_original
@@ -216,6 +217,7 @@ def test_query_heads_prune_as_slots_when_a_cache_holds_the_key_value_heads(tmp_p
     slots = [g for g in analysis.groups if g.prunable and g.kind == "heads"]
     assert [len(g.atoms) for g in slots] == [4, 4]
     assert any("prune as slots" in note for note in analysis.graph.notes)
+    assert "prunable 4/4 query-head slots" in format_analysis(describe(analysis))
     assert any("past_key.0" in r for g in analysis.groups for r in g.reasons())
     result = check_exact(model, Target(ratio=0.5), dims={"sequence": 5, "past": 3})
     repeats = [n for n in result.model.graph.node if n.name == "layers.0/k/expand"]

@@ -318,7 +318,7 @@ def _query_slots(c: Ctx, tensor, axis, src_shape, dst_shape, dst) -> list:
     b, src_idx, dst_idx, _, virtual = reshape_map(src_shape, dst_shape, axis, policy, c.dim(tensor, axis))
     if virtual is not None or (dst == x and b != 2) or (tensor == x and axis != 2):
         raise Frozen("grouped-query repeat with an unexpected layout")
-    return [Link((tensor, axis), (dst, b), src_idx, dst_idx, unit="head")]
+    return [Link((tensor, axis), (dst, b), src_idx, dst_idx, unit="slot")]
 
 
 def _merges_virtual(shape_from, shape_to, axis, channels) -> bool:

@@ -621,6 +621,73 @@ def _rms_norm(m, n, env, x, scale):
     return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + n.get("epsilon", 1e-5)) * scale
 
 
+@op("Attention")
+def _attention(m, n, env, q, k, v, mask=None, past_key=None, past_value=None, nonpad=None):
+    """ONNX Attention (opset 23), as its reference implementation computes it: [B, heads, S, d] or
+    [B, S, heads x d] inputs, a key/value cache, grouped key/value heads, a boolean or additive mask,
+    causal masking aligned to the cache's end, softcap, the scale split over Q and K."""
+    if nonpad is not None or n.get("left_window_size", -1) >= 0 or n.get("right_window_size", -1) >= 0 \
+            or (len(n.outputs) > 3 and n.outputs[3]):
+        raise SpaError("from_onnx: Attention with nonpad_kv_seqlen, a sliding window or its qk output is not "
+                       "supported")
+    packed = q.dim() == 3
+    if packed:
+        q, k, v = (t.reshape(t.shape[0], t.shape[1], n.get(heads), -1).transpose(1, 2)
+                   for t, heads in ((q, "q_num_heads"), (k, "kv_num_heads"), (v, "kv_num_heads")))
+    past = past_key.shape[2] if past_key is not None else 0
+    k = torch.cat([past_key, k], 2) if past_key is not None else k
+    v = torch.cat([past_value, v], 2) if past_value is not None else v
+    present = (k, v)
+    length, total = q.shape[2], k.shape[2]
+    bias = torch.zeros(length, total, dtype=q.dtype)
+    if mask is not None:
+        if mask.shape[-1] < total:
+            mask = F.pad(mask, (0, total - mask.shape[-1]), value=False if mask.dtype == torch.bool else -math.inf)
+        bias = bias + (torch.where(mask, 0.0, -math.inf).to(q.dtype) if mask.dtype == torch.bool else mask)
+    if n.get("is_causal", 0):
+        allowed = torch.arange(total)[None, :] <= torch.arange(length)[:, None] + past
+        bias = bias + torch.where(allowed, 0.0, -math.inf).to(q.dtype)
+    share = q.shape[1] // k.shape[1]
+    if share > 1:
+        k, v = k.repeat_interleave(share, 1), v.repeat_interleave(share, 1)
+    root = math.sqrt(n.get("scale") or 1.0 / math.sqrt(q.shape[-1]))
+    scores = (q * root) @ (k * root).transpose(-1, -2)
+    softcap = n.get("softcap", 0.0) or 0.0
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores + bias
+    probs = torch.softmax(scores, -1)
+    probs = torch.where(torch.isneginf(bias.amax(-1, keepdim=True)), torch.zeros_like(probs), probs)
+    y = probs @ v
+    if packed:
+        y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
+    return (y, *present)[:len(n.outputs)] if len(n.outputs) > 1 else y
+
+
+@op("RotaryEmbedding")
+def _rotary_embedding(m, n, env, x, cos, sin, positions=None):
+    """ONNX RotaryEmbedding (opset 23), as its reference implementation computes it."""
+    four_d = x.dim() == 4
+    shape = x.shape
+    x = x.transpose(1, 2) if four_d else x.reshape(shape[0], shape[1], n.get("num_heads"), -1)
+    rotated = n.get("rotary_embedding_dim", 0) or x.shape[-1]
+    if positions is not None:
+        cos, sin = cos[positions], sin[positions]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    turn, keep = x[..., :rotated], x[..., rotated:]
+    if n.get("interleaved", 0):
+        x1, x2 = turn[..., 0::2], turn[..., 1::2]
+    else:
+        x1, x2 = turn.chunk(2, dim=-1)
+    real, imag = cos * x1 - sin * x2, sin * x1 + cos * x2
+    if n.get("interleaved", 0):
+        turn = torch.stack([real, imag], -1).reshape(turn.shape)
+    else:
+        turn = torch.cat([real, imag], -1)
+    y = torch.cat([turn, keep], -1)
+    return y.transpose(1, 2) if four_d else y.reshape(shape)
+
+
 @op("GroupNormalization")
 def _group_norm(m, n, env, x, scale, bias):
     groups, eps = n.get("num_groups"), n.get("epsilon", 1e-5)

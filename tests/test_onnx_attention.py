@@ -63,3 +63,29 @@ def test_opset_23_exports_prune_heads_and_channels_exactly(name):
     assert any(n.op_type == "Attention" for n in model.graph.node)
     assert {"heads", "channels"} <= {g.kind for g in analyze(model).groups if g.prunable}
     check_exact(model, Target(ratio=0.5), batch=1 if name == "llama" else 2, dims={"sequence": 6, "seq": 6})
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_a_pruned_opset_23_export_comes_back_to_torch(name):
+    """Convert, prune, re-import: an opset-23 export pruned by SPA becomes a torch module again
+    (the converter computes Attention and RotaryEmbedding as ONNX's reference does) that matches
+    onnxruntime on the pruned file (from_onnx verifies it; LLaMA at batch 1, see above)."""
+    pytest.importorskip("transformers")
+    tz = pytest.importorskip("models.transformers")
+    from spa.frontends.torch import from_onnx
+    from spa.pipeline import prune
+    from spa.runtime import random_inputs
+
+    model = onnx.load(tz.cached_export_transformer(name, "dynamo", opset=23))
+    pruned = prune(model, Target(ratio=0.5), criterion="l1").model
+    feeds = random_inputs(pruned, batch=1 if name == "llama" else 2, seed=4, dims={"sequence": 6, "seq": 6})
+    from_onnx(pruned, inputs=feeds)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "4-D"])
+def test_the_torch_converter_computes_grouped_query_attention_and_rotaries(packed):
+    """Attention with 4 query heads over 2 key/value heads and a rotary, in both forms: the converted
+    module matches onnxruntime."""
+    from spa.frontends.torch import from_onnx
+
+    from_onnx(gqa_attention(packed=packed))

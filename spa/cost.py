@@ -11,8 +11,9 @@ from .graph import Consts, Graph, attr, infer_shapes
 from .quant import QOPERATOR_WEIGHTS
 from .runtime import is_float
 
-CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}  # op -> weight slot
-MATRIX_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm", "MatMulNBits", "FusedMatMul")  # A: input 0
+CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "FusedConv": 1}  # op -> weight slot
+MATRIX_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm", "MatMulNBits", "FusedMatMul",
+              "FusedGemm")  # A: input 0
 MAC_OPS = (*CONV_WEIGHT, "ConvTranspose", *MATRIX_OPS, "LSTM", "GRU", "RNN", "Attention", "Einsum")
 
 
@@ -72,7 +73,7 @@ def node_macs(node, dim) -> int:
         if op in MATRIX_OPS:
             a = node.input[0]
             trans_a = any(x.name == "transA" and x.i for x in node.attribute)
-            k_axis = {"Gemm": 0, "QGemm": 0, "FusedMatMul": -2}.get(op, -1) if trans_a else -1
+            k_axis = {"Gemm": 0, "QGemm": 0, "FusedGemm": 0, "FusedMatMul": -2}.get(op, -1) if trans_a else -1
             return int(numel(node.output[0]) * dim(a, k_axis % _rank(dim, a)))
         if op == "Attention":  # com.microsoft: x [B, S, hidden] times the packed q | k | v weight, then
             x, columns = node.input[0], dim(node.input[1], 1)  # q k^T and the weights times v per head

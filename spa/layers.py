@@ -194,18 +194,22 @@ def weighted_layers(g) -> list:
 INTEGER_LAYERS = ("ConvInteger", "MatMulInteger")  # dynamic quantization: read a DynamicQuantizeLinear
 
 
+FUSED_LAYERS = {"FusedConv": "Conv", "FusedGemm": "Gemm"}  # com.microsoft: the layer, its activation folded in
+
+
 def _layer(g, index, node, slot, axis, weight):
     shape = g.consts.shape(weight if weight in g.consts else quantized_source(g, weight))
     if node.op_type in INTEGER_LAYERS:
         return _integer_layer(g, index, node, slot, weight, shape)
-    if node.op_type == "Conv":
+    op = FUSED_LAYERS.get(node.op_type, node.op_type)
+    if op == "Conv":
         groups = attr(node, "group", 1)
         kernel = tuple(shape[2:])
         layer = Layer(index, weight, 1, node.input[0], "conv", groups, kernel, _conv_geometry(node))
         return _with_bias(g, layer, node.input[2] if len(node.input) > 2 else "", shape[0])
     if len(shape) != 2:
         return None
-    if node.op_type == "Gemm":
+    if op == "Gemm":
         trans_b = attr(node, "transB", 0)
         layer = Layer(index, weight, axis, node.input[0], "dense" if trans_b else "dense_t",
                       conv={"trans_a": attr(node, "transA", 0)}, scale=attr(node, "alpha", 1.0),

@@ -193,11 +193,11 @@ _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 def _in_out(node, shape) -> tuple:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     group = attrs.get("group", 1)
-    if node.op_type in ("Conv", "ConvInteger", "QLinearConv"):
+    if node.op_type in ("Conv", "ConvInteger", "QLinearConv", "FusedConv"):
         return int(shape[1] * group), int(shape[0])
     if node.op_type == "ConvTranspose":
         return int(shape[0]), int(shape[1] * group)
-    if node.op_type in ("Gemm", "QGemm"):
+    if node.op_type in ("Gemm", "QGemm", "FusedGemm"):
         return (int(shape[1]), int(shape[0])) if attrs.get("transB") else (int(shape[0]), int(shape[1]))
     if node.op_type in _GATES:
         return int(shape[2]), int(shape[1] // _GATES[node.op_type])

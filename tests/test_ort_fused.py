@@ -7,8 +7,10 @@ import numpy as np
 import onnx
 import pytest
 
-from builder import fused_transformer_block, multi_head_attention_block
-from oracle import check_exact
+from onnx import helper
+
+from builder import Builder, fused_transformer_block, multi_head_attention_block
+from oracle import check_exact, compensated_and_not
 from spa import Options, analyze
 from spa.graph import attr, load_model
 from spa.pipeline import prune
@@ -132,3 +134,45 @@ def test_an_optimized_then_dynamically_quantized_bert_prunes_exactly(per_channel
     assert {"QAttention", "QEmbedLayerNormalization"} <= {n.op_type for n in model.graph.node}
     assert {"heads", "channels"} <= {g.kind for g in analyze(model).groups if g.prunable}
     check_exact(model, Target(ratio=0.5), dims={"seq": 5, "sequence": 5}, fused=False)
+
+
+def _saved_session(path, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "saved.onnx")
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2"])
+def test_cnns_saved_from_an_optimized_session_prune_and_compensate(name, tmp_path):
+    """A CNN saved from an optimized onnxruntime session has its Conv + activation pairs as
+    com.microsoft FusedConv: everything they touched froze (MobileNetV2: 0 of 3 groups prunable, now
+    7 of 8). They prune exactly against the oracle, and OBSPA finds them as layers: its compensation
+    lowers the output error."""
+    zoo = pytest.importorskip("models.zoo")
+    model = _saved_session(zoo.cached_export(name), tmp_path)
+    assert "FusedConv" in {n.op_type for n in model.graph.node}
+    check_exact(model, Target(ratio=0.5))
+    _, _, errors = compensated_and_not(model, ratio=0.3)
+    assert errors["obs"] < errors["none"], errors
+
+
+def test_fused_conv_with_a_sum_input_and_fused_gemm_prune_exactly():
+    """FusedConv's optional Z (a residual added before the activation) is sliced with the output
+    channels; FusedGemm prunes as Gemm."""
+    b = Builder(seed=1)
+    ms = dict(domain="com.microsoft")
+    x = b.op("Relu", [b.conv(b.input(["N", 3, 8, 8], "x"), 3, 16)])
+    y = b.op("FusedConv", [x, b.weight(16, 16, 3, 3), b.weight(16), x], pads=[1] * 4, activation="Relu", **ms)
+    y = b.op("FusedConv", [y, b.weight(24, 16, 1, 1), b.weight(24)], activation="LeakyRelu",
+             activation_params=[0.1], **ms)
+    flat = b.op("Flatten", [b.op("GlobalAveragePool", [y])])
+    hidden = b.op("FusedGemm", [flat, b.weight(24, 32), b.weight(32)], activation="Relu", **ms)
+    b.output(b.gemm(hidden, 32, 5), ["N", 5])
+    graph = helper.make_graph(b.nodes, "fused_cnn", b.inputs, b.outputs, b.inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    assert [g.prunable for g in analyze(model).groups] == [True, True, True, False]
+    check_exact(model, Target(ratio=0.5))

@@ -76,6 +76,19 @@ class ConvRule(Rule):
 
 
 @register
+class FusedConvRule(ConvRule):
+    """com.microsoft FusedConv (onnxruntime's Conv with its element-wise activation folded in, and an
+    optional sum input Z added before it, as a saved optimized session writes CNNs): Conv's channel
+    map, Z sliced with the output channel."""
+
+    domain = "com.microsoft"
+    ops = ("FusedConv",)
+
+    def out_params(self, c, c_out):
+        return [(c.inp(3), 1)] if c.inp(3) else []
+
+
+@register
 class ConvTransposeRule(Rule):
     """Weight is [C_in, C_out/group, k...]: axes swapped relative to Conv."""
 
@@ -165,6 +178,14 @@ class GemmRule(Rule):
                 pairs.append((bias, a))
         size = c.dim(*pair)
         return [identity(pair, p, size) for p in pairs if p != pair]
+
+
+@register
+class FusedGemmRule(GemmRule):
+    """com.microsoft FusedGemm (onnxruntime's Gemm with its element-wise activation folded in)."""
+
+    domain = "com.microsoft"
+    ops = ("FusedGemm",)
 
 
 @register

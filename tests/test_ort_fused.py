@@ -1,12 +1,11 @@
-"""onnxruntime's fused transformer ops (com.microsoft Attention, QAttention, MultiHeadAttention,
+"""onnxruntime's fused ops (com.microsoft Attention, QAttention, MultiHeadAttention,
 EmbedLayerNormalization, SkipLayerNormalization, SkipSimplifiedLayerNormalization, BiasGelu,
-FastGelu, QuickGelu, Gelu, FusedMatMul, and SimplifiedLayerNormalization), as its transformer
-optimizer and its saved optimized graphs write them: heads and MLP channels prune exactly against
-the oracle, the hidden size approximately."""
+FastGelu, QuickGelu, Gelu, FusedMatMul, FusedConv, FusedGemm, and SimplifiedLayerNormalization), as
+its transformer optimizer, its quantizer and its saved optimized sessions write them: heads and
+channels prune exactly against the oracle, the hidden size approximately."""
 import numpy as np
 import onnx
 import pytest
-
 from onnx import helper
 
 from builder import Builder, fused_transformer_block, multi_head_attention_block
@@ -103,17 +102,21 @@ def test_files_from_onnxruntimes_transformer_optimizer_prune_exactly(name, tmp_p
     check_exact(model, Target(ratio=0.5), dims={"seq": 5, "sequence": 5})
 
 
-def test_a_graph_onnxruntime_saved_optimized_prunes_exactly(tmp_path):
-    """onnxruntime's own session optimisations, saved (optimized_model_filepath): Q K^T becomes a
-    FusedMatMul (transposed B, scale folded in) and the MLP a BiasGelu; heads and channels prune."""
+def _saved_session(path, tmp_path):
+    """The model at `path` as an onnxruntime session saves it optimized (optimized_model_filepath)."""
     ort = pytest.importorskip("onnxruntime")
-    tz = pytest.importorskip("models.transformers")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(tmp_path / "saved.onnx")
-    ort.InferenceSession(tz.cached_export_transformer("bert_eager", "torchscript"), options,
-                         providers=["CPUExecutionProvider"])
-    model = onnx.load(options.optimized_model_filepath)
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath)
+
+
+def test_a_graph_onnxruntime_saved_optimized_prunes_exactly(tmp_path):
+    """onnxruntime's own session optimisations, saved (optimized_model_filepath): Q K^T becomes a
+    FusedMatMul (transposed B, scale folded in) and the MLP a BiasGelu; heads and channels prune."""
+    tz = pytest.importorskip("models.transformers")
+    model = _saved_session(tz.cached_export_transformer("bert_eager", "torchscript"), tmp_path)
     assert {"FusedMatMul", "BiasGelu"} <= {n.op_type for n in model.graph.node}
     assert {"heads", "channels"} <= {g.kind for g in analyze(model).groups if g.prunable}
     check_exact(model, Target(ratio=0.5), dims={"seq": 5, "sequence": 5})
@@ -134,15 +137,6 @@ def test_an_optimized_then_dynamically_quantized_bert_prunes_exactly(per_channel
     assert {"QAttention", "QEmbedLayerNormalization"} <= {n.op_type for n in model.graph.node}
     assert {"heads", "channels"} <= {g.kind for g in analyze(model).groups if g.prunable}
     check_exact(model, Target(ratio=0.5), dims={"seq": 5, "sequence": 5}, fused=False)
-
-
-def _saved_session(path, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(tmp_path / "saved.onnx")
-    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return onnx.load(options.optimized_model_filepath)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv2"])

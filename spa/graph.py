@@ -685,9 +685,11 @@ def _constant_identities(light: onnx.ModelProto) -> dict:
     output unknown; onnxruntime's symbolic inference merged such unknowns with a broadcast partner's
     dims (a conv bias [480] reshaped to [1, -1, 1, 1] read as [N, 480, 6, W])."""
     weights = {t.name: t for t in light.graph.initializer}
+    outputs = {o.name for o in light.graph.output}
     aliases, kept = {}, []
     for node in light.graph.node:
-        source = weights.get(node.input[0]) if node.op_type == "Identity" and node.input else None
+        source = weights.get(node.input[0]) if node.op_type == "Identity" and node.input \
+            and node.output[0] not in outputs else None
         if source is not None and source.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) \
                 and np.prod(source.dims, dtype=np.int64) <= 64 and (source.raw_data or source.int64_data
                                                                      or source.int32_data or not source.dims):

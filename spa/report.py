@@ -9,7 +9,7 @@ import time
 import numpy as np
 import onnx
 
-from .cost import MAC_OPS, concrete_shapes, count_macs, count_params, macs_by_op
+from .cost import CONV_WEIGHT, MAC_OPS, concrete_shapes, count_macs, count_params, macs_by_op
 from .graph import PROBE_LIMIT, Graph, _without_large_data, subgraph_weights, weight_bytes
 from .groups import Analysis
 from .quant import is_quant_param
@@ -193,7 +193,7 @@ _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 def _in_out(node, shape) -> tuple:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     group = attrs.get("group", 1)
-    if node.op_type in ("Conv", "ConvInteger", "QLinearConv", "FusedConv"):
+    if node.op_type in CONV_WEIGHT:
         return int(shape[1] * group), int(shape[0])
     if node.op_type == "ConvTranspose":
         return int(shape[0]), int(shape[1] * group)

@@ -14,7 +14,8 @@ from .runtime import is_float
 CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "FusedConv": 1}  # op -> weight slot
 MATRIX_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm", "MatMulNBits", "FusedMatMul",
               "FusedGemm")  # A: input 0
-MAC_OPS = (*CONV_WEIGHT, "ConvTranspose", *MATRIX_OPS, "LSTM", "GRU", "RNN", "Attention", "Einsum")
+MAC_OPS = (*CONV_WEIGHT, "ConvTranspose", *MATRIX_OPS, "LSTM", "GRU", "RNN", "Attention", "GroupQueryAttention",
+           "Einsum")
 
 
 def concrete_shapes(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None,
@@ -31,10 +32,10 @@ def concrete_shapes(model: onnx.ModelProto, batch: int = 1, dims: dict | None = 
             for d, value in zip(vi.type.tensor_type.shape.dim, specs[vi.name]):
                 d.Clear()
                 d.dim_value = value
-    shapes = infer_shapes(fixed)
+    inferred = infer_shapes(fixed)
     g = fixed.graph
     wanted = {x for n in g.node if n.op_type in MAC_OPS for x in list(n.input) + list(n.output) if x}
-    missing = [t for t in wanted if not _static(shapes.get(t)) and t not in {i.name for i in g.initializer}]
+    missing = [t for t in wanted if not _static(inferred.get(t)) and t not in {i.name for i in g.initializer}]
     if missing:
         known = {o.name for o in g.output}
         g.output.extend(helper.ValueInfoProto(name=t) for t in missing if t not in known)
@@ -42,12 +43,12 @@ def concrete_shapes(model: onnx.ModelProto, batch: int = 1, dims: dict | None = 
             sess = session(fixed, quiet=True)  # a model that fails at these sizes is counted without them
             values = sess.run(None, random_inputs(model, batch, dims=dims, shapes=shapes))
             for out, value in zip(sess.get_outputs(), values):
-                shapes[out.name] = tuple(np.shape(value))
+                inferred[out.name] = tuple(np.shape(value))
         except Exception:
             pass
     for t in model.graph.initializer:
-        shapes[t.name] = tuple(t.dims)
-    return shapes
+        inferred[t.name] = tuple(t.dims)
+    return inferred
 
 
 def _static(shape):
@@ -80,6 +81,9 @@ def node_macs(node, dim) -> int:
             sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"), [1, 1, 1])
             rows = numel(x) // dim(x, 2)
             return int(rows * dim(x, 2) * columns + rows * dim(x, 1) * columns * (sizes[0] + sizes[2]) / sum(sizes))
+        if op == "GroupQueryAttention":  # q k^T and the weights times v: 2 x output x keys attended
+            y, present = node.output[0], node.output[1] if len(node.output) > 1 and node.output[1] else None
+            return int(2 * numel(y) * (dim(present, 2) if present else dim(y, 1)))
         if op == "Einsum" and len(node.input) == 2:  # one multiply-add per combination of all labels
             from .rules import Frozen
             from .rules.layers import einsum_labels

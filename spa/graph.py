@@ -724,14 +724,17 @@ def infer_shapes(model: onnx.ModelProto, notes: list | None = None) -> dict:
             break
         light.graph.value_info.extend(settled)
     shapes.update(aliases)
-    if any("?" in shape for shape in shapes.values()):
+    g = inferred.graph
+    consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+
+    def missing():
+        return [o for n in g.node for o in n.output if o and o not in consts and (o not in shapes or "?" in shapes[o])]
+
+    if missing():  # ONNX's inference stops at an op it does not know (com.microsoft's, where no value_info says)
         for name, better in _symbolic_shapes(light).items():
             if name not in shapes or ("?" in shapes[name] and len(better) == len(shapes[name])):
                 shapes[name] = better
-    g = inferred.graph
-    consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
-    missing = [o for n in g.node for o in n.output
-               if o and o not in consts and (o not in shapes or "?" in shapes[o])]
+    missing = missing()
     if missing and weight_bytes(model) < PROBE_LIMIT:
         for name, ran in shapes_by_running(model, missing, notes).items():
             inferred = shapes.get(name)

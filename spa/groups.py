@@ -154,24 +154,24 @@ def analyze(model: onnx.ModelProto | Graph, options: Options | None = None) -> A
     held = _held_repeats(analysis)
     if held and "heads" in options.granularity:
         analysis = Propagation(graph, replace(options, query_slots=options.query_slots | held)).run()
-        note = (f"{len(held)} grouped-query repeats read key/value heads that the graph's inputs or outputs hold (a "
-                "cache): their query heads prune as slots, the same query head of every key/value group together")
+        note = (f"{len(held)} grouped-query attention{'s' if len(held) > 1 else ''} read key/value heads that the "
+                "graph's inputs or outputs hold (a cache): their query heads prune as slots, the same query head of "
+                "every key/value group together")
         if note not in graph.notes:
             graph.notes.append(note)
     return analysis
 
 
 def _held_repeats(analysis: Analysis) -> frozenset:
-    """Grouped-query repeats ([B, kv, r, S, d] = Expand of [B, kv, 1, S, d], reshaped to [B, kv*r, S, d])
-    whose head group is frozen by a graph input or output (the key/value cache of a decoder exported
-    for generation): key/value heads cannot go, but the query heads sharing them can, as slots."""
+    """Nodes whose grouped-query head group (`Rule.held_heads`) is frozen by graph inputs or outputs
+    alone (the key/value cache of a decoder exported for generation): key/value heads cannot go, but
+    the query heads sharing them can, as slots."""
     g, held = analysis.graph, set()
     for index, node in enumerate(g.nodes):
-        source = g.producer.get(node.input[0]) if node.op_type == "Reshape" else None
-        if source is None or g.nodes[source].op_type != "Expand" or g.node_name(index) in analysis.options.query_slots \
-                or g.rank(node.input[0]) != (g.rank(node.output[0]) or 0) + 1:
+        if g.node_name(index) in analysis.options.query_slots:
             continue
-        member = analysis.members.get((node.output[0], 1))
+        pair = rule_for(node).held_heads(Ctx(g, index, analysis.options))
+        member = analysis.members.get(pair) if pair is not None else None
         group = analysis.groups[analysis.atom_group[int(member.atoms[0])]] if member is not None else None
         if group is not None and group.kind == "heads" and group.frozen and all(
                 reason.startswith("graph ") for reason in group.reasons()):

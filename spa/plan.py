@@ -5,12 +5,13 @@ JSON schema (version 1):
   "spa_plan": 1,
   "model": "<file name the plan was made for>",
   "groups":  [{"id": int, "kind": "channels" | "heads" | "head-dim" | "hidden", "size": int, "removed": int,
-               "members": [[tensor, axis], ...], "channels_removed": int}],
+               "members": [[tensor, axis], ...], "channels_removed": int, "unit": str}],
   "weights": [{"name": str, "axis": int, "group": int, "kept": [int], "removed": [int]}],
   "weights_changed": null | "<what updated the kept weights: obspa compensation, --recover distillation>"
 }
 `size` and `removed` count the group's units (channels, heads); a group whose channels go in blocks
-(a MatMulNBits' input) counts blocks there and says how many channels went in `channels_removed`.
+(a MatMulNBits' input) counts blocks there and says how many channels went in `channels_removed`; a
+group of query-head slots (the same query head of every key/value group) has "unit": "query-head slots".
 `weights` has one entry per sliced weight tensor axis (initializer or Constant output); indices are
 into the original tensor. `spa apply-plan` re-analyses the model and replays the removals (the
 kept weights as they are: where `weights_changed` says a prune updated them, it warns).
@@ -93,6 +94,7 @@ class Plan:
         return [{"id": g.id, "kind": g.kind, "size": len(g.atoms), "removed": len(by_group[g.id]),
                  "members": [[m.tensor, m.axis] for m in g.members]}
                 | ({"channels_removed": g.channels(by_group[g.id])} if "block" in g.units else {})
+                | ({"unit": "query-head slots"} if "slot" in g.units else {})
                 for g in self.analysis.groups if g.id in by_group]
 
     def to_json(self, model_name: str = "") -> dict:

@@ -167,11 +167,13 @@ def _total_macs(model: onnx.ModelProto, shapes: dict) -> int:
 
 def removed_by_kind(plan: dict) -> dict:
     """Channels and attention heads a plan's JSON removes, and in how many groups each."""
-    heads = [g for g in plan["groups"] if g.get("kind") == "heads" and g["removed"]]
+    slots = [g for g in plan["groups"] if g.get("unit") == "query-head slots" and g["removed"]]
+    heads = [g for g in plan["groups"] if g.get("kind") == "heads" and g["removed"] and g not in slots]
     channels = [g for g in plan["groups"] if g.get("kind") != "heads" and g["removed"]]
     return {"channels_removed": sum(g.get("channels_removed", g["removed"]) for g in channels),
             "channel_groups": len(channels),
-            "heads_removed": sum(g["removed"] for g in heads), "head_groups": len(heads)}
+            "heads_removed": sum(g["removed"] for g in heads), "head_groups": len(heads),
+            "slots_removed": sum(g["removed"] for g in slots), "slot_groups": len(slots)}
 
 
 def layer_widths(graph: Graph) -> dict:
@@ -225,10 +227,12 @@ def _times(ratio: float) -> str:
 
 
 def removed_text(found: dict) -> str:
-    """"removed 120 channels in 8 groups and 4 heads in 2 groups" (the parts that are not zero)."""
+    """"removed 120 channels in 8 groups and 4 heads in 2 groups" (the parts that are not zero; query-head
+    slots, the same query head of every key/value group, apart)."""
     parts = [f"{_plural(found[k + '_removed'], word)} in {_plural(found[g], 'group')}"
-             for k, word, g in (("channels", "channel", "channel_groups"), ("heads", "head", "head_groups"))
-             if found[k + "_removed"]]
+             for k, word, g in (("channels", "channel", "channel_groups"), ("heads", "head", "head_groups"),
+                                ("slots", "query-head slot", "slot_groups"))
+             if found.get(k + "_removed")]
     return "removed " + (" and ".join(parts) or "nothing")
 
 
@@ -306,7 +310,8 @@ def describe(analysis: Analysis) -> dict:
             "prunable_channels": g.channels(g.prunable_atoms) if g.has_params else 0,
             "prunable": bool(g.prunable),
             "kind": g.kind,
-            "unit": "query-head slots" if "slot" in g.units else g.kind,
+            "unit": ("query-head slots" + (" and key/value heads" if "head" in g.units else "")) if "slot" in g.units
+            else g.kind,  # a packed q | k | v holds both: slots and the key/value heads a cache holds
             "blocks": int(len(g.atoms)) if "block" in g.units and g.kind == "channels" and g.prunable else None,
             "selected": g.kind in analysis.options.granularity,
             "members": [{"tensor": m.tensor, "axis": m.axis, "size": m.size, "weight": m.is_const,

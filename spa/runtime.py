@@ -73,6 +73,11 @@ def input_specs(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None
         for k, d in enumerate(vi.type.tensor_type.shape.dim):
             if k and vi.name in shapes and not is_static_dim(d) and d.dim_param not in ("", "?"):
                 dims.setdefault(d.dim_param, shapes[vi.name][k])
+    declared = {vi.name: vi.type.tensor_type.shape.dim for vi in inputs}
+    for (name, k), size in imposed_sizes(model).items():
+        d = declared[name][k] if name in declared and k < len(declared[name]) else None
+        if d is not None and not is_static_dim(d) and name not in shapes:
+            dims.setdefault(_dim_name(name, k, d), size)
     specs = []
     for vi in inputs:
         t = vi.type.tensor_type
@@ -81,6 +86,14 @@ def input_specs(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None
                  dims.get(_dim_name(vi.name, k, d), default_dim) for k, d in enumerate(t.shape.dim)]
         specs.append((vi.name, tuple(shape), _NP_TYPES.get(t.elem_type, np.float32)))
     return specs
+
+
+def imposed_sizes(model: onnx.ModelProto) -> dict:
+    """{(graph input, axis): size} the model's ops need generated inputs to take (an empty key/value
+    cache: `spa.rules.imposed_input_sizes`)."""
+    from .rules import imposed_input_sizes
+
+    return imposed_input_sizes(model)
 
 
 def is_static_dim(d) -> bool:

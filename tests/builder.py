@@ -233,3 +233,43 @@ def multi_head_attention_block(hidden=16, heads=4, qk_head=4, v_head=6, tokens=5
     graph = helper.make_graph(b.nodes, "multi_head_attention_block", b.inputs, b.outputs, b.inits)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets)
+
+
+def group_query_attention_block(hidden=16, heads=4, kv_heads=2, head=16, cache=True, packed=True, rotary=True,
+                                sink=False, seed=0):
+    """A decoder layer's attention in com.microsoft GroupQueryAttention, as onnxruntime-genai writes
+    it: x [B, S, hidden] -> q | k | v (one packed MatMul, or three) -> attention over `heads` query
+    heads sharing `kv_heads` key/value heads (rotated inside with cos/sin caches; `sink`: a head_sink
+    per query head) -> output projection. seqlens_k and total_sequence_length come from an attention
+    mask [B, total] as genai computes them; `cache`: past_key / past_value [B, kv_heads, past, head]
+    are graph inputs and present_key / present_value graph outputs."""
+    b = Builder(seed=seed)
+    x = b.input(["batch", "sequence", hidden], "x")
+    mask = b.input(["batch", "total"], "attention_mask", TensorProto.INT64)
+    seqlens = b.op("Cast", [b.op("Sub", [b.op("ReduceSum", [mask, b.const(np.array([1], np.int64))], keepdims=0),
+                                         b.const(np.array(1, np.int64))])], to=TensorProto.INT32)
+    total = b.op("Cast", [b.op("Gather", [b.op("Shape", [mask]), b.const(np.array(1, np.int64))])],
+                 to=TensorProto.INT32)
+    if packed:
+        q, k, v = b.op("MatMul", [x, b.weight(hidden, (heads + 2 * kv_heads) * head)]), "", ""
+    else:
+        q, k, v = (b.op("MatMul", [x, b.weight(hidden, n * head)]) for n in (heads, kv_heads, kv_heads))
+    past = [b.input(["batch", kv_heads, "past", head], f"past_{n}") for n in ("key", "value")] if cache else ["", ""]
+    rotation = ["", ""]
+    if rotary:
+        angles = np.arange(64)[:, None] * (1.0 / 10000 ** (np.arange(head // 2) / (head // 2)))[None, :]
+        rotation = [b.const(f(angles).astype(np.float32)) for f in (np.cos, np.sin)]
+    inputs = [q, k, v, *past, seqlens, total, *rotation]
+    if sink:
+        inputs += ["", "", b.weight(heads)]
+    outputs = b.op("GroupQueryAttention", inputs, n_out=3 if cache else 1, domain="com.microsoft", num_heads=heads,
+                   kv_num_heads=kv_heads, do_rotary=int(rotary))
+    y = outputs[0] if cache else outputs
+    b.output(b.op("MatMul", [y, b.weight(heads * head, hidden)]), ["batch", "sequence", hidden])
+    outs = list(b.outputs)
+    if cache:
+        outs += [helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch", kv_heads, "total", head])
+                 for t in outputs[1:]]
+    graph = helper.make_graph(b.nodes, "group_query_attention_block", b.inputs, outs, b.inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)

@@ -56,7 +56,8 @@ channel axis of 1 or 3 at position 1 (NCHW) or 3 (NHWC)) gets 224 for an unknown
 (a text recognizer's, one with a character dictionary: 48 / 320, PaddleOCR's); a
 float [N, C, L] gets L = 256; a token-id input (integer, indexing an embedding table) gets one
 length per batch from a seeded schedule spread log-uniformly over 4..max_length (128), capped by
-the model's position table, with its mask/type/position inputs following; any other axis 16.
+the model's position table, with its mask/type/position inputs following (a decoder's key/value
+cache is fed empty, at the head count and size its attention needs: `Rule.input_sizes`); any other axis 16.
 
 Image directories: resized to `image_size` (H, W) (default: the input's resolved height/width),
 scaled to [0, 1], normalised by `mean`/`std` (ImageNet's by default, announced), laid out as

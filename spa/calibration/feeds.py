@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import SpaError, first_line
-from ..runtime import batch_names, declared_inputs
+from ..runtime import batch_names, declared_inputs, imposed_sizes
 from . import text_lines
 from .files import IMAGENET_MEAN, IMAGENET_STD, _fitted, _per_channel
 from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MIN_TOKENS, TOKENS,
@@ -47,10 +47,14 @@ class _Plan:
         self.chunk = self.static_batch or options.batch_size
         self.explicit = _checked_shapes(self.inputs, options.shapes)
         self.named = self._named_sizes()
+        self.fixed: dict = {}   # (input, axis) -> size a source imposes (bn: the channel count; an empty cache)
+        for (name, k), size in imposed_sizes(model).items():
+            dim = self.by_name[name].dims[k] if name in self.by_name else None
+            if name not in self.explicit and (isinstance(dim, str) and dim not in self.named or dim is None):
+                self.fixed[(name, k)] = size
         self._position_limit = -1
         self._vocabulary = None
         self._alphabet: list | None = None  # drawable characters of the text lines; [] for noise images
-        self.fixed: dict = {}   # (input, axis) -> size a source imposes (bn: the channel count)
 
     def _static_batch(self) -> int | None:
         """The batch the inputs fix on their first axis (None: free). An input whose first axis fixes
@@ -139,9 +143,11 @@ class _Plan:
             for k, v in enumerate(shape):
                 if v is None and isinstance(i.dims[k], str) and i.dims[k] in by_dim:
                     shape[k] = by_dim[i.dims[k]]
-            if ids and unnamed_tokens and shape and shape[-1] is None and i.dims[-1] is None \
-                    and (not i.is_float or i.role == "mask") and len(shape) == len(ids[0].dims):
-                shape[-1] = TOKENS   # the mask / type ids of an unnamed sequence axis
+            if ids and shape and shape[-1] is None and len(shape) == len(ids[0].dims) and (
+                    i.role == "mask" or unnamed_tokens and i.dims[-1] is None and not i.is_float):
+                # the mask (of a decoder, its total length: the cache is fed empty) and the type ids of
+                # an unnamed sequence axis are as long as the ids
+                shape[-1] = TOKENS
             unknown = [k for k, v in enumerate(shape) if v is None]
             if not unknown:
                 continue

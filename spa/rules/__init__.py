@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..graph import CONTROL_FLOW, Graph, attr
+from ..graph import CONTROL_FLOW, Graph, attr, infer_shapes
 
 
 class Frozen(Exception):
@@ -132,6 +132,18 @@ class Rule:
     def rewrite(self, c: Ctx, plan) -> None:
         """Fix attributes and shape constants after channels were removed."""
 
+    def held_heads(self, c: Ctx):
+        """A (tensor, axis) of grouped-query heads: where its head group is held only by the graph's
+        inputs or outputs (a key/value cache), the analysis runs again with this node in
+        `options.query_slots`, and the query heads that share a key/value head prune as slots."""
+        return None
+
+    def input_sizes(self, node, shape) -> dict:
+        """{input tensor: {axis: size}} this op needs of inputs that the graph's inputs may feed, for
+        generated inputs to run (an empty key/value cache at its head count and size); `shape(tensor)`:
+        the tensor's inferred shape, ints or None per axis, or None."""
+        return {}
+
 
 REGISTRY: dict[str, Rule] = {}
 
@@ -158,6 +170,37 @@ class Boundary(Rule):
 
     def propagate(self, c, tensor, axis):
         raise Frozen(self.reason)
+
+
+_IMPOSING = []  # models whose imposed sizes are being read: Graph's shape probes generate inputs too
+
+
+def imposed_input_sizes(model) -> dict:
+    """{(graph input, axis): size} that ops impose on the graph's inputs (`Rule.input_sizes`): where
+    generated inputs (verification, calibration) must take that size for the model to run."""
+    rules = [(node, rule_for(node)) for node in model.graph.node]
+    rules = [(node, rule) for node, rule in rules if type(rule).input_sizes is not Rule.input_sizes]
+    inputs = {i.name for i in model.graph.input}
+    if not rules or not inputs or _IMPOSING:
+        return {}
+    _IMPOSING.append(model)
+    try:
+        shapes = infer_shapes(model)
+    except Exception:  # noqa: BLE001 (a graph SPA cannot read imposes nothing; its run will say why)
+        return {}
+    finally:
+        _IMPOSING.pop()
+
+    def shape(tensor):
+        dims = shapes.get(tensor)
+        return None if dims is None else [d if isinstance(d, int) else None for d in dims]
+
+    sizes = {}
+    for node, rule in rules:
+        for tensor, axes in rule.input_sizes(node, shape).items():
+            if tensor in inputs:
+                sizes.update({(tensor, axis): size for axis, size in axes.items()})
+    return sizes
 
 
 def same_axis_everywhere(c: Ctx, tensor, axis, tensors):

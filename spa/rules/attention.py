@@ -6,22 +6,31 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import Frozen, Link, Rule, identity, register
+from . import Frozen, Link, Rule, attr, identity, register
 from .quantized import integer_weight
 
 
-def _head_links(pair, heads_of: dict) -> list:
-    """Links that make each head one unit across `heads_of` ({pair: head index of each position}):
-    every position of `pair` joins the first position of its head, and every position of the other
-    pairs joins the first position of `pair` in the same head."""
-    mine = heads_of[pair]
-    first = np.full(int(mine.max()) + 1, -1)
-    first[mine[::-1]] = np.arange(len(mine))[::-1]
-    links = [Link(pair, pair, np.arange(len(mine)), first[mine], unit="head")]
-    for other, heads in heads_of.items():
-        if other != pair:
-            links.append(Link(pair, other, first[heads], np.arange(len(heads)), unit="head"))
-    return links
+def _head_links(pair, heads_of: dict, tags: dict | None = None) -> list:
+    """Links that make each head one unit across `heads_of` ({pair: head of each position}), entered
+    from `pair`: every position of a head joins the head's first position in the first pair reached
+    that holds it. A pair is reached once it shares a head with a reached one, so a tensor holding two
+    families of heads (q | k | v packed in one, query slots beside key/value heads) links both. `tags`
+    names a head's unit where it is not "head" ({head: "slot"})."""
+    tags = tags or {}
+    anchors, links, pending = {}, [], [p for p in heads_of if p != pair]
+    reached = pair
+    while reached is not None:
+        heads = np.asarray(heads_of[reached])
+        for head in np.unique(heads):
+            positions = np.flatnonzero(heads == head)
+            source = anchors.setdefault(int(head), (reached, int(positions[0])))
+            links.append(Link(source[0], reached, np.full(len(positions), source[1]), positions,
+                              unit=tags.get(int(head), "head")))
+        reached = next((p for p in pending if any(int(h) in anchors for h in np.unique(heads_of[p]))), None)
+        if reached is not None:
+            pending.remove(reached)
+    # cross-pair links first: a pair reached later is marked by them before its own links are read
+    return sorted(links, key=lambda link: link.src == link.dst and link.src != pair)
 
 
 @register
@@ -281,3 +290,92 @@ class MultiHeadAttentionRule(Rule):
         q = c.inp(0)
         if plan.changed(q, 2):
             plan.set_attr(c.node, "num_heads", plan.new_dim(q, 2) // (c.g.dim(q, 2) // c.attr("num_heads")))
+
+
+@register
+class GroupQueryAttentionRule(Rule):
+    """com.microsoft GroupQueryAttention (query, [key], [value], [past_key], [past_value], seqlens_k,
+    total_sequence_length, [cos_cache], [sin_cache], [position_ids], [attention_bias], [head_sink], ...;
+    the attention of onnxruntime-genai's decoders): query [B, S, heads x d], with q | k | v packed in it
+    where key and value are absent; query head h reads key/value head h // (num_heads / kv_num_heads). A
+    key/value head goes with the query heads it serves, its cache (past, present) too; num_heads and
+    kv_num_heads follow. Where the graph's inputs and outputs hold the cache, the query heads prune as
+    slots (`held_heads`): the same query head of every key/value group at once, so each group keeps as
+    many. A quantized cache and the head size are frozen."""
+
+    domain = "com.microsoft"
+    ops = ("GroupQueryAttention",)
+    KEY, VALUE, PAST_K, PAST_V, BIAS, SINK, K_SCALE, V_SCALE = 1, 2, 3, 4, 10, 11, 12, 13
+
+    def _sizes(self, c):
+        heads, kv_heads, y = c.attr("num_heads", 0), c.attr("kv_num_heads", 0), c.out(0)
+        if not heads or not kv_heads or heads % kv_heads or c.rank(c.inp(0)) != 3 or c.dim(y, 2) % heads:
+            raise Frozen(f"GroupQueryAttention: {heads} query heads do not share {kv_heads} key/value heads evenly")
+        if c.inp(self.K_SCALE) or c.inp(self.V_SCALE) or c.attr("kv_cache_bit_width", 0):
+            raise Frozen("GroupQueryAttention with a quantized key/value cache")
+        return heads, kv_heads, c.dim(y, 2) // heads
+
+    def held_heads(self, c):
+        return (c.out(0), 2) if c.inp(self.PAST_K) or c.out(1) else None
+
+    def input_sizes(self, node, shape):
+        """An empty cache ([B, kv heads, 0, head size]: a prompt's first run, any batch)."""
+        heads, kv_heads = attr(node, "num_heads", 0), attr(node, "kv_num_heads", 0)
+        query = shape(node.input[0])
+        packed = len(node.input) <= self.KEY or not node.input[self.KEY]
+        width = query[-1] if query else None
+        if not heads or not width:
+            return {}
+        size = width // (heads + 2 * kv_heads) if packed else width // heads
+        caches = [t for t in node.input[self.PAST_K:self.PAST_V + 1] if t]
+        return {cache: {1: kv_heads, 2: 0, 3: size} for cache in caches}
+
+    def _heads_of(self, c, heads, kv_heads, size):
+        """{pair: unit of each position}: query heads are units 0.. (their key/value head, or their slot
+        where the cache is held), key/value heads come after them."""
+        share = heads // kv_heads
+        slots = c.g.node_name(c.index) in c.options.query_slots
+        query = np.arange(heads) % share if slots else np.arange(heads) // share
+        kv = np.arange(kv_heads) + (share if slots else 0)
+        q, y = c.inp(0), c.out(0)
+        heads_of = {(y, 2): np.repeat(query, size)}
+        if c.inp(self.KEY):
+            heads_of |= {(q, 2): np.repeat(query, size), (c.inp(self.KEY), 2): np.repeat(kv, size),
+                         (c.inp(self.VALUE), 2): np.repeat(kv, size)}
+        else:
+            heads_of[(q, 2)] = np.concatenate([np.repeat(query, size), np.repeat(kv, size), np.repeat(kv, size)])
+        for cache in (c.inp(self.PAST_K), c.inp(self.PAST_V), c.out(1), c.out(2)):
+            if cache:
+                heads_of[(cache, 1)] = kv
+        if c.out(3):
+            heads_of[(c.out(3), 1)] = query
+        bias, sink = c.inp(self.BIAS), c.inp(self.SINK)
+        if bias and c.rank(bias) == 4 and c.dim(bias, 1) == heads:
+            heads_of[(bias, 1)] = query
+        if sink and c.rank(sink) == 1 and c.dim(sink, 0) == heads:
+            heads_of[(sink, 0)] = query
+        return heads_of, ({int(s): "slot" for s in range(share)} if slots else {})
+
+    def propagate(self, c, tensor, axis):
+        heads, kv_heads, size = self._sizes(c)
+        q, y = c.inp(0), c.out(0)
+        if tensor in (q, y) and axis < 2:  # batch and sequence
+            return [identity((tensor, axis), (y if tensor == q else q, axis), c.dim(tensor, axis))]
+        heads_of, tags = self._heads_of(c, heads, kv_heads, size)
+        if (tensor, axis) not in heads_of:
+            raise Frozen(f"GroupQueryAttention: channel on axis {axis} of '{tensor}'")
+        if "head-dim" in c.options.granularity:
+            raise Frozen("GroupQueryAttention: only whole heads are pruned here (head-dim granularity is not "
+                         "supported)")
+        return _head_links((tensor, axis), heads_of, tags)
+
+    def rewrite(self, c, plan):
+        q, y = c.inp(0), c.out(0)
+        if not plan.changed(q, 2):
+            return
+        heads, kv_heads, size = self._sizes(c)
+        kept_heads = plan.new_dim(y, 2) // size
+        packed = plan.new_dim(q, 2) if not c.inp(self.KEY) else None
+        kept_kv = (packed - kept_heads * size) // (2 * size) if packed else plan.new_dim(c.inp(self.KEY), 2) // size
+        plan.set_attr(c.node, "num_heads", kept_heads)
+        plan.set_attr(c.node, "kv_num_heads", kept_kv)

@@ -431,6 +431,14 @@ def _other_sizes_failure(g) -> str | None:
 class Reshape(Rule):
     ops = ("Reshape", "Flatten")
 
+    def held_heads(self, c):
+        """A grouped-query repeat: [B, kv, r, S, d] = Expand of [B, kv, 1, S, d], reshaped to [B, kv*r, S, d]."""
+        source = c.g.producer.get(c.inp(0))
+        if c.node.op_type == "Reshape" and source is not None and c.g.nodes[source].op_type == "Expand" \
+                and c.g.rank(c.inp(0)) == (c.g.rank(c.out(0)) or 0) + 1:
+            return (c.out(0), 1)
+        return None
+
     def _is_shuffle(self, c, split_axes):
         """A split whose two halves a Transpose then swaps is a channel shuffle."""
         for i, _ in c.g.consumers.get(c.out(0), []):

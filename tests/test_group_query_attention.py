@@ -1,0 +1,203 @@
+"""com.microsoft GroupQueryAttention, the attention of onnxruntime-genai's decoders: a key/value head
+goes with the query heads it serves; where the graph's inputs and outputs hold the key/value cache,
+the query heads prune as slots (the same query head of every key/value group). Exact against the
+oracle on a built block and on files onnxruntime-genai's own model builder writes (float32 and
+4-bit MatMulNBits), which then still generate in onnxruntime-genai."""
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from builder import group_query_attention_block
+from spa import Options, analyze
+from spa.calibration import calibration_batches
+from spa.cli import main
+from spa.cost import concrete_shapes, count_macs
+from spa.graph import attr, load_model
+from spa.pipeline import prune
+from spa.report import describe, format_analysis
+from spa.runtime import imposed_sizes, random_inputs
+from spa.selection import Target
+from spa.verify import masked_original
+
+
+def _run(model, feeds):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _feeds(model, batch, tokens, past, rng):
+    """Inputs of a decoder step: `past` cached positions, `tokens` new ones (onnxruntime's
+    GroupQueryAttention takes a prompt over a cache at batch 1 only)."""
+    feeds = {}
+    for i in model.graph.input:
+        dims = [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]
+        if "mask" in i.name:
+            feeds[i.name] = np.ones((batch, tokens + past), np.int64)
+        elif i.type.tensor_type.elem_type == onnx.TensorProto.INT64:
+            feeds[i.name] = rng.integers(0, 200, (batch, tokens)).astype(np.int64)
+        elif "past" in i.name:
+            feeds[i.name] = rng.standard_normal((batch, dims[1], past, _head_size(model))).astype(np.float32)
+        else:
+            feeds[i.name] = rng.standard_normal((batch, tokens, dims[2])).astype(np.float32)
+    return feeds
+
+
+def _head_size(model):
+    past = next(i for i in model.graph.input if "past" in i.name)
+    return imposed_sizes(model)[(past.name, 3)]
+
+
+def _attention(model):
+    return [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+
+
+def _check_exact(model, result, steps=((1, 5, 3), (2, 1, 4), (2, 6, 0))):
+    """The pruned model against the original with the removed slices zeroed, on decoder steps."""
+    rng = np.random.default_rng(0)
+    cached = any("past" in i.name for i in model.graph.input)
+    for batch, tokens, past in steps if cached else [(2, 6, 0)]:
+        feeds = _feeds(model, batch, tokens, past, rng)
+        for got, expected in zip(_run(result.model, feeds), _run(masked_original(result.plan), feeds)):
+            np.testing.assert_allclose(got, expected, atol=1e-4 * max(1.0, float(np.abs(expected).max())), rtol=1e-4)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_key_value_head_goes_with_the_query_heads_it_serves(packed):
+    """Without a cache in the graph's inputs, a unit is a key/value head and the two query heads that
+    read it (their q, k and v columns, their output channels): num_heads and kv_num_heads both follow."""
+    model = group_query_attention_block(cache=False, packed=packed)
+    groups = [g for g in analyze(model).groups if g.prunable]
+    assert [(g.kind, len(g.atoms)) for g in groups] == [("heads", 2)]
+    result = prune(model, Target(ratio=0.5), criterion="l1")
+    node = _attention(result.model)[0]
+    assert (attr(node, "num_heads"), attr(node, "kv_num_heads")) == (2, 1)
+    _check_exact(model, result)
+
+
+@pytest.mark.parametrize("options", [dict(packed=True), dict(packed=False), dict(sink=True), dict(rotary=False)])
+def test_query_heads_prune_as_slots_where_the_cache_is_held(options):
+    """past_key / past_value are graph inputs and present_key / present_value graph outputs: the
+    key/value heads stay, and the j-th query head of both key/value groups goes together (so each
+    group keeps as many); a head sink goes with its query head. Exact on a prompt over a cache, a
+    decoding step and an empty cache."""
+    model = group_query_attention_block(**options)
+    analysis = analyze(model)
+    assert any("query heads prune as slots" in note for note in analysis.graph.notes)
+    slots = [g for g in analysis.groups if g.prunable]
+    assert len(slots) == 1 and "slot" in slots[0].units and len(slots[0].prunable_atoms) == 2
+    result = prune(model, Target(ratio=0.5), criterion="l1")
+    node = _attention(result.model)[0]
+    assert (attr(node, "num_heads"), attr(node, "kv_num_heads")) == (2, 2)
+    _check_exact(model, result)
+    unit = {g["unit"] for g in describe(analysis)["groups"] if g["prunable"]}
+    assert unit == {"query-head slots and key/value heads" if options.get("packed", True) else "query-head slots"}
+
+
+def test_head_dim_and_a_quantized_cache_are_frozen_with_their_reason():
+    model = group_query_attention_block(cache=False)
+    reasons = {r for g in analyze(model, Options(granularity=("channels", "head-dim"))).groups for r in g.reasons()}
+    assert any("only whole heads" in r for r in reasons), reasons
+    model = group_query_attention_block()
+    node = _attention(model)[0]
+    node.attribute.append(onnx.helper.make_attribute("kv_cache_bit_width", 8))
+    reasons = {r for g in analyze(model).groups for r in g.reasons()}
+    assert any("quantized key/value cache" in r for r in reasons), reasons
+
+
+def test_generated_inputs_feed_an_empty_cache_at_the_head_size():
+    """The cache's symbolic sizes are the ones its attention takes: [B, kv heads, 0, head size] (a
+    prompt's first step), in verification and calibration alike, and the mask is as long as the
+    tokens; so the default criterion calibrates such a model (no --input-shape) and MACs count the
+    attention itself (2 x output x keys attended)."""
+    model = group_query_attention_block()
+    feeds = random_inputs(model, batch=2)
+    assert feeds["past_key"].shape == (2, 2, 0, 16) and feeds["x"].shape[1] == feeds["attention_mask"].shape[1]
+    batch = calibration_batches(model, samples=8, batch_size=4)[0]
+    assert batch["past_value"].shape == (4, 2, 0, 16) and batch["attention_mask"].shape[1] == batch["x"].shape[1]
+    result = prune(model, Target(ratio=0.5))
+    assert result.plan.removed_atoms.size
+    macs = count_macs(model, concrete_shapes(model))
+    assert macs == 32 * 16 * 128 + 2 * 32 * 64 * 32 + 32 * 64 * 16
+
+
+# onnxruntime-genai's model builder on a tiny random LLaMA (4 query heads over 2 key/value heads of
+# 32, so that a 4-bit block of 32 holds one head)
+GENAI = importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+@pytest.fixture(scope="module")
+def genai_models(tmp_path_factory):
+    if not GENAI:
+        pytest.skip("onnxruntime-genai is not installed (make install adds it)")
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("genai")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                      num_hidden_layers=2, intermediate_size=256, vocab_size=256,
+                                      max_position_embeddings=128)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "hf")
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words, bos_token="t1", eos_token="t2",
+                                         unk_token="t0").save_pretrained(root / "hf")
+    folders = {}
+    for precision in ("fp32", "int4"):
+        out = root / precision
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", root / "hf", "-o", out,
+                        "-p", precision, "-e", "cpu", "-c", root / "cache"], check=True, capture_output=True)
+        folders[precision] = out
+    return folders
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_onnxruntime_genai_decoders_prune_their_query_heads_and_mlp(genai_models, precision):
+    """Every attention of the builder's decoder prunes as query-head slots (its cache is the graph's
+    inputs and outputs) and every MLP as channels, exactly against the oracle. The pruned file, which
+    has no value_info (the builder declares every tensor's shape), is read the same way: ONNX's shape
+    inference stops at its first com.microsoft op, onnxruntime's goes on. (onnxruntime-genai 0.18's
+    builder wires this tiny LLaMA's lm_head to layer 0's post-attention norm, so the rest is dead code
+    that the rewrite drops: the pruned file has one layer.)"""
+    model = load_model(str(genai_models[precision] / "model.onnx"))
+    summary = describe(analyze(model))
+    assert [g["unit"] for g in summary["groups"] if g["prunable"]] == \
+        ["query-head slots and key/value heads", "channels"] * 2, format_analysis(summary)
+    result = prune(model, Target(ratio=0.5), criterion="l1")
+    assert [(attr(n, "num_heads"), attr(n, "kv_num_heads")) for n in _attention(result.model)] == [(2, 2)] * 2
+    _check_exact(model, result)
+    assert {size for (tensor, axis), size in imposed_sizes(result.model).items() if axis == 3} == {32}
+    again = [g["unit"] for g in describe(analyze(result.model))["groups"] if g["unit"] != "channels"]
+    assert again == ["query-head slots and key/value heads"] * 2
+
+
+def test_a_pruned_genai_decoder_still_generates_in_onnxruntime_genai(genai_models, tmp_path, capsys):
+    """`spa prune` with no flags but the ratio (the default criterion calibrates on an empty cache)
+    writes a model that onnxruntime-genai loads and generates with, from the builder's folder."""
+    import onnxruntime_genai as og
+
+    folder = tmp_path / "pruned"
+    shutil.copytree(genai_models["int4"], folder)
+    os.remove(folder / "model.onnx.data")
+    assert main(["prune", str(genai_models["int4"] / "model.onnx"), "-o", str(folder / "model.onnx"),
+                 "--ratio", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "query-head slots" in err and "obspa cannot serve" not in err, err
+    config = json.loads((folder / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["num_key_value_heads"] == 2
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([[1, 5, 9, 13]], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) == 12

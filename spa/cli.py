@@ -691,11 +691,15 @@ def _finish(args, pruned, plan, say, latency_check=None, found=None, notes=()):
     from .graph import external_tensor_names
     from .pipeline import save
     from .report import format_outcome, removed_by_kind
+    from .sidecars import stale_genai_heads
 
     say(f"verifying and writing {'the pruned ONNX' if getattr(args, 'framework_out', None) else args.output}"
         f"{calibration_sizes(_input_shapes(args), args.run_shapes)}")
     save(pruned, args.output, external=external_tensor_names(args.model), original=args.model,
          shapes=args.run_shapes)
+    stale = stale_genai_heads(args.model, pruned)
+    if stale:
+        warn(stale)
     if getattr(args, "pretrained_out", None):
         _save_pretrained(args, plan, say)
     if getattr(args, "framework_out", None):

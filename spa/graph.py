@@ -630,6 +630,8 @@ def _symbolic_shapes(light: onnx.ModelProto) -> dict:
             inferred = _symbolic_shape_inference().infer_shapes(_weights_as_inputs(light), auto_merge=True)
     except Exception:
         return {}
+    if inferred is None:  # it gave up
+        return {}
     weights = {t.name for t in light.graph.initializer}
     return {k: v for k, v in _read_shapes(inferred.graph).items() if "?" not in v and k not in weights}
 

@@ -181,7 +181,8 @@ def test_onnxruntime_genai_decoders_prune_their_query_heads_and_mlp(genai_models
 
 def test_a_pruned_genai_decoder_still_generates_in_onnxruntime_genai(genai_models, tmp_path, capsys):
     """`spa prune` with no flags but the ratio (the default criterion calibrates on an empty cache)
-    writes a model that onnxruntime-genai loads and generates with, from the builder's folder."""
+    writes a model that onnxruntime-genai loads and generates with, from the builder's folder; it
+    warns that the folder's genai_config.json states the original head count."""
     import onnxruntime_genai as og
 
     folder = tmp_path / "pruned"
@@ -191,8 +192,9 @@ def test_a_pruned_genai_decoder_still_generates_in_onnxruntime_genai(genai_model
                  "--ratio", "0.5"]) == 0
     err = capsys.readouterr().err
     assert "query-head slots" in err and "obspa cannot serve" not in err, err
+    assert "genai_config.json states the original head counts (num_attention_heads 4 -> 2 in the pruned" in err
     config = json.loads((folder / "genai_config.json").read_text())
-    assert config["model"]["decoder"]["num_key_value_heads"] == 2
+    assert config["model"]["decoder"]["num_attention_heads"] == 4
     model = og.Model(str(folder))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=12, do_sample=False)

@@ -48,9 +48,17 @@ def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelPr
                            f"({feed_shapes(feeds)}{defaulted}): give the sizes it "
                            f"takes, --input-shape {_shape_hint(original)} (input_shape= in Python)") from None
         raise SpaError(f"pruned model failed {stage}: {first_line(exc, 300)}") from None
-    for out in outputs:
-        if isinstance(out, np.ndarray) and is_float(out.dtype) and not np.all(np.isfinite(np.asarray(out, np.float32))):
+    bad = [k for k, out in enumerate(outputs)
+           if isinstance(out, np.ndarray) and is_float(out.dtype) and not np.all(np.isfinite(np.asarray(out, np.float32)))]
+    if bad:
+        again = run_in_pieces(source, feeds) if pieces else sess.run(None, feeds)
+        if any(np.array_equal(outputs[k], again[k], equal_nan=True) for k in bad):
             raise SpaError("pruned model produced NaN or Inf")
+        model = model or (onnx.load(source, load_external_data=False) if isinstance(source, str)
+                          else onnx.load_from_string(source))
+        names = ", ".join(f"'{model.graph.output[k].name}'" for k in bad)
+        warnings.warn(f"output {names} holds NaN or Inf but differs between two runs on the same inputs: onnxruntime "
+                      "leaves part of it unwritten (a sliding-window cache), so that is not the prune's doing", SpaWarning)
 
 
 def _check(source: str | bytes, original: str | None) -> None:
@@ -304,9 +312,10 @@ class MaskedRuns:
         self.analysis, self.batches = analysis, batches
         self.session = session(model, quiet=True, calibration_pass=True)
 
-    def outputs(self, plan: Plan | None = None, weights: dict | None = None) -> list | None:
-        """Every batch's outputs (None when a weight is not one of the model's inputs). An integer
-        weight goes in through its masked copy (its removed slices at the zero point)."""
+    def outputs(self, plan: Plan | None = None, weights: dict | None = None,
+                batches: list | None = None) -> list | None:
+        """Every batch's outputs (of `batches`, default all; None when a weight is not one of the model's
+        inputs). An integer weight goes in through its masked copy (its removed slices at the zero point)."""
         weights = weights or {}
         masked = {tensor for tensor, _ in self.masks.values()}
         through_masks = {name for name in weights if name not in self.defaults and name in masked
@@ -318,7 +327,7 @@ class MaskedRuns:
             removed = plan.removed(tensor, axis) if plan is not None else []
             if len(removed) or tensor in through_masks:
                 feeds[name] = self._masked(name, tensor, axis, removed, weights.get(tensor))
-        return [self.session.run(None, {**batch, **feeds}) for batch in self.batches]
+        return [self.session.run(None, {**batch, **feeds}) for batch in (self.batches if batches is None else batches)]
 
     def _masked(self, name, tensor, axis, removed, value=None) -> np.ndarray:
         integer = at_zero_point(self.analysis.graph, tensor, axis, removed, value)

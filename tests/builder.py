@@ -236,13 +236,14 @@ def multi_head_attention_block(hidden=16, heads=4, qk_head=4, v_head=6, tokens=5
 
 
 def group_query_attention_block(hidden=16, heads=4, kv_heads=2, head=16, cache=True, packed=True, rotary=True,
-                                sink=False, seed=0):
+                                sink=False, window=0, seed=0):
     """A decoder layer's attention in com.microsoft GroupQueryAttention, as onnxruntime-genai writes
     it: x [B, S, hidden] -> q | k | v (one packed MatMul, or three) -> attention over `heads` query
     heads sharing `kv_heads` key/value heads (rotated inside with cos/sin caches; `sink`: a head_sink
     per query head) -> output projection. seqlens_k and total_sequence_length come from an attention
     mask [B, total] as genai computes them; `cache`: past_key / past_value [B, kv_heads, past, head]
-    are graph inputs and present_key / present_value graph outputs."""
+    are graph inputs and present_key / present_value graph outputs; `window`: a sliding window of that
+    many positions whose cache is a ring buffer of that capacity (Gemma 2's local layers)."""
     b = Builder(seed=seed)
     x = b.input(["batch", "sequence", hidden], "x")
     mask = b.input(["batch", "total"], "attention_mask", TensorProto.INT64)
@@ -262,8 +263,9 @@ def group_query_attention_block(hidden=16, heads=4, kv_heads=2, head=16, cache=T
     inputs = [q, k, v, *past, seqlens, total, *rotation]
     if sink:
         inputs += ["", "", b.weight(heads)]
+    windowed = dict(local_window_size=window, sliding_window_cache=1) if window else {}
     outputs = b.op("GroupQueryAttention", inputs, n_out=3 if cache else 1, domain="com.microsoft", num_heads=heads,
-                   kv_num_heads=kv_heads, do_rotary=int(rotary))
+                   kv_num_heads=kv_heads, do_rotary=int(rotary), **windowed)
     y = outputs[0] if cache else outputs
     b.output(b.op("MatMul", [y, b.weight(heads * head, hidden)]), ["batch", "sequence", hidden])
     outs = list(b.outputs)

@@ -15,11 +15,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from builder import group_query_attention_block
+from builder import Builder, group_query_attention_block
 from spa import Options, analyze
 from spa.calibration import calibration_batches
+from spa.calibration.shapes import user_shapes
 from spa.cli import main
 from spa.cost import concrete_shapes, count_macs
+from spa.errors import SpaError
 from spa.graph import attr, load_model
 from spa.pipeline import prune
 from spa.report import describe, format_analysis
@@ -119,6 +121,10 @@ def test_generated_inputs_feed_an_empty_cache_at_the_head_size():
     model = group_query_attention_block()
     feeds = random_inputs(model, batch=2)
     assert feeds["past_key"].shape == (2, 2, 0, 16) and feeds["x"].shape[1] == feeds["attention_mask"].shape[1]
+    assert feeds["attention_mask"].all()  # every position present (random 0/1 masks break a sliding window)
+    assert user_shapes(model, {"past_key": (2, 2, 0, 16)}) == {"past_key": (2, 2, 0, 16)}
+    with pytest.raises(SpaError, match="must be positive integers"):
+        user_shapes(model, {"past_key": (0, 2, 0, 16)})
     batch = calibration_batches(model, samples=8, batch_size=4)[0]
     assert batch["past_value"].shape == (4, 2, 0, 16) and batch["attention_mask"].shape[1] == batch["x"].shape[1]
     result = prune(model, Target(ratio=0.5))
@@ -127,36 +133,82 @@ def test_generated_inputs_feed_an_empty_cache_at_the_head_size():
     assert macs == 32 * 16 * 128 + 2 * 32 * 64 * 32 + 32 * 64 * 16
 
 
+def test_a_sliding_window_cache_is_fed_at_its_capacity(tmp_path, capsys):
+    """A sliding window's cache is a ring buffer that onnxruntime's GroupQueryAttention wants at its
+    capacity (the window), and whose present output it leaves partly unwritten: generated inputs
+    take that capacity, the allocation judge and the verification leave such an output out (it
+    differs between two runs on the same inputs), and `spa prune` writes a model exact on its
+    attention output."""
+    model = group_query_attention_block(window=8)
+    assert random_inputs(model, batch=2)["past_key"].shape == (2, 2, 8, 16)
+    path, out = tmp_path / "m.onnx", tmp_path / "small.onnx"
+    onnx.save(model, path)
+    assert main(["prune", str(path), "-o", str(out), "--ratio", "0.5"]) == 0
+    assert "obspa cannot serve" not in capsys.readouterr().err
+    result = prune(model, Target(ratio=0.5), criterion="l1")
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((1, 5, 16)).astype(np.float32), "attention_mask": np.ones((1, 5), np.int64),
+             **{f"past_{n}": rng.standard_normal((1, 2, 8, 16)).astype(np.float32) for n in ("key", "value")}}
+    got, expected = _run(result.model, feeds)[0], _run(masked_original(result.plan), feeds)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4 * float(np.abs(expected).max()), rtol=1e-4)
+
+
+def test_a_tied_embedding_read_through_a_transpose_is_a_vocabulary():
+    """onnxruntime-genai stores a tied embedding once, as its LM head's [hidden, vocab] weight, and
+    gathers token rows from its Transpose: generated token ids index that vocabulary."""
+    from spa.calibration.shapes import vocabulary_size
+
+    b = Builder()
+    table = b.op("Transpose", [b.weight(8, 50)], perm=[1, 0])
+    b.output(b.op("Gather", [table, b.input(["N", "T"], "input_ids", onnx.TensorProto.INT64)]), ["N", "T", 8])
+    assert vocabulary_size(b.model(), "input_ids") == 50
+
+
+def test_outputs_that_two_runs_do_not_give_alike_say_nothing_of_a_plan():
+    from spa.allocation import distortion, unstable
+
+    a, b = np.arange(6.0).reshape(2, 3), np.array([[0.0, np.nan], [1.0, 2.0]])
+    assert unstable([[a, b]], [[a.copy(), b + 1]]) == {1}
+    assert unstable([[a, np.full(2, np.inf)]], [[a, np.full(2, np.inf)]]) == {1}
+    assert distortion([[a, b]], [[a + 1, b]], skip={1}) == distortion([[a]], [[a + 1]])
+
+
 # onnxruntime-genai's model builder on a tiny random LLaMA (4 query heads over 2 key/value heads of
 # 32, so that a 4-bit block of 32 holds one head)
 GENAI = importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def _genai_build(root, family: str, precisions) -> dict:
+    """{precision: folder} that onnxruntime-genai's builder writes for a small random `family` model."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    sizes = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                 intermediate_size=256, vocab_size=256, max_position_embeddings=128)
+    config = {"llama": lambda: transformers.LlamaConfig(**sizes),
+              "qwen3": lambda: transformers.Qwen3Config(**sizes, head_dim=32),  # q and k normed per head
+              "gemma2": lambda: transformers.Gemma2Config(**sizes, head_dim=32)}[family]()  # sliding window, tied
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / family)
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words, bos_token="t1", eos_token="t2", unk_token="t0",
+                                         pad_token="t0").save_pretrained(root / family)
+    folders = {}
+    for precision in precisions:
+        out = root / f"{family}_{precision}"
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", root / family, "-o", out,
+                        "-p", precision, "-e", "cpu", "-c", root / "cache"], check=True, capture_output=True)
+        folders[precision] = out
+    return folders
 
 
 @pytest.fixture(scope="module")
 def genai_models(tmp_path_factory):
     if not GENAI:
         pytest.skip("onnxruntime-genai is not installed (make install adds it)")
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    root = tmp_path_factory.mktemp("genai")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                                      num_hidden_layers=2, intermediate_size=256, vocab_size=256,
-                                      max_position_embeddings=128)
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "hf")
-    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=words, bos_token="t1", eos_token="t2",
-                                         unk_token="t0").save_pretrained(root / "hf")
-    folders = {}
-    for precision in ("fp32", "int4"):
-        out = root / precision
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", root / "hf", "-o", out,
-                        "-p", precision, "-e", "cpu", "-c", root / "cache"], check=True, capture_output=True)
-        folders[precision] = out
-    return folders
+    return _genai_build(tmp_path_factory.mktemp("genai"), "llama", ("fp32", "int4"))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
@@ -203,3 +255,24 @@ def test_a_pruned_genai_decoder_still_generates_in_onnxruntime_genai(genai_model
     while not generator.is_done():
         generator.generate_next_token()
     assert len(generator.get_sequence(0)) == 12
+
+
+@pytest.mark.skipif(not GENAI, reason="onnxruntime-genai is not installed (make install adds it)")
+@pytest.mark.parametrize("family", ["qwen3", "gemma2"])
+def test_other_genai_families_prune_with_the_default_criterion(family, tmp_path, capsys):
+    """Qwen3 (q and k normed per head: Reshape, SimplifiedLayerNormalization, Reshape between the
+    packed projection and the attention) and Gemma 2 (alternate layers with a sliding window and its
+    ring-buffer cache, a soft cap, the embedding tied to the LM head through a Transpose) as the builder
+    writes them: `spa prune --ratio 0.5` calibrates on the tokenizer beside them and writes; the
+    logits are exact against the oracle on an empty cache (the window's at its capacity)."""
+    folder = _genai_build(tmp_path, family, ("fp32",))["fp32"]
+    model = load_model(str(folder / "model.onnx"))
+    units = [g["unit"] for g in describe(analyze(model))["groups"] if g["prunable"]]
+    assert units.count("query-head slots and key/value heads") == 2 and units.count("channels") == 2, units
+    assert main(["prune", str(folder / "model.onnx"), "-o", str(tmp_path / "small.onnx"), "--ratio", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "obspa cannot serve" not in err and "generated as zeros" not in err, err
+    result = prune(model, Target(ratio=0.5), criterion="l1")
+    feeds = random_inputs(model, batch=2)
+    got, expected = _run(result.model, feeds)[0], _run(masked_original(result.plan), feeds)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4 * float(np.abs(expected).max()), rtol=1e-4)

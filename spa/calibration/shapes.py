@@ -120,8 +120,9 @@ def _checked_shapes(inputs: list, shapes) -> dict:
             shape = tuple(shape)
         except TypeError:
             raise SpaError(f"input shape for '{name}' must be a list of sizes, got {shape!r}") from None
-        if not all(_positive_int(s) for s in shape):
-            raise SpaError(f"input shape for '{name}' must be positive integers, got {shape}")
+        if not all(_positive_int(s) or (k and _positive_int(s + 1)) for k, s in enumerate(shape)):
+            raise SpaError(f"input shape for '{name}' must be positive integers (0, an empty axis such as a "
+                           f"decoder's cache fed empty, after the first), got {shape}")
         dims = by_name[name].dims
         if len(shape) != len(dims):
             raise SpaError(f"input shape for '{name}' has rank {len(shape)}, the input has rank "
@@ -199,12 +200,18 @@ _EMBED_TABLES = {0: 2, 1: 4}
 
 
 def _constant_dims(model) -> dict:
+    """{constant: dims}, a Transpose of one included (onnxruntime-genai's tied embedding is its LM
+    head's [hidden, vocab] weight transposed)."""
     consts = {t.name: tuple(t.dims) for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value":
                     consts[node.output[0]] = tuple(a.t.dims)
+        elif node.op_type == "Transpose" and node.input[0] in consts:
+            dims = consts[node.input[0]]
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), range(len(dims))[::-1])
+            consts[node.output[0]] = tuple(dims[p] for p in perm)
     return consts
 
 

@@ -319,7 +319,8 @@ class GroupQueryAttentionRule(Rule):
         return (c.out(0), 2) if c.inp(self.PAST_K) or c.out(1) else None
 
     def input_sizes(self, node, shape):
-        """An empty cache ([B, kv heads, 0, head size]: a prompt's first run, any batch)."""
+        """An empty cache ([B, kv heads, 0, head size]: a prompt's first run, any batch); a sliding
+        window's ring buffer (`sliding_window_cache`) at its capacity, the window."""
         heads, kv_heads = attr(node, "num_heads", 0), attr(node, "kv_num_heads", 0)
         query = shape(node.input[0])
         packed = len(node.input) <= self.KEY or not node.input[self.KEY]
@@ -328,7 +329,8 @@ class GroupQueryAttentionRule(Rule):
             return {}
         size = width // (heads + 2 * kv_heads) if packed else width // heads
         caches = [t for t in node.input[self.PAST_K:self.PAST_V + 1] if t]
-        return {cache: {1: kv_heads, 2: 0, 3: size} for cache in caches}
+        window = attr(node, "local_window_size", -1) if attr(node, "sliding_window_cache", 0) else 0
+        return {cache: {1: kv_heads, 2: max(window, 0), 3: size} for cache in caches}
 
     def _heads_of(self, c, heads, kv_heads, size):
         """{pair: unit of each position}: query heads are units 0.. (their key/value head, or their slot

@@ -33,8 +33,9 @@ class Options:
 
     granularity: tuple = ("channels", "heads")
     approximate_nodes: set = field(default_factory=set)
-    # set by analyze: grouped-query repeats (Reshape of an Expand) whose key/value heads are held (a
-    # cache in the graph inputs); their query heads prune as slots, the j-th of every group together
+    # set by analyze: grouped-query nodes (`Rule.held_heads`: a repeat's Reshape of an Expand, a
+    # GroupQueryAttention) whose key/value heads are held (a cache in the graph inputs); their query
+    # heads prune as slots, the j-th of every group together
     query_slots: frozenset = frozenset()
 
     def __post_init__(self):
@@ -151,7 +152,7 @@ def analyze(model: onnx.ModelProto | Graph, options: Options | None = None) -> A
     analysis = propagation.run()
     if split_shared_tensors(propagation):  # a shared mask's readers get their own copies: again
         analysis = Propagation(graph, options).run()
-    held = _held_repeats(analysis)
+    held = _held_query_heads(analysis)
     if held and "heads" in options.granularity:
         analysis = Propagation(graph, replace(options, query_slots=options.query_slots | held)).run()
         note = (f"{len(held)} grouped-query attention{'s' if len(held) > 1 else ''} read key/value heads that the "
@@ -162,7 +163,7 @@ def analyze(model: onnx.ModelProto | Graph, options: Options | None = None) -> A
     return analysis
 
 
-def _held_repeats(analysis: Analysis) -> frozenset:
+def _held_query_heads(analysis: Analysis) -> frozenset:
     """Nodes whose grouped-query head group (`Rule.held_heads`) is frozen by graph inputs or outputs
     alone (the key/value cache of a decoder exported for generation): key/value heads cannot go, but
     the query heads sharing them can, as slots."""

@@ -225,10 +225,10 @@ class Selector:
         return [(gid, a) for _, gid, a in entries]
 
     def round(self, accepted):
-        """Keep a multiple of round_to channels per group by restoring the best removed ones. Groups
-        of whole attention heads are left as they are: each head is head-size channels wide, so any
-        head count keeps the projections at a multiple of the head size; nor are groups narrower
-        than round_from channels."""
+        """Keep a multiple of round_to channels per group by restoring the best removed ones (channels:
+        a group whose channels go in blocks counts the blocks' channels). Groups of whole attention
+        heads are left as they are: each head is head-size channels wide, so any head count keeps the
+        projections at a multiple of the head size; nor are groups narrower than round_from channels."""
         n = self.multiple
         if n == 1:
             return accepted
@@ -238,12 +238,13 @@ class Selector:
         result = []
         self.record.update(restored=0, whole=0)
         for gid, atoms in by_group.items():
-            total = len(self.analysis.groups[gid].atoms)
-            if self.analysis.groups[gid].kind == "heads" or total < self.target.round_from:
+            group = self.analysis.groups[gid]
+            total = group.channels()  # a block of a MatMulNBits' input is block-size channels
+            if group.kind == "heads" or total < self.target.round_from:
                 result += [(gid, a) for a in atoms]
                 continue
             keep_removed = len(atoms)
-            while keep_removed > 0 and (total - keep_removed) % n:
+            while keep_removed > 0 and (total - group.channels(atoms[:keep_removed])) % n:
                 keep_removed -= 1
             result += [(gid, a) for a in atoms[:keep_removed]]
             self.record["restored"] += len(atoms) - keep_removed

@@ -48,17 +48,25 @@ def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelPr
                            f"({feed_shapes(feeds)}{defaulted}): give the sizes it "
                            f"takes, --input-shape {_shape_hint(original)} (input_shape= in Python)") from None
         raise SpaError(f"pruned model failed {stage}: {first_line(exc, 300)}") from None
-    bad = [k for k, out in enumerate(outputs)
-           if isinstance(out, np.ndarray) and is_float(out.dtype) and not np.all(np.isfinite(np.asarray(out, np.float32)))]
-    if bad:
-        again = run_in_pieces(source, feeds) if pieces else sess.run(None, feeds)
-        if any(np.array_equal(outputs[k], again[k], equal_nan=True) for k in bad):
-            raise SpaError("pruned model produced NaN or Inf")
-        model = model or (onnx.load(source, load_external_data=False) if isinstance(source, str)
-                          else onnx.load_from_string(source))
-        names = ", ".join(f"'{model.graph.output[k].name}'" for k in bad)
-        warnings.warn(f"output {names} holds NaN or Inf but differs between two runs on the same inputs: onnxruntime "
-                      "leaves part of it unwritten (a sliding-window cache), so that is not the prune's doing", SpaWarning)
+    _check_finite(outputs, lambda: run_in_pieces(source, feeds) if pieces else sess.run(None, feeds),
+                  lambda: model or (onnx.load(source, load_external_data=False) if isinstance(source, str)
+                                    else onnx.load_from_string(source)))
+
+
+def _check_finite(outputs: list, rerun, model) -> None:
+    """SpaError where a float output holds NaN or Inf, unless a second run (`rerun()`) on the same
+    inputs does not give it alike: onnxruntime leaves part of such an output unwritten (a sliding
+    window's cache), which is then announced, not blamed on the prune."""
+    bad = [k for k, out in enumerate(outputs) if isinstance(out, np.ndarray) and is_float(out.dtype)
+           and not np.all(np.isfinite(np.asarray(out, np.float32)))]
+    if not bad:
+        return
+    again = rerun()
+    if any(np.array_equal(outputs[k], again[k], equal_nan=True) for k in bad):
+        raise SpaError("pruned model produced NaN or Inf")
+    names = ", ".join(f"'{model().graph.output[k].name}'" for k in bad)
+    warnings.warn(f"output {names} holds NaN or Inf but differs between two runs on the same inputs: onnxruntime "
+                  "leaves part of it unwritten (a sliding-window cache), so that is not the prune's doing", SpaWarning)
 
 
 def _check(source: str | bytes, original: str | None) -> None:

@@ -15,8 +15,8 @@ from ..runtime import batch_names, declared_inputs, imposed_sizes
 from . import text_lines
 from .files import IMAGENET_MEAN, IMAGENET_STD, _fitted, _per_channel
 from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MIN_TOKENS, TOKENS,
-                     _checked_shapes, _declared, _hint, _image_layout, _Input, _spatial_axes, metadata_image_size,
-                     position_limit, vocabulary_size)
+                     _checked_shapes, _declared, _empty_axes, _hint, _image_layout, _Input, _spatial_axes,
+                     metadata_image_size, position_limit, vocabulary_size)
 from .synthetic import _integer_input, natural_noise
 from .text import synthetic_vocabulary
 
@@ -45,7 +45,7 @@ class _Plan:
         self.batch_axis = {i.name: _batch_axis(i, self.batch_names) for i in self.inputs}
         self.static_batch = self._static_batch()
         self.chunk = self.static_batch or options.batch_size
-        self.explicit = _checked_shapes(self.inputs, options.shapes)
+        self.explicit = _checked_shapes(self.inputs, options.shapes, _empty_axes(model, options.shapes))
         self.named = self._named_sizes()
         self.fixed: dict = {}   # (input, axis) -> size a source imposes (bn: the channel count; an empty cache)
         for (name, k), size in imposed_sizes(model).items():

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from ..errors import SpaError
-from ..runtime import batch_names, declared_inputs, is_float
+from ..runtime import batch_names, declared_inputs, imposed_sizes, is_float
 
 DEFAULT_SEQUENCE = 16      # any other unknown axis
 DEFAULT_IMAGE = 224        # unknown height / width of an image-like input
@@ -77,7 +77,14 @@ class _Input:
 def user_shapes(model, shapes) -> dict:
     """{input: shape} from the user's shapes ({input: shape}, or one bare shape for a
     single-input model), checked against the model's declared inputs; SpaError if they do not fit."""
-    return _checked_shapes([_Input(n, d, t) for n, d, t in declared_inputs(model)], shapes)
+    return _checked_shapes([_Input(n, d, t) for n, d, t in declared_inputs(model)], shapes, _empty_axes(model, shapes))
+
+
+def _empty_axes(model, shapes) -> set:
+    """(input, axis) pairs that may be 0: where the model's ops want them empty (a decoder's cache)."""
+    if not shapes:
+        return set()
+    return {pair for pair, size in imposed_sizes(model).items() if size == 0}
 
 
 def shared_shapes(model, batches: list) -> dict | None:
@@ -103,7 +110,8 @@ def shared_shapes(model, batches: list) -> dict | None:
     return shapes or None
 
 
-def _checked_shapes(inputs: list, shapes) -> dict:
+def _checked_shapes(inputs: list, shapes, empty=()) -> dict:
+    """{input: shape} checked against the declared `inputs`; `empty`: (input, axis) pairs that may be 0."""
     if shapes is None:
         return {}
     by_name = {i.name: i for i in inputs}
@@ -120,9 +128,8 @@ def _checked_shapes(inputs: list, shapes) -> dict:
             shape = tuple(shape)
         except TypeError:
             raise SpaError(f"input shape for '{name}' must be a list of sizes, got {shape!r}") from None
-        if not all(_positive_int(s) or (k and _positive_int(s + 1)) for k, s in enumerate(shape)):
-            raise SpaError(f"input shape for '{name}' must be positive integers (0, an empty axis such as a "
-                           f"decoder's cache fed empty, after the first), got {shape}")
+        if not all(_positive_int(s) or ((name, k) in empty and _positive_int(s + 1)) for k, s in enumerate(shape)):
+            raise SpaError(f"input shape for '{name}' must be positive integers, got {shape}")
         dims = by_name[name].dims
         if len(shape) != len(dims):
             raise SpaError(f"input shape for '{name}' has rank {len(shape)}, the input has rank "

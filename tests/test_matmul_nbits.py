@@ -164,3 +164,13 @@ def test_sensitivity_lists_a_block_group_by_its_channels():
 
     found, isolated = prunable_groups(analyze(nbits_mlp()))
     assert [e["channels"] for e in found + isolated] == [200]
+
+
+def test_widths_round_by_the_channels_of_a_block_group():
+    """Rounding widths to a multiple of 8 counts a block group's channels, not its blocks: a block of
+    32 channels keeps any width a multiple of 8, so a quarter of 88 blocks (2816 channels, an LLM's
+    MLP) goes whole (counted in blocks, 22 removed left 66 and were cut back to 16)."""
+    model = nbits_mlp(hidden=32, width=2816)
+    result = prune(model, Target(ratio=0.25, round_to=8, round_from=64), criterion="l1")
+    found = removed_by_kind({"groups": result.plan.group_entries()})
+    assert found["channels_removed"] == 22 * 32, found

@@ -164,6 +164,18 @@ def test_a_tied_embedding_read_through_a_transpose_is_a_vocabulary():
     assert vocabulary_size(b.model(), "input_ids") == 50
 
 
+def test_large_generated_samples_come_in_smaller_batches(monkeypatch):
+    """A sliding window's cache at its capacity makes one sample's inputs large (Gemma 2 2B: 16 MB a cache
+    tensor, 26 of them): generated batches shrink so that one stays under BATCH_BYTES, announced."""
+    import spa.calibration.feeds as feeds
+
+    monkeypatch.setattr(feeds, "BATCH_BYTES", 40_000)
+    said = []
+    batches = calibration_batches(group_query_attention_block(window=64), samples=6, batch_size=4, progress=said.append)
+    assert [b["past_key"].shape[0] for b in batches] == [2, 2, 2]
+    assert any(line.startswith("calibration: batches of 2 instead of 4") for line in said), said
+
+
 def test_outputs_that_two_runs_do_not_give_alike_say_nothing_of_a_plan():
     from spa.allocation import distortion, unstable
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 SCAFFOLD_SHARE = 0.25      # of generated token sequences: clauses of English function words (SyntheticVocabulary)
 DEAD_LEAVES_SHARE = 0.25   # of every synthetic image / signal batch: dead leaves (the rest 1/f noise)
 TEXT_LINE_SHARE = 0.5      # of a text model's synthetic image batches: text lines or pages (the rest noise images)
+BATCH_BYTES = 1 << 28      # a batch of generated inputs stays under this (256 MB) where the batch is free
 
 
 class _Plan:
@@ -53,6 +54,7 @@ class _Plan:
             if name not in self.explicit and (isinstance(dim, str) and dim not in self.named or dim is None):
                 self.fixed[(name, k)] = size
         self._position_limit = -1
+        self._generated_chunk: int | None = None
         self._vocabulary = None
         self._alphabet: list | None = None  # drawable characters of the text lines; [] for noise images
 
@@ -202,7 +204,25 @@ class _Plan:
         samples = self.options.samples
         if self.static_batch:
             return [self.static_batch] * max(1, samples // self.static_batch)
-        return [min(self.chunk, samples - s) for s in range(0, samples, self.chunk)]
+        chunk = self.generated_chunk()
+        return [min(chunk, samples - s) for s in range(0, samples, chunk)]
+
+    def generated_chunk(self) -> int:
+        """The batch of generated samples: `chunk`, or fewer where one sample's inputs are large (a
+        decoder's sliding-window cache at its capacity), so that a batch stays under BATCH_BYTES."""
+        if self._generated_chunk is None:
+            shapes, longest = self.resolved(), self.max_tokens()
+            sizes = {i.name: int(np.prod([1 if v is BATCH else longest if v is TOKENS else v
+                                          for v in shapes[i.name]], dtype=np.int64)) * np.dtype(i.dtype).itemsize
+                     for i in self.inputs}
+            per_sample = max(sum(sizes.values()), 1)
+            self._generated_chunk = max(1, min(self.chunk, BATCH_BYTES // per_sample))
+            if self._generated_chunk < self.chunk:
+                largest = max(sizes, key=sizes.get)
+                self.say(f"calibration: batches of {self._generated_chunk} instead of {self.chunk}: one sample's "
+                         f"generated inputs take {per_sample / 1e6:.0f} MB ('{largest}' {sizes[largest] / 1e6:.0f} "
+                         "MB)")
+        return self._generated_chunk
 
     def token_lengths(self, count: int, seed: int | None = None) -> list:
         """One length per batch: stratified log-uniform over [4, max], in an order seeded by `seed`

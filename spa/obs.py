@@ -204,6 +204,9 @@ def upper_inverse_factor(H: np.ndarray, damp: float) -> np.ndarray:
         return np.diag(np.sqrt(np.maximum(np.diag(Hinv), 1e-12)))
 
 
+GRID_BLOCK = 128  # columns rounded between two updates of the columns after them (on_grid)
+
+
 def on_grid(W: np.ndarray, H: np.ndarray, scale: np.ndarray, zero: np.ndarray, low: int, high: int,
             damp: float = DEFAULT_DAMP) -> np.ndarray:
     """W (rows x columns, float) rounded onto an integer grid, (clip(round(W / scale) + zero) - zero)
@@ -219,11 +222,16 @@ def on_grid(W: np.ndarray, H: np.ndarray, scale: np.ndarray, zero: np.ndarray, l
 
     scale, zero = per_weight(scale), per_weight(zero)
     U = upper_inverse_factor(H, damp)
-    for j in range(W.shape[1]):
-        rounded = (np.clip(np.rint(W[:, j] / scale[:, j]) + zero[:, j], low, high) - zero[:, j]) * scale[:, j]
-        error = (W[:, j] - rounded) / U[j, j]
-        W[:, j + 1:] -= np.outer(error, U[j, j + 1:])
-        W[:, j] = rounded
+    columns = W.shape[1]
+    for start in range(0, columns, GRID_BLOCK):  # GPTQ's lazy batches: the columns after a block take
+        end = min(start + GRID_BLOCK, columns)   # its errors in one product, not one outer product a column
+        errors = np.empty((W.shape[0], end - start))
+        for j in range(start, end):
+            rounded = (np.clip(np.rint(W[:, j] / scale[:, j]) + zero[:, j], low, high) - zero[:, j]) * scale[:, j]
+            errors[:, j - start] = (W[:, j] - rounded) / U[j, j]
+            W[:, j + 1:end] -= np.outer(errors[:, j - start], U[j, j + 1:end])
+            W[:, j] = rounded
+        W[:, end:] -= errors @ U[start:end, end:]
     return W
 
 

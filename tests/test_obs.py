@@ -272,3 +272,16 @@ def test_on_grid_rounds_plainly_under_an_identity_hessian_and_beats_plain_roundi
         return float(np.trace((W - V) @ H @ (W - V).T))
 
     assert error(rounded) < 0.5 * error(plain(W))
+
+
+def test_on_grid_in_lazy_batches_is_column_by_column(monkeypatch):
+    """GPTQ's lazy batches (the columns after a block of GRID_BLOCK take its errors in one product)
+    give what updating every later column after each rounded column gives."""
+    rng = np.random.default_rng(5)
+    W = rng.standard_normal((7, 23))
+    X = rng.standard_normal((300, 23)) @ rng.standard_normal((23, 23))
+    H, scale, zero = X.T @ X / len(X), np.full((7, 1), 0.2), np.zeros((7, 1))
+    monkeypatch.setattr(obs, "GRID_BLOCK", 5)
+    batched = obs.on_grid(W, H, scale, zero, -8, 7)
+    monkeypatch.setattr(obs, "GRID_BLOCK", 1000)
+    np.testing.assert_allclose(batched, obs.on_grid(W, H, scale, zero, -8, 7), atol=1e-12)

@@ -729,14 +729,14 @@ def infer_shapes(model: onnx.ModelProto, notes: list | None = None) -> dict:
     g = inferred.graph
     consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
 
-    def missing():
+    def open_outputs():
         return [o for n in g.node for o in n.output if o and o not in consts and (o not in shapes or "?" in shapes[o])]
 
-    if missing():  # ONNX's inference stops at an op it does not know (com.microsoft's, where no value_info says)
+    if open_outputs():  # ONNX's inference stops at an op it does not know (com.microsoft's, where no value_info says)
         for name, better in _symbolic_shapes(light).items():
             if name not in shapes or ("?" in shapes[name] and len(better) == len(shapes[name])):
                 shapes[name] = better
-    missing = missing()
+    missing = open_outputs()
     if missing and weight_bytes(model) < PROBE_LIMIT:
         for name, ran in shapes_by_running(model, missing, notes).items():
             inferred = shapes.get(name)

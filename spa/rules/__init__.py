@@ -186,7 +186,7 @@ def imposed_input_sizes(model) -> dict:
     _IMPOSING.append(model)
     try:
         shapes = infer_shapes(model)
-    except Exception:  # noqa: BLE001 (a graph SPA cannot read imposes nothing; its run will say why)
+    except Exception:  # a graph SPA cannot read imposes nothing; its run will say why
         return {}
     finally:
         _IMPOSING.pop()

@@ -300,6 +300,15 @@ def _causes(target, limits: dict) -> str:
     return ", ".join(causes[:-1]) + " and " + causes[-1] if len(causes) > 1 else causes[0]
 
 
+def _unit(group) -> str:
+    """What a group's units are: its kind, or query-head slots, with the key/value heads that a cache
+    holds where one tensor carries both (GroupQueryAttention's packed q | k | v)."""
+    if "slot" not in group.units:
+        return group.kind
+    held = any(reason.startswith("graph ") for reason in group.frozen.values())
+    return "query-head slots" + (" and key/value heads" if held else "")
+
+
 def describe(analysis: Analysis) -> dict:
     """Every group: members, size, prunable or not, and what froze it."""
     groups = []
@@ -310,8 +319,7 @@ def describe(analysis: Analysis) -> dict:
             "prunable_channels": g.channels(g.prunable_atoms) if g.has_params else 0,
             "prunable": bool(g.prunable),
             "kind": g.kind,
-            "unit": ("query-head slots" + (" and key/value heads" if "head" in g.units else "")) if "slot" in g.units
-            else g.kind,  # a packed q | k | v holds both: slots and the key/value heads a cache holds
+            "unit": _unit(g),
             "blocks": int(len(g.atoms)) if "block" in g.units and g.kind == "channels" and g.prunable else None,
             "selected": g.kind in analysis.options.granularity,
             "members": [{"tensor": m.tensor, "axis": m.axis, "size": m.size, "weight": m.is_const,

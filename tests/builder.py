@@ -185,12 +185,13 @@ def fused_transformer_block(hidden=32, heads=4, qk_head=8, v_head=6, ffn=48, tok
     return helper.make_model(graph, opset_imports=opsets)
 
 
-def gqa_attention(hidden=16, heads=4, kv_heads=2, head=4, tokens=5, rotary=True, packed=True, seed=0):
+def gqa_attention(hidden=16, heads=4, kv_heads=2, head=4, tokens=5, rotary=True, packed=True, cache=False, seed=0):
     """ONNX Attention (opset 23) with grouped key/value heads (4 query heads over 2 key/value heads),
     the query rotated by RotaryEmbedding (constant position ids: batch 1): x [1, tokens, hidden] -> q,
     k, v -> attention -> out. `packed`: Q, K, V as [B, S, heads x head size] (q_num_heads,
     kv_num_heads and the rotary's num_heads say how many); else split as [B, heads, S, head size] by
-    Reshape and Transpose, with the scale left implicit."""
+    Reshape and Transpose, with the scale left implicit. `cache`: past_key / past_value [1, kv heads,
+    past, head size] graph inputs, present_key / present_value graph outputs (a decoder's cache)."""
     b = Builder(opset=23, seed=seed)
     x = b.input([1, tokens, hidden], "x")
 
@@ -207,12 +208,19 @@ def gqa_attention(hidden=16, heads=4, kv_heads=2, head=4, tokens=5, rotary=True,
         cos, sin = (b.const(f(angles).astype(np.float32)) for f in (np.cos, np.sin))
         q = b.op("RotaryEmbedding", [q, cos, sin, b.const(np.arange(tokens, dtype=np.int64)[None, :])],
                  **({"num_heads": heads} if packed else {}))
+    past = [b.input([1, kv_heads, "past", head], f"past_{n}") for n in ("key", "value")] if cache else []
+    inputs, outs = [q, k, v, "", *past], 3 if cache else 1
     if packed:
-        y = b.op("Attention", [q, k, v], q_num_heads=heads, kv_num_heads=kv_heads)
+        y = b.op("Attention", inputs, n_out=outs, q_num_heads=heads, kv_num_heads=kv_heads)
     else:
-        y = b.op("Transpose", [b.op("Attention", [q, k, v])], perm=[0, 2, 1, 3])
-        y = b.op("Reshape", [y, b.const(np.array([1, tokens, heads * head], dtype=np.int64))])
+        y = b.op("Attention", inputs, n_out=outs)
+    y, present = (y[0], y[1:]) if cache else (y, [])
+    if not packed:
+        y = b.op("Reshape", [b.op("Transpose", [y], perm=[0, 2, 1, 3]),
+                             b.const(np.array([1, tokens, heads * head], dtype=np.int64))])
     b.output(b.op("MatMul", [y, b.weight(heads * head, hidden)]), [1, tokens, hidden])
+    for t in present:
+        b.output(t, [1, kv_heads, "total", head])
     return b.model()
 
 

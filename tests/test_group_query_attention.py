@@ -239,8 +239,9 @@ def test_onnxruntime_genai_decoders_prune_their_query_heads_and_mlp(genai_models
     assert [(attr(n, "num_heads"), attr(n, "kv_num_heads")) for n in _attention(result.model)] == [(2, 2)] * 2
     _check_exact(model, result)
     assert {size for (tensor, axis), size in imposed_sizes(result.model).items() if axis == 3} == {32}
-    again = [g["unit"] for g in describe(analyze(result.model))["groups"] if g["unit"] != "channels"]
-    assert again == ["query-head slots and key/value heads"] * 2
+    again = [(g["unit"], g["frozen_by"]) for g in describe(analyze(result.model))["groups"] if g["unit"] != "channels"]
+    assert [unit for unit, _ in again] == ["heads"] * 2, again  # one query head per key/value head: no slots left
+    assert all(reason[0].startswith("graph input 'past_key_values") for _, reason in again), again
 
 
 def test_a_pruned_genai_decoder_still_generates_in_onnxruntime_genai(genai_models, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """ONNX Attention and RotaryEmbedding (opset 23), as torch.onnx writes scaled_dot_product_attention
 and HF models from opset 23: whole heads (a key/value head with the query heads it serves) prune,
 and in the [B, heads, S, head size] form the head size too, matching the oracle."""
+import numpy as np
 import onnx
 import pytest
 
@@ -8,7 +9,9 @@ from builder import gqa_attention
 from oracle import check_exact
 from spa import Options, analyze
 from spa.graph import attr
+from spa.runtime import random_inputs, run
 from spa.selection import Target
+from spa.verify import masked_original
 
 HEAD_DIM = Options(granularity=("channels", "head-dim"))
 
@@ -46,6 +49,27 @@ def test_rotary_embedding_keeps_the_head_size_with_its_reason():
     reasons = {r for g in analyze(model, HEAD_DIM).groups for r in g.reasons()}
     assert any("rotates a head's positions in pairs" in r for r in reasons), reasons
     check_exact(model, Target(ratio=0.5), batch=1)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_query_heads_prune_as_slots_where_a_cache_holds_the_key_value_heads(packed):
+    """past_key / past_value graph inputs and present_key / present_value graph outputs hold every
+    key/value head: the j-th query head of both key/value groups goes together (q_num_heads halves,
+    kv_num_heads stays), exact on an empty cache (what generated inputs feed) and on a cache of 3."""
+    model = gqa_attention(cache=True, packed=packed)
+    analysis = analyze(model)
+    assert any("query heads prune as slots" in note for note in analysis.graph.notes)
+    assert [g.kind for g in analysis.groups if g.prunable] == ["heads"]
+    assert random_inputs(model)["past_key"].shape == (1, 2, 0, 4)
+    result = check_exact(model, Target(ratio=0.5), batch=1)
+    if packed:
+        assert (_attrs(result.model, "Attention")["q_num_heads"], _attrs(result.model, "Attention")["kv_num_heads"]) \
+            == (2, 2)
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((1, 5, 16)).astype(np.float32),
+             **{f"past_{n}": rng.standard_normal((1, 2, 3, 4)).astype(np.float32) for n in ("key", "value")}}
+    for got, expected in zip(run(result.model, feeds), run(masked_original(result.plan), feeds)):
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
 OPSET_23 = ("bert", "gpt2", "vit", "llama")

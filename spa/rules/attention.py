@@ -134,10 +134,42 @@ class AttentionRule(Rule):
     < q_num_heads), query head h reads key/value head h // (q_num_heads / kv_num_heads): a key/value
     head goes with the query heads it serves. In the 4-D form the head size prunes too (head-dim
     granularity): Q's and K's positions are contracted here (the scale, when implicit, is set to the
-    original 1 / sqrt(head size)), V's pass to Y. Past and present keys and values follow the heads."""
+    original 1 / sqrt(head size)), V's pass to Y. Past and present keys and values follow the heads;
+    where the graph's inputs and outputs hold them (a decoder's cache), the query heads prune as slots
+    (`held_heads`), as in GroupQueryAttention."""
 
     ops = ("Attention",)
     Q, K, V, MASK, PAST_K, PAST_V = range(6)
+
+    def held_heads(self, c):
+        try:
+            heads, kv_heads = self._heads(c)
+            rank = c.rank(c.inp(self.Q))
+        except Frozen:
+            return None
+        if heads == kv_heads or not (c.inp(self.PAST_K) or c.out(1)):
+            return None
+        return (c.out(0), 2 if rank == 3 else 1)
+
+    def input_sizes(self, node, shape):
+        """An empty cache: past key and value [B, kv heads, 0, head size]."""
+        q, k, v = (shape(t) if t else None for t in node.input[:3])
+        past = [node.input[i] if len(node.input) > i and node.input[i] else None for i in (self.PAST_K, self.PAST_V)]
+        if not any(past) or not q or not k or not v:
+            return {}
+        kv_heads = k[1] if len(q) == 4 else attr(node, "kv_num_heads", 0)
+        if not kv_heads:
+            return {}
+        sizes = (k[3], v[3]) if len(q) == 4 else (k[2] and k[2] // kv_heads, v[2] and v[2] // kv_heads)
+        return {t: {1: kv_heads, 2: 0, 3: size} for t, size in zip(past, sizes) if t and size}
+
+    def _units(self, c, heads, kv_heads):
+        """(unit of each query head, unit of each key/value head, tags): a query head's unit is its
+        key/value head's, or, where the cache is held, its slot (key/value heads then units after them)."""
+        share = heads // kv_heads
+        if c.g.node_name(c.index) in c.options.query_slots:
+            return np.arange(heads) % share, share + np.arange(kv_heads), {s: "slot" for s in range(share)}
+        return np.arange(heads) // share, np.arange(kv_heads), {}
 
     def _heads(self, c):
         q, k = c.inp(self.Q), c.inp(self.K)
@@ -150,17 +182,17 @@ class AttentionRule(Rule):
         return heads, kv_heads
 
     def _head_axes(self, c, heads, kv_heads):
-        """{pair: key/value group of each head} of the tensors with a head axis (axis 1)."""
-        share = heads // kv_heads
+        """{pair: unit of each head} of the tensors with a head axis (axis 1)."""
+        query, kv, _ = self._units(c, heads, kv_heads)
         query_side = [c.inp(self.Q), c.out(0), c.out(3)]
         kv_side = [c.inp(self.K), c.inp(self.V), c.inp(self.PAST_K), c.inp(self.PAST_V), c.out(1), c.out(2)]
         if c.rank(c.inp(self.Q)) == 3:
             query_side, kv_side = [c.out(3)], [c.inp(self.PAST_K), c.inp(self.PAST_V), c.out(1), c.out(2)]
-        axes = {(t, 1): np.arange(heads) // share for t in query_side if t}
-        axes |= {(t, 1): np.arange(kv_heads) for t in kv_side if t}
+        axes = {(t, 1): query for t in query_side if t}
+        axes |= {(t, 1): kv for t in kv_side if t}
         mask = c.inp(self.MASK)
         if mask and c.rank(mask) == 4 and c.dim(mask, 1) == heads:
-            axes[(mask, 1)] = np.arange(heads) // share
+            axes[(mask, 1)] = query
         return axes
 
     def propagate(self, c, tensor, axis):
@@ -172,7 +204,7 @@ class AttentionRule(Rule):
         if pair in head_axes:
             if "head-dim" in c.options.granularity:
                 raise Frozen("Attention: heads carry channels where head-dim granularity prunes head sizes")
-            return _head_links(pair, head_axes) if heads != kv_heads else \
+            return _head_links(pair, head_axes, self._units(c, heads, kv_heads)[2]) if heads != kv_heads else \
                 [identity(pair, p, heads) for p in head_axes if p != pair]
         keys = [(t, 3) for t in (c.inp(self.Q), c.inp(self.K), c.inp(self.PAST_K), c.out(1)) if t]
         values = [(t, 3) for t in (c.inp(self.V), c.out(0), c.inp(self.PAST_V), c.out(2)) if t]
@@ -187,16 +219,16 @@ class AttentionRule(Rule):
     def _packed(self, c, pair, heads, kv_heads):
         """[B, S, heads x head size]: whole key/value groups inside the last axis."""
         q, k, v, y = c.inp(self.Q), c.inp(self.K), c.inp(self.V), c.out(0)
-        share = heads // kv_heads
+        query, kv, tags = self._units(c, heads, kv_heads)
         size_qk, size_v = c.dim(q, 2) // heads, c.dim(v, 2) // kv_heads
-        groups = {(q, 2): np.arange(c.dim(q, 2)) // size_qk // share, (k, 2): np.arange(c.dim(k, 2)) // size_qk,
-                  (v, 2): np.arange(c.dim(v, 2)) // size_v, (y, 2): np.arange(heads * size_v) // size_v // share}
+        groups = {(q, 2): np.repeat(query, size_qk), (k, 2): np.repeat(kv, size_qk), (v, 2): np.repeat(kv, size_v),
+                  (y, 2): np.repeat(query, size_v)}
         groups |= self._head_axes(c, heads, kv_heads)
         if pair not in groups:
             raise Frozen(f"Attention: channel on axis {pair[1]} of '{pair[0]}' (batch or sequence)")
         if "head-dim" in c.options.granularity:
             raise Frozen("Attention: only whole heads are pruned in its [B, S, heads x head size] form")
-        return _head_links(pair, groups)
+        return _head_links(pair, groups, tags)
 
     def rewrite(self, c, plan):
         q, k = c.inp(self.Q), c.inp(self.K)
@@ -316,7 +348,8 @@ class GroupQueryAttentionRule(Rule):
         return heads, kv_heads, c.dim(y, 2) // heads
 
     def held_heads(self, c):
-        return (c.out(0), 2) if c.inp(self.PAST_K) or c.out(1) else None
+        heads, kv_heads = c.attr("num_heads", 0), c.attr("kv_num_heads", 0)
+        return (c.out(0), 2) if heads != kv_heads and (c.inp(self.PAST_K) or c.out(1)) else None
 
     def input_sizes(self, node, shape):
         """An empty cache ([B, kv heads, 0, head size]: a prompt's first run, any batch); a sliding

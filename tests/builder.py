@@ -283,3 +283,24 @@ def group_query_attention_block(hidden=16, heads=4, kv_heads=2, head=16, cache=T
     graph = helper.make_graph(b.nodes, "group_query_attention_block", b.inputs, outs, b.inits)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets)
+
+
+def rotary_self_attention_block(hidden=16, heads=4, head=4, tokens=5, seed=0):
+    """Self-attention as onnxruntime-genai's float16 CPU decoders write it (here in float32): q and k
+    rotated by com.microsoft RotaryEmbedding without num_heads (onnxruntime reads the head size off
+    the cos cache), com.microsoft MultiHeadAttention with an attention bias [1, heads, tokens, tokens]
+    made by a Tile of a [1, 1, tokens, tokens] mask over the heads, then the output projection."""
+    b = Builder(seed=seed)
+    x = b.input([1, tokens, hidden], "x")
+    q, k, v = (b.op("MatMul", [x, b.weight(hidden, heads * head)]) for _ in range(3))
+    angles = np.arange(16)[:, None] * (1.0 / 10000 ** (np.arange(head // 2) / (head // 2)))[None, :]
+    cos, sin = (b.const(f(angles).astype(np.float32)) for f in (np.cos, np.sin))
+    positions = b.const(np.arange(tokens, dtype=np.int64)[None, :])
+    q, k = (b.op("RotaryEmbedding", [t, positions, cos, sin], domain="com.microsoft") for t in (q, k))
+    mask = b.const((b.rng.standard_normal((1, 1, tokens, tokens)) * 0.5).astype(np.float32))
+    bias = b.op("Tile", [mask, b.const(np.array([1, heads, 1, 1], dtype=np.int64))])
+    y = b.op("MultiHeadAttention", [q, k, v, "", "", bias], num_heads=heads, domain="com.microsoft")
+    b.output(b.op("MatMul", [y, b.weight(heads * head, hidden)]), [1, tokens, hidden])
+    graph = helper.make_graph(b.nodes, "rotary_self_attention_block", b.inputs, b.outputs, b.inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)

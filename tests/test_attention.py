@@ -219,6 +219,8 @@ def test_query_heads_prune_as_slots_when_a_cache_holds_the_key_value_heads(tmp_p
     assert any("prune as slots" in note for note in analysis.graph.notes)
     assert "prunable 4/4 query-head slots" in format_analysis(describe(analysis))
     assert any("past_key.0" in r for g in analysis.groups for r in g.reasons())
+    generated = random_inputs(model)  # the cache (past -> Concat -> present) fed empty, at its head size
+    assert generated["past_key.0"].shape[2] == 0 and generated["past_key.0"].shape[1:] == (2, 0, 8)
     result = check_exact(model, Target(ratio=0.5), dims={"sequence": 5, "past": 3})
     repeats = [n for n in result.model.graph.node if n.name == "layers.0/k/expand"]
     shape = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}[repeats[0].input[1]]

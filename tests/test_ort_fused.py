@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from builder import Builder, fused_transformer_block, multi_head_attention_block
+from builder import Builder, fused_transformer_block, multi_head_attention_block, rotary_self_attention_block
 from oracle import check_exact, compensated_and_not
 from spa import Options, analyze
 from spa.graph import attr, load_model
@@ -47,6 +47,20 @@ def test_multi_head_attention_prunes_whole_heads_exactly():
     result = check_exact(model, Target(ratio=0.5))
     node = next(n for n in result.model.graph.node if n.op_type == "MultiHeadAttention")
     assert attr(node, "num_heads") == 2
+
+
+def test_a_rotary_without_num_heads_and_a_mask_tiled_over_the_heads_let_heads_prune():
+    """com.microsoft RotaryEmbedding on [B, S, heads x head size] without num_heads (its head size is
+    twice the cos cache's width, as onnxruntime reads it; num_heads stays unset) and a Tile repeating a
+    [1, 1, S, S] mask over the heads (a broadcast: its repeats follow the head count) pass whole heads;
+    both froze every head before."""
+    model = rotary_self_attention_block()
+    assert [g.kind for g in analyze(model).groups if g.prunable] == ["heads"]
+    result = check_exact(model, Target(ratio=0.5), batch=1)
+    tile = next(n for n in result.model.graph.node if n.op_type == "Tile")
+    repeats = {t.name: t for t in result.model.graph.initializer}[tile.input[1]]
+    assert list(onnx.numpy_helper.to_array(repeats)) == [1, 2, 1, 1]
+    assert all(attr(n, "num_heads") is None for n in result.model.graph.node if n.op_type == "RotaryEmbedding")
 
 
 def test_fused_norms_prune_the_hidden_size_approximately():

@@ -138,7 +138,7 @@ class Rule:
         `options.query_slots`, and the query heads that share a key/value head prune as slots."""
         return None
 
-    def input_sizes(self, node, shape) -> dict:
+    def input_sizes(self, node, shape: "Inferred") -> dict:
         """{input tensor: {axis: size}} this op needs of inputs that the graph's inputs may feed, for
         generated inputs to run (an empty key/value cache at its head count and size); `shape(tensor)`:
         the tensor's inferred shape, ints or None per axis, or None."""
@@ -175,6 +175,20 @@ class Boundary(Rule):
 _IMPOSING = []  # models whose imposed sizes are being read: Graph's shape probes generate inputs too
 
 
+class Inferred:
+    """What `Rule.input_sizes` sees of a model: shape(tensor), its inferred sizes (an int or None per
+    axis; None where unknown), and its graph's `inputs` and `outputs` (names)."""
+
+    def __init__(self, model, shapes: dict):
+        self.shapes = shapes
+        self.inputs = {i.name for i in model.graph.input}
+        self.outputs = {o.name for o in model.graph.output}
+
+    def __call__(self, tensor):
+        dims = self.shapes.get(tensor)
+        return None if dims is None else [d if isinstance(d, int) else None for d in dims]
+
+
 def imposed_input_sizes(model) -> dict:
     """{(graph input, axis): size} that ops impose on the graph's inputs (`Rule.input_sizes`): where
     generated inputs (verification, calibration) must take that size for the model to run."""
@@ -191,10 +205,7 @@ def imposed_input_sizes(model) -> dict:
     finally:
         _IMPOSING.pop()
 
-    def shape(tensor):
-        dims = shapes.get(tensor)
-        return None if dims is None else [d if isinstance(d, int) else None for d in dims]
-
+    shape = Inferred(model, shapes)
     sizes = {}
     for node, rule in rules:
         for tensor, axes in rule.input_sizes(node, shape).items():

@@ -260,17 +260,22 @@ class RotaryEmbeddingRule(Rule):
         other, rank = (y if tensor == x else x), c.rank(x)
         if axis < rank - 1:  # batch, sequence and (4-D) heads
             return [identity((tensor, axis), (other, axis), c.dim(tensor, axis))]
-        heads = c.attr("num_heads", 0)
-        if rank == 4 or not heads:
+        size = self._head_size(c) if rank == 3 else None
+        if not size:
             raise Frozen("RotaryEmbedding rotates a head's positions in pairs (the head size stays)")
         if "head-dim" in c.options.granularity:
             raise Frozen("RotaryEmbedding: only whole heads pass its [B, S, heads x head size] form")
-        head = np.arange(c.dim(x, 2)) // (c.dim(x, 2) // heads)
+        head = np.arange(c.dim(x, 2)) // size
         return _head_links((tensor, axis), {(x, 2): head, (y, 2): head})
+
+    def _head_size(self, c):
+        """A head's width in the [B, S, heads x head size] form: from num_heads (or None)."""
+        heads = c.attr("num_heads", 0)
+        return c.dim(c.inp(0), 2) // heads if heads else None
 
     def rewrite(self, c, plan):
         x = c.inp(0)
-        if c.rank(x) == 3 and plan.changed(x, 2):
+        if c.rank(x) == 3 and plan.changed(x, 2) and c.attr("num_heads"):
             plan.set_attr(c.node, "num_heads", plan.new_dim(x, 2) // (c.g.dim(x, 2) // c.attr("num_heads")))
         elif c.rank(x) == 4 and plan.changed(x, 1) and c.attr("num_heads"):
             plan.set_attr(c.node, "num_heads", plan.new_dim(x, 1))
@@ -279,9 +284,18 @@ class RotaryEmbeddingRule(Rule):
 @register
 class MicrosoftRotaryEmbeddingRule(RotaryEmbeddingRule):
     """com.microsoft RotaryEmbedding (input, position_ids, cos_cache, sin_cache; onnxruntime-genai
-    and onnxruntime's optimizer): the same map as ONNX's."""
+    and onnxruntime's optimizer): the same map as ONNX's. Without num_heads (onnxruntime-genai's
+    float16 CPU decoders), a full rotary's head size is twice the cos cache's width, as onnxruntime
+    reads it; num_heads then stays unset."""
 
     domain = "com.microsoft"
+    COS = 2
+
+    def _head_size(self, c):
+        cos = c.inp(self.COS)
+        if c.attr("num_heads", 0) or c.attr("rotary_embedding_dim", 0) or not cos or c.rank(cos) != 2:
+            return super()._head_size(c)  # a partial rotary's head size is not the cache's
+        return 2 * c.dim(cos, 1) if c.dim(cos, 1) else None
 
 
 @register

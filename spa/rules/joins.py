@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import Frozen, FreezeIndices, Link, Rule, identity, register
+from . import Frozen, FreezeIndices, Link, Rule, attr, identity, register
 
 
 @register
@@ -31,6 +31,19 @@ class Concat(Rule):
                  for i, t in enumerate(inputs) if t == tensor]
         return links + ([Link((y, cat), (t, cat), np.arange(offsets[i], offsets[i + 1]), np.arange(sizes[i]))
                          for i, t in enumerate(inputs) if t != tensor] if complete else [])
+
+    def input_sizes(self, node, shape):
+        """A decoder's cache unrolled (HF exports, onnxruntime-genai's float16 CPU decoders): a graph input
+        concatenated with computed keys or values into a graph output (past -> Concat -> present). It is
+        fed empty along the concatenation, its other sizes those of the computed part (heads, head size)."""
+        if node.output[0] not in shape.outputs or len(node.input) != 2:
+            return {}
+        past, new = node.input
+        sizes = shape(new)
+        if past not in shape.inputs or new in shape.inputs or not sizes:
+            return {}
+        cat = attr(node, "axis") % len(sizes)
+        return {past: {k: (0 if k == cat else d) for k, d in enumerate(sizes) if k and (k == cat or d)}}
 
     @staticmethod
     def _offsets(c, inputs, cat):

@@ -513,6 +513,8 @@ class Expand(Rule):
         ry, rx = c.rank(y), c.rank(x)
         if c.node.op_type == "Tile":
             reps = c.const_ints(1)
+            if reps[axis] != 1 and tensor == y and c.dim(x, axis) == 1 and constant_size_at(c, 1, y, axis):
+                return []  # a size-1 axis repeated is a broadcast (onnxruntime-genai's mask over heads)
             if reps[axis] != 1:
                 raise Frozen("Tile repeats the channel axis")
             other = y if tensor == x else x
@@ -527,8 +529,7 @@ class Expand(Rule):
         return [identity((y, axis), (x, ax), c.dim(y, axis))]
 
     def rewrite(self, c, plan):
-        if c.node.op_type == "Expand":
-            rewrite_shape_vector(c, plan, 1, c.out(0))
+        rewrite_shape_vector(c, plan, 1, c.out(0))  # a Tile's repeats of a size-1 axis: its new size
 
 
 @register

@@ -289,3 +289,20 @@ def test_other_genai_families_prune_with_the_default_criterion(family, tmp_path,
     feeds = random_inputs(model, batch=2)
     got, expected = _run(result.model, feeds)[0], _run(masked_original(result.plan), feeds)[0]
     np.testing.assert_allclose(got, expected, atol=1e-4 * float(np.abs(expected).max()), rtol=1e-4)
+
+
+@pytest.mark.skipif(not GENAI, reason="onnxruntime-genai is not installed (make install adds it)")
+def test_the_genai_float16_cpu_decoder_verifies_and_says_why_its_heads_stay(tmp_path, capsys):
+    """The builder's float16 CPU decoder unrolls its attention: com.microsoft RotaryEmbedding without
+    num_heads, a repeat of the key/value heads by Expand to torch's expand(-1) target, MultiHeadAttention
+    with a mask tiled over the heads, and its cache as past -> Concat -> present. The cache is fed empty,
+    so it verifies and its MLPs prune with the default criterion (before: "the original model does not
+    run on the verification inputs"); its query heads stay, with the reason: the repeat's merged head
+    count is computed at run time."""
+    folder = _genai_build(tmp_path, "llama", ("fp16",))["fp16"]
+    path = str(folder / "model.onnx")
+    reasons = {r for g in analyze(load_model(path)).groups for r in g.reasons()}
+    assert any("merged head count the target shape computes at run time" in r for r in reasons), reasons
+    assert main(["prune", path, "-o", str(tmp_path / "small.onnx"), "--ratio", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "obspa cannot serve" not in err, err

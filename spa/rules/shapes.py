@@ -62,12 +62,13 @@ def shape_vector_pieces(c: Ctx, slot: int):
     if value is not None:
         return {p: (c.node, slot, p) for p in range(value.size)}
     index = c.g.producer.get(name)
-    while index is not None and c.g.nodes[index].op_type in ("Cast", "Identity"):
+    while index is not None and _vector_view(c, c.g.nodes[index]) is not None:
         view = c.g.nodes[index]
-        value = c.g.static_value(view.input[0])
-        if value is not None:  # a constant read through Identity/Cast: its elements are rewritten there
-            return {p: (view, 0, p) for p in range(value.size)}
-        index = c.g.producer.get(view.input[0])  # tf2onnx: int32 Concat -> Cast
+        slot_in = _vector_view(c, view)
+        value = c.g.static_value(view.input[slot_in])
+        if value is not None:  # a constant read through a view: its elements are rewritten there
+            return {p: (view, slot_in, p) for p in range(value.size)}
+        index = c.g.producer.get(view.input[slot_in])  # tf2onnx: int32 Concat -> Cast
     if index is None or c.g.nodes[index].op_type != "Concat":
         return None
     concat = c.g.nodes[index]
@@ -81,6 +82,22 @@ def shape_vector_pieces(c: Ctx, slot: int):
             pieces.update({pos + j: (concat, k, j) for j in range(length)})
         pos += length
     return pieces
+
+
+def _vector_view(c: Ctx, node) -> int | None:
+    """The input slot a shape vector passes through `node` unchanged from, or None: Cast, Identity,
+    a Reshape to [-1], and torch's expand(-1) guard, Where(Equal(v, -1), 1, v), which keeps every
+    element but -1."""
+    if node.op_type in ("Cast", "Identity"):
+        return 0
+    if node.op_type == "Reshape":
+        target = c.g.static_value(node.input[1])
+        return 0 if target is not None and np.asarray(target).reshape(-1).tolist() == [-1] else None
+    if node.op_type == "Where" and len(node.input) == 3:
+        test = c.g.producer.get(node.input[0])
+        test = c.g.nodes[test] if test is not None else None
+        return 2 if test is not None and test.op_type == "Equal" and node.input[2] in test.input else None
+    return None
 
 
 def own_sizes(c: Ctx, slot: int, tensor: str) -> set:
@@ -314,6 +331,8 @@ def _query_slots(c: Ctx, tensor, axis, src_shape, dst_shape, dst) -> list:
     if tensor == x and axis == 1:
         raise Frozen("key/value heads held by the graph's inputs or outputs (a cache): the query heads that "
                      "share them prune as slots")
+    if c.node.op_type == "Reshape" and not constant_size_at(c, 1, c.out(0), 1):
+        raise Frozen("grouped-query repeat whose merged head count the target shape computes at run time")
     policy = "inner" if tensor != x else "outer"
     b, src_idx, dst_idx, _, virtual = reshape_map(src_shape, dst_shape, axis, policy, c.dim(tensor, axis))
     if virtual is not None or (dst == x and b != 2) or (tensor == x and axis != 2):

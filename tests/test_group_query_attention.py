@@ -292,17 +292,22 @@ def test_other_genai_families_prune_with_the_default_criterion(family, tmp_path,
 
 
 @pytest.mark.skipif(not GENAI, reason="onnxruntime-genai is not installed (make install adds it)")
-def test_the_genai_float16_cpu_decoder_verifies_and_says_why_its_heads_stay(tmp_path, capsys):
+def test_the_genai_float16_cpu_decoder_prunes_its_query_heads_as_slots(tmp_path, capsys):
     """The builder's float16 CPU decoder unrolls its attention: com.microsoft RotaryEmbedding without
-    num_heads, a repeat of the key/value heads by Expand to torch's expand(-1) target, MultiHeadAttention
-    with a mask tiled over the heads, and its cache as past -> Concat -> present. The cache is fed empty,
-    so it verifies and its MLPs prune with the default criterion (before: "the original model does not
-    run on the verification inputs"); its query heads stay, with the reason: the repeat's merged head
-    count is computed at run time."""
+    num_heads, the key/value heads repeated by an Expand to torch's expand(-1) target (Where(Equal(v, -1),
+    1, v)) and merged by a Reshape whose kv x r is Mul(Shape(present)[1], r), MultiHeadAttention with a
+    mask tiled over the heads, and its cache as past -> Concat -> present. The cache is fed empty, so it
+    verifies (before: "the original model does not run on the verification inputs"); the query heads
+    prune as slots, r rewritten in the repeat's Expand target and its merging Mul; exact against the
+    oracle on an empty cache."""
     folder = _genai_build(tmp_path, "llama", ("fp16",))["fp16"]
     path = str(folder / "model.onnx")
-    reasons = {r for g in analyze(load_model(path)).groups for r in g.reasons()}
-    assert any("merged head count the target shape computes at run time" in r for r in reasons), reasons
+    model = load_model(path)
+    assert "query-head slots" in {g["unit"] for g in describe(analyze(model))["groups"] if g["prunable"]}
     assert main(["prune", path, "-o", str(tmp_path / "small.onnx"), "--ratio", "0.5"]) == 0
     err = capsys.readouterr().err
-    assert "obspa cannot serve" not in err, err
+    assert "obspa cannot serve" not in err and "query-head slot" in err, err
+    result = prune(model, Target(ratio=0.5), criterion="l1")
+    feeds = random_inputs(model, batch=2)
+    for got, expected in zip(_run(result.model, feeds), _run(masked_original(result.plan), feeds)):
+        np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), atol=1e-3, rtol=1e-3)

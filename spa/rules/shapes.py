@@ -331,7 +331,9 @@ def _query_slots(c: Ctx, tensor, axis, src_shape, dst_shape, dst) -> list:
     if tensor == x and axis == 1:
         raise Frozen("key/value heads held by the graph's inputs or outputs (a cache): the query heads that "
                      "share them prune as slots")
-    if c.node.op_type == "Reshape" and not constant_size_at(c, 1, c.out(0), 1):
+    y = c.out(0)
+    if c.node.op_type == "Reshape" and not constant_size_at(c, 1, y, 1) \
+            and fold_factor(c, 1, 1 - c.rank(y)) in (None, INFERRED):
         raise Frozen("grouped-query repeat whose merged head count the target shape computes at run time")
     policy = "inner" if tensor != x else "outer"
     b, src_idx, dst_idx, _, virtual = reshape_map(src_shape, dst_shape, axis, policy, c.dim(tensor, axis))
@@ -510,15 +512,21 @@ class Reshape(Rule):
 
     def rewrite(self, c, plan):
         if c.node.op_type == "Reshape":
-            rewrite_shape_vector(c, plan, 1, c.out(0))
-            for axis in range(c.g.rank(c.out(0))):
-                if c.g.dim(c.out(0), axis) is None and plan.changed(c.out(0), axis):
-                    factor = fold_factor(c, 1, axis - c.g.rank(c.out(0)))
-                    if factor == INFERRED:
-                        continue
-                    node, k = factor
-                    plan.set_input(node, k, np.array(plan.new_dim(c.out(0), axis),
-                                                     dtype=c.const(node.input[k]).dtype))
+            y = c.out(0)
+            rewrite_shape_vector(c, plan, 1, y)
+            for axis in range(c.g.rank(y)):
+                if not plan.changed(y, axis) or (c.g.dim(y, axis) is not None and constant_size_at(c, 1, y, axis)):
+                    continue
+                factor = fold_factor(c, 1, axis - c.g.rank(y))
+                if factor in (None, INFERRED):
+                    continue
+                node, k = factor
+                old = c.const(node.input[k])
+                # a virtual axis (batch * H): the new H; a static size computed as size * r (a
+                # grouped-query repeat's kv * r, the kv size read from a shape): r scaled with it
+                new = plan.new_dim(y, axis) if c.g.dim(y, axis) is None else \
+                    int(old.reshape(-1)[0]) * plan.new_dim(y, axis) // c.g.dim(y, axis)
+                plan.set_input(node, k, np.array(new, dtype=old.dtype).reshape(old.shape))
 
 
 @register

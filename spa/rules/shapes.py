@@ -514,8 +514,12 @@ class Reshape(Rule):
         if c.node.op_type == "Reshape":
             y = c.out(0)
             rewrite_shape_vector(c, plan, 1, y)
+            slots = c.g.node_name(c.index) in c.options.query_slots
             for axis in range(c.g.rank(y)):
-                if not plan.changed(y, axis) or (c.g.dim(y, axis) is not None and constant_size_at(c, 1, y, axis)):
+                # a static size is rewritten here only for query slots (the kv of kv * r is a held size);
+                # elsewhere a size read from a shape follows the pruned tensor by itself
+                static = c.g.dim(y, axis) is not None
+                if not plan.changed(y, axis) or (static and (not slots or constant_size_at(c, 1, y, axis))):
                     continue
                 factor = fold_factor(c, 1, axis - c.g.rank(y))
                 if factor in (None, INFERRED):

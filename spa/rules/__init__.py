@@ -192,10 +192,11 @@ class Inferred:
 def imposed_input_sizes(model) -> dict:
     """{(graph input, axis): size} that ops impose on the graph's inputs (`Rule.input_sizes`): where
     generated inputs (verification, calibration) must take that size for the model to run."""
-    rules = [(node, rule_for(node)) for node in model.graph.node]
-    rules = [(node, rule) for node, rule in rules if type(rule).input_sizes is not Rule.input_sizes]
     inputs = {i.name for i in model.graph.input}
-    if not rules or not inputs or _IMPOSING:
+    readers = [node for node in model.graph.node if any(t in inputs for t in node.input)]  # sizes are of inputs
+    rules = [(node, rule_for(node)) for node in readers]
+    rules = [(node, rule) for node, rule in rules if type(rule).input_sizes is not Rule.input_sizes]
+    if not rules or _IMPOSING:  # shape inference only for a model with such an op on a graph input
         return {}
     _IMPOSING.append(model)
     try:

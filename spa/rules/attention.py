@@ -33,6 +33,16 @@ def _head_links(pair, heads_of: dict, tags: dict | None = None) -> list:
     return sorted(links, key=lambda link: link.src == link.dst and link.src != pair)
 
 
+def _query_units(c, heads: int, kv_heads: int) -> tuple:
+    """(unit of each query head, unit of each key/value head, tags) for grouped-query attention: a
+    query head's unit is its key/value head's, or, where the node is in `options.query_slots` (a cache
+    holds the key/value heads), its slot, the key/value heads then units after the slots."""
+    share = heads // kv_heads
+    if c.g.node_name(c.index) in c.options.query_slots:
+        return np.arange(heads) % share, share + np.arange(kv_heads), {s: "slot" for s in range(share)}
+    return np.arange(heads) // share, np.arange(kv_heads), {}
+
+
 @register
 class PackedAttentionRule(Rule):
     """com.microsoft Attention (input, weights, [bias], [mask_index], [past], [attention_bias], ...):
@@ -163,14 +173,6 @@ class AttentionRule(Rule):
         sizes = (k[3], v[3]) if len(q) == 4 else (k[2] and k[2] // kv_heads, v[2] and v[2] // kv_heads)
         return {t: {1: kv_heads, 2: 0, 3: size} for t, size in zip(past, sizes) if t and size}
 
-    def _units(self, c, heads, kv_heads):
-        """(unit of each query head, unit of each key/value head, tags): a query head's unit is its
-        key/value head's, or, where the cache is held, its slot (key/value heads then units after them)."""
-        share = heads // kv_heads
-        if c.g.node_name(c.index) in c.options.query_slots:
-            return np.arange(heads) % share, share + np.arange(kv_heads), {s: "slot" for s in range(share)}
-        return np.arange(heads) // share, np.arange(kv_heads), {}
-
     def _heads(self, c):
         q, k = c.inp(self.Q), c.inp(self.K)
         if c.rank(q) == 4:
@@ -183,7 +185,7 @@ class AttentionRule(Rule):
 
     def _head_axes(self, c, heads, kv_heads):
         """{pair: unit of each head} of the tensors with a head axis (axis 1)."""
-        query, kv, _ = self._units(c, heads, kv_heads)
+        query, kv, _ = _query_units(c, heads, kv_heads)
         query_side = [c.inp(self.Q), c.out(0), c.out(3)]
         kv_side = [c.inp(self.K), c.inp(self.V), c.inp(self.PAST_K), c.inp(self.PAST_V), c.out(1), c.out(2)]
         if c.rank(c.inp(self.Q)) == 3:
@@ -204,7 +206,7 @@ class AttentionRule(Rule):
         if pair in head_axes:
             if "head-dim" in c.options.granularity:
                 raise Frozen("Attention: heads carry channels where head-dim granularity prunes head sizes")
-            return _head_links(pair, head_axes, self._units(c, heads, kv_heads)[2]) if heads != kv_heads else \
+            return _head_links(pair, head_axes, _query_units(c, heads, kv_heads)[2]) if heads != kv_heads else \
                 [identity(pair, p, heads) for p in head_axes if p != pair]
         keys = [(t, 3) for t in (c.inp(self.Q), c.inp(self.K), c.inp(self.PAST_K), c.out(1)) if t]
         values = [(t, 3) for t in (c.inp(self.V), c.out(0), c.inp(self.PAST_V), c.out(2)) if t]
@@ -219,7 +221,7 @@ class AttentionRule(Rule):
     def _packed(self, c, pair, heads, kv_heads):
         """[B, S, heads x head size]: whole key/value groups inside the last axis."""
         q, k, v, y = c.inp(self.Q), c.inp(self.K), c.inp(self.V), c.out(0)
-        query, kv, tags = self._units(c, heads, kv_heads)
+        query, kv, tags = _query_units(c, heads, kv_heads)
         size_qk, size_v = c.dim(q, 2) // heads, c.dim(v, 2) // kv_heads
         groups = {(q, 2): np.repeat(query, size_qk), (k, 2): np.repeat(kv, size_qk), (v, 2): np.repeat(kv, size_v),
                   (y, 2): np.repeat(query, size_v)}
@@ -382,10 +384,7 @@ class GroupQueryAttentionRule(Rule):
     def _heads_of(self, c, heads, kv_heads, size):
         """{pair: unit of each position}: query heads are units 0.. (their key/value head, or their slot
         where the cache is held), key/value heads come after them."""
-        share = heads // kv_heads
-        slots = c.g.node_name(c.index) in c.options.query_slots
-        query = np.arange(heads) % share if slots else np.arange(heads) // share
-        kv = np.arange(kv_heads) + (share if slots else 0)
+        query, kv, tags = _query_units(c, heads, kv_heads)
         q, y = c.inp(0), c.out(0)
         heads_of = {(y, 2): np.repeat(query, size)}
         if c.inp(self.KEY):
@@ -403,7 +402,7 @@ class GroupQueryAttentionRule(Rule):
             heads_of[(bias, 1)] = query
         if sink and c.rank(sink) == 1 and c.dim(sink, 0) == heads:
             heads_of[(sink, 0)] = query
-        return heads_of, ({int(s): "slot" for s in range(share)} if slots else {})
+        return heads_of, tags
 
     def propagate(self, c, tensor, axis):
         heads, kv_heads, size = self._sizes(c)

@@ -18,8 +18,10 @@
   torch train mode instead (batch statistics; running statistics updated and written back):
   no better on BN-inversion inputs, and on Gaussian inputs it failed to improve an OBSPA-pruned
   model that frozen BN improved.
-- The teacher's tensors come from onnxruntime on the original model (measured 1.4-3.6x faster
-  than a frozen torch module), or ``teacher="torch"``.
+- The teacher's tensors come from onnxruntime on the original model beside a CPU student (measured
+  1.4-3.6x faster than a frozen torch module there), from a frozen torch copy on a GPU student's
+  device (``teacher="auto"``; fresh token batches then hold GPU_TOKEN_SCALE times the tokens), or
+  as ``teacher`` says.
 - Loss: for every float output, the mean squared error divided by the teacher output's variance
   (measured once on the held-out batches), averaged over the outputs, so outputs of different
   scale weigh the same. ``match="shared"`` (default) adds, with weight ``match_weight``, every
@@ -72,6 +74,7 @@ DEFAULT_LR = 1e-3          # models with BatchNormalization (measured: docs/reco
 DEFAULT_LR_NO_BN = 1e-4    # others (transformers: 1e-3 recovered less than 1e-4)
 DEFAULT_STEPS = 300
 HOLDOUT_BATCHES = 4
+GPU_TOKEN_SCALE = 8        # fresh token batches this many times as large for a GPU student with a GPU teacher
 RETRY_LR = 0.01            # a run that did not lower the held-out loss is tried once more at lr x this
 TIMED_HOLDOUT_STEP = 1 << 40  # held-out batches(step) of a timed run: a step no run reaches
 
@@ -118,7 +121,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
             lr: float | None = None, seed: int = 0, progress=None, holdout=None, *,
             bn: str = "frozen", match: str = "shared", match_weight: float = 1.0,
             warmup: float = 0.2, weight_decay: float = 0.0, threads: int | None = None,
-            teacher: str = "ort", keep_zeros: bool = False, train_lookups: bool = False,
+            teacher: str = "auto", keep_zeros: bool = False, train_lookups: bool = False,
             seconds: float | None = None, device: str | None = None) -> RecoveryResult:
     """Distil ``original`` into ``pruned`` for ``steps`` Adam steps; see the module docstring.
 
@@ -136,7 +139,10 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     most of a short step's time; MiniLM: the same cosine, docs/recover.md). ``seconds``: train for
     this long instead of ``steps`` (which must then be 0 or None; module docstring). ``device``: where
     the student trains (a torch device: "cpu", "cuda", "cuda:1"; None: the first CUDA device when torch
-    sees one, announced, else the CPU); the teacher and the checks stay on onnxruntime's CPU."""
+    sees one, announced, else the CPU). ``teacher``: "ort" (onnxruntime on the CPU), "torch" (a frozen
+    torch copy on the student's device) or "auto": onnxruntime beside a CPU student, torch on a GPU
+    student's device, where fresh token batches (:func:`spa.calibration.fresh_batches`) also grow
+    GPU_TOKEN_SCALE times (docs/recover.md); the before/after checks stay on onnxruntime's CPU."""
     say = progress or (lambda message: None)
     original, pruned = as_model(original), as_model(pruned)
     steps, seconds = _checked_budget(steps, seconds, lr)
@@ -145,6 +151,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     if match not in ("outputs", "shared"):
         raise SpaError(f"recover: match must be 'outputs' or 'shared', got {match!r}")
     device = _training_device(device)
+    teacher, batches, larger = _for_device(device, teacher, batches)
     lr_given = lr is not None
     tries = 1 if lr_given or seconds is not None else 2
     lr = first_lr = default_lr(pruned) if lr is None else float(lr)
@@ -155,7 +162,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     names = _float_outputs(student, pruned)
     if not names:
         raise SpaError("recover: the pruned model has no float output to distil")
-    teach = _Teacher(original, teacher, threads)
+    teach = _Teacher(original, teacher, threads, device)
     checking = time.perf_counter()
     pruned_session = _session(pruned, threads)
     t_hold = [teach.run(f, names) for f in holdout]
@@ -171,6 +178,8 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
             inner = [teach.run(f, shared) for f in holdout[:2]]
             scales.update(_scales(inner, shared))
     where = f" on {device}" if device.type != "cpu" else ""
+    where += f", teacher on {device}" if teacher == "torch" and device.type != "cpu" else ""
+    where += f", token batches {GPU_TOKEN_SCALE}x as large" if larger else ""
     say(f"recover: {_amount(steps, seconds)}{where} (lr {lr:g}), held-out distillation loss {loss_before:.4g}"
         + (f", matching {len(shared)} intermediate tensors" if shared else ""))
 
@@ -227,6 +236,20 @@ def _training_device(device) -> torch.device:
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise SpaError(f"recover: device {device!r} asked for, but torch sees no CUDA device")
     return chosen
+
+
+def _for_device(device: torch.device, teacher: str, batches) -> tuple:
+    """(teacher kind, batches, whether they grew) for a student on ``device``. A GPU step costs about the
+    same from 256 to 2048 tokens, where onnxruntime's CPU teacher slows down in proportion (MiniLM, H100:
+    22 steps a second at either size with the teacher on the GPU; onnxruntime on 16 cores 29 at 256 tokens,
+    11.5 at 1024), and more tokens a step lower the loss reached in a given time (docs/recover.md)."""
+    if teacher not in ("auto", "ort", "torch"):
+        raise SpaError(f"recover: teacher must be 'auto', 'ort' or 'torch', got {teacher!r}")
+    if device.type == "cpu":
+        return ("ort" if teacher == "auto" else teacher), batches, False
+    teacher = "torch" if teacher == "auto" else teacher
+    larger = teacher == "torch" and getattr(batches, "of_tokens", False)
+    return teacher, (batches.scaled(GPU_TOKEN_SCALE) if larger else batches), larger
 
 
 def _moved(student: OnnxModule, device: torch.device) -> OnnxModule:
@@ -310,27 +333,27 @@ def _float_outputs(student: OnnxModule, model) -> list[str]:
 
 class _Teacher:
     """Teacher tensors by name: onnxruntime on the original model (extra graph outputs added for
-    intermediate tensors on demand) or a frozen torch module."""
+    intermediate tensors on demand) or a frozen torch module on ``device``."""
 
-    def __init__(self, model, kind, threads):
-        if kind not in ("ort", "torch"):
-            raise SpaError(f"recover: teacher must be 'ort' or 'torch', got {kind!r}")
+    def __init__(self, model, kind, threads, device=torch.device("cpu")):
         self.model, self.kind, self.threads = model, kind, threads
         self.sessions = {}
         self.module = None
         if kind == "torch":
-            self.module = from_onnx(model, verify=False)
+            self.module = _moved(from_onnx(model, verify=False), device)
             self.module.mimic_onnx = True
             self.module.eval()
             for p in self.module.parameters():
                 p.requires_grad_(False)
 
-    def run(self, feeds, names) -> list[np.ndarray]:
+    def run(self, feeds, names, tensors: bool = False) -> list:
+        """The tensors ``names`` on ``feeds`` as arrays; ``tensors``: a torch teacher's stay torch
+        tensors where it computed them (no copy to the host and back for the student's loss)."""
         names = list(names)
         if self.kind == "torch":
             with torch.no_grad():
                 env = _forward_env(self.module, feeds)
-            return [env[n].detach().cpu().numpy() for n in names]
+            return [env[n] if tensors else env[n].detach().cpu().numpy() for n in names]
         key = tuple(names)
         if key not in self.sessions:
             self.sessions[key] = _session(_with_outputs(self.model, names), self.threads)
@@ -449,7 +472,7 @@ def _teacher_ahead(feeds, teacher, wanted, steps):
     cycled ones 32 s instead of 39 s)."""
     def fetch(step):
         batch = feeds(step)
-        return batch, teacher.run(batch, wanted)
+        return batch, teacher.run(batch, wanted, tensors=True)
 
     def more(step):
         return steps is None or step < steps
@@ -500,14 +523,12 @@ def _train(student, teacher, feeds, steps, lr, names, shared, scales, match_weig
         env = _forward_env(student, batch)
         loss = 0.0
         for k, name in enumerate(names):
-            t = torch.from_numpy(np.asarray(targets[k])).to(env[name].device, env[name].dtype)
-            loss = loss + torch.mean((env[name] - t) ** 2) * inv[name]
+            loss = loss + torch.mean((env[name] - _like(targets[k], env[name])) ** 2) * inv[name]
         loss = loss / len(names)
         if shared:
             extra = 0.0
             for k, name in enumerate(shared, start=len(names)):
-                t = torch.from_numpy(np.asarray(targets[k])).to(env[name].device, env[name].dtype)
-                extra = extra + torch.mean((env[name] - t) ** 2) * inv[name]
+                extra = extra + torch.mean((env[name] - _like(targets[k], env[name])) ** 2) * inv[name]
             loss = loss + match_weight * extra / len(shared)
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -525,6 +546,13 @@ def _train(student, teacher, feeds, steps, lr, names, shared, scales, match_weig
     student.eval()
     student.mimic_onnx = True
     return ran, diverged
+
+
+def _like(target, tensor: torch.Tensor) -> torch.Tensor:
+    """A teacher's array or tensor as a tensor on ``tensor``'s device and dtype."""
+    if not isinstance(target, torch.Tensor):
+        target = torch.from_numpy(np.asarray(target))
+    return target.to(tensor.device, tensor.dtype)
 
 
 def _schedule(steps, warmup, deadline):

@@ -839,6 +839,21 @@ def test_fresh_batches_of_a_fixed_batch_or_without_tokens_keep_the_batch_size():
     assert all(len(next(iter(images(k).values()))) == 16 for k in range(4))
 
 
+def test_scaled_fresh_batches_hold_as_many_times_the_tokens_at_the_same_lengths():
+    from spa.calibration import fresh_batches
+    model = _token_model()
+    draw = fresh_batches(model, Calibration(source="synthetic", samples=32, batch_size=16, seed=3))
+    larger = draw.scaled(4)
+    assert draw.of_tokens and larger.of_tokens and larger.scale == 4
+    for k in range(4):
+        small, big = draw(k)["input_ids"], larger(k)["input_ids"]
+        assert big.shape[1] == small.shape[1] and len(big) == max(1, 64 * FRESH_TOKENS // big.shape[1])
+    _runs(model, [larger(k) for k in range(4)])
+    assert not fresh_batches(_token_model(batch=4), Calibration(source="synthetic", samples=8)).of_tokens
+    images = fresh_batches(_conv_model(["N", 3, 8, 8]), Calibration(source="synthetic", samples=32, batch_size=16))
+    assert not images.of_tokens and len(next(iter(images.scaled(4)(0).values()))) == 16
+
+
 def test_a_tokenizer_beside_the_model_is_found_in_its_folder_or_inside_a_model_directory(tmp_path):
     from spa.calibration import tokenizer_beside
     folder = _tokenizer(tmp_path / "export")

@@ -505,6 +505,33 @@ def test_the_training_device_is_cuda_by_default_when_torch_sees_one(monkeypatch)
     assert _training_device("cpu") == torch.device("cpu")
 
 
+def test_a_gpu_student_gets_a_teacher_on_its_device_and_token_batches_eight_times_as_large():
+    import torch
+
+    from spa.calibration import Calibration, fresh_batches
+    from spa.errors import SpaError
+    from spa.frontends.torch_recover import GPU_TOKEN_SCALE, _for_device
+    tokens = fresh_batches(_embedding_mlp(), Calibration(source="synthetic", samples=32))
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device object: no CUDA needed to build one
+    assert _for_device(cpu, "auto", tokens) == ("ort", tokens, False)
+    teacher, batches, larger = _for_device(gpu, "auto", tokens)
+    assert teacher == "torch" and larger and batches.scale == GPU_TOKEN_SCALE == 8
+    assert _for_device(gpu, "ort", tokens) == ("ort", tokens, False)  # onnxruntime's CPU teacher: as drawn
+    listed = [tokens(0)]
+    assert _for_device(gpu, "auto", listed) == ("torch", listed, False)  # given batches are not redrawn
+    with pytest.raises(SpaError, match="teacher must be 'auto', 'ort' or 'torch'"):
+        _for_device(cpu, "onnx", tokens)
+
+
+def test_a_torch_teacher_distils_as_onnxruntime_does():
+    original = _residual_mlp()
+    pruned = prune(original, Target(ratio=0.5), criterion="l1").model
+    by_ort, by_torch = _run(pruned, original, teacher="ort"), _run(pruned, original, teacher="torch")
+    assert by_torch.improved and by_torch.loss_after < 0.8 * by_torch.loss_before
+    assert by_torch.loss_before == pytest.approx(by_ort.loss_before, rel=1e-5)
+    assert by_torch.loss_after == pytest.approx(by_ort.loss_after, rel=1e-3)
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("make", [_cnn, _residual_mlp])
 def test_recovery_on_a_cuda_device_lowers_the_held_out_loss_and_says_where_it_ran(make):
@@ -512,6 +539,6 @@ def test_recovery_on_a_cuda_device_lowers_the_held_out_loss_and_says_where_it_ra
     pruned = prune(original, Target(ratio=0.5), criterion="l1").model
     messages = []
     result = _run(pruned, original, progress=messages.append, device="cuda")
-    assert " on cuda" in messages[0]
+    assert " on cuda, teacher on cuda" in messages[0]
     assert result.improved and result.loss_after < 0.8 * result.loss_before
     _check_same_layout(pruned, result.model)

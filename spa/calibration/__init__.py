@@ -462,7 +462,7 @@ def generated_shapes(model: onnx.ModelProto, calibration: Calibration) -> dict |
     return shapes or None
 
 
-def fresh_batches(model: onnx.ModelProto, calibration: Calibration, progress=_quiet):
+def fresh_batches(model: onnx.ModelProto, calibration: Calibration, progress=_quiet) -> "FreshBatches":
     """`step -> feeds` of "synthetic" batches never drawn before: blocks of the calibration's batches,
     each from a seed of its own (its own lengths too), the tokenizer read once. For training that
     would otherwise cycle the calibration batches: MiniLM's distillation gained 0.001 cosine on its
@@ -470,30 +470,46 @@ def fresh_batches(model: onnx.ModelProto, calibration: Calibration, progress=_qu
     without a fixed batch holds about batch_size * FRESH_TOKENS tokens, as many sequences as fit at
     its length (4 tokens: 64, 128: 2, for the default 16): steps cost alike whatever the length, and
     short sequences come in numbers (MiniLM: 600 such steps beat 300 of 16 sequences, in less time;
-    docs/recover.md)."""
+    docs/recover.md). `FreshBatches.scaled` gives token batches k times as large."""
     options = dataclasses.replace(calibration, samples=calibration.samples or DEFAULT_SAMPLES).check()
     if options.source != "synthetic":
         raise SpaError(f"fresh batches are drawn from the synthetic source, not {options.source!r}")
-    plan = _Plan(model, options, progress or _quiet)
-    per_block = len(plan.chunk_sizes())
-    block_feeds: dict = {}
+    return FreshBatches(_Plan(model, options, progress or _quiet))
 
-    def batches(step: int) -> dict:
-        block, k = divmod(step, per_block)
-        if block not in block_feeds:
-            block_feeds.clear()
-            seed = options.seed * 1_000_003 + block + 1
-            block_feeds[block] = plan.generated(np.random.default_rng([seed, 104729]), lengths_seed=seed,
-                                                tokens_per_batch=options.batch_size * FRESH_TOKENS)
-        return block_feeds[block][k]
 
-    return batches
+class FreshBatches:
+    """The callable `fresh_batches` returns: `batches(step) -> feeds`."""
+
+    def __init__(self, plan: _Plan, scale: int = 1):
+        self._plan, self.scale = plan, scale
+        self._per_block = len(plan.chunk_sizes())
+        self._block: tuple = (None, None)
+
+    @property
+    def of_tokens(self) -> bool:
+        """Whether the batches are token batches sized by their token count (`scaled` applies)."""
+        return self._plan.token_batches()
+
+    def scaled(self, factor: int) -> "FreshBatches":
+        """The same draws with token batches holding `factor` times the tokens (more sequences a batch;
+        batches of other inputs as they were): a GPU trains on 8x the tokens a step in about the time
+        of one (docs/recover.md)."""
+        return FreshBatches(self._plan, self.scale * int(factor))
+
+    def __call__(self, step: int) -> dict:
+        block, k = divmod(step, self._per_block)
+        if self._block[0] != block:
+            seed = self._plan.options.seed * 1_000_003 + block + 1
+            self._block = (block, self._plan.generated(
+                np.random.default_rng([seed, 104729]), lengths_seed=seed,
+                tokens_per_batch=self._plan.options.batch_size * FRESH_TOKENS * self.scale))
+        return self._block[1][k]
 
 
 __all__ = [
     # this module: the options and the source dispatch
-    "Calibration", "SampleDefault", "calibration_batches", "fresh_batches", "is_generated", "source_kind",
-    "tokenizer_beside", "looking_beside", "asked", "with_tokenizer", "with_text_config",
+    "Calibration", "SampleDefault", "calibration_batches", "fresh_batches", "FreshBatches", "is_generated",
+    "source_kind", "tokenizer_beside", "looking_beside", "asked", "with_tokenizer", "with_text_config",
     "text_mode",
     "DEFAULT_SAMPLES", "FRESH_TOKENS", "TEXT_LINE_SOURCES", "RESIZE_MODES", "LAYOUTS",
     # shapes

@@ -234,6 +234,10 @@ class _Plan:
         lengths = np.rint(np.exp(np.log(lo) + u * (np.log(hi) - np.log(lo)))).astype(int)
         return [int(v) for v in rng.permutation(np.clip(lengths, lo, hi))]
 
+    def token_batches(self) -> bool:
+        """Token inputs with a batch of their own: batches that `generated` can size by tokens."""
+        return not self.static_batch and any(TOKENS in s for s in self.resolved().values())
+
     def generated(self, rng, floats=None, override: dict | None = None, lengths_seed: int | None = None,
                   tokens_per_batch: int | None = None) -> list:
         """Generated feeds: `floats(shape)` for float inputs (N(0, 1) by default), `override`
@@ -244,7 +248,7 @@ class _Plan:
         sizes = self.chunk_sizes()
         tokens = any(TOKENS in s for s in shapes.values())
         lengths = self.token_lengths(len(sizes), lengths_seed) if tokens else [None] * len(sizes)
-        if tokens and tokens_per_batch and not self.static_batch:
+        if tokens_per_batch and self.token_batches():
             sizes = [max(1, tokens_per_batch // length) for length in lengths]
         feeds = []
         for n, length in zip(sizes, lengths):

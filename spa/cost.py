@@ -14,8 +14,8 @@ from .runtime import is_float
 CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "FusedConv": 1}  # op -> weight slot
 MATRIX_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm", "MatMulNBits", "FusedMatMul",
               "FusedGemm")  # A: input 0
-MAC_OPS = (*CONV_WEIGHT, "ConvTranspose", *MATRIX_OPS, "LSTM", "GRU", "RNN", "Attention", "GroupQueryAttention",
-           "Einsum")
+MAC_OPS = (*CONV_WEIGHT, "ConvTranspose", *MATRIX_OPS, "LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "Attention",
+           "GroupQueryAttention", "Einsum")
 
 
 def concrete_shapes(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None,
@@ -95,7 +95,7 @@ def node_macs(node, dim) -> int:
                 return 0
             sizes = {label: dim(x, k) for x, term in zip(node.input, terms) for k, label in enumerate(term)}
             return int(np.prod(list(sizes.values()), dtype=np.int64))
-        if op in ("LSTM", "GRU", "RNN"):
+        if op in ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"):
             w, r, x = node.input[1], node.input[2], node.input[0]
             steps, batch = dim(x, 0), dim(x, 1)
             return int(steps * batch * (numel(w) + numel(r)) // 1)

@@ -21,13 +21,14 @@ QOPERATOR_PARAMS = {
     "QLinearAdd": (1, 2, 4, 5, 6, 7), "QLinearMul": (1, 2, 4, 5, 6, 7),
     "QLinearSigmoid": (1, 2, 3, 4), "QLinearLeakyRelu": (1, 2, 3, 4),
     "QLinearGlobalAveragePool": (1, 2, 3, 4), "QLinearAveragePool": (1, 2, 3, 4), "MatMulNBits": (2, 3),
-    "QAttention": (3, 4, 6, 7),
+    "QAttention": (3, 4, 6, 7), "DynamicQuantizeLSTM": (8, 9, 10, 11),
 }
 # integer weights of QOperator layers: weight slot -> (scale slot, zero point slot); MatMulInteger and
 # ConvInteger (dynamic quantization) have no scale input: the float ops after them apply it
 QOPERATOR_WEIGHTS = {"QLinearConv": {3: (4, 5)}, "QLinearMatMul": {0: (1, 2), 3: (4, 5)},
                      "QGemm": {0: (1, 2), 3: (4, 5)}, "MatMulInteger": {0: (None, 2), 1: (None, 3)},
-                     "ConvInteger": {1: (None, 3)}, "QAttention": {1: (4, 7)}}
+                     "ConvInteger": {1: (None, 3)}, "QAttention": {1: (4, 7)},
+                     "DynamicQuantizeLSTM": {1: (8, 9), 2: (10, 11)}}
 # the right-hand (B) operand's slot of the matrix layers above
 MATRIX_B = {"QLinearMatMul": 3, "QGemm": 3, "MatMulInteger": 1, "QAttention": 1}
 # int32 biases of QOperator layers: bias slot -> (input scale slot, weight scale slot); zero point 0
@@ -75,6 +76,8 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, 
         scale = np.repeat(scale, block_size, axis=axis).take(np.arange(q.shape[axis]), axis=axis)
         zero = np.repeat(zero, block_size, axis=axis).take(np.arange(q.shape[axis]), axis=axis)
         return (q - zero) * scale
+    if scale.ndim == q.ndim > 1:  # shaped to broadcast already (DynamicQuantizeLSTM: [directions, 1, 1 or 4 x hidden])
+        return (q - zero) * scale
     if scale.size == 1:
         return (q - zero.reshape(())) * scale.reshape(())
     shape = [1] * q.ndim
@@ -99,6 +102,8 @@ def qoperator_params(g: Graph, tensor: str):
     if slot in QOPERATOR_WEIGHTS.get(node.op_type, {}):
         scale_slot, zero_slot = QOPERATOR_WEIGHTS[node.op_type][slot]
         scale, zero = inputs(scale_slot, zero_slot)
+        if node.op_type == "DynamicQuantizeLSTM":
+            return _lstm_params(g, tensor, scale, zero)
         if node.op_type in ("QLinearConv", "ConvInteger"):
             axis = 0
         elif node.op_type == "QGemm" and slot == 3:
@@ -116,6 +121,21 @@ def qoperator_params(g: Graph, tensor: str):
         if x_scale in g.consts and w_scale in g.consts:
             return np.asarray(g.consts[x_scale]).reshape(()) * g.consts[w_scale], None, rank - 1
     return None
+
+
+def _lstm_params(g: Graph, tensor: str, scale, zero):
+    """(scale, zero point, 2) of a DynamicQuantizeLSTM weight W [directions, input, 4 x hidden] or R
+    [directions, hidden, 4 x hidden]: one per direction or one per gate row and direction, shaped
+    [directions, 1, 1 or 4 x hidden] to broadcast against it; None where they are not constants."""
+    if scale not in g.consts or (zero is not None and zero not in g.consts):
+        return None
+    directions, rows = g.consts.shape(tensor)[0], g.consts.shape(tensor)[2]
+
+    def shaped(p):
+        p = np.asarray(g.consts[p])
+        return p.reshape(directions, 1, rows if p.size == directions * rows else 1)
+
+    return shaped(scale), None if zero is None else shaped(zero), 2
 
 
 def _scale_applied_after(g: Graph, product: str, zero) -> np.ndarray:
@@ -218,6 +238,8 @@ def requantized(g: Graph, tensor: str, value: np.ndarray) -> np.ndarray:
 
     def along(p):
         p = np.asarray(p, np.float64)
+        if p.ndim == value.ndim:  # shaped to broadcast already
+            return p
         if p.size <= 1:
             return p.reshape(())
         shape = [1] * value.ndim
@@ -246,7 +268,7 @@ def at_zero_point(g: Graph, tensor: str, axis: int, removed, value=None) -> np.n
         return None
     q = np.array(g.consts[tensor] if value is None else value)
     _, zero, zero_axis = params
-    if zero is not None and np.size(zero) > 1:
+    if zero is not None and np.size(zero) > 1 and np.ndim(zero) != q.ndim:
         shape = [1] * q.ndim
         shape[zero_axis] = np.size(zero)
         zero = np.reshape(zero, shape)

@@ -15,10 +15,12 @@ from spa.verify import masked_original
 
 
 def check_exact(model: onnx.ModelProto, target: Target | None = None, options: Options | None = None,
-                criterion="l1", batch=2, atol=1e-4, rtol=1e-4, dims=None, expect_removed=True, fused=True, **kw):
+                criterion="l1", batch=2, atol=1e-4, rtol=1e-4, dims=None, expect_removed=True, fused=True,
+                oracle=masked_original, **kw):
     """Prune, verify validity, compare with the oracle; returns the prune Result. fused False: both
     run without onnxruntime's graph optimisations (QDQ models: the oracle's masks break the
-    int8 fusions the pruned model gets, and fused int8 kernels round differently across CPUs)."""
+    int8 fusions the pruned model gets, and fused int8 kernels round differently across CPUs).
+    `oracle(plan) -> model`: the masked original (a test that adds to it says why)."""
     target = target or Target(ratio=0.5)
     result = prune(model, target, criterion=criterion, options=options, **kw)
     with tempfile.TemporaryDirectory() as tmp:
@@ -26,7 +28,7 @@ def check_exact(model: onnx.ModelProto, target: Target | None = None, options: O
         feeds = random_inputs(model, batch=batch, seed=3, dims=dims)
         save(result.model, path, feeds=feeds)
         got = _run(path, feeds, fused)
-    expected = _run(masked_original(result.plan), feeds, fused)
+    expected = _run(oracle(result.plan), feeds, fused)
     for name, e, g in zip([o.name for o in model.graph.output], expected, got):
         assert e.shape == g.shape, f"output {name}: shape {g.shape} != {e.shape}"
         np.testing.assert_allclose(g, e, atol=atol * max(1.0, float(np.abs(e).max())), rtol=rtol,

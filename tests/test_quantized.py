@@ -458,7 +458,7 @@ def test_qoperator_shuffle_sized_off_the_dequantized_tensor_prunes(tmp_path):
 
 
 def test_a_quantized_bidirectional_lstms_directions_are_no_heads(tmp_path):
-    """quantize_dynamic writes a BiLSTM as com.microsoft DynamicQuantizeLSTM (no rule: frozen). Its
+    """quantize_dynamic writes a BiLSTM as com.microsoft DynamicQuantizeLSTM. Its
     output Y [sequence, 2, batch, hidden] reaches the next layers through Transpose and Reshape
     [sequence, batch, 2 * hidden]; entered from there, the Reshape's split is the two directions,
     which share one hidden size: unit j of both is one channel, not a direction one "head"
@@ -515,3 +515,58 @@ def test_a_bidirectional_lstm_merged_by_reshape_prunes_exactly_entered_from_the_
     result = check_exact(b.model(), dims={"sequence": 5})
     lstm = next(n for n in result.model.graph.node if n.op_type == "LSTM")
     assert next(a.i for a in lstm.attribute if a.name == "hidden_size") < hidden
+
+
+def _silent_units(plan):
+    """The oracle for DynamicQuantizeLSTM: the masked original with the removed units' own gate rows
+    of W, R (at the zero point) and B (0) zeroed too. The op quantizes its hidden state over all units
+    at every step, so a unit that only its readers ignore still moves that range; with its rows zeroed
+    its gates stay at sigmoid(0) and tanh(0), and from a zero cell it outputs exactly 0, as when removed."""
+    from spa.verify import masked_original
+
+    model = masked_original(plan)
+    node = next(n for n in model.graph.node if n.op_type == "DynamicQuantizeLSTM")
+    original = next(n for n in plan.analysis.graph.nodes if n.op_type == "DynamicQuantizeLSTM")
+    inits = {t.name: t for t in model.graph.initializer}
+    for slot, zero_slot, rows in ((1, 9, 2), (2, 11, 2), (3, None, 1)):
+        removed = plan.removed(original.input[slot], rows)
+        value = numpy_helper.to_array(inits[node.input[slot]]).copy()
+        zero = 0 if zero_slot is None else numpy_helper.to_array(inits[node.input[zero_slot]])
+        if np.ndim(zero):  # one per direction or one per row and direction
+            zero = np.broadcast_to(zero.reshape(len(zero), 1, -1), value.shape)
+        zeros = np.broadcast_to(np.asarray(zero, value.dtype), value.shape)
+        np.moveaxis(value, rows, 0)[removed] = np.moveaxis(zeros, rows, 0)[removed]
+        inits[node.input[slot]].CopyFrom(numpy_helper.from_array(value, node.input[slot]))
+    return model
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_a_dynamically_quantized_lstm_prunes_its_hidden_units(per_channel, direction, tmp_path):
+    """quantize_dynamic's com.microsoft DynamicQuantizeLSTM: W [directions, input, 4 x hidden] and R
+    [directions, hidden, 4 x hidden] in int8 (transposed against LSTM's), per-direction or per-row
+    scales and zero points; hidden unit j goes with its gate rows, R's row j and the scales of its rows,
+    and the layer before it loses input channels through W's input axis."""
+    b = Builder(opset=17)
+    hidden, dirs = 8, 2 if direction == "bidirectional" else 1
+    x = b.input(["sequence", N, 12])
+    h = b.op("Relu", [b.op("MatMul", [x, b.weight(12, 16)])])
+    y = b.op("LSTM", [h, b.weight(dirs, 4 * hidden, 16), b.weight(dirs, 4 * hidden, hidden),
+                      b.weight(dirs, 8 * hidden)], n_out=3, hidden_size=hidden, direction=direction)[0]
+    merged = b.op("Reshape", [b.op("Transpose", [y], perm=[0, 2, 1, 3]), b.const(np.array([0, 0, dirs * hidden]))])
+    b.output(b.op("MatMul", [merged, b.weight(dirs * hidden, 4)]))
+    model = _dynamic(tmp_path, b.model(), per_channel=per_channel)
+    lstm = next(n for n in model.graph.node if n.op_type == "DynamicQuantizeLSTM")
+    assert not any("DynamicQuantizeLSTM" in r for r in _frozen_reasons(model)), _frozen_reasons(model)
+    result = check_exact(model, dims={"sequence": 5}, oracle=_silent_units)
+    pruned = next(n for n in result.model.graph.node if n.op_type == "DynamicQuantizeLSTM")
+    size = next(a.i for a in pruned.attribute if a.name == "hidden_size")
+    assert size < hidden
+    shapes = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
+    assert shapes[pruned.input[1]][1] < 16 and shapes[pruned.input[2]][1:] == (size, 4 * size)
+    if per_channel:
+        assert shapes[pruned.input[8]] == shapes[pruned.input[10]] == (dirs, 4 * size)
+    assert lstm.input[1] in {t.name for t in model.graph.initializer}
+    from spa.cost import concrete_shapes, macs_by_op
+    macs = macs_by_op(model, concrete_shapes(model, batch=1, dims={"sequence": 5}))["DynamicQuantizeLSTM"]
+    assert macs == 5 * dirs * 4 * hidden * (16 + hidden)  # 5 steps of W and R, batch 1

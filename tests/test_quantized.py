@@ -568,5 +568,5 @@ def test_a_dynamically_quantized_lstm_prunes_its_hidden_units(per_channel, direc
         assert shapes[pruned.input[8]] == shapes[pruned.input[10]] == (dirs, 4 * size)
     assert lstm.input[1] in {t.name for t in model.graph.initializer}
     from spa.cost import concrete_shapes, macs_by_op
-    macs = macs_by_op(model, concrete_shapes(model, batch=1, dims={"sequence": 5}))["DynamicQuantizeLSTM"]
-    assert macs == 5 * dirs * 4 * hidden * (16 + hidden)  # 5 steps of W and R, batch 1
+    macs = macs_by_op(model, concrete_shapes(model, dims={"sequence": 5, N: 2}))["DynamicQuantizeLSTM"]
+    assert macs == 5 * 2 * dirs * 4 * hidden * (16 + hidden)  # W and R, 5 steps of a batch of 2

@@ -6,8 +6,10 @@ Named tensorflow_*: every import is absolute, so `import tensorflow` is the real
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -312,7 +314,55 @@ def _convert(run, what="the model", handler_errors=()):
                           if not onnx.defs.has(n.op_type, n.domain or "")})
     if unsupported:
         raise SpaError(f"tf2onnx left ops it could not convert: {', '.join(unsupported)}")
+    _renumber_made_names(proto.graph)
     return proto
+
+
+MADE_NAME = re.compile(r"^(?P<stem>.+?)__(?P<number>\d+)(?P<port>:\d+)?$")  # tf2onnx's utils.make_name
+
+
+def _renumber_made_names(graph: onnx.GraphProto) -> None:
+    """Renumber the names tf2onnx makes (stem__N, N from a counter the whole conversion shares) in the
+    order the graph first uses them. Which N a name gets varied from run to run (MediaPipe's face
+    detector: const_fold_opt__973 in one conversion, __878 in the next), so a plan written from a
+    .tflite file named weights that the next conversion of the same file did not have. The graph's
+    inputs and outputs keep their names."""
+    keep = {v.name for v in list(graph.input) + list(graph.output)}
+    names = {t.name for t in graph.initializer} | {x for n in graph.node for x in [*n.input, *n.output, n.name]}
+    taken = keep | {x for x in names if not MADE_NAME.match(x)}  # the names that stay (every made one goes)
+    count = itertools.count()
+    tensors, nodes = {}, {}
+
+    def renamed(name, table):
+        if name in table:
+            return table[name]
+        made = MADE_NAME.match(name)
+        new = name
+        if made and name not in keep:
+            new = f"{made['stem']}__{next(count)}{made['port'] or ''}"
+            while new in taken:
+                new = f"{made['stem']}__{next(count)}{made['port'] or ''}"
+            taken.add(new)
+        table[name] = new
+        return new
+
+    def walk(g, top=True):
+        if not top:  # a control-flow body's formal inputs and outputs are its own
+            for v in list(g.input) + list(g.output):
+                v.name = renamed(v.name, tensors)
+        for node in g.node:
+            node.name = renamed(node.name, nodes) if node.name else node.name
+            node.input[:] = [renamed(x, tensors) if x else x for x in node.input]
+            node.output[:] = [renamed(x, tensors) if x else x for x in node.output]
+            for a in node.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    walk(sub, top=False)
+        for t in g.initializer:
+            t.name = renamed(t.name, tensors)
+        for v in g.value_info:
+            v.name = renamed(v.name, tensors)
+
+    walk(graph)
 
 
 def _set_metadata(proto, key, value):

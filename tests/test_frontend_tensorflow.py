@@ -206,7 +206,8 @@ def test_a_tflite_file_converts_to_the_same_names_every_time_so_its_plan_replays
         [(n.name, list(n.input), list(n.output)) for n in second.graph.node]
     assert any(MADE_NAME.match(t.name) for t in first.graph.initializer)  # names it made, renumbered
     plan, out = os.path.join(workdir, "again.plan.json"), os.path.join(workdir, "again.pruned.onnx")
-    assert main(["prune", tflite, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q", "--plan-out", plan]) in (0, None)
+    assert main(["prune", tflite, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q",
+                 "--plan-out", plan]) in (0, None)
     assert main(["apply-plan", tflite, plan, "-o", os.path.join(workdir, "again.replayed.onnx"), "-q"]) in (0, None)
 
 

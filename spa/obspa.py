@@ -47,7 +47,7 @@ from onnx import helper, numpy_helper
 
 from . import obs
 from .errors import SpaError
-from .runtime import sample_count
+from .runtime import named_mask, sample_count
 from .activations import StagedRun, fetch
 from .progress import bar
 from .groups import Analysis, Options
@@ -215,7 +215,7 @@ def token_mask_input(model: onnx.ModelProto) -> str | None:
     ints = (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL)
     for vi in model.graph.input:
         t = vi.type.tensor_type
-        if "mask" in vi.name.lower() and t.elem_type in ints and len(t.shape.dim) == 2:
+        if named_mask(vi.name) and t.elem_type in ints and len(t.shape.dim) == 2:
             return vi.name
     return None
 

@@ -687,8 +687,11 @@ def apply_plan(model: onnx.ModelProto, plan_path: str, options: Options | None =
             raise SpaError(f"granularity {','.join(options.granularity)}: the plan {plan_path} was made with "
                            f"{','.join(recorded)}, which replaying it needs (leave the granularity out)")
     analysis = analyze(model, options)
+    # MACs counted (and the output verified) where a prune without calibration counts them, not at 32
+    analysis.input_shapes = _runs_at(model, generated_shapes(model, Calibration()))
     plan = load_plan(analysis, entries)
-    return Result(rewrite(plan), plan, analysis, warnings=unreplayed_updates(plan_path, changed))
+    return Result(rewrite(plan), plan, analysis, warnings=unreplayed_updates(plan_path, changed),
+                  input_shapes=analysis.input_shapes)
 
 
 def save_result(model: onnx.ModelProto, path: str, source: str | None, shapes=None) -> str:

@@ -134,6 +134,11 @@ def symbolic_declarations(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+def named_mask(name: str) -> bool:
+    """An input named like an attention mask: generated feeds (verification, calibration) give it ones."""
+    return "mask" in name.lower()
+
+
 def random_inputs(model, batch=1, seed=0, dims=None, default_dim=DEFAULT_DIM, shapes=None):
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -142,7 +147,7 @@ def random_inputs(model, batch=1, seed=0, dims=None, default_dim=DEFAULT_DIM, sh
             feeds[name] = np.asarray(rng.standard_normal(shape)).astype(dtype)  # bfloat16 too (ml_dtypes)
         elif dtype == np.bool_:  # np.asarray: a scalar (an If condition) must stay an ndarray
             feeds[name] = np.asarray(rng.random(shape) < 0.5)
-        elif "mask" in name.lower():  # an attention mask: every position present, as calibration feeds it
+        elif named_mask(name):  # an attention mask: every position present, as calibration feeds it
             feeds[name] = np.ones(shape, dtype=dtype)
         else:
             feeds[name] = np.asarray(rng.integers(0, 2, size=shape)).astype(dtype)

@@ -93,6 +93,24 @@ def test_plan_out_and_apply_plan_replay(model_path, tmp_path):
     np.testing.assert_array_equal(run(str(out), feeds)[0], run(str(again), feeds)[0])
 
 
+def test_apply_plan_counts_macs_where_prune_does(tmp_path, capsys):
+    """An image model of symbolic height and width: prune without calibration counts its MACs at the
+    224 x 224 images generated calibration takes, and replaying its plan counts them there too (it
+    counted them at 32 x 32, the default of a symbolic size)."""
+    b = Builder()
+    x = b.op("Relu", [b.conv(b.input(["batch", 3, "height", "width"]), 3, 8)])
+    b.output(b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [b.conv(x, 8, 8)])]), 8, 4))
+    model, plan = tmp_path / "images.onnx", tmp_path / "plan.json"
+    onnx.save(b.model(), model)
+    assert spa("prune", model, "-o", tmp_path / "a.onnx", "--ratio", "0.5", "--criterion", "l1", "--plan-out", plan,
+               "--json", "-q") == 0
+    pruned = json.loads(capsys.readouterr().out)
+    assert spa("apply-plan", model, plan, "-o", tmp_path / "b.onnx", "--json", "-q") == 0
+    replayed = json.loads(capsys.readouterr().out)
+    assert pruned["before"]["macs"] == replayed["before"]["macs"] > 3 * 8 * 9 * 224 * 224 / 2
+    assert pruned["after"]["macs"] == replayed["after"]["macs"]
+
+
 def test_external_data_in_and_out(tmp_path):
     src = tmp_path / "ext.onnx"
     onnx.save(small_model(), src, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from ..errors import SpaError
-from ..runtime import batch_names, declared_inputs, imposed_sizes, is_float
+from ..runtime import batch_names, declared_inputs, imposed_sizes, is_float, named_mask
 
 DEFAULT_SEQUENCE = 16      # any other unknown axis
 DEFAULT_IMAGE = 224        # unknown height / width of an image-like input
@@ -63,7 +63,7 @@ class _Input:
     def role(self) -> str | None:
         """What a token model's integer (or mask) input carries, read from its name."""
         lower = self.name.lower()
-        if "mask" in lower:
+        if named_mask(self.name):
             return "mask"
         if "type" in lower or "segment" in lower:
             return "types"

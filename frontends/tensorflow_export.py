@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -262,9 +263,10 @@ def _export_saved_model(path, opset):
 
 def _export_tflite(path, opset):
     """tf2onnx's tflite path, with handlers for the TFLite custom ops SPA converts
-    (tflite_custom_ops: MediaPipe's Convolution2DTransposeBias); a custom op nobody converts is
-    refused up front, by name."""
+    (tflite_custom_ops: MediaPipe's Convolution2DTransposeBias) and sparse weights made dense
+    (tflite_sparse); a custom op nobody converts is refused up front, by name."""
     from . import tflite_custom_ops as custom
+    from . import tflite_sparse
     custom_ops = custom.read_custom_ops(path)
     with _native_logs_hidden():
         unknown = custom.unconvertible(custom_ops)  # imports tf2onnx
@@ -275,8 +277,11 @@ def _export_tflite(path, opset):
                        "TFLite_Detection_PostProcess)")
     errors = []
     handlers = custom.handlers(custom_ops, errors) or None
-    return _convert(lambda tf2onnx: tf2onnx.convert.from_tflite(
-        path, opset=opset, custom_op_handlers=handlers), path, errors)
+    with tempfile.TemporaryDirectory(prefix="spa-tflite-") as work:
+        with _native_logs_hidden():
+            dense = tflite_sparse.densified_copy(path, work)  # tf2onnx reads sparse weights as dense
+        return _convert(lambda tf2onnx: tf2onnx.convert.from_tflite(
+            dense or path, opset=opset, custom_op_handlers=handlers), path, errors)
 
 
 def _check_tflite(path):

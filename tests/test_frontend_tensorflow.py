@@ -211,6 +211,33 @@ def test_a_tflite_file_converts_to_the_same_names_every_time_so_its_plan_replays
     assert main(["apply-plan", tflite, plan, "-o", os.path.join(workdir, "again.replayed.onnx"), "-q"]) in (0, None)
 
 
+def test_a_sparse_tflite_file_converts_with_its_weights_made_dense(workdir):
+    """TFLite's sparse weights (a DENSIFY op expands them at run time; MediaPipe's *_sparse models):
+    tf2onnx read them as dense arrays and failed ("cannot reshape array of size 77 into shape
+    (8,1,1,32)"). The frontend converts a copy whose DENSIFY inputs hold the dense values."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from spa.frontends.tflite_sparse import DENSIFY
+    model = keras_zoo.build("resnet_functional")
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if weights and weights[0].ndim >= 2:  # 80 % zeros: the converter stores such weights sparse
+            layer.set_weights([weights[0] * (rng.random(weights[0].shape) < 0.2)] + weights[1:])
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+    path = os.path.join(workdir, "sparse.tflite")
+    with open(path, "wb") as f:
+        f.write(converter.convert())
+    stored = flatbuffer_utils.read_model(path)
+    assert DENSIFY in [max(c.builtinCode, c.deprecatedBuiltinCode) for c in stored.operatorCodes]
+    converted = stf.to_onnx(path, path + ".onnx")
+    x = keras_zoo.example_input(model)
+    got = run(converted, {onnx.load(converted).graph.input[0].name: x})[0]
+    np.testing.assert_allclose(got, np.asarray(model(x)), rtol=1e-4, atol=1e-4)
+    check_exact(onnx.load(converted))
+
+
 # ---- ONNX -> TensorFlow ------------------------------------------------------------------------------
 def _torch_pruned(name, workdir):
     zoo = pytest.importorskip("models.zoo")

@@ -24,6 +24,8 @@ TENSOR_TYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.in
 def densified_copy(path: str, out_dir: str) -> str | None:
     """A copy of the .tflite file at `path` in `out_dir` without DENSIFY ops (their readers read the
     densified constant), or None where the file has none."""
+    if not _has_densify(path):  # read lazily: unpacking the whole flatbuffer is what costs
+        return None
     from tensorflow.lite.tools import flatbuffer_utils
 
     model = flatbuffer_utils.read_model(path)
@@ -50,6 +52,15 @@ def densified_copy(path: str, out_dir: str) -> str | None:
     return out
 
 
+def _has_densify(path: str) -> bool:
+    from tf2onnx.tflite.Model import Model
+
+    with open(path, "rb") as f:
+        model = Model.GetRootAsModel(bytearray(f.read()), 0)
+    codes = [model.OperatorCodes(i) for i in range(model.OperatorCodesLength())]
+    return any(DENSIFY in (c.BuiltinCode(), c.DeprecatedBuiltinCode()) for c in codes)
+
+
 def _rewire(graph, old: int, new: int) -> None:
     """Every reader of tensor `old` (and the graph's outputs) reads tensor `new` instead."""
     for op in graph.operators or []:
@@ -59,8 +70,9 @@ def _rewire(graph, old: int, new: int) -> None:
 
 def dense_values(tensor, data: bytes) -> np.ndarray:
     """The dense array that sparse constant `tensor` (a TensorT with sparsity parameters) holds in
-    `data`: the values in traversal order, walking its dimensions' metadata (TensorFlow Lite's
-    FormatConverter, block maps included)."""
+    `data`: the values in traversal order, walking its dimensions' metadata as TensorFlow Lite's
+    FormatConverter does. Block maps are followed as its schema lays them out; no file here has one
+    (MediaPipe's and TFLiteConverter's sparse weights are CSR along the last dimension)."""
     dtype = TENSOR_TYPES.get(tensor.type)
     if dtype is None:
         raise SpaError(f"sparse TFLite tensor '{_name(tensor)}' of type {tensor.type}: not densified")

@@ -28,7 +28,11 @@ def densified_copy(path: str, out_dir: str) -> str | None:
         return None
     from tensorflow.lite.tools import flatbuffer_utils
 
-    model = flatbuffer_utils.read_model(path)
+    try:
+        model = flatbuffer_utils.read_model(path)
+    except Exception as exc:  # noqa: BLE001 - a damaged flatbuffer is bad input
+        raise SpaError(f"{path}: damaged TFLite file: its sparse weights cannot be read "
+                       f"({type(exc).__name__})") from None
     codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
     found = False
     for graph in model.subgraphs:

@@ -59,20 +59,28 @@ def input_specs(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None
                 shapes: dict | None = None):
     """(name, shape, numpy dtype) for each real graph input, symbolic dims made concrete: a name
     given in `dims` takes that size, a name that leads any input is the batch, others default_dim.
-    shapes: {input: full shape} the user gave (`spa.calibration.user_shapes` checks them): the
-    axes after the batch as given, their symbolic names passed on to inputs that share them."""
+    shapes: {input: full shape} the user gave (`spa.calibration.user_shapes` checks them): every
+    axis as given, its symbolic name passed on to inputs that share it, except a 1 on a batch axis,
+    which leaves the batch to the caller (`batch`). So a model that takes batches of 4 runs at the
+    4 given, and a leading axis that is no batch (a graph's node count) takes its size."""
     dims = dict(dims or {})
     shapes = shapes or {}
     inits = {t.name for t in model.graph.initializer}
     inputs = [vi for vi in model.graph.input if vi.name not in inits]
-    for vi in inputs:
-        shape = vi.type.tensor_type.shape.dim
-        if shape and not is_static_dim(shape[0]):
-            dims.setdefault(_dim_name(vi.name, 0, shape[0]), batch)
+    batches = {_dim_name(vi.name, 0, d[0]) for vi in inputs
+               for d in [vi.type.tensor_type.shape.dim] if d and not is_static_dim(d[0])}
+
+    def given_size(vi, k, d):  # the user's size for this axis, or None where the default stands
+        size = shapes[vi.name][k] if vi.name in shapes and not is_static_dim(d) else None
+        return None if size == 1 and _dim_name(vi.name, k, d) in batches else size
+
     for vi in inputs:
         for k, d in enumerate(vi.type.tensor_type.shape.dim):
-            if k and vi.name in shapes and not is_static_dim(d) and d.dim_param not in ("", "?"):
-                dims.setdefault(d.dim_param, shapes[vi.name][k])
+            size = given_size(vi, k, d)
+            if size is not None and (k == 0 or d.dim_param not in ("", "?")):
+                dims.setdefault(_dim_name(vi.name, k, d), size)
+    for name in batches:
+        dims.setdefault(name, batch)
     declared = {vi.name: vi.type.tensor_type.shape.dim for vi in inputs}
     for (name, k), size in imposed_sizes(model).items():
         d = declared[name][k] if name in declared and k < len(declared[name]) else None
@@ -81,11 +89,15 @@ def input_specs(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None
     specs = []
     for vi in inputs:
         t = vi.type.tensor_type
-        given = shapes.get(vi.name)
-        shape = [d.dim_value if is_static_dim(d) else given[k] if given and k else
-                 dims.get(_dim_name(vi.name, k, d), default_dim) for k, d in enumerate(t.shape.dim)]
+        shape = [d.dim_value if is_static_dim(d) else
+                 _or(given_size(vi, k, d), dims.get(_dim_name(vi.name, k, d), default_dim))
+                 for k, d in enumerate(t.shape.dim)]
         specs.append((vi.name, tuple(shape), _NP_TYPES.get(t.elem_type, np.float32)))
     return specs
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def imposed_sizes(model: onnx.ModelProto) -> dict:

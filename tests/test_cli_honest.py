@@ -329,7 +329,7 @@ def test_the_input_shape_hint_sets_the_batch_to_one_wherever_it_stands_and_skips
     rate = b.input([], "rate", dtype=onnx.TensorProto.INT64)
     b.output(b.op("Add", [b.op("ReduceSum", [x], keepdims=0), b.op("Cast", [rate], to=1)]))
     b.output(b.op("ReduceSum", [state], keepdims=0))
-    assert _shape_hint(saved(tmp_path, b.model())) == "input=1xn state=2x1x4"
+    assert _shape_hint(saved(tmp_path, b.model())) == "--input-shape input=1xn --input-shape state=2x1x4"
     assert shapes_text({"input": (1, 32), "rate": ()}) == "input 1x32, rate scalar"
 
 
@@ -370,6 +370,36 @@ def test_random_inputs_take_the_given_shapes_and_share_their_symbolic_sizes():
     b.output(b.op("Relu", [b.input(["batch", "other"], "free")]), ["batch", "other"])
     feeds = random_inputs(b.model(), batch=2, shapes={"ids": (1, 7)})
     assert {k: v.shape for k, v in feeds.items()} == {"ids": (2, 7), "mask": (2, 7), "free": (2, 32)}
+    feeds = random_inputs(b.model(), batch=2, shapes={"ids": (4, 7)})  # a batch given other than 1 is taken
+    assert {k: v.shape for k, v in feeds.items()} == {"ids": (4, 7), "mask": (4, 7), "free": (4, 32)}
+
+
+def test_a_leading_axis_that_is_no_batch_takes_the_size_given_and_shares_it():
+    """A graph network (the PaiNN of caustic-nmr): node features [atoms, F], edges [2, edges] and edge
+    lengths [edges]. The sizes given win over the batch default, also where the name leads an input."""
+    b = Builder()
+    atoms, edges = b.input(["atoms", 4], "x"), b.input([2, "edges"], "edge_index", dtype=onnx.TensorProto.INT64)
+    b.output(b.op("ReduceSum", [atoms], keepdims=0))
+    b.output(b.op("Add", [b.op("Cast", [edges], to=1), b.op("Unsqueeze", [b.input(["edges"], "length"),
+                                                                             b.const(np.array([0]))])]))
+    feeds = random_inputs(b.model(), shapes={"x": (16, 4), "edge_index": (2, 8)})
+    assert {k: v.shape for k, v in feeds.items()} == {"x": (16, 4), "edge_index": (2, 8), "length": (8,)}
+
+
+def test_a_model_that_takes_batches_of_four_prunes_with_the_batch_given(tmp_path, capsys):
+    """ICLabel's network reshapes its batch to [4, -1]: verification at batch 1 cannot run it, and the
+    hint names one --input-shape flag per input, which the CLI takes as given."""
+    b = Builder()
+    x = b.op("Relu", [b.gemm(b.input(["batch", 6]), 6, 8)])
+    grouped = b.op("ReduceMean", [b.op("Reshape", [x, b.const(np.array([4, -1, 8]))])], axes=[1], keepdims=0)
+    b.output(b.gemm(grouped, 8, 3))
+    b.output(b.op("Relu", [b.input(["batch", 2], "other")]))
+    path, out = saved(tmp_path, b.model()), tmp_path / "o.onnx"
+    hint = "--input-shape input=1x6 --input-shape other=1x2"
+    _expect_error(capsys, ["prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q"],
+                  f"give the sizes it takes, {hint}", out=out)
+    assert spa("prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q",
+               "--input-shape", "input=4x6", "--input-shape", "other=4x2") == 0
 
 
 def test_deviation_inputs_are_not_calibration_inputs():
@@ -586,3 +616,28 @@ def test_the_report_says_where_symbolic_sizes_defaulted_and_leaves_outputs_of_ot
     assert spa("prune", thirty_two, "-o", tmp_path / "p.onnx", "--ratio", "0.5", "--criterion", "l1", "--report",
                "--repeats", "2", "-q") == 0
     assert "measured at input 1x3x32x32: symbolic sizes not given are 32 (--input-shape sets" in capsys.readouterr().out
+
+
+def _sqrt_mlp(nan_free: bool):
+    """x -> Sqrt (NaN for the negative random inputs, unless of |x|) -> MatMul -> Relu -> MatMul."""
+    b = Builder()
+    x = b.input(["batch", 6])
+    h = b.op("Sqrt", [b.op("Abs", [x]) if nan_free else x])
+    b.output(b.op("MatMul", [b.op("Relu", [b.op("MatMul", [h, b.weight(6, 8)])]), b.weight(8, 3)]))
+    return b.model()
+
+
+def test_nan_that_the_original_gives_on_random_inputs_too_is_announced_not_blamed_on_the_prune(tmp_path, capsys):
+    """caustic-nmr's graph network gives NaN on random inputs (negative distances), pruned or not: the
+    verification said "pruned model produced NaN or Inf". Where the original gives NaN in the same
+    outputs it warns; where only the pruned model does, it still refuses."""
+    from spa.errors import SpaError
+    from spa.verify import validate
+
+    path, out = saved(tmp_path, _sqrt_mlp(nan_free=False)), tmp_path / "o.onnx"
+    assert spa("prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q") == 0
+    assert "as the original model's does on the same random inputs" in capsys.readouterr().err
+    assert os.path.exists(out)
+    finite = saved(tmp_path, _sqrt_mlp(nan_free=True), "finite.onnx")
+    with pytest.raises(SpaError, match="pruned model produced NaN or Inf"):
+        validate(_sqrt_mlp(nan_free=False).SerializeToString(), original=finite)

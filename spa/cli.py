@@ -122,7 +122,8 @@ def parser() -> argparse.ArgumentParser:
                     help="shape of an input (repeatable; a bare shape for a single-input model): of generated "
                          "calibration inputs (unknown sizes otherwise 224 for images, 48x320 for a text recognizer's, "
                          "256 for signals, 4..128 tokens, 16) and of the inputs the output is verified and --report "
-                         "measured on (otherwise 32), with every criterion. Also: " + _INPUT_SHAPE_HELP)
+                         "measured on (otherwise 32; a batch of 1 given leaves --batch to set it), with every "
+                         "criterion. Also: " + _INPUT_SHAPE_HELP)
     pr.add_argument("--tokenizer", metavar="PATH",
                     help="tokenizer.json (or its directory): tokenises a .txt --calibration; with generated "
                          "calibration, synthetic token sequences are framed like its sentences and drawn from its "

@@ -261,6 +261,9 @@ def _export_saved_model(path, opset):
         continue_on_error=True))
 
 
+RESOURCE_VARIABLE_OPS = {129: "CALL_ONCE", 142: "VAR_HANDLE", 143: "READ_VARIABLE", 144: "ASSIGN_VARIABLE"}
+
+
 def _export_tflite(path, opset):
     """tf2onnx's tflite path, with handlers for the TFLite custom ops SPA converts
     (tflite_custom_ops: MediaPipe's Convolution2DTransposeBias) and sparse weights made dense
@@ -275,6 +278,10 @@ def _export_tflite(path, opset):
                        f"{', '.join(unknown)} cannot be converted to ONNX (SPA converts "
                        f"{', '.join(custom.supported_codes())}; tf2onnx converts Flex ops and "
                        "TFLite_Detection_PostProcess)")
+    stateful = sorted(name for code, name in RESOURCE_VARIABLE_OPS.items() if code in custom.builtin_codes(path))
+    if stateful:
+        raise SpaError(f"{path}: TFLite resource-variable ops ({', '.join(stateful)}: a streaming model that keeps "
+                       "its state inside the file between calls) cannot be converted to ONNX by tf2onnx")
     errors = []
     handlers = custom.handlers(custom_ops, errors) or None
     with tempfile.TemporaryDirectory(prefix="spa-tflite-") as work:

@@ -70,6 +70,20 @@ def read_custom_ops(path) -> list:
                        "while reading its operators)") from None
 
 
+def builtin_codes(path) -> set:
+    """The BuiltinOperator codes the TFLite file at `path` uses (read lazily: its buffers are not unpacked)."""
+    from tf2onnx.tflite.Model import Model
+    with open(path, "rb") as f:
+        buf = bytearray(f.read())
+    try:
+        model = Model.GetRootAsModel(buf, 0)
+        codes = [model.OperatorCodes(i) for i in range(model.OperatorCodesLength())]
+        return {c.BuiltinCode() if c.DeprecatedBuiltinCode() == 127 else c.DeprecatedBuiltinCode() for c in codes}
+    except Exception as exc:  # noqa: BLE001 - a damaged flatbuffer is bad input
+        raise SpaError(f"{path}: damaged TFLite file: its flatbuffer cannot be read ({type(exc).__name__} "
+                       "while reading its operator codes)") from None
+
+
 def supported_codes() -> list:
     """Custom codes SPA converts (tf2onnx converts a few more itself, see unconvertible)."""
     return sorted(_HANDLERS)

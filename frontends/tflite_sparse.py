@@ -15,6 +15,8 @@ import numpy as np
 
 from spa.errors import SpaError
 
+from .tflite_custom_ops import builtin_codes
+
 DENSIFY = 124  # BuiltinOperator.DENSIFY
 DENSE, SPARSE_CSR = 0, 1  # DimensionType
 TENSOR_TYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 7: np.int16, 9: np.int8,
@@ -24,7 +26,7 @@ TENSOR_TYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.in
 def densified_copy(path: str, out_dir: str) -> str | None:
     """A copy of the .tflite file at `path` in `out_dir` without DENSIFY ops (their readers read the
     densified constant), or None where the file has none."""
-    if not _has_densify(path):  # read lazily: unpacking the whole flatbuffer is what costs
+    if DENSIFY not in builtin_codes(path):  # read lazily: unpacking the whole flatbuffer is what costs
         return None
     from tensorflow.lite.tools import flatbuffer_utils
 
@@ -54,15 +56,6 @@ def densified_copy(path: str, out_dir: str) -> str | None:
     out = os.path.join(out_dir, os.path.basename(path))
     flatbuffer_utils.write_model(model, out)
     return out
-
-
-def _has_densify(path: str) -> bool:
-    from tf2onnx.tflite.Model import Model
-
-    with open(path, "rb") as f:
-        model = Model.GetRootAsModel(bytearray(f.read()), 0)
-    codes = [model.OperatorCodes(i) for i in range(model.OperatorCodesLength())]
-    return any(DENSIFY in (c.BuiltinCode(), c.DeprecatedBuiltinCode()) for c in codes)
 
 
 def _rewire(graph, old: int, new: int) -> None:

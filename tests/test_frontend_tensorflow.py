@@ -238,6 +238,29 @@ def test_a_sparse_tflite_file_converts_with_its_weights_made_dense(workdir):
     check_exact(onnx.load(converted))
 
 
+def test_a_tflite_file_with_resource_variables_is_refused_by_name(workdir):
+    """A streaming TFLite model keeps its state in resource variables (microWakeWord's wake-word
+    detectors): tf2onnx stopped with "IndexError: list index out of range"."""
+    class Accumulator(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.state = tf.Variable(tf.zeros([1, 4]))
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32)])
+        def __call__(self, x):
+            self.state.assign(self.state + x)
+            return self.state * 2.0
+
+    module = Accumulator()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([module.__call__.get_concrete_function()], module)
+    converter.experimental_enable_resource_variables = True
+    path = os.path.join(workdir, "stateful.tflite")
+    with open(path, "wb") as f:
+        f.write(converter.convert())
+    with pytest.raises(SpaError, match=r"TFLite resource-variable ops \(.*VAR_HANDLE.*\) cannot be converted"):
+        stf.to_onnx(path, path + ".onnx")
+
+
 # ---- ONNX -> TensorFlow ------------------------------------------------------------------------------
 def _torch_pruned(name, workdir):
     zoo = pytest.importorskip("models.zoo")

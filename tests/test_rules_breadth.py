@@ -284,3 +284,20 @@ def test_a_flatten_by_the_inputs_own_leading_sizes_keeps_the_channel_axis():
     model = b.model()
     assert [g.prunable for g in analyze(model).groups] == [True, False]
     check_exact(model, dims={"W": 6})
+
+
+@pytest.mark.parametrize("time_axis, batch_axis", [(0, 1), (1, 0)])
+def test_reverse_sequence_passes_channels_through(time_axis, batch_axis):
+    """ReverseSequence (TensorFlow's reversed half of a bidirectional recurrence, mk8dx's BiLSTM):
+    per-channel identity on the last axis; sequence_lens untouched."""
+    b = Builder()
+    dims = [N, "time"] if batch_axis == 0 else ["time", N]
+    x = b.input([*dims, 6])
+    h = b.op("Relu", [b.op("MatMul", [x, b.weight(6, 8)])])
+    steps = b.op("Shape", [x], start=time_axis, end=time_axis + 1)  # every sequence at full length
+    counts = b.op("Expand", [steps, b.op("Shape", [x], start=batch_axis, end=batch_axis + 1)])
+    r = b.op("ReverseSequence", [h, counts], time_axis=time_axis, batch_axis=batch_axis)
+    b.output(b.op("MatMul", [b.op("Add", [r, h]), b.weight(8, 3)]))
+    model = b.model()
+    assert not any("ReverseSequence" in r for r in frozen_reasons(model))
+    check_exact(model, dims={"time": 5})

@@ -1,5 +1,5 @@
-"""Ops that act along some axes (pooling, Resize, Pad, Softmax, Reduce, TopK): identity on the channel
-axis when it is not the op's own axis."""
+"""Ops that act along some axes (pooling, Resize, Pad, Softmax, Reduce, TopK, ReverseSequence): identity
+on the channel axis when it is not the op's own axis."""
 from __future__ import annotations
 
 import numpy as np
@@ -256,3 +256,16 @@ class TopK(AxisOp):
 
     def acted_axes(self, c, tensor):
         return {c.attr("axis", -1) % c.rank(tensor)}
+
+
+@register
+class ReverseSequence(AxisOp):
+    """ReverseSequence (input, sequence_lens): each batch entry's first sequence_lens steps reversed
+    along time_axis (a bidirectional recurrence written out, as TensorFlow exports it); any other axis
+    passes through."""
+
+    ops = ("ReverseSequence",)
+    boundary = "reverses along the channel axis"
+
+    def acted_axes(self, c, tensor):
+        return {c.attr("time_axis", 0), c.attr("batch_axis", 1)}

@@ -301,3 +301,41 @@ def test_reverse_sequence_passes_channels_through(time_axis, batch_axis):
     model = b.model()
     assert not any("ReverseSequence" in r for r in frozen_reasons(model))
     check_exact(model, dims={"time": 5})
+
+
+@pytest.mark.parametrize("width", ["computed", "constant"])
+def test_a_scatter_add_of_edge_messages_prunes_its_feature_channels(width):
+    """A graph network's message passing (minimol, caustic-nmr): messages [edges, F] from the source
+    nodes' features, summed into their target nodes by ScatterElements(zeros [nodes, F], indices
+    Expand(target [edges, 1], [edges, F]), messages, reduction add); F prunes through data, indices,
+    messages and output, with the zeros' and the Expand's shape vectors (F read off a shape or
+    written as a constant)."""
+    b = Builder()
+    x = b.input(["nodes", 6])
+    source, target = b.const(np.array([0, 1, 2, 3, 1, 0])), b.const(np.array([1, 2, 3, 0, 0, 2]))
+    h = b.op("Relu", [b.op("MatMul", [x, b.weight(6, 8)])])
+    messages = b.op("Gather", [h, source], axis=0)
+    if width == "computed":
+        features = b.op("Shape", [messages], start=1, end=2)
+    else:
+        features = b.const(np.array([8]))
+    nodes = b.op("Shape", [x], start=0, end=1)
+    zeros = b.op("ConstantOfShape", [b.op("Concat", [nodes, features], axis=0)],
+                 value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0]))
+    edges = b.op("Shape", [messages], start=0, end=1)
+    indices = b.op("Expand", [b.op("Reshape", [target, b.const(np.array([-1, 1]))]),
+                              b.op("Concat", [edges, features], axis=0)])
+    summed = b.op("ScatterElements", [zeros, indices, messages], axis=0, reduction="add")
+    b.output(b.op("MatMul", [b.op("Add", [summed, h]), b.weight(8, 3)]))
+    model = b.model()
+    assert not any("ScatterElements" in r for r in frozen_reasons(model)), frozen_reasons(model)
+    check_exact(model, dims={"nodes": 4})
+
+
+def test_gather_elements_along_another_axis_passes_channels_through():
+    b = Builder()
+    x = b.input([N, 4, 6])
+    h = b.op("Relu", [b.op("MatMul", [x, b.weight(6, 8)])])
+    picked = b.op("GatherElements", [h, b.const(np.array([[[3] * 8, [0] * 8]] * 2))], axis=1)
+    b.output(b.op("MatMul", [picked, b.weight(8, 3)]))
+    check_exact(b.model(), batch=2)

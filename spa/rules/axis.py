@@ -1,5 +1,5 @@
-"""Ops that act along some axes (pooling, Resize, Pad, Softmax, Reduce, TopK, ReverseSequence): identity
-on the channel axis when it is not the op's own axis."""
+"""Ops that act along some axes (pooling, Resize, Pad, Softmax, Reduce, TopK, ReverseSequence,
+ScatterElements / GatherElements): identity on the channel axis when it is not the op's own axis."""
 from __future__ import annotations
 
 import numpy as np
@@ -269,3 +269,23 @@ class ReverseSequence(AxisOp):
 
     def acted_axes(self, c, tensor):
         return {c.attr("time_axis", 0), c.attr("batch_axis", 1)}
+
+
+@register
+class ElementsByIndex(Rule):
+    """ScatterElements (data, indices, updates; any reduction) and GatherElements (data, indices):
+    along `axis` they move elements by index; on any other axis every tensor of theirs holds the same
+    position, so a channel there goes through all of them alike (a graph network's scatter-add of
+    edge messages into node features; the indices, an Expand of one index per edge, are sliced with
+    it). Where their sizes on that axis differ, frozen."""
+
+    ops = ("ScatterElements", "GatherElements")
+
+    def propagate(self, c, tensor, axis):
+        if axis == c.attr("axis", 0) % c.rank(tensor):
+            raise Frozen(f"{c.node.op_type} moves elements along the channel axis (axis {axis} of '{tensor}')")
+        members = [t for t in [*c.node.input, c.out(0)] if t and t != tensor]
+        size = c.dim(tensor, axis)
+        if any(c.dim(t, axis) != size for t in members):
+            raise Frozen(f"{c.node.op_type}: its tensors differ in size on axis {axis}")
+        return [identity((tensor, axis), (t, axis), size) for t in members]

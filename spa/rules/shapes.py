@@ -105,18 +105,27 @@ def own_sizes(c: Ctx, slot: int, tensor: str) -> set:
     positions, read at run time: the vector, or a piece of the Concat building it, is Shape(tensor)
     or a constant-bounds Slice of it that starts where the piece sits (through Cast / Identity), as
     paddle2onnx writes `interpolate(x, size=y.shape[2:])`'s sizes. They follow a pruned `tensor`."""
+    return {p for p, (source, axis) in sizes_read(c, slot).items() if source == tensor and axis == p}
+
+
+def sizes_read(c: Ctx, slot: int) -> dict:
+    """{position: (tensor, axis)} of the elements of a shape-like input read at run time off a
+    tensor's Shape (the vector, or a piece of the Concat building it, is Shape(tensor) or a
+    constant-bounds Slice of it, through Cast / Identity): such a size follows that axis when it is
+    pruned."""
     name = _through_views(c, c.inp(slot))
     index = c.g.producer.get(name)
     parts = list(c.g.nodes[index].input) if index is not None and c.g.nodes[index].op_type == "Concat" else [name]
-    own, pos = set(), 0
+    read, pos = {}, 0
     for part in parts:
         length = c.g.dim(part, 0)
         if length is None:
             break
-        if _shape_start(c, part, tensor) == pos:
-            own.update(range(pos, pos + length))
+        source = _shape_source(c, part)
+        if source is not None:
+            read.update({pos + j: (source[0], source[1] + j) for j in range(length)})
         pos += length
-    return own
+    return read
 
 
 def _through_views(c: Ctx, name: str) -> str:
@@ -125,9 +134,20 @@ def _through_views(c: Ctx, name: str) -> str:
     return name
 
 
-def _shape_start(c: Ctx, name: str, tensor: str) -> int | None:
-    """The axis of `tensor` that the first element of `name` holds where `name` is Shape(tensor) or a
-    step-1 Slice of it with constant bounds (None otherwise)."""
+def size_follows(c: Ctx, slot: int, tensor: str, axis: int) -> list | None:
+    """[`tensor`'s axis linked to the axis its size is read off] where the shape vector at input
+    `slot` (right-aligned to `tensor`) reads that size at run time from a tensor's Shape (`sizes_read`,
+    the sizes equal): pruned together, the size follows. None otherwise."""
+    position = axis - (c.rank(tensor) - (c.dim(c.inp(slot), 0) or 0))
+    source = sizes_read(c, slot).get(position)
+    if source is None or c.dim(*source) != c.dim(tensor, axis):
+        return None
+    return [identity((tensor, axis), source, c.dim(tensor, axis))]
+
+
+def _shape_source(c: Ctx, name: str) -> tuple | None:
+    """(tensor, axis of its first element) where `name` is Shape(tensor) or a step-1 Slice of it with
+    constant bounds (None otherwise)."""
     name = _through_views(c, name)
     node = c.g.nodes[c.g.producer[name]] if name in c.g.producer else None
     offset = 0
@@ -139,10 +159,10 @@ def _shape_start(c: Ctx, name: str, tensor: str) -> int | None:
         offset = int(starts.reshape(-1)[0])
         name = _through_views(c, node.input[0])
         node = c.g.nodes[c.g.producer[name]] if name in c.g.producer else None
-    if node is None or node.op_type != "Shape" or node.input[0] != tensor or offset < 0:
+    if node is None or node.op_type != "Shape" or offset < 0:
         return None
     start = attr(node, "start", 0)
-    return start + offset if start >= 0 else None
+    return (node.input[0], start + offset) if start >= 0 else None
 
 
 INFERRED = "inferred"
@@ -556,6 +576,9 @@ class Expand(Rule):
         if ax < 0 or c.dim(x, ax) == 1:  # broadcast: only the target size changes
             if constant_size_at(c, 1, y, axis):
                 return []
+            follows = size_follows(c, 1, y, axis)  # a size read off the Shape of a tensor pruned alike
+            if follows:
+                return follows
             raise Frozen("Expand broadcasts the channel axis to a size computed at run time")
         return [identity((y, axis), (x, ax), c.dim(y, axis))]
 

@@ -278,15 +278,16 @@ def _export_tflite(path, opset):
                        f"{', '.join(unknown)} cannot be converted to ONNX (SPA converts "
                        f"{', '.join(custom.supported_codes())}; tf2onnx converts Flex ops and "
                        "TFLite_Detection_PostProcess)")
-    stateful = sorted(name for code, name in RESOURCE_VARIABLE_OPS.items() if code in custom.builtin_codes(path))
+    codes = custom.builtin_codes(path)
+    stateful = sorted(name for code, name in RESOURCE_VARIABLE_OPS.items() if code in codes)
     if stateful:
         raise SpaError(f"{path}: TFLite resource-variable ops ({', '.join(stateful)}: a streaming model that keeps "
                        "its state inside the file between calls) cannot be converted to ONNX by tf2onnx")
     errors = []
     handlers = custom.handlers(custom_ops, errors) or None
     with tempfile.TemporaryDirectory(prefix="spa-tflite-") as work:
-        with _native_logs_hidden():
-            dense = tflite_sparse.densified_copy(path, work)  # tf2onnx reads sparse weights as dense
+        with _native_logs_hidden():  # sparse weights made dense: tf2onnx reads every weight as dense
+            dense = tflite_sparse.densified_copy(path, work) if tflite_sparse.DENSIFY in codes else None
         return _convert(lambda tf2onnx: tf2onnx.convert.from_tflite(
             dense or path, opset=opset, custom_op_handlers=handlers), path, errors)
 

@@ -47,10 +47,7 @@ def read_custom_ops(path) -> list:
         codes = {}
         for i in range(model.OperatorCodesLength()):
             op_code = model.OperatorCodes(i)
-            builtin = op_code.DeprecatedBuiltinCode()  # as tf2onnx reads it
-            if builtin == 127:  # PLACEHOLDER_FOR_GREATER_OP_CODES
-                builtin = op_code.BuiltinCode()
-            if builtin == 32:  # BuiltinOperator.CUSTOM
+            if _builtin(op_code) == 32:  # BuiltinOperator.CUSTOM
                 codes[i] = (op_code.CustomCode() or b"").decode("utf-8", "replace")
         found = []
         for g in range(model.SubgraphsLength()):
@@ -78,10 +75,17 @@ def builtin_codes(path) -> set:
     try:
         model = Model.GetRootAsModel(buf, 0)
         codes = [model.OperatorCodes(i) for i in range(model.OperatorCodesLength())]
-        return {c.BuiltinCode() if c.DeprecatedBuiltinCode() == 127 else c.DeprecatedBuiltinCode() for c in codes}
+        return {_builtin(c) for c in codes}
     except Exception as exc:  # noqa: BLE001 - a damaged flatbuffer is bad input
         raise SpaError(f"{path}: damaged TFLite file: its flatbuffer cannot be read ({type(exc).__name__} "
                        "while reading its operator codes)") from None
+
+
+def _builtin(op_code) -> int:
+    """An OperatorCode's BuiltinOperator, as tf2onnx reads it: the deprecated int8 field, or the int32
+    one where that says PLACEHOLDER_FOR_GREATER_OP_CODES (127)."""
+    code = op_code.DeprecatedBuiltinCode()
+    return op_code.BuiltinCode() if code == 127 else code
 
 
 def supported_codes() -> list:

@@ -15,8 +15,6 @@ import numpy as np
 
 from spa.errors import SpaError
 
-from .tflite_custom_ops import builtin_codes
-
 DENSIFY = 124  # BuiltinOperator.DENSIFY
 DENSE, SPARSE_CSR = 0, 1  # DimensionType
 TENSOR_TYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 7: np.int16, 9: np.int8,
@@ -25,9 +23,8 @@ TENSOR_TYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.in
 
 def densified_copy(path: str, out_dir: str) -> str | None:
     """A copy of the .tflite file at `path` in `out_dir` without DENSIFY ops (their readers read the
-    densified constant), or None where the file has none."""
-    if DENSIFY not in builtin_codes(path):  # read lazily: unpacking the whole flatbuffer is what costs
-        return None
+    densified constant), or None where the file has none. Unpacks the whole flatbuffer: ask
+    `tflite_custom_ops.builtin_codes` first whether the file has DENSIFY at all."""
     from tensorflow.lite.tools import flatbuffer_utils
 
     try:

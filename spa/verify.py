@@ -63,19 +63,22 @@ def _check_finite(outputs: list, rerun, model, original_outputs=None) -> None:
     bad = [k for k, out in enumerate(outputs) if not _finite(out)]
     if not bad:
         return
+
+    def names():
+        return ", ".join(f"'{model().graph.output[k].name}'" for k in bad)
+
     again = rerun()
-    if any(np.array_equal(outputs[k], again[k], equal_nan=True) for k in bad):
-        expected = _outputs_or_none(original_outputs)
-        if expected is None or any(_finite(expected[k]) for k in bad):
-            raise SpaError("pruned model produced NaN or Inf")
-        names = ", ".join(f"'{model().graph.output[k].name}'" for k in bad)
-        warnings.warn(f"output {names} holds NaN or Inf, as the original model's does on the same random inputs "
-                      "(values it may never take): not blamed on the prune; check the pruned model on real inputs",
-                      SpaWarning)
+    if not any(np.array_equal(outputs[k], again[k], equal_nan=True) for k in bad):
+        warnings.warn(f"output {names()} holds NaN or Inf but differs between two runs on the same inputs: "
+                      "onnxruntime leaves part of it unwritten (a sliding-window cache), so that is not the prune's "
+                      "doing", SpaWarning)
         return
-    names = ", ".join(f"'{model().graph.output[k].name}'" for k in bad)
-    warnings.warn(f"output {names} holds NaN or Inf but differs between two runs on the same inputs: onnxruntime "
-                  "leaves part of it unwritten (a sliding-window cache), so that is not the prune's doing", SpaWarning)
+    expected = _outputs_or_none(original_outputs)
+    if expected is None or any(_finite(expected[k]) for k in bad):
+        raise SpaError("pruned model produced NaN or Inf")
+    warnings.warn(f"output {names()} holds NaN or Inf, as the original model's does on the same random inputs "
+                  "(values it may never take): not blamed on the prune; check the pruned model on real inputs",
+                  SpaWarning)
 
 
 def _finite(output) -> bool:

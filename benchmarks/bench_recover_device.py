@@ -97,8 +97,6 @@ def run_case(case, path, model_dir, recover, reference, tokenizer) -> dict:
 
 def run_variants(original, model_dir, reference, tokenizer, args) -> dict:
     """steps a second and cosine reached of `recover` for each teacher:scale pair (module docstring)."""
-    import dataclasses
-
     import torch
 
     from models.minilm import embedding_agreement, sentence_embeddings
@@ -130,8 +128,8 @@ def run_variants(original, model_dir, reference, tokenizer, args) -> dict:
 
     def run(pair, seconds, lr=None):
         teacher, scale = pair.split(":")
-        draw = fresh_batches(original, dataclasses.replace(calibration, batch_size=16 * int(scale)))
-        # teacher and batch size as named: _for_device would otherwise pick them
+        draw = fresh_batches(original, calibration).scaled(int(scale))
+        # teacher and batches as named: _for_device would otherwise pick them
         chosen = torch_recover._for_device
         torch_recover._for_device = lambda device, kind, batches: (teacher, batches, False)
         try:

@@ -522,20 +522,21 @@ def _silent_units(plan):
     of W, R (at the zero point) and B (0) zeroed too. The op quantizes its hidden state over all units
     at every step, so a unit that only its readers ignore still moves that range; with its rows zeroed
     its gates stay at sigmoid(0) and tanh(0), and from a zero cell it outputs exactly 0, as when removed."""
+    from spa.quant import at_zero_point
     from spa.verify import masked_original
 
     model = masked_original(plan)
     node = next(n for n in model.graph.node if n.op_type == "DynamicQuantizeLSTM")
-    original = next(n for n in plan.analysis.graph.nodes if n.op_type == "DynamicQuantizeLSTM")
+    g = plan.analysis.graph
+    original = next(n for n in g.nodes if n.op_type == "DynamicQuantizeLSTM")
     inits = {t.name: t for t in model.graph.initializer}
-    for slot, zero_slot, rows in ((1, 9, 2), (2, 11, 2), (3, None, 1)):
+    for slot, rows in ((1, 2), (2, 2), (3, 1)):  # W and R at their zero points, B at 0
         removed = plan.removed(original.input[slot], rows)
         value = numpy_helper.to_array(inits[node.input[slot]]).copy()
-        zero = 0 if zero_slot is None else numpy_helper.to_array(inits[node.input[zero_slot]])
-        if np.ndim(zero):  # one per direction or one per row and direction
-            zero = np.broadcast_to(zero.reshape(len(zero), 1, -1), value.shape)
-        zeros = np.broadcast_to(np.asarray(zero, value.dtype), value.shape)
-        np.moveaxis(value, rows, 0)[removed] = np.moveaxis(zeros, rows, 0)[removed]
+        if slot == 3:
+            np.moveaxis(value, rows, 0)[removed] = 0
+        else:  # the masked copy of R (its removed inputs already at the zero point) or W itself
+            value = at_zero_point(g, original.input[slot], rows, removed, value)
         inits[node.input[slot]].CopyFrom(numpy_helper.from_array(value, node.input[slot]))
     return model
 

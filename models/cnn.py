@@ -779,6 +779,52 @@ class SPPF(nn.Module):
         return self.cv2(torch.cat([x, y1, y2, self.m(y2)], 1))
 
 
+class PSAAttention(nn.Module):
+    """YOLO11's (and YOLOv10's) attention on a feature map: one 1x1 conv packs q, k and v of every
+    head ([B, heads * (2 key_dim + head_dim), H, W]), viewed as [B, heads, 2 key_dim + head_dim, H*W]
+    and split; the merged heads are viewed back with the input's own channel count, read off its
+    shape, and a depthwise 3x3 positional term on v is added before the output projection."""
+
+    def __init__(self, dim: int, num_heads: int, attn_ratio: float = 0.5):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.key_dim = int(self.head_dim * attn_ratio)
+        self.scale = self.key_dim ** -0.5
+        self.qkv = ConvBNAct(dim, dim + 2 * self.key_dim * num_heads, 1, act=None, bn_eps=1e-3)
+        self.proj = ConvBNAct(dim, dim, 1, act=None, bn_eps=1e-3)
+        self.pe = ConvBNAct(dim, dim, 3, groups=dim, act=None, bn_eps=1e-3)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(x).view(B, self.num_heads, self.key_dim * 2 + self.head_dim, H * W).split(
+            [self.key_dim, self.key_dim, self.head_dim], dim=2)
+        attn = ((q.transpose(-2, -1) @ k) * self.scale).softmax(dim=-1)
+        x = (v @ attn.transpose(-2, -1)).view(B, C, H, W) + self.pe(v.reshape(B, C, H, W))
+        return self.proj(x)
+
+
+class C2PSA(nn.Module):
+    """YOLO11's C2PSA: cv1 -> halves; the second through n blocks of attention + 1x1 MLP, each with
+    its residual -> concat -> cv2. ``num_heads`` None: YOLO11's channels // 64."""
+
+    def __init__(self, c: int, n: int = 1, num_heads: int | None = None):
+        super().__init__()
+        self.c = c // 2
+        heads = num_heads or max(1, self.c // 64)
+        self.cv1, self.cv2 = YConv(c, 2 * self.c, 1), YConv(2 * self.c, c, 1)
+        self.attn = nn.ModuleList(PSAAttention(self.c, heads) for _ in range(n))
+        self.ffn = nn.ModuleList(nn.Sequential(YConv(self.c, 2 * self.c, 1),
+                                               ConvBNAct(2 * self.c, self.c, 1, act=None, bn_eps=1e-3))
+                                 for _ in range(n))
+
+    def forward(self, x):
+        a, b = self.cv1(x).split((self.c, self.c), dim=1)
+        for attn, ffn in zip(self.attn, self.ffn):
+            b = b + attn(b)
+            b = b + ffn(b)
+        return self.cv2(torch.cat((a, b), 1))
+
+
 class YOLO(nn.Module):
     """YOLOv8-style detector: backbone of strided convs + C2f, SPPF, PAN neck (nearest upsample
     + concat, strided conv + concat), one head per scale. ``forward`` returns a tuple of
@@ -786,11 +832,12 @@ class YOLO(nn.Module):
 
     ``depth``: int d -> backbone C2f repeats (d, 2d, 2d, d) and neck repeats d (YOLOv8 layout),
     or a 4-tuple of backbone repeats (neck repeats = 1). ``head_conv``: a 3x3 Conv-BN-SiLU before
-    each head's 1x1 conv. ``width=16, depth=1`` is YOLOv8n-like.
+    each head's 1x1 conv. ``width=16, depth=1`` is YOLOv8n-like. ``psa_heads``: a C2PSA attention
+    block with that many heads after the SPPF, as YOLO11 has (0: none).
     """
 
     def __init__(self, width: int = 16, depth: int | Sequence[int] = 1, num_outputs: int = 16,
-                 in_ch: int = 3, n_outputs: int = 3, head_conv: bool = True):
+                 in_ch: int = 3, n_outputs: int = 3, head_conv: bool = True, psa_heads: int = 0):
         super().__init__()
         w = width
         if isinstance(depth, int):
@@ -803,7 +850,8 @@ class YOLO(nn.Module):
         self.b2 = nn.Sequential(YConv(2 * w, 4 * w, 3, 2), C2f(4 * w, 4 * w, db[1], True))  # P3
         self.b3 = nn.Sequential(YConv(4 * w, 8 * w, 3, 2), C2f(8 * w, 8 * w, db[2], True))  # P4
         self.b4 = nn.Sequential(YConv(8 * w, 16 * w, 3, 2), C2f(16 * w, 16 * w, db[3], True),
-                                SPPF(16 * w, 16 * w))                                   # P5
+                                SPPF(16 * w, 16 * w),
+                                *([C2PSA(16 * w, num_heads=psa_heads)] if psa_heads else []))  # P5
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
         self.n4 = C2f(24 * w, 8 * w, dn)
         self.n3 = C2f(12 * w, 4 * w, dn)

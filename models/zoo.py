@@ -164,6 +164,12 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
              ((2, 3, 640, 640),), num_outputs=3,
              description="YOLOv8-style: C2f (split/add/concat), SPPF max-pools, upsample+concat "
                          "PAN neck, 3 outputs (strides 8/16/32)"),
+    ZooEntry("yolo11", cnn.YOLO, dict(width=4, depth=(1, 1, 1, 1), num_outputs=6, n_outputs=3,
+                                         head_conv=False, psa_heads=2),
+             ((2, 3, 64, 64),), dict(width=16, depth=1, num_outputs=84, n_outputs=3, psa_heads=2),
+             ((2, 3, 640, 640),), num_outputs=3,
+             description="YOLO11-style: the YOLOv8 layout with a C2PSA attention block after the SPPF "
+                         "(packed q/k/v conv viewed per head, the merge's channel count read off the input)"),
     ZooEntry("conv1d", cnn.Conv1dNet, dict(in_ch=1, width=8, num_classes=10, hidden=16),
              ((2, 1, 40),), dict(in_ch=1, width=64, num_classes=10, hidden=256),
              ((2, 1, 40),),

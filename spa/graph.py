@@ -439,10 +439,10 @@ class Graph:
                     wanted.update(p for p in producer.input if p and p not in self.consts)
         if not wanted or weight_bytes(self.model) > PROBE_LIMIT:
             return {}
-        runs = _run_with_outputs(self.model, sorted(wanted), notes=self.notes)
-        if runs is None:
+        probed = _run_with_outputs(self.model, sorted(wanted), notes=self.notes)
+        if probed is None:
             return {}
-        first, second = runs
+        first, second = probed[0]
         return {n: first[n] for n in wanted
                 if n in first and n in second and np.shape(first[n]) == np.shape(second[n])
                 and np.array_equal(first[n], second[n])}
@@ -753,27 +753,38 @@ PARAMETER_SLOTS = {"Slice": (1, 2, 3, 4), "Split": (1,), "Reshape": (1,), "Resiz
 
 
 PROBE_SIZES = ((2, 30), (3, 38))  # (batch, first other symbolic size) of the two probe runs
+# where those fail, multiples of 32 (a detector's feature pyramid concatenates maps of stride 8 to 32)
+ALIGNED_PROBE_SIZES, ALIGNED_STEP = ((2, 64), (3, 128)), 32
 
 
-def _probe_dims(model: onnx.ModelProto, run: int) -> dict:
+def _probe_dims(model: onnx.ModelProto, run: int, aligned: bool = False) -> dict:
     """A distinct size for every symbolic input dim (batch names from the probe's batch), so a
     probed shape can say which symbolic dim it carries."""
-    batch, base = PROBE_SIZES[run]
+    batch, base = (ALIGNED_PROBE_SIZES if aligned else PROBE_SIZES)[run]
     names = []
     for vi in model.graph.input:
         for k, d in enumerate(vi.type.tensor_type.shape.dim):
             if d.dim_param and not d.HasField("dim_value") and d.dim_param not in names and k > 0:
                 names.append(d.dim_param)
-    return {name: base + 2 * i for i, name in enumerate(names)}
+    return {name: base + (ALIGNED_STEP if aligned else 2) * i for i, name in enumerate(names)}
+
+
+def _probe_feeds(model: onnx.ModelProto, run: int, aligned: bool) -> dict:
+    from .runtime import random_inputs
+
+    batch, base = (ALIGNED_PROBE_SIZES if aligned else PROBE_SIZES)[run]
+    return random_inputs(model, batch=batch, dims=_probe_dims(model, run, aligned), default_dim=base)
 
 
 def _run_with_outputs(model: onnx.ModelProto, names, values: bool = True, notes: list | None = None):
-    """Two onnxruntime runs (different symbolic sizes) exposing the named tensors ({name: value},
-    or {name: shape} without `values`), or None. They run in a child process where one can be
+    """(two onnxruntime runs (different symbolic sizes) exposing the named tensors ({name: value},
+    or {name: shape} without `values`), whether they took the aligned sizes), or None. The runs take
+    sizes that are multiples of 32 where the first sizes fail (a YOLO's upsampled maps concatenated
+    with maps of a 30-pixel image's size do not match). They run in a child process where one can be
     forked: probe sizes are sizes the model was not built for, and onnxruntime may die of a signal
     there (onnx-asr's wespeaker fbank: an integer division by zero on fewer samples than its
     window), which would take the whole command with it; `notes` then says so."""
-    from .runtime import random_inputs, session
+    from .runtime import session
 
     def probe_runs():
         probe = onnx.ModelProto()
@@ -782,14 +793,16 @@ def _run_with_outputs(model: onnx.ModelProto, names, values: bool = True, notes:
         probe.graph.output.extend(onnx.helper.ValueInfoProto(name=n) for n in names if n not in known)
         try:
             sess = session(probe, quiet=True)  # a probe that fails is fine: the caller freezes
-            outs = [o.name for o in sess.get_outputs()]
-            runs = [dict(zip(outs, sess.run(None, random_inputs(model, batch=PROBE_SIZES[r][0],
-                                                                 dims=_probe_dims(model, r),
-                                                                 default_dim=PROBE_SIZES[r][1]))))
-                    for r in (0, 1)]
         except Exception:
             return None
-        return runs if values else [{n: np.shape(v) for n, v in run.items()} for run in runs]
+        outs = [o.name for o in sess.get_outputs()]
+        for aligned in (False, True):
+            try:
+                runs = [dict(zip(outs, sess.run(None, _probe_feeds(model, r, aligned)))) for r in (0, 1)]
+            except Exception:
+                continue
+            return (runs if values else [{n: np.shape(v) for n, v in run.items()} for run in runs]), aligned
+        return None
 
     try:
         return in_child_process(probe_runs)
@@ -854,15 +867,17 @@ def _send_result(work, sender):
 def shapes_by_running(model: onnx.ModelProto, names, notes: list | None = None) -> dict:
     """Shapes shape inference could not give, read from two onnxruntime runs with different
     symbolic sizes: a dim that differs between the runs is symbolic."""
-    runs = _run_with_outputs(model, names, values=False, notes=notes)
-    if runs is None:
+    probed = _run_with_outputs(model, names, values=False, notes=notes)
+    if probed is None:
         return {}
+    runs, aligned = probed
+    probe_sizes = ALIGNED_PROBE_SIZES if aligned else PROBE_SIZES
     sizes = {}  # (size in run 0, size in run 1) -> symbolic input dim
     for vi in model.graph.input:
         dims = vi.type.tensor_type.shape.dim
         if dims and dims[0].dim_param and not dims[0].HasField("dim_value"):
-            sizes.setdefault((PROBE_SIZES[0][0], PROBE_SIZES[1][0]), dims[0].dim_param)
-    first, second = _probe_dims(model, 0), _probe_dims(model, 1)
+            sizes.setdefault((probe_sizes[0][0], probe_sizes[1][0]), dims[0].dim_param)
+    first, second = _probe_dims(model, 0, aligned), _probe_dims(model, 1, aligned)
     sizes.update({(first[n], second[n]): n for n in first})
     shapes = {}
     for n in names:

@@ -216,9 +216,10 @@ def rewrite(plan: Plan, weights: dict | None = None) -> onnx.ModelProto:
     editor = Editor(plan, model)
     changed = {m.tensor for m in plan.analysis.members.values() if plan.changed(m.tensor, m.axis)}
     for i, node in enumerate(g.nodes):
-        if changed.intersection(node.input) or changed.intersection(node.output):
+        rule, c = rule_for(node), Ctx(g, i, plan.analysis.options)
+        if changed.intersection([*node.input, *node.output]) or changed.intersection(rule.reads(c)):
             editor.writer = i
-            rule_for(node).rewrite(Ctx(g, i, plan.analysis.options), editor)
+            rule.rewrite(c, editor)
     editor.writer = None
     for name in weights:
         if g.consts.fill(name) is not None and name in g.producer:

@@ -129,6 +129,10 @@ def nothing_prunable(analysis: Analysis) -> SpaError:
     if not analysis.groups and inside:
         return SpaError(f"nothing prunable: no channel groups; the model keeps {sum(inside.values())} weights inside "
                         f"control-flow bodies ({', '.join(inside)}), which SPA does not prune")
+    classical = sorted({n.op_type for n in analysis.model.graph.node if n.domain == "ai.onnx.ml"})
+    if not analysis.groups and classical:
+        return SpaError(f"nothing prunable: no channel groups; this is a classical machine-learning model "
+                        f"(ai.onnx.ml {', '.join(classical)}), with no neural-network layers to narrow")
     if not analysis.groups:
         return SpaError("nothing prunable: no channel groups (no rule links any weight's channels to the rest of "
                         "the model; `spa analyze` lists the weights and the ops that read them)")

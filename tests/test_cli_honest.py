@@ -82,6 +82,24 @@ def test_a_model_whose_layers_no_rule_covers_says_so(tmp_path, capsys):
                   "nothing prunable: no channel groups", out=str(out))
 
 
+def test_a_tree_ensemble_is_named_as_classical_machine_learning(tmp_path, capsys):
+    """atspm-detector ships scikit-learn forests as ai.onnx.ml TreeEnsemble files: nothing to narrow,
+    and the error says what the model is instead of pointing at `spa analyze`."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("TreeEnsembleRegressor", ["x"], ["y"], domain="ai.onnx.ml", n_targets=1,
+                            nodes_treeids=[0], nodes_nodeids=[0], nodes_featureids=[0], nodes_modes=["LEAF"],
+                            nodes_values=[0.0], nodes_truenodeids=[0], nodes_falsenodeids=[0],
+                            target_treeids=[0], target_nodeids=[0], target_ids=[0], target_weights=[1.5])
+    graph = helper.make_graph([node], "forest", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    path, out = saved(tmp_path, model), tmp_path / "o.onnx"
+    _expect_error(capsys, ["prune", path, "-o", out, "--ratio", "0.5", "-q"],
+                  "nothing prunable: no channel groups; this is a classical machine-learning model "
+                  "(ai.onnx.ml TreeEnsembleRegressor), with no neural-network layers to narrow", out=str(out))
+
+
 def test_nothing_prunable_says_where_granularity_hidden_would_prune(tmp_path, capsys):
     """openWakeWord's classifiers (TFLite) normalise with ReduceMean over the channels: frozen by
     default, and the error says that --granularity hidden (approximate) would prune them."""

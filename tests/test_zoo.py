@@ -51,3 +51,36 @@ def test_shufflenet_shuffle_is_pruned_not_frozen(cache_dir):
         model = onnx.load(zoo.cached_export("shufflenetv2", exporter, "eval", cache_dir=cache_dir))
         reasons = [r for g in analyze(model).groups for r in g.reasons()]
         assert all("graph output" in r for r in reasons), reasons
+
+
+def _export_with_dynamic_image(model, path, exporter):
+    x = torch.randn(2, 3, 64, 64)
+    if exporter == "torchscript":
+        torch.onnx.export(model, (x,), path, dynamo=False, input_names=["images"],
+                          dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}})
+        return
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height", min=32, max=1024),
+            3: torch.export.Dim("width", min=32, max=1024)}
+    torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=(dims,), verbose=False).save(path)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("image", ["batch", "any size"])
+def test_yolo11_attention_prunes_heads_and_its_residual(exporter, image, cache_dir, tmp_path):
+    """C2PSA's view(B, heads, 2 key_dim + head_dim, H*W) with H*W symbolic (an export for any image size),
+    and its merge view(B, C, H, W) with C read off the residual stream: heads and the stream both prune,
+    and the pruned model equals the original with the removed channels zeroed at any image size."""
+    if image == "batch":
+        path = zoo.cached_export("yolo11", exporter, "eval", cache_dir=cache_dir)
+    else:
+        path = str(tmp_path / "yolo11.onnx")
+        _export_with_dynamic_image(zoo.build("yolo11").eval(), path, exporter)
+    model = onnx.load(path)
+    analysis = analyze(model)
+    reasons = [r for g in analysis.groups for r in g.reasons()]
+    assert all("graph output" in r for r in reasons), reasons
+    heads = [g.id for g in analysis.groups if g.kind == "heads" and g.prunable]
+    assert len(heads) == 1
+    dims = None if image == "batch" else {"height": 96, "width": 64}
+    result = check_exact(model, Target(ratio=0.5), dims=dims)
+    assert result.plan.removed_atoms_by_group().get(heads[0]) is not None  # one of the two heads went

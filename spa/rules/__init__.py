@@ -132,6 +132,11 @@ class Rule:
     def rewrite(self, c: Ctx, plan) -> None:
         """Fix attributes and shape constants after channels were removed."""
 
+    def reads(self, c: Ctx) -> list:
+        """Tensors other than its inputs and outputs whose pruning `rewrite` must follow (a size read
+        off one at run time that the rewrite turns into a constant)."""
+        return []
+
     def held_heads(self, c: Ctx):
         """A (tensor, axis) of grouped-query heads: where its head group is held only by the graph's
         inputs or outputs (a key/value cache), the analysis runs again with this node in

@@ -6,7 +6,7 @@ import onnx
 
 from ..graph import PARAMETER_SLOTS, attr
 from . import Ctx, Frozen, Rule, register
-from .shapes import _whole_shape_source
+from .shapes import _whole_shape_source, pinned_read
 
 
 @register
@@ -67,6 +67,9 @@ def _sizes_another_reshape(c: Ctx, tensor, positions, source):
     """The name of a Reshape whose target shape takes elements `positions` of a shape vector
     read off `source`, when it reshapes another tensor than `source` (None if there is none)."""
     def use(node, slot):
+        read = pinned_read(c, node, slot)
+        if read is not None and read[0] in _same_shape_sources(c, source):
+            return False  # the Reshapes take the size as a constant once pruned
         if node.op_type == "Reshape" and slot == 1:
             whole = _whole_shape_source(Ctx(c.g, c.g.producer[node.output[0]], c.options, c.virtual))
             sources = _same_shape_sources(c, source)  # whole: linked

@@ -146,10 +146,24 @@ def size_follows(c: Ctx, slot: int, tensor: str, axis: int) -> list | None:
 
 
 def _shape_source(c: Ctx, name: str) -> tuple | None:
-    """(tensor, axis of its first element) where `name` is Shape(tensor) or a step-1 Slice of it with
-    constant bounds (None otherwise)."""
+    """(tensor, axis of its first element) where `name` is Shape(tensor), a step-1 Slice of it with
+    constant bounds, or one element of it picked by a constant Gather (torch's `x.shape[1]`, made a
+    vector by Unsqueeze); None otherwise."""
     name = _through_views(c, name)
     node = c.g.nodes[c.g.producer[name]] if name in c.g.producer else None
+    if node is not None and node.op_type == "Unsqueeze" and c.g.rank(node.input[0]) == 0:
+        name = _through_views(c, node.input[0])
+        node = c.g.nodes[c.g.producer[name]] if name in c.g.producer else None
+    if node is not None and node.op_type == "Gather":
+        index = c.const(node.input[1])
+        if index is None or index.size != 1 or attr(node, "axis", 0) != 0:
+            return None
+        source = _shape_source(c, node.input[0])
+        length = c.g.dim(node.input[0], 0)
+        position = int(index.reshape(-1)[0])
+        if source is None or (position < 0 and length is None):
+            return None
+        return source[0], source[1] + (position + length if position < 0 else position)
     offset = 0
     if node is not None and node.op_type == "Slice" and len(node.input) >= 3:
         starts = c.g.static_value(node.input[1])
@@ -209,15 +223,19 @@ def fold_factor(c: Ctx, slot: int, position: int):
 
 def rewrite_shape_vector(c: Ctx, plan, slot: int, out: str):
     """Write the new sizes of `out`'s pruned axes into the shape vector at input `slot` (right
-    aligned); elements computed at run time follow the new sizes by themselves."""
+    aligned); elements computed at run time follow the new sizes by themselves, but for a size read
+    off another tensor's static axis (`pinned_read`): it becomes a constant when either is pruned."""
     pieces = shape_vector_pieces(c, slot) or {}
     length = c.g.dim(c.inp(slot), 0) or 0
     edits = {}
     for a in range(c.g.rank(out)):
         position = a - (c.g.rank(out) - length)
-        if not plan.changed(out, a) or position not in pieces:
+        if position not in pieces:
             continue
         node, k, j = pieces[position]
+        read = pinned_read(c, node, k)
+        if not plan.changed(out, a) and not (read and plan.changed(*read)):
+            continue
         key = (id(node), k)
         if key not in edits:
             value = np.asarray(c.g.static_value(node.input[k]))  # keeps int32 (tf2onnx Cast)
@@ -227,6 +245,21 @@ def rewrite_shape_vector(c: Ctx, plan, slot: int, out: str):
             values[j] = plan.new_dim(out, a)
     for node, k, values in edits.values():
         plan.set_input(node, k, values)
+
+
+def pinned_read(c: Ctx, concat, k: int) -> tuple | None:
+    """(tensor, axis) where input k of `concat` is one size read at run time off that tensor's Shape
+    (torch's `x.shape[1]`) whose value is the same at every input size: a channel count. A Concat
+    read only as Reshape targets then takes it as a constant in the pruned model, the Reshape's own
+    new size (`rewrite_shape_vector`), so the read need not follow the tensor it was read off
+    (YOLO11's attention: `(v @ attn).view(B, C, H, W)`, C read off the residual stream)."""
+    if concat.op_type != "Concat" or c.g.dim(concat.input[k], 0) != 1 or c.g.static_value(concat.input[k]) is None:
+        return None
+    uses = c.g.consumers.get(concat.output[0], [])
+    if not uses or any(c.g.nodes[i].op_type != "Reshape" or slot != 1 for i, slot in uses):
+        return None
+    read = _shape_source(c, concat.input[k])
+    return read if read is not None and isinstance(c.g.dim(*read), int) else None
 
 
 def constant_size_at(c: Ctx, slot: int, out: str, axis: int) -> bool:
@@ -251,6 +284,9 @@ def reshape_map(shape_from, shape_to, axis, split_policy="outer", channels=None)
         common += 1
     if common:
         return reshape_map(shape_from[:-common], shape_to[:-common], axis, split_policy, channels)
+    tails = _symbolic_tails(shape_from, shape_to, axis)
+    if tails is not None:  # [B, C, H, W] -> [B, heads, C/heads, H*W]: the H*W block is left alone
+        return reshape_map(shape_from[:tails[0]], shape_to[:tails[1]], axis, split_policy, channels)
     if channels is not None and not isinstance(shape_from[axis], int):  # a virtual axis
         if axis == len(shape_from) - 1 and shape_to and shape_to[-1] == channels:
             return len(shape_to) - 1, np.arange(channels), np.arange(channels), None, None
@@ -313,6 +349,52 @@ def reshape_map(shape_from, shape_to, axis, split_policy="outer", channels=None)
             src = np.broadcast_to(np.arange(channels)[None, :], pos.shape)
             return b, src.ravel(), pos.ravel(), None, None
     raise Frozen("Reshape regroups the channel axis in a way with no channel-wise map")
+
+
+def _symbolic_tails(shape_from, shape_to, axis) -> tuple | None:
+    """(i, j) where shape_from[i:] (after the channel axis, from its first symbolic dim on) holds as
+    many elements as shape_to[j:] for every value of the symbols ('h', 'w' and 'w*h'): row-major,
+    those trailing blocks are the same elements in the same order, and the rest maps on its own."""
+    i = next((k for k in range(axis + 1, len(shape_from)) if not isinstance(shape_from[k], int)), None)
+    known = {d for d in (*shape_from, *shape_to) if isinstance(d, str)}
+    product = _symbolic_product(shape_from[i:], known) if i is not None else None
+    if product is None:
+        return None
+    for j in range(len(shape_to) - 1, 0, -1):
+        if _symbolic_product(shape_to[j:], known) == product:
+            return i, j
+    return None
+
+
+def _symbolic_product(dims, known: set) -> tuple | None:
+    """(integer factor, sorted symbolic factors) of the product of `dims`, or None where a dim is
+    unknown ('?')."""
+    factor, names = 1, []
+    for d in dims:
+        if d == "?":
+            return None
+        for part in [d] if isinstance(d, int) else _factors(d, known - {d}):
+            if isinstance(part, int) or part.isdigit():
+                factor *= int(part)
+            else:
+                names.append(part)
+    return (factor, tuple(sorted(names))) if names else None
+
+
+def _factors(name: str, known: set) -> list:
+    """A symbolic size as the factors it is named after: a product is named '<a>*<b>' or
+    '(<a>)*(<b>)' after its factors, which the other shape may hold as dims of their own ('w*h'
+    against 'h' and 'w'; torch writes long expressions for sizes after strided convs); a name
+    without brackets or operators splits at each '*'; anything else is one factor."""
+    for a in sorted(known, key=lambda k: (-len(k), k)):
+        if name == f"({a})":
+            return _factors(a, known - {a})
+        for written in (f"({a})", a):
+            if name.startswith(written + "*"):
+                return [*_factors(a, known - {a}), *_factors(name[len(written) + 1:], known)]
+    if any(ch in name for ch in "()+-/ "):
+        return [name]
+    return name.split("*")
 
 
 def _folds_into(dims_from, dims_to) -> bool:
@@ -529,6 +611,12 @@ class Reshape(Rule):
             y_axis = axis if tensor == y else b
             links.append(identity((y, y_axis), (shape_of, y_axis), c.dim(y, y_axis)))
         return links
+
+    def reads(self, c):
+        if c.node.op_type != "Reshape":
+            return []
+        pieces = (shape_vector_pieces(c, 1) or {}).values()
+        return [read[0] for read in (pinned_read(c, node, k) for node, k, _ in pieces) if read]
 
     def rewrite(self, c, plan):
         if c.node.op_type == "Reshape":

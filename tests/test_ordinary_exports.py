@@ -111,6 +111,39 @@ def test_hidden_of_hand_written_attention_torchscript(width_from_input, tmp_path
     check_exact(model, Target(ratio=0.25), options=options, dims={"seq": 5}, atol=1e9, rtol=1e9)
 
 
+class _HeadsOfAMap(nn.Module):
+    """A feature map split into heads with the head size computed from the map's own channel count,
+    view(B, heads, C // heads, H, W) (trueocr's recognizer): a weight per head scales its slice."""
+
+    def __init__(self, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.conv, self.out = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 8, 1)
+        self.gate = nn.Linear(heads, heads)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b, c, h, w = y.shape
+        heads = y.view(b, self.heads, c // self.heads, h, w)
+        gate = torch.sigmoid(self.gate(heads.mean(dim=(2, 3)).transpose(1, 2))).transpose(1, 2)
+        return self.out((heads * gate[:, :, None, None, :]).reshape(b, c, h, w))
+
+
+def test_head_size_computed_from_the_channel_count_becomes_a_constant(tmp_path):
+    """The head size C // heads is computed at run time from the map's Shape: once a head goes it
+    would shrink too (the heads constant stays in the Div), so the pruned file writes it as a constant."""
+    torch.manual_seed(0)
+    path = tmp_path / "heads.onnx"
+    _quiet_export(_HeadsOfAMap().eval(), (torch.randn(2, 3, 6, 10),), str(path), dynamo=False, input_names=["x"],
+                  dynamic_axes={"x": {0: "batch", 3: "width"}})
+    model = onnx.load(str(path))
+    assert any(n.op_type == "Div" for n in model.graph.node)
+    heads = [g for g in analyze(model).groups if g.kind == "heads"]
+    assert len(heads) == 1 and heads[0].prunable
+    result = check_exact(model, Target(ratio=0.5), dims={"width": 12})
+    assert result.plan.removed_atoms_by_group().get(heads[0].id)
+
+
 class _StackedBiLSTM(nn.Module):
     def __init__(self):
         super().__init__()

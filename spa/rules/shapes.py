@@ -223,8 +223,10 @@ def fold_factor(c: Ctx, slot: int, position: int):
 
 def rewrite_shape_vector(c: Ctx, plan, slot: int, out: str):
     """Write the new sizes of `out`'s pruned axes into the shape vector at input `slot` (right
-    aligned); elements computed at run time follow the new sizes by themselves, but for a size read
-    off another tensor's static axis (`pinned_read`): it becomes a constant when either is pruned."""
+    aligned); elements computed at run time follow the new sizes by themselves, but those that are
+    the same at every input size become constants: `out`'s new size there. Such an element may be
+    computed from a pruned channel count in a way that does not follow `out` (a head's size as C / 4,
+    C read off the input, when whole heads go; C read off another tensor: `pinned_read`)."""
     pieces = shape_vector_pieces(c, slot) or {}
     length = c.g.dim(c.inp(slot), 0) or 0
     edits = {}
@@ -233,8 +235,7 @@ def rewrite_shape_vector(c: Ctx, plan, slot: int, out: str):
         if position not in pieces:
             continue
         node, k, j = pieces[position]
-        read = pinned_read(c, node, k)
-        if not plan.changed(out, a) and not (read and plan.changed(*read)):
+        if not plan.changed(out, a) and node.input[k] in c.g.consts:
             continue
         key = (id(node), k)
         if key not in edits:

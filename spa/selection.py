@@ -129,8 +129,11 @@ def nothing_prunable(analysis: Analysis) -> SpaError:
     if not analysis.groups and inside:
         return SpaError(f"nothing prunable: no channel groups; the model keeps {sum(inside.values())} weights inside "
                         f"control-flow bodies ({', '.join(inside)}), which SPA does not prune")
-    classical = sorted({n.op_type for n in analysis.model.graph.node if n.domain == "ai.onnx.ml"})
-    if not analysis.groups and classical:
+    nodes = analysis.model.graph.node
+    classical = sorted({n.op_type for n in nodes if n.domain == "ai.onnx.ml"})
+    weights = {t.name for t in analysis.model.graph.initializer if len(t.dims) >= 2}
+    if not analysis.groups and classical and not any(weights.intersection(n.input) for n in nodes
+                                                     if n.domain != "ai.onnx.ml"):
         return SpaError(f"nothing prunable: no channel groups; this is a classical machine-learning model "
                         f"(ai.onnx.ml {', '.join(classical)}), with no neural-network layers to narrow")
     if not analysis.groups:

@@ -69,7 +69,8 @@ def _export_with_dynamic_image(model, path, exporter):
 def test_yolo11_attention_prunes_heads_and_its_residual(exporter, image, cache_dir, tmp_path):
     """C2PSA's view(B, heads, 2 key_dim + head_dim, H*W) with H*W symbolic (an export for any image size),
     and its merge view(B, C, H, W) with C read off the residual stream: heads and the stream both prune,
-    and the pruned model equals the original with the removed channels zeroed at any image size."""
+    and the pruned model equals the original with the removed channels zeroed (at 96x64 for the any-size
+    export, not the 64x64 it was traced at)."""
     if image == "batch":
         path = zoo.cached_export("yolo11", exporter, "eval", cache_dir=cache_dir)
     else:

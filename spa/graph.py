@@ -757,10 +757,14 @@ PROBE_SIZES = ((2, 30), (3, 38))  # (batch, first other symbolic size) of the tw
 ALIGNED_PROBE_SIZES, ALIGNED_STEP = ((2, 64), (3, 128)), 32
 
 
+def _probe_sizes(aligned: bool) -> tuple:
+    return ALIGNED_PROBE_SIZES if aligned else PROBE_SIZES
+
+
 def _probe_dims(model: onnx.ModelProto, run: int, aligned: bool = False) -> dict:
     """A distinct size for every symbolic input dim (batch names from the probe's batch), so a
     probed shape can say which symbolic dim it carries."""
-    batch, base = (ALIGNED_PROBE_SIZES if aligned else PROBE_SIZES)[run]
+    base = _probe_sizes(aligned)[run][1]
     names = []
     for vi in model.graph.input:
         for k, d in enumerate(vi.type.tensor_type.shape.dim):
@@ -769,10 +773,10 @@ def _probe_dims(model: onnx.ModelProto, run: int, aligned: bool = False) -> dict
     return {name: base + (ALIGNED_STEP if aligned else 2) * i for i, name in enumerate(names)}
 
 
-def _probe_feeds(model: onnx.ModelProto, run: int, aligned: bool) -> dict:
+def _probe_feeds(model: onnx.ModelProto, run: int, aligned: bool = False) -> dict:
     from .runtime import random_inputs
 
-    batch, base = (ALIGNED_PROBE_SIZES if aligned else PROBE_SIZES)[run]
+    batch, base = _probe_sizes(aligned)[run]
     return random_inputs(model, batch=batch, dims=_probe_dims(model, run, aligned), default_dim=base)
 
 
@@ -871,7 +875,7 @@ def shapes_by_running(model: onnx.ModelProto, names, notes: list | None = None) 
     if probed is None:
         return {}
     runs, aligned = probed
-    probe_sizes = ALIGNED_PROBE_SIZES if aligned else PROBE_SIZES
+    probe_sizes = _probe_sizes(aligned)
     sizes = {}  # (size in run 0, size in run 1) -> symbolic input dim
     for vi in model.graph.input:
         dims = vi.type.tensor_type.shape.dim

@@ -530,17 +530,15 @@ def _other_sizes_failure(g) -> str | None:
     not run above graph.PROBE_LIMIT)."""
     import re
 
-    from ..graph import PROBE_LIMIT, PROBE_SIZES, _probe_dims, weight_bytes
-    from ..runtime import random_inputs, session
+    from ..graph import PROBE_LIMIT, _probe_feeds, weight_bytes
+    from ..runtime import session
 
     if "_other_sizes_failure" not in g.__dict__:
         g._other_sizes_failure = None
         if weight_bytes(g.model) >= PROBE_LIMIT:  # as infer_shapes: models this large are not run
             return None
         try:
-            session(g.model, quiet=True).run(None, random_inputs(g.model, batch=PROBE_SIZES[0][0],
-                                                                 dims=_probe_dims(g.model, 0),
-                                                                 default_dim=PROBE_SIZES[0][1]))
+            session(g.model, quiet=True).run(None, _probe_feeds(g.model, 0))
         except Exception as exc:
             text = str(exc)
             node = re.search(r"running Reshape node\. Name:'([^']*)'", text)

@@ -27,7 +27,7 @@ from .importance import GRADIENT_CRITERIA, check_bn_scale, score
 from .plan import Plan
 from .report import removed_by_kind, removed_text
 from .rewrite import rewrite
-from .selection import Target, select
+from .selection import Target, nothing_prunable, select
 from .paths import staging_folder
 from .runtime import batch_size, declared_inputs, feed_shapes, is_float, sample_count, session
 from .verify import runs, session_fits, validate
@@ -111,6 +111,8 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     analysis = analyze(model, options)
     for note in analysis.graph.notes:
         progress(note)
+    if not any(g.prunable for g in analysis.groups):  # say so before any calibration runs
+        raise nothing_prunable(analysis)
     cal, fit, held = calibration_inputs(model, cal, progress, held_out=criterion == "obspa" or compensation != "none",
                                         samples=OBSPA_SAMPLES if criterion == "obspa" else ()) \
         if needs_data else (cal, [], [])

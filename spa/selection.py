@@ -136,11 +136,29 @@ def nothing_prunable(analysis: Analysis) -> SpaError:
                                                      if n.domain != "ai.onnx.ml"):
         return SpaError(f"nothing prunable: no channel groups; this is a classical machine-learning model "
                         f"(ai.onnx.ml {', '.join(classical)}), with no neural-network layers to narrow")
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in nodes if n.domain not in STANDARD_DOMAINS
+                     and weights.intersection(n.input)})
+    standard_read = any(weights.intersection(n.input) for n in nodes if n.domain in STANDARD_DOMAINS)
+    if custom and not standard_read and not any(g.has_params for g in analysis.groups):
+        return SpaError(f"nothing prunable: no channel group holds a weight; the weights are read by custom-domain ops "
+                        f"that SPA has no rule for ({', '.join(custom)}){_custom_hint(custom)}")
     if not analysis.groups:
         return SpaError("nothing prunable: no channel groups (no rule links any weight's channels to the rest of "
                         "the model; `spa analyze` lists the weights and the ops that read them)")
     hint = _hidden_hint(analysis)
     return SpaError(f"nothing prunable: every channel group is frozen (see `spa analyze`){hint}")
+
+
+STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
+QONNX_DOMAINS = ("onnx.brevitas", "qonnx.custom_op.general", "finn.custom_op.general")
+
+
+def _custom_hint(custom: list) -> str:
+    """What to export instead, where the custom ops are a known quantisation format's."""
+    if any(op.split("::")[0] in QONNX_DOMAINS for op in custom):
+        return ("; this is a QONNX export (Brevitas or FINN quantisation, whose Quant ops onnxruntime cannot run): "
+                "export the float model, or quantise with QuantizeLinear/DequantizeLinear, which SPA prunes")
+    return ""
 
 
 def _hidden_hint(analysis: Analysis) -> str:

@@ -79,7 +79,38 @@ def test_a_model_whose_layers_no_rule_covers_says_so(tmp_path, capsys):
     assert spa("analyze", path) == 0
     assert "w [64, 32] read by Dense 'Dense#0' (custom-domain op com.example::Dense)" in capsys.readouterr().out
     _expect_error(capsys, ["prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q"],
-                  "nothing prunable: no channel groups", out=str(out))
+                  "nothing prunable: no channel group holds a weight; the weights are read by custom-domain ops that "
+                  "SPA has no rule for (com.example::Dense)", out=str(out))
+
+
+def test_a_qonnx_export_is_named_and_refused_before_calibration(tmp_path, capsys):
+    """qonnx ships Brevitas exports whose conv weights pass through Quant ops of domain onnx.brevitas,
+    which onnxruntime cannot run: the default criterion refuses before it calibrates (no inversion
+    tried on a model that cannot run), saying what the file is and what to export instead."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((8, 3, 3, 3), np.float32), "w")
+    scale, zero, bits = (numpy_helper.from_array(np.array(v, np.float32), n)
+                         for v, n in ((0.1, "scale"), (0.0, "zero"), (8.0, "bits")))
+    quant = helper.make_node("Quant", ["w", "scale", "zero", "bits"], ["wq"], domain="onnx.brevitas",
+                             narrow=0, signed=1, rounding_mode="ROUND")
+    conv = helper.make_node("Conv", ["x", "wq"], ["y"], pads=[1, 1, 1, 1])
+    graph = helper.make_graph([quant, conv], "brevitas",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [weight, scale, zero, bits])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11),
+                                                    helper.make_opsetid("onnx.brevitas", 1)])
+    path, out = saved(tmp_path, model), tmp_path / "o.onnx"
+    assert spa("prune", path, "-o", out, "--ratio", "0.5") == 2
+    captured = capsys.readouterr()
+    assert "calibration" not in captured.err
+    assert captured.err.strip().splitlines()[-1] == (
+        "spa: error: nothing prunable: no channel group holds a weight; the weights are read by custom-domain ops "
+        "that SPA has no rule for (onnx.brevitas::Quant); this is a QONNX export (Brevitas or FINN quantisation, whose Quant ops "
+        "onnxruntime cannot run): export the float model, or quantise with QuantizeLinear/DequantizeLinear, which "
+        "SPA prunes")
+    assert not os.path.exists(out)
 
 
 def test_a_tree_ensemble_is_named_as_classical_machine_learning(tmp_path, capsys):

@@ -428,6 +428,19 @@ class Graph:
             self._probed = self._probe_parameter_inputs()
         return self._probed.get(name)
 
+    def slice_bounds(self, node: onnx.NodeProto) -> tuple | None:
+        """(starts, ends, axes, steps) of a Slice as int lists, from its inputs (opset 10 on) or its
+        attributes (before: paddle2onnx still writes opset 7); axes and steps None where not given.
+        None where any given bound is not static."""
+        if self.opset() < 10:
+            starts, ends = attr(node, "starts"), attr(node, "ends")
+            return None if starts is None or ends is None else (list(starts), list(ends), attr(node, "axes"), None)
+        names = (list(node.input[1:5]) + [""] * 4)[:4]
+        values = [self.static_value(x) if x else None for x in names]
+        if values[0] is None or values[1] is None or any(x and v is None for x, v in zip(names, values)):
+            return None
+        return tuple(None if v is None else [int(x) for x in np.atleast_1d(v)] for v in values)
+
     def _probe_parameter_inputs(self) -> dict:
         wanted = set()
         for node in self.nodes:
@@ -435,6 +448,9 @@ class Graph:
             for x in (x for k, x in enumerate(node.input) if x and k in slots and x not in self.consts):
                 wanted.add(x)
                 producer = self.nodes[self.producer[x]] if x in self.producer else None
+                while producer is not None and producer.op_type in ("Identity", "Cast"):  # paddle2onnx, tf2onnx
+                    producer = self.nodes[self.producer[producer.input[0]]] if producer.input[0] in self.producer \
+                        else None
                 if producer is not None and producer.op_type == "Concat":  # pieces of a shape
                     wanted.update(p for p in producer.input if p and p not in self.consts)
         if not wanted or weight_bytes(self.model) > PROBE_LIMIT:
@@ -680,6 +696,27 @@ def _settle_reshapes(graph, shapes) -> list:
     return settled
 
 
+def _bypass_identities(light: onnx.ModelProto) -> dict:
+    """Rewire `light` around its Identity nodes ({output: the tensor it repeats}). onnxruntime's
+    symbolic inference passes a shape through Identity but not a shape vector's values, and
+    paddle2onnx routes every vector through one or two: a Reshape's target read from them left its
+    output sizes unknown (PP-OCRv5's recognizer: a static 120 channels, read as a new symbol)."""
+    keep = {o.name for o in light.graph.output}.union(*(outer_scope_inputs(n) for n in light.graph.node))
+    source, kept = {}, []
+    for node in light.graph.node:
+        if node.op_type == "Identity" and node.input and node.input[0] and node.output[0] not in keep:
+            source[node.output[0]] = source.get(node.input[0], node.input[0])
+        else:
+            kept.append(node)
+    if source:
+        for node in kept:
+            for k, name in enumerate(node.input):
+                node.input[k] = source.get(name, name)
+        del light.graph.node[:]
+        light.graph.node.extend(kept)
+    return source
+
+
 def _constant_identities(light: onnx.ModelProto) -> dict:
     """Turn each Identity of a small integer initializer in `light` into an initializer of its own
     ({name: shape} of those). paddle2onnx routes every shape vector through one ("auto.cast"), and
@@ -700,6 +737,7 @@ def _constant_identities(light: onnx.ModelProto) -> dict:
             alias.name = node.output[0]
             light.graph.initializer.append(alias)
             aliases[alias.name] = tuple(source.dims)
+            weights[alias.name] = alias  # paddle2onnx chains them: Identity(Identity(w))
         else:
             kept.append(node)
     if aliases:
@@ -715,6 +753,7 @@ def infer_shapes(model: onnx.ModelProto, notes: list | None = None) -> dict:
 
     light = symbolic_declarations(_without_large_data(model))  # declared -1 / 0 dims: symbolic
     aliases = _constant_identities(light)
+    bypassed = _bypass_identities(light)
     for _ in range(4):  # each round may settle reshape dims that the next round propagates
         try:
             inferred = shape_inference.infer_shapes(light, data_prop=True)
@@ -736,6 +775,8 @@ def infer_shapes(model: onnx.ModelProto, notes: list | None = None) -> dict:
         for name, better in _symbolic_shapes(light).items():
             if name not in shapes or ("?" in shapes[name] and len(better) == len(shapes[name])):
                 shapes[name] = better
+    dims = {t.name: tuple(t.dims) for t in light.graph.initializer}
+    shapes.update({out: shapes.get(src, dims.get(src)) for out, src in bypassed.items() if src in shapes or src in dims})
     missing = open_outputs()
     if missing and weight_bytes(model) < PROBE_LIMIT:
         for name, ran in shapes_by_running(model, missing, notes).items():

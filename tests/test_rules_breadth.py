@@ -286,6 +286,30 @@ def test_a_flatten_by_the_inputs_own_leading_sizes_keeps_the_channel_axis():
     check_exact(model, dims={"W": 6})
 
 
+def test_an_opset7_neck_whose_reshape_reads_a_width_and_identity_chained_sizes_prunes():
+    """PP-OCRv5's recognizer as paddle2onnx writes it at opset 7: the SVTR neck reshapes [N, W, C] to
+    [N, 1, W, C] with a target Concat of constants behind Identity(Identity()) and a width read off
+    another tensor's Shape by an attribute Slice (opset < 10). The Slice's bounds were read from
+    inputs only, so the width counted as the channel count ("sizes Reshape of another tensor"), and
+    onnxruntime's symbolic inference passes no values through Identity, so C came out unknown."""
+    b = Builder(opset=7)
+    y = b.op("Relu", [b.conv(b.input([N, 3, 1, "W"]), 3, 16)])
+    h = b.op("MatMul", [b.op("Transpose", [b.op("Squeeze", [y], axes=[2])], perm=[0, 2, 1]), b.weight(16, 12)])
+    width = b.op("Squeeze", [b.op("Slice", [b.op("Shape", [y])], axes=[0], starts=[3], ends=[4])], axes=[0])
+
+    def piece(scalar):
+        chained = b.op("Identity", [b.op("Identity", [b.const(np.array(scalar, dtype=np.int64))])])
+        return b.op("Unsqueeze", [chained], axes=[0])
+
+    target = b.op("Identity", [b.op("Concat", [piece(0), piece(1), b.op("Unsqueeze", [width], axes=[0]), piece(12)],
+                                     axis=0)])
+    z = b.op("Relu", [b.op("Transpose", [b.op("Reshape", [h, target])], perm=[0, 3, 1, 2])])
+    b.output(b.conv(z, 12, 4), [N, 4, 1, "W"])
+    model = b.model()
+    assert [g.prunable for g in analyze(model).groups] == [True, True, False]
+    check_exact(model, dims={"W": 6})
+
+
 @pytest.mark.parametrize("time_axis, batch_axis", [(0, 1), (1, 0)])
 def test_reverse_sequence_passes_channels_through(time_axis, batch_axis):
     """ReverseSequence (TensorFlow's reversed half of a bidirectional recurrence, mk8dx's BiLSTM):

@@ -35,13 +35,11 @@ class ShapeOnly(Rule):
 PARAMETER_OPS = {**PARAMETER_SLOTS, "ConstantOfShape": (0,)}
 def _sliced_positions(c: Ctx, node, vector, positions):
     """Where `positions` of a 1-D vector land after a constant Slice (None when unknown)."""
-    length = c.g.dim(vector, 0)
-    bounds = [c.g.static_value(x) if x else None for x in list(node.input[1:5]) + [""] * 4][:4]
-    if length is None or bounds[0] is None or bounds[1] is None or \
-            (bounds[2] is not None and list(np.atleast_1d(bounds[2])) not in ([0], [-1])):
+    length, bounds = c.g.dim(vector, 0), c.g.slice_bounds(node)
+    if length is None or bounds is None or bounds[2] not in (None, [0], [-1]):
         return None
-    step = int(np.atleast_1d(bounds[3])[0]) if bounds[3] is not None else 1
-    kept = list(range(length))[slice(int(np.atleast_1d(bounds[0])[0]), int(np.atleast_1d(bounds[1])[0]), step)]
+    starts, ends, _, steps = bounds
+    kept = list(range(length))[slice(starts[0], ends[0], steps[0] if steps else 1)]
     return {k for k, p in enumerate(kept) if p in positions}
 
 

@@ -165,12 +165,11 @@ def _shape_source(c: Ctx, name: str) -> tuple | None:
             return None
         return source[0], source[1] + (position + length if position < 0 else position)
     offset = 0
-    if node is not None and node.op_type == "Slice" and len(node.input) >= 3:
-        starts = c.g.static_value(node.input[1])
-        steps = c.g.static_value(node.input[4]) if len(node.input) > 4 and node.input[4] else None
-        if starts is None or starts.size != 1 or (steps is not None and int(steps.reshape(-1)[0]) != 1):
+    if node is not None and node.op_type == "Slice":
+        bounds = c.g.slice_bounds(node)
+        if bounds is None or len(bounds[0]) != 1 or bounds[3] not in (None, [1]):
             return None
-        offset = int(starts.reshape(-1)[0])
+        offset = bounds[0][0]
         name = _through_views(c, node.input[0])
         node = c.g.nodes[c.g.producer[name]] if name in c.g.producer else None
     if node is None or node.op_type != "Shape" or offset < 0:

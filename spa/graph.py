@@ -701,10 +701,12 @@ def _settle_reshapes(graph, shapes) -> list:
 
 
 def _bypass_identities(light: onnx.ModelProto) -> dict:
-    """Rewire `light` around its Identity nodes ({output: the tensor it repeats}). onnxruntime's
-    symbolic inference passes a shape through Identity but not a shape vector's values, and
-    paddle2onnx routes every vector through one or two: a Reshape's target read from them left its
-    output sizes unknown (PP-OCRv5's recognizer: a static 120 channels, read as a new symbol)."""
+    """Rewire `light` around its Identity nodes ({output: the tensor it repeats}). paddle2onnx routes
+    every shape vector through one or two ("auto.cast"): ONNX's shape inference reads a Reshape's
+    target only from a constant, and onnxruntime's symbolic inference passes a shape through Identity
+    but not a vector's values, so the Reshape's output sizes stayed unknown (or were merged with a
+    broadcast partner's dims: a conv bias [480] reshaped to [1, -1, 1, 1] read as [N, 480, 6, W]; a
+    static 120 channels in PP-OCRv5's recognizer, read as a new symbol)."""
     keep = {o.name for o in light.graph.output}.union(*(outer_scope_inputs(n) for n in light.graph.node))
     source, kept = {}, []
     for node in light.graph.node:
@@ -721,42 +723,12 @@ def _bypass_identities(light: onnx.ModelProto) -> dict:
     return source
 
 
-def _constant_identities(light: onnx.ModelProto) -> dict:
-    """Turn each Identity of a small integer initializer in `light` into an initializer of its own
-    ({name: shape} of those). paddle2onnx routes every shape vector through one ("auto.cast"), and
-    ONNX's shape inference, which reads a Reshape's target only from a constant, then leaves its
-    output unknown; onnxruntime's symbolic inference merged such unknowns with a broadcast partner's
-    dims (a conv bias [480] reshaped to [1, -1, 1, 1] read as [N, 480, 6, W])."""
-    weights = {t.name: t for t in light.graph.initializer}
-    outputs = {o.name for o in light.graph.output}
-    aliases, kept = {}, []
-    for node in light.graph.node:
-        source = weights.get(node.input[0]) if node.op_type == "Identity" and node.input \
-            and node.output[0] not in outputs else None
-        if source is not None and source.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) \
-                and np.prod(source.dims, dtype=np.int64) <= 64 and (source.raw_data or source.int64_data
-                                                                     or source.int32_data or not source.dims):
-            alias = onnx.TensorProto()
-            alias.CopyFrom(source)
-            alias.name = node.output[0]
-            light.graph.initializer.append(alias)
-            aliases[alias.name] = tuple(source.dims)
-            weights[alias.name] = alias  # paddle2onnx chains them: Identity(Identity(w))
-        else:
-            kept.append(node)
-    if aliases:
-        del light.graph.node[:]
-        light.graph.node.extend(kept)
-    return aliases
-
-
 def infer_shapes(model: onnx.ModelProto, notes: list | None = None) -> dict:
     """Per-tensor shapes (ints, or strings for symbolic dims) from ONNX shape inference (and, where
     it leaves some open, from a probe: `notes` receives why a probe could not run)."""
     from .runtime import symbolic_declarations
 
     light = symbolic_declarations(_without_large_data(model))  # declared -1 / 0 dims: symbolic
-    aliases = _constant_identities(light)
     bypassed = _bypass_identities(light)
     for _ in range(4):  # each round may settle reshape dims that the next round propagates
         try:
@@ -768,7 +740,6 @@ def infer_shapes(model: onnx.ModelProto, notes: list | None = None) -> dict:
         if not settled or inferred is model:
             break
         light.graph.value_info.extend(settled)
-    shapes.update(aliases)
     g = inferred.graph
     consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
 
@@ -780,7 +751,8 @@ def infer_shapes(model: onnx.ModelProto, notes: list | None = None) -> dict:
             if name not in shapes or ("?" in shapes[name] and len(better) == len(shapes[name])):
                 shapes[name] = better
     dims = {t.name: tuple(t.dims) for t in light.graph.initializer}
-    shapes.update({out: shapes.get(src, dims.get(src)) for out, src in bypassed.items() if src in shapes or src in dims})
+    shapes.update({out: shapes[src] if src in shapes else dims[src] for out, src in bypassed.items()
+                   if src in shapes or src in dims})
     missing = open_outputs()
     if missing and weight_bytes(model) < PROBE_LIMIT:
         for name, ran in shapes_by_running(model, missing, notes).items():

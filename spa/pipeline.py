@@ -16,9 +16,9 @@ from onnx import external_data_helper
 
 from . import allocation as allocate
 from . import external_data, latency, obspa, plugins
-from .calibration import (DEFAULT_SAMPLES, Calibration, SampleDefault, calibration_batches, fresh_batches,
-                          generated_shapes, generated_token_lengths, is_generated, shared_shapes, text_lines, text_mode,
-                          user_shapes, with_text_config, with_tokenizer)
+from .calibration import (DEFAULT_SAMPLES, Calibration, SampleDefault, calibration_batches, edited_batches,
+                          fresh_batches, generated_shapes, generated_token_lengths, is_generated, shared_shapes,
+                          text_lines, text_mode, user_shapes, with_text_config, with_tokenizer)
 from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
 from .cost import concrete_shapes, count_macs, count_params
 from .graph import weight_bytes
@@ -365,9 +365,10 @@ def recovery_inputs(model, cal: Calibration, fit: list, held: list, progress=_qu
         if cal.tokenizer and not is_generated(cal.source):
             if not held:  # a criterion that judged nothing on held-out sentences: hold some out now
                 fit, held = _held_out(model, cal, fit)
-            progress("recover: distilling on the calibration sentences interleaved with fresh synthetic ones from "
-                     "the tokenizer, judged on the held-out sentences")
-            return _interleaved(fit or held, fresh_batches(model, synthetic, progress)), held or fit
+            progress("recover: distilling on the calibration sentences, a few words of each dropped or swapped, "
+                     "interleaved with fresh synthetic ones from the tokenizer, judged on the held-out sentences")
+            real = edited_batches(model, cal, fit or held, progress)
+            return _interleaved(real, fresh_batches(model, synthetic, progress)), held or fit
         if cal.source != "synthetic":
             return fit + held, None
         progress("recover: distilling on fresh synthetic batches every step, judged on the held-out ones")
@@ -376,10 +377,10 @@ def recovery_inputs(model, cal: Calibration, fit: list, held: list, progress=_qu
     return fresh_batches(model, synthetic, progress), held or None
 
 
-def _interleaved(data: list, fresh):
-    """`step -> feeds`: the data's batches in turn on even steps, `fresh(k)` for the k-th odd one."""
+def _interleaved(real, fresh):
+    """`step -> feeds`: `real(k)` on the k-th even step, `fresh(k)` on the k-th odd one."""
     def feeds(step: int) -> dict:
-        return data[(step // 2) % len(data)] if step % 2 == 0 else fresh(step // 2)
+        return (real if step % 2 == 0 else fresh)(step // 2)
 
     return feeds
 

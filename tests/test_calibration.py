@@ -496,6 +496,32 @@ SENTENCES = ["yes", "the cat sat on a mat", "", "no", "the dog ran far far away"
              "the very big cat sat on the mat", "  ", "zebra", "yes no"]
 
 
+def test_edited_sentences_drop_or_swap_a_few_words_of_each(tmp_path):
+    """Distillation's real steps: batches of the calibration sentences, each decoded, given one edit
+    (words dropped, or swapped for other sentences' words) and encoded again; the same k gives the same
+    batch, and every word comes from the sentences."""
+    from spa.calibration import edited_batches
+
+    tokenizer = _tokenizer(tmp_path / "tok")
+    sentences = ["the very big cat sat on the mat", "the dog ran far far away", "a big red dog sat on a mat"] * 3
+    (tmp_path / "s.txt").write_text("\n".join(sentences), encoding="utf-8")
+    cal = Calibration(source=str(tmp_path / "s.txt"), tokenizer=str(tokenizer), batch_size=4)
+    model = _text_model()
+    edited = edited_batches(model, cal, calibration_batches(model, cal))
+    originals = {tuple(_ids(s)) for s in sentences}
+    vocabulary = {i for s in originals for i in s}
+    drawn = [edited(k) for k in range(6)]
+    assert all(f["input_ids"].shape[0] == 4 and set(f) == {"input_ids", "token_type_ids", "attention_mask"}
+               for f in drawn)
+    rows = [tuple(r[m == 1]) for f in drawn for r, m in zip(f["input_ids"], f["attention_mask"])]
+    assert {i for r in rows for i in r} <= vocabulary and all(r[0] == 2 and r[-1] == 3 for r in rows)
+    changed = [r for r in rows if r not in originals]
+    assert changed and len(changed) < len(rows)  # 15 % of the words: some sentences keep all of theirs
+    assert any(len(r) < min(len(o) for o in originals) for r in rows)  # drops shorten
+    assert all(np.array_equal(edited(3)[k], drawn[3][k]) for k in drawn[3])
+    assert not np.array_equal(drawn[0]["input_ids"], drawn[1]["input_ids"])
+
+
 def test_text_file_is_tokenised_grouped_and_padded(tmp_path):
     tokenizer = _tokenizer(tmp_path / "tok")
     (tmp_path / "s.txt").write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")

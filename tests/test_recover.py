@@ -447,8 +447,9 @@ def test_lookup_tables_are_not_trained():
 
 
 def test_pipeline_recovery_interleaves_calibration_sentences_with_fresh_synthetic_ones(tmp_path, monkeypatch):
-    """Sentences from a text file: theirs on even steps, fresh synthetic sentences from the same tokenizer
-    on odd ones, judged on the held-out sentences only (MiniLM, 128 real sentences: docs/recover.md)."""
+    """Sentences from a text file on even steps, a few words of each dropped or swapped for words of the
+    others, fresh synthetic sentences from the same tokenizer on odd ones, judged on the held-out
+    sentences as they are (MiniLM, 128 real sentences: docs/recover.md)."""
     from spa import plugins
     from spa.calibration import Calibration
     from test_calibration import SENTENCES, _ids, _tokenizer
@@ -471,11 +472,14 @@ def test_pipeline_recovery_interleaves_calibration_sentences_with_fresh_syntheti
           progress=messages.append)
     batches = seen["batches"]
     assert callable(batches) and seen["holdout"]
-    assert all(rows(batches(step)) <= real for step in (0, 2, 4))
+    words = {i for r in real for i in r}
+    edited = set().union(*(rows(batches(step)) for step in (0, 2, 4)))
+    assert {i for r in edited for i in r} <= words and not edited <= real
+    assert all(r[0] == 2 and r[-1] == 3 for r in edited)  # encoded again: [CLS] ... [SEP]
     assert not rows(batches(1)) <= real and not rows(batches(3)) <= real
     assert all(rows(h) <= real for h in seen["holdout"])
     assert not any(batches(step) is h for h in seen["holdout"] for step in (0, 2, 4))
-    assert any("interleaved with fresh synthetic" in m for m in messages)
+    assert any("dropped or swapped, interleaved with fresh synthetic" in m for m in messages)
 
     np.savez(tmp_path / "ids.npz", **batches(0))  # the same data without a tokenizer: cycled as before
     prune(_embedding_mlp(), Target(ratio=0.5), criterion="l1", recover=5, calibration=str(tmp_path / "ids.npz"))

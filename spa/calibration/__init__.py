@@ -102,7 +102,8 @@ from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAY
                      MIN_TOKENS, TOKENS, _image_layout, _Input, _positive_int, generated_token_lengths, position_limit,
                      shared_shapes, user_shapes, vocabulary_size)
 from .synthetic import DEAD_LEAVES, NATURAL_SLOPES, dead_leaves, natural_noise, out_of_distribution
-from .text import FREQUENT_SHARE, SCAFFOLD_WORDS, SyntheticVocabulary, _tokenizer, from_text, synthetic_vocabulary
+from .text import (FREQUENT_SHARE, SCAFFOLD_WORDS, SyntheticVocabulary, _tokenizer, edited_sentences, from_text,
+                   synthetic_vocabulary)
 
 DEFAULT_SAMPLES = 128
 FRESH_TOKENS = 16          # a fresh token batch holds batch_size * FRESH_TOKENS tokens (fresh_batches)
@@ -475,6 +476,13 @@ def fresh_batches(model: onnx.ModelProto, calibration: Calibration, progress=_qu
     if options.source != "synthetic":
         raise SpaError(f"fresh batches are drawn from the synthetic source, not {options.source!r}")
     return FreshBatches(_Plan(model, options, progress or _quiet))
+
+
+def edited_batches(model: onnx.ModelProto, calibration: Calibration, batches: list, progress=_quiet):
+    """`k -> feeds`: batches of the calibration's sentences (token `batches` of a text file, read with
+    its tokenizer) with a few words of each dropped or swapped (`text.edited_sentences`)."""
+    options = dataclasses.replace(calibration, samples=calibration.samples or DEFAULT_SAMPLES).check()
+    return edited_sentences(_Plan(model, options, progress or _quiet), batches)
 
 
 class FreshBatches:

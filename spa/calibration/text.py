@@ -148,15 +148,20 @@ def edited_sentences(plan: _Plan, batches: list):
 
     def batch(k: int) -> dict:
         rng = np.random.default_rng((plan.options.seed, k))
-        edited = []
-        for j in rng.integers(len(sentences), size=plan.chunk):
-            s, drop = sentences[j], rng.random() < 0.5
-            hit = rng.random(len(s)) < EDITED_WORDS
-            edited.append(" ".join([w for w, h in zip(s, hit) if not h] or s[:1] if drop else
-                                   [words[rng.integers(len(words))] if h else w for w, h in zip(s, hit)]))
+        edited = [_edited(sentences[j], words, rng) for j in rng.integers(len(sentences), size=plan.chunk)]
         return _packed(plan, ids, [e.ids for e in tokenizer.encode_batch(edited)], static, pad)
 
     return batch
+
+
+def _edited(sentence: list, words: list, rng) -> str:
+    """`sentence` (its words) with EDITED_WORDS of them dropped (one kept at least) or, as often,
+    swapped for words drawn from `words`."""
+    drop = rng.random() < 0.5
+    hit = rng.random(len(sentence)) < EDITED_WORDS
+    if drop:
+        return " ".join([w for w, h in zip(sentence, hit) if not h] or sentence[:1])
+    return " ".join(words[rng.integers(len(words))] if h else w for w, h in zip(sentence, hit))
 
 
 def _tokenizer(path):

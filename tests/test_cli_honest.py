@@ -107,9 +107,9 @@ def test_a_qonnx_export_is_named_and_refused_before_calibration(tmp_path, capsys
     assert "calibration" not in captured.err
     assert captured.err.strip().splitlines()[-1] == (
         "spa: error: nothing prunable: no channel group holds a weight; the weights are read by custom-domain ops "
-        "that SPA has no rule for (onnx.brevitas::Quant); this is a QONNX export (Brevitas or FINN quantisation, whose Quant ops "
-        "onnxruntime cannot run): export the float model, or quantise with QuantizeLinear/DequantizeLinear, which "
-        "SPA prunes")
+        "that SPA has no rule for (onnx.brevitas::Quant); this is a QONNX export (Brevitas or FINN quantisation, "
+        "whose Quant ops onnxruntime cannot run): export the float model, or quantise with "
+        "QuantizeLinear/DequantizeLinear, which SPA prunes")
     assert not os.path.exists(out)
 
 

@@ -1,5 +1,6 @@
 """Token models' calibration text: sentences from a .txt file (`from_text`) through a tokenizer
-(`_tokenizer`, the `tokenizers` package), and synthetic sentences shaped like the tokenizer's own
+(`_tokenizer`, the `tokenizers` package), copies of them with a few words dropped or swapped for
+distillation (`edited_sentences`), and synthetic sentences shaped like the tokenizer's own
 (`SyntheticVocabulary`, `synthetic_vocabulary`): its frequent whole words framed by its special
 tokens, a share of them in English clauses (`SCAFFOLD_WORDS`, `_scaffold`, `_clauses`).
 """

@@ -290,8 +290,9 @@ def test_an_opset7_neck_whose_reshape_reads_a_width_and_identity_chained_sizes_p
     """PP-OCRv5's recognizer as paddle2onnx writes it at opset 7: the SVTR neck reshapes [N, W, C] to
     [N, 1, W, C] with a target Concat of constants behind Identity(Identity()) and a width read off
     another tensor's Shape by an attribute Slice (opset < 10). The Slice's bounds were read from
-    inputs only, so the width counted as the channel count ("sizes Reshape of another tensor"), and
-    onnxruntime's symbolic inference passes no values through Identity, so C came out unknown."""
+    inputs only, so the width counted as the channel count ("sizes Reshape of another tensor");
+    onnxruntime's symbolic inference passes no values through Identity, so C came out unknown; and the
+    probe did not reach the Concat's pieces behind the outer Identity, so C was not rewritten."""
     b = Builder(opset=7)
     y = b.op("Relu", [b.conv(b.input([N, 3, 1, "W"]), 3, 16)])
     h = b.op("MatMul", [b.op("Transpose", [b.op("Squeeze", [y], axes=[2])], perm=[0, 2, 1]), b.weight(16, 12)])

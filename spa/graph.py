@@ -865,11 +865,18 @@ def in_child_process(work):
     return result
 
 
-def _probe_death(exitcode) -> str:
+def death_cause(exitcode) -> str:
+    """How a child process ended, for a message: 'was killed by SIGKILL (out of memory?)', ..."""
     import signal
 
-    cause = f"was killed by {signal.Signals(-exitcode).name}" if exitcode and exitcode < 0 else \
-        f"exited with status {exitcode}"
+    if exitcode and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        return f"was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    return f"exited with status {exitcode}"
+
+
+def _probe_death(exitcode) -> str:
+    cause = death_cause(exitcode)
     sizes = " and ".join(str(size) for _, size in PROBE_SIZES)
     return (f"shape probe: onnxruntime {cause} running the model at the probe's sizes (batch "
             f"{' and '.join(str(batch) for batch, _ in PROBE_SIZES)}, free sizes from {sizes}); the shapes ONNX "

@@ -117,7 +117,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
                                         samples=OBSPA_SAMPLES if criterion == "obspa" else ()) \
         if needs_data else (cal, [], [])
     ran_at = shared_shapes(model, fit + held) if needs_data else None if cal.shapes else \
-        _runs_at(model, generated_shapes(model, cal))
+        _runs_at(model, generated_shapes(model, cal), progress)
     analysis.input_shapes = ran_at or user_shapes(model, cal.shapes) or None  # the sizes MACs are counted at
     progress(f"scoring {sum(g.prunable for g in analysis.groups)} prunable groups ({criterion})")
     warnings = check_bn_scale(analysis) if criterion == "bn-scale" and saliency is None else []
@@ -613,16 +613,26 @@ def macs_per_sample(model: onnx.ModelProto, feeds: dict) -> float:
         return 0.0
 
 
-def _runs_at(model: onnx.ModelProto, shapes: dict | None) -> dict | None:
+def _runs_at(model: onnx.ModelProto, shapes: dict | None, progress=_quiet) -> dict | None:
     """`shapes` (the sizes generated calibration would take) where the model runs on them (one
     sample), else None: a run without calibration then counts and verifies where it always did, as
-    does a model too big to run for that (over graph.PROBE_LIMIT of weights)."""
-    from .graph import PROBE_LIMIT
+    does a model too big to run for that (over graph.PROBE_LIMIT of weights). The run is forked: at
+    sizes the model was not made for it can die (attention over every pixel of a 224x224 map asks
+    for 20 GB, and the OS kills the process), which is then said instead of taking the command along."""
+    from .graph import PROBE_LIMIT, ChildDied, death_cause, in_child_process
     from .runtime import random_inputs
 
     if not shapes or weight_bytes(model) > PROBE_LIMIT:
         return None
-    return shapes if runs(model, random_inputs(model, shapes=shapes)) else None
+    feeds = random_inputs(model, shapes=shapes)
+    try:
+        return shapes if in_child_process(lambda: runs(model, feeds)) else None
+    except ChildDied as died:
+        sizes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in shapes.items())
+        progress(f"onnxruntime {death_cause(died.exitcode)} running the model once at the sizes generated "
+                 f"calibration takes ({sizes}): MACs are counted and the output verified at smaller sizes; "
+                 "--input-shape gives the sizes it is used at")
+        return None
 
 
 def _calibration(source, samples: int | None, seed: int) -> Calibration:

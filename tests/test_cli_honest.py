@@ -712,3 +712,25 @@ def test_nan_that_the_original_gives_on_random_inputs_too_is_announced_not_blame
     finite = saved(tmp_path, _sqrt_mlp(nan_free=True), "finite.onnx")
     with pytest.raises(SpaError, match="pruned model produced NaN or Inf"):
         validate(_sqrt_mlp(nan_free=False).SerializeToString(), original=finite)
+
+
+def test_a_trial_run_killed_at_the_calibration_sizes_is_said_and_the_prune_goes_on(tmp_path, monkeypatch):
+    """Without calibration, the model runs once at the sizes generated calibration would take (MACs are
+    counted there). That run is forked: where the OS kills it (attention over every pixel of a 224x224
+    map asks for 20 GB), the prune says so and counts and verifies at smaller sizes, instead of dying."""
+    import spa.graph
+    from spa.pipeline import prune
+    from spa.selection import Target
+
+    def killed(work):
+        raise spa.graph.ChildDied(-9)
+
+    model = conv_chain((8, 8), shape=("batch", 3, "height", "width"))
+    messages = []
+    monkeypatch.setattr(spa.graph, "in_child_process", killed)
+    result = prune(model, Target(ratio=0.5), criterion="l1", progress=messages.append)
+    assert len(result.plan.removed_atoms) and result.input_shapes is None
+    assert any(m.startswith("onnxruntime was killed by SIGKILL (out of memory?) running the model once at the sizes "
+                            "generated calibration takes (input 1x3x224x224)") for m in messages), messages
+    monkeypatch.undo()
+    assert prune(model, Target(ratio=0.5), criterion="l1").input_shapes == {"input": (1, 3, 224, 224)}

@@ -132,14 +132,12 @@ def nothing_prunable(analysis: Analysis) -> SpaError:
     nodes = analysis.model.graph.node
     classical = sorted({n.op_type for n in nodes if n.domain == "ai.onnx.ml"})
     weights = {t.name for t in analysis.model.graph.initializer if len(t.dims) >= 2}
-    if not analysis.groups and classical and not any(weights.intersection(n.input) for n in nodes
-                                                     if n.domain != "ai.onnx.ml"):
+    readers = {(n.domain, n.op_type) for n in nodes if weights.intersection(n.input)}  # of a weight matrix
+    if not analysis.groups and classical and all(domain == "ai.onnx.ml" for domain, _ in readers):
         return SpaError(f"nothing prunable: no channel groups; this is a classical machine-learning model "
                         f"(ai.onnx.ml {', '.join(classical)}), with no neural-network layers to narrow")
-    custom = sorted({f"{n.domain}::{n.op_type}" for n in nodes if n.domain not in STANDARD_DOMAINS
-                     and weights.intersection(n.input)})
-    standard_read = any(weights.intersection(n.input) for n in nodes if n.domain in STANDARD_DOMAINS)
-    if custom and not standard_read and not any(g.has_params for g in analysis.groups):
+    custom = sorted(f"{domain}::{op}" for domain, op in readers if domain not in STANDARD_DOMAINS)
+    if custom and len(custom) == len(readers) and not any(g.has_params for g in analysis.groups):
         return SpaError(f"nothing prunable: no channel group holds a weight; the weights are read by custom-domain ops "
                         f"that SPA has no rule for ({', '.join(custom)}){_custom_hint(custom)}")
     if not analysis.groups:

@@ -1,4 +1,5 @@
-"""Parameters and multiply-accumulates (MACs), for targets, reports and benchmarks."""
+"""Parameters, multiply-accumulates (MACs) and tensor sizes, for targets, reports, benchmarks and the
+calibration's memory."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -19,9 +20,9 @@ MAC_OPS = (*CONV_WEIGHT, "ConvTranspose", *MATRIX_OPS, "LSTM", "GRU", "RNN", "Dy
 
 
 def concrete_shapes(model: onnx.ModelProto, batch: int = 1, dims: dict | None = None,
-                    shapes: dict | None = None) -> dict:
+                    shapes: dict | None = None, run: bool = True) -> dict:
     """Shapes with every symbolic dim fixed (batch first, then `dims`, the user's input `shapes`);
-    falls back to a run."""
+    where inference leaves a MAC op's shapes open, falls back to a run (unless `run` is False)."""
     from .runtime import input_specs, random_inputs, session
 
     fixed = onnx.ModelProto()
@@ -36,7 +37,7 @@ def concrete_shapes(model: onnx.ModelProto, batch: int = 1, dims: dict | None = 
     g = fixed.graph
     wanted = {x for n in g.node if n.op_type in MAC_OPS for x in list(n.input) + list(n.output) if x}
     missing = [t for t in wanted if not _static(inferred.get(t)) and t not in {i.name for i in g.initializer}]
-    if missing:
+    if missing and run:
         known = {o.name for o in g.output}
         g.output.extend(helper.ValueInfoProto(name=t) for t in missing if t not in known)
         try:
@@ -53,6 +54,22 @@ def concrete_shapes(model: onnx.ModelProto, batch: int = 1, dims: dict | None = 
 
 def _static(shape):
     return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+def largest_node(model: onnx.ModelProto, shapes: dict) -> tuple[str, int]:
+    """("Op 'output'", elements) of the node whose computed inputs and outputs together hold the most
+    elements (what must be alive at once while it runs), counting the tensors `shapes` knows in full;
+    ("", 0) when it knows none."""
+    weights = {t.name for t in model.graph.initializer}
+
+    def elements(name):
+        shape = shapes.get(name)
+        return int(np.prod(shape, dtype=np.int64)) if name and name not in weights and _static(shape) else 0
+
+    sizes = {f"{n.op_type} '{n.output[0]}'": sum(map(elements, {*n.input, *n.output}))
+             for n in model.graph.node if n.output}
+    label = max(sizes, key=sizes.get, default="")
+    return label, sizes.get(label, 0)
 
 
 def node_macs(node, dim) -> int:

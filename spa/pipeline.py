@@ -20,7 +20,7 @@ from .calibration import (DEFAULT_SAMPLES, Calibration, SampleDefault, calibrati
                           fresh_batches, generated_shapes, generated_token_lengths, is_generated, shared_shapes,
                           text_lines, text_mode, user_shapes, with_text_config, with_tokenizer)
 from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
-from .cost import concrete_shapes, count_macs, count_params
+from .cost import concrete_shapes, count_macs, count_params, largest_node
 from .graph import weight_bytes
 from .groups import Analysis, Options, analyze
 from .importance import GRADIENT_CRITERIA, check_bn_scale, score
@@ -29,7 +29,7 @@ from .report import removed_by_kind, removed_text
 from .rewrite import rewrite
 from .selection import Target, nothing_prunable, select
 from .paths import staging_folder
-from .runtime import batch_size, declared_inputs, feed_shapes, is_float, sample_count, session
+from .runtime import available_memory, batch_size, declared_inputs, feed_shapes, is_float, sample_count, session
 from .verify import runs, session_fits, validate
 
 
@@ -343,6 +343,7 @@ def calibration_inputs(model: onnx.ModelProto, cal: Calibration, progress=_quiet
         batches = calibration_batches(model, cal, progress=progress)
     if capped:
         batches = affordable(model, batches, progress, budget)
+    batches = within_memory(model, batches, progress)
     if batches and cal.source == "synthetic" and not text_mode(model, cal):
         _hint_text_pages(model, batches[0], progress)
     cut = capped and is_generated(cal.source) and sample_count(batches) < wanted
@@ -600,17 +601,66 @@ def _drawn_within(model: onnx.ModelProto, cal: Calibration, budget: float, progr
 
 
 def macs_per_sample(model: onnx.ModelProto, feeds: dict) -> float:
+    count = batch_size(feeds)
+    try:
+        return count_macs(model, concrete_shapes(model, batch=count, dims=_named_sizes(model, feeds))) / max(count, 1)
+    except Exception:  # an estimate only: without shapes, keep every sample
+        return 0.0
+
+
+def _named_sizes(model: onnx.ModelProto, feeds: dict) -> dict:
+    """{symbolic dim: its size in `feeds`}."""
     dims = {}
     for vi in model.graph.input:
         if vi.name in feeds:
             for d, size in zip(vi.type.tensor_type.shape.dim, np.shape(feeds[vi.name])):
                 if d.dim_param:
                     dims[d.dim_param] = int(size)
-    count = batch_size(feeds)
+    return dims
+
+
+def _sized(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+MEMORY_SHARE = 0.75  # of the memory available, the most one node's tensors may take for a calibration batch
+
+
+def within_memory(model: onnx.ModelProto, batches: list, progress=_quiet) -> list:
+    """The calibration batches, split where the tensors one node reads and writes would take over
+    MEMORY_SHARE of the memory available; a CalibrationRunError where one sample's do. onnxruntime
+    asking for more than there is gets the process killed without a word (attention over every pixel
+    of a 224x224 map: 20 GB a sample)."""
+    available = available_memory()
+    if not batches or available is None:
+        return batches
+    feeds = max(batches, key=lambda b: sum(np.size(v) for v in b.values()) / batch_size(b))
+    count, (node, needed) = batch_size(feeds), _memory_needed(model, feeds)
+    per_sample, allowed = needed / count, MEMORY_SHARE * available
+    if needed <= allowed:
+        return batches
+    size = int(allowed // per_sample)
+    if size < 1 or not _batch_axis_free(model):
+        what = (f"one sample of the calibration inputs ({feed_shapes(feeds)}) needs {_sized(per_sample)}"
+                if size < 1 else f"the calibration inputs ({feed_shapes(feeds)}, a batch the model fixes) need "
+                f"{_sized(needed)}")
+        raise CalibrationRunError(f"{what} for the inputs and outputs of {node}, over {MEMORY_SHARE:.0%} of the "
+                                  f"{_sized(available)} of memory available: onnxruntime would run out of memory on "
+                                  "them; --input-shape sets smaller sizes for generated inputs")
+    progress(f"calibration: batches of {size} samples instead of {count}: {node} reads and writes {_sized(per_sample)} "
+             f"a sample, and {_sized(available)} of memory are available")
+    return [{k: v[a:a + size] for k, v in b.items()} for b in batches for a in range(0, batch_size(b), size)]
+
+
+def _memory_needed(model: onnx.ModelProto, feeds: dict) -> tuple[str, float]:
+    """(the node, bytes) of the node whose inputs and outputs take the most memory at the sizes of
+    `feeds` (float32, from shape inference; ("", 0.0) where it gives none)."""
     try:
-        return count_macs(model, concrete_shapes(model, batch=count, dims=dims)) / max(count, 1)
-    except Exception:  # an estimate only: without shapes, keep every sample
-        return 0.0
+        shapes = concrete_shapes(model, batch=batch_size(feeds), dims=_named_sizes(model, feeds), run=False)
+    except Exception:  # an estimate only: without shapes, no check
+        return "", 0.0
+    node, elements = largest_node(model, shapes)
+    return node, 4.0 * elements
 
 
 def _runs_at(model: onnx.ModelProto, shapes: dict | None, progress=_quiet) -> dict | None:
@@ -625,10 +675,17 @@ def _runs_at(model: onnx.ModelProto, shapes: dict | None, progress=_quiet) -> di
     if not shapes or weight_bytes(model) > PROBE_LIMIT:
         return None
     feeds = random_inputs(model, shapes=shapes)
+    sizes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in shapes.items())
+    node, needed = _memory_needed(model, feeds)
+    available = available_memory()
+    if available is not None and needed > MEMORY_SHARE * available:
+        progress(f"not running the model once at the sizes generated calibration takes ({sizes}): {node} would read "
+                 f"and write {_sized(needed)} of the {_sized(available)} of memory available; MACs are counted and the "
+                 "output verified at smaller sizes; --input-shape gives the sizes it is used at")
+        return None
     try:
         return shapes if in_child_process(lambda: runs(model, feeds)) else None
     except ChildDied as died:
-        sizes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in shapes.items())
         progress(f"onnxruntime {death_cause(died.exitcode)} running the model once at the sizes generated "
                  f"calibration takes ({sizes}): MACs are counted and the output verified at smaller sizes; "
                  "--input-shape gives the sizes it is used at")

@@ -734,3 +734,33 @@ def test_a_trial_run_killed_at_the_calibration_sizes_is_said_and_the_prune_goes_
                             "generated calibration takes (input 1x3x224x224)") for m in messages), messages
     monkeypatch.undo()
     assert prune(model, Target(ratio=0.5), criterion="l1").input_shapes == {"input": (1, 3, 224, 224)}
+
+
+def test_calibration_batches_too_big_for_memory_are_split_and_a_sample_too_big_is_refused(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """onnxruntime asking for more memory than there is gets the process killed without a word. What one
+    node reads and writes for a calibration batch (shape inference at its sizes) is checked against the
+    memory available first: batches are split where one sample fits, and where one sample alone does not
+    the calibration is refused in one line; the default criterion then says it prunes by l1 instead."""
+    import spa.pipeline as pipeline
+    from spa.errors import CalibrationRunError
+    from spa.pipeline import prune
+    from spa.selection import Target
+
+    model = conv_chain((8, 8), shape=("batch", 3, "height", "width"))  # 224x224 generated: 8 -> 8 channels 3.2 MB
+    messages = []
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 10_000_000)
+    result = prune(model, Target(ratio=0.5), criterion="obspa", calibration="synthetic", progress=messages.append)
+    assert len(result.plan.removed_atoms)
+    assert any(re.match(r"calibration: batches of 2 samples instead of 16: \w+ '\w+' reads and writes 3\.2 MB a "
+                        r"sample, and 10\.0 MB of memory are available", m) for m in messages), messages
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 2_000_000)
+    with pytest.raises(CalibrationRunError, match=r"one sample of the calibration inputs \(input 16x3x224x224\) "
+                       r"needs 3\.2 MB for the inputs and outputs of \w+ '\w+', over 75% of the 2\.0 MB of memory"):
+        prune(model, Target(ratio=0.5), criterion="obspa", calibration="synthetic")
+    path, out = saved(tmp_path, model), tmp_path / "o.onnx"
+    assert spa("prune", path, "-o", out, "--ratio", "0.5") == 0
+    err = capsys.readouterr().err
+    assert "onnxruntime would run out of memory" in err and os.path.exists(out)
+    assert re.search(r"not running the model once at the sizes generated calibration takes \(input 1x3x224x224\): "
+                     r"\w+ '\w+' would read and write 3\.2 MB of the 2\.0 MB of memory available", err), err

@@ -29,8 +29,8 @@ from .report import removed_by_kind, removed_text
 from .rewrite import rewrite
 from .selection import Target, nothing_prunable, select
 from .paths import staging_folder
-from .runtime import available_memory, batch_size, declared_inputs, feed_shapes, is_float, sample_count, session
-from .verify import runs, session_fits, validate
+from .runtime import batch_size, declared_inputs, feed_shapes, is_float, sample_count, session
+from .verify import available_memory, runs, session_fits, validate
 
 
 ALLOCATIONS = ("measured", "global", "uniform")
@@ -631,8 +631,8 @@ def within_memory(model: onnx.ModelProto, batches: list, progress=_quiet) -> lis
     MEMORY_SHARE of the memory available; a CalibrationRunError where one sample's do. onnxruntime
     asking for more than there is gets the process killed without a word (attention over every pixel
     of a 224x224 map: 20 GB a sample)."""
-    available = available_memory()
-    if not batches or available is None:
+    available = available_memory()  # where the OS does not say: more than any model asks
+    if not batches:
         return batches
     feeds = max(batches, key=lambda b: sum(np.size(v) for v in b.values()) / batch_size(b))
     count, (node, needed) = batch_size(feeds), _memory_needed(model, feeds)
@@ -678,7 +678,7 @@ def _runs_at(model: onnx.ModelProto, shapes: dict | None, progress=_quiet) -> di
     sizes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in shapes.items())
     node, needed = _memory_needed(model, feeds)
     available = available_memory()
-    if available is not None and needed > MEMORY_SHARE * available:
+    if needed > MEMORY_SHARE * available:
         progress(f"not running the model once at the sizes generated calibration takes ({sizes}): {node} would read "
                  f"and write {_sized(needed)} of the {_sized(available)} of memory available; MACs are counted and the "
                  "output verified at smaller sizes; --input-shape gives the sizes it is used at")

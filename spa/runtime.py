@@ -264,18 +264,6 @@ def _copy_fields(source, target, skip: str) -> None:
             setattr(target, field.name, value)
 
 
-def available_memory() -> int | None:
-    """Bytes of memory the OS can still give (Linux's MemAvailable); None where it does not say."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def batch_size(feeds: dict) -> int:
     """Samples in one feed: the leading dimension of its first input."""
     return len(next(iter(feeds.values())))

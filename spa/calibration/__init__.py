@@ -129,8 +129,8 @@ class Calibration:
     model or charset gives a character dictionary); scaffold: the share of generated sentences written as
     English clauses (None: SCAFFOLD_SHARE; spa.pipeline's held-out sentences: all).
     samples None: DEFAULT_SAMPLES (spa.pipeline uses fewer for models
-    whose forward pass is expensive, and says so). time_limit (seconds): "inverted" gives up with a
-    SpaError once its first step shows it would take longer (the "auto" source sets it)."""
+    whose forward pass is expensive, and says so). time_limit (seconds): "inverted" keeps the batches
+    its first step shows to fit in it (at least two, else a SpaError; the "auto" source sets it)."""
     source: str = "auto"
     samples: int | None = None
     batch_size: int = 16

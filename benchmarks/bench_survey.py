@@ -23,7 +23,9 @@ Files surveyed (nothing downloaded):
 
 Each file: `spa analyze --json` and `spa prune --ratio 0.3 -o <tmp>` in subprocesses with a timeout,
 then the pruned file is checked in a subprocess (onnx.checker, onnxruntime on random inputs:
-same output names/shapes as the original, finite where the original is). Outcome:
+same output names/shapes as the original, finite where the original is) and timed against the
+original on the check's inputs (one onnxruntime thread, the two run in turn: median latencies and
+their ratio; the summary names every pruned file that ran over 5 % slower than the original). Outcome:
   pruned          rc 0, the output is smaller and passes the check
   nothing-pruned  rc 0 but no weight got smaller
   nothing-prunable  spa refused: every channel group is frozen
@@ -69,6 +71,7 @@ LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulI
 STOP_OPS = {"Shape", "Size", "DynamicQuantizeLinear"}
 FIXTURE_BYTES = 10 * 1024
 GOAL_SHARE = 0.90
+SLOWER_BY = 1.05  # a pruned file that ran more than this many times the original's latency counts as slower
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,7 +227,7 @@ VALUE_SIZED = {"Loop", "NonZero", "Compress", "Unique", "NonMaxSuppression"}  # 
 
 def _child_check(orig: str, pruned: str) -> None:
     """Prints one JSON line: {"ok", "error"?, "orig_runs", "params_before", "params_after",
-    "max_rel_dev"}."""
+    "max_rel_dev", "ms_before", "ms_after", "speedup"} (latency: one thread, the check's inputs)."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -283,8 +286,9 @@ def _child_check(orig: str, pruned: str) -> None:
         res.update(ok=False, error=f"outputs changed: {names0} -> {names1}")
         print("CHECK " + json.dumps(res))
         return
+    pruned_feeds = {k: v for k, v in feeds.items() if k in {i.name for i in s1.get_inputs()}}
     try:
-        out1 = s1.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in s1.get_inputs()}})
+        out1 = s1.run(None, pruned_feeds)
     except Exception as exc:  # noqa: BLE001
         res.update(ok=False, error=f"pruned model does not run on the original's inputs: {str(exc)[:300]}")
         print("CHECK " + json.dumps(res))
@@ -306,7 +310,25 @@ def _child_check(orig: str, pruned: str) -> None:
             scale = float(np.abs(a).max()) or 1.0
             devs.append(float(np.abs(a.astype(np.float64) - b).max()) / scale)
     res["max_rel_dev"] = max(devs) if devs else None
+    if res["ok"]:
+        res["ms_before"], res["ms_after"] = _paired_ms((s0, feeds), (s1, pruned_feeds))
+        res["speedup"] = res["ms_before"] / res["ms_after"]
     print("CHECK " + json.dumps(res))
+
+
+def _paired_ms(*runs, seconds: float = 1.0, least: int = 5, most: int = 300) -> list:
+    """Median latency (ms, one thread) of each (session, feeds), run in turn so that load on the
+    machine hits each alike: at least `least` runs and `seconds`, at most `most` runs."""
+    import statistics
+
+    times = [[] for _ in runs]
+    started = time.perf_counter()
+    while len(times[0]) < least or (time.perf_counter() - started < seconds and len(times[0]) < most):
+        for t, (sess, feeds) in zip(times, runs):
+            began = time.perf_counter()
+            sess.run(None, feeds)
+            t.append(time.perf_counter() - began)
+    return [1e3 * statistics.median(t) for t in times]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -623,6 +645,17 @@ def survey_one(rec, work, timeout, criterion=("--criterion", "l1")):
     return rec
 
 
+def speed_summary(records) -> dict:
+    """How much faster the pruned files ran, and which ran slower than the original by more than
+    the paired timing's noise."""
+    import statistics
+
+    ratios = {r["name"]: r["check"]["speedup"] for r in records
+              if r["outcome"] == "pruned" and r.get("check", {}).get("speedup")}
+    return {"timed": len(ratios), "median_speedup": statistics.median(ratios.values()) if ratios else None,
+            "slower": {k: v for k, v in ratios.items() if v < 1 / SLOWER_BY}}
+
+
 def human(n):
     for unit in ("B", "K", "M", "G"):
         if n < 1024:
@@ -778,6 +811,13 @@ def main():
     for fam, (p_, c_, n_) in by_source.items():
         print(f"  {fam}: {n_} files, {p_}/{c_} = {p_ / c_ if c_ else 0:.1%} prunable")
     print(f"broken: {outcomes.get('broken', 0)} (goal 0); crashes: {outcomes.get('crash', 0)}")
+    speed = speed_summary(records)
+    if speed["timed"]:
+        print(f"speed (one onnxruntime thread, the check's inputs): {speed['timed']} pruned files timed, median "
+              f"{speed['median_speedup']:.2f}x; {len(speed['slower'])} slower than the original "
+              f"(under {1 / SLOWER_BY:.2f}x)")
+        for name, ratio in speed["slower"].items():
+            print(f"  {name}: {ratio:.2f}x")
     print("top freeze reasons (frozen channels, groups):")
     for k, v in list(reasons.items())[:12]:
         print(f"  {v:7d} ch {reasons_groups[k]:5d} groups  {k}")
@@ -807,7 +847,7 @@ def main():
                    "by_source": {k: {"prunable": v[0], "channels": v[1], "files": v[2],
                                      "share": v[0] / v[1] if v[1] else None} for k, v in by_source.items()}},
         "freeze_reasons": dict(reasons), "freeze_reason_groups": dict(reasons_groups),
-        "crashes_and_broken": bad, "refusals": refusals,
+        "crashes_and_broken": bad, "refusals": refusals, "speed": speed,
         "files": records,
     }
     with open(args.out, "w") as f:

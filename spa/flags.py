@@ -35,15 +35,17 @@ DEFAULT_CRITERION_NOTE = ("criterion obspa (the default: OBS channel selection a
 # obspa's plans give every group its own width; onnxruntime's fast convolutions (NCHWc) take blocks of
 # 8 (AVX2) or 16 (AVX-512) channels. Measured (README): ResNet-18 at --ratio 0.5 on AVX-512 3.2x faster
 # unrounded, 4.4x rounded to 8, 6.0x to 16; but 16 cost the OCR recognizer 0.2 exact lines on its shifted
-# set, 8 nothing measurable, and narrow groups lose too large a share to rounding
-DEFAULT_ROUND_TO, DEFAULT_ROUND_FROM = 8, 64
+# set, 8 nothing measurable. Groups narrower than two blocks keep exact widths (rounding would leave them
+# whole or halve them); from 64 instead of 16, a PP-LCNet left at 13 and 26 of its 16 and 32 channels ran
+# at 0.85x the original's speed (docs/latency.md, "Narrow groups")
+DEFAULT_ROUND_TO, DEFAULT_ROUND_FROM = 8, 16
 
 
 def rounding(args) -> tuple:
     """(round_to, round_from) of the target: --round-to as given; without it, widths that are
-    multiples of 8 in groups of 64 channels or more, whatever the criterion (a plain --ratio 0.2
-    leaves widths such as 205 of 256, which onnxruntime runs outside its fast layout: l1 made a
-    PP-LCNet classifier 1.8x slower than the original, rounded 1.23x faster); exact widths with
+    multiples of 8 in groups of 16 channels or more, whatever the criterion (a plain --ratio 0.2
+    leaves widths such as 205 of 256, or 13 of 16, which onnxruntime runs outside its fast layout:
+    l1 made a PP-LCNet classifier 2.4x slower than the original, rounded 1.24x faster); exact widths with
     --target-latency, whose tables pick the widths."""
     if args.round_to is not None:
         return args.round_to, 1

@@ -322,8 +322,9 @@ class Selector:
                 budgets.append((self.macs_of, t.keep_macs))
             accepted = self.to_budget(order, budgets)
         if not accepted and self.record["whole"]:
-            raise SpaError(f"the target removes no channel: --round-to {self.multiple} keeps every group whole "
-                           f"(each would lose fewer than {self.multiple} channels)")
+            raise SpaError(f"the target removes no channel: widths rounded to multiples of {self.multiple} keep every "
+                           f"group whole (each would lose fewer than {self.multiple} channels); --round-to 1 keeps "
+                           "exact widths")
         if not accepted:
             raise SpaError("the target removes no channel (groups too small for this ratio)")
         plan = Plan(self.analysis, [a for _, a in accepted])

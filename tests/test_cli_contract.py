@@ -163,6 +163,7 @@ P = ["prune", "{M}", "-o", "{O}", "--ratio", "0.5", "-q"]
 P0 = _without(P, "--ratio")  # no target: refused
 L1 = P + ["--criterion", "l1"]  # the default is obspa
 P95 = P0 + ["--ratio", "0.95"]
+EXACT = P + ["--round-to", "1"]  # exact widths: the default rounding keeps {M}'s 16 channels at 8 or 16
 TP = P0 + ["--target-params", "0.5"]
 SMALL = ["prune", "{SMALL}", "-o", "{O}", "-q", "--target-params", "0.5"]
 J = P + ["--json"]
@@ -371,7 +372,7 @@ CONTRACT = {
                                         "--aggregation has no effect with criterion obspa"),
                                        (R + ["--aggregation", "max"],
                                         "--aggregation has no effect with criterion random")]),
-        "--normalization": Case(TP + ["--normalization", "none"], TP, refused=[
+        "--normalization": Case(TP + ["--round-to", "1", "--normalization", "none"], TP + ["--round-to", "1"], refused=[
             (P + ["--normalization", "max"], "--normalization has no effect with --ratio and allocation uniform"),
             (P0 + ["--target-latency", "0.7", "--normalization", "max"],
              "--normalization max has no effect with --target-latency"),
@@ -383,7 +384,7 @@ CONTRACT = {
         "--recover-lr": Case(P + ["--recover", "3", "--recover-lr", "0.01"], P + ["--recover", "3"], refused=[
             (P + ["--recover-lr", "0.01"], "--recover-lr has no effect without --recover"),
             (P + ["--recover", "3", "--recover-lr", "0"], "--recover-lr must be a positive number")]),
-        "--allocation": Case(P + ["--allocation", "global"], P, refused=[
+        "--allocation": Case(EXACT + ["--allocation", "global"], EXACT, refused=[
             (TP + ["--allocation", "uniform"], "--allocation uniform has no effect with --target-params"),
             (TP + ["--criterion", "l1", "--allocation", "global"], "--allocation global has no effect with --target-params"),
             (L1 + ["--allocation", "measured"], "--allocation measured compares OBS-compensated plans"),

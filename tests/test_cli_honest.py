@@ -258,7 +258,10 @@ def test_a_missed_ratio_names_heads_beside_channels(tmp_path, capsys):
 def test_round_to_keeping_every_group_whole_is_an_error(tmp_path, capsys):
     path, out = saved(tmp_path, conv_chain((32, 32))), tmp_path / "o.onnx"
     _expect_error(capsys, ["prune", path, "-o", out, "--ratio", "0.3", "--round-to", "16", "-q"],
-                  "--round-to 16 keeps every group whole", out=str(out))
+                  "widths rounded to multiples of 16 keep every group whole", out=str(out))
+    _expect_error(capsys, ["prune", path, "-o", out, "--ratio", "0.2", "-q"],  # the default rounding alike
+                  "rounded to multiples of 8 keep every group whole (each would lose fewer than 8 channels); "
+                  "--round-to 1 keeps exact widths", out=str(out))
 
 
 def test_reached_target_warns_nothing(model_path, tmp_path, capsys):
@@ -567,7 +570,7 @@ def test_the_default_criterion_is_obspa_with_rounded_widths_and_both_are_announc
     assert spa("prune", model_path, "-o", tmp_path / "a.onnx", "--ratio", "0.5") == 0
     err = capsys.readouterr().err
     assert "criterion obspa (the default: OBS channel selection and weight compensation, without data" in err
-    assert "widths rounded to multiples of 8 channels in groups of 64 or more" in err
+    assert "widths rounded to multiples of 8 channels in groups of 16 or more" in err
     assert spa("prune", model_path, "-o", tmp_path / "b.onnx", "--ratio", "0.5", "--criterion", "obspa",
                "--round-to", "1") == 0
     err = capsys.readouterr().err

@@ -632,7 +632,7 @@ def _prune(args, model, options, say):
                 args.compensation not in (None, "none"):
             raise
         args.criterion = "l1"
-        warnings.warn(f"{l1_instead(exc)}; exact widths", SpaWarning)
+        warnings.warn(l1_instead(exc), SpaWarning)
         return _pipeline(args, model, options, say)
 
 

@@ -46,8 +46,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import obs
-from .errors import SpaError
-from .runtime import named_mask, sample_count
+from .errors import CalibrationRunError, SpaError
+from .runtime import feed_shapes, named_mask, sample_count
 from .activations import StagedRun, fetch
 from .progress import bar
 from .groups import Analysis, Options
@@ -138,6 +138,16 @@ class Hessians:
             total, count = self.diag[key]
             return "diag", 2.0 * total / max(count, 1)
         return None
+
+    def finite(self, layer: Layer) -> bool:
+        """Whether the layer's H (or kept rows) holds no inf or NaN: a model whose activations
+        overflow on the calibration inputs gives neither saliencies nor updates."""
+        held = self.of(layer)
+        if held is None:
+            return True
+        if held[0] == "rows":
+            return all(np.isfinite(rows).all() for rows in held[1][0])
+        return bool(np.isfinite(held[1]).all())
 
     def judge_of(self, layer: Layer):
         """`of`, for `held_error` to judge many weight updates of the layer by: a full H comes as
@@ -545,11 +555,25 @@ def scores(analysis: Analysis, batches: list, damp: float = obs.DEFAULT_DAMP, no
     if (batches or held) and layers:
         parts = [(batches, hessians)] + ([(list(held), held_hessians)] if held else []) \
             + ([(wider, wider_hessians)] if wider else [])
-        collect(analysis.model, layers, parts, "Hessians")
+        with np.errstate(over="ignore", invalid="ignore"):  # _check_finite names the layer instead
+            collect(analysis.model, layers, parts, "Hessians")
+        _check_finite(analysis, layers, [h for _, h in parts], batches or list(held))
     progress(f"OBS saliency of {sum(g.prunable for g in analysis.groups)} prunable groups")
     found = group_scores(analysis, layers, hessians, damp, normalization, calibrated=bool(batches))
     return found, Measured(layers, hessians, batches, damp, seed, held_hessians,
                            wider=(wider, wider_hessians) if wider else None)
+
+
+def _check_finite(analysis: Analysis, layers: list, hessians: list, batches: list) -> None:
+    """A CalibrationRunError where some layer's inputs overflowed (the default criterion then falls
+    back to l1, which needs no inputs): the onnx backend's light_resnet50, whose weights are uniform
+    fills, reaches inf by its last stage on generated images."""
+    bad = next((layer for layer in layers if not all(h.finite(layer) for h in hessians)), None)
+    if bad is not None:
+        node = analysis.graph.nodes[bad.node]
+        raise CalibrationRunError(f"the model's activations are not finite on its calibration inputs "
+                                  f"({feed_shapes(batches[0])}): the input of {node.op_type} '{node.name}' holds "
+                                  "inf or NaN, so OBS has no Hessian there")
 
 
 def rescored(analysis: Analysis, measured: Measured, normalization: str = "mean", progress=lambda message: None):

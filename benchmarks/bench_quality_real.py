@@ -74,8 +74,8 @@ DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30
                    "orientation": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "digits-resnet": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "mnist1d-conv": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x")}
-QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "ocr-det": ("params-20",), "orientation": ("params-30",),
-                 "digits-resnet": ("macs-2x",),
+QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "ocr-det": ("params-20",),
+                 "orientation": ("params-30",), "digits-resnet": ("macs-2x",),
                  "mnist1d-conv": ("macs-2x",)}
 CALIBRATIONS = ("none", "synthetic", "tokenizer", "pages", "inverted", "bn", "real")
 RECOVER_STEPS = 300

@@ -58,7 +58,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, ROOT, cpu_model, git, log, version  # noqa: E402
+from common import RESULTS, ROOT, cpu_model, git, interleaved_ms, log, version  # noqa: E402
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -227,7 +227,8 @@ VALUE_SIZED = {"Loop", "NonZero", "Compress", "Unique", "NonMaxSuppression"}  # 
 
 def _child_check(orig: str, pruned: str) -> None:
     """Prints one JSON line: {"ok", "error"?, "orig_runs", "params_before", "params_after",
-    "max_rel_dev", "ms_before", "ms_after", "speedup"} (latency: one thread, the check's inputs)."""
+    "max_rel_dev", "ms_before", "ms_after", "speedup"} (latency: one thread, the check's inputs, the two
+    run in turn for at least 5 runs and 1 s)."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -313,24 +314,10 @@ def _child_check(orig: str, pruned: str) -> None:
     if res["ok"] and sized_by_values:  # a Loop that stops on a value can run other trip counts after pruning
         res["speed_note"] = f"not timed: how much runs follows the values ({', '.join(sorted(sized_by_values))})"
     elif res["ok"]:
-        res["ms_before"], res["ms_after"] = _paired_ms((s0, feeds), (s1, pruned_feeds))
+        res["ms_before"], res["ms_after"] = interleaved_ms([(s0, feeds), (s1, pruned_feeds)], least=5, seconds=1.0,
+                                                           most=300)
         res["speedup"] = res["ms_before"] / res["ms_after"]
     print("CHECK " + json.dumps(res))
-
-
-def _paired_ms(*runs, seconds: float = 1.0, least: int = 5, most: int = 300) -> list:
-    """Median latency (ms, one thread) of each (session, feeds), run in turn so that load on the
-    machine hits each alike: at least `least` runs and `seconds`, at most `most` runs."""
-    import statistics
-
-    times = [[] for _ in runs]
-    started = time.perf_counter()
-    while len(times[0]) < least or (time.perf_counter() - started < seconds and len(times[0]) < most):
-        for t, (sess, feeds) in zip(times, runs):
-            began = time.perf_counter()
-            sess.run(None, feeds)
-            t.append(time.perf_counter() - began)
-    return [1e3 * statistics.median(t) for t in times]
 
 
 # ------------------------------------------------------------------------------------------------

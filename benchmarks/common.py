@@ -40,3 +40,23 @@ def git(*args) -> str | None:
                               timeout=10).stdout.strip() or None
     except Exception:
         return None
+
+
+def interleaved_ms(runs: list, least: int, seconds: float = 0.0, most: int | None = None, warmup: int = 0) -> list:
+    """Median latency (ms) of each (session, feeds), run in turn so that load on the machine hits each
+    alike: `warmup` untimed runs each, then rounds until at least `least` rounds and `seconds`, at
+    most `most` rounds."""
+    import statistics
+
+    for sess, feeds in runs:
+        for _ in range(warmup):
+            sess.run(None, feeds)
+    times = [[] for _ in runs]
+    started = time.perf_counter()
+    while len(times[0]) < least or (time.perf_counter() - started < seconds
+                                    and (most is None or len(times[0]) < most)):
+        for t, (sess, feeds) in zip(times, runs):
+            began = time.perf_counter()
+            sess.run(None, feeds)
+            t.append(time.perf_counter() - began)
+    return [1e3 * statistics.median(t) for t in times]

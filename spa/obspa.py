@@ -555,22 +555,22 @@ def scores(analysis: Analysis, batches: list, damp: float = obs.DEFAULT_DAMP, no
     if (batches or held) and layers:
         parts = [(batches, hessians)] + ([(list(held), held_hessians)] if held else []) \
             + ([(wider, wider_hessians)] if wider else [])
-        with np.errstate(over="ignore", invalid="ignore"):  # _check_finite names the layer instead
+        with np.errstate(over="ignore", invalid="ignore"):  # check_finite names the layer instead
             collect(analysis.model, layers, parts, "Hessians")
-        _check_finite(analysis, layers, [h for _, h in parts], batches or list(held))
+        check_finite(analysis.graph, layers, [h for _, h in parts], batches or list(held))
     progress(f"OBS saliency of {sum(g.prunable for g in analysis.groups)} prunable groups")
     found = group_scores(analysis, layers, hessians, damp, normalization, calibrated=bool(batches))
     return found, Measured(layers, hessians, batches, damp, seed, held_hessians,
                            wider=(wider, wider_hessians) if wider else None)
 
 
-def _check_finite(analysis: Analysis, layers: list, hessians: list, batches: list) -> None:
+def check_finite(graph, layers: list, hessians: list, batches: list) -> None:
     """A CalibrationRunError where some layer's inputs overflowed (the default criterion then falls
     back to l1, which needs no inputs): the onnx backend's light_resnet50, whose weights are uniform
     fills, reaches inf by its last stage on generated images."""
     bad = next((layer for layer in layers if not all(h.finite(layer) for h in hessians)), None)
     if bad is not None:
-        node = analysis.graph.nodes[bad.node]
+        node = graph.nodes[bad.node]
         raise CalibrationRunError(f"the model's activations are not finite on its calibration inputs "
                                   f"({feed_shapes(batches[0])}): the input of {node.op_type} '{node.name}' holds "
                                   "inf or NaN, so OBS has no Hessian there")

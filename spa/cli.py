@@ -190,7 +190,8 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--round-to", type=_round_to, metavar="N|auto",
                     help="keep a multiple of N channels per group (whole-head groups are left as they are); auto: "
                          "the multiple the latency tables measure fastest (default: 8 in groups of 16 channels or "
-                         "more, whatever the criterion; 1 with --target-latency, whose tables pick the widths)")
+                         "more, 16 where an int8 depthwise conv reads them, whatever the criterion; 1 with "
+                         "--target-latency, whose tables pick the widths)")
     pr.add_argument("--ignore", action="append", default=[], metavar="NAME",
                     help="node or initializer name (glob) whose channels are kept; repeatable")
     pr.add_argument("--seed", type=int,

@@ -39,6 +39,11 @@ DEFAULT_CRITERION_NOTE = ("criterion obspa (the default: OBS channel selection a
 # whole or at 8 channels); from 64 instead of 16, a PP-LCNet left at 13 and 26 of its 16 and 32 channels ran
 # at 0.85x the original's speed (docs/latency.md, "Narrow groups")
 DEFAULT_ROUND_TO, DEFAULT_ROUND_FROM = 8, 16
+# ... and 16 in groups an int8 depthwise conv reads, at any width where an int8 conv reads them: onnxruntime's int8
+# kernels take depthwise convs of multiples of 16 channels only on x86, other convs of input channels in 4s
+# (spa.quant.integer_conv_weights); a real-size QDQ MobileNetV2 at --ratio 0.3 ran 0.98x the original's speed with
+# multiples of 8, 1.26x with 16 (docs/latency.md, "Quantized models")
+DEFAULT_INTEGER_ROUNDING = 16
 
 
 def rounding(args) -> tuple:
@@ -111,6 +116,7 @@ def prune_target(args):
                   keep_macs=args.target_flops, latency=args.target_latency,
                   max_group_ratio=0.9 if args.max_group_ratio is None else args.max_group_ratio,
                   round_to=multiple, round_from=smallest, ignore=args.ignore,
+                  integer_rounding=DEFAULT_INTEGER_ROUNDING if smallest > 1 else 1,
                   ratios=ratios_for(args.ratio_for),
                   batch=args.batch or 1, threads=args.threads)
 

@@ -27,7 +27,7 @@ from .importance import GRADIENT_CRITERIA, check_bn_scale, score
 from .plan import Plan
 from .report import removed_by_kind, removed_text
 from .rewrite import rewrite
-from .selection import Target, nothing_prunable, select
+from .selection import Target, integer_rounding_note, nothing_prunable, select
 from .paths import staging_folder
 from .runtime import batch_size, declared_inputs, feed_shapes, is_float, sample_count, session
 from .verify import available_memory, runs, session_fits, validate
@@ -113,6 +113,9 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
         progress(note)
     if not any(g.prunable for g in analysis.groups):  # say so before any calibration runs
         raise nothing_prunable(analysis)
+    rounding_note = integer_rounding_note(analysis, target)
+    if rounding_note:
+        progress(rounding_note)
     cal, fit, held = calibration_inputs(model, cal, progress, held_out=criterion == "obspa" or compensation != "none",
                                         samples=OBSPA_SAMPLES if criterion == "obspa" else ()) \
         if needs_data else (cal, [], [])

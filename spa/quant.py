@@ -193,6 +193,29 @@ def quantized_source(g: Graph, tensor: str) -> str | None:
     return node.input[0] if dequantizer(g, node.input[0]) is node else None
 
 
+def integer_conv_weights(g: Graph) -> dict:
+    """{integer weight: whether its conv is depthwise} of the convs that run on integers: QLinearConv,
+    ConvInteger, and a Conv whose weight and input both come from DequantizeLinear (the QDQ pattern
+    onnxruntime runs as a QLinearConv). onnxruntime's symmetric int8 kernels (MLAS, `MlasConvSymPackWSize`)
+    take a depthwise conv of a multiple of 16 channels only on x86 (8 on ARM64), and any other conv whose
+    input channels are a multiple of 4; other widths run generic kernels several times slower."""
+    found = {}
+    for node in g.nodes:
+        slot = {"QLinearConv": 3, "ConvInteger": 1, "Conv": 1}.get(node.op_type)
+        if slot is None or len(node.input) <= slot or node.domain not in ("", "ai.onnx", "com.microsoft"):
+            continue
+        weight = node.input[slot]
+        if node.op_type == "Conv":
+            source = g.producer.get(node.input[0])
+            weight = quantized_source(g, weight)
+            if weight is None or source is None or g.nodes[source].op_type != "DequantizeLinear":
+                continue
+        shape = g.consts.shape(weight) if weight in g.consts else None
+        if shape is not None and len(shape) > 2:
+            found[weight] = shape[1] == 1 and attr(node, "group", 1) == shape[0] > 1
+    return found
+
+
 def is_integer_weight(g: Graph, tensor: str) -> bool:
     """An integer constant that a QOperator, dynamically quantized or MatMulNBits layer reads as its
     weight."""

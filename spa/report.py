@@ -268,7 +268,7 @@ def missed_target(target, found: dict, limits: dict) -> list:
     spa.selection.Target asked for; `found`: outcome(); `limits`: spa.selection.limits()."""
     notes = []
     if limits["rounded_whole"]:
-        notes.append(f"{_rounding(target)} kept {_plural(limits['rounded_whole'], 'group')} whole")
+        notes.append(f"{_rounding(target, limits)} kept {_plural(limits['rounded_whole'], 'group')} whole")
     for fraction, key, flag, what in ((target.keep_params, "params", "target-params", "parameters"),
                                       (target.keep_macs, "macs", "target-flops", "MACs")):
         kept = found[key]["ratio"]
@@ -284,13 +284,15 @@ def missed_target(target, found: dict, limits: dict) -> list:
     return notes
 
 
-def _rounding(target) -> str:
+def _rounding(target, limits: dict) -> str:
     """The rounding as the user set it: the flag where given, else the default's rule (groups of
-    round_from channels or more)."""
+    round_from channels or more; a wider multiple where int8 depthwise convs read the group)."""
     if target.round_from <= 1:
         return f"--round-to {target.round_to}"
+    wider = (f", {target.integer_rounding} where int8 depthwise convs read them"
+             if limits["integer_depthwise_groups"] else "")
     return (f"rounding to multiples of {target.round_to} (the default, in groups of {target.round_from} channels "
-            "or more)")
+            f"or more{wider})")
 
 
 def _causes(target, limits: dict) -> str:
@@ -299,7 +301,7 @@ def _causes(target, limits: dict) -> str:
         causes.append(f"--max-group-ratio {target.max_group_ratio:g}" if target.max_group_ratio < 1
                       else "one channel kept in every group")
     if limits["rounded_back"]:
-        causes.append(_rounding(target))
+        causes.append(_rounding(target, limits))
     if limits["frozen_groups"]:
         causes.append(_plural(limits["frozen_groups"], "frozen group"))
     if limits["ignored_groups"]:

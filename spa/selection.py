@@ -15,6 +15,7 @@ from .errors import SpaError
 from .graph import subgraph_weights
 from .groups import Analysis
 from .plan import Plan
+from .quant import integer_conv_weights
 
 
 @dataclass
@@ -27,6 +28,9 @@ class Target:
     max_group_ratio: float = 0.9  # never remove more than this fraction of one group
     round_to: int | str = 1  # or "auto": the multiple the latency tables favour
     round_from: int = 1  # groups narrower than this many channels keep exact widths
+    # > 1: groups an int8 conv reads are rounded at any width (its kernels want channels in 4s), and those an int8
+    # depthwise conv reads keep multiples of this as well
+    integer_rounding: int = 1
     ignore: list = field(default_factory=list)
     ratios: dict = field(default_factory=dict)  # {glob: ratio} for the groups of matching layers (first wins)
     batch: int = 1  # latency targets and round_to "auto": measured at this batch size
@@ -52,6 +56,8 @@ class Target:
             raise SpaError("max group ratio must be in (0, 1]")
         if self.round_to != "auto" and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise SpaError(f"round-to must be a positive integer or auto, got {self.round_to!r}")
+        if not isinstance(self.integer_rounding, int) or self.integer_rounding < 1:
+            raise SpaError(f"the integer rounding must be a positive integer, got {self.integer_rounding!r}")
         if self.batch < 1 or (self.threads is not None and self.threads < 1):
             raise SpaError("latency batch and threads must be positive integers")
 
@@ -185,7 +191,7 @@ class Selector:
         self.target = target
         self.scores = scores
         self.progress = progress
-        self.record = {"asked": None, "restored": 0, "whole": 0}  # what Plan.selection reports
+        self.record = {"asked": None, "restored": 0, "whole": 0, "integer_depthwise": 0}  # Plan.selection
         blocked = ignored_atoms(analysis, target.ignore)
         self.candidates = {}  # group id -> (atoms, scores) of prunable channels, ascending score
         allowed = analysis.options.granularity
@@ -200,6 +206,8 @@ class Selector:
             self.candidates[group.id] = (atoms[keep][order], scores[group.id][keep][order])
         if not self.candidates:
             raise nothing_prunable(analysis)
+        self.integer_groups = {gid: m for gid, m in integer_groups(analysis, target).items() if gid in self.candidates}
+        self.record["integer_depthwise"] = sum(multiple > 1 for multiple in self.integer_groups.values())
 
     def _limit(self, group_id):
         group = self.analysis.groups[group_id]
@@ -251,9 +259,10 @@ class Selector:
         """Keep a multiple of round_to channels per group by restoring the best removed ones (channels:
         a group whose channels go in blocks counts the blocks' channels). Groups of whole attention
         heads are left as they are: each head is head-size channels wide, so any head count keeps the
-        projections at a multiple of the head size; nor are groups narrower than round_from channels."""
-        n = self.multiple
-        if n == 1:
+        projections at a multiple of the head size; nor are groups narrower than round_from channels.
+        Groups an int8 conv reads are rounded at any width, where the target's integer rounding is set (an
+        int8 depthwise conv's to a multiple of it too)."""
+        if self.multiple == 1 and not self.integer_groups:
             return accepted
         by_group = {}
         for gid, atom in accepted:
@@ -263,7 +272,9 @@ class Selector:
         for gid, atoms in by_group.items():
             group = self.analysis.groups[gid]
             total = group.channels()  # a block of a MatMulNBits' input is block-size channels
-            if group.kind == "heads" or total < self.target.round_from:
+            n = self.multiple_of(gid)
+            narrow = total < self.target.round_from and gid not in self.integer_groups
+            if n == 1 or group.kind == "heads" or narrow:
                 result += [(gid, a) for a in atoms]
                 continue
             keep_removed = len(atoms)
@@ -291,6 +302,10 @@ class Selector:
     def latency_model(self):
         from .latency import model_for
         return model_for(self.analysis, self.target.batch, self.target.threads, self.progress)
+
+    def multiple_of(self, gid) -> int:
+        """The multiple group `gid` keeps: the target's, and the integer depthwise one's where it applies."""
+        return math.lcm(self.multiple, self.integer_groups.get(gid, 1))
 
     @property
     def multiple(self) -> int:
@@ -440,6 +455,32 @@ def multiple_choice_knapsack(values, costs, budget: float):
     return [int(np.flatnonzero(chosen[start:start + n])[0]) for start, n in zip(np.cumsum([0] + sizes[:-1]), sizes)]
 
 
+def integer_groups(analysis: Analysis, target: Target) -> dict:
+    """{prunable group: the multiple it keeps besides the target's (1, or the target's integer rounding where an
+    int8 depthwise conv reads it)} of the groups int8 convs read, where the target rounds them apart."""
+    if target.integer_rounding == 1:
+        return {}
+    members, found = analysis.members, {}
+    for weight, depthwise in integer_conv_weights(analysis.graph).items():
+        for axis in (0,) if depthwise else (0, 1):
+            if (weight, axis) in members:
+                gid = analysis.atom_group[int(members[(weight, axis)].atoms[0])]
+                found[gid] = max(found.get(gid, 1), target.integer_rounding if depthwise else 1)
+    return {gid: multiple for gid, multiple in found.items() if analysis.groups[gid].prunable}
+
+
+def integer_rounding_note(analysis: Analysis, target: Target) -> str | None:
+    """What the integer rounding does to this model's groups, in words (None where nothing)."""
+    found = integer_groups(analysis, target)
+    depthwise = sum(multiple > 1 for multiple in found.values())
+    narrow = sum(analysis.groups[gid].channels() < target.round_from for gid in found)
+    said = [f"{depthwise} group(s) read by int8 depthwise convs keep multiples of {target.integer_rounding} "
+            "channels (onnxruntime's int8 depthwise kernel takes no other width)"] * bool(depthwise) + \
+        [f"{narrow} group(s) of fewer than {target.round_from} channels read by int8 convs are rounded too "
+         "(onnxruntime's int8 conv kernels take input channels in 4s)"] * bool(narrow)
+    return "; ".join(said) or None
+
+
 def select(analysis: Analysis, scores: dict, target: Target, progress=lambda message: None) -> Plan:
     return Selector(analysis, scores, target, progress).select()
 
@@ -467,4 +508,5 @@ def limits(analysis: Analysis, target: Target, plan: Plan) -> dict:
             "removed_channels": int(len(plan.removed_atoms)), "asked_channels": plan.selection["asked"],
             "at_limit": at_limit, "frozen_groups": sum(1 for g in groups if not g.prunable),
             "ignored_groups": sum(1 for g in groups if g.prunable and free[g.id] < 2),
-            "rounded_back": plan.selection["restored"], "rounded_whole": plan.selection["whole"]}
+            "rounded_back": plan.selection["restored"], "rounded_whole": plan.selection["whole"],
+            "integer_depthwise_groups": plan.selection["integer_depthwise"]}

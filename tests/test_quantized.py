@@ -12,8 +12,11 @@ from onnx import TensorProto, helper, numpy_helper
 from builder import Builder, four_bit_mlp
 from oracle import check_exact, compensated_and_not
 from spa import analyze
+from spa.cli import main
+from spa.graph import Graph, attr
 from spa.importance import member_scores
 from spa.pipeline import prune, save
+from spa.quant import integer_conv_weights
 from spa.runtime import random_inputs, run
 from spa.selection import Target
 
@@ -571,3 +574,42 @@ def test_a_dynamically_quantized_lstm_prunes_its_hidden_units(per_channel, direc
     from spa.cost import concrete_shapes, macs_by_op
     macs = macs_by_op(model, concrete_shapes(model, dims={"sequence": 5, N: 2}))["DynamicQuantizeLSTM"]
     assert macs == 5 * 2 * dirs * 4 * hidden * (16 + hidden)  # W and R, 5 steps of a batch of 2
+
+
+def depthwise_net():
+    """Conv (3 -> 48), depthwise Conv, Conv (48 -> 8): one 48-channel group that the depthwise conv reads."""
+    b = Builder(opset=17)
+    x = b.input([N, 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 48)])
+    y = b.op("Relu", [b.conv(y, 48, 48, group=48)])
+    b.output(b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [b.conv(y, 48, 8, k=1)])]), 8, 5))
+    return b.model()
+
+
+def _depthwise_width(model) -> int:
+    g = Graph(model)
+    for node in g.nodes:
+        if node.op_type in ("Conv", "QLinearConv") and attr(node, "group", 1) > 1:
+            return attr(node, "group")
+    raise AssertionError("no depthwise conv left")
+
+
+@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
+def test_the_default_keeps_int8_depthwise_groups_at_multiples_of_16(fmt, tmp_path, capsys):
+    """onnxruntime's int8 depthwise kernel takes multiples of 16 channels only (x86): the default rounding
+    keeps 32 of the 48 where half would go (24, a multiple of 8, as the float model and --round-to 8 get)."""
+    import spa
+
+    onnx.save(depthwise_net(), str(tmp_path / "float.onnx"))
+    quantization.quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "q.onnx"), _Reader(),
+                                 quant_format=getattr(quantization.QuantFormat, fmt), per_channel=True,
+                                 activation_type=quantization.QuantType.QUInt8,
+                                 weight_type=quantization.QuantType.QInt8)
+    quantized = str(tmp_path / "q.onnx")
+    assert sorted(integer_conv_weights(Graph(onnx.load(quantized))).values()) == [False, False, True]
+    assert _depthwise_width(spa.prune(quantized, 0.5, criterion="l1").model) == 32
+    assert _depthwise_width(spa.prune(quantized, 0.5, criterion="l1", round_to=8).model) == 24
+    assert _depthwise_width(spa.prune(str(tmp_path / "float.onnx"), 0.5, criterion="l1").model) == 24
+    assert not integer_conv_weights(Graph(depthwise_net()))
+    assert main(["prune", quantized, "-o", str(tmp_path / "small.onnx"), "--ratio", "0.5", "--criterion", "l1"]) == 0
+    assert "1 group(s) read by int8 depthwise convs keep multiples of 16 channels" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import numpy as np
 from . import obs
 from .graph import attr
 from .groups import Analysis
-from .quant import is_integer_weight, quantized_source
+from .quant import dq_params, is_integer_weight, quantized_source
 
 
 @dataclass
@@ -161,11 +161,28 @@ def find_layers(analysis: Analysis) -> list:
             continue  # activation x activation (attention) or a computed weight
         layer = _layer(g, node_index, node, slot, axis, weight)
         if layer is not None:
-            # a weight behind a DequantizeLinear is scored (dequantized) but never compensated: an OBS
-            # update is not on its integer grid (an integer layer's update is put on it: requantized)
-            layer.compensable = len(g.consumers.get(weight, [])) == 1 and layer.compensable and quantized is None
+            layer.compensable = len(g.consumers.get(weight, [])) == 1 and layer.compensable
+            if quantized is not None:
+                _on_integer_weight(g, layer, quantized)
             layers.append(layer)
     return layers
+
+
+def _on_integer_weight(g, layer, quantized: str) -> None:
+    """A QDQ layer (its weight a DequantizeLinear's output) read as its integer weight, which it is
+    compensated on and put back onto (quant.requantized), with a per-tensor or per-output-channel scale;
+    blocked quantization and a scale along the input channels leave it scored (dequantized), never
+    compensated. Its int32 bias behind a DequantizeLinear is compensated likewise."""
+    params = dq_params(g, quantized)
+    if params is None or (np.size(params[0]) > 1 and params[2] == layer.in_axis):
+        layer.compensable = False
+        return
+    layer.weight = quantized
+    node = g.nodes[layer.node]
+    bias = quantized_source(g, node.input[2]) if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 \
+        and node.input[2] else None
+    if layer.bias is None and bias is not None and dq_params(g, bias) is not None:
+        _with_bias(g, layer, bias, g.consts.shape(quantized)[1 if layer.kind == "dense_t" else 0])
 
 
 def weighted_layers(g) -> list:

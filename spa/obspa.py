@@ -264,7 +264,7 @@ def _index_atoms(analysis, layer):
 def layer_saliency(analysis, layer: Layer, hessian, damp) -> dict:
     """{atom: dL} for removing each channel (all its indices in every block) from this layer."""
     g = analysis.graph
-    bias = g.consts[layer.bias] if layer.bias else None
+    bias = as_float(g, layer.bias, g.consts[layer.bias]) if layer.bias else None
     mats = layer.matrices(layer_value(g, layer.weight), bias)
     atoms = _index_atoms(analysis, layer)
     unique = np.unique(atoms)
@@ -355,7 +355,7 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, 
     g = analysis.graph
     removed = plan.removed(*layer.in_pair)
     w = as_float(g, layer.weight, weights.get(layer.weight, g.consts[layer.weight]))
-    b = weights.get(layer.bias, g.consts[layer.bias]) if layer.bias else None
+    b = as_float(g, layer.bias, weights.get(layer.bias, g.consts[layer.bias])) if layer.bias else None
     if hessian is None or hessian[0] != "full":
         return "failed"
     mats = layer.matrices(w, b)
@@ -393,7 +393,7 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, 
         return "failed"
     weights[layer.weight] = requantized(g, layer.weight, w_new) if is_integer_weight(g, layer.weight) else w_new
     if layer.bias:
-        weights[layer.bias] = b_new
+        weights[layer.bias] = requantized(g, layer.bias, b_new) if is_integer_weight(g, layer.bias) else b_new
     return "compensated"
 
 
@@ -538,12 +538,13 @@ def scores(analysis: Analysis, batches: list, damp: float = obs.DEFAULT_DAMP, no
     layers = scored_layers(analysis)
     quantized = sum(layer.weight not in analysis.graph.consts for layer in layers)
     if quantized:
-        progress(f"{quantized} of {len(layers)} layers read quantized weights (DequantizeLinear): scored on the "
-                 "dequantized values, never compensated (an OBS update is not on their integer grid)")
+        progress(f"{quantized} of {len(layers)} layers read weights quantized in blocks or along their input "
+                 "channels (DequantizeLinear): scored on the dequantized values, never compensated")
     integer = sum(is_integer_weight(analysis.graph, layer.weight) for layer in layers)
     if integer:
-        progress(f"{integer} of {len(layers)} layers have integer weights (MatMulInteger, ConvInteger, MatMulNBits): "
-                 "scored on the dequantized values, compensated, and rounded back onto their integer grid (GPTQ-style)")
+        progress(f"{integer} of {len(layers)} layers have integer weights (DequantizeLinear, MatMulInteger, "
+                 "ConvInteger, MatMulNBits): scored on the dequantized values, compensated, and rounded back onto "
+                 "their integer grid (GPTQ-style)")
     hessians = Hessians(len(batches), MAX_COLUMNS, seed)
     held_hessians = Hessians(len(held), MAX_COLUMNS, seed, keep_rows=True) if held else None
     wider_hessians = Hessians(len(wider), MAX_COLUMNS, seed) if wider else None  # its own draws: as if run alone

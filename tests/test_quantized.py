@@ -161,7 +161,7 @@ def test_obspa_compensates_qdq_layers_on_their_integer_grid(qdq):
     the weights stay integers, and the outputs move less from the original's than without compensation."""
     _, model = qdq
     results, said, errors = compensated_and_not(model)
-    assert any("integer weights (DequantizeLinear" in m and "integer grid" in m for m in said), said
+    assert any("integer weights (QDQ, QOperator, dynamically quantized" in m and "integer grid" in m for m in said), said
     compensated = results["obs"]
     before = _inits(model)
     assert any(before[name].data_type == TensorProto.INT32 for name in compensated.weights)  # a bias
@@ -349,10 +349,25 @@ def test_qoperator_scores_read_the_dequantized_weights(qop):
         assert not member.tensor.endswith(("_scale", "_zero_point")), member.tensor
 
 
-def test_qoperator_obspa_scores_without_compensating(qop):
+def test_qoperator_obspa_plans_prune_bit_exactly(qop):
     _, model = qop
-    result = check_exact(model, criterion="obspa", calibration="synthetic", atol=0, rtol=0)
-    assert not result.weights  # integer weights are never compensated
+    result = check_exact(model, criterion="obspa", calibration="synthetic", compensation="none", atol=0, rtol=0)
+    assert not result.weights
+
+
+def test_obspa_compensates_qoperator_layers_on_their_integer_grid(qop):
+    """A QLinearConv / QLinearMatMul / QGemm is read as the float layer it quantizes (its integer input
+    dequantized with its scale and zero point): compensated, its weight and int32 bias rounded back onto
+    their grids (uint8 weights with their zero points too), and the outputs move less than without."""
+    _, model = qop
+    results, said, errors = compensated_and_not(model)
+    assert any("integer weights (QDQ, QOperator" in m for m in said), said
+    compensated = results["obs"]
+    assert compensated.weights
+    before = _inits(model)
+    for name, value in compensated.weights.items():
+        assert value.dtype == numpy_helper.to_array(before[name]).dtype  # integers, on the grid
+    assert errors["obs"] < errors["none"], errors
 
 
 def _frozen_reasons(model):
@@ -431,7 +446,7 @@ def test_obspa_compensates_dynamically_quantized_layers_on_their_integer_grid(tm
 
     for model in (_dynamic(tmp_path, mlp_net()), _dynamic(tmp_path, float_net())):
         results, said, errors = compensated_and_not(model, {"tokens": 5})
-        assert any("integer weights (DequantizeLinear, MatMulInteger, ConvInteger" in m and "integer grid" in m
+        assert any("integer weights (QDQ, QOperator, dynamically quantized" in m and "integer grid" in m
                    for m in said), said
         compensated = results["obs"]
         assert compensated.weights and count_params(compensated.model) == count_params(results["none"].model)

@@ -29,7 +29,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, ROOT, cpu_model, git, interleaved_ms, log, version  # noqa: E402
+from common import RESULTS, ROOT, cpu_model, git, interleaved_ms, log, quantized, version  # noqa: E402
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -70,31 +70,18 @@ def model_file(name: str, work: str) -> str:
     base, _, fmt = name.partition("-")
     path = os.path.join(work, f"{base}.onnx")
     zoo.export(zoo.build(base, full=True), path, exporter="torchscript", mode="eval")
-    return quantized(path, fmt, work) if fmt else path
+    return random_quantized(path, fmt, work) if fmt else path
 
 
-def quantized(path: str, fmt: str, work: str) -> str:
+def random_quantized(path: str, fmt: str, work: str) -> str:
     """`path` quantized statically in `fmt` (QDQ or QOperator) on 8 random calibration inputs."""
     import numpy as np
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    class Reader(CalibrationDataReader):
-        def __init__(self, feeds):
-            self.feeds = iter(feeds)
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    prepared, out = os.path.join(work, "prepared.onnx"), os.path.join(work, f"quantized-{fmt}.onnx")
-    quant_pre_process(path, prepared)  # folds the exporter's Identity-shared biases the quantizer cannot read
     rng = np.random.default_rng(0)
-    shapes = {i.name: [d.dim_value or 1 for d in i.type.tensor_type.shape.dim] for i in onnx.load(prepared).graph.input}
-    feeds = [{k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()} for _ in range(8)]
-    quantize_static(prepared, out, Reader(feeds), quant_format=getattr(QuantFormat, fmt), per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return out
+    shapes = {i.name: [d.dim_value or 1 for d in i.type.tensor_type.shape.dim] for i in onnx.load(path).graph.input}
+    return quantized(path, [{k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+                            for _ in range(8)], fmt, work)
 
 
 def run(args) -> dict:

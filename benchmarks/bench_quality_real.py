@@ -61,7 +61,7 @@ import traceback
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, ROOT, cpu_model, git, log, version  # noqa: E402
+from common import RESULTS, ROOT, cpu_model, git, log, quantized, version  # noqa: E402
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -82,7 +82,8 @@ DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30
                    "mnist1d-conv": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x")}
 QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "ocr-det": ("params-20",),
                  "orientation": ("params-30",), "digits-resnet": ("macs-2x",),
-                 **{f"{base}-{fmt}": ("macs-2x",) for base in ("ocr-det", "orientation") for fmt in ("qdq", "qoperator")},
+                 **{f"{base}-{fmt}": ("macs-2x",) for base in ("ocr-det", "orientation")
+                    for fmt in ("qdq", "qoperator")},
                  "mnist1d-conv": ("macs-2x",)}
 CALIBRATIONS = ("none", "synthetic", "tokenizer", "pages", "inverted", "bn", "real")
 RECOVER_STEPS = 300
@@ -142,7 +143,7 @@ def setup_ocr_det(workdir, quantize: str | None = None):
     pages, _ = render_pages("in-distribution", 8, seed=99, size=PAGE)  # other pages than the evaluation's
     calibration = os.path.join(workdir, "ocr-det-calibration.npz")
     np.savez(calibration, x=detector_preprocess(pages))
-    path = quantized(detector_path(), calibration, quantize, workdir) if quantize else detector_path()
+    path = quantized_on(detector_path(), calibration, quantize, workdir) if quantize else detector_path()
     judge = detection_judge(path, 16, PAGE)  # against the (quantized) original's text maps
 
     def evaluate(pruned):
@@ -161,7 +162,7 @@ def setup_orientation(workdir, quantize: str | None = None):
     batch, _ = orientation_set("in-distribution", 32, seed=99)  # other pages than the evaluation's
     calibration = os.path.join(workdir, "orientation-calibration.npz")
     np.savez(calibration, x=batch)
-    path = quantized(orientation_path(), calibration, quantize, workdir) if quantize else orientation_path()
+    path = quantized_on(orientation_path(), calibration, quantize, workdir) if quantize else orientation_path()
 
     def evaluate(pruned):
         from spa.runtime import session
@@ -173,33 +174,12 @@ def setup_orientation(workdir, quantize: str | None = None):
             "shapes": None, "info": {"pages_per_set": 120, "calibration_pages": 32, "size": 224}}
 
 
-def quantized(path: str, calibration: str, fmt: str, workdir: str) -> str:
-    """`path` quantized by onnxruntime.quantization.quantize_static in `fmt` (QDQ or QOperator; int8
-    per-channel weights, uint8 activations) on the images of `calibration` (the real-data row's, other
-    images than the evaluation's): what a user's int8 file is. Pre-processed first (BatchNormalization
-    folded), opset 17 where older (DequantizeLinear's axis)."""
-    from onnx import version_converter
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    prepared, out = os.path.join(workdir, f"prepared-{fmt}.onnx"), os.path.join(workdir, f"quantized-{fmt}.onnx")
-    quant_pre_process(path, prepared, skip_symbolic_shape=True)
-    model = onnx.load(prepared)
-    if model.opset_import[0].version < 13:
-        onnx.save(version_converter.convert_version(model, 17), prepared)
-    name = model.graph.input[0].name
+def quantized_on(path: str, calibration: str, fmt: str, workdir: str) -> str:
+    """`path` quantized statically in `fmt` on the images of `calibration` (the real-data row's, other
+    images than the evaluation's), one a batch."""
     images = np.load(calibration)["x"]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.feeds = iter([{name: images[i:i + 1]} for i in range(len(images))])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    quantize_static(prepared, out, Reader(), quant_format=getattr(QuantFormat, fmt), per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return out
+    name = onnx.load(path).graph.input[0].name
+    return quantized(path, [{name: images[i:i + 1]} for i in range(len(images))], fmt, workdir)
 
 
 def setup_trained(name, workdir):

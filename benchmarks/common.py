@@ -60,3 +60,31 @@ def interleaved_ms(runs: list, least: int, seconds: float = 0.0, most: int | Non
             sess.run(None, feeds)
             t.append(time.perf_counter() - began)
     return [1e3 * statistics.median(t) for t in times]
+
+
+def quantized(path: str, feeds: list, fmt: str, work: str) -> str:
+    """`path` quantized by onnxruntime.quantization.quantize_static in `fmt` (QDQ or QOperator; int8
+    per-channel weights, uint8 activations) on the batches `feeds` (dicts of input arrays), written under
+    `work`: what a user's int8 file is. Pre-processed first (BatchNormalization folded, the exporter's
+    Identity-shared biases the quantizer cannot read resolved), opset 17 where older (DequantizeLinear's axis)."""
+    import onnx
+    from onnx import version_converter
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    prepared, out = os.path.join(work, f"prepared-{fmt}.onnx"), os.path.join(work, f"quantized-{fmt}.onnx")
+    quant_pre_process(path, prepared, skip_symbolic_shape=True)
+    model = onnx.load(prepared)
+    if model.opset_import[0].version < 13:
+        onnx.save(version_converter.convert_version(model, 17), prepared)
+    quantize_static(prepared, out, Reader(), quant_format=getattr(QuantFormat, fmt), per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+

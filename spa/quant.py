@@ -217,7 +217,7 @@ def integer_conv_weights(g: Graph) -> dict:
     ConvInteger, and a Conv whose weight and input both come from DequantizeLinear (the QDQ pattern
     onnxruntime runs as a QLinearConv). onnxruntime's symmetric int8 kernels (MLAS, `MlasConvSymPackWSize`)
     take a depthwise conv of a multiple of 16 channels only on x86 (8 on ARM64), and any other conv whose
-    input channels are a multiple of 4; other widths run generic kernels several times slower."""
+    input channels are a multiple of 4; other widths run slower generic kernels (docs/latency.md)."""
     found = {}
     for node in g.nodes:
         slot = {"QLinearConv": 3, "ConvInteger": 1, "Conv": 1}.get(node.op_type)

@@ -161,7 +161,8 @@ def test_obspa_compensates_qdq_layers_on_their_integer_grid(qdq):
     the weights stay integers, and the outputs move less from the original's than without compensation."""
     _, model = qdq
     results, said, errors = compensated_and_not(model)
-    assert any("integer weights (QDQ, QOperator, dynamically quantized" in m and "integer grid" in m for m in said), said
+    assert any("integer weights (QDQ, QOperator, dynamically quantized" in m and "integer grid" in m
+               for m in said), said
     compensated = results["obs"]
     before = _inits(model)
     assert any(before[name].data_type == TensorProto.INT32 for name in compensated.weights)  # a bias

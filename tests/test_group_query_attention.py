@@ -164,6 +164,17 @@ def test_a_tied_embedding_read_through_a_transpose_is_a_vocabulary():
     assert vocabulary_size(b.model(), "input_ids") == 50
 
 
+def test_an_int8_embedding_behind_a_dequantize_linear_is_a_vocabulary():
+    """A statically quantized (QDQ) transformer gathers token rows from its int8 table's DequantizeLinear:
+    it is still a token model (a tokenizer was refused: "the model has no token-id input")."""
+    from spa.calibration.shapes import vocabulary_size
+
+    b = Builder()
+    table = b.op("DequantizeLinear", [b.const(np.ones((50, 8), np.int8)), b.const(np.float32(0.1))])
+    b.output(b.op("Gather", [table, b.input(["N", "T"], "input_ids", onnx.TensorProto.INT64)]), ["N", "T", 8])
+    assert vocabulary_size(b.model(), "input_ids") == 50
+
+
 def test_large_generated_samples_come_in_smaller_batches(monkeypatch):
     """A sliding window's cache at its capacity makes one sample's inputs large (Gemma 2 2B: 16 MB a cache
     tensor, 26 of them): generated batches shrink so that one stays under BATCH_BYTES, announced."""

@@ -208,13 +208,16 @@ _EMBED_TABLES = {0: 2, 1: 4}
 
 def _constant_dims(model) -> dict:
     """{constant: dims}, a Transpose of one included (onnxruntime-genai's tied embedding is its LM
-    head's [hidden, vocab] weight transposed)."""
+    head's [hidden, vocab] weight transposed), and a DequantizeLinear or Cast of one (a QDQ model's
+    int8 embedding table)."""
     consts = {t.name: tuple(t.dims) for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value":
                     consts[node.output[0]] = tuple(a.t.dims)
+        elif node.op_type in ("DequantizeLinear", "Cast") and node.input and node.input[0] in consts:
+            consts[node.output[0]] = consts[node.input[0]]
         elif node.op_type == "Transpose" and node.input[0] in consts:
             dims = consts[node.input[0]]
             perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), range(len(dims))[::-1])

@@ -34,9 +34,8 @@ class Plan:
         self._atom_removed = np.zeros(atoms, dtype=bool)
         self._atom_removed[self.removed_atoms] = True
         self._removed = {}
-        # set by spa.selection: channels a ratio asked for, channels --round-to restored, groups it kept whole,
-        # groups read by int8 depthwise convs rounded apart
-        self.selection = {"asked": None, "restored": 0, "whole": 0, "integer_depthwise": 0}
+        # set by spa.selection: channels a ratio asked for, channels --round-to restored, groups it kept whole
+        self.selection = {"asked": None, "restored": 0, "whole": 0}
         self.weights_changed = None  # set by spa.pipeline: what updated the kept weights (a plan carries none)
 
     def _removed_mask(self, tensor, axis):

@@ -191,7 +191,7 @@ class Selector:
         self.target = target
         self.scores = scores
         self.progress = progress
-        self.record = {"asked": None, "restored": 0, "whole": 0, "integer_depthwise": 0}  # Plan.selection
+        self.record = {"asked": None, "restored": 0, "whole": 0}  # what Plan.selection reports
         blocked = ignored_atoms(analysis, target.ignore)
         self.candidates = {}  # group id -> (atoms, scores) of prunable channels, ascending score
         allowed = analysis.options.granularity
@@ -207,7 +207,6 @@ class Selector:
         if not self.candidates:
             raise nothing_prunable(analysis)
         self.integer_groups = {gid: m for gid, m in integer_groups(analysis, target).items() if gid in self.candidates}
-        self.record["integer_depthwise"] = sum(multiple > 1 for multiple in self.integer_groups.values())
 
     def _limit(self, group_id):
         group = self.analysis.groups[group_id]
@@ -504,9 +503,10 @@ def limits(analysis: Analysis, target: Target, plan: Plan) -> dict:
     at_limit = sum(1 for g in open_groups if removed.get(g.id, 0) >= min(
         int(math.floor(target.max_group_ratio * len(g.atoms))), len(g.atoms) - 1))
     units = [u for u in ("channels", "channel blocks", "heads") if u in {_unit_word(g) for g in open_groups}]
+    rounded_apart = {gid for gid, multiple in integer_groups(analysis, target).items() if multiple > 1}
     return {"prunable_channels": sum(free[g.id] for g in open_groups), "units": " and ".join(units),
             "removed_channels": int(len(plan.removed_atoms)), "asked_channels": plan.selection["asked"],
             "at_limit": at_limit, "frozen_groups": sum(1 for g in groups if not g.prunable),
             "ignored_groups": sum(1 for g in groups if g.prunable and free[g.id] < 2),
             "rounded_back": plan.selection["restored"], "rounded_whole": plan.selection["whole"],
-            "integer_depthwise_groups": plan.selection["integer_depthwise"]}
+            "integer_depthwise_groups": sum(g.id in rounded_apart for g in open_groups)}

@@ -58,7 +58,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, ROOT, cpu_model, git, interleaved_ms, log, version  # noqa: E402
+from common import RESULTS, ROOT, cpu_model, git, interleaved_ms, log, quantized, version  # noqa: E402
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -118,19 +118,11 @@ QUANT_DIR = os.path.join(tempfile.gettempdir(), "spa-survey-quantized")
 
 def _quantized_record(name: str, path: str, fmt: str) -> dict:
     """The zoo export quantized statically by onnxruntime.quantization (per-channel int8 weights,
-    uint8 activations, 8 random calibration inputs) in QDQ or QOperator format."""
+    uint8 activations, 8 random calibration inputs, no pre-processing) in QDQ or QOperator format."""
     import traceback
 
     import numpy as np
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self, feeds):
-            self.feeds = iter(feeds)
-
-        def get_next(self):
-            return next(self.feeds, None)
 
     rec = {"name": f"{name}-{fmt}", "source": f"zoo CNN quantized ({fmt})"}
     try:
@@ -138,16 +130,7 @@ def _quantized_record(name: str, path: str, fmt: str) -> dict:
         rng = np.random.default_rng(0)
         shapes = {i.name: [d.dim_value or 1 for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
         feeds = [{k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()} for _ in range(8)]
-        os.makedirs(QUANT_DIR, exist_ok=True)
-        out = os.path.join(QUANT_DIR, f"{name}-{fmt}.onnx")
-        cwd = os.getcwd()
-        os.chdir(QUANT_DIR)  # the quantizer may leave scratch files in the working directory
-        try:
-            quantize_static(path, out, Reader(feeds), quant_format=getattr(QuantFormat, fmt), per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        finally:
-            os.chdir(cwd)
-        rec["path"] = out
+        rec["path"] = quantized(path, feeds, fmt, QUANT_DIR, prepare=False, name=name)
     except Exception as exc:  # noqa: BLE001
         rec["error"] = f"{type(exc).__name__}: {exc}"[:400]
         rec["traceback"] = traceback.format_exc()[-2000:]

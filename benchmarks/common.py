@@ -62,11 +62,12 @@ def interleaved_ms(runs: list, least: int, seconds: float = 0.0, most: int | Non
     return [1e3 * statistics.median(t) for t in times]
 
 
-def quantized(path: str, feeds: list, fmt: str, work: str) -> str:
+def quantized(path: str, feeds: list, fmt: str, work: str, prepare: bool = True, name: str = "quantized") -> str:
     """`path` quantized by onnxruntime.quantization.quantize_static in `fmt` (QDQ or QOperator; int8
-    per-channel weights, uint8 activations) on the batches `feeds` (dicts of input arrays), written under
-    `work`: what a user's int8 file is. Pre-processed first (BatchNormalization folded, the exporter's
-    Identity-shared biases the quantizer cannot read resolved), opset 17 where older (DequantizeLinear's axis)."""
+    per-channel weights, uint8 activations) on the batches `feeds` (dicts of input arrays), written as
+    `work`/`name`-`fmt`.onnx: what a user's int8 file is. `prepare`: pre-processed first (BatchNormalization
+    folded, the exporter's Identity-shared biases the quantizer cannot read resolved), opset 17 where older
+    (DequantizeLinear's axis); the survey quantizes its toy exports as they are."""
     import onnx
     from onnx import version_converter
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -79,12 +80,22 @@ def quantized(path: str, feeds: list, fmt: str, work: str) -> str:
         def get_next(self):
             return next(self.feeds, None)
 
-    prepared, out = os.path.join(work, f"prepared-{fmt}.onnx"), os.path.join(work, f"quantized-{fmt}.onnx")
-    quant_pre_process(path, prepared, skip_symbolic_shape=True)
-    model = onnx.load(prepared)
-    if model.opset_import[0].version < 13:
-        onnx.save(version_converter.convert_version(model, 17), prepared)
-    quantize_static(prepared, out, Reader(), quant_format=getattr(QuantFormat, fmt), per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    path, work = os.path.abspath(path), os.path.abspath(work)
+    os.makedirs(work, exist_ok=True)
+    out = os.path.join(work, f"{name}-{fmt}.onnx")
+    if prepare:
+        prepared = os.path.join(work, f"prepared-{fmt}.onnx")
+        quant_pre_process(path, prepared, skip_symbolic_shape=True)
+        model = onnx.load(prepared)
+        if model.opset_import[0].version < 13:
+            onnx.save(version_converter.convert_version(model, 17), prepared)
+        path = prepared
+    cwd = os.getcwd()
+    os.chdir(work)  # the quantizer may leave scratch files in the working directory
+    try:
+        quantize_static(path, out, Reader(), quant_format=getattr(QuantFormat, fmt), per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        os.chdir(cwd)
     return out
 

@@ -128,12 +128,19 @@ def dq_params(g: Graph, tensor: str):
     DequantizeLinear that is its only reader (a QDQ model's weight or int32 bias), per tensor or per
     axis with constant parameters; else None (blocked quantization too)."""
     node = dequantizer(g, tensor) if tensor in g.consts else None
-    if node is None or attr(node, "block_size", 0) or np.asarray(g.consts[tensor]).dtype.kind not in "iu":
+    if node is None or np.asarray(g.consts[tensor]).dtype.kind not in "iu":
         return None
+    scale, zero, axis, block_size = _dequantizer_params(g, node)
+    if block_size:
+        return None
+    return scale, zero, axis + len(g.consts.shape(tensor)) if axis < 0 else axis
+
+
+def _dequantizer_params(g: Graph, node) -> tuple:
+    """(scale, zero point or None, axis, block size) of a DequantizeLinear with constant parameters."""
     zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    axis = attr(node, "axis", 1)
-    return g.consts[node.input[1]], None if zero is None else g.consts[zero], \
-        axis + len(g.consts.shape(tensor)) if axis < 0 else axis
+    return (g.consts[node.input[1]], None if zero is None else g.consts[zero], attr(node, "axis", 1),
+            attr(node, "block_size", 0))
 
 
 def grid_params(g: Graph, tensor: str):
@@ -191,9 +198,7 @@ def weight_value(g: Graph, tensor: str) -> np.ndarray:
         return nbits_weight(g, packed)
     node = dequantizer(g, tensor)
     if node is not None:
-        zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        return dequantize(g.consts[tensor], g.consts[node.input[1]], None if zero is None else g.consts[zero],
-                          attr(node, "axis", 1), attr(node, "block_size", 0))
+        return dequantize(g.consts[tensor], *_dequantizer_params(g, node))
     params = qoperator_params(g, tensor)
     if params is not None:
         return dequantize(g.consts[tensor], *params)

@@ -18,7 +18,7 @@ from . import allocation as allocate
 from . import external_data, latency, obspa, plugins
 from .calibration import (DEFAULT_SAMPLES, Calibration, SampleDefault, calibration_batches, edited_batches,
                           fresh_batches, generated_shapes, generated_token_lengths, is_generated, shared_shapes,
-                          text_lines, text_mode, user_shapes, with_text_config, with_tokenizer)
+                          text_mode, user_shapes, with_judged_pages, with_text_config, with_tokenizer)
 from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
 from .cost import concrete_shapes, count_macs, count_params, largest_node
 from .graph import weight_bytes
@@ -325,7 +325,7 @@ def calibration_inputs(model: onnx.ModelProto, cal: Calibration, progress=_quiet
     counts for kinds of generated input (the first that applies), each under its own budget, announced."""
     cal = with_tokenizer(model, cal, progress)  # one found beside the model: taken (announced) or dropped
     cal = with_text_config(model, cal, progress)  # a PaddleOCR config's text images: the same
-    asked, cal = cal, default_source(model, cal, progress)
+    asked, cal = cal, default_source(model, with_judged_pages(model, cal, progress), progress)
     capped, budget = cal.samples is None, CALIBRATION_MACS
     default = next((s for s in samples if s.applies(model, cal)), None) if capped else None
     if default:
@@ -347,8 +347,6 @@ def calibration_inputs(model: onnx.ModelProto, cal: Calibration, progress=_quiet
     if capped:
         batches = affordable(model, batches, progress, budget)
     batches = within_memory(model, batches, progress)
-    if batches and cal.source == "synthetic" and not text_mode(model, cal):
-        _hint_text_pages(model, batches[0], progress)
     cut = capped and is_generated(cal.source) and sample_count(batches) < wanted
     fit, held = _held_out(model, cal, batches, cut) if held_out else (batches, [])
     return cal, fit, held
@@ -387,17 +385,6 @@ def _interleaved(real, fresh):
         return (real if step % 2 == 0 else fresh)(step // 2)
 
     return feeds
-
-
-def _hint_text_pages(model: onnx.ModelProto, feeds: dict, progress) -> None:
-    """Says where noise images calibrate a model whose output looks like a text detector's: pages
-    are asked for (`--text-images pages`), never guessed."""
-    output = text_lines.text_map_output(model, feeds)
-    if output:
-        progress(f"calibration: output '{output}' is a one-channel map the size of the image with values in [0, 1], "
-                 "as a text detector's is: if this model detects text, --text-images pages calibrates on pages of "
-                 "text lines instead of noise (the PP-OCRv4 detector at 1.5x fewer MACs kept 0.955 of its text map "
-                 "against 0.174; docs/obspa.md)")
 
 
 def unsure_on(model: onnx.ModelProto, feeds: dict) -> list:

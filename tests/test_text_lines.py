@@ -377,3 +377,68 @@ def test_noise_images_for_a_model_whose_output_looks_like_a_text_map_say_pages_c
     b.output(b.conv(b.input(["batch", 3, "height", "width"]), 3, 1))  # a map, but not of probabilities
     assert said(b.model()) == []
     assert said(_recognizer(dictionary=None)) == []  # no map at all
+
+
+def _with_statistics_of(model, batches):
+    """`model` (one BatchNormalization) with running statistics measured on `batches` at the BN's input."""
+    from onnx import numpy_helper
+    from spa.activations import fetch
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    x = np.concatenate([got[bn.input[0]] for got in fetch(model, [bn.input[0]], batches, desc=None)]).astype(np.float64)
+    moments = {bn.input[3]: x.mean(axis=(0, 2, 3)), bn.input[4]: x.var(axis=(0, 2, 3))}
+    for t in model.graph.initializer:
+        if t.name in moments:
+            t.CopyFrom(numpy_helper.from_array(moments[t.name].astype(np.float32), t.name))
+    return model
+
+
+def test_batchnorm_statistics_mismatch_is_the_per_channel_distance_to_the_running_statistics():
+    from spa.calibration import statistics_mismatch
+    from spa.activations import fetch
+
+    model = _detector(batchnorm=True)
+    noise = _batches(model, shapes={"input": (1, 3, 32, 48)})[:2]
+    fitted = _with_statistics_of(model, noise)
+    assert statistics_mismatch(fitted, noise) == pytest.approx(0, abs=1e-5)  # the statistics it was given
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    stats = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    mean, var, eps = stats[bn.input[3]], stats[bn.input[4]], 1e-5
+    x = np.concatenate([got[bn.input[0]] for got in fetch(model, [bn.input[0]], noise, desc=None)]).astype(np.float64)
+    brute = np.mean(np.abs(x.mean(axis=(0, 2, 3)) - mean) / np.sqrt(var + eps)
+                    + np.abs(np.log((x.var(axis=(0, 2, 3)) + eps) / (var + eps))) / 2)
+    assert statistics_mismatch(model, noise) == pytest.approx(brute, rel=1e-6)
+    assert statistics_mismatch(_detector(), noise) is None  # no BatchNormalization
+
+
+def test_pages_are_taken_for_a_text_map_model_whose_batchnorm_statistics_are_nearer_on_pages():
+    from spa.calibration import JUDGED_IMAGES, with_judged_pages
+
+    shape = {"input": (1, 3, 64, 96)}
+    generated = Calibration(source="synthetic", shapes=shape, samples=JUDGED_IMAGES, batch_size=JUDGED_IMAGES,
+                            text_images="pages")
+    # running statistics of the very images the judge draws (seed 0): 0 for those, more for the others
+    pages = calibration_batches(_detector(), dataclasses.replace(generated, line_share=1.0))
+    noise = calibration_batches(_detector(), dataclasses.replace(generated, line_share=0.0))
+    on_pages = _with_statistics_of(_detector(batchnorm=True), pages)
+    on_noise = _with_statistics_of(_detector(batchnorm=True), noise)
+
+    def judged(model, **options):
+        messages = []
+        cal = with_judged_pages(model, Calibration(**{"source": "synthetic", "shapes": shape, **options}),
+                                messages.append)
+        return cal.text_images, messages
+
+    for source in ("synthetic", "auto"):
+        taken, said = judged(on_pages, source=source)
+        assert taken == "pages" and len(said) == 1 and "nearer on pages than on noise" in said[0], said
+    taken, said = judged(on_noise)
+    assert taken is None and len(said) == 1 and "not clearly nearer on pages" in said[0], said
+    assert "--text-images pages calibrates" in said[0]
+    taken, said = judged(_detector())  # no BatchNorm to tell: suggested, not taken
+    assert taken is None and len(said) == 1 and "--text-images pages calibrates" in said[0], said
+    assert "BatchNorm" not in said[0]
+    for options in ({"charset": "none"}, {"source": "bn"}, {"text_images": "lines"}):
+        assert judged(on_pages, **options) == (options.get("text_images"), [])  # asked for otherwise
+    assert judged(_recognizer(dictionary=None)) == (None, [])  # no one-channel map

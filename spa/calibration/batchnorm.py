@@ -1,5 +1,6 @@
 """The ``bn`` source: Gaussian inputs whose per-channel mean and variance reproduce the first
-BatchNormalization's running statistics (read directly, or through one Conv: `_conv_moments`).
+BatchNormalization's running statistics (read directly, or through one Conv: `_conv_moments`); and
+`statistics_mismatch`, how far some inputs leave every BatchNormalization from those statistics.
 """
 from __future__ import annotations
 
@@ -55,6 +56,61 @@ def from_batchnorm(plan: _Plan, rng) -> list:
         view = (1, -1) + (1,) * (len(shape) - 2)
         return mean.reshape(view) + scale.reshape(view) * rng.standard_normal(shape)
     return plan.generated(rng, override={name: draw})
+
+
+def statistics_mismatch(model, batches) -> float | None:
+    """How far `batches` leave the model's BatchNormalization inputs from the running statistics the
+    layers keep (what the training data gave them): per channel, over every sample and position,
+    |mean - running mean| / running sd + |log(variance / running variance)| / 2, averaged over the
+    channels and then the layers; 0 for inputs like the training data's. None where no
+    BatchNormalization keeps constant statistics."""
+    from ..activations import fetch
+    from ..graph import attr
+
+    layers = [(node.input[0], stats, attr(node, "epsilon", 1e-5)) for node in model.graph.node
+              if node.op_type == "BatchNormalization" and len(node.input) == 5
+              for stats in [_constants(model, node.input[3:5])] if stats is not None]
+    if not layers:
+        return None
+    sums = {}
+    for got in fetch(model, [layer[0] for layer in layers], batches, desc=None):
+        for name, value in got.items():
+            x = np.moveaxis(np.asarray(value, dtype=np.float64), 1, 0).reshape(np.shape(value)[1], -1)
+            n, s, ss = sums.get(name, (0, 0.0, 0.0))
+            sums[name] = (n + x.shape[1], s + x.sum(axis=1), ss + (x ** 2).sum(axis=1))
+    per_layer = []
+    for name, (mean, var), eps in layers:
+        n, s, ss = sums[name]
+        seen_mean = s / n
+        seen_var = np.maximum(ss / n - seen_mean ** 2, 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            distance = np.abs(seen_mean - mean) / np.sqrt(var + eps) + \
+                np.abs(np.log((seen_var + eps) / (var + eps))) / 2
+        distance = distance[np.isfinite(distance)]
+        if distance.size:
+            per_layer.append(float(distance.mean()))
+    return float(np.mean(per_layer)) if per_layer else None
+
+
+def _constants(model, names) -> list | None:
+    """The values of constant tensors `names` (initializers or Constant nodes) as float64 vectors, or
+    None where one is computed; read without building a Graph (whose shape inference can take seconds)."""
+    from onnx import numpy_helper
+
+    from ..graph import constant_node_value
+
+    found = {t.name: t for t in model.graph.initializer if t.name in names}
+    nodes = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.output[0] in names}
+    values = []
+    for name in names:
+        if name in found:
+            value = numpy_helper.to_array(found[name])
+        elif name in nodes:
+            value = constant_node_value(nodes[name])
+        else:
+            return None
+        values.append(np.asarray(value, dtype=np.float64).reshape(-1))
+    return values
 
 
 def _conv_moments(g, conv, channels):

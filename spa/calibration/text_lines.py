@@ -274,14 +274,19 @@ def page(rng, height: int, width: int, alphabet: list, channels: int = 3):
     return image if channels == 3 else image.convert("L")
 
 
+def map_outputs(model) -> list:
+    """The outputs declared [N, 1, H, W]: one-channel maps, as a text detector's."""
+    return [o.name for o in model.graph.output if len(o.type.tensor_type.shape.dim) == 4
+            and o.type.tensor_type.shape.dim[1].dim_value == 1]
+
+
 def text_map_output(model, feeds: dict) -> str | None:
     """The name of an output that is a one-channel map the size of the image input, with values in [0, 1]
     (a DBNet text detector's text probability map, as PaddleOCR's give), on one sample of `feeds`; None
     where there is none. Only declared [N, 1, H, W] outputs are run for."""
     from ..runtime import session
 
-    outputs = [o.name for o in model.graph.output if len(o.type.tensor_type.shape.dim) == 4
-               and o.type.tensor_type.shape.dim[1].dim_value == 1]
+    outputs = map_outputs(model)
     if not outputs or len(feeds) != 1:
         return None
     (name, image), = feeds.items()

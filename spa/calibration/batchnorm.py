@@ -75,9 +75,10 @@ def statistics_mismatch(model, batches) -> float | None:
     sums = {}
     for got in fetch(model, [layer[0] for layer in layers], batches, desc=None):
         for name, value in got.items():
-            x = np.moveaxis(np.asarray(value, dtype=np.float64), 1, 0).reshape(np.shape(value)[1], -1)
-            n, s, ss = sums.get(name, (0, 0.0, 0.0))
-            sums[name] = (n + x.shape[1], s + x.sum(axis=1), ss + (x ** 2).sum(axis=1))
+            for sample in np.asarray(value):  # one at a time: a float64 copy of a whole batch can be large
+                x = np.asarray(sample, dtype=np.float64).reshape(len(sample), -1)
+                n, s, ss = sums.get(name, (0, 0.0, 0.0))
+                sums[name] = (n + x.shape[1], s + x.sum(axis=1), ss + (x ** 2).sum(axis=1))
     per_layer = []
     for name, (mean, var), eps in layers:
         n, s, ss = sums[name]

@@ -386,7 +386,8 @@ def _with_statistics_of(model, batches):
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
-    x = np.concatenate([got[bn.input[0]] for got in fetch(model, [bn.input[0]], batches, desc=None)]).astype(np.float64)
+    x = np.concatenate([got[bn.input[0]] for got in fetch(model, [bn.input[0]], batches, desc=None)])
+    x = x.astype(np.float64)
     moments = {bn.input[3]: x.mean(axis=(0, 2, 3)), bn.input[4]: x.var(axis=(0, 2, 3))}
     for t in model.graph.initializer:
         if t.name in moments:
@@ -405,7 +406,8 @@ def test_batchnorm_statistics_mismatch_is_the_per_channel_distance_to_the_runnin
     bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
     stats = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     mean, var, eps = stats[bn.input[3]], stats[bn.input[4]], 1e-5
-    x = np.concatenate([got[bn.input[0]] for got in fetch(model, [bn.input[0]], noise, desc=None)]).astype(np.float64)
+    x = np.concatenate([got[bn.input[0]] for got in fetch(model, [bn.input[0]], noise, desc=None)])
+    x = x.astype(np.float64)
     brute = np.mean(np.abs(x.mean(axis=(0, 2, 3)) - mean) / np.sqrt(var + eps)
                     + np.abs(np.log((x.var(axis=(0, 2, 3)) + eps) / (var + eps))) / 2)
     assert statistics_mismatch(model, noise) == pytest.approx(brute, rel=1e-6)
@@ -433,6 +435,11 @@ def test_pages_are_taken_for_a_text_map_model_whose_batchnorm_statistics_are_nea
     for source in ("synthetic", "auto"):
         taken, said = judged(on_pages, source=source)
         assert taken == "pages" and len(said) == 1 and "nearer on pages than on noise" in said[0], said
+    from spa.pipeline import calibration_inputs
+    cal, fit, _ = calibration_inputs(on_pages, Calibration(shapes=shape, samples=16), held_out=False)
+    assert cal.source == "synthetic" and cal.text_images == "pages"  # auto: pages, not an inversion
+    assert np.allclose(fit[0]["input"][:8].std(axis=(2, 3)), 1, atol=1e-3)  # half noise, half pages
+    assert not np.allclose(fit[0]["input"][8:].std(axis=(2, 3)), 1, atol=1e-3)
     taken, said = judged(on_noise)
     assert taken is None and len(said) == 1 and "not clearly nearer on pages" in said[0], said
     assert "--text-images pages calibrates" in said[0]

@@ -411,8 +411,8 @@ def with_judged_pages(model: onnx.ModelProto, options: Calibration, progress=_qu
                  f"are nearer on pages than on noise ({paged:.2f} against {noise:.2f}; docs/obspa.md; --charset none: "
                  "noise only)")
         return dataclasses.replace(options, text_images="pages")
-    compared = "" if paged is None else f" (its BatchNorm statistics are not clearly nearer on pages: {paged:.2f} against " \
-        f"{noise:.2f})"
+    compared = "" if paged is None else \
+        f" (its BatchNorm statistics are not clearly nearer on pages: {paged:.2f} against {noise:.2f})"
     progress(f"calibration: {seen}{compared}: if this model detects text, --text-images pages calibrates on pages "
              "of text lines (the PP-OCRv4 detector at 1.5x fewer MACs kept 0.955 of its text map "
              "against 0.174; docs/obspa.md)")

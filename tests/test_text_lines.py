@@ -441,11 +441,13 @@ def test_pages_are_taken_for_a_text_map_model_whose_batchnorm_statistics_are_nea
     assert np.allclose(fit[0]["input"][:8].std(axis=(2, 3)), 1, atol=1e-3)  # half noise, half pages
     assert not np.allclose(fit[0]["input"][8:].std(axis=(2, 3)), 1, atol=1e-3)
     taken, said = judged(on_noise)
-    assert taken is None and len(said) == 1 and "not clearly nearer on pages" in said[0], said
-    assert "--text-images pages calibrates" in said[0]
+    assert taken is None and len(said) == 1 and "on pages against" in said[0], said  # both figures, said
+    assert "--text-images pages calibrates" in said[0] and "of generated pages as text" in said[0]
     taken, said = judged(_detector())  # no BatchNorm to tell: suggested, not taken
     assert taken is None and len(said) == 1 and "--text-images pages calibrates" in said[0], said
     assert "BatchNorm" not in said[0]
+    assert text_lines.marks_text(0.05, 0.0) and not text_lines.marks_text(0.05, 0.01)  # noise marked too
+    assert not text_lines.marks_text(0.005, 0.0) and not text_lines.marks_text(0.6, 0.0)  # hardly any / all of a page
     for options in ({"charset": "none"}, {"source": "bn"}, {"text_images": "lines"}):
         assert judged(on_pages, **options) == (options.get("text_images"), [])  # asked for otherwise
     assert judged(_recognizer(dictionary=None)) == (None, [])  # no one-channel map

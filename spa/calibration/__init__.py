@@ -375,8 +375,10 @@ def with_text_config(model: onnx.ModelProto, options: Calibration, progress=_qui
 
 
 # Noise images calibrating a model whose output looks like a text detector's: pages of text lines instead where
-# they leave its BatchNorm statistics at most this share of noise's distance (PP-OCRv4 detector 0.55-0.57, and
-# noise lost it at 1.5x fewer MACs: 0.174 against 0.955 text-map F1; docs/obspa.md), judged on this many of each
+# it marks their text (text_lines.marks_text), or where they leave its BatchNorm statistics at most this share of
+# noise's distance (the PP-OCRv4 detector: 4-10 % of each page marked, none of any noise image; statistics 0.55-0.57
+# of noise's; noise lost it at 1.5x fewer MACs: 0.000 against 0.961 text-map F1; docs/obspa.md), judged on this
+# many images of each
 PAGES_NEARER = 0.75
 JUDGED_IMAGES = 8
 
@@ -384,9 +386,10 @@ JUDGED_IMAGES = 8
 def with_judged_pages(model: onnx.ModelProto, options: Calibration, progress=_quiet) -> Calibration:
     """`options` (synthetic or auto calibration, no text images or charset asked for or found) with pages of
     text lines among the generated images where the model's output is a one-channel map the size of the image
-    with values in [0, 1] (`text_lines.text_map_output`, a DBNet text detector's) and its BatchNorm layers
-    see statistics nearer their running ones on pages than on noise (`statistics_mismatch`, PAGES_NEARER),
-    announced; where BatchNorm cannot tell, `--text-images pages` is suggested. Else unchanged."""
+    with values in [0, 1] (`text_lines.text_map_output`, a DBNet text detector's) that marks the text of
+    generated pages and not noise (`text_lines.marks_text`), or whose BatchNorm layers see statistics nearer
+    their running ones on pages than on noise (`statistics_mismatch`, PAGES_NEARER); announced. Where neither
+    says so, `--text-images pages` is suggested. Else unchanged."""
     if (options.source or "").strip() not in ("auto", "synthetic") or options.text_images is not None or \
             options.charset is not None or text_mode(model, options) is not None or \
             not text_lines.map_outputs(model):
@@ -398,25 +401,33 @@ def with_judged_pages(model: onnx.ModelProto, options: Calibration, progress=_qu
     try:
         noise_batches = calibration_batches(model, dataclasses.replace(pages, line_share=0.0))
         output = text_lines.text_map_output(model, noise_batches[0])
+        page_batches = calibration_batches(model, pages) if output else []
     except SpaError:  # the calibration run itself reports what fails
         return options
     if output is None:
         return options
     seen = f"output '{output}' is a one-channel map the size of the image with values in [0, 1], as a text " \
         "detector's is"
+    on_pages, on_noise = (text_lines.marked_share(model, output, b) for b in (page_batches, noise_batches))
+    marked = f"it marks {on_pages:.1%} of generated pages as text and {on_noise:.1%} of noise images"
+    if text_lines.marks_text(on_pages, on_noise):
+        return _with_pages(options, f"{seen}, and {marked}", progress)
     noise = statistics_mismatch(model, noise_batches)
-    paged = statistics_mismatch(model, calibration_batches(model, pages)) if noise is not None else None
+    paged = statistics_mismatch(model, page_batches) if noise is not None else None
     if paged is not None and paged <= PAGES_NEARER * noise:
-        progress(f"calibration: pages of text lines among the synthetic images: {seen}, and its BatchNorm statistics "
-                 f"are nearer on pages than on noise ({paged:.2f} against {noise:.2f}; docs/obspa.md; --charset none: "
-                 "noise only)")
-        return dataclasses.replace(options, text_images="pages")
-    compared = "" if paged is None else \
-        f" (its BatchNorm statistics are not clearly nearer on pages: {paged:.2f} against {noise:.2f})"
-    progress(f"calibration: {seen}{compared}: if this model detects text, --text-images pages calibrates on pages "
-             "of text lines (the PP-OCRv4 detector at 1.5x fewer MACs kept 0.955 of its text map "
-             "against 0.174; docs/obspa.md)")
+        return _with_pages(options, f"{seen}, and its BatchNorm statistics are nearer on pages than on noise "
+                                    f"({paged:.2f} against {noise:.2f})", progress)
+    compared = "" if paged is None else f"; its BatchNorm statistics {paged:.2f} on pages against {noise:.2f}"
+    progress(f"calibration: {seen} ({marked}{compared}): if this model detects text, --text-images pages calibrates "
+             "on pages of text lines (the PP-OCRv4 detector at 1.5x fewer MACs kept 0.961 of its text map against "
+             "0.000 with noise; docs/obspa.md)")
     return options
+
+
+def _with_pages(options: Calibration, why: str, progress) -> Calibration:
+    progress(f"calibration: pages of text lines among the synthetic images: {why} (docs/obspa.md; --charset none: "
+             "noise only)")
+    return dataclasses.replace(options, text_images="pages")
 
 
 def _numbers(values) -> str:

@@ -280,6 +280,26 @@ def map_outputs(model) -> list:
             and o.type.tensor_type.shape.dim[1].dim_value == 1]
 
 
+TEXT_PROBABILITY = 0.3     # a text map's pixel is text above this (DBNet's and PaddleOCR's threshold)
+MARKED_PAGES = (0.01, 0.5)  # share of a generated page a text detector marks as text: some, not all of it
+
+
+def marked_share(model, output: str, batches) -> float:
+    """The share of the pixels of `output` (a one-channel probability map) over TEXT_PROBABILITY on `batches`."""
+    from ..runtime import session
+
+    run = session(model, quiet=True)
+    maps = [run.run([output], feeds)[0] for feeds in batches]
+    return float(np.mean(np.concatenate([np.ravel(m) for m in maps]) > TEXT_PROBABILITY))
+
+
+def marks_text(on_pages: float, on_noise: float) -> bool:
+    """Whether a map that marks `on_pages` of generated pages and `on_noise` of noise images as text reads
+    like a text detector's: some of every page but not all of it, and a tenth of that at most on noise
+    (the PP-OCRv4 detector: 4-10 % of each page, none of any noise image)."""
+    return MARKED_PAGES[0] <= on_pages <= MARKED_PAGES[1] and on_noise <= on_pages / 10
+
+
 def text_map_output(model, feeds: dict) -> str | None:
     """The name of an output that is a one-channel map the size of the image input, with values in [0, 1]
     (a DBNet text detector's text probability map, as PaddleOCR's give), on one sample of `feeds`; None

@@ -294,9 +294,9 @@ def marked_share(model, output: str, batches) -> float:
 
 
 def marks_text(on_pages: float, on_noise: float) -> bool:
-    """Whether a map that marks `on_pages` of generated pages and `on_noise` of noise images as text reads
-    like a text detector's: some of every page but not all of it, and a tenth of that at most on noise
-    (the PP-OCRv4 detector: 4-10 % of each page, none of any noise image)."""
+    """Whether a map that marks the share `on_pages` of generated pages' pixels and `on_noise` of noise
+    images' as text reads like a text detector's: some of the pages but far from all (MARKED_PAGES), and a
+    tenth of that at most on noise (the PP-OCRv4 detector: 4-10 % of each page, none of any noise image)."""
     return MARKED_PAGES[0] <= on_pages <= MARKED_PAGES[1] and on_noise <= on_pages / 10
 
 

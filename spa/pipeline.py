@@ -18,7 +18,7 @@ from . import allocation as allocate
 from . import external_data, latency, obspa, plugins
 from .calibration import (DEFAULT_SAMPLES, Calibration, SampleDefault, calibration_batches, edited_batches,
                           fresh_batches, generated_shapes, generated_token_lengths, is_generated, shared_shapes,
-                          text_mode, user_shapes, with_judged_pages, with_text_config, with_tokenizer)
+                          text_mode, user_shapes, with_judged_text, with_text_config, with_tokenizer)
 from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
 from .cost import concrete_shapes, count_macs, count_params, largest_node
 from .graph import weight_bytes
@@ -325,7 +325,7 @@ def calibration_inputs(model: onnx.ModelProto, cal: Calibration, progress=_quiet
     counts for kinds of generated input (the first that applies), each under its own budget, announced."""
     cal = with_tokenizer(model, cal, progress)  # one found beside the model: taken (announced) or dropped
     cal = with_text_config(model, cal, progress)  # a PaddleOCR config's text images: the same
-    asked, cal = cal, default_source(model, with_judged_pages(model, cal, progress), progress)
+    asked, cal = cal, default_source(model, with_judged_text(model, cal, progress), progress)
     capped, budget = cal.samples is None, CALIBRATION_MACS
     default = next((s for s in samples if s.applies(model, cal)), None) if capped else None
     if default:

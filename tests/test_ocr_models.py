@@ -75,7 +75,7 @@ def _batchnorm_as_mul_add(model: onnx.ModelProto) -> onnx.ModelProto:
 
 @pytest.mark.parametrize("batchnorm", ["kept", "folded"])
 def test_the_detector_gets_pages_by_default_as_it_marks_their_text(batchnorm):
-    from spa.calibration import Calibration, with_judged_pages
+    from spa.calibration import Calibration, with_judged_text
     from spa.runtime import session
 
     model = onnx.load(detector_path())
@@ -86,6 +86,20 @@ def test_the_detector_gets_pages_by_default_as_it_marks_their_text(batchnorm):
         assert np.allclose(session(folded).run(None, {"x": x})[0], session(model).run(None, {"x": x})[0], atol=1e-4)
         model = folded
     said = []
-    cal = with_judged_pages(model, Calibration(shapes={"x": (1, 3, 320, 320)}), said.append)
+    cal = with_judged_text(model, Calibration(shapes={"x": (1, 3, 320, 320)}), said.append)
     assert cal.text_images == "pages", said
     assert len(said) == 1 and "of generated pages as text and 0.0% of noise images" in said[0], said
+
+
+def test_the_recognizer_without_its_dictionary_gets_latin_text_lines_by_default_as_it_reads_them():
+    from models.ocr import recognizer_path
+    from spa.calibration import Calibration, text_lines, with_judged_text
+
+    model = onnx.load(recognizer_path())
+    kept = [p for p in model.metadata_props if p.key != "character"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)  # as an export that keeps the dictionary elsewhere leaves it
+    said = []
+    cal = with_judged_text(model, Calibration(), said.append)
+    assert cal.text_images == "lines" and text_lines.dictionary(model, cal.charset) is None, said
+    assert len(said) == 1 and "as a text recognizer's does, and it reads a class other than 0" in said[0], said

@@ -415,7 +415,7 @@ def test_batchnorm_statistics_mismatch_is_the_per_channel_distance_to_the_runnin
 
 
 def test_pages_are_taken_for_a_text_map_model_whose_batchnorm_statistics_are_nearer_on_pages():
-    from spa.calibration import JUDGED_IMAGES, with_judged_pages
+    from spa.calibration import JUDGED_IMAGES, with_judged_text
 
     shape = {"input": (1, 3, 64, 96)}
     generated = Calibration(source="synthetic", shapes=shape, samples=JUDGED_IMAGES, batch_size=JUDGED_IMAGES,
@@ -428,7 +428,7 @@ def test_pages_are_taken_for_a_text_map_model_whose_batchnorm_statistics_are_nea
 
     def judged(model, **options):
         messages = []
-        cal = with_judged_pages(model, Calibration(**{"source": "synthetic", "shapes": shape, **options}),
+        cal = with_judged_text(model, Calibration(**{"source": "synthetic", "shapes": shape, **options}),
                                 messages.append)
         return cal.text_images, messages
 
@@ -448,6 +448,8 @@ def test_pages_are_taken_for_a_text_map_model_whose_batchnorm_statistics_are_nea
     assert "BatchNorm" not in said[0]
     assert text_lines.marks_text(0.05, 0.0) and not text_lines.marks_text(0.05, 0.01)  # noise marked too
     assert not text_lines.marks_text(0.005, 0.0) and not text_lines.marks_text(0.6, 0.0)  # hardly any / all of a page
+    assert text_lines.reads_text(0.42, 0.10) and not text_lines.reads_text(0.42, 0.2)  # noise read too
+    assert not text_lines.reads_text(0.1, 0.0)  # hardly any character on text lines
     for options in ({"charset": "none"}, {"source": "bn"}, {"text_images": "lines"}):
         assert judged(on_pages, **options) == (options.get("text_images"), [])  # asked for otherwise
     assert judged(_recognizer(dictionary=None)) == (None, [])  # no one-channel map

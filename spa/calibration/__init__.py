@@ -374,60 +374,80 @@ def with_text_config(model: onnx.ModelProto, options: Calibration, progress=_qui
     return taken
 
 
-# Noise images calibrating a model whose output looks like a text detector's: pages of text lines instead where
-# it marks their text (text_lines.marks_text), or where they leave its BatchNorm statistics at most this share of
-# noise's distance (the PP-OCRv4 detector: 4-10 % of each page marked, none of any noise image; statistics 0.55-0.57
-# of noise's; noise lost it at 1.5x fewer MACs: 0.000 against 0.961 text-map F1; docs/obspa.md), judged on this
-# many images of each
+# Noise images calibrating a model whose output looks like a text detector's (a text recognizer's): pages of text
+# lines (text lines) instead where it marks their text (reads them: text_lines.marks_text, reads_text), or where they
+# leave its BatchNorm statistics at most this share of noise's distance. The PP-OCRv4 detector marks 4-10 % of each
+# page and none of any noise image, its statistics 0.55-0.57 of noise's; noise lost it at 1.5x fewer MACs: 0.000
+# against 0.961 text-map F1. The PP-OCRv4 recognizer without its dictionary reads at 42-47 % of a line's positions,
+# 6-10 % of noise's; at 2x fewer MACs 0.175 exact lines against 0.933 (docs/obspa.md). Judged on this many images
+# of each.
 PAGES_NEARER = 0.75
 JUDGED_IMAGES = 8
+_JUDGED_HINTS = {"pages": "detects text, --text-images pages calibrates on pages of text lines (the PP-OCRv4 detector "
+                          "at 1.5x fewer MACs kept 0.961 of its text map against 0.000 with noise",
+                 "lines": "reads text, --text-images lines calibrates on text lines (the PP-OCRv4 recognizer without "
+                          "its dictionary at 2x fewer MACs: 0.933 exact lines against 0.175 with noise"}
 
 
-def with_judged_pages(model: onnx.ModelProto, options: Calibration, progress=_quiet) -> Calibration:
-    """`options` (synthetic or auto calibration, no text images or charset asked for or found) with pages of
-    text lines among the generated images where the model's output is a one-channel map the size of the image
-    with values in [0, 1] (`text_lines.text_map_output`, a DBNet text detector's) that marks the text of
-    generated pages and not noise (`text_lines.marks_text`), or whose BatchNorm layers see statistics nearer
-    their running ones on pages than on noise (`statistics_mismatch`, PAGES_NEARER); announced. Where neither
-    says so, `--text-images pages` is suggested. Else unchanged."""
+def with_judged_text(model: onnx.ModelProto, options: Calibration, progress=_quiet) -> Calibration:
+    """`options` (synthetic or auto calibration, no text images or charset asked for or found) with text among
+    the generated images where the model shows that it is a text detector or recognizer: pages of text lines
+    where its output is a one-channel map the size of the image with values in [0, 1]
+    (`text_lines.text_map_output`, a DBNet's) that marks the text of generated pages and not noise
+    (`text_lines.marks_text`); text lines where its output gives class probabilities along a sequence
+    (`text_lines.reading_output`, a CTC recognizer's) that reads characters on generated lines and far fewer on
+    noise (`text_lines.reads_text`); either where its BatchNorm layers see statistics nearer their running ones
+    on the text than on noise (`statistics_mismatch`, PAGES_NEARER). Announced; where neither test says so,
+    `--text-images` is suggested. Else unchanged."""
+    mode = "pages" if text_lines.map_outputs(model) else "lines" if text_lines.sequence_outputs(model) else None
     if (options.source or "").strip() not in ("auto", "synthetic") or options.text_images is not None or \
-            options.charset is not None or text_mode(model, options) is not None or \
-            not text_lines.map_outputs(model):
+            options.charset is not None or mode is None or text_mode(model, options) is not None:
         return options
-    pages = dataclasses.replace(options, source="synthetic", text_images="pages", line_share=1.0,
-                                samples=JUDGED_IMAGES, batch_size=JUDGED_IMAGES)
-    if text_mode(model, pages) is None:
+    text = dataclasses.replace(options, source="synthetic", text_images=mode, line_share=1.0,
+                               samples=JUDGED_IMAGES, batch_size=JUDGED_IMAGES)
+    if text_mode(model, text) is None:
         return options
     try:
-        noise_batches = calibration_batches(model, dataclasses.replace(pages, line_share=0.0))
-        output = text_lines.text_map_output(model, noise_batches[0])
-        page_batches = calibration_batches(model, pages) if output else []
+        noise_batches = calibration_batches(model, dataclasses.replace(text, line_share=0.0))
+        find = text_lines.text_map_output if mode == "pages" else text_lines.reading_output
+        output = find(model, noise_batches[0])
+        text_batches = calibration_batches(model, text) if output else []
     except SpaError:  # the calibration run itself reports what fails
         return options
     if output is None:
         return options
-    seen = f"output '{output}' is a one-channel map the size of the image with values in [0, 1], as a text " \
-        "detector's is"
-    on_pages, on_noise = (text_lines.marked_share(model, output, b) for b in (page_batches, noise_batches))
-    marked = f"it marks {on_pages:.1%} of generated pages as text and {on_noise:.1%} of noise images"
-    if text_lines.marks_text(on_pages, on_noise):
-        return _with_pages(options, f"{seen}, and {marked}", progress)
+    seen, shown, shows_it = _text_evidence(model, mode, output, text_batches, noise_batches)
+    if shows_it:
+        return _with_text(options, mode, f"{seen}, and {shown}", progress)
     noise = statistics_mismatch(model, noise_batches)
-    paged = statistics_mismatch(model, page_batches) if noise is not None else None
-    if paged is not None and paged <= PAGES_NEARER * noise:
-        return _with_pages(options, f"{seen}, and its BatchNorm statistics are nearer on pages than on noise "
-                                    f"({paged:.2f} against {noise:.2f})", progress)
-    compared = "" if paged is None else f"; its BatchNorm statistics {paged:.2f} on pages against {noise:.2f}"
-    progress(f"calibration: {seen} ({marked}{compared}): if this model detects text, --text-images pages calibrates "
-             "on pages of text lines (the PP-OCRv4 detector at 1.5x fewer MACs kept 0.961 of its text map against "
-             "0.000 with noise; docs/obspa.md)")
+    texts = statistics_mismatch(model, text_batches) if noise is not None else None
+    if texts is not None and texts <= PAGES_NEARER * noise:
+        return _with_text(options, mode, f"{seen}, and its BatchNorm statistics are nearer on {mode} than on noise "
+                                         f"({texts:.2f} against {noise:.2f})", progress)
+    compared = "" if texts is None else f"; its BatchNorm statistics {texts:.2f} on {mode} against {noise:.2f}"
+    progress(f"calibration: {seen} ({shown}{compared}): if this model {_JUDGED_HINTS[mode]}; docs/obspa.md)")
     return options
 
 
-def _with_pages(options: Calibration, why: str, progress) -> Calibration:
-    progress(f"calibration: pages of text lines among the synthetic images: {why} (docs/obspa.md; --charset none: "
-             "noise only)")
-    return dataclasses.replace(options, text_images="pages")
+def _text_evidence(model, mode: str, output: str, text_batches: list, noise_batches: list) -> tuple:
+    """(what the output looks like, what the model does with text and with noise, whether that is a text
+    detector's or recognizer's)."""
+    if mode == "pages":
+        on_text, on_noise = (text_lines.marked_share(model, output, b) for b in (text_batches, noise_batches))
+        return (f"output '{output}' is a one-channel map the size of the image with values in [0, 1], as a text "
+                "detector's is", f"it marks {on_text:.1%} of generated pages as text and {on_noise:.1%} of noise "
+                "images", text_lines.marks_text(on_text, on_noise))
+    blank = text_lines.blank_class(model, output, noise_batches)
+    on_text, on_noise = (text_lines.read_share(model, output, b, blank) for b in (text_batches, noise_batches))
+    return (f"output '{output}' gives class probabilities along a sequence, as a text recognizer's does",
+            f"it reads a class other than {blank} at {on_text:.0%} of the positions on generated text lines and "
+            f"{on_noise:.0%} on noise images", text_lines.reads_text(on_text, on_noise))
+
+
+def _with_text(options: Calibration, mode: str, why: str, progress) -> Calibration:
+    what = "pages of text lines" if mode == "pages" else "text lines"
+    progress(f"calibration: {what} among the synthetic images: {why} (docs/obspa.md; --charset none: noise only)")
+    return dataclasses.replace(options, text_images=mode)
 
 
 def _numbers(values) -> str:
@@ -574,7 +594,7 @@ __all__ = [
     # this module: the options and the source dispatch
     "Calibration", "SampleDefault", "calibration_batches", "fresh_batches", "FreshBatches", "is_generated",
     "source_kind", "tokenizer_beside", "looking_beside", "asked", "with_tokenizer", "with_text_config",
-    "with_judged_pages", "PAGES_NEARER", "JUDGED_IMAGES",
+    "with_judged_text", "PAGES_NEARER", "JUDGED_IMAGES",
     "text_mode",
     "DEFAULT_SAMPLES", "FRESH_TOKENS", "TEXT_LINE_SOURCES", "RESIZE_MODES", "LAYOUTS",
     # shapes

@@ -286,11 +286,7 @@ MARKED_PAGES = (0.01, 0.5)  # share of a generated page a text detector marks as
 
 def marked_share(model, output: str, batches) -> float:
     """The share of the pixels of `output` (a one-channel probability map) over TEXT_PROBABILITY on `batches`."""
-    from ..runtime import session
-
-    run = session(model, quiet=True)
-    maps = [run.run([output], feeds)[0] for feeds in batches]
-    return float(np.mean(np.concatenate([np.ravel(m) for m in maps]) > TEXT_PROBABILITY))
+    return float(np.mean(np.concatenate([np.ravel(m) for m in _outputs(model, output, batches)]) > TEXT_PROBABILITY))
 
 
 def marks_text(on_pages: float, on_noise: float) -> bool:
@@ -298,6 +294,60 @@ def marks_text(on_pages: float, on_noise: float) -> bool:
     images' as text reads like a text detector's: some of the pages but far from all (MARKED_PAGES), and a
     tenth of that at most on noise (the PP-OCRv4 detector: 4-10 % of each page, none of any noise image)."""
     return MARKED_PAGES[0] <= on_pages <= MARKED_PAGES[1] and on_noise <= on_pages / 10
+
+
+def sequence_outputs(model) -> list:
+    """The outputs declared [N, T, K]: a sequence of class scores, as a CTC text recognizer's."""
+    return [o.name for o in model.graph.output if len(o.type.tensor_type.shape.dim) == 3]
+
+
+def reading_output(model, feeds: dict) -> str | None:
+    """The name of an output that gives, at every position of a sequence, probabilities over two classes
+    or more (rows in [0, 1] summing to 1: a CTC recognizer's), on one sample of `feeds`; None where there
+    is none. Only declared [N, T, K] outputs are run for."""
+    from ..runtime import session
+
+    outputs = sequence_outputs(model)
+    if not outputs or len(feeds) != 1:
+        return None
+    (name, image), = feeds.items()
+    try:
+        got = session(model, quiet=True).run(outputs, {name: np.asarray(image)[:1]})
+    except Exception:  # noqa: BLE001 -- a judgement only: the calibration run itself reports failures
+        return None
+    return next((out for out, array in zip(outputs, got) if array.ndim == 3 and array.shape[2] >= 2
+                 and np.all((array >= 0) & (array <= 1)) and np.allclose(array.sum(axis=2), 1, atol=1e-3)), None)
+
+
+def read_share(model, output: str, batches, blank: int) -> float:
+    """The share of the positions of `output` (a sequence of class probabilities) on `batches` whose most
+    likely class is not `blank`."""
+    return float(np.mean(np.concatenate([np.ravel(m.argmax(axis=2)) for m in _outputs(model, output, batches)])
+                         != blank))
+
+
+def blank_class(model, output: str, batches) -> int:
+    """The class `output` gives most often on `batches` (noise images: a CTC recognizer's blank)."""
+    classes = np.concatenate([np.ravel(m.argmax(axis=2)) for m in _outputs(model, output, batches)])
+    return int(np.bincount(classes).argmax())
+
+
+def reads_text(on_lines: float, on_noise: float) -> bool:
+    """Whether a sequence output that reads a character (not its blank) at the share `on_lines` of the
+    positions of generated text lines and `on_noise` of noise images' reads like a text recognizer's: at
+    least READ_LINES of them, three times noise's at least (the PP-OCRv4 recognizer: 0.42-0.47 against
+    0.06-0.10)."""
+    return on_lines >= READ_LINES and on_noise <= on_lines / 3
+
+
+READ_LINES = 0.2
+
+
+def _outputs(model, output: str, batches) -> list:
+    from ..runtime import session
+
+    run = session(model, quiet=True)
+    return [run.run([output], feeds)[0] for feeds in batches]
 
 
 def text_map_output(model, feeds: dict) -> str | None:

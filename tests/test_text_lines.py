@@ -453,3 +453,9 @@ def test_pages_are_taken_for_a_text_map_model_whose_batchnorm_statistics_are_nea
     for options in ({"charset": "none"}, {"source": "bn"}, {"text_images": "lines"}):
         assert judged(on_pages, **options) == (options.get("text_images"), [])  # asked for otherwise
     assert judged(_recognizer(dictionary=None)) == (None, [])  # no one-channel map
+    b = Builder()
+    scores = b.op("Conv", [b.input(["batch", 3, "height", "width"]), b.const(np.zeros((5, 3, 1, 1), np.float32)),
+                           b.const(np.array([4, 0, 0, 0, 0], np.float32))])  # class 0 wherever it looks
+    sequence = b.op("Transpose", [b.op("ReduceMean", [scores], axes=[2], keepdims=0)], perm=[0, 2, 1])
+    b.output(b.op("Softmax", [sequence], axis=2))
+    assert judged(b.model()) == (None, [])  # a sequence of probabilities that reads nothing: no sign of text

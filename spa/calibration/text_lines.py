@@ -305,16 +305,8 @@ def reading_output(model, feeds: dict) -> str | None:
     """The name of an output that gives, at every position of a sequence, probabilities over two classes
     or more (rows in [0, 1] summing to 1: a CTC recognizer's), on one sample of `feeds`; None where there
     is none. Only declared [N, T, K] outputs are run for."""
-    from ..runtime import session
-
     outputs = sequence_outputs(model)
-    if not outputs or len(feeds) != 1:
-        return None
-    (name, image), = feeds.items()
-    try:
-        got = session(model, quiet=True).run(outputs, {name: np.asarray(image)[:1]})
-    except Exception:  # noqa: BLE001 -- a judgement only: the calibration run itself reports failures
-        return None
+    got = _on_one_sample(model, outputs, feeds)
     return next((out for out, array in zip(outputs, got) if array.ndim == 3 and array.shape[2] >= 2
                  and np.all((array >= 0) & (array <= 1)) and np.allclose(array.sum(axis=2), 1, atol=1e-3)), None)
 
@@ -354,18 +346,23 @@ def text_map_output(model, feeds: dict) -> str | None:
     """The name of an output that is a one-channel map the size of the image input, with values in [0, 1]
     (a DBNet text detector's text probability map, as PaddleOCR's give), on one sample of `feeds`; None
     where there is none. Only declared [N, 1, H, W] outputs are run for."""
+    outputs = map_outputs(model)
+    image = np.asarray(next(iter(feeds.values())))[:1] if len(feeds) == 1 else None
+    if image is None or image.ndim != 4 or image.shape[1] not in (1, 3):
+        return None
+    return next((out for out, array in zip(outputs, _on_one_sample(model, outputs, feeds))
+                 if array.shape[2:] == image.shape[2:] and np.all((array >= 0) & (array <= 1))), None)
+
+
+def _on_one_sample(model, outputs: list, feeds: dict) -> list:
+    """`outputs` on the first sample of the one input in `feeds`; [] where there is none to run, or the run
+    fails (these only judge: the calibration run itself reports failures)."""
     from ..runtime import session
 
-    outputs = map_outputs(model)
     if not outputs or len(feeds) != 1:
-        return None
+        return []
     (name, image), = feeds.items()
-    image = np.asarray(image)[:1]
-    if image.ndim != 4 or image.shape[1] not in (1, 3):
-        return None
     try:
-        got = session(model, quiet=True).run(outputs, {name: image})
-    except Exception:  # noqa: BLE001 -- a hint only: the calibration run itself reports failures
-        return None
-    return next((out for out, array in zip(outputs, got)
-                 if array.shape[2:] == image.shape[2:] and np.all((array >= 0) & (array <= 1))), None)
+        return session(model, quiet=True).run(outputs, {name: np.asarray(image)[:1]})
+    except Exception:  # noqa: BLE001
+        return []

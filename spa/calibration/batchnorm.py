@@ -65,11 +65,13 @@ def statistics_mismatch(model, batches) -> float | None:
     channels and then the layers; 0 for inputs like the training data's. None where no
     BatchNormalization keeps constant statistics."""
     from ..activations import fetch
-    from ..graph import attr
+    from ..graph import Consts, attr
 
-    layers = [(node.input[0], stats, attr(node, "epsilon", 1e-5)) for node in model.graph.node
+    consts = Consts(model)  # the statistics alone: a Graph's shape inference can take seconds
+    layers = [(node.input[0], [np.asarray(consts[x], dtype=np.float64).reshape(-1) for x in node.input[3:5]],
+               attr(node, "epsilon", 1e-5)) for node in model.graph.node
               if node.op_type == "BatchNormalization" and len(node.input) == 5
-              for stats in [_constants(model, node.input[3:5])] if stats is not None]
+              and all(x in consts for x in node.input[3:5])]
     if not layers:
         return None
     sums = {}
@@ -91,27 +93,6 @@ def statistics_mismatch(model, batches) -> float | None:
         if distance.size:
             per_layer.append(float(distance.mean()))
     return float(np.mean(per_layer)) if per_layer else None
-
-
-def _constants(model, names) -> list | None:
-    """The values of constant tensors `names` (initializers or Constant nodes) as float64 vectors, or
-    None where one is computed; read without building a Graph (whose shape inference can take seconds)."""
-    from onnx import numpy_helper
-
-    from ..graph import constant_node_value
-
-    found = {t.name: t for t in model.graph.initializer if t.name in names}
-    nodes = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.output[0] in names}
-    values = []
-    for name in names:
-        if name in found:
-            value = numpy_helper.to_array(found[name])
-        elif name in nodes:
-            value = constant_node_value(nodes[name])
-        else:
-            return None
-        values.append(np.asarray(value, dtype=np.float64).reshape(-1))
-    return values
 
 
 def _conv_moments(g, conv, channels):

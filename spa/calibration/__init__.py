@@ -93,7 +93,7 @@ import numpy as np
 import onnx
 
 from ..errors import SpaError, first_line
-from ..runtime import declared_inputs, is_float
+from ..runtime import declared_inputs, is_float, session
 from . import text_lines
 from .batchnorm import from_batchnorm, statistics_mismatch
 from .files import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, check_input_array, check_static_dims, from_path
@@ -433,13 +433,16 @@ def with_judged_text(model: onnx.ModelProto, options: Calibration, progress=_qui
 def _text_evidence(model, mode: str, output: str, text_batches: list, noise_batches: list) -> tuple:
     """(what the output looks like, what the model does with text and with noise, whether that is a text
     detector's or recognizer's)."""
+    run = session(model, quiet=True)
+    text, noise = ([run.run([output], feeds)[0] for feeds in batches] for batches in (text_batches, noise_batches))
     if mode == "pages":
-        on_text, on_noise = (text_lines.marked_share(model, output, b) for b in (text_batches, noise_batches))
+        on_text, on_noise = text_lines.marked_share(text), text_lines.marked_share(noise)
         return (f"output '{output}' is a one-channel map the size of the image with values in [0, 1], as a text "
                 "detector's is", f"it marks {on_text:.1%} of generated pages as text and {on_noise:.1%} of noise "
                 "images", text_lines.marks_text(on_text, on_noise))
-    blank = text_lines.blank_class(model, output, noise_batches)
-    on_text, on_noise = (text_lines.read_share(model, output, b, blank) for b in (text_batches, noise_batches))
+    text, noise = text_lines.most_likely(text), text_lines.most_likely(noise)
+    blank = text_lines.blank_class(noise)
+    on_text, on_noise = text_lines.read_share(text, blank), text_lines.read_share(noise, blank)
     return (f"output '{output}' gives class probabilities along a sequence, as a text recognizer's does",
             f"it reads a class other than {blank} at {on_text:.0%} of the positions on generated text lines and "
             f"{on_noise:.0%} on noise images", text_lines.reads_text(on_text, on_noise))

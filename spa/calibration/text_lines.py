@@ -282,11 +282,12 @@ def map_outputs(model) -> list:
 
 TEXT_PROBABILITY = 0.3     # a text map's pixel is text above this (DBNet's and PaddleOCR's threshold)
 MARKED_PAGES = (0.01, 0.5)  # share of a generated page a text detector marks as text: some, not all of it
+READ_LINES = 0.2           # share of a generated line's positions a text recognizer reads a character at, at least
 
 
-def marked_share(model, output: str, batches) -> float:
-    """The share of the pixels of `output` (a one-channel probability map) over TEXT_PROBABILITY on `batches`."""
-    return float(np.mean(np.concatenate([np.ravel(m) for m in _outputs(model, output, batches)]) > TEXT_PROBABILITY))
+def marked_share(maps: list) -> float:
+    """The share of the pixels of one-channel probability `maps` over TEXT_PROBABILITY."""
+    return float(np.mean(np.concatenate([np.ravel(m) for m in maps]) > TEXT_PROBABILITY))
 
 
 def marks_text(on_pages: float, on_noise: float) -> bool:
@@ -311,16 +312,18 @@ def reading_output(model, feeds: dict) -> str | None:
                  and np.all((array >= 0) & (array <= 1)) and np.allclose(array.sum(axis=2), 1, atol=1e-3)), None)
 
 
-def read_share(model, output: str, batches, blank: int) -> float:
-    """The share of the positions of `output` (a sequence of class probabilities) on `batches` whose most
-    likely class is not `blank`."""
-    return float(np.mean(np.concatenate([np.ravel(m.argmax(axis=2)) for m in _outputs(model, output, batches)])
-                         != blank))
+def most_likely(sequences: list) -> np.ndarray:
+    """The most likely class at every position of `sequences` ([N, T, K] class probabilities), flattened."""
+    return np.concatenate([np.ravel(m.argmax(axis=2)) for m in sequences])
 
 
-def blank_class(model, output: str, batches) -> int:
-    """The class `output` gives most often on `batches` (noise images: a CTC recognizer's blank)."""
-    classes = np.concatenate([np.ravel(m.argmax(axis=2)) for m in _outputs(model, output, batches)])
+def read_share(classes: np.ndarray, blank: int) -> float:
+    """The share of positions whose most likely class (`most_likely`) is not `blank`."""
+    return float(np.mean(classes != blank))
+
+
+def blank_class(classes: np.ndarray) -> int:
+    """The most frequent of `classes` (on noise images: a CTC recognizer's blank)."""
     return int(np.bincount(classes).argmax())
 
 
@@ -330,16 +333,6 @@ def reads_text(on_lines: float, on_noise: float) -> bool:
     least READ_LINES of them, three times noise's at least (the PP-OCRv4 recognizer: 0.42-0.47 against
     0.06-0.10)."""
     return on_lines >= READ_LINES and on_noise <= on_lines / 3
-
-
-READ_LINES = 0.2
-
-
-def _outputs(model, output: str, batches) -> list:
-    from ..runtime import session
-
-    run = session(model, quiet=True)
-    return [run.run([output], feeds)[0] for feeds in batches]
 
 
 def text_map_output(model, feeds: dict) -> str | None:

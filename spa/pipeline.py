@@ -18,7 +18,7 @@ from . import allocation as allocate
 from . import external_data, latency, obspa, plugins
 from .calibration import (DEFAULT_SAMPLES, Calibration, SampleDefault, calibration_batches, edited_batches,
                           fresh_batches, generated_shapes, generated_token_lengths, is_generated, shared_shapes,
-                          text_mode, user_shapes, with_judged_text, with_text_config, with_tokenizer)
+                          text_lines, text_mode, user_shapes, with_judged_text, with_text_config, with_tokenizer)
 from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
 from .cost import concrete_shapes, count_macs, count_params, largest_node
 from .graph import weight_bytes
@@ -713,8 +713,8 @@ def default_source(model: onnx.ModelProto, cal: Calibration, progress=_quiet) ->
         return synthetic
     mode = text_mode(model, cal)
     if mode:
-        progress(f"calibration: synthetic, text {mode} among its images (not inverted from its BatchNorm statistics: "
-                 "docs/obspa.md)")
+        progress(f"calibration: synthetic, {text_lines.DRAWN[mode]} among its images (not inverted from its BatchNorm "
+                 "statistics: docs/obspa.md)")
         return synthetic
     if not any(is_float(dtype) for _, _, dtype in declared_inputs(model)):
         return synthetic

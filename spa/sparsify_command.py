@@ -42,8 +42,8 @@ def add_parser(sub) -> None:
                          "batch are text lines of its characters (default: the dictionary in a PaddleOCR export's "
                          "metadata, announced; 'none': noise images only)")
     sp.add_argument("--text-images", choices=TEXT_IMAGES,
-                    help="as spa prune: generated image batches are partly text lines (a recognizer's input) or "
-                         "pages of lines (a detector's)")
+                    help="as spa prune: generated image batches are partly text lines (a recognizer's input), "
+                         "pages of lines (a detector's) or document pages (a layout model's)")
     sp.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224",
                     help="input sizes: of generated calibration inputs (--criterion obs) and of the inputs the "
                          "output is verified on (symbolic sizes otherwise 32)")

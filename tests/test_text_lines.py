@@ -142,7 +142,7 @@ def test_cli_charset_flag(tmp_path, capsys, command):
     assert main(base + ["--charset", str(keys), "--calibration-samples", "16"]) == 0
     share = "50%" if command == "prune" else "75%"  # OBS 2:4 masks take more lines (spa.sparse_obs)
     said = capsys.readouterr().err
-    assert f"{share} of each synthetic image batch is text lines, random words in the 6 characters" in said, said
+    assert f"{share} of the synthetic images are text lines, random words in the 6 characters" in said, said
     for flags, message in ((["--charset", str(tmp_path / "nope.txt")], "no such file"),
                            (["--charset", str(keys), "--calibration", "none"], "--charset has no effect")):
         assert main(base + flags) == 2
@@ -211,7 +211,7 @@ def test_a_detector_without_a_declared_size_gets_640x640_pages_and_is_not_invert
     model, said = _detector(batchnorm=True), []
     assert text_mode(model, Calibration(text_images="pages")) == "pages" and not text_mode(model, Calibration())
     assert default_source(model, Calibration(text_images="pages"), said.append).source == "synthetic"
-    assert "text pages" in said[0]
+    assert "pages of text lines among its images" in said[0]
 
 
 def test_lines_asked_for_without_a_dictionary_are_latin():

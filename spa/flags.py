@@ -165,7 +165,7 @@ def check_model_flags(args, model, options):
 
 # --text-images' values: spa.calibration.text_lines.MODES, written here so that the CLI parser starts without
 # importing spa.calibration (tests/test_text_lines.py holds them equal)
-TEXT_IMAGES = ("lines", "pages", "documents")
+TEXT_IMAGES = ("lines", "pages", "documents", "tables")
 
 # calibration-only flags (--input-shape also sizes verification and reports: never refused as one)
 _CALIBRATION_FLAGS = {"tokenizer": "--tokenizer", "charset": "--charset", "text_images": "--text-images",

@@ -84,6 +84,38 @@ def test_a_model_whose_labels_name_document_parts_gets_documents_by_default_anno
     assert with_judged_text(_layout_model(), Calibration(), said.append) == Calibration()  # no labels: noise
 
 
+SLANET = "<thead>\n</thead>\n<tbody>\n</tbody>\n<tr>\n</tr>\n<td\n>\n</td>\n colspan=\"2\"\n rowspan=\"2\""
+
+
+def _table_model():
+    """An [N, 3, H, W] image model with SLANet's HTML table tokens as its labels."""
+    b = Builder(seed=6)
+    x = b.input(["batch", 3, "height", "width"])
+    b.output(b.op("GlobalAveragePool", [b.conv(b.op("Relu", [b.conv(x, 3, 8)]), 8, 4)]))
+    model = b.model()
+    onnx.helper.set_model_props(model, {"character": SLANET})
+    return model
+
+
+def test_a_table_structure_recognizer_gets_table_images_fitted_into_488x488():
+    model, said = _table_model(), []
+    assert documents.writes_table_structure(model) and not documents.names_document_parts(model)
+    assert not documents.writes_table_structure(_layout_model({"character": CDLA}))
+    cal = with_judged_text(model, Calibration(), said.append)
+    assert cal.text_images == "tables" and "HTML table rows and cells" in said[0], said
+    messages = []
+    batch = calibration_batches(model, Calibration(source="synthetic", samples=4, batch_size=4, text_images="tables"),
+                                progress=messages.append)[0]["input"]
+    assert batch.shape == (4, 3, 488, 488)
+    assert any("input' has no declared height/width; synthetic images are 3x488x488, SLANet's table size" in m
+               for m in messages), messages
+    for image in batch:  # a table's aspect kept: padded with 0 on the right or at the bottom
+        assert np.all(image[:, -1, :] == 0) or np.all(image[:, :, -1] == 0)
+        assert image[:, 0, 0].max() > 1  # light paper at the top left, not padding
+    table = documents.table(np.random.default_rng(0), list("abcXYZ"))
+    assert 160 <= table.width <= 900 and table.height < table.width * 3
+
+
 def test_spa_prune_takes_text_images_documents(tmp_path, capsys):
     path, out = tmp_path / "layout.onnx", tmp_path / "small.onnx"
     onnx.save(_layout_model(), str(path))

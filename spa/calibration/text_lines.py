@@ -21,9 +21,11 @@ import numpy as np
 from ..errors import SpaError, first_line
 
 METADATA_KEY = "character"
-MODES = ("lines", "pages", "documents")  # documents: `documents.page`
-PAGED = ("pages", "documents")  # drawn at the input's size, normalised as a detector's input
-DRAWN = {"lines": "text lines", "pages": "pages of text lines", "documents": "document pages"}  # what a mode draws
+MODES = ("lines", "pages", "documents", "tables")  # documents, tables: `documents.page`, `documents.table`
+PAGED = ("pages", "documents", "tables")  # normalised as a detector's input (ImageNet's mean and std)
+DRAWN = {"lines": "text lines", "pages": "pages of text lines", "documents": "document pages",
+         "tables": "table images"}  # what each mode draws
+TABLE_SIZE = (488, 488)  # a table structure recognizer's input where it declares none (SLANet's, tables fitted in)
 LINE_SIZE = (48, 320)  # height, width of PaddleOCR v3/v4 recognizers' inputs: where a text recognizer declares none
 PAGE_SIZE = (640, 640)  # a text detector's page where it declares none (PaddleOCR resizes pages to multiples of 32)
 LATIN = tuple(string.ascii_letters + string.digits + string.punctuation)  # pages or lines without a dictionary

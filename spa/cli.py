@@ -140,7 +140,8 @@ def parser() -> argparse.ArgumentParser:
                          "lines (a text recognizer's input; the default where there is a dictionary) or pages "
                          "of lines (a text detector's); in the --charset characters, else Latin ones; documents: "
                          "every image a document page (a title, paragraphs, tables, figures; a layout model's, the "
-                         "default where its class labels name parts of a document)")
+                         "default where its class labels name parts of a document); tables: every image one table "
+                         "(a table structure recognizer's, the default where its labels are HTML table tokens)")
     pr.add_argument("--max-length", metavar="N", help="longest calibration token sequence (default 128)")
     pr.add_argument("--image-size", metavar="HxW", help="calibration images are resized to this (default: the model's)")
     pr.add_argument("--image-mean", metavar="a,b,c",

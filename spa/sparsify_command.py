@@ -43,7 +43,8 @@ def add_parser(sub) -> None:
                          "metadata, announced; 'none': noise images only)")
     sp.add_argument("--text-images", choices=TEXT_IMAGES,
                     help="as spa prune: generated image batches are partly text lines (a recognizer's input), "
-                         "pages of lines (a detector's) or document pages (a layout model's)")
+                         "pages of lines (a detector's), document pages (a layout model's) or tables (a table "
+                         "structure recognizer's)")
     sp.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224",
                     help="input sizes: of generated calibration inputs (--criterion obs) and of the inputs the "
                          "output is verified on (symbolic sizes otherwise 32)")

@@ -18,7 +18,9 @@ Sources (the `--calibration` string):
   detector's (`text_images="pages"`): pages of such lines (Latin characters without a dictionary),
   normalised with ImageNet's mean and std unless `mean`/`std` say otherwise; a document layout model's
   (`text_images="documents"`, taken by default where its class labels name parts of a document): every image
-  a document page (`spa.calibration.documents`: a title, paragraphs, tables, figures), normalised likewise; other float
+  a document page (`spa.calibration.documents`: a title, paragraphs, tables, figures), normalised likewise; a
+  table structure recognizer's (`text_images="tables"`, by default where its labels are HTML table tokens): one
+  table an image, fitted into the input keeping its aspect; other float
   inputs ~ N(0, 1); integer inputs: names containing ``mask`` get ones, ``token_type``/``segment``
   zeros, ``position`` 0..T-1, token ids are uniform below the vocabulary size read from the
   embedding table they index (a Gather on a constant), or, given a ``tokenizer``, sentences shaped

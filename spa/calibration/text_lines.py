@@ -247,9 +247,20 @@ def draw(rng, line: str, channels: int = 3):
     return image if channels == 3 else image.convert("L")
 
 
-def lines(rng, count: int, alphabet: list, channels: int = 3) -> list:
-    """`count` text-line images of random strings in `alphabet`."""
-    return [draw(rng, text(rng, alphabet), channels) for _ in range(count)]
+def lines(rng, count: int, alphabet: list, channels: int = 3, max_aspect: float | None = None) -> list:
+    """`count` text-line images of random strings in `alphabet`, each cut to at most `max_aspect` times as wide
+    as the font is high (`fitting`)."""
+    return [draw(rng, fitting(text(rng, alphabet), max_aspect), channels) for _ in range(count)]
+
+
+def fitting(line: str, max_aspect: float | None) -> str:
+    """`line` without its last words (or, for one word, characters) while it is more than `max_aspect` times as
+    wide as the built-in font is high."""
+    font = fonts()[len(FONT_SIZES) // 2]
+    size = FONT_SIZES[len(FONT_SIZES) // 2]
+    while max_aspect is not None and len(line) > 1 and font.getlength(line) > max_aspect * size:
+        line = line.rsplit(" ", 1)[0] if " " in line.strip() else line[:-1]
+    return line
 
 
 def page(rng, height: int, width: int, alphabet: list, channels: int = 3):

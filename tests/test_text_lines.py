@@ -487,9 +487,9 @@ def test_outputs_declared_of_another_rank_are_run_to_tell_a_sequence_of_scores()
     b.output(b.op("Transpose", [columns], perm=[2, 0, 1]))  # [W/8, N, 6]
     b.output(b.op("ReduceMean", [x], axes=[1, 2, 3], keepdims=1))  # [N, 1, 1, 1]: no map of the image's size
     model = b.model()
-    model.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info(model.graph.output[0].name, onnx.TensorProto.FLOAT,
-                                                                      [1, "seqlen"]))  # declared wrong
     sequence = model.graph.output[0].name
+    declared = onnx.helper.make_tensor_value_info(sequence, onnx.TensorProto.FLOAT, [1, "seqlen"])  # wrong
+    model.graph.output[0].CopyFrom(declared)
     assert text_lines.sequence_outputs(model) == [sequence]  # rank 2 declared; the rank-4 output is no sequence
     feeds = {"input": np.random.default_rng(0).normal(size=(2, 1, 64, 160)).astype(np.float32)}
     assert text_lines.reading_output(model, feeds) == sequence

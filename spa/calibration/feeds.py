@@ -370,9 +370,10 @@ class _Plan:
         rest noise images (`natural_noise`; lines alone lost the PP-OCRv4 recognizer its light-on-dark codes,
         noise alone its in-distribution lines: docs/obspa.md). Each line resized to the input's height keeping its
         aspect and right-padded with 0 to its width after normalising (PaddleOCR's resize_norm_img; cut so as to be
-        squeezed at most LINE_SQUEEZE times where wider), mean 0.5 and std 0.5 (PaddleOCR's recognizers'); pages drawn at the input's size, tables fitted into it keeping their
-        aspect and padded with 0 (PaddleOCR's table preprocessing), both normalised with ImageNet's mean and std
-        (PaddleOCR's detectors'); any of them unless the calibration gives its own."""
+        squeezed at most LINE_SQUEEZE times where wider), mean 0.5 and std 0.5 (PaddleOCR's recognizers'); pages
+        drawn at the input's size, tables fitted into it keeping their aspect and padded with 0 (PaddleOCR's table
+        preprocessing), both normalised with ImageNet's mean and std (PaddleOCR's detectors'); any of them unless
+        the calibration gives its own."""
         layout = _image_layout(inp, list(shape))
         c, (h, w) = LAYOUT_AXES[layout]
         channels = shape[c]

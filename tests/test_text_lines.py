@@ -491,6 +491,11 @@ def test_outputs_declared_of_another_rank_are_run_to_tell_a_sequence_of_scores()
     declared = onnx.helper.make_tensor_value_info(sequence, onnx.TensorProto.FLOAT, [1, "seqlen"])  # wrong
     model.graph.output[0].CopyFrom(declared)
     assert text_lines.sequence_outputs(model) == [sequence]  # rank 2 declared; the rank-4 output is no sequence
+    classes = onnx.helper.make_tensor_value_info(sequence, onnx.TensorProto.FLOAT, ["batch", 6])
+    as_classifier = onnx.ModelProto()
+    as_classifier.CopyFrom(model)
+    as_classifier.graph.output[0].CopyFrom(classes)
+    assert text_lines.sequence_outputs(as_classifier) == []  # [N, K] with K fixed: a classifier's, not run
     feeds = {"input": np.random.default_rng(0).normal(size=(2, 1, 64, 160)).astype(np.float32)}
     assert text_lines.reading_output(model, feeds) == sequence
     feeds = {"input": feeds["input"][:, :, :, :88]}  # 11 positions: width / 8, as before

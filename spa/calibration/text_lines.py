@@ -314,10 +314,12 @@ def marks_text(on_pages: float, on_noise: float) -> bool:
 
 def sequence_outputs(model) -> list:
     """The outputs that may be a sequence of class scores, as a CTC text recognizer's: those declared
-    [N, T, K] first, then those declared of rank 0-2, whose declaration may be wrong (ddddocr's captcha
-    recognizers declare [1, seqlen] and give [T, 1, K]); `reading_output` runs them to tell."""
-    ranks = [(len(o.type.tensor_type.shape.dim), o.name) for o in model.graph.output]
-    return [name for rank, name in ranks if rank == 3] + [name for rank, name in ranks if rank < 3]
+    [N, T, K] first, then those of no declared shape or of rank 1-2 whose last size is not fixed: such a
+    declaration may be wrong (ddddocr's captcha recognizers declare [1, seqlen] and give [T, 1, K]; a
+    classifier's [N, 1000] is left out). `reading_output` runs them to tell."""
+    dims = [(list(o.type.tensor_type.shape.dim), o.name) for o in model.graph.output]
+    return [name for d, name in dims if len(d) == 3] + \
+        [name for d, name in dims if not d or (len(d) < 3 and not d[-1].HasField("dim_value"))]
 
 
 def reading_output(model, feeds: dict) -> str | None:

@@ -191,22 +191,29 @@ def _on_integer_weight(g, layer, quantized: str) -> None:
 
 def weighted_layers(g) -> list:
     """Every Conv, Gemm and MatMul of graph `g` with a constant (initializer) weight, whether or not
-    its channels are prunable: what fine-grained sparsity acts on."""
+    its channels are prunable: what fine-grained sparsity acts on; and the integer layers that read
+    their integer weight themselves (ConvInteger and MatMulInteger after a DynamicQuantizeLinear,
+    QLinearConv, QLinearMatMul, QGemm) or through a DequantizeLinear (QDQ; the layer's weight is then
+    that integer constant), seen as the float layers they quantize."""
     layers = []
     for index, node in enumerate(g.nodes):
-        for slot in ((1, 0) if node.op_type == "MatMul" else (1,)):
-            if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) <= slot:
+        slots = (1, 0) if node.op_type == "MatMul" else (3,) if node.op_type in QLINEAR_LAYERS else (1,)
+        for slot in slots:
+            if node.op_type not in ("Conv", "Gemm", "MatMul") + INTEGER_LAYERS + QLINEAR_LAYERS or \
+                    len(node.input) <= slot:
                 continue
             weight = node.input[slot]
-            if weight not in g.consts:
+            stored = weight if weight in g.consts else quantized_source(g, weight)
+            if stored is None:
                 continue
             if node.op_type == "Gemm":
                 axis = 1 if attr(node, "transB", 0) else 0
             else:
-                axis = {"Conv": 1, "MatMul": 0 if slot == 1 else 1}[node.op_type]
+                axis = {"MatMul": 0 if slot == 1 else 1}.get(node.op_type, 1)  # integer layers: _layer's own
             layer = _layer(g, index, node, slot, axis, weight)
             if layer is not None:
-                layer.compensable = len(g.consumers.get(weight, [])) == 1
+                layer.weight = stored  # a QDQ layer's: the integer constant its DequantizeLinear reads
+                layer.compensable = len(g.consumers.get(weight, [])) == 1 == len(g.consumers.get(stored, []))
                 layers.append(layer)
                 break
     return layers

@@ -298,6 +298,14 @@ def requantized(g: Graph, tensor: str, value: np.ndarray) -> np.ndarray:
     return np.clip(q, limits.min, limits.max).astype(dtype)
 
 
+def stored_value(g: Graph, tensor: str, value: np.ndarray) -> np.ndarray:
+    """A new float `value` of constant `tensor` as it is stored: on its integer grid for an integer weight
+    (`requantized`: a zero at the zero point, exactly), else in its own dtype."""
+    if is_integer_weight(g, tensor):
+        return requantized(g, tensor, value)
+    return np.asarray(value).astype(np.asarray(g.consts[tensor]).dtype)
+
+
 def layer_value(g: Graph, tensor: str) -> np.ndarray:
     """A layer's weight: a float constant, or the dequantized value of an integer one (a
     DequantizeLinear's, or a QOperator / dynamically quantized / MatMulNBits layer's: as_float)."""

@@ -27,6 +27,7 @@ from .calibration import SampleDefault, shared_shapes
 from .errors import CalibrationRunError
 from .layers import Layer
 from .obspa import DAMPING_PATH, MAX_COLUMNS, Hessians, check_finite, held_error, judges, token_mask_input
+from .quant import layer_value, stored_value
 from .runtime import feed_shapes, sample_count
 
 BLOCK = 128  # columns per lazy-update block (and per unstructured mask decision)
@@ -327,12 +328,12 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
         for _, names, values in run.stages(weights, wanted):
             fits, helds = _stage_hessians([by_output[n] for n in names], values, g, every, len(fit), mask, seed)
             for layer in (by_output[n] for n in names):
-                w = g.consts[layer.weight]
+                w = layer_value(g, layer.weight)  # an integer layer's dequantized: solved in float
                 b = g.consts[layer.bias] if layer.bias else None
                 with np.errstate(over="ignore", invalid="ignore"):  # outputs that overflow: inf errors tie
                     new, kind = sparsify_layer(layer, w, b, fits.of(layer), helds.of(layer) if held else None,
                                                pattern)
-                weights.update(new)
+                weights.update({name: stored_value(g, name, value) for name, value in new.items()})
                 how[kind] = how.get(kind, 0) + 1
     progress("OBS sparsity: " + ", ".join(f"{v} layers {k}" for k, v in sorted(how.items())) +
              (" (magnitude: the OBS update did not reproduce the layer's outputs better on held-out inputs)"

@@ -37,6 +37,7 @@ from onnx import helper, numpy_helper
 from .calibration import asked
 from .errors import CalibrationRunError, SpaError, SpaWarning
 from .layers import Layer, weighted_layers
+from .quant import as_float, is_integer_weight, layer_value, nbits_reader, stored_value
 
 KINDS = ("unstructured", "n:m", "k-of-n")
 GRANULARITIES = ("weight", "kernel", "filter")
@@ -196,14 +197,16 @@ def conforms(weight: np.ndarray, layer: Layer, pattern: Pattern) -> bool:
 # ---------------------------------------------------------------------------------------------
 def eligible_layers(g, pattern: Pattern) -> tuple[list, list]:
     """(layers to sparsify, [{"name", "weight", "reason"}] of those skipped). A bias that is no
-    initializer of its own (shared) is left out of the layer: it is never rewritten."""
+    initializer of its own (shared), or an integer layer's (int32 on a grid of its own), is left out
+    of the layer: it is never rewritten."""
     stored = {t.name for t in g.model.graph.initializer} | \
         {n.output[0] for n in g.model.graph.node if n.op_type == "Constant" and n.output}
     layers, skipped = [], []
     for layer in weighted_layers(g):
         reason = _skip_reason(g, layer, stored, pattern)
         if reason is None:
-            layers.append(layer if layer.bias in stored or layer.bias is None else replace(layer, bias=None))
+            kept_bias = layer.bias in stored and not is_integer_weight(g, layer.weight)
+            layers.append(layer if kept_bias or layer.bias is None else replace(layer, bias=None))
         else:
             weight = g.aliases[layer.weight][3] if layer.weight in g.aliases else layer.weight
             skipped.append({"name": g.node_name(layer.node), "weight": weight, "reason": reason})
@@ -217,11 +220,15 @@ def _skip_reason(g, layer: Layer, stored: set, pattern: Pattern) -> str | None:
         return f"weight {root} is shared by {readers} nodes"
     if len(g.consumers.get(layer.weight, [])) > 1:  # a tied parameter, never unshared
         return f"weight {layer.weight} is shared by {len(g.consumers[layer.weight])} nodes"
+    if not layer.compensable:  # a QDQ weight whose DequantizeLinear several nodes read
+        return f"weight {layer.weight} is shared by several nodes through its DequantizeLinear"
     if layer.weight not in stored:
         return "weight is computed, not stored (an initializer or a Constant node)"
     dtype = np.asarray(g.consts[layer.weight]).dtype
-    if dtype not in FLOAT_TYPES:
-        return f"weight is {dtype}, not float16/32/64"
+    if dtype not in FLOAT_TYPES and not is_integer_weight(g, layer.weight):
+        return f"weight is {dtype}, not float16/32/64 or an integer layer's"
+    if nbits_reader(g, layer.weight) is not None:
+        return "weight is packed in 4-bit blocks (MatMulNBits)"
     length = contracted_length(g.consts.shape(layer.weight), layer)
     if pattern.kind == "n:m" and length % pattern.m:
         return f"contracted axis of {length} weights is not a multiple of {pattern.m}"
@@ -260,7 +267,7 @@ def sparsity_report(model: onnx.ModelProto) -> list:
     g = Graph(densified(model))
     rows = []
     for layer in weighted_layers(g):
-        w = np.asarray(g.consts[layer.weight])
+        w = np.asarray(layer_value(g, layer.weight))
         rows.append({"name": g.node_name(layer.node), "op": g.nodes[layer.node].op_type, "weight": layer.weight,
                      "shape": list(w.shape), "zeros": float(np.mean(w == 0)) if w.size else 0.0,
                      "n_m": [f"{n}:{m}" for n, m in REPORTED_N_M if _conforms_n_m(w, layer, n, m)]})
@@ -386,8 +393,8 @@ def _new_values(model, g, layers, pattern, criterion, calibration, progress) -> 
         return obs_sparsify(model, layers, pattern, calibration, progress)
     values = {}
     for layer in layers:
-        w = np.asarray(g.consts[layer.weight])
-        values[layer.weight] = np.where(layer_mask(w, layer, pattern), w, np.zeros((), w.dtype)).astype(w.dtype)
+        w = np.asarray(layer_value(g, layer.weight))
+        values[layer.weight] = stored_value(g, layer.weight, np.where(layer_mask(w, layer, pattern), w, 0))
     return values, None
 
 
@@ -397,7 +404,7 @@ def _check_written(g, layers, pattern, values: dict) -> None:
         original = g.consts[layer.weight]
         if w is None or np.shape(w) != np.shape(original) or np.asarray(w).dtype != original.dtype:
             raise RuntimeError(f"sparsify: no weight of {layer.weight}'s shape and dtype was computed")
-        if not conforms(w, layer, pattern):
+        if not conforms(as_float(g, layer.weight, w), layer, pattern):
             raise RuntimeError(f"sparsify: the weight {layer.weight} written does not conform to {pattern}")
 
 
@@ -441,7 +448,8 @@ def zipped_size(model: onnx.ModelProto) -> int:
 def _layer_rows(g, layers, values) -> list:
     rows = []
     for layer in layers:
-        before, after = np.asarray(g.consts[layer.weight]), np.asarray(values[layer.weight])
+        before = np.asarray(layer_value(g, layer.weight))
+        after = np.asarray(as_float(g, layer.weight, np.asarray(values[layer.weight])))
         rows.append({"name": g.node_name(layer.node), "op": g.nodes[layer.node].op_type, "weight": layer.weight,
                      "shape": list(before.shape), "zeros_before": float(np.mean(before == 0)),
                      "zeros_after": float(np.mean(after == 0)),

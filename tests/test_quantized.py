@@ -657,3 +657,35 @@ def test_the_default_keeps_int8_depthwise_groups_at_multiples_of_16(fmt, tmp_pat
     assert not integer_conv_weights(Graph(depthwise_net()))
     assert main(["prune", quantized, "-o", str(tmp_path / "small.onnx"), "--ratio", "0.5", "--criterion", "l1"]) == 0
     assert "1 group(s) read by int8 depthwise convs keep multiples of 16 channels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("criterion", ["l1", "obs"])
+def test_sparsify_zeroes_integer_weights_at_their_zero_point_in_the_pattern(criterion, qdq, tmp_path):
+    """spa sparsify reads ConvInteger / MatMulInteger (dynamic), QLinearConv / QGemm (QOperator, int8 and
+    uint8) and QDQ weights as the float layers they quantize: masks and OBS updates on the dequantized values,
+    written back on the integer grid, every removed weight at its zero point, so that the dequantized weight
+    takes the pattern; int32 biases are left as they are."""
+    from spa.calibration import Calibration
+    from spa.layers import weighted_layers
+    from spa.quant import as_float, is_integer_weight
+    from spa.sparsity import conforms, parse_pattern, sparsify
+
+    pattern = parse_pattern("2:4")
+    calibration = Calibration(source="synthetic", samples=8, dims={"tokens": 5}) if criterion == "obs" else None
+    for model in (_dynamic(tmp_path, mlp_net(), per_channel=True), _dynamic(tmp_path, float_net()),
+                  _qoperator(tmp_path, float_net(), quantization.QuantType.QUInt8), qdq[1]):
+        sparse, report = sparsify(model, pattern, criterion, calibration=calibration)
+        g, before = Graph(sparse), _inits(model)
+        layers = {layer.weight: layer for layer in weighted_layers(g)}
+        done = [row["weight"] for row in report["layers"]]
+        assert done and all(is_integer_weight(g, w) for w in done), done
+        for w in done:
+            value = numpy_helper.to_array(_inits(sparse)[w])
+            assert value.dtype == numpy_helper.to_array(before[w]).dtype  # integers, on their grid
+            assert conforms(as_float(g, w, value), layers[w], pattern)
+        biases = [n.input[8] for n in model.graph.node if n.op_type == "QLinearConv" and len(n.input) > 8] + \
+            [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in before
+             and before[n.input[0]].data_type == TensorProto.INT32]
+        assert all(_inits(sparse)[b] == before[b] for b in biases)
+        feeds = random_inputs(sparse, dims={"tokens": 5})
+        assert all(np.all(np.isfinite(y)) for y in run(sparse, feeds))

@@ -42,6 +42,11 @@ magnitude, OBS with synthetic noise images, OBS with pages of text lines (`--tex
 data) and OBS with 8 rendered pages; F1 of its text map against the original's and lines found on
 16 pages in distribution and 16 shifted (models/ocr.py, as bench_quality_real measures them).
 
+int8 detector section (`--sections ocr-det-int8`). The same detector quantized by onnxruntime's
+quantize_static (int8 per-channel weights, uint8 activations, calibrated on the 8 rendered pages) as
+QDQ and as QOperator, at 2:4: magnitude, OBS with the default calibration (no data) and OBS with those
+8 pages; F1 against that int8 original's text map.
+
 Writes benchmarks/results/sparsity.json and sparsity.png (--quick: sparsity_quick.*) and prints
 a markdown table.
 """
@@ -459,6 +464,34 @@ def ocr_det_section(quick: bool) -> dict:
             "pages": {"in-distribution": 16, "shifted": 16, "calibration_real": 8, "size": DET_PAGE}, "rows": rows}
 
 
+INT8_ROWS = {"magnitude": {"criterion": "l1"}, "obs-default": {"criterion": "obs"},
+             "obs-real-8": {"criterion": "obs", "calibration": "real"}}
+
+
+def ocr_det_int8_section(quick: bool) -> dict:
+    """The detector quantized (QDQ and QOperator) at 2:4 where the input channels split into fours; F1 of the
+    text map against the quantized original's on 16 + 16 rendered pages. The integer weights are masked as
+    the values they stand for and written back at their zero point (spa.sparsity)."""
+    from common import quantized
+    from models.ocr import detection_judge, detector_path, detector_preprocess, render_pages
+    from spa.calibration import Calibration
+
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="spa-sparsity-int8-") as workdir:
+        pages = detector_preprocess(render_pages("in-distribution", 8, seed=99, size=DET_PAGE)[0])
+        real = os.path.join(workdir, "det-calibration.npz")
+        np.savez(real, x=pages)
+        for fmt in ("QDQ", "QOperator"):
+            path = quantized(detector_path(), [{"x": page[None]} for page in pages], fmt, workdir)
+            evaluate = detection_judge(path, 16, DET_PAGE)
+            done = sparsified_rows(f"ocr-det {fmt}", path, INT8_ROWS, evaluate, quick,
+                                   lambda source: Calibration(source=real))
+            rows.update({f"{fmt} {name}": row for name, row in done.items()})
+    return {"model": "PP-OCRv4 det (rapidocr-onnxruntime) quantized int8, 2:4 where the input channels split "
+                     "into fours", "pages": {"in-distribution": 16, "shifted": 16, "calibration_real": 8,
+                                             "size": DET_PAGE}, "rows": rows}
+
+
 def paired_markdown(section: dict, title: str, first: tuple, second: tuple) -> str:
     """One row per sparsified row: two measures ((key, label) each) in distribution, then shifted."""
     lines = [f"| {title} | {first[1]} (in-distribution) | {second[1]} | {first[1]} (shifted) | {second[1]} | "
@@ -480,6 +513,17 @@ def ocr_det_plot(section: dict, ax) -> None:
     ax.legend(fontsize=8)
 
 
+def ocr_det_int8_markdown(section: dict) -> str:
+    return paired_markdown(section, "int8 PP-OCRv4 det 2:4", ("map_f1", "text-map F1"),
+                           ("lines_found", "lines found"))
+
+
+def ocr_det_int8_plot(section: dict, ax) -> None:
+    paired_bars(ax, section["rows"], ("in-distribution", "shifted"), lambda r: r["map_f1"],
+                "text-map F1 to the int8 original", "int8 PP-OCRv4 detector, 2:4, no fine-tuning")
+    ax.legend(fontsize=8)
+
+
 def ocr_markdown(section: dict) -> str:
     return paired_markdown(section, "PP-OCRv4 rec 2:4", ("exact_line", "exact lines"), ("char", "characters"))
 
@@ -495,7 +539,8 @@ def plot(sections: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plotters = {"digits": digits_plot, "minilm": minilm_plot, "ocr": ocr_plot, "ocr-det": ocr_det_plot}
+    plotters = {"digits": digits_plot, "minilm": minilm_plot, "ocr": ocr_plot, "ocr-det": ocr_det_plot,
+                "ocr-det-int8": ocr_det_int8_plot}
     shown = [s for s in sections if s in plotters]
     fig, axes = plt.subplots(1, len(shown), figsize=(6.5 * len(shown), 4.5), squeeze=False)
     for ax, name in zip(axes[0], shown):
@@ -509,8 +554,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer epochs, digits-mlp and mnist1d-conv only")
     parser.add_argument("--models", help="comma list of " + ", ".join(DIGITS_MODELS))
-    parser.add_argument("--sections", default="digits,minilm,ocr,ocr-det",
-                        help="comma list of digits, minilm, ocr, ocr-det")
+    parser.add_argument("--sections", default="digits,minilm,ocr,ocr-det,ocr-det-int8",
+                        help="comma list of digits, minilm, ocr, ocr-det, ocr-det-int8")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/sparsity.json, --quick: "
                         "sparsity_quick.json); the plot goes beside it")
     parser.add_argument("--merge", action="store_true", help="keep the sections not run now from an existing --out")
@@ -545,6 +590,8 @@ def main(argv=None) -> int:
         sections["ocr"] = ocr_section(args.quick)
     if "ocr-det" in wanted:
         sections["ocr-det"] = ocr_det_section(args.quick)
+    if "ocr-det-int8" in wanted:
+        sections["ocr-det-int8"] = ocr_det_int8_section(args.quick)
     table = "\n\n".join(SECTIONS[name](sections[name]) for name in SECTIONS if name in sections)
     result = {"benchmark": "sparsity", "date": _dt.datetime.now().isoformat(timespec="seconds"),
               "quick": args.quick, "machine": info, "seed": SEED, "amounts": list(AMOUNTS), **sections,
@@ -561,7 +608,8 @@ def main(argv=None) -> int:
     return 0
 
 
-SECTIONS = {"digits": digits_markdown, "minilm": minilm_markdown, "ocr": ocr_markdown, "ocr-det": ocr_det_markdown}
+SECTIONS = {"digits": digits_markdown, "minilm": minilm_markdown, "ocr": ocr_markdown, "ocr-det": ocr_det_markdown,
+            "ocr-det-int8": ocr_det_int8_markdown}
 
 
 if __name__ == "__main__":

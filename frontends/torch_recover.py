@@ -113,8 +113,8 @@ def check(model: onnx.ModelProto) -> None:
 
     missing = unsupported_ops(model)
     if missing:
-        raise SpaError(f"recovery distils a torch copy of the pruned model, and the ONNX-to-torch converter has no "
-                       f"{', '.join(missing)}: prune without --recover")
+        raise SpaError(f"recovery distils a torch copy of the model, and the ONNX-to-torch converter has no "
+                       f"{', '.join(missing)}: run without --recover")
 
 
 def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: int = DEFAULT_STEPS,

@@ -26,6 +26,8 @@ import string
 
 import numpy as np
 
+from models.ocr import _session
+
 HEIGHT = 64
 LETTERS = string.ascii_letters + string.digits
 CRNN_LABELS = string.digits + string.ascii_uppercase + "_"
@@ -110,12 +112,6 @@ def read(run, x: np.ndarray, blank: int = 0) -> tuple:
     scores = run.run(None, {run.get_inputs()[0].name: x})[0]
     classes = scores.argmax(-1).ravel()
     return tuple(int(c) for k, c in enumerate(classes) if c != blank and (k == 0 or c != classes[k - 1]))
-
-
-def _session(model):
-    from spa.runtime import session
-
-    return model if hasattr(model, "run") else session(model, quiet=True)
 
 
 def truth_accuracy(model, kind: str, count: int = 200, seed: int = 0, name: str = "ddddocr") -> float:

@@ -437,11 +437,12 @@ def with_judged_text(model: onnx.ModelProto, options: Calibration, progress=_qui
         return options
     if output is None:
         return options
-    seen, shown, shows_it = _text_evidence(model, mode, output, text_batches, noise_batches)
+    run = session(model, quiet=True)  # one session for every judgement below
+    seen, shown, shows_it = _text_evidence(run, mode, output, text_batches, noise_batches)
     if shows_it:
         return _with_text(options, mode, f"{seen}, and {shown}", progress)
     if mode == "lines":
-        return _with_scaled_lines(model, options, text, output, noise_batches, progress)
+        return _with_scaled_lines(model, run, options, text, output, noise_batches, progress)
     noise = statistics_mismatch(model, noise_batches)
     paged = statistics_mismatch(model, text_batches) if noise is not None else None
     if paged is not None and paged <= PAGES_NEARER * noise:
@@ -454,7 +455,7 @@ def with_judged_text(model: onnx.ModelProto, options: Calibration, progress=_qui
     return options
 
 
-def _with_scaled_lines(model, options: Calibration, text: Calibration, output: str, noise_batches: list,
+def _with_scaled_lines(model, run, options: Calibration, text: Calibration, output: str, noise_batches: list,
                        progress) -> Calibration:
     """`options` with text lines at the first of LINE_SCALES whose lines the model reads (`text_lines.reads_text`),
     announced; as they are where none, or where the calibration sets the mean or std."""
@@ -466,7 +467,7 @@ def _with_scaled_lines(model, options: Calibration, text: Calibration, output: s
             scaled = calibration_batches(model, dataclasses.replace(text, mean=mean, std=std))
         except SpaError:
             return options
-        seen, shown, reads = _text_evidence(model, "lines", output, scaled, noise_batches,
+        seen, shown, reads = _text_evidence(run, "lines", output, scaled, noise_batches,
                                             f"generated text lines with pixels in {scale}")
         if reads:
             why = f"{seen}, and {shown}; too few at {' or '.join(tried)} (--image-mean / --image-std set the scale)"
@@ -475,11 +476,10 @@ def _with_scaled_lines(model, options: Calibration, text: Calibration, output: s
     return options
 
 
-def _text_evidence(model, mode: str, output: str, text_batches: list, noise_batches: list,
+def _text_evidence(run, mode: str, output: str, text_batches: list, noise_batches: list,
                    lines: str = "generated text lines") -> tuple:
-    """(what the output looks like, what the model does with text and with noise, whether that is a text
-    detector's or recognizer's)."""
-    run = session(model, quiet=True)
+    """(what the output looks like, what the model (`run`, its onnxruntime session) does with text and with
+    noise, whether that is a text detector's or recognizer's)."""
     text, noise = ([run.run([output], feeds)[0] for feeds in batches] for batches in (text_batches, noise_batches))
     if mode == "pages":
         on_text, on_noise = text_lines.marked_share(text), text_lines.marked_share(noise)

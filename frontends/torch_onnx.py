@@ -4,7 +4,10 @@ Float weights (initializers and large Constant values) become ``nn.Parameter``s 
 ONNX name (a dotted name like ``layer1.0.conv1.weight`` becomes the same nested attribute path,
 so ``state_dict()`` keys equal ONNX names where possible); BatchNormalization running statistics
 become buffers and are updated in train mode; Dropout is active in train mode. Shape arithmetic
-(Shape/Gather/Concat/Range/...) simply runs eagerly on small int64 tensors.
+(Shape/Gather/Concat/Range/...) simply runs eagerly on small int64 tensors. A quantized model's
+integer weights become parameters holding the float values they stand for, read through a
+straight-through rounding onto their grid (torch_quant_ops), and ``stored_values()`` gives them back as
+integers.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from onnx import numpy_helper
 from spa.errors import SpaError
 from spa.graph import as_model, constant_node_value
 
-from .torch_ops import OPS, NodeInfo
+from .torch_ops import OPS, NodeInfo, op_key
+from .torch_quant_ops import round_through
 
 __all__ = ["OnnxModule", "from_onnx", "supported_ops", "verify_module"]
 
@@ -49,8 +53,7 @@ class _Holder(nn.Module):
 
 def unsupported_ops(model: onnx.ModelProto) -> list:
     """The op types of `model` (subgraphs too) that this converter has no torch form for."""
-    return sorted({n.op_type for n in _all_nodes(model.graph)
-                   if n.domain not in ("", "ai.onnx") or n.op_type not in OPS})
+    return sorted({n.op_type for n in _all_nodes(model.graph) if op_key(n.op_type, n.domain) not in OPS})
 
 
 class OnnxModule(nn.Module):
@@ -74,8 +77,9 @@ class OnnxModule(nn.Module):
         self._stores: dict[str, tuple[str, str]] = {}  # onnx name -> (attribute path, kind)
         self._consts: dict[str, torch.Tensor] = {}
         self._used_names: set[str] = set()
+        self._grids: dict[str, tuple] = {}  # integer weight -> (scale, zero point, lowest, highest, numpy dtype)
         self.mimic_onnx = False  # verification: follow each node's own training_mode instead
-        self._register_tensors(graph)
+        self._register_tensors(model)
 
     # -- construction -------------------------------------------------------------------------
     def _separate_shared_stats(self, graph) -> dict[str, str]:
@@ -100,7 +104,8 @@ class OnnxModule(nn.Module):
                     info.inputs[i] = copy_name
         return private
 
-    def _register_tensors(self, graph):
+    def _register_tensors(self, model):
+        graph = model.graph
         consumers = _consumer_slots(graph)
         stats = {n.inputs[i] for n in self._nodes if n.op == "BatchNormalization"
                  for i in _BN_STATS if len(n.inputs) > i}
@@ -113,7 +118,14 @@ class OnnxModule(nn.Module):
         values = dict(tensors)
         tensors += [(copy, values[original]) for copy, original in self._private_stats.items()
                     if original in values]
+        integers = _integer_weights(model, [name for name, array in tensors if array.dtype.kind in "iu"])
         for name, array in tensors:
+            if name in integers:
+                value, scale, zero, lowest, highest = integers[name]
+                self._store(name, nn.Parameter(_to_torch(value.astype(np.float32))), "parameter")
+                self._grids[name] = (_to_torch(scale.astype(np.float32)), _to_torch(zero.astype(np.float32)),
+                                     lowest, highest, array.dtype)
+                continue
             tensor = _to_torch(array)
             is_weight = (tensor.is_floating_point() and tensor.numel() > 1
                          and not any(slot in _NON_WEIGHT_SLOTS for slot in consumers.get(name, ())))
@@ -167,8 +179,39 @@ class OnnxModule(nn.Module):
         return self._consts[name]
 
     def onnx_parameters(self) -> dict[str, nn.Parameter]:
-        """ONNX weight name -> the nn.Parameter holding it (for gradients w.r.t. ONNX weights)."""
+        """ONNX weight name -> the nn.Parameter holding it (for gradients w.r.t. ONNX weights). An integer
+        weight of a quantized layer is held as the float value it stands for (see `stored_values`)."""
         return {n: self.get_parameter(p) for n, (p, kind) in self._stores.items() if kind == "parameter"}
+
+    def stored_values(self) -> dict[str, np.ndarray]:
+        """ONNX weight name -> its value as the ONNX model stores it: a float weight as it is, an integer
+        weight rounded onto its grid (its scale and zero point) and clipped to its integer type."""
+        values = {}
+        for name, p in self.onnx_parameters().items():
+            value = p.detach().cpu().double().numpy() if name in self._grids else p.detach().cpu().numpy()
+            if name in self._grids and np.all(np.isfinite(value)):  # (a non-finite value is left for the caller)
+                scale, zero, lowest, highest, dtype = self._grids[name]
+                value = np.rint(value / scale.double().numpy()) + zero.double().numpy()
+                value = np.clip(value, lowest, highest).astype(dtype)
+            values[name] = value
+        return values
+
+    def fill_constants(self, env: dict) -> dict:
+        """`env` with every constant and weight the graph reads added under its ONNX name (an integer
+        weight as its layer reads it: `_integer_value`), what it holds already kept."""
+        for name in self._consts:
+            env.setdefault(name, self._consts[name])
+        for name in self._stores:
+            if name not in env:
+                env[name] = self._integer_value(name) if name in self._grids else self.onnx_tensor(name)
+        return env
+
+    def _integer_value(self, name: str) -> torch.Tensor:
+        """Integer weight `name` as its layer reads it: its float parameter fake-quantized (integers in float)."""
+        scale, zero, lowest, highest, _ = self._grids[name]
+        latent = self.onnx_tensor(name)
+        scale, zero = scale.to(latent.device), zero.to(latent.device)
+        return torch.clamp(round_through(latent / scale) + zero, lowest, highest)
 
     def onnx_names(self) -> dict[str, str]:
         """ONNX weight name -> attribute path of its parameter or buffer."""
@@ -188,13 +231,28 @@ class OnnxModule(nn.Module):
         missing = [n for n in self.input_names if n not in env]
         if missing:
             raise SpaError(f"missing input(s): {', '.join(missing)}")
-        for name in self._consts:
-            env.setdefault(name, self._consts[name])
-        for name in self._stores:
-            env.setdefault(name, self.onnx_tensor(name))
+        self.fill_constants(env)
         run_graph(self, self._nodes, env)
         outs = tuple(env[n] for n in self.output_names)
         return outs[0] if len(outs) == 1 else outs
+
+
+def _integer_weights(model: onnx.ModelProto, names: list) -> dict:
+    """{name: (the float value it stands for, scale, zero point, lowest, highest)} of the integer
+    constants among `names` that quantized layers read as weights (not MatMulNBits' packed blocks),
+    scale and zero point shaped to broadcast against the weight (spa.quant)."""
+    if not names:
+        return {}
+    from spa import quant
+    from spa.graph import Graph
+
+    g = Graph.indexed(model)
+    found = {}
+    for name in names:
+        if quant.nbits_reader(g, name) is None and quant.is_integer_weight(g, name):
+            found[name] = (np.asarray(quant.as_float(g, name, g.consts[name]), np.float64),
+                           *quant.stored_grid(g, name))
+    return found
 
 
 def run_graph(module, nodes, env):
@@ -203,7 +261,7 @@ def run_graph(module, nodes, env):
             continue
         inputs = [env[i] if i else None for i in info.inputs]
         try:
-            result = OPS[info.op](module, info, env, *inputs)
+            result = OPS[info.key](module, info, env, *inputs)
         except SpaError:
             raise
         except Exception as exc:

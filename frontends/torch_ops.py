@@ -37,6 +37,7 @@ class NodeInfo:
     opset: int
     graphs: dict = field(default_factory=dict)  # attribute name -> list of NodeInfo
     graph_protos: dict = field(default_factory=dict)
+    domain: str = ""
 
     @classmethod
     def of(cls, node, opset: int) -> "NodeInfo":
@@ -55,10 +56,19 @@ class NodeInfo:
                 value = numpy_helper.to_array(value)
             attrs[a.name] = value
         return cls(node.op_type, node.name, list(node.input), list(node.output), attrs, opset,
-                   graphs, protos)
+                   graphs, protos, node.domain)
+
+    @property
+    def key(self) -> str:
+        return op_key(self.op, self.domain)
 
     def get(self, key, default=None):
         return self.attrs.get(key, default)
+
+
+def op_key(op_type: str, domain: str) -> str:
+    """An op's key in OPS: its type, prefixed with "domain:" outside the default domain."""
+    return op_type if domain in ("", "ai.onnx") else f"{domain}:{op_type}"
 
 
 def op(*names):

@@ -170,11 +170,7 @@ def specialize(module: OnnxModule, args: tuple) -> OnnxModule:
     values. What remains computes on data, so torch.export and
     torch.jit.trace see shapes as constants instead of data-dependent values. The module then
     runs only at these input shapes."""
-    env = dict(zip(module.input_names, args))
-    for name, value in module._consts.items():
-        env.setdefault(name, value)
-    for name in module._stores:
-        env.setdefault(name, module.onnx_tensor(name))
+    env = module.fill_constants(dict(zip(module.input_names, args)))
     with torch.no_grad(), _onnx_semantics(module):
         run_graph(module, module._nodes, env)
     static = set(module._consts)

@@ -387,11 +387,7 @@ def _tensors(student, feeds):
 
 def _forward_env(module: OnnxModule, feeds) -> dict:
     """Run the module and return every tensor by ONNX name (intermediates included)."""
-    env = _tensors(module, feeds)
-    for name in module._consts:
-        env.setdefault(name, module._consts[name])
-    for name in module._stores:
-        env.setdefault(name, module.onnx_tensor(name))
+    env = module.fill_constants(_tensors(module, feeds))
     device = _device_of(module)
     if device.type == "cpu":
         run_graph(module, module._nodes, env)
@@ -437,8 +433,9 @@ def _shared_tensors(student, teacher, feeds, outputs) -> list[str]:
         values = teacher.run(feeds, candidates)
     except Exception:
         return []
-    return [n for n, v in zip(candidates, values)
-            if tuple(v.shape) == tuple(env[n].shape) and np.all(np.isfinite(v))]
+    # (the student carries a quantized model's integer tensors as floats: only the teacher's floats match)
+    return [n for n, v in zip(candidates, values) if np.issubdtype(v.dtype, np.floating)
+            and tuple(v.shape) == tuple(env[n].shape) and np.all(np.isfinite(v))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,7 +446,10 @@ def _trainable(student: OnnxModule, pruned: onnx.ModelProto, keep_zeros: bool, t
     weights a Gather indexes, e.g. word embeddings) are frozen."""
     params = student.onnx_parameters()
     if not train_lookups:
-        for name in {n.input[0] for n in pruned.graph.node if n.op_type == "Gather" and n.input} & params.keys():
+        lookups = {n.input[0] for n in pruned.graph.node if n.op_type == "Gather" and n.input}
+        dequantized = {n.output[0]: n.input[0] for n in pruned.graph.node if n.op_type == "DequantizeLinear"}
+        lookups |= {dequantized[t] for t in lookups if t in dequantized}  # an int8 table read through its DQ
+        for name in lookups & params.keys():
             if params[name].dim() == 2:
                 params.pop(name).requires_grad_(False)
     if keep_zeros:
@@ -587,7 +587,7 @@ def _write_back(pruned, student: OnnxModule, bn):
     """A copy of ``pruned`` with the student's trained values; returns (model, skipped names)."""
     model = onnx.ModelProto()
     model.CopyFrom(pruned)
-    values = {n: p.detach().cpu().numpy() for n, p in student.onnx_parameters().items()}
+    values = student.stored_values()
     if bn == "update":  # running statistics (not the private copies of shared ones)
         private = set(student._private_stats)
         for name, (path, kind) in student._stores.items():

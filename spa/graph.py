@@ -353,6 +353,19 @@ class Graph:
         for name in list(self.consts) + list(self.aliases):
             self.shapes[name] = self.consts.shape(name)
 
+    @classmethod
+    def indexed(cls, model: onnx.ModelProto) -> "Graph":
+        """Nodes, producers, consumers and constants of `model` as it is: no shape inference, and a
+        constant keeps all its readers (none unshared). Enough for readers such as spa.quant's."""
+        g = cls.__new__(cls)
+        g.model, g.nodes = model, list(model.graph.node)
+        g.index_nodes()
+        g.consts = Consts(model)
+        g.graph_inputs = {i.name for i in model.graph.input if i.name not in g.consts}
+        g.graph_outputs = {o.name for o in model.graph.output}
+        g.aliases, g.notes, g.shapes = {}, [], {}
+        return g
+
     def index_nodes(self) -> None:
         """producer and consumers of every tensor, from `nodes` (a control-flow node also consumes
         the outer-scope names its subgraphs read)."""

@@ -279,23 +279,30 @@ def requantized(g: Graph, tensor: str, value: np.ndarray) -> np.ndarray:
     packed = nbits_reader(g, tensor)
     if packed is not None:
         return _nbits_requantized(g, packed, value)
-    scale, zero, axis = grid_params(g, tensor)
-    dtype = np.asarray(g.consts[tensor]).dtype
     value = np.asarray(value, np.float64)
+    scale, zero, lowest, highest = stored_grid(g, tensor, value.ndim)
+    dtype = np.asarray(g.consts[tensor]).dtype
+    return np.clip(np.rint(value / scale) + zero, lowest, highest).astype(dtype)
+
+
+def stored_grid(g: Graph, tensor: str, rank: int | None = None) -> tuple:
+    """(scale, zero point, lowest, highest integer) of integer weight `tensor` (not a MatMulNBits one)
+    as stored, scale and zero point shaped to broadcast against a value of its rank (float64)."""
+    scale, zero, axis = grid_params(g, tensor)
+    rank = len(g.consts.shape(tensor)) if rank is None else rank
 
     def along(p):
-        p = np.asarray(p, np.float64)
-        if p.ndim == value.ndim:  # shaped to broadcast already
+        p = np.asarray(0.0 if p is None else p, np.float64)
+        if p.ndim == rank:  # shaped to broadcast already
             return p
         if p.size <= 1:
             return p.reshape(())
-        shape = [1] * value.ndim
+        shape = [1] * rank
         shape[axis] = p.size
         return p.reshape(shape)
 
-    q = np.rint(value / along(scale)) + (0.0 if zero is None else along(zero))
-    limits = np.iinfo(dtype)
-    return np.clip(q, limits.min, limits.max).astype(dtype)
+    limits = np.iinfo(np.asarray(g.consts[tensor]).dtype)
+    return along(scale), along(zero), limits.min, limits.max
 
 
 def stored_value(g: Graph, tensor: str, value: np.ndarray) -> np.ndarray:

@@ -208,3 +208,15 @@ def _dynamic_quantize_lstm(m, n, env, x, w, r, b=None, seq_lens=None, h0=None, c
         return dequantize(q, scale.reshape(shape), None if zero is None else zero.float().reshape(shape)).transpose(1, 2)
 
     return _lstm(m, n, env, x, weight(w, w_scale, w_zero), weight(r, r_scale, r_zero), b, seq_lens, h0, c0, p)
+
+
+@op(MICROSOFT + "QLinearSoftmax")
+def _qlinear_softmax(m, n, env, x, x_scale, x_zero, y_scale, y_zero):
+    x = dequantize(x, x_scale, x_zero)
+    axis = n.get("axis", -1)
+    if n.get("opset", 13) < 13:  # softmax over the axes from `axis` on, flattened
+        axis = axis + x.dim() if axis < 0 else axis
+        y = torch.softmax(x.flatten(axis), -1).reshape(x.shape)
+    else:
+        y = torch.softmax(x, axis)
+    return quantize(y, y_scale, y_zero, *_limits(y_zero.dtype))

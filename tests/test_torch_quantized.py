@@ -1,0 +1,117 @@
+"""Quantized models in torch (frontends.torch_quant_ops): the converter runs dynamic, QDQ and QOperator
+int8 models as onnxruntime does, trains their integer weights as the float values they stand for, and
+recovery writes them back on their grid."""
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+torch = pytest.importorskip("torch")
+quantization = pytest.importorskip("onnxruntime.quantization")
+
+from test_quantized import _dynamic, _qoperator, _Reader, branchy_net, float_net, mlp_net  # noqa: E402
+
+from spa.frontends.torch_onnx import from_onnx  # noqa: E402
+from spa.frontends.torch_recover import recover, synthetic_batches  # noqa: E402
+from spa.graph import Graph  # noqa: E402
+from spa.pipeline import prune  # noqa: E402
+from spa.quant import as_float, is_integer_weight  # noqa: E402
+from spa.runtime import random_inputs, run  # noqa: E402
+from spa.selection import Target  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _qdq(folder, model):
+    onnx.save(model, str(folder / "float.onnx"))
+    quantization.quantize_static(str(folder / "float.onnx"), str(folder / "qdq.onnx"), _Reader(),
+                                 quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+                                 activation_type=quantization.QuantType.QInt8,
+                                 weight_type=quantization.QuantType.QInt8)
+    return onnx.load(str(folder / "qdq.onnx"))
+
+
+QUANTIZED = {
+    "dynamic-mlp": lambda d: _dynamic(d, mlp_net()),
+    "dynamic-cnn-per-channel": lambda d: _dynamic(d, float_net(), per_channel=True),
+    "qdq": lambda d: _qdq(d, float_net()),
+    "qoperator-int8": lambda d: _qoperator(d, float_net(), quantization.QuantType.QInt8),
+    "qoperator-uint8-branchy": lambda d: _qoperator(d, branchy_net(), quantization.QuantType.QUInt8),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(QUANTIZED))
+def quantized(request, tmp_path_factory):
+    return QUANTIZED[request.param](tmp_path_factory.mktemp(request.param))
+
+
+def _integers(model) -> dict:
+    g = Graph.indexed(model)
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if is_integer_weight(g, t.name)}
+
+
+def test_from_onnx_runs_quantized_models_as_onnxruntime_does(quantized):
+    feeds = random_inputs(quantized, batch=2, seed=1, default_dim=5)
+    expected = run(quantized, feeds)[0]
+    module = from_onnx(quantized, verify=False)
+    with torch.no_grad():
+        got = module(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_integer_weights_are_float_parameters_stored_back_as_the_same_integers(quantized):
+    integers = _integers(quantized)
+    assert integers
+    module = from_onnx(quantized, verify=False)
+    parameters, stored = module.onnx_parameters(), module.stored_values()
+    g = Graph.indexed(quantized)
+    for name, q in integers.items():
+        assert parameters[name].dtype == torch.float32
+        np.testing.assert_allclose(parameters[name].detach().numpy(), as_float(g, name, q), rtol=1e-6, atol=1e-9)
+        assert stored[name].dtype == q.dtype and np.array_equal(stored[name], q), name
+
+
+def test_gradients_reach_integer_weights_through_the_rounding(quantized):
+    feeds = random_inputs(quantized, batch=2, seed=2, default_dim=5)
+    module = from_onnx(quantized, verify=False)
+    module(**{k: torch.from_numpy(v) for k, v in feeds.items()}).pow(2).sum().backward()
+    parameters = module.onnx_parameters()
+    weights = [n for n, q in _integers(quantized).items() if q.dtype != np.int32]  # (not the int32 biases)
+    assert all(parameters[n].grad is not None and parameters[n].grad.abs().sum() > 0 for n in weights)
+
+
+def _weights(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_recovery_of_a_pruned_quantized_model_lowers_its_loss_on_the_integer_grid(quantized):
+    pruned = prune(quantized, Target(ratio=0.5), criterion="l1").model
+    result = recover(quantized, pruned, synthetic_batches(quantized, batch_size=32, dims={"tokens": 5}), 60,
+                     lr=3e-3, threads=1)
+    assert result.improved and result.loss_after < result.loss_before
+    before, after = _weights(pruned), _weights(result.model)
+    integers = _integers(pruned)
+    assert before.keys() == after.keys()
+    for name, value in before.items():
+        assert after[name].dtype == value.dtype and after[name].shape == value.shape, name
+        if name not in integers and value.dtype != np.float32:  # scales are float: zero points stay
+            assert np.array_equal(after[name], value), name
+    assert any(not np.array_equal(after[n], before[n]) for n in integers)
+
+
+def test_recovery_keeps_the_zeros_of_a_sparse_integer_model_at_their_zero_points(tmp_path):
+    """QOperator uint8 weights have zero points other than 0: a 2:4 pattern is weights at their zero
+    point, and distillation with keep_zeros leaves them there."""
+    from spa.sparsity import parse_pattern, sparsify
+
+    model = _qoperator(tmp_path, branchy_net(), quantization.QuantType.QUInt8)
+    sparse, _ = sparsify(model, parse_pattern("2:4"), "l1")
+    result = recover(model, sparse, synthetic_batches(model, batch_size=32), 40, lr=3e-3, threads=1, keep_zeros=True)
+    assert result.improved
+    g_before, g_after = Graph.indexed(sparse), Graph.indexed(result.model)
+    moved = 0
+    for name, q in _integers(sparse).items():
+        before, after = as_float(g_before, name, q), as_float(g_after, name, g_after.consts[name])
+        assert np.all(after[before == 0] == 0), name
+        moved += int(np.any(after != before))
+    assert moved

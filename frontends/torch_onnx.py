@@ -23,7 +23,7 @@ from onnx import numpy_helper
 from spa.errors import SpaError
 from spa.graph import as_model, constant_node_value
 
-from .torch_ops import OPS, NodeInfo, op_key
+from .torch_ops import _DTYPES, OPS, NodeInfo, op_key
 from .torch_quant_ops import round_through
 
 __all__ = ["OnnxModule", "from_onnx", "supported_ops", "verify_module"]
@@ -52,8 +52,19 @@ class _Holder(nn.Module):
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list:
-    """The op types of `model` (subgraphs too) that this converter has no torch form for."""
-    return sorted({n.op_type for n in _all_nodes(model.graph) if op_key(n.op_type, n.domain) not in OPS})
+    """The op types of `model` (subgraphs too) that this converter has no torch form for, and quantizers
+    of the types torch has none for ("DequantizeLinear of int4")."""
+    missing = {n.op_type for n in _all_nodes(model.graph) if op_key(n.op_type, n.domain) not in OPS}
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    for node in _all_nodes(model.graph):
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            codes = [types.get(x) for x in node.input] + [a.i for a in node.attribute if a.name == "output_dtype"]
+            missing |= {f"{node.op_type} of {_type_name(c)}" for c in codes if c is not None and c not in _DTYPES}
+    return sorted(missing)
+
+
+def _type_name(code: int) -> str:
+    return onnx.TensorProto.DataType.Name(code).lower()
 
 
 class OnnxModule(nn.Module):

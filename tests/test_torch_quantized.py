@@ -115,3 +115,21 @@ def test_recovery_keeps_the_zeros_of_a_sparse_integer_model_at_their_zero_points
         assert np.all(after[before == 0] == 0), name
         moved += int(np.any(after != before))
     assert moved
+
+
+def test_quantizers_of_types_torch_has_no_form_for_are_named():
+    """int4 (and float8) weights have no torch dtype: the converter, and so recovery, names them."""
+    from onnx import TensorProto, helper
+
+    from spa.errors import SpaError
+    from spa.frontends.torch_onnx import unsupported_ops
+
+    w = helper.make_tensor("w", TensorProto.INT4, [4, 2], [1, -2, 3, 0, 1, 1, -1, 2])
+    nodes = [helper.make_node("DequantizeLinear", ["w", "s"], ["wf"]), helper.make_node("MatMul", ["x", "wf"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                              [w, numpy_helper.from_array(np.array(0.1, np.float32), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert unsupported_ops(model) == ["DequantizeLinear of int4"]
+    with pytest.raises(SpaError, match="DequantizeLinear of int4"):
+        from_onnx(model)

@@ -205,7 +205,8 @@ def _dynamic_quantize_lstm(m, n, env, x, w, r, b=None, seq_lens=None, h0=None, c
     dynamically; here they stay float)."""
     def weight(q, scale, zero):
         shape = (q.shape[0], 1, -1)
-        return dequantize(q, scale.reshape(shape), None if zero is None else zero.float().reshape(shape)).transpose(1, 2)
+        zero = None if zero is None else zero.float().reshape(shape)
+        return dequantize(q, scale.reshape(shape), zero).transpose(1, 2)
 
     return _lstm(m, n, env, x, weight(w, w_scale, w_zero), weight(r, r_scale, r_zero), b, seq_lens, h0, c0, p)
 

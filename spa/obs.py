@@ -208,13 +208,15 @@ GRID_BLOCK = 128  # columns rounded between two updates of the columns after the
 
 
 def on_grid(W: np.ndarray, H: np.ndarray, scale: np.ndarray, zero: np.ndarray, low: int, high: int,
-            damp: float = DEFAULT_DAMP) -> np.ndarray:
+            damp: float = DEFAULT_DAMP, zeros: np.ndarray | None = None) -> np.ndarray:
     """W (rows x columns, float) rounded onto an integer grid, (clip(round(W / scale) + zero) - zero)
     * scale with scale and zero one per row (or one for all, or one per weight: W's shape), column
     by column, each column's rounding error spread over the columns after it through H's inverse
     (GPTQ, Frantar et al. 2022): what an OBS update of an integer weight is written back as. H: the
-    columns' Hessian."""
+    columns' Hessian. `zeros` (W's shape, bool): weights held at exactly 0 (a sparsity pattern's),
+    whatever the errors spread onto them."""
     W = np.array(W, dtype=np.float64)
+    held = None if zeros is None else np.asarray(zeros, dtype=bool)
 
     def per_weight(p):
         p = np.asarray(p, np.float64)
@@ -228,6 +230,8 @@ def on_grid(W: np.ndarray, H: np.ndarray, scale: np.ndarray, zero: np.ndarray, l
         errors = np.empty((W.shape[0], end - start))
         for j in range(start, end):
             rounded = (np.clip(np.rint(W[:, j] / scale[:, j]) + zero[:, j], low, high) - zero[:, j]) * scale[:, j]
+            if held is not None:
+                rounded = np.where(held[:, j], 0.0, rounded)
             errors[:, j - start] = (W[:, j] - rounded) / U[j, j]
             W[:, j + 1:end] -= np.outer(errors[:, j - start], U[j, j + 1:end])
             W[:, j] = rounded

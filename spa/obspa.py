@@ -386,7 +386,7 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, 
     if not options:
         return "failed"
     if is_integer_weight(g, layer.weight):
-        options = [_on_weight_grid(g, layer, options[0], hessian[1], Q, damp)]
+        options = [on_weight_grid(g, layer, options[0], hessian[1], Q, damp)]
     w_new, b_new = layer.from_matrices(options[0], np.shape(w), np.asarray(w).dtype,
                                        None if b is None else np.shape(b), None if b is None else np.asarray(b).dtype)
     if not np.all(np.isfinite(w_new)) or (b_new is not None and not np.all(np.isfinite(b_new))):
@@ -397,11 +397,13 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, 
     return "compensated"
 
 
-def _on_weight_grid(g, layer, mats: np.ndarray, hessians: np.ndarray, removed_columns, damp) -> np.ndarray:
+def on_weight_grid(g, layer, mats: np.ndarray, hessians: np.ndarray, removed_columns, damp,
+                   keep_zeros: bool = False) -> np.ndarray:
     """An integer layer's compensated matrices rounded onto its weight's grid, GPTQ-style over the
     kept columns (obs.on_grid): plain rounding loses every update under half a step (per-tensor
     int8 steps are coarse). Rows are output channels, which a per-channel scale runs along. A bias
-    column (float) stays as compensated."""
+    column (float) stays as compensated. `keep_zeros`: every weight at exactly 0 stays there (a
+    sparsity pattern's)."""
     scale, zero, low, high = weight_grid(g, layer.weight)
     mats = np.array(mats, dtype=np.float64)
     kept = np.setdiff1d(np.arange(mats.shape[2] - (layer.bias is not None)), removed_columns)
@@ -409,8 +411,9 @@ def _on_weight_grid(g, layer, mats: np.ndarray, hessians: np.ndarray, removed_co
     for k in range(layer.blocks):
         block = slice(k * rows, (k + 1) * rows)
         H = hessians[k][np.ix_(kept, kept)]
+        zeros = mats[k][:, kept] == 0 if keep_zeros else None
         mats[k][:, kept] = obs.on_grid(mats[k][:, kept], H, _grid_part(scale, block, kept),
-                                       _grid_part(zero, block, kept), low, high, damp)
+                                       _grid_part(zero, block, kept), low, high, damp, zeros=zeros)
     return mats
 
 

@@ -26,8 +26,9 @@ from .activations import StagedRun
 from .calibration import SampleDefault, shared_shapes
 from .errors import CalibrationRunError
 from .layers import Layer
-from .obspa import DAMPING_PATH, MAX_COLUMNS, Hessians, check_finite, held_error, judges, token_mask_input
-from .quant import layer_value, stored_value
+from .obspa import (DAMPING_PATH, MAX_COLUMNS, Hessians, check_finite, held_error, judges, on_weight_grid,
+                    token_mask_input)
+from .quant import is_integer_weight, layer_value, stored_value
 from .runtime import feed_shapes, sample_count
 
 BLOCK = 128  # columns per lazy-update block (and per unstructured mask decision)
@@ -250,10 +251,13 @@ def _weights_of(layer, mats, w, b) -> dict:
 
 
 @obs.one_blas_thread  # the whole layer, as obspa.compensate_layer
-def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_DAMP) -> tuple[dict, str]:
+def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_DAMP, grid=None) -> tuple[dict, str]:
     """({name: new value}, how): OBS candidates along the damping path and the magnitude mask
     judged on the held-out Hessian (or the first candidate without one); the winning candidate's
-    kept weights re-solved (`refitted`), kept where that lowers the held-out error."""
+    kept weights re-solved (`refitted`), kept where that lowers the held-out error. `grid(mats,
+    hessians, damp) -> [mats]`: an integer layer's updated weights put on its grid in one or more ways
+    (the magnitude mask keeps the original weights, on it already), the held-out judge choosing among
+    them and the magnitude mask."""
     if hessian is None:
         return _weights_of(layer, magnitude(layer, w, b, pattern), w, b), "magnitude"
     if hessian[0] != "full":
@@ -263,15 +267,22 @@ def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_
     if not options:
         return _weights_of(layer, magnitude(layer, w, b, pattern), w, b), "magnitude"
     mats = layer.matrices(w, b)
+    on_grid = (lambda m, d: [m]) if grid is None else (lambda m, d: grid(m, hessian[1], d))
     if not judge:
-        return _weights_of(layer, refitted(layer, mats, hessian[1], options[0][1], options[0][0]), w, b), "obs"
+        refit = refitted(layer, mats, hessian[1], options[0][1], options[0][0])
+        return _weights_of(layer, on_grid(refit, options[0][0])[0], w, b), "obs"
     plain = magnitude(layer, w, b, pattern)  # the competitor only a held-out judge can weigh
     error, damp_of, best = min(((held_error(mats, m, held), d, m) for d, m in options + [(None, plain)]),
                                key=lambda scored: scored[0])
     if best is plain:
         return _weights_of(layer, plain, w, b), "magnitude"
     refit = refitted(layer, mats, hessian[1], best, damp_of)  # the winner only (MiniLM 2:4: 33 s, not 50 s)
-    return _weights_of(layer, refit if held_error(mats, refit, held) < error else best, w, b), "obs"
+    chosen = refit if held_error(mats, refit, held) < error else best
+    if grid is None:
+        return _weights_of(layer, chosen, w, b), "obs"
+    tried = [plain] + grid(chosen, hessian[1], damp_of)
+    _, k, chosen = min((held_error(mats, m, held), k, m) for k, m in enumerate(tried))
+    return _weights_of(layer, chosen, w, b), "magnitude" if k == 0 else "obs"
 
 
 def _check_width(layer: Layer, weight_shape, x, feeds) -> None:
@@ -299,6 +310,20 @@ def _stage_hessians(layers, values, g, every, fitted: int, mask, seed) -> tuple:
                 (fits if b < fitted else helds).add(layer, x, tokens=every[b].get(mask))
     check_finite(g, distinct, [fits, helds], every)
     return fits, helds
+
+
+def _integer_grid(g, layer: Layer):
+    """For an integer layer, `sparsify_layer`'s `grid`: its updated matrices rounded onto its weight's
+    grid GPTQ-style, the pattern's zeros held (obspa.on_weight_grid), and plainly (GPTQ under an
+    identity Hessian), for the held-out judge to choose; None for a float layer."""
+    if not is_integer_weight(g, layer.weight):
+        return None
+
+    def rounded(mats, hessians, damp):
+        identity = np.broadcast_to(np.eye(hessians.shape[-1]), hessians.shape)
+        return [on_weight_grid(g, layer, mats, h, [], d, keep_zeros=True) for h, d in ((hessians, damp), (identity, 0))]
+
+    return rounded
 
 
 def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda message: None,
@@ -332,7 +357,7 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
                 b = g.consts[layer.bias] if layer.bias else None
                 with np.errstate(over="ignore", invalid="ignore"):  # outputs that overflow: inf errors tie
                     new, kind = sparsify_layer(layer, w, b, fits.of(layer), helds.of(layer) if held else None,
-                                               pattern)
+                                               pattern, grid=_integer_grid(g, layer))
                 weights.update({name: stored_value(g, name, value) for name, value in new.items()})
                 how[kind] = how.get(kind, 0) + 1
     progress("OBS sparsity: " + ", ".join(f"{v} layers {k}" for k, v in sorted(how.items())) +

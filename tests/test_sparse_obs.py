@@ -137,3 +137,35 @@ def test_calibration_at_sizes_the_model_does_not_take_is_one_error():
     with pytest.raises(CalibrationRunError, match="takes 288 inputs per row, the calibration gives it"):
         obs_sparsify(model, layers, Pattern("n:m", n=2, m=4), "synthetic")
     assert obs_sparsify(model, layers, Pattern("n:m", n=2, m=4), Calibration("synthetic", shapes=(1, 3, 6, 6)))
+
+
+def test_an_integer_layers_update_is_judged_on_its_grid_against_plain_rounding_and_the_magnitude_mask():
+    """`grid` puts the OBS weights on an integer grid in several ways; the held-out judge takes the
+    best of those and the magnitude mask (whose weights are on the grid already): never worse than
+    either, and the pattern's zeros stay zeros."""
+    from spa.layers import Layer
+    from spa.obspa import held_error
+    from spa.sparse_obs import magnitude, sparsify_layer
+
+    rng = np.random.default_rng(7)
+    scale = 0.25
+    w = np.rint(rng.normal(size=(6, 16)) / scale) * scale  # on the grid, zero point 0
+    H, held = correlated_hessian(16, rng), correlated_hessian(16, np.random.default_rng(8))
+
+    def plain(m):
+        return np.clip(np.rint(m / scale), -8, 7) * scale
+
+    def grid(mats, hessians, damp):
+        return [np.stack([obs.on_grid(m, h, np.full((6, 1), scale), np.zeros((6, 1)), -8, 7, damp, zeros=m == 0)
+                          for m, h in zip(mats, hessians)]), plain(mats)]
+
+    layer = Layer(node=0, weight="w", in_axis=1, activation="x", kind="dense")
+    new, how = sparsify_layer(layer, w, None, ("full", H[None]), ("full", held[None]), N_M, grid=grid)
+    got = new["w"]
+    assert np.all((got != 0).reshape(6, 4, 4).sum(-1) <= 2)
+    np.testing.assert_allclose(got / scale, np.rint(got / scale), atol=1e-9)
+    ungridded, _ = sparsify_layer(layer, w, None, ("full", H[None]), ("full", held[None]), N_M)
+    mats = w[None]
+    error = held_error(mats, got[None], ("full", held[None]))
+    assert error <= held_error(mats, magnitude(layer, w, None, N_M), ("full", held[None])) + 1e-12
+    assert error <= held_error(mats, plain(ungridded["w"])[None], ("full", held[None])) + 1e-12

@@ -193,10 +193,14 @@ def weighted_layers(g) -> list:
     """Every Conv, Gemm and MatMul of graph `g` with a constant (initializer) weight, whether or not
     its channels are prunable: what fine-grained sparsity acts on; and the integer layers that read
     their integer weight themselves (ConvInteger and MatMulInteger after a DynamicQuantizeLinear,
-    QLinearConv, QLinearMatMul, QGemm) or through a DequantizeLinear (QDQ; the layer's weight is then
-    that integer constant), seen as the float layers they quantize."""
+    QLinearConv, QLinearMatMul, QGemm, MatMulNBits' packed blocks) or through a DequantizeLinear (QDQ;
+    the layer's weight is then that integer constant), seen as the float layers they quantize."""
     layers = []
     for index, node in enumerate(g.nodes):
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            rank = len(g.shapes.get(node.input[0]) or ())
+            layers.extend(filter(None, [_packed_layer(g, index, node, rank - 1 if rank else -1)]))
+            continue
         slots = (1, 0) if node.op_type == "MatMul" else (3,) if node.op_type in QLINEAR_LAYERS else (1,)
         for slot in slots:
             if node.op_type not in ("Conv", "Gemm", "MatMul") + INTEGER_LAYERS + QLINEAR_LAYERS or \

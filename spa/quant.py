@@ -313,6 +313,13 @@ def stored_value(g: Graph, tensor: str, value: np.ndarray) -> np.ndarray:
     return np.asarray(value).astype(np.asarray(g.consts[tensor]).dtype)
 
 
+def float_shape(g: Graph, tensor: str) -> tuple:
+    """The shape of the float weight constant `tensor` stands for: a MatMulNBits' [N, K] (its codes are
+    packed in blocks), any other as stored."""
+    packed = nbits_reader(g, tensor)
+    return (attr(packed, "N"), attr(packed, "K")) if packed is not None else tuple(g.consts.shape(tensor))
+
+
 def layer_value(g: Graph, tensor: str) -> np.ndarray:
     """A layer's weight: a float constant, or the dequantized value of an integer one (a
     DequantizeLinear's, or a QOperator / dynamically quantized / MatMulNBits layer's: as_float)."""

@@ -28,7 +28,7 @@ from .errors import CalibrationRunError
 from .layers import Layer
 from .obspa import (DAMPING_PATH, MAX_COLUMNS, Hessians, check_finite, held_error, judges, on_weight_grid,
                     token_mask_input)
-from .quant import is_integer_weight, layer_value, stored_value
+from .quant import float_shape, is_integer_weight, layer_value, stored_value
 from .runtime import feed_shapes, sample_count
 
 BLOCK = 128  # columns per lazy-update block (and per unstructured mask decision)
@@ -306,7 +306,7 @@ def _stage_hessians(layers, values, g, every, fitted: int, mask, seed) -> tuple:
     with np.errstate(over="ignore", invalid="ignore"):  # check_finite names the layer instead
         for layer in distinct:
             for b, x in enumerate(values[layer.activation]):
-                _check_width(layer, np.shape(g.consts[layer.weight]), x, every[b])
+                _check_width(layer, float_shape(g, layer.weight), x, every[b])
                 (fits if b < fitted else helds).add(layer, x, tokens=every[b].get(mask))
     check_finite(g, distinct, [fits, helds], every)
     return fits, helds

@@ -37,7 +37,7 @@ from onnx import helper, numpy_helper
 from .calibration import asked
 from .errors import CalibrationRunError, SpaError, SpaWarning
 from .layers import Layer, weighted_layers
-from .quant import as_float, is_integer_weight, layer_value, stored_value
+from .quant import as_float, float_shape, is_integer_weight, layer_value, stored_value
 
 KINDS = ("unstructured", "n:m", "k-of-n")
 GRANULARITIES = ("weight", "kernel", "filter")
@@ -227,7 +227,7 @@ def _skip_reason(g, layer: Layer, stored: set, pattern: Pattern) -> str | None:
     dtype = np.asarray(g.consts[layer.weight]).dtype
     if dtype not in FLOAT_TYPES and not is_integer_weight(g, layer.weight):
         return f"weight is {dtype}, not float16/32/64 or an integer layer's"
-    length = contracted_length(g.consts.shape(layer.weight), layer)
+    length = contracted_length(float_shape(g, layer.weight), layer)
     if pattern.kind == "n:m" and length % pattern.m:
         return f"contracted axis of {length} weights is not a multiple of {pattern.m}"
     return None

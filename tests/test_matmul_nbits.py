@@ -174,3 +174,33 @@ def test_widths_round_by_the_channels_of_a_block_group():
     result = prune(model, Target(ratio=0.25, round_to=8, round_from=64), criterion="l1")
     found = removed_by_kind({"groups": result.plan.group_entries()})
     assert found["channels_removed"] == 22 * 32, found
+
+
+def test_sparsify_puts_a_pattern_in_matmul_nbits_blocks_on_their_grid():
+    """spa sparsify reads a MatMulNBits as the [N, K] float layer its blocks hold: 2:4 along K, every
+    removed weight at its block's zero point, the codes packed as before (same shape and dtype), scales
+    and zero points untouched; OBS (updates on the block grid) loses no more than the magnitude mask."""
+    from spa.calibration import Calibration
+    from spa.layers import weighted_layers
+    from spa.quant import as_float
+    from spa.sparsity import conforms, parse_pattern, sparsify
+
+    pattern = parse_pattern("2:4")
+    errors = {"l1": 0.0, "obs": 0.0}
+    for layout in LAYOUTS.values():
+        model = nbits_mlp(**layout)
+        feeds = random_inputs(model, dims=DIMS, seed=3)
+        expected = run(model, feeds)[0]
+        for criterion in errors:
+            calibration = Calibration(source="synthetic", samples=32, dims=DIMS) if criterion == "obs" else None
+            sparse, report = sparsify(model, pattern, criterion, calibration=calibration)
+            g, before, after = Graph(sparse), _inits(model), _inits(sparse)
+            layers = {layer.weight: layer for layer in weighted_layers(g)}
+            assert sorted(row["weight"] for row in report["layers"]) == sorted(layers) and len(layers) == 3
+            for name, value in before.items():
+                assert after[name].shape == value.shape and after[name].dtype == value.dtype, name
+                if name not in layers:
+                    assert np.array_equal(after[name], value), name
+            assert all(conforms(as_float(g, w, g.consts[w]), layers[w], pattern) for w in layers)
+            errors[criterion] += float(np.linalg.norm(run(sparse, feeds)[0] - expected) / np.linalg.norm(expected))
+    assert errors["obs"] <= errors["l1"]

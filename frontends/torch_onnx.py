@@ -24,7 +24,7 @@ from spa.errors import SpaError
 from spa.graph import as_model, constant_node_value
 
 from .torch_ops import _DTYPES, OPS, NodeInfo, op_key
-from .torch_quant_ops import round_through
+from .torch_quant_ops import ROUNDING_RTOL, round_through, rounds_activations
 
 __all__ = ["OnnxModule", "from_onnx", "supported_ops", "verify_module"]
 
@@ -443,11 +443,14 @@ def from_onnx(path_or_model, *, verify: bool = True, inputs: dict | None = None,
 
     ``verify``: run it and onnxruntime on ``inputs`` (feeds by input name; default random inputs
     from :func:`spa.runtime.random_inputs`) and raise SpaError beyond ``rtol`` (relative to each
-    output's magnitude). The module is returned in eval mode unless ``train`` is true, or the graph
-    has training-mode BatchNormalization and ``train`` is None."""
+    output's magnitude; for a model that quantizes activations at run time at least ROUNDING_RTOL:
+    onnxruntime's integer kernels round at other boundaries, torch_quant_ops). The module is returned in
+    eval mode unless ``train`` is true, or the graph has training-mode BatchNormalization and ``train``
+    is None."""
     model = as_model(path_or_model)
     module = OnnxModule(model)
     if verify:
+        rtol = max(rtol, ROUNDING_RTOL) if rounds_activations(model) else rtol
         verify_module(module, model, inputs, rtol, what="from_onnx module")
     if train is None:
         train = any(n.op_type == "BatchNormalization" and NodeInfo.of(n, module.opset).attrs.get(

@@ -28,6 +28,7 @@ from spa.paths import staging_folder
 
 from .torch_export import _quiet
 from .torch_onnx import _NON_WEIGHT_SLOTS, OnnxModule, _onnx_semantics, from_onnx, run_graph, verify_module
+from .torch_quant_ops import ROUNDING_RTOL, rounds_activations
 
 __all__ = ["write_exported_program", "write_torchscript", "specialize", "example_feeds"]
 
@@ -60,6 +61,12 @@ def write_torchscript(onnx_path, out_path, *, input_shapes=None, rtol: float = 1
 def _write(onnx_path, out_path, input_shapes, rtol, kind, build, save, load) -> dict:
     name = os.path.basename(out_path)
     model = onnx.load(os.fspath(onnx_path))
+    notes = []
+    if rounds_activations(model) and rtol < ROUNDING_RTOL:
+        rtol = ROUNDING_RTOL
+        notes.append(f"an int8 model: the torch module quantizes in float, with straight-through rounding for "
+                     f"training, and onnxruntime's integer kernels round at other boundaries (checked within "
+                     f"{rtol:g} of the largest output)")
     feeds = example_feeds(model, input_shapes, seed=0)
     check = example_feeds(model, {k: v.shape for k, v in feeds.items()}, seed=1)
     module = from_onnx(model, inputs=feeds, rtol=rtol)
@@ -85,7 +92,7 @@ def _write(onnx_path, out_path, input_shapes, rtol, kind, build, save, load) -> 
         error = verify_module(loaded, model, check, rtol, what=f"{name} ({kind}, reloaded)")
         os.replace(staged, out_path)
     return {"format": kind, "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
-            "max_error": error}
+            "max_error": error, "notes": notes}
 
 
 def _arguments(module: OnnxModule, feeds: dict) -> tuple:

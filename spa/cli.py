@@ -616,7 +616,7 @@ def _save_framework(args, plan, say):
     shapes = written.get("input_shapes")
     shown = f" for input {', '.join('x'.join(map(str, s)) for s in shapes.values())}" if shapes else ""
     say(f"{args.framework_out}: {written['format']}{shown}, reloaded and checked against the pruned ONNX "
-        f"(max relative error {written['max_error']:.2g})")
+        f"(max relative error {written['max_error']:.2g})" + "".join(f"; {n}" for n in written.get("notes", ())))
 
 
 def _prune(args, model, options, say):

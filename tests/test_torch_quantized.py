@@ -133,3 +133,16 @@ def test_quantizers_of_types_torch_has_no_form_for_are_named():
     assert unsupported_ops(model) == ["DequantizeLinear of int4"]
     with pytest.raises(SpaError, match="DequantizeLinear of int4"):
         from_onnx(model)
+
+
+def test_a_pruned_int8_model_is_written_for_pytorch_and_says_how_it_rounds(tmp_path, capsys):
+    """`-o small.pt2` from an int8 model: a fake-quantized torch module, checked against the pruned ONNX
+    within ROUNDING_RTOL (onnxruntime's integer kernels round at other boundaries), and the line says so."""
+    from spa.cli import main
+
+    onnx.save(_dynamic(tmp_path, mlp_net()), str(tmp_path / "int8.onnx"))
+    out = tmp_path / "small.pt2"
+    assert main(["prune", str(tmp_path / "int8.onnx"), "-o", str(out), "--ratio", "0.5", "--criterion", "l1"]) == 0
+    assert "an int8 model: the torch module quantizes in float" in capsys.readouterr().err
+    module = torch.export.load(str(out)).module()
+    assert any(p.numel() for p in module.parameters())

@@ -1042,19 +1042,21 @@ def _clip_gates(n, g):
 
 
 @op("LSTM")
-def _lstm(m, n, env, x, w, r, b=None, seq_lens=None, h0=None, c0=None, p=None):
+def _lstm(m, n, env, x, w, r, b=None, seq_lens=None, h0=None, c0=None, p=None, quantized=lambda v: v):
+    """`quantized`: what the products read of the inputs and of each step's hidden state (onnxruntime's
+    DynamicQuantizeLSTM quantizes both)."""
     x, (h0, c0) = _rnn_io(n, x, h0, c0)
     hidden = n.get("hidden_size") or r.shape[-1]
     dirs = w.shape[0]
     acts = _activations(n, ["Sigmoid", "Tanh", "Tanh"], dirs)
     batch = x.shape[1]
-    proj = [torch.matmul(x, w[d].T) + (b[d, :4 * hidden] + b[d, 4 * hidden:] if b is not None else 0)
+    proj = [torch.matmul(quantized(x), w[d].T) + (b[d, :4 * hidden] + b[d, 4 * hidden:] if b is not None else 0)
             for d in range(dirs)]
 
     def step(d, t, state):
         ht, ct = state
         fa, ga, ha = acts[3 * d:3 * d + 3]
-        gates = _clip_gates(n, proj[d][t] + ht @ r[d].T)
+        gates = _clip_gates(n, proj[d][t] + quantized(ht) @ r[d].T)
         i, o, fg, c = gates.chunk(4, -1)
         if p is not None:
             pi, po, pf = p[d].chunk(3)

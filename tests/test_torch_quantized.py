@@ -156,10 +156,11 @@ def test_a_dynamically_quantized_lstm_quantizes_its_inputs_and_states_as_onnxrun
 
     rng = np.random.default_rng(0)
     hidden, features, steps = 16, 8, 60
-    weights = {"W": rng.normal(size=(1, 4 * hidden, features)) * 0.8, "R": rng.normal(size=(1, 4 * hidden, hidden)) * 0.8,
-               "B": rng.normal(size=(1, 8 * hidden)) * 0.1}
+    weights = {"W": rng.normal(size=(1, 4 * hidden, features)) * 0.8,
+               "R": rng.normal(size=(1, 4 * hidden, hidden)) * 0.8, "B": rng.normal(size=(1, 8 * hidden)) * 0.1}
     lstm = helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], hidden_size=hidden)
-    graph = helper.make_graph([lstm], "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [steps, 1, features])],
+    graph = helper.make_graph([lstm], "lstm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [steps, 1, features])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
     model = _dynamic(tmp_path, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))

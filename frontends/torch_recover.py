@@ -50,6 +50,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -77,6 +78,10 @@ HOLDOUT_BATCHES = 4
 GPU_TOKEN_SCALE = 8        # fresh token batches this many times as large for a GPU student with a GPU teacher
 RETRY_LR = 0.01            # a run that did not lower the held-out loss is tried once more at lr x this
 TIMED_HOLDOUT_STEP = 1 << 40  # held-out batches(step) of a timed run: a step no run reaches
+MEMORY_SHARE = 0.5   # of the memory free, what a training step may take
+# a step's memory over its forward's (gradients, the teacher's tensors, the next batch's, onnxruntime's own):
+# smart-turn int8 held 0.515 GB an input at the end of its forward and peaked at 22.5 GB for 12 inputs
+STEP_MEMORY = 4.0
 
 
 @dataclass
@@ -162,6 +167,8 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: 
     names = _float_outputs(student, pruned)
     if not names:
         raise SpaError("recover: the pruned model has no float output to distil")
+    if device.type == "cpu" and (steps or seconds):
+        train_feeds = _within_memory(student, train_feeds, say)
     teach = _Teacher(original, teacher, threads, device)
     checking = time.perf_counter()
     pruned_session = _session(pruned, threads)
@@ -383,6 +390,57 @@ def _tensors(student, feeds):
             t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
             out[name] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
     return out
+
+
+def _within_memory(student: OnnxModule, feeds, say):
+    """`feeds`, or their first inputs of each batch only where a training step on whole batches would take
+    more than MEMORY_SHARE of the memory free (announced). A step's memory is measured on one input of the
+    first batch (`_forward_bytes`) and scaled: pipecat's int8 smart-turn (a Whisper encoder on 80 x 800
+    mel frames) holds 0.5 GB an input at the end of its forward, and 16 of them a step were killed for
+    memory on 23 GB."""
+    first = feeds(0)
+    sizes = {np.shape(v)[0] for v in first.values() if np.ndim(v)}
+    free = _free_memory()
+    if len(sizes) != 1 or free is None or (size := sizes.pop()) < 2:
+        return feeds
+    per_input = STEP_MEMORY * _forward_bytes(student, {k: v[:1] for k, v in first.items()})
+    fits = int(MEMORY_SHARE * free // max(per_input, 1))
+    if fits >= size:
+        return feeds
+    fits = max(fits, 1)
+    say(f"recover: a training step on {size} inputs would take about {size * per_input / 2**30:.1f} GB, over "
+        f"{MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GB free: {fits} of each batch a step")
+    return lambda step: {k: v[:fits] if np.ndim(v) else v for k, v in feeds(step).items()}
+
+
+def _forward_bytes(module: OnnxModule, feeds) -> int:
+    """Bytes alive at the end of one forward on `feeds`, parameters aside: every tensor the graph computed
+    (the interpreter holds them all until it returns) and every one autograd keeps for the backward pass."""
+    kept, own = {}, {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in own:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        env = _forward_env(module, feeds)
+    for value in env.values():
+        if isinstance(value, torch.Tensor):
+            keep(value)
+    return sum(kept.values())
+
+
+def _free_memory() -> int | None:
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
 
 
 def _forward_env(module: OnnxModule, feeds) -> dict:

@@ -546,3 +546,22 @@ def test_recovery_on_a_cuda_device_lowers_the_held_out_loss_and_says_where_it_ra
     assert " on cuda, teacher on cuda" in messages[0]
     assert result.improved and result.loss_after < 0.8 * result.loss_before
     _check_same_layout(pruned, result.model)
+
+
+def test_batches_are_cut_to_what_a_training_step_can_take_in_the_memory_free(monkeypatch):
+    """A step on a whole batch that would take more than MEMORY_SHARE of the memory free trains on the
+    first inputs of each batch that fit (announced); with room, the batches stay whole."""
+    from spa.frontends import torch_recover
+    from spa.frontends.torch_onnx import from_onnx
+
+    model = _mlp()
+    student = from_onnx(model, verify=False)
+    batches = synthetic_batches(model, batch_size=32)
+    per_input = torch_recover.STEP_MEMORY * torch_recover._forward_bytes(student, {"input": batches(0)["input"][:1]})
+    said = []
+    monkeypatch.setattr(torch_recover, "_free_memory", lambda: int(10.5 * per_input / torch_recover.MEMORY_SHARE))
+    cut = torch_recover._within_memory(student, batches, said.append)
+    assert cut(3)["input"].shape[0] == 10 and np.array_equal(cut(3)["input"], batches(3)["input"][:10])
+    assert "a training step on 32 inputs would take" in said[0] and "10 of each batch a step" in said[0]
+    monkeypatch.setattr(torch_recover, "_free_memory", lambda: 1 << 40)
+    assert torch_recover._within_memory(student, batches, said.append) is batches and len(said) == 1

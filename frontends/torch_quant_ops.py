@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from .torch_ops import OPS, _avg_pool, _conv, _lstm, op
+from .torch_ops import _DTYPES, OPS, _avg_pool, _conv, _lstm, op, op_key
 
 MICROSOFT = "com.microsoft:"
 # ops that round activations at run time: onnxruntime's integer kernels round at other boundaries than float
 # arithmetic does, and one integer step there can grow through a model quantized per tensor (int8 MiniLM pruned
 # at --ratio 0.25: 1.8 % of its largest output); DequantizeLinear and the integer products themselves are exact
 ROUNDING_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul"} | {
-    MICROSOFT + op for op in ("QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
+    MICROSOFT + name for name in ("QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
                               "QLinearSoftmax", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat",
                               "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLSTM")}
 ROUNDING_RTOL = 0.05  # how far a torch copy of such a model may be from onnxruntime (of the largest output)
@@ -27,8 +27,6 @@ ROUNDING_RTOL = 0.05  # how far a torch copy of such a model may be from onnxrun
 
 def rounds_activations(model) -> bool:
     """Whether `model` quantizes activations at run time (ROUNDING_OPS)."""
-    from .torch_ops import op_key
-
     return any(op_key(n.op_type, n.domain) in ROUNDING_OPS for n in model.graph.node)
 
 
@@ -78,8 +76,6 @@ def _zero_limits(zero, n, default=torch.uint8) -> tuple[int, int]:
         return _limits(zero.dtype)
     code = n.get("output_dtype", 0)
     if code:
-        from .torch_ops import _DTYPES
-
         return _limits(_DTYPES.get(code, default))
     return _limits(default)
 

@@ -113,13 +113,24 @@ def synthetic_batches(model: onnx.ModelProto, batch_size: int = 64, seed: int = 
 
 def check(model: onnx.ModelProto) -> None:
     """SpaError where `model` cannot be distilled (asked before pruning): an op the ONNX-to-torch
-    converter has no torch form for."""
+    converter has no torch form for, or no float output to distil."""
     from .torch_onnx import unsupported_ops
 
     missing = unsupported_ops(model)
     if missing:
         raise SpaError(f"recovery distils a torch copy of the model, and the ONNX-to-torch converter has no "
                        f"{', '.join(missing)}: run without --recover")
+    if not any(o.type.tensor_type.elem_type in _FLOATS for o in model.graph.output):
+        raise SpaError("recovery distils the model's float outputs, and this model has none (its outputs are "
+                       f"{', '.join(sorted({_type_name(o) for o in model.graph.output}))}): run without --recover")
+
+
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+def _type_name(value_info) -> str:
+    code = value_info.type.tensor_type.elem_type
+    return onnx.TensorProto.DataType.Name(code).lower() if code else "of no declared type"
 
 
 def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: int = DEFAULT_STEPS,
@@ -333,9 +344,7 @@ def _session(model, threads):
 
 def _float_outputs(student: OnnxModule, model) -> list[str]:
     types = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-              onnx.TensorProto.BFLOAT16}
-    return [n for n in student.output_names if types.get(n) in floats]
+    return [n for n in student.output_names if types.get(n) in _FLOATS]
 
 
 class _Teacher:

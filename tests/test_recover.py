@@ -565,3 +565,20 @@ def test_batches_are_cut_to_what_a_training_step_can_take_in_the_memory_free(mon
     assert "a training step on 32 inputs would take" in said[0] and "10 of each batch a step" in said[0]
     monkeypatch.setattr(torch_recover, "_free_memory", lambda: 1 << 40)
     assert torch_recover._within_memory(student, batches, said.append) is batches and len(said) == 1
+
+
+def test_a_model_without_a_float_output_is_refused_before_pruning(tmp_path, capsys):
+    """Recovery distils float outputs: a model whose outputs are all integers (class ids) is refused
+    before any work, its output types named."""
+    from spa.cli import main
+
+    b = Builder()
+    x = b.input(["batch", 12])
+    ids = b.op("ArgMax", [b.gemm(b.op("Relu", [b.gemm(x, 12, 16)]), 16, 4)], axis=1, keepdims=0)
+    b.outputs.append(helper.make_tensor_value_info(ids, onnx.TensorProto.INT64, ["batch"]))
+    onnx.save(b.model(), str(tmp_path / "ids.onnx"))
+    assert main(["prune", str(tmp_path / "ids.onnx"), "-o", str(tmp_path / "small.onnx"), "--ratio", "0.5",
+                 "--recover", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "this model has none (its outputs are int64): run without --recover" in err and "rewriting" not in err
+    assert not (tmp_path / "small.onnx").exists()

@@ -170,3 +170,16 @@ def test_a_dynamically_quantized_lstm_quantizes_its_inputs_and_states_as_onnxrun
     with torch.no_grad():
         got = from_onnx(model, verify=False)(torch.from_numpy(x)).numpy()
     assert np.abs(got - expected).max() < 1e-3
+
+
+def test_an_int8_model_whose_torch_copy_drifts_too_far_is_refused_with_the_reason(tmp_path, monkeypatch):
+    """Where onnxruntime's integer rounding and the torch copy's part by more than ROUNDING_RTOL, the
+    check refuses with why, and names what still works."""
+    from spa.errors import SpaError
+    from spa.frontends import torch_onnx
+
+    model = _dynamic(tmp_path, mlp_net())
+    monkeypatch.setattr(torch_onnx, "ROUNDING_RTOL", 0.0)
+    monkeypatch.setattr(torch_onnx, "verify_module", lambda *a, **k: (_ for _ in ()).throw(SpaError("verify: drift")))
+    with pytest.raises(SpaError, match="an int8 model, whose torch copy quantizes in float.*obspa, still work"):
+        from_onnx(model)

@@ -403,22 +403,25 @@ def _tensors(student, feeds):
 
 def _within_memory(student: OnnxModule, feeds, say):
     """`feeds`, or their first inputs of each batch only where a training step on whole batches would take
-    more than MEMORY_SHARE of the memory free (announced). A step's memory is measured on one input of the
-    first batch (`_forward_bytes`) and scaled: pipecat's int8 smart-turn (a Whisper encoder on 80 x 800
-    mel frames) holds 0.5 GB an input at the end of its forward, and 16 of them a step were killed for
-    memory on 23 GB."""
+    more than MEMORY_SHARE of the memory free (announced). A step's memory is measured on one and on two
+    inputs of the first batch (`_forward_bytes`), their difference what each input adds: pipecat's int8
+    smart-turn (a Whisper encoder on 80 x 800 mel frames) adds 0.5 GB an input at the end of its forward,
+    and 16 of them a step were killed for memory on 23 GB; int8 MiniLM holds 0.1 GB whatever the batch
+    (its weights fake-quantized), which per input would have cut 42 sequences of 6 tokens to 20."""
     first = feeds(0)
     sizes = {np.shape(v)[0] for v in first.values() if np.ndim(v)}
     free = _free_memory()
     if len(sizes) != 1 or free is None or (size := sizes.pop()) < 2:
         return feeds
-    per_input = STEP_MEMORY * _forward_bytes(student, {k: v[:1] for k, v in first.items()})
-    fits = int(MEMORY_SHARE * free // max(per_input, 1))
+    one, two = (_forward_bytes(student, {k: v[:n] for k, v in first.items()}) for n in (1, 2))
+    per_input = STEP_MEMORY * max(two - one, 1)  # what the weights alone hold (an int8 model's on its grid) aside
+    fixed = STEP_MEMORY * max(2 * one - two, 0)
+    fits = int((MEMORY_SHARE * free - fixed) // per_input)
     if fits >= size:
         return feeds
     fits = max(fits, 1)
-    say(f"recover: a training step on {size} inputs would take about {size * per_input / 2**30:.1f} GB, over "
-        f"{MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GB free: {fits} of each batch a step")
+    say(f"recover: a training step on {size} inputs would take about {(fixed + size * per_input) / 2**30:.1f} GB, "
+        f"over {MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GB free: {fits} of each batch a step")
     return lambda step: {k: v[:fits] if np.ndim(v) else v for k, v in feeds(step).items()}
 
 

@@ -557,9 +557,10 @@ def test_batches_are_cut_to_what_a_training_step_can_take_in_the_memory_free(mon
     model = _mlp()
     student = from_onnx(model, verify=False)
     batches = synthetic_batches(model, batch_size=32)
-    per_input = torch_recover.STEP_MEMORY * torch_recover._forward_bytes(student, {"input": batches(0)["input"][:1]})
+    one, two = (torch_recover._forward_bytes(student, {"input": batches(0)["input"][:n]}) for n in (1, 2))
+    step = torch_recover.STEP_MEMORY * (max(2 * one - two, 0) + 10.5 * (two - one))  # what 10.5 inputs take
     said = []
-    monkeypatch.setattr(torch_recover, "_free_memory", lambda: int(10.5 * per_input / torch_recover.MEMORY_SHARE))
+    monkeypatch.setattr(torch_recover, "_free_memory", lambda: int(step / torch_recover.MEMORY_SHARE))
     cut = torch_recover._within_memory(student, batches, said.append)
     assert cut(3)["input"].shape[0] == 10 and np.array_equal(cut(3)["input"], batches(3)["input"][:10])
     assert "a training step on 32 inputs would take" in said[0] and "10 of each batch a step" in said[0]

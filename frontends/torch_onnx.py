@@ -59,12 +59,13 @@ def unsupported_ops(model: onnx.ModelProto) -> list:
     for node in _all_nodes(model.graph):
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             codes = [types.get(x) for x in node.input] + [a.i for a in node.attribute if a.name == "output_dtype"]
-            missing |= {f"{node.op_type} of {_type_name(c)}" for c in codes if c is not None and c not in _DTYPES}
+            missing |= {f"{node.op_type} of {type_name(c)}" for c in codes if c and c not in _DTYPES}
     return sorted(missing)
 
 
-def _type_name(code: int) -> str:
-    return onnx.TensorProto.DataType.Name(code).lower()
+def type_name(code: int) -> str:
+    """An ONNX tensor type code by name ("int4"); 0 (undefined) as "of no declared type"."""
+    return onnx.TensorProto.DataType.Name(code).lower() if code else "of no declared type"
 
 
 class OnnxModule(nn.Module):

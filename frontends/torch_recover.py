@@ -65,7 +65,7 @@ from spa.graph import as_model
 from spa.pipeline import check_recovery, recovery_budget
 from spa.progress import bar as progress_bar
 
-from .torch_onnx import OnnxModule, from_onnx, run_graph
+from .torch_onnx import OnnxModule, from_onnx, run_graph, type_name
 from .torch_threads import all_cores_but_one, intra_op_threads
 
 __all__ = ["recover", "RecoveryResult", "synthetic_batches", "bn_inversion_batches", "default_lr",
@@ -122,15 +122,12 @@ def check(model: onnx.ModelProto) -> None:
                        f"{', '.join(missing)}: run without --recover")
     if not any(o.type.tensor_type.elem_type in _FLOATS for o in model.graph.output):
         raise SpaError("recovery distils the model's float outputs, and this model has none (its outputs are "
-                       f"{', '.join(sorted({_type_name(o) for o in model.graph.output}))}): run without --recover")
+                       f"{', '.join(sorted({type_name(o.type.tensor_type.elem_type) for o in model.graph.output}))}"
+                       "): run without --recover")
 
 
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
-
-def _type_name(value_info) -> str:
-    code = value_info.type.tensor_type.elem_type
-    return onnx.TensorProto.DataType.Name(code).lower() if code else "of no declared type"
 
 
 def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: int = DEFAULT_STEPS,

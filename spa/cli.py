@@ -142,6 +142,11 @@ def parser() -> argparse.ArgumentParser:
                          "every image a document page (a title, paragraphs, tables, figures; a layout model's, the "
                          "default where its class labels name parts of a document); tables: every image one table "
                          "(a table structure recognizer's, the default where its labels are HTML table tokens)")
+    pr.add_argument("--turns", type=int, choices=(1, 2, 4),
+                    help="with generated calibration, turn the text images by multiples of 360/N degrees in turn: "
+                         "2 (0 and 180: a text line's direction classifier), 4 (0, 90, 180, 270: a page's "
+                         "orientation classifier). Default: as many as an output of 2 or 4 class scores follows on "
+                         "generated text images (an orientation classifier's), announced; else 1 (upright)")
     pr.add_argument("--max-length", metavar="N", help="longest calibration token sequence (default 128)")
     pr.add_argument("--image-size", metavar="HxW", help="calibration images are resized to this (default: the model's)")
     pr.add_argument("--image-mean", metavar="a,b,c",

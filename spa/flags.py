@@ -169,6 +169,7 @@ TEXT_IMAGES = ("lines", "pages", "documents", "tables")
 
 # calibration-only flags (--input-shape also sizes verification and reports: never refused as one)
 _CALIBRATION_FLAGS = {"tokenizer": "--tokenizer", "charset": "--charset", "text_images": "--text-images",
+                      "turns": "--turns",
                       "max_length": "--max-length",
                       "image_size": "--image-size", "image_mean": "--image-mean", "image_std": "--image-std",
                       "image_layout": "--image-layout", "image_resize": "--image-resize"}
@@ -256,7 +257,7 @@ def _check_calibration_source(args):
     used = {"--calibration-samples": drawn, "--max-length": drawn and kind not in ("arrays", "images"),
             "--tokenizer": kind in ("text", "generated", None)}
     used.update({flag: kind in ("images", None) for flag in _CALIBRATION_FLAGS.values() if flag.startswith("--image-")})
-    used["--charset"] = used["--text-images"] = kind is None or source in TEXT_LINE_SOURCES
+    used["--charset"] = used["--text-images"] = used["--turns"] = kind is None or source in TEXT_LINE_SOURCES
     # a text recognizer's generated text lines take them too (spa.calibration refuses them for other models)
     used.update({flag: used[flag] or source in TEXT_LINE_SOURCES for flag in ("--image-mean", "--image-std")})
     reads = {"none": "which gives no inputs", "generated": "whose inputs are generated",
@@ -264,6 +265,7 @@ def _check_calibration_source(args):
     what = {"--tokenizer": "it tokenises a .txt calibration file or shapes generated token ids",
             "--charset": "it shapes the images synthetic and inverted calibration generate as text lines",
             "--text-images": "it shapes the images synthetic and inverted calibration generate as text",
+            "--turns": "it turns the text images synthetic and inverted calibration generate",
             "--max-length": "it bounds token sequences",
             "--calibration-samples": "it counts calibration inputs"}
     for field, flag in [("calibration_samples", "--calibration-samples")] + list(_CALIBRATION_FLAGS.items()):
@@ -389,8 +391,8 @@ def calibration_options(args, model_path=None):
     check_effects(args)
     options = Calibration(source=args.calibration or "auto", samples=args.calibration_samples, seed=args.seed or 0,
                           shapes=shapes, tokenizer=tokenizer, charset=charset_flag(args.charset),
-                          text_images=args.text_images, max_length=length, image_size=size, mean=mean, std=std,
-                          layout=layout, resize=resize)
+                          text_images=args.text_images, turns=args.turns, max_length=length, image_size=size,
+                          mean=mean, std=std, layout=layout, resize=resize)
     return options if no_tokenizer else looking_beside(options, model_path)
 
 

@@ -9,6 +9,7 @@ from .flags import TEXT_IMAGES, recover_arg
 
 CALIBRATION_FLAGS = (("--calibration", "calibration"), ("--calibration-samples", "calibration_samples"),
                      ("--tokenizer", "tokenizer"), ("--charset", "charset"), ("--text-images", "text_images"),
+                     ("--turns", "turns"),
                      ("--input-shape", "input_shape"))  # --input-shape also sizes the verification
 
 
@@ -45,6 +46,9 @@ def add_parser(sub) -> None:
                     help="as spa prune: generated image batches are partly text lines (a recognizer's input), "
                          "pages of lines (a detector's), document pages (a layout model's) or tables (a table "
                          "structure recognizer's)")
+    sp.add_argument("--turns", type=int, choices=(1, 2, 4),
+                    help="as spa prune: generated text images turned by multiples of 360/N degrees in turn (default: "
+                         "as many as an orientation classifier's class scores follow, announced; else 1)")
     sp.add_argument("--input-shape", action="append", metavar="[NAME=]1x3x224x224",
                     help="input sizes: of generated calibration inputs (--criterion obs) and of the inputs the "
                          "output is verified on (symbolic sizes otherwise 32)")
@@ -138,11 +142,11 @@ def calibration_of(args):
     if args.tokenizer is not None and kind not in ("generated", "text"):
         raise SpaError(f"--tokenizer has no effect with --calibration {args.calibration}: it tokenises a .txt "
                        "calibration file or shapes generated token ids")
-    for flag, value in (("--charset", args.charset), ("--text-images", args.text_images)):
+    for flag, value in (("--charset", args.charset), ("--text-images", args.text_images), ("--turns", args.turns)):
         if value is not None and (args.calibration or "auto").strip() not in TEXT_LINE_SOURCES:
             raise SpaError(f"{flag} has no effect with --calibration {args.calibration}: it shapes the images "
                            "synthetic and inverted calibration generate as text lines or pages")
     options = Calibration(source=args.calibration or "auto", samples=args.calibration_samples,
                           tokenizer=tokenizer, charset=charset_flag(args.charset), text_images=args.text_images,
-                          shapes=parse_input_shapes(args.input_shape)).check()
+                          turns=args.turns, shapes=parse_input_shapes(args.input_shape)).check()
     return options if none else looking_beside(options, args.model)

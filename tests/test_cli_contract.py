@@ -330,6 +330,12 @@ CONTRACT = {
             (OB + ["--calibration", "{NPZ}", "--text-images", "pages"],
              "--text-images has no effect with --calibration"),
             (TXT + ["--text-images", "pages"], "has no effect: the model has no image input")]),
+        "--turns": Case(OB + ["--text-images", "documents", "--turns", "4"], OB + ["--text-images", "documents"],
+                        refused=[
+            (L1 + ["--turns", "2"], "--turns has no effect with criterion l1"),
+            (OB + ["--calibration", "{NPZ}", "--turns", "2"], "--turns has no effect with --calibration"),
+            (OB + ["--turns", "2"], "turns 2 have no effect"),
+            (OB + ["--text-images", "lines", "--turns", "4"], "text lines turn by 180 degrees only")]),
         "--max-length": Case(TXT + ["--max-length", "8"], TXT, refused=[
             (OB + ["--max-length", "8"], "--max-length has no effect: the model has no token-id input"),
             (OB + ["--calibration", "{NPZ}", "--max-length", "8"], "--max-length has no effect with --calibration")]),
@@ -488,6 +494,9 @@ CONTRACT = {
             (SP + ["--text-images", "pages"], "--text-images has no effect with criterion l1"),
             (SPO + ["--calibration", "{NPZ}", "--text-images", "lines"],
              "--text-images has no effect with --calibration")]),
+        "--turns": Case(SPO + ["--text-images", "pages", "--turns", "2"], SPO + ["--text-images", "pages"], refused=[
+            (SP + ["--turns", "2"], "--turns has no effect with criterion l1"),
+            (SPO + ["--calibration", "{NPZ}", "--turns", "2"], "--turns has no effect with --calibration")]),
         "--input-shape": Case(SP_DYN + ["--input-shape", "1x3x8x8"], SP_DYN,
                               also=[(SP_ONLY8 + ["--input-shape", "1x3x8x8"], SP_ONLY8)]),  # verified at 8x8
         "--recover": Case(SP + ["--recover", "2"], SP, also=[(SPO + ["--recover", "2"], SPO)],

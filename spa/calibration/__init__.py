@@ -98,7 +98,7 @@ import onnx
 
 from ..errors import SpaError, first_line
 from ..runtime import declared_inputs, is_float, session
-from . import documents, text_lines
+from . import documents, orientation, text_lines
 from .batchnorm import from_batchnorm, statistics_mismatch
 from .files import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, check_input_array, check_static_dims, from_path
 from .feeds import DEAD_LEAVES_SHARE, DOCUMENT_SHARE, SCAFFOLD_SHARE, TEXT_LINE_SHARE, _Plan
@@ -155,6 +155,8 @@ class Calibration:
     charset: str | None = None  # text lines' dictionary file; "none": noise images; None: the model's metadata
     text_images: str | None = None  # "lines" / "pages" (text_lines.MODES); None: lines where there is a dictionary
     text_config: str | None = None  # the PaddleOCR config beside the model that text_images (and charset) came from
+    turns: int | None = None  # text images turned by multiples of 360 / turns degrees (orientation.TURNS); None:
+                              # upright, unless the model shows that it classifies orientation (with_judged_text)
 
     @property
     def text_found(self) -> bool:
@@ -205,6 +207,9 @@ class Calibration:
                            f"got {self.text_images!r}")
         if self.text_images is not None and text_lines.off(self.charset):
             raise SpaError(f"calibration text images {self.text_images} and charset none contradict each other")
+        if self.turns is not None and self.turns not in orientation.TURNS:
+            raise SpaError(f"calibration turns must be one of {', '.join(map(str, orientation.TURNS))}, got "
+                           f"{self.turns!r}")
         for field, what in (("scaffold", "scaffold share"), ("line_share", "line share")):
             share = getattr(self, field)
             if share is not None and not (isinstance(share, (int, float)) and 0 <= share <= 1):
@@ -421,6 +426,9 @@ def with_judged_text(model: onnx.ModelProto, options: Calibration, progress=_qui
     labelled = documents.labelled_mode(model)
     if labelled and text_mode(model, dataclasses.replace(options, text_images=labelled[0])):
         return _with_text(options, *labelled, progress)
+    turned = _with_turns(model, options, progress)
+    if turned is not None:
+        return turned
     mode = "pages" if text_lines.map_outputs(model) else "lines" if text_lines.sequence_outputs(model) else None
     if mode is None:
         return options
@@ -453,6 +461,56 @@ def with_judged_text(model: onnx.ModelProto, options: Calibration, progress=_qui
              "pages of text lines (the PP-OCRv4 detector at 1.5x fewer MACs kept 0.961 of its text map against 0.000 "
              "with noise; docs/obspa.md)")
     return options
+
+
+def _with_turns(model, options: Calibration, progress) -> Calibration | None:
+    """`options` with text images turned in turn (`Calibration.turns`) where the model's class scores follow the
+    turn of generated ones (`orientation.follows_turns`: an orientation classifier's), announced; None where no
+    output is declared [N, 2] or [N, 4], or none follows. Judged on JUDGED_IMAGES images of each kind, text lines
+    first for two classes (a text line's 0 / 180), document pages first for four."""
+    outputs = orientation.class_outputs(model) if options.turns is None else []
+    if not outputs:
+        return None
+    run = session(model, quiet=True)
+    for output in outputs:
+        classes = next(o.type.tensor_type.shape.dim[1].dim_value for o in model.graph.output if o.name == output)
+        for mode in ("lines", "documents") if classes == 2 else ("documents", "lines"):
+            judged = _turn_judgement(model, run, options, output, classes, mode)
+            if judged is None:
+                continue
+            turns, why = judged
+            progress(f"calibration: {text_lines.DRAWN[mode]} among the synthetic images"
+                     f"{orientation.DRAWN[turns]}: {why}, as an orientation classifier's does (docs/obspa.md; "
+                     "--turns 1 keeps them upright; --charset none: noise only)")
+            return dataclasses.replace(options, text_images=mode, turns=turns)
+    return None
+
+
+def _turn_judgement(model, run, options: Calibration, output: str, classes: int, mode: str) -> tuple | None:
+    """(the turns to calibrate with, why) where `output`'s class follows the turns of JUDGED_IMAGES generated
+    images of `mode` drawn upright, else None."""
+    drawn = dataclasses.replace(options, source="synthetic", text_images=mode, line_share=1.0, turns=1,
+                                samples=JUDGED_IMAGES, batch_size=JUDGED_IMAGES)
+    if text_mode(model, drawn) is None:
+        return None
+    try:
+        batch = calibration_batches(model, drawn)[0]
+        image = next(_Input(n, d, t) for n, d, t in declared_inputs(model)
+                     if n in batch and _image_layout(_Input(n, d, t), list(np.shape(batch[n]))))
+        _, spatial = LAYOUT_AXES[_image_layout(image, list(batch[image.name].shape))]
+        turns = 2 if classes == 2 else orientation.turns_judged(batch[image.name], spatial)
+        scores = [run.run([output], {**batch, image.name: x})[0]
+                  for x in orientation.turned_batches(batch[image.name], spatial, turns)]
+    except Exception:  # noqa: BLE001 -- no image input, or one these do not fit: the calibration run reports it
+        return None
+    following, upright = orientation.follows_turns(scores, turns)
+    if not orientation.is_orientation_classifier(following, upright):
+        return None
+    step = "every quarter turn" if turns == 4 else "a half turn"
+    why = (f"output '{output}' gives {classes} class scores, and on {len(scores[0])} generated "
+           f"{text_lines.DRAWN[mode]} its class follows {step} ({following:.0%} of them; {upright:.0%} upright in "
+           "one class)")
+    return (2 if mode == "lines" else classes), why
 
 
 def _with_scaled_lines(model, run, options: Calibration, text: Calibration, output: str, noise_batches: list,
@@ -547,6 +605,14 @@ def calibration_batches(model: onnx.ModelProto, calibration: Calibration | str |
     if named and not text_mode(model, options):
         raise SpaError(f"{named[0]} has no effect: the model has no image input of 1 or 3 channels "
                        "to draw text for")
+    if options.turns not in (None, 1):
+        mode = text_mode(model, options) if source in TEXT_LINE_SOURCES else None
+        if mode is None:
+            raise SpaError(f"turns {options.turns} have no effect: they turn the text lines or pages that synthetic "
+                           "and inverted calibration generate (--text-images), and this calibration draws none")
+        if mode == "lines" and options.turns == 4:
+            raise SpaError("turns 4: text lines turn by 180 degrees only (turns 2); a line turned by a quarter does "
+                           "not fit a text line's input")
     if (options.mean is not None or options.std is not None) and source in TEXT_LINE_SOURCES \
             and not text_mode(model, options):
         raise SpaError(f"image mean / std (--image-mean / --image-std) have no effect with calibration {source} on this "

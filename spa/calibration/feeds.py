@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import SpaError, first_line
 from ..runtime import batch_names, declared_inputs, imposed_sizes
-from . import documents, text_lines
+from . import documents, orientation, text_lines
 from .files import IMAGENET_MEAN, IMAGENET_STD, _fitted, _per_channel
 from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MIN_TOKENS, TOKENS,
                      _checked_shapes, _declared, _empty_axes, _hint, _image_layout, _Input, _spatial_axes,
@@ -67,6 +67,7 @@ class _Plan:
         self._vocabulary = None
         self._alphabet: list | None = None  # drawable characters of the text lines; [] for noise images
         self._images_drawn = self._noise_drawn = 0  # text_batch's running counts, for line_share over all batches
+        self._text_drawn = 0  # ... and of text images, whose turns follow in turn (orientation.quarter_turns)
 
     def _static_batch(self) -> int | None:
         """The batch the inputs fix on their first axis (None: free). An input whose first axis fixes
@@ -356,8 +357,9 @@ class _Plan:
                     "built-in font draws" if self.dictionary is not None else where
                 share = self.line_share()
                 rest = "" if share >= 1 else "; the rest noise images"
+                turned = orientation.DRAWN[self.options.turns or 1]
                 self.say(f"calibration: {share:.0%} of the synthetic images are {what}, random words in the {chars}, "
-                         f"{inks}{rest} (--charset none: noise only)")
+                         f"{inks}{turned}{rest} (--charset none: noise only)")
         return self._alphabet
 
     def line_share(self) -> float:
@@ -393,15 +395,19 @@ class _Plan:
         noise = math.floor(self._images_drawn * (1 - self.line_share()) + 1e-9) - self._noise_drawn
         self._noise_drawn += noise
         count = shape[0] - noise
+        turns = [orientation.quarter_turns(self._text_drawn + k, self.options.turns or 1) for k in range(count)]
+        self._text_drawn += count
         if self.text_mode == "tables":
             images, resize = [documents.table(rng, self._alphabet, channels) for _ in range(count)], "fit"
-        elif pages:
+        elif pages:  # drawn across where a quarter turn stands them up
             draw = documents.page if self.text_mode == "documents" else text_lines.page
-            images, resize = [draw(rng, shape[h], shape[w], self._alphabet, channels) for _ in range(count)], "stretch"
+            images, resize = [draw(rng, *((shape[w], shape[h]) if q % 2 else (shape[h], shape[w])), self._alphabet,
+                                   channels) for q in turns], "stretch"
         else:
             fits = LINE_SQUEEZE * shape[w] / shape[h]
             images, resize = text_lines.lines(rng, count, self._alphabet, channels, fits), "pad"
-        drawn = [_fitted(im, shape[h], shape[w], channels, resize, mean, std) for im in images]
+        drawn = [_fitted(orientation.turned(im, q), shape[h], shape[w], channels, resize, mean, std)
+                 for im, q in zip(images, turns)]
         x = np.stack(drawn) if drawn else np.zeros((0, shape[h], shape[w], channels), np.float32)
         x = x.transpose(0, 3, 1, 2) if layout == "nchw" else x
         return np.concatenate([natural_noise(rng, (noise,) + tuple(shape[1:]), c, (h, w), DEAD_LEAVES_SHARE), x])

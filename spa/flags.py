@@ -169,8 +169,7 @@ TEXT_IMAGES = ("lines", "pages", "documents", "tables")
 
 # calibration-only flags (--input-shape also sizes verification and reports: never refused as one)
 _CALIBRATION_FLAGS = {"tokenizer": "--tokenizer", "charset": "--charset", "text_images": "--text-images",
-                      "turns": "--turns",
-                      "max_length": "--max-length",
+                      "turns": "--turns", "max_length": "--max-length",
                       "image_size": "--image-size", "image_mean": "--image-mean", "image_std": "--image-std",
                       "image_layout": "--image-layout", "image_resize": "--image-resize"}
 

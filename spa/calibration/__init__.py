@@ -20,7 +20,8 @@ Sources (the `--calibration` string):
   (`text_images="documents"`, taken by default where its class labels name parts of a document): every image
   a document page (`spa.calibration.documents`: a title, paragraphs, tables, figures), normalised likewise; a
   table structure recognizer's (`text_images="tables"`, by default where its labels are HTML table tokens): one
-  table an image, fitted into the input keeping its aspect; other float
+  table an image, fitted into the input keeping its aspect; an orientation classifier's (`turns`, by default where
+  its class scores follow the turn of generated ones: `orientation`): such text images turned in turn; other float
   inputs ~ N(0, 1); integer inputs: names containing ``mask`` get ones, ``token_type``/``segment``
   zeros, ``position`` 0..T-1, token ids are uniform below the vocabulary size read from the
   embedding table they index (a Gather on a constant), or, given a ``tokenizer``, sentences shaped

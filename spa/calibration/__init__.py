@@ -469,12 +469,11 @@ def _with_turns(model, options: Calibration, progress) -> Calibration | None:
     turn of generated ones (`orientation.follows_turns`: an orientation classifier's), announced; None where no
     output is declared [N, 2] or [N, 4], or none follows. Judged on JUDGED_IMAGES images of each kind, text lines
     first for two classes (a text line's 0 / 180), document pages first for four."""
-    outputs = orientation.class_outputs(model) if options.turns is None else []
+    outputs = orientation.class_outputs(model) if options.turns is None else {}
     if not outputs:
         return None
     run = session(model, quiet=True)
-    for output in outputs:
-        classes = next(o.type.tensor_type.shape.dim[1].dim_value for o in model.graph.output if o.name == output)
+    for output, classes in outputs.items():
         for mode in ("lines", "documents") if classes == 2 else ("documents", "lines"):
             judged = _turn_judgement(model, run, options, output, classes, mode)
             if judged is None:
@@ -496,12 +495,13 @@ def _turn_judgement(model, run, options: Calibration, output: str, classes: int,
         return None
     try:
         batch = calibration_batches(model, drawn)[0]
-        image = next(_Input(n, d, t) for n, d, t in declared_inputs(model)
-                     if n in batch and _image_layout(_Input(n, d, t), list(np.shape(batch[n]))))
-        _, spatial = LAYOUT_AXES[_image_layout(image, list(batch[image.name].shape))]
-        turns = 2 if classes == 2 else orientation.turns_judged(batch[image.name], spatial)
-        scores = [run.run([output], {**batch, image.name: x})[0]
-                  for x in orientation.turned_batches(batch[image.name], spatial, turns)]
+        layouts = {n: _image_layout(_Input(n, d, t), list(np.shape(batch[n])))
+                   for n, d, t in declared_inputs(model) if n in batch}
+        name = next(n for n, layout in layouts.items() if layout)
+        _, spatial = LAYOUT_AXES[layouts[name]]
+        turns = 2 if classes == 2 else orientation.turns_judged(batch[name], spatial)
+        scores = [run.run([output], {**batch, name: x})[0]
+                  for x in orientation.turned_batches(batch[name], spatial, turns)]
     except Exception:  # noqa: BLE001 -- no image input, or one these do not fit: the calibration run reports it
         return None
     following, upright = orientation.follows_turns(scores, turns)

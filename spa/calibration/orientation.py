@@ -16,13 +16,13 @@ FOLLOWING_SHARE = 0.75   # of the judged images, at least this many upright in o
 DRAWN = {1: "", 2: ", every other one turned by 180 degrees", 4: ", turned by 0, 90, 180 and 270 degrees in turn"}
 
 
-def class_outputs(model) -> list:
-    """Names of the outputs declared [N, K] with K in CLASS_COUNTS: an orientation classifier's scores."""
-    found = []
+def class_outputs(model) -> dict:
+    """{name: K} of the outputs declared [N, K] with K in CLASS_COUNTS: an orientation classifier's scores."""
+    found = {}
     for out in model.graph.output:
         dims = out.type.tensor_type.shape.dim
         if len(dims) == 2 and dims[1].HasField("dim_value") and dims[1].dim_value in CLASS_COUNTS:
-            found.append(out.name)
+            found[out.name] = dims[1].dim_value
     return found
 
 

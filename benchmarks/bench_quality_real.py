@@ -100,7 +100,8 @@ import onnx  # noqa: E402
 
 TARGETS = {"params-10": {"keep_params": 0.9}, "params-20": {"keep_params": 0.8}, "params-30": {"keep_params": 0.7},
            "macs-1.5x": {"keep_macs": 2 / 3}, "macs-2x": {"keep_macs": 0.5}, "ratio-0.25": {"ratio": 0.25},
-           "ratio-0.2": {"ratio": 0.2}, "ratio-0.3": {"ratio": 0.3}, "ratio-0.5": {"ratio": 0.5}, "params-50": {"keep_params": 0.5}, "macs-3x": {"keep_macs": 1 / 3}}
+           "ratio-0.2": {"ratio": 0.2}, "ratio-0.3": {"ratio": 0.3}, "ratio-0.5": {"ratio": 0.5},
+           "params-50": {"keep_params": 0.5}, "macs-3x": {"keep_macs": 1 / 3}}
 DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "ocr": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "ocr-det": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
@@ -116,7 +117,8 @@ DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30
                    "digits-resnet": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "mnist1d-conv": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x")}
 QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "ocr-det": ("params-20",),
-                 "orientation": ("params-30",), "direction": ("params-30",), "orinet": ("macs-3x",), "magika": ("ratio-0.5",),
+                 "orientation": ("params-30",), "direction": ("params-30",), "orinet": ("macs-3x",),
+                 "magika": ("ratio-0.5",),
                  "layout": ("params-20",), "table": ("params-10",),
                  "captcha": ("params-10",), "captcha-crnn": ("params-10",),
                  "digits-resnet": ("macs-2x",),
@@ -193,8 +195,19 @@ def setup_ocr_det(workdir, quantize: str | None = None):
             "info": {"pages_per_set": 16, "calibration_pages": 8, "size": PAGE}}
 
 
+def _turn_accuracy(sets: dict):
+    """evaluate(pruned) -> {kind_accuracy}: an orientation classifier's accuracy on each set of turned images."""
+    def evaluate(pruned):
+        from models.ocr import orientation_accuracy
+        from spa.runtime import session
+        sess = session(pruned, quiet=True)
+        return {f"{kind}_accuracy": orientation_accuracy(sess, x, labels) for kind, (x, labels) in sets.items()}
+
+    return evaluate
+
+
 def setup_orientation(workdir, quantize: str | None = None):
-    from models.ocr import orientation_accuracy, orientation_path, orientation_set
+    from models.ocr import orientation_path, orientation_set
 
     sets = {k: orientation_set(k, 120, seed=0) for k in ("in-distribution", "shifted")}
     batch, _ = orientation_set("in-distribution", 32, seed=99)  # other pages than the evaluation's
@@ -202,47 +215,31 @@ def setup_orientation(workdir, quantize: str | None = None):
     np.savez(calibration, x=batch)
     path = quantized_on(orientation_path(), calibration, quantize, workdir) if quantize else orientation_path()
 
-    def evaluate(pruned):
-        from spa.runtime import session
-        sess = session(pruned, quiet=True)
-        return {f"{kind}_accuracy": orientation_accuracy(sess, x, labels) for kind, (x, labels) in sets.items()}
-
-    return {"path": path, "evaluate": evaluate, "metric": "in-distribution_accuracy",
+    return {"path": path, "evaluate": _turn_accuracy(sets), "metric": "in-distribution_accuracy",
             "real": {"source": calibration}, "pages": {"source": "synthetic", "text_images": "pages"},
             "shapes": None, "info": {"pages_per_set": 120, "calibration_pages": 32, "size": 224}}
 
 
 def setup_direction(workdir):
-    from models.ocr import DIRECTION_SHAPE, direction_path, direction_set, orientation_accuracy
+    from models.ocr import DIRECTION_SHAPE, direction_path, direction_set
 
     sets = {k: direction_set(k, 120, seed=0) for k in ("in-distribution", "shifted")}
     calibration = os.path.join(workdir, "direction-calibration.npz")
     np.savez(calibration, x=direction_set("in-distribution", 32, seed=99)[0])  # other lines than the evaluation's
 
-    def evaluate(pruned):
-        from spa.runtime import session
-        sess = session(pruned, quiet=True)
-        return {f"{kind}_accuracy": orientation_accuracy(sess, x, labels) for kind, (x, labels) in sets.items()}
-
-    return {"path": direction_path(), "evaluate": evaluate, "metric": "in-distribution_accuracy",
+    return {"path": direction_path(), "evaluate": _turn_accuracy(sets), "metric": "in-distribution_accuracy",
             "real": {"source": calibration}, "shapes": {"x": DIRECTION_SHAPE},
             "info": {"lines_per_set": 120, "calibration_lines": 32}}
 
 
 def setup_orinet(workdir):
     from models.layout import orinet_path, turned_pages
-    from models.ocr import orientation_accuracy
 
     sets = {k: turned_pages(k, 120, seed=0) for k in ("in-distribution", "shifted")}
     calibration = os.path.join(workdir, "orinet-calibration.npz")
     np.savez(calibration, x=turned_pages("in-distribution", 32, seed=99)[0])
 
-    def evaluate(pruned):
-        from spa.runtime import session
-        sess = session(pruned, quiet=True)
-        return {f"{kind}_accuracy": orientation_accuracy(sess, x, labels) for kind, (x, labels) in sets.items()}
-
-    return {"path": orinet_path(), "evaluate": evaluate, "metric": "in-distribution_accuracy",
+    return {"path": orinet_path(), "evaluate": _turn_accuracy(sets), "metric": "in-distribution_accuracy",
             "real": {"source": calibration}, "shapes": None, "info": {"pages_per_set": 120, "calibration_pages": 32}}
 
 

@@ -470,8 +470,8 @@ def _with_turns(model, options: Calibration, progress) -> Calibration | None:
     output is declared [N, 2] or [N, 4], or none follows. Judged on JUDGED_IMAGES images of each kind, text lines
     first for two classes (a text line's 0 / 180), document pages first for four."""
     outputs = orientation.class_outputs(model) if options.turns is None else {}
-    if not outputs:
-        return None
+    if not outputs or text_mode(model, dataclasses.replace(options, text_images="documents")) is None:
+        return None  # no image input to draw for (a text classifier's two classes): no session started
     run = session(model, quiet=True)
     for output, classes in outputs.items():
         for mode in ("lines", "documents") if classes == 2 else ("documents", "lines"):
@@ -491,8 +491,6 @@ def _turn_judgement(model, run, options: Calibration, output: str, classes: int,
     images of `mode` drawn upright, else None."""
     drawn = dataclasses.replace(options, source="synthetic", text_images=mode, line_share=1.0, turns=1,
                                 samples=JUDGED_IMAGES, batch_size=JUDGED_IMAGES)
-    if text_mode(model, drawn) is None:
-        return None
     try:
         batch = calibration_batches(model, drawn)[0]
         layouts = {n: _image_layout(_Input(n, d, t), list(np.shape(batch[n])))

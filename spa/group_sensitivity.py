@@ -42,6 +42,7 @@ import onnx
 
 from .errors import SpaError
 from .runtime import batch_size
+from .selection import share_of
 from .trials import check_address, run_trials
 
 FORMAT = "spa-sensitivity/1"
@@ -220,7 +221,7 @@ def measure(model: onnx.ModelProto, ratios=DEFAULT_RATIOS, options=None, metric=
     for gi, entry in enumerate(groups):
         entry["trials"] = []
         for ratio in ratios:
-            if math.floor(ratio * entry["prunable_channels"]) == 0:  # removes no channel: nothing to run
+            if share_of(ratio, entry["prunable_channels"]) == 0:  # removes no channel: nothing to run
                 entry["trials"].append({"ratio": ratio, "removed_channels": 0, "params_removed": 0,
                                         "value": metric.info["before"]})
                 continue

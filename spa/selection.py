@@ -184,6 +184,12 @@ def _hidden_hint(analysis: Analysis) -> str:
             "normalisation statistics with --granularity channels,hidden (approximate)")
 
 
+def share_of(ratio: float, count: int) -> int:
+    """How many of `count` channels `ratio` removes: floor(ratio x count), but for the float product falling an
+    ulp short of a whole number (0.29 x 100 = 28.999999999999996 removed 28 channels)."""
+    return int(math.floor(ratio * count + 1e-9))
+
+
 class Selector:
     def __init__(self, analysis: Analysis, scores: dict, target: Target, progress=lambda message: None):
         target.check()
@@ -210,7 +216,7 @@ class Selector:
 
     def _limit(self, group_id):
         group = self.analysis.groups[group_id]
-        return min(int(math.floor(self.target.max_group_ratio * len(group.atoms))), len(group.atoms) - 1)
+        return min(share_of(self.target.max_group_ratio, len(group.atoms)), len(group.atoms) - 1)
 
     def greedy(self, gid, order, limit=None):
         """Accept a group's channels in `order` while every member of the group keeps an index and
@@ -240,7 +246,7 @@ class Selector:
         accepted = []
         self.record["asked"] = 0
         for gid, (atoms, _) in self.candidates.items():
-            count = int(math.floor(per_group.get(gid, ratio or 0.0) * len(atoms)))
+            count = share_of(per_group.get(gid, ratio or 0.0), len(atoms))
             self.record["asked"] += count
             accepted += [(gid, a) for a in self.greedy(gid, atoms, count)]
         return accepted
@@ -329,7 +335,7 @@ class Selector:
         elif t.ratio is not None:
             order = self.global_order()
             total = sum(len(a) for a, _ in self.candidates.values())
-            self.record["asked"] = int(math.floor(t.ratio * total))
+            self.record["asked"] = share_of(t.ratio, total)
             accepted = self.round(order[:self.record["asked"]])
         else:
             order = self.global_order()
@@ -504,7 +510,7 @@ def limits(analysis: Analysis, target: Target, plan: Plan) -> dict:
     free = {g.id: len(set(g.prunable_atoms.tolist()) - blocked) for g in groups if g.prunable}
     open_groups = [g for g in groups if free.get(g.id, 0) >= 2]
     at_limit = sum(1 for g in open_groups if removed.get(g.id, 0) >= min(
-        int(math.floor(target.max_group_ratio * len(g.atoms))), len(g.atoms) - 1))
+        share_of(target.max_group_ratio, len(g.atoms)), len(g.atoms) - 1))
     units = [u for u in ("channels", "channel blocks", "heads") if u in {_unit_word(g) for g in open_groups}]
     rounded_apart = {gid for gid, multiple in integer_groups(analysis, target).items() if multiple > 1}
     return {"prunable_channels": sum(free[g.id] for g in open_groups), "units": " and ".join(units),

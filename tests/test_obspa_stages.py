@@ -683,3 +683,14 @@ def test_ratio_as_a_budget_removes_what_the_ratio_removes_from_a_single_group(ro
                 continue
             ranked = select(analysis, scores, as_budget(analysis, scores, target))
             assert len(ranked.removed_atoms) == len(uniform.removed_atoms), (width, ratio)
+
+
+def test_a_ratio_removes_its_share_where_the_float_product_falls_an_ulp_short():
+    """0.29 x 100 = 28.999999999999996 in floats: floor() alone removed 28 channels of 100, not 29."""
+    for width, ratio, removed in ((100, 0.29, 29), (180, 0.35, 63), (100, 0.57, 57)):
+        b = Builder(seed=1)
+        x = b.input(["batch", 3, 8, 8])
+        b.output(b.op("GlobalAveragePool", [b.conv(b.op("Relu", [b.conv(x, 3, width)]), width, 5)]))
+        analysis = analyze(b.model())
+        plan = select(analysis, score(analysis, "l1"), Target(ratio=ratio))
+        assert len(plan.removed_atoms) == removed, (width, ratio)

@@ -36,6 +36,7 @@ from flax import nnx
 from onnx import numpy_helper
 
 from spa.errors import SpaError, first_line
+from spa.runtime import FLOATS
 
 __all__ = ["Exported", "export", "to_onnx", "weight_map", "apply_plan", "WEIGHT_MAP_KEY"]
 
@@ -230,7 +231,7 @@ def _build_weight_map(module, model, constants):
 
     weights, ambiguous = {}, {}
     for init in model.graph.initializer:
-        if init.data_type not in _FLOAT_TYPES or int(np.prod(init.dims)) <= 1:
+        if init.data_type not in FLOATS or int(np.prod(init.dims)) <= 1:
             continue
         value = numpy_helper.to_array(init)
         matches = {}
@@ -251,10 +252,6 @@ def _build_weight_map(module, model, constants):
 
 def _entry(path, perm, param, value):
     return {"path": path, "perm": perm, "shape": list(param.shape), "onnx_shape": list(value.shape)}
-
-
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-                onnx.TensorProto.BFLOAT16}
 
 
 def _content_key(value):

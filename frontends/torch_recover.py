@@ -64,7 +64,7 @@ from spa.errors import SpaError
 from spa.graph import as_model
 from spa.pipeline import check_recovery, recovery_budget
 from spa.progress import bar as progress_bar
-from spa.runtime import OTHER_FLOATS
+from spa.runtime import FLOATS
 
 from .torch_onnx import OnnxModule, from_onnx, run_graph, type_name, unsupported_ops
 from .torch_threads import all_cores_but_one, intra_op_threads
@@ -112,9 +112,6 @@ def synthetic_batches(model: onnx.ModelProto, batch_size: int = 64, seed: int = 
     return batches
 
 
-_FLOATS = (onnx.TensorProto.FLOAT, *OTHER_FLOATS)
-
-
 def check(model: onnx.ModelProto) -> None:
     """SpaError where `model` cannot be distilled (asked before pruning): an op the ONNX-to-torch
     converter has no torch form for, or no float output to distil."""
@@ -122,7 +119,7 @@ def check(model: onnx.ModelProto) -> None:
     if missing:
         raise SpaError(f"recovery distils a torch copy of the model, and the ONNX-to-torch converter has no "
                        f"{', '.join(missing)}: run without --recover")
-    if not any(o.type.tensor_type.elem_type in _FLOATS for o in model.graph.output):
+    if not any(o.type.tensor_type.elem_type in FLOATS for o in model.graph.output):
         raise SpaError("recovery distils the model's float outputs, and this model has none (its outputs are "
                        f"{', '.join(sorted({type_name(o.type.tensor_type.elem_type) for o in model.graph.output}))}"
                        "): run without --recover")
@@ -339,7 +336,7 @@ def _session(model, threads):
 
 def _float_outputs(student: OnnxModule, model) -> list[str]:
     types = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
-    return [n for n in student.output_names if types.get(n) in _FLOATS]
+    return [n for n in student.output_names if types.get(n) in FLOATS]
 
 
 class _Teacher:

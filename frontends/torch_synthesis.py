@@ -49,7 +49,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from spa.errors import SpaError
-from spa.runtime import sample_count
+from spa.runtime import FLOATS, sample_count
 from spa.graph import as_model, constant_node_value
 from spa.progress import bar
 
@@ -90,8 +90,6 @@ def bn_nodes(model: onnx.ModelProto) -> list[tuple[str, np.ndarray, np.ndarray, 
     return found
 
 
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-               onnx.TensorProto.BFLOAT16)
 TARGETS = ("auto", "random", "ctc", "entropy")
 
 
@@ -108,7 +106,7 @@ def _score_output(model: onnx.ModelProto, name: str | None):
     producers = {out: node for node in model.graph.node for out in node.output}
     for out in outputs:
         tensor = out.type.tensor_type if out.type.HasField("tensor_type") else None
-        if tensor is None or (tensor.elem_type and tensor.elem_type not in FLOAT_TYPES):
+        if tensor is None or (tensor.elem_type and tensor.elem_type not in FLOATS):
             continue
         if tensor.HasField("shape") and len(tensor.shape.dim) not in (2, 3):
             continue

@@ -18,6 +18,7 @@ from onnx import numpy_helper, shape_inference
 
 from . import external_data
 from .errors import SpaError, SpaWarning
+from .runtime import FLOATS
 
 CONTROL_FLOW = {"If", "Loop", "Scan"}
 
@@ -190,7 +191,7 @@ def subgraph_weights(model: onnx.ModelProto) -> dict:
     def weights(graph) -> int:
         tensors = list(graph.initializer) + [a.t for n in graph.node if n.op_type == "Constant"
                                              for a in n.attribute if a.name == "value"]
-        count = sum(len(t.dims) >= 2 and t.data_type in _FLOAT_PROTO_TYPES for t in tensors)
+        count = sum(len(t.dims) >= 2 and t.data_type in FLOATS for t in tensors)
         return count + sum(weights(g) for n in graph.node for g in _subgraphs(n))
     found = {}
     for k, node in enumerate(model.graph.node):
@@ -202,10 +203,6 @@ def subgraph_weights(model: onnx.ModelProto) -> dict:
 
 def _subgraphs(node: onnx.NodeProto) -> list:
     return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
-
-
-_FLOAT_PROTO_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                      onnx.TensorProto.BFLOAT16}
 
 
 class Consts(Mapping):

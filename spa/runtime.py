@@ -38,6 +38,7 @@ _NP_TYPES = _NpTypes({
 # floating types onnxruntime's CPU provider lacks kernels for in places (bfloat16 everywhere,
 # double for Conv and pooling): such a model runs on a float32 copy (float32_surrogate)
 OTHER_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+FLOATS = (TensorProto.FLOAT, *OTHER_FLOATS)  # the ONNX float element types SPA reads
 
 
 DEFAULT_DIM = 32  # the size of a symbolic input dim nobody gave (verification, reports)

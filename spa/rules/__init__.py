@@ -233,7 +233,7 @@ from . import (  # noqa: E402,F401
     attention, axis, boundaries, elementwise, filled, joins, layers, norms, quantized, recurrent, shapes,
 )
 from .axis import AxisOp, Pad, Reduce, Resize, Softmax, Spatial, TopK  # noqa: E402
-from .boundaries import FLOAT_TYPES, PARAMETER_OPS, VIEW_OPS, ShapeOnly  # noqa: E402
+from .boundaries import PARAMETER_OPS, VIEW_OPS, ShapeOnly  # noqa: E402
 from .elementwise import Broadcast, Unary  # noqa: E402
 from .filled import ConstantLeaf, ConstantOfShape  # noqa: E402
 from .joins import Concat, Gather, Slice, Split  # noqa: E402
@@ -274,5 +274,5 @@ __all__ = [
     "integer_weight",
     "ConstantOfShape", "ConstantLeaf",
     "Recurrent", "ZERO_VIEWS",
-    "ShapeOnly", "PARAMETER_OPS", "FLOAT_TYPES", "VIEW_OPS",
+    "ShapeOnly", "PARAMETER_OPS", "VIEW_OPS",
 ]

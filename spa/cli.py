@@ -676,7 +676,8 @@ def _default_for_model(args, model) -> None:
         names = ", ".join(f"'{name}'" for name in zeros)
         why = (f"generated calibration inputs would be the same in every sample: integer input{'s' * (len(zeros) > 1)} "
                f"{names} index{'es' * (len(zeros) == 1)} no embedding table SPA can find, so they would be zeros, and "
-               "identical samples tell OBS nothing about which channels matter; --calibration FILE gives it real inputs")
+               "identical samples tell OBS nothing about which channels matter; --calibration FILE gives it real "
+               "inputs")
         instead = "calibrates on zeros"
     else:
         return

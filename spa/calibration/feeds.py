@@ -16,8 +16,8 @@ from ..runtime import batch_names, declared_inputs, imposed_sizes
 from . import documents, orientation, text_lines
 from .files import IMAGENET_MEAN, IMAGENET_STD, _fitted, _per_channel
 from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MIN_TOKENS, TOKENS,
-                     _checked_shapes, _declared, _empty_axes, _hint, _image_layout, _Input, _pixel_layout, _spatial_axes,
-                     metadata_image_size, position_limit, vocabulary_size)
+                     _checked_shapes, _declared, _empty_axes, _hint, _image_layout, _Input, _pixel_layout,
+                     _spatial_axes, metadata_image_size, position_limit, vocabulary_size)
 from .synthetic import _integer_input, natural_noise
 from .text import synthetic_vocabulary
 
@@ -323,8 +323,8 @@ class _Plan:
     def pixel_noise(self, inp: _Input, shape: tuple, rng) -> np.ndarray:
         """`natural_noise` images as uint8 pixels, PIXEL_MEAN + PIXEL_STD x the noise, clipped to [0, 255]."""
         channel, spatial = LAYOUT_AXES[_pixel_layout(inp, shape)]
-        self.say(f"calibration: synthetic images for '{inp.name}' (uint8 pixels) are 1/f noise, {DEAD_LEAVES_SHARE:.0%} "
-                 f"of each batch dead leaves, as float images get, mapped to {PIXEL_MEAN} + {PIXEL_STD} x the noise "
+        self.say(f"calibration: synthetic images for '{inp.name}' (uint8 pixels) are 1/f noise, "
+                 f"{DEAD_LEAVES_SHARE:.0%} of each batch dead leaves, as float images get, mapped to {PIXEL_MEAN} + {PIXEL_STD} x the noise "
                  "and clipped to [0, 255]")
         z = natural_noise(rng, shape, channel, spatial, dead_leaves_share=DEAD_LEAVES_SHARE)
         return np.clip(np.rint(PIXEL_MEAN + PIXEL_STD * z), 0, 255).astype(np.uint8)

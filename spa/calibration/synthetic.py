@@ -91,8 +91,8 @@ def _integer_input(inp: _Input, shape, rng):
 
 def zeros_in_every_sample(model) -> list:
     """The integer inputs `_integer_input` fills with zeros, where every generated sample would be the same: no float
-    input, no uint8 image and no ids below a vocabulary (masks, token types and positions are the same in every sample too); []
-    where generated samples differ."""
+    input, no uint8 image and no ids below a vocabulary (masks, token types and positions are the same in every
+    sample too); [] where generated samples differ."""
     inputs = [_Input(n, d, t) for n, d, t in declared_inputs(model)]
     for inp in inputs:
         if not inp.is_float and inp.dtype != np.bool_:

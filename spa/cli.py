@@ -668,11 +668,10 @@ def _default_for_model(args, model) -> None:
 
     if args.criterion != "obspa":
         return
-    zeros = [] if calibration_flags(args) else zeros_in_every_sample(model)
     if not runs_whole(model):
         why, instead = "the model does not fit in memory whole, and obspa runs it", "runs one onnxruntime session " \
             "of the whole model"
-    elif zeros:
+    elif not calibration_flags(args) and (zeros := zeros_in_every_sample(model)):
         names = ", ".join(f"'{name}'" for name in zeros)
         why = (f"generated calibration inputs would be the same in every sample: integer input{'s' * (len(zeros) > 1)} "
                f"{names} index{'es' * (len(zeros) == 1)} no embedding table SPA can find, so they would be zeros, and "

@@ -324,8 +324,8 @@ class _Plan:
         """`natural_noise` images as uint8 pixels, PIXEL_MEAN + PIXEL_STD x the noise, clipped to [0, 255]."""
         channel, spatial = LAYOUT_AXES[_pixel_layout(inp, shape)]
         self.say(f"calibration: synthetic images for '{inp.name}' (uint8 pixels) are 1/f noise, "
-                 f"{DEAD_LEAVES_SHARE:.0%} of each batch dead leaves, as float images get, mapped to {PIXEL_MEAN} + {PIXEL_STD} x the noise "
-                 "and clipped to [0, 255]")
+                 f"{DEAD_LEAVES_SHARE:.0%} of each batch dead leaves, as float images get, mapped to "
+                 f"{PIXEL_MEAN} + {PIXEL_STD} x the noise and clipped to [0, 255]")
         z = natural_noise(rng, shape, channel, spatial, dead_leaves_share=DEAD_LEAVES_SHARE)
         return np.clip(np.rint(PIXEL_MEAN + PIXEL_STD * z), 0, 255).astype(np.uint8)
 

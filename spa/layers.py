@@ -185,8 +185,7 @@ def widened_source(g, tensor: str) -> str | None:
     node = g.nodes[producer]
     if node.op_type != "Cast" or attr(node, "to") != onnx.TensorProto.FLOAT or node.input[0] not in g.consts:
         return None
-    return node.input[0] if g.consts.dtype(node.input[0]) in (np.float16, np.float64) or \
-        g.consts.dtype(node.input[0]).name == "bfloat16" else None
+    return node.input[0] if g.consts.dtype(node.input[0]).name in ("float16", "bfloat16", "float64") else None
 
 
 def _on_widened_weight(g, layer, widened: str) -> None:
@@ -223,7 +222,8 @@ def weighted_layers(g) -> list:
     its channels are prunable: what fine-grained sparsity acts on; and the integer layers that read
     their integer weight themselves (ConvInteger and MatMulInteger after a DynamicQuantizeLinear,
     QLinearConv, QLinearMatMul, QGemm, MatMulNBits' packed blocks) or through a DequantizeLinear (QDQ;
-    the layer's weight is then that integer constant), seen as the float layers they quantize."""
+    the layer's weight is then that integer constant), seen as the float layers they quantize; and layers whose
+    weight is a float16 constant cast to float (`widened_source`: the layer's weight is then that constant)."""
     layers = []
     for index, node in enumerate(g.nodes):
         if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":

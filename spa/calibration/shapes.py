@@ -146,6 +146,16 @@ def _positive_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
 
 
+def model_inputs(model: onnx.ModelProto) -> list:
+    """The model's declared inputs as `_Input`s, each integer one with the vocabulary of the embedding table it
+    indexes (None where it indexes none)."""
+    inputs = [_Input(n, d, t) for n, d, t in declared_inputs(model)]
+    for inp in inputs:
+        if not inp.is_float and inp.dtype != np.bool_:
+            inp.vocab = vocabulary_size(model, inp.name)
+    return inputs
+
+
 def generated_token_lengths(model: onnx.ModelProto) -> bool:
     """Whether generated inputs have a token axis whose length max_length bounds: an integer input
     indexing an embedding table with no static sequence length."""

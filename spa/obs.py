@@ -239,12 +239,12 @@ def on_grid(W: np.ndarray, H: np.ndarray, scale: np.ndarray, zero: np.ndarray, l
     return W
 
 
-@one_blas_thread
 def identity_blocks(Q: np.ndarray) -> np.ndarray:
     """The diagonal blocks of H = I (calibration "none") for column sets Q (m, size), as `inverse_blocks` gives."""
     return np.broadcast_to(np.eye(Q.shape[1]), (len(Q), Q.shape[1], Q.shape[1]))
 
 
+@one_blas_thread
 def inverse_blocks(H: np.ndarray, damp: float = DEFAULT_DAMP):
     """A function Q (m, size) -> the diagonal blocks Hinv[Q, Q] (m, size, size) of the damped H's
     inverse, without forming the inverse: with Hd = U^T U (Cholesky), Hinv = V V^T for V = U^-1,

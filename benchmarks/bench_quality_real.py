@@ -255,50 +255,48 @@ def setup_orinet(workdir):
             "real": {"source": calibration}, "shapes": None, "info": {"pages_per_set": 120, "calibration_pages": 32}}
 
 
-def setup_sscd(workdir):
-    from models.photos import copies, descriptor_agreement, photo_crops, sscd_path
+def _judged_against_original(path: str, name: str, sets: dict, judge, chunk: int):
+    """evaluate(pruned) for a model of one input `name`: its first output on each set's inputs ({kind: inputs}, run
+    `chunk` at a time) judged against the original's, judge(kind, original outputs, pruned outputs) -> {metric: value},
+    reported as {kind_metric: value}."""
     from spa.runtime import session
 
-    crops = photo_crops(64, seed=0)
-    sets = {"in-distribution": crops, "shifted": copies(crops, seed=1)}
-    calibration = os.path.join(workdir, "sscd-calibration.npz")
-    np.savez(calibration, image=photo_crops(64, seed=9))  # other crops of the same two photographs
+    def outputs(model):
+        sess = session(model, quiet=True)
+        return {kind: np.concatenate([sess.run(None, {name: x[i:i + chunk]})[0] for i in range(0, len(x), chunk)])
+                for kind, x in sets.items()}
 
-    def descriptors(sess, images):
-        return np.concatenate([sess.run(None, {"image": images[i:i + 16]})[0] for i in range(0, len(images), 16)])
-
-    original = session(sscd_path(), quiet=True)
-    reference = {kind: descriptors(original, images) for kind, images in sets.items()}
+    reference = outputs(path)
 
     def evaluate(pruned):
-        sess = session(pruned, quiet=True)
-        return {f"{kind}_{k}": v for kind, images in sets.items()
-                for k, v in descriptor_agreement(reference[kind], descriptors(sess, images)).items()}
+        return {f"{kind}_{k}": v for kind, got in outputs(pruned).items()
+                for k, v in judge(kind, reference[kind], got).items()}
+    return evaluate
 
+
+def setup_sscd(workdir):
+    from models.photos import copies, descriptor_agreement, photo_crops, sscd_path
+
+    crops = photo_crops(64, seed=0)
+    calibration = os.path.join(workdir, "sscd-calibration.npz")
+    np.savez(calibration, image=photo_crops(64, seed=9))  # other crops of the same two photographs
+    sets = {"in-distribution": crops, "shifted": copies(crops, seed=1)}
+    evaluate = _judged_against_original(sscd_path(), "image", sets,
+                                        lambda kind, reference, got: descriptor_agreement(reference, got), chunk=16)
     return {"path": sscd_path(), "evaluate": evaluate, "metric": "in-distribution_cosine",
             "real": {"source": calibration}, "shapes": None, "info": {"crops_per_set": 64, "calibration_crops": 64}}
 
 
 def setup_crepe(workdir, size: str = "full"):
     from models.pitch import crepe_path, pitch_agreement, tones
-    from spa.runtime import session
 
     path = crepe_path(workdir, size)
     sets = {"in-distribution": tones(400, seed=0), "shifted": tones(400, seed=1, shifted=True)}
     calibration = os.path.join(workdir, "crepe-calibration.npz")
     np.savez(calibration, frames=tones(128, seed=7)[0])
-
-    def scores(sess, frames):
-        return np.concatenate([sess.run(None, {"frames": frames[i:i + 100]})[0] for i in range(0, len(frames), 100)])
-
-    original = session(path, quiet=True)
-    reference = {kind: scores(original, frames) for kind, (frames, _) in sets.items()}
-
-    def evaluate(pruned):
-        sess = session(pruned, quiet=True)
-        return {f"{kind}_{k}": v for kind, (frames, f0) in sets.items()
-                for k, v in pitch_agreement(reference[kind], scores(sess, frames), f0).items()}
-
+    evaluate = _judged_against_original(path, "frames", {kind: frames for kind, (frames, _) in sets.items()},
+                                        lambda kind, reference, got: pitch_agreement(reference, got, sets[kind][1]),
+                                        chunk=100)
     return {"path": path, "evaluate": evaluate, "metric": "in-distribution_pitch_accuracy",
             "real": {"source": calibration}, "shapes": None, "info": {"frames_per_set": 400, "calibration_frames": 128}}
 

@@ -94,8 +94,9 @@ class StagedRun:
     for each stage: run pre, show the layers' inputs, take new weights, run the layers.
     """
 
-    def __init__(self, model: onnx.ModelProto, cuts, batches, desc: str = "stages"):
-        """cuts: output names of the cut nodes (first outputs)."""
+    def __init__(self, model: onnx.ModelProto, cuts, batches, desc: str | None = "stages"):
+        """cuts: output names of the cut nodes (first outputs); desc None: no progress bar (a run
+        in step with another, whose bar shows)."""
         self.model = constants_as_initializers(model)
         self.batches = batches
         self.desc = desc
@@ -176,7 +177,7 @@ class StagedRun:
         caller may add entries to `weights` ({constant name: value}), which the cut nodes of that
         stage and everything downstream then use. Ends with the graph outputs per batch in
         `self.outputs`."""
-        for s in bar(range(self.count), self.desc):
+        for s in range(self.count) if self.desc is None else bar(range(self.count), self.desc):
             cut = [j for j in range(len(self.nodes)) if self.stage[j] == s and j in self.cut]
             pre = [j for j in range(len(self.nodes)) if self.stage[j] == s and j not in self.cut]
             names = [self.nodes[j].output[0] for j in cut]

@@ -469,7 +469,7 @@ def compensate(analysis, plan, layers, batches, damp, progress, max_columns=MAX_
     run = StagedRun(masked_original(plan), by_output, every, "compensating")
     progress(f"compensating {len(todo)} layers in {run.count} stages")
     reference = how == "reference"
-    references = StagedRun(analysis.model, by_output, every, "reference").stages({}, wanted) if reference else None
+    references = StagedRun(analysis.model, by_output, every, None).stages({}, wanted) if reference else None
     outcome: dict = {}
     read = {}  # what the masked model reads: the new weights, integer ones through their masked copies
     for stage, names, values in run.stages(read, wanted):

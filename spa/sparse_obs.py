@@ -43,6 +43,10 @@ TOKEN_SAMPLES = SampleDefault("tokens", 1024, 1.5e12, "OBS sparsity masks of a t
 # a text recognizer's generated images: text lines in three of four (OBSPA's channel removal: half); the
 # PP-OCRv4 recognizer at 2:4, seeds 0-2, exact lines in / shifted: 0.975 / 0.886 against 0.925 / 0.831
 MASK_LINE_SHARE = 0.75
+# multiples of the damping the dense target fitted to the original model's outputs may take (`reference_target`):
+# the held-out inputs choose, the layer's own weights (no fit) competing; without them, REFERENCE_UNJUDGED
+REFERENCE_DAMPING = (3.0, 10.0, 30.0, 100.0, 300.0)
+REFERENCE_UNJUDGED = 30.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +212,34 @@ def _within_quota(layer: Layer, new: np.ndarray, hessian: np.ndarray, pattern, d
     return out
 
 
+def reference_target(mats: np.ndarray, hessian: np.ndarray, cross: np.ndarray, damp: float, error=None) -> np.ndarray:
+    """The dense matrices whose outputs on the inputs the layer now sees come nearest to the
+    original model's outputs of the layer (`obs.refit` with nothing removed: the minimiser of
+    ||W X_ref - W' X||^2 + lambda ||W' - W||^2). Sparsifying towards it instead of W corrects the
+    drift the sparsified layers before it left (asymmetric calibration). `error(mats) -> float`:
+    the held-out judge that picks lambda along REFERENCE_DAMPING, W itself competing; without it,
+    REFERENCE_UNJUDGED."""
+    factors = REFERENCE_DAMPING if error else (REFERENCE_UNJUDGED,)
+    per_block = [obs.refits(mats[k], hessian[k], cross[k], [], [damp * f for f in factors]) for k in range(len(mats))]
+    fits = (fit for fit in map(np.stack, zip(*per_block)) if np.all(np.isfinite(fit)))
+    if error is None:
+        return next(fits, mats)
+    tried = [(0.0, mats)]  # along the path until the error rises (one minimum on MiniLM's and the recognizer's layers)
+    for fit in fits:
+        tried.append((error(fit), fit))
+        if len(tried) > 2 and tried[-1][0] >= tried[-2][0]:
+            break
+    return min(tried, key=lambda t: t[0])[1]
+
+
+def _held_judge(mats: np.ndarray, held, held_cross):
+    """new matrices -> their held-out error: against the layer's outputs on the inputs it now sees
+    (`held_error`), or with `held_cross` against the original model's outputs (`obs.reference_error`)."""
+    if held_cross is None:
+        return lambda new: held_error(mats, new, held)
+    return lambda new: sum(obs.reference_error(mats[k], new[k], held[1][k], held_cross[k]) for k in range(len(mats)))
+
+
 def refitted(layer: Layer, mats: np.ndarray, hessian: np.ndarray, sparse: np.ndarray, damp: float) -> np.ndarray:
     """`sparse` (a candidate's matrices) with its kept weights re-solved (`refit_kept`) against the
     layer's original matrices `mats`."""
@@ -252,10 +284,13 @@ def _weights_of(layer, mats, w, b) -> dict:
 
 @obs.one_blas_thread  # the whole layer, as obspa.compensate_layer
 def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_DAMP,
-                   grid=None) -> tuple[dict, str]:
+                   grid=None, cross=None, held_cross=None) -> tuple[dict, str]:
     """({name: new value}, how): OBS candidates along the damping path and the magnitude mask
     judged on the held-out Hessian (or the first candidate without one); the winning candidate's
-    kept weights re-solved (`refitted`), kept where that lowers the held-out error. `grid(mats,
+    kept weights re-solved (`refitted`), kept where that lowers the held-out error. `cross` /
+    `held_cross` (2 X X_ref^T / N with X_ref the original model's inputs of the layer): the
+    candidates sparsify `reference_target` instead of the layer's weights and are judged against
+    the original model's outputs. `grid(mats,
     hessians, damp) -> [mats]`: an integer layer's updated weights put on its grid in one or more ways
     (the magnitude mask keeps the original weights, on it already), the held-out judge choosing among
     them and the magnitude mask."""
@@ -264,26 +299,35 @@ def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_
     if hessian[0] != "full":
         return _weights_of(layer, diagonal(layer, w, b, hessian[1], pattern), w, b), "diagonal"
     judge = judges(held)
-    options = candidates(layer, w, b, hessian[1], pattern, [damp * f for f in (DAMPING_PATH if judge else (1.0,))])
+    mats = layer.matrices(w, b)
+    held_error_of = _held_judge(mats, held, held_cross) if judge else None
+    target = mats if cross is None else reference_target(mats, hessian[1], cross, damp, held_error_of)
+    options = candidates(layer, *_as_weights(layer, target, w, b), hessian[1], pattern,
+                         [damp * f for f in (DAMPING_PATH if judge else (1.0,))])
     if not options:
         return _weights_of(layer, magnitude(layer, w, b, pattern), w, b), "magnitude"
-    mats = layer.matrices(w, b)
     if not judge:
         damp_of, best = options[0]
-        refit = refitted(layer, mats, hessian[1], best, damp_of)
+        refit = refitted(layer, target, hessian[1], best, damp_of)
         return _weights_of(layer, refit if grid is None else grid(refit, hessian[1], damp_of)[0], w, b), "obs"
     plain = magnitude(layer, w, b, pattern)  # the competitor only a held-out judge can weigh
-    error, damp_of, best = min(((held_error(mats, m, held), d, m) for d, m in options + [(None, plain)]),
+    error, damp_of, best = min(((held_error_of(m), d, m) for d, m in options + [(None, plain)]),
                                key=lambda scored: scored[0])
     if best is plain:
         return _weights_of(layer, plain, w, b), "magnitude"
-    refit = refitted(layer, mats, hessian[1], best, damp_of)  # the winner only (MiniLM 2:4: 33 s, not 50 s)
-    chosen = refit if held_error(mats, refit, held) < error else best
+    refit = refitted(layer, target, hessian[1], best, damp_of)  # the winner only (MiniLM 2:4: 33 s, not 50 s)
+    chosen = refit if held_error_of(refit) < error else best
     if grid is None:
         return _weights_of(layer, chosen, w, b), "obs"
     tried = [plain] + grid(chosen, hessian[1], damp_of)
-    _, k, chosen = min((held_error(mats, m, held), k, m) for k, m in enumerate(tried))
+    _, k, chosen = min((held_error_of(m), k, m) for k, m in enumerate(tried))
     return _weights_of(layer, chosen, w, b), "magnitude" if k == 0 else "obs"
+
+
+def _as_weights(layer: Layer, mats: np.ndarray, w, b) -> tuple:
+    """(weight, bias) values of a layer's matrices, shaped as w and b."""
+    new = _weights_of(layer, mats, w, b)
+    return new[layer.weight], new.get(layer.bias) if layer.bias else None
 
 
 def _check_width(layer: Layer, weight_shape, x, feeds) -> None:
@@ -298,9 +342,10 @@ def _check_width(layer: Layer, weight_shape, x, feeds) -> None:
                                   "generated inputs take")
 
 
-def _stage_hessians(layers, values, g, every, fitted: int, mask, seed) -> tuple:
+def _stage_hessians(layers, values, g, every, fitted: int, mask, seed, references=None) -> tuple:
     """(fit Hessians, held-out Hessians) of one stage's layers: the first `fitted` of the
-    batches `every` fit, the rest are held out."""
+    batches `every` fit, the rest are held out; with `references` (the original model's values
+    of the same activations) the cross terms too."""
     fits = Hessians(fitted, MAX_COLUMNS, seed)
     helds = Hessians(len(every) - fitted, MAX_COLUMNS, seed, keep_rows=True)
     distinct = list({l.key(): l for l in layers}.values())
@@ -308,7 +353,8 @@ def _stage_hessians(layers, values, g, every, fitted: int, mask, seed) -> tuple:
         for layer in distinct:
             for b, x in enumerate(values[layer.activation]):
                 _check_width(layer, float_shape(g, layer.weight), x, every[b])
-                (fits if b < fitted else helds).add(layer, x, tokens=every[b].get(mask))
+                x_ref = None if references is None else references[layer.activation][b]
+                (fits if b < fitted else helds).add(layer, x, x_ref, tokens=every[b].get(mask))
     check_finite(g, distinct, [fits, helds], every)
     return fits, helds
 
@@ -329,11 +375,14 @@ def _integer_grid(g, layer: Layer):
 
 
 def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda message: None,
-                 seed: int = 0) -> tuple[dict, dict | None]:
+                 seed: int = 0, reference: bool = True) -> tuple[dict, dict | None]:
     """({weight (and bias) name: new value}, the symbolic input sizes the calibration ran at:
     spa.calibration.shared_shapes) for `layers` (spa.layers.Layer of `model`) sparsified in
     `pattern` with OBS updates, stage by stage on calibration inputs (a spa.calibration
-    Calibration or source string; default: the OBSPA default, 'auto')."""
+    Calibration or source string; default: the OBSPA default, 'auto'). `reference`: past the
+    first stage, fit each layer to the original model's outputs of it (`reference_target`), which
+    the original model, run stage by stage beside the sparsified one, gives; False: to the layer's
+    own outputs on the inputs it now sees."""
     from .graph import Graph
     from .pipeline import _calibration, _runs_on, calibration_inputs
 
@@ -349,17 +398,22 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
     weights: dict = {}
     how: dict = {}
     run = StagedRun(model, by_output, every, "sparsifying")
+    originals = StagedRun(model, by_output, every, None).stages({}, wanted) if reference else None
     progress(f"sparsifying {len(layers)} layers with OBS updates in {run.count} stages "
-             f"({sample_count(fit)} calibration samples, {len(held)} held-out batches)")
+             f"({sample_count(fit)} calibration samples, {len(held)} held-out batches)"
+             + (", each fitted to the original model's outputs of it" if reference else ""))
     with _runs_on(every):  # onnxruntime failing on the calibration inputs: one CalibrationRunError
-        for _, names, values in run.stages(weights, wanted):
-            fits, helds = _stage_hessians([by_output[n] for n in names], values, g, every, len(fit), mask, seed)
+        for stage, names, values in run.stages(weights, wanted):
+            refs = next(originals)[2] if reference else None
+            refs = refs if stage else None  # nothing before the first stage changed
+            fits, helds = _stage_hessians([by_output[n] for n in names], values, g, every, len(fit), mask, seed, refs)
             for layer in (by_output[n] for n in names):
                 w = layer_value(g, layer.weight)  # an integer layer's dequantized: solved in float
                 b = g.consts[layer.bias] if layer.bias else None
                 with np.errstate(over="ignore", invalid="ignore"):  # outputs that overflow: inf errors tie
                     new, kind = sparsify_layer(layer, w, b, fits.of(layer), helds.of(layer) if held else None,
-                                               pattern, grid=_integer_grid(g, layer))
+                                               pattern, grid=_integer_grid(g, layer), cross=fits.cross_of(layer),
+                                               held_cross=helds.cross_of(layer) if held else None)
                 weights.update({name: stored_value(g, name, value) for name, value in new.items()})
                 how[kind] = how.get(kind, 0) + 1
     progress("OBS sparsity: " + ", ".join(f"{v} layers {k}" for k, v in sorted(how.items())) +

@@ -169,3 +169,71 @@ def test_an_integer_layers_update_is_judged_on_its_grid_against_plain_rounding_a
     error = held_error(mats, got[None], ("full", held[None]))
     assert error <= held_error(mats, magnitude(layer, w, None, N_M), ("full", held[None])) + 1e-12
     assert error <= held_error(mats, plain(ungridded["w"])[None], ("full", held[None])) + 1e-12
+
+
+def drifted_inputs(d, rows, rng):
+    """(X, X_ref): the inputs a layer sees once the layers before it were sparsified, and the
+    original model's, as (rows, d) arrays whose difference is small and correlated with them."""
+    x_ref = rng.normal(size=(rows, d))
+    x_ref[:, : d // 2] += 0.8 * x_ref[:, d - d // 2:]
+    return x_ref @ (np.eye(d) + 0.2 * rng.normal(size=(d, d))) + 0.1 * rng.normal(size=(rows, d)), x_ref
+
+
+def test_reference_error_is_the_output_error_against_the_original_less_the_unchanged_layers():
+    rng = np.random.default_rng(9)
+    x, x_ref = drifted_inputs(10, 300, rng)
+    w, w_new = rng.normal(size=(4, 10)), rng.normal(size=(4, 10))
+    H, cross = 2 * x.T @ x / 300, 2 * x.T @ x_ref / 300
+
+    def brute(m):
+        return np.sum((x_ref @ w.T - x @ m.T) ** 2) / 300
+
+    assert obs.reference_error(w, w_new, H, cross) == pytest.approx(brute(w_new) - brute(w), rel=1e-5)
+    assert obs.reference_error(w, w, H, cross) == 0.0
+
+
+def test_reference_target_is_the_damped_least_squares_fit_to_the_original_outputs():
+    """min ||W X_ref - W' X||^2 / N + lambda ||W' - W||^2 (lambda: the damping of H = 2 X X^T / N)
+    by an augmented least-squares solve; where nothing upstream changed (X == X_ref) it is W; the
+    held-out judge keeps W where no fit beats it."""
+    from spa.sparse_obs import REFERENCE_UNJUDGED, reference_target
+
+    rng = np.random.default_rng(10)
+    x, x_ref = drifted_inputs(10, 300, rng)
+    w = rng.normal(size=(4, 10))
+    H, cross = 2 * x.T @ x / 300, 2 * x.T @ x_ref / 300
+    damp = 0.01 * REFERENCE_UNJUDGED
+    lam = damp * np.mean(np.diag(H))  # the damping adds lambda to H = 2 X X^T / N: the problem's 2x
+    a = np.vstack([x * np.sqrt(2 / 300), np.sqrt(lam) * np.eye(10)])
+    y = np.vstack([x_ref @ w.T * np.sqrt(2 / 300), np.sqrt(lam) * w.T])
+    expected = np.linalg.lstsq(a, y, rcond=None)[0].T
+    got = reference_target(w[None], H[None], cross[None], 0.01)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    assert obs.reference_error(w, got, H, cross) < 0  # nearer the original outputs than W
+    np.testing.assert_allclose(reference_target(w[None], H[None], H[None], 0.01)[0], w, atol=1e-10)
+    kept = reference_target(w[None], H[None], cross[None], 0.01, error=lambda m: 1.0)
+    np.testing.assert_array_equal(kept, w[None])
+
+
+def test_sparsifying_towards_the_original_outputs_beats_the_layers_own_on_drifted_inputs():
+    """With the inputs drifted, the layer sparsified towards `reference_target` reproduces the
+    original model's outputs on held-out inputs better than the one sparsified towards its own
+    weights (the 2:4 pattern kept either way)."""
+    from spa.layers import Layer
+    from spa.sparse_obs import sparsify_layer
+
+    rng = np.random.default_rng(11)
+    w = rng.normal(size=(6, 16))
+    (x, x_ref), (xh, xh_ref) = drifted_inputs(16, 600, rng), drifted_inputs(16, 300, rng)
+    fit, held = ("full", (2 * x.T @ x / 600)[None]), ("full", (2 * xh.T @ xh / 300)[None])
+    cross, held_cross = (2 * x.T @ x_ref / 600)[None], (2 * xh.T @ xh_ref / 300)[None]
+    layer = Layer(node=0, weight="w", in_axis=1, activation="x", kind="dense")
+    towards_original = sparsify_layer(layer, w, None, fit, held, N_M, cross=cross, held_cross=held_cross)[0]["w"]
+    towards_own = sparsify_layer(layer, w, None, fit, held, N_M)[0]["w"]
+    for got in (towards_original, towards_own):
+        assert np.all((got != 0).reshape(6, 4, 4).sum(-1) <= 2)
+
+    def error(m):
+        return np.sum((xh_ref @ w.T - xh @ m.T) ** 2)
+
+    assert error(towards_original) < error(towards_own)

@@ -375,14 +375,15 @@ def _integer_grid(g, layer: Layer):
 
 
 def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda message: None,
-                 seed: int = 0, reference: bool = True) -> tuple[dict, dict | None]:
+                 seed: int = 0, reference: bool = True, graph=None) -> tuple[dict, dict | None]:
     """({weight (and bias) name: new value}, the symbolic input sizes the calibration ran at:
     spa.calibration.shared_shapes) for `layers` (spa.layers.Layer of `model`) sparsified in
     `pattern` with OBS updates, stage by stage on calibration inputs (a spa.calibration
     Calibration or source string; default: the OBSPA default, 'auto'). `reference`: past the
     first stage, fit each layer to the original model's outputs of it (`reference_target`), which
     the original model, run stage by stage beside the sparsified one, gives; False: to the layer's
-    own outputs on the inputs it now sees."""
+    own outputs on the inputs it now sees. `graph`: spa.graph.Graph(model), if the caller has it
+    (building it again cost the PP-OCRv4 detector 6 s of symbolic shape inference)."""
     from .graph import Graph
     from .pipeline import _calibration, _runs_on, calibration_inputs
 
@@ -390,7 +391,7 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
     if calibration.line_share is None:
         calibration = dataclasses.replace(calibration, line_share=MASK_LINE_SHARE)
     _, fit, held = calibration_inputs(model, calibration, progress, samples=(TOKEN_SAMPLES,))
-    g = Graph(model)
+    g = graph or Graph(model)
     by_output = {g.nodes[l.node].output[0]: l for l in layers}
     wanted = {name: [l.activation] for name, l in by_output.items()}
     every = fit + list(held)

@@ -388,7 +388,7 @@ def _new_values(model, g, layers, pattern, criterion, calibration, progress) -> 
     """({name: new value}, the input sizes the calibration ran at: None with l1, which runs nothing)."""
     if criterion == "obs":
         from .sparse_obs import obs_sparsify
-        return obs_sparsify(model, layers, pattern, calibration, progress)
+        return obs_sparsify(model, layers, pattern, calibration, progress, graph=g)
     values = {}
     for layer in layers:
         w = np.asarray(layer_value(g, layer.weight))

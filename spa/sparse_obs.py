@@ -224,7 +224,7 @@ def reference_target(mats: np.ndarray, hessian: np.ndarray, cross: np.ndarray, d
     fits = (fit for fit in map(np.stack, zip(*per_block)) if np.all(np.isfinite(fit)))
     if error is None:
         return next(fits, mats)
-    tried = [(0.0, mats)]  # along the path until the error rises (one minimum on MiniLM's and the recognizer's layers)
+    tried = [(0.0, mats)]  # along the path until the error rises (MiniLM, the recognizer: as the whole path chose)
     for fit in fits:
         tried.append((error(fit), fit))
         if len(tried) > 2 and tried[-1][0] >= tried[-2][0]:

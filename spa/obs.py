@@ -456,16 +456,19 @@ def layer_error(W: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> float:
     return float(0.5 * np.sum((D @ np.asarray(H, dtype=np.float32)) * D, dtype=np.float64))
 
 
-def reference_error(W: np.ndarray, W_new: np.ndarray, H: np.ndarray, cross: np.ndarray) -> float:
-    """||W X_ref - W' X||^2 / N less the same for W' = W, from H = 2 X X^T / N and cross =
-    2 X X_ref^T / N (X: the inputs the layer now sees, X_ref: the original model's): ranks updates
-    fitted to the original outputs. Written in D = W' - W, so that it is as small as the error
-    itself: 1/2 D H D^T + D (H - cross) W^T."""
-    D = -_change(W, W_new)
-    W32 = np.asarray(W, dtype=np.float32)
-    drift = np.asarray(H, dtype=np.float32) - np.asarray(cross, dtype=np.float32)
-    return float(0.5 * np.sum((D @ np.asarray(H, dtype=np.float32)) * D, dtype=np.float64)
-                 + np.sum((D @ drift) * W32, dtype=np.float64))
+def reference_error(W: np.ndarray, H: np.ndarray, cross: np.ndarray):
+    """W_new -> ||W X_ref - W_new X||^2 / N less the same for W_new = W, from H = 2 X X^T / N and
+    cross = 2 X X_ref^T / N (X: the inputs the layer now sees, X_ref: the original model's): ranks
+    updates fitted to the original outputs. Written in D = W_new - W, so that it is as small as the
+    error itself: 1/2 D H D^T + D (H - cross) W^T, the second factor computed once."""
+    H32 = np.asarray(H, dtype=np.float32)
+    pulled = (np.asarray(W, dtype=np.float64) @ (np.asarray(H, dtype=np.float64) - cross).T).astype(np.float32)
+
+    def error(W_new: np.ndarray) -> float:
+        D = -_change(W, W_new)
+        return float(0.5 * np.sum((D @ H32) * D, dtype=np.float64) + np.sum(D * pulled, dtype=np.float64))
+
+    return error
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,7 +237,8 @@ def _held_judge(mats: np.ndarray, held, held_cross):
     (`held_error`), or with `held_cross` against the original model's outputs (`obs.reference_error`)."""
     if held_cross is None:
         return lambda new: held_error(mats, new, held)
-    return lambda new: sum(obs.reference_error(mats[k], new[k], held[1][k], held_cross[k]) for k in range(len(mats)))
+    per_block = [obs.reference_error(mats[k], held[1][k], held_cross[k]) for k in range(len(mats))]
+    return lambda new: sum(error(new[k]) for k, error in enumerate(per_block))
 
 
 def refitted(layer: Layer, mats: np.ndarray, hessian: np.ndarray, sparse: np.ndarray, damp: float) -> np.ndarray:

@@ -171,12 +171,14 @@ def test_an_integer_layers_update_is_judged_on_its_grid_against_plain_rounding_a
     assert error <= held_error(mats, plain(ungridded["w"])[None], ("full", held[None])) + 1e-12
 
 
-def drifted_inputs(d, rows, rng):
+def drifted_inputs(d, rows, rng, drift=None):
     """(X, X_ref): the inputs a layer sees once the layers before it were sparsified, and the
-    original model's, as (rows, d) arrays whose difference is small and correlated with them."""
+    original model's, as (rows, d) arrays whose difference is small and correlated with them;
+    `drift` (d, d): the map the sparsified layers before it apply (the same for every batch)."""
     x_ref = rng.normal(size=(rows, d))
     x_ref[:, : d // 2] += 0.8 * x_ref[:, d - d // 2:]
-    return x_ref @ (np.eye(d) + 0.2 * rng.normal(size=(d, d))) + 0.1 * rng.normal(size=(rows, d)), x_ref
+    drift = np.eye(d) + 0.2 * rng.normal(size=(d, d)) if drift is None else drift
+    return x_ref @ drift + 0.1 * rng.normal(size=(rows, d)), x_ref
 
 
 def test_reference_error_is_the_output_error_against_the_original_less_the_unchanged_layers():
@@ -218,22 +220,25 @@ def test_reference_target_is_the_damped_least_squares_fit_to_the_original_output
 def test_sparsifying_towards_the_original_outputs_beats_the_layers_own_on_drifted_inputs():
     """With the inputs drifted, the layer sparsified towards `reference_target` reproduces the
     original model's outputs on held-out inputs better than the one sparsified towards its own
-    weights (the 2:4 pattern kept either way)."""
+    weights, judged or not (the 2:4 pattern kept either way)."""
     from spa.layers import Layer
     from spa.sparse_obs import sparsify_layer
 
     rng = np.random.default_rng(11)
-    w = rng.normal(size=(6, 16))
-    (x, x_ref), (xh, xh_ref) = drifted_inputs(16, 600, rng), drifted_inputs(16, 300, rng)
+    w, drift = rng.normal(size=(6, 16)), np.eye(16) + 0.2 * rng.normal(size=(16, 16))
+    (x, x_ref), (xh, xh_ref) = drifted_inputs(16, 600, rng, drift), drifted_inputs(16, 300, rng, drift)
     fit, held = ("full", (2 * x.T @ x / 600)[None]), ("full", (2 * xh.T @ xh / 300)[None])
     cross, held_cross = (2 * x.T @ x_ref / 600)[None], (2 * xh.T @ xh_ref / 300)[None]
     layer = Layer(node=0, weight="w", in_axis=1, activation="x", kind="dense")
     towards_original = sparsify_layer(layer, w, None, fit, held, N_M, cross=cross, held_cross=held_cross)[0]["w"]
     towards_own = sparsify_layer(layer, w, None, fit, held, N_M)[0]["w"]
-    for got in (towards_original, towards_own):
+    unjudged = sparsify_layer(layer, w, None, fit, None, N_M, cross=cross)[0]["w"]  # REFERENCE_UNJUDGED
+    unjudged_own = sparsify_layer(layer, w, None, fit, None, N_M)[0]["w"]
+    for got in (towards_original, towards_own, unjudged, unjudged_own):
         assert np.all((got != 0).reshape(6, 4, 4).sum(-1) <= 2)
 
     def error(m):
         return np.sum((xh_ref @ w.T - xh @ m.T) ** 2)
 
     assert error(towards_original) < error(towards_own)
+    assert error(unjudged) < error(unjudged_own)

@@ -326,6 +326,17 @@ def set_weights(model: onnx.ModelProto, weights: dict) -> onnx.ModelProto:
 DAMPING_PATH = (1.0, 10.0, 100.0)  # multiples of the damping tried when held-out inputs can judge them
 
 
+def until_worse(scored) -> list:
+    """The (error, ...) items of `scored` (lazily: a generator computes no more than needed) up to
+    and including the first whose error is not below the one before: a damping path stops there."""
+    tried = []
+    for item in scored:
+        tried.append(item)
+        if len(tried) > 1 and tried[-1][0] >= tried[-2][0]:
+            break
+    return tried
+
+
 def _compensated(layer, mats, hessian, cross, Q, damps, how):
     """(damping, the layer's compensated matrices at it) for each damping of `damps`, lazily."""
     if how == "scale":
@@ -369,11 +380,7 @@ def compensate_layer(analysis, plan, layer, hessian, damp, weights, cross=None, 
     else:
         if held[0] == "full":  # layer_error multiplies in float32: cast H once, not per candidate
             held = ("full", np.asarray(held[1], dtype=np.float32))
-        tried = []  # (held-out error, damping, matrices)
-        for d, new in fits:
-            tried.append((held_error(mats, new, held), d, new))
-            if len(tried) > 1 and tried[-1][0] >= tried[-2][0]:
-                break
+        tried = until_worse((held_error(mats, new, held), d, new) for d, new in fits)  # (error, damping, matrices)
         plain = mats.copy()
         plain[:, :, Q] = 0.0
         tried.append((held_error(mats, plain, held, columns=Q), None, plain))

@@ -27,7 +27,7 @@ from .calibration import SampleDefault, shared_shapes
 from .errors import CalibrationRunError
 from .layers import Layer
 from .obspa import (DAMPING_PATH, MAX_COLUMNS, Hessians, check_finite, held_error, judges, on_weight_grid,
-                    token_mask_input)
+                    token_mask_input, until_worse)
 from .quant import float_shape, is_integer_weight, layer_value, stored_value
 from .runtime import feed_shapes, sample_count
 
@@ -224,11 +224,8 @@ def reference_target(mats: np.ndarray, hessian: np.ndarray, cross: np.ndarray, d
     fits = (fit for fit in map(np.stack, zip(*per_block)) if np.all(np.isfinite(fit)))
     if error is None:
         return next(fits, mats)
-    tried = [(0.0, mats)]  # along the path until the error rises (MiniLM, the recognizer: as the whole path chose)
-    for fit in fits:
-        tried.append((error(fit), fit))
-        if len(tried) > 2 and tried[-1][0] >= tried[-2][0]:
-            break
+    # along the path until the error rises (MiniLM, the recognizer: as the whole path chose)
+    tried = [(0.0, mats)] + until_worse((error(fit), fit) for fit in fits)
     return min(tried, key=lambda t: t[0])[1]
 
 

@@ -27,11 +27,8 @@ def test_pitch_agreement_reads_the_peak_bin_and_counts_within_50_cents():
     assert pitch_agreement(scores, off, f0) == {"pitch_accuracy": 0.0, "agreement": 0.0}
 
 
-def test_the_export_runs_as_the_torch_layers_do(tmp_path):
-    torch = pytest.importorskip("torch")
-    from models.pitch import _crepe
-    from spa.runtime import session
-
+def small_crepe(torch, path) -> dict:
+    """A CREPE state dict with its layers' shapes at small widths (random weights), saved to `path`."""
     widths, state, rng = [1, 8, 4, 4, 4, 4, 8], {}, torch.Generator().manual_seed(0)
     for k in range(1, 7):
         kernel = 512 if k == 1 else 64
@@ -42,9 +39,31 @@ def test_the_export_runs_as_the_torch_layers_do(tmp_path):
         state[f"conv{k}_BN.num_batches_tracked"] = torch.tensor(0)
     state["classifier.weight"] = torch.randn(360, widths[-1] * 4, generator=rng) * 0.1
     state["classifier.bias"] = torch.zeros(360)
-    torch.save(state, tmp_path / "small.pth")
+    torch.save(state, path)
+    return state
+
+
+def test_the_export_runs_as_the_torch_layers_do(tmp_path):
+    torch = pytest.importorskip("torch")
+    from models.pitch import _crepe
+    from spa.runtime import session
+
+    state = small_crepe(torch, tmp_path / "small.pth")
     _export(str(tmp_path / "small.pth"), str(tmp_path / "small.onnx"))
     frames = tones(3, seed=2)[0]
     expected = _crepe(state).eval()(torch.from_numpy(frames)).detach().numpy()
     got = session(str(tmp_path / "small.onnx"), quiet=True).run(None, {"frames": frames})[0]
     assert got.shape == (3, 360) and np.allclose(got, expected, atol=1e-5)
+
+
+def test_the_export_prunes_as_the_oracle_says(tmp_path):
+    """Its six Conv-ReLU-BatchNorm-MaxPool blocks and the Flatten into the classifier: the pruned export equals
+    the original with the removed channels' consumer slices zeroed."""
+    torch = pytest.importorskip("torch")
+    import onnx
+
+    from oracle import check_exact
+
+    small_crepe(torch, tmp_path / "small.pth")
+    _export(str(tmp_path / "small.pth"), str(tmp_path / "small.onnx"))
+    check_exact(onnx.load(str(tmp_path / "small.onnx")))

@@ -150,7 +150,7 @@ def sweep(model, criteria="l1", targets="ratio=0.5", *, calibration=None, round_
 
 def sparsify(model, pattern="2:4", *, amount: float | None = None, granularity: str = "weight",
              criterion: str | None = None, calibration=None, storage: str = "dense", compressed: bool = False,
-             recover: int | str = 0, recover_lr: float | None = None, progress: bool = False):
+             recover: int | str = 0, recover_lr: float | None = None, low_rank: int = 0, progress: bool = False):
     """Zero weights of `model` (an .onnx path, a framework file or a ModelProto) in a fine-grained
     `pattern` (spa.sparsity): "N:M" (default 2:4), "k-of-n" or "unstructured" with `amount` (the
     fraction zeroed) and, for k-of-n, `granularity` weight | kernel | filter; criterion "obs"
@@ -159,7 +159,8 @@ def sparsify(model, pattern="2:4", *, amount: float | None = None, granularity: 
     storage "sparse" stores weights as COO where smaller; compressed: the report gives zlib sizes
     too (report["zipped_bytes"]); recover: steps of distillation from the original on the
     calibration inputs (or a time: "20m"), zeros kept (PyTorch), at peak learning rate `recover_lr`
-    (None: the default). Returns a `spa.sparsity.Sparsified`:
+    (None: the default); low_rank: with obs, a dense rank-`low_rank` term beside each float layer,
+    written as a branch of its own (spa.low_rank). Returns a `spa.sparsity.Sparsified`:
     `.model`, `.report`, `.save(path)`."""
     from . import progress as bars
     from .calibration import Calibration, looking_beside
@@ -179,7 +180,7 @@ def sparsify(model, pattern="2:4", *, amount: float | None = None, granularity: 
         original, source = _load(model, say)
         sparse, report = sparsify_model(original, pattern, criterion, calibration=calibration, storage=storage,
                                         compressed=compressed, recover=recover, recover_lr=recover_lr,
-                                        progress=say)
+                                        low_rank=low_rank, progress=say)
     return Sparsified(sparse, report, source, getattr(calibration, "shapes", None) or report.get("calibration_shapes"))
 
 

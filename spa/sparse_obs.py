@@ -282,8 +282,8 @@ def _weights_of(layer, mats, w, b) -> dict:
 
 @obs.one_blas_thread  # the whole layer, as obspa.compensate_layer
 def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_DAMP,
-                   grid=None, cross=None, held_cross=None) -> tuple[dict, str]:
-    """({name: new value}, how): OBS candidates along the damping path and the magnitude mask
+                   grid=None, cross=None, held_cross=None, rank: int = 0) -> tuple[dict, str, tuple | None]:
+    """({name: new value}, how, low-rank branch): OBS candidates along the damping path and the magnitude mask
     judged on the held-out Hessian (or the first candidate without one); the winning candidate's
     kept weights re-solved (`refitted`), kept where that lowers the held-out error. `cross` /
     `held_cross` (2 X X_ref^T / N with X_ref the original model's inputs of the layer): the
@@ -291,11 +291,13 @@ def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_
     the original model's outputs. `grid(mats,
     hessians, damp) -> [mats]`: an integer layer's updated weights put on its grid in one or more ways
     (the magnitude mask keeps the original weights, on it already), the held-out judge choosing among
-    them and the magnitude mask."""
+    them and the magnitude mask. `rank`: a float layer's remaining error towards its target also gets a
+    rank-`rank` term (`spa.low_rank`: (U, V), its bias part folded into the bias), kept where the
+    held-out error falls (always without held-out inputs); else the branch is None."""
     if hessian is None:
-        return _weights_of(layer, magnitude(layer, w, b, pattern), w, b), "magnitude"
+        return _weights_of(layer, magnitude(layer, w, b, pattern), w, b), "magnitude", None
     if hessian[0] != "full":
-        return _weights_of(layer, diagonal(layer, w, b, hessian[1], pattern), w, b), "diagonal"
+        return _weights_of(layer, diagonal(layer, w, b, hessian[1], pattern), w, b), "diagonal", None
     judge = judges(held)
     mats = layer.matrices(w, b)
     held_error_of = _held_judge(mats, held, held_cross) if judge else None
@@ -303,23 +305,45 @@ def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_
     options = candidates(layer, *_as_weights(layer, target, w, b), hessian[1], pattern,
                          [damp * f for f in (DAMPING_PATH if judge else (1.0,))])
     if not options:
-        return _weights_of(layer, magnitude(layer, w, b, pattern), w, b), "magnitude"
+        return _weights_of(layer, magnitude(layer, w, b, pattern), w, b), "magnitude", None
     if not judge:
         damp_of, best = options[0]
         refit = refitted(layer, target, hessian[1], best, damp_of)
-        return _weights_of(layer, refit if grid is None else grid(refit, hessian[1], damp_of)[0], w, b), "obs"
+        if grid is not None:
+            return _weights_of(layer, grid(refit, hessian[1], damp_of)[0], w, b), "obs", None
+        return _with_low_rank(layer, target, refit, hessian[1], rank, None, w, b)
     plain = magnitude(layer, w, b, pattern)  # the competitor only a held-out judge can weigh
     error, damp_of, best = min(((held_error_of(m), d, m) for d, m in options + [(None, plain)]),
                                key=lambda scored: scored[0])
-    if best is plain:
-        return _weights_of(layer, plain, w, b), "magnitude"
-    refit = refitted(layer, target, hessian[1], best, damp_of)  # the winner only (MiniLM 2:4: 33 s, not 50 s)
-    chosen = refit if held_error_of(refit) < error else best
+    if best is plain and not rank:
+        return _weights_of(layer, plain, w, b), "magnitude", None
+    refit = best if best is plain else refitted(layer, target, hessian[1], best, damp_of)  # the winner only
+    chosen = refit if held_error_of(refit) < error else best  # (MiniLM 2:4: 33 s, not 50 s)
     if grid is None:
-        return _weights_of(layer, chosen, w, b), "obs"
+        return _with_low_rank(layer, target, chosen, hessian[1], rank, held_error_of, w, b,
+                              "magnitude" if chosen is plain else "obs")
     tried = [plain] + grid(chosen, hessian[1], damp_of)
     _, k, chosen = min((held_error_of(m), k, m) for k, m in enumerate(tried))
-    return _weights_of(layer, chosen, w, b), "magnitude" if k == 0 else "obs"
+    return _weights_of(layer, chosen, w, b), "magnitude" if k == 0 else "obs", None
+
+
+def _with_low_rank(layer: Layer, target, chosen, hessian, rank: int, held_error_of, w, b, how: str = "obs") -> tuple:
+    """sparsify_layer's result for the `chosen` sparse matrices, with a rank-`rank` term fitted to
+    what they leave of `target` (`spa.low_rank.fit`), kept where `held_error_of` falls (or without one)."""
+    from . import low_rank
+
+    if not rank:
+        return _weights_of(layer, chosen, w, b), how, None
+    U, V, bias_change = low_rank.fit(target[0] - chosen[0], hessian[0], rank, layer.bias is not None)
+    if not (np.all(np.isfinite(U)) and np.all(np.isfinite(V))):
+        return _weights_of(layer, chosen, w, b), how, None
+    folded = low_rank.as_matrices(chosen, U, V, bias_change)
+    if held_error_of is not None and held_error_of(folded) >= held_error_of(chosen):
+        return _weights_of(layer, chosen, w, b), how, None
+    sparse = chosen.copy()
+    if bias_change is not None:
+        sparse[0, :, -1] += bias_change  # the bias takes its part exactly: only U V is the branch's
+    return _weights_of(layer, sparse, w, b), how, (U, V, _weights_of(layer, folded, w, b))
 
 
 def _as_weights(layer: Layer, mats: np.ndarray, w, b) -> tuple:
@@ -373,9 +397,10 @@ def _integer_grid(g, layer: Layer):
 
 
 def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda message: None,
-                 seed: int = 0, reference: bool = True, graph=None) -> tuple[dict, dict | None]:
+                 seed: int = 0, reference: bool = True, graph=None, rank: int = 0) -> tuple[dict, dict | None, list]:
     """({weight (and bias) name: new value}, the symbolic input sizes the calibration ran at:
-    spa.calibration.shared_shapes) for `layers` (spa.layers.Layer of `model`) sparsified in
+    spa.calibration.shared_shapes, [(Layer, U, V)] low-rank branches (`rank`: see `low_rank_rank`;
+    the layers after one see its output)) for `layers` (spa.layers.Layer of `model`) sparsified in
     `pattern` with OBS updates, stage by stage on calibration inputs (a spa.calibration
     Calibration or source string; default: the OBSPA default, 'auto'). `reference`: past the
     first stage, fit each layer to the original model's outputs of it (`reference_target`), which
@@ -395,6 +420,8 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
     every = fit + list(held)
     mask = token_mask_input(model)
     weights: dict = {}
+    running: dict = {}  # what the stages after a layer run: its branch folded in
+    branches: list = []
     how: dict = {}
     run = StagedRun(model, by_output, every, "sparsifying")
     originals = StagedRun(model, by_output, every, None).stages({}, wanted) if reference else None
@@ -402,7 +429,7 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
              f"({sample_count(fit)} calibration samples, {len(held)} held-out batches)"
              + (", each fitted to the original model's outputs of it" if reference else ""))
     with _runs_on(every):  # onnxruntime failing on the calibration inputs: one CalibrationRunError
-        for stage, names, values in run.stages(weights, wanted):
+        for stage, names, values in run.stages(running, wanted):
             refs = next(originals)[2] if reference else None
             refs = refs if stage else None  # nothing before the first stage changed
             fits, helds = _stage_hessians([by_output[n] for n in names], values, g, every, len(fit), mask, seed, refs)
@@ -410,15 +437,37 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
                 w = layer_value(g, layer.weight)  # an integer layer's dequantized: solved in float
                 b = g.consts[layer.bias] if layer.bias else None
                 with np.errstate(over="ignore", invalid="ignore"):  # outputs that overflow: inf errors tie
-                    new, kind = sparsify_layer(layer, w, b, fits.of(layer), helds.of(layer) if held else None,
-                                               pattern, grid=_integer_grid(g, layer), cross=fits.cross_of(layer),
-                                               held_cross=helds.cross_of(layer) if held else None)
+                    new, kind, branch = sparsify_layer(
+                        layer, w, b, fits.of(layer), helds.of(layer) if held else None, pattern,
+                        grid=_integer_grid(g, layer), cross=fits.cross_of(layer),
+                        held_cross=helds.cross_of(layer) if held else None, rank=low_rank_rank(g, layer, rank, pattern))
                 weights.update({name: stored_value(g, name, value) for name, value in new.items()})
+                running.update({name: stored_value(g, name, value) for name, value in (branch or (new,))[-1].items()})
                 how[kind] = how.get(kind, 0) + 1
+                if branch:
+                    branches.append((layer, *branch[:2]))
     progress("OBS sparsity: " + ", ".join(f"{v} layers {k}" for k, v in sorted(how.items())) +
              (" (magnitude: the OBS update did not reproduce the layer's outputs better on held-out inputs)"
               if how.get("magnitude") else ""))
-    return weights, shared_shapes(model, every)
+    if rank:
+        added = sum(U.size + V.size for _, U, V in branches)
+        progress(f"low-rank terms of rank {rank}: {len(branches)} of {len(layers)} layers took one ({added} dense "
+                 "weights)" + ("; the others have no branch form (integer, grouped, weight on the left), would hold "
+                               "as many weights as their zeros, or did not reproduce their outputs better on "
+                               "held-out inputs" if len(branches) < len(layers) else ""))
+    return weights, shared_shapes(model, every), branches
+
+
+def low_rank_rank(g, layer: Layer, rank: int, pattern) -> int:
+    """The rank `layer` may take a low-rank term of: `rank`, or 0 where it has no branch form
+    (`spa.low_rank.unsupported`) or the term would hold as many weights as the pattern zeroes."""
+    from . import low_rank
+    from .sparsity import kept
+
+    if not rank or low_rank.unsupported(g, layer):
+        return 0
+    rows, cols = dataclasses.replace(layer, bias=None).matrices(np.zeros(float_shape(g, layer.weight)), None).shape[1:]
+    return rank if low_rank.parameters(rows, cols, rank) < rows * cols - kept(rows * cols, pattern.amount) else 0
 
 
 __all__ = ["obs_sparsify", "sparsegpt", "saliency", "column_order"]

@@ -57,6 +57,11 @@ def add_parser(sub) -> None:
                          "calibration inputs (PyTorch), every zero kept; kept only if the held-out loss falls")
     sp.add_argument("--recover-lr", type=float, metavar="LR",
                     help="--recover's peak Adam learning rate, run once as given (default: as spa prune --recover)")
+    sp.add_argument("--low-rank", type=int, metavar="R", default=0,
+                    help="with obs, also a dense rank-R term beside each float MatMul, Gemm and Conv, fitted to what "
+                         "the pattern costs the layer and written as a branch added to its output (the zeros stay "
+                         "exact; R (rows + columns) more weights a layer): MiniLM 2:4, no data, rank 32: 0.874 -> "
+                         "0.905 mean cosine for 12.5 %% more of its layers' dense weights")
     sp.add_argument("--storage", choices=("dense", "sparse"), default="dense",
                     help="dense (default) or sparse: weights that get smaller as COO are stored so (onnxruntime "
                          "densifies them at load)")
@@ -87,6 +92,10 @@ def command(args, say) -> int:
     if isinstance(args.recover, int) and args.recover < 1:
         raise SpaError(f"--recover needs a positive number of steps or a time such as 20m, got {args.recover}")
     check_recover_lr(args)
+    if args.low_rank < 0:
+        raise SpaError(f"--low-rank needs a rank of at least 1, got {args.low_rank}")
+    if args.low_rank and args.criterion == "l1":
+        raise SpaError("--low-rank fits its term on calibration inputs: use it with --criterion obs, not l1")
     calibration = calibration_of(args)
     check_outputs(args, args.output)
     args.source = args.model
@@ -95,8 +104,8 @@ def command(args, say) -> int:
     model = load_model(args.model)
     _check_data_files(args, model)
     sparse, report = sparsify(model, pattern, args.criterion, calibration=calibration, storage=args.storage,
-                              compressed=args.report or args.json, recover=args.recover or 0, recover_lr=args.recover_lr,
-                              progress=say)
+                              compressed=args.report or args.json, recover=args.recover or 0,
+                              recover_lr=args.recover_lr, low_rank=args.low_rank, progress=say)
     for skipped in report["skipped"]:
         warn(f"{skipped['name']} not sparsified: {skipped['reason']}")
     if args.storage == "sparse" and not report["stored_sparse"]:

@@ -312,7 +312,8 @@ def default_criterion(model: onnx.ModelProto, calibration, progress) -> str:
 
 def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = None, *, calibration=None,
              storage: str = "dense", compressed: bool = False, recover: int | str = 0,
-             recover_lr: float | None = None, progress=lambda message: None) -> tuple[onnx.ModelProto, dict]:
+             recover_lr: float | None = None, low_rank: int = 0,
+             progress=lambda message: None) -> tuple[onnx.ModelProto, dict]:
     """(a copy of `model` with `pattern`'s exact zeros in every eligible layer's weight, report).
     criterion "l1" keeps the largest |w|; "obs" chooses and compensates with OBS updates on
     calibration inputs (spa.sparse_obs); None: obs (`default_criterion`), or l1 with a warning
@@ -320,7 +321,10 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     distillation from the original on the calibration inputs (or a time: "20m") with every zero
     kept (a spa.recovery stage; kept only if the held-out loss falls). Every written weight is checked
     against the pattern. compressed: the report also gives zlib-compressed sizes (seconds per
-    100 MB: on request). recover_lr: its peak learning rate (None: the frontend's default)."""
+    100 MB: on request). recover_lr: its peak learning rate (None: the frontend's default).
+    low_rank: obs also fits a dense rank-`low_rank` term beside each float MatMul, Gemm and Conv layer
+    (`spa.low_rank`), written as a branch added to the layer's output (the pattern's zeros stay exact),
+    where it reproduces the layer's outputs better on held-out inputs; report["low_rank"] counts it."""
     from .graph import Graph, subgraph_weights
     from .pipeline import check_recovery
 
@@ -338,20 +342,31 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
             "does not rewrite)" if inside else "")
         raise SpaError(f"no layer can take pattern {pattern}: {why}")
     check_recovery(recover, recover_lr, model=model)
+    if not isinstance(low_rank, int) or isinstance(low_rank, bool) or low_rank < 0:
+        raise SpaError(f"the low-rank term's rank must be a whole number of at least 1, got {low_rank!r}")
+    if low_rank and criterion == "l1":
+        raise SpaError("a low-rank term is fitted on calibration inputs: use it with --criterion obs, not l1")
     defaulted = criterion is None
     criterion = criterion or default_criterion(given, calibration, progress)
+    if low_rank and criterion != "obs":
+        raise SpaError("a low-rank term is fitted on calibration inputs, and obs, which runs the model on them, "
+                       "is not taken here (the model does not fit in memory whole): give --calibration to take it")
     progress(f"sparsifying {len(layers)} layers to {pattern} ({criterion})")
     try:
-        new_values, ran_at = _new_values(model, g, layers, pattern, criterion, calibration, progress)
+        new_values, ran_at, branches = _new_values(model, g, layers, pattern, criterion, calibration, progress,
+                                                   low_rank)
     except CalibrationRunError as exc:  # the default on inputs the model does not take: l1 needs none
-        if not defaulted or asked(calibration) or recover:
+        if not defaulted or asked(calibration) or recover or low_rank:
             raise
         from .flags import l1_instead
         warnings.warn(l1_instead(exc, "obs"), SpaWarning)
         criterion = "l1"
-        new_values, ran_at = _new_values(model, g, layers, pattern, criterion, calibration, progress)
+        new_values, ran_at, branches = _new_values(model, g, layers, pattern, criterion, calibration, progress)
     _check_written(g, layers, pattern, new_values)
     out = _with_values(model, new_values)
+    if branches:
+        from .low_rank import with_branches
+        out = with_branches(out, g, branches)
     recovery = None
     if recover:
         out, recovery = _recovered(model, out, calibration, recover, recover_lr, progress)
@@ -363,6 +378,9 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     report = _report(given, out, g, layers, skipped, pattern, criterion, new_values, dense_bytes, stored_sparse)
     if recovery is not None:
         report["recover"] = recovery
+    if low_rank:
+        report["low_rank"] = {"rank": low_rank, "layers": len(branches),
+                              "parameters": int(sum(U.size + V.size for _, U, V in branches))}
     if ran_at:
         report["calibration_shapes"] = {name: list(shape) for name, shape in ran_at.items()}
     if compressed:
@@ -384,16 +402,17 @@ def _recovered(model, sparse, calibration, recover: int | str, lr: float | None,
                           "loss_after": result.loss_after, "kept": bool(result.improved)}
 
 
-def _new_values(model, g, layers, pattern, criterion, calibration, progress) -> tuple[dict, dict | None]:
-    """({name: new value}, the input sizes the calibration ran at: None with l1, which runs nothing)."""
+def _new_values(model, g, layers, pattern, criterion, calibration, progress, rank=0) -> tuple[dict, dict | None, list]:
+    """({name: new value}, the input sizes the calibration ran at: None with l1, which runs nothing,
+    [(Layer, U, V)] low-rank branches of rank `rank`: obs only)."""
     if criterion == "obs":
         from .sparse_obs import obs_sparsify
-        return obs_sparsify(model, layers, pattern, calibration, progress, graph=g)
+        return obs_sparsify(model, layers, pattern, calibration, progress, graph=g, rank=rank)
     values = {}
     for layer in layers:
         w = np.asarray(layer_value(g, layer.weight))
         values[layer.weight] = stored_value(g, layer.weight, np.where(layer_mask(w, layer, pattern), w, 0))
-    return values, None
+    return values, None, []
 
 
 def _check_written(g, layers, pattern, values: dict) -> None:
@@ -475,7 +494,14 @@ def format_summary(report: dict) -> str:
             f"{report['sparsity']['before']:.1%} -> {report['sparsity']['after']:.1%} of {report['parameters']} "
             f"weights; file {sizes['before']} -> {sizes['written']} bytes ({len(report['stored_sparse'])} weights "
             f"stored sparse)" + (f", zipped {zipped['before']} -> {zipped['after']} bytes" if zipped else "")
-            + _recovery_text(report.get("recover")))
+            + _low_rank_text(report.get("low_rank")) + _recovery_text(report.get("recover")))
+
+
+def _low_rank_text(low_rank) -> str:
+    if not low_rank:
+        return ""
+    return (f"; low-rank terms of rank {low_rank['rank']} beside {low_rank['layers']} layers: "
+            f"{low_rank['parameters']} dense weights more")
 
 
 def _recovery_text(recovery) -> str:

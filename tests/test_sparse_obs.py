@@ -160,11 +160,11 @@ def test_an_integer_layers_update_is_judged_on_its_grid_against_plain_rounding_a
                           for m, h in zip(mats, hessians)]), plain(mats)]
 
     layer = Layer(node=0, weight="w", in_axis=1, activation="x", kind="dense")
-    new, how = sparsify_layer(layer, w, None, ("full", H[None]), ("full", held[None]), N_M, grid=grid)
+    new, how, _ = sparsify_layer(layer, w, None, ("full", H[None]), ("full", held[None]), N_M, grid=grid)
     got = new["w"]
     assert np.all((got != 0).reshape(6, 4, 4).sum(-1) <= 2)
     np.testing.assert_allclose(got / scale, np.rint(got / scale), atol=1e-9)
-    ungridded, _ = sparsify_layer(layer, w, None, ("full", H[None]), ("full", held[None]), N_M)
+    ungridded, _, _ = sparsify_layer(layer, w, None, ("full", H[None]), ("full", held[None]), N_M)
     mats = w[None]
     error = held_error(mats, got[None], ("full", held[None]))
     assert error <= held_error(mats, magnitude(layer, w, None, N_M), ("full", held[None])) + 1e-12

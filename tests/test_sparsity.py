@@ -238,6 +238,8 @@ def test_bad_patterns_are_refused(text, amount, granularity, message):
     (["--pattern", "unstructured", "--amount", "1.5"], "amount must be in [0, 1)"),
     (["--pattern", "2:4", "--amount", "0.5"], "an amount has no effect with N:M"),
     (["--criterion", "l1", "--calibration-samples", "8"], "--calibration-samples has no effect with criterion l1"),
+    (["--criterion", "l1", "--low-rank", "2"], "--low-rank fits its term on calibration inputs"),
+    (["--low-rank", "-1"], "--low-rank needs a rank of at least 1"),
 ])
 def test_cli_refuses_with_one_line(tmp_path, conv_file, argv, message):
     out = tmp_path / "out.onnx"

@@ -1,0 +1,119 @@
+"""A dense low-rank term beside a sparsified layer (`spa sparsify --low-rank R`).
+
+A layer sparsified to W' leaves the error E = W_t - W' against the dense weights it was fitted to
+(W_t: the layer's own, or the original model's outputs' fit, `sparse_obs.reference_target`). A
+rank-R term U V added beside the sparse layer (sparse plus low-rank, as SLiM and SLoPe do for 2:4
+LLMs) is fitted to E in the metric of the layer's calibration inputs, min ||(E - U V) X||: the
+truncated SVD of E L (H = L L^T), mapped back through L^-1. A layer with a bias takes the part of
+E that the column of ones carries into its bias exactly, at no cost (the Schur complement of H's
+bias entry is the metric of the rest). The pattern's zeros stay exact: the term is a branch of its
+own, x -> x V^T -> U^T (two MatMuls, or a Conv of R filters then a 1x1 Conv), added to the layer's
+output.
+
+Measured on all-MiniLM-L6-v2 at 2:4 with its tokenizer, no data (docs/sparsity.md): rank 16 / 32 /
+64 raise the mean sentence cosine 0.874 -> 0.891 / 0.905 / 0.926 for 6 / 12.5 / 25 % more of the
+dense layers' parameters. On the real sentences' inputs, the 2:4 error of its layers is low-rank:
+rank 8 holds 38 % of it, rank 32 60 %.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from . import obs
+
+
+def fit(error: np.ndarray, H: np.ndarray, rank: int, bias: bool, damp: float = obs.DEFAULT_DAMP) -> tuple:
+    """(U (rows, r), V (r, weight columns), bias change (rows,) or None) minimising
+    ||(error - [U V, b]) X||^2 for H = 2 X X^T / N (damped as the sweep damps it); with `bias`, the
+    last column of `error` and H is the bias's (a column of ones in X)."""
+    from scipy.linalg import solve_triangular
+
+    Hd = obs.damped(H, damp)
+    weights, metric = error, Hd
+    if bias:  # the bias takes (weights - U V) carried exactly; the rest is measured by H's Schur complement
+        weights, carried = error[:, :-1], Hd[:-1, -1] / Hd[-1, -1]
+        metric = Hd[:-1, :-1] - np.outer(Hd[:-1, -1], carried)
+    L = np.linalg.cholesky(metric)
+    left, values, right = np.linalg.svd(weights @ L, full_matrices=False)
+    r = min(rank, len(values))
+    U = left[:, :r] * values[:r]
+    V = solve_triangular(L, right[:r].T, lower=True, trans="T").T  # right[:r] L^-1
+    if not bias:
+        return U, V, None
+    return U, V, error[:, -1] + (weights - U @ V) @ carried
+
+
+def as_matrices(mats: np.ndarray, U: np.ndarray, V: np.ndarray, bias_change) -> np.ndarray:
+    """(1, rows, cols) matrices of a layer with its low-rank term folded in (what the branch computes)."""
+    out = np.array(mats, dtype=np.float64)
+    width = V.shape[1]
+    out[0, :, :width] += U @ V
+    if bias_change is not None:
+        out[0, :, -1] += bias_change
+    return out
+
+
+def parameters(rows: int, cols: int, rank: int) -> int:
+    return rank * (rows + cols)
+
+
+def unsupported(g, layer) -> str | None:
+    """Why `layer` cannot take a low-rank branch, or None."""
+    from .quant import is_integer_weight
+
+    node = g.nodes[layer.node]
+    if is_integer_weight(g, layer.weight) or layer.input_grid is not None or layer.channels is not None:
+        return "an integer layer"
+    if layer.blocks != 1:
+        return "a grouped convolution"
+    if layer.rows_from_left or (node.op_type == "Gemm" and _attribute(node, "transA", 0)):
+        return "a weight on the left of its product"
+    if node.op_type not in ("MatMul", "Gemm", "Conv"):
+        return f"a {node.op_type}"
+    return None
+
+
+def with_branches(model: onnx.ModelProto, g, branches: list) -> onnx.ModelProto:
+    """`model` (in place) with each layer's branch ([(Layer, U, V)]) added to its output."""
+    position = {node.output[0]: i for i, node in enumerate(model.graph.node)}
+    inserted = {}
+    for k, (layer, U, V) in enumerate(branches):
+        at = position[g.nodes[layer.node].output[0]]
+        dtype = np.asarray(g.consts[layer.weight]).dtype
+        inserted[at] = _branch(model, model.graph.node[at], layer, U.astype(dtype), V.astype(dtype), f"low_rank_{k}")
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    for i, node in enumerate(nodes):
+        model.graph.node.append(node)
+        model.graph.node.extend(inserted.get(i, []))
+    return model
+
+
+def _branch(model, node, layer, U, V, prefix: str) -> list:
+    """The nodes x -> x V^T -> U^T -> + the layer's output (renamed), their weights added to `model`."""
+    out = node.output[0]
+    node.output[0] = f"{prefix}/sparse"
+    if layer.kind == "conv":
+        kernel = layer.kernel
+        first = V.reshape((V.shape[0], -1) + tuple(kernel))
+        second = U.reshape(U.shape + (1,) * len(kernel))
+        keep = [a for a in node.attribute if a.name in ("pads", "strides", "dilations", "auto_pad")]
+        nodes = [helper.make_node("Conv", [layer.activation, f"{prefix}/V"], [f"{prefix}/xV"], name=f"{prefix}/V"),
+                 helper.make_node("Conv", [f"{prefix}/xV", f"{prefix}/U"], [f"{prefix}/xVU"], name=f"{prefix}/U")]
+        nodes[0].attribute.extend(keep)
+    else:
+        first, second = V.T, U.T
+        nodes = [helper.make_node("MatMul", [layer.activation, f"{prefix}/V"], [f"{prefix}/xV"], name=f"{prefix}/V"),
+                 helper.make_node("MatMul", [f"{prefix}/xV", f"{prefix}/U"], [f"{prefix}/xVU"], name=f"{prefix}/U")]
+    model.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(first), f"{prefix}/V"),
+                                    numpy_helper.from_array(np.ascontiguousarray(second), f"{prefix}/U")])
+    return nodes + [helper.make_node("Add", [f"{prefix}/sparse", f"{prefix}/xVU"], [out], name=f"{prefix}/add")]
+
+
+def _attribute(node, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default

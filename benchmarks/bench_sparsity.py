@@ -304,7 +304,10 @@ MINILM_ROWS = {"magnitude": {"criterion": "l1"},
                                                          "recover": MINILM_RECOVER},
                "obs-real-128": {"criterion": "obs", "calibration": "real"},
                f"obs-real-128+recover-{MINILM_RECOVER}": {"criterion": "obs", "calibration": "real",
-                                                        "recover": MINILM_RECOVER}}
+                                                        "recover": MINILM_RECOVER},
+               # 2:4 plus a dense rank-R term beside each layer (--low-rank R): not 2:4 alone, so not the goal's row
+               "obs-tokenizer+low-rank-16": {"criterion": "obs", "calibration": "tokenizer", "low_rank": 16},
+               "obs-tokenizer+low-rank-32": {"criterion": "obs", "calibration": "tokenizer", "low_rank": 32}}
 
 
 def minilm_section(quick: bool, only=None, earlier: dict | None = None) -> dict:
@@ -338,10 +341,13 @@ def minilm_section(quick: bool, only=None, earlier: dict | None = None) -> dict:
             log(f"minilm 2:4 {name}")
             start = time.perf_counter()
             sparse = spa.sparsify(path, "2:4", criterion=spec["criterion"], calibration=calibration,
-                                  recover=spec.get("recover", 0))
+                                  recover=spec.get("recover", 0), low_rank=spec.get("low_rank", 0))
             seconds = time.perf_counter() - start
             run = session(sparse.model, quiet=True)
             row = {"seconds": round(seconds, 1), "sparsity": sparse.report["sparsity"]["after"]}
+            if "low_rank" in sparse.report:  # the dense weights the terms add, against the layers' dense count
+                row["low_rank"] = dict(sparse.report["low_rank"], of_dense=round(
+                    sparse.report["low_rank"]["parameters"] / sparse.report["parameters"], 4))
             for kind, sentences in sets.items():
                 emb = sentence_embeddings(run, sentences, tokenizer)
                 row[kind] = embedding_agreement(reference[kind], emb)
@@ -360,6 +366,8 @@ def minilm_markdown(section: dict) -> str:
              "seconds |", "|---|---|---|---|---|---|"]
     for name, row in section["rows"].items():
         ind, shifted = row["in_distribution"], row["shifted"]
+        if "low_rank" in row:
+            name += f" (+{row['low_rank']['of_dense']:.1%} dense weights)"
         lines.append(f"| {name} | {ind['cosine']:.3f} | {ind['cosine_min']:.3f} | {ind['neighbour_kept']:.2f} | "
                      f"{shifted['cosine']:.3f} | {row['seconds']:.0f} |")
     return "\n".join(lines)

@@ -505,6 +505,9 @@ CONTRACT = {
         "--recover-lr": Case(SP + ["--recover", "2", "--recover-lr", "0.01"], SP + ["--recover", "2"], refused=[
             (SP + ["--recover-lr", "0.01"], "--recover-lr has no effect without --recover"),
             (SP + ["--recover", "2", "--recover-lr", "nan"], "--recover-lr must be a positive number")]),
+        "--low-rank": Case(SPO + ["--low-rank", "2"], SPO, same=[(SPO + ["--low-rank", "0"], SPO)], refused=[
+            (SP + ["--low-rank", "2"], "--low-rank fits its term on calibration inputs"),
+            (SPO + ["--low-rank", "-1"], "--low-rank needs a rank of at least 1")]),
         "--storage": Case(SPU + ["--storage", "sparse"], SPU, same=[(SPU + ["--storage", "dense"], SPU)],
                           also=[(SP + ["--storage", "sparse"], SP)]),  # 2:4 float32: a warning, nothing smaller
         "--report": Case(SP + ["--report"], SP),

@@ -59,20 +59,15 @@ def parameters(rows: int, cols: int, rank: int) -> int:
     return rank * (rows + cols)
 
 
-def unsupported(g, layer) -> str | None:
-    """Why `layer` cannot take a low-rank branch, or None."""
+def takes_branch(g, layer) -> bool:
+    """Whether `layer` has a branch form: a float MatMul, Gemm or ungrouped Conv whose activation is
+    on the left of its product (not an integer layer, a grouped Conv or a weight on the left)."""
     from .quant import is_integer_weight
 
     node = g.nodes[layer.node]
-    if is_integer_weight(g, layer.weight) or layer.input_grid is not None or layer.channels is not None:
-        return "an integer layer"
-    if layer.blocks != 1:
-        return "a grouped convolution"
-    if layer.rows_from_left or (node.op_type == "Gemm" and _attribute(node, "transA", 0)):
-        return "a weight on the left of its product"
-    if node.op_type not in ("MatMul", "Gemm", "Conv"):
-        return f"a {node.op_type}"
-    return None
+    integer = is_integer_weight(g, layer.weight) or layer.input_grid is not None or layer.channels is not None
+    left = layer.rows_from_left or (node.op_type == "Gemm" and _attribute(node, "transA", 0))
+    return node.op_type in ("MatMul", "Gemm", "Conv") and not integer and layer.blocks == 1 and not left
 
 
 def with_branches(model: onnx.ModelProto, g, branches: list) -> onnx.ModelProto:

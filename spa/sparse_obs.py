@@ -460,11 +460,11 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
 
 def low_rank_rank(g, layer: Layer, rank: int, pattern) -> int:
     """The rank `layer` may take a low-rank term of: `rank`, or 0 where it has no branch form
-    (`spa.low_rank.unsupported`) or the term would hold as many weights as the pattern zeroes."""
+    (`spa.low_rank.takes_branch`) or the term would hold as many weights as the pattern zeroes."""
     from . import low_rank
     from .sparsity import kept
 
-    if not rank or low_rank.unsupported(g, layer):
+    if not rank or not low_rank.takes_branch(g, layer):
         return 0
     rows, cols = dataclasses.replace(layer, bias=None).matrices(np.zeros(float_shape(g, layer.weight)), None).shape[1:]
     return rank if low_rank.parameters(rows, cols, rank) < rows * cols - kept(rows * cols, pattern.amount) else 0

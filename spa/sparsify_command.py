@@ -92,10 +92,6 @@ def command(args, say) -> int:
     if isinstance(args.recover, int) and args.recover < 1:
         raise SpaError(f"--recover needs a positive number of steps or a time such as 20m, got {args.recover}")
     check_recover_lr(args)
-    if args.low_rank < 0:
-        raise SpaError(f"--low-rank needs a rank of at least 1, got {args.low_rank}")
-    if args.low_rank and args.criterion == "l1":
-        raise SpaError("--low-rank fits its term on calibration inputs: use it with --criterion obs, not l1")
     calibration = calibration_of(args)
     check_outputs(args, args.output)
     args.source = args.model

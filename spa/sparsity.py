@@ -343,14 +343,14 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
         raise SpaError(f"no layer can take pattern {pattern}: {why}")
     check_recovery(recover, recover_lr, model=model)
     if not isinstance(low_rank, int) or isinstance(low_rank, bool) or low_rank < 0:
-        raise SpaError(f"the low-rank term's rank must be a whole number of at least 1, got {low_rank!r}")
+        raise SpaError(f"--low-rank needs a rank of at least 1, got {low_rank!r}")
     if low_rank and criterion == "l1":
-        raise SpaError("a low-rank term is fitted on calibration inputs: use it with --criterion obs, not l1")
+        raise SpaError("--low-rank fits its term on calibration inputs: use it with --criterion obs, not l1")
     defaulted = criterion is None
     criterion = criterion or default_criterion(given, calibration, progress)
     if low_rank and criterion != "obs":
-        raise SpaError("a low-rank term is fitted on calibration inputs, and obs, which runs the model on them, "
-                       "is not taken here (the model does not fit in memory whole): give --calibration to take it")
+        raise SpaError("--low-rank fits its term on calibration inputs with obs, which is not taken here (the model "
+                       "does not fit in memory whole): give --calibration to take it")
     progress(f"sparsifying {len(layers)} layers to {pattern} ({criterion})")
     try:
         new_values, ran_at, branches = _new_values(model, g, layers, pattern, criterion, calibration, progress,

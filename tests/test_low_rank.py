@@ -63,7 +63,7 @@ def branch_model():
 def test_branches_compute_the_layers_with_the_term_folded_in():
     model = branch_model()
     g = Graph(model)
-    layers = [layer for layer in weighted_layers(g) if low_rank.unsupported(g, layer) is None]
+    layers = [layer for layer in weighted_layers(g) if low_rank.takes_branch(g, layer)]
     assert sorted(g.nodes[layer.node].op_type for layer in layers) == ["Conv", "Gemm", "MatMul"]
     rng = np.random.default_rng(3)
     branches, folded = [], {}
@@ -118,3 +118,13 @@ def test_sparsify_with_a_low_rank_term_keeps_the_pattern_and_comes_nearer_the_or
 def test_a_low_rank_term_needs_obs():
     with pytest.raises(spa.SpaError, match="use it with --criterion obs"):
         spa.sparsify(branch_model(), "2:4", criterion="l1", low_rank=2)
+
+
+def test_layers_without_a_branch_form():
+    b = Builder()
+    x = b.conv(b.input(["batch", 4, 6, 6]), 4, 4, group=2)  # grouped
+    x = b.op("Reshape", [x, b.const(np.array([-1, 12], dtype=np.int64))])
+    b.output(b.op("MatMul", [b.weight(8, 12), b.op("Transpose", [x], perm=[1, 0])]))  # the weight on the left
+    g = Graph(b.model())
+    layers = weighted_layers(g)
+    assert len(layers) == 2 and not any(low_rank.takes_branch(g, layer) for layer in layers)

@@ -47,6 +47,10 @@ MASK_LINE_SHARE = 0.75
 # the held-out inputs choose, the layer's own weights (no fit) competing; without them, REFERENCE_UNJUDGED
 REFERENCE_DAMPING = (3.0, 10.0, 30.0, 100.0, 300.0)
 REFERENCE_UNJUDGED = 30.0
+# rounds of the sparse part and a low-rank term fitted in turn (`_with_low_rank`; OATS's alternation, Zhang et al.
+# 2025): MiniLM 2:4 + rank 32 with its tokenizer, 1 / 3 / 6 / 11 rounds (the damping path in the first two, the
+# chosen damping after): 0.905 / 0.927 / 0.937 / 0.943 mean cosine, every round kept by the held-out judge
+LOW_RANK_ROUNDS = 11
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +315,7 @@ def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_
         refit = refitted(layer, target, hessian[1], best, damp_of)
         if grid is not None:
             return _weights_of(layer, grid(refit, hessian[1], damp_of)[0], w, b), "obs", None
-        return _with_low_rank(layer, target, refit, hessian[1], rank, None, w, b)
+        return _with_low_rank(layer, target, refit, hessian[1], rank, None, w, b, pattern, damp)
     plain = magnitude(layer, w, b, pattern)  # the competitor only a held-out judge can weigh
     error, damp_of, best = min(((held_error_of(m), d, m) for d, m in options + [(None, plain)]),
                                key=lambda scored: scored[0])
@@ -320,30 +324,66 @@ def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_
     refit = best if best is plain else refitted(layer, target, hessian[1], best, damp_of)  # the winner only
     chosen = refit if held_error_of(refit) < error else best  # (MiniLM 2:4: 33 s, not 50 s)
     if grid is None:
-        return _with_low_rank(layer, target, chosen, hessian[1], rank, held_error_of, w, b,
+        return _with_low_rank(layer, target, chosen, hessian[1], rank, held_error_of, w, b, pattern, damp,
                               "magnitude" if chosen is plain else "obs")
     tried = [plain] + grid(chosen, hessian[1], damp_of)
     _, k, chosen = min((held_error_of(m), k, m) for k, m in enumerate(tried))
     return _weights_of(layer, chosen, w, b), "magnitude" if k == 0 else "obs", None
 
 
-def _with_low_rank(layer: Layer, target, chosen, hessian, rank: int, held_error_of, w, b, how: str = "obs") -> tuple:
+def _with_low_rank(layer: Layer, target, chosen, hessian, rank: int, held_error_of, w, b, pattern, damp,
+                   how: str = "obs") -> tuple:
     """sparsify_layer's result for the `chosen` sparse matrices, with a rank-`rank` term fitted to
-    what they leave of `target` (`spa.low_rank.fit`), kept where `held_error_of` falls (or without one)."""
-    from . import low_rank
-
+    what they leave of `target` (`spa.low_rank.fit`), kept where `held_error_of` falls (or without one).
+    The sparse part and the term then alternate (`LOW_RANK_ROUNDS`): the pattern's sweep and refit
+    for what the term leaves of the target, the term for what they leave, while the held-out error falls."""
     if not rank:
         return _weights_of(layer, chosen, w, b), how, None
-    U, V, bias_change = low_rank.fit(target[0] - chosen[0], hessian[0], rank, layer.bias is not None)
-    if not (np.all(np.isfinite(U)) and np.all(np.isfinite(V))):
+    error_of = held_error_of or (lambda mats: 0.0)
+    best = _low_rank_term(layer, target, chosen, hessian, rank, error_of)
+    if best is None or (held_error_of is not None and best[0] >= held_error_of(chosen)):
         return _weights_of(layer, chosen, w, b), how, None
-    folded = low_rank.as_matrices(chosen, U, V, bias_change)
-    if held_error_of is not None and held_error_of(folded) >= held_error_of(chosen):
-        return _weights_of(layer, chosen, w, b), how, None
-    sparse = chosen.copy()
-    if bias_change is not None:
-        sparse[0, :, -1] += bias_change  # the bias takes its part exactly: only U V is the branch's
+    dampings = [damp * f for f in (DAMPING_PATH if held_error_of else (1.0,))]
+    for _ in range(LOW_RANK_ROUNDS - 1):
+        sparse, dampings = _sparse_beside(layer, target, best[2], hessian, pattern, dampings, error_of, w, b)
+        term = None if sparse is None else _low_rank_term(layer, target, sparse, hessian, rank, error_of)
+        if term is None or (held_error_of is not None and term[0] >= best[0]):
+            break
+        best, how = term, "obs"
+    _, sparse, (U, V, folded) = best
     return _weights_of(layer, sparse, w, b), how, (U, V, _weights_of(layer, folded, w, b))
+
+
+def _low_rank_term(layer: Layer, target, sparse, hessian, rank: int, error_of) -> tuple | None:
+    """(held-out error, the sparse matrices with the term's bias part folded in, (U, V, the matrices with
+    the whole term folded in)) of the best rank-`rank` term for what `sparse` leaves of `target`."""
+    from . import low_rank
+
+    U, V, bias_change = low_rank.fit(target[0] - sparse[0], hessian[0], rank, layer.bias is not None)
+    if not (np.all(np.isfinite(U)) and np.all(np.isfinite(V))):
+        return None
+    folded = low_rank.as_matrices(sparse, U, V, bias_change)
+    with_bias = sparse.copy()
+    if bias_change is not None:
+        with_bias[0, :, -1] += bias_change  # the bias takes its part exactly: only U V is the branch's
+    return error_of(folded), with_bias, (U, V, folded)
+
+
+def _sparse_beside(layer: Layer, target, term, hessian, pattern, dampings, error_of, w, b) -> tuple:
+    """(the best sparse matrices for what the term (U, V, _) leaves of `target`, [the damping they took]):
+    the sweep along `dampings` and the refit, judged with the term in place."""
+    from . import low_rank
+
+    U, V, _ = term
+    rest = target.copy()
+    rest[0, :, :V.shape[1]] -= U @ V
+    scored = [(error_of(low_rank.as_matrices(m, U, V, None)), d, m) for d, m in
+              ((d, refitted(layer, rest, hessian, m, d)) for d, m in
+               candidates(layer, *_as_weights(layer, rest, w, b), hessian, pattern, dampings))]
+    if not scored:
+        return None, dampings
+    _, damp, sparse = min(scored, key=lambda t: t[0])
+    return sparse, [damp]
 
 
 def _as_weights(layer: Layer, mats: np.ndarray, w, b) -> tuple:

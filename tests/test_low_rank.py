@@ -128,3 +128,26 @@ def test_layers_without_a_branch_form():
     g = Graph(b.model())
     layers = weighted_layers(g)
     assert len(layers) == 2 and not any(low_rank.takes_branch(g, layer) for layer in layers)
+
+
+def test_alternating_the_sparse_part_and_the_term_never_loses_on_held_out_inputs(monkeypatch):
+    """More rounds of the sweep for what the term leaves and the term for what the sweep leaves: kept
+    only while the held-out error falls, so never above one round's; the pattern holds throughout."""
+    import spa.sparse_obs as sparse_obs
+    from spa.layers import Layer
+
+    rng = np.random.default_rng(2)
+    layer = Layer(node=0, weight="w", in_axis=0, activation="x", kind="dense_t")
+    w = rng.standard_normal((24, 16))
+    fit, held = inputs_metric(400, 24, rng, False), inputs_metric(400, 24, rng, False)
+    pattern = parse_pattern("2:4")
+
+    def held_error(rounds):
+        monkeypatch.setattr(sparse_obs, "LOW_RANK_ROUNDS", rounds)
+        new, _, (U, V, folded) = sparse_obs.sparsify_layer(layer, w, None, ("full", fit[None]), ("full", held[None]),
+                                                          pattern, rank=2)
+        assert conforms(new["w"], layer, pattern)
+        mats = layer.matrices(w, None)[0]
+        return metric_error(mats, layer.matrices(folded["w"], None)[0], held)
+
+    assert held_error(sparse_obs.LOW_RANK_ROUNDS) < held_error(1)

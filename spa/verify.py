@@ -43,6 +43,9 @@ def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelPr
                           "model's float16/bfloat16/float64 ops (the written model keeps its types)", SpaWarning)
     except Exception as exc:
         if stage == "onnxruntime" and original is not None and not runs(original, feeds):
+            why = _load_failure(original)
+            if why:  # no input sizes would help: say why it does not load
+                raise SpaError(f"the original model does not load in onnxruntime either: {why}") from None
             defaulted = "" if shapes else f"; symbolic sizes not given are {DEFAULT_DIM}"
             raise SpaError(f"the original model does not run on the verification inputs either "
                            f"({feed_shapes(feeds)}{defaulted}): give the sizes it "
@@ -128,6 +131,15 @@ def runs(source, feeds: dict) -> bool:
         return True
     except Exception:
         return False
+
+
+def _load_failure(source) -> str | None:
+    """Why onnxruntime cannot create a session of `source` (its first line), or None where it can."""
+    try:
+        session(source, quiet=True)
+        return None
+    except Exception as exc:
+        return first_line(exc, 300)
 
 
 def _shape_hint(path: str) -> str:

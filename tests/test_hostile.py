@@ -10,9 +10,11 @@ import random
 import signal
 import sys
 
+import numpy as np
 import onnx
 import pytest
 
+from builder import Builder
 from test_cli import small_model
 from spa.cli import main
 
@@ -273,6 +275,20 @@ def test_corrupt_tensors(folder, capsys):
         path = folder / "bad.onnx"
         onnx.save(model, path)
         check(capsys, folder, ["prune", path, "-o", folder / "o.onnx"] + PRUNE, [folder / "o.onnx"], expect)
+
+
+def test_a_model_onnxruntime_cannot_load_is_named_so(folder, capsys):
+    """Reshape's shape in external data: onnxruntime refuses the file itself, so no input sizes would help
+    and the error says why it does not load instead of asking for --input-shape."""
+    b = Builder()
+    x = b.op("Reshape", [b.op("MatMul", [b.input(["batch", 8]), b.weight(8, 8)]),
+                         b.const(np.array([-1, 2, 4], dtype=np.int64))])
+    b.output(b.op("Relu", [x]))
+    onnx.save(b.model(), folder / "shape_outside.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="shape_outside.onnx.data", size_threshold=0)
+    out = folder / "o.onnx"
+    check(capsys, folder, ["sparsify", folder / "shape_outside.onnx", "-o", out, "--criterion", "l1", "-q"], [out],
+          "the original model does not load in onnxruntime either: ")
 
 
 def test_truncated_random_and_flipped_files(folder, capsys):

@@ -23,6 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import obs
+from .graph import attr
 
 
 def fit(error: np.ndarray, H: np.ndarray, rank: int, bias: bool, damp: float = obs.DEFAULT_DAMP) -> tuple:
@@ -60,6 +61,11 @@ def parameters(rows: int, cols: int, rank: int) -> int:
     return rank * (rows + cols)
 
 
+def added(branches: list) -> int:
+    """The dense weights the branches ([(Layer, U, V)]) add."""
+    return int(sum(U.size + V.size for _, U, V in branches))
+
+
 def takes_branch(g, layer) -> bool:
     """Whether `layer` has a branch form: a float MatMul, Gemm or ungrouped Conv whose activation is
     on the left of its product (not an integer layer, a grouped Conv or a weight on the left)."""
@@ -67,7 +73,7 @@ def takes_branch(g, layer) -> bool:
 
     node = g.nodes[layer.node]
     integer = is_integer_weight(g, layer.weight) or layer.input_grid is not None or layer.channels is not None
-    left = layer.rows_from_left or (node.op_type == "Gemm" and _attribute(node, "transA", 0))
+    left = layer.rows_from_left or (node.op_type == "Gemm" and attr(node, "transA", 0))
     return node.op_type in ("MatMul", "Gemm", "Conv") and not integer and layer.blocks == 1 and not left
 
 
@@ -107,9 +113,3 @@ def _branch(model, node, layer, U, V, prefix: str) -> list:
                                     numpy_helper.from_array(np.ascontiguousarray(second), f"{prefix}/U")])
     return nodes + [helper.make_node("Add", [f"{prefix}/sparse", f"{prefix}/xVU"], [out], name=f"{prefix}/add")]
 
-
-def _attribute(node, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default

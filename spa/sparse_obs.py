@@ -491,9 +491,9 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
              (" (magnitude: the OBS update did not reproduce the layer's outputs better on held-out inputs)"
               if how.get("magnitude") else ""))
     if rank:
-        added = sum(U.size + V.size for _, U, V in branches)
-        progress(f"low-rank terms of rank {rank}: {len(branches)} of {len(layers)} layers took one ({added} dense "
-                 "weights)" + ("; the others have no branch form (integer, grouped, weight on the left), would hold "
+        from .low_rank import added
+        progress(f"low-rank terms of rank {rank}: {len(branches)} of {len(layers)} layers took one "
+                 f"({added(branches)} dense weights)" + ("; the others have no branch form (integer, grouped, weight on the left), would hold "
                                "as many weights as their zeros, or did not reproduce their outputs better on "
                                "held-out inputs" if len(branches) < len(layers) else ""))
     return weights, shared_shapes(model, every), branches

@@ -379,8 +379,8 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     if recovery is not None:
         report["recover"] = recovery
     if low_rank:
-        report["low_rank"] = {"rank": low_rank, "layers": len(branches),
-                              "parameters": int(sum(U.size + V.size for _, U, V in branches))}
+        from .low_rank import added
+        report["low_rank"] = {"rank": low_rank, "layers": len(branches), "parameters": added(branches)}
     if ran_at:
         report["calibration_shapes"] = {name: list(shape) for name, shape in ran_at.items()}
     if compressed:

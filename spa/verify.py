@@ -42,14 +42,8 @@ def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelPr
             warnings.warn("verified on a float32 copy: onnxruntime's CPU provider has no kernel for some of the "
                           "model's float16/bfloat16/float64 ops (the written model keeps its types)", SpaWarning)
     except Exception as exc:
-        if stage == "onnxruntime" and original is not None and not runs(original, feeds):
-            why = _load_failure(original)
-            if why:  # no input sizes would help: say why it does not load
-                raise SpaError(f"the original model does not load in onnxruntime either: {why}") from None
-            defaulted = "" if shapes else f"; symbolic sizes not given are {DEFAULT_DIM}"
-            raise SpaError(f"the original model does not run on the verification inputs either "
-                           f"({feed_shapes(feeds)}{defaulted}): give the sizes it "
-                           f"takes, {_shape_hint(original)} (input_shape= in Python)") from None
+        if stage == "onnxruntime" and original is not None:
+            _original_fails_too(original, feeds, shapes)
         raise SpaError(f"pruned model failed {stage}: {first_line(exc, 300)}") from None
     _check_finite(outputs, lambda: run_in_pieces(source, feeds) if pieces else sess.run(None, feeds),
                   lambda: model or (onnx.load(source, load_external_data=False) if isinstance(source, str)
@@ -133,13 +127,21 @@ def runs(source, feeds: dict) -> bool:
         return False
 
 
-def _load_failure(source) -> str | None:
-    """Why onnxruntime cannot create a session of `source` (its first line), or None where it can."""
+def _original_fails_too(original: str, feeds: dict, shapes) -> None:
+    """SpaError where the original model fails in onnxruntime as the pruned one did: it does not load
+    at all (no input sizes would help: onnxruntime's reason), or does not run on `feeds` (the sizes it
+    takes); nothing where it runs, so that the pruned model is blamed."""
     try:
-        session(source, quiet=True)
-        return None
+        sess = session(original, quiet=True)
     except Exception as exc:
-        return first_line(exc, 300)
+        raise SpaError(f"the original model does not load in onnxruntime either: {first_line(exc, 300)}") from None
+    try:
+        sess.run(None, feeds)
+    except Exception:
+        defaulted = "" if shapes else f"; symbolic sizes not given are {DEFAULT_DIM}"
+        raise SpaError(f"the original model does not run on the verification inputs either "
+                       f"({feed_shapes(feeds)}{defaulted}): give the sizes it "
+                       f"takes, {_shape_hint(original)} (input_shape= in Python)") from None
 
 
 def _shape_hint(path: str) -> str:

@@ -74,14 +74,15 @@ def _unstructured_prune(saliency: np.ndarray, amount: float) -> np.ndarray:
 
 @obs.one_blas_thread
 def sparsegpt(W: np.ndarray, H: np.ndarray, pattern, damp: float = obs.DEFAULT_DAMP,
-              fixed: np.ndarray | None = None, frozen: int = 0) -> np.ndarray:
+              fixed: np.ndarray | None = None, frozen: int = 0, factor: np.ndarray | None = None) -> np.ndarray:
     """W (rows, cols) with the pattern's zeros and the kept weights updated, visiting columns in
     order. pattern.kind "n:m": groups of m consecutive columns; "unstructured": pattern.amount of
     every BLOCK columns; else `fixed` ((rows, cols) bool, True = pruned) gives the mask. The
-    last `frozen` columns (a bias column of ones) are never pruned but take updates."""
+    last `frozen` columns (a bias column of ones) are never pruned but take updates. `factor`:
+    `obs.upper_inverse_factor(H, damp)`, where the caller has it."""
     W = np.array(W, dtype=np.float64)
     rows, cols = W.shape
-    U = obs.upper_inverse_factor(H, damp)
+    U = obs.upper_inverse_factor(H, damp) if factor is None else factor
     pruned = np.zeros_like(W, dtype=bool) if fixed is None else np.array(fixed, dtype=bool)
     prunable = cols - frozen
     for start in range(0, cols, BLOCK):
@@ -180,8 +181,10 @@ def _fixed_mask(layer: Layer, w: np.ndarray, b, hessian, pattern, damp) -> np.nd
     return pruned
 
 
-def candidates(layer: Layer, w, b, hessian: np.ndarray, pattern, dampings) -> list:
-    """[(damping, sparsified (blocks, rows, cols) matrices)] of the layer's sweep, one per damping."""
+def candidates(layer: Layer, w, b, hessian: np.ndarray, pattern, dampings, factors: dict | None = None) -> list:
+    """[(damping, sparsified (blocks, rows, cols) matrices)] of the layer's sweep, one per damping.
+    `factors`: a dict the sweeps' inverse factors are kept in, by block and damping, for calls
+    against the same `hessian` (the low-rank term's rounds)."""
     mats = layer.matrices(w, b)
     width = mats.shape[2] - (layer.bias is not None)
     order = column_order(layer, width)
@@ -192,7 +195,11 @@ def candidates(layer: Layer, w, b, hessian: np.ndarray, pattern, dampings) -> li
         for k in range(layer.blocks):
             H = hessian[k][np.ix_(order, order)]
             mask = None if fixed is None else fixed[k][:, order]
-            new[k][:, order] = sparsegpt(mats[k][:, order], H, pattern, damp, mask, frozen=int(layer.bias is not None))
+            factor = None if factors is None else factors.get((k, damp))
+            if factors is not None and factor is None:
+                factor = factors[(k, damp)] = obs.upper_inverse_factor(H, damp)
+            new[k][:, order] = sparsegpt(mats[k][:, order], H, pattern, damp, mask,
+                                         frozen=int(layer.bias is not None), factor=factor)
         if pattern.kind == "unstructured":
             new = _within_quota(layer, new, hessian, pattern, damp)
         if np.all(np.isfinite(new)):
@@ -338,16 +345,19 @@ def _with_low_rank(layer: Layer, target, chosen, hessian, rank: int, held_error_
     what they leave of `target` (`spa.low_rank.fit`), kept where `held_error_of` falls (or without one).
     The sparse part and the term then alternate (`LOW_RANK_ROUNDS`): the pattern's sweep and refit
     for what the term leaves of the target, the term for what they leave, while the held-out error falls."""
+    from . import low_rank
+
     if not rank:
         return _weights_of(layer, chosen, w, b), how, None
     error_of = held_error_of or (lambda mats: 0.0)
-    best = _low_rank_term(layer, target, chosen, hessian, rank, error_of)
+    metric, factors = low_rank.metric(hessian[0], layer.bias is not None, damp), {}  # the same H every round
+    best = _low_rank_term(layer, target, chosen, hessian, rank, error_of, metric)
     if best is None or (held_error_of is not None and best[0] >= held_error_of(chosen)):
         return _weights_of(layer, chosen, w, b), how, None
     dampings = [damp * f for f in (DAMPING_PATH if held_error_of else (1.0,))]
     for _ in range(LOW_RANK_ROUNDS - 1):
-        sparse, dampings = _sparse_beside(layer, target, best[2], hessian, pattern, dampings, error_of, w, b)
-        term = None if sparse is None else _low_rank_term(layer, target, sparse, hessian, rank, error_of)
+        sparse, dampings = _sparse_beside(layer, target, best[2], hessian, pattern, dampings, error_of, w, b, factors)
+        term = None if sparse is None else _low_rank_term(layer, target, sparse, hessian, rank, error_of, metric)
         if term is None or (held_error_of is not None and term[0] >= best[0]):
             break
         best, how = term, "obs"
@@ -355,12 +365,14 @@ def _with_low_rank(layer: Layer, target, chosen, hessian, rank: int, held_error_
     return _weights_of(layer, sparse, w, b), how, (U, V, _weights_of(layer, folded, w, b))
 
 
-def _low_rank_term(layer: Layer, target, sparse, hessian, rank: int, error_of) -> tuple | None:
+def _low_rank_term(layer: Layer, target, sparse, hessian, rank: int, error_of, metric) -> tuple | None:
     """(held-out error, the sparse matrices with the term's bias part folded in, (U, V, the matrices with
-    the whole term folded in)) of the best rank-`rank` term for what `sparse` leaves of `target`."""
+    the whole term folded in)) of the best rank-`rank` term for what `sparse` leaves of `target`
+    (`metric`: `low_rank.metric` of the layer's H)."""
     from . import low_rank
 
-    U, V, bias_change = low_rank.fit(target[0] - sparse[0], hessian[0], rank, layer.bias is not None)
+    U, V, bias_change = low_rank.fit(target[0] - sparse[0], hessian[0], rank, layer.bias is not None,
+                                     factor=metric)
     if not (np.all(np.isfinite(U)) and np.all(np.isfinite(V))):
         return None
     folded = low_rank.as_matrices(sparse, U, V, bias_change)
@@ -370,9 +382,9 @@ def _low_rank_term(layer: Layer, target, sparse, hessian, rank: int, error_of) -
     return error_of(folded), with_bias, (U, V, folded)
 
 
-def _sparse_beside(layer: Layer, target, term, hessian, pattern, dampings, error_of, w, b) -> tuple:
+def _sparse_beside(layer: Layer, target, term, hessian, pattern, dampings, error_of, w, b, factors) -> tuple:
     """(the best sparse matrices for what the term (U, V, _) leaves of `target`, [the damping they took]):
-    the sweep along `dampings` and the refit, judged with the term in place."""
+    the sweep along `dampings` and the refit, judged with the term in place (`factors`: `candidates`')."""
     from . import low_rank
 
     U, V, _ = term
@@ -380,7 +392,7 @@ def _sparse_beside(layer: Layer, target, term, hessian, pattern, dampings, error
     rest[0, :, :V.shape[1]] -= U @ V
     scored = [(error_of(low_rank.as_matrices(m, U, V, None)), d, m) for d, m in
               ((d, refitted(layer, rest, hessian, m, d)) for d, m in
-               candidates(layer, *_as_weights(layer, rest, w, b), hessian, pattern, dampings))]
+               candidates(layer, *_as_weights(layer, rest, w, b), hessian, pattern, dampings, factors))]
     if not scored:
         return None, dampings
     _, damp, sparse = min(scored, key=lambda t: t[0])
@@ -493,9 +505,10 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
     if rank:
         from .low_rank import added
         progress(f"low-rank terms of rank {rank}: {len(branches)} of {len(layers)} layers took one "
-                 f"({added(branches)} dense weights)" + ("; the others have no branch form (integer, grouped, weight on the left), would hold "
-                               "as many weights as their zeros, or did not reproduce their outputs better on "
-                               "held-out inputs" if len(branches) < len(layers) else ""))
+                 f"({added(branches)} dense weights)" +
+                 ("; the others have no branch form (integer, grouped, weight on the left), would hold as many "
+                  "weights as their zeros, or did not reproduce their outputs better on held-out inputs"
+                  if len(branches) < len(layers) else ""))
     return weights, shared_shapes(model, every), branches
 
 

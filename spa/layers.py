@@ -73,6 +73,13 @@ class Layer:
         column = np.asarray(b, dtype=np.float64).reshape(self.blocks, -1, 1) * self.bias_scale
         return np.concatenate([mats, column], axis=2)
 
+    def matrix_shape(self, w_shape) -> tuple[int, int]:
+        """(d_out, d_in) of each block's matrix for a weight of `w_shape`, bias column aside (what
+        `matrices` gives, without reading the weight)."""
+        if self.kind == "conv":
+            return w_shape[0] // self.blocks, int(np.prod(w_shape[1:]))
+        return (w_shape[1], w_shape[0]) if self.kind == "dense_t" else (w_shape[0], w_shape[1])
+
     def from_matrices(self, mats: np.ndarray, w_shape, w_dtype, b_shape, b_dtype):
         if self.bias is not None:
             bias = (mats[:, :, -1].reshape(b_shape) / self.bias_scale).astype(b_dtype)

@@ -28,9 +28,10 @@ def metric_error(E, D, H):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_fit_is_the_best_rank_r_term_in_the_inputs_metric(bias):
+@pytest.mark.parametrize("out,cols", [(4, 5), (7, 3)])  # the error wider or taller: either Gram matrix
+def test_fit_is_the_best_rank_r_term_in_the_inputs_metric(bias, out, cols):
     rng = np.random.default_rng(0)
-    out, cols, rank = 4, 5, 2
+    rank = 2
     H = inputs_metric(60, cols, rng, bias)
     E = rng.standard_normal((out, cols + bias))
     U, V, change = low_rank.fit(E, H, rank, bias, damp=0.0)

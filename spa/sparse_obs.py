@@ -166,30 +166,31 @@ def column_order(layer: Layer, width: int) -> np.ndarray:
     return np.concatenate([order, np.arange(channels * kk, width + (layer.bias is not None))])
 
 
-def _fixed_mask(layer: Layer, w: np.ndarray, b, hessian, pattern, damp) -> np.ndarray:
-    """k-of-n (any pattern chosen once): the pattern's mask of the OBS saliency, as (blocks, rows,
-    cols) in matrix order, True = pruned (never the bias column)."""
+def _fixed_mask(layer: Layer, mats: np.ndarray, w_shape, hessian, pattern, damp) -> np.ndarray:
+    """k-of-n (any pattern chosen once): the pattern's mask of the OBS saliency of the layer's
+    matrices (its weight of `w_shape`), as (blocks, rows, cols) in matrix order, True = pruned
+    (never the bias column)."""
     from .sparsity import layer_mask
 
-    mats = layer.matrices(w, b)
     sal = np.stack([saliency(mats[k], hessian[k], damp) for k in range(layer.blocks)])
     plain = dataclasses.replace(layer, bias=None, scale=1.0)
     width = sal.shape[2] - (layer.bias is not None)
-    scores = plain.from_matrices(sal[:, :, :width], np.shape(w), np.float64, None, None)[0]
-    pruned = plain.matrices(~layer_mask(np.asarray(w), layer, pattern, scores=np.sqrt(scores)), None) != 0
+    scores = plain.from_matrices(sal[:, :, :width], w_shape, np.float64, None, None)[0]
+    pruned = plain.matrices(~layer_mask(scores, layer, pattern, scores=np.sqrt(scores)), None) != 0
     if layer.bias is not None:
         pruned = np.concatenate([pruned, np.zeros(pruned.shape[:2] + (1,), dtype=bool)], axis=2)
     return pruned
 
 
-def candidates(layer: Layer, w, b, hessian: np.ndarray, pattern, dampings, factors: dict | None = None) -> list:
-    """[(damping, sparsified (blocks, rows, cols) matrices)] of the layer's sweep, one per damping.
-    `factors`: a dict the sweeps' inverse factors are kept in, by block and damping, for calls
-    against the same `hessian` (the low-rank term's rounds)."""
-    mats = layer.matrices(w, b)
+def candidates(layer: Layer, mats: np.ndarray, w_shape, hessian: np.ndarray, pattern, dampings,
+               factors: dict | None = None) -> list:
+    """[(damping, sparsified (blocks, rows, cols) matrices)] of the sweep of the layer's matrices
+    `mats` (its weight of `w_shape`), one per damping. `factors`: a dict the sweeps' inverse factors
+    are kept in, by block and damping, for calls against the same `hessian` (the low-rank term's rounds)."""
     width = mats.shape[2] - (layer.bias is not None)
     order = column_order(layer, width)
-    fixed = None if pattern.kind in ("n:m", "unstructured") else _fixed_mask(layer, w, b, hessian, pattern, dampings[0])
+    fixed = None if pattern.kind in ("n:m", "unstructured") else \
+        _fixed_mask(layer, mats, w_shape, hessian, pattern, dampings[0])
     out = []
     for damp in dampings:
         new = np.empty_like(mats)
@@ -315,7 +316,7 @@ def sparsify_layer(layer: Layer, w, b, hessian, held, pattern, damp=obs.DEFAULT_
     mats = layer.matrices(w, b)
     held_error_of = _held_judge(mats, held, held_cross) if judge else None
     target = mats if cross is None else reference_target(mats, hessian[1], cross, damp, held_error_of)
-    options = candidates(layer, *_as_weights(layer, target, w, b), hessian[1], pattern,
+    options = candidates(layer, target, np.shape(w), hessian[1], pattern,
                          [damp * f for f in (DAMPING_PATH if judge else (1.0,))])
     if not options:
         return _weights_of(layer, magnitude(layer, w, b, pattern), w, b), "magnitude", None
@@ -395,17 +396,11 @@ def _sparse_beside(layer: Layer, target, term, hessian, pattern, dampings, error
     rest[0, :, :V.shape[1]] -= U @ V
     scored = [(error_of(low_rank.as_matrices(m, U, V, None)), d, m) for d, m in
               ((d, refitted(layer, rest, hessian, m, d)) for d, m in
-               candidates(layer, *_as_weights(layer, rest, w, b), hessian, pattern, dampings, factors))]
+               candidates(layer, rest, np.shape(w), hessian, pattern, dampings, factors))]
     if not scored:
         return None, dampings
     _, damp, sparse = min(scored, key=lambda t: t[0])
     return sparse, [damp]
-
-
-def _as_weights(layer: Layer, mats: np.ndarray, w, b) -> tuple:
-    """(weight, bias) values of a layer's matrices, shaped as w and b."""
-    new = _weights_of(layer, mats, w, b)
-    return new[layer.weight], new.get(layer.bias) if layer.bias else None
 
 
 def _check_width(layer: Layer, weight_shape, x, feeds) -> None:

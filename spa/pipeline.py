@@ -29,7 +29,7 @@ from .report import removed_by_kind, removed_text
 from .rewrite import rewrite
 from .selection import Target, integer_rounding_note, nothing_prunable, select
 from .paths import staging_folder
-from .runtime import batch_size, declared_inputs, feed_shapes, is_float, sample_count, session
+from .runtime import LARGER_SIZES, batch_size, declared_inputs, feed_shapes, is_float, sample_count, session
 from .verify import available_memory, runs, session_fits, validate
 
 
@@ -326,6 +326,7 @@ def calibration_inputs(model: onnx.ModelProto, cal: Calibration, progress=_quiet
     cal = with_tokenizer(model, cal, progress)  # one found beside the model: taken (announced) or dropped
     cal = with_text_config(model, cal, progress)  # a PaddleOCR config's text images: the same
     asked, cal = cal, default_source(model, with_judged_text(model, cal, progress), progress)
+    cal = _at_sizes_it_runs(model, cal, progress)
     capped, budget = cal.samples is None, CALIBRATION_MACS
     default = next((s for s in samples if s.applies(model, cal)), None) if capped else None
     if default:
@@ -655,31 +656,88 @@ def _memory_needed(model: onnx.ModelProto, feeds: dict) -> tuple[str, float]:
 
 def _runs_at(model: onnx.ModelProto, shapes: dict | None, progress=_quiet) -> dict | None:
     """`shapes` (the sizes generated calibration would take) where the model runs on them (one
-    sample), else None: a run without calibration then counts and verifies where it always did, as
-    does a model too big to run for that (over graph.PROBE_LIMIT of weights). The run is forked: at
-    sizes the model was not made for it can die (attention over every pixel of a 224x224 map asks
-    for 20 GB, and the OS kills the process), which is then said instead of taking the command along."""
-    from .graph import PROBE_LIMIT, ChildDied, death_cause, in_child_process
-    from .runtime import random_inputs
+    sample); where it does not, the same with their placeholder sizes (16, 32: nobody declared them)
+    at the first of LARGER_SIZES it runs at, announced; else None: a run without calibration then
+    counts and verifies where it always did, as does a model too big to run for that (over
+    graph.PROBE_LIMIT of weights). The runs are forked: at sizes the model was not made for it can
+    die (attention over every pixel of a 224x224 map asks for 20 GB, and the OS kills the process),
+    which is then said instead of taking the command along."""
+    from .graph import PROBE_LIMIT
 
     if not shapes or weight_bytes(model) > PROBE_LIMIT:
         return None
+    sizes = _sizes_text(shapes)
+    ran = _runs_once(model, shapes, "at the sizes generated calibration takes", progress)
+    if ran is not False:
+        return shapes if ran else None
+    for size in LARGER_SIZES:
+        larger = _placeholders_at(model, shapes, size)
+        if larger == shapes:
+            return None  # no placeholder size to grow
+        ran = _runs_once(model, larger, f"at {size}, where it does not run at the sizes generated calibration "
+                                        f"takes ({sizes})", progress)
+        if ran:
+            progress(f"the model does not run at the sizes generated inputs take ({sizes}): they take "
+                     f"{_sizes_text(larger)} instead, the first larger size it runs at (calibration, MACs and "
+                     "verification); --input-shape gives the sizes it is used at")
+            return larger
+        if ran is None:
+            return None
+    return None
+
+
+def _at_sizes_it_runs(model: onnx.ModelProto, cal: Calibration, progress) -> Calibration:
+    """`cal`, or where its generated inputs would take a placeholder size the model does not run at
+    (silero-vad: frames of 16 samples, where it takes 256 and more), the same at the sizes
+    `_runs_at` finds instead."""
+    if cal.shapes or not is_generated(cal.source):
+        return cal
+    shapes = generated_shapes(model, cal)
+    if not shapes or _placeholders_at(model, shapes, LARGER_SIZES[0]) == shapes:
+        return cal
+    ran = _runs_at(model, shapes, progress)
+    return cal if ran is None or ran == shapes else dataclasses.replace(cal, shapes=ran)
+
+
+def _sizes_text(shapes: dict) -> str:
+    return ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in shapes.items())
+
+
+def _runs_once(model: onnx.ModelProto, shapes: dict, where: str, progress) -> bool | None:
+    """Whether the model runs once on random inputs of `shapes`; None (said) where that would take too much
+    memory or onnxruntime died trying (forked: at sizes the model was not made for it can die)."""
+    from .graph import ChildDied, death_cause, in_child_process
+    from .runtime import random_inputs
+
     feeds = random_inputs(model, shapes=shapes)
-    sizes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in shapes.items())
     node, needed = _memory_needed(model, feeds)
     available = available_memory()
     if needed > MEMORY_SHARE * available:
-        progress(f"not running the model once at the sizes generated calibration takes ({sizes}): {node} would read "
-                 f"and write {_sized(needed)} of the {_sized(available)} of memory available; MACs are counted and the "
+        progress(f"not running the model once {where} ({_sizes_text(shapes)}): {node} would read and write "
+                 f"{_sized(needed)} of the {_sized(available)} of memory available; MACs are counted and the "
                  "output verified at smaller sizes; --input-shape gives the sizes it is used at")
         return None
     try:
-        return shapes if in_child_process(lambda: runs(model, feeds)) else None
+        return in_child_process(lambda: runs(model, feeds))
     except ChildDied as died:
-        progress(f"onnxruntime {death_cause(died.exitcode)} running the model once at the sizes generated "
-                 f"calibration takes ({sizes}): MACs are counted and the output verified at smaller sizes; "
-                 "--input-shape gives the sizes it is used at")
+        progress(f"onnxruntime {death_cause(died.exitcode)} running the model once {where} ({_sizes_text(shapes)}): "
+                 "MACs are counted and the output verified at smaller sizes; --input-shape gives the sizes it is "
+                 "used at")
         return None
+
+
+def _placeholders_at(model: onnx.ModelProto, shapes: dict, size: int) -> dict:
+    """`shapes` ({input: shape}) with every symbolic size that is not a batch and is below LARGER_SIZES[0]
+    (a placeholder: nobody declared it) set to `size`."""
+    from .runtime import batch_names
+
+    declared = {name: dims for name, dims, _ in declared_inputs(model)}
+    batch = batch_names(declared.values())
+
+    def placeholder(k, d, n):
+        return k and not isinstance(d, int) and d not in batch and 1 < n < LARGER_SIZES[0]
+    return {name: tuple(size if placeholder(k, d, n) else n for k, (d, n) in enumerate(zip(declared.get(name, shape), shape)))
+            for name, shape in shapes.items()}
 
 
 def _calibration(source, samples: int | None, seed: int) -> Calibration:

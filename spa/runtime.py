@@ -42,6 +42,9 @@ FLOATS = (TensorProto.FLOAT, *OTHER_FLOATS)  # the ONNX float element types SPA 
 
 
 DEFAULT_DIM = 32  # the size of a symbolic input dim nobody gave (verification, reports)
+# symbolic sizes tried, smallest first, where a model does not run at the placeholder size (16, 32) of a
+# size nobody gave: silero-vad's voice detectors take frames of 256 or 512 samples
+LARGER_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
 @functools.cache

@@ -14,7 +14,8 @@ from .graph import outer_scope_inputs, sort_topologically
 from .plan import Plan
 from .quant import at_zero_point, is_integer_weight
 from .rewrite import filled
-from .runtime import _NP_TYPES, DEFAULT_DIM, feed_shapes, is_float, onnxruntime_onnx_ops, random_inputs, run, session
+from .runtime import (_NP_TYPES, DEFAULT_DIM, LARGER_SIZES, feed_shapes, is_float, onnxruntime_onnx_ops,
+                      random_inputs, run, session)
 
 def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelProto | None = None,
              pieces: bool = False, original: str | None = None, shapes: dict | None = None) -> None:
@@ -26,6 +27,7 @@ def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelPr
     pruned model fails to run on them, the `original` model file is run on them too, so that
     inputs the model never takes are not reported as a broken pruned model."""
     stage = "onnx checker / strict shape inference"
+    generated = feeds is None
     try:
         _check(source, original)
         stage = "onnxruntime"
@@ -43,8 +45,19 @@ def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelPr
                           "model's float16/bfloat16/float64 ops (the written model keeps its types)", SpaWarning)
     except Exception as exc:
         if stage == "onnxruntime" and original is not None:
-            _original_fails_too(original, feeds, shapes)
-        raise SpaError(f"pruned model failed {stage}: {first_line(exc, 300)}") from None
+            larger = _larger_size_it_runs(original, model, shapes) if generated and not pieces else None
+            if larger is None:
+                _original_fails_too(original, feeds, shapes)
+            else:
+                feeds = larger
+                try:
+                    sess = session(source, quiet=True)
+                    outputs = sess.run(None, feeds)
+                except Exception as again:
+                    raise SpaError(f"pruned model failed onnxruntime ({feed_shapes(feeds)}, where the original model "
+                                   f"runs): {first_line(again, 300)}") from None
+        else:
+            raise SpaError(f"pruned model failed {stage}: {first_line(exc, 300)}") from None
     _check_finite(outputs, lambda: run_in_pieces(source, feeds) if pieces else sess.run(None, feeds),
                   lambda: model or (onnx.load(source, load_external_data=False) if isinstance(source, str)
                                     else onnx.load_from_string(source)),
@@ -119,12 +132,44 @@ def checker_error(path: str) -> str | None:
 
 
 def runs(source, feeds: dict) -> bool:
-    """Whether onnxruntime runs `source` (a path or a ModelProto) on `feeds`."""
+    """Whether onnxruntime runs `source` (a path, a ModelProto or a session) on `feeds`."""
     try:
-        session(source, quiet=True).run(None, feeds)
+        (source if hasattr(source, "run") else session(source, quiet=True)).run(None, feeds)
         return True
     except Exception:
         return False
+
+
+PROBE_ELEMENTS = 1 << 22  # input elements past which `_larger_size_it_runs` stops trying larger sizes
+
+
+def _larger_size_it_runs(original: str, model: onnx.ModelProto, shapes) -> dict | None:
+    """Random inputs at the first of LARGER_SIZES for the symbolic sizes not in `shapes` that the
+    `original` model file runs on (announced, with the flags that give it), or None: it runs on none,
+    it does not load, it has no symbolic size to change, or it is too big to probe."""
+    from .graph import PROBE_LIMIT, weight_bytes
+
+    if model is None or weight_bytes(onnx.load(original, load_external_data=False)) > PROBE_LIMIT:
+        return None
+    default = random_inputs(model, shapes=shapes)
+    try:
+        sess = session(original, quiet=True)
+    except Exception:
+        return None
+    for size in LARGER_SIZES:
+        feeds = random_inputs(model, shapes=shapes, default_dim=size)
+        if all(np.shape(feeds[n]) == np.shape(default[n]) for n in feeds):
+            return None  # no symbolic size to change
+        if sum(np.size(v) for v in feeds.values()) > PROBE_ELEMENTS:
+            return None  # an image at 4096 x 4096: not a size to guess
+        if runs(sess, feeds):
+            flags = " ".join(f"--input-shape {n}={'x'.join(map(str, np.shape(v)))}" for n, v in feeds.items()
+                             if np.ndim(v) and np.shape(v) != np.shape(default[n]))
+            warnings.warn(f"the original model does not run on the verification inputs at symbolic size "
+                          f"{DEFAULT_DIM} ({feed_shapes(default)}); verified at {size} ({feed_shapes(feeds)}) instead, "
+                          f"where it runs ({flags} sets the sizes)", SpaWarning)
+            return feeds
+    return None
 
 
 def _original_fails_too(original: str, feeds: dict, shapes) -> None:

@@ -403,6 +403,31 @@ def only_at(size):
     return b.model()
 
 
+def at_least(length):
+    """A [batch, n] signal that runs only where n >= `length` (a Conv whose kernel is that long, no padding),
+    as silero-vad's frames do past 256 samples."""
+    b = Builder()
+    x = b.op("Unsqueeze", [b.input(["batch", "n"]), b.const(np.array([1]))])
+    y = b.op("Relu", [b.op("Conv", [x, b.weight(8, 1, length), b.weight(8)])])
+    b.output(b.op("ReduceMean", [b.op("Conv", [y, b.weight(4, 8, 1), b.weight(4)])], axes=[2], keepdims=0))
+    return b.model()
+
+
+def test_a_size_nobody_declared_grows_until_the_model_runs(tmp_path, capsys):
+    """Generated inputs fill an undeclared size with a placeholder (16 samples here, 32 for verification); a model
+    that does not run there is calibrated, counted and verified at the first larger size it runs at, announced."""
+    path, out = saved(tmp_path, at_least(48)), tmp_path / "o.onnx"
+    assert spa("prune", path, "-o", out, "--ratio", "0.5") == 0
+    err = capsys.readouterr().err
+    assert "the model does not run at the sizes generated inputs take (input 1x16): they take input 1x64 instead, " \
+           "the first larger size it runs at (calibration, MACs and verification)" in err, err
+    assert "obspa cannot serve" not in err and "(at the input sizes calibration takes, input 1x64;" in err
+    assert spa("sparsify", path, "-o", tmp_path / "s.onnx", "--criterion", "l1", "-q") == 0
+    assert "the original model does not run on the verification inputs at symbolic size 32 (input 1x32); verified " \
+           "at 64 (input 1x64) instead, where it runs (--input-shape input=1x64 sets the sizes)" in capsys.readouterr().err
+    assert os.path.exists(out) and os.path.exists(tmp_path / "s.onnx")
+
+
 def test_the_input_shape_hint_sets_the_batch_to_one_wherever_it_stands_and_skips_scalars(tmp_path):
     from spa.runtime import shapes_text
     from spa.verify import _shape_hint

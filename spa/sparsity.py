@@ -336,10 +336,11 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     g = Graph(model)
     layers, skipped = eligible_layers(g, pattern)
     if not layers:
-        inside = subgraph_weights(model)
+        inside, read = subgraph_weights(model), _weights_read_inside(model)
         why = "; ".join(sorted({s["reason"] for s in skipped})) or "no Conv, Gemm or MatMul has a constant weight" + (
             f" outside control-flow bodies ({sum(inside.values())} weights inside {', '.join(inside)}, which SPA "
-            "does not rewrite)" if inside else "")
+            "does not rewrite)" if inside else f" read outside control-flow bodies ({sum(read.values())} weights are "
+            f"read inside {', '.join(read)}, which SPA does not rewrite)" if read else "")
         raise SpaError(f"no layer can take pattern {pattern}: {why}")
     check_recovery(recover, recover_lr, model=model)
     if not isinstance(low_rank, int) or isinstance(low_rank, bool) or low_rank < 0:
@@ -386,6 +387,20 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     if compressed:
         report["zipped_bytes"] = {"before": zipped_size(given), "after": zipped_size(out)}
     return out, report
+
+
+def _weights_read_inside(model: onnx.ModelProto) -> dict:
+    """{"If 'name'": count} of the top-level float initializers of rank 2 or more that each control-flow
+    node's subgraphs read (silero-vad's `op18_ifless` export keeps its weights outside the If that uses them)."""
+    from .graph import FLOATS, outer_scope_inputs
+
+    weights = {t.name for t in model.graph.initializer if len(t.dims) >= 2 and t.data_type in FLOATS}
+    found = {}
+    for k, node in enumerate(model.graph.node):
+        read = outer_scope_inputs(node) & weights
+        if read:
+            found[f"{node.op_type} '{node.name or '#' + str(k)}'"] = len(read)
+    return found
 
 
 def _recovered(model, sparse, calibration, recover: int | str, lr: float | None,

@@ -197,6 +197,13 @@ def test_a_model_whose_weights_sit_inside_control_flow_says_so(tmp_path, capsys)
     _expect_error(capsys, ["sparsify", path, "-o", out, "--pattern", "2:4", "-q"],
                   "outside control-flow bodies (2 weights inside If 'by_rate', which SPA does not rewrite)",
                   out=str(out))
+    for attribute in model.graph.node[0].attribute:  # the weights outside, read inside (silero-vad's op18_ifless)
+        model.graph.initializer.append(attribute.g.initializer.pop())
+    assert not onnx.checker.check_model(model, full_check=True)
+    _expect_error(capsys, ["sparsify", saved(tmp_path, model), "-o", out, "--pattern", "2:4", "-q"],
+                  "no layer can take pattern 2:4: no Conv, Gemm or MatMul has a constant weight read outside "
+                  "control-flow bodies (2 weights are read inside If 'by_rate', which SPA does not rewrite)",
+                  out=str(out))
 
 
 # 2. --labels, --global ----------------------------------------------------------------------------

@@ -210,6 +210,35 @@ def eligible_layers(g, pattern: Pattern) -> tuple[list, list]:
         else:
             weight = g.aliases[layer.weight][3] if layer.weight in g.aliases else layer.weight
             skipped.append({"name": g.node_name(layer.node), "weight": weight, "reason": reason})
+    inside, skipped_inside = _body_layers(g, pattern, {l.weight for l in weighted_layers(g)})
+    return layers + inside, skipped + skipped_inside
+
+
+def _body_layers(g, pattern: Pattern, read_outside: set) -> tuple[list, list]:
+    """eligible_layers' (layers, skipped) inside control-flow bodies (spa.control_flow.body_layers): a
+    weight several of them read is sparsified once where they all read it alike (optimum's merged
+    decoders read each weight in both branches of an If); one a top-level layer reads too is left."""
+    from .control_flow import body_layers
+
+    by_weight: dict = {}
+    for layer in body_layers(g):
+        by_weight.setdefault(layer.weight, []).append(layer)
+    layers, skipped = [], []
+    for weight, readers in by_weight.items():
+        layer = readers[0]
+        shape = float_shape(g, weight)
+        reason = f"weight {weight} is also read outside the control-flow body" if weight in read_outside else \
+            f"weight {weight} is read by {len(readers)} nodes in different ways" if \
+            any((r.kind, r.in_axis, r.blocks, r.kernel) != (layer.kind, layer.in_axis, layer.blocks, layer.kernel)
+                for r in readers) else \
+            f"weight is {np.asarray(g.consts[weight]).dtype}, not float16/32/64" if \
+            np.asarray(g.consts[weight]).dtype not in FLOAT_TYPES else \
+            f"contracted axis of {contracted_length(shape, layer)} weights is not a multiple of {pattern.m}" if \
+            pattern.kind == "n:m" and contracted_length(shape, layer) % pattern.m else None
+        if reason is None:
+            layers.append(layer)
+        else:
+            skipped.append({"name": layer.inside, "weight": weight, "reason": reason})
     return layers, skipped
 
 
@@ -260,16 +289,28 @@ def _dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
 def sparsity_report(model: onnx.ModelProto) -> list:
     """Per weighted layer: name, op, weight, shape, zeros (fraction) and the N:M patterns (2:4,
     1:4, 4:8) its weight conforms to along its contracted axis."""
+    from .control_flow import body_layers, has_bodies, lifted
     from .graph import Graph
 
-    g = Graph(densified(model))
+    model = densified(model)
+    g = Graph(lifted(model)[0] if has_bodies(model) else model)
+    inside = {}  # a weight both branches of an If read: one row
+    for layer in body_layers(g):
+        inside.setdefault(layer.weight, layer)
     rows = []
-    for layer in weighted_layers(g):
+    for layer in weighted_layers(g) + list(inside.values()):
         w = np.asarray(layer_value(g, layer.weight))
-        rows.append({"name": g.node_name(layer.node), "op": g.nodes[layer.node].op_type, "weight": layer.weight,
+        rows.append({**_name_and_op(g, layer), "weight": layer.weight,
                      "shape": list(w.shape), "zeros": float(np.mean(w == 0)) if w.size else 0.0,
                      "n_m": [f"{n}:{m}" for n, m in REPORTED_N_M if _conforms_n_m(w, layer, n, m)]})
     return rows
+
+
+def _name_and_op(g, layer: Layer) -> dict:
+    """A layer's node name and op type for reports (a layer inside a control-flow body: its own node's)."""
+    if layer.inside:
+        return {"name": layer.inside, "op": layer.inside.rsplit(" / ", 1)[1].split(" ", 1)[0]}
+    return {"name": g.node_name(layer.node), "op": g.nodes[layer.node].op_type}
 
 
 def _conforms_n_m(w, layer, n, m) -> bool:
@@ -325,6 +366,7 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     low_rank: obs also fits a dense rank-`low_rank` term beside each float MatMul, Gemm and Conv layer
     (`spa.low_rank`), written as a branch added to the layer's output (the pattern's zeros stay exact),
     where it reproduces the layer's outputs better on held-out inputs; report["low_rank"] counts it."""
+    from .control_flow import has_bodies, lifted
     from .graph import Graph, subgraph_weights
     from .pipeline import check_recovery
 
@@ -333,14 +375,19 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     if storage not in ("dense", "sparse"):
         raise SpaError(f"storage must be dense or sparse, got {storage!r}")
     given, model = model, densified(model)
+    model, lifted_count = lifted(model) if has_bodies(model) else (model, 0)
     g = Graph(model)
     layers, skipped = eligible_layers(g, pattern)
+    if lifted_count and any(l.inside for l in layers):
+        progress(f"{lifted_count} weights that layers inside control-flow bodies read moved to the top-level "
+                 "initializers, values unchanged, to be rewritten there")
     if not layers:
         inside, read = subgraph_weights(model), _weights_read_inside(model)
         why = "; ".join(sorted({s["reason"] for s in skipped})) or "no Conv, Gemm or MatMul has a constant weight" + (
-            f" outside control-flow bodies ({sum(inside.values())} weights inside {', '.join(inside)}, which SPA "
-            "does not rewrite)" if inside else f" read outside control-flow bodies ({sum(read.values())} weights are "
-            f"read inside {', '.join(read)}, which SPA does not rewrite)" if read else "")
+            f", here or inside control-flow bodies ({sum(inside.values())} weights inside {', '.join(inside)} are read "
+            "by other ops, which SPA does not rewrite)" if inside else f", here or inside control-flow bodies "
+            f"({sum(read.values())} weights are read inside {', '.join(read)} by other ops, which SPA does not "
+            "rewrite)" if read else "")
         raise SpaError(f"no layer can take pattern {pattern}: {why}")
     check_recovery(recover, recover_lr, model=model)
     if not isinstance(low_rank, int) or isinstance(low_rank, bool) or low_rank < 0:
@@ -353,6 +400,10 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
         raise SpaError("--low-rank fits its term on calibration inputs with obs, which is not taken here (the model "
                        "does not fit in memory whole): give --calibration to take it")
     progress(f"sparsifying {len(layers)} layers to {pattern} ({criterion})")
+    inside = sum(1 for l in layers if l.inside)
+    if inside and criterion == "obs":
+        progress(f"{inside} of them inside control-flow bodies take magnitude masks (l1): OBS reads a layer's "
+                 "inputs, which onnxruntime does not give from inside a body")
     try:
         new_values, ran_at, branches = _new_values(model, g, layers, pattern, criterion, calibration, progress,
                                                    low_rank)
@@ -391,7 +442,8 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
 
 def _weights_read_inside(model: onnx.ModelProto) -> dict:
     """{"If 'name'": count} of the top-level float initializers of rank 2 or more that each control-flow
-    node's subgraphs read (silero-vad's `op18_ifless` export keeps its weights outside the If that uses them)."""
+    node's subgraphs read (silero-vad's `op18_ifless` export keeps its weights outside the If that uses them;
+    `spa.control_flow.lifted` moves there those its layers read)."""
     from .graph import FLOATS, outer_scope_inputs
 
     weights = {t.name for t in model.graph.initializer if len(t.dims) >= 2 and t.data_type in FLOATS}
@@ -420,9 +472,13 @@ def _recovered(model, sparse, calibration, recover: int | str, lr: float | None,
 def _new_values(model, g, layers, pattern, criterion, calibration, progress, rank=0) -> tuple[dict, dict | None, list]:
     """({name: new value}, the input sizes the calibration ran at: None with l1, which runs nothing,
     [(Layer, U, V)] low-rank branches of rank `rank`: obs only)."""
-    if criterion == "obs":
+    inside = [l for l in layers if l.inside]
+    if criterion == "obs" and len(inside) < len(layers):
         from .sparse_obs import obs_sparsify
-        return obs_sparsify(model, layers, pattern, calibration, progress, graph=g, rank=rank)
+        values, ran_at, branches = obs_sparsify(model, [l for l in layers if not l.inside], pattern, calibration,
+                                                progress, graph=g, rank=rank)
+        values.update(_new_values(model, g, inside, pattern, "l1", calibration, progress)[0])
+        return values, ran_at, branches
     values = {}
     for layer in layers:
         w = np.asarray(layer_value(g, layer.weight))
@@ -482,7 +538,7 @@ def _layer_rows(g, layers, values) -> list:
     for layer in layers:
         before = np.asarray(layer_value(g, layer.weight))
         after = np.asarray(as_float(g, layer.weight, np.asarray(values[layer.weight])))
-        rows.append({"name": g.node_name(layer.node), "op": g.nodes[layer.node].op_type, "weight": layer.weight,
+        rows.append({**_name_and_op(g, layer), "weight": layer.weight,
                      "shape": list(before.shape), "zeros_before": float(np.mean(before == 0)),
                      "zeros_after": float(np.mean(after == 0)),
                      "n_m": [f"{n}:{m}" for n, m in REPORTED_N_M if _conforms_n_m(after, layer, n, m)]})

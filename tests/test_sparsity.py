@@ -382,6 +382,70 @@ def test_weights_held_in_constant_nodes_are_sparsified_in_place():
     onnx.checker.check_model(sparse, full_check=True)
 
 
+def if_model():
+    """An If whose branches read their layer weights three ways: a branch initializer, a branch Constant
+    node (silero-vad's whole network sits in such an If) and a top-level initializer both branches read
+    (optimum's merged decoders); x [1, 8] -> [1, 4] either way."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    shared = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "shared")
+
+    def branch(name):
+        own = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), f"{name}_own")
+        constant = helper.make_node("Constant", [], [f"{name}_constant"],
+                                    value=numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32)))
+        nodes = [constant, helper.make_node("MatMul", ["x", "shared"], [f"{name}_a"], name=f"{name}_shared"),
+                 helper.make_node("Relu", [f"{name}_a"], [f"{name}_b"]),
+                 helper.make_node("MatMul", [f"{name}_b", f"{name}_constant"], [f"{name}_c"], name=f"{name}_const"),
+                 helper.make_node("MatMul", [f"{name}_c", f"{name}_own"], [f"{name}_y"], name=f"{name}_own")]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT,
+                                                                                 [1, 4])], [own])
+    node = helper.make_node("If", ["cond"], ["y"], name="branches", then_branch=branch("then"),
+                            else_branch=branch("else"))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+                                            helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [shared])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _branch_output(weights, x, branch):
+    """What `branch` of if_model computes with `weights` ({name: value})."""
+    return np.maximum(x @ weights["shared"], 0) @ weights[f"{branch}_constant"] @ weights[f"{branch}_own"]
+
+
+def test_layers_inside_control_flow_bodies_are_sparsified():
+    """Fine-grained masks change values only: the weights a body reads move to the top level (values unchanged)
+    and take magnitude masks; the weight both branches read is masked once. The default criterion says that
+    these layers take l1, and the written model computes exactly what its masked weights give."""
+    said = []
+    sparse, report = sparsify(if_model(), parse_pattern("2:4"), progress=said.append)
+    assert sorted(r["weight"] for r in report["layers"]) == ["else_constant", "else_own", "shared", "then_constant",
+                                                             "then_own"]
+    assert "branches / MatMul 'then_own'" in {r["name"] for r in report["layers"]}
+    assert any(m.startswith("5 of them inside control-flow bodies take magnitude masks (l1)") for m in said), said
+    onnx.checker.check_model(sparse, full_check=True)
+    weights = {t.name: numpy_helper.to_array(t) for t in sparse.graph.initializer}
+    for name, value in weights.items():
+        assert conforms(value, _dense_t_layer(name), parse_pattern("2:4")), name
+    x = np.random.default_rng(1).standard_normal((1, 8)).astype(np.float32)
+    run = ort.InferenceSession(sparse.SerializeToString())
+    for cond, branch in ((True, "then"), (False, "else")):
+        got = run.run(None, {"x": x, "cond": np.array(cond)})[0]
+        assert np.allclose(got, _branch_output(weights, x, branch), atol=1e-5)
+    rows = sparsity_report(sparse)  # `spa analyze --sparsity`: the weight both branches read once
+    assert len(rows) == 5 and all(r["n_m"][0] == "2:4" and r["op"] == "MatMul" for r in rows), rows
+    assert len(sparsity_report(if_model())) == 5  # before: the branches' own constants read where they are
+    shared = numpy_helper.to_array(if_model().graph.initializer[0])
+    keep = layer_mask(shared, _dense_t_layer("shared"), parse_pattern("2:4"))
+    assert np.array_equal(weights["shared"], np.where(keep, shared, 0))  # the magnitude mask
+
+
+def _dense_t_layer(weight):
+    from spa.layers import Layer
+    return Layer(0, weight, 0, "x", "dense_t")
+
+
 def test_default_criterion_is_obs_announced():
     said = []
     _, report = sparsify(conv_model(), parse_pattern("2:4"), progress=said.append)

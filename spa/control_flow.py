@@ -1,0 +1,134 @@
+"""Layers inside control-flow bodies: If branches, Loop and Scan bodies.
+
+silero-vad keeps its whole network inside an If (one branch per sample rate), optimum's merged decoders
+read every weight inside one, tf2onnx writes Keras LSTMs as Loops. Their channels are not analysed (a
+control-flow node is a boundary of the coupling analysis), but fine-grained sparsity changes weight values
+only: `lifted` moves the constants that a Conv, Gemm or MatMul inside a body reads to the top-level graph
+(subgraphs may read outer names), where they are rewritten like any weight, and `body_layers` finds those
+layers for their masks.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx
+
+from .graph import FLOATS, _subgraphs, attr
+
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def has_bodies(model: onnx.ModelProto) -> bool:
+    return any(_subgraphs(node) for node in model.graph.node)
+
+
+def lifted(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """(a copy of `model` whose float constants of rank 2 or more that a Conv, Gemm or MatMul inside a
+    control-flow body reads as its weight are top-level initializers, how many were moved). Body
+    initializers and Constant nodes are moved at any depth; a name defined elsewhere too is renamed
+    within its body."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    defined = Counter(_definitions(out.graph))
+    moved = 0
+    for node in out.graph.node:
+        for body in _subgraphs(node):
+            moved += _lift(body, out.graph, defined)
+    return out, moved
+
+
+def body_layers(g) -> list:
+    """spa.layers.Layer of every Conv, Gemm and MatMul inside the control-flow bodies of graph `g` whose
+    weight is one of g's float constants (after `lifted`): `node` is the top-level control-flow node,
+    `inside` the layer's own node, no bias (a mask never changes it)."""
+    from .layers import _layer
+
+    found = []
+    for index, node in enumerate(g.nodes):
+        for body in _subgraphs(node):
+            for inner in _nodes(body):
+                for slot in (1, 0) if inner.op_type == "MatMul" else (1,):
+                    if inner.op_type not in LAYER_OPS or len(inner.input) <= slot or inner.input[slot] not in g.consts:
+                        continue
+                    axis = (1 if attr(inner, "transB", 0) else 0) if inner.op_type == "Gemm" else \
+                        {"MatMul": 0 if slot == 1 else 1}.get(inner.op_type, 1)
+                    layer = _layer(g, index, inner, slot, axis, inner.input[slot])
+                    if layer is not None:
+                        layer.bias, layer.compensable = None, False
+                        layer.inside = f"{g.node_name(index)} / {inner.op_type} '{inner.name or inner.output[0]}'"
+                        found.append(layer)
+                        break
+    return found
+
+
+def _nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for body in _subgraphs(node):
+            yield from _nodes(body)
+
+
+def _definitions(graph: onnx.GraphProto):
+    """Every name a graph and its subgraphs define (inputs, initializers, node outputs), with repeats."""
+    yield from (i.name for i in graph.input)
+    yield from (t.name for t in graph.initializer)
+    for node in graph.node:
+        yield from (o for o in node.output if o)
+        for body in _subgraphs(node):
+            yield from _definitions(body)
+
+
+def _lift(body: onnx.GraphProto, top: onnx.GraphProto, defined: Counter) -> int:
+    """Move `body`'s layer weights (and its nested bodies') to `top`; the count moved."""
+    read = {n.input[slot] for n in body.node if n.op_type in LAYER_OPS
+            for slot in ((0, 1) if n.op_type == "MatMul" else (1,)) if len(n.input) > slot}
+    moved = 0
+    for tensor in [t for t in body.initializer if t.name in read and _is_weight(t)]:
+        body.initializer.remove(tensor)
+        _add(top, body, tensor, defined)
+        moved += 1
+    for node in [n for n in body.node if n.op_type == "Constant" and n.output[0] in read]:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if value is not None and _is_weight(value):
+            body.node.remove(node)
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            _add(top, body, tensor, defined)
+            moved += 1
+    for node in body.node:
+        for nested in _subgraphs(node):
+            moved += _lift(nested, top, defined)
+    return moved
+
+
+def _is_weight(tensor: onnx.TensorProto) -> bool:
+    return len(tensor.dims) >= 2 and tensor.data_type in FLOATS
+
+
+def _add(top: onnx.GraphProto, body: onnx.GraphProto, tensor: onnx.TensorProto, defined: Counter) -> None:
+    """`tensor` (defined in `body`) as a top-level initializer, renamed within `body` where its name is
+    defined anywhere else."""
+    name = tensor.name
+    if defined[name] > 1:
+        k = 1
+        while f"{name}__{k}" in defined:
+            k += 1
+        tensor.name = f"{name}__{k}"
+        defined[name] -= 1
+        defined[tensor.name] += 1
+        _rename(body, name, tensor.name)
+    top.initializer.append(tensor)
+
+
+def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if x == old else x for x in node.input]
+        for body in _subgraphs(node):
+            _rename(body, old, new)
+    for output in graph.output:
+        if output.name == old:
+            output.name = new
+
+
+__all__ = ["lifted", "body_layers", "has_bodies"]

@@ -39,26 +39,46 @@ def lifted(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 def body_layers(g) -> list:
     """spa.layers.Layer of every Conv, Gemm and MatMul inside the control-flow bodies of graph `g` whose
-    weight is one of g's float constants (after `lifted`): `node` is the top-level control-flow node,
-    `inside` the layer's own node, no bias (a mask never changes it)."""
+    weight is one of g's float constants (after `lifted`; or a Loop's carried constant: `_carried_constants`):
+    `node` is the top-level control-flow node, `inside` the layer's own node, no bias (a mask never changes it)."""
     from .layers import _layer
 
     found = []
     for index, node in enumerate(g.nodes):
+        carried = _carried_constants(g, node)
         for body in _subgraphs(node):
             for inner in _nodes(body):
                 for slot in (1, 0) if inner.op_type == "MatMul" else (1,):
-                    if inner.op_type not in LAYER_OPS or len(inner.input) <= slot or inner.input[slot] not in g.consts:
+                    if inner.op_type not in LAYER_OPS or len(inner.input) <= slot:
+                        continue
+                    weight = carried.get(inner.input[slot], inner.input[slot])
+                    if weight not in g.consts:
                         continue
                     axis = (1 if attr(inner, "transB", 0) else 0) if inner.op_type == "Gemm" else \
                         {"MatMul": 0 if slot == 1 else 1}.get(inner.op_type, 1)
-                    layer = _layer(g, index, inner, slot, axis, inner.input[slot])
+                    layer = _layer(g, index, inner, slot, axis, weight)
                     if layer is not None:
                         layer.bias, layer.compensable = None, False
                         layer.inside = f"{g.node_name(index)} / {inner.op_type} '{inner.name or inner.output[0]}'"
                         found.append(layer)
                         break
     return found
+
+
+def _carried_constants(g, node: onnx.NodeProto) -> dict:
+    """{body input: top-level constant} of a Loop's loop-carried values that are constants its body passes
+    on unchanged (tf2onnx hands a Keras LSTM's weights to its Loop so): in every iteration the constant."""
+    if node.op_type != "Loop" or not _subgraphs(node):
+        return {}
+    body = _subgraphs(node)[0]
+    made = {n.output[0]: n.input[0] for n in body.node if n.op_type == "Identity"}
+    out = {}
+    for k, given in enumerate(node.input[2:]):
+        inner = body.input[k + 2].name if k + 2 < len(body.input) else None
+        passed = body.output[k + 1].name if k + 1 < len(body.output) else None
+        if inner and given in g.consts and passed is not None and made.get(passed, passed) == inner:
+            out[inner] = given
+    return out
 
 
 def _nodes(graph: onnx.GraphProto):

@@ -441,6 +441,40 @@ def test_layers_inside_control_flow_bodies_are_sparsified():
     assert np.array_equal(weights["shared"], np.where(keep, shared, 0))  # the magnitude mask
 
 
+def test_a_loops_carried_weight_is_sparsified():
+    """tf2onnx hands a Keras LSTM's weights to its Loop as loop-carried values the body passes on unchanged:
+    such a value is the constant in every iteration, and its MatMul inside the body takes the mask."""
+    from onnx import helper
+
+    w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "w_in"], ["hw"], name="step"), helper.make_node("Relu", ["hw"], ["h_out"]),
+         helper.make_node("Identity", ["w_in"], ["w_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [1, 8]),
+                 helper.make_tensor_value_info("w_in", TensorProto.FLOAT, [8, 8])],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [1, 8]),
+         helper.make_tensor_value_info("w_out", TensorProto.FLOAT, [8, 8])])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["steps", "go", "x", "w"], ["h", "w_last"], name="recurrence", body=body)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(np.array(3, np.int64), "steps"), numpy_helper.from_array(np.array(True), "go"),
+         numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sparse, report = sparsify(model, parse_pattern("2:4"), criterion="l1")
+    assert [r["name"] for r in report["layers"]] == ["recurrence / MatMul 'step'"]
+    masked = numpy_helper.to_array(next(t for t in sparse.graph.initializer if t.name == "w"))
+    assert np.array_equal(masked, np.where(layer_mask(w, _dense_t_layer("w"), parse_pattern("2:4")), w, 0))
+    x = np.random.default_rng(1).standard_normal((1, 8)).astype(np.float32)
+    h = x
+    for _ in range(3):
+        h = np.maximum(h @ masked, 0)
+    assert np.allclose(ort.InferenceSession(sparse.SerializeToString()).run(None, {"x": x})[0], h, atol=1e-5)
+
+
 def _dense_t_layer(weight):
     from spa.layers import Layer
     return Layer(0, weight, 0, "x", "dense_t")

@@ -123,3 +123,63 @@ def test_spa_prune_takes_text_images_documents(tmp_path, capsys):
     assert main(["prune", str(path), "-o", str(out), "--ratio", "0.25", "--text-images", "documents",
                  "--calibration-samples", "8"]) == 0
     assert out.exists() and "document pages (a title, paragraphs, tables, figures)" in capsys.readouterr().err
+
+
+PP_DOCLAYOUT_CONFIG = """mode: paddle
+draw_threshold: 0.5
+Global:
+  model_name: PP-DocLayout-M
+arch: GFL
+Preprocess:
+- interp: 2
+  keep_ratio: false
+  target_size: [640, 640]
+  type: Resize
+- is_scale: true
+  mean: [0.485, 0.456, 0.406]
+  std: [0.229, 0.224, 0.225]
+  type: NormalizeImage
+- type: Permute
+label_list:
+- paragraph_title
+- image
+- text
+- number
+- abstract
+- content
+- figure_title
+- formula
+- table
+"""
+
+
+def test_a_paddlex_layout_export_calibrates_on_document_pages_its_config_names(tmp_path):
+    """PP-DocLayout's labels sit in the inference.yml beside it (`label_list`), not in the file's metadata; its
+    Preprocess NormalizeImage (PaddleDetection's: is_scale, mean and std of pixels in [0, 1], or none) says how."""
+    from spa.calibration import looking_beside
+    from spa.calibration.text_lines import config_beside, config_normalisation
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    onnx.save(_layout_model(batch="N"), folder / "inference.onnx")
+    (folder / "inference.yml").write_text(PP_DOCLAYOUT_CONFIG, encoding="utf-8")
+    path, config = str(folder / "inference.onnx"), str(folder / "inference.yml")
+    assert config_beside(path) == ("documents", config)
+    assert config_normalisation(config) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    messages = []
+    cal = looking_beside(Calibration(source="synthetic", samples=2, batch_size=2), path)
+    x = calibration_batches(onnx.load(path), cal, progress=messages.append)[0]["input"]
+    assert x.shape == (2, 3, 64, 48) and np.ptp(x) > 1
+    assert any("says it is a layout model's (its label_list names parts of a document): document pages, normalised "
+               "as its NormalizeImage says (mean 0.485,0.456,0.406" in m for m in messages), messages
+    unscaled = PP_DOCLAYOUT_CONFIG.replace("is_scale: true", "is_scale: false").replace(
+        "mean: [0.485, 0.456, 0.406]", "mean: [127.5, 127.5, 127.5]").replace("std: [0.229, 0.224, 0.225]",
+                                                                             "std: [127.5, 127.5, 127.5]")
+    (folder / "inference.yml").write_text(unscaled, encoding="utf-8")
+    assert np.allclose(config_normalisation(config), ((0.5,) * 3, (0.5,) * 3))
+    (folder / "inference.yml").write_text(unscaled.replace("- is_scale", "- norm_type: none\n  is_scale"),
+                                          encoding="utf-8")
+    assert np.allclose(config_normalisation(config), ((0.0,), (1 / 255,)))  # raw 0-255 pixels
+    (folder / "inference.yml").write_text(PP_DOCLAYOUT_CONFIG.split("label_list")[0] + "label_list: [car, person]\n",
+                                          encoding="utf-8")
+    assert config_beside(path) is None  # a detector of other things: no pages

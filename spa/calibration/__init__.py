@@ -375,8 +375,9 @@ def with_text_config(model: onnx.ModelProto, options: Calibration, progress=_qui
             return _unfound(options)
     if not text_mode(model, taken):
         return _unfound(options)
-    what = "a text detector's: pages of text lines" if taken.text_images == "pages" else \
-        "a text recognizer's: text lines in its character_dict"
+    what = {"pages": "a text detector's: pages of text lines", "documents": "a layout model's (its label_list names "
+            "parts of a document): document pages", "tables": "a table structure recognizer's: tables"}.get(
+        taken.text_images, "a text recognizer's: text lines in its character_dict")
     normalised = ""
     try:
         found = text_lines.config_normalisation(options.text_config) if taken.mean is None or taken.std is None \

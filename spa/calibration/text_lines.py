@@ -123,13 +123,19 @@ def _config_dictionary(path) -> list:
 
 def config_normalisation(path) -> tuple[tuple, tuple] | None:
     """(mean, std) for images of pixels in [0, 1] that a PaddleOCR config's PreProcess `NormalizeImage`
-    describes ((pixel * scale - mean) / std on 0-255 pixels: mean / (255 scale), std / (255 scale)); None
+    describes ((pixel * scale - mean) / std on 0-255 pixels: mean / (255 scale), std / (255 scale)), or a
+    PaddleDetection / PaddleX one's Preprocess NormalizeImage (`_detection_normalisation`); None
     where it has none (a recognizer's config normalises inside its resize); SpaError where its values are
     not finite numbers (std and scale above 0)."""
     try:
-        steps = _config(path).get("PreProcess", {}).get("transform_ops", [])
+        config = _config(path)
+        steps = config.get("PreProcess", {}).get("transform_ops", [])
     except (SpaError, AttributeError):
         return None
+    detection = config.get("Preprocess")  # PaddleDetection / PaddleX: [{type: NormalizeImage, is_scale, ...}]
+    for step in detection if isinstance(detection, list) else []:
+        if isinstance(step, dict) and step.get("type") == "NormalizeImage":
+            return _detection_normalisation(path, step)
     for step in steps if isinstance(steps, list) else []:
         normalise = step.get("NormalizeImage") if isinstance(step, dict) else None
         if isinstance(normalise, dict):
@@ -147,6 +153,23 @@ def config_normalisation(path) -> tuple[tuple, tuple] | None:
     return None
 
 
+def _detection_normalisation(path, step: dict) -> tuple[tuple, tuple]:
+    """(mean, std) for pixels in [0, 1] of a PaddleDetection NormalizeImage: pixels / 255 where `is_scale`,
+    then (x - mean) / std where `norm_type` is mean_std (the default), nothing more where it is none."""
+    scaled = str(step.get("is_scale", "true")).lower() == "true"
+    unit = 1.0 if scaled else 1 / 255.0
+    if str(step.get("norm_type", "mean_std")).lower() == "none":
+        return (0.0,), (unit,)
+    try:
+        mean, std = ([float(v) * unit for v in step[k]] for k in ("mean", "std"))
+    except (KeyError, TypeError, ValueError):
+        mean = std = None
+    if not (mean and len(mean) == len(std) and all(math.isfinite(v) for v in mean + std) and all(v > 0 for v in std)):
+        raise SpaError(f"{path}: its NormalizeImage is not finite numbers with std above 0 "
+                       f"(mean {step.get('mean')}, std {step.get('std')})")
+    return tuple(mean), tuple(std)
+
+
 def _shown(normalise: dict) -> str:
     return ", ".join(f"{k} {normalise.get(k)}" for k in ("mean", "std", "scale"))
 
@@ -158,14 +181,16 @@ def _fraction(text) -> float:
 
 
 CONFIG_NAME = "inference.yml"  # PaddleOCR 3 / PaddleX exports: beside inference.onnx, pre- and post-processing
-POST_PROCESSES = {"DBPostProcess": "pages", "CTCLabelDecode": "lines"}  # what each says the model reads
+# what each says the model reads (SLANet's TableLabelDecode: tables of its HTML tokens)
+POST_PROCESSES = {"DBPostProcess": "pages", "CTCLabelDecode": "lines", "TableLabelDecode": "tables"}
 
 
 def config_beside(model_path) -> tuple[str, str] | None:
     """(text images, config path) from the PaddleOCR `inference.yml` beside a model file: "pages" for a
     text detector (PostProcess DBPostProcess), "lines" for a recognizer whose config holds its
-    character_dict (CTCLabelDecode); None where there is no such config (or it says neither, or cannot
-    be read: it was not asked for)."""
+    character_dict (CTCLabelDecode), "tables" for a table structure recognizer (TableLabelDecode),
+    "documents" for a layout model whose label_list names parts of a document (PP-DocLayout's); None
+    where there is no such config (or it says none of these, or cannot be read: it was not asked for)."""
     if not isinstance(model_path, (str, os.PathLike)):
         return None
     path = os.fspath(model_path)
@@ -176,10 +201,21 @@ def config_beside(model_path) -> tuple[str, str] | None:
         post = _post_process(found)
     except SpaError:
         return None
-    kind = POST_PROCESSES.get(post.get("name"))
+    kind = POST_PROCESSES.get(post.get("name")) or _labelled_layout(found)
     if kind == "lines" and not isinstance(post.get("character_dict"), list):
         return None
     return (kind, found) if kind else None
+
+
+def _labelled_layout(path) -> str | None:
+    """"documents" where a PaddleDetection / PaddleX config (PP-DocLayout's) lists class labels (`label_list`)
+    that name parts of a document, as a layout model's do (`documents.document_parts`)."""
+    from .documents import MIN_PARTS, document_parts
+
+    labels = _config(path).get("label_list")
+    if isinstance(labels, list) and len(document_parts([str(v) for v in labels])) >= MIN_PARTS:
+        return "documents"
+    return None
 
 
 @functools.lru_cache(maxsize=1)

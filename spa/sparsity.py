@@ -202,7 +202,8 @@ def eligible_layers(g, pattern: Pattern) -> tuple[list, list]:
     stored = {t.name for t in g.model.graph.initializer} | \
         {n.output[0] for n in g.model.graph.node if n.op_type == "Constant" and n.output}
     layers, skipped = [], []
-    for layer in weighted_layers(g):
+    top_level = weighted_layers(g)
+    for layer in top_level:
         reason = _skip_reason(g, layer, stored, pattern)
         if reason is None:
             kept_bias = layer.bias in stored and not is_integer_weight(g, layer.weight)
@@ -210,7 +211,7 @@ def eligible_layers(g, pattern: Pattern) -> tuple[list, list]:
         else:
             weight = g.aliases[layer.weight][3] if layer.weight in g.aliases else layer.weight
             skipped.append({"name": g.node_name(layer.node), "weight": weight, "reason": reason})
-    inside, skipped_inside = _body_layers(g, pattern, {l.weight for l in weighted_layers(g)})
+    inside, skipped_inside = _body_layers(g, pattern, {l.weight for l in top_level})
     return layers + inside, skipped + skipped_inside
 
 
@@ -225,21 +226,28 @@ def _body_layers(g, pattern: Pattern, read_outside: set) -> tuple[list, list]:
         by_weight.setdefault(layer.weight, []).append(layer)
     layers, skipped = [], []
     for weight, readers in by_weight.items():
-        layer = readers[0]
-        shape = float_shape(g, weight)
-        reason = f"weight {weight} is also read outside the control-flow body" if weight in read_outside else \
-            f"weight {weight} is read by {len(readers)} nodes in different ways" if \
-            any((r.kind, r.in_axis, r.blocks, r.kernel) != (layer.kind, layer.in_axis, layer.blocks, layer.kernel)
-                for r in readers) else \
-            f"weight is {np.asarray(g.consts[weight]).dtype}, not float16/32/64" if \
-            np.asarray(g.consts[weight]).dtype not in FLOAT_TYPES else \
-            f"contracted axis of {contracted_length(shape, layer)} weights is not a multiple of {pattern.m}" if \
-            pattern.kind == "n:m" and contracted_length(shape, layer) % pattern.m else None
+        reason = _body_skip_reason(g, weight, readers, read_outside, pattern)
         if reason is None:
-            layers.append(layer)
+            layers.append(readers[0])
         else:
-            skipped.append({"name": layer.inside, "weight": weight, "reason": reason})
+            skipped.append({"name": readers[0].inside, "weight": weight, "reason": reason})
     return layers, skipped
+
+
+def _body_skip_reason(g, weight: str, readers: list, read_outside: set, pattern: Pattern) -> str | None:
+    first = readers[0]
+    if weight in read_outside:
+        return f"weight {weight} is also read outside the control-flow body"
+    if any((r.kind, r.in_axis, r.blocks, r.kernel) != (first.kind, first.in_axis, first.blocks, first.kernel)
+           for r in readers):
+        return f"weight {weight} is read by {len(readers)} nodes in different ways"
+    dtype = np.asarray(g.consts[weight]).dtype
+    if dtype not in FLOAT_TYPES:
+        return f"weight is {dtype}, not float16/32/64"
+    length = contracted_length(float_shape(g, weight), first)
+    if pattern.kind == "n:m" and length % pattern.m:
+        return f"contracted axis of {length} weights is not a multiple of {pattern.m}"
+    return None
 
 
 def _skip_reason(g, layer: Layer, stored: set, pattern: Pattern) -> str | None:
@@ -472,18 +480,21 @@ def _recovered(model, sparse, calibration, recover: int | str, lr: float | None,
 def _new_values(model, g, layers, pattern, criterion, calibration, progress, rank=0) -> tuple[dict, dict | None, list]:
     """({name: new value}, the input sizes the calibration ran at: None with l1, which runs nothing,
     [(Layer, U, V)] low-rank branches of rank `rank`: obs only)."""
-    inside = [l for l in layers if l.inside]
+    inside = [l for l in layers if l.inside]  # magnitude masks: OBS reads inputs a body does not give out
     if criterion == "obs" and len(inside) < len(layers):
         from .sparse_obs import obs_sparsify
         values, ran_at, branches = obs_sparsify(model, [l for l in layers if not l.inside], pattern, calibration,
                                                 progress, graph=g, rank=rank)
-        values.update(_new_values(model, g, inside, pattern, "l1", calibration, progress)[0])
-        return values, ran_at, branches
+        return {**values, **_magnitude_values(g, inside, pattern)}, ran_at, branches
+    return _magnitude_values(g, layers, pattern), None, []
+
+
+def _magnitude_values(g, layers, pattern) -> dict:
     values = {}
     for layer in layers:
         w = np.asarray(layer_value(g, layer.weight))
         values[layer.weight] = stored_value(g, layer.weight, np.where(layer_mask(w, layer, pattern), w, 0))
-    return values, None, []
+    return values
 
 
 def _check_written(g, layers, pattern, values: dict) -> None:

@@ -65,6 +65,42 @@ def body_layers(g) -> list:
     return found
 
 
+def inlined(model: onnx.ModelProto, g) -> onnx.ModelProto | None:
+    """A copy of `model` (lifted) with each top-level If whose branches hold layers replaced by the nodes of
+    one branch, the one whose layers read the most of g's constants (the then-branch on ties), its outputs
+    passed to the If's through Identity nodes: the layers there become top-level layers, whose inputs a
+    calibration run can read (OBS needs them). It computes what the model does where that branch is
+    taken, whatever the condition; only the calibration runs it. None where no If holds a layer."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes, changed = [], False
+    for node in model.graph.node:
+        named = {a.name: a.g for a in node.attribute if a.name in ("then_branch", "else_branch")}
+        branches = [named[k] for k in ("then_branch", "else_branch") if k in named]
+        reads = [_weights_read(branch, g) for branch in branches]
+        if node.op_type != "If" or len(branches) != 2 or not any(reads):
+            nodes.append(node)
+            continue
+        branch = branches[0] if len(reads[0]) >= len(reads[1]) else branches[1]
+        out.graph.initializer.extend(branch.initializer)
+        nodes.extend(branch.node)
+        nodes.extend(onnx.helper.make_node("Identity", [inner.name], [outer], name=f"{node.name or 'If'}/{outer}")
+                     for inner, outer in zip(branch.output, node.output))
+        changed = True
+    if not changed:
+        return None
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def _weights_read(graph: onnx.GraphProto, g) -> set:
+    """g's constants that the layers of `graph` (and its nested bodies) read as weights."""
+    return {n.input[slot] for n in _nodes(graph) if n.op_type in LAYER_OPS
+            for slot in ((0, 1) if n.op_type == "MatMul" else (1,))
+            if len(n.input) > slot and n.input[slot] in g.consts}
+
+
 def _carried_constants(g, node: onnx.NodeProto) -> dict:
     """{body input: top-level constant} of a Loop's loop-carried values that are constants its body passes
     on unchanged (tf2onnx hands a Keras LSTM's weights to its Loop so): in every iteration the constant."""
@@ -151,4 +187,4 @@ def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
             output.name = new
 
 
-__all__ = ["lifted", "body_layers", "has_bodies"]
+__all__ = ["lifted", "body_layers", "has_bodies", "inlined"]

@@ -736,7 +736,8 @@ def _placeholders_at(model: onnx.ModelProto, shapes: dict, size: int) -> dict:
 
     def placeholder(k, d, n):
         return k and not isinstance(d, int) and d not in batch and 1 < n < LARGER_SIZES[0]
-    return {name: tuple(size if placeholder(k, d, n) else n for k, (d, n) in enumerate(zip(declared.get(name, shape), shape)))
+    return {name: tuple(size if placeholder(k, d, n) else n
+                        for k, (d, n) in enumerate(zip(declared.get(name, shape), shape)))
             for name, shape in shapes.items()}
 
 

@@ -35,7 +35,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .calibration import asked
-from .errors import CalibrationRunError, SpaError, SpaWarning
+from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
 from .layers import Layer, weighted_layers
 from .quant import as_float, float_shape, is_integer_weight, layer_value, stored_value
 
@@ -408,10 +408,6 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
         raise SpaError("--low-rank fits its term on calibration inputs with obs, which is not taken here (the model "
                        "does not fit in memory whole): give --calibration to take it")
     progress(f"sparsifying {len(layers)} layers to {pattern} ({criterion})")
-    inside = sum(1 for l in layers if l.inside)
-    if inside and criterion == "obs":
-        progress(f"{inside} of them inside control-flow bodies take magnitude masks (l1): OBS reads a layer's "
-                 "inputs, which onnxruntime does not give from inside a body")
     try:
         new_values, ran_at, branches = _new_values(model, g, layers, pattern, criterion, calibration, progress,
                                                    low_rank)
@@ -480,13 +476,45 @@ def _recovered(model, sparse, calibration, recover: int | str, lr: float | None,
 def _new_values(model, g, layers, pattern, criterion, calibration, progress, rank=0) -> tuple[dict, dict | None, list]:
     """({name: new value}, the input sizes the calibration ran at: None with l1, which runs nothing,
     [(Layer, U, V)] low-rank branches of rank `rank`: obs only)."""
+    if criterion == "obs" and any(l.inside for l in layers) and not rank:
+        flat, flat_g, flat_layers = _through_branches(model, g, layers, pattern, progress)
+        if flat is not model:
+            try:
+                return _new_values(flat, flat_g, flat_layers, pattern, criterion, calibration, progress, rank)
+            except CalibrationRunError as exc:
+                progress(f"the If branches inlined for the calibration do not run on its inputs "
+                         f"({first_line(exc, 200)}): their layers stay inside")
     inside = [l for l in layers if l.inside]  # magnitude masks: OBS reads inputs a body does not give out
+    if criterion == "obs" and inside:
+        progress(f"{len(inside)} layers inside control-flow bodies take magnitude masks (l1): OBS cannot read their "
+                 "inputs there (" + ("--low-rank inlines no If branch" if rank else "a Loop or Scan body, or the "
+                                     "branch of an If not inlined for the calibration") + ")")
     if criterion == "obs" and len(inside) < len(layers):
         from .sparse_obs import obs_sparsify
         values, ran_at, branches = obs_sparsify(model, [l for l in layers if not l.inside], pattern, calibration,
                                                 progress, graph=g, rank=rank)
         return {**values, **_magnitude_values(g, inside, pattern)}, ran_at, branches
     return _magnitude_values(g, layers, pattern), None, []
+
+
+def _through_branches(model, g, layers, pattern, progress) -> tuple:
+    """(model, graph, layers) for OBS where If branches hold layers: the model with one branch of each such
+    If inlined (`spa.control_flow.inlined`), so that a calibration run reads those layers' inputs, and the
+    same layers found in it (a weight both branches read once; the other branch's own layers stay inside,
+    magnitude masks); as given where there is no such If."""
+    from .control_flow import inlined
+    from .graph import Graph
+
+    flat = inlined(model, g)
+    if flat is None:
+        return model, g, layers
+    flat_g = Graph(flat)
+    wanted = {l.weight for l in layers}
+    found = [l for l in eligible_layers(flat_g, pattern)[0] if l.weight in wanted]
+    reached = {l.weight for l in found if not l.inside}
+    progress(f"{sum(1 for l in layers if l.inside and l.weight in reached)} layers inside If branches calibrated "
+             "through one branch of each If, inlined for the calibration run only")
+    return flat, flat_g, found + [l for l in layers if l.weight not in {f.weight for f in found}]
 
 
 def _magnitude_values(g, layers, pattern) -> dict:

@@ -439,7 +439,8 @@ def test_a_size_nobody_declared_grows_until_the_model_runs(tmp_path, capsys):
     assert "obspa cannot serve" not in err and "(at the input sizes calibration takes, input 1x64;" in err
     assert spa("sparsify", path, "-o", tmp_path / "s.onnx", "--criterion", "l1", "-q") == 0
     assert "the original model does not run on the verification inputs at symbolic size 32 (input 1x32); verified " \
-           "at 64 (input 1x64) instead, where it runs (--input-shape input=1x64 sets the sizes)" in capsys.readouterr().err
+           "at 64 (input 1x64) instead, where it runs (--input-shape input=1x64 sets the sizes)" \
+           in capsys.readouterr().err
     assert os.path.exists(out) and os.path.exists(tmp_path / "s.onnx")
 
 

@@ -415,30 +415,46 @@ def _branch_output(weights, x, branch):
 
 
 def test_layers_inside_control_flow_bodies_are_sparsified():
-    """Fine-grained masks change values only: the weights a body reads move to the top level (values unchanged)
-    and take magnitude masks; the weight both branches read is masked once. The default criterion says that
-    these layers take l1, and the written model computes exactly what its masked weights give."""
-    said = []
-    sparse, report = sparsify(if_model(), parse_pattern("2:4"), progress=said.append)
-    assert sorted(r["weight"] for r in report["layers"]) == ["else_constant", "else_own", "shared", "then_constant",
-                                                             "then_own"]
-    assert "branches / MatMul 'then_own'" in {r["name"] for r in report["layers"]}
-    assert any(m.startswith("5 of them inside control-flow bodies take magnitude masks (l1)") for m in said), said
-    onnx.checker.check_model(sparse, full_check=True)
-    weights = {t.name: numpy_helper.to_array(t) for t in sparse.graph.initializer}
-    for name, value in weights.items():
-        assert conforms(value, _dense_t_layer(name), parse_pattern("2:4")), name
-    x = np.random.default_rng(1).standard_normal((1, 8)).astype(np.float32)
-    run = ort.InferenceSession(sparse.SerializeToString())
-    for cond, branch in ((True, "then"), (False, "else")):
-        got = run.run(None, {"x": x, "cond": np.array(cond)})[0]
-        assert np.allclose(got, _branch_output(weights, x, branch), atol=1e-5)
+    """Fine-grained masks change values only: the weights a body reads move to the top level (values unchanged);
+    the weight both branches read is masked once. With l1 every one takes its magnitude mask. With obs (the
+    default) one branch of the If is inlined for the calibration run, so its layers (the shared weight's too)
+    get OBS masks and updates, and the other branch's own layers magnitude masks. Either way the written model
+    computes exactly what its masked weights give, in both branches."""
+    original = {t.name: numpy_helper.to_array(t) for t in if_model().graph.initializer}
+    original.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for a in if_model().graph.node[0].attribute
+                     for n in a.g.node if n.op_type == "Constant"})
+    original.update({t.name: numpy_helper.to_array(t) for a in if_model().graph.node[0].attribute
+                     for t in a.g.initializer})
+    for criterion in ("l1", None):
+        said = []
+        sparse, report = sparsify(if_model(), parse_pattern("2:4"), criterion, progress=said.append)
+        assert sorted(r["weight"] for r in report["layers"]) == ["else_constant", "else_own", "shared",
+                                                                 "then_constant", "then_own"]
+        assert "branches / MatMul 'then_own'" in {r["name"] for r in report["layers"]}
+        onnx.checker.check_model(sparse, full_check=True)
+        weights = {t.name: numpy_helper.to_array(t) for t in sparse.graph.initializer}
+        for name, value in weights.items():
+            assert conforms(value, _dense_t_layer(name), parse_pattern("2:4")), name
+        x = np.random.default_rng(1).standard_normal((1, 8)).astype(np.float32)
+        run = ort.InferenceSession(sparse.SerializeToString())
+        for cond, branch in ((True, "then"), (False, "else")):
+            got = run.run(None, {"x": x, "cond": np.array(cond)})[0]
+            assert np.allclose(got, _branch_output(weights, x, branch), atol=1e-5)
+        magnitude = {name: np.array_equal(weights[name], np.where(
+            layer_mask(original[name], _dense_t_layer(name), parse_pattern("2:4")), original[name], 0))
+            for name in weights}
+        if criterion == "l1":
+            assert all(magnitude.values()), magnitude
+        else:
+            assert not magnitude["then_constant"] and not magnitude["then_own"], magnitude  # OBS updates
+            assert magnitude["else_constant"] and magnitude["else_own"], magnitude
+            assert "3 layers inside If branches calibrated through one branch of each If, inlined for the " \
+                   "calibration run only" in said, said
+            assert any(m.startswith("OBS sparsity: 1 layers magnitude, 2 layers obs") for m in said), said
+            assert any(m.startswith("2 layers inside control-flow bodies take magnitude masks (l1)") for m in said)
     rows = sparsity_report(sparse)  # `spa analyze --sparsity`: the weight both branches read once
     assert len(rows) == 5 and all(r["n_m"][0] == "2:4" and r["op"] == "MatMul" for r in rows), rows
     assert len(sparsity_report(if_model())) == 5  # before: the branches' own constants read where they are
-    shared = numpy_helper.to_array(if_model().graph.initializer[0])
-    keep = layer_mask(shared, _dense_t_layer("shared"), parse_pattern("2:4"))
-    assert np.array_equal(weights["shared"], np.where(keep, shared, 0))  # the magnitude mask
 
 
 def test_a_loops_carried_weight_is_sparsified():

@@ -203,16 +203,35 @@ def eligible_layers(g, pattern: Pattern) -> tuple[list, list]:
         {n.output[0] for n in g.model.graph.node if n.op_type == "Constant" and n.output}
     layers, skipped = [], []
     top_level = weighted_layers(g)
+    by_weight: dict = {}
     for layer in top_level:
-        reason = _skip_reason(g, layer, stored, pattern)
+        by_weight.setdefault(layer.weight, []).append(layer)
+    for weight, readers in by_weight.items():
+        layer = readers[0]
+        if len(readers) > 1 and _read_alike(g, weight, readers):  # an unrolled recurrence's: one mask for all
+            layer = replace(layer, bias=None, compensable=False)
+            reason = _skip_reason(g, layer, stored, pattern, shared=True)
+        else:
+            reason = _skip_reason(g, layer, stored, pattern)
         if reason is None:
             kept_bias = layer.bias in stored and not is_integer_weight(g, layer.weight)
             layers.append(layer if kept_bias or layer.bias is None else replace(layer, bias=None))
         else:
-            weight = g.aliases[layer.weight][3] if layer.weight in g.aliases else layer.weight
-            skipped.append({"name": g.node_name(layer.node), "weight": weight, "reason": reason})
-    inside, skipped_inside = _body_layers(g, pattern, {l.weight for l in top_level})
+            root = g.aliases[weight][3] if weight in g.aliases else weight
+            more = f" and {len(readers) - 1} more" if len(readers) > 1 else ""
+            skipped.append({"name": g.node_name(layer.node) + more, "weight": root, "reason": reason})
+    inside, skipped_inside = _body_layers(g, pattern, set(by_weight))
     return layers + inside, skipped + skipped_inside
+
+
+def _read_alike(g, weight: str, readers: list) -> bool:
+    """Whether every node that reads `weight` is one of `readers`, a float layer reading it the same way (an
+    unrolled LSTM's Gemms, one a step): one mask serves them all."""
+    first = readers[0]
+    return weight not in g.aliases and len(g.consumers.get(weight, [])) == len(readers) and \
+        not is_integer_weight(g, weight) and \
+        all((r.kind, r.in_axis, r.blocks, r.kernel) == (first.kind, first.in_axis, first.blocks, first.kernel)
+            for r in readers)
 
 
 def _body_layers(g, pattern: Pattern, read_outside: set) -> tuple[list, list]:
@@ -250,14 +269,16 @@ def _body_skip_reason(g, weight: str, readers: list, read_outside: set, pattern:
     return None
 
 
-def _skip_reason(g, layer: Layer, stored: set, pattern: Pattern) -> str | None:
+def _skip_reason(g, layer: Layer, stored: set, pattern: Pattern, shared: bool = False) -> str | None:
+    """Why `layer` cannot take `pattern` (None: it can); `shared`: its weight is read alike by several
+    layers (`_read_alike`), which one mask serves."""
     if layer.weight in g.aliases:
         root = g.aliases[layer.weight][3]
         readers = sum(1 for alias in g.aliases.values() if alias[3] == root)
         return f"weight {root} is shared by {readers} nodes"
-    if len(g.consumers.get(layer.weight, [])) > 1:  # a tied parameter, never unshared
+    if len(g.consumers.get(layer.weight, [])) > 1 and not shared:  # a tied parameter read differently
         return f"weight {layer.weight} is shared by {len(g.consumers[layer.weight])} nodes"
-    if not layer.compensable:  # a QDQ weight whose DequantizeLinear several nodes read
+    if not layer.compensable and not shared:  # a QDQ weight whose DequantizeLinear several nodes read
         return f"weight {layer.weight} is shared by several nodes through its DequantizeLinear"
     if layer.weight not in stored:
         return "weight is computed, not stored (an initializer or a Constant node)"
@@ -484,16 +505,20 @@ def _new_values(model, g, layers, pattern, criterion, calibration, progress, ran
             except CalibrationRunError as exc:
                 progress(f"the If branches inlined for the calibration do not run on its inputs "
                          f"({first_line(exc, 200)}): their layers stay inside")
-    inside = [l for l in layers if l.inside]  # magnitude masks: OBS reads inputs a body does not give out
+    # magnitude masks: inputs a body does not give out; a weight several layers read (no one layer's inputs)
+    inside, shared = [l for l in layers if l.inside], [l for l in layers if not l.inside and not l.compensable]
     if criterion == "obs" and inside:
         progress(f"{len(inside)} layers inside control-flow bodies take magnitude masks (l1): OBS cannot read their "
                  "inputs there (" + ("--low-rank inlines no If branch" if rank else "a Loop or Scan body, or the "
                                      "branch of an If not inlined for the calibration") + ")")
-    if criterion == "obs" and len(inside) < len(layers):
+    if criterion == "obs" and shared:
+        progress(f"{len(shared)} weights that several layers read alike (an unrolled recurrence's) take magnitude "
+                 "masks (l1), one for all their readers")
+    if criterion == "obs" and len(inside) + len(shared) < len(layers):
         from .sparse_obs import obs_sparsify
-        values, ran_at, branches = obs_sparsify(model, [l for l in layers if not l.inside], pattern, calibration,
-                                                progress, graph=g, rank=rank)
-        return {**values, **_magnitude_values(g, inside, pattern)}, ran_at, branches
+        values, ran_at, branches = obs_sparsify(model, [l for l in layers if l.compensable and not l.inside], pattern,
+                                                calibration, progress, graph=g, rank=rank)
+        return {**values, **_magnitude_values(g, inside + shared, pattern)}, ran_at, branches
     return _magnitude_values(g, layers, pattern), None, []
 
 

@@ -184,14 +184,30 @@ def test_weights_keep_float16():
     assert value.dtype == np.float16 and report["layers"][0]["zeros_after"] == 0.5
 
 
-def test_shared_weight_is_skipped():
+def test_a_weight_read_alike_by_several_layers_takes_one_mask_and_one_read_otherwise_is_skipped_once():
+    """An unrolled recurrence reads one weight a step (captcha-whisperer's CRNN: each LSTM weight by 20 Gemms):
+    one magnitude mask serves every reader (no one layer's inputs are its whole Hessian), said; a weight read
+    differently (here as a Gather table too) is skipped, one warning for all its readers."""
     b = Builder()
-    x, w = b.input(["batch", 8]), b.weight(8, 8)
-    b.output(b.op("MatMul", [b.op("MatMul", [x, w]), w]))
-    b.output(b.op("MatMul", [x, b.weight(8, 4)]))
-    _, report = sparsify(b.model(), parse_pattern("2:4"))
-    assert len(report["layers"]) == 1
-    assert {s["reason"] for s in report["skipped"]} == {f"weight {w} is shared by 2 nodes"}
+    x, w, table = b.input(["batch", 8]), b.weight(8, 8), b.weight(8, 8)
+    b.output(b.op("MatMul", [b.op("Relu", [b.op("MatMul", [x, w])]), w]))
+    ids = b.input(["batch"], "ids", dtype=TensorProto.INT64)
+    b.output(b.op("Add", [b.op("MatMul", [x, table]), b.op("Gather", [table, ids])]))
+    model = b.model()
+    said = []
+    sparse, report = sparsify(model, parse_pattern("2:4"), progress=said.append)
+    assert [r["weight"] for r in report["layers"]] == [w]
+    assert [(s["weight"], s["reason"]) for s in report["skipped"]] == [(table, f"weight {table} is shared by 2 nodes")]
+    assert any(m.startswith("1 weights that several layers read alike (an unrolled recurrence's) take magnitude "
+                            "masks (l1)") for m in said), said
+    original = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == w))
+    written = numpy_helper.to_array(next(t for t in sparse.graph.initializer if t.name == w))
+    from spa.layers import Layer
+    assert np.array_equal(written, np.where(layer_mask(original, Layer(0, w, 0, "x", "dense_t"), parse_pattern("2:4")),
+                                            original, 0))
+    feeds = {"input": np.ones((2, 8), np.float32), "ids": np.array([0, 3])}
+    got = ort.InferenceSession(sparse.SerializeToString()).run(None, feeds)[0]
+    assert np.allclose(got, np.maximum(feeds["input"] @ written, 0) @ written, atol=1e-5)
 
 
 def test_sparse_storage_matches_dense():

@@ -533,9 +533,14 @@ def _through_branches(model, g, layers, pattern, progress) -> tuple:
     flat = inlined(model, g)
     if flat is None:
         return model, g, layers
-    flat_g = Graph(flat)
     wanted = {l.weight for l in layers}
-    found = [l for l in eligible_layers(flat_g, pattern)[0] if l.weight in wanted]
+    try:
+        flat_g = Graph(flat)
+        found = [l for l in eligible_layers(flat_g, pattern)[0] if l.weight in wanted]
+    except Exception as exc:  # noqa: BLE001 -- an optional path: any failure leaves the If as it is, said
+        progress(f"the If branches could not be inlined for the calibration ({first_line(exc, 200)}): their layers "
+                 "stay inside")
+        return model, g, layers
     reached = {l.weight for l in found if not l.inside}
     progress(f"{sum(1 for l in layers if l.inside and l.weight in reached)} layers inside If branches calibrated "
              "through one branch of each If, inlined for the calibration run only")

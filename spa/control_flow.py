@@ -59,7 +59,7 @@ def body_layers(g) -> list:
                     layer = _layer(g, index, inner, slot, axis, weight)
                     if layer is not None:
                         layer.bias, layer.compensable = None, False
-                        layer.inside = f"{g.node_name(index)} / {inner.op_type} '{inner.name or inner.output[0]}'"
+                        layer.inside = (inner.op_type, inner.name or inner.output[0])
                         found.append(layer)
                         break
     return found

@@ -41,9 +41,9 @@ class Layer:
     channels: tuple | None = None
     # (scale, zero point) of an integer activation (a QLinearConv's x): its rows are dequantized first
     input_grid: tuple | None = None
-    # a layer inside a control-flow body (spa.control_flow): its own node's name there; `node` is the
-    # top-level If / Loop / Scan
-    inside: str | None = None
+    # a layer inside a control-flow body (spa.control_flow): (op type, name) of its own node there; `node` is
+    # the top-level If / Loop / Scan
+    inside: tuple | None = None
 
     @property
     def in_pair(self) -> tuple:

@@ -249,7 +249,7 @@ def _body_layers(g, pattern: Pattern, read_outside: set) -> tuple[list, list]:
         if reason is None:
             layers.append(readers[0])
         else:
-            skipped.append({"name": readers[0].inside, "weight": weight, "reason": reason})
+            skipped.append({"name": _name_and_op(g, readers[0])["name"], "weight": weight, "reason": reason})
     return layers, skipped
 
 
@@ -338,7 +338,8 @@ def sparsity_report(model: onnx.ModelProto) -> list:
 def _name_and_op(g, layer: Layer) -> dict:
     """A layer's node name and op type for reports (a layer inside a control-flow body: its own node's)."""
     if layer.inside:
-        return {"name": layer.inside, "op": layer.inside.rsplit(" / ", 1)[1].split(" ", 1)[0]}
+        op, name = layer.inside
+        return {"name": f"{g.node_name(layer.node)} / {op} '{name}'", "op": op}
     return {"name": g.node_name(layer.node), "op": g.nodes[layer.node].op_type}
 
 

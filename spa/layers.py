@@ -44,6 +44,9 @@ class Layer:
     # a layer inside a control-flow body (spa.control_flow): (op type, name) of its own node there; `node` is
     # the top-level If / Loop / Scan
     inside: tuple | None = None
+    # the activations of the other layers that read this weight alike (an unrolled recurrence's steps): one
+    # mask serves them all (spa.sparsity.eligible_layers)
+    also_reads: tuple = ()
 
     @property
     def in_pair(self) -> tuple:

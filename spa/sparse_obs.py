@@ -466,6 +466,7 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
         calibration = dataclasses.replace(calibration, line_share=MASK_LINE_SHARE)
     _, fit, held = calibration_inputs(model, calibration, progress, samples=(TOKEN_SAMPLES,))
     g = graph or Graph(model)
+    layers, shared = [l for l in layers if not l.also_reads], [l for l in layers if l.also_reads]
     by_output = {g.nodes[l.node].output[0]: l for l in layers}
     wanted = {name: [l.activation] for name, l in by_output.items()}
     every = fit + list(held)
@@ -478,7 +479,9 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
     originals = StagedRun(model, by_output, every, None).stages({}, wanted) if reference else None
     progress(f"sparsifying {len(layers)} layers with OBS updates in {run.count} stages "
              f"({sample_count(fit)} calibration samples, {len(held)} held-out batches)"
-             + (", each fitted to the original model's outputs of it" if reference else ""))
+             + (", each fitted to the original model's outputs of it" if reference else "")
+             + (f"; {len(shared)} weights that several layers read alike (an unrolled recurrence's) at once, from the "
+                "inputs of all their readers in the original model" if shared else ""))
     with _runs_on(every):  # onnxruntime failing on the calibration inputs: one CalibrationRunError
         for stage, names, values in run.stages(running, wanted):
             refs = next(originals)[2] if reference else None
@@ -497,6 +500,9 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
                 how[kind] = how.get(kind, 0) + 1
                 if branch:
                     branches.append((layer, *branch[:2]))
+        for new, kind in _read_alike(model, g, shared, pattern, every, len(fit), mask, seed):
+            weights.update({name: stored_value(g, name, value) for name, value in new.items()})
+            how[kind] = how.get(kind, 0) + 1
     progress("OBS sparsity: " + ", ".join(f"{v} layers {k}" for k, v in sorted(how.items())) +
              (" (magnitude: the OBS update did not reproduce the layer's outputs better on held-out inputs)"
               if how.get("magnitude") else ""))
@@ -508,6 +514,27 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
                   "weights as their zeros, or did not reproduce their outputs better on held-out inputs"
                   if len(branches) < len(layers) else ""))
     return weights, shared_shapes(model, every), branches
+
+
+def _read_alike(model, g, layers, pattern, every, fitted: int, mask, seed) -> list:
+    """[({name: new value}, how)] for weights several layers read alike (`Layer.also_reads`: an unrolled
+    recurrence's steps): one mask and update from the inputs of all their readers, in one Hessian, as the
+    original model computes them (first order: the recurrence the weight drives is not run again sparsified)."""
+    from .activations import fetch
+
+    if not layers:
+        return []
+    fits = Hessians(fitted, MAX_COLUMNS, seed)
+    helds = Hessians(len(every) - fitted, MAX_COLUMNS, seed, keep_rows=True)
+    names = [a for l in layers for a in (l.activation, *l.also_reads)]
+    with np.errstate(over="ignore", invalid="ignore"):
+        for b, values in enumerate(fetch(model, names, every, None)):
+            for layer in layers:
+                for activation in (layer.activation, *layer.also_reads):
+                    (fits if b < fitted else helds).add(layer, values[activation], tokens=every[b].get(mask))
+        check_finite(g, layers, [fits, helds], every)
+        return [sparsify_layer(layer, layer_value(g, layer.weight), None, fits.of(layer),
+                               helds.of(layer) if fitted < len(every) else None, pattern)[:2] for layer in layers]
 
 
 def low_rank_rank(g, layer: Layer, rank: int, pattern) -> int:

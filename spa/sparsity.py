@@ -209,7 +209,7 @@ def eligible_layers(g, pattern: Pattern) -> tuple[list, list]:
     for weight, readers in by_weight.items():
         layer = readers[0]
         if len(readers) > 1 and _read_alike(g, weight, readers):  # an unrolled recurrence's: one mask for all
-            layer = replace(layer, bias=None, compensable=False)
+            layer = replace(layer, bias=None, compensable=False, also_reads=tuple(r.activation for r in readers[1:]))
             reason = _skip_reason(g, layer, stored, pattern, shared=True)
         else:
             reason = _skip_reason(g, layer, stored, pattern)
@@ -506,20 +506,16 @@ def _new_values(model, g, layers, pattern, criterion, calibration, progress, ran
             except CalibrationRunError as exc:
                 progress(f"the If branches inlined for the calibration do not run on its inputs "
                          f"({first_line(exc, 200)}): their layers stay inside")
-    # magnitude masks: inputs a body does not give out; a weight several layers read (no one layer's inputs)
-    inside, shared = [l for l in layers if l.inside], [l for l in layers if not l.inside and not l.compensable]
+    inside = [l for l in layers if l.inside]  # magnitude masks: OBS reads inputs a body does not give out
     if criterion == "obs" and inside:
         progress(f"{len(inside)} layers inside control-flow bodies take magnitude masks (l1): OBS cannot read their "
                  "inputs there (" + ("--low-rank inlines no If branch" if rank else "a Loop or Scan body, or the "
                                      "branch of an If not inlined for the calibration") + ")")
-    if criterion == "obs" and shared:
-        progress(f"{len(shared)} weights that several layers read alike (an unrolled recurrence's) take magnitude "
-                 "masks (l1), one for all their readers")
-    if criterion == "obs" and len(inside) + len(shared) < len(layers):
+    if criterion == "obs" and len(inside) < len(layers):
         from .sparse_obs import obs_sparsify
-        values, ran_at, branches = obs_sparsify(model, [l for l in layers if l.compensable and not l.inside], pattern,
-                                                calibration, progress, graph=g, rank=rank)
-        return {**values, **_magnitude_values(g, inside + shared, pattern)}, ran_at, branches
+        values, ran_at, branches = obs_sparsify(model, [l for l in layers if not l.inside], pattern, calibration,
+                                                progress, graph=g, rank=rank)
+        return {**values, **_magnitude_values(g, inside, pattern)}, ran_at, branches
     return _magnitude_values(g, layers, pattern), None, []
 
 

@@ -186,8 +186,8 @@ def test_weights_keep_float16():
 
 def test_a_weight_read_alike_by_several_layers_takes_one_mask_and_one_read_otherwise_is_skipped_once():
     """An unrolled recurrence reads one weight a step (captcha-whisperer's CRNN: each LSTM weight by 20 Gemms):
-    one magnitude mask serves every reader (no one layer's inputs are its whole Hessian), said; a weight read
-    differently (here as a Gather table too) is skipped, one warning for all its readers."""
+    one mask serves every reader, by magnitude with l1, by OBS from all the readers' inputs in one Hessian with
+    obs, said; a weight read differently (here as a Gather table too) is skipped, one warning for all its readers."""
     b = Builder()
     x, w, table = b.input(["batch", 8]), b.weight(8, 8), b.weight(8, 8)
     b.output(b.op("MatMul", [b.op("Relu", [b.op("MatMul", [x, w])]), w]))
@@ -195,11 +195,13 @@ def test_a_weight_read_alike_by_several_layers_takes_one_mask_and_one_read_other
     b.output(b.op("Add", [b.op("MatMul", [x, table]), b.op("Gather", [table, ids])]))
     model = b.model()
     said = []
-    sparse, report = sparsify(model, parse_pattern("2:4"), progress=said.append)
+    obs_sparse, report = sparsify(model, parse_pattern("2:4"), progress=said.append)
     assert [r["weight"] for r in report["layers"]] == [w]
     assert [(s["weight"], s["reason"]) for s in report["skipped"]] == [(table, f"weight {table} is shared by 2 nodes")]
-    assert any(m.startswith("1 weights that several layers read alike (an unrolled recurrence's) take magnitude "
-                            "masks (l1)") for m in said), said
+    assert any(m.endswith("1 weights that several layers read alike (an unrolled recurrence's) at once, from the "
+                          "inputs of all their readers in the original model") for m in said), said
+    assert "OBS sparsity: 1 layers obs" in said, said
+    sparse, _ = sparsify(model, parse_pattern("2:4"), criterion="l1")
     original = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == w))
     written = numpy_helper.to_array(next(t for t in sparse.graph.initializer if t.name == w))
     from spa.layers import Layer
@@ -208,6 +210,13 @@ def test_a_weight_read_alike_by_several_layers_takes_one_mask_and_one_read_other
     feeds = {"input": np.ones((2, 8), np.float32), "ids": np.array([0, 3])}
     got = ort.InferenceSession(sparse.SerializeToString()).run(None, feeds)[0]
     assert np.allclose(got, np.maximum(feeds["input"] @ written, 0) @ written, atol=1e-5)
+    # both readers' inputs in the original model (x, relu(x w)): OBS reproduces the weight's outputs on them
+    # better than the magnitude mask does
+    x = np.random.default_rng(2).standard_normal((512, 8))
+    rows = np.concatenate([x, np.maximum(x @ original, 0)])
+    by_obs = numpy_helper.to_array(next(t for t in obs_sparse.graph.initializer if t.name == w))
+    assert conforms(by_obs, Layer(0, w, 0, "x", "dense_t"), parse_pattern("2:4"))
+    assert np.square(rows @ (by_obs - original)).sum() < 0.9 * np.square(rows @ (written - original)).sum()
 
 
 def test_sparse_storage_matches_dense():

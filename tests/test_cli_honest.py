@@ -198,6 +198,8 @@ def test_a_model_whose_weights_sit_inside_control_flow_says_so(tmp_path, capsys)
                   "nothing prunable: no channel groups; the model keeps 2 weights inside control-flow bodies "
                   "(If 'by_rate'), which SPA does not prune", out=str(out))
     assert spa("sparsify", path, "-o", out, "--pattern", "2:4", "-q") == 0 and os.path.exists(out)
+    assert "by_rate / MatMul 'else_y' not sparsified: inside a control-flow body whose inputs OBS cannot read" \
+        in capsys.readouterr().err  # the then-branch, inlined for the calibration, took OBS masks
     os.remove(out)
     einsum = model_reading_with("Einsum", equation="ij,jk->ik")
     _expect_error(capsys, ["sparsify", saved(tmp_path, einsum), "-o", out, "--pattern", "2:4", "-q"],

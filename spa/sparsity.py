@@ -443,7 +443,7 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, criterion: str | None = N
     left = [l for l in layers if l.weight not in new_values]  # obs: inside bodies whose inputs it cannot read
     if left and len(left) == len(layers) and defaulted:
         warnings.warn(f"criterion l1 (the default where obs cannot serve: every layer that can take {pattern} is "
-                      "inside a control-flow body whose inputs OBS cannot read; --criterion l1 says so)", SpaWarning)
+                      "inside a control-flow body whose inputs OBS cannot read)", SpaWarning)
         criterion = "l1"
         new_values, ran_at, branches = _new_values(model, g, layers, pattern, criterion, calibration, progress)
         left = []

@@ -507,6 +507,12 @@ def test_a_loops_carried_weight_is_sparsified():
         [numpy_helper.from_array(np.array(3, np.int64), "steps"), numpy_helper.from_array(np.array(True), "go"),
          numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(SpaError, match="no layer can take pattern 2:4 with obs: the 1 that could are inside "
+                       "control-flow bodies whose inputs OBS cannot read"):
+        sparsify(model, parse_pattern("2:4"), criterion="obs")
+    with pytest.warns(SpaWarning, match="criterion l1 .the default where obs cannot serve: every layer that can take "
+                      "2:4 is inside a control-flow body whose inputs OBS cannot read"):
+        assert sparsify(model, parse_pattern("2:4"))[1]["criterion"] == "l1"
     sparse, report = sparsify(model, parse_pattern("2:4"), criterion="l1")
     assert [r["name"] for r in report["layers"]] == ["recurrence / MatMul 'step'"]
     masked = numpy_helper.to_array(next(t for t in sparse.graph.initializer if t.name == "w"))

@@ -500,7 +500,7 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
                 how[kind] = how.get(kind, 0) + 1
                 if branch:
                     branches.append((layer, *branch[:2]))
-        for new, kind in _read_alike(model, g, shared, pattern, every, len(fit), mask, seed):
+        for new, kind in _shared_weights(model, g, shared, pattern, every, len(fit), mask, seed):
             weights.update({name: stored_value(g, name, value) for name, value in new.items()})
             how[kind] = how.get(kind, 0) + 1
     progress("OBS sparsity: " + ", ".join(f"{v} layers {k}" for k, v in sorted(how.items())) +
@@ -516,7 +516,7 @@ def obs_sparsify(model, layers, pattern, calibration=None, progress=lambda messa
     return weights, shared_shapes(model, every), branches
 
 
-def _read_alike(model, g, layers, pattern, every, fitted: int, mask, seed) -> list:
+def _shared_weights(model, g, layers, pattern, every, fitted: int, mask, seed) -> list:
     """[({name: new value}, how)] for weights several layers read alike (`Layer.also_reads`: an unrolled
     recurrence's steps): one mask and update from the inputs of all their readers, in one Hessian, as the
     original model computes them (first order: the recurrence the weight drives is not run again sparsified)."""

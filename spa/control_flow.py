@@ -27,6 +27,8 @@ def lifted(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     control-flow body reads as its weight are top-level initializers, how many were moved). Body
     initializers and Constant nodes are moved at any depth; a name defined elsewhere too is renamed
     within its body."""
+    if not any(_liftable(body) for node in model.graph.node for body in _subgraphs(node)):
+        return model, 0  # no copy (a big model's If holding shape logic only)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     defined = Counter(_definitions(out.graph))
@@ -35,6 +37,20 @@ def lifted(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         for body in _subgraphs(node):
             moved += _lift(body, out.graph, defined)
     return out, moved
+
+
+def _liftable(body: onnx.GraphProto) -> bool:
+    """Whether `_lift` would move anything out of `body` (or its nested bodies)."""
+    local = {t.name for t in body.initializer if _is_weight(t)} | \
+        {n.output[0] for n in body.node if n.op_type == "Constant" and any(a.name == "value" and _is_weight(a.t)
+                                                                           for a in n.attribute)}
+    return bool(_layer_inputs(body.node) & local) or any(_liftable(b) for n in body.node for b in _subgraphs(n))
+
+
+def _layer_inputs(nodes) -> set:
+    """The names the Conv, Gemm and MatMul among `nodes` may read as their weight."""
+    return {n.input[slot] for n in nodes if n.op_type in LAYER_OPS
+            for slot in ((0, 1) if n.op_type == "MatMul" else (1,)) if len(n.input) > slot}
 
 
 def body_layers(g) -> list:
@@ -96,9 +112,7 @@ def inlined(model: onnx.ModelProto, g) -> onnx.ModelProto | None:
 
 def _weights_read(graph: onnx.GraphProto, g) -> set:
     """g's constants that the layers of `graph` (and its nested bodies) read as weights."""
-    return {n.input[slot] for n in _nodes(graph) if n.op_type in LAYER_OPS
-            for slot in ((0, 1) if n.op_type == "MatMul" else (1,))
-            if len(n.input) > slot and n.input[slot] in g.consts}
+    return {name for name in _layer_inputs(_nodes(graph)) if name in g.consts}
 
 
 def _carried_constants(g, node: onnx.NodeProto) -> dict:
@@ -136,8 +150,7 @@ def _definitions(graph: onnx.GraphProto):
 
 def _lift(body: onnx.GraphProto, top: onnx.GraphProto, defined: Counter) -> int:
     """Move `body`'s layer weights (and its nested bodies') to `top`; the count moved."""
-    read = {n.input[slot] for n in body.node if n.op_type in LAYER_OPS
-            for slot in ((0, 1) if n.op_type == "MatMul" else (1,)) if len(n.input) > slot}
+    read = _layer_inputs(body.node)
     moved = 0
     for tensor in [t for t in body.initializer if t.name in read and _is_weight(t)]:
         body.initializer.remove(tensor)

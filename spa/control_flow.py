@@ -13,7 +13,7 @@ from collections import Counter
 
 import onnx
 
-from .graph import FLOATS, _subgraphs, attr
+from .graph import FLOATS, _subgraphs
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -24,7 +24,8 @@ def has_bodies(model: onnx.ModelProto) -> bool:
 
 def lifted(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """(a copy of `model` whose float constants of rank 2 or more that a Conv, Gemm or MatMul inside a
-    control-flow body reads as its weight are top-level initializers, how many were moved). Body
+    control-flow body reads as its weight are top-level initializers, how many were moved); `model`
+    itself where there are none to move. Body
     initializers and Constant nodes are moved at any depth; a name defined elsewhere too is renamed
     within its body."""
     if not any(_liftable(body) for node in model.graph.node for body in _subgraphs(node)):
@@ -57,7 +58,7 @@ def body_layers(g) -> list:
     """spa.layers.Layer of every Conv, Gemm and MatMul inside the control-flow bodies of graph `g` whose
     weight is one of g's float constants (after `lifted`; or a Loop's carried constant: `_carried_constants`):
     `node` is the top-level control-flow node, `inside` the layer's own node, no bias (a mask never changes it)."""
-    from .layers import _layer
+    from .layers import _layer, weight_axis
 
     found = []
     for index, node in enumerate(g.nodes):
@@ -70,9 +71,7 @@ def body_layers(g) -> list:
                     weight = carried.get(inner.input[slot], inner.input[slot])
                     if weight not in g.consts:
                         continue
-                    axis = (1 if attr(inner, "transB", 0) else 0) if inner.op_type == "Gemm" else \
-                        {"MatMul": 0 if slot == 1 else 1}.get(inner.op_type, 1)
-                    layer = _layer(g, index, inner, slot, axis, weight)
+                    layer = _layer(g, index, inner, slot, weight_axis(inner, slot), weight)
                     if layer is not None:
                         layer.bias, layer.compensable = None, False
                         layer.inside = (inner.op_type, inner.name or inner.output[0])

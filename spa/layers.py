@@ -252,17 +252,21 @@ def weighted_layers(g) -> list:
             stored = weight if weight in g.consts else quantized_source(g, weight) or widened_source(g, weight)
             if stored is None:
                 continue
-            if node.op_type == "Gemm":
-                axis = 1 if attr(node, "transB", 0) else 0
-            else:
-                axis = {"MatMul": 0 if slot == 1 else 1}.get(node.op_type, 1)  # integer layers: _layer's own
-            layer = _layer(g, index, node, slot, axis, weight)
+            layer = _layer(g, index, node, slot, weight_axis(node, slot), weight)
             if layer is not None:
                 layer.weight = stored  # a QDQ layer's: the integer constant its DequantizeLinear reads
                 layer.compensable = len(g.consumers.get(weight, [])) == 1 == len(g.consumers.get(stored, []))
                 layers.append(layer)
                 break
     return layers
+
+
+def weight_axis(node, slot: int) -> int:
+    """The contracted axis of the weight a Conv, Gemm or MatMul reads at input `slot` (integer layers:
+    `_layer` finds their own)."""
+    if node.op_type == "Gemm":
+        return 1 if attr(node, "transB", 0) else 0
+    return {"MatMul": 0 if slot == 1 else 1}.get(node.op_type, 1)
 
 
 INTEGER_LAYERS = ("ConvInteger", "MatMulInteger")  # dynamic quantization: read a DynamicQuantizeLinear

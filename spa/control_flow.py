@@ -50,22 +50,23 @@ def _liftable(body: onnx.GraphProto) -> bool:
 
 def _layer_inputs(nodes) -> set:
     """The names the Conv, Gemm and MatMul among `nodes` may read as their weight."""
-    return {n.input[slot] for n in nodes if n.op_type in LAYER_OPS
-            for slot in ((0, 1) if n.op_type == "MatMul" else (1,)) if len(n.input) > slot}
+    from .layers import weight_slots
+
+    return {n.input[slot] for n in nodes if n.op_type in LAYER_OPS for slot in weight_slots(n) if len(n.input) > slot}
 
 
 def body_layers(g) -> list:
     """spa.layers.Layer of every Conv, Gemm and MatMul inside the control-flow bodies of graph `g` whose
     weight is one of g's float constants (after `lifted`; or a Loop's carried constant: `_carried_constants`):
     `node` is the top-level control-flow node, `inside` the layer's own node, no bias (a mask never changes it)."""
-    from .layers import _layer, weight_axis
+    from .layers import _layer, weight_axis, weight_slots
 
     found = []
     for index, node in enumerate(g.nodes):
         carried = _carried_constants(g, node)
         for body in _subgraphs(node):
             for inner in _nodes(body):
-                for slot in (1, 0) if inner.op_type == "MatMul" else (1,):
+                for slot in weight_slots(inner):
                     if inner.op_type not in LAYER_OPS or len(inner.input) <= slot:
                         continue
                     weight = carried.get(inner.input[slot], inner.input[slot])

@@ -243,8 +243,7 @@ def weighted_layers(g) -> list:
             rank = len(g.shapes.get(node.input[0]) or ())
             layers.extend(filter(None, [_packed_layer(g, index, node, rank - 1 if rank else -1)]))
             continue
-        slots = (1, 0) if node.op_type == "MatMul" else (3,) if node.op_type in QLINEAR_LAYERS else (1,)
-        for slot in slots:
+        for slot in weight_slots(node):
             if node.op_type not in ("Conv", "Gemm", "MatMul") + INTEGER_LAYERS + QLINEAR_LAYERS or \
                     len(node.input) <= slot:
                 continue
@@ -259,6 +258,12 @@ def weighted_layers(g) -> list:
                 layers.append(layer)
                 break
     return layers
+
+
+def weight_slots(node) -> tuple:
+    """The inputs a layer node may read its weight at, in the order they are tried (a MatMul's constant
+    operand can be either; a QLinear layer's weight comes after its input's scale and zero point)."""
+    return (1, 0) if node.op_type == "MatMul" else (3,) if node.op_type in QLINEAR_LAYERS else (1,)
 
 
 def weight_axis(node, slot: int) -> int:

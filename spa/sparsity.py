@@ -228,21 +228,25 @@ def eligible_layers(g, pattern: Pattern) -> tuple[list, list]:
             root = g.aliases[weight][3] if weight in g.aliases else weight
             more = f" and {len(readers) - 1} more" if len(readers) > 1 else ""
             skipped.append({"name": g.node_name(layer.node) + more, "weight": root, "reason": reason})
-    inside, skipped_inside = _body_layers(g, pattern, set(by_weight))
+    inside, skipped_inside = _body_layers(g, pattern, set(by_weight), stored)
     return layers + inside, skipped + skipped_inside
 
 
 def _read_alike(g, weight: str, readers: list) -> bool:
     """Whether every node that reads `weight` is one of `readers`, a float layer reading it the same way (an
     unrolled LSTM's Gemms, one a step): one mask serves them all."""
-    first = readers[0]
     return weight not in g.aliases and len(g.consumers.get(weight, [])) == len(readers) and \
-        not is_integer_weight(g, weight) and \
-        all((r.kind, r.in_axis, r.blocks, r.kernel) == (first.kind, first.in_axis, first.blocks, first.kernel)
-            for r in readers)
+        not is_integer_weight(g, weight) and _same_layout(readers)
 
 
-def _body_layers(g, pattern: Pattern, read_outside: set) -> tuple[list, list]:
+def _same_layout(readers: list) -> bool:
+    """Whether every layer in `readers` reads its weight the same way, so that one mask serves them all."""
+    first = readers[0]
+    return all((r.kind, r.in_axis, r.blocks, r.kernel) == (first.kind, first.in_axis, first.blocks, first.kernel)
+               for r in readers)
+
+
+def _body_layers(g, pattern: Pattern, read_outside: set, stored: set) -> tuple[list, list]:
     """eligible_layers' (layers, skipped) inside control-flow bodies (spa.control_flow.body_layers): a
     weight several of them read is sparsified once where they all read it alike (optimum's merged
     decoders read each weight in both branches of an If); one a top-level layer reads too is left."""
@@ -253,7 +257,7 @@ def _body_layers(g, pattern: Pattern, read_outside: set) -> tuple[list, list]:
         by_weight.setdefault(layer.weight, []).append(layer)
     layers, skipped = [], []
     for weight, readers in by_weight.items():
-        reason = _body_skip_reason(g, weight, readers, read_outside, pattern)
+        reason = _body_skip_reason(g, weight, readers, read_outside, stored, pattern)
         if reason is None:
             layers.append(readers[0])
         else:
@@ -261,21 +265,13 @@ def _body_layers(g, pattern: Pattern, read_outside: set) -> tuple[list, list]:
     return layers, skipped
 
 
-def _body_skip_reason(g, weight: str, readers: list, read_outside: set, pattern: Pattern) -> str | None:
+def _body_skip_reason(g, weight: str, readers: list, read_outside: set, stored: set, pattern: Pattern) -> str | None:
     """Why the body layers `readers` of `weight` cannot take `pattern` (None: they can, with one mask)."""
-    first = readers[0]
     if weight in read_outside:
         return f"weight {weight} is also read outside the control-flow body"
-    if any((r.kind, r.in_axis, r.blocks, r.kernel) != (first.kind, first.in_axis, first.blocks, first.kernel)
-           for r in readers):
+    if not _same_layout(readers):
         return f"weight {weight} is read by {len(readers)} nodes in different ways"
-    dtype = np.asarray(g.consts[weight]).dtype
-    if dtype not in FLOAT_TYPES:
-        return f"weight is {dtype}, not float16/32/64"
-    length = contracted_length(float_shape(g, weight), first)
-    if pattern.kind == "n:m" and length % pattern.m:
-        return f"contracted axis of {length} weights is not a multiple of {pattern.m}"
-    return None
+    return _skip_reason(g, readers[0], stored, pattern, shared=True)
 
 
 def _skip_reason(g, layer: Layer, stored: set, pattern: Pattern, shared: bool = False) -> str | None:

@@ -9,13 +9,16 @@ layers for their masks.
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
+from dataclasses import dataclass
 
 import onnx
 
 from .graph import FLOATS, _subgraphs
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
+FLATTENED = "spa.flattened"  # metadata of a `flattened` copy: its Flattened records, for `folded`
 
 
 def has_bodies(model: onnx.ModelProto) -> bool:
@@ -200,4 +203,209 @@ def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
             output.name = new
 
 
-__all__ = ["lifted", "body_layers", "has_bodies", "inlined"]
+@dataclass(frozen=True)
+class Flattened:
+    """An If whose branches `flattened` moved into its enclosing graph: the name of the selector left in its
+    place and the prefix of every name each branch defined (then, else)."""
+
+    name: str
+    prefixes: tuple
+
+
+def flattened(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
+    """(a copy of `model` in which every If whose branches hold layers, at any depth, has the nodes of both
+    branches in its enclosing graph, the names they define prefixed, and in its place a selector: an If whose
+    branches only pass those nodes' outputs on (Identity), the Flattened record of each); (`model`, []) where
+    no If holds a layer. The analysis sees through a selector (spa.rules.control), so the channels of layers
+    inside branches couple with the rest, and a weight both branches read prunes alike in both; `folded`
+    moves the nodes back after the rewrite. The copy computes both branches where the model computes one:
+    for the analysis and calibration only. The copy carries its records (metadata): flattening it again
+    returns it with them."""
+    done = next((p.value for p in model.metadata_props if p.key == FLATTENED), None)
+    if done is not None:  # flattened already: the records it carries
+        return model, [Flattened(name, tuple(prefixes)) for name, prefixes in json.loads(done)]
+    if not any(_flattenable(node) for node in model.graph.node):
+        return model, []
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    found = []
+    _flatten_graph(out.graph, set(_definitions(out.graph)), found)
+    out.metadata_props.add(key=FLATTENED, value=json.dumps([[f.name, list(f.prefixes)] for f in found]))
+    return out, found
+
+
+def folded(model: onnx.ModelProto, found: list) -> onnx.ModelProto:
+    """`model` (a rewrite of a `flattened` copy) with each selector's branches holding again the nodes
+    whose outputs carry their prefix, in their order; in place."""
+    kept = [p for p in model.metadata_props if p.key != FLATTENED]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    entries = {entry.name: entry for entry in found}
+    _fold_graph(model.graph, entries)
+    _restore_names(model.graph, entries, set())
+    return model
+
+
+def _flattenable(node: onnx.NodeProto) -> bool:
+    return node.op_type == "If" and bool(_layer_inputs(n for body in _subgraphs(node) for n in _nodes(body)))
+
+
+def _flatten_graph(graph: onnx.GraphProto, names: set, found: list) -> None:
+    nodes = []
+    for node in graph.node:
+        if not _flattenable(node):
+            nodes.append(node)
+            continue
+        base = _unique(node.name or f"If_{len(found)}", names)
+        sources, prefixes = {}, []
+        for key in ("then_branch", "else_branch"):
+            branch = next(a.g for a in node.attribute if a.name == key)
+            prefix = _unique(f"{base}/{key.split('_')[0]}/", names)
+            prefixes.append(prefix)
+            _prefix(branch, prefix, names)
+            _flatten_graph(branch, names, found)
+            nodes.extend(branch.node)
+            graph.initializer.extend(branch.initializer)
+            sources[key] = branch.output
+        nodes.append(_selector(node, base, sources, prefixes, names))
+        found.append(Flattened(base, tuple(prefixes)))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _unique(name: str, names: set) -> str:
+    k, found = 0, name
+    while found in names:
+        k += 1
+        found = f"{name}{k}" if not name.endswith("/") else f"{name[:-1]}{k}/"
+    names.add(found)
+    return found
+
+
+def _prefix(branch: onnx.GraphProto, prefix: str, names: set) -> None:
+    """Rename every name `branch` defines (node outputs and names, initializers) to `prefix` + name, where
+    it is read in `branch` and in its nested bodies."""
+    mapping = {t.name: prefix + t.name for t in branch.initializer}
+    mapping.update((o, prefix + o) for n in branch.node for o in n.output if o)
+    names.update(mapping.values())
+    for tensor in branch.initializer:
+        tensor.name = mapping[tensor.name]
+    for node in branch.node:
+        node.name = prefix + node.name if node.name else ""
+        node.output[:] = [mapping.get(o, o) for o in node.output]
+    _rename_reads(branch, mapping)
+
+
+def _rename_reads(graph: onnx.GraphProto, mapping: dict) -> None:
+    """`mapping` applied to what `graph` reads and outputs, and to what its nested bodies read of it (not to a
+    name a body defines again for itself)."""
+    for node in graph.node:
+        node.input[:] = [mapping.get(x, x) for x in node.input]
+        for body in _subgraphs(node):
+            shadowed = set(_definitions(body)) & mapping.keys()
+            _rename_reads(body, {k: v for k, v in mapping.items() if k not in shadowed} if shadowed else mapping)
+    for output in graph.output:
+        output.name = mapping.get(output.name, output.name)
+
+
+def _selector(node: onnx.NodeProto, base: str, sources: dict, prefixes: list, names: set) -> onnx.NodeProto:
+    """The If that takes `node`'s place: each branch passes its flattened outputs on (no shapes declared:
+    the rewrite changes them)."""
+    branches = {}
+    for (key, outputs), prefix in zip(sources.items(), prefixes):
+        passed = [_unique(f"{prefix}{output.name}/selected", names) for output in outputs]
+        declared = []
+        for output, name in zip(outputs, passed):
+            info = onnx.ValueInfoProto()
+            info.CopyFrom(output)
+            info.name = name
+            if info.type.HasField("tensor_type"):
+                info.type.tensor_type.ClearField("shape")
+            declared.append(info)
+        branches[key] = onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", [o.name], [p], name=p) for o, p in zip(outputs, passed)],
+            f"{base}/{key}", [], declared)
+    return onnx.helper.make_node("If", list(node.input), list(node.output), name=base, **branches)
+
+
+def _fold_graph(graph: onnx.GraphProto, entries: dict) -> None:
+    found = {n.name for n in graph.node if n.op_type == "If" and n.name in entries}
+    # the outermost here: a selector flattened out of another's branch folds back into it first
+    selectors = {s for s in found if not any(s.startswith(entries[t].prefixes) for t in found - {s})}
+    if not selectors:
+        return
+    owners = [(prefix, name, k) for name in selectors for k, prefix in enumerate(entries[name].prefixes)]
+    top, inside = [], {(name, k): [] for _, name, k in owners}
+    for node in graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        owner = next(((name, k) for prefix, name, k in owners
+                      if any(o.startswith(prefix) for o in node.output if o)), None)
+        (inside[owner] if owner is not None else top).append(copy)
+    for node in top:
+        if node.op_type != "If" or node.name not in selectors:
+            continue
+        for k, key in enumerate(("then_branch", "else_branch")):
+            branch = next(a.g for a in node.attribute if a.name == key)
+            passing = list(branch.node)
+            del branch.node[:]
+            branch.node.extend(inside[(node.name, k)] + passing)
+            _fold_graph(branch, entries)
+    del graph.node[:]
+    graph.node.extend(top)
+
+
+def _restore_names(graph: onnx.GraphProto, entries: dict, visible: set, enclosing: str = "") -> None:
+    """Top down, after `_fold_graph`: each folded branch takes back the initializers that carry its prefix
+    and passes its own outputs on without the selector's Identity; the names it defines (not those of the Ifs
+    flattened inside it, whose turn comes next) lose the prefix where that clashes with no name it can see."""
+    visible = visible | set(_level_names(graph))
+    for selector in [n for n in graph.node if n.op_type == "If" and n.name in entries]:
+        for key, prefix in zip(("then_branch", "else_branch"), entries[selector.name].prefixes):
+            branch = next(a.g for a in selector.attribute if a.name == key)
+            own = [t for t in graph.initializer if t.name.startswith(prefix)]
+            for tensor in own:
+                graph.initializer.remove(tensor)
+            branch.initializer.extend(own)
+            _drop_passing(branch)
+            deeper = tuple(p for e in entries.values() for p in e.prefixes if p != prefix and p.startswith(prefix))
+
+            def ours(name):
+                return name.startswith(prefix) and not (deeper and name.startswith(deeper))
+            mapping = {name: name[len(prefix):] for name in _level_names(branch)
+                       if ours(name) and name[len(prefix):] not in visible}
+            for tensor in branch.initializer:
+                tensor.name = mapping.get(tensor.name, tensor.name)
+            for node in branch.node:
+                node.output[:] = [mapping.get(o, o) for o in node.output]
+                if ours(node.name) and node.name not in entries:
+                    node.name = node.name[len(prefix):]
+            _rename_reads(branch, mapping)
+            _restore_names(branch, entries, visible, prefix)
+        if enclosing and selector.name.startswith(enclosing):
+            selector.name = selector.name[len(enclosing):]
+
+
+def _level_names(graph: onnx.GraphProto):
+    yield from (i.name for i in graph.input)
+    yield from (t.name for t in graph.initializer)
+    yield from (o for n in graph.node for o in n.output if o)
+
+
+def _drop_passing(branch: onnx.GraphProto) -> None:
+    """The selector's Identity nodes (those giving the branch outputs) whose input the branch itself computes:
+    the branch outputs that input instead."""
+    made = {o for n in branch.node for o in n.output}
+    outputs = {o.name for o in branch.output}
+    passing = {n.output[0]: n.input[0] for n in branch.node
+               if n.op_type == "Identity" and n.output[0] in outputs and n.input[0] in made}
+    if not passing:
+        return
+    kept = [n for n in branch.node if not (n.op_type == "Identity" and n.output[0] in passing)]
+    del branch.node[:]
+    branch.node.extend(kept)
+    for output in branch.output:
+        output.name = passing.get(output.name, output.name)
+
+
+__all__ = ["lifted", "body_layers", "has_bodies", "inlined", "flattened", "folded", "Flattened"]

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from .errors import SpaError
+from .control_flow import flattened
 from .graph import Graph
 from .rules import Ctx, Frozen, FreezeIndices, Link, rule_for
 
@@ -146,7 +147,7 @@ class Analysis:
 def analyze(model: onnx.ModelProto | Graph, options: Options | None = None) -> Analysis:
     from .shared_tensors import split_shared_tensors
 
-    graph = model if isinstance(model, Graph) else Graph(model)
+    graph = model if isinstance(model, Graph) else _graph(model)
     options = options or Options()
     propagation = Propagation(graph, options)
     analysis = propagation.run()
@@ -161,6 +162,19 @@ def analyze(model: onnx.ModelProto | Graph, options: Options | None = None) -> A
         if note not in graph.notes:
             graph.notes.append(note)
     return analysis
+
+
+def _graph(model: onnx.ModelProto) -> Graph:
+    """The analysis's view of `model`: where an If holds layers, of a copy with its branches flattened into
+    the enclosing graph (spa.control_flow.flattened), which the rewrite folds back."""
+    flat, found = flattened(model)
+    graph = Graph(flat)
+    if found:
+        graph.folding = tuple(found)
+        graph.notes.append(f"{len(found)} If{'s' if len(found) > 1 else ''} hold{'s' if len(found) == 1 else ''} "
+                           "layers: both branches are analysed as one graph, a weight they share prunes alike in "
+                           "both, and calibration runs both branches")
+    return graph
 
 
 def _held_query_heads(analysis: Analysis) -> frozenset:

@@ -8,7 +8,7 @@ bias is one more input column of constant ones: OBS then also corrects the bias.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -61,7 +61,7 @@ class Layer:
         """Layers reading the same tensor the same way share one Hessian."""
         conv = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(self.conv.items()))
         return (self.activation, self.kind == "conv", self.blocks, self.kernel, conv, self.rows_from_left,
-                self.bias is not None, self.input_grid)
+                self.bias is not None, self.input_grid, self.also_reads)
 
     # weights as per-block matrices -----------------------------------------------------------
     def matrices(self, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
@@ -167,7 +167,7 @@ class Layer:
 # ---------------------------------------------------------------------------------------------
 def find_layers(analysis: Analysis) -> list:
     g = analysis.graph
-    layers = []
+    layers, plain = [], set()
     for node_index, slot, axis in analysis.contracted:
         node = g.nodes[node_index]
         if node.op_type == "MatMulNBits" and slot == 0:
@@ -185,8 +185,39 @@ def find_layers(analysis: Analysis) -> list:
                 _on_integer_weight(g, layer, quantized)
             if widened is not None:
                 _on_widened_weight(g, layer, widened)
+            if quantized is None and widened is None:
+                plain.add(id(layer))
             layers.append(layer)
-    return layers
+    return _one_per_shared_weight(g, layers, plain)
+
+
+def _one_per_shared_weight(g, layers: list, plain: set) -> list:
+    """Layers that read one float weight alike and are all its readers (the two branches of an If that
+    spa.control_flow flattened; a module applied twice): the first stands for them all, its Hessian taken over
+    every reader's inputs (`also_reads`), so that one compensation of the weight serves them all; its bias
+    only where they all add the same one. Readers that differ stay apart, scored but not compensated."""
+    readers: dict = {}
+    for layer in layers:
+        readers.setdefault(layer.weight, []).append(layer)
+    out = []
+    for layer in layers:
+        same = readers[layer.weight]
+        if len(same) == 1 or id(layer) not in plain:
+            out.append(layer)
+            continue
+        if layer is not same[0]:
+            continue
+        shape = [(r.kind, r.in_axis, r.blocks, r.kernel, r.conv, r.scale, r.rows_from_left, r.channels, r.input_grid)
+                 for r in same]
+        if len(set(map(repr, shape))) > 1 or not all(id(r) in plain for r in same) or \
+                len(g.consumers.get(layer.weight, [])) != len(same):
+            out.extend(same)
+            continue
+        biases = {r.bias for r in same}
+        out.append(replace(layer, also_reads=tuple(r.activation for r in same[1:]), compensable=True,
+                           bias=layer.bias if len(biases) == 1 else None,
+                           bias_scale=layer.bias_scale if len(biases) == 1 else 1.0))
+    return out
 
 
 def widened_source(g, tensor: str) -> str | None:

@@ -245,11 +245,13 @@ def collect(model: onnx.ModelProto, layers, parts, desc: str):
         for feeds in batches:
             every.setdefault(id(feeds), (feeds, []))[1].append(hessians)
     with bar(desc=desc, total=len(every) * len(unique)) as moved:
-        values = fetch(model, [l.activation for l in layers], [feeds for feeds, _ in every.values()], None)
+        values = fetch(model, [a for l in layers for a in (l.activation, *l.also_reads)],
+                       [feeds for feeds, _ in every.values()], None)
         for (feeds, fed), found in zip(every.values(), values):
             for layer in unique:
                 for hessians in fed:
-                    hessians.add(layer, found[layer.activation], tokens=feeds.get(mask))
+                    for activation in (layer.activation, *layer.also_reads):  # a shared weight: all its readers
+                        hessians.add(layer, found[activation], tokens=feeds.get(mask))
                 moved.update(1)
 
 
@@ -464,7 +466,8 @@ def compensate(analysis, plan, layers, batches, damp, progress, max_columns=MAX_
     "scale": one factor per kept input channel.
     first / first_held: the original model's Hessians, which stage 0 (nothing upstream changed)
     reuses."""
-    todo = [l for l in layers if l.compensable and len(plan.removed(*l.in_pair))]
+    # a weight several layers share (`also_reads`) is not refitted stage by stage: a stage sees one reader's inputs
+    todo = [l for l in layers if l.compensable and not l.also_reads and len(plan.removed(*l.in_pair))]
     if not todo or not batches:
         return {}
     g = analysis.graph

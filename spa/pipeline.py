@@ -20,6 +20,7 @@ from .calibration import (DEFAULT_SAMPLES, Calibration, SampleDefault, calibrati
                           fresh_batches, generated_shapes, generated_token_lengths, is_generated, shared_shapes,
                           text_lines, text_mode, user_shapes, with_judged_text, with_text_config, with_tokenizer)
 from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
+from .control_flow import flattened, folded
 from .cost import concrete_shapes, count_macs, count_params, largest_node
 from .graph import weight_bytes
 from .groups import Analysis, Options, analyze
@@ -108,6 +109,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
                   "--recover trains a torch copy" if recover else "latency tables time the model's layers"))
         external_data.materialize(model)
     progress("analyzing channel coupling")
+    model = flattened(model)[0]  # If branches that hold layers: calibration, analysis and recovery see into them
     analysis = analyze(model, options)
     for note in analysis.graph.notes:
         progress(note)
@@ -145,7 +147,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     if weights:
         plan.weights_changed = f"{'obspa' if criterion == 'obspa' else compensation} compensation"
     progress(f"rewriting: {removed_text(removed_by_kind({'groups': plan.group_entries()}))}")
-    result = Result(rewrite(plan, weights=weights), plan, analysis, weights, scores, latency=latency_check,
+    result = Result(rewrite(plan, weights=weights, fold=False), plan, analysis, weights, scores, latency=latency_check,
                     warnings=warnings, input_shapes=ran_at)
     if recover:
         inputs, holdout = recovery_inputs(model, cal, fit, held, progress)
@@ -158,6 +160,8 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
             progress("recover: kept because its loss on generated held-out inputs fell, which need not carry over "
                      "to real ones (MiniLM distilled on random tokens once lost cosine to its original that way: "
                      "docs/recover.md); check the model on your data")
+    if analysis.graph.folding:
+        result.model = folded(result.model, analysis.graph.folding)
     return result
 
 

@@ -40,7 +40,9 @@ def latency_ms(path: str, batch: int = 1, repeats: int = 20, warmup: int = 3, th
 def measure(path: str, batch: int = 1, repeats: int = 20, threads: int | None = None,
             shapes: dict | None = None) -> dict:
     """shapes: {input: shape} (spa.calibration.user_shapes) for symbolic sizes (default 32)."""
-    model = onnx.load(path)
+    from .control_flow import flattened
+
+    model = flattened(onnx.load(path))[0]  # layers inside If branches counted, both branches
     macs = macs_by_op(model, concrete_shapes(model, batch=1, shapes=shapes))
     return {"params": count_params(model), "macs": sum(macs.values()), "macs_by_op": macs,
             "file_bytes": file_size(path),
@@ -143,7 +145,11 @@ def outcome(original: onnx.ModelProto, pruned: onnx.ModelProto, plan: dict,
     `shapes`: the user's input sizes (one shape or {input: shape}; other symbolic sizes 32)."""
     from .calibration import user_shapes
 
+    from .control_flow import flattened
+
     shapes = user_shapes(original, shapes)
+    # layers inside If branches count where the analysis saw them: both branches, flattened
+    original, pruned = flattened(original)[0], flattened(pruned)[0]
     g_before, g_after = original_graph or Graph(original), Graph(pruned)
     before, after = layer_widths(g_before), layer_widths(g_after)
     changed = [name for name in after if name in before and before[name] != after[name]]

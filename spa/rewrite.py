@@ -189,8 +189,9 @@ def _add_tensor(graph, value: np.ndarray, name: str, spill: Spill | None = None)
     tensor.raw_data = bytes(raw_bytes(value))
 
 
-def rewrite(plan: Plan, weights: dict | None = None) -> onnx.ModelProto:
-    """A new, smaller ModelProto with the plan's channels removed (not yet verified).
+def rewrite(plan: Plan, weights: dict | None = None, fold: bool = True) -> onnx.ModelProto:
+    """A new, smaller ModelProto with the plan's channels removed (not yet verified); where the analysis
+    flattened If branches (spa.control_flow), folded back unless `fold` is False.
 
     weights: new values (original shapes and dtypes) for constants, e.g. weights compensated by
     OBSPA; they replace the model's values before slicing."""
@@ -235,6 +236,9 @@ def rewrite(plan: Plan, weights: dict | None = None) -> onnx.ModelProto:
     _update_initializer_inputs(model, plan, sliced_names)
     _list_new_initializers_as_inputs(model)
     del graph.value_info[:]
+    if g.folding and fold:
+        from .control_flow import folded
+        model = folded(model, g.folding)
     return model
 
 

@@ -48,6 +48,8 @@ def validate(source: str | bytes, feeds: dict | None = None, model: onnx.ModelPr
             larger = _larger_size_it_runs(original, model, shapes) if generated and not pieces else None
             if larger is None:
                 _original_fails_too(original, feeds, shapes)
+                raise SpaError(f"pruned model failed onnxruntime ({feed_shapes(feeds)}, where the original model "
+                               f"runs): {first_line(exc, 300)}") from None
             else:
                 feeds = larger
                 try:

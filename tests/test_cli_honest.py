@@ -172,8 +172,9 @@ def test_nothing_prunable_says_where_granularity_hidden_would_prune(tmp_path, ca
 
 
 def test_a_model_whose_weights_sit_inside_control_flow_says_so(tmp_path, capsys):
-    """silero-vad keeps its whole network inside an If (one branch per sample rate): analyze and prune name the If
-    and its weights instead of pointing at an analysis that lists nothing; sparsify rewrites the weights its
+    """silero-vad keeps its whole network inside an If (one branch per sample rate): analyze and prune see through
+    an If whose branches hold layers, and name an If they cannot see through and its weights instead of pointing at
+    an analysis that lists nothing; sparsify rewrites the weights its
     MatMuls read there (tests/test_sparsity.py) and names those only other ops read."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -191,17 +192,22 @@ def test_a_model_whose_weights_sit_inside_control_flow_says_so(tmp_path, capsys)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model = model_reading_with("MatMul")
     path, out = saved(tmp_path, model), tmp_path / "o.onnx"
-    assert spa("analyze", path) == 0
-    assert ("2 weight tensors inside control-flow bodies, not analyzed (SPA prunes the top-level graph): "
-            "If 'by_rate' 2") in capsys.readouterr().out
+    assert spa("analyze", path) == 0  # an If holding layers is analysed through (spa.control_flow.flattened)
+    printed = capsys.readouterr().out
+    assert "weights: by_rate/then/then_w, by_rate/else/else_w" in printed and "1 If holds layers" in printed
     _expect_error(capsys, ["prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q"],
-                  "nothing prunable: no channel groups; the model keeps 2 weights inside control-flow bodies "
-                  "(If 'by_rate'), which SPA does not prune", out=str(out))
+                  "nothing prunable: every channel group is frozen (see `spa analyze`)", out=str(out))
     assert spa("sparsify", path, "-o", out, "--pattern", "2:4", "-q") == 0 and os.path.exists(out)
     assert "by_rate / MatMul 'else_y' not sparsified: inside a control-flow body whose inputs OBS cannot read" \
         in capsys.readouterr().err  # the then-branch, inlined for the calibration, took OBS masks
     os.remove(out)
     einsum = model_reading_with("Einsum", equation="ij,jk->ik")
+    assert spa("analyze", saved(tmp_path, einsum)) == 0  # no layer in the If: a boundary, named
+    assert ("2 weight tensors inside control-flow bodies, not analyzed (SPA prunes the top-level graph): "
+            "If 'by_rate' 2") in capsys.readouterr().out
+    _expect_error(capsys, ["prune", saved(tmp_path, einsum), "-o", out, "--ratio", "0.5", "--criterion", "l1", "-q"],
+                  "nothing prunable: no channel groups; the model keeps 2 weights inside control-flow bodies "
+                  "(If 'by_rate'), which SPA does not prune", out=str(out))
     _expect_error(capsys, ["sparsify", saved(tmp_path, einsum), "-o", out, "--pattern", "2:4", "-q"],
                   "no Conv, Gemm or MatMul has a constant weight, here or inside control-flow bodies (2 weights "
                   "inside If 'by_rate' are read by other ops, which SPA does not rewrite)",

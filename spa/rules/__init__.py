@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..graph import CONTROL_FLOW, Graph, attr, infer_shapes
+from ..graph import Graph, attr, infer_shapes
 
 
 class Frozen(Exception):
@@ -164,8 +164,6 @@ def rule_for(node) -> Rule:
     if node.domain not in ("", "ai.onnx"):
         return REGISTRY.get(f"{node.domain}::{node.op_type}") or \
             Boundary(f"custom-domain op {node.domain}::{node.op_type}")
-    if node.op_type in CONTROL_FLOW:
-        return Boundary(f"control flow ({node.op_type}) is a boundary")
     return REGISTRY.get(node.op_type) or Boundary(f"no channel rule for {node.op_type}")
 
 
@@ -230,10 +228,11 @@ def same_axis_everywhere(c: Ctx, tensor, axis, tensors):
 # these imports come last. The rule classes and public helpers are re-exported: `spa.rules.X`
 # works as it did when the rules were one module.
 from . import (  # noqa: E402,F401
-    attention, axis, boundaries, elementwise, filled, joins, layers, norms, quantized, recurrent, shapes,
+    attention, axis, boundaries, control, elementwise, filled, joins, layers, norms, quantized, recurrent, shapes,
 )
 from .axis import AxisOp, Pad, Reduce, Resize, Softmax, Spatial, TopK  # noqa: E402
 from .boundaries import PARAMETER_OPS, VIEW_OPS, ShapeOnly  # noqa: E402
+from .control import Selector  # noqa: E402
 from .elementwise import Broadcast, Unary  # noqa: E402
 from .filled import ConstantLeaf, ConstantOfShape  # noqa: E402
 from .joins import Concat, Gather, Slice, Split  # noqa: E402
@@ -257,10 +256,10 @@ __all__ = [
     "Frozen", "Link", "FreezeIndices", "identity", "Ctx", "Rule", "REGISTRY", "register", "rule_for",
     "Boundary", "same_axis_everywhere",
     # family modules
-    "attention", "axis", "boundaries", "elementwise", "filled", "joins", "layers", "norms", "quantized",
+    "attention", "axis", "boundaries", "control", "elementwise", "filled", "joins", "layers", "norms", "quantized",
     "recurrent", "shapes",
     # rules and helpers, by family
-    "Unary", "Broadcast",
+    "Unary", "Broadcast", "Selector",
     "ConvRule", "ConvTransposeRule", "GemmRule", "MatMulRule", "in_group_positions",
     "shrink_depthwise_group",
     "BatchNormRule", "GroupNormRule", "LayerNormRule",

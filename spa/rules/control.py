@@ -1,0 +1,43 @@
+"""Control flow: the selector If that spa.control_flow.flattened leaves where it moved an If's branches out."""
+from __future__ import annotations
+
+from ..graph import _subgraphs
+from . import Frozen, Rule, identity, register
+
+
+@register
+class Selector(Rule):
+    """An If whose branches only pass tensors of the enclosing graph on (Identity, or the name itself):
+    output k is then-source k or else-source k, channel for channel, so the three share every axis.
+    Any other If, Loop or Scan stays a boundary: its bodies are not analysed."""
+
+    ops = ("If", "Loop", "Scan")
+
+    def propagate(self, c, tensor, axis):
+        sources = _passed(c.node)
+        if sources is None:
+            raise Frozen(f"control flow ({c.node.op_type}) is a boundary")
+        rows = [(out, *row) for out, row in zip(c.node.output, zip(*sources)) if tensor in (out, *row)]
+        if not rows:
+            raise Frozen("the condition of an If")
+        size = c.dim(tensor, axis)
+        return [identity((tensor, axis), (t, axis), size) for row in rows for t in dict.fromkeys(row)
+                if t and t != tensor]
+
+
+def _passed(node) -> list | None:
+    """[then sources, else sources], the enclosing graph's tensors each branch output passes on, for a
+    selector If; None for any other control-flow node."""
+    if node.op_type != "If" or len(_subgraphs(node)) != 2:
+        return None
+    found = []
+    for branch in (next(a.g for a in node.attribute if a.name == key) for key in ("then_branch", "else_branch")):
+        if any(n.op_type != "Identity" or _subgraphs(n) for n in branch.node) or len(branch.output) != len(node.output):
+            return None
+        made = {n.output[0]: n.input[0] for n in branch.node}
+        local = {t.name for t in branch.initializer}
+        sources = [made.get(o.name, o.name) for o in branch.output]
+        if any(s in local or s in made for s in sources):
+            return None
+        found.append(sources)
+    return found

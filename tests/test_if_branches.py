@@ -1,0 +1,112 @@
+"""Layers inside If branches: flattened for the analysis (spa.control_flow.flattened), read through the selector
+rule (spa.rules.control), folded back after the rewrite; the oracle holds for either branch taken."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from spa.control_flow import flattened, folded
+from spa.groups import analyze
+from spa.layers import find_layers
+from spa.pipeline import prune, save
+from spa.runtime import random_inputs, run
+from spa.selection import Target
+from spa.verify import masked_original
+
+
+def _weight(rng, name, *shape):
+    return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+
+def if_model(nested: bool = False) -> onnx.ModelProto:
+    """x -> If(c): then MatMul W1, Add b1, Relu, MatMul W2; else MatMul W1, Sigmoid, MatMul W2 and a branch-local
+    MLP (W3, W4) -> Relu. W1 and W2 at the top, read by both branches; `nested`: the else branch's MLP inside an If
+    of its own (on the same condition)."""
+    rng = np.random.default_rng(0)
+    tops = [_weight(rng, "W1", 16, 32), _weight(rng, "b1", 32), _weight(rng, "W2", 32, 8)]
+    own = [_weight(rng, "W3", 8, 24), _weight(rng, "W4", 24, 8)]
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "W1"], ["h"], name="up"),
+                              helper.make_node("Add", ["h", "b1"], ["hb"]), helper.make_node("Relu", ["hb"], ["a"]),
+                              helper.make_node("MatMul", ["a", "W2"], ["y"], name="down")], "then", [], [out])
+    mlp = [helper.make_node("MatMul", ["z", "W3"], ["u"]), helper.make_node("Tanh", ["u"], ["v"]),
+           helper.make_node("MatMul", ["v", "W4"], ["y"])]
+    if nested:
+        mlp[-1].output[0] = "inner_y"
+        inner_out = helper.make_tensor_value_info("inner_y", TensorProto.FLOAT, ["N", 8])
+        inner = helper.make_graph(mlp, "inner_then", [], [inner_out], own)
+        plain = helper.make_graph([helper.make_node("Neg", ["z"], ["inner_y"])], "inner_else", [], [inner_out])
+        mlp = [helper.make_node("If", ["c"], ["y"], name="inner", then_branch=inner, else_branch=plain)]
+        own = []
+    other = helper.make_graph([helper.make_node("MatMul", ["x", "W1"], ["h"], name="up"),
+                               helper.make_node("Sigmoid", ["h"], ["a"]),
+                               helper.make_node("MatMul", ["a", "W2"], ["z"], name="down"), *mlp],
+                              "else", [], [out], own)
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["out"], name="branchy", then_branch=then, else_branch=other),
+         helper.make_node("Relu", ["out"], ["final"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("final", TensorProto.FLOAT, ["N", 8])], tops)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _oracle_holds(model, result, tmp_path):
+    path = os.path.join(tmp_path, "pruned.onnx")
+    save(result.model, path)
+    for taken in (True, False):
+        feeds = {**random_inputs(model, batch=3, seed=1), "c": np.array(taken)}
+        np.testing.assert_allclose(run(path, feeds)[0], run(masked_original(result.plan), feeds)[0],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def _structure(graph):
+    """Node ops and outputs, initializer names, branch structure, recursively."""
+    return ([(n.op_type, list(n.input), list(n.output), sorted((a.name, _structure(a.g)) for a in n.attribute
+                                                                if a.type == onnx.AttributeProto.GRAPH))
+             for n in graph.node], sorted(t.name for t in graph.initializer), [o.name for o in graph.output])
+
+
+def test_flatten_then_fold_gives_the_model_back():
+    for nested in (False, True):
+        model = if_model(nested)
+        flat, found = flattened(model)
+        assert [n.op_type for n in flat.graph.node].count("If") == 1 + nested and len(found) == 1 + nested
+        assert flattened(flat)[1] == found  # a flattened copy says so
+        assert _structure(folded(flat, found).graph) == _structure(model.graph)
+        assert not folded(flat, found).metadata_props
+
+
+def test_channels_inside_both_branches_prune_and_match_the_oracle(tmp_path):
+    for nested in (False, True):
+        model = if_model(nested)
+        analysis = analyze(model)
+        shared = [g for g in analysis.groups if {m.tensor for m in g.members} >= {"W1", "b1", "W2"}]
+        assert len(shared) == 1 and shared[0].prunable  # W1's channels: both branches, one group
+        assert any(g.prunable and any(m.tensor.endswith("W3") for m in g.members) for g in analysis.groups)
+        result = prune(model, Target(ratio=0.5), criterion="l1")
+        _oracle_holds(model, result, tmp_path)
+        pruned = result.model
+        assert [n.op_type for n in pruned.graph.node] == ["If", "Relu"]
+        assert {t.name for t in pruned.graph.initializer} == {"W1", "b1", "W2"}
+        assert numpy_helper.to_array(pruned.graph.initializer[0]).shape[1] < 32
+
+
+def test_a_weight_both_branches_read_is_compensated_from_both_inputs(tmp_path):
+    model = if_model()
+    layers = [l for l in find_layers(analyze(model)) if l.weight == "W2"]
+    assert len(layers) == 1 and layers[0].compensable and len(layers[0].also_reads) == 1
+    assert layers[0].bias is None  # only the then branch adds b1 after its first MatMul, not after W2
+    result = prune(model, Target(ratio=0.5), criterion="obspa")
+    assert "W2" in result.weights
+    save(result.model, os.path.join(tmp_path, "pruned.onnx"))  # verified: checker, session, a run
+    errors = {}
+    feeds = [{**random_inputs(model, batch=64, seed=5), "c": np.array(taken)} for taken in (True, False)]
+    for name, pruned in (("compensated", result.model), ("plain", masked_original(result.plan))):
+        errors[name] = sum(float(np.mean((run(pruned, f)[0] - run(model, f)[0]) ** 2)) for f in feeds)
+    assert errors["compensated"] < errors["plain"]

@@ -405,7 +405,7 @@ def _within_memory(student: OnnxModule, feeds, say):
     free = _free_memory()
     if len(sizes) != 1 or free is None or (size := sizes.pop()) < 2:
         return feeds
-    one, two = (_forward_bytes(student, {k: v[:n] for k, v in first.items()}) for n in (1, 2))
+    one, two = (_forward_bytes(student, {k: v[:n] if np.ndim(v) else v for k, v in first.items()}) for n in (1, 2))
     per_input = STEP_MEMORY * max(two - one, 1)  # what the weights alone hold (an int8 model's on its grid) aside
     fixed = STEP_MEMORY * max(2 * one - two, 0)
     fits = int((MEMORY_SHARE * free - fixed) // per_input)

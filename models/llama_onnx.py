@@ -189,6 +189,43 @@ def build(path: str, size: str = "7b", dtype=np.float16, seed: int = 0, pool: in
             "data_bytes": os.path.getsize(path + ".data"), "onnx_bytes": os.path.getsize(path)}
 
 
+def build_merged(path: str, size: str = "tiny", dtype=np.float32, seed: int = 0, **overrides) -> dict:
+    """Write an optimum-style merged decoder to `path`: the `past=True` decoder in the then-branch of an If on a
+    `use_cache_branch` input [1] and, in the else-branch, the same decoder without its cache (the present keys and
+    values are the new ones; the past inputs unread), every weight a top-level initializer both branches read.
+    Returns `build`'s figures."""
+    info = build(path, size, dtype, seed, past=True, **overrides)
+    decoder = onnx.load(path)
+    os.remove(path + ".data")
+
+    def branch(tag: str, cached: bool) -> onnx.GraphProto:
+        made = {o for n in decoder.graph.node for o in n.output}
+        rename = {name: f"{tag}/{name}" for name in made}
+        nodes = []
+        for n in decoder.graph.node:
+            if not cached and n.op_type == "Concat" and n.output[0].startswith("present_"):
+                n = helper.make_node("Identity", [n.input[1]], list(n.output), name=n.name)
+            nodes.append(helper.make_node(n.op_type, [rename.get(x, x) for x in n.input],
+                                          [rename[o] for o in n.output], name=f"{tag}/{n.name}",
+                                          **{a.name: helper.get_attribute_value(a) for a in n.attribute}))
+        outputs = []
+        for o in decoder.graph.output:
+            info = onnx.ValueInfoProto()
+            info.CopyFrom(o)
+            info.name = rename[o.name]
+            outputs.append(info)
+        return helper.make_graph(nodes, tag, [], outputs)
+
+    flag = helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])
+    node = helper.make_node("If", ["use_cache_branch"], [o.name for o in decoder.graph.output], name="optimum::if",
+                            then_branch=branch("with_past", True), else_branch=branch("no_past", False))
+    graph = helper.make_graph([node], "merged", list(decoder.graph.input) + [flag], list(decoder.graph.output),
+                              list(decoder.graph.initializer))
+    onnx.save_model(helper.make_model(graph, opset_imports=list(decoder.opset_import),
+                                      producer_name="spa.models.llama_onnx"), path)
+    return info
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("output")

@@ -466,7 +466,7 @@ def compensate(analysis, plan, layers, batches, damp, progress, max_columns=MAX_
     "scale": one factor per kept input channel.
     first / first_held: the original model's Hessians, which stage 0 (nothing upstream changed)
     reuses."""
-    # a weight several layers share (`also_reads`) is not refitted stage by stage: a stage sees one reader's inputs
+    # a weight several layers share (`also_reads`): a stage sees one reader's inputs (first order: pipeline._compensate)
     todo = [l for l in layers if l.compensable and not l.also_reads and len(plan.removed(*l.in_pair))]
     if not todo or not batches:
         return {}

@@ -231,7 +231,12 @@ def _compensate(analysis, plan, compensation, staged, cal, fit, held, measured, 
         cache.clear()  # every candidate's updates: done with
         return weights
     cache.clear()  # ... and not needed by the staged pass
-    return obspa.compensation_stage(analysis, plan, compensation, fit, measured, damp, seed, progress, held)
+    weights = obspa.compensation_stage(analysis, plan, compensation, fit, measured, damp, seed, progress, held)
+    shared = [layer for layer in measured.layers if layer.also_reads] if measured is not None else []
+    if compensation == "obs" and shared:  # a stage sees one reader's inputs: from the original model's Hessians
+        weights.update(obspa.first_order_weights(analysis, plan, dataclasses.replace(measured, layers=shared), damp,
+                                                 pooled=True))
+    return weights
 
 
 def _stage_by_stage(staged: bool | None, cal: Calibration, progress) -> bool:

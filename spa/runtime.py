@@ -435,6 +435,22 @@ def batch_names(declared_dims) -> set:
     return {dims[0] for dims in declared_dims if dims and isinstance(dims[0], str)}
 
 
+def batch_axes(declared_dims: list) -> list:
+    """The axis that carries the batch in each of `declared_dims` (`declared_inputs`' dims): the first, unless
+    that one is fixed and a later axis bears a batch name ([2, batch, 128]), or, where another input's first
+    axis is free, is the one unnamed free axis (silero-vad's state [2, ?, 128] beside its input [?, ?]); None for
+    a scalar."""
+    names = batch_names(declared_dims)
+    free_first = any(dims and not isinstance(dims[0], int) for dims in declared_dims)
+    axes = []
+    for dims in declared_dims:
+        named = next((k for k, d in enumerate(dims) if isinstance(d, str) and d in names), None)
+        unnamed = [k for k, d in enumerate(dims) if d is None]
+        axes.append(None if not dims else 0 if not isinstance(dims[0], int) else named if named is not None
+                    else unnamed[0] if free_first and len(unnamed) == 1 else 0)
+    return axes
+
+
 def declared_inputs(model: onnx.ModelProto):
     """(name, dims, numpy dtype) for each real graph input, as declared: each dim an int (static),
     a str (its symbolic name) or None (unnamed: no dim_param, or paddle2onnx's "?")."""

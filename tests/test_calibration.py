@@ -985,7 +985,10 @@ def test_an_input_whose_first_axis_is_not_the_batch_is_fed_as_declared(tmp_path)
                "not the batch of 1 that 'input' fixes" in m for m in said)
     free = calibration_batches(_state_model("batch"), "synthetic", samples=20, batch_size=8)
     assert [(f["input"].shape, f["state"].shape) for f in free] == [((8, 8), (2, 8, 4))] * 2 + [((4, 8), (2, 4, 4))]
-    for model, batches in ((_state_model(1), static), (_state_model("batch"), free)):
+    unnamed = calibration_batches(_state_model(None), "synthetic", samples=20, batch_size=8)  # silero_vad.onnx's [?, ?]
+    assert [(f["input"].shape, f["state"].shape) for f in unnamed] == [(f["input"].shape, f["state"].shape)
+                                                                       for f in free]
+    for model, batches in ((_state_model(1), static), (_state_model("batch"), free), (_state_model(None), unnamed)):
         _runs(model, batches)
     np.savez(tmp_path / "d.npz", input=np.zeros((4, 8), np.float32), state=np.zeros((2, 4, 4), np.float32))
     with pytest.raises(SpaError, match="input 'state' .* does not carry the batch on its first axis"):

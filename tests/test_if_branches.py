@@ -105,8 +105,33 @@ def test_a_weight_both_branches_read_is_compensated_from_both_inputs(tmp_path):
     result = prune(model, Target(ratio=0.5), criterion="obspa")
     assert "W2" in result.weights
     save(result.model, os.path.join(tmp_path, "pruned.onnx"))  # verified: checker, session, a run
+    assert "W2" in prune(model, Target(ratio=0.5), criterion="obspa", staged=True).weights  # first order there
     errors = {}
     feeds = [{**random_inputs(model, batch=64, seed=5), "c": np.array(taken)} for taken in (True, False)]
     for name, pruned in (("compensated", result.model), ("plain", masked_original(result.plan))):
         errors[name] = sum(float(np.mean((run(pruned, f)[0] - run(model, f)[0]) ** 2)) for f in feeds)
     assert errors["compensated"] < errors["plain"]
+
+
+def test_an_optimum_merged_decoder_prunes_in_both_branches(tmp_path):
+    """optimum's merged decoder: the decoder with and without its key/value cache in the branches of an If, every
+    weight read by both. It was "nothing prunable"; now its MLP channels and query-head slots prune as the
+    decoder-with-past's do, alike in both branches, and either branch matches the oracle."""
+    from models.llama_onnx import build_merged
+
+    path = str(tmp_path / "merged.onnx")
+    build_merged(path)
+    model = onnx.load(path)
+    result = prune(model, Target(ratio=0.5), criterion="l1")
+    kinds = {g["kind"] for g in result.plan.to_json("m")["groups"] if g["removed"]}
+    assert kinds == {"channels", "heads"}
+    assert [n.op_type for n in result.model.graph.node] == ["If"]
+    written = os.path.join(tmp_path, "pruned.onnx")
+    save(result.model, written)
+    rng = np.random.default_rng(0)
+    past = {f"past_{kind}.{i}": rng.standard_normal((2, 2, 3, 8)).astype(np.float32)
+            for kind in ("key", "value") for i in range(2)}
+    for taken in (True, False):
+        feeds = {"input_ids": rng.integers(0, 101, (2, 5)), **past, "use_cache_branch": np.array([taken])}
+        for got, expected in zip(run(written, feeds), run(masked_original(result.plan), feeds)):
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

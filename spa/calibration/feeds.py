@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import SpaError, first_line
-from ..runtime import batch_names, imposed_sizes
+from ..runtime import batch_axes, batch_names, imposed_sizes
 from . import documents, orientation, text_lines
 from .files import IMAGENET_MEAN, IMAGENET_STD, _fitted, _per_channel
 from .shapes import (BATCH, DEFAULT_IMAGE, DEFAULT_SEQUENCE, DEFAULT_SIGNAL, LAYOUT_AXES, MIN_TOKENS, TOKENS,
@@ -50,7 +50,7 @@ class _Plan:
             raise SpaError("calibration: the model has no inputs")
         self.by_name = {i.name: i for i in self.inputs}
         self.batch_names = batch_names(i.dims for i in self.inputs)
-        self.batch_axis = {i.name: _batch_axis(i, self.batch_names) for i in self.inputs}
+        self.batch_axis = dict(zip((i.name for i in self.inputs), batch_axes([i.dims for i in self.inputs])))
         self.static_batch = self._static_batch()
         self.chunk = self.static_batch or options.batch_size
         self.explicit = _checked_shapes(self.inputs, options.shapes, _empty_axes(model, options.shapes))
@@ -445,11 +445,3 @@ class _Plan:
                 for s in range(0, count, self.chunk)]
 
 
-def _batch_axis(inp: _Input, batch_names: set) -> int | None:
-    """The axis that carries the batch: the first, unless that one is fixed and a later axis
-    bears a batch name ([2, batch, 128]); None for a scalar."""
-    if not inp.dims:
-        return None
-    if isinstance(inp.dims[0], int):
-        return next((k for k, d in enumerate(inp.dims) if isinstance(d, str) and d in batch_names), 0)
-    return 0

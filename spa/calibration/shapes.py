@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from ..errors import SpaError
-from ..runtime import batch_names, declared_inputs, imposed_sizes, is_float, named_mask
+from ..runtime import batch_axes, declared_inputs, imposed_sizes, is_float, named_mask
 
 DEFAULT_SEQUENCE = 16      # any other unknown axis
 DEFAULT_IMAGE = 224        # unknown height / width of an image-like input
@@ -93,17 +93,14 @@ def shared_shapes(model, batches: list) -> dict | None:
     the summary take where the user gave none (the 32 they default to may not run). None where no
     input has such a size or the batches differ (token batches of varied length)."""
     declared = declared_inputs(model)
-    names = batch_names(dims for _, dims, _ in declared)
-
-    def is_batch(k, d):  # the batch leads an input, or sits where its name does (a state [layers, batch, n])
-        return (k == 0 and not isinstance(d, int)) or (isinstance(d, str) and d in names)
+    axes = batch_axes([dims for _, dims, _ in declared])  # the batch leads an input, or sits elsewhere in a state
 
     shapes = {}
-    for name, dims, _ in declared:
-        if all(isinstance(d, int) or is_batch(k, d) for k, d in enumerate(dims)):
+    for (name, dims, _), axis in zip(declared, axes):
+        if all(isinstance(d, int) or k == axis for k, d in enumerate(dims)):
             continue
-        sizes = {tuple(1 if is_batch(k, d) else n for k, (d, n) in enumerate(zip(dims, np.shape(b[name]))))
-                 for b in batches if name in b}
+        sizes = {tuple(1 if k == axis and not isinstance(d, int) else n
+                       for k, (d, n) in enumerate(zip(dims, np.shape(b[name])))) for b in batches if name in b}
         if len(sizes) != 1:
             return None
         shapes[name] = sizes.pop()

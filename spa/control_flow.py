@@ -363,10 +363,11 @@ def _restore_names(graph: onnx.GraphProto, entries: dict, visible: set, enclosin
     for selector in [n for n in graph.node if n.op_type == "If" and n.name in entries]:
         for key, prefix in zip(("then_branch", "else_branch"), entries[selector.name].prefixes):
             branch = next(a.g for a in selector.attribute if a.name == key)
-            own = [t for t in graph.initializer if t.name.startswith(prefix)]
-            for tensor in own:
-                graph.initializer.remove(tensor)
-            branch.initializer.extend(own)
+            own = [k for k, t in enumerate(graph.initializer) if t.name.startswith(prefix)]
+            for k in own:
+                branch.initializer.add().CopyFrom(graph.initializer[k])
+            for k in reversed(own):  # by index: a big model's other tensors are never compared or copied
+                del graph.initializer[k]
             _drop_passing(branch)
             deeper = tuple(p for e in entries.values() for p in e.prefixes if p != prefix and p.startswith(prefix))
 

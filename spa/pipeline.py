@@ -22,7 +22,7 @@ from .calibration import (DEFAULT_SAMPLES, Calibration, SampleDefault, calibrati
 from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
 from .control_flow import flattened, folded
 from .cost import concrete_shapes, count_macs, count_params, largest_node
-from .graph import weight_bytes
+from .graph import Graph, weight_bytes
 from .groups import Analysis, Options, analyze
 from .importance import GRADIENT_CRITERIA, check_bn_scale, score
 from .plan import Plan
@@ -109,7 +109,7 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
                   "--recover trains a torch copy" if recover else "latency tables time the model's layers"))
         external_data.materialize(model)
     progress("analyzing channel coupling")
-    model = flattened(model)[0]  # If branches that hold layers: calibration, analysis and recovery see into them
+    given, model = model, flattened(model)[0]  # If branches that hold layers: calibration, analysis, recovery see in
     analysis = analyze(model, options)
     for note in analysis.graph.notes:
         progress(note)
@@ -121,6 +121,12 @@ def prune(model: onnx.ModelProto, target: Target, criterion: str = "l1", aggrega
     cal, fit, held = calibration_inputs(model, cal, progress, held_out=criterion == "obspa" or compensation != "none",
                                         samples=OBSPA_SAMPLES if criterion == "obspa" else ()) \
         if needs_data else (cal, [], [])
+    if analysis.graph.folding and (fit or held) and not runs(model, (fit or held)[0]) and runs(given, (fit or held)[0]):
+        progress("the Ifs that hold layers stay boundaries: their branches do not both run on the calibration inputs "
+                 "(the flattened copy computes both; the model one)")
+        model, analysis = given, analyze(Graph(given), options)
+        if not any(g.prunable for g in analysis.groups):
+            raise nothing_prunable(analysis)
     ran_at = shared_shapes(model, fit + held) if needs_data else None if cal.shapes else \
         _runs_at(model, generated_shapes(model, cal), progress)
     analysis.input_shapes = ran_at or user_shapes(model, cal.shapes) or None  # the sizes MACs are counted at

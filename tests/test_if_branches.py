@@ -135,3 +135,31 @@ def test_an_optimum_merged_decoder_prunes_in_both_branches(tmp_path):
         feeds = {"input_ids": rng.integers(0, 101, (2, 5)), **past, "use_cache_branch": np.array([taken])}
         for got, expected in zip(run(written, feeds), run(masked_original(result.plan), feeds)):
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_if_whose_other_branch_fails_on_the_calibration_inputs_stays_a_boundary(tmp_path):
+    """The flattened copy computes both branches: where the branch not taken fails on the calibration inputs (a
+    Squeeze of the batch axis, taken only at batch 1), the If stays a boundary, said, and the rest prunes."""
+    rng = np.random.default_rng(0)
+    weights = [_weight(rng, "W0", 16, 32), _weight(rng, "Wa", 32, 16), _weight(rng, "W1", 16, 8),
+               _weight(rng, "W2", 16, 8), numpy_helper.from_array(np.array([0], np.int64), "zero")]
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    batch_of_many = helper.make_graph([helper.make_node("MatMul", ["h", "W1"], ["y"])], "many", [], [out])
+    batch_of_one = helper.make_graph([helper.make_node("Squeeze", ["h", "zero"], ["s"]),
+                                      helper.make_node("MatMul", ["s", "W2"], ["t"]),
+                                      helper.make_node("Unsqueeze", ["t", "zero"], ["y"])], "one", [], [out])
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MatMul", ["r", "Wa"], ["h"]), helper.make_node("Shape", ["x"], ["shape"], end=1),
+             helper.make_node("Equal", ["shape", "one"], ["single"]),
+             helper.make_node("Squeeze", ["single"], ["cond"]),
+             helper.make_node("If", ["cond"], ["out"], name="by_batch", then_branch=batch_of_one,
+                              else_branch=batch_of_many)]
+    weights.append(numpy_helper.from_array(np.array([1], np.int64), "one"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 8])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    said = []
+    result = prune(model, Target(ratio=0.5), criterion="obspa", progress=said.append)
+    assert any("stay boundaries" in m for m in said)
+    assert result.plan.removed("W0", 1).size == 16 and not result.plan.removed("Wa", 1).size
+    save(result.model, os.path.join(tmp_path, "pruned.onnx"))

@@ -311,7 +311,9 @@ def graph_facts(path: str) -> dict:
     channels reach a graph output through no weighted layer."""
     import onnx
 
-    m = onnx.load(path, load_external_data=False)
+    from spa.control_flow import flattened
+
+    m = flattened(onnx.load(path, load_external_data=False))[0]  # If branches holding layers: as spa reads them
     g = m.graph
     const = {t.name for t in g.initializer} | {t.name for t in g.sparse_initializer}
     producer = {}

@@ -163,3 +163,10 @@ def test_an_if_whose_other_branch_fails_on_the_calibration_inputs_stays_a_bounda
     assert any("stay boundaries" in m for m in said)
     assert result.plan.removed("W0", 1).size == 16 and not result.plan.removed("Wa", 1).size
     save(result.model, os.path.join(tmp_path, "pruned.onnx"))
+
+
+def test_recovery_trains_the_flattened_copy_and_the_result_is_folded(tmp_path):
+    model = if_model()
+    result = prune(model, Target(ratio=0.5), criterion="l1", recover=20)
+    assert result.recovery is not None and [n.op_type for n in result.model.graph.node] == ["If", "Relu"]
+    save(result.model, os.path.join(tmp_path, "pruned.onnx"))

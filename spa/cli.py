@@ -9,7 +9,7 @@ import sys
 import time
 import warnings
 
-from .errors import CalibrationRunError, SpaError, SpaWarning
+from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
 from .flags import (DEFAULT_GRANULARITY, DEFAULT_ROUND_NOTE, TEXT_IMAGES, calibration_flags, calibration_options,
                     check_command_flags, check_counts, check_model_flags, check_output_flags, check_whole_sessions,
                     default_criterion, l1_instead, parse_input_shapes, prune_target, recover_arg, rounding)
@@ -525,7 +525,16 @@ def _profile(args, analysis, say):
             import matplotlib  # noqa: F401
         except ImportError:
             raise SpaError("--plot needs matplotlib (pip install matplotlib)") from None
-    result = profile(analysis, args.batch, args.threads, progress=say)
+    from .pipeline import generated_sizes_it_runs
+
+    analysis.input_shapes = generated_sizes_it_runs(analysis.model, say)  # a model that runs from some size only
+    try:
+        result = profile(analysis, args.batch, args.threads, progress=say)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        raise SpaError(f"onnxruntime could not run the model on generated inputs to time it: {first_line(exc, 300)}") \
+            from None
     if not result["layers"]:
         raise SpaError("no Conv, Gemm or MatMul layer with a constant weight and known input shape to profile")
     if args.plot:

@@ -277,12 +277,12 @@ class LatencyModel:
         self.tables = tables or Tables(threads)
         self.progress = progress
         model = analysis.model
-        self.shapes = concrete_shapes(model, batch=batch)
+        self.shapes = concrete_shapes(model, batch=batch, shapes=analysis.input_shapes)
         self.layers = timed_layers(analysis, self.shapes)
         self._activations()
         if whole_ms is None:
             progress(f"measuring the original model's latency (batch {batch}, {_threads(threads)})")
-            whole_ms = measure_model(model, batch, threads)
+            whole_ms = measure_model(model, batch, threads, shapes=analysis.input_shapes)
         self.whole_ms = whole_ms
         self.tables.measure([(layer, *layer.full) for layer in self.layers])
         self.now = self._time_full_widths()
@@ -402,10 +402,12 @@ def _threads(threads):
     return f"{threads} thread{'s' if threads != 1 else ''}" if threads else "default threads"
 
 
-def measure_model(model_or_path, batch: int = 1, threads: int | None = None, seconds: float = 1.0) -> float:
-    """Median latency (ms) of the whole model at this batch: at least 5 runs and `seconds`."""
+def measure_model(model_or_path, batch: int = 1, threads: int | None = None, seconds: float = 1.0,
+                  shapes: dict | None = None) -> float:
+    """Median latency (ms) of the whole model at this batch (at input `shapes` where given): at least 5 runs and
+    `seconds`."""
     model = onnx.load(model_or_path, load_external_data=False) if isinstance(model_or_path, str) else model_or_path
-    feeds = random_inputs(model, batch=batch, seed=1)
+    feeds = random_inputs(model, batch=batch, seed=1, shapes=shapes)
     return OrtTimer(threads, min_runs=5, min_seconds=seconds, max_runs=1000)(model_or_path, feeds)
 
 

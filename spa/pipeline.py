@@ -811,6 +811,12 @@ def default_source(model: onnx.ModelProto, cal: Calibration, progress=_quiet) ->
     return dataclasses.replace(cal, source="inverted", samples=samples, time_limit=INVERSION_SECONDS)
 
 
+def generated_sizes_it_runs(model: onnx.ModelProto, progress=_quiet) -> dict | None:
+    """{input: shape} where generated inputs at the placeholder sizes would not run the model: the first larger
+    sizes it runs at (`_runs_at`, announced); None where the placeholders do."""
+    return _runs_at(model, generated_shapes(model, Calibration()), progress)
+
+
 def apply_plan(model: onnx.ModelProto, plan_path: str, options: Options | None = None) -> Result:
     """Replay a plan file with the granularity it was made with (options None: that one; options
     naming another: refused); warns where the plan's prune changed weights it does not carry."""
@@ -824,7 +830,7 @@ def apply_plan(model: onnx.ModelProto, plan_path: str, options: Options | None =
                            f"{','.join(recorded)}, which replaying it needs (leave the granularity out)")
     analysis = analyze(model, options)
     # MACs counted (and the output verified) where a prune without calibration counts them, not at 32
-    analysis.input_shapes = _runs_at(model, generated_shapes(model, Calibration()))
+    analysis.input_shapes = generated_sizes_it_runs(model)
     plan = load_plan(analysis, entries)
     return Result(rewrite(plan), plan, analysis, warnings=unreplayed_updates(plan_path, changed),
                   input_shapes=analysis.input_shapes)

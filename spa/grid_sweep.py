@@ -120,14 +120,19 @@ def pick(points: list, random: int | None, seed: int | None) -> list:
 # ---------------------------------------------------------------------------------------------
 # a trial
 # ---------------------------------------------------------------------------------------------
-def figures(model: onnx.ModelProto, latency: bool) -> dict:
-    """Parameters, MACs (batch 1), serialized bytes and, with `latency`, the one-thread latency."""
-    from .cost import count_macs, count_params
+def figures(model: onnx.ModelProto, latency: bool, shapes: dict | None = None) -> dict:
+    """Parameters, MACs (batch 1, at input `shapes` where given), serialized bytes and, with `latency`, the
+    one-thread latency; layers inside If branches counted, both branches (as spa.report counts them)."""
+    from .control_flow import flattened
+    from .cost import concrete_shapes, count_macs, count_params
     from .latency import measure_model
 
-    found = {"params": int(count_params(model)), "macs": count_macs(model), "bytes": int(model.ByteSize())}
+    counted = flattened(model)[0]
+    found = {"params": int(count_params(counted)),
+             "macs": count_macs(counted, concrete_shapes(counted, batch=1, shapes=shapes)),
+             "bytes": int(model.ByteSize())}
     if latency:
-        found["latency_ms"] = float(measure_model(model, batch=1, threads=1, seconds=LATENCY_SECONDS))
+        found["latency_ms"] = float(measure_model(model, batch=1, threads=1, seconds=LATENCY_SECONDS, shapes=shapes))
     return found
 
 
@@ -144,7 +149,7 @@ def _trial(shared: dict, point: Point) -> dict:
     target = Target(**{TARGET_FIELDS[kind]: float(value)}, round_to=point.round_to)
     result = prune(model, target, point.criterion, calibration=point.calibration,
                    options=Options(granularity=shared["granularity"]))
-    found = figures(result.model, shared["latency"])
+    found = figures(result.model, shared["latency"], shared["shapes"])
     original = shared["original"]
     return {**found, "params_kept": found["params"] / original["params"],
             "macs_kept": found["macs"] / original["macs"] if original["macs"] else 1.0,
@@ -159,12 +164,14 @@ def run(model: onnx.ModelProto, points: list, metric=None, latency: bool = False
     """Every trial of `points` on `model`; `metric` a spa.group_sensitivity Deviation (default)
     or Evaluated. The JSON-able result of `spa sweep`."""
     from .group_sensitivity import Deviation
+    from .pipeline import generated_sizes_it_runs
 
-    metric = metric or Deviation(model)
-    original = figures(model, latency)
+    shapes = generated_sizes_it_runs(model, say)  # a model that runs from some size only
+    metric = metric or Deviation(model, shapes=shapes)
+    original = figures(model, latency, shapes)
     say(f"{len(points)} trials, metric {metric.info['metric']}")
     shared = {"model": model.SerializeToString(), "metric": metric, "granularity": tuple(granularity),
-              "latency": latency, "original": original}
+              "latency": latency, "original": original, "shapes": shapes}
     results, executor = run_trials(_trial, shared, points, address, note, say)
     trials = [{**asdict(p), **r} for p, r in zip(points, results)]
     if all("error" in t for t in trials):

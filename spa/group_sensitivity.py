@@ -112,12 +112,12 @@ class Deviation:
     """Relative L2 deviation of the float outputs from the original's on held-out random inputs."""
     better = "lower"
 
-    def __init__(self, model: onnx.ModelProto, seed: int = 0):
+    def __init__(self, model: onnx.ModelProto, seed: int = 0, shapes: dict | None = None):
         from .report import DEVIATION_STREAM
         from .runtime import fixed_batch, is_float, random_inputs, session
 
         self.feeds = random_inputs(model, batch=fixed_batch(model) or DEVIATION_SAMPLES,
-                                   seed=[DEVIATION_STREAM, seed])
+                                   seed=[DEVIATION_STREAM, seed], shapes=shapes)
         outputs = session(model, quiet=True).run(None, self.feeds)
         self.keep = [i for i, o in enumerate(outputs) if is_float(np.asarray(o).dtype)]
         if not self.keep:
@@ -216,7 +216,10 @@ def measure(model: onnx.ModelProto, ratios=DEFAULT_RATIOS, options=None, metric=
              "alone (its layers also produce another group's channels); --ratios-from leaves it at --ratio")
     if not groups:
         raise nothing_prunable(analysis)
-    metric = metric or Deviation(model)
+    if metric is None:
+        from .pipeline import generated_sizes_it_runs
+
+        metric = Deviation(model, shapes=generated_sizes_it_runs(model, say))  # a model that runs from some size
     items, where = [], []
     for gi, entry in enumerate(groups):
         entry["trials"] = []

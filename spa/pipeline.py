@@ -813,7 +813,9 @@ def default_source(model: onnx.ModelProto, cal: Calibration, progress=_quiet) ->
 
 def generated_sizes_it_runs(model: onnx.ModelProto, progress=_quiet) -> dict | None:
     """{input: shape} where generated inputs at the placeholder sizes would not run the model: the first larger
-    sizes it runs at (`_runs_at`, announced); None where the placeholders do."""
+    sizes it runs at (`_runs_at`, announced; with the branches of its Ifs that hold layers both run, as the
+    analysis and the counts run them: `flattened`); None where the placeholders do."""
+    model = flattened(model)[0]
     return _runs_at(model, generated_shapes(model, Calibration()), progress)
 
 

@@ -450,8 +450,9 @@ def test_a_size_nobody_declared_grows_until_the_model_runs(tmp_path, capsys):
            "at 64 (input 1x64) instead, where it runs (--input-shape input=1x64 sets the sizes)" \
            in capsys.readouterr().err
     assert os.path.exists(out) and os.path.exists(tmp_path / "s.onnx")
-    assert spa("profile", path) == 0  # timed there too (it was an onnxruntime traceback)
+    assert spa("profile", path) == 0  # timed there too (it was an onnxruntime traceback), and measured
     assert "they take input 1x64 instead" in capsys.readouterr().err
+    assert spa("sensitivity", path, "--ratios", "0.5") == 0 and "they take input 1x64" in capsys.readouterr().err
 
 
 def test_the_input_shape_hint_sets_the_batch_to_one_wherever_it_stands_and_skips_scalars(tmp_path):

@@ -170,3 +170,11 @@ def test_recovery_trains_the_flattened_copy_and_the_result_is_folded(tmp_path):
     result = prune(model, Target(ratio=0.5), criterion="l1", recover=20)
     assert result.recovery is not None and [n.op_type for n in result.model.graph.node] == ["If", "Relu"]
     save(result.model, os.path.join(tmp_path, "pruned.onnx"))
+
+
+def test_sweep_figures_count_the_layers_of_both_branches():
+    from spa.grid_sweep import figures
+
+    found = figures(if_model(), latency=False)
+    assert found["params"] == 16 * 32 + 32 + 32 * 8 + 8 * 24 + 24 * 8  # W1, b1, W2 once; W3, W4
+    assert found["macs"] == 2 * (16 * 32 + 32 * 8) + 8 * 24 + 24 * 8  # W1, W2 in both branches

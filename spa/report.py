@@ -9,6 +9,7 @@ import time
 import numpy as np
 import onnx
 
+from .control_flow import flattened
 from .cost import CONV_WEIGHT, MAC_OPS, concrete_shapes, count_macs, count_params, macs_by_op
 from .graph import PROBE_LIMIT, Graph, _without_large_data, subgraph_weights, weight_bytes
 from .groups import Analysis
@@ -40,8 +41,6 @@ def latency_ms(path: str, batch: int = 1, repeats: int = 20, warmup: int = 3, th
 def measure(path: str, batch: int = 1, repeats: int = 20, threads: int | None = None,
             shapes: dict | None = None) -> dict:
     """shapes: {input: shape} (spa.calibration.user_shapes) for symbolic sizes (default 32)."""
-    from .control_flow import flattened
-
     model = flattened(onnx.load(path))[0]  # layers inside If branches counted, both branches
     macs = macs_by_op(model, concrete_shapes(model, batch=1, shapes=shapes))
     return {"params": count_params(model), "macs": sum(macs.values()), "macs_by_op": macs,
@@ -144,8 +143,6 @@ def outcome(original: onnx.ModelProto, pruned: onnx.ModelProto, plan: dict,
     (`input_widths`). `original_graph`: Graph(original), if the caller has it (the analysis's);
     `shapes`: the user's input sizes (one shape or {input: shape}; other symbolic sizes 32)."""
     from .calibration import user_shapes
-
-    from .control_flow import flattened
 
     shapes = user_shapes(original, shapes)
     # layers inside If branches count where the analysis saw them: both branches, flattened

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .control_flow import folded
 from .external_data import Spill, is_streamed, raw_bytes
 from .graph import Graph
 from .plan import Plan
@@ -237,7 +238,6 @@ def rewrite(plan: Plan, weights: dict | None = None, fold: bool = True) -> onnx.
     _list_new_initializers_as_inputs(model)
     del graph.value_info[:]
     if g.folding and fold:
-        from .control_flow import folded
         model = folded(model, g.folding)
     return model
 

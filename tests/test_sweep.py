@@ -96,7 +96,8 @@ def test_a_killed_worker_loses_no_trial(ray_cluster, model_path, tmp_path):
     points = grid_sweep.grid("l1,obspa", "ratio=0.5,macs=0.6", "synthetic")
     model = onnx.load(model_path)
     shared = {"model": model.SerializeToString(), "metric": spa.group_sensitivity.Deviation(model),
-              "granularity": ("channels", "heads"), "latency": False, "original": grid_sweep.figures(model, False)}
+              "granularity": ("channels", "heads"), "latency": False, "original": grid_sweep.figures(model, False),
+              "shapes": None}
     marker, victim = str(tmp_path / "killed"), points[1]
 
     def dies_once(shared, point):

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import spa
-from spa import grid_sweep, trials
+from spa import grid_sweep, group_sensitivity, trials
 from spa.cli import main
 from test_cli_honest import conv_chain
 from test_sensitivity import _has_ray, _without_ray
@@ -95,7 +95,7 @@ def test_ray_gives_the_serial_table(ray_cluster, model_path, monkeypatch, capsys
 def test_a_killed_worker_loses_no_trial(ray_cluster, model_path, tmp_path):
     points = grid_sweep.grid("l1,obspa", "ratio=0.5,macs=0.6", "synthetic")
     model = onnx.load(model_path)
-    shared = {"model": model.SerializeToString(), "metric": spa.group_sensitivity.Deviation(model),
+    shared = {"model": model.SerializeToString(), "metric": group_sensitivity.Deviation(model),
               "granularity": ("channels", "heads"), "latency": False, "original": grid_sweep.figures(model, False),
               "shapes": None}
     marker, victim = str(tmp_path / "killed"), points[1]

@@ -189,18 +189,8 @@ def _add(top: onnx.GraphProto, body: onnx.GraphProto, tensor: onnx.TensorProto, 
         tensor.name = f"{name}__{k}"
         defined[name] -= 1
         defined[tensor.name] += 1
-        _rename(body, name, tensor.name)
+        _rename_reads(body, {name: tensor.name})
     top.initializer.append(tensor)
-
-
-def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for node in graph.node:
-        node.input[:] = [new if x == old else x for x in node.input]
-        for body in _subgraphs(node):
-            _rename(body, old, new)
-    for output in graph.output:
-        if output.name == old:
-            output.name = new
 
 
 @dataclass(frozen=True)

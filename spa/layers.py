@@ -207,10 +207,9 @@ def _one_per_shared_weight(g, layers: list, plain: set) -> list:
             continue
         if layer is not same[0]:
             continue
-        shape = [(r.kind, r.in_axis, r.blocks, r.kernel, r.conv, r.scale, r.rows_from_left, r.channels, r.input_grid)
-                 for r in same]
-        if len(set(map(repr, shape))) > 1 or not all(id(r) in plain for r in same) or \
-                len(g.consumers.get(layer.weight, [])) != len(same):
+        # compensated as one: also the same Gemm alpha, operand side, conv attributes and input grid
+        solved_alike = len({repr((r.scale, r.rows_from_left, r.conv, r.channels, r.input_grid)) for r in same}) == 1
+        if not (read_alike(g, layer.weight, same) and solved_alike and all(id(r) in plain for r in same)):
             out.extend(same)
             continue
         biases = {r.bias for r in same}
@@ -218,6 +217,21 @@ def _one_per_shared_weight(g, layers: list, plain: set) -> list:
                            bias=layer.bias if len(biases) == 1 else None,
                            bias_scale=layer.bias_scale if len(biases) == 1 else 1.0))
     return out
+
+
+def read_alike(g, weight: str, readers: list) -> bool:
+    """Whether every node that reads `weight` is one of `readers`, a float layer reading it the same way (an
+    unrolled LSTM's Gemms, one a step; the two branches of a flattened If): one mask or one compensation serves
+    them all."""
+    return weight not in g.aliases and len(g.consumers.get(weight, [])) == len(readers) and \
+        not is_integer_weight(g, weight) and same_layout(readers)
+
+
+def same_layout(readers: list) -> bool:
+    """Whether every layer in `readers` reads its weight the same way, so that one mask serves them all."""
+    first = readers[0]
+    return all((r.kind, r.in_axis, r.blocks, r.kernel) == (first.kind, first.in_axis, first.blocks, first.kernel)
+               for r in readers)
 
 
 def widened_source(g, tensor: str) -> str | None:

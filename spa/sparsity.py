@@ -36,7 +36,7 @@ from onnx import helper, numpy_helper
 
 from .calibration import asked
 from .errors import CalibrationRunError, SpaError, SpaWarning, first_line
-from .layers import Layer, weighted_layers
+from .layers import Layer, read_alike, same_layout, weighted_layers
 from .quant import as_float, float_shape, is_integer_weight, layer_value, stored_value
 
 KINDS = ("unstructured", "n:m", "k-of-n")
@@ -216,7 +216,7 @@ def eligible_layers(g, pattern: Pattern) -> tuple[list, list]:
         by_weight.setdefault(layer.weight, []).append(layer)
     for weight, readers in by_weight.items():
         layer = readers[0]
-        if len(readers) > 1 and _read_alike(g, weight, readers):  # an unrolled recurrence's: one mask for all
+        if len(readers) > 1 and read_alike(g, weight, readers):  # an unrolled recurrence's: one mask for all
             layer = replace(layer, bias=None, compensable=False, also_reads=tuple(r.activation for r in readers[1:]))
             reason = _skip_reason(g, layer, stored, pattern, shared=True)
         else:
@@ -230,20 +230,6 @@ def eligible_layers(g, pattern: Pattern) -> tuple[list, list]:
             skipped.append({"name": g.node_name(layer.node) + more, "weight": root, "reason": reason})
     inside, skipped_inside = _body_layers(g, pattern, set(by_weight), stored)
     return layers + inside, skipped + skipped_inside
-
-
-def _read_alike(g, weight: str, readers: list) -> bool:
-    """Whether every node that reads `weight` is one of `readers`, a float layer reading it the same way (an
-    unrolled LSTM's Gemms, one a step): one mask serves them all."""
-    return weight not in g.aliases and len(g.consumers.get(weight, [])) == len(readers) and \
-        not is_integer_weight(g, weight) and _same_layout(readers)
-
-
-def _same_layout(readers: list) -> bool:
-    """Whether every layer in `readers` reads its weight the same way, so that one mask serves them all."""
-    first = readers[0]
-    return all((r.kind, r.in_axis, r.blocks, r.kernel) == (first.kind, first.in_axis, first.blocks, first.kernel)
-               for r in readers)
 
 
 def _body_layers(g, pattern: Pattern, read_outside: set, stored: set) -> tuple[list, list]:
@@ -269,14 +255,14 @@ def _body_skip_reason(g, weight: str, readers: list, read_outside: set, stored: 
     """Why the body layers `readers` of `weight` cannot take `pattern` (None: they can, with one mask)."""
     if weight in read_outside:
         return f"weight {weight} is also read outside the control-flow body"
-    if not _same_layout(readers):
+    if not same_layout(readers):
         return f"weight {weight} is read by {len(readers)} nodes in different ways"
     return _skip_reason(g, readers[0], stored, pattern, shared=True)
 
 
 def _skip_reason(g, layer: Layer, stored: set, pattern: Pattern, shared: bool = False) -> str | None:
     """Why `layer` cannot take `pattern` (None: it can); `shared`: its weight is read alike by several
-    layers (`_read_alike`), which one mask serves."""
+    layers (`spa.layers.read_alike`), which one mask serves."""
     if layer.weight in g.aliases:
         root = g.aliases[layer.weight][3]
         readers = sum(1 for alias in g.aliases.values() if alias[3] == root)

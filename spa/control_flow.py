@@ -18,7 +18,14 @@ import onnx
 from .graph import FLOATS, _subgraphs
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
+BRANCHES = ("then_branch", "else_branch")
 FLATTENED = "spa.flattened"  # metadata of a `flattened` copy: its Flattened records, for `folded`
+
+
+def branches(node: onnx.NodeProto) -> list:
+    """An If's [then, else] branch graphs; [] for any other node."""
+    named = {a.name: a.g for a in node.attribute if a.name in BRANCHES}
+    return [named[k] for k in BRANCHES] if node.op_type == "If" and len(named) == 2 else []
 
 
 def has_bodies(model: onnx.ModelProto) -> bool:
@@ -94,13 +101,12 @@ def inlined(model: onnx.ModelProto, g) -> onnx.ModelProto | None:
     out.CopyFrom(model)
     nodes, changed = [], False
     for node in model.graph.node:
-        named = {a.name: a.g for a in node.attribute if a.name in ("then_branch", "else_branch")}
-        branches = [named[k] for k in ("then_branch", "else_branch") if k in named]
-        reads = [_weights_read(branch, g) for branch in branches]
-        if node.op_type != "If" or len(branches) != 2 or not any(reads):
+        pair = branches(node)
+        reads = [_weights_read(branch, g) for branch in pair]
+        if not pair or not any(reads):
             nodes.append(node)
             continue
-        branch = branches[0] if len(reads[0]) >= len(reads[1]) else branches[1]
+        branch = pair[0] if len(reads[0]) >= len(reads[1]) else pair[1]
         out.graph.initializer.extend(branch.initializer)
         nodes.extend(branch.node)
         nodes.extend(onnx.helper.make_node("Identity", [inner.name], [outer], name=f"{node.name or 'If'}/{outer}")
@@ -248,8 +254,7 @@ def _flatten_graph(graph: onnx.GraphProto, names: set, found: list) -> None:
             continue
         base = _unique(node.name or f"If_{len(found)}", names)
         sources, prefixes = {}, []
-        for key in ("then_branch", "else_branch"):
-            branch = next(a.g for a in node.attribute if a.name == key)
+        for key, branch in zip(BRANCHES, branches(node)):
             prefix = _unique(f"{base}/{key.split('_')[0]}/", names)
             prefixes.append(prefix)
             _prefix(branch, prefix, names)
@@ -335,8 +340,7 @@ def _fold_graph(graph: onnx.GraphProto, entries: dict) -> None:
     for node in top:
         if node.op_type != "If" or node.name not in selectors:
             continue
-        for k, key in enumerate(("then_branch", "else_branch")):
-            branch = next(a.g for a in node.attribute if a.name == key)
+        for k, branch in enumerate(branches(node)):
             passing = list(branch.node)
             del branch.node[:]
             branch.node.extend(inside[(node.name, k)] + passing)
@@ -351,8 +355,7 @@ def _restore_names(graph: onnx.GraphProto, entries: dict, visible: set, enclosin
     flattened inside it, whose turn comes next) lose the prefix where that clashes with no name it can see."""
     visible = visible | set(_level_names(graph))
     for selector in [n for n in graph.node if n.op_type == "If" and n.name in entries]:
-        for key, prefix in zip(("then_branch", "else_branch"), entries[selector.name].prefixes):
-            branch = next(a.g for a in selector.attribute if a.name == key)
+        for branch, prefix in zip(branches(selector), entries[selector.name].prefixes):
             own = [k for k, t in enumerate(graph.initializer) if t.name.startswith(prefix)]
             for k in own:
                 branch.initializer.add().CopyFrom(graph.initializer[k])

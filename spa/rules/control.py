@@ -1,6 +1,7 @@
 """Control flow: the selector If that spa.control_flow.flattened leaves where it moved an If's branches out."""
 from __future__ import annotations
 
+from ..control_flow import branches
 from ..graph import _subgraphs
 from . import Frozen, Rule, identity, register
 
@@ -28,10 +29,11 @@ class Selector(Rule):
 def _passed(node) -> list | None:
     """[then sources, else sources], the enclosing graph's tensors each branch output passes on, for a
     selector If; None for any other control-flow node."""
-    if node.op_type != "If" or len(_subgraphs(node)) != 2:
+    pair = branches(node)
+    if not pair:
         return None
     found = []
-    for branch in (next(a.g for a in node.attribute if a.name == key) for key in ("then_branch", "else_branch")):
+    for branch in pair:
         if any(n.op_type != "Identity" or _subgraphs(n) for n in branch.node) or len(branch.output) != len(node.output):
             return None
         made = {n.output[0]: n.input[0] for n in branch.node}

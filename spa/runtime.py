@@ -106,10 +106,11 @@ def _or(value, default):
 
 def imposed_sizes(model: onnx.ModelProto) -> dict:
     """{(graph input, axis): size} the model's ops need generated inputs to take (an empty key/value
-    cache: `spa.rules.imposed_input_sizes`)."""
+    cache: `spa.rules.imposed_input_sizes`), those inside If branches too (a merged decoder's cache)."""
+    from .control_flow import flattened
     from .rules import imposed_input_sizes
 
-    return imposed_input_sizes(model)
+    return imposed_input_sizes(flattened(model)[0])
 
 
 def is_static_dim(d) -> bool:
@@ -439,14 +440,15 @@ def batch_axes(declared_dims: list) -> list:
     """The axis that carries the batch in each of `declared_dims` (`declared_inputs`' dims): the first, unless
     that one is fixed and a later axis bears a batch name ([2, batch, 128]), or, where another input's first
     axis is free, is the one unnamed free axis (silero-vad's state [2, ?, 128] beside its input [?, ?]); None for
-    a scalar."""
+    a scalar, and for a one-element input beside a free batch (a merged decoder's use_cache_branch [1])."""
     names = batch_names(declared_dims)
     free_first = any(dims and not isinstance(dims[0], int) for dims in declared_dims)
     axes = []
     for dims in declared_dims:
         named = next((k for k, d in enumerate(dims) if isinstance(d, str) and d in names), None)
         unnamed = [k for k, d in enumerate(dims) if d is None]
-        axes.append(None if not dims else 0 if not isinstance(dims[0], int) else named if named is not None
+        one = free_first and all(d == 1 for d in dims)
+        axes.append(None if not dims or one else 0 if not isinstance(dims[0], int) else named if named is not None
                     else unnamed[0] if free_first and len(unnamed) == 1 else 0)
     return axes
 

@@ -1106,3 +1106,11 @@ def test_an_integer_input_without_a_table_is_generated_as_zeros_and_says_so():
     batches = calibration_batches(b.model(), "synthetic", samples=4, progress=said.append)
     assert all(not f["codes"].any() for f in batches)
     assert any("integer input 'codes' indexes no embedding table SPA can find: generated as zeros" in m for m in said)
+
+
+def test_a_one_element_flag_beside_a_free_batch_carries_no_batch():
+    """A merged decoder's use_cache_branch [1] beside input_ids [batch, sequence] is not a static batch of 1; where
+    no input's batch is free, a [1] input fixes the batch as before."""
+    from spa.runtime import batch_axes
+    assert batch_axes([("batch", "sequence"), (1,), ()]) == [0, None, None]
+    assert batch_axes([(1, 8), (1,)]) == [0, 0]

@@ -6,9 +6,11 @@ import os
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from spa.control_flow import flattened, folded
+from spa.errors import SpaError
 from spa.groups import analyze
 from spa.layers import find_layers
 from spa.pipeline import prune, save
@@ -135,6 +137,40 @@ def test_an_optimum_merged_decoder_prunes_in_both_branches(tmp_path):
         feeds = {"input_ids": rng.integers(0, 101, (2, 5)), **past, "use_cache_branch": np.array([taken])}
         for got, expected in zip(run(written, feeds), run(masked_original(result.plan), feeds)):
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_decoders_with_a_cache_calibrate_on_a_text_file_or_an_npz(tmp_path):
+    """A text file's sentences fill the ids; a decoder's cache (at the top or read inside a merged decoder's
+    branches) is fed empty and use_cache_branch true, said, in batches of the batch size (the flag [1] is not a
+    static batch of 1; an .npz gives it once). Both were refused ("cannot tell what input 'past_key.0' carries")."""
+    pytest.importorskip("tokenizers")
+    from models.llama_onnx import build, build_merged
+    from spa.calibration import Calibration, calibration_batches
+    from tests.test_calibration import _tokenizer
+
+    tokenizer = _tokenizer(tmp_path / "tok", ["[PAD]", "[UNK]"] + [f"w{i}" for i in range(99)])
+    (tmp_path / "s.txt").write_text("\n".join(" ".join(f"w{(7 * k + j) % 99}" for j in range(1 + k % 9))
+                                             for k in range(40)), encoding="utf-8")
+    said = []
+    source = Calibration(source=str(tmp_path / "s.txt"), tokenizer=str(tokenizer), batch_size=16)
+    for builder in (build_merged, lambda path: build(path, "tiny", past=True)):
+        path = str(tmp_path / "decoder.onnx")
+        builder(path)
+        batches = calibration_batches(onnx.load(path), source, progress=said.append)
+        assert [len(b["input_ids"]) for b in batches] == [16, 16, 8]
+        assert all(b["past_key.0"].shape == (len(b["input_ids"]), 2, 0, 8) for b in batches)
+        assert any("cache input(s) (past_key.0, ...) fed empty" in m for m in said)
+        result = prune(onnx.load(path), Target(ratio=0.3), criterion="obspa", calibration=source, progress=said.append)
+        assert result.plan.removed_by_group() and any("Hessians of 4 layers from 32" in m for m in said)
+    rng = np.random.default_rng(0)
+    arrays = {"input_ids": rng.integers(0, 101, (40, 6)), "use_cache_branch": np.array([True]),
+              **{f"past_{kind}.{i}": np.zeros((40, 2, 0, 8), np.float32) for kind in ("key", "value") for i in range(2)}}
+    build_merged(path)
+    np.savez(tmp_path / "d.npz", **arrays)
+    assert [len(b["input_ids"]) for b in calibration_batches(onnx.load(path), str(tmp_path / "d.npz"))] == [16, 16, 8]
+    np.savez(tmp_path / "d.npz", **arrays | {"use_cache_branch": np.ones(40, bool)})
+    with pytest.raises(SpaError, match="'use_cache_branch' is fed whole in every batch, so it must be \\[1\\]"):
+        calibration_batches(onnx.load(path), str(tmp_path / "d.npz"))
 
 
 def test_an_if_whose_other_branch_fails_on_the_calibration_inputs_stays_a_boundary(tmp_path):

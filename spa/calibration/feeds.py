@@ -85,12 +85,18 @@ class _Plan:
 
     def refuse_unbatched(self, what: str) -> None:
         """Data read from files is split along every input's first axis: SpaError for an input (not
-        a scalar) that does not carry the batch there."""
+        a scalar or a one-element flag, fed whole in every batch) that does not carry the batch there."""
         for inp in self.inputs:
-            if inp.dims and self.batch_axis[inp.name] != 0:
+            if inp.dims and self.batch_axis[inp.name] != 0 and not self.whole(inp.name):
                 raise SpaError(f"calibration {what}: input '{inp.name}' ({_declared(inp.dims)}) does not carry the "
                                "batch on its first axis, and files are split along the first axis of every input; "
                                "generated calibration (--calibration synthetic) feeds it as declared")
+
+    def whole(self, name: str) -> bool:
+        """Whether input `name` is fed whole in every batch: a scalar, or a one-element input beside a free
+        batch (a merged decoder's use_cache_branch [1])."""
+        inp = self.by_name.get(name)
+        return inp is not None and self.batch_axis[name] is None and all(d == 1 for d in inp.dims)
 
     def say(self, message: str):
         if message not in self.said:
@@ -438,7 +444,7 @@ class _Plan:
         return count
 
     def split(self, data: dict, what: str) -> list:
-        batched = {k: v for k, v in data.items() if np.ndim(v)}
+        batched = {k: v for k, v in data.items() if np.ndim(v) and not self.whole(k)}
         available = min(len(v) for v in batched.values()) if batched else 1
         count = self.sample_count(available, what)
         return [{k: np.ascontiguousarray(v[s:s + self.chunk]) if k in batched else v for k, v in data.items()}

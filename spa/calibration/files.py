@@ -142,8 +142,11 @@ def _checked(plan: _Plan, raw, path) -> dict:
         a = np.asarray(raw[name])
         check_input_array(f"calibration {path}", name, a, dims, dtype, plan.batch_names, sizes,
                           vocab=inp.vocab if inp.role == "ids" else None)
+        if plan.whole(name) and a.shape != tuple(dims):
+            raise SpaError(f"calibration {path}: input '{name}' is fed whole in every batch, so it must be "
+                           f"{_declared(dims)}, got shape {a.shape}")
         data[name] = a.astype(dtype)
-    counts = {len(a) for a in data.values() if a.ndim}
+    counts = {len(a) for name, a in data.items() if a.ndim and not plan.whole(name)}
     if len(counts) > 1:
         raise SpaError(f"calibration {path}: inputs have different sample counts {sorted(counts)}")
     return data

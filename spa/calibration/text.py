@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import SpaError, first_line
-from .shapes import _declared, _names
+from .shapes import BATCH, TOKENS, _declared, _names
 
 if TYPE_CHECKING:
     from .feeds import _Plan
@@ -64,6 +64,12 @@ def from_text(plan: _Plan, path: str) -> list:
     feeds = [_packed(plan, ids, [encoded[j] for j in order[s:s + plan.chunk]], static, pad)
              for s in range(0, count, plan.chunk)]
     lengths = [f[ids[0].name].shape[1] for f in feeds]
+    alone = [i for i in plan.inputs if _left_alone(plan, i, ids) is not None]
+    caches, flags = [i.name for i in alone if i.is_float], [i.name for i in alone if not i.is_float]
+    if alone:
+        plan.say("calibration: " + "; ".join(
+            ([f"{len(caches)} cache input(s) ({caches[0]}, ...) fed empty, a prompt's first run"] if caches else [])
+            + ([f"flag(s) {', '.join(flags)} fed true"] if flags else [])))
     plan.say(f"calibration: {count} sentences from {path} in {len(feeds)} batches of similar length "
              f"({min(lengths)}..{max(lengths)} tokens)")
     return feeds
@@ -80,8 +86,11 @@ def _id_inputs(plan: _Plan) -> list:
         ids = loose
     for i in plan.inputs:
         if i not in ids and i.role not in ("mask", "types", "positions"):
-            raise SpaError(f"text calibration: cannot tell what input '{i.name}' carries (filled by name: "
-                           f"*mask*, *type*/*segment*, *position*; the ids index the embedding table)")
+            if _left_alone(plan, i, ids) is None:
+                raise SpaError(f"text calibration: cannot tell what input '{i.name}' carries (filled by name: "
+                               f"*mask*, *type*/*segment*, *position*; the ids index the embedding table; a "
+                               f"decoder's cache is fed empty, a boolean flag true)")
+            continue
         if len(i.dims) != 2:
             raise SpaError(f"text calibration needs [batch, sequence] inputs; '{i.name}' is {_declared(i.dims)}")
     return ids
@@ -113,10 +122,30 @@ def _packed(plan: _Plan, ids: list, rows: list, static: int | None, pad: int) ->
         mask[r, :len(row)] = 1
     feed = {}
     for i in plan.inputs:
+        shape = _left_alone(plan, i, ids)
+        if shape is not None:
+            size = {BATCH: len(rows), TOKENS: length}
+            feed[i.name] = (np.ones if i.dtype == np.bool_ else np.zeros)(tuple(size.get(d, d) for d in shape), i.dtype)
+            continue
         value = tokens if i in ids else mask if i.role == "mask" else np.zeros_like(tokens) \
             if i.role == "types" else np.broadcast_to(np.arange(length), tokens.shape)
         feed[i.name] = np.ascontiguousarray(value.astype(i.dtype))
     return feed
+
+
+def _left_alone(plan: _Plan, inp, ids: list) -> tuple | None:
+    """The shape (BATCH, TOKENS placeholders) of an input that sentences do not fill: a decoder's cache,
+    whose past axis the model's ops want empty, or a boolean flag of fixed shape (a merged decoder's
+    use_cache_branch), fed as generated calibration feeds them; None for every other input."""
+    if inp in ids or inp.role in ("mask", "types", "positions"):
+        return None
+    if inp.dtype == np.bool_ and all(isinstance(d, int) for d in inp.dims):
+        return tuple(inp.dims)
+    if not inp.is_float or not any(plan.fixed.get((inp.name, k)) == 0 for k in range(len(inp.dims))):
+        return None
+    sequence = ids[0].dims[-1] if ids and isinstance(ids[0].dims[-1], str) else None
+    shape = tuple(TOKENS if sequence and d == sequence else plan.known(inp, k) for k, d in enumerate(inp.dims))
+    return None if None in shape else shape
 
 
 EDITED_WORDS = 0.15  # an edited sentence loses, or has swapped for other sentences' words, this share of its words

@@ -18,6 +18,8 @@ import onnx
 from .graph import FLOATS, _subgraphs
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
+# an If whose branches hold one of these is flattened: its channels may prune with the rest
+FLATTENED_OPS = LAYER_OPS + ("ConvTranspose", "LSTM", "GRU", "RNN", "Einsum")
 BRANCHES = ("then_branch", "else_branch")
 FLATTENED = "spa.flattened"  # metadata of a `flattened` copy: its Flattened records, for `folded`
 
@@ -243,7 +245,7 @@ def folded(model: onnx.ModelProto, found: list) -> onnx.ModelProto:
 
 
 def _flattenable(node: onnx.NodeProto) -> bool:
-    return node.op_type == "If" and bool(_layer_inputs(n for body in _subgraphs(node) for n in _nodes(body)))
+    return node.op_type == "If" and any(n.op_type in FLATTENED_OPS for body in _subgraphs(node) for n in _nodes(body))
 
 
 def _flatten_graph(graph: onnx.GraphProto, names: set, found: list) -> None:

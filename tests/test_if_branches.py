@@ -99,6 +99,33 @@ def test_channels_inside_both_branches_prune_and_match_the_oracle(tmp_path):
         assert numpy_helper.to_array(pruned.graph.initializer[0]).shape[1] < 32
 
 
+def test_an_if_holding_only_recurrent_layers_is_flattened(tmp_path):
+    """An If whose branches hold an LSTM and no Conv / Gemm / MatMul (one reading x, one -x, the LSTM's weights
+    at the top) was a boundary; its hidden channels now prune with the MatMul that reads the final state."""
+    rng = np.random.default_rng(0)
+    hidden = 16
+    weights = [_weight(rng, "W", 1, 4 * hidden, 8), _weight(rng, "R", 1, 4 * hidden, hidden),
+               _weight(rng, "B", 1, 8 * hidden), _weight(rng, "W2", hidden, 4)]
+    state = helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, "N", hidden])
+    then = helper.make_graph([helper.make_node("LSTM", ["x", "W", "R", "B"], ["", "h"], hidden_size=hidden)],
+                             "then", [], [state])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["nx"]),
+                               helper.make_node("LSTM", ["nx", "W", "R", "B"], ["", "h"], hidden_size=hidden)],
+                              "else", [], [state])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["state"], name="recurrent", then_branch=then, else_branch=other),
+         helper.make_node("Squeeze", ["state", "zero"], ["s"]), helper.make_node("MatMul", ["s", "W2"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "N", 8]),
+              helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        weights + [numpy_helper.from_array(np.array([0], np.int64), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    result = prune(model, Target(ratio=0.5), criterion="l1")
+    _oracle_holds(model, result, tmp_path)
+    assert numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == "W2")).shape == (8, 4)
+
+
 def test_a_weight_both_branches_read_is_compensated_from_both_inputs(tmp_path):
     model = if_model()
     layers = [l for l in find_layers(analyze(model)) if l.weight == "W2"]

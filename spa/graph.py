@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx.inliner
 from onnx import numpy_helper, shape_inference
 
 from . import external_data
-from .errors import SpaError, SpaWarning
+from .errors import SpaError, SpaWarning, first_line
 from .runtime import FLOATS
 
 CONTROL_FLOW = {"If", "Loop", "Scan"}
@@ -62,11 +63,41 @@ def load_model(path: str, stream: bool | None = None) -> onnx.ModelProto:
         raise SpaError(f"{path}: external data could not be read ({why})") from None
     check_tensors(model, path)  # before numpy, shape inference or onnxruntime trust the dims
     check_structure(model, path)
+    inlined = inline_functions(model)
+    if inlined:
+        warnings.warn(f"{path}: the calls of its local function{'s' * (len(inlined) > 1)} {', '.join(inlined)} "
+                      "inlined, so the layers inside prune with the rest; a pruned model is written with them inlined",
+                      SpaWarning)
     if sort_topologically(model.graph):
         warnings.warn(f"{path}: its nodes were not in topological order, which the onnx checker requires "
                       "(onnxruntime's float16 converter writes such files): SPA reads them sorted, and writes them so",
                       SpaWarning)
     return model
+
+
+def inline_functions(model: onnx.ModelProto) -> list:
+    """Replace, in place, every call of one of `model`'s local functions by the function's nodes
+    (onnx.inliner; torch's export_modules_as_functions writes each module as one, and every op inside
+    would read as one custom-domain boundary); the names of the functions called ([] where none is).
+    A model onnx cannot inline (over 2 GiB in memory) keeps its calls."""
+    local = {(f.domain, f.name) for f in model.functions}
+    called = sorted({n.op_type for g in _all_graphs(model.graph) for n in g.node if (n.domain, n.op_type) in local})
+    if not called:
+        return []
+    try:
+        model.CopyFrom(onnx.inliner.inline_local_functions(model))
+    except Exception as exc:  # serialization past 2 GiB
+        warnings.warn(f"local functions {', '.join(called)} not inlined ({first_line(exc, 120)}): the layers "
+                      "inside them stay whole", SpaWarning)
+        return []
+    return called
+
+
+def _all_graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for body in _subgraphs(node):
+            yield from _all_graphs(body)
 
 
 def sort_topologically(graph: onnx.GraphProto) -> bool:

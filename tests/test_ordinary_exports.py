@@ -196,3 +196,30 @@ def test_a_baked_sequence_length_is_named_as_the_freeze_reason(tmp_path):
                   output_names=["y"], dynamic_axes={"x": {0: "batch", 1: "seq"}}, opset_version=17)
     reasons = [r for g in analyze(onnx.load(path)).groups for r in g.reasons()]
     assert any("does not run at other input sizes" in r and "[7,8,8]" in r and "dynamo=True" in r for r in reasons), reasons
+
+
+def test_modules_exported_as_local_functions_are_inlined_and_prune(tmp_path):
+    """torch's export_modules_as_functions writes each block as a call of a local function: every layer inside read
+    as one custom-domain boundary ("nothing prunable"). load_model inlines the calls, said, and they prune exactly."""
+    from spa.errors import SpaWarning
+    from spa.graph import load_model
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x):
+            return x + self.down(torch.relu(self.up(x)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block(), nn.Linear(16, 4)).eval()
+    path = str(tmp_path / "functions.onnx")
+    _quiet_export(model, (torch.randn(2, 16),), path, dynamo=False, export_modules_as_functions={Block},
+                  opset_version=17, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    assert len(onnx.load(path).functions) == 1
+    with pytest.warns(SpaWarning, match="the calls of its local function Block inlined"):
+        proto = load_model(path)
+    assert not proto.functions and {n.op_type for n in proto.graph.node} == {"Gemm", "Relu", "Add"}
+    assert sorted(len(g.atoms) for g in analyze(proto).groups if g.prunable) == [32, 32]
+    check_exact(proto)

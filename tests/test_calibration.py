@@ -1114,3 +1114,22 @@ def test_a_one_element_flag_beside_a_free_batch_carries_no_batch():
     from spa.runtime import batch_axes
     assert batch_axes([("batch", "sequence"), (1,), ()]) == [0, None, None]
     assert batch_axes([(1, 8), (1,)]) == [0, 0]
+
+
+def test_float_ids_cast_to_an_embeddings_indices_are_generated_as_ids():
+    """A Keras model that tf2onnx gave a float [batch, sequence] input, cast to integers before its embedding
+    (piper-tts' nakdimon): generated as token ids below the table's rows, not Gaussian noise (which cast gives
+    ids -3..3, negative ones counted from the table's end)."""
+    b = Builder(seed=5)
+    ids = b.input(["batch", "sequence"], "input_1", TensorProto.FLOAT)
+    x = b.op("Gather", [b.weight(43, 8), b.op("Cast", [ids], to=TensorProto.INT32)])
+    b.output(b.op("MatMul", [x, b.weight(8, 5)]))
+    model = b.model()
+    from spa.calibration.shapes import model_inputs
+    assert [(i.name, i.vocab, i.role) for i in model_inputs(model)] == [("input_1", 43, "ids")]
+    batches = calibration_batches(model, "synthetic", samples=64, batch_size=16)
+    values = np.concatenate([f["input_1"].ravel() for f in batches])
+    assert batches[0]["input_1"].dtype == np.float32 and np.all(values == np.round(values))
+    assert values.min() >= 0 and values.max() < 43 and len(np.unique(values)) > 30
+    assert len({f["input_1"].shape[1] for f in batches}) > 1  # token batches of varied length
+    _runs(model, batches)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def from_batchnorm(plan: _Plan, rng) -> list:
     from scipy.optimize import nnls
 
-    floats = [i for i in plan.inputs if i.is_float]
+    floats = [i for i in plan.inputs if i.is_float and i.role != "ids"]
     if len(floats) != 1 or len(floats[0].dims) < 3:
         raise SpaError("bn calibration needs one float input of shape [N, C, ...]")
     name = floats[0].name

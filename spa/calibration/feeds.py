@@ -276,12 +276,12 @@ class _Plan:
                     feed[inp.name] = override[inp.name](shape).astype(inp.dtype)
                 elif inp.is_float and inp.role == "mask" and len(shape) == 2:  # a float attention mask
                     feed[inp.name] = np.ones(shape, dtype=inp.dtype)
-                elif inp.is_float:
+                elif inp.is_float and inp.role != "ids":
                     feed[inp.name] = (floats(shape) if floats else self.float_noise(inp, shape, rng)).astype(inp.dtype)
                 elif _pixel_layout(inp, shape):
                     feed[inp.name] = self.pixel_noise(inp, shape, rng)
                 elif inp.role == "ids" and self.options.tokenizer:
-                    feed[inp.name] = self.token_ids(inp, shape, rng)
+                    feed[inp.name] = self.token_ids(inp, shape, rng).astype(inp.dtype)
                 else:
                     if inp.role == "ids" and inp.vocab:
                         self.say(f"calibration: synthetic token ids for '{inp.name}' are uniform random ids, with no "

@@ -69,7 +69,7 @@ class _Input:
             return "types"
         if "position" in lower:
             return "positions"
-        if not self.is_float and self.dtype != np.bool_ and self.vocab:
+        if self.dtype != np.bool_ and self.vocab:  # a float input too, cast to the table's indices (tf2onnx)
             return "ids"
         return None
 
@@ -148,9 +148,15 @@ def model_inputs(model: onnx.ModelProto) -> list:
     indexes (None where it indexes none)."""
     inputs = [_Input(n, d, t) for n, d, t in declared_inputs(model)]
     for inp in inputs:
-        if not inp.is_float and inp.dtype != np.bool_:
+        if _may_index(inp):
             inp.vocab = vocabulary_size(model, inp.name)
     return inputs
+
+
+def _may_index(inp: _Input) -> bool:
+    """Whether `inp` may hold token ids: an integer input, or a float one of rank 2 ([batch, sequence]; a
+    Keras model whose ids tf2onnx casts to integers before its embedding: piper-tts' nakdimon)."""
+    return inp.dtype != np.bool_ and (not inp.is_float or len(inp.dims) == 2)
 
 
 def generated_token_lengths(model: onnx.ModelProto) -> bool:
@@ -158,7 +164,7 @@ def generated_token_lengths(model: onnx.ModelProto) -> bool:
     indexing an embedding table with no static sequence length."""
     for name, dims, dtype in declared_inputs(model):
         inp = _Input(name, dims, dtype)
-        if not inp.is_float and inp.dtype != np.bool_ and len(dims) >= 2 and not isinstance(dims[-1], int):
+        if _may_index(inp) and len(dims) >= 2 and not isinstance(dims[-1], int):
             inp.vocab = vocabulary_size(model, name)
             if inp.role == "ids":
                 return True

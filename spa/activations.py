@@ -61,11 +61,42 @@ def fetch(model: onnx.ModelProto, names, batches, desc: str | None = "running ca
     names = list(dict.fromkeys(names))
     inputs = {i.name for i in model.graph.input}
     computed = [n for n in names if n not in inputs]
-    sess = session(prefix(model, computed), quiet=True, calibration_pass=True) if computed else None
+    model, steps = every_iteration(model, computed)
+    fetched = [steps.get(n, n) for n in computed]
+    sess = session(prefix(model, fetched), quiet=True, calibration_pass=True) if computed else None
     for feeds in (batches if desc is None else bar(batches, desc)):
-        got = dict(zip(computed, sess.run(computed, feeds))) if computed else {}
+        got = dict(zip(computed, sess.run(fetched, feeds))) if computed else {}
+        for name in steps:  # [iterations, *the tensor's shape] -> the iterations as more rows
+            got[name] = got[name].reshape(-1, *got[name].shape[2:]) if got[name].ndim > 1 else got[name]
         got.update({n: feeds[n] for n in names if n in inputs})
         yield got
+
+
+def every_iteration(model: onnx.ModelProto, names) -> tuple[onnx.ModelProto, dict]:
+    """(`model`, {}), or where some of `names` are tensors of a flattened Loop's first-iteration copy
+    (spa.control_flow.flattened), a copy of `model` whose Loops also give those tensors of every iteration
+    as scan outputs, and {name: that scan output}: a layer inside a Loop is calibrated on all iterations'
+    inputs, not the first one's."""
+    from .control_flow import loop_prefixes
+
+    loops = loop_prefixes(model)
+    wanted = {n: (loop, n[len(p):]) for n in names for loop, p in loops.items() if n.startswith(p)}
+    if not wanted:
+        return model, {}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in onnx.shape_inference.infer_shapes(out).graph.value_info}
+    steps = {}
+    for node in out.graph.node:
+        inner = [(n, name) for n, (loop, name) in wanted.items() if loop == node.name and node.op_type == "Loop"]
+        body = node.attribute[0].g if inner else None
+        for n, name in inner:
+            steps[n] = f"{n}/every_iteration"
+            body.node.append(helper.make_node("Identity", [name], [steps[n]]))
+            body.output.append(helper.make_tensor_value_info(steps[n], types.get(n, onnx.TensorProto.FLOAT), None))
+            node.output.append(steps[n])
+    return out, steps
 
 
 def constants_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -19,7 +19,7 @@ from .graph import FLOATS, _subgraphs
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 # an If whose branches hold one of these is flattened: its channels may prune with the rest
-FLATTENED_OPS = LAYER_OPS + ("ConvTranspose", "LSTM", "GRU", "RNN", "Einsum")
+FLATTENED_OPS = LAYER_OPS + ("ConvTranspose", "LSTM", "GRU", "RNN")
 BRANCHES = ("then_branch", "else_branch")
 FLATTENED = "spa.flattened"  # metadata of a `flattened` copy: its Flattened records, for `folded`
 
@@ -131,15 +131,7 @@ def _carried_constants(g, node: onnx.NodeProto) -> dict:
     on unchanged (tf2onnx hands a Keras LSTM's weights to its Loop so): in every iteration the constant."""
     if node.op_type != "Loop" or not _subgraphs(node):
         return {}
-    body = _subgraphs(node)[0]
-    made = {n.output[0]: n.input[0] for n in body.node if n.op_type == "Identity"}
-    out = {}
-    for k, given in enumerate(node.input[2:]):
-        inner = body.input[k + 2].name if k + 2 < len(body.input) else None
-        passed = body.output[k + 1].name if k + 1 < len(body.output) else None
-        if inner and given in g.consts and passed is not None and made.get(passed, passed) == inner:
-            out[inner] = given
-    return out
+    return {inner: given for inner, given in _passed_on(node, _subgraphs(node)[0]).items() if given in g.consts}
 
 
 def _nodes(graph: onnx.GraphProto):
@@ -204,10 +196,14 @@ def _add(top: onnx.GraphProto, body: onnx.GraphProto, tensor: onnx.TensorProto, 
 @dataclass(frozen=True)
 class Flattened:
     """An If whose branches `flattened` moved into its enclosing graph: the name of the selector left in its
-    place and the prefix of every name each branch defined (then, else)."""
+    place and the prefix of every name each branch defined (then, else). Or (`kind` "Loop") a Loop whose body
+    `flattened` copied into its enclosing graph as the first iteration: the Loop's name, the copy's prefix and
+    the copy's outputs."""
 
     name: str
     prefixes: tuple
+    kind: str = "If"
+    stepped: tuple = ()  # a Loop's: the copy's body outputs (the condition, loop-carried values, scan values)
 
 
 def flattened(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
@@ -221,31 +217,53 @@ def flattened(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
     returns it with them."""
     done = next((p.value for p in model.metadata_props if p.key == FLATTENED), None)
     if done is not None:  # flattened already: the records it carries
-        return model, [Flattened(name, tuple(prefixes)) for name, prefixes in json.loads(done)]
+        return model, [Flattened(name, tuple(prefixes), kind, tuple(stepped))
+                       for name, prefixes, kind, stepped in json.loads(done)]
     if not any(_flattenable(node) for node in model.graph.node):
         return model, []
     out = onnx.ModelProto()
     out.CopyFrom(model)
     found = []
     _flatten_graph(out.graph, set(_definitions(out.graph)), found)
-    out.metadata_props.add(key=FLATTENED, value=json.dumps([[f.name, list(f.prefixes)] for f in found]))
+    out.metadata_props.add(key=FLATTENED, value=json.dumps([[f.name, list(f.prefixes), f.kind, list(f.stepped)]
+                                                            for f in found]))
     return out, found
 
 
-def folded(model: onnx.ModelProto, found: list) -> onnx.ModelProto:
+def stepped_values(model: onnx.ModelProto) -> dict:
+    """{Loop name: [the outputs of the first-iteration copy of its body: the condition, the loop-carried values
+    it hands the next iteration, the scan values]} of the Loops a `flattened` copy holds ({} for any other
+    model): the analysis reads the Loop as reading them (spa.rules.control couples them with its inputs and
+    outputs), and the rewrite keeps the nodes that compute them."""
+    done = next((p.value for p in model.metadata_props if p.key == FLATTENED), None)
+    return {name: list(stepped) for name, _, kind, stepped in json.loads(done) if kind == "Loop"} if done else {}
+
+
+def loop_prefixes(model: onnx.ModelProto) -> dict:
+    """{Loop name: the prefix of its first-iteration copy's names} of the Loops a `flattened` copy holds."""
+    done = next((p.value for p in model.metadata_props if p.key == FLATTENED), None)
+    return {name: prefixes[0] for name, prefixes, kind, _ in json.loads(done) if kind == "Loop"} if done else {}
+
+
+def folded(model: onnx.ModelProto, found: list, outside=()) -> onnx.ModelProto:
     """`model` (a rewrite of a `flattened` copy) with each selector's branches holding again the nodes
-    whose outputs carry their prefix, in their order; in place."""
+    whose outputs carry their prefix, in their order, and each flattened Loop's body its first-iteration
+    copy; in place. Initializers named in `outside` stay where they are (a Loop's body reads them there)."""
     kept = [p for p in model.metadata_props if p.key != FLATTENED]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
-    entries = {entry.name: entry for entry in found}
+    loops = {entry.name: entry.prefixes[0] for entry in found if entry.kind == "Loop"}
+    entries = {entry.name: entry for entry in found if entry.kind == "If"}
+    if loops:
+        _fold_loops(model.graph, loops, set(outside))
     _fold_graph(model.graph, entries)
     _restore_names(model.graph, entries, set())
     return model
 
 
 def _flattenable(node: onnx.NodeProto) -> bool:
-    return node.op_type == "If" and any(n.op_type in FLATTENED_OPS for body in _subgraphs(node) for n in _nodes(body))
+    return node.op_type in ("If", "Loop") and any(n.op_type in FLATTENED_OPS for body in _subgraphs(node)
+                                                  for n in _nodes(body))
 
 
 def _flatten_graph(graph: onnx.GraphProto, names: set, found: list) -> None:
@@ -253,6 +271,14 @@ def _flatten_graph(graph: onnx.GraphProto, names: set, found: list) -> None:
     for node in graph.node:
         if not _flattenable(node):
             nodes.append(node)
+            continue
+        if node.op_type == "Loop":
+            node.name = _unique(node.name or f"Loop_{len(found)}", names)
+            prefix = _unique(f"{node.name}/body/", names)
+            copy, initializers, stepped = _first_iteration(node, prefix, names, {t.name for t in graph.initializer})
+            nodes.extend(copy + [node])
+            graph.initializer.extend(initializers)
+            found.append(Flattened(node.name, (prefix,), "Loop", stepped))
             continue
         base = _unique(node.name or f"If_{len(found)}", names)
         sources, prefixes = {}, []
@@ -268,6 +294,80 @@ def _flatten_graph(graph: onnx.GraphProto, names: set, found: list) -> None:
         found.append(Flattened(base, tuple(prefixes)))
     del graph.node[:]
     graph.node.extend(nodes)
+
+
+def _first_iteration(loop: onnx.NodeProto, prefix: str, names: set, constants: set) -> tuple[list, list, tuple]:
+    """(nodes, initializers, its outputs): a copy of `loop`'s body, every name it defines (its inputs too) prefixed, whose
+    inputs are the first iteration's: iteration 0, the loop's condition and the initial loop-carried values.
+    The Loop itself stays and computes what the model computes; the copy is what the analysis reads of its
+    body (spa.rules.control.LoopBody couples the two), and `folded` makes the rewritten copy its body."""
+    body = onnx.GraphProto()
+    body.CopyFrom(_subgraphs(loop)[0])
+    inputs = {i.name: prefix + i.name for i in body.input}
+    names.update(inputs.values())
+    # a constant the body passes on unchanged (tf2onnx hands a Keras LSTM's weights over so) is read as itself:
+    # the copy's layers read their weights
+    constant = {inner: given for inner, given in _passed_on(loop, body).items() if given in constants}
+    _rename_reads(body, {**inputs, **constant})
+    _prefix(body, prefix, names)  # control flow inside it stays as it is: a boundary
+    start = [onnx.helper.make_node("Constant", [], [inputs[body.input[0].name]], name=inputs[body.input[0].name],
+                                   value=onnx.helper.make_tensor("i", onnx.TensorProto.INT64, [], [0]))]
+    cond = body.input[1].name
+    start.append(onnx.helper.make_node("Identity", [loop.input[1]], [inputs[cond]], name=inputs[cond])
+                 if len(loop.input) > 1 and loop.input[1] else
+                 onnx.helper.make_node("Constant", [], [inputs[cond]], name=inputs[cond],
+                                       value=onnx.helper.make_tensor("c", onnx.TensorProto.BOOL, [], [True])))
+    start += [onnx.helper.make_node("Identity", [given], [inputs[carried.name]], name=inputs[carried.name])
+              for given, carried in zip(loop.input[2:], body.input[2:]) if carried.name not in constant]
+    return start + list(body.node), list(body.initializer), tuple(o.name for o in body.output)
+
+
+def _passed_on(loop: onnx.NodeProto, body: onnx.GraphProto) -> dict:
+    """{body input: the Loop's input} of the loop-carried values the body hands the next iteration unchanged
+    (its output the input itself, or an Identity of it)."""
+    made = {n.output[0]: n.input[0] for n in body.node if n.op_type == "Identity"}
+    return {inner.name: given for given, inner, passed in zip(loop.input[2:], body.input[2:], body.output[1:])
+            if given and made.get(passed.name, passed.name) == inner.name}
+
+
+def _fold_loops(graph: onnx.GraphProto, loops: dict, outside: set) -> None:
+    """Each flattened Loop (`loops`: name -> prefix) takes as its body the nodes and initializers that carry
+    its prefix (the rewritten first-iteration copy), unprefixed, less the nodes that fed it the first
+    iteration's inputs; the body's declared values keep their names and types, not their shapes (but for the
+    iteration and condition scalars)."""
+    for name, prefix in loops.items():
+        loop = next((n for n in graph.node if n.op_type == "Loop" and n.name == name), None)
+        if loop is None:
+            continue
+        body = _subgraphs(loop)[0]
+        starts = {prefix + i.name for i in body.input}
+        ours = [n for n in graph.node if n is not loop and any(o.startswith(prefix) for o in n.output if o)]
+        del body.node[:]
+        body.node.extend(n for n in ours if n.output[0] not in starts)
+        own = [k for k, t in enumerate(graph.initializer) if t.name.startswith(prefix) and t.name not in outside]
+        del body.initializer[:]
+        body.initializer.extend(graph.initializer[k] for k in own)
+        for k in reversed(own):  # by index: a big model's other tensors are never compared or copied
+            del graph.initializer[k]
+        unprefixed = {n: n[len(prefix):] for n in _level_names(body) if n.startswith(prefix)}
+        unprefixed.update((n, n[len(prefix):]) for n in starts)
+        for tensor in body.initializer:
+            tensor.name = unprefixed.get(tensor.name, tensor.name)
+        for node in body.node:
+            node.output[:] = [unprefixed.get(o, o) for o in node.output]
+            node.name = node.name[len(prefix):] if node.name.startswith(prefix) else node.name
+        _rename_reads(body, unprefixed)
+        for value in list(body.input[2:]) + list(body.output[1:]):  # the iteration and condition stay scalars
+            if value.type.HasField("tensor_type"):
+                value.type.tensor_type.ClearField("shape")
+        moved = {id(n) for n in ours}
+        kept = []
+        for node in graph.node:
+            if id(node) not in moved:
+                kept.append(onnx.NodeProto())
+                kept[-1].CopyFrom(node)
+        del graph.node[:]
+        graph.node.extend(kept)
 
 
 def _unique(name: str, names: set) -> str:

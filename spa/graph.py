@@ -362,7 +362,8 @@ class Graph:
     notes: list = field(init=False)  # what the analysis could not learn, for the user (a shape probe that died)
     graph_inputs: set = field(init=False)
     graph_outputs: set = field(init=False)
-    folding: tuple = field(init=False, default=())  # spa.control_flow.Flattened of the Ifs `model` holds flattened
+    folding: tuple = field(init=False, default=())  # spa.control_flow.Flattened of the Ifs and Loops `model` holds
+    # flattened
 
     def __post_init__(self):
         from .runtime import symbolic_declarations
@@ -399,7 +400,10 @@ class Graph:
     def index_nodes(self) -> None:
         """producer and consumers of every tensor, from `nodes` (a control-flow node also consumes
         the outer-scope names its subgraphs read)."""
+        from .control_flow import stepped_values
+
         self.producer, self.consumers = {}, defaultdict(list)
+        stepped = stepped_values(self.model)
         for i, node in enumerate(self.nodes):
             for out in node.output:
                 if out:
@@ -407,6 +411,7 @@ class Graph:
             inputs = list(node.input)
             if node.op_type in CONTROL_FLOW:
                 inputs += sorted(outer_scope_inputs(node) - set(inputs))
+                inputs += stepped.get(node.name, [])[1:] if node.op_type == "Loop" else []
             for slot, name in enumerate(inputs):
                 if name:
                     self.consumers[name].append((i, slot))

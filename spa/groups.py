@@ -171,9 +171,16 @@ def _graph(model: onnx.ModelProto) -> Graph:
     graph = Graph(flat)
     if found:
         graph.folding = tuple(found)
-        graph.notes.append(f"{len(found)} If{'s' if len(found) > 1 else ''} hold{'s' if len(found) == 1 else ''} "
-                           "layers: both branches are analysed as one graph, a weight they share prunes alike in "
-                           "both, and calibration runs both branches")
+    ifs, loops = sum(f.kind == "If" for f in found), sum(f.kind == "Loop" for f in found)
+    if ifs:
+        graph.notes.append(f"{ifs} If{'s' if ifs > 1 else ''} hold{'s' if ifs == 1 else ''} layers: both branches "
+                           "are analysed as one graph, a weight they share prunes alike in both, and calibration runs "
+                           "both branches")
+    if loops:
+        graph.notes.append(f"{loops} Loop{'s' if loops > 1 else ''} hold{'s' if loops == 1 else ''} layers: the body "
+                           "is analysed as its first iteration, what it hands the next iteration keeping the channels "
+                           "it was given; the layers inside are calibrated on every iteration's inputs, and MACs "
+                           "count one iteration")
     return graph
 
 

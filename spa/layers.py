@@ -180,7 +180,7 @@ def find_layers(analysis: Analysis) -> list:
             continue  # activation x activation (attention) or a computed weight
         layer = _layer(g, node_index, node, slot, axis, weight)
         if layer is not None:
-            layer.compensable = len(g.consumers.get(weight, [])) == 1 and layer.compensable
+            layer.compensable = len(_readers(g, weight)) == 1 and layer.compensable
             if quantized is not None:
                 _on_integer_weight(g, layer, quantized)
             if widened is not None:
@@ -189,6 +189,17 @@ def find_layers(analysis: Analysis) -> list:
                 plain.add(id(layer))
             layers.append(layer)
     return _one_per_shared_weight(g, layers, plain)
+
+
+def _readers(g, weight: str) -> list:
+    """The nodes that read `weight`, but a flattened Loop that only hands it to its body (whose first-iteration
+    copy reads it: spa.control_flow.flattened) and the copy's Identity handing it on."""
+    loops = [f for f in g.folding if f.kind == "Loop"]
+
+    def hands_on(node) -> bool:
+        return node.op_type == "Loop" and any(f.name == node.name for f in loops) or \
+            node.op_type == "Identity" and any(node.output[0] in f.stepped for f in loops)
+    return [i for i, _ in g.consumers.get(weight, []) if not (loops and hands_on(g.nodes[i]))]
 
 
 def _one_per_shared_weight(g, layers: list, plain: set) -> list:
@@ -223,7 +234,7 @@ def read_alike(g, weight: str, readers: list) -> bool:
     """Whether every node that reads `weight` is one of `readers`, a float layer reading it the same way (an
     unrolled LSTM's Gemms, one a step; the two branches of a flattened If): one mask or one compensation serves
     them all."""
-    return weight not in g.aliases and len(g.consumers.get(weight, [])) == len(readers) and \
+    return weight not in g.aliases and len(_readers(g, weight)) == len(readers) and \
         not is_integer_weight(g, weight) and same_layout(readers)
 
 

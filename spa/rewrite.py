@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .control_flow import folded
+from .control_flow import folded, stepped_values
 from .external_data import Spill, is_streamed, raw_bytes
 from .graph import Graph
 from .plan import Plan
@@ -312,11 +312,13 @@ def _copy_fields(src, dst, skip):
 
 
 def _drop_dead_nodes(model):
-    """Shape computations a rewrite replaced by constants are left without readers: drop them."""
+    """Shape computations a rewrite replaced by constants are left without readers: drop them (not what a
+    flattened Loop's first-iteration copy computes, which becomes its body)."""
     from .graph import outer_scope_inputs
     graph = model.graph
+    kept = {name for values in stepped_values(model).values() for name in values}
     while True:
-        used = {o.name for o in graph.output}
+        used = {o.name for o in graph.output} | kept
         for n in graph.node:
             used.update(n.input)
             used |= outer_scope_inputs(n)

@@ -10,6 +10,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from .errors import SpaError, SpaWarning, first_line
+from .control_flow import folded
 from .graph import outer_scope_inputs, sort_topologically
 from .plan import Plan
 from .quant import at_zero_point, is_integer_weight
@@ -351,6 +352,9 @@ def _with_masks(analysis, removed_of, every: bool = False) -> tuple:
         model.graph.node[node_index].input[slot] = masked[key]
     _drop_unread(model, replaced)
     sort_topologically(model.graph)  # the masks' Mul nodes were appended at the end
+    loops = [entry for entry in g.folding if entry.kind == "Loop"]
+    if loops:  # the Loop computes with its masked first-iteration copy as its body; masks stay feedable
+        model = folded(model, loops, outside=masks)
     return model, masks
 
 

@@ -10,11 +10,15 @@ from . import Frozen, Rule, identity, register
 class Selector(Rule):
     """An If whose branches only pass tensors of the enclosing graph on (Identity, or the name itself):
     output k is then-source k or else-source k, channel for channel, so the three share every axis.
+    A Loop whose body spa.control_flow.flattened copied out as its first iteration: `_loop_links`.
     Any other If, Loop or Scan stays a boundary: its bodies are not analysed."""
 
     ops = ("If", "Loop", "Scan")
 
     def propagate(self, c, tensor, axis):
+        loop = next((f for f in c.g.folding if f.kind == "Loop" and f.name == c.node.name), None)
+        if c.node.op_type == "Loop" and loop is not None:
+            return _loop_links(c, loop.stepped[1:], tensor, axis)
         sources = _passed(c.node)
         if sources is None:
             raise Frozen(f"control flow ({c.node.op_type}) is a boundary")
@@ -43,3 +47,28 @@ def _passed(node) -> list | None:
             return None
         found.append(sources)
     return found
+
+
+def _loop_links(c, stepped: tuple, tensor, axis) -> list:
+    """A flattened Loop: its loop-carried value k (initial value, final value and, in the first-iteration copy,
+    what the body hands the next iteration: `stepped`[k]) shares every axis, which the recurrence needs; scan
+    output j's axis a+1 is the copy's scan value j's axis a (its axis 0 counts iterations). What its body reads
+    of the enclosing graph the copy reads too: no link here."""
+    node = c.node
+    carried = len(node.input) - 2
+    size = c.dim(tensor, axis)
+    if tensor in node.input[:2] and tensor not in node.input[2:]:
+        raise Frozen("the trip count or condition of a Loop")
+    for k, given in enumerate(node.input[2:]):
+        if tensor in (given, node.output[k], stepped[k]):
+            return [identity((tensor, axis), (t, axis), size) for t in (given, node.output[k], stepped[k])
+                    if t and t != tensor]
+    for j, out in enumerate(node.output[carried:]):
+        value = stepped[carried + j]
+        if tensor == out:
+            if axis == 0:
+                raise Frozen("the iterations axis of a Loop's scan output")
+            return [identity((tensor, axis), (value, axis - 1), size)]
+        if tensor == value:
+            return [identity((tensor, axis), (out, axis + 1), size)]
+    return []

@@ -215,10 +215,8 @@ def flattened(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
     moves the nodes back after the rewrite. The copy computes both branches where the model computes one:
     for the analysis and calibration only. The copy carries its records (metadata): flattening it again
     returns it with them."""
-    done = next((p.value for p in model.metadata_props if p.key == FLATTENED), None)
-    if done is not None:  # flattened already: the records it carries
-        return model, [Flattened(name, tuple(prefixes), kind, tuple(stepped))
-                       for name, prefixes, kind, stepped in json.loads(done)]
+    if any(p.key == FLATTENED for p in model.metadata_props):  # flattened already: the records it carries
+        return model, _records(model)
     if not any(_flattenable(node) for node in model.graph.node):
         return model, []
     out = onnx.ModelProto()
@@ -235,14 +233,19 @@ def stepped_values(model: onnx.ModelProto) -> dict:
     it hands the next iteration, the scan values]} of the Loops a `flattened` copy holds ({} for any other
     model): the analysis reads the Loop as reading them (spa.rules.control couples them with its inputs and
     outputs), and the rewrite keeps the nodes that compute them."""
-    done = next((p.value for p in model.metadata_props if p.key == FLATTENED), None)
-    return {name: list(stepped) for name, _, kind, stepped in json.loads(done) if kind == "Loop"} if done else {}
+    return {f.name: list(f.stepped) for f in _records(model) if f.kind == "Loop"}
 
 
 def loop_prefixes(model: onnx.ModelProto) -> dict:
     """{Loop name: the prefix of its first-iteration copy's names} of the Loops a `flattened` copy holds."""
+    return {f.name: f.prefixes[0] for f in _records(model) if f.kind == "Loop"}
+
+
+def _records(model: onnx.ModelProto) -> list:
+    """The Flattened records a `flattened` copy carries ([] for any other model)."""
     done = next((p.value for p in model.metadata_props if p.key == FLATTENED), None)
-    return {name: prefixes[0] for name, prefixes, kind, _ in json.loads(done) if kind == "Loop"} if done else {}
+    return [Flattened(name, tuple(prefixes), kind, tuple(stepped))
+            for name, prefixes, kind, stepped in json.loads(done)] if done else []
 
 
 def folded(model: onnx.ModelProto, found: list, outside=()) -> onnx.ModelProto:
@@ -297,10 +300,11 @@ def _flatten_graph(graph: onnx.GraphProto, names: set, found: list) -> None:
 
 
 def _first_iteration(loop: onnx.NodeProto, prefix: str, names: set, constants: set) -> tuple[list, list, tuple]:
-    """(nodes, initializers, its outputs): a copy of `loop`'s body, every name it defines (its inputs too) prefixed, whose
-    inputs are the first iteration's: iteration 0, the loop's condition and the initial loop-carried values.
-    The Loop itself stays and computes what the model computes; the copy is what the analysis reads of its
-    body (spa.rules.control.LoopBody couples the two), and `folded` makes the rewritten copy its body."""
+    """(nodes, initializers, outputs) of a copy of `loop`'s body, every name it defines (its inputs too)
+    prefixed, whose inputs are the first iteration's: iteration 0, the loop's condition and the initial
+    loop-carried values. The Loop itself stays and computes what the model computes; the copy is what the
+    analysis reads of its body (spa.rules.control couples the two), and `folded` makes the rewritten copy its
+    body."""
     body = onnx.GraphProto()
     body.CopyFrom(_subgraphs(loop)[0])
     inputs = {i.name: prefix + i.name for i in body.input}

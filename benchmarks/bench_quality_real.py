@@ -51,6 +51,10 @@ Models (nothing downloaded; models/ builds or finds them):
                  them
   captcha-crnn   captcha-whisperer's trained CRNN (pip captcha-whisperer, `make install`; BGR pixels in [0, 255]) on
                  the same captchas
+  nakdimon       piper-tts' Hebrew diacritizer (two bidirectional Keras LSTMs with masking that tf2onnx wrote as
+                 Loops; pip piper-tts, `make survey-models`) on 200 + 200 lines of Hebrew words from faker's he_IL
+                 lists (models/hebrew.py: real names, cities and streets / lorem-ipsum filler): the share of words
+                 marked exactly as the original marks them
   ocr-det-qdq, ocr-det-qoperator, orientation-qdq, orientation-qoperator
                  the detector and the orientation classifier quantized by onnxruntime's quantize_static (int8
                  QDQ or QOperator, calibrated on the real-data row's images), judged against that int8 original
@@ -119,6 +123,7 @@ DEFAULT_TARGETS = {"minilm": ("ratio-0.25", "params-10", "params-20", "params-30
                    "direction": ("params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "orinet": ("params-30", "params-50", "macs-2x", "macs-3x"),
                    "magika": ("ratio-0.2", "ratio-0.3", "ratio-0.5"), "sscd": ("ratio-0.1", "ratio-0.3"),
+                   "nakdimon": ("ratio-0.1", "ratio-0.2", "ratio-0.3"),
                    **{name: ("ratio-0.1", "ratio-0.3", "ratio-0.5") for name in ("crepe", "crepe-tiny")},
                    "layout": ("params-10", "params-20", "params-30", "macs-1.5x", "macs-2x"),
                    "table": ("params-10", "params-20"),
@@ -321,6 +326,18 @@ def setup_magika(workdir):
             "shapes": None, "info": {"files": len(files), "calibration_files": 256}}
 
 
+def setup_nakdimon(workdir):
+    from models.hebrew import hebrew_sets, nakdimon_judge, nakdimon_path
+
+    judge = nakdimon_judge(nakdimon_path())
+
+    def evaluate(pruned):
+        return {f"{kind}_words": share for kind, share in judge(pruned).items()}
+
+    return {"path": nakdimon_path(), "evaluate": evaluate, "metric": "in-distribution_words", "shapes": None,
+            "info": {"lines_per_set": len(hebrew_sets()["shifted"])}}
+
+
 def setup_layout(workdir):
     from models.layout import document_pages, layout_judge, layout_path, layout_preprocess
 
@@ -398,7 +415,7 @@ def setup_trained(name, workdir):
 SETUPS = {"minilm": setup_minilm, "ocr": setup_ocr, "ocr-det": setup_ocr_det, "orientation": setup_orientation,
           "direction": setup_direction, "orinet": setup_orinet, "magika": setup_magika,
           "sscd": setup_sscd, "crepe": setup_crepe, "crepe-tiny": lambda w: setup_crepe(w, "tiny"),
-          "layout": setup_layout, "table": setup_table, "captcha": setup_captcha,
+          "layout": setup_layout, "table": setup_table, "captcha": setup_captcha, "nakdimon": setup_nakdimon,
           "captcha-crnn": lambda w: setup_captcha(w, "crnn"),
           "ocr-det-qdq": lambda w: setup_ocr_det(w, "QDQ"), "ocr-det-qoperator": lambda w: setup_ocr_det(w, "QOperator"),
           "orientation-qdq": lambda w: setup_orientation(w, "QDQ"),
@@ -423,6 +440,8 @@ def applicable(method: str, name: str, model) -> str | None:
         return "not a document layout model"
     if method.endswith("-tables") and name != "table":
         return "not a table structure recognizer"
+    if method.endswith("-real") and name == "nakdimon":
+        return "no real Hebrew text at hand offline"
     if (name.endswith(("-qdq", "-qoperator")) or name == "captcha") and ("-inverted" in method or "-bn" in method):
         return "quantized: no BatchNormalization left, and the torch converter takes no quantized ops"
     if method.endswith("-bn") and not any(n.op_type == "BatchNormalization" for n in model.graph.node):

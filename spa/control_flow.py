@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from .graph import FLOATS, _subgraphs
+from .graph import FLOATS, _subgraphs, all_nodes
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 # an If whose branches hold one of these is flattened: its channels may prune with the rest
@@ -77,7 +77,7 @@ def body_layers(g) -> list:
     for index, node in enumerate(g.nodes):
         carried = _carried_constants(g, node)
         for body in _subgraphs(node):
-            for inner in _nodes(body):
+            for inner in all_nodes(body):
                 for slot in weight_slots(inner):
                     if inner.op_type not in LAYER_OPS or len(inner.input) <= slot:
                         continue
@@ -123,7 +123,7 @@ def inlined(model: onnx.ModelProto, g) -> onnx.ModelProto | None:
 
 def _weights_read(graph: onnx.GraphProto, g) -> set:
     """g's constants that the layers of `graph` (and its nested bodies) read as weights."""
-    return {name for name in _layer_inputs(_nodes(graph)) if name in g.consts}
+    return {name for name in _layer_inputs(all_nodes(graph)) if name in g.consts}
 
 
 def _carried_constants(g, node: onnx.NodeProto) -> dict:
@@ -132,13 +132,6 @@ def _carried_constants(g, node: onnx.NodeProto) -> dict:
     if node.op_type != "Loop" or not _subgraphs(node):
         return {}
     return {inner: given for inner, given in _passed_on(node, _subgraphs(node)[0]).items() if given in g.consts}
-
-
-def _nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for body in _subgraphs(node):
-            yield from _nodes(body)
 
 
 def _definitions(graph: onnx.GraphProto):
@@ -266,7 +259,7 @@ def folded(model: onnx.ModelProto, found: list, outside=()) -> onnx.ModelProto:
 
 def _flattenable(node: onnx.NodeProto) -> bool:
     return node.op_type in ("If", "Loop") and any(n.op_type in FLATTENED_OPS for body in _subgraphs(node)
-                                                  for n in _nodes(body))
+                                                  for n in all_nodes(body))
 
 
 def _flatten_graph(graph: onnx.GraphProto, names: set, found: list) -> None:

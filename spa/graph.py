@@ -81,7 +81,7 @@ def inline_functions(model: onnx.ModelProto) -> list:
     would read as one custom-domain boundary); the names of the functions called ([] where none is).
     A model onnx cannot inline (over 2 GiB in memory) keeps its calls."""
     local = {(f.domain, f.name) for f in model.functions}
-    called = sorted({n.op_type for g in _all_graphs(model.graph) for n in g.node if (n.domain, n.op_type) in local})
+    called = sorted({n.op_type for n in all_nodes(model.graph) if (n.domain, n.op_type) in local})
     if not called:
         return []
     try:
@@ -93,11 +93,12 @@ def inline_functions(model: onnx.ModelProto) -> list:
     return called
 
 
-def _all_graphs(graph: onnx.GraphProto):
-    yield graph
+def all_nodes(graph: onnx.GraphProto):
+    """Every node of `graph` and of its subgraphs, at any depth."""
     for node in graph.node:
+        yield node
         for body in _subgraphs(node):
-            yield from _all_graphs(body)
+            yield from all_nodes(body)
 
 
 def sort_topologically(graph: onnx.GraphProto) -> bool:

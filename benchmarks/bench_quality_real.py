@@ -604,12 +604,12 @@ METRIC = {"minilm": "cosine", "ocr": "in-distribution_exact", "ocr-det": "in-dis
           "orientation": "in-distribution_accuracy", "direction": "in-distribution_accuracy",
           "orinet": "in-distribution_accuracy", "layout": "in-distribution_f1", "table": "in-distribution_structure",
           "captcha": "in-distribution_read", "captcha-crnn": "in-distribution_read",
-          "magika": "agreement", "sscd": "in-distribution_cosine",
+          "magika": "agreement", "sscd": "in-distribution_cosine", "nakdimon": "in-distribution_words",
           **dict.fromkeys(("crepe", "crepe-tiny"), "in-distribution_pitch_accuracy")}  # else accuracy
 SECOND = {"minilm": "neighbour_kept", "ocr": "shifted_exact", "ocr-det": "shifted_map_f1",
           "orientation": "shifted_accuracy", "direction": "shifted_accuracy", "orinet": "shifted_accuracy",
           "layout": "shifted_f1", "table": "shifted_structure", "captcha": "shifted_read",
-          "captcha-crnn": "shifted_read", "sscd": "shifted_cosine",
+          "captcha-crnn": "shifted_read", "sscd": "shifted_cosine", "nakdimon": "shifted_words",
           **dict.fromkeys(("crepe", "crepe-tiny"), "shifted_pitch_accuracy")}
 
 

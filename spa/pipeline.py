@@ -238,8 +238,12 @@ def _compensate(analysis, plan, compensation, staged, cal, fit, held, measured, 
         return weights
     cache.clear()  # ... and not needed by the staged pass
     weights = obspa.compensation_stage(analysis, plan, compensation, fit, measured, damp, seed, progress, held)
-    shared = [layer for layer in measured.layers if layer.also_reads] if measured is not None else []
-    if compensation == "obs" and shared:  # a stage sees one reader's inputs: from the original model's Hessians
+    # a stage sees one reader's inputs, and a Loop body's copy its first iteration's: from the original model's
+    # Hessians (every reader's, every iteration's)
+    looped = tuple(f.prefixes[0] for f in analysis.graph.folding if f.kind == "Loop")
+    shared = [layer for layer in measured.layers if layer.also_reads or looped and any(
+        o.startswith(looped) for o in analysis.graph.nodes[layer.node].output)] if measured is not None else []
+    if compensation == "obs" and shared:
         weights.update(obspa.first_order_weights(analysis, plan, dataclasses.replace(measured, layers=shared), damp,
                                                  pooled=True))
     return weights

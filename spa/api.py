@@ -49,7 +49,7 @@ def analyze(model, options: Options | None = None, *, granularity: str | None = 
         if options is not None:
             raise SpaError("give options or granularity, not both")
         options = _options(granularity)
-    if isinstance(model, (str, os.PathLike)):
+    if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
         model = _load(model, _say(False))[0]
     return analyze_model(model, options)
 
@@ -208,10 +208,18 @@ def _prune_args(flags: dict):
 def _load(model, say, input_shapes=None) -> tuple[onnx.ModelProto, str | None]:
     """(ModelProto, its path or None): a path is converted by its frontend first where it needs one."""
     from .cli import _framework_to_onnx
-    from .graph import load_model
+    from .graph import inline_functions, load_model
 
     if isinstance(model, onnx.ModelProto):
-        return model, None
+        if not model.functions:
+            return model, None
+        copy = onnx.ModelProto()  # the caller's model is left as it is
+        copy.CopyFrom(model)
+        inlined = inline_functions(copy)
+        if inlined:
+            say(f"the calls of the model's local function{'s' * (len(inlined) > 1)} {', '.join(inlined)} inlined, "
+                "so the layers inside prune with the rest")
+        return (copy if inlined else model), None
     if not isinstance(model, (str, os.PathLike)):
         raise SpaError(f"expected a model path or an onnx.ModelProto, got {type(model).__name__}")
     path = _framework_to_onnx(os.fspath(model), say, input_shapes)

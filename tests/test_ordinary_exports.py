@@ -201,6 +201,7 @@ def test_a_baked_sequence_length_is_named_as_the_freeze_reason(tmp_path):
 def test_modules_exported_as_local_functions_are_inlined_and_prune(tmp_path):
     """torch's export_modules_as_functions writes each block as a call of a local function: every layer inside read
     as one custom-domain boundary ("nothing prunable"). load_model inlines the calls, said, and they prune exactly."""
+    import spa
     from spa.errors import SpaWarning
     from spa.graph import load_model
 
@@ -223,3 +224,6 @@ def test_modules_exported_as_local_functions_are_inlined_and_prune(tmp_path):
     assert not proto.functions and {n.op_type for n in proto.graph.node} == {"Gemm", "Relu", "Add"}
     assert sorted(len(g.atoms) for g in analyze(proto).groups if g.prunable) == [32, 32]
     check_exact(proto)
+    given = onnx.load(path)  # spa's API given the ModelProto: inlined in a copy, the caller's left as it is
+    assert sorted(len(g.atoms) for g in spa.analyze(given).groups if g.prunable) == [32, 32]
+    assert spa.prune(given, 0.5, criterion="l1").model.graph.initializer and len(given.functions) == 1

@@ -20,11 +20,11 @@ from spa.verify import masked_original
 UNITS, FEATURES = 16, 8
 
 
-def lstm_loop_model(seed: int = 0) -> onnx.ModelProto:
+def lstm_loop_model(seed: int = 0, one_start: bool = False) -> onnx.ModelProto:
     """x [T, N, F] -> an LSTM written as a Loop over T, tf2onnx's way (its weights W, R, B loop-carried constants
     the body hands on unchanged, the input read from the outer scope by the iteration number, the state started
     from ConstantOfShape zeros) -> the final h through a MatMul, and the mean over time of the stacked h's through
-    another."""
+    another. `one_start`: h and c start from one zeros tensor, as tf2onnx writes them."""
     rng = np.random.default_rng(seed)
 
     def weight(name, *shape):
@@ -58,7 +58,8 @@ def lstm_loop_model(seed: int = 0) -> onnx.ModelProto:
              helper.make_node("Concat", ["N1", "units"], ["state"], axis=0),
              helper.make_node("ConstantOfShape", ["state"], ["h0"]),
              helper.make_node("ConstantOfShape", ["state"], ["c0"]),
-             helper.make_node("Loop", ["T", "", "h0", "c0", "W", "R", "B"], ["hT", "cT", "Wf", "Rf", "Bf", "hs"],
+             helper.make_node("Loop", ["T", "", "h0", "h0" if one_start else "c0", "W", "R", "B"],
+                              ["hT", "cT", "Wf", "Rf", "Bf", "hs"],
                               name="while_loop", body=body),
              helper.make_node("MatMul", ["hT", "Wo"], ["y1"]),
              helper.make_node("ReduceMean", ["hs", "zero"], ["hm"], keepdims=0),
@@ -79,10 +80,11 @@ def test_the_units_of_an_lstm_written_as_a_loop_prune_and_match_the_oracle(tmp_p
     recurrent weight's gate columns, the recurrent weight's rows, the bias, and the rows of both MatMuls after it.
     The Loop keeps its place, its body the rewritten copy (no copy left outside), and at any sequence length the
     pruned model computes what the original computes with those channels' consumer slices zeroed."""
-    model = lstm_loop_model()
-    groups = [g for g in analyze(model).groups if g.prunable]
-    assert len(groups) == 1 and len(groups[0].atoms) == UNITS
-    assert {m.tensor for m in groups[0].members} >= {"W", "R", "B", "Wo", "Wo2"}
+    for one_start in (True, False):  # h and c from one zeros tensor: both loop-carried values link through it
+        groups = [g for g in analyze(lstm_loop_model(one_start=one_start)).groups if g.prunable]
+        assert len(groups) == 1 and len(groups[0].atoms) == UNITS
+        assert {m.tensor for m in groups[0].members} >= {"W", "R", "B", "Wo", "Wo2", "hT", "cT", "hs"}
+    model = lstm_loop_model(one_start=True)
     result = prune(model, Target(ratio=0.5), criterion="l1")
     path = os.path.join(tmp_path, "pruned.onnx")
     save(result.model, path)

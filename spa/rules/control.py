@@ -59,16 +59,12 @@ def _loop_links(c, stepped: tuple, tensor, axis) -> list:
     size = c.dim(tensor, axis)
     if tensor in node.input[:2] and tensor not in node.input[2:]:
         raise Frozen("the trip count or condition of a Loop")
+    if tensor in node.output[carried:] and axis == 0:
+        raise Frozen("the iterations axis of a Loop's scan output")
+    links = []  # one tensor may start several loop-carried values (tf2onnx starts h and c from one zeros)
     for k, given in enumerate(node.input[2:]):
         if tensor in (given, node.output[k], stepped[k]):
-            return [identity((tensor, axis), (t, axis), size) for t in (given, node.output[k], stepped[k])
-                    if t and t != tensor]
-    for j, out in enumerate(node.output[carried:]):
-        value = stepped[carried + j]
-        if tensor == out:
-            if axis == 0:
-                raise Frozen("the iterations axis of a Loop's scan output")
-            return [identity((tensor, axis), (value, axis - 1), size)]
-        if tensor == value:
-            return [identity((tensor, axis), (out, axis + 1), size)]
-    return []
+            links += [(t, axis) for t in (given, node.output[k], stepped[k]) if t and t != tensor]
+    for out, value in zip(node.output[carried:], stepped[carried:]):
+        links += [(value, axis - 1)] if tensor == out else [(out, axis + 1)] if tensor == value else []
+    return [identity((tensor, axis), pair, size) for pair in dict.fromkeys(links)]

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..graph import Graph, attr, infer_shapes
-from ..control_flow import branches
 
 
 class Frozen(Exception):
@@ -187,13 +186,11 @@ class Inferred:
         self.shapes = shapes
         self.inputs = {i.name for i in model.graph.input}
         self.outputs = {o.name for o in model.graph.output}
+        from .control import _passed
+
         for node in model.graph.node:  # what a flattened If's selector passes on to the graph's outputs
-            if node.op_type == "If" and any(o in self.outputs for o in node.output) and all(
-                    n.op_type == "Identity" for branch in branches(node) for n in branch.node):
-                for branch in branches(node):
-                    passed = {n.output[0]: n.input[0] for n in branch.node}
-                    self.outputs |= {passed[b.name] for b, o in zip(branch.output, node.output)
-                                     if o in self.outputs and b.name in passed}
+            for sources in (_passed(node) or []) if node.op_type == "If" else []:
+                self.outputs |= {s for s, o in zip(sources, node.output) if o in self.outputs}
 
     def __call__(self, tensor):
         dims = self.shapes.get(tensor)

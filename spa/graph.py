@@ -363,8 +363,7 @@ class Graph:
     notes: list = field(init=False)  # what the analysis could not learn, for the user (a shape probe that died)
     graph_inputs: set = field(init=False)
     graph_outputs: set = field(init=False)
-    folding: tuple = field(init=False, default=())  # spa.control_flow.Flattened of the Ifs and Loops `model` holds
-    # flattened
+    folding: tuple = field(init=False, default=())  # spa.control_flow.Flattened: the Ifs and Loops flattened
 
     def __post_init__(self):
         from .runtime import symbolic_declarations

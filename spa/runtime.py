@@ -108,9 +108,12 @@ def imposed_sizes(model: onnx.ModelProto) -> dict:
     """{(graph input, axis): size} the model's ops need generated inputs to take (an empty key/value
     cache: `spa.rules.imposed_input_sizes`), those inside If branches too (a merged decoder's cache)."""
     from .control_flow import flattened
+    from .graph import outer_scope_inputs
     from .rules import imposed_input_sizes
 
-    return imposed_input_sizes(flattened(model)[0])
+    inputs = {i.name for i in model.graph.input}
+    inside = any(outer_scope_inputs(n) & inputs for n in model.graph.node if n.op_type in ("If", "Loop"))
+    return imposed_input_sizes(flattened(model)[0] if inside else model)  # a flattened copy only where it can tell
 
 
 def is_static_dim(d) -> bool:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import constant_node_value, outer_scope_inputs
+from .graph import constant_node_value, elem_types, outer_scope_inputs
 from .progress import bar
 from .runtime import session
 
@@ -85,8 +85,7 @@ def every_iteration(model: onnx.ModelProto, names) -> tuple[onnx.ModelProto, dic
         return model, {}
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in onnx.shape_inference.infer_shapes(out).graph.value_info}
+    types = elem_types(out)
     steps = {}
     for node in out.graph.node:
         inner = [(n, name) for n, (loop, name) in wanted.items() if loop == node.name and node.op_type == "Loop"]
@@ -94,7 +93,7 @@ def every_iteration(model: onnx.ModelProto, names) -> tuple[onnx.ModelProto, dic
         for n, name in inner:
             steps[n] = f"{n}/every_iteration"
             body.node.append(helper.make_node("Identity", [name], [steps[n]]))
-            body.output.append(helper.make_tensor_value_info(steps[n], types.get(n, onnx.TensorProto.FLOAT), None))
+            body.output.append(helper.make_tensor_value_info(steps[n], types(n), None))
             node.output.append(steps[n])
     return out, steps
 

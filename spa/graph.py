@@ -93,6 +93,23 @@ def inline_functions(model: onnx.ModelProto) -> list:
     return called
 
 
+def elem_types(model: onnx.ModelProto):
+    """tensor name -> element type (initializers first; shape inference once, when needed)."""
+    known = {t.name: t.data_type for t in model.graph.initializer}
+    inferred: dict = {}
+
+    def elem_type(tensor):
+        if tensor in known:
+            return known[tensor]
+        if not inferred:
+            model_types = shape_inference.infer_shapes(model)
+            inferred.update({vi.name: vi.type.tensor_type.elem_type for vi in list(model_types.graph.value_info) +
+                             list(model_types.graph.input) + list(model_types.graph.output)})
+            inferred.setdefault("", onnx.TensorProto.FLOAT)
+        return inferred.get(tensor, onnx.TensorProto.FLOAT)
+    return elem_type
+
+
 def all_nodes(graph: onnx.GraphProto):
     """Every node of `graph` and of its subgraphs, at any depth."""
     for node in graph.node:

@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from .errors import SpaError, SpaWarning, first_line
 from .control_flow import folded
-from .graph import outer_scope_inputs, sort_topologically
+from .errors import SpaError, SpaWarning, first_line
+from .graph import elem_types, outer_scope_inputs, sort_topologically
 from .plan import Plan
 from .quant import at_zero_point, is_integer_weight
 from .rewrite import filled
@@ -326,7 +326,7 @@ def _with_masks(analysis, removed_of, every: bool = False) -> tuple:
     masked: dict = {}
     masks: dict = {}
     replaced: set = set()  # integer weights whose reader now reads their masked copy
-    types = _elem_types(model)
+    types = elem_types(model)
     for node_index, slot, axis in analysis.contracted:
         tensor = g.nodes[node_index].input[slot]
         removed = removed_of(tensor, axis)
@@ -434,20 +434,3 @@ class MaskedRuns:
         mask = numpy_helper.to_array(self.defaults[name]).copy()
         np.moveaxis(mask, axis, 0)[removed] = 0
         return mask
-
-
-def _elem_types(model):
-    """tensor name -> element type (initializers first; shape inference once, when needed)."""
-    known = {t.name: t.data_type for t in model.graph.initializer}
-    inferred: dict = {}
-
-    def elem_type(tensor):
-        if tensor in known:
-            return known[tensor]
-        if not inferred:
-            model_types = shape_inference.infer_shapes(model)
-            inferred.update({vi.name: vi.type.tensor_type.elem_type for vi in list(model_types.graph.value_info) +
-                             list(model_types.graph.input) + list(model_types.graph.output)})
-            inferred.setdefault("", onnx.TensorProto.FLOAT)
-        return inferred.get(tensor, onnx.TensorProto.FLOAT)
-    return elem_type

@@ -208,7 +208,7 @@ def _prune_args(flags: dict):
 def _load(model, say, input_shapes=None) -> tuple[onnx.ModelProto, str | None]:
     """(ModelProto, its path or None): a path is converted by its frontend first where it needs one."""
     from .cli import _framework_to_onnx
-    from .graph import inline_functions, load_model
+    from .graph import inline_functions, inlined_note, load_model
 
     if isinstance(model, onnx.ModelProto):
         if not model.functions:
@@ -217,8 +217,7 @@ def _load(model, say, input_shapes=None) -> tuple[onnx.ModelProto, str | None]:
         copy.CopyFrom(model)
         inlined = inline_functions(copy)
         if inlined:
-            say(f"the calls of the model's local function{'s' * (len(inlined) > 1)} {', '.join(inlined)} inlined, "
-                "so the layers inside prune with the rest")
+            say(f"the model: {inlined_note(inlined)}")
         return (copy if inlined else model), None
     if not isinstance(model, (str, os.PathLike)):
         raise SpaError(f"expected a model path or an onnx.ModelProto, got {type(model).__name__}")

@@ -65,9 +65,7 @@ def load_model(path: str, stream: bool | None = None) -> onnx.ModelProto:
     check_structure(model, path)
     inlined = inline_functions(model)
     if inlined:
-        warnings.warn(f"{path}: the calls of its local function{'s' * (len(inlined) > 1)} {', '.join(inlined)} "
-                      "inlined, so the layers inside prune with the rest; a pruned model is written with them inlined",
-                      SpaWarning)
+        warnings.warn(f"{path}: {inlined_note(inlined)}", SpaWarning)
     if sort_topologically(model.graph):
         warnings.warn(f"{path}: its nodes were not in topological order, which the onnx checker requires "
                       "(onnxruntime's float16 converter writes such files): SPA reads them sorted, and writes them so",
@@ -91,6 +89,12 @@ def inline_functions(model: onnx.ModelProto) -> list:
                       "inside them stay whole", SpaWarning)
         return []
     return called
+
+
+def inlined_note(names: list) -> str:
+    """What is said where `inline_functions` inlined the calls of local functions `names`."""
+    return (f"the calls of its local function{'s' * (len(names) > 1)} {', '.join(names)} inlined, so the layers "
+            "inside prune with the rest; a pruned model is written with them inlined")
 
 
 def elem_types(model: onnx.ModelProto):

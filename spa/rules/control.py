@@ -16,8 +16,9 @@ class Selector(Rule):
     ops = ("If", "Loop", "Scan")
 
     def propagate(self, c, tensor, axis):
-        loop = next((f for f in c.g.folding if f.kind == "Loop" and f.name == c.node.name), None)
-        if c.node.op_type == "Loop" and loop is not None:
+        loop = next((f for f in c.g.folding if f.kind == "Loop" and f.name == c.node.name), None) \
+            if c.node.op_type == "Loop" else None
+        if loop is not None:
             return _loop_links(c, loop.stepped[1:], tensor, axis)
         sources = _passed(c.node)
         if sources is None:
